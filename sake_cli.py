@@ -1,0 +1,58 @@
+"""The `sake` command: one entry point that dispatches to each part's own CLI.
+
+    sake demo ...         the main job on a fresh machine (build demo data, edit the reference model, score, report)
+    sake build ...        build_splits.py (the SAKE dataset)
+    sake run ...          editors.run (apply an editing method, write predictions JSONL)
+    sake train ...        editors.train (hypernetworks for KE / MEND)
+    sake score ...        eval.score (predictions -> results JSON)
+    sake report ...       eval.report (tables and plots)
+    sake leaderboard ...  eval.leaderboard (validate / score / add / build)
+
+Each subcommand takes the same arguments as its module (`sake run --help` == `python -m editors.run --help`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("tools.demo", "the main job: demo dataset -> reference model edits -> scores and plots"),
+    "build": ("build_splits", "build the SAKE dataset (Parquet + card)"),
+    "run": ("editors.run", "run an editing method, write predictions JSONL"),
+    "train": ("editors.train", "train a KE / MEND hypernetwork"),
+    "score": ("eval.score", "score predictions into a results JSON"),
+    "report": ("eval.report", "paper-style tables and plots from results"),
+    "leaderboard": ("eval.leaderboard.__main__", "validate, score, add and build the leaderboard"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sake COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`sake COMMAND --help` shows each command's arguments."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `sake COMMAND ARGS` to the module that implements COMMAND."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sake: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv = [f"sake {name}", *rest]
+    entry = module.main
+    # Every part's CLI is `main(argv=None)`; a `main()` without parameters reads sys.argv, set above.
+    takes_argv = bool(inspect.signature(entry).parameters)
+    result = entry(rest) if takes_argv else entry()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
