@@ -1,0 +1,1 @@
+"""SAKE evaluation: the `sake_metric` module (judging and metrics), scoring CLI, reports (no torch needed)."""

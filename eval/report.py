@@ -1,0 +1,451 @@
+"""Tables and plots over many scored runs, shaped like the SAKE paper's.
+
+    python -m eval.report RUN_DIR_OR_FILES... --out DIR [--judge offline|openai ...]
+
+Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here with `--judge`), or folders
+(their results JSON files, searched recursively; a folder without any is searched for predictions JSONL).
+Two inputs with the same (model, method, mode) are an error.
+
+Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md` listing them):
+- `table2_overall`            single editing, methods x metrics per model (paper Table 2);
+- `table8_attributes`         per model: method x attribute (ALL + each) with generality / audio-locality
+                              types (Tables 8-10);
+- `table11_gaps`              sequential editing, per model: method x gap (Tables 11-13);
+- `table14_portability_<attr>` portability per knowledge category, model x method (Tables 14-17);
+- `table18_degeneration`      degeneration rate (%), model x method, per mode (Table 18);
+- `judge_stages`              share of items each judge stage decided, per run;
+- `fig3_types_<model>.png`    generality / locality types per method (Figure 3);
+- `fig4_gaps_<model>.png`     metrics vs gap in sequential editing (Figure 4).
+Values are percentages with two decimals; "-" where a metric has no items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+METHOD_NAMES = {  # normalized key -> paper name, in the paper's column order
+    "ftllm": "FT (LLM)", "ftaudio": "FT (Audio)", "ke": "KE", "mend": "MEND", "unke": "UnKE",
+    "iike": "I-IKE", "ieike": "IE-IKE", "wise": "WISE",
+}
+MAIN_METRICS = (("reliability", "Reliability"), ("generality", "Generality"),
+                ("locality_audio", "Audio Locality"), ("locality_text", "Text Locality"),
+                ("portability", "Portability"))
+ATTRIBUTE_COLUMNS = (
+    ("reliability", "Reliability"), ("generality", "Gen. Avg."), ("generality_type1", "Gen. T1"),
+    ("generality_type2", "Gen. T2"), ("generality_type3", "Gen. T3"), ("locality_audio", "Audio Loc. Avg."),
+    ("locality_audio_type1", "Audio Loc. T1"), ("locality_audio_type2", "Audio Loc. T2"),
+    ("locality_audio_type3", "Audio Loc. T3"), ("locality_audio_type4", "Audio Loc. T4"),
+    ("locality_text", "Text Loc."), ("portability", "Port."),
+)
+TYPE_BARS = (("generality_type1", "Gen. T1"), ("generality_type2", "Gen. T2"), ("generality_type3", "Gen. T3"),
+             ("locality_audio_type1", "Loc. T1"), ("locality_audio_type2", "Loc. T2"),
+             ("locality_audio_type3", "Loc. T3"), ("locality_audio_type4", "Loc. T4"),
+             ("locality_text", "Text Loc."))
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", (name or "").lower())
+
+
+def method_label(method: str | None) -> str:
+    """Paper spelling of a method name ("ft_llm" -> "FT (LLM)"); unknown names pass through."""
+    return METHOD_NAMES.get(_key(method or ""), method or "?")
+
+
+def method_sort_key(method: str | None) -> tuple[int, str]:
+    keys = list(METHOD_NAMES)
+    k = _key(method or "")
+    return (keys.index(k), "") if k in keys else (len(keys), method or "")
+
+
+def model_label(model: str | None) -> str:
+    """Last component of a Hub id or path ("Qwen/Qwen2-Audio-7B-Instruct" -> "Qwen2-Audio-7B-Instruct")."""
+    return (model or "?").rstrip("/").split("/")[-1]
+
+
+def fmt(value: Any) -> str:
+    """Two decimals, "-" for None."""
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+@dataclass
+class Run:
+    """One scored run and where it came from."""
+
+    results: dict[str, Any]
+    source: str
+
+    @property
+    def model(self) -> str:
+        return model_label(self.results.get("model"))
+
+    @property
+    def method(self) -> str:
+        return self.results.get("method") or "?"
+
+    @property
+    def mode(self) -> str:
+        return self.results.get("mode") or "single"
+
+    def metrics(self, scope: str = "overall", key: str | None = None) -> dict[str, Any]:
+        m = self.results["metrics"]
+        if scope == "overall":
+            return m["overall"]
+        return (m.get(scope) or {}).get(key) or {}
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+def _is_results(obj: Any) -> bool:
+    return isinstance(obj, dict) and "metrics" in obj and "judge" in obj
+
+
+def _is_predictions(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+        return json.loads(first).get("kind") == "header"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] | None = None) -> list[Run]:
+    """Results of every input (see module doc), sorted by model, mode, method."""
+    from eval.score import score_predictions
+
+    runs: list[Run] = []
+
+    def add_results(path: Path) -> None:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not _is_results(obj):
+            raise ValueError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
+        runs.append(Run(obj, str(path)))
+
+    def add_predictions(path: Path) -> None:
+        runs.append(Run(score_predictions(path, **(score_kwargs or {})), str(path)))
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            results = []
+            for candidate in sorted(path.rglob("*.json")):
+                try:
+                    if _is_results(json.loads(candidate.read_text(encoding="utf-8"))):
+                        results.append(candidate)
+                except (OSError, ValueError):
+                    continue
+            if results:
+                for candidate in results:
+                    add_results(candidate)
+                unscored = [p for p in sorted(path.rglob("*.jsonl"))
+                            if _is_predictions(p) and not p.with_name(p.name[:-len(".jsonl")] + ".results.json").exists()]
+                if unscored:
+                    logger.warning("%s: using its results JSON only; predictions without a results file next to "
+                                   "them are not scored: %s", path, ", ".join(map(str, unscored)))
+            else:
+                predictions = [p for p in sorted(path.rglob("*.jsonl")) if _is_predictions(p)]
+                if not predictions:
+                    raise ValueError(f"{path}: no results JSON and no predictions JSONL found")
+                for candidate in predictions:
+                    add_predictions(candidate)
+        elif path.suffix == ".jsonl":
+            add_predictions(path)
+        elif path.is_file():
+            add_results(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    seen: dict[tuple[str, str, str], str] = {}
+    for run in runs:
+        key = (run.results.get("model") or "?", run.method, run.mode)
+        if key in seen:
+            raise ValueError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}: "
+                             f"{seen[key]} and {run.source}")
+        seen[key] = run.source
+    runs.sort(key=lambda r: (r.model, r.mode != "single", r.mode, method_sort_key(r.method)))
+    return runs
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    """A titled table: header row + body rows of strings."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
+                 "|" + "|".join("---" for _ in self.header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.header)
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+
+def _models(runs: Iterable[Run]) -> list[str]:
+    return sorted({r.model for r in runs})
+
+
+def _methods(runs: Iterable[Run]) -> list[str]:
+    return sorted({r.method for r in runs}, key=method_sort_key)
+
+
+def table_overall(runs: Sequence[Run]) -> Table | None:
+    """Paper Table 2: rows (model, metric), columns methods; single editing."""
+    single = [r for r in runs if r.mode == "single"]
+    if not single:
+        return None
+    methods = _methods(single)
+    rows = []
+    for model in _models(single):
+        by_method = {r.method: r for r in single if r.model == model}
+        for key, label in MAIN_METRICS:
+            rows.append([model, label] + [fmt(by_method[m].metrics()[key]) if m in by_method else "-"
+                                          for m in methods])
+    return Table("table2_overall", "Table 2: single editing, overall (%)",
+                 ["Model", "Metric"] + [method_label(m) for m in methods], rows)
+
+
+def table_attributes(runs: Sequence[Run]) -> Table | None:
+    """Paper Tables 8-10: per model, rows (method, ALL + attributes), columns metrics with types."""
+    single = [r for r in runs if r.mode == "single"]
+    if not single:
+        return None
+    rows = []
+    for run in single:
+        attributes = sorted(run.results["metrics"].get("per_attribute") or {})
+        for attr in ["ALL"] + attributes:
+            m = run.metrics() if attr == "ALL" else run.metrics("per_attribute", attr)
+            rows.append([run.model, method_label(run.method), attr.capitalize() if attr != "ALL" else attr]
+                        + [fmt(m.get(k)) for k, _ in ATTRIBUTE_COLUMNS])
+    return Table("table8_attributes", "Tables 8-10: single editing per attribute and type (%)",
+                 ["Model", "Method", "Attr."] + [label for _, label in ATTRIBUTE_COLUMNS], rows)
+
+
+def table_gaps(runs: Sequence[Run]) -> Table | None:
+    """Paper Tables 11-13: sequential editing, rows (model, method, gap)."""
+    sequential = [r for r in runs if r.mode == "sequential"]
+    if not sequential:
+        return None
+    rows = []
+    for run in sequential:
+        per_gap = run.results["metrics"].get("per_gap") or {}
+        for gap in sorted(per_gap, key=int):
+            rows.append([run.model, method_label(run.method), gap]
+                        + [fmt(per_gap[gap].get(k)) for k, _ in MAIN_METRICS])
+    return Table("table11_gaps", "Tables 11-13: sequential editing per gap (%)",
+                 ["Model", "Method", "Gap"] + [label for _, label in MAIN_METRICS], rows)
+
+
+def tables_portability(runs: Sequence[Run]) -> list[Table]:
+    """Paper Tables 14-17: one table per attribute, rows (model, method), columns knowledge categories."""
+    single = [r for r in runs if r.mode == "single"]
+    attributes = sorted({a for r in single for a in (r.results["metrics"].get("per_attribute") or {})})
+    tables = []
+    for attr in attributes:
+        categories = sorted({c for r in single
+                             for c in r.metrics("per_attribute", attr).get("portability_by_category", {})})
+        if not categories:
+            continue
+        rows = []
+        for run in single:
+            by_cat = run.metrics("per_attribute", attr).get("portability_by_category") or {}
+            if by_cat:
+                rows.append([run.model, method_label(run.method)] + [fmt(by_cat.get(c)) for c in categories])
+        tables.append(Table(f"table14_portability_{_slug(attr)}",
+                            f"Tables 14-17: portability by knowledge category, {attr} (%)",
+                            ["Model", "Method"] + categories, rows))
+    return tables
+
+
+def table_degeneration(runs: Sequence[Run]) -> Table | None:
+    """Paper Table 18: degeneration rate (%), rows (model, mode), columns methods."""
+    if not runs:
+        return None
+    methods = _methods(runs)
+    rows = []
+    for model in _models(runs):
+        for mode in ("single", "sequential"):
+            by_method = {r.method: r for r in runs if r.model == model and r.mode == mode}
+            if by_method:
+                rows.append([model, mode] + [fmt(by_method[m].results.get("degeneration_rate"))
+                                             if m in by_method else "-" for m in methods])
+    return Table("table18_degeneration", "Table 18: degeneration rate of post-edit outputs (%)",
+                 ["Model", "Mode"] + [method_label(m) for m in methods], rows)
+
+
+def table_judge(runs: Sequence[Run]) -> Table | None:
+    """Share of items each judge stage decided, per run."""
+    if not runs:
+        return None
+    stages: list[str] = []
+    for run in runs:
+        for stage in run.results["judge"].get("stage_share", {}):
+            if stage not in stages:
+                stages.append(stage)
+    rows = [[run.model, method_label(run.method), run.mode, run.results["judge"].get("name") or "?"]
+            + [f"{100 * run.results['judge']['stage_share'].get(s, 0.0):.2f}" for s in stages]
+            for run in runs]
+    return Table("judge_stages", "Judge: share of items decided by each stage (%)",
+                 ["Model", "Method", "Mode", "Judge"] + stages, rows)
+
+
+# -- plots --------------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def plot_types(runs: Sequence[Run], model: str, path: Path) -> None:
+    """Figure 3: grouped bars of generality / locality types, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = [r for r in runs if r.mode == "single" and r.model == model]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(TYPE_BARS) + 0.4 * len(single)), 3.6))
+    width = 0.8 / max(1, len(single))
+    for i, run in enumerate(single):
+        offset = (i - (len(single) - 1) / 2) * width
+        points = [(j + offset, run.metrics().get(k)) for j, (k, _) in enumerate(TYPE_BARS)]
+        points = [(x, v) for x, v in points if v is not None]  # no bar where a type has no items
+        ax.bar([x for x, _ in points], [v for _, v in points], width, label=method_label(run.method))
+    ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(f"{model}: generality and locality by type (single editing)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_gaps(runs: Sequence[Run], model: str, path: Path) -> None:
+    """Figure 4: one panel per metric, value vs gap, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sequential = [r for r in runs if r.mode == "sequential" and r.model == model]
+    fig, axes = plt.subplots(1, len(MAIN_METRICS), figsize=(3.2 * len(MAIN_METRICS), 3.2), sharey=True)
+    for ax, (key, label) in zip(axes, MAIN_METRICS):
+        for run in sequential:
+            per_gap = run.results["metrics"].get("per_gap") or {}
+            gaps = sorted(per_gap, key=int)
+            points = [(int(g), per_gap[g].get(key)) for g in gaps if per_gap[g].get(key) is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method_label(run.method))
+        ax.set_title(label)
+        ax.set_xlabel("gap")
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("%")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{model}: sequential editing")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    # Fixed metadata so the same results give the same bytes.
+    fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
+    _atomic_write(path, buffer.getvalue())
+
+
+def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
+    """Write every table (md + csv) and plot for `runs` into `out_dir`; return the written paths."""
+    out = Path(out_dir)
+    written: list[Path] = []
+    tables = [t for t in [table_overall(runs), table_attributes(runs), table_gaps(runs)] if t is not None]
+    tables += tables_portability(runs)
+    tables += [t for t in [table_degeneration(runs), table_judge(runs)] if t is not None]
+    for table in tables:
+        for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
+            path = out / f"{table.name}{suffix}"
+            _atomic_write(path, text)
+            written.append(path)
+    figures = []
+    for model in _models(runs):
+        if any(r.mode == "single" and r.model == model for r in runs):
+            path = out / f"fig3_types_{_slug(model)}.png"
+            plot_types(runs, model, path)
+            figures.append(path)
+        if any(r.mode == "sequential" and r.model == model for r in runs):
+            path = out / f"fig4_gaps_{_slug(model)}.png"
+            plot_gaps(runs, model, path)
+            figures.append(path)
+    written += figures
+    index = ["# SAKE report", "", "Runs: " + ", ".join(f"{r.model}/{method_label(r.method)}/{r.mode}"
+                                                        for r in runs), ""]
+    index += [t.markdown() for t in tables]
+    index += [f"![{p.stem}]({p.name})\n" for p in figures]
+    index_path = out / "index.md"
+    _atomic_write(index_path, "\n".join(index))
+    written.append(index_path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--judge", choices=("offline", "openai"), default="offline",
+                   help="judge for predictions JSONL inputs (default: %(default)s)")
+    p.add_argument("--model", default=None, help="judge model for --judge openai")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for --judge openai")
+    p.add_argument("--cache-dir", default=None, help="judge verdict cache")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    score_kwargs: dict[str, Any] = {"judge": args.judge, "base_url": args.base_url, "cache_dir": args.cache_dir}
+    if args.model:
+        score_kwargs["model"] = args.model
+    try:
+        runs = load_runs(args.inputs, score_kwargs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written = write_report(runs, args.out)
+    print(f"wrote {len(written)} files to {args.out} from {len(runs)} run(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

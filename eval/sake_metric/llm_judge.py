@@ -1,0 +1,371 @@
+"""LLM judge: strict yes/no verdicts from an OpenAI-compatible chat-completions endpoint.
+
+- Official `openai` client; default model `gpt-5-mini-2025-08-07`, `seed=0`, `reasoning_effort="minimal"`
+  (paper App. E); `base_url` and model are options, so any OpenAI-compatible server works.
+- Structured output: `response_format` is a strict JSON schema `{"verdict": "yes" | "no"}`. Anything else
+  (not JSON, other keys, other values, a refusal) is malformed: the request is repeated up to
+  `malformed_retries` times, then the item is reported as failed (`None`), never as correct.
+- Transport errors (429, 5xx, timeouts) are retried by the client itself (`max_retries`, exponential backoff,
+  honouring `retry-after`); an error that survives the retries is raised (verdicts made so far stay cached).
+- On-disk cache: one JSON file per verdict, named sha256(model, prompt); a rerun of the same items makes no
+  calls. Only well-formed verdicts are cached.
+- Bounded concurrency (`max_workers` threads); identical prompts are sent once.
+- Batch API mode (`batch=True`): write the requests as JSONL, upload, create a batch, poll, collect into the
+  cache. A state file (`batch_state`) records the submitted batch so an interrupted run resumes polling
+  instead of submitting again.
+- The API key is read from `OPENAI_API_KEY` by this module only; it is never logged or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-5-mini-2025-08-07"
+PROMPT_VERSION = "sake-judge-v1"
+
+SYSTEM_PROMPT = (
+    "You are a strict grader for an audio question-answering benchmark. You read a question, a model's "
+    "answer and the text it must be compared with, and you reply with a JSON verdict: \"yes\" or \"no\"."
+)
+
+CORRECTNESS_PROMPT = """Decide whether the model's answer gives the same final answer as the reference answer.
+
+Rules:
+- Judge only the final answer the model commits to; ignore style, length and explanations.
+- The answer may name the option by its letter, restate its text, or paraphrase it; that counts as the same
+  answer when it clearly refers to the reference.
+- If the answer names several different options, hedges between answers, refuses, is empty, or is
+  incoherent or repetitive text, the verdict is "no".
+
+Question:
+{question}
+
+Reference answer:
+{reference}
+
+Model's answer:
+{output}
+
+Does the model's answer match the reference answer? Reply with {"verdict": "yes"} or {"verdict": "no"}."""
+
+CONSISTENCY_PROMPT = """Decide whether two answers of a model to the same question give the same final answer.
+The first answer was produced before the model was edited, the second after. Correctness does not matter:
+two identical wrong answers are consistent.
+
+Rules:
+- Compare only the final answers the two responses commit to; ignore style, length and explanations.
+- An option named by its letter and the same option restated as text are the same answer.
+- If the second answer commits to a different answer, several answers, refuses where the first did not,
+  or is incoherent or repetitive text, the verdict is "no".
+
+Question:
+{question}
+
+Answer before editing:
+{pre_edit}
+
+Answer after editing:
+{post_edit}
+
+Do the two answers give the same final answer? Reply with {"verdict": "yes"} or {"verdict": "no"}."""
+
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "verdict",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"verdict": {"type": "string", "enum": ["yes", "no"]}},
+            "required": ["verdict"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+class JudgeError(RuntimeError):
+    """The LLM judge cannot run (no API key, failed batch, ...)."""
+
+
+def _fill(template: str, **values: str) -> str:
+    """Replace `{name}` placeholders in one pass (values may contain braces; they are not re-read)."""
+    return re.sub(r"\{(question|reference|output|pre_edit|post_edit)\}", lambda m: values[m.group(1)], template)
+
+
+def correctness_prompt(question: str, reference: str, output: str) -> str:
+    """User prompt asking whether `output` gives the reference answer."""
+    return _fill(CORRECTNESS_PROMPT, question=question.strip() or "(not given)", reference=reference.strip(),
+                 output=output.strip())
+
+
+def consistency_prompt(question: str, pre_edit: str, post_edit: str) -> str:
+    """User prompt asking whether the post-edit output gives the same answer as the pre-edit output."""
+    return _fill(CONSISTENCY_PROMPT, question=question.strip() or "(not given)", pre_edit=pre_edit.strip(),
+                 post_edit=post_edit.strip())
+
+
+def cache_key(model: str, prompt: str) -> str:
+    """sha256 of (model, system prompt + user prompt): the verdict cache's file name."""
+    payload = json.dumps([model, SYSTEM_PROMPT, prompt], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def parse_verdict(content: str | None) -> bool | None:
+    """`{"verdict": "yes"}` -> True, `{"verdict": "no"}` -> False, anything else -> None (malformed)."""
+    if not content:
+        return None
+    try:
+        obj = json.loads(content)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(obj, dict) or set(obj) != {"verdict"}:
+        return None
+    verdict = obj["verdict"]
+    if verdict == "yes":
+        return True
+    if verdict == "no":
+        return False
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class VerdictCache:
+    """Verdicts on disk, one `<sha256>.json` per (model, prompt); `None` directory = no cache."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.directory = Path(directory) if directory is not None else None
+
+    def get(self, key: str) -> bool | None:
+        if self.directory is None:
+            return None
+        path = self.directory / key[:2] / f"{key}.json"
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return parse_verdict(json.dumps({"verdict": entry.get("verdict")}))
+
+    def put(self, key: str, model: str, prompt: str, verdict: bool) -> None:
+        if self.directory is None:
+            return
+        entry = {"model": model, "prompt_version": PROMPT_VERSION, "verdict": "yes" if verdict else "no",
+                 "prompt": prompt}
+        _atomic_write_text(self.directory / key[:2] / f"{key}.json", json.dumps(entry, ensure_ascii=False))
+
+
+def default_cache_dir() -> Path:
+    """`$SAKE_JUDGE_CACHE`, else `~/.cache/sake/judge`."""
+    env = os.environ.get("SAKE_JUDGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sake" / "judge"
+
+
+@dataclass
+class JudgeConfig:
+    """Settings of the LLM judge (see module doc)."""
+
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None
+    seed: int = 0
+    reasoning_effort: str | None = "minimal"
+    max_workers: int = 8
+    max_retries: int = 5
+    timeout: float = 120.0
+    malformed_retries: int = 2
+    cache_dir: str | os.PathLike | None = field(default_factory=default_cache_dir)
+    batch: bool = False
+    batch_state: str | os.PathLike | None = None
+    poll_interval: float = 30.0
+
+
+class LLMJudge:
+    """Judge prompts with an OpenAI-compatible model; counts `calls` (requests sent) and `cache_hits`."""
+
+    name = "openai"
+
+    def __init__(self, config: JudgeConfig | None = None, client: Any = None):
+        self.config = config or JudgeConfig()
+        self.cache = VerdictCache(self.config.cache_dir)
+        self._client = client
+        self.calls = 0
+        self.cache_hits = 0
+        self.malformed = 0
+        self._lock = threading.Lock()
+
+    # -- client -------------------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            return self._get_client()
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            from openai import OpenAI
+
+            api_key = os.environ.get("OPENAI_API_KEY")
+            if not api_key:
+                if not self.config.base_url:
+                    raise JudgeError("the openai judge needs OPENAI_API_KEY in the environment "
+                                     "(or --base-url for a local OpenAI-compatible server)")
+                api_key = "no-key"  # local servers often need none; the client insists on a value
+            self._client = OpenAI(api_key=api_key, base_url=self.config.base_url,
+                                  max_retries=self.config.max_retries, timeout=self.config.timeout)
+        return self._client
+
+    def request_body(self, prompt: str) -> dict[str, Any]:
+        """The chat-completions request for one prompt (also the body of a Batch API line)."""
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+            "seed": self.config.seed,
+            "response_format": VERDICT_SCHEMA,
+        }
+        if self.config.reasoning_effort:
+            body["reasoning_effort"] = self.config.reasoning_effort
+        return body
+
+    def _ask(self, prompt: str) -> bool | None:
+        """One prompt: send, parse, repeat on a malformed verdict; None when it stays malformed."""
+        for attempt in range(1 + self.config.malformed_retries):
+            with self._lock:
+                self.calls += 1
+            response = self.client.chat.completions.create(**self.request_body(prompt))
+            message = response.choices[0].message if response.choices else None
+            verdict = parse_verdict(getattr(message, "content", None)) if message is not None else None
+            if verdict is not None:
+                return verdict
+            with self._lock:
+                self.malformed += 1
+            logger.warning("malformed judge verdict (attempt %d/%d)", attempt + 1, 1 + self.config.malformed_retries)
+        return None
+
+    # -- public ---------------------------------------------------------------------------------------------
+    def judge(self, prompts: Sequence[str], progress: Callable[[int], None] | None = None) -> list[bool | None]:
+        """Verdict per prompt: True (yes), False (no), None (malformed after retries or missing in a batch)."""
+        keys = [cache_key(self.config.model, p) for p in prompts]
+        verdicts: dict[str, bool | None] = {}
+        todo: dict[str, str] = {}
+        for key, prompt in zip(keys, prompts):
+            if key in verdicts or key in todo:
+                continue
+            cached = self.cache.get(key)
+            if cached is not None:
+                verdicts[key] = cached
+                self.cache_hits += 1
+            else:
+                todo[key] = prompt
+        if todo:
+            if self.config.batch:
+                verdicts.update(self._judge_batch(todo))
+            else:
+                verdicts.update(self._judge_online(todo, progress))
+        return [verdicts[k] for k in keys]
+
+    def _judge_online(self, todo: dict[str, str], progress: Callable[[int], None] | None) -> dict[str, bool | None]:
+        from tqdm.auto import tqdm
+
+        out: dict[str, bool | None] = {}
+        items = list(todo.items())
+        _ = self.client  # fail early (missing key) before starting threads
+
+        def work(item: tuple[str, str]) -> tuple[str, bool | None]:
+            key, prompt = item
+            verdict = self._ask(prompt)
+            if verdict is not None:
+                self.cache.put(key, self.config.model, prompt, verdict)
+            return key, verdict
+
+        workers = max(1, min(self.config.max_workers, len(items)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for key, verdict in tqdm(pool.map(work, items), total=len(items), desc="LLM judge", leave=False):
+                out[key] = verdict
+                if progress:
+                    progress(1)
+        return out
+
+    # -- Batch API ----------------------------------------------------------------------------------------
+    def _judge_batch(self, todo: dict[str, str]) -> dict[str, bool | None]:
+        """Submit (or resume) one Batch API job for `todo`, wait for it and collect verdicts into the cache."""
+        state_path = Path(self.config.batch_state or "sake_judge_batch.json")
+        keys_digest = hashlib.sha256("\n".join(sorted(todo)).encode()).hexdigest()
+        state: dict[str, Any] = {}
+        if state_path.exists():
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        client = self.client
+        if state.get("keys_digest") == keys_digest and state.get("model") == self.config.model:
+            batch_id = state["batch_id"]
+            logger.info("resuming batch %s from %s", batch_id, state_path)
+        else:
+            input_path = state_path.with_suffix(".input.jsonl")
+            lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                                 "body": self.request_body(prompt)}, ensure_ascii=False)
+                     for key, prompt in sorted(todo.items())]
+            _atomic_write_text(input_path, "\n".join(lines) + "\n")
+            with open(input_path, "rb") as handle:
+                uploaded = client.files.create(file=handle, purpose="batch")
+            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h", metadata={"sake": PROMPT_VERSION})
+            batch_id = batch.id
+            state = {"batch_id": batch_id, "input_file_id": uploaded.id, "model": self.config.model,
+                     "keys_digest": keys_digest, "n_requests": len(todo)}
+            _atomic_write_text(state_path, json.dumps(state, indent=2))
+            self.calls += len(todo)
+            logger.info("submitted batch %s with %d requests (state: %s)", batch_id, len(todo), state_path)
+        while True:
+            batch = client.batches.retrieve(batch_id)
+            if batch.status in ("completed", "failed", "expired", "cancelled"):
+                break
+            logger.info("batch %s: %s", batch_id, batch.status)
+            time.sleep(self.config.poll_interval)
+        if batch.status == "failed" or not getattr(batch, "output_file_id", None):
+            raise JudgeError(f"batch {batch_id} ended with status {batch.status!r} and no output; delete "
+                             f"{state_path} to submit again")
+        out: dict[str, bool | None] = {key: None for key in todo}
+        text = client.files.content(batch.output_file_id).text
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = record.get("custom_id")
+            if key not in todo:
+                continue
+            response = record.get("response") or {}
+            body = response.get("body") or {}
+            try:
+                content = body["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                content = None
+            verdict = parse_verdict(content) if response.get("status_code", 200) == 200 else None
+            if verdict is None:
+                self.malformed += 1
+            else:
+                self.cache.put(key, self.config.model, todo[key], verdict)
+            out[key] = verdict
+        state["status"] = batch.status
+        _atomic_write_text(state_path, json.dumps(state, indent=2))
+        return out

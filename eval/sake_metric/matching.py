@@ -1,0 +1,149 @@
+"""Deterministic judging stages: normalization, exact match and the multiple-choice matcher.
+
+`choose_option(output, options)` returns the index of the single option an output names, or None when it
+names none, several, or only in negated form. It decides only where the choice is unambiguous; everything
+else is left to the LLM judge (or counted as undecided by the offline judge).
+
+An output names option k when
+- it cites k's letter in a form that cannot be an English word: "(b)", or at the very start "b)", "B.",
+  "b:" , or the whole output is the letter ("b", "B"); or "option b" / "choice b"; or "Answer: B" (with
+  the colon, the letter followed by ")", ".", ",", ":" or the end);
+- or it restates k's text as a whole-word phrase (after normalization), not inside a longer option's text
+  that is also present, and not negated: a mention preceded within three words by a negation cue ("not a
+  dog", "isn't a cat", "rather than", "instead of", "unlike", "except", "no", "never", "neither", "nor")
+  does not count.
+If letters and texts point to different options, or to two options, the result is None.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+from typing import Sequence
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'"})
+_NON_WORD = re.compile(r"[^0-9a-z\u00c0-\uffff]+")
+_LETTERS = string.ascii_lowercase
+
+NEGATION_WORDS = frozenset({
+    "not", "no", "never", "neither", "nor", "isnt", "arent", "wasnt", "werent", "doesnt", "dont", "didnt",
+    "cannot", "cant", "wont", "without", "unlike", "except", "instead", "than", "hardly", "nothing", "none",
+})
+NEGATION_WINDOW = 3
+
+
+def normalize(text: str | None) -> str:
+    """Case-fold, NFKC, drop apostrophes, turn every other non-word character into one space, strip."""
+    if not text:
+        return ""
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).casefold()
+    text = text.replace("'", "")
+    return _NON_WORD.sub(" ", text).strip()
+
+
+def is_empty(text: str | None) -> bool:
+    """True when an output has no word characters at all (empty, whitespace, punctuation only)."""
+    return normalize(text) == ""
+
+
+def exact_match(a: str | None, b: str | None) -> bool:
+    """Equal after `normalize` (and neither empty)."""
+    na, nb = normalize(a), normalize(b)
+    return bool(na) and na == nb
+
+
+def _strip_letter(option: str) -> str:
+    """Drop a leading "(a)" / "a)" / "A." label some option lists carry."""
+    return re.sub(r"^\s*\(?[a-zA-Z][\).:]\s+", "", option)
+
+
+def option_index(answer: str, options: Sequence[str]) -> int | None:
+    """Index of the option whose text equals `answer` after normalization (None if none or several)."""
+    target = normalize(_strip_letter(answer))
+    if not target:
+        return None
+    hits = [i for i, opt in enumerate(options) if normalize(_strip_letter(opt)) == target]
+    if len(hits) == 1:
+        return hits[0]
+    letter = re.fullmatch(r"\s*\(?([a-zA-Z])\)?\s*", answer or "")
+    if letter and not hits:
+        index = _LETTERS.index(letter.group(1).lower())
+        return index if index < len(options) else None
+    return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The matcher's answer: `index` (None = undecided) and why."""
+
+    index: int | None
+    reason: str
+
+
+def _letter_mentions(output: str, n_options: int) -> set[int]:
+    """Option indices cited by letter in forms that cannot be ordinary words."""
+    found: set[int] = set()
+    stripped = unicodedata.normalize("NFKC", output).strip()
+    patterns = [
+        r"\(([a-zA-Z])\)",                                   # (b) anywhere
+        r"^\s*\**([a-zA-Z])[\).:](?:\s|$|\*)",               # "b) ...", "B. ...", "b: ..." at the start
+        r"^\s*\**\(?([a-zA-Z])\)?\**\s*[.!]?\s*$",           # the whole output is a letter
+        r"\b(?:option|choice)\s*[:#]?\s*\(?([a-zA-Z])\b",    # "option b", "choice (c"
+        r"\banswer(?:\s+is)?\s*:\s*\(?([a-zA-Z])(?:[\).,:]|\s*$)",  # "Answer: B", "answer is: (c),"
+    ]
+    for pattern in patterns:
+        for match in re.finditer(pattern, stripped, flags=re.IGNORECASE):
+            letter = match.group(1).lower()
+            index = _LETTERS.index(letter)
+            if index < n_options:
+                found.add(index)
+            else:
+                # A cited letter with no option: treat as unreadable, not as "none".
+                found.add(-1)
+    return found
+
+
+def _text_mentions(output: str, options: Sequence[str]) -> tuple[set[int], set[int]]:
+    """(positively mentioned option indices, negated-only option indices) by whole-phrase text match."""
+    words = normalize(output).split()
+    spans: list[tuple[int, int, int]] = []  # (start word, end word, option index)
+    for index, option in enumerate(options):
+        target = normalize(_strip_letter(option)).split()
+        if not target:
+            continue
+        size = len(target)
+        for start in range(len(words) - size + 1):
+            if words[start:start + size] == target:
+                spans.append((start, start + size, index))
+    # A mention inside a longer mention of another option (e.g. "sad" inside "very sad") does not count.
+    kept = [
+        s for s in spans
+        if not any(o is not s and o[0] <= s[0] and s[1] <= o[1] and (o[1] - o[0]) > (s[1] - s[0]) for o in spans)
+    ]
+    positive: set[int] = set()
+    negated: set[int] = set()
+    for start, _end, index in kept:
+        window = words[max(0, start - NEGATION_WINDOW):start]
+        if any(w in NEGATION_WORDS for w in window):
+            negated.add(index)
+        else:
+            positive.add(index)
+    return positive, negated - positive
+
+
+def choose_option(output: str | None, options: Sequence[str]) -> Choice:
+    """Return the single option `output` names unambiguously, else `Choice(None, reason)`."""
+    if not options or is_empty(output):
+        return Choice(None, "no options" if not options else "empty output")
+    letters = _letter_mentions(output or "", len(options))
+    if -1 in letters:
+        return Choice(None, "cites a letter with no option")
+    positive, negated = _text_mentions(output or "", options)
+    named = letters | positive
+    if len(named) == 1:
+        return Choice(next(iter(named)), "letter" if letters else "text")
+    if not named:
+        return Choice(None, "only negated options" if negated else "names no option")
+    return Choice(None, "names several options")

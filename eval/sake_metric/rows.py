@@ -1,0 +1,252 @@
+"""Prediction rows: the fields the metric reads, loading a predictions JSONL and validating rows.
+
+A predictions file (ARCHITECTURE.md, "Prediction rows") is JSONL: line 1 is the run header
+(`{"kind": "header", "model", "method", "mode", ...}`), every other line one evaluated item
+(`{"kind": "prediction", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options",
+"reference", "pre_edit", "post_edit", "gap", "category"}`).
+
+Validation errors are `PredictionsError` (a `ValueError`) naming the file, the line (or row index) and the
+field, and saying what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+DIMENSIONS = ("reliability", "generality", "locality_audio", "locality_text", "portability")
+CORRECTNESS_DIMENSIONS = ("reliability", "generality", "portability")
+CONSISTENCY_DIMENSIONS = ("locality_audio", "locality_text")
+# Allowed `type` values per dimension (generality 1-3, audio locality 1-4, others 0).
+TYPES = {
+    "reliability": (0,),
+    "generality": (1, 2, 3),
+    "locality_audio": (1, 2, 3, 4),
+    "locality_text": (0,),
+    "portability": (0,),
+}
+# Fields every row of a predictions file must carry (ARCHITECTURE.md).
+ROW_FIELDS = (
+    "kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options",
+    "reference", "pre_edit", "post_edit", "gap", "category",
+)
+# Fields the metric itself needs (the evaluate module passes only these).
+METRIC_FIELDS = (
+    "item_id", "dimension", "type", "attribute", "reference", "pre_edit", "post_edit", "gap", "category",
+    "options",
+)
+MODES = ("single", "sequential")
+
+
+class PredictionsError(ValueError):
+    """Bad prediction input; the message names the source, line/row and field."""
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One validated prediction row (only the fields the metric uses)."""
+
+    item_id: str
+    dimension: str
+    type: int
+    attribute: str
+    reference: str
+    pre_edit: str | None
+    post_edit: str
+    gap: int | None
+    category: str
+    options: tuple[str, ...]
+    instance_id: str = ""
+    question: str = ""
+
+    @property
+    def is_consistency(self) -> bool:
+        """True for locality items (judged post-edit vs pre-edit output)."""
+        return self.dimension in CONSISTENCY_DIMENSIONS
+
+
+def _where(source: str, line: int | None, unit: str = "line") -> str:
+    return f"{source}, {unit} {line}" if line is not None else source
+
+
+def validate_row(
+    raw: Mapping[str, Any], *, source: str = "<rows>", line: int | None = None,
+    required: Iterable[str] = METRIC_FIELDS, unit: str = "line",
+) -> PredictionRow:
+    """Check one raw row and return it as a `PredictionRow`.
+
+    `required`: fields that must be present as keys (values may be null where the interface allows).
+    Raises `PredictionsError` naming `source`/`line` and the field.
+    """
+    where = _where(source, line, unit)
+    if not isinstance(raw, Mapping):
+        raise PredictionsError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    missing = [f for f in required if f not in raw]
+    if missing:
+        raise PredictionsError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}")
+    kind = raw.get("kind", "prediction")
+    if kind != "prediction":
+        raise PredictionsError(f"{where}: field 'kind' must be 'prediction', got {kind!r}")
+
+    def text(field: str, *, nullable: bool = False, default: str | None = "") -> str | None:
+        value = raw.get(field, default)
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            expected = "a string or null" if nullable else "a string"
+            raise PredictionsError(f"{where}: field {field!r} must be {expected}, got {value!r}")
+        return value
+
+    item_id = text("item_id")
+    if not item_id:
+        raise PredictionsError(f"{where}: field 'item_id' must be a non-empty string")
+    dimension = text("dimension")
+    if dimension not in DIMENSIONS:
+        raise PredictionsError(
+            f"{where}: field 'dimension' must be one of {', '.join(DIMENSIONS)}, got {dimension!r}")
+    type_ = raw.get("type", 0)
+    if isinstance(type_, bool) or not isinstance(type_, int) or type_ not in TYPES[dimension]:
+        raise PredictionsError(
+            f"{where}: field 'type' must be an int in {list(TYPES[dimension])} for dimension {dimension!r}, "
+            f"got {type_!r}")
+    attribute = text("attribute")
+    if not attribute:
+        raise PredictionsError(f"{where}: field 'attribute' must be a non-empty string")
+    pre_edit = text("pre_edit", nullable=True, default=None)
+    if dimension in CONSISTENCY_DIMENSIONS and pre_edit is None:
+        raise PredictionsError(
+            f"{where}: field 'pre_edit' must be a string for {dimension} items (locality compares the "
+            f"post-edit output with the pre-edit output), got null")
+    post_edit = raw.get("post_edit")
+    if not isinstance(post_edit, str):
+        raise PredictionsError(
+            f"{where}: field 'post_edit' must be a string (the edited model's output), got {post_edit!r}")
+    reference = text("reference", nullable=True, default="")
+    if dimension in CORRECTNESS_DIMENSIONS and not (reference or "").strip():
+        raise PredictionsError(
+            f"{where}: field 'reference' must be a non-empty string for {dimension} items (correctness compares "
+            f"the post-edit output with it), got {reference!r}")
+    gap = raw.get("gap")
+    if gap is not None and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 0):
+        raise PredictionsError(f"{where}: field 'gap' must be null or an int >= 0, got {gap!r}")
+    category = text("category", nullable=True, default="") or ""
+    options = raw.get("options")
+    if options is None:
+        options = []
+    if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+        raise PredictionsError(f"{where}: field 'options' must be a list of strings, got {options!r}")
+    return PredictionRow(
+        item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
+        pre_edit=pre_edit, post_edit=post_edit, gap=gap, category=category, options=tuple(options),
+        instance_id=str(raw.get("instance_id") or ""), question=str(raw.get("question") or ""),
+    )
+
+
+def validate_rows(
+    raws: Iterable[tuple[int | None, Mapping[str, Any]]], *, source: str = "<rows>",
+    required: Iterable[str] = METRIC_FIELDS, mode: str | None = None, unit: str = "line",
+) -> list[PredictionRow]:
+    """Validate (line, raw row) pairs: per-row checks, unique (item_id, gap), gaps consistent with `mode`.
+
+    `unit` names what the numbers count in error messages ("line" of a file, "row" of a list).
+    """
+    required = tuple(required)
+    rows: list[PredictionRow] = []
+    seen: dict[tuple[str, int | None], int | None] = {}
+    for line, raw in raws:
+        row = validate_row(raw, source=source, line=line, required=required, unit=unit)
+        key = (row.item_id, row.gap)
+        if key in seen:
+            first = seen[key]
+            first_where = f"{unit} {first}" if first is not None else "an earlier row"
+            gap_note = f" and gap {row.gap}" if row.gap is not None else ""
+            raise PredictionsError(
+                f"{_where(source, line, unit)}: duplicate field 'item_id' {row.item_id!r}{gap_note} "
+                f"(already on {first_where}); rows must be unique by (item_id, gap)")
+        seen[key] = line
+        if mode == "single" and row.gap is not None:
+            raise PredictionsError(
+                f"{_where(source, line, unit)}: field 'gap' must be null in a single-mode run, got {row.gap!r}")
+        if mode == "sequential" and row.gap is None:
+            raise PredictionsError(
+                f"{_where(source, line, unit)}: field 'gap' must be an int in a sequential-mode run, got null")
+        rows.append(row)
+    if mode is None and rows:
+        with_gap = {r.gap is not None for r in rows}
+        if len(with_gap) > 1:
+            raise PredictionsError(
+                f"{source}: field 'gap' is null on some rows and set on others; use null for single editing "
+                "and an int for every row of a sequential run")
+    return rows
+
+
+def read_predictions_file(path: str | os.PathLike) -> tuple[dict | None, list[tuple[int, dict]]]:
+    """Read a predictions JSONL: return (header or None, [(line number, raw row), ...])."""
+    path = os.fspath(path)
+    header: dict | None = None
+    raws: list[tuple[int, dict]] = []
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise PredictionsError(f"{path}: cannot read predictions file ({exc.strerror})") from exc
+    with handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PredictionsError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+            if isinstance(obj, dict) and obj.get("kind") == "header":
+                if header is not None or raws:
+                    raise PredictionsError(f"{path}, line {number}: a 'kind: header' line must be the first line")
+                header = obj
+                continue
+            raws.append((number, obj))
+    return header, raws
+
+
+def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
+    """Check the few header fields the metric relies on (mode)."""
+    if header is None:
+        return
+    mode = header.get("mode")
+    if mode is not None and mode not in MODES:
+        raise PredictionsError(f"{source}, line 1: header field 'mode' must be one of {MODES}, got {mode!r}")
+
+
+def load_predictions(
+    predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, header: Mapping[str, Any] | None = None,
+) -> tuple[dict | None, list[PredictionRow]]:
+    """Load and validate predictions from a JSONL path or from an iterable of row dicts.
+
+    An iterable may start with a header dict (`kind: header`); `header` overrides it. A file requires every
+    field of ARCHITECTURE.md's prediction row; an iterable needs only `METRIC_FIELDS`.
+    """
+    if isinstance(predictions, (str, os.PathLike)):
+        source = os.fspath(predictions)
+        file_header, raws = read_predictions_file(source)
+        required: tuple[str, ...] = ROW_FIELDS
+    else:
+        source = "<rows>"
+        file_header = None
+        raws = []
+        for index, obj in enumerate(predictions):
+            if isinstance(obj, Mapping) and obj.get("kind") == "header":
+                if file_header is not None or raws:
+                    raise PredictionsError(f"{source}, row {index}: a 'kind: header' row must come first")
+                file_header = dict(obj)
+                continue
+            raws.append((index, obj))
+        required = METRIC_FIELDS
+    use_header = dict(header) if header is not None else file_header
+    check_header(use_header, source=source)
+    mode = use_header.get("mode") if use_header else None
+    unit = "row" if source == "<rows>" else "line"
+    rows = validate_rows(raws, source=source, required=required, mode=mode, unit=unit)
+    if not rows:
+        raise PredictionsError(f"{source}: no prediction rows")
+    return use_header, rows
+

@@ -1,0 +1,313 @@
+"""LLM judge through the real `openai` client against a local OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from eval.sake_metric.llm_judge import JudgeConfig, LLMJudge, cache_key, parse_verdict
+from eval.sake_metric.rows import load_predictions
+from eval.sake_metric.scoring import judge_rows
+from eval.score import score_predictions
+from _metric_helpers import header, row, write_predictions
+
+SECRET = "sk-test-secret-do-not-leak"
+
+
+class FakeOpenAI:
+    """A tiny OpenAI-compatible server: chat completions, files and batches. Stops itself after 60 s."""
+
+    def __init__(self):
+        self.requests: list[dict] = []        # chat-completion bodies received (including refused ones)
+        self.plan: list[tuple[int, str | None]] = []  # queued (status, content) answers, then `verdict_for`
+        self.batches: dict[str, dict] = {}
+        self.files: dict[str, str] = {}
+        self.batch_creations = 0
+        self.retrieve_failures = 0            # answer this many batch retrievals with HTTP 500
+        self.auth_headers: list[str] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _send(self, status: int, body: dict | str, headers: dict | None = None):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                with server.lock:
+                    server.auth_headers.append(self.headers.get("Authorization", ""))
+                if self.path.endswith("/chat/completions"):
+                    body = json.loads(raw)
+                    with server.lock:
+                        server.requests.append(body)
+                        status, content = server.plan.pop(0) if server.plan else (200, None)
+                    if status != 200:
+                        self._send(status, {"error": {"message": "slow down", "type": "rate_limit"}},
+                                   {"retry-after-ms": "5"})
+                        return
+                    if content is None:
+                        content = server.verdict_for(body["messages"][-1]["content"])
+                    self._send(200, server.completion(body["model"], content))
+                elif self.path.endswith("/files"):
+                    text = raw.decode("utf-8", "replace")
+                    lines = re.findall(r'^\{"custom_id".*$', text, flags=re.MULTILINE)
+                    with server.lock:
+                        file_id = f"file-{len(server.files)}"
+                        server.files[file_id] = "\n".join(line.rstrip("\r") for line in lines)
+                    self._send(200, {"id": file_id, "object": "file", "bytes": len(raw), "created_at": 0,
+                                     "filename": "in.jsonl", "purpose": "batch", "status": "processed"})
+                elif self.path.endswith("/batches"):
+                    body = json.loads(raw)
+                    with server.lock:
+                        server.batch_creations += 1
+                        batch_id = f"batch-{server.batch_creations}"
+                        server.batches[batch_id] = {"input": body["input_file_id"], "polls": 0}
+                    self._send(200, server.batch_object(batch_id, "validating"))
+                else:
+                    self._send(404, {"error": {"message": "no route"}})
+
+            def do_GET(self):
+                match = re.search(r"/batches/([\w-]+)$", self.path)
+                if match:
+                    with server.lock:
+                        if server.retrieve_failures > 0:
+                            server.retrieve_failures -= 1
+                            self._send(500, {"error": {"message": "boom"}})
+                            return
+                        batch = server.batches[match.group(1)]
+                        batch["polls"] += 1
+                        status = "completed" if batch["polls"] >= 2 else "in_progress"
+                    self._send(200, server.batch_object(match.group(1), status))
+                    return
+                match = re.search(r"/files/([\w-]+)/content$", self.path)
+                if match:
+                    self._send(200, server.files[match.group(1)])
+                    return
+                self._send(404, {"error": {"message": "no route"}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.timeout = 1
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.watchdog = threading.Timer(60.0, self.httpd.shutdown)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @staticmethod
+    def verdict_for(prompt: str) -> str:
+        """'yes' when the judged answer mentions 'canine' or 'unchanged', else 'no'."""
+        if "Answer after editing:\n" in prompt:
+            yes = "unchanged" in prompt.split("Answer after editing:\n", 1)[1].lower()
+        else:
+            yes = "canine" in prompt.split("Model's answer:\n", 1)[1].lower()
+        return json.dumps({"verdict": "yes" if yes else "no"})
+
+    @staticmethod
+    def completion(model: str, content: str) -> dict:
+        return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": content}}]}
+
+    def batch_object(self, batch_id: str, status: str) -> dict:
+        output_id = None
+        if status == "completed":
+            output_id = f"out-{batch_id}"
+            lines = []
+            for line in self.files[self.batches[batch_id]["input"]].splitlines():
+                request = json.loads(line)
+                content = self.verdict_for(request["body"]["messages"][-1]["content"])
+                lines.append(json.dumps({"id": "r", "custom_id": request["custom_id"], "response": {
+                    "status_code": 200, "body": self.completion(request["body"]["model"], content)}}))
+            self.files[output_id] = "\n".join(lines) + "\n"
+        return {"id": batch_id, "object": "batch", "endpoint": "/v1/chat/completions", "completion_window": "24h",
+                "created_at": 0, "input_file_id": self.batches[batch_id]["input"], "status": status,
+                "output_file_id": output_id}
+
+    def close(self):
+        self.watchdog.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    fake = FakeOpenAI()
+    yield fake
+    fake.close()
+
+
+def make_judge(server: FakeOpenAI, cache: Path, **kw) -> LLMJudge:
+    config = dict(model="judge-model-x", base_url=server.base_url, cache_dir=cache, max_workers=2, max_retries=2,
+                  timeout=10.0)
+    config.update(kw)
+    return LLMJudge(JudgeConfig(**config))
+
+
+def llm_rows() -> list:
+    """Rows that no deterministic stage decides (the LLM must)."""
+    raw = [
+        row("animal/test/000000/rel", "reliability", "A canine is barking here.", reference="dog"),
+        row("animal/test/000000/gen1", "generality", "Some kind of bird, maybe.", reference="dog", type=1),
+        row("animal/test/000000/loc_audio1", "locality_audio", "Output unchanged, roughly",
+            pre_edit="Something else entirely", reference="cow", type=1),
+        row("animal/test/000000/port", "portability", "It eats meat mostly", reference="herbivore",
+            options=["herbivore", "carnivore"], category="Diet"),
+    ]
+    return load_predictions(raw)[1]
+
+
+def test_request_carries_model_seed_prompt_and_schema(server, tmp_path):
+    judge = make_judge(server, tmp_path / "cache")
+    verdicts = judge_rows(llm_rows(), judge)
+    assert [v.stage for v in verdicts] == ["llm"] * 4
+    assert [v.passed for v in verdicts] == [True, False, True, False]
+    assert len(server.requests) == 4 and judge.calls == 4
+    bodies = {b["messages"][-1]["content"].split("\n")[0]: b for b in server.requests}
+    for body in server.requests:
+        assert body["model"] == "judge-model-x"
+        assert body["seed"] == 0
+        assert body["reasoning_effort"] == "minimal"
+        schema = body["response_format"]["json_schema"]
+        assert body["response_format"]["type"] == "json_schema" and schema["strict"] is True
+        assert schema["schema"]["properties"]["verdict"]["enum"] == ["yes", "no"]
+    prompts = [b["messages"][-1]["content"] for b in server.requests]
+    assert any("A canine is barking here." in p and "dog" in p for p in prompts)
+    assert any("Answer before editing:\nSomething else entirely" in p for p in prompts)
+    assert len(bodies) == 2  # one correctness and one consistency template
+
+
+def test_second_run_makes_zero_calls(server, tmp_path):
+    first = judge_rows(llm_rows(), make_judge(server, tmp_path / "cache"))
+    sent = len(server.requests)
+    judge = make_judge(server, tmp_path / "cache")
+    second = judge_rows(llm_rows(), judge)
+    assert len(server.requests) == sent and judge.calls == 0 and judge.cache_hits == 4
+    assert [v.passed for v in first] == [v.passed for v in second]
+    # the cache is keyed by (model, prompt): another judge model misses it
+    other = make_judge(server, tmp_path / "cache", model="another-model")
+    judge_rows(llm_rows()[:1], other)
+    assert other.calls == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_429_or_5xx_then_200_succeeds(server, tmp_path, status):
+    server.plan = [(status, None), (status, None)]
+    judge = make_judge(server, tmp_path / "cache", max_workers=1)
+    verdicts = judge_rows(llm_rows()[:1], judge)
+    assert verdicts[0].stage == "llm" and verdicts[0].passed is True
+    assert len(server.requests) == 3  # two refused by the server, retried by the client
+
+
+def test_identical_prompts_are_sent_once(server, tmp_path):
+    raw = [row(f"animal/test/{i:06d}/rel", "reliability", "A canine is barking here.", reference="dog")
+           for i in range(5)]
+    judge = make_judge(server, tmp_path / "cache", max_workers=4)
+    verdicts = judge_rows(load_predictions(raw)[1], judge)
+    assert [v.passed for v in verdicts] == [True] * 5 and len(server.requests) == 1
+
+
+def test_malformed_verdict_is_retried_then_reported(server, tmp_path):
+    # malformed once, then a valid verdict: retried and accepted
+    server.plan = [(200, "yes please")]
+    judge = make_judge(server, tmp_path / "c1", max_workers=1)
+    verdicts = judge_rows(llm_rows()[:1], judge)
+    assert verdicts[0].stage == "llm" and verdicts[0].passed is True and judge.calls == 2
+    # always malformed (even a 'yes'-looking one): reported as llm_failed, never correct, never cached
+    server.plan = [(200, '{"verdict": "YES"}'), (200, "yes"), (200, '{"verdict": "yes", "x": 1}')]
+    judge = make_judge(server, tmp_path / "c2", max_workers=1, malformed_retries=2)
+    verdicts = judge_rows(llm_rows()[:1], judge)
+    assert verdicts[0].stage == "llm_failed" and verdicts[0].passed is False
+    assert judge.calls == 3
+    assert not list((tmp_path / "c2").rglob("*.json"))
+
+
+def test_score_predictions_with_openai_judge_reports_stages(server, tmp_path, caplog):
+    rows = [
+        row("animal/test/000001/rel", "reliability", "dog", reference="dog"),                       # exact
+        row("animal/test/000001/gen1", "generality", "", reference="dog", type=1),                   # empty
+        row("animal/test/000001/gen2", "generality", "(b)", reference="cat", type=2),                # choice
+        row("animal/test/000001/gen3", "generality", "A canine, I think", reference="dog", type=3),  # llm
+    ]
+    path = write_predictions(tmp_path / "p.jsonl", header(), rows)
+    caplog.set_level(logging.DEBUG)
+    results = score_predictions(path, judge="openai", base_url=server.base_url, model="judge-model-x",
+                                cache_dir=tmp_path / "cache")
+    assert results["judge"]["stage_share"] == {"empty": 0.25, "exact": 0.25, "choice": 0.25, "llm": 0.25,
+                                               "llm_failed": 0.0, "undecided": 0.0}
+    assert results["judge"]["model"] == "judge-model-x" and results["judge"]["llm_calls"] == 1
+    assert results["metrics"]["overall"]["generality"] == pytest.approx(200 / 3, abs=1e-3)
+    # the key went to the server as a bearer token but is never logged nor written
+    assert any(SECRET in h for h in server.auth_headers)
+    assert SECRET not in caplog.text and SECRET not in json.dumps(results)
+    assert all(SECRET not in p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+
+
+def test_batch_mode_submits_polls_collects_and_resumes(server, tmp_path):
+    state = tmp_path / "batch_state.json"
+    server.retrieve_failures = 1  # the first poll fails: the run is interrupted after submitting
+    judge = make_judge(server, tmp_path / "cache", batch=True, batch_state=state, poll_interval=0.01, max_retries=0)
+    with pytest.raises(Exception):
+        judge_rows(llm_rows(), judge)
+    assert server.batch_creations == 1 and json.loads(state.read_text())["batch_id"] == "batch-1"
+    # rerun: resumes polling the same batch instead of submitting again
+    judge = make_judge(server, tmp_path / "cache", batch=True, batch_state=state, poll_interval=0.01)
+    verdicts = judge_rows(llm_rows(), judge)
+    assert server.batch_creations == 1
+    assert [v.passed for v in verdicts] == [True, False, True, False]
+    assert [v.stage for v in verdicts] == ["llm"] * 4
+    assert not server.requests  # no online calls in batch mode
+    # collected verdicts are cached: a third run makes no request at all
+    judge = make_judge(server, tmp_path / "cache", batch=True, batch_state=state, poll_interval=0.01)
+    judge_rows(llm_rows(), judge)
+    assert judge.calls == 0 and server.batch_creations == 1
+
+
+def test_missing_api_key_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    judge = LLMJudge(JudgeConfig(cache_dir=tmp_path))
+    with pytest.raises(RuntimeError, match="OPENAI_API_KEY"):
+        judge_rows(llm_rows()[:1], judge)
+
+
+def test_parse_verdict_and_cache_key():
+    assert parse_verdict('{"verdict": "yes"}') is True
+    assert parse_verdict('{"verdict": "no"}') is False
+    for bad in (None, "", "yes", '{"verdict": "Yes"}', '{"verdict": true}', '{"answer": "yes"}', "[1]"):
+        assert parse_verdict(bad) is None
+    assert cache_key("m", "p") == cache_key("m", "p") != cache_key("m2", "p") != cache_key("m", "p2")
+
+
+def test_metric_card_documents_the_prompts_verbatim():
+    import yaml
+
+    from eval.sake_metric.llm_judge import CONSISTENCY_PROMPT, CORRECTNESS_PROMPT, SYSTEM_PROMPT
+
+    card = (Path(__file__).resolve().parents[1] / "eval" / "sake_metric" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["title"] == "SAKE" and "metric" in front["tags"]
+    for prompt in (SYSTEM_PROMPT, CORRECTNESS_PROMPT, CONSISTENCY_PROMPT):
+        assert prompt in card

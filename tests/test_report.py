@@ -1,0 +1,92 @@
+"""Reports: paper-shaped tables (markdown + CSV) and PNG plots from results JSON / predictions JSONL."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from eval.report import load_runs, main as report_main, method_label
+from eval.score import score_predictions, write_json_atomic
+from _metric_helpers import demo_rows, header, write_predictions
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    """Two methods, single (as results JSON) and sequential (as predictions JSONL), one model."""
+    base = tmp_path / "runs"
+    base.mkdir()
+    for method, quality in (("ft_llm", 1.0), ("mend", 0.5)):
+        single = write_predictions(tmp_path / f"{method}.jsonl", header(method=method), demo_rows(quality))
+        write_json_atomic(base / f"{method}_single.results.json", score_predictions(single))
+        rows = [r for gap in range(3) for r in demo_rows(max(0.0, quality - 0.25 * gap), gap=gap)]
+        seq = write_predictions(tmp_path / f"{method}_seq.jsonl", header(method=method, mode="sequential"), rows)
+        write_json_atomic(base / f"{method}_seq.results.json", score_predictions(seq))
+    return base
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_report_writes_paper_shaped_tables_and_plots(runs_dir, tmp_path):
+    out = tmp_path / "report"
+    assert report_main([str(runs_dir), "--out", str(out)]) == 0
+    table2 = read_csv(out / "table2_overall.csv")
+    assert table2[0] == ["Model", "Metric", "FT (LLM)", "MEND"]
+    assert [r[1] for r in table2[1:]] == ["Reliability", "Generality", "Audio Locality", "Text Locality",
+                                          "Portability"]
+    assert table2[1][2:] == ["100.00", "50.00"]
+    attrs = read_csv(out / "table8_attributes.csv")
+    assert attrs[0][:4] == ["Model", "Method", "Attr.", "Reliability"] and len(attrs[0]) == 15
+    assert [(r[1], r[2]) for r in attrs[1:]] == [(m, a) for m in ("FT (LLM)", "MEND")
+                                                 for a in ("ALL", "Animal", "Emotion")]
+    gaps = read_csv(out / "table11_gaps.csv")
+    assert [(r[1], r[2]) for r in gaps[1:]] == [(m, g) for m in ("FT (LLM)", "MEND") for g in ("0", "1", "2")]
+    assert [r[3] for r in gaps[1:4]] == ["100.00", "75.00", "50.00"]
+    port = read_csv(out / "table14_portability_animal.csv")
+    assert port[0] == ["Model", "Method", "Behavior", "Diet"] and len(port) == 3
+    assert (out / "table14_portability_emotion.csv").exists()
+    degeneration = read_csv(out / "table18_degeneration.csv")
+    assert [r[1] for r in degeneration[1:]] == ["single", "sequential"]
+    assert degeneration[1][2] == "0.00" and float(degeneration[1][3]) > 0  # MEND run has "dogdogdog..."
+    judge = read_csv(out / "judge_stages.csv")
+    assert judge[0][4:] == ["empty", "exact", "choice", "llm", "llm_failed", "undecided"]
+    for row in judge[1:]:
+        assert sum(float(x) for x in row[4:]) == pytest.approx(100.0, abs=0.05)
+    markdown = (out / "table2_overall.md").read_text()
+    assert "| Model | Metric | FT (LLM) | MEND |" in markdown
+    for name in ("fig3_types_qwen2-audio.png", "fig4_gaps_qwen2-audio.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    assert "fig4_gaps_qwen2-audio.png" in (out / "index.md").read_text()
+    # same inputs, same bytes
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert report_main([str(runs_dir), "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+
+def test_report_scores_predictions_inputs_and_rejects_duplicates(runs_dir, tmp_path):
+    predictions = write_predictions(tmp_path / "wise.jsonl", header(method="wise"), demo_rows(0.25))
+    runs = load_runs([runs_dir, predictions])
+    assert [(method_label(r.method), r.mode) for r in runs] == [
+        ("FT (LLM)", "single"), ("MEND", "single"), ("WISE", "single"),
+        ("FT (LLM)", "sequential"), ("MEND", "sequential")]
+    assert runs[2].results["metrics"]["overall"]["reliability"] == 25.0
+    with pytest.raises(ValueError, match="two results for model 'tiny/qwen2-audio', method 'ft_llm'"):
+        load_runs([runs_dir, runs_dir / "ft_llm_single.results.json"])
+    assert report_main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_report_only_single_runs_skips_gap_outputs(tmp_path):
+    predictions = write_predictions(tmp_path / "ke.jsonl", header(method="ke"), demo_rows(1.0))
+    out = tmp_path / "report"
+    assert report_main([str(predictions), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "table2_overall.md" in names and "fig3_types_qwen2-audio.png" in names
+    assert not any(n.startswith(("table11", "fig4")) for n in names)
+    assert read_csv(out / "table2_overall.csv")[0] == ["Model", "Metric", "KE"]
