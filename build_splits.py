@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Build the SAKE dataset: Parquet per config/split, a dataset card (README.md) and sake_manifest.json.
+
+    python build_splits.py --demo --out /tmp/sake
+    python build_splits.py --sakura PATH|HUB_ID --dynamic-superb PATH --mmlu PATH|cais/mmlu --out DIR --seed 0
+        [--pool crema_d=PATH --pool esc50=PATH ...] [--push-to-hub ORG/NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("build_splits")
+
+
+def parse_pool(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--pool expects PRESET=PATH, got {text!r}")
+    preset, path = text.split("=", 1)
+    return preset.strip(), path.strip()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("sources (all three required unless --demo)")
+    src.add_argument("--sakura", help="SAKURA folder (<Track>/metadata.csv + audio/) or Hub id")
+    src.add_argument("--dynamic-superb", help="Dynamic-SUPERB Phase-2 folder (<Task>/metadata.csv + audio/) or a .txt "
+                     "file listing Hub task ids")
+    src.add_argument("--mmlu", help="MMLU Parquet file/folder (cais/mmlu layout) or Hub id cais/mmlu")
+    src.add_argument("--pool", action="append", type=parse_pool, default=[], metavar="PRESET=PATH",
+                     help="labelled audio pool for train/extra audio (repeatable); presets: crema_d, esc50, "
+                          "commonvoice, animal_sound_dataset, folder, csv (for folder/csv PATH is a mapping YAML; see "
+                          "sake_dataset/sources/pools.py)")
+    src.add_argument("--pool-limit", type=int, default=5000,
+                     help="at most this many clips per label are read from each pool (5000)")
+    src.add_argument("--demo", action="store_true", help="use the embedded synthetic demo sources and demo sizes")
+    p.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-per-attribute", type=int, default=None, help="test instances per attribute (300)")
+    p.add_argument("--train-per-attribute", type=int, default=None, help="train instances per attribute (1000)")
+    p.add_argument("--sequences", type=int, default=None, help="sequences per split in `sequential` (10)")
+    p.add_argument("--sequence-length", type=int, default=None, help="edits per sequence (10)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the built folder as a Hub dataset "
+                   "(token from HF_TOKEN / huggingface-cli login)")
+    p.add_argument("--quiet", action="store_true", help="only warnings")
+    return p
+
+
+def push_to_hub(folder: Path, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+                      commit_message="SAKE build")
+    log.info("pushed %s to https://huggingface.co/datasets/%s", folder, repo_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # honoured by tqdm >= 4.66
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sake_dataset.builder import DEMO_SIZES, ShortfallError, build, build_demo
+    from sake_dataset.records import SourceError
+    from sake_dataset.sake import ConstructionError
+
+    defaults = DEMO_SIZES if args.demo else {"test_per_attribute": 300, "train_per_attribute": 1000,
+                                            "sequences": 10, "sequence_length": 10}
+    sizes = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    try:
+        if args.demo:
+            if args.pool or args.sakura or args.dynamic_superb or args.mmlu:
+                raise SystemExit("build_splits: --demo uses the embedded sources; drop --sakura/--dynamic-superb/"
+                                 "--mmlu/--pool")
+            result = build_demo(args.out, seed=args.seed, **sizes)
+        else:
+            missing = [f"--{n.replace('_', '-')}" for n in ("sakura", "dynamic_superb", "mmlu") if not getattr(args, n)]
+            if missing:
+                raise SystemExit(f"build_splits: missing {', '.join(missing)} (or use --demo)")
+            result = build(args.sakura, args.dynamic_superb, args.mmlu, args.out, seed=args.seed, pools=args.pool,
+                           pool_limit=args.pool_limit, **sizes)
+    except (SourceError, ConstructionError) as exc:
+        kind = "shortfall" if isinstance(exc, ShortfallError) else type(exc).__name__
+        print(f"build_splits: {kind}: {exc}", file=sys.stderr)
+        return 1
+    from sake_dataset.release import stats_markdown
+
+    print(stats_markdown(result.stats))
+    print(f"built {result.out} in {result.seconds:.1f} s; fingerprint {result.manifest['fingerprint']}")
+    if args.push_to_hub:
+        push_to_hub(result.out, args.push_to_hub)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

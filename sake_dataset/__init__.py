@@ -1,0 +1,26 @@
+"""SAKE dataset: sources -> normalized records -> edit instances -> Parquet release (no models, no metrics).
+
+    from sake_dataset import build, build_demo, ATTRIBUTES, LABELS, features, item_kinds
+"""
+
+from .sake import (ATTRIBUTES, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS, LABELS, SPLITS, ConstructionError,
+                   expected_kinds, features, item_kinds, item_rows)
+from .records import SourceError
+
+
+def build(*args, **kwargs):
+    """`sake_dataset.builder.build` (imported lazily): build a release from sources; see its docstring."""
+    from .builder import build as _build
+
+    return _build(*args, **kwargs)
+
+
+def build_demo(*args, **kwargs):
+    """`sake_dataset.builder.build_demo`: build from the embedded synthetic demo sources."""
+    from .builder import build_demo as _build_demo
+
+    return _build_demo(*args, **kwargs)
+
+
+__all__ = ["ATTRIBUTES", "CONFIGS", "DIMENSION_OF_KIND", "ITEM_KINDS", "LABELS", "SPLITS", "ConstructionError",
+           "SourceError", "build", "build_demo", "expected_kinds", "features", "item_kinds", "item_rows"]

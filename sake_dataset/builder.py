@@ -1,0 +1,286 @@
+"""Build a SAKE release from sources: read -> partition train/test -> construct -> check -> write (atomically)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .records import LabelledClip, SourceError, TaskClip, TextQuestion
+from .release import (AudioEncoder, card_yaml, dimension_stats, parquet_path, provenance, render_card,
+                      stats_markdown, write_manifest, write_parquet, write_text)
+from .sake import (ATTRIBUTES, CONFIGS, PAPER_TOTALS, SPLITS, ConstructionError, InstanceBuilder,
+                   SplitPool, build_attribute_split, build_sequential, check_instance, clip_quota, count_totals,
+                   expected_totals, item_rows, load_portability, load_question_banks, make_edit_pairs,
+                   partition_by_hash, partition_clips)
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DEMO_DIR = PACKAGE_DIR / "demo_sources"
+CARD_TEMPLATE = REPO_DIR / "dataset_card.md"
+# The demo SAKURA has 8 clips per label; gender (2 labels, no demo pool) bounds the sizes: 3 + 5 clips per label.
+DEMO_SIZES = {"test_per_attribute": 6, "train_per_attribute": 10, "sequences": 3, "sequence_length": 5}
+POOL_FOR_ATTRIBUTE = {"animal": "esc50 or animal_sound_dataset", "emotion": "crema_d", "gender": "commonvoice",
+                      "language": "commonvoice"}
+LICENSES = {
+    "sakura": "SAKURA (Yang et al., 2025): see its release; its audio keeps the licenses of the corpora it compiles "
+              "(CommonVoice, CREMA-D, ESC-50, Animal-Sound Dataset)",
+    "dsuperb": "Dynamic-SUPERB Phase-2 (Huang et al., 2025): per-task licenses of the task's source corpus",
+    "mmlu": "MMLU (Hendrycks et al., 2021, cais/mmlu): MIT",
+    "crema_d": "CREMA-D (Cao et al., 2014): Open Database License (ODbL) v1.0",
+    "esc50": "ESC-50 (Piczak, 2015): CC BY-NC 3.0",
+    "commonvoice": "Common Voice (Ardila et al., 2020): CC0 1.0",
+    "animal_sound_dataset": "Animal-Sound Dataset (Şaşmaz & Tek, 2018): see its repository",
+    "demo": "project-made synthetic audio: same license as this toolkit",
+}
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    stats: dict[str, Any]
+    seconds: float
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = field(repr=False, default_factory=dict)
+
+
+class ShortfallError(ConstructionError):
+    """Not enough distinct audio for the requested sizes; `table` maps (split, attribute, label) to
+    (needed, available)."""
+
+    def __init__(self, message: str, table: dict[tuple[str, str, str], tuple[int, int]]):
+        super().__init__(message)
+        self.table = table
+
+
+def shortfall_message(table: dict[tuple[str, str, str], tuple[int, int]], have_pools: bool) -> str:
+    lines = ["not enough distinct audio clips for the requested sizes (train and test must not share audio; "
+             "every instance needs its own edit clip, every label at least 2 clips per split; test takes SAKURA "
+             "first, train what is left):", "",
+             f"  {'split':<6} {'attribute':<10} {'label':<10} {'needed':>7} {'available':>9} {'missing':>8}  "
+             "pool that would fill it"]
+    order = {"test": 0, "train": 1}
+    for (split, attribute, label), (need, have) in sorted(table.items(), key=lambda kv: (order[kv[0][0]], kv[0])):
+        lines.append(f"  {split:<6} {attribute:<10} {label:<10} {need:>7} {have:>9} {need - have:>8}  "
+                     f"--pool {POOL_FOR_ATTRIBUTE[attribute].split(' or ')[0]}=PATH"
+                     + (" (or animal_sound_dataset=PATH)" if attribute == "animal" else "")
+                     + (" (or crema_d=PATH with VideoDemographics.csv)" if attribute == "gender" else ""))
+    lines += ["", "Add audio with --pool PRESET=PATH (presets: crema_d, esc50, commonvoice, animal_sound_dataset, "
+              "folder, csv) or ask for what the sources allow with --train-per-attribute / --test-per-attribute."
+              + (" (pools were given but do not cover it)" if have_pools else "")]
+    return "\n".join(lines)
+
+
+def _read_sources(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path,
+                  pools: Sequence[tuple[str, str]], pool_limit: int):
+    from .sources import read_dynamic_superb, read_mmlu, read_sakura
+    from .sources.pools import read_pools
+
+    clips = read_sakura(sakura)
+    reports = read_pools(pools, pool_limit)
+    pool_clips: list[LabelledClip] = [c for r in reports for c in r.clips]
+    return clips, pool_clips, reports, read_dynamic_superb(dynamic_superb), read_mmlu(mmlu)
+
+
+def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[LabelledClip], tasks: Sequence[TaskClip],
+              texts: Sequence[TextQuestion], seed: int = 0, test_per_attribute: int = 300,
+              train_per_attribute: int = 1000, sequences: int = 10, sequence_length: int = 10,
+              have_pools: bool = False) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """All rows of a release, {config: {split: rows}}, as a pure function of normalized records and a seed.
+
+    Checks every instance (composition and rules), the Table 1 identities per split (and the paper totals when
+    run at paper size), and that train and test share no audio. Audio fields hold `AudioRef`s.
+    """
+    sizes = {"test": test_per_attribute, "train": train_per_attribute}
+    for split, n in sizes.items():
+        if n < 1:
+            raise ConstructionError(f"--{split}-per-attribute must be at least 1, got {n}")
+    banks = load_question_banks()
+    knowledge = load_portability()
+
+    # 1. edit pairs (balanced) and the clips each split needs
+    pairs = {split: {a: make_edit_pairs(a, sizes[split], random.Random(f"{seed}:pairs:{split}:{a}"))
+                     for a in ATTRIBUTES} for split in SPLITS}
+    quota = {split: {a: clip_quota(pairs[split][a], a) for a in ATTRIBUTES} for split in SPLITS}
+    test_clips, train_clips, short = partition_clips(sakura_clips, pool_clips, quota["test"], quota["train"],
+                                                     random.Random(f"{seed}:partition"))
+    if short:
+        raise ShortfallError(shortfall_message(short, have_pools), short)
+
+    # 2. Dynamic-SUPERB and MMLU: disjoint by content too, proportional to the split sizes
+    assigned = {c.audio.sha256: "test" for by in test_clips.values() for cs in by.values() for c in cs}
+    assigned.update({c.audio.sha256: "train" for by in train_clips.values() for cs in by.values() for c in cs})
+    share = test_per_attribute / (test_per_attribute + train_per_attribute)
+    task_test, task_train = partition_by_hash(tasks, lambda t: t.audio.sha256, assigned, share,
+                                              random.Random(f"{seed}:tasks"))
+    text_test, text_train = partition_by_hash(texts, lambda q: q.question + "\x00" + "\x00".join(q.choices), {},
+                                              share, random.Random(f"{seed}:texts"))
+    split_pools = {"test": SplitPool("test", test_clips, task_test, text_test),
+                   "train": SplitPool("train", train_clips, task_train, text_train)}
+
+    # 3. construction + per-instance checks
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {c: {} for c in CONFIGS}
+    for split in SPLITS:
+        builder = InstanceBuilder(split_pools[split], banks, knowledge, random.Random(f"{seed}:{split}:instances"))
+        all_instances = []
+        for attribute in ATTRIBUTES:
+            rows[attribute][split] = build_attribute_split(builder, attribute, pairs[split][attribute])
+            for row in rows[attribute][split]:
+                check_instance(row)
+            all_instances += rows[attribute][split]
+        builder.rng = random.Random(f"{seed}:{split}:sequential")
+        rows["sequential"][split] = build_sequential(builder, all_instances, sequences, sequence_length)
+        for row in rows["sequential"][split]:
+            check_instance(row)
+        got = count_totals(all_instances)
+        want = expected_totals(sizes[split], split)
+        if got != want:
+            raise ConstructionError(f"{split}: composition {got} != expected {want} (instances, audio, QA)")
+        paper_n, paper_totals = PAPER_TOTALS[split]
+        if sizes[split] == paper_n and got != paper_totals:
+            raise ConstructionError(f"{split}: composition {got} != paper Table 1 {paper_totals}")
+        log.info("%s: %d instances, %d audio inputs, %d QA pairs", split, *got)
+
+    # 4. train and test share no audio (source content hash; the encoded bytes are checked again on writing)
+    hashes = {split: set() for split in SPLITS}
+    for config in CONFIGS:
+        for split in SPLITS:
+            for row in rows[config][split]:
+                for item in item_rows(row):
+                    if "audio" in item:
+                        hashes[split].add(item["audio"].sha256)
+    shared = hashes["train"] & hashes["test"]
+    if shared:
+        raise ConstructionError(f"train and test share {len(shared)} audio clips (content hash), e.g. "
+                                f"{sorted(shared)[0]}")
+
+    return rows
+
+
+def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out: str | Path, seed: int = 0,
+          test_per_attribute: int = 300, train_per_attribute: int = 1000, sequences: int = 10,
+          sequence_length: int = 10, pools: Sequence[tuple[str, str]] = (), demo: bool = False,
+          card_template: str | Path | None = None, source_names: dict[str, Any] | None = None,
+          pool_limit: int = 5000) -> BuildResult:
+    """Build the SAKE release into `out` (Parquet per config/split, README.md card, sake_manifest.json).
+
+    Everything is written into a temporary folder next to `out` and renamed at the end, so a failed build leaves
+    an earlier `out` untouched. Same sources + seed give byte-identical Parquet files.
+    """
+    start = time.monotonic()
+    out = Path(out)
+    sakura_clips, pool_clips, pool_reports, tasks, texts = _read_sources(sakura, dynamic_superb, mmlu, pools,
+                                                                          pool_limit)
+
+    rows = construct(sakura_clips, pool_clips, tasks, texts, seed=seed, test_per_attribute=test_per_attribute,
+                     train_per_attribute=train_per_attribute, sequences=sequences, sequence_length=sequence_length,
+                     have_pools=bool(pools))
+    encoder = AudioEncoder()
+
+    # 5. write into a temp folder next to `out`, then swap
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        for config in CONFIGS:
+            for split in SPLITS:
+                write_parquet(rows[config][split], tmp / parquet_path(config, split), config == "sequential",
+                              encoder, desc=f"{config}/{split}")
+        encoded = {split: {encoder.encoded_hash(item["audio"]) for config in CONFIGS for row in rows[config][split]
+                           for item in item_rows(row) if "audio" in item} for split in SPLITS}
+        if encoded["train"] & encoded["test"]:
+            raise ConstructionError("train and test share encoded audio bytes (identical recordings under "
+                                    "different source files)")
+        stats = _statistics(rows, encoder, sequences, sequence_length)
+        stats["pools"] = {r.preset: {"path": str(r.path), "clips": len(r.clips), "dropped": dict(sorted(
+            r.dropped.items()))} for r in pool_reports}
+        item_ids = {c: {s: [it["id"] for row in rows[c][s] for it in item_rows(row)] for s in SPLITS}
+                    for c in CONFIGS}
+        sources = source_names or {"sakura": str(sakura), "dynamic_superb": str(dynamic_superb), "mmlu": str(mmlu),
+                                   "pools": {p: str(path) for p, path in pools}}
+        template = Path(card_template or CARD_TEMPLATE)
+        if not template.is_file():
+            raise SourceError(f"{template}: missing file (expected the dataset card template)")
+        num = {c: {s: len(rows[c][s]) for s in SPLITS} for c in CONFIGS}
+        used_origins = sorted({o for split in SPLITS for cfg in stats["provenance"][split].values() for o in cfg})
+        licenses = "\n".join(f"- `{o}`: {LICENSES.get(o, 'see the pool corpus license')}" for o in used_origins)
+        if demo:
+            licenses = ("- every source of this build is the project's synthetic stand-in (`sake_dataset/demo_sources`,"
+                        " same license as the toolkit); the origin names (" + ", ".join(used_origins) +
+                        ") only say which corpus layout each imitates. The real corpora's licenses:\n" +
+                        "\n".join(f"  - `{o}`: {LICENSES[o]}" for o in used_origins if o in LICENSES))
+        sources_md = "\n".join(f"- {k}: `{v}`" for k, v in sources.items() if v and not isinstance(v, dict))
+        for preset, info in stats["pools"].items():
+            dropped = ", ".join(f"{k} x{n}" for k, n in info["dropped"].items()) or "none"
+            where = (sources.get("pools") or {}).get(preset, info["path"])
+            sources_md += (f"\n- pool `{preset}` (`{where}`): {info['clips']} labelled clips read; dropped (not SAKE "
+                           f"labels): {dropped}")
+        sizes_on_disk = {c: {s: (tmp / parquet_path(c, s)).stat().st_size for s in SPLITS} for c in CONFIGS}
+        card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
+                           stats_markdown(stats), demo, sources_md, licenses)
+        write_text(tmp / "README.md", card)
+        manifest = write_manifest(tmp, seed, sources, item_ids)
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - start
+    log.info("built %s in %.1f s (fingerprint %s)", out, seconds, manifest["fingerprint"][:12])
+    return BuildResult(out=out, manifest=manifest, stats=stats, seconds=seconds, rows=rows)
+
+
+def _statistics(rows, encoder: AudioEncoder, sequences: int, length: int) -> dict[str, Any]:
+    stats: dict[str, Any] = {"totals": {}, "dimensions": {}, "sequential": {}, "provenance": {}}
+    for split in SPLITS:
+        single = [r for a in ATTRIBUTES for r in rows[a][split]]
+        stats["totals"][split] = count_totals(single)
+        stats["dimensions"][split] = dimension_stats(single, encoder)
+        stats["sequential"][split] = {"sequences": sequences, "length": length,
+                                      "rows": len(rows["sequential"][split])}
+        stats["provenance"][split] = provenance({a: rows[a][split] for a in ATTRIBUTES})
+    stats["origins"] = sorted({o for s in SPLITS for c in stats["provenance"][s].values() for o in c})
+    return stats
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` (rename); an existing `out` is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def demo_sources() -> dict[str, Any]:
+    """Paths of the embedded demo sources (same layouts as the real ones)."""
+    pools = []
+    for preset in ("crema_d", "esc50"):
+        path = DEMO_DIR / "pools" / preset
+        if path.is_dir():
+            pools.append((preset, str(path)))
+    return {"sakura": DEMO_DIR / "sakura", "dynamic_superb": DEMO_DIR / "dynamic_superb",
+            "mmlu": DEMO_DIR / "mmlu", "pools": pools}
+
+
+def build_demo(out: str | Path, seed: int = 0, **overrides: Any) -> BuildResult:
+    """Build from the embedded synthetic demo sources with the demo sizes (overridable)."""
+    src = demo_sources()
+    sizes = {**DEMO_SIZES, **overrides}
+    names = {"sakura": "demo:sakura", "dynamic_superb": "demo:dynamic_superb", "mmlu": "demo:mmlu",
+             "pools": {p: f"demo:pools/{p}" for p, _ in src["pools"]}}
+    return build(src["sakura"], src["dynamic_superb"], src["mmlu"], out, seed=seed, pools=src["pools"], demo=True,
+                 source_names=names, **sizes)
