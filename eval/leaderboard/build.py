@@ -1,0 +1,172 @@
+"""Build the static leaderboard site from a results directory (no server code, no CDN, no external libraries).
+
+``SITE_DIR`` receives ``index.html``, ``board.css``, ``board.js`` (copied from this package), ``data.js`` (the rows,
+as ``window.SAKE_BOARD = {...}`` so the page also works from ``file://``) and ``submissions/<id>.json`` (each
+row's metadata link). The paper's own numbers (``reference_rows.json``) are added as reference rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .store import check_results, dump_json
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).parent
+STATIC_DIR = PACKAGE_DIR  # index.html, board.css, board.js sit beside this module (package data)
+REFERENCE_PATH = PACKAGE_DIR / "reference_rows.json"
+STATIC_FILES = ("index.html", "board.css", "board.js")
+
+
+def judge_label(judge: dict[str, Any] | None, with_undecided: bool = True) -> str:
+    """A short human label for a results JSON's ``judge`` block (name: model (version), share undecided)."""
+    if not judge:
+        return "unknown"
+    parts = [str(judge.get("name") or "judge")]
+    if judge.get("model"):
+        parts.append(str(judge["model"]))
+    label = ": ".join(parts)
+    if judge.get("version"):
+        label += f" ({judge['version']})"
+    undecided = (judge.get("stage_share") or {}).get("undecided")
+    if undecided and with_undecided:
+        label += f", {100 * undecided:.0f}% undecided"
+    return label
+
+
+def read_results(results_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """``[(id, results JSON)]`` from ``RESULTS_DIR/results/*.json`` (or ``RESULTS_DIR/*.json``), sorted by id."""
+    root = Path(results_dir)
+    folder = root / "results" if (root / "results").is_dir() else root
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        check_results(result, str(path))
+        sid = (result.get("submission") or {}).get("id") or path.stem
+        out.append((sid, result))
+    return out
+
+
+def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The board row of one scored result, and the JSON its metadata link points to (None without metadata)."""
+    sub = result.get("submission") or {}
+    metadata = sub.get("metadata") or {}
+    header = sub.get("header") or {}
+    row = {
+        "id": sid,
+        "reference": False,
+        "model": result["model"],
+        "model_display": result.get("model_display") or result["model"],
+        "model_link": metadata.get("model_link") or "",
+        "method": result["method"],
+        "mode": result["mode"],
+        "submitter": metadata.get("submitter") or "",
+        "source": "submission",
+        "link": f"submissions/{sid}.json" if sub else "",
+        "judge": judge_label(result.get("judge")),
+        "judge_base": judge_label(result.get("judge"), with_undecided=False),
+        "judge_stages": (result.get("judge") or {}).get("stage_share") or {},
+        "metrics": result["metrics"],
+        "degeneration_rate": result.get("degeneration_rate"),
+        "configs": header.get("configs") or [],
+        "split": header.get("split") or "",
+        "n_rows": result.get("n_rows"),
+        "date": sub.get("added") or result.get("date") or "",
+    }
+    detail = None
+    if sub:
+        detail = {"id": sid, "metadata": metadata, "header": header, "judge": result.get("judge"),
+                  "n_rows": result.get("n_rows"), "dataset_fingerprint": result.get("dataset_fingerprint"),
+                  "versions": result.get("versions"), "added": sub.get("added")}
+    return row, detail
+
+
+def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[str, Any]], str]:
+    """The paper's reported rows as board rows, and the note describing them."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    judge = (data.get("judge") or {}).get("label") or judge_label(data.get("judge"))
+    rows = []
+    for ref in data["rows"]:
+        rows.append({
+            "id": f"paper:{ref['model']}:{ref['method']}:{ref['mode']}",
+            "reference": True,
+            "model": ref["model"],
+            "model_display": ref.get("model_display") or ref["model"],
+            "model_link": "",
+            "method": ref["method"],
+            "mode": ref["mode"],
+            "submitter": "reported in the paper",
+            "source": ref["source"],
+            "source_detail": ref.get("source_detail") or ref["source"],
+            "link": "#reference-note",
+            "judge": judge,
+            "judge_base": judge,
+            "judge_stages": {},
+            "metrics": ref["metrics"],
+            "degeneration_rate": ref.get("degeneration_rate"),
+            "overall_note": ref.get("overall_note", ""),
+            "portability_category_spread": ref.get("portability_category_spread"),
+            "configs": [], "split": "test", "n_rows": None, "date": "",
+        })
+    return rows, data.get("note", "")
+
+
+def board_data(results_dir: str | os.PathLike, include_reference: bool = True) -> tuple[dict, dict[str, dict]]:
+    """The page's data object and the per-submission detail JSONs."""
+    rows, details = [], {}
+    for sid, result in read_results(results_dir):
+        row, detail = submission_row(sid, result)
+        rows.append(row)
+        if detail is not None:
+            details[sid] = detail
+    note = ""
+    if include_reference:
+        refs, note = reference_rows()
+        rows.extend(refs)
+    dates = [row["date"] for row in rows if row["date"]]
+    data = {"format": 1, "generated": max(dates) if dates else "", "reference_note": note, "rows": rows}
+    return data, details
+
+
+def _write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into a fresh sibling folder, then swap it in for ``out_dir`` (no half-built site)."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build."))
+    try:
+        staging.chmod(0o755)  # mkdtemp creates 0700; the site is served to everyone
+        for rel, data in files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            os.replace(out_dir, old / "site")
+        os.replace(staging, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def build_site(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
+               include_reference: bool = True) -> Path:
+    """Build the static board for ``results_dir`` into ``out_dir``; same inputs give byte-identical files."""
+    data, details = board_data(results_dir, include_reference=include_reference)
+    payload = json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
+    files = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_FILES}
+    files["data.js"] = f"window.SAKE_BOARD = {payload};\n".encode("ascii")
+    for sid, detail in details.items():
+        files[f"submissions/{sid}.json"] = dump_json(detail)
+    _write_tree(Path(out_dir), files)
+    n_sub = sum(1 for row in data["rows"] if not row["reference"])
+    logger.info("built %s: %d submitted row(s), %d reference row(s)", out_dir, n_sub, len(data["rows"]) - n_sub)
+    return Path(out_dir)

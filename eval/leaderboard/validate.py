@@ -1,0 +1,528 @@
+"""Read and validate a leaderboard submission without executing or extracting anything from it.
+
+A submission is a directory or a ``.zip`` archive holding exactly ``predictions.jsonl`` (the runner's output:
+a header line and one line per evaluated item) and ``metadata.json`` (submitter, links, license). Checks, in
+order: file safety (names, links, sizes), JSON syntax and schema per line, row consistency, duplicates, and
+coverage against the release manifest (fingerprint and item ids). Every problem names the file, line and field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from jsonschema import Draft202012Validator
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_NAME = "predictions.jsonl"
+METADATA_NAME = "metadata.json"
+SUBMISSION_NAMES = (PREDICTIONS_NAME, METADATA_NAME)
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_SPLITS = ("test",)
+MAX_LISTED_PROBLEMS = 25
+SCHEMA_PATH = Path(__file__).with_name("submission.schema.json")
+ATTRIBUTE_CONFIGS = ("animal", "emotion", "gender", "language")
+SEQUENTIAL_CONFIG = "sequential"
+SEQUENTIAL_EDITS = 5  # only the first five edits of a sequence are evaluated (paper §4.2)
+MAX_GAP = 5
+
+# item kind (last id segment) -> (dimension, type)
+ITEM_KINDS: dict[str, tuple[str, int]] = {
+    "rel": ("reliability", 0),
+    "gen1": ("generality", 1), "gen2": ("generality", 2), "gen3": ("generality", 3),
+    "loc_audio1": ("locality_audio", 1), "loc_audio2": ("locality_audio", 2),
+    "loc_audio3": ("locality_audio", 3), "loc_audio4": ("locality_audio", 4),
+    "loc_text": ("locality_text", 0),
+    "port": ("portability", 0),
+}
+_STEP_RE = re.compile(r"^step(\d+)$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One validation failure: where (file, line, field) and what was expected."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class SubmissionError(ValueError):
+    """A submission failed validation; ``problems`` lists every failure found (capped)."""
+
+    def __init__(self, problems: list[Problem], source: str = "submission"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class Submission:
+    """A parsed submission: raw bytes (hashed for the id) plus the parsed header, rows and metadata."""
+
+    source: str
+    predictions_bytes: bytes
+    metadata_bytes: bytes | None
+    header: dict[str, Any]
+    rows: list[dict[str, Any]]
+    metadata: dict[str, Any] | None
+    row_lines: list[int] = field(default_factory=list)  # 1-based line number of each row
+
+    @property
+    def submission_id(self) -> str:
+        """Content hash: sha256 over predictions.jsonl bytes, a NUL, and metadata.json in canonical JSON."""
+        digest = hashlib.sha256(self.predictions_bytes)
+        digest.update(b"\0")
+        if self.metadata is not None:
+            digest.update(json.dumps(self.metadata, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode("utf-8"))
+        return digest.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------- file reading
+
+def _unsafe_member_name(name: str) -> str | None:
+    """Why an archive member name is unsafe, or None."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return "path traversal ('..')"
+    if "\\" in name:
+        return "backslash in name"
+    return None
+
+
+def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
+    src = path.name
+    if path.stat().st_size > max_bytes:
+        raise SubmissionError([Problem(src, f"archive is {path.stat().st_size} bytes, over the limit of "
+                                            f"{max_bytes} bytes")], src)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise SubmissionError([Problem(src, f"not a valid zip archive ({exc})")], src) from None
+    problems: list[Problem] = []
+    wanted: list[zipfile.ZipInfo] = []
+    seen: set[str] = set()
+    with archive:
+        infos = archive.infolist()
+        for info in infos:
+            where = f"{src}: member {info.filename!r}"
+            why = _unsafe_member_name(info.filename)
+            mode = info.external_attr >> 16
+            if why:
+                problems.append(Problem(where, f"rejected: {why}"))
+            elif stat.S_ISLNK(mode):
+                problems.append(Problem(where, "rejected: symbolic link"))
+            elif info.is_dir():
+                problems.append(Problem(where, f"rejected: directory; put {' and '.join(SUBMISSION_NAMES)} "
+                                               "at the archive root"))
+            elif info.filename not in SUBMISSION_NAMES:
+                problems.append(Problem(where, f"rejected: unexpected file; allowed: {', '.join(SUBMISSION_NAMES)}"))
+            elif info.filename in seen:
+                problems.append(Problem(where, "rejected: duplicate member"))
+            elif info.flag_bits & 0x1:
+                problems.append(Problem(where, "rejected: encrypted member"))
+            else:
+                seen.add(info.filename)
+                wanted.append(info)
+        total = sum(info.file_size for info in wanted)
+        if total > max_bytes:
+            problems.append(Problem(src, f"uncompressed size {total} bytes is over the limit of {max_bytes} bytes"))
+        if problems:
+            if len(problems) > MAX_LISTED_PROBLEMS:
+                problems = problems[:MAX_LISTED_PROBLEMS] + [
+                    Problem(src, f"... and {len(problems) - MAX_LISTED_PROBLEMS} more problem(s) not listed")]
+            raise SubmissionError(problems, src)
+        files: dict[str, bytes] = {}
+        for info in wanted:
+            with archive.open(info) as handle:
+                data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
+            if len(data) > max_bytes or len(data) != info.file_size:
+                raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
+                                               "size differs from the archive directory or is over the limit")], src)
+            files[info.filename] = data
+    return files
+
+
+def _read_dir(path: Path, max_bytes: int) -> dict[str, bytes]:
+    src = path.name or str(path)
+    problems: list[Problem] = []
+    sizes: dict[str, int] = {}
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        where = f"{src}/{entry.name}"
+        if entry.is_symlink():
+            problems.append(Problem(where, "rejected: symbolic link"))
+        elif entry.is_dir(follow_symlinks=False):
+            problems.append(Problem(where, "rejected: unexpected directory"))
+        elif not entry.is_file(follow_symlinks=False):
+            problems.append(Problem(where, "rejected: not a regular file"))
+        elif entry.name not in SUBMISSION_NAMES:
+            problems.append(Problem(where, f"rejected: unexpected file; allowed: {', '.join(SUBMISSION_NAMES)}"))
+        else:
+            sizes[entry.name] = entry.stat(follow_symlinks=False).st_size
+    if sum(sizes.values()) > max_bytes:
+        problems.append(Problem(src, f"size {sum(sizes.values())} bytes is over the limit of {max_bytes} bytes"))
+    if problems:
+        raise SubmissionError(problems, src)
+    files = {}
+    for name in sizes:
+        with open(path / name, "rb") as handle:
+            files[name] = handle.read(max_bytes + 1)
+    return files
+
+
+def read_submission_files(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
+                          metadata_path: str | os.PathLike | None = None) -> dict[str, bytes]:
+    """Return ``{name: bytes}`` of a submission directory, ``.zip``, or a bare predictions ``.jsonl``.
+
+    A bare ``.jsonl`` (optionally with ``metadata_path``) is accepted for checking a run before packing it.
+    Nothing is extracted to disk and nothing is executed.
+    """
+    path = Path(path)
+    src = path.name or str(path)
+    if path.is_symlink():
+        raise SubmissionError([Problem(src, "rejected: the submission path is a symbolic link")], src)
+    if not path.exists():
+        raise SubmissionError([Problem(src, "no such file or directory")], src)
+    if path.is_dir():
+        files = _read_dir(path, max_bytes)
+    elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
+        files = _read_zip(path, max_bytes)
+    elif path.suffix.lower() == ".jsonl":
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SubmissionError([Problem(src, f"{size} bytes is over the limit of {max_bytes} bytes")], src)
+        files = {PREDICTIONS_NAME: path.read_bytes()}
+    else:
+        raise SubmissionError([Problem(src, "expected a directory, a .zip archive or a predictions .jsonl file")],
+                              src)
+    if metadata_path is not None:
+        files[METADATA_NAME] = Path(metadata_path).read_bytes()
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The submission JSON Schema (``submission.schema.json``)."""
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=4)
+def _validator(definition: str) -> Draft202012Validator:
+    schema = load_schema()
+    return Draft202012Validator({"$ref": f"#/$defs/{definition}", "$defs": schema["$defs"]})
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+                    float: "number", type(None): "null"}
+
+
+def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
+    """Schema failures of ``obj`` against ``#/$defs/{definition}``, each naming the field."""
+    problems = []
+    for error in sorted(_validator(definition).iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path]):
+        path = ".".join(str(p) for p in error.absolute_path)
+        if error.validator == "required":
+            missing = [k for k in error.validator_value if isinstance(obj, dict) and k not in obj]
+            for key in missing:
+                problems.append(Problem(f"{where}, field {key}" if not path else f"{where}, field {path}.{key}",
+                                        "missing required field"))
+            continue
+        if error.validator == "additionalProperties":
+            problems.append(Problem(f"{where}", error.message))
+            continue
+        field_name = f", field {path}" if path else ""
+        if error.validator == "type":
+            expected = error.validator_value
+            expected = " or ".join(expected) if isinstance(expected, list) else expected
+            got = _JSON_TYPE_NAMES.get(type(error.instance), type(error.instance).__name__)
+            message = f"expected {expected}, got {got} {_short(error.instance)}"
+        elif error.validator in ("enum", "const"):
+            allowed = error.validator_value if error.validator == "enum" else [error.validator_value]
+            message = f"got {_short(error.instance)}, expected one of {', '.join(map(str, allowed))}"
+        elif error.validator == "pattern" and path.endswith("_link"):
+            message = f"got {_short(error.instance)}, expected an http(s):// URL"
+        else:
+            message = error.message if len(error.message) < 200 else error.message[:199] + "…"
+        problems.append(Problem(f"{where}{field_name}", message))
+    return problems
+
+
+class _Collector:
+    """Accumulates problems and stops listing after a cap (the count stays exact)."""
+
+    def __init__(self, cap: int = MAX_LISTED_PROBLEMS):
+        self.cap = cap
+        self.problems: list[Problem] = []
+        self.dropped = 0
+
+    def add(self, problems: Iterable[Problem] | Problem) -> None:
+        for problem in [problems] if isinstance(problems, Problem) else problems:
+            if len(self.problems) < self.cap:
+                self.problems.append(problem)
+            else:
+                self.dropped += 1
+
+    def raise_if_any(self, source: str) -> None:
+        if self.problems:
+            listed = list(self.problems)
+            if self.dropped:
+                listed.append(Problem(source, f"... and {self.dropped} more problem(s) not listed"))
+            raise SubmissionError(listed, source)
+
+
+def _item_kind(item_id: str, instance_id: str) -> str | None:
+    prefix = instance_id + "/"
+    if not item_id.startswith(prefix):
+        return None
+    kind = item_id[len(prefix):]
+    return kind if kind in ITEM_KINDS else None
+
+
+def parse_submission(files: dict[str, bytes], source: str = "submission",
+                     require_metadata: bool = True) -> Submission:
+    """Parse and schema-check the files of a submission; raise :class:`SubmissionError` with every problem."""
+    problems = _Collector()
+    if PREDICTIONS_NAME not in files:
+        problems.add(Problem(source, f"missing {PREDICTIONS_NAME}"))
+    if require_metadata and METADATA_NAME not in files:
+        problems.add(Problem(source, f"missing {METADATA_NAME}"))
+    problems.raise_if_any(source)
+
+    metadata = None
+    metadata_bytes = files.get(METADATA_NAME)
+    if metadata_bytes is not None:
+        try:
+            metadata = json.loads(metadata_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.add(Problem(METADATA_NAME, f"not valid UTF-8 JSON ({exc})"))
+        else:
+            problems.add(schema_problems(metadata, "metadata", METADATA_NAME))
+
+    raw = files[PREDICTIONS_NAME]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.add(Problem(PREDICTIONS_NAME, f"not UTF-8 (byte {exc.start})"))
+        problems.raise_if_any(source)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # trailing newline
+    header: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    row_lines: list[int] = []
+    if not lines:
+        problems.add(Problem(PREDICTIONS_NAME, "empty file; expected a header line and prediction lines"))
+    for number, line in enumerate(lines, start=1):
+        where = f"{PREDICTIONS_NAME} line {number}"
+        line = line.rstrip("\r")
+        if not line.strip():
+            problems.add(Problem(where, "empty line"))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.add(Problem(where, f"malformed JSON: {exc.msg} (column {exc.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            problems.add(Problem(where, f"expected a JSON object, got {_JSON_TYPE_NAMES.get(type(obj), '?')}"))
+            continue
+        if number == 1:
+            if obj.get("kind") != "header":
+                problems.add(Problem(f"{where}, field kind", "line 1 must be the run header (kind: header)"))
+            problems.add(schema_problems(obj, "header", where))
+            header = obj
+            continue
+        found = schema_problems(obj, "prediction", where)
+        problems.add(found)
+        if not found:
+            rows.append(obj)
+            row_lines.append(number)
+    if lines and not rows and not problems.problems:
+        problems.add(Problem(PREDICTIONS_NAME, "no prediction lines after the header"))
+    problems.raise_if_any(source)
+
+    # Row consistency: ids, dimension/type against the item kind, gap against the mode.
+    sequential = header["mode"] == "sequential"
+    first_line: dict[Any, int] = {}
+    for row, number in zip(rows, row_lines):
+        where = f"{PREDICTIONS_NAME} line {number}"
+        kind = _item_kind(row["item_id"], row["instance_id"])
+        if kind is None:
+            problems.add(Problem(f"{where}, field item_id",
+                                 f"{_short(row['item_id'])} is not '{{instance_id}}/{{kind}}' with kind in "
+                                 f"{', '.join(ITEM_KINDS)}"))
+        else:
+            dimension, item_type = ITEM_KINDS[kind]
+            if row["dimension"] != dimension:
+                problems.add(Problem(f"{where}, field dimension",
+                                     f"got {_short(row['dimension'])}, expected {dimension!r} for a {kind} item"))
+            if row["type"] != item_type:
+                problems.add(Problem(f"{where}, field type",
+                                     f"got {row['type']}, expected {item_type} for a {kind} item"))
+        if sequential and row["gap"] is None:
+            problems.add(Problem(f"{where}, field gap", "expected an integer 0..5 in sequential mode, got null"))
+        if not sequential and row["gap"] is not None:
+            problems.add(Problem(f"{where}, field gap", f"expected null in single mode, got {row['gap']}"))
+        key = (row["item_id"], row["gap"]) if sequential else row["item_id"]
+        if key in first_line:
+            label = f"{row['item_id']!r} at gap {row['gap']}" if sequential else repr(row["item_id"])
+            problems.add(Problem(f"{where}, field item_id",
+                                 f"duplicate item id {label} (first at line {first_line[key]})"))
+        else:
+            first_line[key] = number
+    problems.raise_if_any(source)
+    return Submission(source=source, predictions_bytes=raw, metadata_bytes=metadata_bytes, header=header,
+                      rows=rows, metadata=metadata, row_lines=row_lines)
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+def load_manifest(ref: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict[str, Any]:
+    """Load ``sake_manifest.json`` from a file, a dataset directory, or a Hub dataset repo id."""
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "sake_manifest.json"
+    if not path.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(ref)):
+            raise FileNotFoundError(f"manifest {ref}: no such file or directory (expected a sake_manifest.json, "
+                                    "a dataset directory holding one, or a Hub dataset id such as sake/sake)")
+        from huggingface_hub import hf_hub_download  # Hub dataset id such as "sake/sake"
+
+        path = Path(hf_hub_download(str(ref), "sake_manifest.json", repo_type="dataset", revision=revision,
+                                    token=token))
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("fingerprint", "item_ids"):
+        if key not in manifest:
+            raise ValueError(f"manifest {path}: missing field {key!r}")
+    return manifest
+
+
+def _split_id(item_id: str) -> tuple[str, str]:
+    instance_id, _, kind = item_id.rpartition("/")
+    return instance_id, kind
+
+
+def expected_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[Any]:
+    """Every key a complete submission must hold, in manifest order.
+
+    Single mode: each item id of each declared config for the declared split.
+    Sequential mode: keys ``(item_id, gap)``. An item of the instance at step ``s`` of a sequence (id
+    ``sequential/{split}/{seq}/step{s:02d}/{kind}``) is required for ``s`` in 1..5 and every gap ``g`` in 0..5
+    with ``s + g`` no larger than that sequence's last step: the edit made at step ``s`` is evaluated after
+    step ``s + g``.
+    """
+    split = header["split"]
+    ids: list[str] = []
+    for config in header["configs"]:
+        ids.extend(manifest["item_ids"][config][split])
+    if header["mode"] != "sequential":
+        return ids
+    last_step: dict[str, int] = {}
+    steps: dict[str, tuple[str, int]] = {}
+    for item_id in ids:
+        instance_id, _ = _split_id(item_id)
+        sequence, _, step_name = instance_id.rpartition("/")
+        match = _STEP_RE.match(step_name)
+        if not match:
+            raise ValueError(f"manifest: sequential item id {item_id!r} has no 'stepNN' segment")
+        step = int(match.group(1))
+        steps[item_id] = (sequence, step)
+        last_step[sequence] = max(last_step.get(sequence, 0), step)
+    keys = []
+    for item_id in ids:
+        sequence, step = steps[item_id]
+        if step > SEQUENTIAL_EDITS:
+            continue
+        keys.extend((item_id, gap) for gap in range(MAX_GAP + 1) if step + gap <= last_step[sequence])
+    return keys
+
+
+def _describe_key(key: Any) -> str:
+    return f"{key[0]!r} at gap {key[1]}" if isinstance(key, tuple) else repr(key)
+
+
+def coverage_problems(submission: Submission, manifest: dict[str, Any],
+                      allowed_splits: Iterable[str] = DEFAULT_SPLITS) -> list[Problem]:
+    """Fingerprint, split/config and item-id coverage problems of a parsed submission against a manifest."""
+    header = submission.header
+    where = f"{PREDICTIONS_NAME} line 1"
+    problems: list[Problem] = []
+    if header["dataset_fingerprint"] != manifest["fingerprint"]:
+        problems.append(Problem(f"{where}, field dataset_fingerprint",
+                                f"{header['dataset_fingerprint']!r} does not match the release manifest's "
+                                f"fingerprint {manifest['fingerprint']!r}"))
+    allowed_splits = tuple(allowed_splits)
+    if header["split"] not in allowed_splits:
+        problems.append(Problem(f"{where}, field split",
+                                f"got {header['split']!r}, the board accepts {', '.join(allowed_splits)}"))
+    sequential = header["mode"] == "sequential"
+    if sequential and header["configs"] != [SEQUENTIAL_CONFIG]:
+        problems.append(Problem(f"{where}, field configs", "sequential mode needs configs ['sequential']"))
+    if not sequential and SEQUENTIAL_CONFIG in header["configs"]:
+        problems.append(Problem(f"{where}, field configs", "single mode takes attribute configs only"))
+    for config in header["configs"]:
+        if config not in manifest["item_ids"] or header["split"] not in manifest["item_ids"][config]:
+            problems.append(Problem(f"{where}, field configs",
+                                    f"config {config!r} split {header['split']!r} is not in the release manifest"))
+    if problems:
+        return problems
+
+    expected = expected_keys(manifest, header)
+    expected_set = set(expected)
+    got: dict[Any, int] = {}
+    for row, number in zip(submission.rows, submission.row_lines):
+        key = (row["item_id"], row["gap"]) if sequential else row["item_id"]
+        got.setdefault(key, number)
+    missing = [key for key in expected if key not in got]
+    extra = [(key, number) for key, number in got.items() if key not in expected_set]
+    if missing:
+        shown = ", ".join(_describe_key(k) for k in missing[:3])
+        problems.append(Problem(PREDICTIONS_NAME,
+                                f"{len(missing)} of {len(expected)} expected item ids missing; first: {shown}"))
+    if extra:
+        key, number = extra[0]
+        problems.append(Problem(f"{PREDICTIONS_NAME} line {number}, field item_id",
+                                f"{len(extra)} item id(s) not in the release for {'/'.join(header['configs'])} "
+                                f"{header['split']}; first: {_describe_key(key)}"))
+    return problems
+
+
+def validate_submission(path: str | os.PathLike, manifest: dict[str, Any] | None,
+                        max_bytes: int = DEFAULT_MAX_BYTES, allowed_splits: Iterable[str] = DEFAULT_SPLITS,
+                        metadata_path: str | os.PathLike | None = None,
+                        require_metadata: bool = True) -> Submission:
+    """Read, parse and check a submission; return it or raise :class:`SubmissionError` listing every problem.
+
+    ``manifest=None`` skips the release checks (fingerprint, ids); the board never does that.
+    """
+    source = Path(path).name or str(path)
+    files = read_submission_files(path, max_bytes=max_bytes, metadata_path=metadata_path)
+    submission = parse_submission(files, source=source, require_metadata=require_metadata)
+    if manifest is not None:
+        problems = coverage_problems(submission, manifest, allowed_splits)
+        if problems:
+            raise SubmissionError(problems, source)
+    logger.info("%s: valid (%d rows, id %s)", source, len(submission.rows), submission.submission_id)
+    return submission
