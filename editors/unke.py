@@ -1,0 +1,218 @@
+"""UnKE (Deng et al., 2025): unstructured knowledge editing of one LLM layer (paper §4.1, App. D, Table 6).
+
+Stage 1 (v_step steps at v_lr, Adam): find a new *key* — the output of the chosen layer ``L`` at the last prompt
+token — by optimising a residual ``delta`` added to that hidden state so that the layers above produce the target
+answer (teacher-forced target loss, a small ``v_weight_decay * |delta| / |key|^2`` term, ``delta`` projected into an
+L2 ball of radius ``clamp_norm_factor * |key|``).
+
+Stage 2 (optim_step steps at optim_lr, Adam): update *all* parameters of layer ``L`` (attention and FFN: UnKE treats
+the whole layer as the key generator) so that, on the edit prompt, its output equals the original output with the
+new key at the last prompt token, and, on preservation prompts, its output stays the original one (mean squared
+error over the valid positions of each batch, the two terms summed).
+
+Preservation data (Table 6: 20 text + 5 audio prompts per edit, :func:`preservation_prompts`): locality items of
+*other instances of the train split* (text locality = MMLU questions, audio locality = other audio/attributes),
+drawn with a per-edit seeded RNG from every attribute config (``preserve_source: train``). Audio items whose label
+is the edit's original or target label are skipped. The train split keeps the test split's evaluated items out of
+the edit. When no dataset access is available (``RunContext.load_rows`` is None) or ``preserve_source: instance``,
+the edit instance's own locality items are used (out of scope by construction).
+
+Both stages run only what changes: the hidden states entering the edited layer are computed once per edit
+(``adapter.hidden_entering``); stage 1 runs the layers above ``L``, stage 2 runs layer ``L`` alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+
+from editors.base import EditRequest, Editor, RunContext, finetune, register
+from editors.data import ATTRIBUTE_CONFIGS
+from editors.models.base import LALMAdapter, LayerState, Prompt, PromptBatch, as_audio_array
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preservation data (shared with WISE)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _label_set(edit: EditRequest) -> set[str]:
+    return {edit.original_label.strip().lower(), edit.target_label.strip().lower()}
+
+
+def _instance_items(edit: EditRequest) -> tuple[list[Prompt], list[Prompt]]:
+    """(text prompts, audio prompts) of the edit instance's own locality items."""
+    row = edit.row or {}
+    text = [Prompt(question=it["question"]) for it in (row.get("locality_text") or [])]
+    audio = [Prompt(question=it["question"], audio=as_audio_array(it["audio"], where=f"{it['id']}: audio"))
+             for it in (row.get("locality_audio") or []) if it.get("audio") is not None]
+    return text, audio
+
+
+def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_audio: int, *,
+                         source: str = "train", seed: int = 0) -> list[Prompt]:
+    """``n_text`` text prompts then ``n_audio`` audio prompts that the edit should leave unchanged.
+
+    ``source='train'``: locality items of random train-split instances of all attribute configs (deterministic per
+    ``seed`` and instance id; audio items labelled with the edit's original or target label skipped);
+    ``source='instance'`` (or no ``context.load_rows``): the instance's own locality items, repeated cyclically
+    when fewer than asked. Raises ValueError for an unknown source."""
+    if source not in ("train", "instance"):
+        raise ValueError(f"preserve_source={source!r}; expected 'train' or 'instance'")
+    if source == "instance" or context.load_rows is None:
+        text, audio = _instance_items(edit)
+        return _cycle(text, n_text) + _cycle(audio, n_audio)
+    rng = random.Random(f"{seed}:{edit.instance_id}")
+    tables = []
+    for config in ATTRIBUTE_CONFIGS:
+        try:
+            tables.append(context.load_rows(config, "train"))
+        except ValueError as exc:
+            logger.warning("preservation data: cannot load %s/train (%s)", config, exc)
+    refs = [(t, i) for t in tables for i in range(len(t))]
+    if not refs:
+        logger.warning("preservation data: no train rows; using the instance's own locality items")
+        text, audio = _instance_items(edit)
+        return _cycle(text, n_text) + _cycle(audio, n_audio)
+    exclude = _label_set(edit)
+    text_prompts: list[Prompt] = []
+    order = list(range(len(refs)))
+    rng.shuffle(order)
+    for k in order:
+        if len(text_prompts) >= n_text:
+            break
+        table, i = refs[k]
+        for item in table.select_columns(["locality_text"])[i]["locality_text"] or []:
+            text_prompts.append(Prompt(question=item["question"]))
+            break
+    audio_prompts: list[Prompt] = []
+    rng.shuffle(order)
+    for k in order:
+        if len(audio_prompts) >= n_audio:
+            break
+        table, i = refs[k]
+        items = [it for it in table.select_columns(["locality_audio"])[i]["locality_audio"] or []
+                 if it.get("audio") is not None and str(it.get("label", "")).strip().lower() not in exclude]
+        if items:
+            item = items[rng.randrange(len(items))]
+            audio_prompts.append(Prompt(question=item["question"],
+                                        audio=as_audio_array(item["audio"], where=f"{item['id']}: audio")))
+    return text_prompts[:n_text] + audio_prompts[:n_audio]
+
+
+def _cycle(prompts: list[Prompt], n: int) -> list[Prompt]:
+    if not prompts or n <= 0:
+        return []
+    return [prompts[i % len(prompts)] for i in range(n)] if n > len(prompts) else prompts[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small tensor helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_layer(adapter: LALMAdapter, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Output of LLM layer ``state.layer`` alone for the hidden states entering it."""
+    h = state.hidden if hidden is None else hidden
+    return adapter._run_layers(h, state.layer, state.layer + 1, state.masks, state.position_ids,
+                               state.position_embeddings)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the valid (mask=1) positions of [B, T, H] tensors, in fp32."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    diff = (pred.float() - target.float()) ** 2 * m
+    return diff.sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
+
+
+def last_prompt_positions(batch: PromptBatch) -> torch.Tensor:
+    """Column of the last prompt token of each row of a batch prepared with targets (it predicts the first target
+    token)."""
+    first = torch.full((batch.batch_size,), batch.input_ids.shape[1], dtype=torch.long, device=batch.input_ids.device)
+    return first.scatter_reduce(0, batch.target_rows, batch.target_cols, reduce="amin")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@register("unke")
+class UnKE(Editor):
+    """UnKE on LLM layer ``hparams['layer']`` (see the module docstring for the hyperparameters)."""
+
+    def _layer(self) -> int:
+        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+
+    def touched_parameters(self) -> list[str]:
+        return self.adapter.parameter_names(self.adapter.llm_layer(self._layer()))
+
+    def compute_key(self, edit: EditRequest) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage 1: the new key (layer output at the last prompt token) that makes the model produce the target."""
+        a, hp, layer = self.adapter, self.hparams, self._layer()
+        batch = a.prepare([edit.prompt()], [edit.target])
+        state = a.hidden_entering(batch, layer + 1)  # the edited layer's output = what enters the next one
+        pos = last_prompt_positions(batch)
+        onehot = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=state.hidden.device)
+        onehot[torch.arange(batch.batch_size), pos] = 1.0
+        onehot = onehot.unsqueeze(-1)
+        key0 = state.hidden[0, pos[0]].detach().float()
+        delta = torch.zeros_like(key0, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
+        max_norm = float(hp["clamp_norm_factor"]) * float(key0.norm())
+        wd = float(hp["v_weight_decay"])
+        nll = torch.tensor(float("nan"))
+        steps = 0
+        for _ in range(int(hp["v_steps"])):
+            hidden = state.hidden + (onehot * delta).to(state.hidden.dtype)
+            nll = a.loss_from(state, hidden)
+            if float(nll.detach()) < float(hp.get("v_early_stop_loss") or 0.0):
+                break
+            loss = nll + wd * delta.norm() / key0.norm().clamp(min=1e-6) ** 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+        with torch.no_grad():
+            final = a.loss_from(state, state.hidden + (onehot * delta).to(state.hidden.dtype))
+        stats = {"v_steps": steps, "v_loss": float(final), "delta_norm": float(delta.detach().norm())}
+        return key0 + delta.detach(), stats
+
+    def apply(self, edit: EditRequest) -> dict[str, Any]:
+        a, hp, layer = self.adapter, self.hparams, self._layer()
+        key, stats = self.compute_key(edit)
+        # Stage 2 inputs: the edit prompt (no target) and the preservation prompts, entering layer L.
+        prompt_batch = a.prepare([edit.prompt()])
+        edit_state = a.hidden_entering(prompt_batch, layer)
+        with torch.no_grad():
+            edit_target = run_layer(a, edit_state).detach().clone()
+        edit_target[0, -1] = key.to(edit_target.dtype)  # left padding: the last column is the last prompt token
+        preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
+                                        source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+        terms: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = [
+            (edit_state, edit_target, prompt_batch.attention_mask)]
+        if preserve:
+            pres_batch = a.prepare(preserve)
+            pres_state = a.hidden_entering(pres_batch, layer)
+            with torch.no_grad():
+                terms.append((pres_state, run_layer(a, pres_state).detach(), pres_batch.attention_mask))
+
+        def loss_fn() -> torch.Tensor:
+            return sum(masked_mse(run_layer(a, st), target, mask) for st, target, mask in terms)
+
+        names = set(self.touched_parameters())
+        params = {n: p for n, p in a.model.named_parameters() if n in names}
+        result = finetune(params, loss_fn, lr=float(hp["optim_lr"]), max_steps=int(hp["optim_steps"]),
+                          early_stop_loss=hp.get("optim_early_stop_loss"), optimizer="adam",
+                          weight_decay=float(hp.get("weight_decay", 0.0)))
+        return {"steps": stats["v_steps"] + result.steps, "loss": result.loss, **stats,
+                "optim_steps": result.steps, "n_preserve": len(preserve)}

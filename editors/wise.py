@@ -1,0 +1,377 @@
+"""WISE (Wang et al., 2024): a side memory for the FFN output projection of one LLM layer, with activation-based
+routing (paper §4.1, App. D, Table 6).
+
+Editing. The side memory ``W'`` starts as a copy of the chosen layer's FFN output projection ``W`` (Qwen layer 26,
+AF3 26, DeSTA 29) and is trained with SGD (edit_lr, n_iter) on
+
+    L = CE(target | edit prompt; W')                                    (edit loss)
+      + mean_{o, i} [d(o) - d(i) + gamma]_+                             (margin between in- and out-of-scope)
+      + mean_o [d(o) - alpha]_+                                         (out-of-scope activation bound)
+      + mean_i [beta - d(i)]_+                                          (minimum in-scope activation)
+
+where ``d(x) = mean over tokens of |act(W' a) - act(W a)|`` is the *activation* of input ``x`` (``a`` = the FFN's
+inner activation at that layer, ``act`` the LLM's hidden activation function as in EasyEdit's implementation, or
+the identity with ``distance_act: none`` as in the WISE paper), ``i`` ranges over the in-scope inputs (the edit
+prompt) and ``o`` over the out-of-scope inputs: the preservation prompts (Table 6: 10 text + 10 audio, drawn as
+for UnKE, see :func:`editors.unke.preservation_prompts`). Each step's gradient is multiplied by the shard's random
+mask (``mask_ratio`` of the entries; knowledge sharding) and ``W'`` is clamped to ``W +- norm_constraint``.
+The inner activations ``a`` of the layer are fixed during the edit (lower layers are frozen), so they are computed
+once; each step runs only the edited layer and those above it for the edit loss.
+
+Routing. :class:`WiseRouter` replaces the output projection (``adapter.set_mlp_out_proj``). For each input row it
+computes the activation score of every side-memory shard on the prompt (mean over the row's valid tokens, or the
+largest token value when the prompt has more than ``long_prompt_tokens`` tokens, as EasyEdit at inference); among
+the shards whose score exceeds ``act_ratio * threshold`` (threshold = the smallest in-scope activation of the
+shard's edits) the row uses the one with the largest score relative to its threshold (WISE takes the largest raw
+score: the same choice when thresholds are equal, which its beta term aims at; relative scores keep a shard whose
+activations run on another scale from capturing other edits' inputs), else the original weights. The decision
+is taken on the prompt (prefill) and kept for that row's generated tokens. Rows routed to the original weights get
+exactly the original module's output (bit-identical to the unedited model). A forward pre-hook on the language
+model records the attention mask (padding ignored; no mask = every position valid) and whether the call continues
+a KV cache (a decoding step, which reuses the prefill's decisions); a forward hook clears both after each call, so
+paths that run layers directly (``adapter.logits_from``) decide afresh on every position.
+
+Many edits (sequential mode). Edits are written into the current shard until it holds ``save_freq`` edits; then a
+new shard starts from ``W`` with a new random mask. Every ``merge_freq`` edits the finished shards are merged with
+TIES (trim to ``merge_density`` by magnitude, elect signs, disjoint mean of the task vectors ``W_k - W``) into one
+memory whose threshold is the smallest of theirs (WISE's retrieve mode). Gate statistics of every edit are returned
+in the stats dict and kept in :attr:`WISE.gate_stats`.
+
+The original weights are never modified: :meth:`WISE.touched_parameters` is empty and :meth:`WISE.reset` puts the
+original module back and removes the hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from editors.base import EditRequest, Editor, register
+from editors.models.base import IGNORE_INDEX, LALMAdapter
+from editors.unke import preservation_prompts, run_layer
+
+logger = logging.getLogger(__name__)
+
+
+def activation_fn(adapter: LALMAdapter, which: str) -> Any:
+    """The activation applied before the distance: the LLM config's ``hidden_act`` or the identity."""
+    if which == "none":
+        return lambda t: t
+    if which != "hidden_act":
+        raise ValueError(f"wise: distance_act={which!r}; expected hidden_act or none")
+    from transformers.activations import ACT2FN
+
+    name = getattr(adapter.language_model().config, "hidden_act", None)
+    return ACT2FN[name] if name else (lambda t: t)
+
+
+@dataclass(eq=False)
+class Shard:
+    """One side memory: its weight, the in-scope activations of its edits and its gradient mask."""
+
+    weight: torch.Tensor  # same shape/dtype as the original weight
+    mask: torch.Tensor | None  # {0,1} gradient mask (float), None = all entries
+    edit_acts: list[float] = field(default_factory=list)
+    n_edits: int = 0
+    merged_from: int = 1  # > 1 for a TIES merge of several shards
+    closed: bool = False  # no further edits are written into it
+
+    @property
+    def threshold(self) -> float:
+        return min(self.edit_acts) if self.edit_acts else float("inf")
+
+
+class WiseRouter(nn.Module):
+    """Stand-in for an FFN output projection: routes each input row to a side-memory shard or the original."""
+
+    def __init__(self, original: nn.Module, act: Any, act_ratio: float, long_prompt_tokens: int = 100) -> None:
+        super().__init__()
+        self.original = original
+        self.act = act
+        self.act_ratio = float(act_ratio)
+        self.long_prompt_tokens = int(long_prompt_tokens)
+        self.shards: list[Shard] = []
+        self.train_weight: torch.Tensor | None = None  # set while editing: every row uses it
+        self.capture: list[torch.Tensor] | None = None  # set while collecting inner activations
+        self.call_mask: torch.Tensor | None = None  # [B, T_total] attention mask of the current LM call
+        self.call_is_decode: bool = False
+        self.decisions: torch.Tensor | None = None  # [B] shard index per row (-1: original), from the prefill
+        self.last_scores: torch.Tensor | None = None  # [B, n_shards] scores of the last prefill
+        self.route_counts: dict[int, int] = {}
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.original, "bias", None)
+
+    def side_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def token_distance(self, x: torch.Tensor, weight: torch.Tensor, original_out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """|act(W' a) - act(W a)| per token: [B, T] (fp32)."""
+        orig = self.original(x) if original_out is None else original_out
+        side = self.side_output(x, weight)
+        return (self.act(side.float()) - self.act(orig.float())).norm(dim=-1)
+
+    def row_scores(self, dist: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-row score of per-token distances: mean over valid tokens, max for long prompts."""
+        valid = valid.to(dist.dtype)
+        counts = valid.sum(-1).clamp(min=1.0)
+        mean = (dist * valid).sum(-1) / counts
+        top = dist.masked_fill(valid == 0, float("-inf")).amax(-1)
+        return torch.where(counts > self.long_prompt_tokens, top, mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.capture is not None:
+            self.capture.append(x.detach())
+        if self.train_weight is not None:
+            return self.side_output(x, self.train_weight)
+        out = self.original(x)
+        if not self.shards:
+            return out
+        batch, length = x.shape[0], x.shape[1]
+        if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
+            decisions = self.decisions
+        else:
+            valid = torch.ones(batch, length, device=x.device)
+            if self.call_mask is not None and self.call_mask.shape[0] == batch and self.call_mask.shape[1] >= length:
+                valid = self.call_mask[:, -length:].to(x.device).float()
+            scores = torch.stack([self.row_scores(self.token_distance(x, s.weight, out), valid)
+                                  for s in self.shards], dim=-1)  # [B, K]
+            thresholds = torch.tensor([s.threshold for s in self.shards], device=scores.device)
+            eligible = scores > thresholds * self.act_ratio
+            best = (scores / thresholds.clamp(min=1e-12)).masked_fill(~eligible, float("-inf")).argmax(-1)
+            decisions = torch.where(eligible.any(-1), best, torch.full_like(best, -1))
+            self.decisions, self.last_scores = decisions, scores.detach()
+            for k in decisions.tolist():
+                self.route_counts[k] = self.route_counts.get(k, 0) + 1
+        if bool((decisions >= 0).any()):
+            out = out.clone()
+            for k in sorted(set(decisions.tolist()) - {-1}):
+                rows = decisions == k
+                out[rows] = self.side_output(x[rows], self.shards[k].weight)
+        return out
+
+
+def ties_merge(base: torch.Tensor, weights: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merging of task vectors ``w - base``: keep the top ``density`` fraction by magnitude of each, elect the
+    sign of the summed trimmed vectors, average the entries that agree with it."""
+    deltas = []
+    for w in weights:
+        d = (w.float() - base.float()).flatten()
+        k = max(1, int(round(density * d.numel())))
+        if k < d.numel():
+            cut = d.abs().kthvalue(d.numel() - k + 1).values
+            d = torch.where(d.abs() >= cut, d, torch.zeros_like(d))
+        deltas.append(d)
+    stacked = torch.stack(deltas)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    total = (stacked * agree).sum(0)
+    count = agree.sum(0).clamp(min=1)
+    return (base.float().flatten() + total / count).view_as(base).to(base.dtype)
+
+
+@register("wise")
+class WISE(Editor):
+    """WISE side memory on the FFN output projection of LLM layer ``hparams['layer']``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router: WiseRouter | None = None
+        self._hooks: list[Any] = []
+        self.gate_stats: list[dict[str, Any]] = []
+        self.n_edits = 0
+
+    # ---- interface ----------------------------------------------------------------------------------------------
+
+    def _layer(self) -> int:
+        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+
+    def touched_parameters(self) -> list[str]:
+        return []  # the original weights are never modified; the side memory lives in the router
+
+    def reset(self) -> None:
+        if self.router is not None:
+            self.adapter.set_mlp_out_proj(self._layer(), self.router.original)
+            self.router = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.gate_stats = []
+        self.n_edits = 0
+
+    # ---- router installation ------------------------------------------------------------------------------------
+
+    def _install(self) -> WiseRouter:
+        if self.router is None:
+            layer = self._layer()
+            original = self.adapter.mlp_out_proj(layer)
+            router = WiseRouter(original, activation_fn(self.adapter, str(self.hparams.get("distance_act",
+                                                                                      "hidden_act"))),
+                                float(self.hparams["act_ratio"]), int(self.hparams.get("long_prompt_tokens", 100)))
+            self.adapter.set_mlp_out_proj(layer, router)
+            self.router = router
+
+            def record_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                mask = kwargs.get("attention_mask")
+                router.call_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                router.call_is_decode = _cached_tokens(kwargs) > 0
+
+            def forget_mask(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                router.call_mask, router.call_is_decode = None, False  # other paths see no stale mask
+
+            lm = self.adapter.language_model()
+            self._hooks = [lm.register_forward_pre_hook(record_mask, with_kwargs=True),
+                           lm.register_forward_hook(forget_mask, with_kwargs=True)]
+        return self.router
+
+    def _inner_activations(self, state) -> torch.Tensor:
+        """The FFN inner activations (the output projection's input) of the edited layer: [B, T, I]."""
+        router = self.router
+        router.capture = []
+        try:
+            with torch.no_grad():
+                run_layer(self.adapter, state)
+            return router.capture[-1]
+        finally:
+            router.capture = None
+
+    # ---- editing ------------------------------------------------------------------------------------------------
+
+    def _current_shard(self, router: WiseRouter) -> Shard:
+        if router.shards and not router.shards[-1].closed:
+            return router.shards[-1]
+        weight = router.original.weight.detach().clone()
+        ratio = float(self.hparams.get("mask_ratio", 1.0))
+        mask = None
+        if ratio < 1.0:
+            gen = torch.Generator().manual_seed(int(self.context.seed) * 1_000_003 + len(router.shards) + 1)
+            mask = (torch.rand(weight.shape, generator=gen) < ratio).to(weight.device, torch.float32)
+        shard = Shard(weight=weight, mask=mask)
+        router.shards.append(shard)
+        return shard
+
+    def apply(self, edit: EditRequest) -> dict[str, Any]:
+        a, hp = self.adapter, self.hparams
+        layer = self._layer()
+        router = self._install()
+        shard = self._current_shard(router)
+        # In-scope: the edit prompt (teacher-forced target for the edit loss); activations of its prompt tokens.
+        batch = a.prepare([edit.prompt()], [edit.target])
+        state = a.hidden_entering(batch, layer)
+        saved_shards, router.shards = router.shards, []  # plain original output while collecting activations
+        try:
+            x_in = self._inner_activations(state)
+            # activations are scored on the prompt tokens: what the router sees before generating
+            valid_in = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
+            preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
+                                            source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+            if preserve:
+                pbatch = a.prepare(preserve)
+                x_out = self._inner_activations(a.hidden_entering(pbatch, layer))
+                valid_out = pbatch.attention_mask.float()
+        finally:
+            router.shards = saved_shards
+        with torch.no_grad():
+            orig_in = router.original(x_in)
+            orig_out = router.original(x_out) if preserve else None
+        base = router.original.weight.detach()
+        master = shard.weight.detach().float().clone().requires_grad_(True)
+        opt = torch.optim.SGD([master], lr=float(hp["edit_lr"]), weight_decay=float(hp.get("weight_decay", 0.0)))
+        alpha, beta, gamma = float(hp["alpha"]), float(hp["beta"]), float(hp["gamma"])
+        norm_c = hp.get("norm_constraint")
+        early = hp.get("early_stop_loss")
+
+        def distances(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            d_in = router.row_scores(router.token_distance(x_in, weight, orig_in), valid_in)
+            d_out = (router.row_scores(router.token_distance(x_out, weight, orig_out), valid_out)
+                     if preserve else None)
+            return d_in, d_out
+
+        def act_loss(d_in: torch.Tensor, d_out: torch.Tensor | None) -> torch.Tensor:
+            zero = d_in.new_zeros(())
+            in_term = _positive_mean(beta - d_in, zero)
+            if d_out is None:
+                return in_term
+            margin = _positive_mean(d_out.view(-1, 1) - d_in.view(1, -1) + gamma, zero)
+            return margin + _positive_mean(d_out - alpha, zero) + in_term
+
+        router.train_weight = master
+        steps, ft, total = 0, float("nan"), float("nan")
+        try:
+            for _ in range(int(hp["n_iter"])):
+                ft_loss = a.loss_from(state)
+                loss = ft_loss + act_loss(*distances(master))
+                ft, total = float(ft_loss.detach()), float(loss.detach())
+                if early is not None and total < float(early):
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if shard.mask is not None:
+                    master.grad.mul_(shard.mask)
+                opt.step()
+                steps += 1
+                if norm_c is not None:
+                    with torch.no_grad():
+                        lo, hi = base.float() - float(norm_c), base.float() + float(norm_c)
+                        master.copy_(torch.maximum(torch.minimum(master, hi), lo))
+        finally:
+            router.train_weight = None
+        with torch.no_grad():
+            shard.weight = master.detach().to(base.dtype)
+            d_in, d_out = distances(shard.weight)
+        shard.edit_acts.append(float(d_in.min()))
+        shard.n_edits += 1
+        self.n_edits += 1
+        shard_index = router.shards.index(shard)
+        self._maybe_close_and_merge(router, shard)
+        stats = {
+            "steps": steps, "loss": total, "ft_loss": ft, "in_scope_act": float(d_in.min()),
+            "out_scope_act_max": float(d_out.max()) if d_out is not None else None,
+            "out_scope_act_mean": float(d_out.mean()) if d_out is not None else None,
+            "threshold": shard.threshold, "act_ratio": router.act_ratio,
+            "gate": shard.threshold * router.act_ratio, "shard": shard_index, "n_shards": len(router.shards),
+            "n_preserve": len(preserve),
+        }
+        self.gate_stats.append(stats)
+        return stats
+
+    def _maybe_close_and_merge(self, router: WiseRouter, shard: Shard) -> None:
+        """Close the shard after ``save_freq`` edits; every ``merge_freq`` edits, TIES-merge the closed shards that
+        are not merges yet into one memory (threshold: the smallest of theirs)."""
+        save_freq = int(self.hparams.get("save_freq") or 0)
+        if save_freq > 0 and shard.n_edits >= save_freq:
+            shard.closed = True
+        merge_freq = int(self.hparams.get("merge_freq") or 0)
+        group = [s for s in router.shards if s.closed and s.merged_from == 1]
+        if merge_freq > 0 and self.n_edits % merge_freq == 0 and len(group) > 1:
+            merged = Shard(weight=ties_merge(router.original.weight.detach(), [s.weight for s in group],
+                                             float(self.hparams.get("merge_density", 0.53))),
+                           mask=None, edit_acts=[min(s.threshold for s in group)],
+                           n_edits=sum(s.n_edits for s in group), merged_from=len(group), closed=True)
+            router.shards = [s for s in router.shards if s not in group] + [merged]
+            logger.info("wise: merged %d shards (TIES) into one memory", len(group))
+
+
+def _cached_tokens(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the KV cache of a language-model call (0 for a prefill or a call without cache)."""
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(embeds, torch.Tensor):
+        return max(0, mask.shape[1] - embeds.shape[1])
+    return 0
+
+
+def _positive_mean(values: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries (0 when none), as in WISE's hinge terms."""
+    pos = values[values > 0]
+    return pos.mean() if pos.numel() else zero

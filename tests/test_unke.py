@@ -1,0 +1,98 @@
+"""UnKE (editors/unke.py): a tiny edit takes, preservation data, exact restore."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+
+from _methods_helpers import (assert_same_state, audio_item, context, edit_request, hparams, model_state,
+                              one_token_word, text_item, tiny_adapter)
+from editors.base import ParameterSnapshot
+from editors.unke import UnKE, preservation_prompts
+
+
+def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
+    """UnKE rewrites the key at the last prompt token, i.e. the first answer token; on a random tiny model the
+    tokens after it come from the model itself, so the edit asks for a one-token answer and the test checks the
+    greedy answer token (and that the target loss drops)."""
+    adapter = tiny_adapter("tiny-audio-flamingo3")
+    probe = edit_request()
+    before_output = adapter.generate([probe.prompt()], max_new_tokens=8)[0]
+    first = adapter.generate([probe.prompt()], max_new_tokens=1)[0]
+    target = one_token_word(adapter, exclude=first)
+    edit = edit_request(target=target)
+    loss_before = float(adapter.target_loss([edit.prompt()], [target]))
+    editor = UnKE(adapter, hparams("unke", adapter), context())
+    state = model_state(adapter)
+    touched = editor.touched_parameters()
+    layer_names = set(adapter.parameter_groups()[f"llm_layer.{adapter.resolve_layer(editor.hparams['layer'])}"])
+    assert set(touched) == layer_names
+    snapshot = ParameterSnapshot(adapter.model, touched)
+    try:
+        stats = editor.apply(edit)
+        assert adapter.generate([edit.prompt()], max_new_tokens=1) == [target]
+        assert float(adapter.target_loss([edit.prompt()], [target])) < loss_before
+        assert stats["v_steps"] > 0 and stats["optim_steps"] == editor.hparams["optim_steps"]
+        changed = [n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])]
+        assert changed and set(changed) <= layer_names  # only the chosen layer moved
+    finally:
+        snapshot.restore()
+        editor.reset()
+    assert_same_state(adapter, state)
+    assert adapter.generate([probe.prompt()], max_new_tokens=8)[0] == before_output
+
+
+def _train_table(n: int, attribute: str) -> datasets.Dataset:
+    rows = []
+    for i in range(n):
+        iid = f"{attribute}/train/{i:06d}"
+        rows.append({"id": iid,
+                     "locality_text": [text_item(f"{iid}/loc_text", f"Text question {attribute} {i}?", "a")],
+                     "locality_audio": [audio_item(f"{iid}/loc_audio1", f"Audio question {attribute} {i}?", i,
+                                                   "happy" if i % 2 else "dog")]})
+    return datasets.Dataset.from_list(rows)
+
+
+def test_preservation_prompts_come_from_other_train_instances_deterministically():
+    tables = {c: _train_table(6, c) for c in ("animal", "emotion", "gender", "language")}
+    calls = []
+
+    def load_rows(config, split):
+        calls.append((config, split))
+        return tables[config]
+
+    edit = edit_request()  # original label "happy", target "sad"
+    ctx = context(load_rows=load_rows)
+    prompts = preservation_prompts(edit, ctx, 5, 4, source="train", seed=0)
+    assert {s for _, s in calls} == {"train"}
+    assert len(prompts) == 9
+    text, audio = prompts[:5], prompts[5:]
+    assert all(p.audio is None and p.question.startswith("Text question") for p in text)
+    assert all(p.audio is not None for p in audio)
+    # audio items labelled with the edit's original label ("happy": odd indices) are never used
+    assert all(int(p.question.rsplit(" ", 1)[1].rstrip("?")) % 2 == 0 for p in audio)
+    again = preservation_prompts(edit, ctx, 5, 4, source="train", seed=0)
+    assert [p.question for p in again] == [p.question for p in prompts]
+    other = preservation_prompts(edit, ctx, 5, 4, source="train", seed=1)
+    assert [p.question for p in other] != [p.question for p in prompts]
+    # no dataset access: the instance's own locality items
+    own = preservation_prompts(edit, context(), 2, 3, source="train", seed=0)
+    assert [p.question for p in own[:2]] == [edit.row["locality_text"][0]["question"]] * 2
+    assert len(own) == 5 and all(p.audio is not None for p in own[2:])
+
+
+def test_runner_cli_single_mode_writes_predictions(tmp_path):
+    import json
+
+    from _editor_helpers import runner_args
+    from _methods_helpers import demo_dataset
+    from editors.run import main as run_main
+
+    out = tmp_path / "preds.jsonl"
+    args = runner_args(demo_dataset(), out, tmp_path / "cache", **{"--method": "unke", "--limit": "1",
+                                                                    "--config": "animal",
+                                                                    "--model": "tiny-audio-flamingo3"})
+    assert run_main(args) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["method"] == "unke" and lines[0]["hparams"]["layer"] == 1
+    assert len(lines) > 2 and all(r["post_edit"] is not None for r in lines[1:])
