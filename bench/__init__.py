@@ -1,0 +1,1 @@
+"""Benchmarks of the SAKE toolkit (editing throughput at full model scale)."""

@@ -1,0 +1,89 @@
+"""CPU smoke test of bench/edit_throughput.py on the adapter's tiny model (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import torch
+
+from bench import edit_throughput as bench
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model is faster on one thread than on cores shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_paper_rates_come_from_table7():
+    assert bench.paper_seconds_per_edit("ft_audio") == pytest.approx(3 * 3600 / 1200)
+    assert bench.paper_seconds_per_edit("ft_llm") == pytest.approx((2 * 3600 + 35 * 60) / 1200)
+    assert bench.paper_seconds_per_edit("no_such_method") is None
+
+
+def test_offline_tokenizer_has_the_real_vocab_and_chat_ids():
+    vocab = bench.QWEN2_AUDIO_7B["text_config"]["vocab_size"]
+    first = bench.QWEN2_AUDIO_7B["text_config"]["bos_token_id"]
+    tok = bench.build_offline_tokenizer(vocab, first, bench.vocab_words())
+    assert len(tok) == vocab
+    assert tok.convert_tokens_to_ids("<|AUDIO|>") == bench.QWEN2_AUDIO_7B["audio_token_index"]
+    ids = tok("<|audio_bos|><|AUDIO|><|AUDIO|><|audio_eos|>What emotion?", add_special_tokens=False)["input_ids"]
+    assert ids[:4] == [first + 4, first + 3, first + 3, first + 5]
+    assert 0 not in ids[4:]  # prompt words have their own ids, not <unk>
+    # any id the model can emit decodes to exactly one word, so generated lengths are countable
+    assert len(tok.decode([5, vocab - 1, 151000]).split()) == 3
+
+
+def test_synthetic_instance_has_the_dataset_shape():
+    import numpy as np
+
+    row = bench.synthetic_instance(np.random.default_rng(0), "emotion", "test", 3, (5.0, 16.0))
+    assert row["id"] == "emotion/test/000003"
+    counts = [len(row[c]) for c in ("generality", "locality_audio", "locality_text", "portability")]
+    assert counts == [3, 4, 1, 1]
+    seconds = len(row["audio"]["array"]) / row["audio"]["sampling_rate"]
+    assert 5.0 <= seconds <= 16.0
+    assert row["answer"] == row["target_label"] != row["original_label"]
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--methods", "--edits", "--max-new-tokens", "--tiny", "--out"):
+        assert flag in out
+
+
+def test_tiny_run_writes_a_well_formed_table(tmp_path, one_thread):
+    out = tmp_path / "RESULTS.md"
+    raw = tmp_path / "raw.json"
+    code = bench.main(["--tiny", "--methods", "ft_audio", "--edits", "1", "--warmup", "0", "--max-new-tokens", "1",
+                       "--out", str(out), "--json", str(raw), "--workdir", str(tmp_path / "work"),
+                       "--log-level", "WARNING"])
+    assert code == 0
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:4] == ["method", "s/edit ours", "s/edit naive", "naive/ours"]
+    assert set(table[1].replace("|", "")) == {"-"}
+    row = [c.strip() for c in table[2].strip("|").split("|")]
+    assert len(row) == len(header) and row[0] == "ft_audio"
+    cells = dict(zip(header, row))
+    for column in ("s/edit ours", "s/edit naive", "floor s/edit", "s/edit ours, warm pre-edit cache"):
+        assert float(cells[column]) > 0
+    assert re.fullmatch(r"\d+\.\dx", cells["naive/ours"])
+    assert float(cells["paper s/edit"]) == pytest.approx(9.0)
+    # both arms ran the same protocol: 10 items before and after the edit, every generation to the bound
+    data = json.loads(raw.read_text())["methods"]["ft_audio"]
+    assert data["info_ours"]["prediction_rows"] == 10
+    assert data["info_ours"]["sequences_per_edit"] == data["info_naive"]["sequences_per_edit"] == 20
+    assert data["info_ours"]["new_tokens"] == data["info_naive"]["new_tokens"] == [1]
+    assert data["info_ours"]["steps"] == data["info_naive"]["steps"] == [3]
+    assert data["raw"]["info_ours_warm"]["preedit_cache_hits"] == 10
