@@ -1,0 +1,375 @@
+"""`sake demo`: the main job on a fresh machine, end to end, on CPU in minutes.
+
+1. build the demo dataset from the embedded synthetic sources (``build_splits.py --demo``) into ``OUT/dataset``;
+2. load the reference model (``models/sake-reference-qwen2-audio``: a small Qwen2-Audio trained on the demo
+   sources by ``tools/train_reference_model.py``);
+3. train the KE / MEND hypernetworks on the demo train split (when those methods exist);
+4. run single editing with every available method on the test split, and one sequential run (FT-Audio);
+5. score every run with the offline judge, write the report (tables + plots) and print the paper-style table.
+
+A rerun with the same ``--out`` reuses what is finished: the dataset, trained hypernetworks and the runs (the runner
+resumes; finished runs are skipped). ``--update-readme`` rewrites the block between ``<!-- demo-table:start -->``
+and ``<!-- demo-table:end -->`` in README.md with the table this run printed.
+
+    sake demo                      # everything (under 10 minutes on 2 CPU cores)
+    sake demo --limit 2            # quick: 2 instances per attribute, 1 sequence
+    sake demo --update-readme      # and refresh the README's demo table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_DIR / "models" / "sake-reference-qwen2-audio"
+README = REPO_DIR / "README.md"
+README_BLOCK = REPO_DIR / "tools" / "demo_readme_block.md"
+START_MARKER = "<!-- demo-table:start -->"
+END_MARKER = "<!-- demo-table:end -->"
+
+#: Paper order of the methods (Table 2).
+METHOD_ORDER = ("ft_llm", "ft_audio", "ke", "mend", "unke", "wise", "i_ike", "ie_ike")
+HYPERNETWORK_METHODS = ("ke", "mend")
+COLUMNS = (("reliability", "Reliability"), ("generality", "Generality"), ("locality_audio", "Audio locality"),
+           ("locality_text", "Text locality"), ("portability", "Portability"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_dataset(out: Path, seed: int) -> Path:
+    """The demo dataset in ``out`` (built once; a folder with a manifest is reused)."""
+    if (out / "sake_manifest.json").is_file():
+        logger.info("reusing the demo dataset in %s", out)
+        return out
+    from sake_dataset import build_demo
+
+    build_demo(out, seed=seed)
+    return out
+
+
+def model_fingerprint(model: str) -> str:
+    """sha256 over a local model directory's weight and config files ('' for a Hub id)."""
+    import hashlib
+
+    path = Path(model)
+    if not path.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.suffix in (".safetensors", ".bin") or file.name == "config.json"):
+            h.update(file.name.encode())
+            h.update(hashlib.sha256(file.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def reset_if_model_changed(out: Path, model: str) -> None:
+    """Runs, pre-edit cache and hypernetworks in ``out`` belong to one model: when the weights changed (say, the
+    reference model was retrained), drop them so that nothing stale is reused. (The runner keys its pre-edit cache
+    and resume check by model id + config, not by the weights.)"""
+    stamp = out / "model_fingerprint.txt"
+    current = f"{model}\n{model_fingerprint(model)}\n"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8") != current:
+        logger.warning("%s: the model changed since the last demo run; dropping its runs, cache and hypernetworks",
+                       out)
+        for name in ("runs", "cache", "hypernetworks", "report"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    atomic_write(stamp, current)
+
+
+def methods_to_run(requested: Sequence[str] | None) -> list[str]:
+    """Requested methods (default: every available one) in the paper's order; unknown names are an error."""
+    from editors.base import available_methods
+
+    available = available_methods()
+    if requested:
+        missing = [m for m in requested if m not in available]
+        if missing:
+            raise SystemExit(f"sake demo: method(s) {missing} not available (available: {available})")
+        chosen = list(requested)
+    else:
+        chosen = list(available)
+    return sorted(chosen, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+
+
+def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: int, limit: int | None) -> list[str]:
+    """Train a KE / MEND hypernetwork on the demo train split with ``editors.train`` (once; reused after) and
+    return the ``--hparam`` overrides that point the method at it."""
+    import editors.train as train
+
+    target = out / f"{method}"
+    done = target / "DONE"
+    if not done.is_file():
+        argv = ["--model", model, "--method", method, "--dataset", str(dataset), "--out", str(target),
+                "--seed", str(seed)]
+        if limit is not None:
+            argv += ["--limit", str(max(limit, 2))]
+        logger.info("training the %s hypernetwork: %s", method, " ".join(argv))
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints the folder it wrote
+            code = train.main(argv)
+        if code:
+            raise SystemExit(f"sake demo: training the {method} hypernetwork failed (exit {code})")
+        done.write_text("ok\n")
+    return hypernetwork_overrides(method, target)
+
+
+def hypernetwork_overrides(method: str, directory: Path) -> list[str]:
+    """``--hparam`` overrides naming a trained hypernetwork (the key the method's YAML uses for it)."""
+    from editors.hparams import hparams_file
+
+    import yaml
+
+    data = yaml.safe_load(hparams_file(method).read_text()) or {}
+    keys = set((data.get("defaults") or {}).keys())
+    for key in ("hypernetwork", "hypernetwork_path", "checkpoint", "weights", "trained"):
+        if key in keys:
+            return [f"{key}={directory}"]
+    return []
+
+
+def run_method(model: str, method: str, mode: str, dataset: Path, runs: Path, cache: Path, seed: int,
+               limit: int | None, overrides: Sequence[str], progress: bool) -> Path:
+    """One editing run through the runner (resumes a finished or interrupted run); returns the predictions path."""
+    from editors.run import Runner, build_parser
+
+    argv = ["--model", model, "--method", method, "--dataset", str(dataset), "--split", "test", "--mode", mode,
+            "--out", str(runs), "--seed", str(seed), "--cache-dir", str(cache), "--log-level", "WARNING"]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    for item in overrides:
+        argv += ["--hparam", item]
+    if not progress:
+        argv.append("--no-progress")
+    args = build_parser().parse_args(argv)
+    return Runner(args).run()
+
+
+def score_run(predictions: Path) -> dict[str, Any]:
+    """Offline-judge scores of a predictions file, written next to it as ``NAME.results.json``."""
+    from eval.score import score_predictions, write_json_atomic
+
+    results = score_predictions(predictions, judge="offline")
+    write_json_atomic(predictions.with_name(predictions.name[:-len(".jsonl")] + ".results.json"), results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def demo_table(results: Sequence[dict[str, Any]]) -> str:
+    """Paper-style markdown table: one row per run (methods x reliability, generality, audio locality, text
+    locality, portability; values in percent)."""
+    from eval.report import method_label
+
+    lines = ["| Method | Mode | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|---|---|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    for res in results:
+        overall = res["metrics"]["overall"]
+        lines.append(f"| {method_label(res.get('method'))} | {res.get('mode', 'single')} | "
+                     + " | ".join(_fmt(overall.get(key)) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def readme_block(table: str, *, command: str, model: str, n_items: int, wall_s: float, plots: Sequence[str]) -> str:
+    """The README's demo section body (between the markers): how it was made, the table, the plots."""
+    lines = [
+        f"Made by `{command}` on the reference model `{model}` (demo test split, {n_items} prediction rows, "
+        f"offline judge, {wall_s / 60:.1f} min wall time on CPU). Values in percent; single editing averages "
+        "over the edits, sequential over gaps 0-4; regenerate with `sake demo --update-readme`.",
+        "",
+        table,
+        "",
+    ]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, body: str, where: str = "README.md") -> str:
+    """``text`` with everything between the demo markers replaced by ``body`` (markers kept)."""
+    start = text.find(START_MARKER)
+    end = text.find(END_MARKER)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"{where}: expected the markers {START_MARKER} and {END_MARKER} (in this order) around the "
+                         "demo table")
+    head = text[: start + len(START_MARKER)]
+    return head + "\n" + body.rstrip("\n") + "\n" + text[end:]
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update_readme(readme: Path, body: str) -> None:
+    """Rewrite the demo block of ``readme`` (only the text between the markers changes)."""
+    if not readme.is_file():
+        raise ValueError(f"{readme}: no README to update")
+    text = readme.read_text(encoding="utf-8")
+    new = replace_block(text, body, str(readme))
+    if new != text:
+        atomic_write(readme, new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sake demo", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo",
+                   help="work folder: dataset, runs, scores, report (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="model to edit (default: the shipped reference model models/sake-reference-qwen2-audio)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="quick run: first N test instances per attribute, and one sequence")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: every available method)")
+    p.add_argument("--sequential-method", default="ft_audio",
+                   help="method of the sequential run ('none' to skip; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: 1; the reference model is small, a second thread only adds "
+                        "synchronisation, and on a shared machine it spins; 0: torch's choice)")
+    p.add_argument("--hparam", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="hyperparameter override for one method, e.g. ft_audio:lr=0.01 (repeatable)")
+    p.add_argument("--update-readme", action="store_true",
+                   help="rewrite the demo table between the markers in README.md")
+    p.add_argument("--readme", default=str(README), help=argparse.SUPPRESS)
+    p.add_argument("--readme-block", default=str(README_BLOCK), help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    model = str(Path(args.model) if args.model else DEFAULT_MODEL)
+    if not Path(model).exists() and "/" not in model:
+        raise SystemExit(f"sake demo: model {model} not found")
+    if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
+        raise SystemExit(f"sake demo: the reference model is missing ({DEFAULT_MODEL}); train it with "
+                         "`python -m tools.train_reference_model`")
+    methods = methods_to_run([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+    sequential = None if args.sequential_method.lower() == "none" else args.sequential_method
+    overrides: dict[str, list[str]] = {}
+    for item in args.hparam:
+        method, _, kv = item.partition(":")
+        if not kv or "=" not in kv:
+            raise SystemExit(f"sake demo: --hparam {item!r}: expected METHOD:KEY=VALUE")
+        overrides.setdefault(method, []).append(kv)
+
+    plan: list[tuple[str, str]] = [(m, "single") for m in methods]
+    if sequential:
+        plan.append((sequential, "sequential"))
+    steps = 1 + sum(m in HYPERNETWORK_METHODS for m in methods) + len(plan) + 1
+    stage = tqdm(total=steps, desc="sake demo", unit="stage", disable=args.no_progress, position=0,
+                 dynamic_ncols=True)
+
+    def say(text: str) -> None:
+        stage.set_postfix_str(text)
+        tqdm.write(f"[sake demo] {text}")
+
+    reset_if_model_changed(out, model)
+    say(f"building the demo dataset in {out / 'dataset'}")
+    dataset = build_dataset(out / "dataset", args.seed)
+    stage.update(1)
+    scope = "full" if args.limit is None else f"limit{args.limit}"
+    for method in methods:
+        if method in HYPERNETWORK_METHODS:
+            say(f"training the {method} hypernetwork on the demo train split")
+            overrides.setdefault(method, [])
+            overrides[method] += train_hypernetwork(method, model, dataset, out / "hypernetworks" / scope, args.seed,
+                                                    args.limit)
+            stage.update(1)
+    runs_dir = out / "runs" / scope
+    results: list[dict[str, Any]] = []
+    for method, mode in plan:
+        say(f"{method} ({mode} editing)")
+        path = run_method(model, method, mode, dataset, runs_dir, out / "cache", args.seed,
+                          args.limit if mode == "single" else (args.limit and 1), overrides.get(method, []),
+                          not args.no_progress)
+        results.append(score_run(path))
+        stage.update(1)
+    say("writing the report")
+    from eval.report import load_runs, write_report
+
+    written = write_report(load_runs([str(runs_dir)]), out / "report")
+    stage.update(1)
+    stage.close()
+    wall = time.time() - start
+    plots = [str(p) for p in written if p.suffix == ".png"]
+    table = demo_table(results)
+    n_items = sum(int(r.get("n_rows") or 0) for r in results)
+    print()
+    print(f"SAKE demo: {Path(model).name}, test split"
+          + (f", first {args.limit} instance(s) per attribute" if args.limit else "")
+          + f", offline judge ({wall / 60:.1f} min)")
+    print()
+    print(table)
+    print()
+    print(f"report: {out / 'report' / 'index.md'}")
+    for p in plots:
+        print(f"plot:   {p}")
+    command = "sake demo" + (f" --limit {args.limit}" if args.limit else "")
+    body = readme_block(table, command=command, model=Path(model).name, n_items=n_items, wall_s=wall,
+                        plots=[os.path.relpath(p, REPO_DIR) if Path(p).is_absolute() else p for p in plots])
+    atomic_write(out / "demo_table.md", body)
+    summary = {"model": model, "methods": methods, "sequential": sequential, "limit": args.limit,
+               "wall_s": round(wall, 1), "results": [{"method": r.get("method"), "mode": r.get("mode"),
+                                                     **{k: r["metrics"]["overall"].get(k) for k, _ in COLUMNS}}
+                                                    for r in results]}
+    atomic_write(out / "demo_summary.json", json.dumps(summary, indent=1) + "\n")
+    if args.update_readme:
+        atomic_write(Path(args.readme_block), body)
+        try:
+            update_readme(Path(args.readme), body)
+        except ValueError as exc:
+            print(f"sake demo: README not updated: {exc} (the block is in {args.readme_block})", file=sys.stderr)
+            return 1
+        print(f"updated the demo table in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
