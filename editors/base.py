@@ -1,0 +1,260 @@
+"""The editor interface and the method registry.
+
+A method is one module ``editors/<name>.py`` defining a subclass of :class:`Editor` decorated with
+:func:`register`. The runner (``editors/run.py``) owns loops, caching, restore, resume and output; a method owns
+only "apply this edit":
+
+* :meth:`Editor.touched_parameters` names every model parameter :meth:`Editor.apply` may change, *before* any
+  edit is applied. The runner snapshots exactly those tensors once and copies them back after each single edit
+  (bit-exact, no deepcopy, no reload) or after each sequence in sequential mode.
+* :meth:`Editor.apply` applies one edit in place and returns a small stats dict (steps, final loss, ...).
+* :meth:`Editor.rewrite_prompts` lets prompt methods (I-IKE, IE-IKE) rewrite evaluation prompts; parametric
+  methods leave them unchanged.
+* :meth:`Editor.reset` drops every other state a method keeps between edits (the instructions/demonstrations of
+  IKE, a WISE side memory, replaced modules, ...). Hypernetwork methods load their trained networks in
+  :meth:`Editor.setup`.
+
+Several edits per pass (issue 12) will add an ``apply_many`` to methods where batching is exact; the single-edit
+``apply`` stays the reference.
+
+The helpers :class:`ParameterSnapshot` (save/restore touched tensors) and :func:`finetune` (Adam/SGD steps with
+fp32 master copies of low-precision parameters and loss-threshold early stopping) are shared by the methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from editors.models.base import LALMAdapter, Prompt, as_audio_array
+
+logger = logging.getLogger(__name__)
+
+#: Method names the runner accepts -> module (one file per method). Modules not written yet raise a clear error.
+KNOWN_METHODS: dict[str, str] = {
+    "ft_llm": "editors.ft_llm",
+    "ft_audio": "editors.ft_audio",
+    "i_ike": "editors.i_ike",
+    "ie_ike": "editors.ie_ike",
+    "ke": "editors.ke",
+    "mend": "editors.mend",
+    "unke": "editors.unke",
+    "wise": "editors.wise",
+}
+
+_REGISTRY: dict[str, type["Editor"]] = {}
+
+
+def register(name: str) -> Callable[[type["Editor"]], type["Editor"]]:
+    """Class decorator: make an :class:`Editor` subclass available under ``name``."""
+    def wrap(cls: type[Editor]) -> type[Editor]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"editing method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_editor_class(name: str) -> type["Editor"]:
+    """The editor class of a method name (imports ``editors.<name>`` on first use)."""
+    if name not in _REGISTRY:
+        if name not in KNOWN_METHODS:
+            raise ValueError(f"unknown editing method {name!r}; known: {sorted(KNOWN_METHODS)}")
+        module = KNOWN_METHODS[name]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                raise ValueError(f"editing method {name!r} is not implemented yet ({module} missing)") from exc
+            raise
+        if name not in _REGISTRY:
+            raise ValueError(f"{module} does not register a method named {name!r}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    """Method names whose module exists."""
+    out = []
+    for name, module in KNOWN_METHODS.items():
+        if importlib.util.find_spec(module) is not None:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a method receives
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditRequest:
+    """One edit, taken from a dataset instance row (ARCHITECTURE.md): make the model answer ``target`` to
+    ``question`` about ``audio`` (whose true label is ``original_label``)."""
+
+    instance_id: str
+    attribute: str
+    original_label: str
+    target_label: str
+    question: str
+    options: list[str]
+    target: str  # the answer to train towards (y_e as spelled in the options)
+    audio: np.ndarray | None
+    row: dict[str, Any] = field(repr=False, default_factory=dict)  # the full instance row (items included)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "EditRequest":
+        return cls(instance_id=row["id"], attribute=row["attribute"], original_label=row["original_label"],
+                   target_label=row["target_label"], question=row["question"], options=list(row["options"]),
+                   target=row["answer"], audio=as_audio_array(row["audio"], where=f"{row['id']}: audio"), row=row)
+
+    def prompt(self) -> Prompt:
+        """The reliability prompt: the edit audio with its question."""
+        return Prompt(question=self.question, audio=self.audio)
+
+
+@dataclass
+class RunContext:
+    """What the runner offers a method besides the model: seed, device, a cache folder and dataset access
+    (e.g. IE-IKE retrieves demonstrations from the train split; hypernetwork methods find their checkpoints)."""
+
+    seed: int = 0
+    cache_dir: str | None = None
+    load_rows: Callable[[str, str], Sequence[dict[str, Any]]] | None = None  # (config, split) -> instance rows
+    model_name: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Editor(abc.ABC):
+    """Base class of an editing method (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.
+    changes_parameters: ClassVar[bool] = True
+
+    def __init__(self, adapter: LALMAdapter, hparams: dict[str, Any], context: RunContext | None = None) -> None:
+        self.adapter = adapter
+        self.hparams = dict(hparams)
+        self.context = context or RunContext()
+
+    def setup(self) -> None:
+        """One-time preparation before the first edit (load a hypernetwork, index a train split, ...)."""
+
+    @abc.abstractmethod
+    def touched_parameters(self) -> list[str]:
+        """Names (``model.named_parameters()``) of every parameter :meth:`apply` may modify; [] for none."""
+
+    @abc.abstractmethod
+    def apply(self, edit: EditRequest) -> dict[str, Any]:
+        """Apply one edit to the model in place; returns stats (e.g. ``{"steps": 7, "loss": 0.004}``)."""
+
+    def rewrite_prompts(self, prompts: Sequence[Prompt], edit: EditRequest) -> list[Prompt]:
+        """Evaluation prompts as the edited system sees them (prompt methods add instructions/examples)."""
+        return list(prompts)
+
+    def reset(self) -> None:
+        """Forget all state kept between edits other than parameters (the runner restores those)."""
+
+    def stats_keys(self) -> tuple[str, ...]:
+        return ("steps", "loss")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ParameterSnapshot:
+    """Copies of named parameters, restorable bit-exactly in place (no deepcopy of the model)."""
+
+    def __init__(self, model: torch.nn.Module, names: Iterable[str]) -> None:
+        params = dict(model.named_parameters())
+        names = list(dict.fromkeys(names))
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise KeyError(f"unknown parameter names: {missing[:5]}")
+        self._params = {n: params[n] for n in names}
+        self._saved = {n: p.detach().clone() for n, p in self._params.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, param in self._params.items():
+            param.copy_(self._saved[name])
+
+    @torch.no_grad()
+    def max_abs_diff(self) -> float:
+        """Largest absolute difference between current and saved values (0.0 after :meth:`restore`)."""
+        diffs = [(p.detach().float() - self._saved[n].float()).abs().max() for n, p in self._params.items()]
+        return float(torch.stack(diffs).max()) if diffs else 0.0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._saved.values())
+
+
+@dataclass
+class FinetuneResult:
+    steps: int  # optimizer updates made
+    loss: float  # the last loss computed (before the last update; below the threshold when stopped early)
+    stopped_early: bool
+
+
+def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], *, lr: float,
+             max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
+             weight_decay: float = 0.0) -> FinetuneResult:
+    """Minimise ``loss_fn()`` over ``params``: at most ``max_steps`` forward passes, each followed by an update
+    unless the loss is already below ``early_stop_loss`` (as EasyEdit's FT loop).
+
+    Before each update the loss is compared with ``early_stop_loss`` (paper App. D: stop when below 1e-2); this is
+    the one host sync per step (``loss.item()``). Parameters stored in 16-bit get an fp32 master copy that the
+    optimizer updates and that is cast back after each step (a 1e-5 update would vanish in bf16 otherwise).
+    Gradients of all other parameters are never allocated (only ``params`` require grad during the loop).
+    """
+    if not params:
+        raise ValueError("finetune needs at least one parameter")
+    plist = list(params.values())
+    masters = [p.detach().float().clone() if p.dtype != torch.float32 else None for p in plist]
+    opt_tensors = [m if m is not None else p for p, m in zip(plist, masters)]
+    if optimizer == "adam":
+        opt = torch.optim.Adam(opt_tensors, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(opt_tensors, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "rmsprop":
+        opt = torch.optim.RMSprop(opt_tensors, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+    previous = [p.requires_grad for p in plist]
+    for p in plist:
+        p.requires_grad_(True)
+    steps, last, stopped = 0, float("nan"), False
+    try:
+        for _ in range(max_steps):
+            loss = loss_fn()
+            last = float(loss.detach())  # host sync: the early-stop check (one per step)
+            if early_stop_loss is not None and last < early_stop_loss:
+                stopped = True
+                break
+            grads = torch.autograd.grad(loss, plist, allow_unused=True)
+            for p, m, g in zip(plist, masters, grads):
+                if g is not None:
+                    (m if m is not None else p).grad = g.float() if m is not None else g
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, m in zip(plist, masters):
+                    if m is not None:
+                        p.copy_(m)
+            steps += 1
+    finally:
+        for p, flag in zip(plist, previous):
+            p.requires_grad_(flag)
+    return FinetuneResult(steps=steps, loss=last, stopped_early=stopped)

@@ -1,0 +1,198 @@
+"""Adapter for Audio Flamingo 3 (``AudioFlamingo3ForConditionalGeneration``, Hub id nvidia/audio-flamingo-3-hf).
+
+Structure: Whisper-style audio encoder ``model.audio_tower`` run on 30 s windows (each window: stride-2 conv +
+average pool), connector ``model.multi_modal_projector`` (Linear-GELU-Linear), LLM ``model.language_model``
+(Qwen2-7B, 28 layers) and ``lm_head``. Each audio is one ``<sound>`` in the chat text, expanded to one token per
+embedding (the valid frames of all its windows, concatenated).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, tiny_feature_extractor,
+                                 whisper_encoder_tokens)
+
+logger = logging.getLogger(__name__)
+
+#: Chat template of the tiny model: Qwen2 chat format with a ``<sound>`` slot where a user turn has audio
+#: (audio before text, as in the original AF3 prompt "<sound>\n{question}"), written for our tests.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'audio' %}<sound>\n{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
+
+#: Longest audio the processor keeps (seconds), as in the released processor.
+MAX_AUDIO_SECONDS = 600
+
+
+def conversation(prompt: Prompt) -> list[dict[str, Any]]:
+    """The prompt as chat messages (audio item before the text item of a user turn)."""
+    def user(question: str, audio: np.ndarray | None) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "audio", "audio": "<audio>"}] if audio is not None else []
+        content.append({"type": "text", "text": question})
+        return {"role": "user", "content": content}
+
+    messages: list[dict[str, Any]] = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    for turn in prompt.history:
+        messages.append(user(turn.question, turn.audio))
+        messages.append({"role": "assistant", "content": turn.answer})
+    messages.append(user(prompt.question, prompt.audio))
+    return messages
+
+
+class AudioFlamingo3Adapter(LALMAdapter):
+    """Audio Flamingo 3 behind the :class:`LALMAdapter` interface."""
+
+    family = "audio_flamingo3"
+    default_hub_id = "nvidia/audio-flamingo-3-hf"
+
+    @classmethod
+    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                        revision: str | None = None, is_tiny: bool = False) -> "AudioFlamingo3Adapter":
+        from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+        kwargs = {"revision": revision} if revision else {}
+        model = AudioFlamingo3ForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
+        processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
+        rev = revision or getattr(model.config, "_commit_hash", None) or ""
+        return cls(model, processor, model_id=id_or_dir, revision=rev, is_tiny=is_tiny)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             num_layers: int = 4) -> "AudioFlamingo3Adapter":
+        from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration,
+                                  AudioFlamingo3Processor)
+
+        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                         chat_template=TINY_CHAT_TEMPLATE)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=16, chunk_length=2)
+        processor = AudioFlamingo3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                            chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
+        config = AudioFlamingo3Config(
+            audio_config={"model_type": "audioflamingo3_encoder", "hidden_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "intermediate_size": 64, "num_mel_bins": 16,
+                          "max_source_positions": feature_extractor.nb_max_frames // 2},
+            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128,
+                         "intermediate_size": 256, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "bos_token_id": None, "initializer_range": 0.2},
+            audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
+        )
+        torch.manual_seed(seed)
+        model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, processor, model_id=f"tiny-audio-flamingo3@seed{seed}", revision="", is_tiny=True)
+
+    @classmethod
+    def random_full_size(cls, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+                         num_layers: int = 28) -> "AudioFlamingo3Adapter":
+        """The AF3 architecture (Whisper-large-v3 encoder, Qwen2.5-7B LLM) with random weights, for throughput
+        benchmarks without the checkpoint (tiny offline tokenizer, real 128-mel 30 s feature extractor)."""
+        from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration,
+                                  AudioFlamingo3Processor)
+
+        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                         chat_template=TINY_CHAT_TEMPLATE)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=128, chunk_length=30)
+        processor = AudioFlamingo3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                            chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
+        config = AudioFlamingo3Config(
+            audio_config={"model_type": "audioflamingo3_encoder", "hidden_size": 1280, "num_hidden_layers": 32,
+                          "num_attention_heads": 20, "intermediate_size": 5120, "num_mel_bins": 128,
+                          "max_source_positions": 1500},
+            text_config={"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 3584,
+                         "intermediate_size": 18944, "num_hidden_layers": num_layers, "num_attention_heads": 28,
+                         "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                         "rope_theta": 1000000.0, "tie_word_embeddings": False,
+                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "bos_token_id": None},
+            audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
+        )
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
+        return cls(model, processor, model_id=f"random-audio-flamingo3@seed{seed}", revision="", is_tiny=False)
+
+    # ---- structure ----------------------------------------------------------------------------------------------
+
+    def connector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def audio_encoder(self) -> nn.Module:
+        return self.model.model.audio_tower
+
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+
+    @property
+    def audio_placeholder(self) -> str:
+        return getattr(self.processor, "audio_token", None) or "<sound>"
+
+    @property
+    def end_of_turn(self) -> str:
+        return "<|im_end|>"
+
+    def render(self, prompt: Prompt) -> str:
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        return self.tokenizer.apply_chat_template(conversation(prompt), chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _windows(self, audio: np.ndarray) -> list[np.ndarray]:
+        fe = self.processor.feature_extractor
+        window = int(SAMPLING_RATE * fe.chunk_length)
+        max_windows = max(1, int(getattr(self.processor, "max_audio_len", MAX_AUDIO_SECONDS) // fe.chunk_length))
+        n = max(1, min(-(-len(audio) // window), max_windows))
+        return [audio[i * window:(i + 1) * window] for i in range(n)]
+
+    def num_audio_tokens(self, audio: np.ndarray) -> int:
+        hop = int(self.processor.feature_extractor.hop_length)
+        return sum(whisper_encoder_tokens(max(1, -(-len(w) // hop))) for w in self._windows(audio))
+
+    # ---- audio --------------------------------------------------------------------------------------------------
+
+    def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        fe = self.processor.feature_extractor
+        windows: list[np.ndarray] = []
+        owners: list[int] = []
+        for i, audio in enumerate(audios):
+            for w in self._windows(np.asarray(audio, dtype=np.float32)):
+                windows.append(w)
+                owners.append(i)
+        feats = fe(windows, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
+                   return_tensors="pt")
+        encoder = self.audio_encoder()
+        features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
+        mask = feats["attention_mask"].to(self.device)
+        hidden = encoder(features, input_features_mask=mask).last_hidden_state
+        valid = [whisper_encoder_tokens(int(n)) for n in feats["attention_mask"].sum(-1).tolist()]
+        per_audio: list[list[torch.Tensor]] = [[] for _ in audios]
+        for row, (owner, n) in enumerate(zip(owners, valid)):
+            per_audio[owner].append(hidden[row, :n])
+        return [torch.cat(parts, dim=0).detach() for parts in per_audio]
+
+    def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
+        return self.connector()(torch.cat(list(states), dim=0))

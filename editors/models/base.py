@@ -1,0 +1,843 @@
+"""The LALM adapter interface: the only way editing methods and the runner talk to a model.
+
+An adapter wraps one large audio-language model (audio encoder -> modality connector -> decoder-only LLM) and
+offers, in model-neutral words:
+
+* prompts: :class:`Prompt` (optional 16 kHz audio, a question, an optional system prompt and an optional multi-turn
+  history of :class:`Turn` s for in-context examples);
+* :meth:`LALMAdapter.generate`: batched greedy generation (left padding) -> decoded strings;
+* :meth:`LALMAdapter.target_loss`: teacher-forced cross-entropy over the target answer's tokens only;
+* structure: :meth:`connector`, :meth:`audio_encoder`, :meth:`llm_layers`, :meth:`mlp_out_proj`,
+  :attr:`num_llm_layers`, :meth:`parameter_groups` (named groups of parameter names);
+* the frozen-prefix fast paths of ``../shared/perf/h100-figures.md``:
+  - :meth:`audio_states` runs the (frozen) audio encoder once per distinct audio and caches the result, and
+    :meth:`project_audio` maps those states through the connector (differentiable), so FT-Audio trains the
+    connector without recomputing the encoder and every generation starts from ``inputs_embeds``;
+  - :meth:`hidden_entering` computes the hidden states entering LLM layer ``i`` once (no grad), and
+    :meth:`logits_from` / :meth:`loss_from` run the model from there, so FT-LLM (and UnKE, WISE, ...) recompute
+    only the layers they edit.
+
+A model family (Qwen2-Audio, Audio Flamingo 3, DeSTA2.5-Audio) subclasses :class:`LALMAdapter` and implements
+the abstract members: where its modules live, how a conversation is rendered to text with audio placeholders,
+how many placeholder tokens an audio takes, how the frozen encoder runs and how the connector maps its output.
+Everything generic (tokenizing, padding, embedding, masks, losses, generation) lives here.
+
+Conventions
+-----------
+* Audio: 1-D float32 numpy arrays at :data:`SAMPLING_RATE` (16 kHz), values in [-1, 1].
+* Layer indices may be negative (``-1`` = last LLM layer); :meth:`resolve_layer` normalises them.
+* A target answer is scored as its tokens followed by the model's end-of-turn token, so that "greedy output equals
+  the target" includes stopping after it.
+* Parameter names are those of ``adapter.model.named_parameters()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import inspect
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16_000
+IGNORE_INDEX = -100
+
+
+def _mask_cache_arg() -> str:
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+_CACHE_ARG = _mask_cache_arg()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def audio_digest(audio: np.ndarray | None) -> str:
+    """A content hash of an audio array ('' for no audio): the key of the audio-state cache."""
+    if audio is None:
+        return ""
+    arr = np.ascontiguousarray(np.asarray(audio, dtype=np.float32))
+    return hashlib.sha1(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+
+
+def as_audio_array(audio: Any, *, where: str = "audio") -> np.ndarray | None:
+    """Normalise a decoded dataset audio value (dict with array/sampling_rate, AudioDecoder, array) to float32 mono.
+
+    Raises ValueError naming ``where`` when the sampling rate is not 16 kHz or the value is not audio.
+    """
+    if audio is None:
+        return None
+    sampling_rate = SAMPLING_RATE
+    if isinstance(audio, np.ndarray):
+        array = audio
+    elif isinstance(audio, torch.Tensor):
+        array = audio.detach().cpu().numpy()
+    else:
+        try:
+            array = audio["array"]
+            sampling_rate = int(audio["sampling_rate"])
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"{where}: expected decoded audio with 'array' and 'sampling_rate', got "
+                             f"{type(audio).__name__}") from exc
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:  # (channels, samples) -> mono
+        array = array.mean(axis=0)
+    if array.ndim != 1:
+        raise ValueError(f"{where}: expected a 1-D waveform, got shape {array.shape}")
+    if sampling_rate != SAMPLING_RATE:
+        raise ValueError(f"{where}: expected {SAMPLING_RATE} Hz audio, got {sampling_rate} Hz")
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Turn:
+    """One earlier exchange of a multi-turn dialogue (an in-context example): user audio + question, assistant answer."""
+
+    question: str
+    answer: str
+    audio: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Prompt:
+    """One model input: an optional audio (16 kHz float32 mono), a question, an optional system prompt and an
+    optional dialogue history rendered before the question (oldest first)."""
+
+    question: str
+    audio: np.ndarray | None = None
+    system: str | None = None
+    history: tuple[Turn, ...] = ()
+
+    def audios(self) -> list[np.ndarray]:
+        """All audios of the prompt in the order they appear in the rendered text."""
+        out = [t.audio for t in self.history if t.audio is not None]
+        if self.audio is not None:
+            out.append(self.audio)
+        return out
+
+    def digest(self) -> str:
+        """A stable content hash of everything that reaches the model (text, audio, system, history)."""
+        h = hashlib.sha256()
+        parts: list[Any] = [self.system or "", self.question, audio_digest(self.audio)]
+        for t in self.history:
+            parts += [t.question, t.answer, audio_digest(t.audio)]
+        h.update(json.dumps(parts, ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def with_system(self, system: str | None) -> "Prompt":
+        return Prompt(question=self.question, audio=self.audio, system=system, history=self.history)
+
+    def with_history(self, history: Sequence[Turn]) -> "Prompt":
+        return Prompt(question=self.question, audio=self.audio, system=self.system, history=tuple(history))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors handed between the adapter and the methods
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptBatch:
+    """A tokenized, left-padded batch ready for the LLM (built once, reused across optimisation steps).
+
+    ``audio_states`` holds the frozen encoder output of every audio of the batch, in the order their placeholder
+    tokens appear (row-major); :meth:`LALMAdapter.input_embeds` projects them through the (possibly trained)
+    connector and scatters them into the placeholder positions.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 0 on left padding
+    position_ids: torch.Tensor  # [B, T] long
+    audio_token_mask: torch.Tensor  # [B, T] bool, True at audio placeholder tokens
+    audio_states: list[Any]  # one entry per audio, family-specific (a tensor for Whisper-style encoders)
+    n_audio_slots: int = 0  # number of placeholder tokens (known on the host: no device sync needed)
+    labels: torch.Tensor | None = None  # [B, T] long, IGNORE_INDEX except on target tokens
+    # Positions that predict a target token (precomputed so the loss needs no host sync): row, column, token id.
+    target_rows: torch.Tensor | None = None
+    target_cols: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    target_counts: torch.Tensor | None = None  # [B] number of target tokens per row
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class LayerState:
+    """Hidden states entering LLM layer ``layer`` plus what is needed to run the model from there."""
+
+    layer: int
+    hidden: torch.Tensor  # [B, T, H]
+    masks: dict[str, Any]  # attention-mask mapping by layer type ("full_attention", "sliding_attention")
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    batch: PromptBatch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_spans(lengths: Sequence[int], batch_size: int | None = None, max_batch_tokens: int | None = None
+                ) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) chunks of sequences with at most ``batch_size`` rows and at most
+    ``max_batch_tokens`` padded tokens (rows x longest); a single longer sequence still gets its own chunk."""
+    spans: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        full = batch_size is not None and i - start >= batch_size
+        too_big = max_batch_tokens is not None and grown * (i - start + 1) > max_batch_tokens
+        if i > start and (full or too_big):
+            spans.append((start, i))
+            start, grown = i, n
+        longest = grown
+    if lengths:
+        spans.append((start, len(lengths)))
+    return spans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LALMAdapter(abc.ABC):
+    """Base class of every model family's adapter (see the module docstring).
+
+    Subclasses set :attr:`family` (the key of the hparams YAML entries, e.g. ``qwen2_audio``) and implement the
+    abstract members. Construct with :meth:`from_pretrained` (Hub id or local dir) or :meth:`tiny` (random-init
+    small config of the real class with an offline tokenizer and processor, for tests and CI).
+    """
+
+    family: ClassVar[str] = ""
+    #: Hub id of the full-size model, for messages and defaults.
+    default_hub_id: ClassVar[str] = ""
+    #: How many decoded audios' encoder states stay cached (LRU).
+    audio_cache_size: int = 256
+
+    def __init__(self, model: nn.Module, processor: Any, *, model_id: str, revision: str = "",
+                 is_tiny: bool = False) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.is_tiny = is_tiny
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if is_tiny:
+            self.min_shared_prefix = 256  # tiny models run on CPU, where prefill dominates
+        self._audio_cache: OrderedDict[str, Any] = OrderedDict()
+        self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                        revision: str | None = None) -> "LALMAdapter":
+        """Load the real checkpoint (Hub id or local directory) in ``dtype`` on ``device``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LALMAdapter":
+        """A random-init tiny model of the real class, with a tokenizer and processor built offline."""
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save model + processor so that :meth:`from_pretrained` on the directory gives the same model."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    # ---- structure (family-specific) ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def connector(self) -> nn.Module:
+        """The modality connector between the audio encoder and the LLM (FT-Audio trains it)."""
+
+    @abc.abstractmethod
+    def audio_encoder(self) -> nn.Module:
+        """The audio encoder (frozen under every method)."""
+
+    @abc.abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack: has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config``."""
+
+    @abc.abstractmethod
+    def lm_head(self) -> nn.Module:
+        """The output projection to the vocabulary."""
+
+    def llm_layers(self) -> nn.ModuleList:
+        """The LLM decoder layers, bottom first."""
+        return self.language_model().layers
+
+    @property
+    def num_llm_layers(self) -> int:
+        return len(self.llm_layers())
+
+    def resolve_layer(self, layer: int) -> int:
+        """Normalise a (possibly negative) LLM layer index; ValueError when out of range."""
+        n = self.num_llm_layers
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx < n:
+            raise ValueError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
+        return idx
+
+    def llm_layer(self, layer: int) -> nn.Module:
+        return self.llm_layers()[self.resolve_layer(layer)]
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The feed-forward block of LLM layer ``layer``."""
+        return self.llm_layer(layer).mlp
+
+    def mlp_out_proj_name(self) -> str:
+        """Attribute name of the FFN output projection inside :meth:`mlp` (``down_proj`` for Qwen2/Llama)."""
+        return "down_proj"
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """The FFN output projection (a Linear: intermediate -> hidden) of LLM layer ``layer``."""
+        return getattr(self.mlp(layer), self.mlp_out_proj_name())
+
+    def set_mlp_out_proj(self, layer: int, module: nn.Module) -> nn.Module:
+        """Replace the FFN output projection of ``layer`` (e.g. by a WISE side-memory router); returns the old one."""
+        mlp = self.mlp(layer)
+        old = getattr(mlp, self.mlp_out_proj_name())
+        setattr(mlp, self.mlp_out_proj_name(), module)
+        return old
+
+    def module_name(self, module: nn.Module) -> str:
+        """The dotted name of a submodule of :attr:`model`."""
+        for name, mod in self.model.named_modules():
+            if mod is module:
+                return name
+        raise KeyError("module is not part of this model")
+
+    def parameter_names(self, module: nn.Module) -> list[str]:
+        """Full parameter names (as in ``model.named_parameters()``) of a submodule's parameters."""
+        prefix = self.module_name(module)
+        return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameter names: ``connector``, ``audio_encoder``, ``embeddings``, ``lm_head``,
+        ``llm_layer.{i}``, ``llm_mlp.{i}`` and ``llm_mlp_out.{i}`` for every LLM layer i."""
+        groups: dict[str, list[str]] = {
+            "connector": self.parameter_names(self.connector()),
+            "audio_encoder": self.parameter_names(self.audio_encoder()),
+            "embeddings": self.parameter_names(self.language_model().embed_tokens),
+            "lm_head": self.parameter_names(self.lm_head()),
+        }
+        for i in range(self.num_llm_layers):
+            groups[f"llm_layer.{i}"] = self.parameter_names(self.llm_layer(i))
+            groups[f"llm_mlp.{i}"] = self.parameter_names(self.mlp(i))
+            groups[f"llm_mlp_out.{i}"] = self.parameter_names(self.mlp_out_proj(i))
+        return groups
+
+    def named_parameter_dict(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head().weight.dtype
+
+    # ---- prompt rendering (family-specific) ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def render(self, prompt: Prompt) -> str:
+        """The prompt as model text, ending with the assistant turn's opening, with exactly one
+        :attr:`audio_placeholder` per audio (in :meth:`Prompt.audios` order)."""
+
+    @property
+    @abc.abstractmethod
+    def audio_placeholder(self) -> str:
+        """The special token that stands for one audio embedding position (repeated n times per audio)."""
+
+    @property
+    @abc.abstractmethod
+    def end_of_turn(self) -> str:
+        """The token that ends an assistant turn; appended to targets and used as a stop token."""
+
+    @abc.abstractmethod
+    def num_audio_tokens(self, audio: np.ndarray) -> int:
+        """How many placeholder tokens (= connector outputs) the audio takes."""
+
+    @abc.abstractmethod
+    def _encode_audios(self, audios: list[np.ndarray]) -> list[Any]:
+        """Run the frozen audio encoder on a list of audios (no grad); one state object per audio."""
+
+    @abc.abstractmethod
+    def project_audio(self, states: list[Any]) -> torch.Tensor:
+        """Connector outputs of a list of audio states, concatenated: [sum of num_audio_tokens, hidden].
+        Differentiable with respect to the connector's parameters."""
+
+    # ---- audio states -------------------------------------------------------------------------------------------
+
+    def audio_states(self, audios: Sequence[np.ndarray], batch_size: int = 16) -> list[Any]:
+        """Frozen encoder output for each audio, computed once per distinct audio content and cached (LRU)."""
+        keys = [audio_digest(a) for a in audios]
+        missing: dict[str, np.ndarray] = {}
+        for key, audio in zip(keys, audios):
+            if key not in self._audio_cache and key not in missing:
+                missing[key] = audio
+        if missing:
+            todo = list(missing.items())
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                with torch.no_grad():
+                    states = self._encode_audios([a for _, a in chunk])
+                self.audio_encoder_calls += len(chunk)
+                for (key, _), state in zip(chunk, states):
+                    self._audio_cache[key] = state
+        out = []
+        for key in keys:
+            self._audio_cache.move_to_end(key)
+            out.append(self._audio_cache[key])
+        while len(self._audio_cache) > max(self.audio_cache_size, len(set(keys))):
+            self._audio_cache.popitem(last=False)
+        return out
+
+    def clear_audio_cache(self) -> None:
+        """Forget cached encoder states (call after anything changes the audio encoder's parameters)."""
+        self._audio_cache.clear()
+
+    # ---- tokenization -------------------------------------------------------------------------------------------
+
+    def _expand_placeholders(self, text: str, audios: list[np.ndarray]) -> str:
+        pieces = text.split(self.audio_placeholder)
+        if len(pieces) - 1 != len(audios):
+            raise ValueError(f"rendered prompt has {len(pieces) - 1} audio placeholders for {len(audios)} audios")
+        out = [pieces[0]]
+        for audio, piece in zip(audios, pieces[1:]):
+            out.append(self.audio_placeholder * self.num_audio_tokens(audio))
+            out.append(piece)
+        return "".join(out)
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def target_token_ids(self, target: str) -> list[int]:
+        """Token ids a target answer is scored on: the answer's tokens then the end-of-turn token."""
+        return self._token_ids(target) + self._token_ids(self.end_of_turn)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = {int(i) for i in self._token_ids(self.end_of_turn)}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    @property
+    def audio_placeholder_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(self.audio_placeholder))
+
+    def warm_audio(self, audios: Sequence[np.ndarray]) -> None:
+        """Hook called with every audio of a :meth:`generate` / :meth:`prepare` call before tokenization; a family
+        whose placeholder count needs per-audio work (DeSTA2.5's transcripts) batches that work here."""
+
+    def prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids with each audio placeholder expanded to its embedding count."""
+        return self._token_ids(self._expand_placeholders(self.render(prompt), prompt.audios()))
+
+    def prepare(self, prompts: Sequence[Prompt], targets: Sequence[str] | None = None,
+                token_ids: Sequence[list[int]] | None = None) -> PromptBatch:
+        """Tokenize and left-pad prompts (+ targets for teacher forcing) and fetch their audio states.
+
+        ``token_ids`` (optional) are the prompts' :meth:`prompt_token_ids`, when already computed."""
+        if targets is not None and len(targets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        if token_ids is None:
+            self.warm_audio([a for p in prompts for a in p.audios()])
+        rows: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        all_audios: list[np.ndarray] = []
+        for i, prompt in enumerate(prompts):
+            ids = list(token_ids[i]) if token_ids is not None else self.prompt_token_ids(prompt)
+            labels = [IGNORE_INDEX] * len(ids)
+            if targets is not None:
+                tgt = self.target_token_ids(targets[i])
+                ids = ids + tgt
+                labels = labels + tgt
+            rows.append(ids)
+            label_rows.append(labels)
+            all_audios.extend(prompt.audios())
+        return self._collate(rows, all_audios, label_rows if targets is not None else None)
+
+    def _collate(self, rows: list[list[int]], audios: list[np.ndarray], label_rows: list[list[int]] | None = None
+                 ) -> PromptBatch:
+        """Left-pad token rows into a :class:`PromptBatch` (``audios``: every audio of the rows, in order)."""
+        all_audios = audios
+        targets = label_rows
+        if label_rows is None:
+            label_rows = [[IGNORE_INDEX] * len(r) for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, labels) in enumerate(zip(rows, label_rows)):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+            labels_t[i, width - len(ids):] = torch.tensor(labels, dtype=torch.long)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        device = self.device
+        states = self.audio_states(all_audios) if all_audios else []
+        audio_mask = input_ids == self.audio_placeholder_id
+        batch = PromptBatch(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            audio_token_mask=audio_mask.to(device),
+            audio_states=states,
+            n_audio_slots=int(audio_mask.sum()),
+        )
+        if targets is not None:
+            next_labels = labels_t[:, 1:]
+            rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+            batch.labels = labels_t.to(device)
+            batch.target_rows = rows.to(device)
+            batch.target_cols = cols.to(device)
+            batch.target_ids = next_labels[rows, cols].to(device)
+            batch.target_counts = (next_labels != IGNORE_INDEX).sum(-1).to(device)
+        return batch
+
+    # ---- forward paths ------------------------------------------------------------------------------------------
+
+    def input_embeds(self, batch: PromptBatch, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the connector outputs scattered into the audio placeholders.
+
+        ``audio_embeds`` (optional) replaces :meth:`project_audio` of the batch's states, e.g. per-edit connector
+        copies when several edits share one pass."""
+        embeds = self.language_model().embed_tokens(batch.input_ids)
+        if batch.audio_states or audio_embeds is not None:
+            if audio_embeds is None:
+                audio_embeds = self.project_audio(batch.audio_states)
+            if audio_embeds.shape[0] != batch.n_audio_slots:
+                raise ValueError(f"{audio_embeds.shape[0]} audio embeddings for {batch.n_audio_slots} placeholder "
+                                 "tokens")
+            mask = batch.audio_token_mask.unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, audio_embeds.to(embeds.dtype))
+        return embeds
+
+    def _masks(self, hidden: torch.Tensor, batch: PromptBatch) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        cfg = self.language_model().config
+        kwargs = dict(config=cfg, inputs_embeds=hidden, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids)
+        kwargs[_CACHE_ARG] = None  # transformers < 5.2x calls it past_key_values
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def _layer_type(self, i: int) -> str:
+        types = getattr(self.language_model().config, "layer_types", None)
+        return types[i] if types else "full_attention"
+
+    def _run_layers(self, hidden: torch.Tensor, start: int, stop: int, masks: dict[str, Any],
+                    position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                    ) -> torch.Tensor:
+        layers = self.llm_layers()
+        for i in range(start, stop):
+            hidden = layers[i](hidden, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
+                               position_embeddings=position_embeddings)
+        return hidden
+
+    def hidden_entering(self, batch: PromptBatch, layer: int, *, grad: bool = False) -> LayerState:
+        """Hidden states entering LLM layer ``layer`` (0 = the input embeddings), no grad unless ``grad``."""
+        layer = self.resolve_layer(layer) if layer != self.num_llm_layers else layer
+        with torch.set_grad_enabled(grad):
+            hidden = self.input_embeds(batch)
+            lm = self.language_model()
+            masks = self._masks(hidden, batch)
+            pos_emb = lm.rotary_emb(hidden, batch.position_ids)
+            hidden = self._run_layers(hidden, 0, layer, masks, batch.position_ids, pos_emb)
+        return LayerState(layer=layer, hidden=hidden, masks=masks, position_ids=batch.position_ids,
+                          position_embeddings=pos_emb, batch=batch)
+
+    def final_hidden_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run layers ``state.layer``.. and the final norm from ``hidden`` (default ``state.hidden``)."""
+        h = state.hidden if hidden is None else hidden
+        h = self._run_layers(h, state.layer, self.num_llm_layers, state.masks, state.position_ids,
+                             state.position_embeddings)
+        return self.language_model().norm(h)
+
+    def logits_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits [B, T, V] computed from the hidden states entering ``state.layer``."""
+        return self.lm_head()(self.final_hidden_from(state, hidden))
+
+    def loss_from(self, state: LayerState, hidden: torch.Tensor | None = None, reduction: str = "mean"
+                  ) -> torch.Tensor:
+        """Teacher-forced target loss from the hidden states entering ``state.layer`` (labels required)."""
+        return self._target_ce(self.final_hidden_from(state, hidden), state.batch, reduction)
+
+    def _target_ce(self, final_hidden: torch.Tensor, batch: PromptBatch, reduction: str) -> torch.Tensor:
+        """Per-item mean CE over target tokens; logits computed only at the positions that predict them
+        (indices precomputed in :meth:`prepare`: no host sync)."""
+        if batch.target_rows is None:
+            raise ValueError("a target loss needs a batch prepared with targets")
+        logits = self.lm_head()(final_hidden[batch.target_rows, batch.target_cols]).float()  # [N, V]
+        token_ce = nn.functional.cross_entropy(logits, batch.target_ids, reduction="none")
+        counts = batch.target_counts.clamp(min=1).to(token_ce.dtype)
+        per_item = torch.zeros(batch.batch_size, dtype=token_ce.dtype, device=token_ce.device)
+        per_item = per_item.index_add(0, batch.target_rows, token_ce) / counts
+        if reduction == "none":
+            return per_item
+        if reduction == "mean":
+            return per_item.mean()
+        if reduction == "sum":
+            return per_item.sum()
+        raise ValueError(f"unknown reduction {reduction!r}")
+
+    def batch_loss(self, batch: PromptBatch, reduction: str = "mean", audio_embeds: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Teacher-forced target loss of a prepared batch through the whole LLM (grad follows torch's mode)."""
+        hidden = self.input_embeds(batch, audio_embeds)
+        out = self.language_model()(inputs_embeds=hidden, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False)
+        return self._target_ce(out.last_hidden_state, batch, reduction)
+
+    def target_loss(self, prompts: Sequence[Prompt], targets: Sequence[str], reduction: str = "mean"
+                    ) -> torch.Tensor:
+        """Teacher-forced CE of each target given its prompt, over target tokens only (+ end of turn).
+
+        ``reduction``: ``mean`` (mean of per-item means), ``sum`` or ``none`` (one value per item)."""
+        return self.batch_loss(self.prepare(prompts, targets), reduction)
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, batch_size: int | None = None,
+                 max_batch_tokens: int | None = None) -> list[str]:
+        """Greedy decoding (left padding, from ``inputs_embeds``); returns the decoded answers, special tokens
+        removed, stripped.
+
+        Prompts go to ``generate`` in order, in consecutive chunks of at most ``batch_size`` prompts (default: no
+        limit) whose padded size ``rows * (longest prompt + max_new_tokens)`` stays within ``max_batch_tokens``
+        (default: no limit; it bounds the KV cache when in-context demonstrations make prompts long)."""
+        from transformers import GenerationConfig
+
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        self.warm_audio([a for p in prompts for a in p.audios()])
+        token_ids = [self.prompt_token_ids(p) for p in prompts]
+        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   pad_token_id=self.pad_token_id, eos_token_id=self.stop_token_ids,
+                                   repetition_penalty=1.0)
+        # One prefill of a long shared prefix (system prompt + in-context demonstrations), then each prompt's tail.
+        # The prefix KV cache is still repeated per row, so the memory bound counts full lengths.
+        prefix = self.shared_prefix_length(prompts, token_ids)
+        lengths = [len(t) + max_new_tokens for t in token_ids]
+        outputs: list[str] = []
+        for start, stop in batch_spans(lengths, batch_size, max_batch_tokens):
+            if prefix and stop - start < 2:
+                prefix_here = 0
+            else:
+                prefix_here = prefix
+            if prefix_here:
+                new_tokens = self._generate_after_prefix(prompts[start:stop], token_ids[start:stop], prefix,
+                                                         max_new_tokens)
+            else:
+                batch = self.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
+                embeds = self.input_embeds(batch)
+                new_tokens = self.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                                 generation_config=gen_cfg)
+            outputs.extend(s.strip() for s in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return outputs
+
+    #: Shortest common prompt prefix (tokens) worth one shared prefill instead of one per prompt; 0 = never.
+    #: Off by default: on an H100 at 7B (Qwen2-Audio, bf16, 10 prompts, 32 new tokens) the shared path was no
+    #: faster at a 7.4k-token prefix (4.76 s vs 4.63 s) and slower at 1.5k (2.49 s vs 1.52 s), its own decode loop
+    #: costing more per token (cuDNN attention re-planned for every KV length) than the prefill it saves. The tiny
+    #: CPU models turn it on (256): there prefill dominates and IE-IKE runs 4-6x faster.
+    min_shared_prefix: int = 0
+
+    def shared_prefix_length(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]]) -> int:
+        """Length of the token prefix (system prompt + dialogue history) that every prompt shares, audio included;
+        0 when there is a single prompt or the prefix is shorter than :attr:`min_shared_prefix`."""
+        if len(token_ids) < 2 or self.min_shared_prefix <= 0:
+            return 0
+        first = token_ids[0]
+        limit = min(len(t) for t in token_ids) - 1  # every prompt keeps at least one token of its own
+        k = 0
+        while k < limit and all(t[k] == first[k] for t in token_ids[1:]):
+            k += 1
+        # Identical placeholder tokens may stand for different audios: cut before the first audio that differs.
+        slot = self.audio_placeholder_id
+        positions = [i for i in range(k) if first[i] == slot]
+        audio_lists = [p.audios() for p in prompts]
+        used = 0
+        for j, audio in enumerate(audio_lists[0]):
+            if used >= len(positions):
+                break
+            digest = audio_digest(audio)
+            n = self.num_audio_tokens(audio)
+            if used + n > len(positions) or any(len(a) <= j or audio_digest(a[j]) != digest
+                                                for a in audio_lists[1:]):
+                k = positions[used]
+                break
+            used += n
+        return k if k >= self.min_shared_prefix else 0
+
+    def _generate_after_prefix(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]], prefix: int,
+                               max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding of prompts that share their first ``prefix`` tokens: the prefix is run once, its KV
+        cache repeated over the batch, then each prompt's tail (left-padded after the prefix) and the new tokens.
+        Returns the new token ids [B, <= max_new_tokens] (stop tokens, then padding, after a row finishes)."""
+        lm, head = self.language_model(), self.lm_head()
+        slot = self.audio_placeholder_id
+        n_prefix_slots = sum(1 for i in token_ids[0][:prefix] if i == slot)
+        audios0, used, n_prefix_audios = prompts[0].audios(), 0, 0
+        while used < n_prefix_slots:
+            used += self.num_audio_tokens(audios0[n_prefix_audios])
+            n_prefix_audios += 1
+        head_batch = self._collate([list(token_ids[0][:prefix])], audios0[:n_prefix_audios])
+        tail_audios = [a for p in prompts for a in p.audios()[n_prefix_audios:]]
+        tail = self._collate([list(t[prefix:]) for t in token_ids], tail_audios)
+        cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        out = lm(inputs_embeds=self.input_embeds(head_batch), attention_mask=head_batch.attention_mask,
+                 position_ids=head_batch.position_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        rows = tail.batch_size
+        cache.batch_repeat_interleave(rows)
+        mask = torch.cat([torch.ones(rows, prefix, dtype=tail.attention_mask.dtype, device=self.device),
+                          tail.attention_mask], dim=1)
+        positions = prefix + tail.position_ids
+        out = lm(inputs_embeds=self.input_embeds(tail), attention_mask=mask, position_ids=positions,
+                 use_cache=True, **{cache_arg: cache})
+        last_pos = positions[:, -1:]
+        stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        generated = []
+        for step in range(max_new_tokens):
+            logits = head(out.last_hidden_state[:, -1])
+            token = logits.argmax(-1).masked_fill(finished, self.pad_token_id)
+            generated.append(token)
+            finished |= torch.isin(token, stop_ids)
+            if step + 1 == max_new_tokens or bool(finished.all()):  # one host sync per token, as generate()
+                break
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=self.device)], dim=1)
+            last_pos = last_pos + 1
+            out = lm(inputs_embeds=lm.embed_tokens(token[:, None]), attention_mask=mask, position_ids=last_pos,
+                     use_cache=True, **{cache_arg: cache})
+        return torch.stack(generated, dim=1)
+
+    # ---- identity -----------------------------------------------------------------------------------------------
+
+    def model_key(self) -> str:
+        """A short hash identifying model weights + revision + config + dtype (key of the pre-edit cache)."""
+        cfg = self.model.config.to_json_string(use_diff=False)
+        payload = json.dumps([self.model_id, self.revision, cfg, str(self.dtype)], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """Model identity for run headers."""
+        return {"model": self.model_id, "model_revision": self.revision, "family": self.family,
+                "dtype": str(self.dtype).replace("torch.", ""), "model_key": self.model_key()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offline tiny-model helpers (tests and CI; no Hub access)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Text the tiny tokenizers' byte-level BPE is trained on: attribute labels and SAKE-style question words, so
+#: demo questions and answers take few tokens. Byte-level BPE still encodes any text.
+TINY_CORPUS: tuple[str, ...] = (
+    "What is the emotion of the speaker? (a) happy (b) sad (c) angry (d) neutral (e) surprised (f) disgusted "
+    "(g) fearful",
+    "Which animal makes this sound? (a) dog (b) cat (c) cow (d) pig (e) frog (f) hen (g) rooster (h) sheep "
+    "(i) crow (j) bird (k) horse (l) insects",
+    "What is the gender of the speaker? (a) male (b) female. Is the speaker a man or a woman?",
+    "Which language is spoken in the audio? (a) English (b) German (c) Spanish (d) French (e) Italian "
+    "(f) Chinese (g) Japanese (h) Korean",
+    "Answer the question about the audio. The answer is the option text. Please choose one option.",
+    "You are a helpful assistant. Imagine that the speaker's emotion in this audio is perceived as",
+    "New fact: the sound of the audio is now recognised as. Reply with the answer only.",
+    "Question: which of the following is correct? Answer: A B C D. Choose the best answer.",
+    "the of and to in is that for it as with was on be by this are from at an or which",
+    "speaker voice sounds audio clip recording language animal gender emotion label sound speech",
+    "system user assistant. Apply the following knowledge updates when answering questions about audio.",
+    "New fact: a speaker emotion that you used to perceive as must now be perceived as. Whenever you would "
+    "answer for such audio, answer instead. an animal sound, a speaker gender, a spoken language",
+    "How does the speaker in this recording feel? Identify the emotional state of the person speaking in this "
+    "clip. Based on the voice, what is the speaker's gender? Is there background noise in this recording? "
+    "Answer yes or no.",
+)
+
+
+def build_tiny_tokenizer(special_tokens: Sequence[str], *, eos_token: str, pad_token: str, chat_template: str,
+                         vocab_size: int = 640) -> Any:
+    """A byte-level BPE tokenizer trained offline on :data:`TINY_CORPUS`, wrapped as a fast tokenizer with the
+    given special tokens and chat template (deterministic: the same arguments give the same vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(list(TINY_CORPUS) * 4, trainer=trainer)
+    others = [t for t in special_tokens if t not in (eos_token, pad_token)]
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=eos_token, pad_token=pad_token,
+                                  additional_special_tokens=others, padding_side="left")
+    tok.chat_template = chat_template
+    return tok
+
+
+def tiny_feature_extractor(num_mel_bins: int = 16, chunk_length: int = 2) -> Any:
+    """A WhisperFeatureExtractor with few mel bins and a short chunk (clips of <= ``chunk_length`` s are not padded
+    to 30 s). The encoder's ``max_source_positions`` must be ``chunk_length * 100 // 2``."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=SAMPLING_RATE, hop_length=160,
+                                   chunk_length=chunk_length, n_fft=400, return_attention_mask=True)
+
+
+def whisper_mel_frames(num_samples: int, feature_extractor: Any) -> int:
+    """Valid mel frames of a clip after the Whisper feature extractor pads/truncates it to its chunk length."""
+    n = min(int(num_samples), int(feature_extractor.n_samples))
+    return max(1, -(-n // int(feature_extractor.hop_length)))
+
+
+def whisper_encoder_tokens(mel_frames: int) -> int:
+    """Encoder outputs after the stride-2 conv and the stride-2 average pool (Qwen2-Audio / AF3 encoders)."""
+    conv = (mel_frames - 1) // 2 + 1
+    return (conv - 2) // 2 + 1
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'float32' / torch.dtype -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+    return table[dtype]

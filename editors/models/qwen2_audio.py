@@ -1,0 +1,188 @@
+"""Adapter for Qwen2-Audio-Instruct (``Qwen2AudioForConditionalGeneration``, Hub id Qwen/Qwen2-Audio-7B-Instruct).
+
+Structure: Whisper-style audio encoder ``model.audio_tower`` (stride-2 conv + average pool: 25 embeddings per
+second, input padded to ``max_source_positions * 2`` mel frames), connector ``model.multi_modal_projector`` (one
+Linear), LLM ``model.language_model`` (Qwen2, 32 layers) and ``lm_head``. Each audio appears in the chat as
+``Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>`` and its ``<|AUDIO|>`` is expanded to one token per embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, tiny_feature_extractor,
+                                 whisper_encoder_tokens, whisper_mel_frames)
+
+logger = logging.getLogger(__name__)
+
+#: Chat template of the tiny model: the Qwen2-Audio-Instruct chat format (default system prompt, numbered audio
+#: slots before the text of a user turn), written for our tests.
+TINY_CHAT_TEMPLATE = (
+    "{% set ns = namespace(audio=0) %}"
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'audio' %}{% set ns.audio = ns.audio + 1 %}"
+    "Audio {{ ns.audio }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
+
+
+def conversation(prompt: Prompt) -> list[dict[str, Any]]:
+    """The prompt as chat messages (audio first in a user turn, as in the model card's examples)."""
+    def user(question: str, audio: np.ndarray | None) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "audio", "audio": "<audio>"}] if audio is not None else []
+        content.append({"type": "text", "text": question})
+        return {"role": "user", "content": content}
+
+    messages: list[dict[str, Any]] = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    for turn in prompt.history:
+        messages.append(user(turn.question, turn.audio))
+        messages.append({"role": "assistant", "content": turn.answer})
+    messages.append(user(prompt.question, prompt.audio))
+    return messages
+
+
+class Qwen2AudioAdapter(LALMAdapter):
+    """Qwen2-Audio-Instruct behind the :class:`LALMAdapter` interface."""
+
+    family = "qwen2_audio"
+    default_hub_id = "Qwen/Qwen2-Audio-7B-Instruct"
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                        revision: str | None = None, is_tiny: bool = False) -> "Qwen2AudioAdapter":
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        kwargs = {"revision": revision} if revision else {}
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
+        processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
+        rev = revision or getattr(model.config, "_commit_hash", None) or ""
+        return cls(model, processor, model_id=id_or_dir, revision=rev, is_tiny=is_tiny)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             num_layers: int = 4) -> "Qwen2AudioAdapter":
+        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                         chat_template=TINY_CHAT_TEMPLATE)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=16, chunk_length=2)
+        processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                        chat_template=TINY_CHAT_TEMPLATE)
+        config = Qwen2AudioConfig(
+            audio_config={"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
+                          "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 16,
+                          "max_source_positions": feature_extractor.nb_max_frames // 2},
+            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128,
+                         "intermediate_size": 256, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "bos_token_id": None, "initializer_range": 0.2},
+            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+        )
+        torch.manual_seed(seed)
+        model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, processor, model_id=f"tiny-qwen2-audio@seed{seed}", revision="", is_tiny=True)
+
+    @classmethod
+    def random_full_size(cls, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+                         num_layers: int = 32) -> "Qwen2AudioAdapter":
+        """The Qwen2-Audio-7B architecture with random weights (for throughput benchmarks without the checkpoint):
+        the tiny offline tokenizer with the embedding table at the real vocabulary size, and the real 128-mel,
+        30 s feature extractor."""
+        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+
+        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                         chat_template=TINY_CHAT_TEMPLATE)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=128, chunk_length=30)
+        processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
+                                        chat_template=TINY_CHAT_TEMPLATE)
+        config = Qwen2AudioConfig(
+            audio_config={"model_type": "qwen2_audio_encoder", "d_model": 1280, "encoder_layers": 32,
+                          "encoder_attention_heads": 20, "encoder_ffn_dim": 5120, "num_mel_bins": 128,
+                          "max_source_positions": 1500},
+            text_config={"model_type": "qwen2", "vocab_size": 156032, "hidden_size": 4096,
+                         "intermediate_size": 11008, "num_hidden_layers": num_layers, "num_attention_heads": 32,
+                         "num_key_value_heads": 32, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                         "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id,
+                         "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None},
+            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+        )
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype)
+        return cls(model, processor, model_id=f"random-qwen2-audio-7b@seed{seed}", revision="", is_tiny=False)
+
+    # ---- structure ----------------------------------------------------------------------------------------------
+
+    def connector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def audio_encoder(self) -> nn.Module:
+        return self.model.model.audio_tower
+
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # ---- prompts ------------------------------------------------------------------------------------------------
+
+    @property
+    def audio_placeholder(self) -> str:
+        return "<|AUDIO|>"
+
+    @property
+    def end_of_turn(self) -> str:
+        return "<|im_end|>"
+
+    def render(self, prompt: Prompt) -> str:
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        return self.tokenizer.apply_chat_template(conversation(prompt), chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def num_audio_tokens(self, audio: np.ndarray) -> int:
+        return whisper_encoder_tokens(whisper_mel_frames(len(audio), self.processor.feature_extractor))
+
+    # ---- audio --------------------------------------------------------------------------------------------------
+
+    def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        fe = self.processor.feature_extractor
+        feats = fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE,
+                   return_attention_mask=True, padding="max_length", return_tensors="pt")
+        encoder = self.audio_encoder()
+        features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
+        mel_valid = feats["attention_mask"].sum(-1)
+        conv_len = (mel_valid - 1) // 2 + 1
+        out_len = (conv_len - 2) // 2 + 1
+        width = (features.shape[-1] - 2) // 2 + 1
+        mask_2d = (torch.arange(width)[None, :] < conv_len[:, None]).long().to(self.device)
+        dummy = torch.zeros((len(audios), width, 1), dtype=features.dtype, device=self.device)
+        attn = create_bidirectional_mask(config=encoder.config, inputs_embeds=dummy, attention_mask=mask_2d)
+        hidden = encoder(features, attention_mask=attn).last_hidden_state
+        return [hidden[i, : int(n)].detach() for i, n in enumerate(out_len.tolist())]
+
+    def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
+        return self.connector()(torch.cat(list(states), dim=0))

@@ -1,0 +1,149 @@
+"""The predictions JSONL file (ARCHITECTURE.md "Prediction rows"): run header + one row per evaluated item.
+
+Crash safety: the rows of one unit of work (an instance in single mode, one step of a sequence in sequential mode)
+go to disk in one ``write`` followed by ``fsync``. On resume (:meth:`PredictionsFile.open`), a trailing partial
+line and any trailing unit with fewer rows than expected are cut off (file truncated to the end of the last
+complete unit), so a rerun continues with exactly the rows an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable
+
+logger = logging.getLogger(__name__)
+
+#: Header fields that must agree for a rerun to resume into an existing file.
+RESUME_KEYS = ("model", "model_revision", "model_key", "method", "hparams", "mode", "dataset",
+               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=False)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written, then ``fsync``."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fsync(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class PredictionsFile:
+    """Append-only predictions file with resume.
+
+    ``unit_of(row)`` maps a row to its unit key; ``expected_rows[unit]`` is how many rows a complete unit has.
+    """
+
+    def __init__(self, path: str | Path, header: dict[str, Any], *, unit_of: Callable[[dict[str, Any]], Hashable],
+                 expected_rows: dict[Hashable, int]) -> None:
+        self.path = Path(path)
+        self.header = header
+        self.unit_of = unit_of
+        self.expected_rows = expected_rows
+        self.done: set[Hashable] = set()
+        self._fd: int | None = None
+
+    def open(self) -> set[Hashable]:
+        """Create the file (header only) or resume it; returns the units already complete."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            atomic_write_text(self.path, dumps(self.header) + "\n")
+        else:
+            self._resume()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return set(self.done)
+
+    def _resume(self) -> None:
+        raw = self.path.read_bytes()
+        end_of_header = raw.find(b"\n")
+        if end_of_header < 0:  # killed while writing the header: start over
+            atomic_write_text(self.path, dumps(self.header) + "\n")
+            return
+        try:
+            old = json.loads(raw[:end_of_header])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.path}: line 1 is not a JSON run header") from exc
+        if old.get("kind") != "header":
+            raise ValueError(f"{self.path}: line 1 is not a run header (kind: header)")
+        diff = [k for k in RESUME_KEYS if old.get(k) != self.header.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: {old.get(k)!r} != {self.header.get(k)!r}" for k in diff)
+            raise ValueError(f"{self.path} was written by a different run ({details}); "
+                             "use another --out or delete the file")
+        self.header = old  # keep the original date
+        good_end = end_of_header + 1
+        pos = good_end
+        current: Hashable | None = None
+        count = 0
+        while True:
+            nl = raw.find(b"\n", pos)
+            if nl < 0:
+                break  # trailing partial line (or nothing)
+            try:
+                row = json.loads(raw[pos:nl])
+                unit = self.unit_of(row)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                logger.warning("%s: unreadable row at byte %d; resuming before it", self.path, pos)
+                break
+            if unit != current:
+                if current is not None and count != self.expected_rows.get(current, -1):
+                    break
+                if unit in self.done:
+                    logger.warning("%s: unit %s appears twice; resuming before the repeat", self.path, unit)
+                    break
+                current, count = unit, 0
+            count += 1
+            pos = nl + 1
+            if count == self.expected_rows.get(current, -1):
+                self.done.add(current)
+                good_end = pos
+        if good_end < len(raw):
+            logger.info("%s: dropping %d trailing bytes of an unfinished unit", self.path, len(raw) - good_end)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def append_unit(self, unit: Hashable, rows: Iterable[dict[str, Any]]) -> None:
+        """Write one unit's rows in a single write + fsync."""
+        if self._fd is None:
+            raise RuntimeError("PredictionsFile.open() first")
+        data = "".join(dumps(r) + "\n" for r in rows).encode("utf-8")
+        write_all(self._fd, data)
+        self.done.add(unit)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "PredictionsFile":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_predictions(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, rows) of a predictions file (complete lines only)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    complete = [line for line in lines[:-1] if line.strip()]
+    if not complete:
+        raise ValueError(f"{path}: no run header")
+    return json.loads(complete[0]), [json.loads(line) for line in complete[1:]]

@@ -1,0 +1,73 @@
+"""On-disk cache of the unedited model's outputs (locality is judged against them, App. E / ARCHITECTURE.md).
+
+One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype) under
+``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content digest and the generation bound,
+so every method and run with the same model reuses it. Appends are one write + fsync; unreadable (partial) lines
+are skipped on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+from editors.models.base import Prompt
+from editors.predictions import write_all
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$SAKE_CACHE`` or ``~/.cache/sake``."""
+    return Path(os.environ.get("SAKE_CACHE") or Path.home() / ".cache" / "sake")
+
+
+class PreEditCache:
+    """item + prompt -> unedited output, for one model."""
+
+    def __init__(self, cache_dir: str | Path, model_key: str, max_new_tokens: int) -> None:
+        self.path = Path(cache_dir) / "preedit" / f"{model_key}.jsonl"
+        self.max_new_tokens = int(max_new_tokens)
+        self._entries: dict[str, str] = {}
+        self.hits = 0
+        self.misses = 0
+        if self.path.is_file():
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        entry = json.loads(line)
+                        self._entries[entry["key"]] = entry["output"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+
+    def key(self, item_id: str, prompt: Prompt) -> str:
+        payload = json.dumps([item_id, prompt.digest(), self.max_new_tokens])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def get(self, item_id: str, prompt: Prompt) -> str | None:
+        out = self._entries.get(self.key(item_id, prompt))
+        if out is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return out
+
+    def put_many(self, entries: Iterable[tuple[str, Prompt, str]]) -> None:
+        """Store (item id, prompt, output) triples; one append per call."""
+        lines = []
+        for item_id, prompt, output in entries:
+            key = self.key(item_id, prompt)
+            self._entries[key] = output
+            lines.append(json.dumps({"key": key, "item_id": item_id, "output": output}, ensure_ascii=False) + "\n")
+        if not lines:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            write_all(fd, "".join(lines).encode("utf-8"))
+        finally:
+            os.close(fd)

@@ -1,0 +1,413 @@
+"""Run an editing method on SAKE and write predictions JSONL (ARCHITECTURE.md "Prediction rows").
+
+    python -m editors.run --model tiny-qwen2-audio --method ft_audio --dataset /tmp/sake_demo \\
+        --config emotion --split test --mode single --out runs/ --limit 4
+    python -m editors.run --model Qwen/Qwen2-Audio-7B-Instruct --method ft_llm --dataset sake/sake \\
+        --mode sequential --out runs/
+
+Single mode: for each instance, apply the edit, evaluate the reliability item and all linked items in one batched
+generation, then restore exactly the parameters the method touched. Sequential mode (§4.2): per sequence, apply
+edits 1..T without restoring; after step t evaluate every edit s <= ``--eval-edits`` (5) with gap t - s <=
+``--max-gap`` (5); restore after the sequence.
+
+Pre-edit outputs are computed once per model and item and cached on disk (``--cache-dir``). A rerun with the same
+arguments resumes: finished units (instances / sequence steps) are skipped and a unit cut short by a kill is
+redone. Sequential resume replays the sequence's earlier edits (deterministic) without re-evaluating them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Hashable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from editors.base import KNOWN_METHODS, EditRequest, Editor, ParameterSnapshot, RunContext, get_editor_class
+from editors.data import (ATTRIBUTE_CONFIGS, DIMENSIONS, SEQUENTIAL_CONFIG, EvalItem, dataset_fingerprint,
+                          eval_items, group_sequences, load_instances)
+from editors.hparams import load_hparams
+from editors.models import family_of, load_adapter
+from editors.models.base import LALMAdapter, Prompt
+from editors.predictions import PredictionsFile, atomic_write_text, dumps
+from editors.preedit_cache import PreEditCache, default_cache_dir
+
+logger = logging.getLogger("editors.run")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m editors.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
+                        "directory, or tiny-qwen2-audio / tiny-audio-flamingo3 (random-init, for tests)")
+    p.add_argument("--method", required=True, help=f"editing method: {', '.join(KNOWN_METHODS)}")
+    p.add_argument("--dataset", required=True, help="SAKE dataset: local directory (build_splits.py) or Hub id")
+    p.add_argument("--config", action="append", default=None,
+                   help="dataset config, repeatable (single: animal/emotion/gender/language, default all four; "
+                        "sequential: sequential)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--mode", choices=("single", "sequential"), default="single")
+    p.add_argument("--out", required=True,
+                   help="output directory (file named MODEL__METHOD__MODE__SPLIT.jsonl) or a .jsonl path")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N instances per config (single) or first N sequences (sequential)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="prompts per generate call (0: all items of an edit in one call)")
+    p.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="cap on rows x padded length per generate call (bounds the KV cache of long in-context "
+                        "prompts); 0: no cap")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter of editors/hparams/METHOD.yaml (value parsed as YAML)")
+    p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda / cuda:1 / cpu (default: cuda when available)")
+    p.add_argument("--revision", default=None, help="Hub revision of the model")
+    p.add_argument("--cache-dir", default=None, help="pre-edit cache root (default $SAKE_CACHE or ~/.cache/sake)")
+    p.add_argument("--max-gap", type=int, default=5, help="sequential: largest gap evaluated (paper: 5)")
+    p.add_argument("--eval-edits", type=int, default=5, help="sequential: evaluate the first N edits (paper: 5)")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
+    if out.endswith(".jsonl"):
+        return Path(out)
+    slug = Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--")
+    return Path(out) / f"{slug}__{method}__{mode}__{split}.jsonl"
+
+
+def versions() -> dict[str, str]:
+    import datasets
+    import numpy
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "datasets": datasets.__version__, "numpy": numpy.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["sake-toolkit"] = version("sake-toolkit")
+    except Exception:  # noqa: BLE001 - not installed as a package
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """One unit of work: an instance (single) or a step of a sequence (sequential)."""
+
+    key: Hashable
+    expected_rows: int
+    config: str
+    index: int  # row index (single) / sequence number (sequential)
+    step: int = 0
+
+
+@dataclass
+class RunStats:
+    units: int = 0
+    apply_s: float = 0.0
+    eval_s: float = 0.0
+    preedit_s: float = 0.0
+    total_s: float = 0.0
+    per_unit: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _item_count(table: Any) -> list[int]:
+    """Items per instance (reliability + linked items) from the Arrow table, without decoding audio."""
+    import pyarrow.compute as pc
+
+    counts = [1] * table.num_rows
+    for column, _ in DIMENSIONS:
+        lengths = pc.fill_null(pc.list_value_length(table.column(column)), 0).to_pylist()
+        counts = [c + n for c, n in zip(counts, lengths)]
+    return counts
+
+
+class Runner:
+    """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, adapter: LALMAdapter | None = None) -> None:
+        self.args = args
+        self.mode = args.mode
+        self.configs = self._configs(args)
+        family_of(args.model)  # clear error for an unknown model before anything heavy
+        get_editor_class(args.method)  # clear error for an unknown method
+        self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        self.adapter = adapter or load_adapter(args.model, dtype=dtype, device=device, seed=args.seed,
+                                               revision=args.revision)
+        self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
+                                    overrides=args.hparam)
+        self._train_cache: dict[tuple[str, str], Any] = {}
+        context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
+                             load_rows=self._load_rows, model_name=args.model)
+        self.editor: Editor = get_editor_class(args.method)(self.adapter, self.hparams, context)
+        self.editor.setup()
+        touched = self.editor.touched_parameters()
+        self.snapshot = ParameterSnapshot(self.adapter.model, touched) if touched else None
+        encoder_names = set(self.adapter.parameter_groups()["audio_encoder"])
+        self.touches_encoder = bool(encoder_names & set(touched))
+        self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
+                                    args.max_new_tokens)
+        self.units, self.unit_of = self._plan()
+        self.path = output_path(args.out, args.model, args.method, args.mode, args.split)
+        self.stats = RunStats()
+
+    # ---- planning -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _configs(args: argparse.Namespace) -> list[str]:
+        if args.mode == "sequential":
+            configs = args.config or [SEQUENTIAL_CONFIG]
+            if configs != [SEQUENTIAL_CONFIG]:
+                raise ValueError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {configs}")
+            return configs
+        configs = list(dict.fromkeys(args.config or ATTRIBUTE_CONFIGS))
+        bad = [c for c in configs if c not in ATTRIBUTE_CONFIGS]
+        if bad:
+            raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTE_CONFIGS)}"
+                             + (" (use --mode sequential for the sequential config)"
+                                if SEQUENTIAL_CONFIG in bad else ""))
+        return configs
+
+    def _load_rows(self, config: str, split: str) -> Any:
+        key = (config, split)
+        if key not in self._train_cache:
+            self._train_cache[key] = load_instances(self.args.dataset, config, split)
+        return self._train_cache[key]
+
+    def _plan(self) -> tuple[list[Unit], Any]:
+        limit = self.args.limit
+        units: list[Unit] = []
+        if self.mode == "single":
+            for config in self.configs:
+                table = self.datasets[config].data
+                ids = table.column("id").to_pylist()
+                counts = _item_count(table)
+                n = len(ids) if limit is None else min(limit, len(ids))
+                units.extend(Unit(key=ids[i], expected_rows=counts[i], config=config, index=i) for i in range(n))
+            return units, lambda row: row["instance_id"]
+        config = self.configs[0]
+        ds = self.datasets[config]
+        table = ds.data
+        ids = table.column("id").to_pylist()
+        counts = _item_count(table)
+        sequences = group_sequences(ds.select_columns(["sequence_id", "step"]))
+        if limit is not None:
+            sequences = sequences[:limit]
+        self.sequences = sequences
+        self._instance_pos: dict[str, tuple[str, int]] = {}
+        for seq_no, (seq_id, rows) in enumerate(sequences):
+            for step, row_index in enumerate(rows, start=1):
+                self._instance_pos[ids[row_index]] = (seq_id, step)
+            for t in range(1, len(rows) + 1):
+                evaluated = self._evaluated(t, len(rows))
+                if evaluated:
+                    units.append(Unit(key=f"{seq_id}/step{t:02d}", config=config, index=seq_no, step=t,
+                                      expected_rows=sum(counts[rows[s - 1]] for s in evaluated)))
+
+        def unit_of(row: dict[str, Any]) -> str:
+            seq_id, step = self._instance_pos[row["instance_id"]]
+            return f"{seq_id}/step{step + int(row['gap']):02d}"
+        return units, unit_of
+
+    def _evaluated(self, t: int, length: int) -> list[int]:
+        """Edits s evaluated after step t: s <= eval_edits, s <= length, 0 <= t - s <= max_gap."""
+        return [s for s in range(1, min(t, self.args.eval_edits, length) + 1) if t - s <= self.args.max_gap]
+
+    def header(self) -> dict[str, Any]:
+        a = self.args
+        desc = self.adapter.describe()
+        return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
+                "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
+                "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
+                "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
+                "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    # ---- pieces of a unit ---------------------------------------------------------------------------------------
+
+    def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
+        return self.adapter.generate(prompts, max_new_tokens=self.args.max_new_tokens,
+                                     batch_size=self.args.batch_size or None,
+                                     max_batch_tokens=self.args.max_batch_tokens or None)
+
+    def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
+        """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
+        prompts = [it.prompt() for it in items]
+        outputs = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
+        missing = [i for i, o in enumerate(outputs) if o is None]
+        if missing:
+            t0 = time.perf_counter()
+            generated = self._generate([prompts[i] for i in missing])
+            for i, text in zip(missing, generated):
+                outputs[i] = text
+            self.preedit.put_many((items[i].item_id, prompts[i], outputs[i]) for i in missing)
+            self.stats.preedit_s += time.perf_counter() - t0
+        return outputs  # type: ignore[return-value]
+
+    def rows(self, edit: EditRequest, items: list[EvalItem], pre: list[str], post: list[str], gap: int | None
+             ) -> list[dict[str, Any]]:
+        return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
+                 "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
+                 "options": it.options, "reference": it.reference, "pre_edit": p, "post_edit": o, "gap": gap,
+                 "category": it.category}
+                for it, p, o in zip(items, pre, post)]
+
+    def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:
+        """Post-edit outputs of one edit's items (one batched generation, as its pre-edit outputs)."""
+        t0 = time.perf_counter()
+        out = self._generate(self.editor.rewrite_prompts([it.prompt() for it in items], edit))
+        self.stats.eval_s += time.perf_counter() - t0
+        return out
+
+    def apply(self, edit: EditRequest, seed_offset: int) -> dict[str, Any]:
+        torch.manual_seed(self.args.seed * 1_000_003 + seed_offset)  # same randomness on a resumed run
+        t0 = time.perf_counter()
+        stats = self.editor.apply(edit)
+        if self.touches_encoder:
+            self.adapter.clear_audio_cache()
+        self.stats.apply_s += time.perf_counter() - t0
+        return stats
+
+    def restore(self) -> None:
+        if self.snapshot is not None:
+            self.snapshot.restore()
+        self.editor.reset()
+        if self.touches_encoder:
+            self.adapter.clear_audio_cache()
+
+    # ---- loops --------------------------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        out = PredictionsFile(self.path, self.header(), unit_of=self.unit_of,
+                              expected_rows={u.key: u.expected_rows for u in self.units})
+        done = out.open()
+        todo = [u for u in self.units if u.key not in done]
+        logger.info("%s: %d units, %d done, %d to run -> %s", self.args.method, len(self.units),
+                    len(self.units) - len(todo), len(todo), self.path)
+        bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
+                   else "step", disable=self.args.no_progress, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            if self.mode == "single":
+                self._run_single(todo, out, bar)
+            else:
+                self._run_sequential(done, out, bar)
+        finally:
+            bar.close()
+            out.close()
+        self.stats.total_s = time.perf_counter() - start
+        self._report()
+        return self.path
+
+    def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
+        for unit in todo:
+            t0 = time.perf_counter()
+            row = self.datasets[unit.config][unit.index]
+            edit = EditRequest.from_row(row)
+            items = eval_items(row)
+            pre = self.pre_edit_outputs(items)
+            stats = self.apply(edit, unit.index)
+            try:
+                post = self.evaluate(edit, items)
+            finally:
+                self.restore()
+            out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
+            self._unit_done(unit, stats, time.perf_counter() - t0)
+            bar.update(1)
+
+    def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:
+        ds = self.datasets[self.configs[0]]
+        for seq_no, (seq_id, row_indices) in enumerate(self.sequences):
+            steps = [u for u in self.units if u.index == seq_no]
+            if all(u.key in done for u in steps):
+                continue
+            last_step = max(u.step for u in steps)
+            edits: list[EditRequest] = []
+            items: list[list[EvalItem]] = []
+            pre: list[list[str]] = []
+            for s, row_index in enumerate(row_indices[:last_step], start=1):
+                row = ds[row_index]
+                edits.append(EditRequest.from_row(row))
+                its = eval_items(row)
+                items.append(its)
+                pre.append(self.pre_edit_outputs(its) if s <= self.args.eval_edits else [])
+            by_step = {u.step: u for u in steps}
+            try:
+                for t in range(1, last_step + 1):
+                    t0 = time.perf_counter()
+                    stats = self.apply(edits[t - 1], seq_no * 1000 + t)
+                    unit = by_step.get(t)
+                    if unit is None or unit.key in done:
+                        continue  # replaying an edit that was already evaluated
+                    rows: list[dict[str, Any]] = []
+                    for s in self._evaluated(t, len(row_indices)):
+                        # one generation per edit: the same batch as its pre-edit outputs, so an unaffected
+                        # item (e.g. text-only under FT-Audio) reproduces its pre-edit output bit for bit
+                        post = self.evaluate(edits[s - 1], items[s - 1])
+                        rows.extend(self.rows(edits[s - 1], items[s - 1], pre[s - 1], post, t - s))
+                    out.append_unit(unit.key, rows)
+                    self._unit_done(unit, stats, time.perf_counter() - t0)
+                    bar.update(1)
+            finally:
+                self.restore()
+
+    def _unit_done(self, unit: Unit, stats: dict[str, Any], seconds: float) -> None:
+        self.stats.units += 1
+        self.stats.per_unit.append({"unit": str(unit.key), "seconds": round(seconds, 4),
+                                    **{k: stats.get(k) for k in ("steps", "loss") if k in stats}})
+
+    def _report(self) -> None:
+        s = self.stats
+        if s.units:
+            logger.info("ran %d units in %.2f s (%.3f s/unit: apply %.3f, eval %.3f, pre-edit %.3f); pre-edit "
+                        "cache %d hits / %d misses", s.units, s.total_s, s.total_s / s.units, s.apply_s / s.units,
+                        s.eval_s / s.units, s.preedit_s / s.units, self.preedit.hits, self.preedit.misses)
+        if not s.units:
+            return  # nothing ran (a finished run rerun): keep the timing of the run that did the work
+        timing = self.path.with_name(self.path.name + ".timing.json")
+        atomic_write_text(timing, dumps({"units": s.units, "total_s": round(s.total_s, 4),
+                                         "apply_s": round(s.apply_s, 4), "eval_s": round(s.eval_s, 4),
+                                         "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        runner = Runner(args)
+        path = runner.run()
+    except ValueError as exc:
+        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

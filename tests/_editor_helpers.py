@@ -1,0 +1,121 @@
+"""Shared fixtures of the editor tests: the demo dataset, a 10-step sequential variant, a malformed dataset,
+synthetic audio and a runner factory (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ITEM_COLUMNS = ("generality", "locality_audio", "locality_text", "portability")
+
+
+def build_demo(out: Path) -> Path:
+    """`python build_splits.py --demo --out OUT` (the dataset helper's offline demo build)."""
+    subprocess.run([sys.executable, str(REPO / "build_splits.py"), "--demo", "--out", str(out), "--quiet"],
+                   check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+def make_long_sequential(demo: Path, out: Path, length: int = 10) -> Path:
+    """A copy of the demo whose sequential/test split is one sequence of ``length`` steps, made of demo test
+    instances of all attributes (ids rewritten as ARCHITECTURE.md says; the runner needs no label rules)."""
+    shutil.copytree(demo, out)
+    seq_file = out / "sequential" / "test-00000-of-00001.parquet"
+    schema = pq.read_schema(seq_file)
+    rows: list[dict[str, Any]] = []
+    for config in ("emotion", "animal", "gender", "language"):
+        rows.extend(pq.read_table(demo / config / "test-00000-of-00001.parquet").to_pylist())
+    picked = [rows[i] for i in range(0, len(rows), max(1, len(rows) // length))][:length]
+    assert len(picked) == length, "demo too small for the long sequence"
+    out_rows = []
+    for step, row in enumerate(picked, start=1):
+        new_id = f"sequential/test/seq01/step{step:02d}"
+        new = dict(row, id=new_id, sequence_id="seq01", step=step, source_instance=row["id"])
+        for column in ITEM_COLUMNS:
+            new[column] = [dict(item, id=new_id + "/" + item["id"].rsplit("/", 1)[1]) for item in row[column]]
+        out_rows.append(new)
+    pq.write_table(pa.Table.from_pylist(out_rows, schema=schema), seq_file)
+    (out / "sake_manifest.json").unlink(missing_ok=True)
+    _drop_card_split_info(out / "README.md")
+    return out
+
+
+def _drop_card_split_info(readme: Path) -> None:
+    """Remove `dataset_info` (recorded split sizes) from a card's YAML header after changing a split."""
+    _, header, body = readme.read_text().split("---\n", 2)
+    meta = yaml.safe_load(header)
+    meta.pop("dataset_info", None)
+    readme.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
+
+
+def make_bad_dataset(demo: Path, out: Path, drop: str = "generality") -> Path:
+    """A dataset folder with one config (emotion/test) whose rows lack column ``drop``."""
+    (out / "emotion").mkdir(parents=True)
+    table = pq.read_table(demo / "emotion" / "test-00000-of-00001.parquet").drop_columns([drop])
+    table = table.replace_schema_metadata({})
+    pq.write_table(table, out / "emotion" / "test.parquet")
+    (out / "README.md").write_text("---\nconfigs:\n- config_name: emotion\n  data_files:\n  - split: test\n"
+                                   "    path: emotion/test.parquet\n---\n")
+    return out
+
+
+def synthetic_audio(seed: int, seconds: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    tone = np.sin(2 * np.pi * (200 + 100 * seed) * t)
+    return (0.3 * tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Names of state tensors that differ (bit-wise) from ``before``."""
+    now = model.state_dict()
+    return [k for k, v in before.items() if not torch.equal(v, now[k])]
+
+
+def runner_args(dataset: Path, out: Path, cache: Path, **overrides: Any) -> list[str]:
+    args = {"--model": "tiny-qwen2-audio", "--method": "i_ike", "--dataset": str(dataset), "--out": str(out),
+            "--cache-dir": str(cache), "--max-new-tokens": "6", "--limit": "2", "--no-progress": None}
+    args.update(overrides)
+    argv: list[str] = []
+    for key, value in args.items():
+        if value is None:
+            argv.append(key)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [key, str(v)]
+        elif value is not False:
+            argv += [key, str(value)]
+    return argv
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine (no OpenMP spinning)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    """The demo build (`build_splits.py --demo`), built once per session even when several modules use it."""
+    out = tmp_path_factory.getbasetemp() / "editors_sake_demo"
+    if not (out / "sake_manifest.json").is_file():
+        build_demo(out)
+    return out

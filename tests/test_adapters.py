@@ -1,0 +1,144 @@
+"""Adapters (editors/models): tiny models of the real classes, prompts, batching, losses, fast paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _editor_helpers import one_thread, synthetic_audio  # noqa: F401 (fixture)
+from editors.models import adapter_class, family_of, load_adapter, save_tiny
+from editors.models.base import Prompt, Turn, batch_spans, whisper_mel_frames
+
+FAMILIES = ["tiny-qwen2-audio", "tiny-audio-flamingo3"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapter(request):
+    return load_adapter(request.param, seed=0)
+
+
+def prompts() -> list[Prompt]:
+    return [
+        Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=synthetic_audio(1, 1.0)),
+        Prompt("Which of the following is a planet? (a) Mars (b) the Sun"),
+        Prompt("Which animal makes this sound? (a) dog (b) cat", audio=synthetic_audio(2, 1.7),
+               system="Answer briefly.",
+               history=(Turn("What is the gender of the speaker?", "male", audio=synthetic_audio(3, 0.6)),
+                        Turn("Is the sky blue?", "yes"))),
+    ]
+
+
+def test_tiny_uses_real_classes_and_is_deterministic(adapter):
+    from transformers import AudioFlamingo3ForConditionalGeneration, Qwen2AudioForConditionalGeneration
+
+    assert isinstance(adapter.model, (Qwen2AudioForConditionalGeneration, AudioFlamingo3ForConditionalGeneration))
+    again = type(adapter).tiny(0)
+    assert adapter.tokenizer.get_vocab() == again.tokenizer.get_vocab()
+    state, state2 = adapter.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    other = type(adapter).tiny(1)
+    assert not torch.equal(other.lm_head().weight, adapter.lm_head().weight)
+
+
+def test_audio_length_config_matches_feature_extractor(adapter):
+    fe = adapter.processor.feature_extractor
+    assert adapter.audio_encoder().config.max_source_positions * 2 == fe.nb_max_frames
+    for n in (100, 16000, 16161, 27000, 40000):
+        feats = fe(np.zeros(n, np.float32), sampling_rate=16000, return_attention_mask=True, padding="max_length")
+        assert whisper_mel_frames(n, fe) == int(np.asarray(feats["attention_mask"]).sum()) or n > fe.n_samples
+    audio = synthetic_audio(5, 1.3)
+    (state,) = adapter.audio_states([audio])
+    assert state.shape[0] == adapter.num_audio_tokens(audio)
+
+
+def test_batched_generation_equals_one_by_one(adapter):
+    batch = adapter.generate(prompts(), max_new_tokens=6)
+    single = [adapter.generate([p], max_new_tokens=6)[0] for p in prompts()]
+    assert batch == single
+    assert all(isinstance(s, str) for s in batch)
+    assert adapter.generate(prompts(), max_new_tokens=6, batch_size=2) == single
+    assert adapter.generate(prompts(), max_new_tokens=6, max_batch_tokens=1) == single  # one prompt per call
+
+
+def test_shared_prefix_generation_equals_plain_generation(adapter):
+    history = tuple(Turn(f"Example {i}: what is the emotion here? (a) happy (b) sad", "happy" if i % 2 else "sad",
+                         audio=synthetic_audio(i, 0.8) if i != 3 else None) for i in range(6))
+    batch = [Prompt(f"Which animal is this? option {j}", audio=synthetic_audio(20 + j, 0.5 + 0.3 * j) if j != 2
+                    else None, system="Apply the update.", history=history) for j in range(4)]
+    token_ids = [adapter.prompt_token_ids(p) for p in batch]
+    prefix = adapter.shared_prefix_length(batch, token_ids)
+    assert prefix >= adapter.min_shared_prefix and prefix < min(len(t) for t in token_ids)
+    shared = adapter.generate(batch, max_new_tokens=8)
+    adapter.min_shared_prefix, saved = 0, adapter.min_shared_prefix
+    try:
+        assert adapter.generate(batch, max_new_tokens=8) == shared
+    finally:
+        adapter.min_shared_prefix = saved
+    # the same placeholder tokens standing for another audio end the shared prefix before that audio
+    other = Prompt(batch[1].question, batch[1].audio, batch[1].system,
+                   (Turn(history[0].question, history[0].answer, synthetic_audio(99, 0.8)),) + history[1:])
+    ids = [token_ids[0], adapter.prompt_token_ids(other)]
+    assert ids[0][:prefix] == ids[1][:prefix]
+    assert adapter.shared_prefix_length([batch[0], other], ids) == 0
+
+
+def test_batch_spans_respect_rows_and_tokens():
+    assert batch_spans([10, 10, 10, 50, 5], None, 40) == [(0, 3), (3, 4), (4, 5)]
+    assert batch_spans([10, 10, 10, 50, 5], 2, None) == [(0, 2), (2, 4), (4, 5)]
+    assert batch_spans([10, 20], None, None) == [(0, 2)]
+    assert batch_spans([], 4, 4) == []
+
+
+def test_layer_fast_path_equals_full_forward(adapter):
+    ps, targets = prompts(), ["sad", "Mars", "dog"]
+    full = adapter.target_loss(ps, targets, reduction="none")
+    batch = adapter.prepare(ps, targets)
+    for layer in (0, adapter.num_llm_layers - 1):
+        state = adapter.hidden_entering(batch, layer)
+        torch.testing.assert_close(adapter.loss_from(state, reduction="none"), full, rtol=1e-5, atol=1e-5)
+    assert full.shape == (3,)
+    assert torch.isclose(adapter.target_loss(ps, targets), full.mean())
+
+
+def test_audio_encoder_runs_once_per_audio(adapter):
+    adapter.clear_audio_cache()
+    before = adapter.audio_encoder_calls
+    adapter.generate(prompts()[:1], max_new_tokens=2)
+    adapter.generate(prompts()[:1], max_new_tokens=2)
+    adapter.target_loss(prompts()[:1], ["sad"])
+    assert adapter.audio_encoder_calls - before == 1
+
+
+def test_parameter_groups_and_accessors(adapter):
+    groups = adapter.parameter_groups()
+    names = set(dict(adapter.model.named_parameters()))
+    last = adapter.num_llm_layers - 1
+    for key in ("connector", "audio_encoder", f"llm_layer.{last}", f"llm_mlp_out.{last}"):
+        assert groups[key] and set(groups[key]) <= names
+    assert not set(groups["connector"]) & set(groups["audio_encoder"])
+    assert set(groups[f"llm_mlp_out.{last}"]) <= set(groups[f"llm_layer.{last}"])
+    assert adapter.mlp_out_proj(-1).weight.shape == (adapter.lm_head().weight.shape[1],
+                                                      adapter.mlp(-1).up_proj.weight.shape[0])
+    with pytest.raises(ValueError, match="out of range"):
+        adapter.resolve_layer(adapter.num_llm_layers)
+
+
+def test_save_and_reload_round_trip(adapter, tmp_path):
+    save_tiny(adapter, tmp_path / "m")
+    assert family_of(str(tmp_path / "m")) == adapter.family
+    again = load_adapter(str(tmp_path / "m"))
+    assert again.is_tiny and type(again) is type(adapter)
+    assert again.generate(prompts(), max_new_tokens=5) == adapter.generate(prompts(), max_new_tokens=5)
+    assert again.render(prompts()[2]) == adapter.render(prompts()[2])
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        family_of("tiny-gpt")
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="not a supported LALM"):
+        family_of(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown model family"):
+        adapter_class("llama")

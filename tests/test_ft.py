@@ -1,0 +1,95 @@
+"""FT-LLM and FT-Audio on tiny models: convergence, what they touch, exact restore, shared fine-tuning loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _editor_helpers import changed_tensors, one_thread, state_copy, synthetic_audio  # noqa: F401 (fixture)
+from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
+from editors.hparams import load_hparams
+from editors.models import load_adapter
+from editors.models.base import Prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT_PROMPTS = [Prompt("Which of the following is a planet? (a) Mars (b) the Sun"),
+                Prompt("What is the capital of France? (a) Paris (b) Rome", system="Answer briefly.")]
+
+
+def make_edit(seed: int = 7) -> EditRequest:
+    return EditRequest(instance_id="emotion/test/000001", attribute="emotion", original_label="happy",
+                       target_label="sad", question="What is the emotion of the speaker? (a) happy (b) sad (c) angry",
+                       options=["happy", "sad", "angry"], target="sad", audio=synthetic_audio(seed, 1.2))
+
+
+def editor_for(adapter, method: str, **overrides):
+    return get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
+
+
+@pytest.mark.parametrize("model,method", [("tiny-qwen2-audio", "ft_llm"), ("tiny-qwen2-audio", "ft_audio"),
+                                          ("tiny-audio-flamingo3", "ft_llm"),
+                                          ("tiny-audio-flamingo3", "ft_audio")])
+def test_ft_reaches_target_and_restores_exactly(model, method):
+    adapter = load_adapter(model, seed=0)
+    edit = make_edit()
+    editor = editor_for(adapter, method, max_steps=250)
+    threshold = editor.hparams["early_stop_loss"]
+    assert adapter.generate([edit.prompt()], max_new_tokens=8) != [edit.target]
+    before = state_copy(adapter.model)
+    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
+    stats = editor.apply(edit)
+    assert stats["loss"] < threshold and stats["steps"] < 250  # stopped early, below the paper's threshold
+    assert adapter.target_loss([edit.prompt()], [edit.target]).item() < threshold
+    assert adapter.generate([edit.prompt()], max_new_tokens=8) == [edit.target]
+    changed = changed_tensors(adapter.model, before)
+    assert changed and set(changed) <= set(editor.touched_parameters())
+    snapshot.restore()
+    assert changed_tensors(adapter.model, before) == []
+    assert snapshot.max_abs_diff() == 0.0
+
+
+def test_ft_audio_touches_only_the_connector_and_text_outputs_stay_identical():
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    editor = editor_for(adapter, "ft_audio", max_steps=20)
+    assert set(editor.touched_parameters()) == set(adapter.parameter_groups()["connector"])
+    text_before = adapter.generate(TEXT_PROMPTS, max_new_tokens=10)
+    audio_prompt = Prompt("Which animal is this? (a) dog (b) cat", audio=synthetic_audio(3))
+    audio_before = adapter.generate([audio_prompt], max_new_tokens=10)
+    loss_before = adapter.target_loss(TEXT_PROMPTS, ["Mars", "Paris"], reduction="none")
+    editor.apply(make_edit())
+    assert adapter.generate(TEXT_PROMPTS, max_new_tokens=10) == text_before
+    assert torch.equal(adapter.target_loss(TEXT_PROMPTS, ["Mars", "Paris"], reduction="none"), loss_before)
+    assert adapter.generate([audio_prompt], max_new_tokens=10) != audio_before  # audio inputs did change
+
+
+def test_ft_llm_edits_only_the_configured_layer():
+    adapter = load_adapter("tiny-audio-flamingo3", seed=0)
+    editor = editor_for(adapter, "ft_llm", layer=1, max_steps=2, params="mlp_out")
+    assert editor.touched_parameters() == adapter.parameter_groups()["llm_mlp_out.1"]
+    before = state_copy(adapter.model)
+    editor.apply(make_edit())
+    assert set(changed_tensors(adapter.model, before)) == {"model.language_model.layers.1.mlp.down_proj.weight"}
+
+
+def test_finetune_keeps_fp32_masters_for_bf16_parameters():
+    layer = torch.nn.Linear(4, 1, bias=False).to(torch.bfloat16)
+    layer.weight.data.fill_(1.0)
+    layer.weight.requires_grad_(False)  # frozen like every model parameter outside an edit
+    x = torch.ones(1, 4, dtype=torch.bfloat16)
+    # d/dw (4w)^2 = 32 per weight; lr 3e-5 -> updates of 1e-3, below half of bf16's spacing at 1.0 (2**-8):
+    # applied directly to the bf16 weight they would all round away; fp32 masters accumulate them.
+    result = finetune({"weight": layer.weight}, lambda: (layer(x).float() ** 2).sum(), lr=3e-5, max_steps=12,
+                      optimizer="sgd")
+    assert result.steps == 12 and not result.stopped_early
+    assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
+    assert float(layer.weight.float().max()) < 1.0
+
+
+def test_finetune_stops_early_and_rejects_unknown_optimizer():
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    result = finetune({"w": w}, lambda: (w ** 2).sum(), lr=0.5, max_steps=50, early_stop_loss=1e-2,
+                      optimizer="sgd")
+    assert result.stopped_early and result.loss < 1e-2 and result.steps < 50
+    with pytest.raises(ValueError, match="optimizer"):
+        finetune({"w": w}, lambda: (w ** 2).sum(), lr=0.1, max_steps=1, optimizer="lbfgs")

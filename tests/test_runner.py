@@ -1,0 +1,194 @@
+"""editors.run: single and sequential runs on the demo dataset, restore, pre-edit cache, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from _editor_helpers import (changed_tensors, demo_dataset, make_bad_dataset, make_long_sequential,  # noqa: F401
+                             one_thread, runner_args, state_copy)
+from editors.data import load_instances
+from editors.models import load_adapter
+from editors.predictions import read_predictions
+from editors.run import Runner, build_parser, main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROW_KEYS = {"kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options", "reference",
+            "pre_edit", "post_edit", "gap", "category"}
+HEADER_KEYS = {"kind", "model", "model_revision", "method", "hparams", "mode", "dataset", "dataset_fingerprint",
+               "configs", "split", "seed", "limit", "versions", "date"}
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_adapter("tiny-qwen2-audio", seed=0)
+
+
+@pytest.fixture(scope="module")
+def flamingo():
+    return load_adapter("tiny-audio-flamingo3", seed=0)
+
+
+def run(adapter, argv: list[str]) -> tuple[Runner, Path]:
+    runner = Runner(build_parser().parse_args(argv), adapter=adapter)
+    return runner, runner.run()
+
+
+def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path):
+    before = state_copy(qwen.model)
+    runner, path = run(qwen, runner_args(demo_dataset, tmp_path / "out", tmp_path / "cache", **{
+        "--method": "ft_audio", "--config": ["emotion", "gender"], "--limit": "2",
+        "--hparam": "max_steps=400"}))  # room to reach the early-stop loss on any demo clip
+    assert changed_tensors(qwen.model, before) == []  # every edit restored bit-exactly
+    header, rows = read_predictions(path)
+    assert HEADER_KEYS <= set(header) and header["mode"] == "single" and header["method"] == "ft_audio"
+    manifest = json.loads((demo_dataset / "sake_manifest.json").read_text())
+    assert header["dataset_fingerprint"] == manifest["fingerprint"] and header["configs"] == ["emotion", "gender"]
+    assert all(set(r) == ROW_KEYS and r["gap"] is None and isinstance(r["pre_edit"], str) for r in rows)
+    expected_ids = []
+    for config in ("emotion", "gender"):
+        for row in load_instances(str(demo_dataset), config, "test").select(range(2)):
+            expected_ids.append(row["id"] + "/rel")
+            for column in ("generality", "locality_audio", "locality_text", "portability"):
+                expected_ids += [item["id"] for item in row[column]]
+    assert [r["item_id"] for r in rows] == expected_ids
+    rel = [r for r in rows if r["dimension"] == "reliability"]
+    assert len(rel) == 4 and all(r["post_edit"] == r["reference"] for r in rel)  # the edit took
+    text = [r for r in rows if r["dimension"] == "locality_text"]
+    assert text and all(r["post_edit"] == r["pre_edit"] for r in text)  # FT-Audio cannot touch text-only inputs
+    assert {r["attribute"] for r in rows} == {"emotion", "gender"}
+    assert Path(str(path) + ".timing.json").is_file()
+
+
+def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path):
+    common = {"--config": "language", "--limit": "1"}
+    first, path1 = run(qwen, runner_args(demo_dataset, tmp_path / "a", tmp_path / "cache", **common))
+    assert first.preedit.misses > 0
+    second, path2 = run(qwen, runner_args(demo_dataset, tmp_path / "b", tmp_path / "cache",
+                                          **{**common, "--method": "ft_llm"}))
+    assert second.preedit.misses == 0 and second.preedit.hits == first.preedit.misses
+    pre1 = [r["pre_edit"] for r in read_predictions(path1)[1]]
+    assert pre1 == [r["pre_edit"] for r in read_predictions(path2)[1]]
+
+
+def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_dataset, tmp_path):
+    dataset = make_long_sequential(demo_dataset, tmp_path / "long", length=10)
+    runner, path = run(flamingo, runner_args(dataset, tmp_path / "out", tmp_path / "cache", **{
+        "--model": "tiny-audio-flamingo3", "--mode": "sequential", "--limit": "1", "--max-new-tokens": "3",
+        "--method": "ft_llm", "--hparam": "max_steps=2"}))
+    header, rows = read_predictions(path)
+    assert header["mode"] == "sequential" and header["configs"] == ["sequential"]
+    step_of = {f"sequential/test/seq01/step{s:02d}": s for s in range(1, 11)}
+    pairs = Counter((step_of[r["instance_id"]], r["gap"]) for r in rows)
+    assert set(pairs) == {(s, g) for s in range(1, 6) for g in range(0, 6)}
+    keys = [(r["item_id"], r["gap"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    ds = load_instances(str(dataset), "sequential", "test")
+    for s in range(1, 6):
+        row = ds[s - 1]
+        n_items = 1 + sum(len(row[c]) for c in ("generality", "locality_audio", "locality_text", "portability"))
+        assert all(pairs[(s, g)] == n_items for g in range(6))
+        # pre-edit outputs are the unedited model's: identical at every gap
+        assert len({r["pre_edit"] for r in rows if r["item_id"] == f"{row['id']}/rel"}) == 1
+
+
+def _cut_points(path: Path) -> list[int]:
+    """Byte offsets to truncate at: inside a line, at a line end inside a unit, at a unit boundary."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")[:-1]
+    ends, pos = [], 0
+    for line in lines:
+        pos += len(line) + 1
+        ends.append(pos)
+    _, rows = read_predictions(path)
+    units = [r["instance_id"] + str(r["gap"]) for r in rows]
+    boundary = next(i for i in range(1, len(units)) if units[i] != units[i - 1])  # first row of unit 2
+    return [ends[boundary] + 7, ends[boundary + 1], ends[boundary], len(lines[0]) // 2]
+
+
+@pytest.mark.parametrize("mode,method", [("single", "i_ike"), ("sequential", "ft_llm")])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(qwen, demo_dataset, tmp_path, mode, method):
+    argv = runner_args(demo_dataset, tmp_path / "full.jsonl", tmp_path / "cache", **{
+        "--mode": mode, "--method": method, "--config": "emotion" if mode == "single" else "sequential",
+        "--limit": "3" if mode == "single" else "1", "--max-new-tokens": "4"})
+    _, full = run(qwen, argv)
+    reference = full.read_bytes()
+    cuts = _cut_points(full)
+    for cut in cuts if mode == "single" else cuts[::2]:  # sequential resume replays edits: keep it short
+        part = tmp_path / f"cut{cut}.jsonl"
+        part.write_bytes(reference[:cut])
+        argv_part = list(argv)
+        argv_part[argv_part.index(str(full))] = str(part)
+        run(qwen, argv_part)
+        if cut < reference.index(b"\n"):  # killed while writing the header: a fresh header (new date)
+            assert part.read_bytes().split(b"\n", 1)[1] == reference.split(b"\n", 1)[1]
+        else:
+            assert part.read_bytes() == reference
+
+
+def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeypatch):
+    argv = runner_args(demo_dataset, tmp_path / "x.jsonl", tmp_path / "cache", **{"--limit": "3",
+                                                                                   "--config": "animal"})
+    _, path = run(qwen, argv)
+    reference = read_predictions(path)[1]
+    path.unlink()
+    runner = Runner(build_parser().parse_args(argv), adapter=qwen)
+    calls = {"n": 0}
+    original = runner.adapter.generate
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner.adapter, "generate", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run()
+    monkeypatch.undo()
+    assert 0 < len(read_predictions(path)[1]) < len(reference)
+    run(qwen, argv)
+    assert read_predictions(path)[1] == reference
+
+
+def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
+    argv = runner_args(demo_dataset, tmp_path / "r.jsonl", tmp_path / "cache", **{"--limit": "1",
+                                                                                   "--config": "gender"})
+    run(qwen, argv)
+    with pytest.raises(ValueError, match="different run"):
+        Runner(build_parser().parse_args(argv + ["--seed", "3"]), adapter=qwen).run()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"--method": "nope"}, "unknown editing method"),
+    ({"--model": "tiny-gpt"}, "unknown model"),
+    ({"--config": "colour"}, "unknown config"),
+    ({"--config": "sequential"}, "--mode sequential"),
+    ({"--hparam": "learning_rate=1"}, "unknown key"),
+    ({"--hparam": "lr"}, "key=value"),
+])
+def test_bad_input_is_a_clear_error(demo_dataset, tmp_path, capsys, override, message):
+    argv = runner_args(demo_dataset, tmp_path / "o", tmp_path / "c", **{"--method": "ft_llm", **override})
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dataset_without_expected_columns_is_a_clear_error(demo_dataset, tmp_path, capsys):
+    bad = make_bad_dataset(demo_dataset, tmp_path / "bad", drop="generality")
+    assert main(runner_args(bad, tmp_path / "o", tmp_path / "c", **{"--config": "emotion"})) == 2
+    err = capsys.readouterr().err
+    assert "missing column(s) ['generality']" in err and str(bad) in err
+
+
+def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
+    argv = runner_args(demo_dataset, tmp_path / "cli", tmp_path / "cache", **{"--config": "gender", "--limit": "1",
+                                                                              "--model": "tiny-audio-flamingo3"})
+    assert main(argv) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "cli" / "tiny-audio-flamingo3__i_ike__single__test.jsonl"
+    header, rows = read_predictions(path)
+    assert header["method"] == "i_ike" and rows and rows[0]["item_id"].endswith("/rel")
