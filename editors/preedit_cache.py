@@ -1,9 +1,11 @@
 """On-disk cache of the unedited model's outputs (locality is judged against them, App. E / ARCHITECTURE.md).
 
-One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype) under
-``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content digest and the generation bound,
-so every method and run with the same model reuses it. Appends are one write + fsync; unreadable (partial) lines
-are skipped on load.
+One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype, plus the weight files
+of a local directory) under ``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content
+digest and the generation bound, so every method and run with the same model reuses it. Appends are one write +
+fsync under an exclusive ``flock``, so several processes (the ranks of a multi-process run, or concurrent runs) can
+share the file; a partial last line left by a killed process is closed with a newline before the next append, and
+unreadable lines are skipped on load.
 """
 
 from __future__ import annotations
@@ -66,8 +68,22 @@ class PreEditCache:
         if not lines:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = "".join(lines).encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            write_all(fd, "".join(lines).encode("utf-8"))
+            _lock(fd)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # a writer died mid-line: keep our first entry on a line of its own
+            write_all(fd, data)
         finally:
-            os.close(fd)
+            os.close(fd)  # releases the lock
+
+
+def _lock(fd: int) -> None:
+    """Exclusive ``flock`` on ``fd`` until it is closed (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)

@@ -31,7 +31,7 @@ import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune, register
 from editors.data import ATTRIBUTE_CONFIGS
-from editors.models.base import LALMAdapter, LayerState, Prompt, PromptBatch, as_audio_array
+from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +116,6 @@ def _cycle(prompts: list[Prompt], n: int) -> list[Prompt]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_layer(adapter: LALMAdapter, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Output of LLM layer ``state.layer`` alone for the hidden states entering it."""
-    h = state.hidden if hidden is None else hidden
-    return adapter._run_layers(h, state.layer, state.layer + 1, state.masks, state.position_ids,
-                               state.position_embeddings)
-
-
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the valid (mask=1) positions of [B, T, H] tensors, in fp32."""
     m = mask.to(torch.float32).unsqueeze(-1)
@@ -194,7 +187,7 @@ class UnKE(Editor):
         prompt_batch = a.prepare([edit.prompt()])
         edit_state = a.hidden_entering(prompt_batch, layer)
         with torch.no_grad():
-            edit_target = run_layer(a, edit_state).detach().clone()
+            edit_target = a.run_layers(edit_state).detach().clone()
         edit_target[0, -1] = key.to(edit_target.dtype)  # left padding: the last column is the last prompt token
         preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
                                         source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
@@ -204,10 +197,10 @@ class UnKE(Editor):
             pres_batch = a.prepare(preserve)
             pres_state = a.hidden_entering(pres_batch, layer)
             with torch.no_grad():
-                terms.append((pres_state, run_layer(a, pres_state).detach(), pres_batch.attention_mask))
+                terms.append((pres_state, a.run_layers(pres_state).detach(), pres_batch.attention_mask))
 
         def loss_fn() -> torch.Tensor:
-            return sum(masked_mse(run_layer(a, st), target, mask) for st, target, mask in terms)
+            return sum(masked_mse(a.run_layers(st), target, mask) for st, target, mask in terms)
 
         names = set(self.touched_parameters())
         params = {n: p for n, p in a.model.named_parameters() if n in names}

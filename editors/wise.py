@@ -53,7 +53,7 @@ from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor, register
 from editors.models.base import IGNORE_INDEX, LALMAdapter
-from editors.unke import preservation_prompts, run_layer
+from editors.unke import preservation_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class WISE(Editor):
         router.capture = []
         try:
             with torch.no_grad():
-                run_layer(self.adapter, state)
+                self.adapter.run_layers(state)
             return router.capture[-1]
         finally:
             router.capture = None

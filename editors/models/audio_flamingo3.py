@@ -9,14 +9,13 @@ embedding (the valid frames of all its windows, concatenated).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, tiny_feature_extractor,
-                                 whisper_encoder_tokens)
+from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
+                                 tiny_feature_extractor, whisper_encoder_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +38,6 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
 
 #: Longest audio the processor keeps (seconds), as in the released processor.
 MAX_AUDIO_SECONDS = 600
-
-
-def conversation(prompt: Prompt) -> list[dict[str, Any]]:
-    """The prompt as chat messages (audio item before the text item of a user turn)."""
-    def user(question: str, audio: np.ndarray | None) -> dict[str, Any]:
-        content: list[dict[str, Any]] = [{"type": "audio", "audio": "<audio>"}] if audio is not None else []
-        content.append({"type": "text", "text": question})
-        return {"role": "user", "content": content}
-
-    messages: list[dict[str, Any]] = []
-    if prompt.system is not None:
-        messages.append({"role": "system", "content": prompt.system})
-    for turn in prompt.history:
-        messages.append(user(turn.question, turn.audio))
-        messages.append({"role": "assistant", "content": turn.answer})
-    messages.append(user(prompt.question, prompt.audio))
-    return messages
-
 
 class AudioFlamingo3Adapter(LALMAdapter):
     """Audio Flamingo 3 behind the :class:`LALMAdapter` interface."""
@@ -158,7 +139,7 @@ class AudioFlamingo3Adapter(LALMAdapter):
 
     def render(self, prompt: Prompt) -> str:
         template = self.processor.chat_template or self.tokenizer.chat_template
-        return self.tokenizer.apply_chat_template(conversation(prompt), chat_template=template, tokenize=False,
+        return self.tokenizer.apply_chat_template(chat_messages(prompt), chat_template=template, tokenize=False,
                                                   add_generation_prompt=True)
 
     def _windows(self, audio: np.ndarray) -> list[np.ndarray]:

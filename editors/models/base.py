@@ -38,6 +38,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,25 @@ class Prompt:
         return Prompt(question=self.question, audio=self.audio, system=self.system, history=tuple(history))
 
 
+def chat_messages(prompt: "Prompt") -> list[dict[str, Any]]:
+    """The prompt as transformers chat messages: an optional system turn, the history's user/assistant turns, then
+    the question; a user turn with audio lists an audio item before its text (as Qwen2-Audio's and AF3's model
+    cards do), and each family's chat template renders the audio item as its placeholder."""
+    def user(question: str, audio: np.ndarray | None) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "audio", "audio": "<audio>"}] if audio is not None else []
+        content.append({"type": "text", "text": question})
+        return {"role": "user", "content": content}
+
+    messages: list[dict[str, Any]] = []
+    if prompt.system is not None:
+        messages.append({"role": "system", "content": prompt.system})
+    for turn in prompt.history:
+        messages.append(user(turn.question, turn.audio))
+        messages.append({"role": "assistant", "content": turn.answer})
+    messages.append(user(prompt.question, prompt.audio))
+    return messages
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tensors handed between the adapter and the methods
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,6 +264,7 @@ class LALMAdapter(abc.ABC):
         if is_tiny:
             self.min_shared_prefix = 256  # tiny models run on CPU, where prefill dominates
         self._audio_cache: OrderedDict[str, Any] = OrderedDict()
+        self._weights_digest: str | None = None  # of a local model directory's weight files (model_key)
         self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -568,6 +589,17 @@ class LALMAdapter(abc.ABC):
                                position_embeddings=position_embeddings)
         return hidden
 
+    def run_layers(self, state: LayerState, hidden: torch.Tensor | None = None, start: int | None = None,
+                   stop: int | None = None) -> torch.Tensor:
+        """Output of LLM layers ``start``..``stop - 1`` (default: ``state.layer`` alone) for the hidden states
+        ``hidden`` (default ``state.hidden``) entering layer ``start``, with ``state``'s masks and positions."""
+        start = state.layer if start is None else start
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start <= stop <= self.num_llm_layers:
+            raise ValueError(f"run_layers: need 0 <= start ({start}) <= stop ({stop}) <= {self.num_llm_layers}")
+        h = state.hidden if hidden is None else hidden
+        return self._run_layers(h, start, stop, state.masks, state.position_ids, state.position_embeddings)
+
     def hidden_entering(self, batch: PromptBatch, layer: int, *, grad: bool = False) -> LayerState:
         """Hidden states entering LLM layer ``layer`` (0 = the input embeddings), no grad unless ``grad``."""
         layer = self.resolve_layer(layer) if layer != self.num_llm_layers else layer
@@ -751,15 +783,70 @@ class LALMAdapter(abc.ABC):
     # ---- identity -----------------------------------------------------------------------------------------------
 
     def model_key(self) -> str:
-        """A short hash identifying model weights + revision + config + dtype (key of the pre-edit cache)."""
+        """A short hash identifying model weights + revision + config + dtype (key of the pre-edit cache).
+
+        Hub models are pinned by their revision; a local directory adds a digest of its weight files (so a
+        retrained model gets a new key); in-memory tiny models are identified by their seed-based id."""
         cfg = self.model.config.to_json_string(use_diff=False)
-        payload = json.dumps([self.model_id, self.revision, cfg, str(self.dtype)], sort_keys=True)
+        parts = [self.model_id, self.revision, cfg, str(self.dtype)]
+        if Path(self.model_id).is_dir():
+            if self._weights_digest is None:
+                self._weights_digest = weights_digest(self.model_id)
+            parts.append(self._weights_digest)
+        payload = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         """Model identity for run headers."""
         return {"model": self.model_id, "model_revision": self.revision, "family": self.family,
                 "dtype": str(self.dtype).replace("torch.", ""), "model_key": self.model_key()}
+
+
+#: File endings of model weights hashed into a local directory's model key.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_digest(directory: str | Path) -> str:
+    """sha256 over (relative path, size, sha256) of every weight file under ``directory``.
+
+    A file's sha256 is memoized in ``$SAKE_CACHE/weights/`` (default ``~/.cache/sake``) under its resolved path,
+    size, inode and modification time, so a 15 GB checkpoint is read once, not on every run or rank."""
+    root = Path(directory).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        logger.warning("%s: no weight files (%s); its model key cannot follow retraining", directory,
+                       ", ".join(WEIGHT_SUFFIXES))
+        return ""
+    memo_dir = Path(os.environ.get("SAKE_CACHE") or Path.home() / ".cache" / "sake") / "weights"
+    memo_file = memo_dir / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    entries, changed = [], False
+    for path in files:
+        st = path.stat()
+        rel = path.relative_to(root).as_posix()
+        stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+        known = memo.get(rel)
+        if not (isinstance(known, dict) and known.get("stamp") == stamp):
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+            known = memo[rel] = {"stamp": stamp, "sha256": digest.hexdigest()}
+            changed = True
+        entries.append([rel, st.st_size, known["sha256"]])
+    if changed:
+        try:
+            memo_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo_file.with_name(f".{memo_file.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(memo, sort_keys=True))
+            os.replace(tmp, memo_file)
+        except OSError as exc:  # a read-only cache only costs a re-hash next time
+            logger.warning("cannot memoize weight digests in %s (%s)", memo_dir, exc)
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------

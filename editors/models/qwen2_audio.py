@@ -9,14 +9,13 @@ Linear), LLM ``model.language_model`` (Qwen2, 32 layers) and ``lm_head``. Each a
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, tiny_feature_extractor,
-                                 whisper_encoder_tokens, whisper_mel_frames)
+from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
+                                 tiny_feature_extractor, whisper_encoder_tokens, whisper_mel_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +38,6 @@ TINY_CHAT_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
-
-
-def conversation(prompt: Prompt) -> list[dict[str, Any]]:
-    """The prompt as chat messages (audio first in a user turn, as in the model card's examples)."""
-    def user(question: str, audio: np.ndarray | None) -> dict[str, Any]:
-        content: list[dict[str, Any]] = [{"type": "audio", "audio": "<audio>"}] if audio is not None else []
-        content.append({"type": "text", "text": question})
-        return {"role": "user", "content": content}
-
-    messages: list[dict[str, Any]] = []
-    if prompt.system is not None:
-        messages.append({"role": "system", "content": prompt.system})
-    for turn in prompt.history:
-        messages.append(user(turn.question, turn.audio))
-        messages.append({"role": "assistant", "content": turn.answer})
-    messages.append(user(prompt.question, prompt.audio))
-    return messages
 
 
 class Qwen2AudioAdapter(LALMAdapter):
@@ -158,7 +140,7 @@ class Qwen2AudioAdapter(LALMAdapter):
 
     def render(self, prompt: Prompt) -> str:
         template = self.processor.chat_template or self.tokenizer.chat_template
-        return self.tokenizer.apply_chat_template(conversation(prompt), chat_template=template, tokenize=False,
+        return self.tokenizer.apply_chat_template(chat_messages(prompt), chat_template=template, tokenize=False,
                                                   add_generation_prompt=True)
 
     def num_audio_tokens(self, audio: np.ndarray) -> int:
