@@ -522,7 +522,8 @@ def plan_units(edits: int, warmup: int) -> tuple[list[str], int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path) -> tuple[ArmResult, Any]:
+def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path,
+                extra_argv: Sequence[str] = ()) -> tuple[ArmResult, Any]:
     """One ``Runner(args, adapter).run()`` in single mode over the synthetic dataset (predictions to ``out``,
     pre-edit cache under ``cache``); per-edit seconds are the runner's own per-unit wall-clock (row fetch ->
     predictions appended), the first ``warmup`` units untimed. Returns the result and the runner."""
@@ -538,7 +539,7 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
         argv += ["--config", config]
     for override in bench.overrides(method):
         argv += ["--hparam", override]
-    args = run_module.build_parser().parse_args(argv)
+    args = run_module.build_parser().parse_args(argv + list(extra_argv))
     result = ArmResult()
     with bench.dataset.serving(run_module):
         runner = run_module.Runner(args, adapter=bench.adapter)
@@ -576,15 +577,65 @@ def run_ours(bench: Bench, method: str, edits: int, warmup: int, profile: bool) 
     model). With ``profile``, one more instance's phases run under the profiler (``profile_unit``)."""
     cache = bench.workdir / f"cache-{method}"
     shutil.rmtree(cache, ignore_errors=True)
-    cold, _ = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-{method}.jsonl")
+    one = ["--edits-per-pass", "1"]  # one edit at a time (the runner's CUDA default batches; see run_batched)
+    cold, _ = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-{method}.jsonl", one)
     LOG.info("ours/%s cold cache: %s s/edit", method, _fmt(cold.per_edit, ".3f"))
-    warm, runner = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-warm-{method}.jsonl")
+    warm, runner = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-warm-{method}.jsonl",
+                               one)
     LOG.info("ours/%s warm cache: %s s/edit", method, _fmt(warm.per_edit, ".3f"))
     if profile and bench.scale.device == "cuda":
         configs, limit = plan_units(edits, warmup)
         extra = bench.dataset.rows[(configs[0], "test")][limit]  # an instance no pass has seen
         cold.info["profile"] = profile_unit(bench, runner, extra)
     return cold, warm
+
+
+def batched_plan(edits: int, k: int) -> tuple[int, int]:
+    """(warm-up, timed edits) of a ``--edits-per-pass k`` arm: one untimed pass, then whole passes covering at
+    least ``edits`` edits."""
+    return k, k * math.ceil(max(edits, k) / k)
+
+
+def run_batched(bench: Bench, method: str, edits: int, k: int) -> dict[str, Any]:
+    """The runner with ``--edits-per-pass k`` and a fresh pre-edit cache (cold, as the ``ours`` column): one
+    untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k)."""
+    warmup, timed = batched_plan(edits, k)
+    cache = bench.workdir / f"cache-{method}-k{k}"
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        result, runner = runner_pass(bench, method, timed, warmup, cache, bench.workdir / f"ours-{method}-k{k}.jsonl",
+                                     ["--edits-per-pass", str(k)])
+        used = runner.edits_per_pass
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: record it, go on
+        LOG.warning("%s, %d edits per pass: %s", method, k, error)
+        if bench.scale.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"k": k, "error": f"{type(error).__name__}: {str(error)[:160]}"}
+    LOG.info("ours/%s, %d edits per pass: %s s/edit", method, k, _fmt(result.per_edit, ".3f"))
+    return {"k": k, "k_used": used, "s_per_edit": result.per_edit, "timed_edits": len(result.seconds),
+            "peak_gib": result.peak_bytes / 2**30 if result.peak_bytes else None, "info": result.info}
+
+
+def render_batched(rows: list[dict[str, Any]]) -> list[str]:
+    """The edits-per-pass table (K = 1 and the larger K of each method)."""
+    names = ["method", "edits per pass K", "s/edit", "edits/hour", "K=1 / this", "paper s/edit", "paper/ours",
+             "peak GiB", "per edit: pre-edit / apply / evaluate s"]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(["---"] * len(names)) + "|"]
+    for r in rows:
+        base = next((b.get("s_per_edit") for b in r.get("batched", []) if b["k"] == 1), None)
+        for b in r.get("batched", []):
+            s = b.get("s_per_edit")
+            if s is None:
+                lines.append(f"| {r['method']} | {b['k']} | {b.get('error', 'n/a')} |" + " |" * (len(names) - 3))
+                continue
+            split = b["info"].get("per_edit_split_s_incl_warmup", {})
+            cells = [r["method"], f"{b['k']}" + (f" (ran {b['k_used']})" if b.get("k_used") != b["k"] else ""),
+                     _fmt(s, ".3f"), _fmt(3600 / s, ".0f"), _fmt(base / s if base else None, ".1f", "x"),
+                     _fmt(r["paper"], ".2f"), _fmt(r["paper"] / s if r["paper"] else None, ".1f", "x"),
+                     _fmt(b.get("peak_gib"), ".1f"),
+                     " / ".join(_fmt(split.get(x), ".3f") for x in ("pre_edit", "apply", "evaluate"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
@@ -1139,6 +1190,12 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
         "step) / copy bandwidth; see `bench/NOTES.md`.",
         "",
     ]
+    if any(r.get("batched") for r in rows):
+        lines += ["## Several edits per pass (`--edits-per-pass K`, issue 12)", "",
+                  "The runner with K independent single edits per pass (per-edit parameter copies or prompts, one "
+                  "batched generation of all K edits' items), fresh pre-edit cache, one untimed pass first; s/edit "
+                  "= pass wall-clock / K (pre-edit outputs, apply, evaluation, rows).", ""]
+        lines += render_batched(rows) + [""]
     for row in rows:
         lines.extend(render_details(row))
     return "\n".join(lines) + "\n"
@@ -1159,7 +1216,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="untimed naive edits before each naive arm (default: --warmup; with 0, one short "
                              "global naive warm-up runs before the first method)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generation bound, EOS disabled (default: 32)")
-    parser.add_argument("--arms", default="ours,naive", help="arms to run (default: %(default)s)")
+    parser.add_argument("--arms", default="ours,naive",
+                        help="arms to run: ours, naive (default: %(default)s; 'none' with --edits-per-pass to run "
+                             "only the batched arms)")
+    parser.add_argument("--edits-per-pass", default="",
+                        help="comma-separated K values (e.g. 1,8,16): also run the runner with --edits-per-pass K "
+                             "per method (one untimed pass, then whole passes covering --edits edits; fresh pre-edit "
+                             "cache) and add the edits-per-pass table (issue 12)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode with the adapter's tiny random model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
@@ -1180,6 +1243,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--naive-warmup must be between 0 and --warmup")
     if args.naive_edits is not None and not 1 <= args.naive_edits <= args.edits:
         parser.error("--naive-edits must be between 1 and --edits (the naive arm times the first of the same edits)")
+    try:
+        args.edits_per_pass = [int(k) for k in args.edits_per_pass.split(",") if k.strip()]
+    except ValueError:
+        parser.error(f"--edits-per-pass: expected comma-separated integers, got {args.edits_per_pass!r}")
+    if any(k < 1 for k in args.edits_per_pass):
+        parser.error("--edits-per-pass values must be >= 1")
     for name in ("edits", "warmup", "max_new_tokens"):
         if getattr(args, name) < (1 if name != "warmup" else 0):
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -1218,11 +1287,12 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
         dtype_bytes = torch.finfo(bench.scale.dtype).bits // 8
         floors = [floor_seconds(method, sh, sizes, ceilings, args.max_new_tokens, dtype_bytes, hp) for sh in shapes]
         floor = {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}
+    batched = [run_batched(bench, method, args.edits, k) for k in args.edits_per_pass] if editor is not None else []
     gib = lambda arm: arm.peak_bytes / 2**30 if arm.peak_bytes and arm.seconds else None  # noqa: E731
     row = {"method": method, "paper": paper_seconds_per_edit(method), "ours": ours.per_edit, "warm": warm.per_edit,
            "naive": naive.per_edit, "floor": None if math.isnan(floor["floor_s"]) else floor["floor_s"],
            "floor_parts": floor, "peak_ours": gib(ours), "peak_naive": gib(naive), "error_ours": ours.error,
-           "error_naive": naive.error, "info_ours": ours.info, "info_naive": naive.info,
+           "error_naive": naive.error, "info_ours": ours.info, "info_naive": naive.info, "batched": batched,
            "raw": {"ours_s": ours.seconds, "ours_warm_s": warm.seconds, "naive_s": naive.seconds,
                    "info_ours_warm": warm.info, "edit_tokens": [sh.edit_tokens for sh in shapes],
                    "post_tokens_mean": [float(np.mean(sh.post_tokens)) for sh in shapes],
@@ -1245,7 +1315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     LOG.info("ceilings: %.1f TFLOP/s matmul, %.2f TB/s copy", ceilings["matmul_flops_per_s"] / 1e12,
              ceilings["copy_bytes_per_s"] / 1e12)
     adapter = build_adapter(scale, args.seed)
-    _, limit = plan_units(max(args.edits, naive_edits), args.warmup)
+    needed = [(max(args.edits, naive_edits), args.warmup)] + [batched_plan(args.edits, k)[::-1]
+                                                               for k in args.edits_per_pass]
+    limit = max(plan_units(edits, warmup)[1] for edits, warmup in needed)
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sake-bench-")))
         # one more test row per attribute than the plan needs: the profiled instance

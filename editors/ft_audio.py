@@ -5,18 +5,31 @@ The audio encoder is frozen, so its output for the edit audio is computed once (
 from the adapter's audio-state cache), and so are the attention masks and rotary embeddings; each step runs only
 connector -> LLM (``../shared/perf/h100-figures.md``:
 2.41 s -> 1.45 s at 7B). Text-only inputs never pass through the connector, so their outputs cannot change.
+
+Several edits per pass (:meth:`FTAudio.apply_many`): one fp32 connector copy per edit (``editors/batching.py``);
+each edit's prompt gets its audio embeddings from its own copy, the K losses are summed (each copy gets exactly its
+own gradient), early stop is per edit; evaluation is one batched generation from ``inputs_embeds`` in which each
+item's audio is projected through its edit's copy. The model's connector is never changed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from editors.base import EditRequest, Editor, finetune, register
+from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
+from editors.models.base import Prompt
 
 
 @register("ft_audio")
 class FTAudio(Editor):
     """Fine-tune ``adapter.connector()`` on the edit's reliability prompt -> target answer."""
+
+    batches_edits = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copies: StackedCopies | None = None
 
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self.adapter.connector())
@@ -38,3 +51,37 @@ class FTAudio(Editor):
                           optimizer=self.hparams.get("optimizer", "adam"),
                           weight_decay=float(self.hparams.get("weight_decay", 0.0)))
         return {"steps": result.steps, "loss": result.loss}
+
+    def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        for edit in edits:
+            if edit.audio is None:
+                raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
+        prompts = [e.prompt() for e in edits]
+        batch = self.adapter.prepare(prompts, [e.target for e in edits])
+        frame = self.adapter.hidden_entering(batch, 0)
+        names = set(self.touched_parameters())
+        copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
+        counts = [len(p.audios()) for p in prompts]
+
+        def losses(weights):  # edit k's prompt through connector copy k, then all LLM layers; one loss per edit
+            embeds = per_edit_audio_embeds(self.adapter, batch.audio_states, counts, weights)
+            return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds), reduction="none")
+
+        results = finetune_many(copies, losses, lr=float(self.hparams["lr"]),
+                                max_steps=int(self.hparams["max_steps"]),
+                                early_stop_loss=self.hparams.get("early_stop_loss"),
+                                optimizer=self.hparams.get("optimizer", "adam"),
+                                weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        self._copies = copies
+        return [{"steps": r.steps, "loss": r.loss} for r in results]
+
+    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
+                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+        if self._copies is None:
+            raise RuntimeError("ft_audio: generate_many before apply_many")
+        weights = {n: m.detach() for n, m in self._copies.current().items()}
+        return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, max_batch_tokens=max_batch_tokens, connector_weights=weights)
+
+    def reset(self) -> None:
+        self._copies = None

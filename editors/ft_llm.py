@@ -4,18 +4,32 @@ DeSTA layer 31; Adam, at most 15 steps, early stop when the target loss < 1e-2).
 The layers below the edited one are frozen and see the same input at every step, so the hidden states entering
 the edited layer are computed once per edit (``adapter.hidden_entering``) and each step runs only the edited
 layer and those above it (``../shared/perf/h100-figures.md``: 1.11 s -> 0.083 s at 7B).
+
+Several edits per pass (:meth:`FTLLM.apply_many`): one fp32 copy of the edited parameters per edit
+(``editors/batching.py``). The K edit prompts form one batch whose hidden states entering the layer are computed
+once; inside the edited layer every Linear / norm runs row k with copy k (:class:`editors.batching.RowRouting`),
+the K losses are summed (each copy gets exactly its own gradient), early stop is per edit. Evaluation is one
+batched generation in which each item's rows run the edited layer with its edit's copy.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from editors.base import EditRequest, Editor, finetune, register
+from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
+from editors.models.base import Prompt
 
 
 @register("ft_llm")
 class FTLLM(Editor):
     """Fine-tune LLM layer ``hparams['layer']`` (``params``: whole ``layer``, its ``mlp`` or ``mlp_out``)."""
+
+    batches_edits = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copies: StackedCopies | None = None
 
     def _module(self):
         layer = int(self.hparams["layer"])
@@ -43,3 +57,39 @@ class FTLLM(Editor):
                           optimizer=self.hparams.get("optimizer", "adam"),
                           weight_decay=float(self.hparams.get("weight_decay", 0.0)))
         return {"steps": result.steps, "loss": result.loss}
+
+    def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
+        batch = self.adapter.prepare([e.prompt() for e in edits], [e.target for e in edits])
+        state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once for all K edits
+        names = self.touched_parameters()
+        copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in set(names)},
+                               len(edits))
+        routing = RowRouting(self.adapter.model, names)
+        routing.runs = runs_of(range(len(edits)))  # row k = edit k
+
+        def losses(weights):
+            routing.weights = weights
+            return self.adapter.loss_from(state, reduction="none")
+
+        with routing.installed():
+            results = finetune_many(copies, losses, lr=float(self.hparams["lr"]),
+                                    max_steps=int(self.hparams["max_steps"]),
+                                    early_stop_loss=self.hparams.get("early_stop_loss"),
+                                    optimizer=self.hparams.get("optimizer", "adam"),
+                                    weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        self._copies = copies
+        return [{"steps": r.steps, "loss": r.loss} for r in results]
+
+    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
+                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+        if self._copies is None:
+            raise RuntimeError("ft_llm: generate_many before apply_many")
+        routing = RowRouting(self.adapter.model, self._copies.names)
+        routing.weights = {n: m.detach() for n, m in self._copies.current().items()}
+        with routing.installed():
+            return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, max_batch_tokens=max_batch_tokens, routing=routing)
+
+    def reset(self) -> None:
+        self._copies = None

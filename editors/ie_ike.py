@@ -5,7 +5,8 @@ retrieved (ties broken by a seeded draw; if none exists and ``fallback`` is on: 
 instance of the attribute). Its reliability item, 3 generality items, 4 audio-locality items (3 for gender) and 1
 text-locality item become a multi-turn dialogue before the question: edited items answered with their (edited)
 reference, locality items with their ground truth. In sequential mode the demonstrations of all active edits are
-concatenated, oldest first.
+concatenated, oldest first. Several edits per pass: each edit's prompts carry its own demonstrations only
+(:meth:`editors.i_ike.IIKE.apply_many`).
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ class IEIKE(IIKE):
         return super().apply(edit)
 
     def rewrite_prompts(self, prompts: Sequence[Prompt], edit: EditRequest) -> list[Prompt]:
-        system = self.system_prompt()
+        active_edits = self.active_for(edit)
+        system = self.system_prompt(active_edits)
         history: list[Turn] = []
-        for active in self.active:
+        for active in active_edits:
             history.extend(self.demonstrations(active))
         return [p.with_system(system).with_history(history) for p in prompts]
 

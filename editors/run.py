@@ -13,6 +13,10 @@ edits 1..T without restoring; after step t evaluate every edit s <= ``--eval-edi
 Pre-edit outputs are computed once per model and item and cached on disk (``--cache-dir``). A rerun with the same
 arguments resumes: finished units (instances / sequence steps) are skipped and a unit cut short by a kill is
 redone. Sequential resume replays the sequence's earlier edits (deterministic) without re-evaluating them.
+
+Several processes (``torchrun --nproc-per-node N -m editors.run ...`` or ``accelerate launch --multi_gpu
+--num_processes N -m editors.run ...``) share the instances (single) or sequences (sequential), one model replica
+per process, and merge their part files into the same predictions file a one-process run writes (editors/shard.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from editors.base import KNOWN_METHODS, EditRequest, Editor, ParameterSnapshot, RunContext, get_editor_class
+from editors.batching import default_edits_per_pass
 from editors.data import (ATTRIBUTE_CONFIGS, DIMENSIONS, SEQUENTIAL_CONFIG, EvalItem, dataset_fingerprint,
                           eval_items, group_sequences, load_instances)
 from editors.hparams import load_hparams
@@ -38,6 +43,7 @@ from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, atomic_write_text, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
+from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 
 logger = logging.getLogger("editors.run")
 
@@ -79,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="pre-edit cache root (default $SAKE_CACHE or ~/.cache/sake)")
     p.add_argument("--max-gap", type=int, default=5, help="sequential: largest gap evaluated (paper: 5)")
     p.add_argument("--eval-edits", type=int, default=5, help="sequential: evaluate the first N edits (paper: 5)")
+    p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
+                   help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
+                        "and evaluate their items in one batched generation, for methods that batch exactly "
+                        "(ft_audio, ft_llm, i_ike, ie_ike; others run one at a time). Default: as many as fit "
+                        "60%% of free GPU memory (at most 16); 1 on CPU")
+    p.add_argument("--merge-only", action="store_true",
+                   help="only merge the part files of a multi-process run into the predictions file (no model "
+                        "is loaded); fails when units are missing")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -154,7 +168,10 @@ class Runner:
         family_of(args.model)  # clear error for an unknown model before anything heavy
         get_editor_class(args.method)  # clear error for an unknown method
         self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.shard = Shard.from_env()  # rank / world size of a torchrun or accelerate launch (else 0 of 1)
+        device = self.shard.device(args.device, torch.cuda.is_available())
+        if self.shard.sharded and device.startswith("cuda:"):
+            torch.cuda.set_device(device)  # code that says plain "cuda" lands on this rank's GPU too
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         self.adapter = adapter or load_adapter(args.model, dtype=dtype, device=device, seed=args.seed,
                                                revision=args.revision)
@@ -172,8 +189,36 @@ class Runner:
         self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
                                     args.max_new_tokens)
         self.units, self.unit_of = self._plan()
+        self.edits_per_pass = self._edits_per_pass(device)
         self.path = output_path(args.out, args.model, args.method, args.mode, args.split)
+        self.part_path = self.shard.part_path(self.path)  # this rank's file (self.path with one process)
         self.stats = RunStats()
+
+    @classmethod
+    def for_merge(cls, args: argparse.Namespace) -> "Runner":
+        """A runner that knows the plan and the output path but loads no model (``--merge-only``)."""
+        self = cls.__new__(cls)
+        self.args, self.mode, self.configs = args, args.mode, cls._configs(args)
+        self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
+        self.shard = Shard()
+        self.units, self.unit_of = self._plan()
+        self.path = output_path(args.out, args.model, args.method, args.mode, args.split)
+        return self
+
+    def _edits_per_pass(self, device: str) -> int:
+        """``--edits-per-pass`` (default from free GPU memory); 1 when the method or mode does not batch."""
+        k = getattr(self.args, "edits_per_pass", None)
+        if k is not None and k < 1:
+            raise ValueError(f"--edits-per-pass must be >= 1, got {k}")
+        if self.mode != "single" or not self.editor.batches_edits:
+            if k and k > 1:
+                logger.info("%s: --edits-per-pass %d ignored (%s); one edit at a time", self.args.method, k,
+                            "sequential mode" if self.mode != "single" else "the method does not batch")
+            return 1
+        if k is None:
+            k = default_edits_per_pass(self.editor.bytes_per_batched_edit(), device)
+            logger.info("edits per pass: %d (from free device memory)", k)
+        return k
 
     # ---- planning -----------------------------------------------------------------------------------------------
 
@@ -199,6 +244,13 @@ class Runner:
         return self._train_cache[key]
 
     def _plan(self) -> tuple[list[Unit], Any]:
+        """This rank's units; ``self.all_units`` keeps the whole plan in the one-process order."""
+        units, unit_of = self._plan_all()
+        self.all_units = units
+        groups = list(range(len(units))) if self.mode == "single" else [u.index for u in units]
+        return self.shard.select(units, groups), unit_of
+
+    def _plan_all(self) -> tuple[list[Unit], Any]:
         limit = self.args.limit
         units: list[Unit] = []
         if self.mode == "single":
@@ -301,13 +353,18 @@ class Runner:
 
     # ---- loops --------------------------------------------------------------------------------------------------
 
-    def run(self) -> Path:
-        out = PredictionsFile(self.path, self.header(), unit_of=self.unit_of,
+    def run(self) -> Path | None:
+        """Run the units still to do; returns the predictions file (or, in a multi-process run, see
+        :meth:`merge_parts`)."""
+        header = self.header()
+        out = PredictionsFile(self.part_path, header, unit_of=self.unit_of,
                               expected_rows={u.key: u.expected_rows for u in self.units})
         done = out.open()
+        if self.shard.sharded or part_files(self.path):  # units finished by other ranks (or a one-process run)
+            done |= done_elsewhere(self.path, self.part_path, header, self.unit_of, self._expected_all())
         todo = [u for u in self.units if u.key not in done]
         logger.info("%s: %d units, %d done, %d to run -> %s", self.args.method, len(self.units),
-                    len(self.units) - len(todo), len(todo), self.path)
+                    len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
                    else "step", disable=self.args.no_progress, dynamic_ncols=True)
         start = time.perf_counter()
@@ -321,9 +378,27 @@ class Runner:
             out.close()
         self.stats.total_s = time.perf_counter() - start
         self._report()
-        return self.path
+        return self.merge_parts()
+
+    def _expected_all(self) -> dict[Hashable, int]:
+        return {u.key: u.expected_rows for u in self.all_units}
+
+    def merge_parts(self) -> Path | None:
+        """Merge the part files into ``self.path`` once every unit is done (after a barrier when the launcher
+        offers one, by rank 0; else by whichever rank finishes last). Returns the merged file, this rank's part
+        while units are missing, or None on a rank that leaves the merge to rank 0."""
+        if not self.shard.sharded and not part_files(self.path):
+            return self.path
+        if barrier(self.shard) and self.shard.rank != 0:
+            return None
+        result = merge(self.path, [u.key for u in self.all_units], self.unit_of, self._expected_all())
+        return result.path if result.merged else self.part_path
 
     def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
+        if self.edits_per_pass > 1:
+            for start in range(0, len(todo), self.edits_per_pass):
+                self._run_pass(todo[start:start + self.edits_per_pass], out, bar)
+            return
         for unit in todo:
             t0 = time.perf_counter()
             row = self.datasets[unit.config][unit.index]
@@ -337,6 +412,40 @@ class Runner:
                 self.restore()
             out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
             self._unit_done(unit, stats, time.perf_counter() - t0)
+            bar.update(1)
+
+    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
+        """K single edits in one pass: pre-edit outputs of all their items, ``editor.apply_many`` (per-edit
+        copies, the model unchanged), one batched generation of every edit's items under its own edit, restore.
+        Rows are written unit by unit, as one edit at a time writes them."""
+        t0 = time.perf_counter()
+        rows = [self.datasets[u.config][u.index] for u in units]
+        edits = [EditRequest.from_row(row) for row in rows]
+        items = [eval_items(row) for row in rows]
+        flat_pre = self.pre_edit_outputs([it for its in items for it in its])
+        pre, pos = [], 0
+        for its in items:
+            pre.append(flat_pre[pos:pos + len(its)])
+            pos += len(its)
+        torch.manual_seed(self.args.seed * 1_000_003 + units[0].index)  # same randomness on a resumed run
+        t1 = time.perf_counter()
+        try:
+            stats = self.editor.apply_many(edits)
+            if self.touches_encoder:
+                self.adapter.clear_audio_cache()
+            self.stats.apply_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
+            post = self.editor.generate_many(prompts, max_new_tokens=self.args.max_new_tokens,
+                                             batch_size=self.args.batch_size or None,
+                                             max_batch_tokens=self.args.max_batch_tokens or None)
+            self.stats.eval_s += time.perf_counter() - t2
+        finally:
+            self.restore()
+        seconds = (time.perf_counter() - t0) / len(units)
+        for unit, edit, its, p, o, st in zip(units, edits, items, pre, post, stats):
+            out.append_unit(unit.key, self.rows(edit, its, p, o, None))
+            self._unit_done(unit, st, seconds)
             bar.update(1)
 
     def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:
@@ -377,8 +486,8 @@ class Runner:
 
     def _unit_done(self, unit: Unit, stats: dict[str, Any], seconds: float) -> None:
         self.stats.units += 1
-        self.stats.per_unit.append({"unit": str(unit.key), "seconds": round(seconds, 4),
-                                    **{k: stats.get(k) for k in ("steps", "loss") if k in stats}})
+        scalars = {k: v for k, v in stats.items() if v is None or isinstance(v, (bool, int, float, str))}
+        self.stats.per_unit.append({"unit": str(unit.key), "seconds": round(seconds, 4), **scalars})
 
     def _report(self) -> None:
         s = self.stats
@@ -388,7 +497,7 @@ class Runner:
                         s.eval_s / s.units, s.preedit_s / s.units, self.preedit.hits, self.preedit.misses)
         if not s.units:
             return  # nothing ran (a finished run rerun): keep the timing of the run that did the work
-        timing = self.path.with_name(self.path.name + ".timing.json")
+        timing = self.part_path.with_name(self.part_path.name + ".timing.json")
         atomic_write_text(timing, dumps({"units": s.units, "total_s": round(s.total_s, 4),
                                          "apply_s": round(s.apply_s, 4), "eval_s": round(s.eval_s, 4),
                                          "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
@@ -399,8 +508,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        runner = Runner(args)
-        path = runner.run()
+        if args.merge_only:
+            runner = Runner.for_merge(args)
+            result = merge(runner.path, [u.key for u in runner.all_units], runner.unit_of, runner._expected_all())
+            if not result.merged and not result.missing:
+                raise ValueError(f"{runner.path}: no predictions file and no part files to merge")
+            if not result.merged:
+                raise ValueError(f"{runner.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
+                                 f"{result.missing[0]}); rerun the same command without --merge-only")
+            path = result.path
+        else:
+            runner = Runner(args)
+            path = runner.run()
+            if path is None:  # a rank > 0: rank 0 prints the merged file
+                return 0
     except ValueError as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,331 @@
+"""Several independent single edits in one pass (issue 12): per-edit parameter copies, per-edit forwards, per-edit
+early stop, and one generation over all edits' items.
+
+K single edits are independent problems. Each gets its own copy of the touched parameters, stacked on a leading
+edit axis (:class:`StackedCopies`, fp32 masters ``[K, *shape]``); the model's own parameters are never changed.
+The loss of the pass is the sum of the K per-edit losses, so the gradient with respect to copy k is exactly edit
+k's own gradient; Adam (and SGD, RMSprop) are elementwise, so one optimizer step over the stacked copies equals K
+separate steps. Early stopping is per edit (:func:`finetune_many`): once an edit's loss is below the threshold its
+copy and its optimizer state stop changing (masked update) while the others go on. Every edit that is still
+active has made the same number of updates, so one step counter serves all of them.
+
+How a forward uses per-edit weights:
+
+* :func:`per_edit_audio_embeds` (FT-Audio): the connector runs once per edit, with that edit's copy swapped in
+  (:func:`swapped_parameters`), on that edit's audio states; the results go to ``adapter.input_embeds(batch,
+  audio_embeds=...)``.
+* :class:`RowRouting` (FT-LLM): every leaf module that owns touched parameters (the Linear and norm layers of the
+  edited decoder layer) is temporarily wrapped so that each contiguous run of batch rows is computed with its
+  edit's weights. Leaves act row by row, so this is exact, and it works inside ``model.generate`` (the KV cache
+  sees the full batch as usual).
+
+:func:`generate_grouped` is the adapter's batched greedy generation (same chunking, same generation config)
+over the prompts of all K edits, each chunk built with the per-edit audio embeddings and/or row routing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from editors.models.base import LALMAdapter, Prompt, batch_spans
+
+logger = logging.getLogger(__name__)
+
+#: Largest default number of edits per pass (the runner's ``--edits-per-pass`` default is capped here).
+MAX_DEFAULT_EDITS_PER_PASS = 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-edit copies and their optimisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StackedCopies:
+    """Per-edit fp32 copies of named model parameters, stacked as ``[K, *shape]`` (all start at the current value).
+
+    :meth:`current` gives the copies in the model's dtype (differentiable with respect to the fp32 masters), as
+    :func:`editors.base.finetune` casts its fp32 masters back to 16-bit parameters after each step."""
+
+    def __init__(self, params: dict[str, nn.Parameter], k: int) -> None:
+        if not params:
+            raise ValueError("StackedCopies needs at least one parameter")
+        if k < 1:
+            raise ValueError(f"StackedCopies needs k >= 1, got {k}")
+        self.k = k
+        self.dtypes = {n: p.dtype for n, p in params.items()}
+        self.masters = {n: p.detach().float().unsqueeze(0).repeat(k, *([1] * p.dim())).requires_grad_(True)
+                        for n, p in params.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.masters)
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """The copies in the model's dtype, ``[K, *shape]`` each."""
+        return {n: m if self.dtypes[n] == torch.float32 else m.to(self.dtypes[n]) for n, m in self.masters.items()}
+
+    def edit(self, k: int) -> dict[str, torch.Tensor]:
+        """Edit ``k``'s copy (model dtype, detached)."""
+        return {n: m[k].detach().to(self.dtypes[n]) for n, m in self.masters.items()}
+
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.masters.values())
+
+
+@dataclass
+class EditResult:
+    steps: int  # optimizer updates made to this edit's copy
+    loss: float  # its last loss computed (below the threshold when stopped early)
+    stopped_early: bool
+
+
+def _masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
+                   mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float) -> None:
+    """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
+
+    The formulas are torch.optim's defaults (Adam betas 0.9/0.999, eps 1e-8; RMSprop alpha 0.99, eps 1e-8; plain
+    SGD), elementwise over the stacked copies."""
+    for p, g, st in zip(masters, grads, states):
+        if g is None:
+            continue
+        m = mask.view(-1, *([1] * (p.dim() - 1)))
+        g = g.float()
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if optimizer == "sgd":
+            new = p - lr * g
+        elif optimizer == "adam":
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            exp_avg = st.setdefault("exp_avg", torch.zeros_like(p)).lerp(g, 1 - b1)
+            exp_avg_sq = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul(b2).addcmul(g, g, value=1 - b2)
+            step_size = lr / (1 - b1 ** step)
+            denom = (exp_avg_sq.sqrt() / ((1 - b2 ** step) ** 0.5)).add_(eps)
+            new = p.addcdiv(exp_avg, denom, value=-step_size)
+            st["exp_avg"] = torch.where(m, exp_avg, st["exp_avg"])
+            st["exp_avg_sq"] = torch.where(m, exp_avg_sq, st["exp_avg_sq"])
+        elif optimizer == "rmsprop":
+            alpha, eps = 0.99, 1e-8
+            square_avg = st.setdefault("square_avg", torch.zeros_like(p)).mul(alpha).addcmul(g, g, value=1 - alpha)
+            new = p.addcdiv(g, square_avg.sqrt().add_(eps), value=-lr)
+            st["square_avg"] = torch.where(m, square_avg, st["square_avg"])
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+        p.copy_(torch.where(m, new, p))
+
+
+def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, lr: float,
+                  max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
+                  weight_decay: float = 0.0) -> list[EditResult]:
+    """K edits' :func:`editors.base.finetune` at once: ``losses_fn(copies.current())`` returns the K per-edit
+    losses ``[K]``; each edit follows exactly the single-edit loop (loss, then stop if below ``early_stop_loss``,
+    else one update), its own copy updated with its own gradient. One host sync per step (the K losses)."""
+    if optimizer not in ("adam", "sgd", "rmsprop"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+    k = copies.k
+    masters = list(copies.masters.values())
+    states: list[dict[str, Any]] = [{} for _ in masters]
+    active = [True] * k
+    steps, last, stopped = [0] * k, [float("nan")] * k, [False] * k
+    updates = 0
+    for _ in range(max_steps):
+        losses = losses_fn(copies.current())
+        if losses.shape != (k,):
+            raise ValueError(f"losses_fn returned shape {tuple(losses.shape)}; expected ({k},)")
+        values = losses.detach().float().cpu().tolist()  # host sync: the early-stop check (one per step)
+        for i in range(k):
+            if active[i]:
+                last[i] = values[i]
+                if early_stop_loss is not None and values[i] < early_stop_loss:
+                    active[i], stopped[i] = False, True
+        if not any(active):
+            break
+        mask = torch.tensor(active, device=losses.device)
+        grads = torch.autograd.grad(losses[mask].sum(), masters, allow_unused=True)
+        updates += 1
+        with torch.no_grad():
+            _masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
+                           weight_decay=weight_decay)
+        for i in range(k):
+            steps[i] += active[i]
+    for m in masters:
+        m.requires_grad_(False)
+    return [EditResult(steps=s, loss=v, stopped_early=x) for s, v, x in zip(steps, last, stopped)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forwards with per-edit weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily use ``tensors`` (full parameter names -> tensors, possibly requiring grad) in place of the
+    model's parameters; the parameters themselves are untouched and put back on exit."""
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for name, tensor in tensors.items():
+            owner, attr = _owner(model, name)
+            saved.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = tensor  # read back by Module.__getattr__ like the parameter
+        yield
+    finally:
+        for owner, attr, param in reversed(saved):
+            owner._parameters[attr] = param
+
+
+def per_edit_audio_embeds(adapter: LALMAdapter, states: Sequence[Any], audios_per_edit: Sequence[int],
+                          weights: dict[str, torch.Tensor], edits: Sequence[int] | None = None) -> torch.Tensor | None:
+    """Connector outputs of ``states`` (every audio of a batch, in order), the first ``audios_per_edit[0]`` through
+    edit ``edits[0]``'s connector copy (``weights``: name -> ``[K, ...]``), the next through ``edits[1]``'s, ...
+    (``edits`` defaults to 0, 1, ...). None when there is no audio."""
+    edits = list(range(len(audios_per_edit))) if edits is None else list(edits)
+    pieces, pos = [], 0
+    for k, n in zip(edits, audios_per_edit):
+        if n:
+            with swapped_parameters(adapter.model, {name: w[k] for name, w in weights.items()}):
+                pieces.append(adapter.project_audio(list(states[pos:pos + n])))
+        pos += n
+    if pos != len(states):
+        raise ValueError(f"{len(states)} audio states but {pos} audios counted over the edits")
+    return torch.cat(pieces, dim=0) if pieces else None
+
+
+class _RoutedLeaf(nn.Module):
+    """Runs ``leaf`` once per contiguous run of batch rows with that run's edit weights (see :class:`RowRouting`)."""
+
+    def __init__(self, leaf: nn.Module, names: dict[str, str], routing: "RowRouting") -> None:
+        super().__init__()
+        self.leaf = leaf
+        self.names = names  # local parameter name -> full name
+        self.routing = routing
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        runs = self.routing.runs
+        if not runs or runs[-1][2] != x.shape[0]:
+            raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
+        w = {local: self.routing.weights[full] for local, full in self.names.items()}
+        if (isinstance(self.leaf, nn.Linear) and not args and not kwargs and len(runs) == x.shape[0]
+                and all(k == i for i, (k, _, _) in enumerate(runs)) and len(runs) == w["weight"].shape[0]):
+            # one row per edit, edits in order (training): one batched matmul
+            out = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w["weight"].transpose(1, 2))
+            if "bias" in w:
+                out = out + w["bias"].unsqueeze(1)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        outs = [torch.func.functional_call(self.leaf, {n: t[k] for n, t in w.items()}, (x[a:b], *args), kwargs)
+                for k, a, b in runs]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+class RowRouting:
+    """While installed (``with routing.installed():``), every leaf module of ``model`` owning one of ``names``
+    computes batch rows ``a:b`` with ``weights[name][k]`` for each run ``(k, a, b)`` of :attr:`runs`.
+
+    Exact for leaves that act on each batch row independently (Linear, RMSNorm, LayerNorm: all parameters of a
+    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.model = model
+        self.names = list(names)
+        self.weights: dict[str, torch.Tensor] = {}
+        self.runs: list[tuple[int, int, int]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["RowRouting"]:
+        leaves: dict[str, dict[str, str]] = {}
+        for name in self.names:
+            path, _, attr = name.rpartition(".")
+            leaves.setdefault(path, {})[attr] = name
+        replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for path, names in leaves.items():
+                leaf = self.model.get_submodule(path)
+                parent, attr = _owner(self.model, path)
+                if set(dict(leaf.named_parameters(recurse=True))) != set(names):
+                    raise ValueError(f"row routing needs every parameter of {path} in the copies; it has "
+                                     f"{sorted(dict(leaf.named_parameters()))}")
+                replaced.append((parent, attr, leaf))
+                setattr(parent, attr, _RoutedLeaf(leaf, names, self))
+            yield self
+        finally:
+            for parent, attr, leaf in reversed(replaced):
+                setattr(parent, attr, leaf)
+
+
+def runs_of(edit_of_row: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Contiguous runs ``(edit, start, stop)`` of a row -> edit assignment."""
+    runs: list[tuple[int, int, int]] = []
+    for i, k in enumerate(edit_of_row):
+        if runs and runs[-1][0] == k:
+            runs[-1] = (k, runs[-1][1], i + 1)
+        else:
+            runs.append((k, i, i + 1))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One generation over all edits' items
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
+                     batch_size: int | None = None, max_batch_tokens: int | None = None,
+                     connector_weights: dict[str, torch.Tensor] | None = None,
+                     routing: RowRouting | None = None) -> list[list[str]]:
+    """Greedy outputs of each edit's prompts under that edit's weights, all edits in one batched generation.
+
+    As :meth:`LALMAdapter.generate` (same chunks, same generation config, decoding from ``inputs_embeds``): with
+    ``connector_weights`` (name -> ``[K, ...]``) each prompt's audio is projected through its edit's connector copy;
+    with ``routing`` (installed by the caller) each prompt's rows run the routed leaves with its edit's weights."""
+    from transformers import GenerationConfig
+
+    edit_of = [k for k, ps in enumerate(prompts_per_edit) for _ in ps]
+    prompts = [p for ps in prompts_per_edit for p in ps]
+    outputs: list[str] = []
+    if prompts:
+        adapter.warm_audio([a for p in prompts for a in p.audios()])
+        token_ids = [adapter.prompt_token_ids(p) for p in prompts]
+        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   pad_token_id=adapter.pad_token_id, eos_token_id=adapter.stop_token_ids,
+                                   repetition_penalty=1.0)
+        lengths = [len(t) + max_new_tokens for t in token_ids]
+        for start, stop in batch_spans(lengths, batch_size, max_batch_tokens):
+            batch = adapter.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
+            runs = runs_of(edit_of[start:stop])
+            audio_embeds = None
+            if connector_weights is not None and batch.audio_states:
+                counts = [sum(len(p.audios()) for p in prompts[start + a:start + b]) for _, a, b in runs]
+                audio_embeds = per_edit_audio_embeds(adapter, batch.audio_states, counts, connector_weights,
+                                                     [k for k, _, _ in runs])
+            embeds = adapter.input_embeds(batch, audio_embeds)
+            if routing is not None:
+                routing.runs = runs
+            new_tokens = adapter.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                                generation_config=gen_cfg)
+            outputs.extend(s.strip() for s in adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    result, pos = [], 0
+    for ps in prompts_per_edit:
+        result.append(outputs[pos:pos + len(ps)])
+        pos += len(ps)
+    return result
+
+
+def default_edits_per_pass(bytes_per_edit: int, device: str | torch.device, *, fraction: float = 0.6,
+                           cap: int = MAX_DEFAULT_EDITS_PER_PASS) -> int:
+    """Edits per pass that fit ``fraction`` of the free memory of a CUDA ``device`` (1 on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int(fraction * free) // max(1, bytes_per_edit)))

@@ -1,0 +1,165 @@
+"""Several single edits per pass (editors/batching.py, apply_many, --edits-per-pass): same outputs and parameter
+updates as one edit at a time, per-edit early stop, same runner rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _editor_helpers import (changed_tensors, demo_dataset, one_thread, runner_args, state_copy,  # noqa: F401
+                             synthetic_audio)
+from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
+from editors.batching import StackedCopies, finetune_many
+from editors.hparams import load_hparams
+from editors.models import load_adapter
+from editors.models.base import Prompt
+from editors.predictions import read_predictions
+from editors.run import Runner, build_parser
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTIONS = ["What is the emotion of the speaker? (a) happy (b) sad (c) angry",
+             "Which animal makes this sound? (a) dog (b) cat (c) cow",
+             "What is the gender of the speaker? (a) male (b) female"]
+TARGETS = ["sad", "cow", "female"]
+
+
+def make_edits() -> list[EditRequest]:
+    return [EditRequest(instance_id=f"x/test/{i:06d}", attribute="emotion", original_label="happy",
+                        target_label=t, question=q, options=[], target=t, audio=synthetic_audio(10 + i, 0.6 + 0.3 * i))
+            for i, (q, t) in enumerate(zip(QUESTIONS, TARGETS))]
+
+
+def eval_prompts(edit: EditRequest) -> list[Prompt]:
+    return [edit.prompt(), Prompt("Which animal is this? (a) dog (b) cat", audio=synthetic_audio(3, 0.8)),
+            Prompt("What is the capital of France? (a) Paris (b) Rome")]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_adapter("tiny-qwen2-audio", seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen64():
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    adapter.model.to(torch.float64)
+    return adapter
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def single_then_batched(adapter, method, overrides):
+    """(single outputs, single parameter deltas, single stats, batched outputs, batched deltas, batched stats)."""
+    editor = get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
+    names = editor.touched_parameters()
+    params = dict(adapter.model.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    snapshot = ParameterSnapshot(adapter.model, names)
+    edits = make_edits()
+    single_out, single_delta, single_stats = [], [], []
+    for edit in edits:
+        single_stats.append(editor.apply(edit))
+        single_delta.append({n: params[n].detach() - before[n] for n in names})
+        single_out.append(adapter.generate(eval_prompts(edit), max_new_tokens=6))
+        snapshot.restore()
+    stats = editor.apply_many(edits)
+    assert changed_tensors(adapter.model, before) == []  # the model's own parameters are left unchanged
+    outputs = editor.generate_many([eval_prompts(e) for e in edits], max_new_tokens=6)
+    deltas = [{n: t.to(before[n].dtype) - before[n] for n, t in editor._copies.edit(k).items()}
+              for k in range(len(edits))]
+    editor.reset()
+    return single_out, single_delta, single_stats, outputs, deltas, stats
+
+
+CASES = [("ft_audio", {"max_steps": 12}), ("ft_llm", {"max_steps": 10}),
+         ("ft_llm", {"max_steps": 6, "params": "mlp_out"})]
+
+
+@pytest.mark.parametrize("method,overrides", CASES)
+def test_batched_edits_give_the_same_outputs_as_one_at_a_time(qwen, method, overrides):
+    single_out, _, single_stats, outputs, _, stats = single_then_batched(qwen, method, overrides)
+    assert outputs == single_out
+    assert [s["steps"] for s in stats] == [s["steps"] for s in single_stats]
+    assert any(s["steps"] > 0 for s in stats) and any(single_out[k][0] != single_out[0][0] for k in (1, 2))
+
+
+@pytest.mark.parametrize("method,overrides", CASES)
+def test_batched_parameter_updates_equal_one_at_a_time(qwen64, method, overrides):
+    # float64: the math is exact; in fp32 a batch of 3 rounds its matmuls differently from a batch of 1 (~1e-7),
+    # which Adam at the tiny models' lr (1e-2) grows to ~1e-3 relative over 12 steps (greedy outputs unchanged).
+    _, single_delta, single_stats, _, deltas, stats = single_then_batched(qwen64, method, overrides)
+    assert [s["steps"] for s in stats] == [s["steps"] for s in single_stats]
+    for k, (delta, ref) in enumerate(zip(deltas, single_delta)):
+        for n in ref:
+            assert float(ref[n].norm()) > 0 and relative(delta[n], ref[n]) < 1e-5, (k, n)
+
+
+def test_i_ike_batched_prompts_equal_one_at_a_time(qwen):
+    editor = get_editor_class("i_ike")(qwen, load_hparams("i_ike", qwen.family, tiny=True))
+    edits = make_edits()
+    single = []
+    for edit in edits:
+        editor.apply(edit)
+        single.append(editor.rewrite_prompts(eval_prompts(edit), edit))
+        editor.reset()
+    editor.apply_many(edits)
+    batched = [editor.rewrite_prompts(eval_prompts(e), e) for e in edits]
+    assert [[p.digest() for p in ps] for ps in batched] == [[p.digest() for p in ps] for ps in single]
+    assert editor.generate_many(batched, max_new_tokens=5) == [qwen.generate(ps, max_new_tokens=5) for ps in single]
+    editor.reset()
+    assert not editor.independent and not editor.active
+
+
+def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
+    # loss_k = (w_k - t_k)^2 with SGD lr 0.25 halves the distance per update: edit 0 (distance 0.6) is below 1e-2
+    # after 3 updates, edit 1 (distance 1e4) not within 10 steps.
+    start = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    targets = torch.tensor([[0.6], [1e4]])
+
+    def run(max_steps: int, optimizer: str = "sgd"):
+        copies = StackedCopies({"w": start}, 2)
+        results = finetune_many(copies, lambda w: ((w["w"] - targets) ** 2).sum(-1), lr=0.25, max_steps=max_steps,
+                                early_stop_loss=1e-2, optimizer=optimizer)
+        return copies.masters["w"].detach().clone(), results
+
+    w3, r3 = run(3)
+    w10, r10 = run(10)
+    assert r10[0].steps == 3 and r10[0].stopped_early and r10[0].loss < 1e-2
+    assert r10[1].steps == 10 and not r10[1].stopped_early
+    assert torch.equal(w10[0], w3[0])  # edit 0 stopped changing after its 3rd update
+    assert not torch.equal(w10[1], w3[1])  # edit 1 went on
+    # each edit equals its own single-edit finetune (Adam: elementwise state, frozen once stopped)
+    wa, ra = run(20, "adam")
+    for k in range(2):
+        p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        single = finetune({"w": p}, lambda: ((p - targets[k]) ** 2).sum(), lr=0.25, max_steps=20,
+                          early_stop_loss=1e-2)
+        assert single.steps == ra[k].steps and torch.allclose(p.detach(), wa[k], rtol=1e-6, atol=1e-7)
+
+
+def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
+    argv = runner_args(dataset, out, cache, **{"--method": method, "--config": ["emotion", "gender"],
+                                               "--limit": "2", "--edits-per-pass": k,
+                                               "--hparam": "max_steps=30" if method.startswith("ft") else False})
+    runner = Runner(build_parser().parse_args(argv), adapter=adapter)
+    assert runner.edits_per_pass == int(k)
+    return read_predictions(runner.run())[1]
+
+
+@pytest.mark.parametrize("method", ["ft_audio", "ft_llm", "i_ike", "ie_ike"])
+def test_runner_edits_per_pass_writes_the_same_rows(qwen, demo_dataset, tmp_path, method):
+    before = state_copy(qwen.model)
+    one = _rows(qwen, demo_dataset, tmp_path / "k1", tmp_path / "c1", "1", method)
+    three = _rows(qwen, demo_dataset, tmp_path / "k3", tmp_path / "c3", "3", method)  # a pass of 3, then of 1
+    assert changed_tensors(qwen.model, before) == []
+    assert three == one and len({r["instance_id"] for r in one}) == 4
+
+
+def test_methods_that_do_not_batch_run_one_at_a_time():
+    from editors.base import KNOWN_METHODS
+
+    batching = {m for m in KNOWN_METHODS if get_editor_class(m).batches_edits}
+    assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike"}
