@@ -1,7 +1,8 @@
-"""Editing throughput at full Qwen2-Audio-7B scale: our runner's single-editing path against a naive loop.
+"""Editing throughput at full model scale: our runner's single-editing path against a naive loop.
 
 Builds Qwen2-Audio-7B-Instruct's real architecture from its published config with random bf16 weights on the
-GPU (no download), makes SAKE-shaped edit instances with synthetic 5-16 s audio (1 edit + 10 linked items,
+GPU (no download), or with ``--model desta25`` DeSTA2.5-Audio's (Llama-3.1-8B in bf16 + Whisper-large-v3 and the
+Q-Former connector in fp32, ``DeSTA25Adapter.random_full_size``), makes SAKE-shaped edit instances with synthetic 5-16 s audio (1 edit + 10 linked items,
 ~30-token questions), and times, per method, on the same instances with the same hyperparameters
 (``editors/hparams/<method>.yaml``) and the same ``max_new_tokens`` (EOS disabled in both arms, so every
 generation runs to the bound):
@@ -13,6 +14,10 @@ generation runs to the bound):
   encoder runs in every prefill), the edit with Adam on the method's touched parameters where every step runs
   the whole model from the audio features (encoder recomputed), and restore by ``load_state_dict`` of a deep
   copy of the touched tensors. Prompts come from the same adapter/method, so both arms see the same tokens.
+  DeSTA2.5 has no HF processor: its naive question runs the adapter on that one question with every audio cache
+  dropped first (Whisper transcript + encoder taps recomputed per call, as the release's ``generate`` does), its
+  naive FT step drops the encoder states (taps recomputed, transcript kept) and takes the LLM's full-sequence
+  HF loss.
 
 It also measures the device ceilings (bf16 matmul 8192^3, device-to-device copy), estimates a floor per method
 (training FLOPs / matmul rate + generation bytes / bandwidth) and writes ``bench/RESULTS.md``.
@@ -20,10 +25,15 @@ It also measures the device ceilings (bf16 matmul 8192^3, device-to-device copy)
 ``--tiny`` runs the same code on CPU with the adapter's tiny random model (smoke mode for tests)::
 
     python -m bench.edit_throughput --tiny --edits 1 --methods ft_audio,i_ike --out /tmp/RESULTS.md
+    python -m bench.edit_throughput --tiny --model desta25 --edits 1 --methods ft_audio --out /tmp/RESULTS.md
 
 On a GPU::
 
     python -m bench.edit_throughput --methods ft_audio,ft_llm,i_ike --edits 8 --max-new-tokens 32
+    python -m bench.edit_throughput --model desta25 --methods ft_audio,ft_llm,i_ike --edits 2
+
+``--model desta25`` writes its results as a DeSTA section appended to ``--out`` (replacing an earlier DeSTA
+section, keeping everything else); the Qwen2-Audio writer keeps an existing DeSTA section.
 """
 
 from __future__ import annotations
@@ -66,13 +76,27 @@ PAPER_TABLE7_QWEN_SINGLE: dict[str, str] = {
     "ie_ike": "2h00m",
     "wise": "3h00m",
 }
+#: Paper Table 7, DeSTA2.5-Audio, single editing (same 1,200 edits, one H100).
+PAPER_TABLE7_DESTA_SINGLE: dict[str, str] = {
+    "ft_llm": "5h50m",
+    "ft_audio": "4h20m",
+    "ke": "8h40m",
+    "mend": "4h00m",
+    "unke": "3h00m",
+    "i_ike": "6h00m",
+    "ie_ike": "3h20m",
+    "wise": "6h10m",
+}
+#: --model choice -> its Table 7 single-editing rows.
+PAPER_TABLE7_SINGLE: dict[str, dict[str, str]] = {"qwen2_audio": PAPER_TABLE7_QWEN_SINGLE,
+                                                   "desta25": PAPER_TABLE7_DESTA_SINGLE}
 #: Single edits those times cover (300 test instances x 4 attributes).
 PAPER_EDITS = 1200
 
 
-def paper_seconds_per_edit(method: str) -> float | None:
-    """Table 7's wall-clock for ``method`` over the 1,200 edits it covers, or None if not listed."""
-    text = PAPER_TABLE7_QWEN_SINGLE.get(method)
+def paper_seconds_per_edit(method: str, model: str = "qwen2_audio") -> float | None:
+    """Table 7's wall-clock for ``method`` on ``model`` over the 1,200 edits it covers, or None if not listed."""
+    text = PAPER_TABLE7_SINGLE[model].get(method)
     if text is None:
         return None
     hours, minutes = text.rstrip("m").split("h")
@@ -114,8 +138,15 @@ QWEN2_AUDIO_7B: dict[str, Any] = {
 #: Qwen2-Audio's chat special tokens in id order from <|endoftext|> = 151643.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 SAMPLE_RATE = 16_000
-#: The runner's --model name for each scale (family_of() resolves it without network access).
-MODEL_NAMES = {"full": "Qwen/Qwen2-Audio-7B-Instruct", "tiny": "tiny-qwen2-audio"}
+#: The runner's --model name per bench model and scale (family_of() resolves each without network access).
+MODEL_NAMES = {"qwen2_audio": {"full": "Qwen/Qwen2-Audio-7B-Instruct", "tiny": "tiny-qwen2-audio"},
+               "desta25": {"full": "DeSTA-ntu/DeSTA2.5-Audio-Llama-3.1-8B", "tiny": "tiny-desta25"}}
+#: Words for the report.
+MODEL_TITLES = {"qwen2_audio": {"full": "Qwen2-Audio-7B-Instruct architecture", "tiny": "tiny Qwen2-Audio"},
+                "desta25": {"full": "DeSTA2.5-Audio architecture (Llama-3.1-8B-Instruct + Whisper-large-v3 + "
+                                    "2-layer Q-Former, 64 prompts on encoder layers 7/15/23/31)",
+                            "tiny": "tiny DeSTA2.5-Audio"}}
+PAPER_MODEL_NAMES = {"qwen2_audio": "Qwen2-Audio", "desta25": "DeSTA2.5-Audio"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +239,18 @@ def build_model_7b(seed: int) -> Any:
     return model
 
 
-def bench_adapter_class() -> type:
-    """The runner's Qwen2-Audio adapter with EOS disabled: its stop id is one the model cannot emit (= vocab
-    size), so every generation of either arm runs to ``max_new_tokens``. Nothing else changes."""
+def bench_adapter_class(model: str = "qwen2_audio") -> type:
+    """The runner's adapter of ``model`` with EOS disabled: its stop id is one the model cannot emit (= the LLM's
+    vocab size), so every generation of either arm runs to ``max_new_tokens``. Nothing else changes."""
+    if model == "desta25":
+        from editors.models.desta25 import DeSTA25Adapter
+
+        class NoEosDeSTA25Adapter(DeSTA25Adapter):
+            @property
+            def stop_token_ids(self) -> list[int]:
+                return [int(self.model.config.llm_config.vocab_size)]
+
+        return NoEosDeSTA25Adapter
     from editors.models.qwen2_audio import Qwen2AudioAdapter
 
     class NoEosQwen2AudioAdapter(Qwen2AudioAdapter):
@@ -221,12 +261,19 @@ def bench_adapter_class() -> type:
     return NoEosQwen2AudioAdapter
 
 
-def build_adapter(scale: Scale, seed: int) -> Any:
-    """The bench's adapter: the 7B architecture on the GPU, or the adapter's own tiny model on the CPU."""
-    cls = bench_adapter_class()
+def generation_owner(adapter: Any) -> Any:
+    """The module whose ``generation_config`` the adapter's generation uses (DeSTA2.5: its Llama)."""
+    return adapter.model.llm_model if getattr(adapter, "family", "") == "desta25" else adapter.model
+
+
+def build_adapter(scale: Scale, seed: int, model: str = "qwen2_audio") -> Any:
+    """The bench's adapter: the full-size architecture on the GPU, or the adapter's own tiny model on the CPU."""
+    cls = bench_adapter_class(model)
     started = time.perf_counter()
     if scale.name == "tiny":
         adapter = cls.tiny(seed, dtype=scale.dtype, device=scale.device)
+    elif model == "desta25":  # LLM in the scale's dtype, Whisper + connector fp32 (as the release)
+        adapter = cls.random_full_size(seed, dtype=scale.dtype, device=scale.device)
     else:
         from editors.models.qwen2_audio import TINY_CHAT_TEMPLATE  # the Qwen2-Audio-Instruct chat format
 
@@ -235,11 +282,11 @@ def build_adapter(scale: Scale, seed: int) -> Any:
         processor = build_processor(tokenizer, TINY_CHAT_TEMPLATE)
         model = build_model_7b(seed)
         adapter = cls(model, processor, model_id="Qwen2-Audio-7B-Instruct architecture (random bf16 weights)")
-    adapter.model.generation_config.eos_token_id = None
-    adapter.model.generation_config.pad_token_id = adapter.pad_token_id
+    generation_owner(adapter).generation_config.eos_token_id = None
+    generation_owner(adapter).generation_config.pad_token_id = adapter.pad_token_id
     _sync(scale.device)
-    LOG.info("built %s adapter: %.2f B parameters, %s on %s in %.1f s", scale.name,
-             sum(p.numel() for p in adapter.model.parameters()) / 1e9, scale.dtype, scale.device,
+    LOG.info("built %s %s adapter: %.2f B parameters, %s on %s in %.1f s", scale.name,
+             model, sum(p.numel() for p in adapter.model.parameters()) / 1e9, scale.dtype, scale.device,
              time.perf_counter() - started)
     return adapter
 
@@ -415,6 +462,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def forget_audio(adapter: Any, transcripts: bool = True) -> None:
+    """Drop the adapter's cached encoder states and, with ``transcripts``, DeSTA2.5's in-memory Whisper
+    transcripts (the bench starts every arm without them; its naive DeSTA loop recomputes them per question)."""
+    adapter.clear_audio_cache()
+    if transcripts and isinstance(getattr(adapter, "_transcripts", None), dict):
+        adapter._transcripts.clear()
+
+
 class GenerateCounter:
     """Counts ``model.generate`` calls, rows and new tokens (wraps the bound method; no device sync)."""
 
@@ -469,10 +524,11 @@ class Bench:
     max_new_tokens: int
     seed: int
     workdir: Path
+    model: str = "qwen2_audio"  # the --model choice: qwen2_audio or desta25
 
     @property
     def model_name(self) -> str:
-        return MODEL_NAMES[self.scale.name]
+        return MODEL_NAMES[self.model][self.scale.name]
 
     def overrides(self, method: str) -> list[str]:
         """The scale's KEY=VALUE overrides that ``method``'s hparams file defines (both arms get them)."""
@@ -498,8 +554,9 @@ class Bench:
         return editor
 
     def start_arm(self) -> None:
-        """Same starting state for every arm: no cached audio states, empty allocator cache, peak reset."""
-        self.adapter.clear_audio_cache()
+        """Same starting state for every arm: no cached audio states (nor DeSTA2.5 transcripts), empty allocator
+        cache, peak reset."""
+        forget_audio(self.adapter)
         self.counter.reset()
         if self.scale.device == "cuda":
             torch.cuda.synchronize()
@@ -713,10 +770,16 @@ def processor_inputs(bench: Bench, prompt: Any, target: str | None = None) -> di
     return {k: v.to(bench.scale.device) for k, v in inputs.items()}
 
 
-def naive_generate_each(bench: Bench, prompts: Sequence[Any]) -> list[list[int]]:
-    """One ``generate`` per prompt, the audio encoder inside each prefill; returns the new token ids."""
+def naive_generate_each(bench: Bench, prompts: Sequence[Any]) -> list[Any]:
+    """One ``generate`` per prompt, the audio encoder inside each prefill; returns the new token ids (DeSTA2.5:
+    the decoded answers)."""
     adapter = bench.adapter
     outputs = []
+    if bench.model == "desta25":  # no HF processor: the adapter on one question, every audio cache dropped first
+        for prompt in prompts:
+            forget_audio(adapter)
+            outputs.append(adapter.generate([prompt], max_new_tokens=bench.max_new_tokens))
+        return outputs
     with torch.no_grad():
         for prompt in prompts:
             inputs = processor_inputs(bench, prompt)
@@ -730,7 +793,19 @@ def naive_generate_each(bench: Bench, prompts: Sequence[Any]) -> list[list[int]]
 def naive_finetune(bench: Bench, params: dict[str, torch.nn.Parameter], edit: Any, hp: dict[str, Any]) -> int:
     """Adam on ``params`` (in their dtype) for at most ``max_steps`` updates; every step runs the whole model
     from the audio features (encoder recomputed) with HF's full-sequence loss and checks early stop on the host."""
-    inputs = processor_inputs(bench, edit.prompt(), target=edit.target)
+    adapter = bench.adapter
+    if bench.model == "desta25":
+        def loss_of_step() -> torch.Tensor:  # taps recomputed (transcript kept), the LLM's full-sequence HF loss
+            forget_audio(adapter, transcripts=False)
+            batch = adapter.prepare([edit.prompt()], [edit.target])
+            return generation_owner(adapter)(inputs_embeds=adapter.input_embeds(batch),
+                                             attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                                             labels=batch.labels, use_cache=False).loss
+    else:
+        inputs = processor_inputs(bench, edit.prompt(), target=edit.target)
+
+        def loss_of_step() -> torch.Tensor:
+            return adapter.model(**inputs).loss
     plist = list(params.values())
     for p in plist:
         p.requires_grad_(True)
@@ -739,7 +814,7 @@ def naive_finetune(bench: Bench, params: dict[str, torch.nn.Parameter], edit: An
     steps = 0
     try:
         for _ in range(int(hp["max_steps"])):
-            loss = bench.adapter.model(**inputs).loss
+            loss = loss_of_step()
             if threshold is not None and loss.item() < float(threshold):
                 break
             optimizer.zero_grad(set_to_none=True)
