@@ -1018,17 +1018,19 @@ def _copy_seconds(device: str, nbytes: int, generator: torch.Generator) -> float
 
 
 def measure_ceilings(scale: Scale) -> dict[str, float]:
-    """Matmul rate (bf16 8192^3 on the GPU; fp32 512^3 on the CPU) and device copy bandwidth (read + write),
-    on random data."""
+    """Matmul rate (bf16 8192^3 on the GPU; fp32 512^3 on the CPU), fp32 matmul rate (torch's default precision:
+    DeSTA2.5's Whisper and connector) and device copy bandwidth (read + write), on random data."""
     device = scale.device
     n = 8192 if device == "cuda" else 512
     nbytes = (2 << 30) if device == "cuda" else (32 << 20)
     generator = torch.Generator(device=device).manual_seed(0)
     matmul_s = _matmul_seconds(device, scale.dtype, n, generator)
+    fp32_s = matmul_s if scale.dtype == torch.float32 else _matmul_seconds(device, torch.float32, n, generator)
     copy_s = _copy_seconds(device, nbytes, generator)
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"matmul_n": n, "matmul_flops_per_s": 2 * n**3 / matmul_s, "copy_bytes_per_s": 2 * nbytes / copy_s}
+    return {"matmul_n": n, "matmul_flops_per_s": 2 * n**3 / matmul_s, "matmul_fp32_flops_per_s": 2 * n**3 / fp32_s,
+            "copy_bytes_per_s": 2 * nbytes / copy_s}
 
 
 @dataclasses.dataclass
@@ -1071,56 +1073,102 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
                   post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips))
 
 
-def model_sizes(config: Any) -> dict[str, int]:
-    """Matmul parameter counts the floor needs."""
-    t, a = config.text_config, config.audio_config
-    head_dim = t.hidden_size // t.num_attention_heads
+def _llm_sizes(t: Any) -> dict[str, int]:
+    """Matmul parameter counts of a decoder-only LLM config (Qwen2 / Llama: GQA, gated MLP)."""
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     attention = t.hidden_size * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
     layer = attention + 3 * t.hidden_size * t.intermediate_size
-    encoder_layer = 4 * a.d_model**2 + 2 * a.d_model * a.encoder_ffn_dim
     return {"layers": t.num_hidden_layers, "layer": layer, "head": t.hidden_size * t.vocab_size,
             "llm_weights": layer * t.num_hidden_layers + 2 * t.hidden_size * t.vocab_size,
-            "encoder_flops_per_clip": a.encoder_layers * (2 * encoder_layer * a.max_source_positions
-                                                          + 4 * a.max_source_positions**2 * a.d_model),
-            "connector": a.d_model * t.hidden_size,
             "kv_elements_per_token": 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim}
 
 
-def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, int], ceilings: dict[str, float],
+def _encoder_flops(a: Any, layers: int) -> int:
+    """Forward FLOPs of ``layers`` Whisper encoder layers over one padded 30 s clip."""
+    encoder_layer = 4 * a.d_model**2 + 2 * a.d_model * a.encoder_ffn_dim
+    return layers * (2 * encoder_layer * a.max_source_positions + 4 * a.max_source_positions**2 * a.d_model)
+
+
+def model_sizes(config: Any) -> dict[str, Any]:
+    """Matmul parameter counts and per-clip FLOPs the floor needs (Qwen2-Audio or DeSTA2.5 config).
+
+    ``connector_flops_per_token`` (Qwen2-Audio: one Linear per audio embedding) or ``connector_flops_per_clip``
+    (DeSTA2.5: the Q-Former over the tapped layers, fixed per clip) is the connector's forward; its update costs
+    ``connector_backward_factor`` more forwards. DeSTA2.5's perception (Whisper, connector) runs in fp32:
+    ``perception_fp32`` puts its FLOPs on the fp32 matmul rate. ``transcript_*``: Whisper's decoder writing one
+    transcript per distinct clip (compute per clip; weight bytes per decode step of one batched call)."""
+    if hasattr(config, "llm_config"):  # DeSTA2.5
+        t, a = config.llm_config, config.encoder_config
+        q = config.qformer_config()
+        sizes: dict[str, Any] = _llm_sizes(t)
+        frames, queries, h = a.max_source_positions, config.prompt_size, q.hidden_size
+        per_qformer_layer = (2 * 4 * h * h * queries + 4 * queries * queries * h  # self-attention
+                             + 2 * 2 * h * h * queries + 2 * 2 * h * a.d_model * frames  # cross Q/O, K/V
+                             + 4 * queries * frames * h  # cross-attention scores
+                             + 2 * 2 * h * q.intermediate_size * queries)  # FFN
+        taps = len(config.target_layer_ids)
+        sizes["connector_flops_per_clip"] = taps * q.num_hidden_layers * per_qformer_layer \
+            + 2 * a.d_model * t.hidden_size * queries
+        sizes["connector_backward_factor"] = 2  # input gradients between Q-Former layers + weight gradients
+        sizes["encoder_flops_per_clip"] = _encoder_flops(a, max(config.target_layer_ids) + 1)
+        d = a.d_model
+        decoder_layer = 8 * d * d + 2 * d * a.decoder_ffn_dim  # self Q/K/V/O + cross Q/O (+ K/V once) + FFN
+        steps = int(config.transcript_max_new_tokens)
+        sizes["transcript_steps"] = steps
+        sizes["transcript_flops_per_clip"] = a.decoder_layers * 2 * 2 * d * d * frames + steps * (
+            2 * a.decoder_layers * decoder_layer + 4 * a.decoder_layers * frames * d + 2 * d * a.vocab_size)
+        sizes["transcript_bytes_per_step"] = (a.decoder_layers * (decoder_layer + 2 * d * d) + d * a.vocab_size) * 4
+        sizes["perception_fp32"] = True
+        return sizes
+    t, a = config.text_config, config.audio_config
+    sizes = _llm_sizes(t)
+    sizes.update({"encoder_flops_per_clip": _encoder_flops(a, a.encoder_layers),
+                  "connector_flops_per_token": 2 * a.d_model * t.hidden_size, "connector_backward_factor": 1,
+                  "perception_fp32": False})
+    return sizes
+
+
+def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: dict[str, float],
                   new_tokens: int, dtype_bytes: int, hp: dict[str, Any]) -> dict[str, float]:
     """A lower bound for one edit under the single-edit protocol (see bench/NOTES.md).
 
     compute = training FLOPs (every frozen upstream part once: the encoder per clip, the layers below an edited
     layer once; per update the forward above the edited part with the LM head at target positions only, input
     gradients through the layers above it, weight gradients of the edited part) + prefill FLOPs of the pre- and
-    post-edit questions + the encoder once per distinct clip; memory = per decode step of one batched pre-edit
-    and one batched post-edit generation, every LLM weight and the KV cache read once.
+    post-edit questions + the encoder once per distinct clip (DeSTA2.5: also one Whisper transcript per distinct
+    clip; its perception FLOPs at the fp32 rate); memory = per decode step of one batched pre-edit and one batched
+    post-edit generation, every LLM weight and the KV cache read once (DeSTA2.5: plus Whisper's decoder weights
+    per step of one batched transcription of the edit's clips).
     """
     L, T, A = shapes.edit_tokens, shapes.target_tokens, shapes.audio_tokens
     layers, P, H = sizes["layers"], sizes["layer"], sizes["head"]
     steps = int(hp.get("max_steps", 0))
-    train = 0.0
+    connector = sizes.get("connector_flops_per_clip") or sizes.get("connector_flops_per_token", 0) * A
+    train = perception = 0.0
     if method == "ft_audio":
-        per_step = (2 * layers * P * L + 2 * H * T + 2 * sizes["connector"] * A) \
-            + (2 * layers * P * L + 2 * H * T) + 2 * sizes["connector"] * A
-        train = steps * per_step
+        train = steps * ((2 * layers * P * L + 2 * H * T) + (2 * layers * P * L + 2 * H * T))
+        perception = steps * (1 + sizes["connector_backward_factor"]) * connector
     elif method == "ft_llm":
         edited = int(hp.get("layer", layers - 1)) % layers
         above = layers - edited
         train = 2 * edited * P * L + steps * ((2 * above * P * L + 2 * H * T)
                                               + (2 * (above - 1) * P * L + 2 * H * T) + 2 * P * L)
-    prefill = 2 * layers * P * (sum(shapes.pre_tokens) + sum(shapes.post_tokens)) \
-        + sizes["encoder_flops_per_clip"] * shapes.distinct_clips
-    compute_s = (train + prefill) / ceilings["matmul_flops_per_s"]
+    prefill = 2 * layers * P * (sum(shapes.pre_tokens) + sum(shapes.post_tokens))
+    perception += (sizes["encoder_flops_per_clip"] + sizes.get("transcript_flops_per_clip", 0)) \
+        * shapes.distinct_clips
+    perception_rate = ceilings["matmul_fp32_flops_per_s"] if sizes["perception_fp32"] else ceilings[
+        "matmul_flops_per_s"]
+    compute_s = (train + prefill) / ceilings["matmul_flops_per_s"] + perception / perception_rate
     kv_bytes = sizes["kv_elements_per_token"] * dtype_bytes
-    generate_bytes = 0.0
+    generate_bytes = sizes.get("transcript_bytes_per_step", 0) * sizes.get("transcript_steps", 0) * float(
+        shapes.distinct_clips > 0)
     for prompts in (shapes.pre_tokens, shapes.post_tokens):
         for step in range(new_tokens):
             generate_bytes += sizes["llm_weights"] * dtype_bytes + kv_bytes * sum(p + step for p in prompts)
     memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
-    return {"train_flops": train, "prefill_flops": prefill, "generate_bytes": generate_bytes,
-            "compute_s": compute_s, "memory_s": memory_s, "floor_s": compute_s + memory_s,
-            "train_modelled": float(method in ("ft_audio", "ft_llm") or not steps)}
+    return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
+            "generate_bytes": generate_bytes, "compute_s": compute_s, "memory_s": memory_s,
+            "floor_s": compute_s + memory_s, "train_modelled": float(method in ("ft_audio", "ft_llm") or not steps)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1197,8 +1245,11 @@ def render_details(row: dict[str, Any]) -> list[str]:
             lines.append(f"- {label}: {_arm_text(info)}")
     fl = row["floor_parts"]
     if row["floor"] is not None:
+        perception = fl.get("perception_flops", 0.0)
         lines.append(f"- floor: training {fl['train_flops'] / 1e12:.1f} TFLOP + prefill "
-                     f"{fl['prefill_flops'] / 1e12:.1f} TFLOP = {fl['compute_s']:.3f} s; generation "
+                     f"{fl['prefill_flops'] / 1e12:.1f} TFLOP + audio encoder/connector"
+                     f"{'/transcripts (fp32)' if row.get('perception_fp32') else ''} {perception / 1e12:.1f} TFLOP "
+                     f"= {fl['compute_s']:.3f} s; generation "
                      f"{fl['generate_bytes'] / 1e9:.0f} GB = "
                      f"{fl['memory_s']:.3f} s" + ("" if fl["train_modelled"] else " (training not modelled)"))
     profile = (row.get("info_ours") or {}).get("profile")
@@ -1214,19 +1265,49 @@ def render_details(row: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: Markers around the DeSTA2.5 section of RESULTS.md (the Qwen2-Audio run rewrites the rest of the file).
+DESTA_BEGIN = "<!-- bench: desta25 section begin (written by bench/edit_throughput.py --model desta25) -->"
+DESTA_END = "<!-- bench: desta25 section end -->"
+
+
+def merge_results(existing: str, text: str, model: str) -> str:
+    """The new RESULTS.md: a DeSTA2.5 run replaces the marked DeSTA section of ``existing`` (or appends it) and
+    keeps everything else; a Qwen2-Audio run replaces everything but keeps an existing DeSTA section."""
+    begin, end = existing.find(DESTA_BEGIN), existing.find(DESTA_END)
+    has_section = begin >= 0 and end > begin
+    if model == "desta25":
+        section = f"{DESTA_BEGIN}\n{text.rstrip()}\n{DESTA_END}\n"
+        if has_section:
+            return existing[:begin] + section + existing[end + len(DESTA_END):].lstrip("\n")
+        return (existing.rstrip("\n") + "\n\n" if existing.strip() else "") + section
+    if has_section:
+        return text.rstrip("\n") + "\n\n" + existing[begin:end + len(DESTA_END)] + "\n"
+    return text
+
+
+def write_results(path: Path, text: str, model: str) -> None:
+    """Write ``text`` into ``path`` as :func:`merge_results` says (atomically)."""
+    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
+    write_atomic(path, merge_results(existing, text, model))
+
+
 def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, Any]], ceilings: dict[str, float],
                    params_b: float) -> str:
-    """RESULTS.md: setup, table, ceilings, per-method counters."""
+    """RESULTS.md (or its DeSTA2.5 section): setup, table, ceilings, per-method counters."""
     import transformers
 
+    model = getattr(args, "model", "qwen2_audio")
+    desta = model == "desta25"
+    dtype = str(scale.dtype).replace("torch.", "")
     lines = [
-        "# Editing throughput (written by `bench/edit_throughput.py`)",
+        "## DeSTA2.5-Audio: editing throughput (written by `bench/edit_throughput.py --model desta25`)" if desta
+        else "# Editing throughput (written by `bench/edit_throughput.py`)",
         "",
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- device: {device_name(scale)}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
-        f"- model: {'Qwen2-Audio-7B-Instruct architecture' if scale.name == 'full' else 'tiny Qwen2-Audio'} "
-        f"({params_b:.2f} B parameters, random weights, {str(scale.dtype).replace('torch.', '')})",
+        f"- model: {MODEL_TITLES[model][scale.name]} ({params_b:.2f} B parameters, random weights, "
+        + (f"LLM {dtype}, Whisper + connector float32)" if desta else f"{dtype})"),
         f"- command: `python -m bench.edit_throughput {' '.join(args.argv)}`",
         f"- protocol: single editing, {args.edits} timed edits (ours, each pass) and "
         f"{args.naive_edits or args.edits} (naive) after {args.warmup} / {args.naive_warmup} warm-up, the naive arm "
@@ -1240,10 +1321,22 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
         "(s/edit = the runner's per-unit wall-clock, rows held in memory instead of Parquet); naive: one "
         "`generate` per question from processor inputs, every FT step through the whole model (audio encoder "
         "recomputed), restore by `load_state_dict` of a deep copy of the touched tensors",
+    ]
+    if desta:
+        lines += [
+            "- DeSTA2.5 specifics: every arm starts without encoder states or transcripts; ours transcribes each "
+            "distinct clip once (Whisper's decoder, up to 128 tokens: random weights rarely stop early) and keeps "
+            "transcript + tapped encoder states for the rest of the pass; naive drops both before every question "
+            "(as the release's `generate` transcribes per call) and drops the encoder states before every FT step "
+            "(transcript kept; loss = the Llama's full-sequence HF loss); audio tokens in the LLM = 64 connector "
+            "outputs + the transcript's tokens",
+        ]
+    lines += [
         f"- ceilings measured here: matmul {ceilings['matmul_n']}^3 "
-        f"{ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, device copy {ceilings['copy_bytes_per_s'] / 1e12:.3g} "
-        "TB/s (read + write)",
-        "- paper: Table 7, Qwen2-Audio, single editing wall-clock / 1,200 edits",
+        f"{ceilings['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s ({dtype}), "
+        + (f"{ceilings['matmul_fp32_flops_per_s'] / 1e12:.3g} TFLOP/s (float32), " if desta else "")
+        + f"device copy {ceilings['copy_bytes_per_s'] / 1e12:.3g} TB/s (read + write)",
+        f"- paper: Table 7, {PAPER_MODEL_NAMES[model]}, single editing wall-clock / 1,200 edits",
         "",
         render_table(rows),
         "",
@@ -1265,6 +1358,13 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
         "step) / copy bandwidth; see `bench/NOTES.md`.",
         "",
     ]
+    if desta:
+        lines += ["DeSTA2.5 floor: perception (Whisper encoder up to the last tapped layer once per distinct clip, "
+                  "one Whisper transcript per distinct clip, the Q-Former per FT-Audio update) at the float32 rate; "
+                  "the transcription's decode steps read Whisper's decoder weights (float32) once per step of one "
+                  "batched call.", ""]
+        paper_rows = ", ".join(f"{m} {t}" for m, t in PAPER_TABLE7_DESTA_SINGLE.items())
+        lines += [f"Paper Table 7 DeSTA single editing (1,200 edits): {paper_rows}.", ""]
     if any(r.get("batched") for r in rows):
         lines += ["## Several edits per pass (`--edits-per-pass K`, issue 12)", "",
                   "The runner with K independent single edits per pass (per-edit parameter copies or prompts, one "
@@ -1279,8 +1379,12 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.edit_throughput",
-        description="Time single editing at Qwen2-Audio-7B scale (random weights): the runner's path vs a naive "
-                    "loop, with the device ceilings and a floor estimate; writes a Markdown table (issue 7).")
+        description="Time single editing at full model scale (Qwen2-Audio-7B or DeSTA2.5-Audio, random weights): "
+                    "the runner's path vs a naive loop, with the device ceilings and a floor estimate; writes a "
+                    "Markdown table (issues 7, 11).")
+    parser.add_argument("--model", choices=sorted(PAPER_TABLE7_SINGLE), default="qwen2_audio",
+                        help="architecture to time (default: %(default)s); desta25 appends a DeSTA section to --out "
+                             "(replacing an earlier one) and keeps the rest of the file")
     parser.add_argument("--methods", default="ft_audio,ft_llm,i_ike",
                         help="comma-separated methods of editors/ (default: %(default)s)")
     parser.add_argument("--edits", type=int, default=8, help="timed edits per arm and method (default: %(default)s)")
@@ -1308,7 +1412,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="GPU only: profile the runner's phases on one more instance per method")
     parser.add_argument("--whatif-decode", action="store_true",
-                        help="GPU only: also time one instance's evaluation with a static KV cache + compiled decode")
+                        help="GPU and qwen2_audio only: also time one instance's evaluation with a static KV cache + compiled decode")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -1330,7 +1434,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-FLOOR_KEYS = ("train_flops", "prefill_flops", "generate_bytes", "compute_s", "memory_s", "floor_s", "train_modelled")
+FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_bytes", "compute_s", "memory_s",
+              "floor_s", "train_modelled")
 
 
 def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: dict[str, float]) -> dict[str, Any]:
@@ -1364,9 +1469,9 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
         floor = {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}
     batched = [run_batched(bench, method, args.edits, k) for k in args.edits_per_pass] if editor is not None else []
     gib = lambda arm: arm.peak_bytes / 2**30 if arm.peak_bytes and arm.seconds else None  # noqa: E731
-    row = {"method": method, "paper": paper_seconds_per_edit(method), "ours": ours.per_edit, "warm": warm.per_edit,
+    row = {"method": method, "paper": paper_seconds_per_edit(method, bench.model), "ours": ours.per_edit, "warm": warm.per_edit,
            "naive": naive.per_edit, "floor": None if math.isnan(floor["floor_s"]) else floor["floor_s"],
-           "floor_parts": floor, "peak_ours": gib(ours), "peak_naive": gib(naive), "error_ours": ours.error,
+           "floor_parts": floor, "perception_fp32": bench.model == "desta25", "peak_ours": gib(ours), "peak_naive": gib(naive), "error_ours": ours.error,
            "error_naive": naive.error, "info_ours": ours.info, "info_naive": naive.info, "batched": batched,
            "raw": {"ours_s": ours.seconds, "ours_warm_s": warm.seconds, "naive_s": naive.seconds,
                    "info_ours_warm": warm.info, "edit_tokens": [sh.edit_tokens for sh in shapes],
@@ -1389,7 +1494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceilings = measure_ceilings(scale)
     LOG.info("ceilings: %.1f TFLOP/s matmul, %.2f TB/s copy", ceilings["matmul_flops_per_s"] / 1e12,
              ceilings["copy_bytes_per_s"] / 1e12)
-    adapter = build_adapter(scale, args.seed)
+    adapter = build_adapter(scale, args.seed, args.model)
     needed = [(max(args.edits, naive_edits), args.warmup)] + [batched_plan(args.edits, k)[::-1]
                                                                for k in args.edits_per_pass]
     limit = max(plan_units(edits, warmup)[1] for edits, warmup in needed)
@@ -1398,7 +1503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one more test row per attribute than the plan needs: the profiled instance
         dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 2, args.seed, scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
         params_b = sum(p.numel() for p in adapter.model.parameters()) / 1e9
         if "naive" in args.arms and args.naive_warmup == 0:
             naive_global_warmup(bench)
@@ -1406,9 +1511,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in methods:
             rows.append(bench_method(bench, method, args, ceilings))
             # rewritten after every method, so a run cut short still leaves the rows it finished
-            write_atomic(args.out, render_results(args, scale, rows, ceilings, params_b))
+            write_results(args.out, render_results(args, scale, rows, ceilings, params_b), args.model)
         whatif = None
-        if args.whatif_decode and scale.device == "cuda":
+        if args.whatif_decode and args.model != "qwen2_audio":
+            LOG.warning("--whatif-decode is written for qwen2_audio only: skipped")
+        elif args.whatif_decode and scale.device == "cuda":
             bench.adapter.clear_audio_cache()
             whatif = whatif_static_decode(bench, dataset.ordered(*plan_units(args.edits, args.warmup))[0])
         text = render_results(args, scale, rows, ceilings, params_b)
@@ -1416,10 +1523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             text += ("\n## What-if: evaluation decode with a static KV cache + compiled step "
                      "(not the runner's path)\n\n"
                      f"`{json.dumps(whatif, sort_keys=True)}`\n")
-        write_atomic(args.out, text)
+        write_results(args.out, text, args.model)
         if args.json is not None:
             raw = {r["method"]: {k: v for k, v in r.items()} for r in rows}
-            write_atomic(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale), "methods": raw},
+            write_atomic(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale),
+                                                "model": args.model, "methods": raw},
                                                indent=1, sort_keys=True, default=str) + "\n")
     print(render_table(rows))
     LOG.info("wrote %s", args.out)

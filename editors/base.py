@@ -241,6 +241,14 @@ class FinetuneResult:
     stopped_early: bool
 
 
+def finetune_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`finetune` / ``finetune_many`` taken from a method's hparams (``lr``,
+    ``max_steps``, optional ``early_stop_loss``, ``optimizer`` (default adam) and ``weight_decay``)."""
+    return {"lr": float(hparams["lr"]), "max_steps": int(hparams["max_steps"]),
+            "early_stop_loss": hparams.get("early_stop_loss"), "optimizer": hparams.get("optimizer", "adam"),
+            "weight_decay": float(hparams.get("weight_decay", 0.0))}
+
+
 def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], *, lr: float,
              max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
              weight_decay: float = 0.0) -> FinetuneResult:

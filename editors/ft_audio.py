@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, finetune, register
+from editors.base import EditRequest, Editor, finetune, finetune_settings, register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
 
@@ -45,11 +45,7 @@ class FTAudio(Editor):
         def loss():  # connector -> all LLM layers; the encoder output is reused
             return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch))
 
-        result = finetune(params, loss, lr=float(self.hparams["lr"]),
-                          max_steps=int(self.hparams["max_steps"]),
-                          early_stop_loss=self.hparams.get("early_stop_loss"),
-                          optimizer=self.hparams.get("optimizer", "adam"),
-                          weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        result = finetune(params, loss, **finetune_settings(self.hparams))
         return {"steps": result.steps, "loss": result.loss}
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
@@ -67,11 +63,7 @@ class FTAudio(Editor):
             embeds = per_edit_audio_embeds(self.adapter, batch.audio_states, counts, weights)
             return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds), reduction="none")
 
-        results = finetune_many(copies, losses, lr=float(self.hparams["lr"]),
-                                max_steps=int(self.hparams["max_steps"]),
-                                early_stop_loss=self.hparams.get("early_stop_loss"),
-                                optimizer=self.hparams.get("optimizer", "adam"),
-                                weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        results = finetune_many(copies, losses, **finetune_settings(self.hparams))
         self._copies = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 

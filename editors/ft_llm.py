@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, finetune, register
+from editors.base import EditRequest, Editor, finetune, finetune_settings, register
 from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
 from editors.models.base import Prompt
 
@@ -51,11 +51,7 @@ class FTLLM(Editor):
         state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once per edit
         names = self.touched_parameters()
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in set(names)}
-        result = finetune(params, lambda: self.adapter.loss_from(state), lr=float(self.hparams["lr"]),
-                          max_steps=int(self.hparams["max_steps"]),
-                          early_stop_loss=self.hparams.get("early_stop_loss"),
-                          optimizer=self.hparams.get("optimizer", "adam"),
-                          weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+        result = finetune(params, lambda: self.adapter.loss_from(state), **finetune_settings(self.hparams))
         return {"steps": result.steps, "loss": result.loss}
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
@@ -73,11 +69,7 @@ class FTLLM(Editor):
             return self.adapter.loss_from(state, reduction="none")
 
         with routing.installed():
-            results = finetune_many(copies, losses, lr=float(self.hparams["lr"]),
-                                    max_steps=int(self.hparams["max_steps"]),
-                                    early_stop_loss=self.hparams.get("early_stop_loss"),
-                                    optimizer=self.hparams.get("optimizer", "adam"),
-                                    weight_decay=float(self.hparams.get("weight_decay", 0.0)))
+            results = finetune_many(copies, losses, **finetune_settings(self.hparams))
         self._copies = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 
