@@ -445,3 +445,11 @@ def test_demo_release_manifest_round_trip(tmp_path):
             assert sorted(result["metrics"]["per_gap"]) == sorted({str(k[1]) for k in keys})
     assert sorted(r["mode"] for r in store.results()) == ["sequential", "single"]
     build_site(tmp_path / "results", tmp_path / "site")
+
+
+def test_board_shows_local_model_paths_by_their_last_component():
+    from eval.leaderboard.build import display_model_name
+
+    assert display_model_name("/work/x/models/sake-reference-qwen2-audio/") == "sake-reference-qwen2-audio"
+    assert display_model_name("./models/ref") == "ref"
+    assert display_model_name("Qwen/Qwen2-Audio-7B-Instruct") == "Qwen/Qwen2-Audio-7B-Instruct"

@@ -53,6 +53,13 @@ def read_results(results_dir: str | os.PathLike) -> list[tuple[str, dict[str, An
     return out
 
 
+def display_model_name(model: str) -> str:
+    """How a submitted model id is shown: Hub ids as they are, a local directory path by its last component."""
+    if model.startswith(("/", "./", "../", "~")) or "\\" in model:
+        return model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return model
+
+
 def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The board row of one scored result, and the JSON its metadata link points to (None without metadata)."""
     sub = result.get("submission") or {}
@@ -62,7 +69,7 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
         "id": sid,
         "reference": False,
         "model": result["model"],
-        "model_display": result.get("model_display") or result["model"],
+        "model_display": result.get("model_display") or display_model_name(result["model"]),
         "model_link": metadata.get("model_link") or "",
         "method": result["method"],
         "mode": result["mode"],
