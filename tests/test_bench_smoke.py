@@ -87,3 +87,50 @@ def test_tiny_run_writes_a_well_formed_table(tmp_path, one_thread):
     assert data["info_ours"]["new_tokens"] == data["info_naive"]["new_tokens"] == [1]
     assert data["info_ours"]["steps"] == data["info_naive"]["steps"] == [3]
     assert data["raw"]["info_ours_warm"]["preedit_cache_hits"] == 10
+
+
+def test_desta_paper_rates_come_from_table7():
+    assert bench.paper_seconds_per_edit("ft_audio", "desta25") == pytest.approx((4 * 3600 + 20 * 60) / 1200)
+    assert bench.paper_seconds_per_edit("wise", "desta25") == pytest.approx((6 * 3600 + 10 * 60) / 1200)
+    assert bench.paper_seconds_per_edit("ft_audio", "desta25") != bench.paper_seconds_per_edit("ft_audio")
+
+
+def test_desta_section_is_appended_then_replaced_and_kept_by_qwen_runs():
+    qwen = "# Editing throughput\n\n| method |\n|---|\n| ft_audio |\n"
+    first = bench.merge_results(qwen, "## DeSTA run 1\n", "desta25")
+    assert first.startswith(qwen.rstrip("\n")) and "DeSTA run 1" in first
+    second = bench.merge_results(first + "\ntrailing note\n", "## DeSTA run 2\n", "desta25")
+    assert "DeSTA run 1" not in second and second.count(bench.DESTA_BEGIN) == 1
+    assert second.startswith(qwen.rstrip("\n")) and "trailing note" in second
+    rerun = bench.merge_results(second, "# Editing throughput, new Qwen run\n", "qwen2_audio")
+    assert rerun.startswith("# Editing throughput, new Qwen run") and "DeSTA run 2" in rerun
+    assert "| ft_audio |" not in rerun  # the Qwen part is replaced
+
+
+def test_tiny_desta_run_appends_its_section(tmp_path, one_thread):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Editing throughput (Qwen2-Audio rows)\n\nkept line\n")
+    raw = tmp_path / "raw.json"
+    code = bench.main(["--tiny", "--model", "desta25", "--methods", "ft_audio", "--edits", "1", "--warmup", "0",
+                       "--max-new-tokens", "1", "--out", str(out), "--json", str(raw),
+                       "--workdir", str(tmp_path / "work"), "--log-level", "WARNING"])
+    assert code == 0
+    text = out.read_text()
+    assert text.startswith("# Editing throughput (Qwen2-Audio rows)\n\nkept line\n")
+    section = text[text.index(bench.DESTA_BEGIN):]
+    assert "DeSTA2.5-Audio" in section and section.rstrip().endswith(bench.DESTA_END)
+    table = [line for line in section.splitlines() if line.startswith("| ft_audio")]
+    assert len(table) == 1
+    header_line = next(line for line in section.splitlines() if line.startswith("| method"))
+    header = [c.strip() for c in header_line.strip("|").split("|")]
+    cells = dict(zip(header, [c.strip() for c in table[0].strip("|").split("|")]))
+    assert float(cells["paper s/edit"]) == pytest.approx(13.0)  # DeSTA's FT-Audio row, not Qwen's 9.0
+    for column in ("s/edit ours", "s/edit naive", "floor s/edit"):
+        assert float(cells[column]) > 0
+    data = json.loads(raw.read_text())
+    assert data["model"] == "desta25"
+    row = data["methods"]["ft_audio"]
+    assert row["info_ours"]["prediction_rows"] == 10
+    assert row["info_ours"]["sequences_per_edit"] == row["info_naive"]["sequences_per_edit"] == 20
+    assert row["info_ours"]["new_tokens"] == row["info_naive"]["new_tokens"] == [1]
+    assert row["floor_parts"]["perception_flops"] > 0  # Whisper encoder + transcripts + Q-Former counted

@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, PromptBatch, audio_digest,
+from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
                                  build_tiny_tokenizer, tiny_feature_extractor)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
 
@@ -338,11 +338,10 @@ class DeSTA25Adapter(LALMAdapter):
         """prompt_size connector outputs + the transcript's LLM tokens."""
         return self.config.prompt_size + len(self.transcript_ids(audio))
 
-    def prepare(self, prompts: Sequence[Prompt], targets: Sequence[str] | None = None,
-                token_ids: Sequence[list[int]] | None = None) -> PromptBatch:
-        # transcribe all audios of the batch in one Whisper call before the (per audio) placeholder expansion
-        self.transcripts([a for p in prompts for a in p.audios()])
-        return super().prepare(prompts, targets, token_ids=token_ids)
+    def warm_audio(self, audios: Sequence[np.ndarray]) -> None:
+        """Transcribe all audios of a generate/prepare call in batched Whisper calls before the (per audio)
+        placeholder expansion needs each transcript's length."""
+        self.transcripts(list(audios))
 
     # ---- transcripts --------------------------------------------------------------------------------------------
 
