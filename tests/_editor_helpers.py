@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -103,19 +102,3 @@ def runner_args(dataset: Path, out: Path, cache: Path, **overrides: Any) -> list
     return argv
 
 
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Tiny models run fastest single-threaded on a shared 2-core machine (no OpenMP spinning)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def demo_dataset(tmp_path_factory) -> Path:
-    """The demo build (`build_splits.py --demo`), built once per session even when several modules use it."""
-    out = tmp_path_factory.getbasetemp() / "editors_sake_demo"
-    if not (out / "sake_manifest.json").is_file():
-        build_demo(out)
-    return out

@@ -17,7 +17,6 @@ from editors.hparams import load_hparams
 from editors.models import load_adapter
 from editors.models.base import LALMAdapter
 
-torch.set_num_threads(1)  # 2 shared cores: one thread is ~100x faster than two contending ones for tiny models
 
 EMOTION_QUESTION = "What is the emotion of the speaker? (a) happy (b) sad (c) angry (d) neutral"
 

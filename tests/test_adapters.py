@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from _editor_helpers import one_thread, synthetic_audio  # noqa: F401 (fixture)
+from _editor_helpers import synthetic_audio
 from editors.models import adapter_class, family_of, load_adapter, save_tiny
 from editors.models.base import Prompt, Turn, batch_spans, whisper_mel_frames
 
 FAMILIES = ["tiny-qwen2-audio", "tiny-audio-flamingo3"]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

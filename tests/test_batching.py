@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _editor_helpers import (changed_tensors, demo_dataset, one_thread, runner_args, state_copy,  # noqa: F401
-                             synthetic_audio)
+from _editor_helpers import changed_tensors, runner_args, state_copy, synthetic_audio
 from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
 from editors.batching import StackedCopies, finetune_many
 from editors.hparams import load_hparams
@@ -15,8 +14,6 @@ from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
 from editors.run import Runner, build_parser
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUESTIONS = ["What is the emotion of the speaker? (a) happy (b) sad (c) angry",
              "Which animal makes this sound? (a) dog (b) cat (c) cow",

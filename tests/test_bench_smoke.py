@@ -7,18 +7,8 @@ import re
 
 import pytest
 
-import torch
 
 from bench import edit_throughput as bench
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny model is faster on one thread than on cores shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_paper_rates_come_from_table7():
@@ -61,7 +51,7 @@ def test_cli_help(capsys):
         assert flag in out
 
 
-def test_tiny_run_writes_a_well_formed_table(tmp_path, one_thread):
+def test_tiny_run_writes_a_well_formed_table(tmp_path):
     out = tmp_path / "RESULTS.md"
     raw = tmp_path / "raw.json"
     code = bench.main(["--tiny", "--methods", "ft_audio", "--edits", "1", "--warmup", "0", "--max-new-tokens", "1",
@@ -107,7 +97,7 @@ def test_desta_section_is_appended_then_replaced_and_kept_by_qwen_runs():
     assert "| ft_audio |" not in rerun  # the Qwen part is replaced
 
 
-def test_tiny_desta_run_appends_its_section(tmp_path, one_thread):
+def test_tiny_desta_run_appends_its_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Editing throughput (Qwen2-Audio rows)\n\nkept line\n")
     raw = tmp_path / "raw.json"

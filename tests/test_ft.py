@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _editor_helpers import changed_tensors, one_thread, state_copy, synthetic_audio  # noqa: F401 (fixture)
+from _editor_helpers import changed_tensors, state_copy, synthetic_audio
 from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
 from editors.hparams import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT_PROMPTS = [Prompt("Which of the following is a planet? (a) Mars (b) the Sun"),
                 Prompt("What is the capital of France? (a) Paris (b) Rome", system="Answer briefly.")]

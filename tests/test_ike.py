@@ -6,13 +6,12 @@ import dataclasses
 
 import pytest
 
-from _editor_helpers import changed_tensors, demo_dataset, one_thread, state_copy  # noqa: F401 (fixtures)
+from _editor_helpers import changed_tensors, state_copy
 from editors.base import EditRequest, RunContext, get_editor_class
 from editors.data import eval_items, load_instances
 from editors.hparams import load_hparams
 from editors.models import load_adapter
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

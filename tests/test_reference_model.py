@@ -19,24 +19,6 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
                                 reason="reference model not trained yet (python -m tools.train_reference_model)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model is tiny: one thread is faster than two (no sync), also on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory) -> Path:
-    from sake_dataset import build_demo
-
-    out = tmp_path_factory.mktemp("refmodel") / "demo"
-    build_demo(out, seed=0)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter():
     torch.manual_seed(0)

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from _editor_helpers import (changed_tensors, demo_dataset, make_bad_dataset, make_long_sequential,  # noqa: F401
-                             one_thread, runner_args, state_copy)
+from _editor_helpers import changed_tensors, make_bad_dataset, make_long_sequential, runner_args, state_copy
 from editors.data import load_instances
 from editors.models import load_adapter
 from editors.predictions import read_predictions
 from editors.run import Runner, build_parser, main
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROW_KEYS = {"kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options", "reference",
             "pre_edit", "post_edit", "gap", "category"}

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _editor_helpers import REPO, demo_dataset, one_thread, runner_args  # noqa: F401
+from _editor_helpers import REPO, runner_args
 from editors.models import load_adapter, save_tiny
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
 from editors.preedit_cache import PreEditCache
 from editors.run import Runner, build_parser, main
 from editors.shard import Shard, merge, part_files, scan
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
