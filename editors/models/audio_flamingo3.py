@@ -9,6 +9,7 @@ embedding (the valid frames of all its windows, concatenated).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,59 +60,56 @@ class AudioFlamingo3Adapter(LALMAdapter):
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
              num_layers: int = 4) -> "AudioFlamingo3Adapter":
-        from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration,
-                                  AudioFlamingo3Processor)
-
-        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                         chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=16, chunk_length=2)
-        processor = AudioFlamingo3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                            chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
-        config = AudioFlamingo3Config(
-            audio_config={"model_type": "audioflamingo3_encoder", "hidden_size": 32, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "intermediate_size": 64, "num_mel_bins": 16,
-                          "max_source_positions": feature_extractor.nb_max_frames // 2},
-            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128,
-                         "intermediate_size": 256, "num_hidden_layers": num_layers, "num_attention_heads": 4,
-                         "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "bos_token_id": None, "initializer_range": 0.2},
-            audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
-        )
-        torch.manual_seed(seed)
-        model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, processor, model_id=f"tiny-audio-flamingo3@seed{seed}", revision="", is_tiny=True)
+        return cls._random_init(
+            seed, dtype=dtype, device=device, num_mel_bins=16, chunk_length=2, model_id=f"tiny-audio-flamingo3@seed{seed}",
+            is_tiny=True, audio_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+            text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": num_layers,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                         "initializer_range": 0.2})
 
     @classmethod
     def random_full_size(cls, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
                          num_layers: int = 28) -> "AudioFlamingo3Adapter":
         """The AF3 architecture (Whisper-large-v3 encoder, Qwen2.5-7B LLM) with random weights, for throughput
         benchmarks without the checkpoint (tiny offline tokenizer, real 128-mel 30 s feature extractor)."""
-        from transformers import (AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration,
-                                  AudioFlamingo3Processor)
+        return cls._random_init(
+            seed, dtype=dtype, device=device, num_mel_bins=128, chunk_length=30,
+            model_id=f"random-audio-flamingo3@seed{seed}", is_tiny=False,
+            audio_config={"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 20, "intermediate_size": 5120},
+            text_config={"vocab_size": 151936, "hidden_size": 3584, "intermediate_size": 18944,
+                        "num_hidden_layers": num_layers, "num_attention_heads": 28, "num_key_value_heads": 4,
+                        "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0})
+
+    @classmethod
+    def _random_init(cls, seed: int, *, dtype: torch.dtype, device: str, num_mel_bins: int, chunk_length: int,
+                     audio_config: dict[str, Any], text_config: dict[str, Any], model_id: str,
+                     is_tiny: bool) -> "AudioFlamingo3Adapter":
+        """A random-init model of the real class with the offline tokenizer (vocabulary size from the tokenizer
+        unless ``text_config`` sets it) and a Whisper feature extractor of ``chunk_length`` seconds; tiny models
+        are built on the CPU then moved, full-size ones directly on ``device``."""
+        from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
 
         tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                          chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=128, chunk_length=30)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=num_mel_bins, chunk_length=chunk_length)
         processor = AudioFlamingo3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                            chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
+                                chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
         config = AudioFlamingo3Config(
-            audio_config={"model_type": "audioflamingo3_encoder", "hidden_size": 1280, "num_hidden_layers": 32,
-                          "num_attention_heads": 20, "intermediate_size": 5120, "num_mel_bins": 128,
-                          "max_source_positions": 1500},
-            text_config={"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 3584,
-                         "intermediate_size": 18944, "num_hidden_layers": num_layers, "num_attention_heads": 28,
-                         "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                         "rope_theta": 1000000.0, "tie_word_embeddings": False,
+            audio_config={"model_type": "audioflamingo3_encoder", "num_mel_bins": num_mel_bins,
+                          "max_source_positions": feature_extractor.nb_max_frames // 2, **audio_config},
+            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "tie_word_embeddings": False,
                          "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "bos_token_id": None},
+                         "bos_token_id": None, **text_config},
             audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
         )
         torch.manual_seed(seed)
-        with torch.device(device):
-            model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
-        return cls(model, processor, model_id=f"random-audio-flamingo3@seed{seed}", revision="", is_tiny=False)
+        if is_tiny:
+            model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)
+        else:
+            with torch.device(device):
+                model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, processor, model_id=model_id, revision="", is_tiny=is_tiny)
 
     # ---- structure ----------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ Linear), LLM ``model.language_model`` (Qwen2, 32 layers) and ``lm_head``. Each a
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,28 +63,12 @@ class Qwen2AudioAdapter(LALMAdapter):
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
              num_layers: int = 4) -> "Qwen2AudioAdapter":
-        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-
-        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                         chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=16, chunk_length=2)
-        processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                        chat_template=TINY_CHAT_TEMPLATE)
-        config = Qwen2AudioConfig(
-            audio_config={"model_type": "qwen2_audio_encoder", "d_model": 32, "encoder_layers": 2,
-                          "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "num_mel_bins": 16,
-                          "max_source_positions": feature_extractor.nb_max_frames // 2},
-            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 128,
-                         "intermediate_size": 256, "num_hidden_layers": num_layers, "num_attention_heads": 4,
-                         "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "bos_token_id": None, "initializer_range": 0.2},
-            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-        )
-        torch.manual_seed(seed)
-        model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, processor, model_id=f"tiny-qwen2-audio@seed{seed}", revision="", is_tiny=True)
+        return cls._random_init(
+            seed, dtype=dtype, device=device, num_mel_bins=16, chunk_length=2, model_id=f"tiny-qwen2-audio@seed{seed}",
+            is_tiny=True, audio_config={"d_model": 32, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64},
+            text_config={"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": num_layers,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                         "initializer_range": 0.2})
 
     @classmethod
     def random_full_size(cls, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
@@ -91,28 +76,44 @@ class Qwen2AudioAdapter(LALMAdapter):
         """The Qwen2-Audio-7B architecture with random weights (for throughput benchmarks without the checkpoint):
         the tiny offline tokenizer with the embedding table at the real vocabulary size, and the real 128-mel,
         30 s feature extractor."""
+        return cls._random_init(
+            seed, dtype=dtype, device=device, num_mel_bins=128, chunk_length=30,
+            model_id=f"random-qwen2-audio-7b@seed{seed}", is_tiny=False,
+            audio_config={"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120},
+            text_config={"vocab_size": 156032, "hidden_size": 4096, "intermediate_size": 11008,
+                        "num_hidden_layers": num_layers, "num_attention_heads": 32, "num_key_value_heads": 32,
+                        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5})
+
+    @classmethod
+    def _random_init(cls, seed: int, *, dtype: torch.dtype, device: str, num_mel_bins: int, chunk_length: int,
+                     audio_config: dict[str, Any], text_config: dict[str, Any], model_id: str,
+                     is_tiny: bool) -> "Qwen2AudioAdapter":
+        """A random-init model of the real class with the offline tokenizer (vocabulary size from the tokenizer
+        unless ``text_config`` sets it) and a Whisper feature extractor of ``chunk_length`` seconds; tiny models
+        are built on the CPU then moved, full-size ones directly on ``device``."""
         from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 
         tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                          chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=128, chunk_length=30)
+        feature_extractor = tiny_feature_extractor(num_mel_bins=num_mel_bins, chunk_length=chunk_length)
         processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                        chat_template=TINY_CHAT_TEMPLATE)
+                                chat_template=TINY_CHAT_TEMPLATE)
         config = Qwen2AudioConfig(
-            audio_config={"model_type": "qwen2_audio_encoder", "d_model": 1280, "encoder_layers": 32,
-                          "encoder_attention_heads": 20, "encoder_ffn_dim": 5120, "num_mel_bins": 128,
-                          "max_source_positions": 1500},
-            text_config={"model_type": "qwen2", "vocab_size": 156032, "hidden_size": 4096,
-                         "intermediate_size": 11008, "num_hidden_layers": num_layers, "num_attention_heads": 32,
-                         "num_key_value_heads": 32, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-                         "tie_word_embeddings": False, "pad_token_id": tokenizer.pad_token_id,
-                         "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None},
+            audio_config={"model_type": "qwen2_audio_encoder", "num_mel_bins": num_mel_bins,
+                          "max_source_positions": feature_extractor.nb_max_frames // 2, **audio_config},
+            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "tie_word_embeddings": False,
+                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                         "bos_token_id": None, **text_config},
             audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
         )
         torch.manual_seed(seed)
-        with torch.device(device):
-            model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype)
-        return cls(model, processor, model_id=f"random-qwen2-audio-7b@seed{seed}", revision="", is_tiny=False)
+        if is_tiny:
+            model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)
+        else:
+            with torch.device(device):
+                model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, processor, model_id=model_id, revision="", is_tiny=is_tiny)
 
     # ---- structure ----------------------------------------------------------------------------------------------
 
