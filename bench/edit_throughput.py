@@ -59,6 +59,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from bench import identity
+
 LOG = logging.getLogger("bench.edit_throughput")
 
 # --------------------------------------------------------------------------------------------------------------
@@ -656,15 +658,18 @@ def batched_plan(edits: int, k: int) -> tuple[int, int]:
     return k, k * math.ceil(max(edits, k) / k)
 
 
-def run_batched(bench: Bench, method: str, edits: int, k: int) -> dict[str, Any]:
+def run_batched(bench: Bench, method: str, edits: int, k: int, mode: str = "auto") -> dict[str, Any]:
     """The runner with ``--edits-per-pass k`` and a fresh pre-edit cache (cold, as the ``ours`` column): one
-    untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k)."""
+    untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k). ``mode``: the generation
+    path (``editors.decoding``; ``legacy`` = before issue 18)."""
     warmup, timed = batched_plan(edits, k)
-    cache = bench.workdir / f"cache-{method}-k{k}"
+    tag = "" if mode == "auto" else f"-{mode}"
+    cache = bench.workdir / f"cache-{method}-k{k}{tag}"
     shutil.rmtree(cache, ignore_errors=True)
     try:
-        result, runner = runner_pass(bench, method, timed, warmup, cache, bench.workdir / f"ours-{method}-k{k}.jsonl",
-                                     ["--edits-per-pass", str(k)])
+        with identity.decoding(mode):
+            result, runner = runner_pass(bench, method, timed, warmup, cache,
+                                         bench.workdir / f"ours-{method}-k{k}{tag}.jsonl", ["--edits-per-pass", str(k)])
         used = runner.edits_per_pass
     except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: record it, go on
         LOG.warning("%s, %d edits per pass: %s", method, k, error)
@@ -674,6 +679,67 @@ def run_batched(bench: Bench, method: str, edits: int, k: int) -> dict[str, Any]
     LOG.info("ours/%s, %d edits per pass: %s s/edit", method, k, _fmt(result.per_edit, ".3f"))
     return {"k": k, "k_used": used, "s_per_edit": result.per_edit, "timed_edits": len(result.seconds),
             "peak_gib": result.peak_bytes / 2**30 if result.peak_bytes else None, "info": result.info}
+
+
+def identical_shares(bench: Bench, method: str, args: argparse.Namespace, batched: list[dict[str, Any]],
+                     ours: ArmResult) -> dict[str, Any]:
+    """Shares of identical rows (issue 18): cold vs warm pre-edit cache (the ``ours`` arm), K=1 vs each larger K
+    (the items both passes ran), and with ``--compare-decoding`` the new generation path vs the legacy one at
+    each K (the legacy pass is timed too)."""
+    work = bench.workdir
+    out: dict[str, Any] = {}
+    if ours.seconds:
+        out["cold_vs_warm"] = identity.identical_share(work / f"ours-{method}.jsonl", work / f"ours-warm-{method}.jsonl")
+    ok = [b for b in batched if b.get("s_per_edit") is not None]
+    one = next((b for b in ok if b["k"] == 1), None)
+    for b in ok:
+        if one is not None and b["k"] > 1:
+            out[f"k1_vs_k{b['k']}"] = identity.identical_share(work / f"ours-{method}-k1.jsonl",
+                                                               work / f"ours-{method}-k{b['k']}.jsonl")
+        if args.compare_decoding:
+            legacy = run_batched(bench, method, args.edits, b["k"], mode="legacy")
+            b["legacy_s_per_edit"] = legacy.get("s_per_edit")
+            if legacy.get("s_per_edit") is not None:
+                out[f"fast_vs_legacy_k{b['k']}"] = identity.identical_share(
+                    work / f"ours-{method}-k{b['k']}.jsonl", work / f"ours-{method}-k{b['k']}-legacy.jsonl")
+    LOG.info("%s identical rows: %s", method, out)
+    return out
+
+
+def render_identical(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per method: shares of identical rows for each compared pair."""
+    lines = []
+    for r in rows:
+        pairs = r.get("identical") or {}
+        if pairs:
+            cells = [f"{name}: {v['identical']:.0%} of {v['rows']} rows (pre-edit {v['pre_edit']:.0%}, post-edit "
+                     f"{v['post_edit']:.0%})" for name, v in pairs.items() if v.get("rows")]
+            lines.append(f"- `{r['method']}`: " + "; ".join(cells))
+        legacy = [(b["k"], b.get("s_per_edit"), b.get("legacy_s_per_edit")) for b in r.get("batched", [])
+                  if b.get("legacy_s_per_edit")]
+        for k, fast, old in legacy:
+            lines.append(f"- `{r['method']}` K={k}: new generation path {fast:.3f} s/edit, legacy path {old:.3f} "
+                         f"s/edit ({old / fast:.2f}x)")
+    return lines
+
+
+def render_profile(rows: list[dict[str, Any]]) -> list[str]:
+    """``--profile`` summary, one line per method: GPU busy share of the profiled edit's wall-clock (all phases and
+    evaluation alone), kernel launches (and CUDA graph launches) per edit."""
+    lines = []
+    for r in rows:
+        phases = (r.get("info_ours") or {}).get("profile")
+        if not phases:
+            continue
+        wall = sum(p["wall_s"] for p in phases.values())
+        busy = sum(p["gpu_busy_s"] for p in phases.values())
+        ev = phases.get("evaluate", {})
+        ev_share = ev["gpu_busy_s"] / ev["wall_s"] if ev.get("wall_s") else float("nan")
+        launches = sum(p["kernel_launches"] for p in phases.values())
+        graphs = sum(p.get("graph_launches", 0) for p in phases.values())
+        lines.append(f"- `{r['method']}`: GPU busy {busy / wall:.0%} of {wall:.2f} s (evaluation {ev_share:.0%}); "
+                     f"{launches:,} kernel launches and {graphs:,} CUDA graph launches per edit")
+    return lines
 
 
 def render_batched(rows: list[dict[str, Any]]) -> list[str]:
@@ -730,6 +796,7 @@ def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, An
             "wall_s": round(wall, 4),
             "gpu_busy_s": round(sum(device_us(e) for e in gpu) / 1e6, 4),
             "kernel_launches": count(lambda k: "LaunchKernel" in k),
+            "graph_launches": count(lambda k: "GraphLaunch" in k),  # captured decode steps (CUDA graphs)
             "host_syncs": count(lambda k: k in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                                 "cudaEventSynchronize")),
             "d2h_copies": count(lambda k: "DtoH" in k or "Device -> Pageable" in k),
@@ -1376,6 +1443,16 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
                   "batched generation of all K edits' items), fresh pre-edit cache, one untimed pass first; s/edit "
                   "= pass wall-clock / K (pre-edit outputs, apply, evaluation, rows).", ""]
         lines += render_batched(rows) + [""]
+    profiled = render_profile(rows)
+    if profiled:
+        lines += ["## Profile (`--profile`: one more edit per method, K=1, its four phases under torch.profiler)", ""]
+        lines += profiled + [""]
+    same = render_identical(rows)
+    if same:
+        lines += ["## Identical rows (issue 18: batch invariance, new vs legacy generation path)", "",
+                  "Share of items whose pre-edit and post-edit outputs are both identical between two runs of the "
+                  "same instances (cold vs warm pre-edit cache: K=1; K=1 vs K: the items both ran; new vs legacy: "
+                  "`SAKE_DECODING=legacy`, same K).", ""] + same + [""]
     for row in rows:
         lines.extend(render_details(row))
     return "\n".join(lines) + "\n"
@@ -1407,6 +1484,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated K values (e.g. 1,8,16): also run the runner with --edits-per-pass K "
                              "per method (one untimed pass, then whole passes covering --edits edits; fresh pre-edit "
                              "cache) and add the edits-per-pass table (issue 12)")
+    parser.add_argument("--compare-decoding", action="store_true",
+                        help="per K of --edits-per-pass also run the legacy generation path (SAKE_DECODING=legacy) "
+                             "and report its s/edit and the share of identical rows")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode with the adapter's tiny random model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
@@ -1474,13 +1554,14 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
         skip = args.warmup - args.naive_warmup  # the naive arm times the same instances as ours
         naive = run_naive(bench, method, order[skip: args.warmup + naive_edits], args.naive_warmup)
     batched = [run_batched(bench, method, args.edits, k) for k in args.edits_per_pass] if editor is not None else []
+    same = identical_shares(bench, method, args, batched, ours)
     gib = lambda arm: arm.peak_bytes / 2**30 if arm.peak_bytes and arm.seconds else None  # noqa: E731
     row = {"method": method, "paper": paper_seconds_per_edit(method, bench.model), "ours": ours.per_edit,
            "warm": warm.per_edit, "naive": naive.per_edit,
            "floor": None if math.isnan(floor["floor_s"]) else floor["floor_s"], "floor_parts": floor,
            "perception_fp32": bench.model == "desta25", "peak_ours": gib(ours), "peak_naive": gib(naive),
            "error_ours": ours.error, "error_naive": naive.error, "info_ours": ours.info, "info_naive": naive.info,
-           "batched": batched,
+           "batched": batched, "identical": same,
            "raw": {"ours_s": ours.seconds, "ours_warm_s": warm.seconds, "naive_s": naive.seconds,
                    "info_ours_warm": warm.info, "edit_tokens": [sh.edit_tokens for sh in shapes],
                    "post_tokens_mean": [float(np.mean(sh.post_tokens)) for sh in shapes],

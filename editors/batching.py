@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from editors.models.base import LALMAdapter, Prompt, batch_spans
+from editors.buckets import padded_rows
+from editors.models.base import LALMAdapter, Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +216,17 @@ class _RoutedLeaf(nn.Module):
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
         w = {local: self.routing.weights[full] for local, full in self.names.items()}
-        if (isinstance(self.leaf, nn.Linear) and not args and not kwargs and len(runs) == x.shape[0]
-                and all(k == i for i, (k, _, _) in enumerate(runs)) and len(runs) == w["weight"].shape[0]):
-            # one row per edit, edits in order (training): one batched matmul
-            out = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w["weight"].transpose(1, 2))
-            if "bias" in w:
-                out = out + w["bias"].unsqueeze(1)
-            return out.reshape(*x.shape[:-1], out.shape[-1])
-        outs = [torch.func.functional_call(self.leaf, {n: t[k] for n, t in w.items()}, (x[a:b], *args), kwargs)
-                for k, a, b in runs]
+        # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
+        # MIN_ROWS rows (editors/buckets.py: a decode step's few rows of one edit take the path of many).
+        linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
+        outs = []
+        for k, a, b in runs:
+            params = {n: t[k] for n, t in w.items()}
+            if linear:
+                outs.append(padded_rows(lambda rows: nn.functional.linear(rows, params["weight"], params.get("bias")),
+                                        x[a:b]))
+            else:
+                outs.append(torch.func.functional_call(self.leaf, params, (x[a:b], *args), kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
@@ -285,40 +288,45 @@ def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[P
                      routing: RowRouting | None = None) -> list[list[str]]:
     """Greedy outputs of each edit's prompts under that edit's weights, all edits in one batched generation.
 
-    As :meth:`LALMAdapter.generate` (same chunks, same generation config, decoding from ``inputs_embeds``): with
-    ``connector_weights`` (name -> ``[K, ...]``) each prompt's audio is projected through its edit's connector copy;
-    with ``routing`` (installed by the caller) each prompt's rows run the routed leaves with its edit's weights."""
-    from transformers import GenerationConfig
+    As :meth:`LALMAdapter.generate` (``editors.decoding.generate_prompts``: same canonical chunks, same generation
+    config): with ``connector_weights`` (name -> ``[K, ...]``) each prompt's audio is projected through its edit's
+    connector copy; with ``routing`` (installed by the caller) each prompt's rows run the routed leaves with its
+    edit's weights."""
+    from editors.decoding import generate_prompts
 
     edit_of = [k for k, ps in enumerate(prompts_per_edit) for _ in ps]
     prompts = [p for ps in prompts_per_edit for p in ps]
-    outputs: list[str] = []
-    if prompts:
-        adapter.warm_audio([a for p in prompts for a in p.audios()])
-        token_ids = [adapter.prompt_token_ids(p) for p in prompts]
-        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                   pad_token_id=adapter.pad_token_id, eos_token_id=adapter.stop_token_ids,
-                                   repetition_penalty=1.0)
-        lengths = [len(t) + max_new_tokens for t in token_ids]
-        for start, stop in batch_spans(lengths, batch_size, max_batch_tokens):
-            batch = adapter.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
-            runs = runs_of(edit_of[start:stop])
-            audio_embeds = None
-            if connector_weights is not None and batch.audio_states:
-                counts = [sum(len(p.audios()) for p in prompts[start + a:start + b]) for _, a, b in runs]
-                audio_embeds = per_edit_audio_embeds(adapter, batch.audio_states, counts, connector_weights,
-                                                     [k for k, _, _ in runs])
-            embeds = adapter.input_embeds(batch, audio_embeds)
-            if routing is not None:
-                routing.runs = runs
-            new_tokens = adapter.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                                generation_config=gen_cfg)
-            outputs.extend(s.strip() for s in adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+
+    def embeds_fn(batch: Any, rows: list[int]) -> torch.Tensor:
+        audio_embeds = None
+        if connector_weights is not None and batch.audio_states:
+            runs = runs_of([edit_of[i] for i in rows])
+            counts = [sum(len(prompts[i].audios()) for i in rows[a:b]) for _, a, b in runs]
+            audio_embeds = per_edit_audio_embeds(adapter, batch.audio_states, counts, connector_weights,
+                                                 [k for k, _, _ in runs])
+        return adapter.input_embeds(batch, audio_embeds)
+
+    def before_chunk(rows: list[int]) -> None:
+        if routing is not None:
+            routing.runs = runs_of([edit_of[i] for i in rows])
+
+    outputs = generate_prompts(adapter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               max_batch_tokens=max_batch_tokens, embeds_fn=embeds_fn, before_chunk=before_chunk,
+                               mode=_routed_mode(adapter) if routing is not None else None)
     result, pos = [], 0
     for ps in prompts_per_edit:
         result.append(outputs[pos:pos + len(ps)])
         pos += len(ps)
     return result
+
+
+def _routed_mode(adapter: LALMAdapter) -> str:
+    """Generation path under row routing: not the compiled static one (its graph would be guarded on each chunk's
+    runs and recompiled per chunk: measured minutes per pass on an H200)."""
+    from editors.decoding import decoding_mode
+
+    mode = decoding_mode(adapter.device)
+    return "dynamic" if mode == "static" else mode
 
 
 def default_edits_per_pass(bytes_per_edit: int, device: str | torch.device, *, fraction: float = 0.6,

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 from editors.base import EditRequest, Editor, finetune, finetune_settings, register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
+from editors.buckets import training_groups
 from editors.models.base import Prompt
 
 
@@ -37,7 +40,8 @@ class FTAudio(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         if edit.audio is None:
             raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
-        batch = self.adapter.prepare([edit.prompt()], [edit.target])  # encoder states: computed once, cached
+        # canonical shape (editors/buckets.py); encoder states computed once, cached
+        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])
         frame = self.adapter.hidden_entering(batch, 0)  # attention masks + rotary embeddings, once per edit
         names = set(self.touched_parameters())
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in names}
@@ -53,15 +57,21 @@ class FTAudio(Editor):
             if edit.audio is None:
                 raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         prompts = [e.prompt() for e in edits]
-        batch = self.adapter.prepare(prompts, [e.target for e in edits])
-        frame = self.adapter.hidden_entering(batch, 0)
+        # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/buckets.py)
+        groups = [(rows, batch, self.adapter.hidden_entering(batch, 0))
+                  for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits])]
         names = set(self.touched_parameters())
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
-        counts = [len(p.audios()) for p in prompts]
+        order = torch.tensor([k for rows, _, _ in groups for k in rows]).argsort()
 
         def losses(weights):  # edit k's prompt through connector copy k, then all LLM layers; one loss per edit
-            embeds = per_edit_audio_embeds(self.adapter, batch.audio_states, counts, weights)
-            return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds), reduction="none")
+            out = []
+            for rows, batch, frame in groups:
+                embeds = per_edit_audio_embeds(self.adapter, batch.audio_states,
+                                               [len(prompts[k].audios()) for k in rows], weights, rows)
+                out.append(self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds),
+                                                  reduction="none"))
+            return torch.cat(out)[order.to(out[0].device)]
 
         results = finetune_many(copies, losses, **finetune_settings(self.hparams))
         self._copies = copies

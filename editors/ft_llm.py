@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 from editors.base import EditRequest, Editor, finetune, finetune_settings, register
 from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
+from editors.buckets import training_groups
 from editors.models.base import Prompt
 
 
@@ -47,7 +50,7 @@ class FTLLM(Editor):
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
-        batch = self.adapter.prepare([edit.prompt()], [edit.target])
+        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])  # canonical shape
         state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once per edit
         names = self.touched_parameters()
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in set(names)}
@@ -56,17 +59,23 @@ class FTLLM(Editor):
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
         layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
-        batch = self.adapter.prepare([e.prompt() for e in edits], [e.target for e in edits])
-        state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once for all K edits
+        # one batch per width bucket (editors/buckets.py); frozen lower layers: once for all K edits
+        groups = [(rows, self.adapter.hidden_entering(batch, layer))
+                  for rows, batch in training_groups(self.adapter, [e.prompt() for e in edits],
+                                                     [e.target for e in edits])]
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in set(names)},
                                len(edits))
         routing = RowRouting(self.adapter.model, names)
-        routing.runs = runs_of(range(len(edits)))  # row k = edit k
+        order = torch.tensor([k for rows, _ in groups for k in rows]).argsort()
 
         def losses(weights):
             routing.weights = weights
-            return self.adapter.loss_from(state, reduction="none")
+            out = []
+            for rows, state in groups:
+                routing.runs = runs_of(rows)  # row i of the group = edit rows[i]
+                out.append(self.adapter.loss_from(state, reduction="none"))
+            return torch.cat(out)[order.to(out[0].device)]
 
         with routing.installed():
             results = finetune_many(copies, losses, **finetune_settings(self.hparams))

@@ -1,0 +1,48 @@
+"""Shares of identical prediction rows between two runs of the same instances (issue 18's batch-invariance and
+fast-vs-old generation figures), and the switch between generation paths (``editors.decoding``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _rows(path: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row.get("kind") == "prediction":
+                out[f"{row['item_id']}|{row.get('gap')}"] = row
+    return out
+
+
+def identical_share(a: Path, b: Path) -> dict[str, Any]:
+    """Over the items both files hold: the share whose ``pre_edit`` and ``post_edit`` are both identical, and
+    each field's own share."""
+    ra, rb = _rows(a), _rows(b)
+    common = sorted(ra.keys() & rb.keys())
+    if not common:
+        return {"rows": 0, "identical": None, "pre_edit": None, "post_edit": None}
+    same = lambda field: sum(ra[k][field] == rb[k][field] for k in common) / len(common)  # noqa: E731
+    both = sum(ra[k]["pre_edit"] == rb[k]["pre_edit"] and ra[k]["post_edit"] == rb[k]["post_edit"]
+               for k in common) / len(common)
+    return {"rows": len(common), "identical": round(both, 4), "pre_edit": round(same("pre_edit"), 4),
+            "post_edit": round(same("post_edit"), 4)}
+
+
+@contextlib.contextmanager
+def decoding(mode: str) -> Iterator[None]:
+    """Run the block with ``SAKE_DECODING=mode`` (``legacy``: the pre-issue-18 generation path)."""
+    before = os.environ.get("SAKE_DECODING")
+    os.environ["SAKE_DECODING"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SAKE_DECODING", None)
+        else:
+            os.environ["SAKE_DECODING"] = before

@@ -1,0 +1,118 @@
+"""Canonical batch shapes: why a row's output does not depend on the other rows of its batch (issue 18).
+
+Floating-point results depend on the shapes a kernel sees, not only on the values of one row: an attention row
+sums over a different number of (masked) keys when the batch is padded to a longer neighbour, and a matrix product
+with few rows takes another kernel path than one with many (on CPU, fp32: fewer than ~12 rows; measured). Greedy
+decoding turns such last-bit differences into different tokens at near ties, and fine-tuning with Adam amplifies
+them (an update is ``m / sqrt(v)``: a gradient element near zero flips sign). So every batch the runner builds is
+given a shape that depends on each row alone:
+
+* width: a row is left-padded to :func:`width_bucket` of its own length, and rows of different buckets never
+  share a batch (:func:`group_by_width`); positions come from the attention mask, so padding changes nothing else;
+* rows: a batch has at least :data:`MIN_ROWS` rows (dummy rows, results dropped), and so does every matrix
+  product over a few rows (:func:`padded_rows`: the target-token LM head, a routed per-edit leaf during decoding);
+* audio: the frozen encoder runs on one clip at a time (``LALMAdapter.audio_states``).
+
+With these rules a row computes the same function of its own inputs whether it ran with K=1 or K=8 edits per pass,
+with a cold or a warm pre-edit cache, or after a resume (tests/test_invariance.py, CPU fp32, byte-identical rows).
+On a GPU the matrix kernels still choose by the whole shape, so the bench reports the share of identical rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+
+#: Fewest rows of a matrix product (and of a generation batch); fewer take another CPU kernel path.
+MIN_ROWS = 16
+#: Width granularity of padded prompts (tokens): CPU (tiny models) and CUDA (few compiled decode shapes).
+WIDTH_STEP = {"cpu": 32, "cuda": 256}
+IGNORE_INDEX = -100
+
+
+def width_bucket(length: int, device: torch.device | str) -> int:
+    """The padded width of a prompt of ``length`` tokens."""
+    step = WIDTH_STEP.get(torch.device(device).type, WIDTH_STEP["cpu"])
+    return max(step, -(-int(length) // step) * step)
+
+
+def row_bucket(rows: int) -> int:
+    """Rows of a generation batch holding ``rows`` real rows: a power of two, at least :data:`MIN_ROWS` (few
+    distinct shapes: each one is a compiled decode step on CUDA)."""
+    n = MIN_ROWS
+    while n < rows:
+        n *= 2
+    return n
+
+
+def group_by_width(lengths: Sequence[int], device: torch.device | str) -> list[tuple[int, list[int]]]:
+    """``(width, indices)`` per width bucket, buckets in order of first appearance, indices in input order."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(width_bucket(n, device), []).append(i)
+    return list(groups.items())
+
+
+def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = None,
+               max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Consecutive chunks of ``indices`` (one width bucket) of at most ``batch_size`` rows and at most
+    ``max_batch_tokens`` padded tokens (real rows x ``width``; the dummy rows of :func:`row_bucket` may add up to
+    as many again); at least one row per chunk."""
+    cap = len(indices) or 1
+    if batch_size:
+        cap = min(cap, batch_size)
+    if max_batch_tokens:
+        cap = max(1, min(cap, max_batch_tokens // max(1, width)))
+    return [list(indices[i:i + cap]) for i in range(0, len(indices), cap)]
+
+
+def left_pad(batch, width: int, pad_id: int):
+    """A :class:`~editors.models.base.PromptBatch` left-padded to ``width`` columns (no-op when already there)."""
+    extra = width - batch.input_ids.shape[1]
+    if extra < 0:
+        raise ValueError(f"batch is {batch.input_ids.shape[1]} tokens wide, more than the bucket {width}")
+    if extra == 0:
+        return batch
+
+    def pad(t: torch.Tensor | None, value: int | bool) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return torch.cat([torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device), t], dim=1)
+
+    return replace(batch, input_ids=pad(batch.input_ids, pad_id), attention_mask=pad(batch.attention_mask, 0),
+                   position_ids=pad(batch.position_ids, 0), audio_token_mask=pad(batch.audio_token_mask, False),
+                   labels=pad(batch.labels, IGNORE_INDEX),
+                   target_cols=None if batch.target_cols is None else batch.target_cols + extra)
+
+
+def canonical(adapter, batch):
+    """``batch`` (one prompt, or prompts of one width bucket) left-padded to its width bucket."""
+    return left_pad(batch, width_bucket(batch.input_ids.shape[1], batch.input_ids.device), adapter.pad_token_id)
+
+
+def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (a Linear, the LM head) computed over at least :data:`MIN_ROWS` rows of the
+    flattened input (zero rows appended, their results dropped), so that a few rows take the same kernel path as
+    many."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n >= MIN_ROWS:
+        return fn(x)
+    out = fn(torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])], dim=0))[:n]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def training_groups(adapter, prompts: Sequence, targets: Sequence[str]) -> list[tuple[list[int], object]]:
+    """Teacher-forcing batches of ``prompts`` -> ``targets`` in canonical shapes: ``(indices, batch)`` per width
+    bucket, each batch left-padded to its bucket. One edit alone gets the batch its row gets among K edits."""
+    adapter.warm_audio([a for p in prompts for a in p.audios()])
+    token_ids = [adapter.prompt_token_ids(p) for p in prompts]
+    lengths = [len(t) + len(adapter.target_token_ids(y)) for t, y in zip(token_ids, targets)]
+    groups = []
+    for width, indices in group_by_width(lengths, adapter.device):
+        batch = adapter.prepare([prompts[i] for i in indices], [targets[i] for i in indices],
+                                token_ids=[token_ids[i] for i in indices])
+        groups.append((indices, left_pad(batch, width, adapter.pad_token_id)))
+    return groups

@@ -1,0 +1,106 @@
+"""Batch invariance (issue 18, editors/buckets.py): a row never depends on which clips, items or edits shared its
+batch, on a warm pre-edit cache or on where a run was interrupted; CPU fp32, byte-identical prediction rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from _editor_helpers import runner_args, synthetic_audio
+from editors.buckets import MIN_ROWS, chunk_rows, group_by_width, padded_rows, row_bucket, width_bucket
+from editors.decoding import generate_prompts
+from editors.models import load_adapter
+from editors.models.base import Prompt
+from editors.predictions import read_predictions
+from editors.run import Runner, build_parser
+
+
+def test_bucket_rules():
+    assert [width_bucket(n, "cpu") for n in (1, 32, 33, 100)] == [32, 32, 64, 128]
+    assert width_bucket(300, "cuda") == 512
+    assert [row_bucket(n) for n in (1, 16, 17, 40)] == [MIN_ROWS, 16, 32, 64]
+    assert group_by_width([10, 40, 20, 70, 33], "cpu") == [(32, [0, 2]), (64, [1, 4]), (96, [3])]
+    assert chunk_rows(list(range(10)), 64, max_batch_tokens=64 * 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert chunk_rows([3, 5], 64, batch_size=1) == [[3], [5]]
+
+
+def test_few_rows_take_the_path_of_many():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64)
+    x = torch.randn(40, 256)
+    many = linear(x)
+    assert all(torch.equal(padded_rows(linear, x[:n]), many[:n]) for n in (1, 2, 5, 15))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_adapter("tiny-qwen2-audio", seed=0)
+
+
+def test_a_clips_encoder_states_do_not_depend_on_the_other_clips(qwen):
+    clips = [synthetic_audio(s, 0.5 + 0.4 * s) for s in range(4)]
+    together = qwen.audio_states(clips)
+    for clip, state in zip(clips, together):
+        qwen.clear_audio_cache()
+        assert torch.equal(qwen.audio_states([clip])[0], state)
+
+
+def test_an_items_output_does_not_depend_on_its_batch(qwen):
+    prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=synthetic_audio(s, 0.4 + 0.5 * s))
+               for s in range(5)] + [Prompt("What is the capital of France? (a) Paris (b) Rome")]
+    together = qwen.generate(prompts, max_new_tokens=24)
+    assert [qwen.generate([p], max_new_tokens=24)[0] for p in prompts] == together
+    assert qwen.generate(prompts[::-1], max_new_tokens=24) == together[::-1]
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def test_canonical_generation_gives_the_legacy_greedy_outputs(family):
+    adapter = load_adapter(family, seed=0)
+    prompts = [Prompt("Which animal makes this sound? (a) dog (b) cat", audio=synthetic_audio(s, 0.5 + 0.3 * s))
+               for s in range(3)] + [Prompt("What is the gender of the speaker? (a) male (b) female")]
+    legacy = generate_prompts(adapter, prompts, max_new_tokens=6, mode="legacy")
+    assert generate_prompts(adapter, prompts, max_new_tokens=6, mode="dynamic") == legacy
+    assert adapter.generate(prompts, max_new_tokens=6) == legacy
+
+
+def _run(demo, out, cache, k: int, method: str) -> list[dict]:
+    """A run in a fresh process as far as the model is concerned: a new adapter (empty audio-state cache)."""
+    argv = runner_args(demo, out, cache, **{"--method": method, "--config": ["animal", "emotion"], "--limit": "4",
+                                            "--edits-per-pass": str(k), "--max-new-tokens": "32"})
+    runner = Runner(build_parser().parse_args(argv), adapter=load_adapter("tiny-qwen2-audio", seed=0))
+    return read_predictions(runner.run())[1]
+
+
+def test_rows_do_not_depend_on_k_warm_cache_or_resume(demo_dataset, tmp_path):
+    """FT-Audio, 32 new tokens (on all four configs before issue 18, these pairs differed in 6-18 % of the rows:
+    the edit audio encoded alone or with other clips, K edits' prompts padded to the longest, few-row products)."""
+    base = _run(demo_dataset, tmp_path / "cold.jsonl", tmp_path / "cache", 1, "ft_audio")
+    assert len(base) > 60
+    warm = _run(demo_dataset, tmp_path / "warm.jsonl", tmp_path / "cache", 1, "ft_audio")
+    assert warm == base
+    # killed in the middle of the 4th instance, resumed by a new process with the cache the first run filled
+    lines = (tmp_path / "cold.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    seen: list[str] = []
+    for cut, line in enumerate(lines[1:], start=1):
+        seen = list(dict.fromkeys(seen + [json.loads(line)["instance_id"]]))
+        if len(seen) == 4:
+            break
+    (tmp_path / "resumed.jsonl").write_text("".join(lines[:cut + 3]) + lines[cut + 3][:20], encoding="utf-8")
+    shutil.copytree(tmp_path / "cache", tmp_path / "cache-resumed")
+    assert _run(demo_dataset, tmp_path / "resumed.jsonl", tmp_path / "cache-resumed", 1, "ft_audio") == base
+    assert _run(demo_dataset, tmp_path / "k8.jsonl", tmp_path / "cache-k8", 8, "ft_audio") == base
+
+
+def test_ft_llm_rows_do_not_depend_on_k(demo_dataset, tmp_path):
+    one = _run(demo_dataset, tmp_path / "k1.jsonl", tmp_path / "c1", 1, "ft_llm")
+    assert _run(demo_dataset, tmp_path / "k8.jsonl", tmp_path / "c8", 8, "ft_llm") == one
+
+
+def test_padding_rows_leave_outputs_alone(qwen):
+    """Dummy rows (copies of a chunk's last prompt) are dropped: the outputs are those of the real prompts."""
+    prompts = [Prompt("Is the speaker a man or a woman?", audio=synthetic_audio(7, 0.6))]
+    out = generate_prompts(qwen, prompts * 3, max_new_tokens=5)
+    assert out == generate_prompts(qwen, prompts, max_new_tokens=5) * 3
