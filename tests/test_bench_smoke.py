@@ -17,19 +17,6 @@ def test_paper_rates_come_from_table7():
     assert bench.paper_seconds_per_edit("no_such_method") is None
 
 
-def test_offline_tokenizer_has_the_real_vocab_and_chat_ids():
-    vocab = bench.QWEN2_AUDIO_7B["text_config"]["vocab_size"]
-    first = bench.QWEN2_AUDIO_7B["text_config"]["bos_token_id"]
-    tok = bench.build_offline_tokenizer(vocab, first, bench.vocab_words())
-    assert len(tok) == vocab
-    assert tok.convert_tokens_to_ids("<|AUDIO|>") == bench.QWEN2_AUDIO_7B["audio_token_index"]
-    ids = tok("<|audio_bos|><|AUDIO|><|AUDIO|><|audio_eos|>What emotion?", add_special_tokens=False)["input_ids"]
-    assert ids[:4] == [first + 4, first + 3, first + 3, first + 5]
-    assert 0 not in ids[4:]  # prompt words have their own ids, not <unk>
-    # any id the model can emit decodes to exactly one word, so generated lengths are countable
-    assert len(tok.decode([5, vocab - 1, 151000]).split()) == 3
-
-
 def test_synthetic_instance_has_the_dataset_shape():
     import numpy as np
 
@@ -123,6 +110,8 @@ def test_tiny_desta_run_appends_its_section(tmp_path):
     assert data["model"] == "desta25"
     row = data["methods"]["ft_audio"]
     assert row["info_ours"]["prediction_rows"] == 10
-    assert row["info_ours"]["sequences_per_edit"] == row["info_naive"]["sequences_per_edit"] == 20
+    # 20 questions each way; generation batches are filled up to canonical row counts (editors/buckets.py)
+    assert row["info_naive"]["generate_calls_per_edit"] == 20
+    assert row["info_ours"]["sequences_per_edit"] >= 20 and row["info_naive"]["sequences_per_edit"] >= 20
     assert row["info_ours"]["new_tokens"] == row["info_naive"]["new_tokens"] == [1]
     assert row["floor_parts"]["perception_flops"] > 0  # Whisper encoder + transcripts + Q-Former counted

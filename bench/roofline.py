@@ -1,0 +1,203 @@
+"""Device ceilings (matmul rate, copy bandwidth) and the floor of one edit: training + prefill FLOPs over the matmul rate, generation bytes over the bandwidth."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+from bench.arms import Bench
+from bench.models import Scale, _sync
+
+LOG = logging.getLogger(__name__)
+
+
+def _median_seconds(device: str, fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up (CUDA events on the GPU, host clock on the CPU)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def _matmul_seconds(device: str, dtype: torch.dtype, n: int, generator: torch.Generator) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    return _median_seconds(device, lambda: a @ b, 20 if device == "cuda" else 3)
+
+
+def _copy_seconds(device: str, nbytes: int, generator: torch.Generator) -> float:
+    src = torch.randn(nbytes // 4, device=device, generator=generator)
+    dst = torch.empty_like(src)
+    return _median_seconds(device, lambda: dst.copy_(src), 20 if device == "cuda" else 3)
+
+
+def measure_ceilings(scale: Scale) -> dict[str, float]:
+    """Matmul rate (bf16 8192^3 on the GPU; fp32 512^3 on the CPU), fp32 matmul rate (torch's default precision:
+    DeSTA2.5's Whisper and connector) and device copy bandwidth (read + write), on random data."""
+    device = scale.device
+    n = 8192 if device == "cuda" else 512
+    nbytes = (2 << 30) if device == "cuda" else (32 << 20)
+    generator = torch.Generator(device=device).manual_seed(0)
+    matmul_s = _matmul_seconds(device, scale.dtype, n, generator)
+    fp32_s = matmul_s if scale.dtype == torch.float32 else _matmul_seconds(device, torch.float32, n, generator)
+    copy_s = _copy_seconds(device, nbytes, generator)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"matmul_n": n, "matmul_flops_per_s": 2 * n**3 / matmul_s, "matmul_fp32_flops_per_s": 2 * n**3 / fp32_s,
+            "copy_bytes_per_s": 2 * nbytes / copy_s}
+
+
+@dataclasses.dataclass
+class Shapes:
+    """Token counts of one edit as the runner's adapter renders it."""
+
+    edit_tokens: int  # reliability prompt + target (+ end of turn)
+    target_tokens: int
+    audio_tokens: int  # placeholder tokens of the edit audio
+    pre_tokens: list[int]  # prompt length of each pre-edit question
+    post_tokens: list[int]  # prompt length of each post-edit question (method's rewrite applied)
+    distinct_clips: int  # audios the encoder must see at least once for this edit
+
+
+def prompt_tokens(adapter: Any, prompt: Any) -> int:
+    """Tokens of a rendered prompt with every audio placeholder expanded."""
+    audios = prompt.audios()
+    text_ids = adapter.tokenizer(adapter.render(prompt), add_special_tokens=False)["input_ids"]
+    return len(text_ids) - len(audios) + sum(adapter.num_audio_tokens(a) for a in audios)
+
+
+def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
+    from editors.base import EditRequest
+    from editors.data import eval_items
+    from editors.models.base import audio_digest
+
+    adapter = bench.adapter
+    edit = EditRequest.from_row(row)
+    prompts = [it.prompt() for it in eval_items(row)]
+    post = prompts
+    if not editor.changes_parameters:
+        editor.apply(edit)
+        post = editor.rewrite_prompts(prompts, edit)
+        editor.reset()
+    target = len(adapter.target_token_ids(edit.target))
+    clips = {audio_digest(a) for p in list(prompts) + list(post) for a in p.audios()}
+    return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,
+                  audio_tokens=adapter.num_audio_tokens(edit.audio),
+                  pre_tokens=[prompt_tokens(adapter, p) for p in prompts],
+                  post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips))
+
+
+def _llm_sizes(t: Any) -> dict[str, int]:
+    """Matmul parameter counts of a decoder-only LLM config (Qwen2 / Llama: GQA, gated MLP)."""
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    attention = t.hidden_size * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    layer = attention + 3 * t.hidden_size * t.intermediate_size
+    return {"layers": t.num_hidden_layers, "layer": layer, "head": t.hidden_size * t.vocab_size,
+            "llm_weights": layer * t.num_hidden_layers + 2 * t.hidden_size * t.vocab_size,
+            "kv_elements_per_token": 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim}
+
+
+def _encoder_flops(a: Any, layers: int) -> int:
+    """Forward FLOPs of ``layers`` Whisper encoder layers over one padded 30 s clip."""
+    encoder_layer = 4 * a.d_model**2 + 2 * a.d_model * a.encoder_ffn_dim
+    return layers * (2 * encoder_layer * a.max_source_positions + 4 * a.max_source_positions**2 * a.d_model)
+
+
+def model_sizes(config: Any) -> dict[str, Any]:
+    """Matmul parameter counts and per-clip FLOPs the floor needs (Qwen2-Audio or DeSTA2.5 config).
+
+    ``connector_flops_per_token`` (Qwen2-Audio: one Linear per audio embedding) or ``connector_flops_per_clip``
+    (DeSTA2.5: the Q-Former over the tapped layers, fixed per clip) is the connector's forward; its update costs
+    ``connector_backward_factor`` more forwards. DeSTA2.5's perception (Whisper, connector) runs in fp32:
+    ``perception_fp32`` puts its FLOPs on the fp32 matmul rate. ``transcript_*``: Whisper's decoder writing one
+    transcript per distinct clip (compute per clip; weight bytes per decode step of one batched call)."""
+    if hasattr(config, "llm_config"):  # DeSTA2.5
+        t, a = config.llm_config, config.encoder_config
+        q = config.qformer_config()
+        sizes: dict[str, Any] = _llm_sizes(t)
+        frames, queries, h = a.max_source_positions, config.prompt_size, q.hidden_size
+        per_qformer_layer = (2 * 4 * h * h * queries + 4 * queries * queries * h  # self-attention
+                             + 2 * 2 * h * h * queries + 2 * 2 * h * a.d_model * frames  # cross Q/O, K/V
+                             + 4 * queries * frames * h  # cross-attention scores
+                             + 2 * 2 * h * q.intermediate_size * queries)  # FFN
+        taps = len(config.target_layer_ids)
+        sizes["connector_flops_per_clip"] = taps * q.num_hidden_layers * per_qformer_layer \
+            + 2 * a.d_model * t.hidden_size * queries
+        sizes["connector_backward_factor"] = 2  # input gradients between Q-Former layers + weight gradients
+        sizes["encoder_flops_per_clip"] = _encoder_flops(a, max(config.target_layer_ids) + 1)
+        d = a.d_model
+        decoder_layer = 8 * d * d + 2 * d * a.decoder_ffn_dim  # self Q/K/V/O + cross Q/O (+ K/V once) + FFN
+        steps = int(config.transcript_max_new_tokens)
+        sizes["transcript_steps"] = steps
+        sizes["transcript_flops_per_clip"] = a.decoder_layers * 2 * 2 * d * d * frames + steps * (
+            2 * a.decoder_layers * decoder_layer + 4 * a.decoder_layers * frames * d + 2 * d * a.vocab_size)
+        sizes["transcript_bytes_per_step"] = (a.decoder_layers * (decoder_layer + 2 * d * d) + d * a.vocab_size) * 4
+        sizes["perception_fp32"] = True
+        return sizes
+    t, a = config.text_config, config.audio_config
+    sizes = _llm_sizes(t)
+    sizes.update({"encoder_flops_per_clip": _encoder_flops(a, a.encoder_layers),
+                  "connector_flops_per_token": 2 * a.d_model * t.hidden_size, "connector_backward_factor": 1,
+                  "perception_fp32": False})
+    return sizes
+
+
+def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: dict[str, float],
+                  new_tokens: int, dtype_bytes: int, hp: dict[str, Any]) -> dict[str, float]:
+    """A lower bound for one edit under the single-edit protocol (see bench/NOTES.md).
+
+    compute = training FLOPs (every frozen upstream part once: the encoder per clip, the layers below an edited
+    layer once; per update the forward above the edited part with the LM head at target positions only, input
+    gradients through the layers above it, weight gradients of the edited part) + prefill FLOPs of the pre- and
+    post-edit questions + the encoder once per distinct clip (DeSTA2.5: also one Whisper transcript per distinct
+    clip; its perception FLOPs at the fp32 rate); memory = per decode step of one batched pre-edit and one batched
+    post-edit generation, every LLM weight and the KV cache read once (DeSTA2.5: plus Whisper's decoder weights
+    per step of one batched transcription of the edit's clips).
+    """
+    L, T, A = shapes.edit_tokens, shapes.target_tokens, shapes.audio_tokens
+    layers, P, H = sizes["layers"], sizes["layer"], sizes["head"]
+    steps = int(hp.get("max_steps", 0))
+    connector = sizes.get("connector_flops_per_clip") or sizes.get("connector_flops_per_token", 0) * A
+    train = perception = 0.0
+    if method == "ft_audio":
+        train = steps * ((2 * layers * P * L + 2 * H * T) + (2 * layers * P * L + 2 * H * T))
+        perception = steps * (1 + sizes["connector_backward_factor"]) * connector
+    elif method == "ft_llm":
+        edited = int(hp.get("layer", layers - 1)) % layers
+        above = layers - edited
+        train = 2 * edited * P * L + steps * ((2 * above * P * L + 2 * H * T)
+                                              + (2 * (above - 1) * P * L + 2 * H * T) + 2 * P * L)
+    prefill = 2 * layers * P * (sum(shapes.pre_tokens) + sum(shapes.post_tokens))
+    perception += (sizes["encoder_flops_per_clip"] + sizes.get("transcript_flops_per_clip", 0)) \
+        * shapes.distinct_clips
+    perception_rate = ceilings["matmul_fp32_flops_per_s"] if sizes["perception_fp32"] else ceilings[
+        "matmul_flops_per_s"]
+    compute_s = (train + prefill) / ceilings["matmul_flops_per_s"] + perception / perception_rate
+    kv_bytes = sizes["kv_elements_per_token"] * dtype_bytes
+    generate_bytes = sizes.get("transcript_bytes_per_step", 0) * sizes.get("transcript_steps", 0) * float(
+        shapes.distinct_clips > 0)
+    for prompts in (shapes.pre_tokens, shapes.post_tokens):
+        for step in range(new_tokens):
+            generate_bytes += sizes["llm_weights"] * dtype_bytes + kv_bytes * sum(p + step for p in prompts)
+    memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
+    return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
+            "generate_bytes": generate_bytes, "compute_s": compute_s, "memory_s": memory_s,
+            "floor_s": compute_s + memory_s, "train_modelled": float(method in ("ft_audio", "ft_llm") or not steps)}
