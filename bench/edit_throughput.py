@@ -1,9 +1,10 @@
-"""Editing throughput at full model scale: our runner's single-editing path against a naive loop.
+"""Editing throughput at full model scale: our runner's single-editing path against a naive loop (the CLI).
 
-Builds Qwen2-Audio-7B-Instruct's real architecture from its published config with random bf16 weights on the
-GPU (no download), or with ``--model desta25`` DeSTA2.5-Audio's (Llama-3.1-8B in bf16 + Whisper-large-v3 and the
-Q-Former connector in fp32, ``DeSTA25Adapter.random_full_size``), makes SAKE-shaped edit instances with
-synthetic 5-16 s audio (1 edit + 10 linked items, ~30-token questions), and times, per method, on the same instances with the same hyperparameters
+Builds the full-size architecture with random weights through the adapters' own builders
+(``Qwen2AudioAdapter.random_full_size``: Qwen2-Audio-7B in bf16; with ``--model desta25``
+``DeSTA25Adapter.random_full_size``: Llama-3.1-8B in bf16 + Whisper-large-v3 and the Q-Former in fp32), makes
+SAKE-shaped edit instances with synthetic 5-16 s audio (1 edit + 10 linked items), and times, per method (any
+name the runner's registry knows), on the same instances with the same hyperparameters
 (``editors/hparams/<method>.yaml``) and the same ``max_new_tokens`` (EOS disabled in both arms, so every
 generation runs to the bound):
 
@@ -18,6 +19,10 @@ generation runs to the bound):
   dropped first (Whisper transcript + encoder taps recomputed per call, as the release's ``generate`` does), its
   naive FT step drops the encoder states (taps recomputed, transcript kept) and takes the LLM's full-sequence
   HF loss.
+
+Modules: ``bench.paper`` (Table 7 figures), ``bench.models`` (scales, bench adapters), ``bench.synthetic``
+(instances), ``bench.arms`` (the arms, identical-row shares, profile), ``bench.roofline`` (ceilings, floor),
+``bench.report`` (Markdown), ``bench.identity`` (row comparison, generation-path switch); this file is the CLI.
 
 It also measures the device ceilings (bf16 matmul 8192^3, device-to-device copy), estimates a floor per method
 (training FLOPs / matmul rate + generation bytes / bandwidth) and writes ``bench/RESULTS.md``.
