@@ -104,3 +104,11 @@ def test_padding_rows_leave_outputs_alone(qwen):
     prompts = [Prompt("Is the speaker a man or a woman?", audio=synthetic_audio(7, 0.6))]
     out = generate_prompts(qwen, prompts * 3, max_new_tokens=5)
     assert out == generate_prompts(qwen, prompts, max_new_tokens=5) * 3
+
+
+def test_a_desta_transcript_does_not_depend_on_its_batch():
+    adapter = load_adapter("tiny-desta25", seed=0)
+    adapter.vad = False
+    clips = [synthetic_audio(s, 0.6 + 0.3 * s) for s in range(3)]
+    together = adapter._run_whisper_asr(clips)
+    assert [adapter._run_whisper_asr([c])[0] for c in clips] == together

@@ -413,11 +413,15 @@ class DeSTA25Adapter(LALMAdapter):
 
     @torch.no_grad()
     def _run_whisper_asr(self, audios: list[np.ndarray]) -> list[str]:
+        from editors.buckets import row_bucket
+
         whisper = self.model.perception.whisper
+        n = len(audios)  # filled up with copies to a canonical row count: a transcript never depends on its batch
+        audios = list(audios) + [audios[-1]] * (row_bucket(n) - n)
         feats = self._features(audios).to(whisper.device, whisper.dtype)
         ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
-        self.transcribed_audios += len(audios)
-        texts = self.processor.whisper_tokenizer.batch_decode(ids, skip_special_tokens=True)
+        self.transcribed_audios += n
+        texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
     def _features(self, audios: list[np.ndarray]) -> torch.Tensor:
