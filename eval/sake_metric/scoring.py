@@ -260,6 +260,17 @@ def generation_summary(verdicts: Sequence[ItemVerdict], header: Mapping[str, Any
     }
 
 
+def random_baseline(verdicts: Sequence[ItemVerdict]) -> dict[str, float | None]:
+    """Per dimension, the expected score (%) of answering each item with a uniformly random option: the mean of
+    100 / (number of options) over the items that list options (the paper's random-baseline line, Figure 4).
+    For locality it is the chance that a random answer equals the pre-edit answer, which is the same 1 / k."""
+    sums: dict[str, list[float]] = {d: [] for d in DIMENSION_CODES}
+    for v in verdicts:
+        if v.row.options:
+            sums[v.row.dimension].append(100.0 / len(v.row.options))
+    return {d: (round(sum(x) / len(x), 4) if x else None) for d, x in sums.items()}
+
+
 def judge_info(judge: str | LLMJudge, verdicts: Sequence[ItemVerdict], protocol: str) -> dict[str, Any]:
     """The results JSON's `judge` block."""
     share, counts = stage_summary(verdicts)
@@ -315,6 +326,7 @@ def build_results(
         "degeneration_rate": degeneration["rate"],
         "degeneration": degeneration,
         "generation": generation_summary(verdicts, header),
+        "random_baseline": random_baseline(verdicts),
         "items": items_record(verdicts),
         "versions": versions,
         "date": header.get("date"),
