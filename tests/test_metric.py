@@ -283,3 +283,18 @@ def test_over_long_outputs_are_judged_on_their_first_max_judged_chars():
             row("animal/test/000001/rel", "reliability", pad + " dog", reference="dog", options=["dog", "cat"])]
     verdicts = judge_rows(load_predictions(rows)[1])
     assert [(v.stage, v.passed, v.clipped) for v in verdicts] == [("choice", True, True), ("undecided", False, True)]
+
+
+def test_results_count_outputs_stopped_at_max_new_tokens(tmp_path):
+    from eval.score import score_predictions
+    from _metric_helpers import header, write_predictions
+
+    rows = demo_rows()
+    for i, r in enumerate(rows):
+        r["post_edit_hit_limit"] = i in (0, 5)
+    results = score_predictions(write_predictions(tmp_path / "p.jsonl", header(max_new_tokens=32), rows))
+    assert results["generation"]["hit_max_new_tokens"] == 2 and results["generation"]["max_new_tokens"] == 32
+    assert results["generation"]["rows_with_flag"] == len(rows)
+    rows[0]["post_edit_hit_limit"] = "yes"
+    with pytest.raises(PredictionsError, match="post_edit_hit_limit"):
+        score_predictions(write_predictions(tmp_path / "q.jsonl", header(), rows))
