@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
-from ..sake import ATTRIBUTES, LABELS
+from ..labels import ATTRIBUTES, LABELS
 from .common import read_table, require_file
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
-from ..sake import ATTRIBUTES, canonical_label, option_for_label, split_options
+from ..labels import ATTRIBUTES, canonical_label, option_for_label, split_options
 from .common import find_dir, is_hub_id, read_table
 
 log = logging.getLogger(__name__)
