@@ -146,6 +146,11 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
                                                      random.Random(f"{seed}:partition"))
     if short:
         raise ShortfallError(shortfall_message(short, have_pools), short)
+    if "train" not in built:  # a test-only build: the clips train would take serve the test split's other items
+        for attribute, by_label in train_clips.items():
+            for label, extra in by_label.items():
+                test_clips[attribute][label] += extra
+                extra.clear()
 
     # 2. Dynamic-SUPERB and MMLU: disjoint by content too, proportional to the split sizes
     assigned = {c.audio.sha256: "test" for by in test_clips.values() for cs in by.values() for c in cs}

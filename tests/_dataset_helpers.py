@@ -91,7 +91,7 @@ def write_sakura(root: Path, per_label: int = 4) -> Path:
     return root
 
 
-def sakura_hub_datasets(per_label: int = 4) -> dict[str, "datasets.Dataset"]:  # noqa: F821
+def sakura_hub_datasets(per_label: int = 4) -> dict:
     """The four SAKURA Hub configs (`AnimalQA`, ...) as in-memory datasets: SAKURA columns + an `audio` column."""
     import io
 
