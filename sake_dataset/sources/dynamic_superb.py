@@ -135,8 +135,8 @@ def _require_columns(where: Any, columns: Iterable[str]) -> None:
                           f"found {columns})")
 
 
-def task_clip(task: str, row: dict[str, Any], where: str, search: tuple[Path, ...] = (), index: int = 0
-              ) -> TaskClip:
+def task_clip(task: str, row: dict[str, Any], where: str, search: tuple[Path, ...] = (), index: int = 0,
+              hub_id: str = "") -> TaskClip:
     """One table row -> TaskClip, under the rules of the module docstring (local and Hub rows alike)."""
     instruction = str(row.get("instruction") or "").strip()
     if not instruction:
@@ -146,14 +146,17 @@ def task_clip(task: str, row: dict[str, Any], where: str, search: tuple[Path, ..
         raise SourceError(f"{where}: field 'label' is empty")
     audio = row.get("audio")
     data = path = None
+    rate = row.get("sampling_rate")  # a source that declares the rate (column, or the audio struct) gets it checked
     if isinstance(audio, dict):
         data, path = audio.get("bytes"), audio.get("path")
+        rate = audio.get("sampling_rate", rate)
     elif isinstance(audio, str) and audio.strip():
         path = audio.strip()
     file = str(row.get("file") or row.get("file_name") or "").strip()
     name = (file or (path or "").replace("\\", "/").rsplit("/", 1)[-1] or f"{index:06d}.wav")
     if data:
-        ref = probe_audio(f"{where} ({name})", data=bytes(data), field="audio")
+        base = str(search[0]) if search else (hub_id or task)
+        ref = probe_audio(f"{base}/{name}", data=bytes(data), field=f"audio of {where}", declared_rate=rate)
     else:
         wanted = path or file
         if not wanted:
@@ -163,7 +166,7 @@ def task_clip(task: str, row: dict[str, Any], where: str, search: tuple[Path, ..
             tried = ", ".join(str(d / wanted) for d in search) or wanted
             raise SourceError(f"{where}: audio file named in field '{'audio' if path else 'file'}' not found "
                               f"(looked for {tried})")
-        ref = probe_audio(found, field=f"{where} file")
+        ref = probe_audio(found, field=f"{where} file", declared_rate=rate)
     return TaskClip(task=task, instruction=instruction, label=str(label).strip(), audio=ref,
                     source=f"dsuperb:{task}/{name}")
 
@@ -180,5 +183,5 @@ def _read_hub_task(hub_id: str) -> list[TaskClip]:
     if "audio" in ds.column_names and isinstance(ds.features["audio"], datasets.Audio):
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
     task = hub_id.rsplit("/", 1)[-1]
-    return [task_clip(task, row, f"{hub_id}[test] row {i}", index=i)
+    return [task_clip(task, row, f"{hub_id}[test] row {i}", index=i, hub_id=hub_id)
             for i, row in enumerate(tqdm(ds, desc=task, leave=False))]
