@@ -86,7 +86,7 @@ def _read_entries(path: Path) -> dict[str, frozenset[str]]:
     try:
         data = yaml.safe_load(read_text(path, "a Dynamic-SUPERB task table (YAML)"))
     except yaml.YAMLError as exc:
-        raise SourceError(f"{path}: not valid YAML: {exc}") from None
+        raise SourceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
         raise SourceError(f"{path}: field 'tasks' missing (expected a mapping task name -> list of attributes)")

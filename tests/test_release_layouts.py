@@ -92,6 +92,29 @@ def test_dynamic_superb_bad_tables_are_one_line_errors(tmp_path):
         read_dynamic_superb(listing)
 
 
+def test_audio_rate_checks(tmp_path):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from sake_dataset.audio import probe_audio
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(800, dtype="float32"), 4000, format="WAV", subtype="PCM_16")
+    with pytest.raises(SourceError, match=r"x.wav: field 'audio': sampling rate 4000 Hz outside the supported"):
+        probe_audio("x.wav", data=buf.getvalue(), field="audio")
+    rows = dsuperb_rows("NoiseDetection_LJSpeech_MUSAN-Gaussian", 2)  # 8 kHz clips
+    for row in rows:
+        row["audio"]["sampling_rate"] = 8000
+    rows[1]["audio"]["sampling_rate"] = 16000
+    from sake_dataset.sources.dynamic_superb import task_clip
+
+    assert task_clip("T", rows[0], "t.parquet row 0").audio.duration == pytest.approx(0.12)
+    with pytest.raises(SourceError, match=r"row 1.*sampling rate 8000 Hz, but the source declares 16000 Hz"):
+        task_clip("T", rows[1], "t.parquet row 1")
+
+
 # ------------------------------------------------------------------------------------------------ task table
 
 def test_task_table_maps_a_task_without_any_attribute_keyword():
