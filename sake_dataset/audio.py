@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from sake.protocol import SAMPLING_RATE
+
 from .records import AudioRef, SourceError
 
-SAMPLING_RATE = 16000
 MIN_SECONDS = 0.1
 RATE_RANGE = (8000, 192000)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sake.atomic import replace_dir, staging_dir
+from sake.atomic import atomic_write, replace_dir, staging_dir
 
 from .construction import (InstanceBuilder, build_attribute_split, build_sequential, check_instance,
                            make_edit_pairs)
@@ -22,7 +22,7 @@ from .portability import MODES as PORTABILITY_MODES
 from .portability import PortabilityBank, multi_hop_questions
 from .records import ConstructionError, LabelledClip, SourceError, TaskClip, TextQuestion
 from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path, portability_origins,
-                      provenance, render_card, stats_markdown, write_manifest, write_parquet, write_text)
+                      provenance, render_card, stats_markdown, write_manifest, write_parquet)
 from .schema import CONFIGS, PAPER_TOTALS, SPLITS, count_totals, expected_totals, item_rows
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
         sizes_on_disk = {c: {s: (tmp / parquet_path(c, s)).stat().st_size for s in built} for c in CONFIGS}
         card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
                            stats_markdown(stats), demo, sources_md, licenses)
-        write_text(tmp / "README.md", card)
+        atomic_write(tmp / "README.md", card)
         manifest = write_manifest(tmp, seed, sources, item_ids, built)
         replace_output(tmp, out)
     except BaseException:

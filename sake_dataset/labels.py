@@ -6,15 +6,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-ATTRIBUTES: tuple[str, ...] = ("animal", "emotion", "gender", "language")
-
-# App. C.1, canonical spelling used everywhere in the toolkit.
-LABELS: dict[str, tuple[str, ...]] = {
-    "animal": ("dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"),
-    "emotion": ("happy", "disgust", "sad", "fear", "angry"),
-    "gender": ("male", "female"),
-    "language": ("English", "German", "Spanish", "French", "Italian", "Chinese", "Japanese", "Korean"),
-}
+from sake.protocol import ATTRIBUTES, LABELS  # noqa: F401 (re-exported: App. C.1 attributes and label sets)
 
 # Spellings met in source corpora, mapped to the canonical label (keys are lower-case).
 LABEL_ALIASES: dict[str, dict[str, str]] = {

@@ -6,28 +6,10 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from datasets import Audio, Features, List, Value
+from sake.protocol import (ATTRIBUTES, COLUMN_OF_KIND, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS,  # noqa: F401
+                           SAMPLING_RATE, SPLITS)  # (re-exported: configs, splits, item kinds, dimensions)
 
-from .labels import ATTRIBUTES
-
-SAMPLING_RATE = 16000
-CONFIGS: tuple[str, ...] = ATTRIBUTES + ("sequential",)
-SPLITS: tuple[str, ...] = ("train", "test")
-
-# Item kinds in row order; ids are f"{instance id}/{kind}".
-ITEM_KINDS: tuple[str, ...] = ("rel", "gen1", "gen2", "gen3", "loc_audio1", "loc_audio2", "loc_audio3",
-                               "loc_audio4", "loc_text", "port")
 item_kinds = ITEM_KINDS
-DIMENSION_OF_KIND: dict[str, str] = {
-    "rel": "reliability", "gen1": "generality", "gen2": "generality", "gen3": "generality",
-    "loc_audio1": "locality_audio", "loc_audio2": "locality_audio", "loc_audio3": "locality_audio",
-    "loc_audio4": "locality_audio", "loc_text": "locality_text", "port": "portability",
-}
-# Instance-row list column holding each kind (the reliability item is the row itself).
-COLUMN_OF_KIND: dict[str, str] = {
-    "gen1": "generality", "gen2": "generality", "gen3": "generality", "loc_audio1": "locality_audio",
-    "loc_audio2": "locality_audio", "loc_audio3": "locality_audio", "loc_audio4": "locality_audio",
-    "loc_text": "locality_text", "port": "portability",
-}
 
 
 

@@ -17,7 +17,6 @@ import argparse
 import csv
 import io
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import yaml
+
+from sake.atomic import atomic_write
 
 LOGGER = logging.getLogger("make_demo_sources")
 
@@ -272,14 +273,6 @@ MMLU_QUESTIONS: list[tuple[str, str, list[str], int]] = [
 def clip_rng(seed: int, key: str) -> np.random.Generator:
     """A numpy generator for one clip, stable under adding or removing other clips."""
     return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
@@ -945,13 +938,13 @@ def build(out: Path, seed: int, text_only: bool = False) -> list[Path]:
         if rel in dsuperb_tables:
             continue  # Parquet with the audio inside: written once the audio is rendered
         columns = ESC50_COLUMNS if rel.endswith("esc50.csv") else SAKURA_COLUMNS
-        write_bytes_atomic(out / rel, csv_bytes(columns, rows))
+        atomic_write(out / rel, csv_bytes(columns, rows))
         written.append(out / rel)
-    write_bytes_atomic(out / "mmlu/all/test-00000-of-00001.parquet", mmlu_parquet_bytes())
+    atomic_write(out / "mmlu/all/test-00000-of-00001.parquet", mmlu_parquet_bytes())
     written.append(out / "mmlu/all/test-00000-of-00001.parquet")
     table = TASK_TABLE_HEADER + yaml.safe_dump({"format": 1, "tasks": DSUPERB_TASK_ATTRIBUTES},
                                                default_flow_style=None, sort_keys=True)
-    write_bytes_atomic(out / "dynamic_superb_tasks.yaml", table.encode("utf-8"))
+    atomic_write(out / "dynamic_superb_tasks.yaml", table.encode("utf-8"))
     written.append(out / "dynamic_superb_tasks.yaml")
     if text_only:
         return written
@@ -967,16 +960,16 @@ def build(out: Path, seed: int, text_only: bool = False) -> list[Path]:
                 folder, name = clip.path.rsplit("/", 1)
                 embedded.setdefault(folder, {})[name] = wav_bytes(samples)
                 continue
-            write_bytes_atomic(out / clip.path, wav_bytes(samples))
+            atomic_write(out / clip.path, wav_bytes(samples))
             written.append(out / clip.path)
     finally:
         synth.close()
     for rel, rows in dsuperb_tables.items():
         folder = rel[: -len(DSUPERB_TABLE) - 1]
-        write_bytes_atomic(out / rel, dsuperb_parquet_bytes(rows, embedded[folder]))
+        atomic_write(out / rel, dsuperb_parquet_bytes(rows, embedded[folder]))
         written.append(out / rel)
     tasks = [rel.split("/")[1] for rel in d_tables]
-    write_bytes_atomic(out / "README.md", readme_text(seed, tasks).encode("utf-8"))
+    atomic_write(out / "README.md", readme_text(seed, tasks).encode("utf-8"))
     written.append(out / "README.md")
     return written
 
