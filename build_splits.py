@@ -2,7 +2,7 @@
 """Build the SAKE dataset: Parquet per config/split, a dataset card (README.md) and sake_manifest.json.
 
     python build_splits.py --demo --out /tmp/sake
-    python build_splits.py --sakura PATH|HUB_ID --dynamic-superb PATH|LIST.txt|HUB_ID --mmlu PATH|cais/mmlu \
+    python build_splits.py --sakura PATH|HUB_ID --dynamic-superb PATH|LIST.txt|HUB_ID --mmlu PATH|cais/mmlu
         --out DIR --seed 0 [--pool crema_d=PATH --pool esc50=PATH ...] [--push-to-hub ORG/NAME]
     python build_splits.py --sakura PATH --dynamic-superb PATH --mmlu PATH --out DIR --splits test   # test only
 """

@@ -177,8 +177,9 @@ def stats_markdown(stats: dict[str, Any]) -> str:
     origins, Dynamic-SUPERB task screening and provenance), for the splits of this build."""
     built = [s for s in ("train", "test") if s in stats["splits"]]
     lines = ["### Splits", "", "This build holds the split(s): " + ", ".join(f"`{s}`" for s in built) + "."
-             + ("" if len(built) == 2 else " (a test-only build: editing methods that learn from the train split, "
-                                          "e.g. KE and MEND trainers, IE-IKE demonstrations, need a full build)"), "",
+             + (" A test-only build: methods that learn from the train split (KE/MEND training, IE-IKE "
+                "demonstrations, UnKE/WISE preservation data drawn from train) need a build with both splits."
+                if built == ["test"] else ""), "",
              "### Composition (paper Table 1; single-editing configs, items counted per QA pair)", "",
              "| Split | # Instances | # Speech/Audio Inputs | # QA Pairs |", "|---|---:|---:|---:|"]
     for split in built:
