@@ -261,3 +261,27 @@ def test_zero_train_size_with_train_requested_is_a_clear_error(sources, tmp_path
     with pytest.raises(ConstructionError, match="--splits test"):
         construct([], [], [], [], train_per_attribute=0, splits=("train", "test"))
     assert build_splits.make_parser().parse_args(["--out", str(tmp_path), "--splits", "test"]).splits == ["test"]
+
+
+@pytest.mark.parametrize("attribute,question,category", [
+    ("animal", "What does the animal making this sound usually eat?", "diet"),
+    ("animal", "Based on the sound, how does this animal move around?", "locomotion"),
+    ("animal", "Which item would an owner need to care for this animal?", "care_item"),
+    ("animal", "Which animal is the closest relative of the one you hear?", "family"),
+    ("animal", "How does this animal reproduce?", "reproduction"),
+    ("animal", "Based on the sound, what is this animal known for?", "behavior"),
+    ("emotion", "Which statement would the speaker most likely make?", "descriptive_sentence"),
+    ("emotion", "How should you react to the speaker, given how they feel?", "social_interaction"),
+    ("gender", "Which famous historical figure shares the speaker's gender?", "history"),
+    ("gender", "How would you formally address the speaker?", "title"),
+    ("language", "What is the ISO 639-1 code of the spoken language?", "iso"),
+    ("language", "In which city is the spoken language an official language?", "city"),
+    ("language", "Which test measures proficiency in the spoken language?", "test"),
+    ("language", "Which language family does the spoken language belong to?", "language_family"),
+    ("language", "Which comparison of prisons is this?", "other"),  # no "iso"/"city" inside other words
+])
+def test_knowledge_category_of_a_multi_hop_question(attribute, question, category):
+    from sake_dataset.portability import categorize
+
+    assert categorize(attribute, question) == category
+    assert categorize(attribute, question, given="Care Item") == "care_item"  # the source's own category wins
