@@ -76,6 +76,23 @@ def test_task_list_of_folders_and_hub_ids_reads_like_the_folder(sources, tmp_pat
     assert [key(t) for t in single] == [key(t) for t in from_folder if t.task == task]
 
 
+def test_multi_utterance_tasks_are_skipped(tmp_path, caplog):
+    import datasets
+
+    rows = dsuperb_rows("SpeakerCounting_LibriTTS-TestClean", 2)
+    one = tmp_path / "ds" / "SpeakerVerification_VCTK"
+    write_dsuperb_task(one, rows)
+    two = tmp_path / "ds" / "SpeakerVerification_LibriSpeech"
+    path = two / "data" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    features = datasets.Features({**dsuperb_features(), "audio2": datasets.Audio()})
+    datasets.Dataset.from_dict({**{c: [r[c] for r in rows] for c in ("file", "audio", "instruction", "label")},
+                                "audio2": [r["audio"] for r in rows]}, features=features).to_parquet(str(path))
+    tasks = read_dynamic_superb(tmp_path / "ds")
+    assert {t.task for t in tasks} == {"SpeakerVerification_VCTK"}
+    assert "SpeakerVerification_LibriSpeech: multi-utterance task" in caplog.text
+
+
 def test_dynamic_superb_bad_tables_are_one_line_errors(tmp_path):
     task = tmp_path / "ds" / "SpoofDetection_ASVspoof2017"
     rows = dsuperb_rows("NoiseDetection_LJSpeech_MUSAN-Gaussian", 2)

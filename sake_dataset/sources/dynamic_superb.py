@@ -16,7 +16,8 @@ when no test file exists), or a table with the audio files beside it: `metadata.
 - audio from an `audio` column holding the datasets `Audio` struct (`bytes` and/or `path`) or a path string, or,
   without one, from a `file` / `file_name` column; a path is looked up beside the table, then in its `audio/`
   subfolder, then in the task folder;
-- the row's name: `file`, else the audio path's last part, else its row number; provenance `dsuperb:<Task>/<name>`.
+- the row's name: `file`, else the audio path's last part, else its row number; provenance `dsuperb:<Task>/<name>`;
+- a multi-utterance task (a second audio column `audio2`) is skipped with a warning: a SAKE item has one audio.
 
 Which tasks are about an edited attribute is the builder's business (`sake_dataset.dsuperb_tasks`).
 """
@@ -105,6 +106,9 @@ def _read_local_task(task_dir: Path) -> list[TaskClip]:
     clips: list[TaskClip] = []
     for table in tables:
         for where, row in _table_rows(table):
+            if row.get("audio2") is not None:
+                log.warning("%s: multi-utterance task (column audio2) skipped: a SAKE item has one audio", task_dir)
+                return []
             clips.append(task_clip(task_dir.name, row, where, (table.parent, table.parent / "audio", task_dir),
                                    index=len(clips)))
     return clips
@@ -180,6 +184,9 @@ def _read_hub_task(hub_id: str) -> list[TaskClip]:
         raise SourceError(f"{hub_id}: Dynamic-SUPERB task could not be loaded from the Hub (split test; needs "
                           f"network access): {exc}") from None
     _require_columns(hub_id, ds.column_names)
+    if "audio2" in ds.column_names:
+        log.warning("%s: multi-utterance task (column audio2) skipped: a SAKE item has one audio", hub_id)
+        return []
     if "audio" in ds.column_names and isinstance(ds.features["audio"], datasets.Audio):
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
     task = hub_id.rsplit("/", 1)[-1]
