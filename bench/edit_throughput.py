@@ -80,11 +80,12 @@ from bench.report import (  # noqa: F401 (re-exported)
     merge_results,
     render_results,
     render_table,
-    write_atomic,
     write_results,
 )
 from bench.roofline import Shapes, edit_shapes, floor_seconds, measure_ceilings, model_sizes  # noqa: F401 (re-exported)
 from bench.synthetic import SyntheticDataset, synthetic_instance  # noqa: F401 (re-exported)
+
+from sake.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_results(args.out, text, args.model)
         if args.json is not None:
             raw = {r["method"]: {k: v for k, v in r.items()} for r in rows}
-            write_atomic(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale),
+            atomic_write(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale),
                                                 "model": args.model, "methods": raw},
                                                indent=1, sort_keys=True, default=str) + "\n")
     print(render_table(rows))

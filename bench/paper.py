@@ -8,6 +8,8 @@ import logging
 
 
 
+from sake.protocol import FAMILY_NAMES
+
 LOG = logging.getLogger(__name__)
 
 
@@ -67,4 +69,4 @@ MODEL_TITLES = {"qwen2_audio": {"full": "Qwen2-Audio-7B-Instruct architecture", 
                             "tiny": "tiny DeSTA2.5-Audio"}}
 
 
-PAPER_MODEL_NAMES = {"qwen2_audio": "Qwen2-Audio", "desta25": "DeSTA2.5-Audio"}
+PAPER_MODEL_NAMES = FAMILY_NAMES

@@ -6,9 +6,7 @@ import argparse
 import datetime as _dt
 import logging
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,8 @@ import torch
 
 from bench.models import Scale
 from bench.paper import MODEL_TITLES, PAPER_MODEL_NAMES, PAPER_TABLE7_DESTA_SINGLE
+
+from sake.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -145,15 +145,6 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def device_name(scale: Scale) -> str:
     if scale.device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -237,7 +228,7 @@ def merge_results(existing: str, text: str, model: str) -> str:
 def write_results(path: Path, text: str, model: str) -> None:
     """Write ``text`` into ``path`` as :func:`merge_results` says (atomically)."""
     existing = path.read_text(encoding="utf-8") if path.is_file() else ""
-    write_atomic(path, merge_results(existing, text, model))
+    atomic_write(path, merge_results(existing, text, model))
 
 
 def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, Any]], ceilings: dict[str, float],

@@ -12,23 +12,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 
-from bench.report import write_atomic
+from sake.atomic import atomic_write
+from sake.protocol import ATTRIBUTES, SAMPLING_RATE
+from sake.protocol import LABELS as PROTOCOL_LABELS
 
 LOG = logging.getLogger(__name__)
 
 
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = SAMPLING_RATE
 
 
-ATTRIBUTES = ("animal", "emotion", "gender", "language")  # the runner's config order
 
 
-LABELS = {
-    "animal": ["dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"],
-    "emotion": ["happy", "sad", "angry", "neutral"],
-    "gender": ["male", "female"],
-    "language": ["English", "German", "French", "Spanish", "Italian", "Chinese"],
-}
+LABELS = {attribute: list(labels) for attribute, labels in PROTOCOL_LABELS.items()}  # sake.protocol
 
 
 QUESTIONS = {
@@ -146,7 +142,7 @@ class SyntheticDataset:
                 rows[(attribute, split)] = [synthetic_instance(rng, attribute, split, i, seconds)
                                             for i in range(count)]
         root.mkdir(parents=True, exist_ok=True)
-        write_atomic(root / "sake_manifest.json", json.dumps({"format": 1, "seed": seed,
+        atomic_write(root / "sake_manifest.json", json.dumps({"format": 1, "seed": seed,
                                                               "fingerprint": f"bench-synthetic-seed{seed}"}))
         return cls(root=root, rows=rows)
 

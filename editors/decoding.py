@@ -84,10 +84,9 @@ def generate_prompts(adapter, prompts: Sequence, *, max_new_tokens: int = 32, ba
         embeds = embeds_fn(batch, rows) if embeds_fn is not None else adapter.input_embeds(batch)
         new_tokens = adapter.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                             generation_config=config)
-        texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(rows, texts):
+        for i, text in zip(rows, adapter.decode_new_tokens(new_tokens, max_new_tokens)):
             if outputs[i] is None:  # a dummy row repeats the chunk's last prompt: keep the first
-                outputs[i] = text.strip()
+                outputs[i] = text
     return outputs  # type: ignore[return-value]
 
 
