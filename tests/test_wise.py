@@ -32,8 +32,9 @@ def test_wise_edit_routes_in_scope_to_side_memory_and_far_inputs_to_original_wei
         stats = editor.apply(edit)
         router = adapter.mlp_out_proj(editor.hparams["layer"])
         assert isinstance(router, WiseRouter)
-        after_out = adapter.generate(prompts, max_new_tokens=8)  # one batch: per-row routing
+        after_out = adapter.generate(prompts, max_new_tokens=8)
         assert after_out[0] == "sad"
+        _logits(adapter, prompts)  # one forward over both rows: per-row routing
         assert router.decisions.tolist() == [0, -1]
         scores = router.last_scores[:, 0].tolist()
         assert after_out[1] == before_out[1]
@@ -65,6 +66,7 @@ def test_wise_sequential_edits_use_shards_routed_by_activation():
         assert [s["shard"] for s in stats] == [0, 1] and stats[-1]["n_shards"] == 2
         outputs = adapter.generate([e.prompt() for e in edits] + [FAR], max_new_tokens=8)
         router = adapter.mlp_out_proj(editor.hparams["layer"])
+        _logits(adapter, [e.prompt() for e in edits] + [FAR])  # one forward over the three rows
         assert router.decisions.tolist() == [0, 1, -1]
         assert outputs[:2] == ["sad", "angry"]
     finally:
