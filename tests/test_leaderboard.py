@@ -35,7 +35,9 @@ def _errors(path, manifest, **kwargs) -> str:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under root except the per-id lock files (they persist by design)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".locks" not in p.relative_to(root).parts}
 
 
 # ------------------------------------------------------------------------------------------------ validator

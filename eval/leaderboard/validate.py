@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -45,6 +46,15 @@ ITEM_KINDS: dict[str, tuple[str, int]] = {
     "port": ("portability", 0),
 }
 _STEP_RE = re.compile(r"^step(\d+)$")
+
+# Limits of the strict JSON reader (shared by `validate`, `score`, `add` and `queue`: what validates is what
+# scores). A line nested deeper, a number with more digits, NaN/Infinity (or a float that overflows to one), an
+# unpaired surrogate, or an output string longer than the cap is rejected with the line and field named.
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_CHARS = 40
+MAX_OUTPUT_CHARS = 20_000  # post_edit / pre_edit / reference: longer text is no answer to a short question
+OUTPUT_FIELDS = ("post_edit", "pre_edit", "reference", "question")
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,7 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
                                             f"{max_bytes} bytes")], src)
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError) as exc:
         raise SubmissionError([Problem(src, f"not a valid zip archive ({exc})")], src) from None
     problems: list[Problem] = []
     wanted: list[zipfile.ZipInfo] = []
@@ -149,8 +159,13 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
             raise SubmissionError(problems, src)
         files: dict[str, bytes] = {}
         for info in wanted:
-            with archive.open(info) as handle:
-                data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
+            try:
+                with archive.open(info) as handle:
+                    data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
+            except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError) as exc:
+                # bad CRC, unknown compression method, truncated or corrupt stream
+                raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
+                                               f"unreadable ({type(exc).__name__}: {exc})")], src) from None
             if len(data) > max_bytes or len(data) != info.file_size:
                 raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
                                                "size differs from the archive directory or is over the limit")], src)
@@ -292,6 +307,71 @@ class _Collector:
             raise SubmissionError(listed, source)
 
 
+class JsonLimitError(ValueError):
+    """A JSON text breaks one of the strict reader's limits (the message says which)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise JsonLimitError(f"{name} is not valid JSON (NaN/Infinity are rejected)")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise JsonLimitError(f"integer with {len(text)} characters, over the limit of {MAX_NUMBER_CHARS}")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise JsonLimitError(f"number with {len(text)} characters, over the limit of {MAX_NUMBER_CHARS}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonLimitError(f"number {text} overflows to {value}")
+    return value
+
+
+def _nesting_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in re.findall(r"[\[\]{}]", _STRING_RE.sub('""', text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _surrogate_path(obj: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (value or key) holding an unpaired surrogate, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "(value)"
+        return None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found = _surrogate_path(key, f"{path}.{key!r}" if path else repr(key)) or \
+                _surrogate_path(value, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            found = _surrogate_path(value, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def strict_json_loads(text: str) -> Any:
+    """``json.loads`` with the board's limits; raises :class:`JsonLimitError` or ``json.JSONDecodeError``."""
+    depth = _nesting_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise JsonLimitError(f"nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    obj = json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_bounded_float)
+    where = _surrogate_path(obj)
+    if where:
+        raise JsonLimitError(f"field {where}: unpaired surrogate in a string (not encodable as UTF-8)")
+    return obj
+
+
 def _item_kind(item_id: str, instance_id: str) -> str | None:
     prefix = instance_id + "/"
     if not item_id.startswith(prefix):
@@ -314,8 +394,8 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     metadata_bytes = files.get(METADATA_NAME)
     if metadata_bytes is not None:
         try:
-            metadata = json.loads(metadata_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            metadata = strict_json_loads(metadata_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
             problems.add(Problem(METADATA_NAME, f"not valid UTF-8 JSON ({exc})"))
         else:
             problems.add(schema_problems(metadata, "metadata", METADATA_NAME))
@@ -341,9 +421,12 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
             problems.add(Problem(where, "empty line"))
             continue
         try:
-            obj = json.loads(line)
+            obj = strict_json_loads(line)
         except json.JSONDecodeError as exc:
             problems.add(Problem(where, f"malformed JSON: {exc.msg} (column {exc.colno})"))
+            continue
+        except ValueError as exc:  # JsonLimitError, and int()'s own digit limit
+            problems.add(Problem(where, f"rejected: {exc}"))
             continue
         if not isinstance(obj, dict):
             problems.add(Problem(where, f"expected a JSON object, got {_JSON_TYPE_NAMES.get(type(obj), '?')}"))
@@ -355,6 +438,11 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
             header = obj
             continue
         found = schema_problems(obj, "prediction", where)
+        for name in OUTPUT_FIELDS:
+            value = obj.get(name)
+            if isinstance(value, str) and len(value) > MAX_OUTPUT_CHARS:
+                found.append(Problem(f"{where}, field {name}",
+                                     f"{len(value)} characters, over the limit of {MAX_OUTPUT_CHARS}"))
         problems.add(found)
         if not found:
             rows.append(obj)
