@@ -296,6 +296,8 @@ class Runner:
                 "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
+                "expected_rows": sum(u.expected_rows for u in self.all_units),
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
                 "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

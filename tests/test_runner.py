@@ -13,6 +13,7 @@ from editors.data import load_instances
 from editors.models import load_adapter
 from editors.predictions import read_predictions
 from editors.run import Runner, build_parser, main
+from eval.sake_metric.predictions_file import read_predictions_file
 
 ROW_KEYS = {"kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options", "reference",
             "pre_edit", "post_edit", "gap", "category"}
@@ -53,6 +54,8 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
             for column in ("generality", "locality_audio", "locality_text", "portability"):
                 expected_ids += [item["id"] for item in row[column]]
     assert [r["item_id"] for r in rows] == expected_ids
+    assert header["expected_rows"] == len(rows)  # the strict reader accepts the complete file, manifest included
+    assert len(read_predictions_file(path, manifest=manifest).rows) == len(rows)
     rel = [r for r in rows if r["dimension"] == "reliability"]
     assert len(rel) == 4 and all(r["post_edit"] == r["reference"] for r in rel)  # the edit took
     text = [r for r in rows if r["dimension"] == "locality_text"]
@@ -79,6 +82,7 @@ def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_datase
         "--method": "ft_llm", "--hparam": "max_steps=2"}))
     header, rows = read_predictions(path)
     assert header["mode"] == "sequential" and header["configs"] == ["sequential"]
+    assert header["expected_rows"] == len(rows)
     step_of = {f"sequential/test/seq01/step{s:02d}": s for s in range(1, 11)}
     pairs = Counter((step_of[r["instance_id"]], r["gap"]) for r in rows)
     assert set(pairs) == {(s, g) for s in range(1, 6) for g in range(0, 6)}

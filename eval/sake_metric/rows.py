@@ -11,10 +11,11 @@ field, and saying what was expected.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+from .predictions_file import PredictionsError, read_predictions_file
 
 DIMENSIONS = ("reliability", "generality", "locality_audio", "locality_text", "portability")
 CORRECTNESS_DIMENSIONS = ("reliability", "generality", "portability")
@@ -38,10 +39,6 @@ METRIC_FIELDS = (
     "options",
 )
 MODES = ("single", "sequential")
-
-
-class PredictionsError(ValueError):
-    """Bad prediction input; the message names the source, line/row and field."""
 
 
 @dataclass(frozen=True)
@@ -182,34 +179,8 @@ def validate_rows(
     return rows
 
 
-def read_predictions_file(path: str | os.PathLike) -> tuple[dict | None, list[tuple[int, dict]]]:
-    """Read a predictions JSONL: return (header or None, [(line number, raw row), ...])."""
-    path = os.fspath(path)
-    header: dict | None = None
-    raws: list[tuple[int, dict]] = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise PredictionsError(f"{path}: cannot read predictions file ({exc.strerror})") from exc
-    with handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PredictionsError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-            if isinstance(obj, dict) and obj.get("kind") == "header":
-                if header is not None or raws:
-                    raise PredictionsError(f"{path}, line {number}: a 'kind: header' line must be the first line")
-                header = obj
-                continue
-            raws.append((number, obj))
-    return header, raws
-
-
 def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
-    """Check the few header fields the metric relies on (mode)."""
+    """Check the few header fields the metric relies on (mode) of a header given with rows."""
     if header is None:
         return
     mode = header.get("mode")
@@ -219,15 +190,19 @@ def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
 
 def load_predictions(
     predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, header: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> tuple[dict | None, list[PredictionRow]]:
     """Load and validate predictions from a JSONL path or from an iterable of row dicts.
 
-    An iterable may start with a header dict (`kind: header`); `header` overrides it. A file requires every
-    field of ARCHITECTURE.md's prediction row; an iterable needs only `METRIC_FIELDS`.
+    A file goes through the strict reader (`predictions_file.read_predictions_file`: header required, size,
+    encoding and JSON limits, complete against the header's `expected_rows` and, given one, the dataset
+    `manifest`) and requires every field of ARCHITECTURE.md's prediction row. An iterable may start with a
+    header dict (`kind: header`) and needs only `METRIC_FIELDS`. `header` overrides the file's or iterable's.
     """
     if isinstance(predictions, (str, os.PathLike)):
         source = os.fspath(predictions)
-        file_header, raws = read_predictions_file(source)
+        read = read_predictions_file(source, manifest=manifest)
+        file_header, raws = read.header, read.rows
         required: tuple[str, ...] = ROW_FIELDS
     else:
         source = "<rows>"

@@ -13,12 +13,14 @@ import evaluate
 # evaluate copies only modules this script imports directly, and reads anything after "#" on an import line
 # as a download URL: keep one plain relative import per helper module, no trailing comments.
 from .degeneration import degeneration_kind
+from .limits import MAX_JUDGED_CHARS
 from .llm_judge import DEFAULT_MODEL, JudgeConfig, LLMJudge, default_cache_dir
 from .matching import choose_option
+from .predictions_file import read_predictions_file
 from .rows import PredictionsError, load_predictions
 from .scoring import METRIC_VERSION, build_results, judge_rows
 
-__all__ = ["SakeMetric", "choose_option", "degeneration_kind"]
+__all__ = ["SakeMetric", "choose_option", "degeneration_kind", "read_predictions_file", "MAX_JUDGED_CHARS"]
 
 _CITATION = """\
 @misc{sake,
