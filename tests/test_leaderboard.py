@@ -120,7 +120,7 @@ def test_wrong_split_and_header_field(tmp_path, manifest, single):
     assert "line 1, field split: got 'train', the board accepts test" in message
     bad = dict(header, mode="batch")
     message = _errors(write_submission_dir(tmp_path / "t", bad, rows), manifest)
-    assert "predictions.jsonl line 1, field mode: got \"batch\", expected one of single, sequential" in message
+    assert "predictions.jsonl line 1: header field 'mode' must be one of single, sequential, got 'batch'" in message
 
 
 def test_oversize(tmp_path, manifest, single):
@@ -174,7 +174,7 @@ def test_malformed_jsonl_line(tmp_path, manifest, single):
     lines[2] = lines[2][:-5]  # cut the closing of line 3
     (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     message = _errors(path, manifest)
-    assert "predictions.jsonl line 3: malformed JSON" in message
+    assert "predictions.jsonl line 3: not valid JSON (Unterminated string" in message
 
 
 def test_bad_metadata(tmp_path, manifest, single):

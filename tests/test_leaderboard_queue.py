@@ -16,8 +16,8 @@ import pytest
 from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header, make_manifest, make_rows,
                                   write_submission_dir, write_submission_zip)
 from eval.leaderboard.store import LocalStore, add_submission, process_queue, result_protocol
-from eval.leaderboard.validate import (MAX_JSON_DEPTH, MAX_OUTPUT_CHARS, SubmissionError, strict_json_loads,
-                                       validate_submission)
+from eval.leaderboard.validate import SubmissionError, validate_submission
+from eval.sake_metric.limits import MAX_HEADER_DEPTH, MAX_LINE_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def _predictions(header_line: bytes, rows: list[dict]) -> bytes:
 
 
 @pytest.mark.parametrize("raw, needle", [
-    ("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "Infinity"), ("1e999", "overflows"),
-    ("1" * 5000, "integer with 5000 characters"), ("[" * 985 + "]" * 985, "nested 986 levels"),
-    ('"\\ud800"', "unpaired surrogate"),
+    ("NaN", "NaN is not allowed"), ("Infinity", "Infinity is not allowed"), ("-Infinity", "Infinity is not"),
+    ("1e999", "not finite"), ("1" * 5000, "an integer with 5000 digits"), ("[" * 985 + "]" * 985, "JSON nested"),
+    ('"\\ud800"', "unpaired UTF-16 surrogate"),
 ], ids=["nan", "inf", "-inf", "overflow", "5000-digits", "985-deep", "surrogate"])
 def test_validate_and_add_reject_the_same_limits(tmp_path, manifest, single, raw, needle):
     header, rows = single
@@ -66,16 +66,18 @@ def test_validate_and_add_reject_the_same_limits(tmp_path, manifest, single, raw
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json*"))
 
 
-def test_hparams_nesting_and_output_length(tmp_path, manifest, single):
+def test_hparams_nesting_and_line_length(tmp_path, manifest, single):
     header, rows = single
-    deep = header | {"hparams": json.loads("{\"a\":" * (MAX_JSON_DEPTH + 2) + "1" + "}" * (MAX_JSON_DEPTH + 2))}
-    assert "nested" in str(pytest.raises(SubmissionError, validate_submission,
-                                         write_submission_dir(tmp_path / "d", deep, rows), manifest).value)
-    long_rows = [dict(rows[0], post_edit="x" * (MAX_OUTPUT_CHARS + 1))] + rows[1:]
+    deep = header | {"hparams": json.loads("{\"a\":" * MAX_HEADER_DEPTH + "1" + "}" * MAX_HEADER_DEPTH)}
+    error = str(pytest.raises(SubmissionError, validate_submission,
+                              write_submission_dir(tmp_path / "d", deep, rows), manifest).value)
+    assert "predictions.jsonl line 1: JSON nested" in error
+    long_rows = [dict(rows[0], post_edit="x" * (MAX_LINE_BYTES + 1))] + rows[1:]
     error = str(pytest.raises(SubmissionError, validate_submission,
                               write_submission_dir(tmp_path / "l", header, long_rows), manifest).value)
-    assert "line 2, field post_edit" in error and "over the limit" in error
-    assert strict_json_loads('{"a": [1, 2.5, "\\ud83d\\ude00"]}') == {"a": [1, 2.5, "\U0001F600"]}
+    assert "line 2: longer than" in error
+    ok = [dict(rows[0], post_edit="\U0001F600 " * 10)] + rows[1:]  # a paired surrogate escape is fine
+    assert validate_submission(write_submission_dir(tmp_path / "ok", header, ok), manifest).rows[0]["post_edit"]
 
 
 def _zip_bad_crc(path: Path, header, rows) -> Path:
@@ -138,7 +140,7 @@ def test_queue_goes_on_past_any_failure(tmp_path, manifest, single):
         assert error.count("\n") == 1 and error.strip(), name
     errors = {n: (tmp_path / "queue" / "rejected" / f"{n}.error.txt").read_text() for n in rejected}
     assert "unreadable" in errors["a_bad_crc.zip"] and "unreadable" in errors["b_method.zip"]
-    assert "nested 100000 levels" in errors["c_deep.zip"] and "5000 characters" in errors["d_bigint.zip"]
+    assert "JSON nested" in errors["c_deep.zip"] and "5000 digits" in errors["d_bigint.zip"]
     assert errors["g_scorer_dies.zip"] == "RuntimeError: judge API down | second line\n"
 
 

@@ -22,6 +22,9 @@ from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
+from eval.sake_metric.limits import MAX_ROW_DEPTH
+from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions
+
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -46,15 +49,6 @@ ITEM_KINDS: dict[str, tuple[str, int]] = {
     "port": ("portability", 0),
 }
 _STEP_RE = re.compile(r"^step(\d+)$")
-
-# Limits of the strict JSON reader (shared by `validate`, `score`, `add` and `queue`: what validates is what
-# scores). A line nested deeper, a number with more digits, NaN/Infinity (or a float that overflows to one), an
-# unpaired surrogate, or an output string longer than the cap is rejected with the line and field named.
-MAX_JSON_DEPTH = 32
-MAX_NUMBER_CHARS = 40
-MAX_OUTPUT_CHARS = 20_000  # post_edit / pre_edit / reference: longer text is no answer to a short question
-OUTPUT_FIELDS = ("post_edit", "pre_edit", "reference", "question")
-_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass(frozen=True)
@@ -307,69 +301,22 @@ class _Collector:
             raise SubmissionError(listed, source)
 
 
-class JsonLimitError(ValueError):
-    """A JSON text breaks one of the strict reader's limits (the message says which)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise JsonLimitError(f"{name} is not valid JSON (NaN/Infinity are rejected)")
-
-
-def _bounded_int(text: str) -> int:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise JsonLimitError(f"integer with {len(text)} characters, over the limit of {MAX_NUMBER_CHARS}")
-    return int(text)
-
-
-def _bounded_float(text: str) -> float:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise JsonLimitError(f"number with {len(text)} characters, over the limit of {MAX_NUMBER_CHARS}")
-    value = float(text)
-    if not math.isfinite(value):
-        raise JsonLimitError(f"number {text} overflows to {value}")
-    return value
-
-
-def _nesting_depth(text: str) -> int:
-    depth = deepest = 0
-    for char in re.findall(r"[\[\]{}]", _STRING_RE.sub('""', text)):
-        depth += 1 if char in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _surrogate_path(obj: Any, path: str = "") -> str | None:
-    """The dotted path of the first string (value or key) holding an unpaired surrogate, or None."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "(value)"
-        return None
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            found = _surrogate_path(key, f"{path}.{key!r}" if path else repr(key)) or \
-                _surrogate_path(value, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    elif isinstance(obj, list):
-        for index, value in enumerate(obj):
-            found = _surrogate_path(value, f"{path}[{index}]")
-            if found:
-                return found
+def _nonfinite_path(obj: Any, path: str = "") -> str | None:
+    """The dotted path of the first float that is not finite (``1e999`` parses to inf), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "(value)"
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in children:
+        found = _nonfinite_path(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
     return None
 
 
-def strict_json_loads(text: str) -> Any:
-    """``json.loads`` with the board's limits; raises :class:`JsonLimitError` or ``json.JSONDecodeError``."""
-    depth = _nesting_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise JsonLimitError(f"nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
-    obj = json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_bounded_float)
-    where = _surrogate_path(obj)
-    if where:
-        raise JsonLimitError(f"field {where}: unpaired surrogate in a string (not encodable as UTF-8)")
-    return obj
+def _problem_from(exc: PredictionsError) -> Problem:
+    """The reader's one-line message as a Problem (``where: message``)."""
+    where, _, message = str(exc).partition(": ")
+    return Problem(where.replace(", line", " line"), message or str(exc))
 
 
 def _item_kind(item_id: str, instance_id: str) -> str | None:
@@ -394,61 +341,37 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     metadata_bytes = files.get(METADATA_NAME)
     if metadata_bytes is not None:
         try:
-            metadata = strict_json_loads(metadata_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            problems.add(Problem(METADATA_NAME, f"not valid UTF-8 JSON ({exc})"))
+            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH)
+        except UnicodeDecodeError as exc:
+            problems.add(Problem(METADATA_NAME, f"not UTF-8 (byte {exc.start})"))
+        except PredictionsError as exc:
+            problems.add(_problem_from(exc))
         else:
             problems.add(schema_problems(metadata, "metadata", METADATA_NAME))
 
+    # The one strict reader of predictions files (eval/sake_metric/predictions_file.py, limits in limits.py) is
+    # the reader scoring uses too: what validates here is what scores.
     raw = files[PREDICTIONS_NAME]
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problems.add(Problem(PREDICTIONS_NAME, f"not UTF-8 (byte {exc.start})"))
+        parsed = parse_predictions(raw, PREDICTIONS_NAME)
+    except PredictionsError as exc:
+        problems.add(_problem_from(exc))
         problems.raise_if_any(source)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # trailing newline
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = parsed.header
     rows: list[dict[str, Any]] = []
     row_lines: list[int] = []
-    if not lines:
-        problems.add(Problem(PREDICTIONS_NAME, "empty file; expected a header line and prediction lines"))
-    for number, line in enumerate(lines, start=1):
+    where = f"{PREDICTIONS_NAME} line 1"
+    problems.add(schema_problems(header, "header", where))
+    bad_number = _nonfinite_path(header)
+    if bad_number:
+        problems.add(Problem(f"{where}, field {bad_number}", "a number that is not finite (NaN/Infinity)"))
+    for number, obj in parsed.rows:
         where = f"{PREDICTIONS_NAME} line {number}"
-        line = line.rstrip("\r")
-        if not line.strip():
-            problems.add(Problem(where, "empty line"))
-            continue
-        try:
-            obj = strict_json_loads(line)
-        except json.JSONDecodeError as exc:
-            problems.add(Problem(where, f"malformed JSON: {exc.msg} (column {exc.colno})"))
-            continue
-        except ValueError as exc:  # JsonLimitError, and int()'s own digit limit
-            problems.add(Problem(where, f"rejected: {exc}"))
-            continue
-        if not isinstance(obj, dict):
-            problems.add(Problem(where, f"expected a JSON object, got {_JSON_TYPE_NAMES.get(type(obj), '?')}"))
-            continue
-        if number == 1:
-            if obj.get("kind") != "header":
-                problems.add(Problem(f"{where}, field kind", "line 1 must be the run header (kind: header)"))
-            problems.add(schema_problems(obj, "header", where))
-            header = obj
-            continue
         found = schema_problems(obj, "prediction", where)
-        for name in OUTPUT_FIELDS:
-            value = obj.get(name)
-            if isinstance(value, str) and len(value) > MAX_OUTPUT_CHARS:
-                found.append(Problem(f"{where}, field {name}",
-                                     f"{len(value)} characters, over the limit of {MAX_OUTPUT_CHARS}"))
         problems.add(found)
         if not found:
             rows.append(obj)
             row_lines.append(number)
-    if lines and not rows and not problems.problems:
-        problems.add(Problem(PREDICTIONS_NAME, "no prediction lines after the header"))
     problems.raise_if_any(source)
 
     # Row consistency: ids, dimension/type against the item kind, gap against the mode.
