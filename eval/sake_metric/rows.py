@@ -39,6 +39,8 @@ METRIC_FIELDS = (
     "options",
 )
 MODES = ("single", "sequential")
+#: Optional row field written by editors/run.py: the post-edit output stopped at max_new_tokens.
+HIT_LIMIT_FIELD = "post_edit_hit_limit"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class PredictionRow:
     options: tuple[str, ...]
     instance_id: str = ""
     question: str = ""
+    hit_limit: bool | None = None  # the post-edit output stopped at max_new_tokens (None: not recorded)
 
     @property
     def is_consistency(self) -> bool:
@@ -134,8 +137,11 @@ def validate_row(
         options = []
     if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
         raise PredictionsError(f"{where}: field 'options' must be a list of strings, got {options!r}")
+    hit_limit = raw.get(HIT_LIMIT_FIELD)
+    if hit_limit is not None and not isinstance(hit_limit, bool):
+        raise PredictionsError(f"{where}: field {HIT_LIMIT_FIELD!r} must be true, false or null, got {hit_limit!r}")
     return PredictionRow(
-        item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
+        hit_limit=hit_limit, item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
         pre_edit=pre_edit, post_edit=post_edit, gap=gap, category=category, options=tuple(options),
         instance_id=str(raw.get("instance_id") or ""), question=str(raw.get("question") or ""),
     )
