@@ -24,10 +24,11 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_judge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--judge", choices=["paper", "offline", "openai"], default="paper",
+    parser.add_argument("--judge", choices=["paper", "paper+choice", "offline", "openai"], default="paper",
                         help="paper: the paper's protocol, deterministic stages first and the LLM judge for the "
-                             "rest (API key from the environment; 'openai' is an alias); offline: deterministic "
-                             "stages only, labelled 'offline' on the board (default %(default)s)")
+                             "rest (API key from the environment; 'openai' is an alias); paper+choice: the same "
+                             "with the multiple-choice prefilter; offline: deterministic stages only, labelled "
+                             "'offline' on the board and never ranked among paper rows (default %(default)s)")
     parser.add_argument("--judge-cache", default=None, help="directory of the LLM judge's on-disk cache")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible server for the judge")
     parser.add_argument("--judge-model", default=None, help="judge model (default: the metric's default)")

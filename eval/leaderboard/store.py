@@ -109,7 +109,7 @@ def score_submission(submission: Submission, judge: str = "paper", scorer: Score
 
 def _scorer_judge(judge: str) -> str:
     """The board's protocol names -> the scorer's judge argument (``paper`` = the LLM judge of the paper)."""
-    return {"paper": "openai"}.get(judge, judge)
+    return {"paper": "openai", "paper+choice": "openai"}.get(judge, judge)
 
 
 def score_with_items(submission: Submission, judge: str = "paper", scorer: Scorer | None = None,
@@ -128,6 +128,10 @@ def score_with_items(submission: Submission, judge: str = "paper", scorer: Score
         path.write_bytes(submission.predictions_bytes)
         if takes_any or "items_out" in accepted:
             options["items_out"] = str(Path(tmp) / ITEMS_NAME)
+        if judge == "paper+choice":
+            if not (takes_any or "prefilter" in accepted):
+                raise ValueError("the scorer has no choice prefilter (protocol paper+choice)")
+            options["prefilter"] = "choice"
         result = scorer(str(path), judge=_scorer_judge(judge), **options)
         if (Path(tmp) / ITEMS_NAME).is_file():
             items = (Path(tmp) / ITEMS_NAME).read_bytes()
