@@ -6,7 +6,8 @@
     sake train ...        editors.train (hypernetworks for KE / MEND)
     sake score ...        eval.score (predictions -> results JSON)
     sake report ...       eval.report (tables and plots)
-    sake leaderboard ...  eval.leaderboard (validate / score / add / build)
+    sake leaderboard ...  eval.leaderboard (validate / score / add / queue / build / serve)
+    sake publish ...      eval.publish (dataset / metric / leaderboard on the Hugging Face Hub)
 
 Each subcommand takes the same arguments as its module (`sake run --help` == `python -m editors.run --help`).
 """
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("eval.score", "score predictions into a results JSON"),
     "report": ("eval.report", "paper-style tables and plots from results"),
     "leaderboard": ("eval.leaderboard.__main__", "validate, score, add and build the leaderboard"),
+    "publish": ("eval.publish", "publish the dataset, the metric or the leaderboard Space on the Hub"),
 }
 
 

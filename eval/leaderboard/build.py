@@ -141,7 +141,7 @@ def board_data(results_dir: str | os.PathLike, include_reference: bool = True) -
     return data, details
 
 
-def _write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
+def write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into a fresh sibling folder, then swap it in for ``out_dir`` (no half-built site)."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def build_site(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     files["data.js"] = f"window.SAKE_BOARD = {payload};\n".encode("ascii")
     for sid, detail in details.items():
         files[f"submissions/{sid}.json"] = dump_json(detail)
-    _write_tree(Path(out_dir), files)
+    write_tree(Path(out_dir), files)
     n_sub = sum(1 for row in data["rows"] if not row["reference"])
     logger.info("built %s: %d submitted row(s), %d reference row(s)", out_dir, n_sub, len(data["rows"]) - n_sub)
     return Path(out_dir)
