@@ -105,23 +105,38 @@ def test_board_in_headless_chromium(site, driver):
     with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as response:
         assert json.loads(response.read())["metadata"]["submitter"] == "Test Lab"
 
-    # Sorting: clicking a header reorders rows by that column (descending, then ascending).
+    # Sorting: clicking a header reorders rows by that column (descending, then ascending), within each judging
+    # protocol: the offline-judged submissions always follow the paper-protocol rows, whatever their values.
+    def protocols():
+        return [tr.get_attribute("data-protocol") for tr in
+                driver.find_elements("css selector", "#table-single tbody tr.row")]
+
+    def by_protocol(values):
+        groups = {}
+        for protocol, v in zip(protocols(), values):
+            groups.setdefault(protocol, []).append(v)
+        return groups
+
+    assert protocols() == ["paper"] * 24 + ["offline"] * 2
     before = _row_ids(driver, "single")
     driver.find_element("css selector", "#table-single th[data-key='locality_text']").click()
     after = _row_ids(driver, "single")
-    values = _column_values(driver, "single", "locality_text")
-    assert after != before
-    present = [v for v in values if v is not None]
-    assert present == sorted(present, reverse=True) and values[: len(present)] == present
+    assert after != before and protocols() == ["paper"] * 24 + ["offline"] * 2
+    for values in by_protocol(_column_values(driver, "single", "locality_text")).values():
+        present = [v for v in values if v is not None]
+        assert present == sorted(present, reverse=True) and values[: len(present)] == present
     driver.find_element("css selector", "#table-single th[data-key='locality_text']").click()
-    values = [v for v in _column_values(driver, "single", "locality_text") if v is not None]
-    assert values == sorted(values)
+    for values in by_protocol(_column_values(driver, "single", "locality_text")).values():
+        values = [v for v in values if v is not None]
+        assert values == sorted(values)
     driver.find_element("css selector", "#table-single th[data-key='model']").click()
     names = [tr.find_elements("css selector", "td")[0].text for tr in
              driver.find_elements("css selector", "#table-single tbody tr.row")]
-    assert len(set(names)) == 5 and driver.execute_script(
-        "var n = arguments[0]; for (var i = 1; i < n.length; i++) { if (n[i - 1].localeCompare(n[i]) > 0) "
-        "{ return false; } } return true;", names)
+    assert len(set(names)) == 5
+    for group in by_protocol(names).values():
+        assert driver.execute_script(
+            "var n = arguments[0]; for (var i = 1; i < n.length; i++) { if (n[i - 1].localeCompare(n[i]) > 0) "
+            "{ return false; } } return true;", group)
 
     # Filters hide rows.
     Select(driver.find_element("id", "filter-method")).select_by_value("ft_llm")

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .store import check_results, dump_json
+from .store import check_results, dump_json, result_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
         "judge": judge_label(result.get("judge")),
         "judge_base": judge_label(result.get("judge"), with_undecided=False),
         "judge_stages": (result.get("judge") or {}).get("stage_share") or {},
+        "protocol": result_protocol(result),
         "metrics": result["metrics"],
         "degeneration_rate": result.get("degeneration_rate"),
         "configs": header.get("configs") or [],
@@ -115,6 +116,7 @@ def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[
             "judge": judge,
             "judge_base": judge,
             "judge_stages": {},
+            "protocol": "paper",
             "metrics": ref["metrics"],
             "degeneration_rate": ref.get("degeneration_rate"),
             "overall_note": ref.get("overall_note", ""),
