@@ -50,6 +50,8 @@ FAMILY_PATTERNS = (("Qwen2-Audio", re.compile(r"qwen2[-_]?audio", re.I)),
                    ("Audio Flamingo 3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
                    ("DeSTA2.5-Audio", re.compile(r"desta", re.I)))
 ITEMS_PER_PAGE = 200
+SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
 
 
@@ -60,6 +62,16 @@ def model_family(model: str, header: dict[str, Any] | None = None) -> str:
             return name
     family = (header or {}).get("family")
     return str(family) if family else "other"
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with every Markdown/HTML special character backslash-escaped (submitter text in a table cell)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _shown(text: Any) -> str:
+    text = "" if text is None else str(text)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + f" … ({len(text) - SHOWN_CHARS} more characters)"
 
 
 def _rounded(value: Any) -> float | None:
@@ -186,7 +198,7 @@ class Board:
             if row["reference"]:
                 source = "paper (reported)"
             else:
-                source = f"[{row['submitter'] or 'submission'} · items](/submission/{row['id']})"
+                source = f"[{markdown_text(row['submitter'] or 'submission')} · items](/submission/{row['id']})"
             values = [_rounded(row["metrics"].get(key)) for key, _ in HEADLINE]
             out.append([row["rank"], row["model_display"], row["family"], row["method"], row["mode"],
                         row["protocol"], source] + values + [row["average"], row["n_rows"]])
@@ -327,10 +339,10 @@ def submission_page(board: Board, sid: str, show: str = "all", dimension: str = 
         gap = "" if it.get("gap") is None else str(it["gap"])
         body.append(
             f'<tr class="{verdict}" data-item="{esc(it["item_id"])}"><td>{esc(it["item_id"])}</td><td>{esc(gap)}</td>'
-            f'<td>{esc(dim)}</td><td class="out">{esc(it.get("question") or "")}</td>'
-            f'<td class="out">{esc(str(it.get("reference") or ""))}</td>'
-            f'<td class="out">{esc("" if it.get("pre_edit") is None else str(it["pre_edit"]))}</td>'
-            f'<td class="out">{esc(str(it.get("post_edit") or ""))}</td>'
+            f'<td>{esc(dim)}</td><td class="out">{esc(_shown(it.get("question")))}</td>'
+            f'<td class="out">{esc(_shown(it.get("reference")))}</td>'
+            f'<td class="out">{esc(_shown(it.get("pre_edit")))}</td>'
+            f'<td class="out">{esc(_shown(it.get("post_edit")))}</td>'
             f'<td class="v">{verdict}</td><td>{esc(str(it["stage"]))}</td></tr>')
     pager = ""
     if pages > 1:
