@@ -68,3 +68,13 @@ def test_item_page_escapes_cuts_and_filters(board):
     status, locality = submission_page(board, ids[1], dimension="locality_text")
     assert locality.count('<tr class="') == 6
     assert submission_page(board, "0" * 20)[0] == 404 and submission_page(board, "../etc/passwd")[0] == 404
+
+
+def test_queue_status_lists_pending_and_rejected(board, tmp_path):
+    board, ids = board
+    (board.queue / "pending").mkdir(parents=True, exist_ok=True)
+    (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
+    (board.queue / "pending" / "b.zip").write_bytes(b"x")
+    (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
+    status = board.queue_status()
+    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status

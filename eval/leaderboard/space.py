@@ -220,6 +220,8 @@ class Board:
         except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
             return f"### Rejected\n- {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"
         sid = submission.submission_id
+        if self.store.has(sid):
+            return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
         pending = self.queue / "pending"
         pending.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
@@ -230,6 +232,17 @@ class Board:
         return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
                 f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "
                 f"It appears on the board once scored ({self.config.judge} protocol).")
+
+    def queue_status(self, shown: int = 10) -> str:
+        """Markdown: pending submissions, and the latest rejected ones with their one-line error."""
+        pending = sorted(p.name for p in (self.queue / "pending").glob("*") if not p.name.startswith("."))
+        errors = sorted((self.queue / "rejected").glob("*.error.txt"), key=lambda p: p.name, reverse=True)[:shown]
+        lines = [f"**Pending** ({len(pending)}): " + (", ".join(f"`{n}`" for n in pending) or "none")]
+        if errors:
+            lines.append("**Rejected while scoring** (latest first):")
+            lines += [f"- `{p.name[:-len('.error.txt')]}`: {html.escape(p.read_text(encoding='utf-8').strip())}"
+                      for p in errors]
+        return "\n".join(lines)
 
     def run_queue(self) -> list[tuple[str, str]]:
         """Score everything pending (never raises for a bad submission)."""
@@ -435,7 +448,9 @@ def build_blocks(board: Board) -> Any:
                                  elem_id="submission-file")
                 submit = gr.Button("Validate and submit", variant="primary", elem_id="submit-button")
                 answer = gr.Markdown(elem_id="submit-result")
-                submit.click(board.submit, upload, answer)
+                status = gr.Markdown(elem_id="queue-status")
+                submit.click(board.submit, upload, answer).then(board.queue_status, None, status)
+                blocks.load(board.queue_status, None, status)
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT, elem_id="about")
     return blocks
