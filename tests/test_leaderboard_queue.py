@@ -143,6 +143,13 @@ def test_queue_goes_on_past_any_failure(tmp_path, manifest, single):
     assert "JSON nested" in errors["c_deep.zip"] and "5000 digits" in errors["d_bigint.zip"]
     assert errors["g_scorer_dies.zip"] == "RuntimeError: judge API down | second line\n"
 
+    # The same name rejected again (an upload retried) keeps both archives and both errors.
+    write_submission_zip(pending / "g_scorer_dies.zip", make_header(manifest, method="ft_llm"), rows[:-1])
+    process_queue(tmp_path / "queue", manifest, LocalStore(tmp_path / "results"), judge="offline", scorer=scorer)
+    again = (tmp_path / "queue" / "rejected" / "g_scorer_dies.zip.1.error.txt").read_text()
+    assert "expected item ids missing" in again and (tmp_path / "queue" / "rejected" / "g_scorer_dies.zip.1").is_file()
+    assert errors["g_scorer_dies.zip"] == (tmp_path / "queue" / "rejected" / "g_scorer_dies.zip.error.txt").read_text()
+
 
 def _add_in_process(args):
     sub, manifest, root = args

@@ -391,15 +391,22 @@ def process_queue(queue_dir: str | os.PathLike, manifest: dict[str, Any], store:
         except Exception as exc:  # noqa: BLE001 - by design: one bad submission never stops the queue
             message = one_line_error(exc)
             logger.warning("rejected %s: %s", entry.name, message)
-            target = queue / "rejected"
-            target.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target / f"{entry.name}.error.txt", (message + "\n").encode("utf-8"))
-            os.replace(entry, target / entry.name)
+            name = _move(entry, queue / "rejected")
+            _atomic_write(queue / "rejected" / f"{name}.error.txt", (message + "\n").encode("utf-8"))
             outcomes.append((entry.name, "rejected"))
             continue
-        target = queue / "done"
-        target.mkdir(parents=True, exist_ok=True)
-        os.replace(entry, target / entry.name)
+        _move(entry, queue / "done")
         outcomes.append((entry.name, f"{outcome.status} {outcome.submission_id}"))
     return outcomes
+
+
+def _move(entry: Path, folder: Path) -> str:
+    """Move a queue entry into ``folder`` under a name not taken there yet (``NAME``, ``NAME.1``, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, n = entry.name, 0
+    while (folder / name).exists() or (folder / f"{name}.error.txt").exists():
+        n += 1
+        name = f"{entry.name}.{n}"
+    os.replace(entry, folder / name)
+    return name
 
