@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from sake.atomic import atomic_write, replace_dir, staging_dir
+from sake.protocol import METRIC_KEYS, MODES
+
 from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, SubmissionError, validate_submission
 
 logger = logging.getLogger(__name__)
@@ -36,9 +39,6 @@ Scorer = Callable[..., dict]
 ITEMS_NAME = "items.jsonl"
 PROTOCOLS = ("paper", "paper+choice", "offline")
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
-METRIC_KEYS = ("reliability", "generality", "generality_type1", "generality_type2", "generality_type3",
-               "locality_audio", "locality_audio_type1", "locality_audio_type2", "locality_audio_type3",
-               "locality_audio_type4", "locality_text", "portability")
 
 
 class ResultsFormatError(ValueError):
@@ -55,7 +55,7 @@ def check_results(result: Any, where: str = "results") -> None:
     metrics = result["metrics"]
     if not isinstance(metrics, dict) or not isinstance(metrics.get("overall"), dict):
         raise ResultsFormatError(f"{where}: field metrics.overall must be an object")
-    if result["mode"] not in ("single", "sequential"):
+    if result["mode"] not in MODES:
         raise ResultsFormatError(f"{where}: field mode must be 'single' or 'sequential', got {result['mode']!r}")
     for name, block in [("overall", metrics["overall"])] + \
             [(f"per_attribute.{k}", v) for k, v in (metrics.get("per_attribute") or {}).items()] + \
@@ -168,22 +168,6 @@ class ResultsStore(Protocol):
     def lock(self, submission_id: str) -> contextlib.AbstractContextManager: ...
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are public
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (created if missing), released on exit or when the process dies."""
@@ -237,19 +221,17 @@ class LocalStore:
         result_bytes = dump_json(result)  # serialize first: nothing is written if it fails
         self._clean_leftovers(submission_id)
         final = self.root / "submissions" / submission_id
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{submission_id}."))
+        staging = staging_dir(final)
         try:
-            staging.chmod(0o755)
-            (staging / METADATA_NAME).write_bytes(dump_json(metadata))
-            (staging / PREDICTIONS_NAME).write_bytes(predictions)
+            atomic_write(staging / METADATA_NAME, dump_json(metadata))
+            atomic_write(staging / PREDICTIONS_NAME, predictions)
             if items is not None:
-                (staging / ITEMS_NAME).write_bytes(items)
-            os.replace(staging, final)
+                atomic_write(staging / ITEMS_NAME, items)
+            replace_dir(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _atomic_write(self.result_path(submission_id), result_bytes)
+        atomic_write(self.result_path(submission_id), result_bytes)
 
     def submission_file(self, submission_id: str, name: str) -> bytes | None:
         """A side file of a stored submission (``predictions.jsonl``, ``items.jsonl``, ...), or None."""
@@ -392,7 +374,7 @@ def process_queue(queue_dir: str | os.PathLike, manifest: dict[str, Any], store:
             message = one_line_error(exc)
             logger.warning("rejected %s: %s", entry.name, message)
             name = _move(entry, queue / "rejected")
-            _atomic_write(queue / "rejected" / f"{name}.error.txt", (message + "\n").encode("utf-8"))
+            atomic_write(queue / "rejected" / f"{name}.error.txt", message + "\n")
             outcomes.append((entry.name, "rejected"))
             continue
         _move(entry, queue / "done")

@@ -17,10 +17,12 @@ from .limits import MAX_JUDGED_CHARS
 from .llm_judge import DEFAULT_MODEL, JudgeConfig, LLMJudge, default_cache_dir
 from .matching import choose_option
 from .predictions_file import read_predictions_file
+from .protocol import METRIC_KEYS
 from .rows import PredictionsError, load_predictions
 from .scoring import METRIC_VERSION, build_results, check_failures, judge_rows, protocol_name
 
-__all__ = ["SakeMetric", "choose_option", "degeneration_kind", "read_predictions_file", "MAX_JUDGED_CHARS"]
+__all__ = ["METRIC_KEYS", "SakeMetric", "choose_option", "degeneration_kind", "read_predictions_file",
+           "MAX_JUDGED_CHARS"]
 
 _CITATION = """\
 @misc{sake,

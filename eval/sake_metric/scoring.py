@@ -26,17 +26,17 @@ paper's tables. A metric with no items is null.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-import hashlib
-
 from .degeneration import degeneration_kind
 from .limits import MAX_JUDGED_CHARS, is_clipped, judged_text
 from .llm_judge import LLMJudge, consistency_prompt, correctness_prompt
 from .matching import choose_option, exact_match, is_empty, option_index
+from .protocol import METRIC_KEYS, TYPES
 from .rows import PredictionRow
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,7 @@ PREFILTERS = ("choice",)
 STAGE_CODES = {"empty": "e", "exact": "x", "choice": "c", "llm": "l", "llm_failed": "f", "undecided": "u"}
 DIMENSION_CODES = {"reliability": "r", "generality": "g", "locality_audio": "a", "locality_text": "t",
                    "portability": "p"}
-TYPE_KEYS = {"generality": (1, 2, 3), "locality_audio": (1, 2, 3, 4)}
-METRIC_KEYS = (
-    "reliability", "generality", "generality_type1", "generality_type2", "generality_type3",
-    "locality_audio", "locality_audio_type1", "locality_audio_type2", "locality_audio_type3",
-    "locality_audio_type4", "locality_text", "portability",
-)
+TYPE_KEYS = {dim: TYPES[dim] for dim in ("generality", "locality_audio")}  # dimensions reported per type
 UNCATEGORIZED = "uncategorized"
 
 
