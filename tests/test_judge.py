@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -472,3 +471,21 @@ def test_metric_card_documents_the_prompts_verbatim():
     assert front["title"] == "SAKE" and "metric" in front["tags"]
     for prompt in (SYSTEM_PROMPT, CORRECTNESS_PROMPT, CONSISTENCY_PROMPT):
         assert prompt in card
+
+
+def test_metric_compute_uses_the_paper_protocol_with_a_judge(server, tmp_path):
+    from eval.sake_metric.sake_metric import SakeMetric
+
+    rows = stage_rows()
+    columns = ("item_id", "dimension", "type", "attribute", "pre_edit", "gap", "category", "options")
+    inputs = dict(predictions=[r["post_edit"] for r in rows], references=[r["reference"] for r in rows],
+                  questions=[r["question"] for r in rows], **{c: [r[c] for r in rows] for c in columns})
+    metric = SakeMetric()
+    paper = metric.compute(**inputs, judge="openai", judge_model="judge-model-x", base_url=server.base_url,
+                           cache_dir=str(tmp_path / "cache"))
+    assert paper["judge"]["protocol"] == "paper" and paper["judge"]["stage_counts"]["llm"] == 2
+    assert any("Model's answer:\n(b)" in b["messages"][-1]["content"] for b in server.requests)
+    prefiltered = metric.compute(**inputs, judge="openai", prefilter="choice", judge_model="judge-model-x",
+                                 base_url=server.base_url, cache_dir=str(tmp_path / "cache"))
+    assert prefiltered["judge"]["protocol"] == "paper+choice"
+    assert metric.compute(**inputs)["judge"]["protocol"] == "offline"

@@ -28,12 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from .limits import MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS
-
-MODES = ("single", "sequential")
-SEQUENTIAL_CONFIG = "sequential"
-#: Defaults of the sequential rule when a header predates `eval_edits` / `max_gap` (paper §4.2).
-DEFAULT_EVAL_EDITS = 5
-DEFAULT_MAX_GAP = 5
+# the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
+from .protocol import MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]")
@@ -281,9 +277,9 @@ def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> lis
         return keys
     ids = list(item_ids[SEQUENTIAL_CONFIG][split])
     ids = _first_n_groups(ids, lambda i: i.rpartition("/")[0].rpartition("/")[0], limit)
-    eval_edits = header.get("eval_edits") or DEFAULT_EVAL_EDITS
+    eval_edits = header.get("eval_edits") or SEQUENTIAL_EVAL_EDITS  # headers written before the field: §4.2 rule
     max_gap = header.get("max_gap")
-    max_gap = DEFAULT_MAX_GAP if max_gap is None else max_gap
+    max_gap = SEQUENTIAL_MAX_GAP if max_gap is None else max_gap
     where: dict[str, tuple[str, int]] = {}
     last: dict[str, int] = {}
     for item_id in ids:
