@@ -43,7 +43,7 @@ def test_table_filters(board):
     board, _ = board
     table = board.table(protocol=["offline"])
     assert len(table) == 2 and {r[5] for r in table} == {"offline"}
-    assert {r[3] for r in board.table(method=["wise"], paper_rows=False)} == {"wise"}
+    assert {r[3] for r in board.table(method=["wise"], paper_rows=False)} == {"WISE"}  # display name
     assert all(r[2] == "Qwen2-Audio" for r in board.table(family=["Qwen2-Audio"]))
     assert {r[4] for r in board.table(mode=["sequential"])} == {"sequential"}
     assert not any("paper (reported)" in r[6] for r in board.table(paper_rows=False))

@@ -105,7 +105,7 @@ def test_submit_queue_table_and_item_page(space, driver):
                 "function (c) { return c.textContent.trim(); }); })"  # the rows Gradio's table shows
     rows = _wait(driver, lambda d: (lambda rs: rs if rs and all(r[5] == "offline" for r in rs) else None)(
         d.execute_script(body_rows)))
-    assert len(rows) == 1 and {tuple(r) for r in rows} == {("1", "Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio", "ft_llm", "single",
+    assert len(rows) == 1 and {tuple(r) for r in rows} == {("1", "Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio", "FT (LLM)", "single",
                                          "offline", "Browser Lab · items") + tuple(rows[0][7:])}
     from eval.score import score_predictions
 

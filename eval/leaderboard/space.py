@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sake import registry
+from sake.protocol import FAMILY_NAMES
+
 from .build import display_model_name, reference_rows
 from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
                     result_protocol)
@@ -46,9 +49,10 @@ HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("loca
             ("locality_text", "Locality (text)"), ("portability", "Portability"))
 COLUMNS = ["Rank", "Model", "Family", "Method", "Mode", "Protocol", "Source"] + [t for _, t in HEADLINE] + \
           ["Average", "Items"]
-FAMILY_PATTERNS = (("Qwen2-Audio", re.compile(r"qwen2[-_]?audio", re.I)),
-                   ("Audio Flamingo 3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
-                   ("DeSTA2.5-Audio", re.compile(r"desta", re.I)))
+#: Model ids of the paper's families (the header's ``family`` names the adapter when the runner wrote it).
+FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
+                   ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
+                   ("desta25", re.compile(r"desta", re.I)))
 ITEMS_PER_PAGE = 200
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
@@ -56,12 +60,12 @@ SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
 
 
 def model_family(model: str, header: dict[str, Any] | None = None) -> str:
-    """The model family shown in the family filter: a known LALM family, the header's ``family``, or ``other``."""
-    for name, pattern in FAMILY_PATTERNS:
-        if pattern.search(model or ""):
-            return name
+    """The family shown in the family filter (display name from ``sake.protocol.FAMILY_NAMES``): the header's
+    ``family`` (adapter key), else the family a known model id belongs to, else ``other``."""
     family = (header or {}).get("family")
-    return str(family) if family else "other"
+    if not family:
+        family = next((key for key, pattern in FAMILY_PATTERNS if pattern.search(model or "")), None)
+    return FAMILY_NAMES.get(str(family), str(family)) if family else "other"
 
 
 def markdown_text(text: str) -> str:
@@ -182,7 +186,9 @@ class Board:
 
     def choices(self) -> dict[str, list[str]]:
         rows = self.rows()
-        return {"family": sorted({r["family"] for r in rows}), "method": sorted({r["method"] for r in rows}),
+        methods = sorted({r["method"] for r in rows}, key=registry.method_sort_key)
+        return {"family": sorted({r["family"] for r in rows}),
+                "method": [(registry.method_display_name(m), m) for m in methods],
                 "mode": ["single", "sequential"], "protocol": list(PROTOCOLS)}
 
     def table(self, family: list[str] | None = None, method: list[str] | None = None,
@@ -200,7 +206,8 @@ class Board:
             else:
                 source = f"[{markdown_text(row['submitter'] or 'submission')} · items](/submission/{row['id']})"
             values = [_rounded(row["metrics"].get(key)) for key, _ in HEADLINE]
-            out.append([row["rank"], row["model_display"], row["family"], row["method"], row["mode"],
+            out.append([row["rank"], row["model_display"], row["family"], registry.method_display_name(row["method"]),
+                        row["mode"],
                         row["protocol"], source] + values + [row["average"], row["n_rows"]])
         return out
 
