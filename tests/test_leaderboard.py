@@ -440,6 +440,11 @@ def test_hub_store_writes_one_commit(tmp_path, manifest, single, monkeypatch):
     assert (first.status, again.status) == ("added", "exists")
     assert commits == [[f"submissions/{sid}/metadata.json", f"submissions/{sid}/predictions.jsonl",
                         f"results/{sid}.json"]]
+    # Scored by the metric (offline protocol): the per-item verdicts go in the same commit, the result last.
+    other = write_submission_dir(tmp_path / "t", header, rows, METADATA | {"description": "second"})
+    sid2 = add_submission(other, manifest, store, judge="offline").submission_id
+    assert commits[1] == [f"submissions/{sid2}/metadata.json", f"submissions/{sid2}/predictions.jsonl",
+                          f"submissions/{sid2}/items.jsonl", f"results/{sid2}.json"]
 
 
 def test_demo_release_manifest_round_trip(tmp_path):

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the judge: no API key, server unreachable, too many failed items
+        print(f"judge error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
