@@ -219,3 +219,29 @@ def test_protocol_label_from_results():
     assert result_protocol({"judge": {"name": "offline"}}) == "offline"
     assert result_protocol({"judge": {"name": "openai", "stage_share": {"exact": 0.5, "llm": 0.5}}}) == "paper"
     assert result_protocol({"judge": {"name": "openai", "stage_share": {"choice": 0.2}}}) == "paper+choice"
+
+
+def test_two_queue_runs_at_once_process_each_entry_once(tmp_path, manifest, single):
+    header, rows = single
+    pending = tmp_path / "queue" / "pending"
+    pending.mkdir(parents=True)
+    for n in range(3):
+        write_submission_zip(pending / f"s{n}.zip", header, rows, METADATA | {"description": f"run {n}"})
+    results, failures = [], []
+
+    def run():
+        try:
+            results.extend(process_queue(tmp_path / "queue", manifest, LocalStore(tmp_path / "results"),
+                                         judge="offline", scorer=fake_scorer))
+        except Exception as exc:  # noqa: BLE001 - the assertion below reports it
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert sorted(name for name, _ in results) == ["s0.zip", "s1.zip", "s2.zip"]
+    assert all(outcome.startswith("added ") for _, outcome in results)
+    assert sorted(p.name for p in (tmp_path / "queue" / "done").iterdir()) == ["s0.zip", "s1.zip", "s2.zip"]

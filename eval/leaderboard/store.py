@@ -360,10 +360,16 @@ def process_queue(queue_dir: str | os.PathLike, manifest: dict[str, Any], store:
 
     No submission can stall the queue: any exception while adding one (a validator problem, a corrupt archive, a
     scorer or store failure) moves it to ``rejected/`` with ``<name>.error.txt`` holding the error in one line,
-    and the queue goes on with the next. Names starting with "." (uploads in progress) are skipped. Returns
-    ``[(name, outcome)]``.
+    and the queue goes on with the next. Names starting with "." (uploads in progress) are skipped; runs of one
+    queue folder are serialized by ``QUEUE/.queue.lock``. Returns ``[(name, outcome)]``.
     """
     queue = Path(queue_dir)
+    with file_lock(queue / ".queue.lock"):  # one queue run at a time (a Space worker and a CLI run, say)
+        return _run_queue(queue, manifest, store, judge, scorer, options)
+
+
+def _run_queue(queue: Path, manifest: dict[str, Any], store: ResultsStore, judge: str, scorer: Scorer | None,
+               options: dict[str, Any]) -> list[tuple[str, str]]:
     outcomes = []
     for entry in sorted((queue / "pending").iterdir()) if (queue / "pending").is_dir() else []:
         if entry.name.startswith("."):
