@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import struct
 import threading
 import zipfile
@@ -245,3 +246,31 @@ def test_two_queue_runs_at_once_process_each_entry_once(tmp_path, manifest, sing
     assert sorted(name for name, _ in results) == ["s0.zip", "s1.zip", "s2.zip"]
     assert all(outcome.startswith("added ") for _, outcome in results)
     assert sorted(p.name for p in (tmp_path / "queue" / "done").iterdir()) == ["s0.zip", "s1.zip", "s2.zip"]
+
+
+def test_non_finite_numbers_are_never_stored_or_read(tmp_path, manifest, single):
+    from eval.leaderboard.build import read_results
+    from eval.leaderboard.store import ResultsFormatError
+
+    header, rows = single
+    sub = write_submission_dir(tmp_path / "s", header, rows)
+
+    def nan_scorer(path, **kwargs):
+        result = fake_scorer(path, **kwargs)
+        result["metrics"]["overall"]["reliability"] = float("nan")
+        return result
+
+    pending = tmp_path / "queue" / "pending"
+    pending.mkdir(parents=True)
+    write_submission_zip(pending / "nan.zip", header, rows)
+    assert process_queue(tmp_path / "queue", manifest, LocalStore(tmp_path / "results"), judge="offline",
+                         scorer=nan_scorer) == [("nan.zip", "rejected")]
+    assert "not JSON compliant" in (tmp_path / "queue" / "rejected" / "nan.zip.error.txt").read_text()
+    assert not list((tmp_path / "results").rglob("*.json"))
+    add_submission(sub, manifest, LocalStore(tmp_path / "results"), judge="offline", scorer=fake_scorer)
+    stored = next((tmp_path / "results" / "results").glob("*.json"))
+    text, n = re.subn(r'"reliability": [0-9.]+', '"reliability": NaN', stored.read_text(), count=1)
+    assert n == 1
+    stored.write_text(text)
+    with pytest.raises(ResultsFormatError, match=f"{stored.name}: NaN is not valid JSON"):
+        read_results(tmp_path / "results")

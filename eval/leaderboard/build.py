@@ -17,7 +17,7 @@ from sake import registry
 from sake.atomic import replace_dir, staging_dir
 from sake.protocol import METHOD_ORDER
 
-from .store import check_results, dump_json, result_protocol
+from .store import check_results, dump_json, load_json_file, result_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def read_results(results_dir: str | os.PathLike) -> list[tuple[str, dict[str, An
     folder = root / "results" if (root / "results").is_dir() else root
     out = []
     for path in sorted(folder.glob("*.json")):
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = load_json_file(path)
         check_results(result, str(path))
         sid = (result.get("submission") or {}).get("id") or path.stem
         out.append((sid, result))

@@ -181,8 +181,21 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def dump_json(obj: Any) -> bytes:
-    """Canonical JSON bytes for stored files (sorted keys, UTF-8, trailing newline)."""
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    """Canonical JSON bytes for stored files (sorted keys, UTF-8, trailing newline). NaN/Infinity raise
+    ValueError: they are not JSON, and a stored file must parse everywhere (browsers included)."""
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json_file(path: Path) -> Any:
+    """A stored JSON file; NaN/Infinity or bad JSON raise :class:`ResultsFormatError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8
+        raise ResultsFormatError(f"{path}: {exc}") from None
 
 
 class LocalStore:
@@ -241,7 +254,7 @@ class LocalStore:
     def results(self) -> list[dict]:
         out = []
         for path in sorted((self.root / "results").glob("*.json")):
-            result = json.loads(path.read_text(encoding="utf-8"))
+            result = load_json_file(path)
             check_results(result, str(path))
             out.append(result)
         return out
