@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
 import struct
 import threading
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -87,7 +85,6 @@ def _zip_bad_crc(path: Path, header, rows) -> Path:
     # corrupt the stored CRC-32 of the first member's local header (offset 14) and its central directory entry
     crc_local = struct.unpack_from("<I", data, 14)[0]
     data[14:18] = struct.pack("<I", crc_local ^ 0xFFFFFFFF)
-    central = data.rfind(b"PK\x01\x02", 0, len(data))
     central = data.find(b"PK\x01\x02")
     data[central + 16:central + 20] = struct.pack("<I", crc_local ^ 0xFFFFFFFF)
     path.write_bytes(bytes(data))

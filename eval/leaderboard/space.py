@@ -39,7 +39,7 @@ from sake.protocol import FAMILY_NAMES
 from .build import display_model_name, reference_rows
 from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
                     result_protocol)
-from .validate import (DEFAULT_MAX_BYTES, METADATA_NAME, PREDICTIONS_NAME, SubmissionError, load_manifest,
+from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
 
 logger = logging.getLogger(__name__)
