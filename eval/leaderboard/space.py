@@ -54,6 +54,7 @@ FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
                    ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
                    ("desta25", re.compile(r"desta", re.I)))
 ITEMS_PER_PAGE = 200
+ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
@@ -130,6 +131,7 @@ class Board:
         self.store = store or open_store(config.results_dir, config.results_repo)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
+        self._items: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.queue = Path(config.queue_dir)
         self._stop = threading.Event()
@@ -286,6 +288,9 @@ class Board:
         result = next((r for r in self.results() if (r.get("submission") or {}).get("id") == sid), None)
         if result is None:
             return None
+        with self._lock:
+            if sid in self._items:  # a stored submission never changes: its items are parsed once
+                return result, self._items[sid]
         predictions = self.store.submission_file(sid, PREDICTIONS_NAME) or b""
         verdicts_bytes = self.store.submission_file(sid, ITEMS_NAME)
         lines = [json.loads(line) for line in predictions.decode("utf-8").splitlines()[1:] if line.strip()]
@@ -299,6 +304,10 @@ class Board:
             verdict = by_key.get((row["item_id"], row.get("gap")), {})
             items.append({**row, "passed": verdict.get("passed"), "stage": verdict.get("stage", "?"),
                           "degeneration": verdict.get("degeneration")})
+        with self._lock:
+            while len(self._items) >= ITEMS_CACHE:
+                self._items.pop(next(iter(self._items)))
+            self._items[sid] = items
         return result, items
 
 
