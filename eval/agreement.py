@@ -107,7 +107,8 @@ def _load(path: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.agreement", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results_a", help="results JSON written by eval.score")
     p.add_argument("results_b", help="results JSON of the same predictions under another judging")
     p.add_argument("--json", default=None, help="also write the agreement as JSON to this path")
