@@ -201,13 +201,17 @@ def publish_metric(repo_id: str, dry_run: str | os.PathLike | None = None) -> Pa
 
 
 def publish_leaderboard(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
-                        judge: str = "paper", dry_run: str | os.PathLike | None = None) -> Path | None:
-    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results repo and upload."""
+                        judge: str = "paper", dry_run: str | os.PathLike | None = None,
+                        private_results: bool = False) -> Path | None:
+    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results repo and upload.
+
+    ``private_results`` creates the results repo private (the submitted predictions are then visible to its
+    members only; the Space reads it with its ``HF_TOKEN`` secret)."""
     files = leaderboard_files(repo_id, results_repo, manifest=manifest, judge=judge)
     if dry_run:
         return _write_folder(files, Path(dry_run))
     results_repo = json.loads(files["leaderboard.json"])["results_repo"]
-    _api().create_repo(results_repo, repo_type="dataset", exist_ok=True)
+    _api().create_repo(results_repo, repo_type="dataset", exist_ok=True, private=private_results)
     with tempfile.TemporaryDirectory(prefix="sake-publish-") as tmp:
         upload_space(_write_folder(files, Path(tmp) / "space"), repo_id, "SAKE leaderboard")
     return None
@@ -247,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "against: a Hub dataset id (default %(default)s)")
     p.add_argument("--judge", choices=["paper", "paper+choice", "offline"], default="paper",
                    help="protocol the Space scores with (default %(default)s; paper needs the judge's key)")
+    p.add_argument("--private-results", action="store_true",
+                   help="create the results dataset repo private (submitted predictions not public)")
     for p in sub.choices.values():
         p.add_argument("--dry-run", metavar="DIR", default=None,
                        help="write the folder that would be uploaded into DIR and upload nothing")
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             out = publish_metric(args.repo_id, args.dry_run)
         elif args.what == "leaderboard":
             out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
-                                      dry_run=args.dry_run)
+                                      dry_run=args.dry_run, private_results=args.private_results)
         else:
             out = publish_dataset(args.repo_id, args.built, args.dry_run)
     except PublishError as exc:

@@ -116,14 +116,15 @@ def test_leaderboard_dry_run_is_a_slim_wired_space(tmp_path):
 
 def test_uploads_use_the_right_repo_types(tmp_path, fake_hub):
     assert publish.main(["metric", "sake/metric"]) == 0
-    assert publish.main(["leaderboard", "sake/leaderboard"]) == 0
+    assert publish.main(["leaderboard", "sake/leaderboard", "--private-results"]) == 0
     metric_dry = _tree(publish.publish_metric("sake/metric", tmp_path / "metric"))
     board_dry = _tree(publish.publish_leaderboard("sake/leaderboard", dry_run=tmp_path / "board"))
     calls = fake_hub.calls
     assert calls[0] == ("create_repo", "sake/metric", {"repo_type": "space", "space_sdk": "gradio", "exist_ok": True})
     assert calls[1][:3] == ("upload_folder", "sake/metric", {"repo_type": "space", "commit_message": "SAKE metric"})
     assert calls[1][3] == metric_dry  # exactly the dry-run folder is uploaded
-    assert calls[2] == ("create_repo", "sake/leaderboard-results", {"repo_type": "dataset", "exist_ok": True})
+    assert calls[2] == ("create_repo", "sake/leaderboard-results", {"repo_type": "dataset", "exist_ok": True,
+                                                                     "private": True})
     assert calls[3] == ("create_repo", "sake/leaderboard", {"repo_type": "space", "space_sdk": "gradio",
                                                              "exist_ok": True})
     assert calls[4][1] == "sake/leaderboard" and calls[4][2]["repo_type"] == "space" and calls[4][3] == board_dry
