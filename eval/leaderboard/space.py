@@ -119,7 +119,11 @@ class SpaceConfig:
         if env.get("SAKE_MAX_MB"):
             values["max_bytes"] = int(float(env["SAKE_MAX_MB"]) * 2**20)
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        if config.judge not in PROTOCOLS:
+            raise ValueError(f"SAKE_JUDGE / leaderboard.json judge: got {config.judge!r}, expected one of "
+                             f"{', '.join(PROTOCOLS)}")
+        return config
 
 
 class Board:
