@@ -32,11 +32,12 @@ import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake import registry
 
@@ -134,9 +135,15 @@ class Editor(abc.ABC):
     #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.
     changes_parameters: ClassVar[bool] = True
 
-    def __init__(self, adapter: LALMAdapter, hparams: dict[str, Any], context: RunContext | None = None) -> None:
+    #: The method's typed hyperparameters (a dataclass subclassing editors.hparams.Hparams), read from
+    #: editors/hparams/<name>.yaml by editors.hparams.load_hparams.
+    hparams_class: ClassVar[type[Hparams]] = Hparams
+
+    def __init__(self, adapter: LALMAdapter, hparams: Hparams | Mapping[str, Any],
+                 context: RunContext | None = None) -> None:
         self.adapter = adapter
-        self.hparams = dict(hparams)
+        self.hparams = (hparams if isinstance(hparams, self.hparams_class)
+                        else self.hparams_class.from_mapping(dict(hparams), where=f"{self.name or type(self).__name__} hparams"))
         self.context = context or RunContext()
 
     def setup(self) -> None:
@@ -234,7 +241,18 @@ class FinetuneResult:
     stopped_early: bool
 
 
-def finetune_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+@dataclass
+class FinetuneHparams(Hparams):
+    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio): see :func:`finetune`."""
+
+    lr: float
+    max_steps: int
+    optimizer: str
+    early_stop_loss: float | None
+    weight_decay: float
+
+
+def finetune_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`finetune` / ``finetune_many`` taken from a method's hparams (``lr``,
     ``max_steps``, optional ``early_stop_loss``, ``optimizer`` (default adam) and ``weight_decay``)."""
     return {"lr": float(hparams["lr"]), "max_steps": int(hparams["max_steps"]),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
 
@@ -26,6 +26,7 @@ class FTAudio(Editor):
     """Fine-tune ``adapter.connector()`` on the edit's reliability prompt -> target answer."""
 
     batches_edits = True
+    hparams_class = FinetuneHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

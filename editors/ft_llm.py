@@ -16,9 +16,20 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, finetune, finetune_settings, register
+from dataclasses import dataclass
+
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
 from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
 from editors.models.base import Prompt
+
+
+@dataclass
+class FTLLMHparams(FinetuneHparams):
+    """Fine-tuning settings plus which LLM layer (``layer``, negative counts from the top) and which part of it
+    (``params``: ``layer`` | ``mlp`` | ``mlp_out``)."""
+
+    layer: int
+    params: str = "layer"
 
 
 @register("ft_llm")
@@ -26,6 +37,7 @@ class FTLLM(Editor):
     """Fine-tune LLM layer ``hparams['layer']`` (``params``: whole ``layer``, its ``mlp`` or ``mlp_out``)."""
 
     batches_edits = True
+    hparams_class = FTLLMHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -299,7 +299,7 @@ class Runner:
         desc = self.adapter.describe()
         sequential = a.mode == "sequential"
         return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
-                "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
+                "method": a.method, "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],

@@ -4,8 +4,6 @@ synthetic audio and a runner factory (tiny models, CPU)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +13,27 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from sake.protocol import ITEM_COLUMNS
+
 REPO = Path(__file__).resolve().parents[1]
-ITEM_COLUMNS = ("generality", "locality_audio", "locality_text", "portability")
 
 
-def build_demo(out: Path) -> Path:
-    """`python build_splits.py --demo --out OUT` (the dataset helper's offline demo build)."""
-    subprocess.run([sys.executable, str(REPO / "build_splits.py"), "--demo", "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO, capture_output=True)
-    return out
+_DEMO: list[Any] = []
+
+
+def shared_demo_build() -> Any:
+    """The offline demo build (seed 0) of the whole test session, built once on first use: a
+    ``sake_dataset.builder.BuildResult`` (``.out`` is the dataset folder). Every test reads it, none writes it."""
+    if not _DEMO:
+        import atexit
+        import tempfile
+
+        from sake_dataset import build_demo
+
+        root = Path(tempfile.mkdtemp(prefix="sake_test_demo_"))
+        atexit.register(shutil.rmtree, root, True)
+        _DEMO.append(build_demo(root / "sake", seed=0))
+    return _DEMO[0]
 
 
 def make_long_sequential(demo: Path, out: Path, length: int = 10) -> Path:
