@@ -275,38 +275,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path | None = None,
+                       configs: Sequence[str] = (), split: str = "train", cache_dir: str | None = None,
+                       hparams: Any = (), seed: int = 0, limit: int | None = None, max_steps: int | None = None,
+                       checkpoint_every: int = 50, restart: bool = False, dtype: str | None = None,
+                       device: str | None = None, revision: str | None = None, progress: bool = True) -> Path:
+    """Train (or resume, or find already trained) the hypernetwork of ``method`` for ``model`` on ``dataset``
+    and return its folder (default: where editing looks, ``CACHE/hypernetworks/METHOD/MODEL``). ``hparams``:
+    overrides of the method's YAML (a mapping, or ``key=value`` strings)."""
+    from editors.data import load_instances
+    from editors.hparams import load_hparams
+    from editors.models import family_of, load_adapter
+    from editors.preedit_cache import default_cache_dir
+    from sake.protocol import ATTRIBUTES
+
+    family_of(model)
+    chosen = list(dict.fromkeys(configs or ATTRIBUTES))
+    bad = [c for c in chosen if c not in ATTRIBUTES]
+    if bad:
+        raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
+    data = {c: load_instances(dataset, c, split) for c in chosen}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    adapter = load_adapter(model, dtype=dtype, device=device, seed=seed, revision=revision)
+    hp = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=hparams)
+    target = Path(out) if out else default_hypernet_dir(cache_dir or default_cache_dir(), method, model)
+    trainer = Trainer(adapter, method, hp, data, target, seed=seed, model_name=model, dataset_name=dataset,
+                      limit=limit, checkpoint_every=checkpoint_every, progress=progress)
+    if not restart:
+        trainer.try_resume()
+    if trainer.step >= len(trainer.order) and (target / CONFIG_FILE).is_file():
+        logger.info("%s: already trained (%d steps) -> %s", method, trainer.step, target)
+    else:
+        trainer.train(max_steps)
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from editors.data import load_instances
-        from sake.protocol import ATTRIBUTES
-        from editors.hparams import load_hparams
-        from editors.models import family_of, load_adapter
-        from editors.preedit_cache import default_cache_dir
-
-        family_of(args.model)
-        configs = list(dict.fromkeys(args.config or ATTRIBUTES))
-        bad = [c for c in configs if c not in ATTRIBUTES]
-        if bad:
-            raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
-        data = {c: load_instances(args.dataset, c, args.split) for c in configs}
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        adapter = load_adapter(args.model, dtype=dtype, device=device, seed=args.seed, revision=args.revision)
-        hp = load_hparams(args.method, adapter.family, tiny=adapter.is_tiny, overrides=args.hparam)
-        out = Path(args.out) if args.out else default_hypernet_dir(args.cache_dir or default_cache_dir(),
-                                                                   args.method, args.model)
-        trainer = Trainer(adapter, args.method, hp, data, out, seed=args.seed, model_name=args.model,
-                          dataset_name=args.dataset, limit=args.limit, checkpoint_every=args.checkpoint_every,
-                          progress=not args.no_progress)
-        if not args.restart:
-            trainer.try_resume()
-        if trainer.step >= len(trainer.order) and (out / CONFIG_FILE).is_file():
-            logger.info("%s: already trained (%d steps) -> %s", args.method, trainer.step, out)
-        else:
-            trainer.train(args.max_steps)
+        out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
+                                 split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
+                                 limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                                 restart=args.restart, dtype=args.dtype, device=args.device,
+                                 revision=args.revision, progress=not args.no_progress)
     except ValueError as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from sake.config import RunConfig
 from sake.protocol import ITEM_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,19 +97,32 @@ def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> 
     return [k for k, v in before.items() if not torch.equal(v, now[k])]
 
 
-def runner_args(dataset: Path, out: Path, cache: Path, **overrides: Any) -> list[str]:
-    args = {"--model": "tiny-qwen2-audio", "--method": "i_ike", "--dataset": str(dataset), "--out": str(out),
-            "--cache-dir": str(cache), "--max-new-tokens": "6", "--limit": "2", "--no-progress": None}
-    args.update(overrides)
-    argv: list[str] = []
-    for key, value in args.items():
-        if value is None:
-            argv.append(key)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                argv += [key, str(v)]
-        elif value is not False:
-            argv += [key, str(value)]
+def run_config(dataset: Path, out: Path, cache: Path, **fields: Any) -> RunConfig:
+    """A small run on a tiny model (2 instances per config, 6 new tokens, I-IKE by default) as a
+    :class:`sake.config.RunConfig`; ``fields`` override any of its fields."""
+    defaults = {"model": "tiny-qwen2-audio", "method": "i_ike", "dataset": str(dataset), "out": str(out),
+                "cache_dir": str(cache), "max_new_tokens": 6, "limit": 2, "progress": False}
+    return RunConfig(**{**defaults, **fields})
+
+
+def cli_args(config: RunConfig) -> list[str]:
+    """The ``python -m editors.run`` arguments that give ``config`` (for the command-line tests)."""
+    argv = ["--model", config.model, "--method", config.method, "--dataset", config.dataset, "--out", config.out,
+            "--split", config.split, "--mode", config.mode, "--seed", str(config.seed),
+            "--max-new-tokens", str(config.max_new_tokens), "--batch-size", str(config.batch_size),
+            "--max-batch-tokens", str(config.max_batch_tokens), "--eval-edits", str(config.eval_edits),
+            "--max-gap", str(config.max_gap)]
+    for c in config.configs:
+        argv += ["--config", c]
+    for key, value in config.hparams.items():
+        argv += ["--hparam", f"{key}={value}"]
+    for flag, value in (("--limit", config.limit), ("--dtype", config.dtype), ("--device", config.device),
+                        ("--revision", config.revision), ("--cache-dir", config.cache_dir),
+                        ("--edits-per-pass", config.edits_per_pass)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if not config.progress:
+        argv.append("--no-progress")
     return argv
 
 
