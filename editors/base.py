@@ -241,15 +241,16 @@ class FinetuneResult:
     stopped_early: bool
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneHparams(Hparams):
-    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio): see :func:`finetune`."""
+    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio): see :func:`finetune` (the defaults are its
+    own)."""
 
     lr: float
     max_steps: int
-    optimizer: str
-    early_stop_loss: float | None
-    weight_decay: float
+    optimizer: str = "adam"
+    early_stop_loss: float | None = None
+    weight_decay: float = 0.0
 
 
 def finetune_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:

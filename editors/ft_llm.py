@@ -23,7 +23,7 @@ from editors.batching import RowRouting, StackedCopies, finetune_many, generate_
 from editors.models.base import Prompt
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FTLLMHparams(FinetuneHparams):
     """Fine-tuning settings plus which LLM layer (``layer``, negative counts from the top) and which part of it
     (``params``: ``layer`` | ``mlp`` | ``mlp_out``)."""
