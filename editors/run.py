@@ -38,7 +38,7 @@ from editors.base import (EditRequest, Editor, ParameterSnapshot, RunContext, av
                           get_editor_class)
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams, parse_overrides
+from editors.hparams import load_hparams, merged_hparams, parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length (default: the model family's, editors/hparams/generation.yaml: "
+                        "Qwen2-Audio 256, Audio Flamingo 3 128, DeSTA2.5 512, tiny models 32)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="prompts per generate call (0: all items of an edit in one call)")
     p.add_argument("--max-batch-tokens", type=int, default=32768,
@@ -193,6 +195,9 @@ class Runner:
                                                revision=args.revision)
         self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
                                     overrides=args.hparams)
+        if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
+            generation, _ = merged_hparams("generation", self.adapter.family, tiny=self.adapter.is_tiny)
+            self.config = args = args.replace(max_new_tokens=int(generation["max_new_tokens"]))
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
@@ -298,6 +303,8 @@ class Runner:
                 "method": a.method, "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(self.configs), "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
+                "expected_rows": sum(u.expected_rows for u in self.all_units),
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
                 "eval_edits": a.eval_edits if sequential else None, "max_gap": a.max_gap if sequential else None,
                 "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -328,7 +335,9 @@ class Runner:
         return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
                  "options": it.options, "reference": it.reference, "pre_edit": p, "post_edit": o, "gap": gap,
-                 "category": it.category}
+                 "category": it.category,
+                 # True when the post-edit answer stopped at --max-new-tokens (it may be cut); null if unknown
+                 "post_edit_hit_limit": getattr(o, "hit_limit", None)}
                 for it, p, o in zip(items, pre, post)]
 
     def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:

@@ -17,7 +17,8 @@ class RunConfig:
 
     ``configs`` defaults to the four attribute configs in single mode and ``("sequential",)`` in sequential mode.
     ``hparams`` overrides keys of ``editors/hparams/<method>.yaml`` (unknown keys are an error). ``dtype`` and
-    ``device`` default to bf16 on a GPU, fp32 on CPU. ``eval_edits``/``max_gap``: the sequential rule (paper: 5
+    ``device`` default to bf16 on a GPU, fp32 on CPU. ``max_new_tokens``: None = the model family's generation
+    length (``editors/hparams/generation.yaml``). ``eval_edits``/``max_gap``: the sequential rule (paper: 5
     and 5), written to the predictions header. ``edits_per_pass``: independent single edits applied at once
     (None: from free GPU memory, 1 on CPU).
     """
@@ -31,7 +32,7 @@ class RunConfig:
     mode: str = "single"
     limit: int | None = None
     seed: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None
     batch_size: int = 0
     max_batch_tokens: int = 32768
     hparams: Mapping[str, Any] = field(default_factory=dict)
@@ -72,7 +73,7 @@ class RunConfig:
         for name, low in (("limit", 0), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
                           ("max_new_tokens", 1), ("batch_size", 0), ("max_batch_tokens", 0)):
             value = getattr(self, name)
-            if value is None and name in ("limit", "edits_per_pass"):
+            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
