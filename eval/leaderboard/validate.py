@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -290,18 +289,6 @@ class _Collector:
             raise SubmissionError(listed, source)
 
 
-def _nonfinite_path(obj: Any, path: str = "") -> str | None:
-    """The dotted path of the first float that is not finite (``1e999`` parses to inf), or None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return path or "(value)"
-    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    for key, value in children:
-        found = _nonfinite_path(value, f"{path}.{key}" if path else str(key))
-        if found:
-            return found
-    return None
-
-
 def _problem_from(exc: PredictionsError) -> Problem:
     """The reader's one-line message as a Problem (``where: message``)."""
     where, _, message = str(exc).partition(": ")
@@ -351,9 +338,6 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     row_lines: list[int] = []
     where = f"{PREDICTIONS_NAME} line 1"
     problems.add(schema_problems(header, "header", where))
-    bad_number = _nonfinite_path(header)
-    if bad_number:
-        problems.add(Problem(f"{where}, field {bad_number}", "a number that is not finite (NaN/Infinity)"))
     for number, obj in parsed.rows:
         where = f"{PREDICTIONS_NAME} line {number}"
         found = schema_problems(obj, "prediction", where)
