@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 
-from _editor_helpers import runner_args, synthetic_audio
+from _editor_helpers import run_config, synthetic_audio
 from editors.buckets import MIN_ROWS, chunk_rows, group_by_width, padded_rows, row_bucket, width_bucket
 from editors.decoding import generate_prompts
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
-from editors.run import Runner, build_parser
+from editors.run import Runner
 
 
 def test_bucket_rules():
@@ -68,9 +68,9 @@ def test_canonical_generation_gives_the_legacy_greedy_outputs(family):
 
 def _run(demo, out, cache, k: int, method: str) -> list[dict]:
     """A run in a fresh process as far as the model is concerned: a new adapter (empty audio-state cache)."""
-    argv = runner_args(demo, out, cache, **{"--method": method, "--config": ["animal", "emotion"], "--limit": "4",
-                                            "--edits-per-pass": str(k), "--max-new-tokens": "32"})
-    runner = Runner(build_parser().parse_args(argv), adapter=load_adapter("tiny-qwen2-audio", seed=0))
+    config = run_config(demo, out, cache, method=method, configs=("animal", "emotion"), limit=4, edits_per_pass=k,
+                        max_new_tokens=32)
+    runner = Runner(config, adapter=load_adapter("tiny-qwen2-audio", seed=0))
     return read_predictions(runner.run())[1]
 
 
