@@ -49,6 +49,10 @@ KNOWN_METHODS: dict[str, str] = {
     "mend": "editors.mend",
     "unke": "editors.unke",
     "wise": "editors.wise",
+    "lora": "editors.lora",
+    "grace": "editors.grace",
+    "alphaedit": "editors.alphaedit",
+    "ft_encoder": "editors.ft_encoder",
 }
 
 _REGISTRY: dict[str, type["Editor"]] = {}
