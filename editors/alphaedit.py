@@ -95,7 +95,7 @@ class AlphaEdit(Editor):
         super().__init__(*args, **kwargs)
         self.projector: torch.Tensor | None = None  # P [in, in] fp32
         self.preserved_second_moment: torch.Tensor | None = None  # C0 [in, in] fp32
-        self.past_keys: torch.Tensor | None = None  # C_past [in, in] fp32 (sum of K K^T of earlier edits)
+        self.past_keys: torch.Tensor | None = None  # C_past [in, in] fp64 (sum of K K^T of earlier edits)
         self.stats_path: Path | None = None
 
     def _layer(self) -> int:
@@ -224,16 +224,18 @@ class AlphaEdit(Editor):
         finally:
             hook.remove()
         residual = delta.detach()  # target value (W k* + delta) minus the current output W k*
-        keys = key[:, None]  # K [in, 1]
-        P = self.projector
+        # the solve in fp64: with a small L2 the system is ill-conditioned and fp32 would break the exact null-space
+        # property (Delta k0 = 0 for every k0 with P k0 = 0)
+        keys = key.double()[:, None]  # K [in, 1]
+        P = self.projector.double()
         past = self.past_keys if self.past_keys is not None else torch.zeros_like(P)
-        lhs = P @ (keys @ keys.t() + past) + float(hp["L2"]) * torch.eye(P.shape[0], device=P.device)
-        update_t = torch.linalg.solve(lhs, P @ keys @ residual[None, :])  # Delta^T [in, out]
+        lhs = P @ (keys @ keys.t() + past) + float(hp["L2"]) * torch.eye(P.shape[0], device=P.device, dtype=P.dtype)
+        update_t = torch.linalg.solve(lhs, P @ keys @ residual.double()[None, :])  # Delta^T [in, out]
         with torch.no_grad():
             w = proj.weight
-            w.copy_((w.float() + update_t.t()).to(w.dtype))
+            w.copy_((w.double() + update_t.t()).to(w.dtype))
             self.past_keys = past + keys @ keys.t()
-            achieved = float((update_t.t() @ key).norm() / residual.norm().clamp(min=1e-12))
+            achieved = float((update_t.t() @ keys[:, 0]).norm() / residual.double().norm().clamp(min=1e-12))
         return {"steps": steps, "loss": target_loss, "residual_norm": float(residual.norm()),
                 "update_norm": float(update_t.norm()), "residual_fraction": achieved}
 
