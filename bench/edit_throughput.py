@@ -46,7 +46,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import platform
 import re
 import shutil
@@ -58,6 +57,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from sake.atomic import atomic_write
+from sake.protocol import ATTRIBUTES, FAMILY_NAMES, SAMPLING_RATE
+from sake.protocol import LABELS as PROTOCOL_LABELS
 
 LOG = logging.getLogger("bench.edit_throughput")
 
@@ -137,7 +140,7 @@ QWEN2_AUDIO_7B: dict[str, Any] = {
 
 #: Qwen2-Audio's chat special tokens in id order from <|endoftext|> = 151643.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
-SAMPLE_RATE = 16_000
+SAMPLE_RATE = SAMPLING_RATE
 #: The runner's --model name per bench model and scale (family_of() resolves each without network access).
 MODEL_NAMES = {"qwen2_audio": {"full": "Qwen/Qwen2-Audio-7B-Instruct", "tiny": "tiny-qwen2-audio"},
                "desta25": {"full": "DeSTA-ntu/DeSTA2.5-Audio-Llama-3.1-8B", "tiny": "tiny-desta25"}}
@@ -146,7 +149,7 @@ MODEL_TITLES = {"qwen2_audio": {"full": "Qwen2-Audio-7B-Instruct architecture", 
                 "desta25": {"full": "DeSTA2.5-Audio architecture (Llama-3.1-8B-Instruct + Whisper-large-v3 + "
                                     "2-layer Q-Former, 64 prompts on encoder layers 7/15/23/31)",
                             "tiny": "tiny DeSTA2.5-Audio"}}
-PAPER_MODEL_NAMES = {"qwen2_audio": "Qwen2-Audio", "desta25": "DeSTA2.5-Audio"}
+PAPER_MODEL_NAMES = FAMILY_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,13 +298,7 @@ def build_adapter(scale: Scale, seed: int, model: str = "qwen2_audio") -> Any:
 # SAKE-shaped synthetic instances (ARCHITECTURE.md "Dataset")
 # --------------------------------------------------------------------------------------------------------------
 
-ATTRIBUTES = ("animal", "emotion", "gender", "language")  # the runner's config order
-LABELS = {
-    "animal": ["dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"],
-    "emotion": ["happy", "sad", "angry", "neutral"],
-    "gender": ["male", "female"],
-    "language": ["English", "German", "French", "Spanish", "Italian", "Chinese"],
-}
+LABELS = {attribute: list(labels) for attribute, labels in PROTOCOL_LABELS.items()}  # sake.protocol
 QUESTIONS = {
     "rel": "Listen to the recording carefully. What {attr} does the audio clip express? "
            "Choose the single best answer from these options: {opts}.",
@@ -427,7 +424,7 @@ class SyntheticDataset:
                 rows[(attribute, split)] = [synthetic_instance(rng, attribute, split, i, seconds)
                                             for i in range(count)]
         root.mkdir(parents=True, exist_ok=True)
-        write_atomic(root / "sake_manifest.json", json.dumps({"format": 1, "seed": seed,
+        atomic_write(root / "sake_manifest.json", json.dumps({"format": 1, "seed": seed,
                                                               "fingerprint": f"bench-synthetic-seed{seed}"}))
         return cls(root=root, rows=rows)
 
@@ -1201,15 +1198,6 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def device_name(scale: Scale) -> str:
     if scale.device == "cuda":
         return torch.cuda.get_device_name(0)
@@ -1291,7 +1279,7 @@ def merge_results(existing: str, text: str, model: str) -> str:
 def write_results(path: Path, text: str, model: str) -> None:
     """Write ``text`` into ``path`` as :func:`merge_results` says (atomically)."""
     existing = path.read_text(encoding="utf-8") if path.is_file() else ""
-    write_atomic(path, merge_results(existing, text, model))
+    atomic_write(path, merge_results(existing, text, model))
 
 
 def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, Any]], ceilings: dict[str, float],
@@ -1534,7 +1522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_results(args.out, text, args.model)
         if args.json is not None:
             raw = {r["method"]: {k: v for k, v in r.items()} for r in rows}
-            write_atomic(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale),
+            atomic_write(args.json, json.dumps({"ceilings": ceilings, "device": device_name(scale),
                                                 "model": args.model, "methods": raw},
                                                indent=1, sort_keys=True, default=str) + "\n")
     print(render_table(rows))

@@ -91,6 +91,9 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
 class AlphaEdit(Editor):
     """AlphaEdit on the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
 
+    display_name = "AlphaEdit"
+    display_order = 11  # after the paper's eight methods
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.projector: torch.Tensor | None = None  # P [in, in] fp32

@@ -1,7 +1,7 @@
 """The editor interface and the method registry.
 
 A method is one module ``editors/<name>.py`` defining a subclass of :class:`Editor` decorated with
-:func:`register`. The runner (``editors/run.py``) owns loops, caching, restore, resume and output; a method owns
+:func:`register`, plus ``editors/hparams/<name>.yaml``; both are discovered from the files (:mod:`sake.registry`). The runner (``editors/run.py``) owns loops, caching, restore, resume and output; a method owns
 only "apply this edit":
 
 * :meth:`Editor.touched_parameters` names every model parameter :meth:`Editor.apply` may change, *before* any
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
@@ -36,24 +38,9 @@ import numpy as np
 import torch
 
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from sake import registry
 
 logger = logging.getLogger(__name__)
-
-#: Method names the runner accepts -> module (one file per method). Modules not written yet raise a clear error.
-KNOWN_METHODS: dict[str, str] = {
-    "ft_llm": "editors.ft_llm",
-    "ft_audio": "editors.ft_audio",
-    "i_ike": "editors.i_ike",
-    "ie_ike": "editors.ie_ike",
-    "ke": "editors.ke",
-    "mend": "editors.mend",
-    "unke": "editors.unke",
-    "wise": "editors.wise",
-    "lora": "editors.lora",
-    "grace": "editors.grace",
-    "alphaedit": "editors.alphaedit",
-    "ft_encoder": "editors.ft_encoder",
-}
 
 _REGISTRY: dict[str, type["Editor"]] = {}
 
@@ -70,29 +57,27 @@ def register(name: str) -> Callable[[type["Editor"]], type["Editor"]]:
 
 
 def get_editor_class(name: str) -> type["Editor"]:
-    """The editor class of a method name (imports ``editors.<name>`` on first use)."""
+    """The editor class of a method name (imports its module on first use; see :mod:`sake.registry`)."""
     if name not in _REGISTRY:
-        if name not in KNOWN_METHODS:
-            raise ValueError(f"unknown editing method {name!r}; known: {sorted(KNOWN_METHODS)}")
-        module = KNOWN_METHODS[name]
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                raise ValueError(f"editing method {name!r} is not implemented yet ({module} missing)") from exc
-            raise
+        info = registry.methods().get(name)
+        if info is None:
+            raise ValueError(f"unknown editing method {name!r}; known: {sorted(registry.methods())} (a method is "
+                             f"editors/<name>.py registering it + editors/hparams/<name>.yaml)")
+        if info.module.startswith("editors."):
+            importlib.import_module(info.module)
+        else:  # a method from $SAKE_METHODS_PATH: load its file under a private module name
+            spec = importlib.util.spec_from_file_location(info.module, info.path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[info.module] = module
+            spec.loader.exec_module(module)
         if name not in _REGISTRY:
-            raise ValueError(f"{module} does not register a method named {name!r}")
+            raise ValueError(f"{info.path} does not register a method named {name!r}")
     return _REGISTRY[name]
 
 
 def available_methods() -> list[str]:
-    """Method names whose module exists."""
-    out = []
-    for name, module in KNOWN_METHODS.items():
-        if importlib.util.find_spec(module) is not None:
-            out.append(name)
-    return out
+    """Every discovered method name, in display order (the paper's methods first, in its order)."""
+    return list(registry.methods())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,6 +127,10 @@ class Editor(abc.ABC):
     """Base class of an editing method (see the module docstring)."""
 
     name: ClassVar[str] = ""
+    #: How reports and the board show a method outside the paper's list (sake.protocol.METHOD_NAMES), and its
+    #: place among methods (the paper's eight take 0..7); read from the source by sake.registry, so write literals.
+    display_name: ClassVar[str] = ""
+    display_order: ClassVar[float] = 100.0
     #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.
     changes_parameters: ClassVar[bool] = True
 

@@ -16,21 +16,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from editors.models.base import Prompt, as_audio_array
+from sake.protocol import CONFIGS, INSTANCE_COLUMNS, ITEM_COLUMNS, ITEM_FIELDS, SEQUENTIAL_COLUMNS, SEQUENTIAL_CONFIG
 
 logger = logging.getLogger(__name__)
-
-ATTRIBUTE_CONFIGS = ("animal", "emotion", "gender", "language")
-SEQUENTIAL_CONFIG = "sequential"
-CONFIGS = ATTRIBUTE_CONFIGS + (SEQUENTIAL_CONFIG,)
-
-INSTANCE_COLUMNS = ("id", "attribute", "split", "original_label", "target_label", "audio", "question", "options",
-                    "answer", "generality", "locality_audio", "locality_text", "portability")
-SEQUENTIAL_COLUMNS = INSTANCE_COLUMNS + ("sequence_id", "step", "source_instance")
-ITEM_FIELDS = ("id", "type", "question", "options", "answer", "attribute", "label", "category", "source")
-
-#: instance column -> prediction-row dimension
-DIMENSIONS = (("generality", "generality"), ("locality_audio", "locality_audio"),
-              ("locality_text", "locality_text"), ("portability", "portability"))
 
 
 @dataclass
@@ -113,9 +101,9 @@ def eval_items(row: dict[str, Any]) -> list[EvalItem]:
     items = [EvalItem(item_id=f"{row['id']}/rel", dimension="reliability", type=0, question=row["question"],
                       options=list(row["options"]), reference=row["answer"], category="",
                       audio=as_audio_array(row["audio"], where=f"{row['id']}: audio"))]
-    for column, dimension in DIMENSIONS:
+    for column in ITEM_COLUMNS:  # each column holds the items of the dimension of the same name
         for entry in row[column] or []:
-            items.append(_item(entry, dimension, f"{row['id']}.{column}"))
+            items.append(_item(entry, column, f"{row['id']}.{column}"))
     return items
 
 

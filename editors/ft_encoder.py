@@ -26,6 +26,9 @@ from editors.base import EditRequest, Editor, finetune, finetune_settings, regis
 class FTEncoder(Editor):
     """Fine-tune the last ``hparams['n_layers']`` layers of ``adapter.audio_encoder_layers()``."""
 
+    display_name = "FT (Encoder)"
+    display_order = 8  # after the paper's eight methods
+
     def _layers(self) -> list[Any]:
         layers = self.adapter.audio_encoder_layers()
         n = int(self.hparams["n_layers"])

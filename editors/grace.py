@@ -101,6 +101,9 @@ class GraceCodebook(nn.Module):
 class GRACE(Editor):
     """GRACE codebook at the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
 
+    display_name = "GRACE"
+    display_order = 10  # after the paper's eight methods
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.codebook: GraceCodebook | None = None

@@ -1,7 +1,7 @@
 """Hyperparameters as data: ``editors/hparams/<method>.yaml``.
 
-Each file has a ``defaults`` mapping, one mapping per model family (``qwen2_audio``, ``audio_flamingo3``,
-``desta25``; paper Table 6) and a ``tiny`` mapping applied on top for tiny random-init models (tests, CI).
+Each file has a ``defaults`` mapping, one mapping per model family (the ``FAMILY`` keys of the adapter modules:
+``qwen2_audio``, ``audio_flamingo3``, ``desta25``; paper Table 6) and a ``tiny`` mapping applied on top for tiny random-init models (tests, CI).
 :func:`load_hparams` merges ``defaults`` <- family <- ``tiny`` (tiny models only) <- CLI overrides
 (``--hparam key=value``, the value parsed as YAML, e.g. ``lr=1e-3``, ``layer=-1``, ``optimizer=sgd``).
 """
@@ -14,11 +14,15 @@ from typing import Any, Sequence
 import yaml
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
-FAMILY_KEYS = ("qwen2_audio", "audio_flamingo3", "desta25")
 
 
 def hparams_file(method: str) -> Path:
-    return HPARAMS_DIR / f"{method}.yaml"
+    """The YAML of ``method`` (``editors/hparams/`` or, for a method found on ``$SAKE_METHODS_PATH``, the
+    ``hparams/`` folder beside its module)."""
+    from sake.registry import methods
+
+    info = methods().get(method)
+    return info.hparams_path if info else HPARAMS_DIR / f"{method}.yaml"
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:

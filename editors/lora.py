@@ -75,6 +75,9 @@ class LoRALinear(nn.Module):
 class LoRA(Editor):
     """Low-rank adapters on ``target`` (connector or LLM layers), trained on the edit (see the module docstring)."""
 
+    display_name = "LoRA"
+    display_order = 9  # after the paper's eight methods
+
     batches_edits = True  # per instance: False with merge: true (set in __init__)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
+from sake.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 #: Header fields that must agree for a rerun to resume into an existing file.
 RESUME_KEYS = ("model", "model_revision", "model_key", "method", "hparams", "mode", "dataset",
-               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens")
+               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens", "eval_edits",
+               "max_gap")
 
 
 def dumps(obj: Any) -> str:
@@ -32,15 +35,6 @@ def write_all(fd: int, data: bytes) -> None:
         written = os.write(fd, view)
         view = view[written:]
     os.fsync(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class PredictionsFile:
@@ -62,7 +56,7 @@ class PredictionsFile:
         """Create the file (header only) or resume it; returns the units already complete."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
-            atomic_write_text(self.path, dumps(self.header) + "\n")
+            atomic_write(self.path, dumps(self.header) + "\n")
         else:
             self._resume()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -72,7 +66,7 @@ class PredictionsFile:
         raw = self.path.read_bytes()
         end_of_header = raw.find(b"\n")
         if end_of_header < 0:  # killed while writing the header: start over
-            atomic_write_text(self.path, dumps(self.header) + "\n")
+            atomic_write(self.path, dumps(self.header) + "\n")
             return
         try:
             old = json.loads(raw[:end_of_header])

@@ -34,16 +34,19 @@ from typing import Any, Hashable, Sequence
 import torch
 from tqdm import tqdm
 
-from editors.base import KNOWN_METHODS, EditRequest, Editor, ParameterSnapshot, RunContext, get_editor_class
+from editors.base import (EditRequest, Editor, ParameterSnapshot, RunContext, available_methods,
+                          get_editor_class)
 from editors.batching import default_edits_per_pass
-from editors.data import (ATTRIBUTE_CONFIGS, DIMENSIONS, SEQUENTIAL_CONFIG, EvalItem, dataset_fingerprint,
-                          eval_items, group_sequences, load_instances)
+from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
 from editors.hparams import load_hparams
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
-from editors.predictions import PredictionsFile, atomic_write_text, dumps
+from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
 from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
+from sake.atomic import atomic_write
+from sake.protocol import (ATTRIBUTES, ITEM_COLUMNS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP,
+                           sequential_evaluated)
 
 logger = logging.getLogger("editors.run")
 
@@ -59,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
                         "directory, or tiny-qwen2-audio / tiny-audio-flamingo3 (random-init, for tests)")
-    p.add_argument("--method", required=True, help=f"editing method: {', '.join(KNOWN_METHODS)}")
+    p.add_argument("--method", required=True, help=f"editing method: {', '.join(available_methods())}")
     p.add_argument("--dataset", required=True, help="SAKE dataset: local directory (build_splits.py) or Hub id")
     p.add_argument("--config", action="append", default=None,
                    help="dataset config, repeatable (single: animal/emotion/gender/language, default all four; "
                         "sequential: sequential)")
     p.add_argument("--split", default="test")
-    p.add_argument("--mode", choices=("single", "sequential"), default="single")
+    p.add_argument("--mode", choices=MODES, default="single")
     p.add_argument("--out", required=True,
                    help="output directory (file named MODEL__METHOD__MODE__SPLIT.jsonl) or a .jsonl path")
     p.add_argument("--limit", type=int, default=None,
@@ -83,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda / cuda:1 / cpu (default: cuda when available)")
     p.add_argument("--revision", default=None, help="Hub revision of the model")
     p.add_argument("--cache-dir", default=None, help="pre-edit cache root (default $SAKE_CACHE or ~/.cache/sake)")
-    p.add_argument("--max-gap", type=int, default=5, help="sequential: largest gap evaluated (paper: 5)")
-    p.add_argument("--eval-edits", type=int, default=5, help="sequential: evaluate the first N edits (paper: 5)")
+    p.add_argument("--max-gap", type=int, default=SEQUENTIAL_MAX_GAP,
+                   help="sequential: largest gap evaluated (paper: %(default)s; written to the header)")
+    p.add_argument("--eval-edits", type=int, default=SEQUENTIAL_EVAL_EDITS,
+                   help="sequential: evaluate the first N edits (paper: %(default)s; written to the header)")
     p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
@@ -152,7 +157,7 @@ def _item_count(table: Any) -> list[int]:
     import pyarrow.compute as pc
 
     counts = [1] * table.num_rows
-    for column, _ in DIMENSIONS:
+    for column in ITEM_COLUMNS:
         lengths = pc.fill_null(pc.list_value_length(table.column(column)), 0).to_pylist()
         counts = [c + n for c, n in zip(counts, lengths)]
     return counts
@@ -229,10 +234,10 @@ class Runner:
             if configs != [SEQUENTIAL_CONFIG]:
                 raise ValueError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {configs}")
             return configs
-        configs = list(dict.fromkeys(args.config or ATTRIBUTE_CONFIGS))
-        bad = [c for c in configs if c not in ATTRIBUTE_CONFIGS]
+        configs = list(dict.fromkeys(args.config or ATTRIBUTES))
+        bad = [c for c in configs if c not in ATTRIBUTES]
         if bad:
-            raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTE_CONFIGS)}"
+            raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTES)}"
                              + (" (use --mode sequential for the sequential config)"
                                 if SEQUENTIAL_CONFIG in bad else ""))
         return configs
@@ -287,16 +292,18 @@ class Runner:
 
     def _evaluated(self, t: int, length: int) -> list[int]:
         """Edits s evaluated after step t: s <= eval_edits, s <= length, 0 <= t - s <= max_gap."""
-        return [s for s in range(1, min(t, self.args.eval_edits, length) + 1) if t - s <= self.args.max_gap]
+        return sequential_evaluated(t, length, self.args.eval_edits, self.args.max_gap)
 
     def header(self) -> dict[str, Any]:
         a = self.args
         desc = self.adapter.describe()
+        sequential = a.mode == "sequential"
         return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
                 "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
+                "eval_edits": a.eval_edits if sequential else None, "max_gap": a.max_gap if sequential else None,
                 "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
@@ -498,7 +505,7 @@ class Runner:
         if not s.units:
             return  # nothing ran (a finished run rerun): keep the timing of the run that did the work
         timing = self.part_path.with_name(self.part_path.name + ".timing.json")
-        atomic_write_text(timing, dumps({"units": s.units, "total_s": round(s.total_s, 4),
+        atomic_write(timing, dumps({"units": s.units, "total_s": round(s.total_s, 4),
                                          "apply_s": round(s.apply_s, 4), "eval_s": round(s.eval_s, 4),
                                          "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
 

@@ -28,7 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
-from editors.predictions import RESUME_KEYS, write_all
+from editors.predictions import RESUME_KEYS
+from sake.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +241,7 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
                         ", ".join(map(str, missing[:3])), ", ..." if len(missing) > 3 else "")
             return MergeResult(final, merged=False, missing=missing)
         data = scans[0].header_line + b"".join(rows[u] for u in order)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        atomic_write(final, data)
         merge_timings(final, parts)
         for part in parts:
             part.unlink(missing_ok=True)
@@ -279,9 +274,7 @@ def merge_timings(final: Path, parts: Sequence[Path]) -> None:
               "per_rank": [{"part": path.name[:-len(".timing.json")], "units": t.get("units"),
                             "total_s": t.get("total_s")} for path, t in timings],
               "per_unit": [u for _, t in timings for u in t.get("per_unit", [])]}
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(merged, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write(target, json.dumps(merged, ensure_ascii=False) + "\n")
     for path, _ in timings:
         if path != target:
             path.unlink(missing_ok=True)

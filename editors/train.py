@@ -35,9 +35,9 @@ import abc
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, Editor
 from editors.models.base import LALMAdapter, Prompt, PromptBatch, as_audio_array
+from sake.atomic import atomic_write
 
 logger = logging.getLogger("editors.train")
 
@@ -241,17 +242,13 @@ def default_hypernet_dir(cache_dir: str | Path, method: str, model: str) -> Path
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def save_network(net: HyperNetwork, directory: str | Path, info: dict[str, Any]) -> Path:
@@ -474,9 +471,9 @@ class Trainer:
         ckpt = self.checkpoint_dir
         ckpt.mkdir(parents=True, exist_ok=True)
         save_network(self.net, ckpt, self._run_info())
-        tmp = ckpt / f".optimizer.pt.tmp{os.getpid()}"
-        torch.save(self.optimizer.state_dict(), tmp)
-        os.replace(tmp, ckpt / "optimizer.pt")
+        buffer = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buffer)
+        atomic_write(ckpt / "optimizer.pt", buffer.getvalue())
         _atomic_json(ckpt / "trainer_state.json", {"step": self.step, "order_length": len(self.order),
                                                    "order_head": self.order[:5], "history": self.history})
 
@@ -584,16 +581,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from editors.data import ATTRIBUTE_CONFIGS, load_instances
+        from editors.data import load_instances
+        from sake.protocol import ATTRIBUTES
         from editors.hparams import load_hparams
         from editors.models import family_of, load_adapter
         from editors.preedit_cache import default_cache_dir
 
         family_of(args.model)
-        configs = list(dict.fromkeys(args.config or ATTRIBUTE_CONFIGS))
-        bad = [c for c in configs if c not in ATTRIBUTE_CONFIGS]
+        configs = list(dict.fromkeys(args.config or ATTRIBUTES))
+        bad = [c for c in configs if c not in ATTRIBUTES]
         if bad:
-            raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTE_CONFIGS)}")
+            raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
         data = {c: load_instances(args.dataset, c, args.split) for c in configs}
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune, register
-from editors.data import ATTRIBUTE_CONFIGS
 from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
+from sake.protocol import ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
         return _cycle(text, n_text) + _cycle(audio, n_audio)
     rng = random.Random(f"{seed}:{edit.instance_id}")
     tables = []
-    for config in ATTRIBUTE_CONFIGS:
+    for config in ATTRIBUTES:
         try:
             tables.append(context.load_rows(config, "train"))
         except ValueError as exc:

@@ -29,17 +29,16 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sake import registry
+from sake.atomic import atomic_write
+from sake.protocol import METHOD_NAMES, method_key
+
 logger = logging.getLogger(__name__)
 
-METHOD_NAMES = {  # normalized key -> paper name, in the paper's column order
-    "ftllm": "FT (LLM)", "ftaudio": "FT (Audio)", "ke": "KE", "mend": "MEND", "unke": "UnKE",
-    "iike": "I-IKE", "ieike": "IE-IKE", "wise": "WISE",
-}
 MAIN_METRICS = (("reliability", "Reliability"), ("generality", "Generality"),
                 ("locality_audio", "Audio Locality"), ("locality_text", "Text Locality"),
                 ("portability", "Portability"))
@@ -56,19 +55,20 @@ TYPE_BARS = (("generality_type1", "Gen. T1"), ("generality_type2", "Gen. T2"), (
              ("locality_text", "Text Loc."))
 
 
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", (name or "").lower())
-
-
 def method_label(method: str | None) -> str:
-    """Paper spelling of a method name ("ft_llm" -> "FT (LLM)"); unknown names pass through."""
-    return METHOD_NAMES.get(_key(method or ""), method or "?")
+    """Display name of a method ("ft_llm" or "FT-LLM" -> "FT (LLM)"; a method outside the paper: its class's
+    ``display_name``); unknown names pass through."""
+    if not method:
+        return "?"
+    key = method_key(method)
+    return registry.method_display_name(key) if key in registry.methods() or key in METHOD_NAMES else method
 
 
-def method_sort_key(method: str | None) -> tuple[int, str]:
-    keys = list(METHOD_NAMES)
-    k = _key(method or "")
-    return (keys.index(k), "") if k in keys else (len(keys), method or "")
+def method_sort_key(method: str | None) -> tuple[float, str]:
+    """Methods in display order (the paper's first, in its order), unknown ones last by name."""
+    key = method_key(method or "")
+    return registry.method_sort_key(key) if key in registry.methods() or key in METHOD_NAMES else (
+        float("inf"), method or "")
 
 
 def model_label(model: str | None) -> str:
@@ -367,24 +367,11 @@ def plot_gaps(runs: Sequence[Run], model: str, path: Path) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     # Fixed metadata so the same results give the same bytes.
     fig.savefig(buffer, format="png", dpi=120, metadata={"Software": None})
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
@@ -397,7 +384,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
     for table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = out / f"{table.name}{suffix}"
-            _atomic_write(path, text)
+            atomic_write(path, text)
             written.append(path)
     figures = []
     for model in _models(runs):
@@ -415,7 +402,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
     index += [t.markdown() for t in tables]
     index += [f"![{p.stem}]({p.name})\n" for p in figures]
     index_path = out / "index.md"
-    _atomic_write(index_path, "\n".join(index))
+    atomic_write(index_path, "\n".join(index))
     written.append(index_path)
     return written
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .records import AudioRef, SourceError
+from sake.protocol import SAMPLING_RATE
 
-SAMPLING_RATE = 16000
+from .records import AudioRef, SourceError
 
 
 def probe_audio(path: str | Path, data: bytes | None = None, field: str = "file") -> AudioRef:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from sake.atomic import atomic_write, replace_dir, staging_dir
+
 from .records import LabelledClip, SourceError, TaskClip, TextQuestion
 from .release import (AudioEncoder, card_yaml, dimension_stats, parquet_path, provenance, render_card,
-                      stats_markdown, write_manifest, write_parquet, write_text)
+                      stats_markdown, write_manifest, write_parquet)
 from .sake import (ATTRIBUTES, CONFIGS, PAPER_TOTALS, SPLITS, ConstructionError, InstanceBuilder,
                    SplitPool, build_attribute_split, build_sequential, check_instance, clip_quota, count_totals,
                    expected_totals, item_rows, load_portability, load_question_banks, make_edit_pairs,
@@ -184,10 +185,8 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
                      have_pools=bool(pools))
     encoder = AudioEncoder()
 
-    # 5. write into a temp folder next to `out`, then swap
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    tmp.chmod(0o755)
+    # 5. write into a staging folder next to `out`, then swap it in (sake.atomic.replace_dir)
+    tmp = staging_dir(out)
     try:
         for config in CONFIGS:
             for split in SPLITS:
@@ -225,9 +224,9 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
         sizes_on_disk = {c: {s: (tmp / parquet_path(c, s)).stat().st_size for s in SPLITS} for c in CONFIGS}
         card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
                            stats_markdown(stats), demo, sources_md, licenses)
-        write_text(tmp / "README.md", card)
+        atomic_write(tmp / "README.md", card)
         manifest = write_manifest(tmp, seed, sources, item_ids)
-        _swap(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -247,22 +246,6 @@ def _statistics(rows, encoder: AudioEncoder, sequences: int, length: int) -> dic
         stats["provenance"][split] = provenance({a: rows[a][split] for a in ATTRIBUTES})
     stats["origins"] = sorted({o for s in SPLITS for c in stats["provenance"][s].values() for o in c})
     return stats
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp` (rename); an existing `out` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def demo_sources() -> dict[str, Any]:

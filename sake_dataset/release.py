@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -20,6 +19,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from .audio import encode_wav_16k
+from sake.atomic import atomic_write
+
 from .records import AudioRef
 from .sake import ATTRIBUTES, CONFIGS, DIMENSION_OF_KIND, SPLITS, features, item_rows
 
@@ -200,12 +201,6 @@ def render_card(template: str, header_yaml: str, stats_md: str, demo: bool, sour
             .replace("{{AUDIO_NOTE}}", note).replace("{{SOURCES}}", sources_md).replace("{{LICENSES}}", licenses_md))
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_manifest(out: Path, seed: int, sources: dict[str, Any], item_ids: dict[str, dict[str, list[str]]]) -> dict:
     """`sake_manifest.json` (ARCHITECTURE.md): file hashes of the Parquet files, fingerprint, item ids."""
     files = {}
@@ -216,5 +211,5 @@ def write_manifest(out: Path, seed: int, sources: dict[str, Any], item_ids: dict
     fingerprint = hashlib.sha256("\n".join(f"{p}:{h}" for p, h in sorted(files.items())).encode()).hexdigest()
     manifest = {"format": 1, "seed": seed, "sources": sources, "files": files, "fingerprint": fingerprint,
                 "item_ids": item_ids}
-    write_text(out / "sake_manifest.json", json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    atomic_write(out / "sake_manifest.json", json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest

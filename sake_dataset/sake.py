@@ -20,6 +20,9 @@ from typing import Any, Iterable, Sequence
 import yaml
 from datasets import Audio, Features, List, Value
 
+from sake.protocol import (ATTRIBUTES, COLUMN_OF_KIND, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS, LABELS,  # noqa: F401 (re-exported)
+                           SAMPLING_RATE, SPLITS)
+
 from .records import LabelledClip, TaskClip, TextQuestion
 
 log = logging.getLogger(__name__)
@@ -27,19 +30,6 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 QUESTION_BANKS_PATH = PACKAGE_DIR / "question_banks.yaml"
 PORTABILITY_PATH = PACKAGE_DIR / "portability_knowledge.yaml"
-
-SAMPLING_RATE = 16000
-ATTRIBUTES: tuple[str, ...] = ("animal", "emotion", "gender", "language")
-CONFIGS: tuple[str, ...] = ATTRIBUTES + ("sequential",)
-SPLITS: tuple[str, ...] = ("train", "test")
-
-# App. C.1, canonical spelling used everywhere in the toolkit.
-LABELS: dict[str, tuple[str, ...]] = {
-    "animal": ("dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"),
-    "emotion": ("happy", "disgust", "sad", "fear", "angry"),
-    "gender": ("male", "female"),
-    "language": ("English", "German", "Spanish", "French", "Italian", "Chinese", "Japanese", "Korean"),
-}
 
 # Spellings met in source corpora, mapped to the canonical label (keys are lower-case).
 LABEL_ALIASES: dict[str, dict[str, str]] = {
@@ -52,21 +42,7 @@ LABEL_ALIASES: dict[str, dict[str, str]] = {
                  "zh": "Chinese", "zh-cn": "Chinese", "mandarin": "Chinese", "ja": "Japanese", "ko": "Korean"},
 }
 
-# Item kinds in row order; ids are f"{instance id}/{kind}".
-ITEM_KINDS: tuple[str, ...] = ("rel", "gen1", "gen2", "gen3", "loc_audio1", "loc_audio2", "loc_audio3",
-                               "loc_audio4", "loc_text", "port")
 item_kinds = ITEM_KINDS
-DIMENSION_OF_KIND: dict[str, str] = {
-    "rel": "reliability", "gen1": "generality", "gen2": "generality", "gen3": "generality",
-    "loc_audio1": "locality_audio", "loc_audio2": "locality_audio", "loc_audio3": "locality_audio",
-    "loc_audio4": "locality_audio", "loc_text": "locality_text", "port": "portability",
-}
-# Instance-row list column holding each kind (the reliability item is the row itself).
-COLUMN_OF_KIND: dict[str, str] = {
-    "gen1": "generality", "gen2": "generality", "gen3": "generality", "loc_audio1": "locality_audio",
-    "loc_audio2": "locality_audio", "loc_audio3": "locality_audio", "loc_audio4": "locality_audio",
-    "loc_text": "locality_text", "port": "portability",
-}
 
 # Dynamic-SUPERB task -> auditory attributes it is about, found by keywords in the task name or instruction.
 TASK_ATTRIBUTE_KEYWORDS: dict[str, tuple[str, ...]] = {

@@ -109,9 +109,10 @@ def demo_dataset() -> Path:
 
 
 def load_train_split() -> dict[str, Any]:
-    from editors.data import ATTRIBUTE_CONFIGS, load_instances
+    from editors.data import load_instances
+    from sake.protocol import ATTRIBUTES
 
-    return {c: load_instances(str(demo_dataset()), c, "train") for c in ATTRIBUTE_CONFIGS}
+    return {c: load_instances(str(demo_dataset()), c, "train") for c in ATTRIBUTES}
 
 
 @lru_cache(maxsize=None)

@@ -156,7 +156,7 @@ def test_runner_edits_per_pass_writes_the_same_rows(qwen, demo_dataset, tmp_path
 
 
 def test_methods_that_do_not_batch_run_one_at_a_time():
-    from editors.base import KNOWN_METHODS
+    from editors.base import available_methods
 
-    batching = {m for m in KNOWN_METHODS if get_editor_class(m).batches_edits}
+    batching = {m for m in available_methods() if get_editor_class(m).batches_edits}
     assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike"}

@@ -200,6 +200,24 @@ def test_sequential_expected_keys_and_missing_gap(tmp_path, manifest):
     assert f"first: '{rows[drop]['item_id']}' at gap 4" in message
 
 
+def test_sequential_run_with_its_own_rule_validates(tmp_path, manifest):
+    """A run with --eval-edits 2 --max-gap 1 says so in its header and validates against that rule, not the
+    paper's; the same rows under a header without the fields (paper rule) are incomplete."""
+    header = dict(make_header(manifest, "sequential"), eval_edits=2, max_gap=1)
+    keys = expected_keys(manifest, header)
+    assert {gap for _, gap in keys} == {0, 1}
+    assert {int(item.split("/step")[1][:2]) for item, _ in keys} == {1, 2}
+    rows = [make_row(item_id, gap, correct=True) for item_id, gap in keys]
+    validate_submission(write_submission_dir(tmp_path / "own", header, rows), manifest)
+    paper = make_header(manifest, "sequential")
+    assert "missing" in _errors(write_submission_dir(tmp_path / "paper", paper, rows), manifest)
+    late = dict(rows[0], gap=2)
+    message = _errors(write_submission_dir(tmp_path / "gap", header, rows + [late]), manifest)
+    assert "field gap: expected an integer 0..1 (the header's max_gap), got 2" in message
+    bad = dict(header, max_gap=-1)
+    assert "field max_gap" in _errors(write_submission_dir(tmp_path / "bad", bad, rows), manifest)
+
+
 def test_load_manifest_from_dir_and_file(tmp_path, manifest):
     (tmp_path / "sake_manifest.json").write_text(json.dumps(manifest))
     assert load_manifest(tmp_path)["fingerprint"] == manifest["fingerprint"]
@@ -258,10 +276,14 @@ def test_crash_while_storing_leaves_no_result(tmp_path, manifest, single, monkey
     store = LocalStore(tmp_path / "results")
     import eval.leaderboard.store as store_module
 
-    def dying_write(path, data):
-        raise OSError("disk full")
+    real_write = store_module.atomic_write
 
-    monkeypatch.setattr(store_module, "_atomic_write", dying_write)
+    def dying_write(path, data):  # the side files land, the result JSON (written last) does not
+        if Path(path).parent.name == "results":
+            raise OSError("disk full")
+        real_write(path, data)
+
+    monkeypatch.setattr(store_module, "atomic_write", dying_write)
     with pytest.raises(OSError, match="disk full"):
         add_submission(sub, manifest, store, judge="offline", scorer=fake_scorer)
     assert not list((tmp_path / "results").glob("results/*"))

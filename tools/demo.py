@@ -26,12 +26,15 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
+
+from sake.atomic import atomic_write
+from sake.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS
+from sake.registry import method_sort_key
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +45,6 @@ README_BLOCK = REPO_DIR / "tools" / "demo_readme_block.md"
 START_MARKER = "<!-- demo-table:start -->"
 END_MARKER = "<!-- demo-table:end -->"
 
-#: Paper order of the methods (Table 2).
-METHOD_ORDER = ("ft_llm", "ft_audio", "ke", "mend", "unke", "wise", "i_ike", "ie_ike")
-HYPERNETWORK_METHODS = ("ke", "mend")
 COLUMNS = (("reliability", "Reliability"), ("generality", "Generality"), ("locality_audio", "Audio locality"),
            ("locality_text", "Text locality"), ("portability", "Portability"))
 
@@ -95,7 +95,8 @@ def reset_if_model_changed(out: Path, model: str) -> None:
 
 
 def methods_to_run(requested: Sequence[str] | None) -> list[str]:
-    """Requested methods (default: every available one) in the paper's order; unknown names are an error."""
+    """Requested methods (default: every available one) in display order, the parameter-updating methods before
+    the in-context ones (as the paper's discussion groups them); unknown names are an error."""
     from editors.base import available_methods
 
     available = available_methods()
@@ -106,7 +107,7 @@ def methods_to_run(requested: Sequence[str] | None) -> list[str]:
         chosen = list(requested)
     else:
         chosen = list(available)
-    return sorted(chosen, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    return sorted(chosen, key=lambda m: (m in IN_CONTEXT_METHODS, method_sort_key(m)))
 
 
 def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: int, limit: int | None) -> list[str]:
@@ -126,7 +127,7 @@ def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: 
             code = train.main(argv)
         if code:
             raise SystemExit(f"sake demo: training the {method} hypernetwork failed (exit {code})")
-        done.write_text("ok\n")
+        atomic_write(done, "ok\n")
     return hypernetwork_overrides(method, target)
 
 
@@ -217,18 +218,6 @@ def replace_block(text: str, body: str, where: str = "README.md") -> str:
                          "demo table")
     head = text[: start + len(START_MARKER)]
     return head + "\n" + body.rstrip("\n") + "\n" + text[end:]
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def update_readme(readme: Path, body: str) -> None:

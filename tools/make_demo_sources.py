@@ -17,7 +17,6 @@ import argparse
 import csv
 import io
 import logging
-import os
 import random
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import yaml
+
+from sake.atomic import atomic_write
 
 LOGGER = logging.getLogger("make_demo_sources")
 
@@ -262,14 +263,6 @@ MMLU_QUESTIONS: list[tuple[str, str, list[str], int]] = [
 def clip_rng(seed: int, key: str) -> np.random.Generator:
     """A numpy generator for one clip, stable under adding or removing other clips."""
     return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
@@ -916,9 +909,9 @@ def build(out: Path, seed: int, text_only: bool = False) -> list[Path]:
     for rel, rows in tables.items():
         columns = ESC50_COLUMNS if rel.endswith("esc50.csv") else (
             DSUPERB_COLUMNS if rel.startswith("dynamic_superb") else SAKURA_COLUMNS)
-        write_bytes_atomic(out / rel, csv_bytes(columns, rows))
+        atomic_write(out / rel, csv_bytes(columns, rows))
         written.append(out / rel)
-    write_bytes_atomic(out / "mmlu/all/test-00000-of-00001.parquet", mmlu_parquet_bytes())
+    atomic_write(out / "mmlu/all/test-00000-of-00001.parquet", mmlu_parquet_bytes())
     written.append(out / "mmlu/all/test-00000-of-00001.parquet")
     if text_only:
         return written
@@ -929,12 +922,12 @@ def build(out: Path, seed: int, text_only: bool = False) -> list[Path]:
             samples = clip.render(synth, clip_rng(seed, clip.key))
             if len(samples) > 2.0 * SAMPLE_RATE:
                 raise RuntimeError(f"{clip.path}: {len(samples) / SAMPLE_RATE:.2f} s exceeds 2.0 s")
-            write_bytes_atomic(out / clip.path, wav_bytes(samples))
+            atomic_write(out / clip.path, wav_bytes(samples))
             written.append(out / clip.path)
     finally:
         synth.close()
     tasks = [rel.split("/")[1] for rel in d_tables]
-    write_bytes_atomic(out / "README.md", readme_text(seed, tasks).encode("utf-8"))
+    atomic_write(out / "README.md", readme_text(seed, tasks).encode("utf-8"))
     written.append(out / "README.md")
     return written
 

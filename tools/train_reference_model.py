@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from editors.models.base import SAMPLING_RATE, Prompt
 from editors.models.qwen2_audio import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, Qwen2AudioAdapter
+from sake.atomic import replace_dir, staging_dir
 from sake_dataset.sake import (ATTRIBUTES, LABELS, canonical_label, format_question, load_portability,
                                load_question_banks, split_options)
 
@@ -634,26 +635,18 @@ def evaluate_preedit(adapter: Any, dataset_dir: str | Path, split: str = "test",
 
 
 def write_model(adapter: Qwen2AudioAdapter, out: Path, training_md: str, extra_files: dict[str, str]) -> None:
-    """Save model + processor + TRAINING.md into ``out`` atomically (a temp dir next to it, then renamed)."""
+    """Save model + processor + TRAINING.md into ``out`` atomically (a staging folder next to it, swapped in by
+    :func:`sake.atomic.replace_dir`)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         adapter.save_pretrained(tmp)
         (tmp / "TRAINING.md").write_text(training_md, encoding="utf-8")
         for name, text in extra_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         for file in tmp.iterdir():
             os.chmod(file, 0o644)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,42 +18,28 @@ from pathlib import Path
 import torch
 
 from editors.models.base import LALMAdapter, Prompt, Turn, resolve_dtype
+from sake.registry import families
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FAMILIES", "LALMAdapter", "Prompt", "Turn", "adapter_class", "family_of", "load_adapter",
            "TINY_MODELS"]
 
-#: family key (hparams YAML key) -> "module:class"
-FAMILIES: dict[str, str] = {
-    "qwen2_audio": "editors.models.qwen2_audio:Qwen2AudioAdapter",
-    "audio_flamingo3": "editors.models.audio_flamingo3:AudioFlamingo3Adapter",
-    "desta25": "editors.models.desta25:DeSTA25Adapter",
-}
+#: The families, discovered from the adapter modules of this folder (each declares FAMILY, ADAPTER_CLASS,
+#: MODEL_TYPES, HUB_ID_HINTS, TINY_NAME; see sake.registry). Adding a family = adding one adapter module.
+_FAMILIES = families()
 
-#: config.json model_type -> family
-MODEL_TYPES: dict[str, str] = {
-    "qwen2_audio": "qwen2_audio",
-    "audioflamingo3": "audio_flamingo3",
-    "desta25": "desta25",
-    "DeSTA25AudioModel": "desta25",
-}
+#: family key (hparams YAML key) -> "module:class"
+FAMILIES: dict[str, str] = {k: f"{f.module}:{f.adapter_class}" for k, f in _FAMILIES.items()}
+
+#: config.json model_type (or architecture) -> family
+MODEL_TYPES: dict[str, str] = {t: k for k, f in _FAMILIES.items() for t in f.model_types}
 
 #: --model names of the tiny random-init models -> family
-TINY_MODELS: dict[str, str] = {
-    "tiny-qwen2-audio": "qwen2_audio",
-    "tiny-audio-flamingo3": "audio_flamingo3",
-    "tiny-desta25": "desta25",
-}
+TINY_MODELS: dict[str, str] = {f.tiny_name: k for k, f in _FAMILIES.items()}
 
 #: lower-case substrings of Hub ids -> family
-HUB_ID_HINTS: tuple[tuple[str, str], ...] = (
-    ("qwen2-audio", "qwen2_audio"),
-    ("audio-flamingo-3", "audio_flamingo3"),
-    ("audioflamingo3", "audio_flamingo3"),
-    ("desta2.5", "desta25"),
-    ("desta25", "desta25"),
-)
+HUB_ID_HINTS: tuple[tuple[str, str], ...] = tuple((h, k) for k, f in _FAMILIES.items() for h in f.hub_id_hints)
 
 TINY_MARKER = "sake_tiny.json"
 

@@ -20,6 +20,13 @@ from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_
 
 logger = logging.getLogger(__name__)
 
+# This module's model family (read by sake.registry without importing it; see that module).
+FAMILY = "audio_flamingo3"
+ADAPTER_CLASS = "AudioFlamingo3Adapter"
+MODEL_TYPES = ("audioflamingo3",)  # config.json model_type / architectures
+HUB_ID_HINTS = ("audio-flamingo-3", "audioflamingo3")  # lower-case substrings of Hub ids
+TINY_NAME = "tiny-audio-flamingo3"
+
 #: Chat template of the tiny model: Qwen2 chat format with a ``<sound>`` slot where a user turn has audio
 #: (audio before text, as in the original AF3 prompt "<sound>\n{question}"), written for our tests.
 TINY_CHAT_TEMPLATE = (
@@ -43,7 +50,7 @@ MAX_AUDIO_SECONDS = 600
 class AudioFlamingo3Adapter(LALMAdapter):
     """Audio Flamingo 3 behind the :class:`LALMAdapter` interface."""
 
-    family = "audio_flamingo3"
+    family = FAMILY
     default_hub_id = "nvidia/audio-flamingo-3-hf"
 
     @classmethod

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sake.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16_000
@@ -875,9 +877,7 @@ def weights_digest(directory: str | Path) -> str:
     if changed:
         try:
             memo_dir.mkdir(parents=True, exist_ok=True)
-            tmp = memo_file.with_name(f".{memo_file.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(memo, sort_keys=True))
-            os.replace(tmp, memo_file)
+            atomic_write(memo_file, json.dumps(memo, sort_keys=True))
         except OSError as exc:  # a read-only cache only costs a re-hash next time
             logger.warning("cannot memoize weight digests in %s (%s)", memo_dir, exc)
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()

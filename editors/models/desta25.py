@@ -45,21 +45,29 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
                                  build_tiny_tokenizer, tiny_feature_extractor)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
+from sake.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
+
+# This module's model family (read by sake.registry without importing it; see that module).
+FAMILY = "desta25"
+ADAPTER_CLASS = "DeSTA25Adapter"
+MODEL_TYPES = ("desta25", "DeSTA25AudioModel")  # config.json model_type / architectures
+HUB_ID_HINTS = ("desta2.5", "desta25")  # lower-case substrings of Hub ids
+TINY_NAME = "tiny-desta25"
 
 #: Init std of the tiny LLM: at Llama's 0.02 a 4-layer random model barely lets input tokens reach the last
 #: position, so connector-only edits (FT-Audio) could never move its output; 0.1 keeps tiny edits meaningful.
@@ -146,7 +154,7 @@ def conversation(prompt: Prompt, audio_locator: str) -> list[dict[str, str]]:
 class DeSTA25Adapter(LALMAdapter):
     """DeSTA2.5-Audio behind the :class:`LALMAdapter` interface (see the module docstring)."""
 
-    family = "desta25"
+    family = FAMILY
     default_hub_id = RELEASE_HUB_ID
     #: tapped states of one 30 s audio are 4 x 1500 x 1280 fp32 (~31 MB) for large-v3
     audio_cache_size = 128
@@ -416,7 +424,7 @@ class DeSTA25Adapter(LALMAdapter):
         path = self._disk_path("transcripts", key, ".json")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(path, json.dumps({"text": text, "whisper": self.whisper_key}).encode())
+            atomic_write(path, json.dumps({"text": text, "whisper": self.whisper_key}).encode())
 
     def _has_speech(self, audio: np.ndarray) -> bool:
         if self._vad_model is None:
@@ -485,7 +493,7 @@ class DeSTA25Adapter(LALMAdapter):
                 path = self._disk_path("encoder", self._encoder_key(audios[i]), ".safetensors")
                 if self.encoder_states_on_disk and path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _atomic_save_tensors({f"layer{k}": t.contiguous().cpu() for k, t in enumerate(per_audio)}, path)
+                    atomic_write(path, save_tensors({f"layer{k}": t.contiguous().cpu() for k, t in enumerate(per_audio)}))
         return [s for s in states if s is not None]
 
     def project_audio(self, states: list[DeSTAAudioState]) -> torch.Tensor:
@@ -504,25 +512,3 @@ class DeSTA25Adapter(LALMAdapter):
                     ids = torch.tensor(state.transcript_ids, dtype=torch.long, device=embed.weight.device)
                     pieces.append(embed(ids))
         return torch.cat(pieces, dim=0)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

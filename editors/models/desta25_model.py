@@ -37,12 +37,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, PreTrainedModel, WhisperForConditionalGeneration
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -53,6 +53,8 @@ except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.bert.modeling_bert import BertEncoder
+
+from sake.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -292,16 +294,9 @@ class DeSTA25Model(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         config_dict = self.config.to_dict()
-        _atomic_write_text(out / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        atomic_write(out / CONFIG_NAME, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         tensors = {k: v.contiguous().cpu() for k, v in self.release_state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            os.replace(tmp, out / WEIGHTS_NAME)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(out / WEIGHTS_NAME, save_tensors(tensors, metadata={"format": "pt"}))
 
     @classmethod
     def from_pretrained(
@@ -396,12 +391,3 @@ def _resolve_file(name_or_path: str | os.PathLike, filename: str, revision: str 
     return Path(hf_hub_download(repo_id=str(name_or_path), filename=filename, revision=revision))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -20,6 +20,13 @@ from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_
 
 logger = logging.getLogger(__name__)
 
+# This module's model family (read by sake.registry without importing it; see that module).
+FAMILY = "qwen2_audio"
+ADAPTER_CLASS = "Qwen2AudioAdapter"
+MODEL_TYPES = ("qwen2_audio",)  # config.json model_type / architectures
+HUB_ID_HINTS = ("qwen2-audio",)  # lower-case substrings of Hub ids
+TINY_NAME = "tiny-qwen2-audio"
+
 #: Chat template of the tiny model: the Qwen2-Audio-Instruct chat format (default system prompt, numbered audio
 #: slots before the text of a user turn), written for our tests.
 TINY_CHAT_TEMPLATE = (
@@ -44,7 +51,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<
 class Qwen2AudioAdapter(LALMAdapter):
     """Qwen2-Audio-Instruct behind the :class:`LALMAdapter` interface."""
 
-    family = "qwen2_audio"
+    family = FAMILY
     default_hub_id = "Qwen/Qwen2-Audio-7B-Instruct"
 
     # ---- construction -------------------------------------------------------------------------------------------

@@ -83,9 +83,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     result = board_result(submission, score_submission(submission, judge=args.judge, **_judge_options(args)))
     data = dump_json(result)
     if args.out:
-        from .store import _atomic_write
+        from sake.atomic import atomic_write
 
-        _atomic_write(Path(args.out), data)
+        atomic_write(Path(args.out), data)
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(data.decode("utf-8"))

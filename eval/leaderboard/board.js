@@ -5,10 +5,9 @@
 
   var DATA = window.SAKE_BOARD || { rows: [] };
   var SVG_NS = "http://www.w3.org/2000/svg";
-  var METHOD_NAMES = {
-    ft_llm: "FT (LLM)", ft_audio: "FT (Audio)", ke: "KE", mend: "MEND", unke: "UnKE",
-    i_ike: "I-IKE", ie_ike: "IE-IKE", wise: "WISE"
-  };
+  // Method display names and order come from data.js (written by build.py from sake.protocol / sake.registry).
+  var METHOD_NAMES = {}, METHOD_RANK = {};
+  (DATA.methods || []).forEach(function (m, i) { METHOD_NAMES[m.id] = m.name; METHOD_RANK[m.id] = i; });
   var HEADLINE = ["reliability", "generality", "locality_audio", "locality_text", "portability"];
   // Column layout: top-level entries with `cols` become a group header spanning its sub-columns.
   var LAYOUT = [
@@ -301,7 +300,9 @@
     DATA.rows.forEach(function (r) { models[r.model] = r.model_display || r.model; methods[r.method] = methodName(r.method); });
     fillSelect($("filter-model"), Object.keys(models).sort(function (a, b) { return models[a].localeCompare(models[b]); }),
                function (v) { return models[v]; });
-    fillSelect($("filter-method"), Object.keys(methods).sort(function (a, b) { return methods[a].localeCompare(methods[b]); }),
+    function rank(id) { return id in METHOD_RANK ? METHOD_RANK[id] : Infinity; }
+    fillSelect($("filter-method"), Object.keys(methods).sort(function (a, b) {
+      return (rank(a) - rank(b)) || methods[a].localeCompare(methods[b]); }),
                function (v) { return methods[v]; });
     $("view-attribute").addEventListener("change", function (e) { state.attribute = e.target.value; render(); });
     $("filter-model").addEventListener("change", function (e) { state.model = e.target.value; render(); });

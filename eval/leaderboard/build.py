@@ -10,9 +10,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from sake import registry
+from sake.atomic import replace_dir, staging_dir
+from sake.protocol import METHOD_ORDER
 
 from .store import check_results, dump_json
 
@@ -137,28 +140,29 @@ def board_data(results_dir: str | os.PathLike, include_reference: bool = True) -
         refs, note = reference_rows()
         rows.extend(refs)
     dates = [row["date"] for row in rows if row["date"]]
-    data = {"format": 1, "generated": max(dates) if dates else "", "reference_note": note, "rows": rows}
+    data = {"format": 1, "generated": max(dates) if dates else "", "reference_note": note, "rows": rows,
+            "methods": method_display(row["method"] for row in rows)}
     return data, details
+
+
+def method_display(names: Iterable[str]) -> list[dict[str, str]]:
+    """``[{"id", "name"}]`` for the board: every known method (sake.registry: the paper's, in its order, then
+    the others) and any other name on the board, in display order. The page takes names and order from here."""
+    ids = set(registry.methods()) | set(METHOD_ORDER) | {n for n in names if n}
+    return [{"id": m, "name": registry.method_display_name(m)} for m in sorted(ids, key=registry.method_sort_key)]
 
 
 def _write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into a fresh sibling folder, then swap it in for ``out_dir`` (no half-built site)."""
     out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build."))
+    staging = staging_dir(out_dir)  # mode 0o755: the site is served to everyone
     try:
-        staging.chmod(0o755)  # mkdtemp creates 0700; the site is served to everyone
         for rel, data in files.items():
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-            os.replace(out_dir, old / "site")
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            target.chmod(0o644)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from sake.atomic import atomic_write, replace_dir, staging_dir
+from sake.protocol import METRIC_KEYS, MODES
+
 from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, validate_submission
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[..., dict]
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
-METRIC_KEYS = ("reliability", "generality", "generality_type1", "generality_type2", "generality_type3",
-               "locality_audio", "locality_audio_type1", "locality_audio_type2", "locality_audio_type3",
-               "locality_audio_type4", "locality_text", "portability")
 
 
 class ResultsFormatError(ValueError):
@@ -47,7 +47,7 @@ def check_results(result: Any, where: str = "results") -> None:
     metrics = result["metrics"]
     if not isinstance(metrics, dict) or not isinstance(metrics.get("overall"), dict):
         raise ResultsFormatError(f"{where}: field metrics.overall must be an object")
-    if result["mode"] not in ("single", "sequential"):
+    if result["mode"] not in MODES:
         raise ResultsFormatError(f"{where}: field mode must be 'single' or 'sequential', got {result['mode']!r}")
     for name, block in [("overall", metrics["overall"])] + \
             [(f"per_attribute.{k}", v) for k, v in (metrics.get("per_attribute") or {}).items()] + \
@@ -121,22 +121,6 @@ class ResultsStore(Protocol):
     def results(self) -> list[dict]: ...
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are public
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dump_json(obj: Any) -> bytes:
     """Canonical JSON bytes for stored files (sorted keys, UTF-8, trailing newline)."""
     return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
@@ -157,19 +141,15 @@ class LocalStore:
     def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes) -> None:
         # Side files first (in a temp folder moved into place), the result JSON last: it marks completion.
         final = self.root / "submissions" / submission_id
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{submission_id}."))
+        staging = staging_dir(final)
         try:
-            staging.chmod(0o755)
-            (staging / METADATA_NAME).write_bytes(dump_json(metadata))
-            (staging / PREDICTIONS_NAME).write_bytes(predictions)
-            if final.exists():  # left by an earlier crash before its result was written
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            atomic_write(staging / METADATA_NAME, dump_json(metadata))
+            atomic_write(staging / PREDICTIONS_NAME, predictions)
+            replace_dir(staging, final)  # a folder left by an earlier crash (no result yet) is replaced
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _atomic_write(self.result_path(submission_id), dump_json(result))
+        atomic_write(self.result_path(submission_id), dump_json(result))
 
     def results(self) -> list[dict]:
         out = []
@@ -268,7 +248,7 @@ def process_queue(queue_dir: str | os.PathLike, manifest: dict[str, Any], store:
         except SubmissionError as exc:
             target = queue / "rejected"
             target.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target / f"{entry.name}.error.txt", (str(exc) + "\n").encode("utf-8"))
+            atomic_write(target / f"{entry.name}.error.txt", (str(exc) + "\n").encode("utf-8"))
             os.replace(entry, target / entry.name)
             outcomes.append((entry.name, "rejected"))
             continue

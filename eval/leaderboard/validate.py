@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
+from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -30,20 +32,8 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_SPLITS = ("test",)
 MAX_LISTED_PROBLEMS = 25
 SCHEMA_PATH = Path(__file__).with_name("submission.schema.json")
-ATTRIBUTE_CONFIGS = ("animal", "emotion", "gender", "language")
-SEQUENTIAL_CONFIG = "sequential"
-SEQUENTIAL_EDITS = 5  # only the first five edits of a sequence are evaluated (paper §4.2)
-MAX_GAP = 5
-
 # item kind (last id segment) -> (dimension, type)
-ITEM_KINDS: dict[str, tuple[str, int]] = {
-    "rel": ("reliability", 0),
-    "gen1": ("generality", 1), "gen2": ("generality", 2), "gen3": ("generality", 3),
-    "loc_audio1": ("locality_audio", 1), "loc_audio2": ("locality_audio", 2),
-    "loc_audio3": ("locality_audio", 3), "loc_audio4": ("locality_audio", 4),
-    "loc_text": ("locality_text", 0),
-    "port": ("portability", 0),
-}
+ITEM_KINDS = KIND_DIMENSION_TYPE
 _STEP_RE = re.compile(r"^step(\d+)$")
 
 
@@ -363,8 +353,18 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
         problems.add(Problem(PREDICTIONS_NAME, "no prediction lines after the header"))
     problems.raise_if_any(source)
 
-    # Row consistency: ids, dimension/type against the item kind, gap against the mode.
+    # Header: the sequential rule the file follows.
     sequential = header["mode"] == "sequential"
+    if sequential:
+        for name, low in (("eval_edits", 1), ("max_gap", 0)):
+            value = header.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                problems.add(Problem(f"{PREDICTIONS_NAME} line 1, field {name}",
+                                     f"expected an integer >= {low} (or null for the paper's value), got {value!r}"))
+        problems.raise_if_any(source)
+    max_gap = sequential_rule(header)[1]
+
+    # Row consistency: ids, dimension/type against the item kind, gap against the mode.
     first_line: dict[Any, int] = {}
     for row, number in zip(rows, row_lines):
         where = f"{PREDICTIONS_NAME} line {number}"
@@ -382,7 +382,11 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
                 problems.add(Problem(f"{where}, field type",
                                      f"got {row['type']}, expected {item_type} for a {kind} item"))
         if sequential and row["gap"] is None:
-            problems.add(Problem(f"{where}, field gap", "expected an integer 0..5 in sequential mode, got null"))
+            problems.add(Problem(f"{where}, field gap",
+                                 f"expected an integer 0..{max_gap} in sequential mode, got null"))
+        if sequential and isinstance(row["gap"], int) and not 0 <= row["gap"] <= max_gap:
+            problems.add(Problem(f"{where}, field gap",
+                                 f"expected an integer 0..{max_gap} (the header's max_gap), got {row['gap']}"))
         if not sequential and row["gap"] is not None:
             problems.add(Problem(f"{where}, field gap", f"expected null in single mode, got {row['gap']}"))
         key = (row["item_id"], row["gap"]) if sequential else row["item_id"]
@@ -424,14 +428,24 @@ def _split_id(item_id: str) -> tuple[str, str]:
     return instance_id, kind
 
 
+def sequential_rule(header: dict[str, Any]) -> tuple[int, int]:
+    """``(eval_edits, max_gap)`` a sequential predictions file follows: the header's values, the paper's
+    (first 5 edits, gaps 0-5) when the header leaves them out or null."""
+    eval_edits = header.get("eval_edits")
+    max_gap = header.get("max_gap")
+    return (SEQUENTIAL_EVAL_EDITS if eval_edits is None else int(eval_edits),
+            SEQUENTIAL_MAX_GAP if max_gap is None else int(max_gap))
+
+
 def expected_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[Any]:
     """Every key a complete submission must hold, in manifest order.
 
     Single mode: each item id of each declared config for the declared split.
     Sequential mode: keys ``(item_id, gap)``. An item of the instance at step ``s`` of a sequence (id
-    ``sequential/{split}/{seq}/step{s:02d}/{kind}``) is required for ``s`` in 1..5 and every gap ``g`` in 0..5
-    with ``s + g`` no larger than that sequence's last step: the edit made at step ``s`` is evaluated after
-    step ``s + g``.
+    ``sequential/{split}/{seq}/step{s:02d}/{kind}``) is required for ``s`` in 1..eval_edits and every gap ``g``
+    in 0..max_gap with ``s + g`` no larger than that sequence's last step: the edit made at step ``s`` is
+    evaluated after step ``s + g``. ``eval_edits`` and ``max_gap`` come from the header (:func:`sequential_rule`;
+    the paper: 5 and 5).
     """
     split = header["split"]
     ids: list[str] = []
@@ -450,12 +464,13 @@ def expected_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[Any]
         step = int(match.group(1))
         steps[item_id] = (sequence, step)
         last_step[sequence] = max(last_step.get(sequence, 0), step)
+    eval_edits, max_gap = sequential_rule(header)
     keys = []
     for item_id in ids:
         sequence, step = steps[item_id]
-        if step > SEQUENTIAL_EDITS:
+        if step > eval_edits:
             continue
-        keys.extend((item_id, gap) for gap in range(MAX_GAP + 1) if step + gap <= last_step[sequence])
+        keys.extend((item_id, gap) for gap in range(max_gap + 1) if step + gap <= last_step[sequence])
     return keys
 
 

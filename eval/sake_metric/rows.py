@@ -16,28 +16,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-DIMENSIONS = ("reliability", "generality", "locality_audio", "locality_text", "portability")
-CORRECTNESS_DIMENSIONS = ("reliability", "generality", "portability")
-CONSISTENCY_DIMENSIONS = ("locality_audio", "locality_text")
-# Allowed `type` values per dimension (generality 1-3, audio locality 1-4, others 0).
-TYPES = {
-    "reliability": (0,),
-    "generality": (1, 2, 3),
-    "locality_audio": (1, 2, 3, 4),
-    "locality_text": (0,),
-    "portability": (0,),
-}
-# Fields every row of a predictions file must carry (ARCHITECTURE.md).
-ROW_FIELDS = (
-    "kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options",
-    "reference", "pre_edit", "post_edit", "gap", "category",
-)
+# Dimensions, allowed `type` values per dimension, the fields every row carries and the modes: the protocol
+# module (a copy of sake/protocol.py, so that this evaluate module stays self-contained).
+from .protocol import CONSISTENCY_DIMENSIONS, CORRECTNESS_DIMENSIONS, DIMENSIONS, MODES, ROW_FIELDS, TYPES
+
 # Fields the metric itself needs (the evaluate module passes only these).
 METRIC_FIELDS = (
     "item_id", "dimension", "type", "attribute", "reference", "pre_edit", "post_edit", "gap", "category",
     "options",
 )
-MODES = ("single", "sequential")
 
 
 class PredictionsError(ValueError):

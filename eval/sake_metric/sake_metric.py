@@ -15,10 +15,11 @@ import evaluate
 from .degeneration import degeneration_kind
 from .llm_judge import DEFAULT_MODEL, JudgeConfig, LLMJudge, default_cache_dir
 from .matching import choose_option
+from .protocol import METRIC_KEYS
 from .rows import PredictionsError, load_predictions
 from .scoring import METRIC_VERSION, build_results, judge_rows
 
-__all__ = ["SakeMetric", "choose_option", "degeneration_kind"]
+__all__ = ["METRIC_KEYS", "SakeMetric", "choose_option", "degeneration_kind"]
 
 _CITATION = """\
 @misc{sake,

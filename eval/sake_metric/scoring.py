@@ -26,18 +26,14 @@ from typing import Any, Iterable, Mapping, Sequence
 from .degeneration import degeneration_kind
 from .llm_judge import LLMJudge, consistency_prompt, correctness_prompt
 from .matching import choose_option, exact_match, is_empty, option_index
+from .protocol import METRIC_KEYS, TYPES
 from .rows import PredictionRow
 
 logger = logging.getLogger(__name__)
 
 METRIC_VERSION = "1.0.0"
 STAGES = ("empty", "exact", "choice", "llm", "llm_failed", "undecided")
-TYPE_KEYS = {"generality": (1, 2, 3), "locality_audio": (1, 2, 3, 4)}
-METRIC_KEYS = (
-    "reliability", "generality", "generality_type1", "generality_type2", "generality_type3",
-    "locality_audio", "locality_audio_type1", "locality_audio_type2", "locality_audio_type3",
-    "locality_audio_type4", "locality_text", "portability",
-)
+TYPE_KEYS = {dim: TYPES[dim] for dim in ("generality", "locality_audio")}  # dimensions reported per type
 UNCATEGORIZED = "uncategorized"
 
 
