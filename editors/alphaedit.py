@@ -34,16 +34,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from editors.base import EditRequest, Editor, register
-from editors.data import ATTRIBUTE_CONFIGS
+from sake.atomic import atomic_write
+from sake.protocol import ATTRIBUTES
 from editors.models.base import Prompt, as_audio_array
 
 logger = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     if context.load_rows is None:
         raise ValueError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
     tables = []
-    for config in ATTRIBUTE_CONFIGS:
+    for config in ATTRIBUTES:
         try:
             tables.append((config, context.load_rows(config, "train")))
         except ValueError as exc:
@@ -63,7 +62,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     refs = [(config, table, i) for config, table, in tables for i in range(len(table))]
     if not refs:
         raise ValueError("alphaedit: the dataset has no train split to draw preserved keys from "
-                         f"(configs {list(ATTRIBUTE_CONFIGS)}, split train)")
+                         f"(configs {list(ATTRIBUTES)}, split train)")
     rng = random.Random(f"alphaedit:{seed}")
     order = list(range(len(refs)))
     rng.shuffle(order)
@@ -141,8 +140,10 @@ class AlphaEdit(Editor):
         projector = (null @ null.t()).float()
         logger.info("alphaedit: %d preserved keys from %d prompts; null space %d of %d dims (threshold %g)", count,
                     len(prompts), null.shape[1], second_moment.shape[0], threshold)
-        _atomic_save({"second_moment": second_moment.float().cpu().contiguous(),
-                      "projector": projector.cpu().contiguous()}, path)
+        from safetensors.torch import save
+
+        atomic_write(path, save({"second_moment": second_moment.float().cpu().contiguous(),
+                                 "projector": projector.cpu().contiguous()}))
         self.preserved_second_moment = second_moment.float().to(device)
         self.projector = projector.to(device)
 
@@ -241,20 +242,3 @@ class AlphaEdit(Editor):
             achieved = float((update_t.t() @ keys[:, 0]).norm() / residual.double().norm().clamp(min=1e-12))
         return {"steps": steps, "loss": target_loss, "residual_norm": float(residual.norm()),
                 "update_norm": float(update_t.norm()), "residual_fraction": achieved}
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written to a temporary file in the same folder, then renamed over ``path``."""
-    from safetensors.torch import save
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(save(tensors))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
