@@ -6,6 +6,7 @@
     sake train ...        editors.train (hypernetworks for KE / MEND)
     sake score ...        eval.score (predictions -> results JSON)
     sake report ...       eval.report (tables and plots)
+    sake agreement ...    eval.agreement (agreement and Cohen's kappa of two judgings)
     sake leaderboard ...  eval.leaderboard (validate / score / add / build)
 
 Each subcommand takes the same arguments as its module (`sake run --help` == `python -m editors.run --help`).
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("editors.train", "train a KE / MEND hypernetwork"),
     "score": ("eval.score", "score predictions into a results JSON"),
     "report": ("eval.report", "paper-style tables and plots from results"),
+    "agreement": ("eval.agreement", "agreement and Cohen's kappa of two judgings of the same predictions"),
     "leaderboard": ("eval.leaderboard.__main__", "validate, score, add and build the leaderboard"),
 }
 

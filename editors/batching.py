@@ -313,7 +313,7 @@ def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[P
                 routing.runs = runs
             new_tokens = adapter.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                                 generation_config=gen_cfg)
-            outputs.extend(s.strip() for s in adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            outputs.extend(adapter.decode_new_tokens(new_tokens, max_new_tokens))
     result, pos = [], 0
     for ps in prompts_per_edit:
         result.append(outputs[pos:pos + len(ps)])

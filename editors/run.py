@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length (default: the model family's, editors/hparams/generation.yaml: "
+                        "Qwen2-Audio 256, Audio Flamingo 3 128, DeSTA2.5 512, tiny models 32)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="prompts per generate call (0: all items of an edit in one call)")
     p.add_argument("--max-batch-tokens", type=int, default=32768,
@@ -182,6 +184,9 @@ class Runner:
                                                revision=args.revision)
         self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
                                     overrides=args.hparam)
+        if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
+            args.max_new_tokens = int(load_hparams("generation", self.adapter.family,
+                                                   tiny=self.adapter.is_tiny)["max_new_tokens"])
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
@@ -302,6 +307,8 @@ class Runner:
                 "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
+                "expected_rows": sum(u.expected_rows for u in self.all_units),
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
                 "eval_edits": a.eval_edits if sequential else None, "max_gap": a.max_gap if sequential else None,
                 "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -332,7 +339,9 @@ class Runner:
         return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
                  "options": it.options, "reference": it.reference, "pre_edit": p, "post_edit": o, "gap": gap,
-                 "category": it.category}
+                 "category": it.category,
+                 # True when the post-edit answer stopped at --max-new-tokens (it may be cut); null if unknown
+                 "post_edit_hit_limit": getattr(o, "hit_limit", None)}
                 for it, p, o in zip(items, pre, post)]
 
     def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:

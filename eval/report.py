@@ -1,21 +1,29 @@
 """Tables and plots over many scored runs, shaped like the SAKE paper's.
 
-    python -m eval.report RUN_DIR_OR_FILES... --out DIR [--judge offline|openai ...]
+    python -m eval.report RUN_DIR_OR_FILES... --out DIR [--judge offline|openai [--prefilter choice] ...]
 
-Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here with `--judge`), or folders
-(their results JSON files, searched recursively; a folder without any is searched for predictions JSONL).
-Two inputs with the same (model, method, mode) are an error.
+Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here: `--judge offline` = offline
+protocol, `--judge openai` = paper protocol), or folders (their results JSON files, searched recursively; a folder
+without any is searched for predictions JSONL). Two inputs with the same (model, method, mode, protocol) are an
+error. Every table row names the judge protocol that produced it (`paper`, `paper+choice`, `offline`; results
+written before protocols were recorded: `paper+choice` for an LLM judge, `offline` otherwise).
 
 Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md` listing them):
 - `table2_overall`            single editing, methods x metrics per model (paper Table 2);
+- `table3_portability_spread` per model, the two methods with the best portability: standard deviation (sample,
+                              n-1) and range of their portability over all knowledge categories (Table 3);
+- `table7_wall_clock`         wall-clock per method and mode from the runs' `.timing.json` (Table 7);
 - `table8_attributes`         per model: method x attribute (ALL + each) with generality / audio-locality
                               types (Tables 8-10);
 - `table11_gaps`              sequential editing, per model: method x gap (Tables 11-13);
 - `table14_portability_<attr>` portability per knowledge category, model x method (Tables 14-17);
 - `table18_degeneration`      degeneration rate (%), model x method, per mode (Table 18);
-- `judge_stages`              share of items each judge stage decided, per run;
+- `judge_stages`              share of items each judge stage decided, per run, with the requests sent;
+- `generation_limits`         post-edit outputs that stopped at `max_new_tokens` (truncated answers), per run;
 - `fig3_types_<model>.png`    generality / locality types per method (Figure 3);
-- `fig4_gaps_<model>.png`     metrics vs gap in sequential editing (Figure 4).
+- `fig4_gaps_<model>.png`     metrics vs gap in sequential editing, with the random baseline computed from the
+                              items' option counts (dashed; Figure 4);
+- `fig5_categories.png`       portability items per knowledge category, one panel per attribute (Figure 5).
 Values are percentages with two decimals; "-" where a metric has no items.
 """
 
@@ -28,6 +36,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +62,9 @@ TYPE_BARS = (("generality_type1", "Gen. T1"), ("generality_type2", "Gen. T2"), (
              ("locality_audio_type1", "Loc. T1"), ("locality_audio_type2", "Loc. T2"),
              ("locality_audio_type3", "Loc. T3"), ("locality_audio_type4", "Loc. T4"),
              ("locality_text", "Text Loc."))
+
+
+PROTOCOL_ORDER = {"paper": 0, "paper+choice": 1, "offline": 2}
 
 
 def method_label(method: str | None) -> str:
@@ -81,12 +93,25 @@ def fmt(value: Any) -> str:
     return "-" if value is None else f"{float(value):.2f}"
 
 
+def protocol_of(results: dict[str, Any]) -> str:
+    """The judge protocol of a results JSON (older results: inferred from the judge's name)."""
+    judge = results.get("judge") or {}
+    if judge.get("protocol"):
+        return str(judge["protocol"])
+    return "paper+choice" if judge.get("name") == "openai" else "offline"
+
+
 @dataclass
 class Run:
-    """One scored run and where it came from."""
+    """One scored run, where it came from, and the runner's timing (`.timing.json`) when found."""
 
     results: dict[str, Any]
     source: str
+    timing: dict[str, Any] | None = None
+
+    @property
+    def protocol(self) -> str:
+        return protocol_of(self.results)
 
     @property
     def model(self) -> str:
@@ -131,10 +156,11 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         obj = json.loads(path.read_text(encoding="utf-8"))
         if not _is_results(obj):
             raise ValueError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
-        runs.append(Run(obj, str(path)))
+        name = path.name[:-len(".results.json")] if path.name.endswith(".results.json") else path.stem
+        runs.append(Run(obj, str(path), _timing(path.with_name(name + ".jsonl"))))
 
     def add_predictions(path: Path) -> None:
-        runs.append(Run(score_predictions(path, **(score_kwargs or {})), str(path)))
+        runs.append(Run(score_predictions(path, **(score_kwargs or {})), str(path), _timing(path)))
 
     for item in inputs:
         path = Path(item)
@@ -166,15 +192,26 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             add_results(path)
         else:
             raise ValueError(f"{path}: no such file or folder")
-    seen: dict[tuple[str, str, str], str] = {}
+    seen: dict[tuple[str, str, str, str], str] = {}
     for run in runs:
-        key = (run.results.get("model") or "?", run.method, run.mode)
+        key = (run.results.get("model") or "?", run.method, run.mode, run.protocol)
         if key in seen:
-            raise ValueError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}: "
-                             f"{seen[key]} and {run.source}")
+            raise ValueError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
+                             f"{key[3]!r}: {seen[key]} and {run.source}")
         seen[key] = run.source
-    runs.sort(key=lambda r: (r.model, r.mode != "single", r.mode, method_sort_key(r.method)))
+    runs.sort(key=lambda r: (r.model, PROTOCOL_ORDER.get(r.protocol, 9), r.mode != "single", r.mode,
+                             method_sort_key(r.method)))
     return runs
+
+
+def _timing(predictions: Path) -> dict[str, Any] | None:
+    """The runner's `PREDICTIONS.jsonl.timing.json` next to a predictions file, or None."""
+    path = predictions.with_name(predictions.name + ".timing.json")
+    try:
+        timing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return timing if isinstance(timing, dict) and isinstance(timing.get("total_s"), (int, float)) else None
 
 
 # -- tables -------------------------------------------------------------------------------------------------
@@ -209,20 +246,96 @@ def _methods(runs: Iterable[Run]) -> list[str]:
     return sorted({r.method for r in runs}, key=method_sort_key)
 
 
+def _groups(runs: Iterable[Run]) -> list[tuple[str, str]]:
+    """(model, protocol) pairs in report order: numbers of different protocols never share a row."""
+    return sorted({(r.model, r.protocol) for r in runs}, key=lambda g: (g[0], PROTOCOL_ORDER.get(g[1], 9), g[1]))
+
+
 def table_overall(runs: Sequence[Run]) -> Table | None:
-    """Paper Table 2: rows (model, metric), columns methods; single editing."""
+    """Paper Table 2: rows (model, protocol, metric), columns methods; single editing."""
     single = [r for r in runs if r.mode == "single"]
     if not single:
         return None
     methods = _methods(single)
     rows = []
-    for model in _models(single):
-        by_method = {r.method: r for r in single if r.model == model}
+    for model, protocol in _groups(single):
+        by_method = {r.method: r for r in single if r.model == model and r.protocol == protocol}
         for key, label in MAIN_METRICS:
-            rows.append([model, label] + [fmt(by_method[m].metrics()[key]) if m in by_method else "-"
-                                          for m in methods])
+            rows.append([model, protocol, label] + [fmt(by_method[m].metrics()[key]) if m in by_method else "-"
+                                                    for m in methods])
     return Table("table2_overall", "Table 2: single editing, overall (%)",
-                 ["Model", "Metric"] + [method_label(m) for m in methods], rows)
+                 ["Model", "Protocol", "Metric"] + [method_label(m) for m in methods], rows)
+
+
+def _categories(run: Run) -> dict[str, float]:
+    """Portability per knowledge category over all attributes ("Attribute/Category" -> %)."""
+    out = {}
+    for attr, m in sorted((run.results["metrics"].get("per_attribute") or {}).items()):
+        for category, value in sorted((m.get("portability_by_category") or {}).items()):
+            if value is not None:
+                out[f"{attr}/{category}"] = float(value)
+    return out
+
+
+def table_portability_spread(runs: Sequence[Run]) -> Table | None:
+    """Paper Table 3: per (model, protocol), the two single-editing methods with the best overall portability;
+    standard deviation (sample, n-1, as the paper's) and range of their portability across knowledge categories
+    (every (attribute, category) pair is one category)."""
+    single = [r for r in runs if r.mode == "single" and r.metrics().get("portability") is not None]
+    rows = []
+    for model, protocol in _groups(single):
+        group = [r for r in single if r.model == model and r.protocol == protocol]
+        best = sorted(group, key=lambda r: (-float(r.metrics()["portability"]), method_sort_key(r.method)))[:2]
+        for run in best:
+            values = list(_categories(run).values())
+            std = statistics.stdev(values) if len(values) >= 2 else None
+            spread = max(values) - min(values) if values else None
+            rows.append([model, protocol, method_label(run.method), fmt(run.metrics()["portability"]),
+                         str(len(values)), fmt(std), fmt(spread)])
+    if not rows:
+        return None
+    return Table("table3_portability_spread",
+                 "Table 3: spread of portability across knowledge categories, two best methods per model (%)",
+                 ["Model", "Protocol", "Method", "Portability", "Categories", "Std.", "Range"], rows)
+
+
+def _duration(seconds: float | None) -> str:
+    """Paper style "5h 50m" for long runs; minutes and seconds, or seconds, for short ones."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes = int(round(seconds / 60))
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(round(seconds % 60)):02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def table_wall_clock(runs: Sequence[Run]) -> Table | None:
+    """Paper Table 7: wall-clock of each method's editing runs (the runner's `.timing.json`: the last
+    invocation's total; a resumed run covers only the units it ran, shown as units)."""
+    timed = [r for r in runs if r.timing is not None]
+    if not timed:
+        return None
+    rows = []
+    by_key: dict[tuple[str, str], dict[str, Run]] = {}
+    for run in timed:
+        by_key.setdefault((run.method, run.model), {}).setdefault(run.mode, run)
+    for (method, model), modes in sorted(by_key.items(), key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
+        row = [method_label(method), model]
+        for mode in ("single", "sequential"):
+            run = modes.get(mode)
+            if run is None:
+                row += ["-", "-", "-"]
+                continue
+            t = run.timing or {}
+            units = int(t.get("units") or 0)
+            row += [_duration(t.get("total_s")), str(units),
+                    f"{float(t['total_s']) / units:.2f}" if units else "-"]
+        rows.append(row)
+    return Table("table7_wall_clock", "Table 7: wall-clock time of the editing runs (runner .timing.json)",
+                 ["Method", "Model", "Single: wall-clock", "Single: units", "Single: s/unit",
+                  "Sequential: wall-clock", "Sequential: units", "Sequential: s/unit"], rows)
 
 
 def table_attributes(runs: Sequence[Run]) -> Table | None:
@@ -235,10 +348,10 @@ def table_attributes(runs: Sequence[Run]) -> Table | None:
         attributes = sorted(run.results["metrics"].get("per_attribute") or {})
         for attr in ["ALL"] + attributes:
             m = run.metrics() if attr == "ALL" else run.metrics("per_attribute", attr)
-            rows.append([run.model, method_label(run.method), attr.capitalize() if attr != "ALL" else attr]
-                        + [fmt(m.get(k)) for k, _ in ATTRIBUTE_COLUMNS])
+            rows.append([run.model, run.protocol, method_label(run.method),
+                         attr.capitalize() if attr != "ALL" else attr] + [fmt(m.get(k)) for k, _ in ATTRIBUTE_COLUMNS])
     return Table("table8_attributes", "Tables 8-10: single editing per attribute and type (%)",
-                 ["Model", "Method", "Attr."] + [label for _, label in ATTRIBUTE_COLUMNS], rows)
+                 ["Model", "Protocol", "Method", "Attr."] + [label for _, label in ATTRIBUTE_COLUMNS], rows)
 
 
 def table_gaps(runs: Sequence[Run]) -> Table | None:
@@ -250,10 +363,10 @@ def table_gaps(runs: Sequence[Run]) -> Table | None:
     for run in sequential:
         per_gap = run.results["metrics"].get("per_gap") or {}
         for gap in sorted(per_gap, key=int):
-            rows.append([run.model, method_label(run.method), gap]
+            rows.append([run.model, run.protocol, method_label(run.method), gap]
                         + [fmt(per_gap[gap].get(k)) for k, _ in MAIN_METRICS])
     return Table("table11_gaps", "Tables 11-13: sequential editing per gap (%)",
-                 ["Model", "Method", "Gap"] + [label for _, label in MAIN_METRICS], rows)
+                 ["Model", "Protocol", "Method", "Gap"] + [label for _, label in MAIN_METRICS], rows)
 
 
 def tables_portability(runs: Sequence[Run]) -> list[Table]:
@@ -270,31 +383,32 @@ def tables_portability(runs: Sequence[Run]) -> list[Table]:
         for run in single:
             by_cat = run.metrics("per_attribute", attr).get("portability_by_category") or {}
             if by_cat:
-                rows.append([run.model, method_label(run.method)] + [fmt(by_cat.get(c)) for c in categories])
+                rows.append([run.model, run.protocol, method_label(run.method)]
+                            + [fmt(by_cat.get(c)) for c in categories])
         tables.append(Table(f"table14_portability_{_slug(attr)}",
                             f"Tables 14-17: portability by knowledge category, {attr} (%)",
-                            ["Model", "Method"] + categories, rows))
+                            ["Model", "Protocol", "Method"] + categories, rows))
     return tables
 
 
 def table_degeneration(runs: Sequence[Run]) -> Table | None:
-    """Paper Table 18: degeneration rate (%), rows (model, mode), columns methods."""
+    """Paper Table 18: degeneration rate (%), rows (model, protocol, mode), columns methods."""
     if not runs:
         return None
     methods = _methods(runs)
     rows = []
-    for model in _models(runs):
+    for model, protocol in _groups(runs):
         for mode in ("single", "sequential"):
-            by_method = {r.method: r for r in runs if r.model == model and r.mode == mode}
+            by_method = {r.method: r for r in runs if r.model == model and r.mode == mode and r.protocol == protocol}
             if by_method:
-                rows.append([model, mode] + [fmt(by_method[m].results.get("degeneration_rate"))
-                                             if m in by_method else "-" for m in methods])
+                rows.append([model, protocol, mode] + [fmt(by_method[m].results.get("degeneration_rate"))
+                                                       if m in by_method else "-" for m in methods])
     return Table("table18_degeneration", "Table 18: degeneration rate of post-edit outputs (%)",
-                 ["Model", "Mode"] + [method_label(m) for m in methods], rows)
+                 ["Model", "Protocol", "Mode"] + [method_label(m) for m in methods], rows)
 
 
 def table_judge(runs: Sequence[Run]) -> Table | None:
-    """Share of items each judge stage decided, per run."""
+    """Share of items each judge stage decided, per run, and the judge requests sent."""
     if not runs:
         return None
     stages: list[str] = []
@@ -302,11 +416,30 @@ def table_judge(runs: Sequence[Run]) -> Table | None:
         for stage in run.results["judge"].get("stage_share", {}):
             if stage not in stages:
                 stages.append(stage)
-    rows = [[run.model, method_label(run.method), run.mode, run.results["judge"].get("name") or "?"]
-            + [f"{100 * run.results['judge']['stage_share'].get(s, 0.0):.2f}" for s in stages]
-            for run in runs]
-    return Table("judge_stages", "Judge: share of items decided by each stage (%)",
-                 ["Model", "Method", "Mode", "Judge"] + stages, rows)
+    rows = []
+    for run in runs:
+        judge = run.results["judge"]
+        sent = judge.get("requests_sent", judge.get("llm_calls"))
+        rows.append([run.model, method_label(run.method), run.mode, run.protocol, judge.get("model") or "-"]
+                    + [f"{100 * judge['stage_share'].get(s, 0.0):.2f}" for s in stages]
+                    + ["-" if sent is None else str(sent)])
+    return Table("judge_stages", "Judge: protocol and share of items decided by each stage (%)",
+                 ["Model", "Method", "Mode", "Protocol", "Judge model"] + stages + ["Requests sent"], rows)
+
+
+def table_generation(runs: Sequence[Run]) -> Table | None:
+    """Post-edit outputs that stopped at max_new_tokens (their answer may be cut), per run."""
+    rows = []
+    for run in runs:
+        gen = run.results.get("generation") or {}
+        hit = gen.get("hit_max_new_tokens")
+        rows.append([run.model, method_label(run.method), run.mode, str(gen.get("max_new_tokens") or "-"),
+                     "-" if hit is None else str(hit), str(run.results.get("n_rows") or 0),
+                     "-" if hit is None else fmt(100.0 * hit / max(1, int(run.results.get("n_rows") or 0)))])
+    if not rows:
+        return None
+    return Table("generation_limits", "Outputs that stopped at max_new_tokens (truncated answers)",
+                 ["Model", "Method", "Mode", "max_new_tokens", "At the limit", "Rows", "At the limit (%)"], rows)
 
 
 # -- plots --------------------------------------------------------------------------------------------------
@@ -314,7 +447,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def plot_types(runs: Sequence[Run], model: str, path: Path) -> None:
+def plot_types(runs: Sequence[Run], model: str, path: Path, protocol: str = "") -> None:
     """Figure 3: grouped bars of generality / locality types, one bar per method."""
     import matplotlib
 
@@ -332,15 +465,28 @@ def plot_types(runs: Sequence[Run], model: str, path: Path) -> None:
     ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
-    ax.set_title(f"{model}: generality and locality by type (single editing)")
+    ax.set_title(f"{model}: generality and locality by type (single editing{', ' + protocol if protocol else ''})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
 
 
-def plot_gaps(runs: Sequence[Run], model: str, path: Path) -> None:
-    """Figure 4: one panel per metric, value vs gap, one line per method."""
+def random_baseline(runs: Sequence[Run], key: str) -> float | None:
+    """Item-weighted random baseline (%) of a dimension over runs: from each run's `random_baseline`
+    (the mean of 100 / number of options over its items), weighted by its item counts."""
+    total = weight = 0.0
+    for run in runs:
+        value = (run.results.get("random_baseline") or {}).get(key)
+        n = (run.results.get("counts") or {}).get("overall", {}).get(key) or 0
+        if value is not None and n:
+            total += float(value) * n
+            weight += n
+    return total / weight if weight else None
+
+
+def plot_gaps(runs: Sequence[Run], model: str, path: Path, protocol: str = "") -> None:
+    """Figure 4: one panel per metric, value vs gap, one line per method; dashed: the random baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,12 +501,57 @@ def plot_gaps(runs: Sequence[Run], model: str, path: Path) -> None:
             points = [(int(g), per_gap[g].get(key)) for g in gaps if per_gap[g].get(key) is not None]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method_label(run.method))
+        baseline = random_baseline(sequential, key)
+        if baseline is not None:
+            ax.axhline(baseline, color="grey", linestyle="--", linewidth=1,
+                       label=f"random ({baseline:.1f}%)")
+            ax.text(0.02, baseline + 1.5, f"random {baseline:.1f}%", transform=ax.get_yaxis_transform(),
+                    fontsize=7, color="grey")
         ax.set_title(label)
         ax.set_xlabel("gap")
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("%")
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"{model}: sequential editing")
+    fig.suptitle(f"{model}: sequential editing{' (' + protocol + ' protocol)' if protocol else ''}")
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def category_counts(runs: Sequence[Run]) -> dict[str, dict[str, int]]:
+    """Portability items per knowledge category per attribute (from the single-editing run with most items)."""
+    best: dict[str, dict[str, int]] = {}
+    for run in runs:
+        if run.mode != "single":
+            continue
+        for attr, counts in sorted(((run.results.get("counts") or {}).get("per_attribute") or {}).items()):
+            by_cat = {c: int(n) for c, n in (counts.get("portability_by_category") or {}).items() if n}
+            if sum(by_cat.values()) > sum(best.get(attr, {}).values()):
+                best[attr] = dict(sorted(by_cat.items()))
+    return best
+
+
+def plot_categories(counts: dict[str, dict[str, int]], path: Path) -> None:
+    """Figure 5: the knowledge categories of the portability items, one panel per attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attrs = list(counts)
+    fig, axes = plt.subplots(1, len(attrs), figsize=(3.4 * len(attrs), 3.4), squeeze=False)
+    for ax, attr in zip(axes[0], attrs):
+        cats = counts[attr]
+        total = sum(cats.values())
+        ax.barh(list(cats), list(cats.values()), color="tab:blue")
+        for y, n in enumerate(cats.values()):
+            ax.text(n, y, f" {100 * n / total:.0f}%", va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{attr} ({total} items)")
+        ax.set_xlabel("portability items")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlim(0, max(cats.values()) * 1.3)
+    fig.suptitle("Portability items per knowledge category")
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -378,27 +569,40 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
     """Write every table (md + csv) and plot for `runs` into `out_dir`; return the written paths."""
     out = Path(out_dir)
     written: list[Path] = []
-    tables = [t for t in [table_overall(runs), table_attributes(runs), table_gaps(runs)] if t is not None]
+    tables = [t for t in [table_overall(runs), table_portability_spread(runs), table_wall_clock(runs),
+                          table_attributes(runs), table_gaps(runs)] if t is not None]
     tables += tables_portability(runs)
-    tables += [t for t in [table_degeneration(runs), table_judge(runs)] if t is not None]
+    tables += [t for t in [table_degeneration(runs), table_judge(runs), table_generation(runs)] if t is not None]
     for table in tables:
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = out / f"{table.name}{suffix}"
             atomic_write(path, text)
             written.append(path)
     figures = []
-    for model in _models(runs):
-        if any(r.mode == "single" and r.model == model for r in runs):
-            path = out / f"fig3_types_{_slug(model)}.png"
-            plot_types(runs, model, path)
+    groups = _groups(runs)
+    for model, protocol in groups:
+        in_group = [r for r in runs if r.model == model and r.protocol == protocol]
+        # one protocol per model (the usual case): plain names; several: the protocol in the name
+        name = _slug(model) + ("" if sum(g[0] == model for g in groups) == 1 else f"_{_slug(protocol)}")
+        if any(r.mode == "single" for r in in_group):
+            path = out / f"fig3_types_{name}.png"
+            plot_types(in_group, model, path, protocol)
             figures.append(path)
-        if any(r.mode == "sequential" and r.model == model for r in runs):
-            path = out / f"fig4_gaps_{_slug(model)}.png"
-            plot_gaps(runs, model, path)
+        if any(r.mode == "sequential" for r in in_group):
+            path = out / f"fig4_gaps_{name}.png"
+            plot_gaps(in_group, model, path, protocol)
             figures.append(path)
+    counts = category_counts(runs)
+    if counts:
+        path = out / "fig5_categories.png"
+        plot_categories(counts, path)
+        figures.append(path)
     written += figures
-    index = ["# SAKE report", "", "Runs: " + ", ".join(f"{r.model}/{method_label(r.method)}/{r.mode}"
-                                                        for r in runs), ""]
+    index = ["# SAKE report", "",
+             "Runs: " + ", ".join(f"{r.model}/{method_label(r.method)}/{r.mode} ({r.protocol})" for r in runs), "",
+             "Protocols: `paper` = empty -> exact -> LLM judge (the paper's App. E); `paper+choice` = the same with "
+             "the multiple-choice matcher before the LLM; `offline` = empty -> exact -> choice, undecided items "
+             "counted wrong (no LLM).", ""]
     index += [t.markdown() for t in tables]
     index += [f"![{p.stem}]({p.name})\n" for p in figures]
     index_path = out / "index.md"
@@ -413,7 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--judge", choices=("offline", "openai"), default="offline",
-                   help="judge for predictions JSONL inputs (default: %(default)s)")
+                   help="judge for predictions JSONL inputs: offline protocol, or openai = the paper protocol "
+                        "(default: %(default)s)")
+    p.add_argument("--prefilter", choices=("choice",), default=None,
+                   help="with --judge openai: the choice matcher decides first (protocol paper+choice)")
     p.add_argument("--model", default=None, help="judge model for --judge openai")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for --judge openai")
     p.add_argument("--cache-dir", default=None, help="judge verdict cache")
@@ -421,14 +628,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    score_kwargs: dict[str, Any] = {"judge": args.judge, "base_url": args.base_url, "cache_dir": args.cache_dir}
+    score_kwargs: dict[str, Any] = {"judge": args.judge, "prefilter": args.prefilter, "base_url": args.base_url,
+                                    "cache_dir": args.cache_dir}
     if args.model:
         score_kwargs["model"] = args.model
+    from eval.sake_metric.llm_judge import JudgeError
+    from eval.sake_metric.scoring import JudgeFailures
+
     try:
         runs = load_runs(args.inputs, score_kwargs)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (JudgeError, JudgeFailures) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     written = write_report(runs, args.out)
     print(f"wrote {len(written)} files to {args.out} from {len(runs)} run(s)")
     return 0

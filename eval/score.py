@@ -2,24 +2,37 @@
 
 Python API (stable; the leaderboard calls it):
 
-    score_predictions(predictions, *, judge="offline", header=None, model=DEFAULT_MODEL, base_url=None,
-                      cache_dir=None, max_workers=8, batch=False, batch_state=None,
-                      reasoning_effort="minimal", items_out=None) -> dict
+    score_predictions(predictions, *, protocol=None, prefilter=None, judge=None, manifest=None, max_failed=0,
+                      header=None, model=DEFAULT_MODEL, base_url=None, cache_dir=None, max_workers=8,
+                      batch=False, batch_state=None, reasoning_effort="minimal", max_retries=5,
+                      retry_backoff=1.0, items_out=None) -> dict
 
-    predictions: path of a predictions JSONL (header line + rows, ARCHITECTURE.md) or an iterable of row
-                 dicts (optionally starting with a `kind: header` dict).
-    judge:       "offline" (stages empty / exact / choice; undecided items count as incorrect/inconsistent
-                 and are reported as the `undecided` share), "openai" (then the LLM judge with `model`,
-                 `base_url`, `cache_dir`, ...), or a ready `eval.sake_metric.llm_judge.LLMJudge`.
+    predictions: path of a predictions JSONL (header line + rows, ARCHITECTURE.md; read by the strict reader
+                 `eval.sake_metric.predictions_file`) or an iterable of row dicts (optionally starting with a
+                 `kind: header` dict).
+    protocol:    "paper" (App. E: empty -> exact -> LLM judge with `model`, `base_url`, `cache_dir`, ...) or
+                 "offline" (empty -> exact -> choice; undecided items count as incorrect/inconsistent).
+                 Default: "paper" when `judge` is "openai" or an `LLMJudge`, else "offline".
+    prefilter:   None, or "choice" (paper protocol only): the multiple-choice matcher decides before the LLM
+                 where it can; recorded as protocol "paper+choice".
+    judge:       kept for older callers: "offline", "openai" (= protocol "paper") or a ready `LLMJudge`.
+    manifest:    a release manifest dict or path (`sake_manifest.json` or its folder): the rows must cover
+                 exactly its item keys for the run's configs/split/mode/limit. Default: the manifest of the
+                 header's dataset folder when it exists here with the same fingerprint, else no such check.
+    max_failed:  items allowed to stay without a well-formed LLM verdict (counted wrong and listed); more
+                 raise `JudgeFailures` naming the count and the first item id.
     header:      overrides the file's header (model, method, mode, dataset_fingerprint, versions, date).
     items_out:   optional path: write one JSON line per item (item_id, gap, stage, passed, degeneration).
-    returns:     the results JSON dict (ARCHITECTURE.md "Results JSON"); raises
-                 `eval.sake_metric.rows.PredictionsError` (a ValueError) on bad input, naming line and field.
+    returns:     the results JSON dict (ARCHITECTURE.md "Results JSON", `judge.protocol` included).
+    raises:      `PredictionsError` (bad input), `JudgeError` (no key, key refused, server unreachable,
+                 retries exhausted), `JudgeFailures` -- each with a one-line message.
 
 CLI:
-    python -m eval.score PREDICTIONS.jsonl [--judge offline|openai] [--base-url URL] [--model M]
-                         [--out results.json] [--cache-dir DIR] [--batch --batch-state FILE] [--items-out F]
+    python -m eval.score PREDICTIONS.jsonl [--judge offline|openai] [--prefilter choice] [--max-failed N]
+                         [--base-url URL] [--model M] [--manifest DIR] [--out results.json] [--cache-dir DIR]
+                         [--batch --batch-state FILE] [--items-out F]
 
+Exit status: 0 written; 2 bad input; 3 judge error or too many failed items (nothing written).
 No torch, no evaluate: this imports only the metric's own modules.
 """
 
@@ -33,21 +46,23 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from eval.sake_metric.llm_judge import DEFAULT_MODEL, JudgeConfig, LLMJudge, default_cache_dir
+from eval.sake_metric.llm_judge import DEFAULT_MODEL, JudgeConfig, JudgeError, LLMJudge, default_cache_dir
+from eval.sake_metric.predictions_file import check_complete, load_manifest, manifest_for
 from eval.sake_metric.rows import PredictionsError, load_predictions
-from eval.sake_metric.scoring import build_results, judge_rows
+from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
 from sake.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_predictions", "make_judge", "write_json_atomic", "PredictionsError", "main"]
+__all__ = ["score_predictions", "make_judge", "write_json_atomic", "PredictionsError", "JudgeError",
+           "JudgeFailures", "resolve_protocol", "main"]
 
 
 def make_judge(
     judge: str | LLMJudge = "offline", *, model: str = DEFAULT_MODEL, base_url: str | None = None,
     cache_dir: str | os.PathLike | None = None, max_workers: int = 8, batch: bool = False,
     batch_state: str | os.PathLike | None = None, reasoning_effort: str | None = "minimal",
-    max_retries: int = 5, seed: int = 0,
+    max_retries: int = 5, seed: int = 0, retry_backoff: float = 1.0,
 ) -> str | LLMJudge:
     """"offline" stays a string; "openai" becomes an `LLMJudge` with these settings; a judge passes through."""
     if isinstance(judge, LLMJudge):
@@ -57,10 +72,25 @@ def make_judge(
     if judge != "openai":
         raise ValueError(f"judge must be 'offline' or 'openai', got {judge!r}")
     config = JudgeConfig(model=model, base_url=base_url, seed=seed, reasoning_effort=reasoning_effort,
-                         max_workers=max_workers, max_retries=max_retries,
+                         max_workers=max_workers, max_retries=max_retries, retry_backoff=retry_backoff,
                          cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
                          batch=batch, batch_state=batch_state)
     return LLMJudge(config)
+
+
+def resolve_protocol(protocol: str | None, judge: str | LLMJudge | None) -> tuple[str, str | LLMJudge]:
+    """(protocol, judge) from what a caller gave: the protocol wins; "paper" needs an LLM judge."""
+    uses_llm = isinstance(judge, LLMJudge) or judge == "openai"
+    if protocol is None:
+        protocol = "paper" if uses_llm else "offline"
+    protocol_name(protocol)
+    if protocol == "paper":
+        if judge == "offline":
+            raise ValueError("protocol 'paper' needs the LLM judge; judge='offline' contradicts it")
+        return protocol, judge if uses_llm else "openai"
+    if uses_llm:
+        raise ValueError("protocol 'offline' uses no LLM judge; drop judge='openai' or use protocol='paper'")
+    return protocol, "offline"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -73,28 +103,52 @@ def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any
 
 
 def score_predictions(
-    predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, judge: str | LLMJudge = "offline",
+    predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, protocol: str | None = None,
+    prefilter: str | None = None, judge: str | LLMJudge | None = None,
+    manifest: Mapping[str, Any] | str | os.PathLike | None = None, max_failed: int = 0,
     header: Mapping[str, Any] | None = None, model: str = DEFAULT_MODEL, base_url: str | None = None,
     cache_dir: str | os.PathLike | None = None, max_workers: int = 8, batch: bool = False,
     batch_state: str | os.PathLike | None = None, reasoning_effort: str | None = "minimal",
-    items_out: str | os.PathLike | None = None,
+    max_retries: int = 5, retry_backoff: float = 1.0, items_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Validate, judge and aggregate predictions; return the results JSON dict (see module doc)."""
-    file_header, rows = load_predictions(predictions, header=header)
+    """Validate, judge and aggregate predictions under a protocol; return the results JSON dict (module doc)."""
+    protocol, judge = resolve_protocol(protocol, judge)
+    name = protocol_name(protocol, prefilter)
+    if isinstance(manifest, (str, os.PathLike)):
+        manifest = load_manifest(manifest)
+    file_header, rows = load_predictions(predictions, header=header, manifest=manifest)
+    if manifest is None and isinstance(predictions, (str, os.PathLike)) and file_header:
+        found = manifest_for(file_header)
+        if found is not None:  # the run's own dataset folder is here: a file missing items is refused
+            check_complete(file_header, [(i + 2, {"item_id": r.item_id, "gap": r.gap}) for i, r in enumerate(rows)],
+                           source=os.fspath(predictions), manifest=found)
     the_judge = make_judge(judge, model=model, base_url=base_url, cache_dir=cache_dir, max_workers=max_workers,
-                           batch=batch, batch_state=batch_state, reasoning_effort=reasoning_effort)
-    verdicts = judge_rows(rows, the_judge)
+                           batch=batch, batch_state=batch_state, reasoning_effort=reasoning_effort,
+                           max_retries=max_retries, retry_backoff=retry_backoff)
+    verdicts = judge_rows(rows, the_judge, protocol=protocol, prefilter=prefilter)
+    check_failures(verdicts, max_failed)
     if items_out is not None:
         _write_jsonl_atomic(items_out, (v.as_dict() for v in verdicts))
-    return build_results(file_header, verdicts, the_judge)
+    return build_results(file_header, verdicts, the_judge, name)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")
     p.add_argument("--judge", choices=("offline", "openai"), default="offline",
-                   help="offline: deterministic stages only (undecided -> incorrect); openai: + LLM judge")
+                   help="offline: offline protocol (empty -> exact -> choice; undecided -> incorrect); "
+                        "openai: the paper protocol (empty -> exact -> LLM judge, App. E)")
+    p.add_argument("--prefilter", choices=("choice",), default=None,
+                   help="with --judge openai: let the multiple-choice matcher decide before the LLM where it can "
+                        "(protocol 'paper+choice'; fewer requests, not the paper's protocol)")
+    p.add_argument("--max-failed", type=int, default=0, metavar="N",
+                   help="items allowed to stay without a well-formed LLM verdict (counted wrong, listed); more "
+                        "make the command fail without writing results (default: %(default)s)")
+    p.add_argument("--manifest", default=None,
+                   help="dataset manifest (sake_manifest.json or its folder): refuse a file missing any of its "
+                        "items (default: the header's dataset folder when present here)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="judge model (default: %(default)s)")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: the OpenAI API)")
     p.add_argument("--reasoning-effort", default="minimal",
@@ -102,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="verdict cache directory (default: $SAKE_JUDGE_CACHE "
                    "or ~/.cache/sake/judge)")
     p.add_argument("--max-workers", type=int, default=8, help="concurrent judge requests (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="retries of a request refused with 429/5xx or lost (default: %(default)s)")
+    p.add_argument("--retry-backoff", type=float, default=1.0,
+                   help="first retry delay in seconds, doubled each retry (default: %(default)s)")
     p.add_argument("--batch", action="store_true", help="use the Batch API (submit, poll, collect)")
     p.add_argument("--batch-state", default=None, help="batch state file for resuming (default: OUT.batch.json)")
     p.add_argument("--out", default=None, help="results JSON path (default: PREDICTIONS with .results.json)")
@@ -121,23 +179,38 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.prefilter and args.judge != "openai":
+        print("error: --prefilter choice applies to the paper protocol (--judge openai); the offline protocol "
+              "already ends with the choice stage", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else default_results_path(args.predictions)
     batch_state = args.batch_state or (str(out) + ".batch.json" if args.batch else None)
     effort = None if args.reasoning_effort.lower() == "none" else args.reasoning_effort
     try:
-        results = score_predictions(args.predictions, judge=args.judge, model=args.model, base_url=args.base_url,
-                                    cache_dir=args.cache_dir, max_workers=args.max_workers, batch=args.batch,
-                                    batch_state=batch_state, reasoning_effort=effort, items_out=args.items_out)
+        results = score_predictions(args.predictions, judge=args.judge, prefilter=args.prefilter,
+                                    max_failed=args.max_failed, manifest=args.manifest, model=args.model,
+                                    base_url=args.base_url, cache_dir=args.cache_dir, max_workers=args.max_workers,
+                                    batch=args.batch, batch_state=batch_state, reasoning_effort=effort,
+                                    max_retries=args.max_retries, retry_backoff=args.retry_backoff,
+                                    items_out=args.items_out)
     except PredictionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (JudgeError, JudgeFailures) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     write_json_atomic(out, results)
     overall = results["metrics"]["overall"]
     summary = ", ".join(f"{k}={overall[k]:.2f}" for k in ("reliability", "generality", "locality_audio",
                                                             "locality_text", "portability")
                         if overall.get(k) is not None)
     shares = ", ".join(f"{k}={v:.3f}" for k, v in results["judge"]["stage_share"].items() if v)
-    print(f"wrote {out}: {summary}; judge stages: {shares}; degeneration={results['degeneration_rate']}")
+    judge = results["judge"]
+    sent = f"; {judge['requests_sent']} request(s) sent" if "requests_sent" in judge else ""
+    hit = results["generation"]["hit_max_new_tokens"]
+    print(f"wrote {out} ({judge['protocol']} protocol): {summary}; judge stages: {shares}{sent}; "
+          f"degeneration={results['degeneration_rate']}"
+          + (f"; {hit} output(s) stopped at max_new_tokens" if hit else ""))
     return 0
 
 

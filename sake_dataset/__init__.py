@@ -3,9 +3,9 @@
     from sake_dataset import build, build_demo, ATTRIBUTES, LABELS, features, item_kinds
 """
 
-from .sake import (ATTRIBUTES, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS, LABELS, SPLITS, ConstructionError,
-                   expected_kinds, features, item_kinds, item_rows)
-from .records import SourceError
+from .labels import ATTRIBUTES, LABELS
+from .records import ConstructionError, SourceError
+from .schema import CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS, SPLITS, expected_kinds, features, item_kinds, item_rows
 
 
 def build(*args, **kwargs):

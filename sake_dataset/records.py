@@ -1,7 +1,7 @@
 """Normalized source records: what every reader in `sake_dataset.sources` returns.
 
 A reader turns one source layout (SAKURA, Dynamic-SUPERB, MMLU, a labelled-audio pool) into these plain, frozen
-records; the builder (`sake_dataset.sake`) only ever sees records, never files or source layouts.
+records; the builder (`sake_dataset.construction`) only ever sees records, never files or source layouts.
 """
 
 from __future__ import annotations
@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 class SourceError(ValueError):
     """A source does not have the expected layout; the message names the file, the field and what was expected."""
+
+
+class ConstructionError(ValueError):
+    """The sources or the requested sizes cannot satisfy a construction rule (message says which and why)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class LabelledClip:
     answer: str = ""
     multi_question: str = ""
     multi_answer: str = ""
+    multi_category: str = ""  # knowledge category of the multi-hop question when the source names it
 
 
 @dataclass(frozen=True)

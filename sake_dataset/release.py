@@ -18,11 +18,13 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm.auto import tqdm
 
-from .audio import encode_wav_16k
 from sake.atomic import atomic_write
 
+from .audio import encode_wav_16k
+from .portability import MULTI_HOP_MARK, ORIGIN_CURATED, ORIGIN_SAKURA
 from .records import AudioRef
-from .sake import ATTRIBUTES, CONFIGS, DIMENSION_OF_KIND, SPLITS, features, item_rows
+from .labels import ATTRIBUTES
+from .schema import CONFIGS, DIMENSION_OF_KIND, SPLITS, features, item_rows
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,35 @@ def dimension_stats(rows: Iterable[dict[str, Any]], encoder: AudioEncoder) -> di
             for name, _, _ in DIMENSION_ROWS}
 
 
+GUESS_DIMENSIONS: tuple[tuple[str, str, int | None], ...] = tuple(
+    (name, dim, t) for name, dim, t in DIMENSION_ROWS if t is None)
+
+
+def guess_baseline(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Random-guess accuracy per dimension: the mean of 1 / (number of options) over the items that have options
+    (percent), and how many items have none (free-form answers, e.g. some Dynamic-SUPERB tasks)."""
+    inverse: dict[str, list[float]] = {dim: [] for _, dim, _ in GUESS_DIMENSIONS}
+    free: dict[str, int] = {dim: 0 for _, dim, _ in GUESS_DIMENSIONS}
+    for row in rows:
+        for item in item_rows(row):
+            dim = DIMENSION_OF_KIND[item["id"].rsplit("/", 1)[1]]
+            if item["options"]:
+                inverse[dim].append(1.0 / len(item["options"]))
+            else:
+                free[dim] += 1
+    return {dim: {"percent": 100.0 * sum(v) / len(v) if v else None, "items": len(v), "free_form": free[dim]}
+            for dim, v in inverse.items()}
+
+
+def portability_origins(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Portability items by where their question came from: SAKURA's multi-hop questions or the curated file."""
+    counts = {ORIGIN_SAKURA: 0, ORIGIN_CURATED: 0}
+    for row in rows:
+        for item in row["portability"]:
+            counts[ORIGIN_SAKURA if MULTI_HOP_MARK in item["source"] else ORIGIN_CURATED] += 1
+    return counts
+
+
 def provenance(rows_by_config: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
     """Distinct audio clips per attribute config and origin (the prefix of an item's `source`)."""
     out: dict[str, dict[str, int]] = {}
@@ -142,18 +173,24 @@ def _fmt(stat, digits: int, extreme_digits: int) -> str:
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
-    """Markdown tables shaped like paper Tables 1, 4 and 5 (+ sequential counts and provenance)."""
-    lines = ["### Composition (paper Table 1; single-editing configs, items counted per QA pair)", "",
+    """Markdown tables shaped like paper Tables 1, 4 and 5 (+ sequential counts, random-guess baseline, portability
+    origins, Dynamic-SUPERB task screening and provenance), for the splits of this build."""
+    built = [s for s in ("train", "test") if s in stats["splits"]]
+    lines = ["### Splits", "", "This build holds the split(s): " + ", ".join(f"`{s}`" for s in built) + "."
+             + (" A test-only build: methods that learn from the train split (KE/MEND training, IE-IKE "
+                "demonstrations, UnKE/WISE preservation data drawn from train) need a build with both splits."
+                if built == ["test"] else ""), "",
+             "### Composition (paper Table 1; single-editing configs, items counted per QA pair)", "",
              "| Split | # Instances | # Speech/Audio Inputs | # QA Pairs |", "|---|---:|---:|---:|"]
-    for split in ("train", "test"):
+    for split in built:
         n = stats["totals"][split]
         lines.append(f"| {split.capitalize()} | {n[0]:,} | {n[1]:,} | {n[2]:,} |")
     lines += ["", "Sequential config (§4.2): " + ", ".join(
         f"{split}: {stats['sequential'][split]['sequences']} sequences × {stats['sequential'][split]['length']} "
-        f"edits = {stats['sequential'][split]['rows']} rows" for split in ("train", "test")), ""]
+        f"edits = {stats['sequential'][split]['rows']} rows" for split in built), ""]
     for key, title, extreme in (("duration", "Audio duration in seconds (paper Table 4)", 2),
                                 ("text_length", "Question length in words (paper Table 5)", 0)):
-        for split in ("test", "train"):
+        for split in [s for s in ("test", "train") if s in built]:
             lines += [f"### {title}: {split}", "", "| Metric | Avg. | Min. | Max. | Std. |",
                       "|---|---:|---:|---:|---:|"]
             for name, _, _ in DIMENSION_ROWS:
@@ -164,10 +201,45 @@ def stats_markdown(stats: dict[str, Any]) -> str:
                     continue
                 lines.append(f"| {name} {_fmt(stat, 2, extreme)}")
             lines.append("")
+    if stats.get("guess_baseline"):
+        lines += ["### Random-guess baseline (percent: mean of 1 / number of options over the items)", "",
+                  "| Split | " + " | ".join(name for name, _, _ in GUESS_DIMENSIONS) + " |",
+                  "|---|" + "---:|" * len(GUESS_DIMENSIONS)]
+        notes = []
+        for split in built:
+            cells = []
+            for name, dim, _ in GUESS_DIMENSIONS:
+                g = stats["guess_baseline"][split][dim]
+                cells.append("–" if g["percent"] is None else f"{g['percent']:.2f}")
+                if g["free_form"]:
+                    notes.append(f"{split} {name.lower()}: {g['free_form']} free-form item(s) without options left "
+                                 "out")
+            lines.append(f"| {split.capitalize()} | " + " | ".join(cells) + " |")
+        lines += ([""] + [f"- {n}" for n in notes] if notes else []) + [""]
+    if stats.get("portability_origins"):
+        lines += ["### Portability questions by origin", "", "| Split | SAKURA multi-hop | curated knowledge file |",
+                  "|---|---:|---:|"]
+        for split in built:
+            o = stats["portability_origins"][split]
+            lines.append(f"| {split.capitalize()} | {o[ORIGIN_SAKURA]} | {o[ORIGIN_CURATED]} |")
+        lines.append("")
+    if stats.get("dsuperb") is not None:
+        d = stats["dsuperb"]
+        lines += ["### Dynamic-SUPERB tasks (audio locality type 4)", "",
+                  f"{d['tasks']} tasks read; the attributes each task is about come from the task table "
+                  "(`sake_dataset/dsuperb_tasks.yaml`)."]
+        if d["unlisted"]:
+            verdict = ("admitted to type-4 pools by the build flag, excluded where their keyword guess names the edited "
+                       "attribute" if d["allow_unlisted"] else "left out of every type-4 pool")
+            lines += [f"Tasks missing from the table ({verdict}; keyword guess in brackets):", ""]
+            lines += [f"- `{t}` [{', '.join(a) or 'none'}]" for t, a in d["unlisted"].items()]
+        else:
+            lines.append("Every task is in the table.")
+        lines.append("")
     lines += ["### Provenance (distinct audio clips per source)", "",
               "| Split | Config | " + " | ".join(stats["origins"]) + " |",
               "|---|---|" + "---:|" * len(stats["origins"])]
-    for split in ("train", "test"):
+    for split in built:
         for config in ATTRIBUTES:
             counts = stats["provenance"][split].get(config, {})
             cells = " | ".join(str(counts.get(o, 0)) for o in stats["origins"])
@@ -179,15 +251,17 @@ def stats_markdown(stats: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------- card
 
 def card_yaml(num_examples: dict[str, dict[str, int]], num_bytes: dict[str, dict[str, int]]) -> str:
-    """The YAML header: `configs:` with data_files and `dataset_info` (features, splits) per config."""
+    """The YAML header: `configs:` with data_files and `dataset_info` (features, splits) per config; only the
+    splits present in `num_examples` are listed."""
     configs, infos = [], []
     for config in CONFIGS:
+        splits = [s for s in SPLITS if s in num_examples[config]]
         configs.append({"config_name": config, "data_files": [
-            {"split": split, "path": parquet_path(config, split)} for split in SPLITS]})
+            {"split": split, "path": parquet_path(config, split)} for split in splits]})
         infos.append({"config_name": config,
                       "features": features(sequential=config == "sequential")._to_yaml_list(),
                       "splits": [{"name": split, "num_bytes": num_bytes[config][split],
-                                  "num_examples": num_examples[config][split]} for split in SPLITS]})
+                                  "num_examples": num_examples[config][split]} for split in splits]})
     return yaml.safe_dump({"configs": configs, "dataset_info": infos}, sort_keys=False, allow_unicode=True).strip()
 
 
@@ -201,15 +275,17 @@ def render_card(template: str, header_yaml: str, stats_md: str, demo: bool, sour
             .replace("{{AUDIO_NOTE}}", note).replace("{{SOURCES}}", sources_md).replace("{{LICENSES}}", licenses_md))
 
 
-def write_manifest(out: Path, seed: int, sources: dict[str, Any], item_ids: dict[str, dict[str, list[str]]]) -> dict:
-    """`sake_manifest.json` (ARCHITECTURE.md): file hashes of the Parquet files, fingerprint, item ids."""
+def write_manifest(out: Path, seed: int, sources: dict[str, Any], item_ids: dict[str, dict[str, list[str]]],
+                   splits: Sequence[str] = SPLITS) -> dict:
+    """`sake_manifest.json` (ARCHITECTURE.md): the splits built, file hashes of the Parquet files, fingerprint,
+    item ids."""
     files = {}
     for config in CONFIGS:
-        for split in SPLITS:
+        for split in splits:
             rel = parquet_path(config, split)
             files[rel] = sha256_file(out / rel)
     fingerprint = hashlib.sha256("\n".join(f"{p}:{h}" for p, h in sorted(files.items())).encode()).hexdigest()
-    manifest = {"format": 1, "seed": seed, "sources": sources, "files": files, "fingerprint": fingerprint,
-                "item_ids": item_ids}
+    manifest = {"format": 1, "seed": seed, "splits": [s for s in SPLITS if s in splits], "sources": sources,
+                "files": files, "fingerprint": fingerprint, "item_ids": item_ids}
     atomic_write(out / "sake_manifest.json", json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest

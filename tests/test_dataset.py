@@ -288,7 +288,8 @@ def _fake_records(per_label: int):
     clips = [LabelledClip(a, label, ref(f"{a}/{label}/{i}"), f"sakura:{a}/{label}_{i}.wav", "sakura")
              for a in ATTRIBUTES for label in LABELS[a] for i in range(per_label)]
     tasks = [TaskClip(task, "Answer yes or no.", "yes", ref(f"{task}/{i}"), f"dsuperb:{task}/{i}")
-             for task in ("NoiseDetection", "SpeakerCounting", "EmotionRecognition") for i in range(200)]
+             for task in ("NoiseDetection_LJSpeech_MUSAN-Gaussian", "SpeakerCounting_LibriTTS-TestClean",
+                          "EmotionRecognition_MultimodalEmotionlinesDataset") for i in range(200)]
     texts = [TextQuestion("math", f"What is {i}+1?", (str(i + 1), str(i), "x", "y"), 0, f"mmlu:math/{i}")
              for i in range(500)]
     return clips, tasks, texts
@@ -304,7 +305,7 @@ def test_paper_size_construction_reproduces_table1():
     assert count_totals(r for a in ATTRIBUTES for r in rows[a]["test"]) == (1200, 10500, 11700)
     assert count_totals(r for a in ATTRIBUTES for r in rows[a]["train"]) == (4000, 31000, 35000)
     assert len(rows["sequential"]["test"]) == 100 and len(rows["sequential"]["train"]) == 100
-    assert all(r["locality_audio"][-1]["attribute"] != "dsuperb:EmotionRecognition"
+    assert all(r["locality_audio"][-1]["attribute"] != "dsuperb:EmotionRecognition_MultimodalEmotionlinesDataset"
                for r in rows["emotion"]["test"])
 
 

@@ -67,7 +67,7 @@ def _check_demo(sake_cli, argv, out, readme, capsys) -> None:
     results = sorted((out / "runs").rglob("*.results.json"))
     assert len(results) == 3
     plots = sorted((out / "report").glob("*.png"))
-    assert {p.name.split("_")[0] for p in plots} == {"fig3", "fig4"}
+    assert {p.name.split("_")[0] for p in plots} == {"fig3", "fig4", "fig5"}
     assert all(f"plot:   {p}" in printed for p in plots)
     text = readme.read_text(encoding="utf-8")
     assert (out.parent / "block.md").read_text(encoding="utf-8").strip() in text

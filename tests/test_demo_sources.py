@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import re
 import wave
 from pathlib import Path
@@ -129,7 +130,7 @@ def test_sakura_track_layout(track, knowledge):
 
 def test_all_wavs_are_16k_mono_short():
     wavs = sorted(DEMO.rglob("*.wav"))
-    assert len(wavs) >= 250
+    assert len(wavs) >= 200  # plus the Dynamic-SUPERB clips inside their Parquet tables
     for path in wavs:
         with wave.open(str(path), "rb") as handle:
             assert (handle.getframerate(), handle.getnchannels(), handle.getsampwidth()) == (16000, 1, 2), path
@@ -147,19 +148,26 @@ def test_demo_sources_size_limit():
 
 
 def test_dynamic_superb_tasks():
+    """Phase-2 release layout: <Task>/data/test-00000-of-00001.parquet with a datasets Audio column."""
     tasks = sorted(p.name for p in (DEMO / "dynamic_superb").iterdir() if p.is_dir())
+    table = yaml.safe_load((DEMO / "dynamic_superb_tasks.yaml").read_text(encoding="utf-8"))["tasks"]
+    assert sorted(table) == tasks
     unrelated = []
     for task in tasks:
-        columns, rows = read_csv(DEMO / "dynamic_superb" / task / "metadata.csv")
-        assert columns == ["file", "instruction", "label"]
-        assert rows and all((DEMO / "dynamic_superb" / task / "audio" / r["file"]).is_file() for r in rows)
+        parquet = pq.read_table(DEMO / "dynamic_superb" / task / "data" / "test-00000-of-00001.parquet")
+        assert parquet.column_names == ["file", "audio", "instruction", "label"]
+        assert b"Audio" in parquet.schema.metadata[b"huggingface"]  # a datasets Audio feature
+        rows = parquet.to_pylist()
         for row in rows:
             assert row["label"].lower() in row["instruction"].lower(), row
-        if not any(word in task.lower() for word in ("emotion", "gender", "language", "animal")):
+            with wave.open(io.BytesIO(row["audio"]["bytes"]), "rb") as handle:
+                assert (handle.getframerate(), handle.getnchannels()) == (16000, 1)
+                assert 0.8 <= handle.getnframes() / 16000 <= 2.0
+        if not table[task]:
             unrelated.append(task)
             assert len(rows) >= 12 and len({r["label"] for r in rows}) >= 2
     assert len(unrelated) >= 3
-    assert "EmotionRecognition" in tasks and "SpokenLanguageIdentification" in tasks
+    assert table["EmotionRecognition"] == ["emotion"] and table["SpokenLanguageIdentification"] == ["language"]
 
 
 # ------------------------------------------------------------------------------------------------ MMLU
@@ -210,6 +218,8 @@ def test_text_parts_regenerate_identically(tmp_path):
         assert (tmp_path / rel).read_bytes() == (DEMO / rel).read_bytes(), rel
     mmlu = "mmlu/all/test-00000-of-00001.parquet"
     assert pq.read_table(tmp_path / mmlu).equals(pq.read_table(DEMO / mmlu))
+    table = "dynamic_superb_tasks.yaml"
+    assert (tmp_path / table).read_bytes() == (DEMO / table).read_bytes()
 
 
 def test_other_seed_changes_questions(tmp_path):

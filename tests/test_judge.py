@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from eval.score import score_predictions
 from _metric_helpers import header, row, write_predictions
 
 SECRET = "sk-test-secret-do-not-leak"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeOpenAI:
@@ -31,6 +33,9 @@ class FakeOpenAI:
         self.batch_creations = 0
         self.retrieve_failures = 0            # answer this many batch retrievals with HTTP 500
         self.auth_headers: list[str] = []
+        self.expected_key: str | None = None  # answer 401 to any other bearer token
+        self.failing: list[int] = []          # answer chat requests 1, 3, 5, ... with these statuses in turn
+        self.malformed_marker: str | None = None  # a prompt holding it gets a malformed verdict
         self.lock = threading.Lock()
         server = self
 
@@ -55,15 +60,32 @@ class FakeOpenAI:
                     server.auth_headers.append(self.headers.get("Authorization", ""))
                 if self.path.endswith("/chat/completions"):
                     body = json.loads(raw)
+                    prompt = body["messages"][-1]["content"]
                     with server.lock:
                         server.requests.append(body)
-                        status, content = server.plan.pop(0) if server.plan else (200, None)
+                        n = len(server.requests)
+                        if server.expected_key is not None and \
+                                self.headers.get("Authorization") != f"Bearer {server.expected_key}":
+                            status, content = 401, None
+                        elif server.plan:
+                            status, content = server.plan.pop(0)
+                        elif server.failing and n % 2 == 1:
+                            status, content = server.failing[(n // 2) % len(server.failing)], None
+                        else:
+                            status, content = 200, None
+                    if status == 401:  # as real servers do, echo part of the refused key
+                        token = self.headers.get("Authorization", "")[7:]
+                        self._send(401, {"error": {"message": f"Incorrect API key provided: {token}",
+                                                   "type": "invalid_request_error"}})
+                        return
                     if status != 200:
                         self._send(status, {"error": {"message": "slow down", "type": "rate_limit"}},
                                    {"retry-after-ms": "5"})
                         return
                     if content is None:
-                        content = server.verdict_for(body["messages"][-1]["content"])
+                        content = server.verdict_for(prompt)
+                        if server.malformed_marker and server.malformed_marker in prompt:
+                            content = "yes"
                     self._send(200, server.completion(body["model"], content))
                 elif self.path.endswith("/files"):
                     text = raw.decode("utf-8", "replace")
@@ -245,25 +267,163 @@ def test_malformed_verdict_is_retried_then_reported(server, tmp_path):
     assert not list((tmp_path / "c2").rglob("*.json"))
 
 
-def test_score_predictions_with_openai_judge_reports_stages(server, tmp_path, caplog):
-    rows = [
+def stage_rows() -> list[dict]:
+    return [
         row("animal/test/000001/rel", "reliability", "dog", reference="dog"),                       # exact
         row("animal/test/000001/gen1", "generality", "", reference="dog", type=1),                   # empty
-        row("animal/test/000001/gen2", "generality", "(b)", reference="cat", type=2),                # choice
+        row("animal/test/000001/gen2", "generality", "(b)", reference="cat", type=2),                # choice could
         row("animal/test/000001/gen3", "generality", "A canine, I think", reference="dog", type=3),  # llm
     ]
-    path = write_predictions(tmp_path / "p.jsonl", header(), rows)
+
+
+def test_paper_protocol_sends_a_choice_decidable_item_to_the_llm(server, tmp_path, caplog):
+    path = write_predictions(tmp_path / "p.jsonl", header(), stage_rows())
     caplog.set_level(logging.DEBUG)
     results = score_predictions(path, judge="openai", base_url=server.base_url, model="judge-model-x",
                                 cache_dir=tmp_path / "cache")
-    assert results["judge"]["stage_share"] == {"empty": 0.25, "exact": 0.25, "choice": 0.25, "llm": 0.25,
-                                               "llm_failed": 0.0, "undecided": 0.0}
-    assert results["judge"]["model"] == "judge-model-x" and results["judge"]["llm_calls"] == 1
-    assert results["metrics"]["overall"]["generality"] == pytest.approx(200 / 3, abs=1e-3)
+    judge = results["judge"]
+    assert judge["protocol"] == "paper"
+    assert judge["stage_share"] == {"empty": 0.25, "exact": 0.25, "choice": 0.0, "llm": 0.5, "llm_failed": 0.0,
+                                    "undecided": 0.0}
+    assert any("Model's answer:\n(b)" in b["messages"][-1]["content"] for b in server.requests)
+    assert judge["requests_sent"] == len(server.requests) == 2 and judge["verdict_requests"] == 2
+    assert judge["paper_settings"] is False and judge["model"] == "judge-model-x"
+    # the fake LLM says "no" to "(b)" where the matcher would say "cat": the protocols can differ
+    assert results["metrics"]["overall"]["generality"] == pytest.approx(100 / 3, abs=1e-3)
+    # opt-in prefilter: the matcher decides "(b)" before the LLM, recorded as its own protocol
+    prefiltered = score_predictions(path, protocol="paper", prefilter="choice", base_url=server.base_url,
+                                    model="judge-model-x", cache_dir=tmp_path / "cache")
+    assert prefiltered["judge"]["protocol"] == "paper+choice" and prefiltered["judge"]["stage_share"]["choice"] == 0.25
+    assert prefiltered["judge"]["requests_sent"] == 0  # the one LLM item is cached from the first pass
+    assert prefiltered["metrics"]["overall"]["generality"] == pytest.approx(200 / 3, abs=1e-3)
+    offline = score_predictions(path, protocol="offline")
+    assert offline["judge"]["protocol"] == "offline" and offline["judge"]["stage_share"]["undecided"] == 0.25
     # the key went to the server as a bearer token but is never logged nor written
     assert any(SECRET in h for h in server.auth_headers)
     assert SECRET not in caplog.text and SECRET not in json.dumps(results)
     assert all(SECRET not in p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+
+
+def test_paper_settings_are_the_defaults():
+    config = JudgeConfig(cache_dir=None)
+    assert (config.model, config.seed, config.reasoning_effort) == ("gpt-5-mini-2025-08-07", 0, "minimal")
+    assert config.paper_settings
+
+
+def flaky_rows() -> list[dict]:
+    rows = []
+    for i in range(6):
+        answer = f"A canine, surely ({i})" if i % 2 else f"Some bird ({i})"
+        rows.append(row(f"animal/test/{i:06d}/rel", "reliability", answer, reference="dog"))
+        rows.append(row(f"animal/test/{i:06d}/loc_audio1", "locality_audio", f"unchanged {i}" if i % 3 else f"x {i}",
+                        pre_edit=f"before {i}", reference="cow", type=1))
+    return rows
+
+
+def test_429_and_500_give_the_same_verdicts_as_a_clean_run(server, tmp_path):
+    path = write_predictions(tmp_path / "p.jsonl", header(), flaky_rows())
+    common = dict(protocol="paper", base_url=server.base_url, model="judge-model-x", max_workers=3,
+                  retry_backoff=0.001)
+    clean = score_predictions(path, cache_dir=tmp_path / "clean", **common)
+    assert clean["judge"]["requests_sent"] == 12
+    server.requests.clear()
+    server.failing = [429, 500, 503]  # every other request refused
+    flaky = score_predictions(path, cache_dir=tmp_path / "flaky", **common)
+    assert flaky["items"] == clean["items"] and flaky["metrics"] == clean["metrics"]
+    assert flaky["judge"]["requests_sent"] == len(server.requests) > 12  # retries counted as sent
+    assert flaky["judge"]["verdict_requests"] == 12
+    # a second pass sends nothing
+    server.requests.clear()
+    again = score_predictions(path, cache_dir=tmp_path / "flaky", **common)
+    assert again["judge"]["requests_sent"] == 0 and not server.requests and again["items"] == clean["items"]
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str], capsys, monkeypatch, env_key: str | None = SECRET) -> CliRun:
+    """`python -m eval.score ARGS` in this process (fast), with OPENAI_API_KEY set to `env_key` (or unset)."""
+    from eval.score import main
+
+    if env_key is None:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("OPENAI_API_KEY", env_key)
+    capsys.readouterr()
+    code = main(args)
+    captured = capsys.readouterr()
+    return CliRun(code, captured.out, captured.err)
+
+
+def one_error_line(proc: CliRun) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_malformed_verdicts_fail_loudly_and_a_rerun_asks_only_for_them(server, tmp_path, capsys, monkeypatch,
+                                                                       caplog):
+    caplog.set_level(logging.DEBUG)
+    rows = flaky_rows()
+    rows[4]["post_edit"] = rows[4]["post_edit"] + " BROKEN"   # animal/test/000002/rel
+    rows[9]["post_edit"] = rows[9]["post_edit"] + " BROKEN"   # animal/test/000004/loc_audio1
+    path = write_predictions(tmp_path / "p.jsonl", header(), rows)
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    server.malformed_marker = "BROKEN"
+    cli = ["--judge", "openai", "--base-url", server.base_url, "--model", "judge-model-x", "--cache-dir", str(cache),
+           "--retry-backoff", "0.001", "--max-workers", "1", "--out", str(out), "-v", str(path)]
+    first = run_cli(cli, capsys, monkeypatch)
+    assert first.returncode == 3 and not out.exists()
+    error = one_error_line(first)
+    assert "2 item(s)" in error and "first: animal/test/000002/rel" in error
+    assert len(server.requests) == 10 + 2 * 3  # 10 good items once, 2 bad ones 1 + 2 repeats each
+    assert len(list(cache.rglob("*.json"))) == 10  # nothing of the failed items cached
+    # allowed failures: results written, the failures listed and counted wrong
+    allowed = run_cli(cli + ["--max-failed", "2"], capsys, monkeypatch)
+    assert allowed.returncode == 0, allowed.stderr
+    judge = json.loads(out.read_text())["judge"]
+    assert judge["n_failed"] == 2 and judge["failed_items"] == ["animal/test/000002/rel",
+                                                                "animal/test/000004/loc_audio1"]
+    assert judge["requests_sent"] == 6 and judge["cache_hits"] == 10  # only the two failed items asked again
+    # the server recovers: a rerun asks for the failed items only, once each
+    server.malformed_marker = None
+    server.requests.clear()
+    fixed = run_cli(cli, capsys, monkeypatch)
+    assert fixed.returncode == 0 and len(server.requests) == 2
+    assert json.loads(out.read_text())["judge"]["n_failed"] == 0
+    # the key is in no file and no log
+    for proc in (first, allowed, fixed):
+        assert SECRET not in proc.stdout + proc.stderr
+    assert "HTTP Request: POST" in caplog.text and SECRET not in caplog.text  # debug logs of openai/httpx too
+    assert all(SECRET.encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_one_line_errors_for_key_server_and_retries(server, tmp_path, capsys, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    path = write_predictions(tmp_path / "p.jsonl", header(), flaky_rows()[:2])
+    base = ["--judge", "openai", "--model", "judge-model-x", "--cache-dir", str(tmp_path / "cache"),
+            "--retry-backoff", "0.001", "--max-retries", "2", str(path)]
+    server.expected_key = "sk-the-right-one"
+    cases = {
+        "OPENAI_API_KEY": run_cli(base, capsys, monkeypatch, env_key=None),                          # no key
+        "rejected the API key": run_cli(base + ["--base-url", server.base_url], capsys, monkeypatch),  # wrong key
+        "cannot reach the judge server": run_cli(base + ["--base-url", "http://127.0.0.1:9/v1"], capsys,
+                                                 monkeypatch),
+    }
+    server.expected_key = None
+    server.plan = [(500, None)] * 10
+    cases["retries exhausted after 3 attempt(s)"] = run_cli(base + ["--base-url", server.base_url], capsys,
+                                                            monkeypatch)
+    for expected, proc in cases.items():
+        assert proc.returncode == 3 and expected in one_error_line(proc), (expected, proc.stderr)
+        assert SECRET not in proc.stderr + proc.stdout
+    assert any(SECRET in h for h in server.auth_headers)  # the wrong key was sent, and echoed by the server
+    assert SECRET not in caplog.text
+    assert not list(tmp_path.glob("*.results.json"))
 
 
 def test_batch_mode_submits_polls_collects_and_resumes(server, tmp_path):
@@ -311,3 +471,21 @@ def test_metric_card_documents_the_prompts_verbatim():
     assert front["title"] == "SAKE" and "metric" in front["tags"]
     for prompt in (SYSTEM_PROMPT, CORRECTNESS_PROMPT, CONSISTENCY_PROMPT):
         assert prompt in card
+
+
+def test_metric_compute_uses_the_paper_protocol_with_a_judge(server, tmp_path):
+    from eval.sake_metric.sake_metric import SakeMetric
+
+    rows = stage_rows()
+    columns = ("item_id", "dimension", "type", "attribute", "pre_edit", "gap", "category", "options")
+    inputs = dict(predictions=[r["post_edit"] for r in rows], references=[r["reference"] for r in rows],
+                  questions=[r["question"] for r in rows], **{c: [r[c] for r in rows] for c in columns})
+    metric = SakeMetric()
+    paper = metric.compute(**inputs, judge="openai", judge_model="judge-model-x", base_url=server.base_url,
+                           cache_dir=str(tmp_path / "cache"))
+    assert paper["judge"]["protocol"] == "paper" and paper["judge"]["stage_counts"]["llm"] == 2
+    assert any("Model's answer:\n(b)" in b["messages"][-1]["content"] for b in server.requests)
+    prefiltered = metric.compute(**inputs, judge="openai", prefilter="choice", judge_model="judge-model-x",
+                                 base_url=server.base_url, cache_dir=str(tmp_path / "cache"))
+    assert prefiltered["judge"]["protocol"] == "paper+choice"
+    assert metric.compute(**inputs)["judge"]["protocol"] == "offline"

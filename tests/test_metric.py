@@ -255,3 +255,46 @@ def test_scoring_imports_no_torch_and_no_evaluate():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_linear_matcher_keeps_the_old_containment_rule():
+    """The one-pass matcher keeps exactly the mentions the old all-pairs containment rule kept."""
+    import random
+
+    from bench.judge_long_output import old_text_mentions
+    from eval.sake_metric.matching import _text_mentions
+
+    rng = random.Random(0)
+    vocab = ["very", "sad", "not", "dog", "cat", "hot", "dog", "a", "the", "very", "happy"]
+    options = ["sad", "very sad", "dog", "hot dog", "cat", "happy"]
+    for _ in range(300):
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+        opts = rng.sample(options, rng.randint(2, len(options)))
+        positive, negated = _text_mentions(text, opts)
+        assert positive | negated == old_text_mentions(text, opts), (text, opts)
+
+
+def test_over_long_outputs_are_judged_on_their_first_max_judged_chars():
+    from eval.sake_metric.limits import MAX_JUDGED_CHARS
+
+    pad = "x" * MAX_JUDGED_CHARS
+    rows = [row("animal/test/000000/rel", "reliability", "dog " + pad + " cat cat", reference="dog",
+                options=["dog", "cat"]),
+            row("animal/test/000001/rel", "reliability", pad + " dog", reference="dog", options=["dog", "cat"])]
+    verdicts = judge_rows(load_predictions(rows)[1])
+    assert [(v.stage, v.passed, v.clipped) for v in verdicts] == [("choice", True, True), ("undecided", False, True)]
+
+
+def test_results_count_outputs_stopped_at_max_new_tokens(tmp_path):
+    from eval.score import score_predictions
+    from _metric_helpers import header, write_predictions
+
+    rows = demo_rows()
+    for i, r in enumerate(rows):
+        r["post_edit_hit_limit"] = i in (0, 5)
+    results = score_predictions(write_predictions(tmp_path / "p.jsonl", header(max_new_tokens=32), rows))
+    assert results["generation"]["hit_max_new_tokens"] == 2 and results["generation"]["max_new_tokens"] == 32
+    assert results["generation"]["rows_with_flag"] == len(rows)
+    rows[0]["post_edit_hit_limit"] = "yes"
+    with pytest.raises(PredictionsError, match="post_edit_hit_limit"):
+        score_predictions(write_predictions(tmp_path / "q.jsonl", header(), rows))

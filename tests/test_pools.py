@@ -223,3 +223,26 @@ def test_build_without_pools_reports_shortfall_and_keeps_output(sources, tmp_pat
     assert "gender" in message and "--pool commonvoice=PATH" in message and "--pool crema_d=PATH" in message
     assert "--train-per-attribute" in message
     assert tree_digest(out) == digest
+
+
+def test_build_with_the_other_presets(sources, tmp_path):
+    """animal_sound_dataset, folder and csv pools fill what SAKURA leaves short for train."""
+    asd = make_animal_sound(tmp_path / "asd")
+    for label in ("pig", "cow", "frog", "rooster", "sheep", "crow"):
+        for i in range(2):
+            write_wav(tmp_path / "animals" / label.upper() / f"{label}{i}.wav", f"folder/{label}/{i}")
+    (tmp_path / "folder.yaml").write_text("root: animals\nattribute: animal\n")
+    rows = [[f"{attr}_{label}_{i}.wav", attr, label] for attr in ("emotion", "gender", "language")
+            for label in LABELS[attr] for i in range(2)]
+    for name, _, _ in rows:
+        write_wav(tmp_path / "csvclips" / name, f"csv/{name}")
+    write_csv(tmp_path / "table.csv", ["wav", "attr", "label"], rows)
+    (tmp_path / "csv.yaml").write_text("table: table.csv\naudio_dir: csvclips\nfile_column: wav\nlabel_column: label\n"
+                                       "attribute_column: attr\n")
+    pools = [("animal_sound_dataset", str(asd)), ("folder", str(tmp_path / "folder.yaml")),
+             ("csv", str(tmp_path / "csv.yaml"))]
+    res = build(sources["sakura"], sources["dynamic_superb"], sources["mmlu"], tmp_path / "out", seed=0, pools=pools,
+                test_per_attribute=2, train_per_attribute=2, sequences=1, sequence_length=3)
+    train_origins = {o for cfg in res.stats["provenance"]["train"].values() for o, n in cfg.items() if n}
+    assert {"animal_sound_dataset", "folder", "csv"} <= train_origins
+    assert not _hashes(res.out, "train") & _hashes(res.out, "test")

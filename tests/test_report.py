@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ def runs_dir(tmp_path: Path) -> Path:
     for method, quality in (("ft_llm", 1.0), ("mend", 0.5)):
         single = write_predictions(tmp_path / f"{method}.jsonl", header(method=method), demo_rows(quality))
         write_json_atomic(base / f"{method}_single.results.json", score_predictions(single))
+        timing = {"units": 8, "total_s": 7384.0 if method == "ft_llm" else 42.5, "per_unit": []}
+        write_json_atomic(base / f"{method}_single.jsonl.timing.json", timing)
         rows = [r for gap in range(3) for r in demo_rows(max(0.0, quality - 0.25 * gap), gap=gap)]
         seq = write_predictions(tmp_path / f"{method}_seq.jsonl", header(method=method, mode="sequential"), rows)
         write_json_atomic(base / f"{method}_seq.results.json", score_predictions(seq))
@@ -37,29 +40,54 @@ def test_report_writes_paper_shaped_tables_and_plots(runs_dir, tmp_path):
     out = tmp_path / "report"
     assert report_main([str(runs_dir), "--out", str(out)]) == 0
     table2 = read_csv(out / "table2_overall.csv")
-    assert table2[0] == ["Model", "Metric", "FT (LLM)", "MEND"]
-    assert [r[1] for r in table2[1:]] == ["Reliability", "Generality", "Audio Locality", "Text Locality",
+    assert table2[0] == ["Model", "Protocol", "Metric", "FT (LLM)", "MEND"]
+    assert [r[2] for r in table2[1:]] == ["Reliability", "Generality", "Audio Locality", "Text Locality",
                                           "Portability"]
-    assert table2[1][2:] == ["100.00", "50.00"]
+    assert {r[1] for r in table2[1:]} == {"offline"}
+    assert table2[1][3:] == ["100.00", "50.00"]
     attrs = read_csv(out / "table8_attributes.csv")
-    assert attrs[0][:4] == ["Model", "Method", "Attr.", "Reliability"] and len(attrs[0]) == 15
-    assert [(r[1], r[2]) for r in attrs[1:]] == [(m, a) for m in ("FT (LLM)", "MEND")
+    assert attrs[0][:5] == ["Model", "Protocol", "Method", "Attr.", "Reliability"] and len(attrs[0]) == 16
+    assert [(r[2], r[3]) for r in attrs[1:]] == [(m, a) for m in ("FT (LLM)", "MEND")
                                                  for a in ("ALL", "Animal", "Emotion")]
     gaps = read_csv(out / "table11_gaps.csv")
-    assert [(r[1], r[2]) for r in gaps[1:]] == [(m, g) for m in ("FT (LLM)", "MEND") for g in ("0", "1", "2")]
-    assert [r[3] for r in gaps[1:4]] == ["100.00", "75.00", "50.00"]
+    assert [(r[2], r[3]) for r in gaps[1:]] == [(m, g) for m in ("FT (LLM)", "MEND") for g in ("0", "1", "2")]
+    assert [r[4] for r in gaps[1:4]] == ["100.00", "75.00", "50.00"]
     port = read_csv(out / "table14_portability_animal.csv")
-    assert port[0] == ["Model", "Method", "Behavior", "Diet"] and len(port) == 3
+    assert port[0] == ["Model", "Protocol", "Method", "Behavior", "Diet"] and len(port) == 3
     assert (out / "table14_portability_emotion.csv").exists()
     degeneration = read_csv(out / "table18_degeneration.csv")
-    assert [r[1] for r in degeneration[1:]] == ["single", "sequential"]
-    assert degeneration[1][2] == "0.00" and float(degeneration[1][3]) > 0  # MEND run has "dogdogdog..."
+    assert [r[2] for r in degeneration[1:]] == ["single", "sequential"]
+    assert degeneration[1][3] == "0.00" and float(degeneration[1][4]) > 0  # MEND run has "dogdogdog..."
     judge = read_csv(out / "judge_stages.csv")
-    assert judge[0][4:] == ["empty", "exact", "choice", "llm", "llm_failed", "undecided"]
+    assert judge[0][5:] == ["empty", "exact", "choice", "llm", "llm_failed", "undecided", "Requests sent"]
     for row in judge[1:]:
-        assert sum(float(x) for x in row[4:]) == pytest.approx(100.0, abs=0.05)
+        assert sum(float(x) for x in row[5:-1]) == pytest.approx(100.0, abs=0.05)
+        assert row[3] == "offline"
+    # Table 3: the two best methods by portability, sample std and range over (attribute, category) pairs
+    spread = read_csv(out / "table3_portability_spread.csv")
+    assert spread[0] == ["Model", "Protocol", "Method", "Portability", "Categories", "Std.", "Range"]
+    assert [r[2] for r in spread[1:]] == ["FT (LLM)", "MEND"]
+    ft = spread[1]
+    assert ft[4] == "3" and ft[5] == "0.00" and ft[6] == "0.00"  # FT (LLM) ports every item: 100 everywhere
+    mend = load_runs([runs_dir / "mend_single.results.json"])[0]
+    values = [v for a in mend.results["metrics"]["per_attribute"].values()
+              for v in a["portability_by_category"].values()]
+    assert spread[2][5] == f"{statistics.stdev(values):.2f}" and spread[2][6] == f"{max(values) - min(values):.2f}"
+    # Table 7 from the .timing.json files
+    wall = read_csv(out / "table7_wall_clock.csv")
+    assert wall[1][:5] == ["FT (LLM)", "qwen2-audio", "2h 03m", "8", "923.00"]
+    assert wall[2][:3] == ["MEND", "qwen2-audio", "42.5s"] and wall[2][5] == "-"
+    generation = read_csv(out / "generation_limits.csv")
+    assert generation[0][4] == "At the limit" and all(r[4] == "-" for r in generation[1:])  # no flag in these rows
+    # Figure 4 draws the random baseline from the items' option counts; Figure 5 the category distribution
+    results = load_runs([runs_dir / "ft_llm_seq.results.json"])[0].results
+    options = [len(r["options"]) for r in demo_rows() if r["dimension"] == "portability"]
+    assert results["random_baseline"]["portability"] == pytest.approx(sum(100 / k for k in options) / len(options))
+    assert (out / "fig5_categories.png").read_bytes().startswith(PNG_MAGIC)
+    index = (out / "index.md").read_text()
+    assert "fig5_categories.png" in index and "Table 3" in index and "Table 7" in index
     markdown = (out / "table2_overall.md").read_text()
-    assert "| Model | Metric | FT (LLM) | MEND |" in markdown
+    assert "| Model | Protocol | Metric | FT (LLM) | MEND |" in markdown
     for name in ("fig3_types_qwen2-audio.png", "fig4_gaps_qwen2-audio.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
@@ -89,4 +117,23 @@ def test_report_only_single_runs_skips_gap_outputs(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert "table2_overall.md" in names and "fig3_types_qwen2-audio.png" in names
     assert not any(n.startswith(("table11", "fig4")) for n in names)
-    assert read_csv(out / "table2_overall.csv")[0] == ["Model", "Metric", "KE"]
+    assert read_csv(out / "table2_overall.csv")[0] == ["Model", "Protocol", "Metric", "KE"]
+
+
+def test_rows_of_different_protocols_are_kept_apart(runs_dir, tmp_path):
+    import json
+
+    paper = json.loads((runs_dir / "ft_llm_single.results.json").read_text())
+    paper["judge"]["protocol"] = "paper"
+    paper["metrics"]["overall"]["reliability"] = 87.5
+    write_json_atomic(runs_dir / "ft_llm_single.paper.results.json", paper)
+    out = tmp_path / "report"
+    assert report_main([str(runs_dir), "--out", str(out)]) == 0
+    table2 = read_csv(out / "table2_overall.csv")
+    assert [(r[1], r[3]) for r in table2[1:] if r[2] == "Reliability"] == [("paper", "87.50"), ("offline", "100.00")]
+    assert (out / "fig3_types_qwen2-audio_paper.png").exists() and (out / "fig3_types_qwen2-audio_offline.png").exists()
+    # older results without judge.protocol: an LLM judge then ran after the choice stage
+    del paper["judge"]["protocol"]
+    paper["judge"]["name"] = "openai"
+    from eval.report import protocol_of
+    assert protocol_of(paper) == "paper+choice"

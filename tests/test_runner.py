@@ -13,9 +13,10 @@ from editors.data import load_instances
 from editors.models import load_adapter
 from editors.predictions import read_predictions
 from editors.run import Runner, build_parser, main
+from eval.sake_metric.predictions_file import read_predictions_file
 
 ROW_KEYS = {"kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options", "reference",
-            "pre_edit", "post_edit", "gap", "category"}
+            "pre_edit", "post_edit", "gap", "category", "post_edit_hit_limit"}
 HEADER_KEYS = {"kind", "model", "model_revision", "method", "hparams", "mode", "dataset", "dataset_fingerprint",
                "configs", "split", "seed", "limit", "versions", "date"}
 
@@ -53,6 +54,9 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
             for column in ("generality", "locality_audio", "locality_text", "portability"):
                 expected_ids += [item["id"] for item in row[column]]
     assert [r["item_id"] for r in rows] == expected_ids
+    assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)
+    assert header["expected_rows"] == len(rows)  # the strict reader accepts the complete file, manifest included
+    assert len(read_predictions_file(path, manifest=manifest).rows) == len(rows)
     rel = [r for r in rows if r["dimension"] == "reliability"]
     assert len(rel) == 4 and all(r["post_edit"] == r["reference"] for r in rel)  # the edit took
     text = [r for r in rows if r["dimension"] == "locality_text"]
@@ -79,6 +83,7 @@ def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_datase
         "--method": "ft_llm", "--hparam": "max_steps=2"}))
     header, rows = read_predictions(path)
     assert header["mode"] == "sequential" and header["configs"] == ["sequential"]
+    assert header["expected_rows"] == len(rows)
     step_of = {f"sequential/test/seq01/step{s:02d}": s for s in range(1, 11)}
     pairs = Counter((step_of[r["instance_id"]], r["gap"]) for r in rows)
     assert set(pairs) == {(s, g) for s in range(1, 6) for g in range(0, 6)}
@@ -189,3 +194,22 @@ def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
     assert path == tmp_path / "cli" / "tiny-audio-flamingo3__i_ike__single__test.jsonl"
     header, rows = read_predictions(path)
     assert header["method"] == "i_ike" and rows and rows[0]["item_id"].endswith("/rel")
+
+
+def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset, tmp_path):
+    import torch
+
+    from editors.hparams import load_hparams
+
+    assert load_hparams("generation", "desta25")["max_new_tokens"] == 512
+    assert load_hparams("generation", "qwen2_audio", tiny=True)["max_new_tokens"] == 32
+    runner, path = run(qwen, runner_args(demo_dataset, tmp_path / "out", tmp_path / "cache", **{
+        "--config": "emotion", "--limit": "1", "--max-new-tokens": False}))
+    header, rows = read_predictions(path)
+    assert header["max_new_tokens"] == 32  # tiny model: the YAML's tiny section
+    assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)
+    # flagged exactly when a row used every new token without a stop token
+    stop, other = qwen.stop_token_ids[0], 5 if 5 not in qwen.stop_token_ids else 6
+    tokens = torch.tensor([[other, other, stop], [other, other, other]])
+    assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 3)] == [False, True]
+    assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 4)] == [False, False]

@@ -7,7 +7,7 @@ import csv
 import shutil
 
 import pytest
-from _dataset_helpers import SMALL, TRACKS, tree_digest, write_sources
+from _dataset_helpers import DSUPERB_TASKS, SMALL, TRACKS, tree_digest, write_sources
 
 import build_splits
 from sake_dataset.builder import build
@@ -47,8 +47,12 @@ def test_readers_normalize_records(good_sources):
     assert clip.answer in clip.options and clip.source.startswith("sakura:Emotion/")
     assert len(clip.audio.sha256) == 64 and 0.1 < clip.audio.duration < 0.2
     tasks = read_dynamic_superb(good_sources["dynamic_superb"])
-    assert {t.task for t in tasks} == {"EmotionRecognition", "NoiseDetection", "SpeakerCounting",
-                                      "AnimalSoundClassification"}
+    assert {t.task for t in tasks} == set(DSUPERB_TASKS)
+    sarcasm = [t for t in tasks if t.task == "SarcasmDetection_Mustard"]
+    assert sarcasm[0].source == "dsuperb:SarcasmDetection_Mustard/SarcasmDetection_Mustard_000.wav"
+    assert [t.label for t in sarcasm] == ["yes", "no"] * 3  # table order
+    counting = [t for t in tasks if t.task == "SpeakerCounting_LibriTTS-TestClean"]  # audio beside the table
+    assert len(counting) == 6 and all(0.1 < t.audio.duration < 0.2 for t in counting)
     texts = read_mmlu(good_sources["mmlu"])
     assert len(texts) == 12 and texts[0].choices[texts[0].answer_index] == "0"
 
@@ -85,14 +89,28 @@ def _break(kind, sources):
         pq.write_table(pq.read_table(path).drop(["subject"]), path)
         return ["test-00000-of-00001.parquet", "subject"]
     if kind == "dynamic-superb missing file":
-        task = sources["dynamic_superb"] / "NoiseDetection"
-        (task / "audio" / "NoiseDetection_000.wav").unlink()
-        return ["NoiseDetection_000.wav", "file"]
+        task = sources["dynamic_superb"] / "SpeakerCounting_LibriTTS-TestClean"
+        (task / "SpeakerCounting_LibriTTS-TestClean_000.wav").unlink()
+        return ["SpeakerCounting_LibriTTS-TestClean_000.wav", "metadata.csv:2", "file"]
+    if kind == "non-utf8 table":
+        raw = meta.read_bytes()
+        meta.write_bytes(raw[:30] + b"\xff" + raw[31:])
+        return ["metadata.csv", "byte offset 30", "UTF-8"]
+    if kind == "truncated wav":
+        audio.write_bytes(audio.read_bytes()[:60])
+        return [first, "truncated WAV"]
+    if kind == "too short":
+        import numpy as np
+        import soundfile as sf
+
+        sf.write(audio, np.zeros(40, dtype="float32"), 8000, subtype="PCM_16")
+        return [first, "5.0 ms long", "at least 0.1 s"]
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["missing file", "missing column", "unknown label", "corrupt audio",
-                                  "mmlu missing column", "dynamic-superb missing file"])
+                                  "mmlu missing column", "dynamic-superb missing file", "non-utf8 table",
+                                  "truncated wav", "too short"])
 def test_bad_input_named_error_and_previous_output_intact(kind, sources, previous):
     out, digest = previous
     expected = _break(kind, sources)
@@ -102,6 +120,7 @@ def test_bad_input_named_error_and_previous_output_intact(kind, sources, previou
         assert needle in str(err.value), (needle, str(err.value))
     assert tree_digest(out) == digest
     assert sorted(p.name for p in out.parent.iterdir()) == ["out", "src"]  # no temp folder left behind
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_cli_reports_bad_input_and_keeps_output(sources, previous, capsys):

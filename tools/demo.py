@@ -151,7 +151,10 @@ def run_method(model: str, method: str, mode: str, dataset: Path, runs: Path, ca
     from editors.run import Runner, build_parser
 
     argv = ["--model", model, "--method", method, "--dataset", str(dataset), "--split", "test", "--mode", mode,
-            "--out", str(runs), "--seed", str(seed), "--cache-dir", str(cache), "--log-level", "WARNING"]
+            "--out", str(runs), "--seed", str(seed), "--cache-dir", str(cache), "--log-level", "WARNING",
+            # the reference model answers in a few tokens; 32 keeps the demo's runaway outputs short (the report's
+            # generation_limits table counts the outputs that reach it)
+            "--max-new-tokens", "32"]
     if limit is not None:
         argv += ["--limit", str(limit)]
     for item in overrides:

@@ -8,7 +8,7 @@ give byte-identical files (fixed WAV headers, no timestamps, no dither).
 Usage::
 
     python -m tools.make_demo_sources --out sake_dataset/demo_sources --seed 0
-    python -m tools.make_demo_sources --out /tmp/x --text-only   # metadata/Parquet only, no espeak-ng needed
+    python -m tools.make_demo_sources --out /tmp/x --text-only   # metadata CSVs + MMLU Parquet, no espeak-ng needed
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ KNOWLEDGE_CATEGORIES = {  # paper App. I.1
 }
 SAKURA_COLUMNS = ["file", "attribute_label", "single_instruction", "single_answer", "multi_instruction",
                   "multi_answer"]
-DSUPERB_COLUMNS = ["file", "instruction", "label"]
+DSUPERB_COLUMNS = ["file", "audio", "instruction", "label"]  # Phase-2 release layout: <Task>/data/test-*.parquet
+DSUPERB_TABLE = "data/test-00000-of-00001.parquet"
 ESC50_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 
 MALE_VOICES = ["m1", "m2", "m3", "m4"]
@@ -154,6 +155,15 @@ DSUPERB_INSTRUCTIONS = {
     "SpokenLanguageIdentification": ["Identify the language spoken in the audio. The answer could be English, "
                                      "German, Spanish, French, Italian, Chinese, Japanese, or Korean."],
 }
+
+# The attributes each demo task is about, written as the demo's Dynamic-SUPERB task table (the format of
+# sake_dataset/dsuperb_tasks.yaml): the demo tasks are synthetic stand-ins, not Phase-2 tasks.
+DSUPERB_TASK_ATTRIBUTES = {"EmotionRecognition": ["emotion"], "LoudnessClassification": [], "NoiseDetection": [],
+                           "SpeechRateClassification": [], "SpokenLanguageIdentification": ["language"]}
+TASK_TABLE_HEADER = """# Task table of the synthetic demo tasks in dynamic_superb/ (format of sake_dataset/dsuperb_tasks.yaml).
+# These tasks imitate Dynamic-SUPERB task folders but are not Phase-2 tasks, so they have their own table;
+# the demo build (build_splits.py --demo) passes it as an extra task table. Written by tools/make_demo_sources.py.
+"""
 
 # ESC-50 class indices (public metadata) of the categories used here.
 ESC50_TARGETS = {"dog": 0, "rooster": 1, "pig": 2, "cow": 3, "frog": 4, "cat": 5, "hen": 6, "sheep": 8,
@@ -783,8 +793,8 @@ def dsuperb_plan(seed: int) -> tuple[list[Clip], dict[str, list[dict[str, Any]]]
         for i, (label, render) in enumerate(items):
             name = f"{task}_{i:03d}.wav"
             rows.append({"file": name, "instruction": rng.choice(DSUPERB_INSTRUCTIONS[task]), "label": label})
-            clips.append(Clip(f"dynamic_superb/{task}/audio/{name}", render, key=f"dsuperb/{task}/{name}"))
-        tables[f"dynamic_superb/{task}/metadata.csv"] = rows
+            clips.append(Clip(f"dynamic_superb/{task}/{name}", render, key=f"dsuperb/{task}/{name}"))
+        tables[f"dynamic_superb/{task}/{DSUPERB_TABLE}"] = rows
     return clips, tables
 
 
@@ -816,6 +826,23 @@ def pools_plan(seed: int) -> tuple[list[Clip], dict[str, list[dict[str, Any]]]]:
             clips.append(Clip(f"pools/esc50/audio/{name}", (lambda c: lambda s, r: environmental_sound(c, r))(category),
                               key=f"esc50/{name}"))
     return clips, {"pools/esc50/meta/esc50.csv": rows}
+
+
+def dsuperb_parquet_bytes(rows: Sequence[dict[str, Any]], audio: dict[str, bytes]) -> bytes:
+    """One Dynamic-SUPERB task table in the Phase-2 release layout: `file`, `audio` (a datasets `Audio` column
+    holding the WAV bytes), `instruction`, `label`; deterministic (no statistics, fixed compression)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = datasets.Features({"file": datasets.Value("string"), "audio": datasets.Audio(),
+                                "instruction": datasets.Value("string"),
+                                "label": datasets.Value("string")}).arrow_schema
+    table = pa.Table.from_pylist([{"file": r["file"], "audio": {"bytes": audio[r["file"]], "path": r["file"]},
+                                   "instruction": r["instruction"], "label": r["label"]} for r in rows], schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="snappy", write_statistics=False, store_schema=True)
+    return sink.getvalue().to_pybytes()
 
 
 def mmlu_parquet_bytes() -> bytes:
@@ -851,7 +878,7 @@ The questions and answers are written for this project; the multi-hop questions 
 | folder | layout of | content |
 |---|---|---|
 | `sakura/{{Animal,Emotion,Gender,Language}}/` | SAKURA | `metadata.csv` (`file,attribute_label,single_instruction,single_answer,multi_instruction,multi_answer`) + `audio/*.wav`; {per_label} clips per label |
-| `dynamic_superb/<Task>/` | Dynamic-SUPERB Phase-2 | `metadata.csv` (`file,instruction,label`) + `audio/`; tasks: {tasks} |
+| `dynamic_superb/<Task>/` | Dynamic-SUPERB Phase-2 | `data/test-00000-of-00001.parquet` (`file`, `audio` as a datasets `Audio` column with the WAV bytes, `instruction`, `label`), the release layout of each Phase-2 task; tasks: {tasks} (synthetic stand-ins, not Phase-2 tasks: their attributes are in `dynamic_superb_tasks.yaml`) |
 | `mmlu/all/test-00000-of-00001.parquet` | cais/mmlu | {n_mmlu} simple questions (`question, subject, choices, answer`) over {n_subjects} subjects |
 | `pools/crema_d/AudioWAV/` | CREMA-D | `{{actor}}_{{sentence}}_{{EMO}}_{{level}}.wav`, EMO in ANG DIS FEA HAP NEU SAD (NEU is not a SAKE label) |
 | `pools/esc50/` | ESC-50 | `meta/esc50.csv` + `audio/`; SAKE animals plus rain and sea_waves (not SAKE labels) |
@@ -906,26 +933,41 @@ def build(out: Path, seed: int, text_only: bool = False) -> list[Path]:
         for sub in MANAGED_SUBDIRS:  # remove stale files of earlier runs
             if (out / sub).is_dir():
                 shutil.rmtree(out / sub)
+    dsuperb_tables = {rel: rows for rel, rows in tables.items() if rel.startswith("dynamic_superb/")}
     for rel, rows in tables.items():
-        columns = ESC50_COLUMNS if rel.endswith("esc50.csv") else (
-            DSUPERB_COLUMNS if rel.startswith("dynamic_superb") else SAKURA_COLUMNS)
+        if rel in dsuperb_tables:
+            continue  # Parquet with the audio inside: written once the audio is rendered
+        columns = ESC50_COLUMNS if rel.endswith("esc50.csv") else SAKURA_COLUMNS
         atomic_write(out / rel, csv_bytes(columns, rows))
         written.append(out / rel)
     atomic_write(out / "mmlu/all/test-00000-of-00001.parquet", mmlu_parquet_bytes())
     written.append(out / "mmlu/all/test-00000-of-00001.parquet")
+    table = TASK_TABLE_HEADER + yaml.safe_dump({"format": 1, "tasks": DSUPERB_TASK_ATTRIBUTES},
+                                               default_flow_style=None, sort_keys=True)
+    atomic_write(out / "dynamic_superb_tasks.yaml", table.encode("utf-8"))
+    written.append(out / "dynamic_superb_tasks.yaml")
     if text_only:
         return written
 
     synth = SpeechSynth()
+    embedded: dict[str, dict[str, bytes]] = {}  # Dynamic-SUPERB task folder -> {file: WAV bytes}
     try:
         for clip in tqdm(clips, desc="demo audio", unit="clip"):
             samples = clip.render(synth, clip_rng(seed, clip.key))
             if len(samples) > 2.0 * SAMPLE_RATE:
                 raise RuntimeError(f"{clip.path}: {len(samples) / SAMPLE_RATE:.2f} s exceeds 2.0 s")
+            if clip.path.startswith("dynamic_superb/"):
+                folder, name = clip.path.rsplit("/", 1)
+                embedded.setdefault(folder, {})[name] = wav_bytes(samples)
+                continue
             atomic_write(out / clip.path, wav_bytes(samples))
             written.append(out / clip.path)
     finally:
         synth.close()
+    for rel, rows in dsuperb_tables.items():
+        folder = rel[: -len(DSUPERB_TABLE) - 1]
+        atomic_write(out / rel, dsuperb_parquet_bytes(rows, embedded[folder]))
+        written.append(out / rel)
     tasks = [rel.split("/")[1] for rel in d_tables]
     atomic_write(out / "README.md", readme_text(seed, tasks).encode("utf-8"))
     written.append(out / "README.md")

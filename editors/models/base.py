@@ -239,6 +239,18 @@ def batch_spans(lengths: Sequence[int], batch_size: int | None = None, max_batch
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class GeneratedText(str):
+    """A generated answer (a plain ``str`` everywhere) that also says whether generation stopped at
+    ``max_new_tokens`` rather than at a stop token (``hit_limit``); the runner records it per row."""
+
+    hit_limit: bool
+
+    def __new__(cls, text: str, hit_limit: bool = False) -> "GeneratedText":
+        obj = super().__new__(cls, text)
+        obj.hit_limit = hit_limit
+        return obj
+
+
 class LALMAdapter(abc.ABC):
     """Base class of every model family's adapter (see the module docstring).
 
@@ -736,8 +748,17 @@ class LALMAdapter(abc.ABC):
                 embeds = self.input_embeds(batch)
                 new_tokens = self.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                                  generation_config=gen_cfg)
-            outputs.extend(s.strip() for s in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            outputs.extend(self.decode_new_tokens(new_tokens, max_new_tokens))
         return outputs
+
+    def decode_new_tokens(self, new_tokens: torch.Tensor, max_new_tokens: int) -> list["GeneratedText"]:
+        """Decoded, stripped answers of generated token ids ``[B, <= max_new_tokens]``; each remembers whether
+        its row stopped at ``max_new_tokens`` without a stop token (``hit_limit``: the answer may be cut)."""
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if new_tokens.shape[-1] < max_new_tokens:  # every row stopped early
+            return [GeneratedText(t.strip(), hit_limit=False) for t in texts]
+        stopped = torch.isin(new_tokens, torch.tensor(self.stop_token_ids, device=new_tokens.device)).any(-1)
+        return [GeneratedText(t.strip(), hit_limit=not bool(s)) for t, s in zip(texts, stopped.tolist())]
 
     #: Shortest common prompt prefix (tokens) worth one shared prefill instead of one per prompt; 0 = never.
     #: Off by default: on an H100 at 7B (Qwen2-Audio, bf16, 10 prompts, 32 new tokens) the shared path was no

@@ -1,19 +1,25 @@
 """LLM judge: strict yes/no verdicts from an OpenAI-compatible chat-completions endpoint.
 
 - Official `openai` client; default model `gpt-5-mini-2025-08-07`, `seed=0`, `reasoning_effort="minimal"`
-  (paper App. E); `base_url` and model are options, so any OpenAI-compatible server works.
+  (the paper's App. E settings, `PAPER_SETTINGS`); `base_url` and model are options, so any OpenAI-compatible
+  server works.
 - Structured output: `response_format` is a strict JSON schema `{"verdict": "yes" | "no"}`. Anything else
   (not JSON, other keys, other values, a refusal) is malformed: the request is repeated up to
-  `malformed_retries` times, then the item is reported as failed (`None`), never as correct.
-- Transport errors (429, 5xx, timeouts) are retried by the client itself (`max_retries`, exponential backoff,
-  honouring `retry-after`); an error that survives the retries is raised (verdicts made so far stay cached).
+  `malformed_retries` times, then the item is reported as failed (`None`), never as correct, and never cached.
+- Transport: this module retries, not the client (`max_retries=0` there), so every HTTP request is counted
+  (`requests_sent`, retries included). 429, 5xx, timeouts and connection errors are retried up to
+  `max_retries` times with exponential backoff (`retry_backoff` seconds, doubled each time, capped at 30 s;
+  a server's `retry-after` / `retry-after-ms` is honoured up to 60 s). Then -- and at once for a refused key
+  (401/403), an unknown model (404) or a refused request (400) -- a `JudgeError` with a one-line message;
+  verdicts made so far stay cached.
 - On-disk cache: one JSON file per verdict, named sha256(model, prompt); a rerun of the same items makes no
   calls. Only well-formed verdicts are cached.
 - Bounded concurrency (`max_workers` threads); identical prompts are sent once.
 - Batch API mode (`batch=True`): write the requests as JSONL, upload, create a batch, poll, collect into the
   cache. A state file (`batch_state`) records the submitted batch so an interrupted run resumes polling
   instead of submitting again.
-- The API key is read from `OPENAI_API_KEY` by this module only; it is never logged or written.
+- The API key is read from `OPENAI_API_KEY` by this module only; it is never logged or written, and is
+  removed from any error text before it is shown.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ from typing import Any, Callable, Sequence
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gpt-5-mini-2025-08-07"
+#: The judge settings of the paper's App. E (model, seed, reasoning effort).
+PAPER_SETTINGS = {"model": DEFAULT_MODEL, "seed": 0, "reasoning_effort": "minimal"}
+MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 60.0
 PROMPT_VERSION = "sake-judge-v1"
 
 SYSTEM_PROMPT = (
@@ -98,7 +108,8 @@ VERDICT_SCHEMA: dict[str, Any] = {
 
 
 class JudgeError(RuntimeError):
-    """The LLM judge cannot run (no API key, failed batch, ...)."""
+    """The LLM judge cannot run (no API key, key refused, server unreachable, retries exhausted, failed
+    batch); the message is one line without the key."""
 
 
 def _fill(template: str, **values: str) -> str:
@@ -197,6 +208,7 @@ class JudgeConfig:
     reasoning_effort: str | None = "minimal"
     max_workers: int = 8
     max_retries: int = 5
+    retry_backoff: float = 1.0
     timeout: float = 120.0
     malformed_retries: int = 2
     cache_dir: str | os.PathLike | None = field(default_factory=default_cache_dir)
@@ -204,9 +216,38 @@ class JudgeConfig:
     batch_state: str | os.PathLike | None = None
     poll_interval: float = 30.0
 
+    @property
+    def paper_settings(self) -> bool:
+        """True when model, seed and reasoning effort are the paper's (App. E)."""
+        return (self.model, self.seed, self.reasoning_effort) == tuple(PAPER_SETTINGS.values())
+
+
+def _redact(text: str) -> str:
+    key = os.environ.get("OPENAI_API_KEY")
+    text = " ".join(str(text).split())
+    return text.replace(key, "***") if key else text
+
+
+def _retry_after(exc: Any) -> float | None:
+    """Seconds a server asked to wait (`retry-after-ms` / `retry-after` headers), or None."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return float(headers["retry-after-ms"]) / 1000
+        if headers.get("retry-after") is not None:
+            return float(headers["retry-after"])
+    except (TypeError, ValueError):
+        return None
+    return None
+
 
 class LLMJudge:
-    """Judge prompts with an OpenAI-compatible model; counts `calls` (requests sent) and `cache_hits`."""
+    """Judge prompts with an OpenAI-compatible model.
+
+    Counters: `requests_sent` (HTTP requests, retries and repeats included), `calls` (verdict requests:
+    prompts sent, malformed repeats included; batch lines in batch mode), `cache_hits`, `malformed`.
+    """
 
     name = "openai"
 
@@ -215,6 +256,7 @@ class LLMJudge:
         self.cache = VerdictCache(self.config.cache_dir)
         self._client = client
         self.calls = 0
+        self.requests_sent = 0
         self.cache_hits = 0
         self.malformed = 0
         self._lock = threading.Lock()
@@ -235,9 +277,54 @@ class LLMJudge:
                     raise JudgeError("the openai judge needs OPENAI_API_KEY in the environment "
                                      "(or --base-url for a local OpenAI-compatible server)")
                 api_key = "no-key"  # local servers often need none; the client insists on a value
-            self._client = OpenAI(api_key=api_key, base_url=self.config.base_url,
-                                  max_retries=self.config.max_retries, timeout=self.config.timeout)
+            self._client = OpenAI(api_key=api_key, base_url=self.config.base_url, max_retries=0,
+                                  timeout=self.config.timeout)
         return self._client
+
+    @property
+    def server(self) -> str:
+        """The endpoint's base URL (for messages)."""
+        return self.config.base_url or str(getattr(self._client, "base_url", "") or "https://api.openai.com/v1")
+
+    def send(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One API call with this module's retries (see module doc); JudgeError with one line when it fails."""
+        import openai
+
+        attempt = 0
+        while True:
+            with self._lock:
+                self.requests_sent += 1
+            try:
+                return call(*args, **kwargs)
+            except openai.AuthenticationError:
+                raise JudgeError(f"the judge server at {self.server} rejected the API key (HTTP 401); check "
+                                 "OPENAI_API_KEY") from None
+            except openai.PermissionDeniedError:
+                raise JudgeError(f"the judge server at {self.server} refused access with this API key "
+                                 "(HTTP 403)") from None
+            except openai.NotFoundError:
+                raise JudgeError(f"the judge server at {self.server} has no model {self.config.model!r} or no "
+                                 "such endpoint (HTTP 404); check --model and --base-url") from None
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as exc:
+                status = getattr(exc, "status_code", None)
+                what = (f"HTTP {status}" if status else
+                        "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable")
+                if attempt >= self.config.max_retries:
+                    if status is None:
+                        raise JudgeError(f"cannot reach the judge server at {self.server} ({what} after "
+                                         f"{attempt + 1} attempt(s)); check --base-url and the network") from None
+                    raise JudgeError(f"the judge server at {self.server} kept failing ({what}); retries "
+                                     f"exhausted after {attempt + 1} attempt(s)") from None
+                wait = _retry_after(exc)
+                backoff = min(MAX_BACKOFF_S, self.config.retry_backoff * (2 ** attempt))
+                delay = backoff if wait is None else min(max(wait, 0.0), MAX_RETRY_AFTER_S)
+                logger.info("judge request: %s; retry %d/%d in %.2f s", what, attempt + 1,
+                            self.config.max_retries, delay)
+                time.sleep(delay)
+                attempt += 1
+            except openai.APIStatusError as exc:
+                raise JudgeError(f"the judge server at {self.server} refused the request (HTTP "
+                                 f"{exc.status_code}: {_redact(getattr(exc, 'message', ''))[:200]})") from None
 
     def request_body(self, prompt: str) -> dict[str, Any]:
         """The chat-completions request for one prompt (also the body of a Batch API line)."""
@@ -253,12 +340,18 @@ class LLMJudge:
 
     def _ask(self, prompt: str) -> bool | None:
         """One prompt: send, parse, repeat on a malformed verdict; None when it stays malformed."""
+        import openai
+
+        client = self.client
         for attempt in range(1 + self.config.malformed_retries):
             with self._lock:
                 self.calls += 1
-            response = self.client.chat.completions.create(**self.request_body(prompt))
-            message = response.choices[0].message if response.choices else None
-            verdict = parse_verdict(getattr(message, "content", None)) if message is not None else None
+            try:
+                response = self.send(client.chat.completions.create, **self.request_body(prompt))
+                message = response.choices[0].message if response.choices else None
+                verdict = parse_verdict(getattr(message, "content", None)) if message is not None else None
+            except (openai.APIResponseValidationError, AttributeError, TypeError, IndexError):
+                verdict = None  # a body that is not a chat completion: as malformed as a bad verdict
             if verdict is not None:
                 return verdict
             with self._lock:
@@ -289,6 +382,8 @@ class LLMJudge:
         return [verdicts[k] for k in keys]
 
     def _judge_online(self, todo: dict[str, str], progress: Callable[[int], None] | None) -> dict[str, bool | None]:
+        from concurrent.futures import as_completed
+
         from tqdm.auto import tqdm
 
         out: dict[str, bool | None] = {}
@@ -303,11 +398,16 @@ class LLMJudge:
             return key, verdict
 
         workers = max(1, min(self.config.max_workers, len(items)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for key, verdict in tqdm(pool.map(work, items), total=len(items), desc="LLM judge", leave=False):
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            futures = [pool.submit(work, item) for item in items]
+            for future in tqdm(as_completed(futures), total=len(futures), desc="LLM judge", leave=False):
+                key, verdict = future.result()  # a JudgeError stops the run (verdicts so far stay cached)
                 out[key] = verdict
                 if progress:
                     progress(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return out
 
     # -- Batch API ----------------------------------------------------------------------------------------
@@ -328,10 +428,10 @@ class LLMJudge:
                                  "body": self.request_body(prompt)}, ensure_ascii=False)
                      for key, prompt in sorted(todo.items())]
             _atomic_write_text(input_path, "\n".join(lines) + "\n")
-            with open(input_path, "rb") as handle:
-                uploaded = client.files.create(file=handle, purpose="batch")
-            batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                          completion_window="24h", metadata={"sake": PROMPT_VERSION})
+            uploaded = self.send(client.files.create, file=(input_path.name, input_path.read_bytes()),
+                                 purpose="batch")
+            batch = self.send(client.batches.create, input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"sake": PROMPT_VERSION})
             batch_id = batch.id
             state = {"batch_id": batch_id, "input_file_id": uploaded.id, "model": self.config.model,
                      "keys_digest": keys_digest, "n_requests": len(todo)}
@@ -339,7 +439,7 @@ class LLMJudge:
             self.calls += len(todo)
             logger.info("submitted batch %s with %d requests (state: %s)", batch_id, len(todo), state_path)
         while True:
-            batch = client.batches.retrieve(batch_id)
+            batch = self.send(client.batches.retrieve, batch_id)
             if batch.status in ("completed", "failed", "expired", "cancelled"):
                 break
             logger.info("batch %s: %s", batch_id, batch.status)
@@ -348,7 +448,7 @@ class LLMJudge:
             raise JudgeError(f"batch {batch_id} ended with status {batch.status!r} and no output; delete "
                              f"{state_path} to submit again")
         out: dict[str, bool | None] = {key: None for key in todo}
-        text = client.files.content(batch.output_file_id).text
+        text = self.send(client.files.content, batch.output_file_id).text
         for line in text.splitlines():
             if not line.strip():
                 continue

@@ -106,30 +106,34 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
 
 
 def _text_mentions(output: str, options: Sequence[str]) -> tuple[set[int], set[int]]:
-    """(positively mentioned option indices, negated-only option indices) by whole-phrase text match."""
+    """(positively mentioned option indices, negated-only option indices) by whole-phrase text match.
+
+    One pass over the output's words (options indexed by their first word), so time and memory grow linearly
+    with the output's length.
+    """
     words = normalize(output).split()
-    spans: list[tuple[int, int, int]] = []  # (start word, end word, option index)
+    by_first: dict[str, list[tuple[list[str], int]]] = {}
     for index, option in enumerate(options):
         target = normalize(_strip_letter(option)).split()
-        if not target:
-            continue
-        size = len(target)
-        for start in range(len(words) - size + 1):
-            if words[start:start + size] == target:
-                spans.append((start, start + size, index))
-    # A mention inside a longer mention of another option (e.g. "sad" inside "very sad") does not count.
-    kept = [
-        s for s in spans
-        if not any(o is not s and o[0] <= s[0] and s[1] <= o[1] and (o[1] - o[0]) > (s[1] - s[0]) for o in spans)
-    ]
+        if target:
+            by_first.setdefault(target[0], []).append((target, index))
     positive: set[int] = set()
     negated: set[int] = set()
-    for start, _end, index in kept:
-        window = words[max(0, start - NEGATION_WINDOW):start]
-        if any(w in NEGATION_WORDS for w in window):
-            negated.add(index)
-        else:
-            positive.add(index)
+    reach = 0  # furthest end of the mentions starting before the current word
+    for start, word in enumerate(words):
+        found = [(start + len(t), index) for t, index in by_first.get(word, ())
+                 if words[start:start + len(t)] == t]
+        if not found:
+            continue
+        longest = max(end for end, _ in found)
+        for end, index in found:
+            # A mention inside a longer mention of another option ("sad" inside "very sad") does not count:
+            # a longer one starts here, or one that started earlier reaches at least as far.
+            if end < longest or reach >= end:
+                continue
+            window = words[max(0, start - NEGATION_WINDOW):start]
+            (negated if any(w in NEGATION_WORDS for w in window) else positive).add(index)
+        reach = max(reach, longest)
     return positive, negated - positive
 
 

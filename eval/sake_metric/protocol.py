@@ -76,13 +76,17 @@ ITEM_FIELDS: tuple[str, ...] = ("id", "type", "question", "options", "answer", "
 #: Fields of every prediction row (line 2.. of a predictions JSONL).
 ROW_FIELDS: tuple[str, ...] = ("kind", "instance_id", "item_id", "dimension", "type", "attribute", "question",
                                "options", "reference", "pre_edit", "post_edit", "gap", "category")
+#: Optional row fields the runner writes: ``post_edit_hit_limit`` (the post-edit output stopped at
+#: ``max_new_tokens`` without a stop token, so its answer may be cut; null when unknown).
+OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit",)
 #: Header fields every predictions file carries (line 1).
 HEADER_FIELDS: tuple[str, ...] = ("kind", "model", "model_revision", "method", "hparams", "mode", "dataset",
                                   "dataset_fingerprint", "configs", "split", "seed", "versions")
-#: Header fields the runner also writes: generation length, the pre-edit cache key, dtype, family, the date, and
-#: the sequential rule the file follows (``eval_edits``, ``max_gap``; null in single mode).
+#: Header fields the runner also writes: generation length, the pre-edit cache key, dtype, family, the date, the
+#: sequential rule the file follows (``eval_edits``, ``max_gap``; null in single mode) and the number of rows of
+#: the complete run (``expected_rows``: a reader refuses a file with fewer).
 RUN_HEADER_FIELDS: tuple[str, ...] = HEADER_FIELDS + ("limit", "max_new_tokens", "model_key", "dtype", "family",
-                                                      "eval_edits", "max_gap", "date")
+                                                      "eval_edits", "max_gap", "expected_rows", "date")
 
 # ------------------------------------------------------------------------------------------- sequential editing
 

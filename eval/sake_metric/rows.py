@@ -11,24 +11,23 @@ field, and saying what was expected.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from .predictions_file import PredictionsError, read_predictions_file
 # Dimensions, allowed `type` values per dimension, the fields every row carries and the modes: the protocol
 # module (a copy of sake/protocol.py, so that this evaluate module stays self-contained).
-from .protocol import CONSISTENCY_DIMENSIONS, CORRECTNESS_DIMENSIONS, DIMENSIONS, MODES, ROW_FIELDS, TYPES
+from .protocol import (CONSISTENCY_DIMENSIONS, CORRECTNESS_DIMENSIONS, DIMENSIONS, MODES, OPTIONAL_ROW_FIELDS,
+                       ROW_FIELDS, TYPES)
 
 # Fields the metric itself needs (the evaluate module passes only these).
 METRIC_FIELDS = (
     "item_id", "dimension", "type", "attribute", "reference", "pre_edit", "post_edit", "gap", "category",
     "options",
 )
-
-
-class PredictionsError(ValueError):
-    """Bad prediction input; the message names the source, line/row and field."""
+#: Optional row field written by editors/run.py: the post-edit output stopped at max_new_tokens.
+HIT_LIMIT_FIELD = OPTIONAL_ROW_FIELDS[0]
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,7 @@ class PredictionRow:
     options: tuple[str, ...]
     instance_id: str = ""
     question: str = ""
+    hit_limit: bool | None = None  # the post-edit output stopped at max_new_tokens (None: not recorded)
 
     @property
     def is_consistency(self) -> bool:
@@ -124,8 +124,11 @@ def validate_row(
         options = []
     if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
         raise PredictionsError(f"{where}: field 'options' must be a list of strings, got {options!r}")
+    hit_limit = raw.get(HIT_LIMIT_FIELD)
+    if hit_limit is not None and not isinstance(hit_limit, bool):
+        raise PredictionsError(f"{where}: field {HIT_LIMIT_FIELD!r} must be true, false or null, got {hit_limit!r}")
     return PredictionRow(
-        item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
+        hit_limit=hit_limit, item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
         pre_edit=pre_edit, post_edit=post_edit, gap=gap, category=category, options=tuple(options),
         instance_id=str(raw.get("instance_id") or ""), question=str(raw.get("question") or ""),
     )
@@ -169,34 +172,8 @@ def validate_rows(
     return rows
 
 
-def read_predictions_file(path: str | os.PathLike) -> tuple[dict | None, list[tuple[int, dict]]]:
-    """Read a predictions JSONL: return (header or None, [(line number, raw row), ...])."""
-    path = os.fspath(path)
-    header: dict | None = None
-    raws: list[tuple[int, dict]] = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise PredictionsError(f"{path}: cannot read predictions file ({exc.strerror})") from exc
-    with handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PredictionsError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
-            if isinstance(obj, dict) and obj.get("kind") == "header":
-                if header is not None or raws:
-                    raise PredictionsError(f"{path}, line {number}: a 'kind: header' line must be the first line")
-                header = obj
-                continue
-            raws.append((number, obj))
-    return header, raws
-
-
 def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
-    """Check the few header fields the metric relies on (mode)."""
+    """Check the few header fields the metric relies on (mode) of a header given with rows."""
     if header is None:
         return
     mode = header.get("mode")
@@ -206,15 +183,19 @@ def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
 
 def load_predictions(
     predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, header: Mapping[str, Any] | None = None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> tuple[dict | None, list[PredictionRow]]:
     """Load and validate predictions from a JSONL path or from an iterable of row dicts.
 
-    An iterable may start with a header dict (`kind: header`); `header` overrides it. A file requires every
-    field of ARCHITECTURE.md's prediction row; an iterable needs only `METRIC_FIELDS`.
+    A file goes through the strict reader (`predictions_file.read_predictions_file`: header required, size,
+    encoding and JSON limits, complete against the header's `expected_rows` and, given one, the dataset
+    `manifest`) and requires every field of ARCHITECTURE.md's prediction row. An iterable may start with a
+    header dict (`kind: header`) and needs only `METRIC_FIELDS`. `header` overrides the file's or iterable's.
     """
     if isinstance(predictions, (str, os.PathLike)):
         source = os.fspath(predictions)
-        file_header, raws = read_predictions_file(source)
+        read = read_predictions_file(source, manifest=manifest)
+        file_header, raws = read.header, read.rows
         required: tuple[str, ...] = ROW_FIELDS
     else:
         source = "<rows>"

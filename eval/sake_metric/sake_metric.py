@@ -13,13 +13,16 @@ import evaluate
 # evaluate copies only modules this script imports directly, and reads anything after "#" on an import line
 # as a download URL: keep one plain relative import per helper module, no trailing comments.
 from .degeneration import degeneration_kind
+from .limits import MAX_JUDGED_CHARS
 from .llm_judge import DEFAULT_MODEL, JudgeConfig, LLMJudge, default_cache_dir
 from .matching import choose_option
+from .predictions_file import read_predictions_file
 from .protocol import METRIC_KEYS
 from .rows import PredictionsError, load_predictions
-from .scoring import METRIC_VERSION, build_results, judge_rows
+from .scoring import METRIC_VERSION, build_results, check_failures, judge_rows, protocol_name
 
-__all__ = ["METRIC_KEYS", "SakeMetric", "choose_option", "degeneration_kind"]
+__all__ = ["METRIC_KEYS", "SakeMetric", "choose_option", "degeneration_kind", "read_predictions_file",
+           "MAX_JUDGED_CHARS"]
 
 _CITATION = """\
 @misc{sake,
@@ -49,7 +52,11 @@ Args (one list entry per prediction row; all lists the same length):
     category (list[str]): portability knowledge category ("" otherwise).
     options (list[list[str]]): the item's option texts in order.
     questions (list[str], optional): the questions, shown to the LLM judge.
-    judge (str): "offline" (default; undecided items count as incorrect/inconsistent) or "openai".
+    judge (str): "offline" (default: the offline protocol, empty -> exact -> choice, undecided items count as
+        incorrect/inconsistent) or "openai" (the paper protocol of App. E: empty -> exact -> LLM judge).
+    protocol (str): "paper" or "offline"; default from `judge`.  prefilter (str): "choice" runs the
+        multiple-choice matcher before the LLM (protocol "paper+choice").  max_failed (int): items allowed
+        without a well-formed LLM verdict (default 0: more raise JudgeFailures).
     judge_model (str): default "gpt-5-mini-2025-08-07".  base_url (str): OpenAI-compatible endpoint.
     cache_dir (str): verdict cache.  max_workers (int): concurrent requests.  reasoning_effort (str|None).
     batch (bool), batch_state (str): Batch API mode.  header (dict): run header (model, method, mode, ...).
@@ -95,6 +102,7 @@ class SakeMetric(evaluate.Metric):
         self, predictions, references, item_id, dimension, type, attribute, pre_edit, gap, category, options,
         questions=None, judge: str = "offline", judge_model: str = DEFAULT_MODEL, base_url=None, cache_dir=None,
         max_workers: int = 8, reasoning_effort="minimal", batch: bool = False, batch_state=None, header=None,
+        protocol=None, prefilter=None, max_failed: int = 0, max_retries: int = 5, retry_backoff: float = 1.0,
     ) -> dict[str, Any]:
         n = len(predictions)
         if questions is not None and len(questions) != n:
@@ -108,15 +116,19 @@ class SakeMetric(evaluate.Metric):
                 "question": questions[i] if questions is not None else "",
             })
         run_header, parsed = load_predictions(rows, header=header)
-        if judge == "offline":
-            the_judge: Any = "offline"
-        elif judge == "openai":
-            the_judge = LLMJudge(JudgeConfig(
-                model=judge_model, base_url=base_url, max_workers=max_workers, reasoning_effort=reasoning_effort,
-                cache_dir=cache_dir if cache_dir is not None else default_cache_dir(), batch=batch,
-                batch_state=batch_state))
-        else:
+        if protocol is None:
+            protocol = "paper" if judge == "openai" else "offline"
+        name = protocol_name(protocol, prefilter)
+        if judge not in ("offline", "openai"):
             raise ValueError(f"judge must be 'offline' or 'openai', got {judge!r}")
-        results = build_results(run_header, judge_rows(parsed, the_judge), the_judge)
+        if protocol == "offline" and judge == "openai":
+            raise ValueError("protocol 'offline' uses no LLM judge; drop judge='openai' or use protocol='paper'")
+        the_judge: Any = "offline" if protocol == "offline" else LLMJudge(JudgeConfig(
+            model=judge_model, base_url=base_url, max_workers=max_workers, reasoning_effort=reasoning_effort,
+            cache_dir=cache_dir if cache_dir is not None else default_cache_dir(), batch=batch,
+            batch_state=batch_state, max_retries=max_retries, retry_backoff=retry_backoff))
+        verdicts = judge_rows(parsed, the_judge, protocol=protocol, prefilter=prefilter)
+        check_failures(verdicts, max_failed)
+        results = build_results(run_header, verdicts, the_judge, name)
         results["versions"]["sake_metric"] = METRIC_VERSION
         return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -15,10 +16,23 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
+def read_text(path: Path, what: str = "a UTF-8 text file") -> str:
+    """The text of a UTF-8 file (a leading BOM is dropped); a file that is not UTF-8 raises one SourceError line
+    naming the file and the byte offset of the first bad byte."""
+    require_file(Path(path), what)
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
+                          f"(expected {what} encoded as UTF-8)") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
 def read_table(path: Path, required: Sequence[str], delimiter: str = ",") -> Iterator[tuple[int, dict[str, str]]]:
     """Rows of a CSV/TSV file as (line number, dict), after checking that every required column exists."""
-    require_file(path, "a table with columns " + ", ".join(required))
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    text = read_text(path, "a table with columns " + ", ".join(required))
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
-from ..sake import ATTRIBUTES, LABELS
-from .common import read_table, require_file
+from ..labels import ATTRIBUTES, LABELS
+from .common import read_table, read_text, require_file
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,10 @@ def read_animal_sound_dataset(path: Path, limit: int = DEFAULT_LIMIT) -> PoolRep
 
 
 def _load_mapping(path: Path) -> dict:
-    require_file(path, "a pool mapping YAML")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(read_text(path, "a pool mapping YAML")) or {}
+    except yaml.YAMLError as exc:
+        raise SourceError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a YAML mapping")
     return data

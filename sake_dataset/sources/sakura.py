@@ -10,7 +10,8 @@ Expected local layout (the public release, one folder per track; track folder na
 `metadata.csv` columns: `file` (audio file name under `audio/`), `attribute_label` (the track's label, e.g.
 `Happy`, `German`), `single_instruction` (the single-hop attribute question with its options inline,
 "... (a) x (b) y ..."), `single_answer` (the right option: its text, "(b) y" or "b"), `multi_instruction`,
-`multi_answer` (the multi-hop question, kept as provenance only).
+`multi_answer` (the multi-hop question about the clip, options inline, and its answer: the builder's portability
+questions, `sake_dataset.portability`); optional `multi_category` (the question's knowledge category).
 
 Hub: a dataset id (e.g. `SLLM-multi-hop/SAKURA`) with configs `AnimalQA`, `EmotionQA`, `GenderQA`, `LanguageQA`
 (split `test`) holding the same columns plus an `audio` column; needs network access.
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
-from ..sake import ATTRIBUTES, canonical_label, option_for_label, split_options
+from ..labels import ATTRIBUTES, canonical_label, option_for_label, split_options
 from .common import find_dir, is_hub_id, read_table
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _make_clip(attribute: str, row: dict, where: str, audio) -> LabelledClip:
     return LabelledClip(attribute=attribute, label=label, audio=audio, source=f"sakura:{TRACKS[attribute]}/"
                         f"{row['file']}", origin="sakura", question=row["single_instruction"].strip(),
                         options=options, answer=options[idx], multi_question=row.get("multi_instruction", ""),
-                        multi_answer=row.get("multi_answer", ""))
+                        multi_answer=row.get("multi_answer", ""), multi_category=row.get("multi_category", ""))
 
 
 def read_sakura(spec: str | Path, attributes=ATTRIBUTES) -> list[LabelledClip]:
@@ -102,7 +103,7 @@ def _read_hub(hub_id: str, attributes) -> list[LabelledClip]:
         for i, row in enumerate(tqdm(ds, desc=f"SAKURA {config}", leave=False)):
             audio_field = row["audio"]
             name = row.get("file") or (audio_field.get("path") or f"{i:06d}.wav").rsplit("/", 1)[-1]
-            row = {c: str(row.get(c) or "") for c in COLUMNS} | {"file": name}
+            row = {c: str(row.get(c) or "") for c in COLUMNS + ("multi_category",)} | {"file": name}
             audio = probe_audio(f"{hub_id}/{config}/{name}", data=audio_field["bytes"], field="audio")
             clips.append(_make_clip(attribute, row, f"{hub_id}[{config}] row {i}", audio))
     return clips

@@ -1,0 +1,369 @@
+"""The one strict reader of predictions files (runner output), shared by scoring and the leaderboard.
+
+A predictions file is JSONL (ARCHITECTURE.md "Prediction rows"): line 1 is the run header
+(`{"kind": "header", ...}`), every other line one prediction row. `read_predictions_file` (a path) and
+`parse_predictions` (bytes, e.g. a zip member) return the header and the raw rows with their line numbers, or
+raise `PredictionsError` with ONE line naming the file, the line (or byte offset) and what was expected:
+
+- a file over `MAX_FILE_BYTES`, a line over `MAX_LINE_BYTES`, more than `MAX_ROWS` rows;
+- binary content (a NUL byte) or bytes that are not UTF-8 (byte offset of the first bad byte);
+- a line that is not one JSON object: malformed JSON, NaN / Infinity, integers over `MAX_INT_DIGITS` digits,
+  nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), duplicate keys, unpaired
+  UTF-16 surrogate escapes (`"\\ud800"`), blank lines;
+- a missing or malformed header (line 1 must be `kind: header` with `mode` single|sequential);
+- a file with fewer (or more) rows than the header's `expected_rows` (written by `editors/run.py`), or, given a
+  release manifest (`sake_manifest.json`), item keys missing from or foreign to the release for the header's
+  configs / split / mode / limit (`expected_keys`). A cut file is never scored.
+
+Field-level checks of each row (dimension, type, pre_edit, ...) are `rows.validate_row`'s job. Limits live in
+`limits.py`. No third-party imports: `evaluate` copies this module next to the metric script.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+from .limits import MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS
+# the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
+from .protocol import MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_STEP = re.compile(r"^step(\d+)$")
+
+
+class PredictionsError(ValueError):
+    """Bad prediction input; the message is one line naming the source, line/row and field."""
+
+
+class _Reject(Exception):
+    """Raised inside json hooks; turned into a PredictionsError naming the line."""
+
+
+@dataclass
+class PredictionsFile:
+    """A read predictions file: its header and `(line number, raw row dict)` pairs, in file order."""
+
+    source: str
+    header: dict[str, Any]
+    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ one line
+
+def json_depth(text: str, limit: int) -> int:
+    """Nesting depth of a JSON text (brackets inside strings ignored); stops counting once past `limit`."""
+    if text.count("[") + text.count("{") <= limit:
+        return text.count("[") + text.count("{")  # an upper bound that is already within the limit
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _STRING.sub('""', text)):
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        else:
+            depth -= 1
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Reject(f"{name} is not allowed (JSON numbers must be finite)")
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Reject(f"an integer with {len(digits.lstrip('-'))} digits (at most {MAX_INT_DIGITS} allowed)")
+    return int(digits)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Reject(f"duplicate key {key!r} in one object")
+            seen.add(key)
+    return obj
+
+
+def parse_json_line(text: str, *, where: str, max_depth: int) -> Any:
+    """One JSON value of a line under the reader's rules (see module doc); PredictionsError naming `where`."""
+    depth = json_depth(text, max_depth)
+    if depth > max_depth:
+        raise PredictionsError(f"{where}: JSON nested {depth} levels deep or more; the format allows at most "
+                               f"{max_depth}")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
+                           object_pairs_hook=_unique_keys)
+    except _Reject as exc:
+        raise PredictionsError(f"{where}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise PredictionsError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except (RecursionError, ValueError) as exc:  # belt and braces: never a traceback
+        raise PredictionsError(f"{where}: not valid JSON ({type(exc).__name__})") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start:exc.end].encode("utf-16", "surrogatepass")[2:].hex()
+            raise PredictionsError(f"{where}: a string holds an unpaired UTF-16 surrogate (\\u{bad[2:4]}{bad[0:2]}); "
+                                   "expected valid Unicode text") from None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ the file
+
+def _lines(chunks: Iterable[bytes], source: str) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, line bytes without the newline) of a byte stream, with size limits."""
+    buffer = b""
+    offset = 0  # byte offset of buffer[0] in the file
+    number = 0
+    total = 0
+    for chunk in chunks:
+        if total == 0:
+            nul = chunk.find(b"\0", 0, 8192)
+            if nul >= 0:  # a binary file (image, archive, pickle, ...): say so before any line-level message
+                raise PredictionsError(f"{source}: binary content (NUL byte at byte offset {nul}); expected "
+                                       "UTF-8 JSON lines")
+        total += len(chunk)
+        if total > MAX_FILE_BYTES:
+            raise PredictionsError(f"{source}: over {MAX_FILE_BYTES} bytes, the limit for a predictions file")
+        buffer += chunk
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            number += 1
+            yield number, offset + start, buffer[start:end]
+            start = end + 1
+        buffer = buffer[start:]
+        offset += start
+        if len(buffer) > MAX_LINE_BYTES:
+            raise PredictionsError(f"{source}, line {number + 1}: longer than {MAX_LINE_BYTES} bytes, the limit "
+                                   "for one line")
+    if buffer:
+        yield number + 1, offset, buffer
+
+
+def _decode(raw: bytes, where: str, offset: int) -> str:
+    if len(raw) > MAX_LINE_BYTES:
+        raise PredictionsError(f"{where}: longer than {MAX_LINE_BYTES} bytes, the limit for one line")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise PredictionsError(f"{where}: binary content (NUL byte at byte offset {offset + nul}); expected "
+                               "UTF-8 JSON lines")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PredictionsError(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
+                               f"{offset + exc.start}); expected UTF-8 JSON lines") from None
+    return text[:-1] if text.endswith("\r") else text
+
+
+def check_header(header: Any, *, source: str) -> dict[str, Any]:
+    """The run header of line 1 (ARCHITECTURE.md), checked for the fields scoring relies on."""
+    where = f"{source}, line 1"
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        got = "a prediction row" if isinstance(header, dict) and header.get("kind") == "prediction" else (
+            f"a JSON {type(header).__name__}" if not isinstance(header, dict) else "an object without kind: header")
+        raise PredictionsError(f"{where}: expected the run header ({{\"kind\": \"header\", ...}} as written by "
+                               f"editors/run.py), got {got}")
+    mode = header.get("mode")
+    if mode not in MODES:
+        raise PredictionsError(f"{where}: header field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+    expected = header.get("expected_rows")
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
+        raise PredictionsError(f"{where}: header field 'expected_rows' must be an integer >= 0, got {expected!r}")
+    limit = header.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise PredictionsError(f"{where}: header field 'limit' must be null or an integer >= 0, got {limit!r}")
+    return header
+
+
+def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
+                      manifest: Mapping[str, Any] | None = None) -> PredictionsFile:
+    """Read a predictions file from bytes (or an iterable of byte chunks); see the module doc for the checks."""
+    if isinstance(chunks, (bytes, bytearray)):
+        chunks = [bytes(chunks)]
+    header: dict[str, Any] | None = None
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for number, offset, raw in _lines(chunks, source):
+        where = f"{source}, line {number}"
+        text = _decode(raw, where, offset)
+        if not text.strip():
+            raise PredictionsError(f"{where}: blank line; expected one JSON object per line")
+        if number == 1:
+            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH), source=source)
+            continue
+        obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH)
+        if not isinstance(obj, dict):
+            raise PredictionsError(f"{where}: expected a prediction row (a JSON object), got a JSON "
+                                   f"{type(obj).__name__}")
+        if obj.get("kind") == "header":
+            raise PredictionsError(f"{where}: a second run header; only line 1 may be the header")
+        if len(rows) >= MAX_ROWS:
+            raise PredictionsError(f"{where}: more than {MAX_ROWS} prediction rows, the limit for one file")
+        rows.append((number, obj))
+    if header is None:
+        raise PredictionsError(f"{source}: empty file; expected the run header on line 1, then prediction rows")
+    if not rows:
+        raise PredictionsError(f"{source}: no prediction rows after the run header")
+    check_complete(header, rows, source=source, manifest=manifest)
+    return PredictionsFile(source=source, header=header, rows=rows)
+
+
+def read_predictions_file(path: str | os.PathLike, *, manifest: Mapping[str, Any] | None = None,
+                          chunk_bytes: int = 1 << 20) -> PredictionsFile:
+    """Read and check a predictions file from disk (streamed; see the module doc)."""
+    source = os.fspath(path)
+    try:
+        handle = open(source, "rb")
+    except OSError as exc:
+        raise PredictionsError(f"{source}: cannot read predictions file ({exc.strerror})") from None
+    with handle:
+        if os.path.isdir(source):
+            raise PredictionsError(f"{source}: a directory; expected a predictions .jsonl file")
+        return parse_predictions(iter(lambda: handle.read(chunk_bytes), b""), source, manifest=manifest)
+
+
+# ------------------------------------------------------------------------------------------------ completeness
+
+def row_key(row: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(item_id, gap): rows are unique by it (gap None in single mode)."""
+    return row.get("item_id"), row.get("gap")
+
+
+def _first_n_groups(ids: list[str], group_of: Any, n: int | None) -> list[str]:
+    if n is None:
+        return ids
+    kept: list[str] = []
+    groups: set[str] = set()
+    for item_id in ids:
+        group = group_of(item_id)
+        if group not in groups:
+            if len(groups) == n:
+                continue
+            groups.add(group)
+        kept.append(item_id)
+    return kept
+
+
+def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> list[tuple[str, int | None]]:
+    """Every (item_id, gap) a complete run of `header` holds, in manifest order.
+
+    Single mode: the item ids of each header config for the header split (the first `limit` instances of each
+    config when `limit` is set), gap None. Sequential mode: an item of the edit at step s of a sequence
+    (`sequential/{split}/{seq}/step{s:02d}/{kind}`) for every gap g with s <= eval_edits, g <= max_gap and
+    s + g <= the sequence's last step (the first `limit` sequences when `limit` is set).
+    Raises KeyError / ValueError when the manifest lacks a config or split or has a malformed sequential id.
+    """
+    split = header["split"]
+    limit = header.get("limit")
+    item_ids = manifest["item_ids"]
+    if header["mode"] != "sequential":
+        keys: list[tuple[str, int | None]] = []
+        for config in header["configs"]:
+            ids = list(item_ids[config][split])
+            keys += [(i, None) for i in _first_n_groups(ids, lambda i: i.rpartition("/")[0], limit)]
+        return keys
+    ids = list(item_ids[SEQUENTIAL_CONFIG][split])
+    ids = _first_n_groups(ids, lambda i: i.rpartition("/")[0].rpartition("/")[0], limit)
+    eval_edits = header.get("eval_edits") or SEQUENTIAL_EVAL_EDITS  # headers written before the field: §4.2 rule
+    max_gap = header.get("max_gap")
+    max_gap = SEQUENTIAL_MAX_GAP if max_gap is None else max_gap
+    where: dict[str, tuple[str, int]] = {}
+    last: dict[str, int] = {}
+    for item_id in ids:
+        sequence, _, step_name = item_id.rpartition("/")[0].rpartition("/")
+        match = _STEP.match(step_name)
+        if not match:
+            raise ValueError(f"sequential item id {item_id!r} has no 'stepNN' segment")
+        step = int(match.group(1))
+        where[item_id] = (sequence, step)
+        last[sequence] = max(last.get(sequence, 0), step)
+    keys = []
+    for item_id in ids:
+        sequence, step = where[item_id]
+        if step <= eval_edits:
+            keys += [(item_id, g) for g in range(max_gap + 1) if step + g <= last[sequence]]
+    return keys
+
+
+def _describe(key: tuple[str, Any]) -> str:
+    return repr(key[0]) if key[1] is None else f"{key[0]!r} at gap {key[1]}"
+
+
+def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, Any]]], *, source: str,
+                   manifest: Mapping[str, Any] | None = None) -> None:
+    """Rows against the header's `expected_rows` and, given one, the release manifest's item keys."""
+    expected_rows = header.get("expected_rows")
+    if expected_rows is not None and len(rows) != expected_rows:
+        if len(rows) < expected_rows:
+            raise PredictionsError(
+                f"{source}: {len(rows)} prediction rows, but the run header's expected_rows is {expected_rows}: "
+                "the file is incomplete (an interrupted run or a cut file); rerun the same editors.run command "
+                "to finish it")
+        raise PredictionsError(f"{source}: {len(rows)} prediction rows, more than the run header's expected_rows "
+                               f"({expected_rows})")
+    if manifest is None:
+        return
+    fingerprint = manifest.get("fingerprint")
+    if header.get("dataset_fingerprint") not in (None, fingerprint):
+        raise PredictionsError(f"{source}, line 1: header field 'dataset_fingerprint' "
+                               f"{header.get('dataset_fingerprint')!r} does not match the manifest's {fingerprint!r}")
+    try:
+        expected = expected_keys(manifest, header)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PredictionsError(f"{source}, line 1: the dataset manifest has no item ids for this run's configs "
+                               f"{header.get('configs')!r} / split {header.get('split')!r} ({exc})") from None
+    got = {row_key(row): number for number, row in rows}
+    missing = [k for k in expected if k not in got]
+    if missing:
+        raise PredictionsError(
+            f"{source}: {len(missing)} of the {len(expected)} items the dataset manifest lists for this run are "
+            f"missing (first: {_describe(missing[0])}); a cut or partial file is not scored")
+    expected_set = set(expected)
+    extra = [(number, key) for key, number in got.items() if key not in expected_set]
+    if extra:
+        number, key = min(extra)
+        raise PredictionsError(f"{source}, line {number}: item {_describe(key)} is not in the dataset manifest for "
+                               f"{'/'.join(header.get('configs') or [])} {header.get('split')} "
+                               f"({len(extra)} such row(s))")
+
+
+def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A local `sake_manifest.json` (or a dataset folder holding one); PredictionsError when unreadable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "sake_manifest.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise PredictionsError(f"{path}: cannot read the dataset manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("item_ids"), dict):
+        raise PredictionsError(f"{path}: not a SAKE dataset manifest (expected an object with 'item_ids')")
+    return manifest
+
+
+def manifest_for(header: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the header's dataset when it is a local folder built for the same fingerprint, else None."""
+    dataset = header.get("dataset")
+    if not isinstance(dataset, str) or not os.path.isfile(os.path.join(dataset, "sake_manifest.json")):
+        return None
+    try:
+        manifest = load_manifest(dataset)
+    except PredictionsError:
+        return None
+    if header.get("dataset_fingerprint") != manifest.get("fingerprint"):
+        return None
+    return manifest
