@@ -35,12 +35,14 @@ import hashlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from editors.base import EditRequest, Editor, register
+from editors.hparams import Hparams
 from sake.atomic import atomic_write
 from sake.protocol import ATTRIBUTES
 from editors.models.base import Prompt, as_audio_array
@@ -86,10 +88,30 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     return audio + text
 
 
+@dataclass(kw_only=True)
+class AlphaEditHparams(Hparams):
+    """AlphaEdit's settings (see the module docstring and editors/hparams/alphaedit.yaml)."""
+
+    layer: int
+    fact_token: str = "audio_last"  # audio_last | prompt_last
+    v_num_grad_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    v_early_stop_loss: float | None = None
+    nullspace_threshold: float
+    nullspace_fraction: float | None = None
+    L2: float
+    preserve_audio: int
+    preserve_text: int
+    stats_batch_size: int = 16
+
+
 @register("alphaedit")
 class AlphaEdit(Editor):
     """AlphaEdit on the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
 
+    hparams_class = AlphaEditHparams
     display_name = "AlphaEdit"
     display_order = 11  # after the paper's eight methods
 

@@ -32,11 +32,12 @@ import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake import registry
 
@@ -134,9 +135,15 @@ class Editor(abc.ABC):
     #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.
     changes_parameters: ClassVar[bool] = True
 
-    def __init__(self, adapter: LALMAdapter, hparams: dict[str, Any], context: RunContext | None = None) -> None:
+    #: The method's typed hyperparameters (a dataclass subclassing editors.hparams.Hparams), read from
+    #: editors/hparams/<name>.yaml by editors.hparams.load_hparams.
+    hparams_class: ClassVar[type[Hparams]] = Hparams
+
+    def __init__(self, adapter: LALMAdapter, hparams: Hparams | Mapping[str, Any],
+                 context: RunContext | None = None) -> None:
         self.adapter = adapter
-        self.hparams = dict(hparams)
+        self.hparams = (hparams if isinstance(hparams, self.hparams_class)
+                        else self.hparams_class.from_mapping(dict(hparams), where=f"{self.name or type(self).__name__} hparams"))
         self.context = context or RunContext()
 
     def setup(self) -> None:
@@ -182,7 +189,7 @@ class Editor(abc.ABC):
     def bytes_per_batched_edit(self) -> int:
         """Device memory one more edit in a pass needs (sizes the runner's default ``--edits-per-pass``): fp32
         copy, gradient and two optimizer moments of the touched parameters, plus 1.5 GiB for activations and the
-        KV cache of its items (measured at 7B: ../shared/perf/h100-figures.md, K=24 FT-Audio edits in 45 GiB)."""
+        KV cache of its items (measured at 7B on an H100: K=24 FT-Audio edits in 45 GiB)."""
         params = dict(self.adapter.model.named_parameters())
         numel = sum(params[n].numel() for n in self.touched_parameters())
         return 18 * numel + int(1.5 * 2**30)
@@ -234,7 +241,19 @@ class FinetuneResult:
     stopped_early: bool
 
 
-def finetune_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class FinetuneHparams(Hparams):
+    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio): see :func:`finetune` (the defaults are its
+    own)."""
+
+    lr: float
+    max_steps: int
+    optimizer: str = "adam"
+    early_stop_loss: float | None = None
+    weight_decay: float = 0.0
+
+
+def finetune_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`finetune` / ``finetune_many`` taken from a method's hparams (``lr``,
     ``max_steps``, optional ``early_stop_loss``, ``optimizer`` (default adam) and ``weight_decay``)."""
     return {"lr": float(hparams["lr"]), "max_steps": int(hparams["max_steps"]),

@@ -3,8 +3,8 @@ Adam, at most 15 steps, early stop when the target loss < 1e-2).
 
 The audio encoder is frozen, so its output for the edit audio is computed once (``adapter.prepare`` fetches it
 from the adapter's audio-state cache), and so are the attention masks and rotary embeddings; each step runs only
-connector -> LLM (``../shared/perf/h100-figures.md``:
-2.41 s -> 1.45 s at 7B). Text-only inputs never pass through the connector, so their outputs cannot change.
+connector -> LLM (measured on an H100 at 7B:
+2.41 s -> 1.45 s per step). Text-only inputs never pass through the connector, so their outputs cannot change.
 
 Several edits per pass (:meth:`FTAudio.apply_many`): one fp32 connector copy per edit (``editors/batching.py``);
 each edit's prompt gets its audio embeddings from its own copy, the K losses are summed (each copy gets exactly its
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
 
@@ -26,6 +26,7 @@ class FTAudio(Editor):
     """Fine-tune ``adapter.connector()`` on the edit's reliability prompt -> target answer."""
 
     batches_edits = True
+    hparams_class = FinetuneHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

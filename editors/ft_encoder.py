@@ -17,15 +17,24 @@ transcript, and an audio's transcript does not depend on the order audios are fi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from editors.base import EditRequest, Editor, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
+
+
+@dataclass(kw_only=True)
+class FTEncoderHparams(FinetuneHparams):
+    """Fine-tuning settings plus how many of the audio encoder's last layers to train."""
+
+    n_layers: int
 
 
 @register("ft_encoder")
 class FTEncoder(Editor):
     """Fine-tune the last ``hparams['n_layers']`` layers of ``adapter.audio_encoder_layers()``."""
 
+    hparams_class = FTEncoderHparams
     display_name = "FT (Encoder)"
     display_order = 8  # after the paper's eight methods
 

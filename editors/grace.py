@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from editors.base import EditRequest, Editor, register
+from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -97,10 +98,24 @@ class GraceCodebook(nn.Module):
         return out
 
 
+@dataclass(kw_only=True)
+class GraceHparams(Hparams):
+    """GRACE's settings (see the module docstring and editors/hparams/grace.yaml)."""
+
+    layer: int
+    edit_lr: float
+    n_iter: int
+    eps: float
+    early_stop_loss: float | None = None
+    replacement: str = "last"  # last | answer
+    optimizer: str = "sgd"  # sgd | adam
+
+
 @register("grace")
 class GRACE(Editor):
     """GRACE codebook at the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
 
+    hparams_class = GraceHparams
     display_name = "GRACE"
     display_order = 10  # after the paper's eight methods
 

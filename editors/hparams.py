@@ -1,19 +1,119 @@
-"""Hyperparameters as data: ``editors/hparams/<method>.yaml``.
+"""Hyperparameters as data: ``editors/hparams/<method>.yaml``, read into the method's typed dataclass.
 
 Each file has a ``defaults`` mapping, one mapping per model family (the ``FAMILY`` keys of the adapter modules:
-``qwen2_audio``, ``audio_flamingo3``, ``desta25``; paper Table 6) and a ``tiny`` mapping applied on top for tiny random-init models (tests, CI).
-:func:`load_hparams` merges ``defaults`` <- family <- ``tiny`` (tiny models only) <- CLI overrides
-(``--hparam key=value``, the value parsed as YAML, e.g. ``lr=1e-3``, ``layer=-1``, ``optimizer=sgd``).
+``qwen2_audio``, ``audio_flamingo3``, ``desta25``; paper Table 6) and a ``tiny`` mapping applied on top for tiny
+random-init models (tests, CI). :func:`load_hparams` merges ``defaults`` <- family <- ``tiny`` (tiny models only)
+<- overrides (``--hparam key=value``, the value parsed as YAML, e.g. ``lr=1e-3``, ``layer=-1``,
+``optimizer=sgd``), then builds the method's :class:`Hparams` dataclass (``Editor.hparams_class``): a key the
+dataclass does not declare, a missing one or a value of the wrong type is an error naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+
+
+@dataclasses.dataclass
+class Hparams(Mapping):
+    """Base of every method's hyperparameter dataclass: typed fields, built with :meth:`from_mapping`; also a
+    read-only mapping (``hp["lr"]``, ``hp.get("x", default)``, ``dict(hp)``) for code that reads keys by name."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str = "hparams") -> "Hparams":
+        """Build from a plain mapping; ValueError naming ``where`` for unknown or missing keys and wrong types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+        missing = sorted(name for name, f in fields.items() if name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing} for {cls.__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {name: _coerce(value, hints[name], f"{where}: key {name!r}") for name, value in data.items()}
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (field order)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Hparams":
+        """A copy with ``changes`` applied (checked like :meth:`from_mapping`)."""
+        return type(self).from_mapping({**self.as_dict(), **changes}, where=type(self).__name__)
+
+    # Mapping protocol
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``hint`` (ints widen to float; numeric strings become floats)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, str) and _looks_numeric(value):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(v, item, where) for v in value]
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {_coerce(k, key_hint, where): _coerce(v, value_hint, where) for k, v in value.items()}
+    return value
 
 
 def hparams_file(method: str) -> Path:
@@ -54,12 +154,9 @@ def _numeric(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, str) and _looks_numeric(v) else v) for k, v in mapping.items()}
 
 
-def load_hparams(method: str, family: str, *, tiny: bool = False, overrides: Sequence[str] | dict[str, Any] = ()
-                 ) -> dict[str, Any]:
-    """The merged hyperparameters of ``method`` for a model ``family`` (see the module docstring).
-
-    Raises ValueError naming the file when it is missing, malformed or has no entry for the family, and when an
-    override names a key the file does not define."""
+def merged_hparams(method: str, family: str, *, tiny: bool = False,
+                   overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[dict[str, Any], Path]:
+    """The merged plain mapping of ``method`` for ``family`` and the file it came from (no type checks)."""
     path = hparams_file(method)
     if not path.is_file():
         raise ValueError(f"no hyperparameter file for method {method!r}: {path} missing")
@@ -74,9 +171,31 @@ def load_hparams(method: str, family: str, *, tiny: bool = False, overrides: Seq
         if not isinstance(value, dict):
             raise ValueError(f"{path}: section {section!r} must be a mapping")
         merged.update(_numeric(value))
-    extra = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+    extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     unknown = sorted(set(extra) - set(merged))
     if unknown:
-        raise ValueError(f"--hparam: unknown key(s) {unknown} for {method} (known: {sorted(merged)})")
+        raise ValueError(f"--hparam: unknown key(s) {unknown} for {method} (known: {sorted(merged)}; {path})")
     merged.update(extra)
-    return merged
+    return merged, path
+
+
+def load_hparams(method: str, family: str, *, tiny: bool = False,
+                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> Hparams:
+    """The typed hyperparameters of ``method`` for a model ``family`` (see the module docstring).
+
+    Raises ValueError naming the file when it is missing, malformed, has no entry for the family, has a key the
+    method's dataclass does not declare (in any section), misses one, or has a value of the wrong type, and when
+    an override names a key the file does not define."""
+    from editors.base import get_editor_class
+
+    cls = get_editor_class(method).hparams_class
+    path = hparams_file(method)
+    if path.is_file():  # every section, not only the ones merged for this family, must use known keys
+        data = yaml.safe_load(path.read_text()) or {}
+        known = set(cls._names())
+        for section, value in (data.items() if isinstance(data, dict) else ()):
+            if isinstance(value, dict) and set(value) - known:
+                raise ValueError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
+                                 f"{method} (known: {sorted(known)})")
+    merged, path = merged_hparams(method, family, tiny=tiny, overrides=overrides)
+    return cls.from_mapping(merged, where=f"{path} [{family}{' + tiny' if tiny else ''}]")

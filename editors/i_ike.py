@@ -9,10 +9,22 @@ that edit's instruction (exactly its single-edit prompts); all of them go to one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from editors.base import EditRequest, Editor, register
+from editors.hparams import Hparams
 from editors.models.base import Prompt
+
+
+@dataclass
+class IIKEHparams(Hparams):
+    """The system prompt's header and the instruction template (``{attribute_phrase}``, ``{original}``,
+    ``{target}``), with a phrase per attribute."""
+
+    system_header: str
+    instruction: str
+    attribute_phrases: dict[str, str]
 
 
 @register("i_ike")
@@ -21,6 +33,7 @@ class IIKE(Editor):
 
     changes_parameters = False
     batches_edits = True
+    hparams_class = IIKEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

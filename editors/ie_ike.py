@@ -13,19 +13,34 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from editors.base import EditRequest, register
 from editors.data import eval_items
-from editors.i_ike import IIKE
+from editors.i_ike import IIKE, IIKEHparams
 from editors.models.base import Prompt, Turn
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class IEIKEHparams(IIKEHparams):
+    """I-IKE's settings plus where demonstrations come from and how many of each dimension an edit gets."""
+
+    train_split: str
+    demo_reliability: int
+    demo_generality: int
+    demo_locality_audio: int
+    demo_locality_text: int
+    fallback: bool
+
+
 @register("ie_ike")
 class IEIKE(IIKE):
     """Instruction + example in-context editing."""
+
+    hparams_class = IEIKEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

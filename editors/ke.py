@@ -12,18 +12,20 @@ is KE's constrained (gated, rank-1-modulated) transform of the fine-tuning gradi
 The head starts so that ``dW ~ -edit_lr * G`` (a gradient step; our initialisation choice). Training minimises the
 edit loss subject to the locality constraint ``KL <= kl_margin`` through a Lagrangian ``edit + lambda * KL`` whose
 multiplier follows dual ascent (``log lambda += dual_lr * (KL - kl_margin)``), as KE's constrained optimisation.
-Training and the editor base live in :mod:`editors.train`.
+The editor base lives in :mod:`editors.hypernetwork`, training in :mod:`editors.train`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from editors.base import register
-from editors.train import Factors, HypernetEditor, HyperNetwork
+from editors.hparams import Hparams
+from editors.hypernetwork import Factors, HypernetEditor, HyperNetwork
 
 
 class KEHyperNetwork(HyperNetwork):
@@ -102,6 +104,28 @@ class KEHyperNetwork(HyperNetwork):
                                               max=float(hp.get("log_lambda_max", 10.0)))
 
 
+@dataclass
+class KEHparams(Hparams):
+    """The edited ``layers``, the network's sizes, its training (``epochs``, ``optimizer``, ``lr``, ``grad_clip``,
+    the KL constraint ``kl_margin`` with ``dual_lr``), the edit step ``edit_lr`` and where the trained network is."""
+
+    layers: list[int]
+    epochs: int
+    optimizer: str
+    lr: float
+    grad_clip: float | None
+    lstm_input: int
+    lstm_hidden: int
+    head_hidden: int
+    edit_lr: float
+    kl_margin: float
+    dual_lr: float
+    hypernetwork_path: str | None
+
+
 @register("ke")
 class KE(HypernetEditor):
     """KE editing with a network trained by ``python -m editors.train --method ke``."""
+
+    hparams_class = KEHparams
+    network_class = KEHyperNetwork

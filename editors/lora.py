@@ -30,14 +30,27 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from editors.base import EditRequest, Editor, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
+
+
+@dataclass(kw_only=True)
+class LoRAHparams(FinetuneHparams):
+    """Fine-tuning settings plus where the adapters go and their shape (see the module docstring)."""
+
+    target: str = "llm"  # llm | connector
+    modules: list[str] = field(default_factory=list)  # LLM Linear roles (target llm)
+    layers: list[int] = field(default_factory=list)  # LLM layers (target llm)
+    rank: int
+    lora_alpha: float
+    merge: bool = False
 
 
 class LoRALinear(nn.Module):
@@ -75,6 +88,7 @@ class LoRALinear(nn.Module):
 class LoRA(Editor):
     """Low-rank adapters on ``target`` (connector or LLM layers), trained on the edit (see the module docstring)."""
 
+    hparams_class = LoRAHparams
     display_name = "LoRA"
     display_order = 9  # after the paper's eight methods
 

@@ -10,19 +10,21 @@ so the network starts as the identity), and the update is
     dW = -lr_layer * sum_t g~_t u~_t^T
 
 with ``lr_layer`` a learned per-layer step size (starting at ``edit_lr``, trained with ``lr_lr``). Training
-minimises ``c_edit * edit loss + c_loc * KL`` (MEND's edit and locality losses). Training and the editor base live
-in :mod:`editors.train`.
+minimises ``c_edit * edit loss + c_loc * KL`` (MEND's edit and locality losses). The editor base lives
+in :mod:`editors.hypernetwork` (training: :mod:`editors.train`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from editors.base import register
-from editors.train import Factors, HypernetEditor, HyperNetwork
+from editors.hparams import Hparams
+from editors.hypernetwork import Factors, HypernetEditor, HyperNetwork
 
 
 class LowRankResidual(nn.Module):
@@ -118,6 +120,28 @@ class MENDHyperNetwork(HyperNetwork):
         return loss, {"edit_lr_mean": float(self.edit_lrs.detach().mean())}
 
 
+@dataclass
+class MENDHparams(Hparams):
+    """The edited ``layers``, the editor networks (``rank``, ``n_hidden``), their training (``epochs``, ``lr``,
+    ``lr_lr``, ``grad_clip``, loss weights ``c_edit``, ``c_loc``), the initial ``edit_lr`` and where the trained
+    network is."""
+
+    layers: list[int]
+    epochs: int
+    lr: float
+    lr_lr: float
+    grad_clip: float | None
+    rank: int
+    n_hidden: int
+    edit_lr: float
+    c_edit: float
+    c_loc: float
+    hypernetwork_path: str | None
+
+
 @register("mend")
 class MEND(HypernetEditor):
     """MEND editing with a network trained by ``python -m editors.train --method mend``."""
+
+    hparams_class = MENDHparams
+    network_class = MENDHyperNetwork

@@ -38,15 +38,15 @@ from editors.base import (EditRequest, Editor, ParameterSnapshot, RunContext, av
                           get_editor_class)
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams
+from editors.hparams import load_hparams, merged_hparams, parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
 from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 from sake.atomic import atomic_write
-from sake.protocol import (ATTRIBUTES, ITEM_COLUMNS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP,
-                           sequential_evaluated)
+from sake.config import RunConfig
+from sake.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
 
 logger = logging.getLogger("editors.run")
 
@@ -105,11 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The typed run configuration of parsed command-line arguments (``--hparam`` strings parsed as YAML)."""
+    return RunConfig(model=args.model, method=args.method, dataset=args.dataset, out=args.out,
+                     configs=tuple(args.config or ()), split=args.split, mode=args.mode, limit=args.limit,
+                     seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     max_batch_tokens=args.max_batch_tokens, hparams=parse_overrides(args.hparam or []),
+                     dtype=args.dtype, device=args.device, revision=args.revision, cache_dir=args.cache_dir,
+                     eval_edits=args.eval_edits, max_gap=args.max_gap,
+                     edits_per_pass=getattr(args, "edits_per_pass", None), progress=not args.no_progress)
+
+
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
-    if out.endswith(".jsonl"):
-        return Path(out)
-    slug = Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--")
-    return Path(out) / f"{slug}__{method}__{mode}__{split}.jsonl"
+    """Where a run writes its predictions (see :meth:`sake.config.RunConfig.output_path`)."""
+    return RunConfig(model=model, method=method, dataset="-", out=out, mode=mode, split=split).output_path()
 
 
 def versions() -> dict[str, str]:
@@ -168,10 +177,12 @@ def _item_count(table: Any) -> list[int]:
 class Runner:
     """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
 
-    def __init__(self, args: argparse.Namespace, adapter: LALMAdapter | None = None) -> None:
-        self.args = args
+    def __init__(self, config: RunConfig | argparse.Namespace, adapter: LALMAdapter | None = None) -> None:
+        if isinstance(config, argparse.Namespace):  # parsed CLI arguments (the bench still builds runs this way)
+            config = config_from_args(config)
+        self.config = args = config
         self.mode = args.mode
-        self.configs = self._configs(args)
+        self.configs = list(args.configs)
         family_of(args.model)  # clear error for an unknown model before anything heavy
         get_editor_class(args.method)  # clear error for an unknown method
         self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
@@ -183,10 +194,10 @@ class Runner:
         self.adapter = adapter or load_adapter(args.model, dtype=dtype, device=device, seed=args.seed,
                                                revision=args.revision)
         self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
-                                    overrides=args.hparam)
+                                    overrides=args.hparams)
         if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
-            args.max_new_tokens = int(load_hparams("generation", self.adapter.family,
-                                                   tiny=self.adapter.is_tiny)["max_new_tokens"])
+            generation, _ = merged_hparams("generation", self.adapter.family, tiny=self.adapter.is_tiny)
+            self.config = args = args.replace(max_new_tokens=int(generation["max_new_tokens"]))
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
@@ -200,29 +211,29 @@ class Runner:
                                     args.max_new_tokens)
         self.units, self.unit_of = self._plan()
         self.edits_per_pass = self._edits_per_pass(device)
-        self.path = output_path(args.out, args.model, args.method, args.mode, args.split)
+        self.path = args.output_path()
         self.part_path = self.shard.part_path(self.path)  # this rank's file (self.path with one process)
         self.stats = RunStats()
 
     @classmethod
-    def for_merge(cls, args: argparse.Namespace) -> "Runner":
+    def for_merge(cls, config: RunConfig) -> "Runner":
         """A runner that knows the plan and the output path but loads no model (``--merge-only``)."""
         self = cls.__new__(cls)
-        self.args, self.mode, self.configs = args, args.mode, cls._configs(args)
-        self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
+        self.config, self.mode, self.configs = config, config.mode, list(config.configs)
+        self.datasets = {c: load_instances(config.dataset, c, config.split) for c in self.configs}
         self.shard = Shard()
         self.units, self.unit_of = self._plan()
-        self.path = output_path(args.out, args.model, args.method, args.mode, args.split)
+        self.path = config.output_path()
         return self
 
     def _edits_per_pass(self, device: str) -> int:
         """``--edits-per-pass`` (default from free GPU memory); 1 when the method or mode does not batch."""
-        k = getattr(self.args, "edits_per_pass", None)
+        k = self.config.edits_per_pass
         if k is not None and k < 1:
             raise ValueError(f"--edits-per-pass must be >= 1, got {k}")
         if self.mode != "single" or not self.editor.batches_edits:
             if k and k > 1:
-                logger.info("%s: --edits-per-pass %d ignored (%s); one edit at a time", self.args.method, k,
+                logger.info("%s: --edits-per-pass %d ignored (%s); one edit at a time", self.config.method, k,
                             "sequential mode" if self.mode != "single" else "the method does not batch")
             return 1
         if k is None:
@@ -232,25 +243,10 @@ class Runner:
 
     # ---- planning -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _configs(args: argparse.Namespace) -> list[str]:
-        if args.mode == "sequential":
-            configs = args.config or [SEQUENTIAL_CONFIG]
-            if configs != [SEQUENTIAL_CONFIG]:
-                raise ValueError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {configs}")
-            return configs
-        configs = list(dict.fromkeys(args.config or ATTRIBUTES))
-        bad = [c for c in configs if c not in ATTRIBUTES]
-        if bad:
-            raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTES)}"
-                             + (" (use --mode sequential for the sequential config)"
-                                if SEQUENTIAL_CONFIG in bad else ""))
-        return configs
-
     def _load_rows(self, config: str, split: str) -> Any:
         key = (config, split)
         if key not in self._train_cache:
-            self._train_cache[key] = load_instances(self.args.dataset, config, split)
+            self._train_cache[key] = load_instances(self.config.dataset, config, split)
         return self._train_cache[key]
 
     def _plan(self) -> tuple[list[Unit], Any]:
@@ -261,7 +257,7 @@ class Runner:
         return self.shard.select(units, groups), unit_of
 
     def _plan_all(self) -> tuple[list[Unit], Any]:
-        limit = self.args.limit
+        limit = self.config.limit
         units: list[Unit] = []
         if self.mode == "single":
             for config in self.configs:
@@ -297,15 +293,15 @@ class Runner:
 
     def _evaluated(self, t: int, length: int) -> list[int]:
         """Edits s evaluated after step t: s <= eval_edits, s <= length, 0 <= t - s <= max_gap."""
-        return sequential_evaluated(t, length, self.args.eval_edits, self.args.max_gap)
+        return sequential_evaluated(t, length, self.config.eval_edits, self.config.max_gap)
 
     def header(self) -> dict[str, Any]:
-        a = self.args
+        a = self.config
         desc = self.adapter.describe()
         sequential = a.mode == "sequential"
         return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
-                "method": a.method, "hparams": self.hparams, "mode": a.mode, "dataset": a.dataset,
-                "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": self.configs, "split": a.split,
+                "method": a.method, "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
+                "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(self.configs), "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
                 # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
                 "expected_rows": sum(u.expected_rows for u in self.all_units),
@@ -316,9 +312,9 @@ class Runner:
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
 
     def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
-        return self.adapter.generate(prompts, max_new_tokens=self.args.max_new_tokens,
-                                     batch_size=self.args.batch_size or None,
-                                     max_batch_tokens=self.args.max_batch_tokens or None)
+        return self.adapter.generate(prompts, max_new_tokens=self.config.max_new_tokens,
+                                     batch_size=self.config.batch_size or None,
+                                     max_batch_tokens=self.config.max_batch_tokens or None)
 
     def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
         """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
@@ -352,7 +348,7 @@ class Runner:
         return out
 
     def apply(self, edit: EditRequest, seed_offset: int) -> dict[str, Any]:
-        torch.manual_seed(self.args.seed * 1_000_003 + seed_offset)  # same randomness on a resumed run
+        torch.manual_seed(self.config.seed * 1_000_003 + seed_offset)  # same randomness on a resumed run
         t0 = time.perf_counter()
         stats = self.editor.apply(edit)
         if self.touches_encoder:
@@ -379,10 +375,10 @@ class Runner:
         if self.shard.sharded or part_files(self.path):  # units finished by other ranks (or a one-process run)
             done |= done_elsewhere(self.path, self.part_path, header, self.unit_of, self._expected_all())
         todo = [u for u in self.units if u.key not in done]
-        logger.info("%s: %d units, %d done, %d to run -> %s", self.args.method, len(self.units),
+        logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
-                   else "step", disable=self.args.no_progress, dynamic_ncols=True)
+                   else "step", disable=not self.config.progress, dynamic_ncols=True)
         start = time.perf_counter()
         try:
             if self.mode == "single":
@@ -443,7 +439,7 @@ class Runner:
         for its in items:
             pre.append(flat_pre[pos:pos + len(its)])
             pos += len(its)
-        torch.manual_seed(self.args.seed * 1_000_003 + units[0].index)  # same randomness on a resumed run
+        torch.manual_seed(self.config.seed * 1_000_003 + units[0].index)  # same randomness on a resumed run
         t1 = time.perf_counter()
         try:
             stats = self.editor.apply_many(edits)
@@ -452,9 +448,9 @@ class Runner:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
-            post = self.editor.generate_many(prompts, max_new_tokens=self.args.max_new_tokens,
-                                             batch_size=self.args.batch_size or None,
-                                             max_batch_tokens=self.args.max_batch_tokens or None)
+            post = self.editor.generate_many(prompts, max_new_tokens=self.config.max_new_tokens,
+                                             batch_size=self.config.batch_size or None,
+                                             max_batch_tokens=self.config.max_batch_tokens or None)
             self.stats.eval_s += time.perf_counter() - t2
         finally:
             self.restore()
@@ -479,7 +475,7 @@ class Runner:
                 edits.append(EditRequest.from_row(row))
                 its = eval_items(row)
                 items.append(its)
-                pre.append(self.pre_edit_outputs(its) if s <= self.args.eval_edits else [])
+                pre.append(self.pre_edit_outputs(its) if s <= self.config.eval_edits else [])
             by_step = {u.step: u for u in steps}
             try:
                 for t in range(1, last_step + 1):
@@ -524,8 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        config = config_from_args(args)
         if args.merge_only:
-            runner = Runner.for_merge(args)
+            runner = Runner.for_merge(config)
             result = merge(runner.path, [u.key for u in runner.all_units], runner.unit_of, runner._expected_all())
             if not result.merged and not result.missing:
                 raise ValueError(f"{runner.path}: no predictions file and no part files to merge")
@@ -534,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"{result.missing[0]}); rerun the same command without --merge-only")
             path = result.path
         else:
-            runner = Runner(args)
+            runner = Runner(config)
             path = runner.run()
             if path is None:  # a rank > 0: rank 0 prints the merged file
                 return 0

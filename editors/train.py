@@ -1,4 +1,5 @@
-"""Train the hypernetworks of KE and MEND on the SAKE train split, and the editor base class that uses them.
+"""Train the hypernetworks of KE and MEND on the SAKE train split (the networks, their loading and the editor base
+that applies them are the library :mod:`editors.hypernetwork`; this module is the trainer and its CLI).
 
     python -m editors.train --method mend --model Qwen/Qwen2-Audio-7B-Instruct --dataset sake/sake --out hn/mend-qwen
     python -m editors.train --method ke --model tiny-qwen2-audio --dataset /tmp/sake_demo --limit 8
@@ -31,10 +32,7 @@ the network from ``hparams['hypernetwork_path']`` or the default location, and r
 
 from __future__ import annotations
 
-import abc
 import argparse
-import contextlib
-import importlib
 import io
 import json
 import logging
@@ -43,319 +41,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from editors.base import EditRequest, Editor
-from editors.models.base import LALMAdapter, Prompt, PromptBatch, as_audio_array
+from editors.base import EditRequest
+from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HyperNetwork, _atomic_json, _Shifted, build_network,
+                                  condition_embeddings, default_hypernet_dir, edit_factors, hypernetwork_methods,
+                                  load_network, replaced_out_projs, save_network)
+from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake.atomic import atomic_write
 
 logger = logging.getLogger("editors.train")
-
-HYPERNET_FILE = "hypernetwork.safetensors"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoint"
-FORMAT_VERSION = 1
-
-#: method -> "module:class" of its hypernetwork
-NETWORKS: dict[str, str] = {"ke": "editors.ke:KEHyperNetwork", "mend": "editors.mend:MENDHyperNetwork"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gradient factors and functional weight updates
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Factors:
-    """Rank-1 gradient factors of one linear layer over the valid tokens of a batch (fp32)."""
-
-    u: torch.Tensor  # [N, d_in] layer inputs
-    g: torch.Tensor  # [N, d_out] loss gradients at the layer outputs
-
-    def gradient(self) -> torch.Tensor:
-        """The fine-tuning gradient ``sum_t g_t u_t^T``: [d_out, d_in]."""
-        return self.g.T @ self.u
-
-
-class _Capture(nn.Module):
-    """Stand-in for an output projection that records its input and output (for the gradient factors)."""
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original = original
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.original(x)
-        self.x, self.y = x, y
-        return y
-
-
-class _Shifted(nn.Module):
-    """Stand-in for a linear output projection computing with ``W + delta`` (delta fp32, differentiable)."""
-
-    def __init__(self, original: nn.Module, delta: torch.Tensor) -> None:
-        super().__init__()
-        self.original = original
-        self.delta = delta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.original.weight
-        bias = getattr(self.original, "bias", None)
-        if weight.dtype == torch.float32:
-            return F.linear(x, weight + self.delta, bias)
-        out = F.linear(x.float(), weight.float() + self.delta, None if bias is None else bias.float())
-        return out.to(x.dtype)
-
-
-@contextlib.contextmanager
-def replaced_out_projs(adapter: LALMAdapter, modules: dict[int, nn.Module]) -> Iterator[None]:
-    """Temporarily install ``modules`` as the FFN output projections of their layers (always put back)."""
-    old: dict[int, nn.Module] = {}
-    try:
-        for layer, module in modules.items():
-            old[layer] = adapter.set_mlp_out_proj(layer, module)
-        yield
-    finally:
-        for layer, module in old.items():
-            adapter.set_mlp_out_proj(layer, module)
-
-
-def edit_factors(adapter: LALMAdapter, layers: Sequence[int], batch: PromptBatch
-                 ) -> tuple[dict[int, Factors], float]:
-    """One forward/backward of the target loss of ``batch``: the gradient factors of each edited layer's output
-    projection (valid tokens only) and the loss value. The model's parameters get no gradients."""
-    state = adapter.hidden_entering(batch, min(layers))
-    captures = {layer: _Capture(adapter.mlp_out_proj(layer)) for layer in layers}
-    with replaced_out_projs(adapter, captures), torch.enable_grad():
-        hidden = state.hidden.detach().requires_grad_(True)  # so that every layer output carries a graph
-        loss = adapter.loss_from(state, hidden)
-        grads = torch.autograd.grad(loss, [captures[layer].y for layer in layers])
-    valid = batch.attention_mask.bool()
-    factors = {layer: Factors(u=captures[layer].x[valid].detach().float(), g=grad[valid].detach().float())
-               for layer, grad in zip(layers, grads)}
-    return factors, float(loss.detach())
-
-
-def condition_embeddings(adapter: LALMAdapter, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The edit's input embeddings (text tokens and connector outputs of its audio) and its valid-token mask."""
-    with torch.no_grad():
-        return adapter.input_embeds(batch).float(), batch.attention_mask.bool()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hypernetworks (KE, MEND)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class HyperNetwork(nn.Module, abc.ABC):
-    """Maps the gradient factors of the edited layers to weight updates.
-
-    ``spec``: ``{"layers": [int], "shapes": {"<layer>": [d_out, d_in]}, "hidden_size": int}`` (model side) and
-    ``net``: the method's network hyperparameters; both go into ``config.json``."""
-
-    method: ClassVar[str] = ""
-    needs_condition: ClassVar[bool] = False
-    #: hparams keys that define the network (saved with it)
-    net_keys: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
-        super().__init__()
-        self.spec = {"layers": [int(x) for x in spec["layers"]],
-                     "shapes": {str(k): [int(v[0]), int(v[1])] for k, v in spec["shapes"].items()},
-                     "hidden_size": int(spec["hidden_size"])}
-        self.net = {k: net[k] for k in self.net_keys}
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.spec["layers"])
-
-    def shape(self, layer: int) -> tuple[int, int]:
-        d_out, d_in = self.spec["shapes"][str(layer)]
-        return d_out, d_in
-
-    @abc.abstractmethod
-    def deltas(self, factors: dict[int, Factors], condition: tuple[torch.Tensor, torch.Tensor] | None
-               ) -> dict[int, torch.Tensor]:
-        """Weight update (fp32, [d_out, d_in]) per edited layer."""
-
-    @abc.abstractmethod
-    def make_optimizer(self, hp: dict[str, Any]) -> torch.optim.Optimizer:
-        """The training optimizer (paper Table 6: KE RMSprop 3e-4, MEND Adam 1e-6)."""
-
-    @abc.abstractmethod
-    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: dict[str, Any]
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Combine the post-edit edit loss and locality KL into the loss to minimise (+ values to log)."""
-
-    def after_step(self, edit_loss: float, loc_loss: float, hp: dict[str, Any]) -> None:
-        """Hook after each optimizer step (KE: dual ascent on its Lagrange multiplier)."""
-
-
-def network_class(method: str) -> type[HyperNetwork]:
-    if method not in NETWORKS:
-        raise ValueError(f"no hypernetwork for method {method!r}; expected one of {sorted(NETWORKS)}")
-    module, name = NETWORKS[method].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def model_spec(adapter: LALMAdapter, layers: Sequence[int]) -> dict[str, Any]:
-    resolved = [adapter.resolve_layer(int(x)) for x in layers]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"hparam layers={list(layers)}: duplicate layers")
-    shapes = {str(layer): list(adapter.mlp_out_proj(layer).weight.shape) for layer in resolved}
-    return {"layers": resolved, "shapes": shapes,
-            "hidden_size": int(adapter.language_model().config.hidden_size)}
-
-
-def build_network(method: str, adapter: LALMAdapter, hp: dict[str, Any], seed: int) -> HyperNetwork:
-    """A freshly initialised network for ``adapter`` (deterministic in ``seed``), on the adapter's device."""
-    cls = network_class(method)
-    missing = [k for k in cls.net_keys if k not in hp]
-    if missing:
-        raise ValueError(f"{method}: hyperparameter(s) {missing} missing (editors/hparams/{method}.yaml)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = cls(model_spec(adapter, hp["layers"]), hp)
-    return net.to(adapter.device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def model_slug(model: str) -> str:
-    """A folder name for a ``--model`` argument (Hub id, local dir or tiny name)."""
-    path = Path(model)
-    return path.name if path.exists() else model.replace("/", "--")
-
-
-def default_hypernet_dir(cache_dir: str | Path, method: str, model: str) -> Path:
-    return Path(cache_dir) / "hypernetworks" / method / model_slug(model)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-
-    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
-
-
-def save_network(net: HyperNetwork, directory: str | Path, info: dict[str, Any]) -> Path:
-    """Write ``hypernetwork.safetensors`` + ``config.json`` into ``directory`` (atomically, file by file)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_tensors(directory / HYPERNET_FILE, net.state_dict(), {"method": net.method})
-    config = {"format": FORMAT_VERSION, "method": net.method, "spec": net.spec, "net": net.net, **info}
-    _atomic_json(directory / CONFIG_FILE, config)
-    return directory
-
-
-def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[HyperNetwork, dict[str, Any]]:
-    """Load a saved hypernetwork and its config; ValueError naming the file when something is missing or wrong."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / HYPERNET_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
-    try:
-        config = json.loads(config_path.read_text())
-        method = config["method"]
-        net = network_class(method)(config["spec"], config["net"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{config_path}: malformed hypernetwork config ({exc})") from exc
-    state = load_file(str(weights_path))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{weights_path}: weights do not match {config_path} ({exc})") from exc
-    return net.to(device), config
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The editor side (KE and MEND editors subclass this)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class HypernetEditor(Editor):
-    """Apply an edit with a trained hypernetwork: factors of the edit -> updates -> added to the weights in place."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.network: HyperNetwork | None = None
-        self.network_config: dict[str, Any] = {}
-
-    def network_dir(self) -> Path:
-        path = self.hparams.get("hypernetwork_path")
-        if path:
-            return Path(str(path))
-        from editors.preedit_cache import default_cache_dir
-
-        model = self.context.model_name or self.adapter.model_id
-        return default_hypernet_dir(self.context.cache_dir or default_cache_dir(), self.name, model)
-
-    def setup(self) -> None:
-        directory = self.network_dir()
-        if not (directory / CONFIG_FILE).is_file():
-            model = self.context.model_name or self.adapter.model_id
-            raise ValueError(
-                f"{self.name}: no trained hypernetwork for model {model!r} at {directory}. Train one first: "
-                f"python -m editors.train --method {self.name} --model {model} --dataset DATASET --out {directory} "
-                f"(or pass --hparam hypernetwork_path=DIR)")
-        net, config = load_network(directory, device=self.adapter.device)
-        if config.get("method") != self.name:
-            raise ValueError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
-        expected = model_spec(self.adapter, net.layers)
-        if expected["shapes"] != net.spec["shapes"] or expected["hidden_size"] != net.spec["hidden_size"]:
-            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its layer shapes "
-                             f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected['shapes']}")
-        if config.get("model_key") not in (None, self.adapter.model_key()):
-            logger.warning("%s: trained on %s (model key %s), editing %s (model key %s)", directory,
-                           config.get("model"), config.get("model_key"), self.adapter.model_id,
-                           self.adapter.model_key())
-        net.eval()
-        net.requires_grad_(False)
-        self.network, self.network_config = net, config
-
-    def _layers(self) -> list[int]:
-        if self.network is not None:
-            return self.network.layers
-        return [self.adapter.resolve_layer(int(x)) for x in self.hparams["layers"]]
-
-    def touched_parameters(self) -> list[str]:
-        names: list[str] = []
-        for layer in self._layers():
-            module = self.adapter.mlp_out_proj(layer)
-            names += [n for n in self.adapter.parameter_names(module) if n.endswith("weight")]
-        return names
-
-    def apply(self, edit: EditRequest) -> dict[str, Any]:
-        if self.network is None:
-            self.setup()
-        net = self.network
-        batch = self.adapter.prepare([edit.prompt()], [edit.target])
-        factors, loss = edit_factors(self.adapter, net.layers, batch)
-        condition = condition_embeddings(self.adapter, batch) if net.needs_condition else None
-        with torch.no_grad():
-            deltas = net.deltas(factors, condition)
-            norms = {}
-            for layer, delta in deltas.items():
-                weight = self.adapter.mlp_out_proj(layer).weight
-                weight.copy_((weight.float() + delta).to(weight.dtype))
-                norms[f"delta_norm.{layer}"] = float(delta.norm())
-        return {"steps": 1, "loss": loss, **norms}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
@@ -551,7 +250,7 @@ class Trainer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m editors.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=sorted(NETWORKS))
+    p.add_argument("--method", required=True, choices=hypernetwork_methods())
     p.add_argument("--model", required=True, help="Hub id, local model directory or tiny-qwen2-audio / "
                                                   "tiny-audio-flamingo3")
     p.add_argument("--dataset", required=True, help="SAKE dataset: local directory or Hub id")
@@ -576,38 +275,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path | None = None,
+                       configs: Sequence[str] = (), split: str = "train", cache_dir: str | None = None,
+                       hparams: Any = (), seed: int = 0, limit: int | None = None, max_steps: int | None = None,
+                       checkpoint_every: int = 50, restart: bool = False, dtype: str | None = None,
+                       device: str | None = None, revision: str | None = None, progress: bool = True) -> Path:
+    """Train (or resume, or find already trained) the hypernetwork of ``method`` for ``model`` on ``dataset``
+    and return its folder (default: where editing looks, ``CACHE/hypernetworks/METHOD/MODEL``). ``hparams``:
+    overrides of the method's YAML (a mapping, or ``key=value`` strings)."""
+    from editors.data import load_instances
+    from editors.hparams import load_hparams
+    from editors.models import family_of, load_adapter
+    from editors.preedit_cache import default_cache_dir
+    from sake.protocol import ATTRIBUTES
+
+    family_of(model)
+    chosen = list(dict.fromkeys(configs or ATTRIBUTES))
+    bad = [c for c in chosen if c not in ATTRIBUTES]
+    if bad:
+        raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
+    data = {c: load_instances(dataset, c, split) for c in chosen}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    adapter = load_adapter(model, dtype=dtype, device=device, seed=seed, revision=revision)
+    hp = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=hparams)
+    target = Path(out) if out else default_hypernet_dir(cache_dir or default_cache_dir(), method, model)
+    trainer = Trainer(adapter, method, hp, data, target, seed=seed, model_name=model, dataset_name=dataset,
+                      limit=limit, checkpoint_every=checkpoint_every, progress=progress)
+    if not restart:
+        trainer.try_resume()
+    if trainer.step >= len(trainer.order) and (target / CONFIG_FILE).is_file():
+        logger.info("%s: already trained (%d steps) -> %s", method, trainer.step, target)
+    else:
+        trainer.train(max_steps)
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from editors.data import load_instances
-        from sake.protocol import ATTRIBUTES
-        from editors.hparams import load_hparams
-        from editors.models import family_of, load_adapter
-        from editors.preedit_cache import default_cache_dir
-
-        family_of(args.model)
-        configs = list(dict.fromkeys(args.config or ATTRIBUTES))
-        bad = [c for c in configs if c not in ATTRIBUTES]
-        if bad:
-            raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
-        data = {c: load_instances(args.dataset, c, args.split) for c in configs}
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        adapter = load_adapter(args.model, dtype=dtype, device=device, seed=args.seed, revision=args.revision)
-        hp = load_hparams(args.method, adapter.family, tiny=adapter.is_tiny, overrides=args.hparam)
-        out = Path(args.out) if args.out else default_hypernet_dir(args.cache_dir or default_cache_dir(),
-                                                                   args.method, args.model)
-        trainer = Trainer(adapter, args.method, hp, data, out, seed=args.seed, model_name=args.model,
-                          dataset_name=args.dataset, limit=args.limit, checkpoint_every=args.checkpoint_every,
-                          progress=not args.no_progress)
-        if not args.restart:
-            trainer.try_resume()
-        if trainer.step >= len(trainer.order) and (out / CONFIG_FILE).is_file():
-            logger.info("%s: already trained (%d steps) -> %s", args.method, trainer.step, out)
-        else:
-            trainer.train(args.max_steps)
+        out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
+                                 split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
+                                 limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                                 restart=args.restart, dtype=args.dtype, device=args.device,
+                                 revision=args.revision, progress=not args.no_progress)
     except ValueError as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

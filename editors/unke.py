@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune, register
+from editors.hparams import Hparams
 from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
 from sake.protocol import ATTRIBUTES
 
@@ -135,9 +137,31 @@ def last_prompt_positions(batch: PromptBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class UnKEHparams(Hparams):
+    """See the module docstring: stage 1 (``v_*``, ``clamp_norm_factor``), stage 2 (``optim_*``,
+    ``weight_decay``), preservation prompts (``preserve_*``) and the edited ``layer``."""
+
+    v_steps: int
+    v_lr: float
+    v_weight_decay: float
+    clamp_norm_factor: float
+    v_early_stop_loss: float | None
+    optim_steps: int
+    optim_lr: float
+    optim_early_stop_loss: float | None
+    weight_decay: float
+    preserve_text: int
+    preserve_audio: int
+    preserve_source: str
+    layer: int
+
+
 @register("unke")
 class UnKE(Editor):
     """UnKE on LLM layer ``hparams['layer']`` (see the module docstring for the hyperparameters)."""
+
+    hparams_class = UnKEHparams
 
     def _layer(self) -> int:
         return self.adapter.resolve_layer(int(self.hparams["layer"]))

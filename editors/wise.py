@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor, register
+from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter
 from editors.unke import preservation_prompts
 
@@ -177,9 +178,37 @@ def ties_merge(base: torch.Tensor, weights: list[torch.Tensor], density: float) 
     return (base.float().flatten() + total / count).view_as(base).to(base.dtype)
 
 
+@dataclass
+class WISEHparams(Hparams):
+    """See the module docstring: the edited ``layer``, the loss weights (``alpha``, ``beta``, ``gamma``), the
+    router threshold (``act_ratio``), the optimisation, knowledge sharding and merging."""
+
+    layer: int
+    alpha: float
+    beta: float
+    gamma: float
+    act_ratio: float
+    edit_lr: float
+    n_iter: int
+    preserve_text: int
+    preserve_audio: int
+    preserve_source: str
+    mask_ratio: float
+    norm_constraint: float | None
+    weight_decay: float
+    early_stop_loss: float | None
+    distance_act: str
+    long_prompt_tokens: int
+    save_freq: int
+    merge_freq: int
+    merge_density: float
+
+
 @register("wise")
 class WISE(Editor):
     """WISE side memory on the FFN output projection of LLM layer ``hparams['layer']``."""
+
+    hparams_class = WISEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

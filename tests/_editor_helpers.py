@@ -4,8 +4,6 @@ synthetic audio and a runner factory (tiny models, CPU)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +13,28 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from sake.config import RunConfig
+from sake.protocol import ITEM_COLUMNS
+
 REPO = Path(__file__).resolve().parents[1]
-ITEM_COLUMNS = ("generality", "locality_audio", "locality_text", "portability")
 
 
-def build_demo(out: Path) -> Path:
-    """`python build_splits.py --demo --out OUT` (the dataset helper's offline demo build)."""
-    subprocess.run([sys.executable, str(REPO / "build_splits.py"), "--demo", "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO, capture_output=True)
-    return out
+_DEMO: list[Any] = []
+
+
+def shared_demo_build() -> Any:
+    """The offline demo build (seed 0) of the whole test session, built once on first use: a
+    ``sake_dataset.builder.BuildResult`` (``.out`` is the dataset folder). Every test reads it, none writes it."""
+    if not _DEMO:
+        import atexit
+        import tempfile
+
+        from sake_dataset import build_demo
+
+        root = Path(tempfile.mkdtemp(prefix="sake_test_demo_"))
+        atexit.register(shutil.rmtree, root, True)
+        _DEMO.append(build_demo(root / "sake", seed=0))
+    return _DEMO[0]
 
 
 def make_long_sequential(demo: Path, out: Path, length: int = 10) -> Path:
@@ -86,19 +97,32 @@ def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> 
     return [k for k, v in before.items() if not torch.equal(v, now[k])]
 
 
-def runner_args(dataset: Path, out: Path, cache: Path, **overrides: Any) -> list[str]:
-    args = {"--model": "tiny-qwen2-audio", "--method": "i_ike", "--dataset": str(dataset), "--out": str(out),
-            "--cache-dir": str(cache), "--max-new-tokens": "6", "--limit": "2", "--no-progress": None}
-    args.update(overrides)
-    argv: list[str] = []
-    for key, value in args.items():
-        if value is None:
-            argv.append(key)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                argv += [key, str(v)]
-        elif value is not False:
-            argv += [key, str(value)]
+def run_config(dataset: Path, out: Path, cache: Path, **fields: Any) -> RunConfig:
+    """A small run on a tiny model (2 instances per config, 6 new tokens, I-IKE by default) as a
+    :class:`sake.config.RunConfig`; ``fields`` override any of its fields."""
+    defaults = {"model": "tiny-qwen2-audio", "method": "i_ike", "dataset": str(dataset), "out": str(out),
+                "cache_dir": str(cache), "max_new_tokens": 6, "limit": 2, "progress": False}
+    return RunConfig(**{**defaults, **fields})
+
+
+def cli_args(config: RunConfig) -> list[str]:
+    """The ``python -m editors.run`` arguments that give ``config`` (for the command-line tests)."""
+    argv = ["--model", config.model, "--method", config.method, "--dataset", config.dataset, "--out", config.out,
+            "--split", config.split, "--mode", config.mode, "--seed", str(config.seed),
+            "--batch-size", str(config.batch_size),
+            "--max-batch-tokens", str(config.max_batch_tokens), "--eval-edits", str(config.eval_edits),
+            "--max-gap", str(config.max_gap)]
+    for c in config.configs:
+        argv += ["--config", c]
+    for key, value in config.hparams.items():
+        argv += ["--hparam", f"{key}={value}"]
+    for flag, value in (("--limit", config.limit), ("--dtype", config.dtype), ("--device", config.device),
+                        ("--revision", config.revision), ("--cache-dir", config.cache_dir),
+                        ("--edits-per-pass", config.edits_per_pass), ("--max-new-tokens", config.max_new_tokens)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if not config.progress:
+        argv.append("--no-progress")
     return argv
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from _editor_helpers import build_demo, synthetic_audio
+from _editor_helpers import shared_demo_build, synthetic_audio
 from editors.base import EditRequest, RunContext
 from editors.hparams import load_hparams
 from editors.models import load_adapter
@@ -21,9 +21,9 @@ from editors.models.base import LALMAdapter
 EMOTION_QUESTION = "What is the emotion of the speaker? (a) happy (b) sad (c) angry (d) neutral"
 
 
-@lru_cache(maxsize=None)
 def tiny_adapter(name: str = "tiny-qwen2-audio", seed: int = 0) -> LALMAdapter:
-    """One tiny adapter per (name, seed) for the whole test session (tests must leave it unedited)."""
+    """A fresh tiny adapter (same seed, same weights) for each caller: no test sees another test's edits, whatever
+    the order they run in (building one takes well under a second)."""
     return load_adapter(name, seed=seed)
 
 
@@ -102,10 +102,9 @@ def session_tmp() -> Path:
     return _TMP_ROOT[0]
 
 
-@lru_cache(maxsize=None)
 def demo_dataset() -> Path:
-    """The offline demo dataset (`build_splits.py --demo`), built once per session."""
-    return build_demo(session_tmp() / "demo")
+    """The offline demo dataset, built once per session (the same build as the `demo_dataset` fixture)."""
+    return shared_demo_build().out
 
 
 def load_train_split() -> dict[str, Any]:

@@ -19,11 +19,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def demo_dataset(tmp_path_factory) -> Path:
-    """The offline demo build (`build_splits.py --demo`, seed 0), built once for the whole session."""
-    from sake_dataset import build_demo
+def demo_dataset() -> Path:
+    """The offline demo build (`build_splits.py --demo`, seed 0), built once for the whole session (the same one
+    the helper modules use: `_editor_helpers.shared_demo_build`)."""
+    from _editor_helpers import shared_demo_build
 
-    out = tmp_path_factory.getbasetemp() / "sake_demo"
-    if not (out / "sake_manifest.json").is_file():
-        build_demo(out, seed=0)
-    return out
+    return shared_demo_build().out

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _editor_helpers import changed_tensors, runner_args, state_copy, synthetic_audio
+from _editor_helpers import changed_tensors, run_config, state_copy, synthetic_audio
 from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
 from editors.batching import StackedCopies, finetune_many
 from editors.hparams import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
-from editors.run import Runner, build_parser
+from editors.run import Runner
 
 QUESTIONS = ["What is the emotion of the speaker? (a) happy (b) sad (c) angry",
              "Which animal makes this sound? (a) dog (b) cat (c) cow",
@@ -138,10 +138,9 @@ def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
 
 
 def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
-    argv = runner_args(dataset, out, cache, **{"--method": method, "--config": ["emotion", "gender"],
-                                               "--limit": "2", "--edits-per-pass": k,
-                                               "--hparam": "max_steps=30" if method.startswith("ft") else False})
-    runner = Runner(build_parser().parse_args(argv), adapter=adapter)
+    config = run_config(dataset, out, cache, method=method, configs=("emotion", "gender"), limit=2,
+                        edits_per_pass=int(k), hparams={"max_steps": 30} if method.startswith("ft") else {})
+    runner = Runner(config, adapter=adapter)
     assert runner.edits_per_pass == int(k)
     return read_predictions(runner.run())[1]
 

@@ -17,10 +17,11 @@ from sake_dataset.sake import (ConstructionError, expected_kinds, expected_total
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The demo build (embedded synthetic sources), built once for this module's tests."""
-    out = tmp_path_factory.mktemp("sake_demo") / "sake"
-    return build_demo(out, seed=0)
+def demo():
+    """The demo build (embedded synthetic sources) of the whole session: rows, manifest and folder."""
+    from _editor_helpers import shared_demo_build
+
+    return shared_demo_build()
 
 
 def _single(demo, split):
@@ -249,7 +250,8 @@ def test_manifest_and_card(demo):
 
 
 def test_round_trip_load_dataset(demo, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     for config in ("emotion", "sequential"):
         ds = datasets.load_dataset(str(demo.out), config, cache_dir=str(tmp_path / "cache"))
         assert set(ds) == {"train", "test"}

@@ -38,7 +38,6 @@ def test_demo_table_has_paper_columns() -> None:
     assert table[2] == "| FT (Audio) | single | 100.00 | 87.50 | 50.00 | 100.00 | - |"
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="reference model not trained yet")
 def test_sake_demo_runs_end_to_end(tmp_path, capsys) -> None:
     import sake_cli
 

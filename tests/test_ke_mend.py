@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _editor_helpers import runner_args
+from _editor_helpers import cli_args, run_config
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, hparams, model_state,
                               tiny_adapter, trained_network)
 from editors.base import ParameterSnapshot, get_editor_class
@@ -62,10 +62,9 @@ def test_editing_without_a_trained_hypernetwork_is_a_clear_error(method, tmp_pat
 @pytest.mark.parametrize("method,mode", [("ke", "single"), ("mend", "sequential")])
 def test_runner_cli_with_a_trained_hypernetwork(method, mode, tmp_path):
     out = tmp_path / "preds.jsonl"
-    args = runner_args(demo_dataset(), out, tmp_path / "cache", **{
-        "--method": method, "--mode": mode, "--limit": "1",
-        "--config": "sequential" if mode == "sequential" else "emotion",
-        "--hparam": f"hypernetwork_path={trained_network(method)}"})
+    args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method=method, mode=mode, limit=1,
+                               configs=("sequential",) if mode == "sequential" else ("emotion",),
+                               hparams={"hypernetwork_path": str(trained_network(method))}))
     assert run_main(args) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["kind"] == "header" and lines[0]["method"] == method

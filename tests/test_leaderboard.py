@@ -323,7 +323,7 @@ def test_queue_moves_good_and_bad(tmp_path, manifest, single):
 
 def test_real_metric_scores_a_submission(tmp_path, manifest, single):
     """Integration with the metric module (eval.score), offline judge."""
-    score = pytest.importorskip("eval.score", reason="eval.score (metric module) not present yet")
+    import eval.score as score
     header, rows = single
     store = LocalStore(tmp_path / "results")
     outcome = add_submission(write_submission_dir(tmp_path / "s", header, rows), manifest, store, judge="offline",
@@ -440,13 +440,10 @@ def test_hub_store_writes_one_commit(tmp_path, manifest, single, monkeypatch):
                         f"results/{sid}.json"]]
 
 
-def test_demo_release_manifest_round_trip(tmp_path):
+def test_demo_release_manifest_round_trip(tmp_path, demo_dataset):
     """Against a real manifest written by the dataset builder (demo release): complete runs validate, score
     with the metric module and build; a run missing one sequential gap is rejected."""
-    from sake_dataset.builder import build_demo
-
-    build_demo(tmp_path / "release")
-    manifest = load_manifest(tmp_path / "release")
+    manifest = load_manifest(demo_dataset)
     store = LocalStore(tmp_path / "results")
     for mode in ("single", "sequential"):
         header = dict(make_header(manifest, mode),

@@ -15,8 +15,7 @@ from tools.train_reference_model import evaluate_preedit, preedit_expectations
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "sake-reference-qwen2-audio"
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(),
-                                reason="reference model not trained yet (python -m tools.train_reference_model)")
+assert (MODEL_DIR / "config.json").is_file(), "the reference model ships with the repository"
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +65,12 @@ def test_preedit_accuracy_on_demo_attribute_questions(adapter, demo_dataset) -> 
 
 def test_ft_audio_edits_the_reference_model(adapter, demo_dataset, tmp_path) -> None:
     """FT-Audio on a small demo slice: reliability >= 90% and text locality exactly 100% (offline judge)."""
-    from editors.run import Runner, build_parser
-    from eval.score import score_predictions
+    from sake import RunConfig, run, score
 
-    args = build_parser().parse_args([
-        "--model", str(MODEL_DIR), "--method", "ft_audio", "--dataset", str(demo_dataset), "--split", "test",
-        "--mode", "single", "--out", str(tmp_path / "runs"), "--limit", "1", "--cache-dir", str(tmp_path / "cache"),
-        "--no-progress", "--log-level", "WARNING"])
-    path = Runner(args, adapter=adapter).run()
-    metrics = score_predictions(path, judge="offline")["metrics"]["overall"]
+    path = run(RunConfig(model=str(MODEL_DIR), method="ft_audio", dataset=str(demo_dataset), split="test",
+                         mode="single", out=str(tmp_path / "runs"), limit=1, cache_dir=str(tmp_path / "cache"),
+                         progress=False), adapter=adapter)
+    metrics = score(path, judge="offline")["metrics"]["overall"]
     assert metrics["reliability"] >= 90.0
     assert metrics["locality_text"] == 100.0
     # every edit was restored: the model answers the pre-edit rows as before

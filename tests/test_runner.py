@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from _editor_helpers import changed_tensors, make_bad_dataset, make_long_sequential, runner_args, state_copy
+from _editor_helpers import changed_tensors, cli_args, make_bad_dataset, make_long_sequential, run_config, state_copy
 from editors.data import load_instances
 from editors.models import load_adapter
 from editors.predictions import read_predictions
-from editors.run import Runner, build_parser, main
+from editors.run import Runner, main
 from eval.sake_metric.predictions_file import read_predictions_file
+from sake import RunConfig
+from sake import run as api_run
+from sake.protocol import OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
 
-ROW_KEYS = {"kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options", "reference",
-            "pre_edit", "post_edit", "gap", "category", "post_edit_hit_limit"}
-HEADER_KEYS = {"kind", "model", "model_revision", "method", "hparams", "mode", "dataset", "dataset_fingerprint",
-               "configs", "split", "seed", "limit", "versions", "date"}
+ROW_KEYS = set(ROW_FIELDS) | set(OPTIONAL_ROW_FIELDS)
+HEADER_KEYS = set(RUN_HEADER_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +32,20 @@ def flamingo():
     return load_adapter("tiny-audio-flamingo3", seed=0)
 
 
-def run(adapter, argv: list[str]) -> tuple[Runner, Path]:
-    runner = Runner(build_parser().parse_args(argv), adapter=adapter)
+def run(adapter, config: RunConfig) -> tuple[Runner, Path]:
+    runner = Runner(config, adapter=adapter)
     return runner, runner.run()
 
 
 def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path):
     before = state_copy(qwen.model)
-    runner, path = run(qwen, runner_args(demo_dataset, tmp_path / "out", tmp_path / "cache", **{
-        "--method": "ft_audio", "--config": ["emotion", "gender"], "--limit": "2",
-        "--hparam": "max_steps=400"}))  # room to reach the early-stop loss on any demo clip
+    runner, path = run(qwen, run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", method="ft_audio",
+                                        configs=("emotion", "gender"), limit=2,
+                                        hparams={"max_steps": 400}))  # room to reach the early-stop loss
     assert changed_tensors(qwen.model, before) == []  # every edit restored bit-exactly
     header, rows = read_predictions(path)
     assert HEADER_KEYS <= set(header) and header["mode"] == "single" and header["method"] == "ft_audio"
+    assert header["eval_edits"] is None and header["max_gap"] is None  # the sequential rule: not in single mode
     manifest = json.loads((demo_dataset / "sake_manifest.json").read_text())
     assert header["dataset_fingerprint"] == manifest["fingerprint"] and header["configs"] == ["emotion", "gender"]
     assert all(set(r) == ROW_KEYS and r["gap"] is None and isinstance(r["pre_edit"], str) for r in rows)
@@ -66,11 +68,10 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
 
 
 def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path):
-    common = {"--config": "language", "--limit": "1"}
-    first, path1 = run(qwen, runner_args(demo_dataset, tmp_path / "a", tmp_path / "cache", **common))
+    common = {"configs": ("language",), "limit": 1}
+    first, path1 = run(qwen, run_config(demo_dataset, tmp_path / "a", tmp_path / "cache", **common))
     assert first.preedit.misses > 0
-    second, path2 = run(qwen, runner_args(demo_dataset, tmp_path / "b", tmp_path / "cache",
-                                          **{**common, "--method": "ft_llm"}))
+    second, path2 = run(qwen, run_config(demo_dataset, tmp_path / "b", tmp_path / "cache", method="ft_llm", **common))
     assert second.preedit.misses == 0 and second.preedit.hits == first.preedit.misses
     pre1 = [r["pre_edit"] for r in read_predictions(path1)[1]]
     assert pre1 == [r["pre_edit"] for r in read_predictions(path2)[1]]
@@ -78,11 +79,12 @@ def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path)
 
 def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_dataset, tmp_path):
     dataset = make_long_sequential(demo_dataset, tmp_path / "long", length=10)
-    runner, path = run(flamingo, runner_args(dataset, tmp_path / "out", tmp_path / "cache", **{
-        "--model": "tiny-audio-flamingo3", "--mode": "sequential", "--limit": "1", "--max-new-tokens": "3",
-        "--method": "ft_llm", "--hparam": "max_steps=2"}))
+    runner, path = run(flamingo, run_config(dataset, tmp_path / "out", tmp_path / "cache", model="tiny-audio-flamingo3",
+                                            mode="sequential", limit=1, max_new_tokens=3, method="ft_llm",
+                                            hparams={"max_steps": 2}))
     header, rows = read_predictions(path)
     assert header["mode"] == "sequential" and header["configs"] == ["sequential"]
+    assert header["eval_edits"] == 5 and header["max_gap"] == 5  # the paper's rule, stated in the file
     assert header["expected_rows"] == len(rows)
     step_of = {f"sequential/test/seq01/step{s:02d}": s for s in range(1, 11)}
     pairs = Counter((step_of[r["instance_id"]], r["gap"]) for r in rows)
@@ -114,18 +116,16 @@ def _cut_points(path: Path) -> list[int]:
 
 @pytest.mark.parametrize("mode,method", [("single", "i_ike"), ("sequential", "ft_llm")])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(qwen, demo_dataset, tmp_path, mode, method):
-    argv = runner_args(demo_dataset, tmp_path / "full.jsonl", tmp_path / "cache", **{
-        "--mode": mode, "--method": method, "--config": "emotion" if mode == "single" else "sequential",
-        "--limit": "3" if mode == "single" else "1", "--max-new-tokens": "4"})
-    _, full = run(qwen, argv)
+    config = run_config(demo_dataset, tmp_path / "full.jsonl", tmp_path / "cache", mode=mode, method=method,
+                        configs=("emotion",) if mode == "single" else ("sequential",),
+                        limit=3 if mode == "single" else 1, max_new_tokens=4)
+    _, full = run(qwen, config)
     reference = full.read_bytes()
     cuts = _cut_points(full)
     for cut in cuts if mode == "single" else cuts[::2]:  # sequential resume replays edits: keep it short
         part = tmp_path / f"cut{cut}.jsonl"
         part.write_bytes(reference[:cut])
-        argv_part = list(argv)
-        argv_part[argv_part.index(str(full))] = str(part)
-        run(qwen, argv_part)
+        run(qwen, config.replace(out=str(part)))
         if cut < reference.index(b"\n"):  # killed while writing the header: a fresh header (new date)
             assert part.read_bytes().split(b"\n", 1)[1] == reference.split(b"\n", 1)[1]
         else:
@@ -133,12 +133,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(qwen, demo_dataset, tmp
 
 
 def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeypatch):
-    argv = runner_args(demo_dataset, tmp_path / "x.jsonl", tmp_path / "cache", **{"--limit": "3",
-                                                                                   "--config": "animal"})
-    _, path = run(qwen, argv)
+    config = run_config(demo_dataset, tmp_path / "x.jsonl", tmp_path / "cache", limit=3, configs=("animal",))
+    _, path = run(qwen, config)
     reference = read_predictions(path)[1]
     path.unlink()
-    runner = Runner(build_parser().parse_args(argv), adapter=qwen)
+    runner = Runner(config, adapter=qwen)
     calls = {"n": 0}
     original = runner.adapter.generate
 
@@ -153,16 +152,15 @@ def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeyp
         runner.run()
     monkeypatch.undo()
     assert 0 < len(read_predictions(path)[1]) < len(reference)
-    run(qwen, argv)
+    run(qwen, config)
     assert read_predictions(path)[1] == reference
 
 
 def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
-    argv = runner_args(demo_dataset, tmp_path / "r.jsonl", tmp_path / "cache", **{"--limit": "1",
-                                                                                   "--config": "gender"})
-    run(qwen, argv)
+    config = run_config(demo_dataset, tmp_path / "r.jsonl", tmp_path / "cache", limit=1, configs=("gender",))
+    assert api_run(config, adapter=qwen) == tmp_path / "r.jsonl"
     with pytest.raises(ValueError, match="different run"):
-        Runner(build_parser().parse_args(argv + ["--seed", "3"]), adapter=qwen).run()
+        api_run(config.replace(seed=3), adapter=qwen)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -174,21 +172,22 @@ def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
     ({"--hparam": "lr"}, "key=value"),
 ])
 def test_bad_input_is_a_clear_error(demo_dataset, tmp_path, capsys, override, message):
-    argv = runner_args(demo_dataset, tmp_path / "o", tmp_path / "c", **{"--method": "ft_llm", **override})
-    assert main(argv) == 2
+    argv = {"--model": "tiny-qwen2-audio", "--method": "ft_llm", "--dataset": str(demo_dataset),
+            "--out": str(tmp_path / "o"), "--cache-dir": str(tmp_path / "c"), "--limit": "1", **override}
+    assert main([x for kv in argv.items() for x in kv] + ["--no-progress"]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_dataset_without_expected_columns_is_a_clear_error(demo_dataset, tmp_path, capsys):
     bad = make_bad_dataset(demo_dataset, tmp_path / "bad", drop="generality")
-    assert main(runner_args(bad, tmp_path / "o", tmp_path / "c", **{"--config": "emotion"})) == 2
+    assert main(cli_args(run_config(bad, tmp_path / "o", tmp_path / "c", configs=("emotion",)))) == 2
     err = capsys.readouterr().err
     assert "missing column(s) ['generality']" in err and str(bad) in err
 
 
 def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
-    argv = runner_args(demo_dataset, tmp_path / "cli", tmp_path / "cache", **{"--config": "gender", "--limit": "1",
-                                                                              "--model": "tiny-audio-flamingo3"})
+    argv = cli_args(run_config(demo_dataset, tmp_path / "cli", tmp_path / "cache", configs=("gender",), limit=1,
+                               model="tiny-audio-flamingo3"))
     assert main(argv) == 0
     path = Path(capsys.readouterr().out.strip())
     assert path == tmp_path / "cli" / "tiny-audio-flamingo3__i_ike__single__test.jsonl"
@@ -199,12 +198,12 @@ def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
 def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset, tmp_path):
     import torch
 
-    from editors.hparams import load_hparams
+    from editors.hparams import merged_hparams
 
-    assert load_hparams("generation", "desta25")["max_new_tokens"] == 512
-    assert load_hparams("generation", "qwen2_audio", tiny=True)["max_new_tokens"] == 32
-    runner, path = run(qwen, runner_args(demo_dataset, tmp_path / "out", tmp_path / "cache", **{
-        "--config": "emotion", "--limit": "1", "--max-new-tokens": False}))
+    assert merged_hparams("generation", "desta25")[0]["max_new_tokens"] == 512
+    assert merged_hparams("generation", "qwen2_audio", tiny=True)[0]["max_new_tokens"] == 32
+    runner, path = run(qwen, run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", configs=("emotion",),
+                                        limit=1, max_new_tokens=None))
     header, rows = read_predictions(path)
     assert header["max_new_tokens"] == 32  # tiny model: the YAML's tiny section
     assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from _editor_helpers import REPO, runner_args
+from _editor_helpers import REPO, cli_args, run_config
 from editors.models import load_adapter, save_tiny
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
 from editors.preedit_cache import PreEditCache
-from editors.run import Runner, build_parser, main
+from editors.run import Runner, main
 from editors.shard import Shard, merge, part_files, scan
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -41,8 +41,8 @@ def as_rank(monkeypatch, rank: int, world: int) -> None:
     monkeypatch.setenv("LOCAL_RANK", str(rank))
 
 
-def run(adapter, argv: list[str]) -> tuple[Runner, Path | None]:
-    runner = Runner(build_parser().parse_args(argv), adapter=adapter)
+def run(adapter, config) -> tuple[Runner, Path | None]:
+    runner = Runner(config, adapter=adapter)
     return runner, runner.run()
 
 
@@ -131,15 +131,16 @@ def _torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
 
 def test_two_ranks_after_a_dead_rank_merge_into_the_one_process_rows(qwen, demo_dataset, tmp_path, monkeypatch,
                                                                      capsys):
-    common = {"--config": ["emotion", "gender"], "--limit": "3", "--max-new-tokens": "4"}
-    _, one = run(qwen, runner_args(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache1", **common))
+    common = {"configs": ("emotion", "gender"), "limit": 3, "max_new_tokens": 4}
+    _, one = run(qwen, run_config(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache1", **common))
     reference = rows_of(one)
     final = tmp_path / "two.jsonl"
-    argv = runner_args(demo_dataset, final, tmp_path / "cache2", **common)
+    config = run_config(demo_dataset, final, tmp_path / "cache2", **common)
+    argv = cli_args(config)
 
     # rank 1 dies after its first unit, in the middle of writing a row
     as_rank(monkeypatch, 1, 2)
-    runner = Runner(build_parser().parse_args(argv), adapter=qwen)
+    runner = Runner(config, adapter=qwen)
     original, calls = runner.adapter.generate, {"n": 0}
 
     def dying(*args, **kwargs):
@@ -159,7 +160,7 @@ def test_two_ranks_after_a_dead_rank_merge_into_the_one_process_rows(qwen, demo_
 
     # rank 0 finishes its share; the merge waits for rank 1
     as_rank(monkeypatch, 0, 2)
-    _, path0 = run(qwen, argv)
+    _, path0 = run(qwen, config)
     assert path0 == Path(f"{final}.rank0-of2.part") and not final.exists()
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -180,15 +181,15 @@ def test_two_ranks_after_a_dead_rank_merge_into_the_one_process_rows(qwen, demo_
 
 
 def test_sequential_ranks_take_whole_sequences_and_merge_lazily(qwen, demo_dataset, tmp_path, monkeypatch):
-    common = {"--mode": "sequential", "--method": "ft_llm", "--limit": "2", "--max-new-tokens": "3",
-              "--hparam": "max_steps=2", "--max-gap": "1", "--eval-edits": "2"}
-    _, one = run(qwen, runner_args(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache", **common))
+    common = {"mode": "sequential", "method": "ft_llm", "limit": 2, "max_new_tokens": 3,
+              "hparams": {"max_steps": 2}, "max_gap": 1, "eval_edits": 2}
+    _, one = run(qwen, run_config(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache", **common))
     final = tmp_path / "seq.jsonl"
-    argv = runner_args(demo_dataset, final, tmp_path / "cache", **common)
+    config = run_config(demo_dataset, final, tmp_path / "cache", **common)
     owners = {}
     for rank in (1, 0):
         as_rank(monkeypatch, rank, 2)
-        runner, path = run(qwen, argv)
+        runner, path = run(qwen, config)
         owners[rank] = {u.key.split("/")[0] for u in runner.units}
     assert owners == {0: {"seq01"}, 1: {"seq02"}}
     assert path == final and part_files(final) == []  # the last rank to finish merged
@@ -196,25 +197,24 @@ def test_sequential_ranks_take_whole_sequences_and_merge_lazily(qwen, demo_datas
 
 
 def test_one_process_finishes_what_a_sharded_run_left_and_merges(qwen, demo_dataset, tmp_path, monkeypatch):
-    common = {"--config": "emotion", "--limit": "3", "--max-new-tokens": "3"}
-    _, one = run(qwen, runner_args(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache", **common))
+    common = {"configs": ("emotion",), "limit": 3, "max_new_tokens": 3}
+    _, one = run(qwen, run_config(demo_dataset, tmp_path / "one.jsonl", tmp_path / "cache", **common))
     final = tmp_path / "mixed.jsonl"
-    argv = runner_args(demo_dataset, final, tmp_path / "cache", **common)
+    config = run_config(demo_dataset, final, tmp_path / "cache", **common)
     as_rank(monkeypatch, 2, 3)  # only rank 2 of 3 ever ran
-    runner, _ = run(qwen, argv)
+    runner, _ = run(qwen, config)
     assert [u.index for u in runner.units] == [2] and part_files(final)
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
-    runner, path = run(qwen, argv)
+    runner, path = run(qwen, config)
     assert runner.stats.units == 2 and path == final and part_files(final) == []
     assert json.loads(Path(f"{final}.timing.json").read_text())["units"] == 3  # rank 2's unit + the 2 run here
     assert final.read_bytes().split(b"\n", 1)[1] == one.read_bytes().split(b"\n", 1)[1]
 
 
 def test_timing_keeps_every_scalar_stat(qwen, demo_dataset, tmp_path, monkeypatch):
-    argv = runner_args(demo_dataset, tmp_path / "t.jsonl", tmp_path / "cache", **{"--limit": "1",
-                                                                                   "--config": "animal"})
-    runner = Runner(build_parser().parse_args(argv), adapter=qwen)
+    runner = Runner(run_config(demo_dataset, tmp_path / "t.jsonl", tmp_path / "cache", limit=1,
+                               configs=("animal",)), adapter=qwen)
     original = runner.editor.apply
     monkeypatch.setattr(runner.editor, "apply", lambda edit: {**original(edit), "gate_min": 0.25, "merged": True,
                                                               "norms": [1.0, 2.0], "tensor": torch.ones(2)})

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from _editor_helpers import runner_args
+from _editor_helpers import cli_args, run_config
 
 from editors.predictions import read_predictions
 from editors.run import main as run_main
@@ -26,8 +26,8 @@ def test_only(tmp_path_factory) -> Path:
 def test_runner_metric_and_validator_on_a_test_only_build(test_only, tmp_path, capsys):
     manifest = json.loads((test_only / "sake_manifest.json").read_text())
     assert manifest["splits"] == ["test"] and not (test_only / "gender" / "train-00000-of-00001.parquet").exists()
-    argv = runner_args(test_only, tmp_path / "runs", tmp_path / "cache", **{
-        "--config": "gender", "--limit": False, "--model": "tiny-audio-flamingo3"})
+    argv = cli_args(run_config(test_only, tmp_path / "runs", tmp_path / "cache", configs=("gender",), limit=None,
+                               model="tiny-audio-flamingo3"))
     assert run_main(argv) == 0
     path = Path(capsys.readouterr().out.strip().splitlines()[-1])
     header, rows = read_predictions(path)

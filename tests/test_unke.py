@@ -84,14 +84,13 @@ def test_preservation_prompts_come_from_other_train_instances_deterministically(
 def test_runner_cli_single_mode_writes_predictions(tmp_path):
     import json
 
-    from _editor_helpers import runner_args
+    from _editor_helpers import cli_args, run_config
     from _methods_helpers import demo_dataset
     from editors.run import main as run_main
 
     out = tmp_path / "preds.jsonl"
-    args = runner_args(demo_dataset(), out, tmp_path / "cache", **{"--method": "unke", "--limit": "1",
-                                                                    "--config": "animal",
-                                                                    "--model": "tiny-audio-flamingo3"})
+    args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="unke", limit=1, configs=("animal",),
+                               model="tiny-audio-flamingo3"))
     assert run_main(args) == 0
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["method"] == "unke" and lines[0]["hparams"]["layer"] == 1

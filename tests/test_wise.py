@@ -101,14 +101,13 @@ def test_ties_merge_keeps_agreeing_large_changes():
 def test_runner_cli_sequential_mode_keeps_shards_across_a_sequence(tmp_path):
     import json
 
-    from _editor_helpers import runner_args
+    from _editor_helpers import cli_args, run_config
     from _methods_helpers import demo_dataset
     from editors.run import main as run_main
 
     out = tmp_path / "preds.jsonl"
-    args = runner_args(demo_dataset(), out, tmp_path / "cache", **{
-        "--method": "wise", "--mode": "sequential", "--config": "sequential", "--limit": "1",
-        "--hparam": ["save_freq=1", "merge_freq=0"]})
+    args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="wise", mode="sequential", limit=1,
+                               hparams={"save_freq": 1, "merge_freq": 0}))
     assert run_main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()][1:]
     assert {r["gap"] for r in rows} == {0, 1, 2, 3, 4}

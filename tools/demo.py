@@ -19,8 +19,6 @@ and ``<!-- demo-table:end -->`` in README.md with the table this run printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -113,65 +111,50 @@ def methods_to_run(requested: Sequence[str] | None) -> list[str]:
 def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: int, limit: int | None) -> list[str]:
     """Train a KE / MEND hypernetwork on the demo train split with ``editors.train`` (once; reused after) and
     return the ``--hparam`` overrides that point the method at it."""
-    import editors.train as train
+    from editors.train import train_hypernetwork
 
     target = out / f"{method}"
     done = target / "DONE"
     if not done.is_file():
-        argv = ["--model", model, "--method", method, "--dataset", str(dataset), "--out", str(target),
-                "--seed", str(seed)]
-        if limit is not None:
-            argv += ["--limit", str(max(limit, 2))]
-        logger.info("training the %s hypernetwork: %s", method, " ".join(argv))
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints the folder it wrote
-            code = train.main(argv)
-        if code:
-            raise SystemExit(f"sake demo: training the {method} hypernetwork failed (exit {code})")
+        logger.info("training the %s hypernetwork into %s", method, target)
+        try:
+            train_hypernetwork(method, model, str(dataset), out=target, seed=seed,
+                               limit=None if limit is None else max(limit, 2))
+        except ValueError as exc:
+            raise SystemExit(f"sake demo: training the {method} hypernetwork failed: {exc}") from exc
         atomic_write(done, "ok\n")
     return hypernetwork_overrides(method, target)
 
 
 def hypernetwork_overrides(method: str, directory: Path) -> list[str]:
-    """``--hparam`` overrides naming a trained hypernetwork (the key the method's YAML uses for it)."""
-    from editors.hparams import hparams_file
+    """``KEY=VALUE`` overrides naming a trained hypernetwork (the ``hypernetwork_path`` of KE / MEND)."""
+    from editors.base import get_editor_class
 
-    import yaml
-
-    data = yaml.safe_load(hparams_file(method).read_text()) or {}
-    keys = set((data.get("defaults") or {}).keys())
-    for key in ("hypernetwork", "hypernetwork_path", "checkpoint", "weights", "trained"):
-        if key in keys:
-            return [f"{key}={directory}"]
+    if "hypernetwork_path" in get_editor_class(method).hparams_class._names():
+        return [f"hypernetwork_path={directory}"]
     return []
 
 
 def run_method(model: str, method: str, mode: str, dataset: Path, runs: Path, cache: Path, seed: int,
                limit: int | None, overrides: Sequence[str], progress: bool) -> Path:
-    """One editing run through the runner (resumes a finished or interrupted run); returns the predictions path."""
-    from editors.run import Runner, build_parser
+    """One editing run (:func:`sake.api.run`; resumes a finished or interrupted run); returns the predictions
+    path."""
+    from editors.hparams import parse_overrides
+    from sake.api import RunConfig, run
 
-    argv = ["--model", model, "--method", method, "--dataset", str(dataset), "--split", "test", "--mode", mode,
-            "--out", str(runs), "--seed", str(seed), "--cache-dir", str(cache), "--log-level", "WARNING",
-            # the reference model answers in a few tokens; 32 keeps the demo's runaway outputs short (the report's
-            # generation_limits table counts the outputs that reach it)
-            "--max-new-tokens", "32"]
-    if limit is not None:
-        argv += ["--limit", str(limit)]
-    for item in overrides:
-        argv += ["--hparam", item]
-    if not progress:
-        argv.append("--no-progress")
-    args = build_parser().parse_args(argv)
-    return Runner(args).run()
+    # the reference model answers in a few tokens; 32 new tokens keep the demo's runaway outputs short (the
+    # report's generation_limits table counts the outputs that reach it)
+    return run(RunConfig(model=model, method=method, dataset=str(dataset), split="test", mode=mode, out=str(runs),
+                         seed=seed, cache_dir=str(cache), limit=limit, hparams=parse_overrides(overrides),
+                         max_new_tokens=32, progress=progress))
 
 
 def score_run(predictions: Path) -> dict[str, Any]:
     """Offline-judge scores of a predictions file, written next to it as ``NAME.results.json``."""
-    from eval.score import score_predictions, write_json_atomic
+    from sake.api import score
 
-    results = score_predictions(predictions, judge="offline")
-    write_json_atomic(predictions.with_name(predictions.name[:-len(".jsonl")] + ".results.json"), results)
-    return results
+    return score(predictions, judge="offline",
+                 out=predictions.with_name(predictions.name[:-len(".jsonl")] + ".results.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(score_run(path))
         stage.update(1)
     say("writing the report")
-    from eval.report import load_runs, write_report
+    from sake.api import report
 
-    written = write_report(load_runs([str(runs_dir)]), out / "report")
+    written = report([runs_dir], out / "report")
     stage.update(1)
     stage.close()
     wall = time.time() - start

@@ -1,0 +1,634 @@
+"""The LALM adapter interface: the only way editing methods and the runner talk to a model.
+
+An adapter wraps one large audio-language model (audio encoder -> modality connector -> decoder-only LLM) and
+offers, in model-neutral words:
+
+* prompts: :class:`Prompt` (optional 16 kHz audio, a question, an optional system prompt and an optional multi-turn
+  history of :class:`Turn` s for in-context examples);
+* :meth:`LALMAdapter.generate`: batched greedy generation (left padding) -> decoded strings;
+* :meth:`LALMAdapter.target_loss`: teacher-forced cross-entropy over the target answer's tokens only;
+* structure: :meth:`connector`, :meth:`audio_encoder`, :meth:`llm_layers`, :meth:`mlp_out_proj`,
+  :attr:`num_llm_layers`, :meth:`parameter_groups` (named groups of parameter names);
+* the frozen-prefix fast paths (measured in ``bench/NOTES.md``):
+  - :meth:`audio_states` runs the (frozen) audio encoder once per distinct audio and caches the result, and
+    :meth:`project_audio` maps those states through the connector (differentiable), so FT-Audio trains the
+    connector without recomputing the encoder and every generation starts from ``inputs_embeds``;
+  - :meth:`hidden_entering` computes the hidden states entering LLM layer ``i`` once (no grad), and
+    :meth:`logits_from` / :meth:`loss_from` run the model from there, so FT-LLM (and UnKE, WISE, ...) recompute
+    only the layers they edit.
+
+A model family (Qwen2-Audio, Audio Flamingo 3, DeSTA2.5-Audio) subclasses :class:`LALMAdapter` and implements
+the abstract members: where its modules live, how a conversation is rendered to text with audio placeholders,
+how many placeholder tokens an audio takes, how the frozen encoder runs and how the connector maps its output.
+Everything generic (tokenizing, padding, embedding, masks, losses, generation) lives here.
+
+Conventions
+-----------
+* Audio: 1-D float32 numpy arrays at :data:`SAMPLING_RATE` (16 kHz), values in [-1, 1].
+* Layer indices may be negative (``-1`` = last LLM layer); :meth:`resolve_layer` normalises them.
+* A target answer is scored as its tokens followed by the model's end-of-turn token, so that "greedy output equals
+  the target" includes stopping after it.
+* Parameter names are those of ``adapter.model.named_parameters()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, batch_spans
+from editors.models.prefix_decode import generate_after_prefix, shared_prefix_length
+from editors.models.prompts import Prompt, audio_digest
+from editors.models.weights import weights_digest
+
+logger = logging.getLogger(__name__)
+
+
+def _mask_cache_arg() -> str:
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+_CACHE_ARG = _mask_cache_arg()
+
+
+class GeneratedText(str):
+    """A generated answer (a plain ``str`` everywhere) that also says whether generation stopped at
+    ``max_new_tokens`` rather than at a stop token (``hit_limit``); the runner records it per row."""
+
+    hit_limit: bool
+
+    def __new__(cls, text: str, hit_limit: bool = False) -> "GeneratedText":
+        obj = super().__new__(cls, text)
+        obj.hit_limit = hit_limit
+        return obj
+
+
+class LALMAdapter(abc.ABC):
+    """Base class of every model family's adapter (see the module docstring).
+
+    Subclasses set :attr:`family` (the key of the hparams YAML entries, e.g. ``qwen2_audio``) and implement the
+    abstract members. Construct with :meth:`from_pretrained` (Hub id or local dir) or :meth:`tiny` (random-init
+    small config of the real class with an offline tokenizer and processor, for tests and CI).
+    """
+
+    family: ClassVar[str] = ""
+    #: Hub id of the full-size model, for messages and defaults.
+    default_hub_id: ClassVar[str] = ""
+    #: How many decoded audios' encoder states stay cached (LRU).
+    audio_cache_size: int = 256
+
+    def __init__(self, model: nn.Module, processor: Any, *, model_id: str, revision: str = "",
+                 is_tiny: bool = False) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = model_id
+        self.revision = revision
+        self.is_tiny = is_tiny
+        self.model.eval()
+        self.model.requires_grad_(False)
+        if is_tiny:
+            self.min_shared_prefix = 256  # tiny models run on CPU, where prefill dominates
+        self._audio_cache: OrderedDict[str, Any] = OrderedDict()
+        self._weights_digest: str | None = None  # of a local model directory's weight files (model_key)
+        self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                        revision: str | None = None) -> "LALMAdapter":
+        """Load the real checkpoint (Hub id or local directory) in ``dtype`` on ``device``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LALMAdapter":
+        """A random-init tiny model of the real class, with a tokenizer and processor built offline."""
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save model + processor so that :meth:`from_pretrained` on the directory gives the same model."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.processor.save_pretrained(directory)
+
+    # ---- structure (family-specific) ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def connector(self) -> nn.Module:
+        """The modality connector between the audio encoder and the LLM (FT-Audio trains it)."""
+
+    @abc.abstractmethod
+    def audio_encoder(self) -> nn.Module:
+        """The audio encoder (frozen under every method)."""
+
+    @abc.abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder stack: has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config``."""
+
+    @abc.abstractmethod
+    def lm_head(self) -> nn.Module:
+        """The output projection to the vocabulary."""
+
+    def llm_layers(self) -> nn.ModuleList:
+        """The LLM decoder layers, bottom first."""
+        return self.language_model().layers
+
+    @property
+    def num_llm_layers(self) -> int:
+        return len(self.llm_layers())
+
+    def resolve_layer(self, layer: int) -> int:
+        """Normalise a (possibly negative) LLM layer index; ValueError when out of range."""
+        n = self.num_llm_layers
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx < n:
+            raise ValueError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
+        return idx
+
+    def llm_layer(self, layer: int) -> nn.Module:
+        return self.llm_layers()[self.resolve_layer(layer)]
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The feed-forward block of LLM layer ``layer``."""
+        return self.llm_layer(layer).mlp
+
+    def mlp_out_proj_name(self) -> str:
+        """Attribute name of the FFN output projection inside :meth:`mlp` (``down_proj`` for Qwen2/Llama)."""
+        return "down_proj"
+
+    def mlp_out_proj(self, layer: int) -> nn.Module:
+        """The FFN output projection (a Linear: intermediate -> hidden) of LLM layer ``layer``."""
+        return getattr(self.mlp(layer), self.mlp_out_proj_name())
+
+    def set_mlp_out_proj(self, layer: int, module: nn.Module) -> nn.Module:
+        """Replace the FFN output projection of ``layer`` (e.g. by a WISE side-memory router); returns the old one."""
+        mlp = self.mlp(layer)
+        old = getattr(mlp, self.mlp_out_proj_name())
+        setattr(mlp, self.mlp_out_proj_name(), module)
+        return old
+
+    #: Role of a Linear inside an LLM decoder layer -> its attribute path (Qwen2 / Llama names; a family with other
+    #: names overrides this mapping).
+    LLM_LINEAR_PATHS: ClassVar[dict[str, str]] = {
+        "query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+        "attn_out": "self_attn.o_proj", "mlp_gate": "mlp.gate_proj", "mlp_up": "mlp.up_proj",
+        "mlp_out": "mlp.down_proj",
+    }
+
+    def llm_linear(self, layer: int, role: str) -> nn.Module:
+        """The Linear of LLM layer ``layer`` with ``role`` (a key of :attr:`LLM_LINEAR_PATHS`: query, key, value,
+        attn_out, mlp_gate, mlp_up, mlp_out)."""
+        if role not in self.LLM_LINEAR_PATHS:
+            raise ValueError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
+        return self.llm_layer(layer).get_submodule(self.LLM_LINEAR_PATHS[role])
+
+    def module_name(self, module: nn.Module) -> str:
+        """The dotted name of a submodule of :attr:`model`."""
+        for name, mod in self.model.named_modules():
+            if mod is module:
+                return name
+        raise KeyError("module is not part of this model")
+
+    def parameter_names(self, module: nn.Module) -> list[str]:
+        """Full parameter names (as in ``model.named_parameters()``) of a submodule's parameters."""
+        prefix = self.module_name(module)
+        return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameter names: ``connector``, ``audio_encoder``, ``embeddings``, ``lm_head``,
+        ``llm_layer.{i}``, ``llm_mlp.{i}`` and ``llm_mlp_out.{i}`` for every LLM layer i."""
+        groups: dict[str, list[str]] = {
+            "connector": self.parameter_names(self.connector()),
+            "audio_encoder": self.parameter_names(self.audio_encoder()),
+            "embeddings": self.parameter_names(self.language_model().embed_tokens),
+            "lm_head": self.parameter_names(self.lm_head()),
+        }
+        for i in range(self.num_llm_layers):
+            groups[f"llm_layer.{i}"] = self.parameter_names(self.llm_layer(i))
+            groups[f"llm_mlp.{i}"] = self.parameter_names(self.mlp(i))
+            groups[f"llm_mlp_out.{i}"] = self.parameter_names(self.mlp_out_proj(i))
+        return groups
+
+    def named_parameter_dict(self) -> dict[str, nn.Parameter]:
+        return dict(self.model.named_parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head().weight.dtype
+
+    # ---- prompt rendering (family-specific) ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def render(self, prompt: Prompt) -> str:
+        """The prompt as model text, ending with the assistant turn's opening, with exactly one
+        :attr:`audio_placeholder` per audio (in :meth:`Prompt.audios` order)."""
+
+    @property
+    @abc.abstractmethod
+    def audio_placeholder(self) -> str:
+        """The special token that stands for one audio embedding position (repeated n times per audio)."""
+
+    @property
+    @abc.abstractmethod
+    def end_of_turn(self) -> str:
+        """The token that ends an assistant turn; appended to targets and used as a stop token."""
+
+    @abc.abstractmethod
+    def num_audio_tokens(self, audio: np.ndarray) -> int:
+        """How many placeholder tokens (= connector outputs) the audio takes."""
+
+    @abc.abstractmethod
+    def _encode_audios(self, audios: list[np.ndarray]) -> list[Any]:
+        """Run the audio encoder on a list of audios; one state object per audio (callers choose the grad mode:
+        :meth:`audio_states` runs it without grad, :meth:`audio_states_with_grad` with)."""
+
+    @abc.abstractmethod
+    def project_audio(self, states: list[Any]) -> torch.Tensor:
+        """Connector outputs of a list of audio states, concatenated: [sum of num_audio_tokens, hidden].
+        Differentiable with respect to the connector's parameters."""
+
+    # ---- trainable audio encoder (FT-Encoder) ---------------------------------------------------------------------
+
+    def audio_encoder_layers(self) -> list[nn.Module]:
+        """The audio encoder's transformer layers whose outputs reach the connector, bottom first (FT-Encoder
+        trains the last N). A family without this capability raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its audio encoder layers")
+
+    def audio_states_with_grad(self, audios: Sequence[np.ndarray]) -> list[Any]:
+        """Encoder states of ``audios`` computed now, with autograd (gradients reach encoder parameters that
+        require grad) and without the cache; same layout as :meth:`audio_states`."""
+        with torch.enable_grad():
+            return self._encode_audios(list(audios))
+
+    def before_audio_encoder_edit(self, names: Sequence[str]) -> None:
+        """Called once by a method that will change the audio-encoder parameters ``names``, before any change. A
+        family whose other audio-derived inputs must stay those of the released encoder (DeSTA2.5's Whisper
+        transcripts) keeps what it needs here; the default does nothing."""
+
+    # ---- audio states -------------------------------------------------------------------------------------------
+
+    def audio_states(self, audios: Sequence[np.ndarray], batch_size: int = 16) -> list[Any]:
+        """Frozen encoder output for each audio, computed once per distinct audio content and cached (LRU)."""
+        keys = [audio_digest(a) for a in audios]
+        missing: dict[str, np.ndarray] = {}
+        for key, audio in zip(keys, audios):
+            if key not in self._audio_cache and key not in missing:
+                missing[key] = audio
+        if missing:
+            todo = list(missing.items())
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                with torch.no_grad():
+                    states = self._encode_audios([a for _, a in chunk])
+                self.audio_encoder_calls += len(chunk)
+                for (key, _), state in zip(chunk, states):
+                    self._audio_cache[key] = state
+        out = []
+        for key in keys:
+            self._audio_cache.move_to_end(key)
+            out.append(self._audio_cache[key])
+        while len(self._audio_cache) > max(self.audio_cache_size, len(set(keys))):
+            self._audio_cache.popitem(last=False)
+        return out
+
+    def clear_audio_cache(self) -> None:
+        """Forget cached encoder states (call after anything changes the audio encoder's parameters)."""
+        self._audio_cache.clear()
+
+    # ---- tokenization -------------------------------------------------------------------------------------------
+
+    def _expand_placeholders(self, text: str, audios: list[np.ndarray]) -> str:
+        pieces = text.split(self.audio_placeholder)
+        if len(pieces) - 1 != len(audios):
+            raise ValueError(f"rendered prompt has {len(pieces) - 1} audio placeholders for {len(audios)} audios")
+        out = [pieces[0]]
+        for audio, piece in zip(audios, pieces[1:]):
+            out.append(self.audio_placeholder * self.num_audio_tokens(audio))
+            out.append(piece)
+        return "".join(out)
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def target_token_ids(self, target: str) -> list[int]:
+        """Token ids a target answer is scored on: the answer's tokens then the end-of-turn token."""
+        return self._token_ids(target) + self._token_ids(self.end_of_turn)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = {int(i) for i in self._token_ids(self.end_of_turn)}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    @property
+    def audio_placeholder_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(self.audio_placeholder))
+
+    def warm_audio(self, audios: Sequence[np.ndarray]) -> None:
+        """Hook called with every audio of a :meth:`generate` / :meth:`prepare` call before tokenization; a family
+        whose placeholder count needs per-audio work (DeSTA2.5's transcripts) batches that work here."""
+
+    def prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids with each audio placeholder expanded to its embedding count."""
+        return self._token_ids(self._expand_placeholders(self.render(prompt), prompt.audios()))
+
+    def prepare(self, prompts: Sequence[Prompt], targets: Sequence[str] | None = None,
+                token_ids: Sequence[list[int]] | None = None) -> PromptBatch:
+        """Tokenize and left-pad prompts (+ targets for teacher forcing) and fetch their audio states.
+
+        ``token_ids`` (optional) are the prompts' :meth:`prompt_token_ids`, when already computed."""
+        if targets is not None and len(targets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        if token_ids is None:
+            self.warm_audio([a for p in prompts for a in p.audios()])
+        rows: list[list[int]] = []
+        label_rows: list[list[int]] = []
+        all_audios: list[np.ndarray] = []
+        for i, prompt in enumerate(prompts):
+            ids = list(token_ids[i]) if token_ids is not None else self.prompt_token_ids(prompt)
+            labels = [IGNORE_INDEX] * len(ids)
+            if targets is not None:
+                tgt = self.target_token_ids(targets[i])
+                ids = ids + tgt
+                labels = labels + tgt
+            rows.append(ids)
+            label_rows.append(labels)
+            all_audios.extend(prompt.audios())
+        return self._collate(rows, all_audios, label_rows if targets is not None else None)
+
+    def _collate(self, rows: list[list[int]], audios: list[np.ndarray], label_rows: list[list[int]] | None = None
+                 ) -> PromptBatch:
+        """Left-pad token rows into a :class:`PromptBatch` (``audios``: every audio of the rows, in order)."""
+        all_audios = audios
+        targets = label_rows
+        if label_rows is None:
+            label_rows = [[IGNORE_INDEX] * len(r) for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (ids, labels) in enumerate(zip(rows, label_rows)):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+            labels_t[i, width - len(ids):] = torch.tensor(labels, dtype=torch.long)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        device = self.device
+        states = self.audio_states(all_audios) if all_audios else []
+        audio_mask = input_ids == self.audio_placeholder_id
+        batch = PromptBatch(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            audio_token_mask=audio_mask.to(device),
+            audio_states=states,
+            n_audio_slots=int(audio_mask.sum()),
+        )
+        if targets is not None:
+            next_labels = labels_t[:, 1:]
+            rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+            batch.labels = labels_t.to(device)
+            batch.target_rows = rows.to(device)
+            batch.target_cols = cols.to(device)
+            batch.target_ids = next_labels[rows, cols].to(device)
+            batch.target_counts = (next_labels != IGNORE_INDEX).sum(-1).to(device)
+        return batch
+
+    # ---- forward paths ------------------------------------------------------------------------------------------
+
+    def input_embeds(self, batch: PromptBatch, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the connector outputs scattered into the audio placeholders.
+
+        ``audio_embeds`` (optional) replaces :meth:`project_audio` of the batch's states, e.g. per-edit connector
+        copies when several edits share one pass."""
+        embeds = self.language_model().embed_tokens(batch.input_ids)
+        if batch.audio_states or audio_embeds is not None:
+            if audio_embeds is None:
+                audio_embeds = self.project_audio(batch.audio_states)
+            if audio_embeds.shape[0] != batch.n_audio_slots:
+                raise ValueError(f"{audio_embeds.shape[0]} audio embeddings for {batch.n_audio_slots} placeholder "
+                                 "tokens")
+            mask = batch.audio_token_mask.unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, audio_embeds.to(embeds.dtype))
+        return embeds
+
+    def _masks(self, hidden: torch.Tensor, batch: PromptBatch) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        cfg = self.language_model().config
+        kwargs = dict(config=cfg, inputs_embeds=hidden, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids)
+        kwargs[_CACHE_ARG] = None  # transformers < 5.2x calls it past_key_values
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def _layer_type(self, i: int) -> str:
+        types = getattr(self.language_model().config, "layer_types", None)
+        return types[i] if types else "full_attention"
+
+    def _run_layers(self, hidden: torch.Tensor, start: int, stop: int, masks: dict[str, Any],
+                    position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                    ) -> torch.Tensor:
+        layers = self.llm_layers()
+        for i in range(start, stop):
+            hidden = layers[i](hidden, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
+                               position_embeddings=position_embeddings)
+        return hidden
+
+    def run_layers(self, state: LayerState, hidden: torch.Tensor | None = None, start: int | None = None,
+                   stop: int | None = None) -> torch.Tensor:
+        """Output of LLM layers ``start``..``stop - 1`` (default: ``state.layer`` alone) for the hidden states
+        ``hidden`` (default ``state.hidden``) entering layer ``start``, with ``state``'s masks and positions."""
+        start = state.layer if start is None else start
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start <= stop <= self.num_llm_layers:
+            raise ValueError(f"run_layers: need 0 <= start ({start}) <= stop ({stop}) <= {self.num_llm_layers}")
+        h = state.hidden if hidden is None else hidden
+        return self._run_layers(h, start, stop, state.masks, state.position_ids, state.position_embeddings)
+
+    def hidden_entering(self, batch: PromptBatch, layer: int, *, grad: bool = False) -> LayerState:
+        """Hidden states entering LLM layer ``layer`` (0 = the input embeddings), no grad unless ``grad``."""
+        layer = self.resolve_layer(layer) if layer != self.num_llm_layers else layer
+        with torch.set_grad_enabled(grad):
+            hidden = self.input_embeds(batch)
+            lm = self.language_model()
+            masks = self._masks(hidden, batch)
+            pos_emb = lm.rotary_emb(hidden, batch.position_ids)
+            hidden = self._run_layers(hidden, 0, layer, masks, batch.position_ids, pos_emb)
+        return LayerState(layer=layer, hidden=hidden, masks=masks, position_ids=batch.position_ids,
+                          position_embeddings=pos_emb, batch=batch)
+
+    def final_hidden_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run layers ``state.layer``.. and the final norm from ``hidden`` (default ``state.hidden``)."""
+        h = state.hidden if hidden is None else hidden
+        h = self._run_layers(h, state.layer, self.num_llm_layers, state.masks, state.position_ids,
+                             state.position_embeddings)
+        return self.language_model().norm(h)
+
+    def logits_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits [B, T, V] computed from the hidden states entering ``state.layer``."""
+        return self.lm_head()(self.final_hidden_from(state, hidden))
+
+    def loss_from(self, state: LayerState, hidden: torch.Tensor | None = None, reduction: str = "mean"
+                  ) -> torch.Tensor:
+        """Teacher-forced target loss from the hidden states entering ``state.layer`` (labels required)."""
+        return self._target_ce(self.final_hidden_from(state, hidden), state.batch, reduction)
+
+    def _target_ce(self, final_hidden: torch.Tensor, batch: PromptBatch, reduction: str) -> torch.Tensor:
+        """Per-item mean CE over target tokens; logits computed only at the positions that predict them
+        (indices precomputed in :meth:`prepare`: no host sync)."""
+        if batch.target_rows is None:
+            raise ValueError("a target loss needs a batch prepared with targets")
+        logits = self.lm_head()(final_hidden[batch.target_rows, batch.target_cols]).float()  # [N, V]
+        token_ce = nn.functional.cross_entropy(logits, batch.target_ids, reduction="none")
+        counts = batch.target_counts.clamp(min=1).to(token_ce.dtype)
+        per_item = torch.zeros(batch.batch_size, dtype=token_ce.dtype, device=token_ce.device)
+        per_item = per_item.index_add(0, batch.target_rows, token_ce) / counts
+        if reduction == "none":
+            return per_item
+        if reduction == "mean":
+            return per_item.mean()
+        if reduction == "sum":
+            return per_item.sum()
+        raise ValueError(f"unknown reduction {reduction!r}")
+
+    def batch_loss(self, batch: PromptBatch, reduction: str = "mean", audio_embeds: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Teacher-forced target loss of a prepared batch through the whole LLM (grad follows torch's mode)."""
+        hidden = self.input_embeds(batch, audio_embeds)
+        out = self.language_model()(inputs_embeds=hidden, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False)
+        return self._target_ce(out.last_hidden_state, batch, reduction)
+
+    def target_loss(self, prompts: Sequence[Prompt], targets: Sequence[str], reduction: str = "mean"
+                    ) -> torch.Tensor:
+        """Teacher-forced CE of each target given its prompt, over target tokens only (+ end of turn).
+
+        ``reduction``: ``mean`` (mean of per-item means), ``sum`` or ``none`` (one value per item)."""
+        return self.batch_loss(self.prepare(prompts, targets), reduction)
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, batch_size: int | None = None,
+                 max_batch_tokens: int | None = None) -> list[str]:
+        """Greedy decoding (left padding, from ``inputs_embeds``); returns the decoded answers, special tokens
+        removed, stripped.
+
+        Prompts go to ``generate`` in order, in consecutive chunks of at most ``batch_size`` prompts (default: no
+        limit) whose padded size ``rows * (longest prompt + max_new_tokens)`` stays within ``max_batch_tokens``
+        (default: no limit; it bounds the KV cache when in-context demonstrations make prompts long)."""
+        from transformers import GenerationConfig
+
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        self.warm_audio([a for p in prompts for a in p.audios()])
+        token_ids = [self.prompt_token_ids(p) for p in prompts]
+        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                   pad_token_id=self.pad_token_id, eos_token_id=self.stop_token_ids,
+                                   repetition_penalty=1.0)
+        # One prefill of a long shared prefix (system prompt + in-context demonstrations), then each prompt's tail.
+        # The prefix KV cache is still repeated per row, so the memory bound counts full lengths.
+        prefix = self.shared_prefix_length(prompts, token_ids)
+        lengths = [len(t) + max_new_tokens for t in token_ids]
+        outputs: list[str] = []
+        for start, stop in batch_spans(lengths, batch_size, max_batch_tokens):
+            if prefix and stop - start < 2:
+                prefix_here = 0
+            else:
+                prefix_here = prefix
+            if prefix_here:
+                new_tokens = self._generate_after_prefix(prompts[start:stop], token_ids[start:stop], prefix,
+                                                         max_new_tokens)
+            else:
+                batch = self.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
+                embeds = self.input_embeds(batch)
+                new_tokens = self.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                                 generation_config=gen_cfg)
+            outputs.extend(self.decode_new_tokens(new_tokens, max_new_tokens))
+        return outputs
+
+    def decode_new_tokens(self, new_tokens: torch.Tensor, max_new_tokens: int) -> list["GeneratedText"]:
+        """Decoded, stripped answers of generated token ids ``[B, <= max_new_tokens]``; each remembers whether
+        its row stopped at ``max_new_tokens`` without a stop token (``hit_limit``: the answer may be cut)."""
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if new_tokens.shape[-1] < max_new_tokens:  # every row stopped early
+            return [GeneratedText(t.strip(), hit_limit=False) for t in texts]
+        stopped = torch.isin(new_tokens, torch.tensor(self.stop_token_ids, device=new_tokens.device)).any(-1)
+        return [GeneratedText(t.strip(), hit_limit=not bool(s)) for t, s in zip(texts, stopped.tolist())]
+
+    #: Shortest common prompt prefix (tokens) worth one shared prefill instead of one per prompt; 0 = never.
+    #: Off by default: on an H100 at 7B (Qwen2-Audio, bf16, 10 prompts, 32 new tokens) the shared path was no
+    #: faster at a 7.4k-token prefix (4.76 s vs 4.63 s) and slower at 1.5k (2.49 s vs 1.52 s), its own decode loop
+    #: costing more per token (cuDNN attention re-planned for every KV length) than the prefill it saves. The tiny
+    #: CPU models turn it on (256): there prefill dominates and IE-IKE runs 4-6x faster.
+    min_shared_prefix: int = 0
+
+    def shared_prefix_length(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]]) -> int:
+        """Length of the token prefix every prompt shares (see :func:`editors.models.prefix_decode.shared_prefix_length`)."""
+        return shared_prefix_length(self, prompts, token_ids)
+
+    def _generate_after_prefix(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]], prefix: int,
+                               max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding after one shared prefill (:func:`editors.models.prefix_decode.generate_after_prefix`)."""
+        return generate_after_prefix(self, prompts, token_ids, prefix, max_new_tokens)
+
+    # ---- identity -----------------------------------------------------------------------------------------------
+
+    def model_key(self) -> str:
+        """A short hash identifying model weights + revision + config + dtype (key of the pre-edit cache).
+
+        Hub models are pinned by their revision; a local directory adds a digest of its weight files (so a
+        retrained model gets a new key); in-memory tiny models are identified by their seed-based id."""
+        cfg = self.model.config.to_json_string(use_diff=False)
+        parts = [self.model_id, self.revision, cfg, str(self.dtype)]
+        if Path(self.model_id).is_dir():
+            if self._weights_digest is None:
+                self._weights_digest = weights_digest(self.model_id)
+            parts.append(self._weights_digest)
+        payload = json.dumps(parts, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """Model identity for run headers."""
+        return {"model": self.model_id, "model_revision": self.revision, "family": self.family,
+                "dtype": str(self.dtype).replace("torch.", ""), "model_key": self.model_key()}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'float32' / torch.dtype -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+    return table[dtype]

@@ -1,0 +1,71 @@
+"""Tensors handed between the adapter and the editing methods: a tokenized :class:`PromptBatch`, the
+:class:`LayerState` entering an LLM layer, and :func:`batch_spans` (chunking sequences under row/token limits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+#: Label value ignored by the cross-entropy (positions that are not target tokens).
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptBatch:
+    """A tokenized, left-padded batch ready for the LLM (built once, reused across optimisation steps).
+
+    ``audio_states`` holds the frozen encoder output of every audio of the batch, in the order their placeholder
+    tokens appear (row-major); :meth:`LALMAdapter.input_embeds` projects them through the (possibly trained)
+    connector and scatters them into the placeholder positions.
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 0 on left padding
+    position_ids: torch.Tensor  # [B, T] long
+    audio_token_mask: torch.Tensor  # [B, T] bool, True at audio placeholder tokens
+    audio_states: list[Any]  # one entry per audio, family-specific (a tensor for Whisper-style encoders)
+    n_audio_slots: int = 0  # number of placeholder tokens (known on the host: no device sync needed)
+    labels: torch.Tensor | None = None  # [B, T] long, IGNORE_INDEX except on target tokens
+    # Positions that predict a target token (precomputed so the loss needs no host sync): row, column, token id.
+    target_rows: torch.Tensor | None = None
+    target_cols: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    target_counts: torch.Tensor | None = None  # [B] number of target tokens per row
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class LayerState:
+    """Hidden states entering LLM layer ``layer`` plus what is needed to run the model from there."""
+
+    layer: int
+    hidden: torch.Tensor  # [B, T, H]
+    masks: dict[str, Any]  # attention-mask mapping by layer type ("full_attention", "sliding_attention")
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    batch: PromptBatch
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_spans(lengths: Sequence[int], batch_size: int | None = None, max_batch_tokens: int | None = None
+                ) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) chunks of sequences with at most ``batch_size`` rows and at most
+    ``max_batch_tokens`` padded tokens (rows x longest); a single longer sequence still gets its own chunk."""
+    spans: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, n)
+        full = batch_size is not None and i - start >= batch_size
+        too_big = max_batch_tokens is not None and grown * (i - start + 1) > max_batch_tokens
+        if i > start and (full or too_big):
+            spans.append((start, i))
+            start, grown = i, n
+        longest = grown
+    if lengths:
+        spans.append((start, len(lengths)))
+    return spans

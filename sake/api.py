@@ -1,0 +1,117 @@
+"""The Python API: run an editing method, score its predictions, report, or apply one edit to a loaded model.
+
+    from sake.api import RunConfig, run, score, editing
+
+    path = run(RunConfig(model="tiny-qwen2-audio", method="ft_audio", dataset="/tmp/sake", configs=("emotion",),
+                         limit=2, out="runs/"))
+    results = score(path, judge="offline")
+    print(results["metrics"]["overall"]["reliability"])
+
+* :func:`run` is ``python -m editors.run`` without the command line: same resume, cache and output file.
+* :func:`score` is ``python -m eval.score`` (offline judge or the LLM judge); :func:`report` is
+  ``python -m eval.report``.
+* :func:`editing` applies one edit to an adapter (``editors.models.load_adapter``) for the duration of a ``with``
+  block; the tensors the method touched are restored bit-exactly on exit (and any other state it keeps, such as a
+  prompt method's instructions, is dropped).
+
+Importing this module needs no torch; each function imports what it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+from sake.config import RunConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editors.base import EditRequest, Editor
+    from editors.models.base import LALMAdapter, Prompt
+
+__all__ = ["EditedModel", "RunConfig", "editing", "report", "run", "score"]
+
+
+def run(config: RunConfig, *, adapter: "LALMAdapter | None" = None) -> Path:
+    """Run ``config`` (resuming a finished or interrupted run in the same output file) and return the predictions
+    file. ``adapter``: an already loaded model to edit instead of loading ``config.model`` (it is restored after
+    every edit). In a multi-process launch, ranks other than 0 return their own part file."""
+    from editors.run import Runner
+
+    runner = Runner(config, adapter=adapter)
+    path = runner.run()
+    return Path(path) if path is not None else runner.part_path
+
+
+def score(predictions: str | os.PathLike, judge: str = "offline", *, out: str | os.PathLike | None = None,
+          **judge_options: Any) -> dict[str, Any]:
+    """Score a predictions file and return the results dict (ARCHITECTURE.md "Results JSON"). ``judge``:
+    ``"offline"`` (deterministic stages only) or ``"openai"`` (+ the LLM judge; ``judge_options`` as in
+    ``eval.score.score_predictions``: ``model``, ``base_url``, ``cache_dir``, ...). ``out``: also write the
+    results JSON there (atomically)."""
+    from eval.score import score_predictions, write_json_atomic
+
+    results = score_predictions(predictions, judge=judge, **judge_options)
+    if out is not None:
+        write_json_atomic(out, results)
+    return results
+
+
+def report(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[Path]:
+    """Paper-style tables and plots of results JSONs or predictions files (folders are searched) into ``out``;
+    returns the written files."""
+    from eval.report import load_runs, write_report
+
+    return write_report(load_runs([str(p) for p in inputs]), out)
+
+
+class EditedModel:
+    """The model inside an :func:`editing` block: :meth:`generate` answers prompts under the edit (a prompt
+    method's rewriting included); ``adapter``, ``editor``, ``edit`` and ``stats`` (what the method reported) are
+    there for anything else."""
+
+    def __init__(self, adapter: "LALMAdapter", editor: "Editor", edit: "EditRequest", stats: dict[str, Any]) -> None:
+        self.adapter, self.editor, self.edit, self.stats = adapter, editor, edit, stats
+
+    def generate(self, prompts: "Sequence[Prompt]", max_new_tokens: int = 32, **options: Any) -> list[str]:
+        """Greedy answers of ``prompts`` under the edit."""
+        rewritten = self.editor.rewrite_prompts(list(prompts), self.edit)
+        return self.adapter.generate(rewritten, max_new_tokens=max_new_tokens, **options)
+
+
+@contextlib.contextmanager
+def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping[str, Any]",
+            hparams: Mapping[str, Any] | None = None, *, seed: int = 0, cache_dir: str | None = None
+            ) -> Iterator[EditedModel]:
+    """Apply one edit of ``method`` to ``adapter`` on entering the block and undo it on leaving (also on an
+    exception): every tensor the method touched is copied back bit-exactly and its other state is reset.
+
+    ``request``: an ``editors.base.EditRequest`` or a SAKE instance row (``datasets`` row of any attribute
+    config). ``hparams``: overrides of the method's YAML entry for the adapter's family (unknown keys are an
+    error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``)."""
+    import torch
+
+    from editors.base import EditRequest, ParameterSnapshot, RunContext, get_editor_class
+    from editors.hparams import load_hparams
+
+    edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
+    typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
+    editor = get_editor_class(method)(adapter, typed, RunContext(seed=seed, cache_dir=cache_dir,
+                                                                 model_name=adapter.model_id))
+    editor.setup()
+    touched = editor.touched_parameters()
+    snapshot = ParameterSnapshot(adapter.model, touched) if touched else None
+    encoder = set(adapter.parameter_groups()["audio_encoder"]) & set(touched)
+    try:
+        torch.manual_seed(seed)
+        stats = editor.apply(edit)
+        if encoder:
+            adapter.clear_audio_cache()
+        yield EditedModel(adapter, editor, edit, stats)
+    finally:
+        if snapshot is not None:
+            snapshot.restore()
+        editor.reset()
+        if encoder:
+            adapter.clear_audio_cache()

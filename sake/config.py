@@ -1,0 +1,92 @@
+"""The typed configuration of one editing run (:class:`RunConfig`): what ``python -m editors.run`` parses its
+arguments into, and what :func:`sake.api.run` takes. Torch-free; checked on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sake.protocol import ATTRIBUTES, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One editing run: apply ``method`` to ``model`` on the SAKE ``dataset`` and write predictions to ``out``.
+
+    ``configs`` defaults to the four attribute configs in single mode and ``("sequential",)`` in sequential mode.
+    ``hparams`` overrides keys of ``editors/hparams/<method>.yaml`` (unknown keys are an error). ``dtype`` and
+    ``device`` default to bf16 on a GPU, fp32 on CPU. ``max_new_tokens``: None = the model family's generation
+    length (``editors/hparams/generation.yaml``). ``eval_edits``/``max_gap``: the sequential rule (paper: 5
+    and 5), written to the predictions header. ``edits_per_pass``: independent single edits applied at once
+    (None: from free GPU memory, 1 on CPU).
+    """
+
+    model: str
+    method: str
+    dataset: str
+    out: str = "runs"
+    configs: tuple[str, ...] = ()
+    split: str = "test"
+    mode: str = "single"
+    limit: int | None = None
+    seed: int = 0
+    max_new_tokens: int | None = None
+    batch_size: int = 0
+    max_batch_tokens: int = 32768
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    device: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
+    eval_edits: int = SEQUENTIAL_EVAL_EDITS
+    max_gap: int = SEQUENTIAL_MAX_GAP
+    edits_per_pass: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("model", "method", "dataset", "out", "split", "dataset"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+            elif not isinstance(value, str) or not value:
+                raise ValueError(f"RunConfig.{name}: expected a non-empty string, got {value!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
+        if self.mode not in MODES:
+            raise ValueError(f"RunConfig.mode: expected one of {list(MODES)}, got {self.mode!r}")
+        configs = (self.configs,) if isinstance(self.configs, str) else tuple(self.configs or ())
+        if self.mode == "sequential":
+            configs = configs or (SEQUENTIAL_CONFIG,)
+            if configs != (SEQUENTIAL_CONFIG,):
+                raise ValueError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {list(configs)}")
+        else:
+            configs = tuple(dict.fromkeys(configs or ATTRIBUTES))
+            bad = [c for c in configs if c not in ATTRIBUTES]
+            if bad:
+                raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTES)}"
+                                 + (" (use --mode sequential for the sequential config)"
+                                    if SEQUENTIAL_CONFIG in bad else ""))
+        object.__setattr__(self, "configs", configs)
+        object.__setattr__(self, "hparams", dict(self.hparams or {}))
+        for name, low in (("limit", 0), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
+                          ("max_new_tokens", 1), ("batch_size", 0), ("max_batch_tokens", 0)):
+            value = getattr(self, name)
+            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"RunConfig.seed: expected an integer, got {self.seed!r}")
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def output_path(self) -> Path:
+        """``OUT/MODEL__METHOD__MODE__SPLIT.jsonl`` (or ``out`` itself when it ends in ``.jsonl``)."""
+        if self.out.endswith(".jsonl"):
+            return Path(self.out)
+        slug = Path(self.model.rstrip("/")).name if Path(self.model).exists() else self.model.replace("/", "--")
+        return Path(self.out) / f"{slug}__{self.method}__{self.mode}__{self.split}.jsonl"
