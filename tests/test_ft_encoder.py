@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from _editor_helpers import runner_args, synthetic_audio
+from _editor_helpers import cli_args, run_config, synthetic_audio
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
 from editors.base import ParameterSnapshot
@@ -117,13 +117,12 @@ def test_desta_transcripts_come_from_the_released_encoder_while_it_is_edited():
 def test_ft_encoder_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
     from editors.run import main as run_main
 
-    hp = ["lr=0.03", "max_steps=20"]
-    for mode, extra in (("single", {"--config": "language", "--limit": "1"}),
-                        ("sequential", {"--limit": "1", "--eval-edits": "2", "--max-gap": "1"})):
+    for mode, extra in (("single", {"configs": ("language",), "limit": 1}),
+                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
         out = tmp_path / f"{mode}.jsonl"
-        args = runner_args(demo_dataset(), out, tmp_path / "cache",
-                           **{"--method": "ft_encoder", "--model": "tiny-qwen2-audio", "--mode": mode,
-                              "--hparam": hp, **extra})
+        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="ft_encoder",
+                                   model="tiny-qwen2-audio", mode=mode, hparams={"lr": 0.03, "max_steps": 20},
+                                   **extra))
         assert run_main(args) == 0
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert lines[0]["method"] == "ft_encoder" and lines[0]["mode"] == mode

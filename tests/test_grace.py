@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _editor_helpers import runner_args
+from _editor_helpers import cli_args, run_config
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
 from editors.grace import GRACE, Entry, GraceCodebook
@@ -117,11 +117,11 @@ def test_grace_replacement_last_only_changes_the_last_prompt_position():
 def test_grace_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
     from editors.run import main as run_main
 
-    for mode, extra in (("single", {"--config": "animal", "--limit": "1"}),
-                        ("sequential", {"--limit": "1", "--eval-edits": "2", "--max-gap": "1"})):
+    for mode, extra in (("single", {"configs": ("animal",), "limit": 1}),
+                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
         out = tmp_path / f"{mode}.jsonl"
-        args = runner_args(demo_dataset(), out, tmp_path / "cache",
-                           **{"--method": "grace", "--model": "tiny-audio-flamingo3", "--mode": mode, **extra})
+        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="grace",
+                                   model="tiny-audio-flamingo3", mode=mode, **extra))
         assert run_main(args) == 0
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert lines[0]["method"] == "grace" and lines[0]["hparams"]["replacement"] == "answer"

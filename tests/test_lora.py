@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _editor_helpers import runner_args
+from _editor_helpers import cli_args, run_config
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
 from editors.base import ParameterSnapshot
@@ -117,11 +117,11 @@ def test_lora_edits_per_pass_equal_one_at_a_time(model, target):
 def test_lora_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
     from editors.run import main as run_main
 
-    for mode, extra in (("single", {"--config": "emotion", "--edits-per-pass": "2"}),
-                        ("sequential", {"--limit": "1", "--eval-edits": "2", "--max-gap": "1"})):
+    for mode, extra in (("single", {"configs": ("emotion",), "edits_per_pass": 2}),
+                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
         out = tmp_path / f"{mode}.jsonl"
-        args = runner_args(demo_dataset(), out, tmp_path / "cache",
-                           **{"--method": "lora", "--model": "tiny-desta25", "--mode": mode, **extra})
+        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="lora", model="tiny-desta25",
+                                   mode=mode, **extra))
         assert run_main(args) == 0
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert lines[0]["method"] == "lora" and lines[0]["mode"] == mode
