@@ -8,9 +8,11 @@ its audio-locality items) and ``preserve_text`` text prompts (its text-locality 
 from all four attribute configs (AlphaEdit draws Wikipedia text; SAKE edits audio-language behaviour, so the
 train split's own audio and text prompts stand in for it). Their second moment ``C0 = mean k k^T`` is eigen-
 decomposed and ``P = U0 U0^T`` over the eigenvectors with eigenvalue below ``nullspace_threshold`` (AlphaEdit's
-rule): ``W P k0 ~ 0`` for preserved keys. ``C0`` and ``P`` are computed once and cached on disk per model key,
-layer and prompt set: ``CACHE/alphaedit/MODEL_KEY/layer{l}-{digest}.safetensors`` (digest of the prompts'
-content hashes and the threshold), written atomically; later runs (and other processes) load them.
+rule; ``nullspace_fraction`` instead takes that fraction of the directions with the smallest eigenvalues, for
+models whose keys have no eigenvalue below the threshold, such as the random tiny ones): ``P k0 ~ 0`` for
+preserved keys. ``C0`` and ``P`` are computed once and cached on disk per model key, layer and prompt set:
+``CACHE/alphaedit/MODEL_KEY/layer{l}-{digest}.safetensors`` (digest of the prompts' content hashes and the
+null-space rule), written atomically; later runs (and other processes) load them.
 
 One edit. The key ``k*`` is ``W``'s input at the fact token (``fact_token: audio_last``, the last audio embedding
 position: the audio plays the subject's role of AlphaEdit's ``subject_last``; ``prompt_last``: the last prompt
@@ -20,8 +22,9 @@ produces the target; then, with ``K = [k*]`` and ``R = [delta]``,
 
     Delta^T = (P (K K^T + C_past) + L2 I)^{-1} P K R^T,     W <- W + Delta
 
-(AlphaEdit's closed form for one layer). ``Delta k0 = Delta P k0``-sized for preserved keys (``P k0 ~ 0``), so their
-outputs stay within the tolerance the threshold sets (``tests/test_new_methods.py`` states and checks it).
+(AlphaEdit's closed form for one layer, solved in fp64). ``Delta k0 = 0`` exactly for every ``k0`` with ``P k0 = 0``,
+so a preserved key's output moves by at most ``||Delta||_2 * ||P k0||``, its part in the null space, whose mean
+square is the sum of the eigenvalues below the threshold (``tests/test_alphaedit.py`` checks this tolerance).
 
 Sequential mode: ``C_past`` accumulates ``K K^T`` of the edits already made (AlphaEdit's ``cache_c``), so later edits
 also leave the earlier edits' keys alone; :meth:`AlphaEdit.reset` clears it and the runner restores ``W``.
@@ -40,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, register
 from editors.hparams import Hparams
+from editors.models.base import Prompt, as_audio_array
 from sake.atomic import atomic_write
 from sake.protocol import ATTRIBUTES
-from editors.models.base import Prompt, as_audio_array
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +180,8 @@ class AlphaEdit(Editor):
         size = int(self.hparams.get("stats_batch_size", 16))
         total = torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64, device=self.adapter.device)
         count = 0
-        for start in range(0, len(prompts), size):
+        for start in tqdm(range(0, len(prompts), size), desc="alphaedit: preserved keys", unit="batch",
+                          disable=None, leave=False):
             batch = self.adapter.prepare(prompts[start:start + size])
             keys = self._keys(batch, layer)[batch.attention_mask.bool()].double()  # [N, in]
             total += keys.t() @ keys
