@@ -7,7 +7,8 @@
     sake score ...        eval.score (predictions -> results JSON)
     sake report ...       eval.report (tables and plots)
     sake agreement ...    eval.agreement (agreement and Cohen's kappa of two judgings)
-    sake leaderboard ...  eval.leaderboard (validate / score / add / build)
+    sake leaderboard ...  eval.leaderboard (validate / score / add / queue / build / serve)
+    sake publish ...      eval.publish (dataset / metric / leaderboard on the Hugging Face Hub)
 
 Each subcommand takes the same arguments as its module (`sake run --help` == `python -m editors.run --help`).
 """
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("eval.report", "paper-style tables and plots from results"),
     "agreement": ("eval.agreement", "agreement and Cohen's kappa of two judgings of the same predictions"),
     "leaderboard": ("eval.leaderboard.__main__", "validate, score, add and build the leaderboard"),
+    "publish": ("eval.publish", "publish the dataset, the metric or the leaderboard Space on the Hub"),
 }
 
 

@@ -34,7 +34,8 @@ class FakeOpenAI:
         self.retrieve_failures = 0            # answer this many batch retrievals with HTTP 500
         self.auth_headers: list[str] = []
         self.expected_key: str | None = None  # answer 401 to any other bearer token
-        self.failing: list[int] = []          # answer chat requests 1, 3, 5, ... with these statuses in turn
+        self.failing: list[int] = []          # refuse each prompt's first chat request with these statuses in turn
+        self.refused_once: set[str] = set()   # prompts already refused once
         self.malformed_marker: str | None = None  # a prompt holding it gets a malformed verdict
         self.lock = threading.Lock()
         server = self
@@ -69,8 +70,11 @@ class FakeOpenAI:
                             status, content = 401, None
                         elif server.plan:
                             status, content = server.plan.pop(0)
-                        elif server.failing and n % 2 == 1:
-                            status, content = server.failing[(n // 2) % len(server.failing)], None
+                        elif server.failing and prompt not in server.refused_once:
+                            # each item's first request is refused (status codes in turn), its retry answered:
+                            # the same for any interleaving of the concurrent workers
+                            server.refused_once.add(prompt)
+                            status, content = server.failing[n % len(server.failing)], None
                         else:
                             status, content = 200, None
                     if status == 401:  # as real servers do, echo part of the refused key
@@ -327,10 +331,10 @@ def test_429_and_500_give_the_same_verdicts_as_a_clean_run(server, tmp_path):
     clean = score_predictions(path, cache_dir=tmp_path / "clean", **common)
     assert clean["judge"]["requests_sent"] == 12
     server.requests.clear()
-    server.failing = [429, 500, 503]  # every other request refused
+    server.failing = [429, 500, 503]  # the first request of every item refused
     flaky = score_predictions(path, cache_dir=tmp_path / "flaky", **common)
     assert flaky["items"] == clean["items"] and flaky["metrics"] == clean["metrics"]
-    assert flaky["judge"]["requests_sent"] == len(server.requests) > 12  # retries counted as sent
+    assert flaky["judge"]["requests_sent"] == len(server.requests) == 24  # retries counted as sent
     assert flaky["judge"]["verdict_requests"] == 12
     # a second pass sends nothing
     server.requests.clear()

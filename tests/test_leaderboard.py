@@ -35,7 +35,9 @@ def _errors(path, manifest, **kwargs) -> str:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under root except the per-id lock files (they persist by design)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".locks" not in p.relative_to(root).parts}
 
 
 # ------------------------------------------------------------------------------------------------ validator
@@ -118,7 +120,7 @@ def test_wrong_split_and_header_field(tmp_path, manifest, single):
     assert "line 1, field split: got 'train', the board accepts test" in message
     bad = dict(header, mode="batch")
     message = _errors(write_submission_dir(tmp_path / "t", bad, rows), manifest)
-    assert "predictions.jsonl line 1, field mode: got \"batch\", expected one of single, sequential" in message
+    assert "predictions.jsonl line 1: header field 'mode' must be one of single, sequential, got 'batch'" in message
 
 
 def test_oversize(tmp_path, manifest, single):
@@ -172,7 +174,7 @@ def test_malformed_jsonl_line(tmp_path, manifest, single):
     lines[2] = lines[2][:-5]  # cut the closing of line 3
     (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     message = _errors(path, manifest)
-    assert "predictions.jsonl line 3: malformed JSON" in message
+    assert "predictions.jsonl line 3: not valid JSON (Unterminated string" in message
 
 
 def test_bad_metadata(tmp_path, manifest, single):
@@ -438,6 +440,11 @@ def test_hub_store_writes_one_commit(tmp_path, manifest, single, monkeypatch):
     assert (first.status, again.status) == ("added", "exists")
     assert commits == [[f"submissions/{sid}/metadata.json", f"submissions/{sid}/predictions.jsonl",
                         f"results/{sid}.json"]]
+    # Scored by the metric (offline protocol): the per-item verdicts go in the same commit, the result last.
+    other = write_submission_dir(tmp_path / "t", header, rows, METADATA | {"description": "second"})
+    sid2 = add_submission(other, manifest, store, judge="offline").submission_id
+    assert commits[1] == [f"submissions/{sid2}/metadata.json", f"submissions/{sid2}/predictions.jsonl",
+                          f"submissions/{sid2}/items.jsonl", f"results/{sid2}.json"]
 
 
 def test_demo_release_manifest_round_trip(tmp_path, demo_dataset):

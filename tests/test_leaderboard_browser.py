@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from _leaderboard_helpers import fake_scorer, make_header, make_manifest, make_rows, write_submission_dir
 from eval.leaderboard.build import build_site
-from eval.leaderboard.serve import make_server
+from eval.leaderboard.serve import make_app, start_server
 from eval.leaderboard.store import LocalStore, add_submission
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -38,12 +37,9 @@ def site(tmp_path_factory):
                                  added="2026-11-26T13:00:00Z")
         ids[(mode, method)] = outcome.submission_id
     site_dir = build_site(root / "results", root / "site")
-    server = make_server(site_dir, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": "http://%s:%d/index.html" % server.server_address[:2], "ids": ids, "root": root}
-    server.shutdown()
-    server.server_close()
+    server = start_server(make_app(site_dir))
+    yield {"url": f"{server.url}/index.html", "ids": ids, "root": root}
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +105,38 @@ def test_board_in_headless_chromium(site, driver):
     with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as response:
         assert json.loads(response.read())["metadata"]["submitter"] == "Test Lab"
 
-    # Sorting: clicking a header reorders rows by that column (descending, then ascending).
+    # Sorting: clicking a header reorders rows by that column (descending, then ascending), within each judging
+    # protocol: the offline-judged submissions always follow the paper-protocol rows, whatever their values.
+    def protocols():
+        return [tr.get_attribute("data-protocol") for tr in
+                driver.find_elements("css selector", "#table-single tbody tr.row")]
+
+    def by_protocol(values):
+        groups = {}
+        for protocol, v in zip(protocols(), values):
+            groups.setdefault(protocol, []).append(v)
+        return groups
+
+    assert protocols() == ["paper"] * 24 + ["offline"] * 2
     before = _row_ids(driver, "single")
     driver.find_element("css selector", "#table-single th[data-key='locality_text']").click()
     after = _row_ids(driver, "single")
-    values = _column_values(driver, "single", "locality_text")
-    assert after != before
-    present = [v for v in values if v is not None]
-    assert present == sorted(present, reverse=True) and values[: len(present)] == present
+    assert after != before and protocols() == ["paper"] * 24 + ["offline"] * 2
+    for values in by_protocol(_column_values(driver, "single", "locality_text")).values():
+        present = [v for v in values if v is not None]
+        assert present == sorted(present, reverse=True) and values[: len(present)] == present
     driver.find_element("css selector", "#table-single th[data-key='locality_text']").click()
-    values = [v for v in _column_values(driver, "single", "locality_text") if v is not None]
-    assert values == sorted(values)
+    for values in by_protocol(_column_values(driver, "single", "locality_text")).values():
+        values = [v for v in values if v is not None]
+        assert values == sorted(values)
     driver.find_element("css selector", "#table-single th[data-key='model']").click()
     names = [tr.find_elements("css selector", "td")[0].text for tr in
              driver.find_elements("css selector", "#table-single tbody tr.row")]
-    assert len(set(names)) == 5 and driver.execute_script(
-        "var n = arguments[0]; for (var i = 1; i < n.length; i++) { if (n[i - 1].localeCompare(n[i]) > 0) "
-        "{ return false; } } return true;", names)
+    assert len(set(names)) == 5
+    for group in by_protocol(names).values():
+        assert driver.execute_script(
+            "var n = arguments[0]; for (var i = 1; i < n.length; i++) { if (n[i - 1].localeCompare(n[i]) > 0) "
+            "{ return false; } } return true;", group)
 
     # Filters hide rows.
     Select(driver.find_element("id", "filter-method")).select_by_value("ft_llm")
@@ -173,14 +184,12 @@ def test_board_in_headless_chromium(site, driver):
 def test_empty_board_renders_without_errors(tmp_path, driver):
     (tmp_path / "results").mkdir()
     site_dir = build_site(tmp_path / "results", tmp_path / "site", include_reference=False)
-    server = make_server(site_dir, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_server(make_app(site_dir))
     try:
-        driver.get("http://%s:%d/" % server.server_address[:2])
+        driver.get(f"{server.url}/")
         assert _row_ids(driver, "single") == [] and _row_ids(driver, "sequential") == []
         assert "No rows match" in driver.find_element("id", "table-single").text
         assert "no sequential rows" in driver.find_element("id", "gap-chart").text
         assert _severe_logs(driver) == []
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()

@@ -298,3 +298,16 @@ def test_results_count_outputs_stopped_at_max_new_tokens(tmp_path):
     rows[0]["post_edit_hit_limit"] = "yes"
     with pytest.raises(PredictionsError, match="post_edit_hit_limit"):
         score_predictions(write_predictions(tmp_path / "q.jsonl", header(), rows))
+
+
+def test_evaluate_module_accepts_a_null_pre_edit_in_the_first_row():
+    """evaluate type-checks a string column by its first value; a correctness row's null pre-edit must still pass."""
+    import evaluate
+
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "eval" / "sake_metric"))
+    results = metric.compute(
+        predictions=["dog", "cat", "cow"], references=["dog", "cat", "cow"], item_id=["a/rel", "a/gen1", "a/loc_audio1"],
+        dimension=["reliability", "generality", "locality_audio"], type=[0, 1, 1], attribute=["animal"] * 3,
+        pre_edit=[None, None, "hen"], gap=[None] * 3, category=[""] * 3, options=[["dog", "cat"]] * 3)
+    overall = results["metrics"]["overall"]
+    assert (overall["reliability"], overall["generality"], overall["locality_audio"]) == (100.0, 100.0, 0.0)

@@ -69,6 +69,7 @@ def test_deep_nesting_nan_big_int_surrogate_duplicate_key(tmp_path):
     cases = {
         "nested": base[:-1] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}",
         "finite": base.replace('"type": 0', '"type": NaN'),
+        "not finite": base.replace('"type": 0', '"type": 1e999'),
         "digits": base.replace('"type": 0', '"type": ' + "9" * (MAX_INT_DIGITS + 1)),
         "surrogate": base.replace('"post_edit": "', '"post_edit": "\\ud800'),
         "duplicate": base[:-1] + ', "type": 0}',

@@ -1,4 +1,5 @@
-"""SAKE leaderboard: submission format and validator, scoring into a results store, static board, Space app.
+"""SAKE leaderboard: submission format and validator, scoring into a results store, queue, static board, and
+the Gradio Space (``python -m eval.leaderboard.space``).
 
 CLI: ``python -m eval.leaderboard {validate,pack,score,add,queue,build,serve} --help``.
 """

@@ -24,9 +24,11 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_judge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--judge", choices=["openai", "offline"], default="openai",
-                        help="offline: deterministic matcher only; openai: matcher first, the LLM judge for the "
-                             "rest (API key from the environment) (default %(default)s)")
+    parser.add_argument("--judge", choices=["paper", "paper+choice", "offline", "openai"], default="paper",
+                        help="paper: the paper's protocol, deterministic stages first and the LLM judge for the "
+                             "rest (API key from the environment; 'openai' is an alias); paper+choice: the same "
+                             "with the multiple-choice prefilter; offline: deterministic stages only, labelled "
+                             "'offline' on the board and never ranked among paper rows (default %(default)s)")
     parser.add_argument("--judge-cache", default=None, help="directory of the LLM judge's on-disk cache")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible server for the judge")
     parser.add_argument("--judge-model", default=None, help="judge model (default: the metric's default)")
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the judge: no API key, server unreachable, too many failed items
+        print(f"judge error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

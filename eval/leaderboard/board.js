@@ -32,8 +32,16 @@
     { key: "average", label: "Average", cls: "avg" },
     { key: "degeneration_rate", label: "Degen.", modes: ["sequential"], plain: true,
       title: "percent of degenerated outputs (lower is better)" },
+    { key: "protocol", label: "Protocol", text: true,
+      title: "how items were judged: paper (LLM judge), paper+choice (with the choice prefilter), offline " +
+             "(deterministic stages only); rows are ordered within their protocol, never across" },
     { key: "judge", label: "Judge", text: true }
   ];
+  var PROTOCOL_ORDER = { "paper": 0, "paper+choice": 1, "offline": 2 };
+  function protocolRank(row) {
+    var order = PROTOCOL_ORDER[row.protocol];
+    return order === undefined ? 3 : order;
+  }
   function columnsOf(mode) { return COLUMNS.filter(function (c) { return !c.modes || c.modes.indexOf(mode) >= 0; }); }
   function layoutOf(mode) { return LAYOUT.filter(function (c) { return !c.modes || c.modes.indexOf(mode) >= 0; }); }
   var COLUMNS = [];
@@ -102,6 +110,7 @@
     if (key === "method") { return methodName(row.method); }
     if (key === "source") { return row.reference ? "paper " + row.source : row.submitter || row.id; }
     if (key === "judge") { return row.judge || ""; }
+    if (key === "protocol") { return row.protocol || ""; }
     if (key === "port_cat_std") { return spread(categoryValues(row, mode), "std"); }
     if (key === "port_cat_range") { return spread(categoryValues(row, mode), "range"); }
     if (key === "degeneration_rate") { return typeof row.degeneration_rate === "number" ? row.degeneration_rate : null; }
@@ -168,7 +177,10 @@
     renderHead(table, mode);
     var rows = visibleRows(mode);
     var sort = state.sort[mode];
-    rows.sort(function (a, b) { return compare(a, b, sort.key, sort.dir, mode); });
+    // Rows are sorted within their protocol only: an offline row never ranks among paper rows.
+    rows.sort(function (a, b) {
+      return protocolRank(a) - protocolRank(b) || compare(a, b, sort.key, sort.dir, mode);
+    });
     var columns = columnsOf(mode);
     var best = {};
     columns.forEach(function (c) {
@@ -180,7 +192,8 @@
     });
     var tbody = el("tbody");
     rows.forEach(function (row) {
-      var tr = el("tr", { "data-id": row.id, "data-model": row.model, "data-method": row.method });
+      var tr = el("tr", { "data-id": row.id, "data-model": row.model, "data-method": row.method,
+                          "data-protocol": row.protocol || "" });
       tr.className = "row" + (row.reference ? " ref" : "");
       columns.forEach(function (c) {
         var td = el("td");

@@ -17,7 +17,7 @@ from sake import registry
 from sake.atomic import replace_dir, staging_dir
 from sake.protocol import METHOD_ORDER
 
-from .store import check_results, dump_json
+from .store import check_results, dump_json, load_json_file, result_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def read_results(results_dir: str | os.PathLike) -> list[tuple[str, dict[str, An
     folder = root / "results" if (root / "results").is_dir() else root
     out = []
     for path in sorted(folder.glob("*.json")):
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = load_json_file(path)
         check_results(result, str(path))
         sid = (result.get("submission") or {}).get("id") or path.stem
         out.append((sid, result))
@@ -82,6 +82,7 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
         "judge": judge_label(result.get("judge")),
         "judge_base": judge_label(result.get("judge"), with_undecided=False),
         "judge_stages": (result.get("judge") or {}).get("stage_share") or {},
+        "protocol": result_protocol(result),
         "metrics": result["metrics"],
         "degeneration_rate": result.get("degeneration_rate"),
         "configs": header.get("configs") or [],
@@ -118,6 +119,7 @@ def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[
             "judge": judge,
             "judge_base": judge,
             "judge_stages": {},
+            "protocol": "paper",
             "metrics": ref["metrics"],
             "degeneration_rate": ref.get("degeneration_rate"),
             "overall_note": ref.get("overall_note", ""),
@@ -152,7 +154,7 @@ def method_display(names: Iterable[str]) -> list[dict[str, str]]:
     return [{"id": m, "name": registry.method_display_name(m)} for m in sorted(ids, key=registry.method_sort_key)]
 
 
-def _write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
+def write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` into a fresh sibling folder, then swap it in for ``out_dir`` (no half-built site)."""
     out_dir = out_dir.resolve()
     staging = staging_dir(out_dir)  # mode 0o755: the site is served to everyone
@@ -177,7 +179,7 @@ def build_site(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
     files["data.js"] = f"window.SAKE_BOARD = {payload};\n".encode("ascii")
     for sid, detail in details.items():
         files[f"submissions/{sid}.json"] = dump_json(detail)
-    _write_tree(Path(out_dir), files)
+    write_tree(Path(out_dir), files)
     n_sub = sum(1 for row in data["rows"] if not row["reference"])
     logger.info("built %s: %d submitted row(s), %d reference row(s)", out_dir, n_sub, len(data["rows"]) - n_sub)
     return Path(out_dir)

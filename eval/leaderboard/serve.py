@@ -1,35 +1,157 @@
-"""Serve a built board directory over HTTP with the standard library (read-only, static files only)."""
+"""Serve the board with a real ASGI server: Starlette static files behind uvicorn, hardened.
+
+- uvicorn (asyncio, no thread per connection) with a listen backlog of 2048, a cap on concurrent connections,
+  a 5 s keep-alive timeout and a request-head timeout: a client that opens a connection and never finishes its
+  request line and headers is disconnected after ``HEAD_TIMEOUT_S`` (uvicorn alone would keep it forever);
+- static files only, no directory listing (a folder answers 404 unless it holds ``index.html``), bad paths
+  (``/%00``, ``..``) answer 4xx instead of dropping the connection;
+- security headers on every response (:data:`SECURITY_HEADERS`).
+
+``make_app(site_dir)`` is the ASGI app; ``start_server(app)`` runs it in a background thread (tests, load test);
+``serve_forever(site_dir)`` is ``python -m eval.leaderboard serve``. The Gradio Space (``space.py``) is served by
+the same ``uvicorn_config``.
+"""
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
 import os
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
+HEAD_TIMEOUT_S = 10.0
+KEEP_ALIVE_S = 5
+BACKLOG = 2048
+LIMIT_CONCURRENCY = 1000
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "strict-origin-when-cross-origin",
+    "cross-origin-opener-policy": "same-origin",
+    "permissions-policy": "camera=(), microphone=(), geolocation=()",
+    # The board is plain files: own scripts and styles only. Spaces embed apps in an iframe on huggingface.co.
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'self' https://huggingface.co https://*.hf.space",
+}
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
-                      ".json": "application/json", ".css": "text/css"}
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - signature of the base class
-        logger.debug("%s - %s", self.address_string(), format % args)
+def _head_timeout_protocol() -> type:
+    """uvicorn's h11 protocol with a timeout on receiving a request head."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        head_timeout = HEAD_TIMEOUT_S
+
+        def _arm_head_timer(self) -> None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timeout)
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_timer.cancel()
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _head_timeout(self) -> None:
+            waiting_for_head = self.cycle is None or self.cycle.response_complete
+            if waiting_for_head and not self.transport.is_closing():
+                logger.debug("closing a connection that sent no complete request in %.0f s", self.head_timeout)
+                self.transport.close()
+
+    return HeadTimeoutProtocol
 
 
-def make_server(site_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server for ``site_dir`` (port 0 picks a free port; read ``server.server_address``)."""
-    handler = functools.partial(_QuietHandler, directory=os.fspath(site_dir))
-    return ThreadingHTTPServer((host, port), handler)
+class SecurityHeaders:
+    """ASGI middleware adding :data:`SECURITY_HEADERS` (``headers`` overrides) to every HTTP response."""
+
+    def __init__(self, app: Any, headers: dict[str, str] | None = None):
+        self.app = app
+        self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or SECURITY_HEADERS).items()]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message = dict(message, headers=list(message.get("headers", [])) +
+                               [(k, v) for k, v in self.headers if k not in present])
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def static_app(site_dir: str | os.PathLike) -> Any:
+    """A Starlette app serving ``site_dir`` (no listing; ``/`` serves ``index.html``)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    return Starlette(routes=[Mount("/", app=StaticFiles(directory=os.fspath(site_dir), html=True))])
+
+
+def make_app(site_dir: str | os.PathLike) -> Any:
+    """The board's ASGI app: static files of ``site_dir`` with security headers."""
+    return SecurityHeaders(static_app(site_dir))
+
+
+def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> Any:
+    """The hardened uvicorn configuration shared by the static board and the Space."""
+    import uvicorn
+
+    options = dict(host=host, port=port, http=_head_timeout_protocol(), backlog=BACKLOG,
+                   limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=KEEP_ALIVE_S,
+                   timeout_graceful_shutdown=5, server_header=False, log_level="warning", lifespan="auto")
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server running in a daemon thread; ``url`` ends without a slash."""
+
+    server: Any
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_server(app: Any, host: str = "127.0.0.1", port: int = 0, **overrides: Any) -> RunningServer:
+    """Run ``app`` in a background thread (port 0: a free port) and wait until it accepts connections."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn_config(app, host, sock.getsockname()[1], **overrides))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the board server did not start")
+        time.sleep(0.02)
+    return RunningServer(server, thread, f"http://{host}:{sock.getsockname()[1]}")
 
 
 def serve_forever(site_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``site_dir`` until interrupted."""
-    server = make_server(site_dir, host, port)
-    logger.info("serving %s on http://%s:%d/", site_dir, *server.server_address[:2])
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    import uvicorn
+
+    logger.info("serving %s on http://%s:%d/", site_dir, host, port)
+    uvicorn.Server(uvicorn_config(make_app(site_dir), host, port)).run()

@@ -5,13 +5,19 @@ Layout of a results store (a local directory, or the same paths in a Hub dataset
     results/<submission_id>.json                 results JSON (ARCHITECTURE.md) + a "submission" block
     submissions/<submission_id>/metadata.json    the submitter's metadata block
     submissions/<submission_id>/predictions.jsonl  the scored predictions (kept for re-scoring)
+    submissions/<submission_id>/items.jsonl      per-item verdicts (item_id, gap, stage, passed, degeneration)
 
 ``results/<id>.json`` is written last and is the only file the board reads, so a crash at any point leaves either
-a complete result or none. A submission that fails validation or scoring writes nothing.
+a complete result or none. A submission that fails validation or scoring writes nothing. Adds of one id are
+serialized by a lock file, so exactly one of two concurrent adds reports "added"; leftovers of a killed add (staging
+folders, temp files) are removed by the next add of that id.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import hashlib
 import inspect
 import json
 import logging
@@ -20,16 +26,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from sake.atomic import atomic_write, replace_dir, staging_dir
 from sake.protocol import METRIC_KEYS, MODES
 
-from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, validate_submission
+from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, SubmissionError, validate_submission
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[..., dict]
+ITEMS_NAME = "items.jsonl"
+PROTOCOLS = ("paper", "paper+choice", "offline")
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
 
 
@@ -62,6 +70,23 @@ def check_results(result: Any, where: str = "results") -> None:
         raise ResultsFormatError(f"{where}: field judge must be an object")
 
 
+def result_protocol(result: dict[str, Any]) -> str:
+    """The judging protocol of a results JSON: ``judge.protocol``, or derived from ``judge.name`` when absent.
+
+    ``offline`` = deterministic stages only; ``paper`` = the paper's LLM judge; ``paper+choice`` = the paper's
+    judge behind the opt-in multiple-choice prefilter (older results: an LLM judge whose ``choice`` stage decided
+    items).
+    """
+    judge = result.get("judge") or {}
+    protocol = judge.get("protocol")
+    if protocol in PROTOCOLS:
+        return protocol
+    if (judge.get("name") or "offline") == "offline":
+        return "offline"
+    shares = judge.get("stage_share") or {}
+    return "paper+choice" if shares.get("choice") else "paper"
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 
 def _default_scorer() -> Scorer:
@@ -72,13 +97,24 @@ def _default_scorer() -> Scorer:
     return score_predictions
 
 
-def score_submission(submission: Submission, judge: str = "openai", scorer: Scorer | None = None,
+def score_submission(submission: Submission, judge: str = "paper", scorer: Scorer | None = None,
                      **judge_options: Any) -> dict[str, Any]:
     """Score a validated submission with the metric module; self-reported scores are never read.
 
     The predictions are handed to the scorer as the runner's JSONL file (a temporary copy). ``judge_options``
     (e.g. ``cache_dir``, ``base_url``, ``model``) are passed on where the scorer accepts them.
     """
+    return score_with_items(submission, judge=judge, scorer=scorer, **judge_options)[0]
+
+
+def _scorer_judge(judge: str) -> str:
+    """The board's protocol names -> the scorer's judge argument (``paper`` = the LLM judge of the paper)."""
+    return {"paper": "openai", "paper+choice": "openai"}.get(judge, judge)
+
+
+def score_with_items(submission: Submission, judge: str = "paper", scorer: Scorer | None = None,
+                     **judge_options: Any) -> tuple[dict[str, Any], bytes | None]:
+    """:func:`score_submission` plus the per-item verdicts JSONL bytes (None when the scorer writes none)."""
     scorer = scorer or _default_scorer()
     accepted = inspect.signature(scorer).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
@@ -86,16 +122,25 @@ def score_submission(submission: Submission, judge: str = "openai", scorer: Scor
     dropped = sorted(set(k for k, v in judge_options.items() if v is not None) - set(options))
     if dropped:
         logger.warning("scorer does not take option(s) %s; ignored", ", ".join(dropped))
+    items = None
     with tempfile.TemporaryDirectory(prefix="sake-score-") as tmp:
         path = Path(tmp) / PREDICTIONS_NAME
         path.write_bytes(submission.predictions_bytes)
-        result = scorer(str(path), judge=judge, **options)
+        if takes_any or "items_out" in accepted:
+            options["items_out"] = str(Path(tmp) / ITEMS_NAME)
+        if judge == "paper+choice":
+            if not (takes_any or "prefilter" in accepted):
+                raise ValueError("the scorer has no choice prefilter (protocol paper+choice)")
+            options["prefilter"] = "choice"
+        result = scorer(str(path), judge=_scorer_judge(judge), **options)
+        if (Path(tmp) / ITEMS_NAME).is_file():
+            items = (Path(tmp) / ITEMS_NAME).read_bytes()
     check_results(result, "scorer output")
     header = submission.header
     for key in ("model", "method", "mode"):
         if result[key] != header[key]:
             raise ResultsFormatError(f"scorer output: field {key} is {result[key]!r}, header says {header[key]!r}")
-    return result
+    return result, items
 
 
 def board_result(submission: Submission, scored: dict[str, Any], added: str | None = None) -> dict[str, Any]:
@@ -117,13 +162,40 @@ class ResultsStore(Protocol):
     """Where scored results live (local directory or Hub dataset repo)."""
 
     def has(self, submission_id: str) -> bool: ...
-    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes) -> None: ...
+    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes,
+            items: bytes | None = None) -> None: ...
     def results(self) -> list[dict]: ...
+    def lock(self, submission_id: str) -> contextlib.AbstractContextManager: ...
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), released on exit or when the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def dump_json(obj: Any) -> bytes:
-    """Canonical JSON bytes for stored files (sorted keys, UTF-8, trailing newline)."""
-    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    """Canonical JSON bytes for stored files (sorted keys, UTF-8, trailing newline). NaN/Infinity raise
+    ValueError: they are not JSON, and a stored file must parse everywhere (browsers included)."""
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def load_json_file(path: Path) -> Any:
+    """A stored JSON file; NaN/Infinity or bad JSON raise :class:`ResultsFormatError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8
+        raise ResultsFormatError(f"{path}: {exc}") from None
 
 
 class LocalStore:
@@ -138,23 +210,51 @@ class LocalStore:
     def has(self, submission_id: str) -> bool:
         return self.result_path(submission_id).is_file()
 
-    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes) -> None:
-        # Side files first (in a temp folder moved into place), the result JSON last: it marks completion.
+    def lock(self, submission_id: str) -> contextlib.AbstractContextManager:
+        """Serializes adds of one submission id (across threads and processes)."""
+        return file_lock(self.root / ".locks" / f"{submission_id}.lock")
+
+    def _clean_leftovers(self, submission_id: str) -> None:
+        """Remove what a killed add of this id left: staging folders, temp files, files without a result."""
+        for folder, pattern in ((self.root / "submissions", f".{submission_id}.*"),
+                                (self.root / "results", f".{submission_id}.json.*.tmp")):
+            for leftover in folder.glob(pattern) if folder.is_dir() else []:
+                logger.info("removing leftover of an interrupted add: %s", leftover)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+        final = self.root / "submissions" / submission_id
+        if final.exists() and not self.has(submission_id):
+            shutil.rmtree(final, ignore_errors=True)
+
+    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes,
+            items: bytes | None = None) -> None:
+        """Store one result; call it holding :meth:`lock` for this id. The result JSON is written last."""
+        result_bytes = dump_json(result)  # serialize first: nothing is written if it fails
+        self._clean_leftovers(submission_id)
         final = self.root / "submissions" / submission_id
         staging = staging_dir(final)
         try:
             atomic_write(staging / METADATA_NAME, dump_json(metadata))
             atomic_write(staging / PREDICTIONS_NAME, predictions)
-            replace_dir(staging, final)  # a folder left by an earlier crash (no result yet) is replaced
+            if items is not None:
+                atomic_write(staging / ITEMS_NAME, items)
+            replace_dir(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        atomic_write(self.result_path(submission_id), dump_json(result))
+        atomic_write(self.result_path(submission_id), result_bytes)
+
+    def submission_file(self, submission_id: str, name: str) -> bytes | None:
+        """A side file of a stored submission (``predictions.jsonl``, ``items.jsonl``, ...), or None."""
+        path = self.root / "submissions" / submission_id / name
+        return path.read_bytes() if self.has(submission_id) and path.is_file() else None
 
     def results(self) -> list[dict]:
         out = []
         for path in sorted((self.root / "results").glob("*.json")):
-            result = json.loads(path.read_text(encoding="utf-8"))
+            result = load_json_file(path)
             check_results(result, str(path))
             out.append(result)
         return out
@@ -163,25 +263,35 @@ class LocalStore:
 class HubStore:
     """The same layout in a Hugging Face dataset repo; each submission is one commit (all files or none)."""
 
-    def __init__(self, repo_id: str, token: str | None = None, revision: str = "main"):
+    def __init__(self, repo_id: str, token: str | None = None, revision: str = "main",
+                 lock_dir: str | os.PathLike | None = None):
         from huggingface_hub import HfApi
 
         self.repo_id = repo_id
         self.revision = revision
         self.api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+        key = hashlib.sha256(f"{repo_id}@{revision}".encode()).hexdigest()[:16]
+        self.lock_dir = Path(lock_dir) if lock_dir else Path(tempfile.gettempdir()) / "sake-leaderboard-locks" / key
+
+    def lock(self, submission_id: str) -> contextlib.AbstractContextManager:
+        """Serializes adds of one id on this machine (the Hub commit itself is all-or-nothing)."""
+        return file_lock(self.lock_dir / f"{submission_id}.lock")
 
     def has(self, submission_id: str) -> bool:
         return self.api.file_exists(self.repo_id, f"results/{submission_id}.json", repo_type="dataset",
                                     revision=self.revision)
 
-    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes) -> None:
+    def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes,
+            items: bytes | None = None) -> None:
         from huggingface_hub import CommitOperationAdd
 
         operations = [
             CommitOperationAdd(f"submissions/{submission_id}/{METADATA_NAME}", dump_json(metadata)),
             CommitOperationAdd(f"submissions/{submission_id}/{PREDICTIONS_NAME}", predictions),
-            CommitOperationAdd(f"results/{submission_id}.json", dump_json(result)),
         ]
+        if items is not None:
+            operations.append(CommitOperationAdd(f"submissions/{submission_id}/{ITEMS_NAME}", items))
+        operations.append(CommitOperationAdd(f"results/{submission_id}.json", dump_json(result)))
         self.api.create_commit(self.repo_id, operations, commit_message=f"Add submission {submission_id}",
                                repo_type="dataset", revision=self.revision)
 
@@ -191,6 +301,18 @@ class HubStore:
         local = snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
                                   allow_patterns=["results/*.json"], token=self.api.token)
         return LocalStore(local).results()
+
+    def submission_file(self, submission_id: str, name: str) -> bytes | None:
+        """A side file of a stored submission, downloaded from the dataset repo, or None."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(self.repo_id, f"submissions/{submission_id}/{name}", repo_type="dataset",
+                                   revision=self.revision, token=self.api.token)
+        except EntryNotFoundError:
+            return None
+        return Path(path).read_bytes()
 
 
 def open_store(results_dir: str | None = None, hub_repo: str | None = None,
@@ -213,48 +335,79 @@ class AddOutcome:
 
 
 def add_submission(path: str | os.PathLike, manifest: dict[str, Any], store: ResultsStore,
-                   judge: str = "openai", scorer: Scorer | None = None, added: str | None = None,
+                   judge: str = "paper", scorer: Scorer | None = None, added: str | None = None,
                    validate_options: dict[str, Any] | None = None, **judge_options: Any) -> AddOutcome:
-    """Validate, score and store one submission. Re-adding the same content is a no-op ("exists")."""
+    """Validate, score and store one submission. Re-adding the same content is a no-op ("exists").
+
+    ``judge``: ``paper`` (the paper's protocol: deterministic stages, then the LLM judge; needs its API key) or
+    ``offline`` (deterministic stages only). Adds of one id hold the store's lock for that id, so of two
+    concurrent adds exactly one reports "added".
+    """
     submission = validate_submission(path, manifest, **(validate_options or {}))
     submission_id = submission.submission_id
-    if store.has(submission_id):
-        logger.info("submission %s is already on the board", submission_id)
-        return AddOutcome(submission_id, "exists", None)
-    scored = score_submission(submission, judge=judge, scorer=scorer, **judge_options)
-    result = board_result(submission, scored, added=added)
-    store.put(submission_id, result, submission.metadata, submission.predictions_bytes)
+    with store.lock(submission_id):
+        if store.has(submission_id):
+            logger.info("submission %s is already on the board", submission_id)
+            return AddOutcome(submission_id, "exists", None)
+        scored, items = score_with_items(submission, judge=judge, scorer=scorer, **judge_options)
+        result = board_result(submission, scored, added=added)
+        store.put(submission_id, result, submission.metadata, submission.predictions_bytes, items)
     logger.info("added submission %s (%s / %s, %s)", submission_id, result["model"], result["method"],
                 result["mode"])
     return AddOutcome(submission_id, "added", result)
 
 
+MAX_ERROR_LINE = 2000
+
+
+def one_line_error(exc: BaseException) -> str:
+    """An exception as one line: a validator's problems joined with " | ", anything else as ``Type: message``."""
+    text = str(exc) if isinstance(exc, SubmissionError) else f"{type(exc).__name__}: {exc}"
+    line = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 1] + "…"
+
+
 def process_queue(queue_dir: str | os.PathLike, manifest: dict[str, Any], store: ResultsStore,
-                  judge: str = "openai", scorer: Scorer | None = None, **options: Any) -> list[tuple[str, str]]:
+                  judge: str = "paper", scorer: Scorer | None = None, **options: Any) -> list[tuple[str, str]]:
     """Add every submission in ``QUEUE/pending`` in name order; move it to ``done/`` or ``rejected/``.
 
-    A rejected submission gets ``rejected/<name>.error.txt`` with the validator's message. Returns
-    ``[(name, outcome)]``.
+    No submission can stall the queue: any exception while adding one (a validator problem, a corrupt archive, a
+    scorer or store failure) moves it to ``rejected/`` with ``<name>.error.txt`` holding the error in one line,
+    and the queue goes on with the next. Names starting with "." (uploads in progress) are skipped; runs of one
+    queue folder are serialized by ``QUEUE/.queue.lock``. Returns ``[(name, outcome)]``.
     """
-    from .validate import SubmissionError
-
     queue = Path(queue_dir)
+    with file_lock(queue / ".queue.lock"):  # one queue run at a time (a Space worker and a CLI run, say)
+        return _run_queue(queue, manifest, store, judge, scorer, options)
+
+
+def _run_queue(queue: Path, manifest: dict[str, Any], store: ResultsStore, judge: str, scorer: Scorer | None,
+               options: dict[str, Any]) -> list[tuple[str, str]]:
     outcomes = []
     for entry in sorted((queue / "pending").iterdir()) if (queue / "pending").is_dir() else []:
         if entry.name.startswith("."):
             continue
         try:
             outcome = add_submission(entry, manifest, store, judge=judge, scorer=scorer, **options)
-        except SubmissionError as exc:
-            target = queue / "rejected"
-            target.mkdir(parents=True, exist_ok=True)
-            atomic_write(target / f"{entry.name}.error.txt", (str(exc) + "\n").encode("utf-8"))
-            os.replace(entry, target / entry.name)
+        except Exception as exc:  # noqa: BLE001 - by design: one bad submission never stops the queue
+            message = one_line_error(exc)
+            logger.warning("rejected %s: %s", entry.name, message)
+            name = _move(entry, queue / "rejected")
+            atomic_write(queue / "rejected" / f"{name}.error.txt", message + "\n")
             outcomes.append((entry.name, "rejected"))
             continue
-        target = queue / "done"
-        target.mkdir(parents=True, exist_ok=True)
-        os.replace(entry, target / entry.name)
+        _move(entry, queue / "done")
         outcomes.append((entry.name, f"{outcome.status} {outcome.submission_id}"))
     return outcomes
+
+
+def _move(entry: Path, folder: Path) -> str:
+    """Move a queue entry into ``folder`` under a name not taken there yet (``NAME``, ``NAME.1``, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, n = entry.name, 0
+    while (folder / name).exists() or (folder / f"{name}.error.txt").exists():
+        n += 1
+        name = f"{entry.name}.{n}"
+    os.replace(entry, folder / name)
+    return name
 

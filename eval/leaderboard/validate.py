@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
+from eval.sake_metric.limits import MAX_ROW_DEPTH
+from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions
 from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
                                             f"{max_bytes} bytes")], src)
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError) as exc:
         raise SubmissionError([Problem(src, f"not a valid zip archive ({exc})")], src) from None
     problems: list[Problem] = []
     wanted: list[zipfile.ZipInfo] = []
@@ -139,8 +141,13 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
             raise SubmissionError(problems, src)
         files: dict[str, bytes] = {}
         for info in wanted:
-            with archive.open(info) as handle:
-                data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
+            try:
+                with archive.open(info) as handle:
+                    data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
+            except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError) as exc:
+                # bad CRC, unknown compression method, truncated or corrupt stream
+                raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
+                                               f"unreadable ({type(exc).__name__}: {exc})")], src) from None
             if len(data) > max_bytes or len(data) != info.file_size:
                 raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
                                                "size differs from the archive directory or is over the limit")], src)
@@ -282,6 +289,12 @@ class _Collector:
             raise SubmissionError(listed, source)
 
 
+def _problem_from(exc: PredictionsError) -> Problem:
+    """The reader's one-line message as a Problem (``where: message``)."""
+    where, _, message = str(exc).partition(": ")
+    return Problem(where.replace(", line", " line"), message or str(exc))
+
+
 def _item_kind(item_id: str, instance_id: str) -> str | None:
     prefix = instance_id + "/"
     if not item_id.startswith(prefix):
@@ -304,53 +317,34 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     metadata_bytes = files.get(METADATA_NAME)
     if metadata_bytes is not None:
         try:
-            metadata = json.loads(metadata_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            problems.add(Problem(METADATA_NAME, f"not valid UTF-8 JSON ({exc})"))
+            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH)
+        except UnicodeDecodeError as exc:
+            problems.add(Problem(METADATA_NAME, f"not UTF-8 (byte {exc.start})"))
+        except PredictionsError as exc:
+            problems.add(_problem_from(exc))
         else:
             problems.add(schema_problems(metadata, "metadata", METADATA_NAME))
 
+    # The one strict reader of predictions files (eval/sake_metric/predictions_file.py, limits in limits.py) is
+    # the reader scoring uses too: what validates here is what scores.
     raw = files[PREDICTIONS_NAME]
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problems.add(Problem(PREDICTIONS_NAME, f"not UTF-8 (byte {exc.start})"))
+        parsed = parse_predictions(raw, PREDICTIONS_NAME)
+    except PredictionsError as exc:
+        problems.add(_problem_from(exc))
         problems.raise_if_any(source)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # trailing newline
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = parsed.header
     rows: list[dict[str, Any]] = []
     row_lines: list[int] = []
-    if not lines:
-        problems.add(Problem(PREDICTIONS_NAME, "empty file; expected a header line and prediction lines"))
-    for number, line in enumerate(lines, start=1):
+    where = f"{PREDICTIONS_NAME} line 1"
+    problems.add(schema_problems(header, "header", where))
+    for number, obj in parsed.rows:
         where = f"{PREDICTIONS_NAME} line {number}"
-        line = line.rstrip("\r")
-        if not line.strip():
-            problems.add(Problem(where, "empty line"))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.add(Problem(where, f"malformed JSON: {exc.msg} (column {exc.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            problems.add(Problem(where, f"expected a JSON object, got {_JSON_TYPE_NAMES.get(type(obj), '?')}"))
-            continue
-        if number == 1:
-            if obj.get("kind") != "header":
-                problems.add(Problem(f"{where}, field kind", "line 1 must be the run header (kind: header)"))
-            problems.add(schema_problems(obj, "header", where))
-            header = obj
-            continue
         found = schema_problems(obj, "prediction", where)
         problems.add(found)
         if not found:
             rows.append(obj)
             row_lines.append(number)
-    if lines and not rows and not problems.problems:
-        problems.add(Problem(PREDICTIONS_NAME, "no prediction lines after the header"))
     problems.raise_if_any(source)
 
     # Header: the sequential rule the file follows.

@@ -22,6 +22,7 @@ Field-level checks of each row (dimension, type, pre_edit, ...) are `rows.valida
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -83,6 +84,13 @@ def _parse_int(digits: str) -> int:
     return int(digits)
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf: as unusable as a literal Infinity
+        raise _Reject(f"the number {text[:40]} is not finite (JSON numbers must be finite)")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -101,7 +109,7 @@ def parse_json_line(text: str, *, where: str, max_depth: int) -> Any:
         raise PredictionsError(f"{where}: JSON nested {depth} levels deep or more; the format allows at most "
                                f"{max_depth}")
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
+        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float,
                            object_pairs_hook=_unique_keys)
     except _Reject as exc:
         raise PredictionsError(f"{where}: {exc}") from None

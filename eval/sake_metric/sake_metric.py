@@ -98,6 +98,23 @@ class SakeMetric(evaluate.Metric):
             }),
         )
 
+    # evaluate checks that the first value of a string column is a str, so a null pre-edit output (allowed on
+    # correctness rows) in row 0 would be refused before _compute sees it. Nulls travel as this sentinel instead
+    # (it starts with a NUL character, which no model output carries) and are turned back in _compute.
+    _NULL = "\x00sake:null"
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs):
+        """Add a batch of rows (a null ``pre_edit`` is allowed anywhere)."""
+        if kwargs.get("pre_edit") is not None:
+            kwargs["pre_edit"] = [self._NULL if value is None else value for value in kwargs["pre_edit"]]
+        return super().add_batch(predictions=predictions, references=references, **kwargs)
+
+    def add(self, *, prediction=None, reference=None, **kwargs):
+        """Add one row (a null ``pre_edit`` is allowed)."""
+        if "pre_edit" in kwargs and kwargs["pre_edit"] is None:
+            kwargs["pre_edit"] = self._NULL
+        return super().add(prediction=prediction, reference=reference, **kwargs)
+
     def _compute(
         self, predictions, references, item_id, dimension, type, attribute, pre_edit, gap, category, options,
         questions=None, judge: str = "offline", judge_model: str = DEFAULT_MODEL, base_url=None, cache_dir=None,
@@ -111,7 +128,7 @@ class SakeMetric(evaluate.Metric):
         for i in range(n):
             rows.append({
                 "item_id": item_id[i], "dimension": dimension[i], "type": type[i], "attribute": attribute[i],
-                "reference": references[i], "pre_edit": pre_edit[i], "post_edit": predictions[i], "gap": gap[i],
+                "reference": references[i], "pre_edit": None if pre_edit[i] == self._NULL else pre_edit[i], "post_edit": predictions[i], "gap": gap[i],
                 "category": category[i], "options": list(options[i] or []),
                 "question": questions[i] if questions is not None else "",
             })

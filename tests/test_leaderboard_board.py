@@ -1,0 +1,80 @@
+"""The Space's data layer without a browser: protocol labels and ranks, filters, escaping, item pages."""
+from __future__ import annotations
+
+import pytest
+
+from _leaderboard_helpers import METADATA, make_header, make_manifest, make_rows, write_submission_dir
+from eval.leaderboard.space import Board, SpaceConfig, markdown_text, submission_page
+from eval.leaderboard.store import LocalStore, add_submission
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    root = tmp_path_factory.mktemp("board")
+    manifest = make_manifest()
+    store = LocalStore(root / "results")
+    evil = METADATA | {"submitter": "x](javascript:alert(1)) <script>"}
+    rows = make_rows(manifest, wrong_every=2)
+    rows[0] = dict(rows[0], post_edit="<img src=x onerror=alert(1)>" + "y" * 5000)
+    ids = []
+    for n, (method, metadata, rs) in enumerate((("ft_llm", METADATA, make_rows(manifest, wrong_every=1000)),
+                                                ("wise", evil, rows))):
+        sub = write_submission_dir(root / f"s{n}", make_header(manifest, method=method), rs, metadata)
+        ids.append(add_submission(sub, manifest, store, judge="offline").submission_id)
+    config = SpaceConfig(results_dir=str(root / "results"), queue_dir=str(root / "queue"), judge="offline",
+                         queue_interval_s=0)
+    return Board(config, manifest=manifest), ids
+
+
+def test_offline_rows_rank_only_among_offline_rows(board):
+    board, ids = board
+    rows = board.rows()
+    offline = [r for r in rows if r["protocol"] == "offline"]
+    paper_single = [r for r in rows if r["protocol"] == "paper" and r["mode"] == "single"]
+    assert [r["rank"] for r in offline] == [1, 2] and offline[0]["average"] >= offline[1]["average"]
+    assert [r["rank"] for r in paper_single] == list(range(1, len(paper_single) + 1))
+    assert all(r["reference"] for r in paper_single) and len(paper_single) == 24
+    # A near-perfect offline row (wrong every 1000th item) still never ranks among paper rows.
+    assert offline[0]["average"] > paper_single[-1]["average"]
+    assert rows.index(offline[0]) > rows.index(paper_single[-1])
+
+
+def test_table_filters(board):
+    board, _ = board
+    table = board.table(protocol=["offline"])
+    assert len(table) == 2 and {r[5] for r in table} == {"offline"}
+    assert {r[3] for r in board.table(method=["wise"], paper_rows=False)} == {"WISE"}  # display name
+    assert all(r[2] == "Qwen2-Audio" for r in board.table(family=["Qwen2-Audio"]))
+    assert {r[4] for r in board.table(mode=["sequential"])} == {"sequential"}
+    assert not any("paper (reported)" in r[6] for r in board.table(paper_rows=False))
+    assert board.choices()["protocol"] == ["paper", "paper+choice", "offline"]
+
+
+def test_submitter_text_is_escaped_in_the_table(board):
+    board, ids = board
+    cell = next(r[6] for r in board.table(method=["wise"], paper_rows=False))
+    assert "](javascript" not in cell and "<script>" not in cell and cell.endswith(f"](/submission/{ids[1]})")
+    assert markdown_text("a [b](c)") == "a \\[b\\]\\(c\\)"
+
+
+def test_item_page_escapes_cuts_and_filters(board):
+    board, ids = board
+    status, page = submission_page(board, ids[1])
+    assert status == 200 and page.count('<tr class="') == 57
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "more characters)" in page and "<script>" not in page
+    status, failed = submission_page(board, ids[1], show="failed")
+    assert failed.count('<tr class="fail"') == failed.count('<tr class="') > 0
+    status, locality = submission_page(board, ids[1], dimension="locality_text")
+    assert locality.count('<tr class="') == 6
+    assert submission_page(board, "0" * 20)[0] == 404 and submission_page(board, "../etc/passwd")[0] == 404
+
+
+def test_queue_status_lists_pending_and_rejected(board, tmp_path):
+    board, ids = board
+    (board.queue / "pending").mkdir(parents=True, exist_ok=True)
+    (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
+    (board.queue / "pending" / "b.zip").write_bytes(b"x")
+    (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
+    status = board.queue_status()
+    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
