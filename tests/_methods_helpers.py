@@ -124,3 +124,21 @@ def trained_network(method: str, model: str = "tiny-qwen2-audio", limit: int = 2
     Trainer(adapter, method, hparams(method, adapter), load_train_split(), out, seed=0, model_name=model,
             limit=limit, checkpoint_every=100, progress=False).train()
     return out
+
+
+def one_token_words(adapter: LALMAdapter, n: int, exclude: tuple[str, ...] = ()) -> list[str]:
+    """``n`` different one-token words (as :func:`one_token_word`), none in ``exclude``, lowest token ids first."""
+    words: list[str] = []
+    for token_id in range(len(adapter.tokenizer)):
+        word = adapter.tokenizer.decode([token_id])
+        if len(word) >= 3 and word.isalpha() and word not in exclude and word not in words \
+                and adapter.target_token_ids(word)[:-1] == [token_id]:
+            words.append(word)
+            if len(words) == n:
+                return words
+    raise AssertionError(f"the tokenizer has fewer than {n} one-token words")
+
+
+def first_answer_token(adapter: LALMAdapter, edit: EditRequest) -> str:
+    """The unedited model's first greedy answer token to the edit's prompt."""
+    return adapter.generate([edit.prompt()], max_new_tokens=1)[0]

@@ -182,6 +182,21 @@ class LALMAdapter(abc.ABC):
         setattr(mlp, self.mlp_out_proj_name(), module)
         return old
 
+    #: Role of a Linear inside an LLM decoder layer -> its attribute path (Qwen2 / Llama names; a family with other
+    #: names overrides this mapping).
+    LLM_LINEAR_PATHS: ClassVar[dict[str, str]] = {
+        "query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+        "attn_out": "self_attn.o_proj", "mlp_gate": "mlp.gate_proj", "mlp_up": "mlp.up_proj",
+        "mlp_out": "mlp.down_proj",
+    }
+
+    def llm_linear(self, layer: int, role: str) -> nn.Module:
+        """The Linear of LLM layer ``layer`` with ``role`` (a key of :attr:`LLM_LINEAR_PATHS`: query, key, value,
+        attn_out, mlp_gate, mlp_up, mlp_out)."""
+        if role not in self.LLM_LINEAR_PATHS:
+            raise ValueError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
+        return self.llm_layer(layer).get_submodule(self.LLM_LINEAR_PATHS[role])
+
     def module_name(self, module: nn.Module) -> str:
         """The dotted name of a submodule of :attr:`model`."""
         for name, mod in self.model.named_modules():
@@ -243,12 +258,31 @@ class LALMAdapter(abc.ABC):
 
     @abc.abstractmethod
     def _encode_audios(self, audios: list[np.ndarray]) -> list[Any]:
-        """Run the frozen audio encoder on a list of audios (no grad); one state object per audio."""
+        """Run the audio encoder on a list of audios; one state object per audio (callers choose the grad mode:
+        :meth:`audio_states` runs it without grad, :meth:`audio_states_with_grad` with)."""
 
     @abc.abstractmethod
     def project_audio(self, states: list[Any]) -> torch.Tensor:
         """Connector outputs of a list of audio states, concatenated: [sum of num_audio_tokens, hidden].
         Differentiable with respect to the connector's parameters."""
+
+    # ---- trainable audio encoder (FT-Encoder) ---------------------------------------------------------------------
+
+    def audio_encoder_layers(self) -> list[nn.Module]:
+        """The audio encoder's transformer layers whose outputs reach the connector, bottom first (FT-Encoder
+        trains the last N). A family without this capability raises NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its audio encoder layers")
+
+    def audio_states_with_grad(self, audios: Sequence[np.ndarray]) -> list[Any]:
+        """Encoder states of ``audios`` computed now, with autograd (gradients reach encoder parameters that
+        require grad) and without the cache; same layout as :meth:`audio_states`."""
+        with torch.enable_grad():
+            return self._encode_audios(list(audios))
+
+    def before_audio_encoder_edit(self, names: Sequence[str]) -> None:
+        """Called once by a method that will change the audio-encoder parameters ``names``, before any change. A
+        family whose other audio-derived inputs must stay those of the released encoder (DeSTA2.5's Whisper
+        transcripts) keeps what it needs here; the default does nothing."""
 
     # ---- audio states -------------------------------------------------------------------------------------------
 

@@ -132,6 +132,11 @@ class AudioFlamingo3Adapter(LALMAdapter):
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    def audio_encoder_layers(self) -> list[nn.Module]:
+        """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
+        after them stay frozen)."""
+        return list(self.audio_encoder().layers)
+
     # ---- prompts ------------------------------------------------------------------------------------------------
 
     @property
@@ -178,7 +183,7 @@ class AudioFlamingo3Adapter(LALMAdapter):
         per_audio: list[list[torch.Tensor]] = [[] for _ in audios]
         for row, (owner, n) in enumerate(zip(owners, valid)):
             per_audio[owner].append(hidden[row, :n])
-        return [torch.cat(parts, dim=0).detach() for parts in per_audio]
+        return [torch.cat(parts, dim=0) for parts in per_audio]
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
         return self.connector()(torch.cat(list(states), dim=0))

@@ -40,13 +40,14 @@ in the adapter's in-memory LRU (and on disk with ``encoder_states_on_disk``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -170,6 +171,7 @@ class DeSTA25Adapter(LALMAdapter):
         self.encoder_states_on_disk = encoder_states_on_disk and self.cache_dir is not None
         self.whisper_key = whisper_key or self.config.encoder_model_id
         self._transcripts: dict[str, str] = {}
+        self._released_encoder: dict[str, torch.Tensor] = {}  # see before_audio_encoder_edit
         self.transcribed_audios = 0  # audios whose transcript was decoded by Whisper (not from a cache)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -318,6 +320,25 @@ class DeSTA25Adapter(LALMAdapter):
     def lm_head(self) -> nn.Module:
         return self.model.llm_model.lm_head
 
+    def audio_encoder_layers(self) -> list[nn.Module]:
+        """Whisper's encoder layers up to the last one the connector taps (those above it reach nothing)."""
+        layers = self.model.perception.whisper.model.encoder.layers
+        return list(layers)[: max(self.config.target_layer_ids) + 1]
+
+    def audio_states_with_grad(self, audios: Sequence[np.ndarray]) -> list[DeSTAAudioState]:
+        """Tapped encoder states with autograd, never from the disk cache; transcripts as usual (cached)."""
+        audios = list(audios)
+        self.transcripts(audios)
+        with torch.enable_grad():
+            tapped = self.model.perception.encode_tapped(self._features(audios))
+        return [DeSTAAudioState([t[j] for t in tapped], self.transcript_ids(a)) for j, a in enumerate(audios)]
+
+    def before_audio_encoder_edit(self, names: Sequence[str]) -> None:
+        """Keep the released values of the encoder parameters about to be edited: transcripts are always decoded
+        with them, so an audio's transcript (text the LLM reads) does not depend on when it was first seen."""
+        params = dict(self.model.named_parameters())
+        self._released_encoder = {n: params[n].detach().clone() for n in names}
+
     # ---- prompts ------------------------------------------------------------------------------------------------
 
     @property
@@ -427,10 +448,26 @@ class DeSTA25Adapter(LALMAdapter):
         n = len(audios)  # filled up with copies to a canonical row count: a transcript never depends on its batch
         audios = list(audios) + [audios[-1]] * (row_bucket(n) - n)
         feats = self._features(audios).to(whisper.device, whisper.dtype)
-        ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
+        with self._released_encoder_weights():
+            ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
         self.transcribed_audios += n
         texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    @contextlib.contextmanager
+    def _released_encoder_weights(self) -> Iterator[None]:
+        """While inside, the parameters named in :meth:`before_audio_encoder_edit` hold their released values."""
+        saved = []
+        try:
+            for name, tensor in self._released_encoder.items():
+                path, _, attr = name.rpartition(".")
+                owner = self.model.get_submodule(path)
+                saved.append((owner, attr, owner._parameters[attr]))
+                owner._parameters[attr] = tensor
+            yield
+        finally:
+            for owner, attr, param in reversed(saved):
+                owner._parameters[attr] = param
 
     def _features(self, audios: list[np.ndarray]) -> torch.Tensor:
         """Log-mel features padded to Whisper's chunk (30 s for the real model), as the release's processor call."""

@@ -192,9 +192,9 @@ class WhisperPerception(nn.Module):
         encoder = self.whisper.model.encoder
         return encoder.config.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
 
-    @torch.no_grad()
     def encode_tapped(self, input_features: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of the tapped encoder layers (pre final LayerNorm), as the release's ``forward_whisper``.
+        """Outputs of the tapped encoder layers (pre final LayerNorm), as the release's ``forward_whisper`` (grad
+        follows torch's mode: the adapter runs it without grad, FT-Encoder with).
 
         input_features: (batch, n_mels, expected_frames). Layers above the last tapped one are skipped (their
         output is not used)."""

@@ -136,6 +136,11 @@ class Qwen2AudioAdapter(LALMAdapter):
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    def audio_encoder_layers(self) -> list[nn.Module]:
+        """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
+        after them stay frozen)."""
+        return list(self.audio_encoder().layers)
+
     # ---- prompts ------------------------------------------------------------------------------------------------
 
     @property
@@ -172,7 +177,7 @@ class Qwen2AudioAdapter(LALMAdapter):
         dummy = torch.zeros((len(audios), width, 1), dtype=features.dtype, device=self.device)
         attn = create_bidirectional_mask(config=encoder.config, inputs_embeds=dummy, attention_mask=mask_2d)
         hidden = encoder(features, attention_mask=attn).last_hidden_state
-        return [hidden[i, : int(n)].detach() for i, n in enumerate(out_len.tolist())]
+        return [hidden[i, : int(n)] for i, n in enumerate(out_len.tolist())]
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
         return self.connector()(torch.cat(list(states), dim=0))

@@ -1,0 +1,131 @@
+"""GRACE (editors/grace.py): codebook edits at one layer, other inputs bit-identical, codebook growth rules
+(add / expand / split), sequential accumulation, exact restore, runner in both modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _editor_helpers import cli_args, run_config
+from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
+                              model_state, one_token_words, tiny_adapter)
+from editors.grace import GRACE, Entry, GraceCodebook
+from editors.models.base import Prompt
+
+MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
+TEXT = Prompt("Question: which of the following is correct? Answer: A B C D. Choose the best answer.")
+
+
+def _edits(adapter, n: int):
+    probes = [edit_request(audio_seed=1 + 3 * i, instance=f"emotion/test/{i:06d}") for i in range(n)]
+    words = one_token_words(adapter, n, exclude=tuple(first_answer_token(adapter, p) for p in probes))
+    return [edit_request(target=w, audio_seed=1 + 3 * i, instance=f"emotion/test/{i:06d}")
+            for i, w in enumerate(words)]
+
+
+def _logits(adapter, prompts):
+    with torch.no_grad():
+        return adapter.logits_from(adapter.hidden_entering(adapter.prepare(prompts), 0))
+
+
+#: Codebook hit expected for another audio with the same question: the tiny DeSTA2.5's 4-layer random LLM barely
+#: mixes the audio into the last prompt token, so that prompt's key lies within the edit's radius there.
+OTHER_AUDIO_HIT = {"tiny-qwen2-audio": -1, "tiny-audio-flamingo3": -1, "tiny-desta25": 0}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_grace_edit_takes_other_inputs_stay_bit_identical_and_reset_restores(model):
+    adapter = tiny_adapter(model)
+    (edit,) = _edits(adapter, 1)
+    other = edit_request(audio_seed=7)  # another audio, same question
+    before_text = _logits(adapter, [TEXT])
+    before_other = adapter.generate([other.prompt()], max_new_tokens=4)
+    state = model_state(adapter)
+    editor = GRACE(adapter, hparams("grace", adapter), context())
+    assert editor.touched_parameters() == []
+    try:
+        stats = editor.apply(edit)
+        assert stats["codebook_size"] == 1 and stats["action"] == "add"
+        out = adapter.generate([edit.prompt(), TEXT, other.prompt()], max_new_tokens=4)  # one batch, per-row hits
+        assert out[0].startswith(edit.target)
+        assert editor.codebook.last_hits == [0, -1, OTHER_AUDIO_HIT[model]]
+        if OTHER_AUDIO_HIT[model] == -1:
+            assert out[2] == before_other[0]
+        assert torch.equal(_logits(adapter, [TEXT]), before_text)  # no hit: exactly the original projection
+    finally:
+        editor.reset()
+    assert_same_state(adapter, state)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_grace_sequential_edits_accumulate_in_the_codebook(model):
+    adapter = tiny_adapter(model)
+    first, second = _edits(adapter, 2)
+    state = model_state(adapter)
+    editor = GRACE(adapter, hparams("grace", adapter), context())
+    try:
+        editor.apply(first)
+        value = editor.codebook.entries[0].value.clone()
+        stats = editor.apply(second)
+        assert stats["codebook_size"] == 2
+        assert torch.equal(editor.codebook.entries[0].value, value)  # the first entry is left as it was
+        out = adapter.generate([first.prompt(), second.prompt()], max_new_tokens=1)
+        assert out == [first.target, second.target]  # both edits hold after the second
+        assert editor.codebook.last_hits == [0, 1]
+    finally:
+        editor.reset()
+    assert_same_state(adapter, state)
+
+
+def test_grace_codebook_expands_for_the_same_label_and_splits_for_another():
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    a, b, c = (edit_request(target=t, audio_seed=s, instance=f"emotion/test/{i:06d}")
+               for i, (t, s) in enumerate([("sad", 1), ("sad", 4), ("angry", 7)]))
+    editor = GRACE(adapter, hparams("grace", adapter, eps=1.0e6, n_iter=2), context())
+    try:
+        assert editor.apply(a)["action"] == "add"
+        stats = editor.apply(b)  # within the (huge) radius, same label: the entry grows to cover it
+        assert stats["action"] == "expand" and stats["codebook_size"] == 1
+        assert editor.codebook.entries[0].radius == 1.0e6
+        stats = editor.apply(c)  # within the radius, another label: both radii shrink to half the distance
+        assert stats["action"] == "split" and stats["codebook_size"] == 2
+        radii = [e.radius for e in editor.codebook.entries]
+        assert radii[0] == radii[1] == pytest.approx(stats["nearest_distance"] / 2)
+    finally:
+        editor.reset()
+
+
+def test_grace_replacement_last_only_changes_the_last_prompt_position():
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    proj = adapter.mlp_out_proj(-2)
+    codebook = GraceCodebook(proj, "last")
+    x = torch.randn(2, 5, proj.in_features, generator=torch.Generator().manual_seed(0))
+    codebook.entries.append(Entry(key=x[0, -1].float(), value=torch.zeros(proj.out_features), radius=1e-3,
+                                  label="a"))  # row 0's last position hits, row 1's does not
+    with torch.no_grad():
+        original = proj(x)
+        out = codebook(x)
+    assert codebook.last_hits == [0, -1]
+    assert torch.equal(out[0, -1], torch.zeros(proj.out_features))
+    assert torch.equal(out[0, :-1], original[0, :-1]) and torch.equal(out[1], original[1])
+    with torch.no_grad():
+        assert torch.equal(codebook(x[:, -1:]), proj(x[:, -1:]))  # a decoding step is never replaced with "last"
+
+
+def test_grace_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
+    from editors.run import main as run_main
+
+    for mode, extra in (("single", {"configs": ("animal",), "limit": 1}),
+                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
+        out = tmp_path / f"{mode}.jsonl"
+        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="grace",
+                                   model="tiny-audio-flamingo3", mode=mode, **extra))
+        assert run_main(args) == 0
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert lines[0]["method"] == "grace" and lines[0]["hparams"]["replacement"] == "answer"
+        rows = lines[1:]
+        assert rows and all(r["post_edit"] is not None for r in rows)
+        text_rows = [r for r in rows if r["dimension"] == "locality_text"]
+        assert text_rows and all(r["post_edit"] == r["pre_edit"] for r in text_rows)  # no codebook hit
