@@ -48,7 +48,8 @@ def test_grace_edit_takes_other_inputs_stay_bit_identical_and_reset_restores(mod
     try:
         stats = editor.apply(edit)
         assert stats["codebook_size"] == 1 and stats["action"] == "add"
-        out = adapter.generate([edit.prompt(), TEXT, other.prompt()], max_new_tokens=4)  # one batch, per-row hits
+        out = adapter.generate([edit.prompt(), TEXT, other.prompt()], max_new_tokens=4)
+        _logits(adapter, [edit.prompt(), TEXT, other.prompt()])  # one forward over the three rows: per-row hits
         assert out[0].startswith(edit.target)
         assert editor.codebook.last_hits == [0, -1, OTHER_AUDIO_HIT[model]]
         if OTHER_AUDIO_HIT[model] == -1:
@@ -72,6 +73,7 @@ def test_grace_sequential_edits_accumulate_in_the_codebook(model):
         assert stats["codebook_size"] == 2
         assert torch.equal(editor.codebook.entries[0].value, value)  # the first entry is left as it was
         out = adapter.generate([first.prompt(), second.prompt()], max_new_tokens=1)
+        _logits(adapter, [first.prompt(), second.prompt()])  # one forward over both rows: per-row hits
         assert out == [first.target, second.target]  # both edits hold after the second
         assert editor.codebook.last_hits == [0, 1]
     finally:
