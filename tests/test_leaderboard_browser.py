@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from _browser_helpers import SKIP_WITHOUT_BROWSER, chromium_driver
 from _leaderboard_helpers import fake_scorer, make_header, make_manifest, make_rows, write_submission_dir
 from eval.leaderboard.build import build_site
 from eval.leaderboard.serve import make_app, start_server
 from eval.leaderboard.store import LocalStore, add_submission
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOT_COPY = Path("/tmp/leaderboard.png")
 
-pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                                reason="needs Debian's chromium and chromium-driver")
+pytestmark = pytest.mark.skipif(SKIP_WITHOUT_BROWSER, reason="needs Debian's chromium and chromium-driver")
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +42,8 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--window-size=1760,1300",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    browser.set_page_load_timeout(30)
+    browser = chromium_driver(tmp_path_factory.mktemp("chromium-profile"), window_size="1760,1300",
+                              page_load_timeout=30, browser_logs=True)
     yield browser
     browser.quit()
 

@@ -2,21 +2,17 @@
 page, a good zip queued, scored by the queue, then its row in the table and its item page."""
 from __future__ import annotations
 
-import shutil
 import zipfile
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from _browser_helpers import SKIP_WITHOUT_BROWSER, chromium_driver
 from _leaderboard_helpers import make_header, make_manifest, make_rows, write_submission_zip
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-                                reason="needs Debian's chromium and chromium-driver")
+pytestmark = pytest.mark.skipif(SKIP_WITHOUT_BROWSER, reason="needs Debian's chromium and chromium-driver")
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +37,8 @@ def space(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--window-size=1600,1200",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    browser.set_page_load_timeout(60)
+    browser = chromium_driver(tmp_path_factory.mktemp("chromium-profile"), window_size="1600,1200",
+                              page_load_timeout=60)
     yield browser
     browser.quit()
 
