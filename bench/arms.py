@@ -139,32 +139,29 @@ def plan_units(edits: int, warmup: int) -> tuple[list[str], int]:
 
 
 def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path,
-                extra_argv: Sequence[str] = (), keep_transcripts: bool = False) -> tuple[ArmResult, Any]:
-    """One ``Runner(args, adapter).run()`` in single mode over the synthetic dataset (predictions to ``out``,
-    pre-edit cache under ``cache``); per-edit seconds are the runner's own per-unit wall-clock (row fetch ->
-    predictions appended), the first ``warmup`` units untimed. ``keep_transcripts``: DeSTA2.5's transcripts of
-    an earlier pass stay (as its on-disk transcript cache would give a later run). Returns the result and the
-    runner."""
-    from editors import run as run_module
+                edits_per_pass: int | None = None, keep_transcripts: bool = False) -> tuple[ArmResult, Any]:
+    """One ``Runner(config, adapter, rows_loader).run()`` in single mode over the synthetic dataset (predictions
+    to ``out``, pre-edit cache under ``cache``, rows served from memory); per-edit seconds are the runner's own
+    per-unit wall-clock (row fetch -> predictions appended), the first ``warmup`` units untimed.
+    ``keep_transcripts``: DeSTA2.5's transcripts of an earlier pass stay (as its on-disk transcript cache would
+    give a later run). Returns the result and the runner."""
+    from editors.hparams import parse_overrides
+    from editors.run import Runner
+    from sake.config import RunConfig
 
     configs, limit = plan_units(edits, warmup)
     out.unlink(missing_ok=True)  # a leftover file would make the runner resume (skip units)
-    argv = ["--model", bench.model_name, "--method", method, "--dataset", str(bench.dataset.root),
-            "--split", "test", "--mode", "single", "--out", str(out), "--limit", str(limit),
-            "--max-new-tokens", str(bench.max_new_tokens), "--cache-dir", str(cache),
-            "--seed", str(bench.seed), "--no-progress"]
-    for config in configs:
-        argv += ["--config", config]
-    for override in bench.overrides(method):
-        argv += ["--hparam", override]
-    args = run_module.build_parser().parse_args(argv + list(extra_argv))
+    config = RunConfig(model=bench.model_name, method=method, dataset=str(bench.dataset.root), out=str(out),
+                       configs=tuple(configs), split="test", mode="single", limit=limit,
+                       max_new_tokens=bench.max_new_tokens, cache_dir=str(cache), seed=bench.seed,
+                       hparams=parse_overrides(bench.overrides(method)), edits_per_pass=edits_per_pass,
+                       progress=False)
     result = ArmResult()
-    with bench.dataset.serving(run_module):
-        runner = run_module.Runner(args, adapter=bench.adapter)
-        bench.start_arm(keep_transcripts)
-        encoder_before = bench.adapter.audio_encoder_calls
-        runner.run()
-        _sync(bench.scale.device)
+    runner = Runner(config, adapter=bench.adapter, rows_loader=bench.dataset.load)
+    bench.start_arm(keep_transcripts)
+    encoder_before = bench.adapter.audio_encoder_calls
+    runner.run()
+    _sync(bench.scale.device)
     result.peak_bytes = bench.peak()
     units = runner.stats.per_unit
     result.seconds = [float(u["seconds"]) for u in units[warmup: warmup + edits]]
@@ -196,7 +193,7 @@ def run_ours(bench: Bench, method: str, edits: int, warmup: int, profile: bool) 
     ``profile``, one more instance's phases run under the profiler (``profile_unit``)."""
     cache = bench.workdir / f"cache-{method}"
     shutil.rmtree(cache, ignore_errors=True)
-    one = ["--edits-per-pass", "1"]  # one edit at a time (the runner's CUDA default batches; see run_batched)
+    one = 1  # one edit at a time (the runner's CUDA default batches; see run_batched)
     cold, _ = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-{method}.jsonl", one)
     LOG.info("ours/%s cold cache: %s s/edit", method, _fmt(cold.per_edit, ".3f"))
     warm, runner = runner_pass(bench, method, edits, warmup, cache, bench.workdir / f"ours-warm-{method}.jsonl",
@@ -226,7 +223,7 @@ def run_batched(bench: Bench, method: str, edits: int, k: int, mode: str = "auto
     try:
         with identity.decoding(mode):
             result, runner = runner_pass(bench, method, timed, warmup, cache,
-                                         bench.workdir / f"ours-{method}-k{k}{tag}.jsonl", ["--edits-per-pass", str(k)])
+                                         bench.workdir / f"ours-{method}-k{k}{tag}.jsonl", k)
         used = runner.edits_per_pass
     except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: record it, go on
         LOG.warning("%s, %d edits per pass: %s", method, k, error)

@@ -8,7 +8,7 @@ name the runner's registry knows), on the same instances with the same hyperpara
 (``editors/hparams/<method>.yaml``) and the same ``max_new_tokens`` (EOS disabled in both arms, so every
 generation runs to the bound):
 
-* ours: ``editors.run.Runner(args, adapter=...).run()``, the object ``python -m editors.run`` builds, in single
+* ours: ``editors.run.Runner(config, adapter=..., rows_loader=...).run()``, what ``python -m editors.run`` runs, in single
   mode (pre-edit outputs through its cache, apply, one batched evaluation, exact restore, predictions JSONL);
   only the dataset loader is swapped for in-memory rows (``InMemoryRows``), as ``datasets`` would hand them over;
 * naive: pre-edit and post-edit outputs with one ``generate`` per question from processor inputs (the audio

@@ -257,7 +257,7 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
         f"{scale.audio_seconds[0]:g}-{scale.audio_seconds[1]:g} s; max_new_tokens {args.max_new_tokens}, EOS "
         "disabled in both arms; hparams from `editors/hparams/<method>.yaml`"
         + (f" with {', '.join(scale.hparam_overrides)}" if scale.hparam_overrides else ""),
-        "- ours: `editors.run.Runner(args, adapter).run()` in single mode with a fresh pre-edit cache per method "
+        "- ours: `editors.run.Runner(config, adapter, rows_loader).run()` in single mode with a fresh pre-edit cache per method "
         "(s/edit = the runner's per-unit wall-clock, rows held in memory instead of Parquet); naive: one "
         "`generate` per question from processor inputs, every FT step through the whole model (audio encoder "
         "recomputed), restore by `load_state_dict` of a deep copy of the touched tensors",

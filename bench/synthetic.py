@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -147,7 +146,7 @@ class SyntheticDataset:
         return cls(root=root, rows=rows)
 
     def load(self, dataset: str, config: str, split: str) -> InMemoryRows:
-        """Stand-in for ``editors.data.load_instances`` (same arguments)."""
+        """The runner's ``rows_loader``: ``editors.data.load_instances`` over these in-memory rows."""
         if Path(dataset) != self.root or (config, split) not in self.rows:
             raise ValueError(f"bench dataset has no {config}/{split} at {dataset}")
         return InMemoryRows(self.rows[(config, split)])
@@ -155,13 +154,3 @@ class SyntheticDataset:
     def ordered(self, configs: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """Test rows in the runner's unit order (config by config, first ``limit`` rows each)."""
         return [row for config in configs for row in self.rows[(config, "test")][:limit]]
-
-    @contextlib.contextmanager
-    def serving(self, run_module: Any) -> Iterator[None]:
-        """Route the runner module's dataset loader to these rows for the duration of the block."""
-        original = run_module.load_instances
-        run_module.load_instances = self.load
-        try:
-            yield
-        finally:
-            run_module.load_instances = original

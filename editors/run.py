@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -174,18 +174,24 @@ def _item_count(table: Any) -> list[int]:
     return counts
 
 
+#: ``(dataset, config, split) -> rows`` (a ``datasets.Dataset`` or any sequence of instance rows with ``.data``)
+RowsLoader = Callable[[str, str, str], Any]
+
+
 class Runner:
     """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
 
-    def __init__(self, config: RunConfig | argparse.Namespace, adapter: LALMAdapter | None = None) -> None:
-        if isinstance(config, argparse.Namespace):  # parsed CLI arguments (the bench still builds runs this way)
-            config = config_from_args(config)
+    def __init__(self, config: RunConfig, adapter: LALMAdapter | None = None,
+                 rows_loader: RowsLoader | None = None) -> None:
+        """``adapter``: an already loaded model to edit. ``rows_loader(dataset, config, split)``: where instance
+        rows come from (default :func:`editors.data.load_instances`; e.g. rows held in memory)."""
         self.config = args = config
         self.mode = args.mode
         self.configs = list(args.configs)
+        self._rows_loader: RowsLoader = rows_loader or load_instances
         family_of(args.model)  # clear error for an unknown model before anything heavy
         get_editor_class(args.method)  # clear error for an unknown method
-        self.datasets = {c: load_instances(args.dataset, c, args.split) for c in self.configs}
+        self.datasets = {c: self._rows_loader(args.dataset, c, args.split) for c in self.configs}
         self.shard = Shard.from_env()  # rank / world size of a torchrun or accelerate launch (else 0 of 1)
         device = self.shard.device(args.device, torch.cuda.is_available())
         if self.shard.sharded and device.startswith("cuda:"):
@@ -246,7 +252,7 @@ class Runner:
     def _load_rows(self, config: str, split: str) -> Any:
         key = (config, split)
         if key not in self._train_cache:
-            self._train_cache[key] = load_instances(self.config.dataset, config, split)
+            self._train_cache[key] = self._rows_loader(self.config.dataset, config, split)
         return self._train_cache[key]
 
     def _plan(self) -> tuple[list[Unit], Any]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from sake.config import RunConfig
 
@@ -33,13 +33,16 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["EditedModel", "RunConfig", "editing", "report", "run", "score"]
 
 
-def run(config: RunConfig, *, adapter: "LALMAdapter | None" = None) -> Path:
+def run(config: RunConfig, *, adapter: "LALMAdapter | None" = None,
+        rows_loader: "Callable[[str, str, str], Any] | None" = None) -> Path:
     """Run ``config`` (resuming a finished or interrupted run in the same output file) and return the predictions
     file. ``adapter``: an already loaded model to edit instead of loading ``config.model`` (it is restored after
-    every edit). In a multi-process launch, ranks other than 0 return their own part file."""
+    every edit). ``rows_loader(dataset, config, split)``: where instance rows come from instead of loading
+    ``config.dataset`` with ``datasets`` (e.g. rows held in memory). In a multi-process launch, ranks other than 0
+    return their own part file."""
     from editors.run import Runner
 
-    runner = Runner(config, adapter=adapter)
+    runner = Runner(config, adapter=adapter, rows_loader=rows_loader)
     path = runner.run()
     return Path(path) if path is not None else runner.part_path
 
