@@ -22,6 +22,16 @@ def test_replace_block_rewrites_only_between_markers() -> None:
     assert demo.replace_block(new, "| a | b |\n") == new  # idempotent
 
 
+def test_sequential_methods_auto_is_ft_audio_and_the_methods_beyond_the_paper() -> None:
+    assert demo.sequential_methods("auto", ["ft_llm", "ft_audio", "lora", "grace", "i_ike"]) == \
+        ["ft_audio", "lora", "grace"]
+    assert demo.sequential_methods("auto", ["i_ike"]) == ["ft_audio"]
+    assert demo.sequential_methods("none", ["lora"]) == []
+    assert demo.sequential_methods("wise,ft_llm", ["lora"]) == ["wise", "ft_llm"]
+    with pytest.raises(SystemExit, match="not available"):
+        demo.sequential_methods("no_such_method", [])
+
+
 @pytest.mark.parametrize("text", ["no markers here\n", f"{demo.END_MARKER}\nx\n{demo.START_MARKER}\n"])
 def test_replace_block_needs_both_markers_in_order(text: str) -> None:
     with pytest.raises(ValueError, match="markers"):
