@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot:   {p}")
     command = "sake demo" + (f" --limit {args.limit}" if args.limit else "")
     body = readme_block(table, command=command, model=Path(model).name, n_items=n_items, wall_s=wall,
-                        plots=[os.path.relpath(p, REPO_DIR) if Path(p).is_absolute() else p for p in plots])
+                        plots=[os.path.relpath(p, REPO_DIR) if Path(p).resolve().is_relative_to(REPO_DIR) else p
+                               for p in plots])
     atomic_write(out / "demo_table.md", body)
     summary = {"model": model, "methods": methods, "sequential": sequential, "limit": args.limit,
                "wall_s": round(wall, 1), "results": [{"method": r.get("method"), "mode": r.get("mode"),
