@@ -220,6 +220,20 @@ def test_sequential_run_with_its_own_rule_validates(tmp_path, manifest):
     assert "field max_gap" in _errors(write_submission_dir(tmp_path / "bad", bad, rows), manifest)
 
 
+def test_board_and_metric_list_the_same_keys_but_the_board_ignores_limit(manifest):
+    """The board's coverage check and the metric's reader share one list of expected keys; a board entry is a
+    complete run whatever its header's ``limit``."""
+    from eval.sake_metric.predictions_file import expected_keys as run_keys
+
+    sequential = dict(make_header(manifest, "sequential"), eval_edits=2, max_gap=1)
+    assert expected_keys(manifest, sequential) == run_keys(manifest, sequential)
+    single = make_header(manifest)
+    assert expected_keys(manifest, single) == [item for item, _ in run_keys(manifest, single)]
+    limited = dict(single, limit=1)
+    assert expected_keys(manifest, limited) == expected_keys(manifest, single)
+    assert len(run_keys(manifest, limited)) < len(expected_keys(manifest, single))
+
+
 def test_load_manifest_from_dir_and_file(tmp_path, manifest):
     (tmp_path / "sake_manifest.json").write_text(json.dumps(manifest))
     assert load_manifest(tmp_path)["fingerprint"] == manifest["fingerprint"]
