@@ -78,3 +78,20 @@ def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
     status = board.queue_status()
     assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
+
+
+def test_reported_rows_are_read_once(board, monkeypatch):
+    """Every table refresh builds the rows; the checked-in reported rows are read once per board, not per call."""
+    import eval.leaderboard.space as space
+
+    board, _ = board
+    calls = []
+    real = space.reference_rows
+    monkeypatch.setattr(space, "reference_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    board.__dict__.pop("reported_rows", None)
+    first = board.rows()
+    board.table(protocol=["paper"])
+    board.choices()
+    assert len(calls) == 1
+    assert [r["rank"] for r in board.rows()] == [r["rank"] for r in first]
+    assert all("rank" not in r for r in board.reported_rows)  # the cached rows stay unranked
