@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from _leaderboard_helpers import METADATA, make_header, make_manifest, make_rows, write_submission_dir
+from _leaderboard_helpers import (METADATA, make_header, make_manifest, make_rows, write_submission_dir,
+                                  write_submission_zip)
 from eval.leaderboard.space import Board, SpaceConfig, markdown_text, submission_page
 from eval.leaderboard.store import LocalStore, add_submission
 
@@ -95,3 +96,16 @@ def test_reported_rows_are_read_once(board, monkeypatch):
     assert len(calls) == 1
     assert [r["rank"] for r in board.rows()] == [r["rank"] for r in first]
     assert all("rank" not in r for r in board.reported_rows)  # the cached rows stay unranked
+
+
+def test_submit_queues_the_zip_atomically(board, tmp_path):
+    """A valid upload lands in pending/ whole (same bytes, mode 0644), with no temporary file left beside it."""
+    board, _ = board
+    fresh = Board(SpaceConfig(results_dir=board.config.results_dir, queue_dir=str(tmp_path / "queue"),
+                              judge="offline", queue_interval_s=0), manifest=board.manifest)
+    upload = write_submission_zip(tmp_path / "sub.zip", make_header(fresh.manifest, method="i_ike"),
+                                  make_rows(fresh.manifest))
+    assert fresh.submit(str(upload)).startswith("### Queued")
+    queued = list((tmp_path / "queue" / "pending").iterdir())
+    assert len(queued) == 1 and queued[0].name.endswith(".zip") and not queued[0].name.startswith(".")
+    assert queued[0].read_bytes() == upload.read_bytes() and queued[0].stat().st_mode & 0o777 == 0o644

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sake import registry
+from sake.atomic import atomic_write
 from sake.protocol import FAMILY_NAMES
 
 from .build import display_model_name, reference_rows
@@ -240,12 +241,9 @@ class Board:
         sid = submission.submission_id
         if self.store.has(sid):
             return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
-        pending = self.queue / "pending"
-        pending.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
-        tmp = pending / f".{name}.upload"
-        tmp.write_bytes(Path(path).read_bytes())
-        os.replace(tmp, pending / name)  # names starting with "." are skipped by the queue
+        # the temp file's name starts with ".", which the queue skips
+        atomic_write(self.queue / "pending" / name, Path(path).read_bytes())
         header = submission.header
         return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
                 f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "
