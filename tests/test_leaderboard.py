@@ -240,6 +240,15 @@ def test_load_manifest_from_dir_and_file(tmp_path, manifest):
     assert load_manifest(tmp_path / "sake_manifest.json")["fingerprint"] == manifest["fingerprint"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_manifest(tmp_path / "nowhere" / "x.json")
+    (tmp_path / "cut.json").write_text('{"fingerprint": "x", "item_ids": {')
+    with pytest.raises(ValueError, match="cut.json: cannot read the dataset manifest"):
+        load_manifest(tmp_path / "cut.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="list.json: not a SAKE dataset manifest"):
+        load_manifest(tmp_path / "list.json")
+    (tmp_path / "nofp.json").write_text('{"item_ids": {}}')
+    with pytest.raises(ValueError, match="missing field 'fingerprint'"):
+        load_manifest(tmp_path / "nofp.json")
 
 
 # ------------------------------------------------------------------------------------------------ store

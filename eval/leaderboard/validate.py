@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from eval.sake_metric.limits import MAX_ROW_DEPTH
 from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions, sequential_rule
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
+from eval.sake_metric.predictions_file import load_manifest as read_manifest
 from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG
 
 logger = logging.getLogger(__name__)
@@ -410,10 +411,9 @@ def load_manifest(ref: str | os.PathLike, revision: str | None = None, token: st
 
         path = Path(hf_hub_download(str(ref), "sake_manifest.json", repo_type="dataset", revision=revision,
                                     token=token))
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("fingerprint", "item_ids"):
-        if key not in manifest:
-            raise ValueError(f"manifest {path}: missing field {key!r}")
+    manifest = read_manifest(path)  # the metric's reader: one-line error for unreadable JSON or no item_ids
+    if "fingerprint" not in manifest:
+        raise ValueError(f"manifest {path}: missing field 'fingerprint'")
     return manifest
 
 
