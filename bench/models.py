@@ -79,9 +79,8 @@ def build_adapter(scale: Scale, seed: int, model: str = "qwen2_audio") -> Any:
     started = time.perf_counter()
     if scale.name == "tiny":
         adapter = cls.tiny(seed, dtype=scale.dtype, device=scale.device)
-    elif model == "desta25":  # LLM in the scale's dtype, Whisper + connector fp32 (as the release)
-        adapter = cls.random_full_size(seed, dtype=scale.dtype, device=scale.device)
-    else:  # the adapters' own full-size builders (random weights, offline tokenizer, the real feature extractor)
+    else:  # the adapters' own full-size builders (random weights, offline tokenizer, the real feature extractor;
+        # DeSTA2.5: the LLM in the scale's dtype, Whisper + connector fp32 as in the release)
         adapter = cls.random_full_size(seed, dtype=scale.dtype, device=scale.device)
     if scale.name == "full":
         show_token_ids(adapter)

@@ -4,14 +4,14 @@
 edits per pass (``editors.batching.generate_grouped``):
 
 1. prompts are grouped by padded width (``editors.buckets``: a row's result then depends on the row alone) and
-   cut into chunks within ``batch_size`` / ``max_batch_tokens``; each chunk is filled up to a multiple of
-   ``MIN_ROWS`` rows with copies of its last prompt (outputs dropped);
+   cut into chunks within ``batch_size`` / ``max_batch_tokens``; each chunk is filled up to ``row_bucket`` rows (a
+   power of two, at least ``MIN_ROWS``) with copies of its last prompt (outputs dropped);
 2. each chunk is one ``generate`` from ``inputs_embeds`` (the caller may supply the embeddings, e.g. through
    per-edit connector copies, and is told the chunk's rows before the call, e.g. to route per-edit weights);
 3. on CUDA the decode uses a static KV cache (``cache_implementation="static"``) whose step transformers compiles
    (``torch.compile``, CUDA graphs) once per shape; widths come in steps of 256 tokens and rows in powers of two
    (>= 16), so a run compiles a handful of shapes once instead of launching ~1,600 kernels per token. On CPU it is the
-   dynamic cache of ``generate`` (same greedy tokens on the tiny fp32 models; tests/test_decoding.py).
+   dynamic cache of ``generate`` (the legacy path's greedy tokens on the tiny fp32 models; tests/test_invariance.py).
 
 ``DECODING`` picks the path: ``"auto"`` (static on CUDA, dynamic elsewhere), ``"static"``, ``"dynamic"``, or
 ``"legacy"`` (the pre-issue-18 path: one batch per ``batch_spans`` chunk padded to its longest prompt, no
@@ -99,8 +99,8 @@ def _plan(adapter, token_ids: Sequence[list[int]], max_new_tokens: int, batch_si
         lengths = [len(t) + max_new_tokens for t in token_ids]
         return [(list(range(a, b)), 0) for a, b in batch_spans(lengths, batch_size, max_batch_tokens)]
     chunks = []
-    tokens_cap = None if not max_batch_tokens else max_batch_tokens
     for width, indices in group_by_width([len(t) for t in token_ids], adapter.device):
-        for rows in chunk_rows(indices, width + max_new_tokens, batch_size=batch_size, max_batch_tokens=tokens_cap):
+        for rows in chunk_rows(indices, width + max_new_tokens, batch_size=batch_size,
+                               max_batch_tokens=max_batch_tokens):
             chunks.append((rows + [rows[-1]] * (row_bucket(len(rows)) - len(rows)), width))
     return chunks

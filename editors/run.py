@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
-                        "(ft_audio, ft_llm, i_ike, ie_ike; others run one at a time). Default: as many as fit "
-                        "60%% of free GPU memory (at most 16); 1 on CPU")
+                        "(ft_audio, ft_llm, i_ike, ie_ike, lora with merge: false; others run one at a time). "
+                        "Default: as many as fit 60%% of free GPU memory (at most 16); 1 on CPU")
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the part files of a multi-process run into the predictions file (no model "
                         "is loaded); fails when units are missing")

@@ -238,10 +238,6 @@ class Table:
         return buffer.getvalue()
 
 
-def _models(runs: Iterable[Run]) -> list[str]:
-    return sorted({r.model for r in runs})
-
-
 def _methods(runs: Iterable[Run]) -> list[str]:
     return sorted({r.method for r in runs}, key=method_sort_key)
 

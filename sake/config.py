@@ -46,7 +46,7 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("model", "method", "dataset", "out", "split", "dataset"):
+        for name in ("model", "method", "dataset", "out", "split"):
             value = getattr(self, name)
             if isinstance(value, Path):
                 object.__setattr__(self, name, str(value))

@@ -220,12 +220,35 @@ def test_sequential_run_with_its_own_rule_validates(tmp_path, manifest):
     assert "field max_gap" in _errors(write_submission_dir(tmp_path / "bad", bad, rows), manifest)
 
 
+def test_board_and_metric_list_the_same_keys_but_the_board_ignores_limit(manifest):
+    """The board's coverage check and the metric's reader share one list of expected keys; a board entry is a
+    complete run whatever its header's ``limit``."""
+    from eval.sake_metric.predictions_file import expected_keys as run_keys
+
+    sequential = dict(make_header(manifest, "sequential"), eval_edits=2, max_gap=1)
+    assert expected_keys(manifest, sequential) == run_keys(manifest, sequential)
+    single = make_header(manifest)
+    assert expected_keys(manifest, single) == [item for item, _ in run_keys(manifest, single)]
+    limited = dict(single, limit=1)
+    assert expected_keys(manifest, limited) == expected_keys(manifest, single)
+    assert len(run_keys(manifest, limited)) < len(expected_keys(manifest, single))
+
+
 def test_load_manifest_from_dir_and_file(tmp_path, manifest):
     (tmp_path / "sake_manifest.json").write_text(json.dumps(manifest))
     assert load_manifest(tmp_path)["fingerprint"] == manifest["fingerprint"]
     assert load_manifest(tmp_path / "sake_manifest.json")["fingerprint"] == manifest["fingerprint"]
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_manifest(tmp_path / "nowhere" / "x.json")
+    (tmp_path / "cut.json").write_text('{"fingerprint": "x", "item_ids": {')
+    with pytest.raises(ValueError, match="cut.json: cannot read the dataset manifest"):
+        load_manifest(tmp_path / "cut.json")
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="list.json: not a SAKE dataset manifest"):
+        load_manifest(tmp_path / "list.json")
+    (tmp_path / "nofp.json").write_text('{"item_ids": {}}')
+    with pytest.raises(ValueError, match="missing field 'fingerprint'"):
+        load_manifest(tmp_path / "nofp.json")
 
 
 # ------------------------------------------------------------------------------------------------ store

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from _leaderboard_helpers import METADATA, make_header, make_manifest, make_rows, write_submission_dir
+from _leaderboard_helpers import (METADATA, make_header, make_manifest, make_rows, write_submission_dir,
+                                  write_submission_zip)
 from eval.leaderboard.space import Board, SpaceConfig, markdown_text, submission_page
 from eval.leaderboard.store import LocalStore, add_submission
 
@@ -78,3 +79,33 @@ def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
     status = board.queue_status()
     assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
+
+
+def test_reported_rows_are_read_once(board, monkeypatch):
+    """Every table refresh builds the rows; the checked-in reported rows are read once per board, not per call."""
+    import eval.leaderboard.space as space
+
+    board, _ = board
+    calls = []
+    real = space.reference_rows
+    monkeypatch.setattr(space, "reference_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    board.__dict__.pop("reported_rows", None)
+    first = board.rows()
+    board.table(protocol=["paper"])
+    board.choices()
+    assert len(calls) == 1
+    assert [r["rank"] for r in board.rows()] == [r["rank"] for r in first]
+    assert all("rank" not in r for r in board.reported_rows)  # the cached rows stay unranked
+
+
+def test_submit_queues_the_zip_atomically(board, tmp_path):
+    """A valid upload lands in pending/ whole (same bytes, mode 0644), with no temporary file left beside it."""
+    board, _ = board
+    fresh = Board(SpaceConfig(results_dir=board.config.results_dir, queue_dir=str(tmp_path / "queue"),
+                              judge="offline", queue_interval_s=0), manifest=board.manifest)
+    upload = write_submission_zip(tmp_path / "sub.zip", make_header(fresh.manifest, method="i_ike"),
+                                  make_rows(fresh.manifest))
+    assert fresh.submit(str(upload)).startswith("### Queued")
+    queued = list((tmp_path / "queue" / "pending").iterdir())
+    assert len(queued) == 1 and queued[0].name.endswith(".zip") and not queued[0].name.startswith(".")
+    assert queued[0].read_bytes() == upload.read_bytes() and queued[0].stat().st_mode & 0o777 == 0o644

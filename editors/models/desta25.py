@@ -47,7 +47,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -454,20 +454,11 @@ class DeSTA25Adapter(LALMAdapter):
         texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    @contextlib.contextmanager
-    def _released_encoder_weights(self) -> Iterator[None]:
+    def _released_encoder_weights(self) -> contextlib.AbstractContextManager[None]:
         """While inside, the parameters named in :meth:`before_audio_encoder_edit` hold their released values."""
-        saved = []
-        try:
-            for name, tensor in self._released_encoder.items():
-                path, _, attr = name.rpartition(".")
-                owner = self.model.get_submodule(path)
-                saved.append((owner, attr, owner._parameters[attr]))
-                owner._parameters[attr] = tensor
-            yield
-        finally:
-            for owner, attr, param in reversed(saved):
-                owner._parameters[attr] = param
+        from editors.batching import swapped_parameters
+
+        return swapped_parameters(self.model, self._released_encoder)
 
     def _features(self, audios: list[np.ndarray]) -> torch.Tensor:
         """Log-mel features padded to Whisper's chunk (30 s for the real model), as the release's processor call."""

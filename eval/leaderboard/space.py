@@ -20,6 +20,7 @@ Configuration (environment, or ``leaderboard.json`` next to the Space's ``app.py
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sake import registry
+from sake.atomic import atomic_write
 from sake.protocol import FAMILY_NAMES
 
 from .build import display_model_name, reference_rows
@@ -148,6 +150,14 @@ class Board:
 
     # ------------------------------------------------------------------------------------------ rows
 
+    @functools.cached_property
+    def reported_rows(self) -> list[dict[str, Any]]:
+        """The paper's reported rows as board rows (a checked-in file: read once, not on every table refresh)."""
+        return [{"id": ref["id"], "reference": True, "model": ref["model"], "model_display": ref["model_display"],
+                 "family": model_family(ref["model"]), "method": ref["method"], "mode": ref["mode"],
+                 "protocol": "paper", "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper"}
+                for ref in reference_rows()[0]]
+
     def results(self) -> list[dict[str, Any]]:
         """Stored results (Hub stores cached for ``refresh_s``)."""
         with self._lock:
@@ -172,11 +182,7 @@ class Board:
                          "mode": result["mode"], "protocol": result_protocol(result),
                          "metrics": result["metrics"]["overall"], "n_rows": result.get("n_rows"),
                          "submitter": (sub.get("metadata") or {}).get("submitter", "")})
-        for ref in reference_rows()[0]:
-            rows.append({"id": ref["id"], "reference": True, "model": ref["model"],
-                         "model_display": ref["model_display"], "family": model_family(ref["model"]),
-                         "method": ref["method"], "mode": ref["mode"], "protocol": "paper",
-                         "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper"})
+        rows += [dict(ref) for ref in self.reported_rows]  # copies: rank and average are set per call
         for row in rows:
             row["average"] = _average(row["metrics"])
         order = {p: i for i, p in enumerate(PROTOCOLS)}
@@ -235,12 +241,9 @@ class Board:
         sid = submission.submission_id
         if self.store.has(sid):
             return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
-        pending = self.queue / "pending"
-        pending.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
-        tmp = pending / f".{name}.upload"
-        tmp.write_bytes(Path(path).read_bytes())
-        os.replace(tmp, pending / name)  # names starting with "." are skipped by the queue
+        # the temp file's name starts with ".", which the queue skips
+        atomic_write(self.queue / "pending" / name, Path(path).read_bytes())
         header = submission.header
         return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
                 f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "

@@ -22,8 +22,10 @@ from typing import Any, Iterable
 from jsonschema import Draft202012Validator
 
 from eval.sake_metric.limits import MAX_ROW_DEPTH
-from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions
-from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions, sequential_rule
+from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
+from eval.sake_metric.predictions_file import load_manifest as read_manifest
+from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ MAX_LISTED_PROBLEMS = 25
 SCHEMA_PATH = Path(__file__).with_name("submission.schema.json")
 # item kind (last id segment) -> (dimension, type)
 ITEM_KINDS = KIND_DIMENSION_TYPE
-_STEP_RE = re.compile(r"^step(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -410,62 +411,20 @@ def load_manifest(ref: str | os.PathLike, revision: str | None = None, token: st
 
         path = Path(hf_hub_download(str(ref), "sake_manifest.json", repo_type="dataset", revision=revision,
                                     token=token))
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("fingerprint", "item_ids"):
-        if key not in manifest:
-            raise ValueError(f"manifest {path}: missing field {key!r}")
+    manifest = read_manifest(path)  # the metric's reader: one-line error for unreadable JSON or no item_ids
+    if "fingerprint" not in manifest:
+        raise ValueError(f"manifest {path}: missing field 'fingerprint'")
     return manifest
 
 
-def _split_id(item_id: str) -> tuple[str, str]:
-    instance_id, _, kind = item_id.rpartition("/")
-    return instance_id, kind
-
-
-def sequential_rule(header: dict[str, Any]) -> tuple[int, int]:
-    """``(eval_edits, max_gap)`` a sequential predictions file follows: the header's values, the paper's
-    (first 5 edits, gaps 0-5) when the header leaves them out or null."""
-    eval_edits = header.get("eval_edits")
-    max_gap = header.get("max_gap")
-    return (SEQUENTIAL_EVAL_EDITS if eval_edits is None else int(eval_edits),
-            SEQUENTIAL_MAX_GAP if max_gap is None else int(max_gap))
-
-
 def expected_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[Any]:
-    """Every key a complete submission must hold, in manifest order.
-
-    Single mode: each item id of each declared config for the declared split.
-    Sequential mode: keys ``(item_id, gap)``. An item of the instance at step ``s`` of a sequence (id
-    ``sequential/{split}/{seq}/step{s:02d}/{kind}``) is required for ``s`` in 1..eval_edits and every gap ``g``
-    in 0..max_gap with ``s + g`` no larger than that sequence's last step: the edit made at step ``s`` is
-    evaluated after step ``s + g``. ``eval_edits`` and ``max_gap`` come from the header (:func:`sequential_rule`;
-    the paper: 5 and 5).
+    """Every key a complete submission must hold, in manifest order: item ids (single mode) or ``(item_id, gap)``
+    keys (sequential mode, the header's :func:`sequential_rule`), as the metric's reader lists them
+    (:func:`eval.sake_metric.predictions_file.expected_keys`). A board entry is a complete run, so a header's
+    ``limit`` is not applied.
     """
-    split = header["split"]
-    ids: list[str] = []
-    for config in header["configs"]:
-        ids.extend(manifest["item_ids"][config][split])
-    if header["mode"] != "sequential":
-        return ids
-    last_step: dict[str, int] = {}
-    steps: dict[str, tuple[str, int]] = {}
-    for item_id in ids:
-        instance_id, _ = _split_id(item_id)
-        sequence, _, step_name = instance_id.rpartition("/")
-        match = _STEP_RE.match(step_name)
-        if not match:
-            raise ValueError(f"manifest: sequential item id {item_id!r} has no 'stepNN' segment")
-        step = int(match.group(1))
-        steps[item_id] = (sequence, step)
-        last_step[sequence] = max(last_step.get(sequence, 0), step)
-    eval_edits, max_gap = sequential_rule(header)
-    keys = []
-    for item_id in ids:
-        sequence, step = steps[item_id]
-        if step > eval_edits:
-            continue
-        keys.extend((item_id, gap) for gap in range(max_gap + 1) if step + gap <= last_step[sequence])
-    return keys
+    keys = run_expected_keys(manifest, {**header, "limit": None})
+    return keys if header["mode"] == "sequential" else [item_id for item_id, _ in keys]
 
 
 def _describe_key(key: Any) -> str:

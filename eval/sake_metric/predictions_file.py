@@ -265,6 +265,15 @@ def _first_n_groups(ids: list[str], group_of: Any, n: int | None) -> list[str]:
     return kept
 
 
+def sequential_rule(header: Mapping[str, Any]) -> tuple[int, int]:
+    """``(eval_edits, max_gap)`` a sequential predictions file follows: the header's values, the paper's (first 5
+    edits, gaps 0-5) when the header leaves them out or null (headers written before the fields)."""
+    eval_edits = header.get("eval_edits")
+    max_gap = header.get("max_gap")
+    return (SEQUENTIAL_EVAL_EDITS if eval_edits is None else int(eval_edits),
+            SEQUENTIAL_MAX_GAP if max_gap is None else int(max_gap))
+
+
 def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> list[tuple[str, int | None]]:
     """Every (item_id, gap) a complete run of `header` holds, in manifest order.
 
@@ -285,9 +294,7 @@ def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> lis
         return keys
     ids = list(item_ids[SEQUENTIAL_CONFIG][split])
     ids = _first_n_groups(ids, lambda i: i.rpartition("/")[0].rpartition("/")[0], limit)
-    eval_edits = header.get("eval_edits") or SEQUENTIAL_EVAL_EDITS  # headers written before the field: §4.2 rule
-    max_gap = header.get("max_gap")
-    max_gap = SEQUENTIAL_MAX_GAP if max_gap is None else max_gap
+    eval_edits, max_gap = sequential_rule(header)
     where: dict[str, tuple[str, int]] = {}
     last: dict[str, int] = {}
     for item_id in ids:
