@@ -25,3 +25,19 @@ def demo_dataset() -> Path:
     from _editor_helpers import shared_demo_build
 
     return shared_demo_build().out
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    """The leaderboard tests' small synthetic manifest (`_leaderboard_helpers.make_manifest`)."""
+    from _leaderboard_helpers import make_manifest
+
+    return make_manifest()
+
+
+@pytest.fixture
+def single(manifest):
+    """(header, rows) of a complete single-mode leaderboard submission against ``manifest``."""
+    from _leaderboard_helpers import make_header, make_rows
+
+    return make_header(manifest), make_rows(manifest)

@@ -10,22 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header, make_manifest, make_row,
+from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header, make_row,
                                   make_rows, write_submission_dir, write_submission_zip)
 from eval.leaderboard.__main__ import main as cli_main
 from eval.leaderboard.build import build_site, read_results
 from eval.leaderboard.store import LocalStore, add_submission, board_result, check_results, process_queue
 from eval.leaderboard.validate import (SubmissionError, expected_keys, load_manifest, validate_submission)
-
-
-@pytest.fixture(scope="module")
-def manifest():
-    return make_manifest()
-
-
-@pytest.fixture
-def single(manifest):
-    return make_header(manifest), make_rows(manifest)
 
 
 def _errors(path, manifest, **kwargs) -> str:

@@ -12,21 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header, make_manifest, make_rows,
+from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header,
                                   write_submission_dir, write_submission_zip)
 from eval.leaderboard.store import LocalStore, add_submission, process_queue, result_protocol
 from eval.leaderboard.validate import SubmissionError, validate_submission
 from eval.sake_metric.limits import MAX_HEADER_DEPTH, MAX_LINE_BYTES
-
-
-@pytest.fixture(scope="module")
-def manifest():
-    return make_manifest()
-
-
-@pytest.fixture
-def single(manifest):
-    return make_header(manifest), make_rows(manifest)
 
 
 def _raw_submission(path: Path, predictions: bytes, metadata: bytes | None = None) -> Path:
