@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editors.base import EditRequest, Editor, register
+from editors.base import EditRequest, Editor, finetune, register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX
 
@@ -181,26 +181,22 @@ class GRACE(Editor):
         if entry is None:
             entry = Entry(key=query, value=init_value, radius=eps, label=label)
         value = entry.value.detach().float().clone().requires_grad_(True)
-        optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-        if hp.get("optimizer", "sgd") not in optimizers:
-            raise ValueError(f"grace: optimizer={hp.get('optimizer')!r}; expected sgd or adam")
-        opt = optimizers[hp.get("optimizer", "sgd")]([value], lr=float(hp["edit_lr"]))
-        early = hp.get("early_stop_loss")
-        steps, loss_value = 0, float("nan")
+        optimizer = hp.get("optimizer", "sgd")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"grace: optimizer={optimizer!r}; expected sgd or adam")
+
+        def loss_of_value() -> torch.Tensor:
+            codebook.train_value = value
+            return a.loss_from(state)
+
         codebook.train_position = position
         try:
-            for _ in range(int(hp["n_iter"])):
-                codebook.train_value = value
-                loss = a.loss_from(state)
-                loss_value = float(loss.detach())
-                if early is not None and loss_value < float(early):
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
+            early = hp.get("early_stop_loss")
+            result = finetune({"value": value}, loss_of_value, lr=float(hp["edit_lr"]), max_steps=int(hp["n_iter"]),
+                              early_stop_loss=None if early is None else float(early), optimizer=optimizer)
         finally:
             codebook.train_value = None
+        steps, loss_value = result.steps, result.loss
         entry.value = value.detach().to(init_value.dtype)
         if action != "expand":
             codebook.entries.append(entry)
