@@ -20,7 +20,7 @@ import inspect
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("tools.demo", "the main job: demo dataset -> reference model edits -> scores and plots"),
+    "demo": ("sake.demo", "the main job: demo dataset -> reference model edits -> scores and plots"),
     "build": ("build_splits", "build the SAKE dataset (Parquet + card)"),
     "run": ("editors.run", "run an editing method, write predictions JSONL"),
     "train": ("editors.train", "train a KE / MEND hypernetwork"),

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tools import demo
+from sake import demo
 
 MODEL_DIR = demo.DEFAULT_MODEL
 

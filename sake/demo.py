@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_DIR / "models" / "sake-reference-qwen2-audio"
 README = REPO_DIR / "README.md"
-README_BLOCK = REPO_DIR / "tools" / "demo_readme_block.md"
+README_BLOCK = Path(__file__).resolve().parent / "demo_readme_block.md"
 START_MARKER = "<!-- demo-table:start -->"
 END_MARKER = "<!-- demo-table:end -->"
 
