@@ -63,16 +63,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def push_to_hub(folder: Path, repo_id: str) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
-    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
-                      commit_message="SAKE build")
-    log.info("pushed %s to https://huggingface.co/datasets/%s", folder, repo_id)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.quiet:
@@ -115,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(stats_markdown(result.stats))
     print(f"built {result.out} in {result.seconds:.1f} s; fingerprint {result.manifest['fingerprint']}")
     if args.push_to_hub:
+        from sake_dataset.release import push_to_hub
+
         push_to_hub(result.out, args.push_to_hub)
     return 0
 

@@ -108,7 +108,8 @@ class Bench:
 
     def editor(self, method: str) -> Any:
         """A fresh editor of ``method`` (the runner's registry), with this dataset's rows for IE-IKE."""
-        from editors.base import RunContext, get_editor_class
+        from editors.base import RunContext
+        from editors.registry import get_editor_class
 
         context = RunContext(seed=self.seed, cache_dir=str(self.workdir / "naive-cache"),
                              load_rows=lambda config, split: self.dataset.load(str(self.dataset.root), config, split),
@@ -147,7 +148,7 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
     give a later run). Returns the result and the runner."""
     from editors.hparams import parse_overrides
     from editors.run import Runner
-    from sake.config import RunConfig
+    from editors.config import RunConfig
 
     configs, limit = plan_units(edits, warmup)
     out.unlink(missing_ok=True)  # a leftover file would make the runner resume (skip units)
@@ -215,7 +216,7 @@ def batched_plan(edits: int, k: int) -> tuple[int, int]:
 def run_batched(bench: Bench, method: str, edits: int, k: int, mode: str = "auto") -> dict[str, Any]:
     """The runner with ``--edits-per-pass k`` and a fresh pre-edit cache (cold, as the ``ours`` column): one
     untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k). ``mode``: the generation
-    path (``editors.decoding``; ``legacy`` = before issue 18)."""
+    path (``editors.models.decoding``; ``legacy`` = before issue 18)."""
     warmup, timed = batched_plan(edits, k)
     tag = "" if mode == "auto" else f"-{mode}"
     cache = bench.workdir / f"cache-{method}-k{k}{tag}"

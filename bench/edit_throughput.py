@@ -85,7 +85,7 @@ from bench.report import (  # noqa: F401 (re-exported)
 from bench.roofline import Shapes, edit_shapes, floor_seconds, measure_ceilings, model_sizes  # noqa: F401 (re-exported)
 from bench.synthetic import SyntheticDataset, synthetic_instance  # noqa: F401 (re-exported)
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --tiny for the CPU smoke mode")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from editors.base import get_editor_class
+    from editors.registry import get_editor_class
 
     for method in methods:  # any method the runner's registry knows; a clear line for any other name
         try:

@@ -1,5 +1,5 @@
 """Shares of identical prediction rows between two runs of the same instances (issue 18's batch-invariance and
-fast-vs-old generation figures), and the switch between generation paths (``editors.decoding``)."""
+fast-vs-old generation figures), and the switch between generation paths (``editors.models.decoding``)."""
 
 from __future__ import annotations
 

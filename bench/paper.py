@@ -8,7 +8,7 @@ import logging
 
 
 
-from sake.protocol import FAMILY_NAMES
+from sake_core.protocol import FAMILY_NAMES
 
 LOG = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from bench.models import Scale
 from bench.paper import MODEL_TITLES, PAPER_MODEL_NAMES, PAPER_TABLE7_DESTA_SINGLE
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
 

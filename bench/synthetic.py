@@ -11,9 +11,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 
-from sake.atomic import atomic_write
-from sake.protocol import ATTRIBUTES, SAMPLING_RATE
-from sake.protocol import LABELS as PROTOCOL_LABELS
+from sake_core.atomic import atomic_write
+from sake_core.protocol import ATTRIBUTES, SAMPLING_RATE
+from sake_core.protocol import LABELS as PROTOCOL_LABELS
 
 LOG = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ SAMPLE_RATE = SAMPLING_RATE
 
 
 
-LABELS = {attribute: list(labels) for attribute, labels in PROTOCOL_LABELS.items()}  # sake.protocol
+LABELS = {attribute: list(labels) for attribute, labels in PROTOCOL_LABELS.items()}  # sake_core.protocol
 
 
 QUESTIONS = {

@@ -45,11 +45,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from editors.base import EditRequest, Editor, register
+from editors.base import EditRequest, Editor
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import Prompt, as_audio_array
-from sake.atomic import atomic_write
-from sake.protocol import ATTRIBUTES
+from sake_core.atomic import atomic_write
+from sake_core.protocol import ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 

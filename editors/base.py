@@ -1,7 +1,7 @@
-"""The editor interface and the method registry.
+"""The editor interface: what an editing method is and what it receives.
 
 A method is one module ``editors/<name>.py`` defining a subclass of :class:`Editor` decorated with
-:func:`register`, plus ``editors/hparams/<name>.yaml``; both are discovered from the files (:mod:`sake.registry`). The runner (``editors/run.py``) owns loops, caching, restore, resume and output; a method owns
+:func:`register`, plus ``editors/hparams/<name>.yaml``; both are discovered from the files (:mod:`editors.registry`). The runner (``editors/run.py``) owns loops, caching, restore, resume and output; a method owns
 only "apply this edit":
 
 * :meth:`Editor.touched_parameters` names every model parameter :meth:`Editor.apply` may change, *before* any
@@ -27,10 +27,7 @@ fp32 master copies of low-precision parameters and loss-threshold early stopping
 from __future__ import annotations
 
 import abc
-import importlib
-import importlib.util
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -39,47 +36,8 @@ import torch
 
 from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
-from sake import registry
 
 logger = logging.getLogger(__name__)
-
-_REGISTRY: dict[str, type["Editor"]] = {}
-
-
-def register(name: str) -> Callable[[type["Editor"]], type["Editor"]]:
-    """Class decorator: make an :class:`Editor` subclass available under ``name``."""
-    def wrap(cls: type[Editor]) -> type[Editor]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"editing method {name!r} registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
-
-
-def get_editor_class(name: str) -> type["Editor"]:
-    """The editor class of a method name (imports its module on first use; see :mod:`sake.registry`)."""
-    if name not in _REGISTRY:
-        info = registry.methods().get(name)
-        if info is None:
-            raise ValueError(f"unknown editing method {name!r}; known: {sorted(registry.methods())} (a method is "
-                             f"editors/<name>.py registering it + editors/hparams/<name>.yaml)")
-        if info.module.startswith("editors."):
-            importlib.import_module(info.module)
-        else:  # a method from $SAKE_METHODS_PATH: load its file under a private module name
-            spec = importlib.util.spec_from_file_location(info.module, info.path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[info.module] = module
-            spec.loader.exec_module(module)
-        if name not in _REGISTRY:
-            raise ValueError(f"{info.path} does not register a method named {name!r}")
-    return _REGISTRY[name]
-
-
-def available_methods() -> list[str]:
-    """Every discovered method name, in display order (the paper's methods first, in its order)."""
-    return list(registry.methods())
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # What a method receives
@@ -128,8 +86,8 @@ class Editor(abc.ABC):
     """Base class of an editing method (see the module docstring)."""
 
     name: ClassVar[str] = ""
-    #: How reports and the board show a method outside the paper's list (sake.protocol.METHOD_NAMES), and its
-    #: place among methods (the paper's eight take 0..7); read from the source by sake.registry, so write literals.
+    #: How reports and the board show a method outside the paper's list (sake_core.protocol.METHOD_NAMES), and its
+    #: place among methods (the paper's eight take 0..7); read from the source by editors.registry, so write literals.
     display_name: ClassVar[str] = ""
     display_order: ClassVar[float] = 100.0
     #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.

@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from editors.buckets import padded_rows
+from editors.models.buckets import padded_rows
 from editors.models.base import LALMAdapter, Prompt
+from editors.models.parameters import owner_of, swapped_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -164,27 +165,6 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (model.get_submodule(path) if path else model), attr
-
-
-@contextlib.contextmanager
-def swapped_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily use ``tensors`` (full parameter names -> tensors, possibly requiring grad) in place of the
-    model's parameters; the parameters themselves are untouched and put back on exit."""
-    saved: list[tuple[nn.Module, str, Any]] = []
-    try:
-        for name, tensor in tensors.items():
-            owner, attr = _owner(model, name)
-            saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = tensor  # read back by Module.__getattr__ like the parameter
-        yield
-    finally:
-        for owner, attr, param in reversed(saved):
-            owner._parameters[attr] = param
-
-
 def per_edit_audio_embeds(adapter: LALMAdapter, states: Sequence[Any], audios_per_edit: Sequence[int],
                           weights: dict[str, torch.Tensor], edits: Sequence[int] | None = None) -> torch.Tensor | None:
     """Connector outputs of ``states`` (every audio of a batch, in order), the first ``audios_per_edit[0]`` through
@@ -217,7 +197,7 @@ class _RoutedLeaf(nn.Module):
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
         w = {local: self.routing.weights[full] for local, full in self.names.items()}
         # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
-        # MIN_ROWS rows (editors/buckets.py: a decode step's few rows of one edit take the path of many).
+        # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
         outs = []
         for k, a, b in runs:
@@ -253,7 +233,7 @@ class RowRouting:
         try:
             for path, names in leaves.items():
                 leaf = self.model.get_submodule(path)
-                parent, attr = _owner(self.model, path)
+                parent, attr = owner_of(self.model, path)
                 if set(dict(leaf.named_parameters(recurse=True))) != set(names):
                     raise ValueError(f"row routing needs every parameter of {path} in the copies; it has "
                                      f"{sorted(dict(leaf.named_parameters()))}")
@@ -288,11 +268,11 @@ def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[P
                      routing: RowRouting | None = None) -> list[list[str]]:
     """Greedy outputs of each edit's prompts under that edit's weights, all edits in one batched generation.
 
-    As :meth:`LALMAdapter.generate` (``editors.decoding.generate_prompts``: same canonical chunks, same generation
+    As :meth:`LALMAdapter.generate` (``editors.models.decoding.generate_prompts``: same canonical chunks, same generation
     config): with ``connector_weights`` (name -> ``[K, ...]``) each prompt's audio is projected through its edit's
     connector copy; with ``routing`` (installed by the caller) each prompt's rows run the routed leaves with its
     edit's weights."""
-    from editors.decoding import generate_prompts
+    from editors.models.decoding import generate_prompts
 
     edit_of = [k for k, ps in enumerate(prompts_per_edit) for _ in ps]
     prompts = [p for ps in prompts_per_edit for p in ps]
@@ -323,7 +303,7 @@ def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[P
 def _routed_mode(adapter: LALMAdapter) -> str:
     """Generation path under row routing: not the compiled static one (its graph would be guarded on each chunk's
     runs and recompiled per chunk: measured minutes per pass on an H200)."""
-    from editors.decoding import decoding_mode
+    from editors.models.decoding import decoding_mode
 
     mode = decoding_mode(adapter.device)
     return "dynamic" if mode == "static" else mode

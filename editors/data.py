@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from editors.models.base import Prompt, as_audio_array
-from sake.protocol import CONFIGS, INSTANCE_COLUMNS, ITEM_COLUMNS, ITEM_FIELDS, SEQUENTIAL_COLUMNS, SEQUENTIAL_CONFIG
+from sake_core.protocol import CONFIGS, INSTANCE_COLUMNS, ITEM_COLUMNS, ITEM_FIELDS, SEQUENTIAL_COLUMNS, SEQUENTIAL_CONFIG
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
+from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
-from editors.buckets import training_groups
+from editors.models.buckets import training_groups
 from editors.models.base import Prompt
 
 
@@ -41,7 +42,7 @@ class FTAudio(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         if edit.audio is None:
             raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
-        # canonical shape (editors/buckets.py); encoder states computed once, cached
+        # canonical shape (editors/models/buckets.py); encoder states computed once, cached
         [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])
         frame = self.adapter.hidden_entering(batch, 0)  # attention masks + rotary embeddings, once per edit
         names = set(self.touched_parameters())
@@ -58,7 +59,7 @@ class FTAudio(Editor):
             if edit.audio is None:
                 raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         prompts = [e.prompt() for e in edits]
-        # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/buckets.py)
+        # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/models/buckets.py)
         groups = [(rows, batch, self.adapter.hidden_entering(batch, 0))
                   for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits])]
         names = set(self.touched_parameters())

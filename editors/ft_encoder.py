@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
+from editors.registry import register
 
 
 @dataclass(kw_only=True)

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 import torch
 
-from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
+from editors.registry import register
 from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
-from editors.buckets import training_groups
+from editors.models.buckets import training_groups
 from editors.models.base import Prompt
 
 
@@ -70,7 +71,7 @@ class FTLLM(Editor):
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
         layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
-        # one batch per width bucket (editors/buckets.py); frozen lower layers: once for all K edits
+        # one batch per width bucket (editors/models/buckets.py); frozen lower layers: once for all K edits
         groups = [(rows, self.adapter.hidden_entering(batch, layer))
                   for rows, batch in training_groups(self.adapter, [e.prompt() for e in edits],
                                                      [e.target for e in edits])]

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from editors.base import EditRequest, Editor, finetune, register
+from editors.base import EditRequest, Editor, finetune
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX
 

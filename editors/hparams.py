@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
+from sake_core.errors import ConfigError
+
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 
 
@@ -29,15 +31,15 @@ class Hparams(Mapping):
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str = "hparams") -> "Hparams":
-        """Build from a plain mapping; ValueError naming ``where`` for unknown or missing keys and wrong types."""
+        """Build from a plain mapping; ConfigError naming ``where`` for unknown or missing keys and wrong types."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
+            raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(fields)})")
         missing = sorted(name for name, f in fields.items() if name not in data
                          and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         if missing:
-            raise ValueError(f"{where}: missing key(s) {missing} for {cls.__name__}")
+            raise ConfigError(f"{where}: missing key(s) {missing} for {cls.__name__}")
         hints = typing.get_type_hints(cls)
         values = {name: _coerce(value, hints[name], f"{where}: key {name!r}") for name, value in data.items()}
         return cls(**values)
@@ -80,9 +82,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, option, where)
-            except ValueError as exc:
+            except ConfigError as exc:
                 errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
     if hint is Any:
         return value
     if hint is float:
@@ -90,27 +92,27 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)[:1] or (Any,)
         return [_coerce(v, item, where) for v in value]
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_hint, value_hint = typing.get_args(hint) or (Any, Any)
         return {_coerce(k, key_hint, where): _coerce(v, value_hint, where) for k, v in value.items()}
     return value
@@ -119,7 +121,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def hparams_file(method: str) -> Path:
     """The YAML of ``method`` (``editors/hparams/`` or, for a method found on ``$SAKE_METHODS_PATH``, the
     ``hparams/`` folder beside its module)."""
-    from sake.registry import methods
+    from editors.registry import methods
 
     info = methods().get(method)
     return info.hparams_path if info else HPARAMS_DIR / f"{method}.yaml"
@@ -130,11 +132,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--hparam {item!r}: expected key=value")
+            raise ConfigError(f"--hparam {item!r}: expected key=value")
         key, value = item.split("=", 1)
         key = key.strip()
         if not key:
-            raise ValueError(f"--hparam {item!r}: empty key")
+            raise ConfigError(f"--hparam {item!r}: empty key")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str) and _looks_numeric(parsed):
             parsed = float(parsed)  # YAML 1.1 reads "1e-3" as a string
@@ -154,27 +156,40 @@ def _numeric(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, str) and _looks_numeric(v) else v) for k, v in mapping.items()}
 
 
+def hparams_keys(method: str, family: str | None = None) -> set[str]:
+    """The keys ``method``'s YAML defines for ``family`` (``defaults`` + the family's section + ``tiny``; every
+    section when ``family`` is None): what ``--hparam`` may override. Reads the file only."""
+    path = hparams_file(method)
+    if not path.is_file():
+        raise ConfigError(f"no hyperparameter file for method {method!r}: {path} missing")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    sections = list(data) if family is None else ["defaults", family, "tiny"]
+    return {key for section in sections if isinstance(data.get(section), dict) for key in data[section]}
+
+
 def merged_hparams(method: str, family: str, *, tiny: bool = False,
                    overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[dict[str, Any], Path]:
     """The merged plain mapping of ``method`` for ``family`` and the file it came from (no type checks)."""
     path = hparams_file(method)
     if not path.is_file():
-        raise ValueError(f"no hyperparameter file for method {method!r}: {path} missing")
+        raise ConfigError(f"no hyperparameter file for method {method!r}: {path} missing")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at top level")
+        raise ConfigError(f"{path}: expected a mapping at top level")
     if family not in data:
-        raise ValueError(f"{path}: no entry for model family {family!r} (has {sorted(k for k in data)})")
+        raise ConfigError(f"{path}: no entry for model family {family!r} (has {sorted(k for k in data)})")
     merged: dict[str, Any] = {}
     for section in ("defaults", family) + (("tiny",) if tiny else ()):
         value = data.get(section) or {}
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping")
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
         merged.update(_numeric(value))
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     unknown = sorted(set(extra) - set(merged))
     if unknown:
-        raise ValueError(f"--hparam: unknown key(s) {unknown} for {method} (known: {sorted(merged)}; {path})")
+        raise ConfigError(f"--hparam: unknown key(s) {unknown} for {method} (known: {sorted(merged)}; {path})")
     merged.update(extra)
     return merged, path
 
@@ -183,10 +198,10 @@ def load_hparams(method: str, family: str, *, tiny: bool = False,
                  overrides: Sequence[str] | Mapping[str, Any] = ()) -> Hparams:
     """The typed hyperparameters of ``method`` for a model ``family`` (see the module docstring).
 
-    Raises ValueError naming the file when it is missing, malformed, has no entry for the family, has a key the
+    Raises ConfigError naming the file when it is missing, malformed, has no entry for the family, has a key the
     method's dataclass does not declare (in any section), misses one, or has a value of the wrong type, and when
     an override names a key the file does not define."""
-    from editors.base import get_editor_class
+    from editors.registry import get_editor_class
 
     cls = get_editor_class(method).hparams_class
     path = hparams_file(method)
@@ -195,7 +210,7 @@ def load_hparams(method: str, family: str, *, tiny: bool = False,
         known = set(cls._names())
         for section, value in (data.items() if isinstance(data, dict) else ()):
             if isinstance(value, dict) and set(value) - known:
-                raise ValueError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
+                raise ConfigError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
                                  f"{method} (known: {sorted(known)})")
     merged, path = merged_hparams(method, family, tiny=tiny, overrides=overrides)
     return cls.from_mapping(merged, where=f"{path} [{family}{' + tiny' if tiny else ''}]")

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
 from editors.models.base import LALMAdapter, PromptBatch
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +172,14 @@ class HyperNetwork(nn.Module, abc.ABC):
 
 def hypernetwork_methods() -> list[str]:
     """Methods whose editor applies a trained hypernetwork (a :class:`HypernetEditor` subclass)."""
-    from editors.base import available_methods, get_editor_class
+    from editors.registry import available_methods, get_editor_class
 
     return [m for m in available_methods() if issubclass(get_editor_class(m), HypernetEditor)]
 
 
 def network_class(method: str) -> type[HyperNetwork]:
     """The hypernetwork class of a method (its editor's ``network_class``)."""
-    from editors.base import get_editor_class
+    from editors.registry import get_editor_class
 
     cls = get_editor_class(method)
     if not (isinstance(cls, type) and issubclass(cls, HypernetEditor)):

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from editors.base import EditRequest, Editor, register
+from editors.base import EditRequest, Editor
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import Prompt
 

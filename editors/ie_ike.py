@@ -16,7 +16,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from editors.base import EditRequest, register
+from editors.base import EditRequest
+from editors.registry import register
 from editors.data import eval_items
 from editors.i_ike import IIKE, IIKEHparams
 from editors.models.base import Prompt, Turn

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from editors.base import register
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.hypernetwork import Factors, HypernetEditor, HyperNetwork
 

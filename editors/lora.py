@@ -36,7 +36,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings, register
+from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
+from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
 

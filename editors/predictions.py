@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from tqdm import tqdm
 
-from editors.base import (EditRequest, Editor, ParameterSnapshot, RunContext, available_methods,
-                          get_editor_class)
+from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
+from editors.registry import available_methods, get_editor_class, method_info
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
 from editors.hparams import load_hparams, merged_hparams, parse_overrides
@@ -44,9 +44,9 @@ from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
 from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
-from sake.atomic import atomic_write
-from sake.config import RunConfig
-from sake.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
+from sake_core.atomic import atomic_write
+from editors.config import RunConfig
+from sake_core.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
 
 logger = logging.getLogger("editors.run")
 
@@ -117,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
-    """Where a run writes its predictions (see :meth:`sake.config.RunConfig.output_path`)."""
+    """Where a run writes its predictions (see :meth:`editors.config.RunConfig.output_path`)."""
     return RunConfig(model=model, method=method, dataset="-", out=out, mode=mode, split=split).output_path()
 
 
@@ -305,8 +305,11 @@ class Runner:
         a = self.config
         desc = self.adapter.describe()
         sequential = a.mode == "sequential"
+        info = method_info(a.method)
         return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
-                "method": a.method, "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
+                "method": a.method, "method_display_name": info.display_name,
+                "method_display_order": info.display_order,
+                "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(self.configs), "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
                 # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)

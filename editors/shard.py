@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
 from editors.predictions import RESUME_KEYS
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HyperNetwork, _at
                                   condition_embeddings, default_hypernet_dir, edit_factors, hypernetwork_methods,
                                   load_network, replaced_out_projs, save_network)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger("editors.train")
 
@@ -287,7 +287,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     from editors.hparams import load_hparams
     from editors.models import family_of, load_adapter
     from editors.preedit_cache import default_cache_dir
-    from sake.protocol import ATTRIBUTES
+    from sake_core.protocol import ATTRIBUTES
 
     family_of(model)
     chosen = list(dict.fromkeys(configs or ATTRIBUTES))

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from editors.base import EditRequest, Editor, RunContext, finetune, register
+from editors.base import EditRequest, Editor, RunContext, finetune
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
-from sake.protocol import ATTRIBUTES
+from sake_core.protocol import ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 

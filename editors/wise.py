@@ -51,7 +51,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from editors.base import EditRequest, Editor, register
+from editors.base import EditRequest, Editor
+from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter
 from editors.unke import preservation_prompts

@@ -226,7 +226,7 @@ def publish_dataset(repo_id: str, built: str | os.PathLike, dry_run: str | os.Pa
     if dry_run:
         files = {str(p.relative_to(built)): p.read_bytes() for p in sorted(built.rglob("*")) if p.is_file()}
         return _write_folder(files, Path(dry_run))
-    from build_splits import push_to_hub
+    from sake_dataset.release import push_to_hub
 
     push_to_hub(built, repo_id)
     return None

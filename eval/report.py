@@ -40,11 +40,10 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from sake import registry
-from sake.atomic import atomic_write
-from sake.protocol import METHOD_NAMES, method_key
+from sake_core.atomic import atomic_write
+from sake_core.protocol import method_display
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +66,23 @@ TYPE_BARS = (("generality_type1", "Gen. T1"), ("generality_type2", "Gen. T2"), (
 PROTOCOL_ORDER = {"paper": 0, "paper+choice": 1, "offline": 2}
 
 
-def method_label(method: str | None) -> str:
-    """Display name of a method ("ft_llm" or "FT-LLM" -> "FT (LLM)"; a method outside the paper: its class's
-    ``display_name``); unknown names pass through."""
-    if not method:
-        return "?"
-    key = method_key(method)
-    return registry.method_display_name(key) if key in registry.methods() or key in METHOD_NAMES else method
+def method_label(source: Mapping[str, Any] | str | None) -> str:
+    """Display name of a method: from a results JSON's (or run header's) display fields, else the paper's name
+    ("ft_llm" or "FT-LLM" -> "FT (LLM)"), else the name itself."""
+    if isinstance(source, Mapping):
+        return method_display(source.get("method"), source.get("method_display_name"),
+                              source.get("method_display_order"))[0]
+    return method_display(source)[0] if source else "?"
 
 
-def method_sort_key(method: str | None) -> tuple[float, str]:
-    """Methods in display order (the paper's first, in its order), unknown ones last by name."""
-    key = method_key(method or "")
-    return registry.method_sort_key(key) if key in registry.methods() or key in METHOD_NAMES else (
-        float("inf"), method or "")
+def method_sort_key(source: Mapping[str, Any] | str | None) -> tuple[float, str]:
+    """Methods in display order (the paper's first, in its order; others by their recorded place), unknown ones
+    last by name."""
+    if isinstance(source, Mapping):
+        name = str(source.get("method") or "")
+        return (method_display(name, source.get("method_display_name"), source.get("method_display_order"))[1],
+                name)
+    return (method_display(source)[1], source or "")
 
 
 def model_label(model: str | None) -> str:
@@ -124,6 +126,11 @@ class Run:
     @property
     def mode(self) -> str:
         return self.results.get("mode") or "single"
+
+    @property
+    def label(self) -> str:
+        """The method's display name (recorded in the results)."""
+        return method_label(self.results)
 
     def metrics(self, scope: str = "overall", key: str | None = None) -> dict[str, Any]:
         m = self.results["metrics"]
@@ -200,7 +207,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
                              f"{key[3]!r}: {seen[key]} and {run.source}")
         seen[key] = run.source
     runs.sort(key=lambda r: (r.model, PROTOCOL_ORDER.get(r.protocol, 9), r.mode != "single", r.mode,
-                             method_sort_key(r.method)))
+                             method_sort_key(r.results)))
     return runs
 
 
@@ -239,7 +246,19 @@ class Table:
 
 
 def _methods(runs: Iterable[Run]) -> list[str]:
-    return sorted({r.method for r in runs}, key=method_sort_key)
+    """Method ids of ``runs`` in display order (each run's recorded place)."""
+    keys: dict[str, tuple[float, str]] = {}
+    for r in runs:
+        keys.setdefault(r.method, method_sort_key(r.results))
+    return sorted(keys, key=keys.__getitem__)
+
+
+def _labels(runs: Iterable[Run]) -> dict[str, str]:
+    """Method id -> display name, as the runs record it."""
+    out: dict[str, str] = {}
+    for r in runs:
+        out.setdefault(r.method, r.label)
+    return out
 
 
 def _groups(runs: Iterable[Run]) -> list[tuple[str, str]]:
@@ -252,7 +271,7 @@ def table_overall(runs: Sequence[Run]) -> Table | None:
     single = [r for r in runs if r.mode == "single"]
     if not single:
         return None
-    methods = _methods(single)
+    methods, labels = _methods(single), _labels(single)
     rows = []
     for model, protocol in _groups(single):
         by_method = {r.method: r for r in single if r.model == model and r.protocol == protocol}
@@ -260,7 +279,7 @@ def table_overall(runs: Sequence[Run]) -> Table | None:
             rows.append([model, protocol, label] + [fmt(by_method[m].metrics()[key]) if m in by_method else "-"
                                                     for m in methods])
     return Table("table2_overall", "Table 2: single editing, overall (%)",
-                 ["Model", "Protocol", "Metric"] + [method_label(m) for m in methods], rows)
+                 ["Model", "Protocol", "Metric"] + [labels[m] for m in methods], rows)
 
 
 def _categories(run: Run) -> dict[str, float]:
@@ -281,12 +300,12 @@ def table_portability_spread(runs: Sequence[Run]) -> Table | None:
     rows = []
     for model, protocol in _groups(single):
         group = [r for r in single if r.model == model and r.protocol == protocol]
-        best = sorted(group, key=lambda r: (-float(r.metrics()["portability"]), method_sort_key(r.method)))[:2]
+        best = sorted(group, key=lambda r: (-float(r.metrics()["portability"]), method_sort_key(r.results)))[:2]
         for run in best:
             values = list(_categories(run).values())
             std = statistics.stdev(values) if len(values) >= 2 else None
             spread = max(values) - min(values) if values else None
-            rows.append([model, protocol, method_label(run.method), fmt(run.metrics()["portability"]),
+            rows.append([model, protocol, run.label, fmt(run.metrics()["portability"]),
                          str(len(values)), fmt(std), fmt(spread)])
     if not rows:
         return None
@@ -317,8 +336,10 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
     by_key: dict[tuple[str, str], dict[str, Run]] = {}
     for run in timed:
         by_key.setdefault((run.method, run.model), {}).setdefault(run.mode, run)
-    for (method, model), modes in sorted(by_key.items(), key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
-        row = [method_label(method), model]
+    first = {key: next(iter(modes.values())) for key, modes in by_key.items()}
+    for (method, model), modes in sorted(by_key.items(),
+                                         key=lambda kv: (method_sort_key(first[kv[0]].results), kv[0][1])):
+        row = [first[(method, model)].label, model]
         for mode in ("single", "sequential"):
             run = modes.get(mode)
             if run is None:
@@ -344,7 +365,7 @@ def table_attributes(runs: Sequence[Run]) -> Table | None:
         attributes = sorted(run.results["metrics"].get("per_attribute") or {})
         for attr in ["ALL"] + attributes:
             m = run.metrics() if attr == "ALL" else run.metrics("per_attribute", attr)
-            rows.append([run.model, run.protocol, method_label(run.method),
+            rows.append([run.model, run.protocol, run.label,
                          attr.capitalize() if attr != "ALL" else attr] + [fmt(m.get(k)) for k, _ in ATTRIBUTE_COLUMNS])
     return Table("table8_attributes", "Tables 8-10: single editing per attribute and type (%)",
                  ["Model", "Protocol", "Method", "Attr."] + [label for _, label in ATTRIBUTE_COLUMNS], rows)
@@ -359,7 +380,7 @@ def table_gaps(runs: Sequence[Run]) -> Table | None:
     for run in sequential:
         per_gap = run.results["metrics"].get("per_gap") or {}
         for gap in sorted(per_gap, key=int):
-            rows.append([run.model, run.protocol, method_label(run.method), gap]
+            rows.append([run.model, run.protocol, run.label, gap]
                         + [fmt(per_gap[gap].get(k)) for k, _ in MAIN_METRICS])
     return Table("table11_gaps", "Tables 11-13: sequential editing per gap (%)",
                  ["Model", "Protocol", "Method", "Gap"] + [label for _, label in MAIN_METRICS], rows)
@@ -379,7 +400,7 @@ def tables_portability(runs: Sequence[Run]) -> list[Table]:
         for run in single:
             by_cat = run.metrics("per_attribute", attr).get("portability_by_category") or {}
             if by_cat:
-                rows.append([run.model, run.protocol, method_label(run.method)]
+                rows.append([run.model, run.protocol, run.label]
                             + [fmt(by_cat.get(c)) for c in categories])
         tables.append(Table(f"table14_portability_{_slug(attr)}",
                             f"Tables 14-17: portability by knowledge category, {attr} (%)",
@@ -391,7 +412,7 @@ def table_degeneration(runs: Sequence[Run]) -> Table | None:
     """Paper Table 18: degeneration rate (%), rows (model, protocol, mode), columns methods."""
     if not runs:
         return None
-    methods = _methods(runs)
+    methods, labels = _methods(runs), _labels(runs)
     rows = []
     for model, protocol in _groups(runs):
         for mode in ("single", "sequential"):
@@ -400,7 +421,7 @@ def table_degeneration(runs: Sequence[Run]) -> Table | None:
                 rows.append([model, protocol, mode] + [fmt(by_method[m].results.get("degeneration_rate"))
                                                        if m in by_method else "-" for m in methods])
     return Table("table18_degeneration", "Table 18: degeneration rate of post-edit outputs (%)",
-                 ["Model", "Protocol", "Mode"] + [method_label(m) for m in methods], rows)
+                 ["Model", "Protocol", "Mode"] + [labels[m] for m in methods], rows)
 
 
 def table_judge(runs: Sequence[Run]) -> Table | None:
@@ -416,7 +437,7 @@ def table_judge(runs: Sequence[Run]) -> Table | None:
     for run in runs:
         judge = run.results["judge"]
         sent = judge.get("requests_sent", judge.get("llm_calls"))
-        rows.append([run.model, method_label(run.method), run.mode, run.protocol, judge.get("model") or "-"]
+        rows.append([run.model, run.label, run.mode, run.protocol, judge.get("model") or "-"]
                     + [f"{100 * judge['stage_share'].get(s, 0.0):.2f}" for s in stages]
                     + ["-" if sent is None else str(sent)])
     return Table("judge_stages", "Judge: protocol and share of items decided by each stage (%)",
@@ -429,7 +450,7 @@ def table_generation(runs: Sequence[Run]) -> Table | None:
     for run in runs:
         gen = run.results.get("generation") or {}
         hit = gen.get("hit_max_new_tokens")
-        rows.append([run.model, method_label(run.method), run.mode, str(gen.get("max_new_tokens") or "-"),
+        rows.append([run.model, run.label, run.mode, str(gen.get("max_new_tokens") or "-"),
                      "-" if hit is None else str(hit), str(run.results.get("n_rows") or 0),
                      "-" if hit is None else fmt(100.0 * hit / max(1, int(run.results.get("n_rows") or 0)))])
     if not rows:
@@ -457,7 +478,7 @@ def plot_types(runs: Sequence[Run], model: str, path: Path, protocol: str = "") 
         offset = (i - (len(single) - 1) / 2) * width
         points = [(j + offset, run.metrics().get(k)) for j, (k, _) in enumerate(TYPE_BARS)]
         points = [(x, v) for x, v in points if v is not None]  # no bar where a type has no items
-        ax.bar([x for x, _ in points], [v for _, v in points], width, label=method_label(run.method))
+        ax.bar([x for x, _ in points], [v for _, v in points], width, label=run.label)
     ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
@@ -496,7 +517,7 @@ def plot_gaps(runs: Sequence[Run], model: str, path: Path, protocol: str = "") -
             gaps = sorted(per_gap, key=int)
             points = [(int(g), per_gap[g].get(key)) for g in gaps if per_gap[g].get(key) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method_label(run.method))
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.label)
         baseline = random_baseline(sequential, key)
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle="--", linewidth=1,
@@ -595,7 +616,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
         figures.append(path)
     written += figures
     index = ["# SAKE report", "",
-             "Runs: " + ", ".join(f"{r.model}/{method_label(r.method)}/{r.mode} ({r.protocol})" for r in runs), "",
+             "Runs: " + ", ".join(f"{r.model}/{r.label}/{r.mode} ({r.protocol})" for r in runs), "",
              "Protocols: `paper` = empty -> exact -> LLM judge (the paper's App. E); `paper+choice` = the same with "
              "the multiple-choice matcher before the LLM; `offline` = empty -> exact -> choice, undecided items "
              "counted wrong (no LLM).", ""]

@@ -50,7 +50,7 @@ from eval.sake_metric.llm_judge import DEFAULT_MODEL, JudgeConfig, JudgeError, L
 from eval.sake_metric.predictions_file import check_complete, load_manifest, manifest_for
 from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def resolve_protocol(protocol: str | None, judge: str | LLMJudge | None) -> tupl
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON (sorted keys off, stable order) atomically (:func:`sake.atomic.atomic_write`)."""
+    """Write `obj` as indented JSON (sorted keys off, stable order) atomically (:func:`sake_core.atomic.atomic_write`)."""
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 

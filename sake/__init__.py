@@ -1,5 +1,5 @@
-"""SAKE toolkit core: the protocol constants (:mod:`sake.protocol`), crash-safe writes (:mod:`sake.atomic`), the
-method and family registries (:mod:`sake.registry`) and the Python API (:mod:`sake.api`):
+"""The SAKE toolkit's top floor: the Python API (:mod:`sake.api`), the ``sake`` command (:mod:`sake.cli`) and the
+demo (:mod:`sake.demo`). It imports the parts below it; nothing below imports it (ARCHITECTURE.md, "Floors").
 
     from sake import RunConfig, run, score, editing
 

@@ -1,5 +1,5 @@
-"""`python -m sake COMMAND ...`: the same as the `sake` command (see `sake_cli`)."""
+"""`python -m sake COMMAND ...`: the same as the `sake` command (see :mod:`sake.cli`)."""
 
-from sake_cli import main
+from sake.cli import main
 
 raise SystemExit(main())

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from sake.config import RunConfig
+from editors.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from editors.base import EditRequest, Editor
@@ -95,7 +95,8 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
     error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``)."""
     import torch
 
-    from editors.base import EditRequest, ParameterSnapshot, RunContext, get_editor_class
+    from editors.base import EditRequest, ParameterSnapshot, RunContext
+    from editors.registry import get_editor_class
     from editors.hparams import load_hparams
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from sake.atomic import atomic_write
-from sake.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
-from sake.registry import method_sort_key
+from sake_core.atomic import atomic_write
+from sake_core.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
+from editors.registry import method_sort_key
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def reset_if_model_changed(out: Path, model: str) -> None:
 def methods_to_run(requested: Sequence[str] | None) -> list[str]:
     """Requested methods (default: every available one) in display order, the parameter-updating methods before
     the in-context ones (as the paper's discussion groups them); unknown names are an error."""
-    from editors.base import available_methods
+    from editors.registry import available_methods
 
     available = available_methods()
     if requested:
@@ -112,7 +112,7 @@ def methods_to_run(requested: Sequence[str] | None) -> list[str]:
 def sequential_methods(requested: str, single: Sequence[str]) -> list[str]:
     """The methods of the sequential runs: ``none``, a comma-separated list, or ``auto`` = FT-Audio plus every
     method of ``single`` outside the paper's eight (they were built against sequential forgetting), in order."""
-    from editors.base import available_methods
+    from editors.registry import available_methods
 
     if requested.strip().lower() == "none":
         return []
@@ -145,7 +145,7 @@ def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: 
 
 def hypernetwork_overrides(method: str, directory: Path) -> list[str]:
     """``KEY=VALUE`` overrides naming a trained hypernetwork (the ``hypernetwork_path`` of KE / MEND)."""
-    from editors.base import get_editor_class
+    from editors.registry import get_editor_class
 
     if "hypernetwork_path" in get_editor_class(method).hparams_class._names():
         return [f"hypernetwork_path={directory}"]
@@ -192,7 +192,7 @@ def demo_table(results: Sequence[dict[str, Any]]) -> str:
              "|---|---|" + "|".join("---:" for _ in COLUMNS) + "|"]
     for res in results:
         overall = res["metrics"]["overall"]
-        lines.append(f"| {method_label(res.get('method'))} | {res.get('mode', 'single')} | "
+        lines.append(f"| {method_label(res)} | {res.get('mode', 'single')} | "
                      + " | ".join(_fmt(overall.get(key)) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
 

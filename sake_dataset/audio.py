@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from sake.protocol import SAMPLING_RATE
+from sake_core.protocol import SAMPLING_RATE
 
 from .records import AudioRef, SourceError
 

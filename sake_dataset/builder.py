@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sake.atomic import atomic_write, replace_dir, staging_dir
+from sake_core.atomic import atomic_write, replace_dir, staging_dir
 
 from .construction import (InstanceBuilder, build_attribute_split, build_sequential, check_instance,
                            make_edit_pairs)
@@ -212,8 +212,8 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
           allow_unlisted_tasks: bool = False, portability: str = "auto") -> BuildResult:
     """Build the SAKE release into `out` (Parquet per config/split, README.md card, sake_manifest.json).
 
-    Everything is written into a staging folder next to `out` (`sake.atomic.staging_dir`) and swapped in at the
-    end (`sake.atomic.replace_dir`): at every instant `out` is the earlier complete build or the new complete one,
+    Everything is written into a staging folder next to `out` (`sake_core.atomic.staging_dir`) and swapped in at the
+    end (`sake_core.atomic.replace_dir`): at every instant `out` is the earlier complete build or the new complete one,
     and leftovers of killed builds are removed by the next build. Same sources + seed give byte-identical Parquet
     files. `splits`, `portability`: see `construct`; `task_tables`: extra Dynamic-SUPERB task tables (same format
     as `dsuperb_tasks.yaml`, overriding it); `allow_unlisted_tasks`: let tasks missing from the tables into

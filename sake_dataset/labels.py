@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from sake.protocol import ATTRIBUTES, LABELS  # noqa: F401 (re-exported: App. C.1 attributes and label sets)
+from sake_core.protocol import ATTRIBUTES, LABELS  # noqa: F401 (re-exported: App. C.1 attributes and label sets)
 
 # Spellings met in source corpora, mapped to the canonical label (keys are lower-case).
 LABEL_ALIASES: dict[str, dict[str, str]] = {

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm.auto import tqdm
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 from .audio import encode_wav_16k
 from .portability import MULTI_HOP_MARK, ORIGIN_CURATED, ORIGIN_SAKURA
@@ -289,3 +290,15 @@ def write_manifest(out: Path, seed: int, sources: dict[str, Any], item_ids: dict
                 "files": files, "fingerprint": fingerprint, "item_ids": item_ids}
     atomic_write(out / "sake_manifest.json", json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
+
+
+def push_to_hub(folder: Path, repo_id: str) -> None:
+    """Upload a built dataset folder as the Hub dataset ``repo_id`` (token from ``HF_TOKEN`` /
+    ``HUGGING_FACE_HUB_TOKEN`` or the saved login)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+                      commit_message="SAKE build")
+    log.info("pushed %s to https://huggingface.co/datasets/%s", folder, repo_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from datasets import Audio, Features, List, Value
-from sake.protocol import (ATTRIBUTES, COLUMN_OF_KIND, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS,  # noqa: F401
+from sake_core.protocol import (ATTRIBUTES, COLUMN_OF_KIND, CONFIGS, DIMENSION_OF_KIND, ITEM_KINDS,  # noqa: F401
                            SAMPLING_RATE, SPLITS)  # (re-exported: configs, splits, item kinds, dimensions)
 
 item_kinds = ITEM_KINDS

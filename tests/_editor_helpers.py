@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from sake.config import RunConfig
-from sake.protocol import ITEM_COLUMNS
+from editors.config import RunConfig
+from sake_core.protocol import ITEM_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> 
 
 def run_config(dataset: Path, out: Path, cache: Path, **fields: Any) -> RunConfig:
     """A small run on a tiny model (2 instances per config, 6 new tokens, I-IKE by default) as a
-    :class:`sake.config.RunConfig`; ``fields`` override any of its fields."""
+    :class:`editors.config.RunConfig`; ``fields`` override any of its fields."""
     defaults = {"model": "tiny-qwen2-audio", "method": "i_ike", "dataset": str(dataset), "out": str(out),
                 "cache_dir": str(cache), "max_new_tokens": 6, "limit": 2, "progress": False}
     return RunConfig(**{**defaults, **fields})

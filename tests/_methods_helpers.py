@@ -109,7 +109,7 @@ def demo_dataset() -> Path:
 
 def load_train_split() -> dict[str, Any]:
     from editors.data import load_instances
-    from sake.protocol import ATTRIBUTES
+    from sake_core.protocol import ATTRIBUTES
 
     return {c: load_instances(str(demo_dataset()), c, "train") for c in ATTRIBUTES}
 

@@ -13,7 +13,7 @@ import torch
 
 from _editor_helpers import run_config, state_copy, changed_tensors
 from sake import RunConfig, editing, report, run, score
-from sake.registry import METHODS_PATH_ENV
+from editors.registry import METHODS_PATH_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,8 @@ from dataclasses import dataclass
 
 import torch
 
-from editors.base import Editor, register
+from editors.base import Editor
+from editors.registry import register
 from editors.hparams import Hparams
 
 

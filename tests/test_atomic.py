@@ -1,4 +1,4 @@
-"""sake.atomic: atomic_write and replace_dir keep every reader on a complete old or new version."""
+"""sake_core.atomic: atomic_write and replace_dir keep every reader on a complete old or new version."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sake import atomic
-from sake.atomic import atomic_write, replace_dir, staging_dir
+from sake_core import atomic
+from sake_core.atomic import atomic_write, replace_dir, staging_dir
 
 
 def _mode(path: Path) -> int:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from _editor_helpers import changed_tensors, run_config, state_copy, synthetic_audio
-from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
+from editors.base import EditRequest, ParameterSnapshot, finetune
+from editors.registry import get_editor_class
 from editors.batching import StackedCopies, finetune_many
 from editors.hparams import load_hparams
 from editors.models import load_adapter
@@ -155,7 +156,7 @@ def test_runner_edits_per_pass_writes_the_same_rows(qwen, demo_dataset, tmp_path
 
 
 def test_methods_that_do_not_batch_run_one_at_a_time():
-    from sake.protocol import METHOD_ORDER
+    from sake_core.protocol import METHOD_ORDER
 
     # the paper's methods (a method added later declares its own batching and tests it, e.g. tests/test_lora.py)
     batching = {m for m in METHOD_ORDER if get_editor_class(m).batches_edits}

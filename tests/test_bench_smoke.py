@@ -61,7 +61,7 @@ def test_tiny_run_writes_a_well_formed_table(tmp_path):
     data = json.loads(raw.read_text())["methods"]["ft_audio"]
     assert data["info_ours"]["prediction_rows"] == 10
     assert data["info_naive"]["sequences_per_edit"] == 20
-    # ours generates the same 20 outputs; its batches are filled up to canonical row counts (editors/buckets.py)
+    # ours generates the same 20 outputs; its batches are filled up to canonical row counts (editors/models/buckets.py)
     assert data["info_ours"]["sequences_per_edit"] >= 20
     assert data["info_ours"]["new_tokens"] == data["info_naive"]["new_tokens"] == [1]
     assert data["info_ours"]["steps"] == data["info_naive"]["steps"] == [3]
@@ -110,7 +110,7 @@ def test_tiny_desta_run_appends_its_section(tmp_path):
     assert data["model"] == "desta25"
     row = data["methods"]["ft_audio"]
     assert row["info_ours"]["prediction_rows"] == 10
-    # 20 questions each way; generation batches are filled up to canonical row counts (editors/buckets.py)
+    # 20 questions each way; generation batches are filled up to canonical row counts (editors/models/buckets.py)
     assert row["info_naive"]["generate_calls_per_edit"] == 20
     assert row["info_ours"]["sequences_per_edit"] >= 20 and row["info_naive"]["sequences_per_edit"] >= 20
     assert row["info_ours"]["new_tokens"] == row["info_naive"]["new_tokens"] == [1]

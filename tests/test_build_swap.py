@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # step N, "after N" just after it. FALLBACK=1 makes the exchange unavailable (two-rename fallback).
 KILLED_BUILD = """
 import os, sys
-import sake.atomic as atomic
+import sake_core.atomic as atomic
 import sake_dataset.builder as builder
 
 sakura, dsuperb, mmlu, out, when, step, fallback = sys.argv[1:8]

@@ -337,7 +337,7 @@ def test_card_yaml_parses_as_hub_metadata(demo):
 def test_push_to_hub_uploads_the_built_folder(demo, monkeypatch):
     import huggingface_hub
 
-    import build_splits
+    from sake_dataset.release import push_to_hub
 
     calls = []
 
@@ -353,6 +353,6 @@ def test_push_to_hub_uploads_the_built_folder(demo, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    build_splits.push_to_hub(demo.out, "org/sake")
+    push_to_hub(demo.out, "org/sake")
     assert calls == [("token", "hf_test_token"), ("create", "org/sake", "dataset", True),
                      ("upload", str(demo.out), "org/sake", "dataset")]

@@ -49,7 +49,7 @@ def test_demo_table_has_paper_columns() -> None:
 
 
 def test_sake_demo_runs_end_to_end(tmp_path, capsys) -> None:
-    import sake_cli
+    from sake import cli as sake_cli
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# SAKE\n\n{demo.START_MARKER}\n(old)\n{demo.END_MARKER}\n\nrest\n", encoding="utf-8")

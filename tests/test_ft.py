@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from _editor_helpers import changed_tensors, state_copy, synthetic_audio
-from editors.base import EditRequest, ParameterSnapshot, finetune, get_editor_class
+from editors.base import EditRequest, ParameterSnapshot, finetune
+from editors.registry import get_editor_class
 from editors.hparams import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt

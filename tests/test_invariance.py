@@ -1,4 +1,4 @@
-"""Batch invariance (issue 18, editors/buckets.py): a row never depends on which clips, items or edits shared its
+"""Batch invariance (issue 18, editors/models/buckets.py): a row never depends on which clips, items or edits shared its
 batch, on a warm pre-edit cache or on where a run was interrupted; CPU fp32, byte-identical prediction rows."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from _editor_helpers import run_config, synthetic_audio
-from editors.buckets import MIN_ROWS, chunk_rows, group_by_width, padded_rows, row_bucket, width_bucket
-from editors.decoding import generate_prompts
+from editors.models.buckets import MIN_ROWS, chunk_rows, group_by_width, padded_rows, row_bucket, width_bucket
+from editors.models.decoding import generate_prompts
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions

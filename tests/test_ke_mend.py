@@ -11,7 +11,8 @@ import torch
 from _editor_helpers import cli_args, run_config
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, hparams, model_state,
                               tiny_adapter, trained_network)
-from editors.base import ParameterSnapshot, get_editor_class
+from editors.base import ParameterSnapshot
+from editors.registry import get_editor_class
 from editors.models.base import Prompt
 from editors.run import main as run_main
 

@@ -7,20 +7,20 @@ import ast
 import json
 from pathlib import Path
 
-import sake.protocol as protocol
+import sake_core.protocol as protocol
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_metric_copy_is_byte_identical():
     """eval/sake_metric must stay self-contained for the Hub, so it carries a copy; the copy must not drift."""
-    original = (REPO / "sake" / "protocol.py").read_bytes()
+    original = (REPO / "sake_core" / "protocol.py").read_bytes()
     copy = (REPO / "eval" / "sake_metric" / "protocol.py").read_bytes()
-    assert copy == original, "eval/sake_metric/protocol.py differs from sake/protocol.py: copy it again"
+    assert copy == original, "eval/sake_metric/protocol.py differs from sake_core/protocol.py: copy it again"
 
 
 def test_protocol_imports_only_the_standard_library():
-    tree = ast.parse((REPO / "sake" / "protocol.py").read_text())
+    tree = ast.parse((REPO / "sake_core" / "protocol.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert modules <= {"__future__"}

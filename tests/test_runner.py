@@ -14,9 +14,9 @@ from editors.models import load_adapter
 from editors.predictions import read_predictions
 from editors.run import Runner, main
 from eval.sake_metric.predictions_file import read_predictions_file
-from sake import RunConfig
+from editors.config import RunConfig
 from sake import run as api_run
-from sake.protocol import OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
+from sake_core.protocol import OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
 
 ROW_KEYS = set(ROW_FIELDS) | set(OPTIONAL_ROW_FIELDS)
 HEADER_KEYS = set(RUN_HEADER_FIELDS)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import yaml
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 LOGGER = logging.getLogger("make_demo_sources")
 

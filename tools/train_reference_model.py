@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from editors.models.base import SAMPLING_RATE, Prompt
 from editors.models.qwen2_audio import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, Qwen2AudioAdapter
-from sake.atomic import replace_dir, staging_dir
+from sake_core.atomic import replace_dir, staging_dir
 from sake_dataset.sake import (ATTRIBUTES, LABELS, canonical_label, format_question, load_portability,
                                load_question_banks, split_options)
 
@@ -636,7 +636,7 @@ def evaluate_preedit(adapter: Any, dataset_dir: str | Path, split: str = "test",
 
 def write_model(adapter: Qwen2AudioAdapter, out: Path, training_md: str, extra_files: dict[str, str]) -> None:
     """Save model + processor + TRAINING.md into ``out`` atomically (a staging folder next to it, swapped in by
-    :func:`sake.atomic.replace_dir`)."""
+    :func:`sake_core.atomic.replace_dir`)."""
     out = Path(out)
     tmp = staging_dir(out)
     try:

@@ -290,7 +290,7 @@ class LALMAdapter(abc.ABC):
         """Frozen encoder output for each audio, computed once per distinct audio content and cached (LRU).
 
         One clip per encoder call by default: a clip's states then never depend on which clips it was encoded
-        with (editors/buckets.py), so a warm cache, a resume or another pass grouping give the same features."""
+        with (editors/models/buckets.py), so a warm cache, a resume or another pass grouping give the same features."""
         keys = [audio_digest(a) for a in audios]
         missing: dict[str, np.ndarray] = {}
         for key, audio in zip(keys, audios):
@@ -509,7 +509,7 @@ class LALMAdapter(abc.ABC):
         (indices precomputed in :meth:`prepare`: no host sync)."""
         if batch.target_rows is None:
             raise ValueError("a target loss needs a batch prepared with targets")
-        from editors.buckets import padded_rows
+        from editors.models.buckets import padded_rows
 
         # [N, V]; over >= MIN_ROWS rows so that one edit's few target tokens take the kernel path of K edits'
         logits = padded_rows(self.lm_head(), final_hidden[batch.target_rows, batch.target_cols]).float()
@@ -564,8 +564,8 @@ class LALMAdapter(abc.ABC):
         # One prefill of a long shared prefix (system prompt + in-context demonstrations), then each prompt's tail.
         # The prefix KV cache is still repeated per row, so the memory bound counts full lengths.
         prefix = self.shared_prefix_length(prompts, token_ids)
-        if not prefix:  # canonical shapes, static KV cache + compiled decode step on CUDA (editors/decoding.py)
-            from editors.decoding import generate_prompts
+        if not prefix:  # canonical shapes, static KV cache + compiled decode step on CUDA (editors/models/decoding.py)
+            from editors.models.decoding import generate_prompts
 
             return generate_prompts(self, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     max_batch_tokens=max_batch_tokens, token_ids=token_ids)

@@ -58,11 +58,11 @@ from torch import nn
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
                                  build_tiny_tokenizer, tiny_feature_extractor)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# This module's model family (read by sake.registry without importing it; see that module).
+# This module's model family (read by editors.models.registry without importing it; see that module).
 FAMILY = "desta25"
 ADAPTER_CLASS = "DeSTA25Adapter"
 MODEL_TYPES = ("desta25", "DeSTA25AudioModel")  # config.json model_type / architectures
@@ -442,7 +442,7 @@ class DeSTA25Adapter(LALMAdapter):
 
     @torch.no_grad()
     def _run_whisper_asr(self, audios: list[np.ndarray]) -> list[str]:
-        from editors.buckets import row_bucket
+        from editors.models.buckets import row_bucket
 
         whisper = self.model.perception.whisper
         n = len(audios)  # filled up with copies to a canonical row count: a transcript never depends on its batch
@@ -456,7 +456,7 @@ class DeSTA25Adapter(LALMAdapter):
 
     def _released_encoder_weights(self) -> contextlib.AbstractContextManager[None]:
         """While inside, the parameters named in :meth:`before_audio_encoder_edit` hold their released values."""
-        from editors.batching import swapped_parameters
+        from editors.models.parameters import swapped_parameters
 
         return swapped_parameters(self.model, self._released_encoder)
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sake.protocol import SAMPLING_RATE
+from sake_core.protocol import SAMPLING_RATE
 
 
 def audio_digest(audio: np.ndarray | None) -> str:

@@ -20,7 +20,7 @@ from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_
 
 logger = logging.getLogger(__name__)
 
-# This module's model family (read by sake.registry without importing it; see that module).
+# This module's model family (read by editors.models.registry without importing it; see that module).
 FAMILY = "qwen2_audio"
 ADAPTER_CLASS = "Qwen2AudioAdapter"
 MODEL_TYPES = ("qwen2_audio",)  # config.json model_type / architectures

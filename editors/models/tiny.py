@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sake.protocol import SAMPLING_RATE
+from sake_core.protocol import SAMPLING_RATE
 
 #: Text the tiny tokenizers' byte-level BPE is trained on: attribute labels and SAKE-style question words, so
 #: demo questions and answers take few tokens. Byte-level BPE still encodes any text.

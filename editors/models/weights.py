@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from sake.atomic import atomic_write
+from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     result = board_result(submission, score_submission(submission, judge=args.judge, **_judge_options(args)))
     data = dump_json(result)
     if args.out:
-        from sake.atomic import atomic_write
+        from sake_core.atomic import atomic_write
 
         atomic_write(Path(args.out), data)
         print(f"wrote {args.out}")

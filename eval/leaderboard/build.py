@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from sake import registry
-from sake.atomic import replace_dir, staging_dir
-from sake.protocol import METHOD_ORDER
+from sake_core.atomic import replace_dir, staging_dir
+from sake_core.protocol import METHOD_NAMES, METHOD_ORDER, method_display
 
 from .store import check_results, dump_json, load_json_file, result_protocol
 
@@ -75,6 +75,10 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
         "model_display": result.get("model_display") or display_model_name(result["model"]),
         "model_link": metadata.get("model_link") or "",
         "method": result["method"],
+        "method_name": method_display(result["method"], result.get("method_display_name"),
+                                      result.get("method_display_order"))[0],
+        "method_order": _finite(method_display(result["method"], result.get("method_display_name"),
+                                               result.get("method_display_order"))[1]),
         "mode": result["mode"],
         "submitter": metadata.get("submitter") or "",
         "source": "submission",
@@ -111,6 +115,8 @@ def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[
             "model_display": ref.get("model_display") or ref["model"],
             "model_link": "",
             "method": ref["method"],
+            "method_name": method_display(ref["method"])[0],
+            "method_order": _finite(method_display(ref["method"])[1]),
             "mode": ref["mode"],
             "submitter": "reported in the paper",
             "source": ref["source"],
@@ -143,15 +149,25 @@ def board_data(results_dir: str | os.PathLike, include_reference: bool = True) -
         rows.extend(refs)
     dates = [row["date"] for row in rows if row["date"]]
     data = {"format": 1, "generated": max(dates) if dates else "", "reference_note": note, "rows": rows,
-            "methods": method_display(row["method"] for row in rows)}
+            "methods": board_methods(rows)}
     return data, details
 
 
-def method_display(names: Iterable[str]) -> list[dict[str, str]]:
-    """``[{"id", "name"}]`` for the board: every known method (sake.registry: the paper's, in its order, then
-    the others) and any other name on the board, in display order. The page takes names and order from here."""
-    ids = set(registry.methods()) | set(METHOD_ORDER) | {n for n in names if n}
-    return [{"id": m, "name": registry.method_display_name(m)} for m in sorted(ids, key=registry.method_sort_key)]
+def _finite(order: float) -> float | None:
+    """A display order for JSON (no Infinity in data.js): None for "after every known method"."""
+    return order if math.isfinite(order) else None
+
+
+def board_methods(rows: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
+    """``[{"id", "name"}]`` for the board: the paper's eight methods (in its order) and every method on the board,
+    in display order, named as the rows record them (the page takes names and order from here)."""
+    known: dict[str, tuple[float, str]] = {m: (float(i), METHOD_NAMES[m]) for i, m in enumerate(METHOD_ORDER)}
+    for row in rows:
+        order = row.get("method_order")
+        known.setdefault(row["method"], (float("inf") if order is None else float(order),
+                                         row.get("method_name") or row["method"]))
+    ids = sorted(known, key=lambda m: (known[m][0], m))
+    return [{"id": m, "name": known[m][1]} for m in ids]
 
 
 def write_tree(out_dir: Path, files: dict[str, bytes]) -> None:

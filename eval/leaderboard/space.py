@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sake import registry
-from sake.atomic import atomic_write
-from sake.protocol import FAMILY_NAMES
+from sake_core.atomic import atomic_write
+from sake_core.protocol import FAMILY_NAMES, method_display
 
 from .build import display_model_name, reference_rows
 from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
@@ -63,7 +62,7 @@ SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
 
 
 def model_family(model: str, header: dict[str, Any] | None = None) -> str:
-    """The family shown in the family filter (display name from ``sake.protocol.FAMILY_NAMES``): the header's
+    """The family shown in the family filter (display name from ``sake_core.protocol.FAMILY_NAMES``): the header's
     ``family`` (adapter key), else the family a known model id belongs to, else ``other``."""
     family = (header or {}).get("family")
     if not family:
@@ -154,7 +153,9 @@ class Board:
     def reported_rows(self) -> list[dict[str, Any]]:
         """The paper's reported rows as board rows (a checked-in file: read once, not on every table refresh)."""
         return [{"id": ref["id"], "reference": True, "model": ref["model"], "model_display": ref["model_display"],
-                 "family": model_family(ref["model"]), "method": ref["method"], "mode": ref["mode"],
+                 "family": model_family(ref["model"]), "method": ref["method"],
+                 "method_name": method_display(ref["method"])[0], "method_order": method_display(ref["method"])[1],
+                 "mode": ref["mode"],
                  "protocol": "paper", "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper"}
                 for ref in reference_rows()[0]]
 
@@ -179,6 +180,10 @@ class Board:
             rows.append({"id": sub.get("id", ""), "reference": False, "model": result["model"],
                          "model_display": display_model_name(result["model"]),
                          "family": model_family(result["model"], header), "method": result["method"],
+                         "method_name": method_display(result["method"], result.get("method_display_name"),
+                                                       result.get("method_display_order"))[0],
+                         "method_order": method_display(result["method"], result.get("method_display_name"),
+                                                        result.get("method_display_order"))[1],
                          "mode": result["mode"], "protocol": result_protocol(result),
                          "metrics": result["metrics"]["overall"], "n_rows": result.get("n_rows"),
                          "submitter": (sub.get("metadata") or {}).get("submitter", "")})
@@ -198,9 +203,10 @@ class Board:
 
     def choices(self) -> dict[str, list[str]]:
         rows = self.rows()
-        methods = sorted({r["method"] for r in rows}, key=registry.method_sort_key)
+        names = {r["method"]: (r["method_order"], r["method_name"]) for r in rows}
+        methods = sorted(names, key=lambda m: (names[m][0], m))
         return {"family": sorted({r["family"] for r in rows}),
-                "method": [(registry.method_display_name(m), m) for m in methods],
+                "method": [(names[m][1], m) for m in methods],
                 "mode": ["single", "sequential"], "protocol": list(PROTOCOLS)}
 
     def table(self, family: list[str] | None = None, method: list[str] | None = None,
@@ -218,7 +224,7 @@ class Board:
             else:
                 source = f"[{markdown_text(row['submitter'] or 'submission')} · items](/submission/{row['id']})"
             values = [_rounded(row["metrics"].get(key)) for key, _ in HEADLINE]
-            out.append([row["rank"], row["model_display"], row["family"], registry.method_display_name(row["method"]),
+            out.append([row["rank"], row["model_display"], row["family"], row["method_name"],
                         row["mode"],
                         row["protocol"], source] + values + [row["average"], row["n_rows"]])
         return out

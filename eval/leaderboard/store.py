@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from sake.atomic import atomic_write, replace_dir, staging_dir
-from sake.protocol import METRIC_KEYS, MODES
+from sake_core.atomic import atomic_write, replace_dir, staging_dir
+from sake_core.protocol import METRIC_KEYS, MODES
 
 from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, SubmissionError, validate_submission
 

@@ -25,7 +25,7 @@ from eval.sake_metric.limits import MAX_ROW_DEPTH
 from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions, sequential_rule
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
-from sake.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG
+from sake_core.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG
 
 logger = logging.getLogger(__name__)
 

@@ -155,7 +155,7 @@ def parse_verdict(content: str | None) -> bool | None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     # A private copy of the temp-file + os.replace write: this evaluate module must stay self-contained (it is
-    # published alone to the Hub), so it cannot import sake.atomic.
+    # published alone to the Hub), so it cannot import sake_core.atomic.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from .limits import MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS
-# the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
+# the evaluate module's copy of sake_core/protocol.py (this package must stay self-contained)
 from .protocol import MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from .predictions_file import PredictionsError, read_predictions_file
 # Dimensions, allowed `type` values per dimension, the fields every row carries and the modes: the protocol
-# module (a copy of sake/protocol.py, so that this evaluate module stays self-contained).
+# module (a copy of sake_core/protocol.py, so that this evaluate module stays self-contained).
 from .protocol import (CONSISTENCY_DIMENSIONS, CORRECTNESS_DIMENSIONS, DIMENSIONS, MODES, OPTIONAL_ROW_FIELDS,
                        ROW_FIELDS, TYPES)
 

@@ -312,6 +312,8 @@ def build_results(
     return {
         "model": header.get("model"),
         "method": header.get("method"),
+        "method_display_name": header.get("method_display_name"),
+        "method_display_order": header.get("method_display_order"),
         "mode": mode,
         "dataset_fingerprint": header.get("dataset_fingerprint"),
         "n_rows": len(verdicts),

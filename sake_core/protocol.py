@@ -86,7 +86,13 @@ HEADER_FIELDS: tuple[str, ...] = ("kind", "model", "model_revision", "method", "
 #: sequential rule the file follows (``eval_edits``, ``max_gap``; null in single mode) and the number of rows of
 #: the complete run (``expected_rows``: a reader refuses a file with fewer).
 RUN_HEADER_FIELDS: tuple[str, ...] = HEADER_FIELDS + ("limit", "max_new_tokens", "model_key", "dtype", "family",
-                                                      "eval_edits", "max_gap", "expected_rows", "date")
+                                                      "eval_edits", "max_gap", "expected_rows", "date",
+                                                      "method_display_name", "method_display_order")
+#: How the method is shown and where it sorts (its class's ``display_name`` / ``display_order``; the paper's
+#: eight: their Table 2 names and places). The runner writes them, the results copy them, and reports and the
+#: board read them from there (:func:`method_display`), so a method outside the paper shows by its name on a
+#: board that does not ship the method's code.
+DISPLAY_FIELDS: tuple[str, ...] = ("method_display_name", "method_display_order")
 
 # ------------------------------------------------------------------------------------------- sequential editing
 
@@ -133,6 +139,20 @@ FAMILY_NAMES: dict[str, str] = {
     "desta25": "DeSTA2.5-Audio", "qwen2_audio": "Qwen2-Audio", "audio_flamingo3": "Audio Flamingo 3",
 }
 FAMILY_ORDER: tuple[str, ...] = tuple(FAMILY_NAMES)
+
+
+def method_display(method: str | None, display_name: str | None = None,
+                   display_order: float | None = None) -> tuple[str, float]:
+    """``(name, order)`` a report or the board shows a method by: the paper's name and Table 2 place for its eight
+    methods; else the recorded ``display_name`` / ``display_order`` (a header's or results' DISPLAY_FIELDS); else
+    the id itself, after every known method."""
+    key = method_key(method)
+    if key in METHOD_NAMES:
+        return METHOD_NAMES[key], float(METHOD_ORDER.index(key))
+    name = display_name or (method or "?")
+    order = float(display_order) if isinstance(display_order, (int, float)) and not isinstance(display_order, bool) \
+        else float("inf")
+    return name, order
 
 
 def method_key(name: str | None) -> str:

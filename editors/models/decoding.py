@@ -3,7 +3,7 @@
 :func:`generate_prompts` is the one generation path of the adapters (``LALMAdapter.generate``) and of several
 edits per pass (``editors.batching.generate_grouped``):
 
-1. prompts are grouped by padded width (``editors.buckets``: a row's result then depends on the row alone) and
+1. prompts are grouped by padded width (``editors.models.buckets``: a row's result then depends on the row alone) and
    cut into chunks within ``batch_size`` / ``max_batch_tokens``; each chunk is filled up to ``row_bucket`` rows (a
    power of two, at least ``MIN_ROWS``) with copies of its last prompt (outputs dropped);
 2. each chunk is one ``generate`` from ``inputs_embeds`` (the caller may supply the embeddings, e.g. through
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from editors.buckets import chunk_rows, group_by_width, left_pad, row_bucket
+from editors.models.buckets import chunk_rows, group_by_width, left_pad, row_bucket
 
 logger = logging.getLogger(__name__)
 

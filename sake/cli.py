@@ -19,6 +19,8 @@ import importlib
 import inspect
 import sys
 
+from sake_core.errors import SakeError, one_line
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sake.demo", "the main job: demo dataset -> reference model edits -> scores and plots"),
     "build": ("build_splits", "build the SAKE dataset (Parquet + card)"),
@@ -35,15 +37,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     lines = ["usage: sake COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "`sake COMMAND --help` shows each command's arguments."]
+    lines += ["", "`sake COMMAND --help` shows each command's arguments; `sake --version` the toolkit's version."]
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The installed toolkit's version (``sake-toolkit`` distribution), else the checkout's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("sake-toolkit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch `sake COMMAND ARGS` to the module that implements COMMAND."""
+    """Dispatch `sake COMMAND ARGS` to the module that implements COMMAND. A user-facing error
+    (:class:`~sake_core.errors.SakeError`) becomes one line on stderr and exit status 2; anything else is a bug and
+    keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        print(f"sake {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
@@ -54,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     entry = module.main
     # Every part's CLI is `main(argv=None)`; a `main()` without parameters reads sys.argv, set above.
     takes_argv = bool(inspect.signature(entry).parameters)
-    result = entry(rest) if takes_argv else entry()
+    try:
+        result = entry(rest) if takes_argv else entry()
+    except SakeError as exc:
+        print(f"sake {name}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

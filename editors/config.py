@@ -1,5 +1,11 @@
 """The typed configuration of one editing run (:class:`RunConfig`): what ``python -m editors.run`` parses its
-arguments into, and what :func:`sake.api.run` takes. Torch-free; checked on construction."""
+arguments into, and what :func:`sake.api.run` takes.
+
+Checked on construction, without importing torch or any method: field types and ranges, the method (one of the
+discovered methods, :mod:`editors.registry`), the model's family (a tiny name, a local model directory of a known
+``model_type`` or a Hub id; a Hub id whose name gives no hint is resolved when the model loads) and every
+``hparams`` key (one the method's YAML defines). Each failure is a :class:`~sake_core.errors.ConfigError` naming the
+field and what is known."""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sake.protocol import ATTRIBUTES, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from sake_core.errors import ConfigError
+from sake_core.protocol import ATTRIBUTES, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
 
 @dataclass(frozen=True)
@@ -51,21 +58,21 @@ class RunConfig:
             if isinstance(value, Path):
                 object.__setattr__(self, name, str(value))
             elif not isinstance(value, str) or not value:
-                raise ValueError(f"RunConfig.{name}: expected a non-empty string, got {value!r}")
+                raise ConfigError(f"RunConfig.{name}: expected a non-empty string, got {value!r}")
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", str(self.cache_dir))
         if self.mode not in MODES:
-            raise ValueError(f"RunConfig.mode: expected one of {list(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"RunConfig.mode: expected one of {list(MODES)}, got {self.mode!r}")
         configs = (self.configs,) if isinstance(self.configs, str) else tuple(self.configs or ())
         if self.mode == "sequential":
             configs = configs or (SEQUENTIAL_CONFIG,)
             if configs != (SEQUENTIAL_CONFIG,):
-                raise ValueError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {list(configs)}")
+                raise ConfigError(f"--mode sequential takes --config {SEQUENTIAL_CONFIG} only, got {list(configs)}")
         else:
             configs = tuple(dict.fromkeys(configs or ATTRIBUTES))
             bad = [c for c in configs if c not in ATTRIBUTES]
             if bad:
-                raise ValueError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTES)}"
+                raise ConfigError(f"--mode single: unknown config(s) {bad}; expected {list(ATTRIBUTES)}"
                                  + (" (use --mode sequential for the sequential config)"
                                     if SEQUENTIAL_CONFIG in bad else ""))
         object.__setattr__(self, "configs", configs)
@@ -76,9 +83,24 @@ class RunConfig:
             if value is None and name in ("limit", "edits_per_pass", "max_new_tokens"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
+                raise ConfigError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"RunConfig.seed: expected an integer, got {self.seed!r}")
+            raise ConfigError(f"RunConfig.seed: expected an integer, got {self.seed!r}")
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """The method, the model's family and the hparams keys exist (read from files: nothing imported)."""
+        from editors.hparams import hparams_keys
+        from editors.models.registry import family_of
+        from editors.registry import method_info
+
+        method_info(self.method)  # ConfigError naming the known methods
+        family = family_of(self.model, offline=True)  # ConfigError naming the known families / tiny names
+        known = hparams_keys(self.method, family)
+        unknown = sorted(set(self.hparams) - known)
+        if unknown:
+            raise ConfigError(f"RunConfig.hparams: unknown key(s) {unknown} for method {self.method!r} "
+                              f"(known: {', '.join(sorted(known))})")
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with ``changes`` (checked again)."""

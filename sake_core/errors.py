@@ -1,0 +1,33 @@
+"""User-facing errors: what a person running the toolkit did wrong (a bad argument, a missing or malformed file, a
+method that does not exist), as opposed to a bug.
+
+Every such error is a :class:`SakeError` (or a subclass). The command-line entry points turn a ``SakeError`` into
+one line on stderr and exit status 2; any other exception is a bug and keeps its traceback. Subclasses also
+derive from the matching built-in (``ValueError``, ``FileNotFoundError``, ``KeyError``) so that code catching
+those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class SakeError(Exception):
+    """Base of every user-facing error: the message is one line that names the file, field or argument at fault
+    and what was expected."""
+
+
+class ConfigError(SakeError, ValueError):
+    """A run configuration, hyperparameter or command-line value is invalid (unknown method or key, wrong type)."""
+
+
+class DataError(SakeError, ValueError):
+    """An input file (dataset, predictions, results, submission) is missing something or is malformed."""
+
+
+class ResourceError(SakeError, RuntimeError):
+    """The machine cannot do what was asked (e.g. one unit of work does not fit in device memory even alone)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (newlines folded), as the command-line entry points print it."""
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
