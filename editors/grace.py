@@ -117,6 +117,8 @@ class GRACE(Editor):
     """GRACE codebook at the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
 
     hparams_class = GraceHparams
+    #: decides per row on the host while decoding (not capturable): the eager engine only
+    generation_engines = ("eager",)
     display_name = "GRACE"
     display_order = 10  # after the paper's eight methods
 

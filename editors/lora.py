@@ -28,18 +28,19 @@ pass training; the adapter here is a few lines of plain tensors with the same ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
-from editors.models.base import Prompt
+from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
+from editors.models.base import PerEdit, Prompt
 
 
 @dataclass(kw_only=True)
@@ -262,22 +263,20 @@ class LoRA(Editor):
         self._stacked = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 
-    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
         if self._stacked is None:
             raise RuntimeError("lora: generate_many before apply_many")
         weights = {n: m.detach() for n, m in self._stacked.current().items()}
         if self._target() == "connector":
-            return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                    connector_weights=weights)
-        routing = _Runs(self.wrappers, weights)
-        return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens, routing=routing)  # type: ignore[arg-type]
+            yield PerEdit.of(prompts_per_edit, connector_weights=weights)
+        else:
+            yield PerEdit.of(prompts_per_edit, routing=_Runs(self.wrappers, weights))
 
 
 class _Runs:
-    """What :func:`editors.batching.generate_grouped` sets per chunk (``runs``), handed to every wrapper."""
+    """The routing object of LoRA's per-edit strategy: what the engine sets per chunk (``runs``), handed to every
+    wrapper."""
 
     def __init__(self, wrappers: dict[str, LoRALinear], weights: dict[str, torch.Tensor]) -> None:
         self.wrappers = wrappers

@@ -38,7 +38,7 @@ from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
 from editors.registry import available_methods, get_editor_class, method_info
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams, merged_hparams, parse_overrides
+from editors.hparams import load_hparams, parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps
@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length (default: the model family's, editors/hparams/generation.yaml: "
+                   help="generation length (default: the model family's, editors/models/generation/defaults.yaml: "
                         "Qwen2-Audio 256, Audio Flamingo 3 128, DeSTA2.5 512, tiny models 32)")
+    p.add_argument("--engine", choices=("auto", "eager", "graph"), default="auto",
+                   help="decode engine: eager (Hugging Face generate) or graph (static KV cache, decode step "
+                        "captured as a CUDA graph per shape bucket); auto: graph on CUDA where the method allows "
+                        "it, else eager. Written to the run header (outputs depend on it)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="prompts per generate call (0: all items of an edit in one call)")
     p.add_argument("--max-batch-tokens", type=int, default=32768,
@@ -113,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      max_batch_tokens=args.max_batch_tokens, hparams=parse_overrides(args.hparam or []),
                      dtype=args.dtype, device=args.device, revision=args.revision, cache_dir=args.cache_dir,
                      eval_edits=args.eval_edits, max_gap=args.max_gap,
-                     edits_per_pass=getattr(args, "edits_per_pass", None), progress=not args.no_progress)
+                     edits_per_pass=getattr(args, "edits_per_pass", None),
+                     engine=getattr(args, "engine", "auto"), progress=not args.no_progress)
 
 
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
@@ -201,9 +206,12 @@ class Runner:
                                                revision=args.revision)
         self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
                                     overrides=args.hparams)
-        if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
-            generation, _ = merged_hparams("generation", self.adapter.family, tiny=self.adapter.is_tiny)
-            self.config = args = args.replace(max_new_tokens=int(generation["max_new_tokens"]))
+        # how every generation of the run is made, resolved once from the family's defaults (header, resume
+        # check and pre-edit cache key carry it)
+        self.generation = self.adapter.generation_settings(
+            args.max_new_tokens, engine=args.engine, method_engines=get_editor_class(args.method).generation_engines,
+            method=args.method, batch_size=args.batch_size or None, max_batch_tokens=args.max_batch_tokens or None)
+        self.config = args = args.replace(max_new_tokens=self.generation.max_new_tokens)
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
@@ -214,7 +222,7 @@ class Runner:
         encoder_names = set(self.adapter.parameter_groups()["audio_encoder"])
         self.touches_encoder = bool(encoder_names & set(touched))
         self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
-                                    args.max_new_tokens)
+                                    self.generation.output_key())
         self.units, self.unit_of = self._plan()
         self.edits_per_pass = self._edits_per_pass(device)
         self.path = args.output_path()
@@ -312,6 +320,7 @@ class Runner:
                 "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
                 "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(self.configs), "split": a.split,
                 "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                "generation": self.generation.output_key(), "batching": self.generation.batching(),
                 # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
                 "expected_rows": sum(u.expected_rows for u in self.all_units),
                 "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
@@ -321,9 +330,7 @@ class Runner:
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
 
     def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
-        return self.adapter.generate(prompts, max_new_tokens=self.config.max_new_tokens,
-                                     batch_size=self.config.batch_size or None,
-                                     max_batch_tokens=self.config.max_batch_tokens or None)
+        return self.adapter.generate(prompts, settings=self.generation)
 
     def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
         """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
@@ -457,9 +464,7 @@ class Runner:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
-            post = self.editor.generate_many(prompts, max_new_tokens=self.config.max_new_tokens,
-                                             batch_size=self.config.batch_size or None,
-                                             max_batch_tokens=self.config.max_batch_tokens or None)
+            post = self.editor.generate_many(prompts, self.generation)
             self.stats.eval_s += time.perf_counter() - t2
         finally:
             self.restore()

@@ -210,6 +210,8 @@ class WISE(Editor):
     """WISE side memory on the FFN output projection of LLM layer ``hparams['layer']``."""
 
     hparams_class = WISEHparams
+    #: decides per row on the host while decoding (not capturable): the eager engine only
+    generation_engines = ("eager",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,0 +1,43 @@
+"""The generation layer: every greedy generation of the toolkit (pre-edit, post-edit, the demo, the bench, the API)
+goes through :func:`generate`.
+
+* :mod:`.settings`: :class:`GenerationSettings`, resolved once per run from the family's defaults
+  (``defaults.yaml``) by :func:`resolve_settings`;
+* :mod:`.plan`: canonical chunks (width buckets, row buckets, batching limits);
+* :mod:`.eager`: the eager engine (Hugging Face ``generate``, dynamic KV cache; shared prefill of a long common
+  prefix when ``min_shared_prefix`` allows it);
+* :mod:`.per_edit`: the per-edit strategy (K edits' items in one generation, each under its own edit's weights);
+* :mod:`.output`: :class:`GeneratedText`, decoding of new tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from editors.models.generation.output import GeneratedText, decode_new_tokens
+from editors.models.generation.per_edit import PerEdit, per_edit_audio_embeds, runs_of
+from editors.models.generation.settings import (ENGINES, GenerationSettings, family_defaults, resolve_engine,
+                                                resolve_settings)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editors.models.adapter import LALMAdapter
+    from editors.models.prompts import Prompt
+
+__all__ = ["ENGINES", "GeneratedText", "GenerationSettings", "PerEdit", "decode_new_tokens", "family_defaults",
+           "generate", "per_edit_audio_embeds", "resolve_engine", "resolve_settings", "runs_of"]
+
+
+def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: GenerationSettings,
+             per_edit: PerEdit | None = None) -> list[GeneratedText]:
+    """Greedy answers of ``prompts`` in order (decoded, special tokens removed, stripped), with ``settings``'
+    engine; ``per_edit``: each prompt generated under its own edit's weights."""
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if per_edit is not None and len(per_edit.edit_of) != len(prompts):
+        raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
+    adapter.warm_audio([a for p in prompts for a in p.audios()])
+    token_ids = [adapter.prompt_token_ids(p) for p in prompts]
+    from editors.models.generation.eager import generate_eager
+
+    return generate_eager(adapter, prompts, token_ids, settings, per_edit)
