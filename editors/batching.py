@@ -17,7 +17,9 @@ How a forward uses per-edit weights:
 * :class:`RowRouting` (FT-LLM): every leaf module that owns touched parameters (the Linear and norm layers of the
   edited decoder layer) is temporarily wrapped so that each contiguous run of batch rows is computed with its
   edit's weights. Leaves act row by row, so this is exact, and it works inside ``model.generate`` (the KV cache
-  sees the full batch as usual).
+  sees the full batch as usual). Inside the graph engine's captured decode step (``row_edit`` set) a routed
+  Linear computes every edit's output for all rows and keeps each row's own (each copy read once per step, one
+  graph for every chunk).
 
 Generation of all K edits' items is the generation layer's per-edit strategy
 (:class:`editors.models.generation.PerEdit`, through ``Editor.generate_many``).
@@ -175,6 +177,9 @@ class _RoutedLeaf(nn.Module):
         self.routing = routing
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        row_edit = self.routing.row_edit
+        if row_edit is not None:  # the graph engine's decode step: one captured graph for every chunk and K
+            return self._gathered(x, row_edit, args, kwargs)
         runs = self.routing.runs
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
@@ -192,19 +197,36 @@ class _RoutedLeaf(nn.Module):
                 outs.append(torch.func.functional_call(self.leaf, params, (x[a:b], *args), kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Every edit's output over all rows (each edit's copy read once), then each row's own edit's: static
+        shapes, no host work (row ``r`` belongs to edit ``row_edit[r]``)."""
+        w = {local: self.routing.weights[full] for local, full in self.names.items()}
+        k = next(iter(w.values())).shape[0]
+        linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
+        outs = []
+        for e in range(k):
+            params = {n: t[e] for n, t in w.items()}
+            if linear:
+                outs.append(nn.functional.linear(x, params["weight"], params.get("bias")))
+            else:
+                outs.append(torch.func.functional_call(self.leaf, params, (x, *args), kwargs))
+        return torch.stack(outs)[row_edit, torch.arange(x.shape[0], device=x.device)]
+
 
 class RowRouting:
     """While installed (``with routing.installed():``), every leaf module of ``model`` owning one of ``names``
     computes batch rows ``a:b`` with ``weights[name][k]`` for each run ``(k, a, b)`` of :attr:`runs`.
 
     Exact for leaves that act on each batch row independently (Linear, RMSNorm, LayerNorm: all parameters of a
-    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards."""
+    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards. While
+    ``row_edit`` (a device tensor ``[rows]``) is set, rows are routed by it instead (the graph engine's decode step)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.names = list(names)
         self.weights: dict[str, torch.Tensor] = {}
         self.runs: list[tuple[int, int, int]] = []
+        self.row_edit: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRouting"]:

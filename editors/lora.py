@@ -68,6 +68,7 @@ class LoRALinear(nn.Module):
         self.frozen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.runs: list[tuple[int, int, int]] = []
+        self.row_edit: torch.Tensor | None = None  # the graph engine's decode step: the edit of each row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -75,7 +76,12 @@ class LoRALinear(nn.Module):
             out = out + self.scale * ((x @ a.t()) @ b.t())
         if self.lora_A is not None:
             out = out + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
-        if self.stacked is not None and self.runs:
+        if self.stacked is not None and self.row_edit is not None:  # gathered per-row adapters: static shapes
+            a, b = self.stacked
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            low = torch.bmm(rows, a[self.row_edit].transpose(1, 2))
+            out = out + self.scale * torch.bmm(low, b[self.row_edit].transpose(1, 2)).reshape(out.shape)
+        elif self.stacked is not None and self.runs:
             a, b = self.stacked
             parts = [(x[s:e] @ a[k].t()) @ b[k].t() for k, s, e in self.runs]
             out = out + self.scale * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
@@ -275,8 +281,8 @@ class LoRA(Editor):
 
 
 class _Runs:
-    """The routing object of LoRA's per-edit strategy: what the engine sets per chunk (``runs``), handed to every
-    wrapper."""
+    """The routing object of LoRA's per-edit strategy: what the engines set per chunk (``runs``, and ``row_edit``
+    in the graph engine's decode step), handed to every wrapper."""
 
     def __init__(self, wrappers: dict[str, LoRALinear], weights: dict[str, torch.Tensor]) -> None:
         self.wrappers = wrappers
@@ -291,3 +297,12 @@ class _Runs:
     def runs(self, value: list[tuple[int, int, int]]) -> None:
         for wrapper in self.wrappers.values():
             wrapper.runs = value
+
+    @property
+    def row_edit(self) -> torch.Tensor | None:
+        return next(iter(self.wrappers.values())).row_edit
+
+    @row_edit.setter
+    def row_edit(self, value: torch.Tensor | None) -> None:
+        for wrapper in self.wrappers.values():
+            wrapper.row_edit = value

@@ -53,3 +53,97 @@ def test_editing_and_run_resolve_the_same_defaults(demo_dataset):
         assert model.settings == adapter.generation_settings()
         assert model.settings.max_new_tokens == family_defaults("qwen2_audio", tiny=True)["max_new_tokens"]
         assert len(model.generate([model.edit.prompt()], max_new_tokens=2)) == 1
+
+
+# ---- the graph engine on CPU (uncaptured): the eager engine's greedy outputs ------------------------------------
+
+
+def _mixed_prompts():
+    from _editor_helpers import synthetic_audio
+    from editors.models.base import Prompt, Turn
+
+    history = tuple(Turn(f"Example {i}: what is the emotion here? (a) happy (b) sad", "happy" if i % 2 else "sad",
+                         audio=synthetic_audio(i, 0.8) if i != 1 else None) for i in range(3))
+    plain = [Prompt("Which animal makes this sound? (a) dog (b) cat", audio=synthetic_audio(s, 0.5 + 0.3 * s))
+             for s in range(3)] + [Prompt("What is the gender of the speaker? (a) male (b) female")]
+    demos = [Prompt(f"Which animal is this? option {j}", audio=synthetic_audio(20 + j, 0.5 + 0.3 * j) if j != 2
+                    else None, system="Apply the update.", history=history) for j in range(4)]
+    instructed = [Prompt("Is it a cat?", audio=synthetic_audio(30, 0.7), system="The dog is now a cat.")]
+    return plain + demos + instructed
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def any_family(request):
+    from editors.models import load_adapter
+
+    return load_adapter(request.param, seed=0)
+
+
+def test_graph_engine_gives_the_eager_greedy_outputs(any_family, monkeypatch):
+    from editors.models.generation import graph
+
+    adapter = any_family
+    prompts = _mixed_prompts()
+    eager = adapter.generation_settings(10).replace(min_shared_prefix=0)
+    graph.reset_stats()
+    seen: list[list[int]] = []  # the token ids the answers were decoded from
+    decode = adapter.tokenizer.batch_decode
+    monkeypatch.setattr(adapter.tokenizer, "batch_decode",
+                        lambda ids, **kw: seen.extend(ids.tolist()) or decode(ids, **kw))
+    reference = adapter.generate(prompts, settings=eager)
+    assert adapter.generate(prompts, settings=eager.replace(engine="graph")) == reference
+    # the four demo prompts' system prompt + history (most of their tokens) is prefilled once
+    demo_prefix, _ = graph.prefix_split(adapter, prompts[4], adapter.prompt_token_ids(prompts[4]), {})
+    assert demo_prefix > 0.8 * len(adapter.prompt_token_ids(prompts[4]))
+    assert demo_prefix <= graph.STATS["prefix_tokens"] < 2 * demo_prefix
+    # stop tokens on the device: stop at a token the model emits, both engines cut the same answers there
+    stops = sorted(set(adapter.stop_token_ids) | {row[3] for row in seen[:3]})
+    monkeypatch.setattr(type(adapter), "stop_token_ids", property(lambda self: stops))
+    cut = adapter.generate(prompts, settings=eager)
+    assert cut != reference and adapter.generate(prompts, settings=eager.replace(engine="graph")) == cut
+    assert [t.hit_limit for t in adapter.generate(prompts, settings=eager.replace(engine="graph"))] == \
+        [t.hit_limit for t in cut]
+
+
+def test_graph_engine_chunks_and_batch_limits_keep_outputs():
+    from editors.models import load_adapter
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = _mixed_prompts()
+    settings = adapter.generation_settings(6, engine="graph")
+    together = adapter.generate(prompts, settings=settings)
+    assert adapter.generate(prompts, settings=settings.replace(batch_size=2)) == together
+    assert [adapter.generate([p], settings=settings)[0] for p in prompts] == together
+    assert adapter.generate(prompts[::-1], settings=settings) == together[::-1]
+
+
+@pytest.mark.parametrize("method,overrides", [("ft_llm", {"max_steps": 6}), ("ft_audio", {"max_steps": 6}),
+                                              ("lora", {"max_steps": 20})])
+def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, overrides):
+    """K edits in one graph-engine generation (routed Linears / LoRA adapters gathered per row in the decode step,
+    connector copies in the prefill) give each edit's own eager outputs."""
+    import test_batching as tb
+
+    from editors.base import ParameterSnapshot
+    from editors.hparams import load_hparams
+    from editors.models import load_adapter
+    from editors.registry import get_editor_class
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    editor = get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
+    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters() or [])
+    edits = tb.make_edits()
+    eager = adapter.generation_settings(6)
+    alone = []
+    for edit in edits:
+        editor.apply(edit)
+        alone.append(adapter.generate(tb.eval_prompts(edit), settings=eager))
+        snapshot.restore()
+        editor.reset()
+    editor.apply_many(edits)
+    try:
+        together = editor.generate_many([tb.eval_prompts(e) for e in edits], eager.replace(engine="graph"))
+    finally:
+        editor.reset()
+    assert together == alone
+    assert len({tuple(a) for a in alone}) > 1  # the edits differ

@@ -6,6 +6,8 @@ goes through :func:`generate`.
 * :mod:`.plan`: canonical chunks (width buckets, row buckets, batching limits);
 * :mod:`.eager`: the eager engine (Hugging Face ``generate``, dynamic KV cache; shared prefill of a long common
   prefix when ``min_shared_prefix`` allows it);
+* :mod:`.graph`: the graph engine (static KV cache, decode step captured as one CUDA graph per shape bucket, stop
+  tokens handled on the device, each distinct system prompt + history prefilled once);
 * :mod:`.per_edit`: the per-edit strategy (K edits' items in one generation, each under its own edit's weights);
 * :mod:`.output`: :class:`GeneratedText`, decoding of new tokens.
 """
@@ -38,6 +40,10 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
         raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
+    if settings.engine == "graph":
+        from editors.models.generation.graph import generate_graph
+
+        return generate_graph(adapter, prompts, token_ids, settings, per_edit)
     from editors.models.generation.eager import generate_eager
 
     return generate_eager(adapter, prompts, token_ids, settings, per_edit)

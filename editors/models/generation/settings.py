@@ -21,8 +21,10 @@ from sake_core.errors import ConfigError
 DEFAULTS_FILE = Path(__file__).resolve().parent / "defaults.yaml"
 
 #: Decode engines (:mod:`editors.models.generation`): ``eager`` = Hugging Face ``generate`` with a dynamic KV cache
-#: in canonical chunks. ``auto`` resolves to the method's preferred engine on CUDA, else ``eager``.
-ENGINES = ("eager",)
+#: in canonical chunks; ``graph`` = our own loop over a static KV cache whose decode step is one CUDA graph per
+#: shape bucket (run uncaptured on CPU). ``auto`` resolves to ``graph`` on CUDA when the method allows it, else
+#: ``eager``.
+ENGINES = ("eager", "graph")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,6 @@ def resolve_engine(engine: str, device_type: str, method_engines: tuple[str, ...
                    method: str = "") -> str:
     """``engine`` (``auto``, ``eager`` or ``graph``) for a method that supports ``method_engines`` (its first entry
     is its preferred engine on CUDA) on a ``device_type`` (``cpu`` / ``cuda``)."""
-    method_engines = tuple(e for e in method_engines if e in ENGINES) or ("eager",)
     if engine == "auto":
         if device_type != "cuda":
             return "eager"
