@@ -161,14 +161,6 @@ class Editor(abc.ABC):
         the edits."""
         yield None
 
-    def bytes_per_batched_edit(self) -> int:
-        """Device memory one more edit in a pass needs (sizes the runner's default ``--edits-per-pass``): fp32
-        copy, gradient and two optimizer moments of the touched parameters, plus 1.5 GiB for activations and the
-        KV cache of its items (measured at 7B on an H100: K=24 FT-Audio edits in 45 GiB)."""
-        params = dict(self.adapter.model.named_parameters())
-        numel = sum(params[n].numel() for n in self.touched_parameters())
-        return 18 * numel + int(1.5 * 2**30)
-
     def stats_keys(self) -> tuple[str, ...]:
         return ("steps", "loss")
 

@@ -41,10 +41,6 @@ from editors.models.parameters import owner_of
 
 logger = logging.getLogger(__name__)
 
-#: Largest default number of edits per pass (the runner's ``--edits-per-pass`` default is capped here).
-MAX_DEFAULT_EDITS_PER_PASS = 16
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Per-edit copies and their optimisation
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,13 +244,3 @@ class RowRouting:
         finally:
             for parent, attr, leaf in reversed(replaced):
                 setattr(parent, attr, leaf)
-
-
-def default_edits_per_pass(bytes_per_edit: int, device: str | torch.device, *, fraction: float = 0.6,
-                           cap: int = MAX_DEFAULT_EDITS_PER_PASS) -> int:
-    """Edits per pass that fit ``fraction`` of the free memory of a CUDA ``device`` (1 on CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(cap, int(fraction * free) // max(1, bytes_per_edit)))

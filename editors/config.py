@@ -45,7 +45,7 @@ class RunConfig:
     seed: int = 0
     max_new_tokens: int | None = None
     batch_size: int = 0
-    max_batch_tokens: int = 32768
+    max_batch_tokens: int | None = None
     hparams: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -85,7 +85,7 @@ class RunConfig:
         for name, low in (("limit", 0), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
                           ("max_new_tokens", 1), ("batch_size", 0), ("max_batch_tokens", 0)):
             value = getattr(self, name)
-            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens"):
+            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens", "max_batch_tokens"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
