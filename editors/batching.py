@@ -85,7 +85,7 @@ class EditResult:
     stopped_early: bool
 
 
-def _masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
+def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
                    mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float) -> None:
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
@@ -149,7 +149,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
         grads = torch.autograd.grad(losses[mask].sum(), masters, allow_unused=True)
         updates += 1
         with torch.no_grad():
-            _masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
+            masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay)
         for i in range(k):
             steps[i] += active[i]
