@@ -68,8 +68,9 @@ class DeviceMemory:
         """Bytes still allocatable (free + cached but unused)."""
         if not self.measured:
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
+        from editors.models.generation.memory import available_bytes
+
+        return available_bytes(self.device)
 
     def allocated(self) -> int | None:
         return int(torch.cuda.memory_allocated(self.device)) if self.measured else None
@@ -107,6 +108,7 @@ class PassSizer:
     per_edit: int | None = None
     fixed: int | None = None
     history: list[dict] = field(default_factory=list)  # one entry per finished pass (the bench reports it)
+    backoffs: int = 0
 
     def __post_init__(self) -> None:
         self.auto = self.requested is None and self.memory.measured
@@ -135,6 +137,7 @@ class PassSizer:
         """Halve K after an out-of-memory error (and stop growing it); None when it is 1 already."""
         if self.k <= 1:
             return None
+        self.backoffs += 1
         self.k //= 2
         self.cap = self.k
         return self.k

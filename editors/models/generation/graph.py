@@ -8,9 +8,10 @@ What it does, per :func:`generate_graph` call:
    instead when that pads less), and the prefix is prefilled once per chunk into a prefix cache the group's rows
    share: IE-IKE's ~2,900-token demonstrations once per edit instead of once per item.
 2. **Chunks.** Groups of the same (prefix width, tail width) fill a chunk up to the batching limits (rows, and
-   padded tokens: every row's tail + new tokens, every group's prefix once). Rows, groups and rows per group are
-   rounded up to powers of two for the static buffers; the extra rows are inert (never prefilled, finished from
-   the start; on CPU they repeat a real row instead, the canonical row count of ``editors.models.buckets``).
+   padded tokens: every row's tail + new tokens, every group's prefix once). Groups and rows per group are rounded
+   up to powers of two for the static buffers, rows to a multiple of :data:`ROW_STEP` on CUDA; the extra rows are
+   inert (never prefilled, finished from the start; on CPU they repeat a real row instead, up to the canonical row
+   count of ``editors.models.buckets``).
 3. **Prefill** of the chunk's real rows, batched: attention over [the group's prefix, the row's own tail]; keys and
    values go to the static cache ``[rows, kv heads, tail width + max_new_tokens, head dim]``.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
@@ -61,7 +62,9 @@ logger = logging.getLogger(__name__)
 #: Steps between the decode loop's (non-blocking) looks at whether every row has finished.
 CHECK_EVERY = 8
 #: Captured shapes kept across calls: at most this fraction of the device's memory (their caches and graph pools).
-KEEP_FRACTION = 0.125
+KEEP_FRACTION = 0.25
+#: Rows of a chunk's static buffers on CUDA: a multiple of this (inert extra rows still cost cache reads per step).
+ROW_STEP = 8
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
@@ -247,7 +250,7 @@ class _Chunk:
         """Rows per piece; on CPU the last piece repeats its last row up to the canonical row count."""
         sizes = [len(p.rows) for p in self.pieces]
         if device.type == "cpu":
-            sizes[-1] += max(_pow2(sum(sizes)), MIN_ROWS) - sum(sizes)
+            sizes[-1] += max(_pow2(sum(sizes)), MIN_ROWS) - sum(sizes)  # (a power of two, as buckets.row_bucket)
         return sizes
 
     def shape(self, device: torch.device) -> tuple[int, int, int, int, int]:
@@ -255,7 +258,8 @@ class _Chunk:
         sizes = self.sizes(device)
         groups = _pow2(len(sizes)) if self.prefix_width else 1
         slots = _pow2(max(sizes)) if self.prefix_width else 1
-        return (self.prefix_width, self.width, _pow2(sum(sizes)), groups, slots)
+        rows = sum(sizes) if device.type == "cpu" else -(-sum(sizes) // ROW_STEP) * ROW_STEP
+        return (self.prefix_width, self.width, rows, groups, slots)
 
 
 def _plan(pieces: list[_Piece], settings: GenerationSettings) -> list[_Chunk]:

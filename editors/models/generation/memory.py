@@ -38,8 +38,10 @@ def available_bytes(device: torch.device) -> int | None:
     None elsewhere."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total - allocated  # a process limit, if set
+    return int(max(0, min(free + torch.cuda.memory_reserved(device) - allocated, cap)))
 
 
 def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION) -> int | None:
