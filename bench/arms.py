@@ -89,6 +89,7 @@ class Bench:
     seed: int
     workdir: Path
     model: str = "qwen2_audio"  # the --model choice: qwen2_audio or desta25
+    extra: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # method -> more KEY=VALUE overrides
 
     @property
     def model_name(self) -> str:
@@ -99,7 +100,7 @@ class Bench:
         from editors.hparams import load_hparams
 
         known = load_hparams(method, self.adapter.family, tiny=self.adapter.is_tiny)
-        return [o for o in self.scale.hparam_overrides if o.split("=", 1)[0] in known]
+        return [o for o in self.scale.hparam_overrides if o.split("=", 1)[0] in known] + self.extra.get(method, [])
 
     def hparams(self, method: str) -> dict[str, Any]:
         from editors.hparams import load_hparams
@@ -141,7 +142,7 @@ def plan_units(edits: int, warmup: int) -> tuple[list[str], int]:
 
 def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path,
                 edits_per_pass: int | None = None, keep_transcripts: bool = False,
-                engine: str = "auto") -> tuple[ArmResult, Any]:
+                engine: str = "auto", mode: str = "single") -> tuple[ArmResult, Any]:
     """One ``Runner(config, adapter, rows_loader).run()`` in single mode over the synthetic dataset (predictions
     to ``out``, pre-edit cache under ``cache``, rows served from memory); per-edit seconds are the runner's own
     per-unit wall-clock (row fetch -> predictions appended), the first ``warmup`` units untimed.
@@ -151,10 +152,10 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
     from editors.run import Runner
     from editors.config import RunConfig
 
-    configs, limit = plan_units(edits, warmup)
+    configs, limit = plan_units(edits, warmup) if mode == "single" else (["sequential"], 1)
     out.unlink(missing_ok=True)  # a leftover file would make the runner resume (skip units)
     config = RunConfig(model=bench.model_name, method=method, dataset=str(bench.dataset.root), out=str(out),
-                       configs=tuple(configs), split="test", mode="single", limit=limit,
+                       configs=tuple(configs), split="test", mode=mode, limit=limit,
                        max_new_tokens=bench.max_new_tokens, cache_dir=str(cache), seed=bench.seed,
                        hparams=parse_overrides(bench.overrides(method)), edits_per_pass=edits_per_pass,
                        engine=engine, progress=False)
@@ -306,7 +307,7 @@ def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, An
     measure("evaluate", lambda: runner.evaluate(edit, items))
     measure("restore", runner.restore)
     for name, values in phases.items():
-        LOG.info("profile %s/%s: %s", runner.args.method, name, values)
+        LOG.info("profile %s/%s: %s", runner.config.method, name, values)
     return phases
 
 
