@@ -21,8 +21,9 @@ from .partition import SplitPool, clip_quota, partition_by_hash, partition_clips
 from .portability import MODES as PORTABILITY_MODES
 from .portability import PortabilityBank, multi_hop_questions
 from .records import ConstructionError, LabelledClip, SourceError, TaskClip, TextQuestion
-from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path, portability_origins,
-                      provenance, render_card, stats_markdown, write_manifest, write_parquet)
+from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path,
+                      portability_categories, portability_origins, provenance, render_card, stats_markdown,
+                      write_manifest, write_parquet)
 from .schema import CONFIGS, PAPER_TOTALS, SPLITS, count_totals, expected_totals, item_rows
 
 log = logging.getLogger(__name__)
@@ -132,10 +133,12 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
     task_table = task_table or load_task_table()
     banks = load_question_banks()
     knowledge = load_portability()
-    questions, skipped = multi_hop_questions(sakura_clips, knowledge)
+    questions, skipped = multi_hop_questions(sakura_clips)
     if skipped:
         log.warning("SAKURA multi-hop questions skipped: %s", dict(skipped))
     multi_hop = PortabilityBank(questions, knowledge) if questions else None
+    if multi_hop is not None:
+        _log_multi_hop(multi_hop)
 
     # 1. edit pairs (balanced) and the clips each split needs
     pairs = {split: {a: make_edit_pairs(a, sizes[split], random.Random(f"{seed}:pairs:{split}:{a}"))
@@ -202,6 +205,17 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
                                 f"{sorted(shared)[0]}")
 
     return rows
+
+
+def _log_multi_hop(bank: PortabilityBank) -> None:
+    """The build log's account of SAKURA's multi-hop questions: per App. I.1 category, and how many (y_o, y_e,
+    question) candidates the exclusion rule drops."""
+    excluded = bank.exclusion_counts()
+    for attribute, counts in bank.category_counts().items():
+        e = excluded[attribute]
+        log.info("SAKURA multi-hop questions, %s: %s; candidate items (y_o, y_e, question) %d, dropped %d "
+                 "(the knowledge for y_o gives the same answer), kept %d", attribute,
+                 ", ".join(f"{c} {n}" for c, n in counts.items()), e["candidates"], e["dropped"], e["kept"])
 
 
 def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out: str | Path, seed: int = 0,
@@ -291,13 +305,18 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
 
 def _statistics(rows, encoder: AudioEncoder, sequences: int, length: int, built: Sequence[str]) -> dict[str, Any]:
     stats: dict[str, Any] = {"splits": list(built), "totals": {}, "dimensions": {}, "sequential": {},
-                             "provenance": {}, "guess_baseline": {}, "portability_origins": {}}
+                             "provenance": {}, "guess_baseline": {}, "portability_origins": {},
+                             "portability_categories": {}}
     for split in built:
         single = [r for a in ATTRIBUTES for r in rows[a][split]]
         stats["totals"][split] = count_totals(single)
         stats["dimensions"][split] = dimension_stats(single, encoder)
         stats["guess_baseline"][split] = guess_baseline(single)
         stats["portability_origins"][split] = portability_origins(single)
+        stats["portability_categories"][split] = portability_categories(single)
+        for attribute, counts in stats["portability_categories"][split].items():
+            log.info("%s portability items, %s: %s", split, attribute,
+                     ", ".join(f"{c} {n}" for c, n in counts.items()))
         stats["sequential"][split] = {"sequences": sequences, "length": length,
                                       "rows": len(rows["sequential"][split])}
         stats["provenance"][split] = provenance({a: rows[a][split] for a in ATTRIBUTES})
