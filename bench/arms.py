@@ -262,8 +262,8 @@ def identical_shares(bench: Bench, method: str, args: argparse.Namespace, batche
 
 
 def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """The runner's four steps of one single edit (``pre_edit_outputs``, ``apply``, ``evaluate``, ``restore``,
-    as ``Runner._run_single`` calls them) each under ``torch.profiler``: wall-clock, GPU busy time (sum of kernel
+    """The runner's four steps of one single edit (``pre_edit_outputs``, the edit session's ``apply``,
+    ``evaluate``, the session's ``restore``, as ``Runner._run_single`` runs them) each under ``torch.profiler``: wall-clock, GPU busy time (sum of kernel
     and copy times), kernel launches, host synchronisations, device-to-host copies, top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -302,11 +302,11 @@ def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, An
         }
 
     measure("pre_edit", lambda: runner.pre_edit_outputs(items))
-    measure("apply", lambda: runner.apply(edit, 10_000))
+    measure("apply", lambda: runner.session.apply(edit, seed=runner.seed(10_000)))
     measure("evaluate", lambda: runner.evaluate(edit, items))
-    measure("restore", runner.restore)
+    measure("restore", runner.session.restore)
     for name, values in phases.items():
-        LOG.info("profile %s/%s: %s", runner.args.method, name, values)
+        LOG.info("profile %s/%s: %s", runner.config.method, name, values)
     return phases
 
 
