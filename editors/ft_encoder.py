@@ -24,7 +24,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 
 
-@dataclass(kw_only=True)
+@dataclass
 class FTEncoderHparams(FinetuneHparams):
     """Fine-tuning settings plus how many of the audio encoder's last layers to train."""
 
@@ -33,15 +33,16 @@ class FTEncoderHparams(FinetuneHparams):
 
 @register("ft_encoder")
 class FTEncoder(Editor):
-    """Fine-tune the last ``hparams['n_layers']`` layers of ``adapter.audio_encoder_layers()``."""
+    """Fine-tune the last ``hparams.n_layers`` layers of ``adapter.audio_encoder_layers()``."""
 
     hparams_class = FTEncoderHparams
+    hparams: FTEncoderHparams
     display_name = "FT (Encoder)"
     display_order = 8  # after the paper's eight methods
 
     def _layers(self) -> list[Any]:
         layers = self.adapter.audio_encoder_layers()
-        n = int(self.hparams["n_layers"])
+        n = self.hparams.n_layers
         if not 1 <= n <= len(layers):
             raise ValueError(f"ft_encoder: n_layers={n}; the audio encoder has {len(layers)} layers")
         return layers[len(layers) - n:]

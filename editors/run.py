@@ -35,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
-from editors.registry import available_methods, get_editor_class, method_info
+from editors.registry import available_methods, get_editor_class, load_hparams, method_info
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams, merged_hparams, parse_overrides
+from editors.hparams import merged_hparams, parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps

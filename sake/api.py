@@ -94,7 +94,7 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
     config). ``hparams``: overrides of the method's YAML entry for the adapter's family (unknown keys are an
     error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``)."""
     from editors.base import EditRequest, RunContext
-    from editors.hparams import load_hparams
+    from editors.registry import load_hparams
     from editors.session import EditSession
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
