@@ -34,15 +34,16 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from tqdm import tqdm
 
-from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
-from editors.registry import available_methods, get_editor_class, method_info
+from editors.base import EditRequest, Editor, RunContext
+from editors.registry import available_methods, get_editor_class, load_hparams, method_info
 from editors.batching import default_edits_per_pass
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams, merged_hparams, parse_overrides
+from editors.hparams import merged_hparams, parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import LALMAdapter, Prompt
 from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
+from editors.session import EditSession
 from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 from sake_core.atomic import atomic_write
 from editors.config import RunConfig
@@ -207,12 +208,8 @@ class Runner:
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
-        self.editor: Editor = get_editor_class(args.method)(self.adapter, self.hparams, context)
-        self.editor.setup()
-        touched = self.editor.touched_parameters()
-        self.snapshot = ParameterSnapshot(self.adapter.model, touched) if touched else None
-        encoder_names = set(self.adapter.parameter_groups()["audio_encoder"])
-        self.touches_encoder = bool(encoder_names & set(touched))
+        self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
+        self.editor: Editor = self.session.editor
         self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
                                     args.max_new_tokens)
         self.units, self.unit_of = self._plan()
@@ -356,21 +353,16 @@ class Runner:
         self.stats.eval_s += time.perf_counter() - t0
         return out
 
+    def seed(self, offset: int) -> int:
+        """Torch's seed before an edit: the same randomness on a resumed run."""
+        return self.config.seed * 1_000_003 + offset
+
     def apply(self, edit: EditRequest, seed_offset: int) -> dict[str, Any]:
-        torch.manual_seed(self.config.seed * 1_000_003 + seed_offset)  # same randomness on a resumed run
+        """One edit on top of the current state (timed); :meth:`EditSession.restore` undoes it."""
         t0 = time.perf_counter()
-        stats = self.editor.apply(edit)
-        if self.touches_encoder:
-            self.adapter.clear_audio_cache()
+        stats = self.session.apply(edit, seed=self.seed(seed_offset))
         self.stats.apply_s += time.perf_counter() - t0
         return stats
-
-    def restore(self) -> None:
-        if self.snapshot is not None:
-            self.snapshot.restore()
-        self.editor.reset()
-        if self.touches_encoder:
-            self.adapter.clear_audio_cache()
 
     # ---- loops --------------------------------------------------------------------------------------------------
 
@@ -426,11 +418,9 @@ class Runner:
             edit = EditRequest.from_row(row)
             items = eval_items(row)
             pre = self.pre_edit_outputs(items)
-            stats = self.apply(edit, unit.index)
-            try:
+            with self.session:  # restores on leaving
+                stats = self.apply(edit, unit.index)
                 post = self.evaluate(edit, items)
-            finally:
-                self.restore()
             out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
             self._unit_done(unit, stats, time.perf_counter() - t0)
             bar.update(1)
@@ -448,12 +438,8 @@ class Runner:
         for its in items:
             pre.append(flat_pre[pos:pos + len(its)])
             pos += len(its)
-        torch.manual_seed(self.config.seed * 1_000_003 + units[0].index)  # same randomness on a resumed run
         t1 = time.perf_counter()
-        try:
-            stats = self.editor.apply_many(edits)
-            if self.touches_encoder:
-                self.adapter.clear_audio_cache()
+        with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
@@ -461,8 +447,6 @@ class Runner:
                                              batch_size=self.config.batch_size or None,
                                              max_batch_tokens=self.config.max_batch_tokens or None)
             self.stats.eval_s += time.perf_counter() - t2
-        finally:
-            self.restore()
         seconds = (time.perf_counter() - t0) / len(units)
         for unit, edit, its, p, o, st in zip(units, edits, items, pre, post, stats):
             out.append_unit(unit.key, self.rows(edit, its, p, o, None))
@@ -486,7 +470,7 @@ class Runner:
                 items.append(its)
                 pre.append(self.pre_edit_outputs(its) if s <= self.config.eval_edits else [])
             by_step = {u.step: u for u in steps}
-            try:
+            with self.session:  # the sequence's edits accumulate; restored after the sequence
                 for t in range(1, last_step + 1):
                     t0 = time.perf_counter()
                     stats = self.apply(edits[t - 1], seq_no * 1000 + t)
@@ -502,8 +486,6 @@ class Runner:
                     out.append_unit(unit.key, rows)
                     self._unit_done(unit, stats, time.perf_counter() - t0)
                     bar.update(1)
-            finally:
-                self.restore()
 
     def _unit_done(self, unit: Unit, stats: dict[str, Any], seconds: float) -> None:
         self.stats.units += 1

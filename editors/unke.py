@@ -160,12 +160,13 @@ class UnKEHparams(Hparams):
 
 @register("unke")
 class UnKE(Editor):
-    """UnKE on LLM layer ``hparams['layer']`` (see the module docstring for the hyperparameters)."""
+    """UnKE on LLM layer ``hparams.layer`` (see the module docstring for the hyperparameters)."""
 
     hparams_class = UnKEHparams
+    hparams: UnKEHparams
 
     def _layer(self) -> int:
-        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+        return self.adapter.resolve_layer(self.hparams.layer)
 
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self.adapter.llm_layer(self._layer()))
@@ -181,15 +182,15 @@ class UnKE(Editor):
         onehot = onehot.unsqueeze(-1)
         key0 = state.hidden[0, pos[0]].detach().float()
         delta = torch.zeros_like(key0, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
-        max_norm = float(hp["clamp_norm_factor"]) * float(key0.norm())
-        wd = float(hp["v_weight_decay"])
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * float(key0.norm())
+        wd = hp.v_weight_decay
         nll = torch.tensor(float("nan"))
         steps = 0
-        for _ in range(int(hp["v_steps"])):
+        for _ in range(hp.v_steps):
             hidden = state.hidden + (onehot * delta).to(state.hidden.dtype)
             nll = a.loss_from(state, hidden)
-            if float(nll.detach()) < float(hp.get("v_early_stop_loss") or 0.0):
+            if hp.v_early_stop_loss is not None and float(nll.detach()) < hp.v_early_stop_loss:
                 break
             loss = nll + wd * delta.norm() / key0.norm().clamp(min=1e-6) ** 2
             opt.zero_grad(set_to_none=True)
@@ -214,8 +215,8 @@ class UnKE(Editor):
         with torch.no_grad():
             edit_target = a.run_layers(edit_state).detach().clone()
         edit_target[0, -1] = key.to(edit_target.dtype)  # left padding: the last column is the last prompt token
-        preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
-                                        source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+        preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
+                                        source=hp.preserve_source, seed=self.context.seed)
         terms: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = [
             (edit_state, edit_target, prompt_batch.attention_mask)]
         if preserve:
@@ -229,8 +230,7 @@ class UnKE(Editor):
 
         names = set(self.touched_parameters())
         params = {n: p for n, p in a.model.named_parameters() if n in names}
-        result = finetune(params, loss_fn, lr=float(hp["optim_lr"]), max_steps=int(hp["optim_steps"]),
-                          early_stop_loss=hp.get("optim_early_stop_loss"), optimizer="adam",
-                          weight_decay=float(hp.get("weight_decay", 0.0)))
+        result = finetune(params, loss_fn, lr=hp.optim_lr, max_steps=hp.optim_steps,
+                          early_stop_loss=hp.optim_early_stop_loss, optimizer="adam", weight_decay=hp.weight_decay)
         return {"steps": stats["v_steps"] + result.steps, "loss": result.loss, **stats,
                 "optim_steps": result.steps, "n_preserve": len(preserve)}

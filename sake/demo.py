@@ -147,7 +147,7 @@ def hypernetwork_overrides(method: str, directory: Path) -> list[str]:
     """``KEY=VALUE`` overrides naming a trained hypernetwork (the ``hypernetwork_path`` of KE / MEND)."""
     from editors.registry import get_editor_class
 
-    if "hypernetwork_path" in get_editor_class(method).hparams_class._names():
+    if "hypernetwork_path" in get_editor_class(method).hparams_class.field_names():
         return [f"hypernetwork_path={directory}"]
     return []
 

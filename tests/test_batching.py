@@ -10,7 +10,7 @@ from _editor_helpers import changed_tensors, run_config, state_copy, synthetic_a
 from editors.base import EditRequest, ParameterSnapshot, finetune
 from editors.registry import get_editor_class
 from editors.batching import StackedCopies, finetune_many
-from editors.hparams import load_hparams
+from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
