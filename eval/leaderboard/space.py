@@ -5,8 +5,14 @@
   ``paper+choice``, ``offline``); ranks are counted within one mode and one protocol, so an offline row is never
   ranked among paper rows.
 - **Submit** tab: upload a submission ``.zip``; the board's validator (the same one ``add`` runs) answers on the
-  page at once, and a valid archive is queued (``QUEUE/pending``). A worker thread scores the queue
-  (:func:`eval.leaderboard.store.process_queue`: a failing submission goes to ``rejected/`` and the queue goes on).
+  page at once, as plain text (never Markdown or HTML), and a valid archive is queued (``QUEUE/pending``). A worker
+  thread scores the queue (:func:`eval.leaderboard.store.process_queue`: a failing submission goes to
+  ``rejected/`` and the queue goes on).
+- Uploads only: a call of the submit endpoint (or any other) naming a file is served only when the file is one
+  Gradio's upload route received (its upload folder), a regular file within the size limit; anything else (a
+  server path, ``/dev/zero``, a FIFO, a URL) is refused before it is opened, by :class:`UploadsOnly` in front of
+  Gradio and again by :meth:`Board.submit` (:func:`check_upload`). Gradio's own check is not relied on: it is
+  skipped for an app mounted with ``mount_gradio_app``.
 - **About** tab: the submission format and the protocols.
 - ``/submission/<id>``: the submission's items with question, reference, pre- and post-edit output, verdict and
   the stage that decided it (``items.jsonl`` stored with the result), filterable to the failed items.
@@ -16,7 +22,9 @@ Configuration (environment, or ``leaderboard.json`` next to the Space's ``app.py
 (local store, default ``./results``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file),
 ``SAKE_QUEUE_DIR`` (default ``./queue``), ``SAKE_JUDGE`` (``paper`` needs the judge's API key as a Space secret;
 ``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between queue runs, default 30; 0 turns the worker off),
-``SAKE_MAX_MB`` (default 50). Run locally: ``python -m eval.leaderboard.space``.
+``SAKE_MAX_MB`` (default 50), ``SAKE_MAX_CONNECTIONS_PER_CLIENT`` (default
+:data:`eval.leaderboard.serve.MAX_CONNECTIONS_PER_CLIENT`; 0 turns the cap off, e.g. behind a proxy whose one
+address carries every visitor). Run locally: ``python -m eval.leaderboard.space``.
 """
 from __future__ import annotations
 
@@ -27,20 +35,24 @@ import logging
 import math
 import os
 import re
+import stat
+import tempfile
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
+
+from eval.sake_metric.predictions_file import excerpt
 
 from sake import registry
 from sake.atomic import atomic_write
 from sake.protocol import FAMILY_NAMES
 
 from .build import display_model_name, reference_rows
-from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
-                    result_protocol)
+from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, one_line_error, open_store, process_queue,
+                    result_protocol, without_paths)
 from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
 
@@ -60,6 +72,56 @@ ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
+#: Gradio's route that receives uploads (multipart); every other POST body is JSON and is checked for file paths.
+UPLOAD_ROUTE = "/gradio_api/upload"
+#: Largest JSON body of an API call (a call names files by path; the files themselves go to the upload route).
+MAX_API_BODY = 1 << 20
+SHOWN_ERROR_CHARS = 600  # of one rejected submission's error in the queue status
+
+
+class UploadRefused(ValueError):
+    """A file named in a request is not a file this Space received as an upload; the message names no path."""
+
+
+def gradio_upload_dir() -> str:
+    """The folder Gradio writes uploads to: ``GRADIO_TEMP_DIR``, else ``<temp dir>/gradio`` (Gradio's rule)."""
+    return os.environ.get("GRADIO_TEMP_DIR") or str((Path(tempfile.gettempdir()) / "gradio").resolve())
+
+
+def check_upload(path: Any, upload_dir: str | os.PathLike, max_bytes: int,
+                 received: Collection[str] | None = None) -> Path:
+    """``path`` as a file this Space received, checked without opening it; :class:`UploadRefused` otherwise.
+
+    Accepted only when it is a string naming a regular file (not a link, FIFO, device or folder) of at most
+    ``max_bytes`` inside ``upload_dir`` after resolving links, and (given ``received``, the paths Gradio's upload
+    route returned) one of those paths.
+    """
+    refused = UploadRefused("not a file uploaded to this Space: upload a submission .zip with the form (or "
+                            "the upload route) and submit that")
+    if not isinstance(path, (str, os.PathLike)):
+        raise refused
+    text = os.fspath(path)
+    if not text or "\0" in text or (received is not None and text not in received):
+        raise refused
+    root = os.path.realpath(upload_dir)
+    real = os.path.realpath(text)
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise refused
+    try:
+        info = os.lstat(text)
+    except OSError:
+        raise UploadRefused("the uploaded file is no longer on the server; upload it again") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise refused
+    if info.st_size > max_bytes:
+        raise UploadRefused(f"the upload is {info.st_size} bytes, over the limit of {max_bytes} bytes")
+    return Path(text)
+
+
+def plain_text(text: str) -> str:
+    """Text shown to visitors: one problem per line, no server path, no control characters."""
+    text = without_paths(text)
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def model_family(model: str, header: dict[str, Any] | None = None) -> str:
@@ -104,6 +166,7 @@ class SpaceConfig:
     max_bytes: int = DEFAULT_MAX_BYTES
     refresh_s: float = 60.0  # how long Hub results are cached
     judge_options: dict[str, Any] = field(default_factory=dict)
+    upload_dir: str | None = None  # where uploads are accepted from; None: Gradio's upload folder
 
     @classmethod
     def from_env(cls, config_file: str | os.PathLike | None = None) -> "SpaceConfig":
@@ -141,6 +204,8 @@ class Board:
         self._lock = threading.Lock()
         self.queue = Path(config.queue_dir)
         self._stop = threading.Event()
+        self.upload_dir = config.upload_dir or gradio_upload_dir()
+        self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -163,7 +228,7 @@ class Board:
         with self._lock:
             now = time.monotonic()
             if self._cache is None or isinstance(self.store, LocalStore) or now - self._cache[0] > self.config.refresh_s:
-                self._cache = (now, self.store.results())
+                self._cache = (now, self.store.results(skip_bad=True))  # a broken file: left out and logged
             return self._cache[1]
 
     def invalidate(self) -> None:
@@ -225,40 +290,55 @@ class Board:
 
     # ------------------------------------------------------------------------------------------ submit / queue
 
+    def check_upload(self, path: Any) -> Path:
+        """``path`` as an upload this Space received (:func:`check_upload`), or :class:`UploadRefused`."""
+        return check_upload(path, self.upload_dir, self.config.max_bytes, self.received)
+
     def submit(self, path: str | os.PathLike | None) -> str:
-        """Validate an uploaded archive with the board's validator; queue it when valid. Returns Markdown."""
+        """Validate an uploaded archive with the board's validator; queue it when valid. Returns plain text.
+
+        Only a file this Space received as an upload is opened (:meth:`check_upload`); the answer quotes the
+        submitter's values only as short escaped excerpts and names no server path.
+        """
         if not path:
-            return "Choose a submission `.zip` first."
-        if not (Path(path).is_file() and Path(path).suffix.lower() == ".zip"):
-            return "### Rejected\n- expected a `.zip` archive holding predictions.jsonl and metadata.json"
+            return "Choose a submission .zip first."
         try:
-            submission = validate_submission(path, self.manifest, max_bytes=self.config.max_bytes)
+            upload = self.check_upload(path)
+        except UploadRefused as exc:
+            return f"Rejected\n- {exc}"
+        if upload.suffix.lower() != ".zip":
+            return "Rejected\n- expected a .zip archive holding predictions.jsonl and metadata.json"
+        try:
+            submission = validate_submission(upload, self.manifest, max_bytes=self.config.max_bytes)
         except SubmissionError as exc:
-            lines = [f"- {html.escape(str(p))}" for p in exc.problems]
-            return "### Rejected\n" + "\n".join(lines)
+            return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in exc.problems))
         except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
-            return f"### Rejected\n- {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"
+            return plain_text(f"Rejected\n- {one_line_error(exc)}")
         sid = submission.submission_id
         if self.store.has(sid):
-            return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
+            return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
         # the temp file's name starts with ".", which the queue skips
-        atomic_write(self.queue / "pending" / name, Path(path).read_bytes())
+        atomic_write(self.queue / "pending" / name, upload.read_bytes())
         header = submission.header
-        return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
-                f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "
-                f"It appears on the board once scored ({self.config.judge} protocol).")
+        return plain_text(f"Queued\nSubmission {sid} ({excerpt(header['model'], 80)} / "
+                          f"{excerpt(header['method'], 60)} / {header['mode']}, {len(submission.rows)} rows) is "
+                          f"valid and waits in the queue as {name}. It appears on the board once scored "
+                          f"({self.config.judge} protocol).")
 
     def queue_status(self, shown: int = 10) -> str:
-        """Markdown: pending submissions, and the latest rejected ones with their one-line error."""
+        """Plain text: pending submissions, and the latest rejected ones with (the start of) their one-line error."""
         pending = sorted(p.name for p in (self.queue / "pending").glob("*") if not p.name.startswith("."))
         errors = sorted((self.queue / "rejected").glob("*.error.txt"), key=lambda p: p.name, reverse=True)[:shown]
-        lines = [f"**Pending** ({len(pending)}): " + (", ".join(f"`{n}`" for n in pending) or "none")]
+        lines = [f"Pending ({len(pending)}): " + (", ".join(pending) or "none")]
         if errors:
-            lines.append("**Rejected while scoring** (latest first):")
-            lines += [f"- `{p.name[:-len('.error.txt')]}`: {html.escape(p.read_text(encoding='utf-8').strip())}"
-                      for p in errors]
-        return "\n".join(lines)
+            lines.append("Rejected while scoring (latest first):")
+            for path in errors:
+                error = path.read_text(encoding="utf-8", errors="replace").strip()
+                if len(error) > SHOWN_ERROR_CHARS:
+                    error = error[:SHOWN_ERROR_CHARS] + f"... ({len(error) - SHOWN_ERROR_CHARS} more characters)"
+                lines.append(f"- {path.name[:-len('.error.txt')]}: {error}")
+        return plain_text("\n".join(lines))
 
     def run_queue(self) -> list[tuple[str, str]]:
         """Score everything pending (never raises for a bad submission)."""
@@ -470,8 +550,11 @@ def build_blocks(board: Board) -> Any:
                 upload = gr.File(label="Submission .zip", file_types=[".zip"], type="filepath",
                                  elem_id="submission-file")
                 submit = gr.Button("Validate and submit", variant="primary", elem_id="submit-button")
-                answer = gr.Markdown(elem_id="submit-result")
-                status = gr.Markdown(elem_id="queue-status")
+                # plain text boxes: a submitter's values in an answer are data, never Markdown or HTML
+                answer = gr.Textbox(label="Result", interactive=False, lines=3, max_lines=30,
+                                    elem_id="submit-result")
+                status = gr.Textbox(label="Queue", interactive=False, lines=2, max_lines=20,
+                                    elem_id="queue-status")
                 submit.click(board.submit, upload, answer).then(board.queue_status, None, status)
                 blocks.load(board.queue_status, None, status)
             with gr.Tab("About", id="about"):
@@ -479,8 +562,98 @@ def build_blocks(board: Board) -> Any:
     return blocks
 
 
+class UploadsOnly:
+    """ASGI middleware in front of the Gradio app: an API call may name only files Gradio's upload route received.
+
+    Every POST but the upload route must carry a JSON body of at most :data:`MAX_API_BODY` bytes (else 413/400);
+    every file object in it (any object with a ``path``, or Gradio's ``FileData`` marker) must name a file that
+    ``check(path)`` accepts (:meth:`Board.check_upload`), else the request is answered 403 with a one-line
+    reason, before Gradio copies, reads or serves anything. Other requests pass unchanged.
+    """
+
+    def __init__(self, app: Any, check: Any, upload_route: str = UPLOAD_ROUTE, max_body: int = MAX_API_BODY):
+        self.app = app
+        self.check = check
+        self.upload_route = upload_route
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] != "http" or scope.get("method") != "POST" or path.rstrip("/") == self.upload_route:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _answer(send, 413, f"request body over {self.max_body} bytes; files go to {self.upload_route}")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body.strip():
+            try:
+                value = json.loads(body)
+            except (ValueError, RecursionError):
+                await _answer(send, 400, "request body is not JSON")
+                return
+            reason = self._refused(value)
+            if reason:
+                logger.warning("refused a call naming a file that is not an upload (%s)", path)
+                await _answer(send, 403, reason)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refused(self, value: Any) -> str | None:
+        """Why a JSON body names a file that is not an accepted upload, or None (iterative: no recursion)."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                meta = item.get("meta")
+                if "path" in item or (isinstance(meta, dict) and meta.get("_type") == "gradio.FileData"):
+                    try:
+                        self.check(item.get("path"))
+                    except UploadRefused as exc:
+                        return str(exc)
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return None
+
+
+async def _answer(send: Any, status: int, reason: str) -> None:
+    body = json.dumps({"error": reason}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(board: Board) -> Any:
-    """The Space's ASGI app: ``/submission/<id>`` pages and the Gradio app at ``/``, with security headers."""
+    """The Space's ASGI app: ``/submission/<id>`` pages and the Gradio app at ``/``, with security headers.
+
+    Gradio may serve files only from its upload folder (no ``allowed_paths``; the results and queue folders
+    blocked), and :class:`UploadsOnly` refuses any call naming a file that is not an upload of this Space.
+    """
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
@@ -494,8 +667,12 @@ def create_app(board: Board) -> Any:
         status, document = submission_page(board, sid, show=show, dimension=dimension, page=page)
         return HTMLResponse(document, status_code=status, headers=PAGE_HEADERS)
 
-    app = gr.mount_gradio_app(app, build_blocks(board), path="/", max_file_size=board.config.max_bytes,
-                              footer_links=[], ssr_mode=False)
+    blocks = build_blocks(board)
+    blocked = [str(Path(folder).resolve()) for folder in (board.config.results_dir, board.config.queue_dir)]
+    app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=board.config.max_bytes, footer_links=[],
+                              ssr_mode=False, allowed_paths=[], blocked_paths=blocked)
+    board.received = blocks.upload_file_set  # the exact paths Gradio's upload route returned
+    app = UploadsOnly(app, board.check_upload)
     # Gradio needs inline scripts and styles: its pages get every header but a script-restricting CSP.
     headers = {"x-content-type-options": "nosniff", "referrer-policy": "strict-origin-when-cross-origin",
                "permissions-policy": "camera=(), microphone=(), geolocation=()",
@@ -508,7 +685,7 @@ def main() -> None:
     """Run the Space: results store, queue worker, Gradio app on uvicorn (port ``PORT`` or 7860)."""
     import uvicorn
 
-    from .serve import uvicorn_config
+    from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     board = Board(SpaceConfig.from_env())
@@ -517,7 +694,8 @@ def main() -> None:
     board.start_worker()
     host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "7860"))
-    uvicorn.Server(uvicorn_config(create_app(board), host, port, log_level="info")).run()
+    per_client = int(os.environ.get("SAKE_MAX_CONNECTIONS_PER_CLIENT", MAX_CONNECTIONS_PER_CLIENT))
+    uvicorn.Server(uvicorn_config(create_app(board), host, port, per_client=per_client, log_level="info")).run()
 
 
 if __name__ == "__main__":

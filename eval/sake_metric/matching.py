@@ -108,23 +108,33 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
 def _text_mentions(output: str, options: Sequence[str]) -> tuple[set[int], set[int]]:
     """(positively mentioned option indices, negated-only option indices) by whole-phrase text match.
 
-    One pass over the output's words (options indexed by their first word), so time and memory grow linearly
-    with the output's length.
+    The output's words are joined by single spaces and every option's phrase is found with `str.find` (C
+    speed, overlapping occurrences included), so the work is about (number of options) x (output length) plus
+    one step per occurrence, whatever words the options share.
     """
     words = normalize(output).split()
-    by_first: dict[str, list[tuple[list[str], int]]] = {}
+    haystack = " " + " ".join(words) + " "
+    word_at: dict[int, int] = {}  # offset of the space before word i -> i
+    offset = 0
+    for i, word in enumerate(words):
+        word_at[offset] = i
+        offset += len(word) + 1
+    mentions: dict[int, list[tuple[int, int]]] = {}  # start word -> [(end word, option index)]
     for index, option in enumerate(options):
         target = normalize(_strip_letter(option)).split()
-        if target:
-            by_first.setdefault(target[0], []).append((target, index))
+        if not target:
+            continue
+        needle = " " + " ".join(target) + " "
+        at = haystack.find(needle)
+        while at >= 0:
+            start = word_at[at]
+            mentions.setdefault(start, []).append((start + len(target), index))
+            at = haystack.find(needle, at + 1)
     positive: set[int] = set()
     negated: set[int] = set()
     reach = 0  # furthest end of the mentions starting before the current word
-    for start, word in enumerate(words):
-        found = [(start + len(t), index) for t, index in by_first.get(word, ())
-                 if words[start:start + len(t)] == t]
-        if not found:
-            continue
+    for start in sorted(mentions):
+        found = mentions[start]
         longest = max(end for end, _ in found)
         for end, index in found:
             # A mention inside a longer mention of another option ("sad" inside "very sad") does not count:

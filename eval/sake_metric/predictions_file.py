@@ -9,14 +9,17 @@ raise `PredictionsError` with ONE line naming the file, the line (or byte offset
 - binary content (a NUL byte) or bytes that are not UTF-8 (byte offset of the first bad byte);
 - a line that is not one JSON object: malformed JSON, NaN / Infinity, integers over `MAX_INT_DIGITS` digits,
   nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), duplicate keys, unpaired
-  UTF-16 surrogate escapes (`"\\ud800"`), blank lines;
+  UTF-16 surrogate escapes (`"\\ud800"`), blank lines, a row with more than `MAX_OPTIONS` options;
 - a missing or malformed header (line 1 must be `kind: header` with `mode` single|sequential);
 - a file with fewer (or more) rows than the header's `expected_rows` (written by `editors/run.py`), or, given a
   release manifest (`sake_manifest.json`), item keys missing from or foreign to the release for the header's
   configs / split / mode / limit (`expected_keys`). A cut file is never scored.
 
 Field-level checks of each row (dimension, type, pre_edit, ...) are `rows.validate_row`'s job. Limits live in
-`limits.py`. No third-party imports: `evaluate` copies this module next to the metric script.
+`limits.py`. Every check runs in time linear in the line (`json_depth` is a scanner of `str` passes, the rest
+is the C JSON parser and single regular-expression searches without backtracking), so a hostile line of the
+largest size costs about what a plain one does. No third-party imports: `evaluate` copies this module next to
+the metric script.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from .limits import MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS
+from .limits import (MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS,
+                     options_problem)
 # the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
-from .protocol import MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from .protocol import CONFIGS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_CURLY_AS_SQUARE = str.maketrans("{}", "[]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _STEP = re.compile(r"^step(\d+)$")
 
@@ -57,21 +61,49 @@ class PredictionsFile:
 
 # ------------------------------------------------------------------------------------------------ one line
 
+EXCERPT_CHARS = 40
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short escaped quote of a submitted value for error messages: a string's first `limit` characters as a
+    Python literal (control, bidi and other unprintable characters escaped), a list or object by its size."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + (f"... ({len(value)} characters)" if len(value) > limit else "")
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} key(s)"
+    text = repr(value)  # numbers (at most MAX_INT_DIGITS digits), booleans, null
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+
 def json_depth(text: str, limit: int) -> int:
-    """Nesting depth of a JSON text (brackets inside strings ignored); stops counting once past `limit`."""
-    if text.count("[") + text.count("{") <= limit:
-        return text.count("[") + text.count("{")  # an upper bound that is already within the limit
-    depth = deepest = 0
-    for char in _NOT_BRACKET.sub("", _STRING.sub('""', text)):
-        if char in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        else:
-            depth -= 1
-    return deepest
+    """Nesting depth of a JSON text (brackets inside strings ignored), or `limit + 1` once it is deeper.
+
+    Linear in the text, whatever it holds: a constant number of passes of `str` methods, no backtracking
+    expression (an unterminated string of escaped quotes made the earlier regular expression quadratic).
+    1. Escape pairs are dropped left to right (``\\\\`` first, then ``\\"``): what is left of a string holds no
+       backslash and ends at the next quote.
+    2. Splitting at quotes leaves the text outside strings at the even positions (an unterminated string runs to
+       the end of the line; the JSON parser refuses that line anyway).
+    3. Brackets alone, ``{}`` read as ``[]``: each pass of ``replace("[]", "")`` removes every innermost pair,
+       so a balanced text of depth d is empty after exactly d passes; at most `limit + 1` passes are made.
+    Brackets never closed (a malformed line) count as nesting too: the parser recurses into them.
+    """
+    opened = text.count("[") + text.count("{")
+    if opened <= limit:
+        return opened  # an upper bound that is already within the limit
+    outside = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[0::2])
+    brackets = _NOT_BRACKET.sub("", outside).translate(_CURLY_AS_SQUARE)
+    depth = 0
+    while "[]" in brackets:
+        if depth == limit:
+            return limit + 1
+        brackets = brackets.replace("[]", "")
+        depth += 1
+    # left: "]" * a + "[" * b (brackets never matched); each unclosed "[" is one more level for the parser
+    return min(limit + 1, depth + brackets.count("["))
 
 
 def _reject_constant(name: str) -> Any:
@@ -97,7 +129,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Reject(f"duplicate key {key!r} in one object")
+                raise _Reject(f"duplicate key {excerpt(key)} in one object")
             seen.add(key)
     return obj
 
@@ -187,13 +219,19 @@ def check_header(header: Any, *, source: str) -> dict[str, Any]:
                                f"editors/run.py), got {got}")
     mode = header.get("mode")
     if mode not in MODES:
-        raise PredictionsError(f"{where}: header field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+        raise PredictionsError(f"{where}: header field 'mode' must be one of {', '.join(MODES)}, got {excerpt(mode)}")
     expected = header.get("expected_rows")
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
-        raise PredictionsError(f"{where}: header field 'expected_rows' must be an integer >= 0, got {expected!r}")
+        raise PredictionsError(f"{where}: header field 'expected_rows' must be an integer >= 0, got {excerpt(expected)}")
     limit = header.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise PredictionsError(f"{where}: header field 'limit' must be null or an integer >= 0, got {limit!r}")
+        raise PredictionsError(f"{where}: header field 'limit' must be null or an integer >= 0, got {excerpt(limit)}")
+    configs = header.get("configs")
+    if configs is not None and not (isinstance(configs, list) and len(configs) <= len(CONFIGS)
+                                    and all(isinstance(c, str) for c in configs)):
+        got = f"a list of {len(configs)} entries" if isinstance(configs, list) else f"a JSON {type(configs).__name__}"
+        raise PredictionsError(f"{where}: header field 'configs' must be a list of at most {len(CONFIGS)} config "
+                               f"names, got {got}")
     return header
 
 
@@ -218,6 +256,9 @@ def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
                                    f"{type(obj).__name__}")
         if obj.get("kind") == "header":
             raise PredictionsError(f"{where}: a second run header; only line 1 may be the header")
+        too_many = options_problem(obj.get("options"))
+        if too_many:
+            raise PredictionsError(f"{where}: field 'options' holds {too_many}")
         if len(rows) >= MAX_ROWS:
             raise PredictionsError(f"{where}: more than {MAX_ROWS} prediction rows, the limit for one file")
         rows.append((number, obj))
@@ -314,7 +355,7 @@ def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> lis
 
 
 def _describe(key: tuple[str, Any]) -> str:
-    return repr(key[0]) if key[1] is None else f"{key[0]!r} at gap {key[1]}"
+    return excerpt(key[0], 80) if key[1] is None else f"{excerpt(key[0], 80)} at gap {excerpt(key[1])}"
 
 
 def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, Any]]], *, source: str,
@@ -334,12 +375,14 @@ def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, An
     fingerprint = manifest.get("fingerprint")
     if header.get("dataset_fingerprint") not in (None, fingerprint):
         raise PredictionsError(f"{source}, line 1: header field 'dataset_fingerprint' "
-                               f"{header.get('dataset_fingerprint')!r} does not match the manifest's {fingerprint!r}")
+                               f"{excerpt(header.get('dataset_fingerprint'), 80)} does not match the manifest's "
+                               f"{fingerprint!r}")
     try:
         expected = expected_keys(manifest, header)
     except (KeyError, TypeError, ValueError) as exc:
+        configs = "/".join(excerpt(c) for c in header.get("configs") or [])
         raise PredictionsError(f"{source}, line 1: the dataset manifest has no item ids for this run's configs "
-                               f"{header.get('configs')!r} / split {header.get('split')!r} ({exc})") from None
+                               f"{configs} / split {excerpt(header.get('split'))} ({type(exc).__name__})") from None
     got = {row_key(row): number for number, row in rows}
     missing = [k for k in expected if k not in got]
     if missing:
@@ -351,7 +394,7 @@ def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, An
     if extra:
         number, key = min(extra)
         raise PredictionsError(f"{source}, line {number}: item {_describe(key)} is not in the dataset manifest for "
-                               f"{'/'.join(header.get('configs') or [])} {header.get('split')} "
+                               f"{'/'.join(header.get('configs') or [])} {excerpt(header.get('split'))} "
                                f"({len(extra)} such row(s))")
 
 
