@@ -13,6 +13,9 @@
   server path, ``/dev/zero``, a FIFO, a URL) is refused before it is opened, by :class:`UploadsOnly` in front of
   Gradio and again by :meth:`Board.submit` (:func:`check_upload`). Gradio's own check is not relied on: it is
   skipped for an app mounted with ``mount_gradio_app``.
+- Worker processes: an upload is validated, and the queue scored, in worker processes (:class:`Isolated`), so
+  the JSON parser holding the interpreter's lock for a long line stalls a worker, never the server; a
+  validation running past ``validate_timeout_s`` is stopped and the upload refused.
 - **About** tab: the submission format and the protocols.
 - ``/submission/<id>``: the submission's items with question, reference, pre- and post-edit output, verdict and
   the stage that decided it (``items.jsonl`` stored with the result), filterable to the failed items.
@@ -33,6 +36,7 @@ import html
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import stat
@@ -42,7 +46,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 from eval.sake_metric.predictions_file import excerpt
 
@@ -77,6 +81,8 @@ UPLOAD_ROUTE = "/gradio_api/upload"
 #: Largest JSON body of an API call (a call names files by path; the files themselves go to the upload route).
 MAX_API_BODY = 1 << 20
 SHOWN_ERROR_CHARS = 600  # of one rejected submission's error in the queue status
+WORKER_START_S = 120.0  # longest wait for a worker process to start
+_REMOTE_FILE = re.compile(r"/file=\s*[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 
 
 class UploadRefused(ValueError):
@@ -167,6 +173,8 @@ class SpaceConfig:
     refresh_s: float = 60.0  # how long Hub results are cached
     judge_options: dict[str, Any] = field(default_factory=dict)
     upload_dir: str | None = None  # where uploads are accepted from; None: Gradio's upload folder
+    isolate: bool = True  # validate uploads and run the queue in worker processes (see Board)
+    validate_timeout_s: float = 120.0  # an upload whose validation runs longer is refused
 
     @classmethod
     def from_env(cls, config_file: str | os.PathLike | None = None) -> "SpaceConfig":
@@ -197,6 +205,7 @@ class Board:
     def __init__(self, config: SpaceConfig, store: ResultsStore | None = None,
                  manifest: dict[str, Any] | None = None):
         self.config = config
+        self._own_store = store is None  # a store opened from the config can be opened again in a worker
         self.store = store or open_store(config.results_dir, config.results_repo)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
@@ -206,6 +215,8 @@ class Board:
         self._stop = threading.Event()
         self.upload_dir = config.upload_dir or gradio_upload_dir()
         self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
+        self._checker: Isolated | None = None  # worker processes, started on first use
+        self._scorer: Isolated | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -308,21 +319,32 @@ class Board:
             return f"Rejected\n- {exc}"
         if upload.suffix.lower() != ".zip":
             return "Rejected\n- expected a .zip archive holding predictions.jsonl and metadata.json"
-        try:
-            submission = validate_submission(upload, self.manifest, max_bytes=self.config.max_bytes)
-        except SubmissionError as exc:
-            return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in exc.problems))
-        except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
-            return plain_text(f"Rejected\n- {one_line_error(exc)}")
-        sid = submission.submission_id
+        if self.config.isolate:
+            if self._checker is None:
+                self._checker = Isolated(self.manifest, timeout_s=self.config.validate_timeout_s)
+            try:
+                verdict = self._checker(check_submission, str(upload), self.config.max_bytes)
+            except TimeoutError:
+                return (f"Rejected\n- validation took longer than {self.config.validate_timeout_s:g} s; a "
+                        "submission is read in time linear in its size, so this one is refused")
+            except RuntimeError as exc:
+                logger.error("validation worker: %s", exc)
+                return "Rejected\n- the validator failed on this upload; try again later"
+        else:
+            _WORKER["manifest"] = self.manifest
+            verdict = check_submission(str(upload), self.config.max_bytes)
+        if "problems" in verdict:
+            return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in verdict["problems"]))
+        if "error" in verdict:
+            return plain_text(f"Rejected\n- {verdict['error']}")
+        sid = verdict["id"]
         if self.store.has(sid):
             return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
         # the temp file's name starts with ".", which the queue skips
         atomic_write(self.queue / "pending" / name, upload.read_bytes())
-        header = submission.header
-        return plain_text(f"Queued\nSubmission {sid} ({excerpt(header['model'], 80)} / "
-                          f"{excerpt(header['method'], 60)} / {header['mode']}, {len(submission.rows)} rows) is "
+        return plain_text(f"Queued\nSubmission {sid} ({excerpt(verdict['model'], 80)} / "
+                          f"{excerpt(verdict['method'], 60)} / {verdict['mode']}, {verdict['rows']} rows) is "
                           f"valid and waits in the queue as {name}. It appears on the board once scored "
                           f"({self.config.judge} protocol).")
 
@@ -341,9 +363,16 @@ class Board:
         return plain_text("\n".join(lines))
 
     def run_queue(self) -> list[tuple[str, str]]:
-        """Score everything pending (never raises for a bad submission)."""
-        outcomes = process_queue(self.queue, self.manifest, self.store, judge=self.config.judge,
-                                 validate_options={"max_bytes": self.config.max_bytes}, **self.config.judge_options)
+        """Score everything pending (never raises for a bad submission); in a worker process when the store
+        comes from the config, so reading and scoring submissions never holds this process's GIL."""
+        if self.config.isolate and self._own_store:
+            if self._scorer is None:
+                self._scorer = Isolated(self.manifest)
+            outcomes = self._scorer(run_queue_of, self.config)
+        else:
+            outcomes = process_queue(self.queue, self.manifest, self.store, judge=self.config.judge,
+                                     validate_options={"max_bytes": self.config.max_bytes},
+                                     **self.config.judge_options)
         if outcomes:
             self.invalidate()
         return outcomes
@@ -366,7 +395,11 @@ class Board:
         return thread
 
     def stop_worker(self) -> None:
+        """Stop the queue thread and the worker processes."""
         self._stop.set()
+        for isolated in (self._checker, self._scorer):
+            if isolated is not None:
+                isolated.close()
 
     # ------------------------------------------------------------------------------------------ item pages
 
@@ -396,6 +429,114 @@ class Board:
                 self._items.pop(next(iter(self._items)))
             self._items[sid] = items
         return result, items
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}  # what a worker process keeps between calls (the release manifest)
+
+
+def _start_worker(manifest: dict[str, Any]) -> None:
+    _WORKER["manifest"] = manifest
+
+
+def check_submission(path: str, max_bytes: int) -> dict[str, Any]:
+    """Validate an upload (in a worker process): ``{"problems": [...]}``, ``{"error": line}``, or the summary
+    ``{"id", "model", "method", "mode", "rows"}`` -- plain data, so no exception crosses the process boundary."""
+    try:
+        submission = validate_submission(path, _WORKER["manifest"], max_bytes=max_bytes)
+    except SubmissionError as exc:
+        return {"problems": [str(problem) for problem in exc.problems]}
+    except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
+        return {"error": one_line_error(exc)}
+    header = submission.header
+    return {"id": submission.submission_id, "model": header["model"], "method": header["method"],
+            "mode": header["mode"], "rows": len(submission.rows)}
+
+
+def run_queue_of(config: SpaceConfig) -> list[tuple[str, str]]:
+    """Score a Space's pending submissions (in a worker process): its store opened from its config."""
+    store = open_store(config.results_dir, config.results_repo)
+    return process_queue(config.queue_dir, _WORKER["manifest"], store, judge=config.judge,
+                         validate_options={"max_bytes": config.max_bytes}, **config.judge_options)
+
+
+def _serve_calls(connection: Any, manifest: dict[str, Any]) -> None:
+    """A worker process's loop: run each ``(function, args)`` received, send back ``(ok, value or error)``."""
+    _WORKER["manifest"] = manifest
+    connection.send("ready")
+    while True:
+        try:
+            function, args = connection.recv()
+        except (EOFError, OSError):  # the server went away
+            return
+        try:
+            connection.send((True, function(*args)))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller in one line
+            connection.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+class Isolated:
+    """One worker process, spawned on first use and kept, that runs module-level functions for the Space.
+
+    Reading an untrusted submission is linear in its size, but a JSON parser holds the interpreter's lock for a
+    whole line; in a worker it holds the worker's, and the server keeps answering every other client. Calls run
+    one at a time. A call running past ``timeout_s`` kills the worker and raises TimeoutError; a worker that dies
+    raises RuntimeError; either way the next call starts a new one.
+    """
+
+    def __init__(self, manifest: dict[str, Any], timeout_s: float | None = None):
+        self.manifest = manifest
+        self.timeout_s = timeout_s
+        self._process: Any = None
+        self._connection: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            if self._process is None or not self._process.is_alive():
+                self._start()
+            self._connection.send((function, args))
+            if not self._connection.poll(self.timeout_s):  # None: wait as long as it takes
+                logger.warning("%s ran past %s s: worker process stopped", function.__name__, self.timeout_s)
+                self._stop()
+                raise TimeoutError(f"{function.__name__} ran past {self.timeout_s} s")
+            try:
+                ok, value = self._connection.recv()
+            except (EOFError, OSError):
+                self._stop()
+                raise RuntimeError(f"the worker process running {function.__name__} died") from None
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def _start(self) -> None:
+        self._stop()
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(target=_serve_calls, args=(theirs, self.manifest), name="sake-worker",
+                                        daemon=True)
+        self._process.start()
+        theirs.close()
+        self._connection = ours
+        try:  # the call's timeout starts once the worker has imported what it runs
+            ready = ours.poll(WORKER_START_S) and ours.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self._stop()
+            raise RuntimeError("the worker process did not start")
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(timeout=10)
+            self._connection.close()
+        self._process = self._connection = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
 
 
 def _offline_verdicts(predictions: bytes) -> list[dict[str, Any]]:
@@ -568,7 +709,8 @@ class UploadsOnly:
     Every POST but the upload route must carry a JSON body of at most :data:`MAX_API_BODY` bytes (else 413/400);
     every file object in it (any object with a ``path``, or Gradio's ``FileData`` marker) must name a file that
     ``check(path)`` accepts (:meth:`Board.check_upload`), else the request is answered 403 with a one-line
-    reason, before Gradio copies, reads or serves anything. Other requests pass unchanged.
+    reason, before Gradio copies, reads or serves anything. ``/file=<URL>`` (Gradio relays public URLs) is
+    refused too. Other requests pass unchanged.
     """
 
     def __init__(self, app: Any, check: Any, upload_route: str = UPLOAD_ROUTE, max_body: int = MAX_API_BODY):
@@ -582,6 +724,9 @@ class UploadsOnly:
         root = scope.get("root_path") or ""
         if root and path.startswith(root):
             path = path[len(root):]
+        if scope["type"] == "http" and _REMOTE_FILE.search(path):  # Gradio would fetch and relay any public URL
+            await _answer(send, 403, "remote files are not served here")
+            return
         if scope["type"] != "http" or scope.get("method") != "POST" or path.rstrip("/") == self.upload_route:
             await self.app(scope, receive, send)
             return
@@ -695,7 +840,10 @@ def main() -> None:
     host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "7860"))
     per_client = int(os.environ.get("SAKE_MAX_CONNECTIONS_PER_CLIENT", MAX_CONNECTIONS_PER_CLIENT))
-    uvicorn.Server(uvicorn_config(create_app(board), host, port, per_client=per_client, log_level="info")).run()
+    try:
+        uvicorn.Server(uvicorn_config(create_app(board), host, port, per_client=per_client, log_level="info")).run()
+    finally:
+        board.stop_worker()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
     for pattern in patterns:
         for match in re.finditer(pattern, stripped, flags=re.IGNORECASE):
             letter = match.group(1).lower()
+            if letter not in _LETTERS:  # "ı", "İ": Unicode letters a case-insensitive [a-z] also matches
+                continue
             index = _LETTERS.index(letter)
             if index < n_options:
                 found.add(index)
@@ -105,45 +107,65 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
     return found
 
 
+_HASH_MOD = (1 << 61) - 1  # rolling hash of word sequences (word ids in order of first appearance)
+_HASH_BASE = 1_000_003
+
+
+def _longest_mentions(words: list[str], targets: dict[tuple[str, ...], list[int]]) -> dict[int, tuple[int, list[int]]]:
+    """start word -> (end word, option indices) of the longest option phrase starting there, for every start.
+
+    One rolling hash per (start, distinct phrase length): O(words x lengths) arithmetic, and one word-by-word
+    comparison per start to confirm a hash, so repetitive outputs and options cost no more than others.
+    """
+    ids: dict[str, int] = {}
+    codes = [ids.setdefault(word, len(ids) + 1) for word in words]
+    by_length: dict[int, dict[int, list[tuple[str, ...]]]] = {}
+    for target in targets:
+        if all(word in ids for word in target):  # a phrase with a word the output lacks never matches
+            code = 0
+            for word in target:
+                code = (code * _HASH_BASE + ids[word]) % _HASH_MOD
+            by_length.setdefault(len(target), {}).setdefault(code, []).append(target)
+    prefix = [0]
+    for code in codes:
+        prefix.append((prefix[-1] * _HASH_BASE + code) % _HASH_MOD)
+    found: dict[int, tuple[int, list[int]]] = {}
+    for length in sorted(by_length, reverse=True):  # the longest phrase at a start wins
+        table, power = by_length[length], pow(_HASH_BASE, length, _HASH_MOD)
+        hits = [start for start in range(len(words) - length + 1)
+                if (prefix[start + length] - prefix[start] * power) % _HASH_MOD in table]
+        for start in hits:
+            if start in found:
+                continue
+            window = tuple(words[start:start + length])
+            code = (prefix[start + length] - prefix[start] * power) % _HASH_MOD
+            target = next((t for t in table[code] if t == window), None)  # the hash confirmed word by word
+            if target is not None:
+                found[start] = (start + length, targets[target])
+    return found
+
+
 def _text_mentions(output: str, options: Sequence[str]) -> tuple[set[int], set[int]]:
     """(positively mentioned option indices, negated-only option indices) by whole-phrase text match.
 
-    The output's words are joined by single spaces and every option's phrase is found with `str.find` (C
-    speed, overlapping occurrences included), so the work is about (number of options) x (output length) plus
-    one step per occurrence, whatever words the options share.
+    At each word only the longest option phrase starting there counts (a mention inside a longer one -- "sad"
+    inside "very sad" -- does not), and not when a mention that started earlier reaches as far. Time grows
+    with (output words) x (distinct option lengths), whatever words the output and the options repeat.
     """
     words = normalize(output).split()
-    haystack = " " + " ".join(words) + " "
-    word_at: dict[int, int] = {}  # offset of the space before word i -> i
-    offset = 0
-    for i, word in enumerate(words):
-        word_at[offset] = i
-        offset += len(word) + 1
-    mentions: dict[int, list[tuple[int, int]]] = {}  # start word -> [(end word, option index)]
+    targets: dict[tuple[str, ...], list[int]] = {}
     for index, option in enumerate(options):
-        target = normalize(_strip_letter(option)).split()
-        if not target:
-            continue
-        needle = " " + " ".join(target) + " "
-        at = haystack.find(needle)
-        while at >= 0:
-            start = word_at[at]
-            mentions.setdefault(start, []).append((start + len(target), index))
-            at = haystack.find(needle, at + 1)
+        target = tuple(normalize(_strip_letter(option)).split())
+        if target:
+            targets.setdefault(target, []).append(index)
     positive: set[int] = set()
     negated: set[int] = set()
     reach = 0  # furthest end of the mentions starting before the current word
-    for start in sorted(mentions):
-        found = mentions[start]
-        longest = max(end for end, _ in found)
-        for end, index in found:
-            # A mention inside a longer mention of another option ("sad" inside "very sad") does not count:
-            # a longer one starts here, or one that started earlier reaches at least as far.
-            if end < longest or reach >= end:
-                continue
+    for start, (end, indices) in sorted(_longest_mentions(words, targets).items()):
+        if reach < end:
             window = words[max(0, start - NEGATION_WINDOW):start]
-            (negated if any(w in NEGATION_WORDS for w in window) else positive).add(index)
-        reach = max(reach, longest)
+            (negated if any(w in NEGATION_WORDS for w in window) else positive).update(indices)
+        reach = max(reach, end)
     return positive, negated - positive
 
 

@@ -36,9 +36,11 @@ from .limits import (MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_
 # the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
 from .protocol import CONFIGS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_CURLY_AS_SQUARE = str.maketrans("{}", "[]")
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))  # bytes deleted by json_depth
+_CURLY_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONG_NUMBER = re.compile(r"[0-9]{%d}|[eE][+-]?[0-9]{3}" % (MAX_INT_DIGITS + 1))
+_LONG_NUMBER_BYTES = re.compile(_LONG_NUMBER.pattern.encode())
 _STEP = re.compile(r"^step(\d+)$")
 
 
@@ -78,32 +80,38 @@ def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
 
 
 
+def _outside_strings(text: str) -> bytes:
+    """The UTF-8 bytes of a JSON text outside its strings (steps 1 and 2 of `json_depth`), in linear time."""
+    data = text.encode("utf-8", "surrogatepass")
+    return b"".join(data.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[0::2])
+
+
 def json_depth(text: str, limit: int) -> int:
     """Nesting depth of a JSON text (brackets inside strings ignored), or `limit + 1` once it is deeper.
 
-    Linear in the text, whatever it holds: a constant number of passes of `str` methods, no backtracking
-    expression (an unterminated string of escaped quotes made the earlier regular expression quadratic).
-    1. Escape pairs are dropped left to right (``\\\\`` first, then ``\\"``): what is left of a string holds no
-       backslash and ends at the next quote.
+    Linear in the text, whatever it holds: a constant number of passes of `bytes` methods over its UTF-8 form,
+    no backtracking expression (an unterminated string of escaped quotes made the earlier regular expression
+    quadratic); brackets, quotes and backslashes are ASCII, which no byte of a multi-byte character is.
+    1. Escape pairs are dropped left to right (two backslashes first, then backslash-quote): what is left of a
+       string holds no backslash and ends at the next quote.
     2. Splitting at quotes leaves the text outside strings at the even positions (an unterminated string runs to
        the end of the line; the JSON parser refuses that line anyway).
-    3. Brackets alone, ``{}`` read as ``[]``: each pass of ``replace("[]", "")`` removes every innermost pair,
+    3. Brackets alone, ``{}`` read as ``[]``: each pass of ``replace(b"[]", b"")`` removes every innermost pair,
        so a balanced text of depth d is empty after exactly d passes; at most `limit + 1` passes are made.
     Brackets never closed (a malformed line) count as nesting too: the parser recurses into them.
     """
     opened = text.count("[") + text.count("{")
     if opened <= limit:
         return opened  # an upper bound that is already within the limit
-    outside = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[0::2])
-    brackets = _NOT_BRACKET.sub("", outside).translate(_CURLY_AS_SQUARE)
+    brackets = _outside_strings(text).translate(_CURLY_AS_SQUARE, _NOT_BRACKET)
     depth = 0
-    while "[]" in brackets:
+    while b"[]" in brackets:
         if depth == limit:
             return limit + 1
-        brackets = brackets.replace("[]", "")
+        brackets = brackets.replace(b"[]", b"")
         depth += 1
     # left: "]" * a + "[" * b (brackets never matched); each unclosed "[" is one more level for the parser
-    return min(limit + 1, depth + brackets.count("["))
+    return min(limit + 1, depth + brackets.count(b"["))
 
 
 def _reject_constant(name: str) -> Any:
@@ -140,9 +148,14 @@ def parse_json_line(text: str, *, where: str, max_depth: int) -> Any:
     if depth > max_depth:
         raise PredictionsError(f"{where}: JSON nested {depth} levels deep or more; the format allows at most "
                                f"{max_depth}")
+    # The number hooks (a Python call per number) are needed only where a number may break a limit: a run of
+    # more than MAX_INT_DIGITS digits or an exponent of three digits outside strings; elsewhere the parser's own
+    # are exact (a quick search of the whole text first, then of the text outside strings).
+    hooks = {}
+    if _LONG_NUMBER.search(text) and _LONG_NUMBER_BYTES.search(_outside_strings(text)):
+        hooks = {"parse_int": _parse_int, "parse_float": _parse_float}
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float,
-                           object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys, **hooks)
     except _Reject as exc:
         raise PredictionsError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
