@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from _browser_helpers import SKIP_WITHOUT_BROWSER, chromium_driver
 from _leaderboard_helpers import (METADATA, jsonl_bytes, make_header, make_manifest, make_row, make_rows,
                                   write_submission_dir, write_submission_zip)
 from eval.leaderboard.store import LocalStore, add_submission, process_queue
@@ -740,6 +741,47 @@ def test_hostile_uploads_are_answered_while_another_client_is_served(space, tmp_
     manifest = make_manifest()
     good = write_submission_zip(tmp_path / "good.zip", make_header(manifest), make_rows(manifest))
     assert submit_through_api(space, good).startswith("Queued\n")
+
+
+@pytest.mark.skipif(SKIP_WITHOUT_BROWSER, reason="needs Debian's chromium and chromium-driver")
+def test_rejection_text_is_plain_text_in_a_browser(space, tmp_path):
+    """Markdown and HTML in a rejected submission's values (and in an error of the queue) reach a visitor's
+    browser as text: no image is loaded, no link or element is made from them."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    evil = "![pixel](https://evil.example/p.png) [claim your rank](https://evil.example/claim) <img src=x>"
+    manifest = make_manifest()
+    archive = write_submission_zip(tmp_path / "evil.zip", make_header(manifest), make_rows(manifest),
+                                   metadata=dict(METADATA, model_link=evil))
+    rejected = space.root / "queue" / "rejected"
+    rejected.mkdir(parents=True, exist_ok=True)
+    (rejected / "old.zip.error.txt").write_text(f"JudgeError: {evil}\n")
+    driver = chromium_driver(tmp_path / "profile", window_size="1400,1000", page_load_timeout=60)
+    try:
+        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+        driver.get(space.url + "/")
+        tab = wait.until(lambda d: next((b for b in d.find_elements("css selector", "button[role=tab]")
+                                         if b.text.strip() == "Submit"), None))
+        tab.click()
+        wait.until(lambda d: d.find_element("css selector", "#submission-file input[type=file]")).send_keys(
+            str(archive))
+        wait.until(lambda d: "evil" in d.find_element("id", "submission-file").text)
+        driver.find_element("id", "submit-button").click()
+        answer = wait.until(lambda d: d.find_element("css selector", "#submit-result textarea")
+                            .get_attribute("value").strip() or None)
+        status = wait.until(lambda d: "old.zip" in d.find_element("css selector", "#queue-status textarea")
+                            .get_attribute("value") and d.find_element("css selector", "#queue-status textarea")
+                            .get_attribute("value"))
+        assert answer.startswith("Rejected\n") and "field model_link" in answer and "![pixel](https" in answer
+        assert "[claim your rank](https://evil.example/claim) <img src=x>" in status
+        made = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#submit-result *, #queue-status *')).filter("
+            "function (e) { return ['IMG', 'A', 'B', 'SCRIPT', 'IFRAME'].indexOf(e.tagName) >= 0; }).length")
+        assert made == 0
+        images = driver.execute_script("return Array.from(document.images).map(function (i) { return i.src; })")
+        assert not [src for src in images if "evil.example" in src or src.endswith("/x")]
+    finally:
+        driver.quit()
 
 
 def test_half_open_connections_from_one_address_leave_others_served(space):

@@ -331,8 +331,7 @@ class Board:
                 logger.error("validation worker: %s", exc)
                 return "Rejected\n- the validator failed on this upload; try again later"
         else:
-            _WORKER["manifest"] = self.manifest
-            verdict = check_submission(str(upload), self.config.max_bytes)
+            verdict = check_submission(str(upload), self.config.max_bytes, self.manifest)
         if "problems" in verdict:
             return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in verdict["problems"]))
         if "error" in verdict:
@@ -436,15 +435,13 @@ class Board:
 _WORKER: dict[str, Any] = {}  # what a worker process keeps between calls (the release manifest)
 
 
-def _start_worker(manifest: dict[str, Any]) -> None:
-    _WORKER["manifest"] = manifest
-
-
-def check_submission(path: str, max_bytes: int) -> dict[str, Any]:
-    """Validate an upload (in a worker process): ``{"problems": [...]}``, ``{"error": line}``, or the summary
-    ``{"id", "model", "method", "mode", "rows"}`` -- plain data, so no exception crosses the process boundary."""
+def check_submission(path: str, max_bytes: int, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate an upload (in a worker process, against the worker's manifest unless one is given):
+    ``{"problems": [...]}``, ``{"error": line}``, or the summary ``{"id", "model", "method", "mode", "rows"}`` --
+    plain data, so no exception crosses the process boundary."""
     try:
-        submission = validate_submission(path, _WORKER["manifest"], max_bytes=max_bytes)
+        submission = validate_submission(path, manifest if manifest is not None else _WORKER["manifest"],
+                                         max_bytes=max_bytes)
     except SubmissionError as exc:
         return {"problems": [str(problem) for problem in exc.problems]}
     except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line

@@ -141,7 +141,12 @@ def score_with_items(submission: Submission, judge: str = "paper", scorer: Score
         except ValueError as exc:  # bad input (PredictionsError): name the file as submitted, not the temp copy
             if str(path) not in str(exc):
                 raise
-            raise type(exc)(str(exc).replace(str(path), PREDICTIONS_NAME)) from None
+            message = str(exc).replace(str(path), PREDICTIONS_NAME)
+            try:
+                renamed = type(exc)(message)
+            except Exception:  # noqa: BLE001 - an error type that takes more than a message
+                renamed = ValueError(message)
+            raise renamed from None
         if (Path(tmp) / ITEMS_NAME).is_file():
             items = (Path(tmp) / ITEMS_NAME).read_bytes()
     check_results(result, "scorer output")

@@ -262,6 +262,8 @@ def read_submission_files(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_
         raise SubmissionError([Problem(src, "no such file or directory")], src)
     if path.is_dir():
         files = _read_dir(path, max_bytes)
+    elif not path.is_file():  # a FIFO or a device is never opened (reading one could block or never end)
+        raise SubmissionError([Problem(src, "not a regular file")], src)
     elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
         files = _read_zip(path, max_bytes)
     elif path.suffix.lower() == ".jsonl":
@@ -336,8 +338,8 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
         elif error.validator == "pattern" and path.endswith("_link"):
             message = f"got {_short(error.instance)}, expected an http(s):// URL"
         elif error.validator in ("minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
-            size = len(error.instance) if isinstance(error.instance, (str, list)) else error.instance
-            message = f"got {_short(error.instance)} ({size}), expected {error.validator} {error.validator_value}"
+            size = f" ({len(error.instance)})" if isinstance(error.instance, (str, list)) else ""
+            message = f"got {_short(error.instance)}{size}, expected {error.validator} {error.validator_value}"
         else:  # jsonschema's own text quotes the whole value: name the rule only
             message = f"got {_short(error.instance)}, which breaks the schema rule {error.validator!r}"
         problems.append(Problem(f"{where}{field_name}", message))
