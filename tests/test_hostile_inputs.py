@@ -142,27 +142,40 @@ def test_hostile_lines_cost_about_what_a_plain_line_costs(manifest):
     assert not slow, f"hostile lines over 20x a plain 4 MB line ({baseline:.3f} s): {slow}"
 
 
+def _judge_time(raw: dict, repeats: int = 2) -> float:
+    from eval.sake_metric.rows import validate_row
+    from eval.sake_metric.scoring import judge_rows
+
+    row = validate_row(raw)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        judge_rows([row])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def test_long_options_references_and_questions_are_judged_on_their_first_characters():
+    """A row of 26 options of 10,000 characters whose words the 16,000-character output repeats is judged
+    (offline protocol, the matcher) in at most 40x the time of the same output with four short options; the
+    unbounded matcher compared every option at every word (a 500-option row took 28 s). The LLM prompt holds at
+    most the judged characters."""
     from eval.sake_metric.limits import MAX_OPTION_CHARS, MAX_QUESTION_CHARS
     from eval.sake_metric.rows import validate_row
-    from eval.sake_metric.scoring import judge_prompt, judge_rows
+    from eval.sake_metric.scoring import judge_prompt
 
     filler = "a " * 5000
-    raw = make_row("emotion/test/000000/rel", None, correct=False)
-    raw.update(options=[filler + chr(98 + i) for i in range(MAX_OPTIONS)], reference=filler + "b",
-               question="q" * 100_000, post_edit=filler * 3)
-    row = validate_row(raw)
-    start = time.perf_counter()
-    verdict = judge_rows([row])[0]
-    elapsed = time.perf_counter() - start
-    prompt = judge_prompt(row)
+    plain = dict(make_row("emotion/test/000000/rel", None, correct=False), post_edit=filler * 3)
+    hostile = dict(plain, options=[filler + chr(98 + i) for i in range(MAX_OPTIONS)], reference=filler + "b",
+                   question="q" * 100_000)
+    varied = dict(hostile, options=[("a " * (500 - i)).strip() for i in range(MAX_OPTIONS)])  # 26 lengths
+    baseline = _judge_time(plain, repeats=3)
+    for raw in (hostile, varied):
+        assert _judge_time(raw) <= 40 * baseline + 0.05
+    prompt = judge_prompt(validate_row(hostile))
     assert len(prompt) < MAX_QUESTION_CHARS + MAX_OPTION_CHARS + 16_000 + 2000
-    # the options agree on their first MAX_OPTION_CHARS characters: the matcher sees 26 equal options
-    assert verdict.stage in ("choice", "undecided", "exact")
-    assert elapsed < 5.0  # generous: the unbounded matcher took tens of seconds on such a row
-    raw["options"] = raw["options"] + ["z"]
     with pytest.raises(ValueError, match="27 options; at most 26"):
-        validate_row(raw)
+        validate_row(dict(hostile, options=hostile["options"] + ["z"]))
 
 
 # ------------------------------------------------------------------------------------------------ one verdict

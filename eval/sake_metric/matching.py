@@ -133,10 +133,8 @@ def _longest_mentions(words: list[str], targets: dict[tuple[str, ...], list[int]
     for length in sorted(by_length, reverse=True):  # the longest phrase at a start wins
         table, power = by_length[length], pow(_HASH_BASE, length, _HASH_MOD)
         hits = [start for start in range(len(words) - length + 1)
-                if (prefix[start + length] - prefix[start] * power) % _HASH_MOD in table]
+                if start not in found and (prefix[start + length] - prefix[start] * power) % _HASH_MOD in table]
         for start in hits:
-            if start in found:
-                continue
             window = tuple(words[start:start + length])
             code = (prefix[start + length] - prefix[start] * power) % _HASH_MOD
             target = next((t for t in table[code] if t == window), None)  # the hash confirmed word by word
