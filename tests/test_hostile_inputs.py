@@ -85,15 +85,20 @@ def _line_cases(header: dict, row: dict) -> dict[str, tuple[bytes, bytes, str | 
         "500 options of 8 KB (the 28 s row)": (
             head, json.dumps(dict(row, options=["a" * 8000] * 500)).encode(), "500 options; at most 26"),
         "a million one-letter options": (head, fill(without(row, "options") + b'"options": [', b'"a",', b'"a"]}'),
-                                         "options; at most 26"),
+                                         "values (members and array entries)"),
         "a 4-million-digit integer": (head, fill(without(row, "type") + b'"type": ', b"9", b"}"), "digits"),
         "a 4-million-digit fraction": (head, fill(without(row, "type") + b'"type": 1.', b"1", b"}"),
                                        "expected integer"),
-        "400,000 duplicate keys": (head, fill(b'{"kind": "prediction", ', b'"k": 1, ', b'"k": 2}'),
-                                   "duplicate key"),
+        "400,000 members": (head, fill(b'{"kind": "prediction", ', b'"k": 1, ', b'"k": 2}'),
+                            "values (members and array entries)"),
+        "two duplicate keys of 2 MB": (head, b'{"' + b"k" * (LINE // 2 - 16) + b'": 1, "' + b"k" * (LINE // 2 - 16)
+                                       + b'": 2}', "duplicate key 'kkkk"),
         "unpaired surrogate escapes": (head, fill(prefix + b'"', b"\\ud800", b'"}'), "surrogate"),
         "a header with 450,000 distinct configs": (
             without(header, "configs") + b'"configs": [' + b",".join(b"[%d]" % i for i in range(450_000)) + b"]}",
+            body, "values (members and array entries)"),
+        "a header with 9,000 distinct configs (JSON Schema's uniqueItems is quadratic)": (
+            without(header, "configs") + b'"configs": [' + b",".join(b"[%d]" % i for i in range(9_000)) + b"]}",
             body, "'configs' must be a list"),
         "brackets inside strings (valid)": (head, fill(prefix + b'"', b"[{", b'"}'), None),
         "26 options of 150 KB (valid, judged on their first characters)": (head, json.dumps(long_options).encode(),
@@ -724,7 +729,8 @@ def _hostile_archives(root: Path) -> dict[str, tuple[Path, str]]:
     out = {}
     for name in ("brackets, then an unterminated string of escaped quotes", "nesting 2,000,000 deep",
                  "500 options of 8 KB (the 28 s row)", "a header with 450,000 distinct configs",
-                 "400,000 duplicate keys"):
+                 "a header with 9,000 distinct configs (JSON Schema's uniqueItems is quadratic)",
+                 "two duplicate keys of 2 MB"):
         line1, line2, expected = cases[name]
         path = root / f"{len(out)}.zip"
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
-from eval.sake_metric.limits import MAX_ROW_DEPTH
+from eval.sake_metric.limits import MAX_ROW_DEPTH, MAX_ROW_ITEMS
 from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_json_line, parse_predictions,
                                                sequential_rule)
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
@@ -400,7 +400,8 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
                                             "short fields)"))
     elif metadata_bytes is not None:
         try:
-            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH)
+            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH,
+                                       max_items=MAX_ROW_ITEMS)
         except UnicodeDecodeError as exc:
             problems.add(Problem(METADATA_NAME, f"not UTF-8 (byte {exc.start})"))
         except PredictionsError as exc:

@@ -39,6 +39,10 @@ MAX_ROWS = 1_000_000
 MAX_ROW_DEPTH = 2
 #: Deepest JSON nesting of the run header (its `hparams` and `versions` hold small nested values).
 MAX_HEADER_DEPTH = 8
+#: Most values (object members and array entries) in one prediction row: about 14 fields and <= 26 options.
+MAX_ROW_ITEMS = 1_000
+#: Most values in the run header (its fields and the small `hparams` and `versions` objects).
+MAX_HEADER_ITEMS = 10_000
 #: Most digits of a JSON integer (types, gaps, seeds, counts; anything longer is not a SAKE value).
 MAX_INT_DIGITS = 20
 

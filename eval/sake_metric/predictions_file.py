@@ -8,7 +8,8 @@ raise `PredictionsError` with ONE line naming the file, the line (or byte offset
 - a file over `MAX_FILE_BYTES`, a line over `MAX_LINE_BYTES`, more than `MAX_ROWS` rows;
 - binary content (a NUL byte) or bytes that are not UTF-8 (byte offset of the first bad byte);
 - a line that is not one JSON object: malformed JSON, NaN / Infinity, integers over `MAX_INT_DIGITS` digits,
-  nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), duplicate keys, unpaired
+  nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), more values than it holds
+  (`MAX_HEADER_ITEMS`, `MAX_ROW_ITEMS`), duplicate keys, unpaired
   UTF-16 surrogate escapes (`"\\ud800"`), blank lines, a row with more than `MAX_OPTIONS` options;
 - a missing or malformed header (line 1 must be `kind: header` with `mode` single|sequential);
 - a file with fewer (or more) rows than the header's `expected_rows` (written by `editors/run.py`), or, given a
@@ -31,16 +32,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from .limits import (MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS,
-                     options_problem)
+from .limits import (MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_HEADER_ITEMS, MAX_INT_DIGITS, MAX_LINE_BYTES,
+                     MAX_ROW_DEPTH, MAX_ROW_ITEMS, MAX_ROWS, options_problem)
 # the evaluate module's copy of sake/protocol.py (this package must stay self-contained)
 from .protocol import CONFIGS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
 _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))  # bytes deleted by json_depth
 _CURLY_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_LONG_NUMBER = re.compile(r"[0-9]{%d}|[eE][+-]?[0-9]{3}" % (MAX_INT_DIGITS + 1))
-_LONG_NUMBER_BYTES = re.compile(_LONG_NUMBER.pattern.encode())
+# digits -> "0", e/E -> "e", +/- -> "+", any other byte -> " " (what `_long_number` looks for)
+_NUMBER_CLASSES = bytes(48 if b in b"0123456789" else 101 if b in b"eE" else 43 if b in b"+-" else 32
+                        for b in range(256))
+_LONG_DIGITS = b"0" * (MAX_INT_DIGITS + 1)
 _STEP = re.compile(r"^step(\d+)$")
 
 
@@ -86,6 +89,13 @@ def _outside_strings(text: str) -> bytes:
     return b"".join(data.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[0::2])
 
 
+def _long_number(outside: bytes) -> bool:
+    """True when the text outside a JSON text's strings has a run of more than `MAX_INT_DIGITS` digits or an
+    exponent of three digits or more (the numbers that may break a limit); `bytes` passes only, linear."""
+    classes = outside.translate(_NUMBER_CLASSES)
+    return _LONG_DIGITS in classes or b"e000" in classes or b"e+000" in classes
+
+
 def json_depth(text: str, limit: int) -> int:
     """Nesting depth of a JSON text (brackets inside strings ignored), or `limit + 1` once it is deeper.
 
@@ -103,7 +113,12 @@ def json_depth(text: str, limit: int) -> int:
     opened = text.count("[") + text.count("{")
     if opened <= limit:
         return opened  # an upper bound that is already within the limit
-    brackets = _outside_strings(text).translate(_CURLY_AS_SQUARE, _NOT_BRACKET)
+    return _depth_outside(_outside_strings(text), limit)
+
+
+def _depth_outside(outside: bytes, limit: int) -> int:
+    """Step 3 of `json_depth` on the text outside strings."""
+    brackets = outside.translate(_CURLY_AS_SQUARE, _NOT_BRACKET)
     depth = 0
     while b"[]" in brackets:
         if depth == limit:
@@ -142,18 +157,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def parse_json_line(text: str, *, where: str, max_depth: int) -> Any:
-    """One JSON value of a line under the reader's rules (see module doc); PredictionsError naming `where`."""
-    depth = json_depth(text, max_depth)
+def parse_json_line(text: str, *, where: str, max_depth: int, max_items: int | None = None) -> Any:
+    """One JSON value of a line under the reader's rules (see module doc); PredictionsError naming `where`.
+
+    `max_items`: most members and array entries the line may hold (commas outside strings + 1), checked before
+    the line is parsed, so a line of a million tiny values costs a count, not a parse.
+    """
+    outside = _outside_strings(text)
+    opened = text.count("[") + text.count("{")
+    depth = opened if opened <= max_depth else _depth_outside(outside, max_depth)
     if depth > max_depth:
         raise PredictionsError(f"{where}: JSON nested {depth} levels deep or more; the format allows at most "
                                f"{max_depth}")
-    # The number hooks (a Python call per number) are needed only where a number may break a limit: a run of
-    # more than MAX_INT_DIGITS digits or an exponent of three digits outside strings; elsewhere the parser's own
-    # are exact (a quick search of the whole text first, then of the text outside strings).
-    hooks = {}
-    if _LONG_NUMBER.search(text) and _LONG_NUMBER_BYTES.search(_outside_strings(text)):
-        hooks = {"parse_int": _parse_int, "parse_float": _parse_float}
+    if max_items is not None and outside.count(b",") >= max_items:
+        raise PredictionsError(f"{where}: JSON of {outside.count(b',') + 1} values (members and array entries); "
+                               f"the format has far fewer (at most {max_items} allowed)")
+    # The number hooks (a Python call per number) are needed only where a number may break a limit (see
+    # `_long_number`); elsewhere the parser's own are exact.
+    hooks = {"parse_int": _parse_int, "parse_float": _parse_float} if _long_number(outside) else {}
     try:
         value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys, **hooks)
     except _Reject as exc:
@@ -261,9 +282,10 @@ def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
         if not text.strip():
             raise PredictionsError(f"{where}: blank line; expected one JSON object per line")
         if number == 1:
-            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH), source=source)
+            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH,
+                                                  max_items=MAX_HEADER_ITEMS), source=source)
             continue
-        obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH)
+        obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH, max_items=MAX_ROW_ITEMS)
         if not isinstance(obj, dict):
             raise PredictionsError(f"{where}: expected a prediction row (a JSON object), got a JSON "
                                    f"{type(obj).__name__}")
