@@ -183,6 +183,39 @@ def test_long_options_references_and_questions_are_judged_on_their_first_charact
         validate_row(dict(hostile, options=hostile["options"] + ["z"]))
 
 
+def _mentions_by_definition(output: str, options: list[str]) -> tuple[set[int], set[int]]:
+    """The matcher's text rule word by word (no hashing): at each word every option phrase starting there; only
+    the longest counts, and not when a mention that started earlier reaches as far; negated within 3 words."""
+    from eval.sake_metric.matching import NEGATION_WINDOW, NEGATION_WORDS, _strip_letter, normalize
+
+    words = normalize(output).split()
+    targets = [(normalize(_strip_letter(o)).split(), i) for i, o in enumerate(options)]
+    positive, negated, reach = set(), set(), 0
+    for start in range(len(words)):
+        found = [(start + len(t), i) for t, i in targets if t and words[start:start + len(t)] == t]
+        if not found:
+            continue
+        longest = max(end for end, _ in found)
+        for end, index in found:
+            if end == longest and reach < end:
+                window = words[max(0, start - NEGATION_WINDOW):start]
+                (negated if any(w in NEGATION_WORDS for w in window) else positive).add(index)
+        reach = max(reach, longest)
+    return positive, negated - positive
+
+
+def test_the_hashing_matcher_finds_what_the_word_by_word_rule_finds():
+    """Seeded random outputs and option lists (repeated words, shared prefixes, negations, duplicates)."""
+    from eval.sake_metric.matching import _text_mentions
+
+    rng = random.Random(28)
+    vocab = ["a", "b", "dog", "cat", "very", "sad", "not", "no", "rather", "than", "(b)", "it's", "x y", "A."]
+    for _ in range(3000):
+        options = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(1, 6))]
+        output = " ".join(rng.choice(vocab + options) for _ in range(rng.randint(0, 15)))
+        assert _text_mentions(output, options) == _mentions_by_definition(output, options), (output, options)
+
+
 # ------------------------------------------------------------------------------------------------ one verdict
 
 def _first(rows: list[dict], dimension: str) -> dict:
