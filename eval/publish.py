@@ -45,7 +45,7 @@ METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm
 LEADERBOARD_REQUIREMENTS = ["huggingface_hub>=0.30", "jsonschema>=4.20", "fastapi", "uvicorn>=0.30", "openai>=1.60",
                             "tqdm>=4.66"]
 #: What the leaderboard Space runs: its own package, the scorer and the metric's modules (all torch-free).
-LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake")
+LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake_core")
 
 METRIC_APP = '''"""The metric's Space: evaluate's widget for the SAKE metric (this repository's {name}.py)."""
 import evaluate

@@ -77,8 +77,8 @@ def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
     (board.queue / "pending" / "b.zip").write_bytes(b"x")
     (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
-    status = board.queue_status()
-    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
+    status = board.queue_status()  # plain text (shown in a text box): nothing is escaped, nothing is rendered
+    assert "Pending (1): b.zip" in status and "- a.zip: JudgeError: no <key>" in status
 
 
 def test_reported_rows_are_read_once(board, monkeypatch):
@@ -101,11 +101,13 @@ def test_reported_rows_are_read_once(board, monkeypatch):
 def test_submit_queues_the_zip_atomically(board, tmp_path):
     """A valid upload lands in pending/ whole (same bytes, mode 0644), with no temporary file left beside it."""
     board, _ = board
+    (tmp_path / "uploads").mkdir()
     fresh = Board(SpaceConfig(results_dir=board.config.results_dir, queue_dir=str(tmp_path / "queue"),
-                              judge="offline", queue_interval_s=0), manifest=board.manifest)
-    upload = write_submission_zip(tmp_path / "sub.zip", make_header(fresh.manifest, method="i_ike"),
+                              judge="offline", queue_interval_s=0, upload_dir=str(tmp_path / "uploads")),
+                  manifest=board.manifest)
+    upload = write_submission_zip(tmp_path / "uploads" / "sub.zip", make_header(fresh.manifest, method="i_ike"),
                                   make_rows(fresh.manifest))
-    assert fresh.submit(str(upload)).startswith("### Queued")
+    assert fresh.submit(str(upload)).startswith("Queued\n")
     queued = list((tmp_path / "queue" / "pending").iterdir())
     assert len(queued) == 1 and queued[0].name.endswith(".zip") and not queued[0].name.startswith(".")
     assert queued[0].read_bytes() == upload.read_bytes() and queued[0].stat().st_mode & 0o777 == 0o644

@@ -81,8 +81,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .store import board_result, dump_json, score_submission
     from .validate import validate_submission
 
-    submission = validate_submission(args.submission, _manifest(args), **_validate_options(args))
-    result = board_result(submission, score_submission(submission, judge=args.judge, **_judge_options(args)))
+    manifest = _manifest(args)
+    submission = validate_submission(args.submission, manifest, **_validate_options(args))
+    result = board_result(submission, score_submission(submission, judge=args.judge, manifest=manifest,
+                                                       **_judge_options(args)))
     data = dump_json(result)
     if args.out:
         from sake_core.atomic import atomic_write

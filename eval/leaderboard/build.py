@@ -190,7 +190,8 @@ def build_site(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                include_reference: bool = True) -> Path:
     """Build the static board for ``results_dir`` into ``out_dir``; same inputs give byte-identical files."""
     data, details = board_data(results_dir, include_reference=include_reference)
-    payload = json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":"),
+                         allow_nan=False).replace("</", "<\\/")
     files = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_FILES}
     files["data.js"] = f"window.SAKE_BOARD = {payload};\n".encode("ascii")
     for sid, detail in details.items():
