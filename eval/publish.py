@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sake_core.atomic import write_tree
+
 logger = logging.getLogger("eval.publish")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,10 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm>=4.66"]
 LEADERBOARD_REQUIREMENTS = ["huggingface_hub>=0.30", "jsonschema>=4.20", "fastapi", "uvicorn>=0.30", "openai>=1.60",
                             "tqdm>=4.66"]
-#: What the leaderboard Space runs: its own package, the scorer and the metric's modules (all torch-free).
-LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake")
+#: What the leaderboard Space runs: the ground package, the scorer, the metric's modules and the leaderboard (all
+#: torch-free; an installed ``sake_core`` carries ``_shipped/``, the wheel's copy of top-level files: left out).
+LEADERBOARD_CODE = ("sake_core", "eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard")
+CODE_SKIPPED = ("__pycache__", "_shipped")
 
 METRIC_APP = '''"""The metric's Space: evaluate's widget for the SAKE metric (this repository's {name}.py)."""
 import evaluate
@@ -114,10 +118,7 @@ def _front_matter(card: str, extra: dict[str, str]) -> str:
 
 def _write_folder(files: dict[str, bytes], out: Path) -> Path:
     """Write ``files`` (relative path -> bytes) into a fresh folder that replaces ``out`` as a whole."""
-    from eval.leaderboard.build import write_tree
-
-    write_tree(Path(out), files)
-    return Path(out).resolve()
+    return write_tree(Path(out), files)
 
 
 # ---------------------------------------------------------------------------------------------- metric
@@ -153,7 +154,7 @@ def _code_files(entries: tuple[str, ...]) -> dict[str, bytes]:
             files[entry] = path.read_bytes()
         elif path.is_dir():
             for item in sorted(path.rglob("*")):
-                if item.is_file() and "__pycache__" not in item.parts and item.suffix != ".pyc":
+                if item.is_file() and not set(CODE_SKIPPED) & set(item.parts) and item.suffix != ".pyc":
                     files[str(item.relative_to(ROOT))] = item.read_bytes()
     return files
 

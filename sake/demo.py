@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from sake_core.atomic import atomic_write
 from sake_core.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
+from sake_core.shipped import shipped_path
 from editors.registry import method_sort_key
 
 logger = logging.getLogger(__name__)
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_DIR / "models" / "sake-reference-qwen2-audio"
+DEFAULT_MODEL = shipped_path("models/sake-reference-qwen2-audio")  # the checkout's models/, or the wheel's copy
 README = REPO_DIR / "README.md"
 README_BLOCK = Path(__file__).resolve().parent / "demo_readme_block.md"
 START_MARKER = "<!-- demo-table:start -->"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sake_core.atomic import atomic_write, replace_dir, staging_dir
+from sake_core.shipped import shipped_path
 
 from .construction import (InstanceBuilder, build_attribute_split, build_sequential, check_instance,
                            make_edit_pairs)
@@ -28,10 +29,9 @@ from .schema import CONFIGS, PAPER_TOTALS, SPLITS, count_totals, expected_totals
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
 DEMO_DIR = PACKAGE_DIR / "demo_sources"
 DEMO_TASK_TABLE = DEMO_DIR / "dynamic_superb_tasks.yaml"  # the synthetic demo tasks are not Phase-2 tasks
-CARD_TEMPLATE = REPO_DIR / "dataset_card.md"
+CARD_TEMPLATE = shipped_path("dataset_card.md")  # the checkout's top-level file, or the wheel's copy
 # The demo SAKURA has 8 clips per label; gender (2 labels, no demo pool) bounds the sizes: 3 + 5 clips per label.
 DEMO_SIZES = {"test_per_attribute": 6, "train_per_attribute": 10, "sequences": 3, "sequence_length": 5}
 POOL_FOR_ATTRIBUTE = {"animal": "esc50 or animal_sound_dataset", "emotion": "crema_d", "gender": "commonvoice",

@@ -100,9 +100,11 @@ def test_leaderboard_dry_run_is_a_slim_wired_space(tmp_path):
     assert not any(r.startswith(("torch", "transformers", "torchcodec")) for r in requirements)
     assert json.loads(files["leaderboard.json"]) == {"judge": "offline", "manifest": "sake/sake", "queue_dir": "queue",
                                                      "queue_interval_s": 30.0, "results_repo": "sake/results"}
-    assert not any("__pycache__" in name or name.startswith("tests/") for name in files)
+    assert not any("__pycache__" in name or name.startswith(("tests/", "sake/", "sake_core/_shipped")) for name in files)
+    assert {"sake_core/protocol.py", "sake_core/atomic.py", "sake_core/errors.py"} <= set(files)
     # The folder runs on its own: its app imports the Space from its own copy of `eval`, and no torch.
-    check = ("import sys, app, eval.leaderboard.space as s, eval.score; "
+    check = ("import sys, app, eval.leaderboard.space as s, eval.score, sake_core; "
+             "from pathlib import Path; assert Path(sake_core.__file__).resolve().parent == Path('sake_core').resolve(); "
              "from eval.leaderboard.space import SpaceConfig; c = SpaceConfig.from_env(); "
              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
              "print(s.__file__, c.results_repo, c.judge)")
