@@ -47,6 +47,7 @@ from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 from sake_core.atomic import atomic_write
 from editors.config import RunConfig
 from sake_core.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
 
@@ -57,7 +58,7 @@ logger = logging.getLogger("editors.run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.run", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.run"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "

@@ -53,6 +53,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HyperNetwork, _at
                                   load_network, replaced_out_projs, save_network)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.train")
 
@@ -248,7 +249,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=hypernetwork_methods())
     p.add_argument("--model", required=True, help="Hub id, local model directory or tiny-qwen2-audio / "

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
+from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
 
@@ -629,7 +630,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.report"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
