@@ -12,9 +12,11 @@ nothing. Without it the folder is built in a temporary directory and uploaded wi
 - **dataset**: the folder ``build_splits.py`` built (Parquet, card, ``sake_manifest.json``) as a dataset repo,
   i.e. ``build_splits.py --push-to-hub``;
 - **metric**: a Gradio Space whose root holds ``NAME.py`` (the metric module ``eval/sake_metric/sake_metric.py``
-  under the name ``evaluate.load("ORG/NAME")`` fetches), its helper modules, ``app.py`` (evaluate's widget), a
-  ``requirements.txt`` and the metric card with the Space front matter (``sdk``, ``sdk_version``, ``app_file``).
-  ``evaluate.load(DIR)`` works on the dry-run folder when its last component is NAME;
+  under the name ``evaluate.load("ORG/NAME")`` fetches), its helper modules, ``app.py`` (``eval/metric_space.py``:
+  upload a predictions JSONL, read the scores; it loads ``NAME.py`` with ``evaluate.load``, named in
+  ``metric_space.json``), a ``requirements.txt`` and the metric card whose metadata (``sdk``, ``sdk_version``,
+  ``app_file``) is set through ``huggingface_hub``'s card API. ``evaluate.load(DIR)`` works on the dry-run folder
+  when its last component is NAME;
 - **leaderboard**: a Gradio Space (``eval.leaderboard.space``) with its front matter, ``app.py``, a slim
   ``requirements.txt`` (no torch, no transformers), the ``eval`` code it runs, and ``leaderboard.json`` wiring it
   to the results store, a Hub dataset repo (``--results-repo``, default ``ORG/NAME-results``, created when
@@ -39,25 +41,20 @@ logger = logging.getLogger("eval.publish")
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_DIR = ROOT / "eval" / "sake_metric"
 METRIC_SCRIPT = "sake_metric.py"
-#: evaluate's widget (evaluate.utils.launch_gradio_widget) is written against Gradio 3's ``gr.inputs`` API.
-METRIC_SDK_VERSION = "3.19.1"
-LEADERBOARD_SDK_VERSION = "6.31.0"  # the Gradio the Space is tested with (requirements.txt)
+#: The metric Space's page: our own Gradio app (evaluate's widget is written for Gradio 3 and drops empty cells).
+METRIC_APP = ROOT / "eval" / "metric_space.py"
+METRIC_SETTINGS = "metric_space.json"  # read by the app: the module file and the repo id
+#: The Gradio both Spaces run (the version the tests run, requirements.txt; the Spaces' sdk_version).
+GRADIO_SDK_VERSION = "6.31.0"
+METRIC_SDK_VERSION = LEADERBOARD_SDK_VERSION = GRADIO_SDK_VERSION
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm>=4.66"]
+METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm>=4.66", "fastapi"]
 LEADERBOARD_REQUIREMENTS = ["huggingface_hub>=0.30", "jsonschema>=4.20", "fastapi", "uvicorn>=0.30", "openai>=1.60",
                             "tqdm>=4.66"]
 #: What the leaderboard Space runs: the ground package, the scorer, the metric's modules and the leaderboard (all
 #: torch-free; an installed ``sake_core`` carries ``_shipped/``, the wheel's copy of top-level files: left out).
 LEADERBOARD_CODE = ("sake_core", "eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard")
 CODE_SKIPPED = ("__pycache__", "_shipped")
-
-METRIC_APP = '''"""The metric's Space: evaluate's widget for the SAKE metric (this repository's {name}.py)."""
-import evaluate
-from evaluate.utils import launch_gradio_widget
-
-module = evaluate.load("{repo_id}")
-launch_gradio_widget(module)
-'''
 
 LEADERBOARD_APP = '''"""The SAKE leaderboard Space: Gradio app, submission queue and item pages (eval/leaderboard/space.py)."""
 import sys
@@ -71,19 +68,7 @@ if __name__ == "__main__":
     main()
 '''
 
-LEADERBOARD_CARD = """---
-title: SAKE leaderboard
-emoji: 🎧
-colorFrom: indigo
-colorTo: green
-sdk: gradio
-sdk_version: {sdk_version}
-app_file: app.py
-pinned: true
-license: apache-2.0
-short_description: Editing auditory attribute knowledge of audio-language models
----
-
+LEADERBOARD_CARD = """
 # SAKE leaderboard
 
 Scores of knowledge edits of large audio-language models on the SAKE benchmark (*SAKE: Towards Editing Auditory
@@ -107,15 +92,6 @@ def _check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def _front_matter(card: str, extra: dict[str, str]) -> str:
-    """``card`` with ``extra`` keys set in its YAML front matter (added at its end; a key already there is kept)."""
-    match = re.match(r"^---\n(.*?\n)---\n", card, re.S)
-    head, body = (match.group(1), card[match.end():]) if match else ("", card)
-    present = {line.split(":", 1)[0].strip() for line in head.splitlines() if re.match(r"^[A-Za-z_]\w*:", line)}
-    head += "".join(f"{key}: {value}\n" for key, value in extra.items() if key not in present)
-    return f"---\n{head}---\n{body}"
-
-
 def _write_folder(files: dict[str, bytes], out: Path) -> Path:
     """Write ``files`` (relative path -> bytes) into a fresh folder that replaces ``out`` as a whole."""
     return write_tree(Path(out), files)
@@ -124,7 +100,8 @@ def _write_folder(files: dict[str, bytes], out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- metric
 
 def metric_files(repo_id: str) -> dict[str, bytes]:
-    """The metric Space's files: ``NAME.py``, helper modules, ``app.py``, ``requirements.txt``, ``README.md``."""
+    """The metric Space's files: ``NAME.py``, helper modules, ``app.py`` + ``metric_space.json``,
+    ``requirements.txt`` and ``README.md`` (the metric card with the Space's metadata)."""
     name = _check_repo_id(repo_id).split("/")[1]
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise PublishError(f"metric repo name {name!r}: evaluate imports NAME.py as a module, so NAME must be a "
@@ -134,14 +111,34 @@ def metric_files(repo_id: str) -> dict[str, bytes]:
         if path.name == "__init__.py":
             continue
         files[f"{name}.py" if path.name == METRIC_SCRIPT else path.name] = path.read_bytes()
-    card = (METRIC_DIR / "README.md").read_text(encoding="utf-8")
-    card = card.replace('evaluate.load("eval/sake_metric")', f'evaluate.load("{repo_id}")')
-    files["README.md"] = _front_matter(card, {
-        "emoji": "🎧", "colorFrom": "indigo", "colorTo": "green", "sdk": "gradio",
-        "sdk_version": METRIC_SDK_VERSION, "app_file": "app.py", "pinned": "false"}).encode("utf-8")
-    files["app.py"] = METRIC_APP.format(name=name, repo_id=repo_id).encode("utf-8")
+    files["README.md"] = metric_card(repo_id).encode("utf-8")
+    files["app.py"] = METRIC_APP.read_bytes()
+    files[METRIC_SETTINGS] = (json.dumps({"metric_file": f"{name}.py", "repo_id": repo_id}, indent=1,
+                                         sort_keys=True) + "\n").encode("utf-8")
     files["requirements.txt"] = ("\n".join(METRIC_REQUIREMENTS) + "\n").encode("utf-8")
     return files
+
+
+def metric_card(repo_id: str) -> str:
+    """The metric card (``eval/sake_metric/README.md``) as the Space's README: its metadata set through
+    ``huggingface_hub``'s card API (Space SDK, version, app file, looks), and its ``metric = evaluate.load(...)``
+    line naming ``repo_id``."""
+    from huggingface_hub import SpaceCard
+
+    source = METRIC_DIR / "README.md"
+    card = SpaceCard(source.read_text(encoding="utf-8"))
+    lines = card.text.split("\n")
+    usage = [i for i, line in enumerate(lines) if line.startswith("metric = evaluate.load(")]
+    if len(usage) != 1:
+        raise PublishError(f"{source}: expected exactly one line starting with 'metric = evaluate.load(' (the "
+                           f"usage line the card shows with the repo id), found {len(usage)}")
+    lines[usage[0]] = f'metric = evaluate.load("{repo_id}")'
+    card.text = "\n".join(lines)
+    data = card.data
+    data.sdk, data.sdk_version, data.app_file = "gradio", METRIC_SDK_VERSION, "app.py"
+    data.emoji, data.colorFrom, data.colorTo, data.pinned = "🎧", "indigo", "green", False
+    data.license = data.license or "apache-2.0"
+    return str(card)
 
 
 # ---------------------------------------------------------------------------------------------- leaderboard
@@ -159,14 +156,25 @@ def _code_files(entries: tuple[str, ...]) -> dict[str, bytes]:
     return files
 
 
+def leaderboard_card(results_repo: str, manifest: str, judge: str) -> str:
+    """The leaderboard Space's README: metadata through ``huggingface_hub``'s card API, then the body."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    data = SpaceCardData(title="SAKE leaderboard", sdk="gradio", sdk_version=LEADERBOARD_SDK_VERSION,
+                         app_file="app.py", license="apache-2.0", datasets=[results_repo], emoji="🎧",
+                         colorFrom="indigo", colorTo="green", pinned=True,
+                         short_description="Editing auditory attribute knowledge of audio-language models")
+    body = LEADERBOARD_CARD.format(results_repo=results_repo, manifest=manifest, judge=judge)
+    return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
 def leaderboard_files(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
                       judge: str = "paper", queue_interval_s: float = 30.0) -> dict[str, bytes]:
     """The leaderboard Space's files: card, ``app.py``, slim requirements, ``leaderboard.json`` and the code."""
     _check_repo_id(repo_id)
     results_repo = _check_repo_id(results_repo or f"{repo_id}-results")
     files = _code_files(LEADERBOARD_CODE)
-    files["README.md"] = LEADERBOARD_CARD.format(sdk_version=LEADERBOARD_SDK_VERSION, results_repo=results_repo,
-                                                 manifest=manifest, judge=judge).encode("utf-8")
+    files["README.md"] = leaderboard_card(results_repo, manifest, judge).encode("utf-8")
     files["app.py"] = LEADERBOARD_APP.encode("utf-8")
     files["requirements.txt"] = ("\n".join(LEADERBOARD_REQUIREMENTS) + "\n").encode("utf-8")
     config = {"results_repo": results_repo, "manifest": manifest, "judge": judge,

@@ -56,9 +56,19 @@ def test_metric_dry_run_loads_with_evaluate_and_matches_score(tmp_path):
     card = (out / "README.md").read_text(encoding="utf-8")
     front = card.split("---\n")[1]
     assert "sdk: gradio\n" in front and "app_file: app.py\n" in front and "title: SAKE" in front
-    assert 'evaluate.load("sake/metric")' in (out / "app.py").read_text() and "launch_gradio_widget" in \
-        (out / "app.py").read_text()
+    assert (out / "app.py").read_bytes() == (REPO / "eval" / "metric_space.py").read_bytes()
+    assert json.loads((out / "metric_space.json").read_text()) == {"metric_file": "metric.py", "repo_id": "sake/metric"}
     assert "torch" not in (out / "requirements.txt").read_text()
+    # the card's metadata (read back with huggingface_hub's card API) and its usage line with the real repo id
+    from huggingface_hub import SpaceCard
+
+    data = SpaceCard.load(out / "README.md").data
+    assert (data.sdk, data.sdk_version, data.app_file, data.title) == ("gradio", publish.GRADIO_SDK_VERSION,
+                                                                       "app.py", "SAKE")
+    assert "evaluate" in data.tags and data.description.startswith("Scores knowledge edits")
+    usage = [line for line in card.splitlines() if "evaluate.load(" in line and line.startswith("metric =")]
+    assert usage == ['metric = evaluate.load("sake/metric")']
+    assert "once published" not in card
 
     manifest = make_manifest()
     predictions = tmp_path / "predictions.jsonl"
