@@ -19,8 +19,9 @@ nothing. Without it the folder is built in a temporary directory and uploaded wi
   when its last component is NAME;
 - **leaderboard**: a Gradio Space (``eval.leaderboard.space``) with its front matter, ``app.py``, a slim
   ``requirements.txt`` (no torch, no transformers), the ``eval`` code it runs, and ``leaderboard.json`` wiring it
-  to the results store, a Hub dataset repo (``--results-repo``, default ``ORG/NAME-results``, created when
-  missing). Give the Space the secrets ``HF_TOKEN`` (write access to the results repo) and the judge's API key.
+  to the results store and the submission requests, two Hub dataset repos (``--results-repo``, default
+  ``ORG/NAME-results``; ``--requests-repo``, default ``ORG/NAME-requests``; created when missing). Give the Space
+  the secrets ``HF_TOKEN`` (write access to both repos) and the judge's API key.
 """
 from __future__ import annotations
 
@@ -76,9 +77,12 @@ Attribute Knowledge of Large Audio-Language Models*). Submit a `.zip` of `predic
 `python -m editors.run` writes) and `metadata.json` on the Submit tab; the board validates it at once, queues it
 and scores it itself ({judge} protocol).
 
-Results live in the dataset repo [`{results_repo}`](https://huggingface.co/datasets/{results_repo}); the release
-manifest submissions are checked against is `{manifest}`. This Space needs the secrets `HF_TOKEN` (write access
-to the results repo) and, for the paper protocol, the judge's API key (`OPENAI_API_KEY`).
+Submissions wait in the dataset repo [`{requests_repo}`](https://huggingface.co/datasets/{requests_repo}) (one
+archive and one status record each: pending, finished or rejected with its error), so a restart of the Space loses
+none; results live in [`{results_repo}`](https://huggingface.co/datasets/{results_repo}). The release manifest
+submissions are checked against is `{manifest}`. This Space needs the secrets `HF_TOKEN` (write access to both
+repos) and, for the paper protocol, the judge's API key (`OPENAI_API_KEY`). `python app.py --local` runs this
+folder with no Hub (`./results`, `./queue`; `SAKE_MANIFEST=DATASET_DIR` to accept submissions).
 """
 
 
@@ -156,28 +160,32 @@ def _code_files(entries: tuple[str, ...]) -> dict[str, bytes]:
     return files
 
 
-def leaderboard_card(results_repo: str, manifest: str, judge: str) -> str:
+def leaderboard_card(results_repo: str, manifest: str, judge: str, requests_repo: str) -> str:
     """The leaderboard Space's README: metadata through ``huggingface_hub``'s card API, then the body."""
     from huggingface_hub import SpaceCard, SpaceCardData
 
     data = SpaceCardData(title="SAKE leaderboard", sdk="gradio", sdk_version=LEADERBOARD_SDK_VERSION,
-                         app_file="app.py", license="apache-2.0", datasets=[results_repo], emoji="🎧",
+                         app_file="app.py", license="apache-2.0", datasets=[results_repo, requests_repo], emoji="🎧",
                          colorFrom="indigo", colorTo="green", pinned=True,
                          short_description="Editing auditory attribute knowledge of audio-language models")
-    body = LEADERBOARD_CARD.format(results_repo=results_repo, manifest=manifest, judge=judge)
+    body = LEADERBOARD_CARD.format(results_repo=results_repo, manifest=manifest, judge=judge,
+                                   requests_repo=requests_repo)
     return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def leaderboard_files(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
-                      judge: str = "paper", queue_interval_s: float = 30.0) -> dict[str, bytes]:
-    """The leaderboard Space's files: card, ``app.py``, slim requirements, ``leaderboard.json`` and the code."""
+                      judge: str = "paper", queue_interval_s: float = 30.0,
+                      requests_repo: str | None = None) -> dict[str, bytes]:
+    """The leaderboard Space's files: card, ``app.py``, slim requirements, ``leaderboard.json`` (the results and
+    requests repos, manifest, protocol) and the code."""
     _check_repo_id(repo_id)
     results_repo = _check_repo_id(results_repo or f"{repo_id}-results")
+    requests_repo = _check_repo_id(requests_repo or f"{repo_id}-requests")
     files = _code_files(LEADERBOARD_CODE)
-    files["README.md"] = leaderboard_card(results_repo, manifest, judge).encode("utf-8")
+    files["README.md"] = leaderboard_card(results_repo, manifest, judge, requests_repo).encode("utf-8")
     files["app.py"] = LEADERBOARD_APP.encode("utf-8")
     files["requirements.txt"] = ("\n".join(LEADERBOARD_REQUIREMENTS) + "\n").encode("utf-8")
-    config = {"results_repo": results_repo, "manifest": manifest, "judge": judge,
+    config = {"results_repo": results_repo, "requests_repo": requests_repo, "manifest": manifest, "judge": judge,
               "queue_interval_s": queue_interval_s, "queue_dir": "queue"}
     files["leaderboard.json"] = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode("utf-8")
     return files
@@ -211,16 +219,19 @@ def publish_metric(repo_id: str, dry_run: str | os.PathLike | None = None) -> Pa
 
 def publish_leaderboard(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
                         judge: str = "paper", dry_run: str | os.PathLike | None = None,
-                        private_results: bool = False) -> Path | None:
-    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results repo and upload.
+                        private_results: bool = False, requests_repo: str | None = None) -> Path | None:
+    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results and requests repos and
+    upload.
 
-    ``private_results`` creates the results repo private (the submitted predictions are then visible to its
-    members only; the Space reads it with its ``HF_TOKEN`` secret)."""
-    files = leaderboard_files(repo_id, results_repo, manifest=manifest, judge=judge)
+    ``private_results`` creates both dataset repos private (the submitted predictions are then visible to their
+    members only; the Space reads them with its ``HF_TOKEN`` secret)."""
+    files = leaderboard_files(repo_id, results_repo, manifest=manifest, judge=judge, requests_repo=requests_repo)
     if dry_run:
         return _write_folder(files, Path(dry_run))
-    results_repo = json.loads(files["leaderboard.json"])["results_repo"]
-    _api().create_repo(results_repo, repo_type="dataset", exist_ok=True, private=private_results)
+    config = json.loads(files["leaderboard.json"])
+    api = _api()
+    for dataset_repo in (config["results_repo"], config["requests_repo"]):
+        api.create_repo(dataset_repo, repo_type="dataset", exist_ok=True, private=private_results)
     with tempfile.TemporaryDirectory(prefix="sake-publish-") as tmp:
         upload_space(_write_folder(files, Path(tmp) / "space"), repo_id, "SAKE leaderboard")
     return None
@@ -256,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", metavar="ORG/NAME")
     p.add_argument("--results-repo", default=None, help="Hub dataset repo of the results store "
                    "(default ORG/NAME-results; created when missing)")
+    p.add_argument("--requests-repo", default=None, help="Hub dataset repo where submissions wait and keep their "
+                   "status (default ORG/NAME-requests; created when missing)")
     p.add_argument("--manifest", default="sake/sake", help="release manifest the Space checks submissions "
                    "against: a Hub dataset id (default %(default)s)")
     p.add_argument("--judge", choices=["paper", "paper+choice", "offline"], default="paper",
                    help="protocol the Space scores with (default %(default)s; paper needs the judge's key)")
     p.add_argument("--private-results", action="store_true",
-                   help="create the results dataset repo private (submitted predictions not public)")
+                   help="create the results and requests dataset repos private (submitted predictions not public)")
     for p in sub.choices.values():
         p.add_argument("--dry-run", metavar="DIR", default=None,
                        help="write the folder that would be uploaded into DIR and upload nothing")
@@ -276,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             out = publish_metric(args.repo_id, args.dry_run)
         elif args.what == "leaderboard":
             out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
-                                      dry_run=args.dry_run, private_results=args.private_results)
+                                      dry_run=args.dry_run, private_results=args.private_results,
+                                      requests_repo=args.requests_repo)
         else:
             out = publish_dataset(args.repo_id, args.built, args.dry_run)
     except PublishError as exc:

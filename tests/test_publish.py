@@ -109,7 +109,8 @@ def test_leaderboard_dry_run_is_a_slim_wired_space(tmp_path):
     requirements = files["requirements.txt"].decode().split()
     assert not any(r.startswith(("torch", "transformers", "torchcodec")) for r in requirements)
     assert json.loads(files["leaderboard.json"]) == {"judge": "offline", "manifest": "sake/sake", "queue_dir": "queue",
-                                                     "queue_interval_s": 30.0, "results_repo": "sake/results"}
+                                                     "queue_interval_s": 30.0, "results_repo": "sake/results",
+                                                     "requests_repo": "sake/leaderboard-requests"}
     assert not any("__pycache__" in name or name.startswith(("tests/", "sake/", "sake_core/_shipped")) for name in files)
     assert {"sake_core/protocol.py", "sake_core/atomic.py", "sake_core/errors.py"} <= set(files)
     # The folder runs on its own: its app imports the Space from its own copy of `eval`, and no torch.
@@ -137,9 +138,11 @@ def test_uploads_use_the_right_repo_types(tmp_path, fake_hub):
     assert calls[1][3] == metric_dry  # exactly the dry-run folder is uploaded
     assert calls[2] == ("create_repo", "sake/leaderboard-results", {"repo_type": "dataset", "exist_ok": True,
                                                                      "private": True})
-    assert calls[3] == ("create_repo", "sake/leaderboard", {"repo_type": "space", "space_sdk": "gradio",
+    assert calls[3] == ("create_repo", "sake/leaderboard-requests", {"repo_type": "dataset", "exist_ok": True,
+                                                                      "private": True})
+    assert calls[4] == ("create_repo", "sake/leaderboard", {"repo_type": "space", "space_sdk": "gradio",
                                                              "exist_ok": True})
-    assert calls[4][1] == "sake/leaderboard" and calls[4][2]["repo_type"] == "space" and calls[4][3] == board_dry
+    assert calls[5][1] == "sake/leaderboard" and calls[5][2]["repo_type"] == "space" and calls[5][3] == board_dry
 
     built = tmp_path / "built"
     (built / "emotion").mkdir(parents=True)

@@ -13,13 +13,21 @@
 
 Configuration (environment, or ``leaderboard.json`` next to the Space's ``app.py``; the environment wins):
 ``SAKE_RESULTS_REPO`` (Hub dataset repo holding the results store; token ``HF_TOKEN``) or ``SAKE_RESULTS_DIR``
-(local store, default ``./results``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file),
-``SAKE_QUEUE_DIR`` (default ``./queue``), ``SAKE_JUDGE`` (``paper`` needs the judge's API key as a Space secret;
-``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between queue runs, default 30; 0 turns the worker off),
-``SAKE_MAX_MB`` (default 50). Run locally: ``python -m eval.leaderboard.space``.
+(local store, default ``./results``), ``SAKE_REQUESTS_REPO`` (Hub dataset repo holding the submissions until and
+after they are scored, :mod:`eval.leaderboard.submission_queue`) or ``SAKE_QUEUE_DIR`` (local queue, default
+``./queue``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file), ``SAKE_JUDGE`` (``paper``
+needs the judge's API key as a Space secret; ``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between
+queue runs, default 30; 0 turns the worker off), ``SAKE_MAX_MB`` (default 50).
+
+On the Hub the Space keeps everything in the two dataset repos, so a restart loses no submission. **Local mode**
+(``python app.py --local`` in the published folder, or ``SAKE_LOCAL=1``; ``python -m eval.leaderboard.space
+--local`` in a checkout) ignores the repos and runs on ``./results`` and ``./queue`` with no Hub at all; the
+manifest is ``SAKE_MANIFEST`` (a built dataset folder or its ``sake_manifest.json``) or, without it, the Submit tab
+says that one is needed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -34,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sake_core.atomic import atomic_write
+from sake_core.errors import SakeError
 from sake_core.protocol import FAMILY_NAMES, method_display
 
 from .build import display_model_name, reference_rows
-from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
-                    result_protocol)
+from .store import ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, result_protocol
+from .submission_queue import SubmissionQueue, open_queue
 from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
 
@@ -96,8 +104,10 @@ class SpaceConfig:
 
     results_dir: str = "results"
     results_repo: str | None = None
-    manifest: str = "sake/sake"
+    manifest: str | None = "sake/sake"
     queue_dir: str = "queue"
+    requests_repo: str | None = None
+    local: bool = False  # local mode: no Hub (the repos are ignored)
     judge: str = "paper"
     queue_interval_s: float = 30.0
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -105,8 +115,9 @@ class SpaceConfig:
     judge_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, config_file: str | os.PathLike | None = None) -> "SpaceConfig":
-        """Defaults <- ``leaderboard.json`` (when present) <- environment variables."""
+    def from_env(cls, config_file: str | os.PathLike | None = None, local: bool | None = None) -> "SpaceConfig":
+        """Defaults <- ``leaderboard.json`` (when present) <- environment variables; ``local`` (else
+        ``SAKE_LOCAL``) switches to local mode (:meth:`local_mode`)."""
         values: dict[str, Any] = {}
         path = Path(config_file) if config_file else Path(CONFIG_FILE)
         if path.is_file():
@@ -114,6 +125,7 @@ class SpaceConfig:
         env = os.environ
         for key, name, cast in (("results_repo", "SAKE_RESULTS_REPO", str), ("results_dir", "SAKE_RESULTS_DIR", str),
                                 ("manifest", "SAKE_MANIFEST", str), ("queue_dir", "SAKE_QUEUE_DIR", str),
+                                ("requests_repo", "SAKE_REQUESTS_REPO", str),
                                 ("judge", "SAKE_JUDGE", str), ("queue_interval_s", "SAKE_QUEUE_INTERVAL", float)):
             if env.get(name):
                 values[key] = cast(env[name])
@@ -124,26 +136,43 @@ class SpaceConfig:
         if config.judge not in PROTOCOLS:
             raise ValueError(f"SAKE_JUDGE / leaderboard.json judge: got {config.judge!r}, expected one of "
                              f"{', '.join(PROTOCOLS)}")
+        if local if local is not None else env.get("SAKE_LOCAL", "").lower() in ("1", "true", "yes"):
+            config = config.local_mode(manifest_given="SAKE_MANIFEST" in env)
         return config
+
+    def local_mode(self, manifest_given: bool = False) -> "SpaceConfig":
+        """The same Space with no Hub: local results and queue folders; the manifest only when given or a local
+        path (a Hub dataset id would need the Hub)."""
+        manifest = self.manifest if manifest_given or (self.manifest and Path(self.manifest).exists()) else None
+        return dataclasses.replace(self, results_repo=None, requests_repo=None, manifest=manifest, local=True)
+
+
+class ManifestMissing(SakeError, LookupError):
+    """The board was started without a release manifest (local mode without ``SAKE_MANIFEST``)."""
 
 
 class Board:
     """The Space's data: results (cached), submissions to the queue, the queue worker, per-item pages."""
 
     def __init__(self, config: SpaceConfig, store: ResultsStore | None = None,
-                 manifest: dict[str, Any] | None = None):
+                 manifest: dict[str, Any] | None = None, queue: SubmissionQueue | None = None, hub_api: Any = None):
+        """``store`` / ``queue`` default to the configured ones (Hub repos through ``hub_api``, a
+        ``huggingface_hub.HfApi`` by default, or local folders)."""
         self.config = config
-        self.store = store or open_store(config.results_dir, config.results_repo)
+        self.store = store or open_store(config.results_dir, config.results_repo, api=hub_api)
+        self.requests = queue or open_queue(config.queue_dir, config.requests_repo, api=hub_api)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self.queue = Path(config.queue_dir)
         self._stop = threading.Event()
 
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
+            if not self.config.manifest:
+                raise ManifestMissing("this board has no release manifest to check submissions against: start it "
+                                      "with SAKE_MANIFEST set to a built dataset folder (or its sake_manifest.json)")
             self._manifest = load_manifest(self.config.manifest)
         return self._manifest
 
@@ -240,36 +269,45 @@ class Board:
         try:
             submission = validate_submission(path, self.manifest, max_bytes=self.config.max_bytes)
         except SubmissionError as exc:
-            lines = [f"- {html.escape(str(p))}" for p in exc.problems]
+            lines = [f"- {markdown_text(p)}" for p in exc.problems]
             return "### Rejected\n" + "\n".join(lines)
+        except ManifestMissing as exc:
+            return f"### Not checked\n- {markdown_text(exc)}"
         except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
-            return f"### Rejected\n- {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"
+            return f"### Rejected\n- {markdown_text(type(exc).__name__)}: {markdown_text(exc)}"
         sid = submission.submission_id
-        if self.store.has(sid):
-            return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
-        # the temp file's name starts with ".", which the queue skips
-        atomic_write(self.queue / "pending" / name, Path(path).read_bytes())
         header = submission.header
-        return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
-                f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "
-                f"It appears on the board once scored ({self.config.judge} protocol).")
+        try:
+            if self.store.has(sid):
+                return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
+            self.requests.submit(name, Path(path).read_bytes(), {"submission_id": sid, "model": header["model"],
+                                                                 "method": header["method"], "mode": header["mode"]})
+        except Exception as exc:  # noqa: BLE001 - the store or the requests repo is unreachable: nothing queued
+            logger.warning("submission %s not queued: %s: %s", sid, type(exc).__name__, exc)
+            return (f"### Not queued\n- the board's storage did not answer ({markdown_text(type(exc).__name__)}: "
+                    f"{markdown_text(exc)}); the submission is valid: try again in a minute")
+        return (f"### Queued\nSubmission `{sid}` ({markdown_text(header['model'])} / "
+                f"{markdown_text(header['method'])} / {markdown_text(header['mode'])}, {len(submission.rows)} rows) "
+                f"is valid and waits in the queue as `{name}`. It appears on the board once scored "
+                f"({self.config.judge} protocol).")
 
     def queue_status(self, shown: int = 10) -> str:
         """Markdown: pending submissions, and the latest rejected ones with their one-line error."""
-        pending = sorted(p.name for p in (self.queue / "pending").glob("*") if not p.name.startswith("."))
-        errors = sorted((self.queue / "rejected").glob("*.error.txt"), key=lambda p: p.name, reverse=True)[:shown]
-        lines = [f"**Pending** ({len(pending)}): " + (", ".join(f"`{n}`" for n in pending) or "none")]
-        if errors:
+        status = self.requests.status(shown)
+        lines = [f"**Pending** ({len(status.pending)}): " + (", ".join(f"`{n}`" for n in status.pending) or "none")]
+        if status.rejected:
             lines.append("**Rejected while scoring** (latest first):")
-            lines += [f"- `{p.name[:-len('.error.txt')]}`: {html.escape(p.read_text(encoding='utf-8').strip())}"
-                      for p in errors]
+            lines += [f"- `{name}`: {markdown_text(error)}" for name, error in status.rejected]
         return "\n".join(lines)
 
     def run_queue(self) -> list[tuple[str, str]]:
-        """Score everything pending (never raises for a bad submission)."""
-        outcomes = process_queue(self.queue, self.manifest, self.store, judge=self.config.judge,
-                                 validate_options={"max_bytes": self.config.max_bytes}, **self.config.judge_options)
+        """Score everything pending (never raises for a bad submission; nothing to do reads no manifest)."""
+        if not self.requests.has_pending():
+            return []
+        outcomes = self.requests.run(self.manifest, self.store, judge=self.config.judge,
+                                     validate_options={"max_bytes": self.config.max_bytes},
+                                     **self.config.judge_options)
         if outcomes:
             self.invalidate()
         return outcomes
@@ -510,14 +548,23 @@ def create_app(board: Board) -> Any:
     return SecurityHeaders(app, headers)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the Space: results store, queue worker, Gradio app on uvicorn (port ``PORT`` or 7860)."""
+    import argparse
+
     import uvicorn
 
     from .serve import uvicorn_config
 
+    parser = argparse.ArgumentParser(prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)")
+    parser.add_argument("--local", action="store_true", default=None,
+                        help="local mode: no Hub; ./results and ./queue, the manifest from SAKE_MANIFEST")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    board = Board(SpaceConfig.from_env())
+    board = Board(SpaceConfig.from_env(local=args.local))
+    if board.config.local:
+        logger.info("local mode: results in %s, queue in %s, manifest %s", board.config.results_dir,
+                    board.config.queue_dir, board.config.manifest or "none (set SAKE_MANIFEST)")
     if isinstance(board.store, LocalStore):
         Path(board.config.results_dir).mkdir(parents=True, exist_ok=True)
     board.start_worker()
