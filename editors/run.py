@@ -179,6 +179,13 @@ def _item_count(table: Any) -> list[int]:
 RowsLoader = Callable[[str, str, str], Any]
 
 
+def progress_label(method: str, mode: str, model: str) -> str:
+    """The runner's progress-bar label: which run it is (``method mode, model``; a local model folder by its
+    name)."""
+    path = Path(str(model))
+    return f"{method} {mode}, {path.name if path.is_dir() else model}"
+
+
 class Runner:
     """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
 
@@ -388,7 +395,8 @@ class Runner:
         logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
-                   else "step", disable=not self.config.progress, dynamic_ncols=True)
+                   else "step", disable=not self.config.progress, dynamic_ncols=True,
+                   desc=progress_label(self.config.method, self.mode, self.config.model))
         start = time.perf_counter()
         try:
             if self.mode == "single":

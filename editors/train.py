@@ -208,7 +208,8 @@ class Trainer:
         self.net.train()
         params = [p for p in self.net.parameters() if p.requires_grad]
         clip = self.hp.get("grad_clip")
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True)
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
+                   desc=f"training {self.method}")
         start = time.perf_counter()
         try:
             while self.step < end:
