@@ -3,7 +3,9 @@ against a local stand-in for the Hub API; a restarted Space (a new Board on fres
 scores it. Local mode runs from the published folder with no Hub (issue 26, item 5)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -165,3 +167,24 @@ def test_local_mode_runs_from_the_dry_run_folder_without_hub(tmp_path):
     text = log.read_text(errors="replace")
     assert "Traceback" not in text and "local mode" in text and "manifest none" in text, text[-3000:]
     assert (folder / "results").is_dir()
+
+
+def test_local_mode_config_drops_the_repos_and_a_hub_manifest(tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("SAKE_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"results_repo": RESULTS, "requests_repo": REQUESTS,
+                                                           "manifest": "sake/sake", "judge": "offline"}))
+    hub_config = SpaceConfig.from_env(tmp_path / "leaderboard.json")
+    assert (hub_config.results_repo, hub_config.requests_repo, hub_config.local) == (RESULTS, REQUESTS, False)
+    config = SpaceConfig.from_env(tmp_path / "leaderboard.json", local=True)
+    assert (config.results_repo, config.requests_repo, config.manifest, config.local) == (None, None, None, True)
+    monkeypatch.setenv("SAKE_LOCAL", "1")
+    monkeypatch.setenv("SAKE_MANIFEST", str(tmp_path / "m.json"))
+    assert SpaceConfig.from_env(tmp_path / "leaderboard.json").manifest == str(tmp_path / "m.json")
+
+    board = Board(dataclasses.replace(config, results_dir=str(tmp_path / "results"),
+                                      queue_dir=str(tmp_path / "queue")))
+    manifest = make_manifest()
+    answer = board.submit(str(_zip(tmp_path, manifest, "a.zip")))
+    assert answer.startswith("### Not checked") and "SAKE\\_MANIFEST" in answer and len(answer.splitlines()) == 2
+    assert board.run_queue() == [] and "**Pending** (0): none" in board.queue_status()

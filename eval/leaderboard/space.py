@@ -136,7 +136,8 @@ class SpaceConfig:
         if config.judge not in PROTOCOLS:
             raise ValueError(f"SAKE_JUDGE / leaderboard.json judge: got {config.judge!r}, expected one of "
                              f"{', '.join(PROTOCOLS)}")
-        if local if local is not None else env.get("SAKE_LOCAL", "").lower() in ("1", "true", "yes"):
+        use_local = local if local is not None else env.get("SAKE_LOCAL", "").lower() in ("1", "true", "yes")
+        if use_local:
             config = config.local_mode(manifest_given="SAKE_MANIFEST" in env)
         return config
 
