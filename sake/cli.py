@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         takes_argv = bool(inspect.signature(entry).parameters)
         result = entry(rest) if takes_argv else entry()
     except ModuleNotFoundError as exc:
-        error = missing_extra(exc, f"sake {name}")
+        error = missing_extra(exc)
         if error is None:  # a required package is missing: a broken install, keep the traceback
             raise
         print(f"sake {name}: error: {one_line(error)}", file=sys.stderr)

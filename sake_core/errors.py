@@ -37,14 +37,14 @@ EXTRA_OF_MODULE = {"jsonschema": "leaderboard", "gradio": "leaderboard", "fastap
                    "uvicorn": "leaderboard", "selenium": "dev", "pytest": "dev"}
 
 
-def missing_extra(exc: ImportError, command: str) -> MissingExtraError | None:
-    """A :class:`MissingExtraError` for ``command`` when ``exc`` is the import of a package of an extra, else None
-    (a missing required package is a broken install, not a user's choice: the caller keeps the traceback)."""
+def missing_extra(exc: ImportError) -> MissingExtraError | None:
+    """A :class:`MissingExtraError` when ``exc`` is the import of a package of an extra, else None (a missing
+    required package is a broken install, not a user's choice: the caller keeps the traceback)."""
     module = (getattr(exc, "name", None) or "").split(".")[0]
     extra = EXTRA_OF_MODULE.get(module)
     if extra is None:
         return None
-    return MissingExtraError(f"{command} needs the optional package {module!r} of the [{extra}] extra; install it "
+    return MissingExtraError(f"the optional package {module!r} is not installed (the [{extra}] extra); install it "
                              f"with: pip install 'sake-toolkit[{extra}]'")
 
 
