@@ -1,14 +1,15 @@
 """A local stand-in for the few Hugging Face Hub calls the leaderboard makes (no network): an object with
 ``HfApi``'s method names whose every call is bound to the real ``HfApi`` signature first (a call the real client
-would refuse fails here too), holding repos as folders and applying each commit all at once."""
+would refuse fails here too), holding repos as folders and applying each commit all at once. Downloads are laid out
+like the Hub cache on Linux (symlinks into a blob folder), since code reading them must cope with that."""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import inspect
 import io
 import itertools
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -103,14 +104,21 @@ class StandInHub:
     def _download_dir(self) -> Path:
         return self.root / ".downloads" / str(next(self._downloads))
 
+    def _cached(self, target: Path, data: bytes) -> None:
+        """``target`` as the Hub cache lays it out on Linux: a symlink into a blob folder."""
+        blob = self.root / ".blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(blob)
+
     def hf_hub_download(self, *args: Any, **kwargs: Any) -> str:
         a = self._bind("hf_hub_download", *args, **kwargs)
         source = self._existing(a["repo_id"], a["repo_type"]) / a["filename"]
         if not source.is_file():
             raise EntryNotFoundError(f"{a['repo_id']}: no file {a['filename']}")
         target = self._download_dir() / a["filename"]
-        target.parent.mkdir(parents=True)
-        shutil.copyfile(source, target)
+        self._cached(target, source.read_bytes())
         return str(target)
 
     def snapshot_download(self, *args: Any, **kwargs: Any) -> str:
@@ -121,6 +129,5 @@ class StandInHub:
         target.mkdir(parents=True)
         for path, data in self.files(a["repo_id"], a["repo_type"]).items():
             if patterns is None or any(fnmatch.fnmatch(path, p) for p in patterns):
-                (target / path).parent.mkdir(parents=True, exist_ok=True)
-                (target / path).write_bytes(data)
+                self._cached(target / path, data)
         return str(target)

@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +162,11 @@ class HubQueue:
             for name in sorted(n for n, r in records.items() if r.get("status") == "pending"):
                 record = records[name]
                 try:
-                    archive = self._download(f"{REQUESTS_DIR}/{name}")
-                    outcome = add_submission(archive, manifest, store, judge=judge, scorer=scorer, **options)
+                    with tempfile.TemporaryDirectory(prefix="sake-request-") as tmp:
+                        # a regular file: the Hub cache hands out symlinks, which the validator refuses
+                        archive = Path(tmp) / name
+                        archive.write_bytes(self._download(f"{REQUESTS_DIR}/{name}").read_bytes())
+                        outcome = add_submission(archive, manifest, store, judge=judge, scorer=scorer, **options)
                 except Exception as exc:  # noqa: BLE001 - by design: one bad submission never stops the queue
                     message = one_line_error(exc)
                     logger.warning("rejected %s: %s", name, message)
