@@ -1,6 +1,8 @@
 """The Space's data layer without a browser: protocol labels and ranks, filters, escaping, item pages."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from _leaderboard_helpers import (METADATA, make_header, make_manifest, make_rows, write_submission_dir,
@@ -73,12 +75,14 @@ def test_item_page_escapes_cuts_and_filters(board):
 
 def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     board, ids = board
-    (board.queue / "pending").mkdir(parents=True, exist_ok=True)
-    (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
-    (board.queue / "pending" / "b.zip").write_bytes(b"x")
-    (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
+    queue = Path(board.config.queue_dir)  # the local queue (LocalQueue)
+    (queue / "pending").mkdir(parents=True, exist_ok=True)
+    (queue / "rejected").mkdir(parents=True, exist_ok=True)
+    (queue / "pending" / "b.zip").write_bytes(b"x")
+    (queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
     status = board.queue_status()
-    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
+    # Markdown-escaped (shown as typed), not HTML-escaped (which the page showed as "&lt;key&gt;")
+    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no \\<key\\>" in status
 
 
 def test_reported_rows_are_read_once(board, monkeypatch):
