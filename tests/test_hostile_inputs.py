@@ -445,7 +445,7 @@ def test_answers_are_plain_text_without_server_paths(tmp_path, manifest, single)
     (tmp_path / "queue" / "pending").mkdir(parents=True, exist_ok=True)
     good = write_submission_zip(tmp_path / "queue" / "pending" / "z.zip", header, rows)
     assert good.is_file()
-    board_outcomes = process_queue(board.queue, manifest, board.store, judge="offline", scorer=scorer)
+    board_outcomes = process_queue(board.requests.folder, manifest, board.store, judge="offline", scorer=scorer)
     assert board_outcomes == [("z.zip", "rejected")]
     status = board.queue_status()
     assert "z.zip: ValueError: predictions.jsonl, line 3: something about other.txt" in status, status

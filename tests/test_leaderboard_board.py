@@ -1,6 +1,8 @@
 """The Space's data layer without a browser: protocol labels and ranks, filters, escaping, item pages."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from _leaderboard_helpers import (METADATA, make_header, make_manifest, make_rows, write_submission_dir,
@@ -73,10 +75,11 @@ def test_item_page_escapes_cuts_and_filters(board):
 
 def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     board, ids = board
-    (board.queue / "pending").mkdir(parents=True, exist_ok=True)
-    (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
-    (board.queue / "pending" / "b.zip").write_bytes(b"x")
-    (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
+    queue = Path(board.config.queue_dir)  # the local queue (LocalQueue)
+    (queue / "pending").mkdir(parents=True, exist_ok=True)
+    (queue / "rejected").mkdir(parents=True, exist_ok=True)
+    (queue / "pending" / "b.zip").write_bytes(b"x")
+    (queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
     status = board.queue_status()  # plain text (shown in a text box): nothing is escaped, nothing is rendered
     assert "Pending (1): b.zip" in status and "- a.zip: JudgeError: no <key>" in status
 

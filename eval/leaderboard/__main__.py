@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from sake_core.command import command_prog
+
 from .validate import DEFAULT_MAX_BYTES, DEFAULT_SPLITS, METADATA_NAME, PREDICTIONS_NAME, SubmissionError
 
 logger = logging.getLogger("eval.leaderboard")
@@ -137,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.leaderboard", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_prog("python -m eval.leaderboard"), description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -22,15 +22,23 @@
 
 Configuration (environment, or ``leaderboard.json`` next to the Space's ``app.py``; the environment wins):
 ``SAKE_RESULTS_REPO`` (Hub dataset repo holding the results store; token ``HF_TOKEN``) or ``SAKE_RESULTS_DIR``
-(local store, default ``./results``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file),
-``SAKE_QUEUE_DIR`` (default ``./queue``), ``SAKE_JUDGE`` (``paper`` needs the judge's API key as a Space secret;
-``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between queue runs, default 30; 0 turns the worker off),
-``SAKE_MAX_MB`` (default 50), ``SAKE_MAX_CONNECTIONS_PER_CLIENT`` (default
-:data:`eval.leaderboard.serve.MAX_CONNECTIONS_PER_CLIENT`; 0 turns the cap off, e.g. behind a proxy whose one
-address carries every visitor). Run locally: ``python -m eval.leaderboard.space``.
+(local store, default ``./results``), ``SAKE_REQUESTS_REPO`` (Hub dataset repo holding the submissions until and
+after they are scored, :mod:`eval.leaderboard.submission_queue`) or ``SAKE_QUEUE_DIR`` (local queue, default
+``./queue``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file), ``SAKE_JUDGE`` (``paper``
+needs the judge's API key as a Space secret; ``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between
+queue runs, default 30; 0 turns the worker off), ``SAKE_MAX_MB`` (default 50), ``SAKE_MAX_CONNECTIONS_PER_CLIENT``
+(default :data:`eval.leaderboard.serve.MAX_CONNECTIONS_PER_CLIENT`; 0 turns the cap off, e.g. behind a proxy whose
+one address carries every visitor).
+
+On the Hub the Space keeps everything in the two dataset repos, so a restart loses no submission. **Local mode**
+(``python app.py --local`` in the published folder, or ``SAKE_LOCAL=1``; ``python -m eval.leaderboard.space
+--local`` in a checkout) ignores the repos and runs on ``./results`` and ``./queue`` with no Hub at all; the
+manifest is ``SAKE_MANIFEST`` (a built dataset folder or its ``sake_manifest.json``) or, without it, the Submit tab
+says that one is needed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
@@ -50,12 +58,13 @@ from typing import Any, Callable, Collection
 
 from eval.sake_metric.predictions_file import excerpt
 
-from sake_core.atomic import atomic_write
+from sake_core.errors import SakeError
 from sake_core.protocol import FAMILY_NAMES, method_display
 
 from .build import display_model_name, reference_rows
-from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, one_line_error, open_store, process_queue,
-                    result_protocol, without_paths)
+from .store import ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, one_line_error, open_store, result_protocol, \
+    without_paths
+from .submission_queue import SubmissionQueue, open_queue
 from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
 
@@ -164,8 +173,10 @@ class SpaceConfig:
 
     results_dir: str = "results"
     results_repo: str | None = None
-    manifest: str = "sake/sake"
+    manifest: str | None = "sake/sake"
     queue_dir: str = "queue"
+    requests_repo: str | None = None
+    local: bool = False  # local mode: no Hub (the repos are ignored)
     judge: str = "paper"
     queue_interval_s: float = 30.0
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -176,8 +187,9 @@ class SpaceConfig:
     validate_timeout_s: float = 120.0  # an upload whose validation runs longer is refused
 
     @classmethod
-    def from_env(cls, config_file: str | os.PathLike | None = None) -> "SpaceConfig":
-        """Defaults <- ``leaderboard.json`` (when present) <- environment variables."""
+    def from_env(cls, config_file: str | os.PathLike | None = None, local: bool | None = None) -> "SpaceConfig":
+        """Defaults <- ``leaderboard.json`` (when present) <- environment variables; ``local`` (else
+        ``SAKE_LOCAL``) switches to local mode (:meth:`local_mode`)."""
         values: dict[str, Any] = {}
         path = Path(config_file) if config_file else Path(CONFIG_FILE)
         if path.is_file():
@@ -185,6 +197,7 @@ class SpaceConfig:
         env = os.environ
         for key, name, cast in (("results_repo", "SAKE_RESULTS_REPO", str), ("results_dir", "SAKE_RESULTS_DIR", str),
                                 ("manifest", "SAKE_MANIFEST", str), ("queue_dir", "SAKE_QUEUE_DIR", str),
+                                ("requests_repo", "SAKE_REQUESTS_REPO", str),
                                 ("judge", "SAKE_JUDGE", str), ("queue_interval_s", "SAKE_QUEUE_INTERVAL", float)):
             if env.get(name):
                 values[key] = cast(env[name])
@@ -195,22 +208,39 @@ class SpaceConfig:
         if config.judge not in PROTOCOLS:
             raise ValueError(f"SAKE_JUDGE / leaderboard.json judge: got {config.judge!r}, expected one of "
                              f"{', '.join(PROTOCOLS)}")
+        use_local = local if local is not None else env.get("SAKE_LOCAL", "").lower() in ("1", "true", "yes")
+        if use_local:
+            config = config.local_mode(manifest_given="SAKE_MANIFEST" in env)
         return config
+
+    def local_mode(self, manifest_given: bool = False) -> "SpaceConfig":
+        """The same Space with no Hub: local results and queue folders; the manifest only when given or a local
+        path (a Hub dataset id would need the Hub)."""
+        manifest = self.manifest if manifest_given or (self.manifest and Path(self.manifest).exists()) else None
+        return dataclasses.replace(self, results_repo=None, requests_repo=None, manifest=manifest, local=True)
+
+
+class ManifestMissing(SakeError, LookupError):
+    """The board was started without a release manifest (local mode without ``SAKE_MANIFEST``)."""
 
 
 class Board:
     """The Space's data: results (cached), submissions to the queue, the queue worker, per-item pages."""
 
     def __init__(self, config: SpaceConfig, store: ResultsStore | None = None,
-                 manifest: dict[str, Any] | None = None):
+                 manifest: dict[str, Any] | None = None, queue: SubmissionQueue | None = None, hub_api: Any = None):
+        """``store`` / ``queue`` default to the configured ones (Hub repos through ``hub_api``, a
+        ``huggingface_hub.HfApi`` by default, or local folders)."""
         self.config = config
-        self._own_store = store is None  # a store opened from the config can be opened again in a worker
-        self.store = store or open_store(config.results_dir, config.results_repo)
+        # a store / queue opened from the config can be opened again in a worker process (a given object, or one
+        # talking to a given Hub client, cannot travel there)
+        self._own_store = store is None and queue is None and hub_api is None
+        self.store = store or open_store(config.results_dir, config.results_repo, api=hub_api)
+        self.requests = queue or open_queue(config.queue_dir, config.requests_repo, api=hub_api)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self.queue = Path(config.queue_dir)
         self._stop = threading.Event()
         self.upload_dir = config.upload_dir or gradio_upload_dir()
         self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
@@ -220,6 +250,9 @@ class Board:
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
+            if not self.config.manifest:
+                raise ManifestMissing("this board has no release manifest to check submissions against: start it "
+                                      "with SAKE_MANIFEST set to a built dataset folder (or its sake_manifest.json)")
             self._manifest = load_manifest(self.config.manifest)
         return self._manifest
 
@@ -325,29 +358,37 @@ class Board:
             return f"Rejected\n- {exc}"
         if upload.suffix.lower() != ".zip":
             return "Rejected\n- expected a .zip archive holding predictions.jsonl and metadata.json"
-        if self.config.isolate:
-            if self._checker is None:
-                self._checker = Isolated(self.manifest, timeout_s=self.config.validate_timeout_s)
-            try:
-                verdict = self._checker(check_submission, str(upload), self.config.max_bytes)
-            except TimeoutError:
-                return (f"Rejected\n- validation took longer than {self.config.validate_timeout_s:g} s; a "
-                        "submission is read in time linear in its size, so this one is refused")
-            except RuntimeError as exc:
-                logger.error("validation worker: %s", exc)
-                return "Rejected\n- the validator failed on this upload; try again later"
-        else:
-            verdict = check_submission(str(upload), self.config.max_bytes, self.manifest)
+        try:
+            if self.config.isolate:
+                if self._checker is None:
+                    self._checker = Isolated(self.manifest, timeout_s=self.config.validate_timeout_s)
+                try:
+                    verdict = self._checker(check_submission, str(upload), self.config.max_bytes)
+                except TimeoutError:
+                    return (f"Rejected\n- validation took longer than {self.config.validate_timeout_s:g} s; a "
+                            "submission is read in time linear in its size, so this one is refused")
+                except RuntimeError as exc:
+                    logger.error("validation worker: %s", exc)
+                    return "Rejected\n- the validator failed on this upload; try again later"
+            else:
+                verdict = check_submission(str(upload), self.config.max_bytes, self.manifest)
+        except ManifestMissing as exc:
+            return plain_text(f"Not checked\n- {exc}")
         if "problems" in verdict:
             return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in verdict["problems"]))
         if "error" in verdict:
             return plain_text(f"Rejected\n- {verdict['error']}")
         sid = verdict["id"]
-        if self.store.has(sid):
-            return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
-        # the temp file's name starts with ".", which the queue skips
-        atomic_write(self.queue / "pending" / name, upload.read_bytes())
+        try:
+            if self.store.has(sid):
+                return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
+            self.requests.submit(name, upload.read_bytes(), {"submission_id": sid, "model": verdict["model"],
+                                                             "method": verdict["method"], "mode": verdict["mode"]})
+        except Exception as exc:  # noqa: BLE001 - the store or the requests repo is unreachable: nothing queued
+            logger.warning("submission %s not queued: %s", sid, one_line_error(exc))
+            return plain_text(f"Not queued\n- the board's storage did not answer ({type(exc).__name__}); the "
+                              "submission is valid: try again in a minute")
         return plain_text(f"Queued\nSubmission {sid} ({excerpt(verdict['model'], 80)} / "
                           f"{excerpt(verdict['method'], 60)} / {verdict['mode']}, {verdict['rows']} rows) is "
                           f"valid and waits in the queue as {name}. It appears on the board once scored "
@@ -355,27 +396,29 @@ class Board:
 
     def queue_status(self, shown: int = 10) -> str:
         """Plain text: pending submissions, and the latest rejected ones with (the start of) their one-line error."""
-        pending = sorted(p.name for p in (self.queue / "pending").glob("*") if not p.name.startswith("."))
-        errors = sorted((self.queue / "rejected").glob("*.error.txt"), key=lambda p: p.name, reverse=True)[:shown]
-        lines = [f"Pending ({len(pending)}): " + (", ".join(pending) or "none")]
-        if errors:
+        status = self.requests.status(shown)
+        lines = [f"Pending ({len(status.pending)}): " + (", ".join(status.pending) or "none")]
+        if status.rejected:
             lines.append("Rejected while scoring (latest first):")
-            for path in errors:
-                error = path.read_text(encoding="utf-8", errors="replace").strip()
+            for name, error in status.rejected:
+                error = error.strip()
                 if len(error) > SHOWN_ERROR_CHARS:
                     error = error[:SHOWN_ERROR_CHARS] + f"... ({len(error) - SHOWN_ERROR_CHARS} more characters)"
-                lines.append(f"- {path.name[:-len('.error.txt')]}: {error}")
+                lines.append(f"- {name}: {error}")
         return plain_text("\n".join(lines))
 
     def run_queue(self) -> list[tuple[str, str]]:
-        """Score everything pending (never raises for a bad submission); in a worker process when the store
-        comes from the config, so reading and scoring submissions never holds this process's GIL."""
+        """Score everything pending (never raises for a bad submission; nothing to do reads no manifest); in a
+        worker process when the store and queue come from the config, so reading and scoring submissions never
+        holds this process's GIL."""
+        if not self.requests.has_pending():
+            return []
         if self.config.isolate and self._own_store:
             if self._scorer is None:
                 self._scorer = Isolated(self.manifest)
             outcomes = self._scorer(run_queue_of, self.config)
         else:
-            outcomes = process_queue(self.queue, self.manifest, self.store, judge=self.config.judge,
+            outcomes = self.requests.run(self.manifest, self.store, judge=self.config.judge,
                                      validate_options={"max_bytes": self.config.max_bytes},
                                      **self.config.judge_options)
         if outcomes:
@@ -458,10 +501,11 @@ def check_submission(path: str, max_bytes: int, manifest: dict[str, Any] | None 
 
 
 def run_queue_of(config: SpaceConfig) -> list[tuple[str, str]]:
-    """Score a Space's pending submissions (in a worker process): its store opened from its config."""
+    """Score a Space's pending submissions (in a worker process): its store and queue opened from its config."""
     store = open_store(config.results_dir, config.results_repo)
-    return process_queue(config.queue_dir, _WORKER["manifest"], store, judge=config.judge,
-                         validate_options={"max_bytes": config.max_bytes}, **config.judge_options)
+    queue = open_queue(config.queue_dir, config.requests_repo)
+    return queue.run(_WORKER["manifest"], store, judge=config.judge,
+                     validate_options={"max_bytes": config.max_bytes}, **config.judge_options)
 
 
 def _serve_calls(connection: Any, manifest: dict[str, Any]) -> None:
@@ -829,14 +873,23 @@ def create_app(board: Board) -> Any:
     return SecurityHeaders(app, headers)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the Space: results store, queue worker, Gradio app on uvicorn (port ``PORT`` or 7860)."""
+    import argparse
+
     import uvicorn
 
     from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
 
+    parser = argparse.ArgumentParser(prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)")
+    parser.add_argument("--local", action="store_true", default=None,
+                        help="local mode: no Hub; ./results and ./queue, the manifest from SAKE_MANIFEST")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    board = Board(SpaceConfig.from_env())
+    board = Board(SpaceConfig.from_env(local=args.local))
+    if board.config.local:
+        logger.info("local mode: results in %s, queue in %s, manifest %s", board.config.results_dir,
+                    board.config.queue_dir, board.config.manifest or "none (set SAKE_MANIFEST)")
     if isinstance(board.store, LocalStore):
         Path(board.config.results_dir).mkdir(parents=True, exist_ok=True)
     board.start_worker()

@@ -294,12 +294,16 @@ class HubStore:
     """The same layout in a Hugging Face dataset repo; each submission is one commit (all files or none)."""
 
     def __init__(self, repo_id: str, token: str | None = None, revision: str = "main",
-                 lock_dir: str | os.PathLike | None = None):
-        from huggingface_hub import HfApi
+                 lock_dir: str | os.PathLike | None = None, api: Any = None):
+        """``api``: a ``huggingface_hub.HfApi`` (default: one with ``token`` or ``HF_TOKEN``) or a stand-in with
+        its methods (``file_exists``, ``create_commit``, ``snapshot_download``, ``hf_hub_download``)."""
+        if api is None:
+            from huggingface_hub import HfApi
 
+            api = HfApi(token=token or os.environ.get("HF_TOKEN"))
         self.repo_id = repo_id
         self.revision = revision
-        self.api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+        self.api = api
         key = hashlib.sha256(f"{repo_id}@{revision}".encode()).hexdigest()[:16]
         self.lock_dir = Path(lock_dir) if lock_dir else Path(tempfile.gettempdir()) / "sake-leaderboard-locks" / key
 
@@ -326,30 +330,28 @@ class HubStore:
                                repo_type="dataset", revision=self.revision)
 
     def results(self, skip_bad: bool = False) -> list[dict]:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
-                                  allow_patterns=["results/*.json"], token=self.api.token)
+        local = self.api.snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
+                                           allow_patterns=["results/*.json"])
         return LocalStore(local).results(skip_bad=skip_bad)
 
     def submission_file(self, submission_id: str, name: str) -> bytes | None:
         """A side file of a stored submission, downloaded from the dataset repo, or None."""
-        from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            path = hf_hub_download(self.repo_id, f"submissions/{submission_id}/{name}", repo_type="dataset",
-                                   revision=self.revision, token=self.api.token)
+            path = self.api.hf_hub_download(self.repo_id, f"submissions/{submission_id}/{name}", repo_type="dataset",
+                                            revision=self.revision)
         except EntryNotFoundError:
             return None
         return Path(path).read_bytes()
 
 
 def open_store(results_dir: str | None = None, hub_repo: str | None = None,
-               token: str | None = None) -> ResultsStore:
-    """A Hub store when ``hub_repo`` is given (token from the argument or ``HF_TOKEN``), else a local one."""
+               token: str | None = None, api: Any = None) -> ResultsStore:
+    """A Hub store when ``hub_repo`` is given (token from the argument or ``HF_TOKEN``; ``api``: a stand-in for
+    ``HfApi``), else a local one."""
     if hub_repo:
-        return HubStore(hub_repo, token=token)
+        return HubStore(hub_repo, token=token, api=api)
     if not results_dir:
         raise ValueError("give a results directory or a Hub dataset repo")
     return LocalStore(results_dir)
