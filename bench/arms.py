@@ -97,13 +97,14 @@ class Bench:
 
     def overrides(self, method: str) -> list[str]:
         """The scale's KEY=VALUE overrides that ``method``'s hparams file defines (both arms get them)."""
-        from editors.hparams import load_hparams
+        from editors.registry import hparams_keys
 
-        known = load_hparams(method, self.adapter.family, tiny=self.adapter.is_tiny)
+        known = hparams_keys(method, self.adapter.family)
         return [o for o in self.scale.hparam_overrides if o.split("=", 1)[0] in known] + self.extra.get(method, [])
 
-    def hparams(self, method: str) -> dict[str, Any]:
-        from editors.hparams import load_hparams
+    def hparams(self, method: str) -> Any:
+        """The typed hyperparameters of ``method`` with the scale's overrides."""
+        from editors.registry import load_hparams
 
         return load_hparams(method, self.adapter.family, tiny=self.adapter.is_tiny, overrides=self.overrides(method))
 
@@ -263,9 +264,10 @@ def identical_shares(bench: Bench, method: str, args: argparse.Namespace, batche
 
 
 def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
-    """The runner's four steps of one single edit (``pre_edit_outputs``, ``apply``, ``evaluate``, ``restore``,
-    as ``Runner._run_single`` calls them) each under ``torch.profiler``: wall-clock, GPU busy time (sum of kernel
-    and copy times), kernel launches, host synchronisations, device-to-host copies, top kernels."""
+    """The runner's four steps of one single edit (``pre_edit_outputs``, the edit session's ``apply``,
+    ``evaluate``, the session's ``restore``, as ``Runner._run_unit`` runs them) each under ``torch.profiler``:
+    wall-clock, GPU busy time (sum of kernel and copy times), kernel launches, host synchronisations, device-to-host
+    copies, top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -303,9 +305,9 @@ def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, An
         }
 
     measure("pre_edit", lambda: runner.pre_edit_outputs(items))
-    measure("apply", lambda: runner.apply(edit, 10_000))
+    measure("apply", lambda: runner.session.apply(edit, seed=runner.seed(10_000)))
     measure("evaluate", lambda: runner.evaluate(edit, items))
-    measure("restore", runner.restore)
+    measure("restore", runner.session.restore)
     for name, values in phases.items():
         LOG.info("profile %s/%s: %s", runner.config.method, name, values)
     return phases
@@ -353,7 +355,7 @@ def naive_generate_each(bench: Bench, prompts: Sequence[Any]) -> list[Any]:
     return outputs
 
 
-def naive_finetune(bench: Bench, params: dict[str, torch.nn.Parameter], edit: Any, hp: dict[str, Any]) -> int:
+def naive_finetune(bench: Bench, params: dict[str, torch.nn.Parameter], edit: Any, hp: Any) -> int:
     """Adam on ``params`` (in their dtype) for at most ``max_steps`` updates; every step runs the whole model
     from the audio features (encoder recomputed) with HF's full-sequence loss and checks early stop on the host."""
     adapter = bench.adapter
@@ -372,11 +374,11 @@ def naive_finetune(bench: Bench, params: dict[str, torch.nn.Parameter], edit: An
     plist = list(params.values())
     for p in plist:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(plist, lr=float(hp["lr"]))
-    threshold = hp.get("early_stop_loss")
+    optimizer = torch.optim.Adam(plist, lr=hp.lr)
+    threshold = hp.early_stop_loss
     steps = 0
     try:
-        for _ in range(int(hp["max_steps"])):
+        for _ in range(hp.max_steps):
             loss = loss_of_step()
             if threshold is not None and loss.item() < float(threshold):
                 break
@@ -450,7 +452,7 @@ def naive_global_warmup(bench: Bench) -> None:
     names = set(editor.touched_parameters())
     params = {n: p for n, p in bench.adapter.model.named_parameters() if n in names}
     saved = copy.deepcopy({n: p.detach() for n, p in params.items()})
-    naive_finetune(bench, params, edit, {**editor.hparams, "max_steps": 1})
+    naive_finetune(bench, params, edit, editor.hparams.replace(max_steps=1))
     bench.adapter.model.load_state_dict(saved, strict=False)
     _sync(bench.scale.device)
 

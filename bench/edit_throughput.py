@@ -175,7 +175,7 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
     if editor is not None:
         timed = bench.dataset.ordered(*plan_units(args.edits, args.warmup))[args.warmup: args.warmup + args.edits]
         shapes = [edit_shapes(bench, editor, row) for row in timed]
-        hp = dict(bench.hparams(method))
+        hp = bench.hparams(method).as_dict()
         if ours.info.get("steps"):  # the floor counts the updates the runner made (early stop included)
             hp["max_steps"] = ours.info["mean_steps"]
         sizes = model_sizes(bench.adapter.model.config)

@@ -30,7 +30,7 @@ def prompts_of(kind: str, adapter: Any, dataset: SyntheticDataset, rows: list[di
     """The prompts one generation of ``kind`` gets for the edits of ``rows``."""
     from editors.base import EditRequest, RunContext
     from editors.data import eval_items
-    from editors.hparams import load_hparams
+    from editors.registry import load_hparams
     from editors.registry import get_editor_class
 
     items = [[it.prompt() for it in eval_items(row)] for row in rows]

@@ -157,7 +157,7 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     data = {c: bench.dataset.load(str(bench.dataset.root), c, "train") for c in ATTRIBUTES}
     out = bench.workdir / f"hypernet-{method}"
     shutil.rmtree(out, ignore_errors=True)
-    trainer = Trainer(bench.adapter, method, dict(bench.hparams(method)), data, out, seed=bench.seed,
+    trainer = Trainer(bench.adapter, method, bench.hparams(method), data, out, seed=bench.seed,
                       model_name=bench.model_name, progress=False, checkpoint_every=10**9)
     trainer.train(max_steps=1)  # warm-up
     _sync(bench)

@@ -94,9 +94,10 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     prompts = [it.prompt() for it in eval_items(row)]
     post = prompts
     if not editor.changes_parameters:
-        editor.apply(edit)
-        post = editor.rewrite_prompts(prompts, edit)
-        editor.reset()
+        from editors.session import EditSession
+
+        with EditSession(editor).edit(edit):
+            post = editor.rewrite_prompts(prompts, edit)
     target = len(adapter.target_token_ids(edit.target))
     clips = {audio_digest(a) for p in list(prompts) + list(post) for a in p.audios()}
     return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,

@@ -93,30 +93,31 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     return audio + text
 
 
-@dataclass(kw_only=True)
+@dataclass
 class AlphaEditHparams(Hparams):
     """AlphaEdit's settings (see the module docstring and editors/hparams/alphaedit.yaml)."""
 
     layer: int
-    fact_token: str = "audio_last"  # audio_last | prompt_last
+    fact_token: str  # audio_last | prompt_last
     v_num_grad_steps: int
     v_lr: float
     v_weight_decay: float
     clamp_norm_factor: float
-    v_early_stop_loss: float | None = None
+    v_early_stop_loss: float | None
     nullspace_threshold: float
-    nullspace_fraction: float | None = None
+    nullspace_fraction: float | None
     L2: float
     preserve_audio: int
     preserve_text: int
-    stats_batch_size: int = 16
+    stats_batch_size: int
 
 
 @register("alphaedit")
 class AlphaEdit(Editor):
-    """AlphaEdit on the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
+    """AlphaEdit on the FFN output projection of LLM layer ``hparams.layer`` (see the module docstring)."""
 
     hparams_class = AlphaEditHparams
+    hparams: AlphaEditHparams
     display_name = "AlphaEdit"
     display_order = 11  # after the paper's eight methods
 
@@ -128,7 +129,7 @@ class AlphaEdit(Editor):
         self.stats_path: Path | None = None
 
     def _layer(self) -> int:
-        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+        return self.adapter.resolve_layer(self.hparams.layer)
 
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self.adapter.mlp_out_proj(self._layer()))
@@ -140,10 +141,9 @@ class AlphaEdit(Editor):
 
     def setup(self) -> None:
         hp = self.hparams
-        prompts = preserved_prompts(self.context, int(hp["preserve_audio"]), int(hp["preserve_text"]),
-                                    self.context.seed)
-        threshold = float(hp["nullspace_threshold"])
-        rule = [threshold, hp.get("nullspace_fraction")]
+        prompts = preserved_prompts(self.context, hp.preserve_audio, hp.preserve_text, self.context.seed)
+        threshold = hp.nullspace_threshold
+        rule = [threshold, hp.nullspace_fraction]
         digest = hashlib.sha256(json.dumps([p.digest() for p in prompts] + rule).encode()).hexdigest()[:20]
         root = Path(self.context.cache_dir or Path.home() / ".cache" / "sake")
         path = root / "alphaedit" / self.adapter.model_key() / f"layer{self._layer()}-{digest}.safetensors"
@@ -159,9 +159,9 @@ class AlphaEdit(Editor):
             return
         second_moment, count = self._second_moment(prompts)
         values, vectors = torch.linalg.eigh(second_moment.double())  # ascending eigenvalues
-        fraction = hp.get("nullspace_fraction")
+        fraction = hp.nullspace_fraction
         if fraction is not None:  # the quietest fraction of directions (scale-free; used for the tiny models)
-            null = vectors[:, : int(round(float(fraction) * len(values)))]
+            null = vectors[:, : int(round(fraction * len(values)))]
         else:
             null = vectors[:, values < threshold]
         projector = (null @ null.t()).float()
@@ -178,7 +178,7 @@ class AlphaEdit(Editor):
     def _second_moment(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]:
         """``mean k k^T`` over every non-padding token of ``prompts`` (fp64 sum) and the number of keys."""
         layer, proj = self._layer(), self.adapter.mlp_out_proj(self._layer())
-        size = int(self.hparams.get("stats_batch_size", 16))
+        size = self.hparams.stats_batch_size
         total = torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64, device=self.adapter.device)
         count = 0
         for start in tqdm(range(0, len(prompts), size), desc="alphaedit: preserved keys", unit="batch",
@@ -205,7 +205,7 @@ class AlphaEdit(Editor):
 
     def _fact_position(self, batch: Any) -> int:
         """Column of the fact token in the one-row training batch."""
-        which = str(self.hparams.get("fact_token", "audio_last"))
+        which = self.hparams.fact_token
         if which not in ("audio_last", "prompt_last"):
             raise ValueError(f"alphaedit: fact_token={which!r}; expected audio_last or prompt_last")
         if which == "audio_last" and bool(batch.audio_token_mask[0].any()):
@@ -225,9 +225,9 @@ class AlphaEdit(Editor):
         with torch.no_grad():
             base_value = proj(key[None].to(proj.weight.dtype))[0].float()  # W k*
         delta = torch.zeros_like(base_value, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
-        max_norm = float(hp["clamp_norm_factor"]) * float(base_value.norm())
-        decay = float(hp["v_weight_decay"])
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * float(base_value.norm())
+        decay = hp.v_weight_decay
 
         def add_delta(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
             out = out.clone()
@@ -238,11 +238,11 @@ class AlphaEdit(Editor):
         target_loss = float("nan")
         steps = 0
         try:
-            for _ in range(int(hp["v_num_grad_steps"])):
+            for _ in range(hp.v_num_grad_steps):
                 nll = a.loss_from(state)
                 target_loss = float(nll.detach())
-                early = hp.get("v_early_stop_loss")
-                if early is not None and target_loss < float(early):
+                early = hp.v_early_stop_loss
+                if early is not None and target_loss < early:
                     break
                 loss = nll + decay * delta.pow(2).sum() / base_value.pow(2).sum().clamp(min=1e-12)
                 opt.zero_grad(set_to_none=True)
@@ -261,7 +261,7 @@ class AlphaEdit(Editor):
         keys = key.double()[:, None]  # K [in, 1]
         P = self.projector.double()
         past = self.past_keys if self.past_keys is not None else torch.zeros_like(P)
-        lhs = P @ (keys @ keys.t() + past) + float(hp["L2"]) * torch.eye(P.shape[0], device=P.device, dtype=P.dtype)
+        lhs = P @ (keys @ keys.t() + past) + hp.L2 * torch.eye(P.shape[0], device=P.device, dtype=P.dtype)
         update_t = torch.linalg.solve(lhs, P @ keys @ residual.double()[None, :])  # Delta^T [in, out]
         with torch.no_grad():
             w = proj.weight

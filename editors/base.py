@@ -94,9 +94,11 @@ class Editor(abc.ABC):
     #: False for methods that change no parameter (I-IKE, IE-IKE): the runner then snapshots nothing.
     changes_parameters: ClassVar[bool] = True
 
-    #: The method's typed hyperparameters (a dataclass subclassing editors.hparams.Hparams), read from
-    #: editors/hparams/<name>.yaml by editors.hparams.load_hparams.
+    #: The method's typed hyperparameters (a dataclass subclassing editors.hparams.Hparams, fields without
+    #: defaults), read from editors/hparams/<name>.yaml by editors.registry.load_hparams. A method annotates
+    #: ``hparams: ItsHparams`` so that its attribute reads (``self.hparams.lr``) are typed.
     hparams_class: ClassVar[type[Hparams]] = Hparams
+    hparams: Hparams
 
     def __init__(self, adapter: LALMAdapter, hparams: Hparams | Mapping[str, Any],
                  context: RunContext | None = None) -> None:
@@ -208,24 +210,21 @@ class FinetuneResult:
     stopped_early: bool
 
 
-@dataclass(kw_only=True)
+@dataclass
 class FinetuneHparams(Hparams):
-    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio): see :func:`finetune` (the defaults are its
-    own)."""
+    """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio, FT (Encoder), LoRA): see :func:`finetune`."""
 
     lr: float
     max_steps: int
-    optimizer: str = "adam"
-    early_stop_loss: float | None = None
-    weight_decay: float = 0.0
+    optimizer: str  # adam | sgd | rmsprop
+    early_stop_loss: float | None
+    weight_decay: float
 
 
-def finetune_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of :func:`finetune` / ``finetune_many`` taken from a method's hparams (``lr``,
-    ``max_steps``, optional ``early_stop_loss``, ``optimizer`` (default adam) and ``weight_decay``)."""
-    return {"lr": float(hparams["lr"]), "max_steps": int(hparams["max_steps"]),
-            "early_stop_loss": hparams.get("early_stop_loss"), "optimizer": hparams.get("optimizer", "adam"),
-            "weight_decay": float(hparams.get("weight_decay", 0.0))}
+def finetune_settings(hparams: FinetuneHparams) -> dict[str, Any]:
+    """The keyword arguments of :func:`finetune` / ``finetune_many`` taken from a method's hparams."""
+    return {"lr": hparams.lr, "max_steps": hparams.max_steps, "early_stop_loss": hparams.early_stop_loss,
+            "optimizer": hparams.optimizer, "weight_decay": hparams.weight_decay}
 
 
 def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], *, lr: float,

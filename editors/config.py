@@ -97,9 +97,8 @@ class RunConfig:
 
     def _check_names(self) -> None:
         """The method, the model's family and the hparams keys exist (read from files: nothing imported)."""
-        from editors.hparams import hparams_keys
         from editors.models.registry import family_of
-        from editors.registry import method_info
+        from editors.registry import hparams_keys, method_info
 
         method_info(self.method)  # ConfigError naming the known methods
         family = family_of(self.model, offline=True)  # ConfigError naming the known families / tiny names

@@ -32,6 +32,7 @@ class FTAudio(Editor):
 
     batches_edits = True
     hparams_class = FinetuneHparams
+    hparams: FinetuneHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -6,8 +6,8 @@ Which layers: ``adapter.audio_encoder_layers()`` (Qwen2-Audio / AF3: the Whisper
 Whisper's encoder layers up to the last one its connector taps), the last ``n_layers`` of them. Each step computes
 the edit audio's encoder states with autograd (``adapter.audio_states_with_grad``: the frozen lower layers run
 without building a graph), projects them through the frozen connector and runs the LLM from its input (masks and
-rotary embeddings once per edit). The runner clears the adapter's audio-state cache after the edit and after the
-restore, since the encoder changed.
+rotary embeddings once per edit). The edit session (``editors/session.py``) clears the adapter's audio-state cache
+after the edit and after the restore, since the encoder changed.
 
 Text-only prompts never reach the audio encoder, so their outputs stay bit-identical under this method. DeSTA2.5
 reads each audio's Whisper transcript as text: transcripts are always decoded with the released encoder weights
@@ -24,7 +24,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 
 
-@dataclass(kw_only=True)
+@dataclass
 class FTEncoderHparams(FinetuneHparams):
     """Fine-tuning settings plus how many of the audio encoder's last layers to train."""
 
@@ -33,15 +33,16 @@ class FTEncoderHparams(FinetuneHparams):
 
 @register("ft_encoder")
 class FTEncoder(Editor):
-    """Fine-tune the last ``hparams['n_layers']`` layers of ``adapter.audio_encoder_layers()``."""
+    """Fine-tune the last ``hparams.n_layers`` layers of ``adapter.audio_encoder_layers()``."""
 
     hparams_class = FTEncoderHparams
+    hparams: FTEncoderHparams
     display_name = "FT (Encoder)"
     display_order = 8  # after the paper's eight methods
 
     def _layers(self) -> list[Any]:
         layers = self.adapter.audio_encoder_layers()
-        n = int(self.hparams["n_layers"])
+        n = self.hparams.n_layers
         if not 1 <= n <= len(layers):
             raise ValueError(f"ft_encoder: n_layers={n}; the audio encoder has {len(layers)} layers")
         return layers[len(layers) - n:]
@@ -67,5 +68,4 @@ class FTEncoder(Editor):
             return a.loss_from(frame, hidden=a.input_embeds(batch, embeds))
 
         result = finetune(params, loss, **finetune_settings(self.hparams))
-        a.clear_audio_cache()
         return {"steps": result.steps, "loss": result.loss}

@@ -25,44 +25,45 @@ from editors.registry import register
 from editors.batching import RowRouting, StackedCopies, finetune_many, runs_of
 from editors.models.buckets import training_groups
 from editors.models.base import PerEdit, Prompt
+from sake_core.errors import ConfigError
 
 
-@dataclass(kw_only=True)
+@dataclass
 class FTLLMHparams(FinetuneHparams):
     """Fine-tuning settings plus which LLM layer (``layer``, negative counts from the top) and which part of it
     (``params``: ``layer`` | ``mlp`` | ``mlp_out``)."""
 
     layer: int
-    params: str = "layer"
+    params: str
 
 
 @register("ft_llm")
 class FTLLM(Editor):
-    """Fine-tune LLM layer ``hparams['layer']`` (``params``: whole ``layer``, its ``mlp`` or ``mlp_out``)."""
+    """Fine-tune LLM layer ``hparams.layer`` (``params``: whole ``layer``, its ``mlp`` or ``mlp_out``)."""
 
     batches_edits = True
     hparams_class = FTLLMHparams
+    hparams: FTLLMHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._copies: StackedCopies | None = None
 
     def _module(self):
-        layer = int(self.hparams["layer"])
-        which = self.hparams.get("params", "layer")
+        layer, which = self.hparams.layer, self.hparams.params
         if which == "layer":
             return self.adapter.llm_layer(layer)
         if which == "mlp":
             return self.adapter.mlp(layer)
         if which == "mlp_out":
             return self.adapter.mlp_out_proj(layer)
-        raise ValueError(f"ft_llm: hparam params={which!r}; expected layer, mlp or mlp_out")
+        raise ConfigError(f"ft_llm: hparam params={which!r}; expected layer, mlp or mlp_out")
 
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self._module())
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
-        layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
+        layer = self.adapter.resolve_layer(self.hparams.layer)
         [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])  # canonical shape
         state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once per edit
         names = self.touched_parameters()
@@ -71,7 +72,7 @@ class FTLLM(Editor):
         return {"steps": result.steps, "loss": result.loss}
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
-        layer = self.adapter.resolve_layer(int(self.hparams["layer"]))
+        layer = self.adapter.resolve_layer(self.hparams.layer)
         # one batch per width bucket (editors/models/buckets.py); frozen lower layers: once for all K edits
         groups = [(rows, self.adapter.hidden_entering(batch, layer))
                   for rows, batch in training_groups(self.adapter, [e.prompt() for e in edits],

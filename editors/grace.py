@@ -99,7 +99,7 @@ class GraceCodebook(nn.Module):
         return out
 
 
-@dataclass(kw_only=True)
+@dataclass
 class GraceHparams(Hparams):
     """GRACE's settings (see the module docstring and editors/hparams/grace.yaml)."""
 
@@ -107,16 +107,17 @@ class GraceHparams(Hparams):
     edit_lr: float
     n_iter: int
     eps: float
-    early_stop_loss: float | None = None
-    replacement: str = "last"  # last | answer
-    optimizer: str = "sgd"  # sgd | adam
+    early_stop_loss: float | None
+    replacement: str  # last | answer
+    optimizer: str  # sgd | adam
 
 
 @register("grace")
 class GRACE(Editor):
-    """GRACE codebook at the FFN output projection of LLM layer ``hparams['layer']`` (see the module docstring)."""
+    """GRACE codebook at the FFN output projection of LLM layer ``hparams.layer`` (see the module docstring)."""
 
     hparams_class = GraceHparams
+    hparams: GraceHparams
     #: decides per row on the host while decoding (not capturable): the eager engine only
     generation_engines = ("eager",)
     display_name = "GRACE"
@@ -127,7 +128,7 @@ class GRACE(Editor):
         self.codebook: GraceCodebook | None = None
 
     def _layer(self) -> int:
-        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+        return self.adapter.resolve_layer(self.hparams.layer)
 
     def touched_parameters(self) -> list[str]:
         return []  # the codebook lives beside the original weights
@@ -140,8 +141,7 @@ class GRACE(Editor):
     def _install(self) -> GraceCodebook:
         if self.codebook is None:
             layer = self._layer()
-            self.codebook = GraceCodebook(self.adapter.mlp_out_proj(layer), str(self.hparams.get("replacement",
-                                                                                                "last")))
+            self.codebook = GraceCodebook(self.adapter.mlp_out_proj(layer), self.hparams.replacement)
             self.adapter.set_mlp_out_proj(layer, self.codebook)
         return self.codebook
 
@@ -168,7 +168,7 @@ class GRACE(Editor):
         label = edit.target
         index, dist = codebook.nearest(query[None])
         k, d = int(index[0]), float(dist[0])
-        eps = float(hp["eps"])
+        eps = hp.eps
         action = "add"
         entry: Entry | None = None
         if k >= 0 and d <= codebook.entries[k].radius + eps:
@@ -184,7 +184,7 @@ class GRACE(Editor):
         if entry is None:
             entry = Entry(key=query, value=init_value, radius=eps, label=label)
         value = entry.value.detach().float().clone().requires_grad_(True)
-        optimizer = hp.get("optimizer", "sgd")
+        optimizer = hp.optimizer
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"grace: optimizer={optimizer!r}; expected sgd or adam")
 
@@ -194,9 +194,8 @@ class GRACE(Editor):
 
         codebook.train_position = position
         try:
-            early = hp.get("early_stop_loss")
-            result = finetune({"value": value}, loss_of_value, lr=float(hp["edit_lr"]), max_steps=int(hp["n_iter"]),
-                              early_stop_loss=None if early is None else float(early), optimizer=optimizer)
+            result = finetune({"value": value}, loss_of_value, lr=hp.edit_lr, max_steps=hp.n_iter,
+                              early_stop_loss=hp.early_stop_loss, optimizer=optimizer)
         finally:
             codebook.train_value = None
         steps, loss_value = result.steps, result.loss

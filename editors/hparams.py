@@ -2,10 +2,15 @@
 
 Each file has a ``defaults`` mapping, one mapping per model family (the ``FAMILY`` keys of the adapter modules:
 ``qwen2_audio``, ``audio_flamingo3``, ``desta25``; paper Table 6) and a ``tiny`` mapping applied on top for tiny
-random-init models (tests, CI). :func:`load_hparams` merges ``defaults`` <- family <- ``tiny`` (tiny models only)
+random-init models (tests, CI). :func:`merged_hparams` merges ``defaults`` <- family <- ``tiny`` (tiny models only)
 <- overrides (``--hparam key=value``, the value parsed as YAML, e.g. ``lr=1e-3``, ``layer=-1``,
-``optimizer=sgd``), then builds the method's :class:`Hparams` dataclass (``Editor.hparams_class``): a key the
-dataclass does not declare, a missing one or a value of the wrong type is an error naming the file.
+``optimizer=sgd``); :func:`build_hparams` then builds a :class:`Hparams` dataclass from it: a key the dataclass
+does not declare (in any section), a missing one or a value of the wrong type is an error naming the file.
+
+Defaults live in the YAML only: a method's dataclass declares its fields without default values, and methods read
+them as attributes (``self.hparams.lr``). This module works on files and classes; which file and class belong to a
+method name is :mod:`editors.registry`'s business (``editors.registry.load_hparams``), so it imports nothing else
+of the project besides the errors.
 """
 
 from __future__ import annotations
@@ -15,22 +20,26 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 from sake_core.errors import ConfigError
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+#: The sections of a hyperparameter file that are not model families.
+DEFAULTS, TINY = "defaults", "tiny"
+
+H = TypeVar("H", bound="Hparams")
 
 
 @dataclasses.dataclass
-class Hparams(Mapping):
-    """Base of every method's hyperparameter dataclass: typed fields, built with :meth:`from_mapping`; also a
-    read-only mapping (``hp["lr"]``, ``hp.get("x", default)``, ``dict(hp)``) for code that reads keys by name."""
+class Hparams:
+    """Base of every method's hyperparameter dataclass: typed fields (no defaults: those are the YAML's),
+    built with :meth:`from_mapping` and read as attributes."""
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], where: str = "hparams") -> "Hparams":
+    def from_mapping(cls: type[H], data: Mapping[str, Any], where: str = "hparams") -> H:
         """Build from a plain mapping; ConfigError naming ``where`` for unknown or missing keys and wrong types."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
@@ -48,24 +57,13 @@ class Hparams(Mapping):
         """Plain JSON-ready dict (field order)."""
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "Hparams":
+    def replace(self: H, **changes: Any) -> H:
         """A copy with ``changes`` applied (checked like :meth:`from_mapping`)."""
         return type(self).from_mapping({**self.as_dict(), **changes}, where=type(self).__name__)
 
-    # Mapping protocol
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
     @classmethod
-    def _names(cls) -> tuple[str, ...]:
+    def field_names(cls) -> tuple[str, ...]:
+        """The keys a hyperparameter file must give (the dataclass fields, in order)."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
 
@@ -118,15 +116,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def hparams_file(method: str) -> Path:
-    """The YAML of ``method`` (``editors/hparams/`` or, for a method found on ``$SAKE_METHODS_PATH``, the
-    ``hparams/`` folder beside its module)."""
-    from editors.registry import methods
-
-    info = methods().get(method)
-    return info.hparams_path if info else HPARAMS_DIR / f"{method}.yaml"
-
-
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["lr=1e-3", "layer=-1"]`` -> ``{"lr": 0.001, "layer": -1}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
@@ -156,32 +145,42 @@ def _numeric(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, str) and _looks_numeric(v) else v) for k, v in mapping.items()}
 
 
-def hparams_keys(method: str, family: str | None = None) -> set[str]:
-    """The keys ``method``'s YAML defines for ``family`` (``defaults`` + the family's section + ``tiny``; every
-    section when ``family`` is None): what ``--hparam`` may override. Reads the file only."""
-    path = hparams_file(method)
+def hparams_path(name: str | Path) -> Path:
+    """``name`` as a file: a path as given, a bare name as ``editors/hparams/<name>.yaml`` (e.g. ``generation``)."""
+    return Path(name) if isinstance(name, Path) else HPARAMS_DIR / f"{name}.yaml"
+
+
+def read_sections(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a hyperparameter file (ConfigError naming the file when missing or malformed)."""
     if not path.is_file():
-        raise ConfigError(f"no hyperparameter file for method {method!r}: {path} missing")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raise ConfigError(f"no hyperparameter file {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
-    sections = list(data) if family is None else ["defaults", family, "tiny"]
+    return data
+
+
+def section_keys(path: str | Path, family: str | None = None) -> set[str]:
+    """The keys a file defines for ``family`` (``defaults`` + the family's section + ``tiny``; every section when
+    ``family`` is None): what ``--hparam`` may override. Reads the file only."""
+    data = read_sections(hparams_path(path))
+    sections = list(data) if family is None else [DEFAULTS, family, TINY]
     return {key for section in sections if isinstance(data.get(section), dict) for key in data[section]}
 
 
-def merged_hparams(method: str, family: str, *, tiny: bool = False,
+def merged_hparams(path: str | Path, family: str, *, tiny: bool = False,
                    overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[dict[str, Any], Path]:
-    """The merged plain mapping of ``method`` for ``family`` and the file it came from (no type checks)."""
-    path = hparams_file(method)
-    if not path.is_file():
-        raise ConfigError(f"no hyperparameter file for method {method!r}: {path} missing")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at top level")
+    """The merged plain mapping of a file (``path``, or a name in ``editors/hparams/``) for ``family`` and the file
+    it came from (no type checks): ``defaults`` <- family <- ``tiny`` (when ``tiny``) <- ``overrides``."""
+    path = hparams_path(path)
+    data = read_sections(path)
     if family not in data:
         raise ConfigError(f"{path}: no entry for model family {family!r} (has {sorted(k for k in data)})")
     merged: dict[str, Any] = {}
-    for section in ("defaults", family) + (("tiny",) if tiny else ()):
+    for section in (DEFAULTS, family) + ((TINY,) if tiny else ()):
         value = data.get(section) or {}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping")
@@ -189,28 +188,23 @@ def merged_hparams(method: str, family: str, *, tiny: bool = False,
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     unknown = sorted(set(extra) - set(merged))
     if unknown:
-        raise ConfigError(f"--hparam: unknown key(s) {unknown} for {method} (known: {sorted(merged)}; {path})")
+        raise ConfigError(f"--hparam: unknown key(s) {unknown} for {path.stem} (known: {sorted(merged)}; {path})")
     merged.update(extra)
     return merged, path
 
 
-def load_hparams(method: str, family: str, *, tiny: bool = False,
-                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> Hparams:
-    """The typed hyperparameters of ``method`` for a model ``family`` (see the module docstring).
+def build_hparams(cls: type[H], path: str | Path, family: str, *, tiny: bool = False,
+                  overrides: Sequence[str] | Mapping[str, Any] = ()) -> H:
+    """``cls`` built from the file's entry for ``family`` (see the module docstring).
 
     Raises ConfigError naming the file when it is missing, malformed, has no entry for the family, has a key the
-    method's dataclass does not declare (in any section), misses one, or has a value of the wrong type, and when
-    an override names a key the file does not define."""
-    from editors.registry import get_editor_class
-
-    cls = get_editor_class(method).hparams_class
-    path = hparams_file(method)
-    if path.is_file():  # every section, not only the ones merged for this family, must use known keys
-        data = yaml.safe_load(path.read_text()) or {}
-        known = set(cls._names())
-        for section, value in (data.items() if isinstance(data, dict) else ()):
-            if isinstance(value, dict) and set(value) - known:
-                raise ConfigError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
-                                 f"{method} (known: {sorted(known)})")
-    merged, path = merged_hparams(method, family, tiny=tiny, overrides=overrides)
+    dataclass does not declare (in any section), misses one, or has a value of the wrong type, and when an
+    override names a key the file does not define."""
+    path = hparams_path(path)
+    known = set(cls.field_names())
+    for section, value in read_sections(path).items():  # every section, not only the ones merged here
+        if isinstance(value, dict) and set(value) - known:
+            raise ConfigError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
+                              f"{cls.__name__} (known: {sorted(known)})")
+    merged, path = merged_hparams(path, family, tiny=tiny, overrides=overrides)
     return cls.from_mapping(merged, where=f"{path} [{family}{' + tiny' if tiny else ''}]")

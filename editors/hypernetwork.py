@@ -3,7 +3,7 @@
 that applies a trained network). Training lives in :mod:`editors.train` (library + CLI of the trainer), the
 networks themselves in ``editors/ke.py`` and ``editors/mend.py``.
 
-Both methods edit the FFN output projections of the LLM layers in ``hparams['layers']`` from the *fine-tuning
+Both methods edit the FFN output projections of the LLM layers in ``hparams.layers`` from the *fine-tuning
 gradient* of the edit. For a linear map ``y = W u`` the gradient of the edit loss is ``sum_t g_t u_t^T`` (``u_t``
 the layer input at token t, ``g_t`` the loss gradient at its output): these rank-1 factors are collected in one
 forward/backward pass on the edit (:func:`edit_factors`), and the method's network maps them to a weight update
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
+from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, PromptBatch
 from sake_core.atomic import atomic_write
 
@@ -126,11 +127,25 @@ def condition_embeddings(adapter: LALMAdapter, batch: PromptBatch) -> tuple[torc
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class HypernetHparams(Hparams):
+    """What KE and MEND share: the edited ``layers``, training (``epochs``, ``lr``, ``grad_clip``), the initial
+    edit step ``edit_lr`` and where the trained network is (``hypernetwork_path``; null: the default location)."""
+
+    layers: list[int]
+    epochs: int
+    lr: float
+    grad_clip: float | None
+    edit_lr: float
+    hypernetwork_path: str | None
+
+
 class HyperNetwork(nn.Module, abc.ABC):
     """Maps the gradient factors of the edited layers to weight updates.
 
     ``spec``: ``{"layers": [int], "shapes": {"<layer>": [d_out, d_in]}, "hidden_size": int}`` (model side) and
-    ``net``: the method's network hyperparameters; both go into ``config.json``."""
+    ``net``: the method's network hyperparameters (its ``net_keys``); both go into ``config.json``. The training
+    hooks get the method's typed hyperparameters (a :class:`HypernetHparams` subclass)."""
 
     method: ClassVar[str] = ""
     needs_condition: ClassVar[bool] = False
@@ -158,15 +173,15 @@ class HyperNetwork(nn.Module, abc.ABC):
         """Weight update (fp32, [d_out, d_in]) per edited layer."""
 
     @abc.abstractmethod
-    def make_optimizer(self, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    def make_optimizer(self, hp: Any) -> torch.optim.Optimizer:
         """The training optimizer (paper Table 6: KE RMSprop 3e-4, MEND Adam 1e-6)."""
 
     @abc.abstractmethod
-    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: dict[str, Any]
+    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: Any
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         """Combine the post-edit edit loss and locality KL into the loss to minimise (+ values to log)."""
 
-    def after_step(self, edit_loss: float, loc_loss: float, hp: dict[str, Any]) -> None:
+    def after_step(self, edit_loss: float, loc_loss: float, hp: Any) -> None:
         """Hook after each optimizer step (KE: dual ascent on its Lagrange multiplier)."""
 
 
@@ -196,15 +211,12 @@ def model_spec(adapter: LALMAdapter, layers: Sequence[int]) -> dict[str, Any]:
             "hidden_size": int(adapter.language_model().config.hidden_size)}
 
 
-def build_network(method: str, adapter: LALMAdapter, hp: dict[str, Any], seed: int) -> HyperNetwork:
+def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: int) -> HyperNetwork:
     """A freshly initialised network for ``adapter`` (deterministic in ``seed``), on the adapter's device."""
     cls = network_class(method)
-    missing = [k for k in cls.net_keys if k not in hp]
-    if missing:
-        raise ValueError(f"{method}: hyperparameter(s) {missing} missing (editors/hparams/{method}.yaml)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = cls(model_spec(adapter, hp["layers"]), hp)
+        net = cls(model_spec(adapter, hp.layers), hp.as_dict())
     return net.to(adapter.device)
 
 
@@ -275,6 +287,7 @@ class HypernetEditor(Editor):
     A subclass names its network class in :attr:`network_class`."""
 
     network_class: ClassVar[type[HyperNetwork]]
+    hparams: HypernetHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -282,9 +295,9 @@ class HypernetEditor(Editor):
         self.network_config: dict[str, Any] = {}
 
     def network_dir(self) -> Path:
-        path = self.hparams.get("hypernetwork_path")
+        path = self.hparams.hypernetwork_path
         if path:
-            return Path(str(path))
+            return Path(path)
         from editors.preedit_cache import default_cache_dir
 
         model = self.context.model_name or self.adapter.model_id
@@ -316,7 +329,7 @@ class HypernetEditor(Editor):
     def _layers(self) -> list[int]:
         if self.network is not None:
             return self.network.layers
-        return [self.adapter.resolve_layer(int(x)) for x in self.hparams["layers"]]
+        return [self.adapter.resolve_layer(x) for x in self.hparams.layers]
 
     def touched_parameters(self) -> list[str]:
         names: list[str] = []

@@ -35,6 +35,7 @@ class IIKE(Editor):
     changes_parameters = False
     batches_edits = True
     hparams_class = IIKEHparams
+    hparams: IIKEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,9 +46,8 @@ class IIKE(Editor):
         return []
 
     def instruction(self, edit: EditRequest) -> str:
-        phrases = self.hparams.get("attribute_phrases") or {}
-        phrase = phrases.get(edit.attribute, f"a {edit.attribute}")
-        return self.hparams["instruction"].format(attribute_phrase=phrase, original=edit.original_label,
+        phrase = self.hparams.attribute_phrases.get(edit.attribute, f"a {edit.attribute}")
+        return self.hparams.instruction.format(attribute_phrase=phrase, original=edit.original_label,
                                                   target=edit.target_label, answer=edit.target,
                                                   attribute=edit.attribute)
 
@@ -58,7 +58,7 @@ class IIKE(Editor):
 
     def system_prompt(self, active: Sequence[EditRequest] | None = None) -> str:
         active = self.active if active is None else active
-        lines = [self.hparams.get("system_header", "").strip()] + [self.instruction(e) for e in active]
+        lines = [self.hparams.system_header.strip()] + [self.instruction(e) for e in active]
         return "\n".join(line for line in lines if line)
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class IEIKE(IIKE):
     """Instruction + example in-context editing."""
 
     hparams_class = IEIKEHparams
+    hparams: IEIKEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,7 +54,7 @@ class IEIKE(IIKE):
         if attribute not in self._train:
             if self.context.load_rows is None:
                 raise ValueError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
-            self._train[attribute] = self.context.load_rows(attribute, self.hparams.get("train_split", "train"))
+            self._train[attribute] = self.context.load_rows(attribute, self.hparams.train_split)
         return self._train[attribute]
 
     def retrieve(self, edit: EditRequest) -> dict[str, Any]:
@@ -71,7 +72,7 @@ class IEIKE(IIKE):
         for tier, candidates in enumerate((same_pair, same_target, any_row)):
             if candidates:
                 if tier > 0:
-                    if not self.hparams.get("fallback", True):
+                    if not self.hparams.fallback:
                         break
                     self.fallbacks += 1
                     logger.info("%s: no train instance with pair (%s, %s); using tier-%d fallback",
@@ -84,10 +85,9 @@ class IEIKE(IIKE):
     def demonstrations(self, edit: EditRequest) -> tuple[Turn, ...]:
         if edit.instance_id not in self._demos:
             row = self.retrieve(edit)
-            quota = {"reliability": int(self.hparams.get("demo_reliability", 1)),
-                     "generality": int(self.hparams.get("demo_generality", 3)),
-                     "locality_audio": int(self.hparams.get("demo_locality_audio", 4)),
-                     "locality_text": int(self.hparams.get("demo_locality_text", 1)),
+            hp = self.hparams
+            quota = {"reliability": hp.demo_reliability, "generality": hp.demo_generality,
+                     "locality_audio": hp.demo_locality_audio, "locality_text": hp.demo_locality_text,
                      "portability": 0}
             used = {k: 0 for k in quota}
             turns = []

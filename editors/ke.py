@@ -24,8 +24,12 @@ import torch
 from torch import nn
 
 from editors.registry import register
-from editors.hparams import Hparams
-from editors.hypernetwork import Factors, HypernetEditor, HyperNetwork
+from sake_core.errors import ConfigError
+from editors.hypernetwork import Factors, HypernetEditor, HypernetHparams, HyperNetwork
+
+
+#: |log lambda| stays below this (the Lagrange multiplier within e^-10 .. e^10)
+LOG_LAMBDA_BOUND = 10.0
 
 
 class KEHyperNetwork(HyperNetwork):
@@ -83,44 +87,36 @@ class KEHyperNetwork(HyperNetwork):
             out[layer] = -lr * torch.sigmoid(eta) * update
         return out
 
-    def make_optimizer(self, hp: dict[str, Any]) -> torch.optim.Optimizer:
-        optimizer = str(hp.get("optimizer", "rmsprop"))
+    def make_optimizer(self, hp: "KEHparams") -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
-        if optimizer == "rmsprop":
-            return torch.optim.RMSprop(params, lr=float(hp["lr"]))
-        if optimizer == "adam":
-            return torch.optim.Adam(params, lr=float(hp["lr"]))
-        raise ValueError(f"ke: optimizer={optimizer!r}; expected rmsprop or adam")
+        if hp.optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=hp.lr)
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.lr)
+        raise ConfigError(f"ke: optimizer={hp.optimizer!r}; expected rmsprop or adam")
 
-    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: dict[str, Any]
+    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: "KEHparams"
                       ) -> tuple[torch.Tensor, dict[str, float]]:
         lam = self.log_lambda.exp()
         return edit_loss + lam * loc_loss, {"lambda": float(lam)}
 
-    def after_step(self, edit_loss: float, loc_loss: float, hp: dict[str, Any]) -> None:
+    def after_step(self, edit_loss: float, loc_loss: float, hp: "KEHparams") -> None:
         with torch.no_grad():  # dual ascent on the Lagrange multiplier of KL <= kl_margin
-            step = float(hp["dual_lr"]) * (loc_loss - float(hp["kl_margin"]))
-            self.log_lambda.add_(step).clamp_(min=float(hp.get("log_lambda_min", -10.0)),
-                                              max=float(hp.get("log_lambda_max", 10.0)))
+            step = hp.dual_lr * (loc_loss - hp.kl_margin)
+            self.log_lambda.add_(step).clamp_(min=-LOG_LAMBDA_BOUND, max=LOG_LAMBDA_BOUND)
 
 
 @dataclass
-class KEHparams(Hparams):
-    """The edited ``layers``, the network's sizes, its training (``epochs``, ``optimizer``, ``lr``, ``grad_clip``,
-    the KL constraint ``kl_margin`` with ``dual_lr``), the edit step ``edit_lr`` and where the trained network is."""
+class KEHparams(HypernetHparams):
+    """The shared hypernetwork settings plus the network's sizes, its optimizer and the KL constraint
+    ``kl_margin`` with the multiplier's step ``dual_lr``."""
 
-    layers: list[int]
-    epochs: int
-    optimizer: str
-    lr: float
-    grad_clip: float | None
+    optimizer: str  # rmsprop | adam
     lstm_input: int
     lstm_hidden: int
     head_hidden: int
-    edit_lr: float
     kl_margin: float
     dual_lr: float
-    hypernetwork_path: str | None
 
 
 @register("ke")
@@ -128,4 +124,5 @@ class KE(HypernetEditor):
     """KE editing with a network trained by ``python -m editors.train --method ke``."""
 
     hparams_class = KEHparams
+    hparams: KEHparams
     network_class = KEHyperNetwork

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -43,16 +43,16 @@ from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
 from editors.models.base import PerEdit, Prompt
 
 
-@dataclass(kw_only=True)
+@dataclass
 class LoRAHparams(FinetuneHparams):
     """Fine-tuning settings plus where the adapters go and their shape (see the module docstring)."""
 
-    target: str = "llm"  # llm | connector
-    modules: list[str] = field(default_factory=list)  # LLM Linear roles (target llm)
-    layers: list[int] = field(default_factory=list)  # LLM layers (target llm)
+    target: str  # llm | connector
+    modules: list[str]  # LLM Linear roles (target llm)
+    layers: list[int]  # LLM layers (target llm)
     rank: int
     lora_alpha: float
-    merge: bool = False
+    merge: bool
 
 
 class LoRALinear(nn.Module):
@@ -97,6 +97,7 @@ class LoRA(Editor):
     """Low-rank adapters on ``target`` (connector or LLM layers), trained on the edit (see the module docstring)."""
 
     hparams_class = LoRAHparams
+    hparams: LoRAHparams
     display_name = "LoRA"
     display_order = 9  # after the paper's eight methods
 
@@ -104,7 +105,7 @@ class LoRA(Editor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.merge = bool(self.hparams.get("merge", False))
+        self.merge = self.hparams.merge
         self.batches_edits = not self.merge
         self.wrappers: dict[str, LoRALinear] = {}  # dotted name of the adapted Linear -> its wrapper
         self._stacked: StackedCopies | None = None
@@ -112,7 +113,7 @@ class LoRA(Editor):
     # ---- targets ------------------------------------------------------------------------------------------------
 
     def _target(self) -> str:
-        target = str(self.hparams.get("target", "llm"))
+        target = self.hparams.target
         if target not in ("connector", "llm"):
             raise ValueError(f"lora: hparam target={target!r}; expected connector or llm")
         return target
@@ -123,8 +124,8 @@ class LoRA(Editor):
         if self._target() == "connector":
             modules = [m for m in a.connector().modules() if isinstance(m, nn.Linear)]
         else:
-            roles = list(self.hparams.get("modules") or [])
-            layers = [a.resolve_layer(int(i)) for i in self.hparams["layers"]]
+            roles = self.hparams.modules
+            layers = [a.resolve_layer(i) for i in self.hparams.layers]
             if not roles or not layers:
                 raise ValueError("lora: target llm needs non-empty hparams 'layers' and 'modules'")
             modules = [a.llm_linear(i, role) for i in layers for role in roles]
@@ -144,7 +145,7 @@ class LoRA(Editor):
         return self.adapter.module_name(module)
 
     def _lowest_layer(self) -> int:
-        return min(self.adapter.resolve_layer(int(i)) for i in self.hparams["layers"])
+        return min(self.adapter.resolve_layer(i) for i in self.hparams.layers)
 
     def touched_parameters(self) -> list[str]:
         if not self.merge:
@@ -155,7 +156,7 @@ class LoRA(Editor):
 
     def _install(self) -> dict[str, LoRALinear]:
         if not self.wrappers:
-            scale = float(self.hparams["lora_alpha"]) / int(self.hparams["rank"])
+            scale = self.hparams.lora_alpha / self.hparams.rank
             for name, linear in self._linears().items():
                 wrapper = LoRALinear(linear, scale)
                 path, _, attr = name.rpartition(".")
@@ -173,7 +174,7 @@ class LoRA(Editor):
     def _initial_factors(self, edit: EditRequest, name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` (Kaiming-uniform bound 1/sqrt(in), from a generator seeded by run seed, instance and module) and
         ``B = 0``, in the Linear's dtype and device."""
-        rank = int(self.hparams["rank"])
+        rank = self.hparams.rank
         key = hashlib.sha256(f"{self.context.seed}:{edit.instance_id}:{name}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
         bound = 1.0 / math.sqrt(linear.in_features)

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from editors.registry import register
-from editors.hparams import Hparams
-from editors.hypernetwork import Factors, HypernetEditor, HyperNetwork
+from editors.hypernetwork import Factors, HypernetEditor, HypernetHparams, HyperNetwork
 
 
 class LowRankResidual(nn.Module):
@@ -109,34 +108,27 @@ class MENDHyperNetwork(HyperNetwork):
             out[layer] = -self.edit_lrs[i] * (g.T @ u)
         return out
 
-    def make_optimizer(self, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    def make_optimizer(self, hp: "MENDHparams") -> torch.optim.Optimizer:
         net_params = [p for n, p in self.named_parameters() if n != "edit_lrs"]
-        return torch.optim.Adam([{"params": net_params, "lr": float(hp["lr"])},
-                                 {"params": [self.edit_lrs], "lr": float(hp["lr_lr"])}])
+        return torch.optim.Adam([{"params": net_params, "lr": hp.lr},
+                                 {"params": [self.edit_lrs], "lr": hp.lr_lr}])
 
-    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: dict[str, Any]
+    def training_loss(self, edit_loss: torch.Tensor, loc_loss: torch.Tensor, hp: "MENDHparams"
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = float(hp["c_edit"]) * edit_loss + float(hp["c_loc"]) * loc_loss
+        loss = hp.c_edit * edit_loss + hp.c_loc * loc_loss
         return loss, {"edit_lr_mean": float(self.edit_lrs.detach().mean())}
 
 
 @dataclass
-class MENDHparams(Hparams):
-    """The edited ``layers``, the editor networks (``rank``, ``n_hidden``), their training (``epochs``, ``lr``,
-    ``lr_lr``, ``grad_clip``, loss weights ``c_edit``, ``c_loc``), the initial ``edit_lr`` and where the trained
-    network is."""
+class MENDHparams(HypernetHparams):
+    """The shared hypernetwork settings plus the editor networks (``rank``, ``n_hidden``), the step sizes'
+    learning rate ``lr_lr`` and the loss weights ``c_edit``, ``c_loc``."""
 
-    layers: list[int]
-    epochs: int
-    lr: float
     lr_lr: float
-    grad_clip: float | None
     rank: int
     n_hidden: int
-    edit_lr: float
     c_edit: float
     c_loc: float
-    hypernetwork_path: str | None
 
 
 @register("mend")
@@ -144,4 +136,5 @@ class MEND(HypernetEditor):
     """MEND editing with a network trained by ``python -m editors.train --method mend``."""
 
     hparams_class = MENDHparams
+    hparams: MENDHparams
     network_class = MENDHyperNetwork

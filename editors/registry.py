@@ -9,7 +9,9 @@ and ``display_order`` (its place among methods; the paper's methods keep the ord
 reports and the board read them from the data and never from this module.
 
 Discovery (:func:`methods`) reads the files with :mod:`ast` and imports nothing (no torch), so ``--help`` texts and
-configuration checks are cheap; :func:`get_editor_class` imports a method's module when a run needs it.
+configuration checks are cheap; :func:`get_editor_class` imports a method's module when a run needs it, and
+:func:`load_hparams` builds a method's typed hyperparameters from its YAML (:mod:`editors.hparams` does the
+reading; this module knows which file and class belong to a method).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
+from editors.hparams import Hparams, build_hparams, section_keys
 from sake_core.errors import ConfigError
 from sake_core.protocol import METHOD_NAMES, METHOD_ORDER
 
@@ -191,3 +194,23 @@ def method_sort_key(name: str | None) -> tuple[float, str]:
         return (float(METHOD_ORDER.index(name)), name)
     info = methods().get(name)
     return (info.display_order if info else float("inf"), name)
+
+
+def hparams_file(method: str) -> Path:
+    """The YAML of a discovered method (``editors/hparams/<name>.yaml`` or the ``hparams/`` folder beside a
+    method found on ``$SAKE_METHODS_PATH``)."""
+    return method_info(method).hparams_path
+
+
+def hparams_keys(method: str, family: str | None = None) -> set[str]:
+    """The keys ``method``'s YAML defines for ``family`` (every section when None): what ``--hparam`` may
+    override. Reads files only (nothing imported)."""
+    return section_keys(hparams_file(method), family)
+
+
+def load_hparams(method: str, family: str, *, tiny: bool = False,
+                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> Hparams:
+    """The typed hyperparameters of ``method`` for a model ``family`` (its class's ``hparams_class`` built from
+    its YAML by :func:`editors.hparams.build_hparams`: ``defaults`` <- family <- ``tiny`` <- ``overrides``)."""
+    return build_hparams(get_editor_class(method).hparams_class, hparams_file(method), family, tiny=tiny,
+                         overrides=overrides)

@@ -34,22 +34,24 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 from tqdm import tqdm
 
-from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
-from editors.registry import available_methods, get_editor_class, method_info
+from editors.base import EditRequest, Editor, RunContext
+from editors.registry import available_methods, get_editor_class, load_hparams, method_info
 from editors.memory import PROBE_EDITS, DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
 from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
-from editors.hparams import load_hparams, parse_overrides
+from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
 from editors.models.base import GenerationSettings, LALMAdapter, Prompt
 from editors.models.generation import release as release_generation
 from editors.models.generation import token_budget
 from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache, default_cache_dir
+from editors.session import EditSession
 from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 from sake_core.atomic import atomic_write
 from sake_core.errors import ResourceError
 from editors.config import RunConfig
 from sake_core.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
 
@@ -65,7 +67,7 @@ MIN_GENERATION_TOKENS = 4096
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.run", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.run"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
@@ -194,6 +196,13 @@ def _item_count(table: Any) -> list[int]:
 RowsLoader = Callable[[str, str, str], Any]
 
 
+def progress_label(method: str, mode: str, model: str) -> str:
+    """The runner's progress-bar label: which run it is (``method mode, model``; a local model folder by its
+    name)."""
+    path = Path(str(model))
+    return f"{method} {mode}, {path.name if path.is_dir() else model}"
+
+
 class Runner:
     """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
 
@@ -228,12 +237,8 @@ class Runner:
         self._train_cache: dict[tuple[str, str], Any] = {}
         context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
                              load_rows=self._load_rows, model_name=args.model)
-        self.editor: Editor = get_editor_class(args.method)(self.adapter, self.hparams, context)
-        self.editor.setup()
-        touched = self.editor.touched_parameters()
-        self.snapshot = ParameterSnapshot(self.adapter.model, touched) if touched else None
-        encoder_names = set(self.adapter.parameter_groups()["audio_encoder"])
-        self.touches_encoder = bool(encoder_names & set(touched))
+        self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
+        self.editor: Editor = self.session.editor
         self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
                                     self.generation.output_key())
         self.units, self.unit_of = self._plan()
@@ -406,21 +411,16 @@ class Runner:
         """Edits the next pass holds (see :class:`editors.memory.PassSizer`)."""
         return self.sizer.k
 
+    def seed(self, offset: int) -> int:
+        """Torch's seed before an edit: the same randomness on a resumed run."""
+        return self.config.seed * 1_000_003 + offset
+
     def apply(self, edit: EditRequest, seed_offset: int) -> dict[str, Any]:
-        torch.manual_seed(self.config.seed * 1_000_003 + seed_offset)  # same randomness on a resumed run
+        """One edit on top of the current state (timed); :meth:`EditSession.restore` undoes it."""
         t0 = time.perf_counter()
-        stats = self.editor.apply(edit)
-        if self.touches_encoder:
-            self.adapter.clear_audio_cache()
+        stats = self.session.apply(edit, seed=self.seed(seed_offset))
         self.stats.apply_s += time.perf_counter() - t0
         return stats
-
-    def restore(self) -> None:
-        if self.snapshot is not None:
-            self.snapshot.restore()
-        self.editor.reset()
-        if self.touches_encoder:
-            self.adapter.clear_audio_cache()
 
     # ---- loops --------------------------------------------------------------------------------------------------
 
@@ -437,7 +437,8 @@ class Runner:
         logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
-                   else "step", disable=not self.config.progress, dynamic_ncols=True)
+                   else "step", disable=not self.config.progress, dynamic_ncols=True,
+                   desc=progress_label(self.config.method, self.mode, self.config.model))
         start = time.perf_counter()
         try:
             if self.mode == "single":
@@ -467,7 +468,8 @@ class Runner:
 
     def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
         """Passes of ``self.sizer.k`` edits (one edit at a time for methods that do not batch); on an
-        out-of-memory error the same units again with half as many edits per pass."""
+        out-of-memory error the same units again with half as many edits per pass (the session has restored the
+        model: every pass applies inside it)."""
         batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
         pos = 0
         while pos < len(todo):
@@ -504,17 +506,15 @@ class Runner:
                             f"requested); {str(error).splitlines()[0][:160]}") from error
 
     def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm) -> None:
-        """One single edit: pre-edit outputs, apply, evaluate, restore, rows."""
+        """One single edit: pre-edit outputs, apply, evaluate, restore (the session), rows."""
         t0 = time.perf_counter()
         row = self.datasets[unit.config][unit.index]
         edit = EditRequest.from_row(row)
         items = eval_items(row)
         pre = self.pre_edit_outputs(items)
-        stats = self.apply(edit, unit.index)
-        try:
+        with self.session:  # restores on leaving
+            stats = self.apply(edit, unit.index)
             post = self.evaluate(edit, items)
-        finally:
-            self.restore()
         out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
         self._unit_done(unit, stats, time.perf_counter() - t0)
         bar.update(1)
@@ -532,19 +532,13 @@ class Runner:
         for its in items:
             pre.append(flat_pre[pos:pos + len(its)])
             pos += len(its)
-        torch.manual_seed(self.config.seed * 1_000_003 + units[0].index)  # same randomness on a resumed run
         t1 = time.perf_counter()
-        try:
-            stats = self.editor.apply_many(edits)
-            if self.touches_encoder:
-                self.adapter.clear_audio_cache()
+        with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
             post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))
             self.stats.eval_s += time.perf_counter() - t2
-        finally:
-            self.restore()
         seconds = (time.perf_counter() - t0) / len(units)
         for unit, edit, its, p, o, st in zip(units, edits, items, pre, post, stats):
             out.append_unit(unit.key, self.rows(edit, its, p, o, None))
@@ -568,7 +562,7 @@ class Runner:
                 items.append(its)
                 pre.append(self.pre_edit_outputs(its) if s <= self.config.eval_edits else [])
             by_step = {u.step: u for u in steps}
-            try:
+            with self.session:  # the sequence's edits accumulate; restored after the sequence
                 for t in range(1, last_step + 1):
                     t0 = time.perf_counter()
                     stats = self.apply(edits[t - 1], seq_no * 1000 + t)
@@ -584,8 +578,6 @@ class Runner:
                     out.append_unit(unit.key, rows)
                     self._unit_done(unit, stats, time.perf_counter() - t0)
                     bar.update(1)
-            finally:
-                self.restore()
 
     def _unit_done(self, unit: Unit, stats: dict[str, Any], seconds: float) -> None:
         self.stats.units += 1

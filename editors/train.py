@@ -4,7 +4,7 @@ that applies them are the library :mod:`editors.hypernetwork`; this module is th
     python -m editors.train --method mend --model Qwen/Qwen2-Audio-7B-Instruct --dataset sake/sake --out hn/mend-qwen
     python -m editors.train --method ke --model tiny-qwen2-audio --dataset /tmp/sake_demo --limit 8
 
-Both methods edit the FFN output projections of the LLM layers in ``hparams['layers']`` (paper Table 6: Qwen and
+Both methods edit the FFN output projections of the LLM layers in ``hparams.layers`` (paper Table 6: Qwen and
 DeSTA 29-31, AF3 25-27) from the *fine-tuning gradient* of the edit. For a linear map ``y = W u`` the gradient of the
 edit loss is ``sum_t g_t u_t^T`` (``u_t`` the layer input at token t, ``g_t`` the loss gradient at its output): these
 rank-1 factors are collected in one forward/backward pass on the edit (:func:`edit_factors`), and the method's
@@ -27,7 +27,7 @@ Output (``--out``, default ``CACHE/hypernetworks/METHOD/MODEL``): ``hypernetwork
 (method, model, layers, shapes, hyperparameters, training summary). ``--out/checkpoint/`` holds the latest
 checkpoint (network + optimizer state + step counter) every ``--checkpoint-every`` steps; rerunning the same command
 resumes from it (the same seeded order, continuing at the saved step with the saved optimizer state). Editing loads
-the network from ``hparams['hypernetwork_path']`` or the default location, and raises a clear error when none exists.
+the network from ``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from editors.base import EditRequest
-from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HyperNetwork, _atomic_json, _Shifted, build_network,
-                                  condition_embeddings, default_hypernet_dir, edit_factors, hypernetwork_methods,
-                                  load_network, replaced_out_projs, save_network)
+from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, HyperNetwork, _atomic_json, _Shifted,
+                                  build_network, condition_embeddings, default_hypernet_dir, edit_factors,
+                                  hypernetwork_methods, load_network, replaced_out_projs, save_network)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
+from sake_core.errors import ConfigError
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.train")
 
@@ -136,10 +138,10 @@ def training_order(sizes: dict[str, int], epochs: int, seed: int, limit: int | N
 class Trainer:
     """One training run of a hypernetwork, with checkpoints and resume (see the module docstring)."""
 
-    def __init__(self, adapter: LALMAdapter, method: str, hp: dict[str, Any], datasets: dict[str, Any],
+    def __init__(self, adapter: LALMAdapter, method: str, hp: HypernetHparams, datasets: dict[str, Any],
                  out_dir: str | Path, *, seed: int = 0, model_name: str = "", dataset_name: str = "",
                  limit: int | None = None, checkpoint_every: int = 50, progress: bool = True) -> None:
-        self.adapter, self.method, self.hp = adapter, method, dict(hp)
+        self.adapter, self.method, self.hp = adapter, method, hp
         self.datasets = datasets
         self.out_dir = Path(out_dir)
         self.seed, self.limit = seed, limit
@@ -147,8 +149,7 @@ class Trainer:
         self.dataset_name = dataset_name
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress = progress
-        self.order = training_order({c: len(d) for c, d in datasets.items()}, int(hp.get("epochs", 1)), seed,
-                                    limit)
+        self.order = training_order({c: len(d) for c, d in datasets.items()}, hp.epochs, seed, limit)
         self.net = build_network(method, adapter, self.hp, seed)
         self.optimizer = self.net.make_optimizer(self.hp)
         self.step = 0
@@ -163,7 +164,7 @@ class Trainer:
     def _run_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "model_id": self.adapter.model_id, "family": self.adapter.family,
                 "model_key": self.adapter.model_key(), "dataset": self.dataset_name, "seed": self.seed,
-                "limit": self.limit, "configs": sorted(self.datasets), "hparams": self.hp,
+                "limit": self.limit, "configs": sorted(self.datasets), "hparams": self.hp.as_dict(),
                 "steps_total": len(self.order)}
 
     def save_checkpoint(self) -> None:
@@ -206,8 +207,9 @@ class Trainer:
         end = len(self.order) if max_steps is None else min(len(self.order), int(max_steps))
         self.net.train()
         params = [p for p in self.net.parameters() if p.requires_grad]
-        clip = self.hp.get("grad_clip")
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True)
+        clip = self.hp.grad_clip
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
+                   desc=f"training {self.method}")
         start = time.perf_counter()
         try:
             while self.step < end:
@@ -218,7 +220,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if clip:
-                    torch.nn.utils.clip_grad_norm_(params, float(clip))
+                    torch.nn.utils.clip_grad_norm_(params, clip)
                 self.optimizer.step()
                 self.net.after_step(float(edit_loss.detach()), float(loc_loss.detach()), self.hp)
                 self.step += 1
@@ -248,7 +250,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=hypernetwork_methods())
     p.add_argument("--model", required=True, help="Hub id, local model directory or tiny-qwen2-audio / "
@@ -284,8 +286,8 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     and return its folder (default: where editing looks, ``CACHE/hypernetworks/METHOD/MODEL``). ``hparams``:
     overrides of the method's YAML (a mapping, or ``key=value`` strings)."""
     from editors.data import load_instances
-    from editors.hparams import load_hparams
     from editors.models import family_of, load_adapter
+    from editors.registry import load_hparams
     from editors.preedit_cache import default_cache_dir
     from sake_core.protocol import ATTRIBUTES
 
@@ -299,6 +301,8 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     adapter = load_adapter(model, dtype=dtype, device=device, seed=seed, revision=revision)
     hp = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=hparams)
+    if not isinstance(hp, HypernetHparams):
+        raise ConfigError(f"--method {method}: not a hypernetwork method (expected one of {hypernetwork_methods()})")
     target = Path(out) if out else default_hypernet_dir(cache_dir or default_cache_dir(), method, model)
     trainer = Trainer(adapter, method, hp, data, target, seed=seed, model_name=model, dataset_name=dataset,
                       limit=limit, checkpoint_every=checkpoint_every, progress=progress)

@@ -171,9 +171,10 @@ class UnKEHparams(Hparams):
 
 @register("unke")
 class UnKE(Editor):
-    """UnKE on LLM layer ``hparams['layer']`` (see the module docstring for the hyperparameters)."""
+    """UnKE on LLM layer ``hparams.layer`` (see the module docstring for the hyperparameters)."""
 
     hparams_class = UnKEHparams
+    hparams: UnKEHparams
     batches_edits = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -181,7 +182,7 @@ class UnKE(Editor):
         self._copies: StackedCopies | None = None
 
     def _layer(self) -> int:
-        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+        return self.adapter.resolve_layer(self.hparams.layer)
 
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self.adapter.llm_layer(self._layer()))
@@ -197,15 +198,15 @@ class UnKE(Editor):
         onehot = onehot.unsqueeze(-1)
         key0 = state.hidden[0, pos[0]].detach().float()
         delta = torch.zeros_like(key0, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=float(hp["v_lr"]))
-        max_norm = float(hp["clamp_norm_factor"]) * float(key0.norm())
-        wd = float(hp["v_weight_decay"])
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * float(key0.norm())
+        wd = hp.v_weight_decay
         nll = torch.tensor(float("nan"))
         steps = 0
-        for _ in range(int(hp["v_steps"])):
+        for _ in range(hp.v_steps):
             hidden = state.hidden + (onehot * delta).to(state.hidden.dtype)
             nll = a.loss_from(state, hidden)
-            if float(nll.detach()) < float(hp.get("v_early_stop_loss") or 0.0):
+            if hp.v_early_stop_loss is not None and float(nll.detach()) < hp.v_early_stop_loss:
                 break
             loss = nll + wd * delta.norm() / key0.norm().clamp(min=1e-6) ** 2
             opt.zero_grad(set_to_none=True)
@@ -230,8 +231,8 @@ class UnKE(Editor):
         with torch.no_grad():
             edit_target = a.run_layers(edit_state).detach().clone()
         edit_target[0, -1] = key.to(edit_target.dtype)  # left padding: the last column is the last prompt token
-        preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
-                                        source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+        preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
+                                        source=hp.preserve_source, seed=self.context.seed)
         terms: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = [
             (edit_state, edit_target, prompt_batch.attention_mask)]
         if preserve:
@@ -245,9 +246,8 @@ class UnKE(Editor):
 
         names = set(self.touched_parameters())
         params = {n: p for n, p in a.model.named_parameters() if n in names}
-        result = finetune(params, loss_fn, lr=float(hp["optim_lr"]), max_steps=int(hp["optim_steps"]),
-                          early_stop_loss=hp.get("optim_early_stop_loss"), optimizer="adam",
-                          weight_decay=float(hp.get("weight_decay", 0.0)))
+        result = finetune(params, loss_fn, lr=hp.optim_lr, max_steps=hp.optim_steps,
+                          early_stop_loss=hp.optim_early_stop_loss, optimizer="adam", weight_decay=hp.weight_decay)
         return {"steps": stats["v_steps"] + result.steps, "loss": result.loss, **stats,
                 "optim_steps": result.steps, "n_preserve": len(preserve)}
 
@@ -270,8 +270,9 @@ class UnKE(Editor):
         for rows, _, _, keys in groups:
             key0[rows] = keys
         delta = torch.zeros_like(key0, requires_grad=True)
-        max_norm = float(hp["clamp_norm_factor"]) * key0.norm(dim=-1)
-        wd, threshold = float(hp["v_weight_decay"]), float(hp.get("v_early_stop_loss") or 0.0)
+        max_norm = hp.clamp_norm_factor * key0.norm(dim=-1)
+        wd = hp.v_weight_decay
+        threshold = float("-inf") if hp.v_early_stop_loss is None else hp.v_early_stop_loss
 
         def nll(d: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(k, device=device)
@@ -282,7 +283,7 @@ class UnKE(Editor):
 
         active = torch.ones(k, dtype=torch.bool, device=device)
         steps, state_opt = [0] * k, [{}]
-        for step in range(1, int(hp["v_steps"]) + 1):
+        for step in range(1, hp.v_steps + 1):
             losses = nll(delta)
             active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
             if not bool(active.any()):
@@ -291,7 +292,7 @@ class UnKE(Editor):
             (grad,) = torch.autograd.grad(total[active].sum(), [delta])
             with torch.no_grad():
                 masked_update([delta], [grad], state_opt, active, step, optimizer="adam",
-                               lr=float(hp["v_lr"]), weight_decay=0.0)
+                               lr=hp.v_lr, weight_decay=0.0)
                 norm = delta.norm(dim=-1)
                 scale = torch.where(active & (norm > max_norm), max_norm / norm.clamp(min=1e-30),
                                     torch.ones_like(norm))
@@ -310,8 +311,8 @@ class UnKE(Editor):
         a, hp, layer = self.adapter, self.hparams, self._layer()
         k = len(edits)
         keys, stats = self.compute_keys(edits)
-        preserve = [preservation_prompts(e, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
-                                         source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
+                                         source=hp.preserve_source, seed=self.context.seed)
                     for e in edits]
         # stage 2 terms: (edit of each row, state entering L, target output, mask, term) per canonical batch
         terms = []
@@ -348,9 +349,9 @@ class UnKE(Editor):
             return torch.where(present, sums / counts.clamp(min=1.0), torch.zeros_like(sums)).sum(0)
 
         with routing.installed():
-            results = finetune_many(copies, losses, lr=float(hp["optim_lr"]), max_steps=int(hp["optim_steps"]),
-                                    early_stop_loss=hp.get("optim_early_stop_loss"), optimizer="adam",
-                                    weight_decay=float(hp.get("weight_decay", 0.0)))
+            results = finetune_many(copies, losses, lr=hp.optim_lr, max_steps=hp.optim_steps,
+                                    early_stop_loss=hp.optim_early_stop_loss, optimizer="adam",
+                                    weight_decay=hp.weight_decay)
         self._copies = copies
         return [{"steps": st["v_steps"] + r.steps, "loss": r.loss, **st, "optim_steps": r.steps,
                  "n_preserve": len(ps)} for st, r, ps in zip(stats, results, preserve)]

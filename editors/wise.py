@@ -249,9 +249,10 @@ class WISEHparams(Hparams):
 
 @register("wise")
 class WISE(Editor):
-    """WISE side memory on the FFN output projection of LLM layer ``hparams['layer']``."""
+    """WISE side memory on the FFN output projection of LLM layer ``hparams.layer``."""
 
     hparams_class = WISEHparams
+    hparams: WISEHparams
     #: decides per row on the host while decoding (not capturable): the eager engine only
     generation_engines = ("eager",)
     batches_edits = True
@@ -266,7 +267,7 @@ class WISE(Editor):
     # ---- interface ----------------------------------------------------------------------------------------------
 
     def _layer(self) -> int:
-        return self.adapter.resolve_layer(int(self.hparams["layer"]))
+        return self.adapter.resolve_layer(self.hparams.layer)
 
     def touched_parameters(self) -> list[str]:
         return []  # the original weights are never modified; the side memory lives in the router
@@ -287,9 +288,8 @@ class WISE(Editor):
         if self.router is None:
             layer = self._layer()
             original = self.adapter.mlp_out_proj(layer)
-            router = WiseRouter(original, activation_fn(self.adapter, str(self.hparams.get("distance_act",
-                                                                                      "hidden_act"))),
-                                float(self.hparams["act_ratio"]), int(self.hparams.get("long_prompt_tokens", 100)))
+            router = WiseRouter(original, activation_fn(self.adapter, self.hparams.distance_act),
+                                self.hparams.act_ratio, self.hparams.long_prompt_tokens)
             self.adapter.set_mlp_out_proj(layer, router)
             self.router = router
 
@@ -323,7 +323,7 @@ class WISE(Editor):
         if router.shards and not router.shards[-1].closed:
             return router.shards[-1]
         weight = router.original.weight.detach().clone()
-        ratio = float(self.hparams.get("mask_ratio", 1.0))
+        ratio = self.hparams.mask_ratio
         mask = None
         if ratio < 1.0:
             gen = torch.Generator().manual_seed(int(self.context.seed) * 1_000_003 + len(router.shards) + 1)
@@ -345,8 +345,8 @@ class WISE(Editor):
             x_in = self._inner_activations(state)
             # activations are scored on the prompt tokens: what the router sees before generating
             valid_in = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
-            preserve = preservation_prompts(edit, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
-                                            source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+            preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
+                                            source=hp.preserve_source, seed=self.context.seed)
             if preserve:
                 pbatch = a.prepare(preserve)
                 x_out = self._inner_activations(a.hidden_entering(pbatch, layer))
@@ -358,10 +358,10 @@ class WISE(Editor):
             orig_out = router.original(x_out) if preserve else None
         base = router.original.weight.detach()
         master = shard.weight.detach().float().clone().requires_grad_(True)
-        opt = torch.optim.SGD([master], lr=float(hp["edit_lr"]), weight_decay=float(hp.get("weight_decay", 0.0)))
-        alpha, beta, gamma = float(hp["alpha"]), float(hp["beta"]), float(hp["gamma"])
-        norm_c = hp.get("norm_constraint")
-        early = hp.get("early_stop_loss")
+        opt = torch.optim.SGD([master], lr=hp.edit_lr, weight_decay=hp.weight_decay)
+        alpha, beta, gamma = hp.alpha, hp.beta, hp.gamma
+        norm_c = hp.norm_constraint
+        early = hp.early_stop_loss
 
         def distances(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             d_in = router.row_scores(router.token_distance(x_in, weight, orig_in), valid_in)
@@ -380,11 +380,11 @@ class WISE(Editor):
         router.train_weight = master
         steps, ft, total = 0, float("nan"), float("nan")
         try:
-            for _ in range(int(hp["n_iter"])):
+            for _ in range(hp.n_iter):
                 ft_loss = a.loss_from(state)
                 loss = ft_loss + act_loss(*distances(master))
                 ft, total = float(ft_loss.detach()), float(loss.detach())
-                if early is not None and total < float(early):
+                if early is not None and total < early:
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -394,7 +394,7 @@ class WISE(Editor):
                 steps += 1
                 if norm_c is not None:
                     with torch.no_grad():
-                        lo, hi = base.float() - float(norm_c), base.float() + float(norm_c)
+                        lo, hi = base.float() - norm_c, base.float() + norm_c
                         master.copy_(torch.maximum(torch.minimum(master, hi), lo))
         finally:
             router.train_weight = None
@@ -420,14 +420,14 @@ class WISE(Editor):
     def _maybe_close_and_merge(self, router: WiseRouter, shard: Shard) -> None:
         """Close the shard after ``save_freq`` edits; every ``merge_freq`` edits, TIES-merge the closed shards that
         are not merges yet into one memory (threshold: the smallest of theirs)."""
-        save_freq = int(self.hparams.get("save_freq") or 0)
+        save_freq = self.hparams.save_freq
         if save_freq > 0 and shard.n_edits >= save_freq:
             shard.closed = True
-        merge_freq = int(self.hparams.get("merge_freq") or 0)
+        merge_freq = self.hparams.merge_freq
         group = [s for s in router.shards if s.closed and s.merged_from == 1]
         if merge_freq > 0 and self.n_edits % merge_freq == 0 and len(group) > 1:
             merged = Shard(weight=ties_merge(router.original.weight.detach(), [s.weight for s in group],
-                                             float(self.hparams.get("merge_density", 0.53))),
+                                             self.hparams.merge_density),
                            mask=None, edit_acts=[min(s.threshold for s in group)],
                            n_edits=sum(s.n_edits for s in group), merged_from=len(group), closed=True)
             router.shards = [s for s in router.shards if s not in group] + [merged]
@@ -450,8 +450,8 @@ class WISE(Editor):
         template = self._current_shard(router)  # the first shard an edit alone writes into: its mask
         router.shards = []
         base = router.original.weight.detach()
-        preserve = [preservation_prompts(e, self.context, int(hp["preserve_text"]), int(hp["preserve_audio"]),
-                                         source=str(hp.get("preserve_source", "train")), seed=self.context.seed)
+        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
+                                         source=hp.preserve_source, seed=self.context.seed)
                     for e in edits]
         ins, outs = [], []  # (owner edit of each row, state or None, inner activations, original output, valid)
         with torch.no_grad():
@@ -466,8 +466,8 @@ class WISE(Editor):
                 x = self._inner_activations(a.hidden_entering(batch, layer))
                 outs.append(([owners[i] for i in rows], None, x, router.original(x), batch.attention_mask.float()))
         master = base.float().unsqueeze(0).repeat(k, 1, 1).requires_grad_(True)
-        alpha, beta, gamma = float(hp["alpha"]), float(hp["beta"]), float(hp["gamma"])
-        norm_c, early = hp.get("norm_constraint"), hp.get("early_stop_loss")
+        alpha, beta, gamma = hp.alpha, hp.beta, hp.gamma
+        norm_c, early = hp.norm_constraint, hp.early_stop_loss
         device = master.device
 
         def scores(groups: list, weights: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -496,24 +496,24 @@ class WISE(Editor):
 
         active = torch.ones(k, dtype=torch.bool, device=device)
         steps, ft_last, total_last, state = [0] * k, [float("nan")] * k, [float("nan")] * k, [{}]
-        for step in range(1, int(hp["n_iter"]) + 1):
+        for step in range(1, hp.n_iter + 1):
             ft, total = losses(master)
             values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
             for e in range(k):
                 if bool(active[e]):
                     ft_last[e], total_last[e] = values_ft[e], values[e]
             if early is not None:
-                active &= ~(total.detach() < float(early))
+                active &= ~(total.detach() < early)
             if not bool(active.any()):
                 break
             (grad,) = torch.autograd.grad(total[active].sum(), [master])
             with torch.no_grad():
                 if template.mask is not None:
                     grad = grad * template.mask
-                masked_update([master], [grad], state, active, step, optimizer="sgd", lr=float(hp["edit_lr"]),
-                              weight_decay=float(hp.get("weight_decay", 0.0)))
+                masked_update([master], [grad], state, active, step, optimizer="sgd", lr=hp.edit_lr,
+                              weight_decay=hp.weight_decay)
                 if norm_c is not None:
-                    lo, hi = base.float() - float(norm_c), base.float() + float(norm_c)
+                    lo, hi = base.float() - norm_c, base.float() + norm_c
                     master.copy_(torch.where(active.view(-1, 1, 1), torch.maximum(torch.minimum(master, hi), lo),
                                              master))
             for e, on in enumerate(active.tolist()):

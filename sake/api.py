@@ -100,31 +100,15 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
     ``request``: an ``editors.base.EditRequest`` or a SAKE instance row (``datasets`` row of any attribute
     config). ``hparams``: overrides of the method's YAML entry for the adapter's family (unknown keys are an
     error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``)."""
-    import torch
-
-    from editors.base import EditRequest, ParameterSnapshot, RunContext
-    from editors.registry import get_editor_class
-    from editors.hparams import load_hparams
+    from editors.base import EditRequest, RunContext
+    from editors.registry import load_hparams
+    from editors.session import EditSession
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
     typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
-    editor_class = get_editor_class(method)
-    editor = editor_class(adapter, typed, RunContext(seed=seed, cache_dir=cache_dir, model_name=adapter.model_id))
+    session = EditSession.start(adapter, method, typed, RunContext(seed=seed, cache_dir=cache_dir,
+                                                                  model_name=adapter.model_id))
     # the settings `sake.run` resolves for this method and model (family defaults: the same max_new_tokens)
-    settings = adapter.generation_settings(method_engines=editor_class.generation_engines, method=method)
-    editor.setup()
-    touched = editor.touched_parameters()
-    snapshot = ParameterSnapshot(adapter.model, touched) if touched else None
-    encoder = set(adapter.parameter_groups()["audio_encoder"]) & set(touched)
-    try:
-        torch.manual_seed(seed)
-        stats = editor.apply(edit)
-        if encoder:
-            adapter.clear_audio_cache()
-        yield EditedModel(adapter, editor, edit, stats, settings)
-    finally:
-        if snapshot is not None:
-            snapshot.restore()
-        editor.reset()
-        if encoder:
-            adapter.clear_audio_cache()
+    settings = adapter.generation_settings(method_engines=type(session.editor).generation_engines, method=method)
+    with session.edit(edit, seed=seed) as stats:
+        yield EditedModel(adapter, session.editor, edit, stats, settings)

@@ -13,7 +13,8 @@ import torch
 
 from _editor_helpers import shared_demo_build, synthetic_audio
 from editors.base import EditRequest, RunContext
-from editors.hparams import load_hparams
+from editors.hparams import Hparams
+from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import LALMAdapter
 
@@ -55,7 +56,7 @@ def edit_request(target: str = "sad", audio_seed: int = 1, instance: str = "emot
                        audio=synthetic_audio(audio_seed, 1.0), row=row)
 
 
-def hparams(method: str, adapter: LALMAdapter, **overrides: Any) -> dict[str, Any]:
+def hparams(method: str, adapter: LALMAdapter, **overrides: Any) -> Hparams:
     return load_hparams(method, adapter.family, tiny=True, overrides=overrides)
 
 

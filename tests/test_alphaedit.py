@@ -35,8 +35,8 @@ def _edits(adapter, n: int):
 
 
 def _preserved_keys(editor):
-    prompts = preserved_prompts(editor.context, int(editor.hparams["preserve_audio"]),
-                                int(editor.hparams["preserve_text"]), editor.context.seed)
+    prompts = preserved_prompts(editor.context, editor.hparams.preserve_audio,
+                                editor.hparams.preserve_text, editor.context.seed)
     keys = []
     for start in range(0, len(prompts), 16):
         batch = editor.adapter.prepare(prompts[start:start + 16])

@@ -8,7 +8,7 @@ import torch
 from _editor_helpers import changed_tensors, state_copy, synthetic_audio
 from editors.base import EditRequest, ParameterSnapshot, finetune
 from editors.registry import get_editor_class
-from editors.hparams import load_hparams
+from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
 
@@ -34,7 +34,7 @@ def test_ft_reaches_target_and_restores_exactly(model, method):
     adapter = load_adapter(model, seed=0)
     edit = make_edit()
     editor = editor_for(adapter, method, max_steps=250)
-    threshold = editor.hparams["early_stop_loss"]
+    threshold = editor.hparams.early_stop_loss
     assert adapter.generate([edit.prompt()], max_new_tokens=8) != [edit.target]
     before = state_copy(adapter.model)
     snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())

@@ -12,9 +12,9 @@ import torch
 from _editor_helpers import cli_args, run_config, synthetic_audio
 from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
-from editors.base import ParameterSnapshot
 from editors.ft_encoder import FTEncoder
 from editors.models.base import Prompt
+from editors.session import EditSession
 
 MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
 TEXT = [Prompt("Which data structure is last-in first-out? (a) queue (b) stack"),
@@ -28,12 +28,6 @@ def _edits(adapter, n: int):
     words = one_token_words(adapter, n, exclude=tuple(first_answer_token(adapter, p) for p in probes))
     return [edit_request(target=w, audio_seed=1 + 3 * i, instance=f"emotion/test/{i:06d}")
             for i, w in enumerate(words)]
-
-
-def _restore(adapter, snapshot, editor):
-    snapshot.restore()
-    editor.reset()
-    adapter.clear_audio_cache()  # as the runner does after restoring encoder weights
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -50,9 +44,7 @@ def test_ft_encoder_edits_the_last_encoder_layers_and_text_outputs_stay_bit_iden
     audio_before = adapter.generate([edit.prompt()], max_new_tokens=4)
     loss_before = float(adapter.target_loss([edit.prompt()], [edit.target]))
     state = model_state(adapter)
-    snapshot = ParameterSnapshot(adapter.model, touched)
-    try:
-        stats = editor.apply(edit)
+    with EditSession(editor).edit(edit) as stats:  # restores the weights and drops their audio states after
         changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
         assert changed == set(touched)
         assert adapter.generate(TEXT, max_new_tokens=8) == text_before
@@ -64,8 +56,6 @@ def test_ft_encoder_edits_the_last_encoder_layers_and_text_outputs_stay_bit_iden
         else:  # its random Q-Former averages one Whisper layer's change over frames and taps: a smaller step
             assert loss_after < 0.95 * loss_before
         assert loss_after == pytest.approx(stats["loss"], rel=0.2)
-    finally:
-        _restore(adapter, snapshot, editor)
     assert_same_state(adapter, state)
     assert adapter.generate([edit.prompt()], max_new_tokens=4) == audio_before
 
@@ -78,18 +68,15 @@ def test_ft_encoder_sequential_edits_accumulate(model):
                        context())
     editor.setup()
     state = model_state(adapter)
-    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
     params = dict(adapter.model.named_parameters())
-    try:
-        editor.apply(first)
+    with EditSession(editor) as session:
+        session.apply(first)
         after_first = {n: params[n].detach().clone() for n in editor.touched_parameters()}
         loss_first = float(adapter.target_loss([first.prompt()], [first.target]))
-        editor.apply(second)  # starts from the first edit's weights
+        session.apply(second)  # starts from the first edit's weights
         assert all(not torch.equal(params[n], after_first[n]) for n in after_first)
         assert all(not torch.equal(after_first[n], state["params"][n]) for n in after_first)
         assert float(adapter.target_loss([first.prompt()], [first.target])) != loss_first
-    finally:
-        _restore(adapter, snapshot, editor)
     assert_same_state(adapter, state)
 
 
@@ -99,14 +86,10 @@ def test_desta_transcripts_come_from_the_released_encoder_while_it_is_edited():
     editor = FTEncoder(adapter, hparams("ft_encoder", adapter, lr=0.5, max_steps=3, early_stop_loss=None), context())
     editor.setup()
     fresh = synthetic_audio(41, 0.9)  # never seen before
-    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
-    try:
-        editor.apply(edit)
+    with EditSession(editor).edit(edit):
         with torch.no_grad():
             edited_feats = adapter.model.perception.whisper.model.encoder(adapter._features([fresh]))
         edited_transcript = adapter.transcripts([fresh])[0]
-    finally:
-        _restore(adapter, snapshot, editor)
     adapter._transcripts.clear()
     with torch.no_grad():
         released_feats = adapter.model.perception.whisper.model.encoder(adapter._features([fresh]))

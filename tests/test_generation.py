@@ -125,7 +125,7 @@ def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, override
     import test_batching as tb
 
     from editors.base import ParameterSnapshot
-    from editors.hparams import load_hparams
+    from editors.registry import load_hparams
     from editors.models import load_adapter
     from editors.registry import get_editor_class
 

@@ -10,7 +10,7 @@ from _editor_helpers import changed_tensors, state_copy
 from editors.base import EditRequest, RunContext
 from editors.registry import get_editor_class
 from editors.data import eval_items, load_instances
-from editors.hparams import load_hparams
+from editors.registry import load_hparams
 from editors.models import load_adapter
 
 

@@ -25,14 +25,14 @@ def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
     editor = UnKE(adapter, hparams("unke", adapter), context())
     state = model_state(adapter)
     touched = editor.touched_parameters()
-    layer_names = set(adapter.parameter_groups()[f"llm_layer.{adapter.resolve_layer(editor.hparams['layer'])}"])
+    layer_names = set(adapter.parameter_groups()[f"llm_layer.{adapter.resolve_layer(editor.hparams.layer)}"])
     assert set(touched) == layer_names
     snapshot = ParameterSnapshot(adapter.model, touched)
     try:
         stats = editor.apply(edit)
         assert adapter.generate([edit.prompt()], max_new_tokens=1) == [target]
         assert float(adapter.target_loss([edit.prompt()], [target])) < loss_before
-        assert stats["v_steps"] > 0 and stats["optim_steps"] == editor.hparams["optim_steps"]
+        assert stats["v_steps"] > 0 and stats["optim_steps"] == editor.hparams.optim_steps
         changed = [n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])]
         assert changed and set(changed) <= layer_names  # only the chosen layer moved
     finally:

@@ -30,7 +30,7 @@ def test_wise_edit_routes_in_scope_to_side_memory_and_far_inputs_to_original_wei
     assert editor.touched_parameters() == []
     try:
         stats = editor.apply(edit)
-        router = adapter.mlp_out_proj(editor.hparams["layer"])
+        router = adapter.mlp_out_proj(editor.hparams.layer)
         assert isinstance(router, WiseRouter)
         after_out = adapter.generate(prompts, max_new_tokens=8)
         assert after_out[0] == "sad"
@@ -65,7 +65,7 @@ def test_wise_sequential_edits_use_shards_routed_by_activation():
         stats = [editor.apply(e) for e in edits]
         assert [s["shard"] for s in stats] == [0, 1] and stats[-1]["n_shards"] == 2
         outputs = adapter.generate([e.prompt() for e in edits] + [FAR], max_new_tokens=8)
-        router = adapter.mlp_out_proj(editor.hparams["layer"])
+        router = adapter.mlp_out_proj(editor.hparams.layer)
         _logits(adapter, [e.prompt() for e in edits] + [FAR])  # one forward over the three rows
         assert router.decisions.tolist() == [0, 1, -1]
         assert outputs[:2] == ["sad", "angry"]
@@ -82,7 +82,7 @@ def test_wise_merges_finished_shards_every_merge_freq_edits():
     editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=2, n_iter=5), context())
     try:
         stats = [editor.apply(e) for e in edits]
-        shards = adapter.mlp_out_proj(editor.hparams["layer"]).shards
+        shards = adapter.mlp_out_proj(editor.hparams.layer).shards
         assert len(shards) == 1 and shards[0].merged_from == 2 and shards[0].n_edits == 2
         assert shards[0].threshold == min(s["in_scope_act"] for s in stats)
     finally:

@@ -15,7 +15,7 @@ On the tiny fp32 models the greedy outputs of every path here are those of unbuc
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -61,8 +61,9 @@ def generate_eager(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
             embeds = per_edit.embeds(adapter, batch, rows, [len(prompts[i].audios()) for i in rows])
         else:
             embeds = adapter.input_embeds(batch)
-        new_tokens = adapter.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                            generation_config=config)
+        model: Any = adapter.model  # the family's transformers model (its generate)
+        new_tokens = model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                    generation_config=config)
         for i, text in zip(rows[:chunk.real], decode_new_tokens(adapter, new_tokens, n)):
             outputs[i] = text
     return outputs  # type: ignore[return-value]
@@ -78,8 +79,9 @@ def _generate_with_prefix(adapter: "LALMAdapter", prompts: Sequence[Prompt], tok
             new_tokens = generate_after_prefix(adapter, prompts[start:stop], token_ids[start:stop], prefix, n)
         else:
             batch = adapter.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
-            new_tokens = adapter.model.generate(inputs_embeds=adapter.input_embeds(batch),
-                                                attention_mask=batch.attention_mask, generation_config=config)
+            model: Any = adapter.model  # the family's transformers model (its generate)
+            new_tokens = model.generate(inputs_embeds=adapter.input_embeds(batch),
+                                        attention_mask=batch.attention_mask, generation_config=config)
         outputs.extend(decode_new_tokens(adapter, new_tokens, n))
     return outputs
 
@@ -118,7 +120,8 @@ def generate_after_prefix(adapter: "LALMAdapter", prompts: Sequence[Prompt], tok
     """Greedy decoding of prompts that share their first ``prefix`` tokens: the prefix is run once, its KV cache
     repeated over the batch, then each prompt's tail (left-padded after the prefix) and the new tokens. Returns the
     new token ids [B, <= max_new_tokens] (stop tokens, then padding, after a row finishes)."""
-    lm, head = adapter.language_model(), adapter.lm_head()
+    lm: Any = adapter.language_model()  # the decoder stack (embed_tokens, layers, ...; per family)
+    head = adapter.lm_head()
     slot = adapter.audio_placeholder_id
     n_prefix_slots = sum(1 for i in token_ids[0][:prefix] if i == slot)
     audios0, used, n_prefix_audios = prompts[0].audios(), 0, 0

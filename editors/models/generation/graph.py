@@ -100,14 +100,14 @@ class _LM:
     full attention), run layer by layer with an attention function of our own."""
 
     def __init__(self, adapter: "LALMAdapter") -> None:
-        lm = adapter.language_model()
+        lm: Any = adapter.language_model()  # the decoder stack (its children differ per family)
         cfg = lm.config
         types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in types):
             raise ValueError(f"{adapter.model_id}: the graph engine needs full attention in every layer "
                              f"(layer types {sorted(set(types))}); use --engine eager")
         self.embed, self.layers, self.norm, self.rotary = lm.embed_tokens, list(lm.layers), lm.norm, lm.rotary_emb
-        self.head = adapter.lm_head()
+        self.head: Any = adapter.lm_head()
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
@@ -560,13 +560,13 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     outputs: list[GeneratedText | None] = [None] * len(prompts)
     for c, chunk in enumerate(chunks):
         shape = chunk.shape(dev)
-        key = (identity, n, adapter.pad_token_id, tuple(adapter.stop_token_ids), shape)
-        state = states.get(key) or kept.get(key)
+        state_key = (identity, n, adapter.pad_token_id, tuple(adapter.stop_token_ids), shape)
+        state = states.get(state_key) or kept.get(state_key)
         if state is None:
             state = _State(lm, shape, n, adapter.pad_token_id, stop_ids)
-        elif key not in states:
+        elif state_key not in states:
             STATS["reused"] += 1
-        states[key] = state
+        states[state_key] = state
         sizes = chunk.sizes(dev)  # on CPU: repeats of the last row up to the canonical count (outputs dropped)
         rows = chunk.rows + [chunk.rows[-1]] * (sum(sizes) - len(chunk.rows))
         state.layout(sizes)
@@ -610,7 +610,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         STATS["rows"] += state.rows
         STATS["real_rows"] += len(chunk.rows)
         if not keep and last_use[shape] == c:
-            del states[key]  # not kept: free its caches before the next shape
+            del states[state_key]  # not kept: free its caches before the next shape
     if keep:
         _keep(adapter, states, dev)
     missing = [i for i, o in enumerate(outputs) if o is None]

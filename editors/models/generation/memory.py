@@ -5,7 +5,7 @@ generation whose settings leave ``max_batch_tokens`` unset gets a token budget f
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,7 +19,7 @@ GENERATION_FRACTION = 0.8
 
 def kv_bytes_per_token(adapter: "LALMAdapter") -> int:
     """Bytes of keys + values one token takes in every LLM layer."""
-    cfg = adapter.language_model().config
+    cfg: Any = adapter.language_model().config
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
@@ -29,7 +29,7 @@ def kv_bytes_per_token(adapter: "LALMAdapter") -> int:
 def activation_bytes_per_token(adapter: "LALMAdapter") -> int:
     """Peak activations one prompt token holds during a prefill, inside one layer (the residual stream, the
     normed input, queries/keys/values and the attention output; the MLP's gate, up and product)."""
-    cfg = adapter.language_model().config
+    cfg: Any = adapter.language_model().config
     return (6 * int(cfg.hidden_size) + 3 * int(cfg.intermediate_size)) * adapter.dtype.itemsize
 
 

@@ -107,7 +107,7 @@ def resolve_settings(family: str, *, tiny: bool, device_type: str, dtype: str, m
     """The one place generation settings come from: the family's defaults, then the explicit arguments (None =
     the default). ``overrides`` may set any other field (e.g. ``min_shared_prefix``)."""
     defaults = family_defaults(family, tiny=tiny)
-    fields = {"max_new_tokens": int(defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens),
+    fields: dict[str, Any] = {"max_new_tokens": int(defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens),
               "min_shared_prefix": int(defaults.get("min_shared_prefix", 0)),
               "engine": resolve_engine(engine, device_type, method_engines, method),
               "dtype": str(dtype).replace("torch.", ""),
