@@ -48,6 +48,7 @@ from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
 from sake_core.atomic import atomic_write
 from editors.config import RunConfig
 from sake_core.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
 
@@ -58,7 +59,7 @@ logger = logging.getLogger("editors.run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.run", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.run"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
@@ -177,6 +178,13 @@ def _item_count(table: Any) -> list[int]:
 
 #: ``(dataset, config, split) -> rows`` (a ``datasets.Dataset`` or any sequence of instance rows with ``.data``)
 RowsLoader = Callable[[str, str, str], Any]
+
+
+def progress_label(method: str, mode: str, model: str) -> str:
+    """The runner's progress-bar label: which run it is (``method mode, model``; a local model folder by its
+    name)."""
+    path = Path(str(model))
+    return f"{method} {mode}, {path.name if path.is_dir() else model}"
 
 
 class Runner:
@@ -379,7 +387,8 @@ class Runner:
         logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
-                   else "step", disable=not self.config.progress, dynamic_ncols=True)
+                   else "step", disable=not self.config.progress, dynamic_ncols=True,
+                   desc=progress_label(self.config.method, self.mode, self.config.model))
         start = time.perf_counter()
         try:
             if self.mode == "single":

@@ -51,6 +51,7 @@ from eval.sake_metric.predictions_file import check_complete, load_manifest, man
 from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
 from sake_core.atomic import atomic_write
+from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def score_predictions(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.score"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")

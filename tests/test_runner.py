@@ -212,3 +212,20 @@ def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset,
     tokens = torch.tensor([[other, other, stop], [other, other, other]])
     assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 3)] == [False, True]
     assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 4)] == [False, False]
+
+
+def test_the_progress_bar_names_the_run(qwen, demo_dataset, tmp_path, monkeypatch):
+    import editors.run as run_module
+
+    labels = []
+    real = run_module.tqdm
+
+    def recording(*args, **kwargs):
+        labels.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "tqdm", recording)
+    run(qwen, run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", method="i_ike", configs=("emotion",),
+                         limit=1))
+    assert labels == ["i_ike single, tiny-qwen2-audio"]
+    assert run_module.progress_label("lora", "sequential", str(tmp_path)) == f"lora sequential, {tmp_path.name}"

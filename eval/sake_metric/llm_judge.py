@@ -12,8 +12,8 @@
   (`requests_sent`, retries included). 429, 5xx, timeouts and connection errors are retried up to
   `max_retries` times with exponential backoff (`retry_backoff` seconds, doubled each time, capped at 30 s;
   a server's `retry-after` / `retry-after-ms` is honoured up to 60 s). Then -- and at once for a refused key
-  (401/403), an unknown model (404) or a refused request (400) -- a `JudgeError` with a one-line message;
-  verdicts made so far stay cached.
+  (401/403), an unknown model (404), a refused request (400) or a success answer whose body is not JSON (not an
+  OpenAI-compatible endpoint) -- a `JudgeError` with a one-line message; verdicts made so far stay cached.
 - On-disk cache: one JSON file per verdict, named sha256(model, prompt); a rerun of the same items makes no
   calls. Only well-formed verdicts are cached.
 - Bounded concurrency (`max_workers` threads); identical prompts are sent once.
@@ -231,6 +231,11 @@ def _redact(text: str) -> str:
     return text.replace(key, "***") if key else text
 
 
+def _not_json(server: str) -> str:
+    return (f"the judge server at {server} answered with a body that is not JSON (HTTP 200); expected an "
+            "OpenAI-compatible chat-completions endpoint: check --base-url")
+
+
 def _retry_after(exc: Any) -> float | None:
     """Seconds a server asked to wait (`retry-after-ms` / `retry-after` headers), or None."""
     response = getattr(exc, "response", None)
@@ -330,6 +335,8 @@ class LLMJudge:
             except openai.APIStatusError as exc:
                 raise JudgeError(f"the judge server at {self.server} refused the request (HTTP "
                                  f"{exc.status_code}: {_redact(getattr(exc, 'message', ''))[:200]})") from None
+            except ValueError:  # json.JSONDecodeError: a success status with a body that is not JSON
+                raise JudgeError(_not_json(self.server)) from None
 
     def request_body(self, prompt: str) -> dict[str, Any]:
         """The chat-completions request for one prompt (also the body of a Batch API line)."""
@@ -356,6 +363,8 @@ class LLMJudge:
                 self.calls += 1
             try:
                 response = self.send(client.chat.completions.create, **self.request_body(prompt))
+                if isinstance(response, (str, bytes)):  # the client hands back a body it could not read as JSON
+                    raise JudgeError(_not_json(self.server))
                 message = response.choices[0].message if response.choices else None
                 verdict = parse_verdict(getattr(message, "content", None)) if message is not None else None
             except (openai.APIResponseValidationError, AttributeError, TypeError, IndexError):
