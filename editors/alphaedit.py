@@ -56,9 +56,10 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
@@ -216,7 +217,7 @@ class AlphaEdit(Editor):
         """``mean k k^T`` per layer over every non-padding token of ``prompts`` (fp64 sums, one pass for all
         layers) and the number of keys per layer."""
         size = self.hparams.stats_batch_size
-        totals = {layer: None for layer in layers}
+        totals: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
         count = 0
         for start in tqdm(range(0, len(prompts), size), desc="alphaedit: preserved keys", unit="batch",
                           disable=None, leave=False):
@@ -225,9 +226,10 @@ class AlphaEdit(Editor):
             valid = batch.attention_mask.bool()
             for layer in layers:
                 k = keys[layer][valid].double()
-                totals[layer] = k.t() @ k if totals[layer] is None else totals[layer] + k.t() @ k
+                total = totals[layer]
+                totals[layer] = k.t() @ k if total is None else total + k.t() @ k
             count += int(valid.sum())
-        return {layer: total / max(count, 1) for layer, total in totals.items()}, count
+        return {layer: total / max(count, 1) for layer, total in totals.items() if total is not None}, count
 
     def _keys(self, batch: PromptBatch, layers: list[int], upto: int | None = None) -> dict[int, torch.Tensor]:
         """Inputs of ``W_l`` at every position [B, T, in] for each layer of ``layers`` (no grad); with ``upto``
@@ -282,7 +284,7 @@ class AlphaEdit(Editor):
         rows = torch.arange(batch.batch_size, device=positions.device)
         state = a.hidden_entering(batch, top + 1)  # hidden states leaving layer `top`
         init = state.hidden[0, positions[0]].detach().float()
-        kl_state = kl_rows = kl_pos = kl_init = None
+        kl_ref: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # state, rows, positions, logp
         if hp.kl_factor > 0 and edit.audio is not None:
             kl_batch = a.prepare([Prompt(question=KL_QUESTION, audio=edit.audio)])
             kl_pos = self._fact_positions(kl_batch)
@@ -291,6 +293,7 @@ class AlphaEdit(Editor):
             with torch.no_grad():
                 final = a.final_hidden_from(kl_state)
                 kl_init = F.log_softmax(a.lm_head()(final[kl_rows, kl_pos]).float(), dim=-1)
+            kl_ref = (kl_state, kl_rows, kl_pos, kl_init)
         delta = torch.zeros_like(init, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * float(init.norm())
@@ -306,7 +309,8 @@ class AlphaEdit(Editor):
             nll_t = a.loss_from(state, hidden=shifted(state.hidden, rows, positions))
             loss = nll_t + hp.v_weight_decay * delta.norm() / init.norm().pow(2).clamp(min=1e-12)
             kl_t = None
-            if kl_state is not None:
+            if kl_ref is not None:
+                kl_state, kl_rows, kl_pos, kl_init = kl_ref
                 final = a.final_hidden_from(kl_state, hidden=shifted(kl_state.hidden, kl_rows, kl_pos))
                 logp = F.log_softmax(a.lm_head()(final[kl_rows, kl_pos]).float(), dim=-1)
                 kl_t = (kl_init.exp() * (kl_init - logp)).sum(-1).mean()
@@ -367,7 +371,7 @@ class AlphaEdit(Editor):
                                                                                    device=P.device)
             update_t = torch.linalg.solve(lhs, P @ key @ residual[None, :])  # Delta^T [in, out]
             with torch.no_grad():
-                w = a.mlp_out_proj(layer).weight
+                w = cast(nn.Linear, a.mlp_out_proj(layer)).weight
                 w.copy_((w.double() + update_t.t()).to(w.dtype))
             update_norm += float(update_t.norm()) ** 2
         captured = self._keys(batch, layers, upto=top)

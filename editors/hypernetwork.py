@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -66,17 +66,20 @@ def edited_matrices(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence
     keys = []
     for layer in resolved:
         for role in roles:
-            module = adapter.llm_linear(layer, role)  # ValueError naming the known roles
-            if not isinstance(module, nn.Linear):
-                raise ConfigError(f"hypernetwork: LLM layer {layer} role {role!r} is a {type(module).__name__}, "
-                                  "not a Linear")
-            keys.append(matrix_key(layer, role))
+            key = matrix_key(layer, role)
+            matrix_module(adapter, key)  # ValueError naming the known roles; ConfigError when not a Linear
+            keys.append(key)
     return keys
 
 
 def matrix_module(adapter: LALMAdapter, key: str) -> nn.Linear:
+    """The Linear of matrix ``key`` (``"{layer}_{role}"``), reached through the adapter."""
     layer, role = parse_matrix_key(key)
-    return adapter.llm_linear(layer, role)
+    module = adapter.llm_linear(layer, role)
+    if not isinstance(module, nn.Linear):
+        raise ConfigError(f"hypernetwork: LLM layer {layer} role {role!r} is a {type(module).__name__}, "
+                          "not a Linear")
+    return module
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Factors:
 
 
 @contextlib.contextmanager
-def _forward_hooks(modules: dict[str, nn.Module], make_hook: Any) -> Iterator[None]:
+def _forward_hooks(modules: Mapping[str, nn.Module], make_hook: Any) -> Iterator[None]:
     """Forward hooks ``make_hook(key)`` on ``modules`` for the duration of the block (always removed)."""
     handles = []
     try:
@@ -111,7 +114,7 @@ def shifted_matrices(adapter: LALMAdapter, deltas: dict[str, torch.Tensor]) -> I
     modules = {key: matrix_module(adapter, key) for key in deltas}
 
     def make_hook(key: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        def hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x, weight, bias = args[0], module.weight, module.bias
             delta = deltas[key]
             if weight.dtype == torch.float32:
@@ -199,9 +202,10 @@ class HyperNetwork(nn.Module, abc.ABC):
     def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
         super().__init__()
         matrices = [str(k) for k in spec["matrices"]]
-        self.spec = {"matrices": matrices,
-                     "shapes": {k: [int(spec["shapes"][k][0]), int(spec["shapes"][k][1])] for k in matrices},
-                     "hidden_size": int(spec["hidden_size"])}
+        self.spec: dict[str, Any] = {
+            "matrices": matrices,
+            "shapes": {k: [int(spec["shapes"][k][0]), int(spec["shapes"][k][1])] for k in matrices},
+            "hidden_size": int(spec["hidden_size"])}
         self.net = {k: net[k] for k in self.net_keys}
 
     @property
@@ -256,8 +260,8 @@ def model_spec(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]
     """The model side of a network: the edited matrices of ``roles`` in ``layers``, their shapes, the hidden size."""
     matrices = edited_matrices(adapter, layers, roles)
     shapes = {key: list(matrix_module(adapter, key).weight.shape) for key in matrices}
-    return {"matrices": matrices, "shapes": shapes,
-            "hidden_size": int(adapter.language_model().config.hidden_size)}
+    config: Any = adapter.language_model().config
+    return {"matrices": matrices, "shapes": shapes, "hidden_size": int(config.hidden_size)}
 
 
 def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: int) -> HyperNetwork:
@@ -371,7 +375,8 @@ class HypernetEditor(Editor):
             expected = {key: list(matrix_module(self.adapter, key).weight.shape) for key in matrices}
         except (ValueError, AttributeError) as exc:
             raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}): {exc}") from exc
-        hidden = int(self.adapter.language_model().config.hidden_size)
+        config_lm: Any = self.adapter.language_model().config
+        hidden = int(config_lm.hidden_size)
         if expected != net.spec["shapes"] or hidden != net.spec["hidden_size"]:
             raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
                              f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected}")
@@ -395,6 +400,8 @@ class HypernetEditor(Editor):
         if self.network is None:
             self.setup()
         net = self.network
+        if net is None:
+            raise RuntimeError(f"{self.name}: setup() loaded no hypernetwork")
         batch = self.adapter.prepare([edit.prompt()], [edit.target])
         factors, loss = edit_factors(self.adapter, net.matrices, batch)
         condition = condition_embeddings(self.adapter, batch) if net.needs_condition else None

@@ -121,16 +121,15 @@ def training_step(adapter: LALMAdapter, net: HyperNetwork, example: TrainExample
     condition = condition_embeddings(adapter, edit_batch) if net.needs_condition else None
     eq = [(example.edit.prompt(), example.edit.target)] + example.equivalent
     eq_state = adapter.hidden_entering(adapter.prepare([p for p, _ in eq], [t for _, t in eq]), first)
-    loc_state = pre_logp = None
+    locality = None
     if example.locality:
         loc_batch = adapter.prepare([p for p, _ in example.locality], [t for _, t in example.locality])
         loc_state = adapter.hidden_entering(loc_batch, first)
-        pre_logp = _target_logp(adapter, loc_state)
+        locality = (loc_state, _target_logp(adapter, loc_state))
     deltas = net.deltas(factors, condition)
     with shifted_matrices(adapter, deltas):
         edit_loss = adapter.loss_from(eq_state)
-        loc_loss = (_kl_at_targets(adapter, loc_state, pre_logp) if loc_state is not None
-                    else edit_loss.new_zeros(()))
+        loc_loss = _kl_at_targets(adapter, *locality) if locality is not None else edit_loss.new_zeros(())
     return edit_loss, loc_loss
 
 
@@ -325,7 +324,7 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.net.after_step(sum(e for e, _ in group) / len(group), sum(l for _, l in group) / len(group),
+                self.net.after_step(sum(e for e, _ in group) / len(group), sum(loc for _, loc in group) / len(group),
                                     self.hp)
                 group = []
                 last_val = self.validations[-1]["step"] if self.validations else 0
