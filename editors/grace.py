@@ -14,10 +14,15 @@ new token per call), which continue from the KV cache.
 Editing. The key is the edit prompt's query; the value starts as the original output there (so training starts
 from the unedited model) and is trained with SGD (``optimizer``, ``edit_lr``, at most ``n_iter`` steps, stop when the target loss
 is below ``early_stop_loss``: EasyEdit's ``reg: early_stop``) on the teacher-forced target loss, running only the
-edited layer and those above it. Codebook update (GRACE's ``eps_expand: coverage``): a query outside every radius
-adds a new entry with radius ``eps``; inside the nearest entry's radius with the same target label, that entry's
-radius grows to cover the query and its value is retrained on the new edit; with a different label, both radii
-shrink to half their distance and a new entry is added (no overlap of conflicting entries).
+edited layer and those above it. Deferral radius: with ``radius: relative`` (default) a new entry's radius is
+``eps * ||key||``, relative to the layer's activation norm at the edit, so that it means the same on models whose
+activations run on different scales (on the reference model's demo train split the keys of paraphrased questions
+about the edit's audio lie within 0.2 ||key|| of the edit's key, those of locality prompts beyond 0.59 ||key||);
+``radius: absolute`` is EasyEdit's plain Euclidean ``eps``. Codebook update (GRACE's ``eps_expand: coverage``): a
+query outside every radius adds a new entry with the initial radius; inside the nearest entry's radius (plus the
+initial radius) with the same target label, that entry's radius grows to cover the query and its value is retrained
+on the new edit; with a different label, both radii shrink to half their distance and a new entry is added (no
+overlap of conflicting entries).
 
 Sequential mode: entries accumulate in the codebook over a sequence; :meth:`GRACE.reset` removes the codebook and
 puts the original projection back, so the model's parameters are never changed (:meth:`touched_parameters` = []).
@@ -107,6 +112,7 @@ class GraceHparams(Hparams):
     edit_lr: float
     n_iter: int
     eps: float
+    radius: str  # relative: eps * ||key|| | absolute: eps
     early_stop_loss: float | None
     replacement: str  # last | answer
     optimizer: str  # sgd | adam
@@ -168,7 +174,9 @@ class GRACE(Editor):
         label = edit.target
         index, dist = codebook.nearest(query[None])
         k, d = int(index[0]), float(dist[0])
-        eps = hp.eps
+        if hp.radius not in ("relative", "absolute"):
+            raise ValueError(f"grace: radius={hp.radius!r}; expected relative or absolute")
+        eps = hp.eps * float(query.norm()) if hp.radius == "relative" else hp.eps
         action = "add"
         entry: Entry | None = None
         if k >= 0 and d <= codebook.entries[k].radius + eps:

@@ -3,11 +3,13 @@
 that applies a trained network). Training lives in :mod:`editors.train` (library + CLI of the trainer), the
 networks themselves in ``editors/ke.py`` and ``editors/mend.py``.
 
-Both methods edit the FFN output projections of the LLM layers in ``hparams.layers`` from the *fine-tuning
-gradient* of the edit. For a linear map ``y = W u`` the gradient of the edit loss is ``sum_t g_t u_t^T`` (``u_t``
-the layer input at token t, ``g_t`` the loss gradient at its output): these rank-1 factors are collected in one
-forward/backward pass on the edit (:func:`edit_factors`), and the method's network maps them to a weight update
-per layer.
+Both methods edit a set of *matrices*: the LLM Linears with the roles ``hparams.roles`` (``mlp_up``, ``mlp_out``,
+... : :meth:`LALMAdapter.llm_linear`) of the layers ``hparams.layers``, named ``"{layer}_{role}"`` (e.g.
+``29_mlp_out``); EasyEdit's settings for 7B Qwen-family models edit the up and down projections of three layers.
+Each update comes from the *fine-tuning gradient* of the edit: for a linear map ``y = W u`` the gradient of the
+edit loss is ``sum_t g_t u_t^T`` (``u_t`` the layer input at token t, ``g_t`` the loss gradient at its output):
+these rank-1 factors are collected in one forward/backward pass on the edit (:func:`edit_factors`, forward hooks
+on the Linears), and the method's network maps them to a weight update per matrix.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,19 +30,56 @@ from editors.base import EditRequest, Editor
 from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, PromptBatch
 from sake_core.atomic import atomic_write
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 HYPERNET_FILE = "hypernetwork.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoint"
-FORMAT_VERSION = 1
-
+#: 2: matrices named by layer and role (format 1 edited only the FFN output projections)
+FORMAT_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gradient factors and functional weight updates
+# Edited matrices, gradient factors and functional weight updates
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def matrix_key(layer: int, role: str) -> str:
+    """The name of an edited matrix: ``"{layer}_{role}"`` (no dots: it names network modules too)."""
+    return f"{int(layer)}_{role}"
+
+
+def parse_matrix_key(key: str) -> tuple[int, str]:
+    layer, _, role = key.partition("_")
+    return int(layer), role
+
+
+def edited_matrices(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]) -> list[str]:
+    """The matrix keys of ``roles`` in ``layers`` (resolved, layer-major), checked through the adapter."""
+    if not layers or not roles:
+        raise ConfigError(f"hypernetwork: hparams layers={list(layers)} and roles={list(roles)} must be non-empty")
+    resolved = [adapter.resolve_layer(int(x)) for x in layers]
+    if len(set(resolved)) != len(resolved) or len(set(roles)) != len(roles):
+        raise ConfigError(f"hypernetwork: duplicate layers {list(layers)} or roles {list(roles)}")
+    keys = []
+    for layer in resolved:
+        for role in roles:
+            key = matrix_key(layer, role)
+            matrix_module(adapter, key)  # ValueError naming the known roles; ConfigError when not a Linear
+            keys.append(key)
+    return keys
+
+
+def matrix_module(adapter: LALMAdapter, key: str) -> nn.Linear:
+    """The Linear of matrix ``key`` (``"{layer}_{role}"``), reached through the adapter."""
+    layer, role = parse_matrix_key(key)
+    module = adapter.llm_linear(layer, role)
+    if not isinstance(module, nn.Linear):
+        raise ConfigError(f"hypernetwork: LLM layer {layer} role {role!r} is a {type(module).__name__}, "
+                          "not a Linear")
+    return module
 
 
 @dataclass
@@ -55,64 +94,60 @@ class Factors:
         return self.g.T @ self.u
 
 
-class _Capture(nn.Module):
-    """Stand-in for an output projection that records its input and output (for the gradient factors)."""
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original = original
-        self.x: torch.Tensor | None = None
-        self.y: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.original(x)
-        self.x, self.y = x, y
-        return y
-
-
-class _Shifted(nn.Module):
-    """Stand-in for a linear output projection computing with ``W + delta`` (delta fp32, differentiable)."""
-
-    def __init__(self, original: nn.Module, delta: torch.Tensor) -> None:
-        super().__init__()
-        self.original = original
-        self.delta = delta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.original.weight
-        bias = getattr(self.original, "bias", None)
-        if weight.dtype == torch.float32:
-            return F.linear(x, weight + self.delta, bias)
-        out = F.linear(x.float(), weight.float() + self.delta, None if bias is None else bias.float())
-        return out.to(x.dtype)
+@contextlib.contextmanager
+def _forward_hooks(modules: Mapping[str, nn.Module], make_hook: Any) -> Iterator[None]:
+    """Forward hooks ``make_hook(key)`` on ``modules`` for the duration of the block (always removed)."""
+    handles = []
+    try:
+        for key, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(key)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
-def replaced_out_projs(adapter: LALMAdapter, modules: dict[int, nn.Module]) -> Iterator[None]:
-    """Temporarily install ``modules`` as the FFN output projections of their layers (always put back)."""
-    old: dict[int, nn.Module] = {}
-    try:
-        for layer, module in modules.items():
-            old[layer] = adapter.set_mlp_out_proj(layer, module)
+def shifted_matrices(adapter: LALMAdapter, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block each matrix ``key`` of ``deltas`` computes with ``W + delta`` (delta fp32, may carry a
+    graph): a forward hook replaces the Linear's output; the model's weights never change."""
+    modules = {key: matrix_module(adapter, key) for key in deltas}
+
+    def make_hook(key: str) -> Any:
+        def hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x, weight, bias = args[0], module.weight, module.bias
+            delta = deltas[key]
+            if weight.dtype == torch.float32:
+                return F.linear(x, weight + delta, bias)
+            out = F.linear(x.float(), weight.float() + delta, None if bias is None else bias.float())
+            return out.to(output.dtype)
+        return hook
+
+    with _forward_hooks(modules, make_hook):
         yield
-    finally:
-        for layer, module in old.items():
-            adapter.set_mlp_out_proj(layer, module)
 
 
-def edit_factors(adapter: LALMAdapter, layers: Sequence[int], batch: PromptBatch
-                 ) -> tuple[dict[int, Factors], float]:
-    """One forward/backward of the target loss of ``batch``: the gradient factors of each edited layer's output
-    projection (valid tokens only) and the loss value. The model's parameters get no gradients."""
-    state = adapter.hidden_entering(batch, min(layers))
-    captures = {layer: _Capture(adapter.mlp_out_proj(layer)) for layer in layers}
-    with replaced_out_projs(adapter, captures), torch.enable_grad():
+def edit_factors(adapter: LALMAdapter, matrices: Sequence[str], batch: PromptBatch
+                 ) -> tuple[dict[str, Factors], float]:
+    """One forward/backward of the target loss of ``batch``: the gradient factors of each edited matrix (valid
+    tokens only) and the loss value. The model's parameters get no gradients."""
+    modules = {key: matrix_module(adapter, key) for key in matrices}
+    first = min(parse_matrix_key(key)[0] for key in matrices)
+    state = adapter.hidden_entering(batch, first)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(key: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            seen[key] = (args[0], output)
+        return hook
+
+    with _forward_hooks(modules, make_hook), torch.enable_grad():
         hidden = state.hidden.detach().requires_grad_(True)  # so that every layer output carries a graph
         loss = adapter.loss_from(state, hidden)
-        grads = torch.autograd.grad(loss, [captures[layer].y for layer in layers])
+        grads = torch.autograd.grad(loss, [seen[key][1] for key in matrices])
     valid = batch.attention_mask.bool()
-    factors = {layer: Factors(u=captures[layer].x[valid].detach().float(), g=grad[valid].detach().float())
-               for layer, grad in zip(layers, grads)}
+    factors = {key: Factors(u=seen[key][0][valid].detach().float(), g=grad[valid].detach().float())
+               for key, grad in zip(matrices, grads)}
     return factors, float(loss.detach())
 
 
@@ -129,23 +164,35 @@ def condition_embeddings(adapter: LALMAdapter, batch: PromptBatch) -> tuple[torc
 
 @dataclass
 class HypernetHparams(Hparams):
-    """What KE and MEND share: the edited ``layers``, training (``epochs``, ``lr``, ``grad_clip``), the initial
-    edit step ``edit_lr`` and where the trained network is (``hypernetwork_path``; null: the default location)."""
+    """What KE and MEND share: the edited ``layers`` and ``roles`` (LLM Linear roles), training (``epochs``,
+    ``lr``, ``grad_clip``, ``accumulate_bs`` instances per optimizer step), validation on ``val_size`` train
+    instances held out of training every ``val_interval`` training instances with early stop after
+    ``early_stop_patience`` instances without a lower validation loss ``c_edit * edit + c_loc * KL`` (EasyEdit's
+    ``loss/total_edit_val``), the initial edit step ``edit_lr`` and where the trained network is
+    (``hypernetwork_path``; null: the default location)."""
 
     layers: list[int]
+    roles: list[str]
     epochs: int
     lr: float
     grad_clip: float | None
+    accumulate_bs: int
+    val_size: int
+    val_interval: int
+    early_stop_patience: int
+    c_edit: float
+    c_loc: float
     edit_lr: float
     hypernetwork_path: str | None
 
 
 class HyperNetwork(nn.Module, abc.ABC):
-    """Maps the gradient factors of the edited layers to weight updates.
+    """Maps the gradient factors of the edited matrices to weight updates.
 
-    ``spec``: ``{"layers": [int], "shapes": {"<layer>": [d_out, d_in]}, "hidden_size": int}`` (model side) and
-    ``net``: the method's network hyperparameters (its ``net_keys``); both go into ``config.json``. The training
-    hooks get the method's typed hyperparameters (a :class:`HypernetHparams` subclass)."""
+    ``spec``: ``{"matrices": ["{layer}_{role}", ...], "shapes": {key: [d_out, d_in]}, "hidden_size": int}``
+    (model side) and ``net``: the method's network hyperparameters (its ``net_keys``); both go into
+    ``config.json``. The training hooks get the method's typed hyperparameters (a :class:`HypernetHparams`
+    subclass)."""
 
     method: ClassVar[str] = ""
     needs_condition: ClassVar[bool] = False
@@ -154,23 +201,30 @@ class HyperNetwork(nn.Module, abc.ABC):
 
     def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
         super().__init__()
-        self.spec = {"layers": [int(x) for x in spec["layers"]],
-                     "shapes": {str(k): [int(v[0]), int(v[1])] for k, v in spec["shapes"].items()},
-                     "hidden_size": int(spec["hidden_size"])}
+        matrices = [str(k) for k in spec["matrices"]]
+        self.spec: dict[str, Any] = {
+            "matrices": matrices,
+            "shapes": {k: [int(spec["shapes"][k][0]), int(spec["shapes"][k][1])] for k in matrices},
+            "hidden_size": int(spec["hidden_size"])}
         self.net = {k: net[k] for k in self.net_keys}
 
     @property
-    def layers(self) -> list[int]:
-        return list(self.spec["layers"])
+    def matrices(self) -> list[str]:
+        return list(self.spec["matrices"])
 
-    def shape(self, layer: int) -> tuple[int, int]:
-        d_out, d_in = self.spec["shapes"][str(layer)]
+    @property
+    def layers(self) -> list[int]:
+        """The LLM layers holding an edited matrix (ascending)."""
+        return sorted({parse_matrix_key(k)[0] for k in self.matrices})
+
+    def shape(self, key: str) -> tuple[int, int]:
+        d_out, d_in = self.spec["shapes"][key]
         return d_out, d_in
 
     @abc.abstractmethod
-    def deltas(self, factors: dict[int, Factors], condition: tuple[torch.Tensor, torch.Tensor] | None
-               ) -> dict[int, torch.Tensor]:
-        """Weight update (fp32, [d_out, d_in]) per edited layer."""
+    def deltas(self, factors: dict[str, Factors], condition: tuple[torch.Tensor, torch.Tensor] | None
+               ) -> dict[str, torch.Tensor]:
+        """Weight update (fp32, [d_out, d_in]) per edited matrix."""
 
     @abc.abstractmethod
     def make_optimizer(self, hp: Any) -> torch.optim.Optimizer:
@@ -182,7 +236,7 @@ class HyperNetwork(nn.Module, abc.ABC):
         """Combine the post-edit edit loss and locality KL into the loss to minimise (+ values to log)."""
 
     def after_step(self, edit_loss: float, loc_loss: float, hp: Any) -> None:
-        """Hook after each optimizer step (KE: dual ascent on its Lagrange multiplier)."""
+        """Hook after each optimizer step, with the step's mean losses (KE: dual ascent on its multiplier)."""
 
 
 def hypernetwork_methods() -> list[str]:
@@ -202,13 +256,12 @@ def network_class(method: str) -> type[HyperNetwork]:
     return cls.network_class
 
 
-def model_spec(adapter: LALMAdapter, layers: Sequence[int]) -> dict[str, Any]:
-    resolved = [adapter.resolve_layer(int(x)) for x in layers]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"hparam layers={list(layers)}: duplicate layers")
-    shapes = {str(layer): list(adapter.mlp_out_proj(layer).weight.shape) for layer in resolved}
-    return {"layers": resolved, "shapes": shapes,
-            "hidden_size": int(adapter.language_model().config.hidden_size)}
+def model_spec(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]) -> dict[str, Any]:
+    """The model side of a network: the edited matrices of ``roles`` in ``layers``, their shapes, the hidden size."""
+    matrices = edited_matrices(adapter, layers, roles)
+    shapes = {key: list(matrix_module(adapter, key).weight.shape) for key in matrices}
+    config: Any = adapter.language_model().config
+    return {"matrices": matrices, "shapes": shapes, "hidden_size": int(config.hidden_size)}
 
 
 def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: int) -> HyperNetwork:
@@ -216,7 +269,7 @@ def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: 
     cls = network_class(method)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = cls(model_spec(adapter, hp.layers), hp.as_dict())
+        net = cls(model_spec(adapter, hp.layers, hp.roles), hp.as_dict())
     return net.to(adapter.device)
 
 
@@ -265,6 +318,9 @@ def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -
         raise ValueError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
     try:
         config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: hypernetwork format {config.get('format')!r}, expected "
+                             f"{FORMAT_VERSION} (trained by an earlier version of editors.train: train it again)")
         method = config["method"]
         net = network_class(method)(config["spec"], config["net"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -314,10 +370,16 @@ class HypernetEditor(Editor):
         net, config = load_network(directory, device=self.adapter.device)
         if config.get("method") != self.name:
             raise ValueError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
-        expected = model_spec(self.adapter, net.layers)
-        if expected["shapes"] != net.spec["shapes"] or expected["hidden_size"] != net.spec["hidden_size"]:
-            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its layer shapes "
-                             f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected['shapes']}")
+        matrices = net.matrices
+        try:
+            expected = {key: list(matrix_module(self.adapter, key).weight.shape) for key in matrices}
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}): {exc}") from exc
+        config_lm: Any = self.adapter.language_model().config
+        hidden = int(config_lm.hidden_size)
+        if expected != net.spec["shapes"] or hidden != net.spec["hidden_size"]:
+            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
+                             f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected}")
         if config.get("model_key") not in (None, self.adapter.model_key()):
             logger.warning("%s: trained on %s (model key %s), editing %s (model key %s)", directory,
                            config.get("model"), config.get("model_key"), self.adapter.model_id,
@@ -326,30 +388,28 @@ class HypernetEditor(Editor):
         net.requires_grad_(False)
         self.network, self.network_config = net, config
 
-    def _layers(self) -> list[int]:
+    def _matrices(self) -> list[str]:
         if self.network is not None:
-            return self.network.layers
-        return [self.adapter.resolve_layer(x) for x in self.hparams.layers]
+            return self.network.matrices
+        return edited_matrices(self.adapter, self.hparams.layers, self.hparams.roles)
 
     def touched_parameters(self) -> list[str]:
-        names: list[str] = []
-        for layer in self._layers():
-            module = self.adapter.mlp_out_proj(layer)
-            names += [n for n in self.adapter.parameter_names(module) if n.endswith("weight")]
-        return names
+        return [self.adapter.module_name(matrix_module(self.adapter, key)) + ".weight" for key in self._matrices()]
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         if self.network is None:
             self.setup()
         net = self.network
+        if net is None:
+            raise RuntimeError(f"{self.name}: setup() loaded no hypernetwork")
         batch = self.adapter.prepare([edit.prompt()], [edit.target])
-        factors, loss = edit_factors(self.adapter, net.layers, batch)
+        factors, loss = edit_factors(self.adapter, net.matrices, batch)
         condition = condition_embeddings(self.adapter, batch) if net.needs_condition else None
         with torch.no_grad():
             deltas = net.deltas(factors, condition)
             norms = {}
-            for layer, delta in deltas.items():
-                weight = self.adapter.mlp_out_proj(layer).weight
+            for key, delta in deltas.items():
+                weight = matrix_module(self.adapter, key).weight
                 weight.copy_((weight.float() + delta).to(weight.dtype))
-                norms[f"delta_norm.{layer}"] = float(delta.norm())
+                norms[f"delta_norm.{key}"] = float(delta.norm())
         return {"steps": 1, "loss": loss, **norms}

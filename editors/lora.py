@@ -1,10 +1,12 @@
 """LoRA (Hu et al., 2022, "LoRA: Low-Rank Adaptation of Large Language Models"): low-rank adapters trained on the
 edit, as EasyEdit's LoRA editor does for text LLMs.
 
-Target (``target``): ``connector`` puts an adapter on every Linear of the modality connector (the audio-side
-counterpart, trained like FT-Audio on the cached encoder output); ``llm`` puts one on the Linears with the roles
-``modules`` (``query``, ``value``, ... : :meth:`LALMAdapter.llm_linear`, EasyEdit's q_proj / v_proj) of the LLM layers
-``layers`` (trained like FT-LLM from the hidden states entering the lowest of them, computed once per edit).
+Target (``target``): ``llm`` (default) puts one on the Linears with the roles ``modules`` (``query``, ``value``,
+... : :meth:`LALMAdapter.llm_linear`, EasyEdit's q_proj / v_proj) of the LLM layers ``layers`` (null: every layer, as
+LoRA and EasyEdit's ``layers: []``; a list: those layers only, e.g. ``[31]``, the earlier single-layer variant),
+trained from the hidden states entering the lowest of them (computed once per edit); ``connector`` puts an adapter
+on every Linear of the modality connector (the audio-side counterpart, trained like FT-Audio on the cached encoder
+output).
 
 Each adapted Linear ``W`` becomes ``W x + (alpha / rank) * B A x`` with ``A`` [rank, in] drawn from a generator seeded
 by the run seed and the instance id (Kaiming-uniform bound, as is usual for LoRA) and ``B`` [out, rank] zero, so the
@@ -49,7 +51,7 @@ class LoRAHparams(FinetuneHparams):
 
     target: str  # llm | connector
     modules: list[str]  # LLM Linear roles (target llm)
-    layers: list[int]  # LLM layers (target llm)
+    layers: list[int] | None  # LLM layers (target llm); None: every layer
     rank: int
     lora_alpha: float
     merge: bool
@@ -125,9 +127,10 @@ class LoRA(Editor):
             modules = [m for m in a.connector().modules() if isinstance(m, nn.Linear)]
         else:
             roles = self.hparams.modules
-            layers = [a.resolve_layer(i) for i in self.hparams.layers]
+            layers = self._layers()
             if not roles or not layers:
-                raise ValueError("lora: target llm needs non-empty hparams 'layers' and 'modules'")
+                raise ValueError("lora: target llm needs non-empty hparams 'layers' (or null: every layer) and "
+                                 "'modules'")
             modules = [a.llm_linear(i, role) for i in layers for role in roles]
         out = {}
         for module in modules:
@@ -144,8 +147,14 @@ class LoRA(Editor):
                 return name
         return self.adapter.module_name(module)
 
+    def _layers(self) -> list[int]:
+        """The adapted LLM layers (resolved): ``hparams.layers``, or every layer when it is null."""
+        if self.hparams.layers is None:
+            return list(range(self.adapter.num_llm_layers))
+        return [self.adapter.resolve_layer(i) for i in self.hparams.layers]
+
     def _lowest_layer(self) -> int:
-        return min(self.adapter.resolve_layer(i) for i in self.hparams.layers)
+        return min(self._layers())
 
     def touched_parameters(self) -> list[str]:
         if not self.merge:

@@ -1,17 +1,23 @@
 """MEND — Model Editor Networks with Gradient Decomposition (Mitchell et al., 2022) for LALMs (paper §4.1, App. D,
 Table 6: layers Qwen/DeSTA 29-31, AF3 25-27; trained 1 epoch with Adam lr 1e-6).
 
-The fine-tuning gradient of a linear layer is a sum of rank-1 terms ``g_t u_t^T`` (``u_t`` the layer input at token
-t, ``g_t`` the loss gradient at its output). MEND never forms it: a per-layer editor network maps each token's pair
-``(u_t, g_t)``, normalised by running statistics gathered during training, to a pseudo pair ``(u~_t, g~_t)``
-through ``n_hidden + 1`` low-rank residual blocks ``z + relu(B (A z) + b)`` (rank ``rank``; ``B = 0`` at the start,
-so the network starts as the identity), and the update is
+Edited matrices: the LLM Linears of ``roles`` in ``layers`` (:mod:`editors.hypernetwork`; EasyEdit's MEND settings
+for Qwen-family 7B multimodal models edit the up and down projections of three layers). The fine-tuning gradient
+of a linear layer is a sum of rank-1 terms ``g_t u_t^T`` (``u_t`` the layer input at token t, ``g_t`` the loss
+gradient at its output). MEND never forms it: an editor network maps each token's pair ``(u_t, g_t)``, normalised
+by running statistics gathered during training, to a pseudo pair ``(u~_t, g~_t)`` through ``n_hidden + 1``
+low-rank residual blocks ``z + relu(B (A z) + b)`` (rank ``rank``; ``B = 0`` at the start, so the network starts
+as the identity), and the update is
 
-    dW = -lr_layer * sum_t g~_t u~_t^T
+    dW = -lr_W * sum_t g~_t u~_t^T
 
-with ``lr_layer`` a learned per-layer step size (starting at ``edit_lr``, trained with ``lr_lr``). Training
-minimises ``c_edit * edit loss + c_loc * KL`` (MEND's edit and locality losses). The editor base lives
-in :mod:`editors.hypernetwork` (training: :mod:`editors.train`).
+with ``lr_W`` a learned step size per edited matrix (starting at ``edit_lr``, trained with ``lr_lr``). With
+``shared: true`` (MEND's and EasyEdit's setting) the matrices of one shape share one editor network (and its
+normalisation statistics); each block then scales and shifts its pre-activation per matrix
+(``relu((B (A z) + b) * scale_m + shift_m)``, scale 1 and shift 0 at the start), as MEND's shared editor does.
+``shared: false`` gives every matrix its own network. Training minimises ``c_edit * edit loss + c_loc * KL``
+(MEND's edit and locality losses). The editor base lives in :mod:`editors.hypernetwork` (training:
+:mod:`editors.train`).
 """
 
 from __future__ import annotations
@@ -27,22 +33,36 @@ from editors.hypernetwork import Factors, HypernetEditor, HypernetHparams, Hyper
 
 
 class LowRankResidual(nn.Module):
-    """``z + relu(B (A z) + b)`` with A: d -> rank, B: rank -> d (B starts at zero: identity)."""
+    """``z + relu(B (A z) + b)`` with A: d -> rank, B: rank -> d (B starts at zero: identity). With ``n_modes``,
+    the pre-activation of mode ``m`` is scaled and shifted by learned per-mode vectors (1 and 0 at the start)."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, n_modes: int | None = None) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim)
         nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.n_modes = n_modes
+        if n_modes is not None:
+            self.mode_scale = nn.Parameter(torch.ones(n_modes, dim))
+            self.mode_shift = nn.Parameter(torch.zeros(n_modes, dim))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + torch.relu(self.up(self.down(z)))
+    def forward(self, z: torch.Tensor, mode: int | None = None) -> torch.Tensor:
+        pre = self.up(self.down(z))
+        if mode is not None:
+            if self.n_modes is None or not 0 <= mode < self.n_modes:
+                raise ValueError(f"mend: mode {mode} for a block with {self.n_modes} modes")
+            pre = pre * self.mode_scale[mode] + self.mode_shift[mode]
+        return z + torch.relu(pre)
 
 
 class RunningNorm(nn.Module):
     """Per-feature running mean/variance (Welford), updated in training mode; normalises with them."""
+
+    count: torch.Tensor  # buffers (registered below)
+    mean: torch.Tensor
+    m2: torch.Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -69,43 +89,62 @@ class RunningNorm(nn.Module):
 
 
 class EditorNet(nn.Module):
-    """MEND's editor network for one layer: normalised [u; g] -> low-rank residual MLP -> [u~; g~]."""
+    """MEND's editor network for matrices of one shape: normalised [u; g] -> low-rank residual MLP -> [u~; g~]
+    (``n_modes``: how many matrices share it; None for a network of one matrix)."""
 
-    def __init__(self, d_in: int, d_out: int, rank: int, n_hidden: int) -> None:
+    def __init__(self, d_in: int, d_out: int, rank: int, n_hidden: int, n_modes: int | None = None) -> None:
         super().__init__()
         self.d_in = d_in
         self.norm_u = RunningNorm(d_in)
         self.norm_g = RunningNorm(d_out)
         dim = d_in + d_out
-        self.blocks = nn.Sequential(*[LowRankResidual(dim, min(rank, dim)) for _ in range(n_hidden + 1)])
+        self.blocks = nn.ModuleList([LowRankResidual(dim, min(rank, dim), n_modes) for _ in range(n_hidden + 1)])
 
-    def forward(self, u: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u: torch.Tensor, g: torch.Tensor, mode: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.cat([self.norm_u(u), self.norm_g(g)], dim=-1)
-        z = self.blocks(z)
+        for block in self.blocks:
+            z = block(z, mode)
         return z[:, :self.d_in], z[:, self.d_in:]
 
 
+def shape_key(shape: tuple[int, int]) -> str:
+    """The name of the shared network of matrices of ``shape`` ([d_out, d_in])."""
+    return f"{shape[0]}x{shape[1]}"
+
+
 class MENDHyperNetwork(HyperNetwork):
-    """One :class:`EditorNet` and one learned step size per edited layer."""
+    """Editor networks (one per matrix shape with ``shared``, else one per matrix) and one learned step size per
+    edited matrix."""
 
     method = "mend"
-    net_keys: ClassVar[tuple[str, ...]] = ("rank", "n_hidden", "edit_lr")
+    net_keys: ClassVar[tuple[str, ...]] = ("rank", "n_hidden", "edit_lr", "shared")
 
     def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
         super().__init__(spec, net)
+        rank, n_hidden, shared = int(self.net["rank"]), int(self.net["n_hidden"]), bool(self.net["shared"])
+        #: matrix key -> (network name, mode within that network or None)
+        self.routes: dict[str, tuple[str, int | None]] = {}
+        groups: dict[str, list[str]] = {}
+        for key in self.matrices:
+            name = shape_key(self.shape(key)) if shared else key
+            groups.setdefault(name, []).append(key)
         self.editors = nn.ModuleDict()
-        for layer in self.layers:
-            d_out, d_in = self.shape(layer)
-            self.editors[str(layer)] = EditorNet(d_in, d_out, int(self.net["rank"]), int(self.net["n_hidden"]))
-        self.edit_lrs = nn.Parameter(torch.full((len(self.layers),), float(self.net["edit_lr"])))
+        for name, keys in groups.items():
+            d_out, d_in = self.shape(keys[0])
+            self.editors[name] = EditorNet(d_in, d_out, rank, n_hidden, n_modes=len(keys) if shared else None)
+            for mode, key in enumerate(keys):
+                self.routes[key] = (name, mode if shared else None)
+        self.edit_lrs = nn.Parameter(torch.full((len(self.matrices),), float(self.net["edit_lr"])))
 
-    def deltas(self, factors: dict[int, Factors], condition: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            f = factors[layer]
-            u, g = self.editors[str(layer)](f.u, f.g)
-            out[layer] = -self.edit_lrs[i] * (g.T @ u)
+    def deltas(self, factors: dict[str, Factors], condition: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, key in enumerate(self.matrices):
+            f = factors[key]
+            name, mode = self.routes[key]
+            u, g = self.editors[name](f.u, f.g, mode)
+            out[key] = -self.edit_lrs[i] * (g.T @ u)
         return out
 
     def make_optimizer(self, hp: "MENDHparams") -> torch.optim.Optimizer:
@@ -121,14 +160,13 @@ class MENDHyperNetwork(HyperNetwork):
 
 @dataclass
 class MENDHparams(HypernetHparams):
-    """The shared hypernetwork settings plus the editor networks (``rank``, ``n_hidden``), the step sizes'
-    learning rate ``lr_lr`` and the loss weights ``c_edit``, ``c_loc``."""
+    """The shared hypernetwork settings plus the editor networks (``rank``, ``n_hidden``, ``shared``: one network
+    per matrix shape) and the step sizes' learning rate ``lr_lr``."""
 
     lr_lr: float
     rank: int
     n_hidden: int
-    c_edit: float
-    c_loc: float
+    shared: bool
 
 
 @register("mend")

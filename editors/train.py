@@ -4,30 +4,41 @@ that applies them are the library :mod:`editors.hypernetwork`; this module is th
     python -m editors.train --method mend --model Qwen/Qwen2-Audio-7B-Instruct --dataset sake/sake --out hn/mend-qwen
     python -m editors.train --method ke --model tiny-qwen2-audio --dataset /tmp/sake_demo --limit 8
 
-Both methods edit the FFN output projections of the LLM layers in ``hparams.layers`` (paper Table 6: Qwen and
-DeSTA 29-31, AF3 25-27) from the *fine-tuning gradient* of the edit. For a linear map ``y = W u`` the gradient of the
-edit loss is ``sum_t g_t u_t^T`` (``u_t`` the layer input at token t, ``g_t`` the loss gradient at its output): these
-rank-1 factors are collected in one forward/backward pass on the edit (:func:`edit_factors`), and the method's
-network (:class:`HyperNetwork`: ``editors/ke.py``, ``editors/mend.py``) maps them to a weight update per layer.
+Both methods edit the LLM Linears of ``hparams.roles`` in ``hparams.layers`` (paper Table 6: Qwen and DeSTA
+29-31, AF3 25-27; EasyEdit's settings: the up and down projections) from the *fine-tuning gradient* of the edit
+(:func:`editors.hypernetwork.edit_factors`); the method's network (:class:`HyperNetwork`: ``editors/ke.py``,
+``editors/mend.py``) maps its rank-1 factors to a weight update per matrix.
 
-Training (one step per train instance, ``epochs`` passes over all attribute configs in a seeded order):
+Data. ``val_size`` instances of the train split (a seeded draw over all attribute configs) are held out for
+validation; the others are the training instances, ``epochs`` passes in a seeded order.
+
+One training instance:
 
 1. factors of the edit (reliability prompt -> target answer) on the unedited model;
-2. updates ``dW = net(factors)`` (differentiable in the network's parameters), applied functionally by replacing each
-   output projection with ``W + dW`` (``adapter.set_mlp_out_proj``; the model's weights never change);
+2. updates ``dW = net(factors)`` (differentiable in the network's parameters), applied functionally (a forward hook
+   computes each edited Linear with ``W + dW``; the model's weights never change);
 3. edit loss: target cross-entropy on the edit and its generality items (answers = the edit-linked answers);
    locality loss: KL(pre-edit || post-edit) of the next-token distributions at the reference answer tokens of the
    instance's audio and text locality items;
-4. the method combines them (:meth:`HyperNetwork.training_loss`) and its optimizer takes one step.
+4. the method combines them (:meth:`HyperNetwork.training_loss`); the gradient of ``loss / accumulate_bs`` is
+   accumulated, and the optimizer steps after every ``accumulate_bs`` instances (EasyEdit's ``accumulate_bs``; the
+   last group of the order may be shorter).
+
+Validation and early stop (EasyEdit's trainer): every ``val_interval`` training instances (at the next optimizer
+step) and at the end, the validation loss ``c_edit * edit + c_loc * KL`` (EasyEdit's ``loss/total_edit_val``) is
+the mean over the held-out instances, the network in eval mode (MEND's normalisation statistics frozen). Training
+stops early when ``early_stop_patience`` training instances passed since the lowest validation loss; the saved
+network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network).
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
-step (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
+instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
 
 Output (``--out``, default ``CACHE/hypernetworks/METHOD/MODEL``): ``hypernetwork.safetensors`` + ``config.json``
-(method, model, layers, shapes, hyperparameters, training summary). ``--out/checkpoint/`` holds the latest
-checkpoint (network + optimizer state + step counter) every ``--checkpoint-every`` steps; rerunning the same command
-resumes from it (the same seeded order, continuing at the saved step with the saved optimizer state). Editing loads
-the network from ``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
+(method, model, matrices, shapes, hyperparameters, training and validation summary). ``--out/checkpoint/`` holds the
+latest checkpoint (network + optimizer state + step counter + the best network so far in ``checkpoint/best/``)
+every ``--checkpoint-every`` steps, at optimizer-step boundaries; rerunning the same command resumes from it (the
+same seeded order, continuing at the saved step with the saved optimizer state). Editing loads the network from
+``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
 """
 
 from __future__ import annotations
@@ -48,9 +59,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from editors.base import EditRequest
-from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, HyperNetwork, _atomic_json, _Shifted,
+from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, HyperNetwork, _atomic_json,
                                   build_network, condition_embeddings, default_hypernet_dir, edit_factors,
-                                  hypernetwork_methods, load_network, replaced_out_projs, save_network)
+                                  hypernetwork_methods, load_network, parse_matrix_key, save_network,
+                                  shifted_matrices)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError
@@ -102,41 +114,53 @@ def _target_logp(adapter: LALMAdapter, state: Any) -> torch.Tensor:
 def training_step(adapter: LALMAdapter, net: HyperNetwork, example: TrainExample
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-edit edit loss and locality KL of one example (differentiable in the network's parameters)."""
-    layers = net.layers
-    first = min(layers)
+    matrices = net.matrices
+    first = min(parse_matrix_key(key)[0] for key in matrices)
     edit_batch = adapter.prepare([example.edit.prompt()], [example.edit.target])
-    factors, _ = edit_factors(adapter, layers, edit_batch)
+    factors, _ = edit_factors(adapter, matrices, edit_batch)
     condition = condition_embeddings(adapter, edit_batch) if net.needs_condition else None
     eq = [(example.edit.prompt(), example.edit.target)] + example.equivalent
     eq_state = adapter.hidden_entering(adapter.prepare([p for p, _ in eq], [t for _, t in eq]), first)
-    loc_state = pre_logp = None
+    locality = None
     if example.locality:
         loc_batch = adapter.prepare([p for p, _ in example.locality], [t for _, t in example.locality])
         loc_state = adapter.hidden_entering(loc_batch, first)
-        pre_logp = _target_logp(adapter, loc_state)
+        locality = (loc_state, _target_logp(adapter, loc_state))
     deltas = net.deltas(factors, condition)
-    shifted = {layer: _Shifted(adapter.mlp_out_proj(layer), delta) for layer, delta in deltas.items()}
-    with replaced_out_projs(adapter, shifted):
+    with shifted_matrices(adapter, deltas):
         edit_loss = adapter.loss_from(eq_state)
-        loc_loss = (_kl_at_targets(adapter, loc_state, pre_logp) if loc_state is not None
-                    else edit_loss.new_zeros(()))
+        loc_loss = _kl_at_targets(adapter, *locality) if locality is not None else edit_loss.new_zeros(())
     return edit_loss, loc_loss
 
 
-def training_order(sizes: dict[str, int], epochs: int, seed: int, limit: int | None = None
-                   ) -> list[tuple[str, int]]:
-    """(config, row index) pairs of all epochs: each epoch a seeded shuffle of every config's rows."""
+Ref = tuple[str, int]  # (attribute config, row index)
+
+
+def plan_training(sizes: dict[str, int], epochs: int, seed: int, limit: int | None = None, val_size: int = 0
+                  ) -> tuple[list[Ref], list[Ref]]:
+    """(training order of all epochs, validation instances). The first ``val_size`` of a seeded shuffle of every
+    config's rows (first ``limit`` per config) are held out; each epoch is a seeded shuffle of the others.
+    ConfigError when no training instance would remain."""
     refs = [(c, i) for c in sorted(sizes) for i in range(sizes[c] if limit is None else min(limit, sizes[c]))]
-    order: list[tuple[str, int]] = []
+    if val_size < 0 or (refs and val_size >= len(refs)):
+        raise ConfigError(f"hparam val_size={val_size}: expected 0 <= val_size < the {len(refs)} train instances "
+                          "(lower it with --hparam val_size=N)")
+    held = list(refs)
+    random.Random(f"{seed}:validation").shuffle(held)
+    validation = sorted(held[:val_size])
+    chosen = set(validation)
+    train_refs = [r for r in refs if r not in chosen]
+    order: list[Ref] = []
     for epoch in range(epochs):
-        epoch_refs = list(refs)
+        epoch_refs = list(train_refs)
         random.Random(f"{seed}:{epoch}").shuffle(epoch_refs)
         order += epoch_refs
-    return order
+    return order, validation
 
 
 class Trainer:
-    """One training run of a hypernetwork, with checkpoints and resume (see the module docstring)."""
+    """One training run of a hypernetwork, with accumulation, validation, early stop, checkpoints and resume (see
+    the module docstring)."""
 
     def __init__(self, adapter: LALMAdapter, method: str, hp: HypernetHparams, datasets: dict[str, Any],
                  out_dir: str | Path, *, seed: int = 0, model_name: str = "", dataset_name: str = "",
@@ -149,11 +173,19 @@ class Trainer:
         self.dataset_name = dataset_name
         self.checkpoint_every = max(1, int(checkpoint_every))
         self.progress = progress
-        self.order = training_order({c: len(d) for c, d in datasets.items()}, hp.epochs, seed, limit)
+        if hp.accumulate_bs < 1 or hp.val_interval < 1 or hp.early_stop_patience < 1:
+            raise ConfigError(f"{method}: accumulate_bs ({hp.accumulate_bs}), val_interval ({hp.val_interval}) and "
+                              f"early_stop_patience ({hp.early_stop_patience}) must be >= 1")
+        self.order, self.validation = plan_training({c: len(d) for c, d in datasets.items()}, hp.epochs, seed,
+                                                    limit, hp.val_size)
         self.net = build_network(method, adapter, self.hp, seed)
         self.optimizer = self.net.make_optimizer(self.hp)
-        self.step = 0
+        self.step = 0  # training instances done (always at an optimizer-step boundary between calls)
         self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []  # {"step", "val_loss", "val_edit_loss", "val_loc_loss"}
+        self.best: dict[str, Any] | None = None  # {"step", "val_loss"} of the lowest validation loss
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stopped_early = False
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
@@ -161,21 +193,31 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out_dir / CHECKPOINT_DIR
 
+    @property
+    def finished(self) -> bool:
+        return self.step >= len(self.order) or self.stopped_early
+
     def _run_info(self) -> dict[str, Any]:
         return {"model": self.model_name, "model_id": self.adapter.model_id, "family": self.adapter.family,
                 "model_key": self.adapter.model_key(), "dataset": self.dataset_name, "seed": self.seed,
                 "limit": self.limit, "configs": sorted(self.datasets), "hparams": self.hp.as_dict(),
-                "steps_total": len(self.order)}
+                "steps_total": len(self.order), "validation_instances": [list(r) for r in self.validation]}
 
     def save_checkpoint(self) -> None:
         ckpt = self.checkpoint_dir
         ckpt.mkdir(parents=True, exist_ok=True)
         save_network(self.net, ckpt, self._run_info())
+        if self.best_state is not None:
+            best = build_network(self.method, self.adapter, self.hp, self.seed)
+            best.load_state_dict(self.best_state)
+            save_network(best, ckpt / "best", {**self._run_info(), "best": self.best})
         buffer = io.BytesIO()
         torch.save(self.optimizer.state_dict(), buffer)
         atomic_write(ckpt / "optimizer.pt", buffer.getvalue())
-        _atomic_json(ckpt / "trainer_state.json", {"step": self.step, "order_length": len(self.order),
-                                                   "order_head": self.order[:5], "history": self.history})
+        _atomic_json(ckpt / "trainer_state.json", {
+            "step": self.step, "order_length": len(self.order), "order_head": self.order[:5],
+            "validation": [list(r) for r in self.validation], "history": self.history,
+            "validations": self.validations, "best": self.best, "stopped_early": self.stopped_early})
 
     def try_resume(self) -> bool:
         """Load the checkpoint of ``out_dir`` if there is one (same order required); True when resumed."""
@@ -184,9 +226,10 @@ class Trainer:
             return False
         state = json.loads(state_file.read_text())
         if state.get("order_length") != len(self.order) or [list(x) for x in self.order[:5]] != \
-                [list(x) for x in state.get("order_head", [])]:
-            raise ValueError(f"{state_file}: the checkpoint was made with another dataset/seed/limit; use another "
-                             "--out or --restart")
+                [list(x) for x in state.get("order_head", [])] or \
+                state.get("validation", []) != [list(r) for r in self.validation]:
+            raise ValueError(f"{state_file}: the checkpoint was made with another dataset/seed/limit/val_size; use "
+                             "another --out or --restart")
         net, config = load_network(self.checkpoint_dir, device=self.adapter.device)
         if config.get("method") != self.method or net.spec != self.net.spec:
             raise ValueError(f"{self.checkpoint_dir}: checkpoint of another method or model")
@@ -196,51 +239,115 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.validations = list(state.get("validations", []))
+        self.best = state.get("best")
+        self.stopped_early = bool(state.get("stopped_early", False))
+        if self.best is not None:
+            best_net, _ = load_network(self.checkpoint_dir / "best", device=self.adapter.device)
+            self.best_state = {k: v.detach().clone() for k, v in best_net.state_dict().items()}
         logger.info("resumed %s training from %s at step %d/%d", self.method, self.checkpoint_dir, self.step,
                     len(self.order))
         return True
 
+    # ---- validation ---------------------------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Mean validation losses over the held-out instances (network in eval mode, no gradients)."""
+        was_training = self.net.training
+        self.net.eval()
+        edit_sum = loc_sum = 0.0
+        try:
+            with torch.no_grad():
+                for config, index in self.validation:
+                    example = TrainExample.from_row(self.datasets[config][index])
+                    edit_loss, loc_loss = training_step(self.adapter, self.net, example)
+                    edit_sum += float(edit_loss)
+                    loc_sum += float(loc_loss)
+        finally:
+            self.net.train(was_training)
+        n = max(1, len(self.validation))
+        edit, loc = edit_sum / n, loc_sum / n
+        return {"step": self.step, "val_loss": round(self.hp.c_edit * edit + self.hp.c_loc * loc, 6),
+                "val_edit_loss": round(edit, 6), "val_loc_loss": round(loc, 6)}
+
+    def _after_validation(self, result: dict[str, float]) -> None:
+        self.validations.append(result)
+        if self.best is None or result["val_loss"] < self.best["val_loss"]:
+            self.best = {"step": result["step"], "val_loss": result["val_loss"]}
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        if self.step - self.best["step"] >= self.hp.early_stop_patience and self.step < len(self.order):
+            self.stopped_early = True
+            logger.info("%s: no lower validation loss for %d instances (best %.4f at step %d): early stop",
+                        self.method, self.step - self.best["step"], self.best["val_loss"], self.best["step"])
+
     # ---- the loop -----------------------------------------------------------------------------------------------
 
+    def _group_end(self, step: int) -> int:
+        """The step at which the optimizer steps for the group holding instance ``step`` (0-based)."""
+        acc = self.hp.accumulate_bs
+        return min(len(self.order), (step // acc + 1) * acc)
+
     def train(self, max_steps: int | None = None) -> Path:
-        """Train until the end of the order (or ``max_steps`` steps in total), then save the final network."""
+        """Train until the end of the order, an early stop, or ``max_steps`` instances in total (rounded up to the
+        end of an accumulation group), then (at the end) save the final network."""
         end = len(self.order) if max_steps is None else min(len(self.order), int(max_steps))
+        if 0 < end < len(self.order):
+            end = self._group_end(end - 1)
+        validating = bool(self.validation)
         self.net.train()
         params = [p for p in self.net.parameters() if p.requires_grad]
         clip = self.hp.grad_clip
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
                    desc=f"training {self.method}")
         start = time.perf_counter()
+        last_checkpoint = self.step
+        group: list[tuple[float, float]] = []
+        self.optimizer.zero_grad(set_to_none=True)
         try:
-            while self.step < end:
+            while self.step < end and not self.stopped_early:
                 config, index = self.order[self.step]
+                group_end = self._group_end(self.step)
+                group_size = group_end - self.step // self.hp.accumulate_bs * self.hp.accumulate_bs
                 example = TrainExample.from_row(self.datasets[config][index])
                 edit_loss, loc_loss = training_step(self.adapter, self.net, example)
                 loss, info = self.net.training_loss(edit_loss, loc_loss, self.hp)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss / group_size).backward()
+                self.step += 1
+                group.append((float(edit_loss.detach()), float(loc_loss.detach())))
+                self.history.append({"step": self.step, "edit_loss": round(group[-1][0], 6),
+                                     "loc_loss": round(group[-1][1], 6),
+                                     **{k: round(v, 6) for k, v in info.items()}})
+                bar.update(1)
+                if self.step < group_end:
+                    continue
                 if clip:
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 self.optimizer.step()
-                self.net.after_step(float(edit_loss.detach()), float(loc_loss.detach()), self.hp)
-                self.step += 1
-                self.history.append({"step": self.step, "edit_loss": round(float(edit_loss.detach()), 6),
-                                     "loc_loss": round(float(loc_loss.detach()), 6),
-                                     **{k: round(v, 6) for k, v in info.items()}})
-                bar.update(1)
-                if self.step % self.checkpoint_every == 0 or self.step == end:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.net.after_step(sum(e for e, _ in group) / len(group), sum(loc for _, loc in group) / len(group),
+                                    self.hp)
+                group = []
+                last_val = self.validations[-1]["step"] if self.validations else 0
+                if validating and (self.step - last_val >= self.hp.val_interval or self.step == len(self.order)):
+                    self._after_validation(self.validate())
+                if self.step - last_checkpoint >= self.checkpoint_every or self.step == end or self.stopped_early:
                     self.save_checkpoint()
+                    last_checkpoint = self.step
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        if self.step >= len(self.order):
+        if self.finished:
             recent = self.history[-min(len(self.history), 20):]
             summary = {k: sum(h[k] for h in recent) / len(recent) for k in ("edit_loss", "loc_loss")} \
                 if recent else {}
+            if self.best_state is not None:
+                self.net.load_state_dict(self.best_state)  # the network with the lowest validation loss
             save_network(self.net, self.out_dir, {**self._run_info(), "steps_trained": self.step,
-                                                  "final_losses": summary})
-            logger.info("%s: trained %d steps (%.1f s this run) -> %s", self.method, self.step, seconds,
-                        self.out_dir)
+                                                  "final_losses": summary, "validations": self.validations,
+                                                  "best": self.best, "stopped_early": self.stopped_early})
+            logger.info("%s: trained %d steps (%.1f s this run%s) -> %s", self.method, self.step, seconds,
+                        f"; best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}"
+                        if self.best else "", self.out_dir)
         return self.out_dir
 
 
@@ -308,7 +415,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
                       limit=limit, checkpoint_every=checkpoint_every, progress=progress)
     if not restart:
         trainer.try_resume()
-    if trainer.step >= len(trainer.order) and (target / CONFIG_FILE).is_file():
+    if trainer.finished and (target / CONFIG_FILE).is_file():
         logger.info("%s: already trained (%d steps) -> %s", method, trainer.step, target)
     else:
         trainer.train(max_steps)

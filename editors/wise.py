@@ -18,24 +18,27 @@ mask (``mask_ratio`` of the entries; knowledge sharding) and ``W'`` is clamped t
 The inner activations ``a`` of the layer are fixed during the edit (lower layers are frozen), so they are computed
 once; each step runs only the edited layer and those above it for the edit loss.
 
-Routing. :class:`WiseRouter` replaces the output projection (``adapter.set_mlp_out_proj``). For each input row it
-computes the activation score of every side-memory shard on the prompt (mean over the row's valid tokens, or the
-largest token value when the prompt has more than ``long_prompt_tokens`` tokens, as EasyEdit at inference); among
-the shards whose score exceeds ``act_ratio * threshold`` (threshold = the smallest in-scope activation of the
-shard's edits) the row uses the one with the largest score relative to its threshold (WISE takes the largest raw
-score: the same choice when thresholds are equal, which its beta term aims at; relative scores keep a shard whose
-activations run on another scale from capturing other edits' inputs), else the original weights. The decision
-is taken on the prompt (prefill) and kept for that row's generated tokens. Rows routed to the original weights get
-exactly the original module's output (bit-identical to the unedited model). A forward pre-hook on the language
-model records the attention mask (padding ignored; no mask = every position valid) and whether the call continues
-a KV cache (a decoding step, which reuses the prefill's decisions); a forward hook clears both after each call, so
-paths that run layers directly (``adapter.logits_from``) decide afresh on every position.
+Routing (WISE's paper). :class:`WiseRouter` replaces the output projection (``adapter.set_mlp_out_proj``). For
+each input row it computes the activation score of every side-memory shard on the prompt (mean over the row's
+valid tokens, or the largest token value when the prompt has more than ``long_prompt_tokens`` tokens, as EasyEdit
+at inference). A shard is eligible when its score exceeds ``act_ratio * threshold``, the threshold being the
+smallest in-scope activation of its edits (with ``retrieve: false``, WISE-Merge, one threshold for every memory:
+the smallest of all edits). The row uses the eligible shard with the largest score (WISE-Retrieve: the side
+memory with the highest activation), else the original weights. The decision is taken on the prompt (prefill) and
+kept for that row's generated tokens. Rows routed to the original weights get exactly the original module's output
+(bit-identical to the unedited model). A forward pre-hook on the language model records the attention mask
+(padding ignored; no mask = every position valid) and whether the call continues a KV cache (a decoding step,
+which reuses the prefill's decisions); a forward hook clears both after each call, so paths that run layers
+directly (``adapter.logits_from``) decide afresh on every position.
 
-Many edits (sequential mode). Edits are written into the current shard until it holds ``save_freq`` edits; then a
-new shard starts from ``W`` with a new random mask. Every ``merge_freq`` edits the finished shards are merged with
-TIES (trim to ``merge_density`` by magnitude, elect signs, disjoint mean of the task vectors ``W_k - W``) into one
-memory whose threshold is the smallest of theirs (WISE's retrieve mode). Gate statistics of every edit are returned
-in the stats dict and kept in :attr:`WISE.gate_stats`.
+Many edits (sequential mode), EasyEdit's schedule. Edits are written into the current shard until it holds
+``save_freq`` edits; then a new shard starts from ``W`` with a new random mask. Every ``merge_freq`` edits the
+shards finished since the last merge are merged with TIES (trim to ``merge_density`` by magnitude, elect signs,
+disjoint mean of the task vectors ``W_k - W``) into one memory whose threshold is the smallest of theirs
+(``retrieve: true``: the merged memories stay separate shards, retrieved by activation; ``retrieve: false``: every
+finished shard, an earlier merge included, goes into one memory). EasyEdit's settings for 7B Qwen and Llama models
+(``save_freq: 500``, ``merge_freq: 1000``, ``retrieve: True``) keep a whole 10-edit sequence in one shard: no
+merge. Gate statistics of every edit are returned in the stats dict and kept in :attr:`WISE.gate_stats`.
 
 The original weights are never modified: :meth:`WISE.touched_parameters` is empty and :meth:`WISE.reset` puts the
 original module back and removes the hook.
@@ -94,12 +97,14 @@ class Shard:
 class WiseRouter(nn.Module):
     """Stand-in for an FFN output projection: routes each input row to a side-memory shard or the original."""
 
-    def __init__(self, original: nn.Module, act: Any, act_ratio: float, long_prompt_tokens: int = 100) -> None:
+    def __init__(self, original: nn.Module, act: Any, act_ratio: float, long_prompt_tokens: int = 100,
+                 retrieve: bool = True) -> None:
         super().__init__()
         self.original = original
         self.act = act
         self.act_ratio = float(act_ratio)
         self.long_prompt_tokens = int(long_prompt_tokens)
+        self.retrieve = bool(retrieve)
         self.shards: list[Shard] = []
         self.train_weight: torch.Tensor | None = None  # set while editing: every row uses it
         self.capture: list[torch.Tensor] | None = None  # set while collecting inner activations
@@ -118,6 +123,12 @@ class WiseRouter(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.original, "bias", None)
+
+    def thresholds(self) -> list[float]:
+        """The routing threshold of each shard (before ``act_ratio``): its own edits' smallest in-scope
+        activation, or with ``retrieve`` off the smallest over all edits (one threshold, WISE-Merge)."""
+        own = [s.threshold for s in self.shards]
+        return own if self.retrieve else [min(own)] * len(own)
 
     def side_output(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight.to(x.dtype), self.bias)
@@ -157,9 +168,9 @@ class WiseRouter(nn.Module):
             valid = self._valid(batch, length, x.device)
             scores = torch.stack([self.row_scores(self.token_distance(x, s.weight, out), valid)
                                   for s in self.shards], dim=-1)  # [B, K]
-            thresholds = torch.tensor([s.threshold for s in self.shards], device=scores.device)
+            thresholds = torch.tensor(self.thresholds(), device=scores.device)
             eligible = scores > thresholds * self.act_ratio
-            best = (scores / thresholds.clamp(min=1e-12)).masked_fill(~eligible, float("-inf")).argmax(-1)
+            best = scores.masked_fill(~eligible, float("-inf")).argmax(-1)  # the highest activation retrieves
             decisions = torch.where(eligible.any(-1), best, torch.full_like(best, -1))
             self.decisions, self.last_scores = decisions, scores.detach()
             for k in decisions.tolist():
@@ -189,6 +200,8 @@ class WiseRouter(nn.Module):
                                    f"input has {batch}")
             valid = self._valid(batch, length, x.device)
             decisions = torch.full((batch,), -1, dtype=torch.long, device=x.device)
+            # one side memory per edit: WISE's rule (the most activated of the memories above act_ratio * their
+            # threshold; retrieve or not, one memory's threshold is its own) is this memory's gate
             for k, a, b in self.runs:
                 shard = self.edit_shards[k]
                 score = self.row_scores(self.token_distance(x[a:b], shard.weight, out[a:b]), valid[a:b])
@@ -245,6 +258,7 @@ class WISEHparams(Hparams):
     save_freq: int
     merge_freq: int
     merge_density: float
+    retrieve: bool
 
 
 @register("wise")
@@ -289,7 +303,7 @@ class WISE(Editor):
             layer = self._layer()
             original = self.adapter.mlp_out_proj(layer)
             router = WiseRouter(original, activation_fn(self.adapter, self.hparams.distance_act),
-                                self.hparams.act_ratio, self.hparams.long_prompt_tokens)
+                                self.hparams.act_ratio, self.hparams.long_prompt_tokens, self.hparams.retrieve)
             self.adapter.set_mlp_out_proj(layer, router)
             self.router = router
 
@@ -418,18 +432,23 @@ class WISE(Editor):
         return stats
 
     def _maybe_close_and_merge(self, router: WiseRouter, shard: Shard) -> None:
-        """Close the shard after ``save_freq`` edits; every ``merge_freq`` edits, TIES-merge the closed shards that
-        are not merges yet into one memory (threshold: the smallest of theirs)."""
+        """Close the shard after ``save_freq`` edits; every ``merge_freq`` edits, TIES-merge the closed shards into
+        one memory (threshold: the smallest of theirs): with ``retrieve`` the shards finished since the last merge,
+        without it every closed shard, the earlier merge included."""
         save_freq = self.hparams.save_freq
         if save_freq > 0 and shard.n_edits >= save_freq:
             shard.closed = True
         merge_freq = self.hparams.merge_freq
-        group = [s for s in router.shards if s.closed and s.merged_from == 1]
+        if self.hparams.retrieve:
+            group = [s for s in router.shards if s.closed and s.merged_from == 1]
+        else:
+            group = [s for s in router.shards if s.closed]
         if merge_freq > 0 and self.n_edits % merge_freq == 0 and len(group) > 1:
             merged = Shard(weight=ties_merge(router.original.weight.detach(), [s.weight for s in group],
                                              self.hparams.merge_density),
                            mask=None, edit_acts=[min(s.threshold for s in group)],
-                           n_edits=sum(s.n_edits for s in group), merged_from=len(group), closed=True)
+                           n_edits=sum(s.n_edits for s in group),
+                           merged_from=sum(s.merged_from for s in group), closed=True)
             router.shards = [s for s in router.shards if s not in group] + [merged]
             logger.info("wise: merged %d shards (TIES) into one memory", len(group))
 

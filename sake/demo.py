@@ -137,8 +137,10 @@ def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: 
     if not done.is_file():
         logger.info("training the %s hypernetwork into %s", method, target)
         try:
+            # a quick run (--limit) trains on 2 instances per config: 2 of those 8 validate
             train_hypernetwork(method, model, str(dataset), out=target, seed=seed,
-                               limit=None if limit is None else max(limit, 2), progress=progress)
+                               limit=None if limit is None else max(limit, 2),
+                               hparams={} if limit is None else {"val_size": 2}, progress=progress)
         except ValueError as exc:
             raise SystemExit(f"sake demo: training the {method} hypernetwork failed: {exc}") from exc
         atomic_write(done, "ok\n")

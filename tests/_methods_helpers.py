@@ -115,15 +115,21 @@ def load_train_split() -> dict[str, Any]:
     return {c: load_instances(str(demo_dataset()), c, "train") for c in ATTRIBUTES}
 
 
+#: Small-run training settings of the KE/MEND tests: 2 of the 8 instances (limit 2 per config) validate, the other
+#: 6 train in 3 optimizer steps of 2
+SMALL_TRAINING = {"val_size": 2, "val_interval": 2, "accumulate_bs": 2}
+
+
 @lru_cache(maxsize=None)
 def trained_network(method: str, model: str = "tiny-qwen2-audio", limit: int = 2) -> Path:
-    """A KE/MEND hypernetwork trained on the first ``limit`` demo train instances of every config (cached)."""
+    """A KE/MEND hypernetwork trained on the first ``limit`` demo train instances of every config with
+    :data:`SMALL_TRAINING` (cached)."""
     from editors.train import Trainer
 
     adapter = tiny_adapter(model)
     out = session_tmp() / f"hn-{method}-{model}-{limit}"
-    Trainer(adapter, method, hparams(method, adapter), load_train_split(), out, seed=0, model_name=model,
-            limit=limit, checkpoint_every=100, progress=False).train()
+    Trainer(adapter, method, hparams(method, adapter, **SMALL_TRAINING), load_train_split(), out, seed=0,
+            model_name=model, limit=limit, checkpoint_every=100, progress=False).train()
     return out
 
 

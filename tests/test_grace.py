@@ -30,9 +30,10 @@ def _logits(adapter, prompts):
         return adapter.logits_from(adapter.hidden_entering(adapter.prepare(prompts), 0))
 
 
-#: Codebook hit expected for another audio with the same question: the tiny DeSTA2.5's 4-layer random LLM barely
-#: mixes the audio into the last prompt token, so that prompt's key lies within the edit's radius there.
-OTHER_AUDIO_HIT = {"tiny-qwen2-audio": -1, "tiny-audio-flamingo3": -1, "tiny-desta25": 0}
+#: Codebook hit expected for another audio with the same question: the 4-layer random LLMs of the tiny DeSTA2.5 and
+#: AF3 barely mix the audio into the last prompt token, so that prompt's key lies within the edit's radius (half the
+#: key's norm) there.
+OTHER_AUDIO_HIT = {"tiny-qwen2-audio": -1, "tiny-audio-flamingo3": 0, "tiny-desta25": 0}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -85,7 +86,7 @@ def test_grace_codebook_expands_for_the_same_label_and_splits_for_another():
     adapter = tiny_adapter("tiny-qwen2-audio")
     a, b, c = (edit_request(target=t, audio_seed=s, instance=f"emotion/test/{i:06d}")
                for i, (t, s) in enumerate([("sad", 1), ("sad", 4), ("angry", 7)]))
-    editor = GRACE(adapter, hparams("grace", adapter, eps=1.0e6, n_iter=2), context())
+    editor = GRACE(adapter, hparams("grace", adapter, radius="absolute", eps=1.0e6, n_iter=2), context())
     try:
         assert editor.apply(a)["action"] == "add"
         stats = editor.apply(b)  # within the (huge) radius, same label: the entry grows to cover it
@@ -131,3 +132,44 @@ def test_grace_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
         assert rows and all(r["post_edit"] is not None for r in rows)
         text_rows = [r for r in rows if r["dimension"] == "locality_text"]
         assert text_rows and all(r["post_edit"] == r["pre_edit"] for r in text_rows)  # no codebook hit
+
+
+def test_grace_fires_on_paraphrases_of_the_edit_prompt_on_the_reference_model():
+    """On the shipped reference model the relative radius (half the key's norm) covers the paraphrased questions
+    about the edit's audio (generality type 1) of every demo test instance, and no locality prompt; EasyEdit's
+    absolute radius (1.0) misses paraphrases of the instances with large activations."""
+    from editors.base import EditRequest
+    from editors.data import load_instances
+    from editors.models import load_adapter
+    from editors.models.base import as_audio_array
+    from sake.demo import DEFAULT_MODEL
+
+    adapter = load_adapter(str(DEFAULT_MODEL))
+    tables = [load_instances(str(demo_dataset()), config, "test") for config in ("animal", "emotion", "gender",
+                                                                                  "language")]
+    rows = [table[i] for table in tables for i in range(2)]  # 8 edits, 2 per attribute
+
+    def prompts(row, column, types=None):
+        return [Prompt(question=it["question"], audio=as_audio_array(it["audio"])) if it.get("audio") is not None
+                else Prompt(question=it["question"]) for it in row[column] if types is None or it["type"] in types]
+
+    hits = {"relative": [], "absolute": []}
+    for radius, eps in (("relative", None), ("absolute", 1.0)):
+        # n_iter 0: the entry's key and radius decide whether it fires, its value does not
+        overrides = {"n_iter": 0, "radius": radius} | ({"eps": eps} if eps is not None else {})
+        editor = GRACE(adapter, hparams("grace", adapter, **overrides), context())
+        for row in rows:
+            try:
+                editor.apply(EditRequest.from_row(row))
+                codebook = editor.codebook
+                paraphrases = prompts(row, "generality", types=(1,))
+                others = prompts(row, "locality_audio") + prompts(row, "locality_text")
+                with torch.no_grad():
+                    adapter.logits_from(adapter.hidden_entering(adapter.prepare(paraphrases + others), 0))
+                hits[radius] += [(k == 0, i < len(paraphrases)) for i, k in enumerate(codebook.last_hits)]
+            finally:
+                editor.reset()
+    relative = hits["relative"]
+    assert len([h for h, para in relative if para]) == len(rows)  # every paraphrase fires
+    assert all(h == para for h, para in relative)  # and no locality prompt
+    assert sum(h for h, para in hits["absolute"] if para) < len(rows)  # the absolute radius misses some

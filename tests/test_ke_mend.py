@@ -26,8 +26,9 @@ def test_trained_hypernetwork_edit_gives_the_target_and_restores_exactly(method)
                                                        hypernetwork_path=str(trained_network(method))), context())
     editor.setup()
     touched = editor.touched_parameters()
-    out_proj_weights = {adapter.parameter_names(adapter.mlp_out_proj(layer))[0] for layer in (1, 2, 3)}
-    assert set(touched) == out_proj_weights
+    edited = {adapter.module_name(adapter.llm_linear(layer, role)) + ".weight"
+              for layer in (1, 2, 3) for role in ("mlp_up", "mlp_out")}
+    assert set(touched) == edited
     state = model_state(adapter)
     snapshot = ParameterSnapshot(adapter.model, touched)
     for target, audio_seed in (("sad", 1), ("dog", 7)):
@@ -37,9 +38,10 @@ def test_trained_hypernetwork_edit_gives_the_target_and_restores_exactly(method)
         try:
             stats = editor.apply(edit)
             assert adapter.generate([edit.prompt()], max_new_tokens=8) == [target]
-            assert stats["steps"] == 1 and all(stats[f"delta_norm.{layer}"] > 0 for layer in (1, 2, 3))
+            assert stats["steps"] == 1 and all(stats[f"delta_norm.{layer}_{role}"] > 0
+                                               for layer in (1, 2, 3) for role in ("mlp_up", "mlp_out"))
             changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
-            assert changed == out_proj_weights
+            assert changed == edited
         finally:
             snapshot.restore()
             editor.reset()
@@ -73,3 +75,62 @@ def test_runner_cli_with_a_trained_hypernetwork(method, mode, tmp_path):
     assert rows and all(r["kind"] == "prediction" and r["post_edit"] is not None for r in rows)
     if mode == "sequential":
         assert {r["gap"] for r in rows} >= {0, 1}
+
+
+# EasyEdit's settings (hparams/TRAINING/MEND/qwen2vl-7b.yaml and the KE files): the up and down projections of the
+# paper's three layers (Table 6), named through the adapter. Each family's tiny model is built with the real
+# model's number of LLM layers, so that the layer numbers resolve as they do on the real checkpoint.
+REAL_LAYERS = {"qwen2_audio": (32, [29, 30, 31]), "audio_flamingo3": (28, [25, 26, 27]),
+               "desta25": (32, [29, 30, 31])}
+TINY_NAMES = {"qwen2_audio": "tiny-qwen2-audio", "audio_flamingo3": "tiny-audio-flamingo3",
+              "desta25": "tiny-desta25"}
+
+
+@pytest.mark.parametrize("family", sorted(REAL_LAYERS))
+@pytest.mark.parametrize("method", ["ke", "mend"])
+def test_edited_matrices_are_the_up_and_down_projections_of_the_papers_layers(method, family):
+    from editors.hypernetwork import model_spec
+    from editors.models.registry import adapter_class
+    from editors.registry import load_hparams
+
+    n_layers, layers = REAL_LAYERS[family]
+    adapter = adapter_class(family).tiny(seed=0, num_layers=n_layers)
+    hp = load_hparams(method, family)
+    assert hp.layers == layers and hp.roles == ["mlp_up", "mlp_out"]
+    spec = model_spec(adapter, hp.layers, hp.roles)
+    assert spec["matrices"] == [f"{layer}_{role}" for layer in layers for role in ("mlp_up", "mlp_out")]
+    editor = get_editor_class(method)(adapter, hp, context())
+    names = editor.touched_parameters()
+    suffixes = [f"layers.{layer}.mlp.{proj}.weight" for layer in layers for proj in ("up_proj", "down_proj")]
+    assert len(names) == 6 and all(n.endswith(s) for n, s in zip(names, suffixes)), names
+    assert set(names) <= set(adapter.named_parameter_dict())
+
+
+def test_mend_shares_one_editor_network_per_matrix_shape_with_a_scale_and_shift_per_matrix():
+    from editors.hypernetwork import Factors, build_network
+
+    adapter = tiny_adapter("tiny-qwen2-audio")  # hidden 128, FFN 256: up [256, 128], down [128, 256]
+    shared = build_network("mend", adapter, hparams("mend", adapter), seed=0)
+    assert shared.net["shared"] is True
+    assert sorted(shared.editors) == ["128x256", "256x128"]
+    assert {key: shared.routes[key] for key in ("1_mlp_up", "3_mlp_up", "2_mlp_out")} == \
+        {"1_mlp_up": ("256x128", 0), "3_mlp_up": ("256x128", 2), "2_mlp_out": ("128x256", 1)}
+    assert shared.edit_lrs.shape == (6,)  # one learned step size per matrix
+    separate = build_network("mend", adapter, hparams("mend", adapter, shared=False), seed=0)
+    assert sorted(separate.editors) == sorted(separate.matrices) and len(separate.editors) == 6
+
+    shared.eval()  # running normalisation statistics frozen: both calls below see the same inputs
+    generator = torch.Generator().manual_seed(0)
+    factors = {}
+    for key in shared.matrices:
+        d_out, d_in = shared.shape(key)
+        factors[key] = Factors(u=torch.randn(5, d_in, generator=generator), g=torch.randn(5, d_out, generator=generator))
+    with torch.no_grad():
+        for block in shared.editors["256x128"].blocks:  # a non-zero residual branch, so that modes matter
+            block.up.weight.normal_(std=0.1, generator=generator)
+        before = shared.deltas(factors)
+        for block in shared.editors["256x128"].blocks:
+            block.mode_shift[1] += 0.5  # the second up projection's (layer 2) own shift
+        after = shared.deltas(factors)
+    changed = {key for key in shared.matrices if not torch.equal(before[key], after[key])}
+    assert changed == {"2_mlp_up"}

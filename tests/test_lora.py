@@ -37,7 +37,7 @@ def test_lora_edit_takes_keeps_the_weights_and_reset_restores_exactly(model):
         assert stats["steps"] > 0
         assert adapter.generate([edit.prompt()], max_new_tokens=1) == [edit.target]
         wrapped = [m for m in adapter.model.modules() if isinstance(m, LoRALinear)]
-        assert len(wrapped) == 2 and all(len(w.frozen) == 1 for w in wrapped)  # query and value of layer -1
+        assert len(wrapped) == 2 * adapter.num_llm_layers and all(len(w.frozen) == 1 for w in wrapped)
         params = dict(adapter.model.named_parameters())
         assert all(torch.equal(params[n], p) for n, p in state["params"].items() if n in params)
     finally:
@@ -129,3 +129,29 @@ def test_lora_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
         assert rows and all(r["post_edit"] is not None for r in rows)
         if mode == "sequential":
             assert {r["gap"] for r in rows} == {0, 1}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_lora_adapts_the_query_and_value_of_every_llm_layer_by_default(model):
+    adapter = tiny_adapter(model)
+    hp = hparams("lora", adapter)
+    assert (hp.target, hp.modules, hp.layers, hp.rank, hp.lora_alpha) == ("llm", ["query", "value"], None, 8, 32)
+    editor = LoRA(adapter, hp, context())
+    expected = {adapter.module_name(adapter.llm_linear(layer, role))
+                for layer in range(adapter.num_llm_layers) for role in ("query", "value")}
+    assert set(editor._linears()) == expected and len(expected) == 2 * adapter.num_llm_layers
+    assert all(name.endswith(("q_proj", "v_proj")) for name in expected)
+    one_layer = LoRA(adapter, hparams("lora", adapter, layers=[-1]), context())  # the single-layer variant
+    assert {n.rsplit(".", 1)[0] for n in one_layer._linears()} == \
+        {adapter.module_name(adapter.llm_layer(-1)) + ".self_attn"}
+
+
+def test_lora_settings_are_easyedits_for_every_family():
+    from editors.models.registry import families
+    from editors.registry import load_hparams
+
+    steps = {"qwen2_audio": 60, "audio_flamingo3": 60, "desta25": 50}  # qwen2.5-7b.yaml / llama3.1-8b.yaml
+    for family in families():
+        hp = load_hparams("lora", family)
+        assert (hp.layers, hp.modules, hp.rank, hp.lora_alpha, hp.lr, hp.max_steps) == \
+            (None, ["query", "value"], 8, 32, 5e-3, steps[family]), family

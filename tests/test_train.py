@@ -1,5 +1,7 @@
 """Hypernetwork training (editors/train.py): a demo run completes, the saved network reloads identically, resume
-continues from the checkpoint (step counter and optimizer state), and the CLI works."""
+continues from the checkpoint (step counter and optimizer state), gradients accumulate over ``accumulate_bs``
+instances, validation instances are held out and early stop keeps the network of the lowest validation loss, and
+the CLI works."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import pytest
 import torch
 
 import editors.train as train_mod
-from _methods_helpers import demo_dataset, hparams, load_train_split, session_tmp, tiny_adapter, trained_network
-from editors.train import Trainer, load_network, main
+from _methods_helpers import (SMALL_TRAINING, demo_dataset, hparams, load_train_split, session_tmp, tiny_adapter,
+                              trained_network)
+from editors.train import Trainer, TrainExample, load_network, main, plan_training, training_step
+from sake_core.errors import ConfigError
 
 
 def _trainer(method, out, adapter=None, **kwargs):
     adapter = adapter or tiny_adapter("tiny-qwen2-audio")
-    return Trainer(adapter, method, hparams(method, adapter), load_train_split(), out, seed=0,
+    return Trainer(adapter, method, hparams(method, adapter, **SMALL_TRAINING), load_train_split(), out, seed=0,
                    model_name="tiny-qwen2-audio", limit=2, progress=False, **kwargs)
 
 
@@ -25,9 +29,10 @@ def _same_state(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("method", ["ke", "mend"])
 def test_saved_network_reloads_identically_and_resume_continues(method, monkeypatch):
-    full_dir = trained_network(method)  # an uninterrupted run over 8 demo train instances (2 per config)
+    full_dir = trained_network(method)  # an uninterrupted run: 6 of the 8 instances train, 2 validate
     full, config = load_network(full_dir)
-    assert config["method"] == method and config["steps_trained"] == 8 == config["steps_total"]
+    assert config["method"] == method and config["steps_trained"] == 6 == config["steps_total"]
+    assert len(config["validation_instances"]) == 2 and [v["step"] for v in config["validations"]] == [2, 4, 6]
     assert (full_dir / "hypernetwork.safetensors").is_file()
 
     out = session_tmp() / f"resume-{method}"
@@ -35,35 +40,36 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     # the encoder outputs computed in the same batches as the uninterrupted run's (the encoder is not batch
     # invariant in the last bits, so a cold cache could differ there).
     adapter = tiny_adapter("tiny-qwen2-audio")
-    first = _trainer(method, out, adapter, checkpoint_every=3)
-    first.train(max_steps=5)  # interrupted after 5 of 8 steps (checkpoints at 3 and 5)
+    first = _trainer(method, out, adapter, checkpoint_every=1)
+    first.train(max_steps=3)  # interrupted in the second group of 2: finishes the group (step 4)
     assert not (out / "config.json").exists()  # no final network before the end
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 5
+    assert state["step"] == 4 and state["best"] is not None
 
     calls = []
     real_step = train_mod.training_step
     monkeypatch.setattr(train_mod, "training_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
-    second = _trainer(method, out, adapter, checkpoint_every=3)
-    assert second.try_resume() and second.step == 5
+    second = _trainer(method, out, adapter, checkpoint_every=1)
+    assert second.try_resume() and second.step == 4
     steps_in_optimizer = {int(s["step"]) for s in second.optimizer.state_dict()["state"].values()}
-    assert steps_in_optimizer == {5}  # optimizer state restored, not fresh
+    assert steps_in_optimizer == {2}  # optimizer state restored (2 steps of 2 instances), not fresh
     second.train()
-    assert len(calls) == 3  # continued with steps 6..8 only
+    assert len(calls) == 2 + 2  # continued with training steps 5..6 only, then one validation of 2 instances
     resumed, _ = load_network(out)
-    # the saved file holds the trainer's network in memory, and equals the uninterrupted run, bit for bit
+    # the saved file holds the trainer's (best) network in memory, and equals the uninterrupted run, bit for bit
     assert _same_state(resumed.state_dict(), {k: v.cpu() for k, v in second.net.state_dict().items()})
     assert _same_state(resumed.state_dict(), full.state_dict())
-    assert [h["step"] for h in second.history] == list(range(1, 9))
+    assert [h["step"] for h in second.history] == list(range(1, 7))
 
 
 def test_cli_trains_then_reports_already_trained(tmp_path, capsys):
     out = tmp_path / "ke-net"
     argv = ["--method", "ke", "--model", "tiny-qwen2-audio", "--dataset", str(demo_dataset()), "--out", str(out),
-            "--limit", "1", "--config", "emotion", "--config", "gender", "--no-progress"]
+            "--limit", "1", "--config", "emotion", "--config", "gender", "--hparam", "val_size=0", "--no-progress"]
     assert main(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["steps_trained"] == 2 and config["configs"] == ["emotion", "gender"]
+    assert config["validations"] == [] and config["best"] is None
     before = (out / "hypernetwork.safetensors").read_bytes()
     assert main(argv) == 0  # resumes at the end: nothing retrained
     assert (out / "hypernetwork.safetensors").read_bytes() == before
@@ -75,7 +81,88 @@ def test_resume_refuses_a_checkpoint_of_another_order(tmp_path):
     out = tmp_path / "mend-net"
     _trainer("mend", out, checkpoint_every=1).train(max_steps=1)
     adapter = tiny_adapter("tiny-qwen2-audio")
-    other = Trainer(adapter, "mend", hparams("mend", adapter), load_train_split(), out, seed=1, limit=2,
-                    progress=False)
+    other = Trainer(adapter, "mend", hparams("mend", adapter, **SMALL_TRAINING), load_train_split(), out, seed=1,
+                    limit=2, progress=False)
     with pytest.raises(ValueError, match="another dataset/seed/limit"):
         other.try_resume()
+
+
+def test_validation_instances_are_held_out_of_a_seeded_training_order():
+    sizes = {"animal": 5, "emotion": 4, "gender": 3, "language": 6}
+    order, validation = plan_training(sizes, epochs=2, seed=3, val_size=4)
+    assert (order, validation) == plan_training(sizes, epochs=2, seed=3, val_size=4)  # deterministic
+    assert len(validation) == 4 and not set(validation) & set(order)
+    assert len(order) == 2 * (18 - 4) and set(order[:14]) == set(order[14:])  # every epoch: the same instances
+    assert plan_training(sizes, epochs=1, seed=4, val_size=4)[1] != validation  # the seed draws them
+    with pytest.raises(ConfigError, match="val_size=18"):
+        plan_training(sizes, epochs=1, seed=0, val_size=18)
+
+
+def test_the_optimizer_steps_once_per_accumulate_bs_instances_with_their_mean_gradient(tmp_path, monkeypatch):
+    method = "mend"  # the trainer's loop is the same for KE
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    trainer = Trainer(adapter, method, hparams(method, adapter, val_size=0, accumulate_bs=3, grad_clip=None),
+                      load_train_split(), tmp_path / "net", seed=0, limit=1, progress=False)
+    assert len(trainer.order) == 4  # groups of 3 and 1
+    # the expected gradient of the first group: the mean of each instance's own gradient, on a copy of the
+    # initial network run over the same instances in the same order (MEND's running statistics included)
+    reference = Trainer(adapter, method, trainer.hp, load_train_split(), tmp_path / "ref", seed=0, limit=1,
+                        progress=False).net
+    reference.train()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]
+    for config, index in trainer.order[:3]:
+        example = TrainExample.from_row(trainer.datasets[config][index])
+        loss, _ = reference.training_loss(*training_step(adapter, reference, example), trainer.hp)
+        for g, part in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if part is not None:
+                g += part / 3
+    seen = []
+    real_step = trainer.optimizer.step
+
+    def spy_step(*args, **kwargs):
+        seen.append([p.grad.clone() if p.grad is not None else None
+                     for p in trainer.net.parameters() if p.requires_grad])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", spy_step)
+    trainer.train()
+    assert len(seen) == 2  # 4 instances in groups of 3 and 1
+    for got, want in zip(seen[0], grads):
+        assert got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_early_stop_keeps_the_network_of_the_lowest_validation_loss(tmp_path, monkeypatch):
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    hp = hparams("mend", adapter, val_size=2, val_interval=1, accumulate_bs=1, early_stop_patience=2)
+    trainer = Trainer(adapter, "mend", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False)
+    assert len(trainer.order) == 6
+    scripted = iter([0.5, 0.3, 0.4, 0.45, 0.1, 0.1])  # best at step 2; steps 3 and 4 not lower: stop at 4
+    states = {}
+
+    def scripted_validate():
+        states[trainer.step] = {k: v.detach().clone() for k, v in trainer.net.state_dict().items()}
+        return {"step": trainer.step, "val_loss": next(scripted), "val_edit_loss": 0.0, "val_loc_loss": 0.0}
+
+    monkeypatch.setattr(trainer, "validate", scripted_validate)
+    trainer.train()
+    config = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert config["stopped_early"] and config["steps_trained"] == 4 == trainer.step
+    assert config["best"] == {"step": 2, "val_loss": 0.3}
+    saved, _ = load_network(tmp_path / "net")
+    assert _same_state(saved.state_dict(), states[2]) and not _same_state(saved.state_dict(), states[4])
+    # a rerun finds it finished (early stop) and trains nothing more
+    again = Trainer(adapter, "mend", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False)
+    assert again.try_resume() and again.finished
+
+
+def test_validation_runs_the_network_in_eval_mode_without_changing_it():
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    trainer = Trainer(adapter, "mend", hparams("mend", adapter, **SMALL_TRAINING), load_train_split(),
+                      session_tmp() / "val-eval", seed=0, limit=2, progress=False)
+    trainer.net.train()
+    before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    first = trainer.validate()
+    assert trainer.net.training and _same_state(before, trainer.net.state_dict())  # normalisation not updated
+    assert trainer.validate() == first and first["val_loss"] == pytest.approx(
+        hparams("mend", adapter).c_edit * first["val_edit_loss"] + first["val_loc_loss"], abs=1e-5)

@@ -121,6 +121,118 @@ def test_runner_cli_sequential_mode_keeps_shards_across_a_sequence(tmp_path):
     assert any(r["post_edit"] == r["pre_edit"] for r in unchanged)  # text far from the edits: original weights
 
 
+def test_wise_schedule_is_easyedits_for_every_family():
+    from editors.models.registry import families
+    from editors.registry import load_hparams
+
+    for family in families():
+        for tiny in (False, True):
+            hp = load_hparams("wise", family, tiny=tiny)
+            assert (hp.save_freq, hp.merge_freq, hp.retrieve) == (500, 1000, True), (family, tiny)
+
+
+def test_wise_default_schedule_keeps_a_ten_edit_sequence_in_one_unmerged_side_memory():
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    state = model_state(adapter)
+    editor = WISE(adapter, hparams("wise", adapter, n_iter=1), context())  # the schedule, not the edit quality
+    try:
+        stats = [editor.apply(edit_request(target=t, audio_seed=k, instance=f"emotion/test/{k:06d}"))
+                 for k, t in enumerate(["sad", "angry", "neutral", "happy", "sad"] * 2)]
+        shards = adapter.mlp_out_proj(editor.hparams.layer).shards
+        assert len(shards) == 1 and shards[0].n_edits == 10 and shards[0].merged_from == 1
+        assert not shards[0].closed and [s["shard"] for s in stats] == [0] * 10
+        assert shards[0].threshold == min(s["in_scope_act"] for s in stats)
+    finally:
+        editor.reset()
+    assert_same_state(adapter, state)
+
+
+def test_wise_small_schedule_merges_the_shards_finished_since_the_last_merge(monkeypatch):
+    import editors.wise as wise_mod
+
+    merges = []
+    real_merge = wise_mod.ties_merge
+    monkeypatch.setattr(wise_mod, "ties_merge", lambda base, weights, density: merges.append(
+        ([w.clone() for w in weights], real_merge(base, weights, density))) or merges[-1][1])
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    state = model_state(adapter)
+    editor = WISE(adapter, hparams("wise", adapter, save_freq=2, merge_freq=4, n_iter=2), context())
+    edits = [edit_request(target=t, audio_seed=k, instance=f"emotion/test/{k:06d}")
+             for k, t in enumerate(["sad", "angry", "neutral", "happy", "sad"])]
+    try:
+        for edit in edits[:3]:
+            editor.apply(edit)
+        router = adapter.mlp_out_proj(editor.hparams.layer)
+        assert [(s.closed, s.n_edits) for s in router.shards] == [(True, 2), (False, 1)] and not merges
+        first_shard = router.shards[0].weight.clone()
+        editor.apply(edits[3])  # closes shard 1 and merges the two
+        assert len(merges) == 1 and len(router.shards) == 1
+        inputs, result = merges[0]
+        assert len(inputs) == 2 and torch.equal(inputs[0], first_shard)
+        merged = router.shards[0]
+        assert torch.equal(merged.weight, result) and merged.merged_from == 2 and merged.n_edits == 4
+        assert merged.threshold == min(s["in_scope_act"] for s in editor.gate_stats)
+        editor.apply(edits[4])  # a new shard beside the merged memory (retrieve: they stay apart)
+        assert [(s.merged_from, s.n_edits) for s in router.shards] == [(2, 4), (1, 1)] and len(merges) == 1
+    finally:
+        editor.reset()
+    assert_same_state(adapter, state)
+
+
+def _toy_router(retrieve: bool) -> WiseRouter:
+    """A router over a zero 4 -> 3 projection with three shards whose activations on the basis inputs are known."""
+    from editors.wise import Shard
+
+    original = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        original.weight.zero_()
+    router = WiseRouter(original, act=lambda t: t, act_ratio=1.0, retrieve=retrieve)
+    weights = [torch.zeros(3, 4) for _ in range(3)]
+    weights[0][0, 0] = 5.0  # e0: activation 5 under shard 0
+    weights[1][0, 0] = 3.0  # e0: 3 under shard 1; e1: 1
+    weights[1][1, 1] = 1.0
+    weights[2][2, 2] = 9.0  # e2: 9 under shard 2
+    router.shards = [Shard(weight=weights[0], mask=None, edit_acts=[4.0]),
+                     Shard(weight=weights[1], mask=None, edit_acts=[0.5]),
+                     Shard(weight=weights[2], mask=None, edit_acts=[2.0])]
+    return router
+
+
+def test_wise_routes_each_row_to_the_eligible_side_memory_with_the_highest_activation():
+    router = _toy_router(retrieve=True)
+    with torch.no_grad():
+        router(torch.eye(4)[:2, None, :])  # two rows of one token: e0 and e1
+    # e0: shard 0 scores 5 > its threshold 4, shard 1 scores 3 > 0.5 (relatively higher, 6x), shard 2 scores 0:
+    # the highest activation (shard 0) answers, as WISE's retrieval; e1: only shard 1 (1 > 0.5) is eligible
+    assert router.last_scores[0].tolist() == [5.0, 3.0, 0.0]
+    assert router.decisions.tolist() == [0, 1]
+    with torch.no_grad():
+        router(torch.eye(4)[3:4, None, :])  # e3: no shard activates: the original weights
+    assert router.decisions.tolist() == [-1]
+    merge = _toy_router(retrieve=False)  # WISE-Merge: one threshold, the smallest edit activation (0.5)
+    assert merge.thresholds() == [0.5, 0.5, 0.5]
+    with torch.no_grad():
+        merge(torch.eye(4)[:2, None, :])
+    assert merge.decisions.tolist() == [0, 1]
+
+
+def test_wise_merge_without_retrieve_folds_every_finished_shard_into_one_memory():
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    edits = [edit_request(target=t, audio_seed=k, instance=f"emotion/test/{k:06d}")
+             for k, t in enumerate(["sad", "angry", "neutral", "happy"])]
+    layouts = {}
+    for retrieve in (True, False):
+        editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=2, n_iter=1, retrieve=retrieve),
+                      context())
+        try:
+            for edit in edits:
+                editor.apply(edit)
+            layouts[retrieve] = [s.merged_from for s in adapter.mlp_out_proj(editor.hparams.layer).shards]
+        finally:
+            editor.reset()
+    assert layouts == {True: [2, 2], False: [4]}
+
+
 def test_wise_edits_per_pass_equal_one_at_a_time(demo_dataset):
     """K WISE edits in one pass (one side memory per edit, trained together; each item routed by its own edit's
     memory): each edit's greedy outputs, steps and gate are those of editing it alone."""
