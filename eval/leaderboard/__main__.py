@@ -80,13 +80,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .store import board_result, dump_json, score_submission
+    from .store import board_id, board_result, dump_json, score_submission
     from .validate import validate_submission
 
     manifest = _manifest(args)
     submission = validate_submission(args.submission, manifest, **_validate_options(args))
     result = board_result(submission, score_submission(submission, judge=args.judge, manifest=manifest,
-                                                       **_judge_options(args)))
+                                                       **_judge_options(args)),
+                          submission_id=board_id(submission.submission_id, args.judge, **_judge_options(args)))
     data = dump_json(result)
     if args.out:
         from sake_core.atomic import atomic_write

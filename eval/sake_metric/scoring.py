@@ -274,12 +274,14 @@ def random_baseline(verdicts: Sequence[ItemVerdict]) -> dict[str, float | None]:
 def judge_info(judge: str | LLMJudge, verdicts: Sequence[ItemVerdict], protocol: str) -> dict[str, Any]:
     """The results JSON's `judge` block."""
     share, counts = stage_summary(verdicts)
-    info: dict[str, Any] = {"protocol": protocol, "name": "offline", "model": None, "version": METRIC_VERSION,
-                            "stage_share": share, "stage_counts": counts}
+    info: dict[str, Any] = {"protocol": protocol, "name": "offline", "model": None, "host": None,
+                            "prompt_version": None, "version": METRIC_VERSION, "stage_share": share,
+                            "stage_counts": counts}
     if isinstance(judge, LLMJudge):
         from .llm_judge import PROMPT_VERSION
 
-        info.update({"name": judge.name, "model": judge.config.model, "prompt_version": PROMPT_VERSION,
+        info.update({"name": judge.name, "model": judge.config.model, "host": judge.host,
+                     "prompt_version": PROMPT_VERSION,
                      "seed": judge.config.seed, "reasoning_effort": judge.config.reasoning_effort,
                      "paper_settings": judge.config.paper_settings,
                      "requests_sent": judge.requests_sent, "verdict_requests": judge.calls,
