@@ -3,7 +3,7 @@
     python -m eval.report RUN_DIR_OR_FILES... --out DIR [--judge offline|openai [--prefilter choice] ...]
 
 Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here: `--judge offline` = offline
-protocol, `--judge openai` = paper protocol), or folders (their results JSON files, searched recursively; a folder
+protocol, `--judge openai` = paper protocol; default: openai when OPENAI_API_KEY is set, else offline), or folders (their results JSON files, searched recursively; a folder
 without any is searched for predictions JSONL). Two inputs with the same (model, method, mode, protocol) are an
 error. Every table row names the judge protocol that produced it (`paper`, `paper+choice`, `offline`; results
 written before protocols were recorded: `paper+choice` for an LLM judge, `offline` otherwise).
@@ -24,7 +24,9 @@ Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md`
 - `fig4_gaps_<model>.png`     metrics vs gap in sequential editing, with the random baseline computed from the
                               items' option counts (dashed; Figure 4);
 - `fig5_categories.png`       portability items per knowledge category, one panel per attribute (Figure 5).
-Values are percentages with two decimals; "-" where a metric has no items.
+Values are percentages with two decimals; "-" where a metric has no items. When any run was scored with the
+offline protocol, every table (and `index.md`) ends with one line saying the numbers are not comparable with the
+paper's (`eval.sake_metric.scoring.NOT_COMPARABLE_LINE`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from eval.sake_metric.scoring import comparability_note, default_protocol
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
 from sake_core.command import command_prog
@@ -227,17 +230,20 @@ def _timing(predictions: Path) -> dict[str, Any] | None:
 # -- tables -------------------------------------------------------------------------------------------------
 @dataclass
 class Table:
-    """A titled table: header row + body rows of strings."""
+    """A titled table: header row + body rows of strings, and an optional note line printed under it."""
 
     name: str
     title: str
     header: list[str]
     rows: list[list[str]]
+    note: str | None = None
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
                  "|" + "|".join("---" for _ in self.header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.note:
+            lines += ["", self.note]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -620,7 +626,9 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
                           table_attributes(runs), table_gaps(runs)] if t is not None]
     tables += tables_portability(runs)
     tables += [t for t in [table_degeneration(runs), table_judge(runs), table_generation(runs)] if t is not None]
+    note = comparability_note(r.protocol for r in runs)
     for table in tables:
+        table.note = note
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = out / f"{table.name}{suffix}"
             atomic_write(path, text)
@@ -663,9 +671,9 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--judge", choices=("offline", "openai"), default="offline",
+    p.add_argument("--judge", choices=("offline", "openai"), default=None,
                    help="judge for predictions JSONL inputs: offline protocol, or openai = the paper protocol "
-                        "(default: %(default)s)")
+                        "(default: openai when OPENAI_API_KEY is set, else offline)")
     p.add_argument("--prefilter", choices=("choice",), default=None,
                    help="with --judge openai: the choice matcher decides first (protocol paper+choice)")
     p.add_argument("--model", default=None, help="judge model for --judge openai")
@@ -675,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    score_kwargs: dict[str, Any] = {"judge": args.judge, "prefilter": args.prefilter, "base_url": args.base_url,
+    judge = args.judge or ("openai" if default_protocol() == "paper" else "offline")
+    score_kwargs: dict[str, Any] = {"judge": judge, "prefilter": args.prefilter, "base_url": args.base_url,
                                     "cache_dir": args.cache_dir}
     if args.model:
         score_kwargs["model"] = args.model
@@ -692,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     written = write_report(runs, args.out)
     print(f"wrote {len(written)} files to {args.out} from {len(runs)} run(s)")
+    note = comparability_note(r.protocol for r in runs)
+    if note:
+        print(note)
     return 0
 
 

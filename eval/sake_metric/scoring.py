@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -46,6 +47,19 @@ logger = logging.getLogger(__name__)
 METRIC_VERSION = "1.1.0"
 STAGES = ("empty", "exact", "choice", "llm", "llm_failed", "undecided")
 PROTOCOLS = ("paper", "offline")
+#: The one line every table of offline-protocol numbers carries (report, `sake score`, the demo and its README block).
+NOT_COMPARABLE_LINE = ("Offline protocol (no LLM judge; undecided items count as wrong): these numbers are not "
+                       "comparable with the paper's. Set OPENAI_API_KEY to score with the paper's protocol.")
+
+
+def default_protocol() -> str:
+    """The protocol a caller gets without choosing one: "paper" when `OPENAI_API_KEY` is set, else "offline"."""
+    return "paper" if os.environ.get("OPENAI_API_KEY") else "offline"
+
+
+def comparability_note(protocols: Iterable[str]) -> str | None:
+    """`NOT_COMPARABLE_LINE` when any of `protocols` is "offline", else None."""
+    return NOT_COMPARABLE_LINE if "offline" in set(protocols) else None
 PREFILTERS = ("choice",)
 #: One character per stage / dimension in the results' compact per-item record (`items`).
 STAGE_CODES = {"empty": "e", "exact": "x", "choice": "c", "llm": "l", "llm_failed": "f", "undecided": "u"}
