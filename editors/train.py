@@ -24,7 +24,9 @@ The layers below the first edited one are frozen, so every batch's hidden states
 step (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
 
 Output (``--out``, default ``CACHE/hypernetworks/METHOD/MODEL``): ``hypernetwork.safetensors`` + ``config.json``
-(method, model, layers, shapes, hyperparameters, training summary). ``--out/checkpoint/`` holds the latest
+(method, model, layers, shapes, hyperparameters, training summary, ``train_seconds``: the wall-clock seconds of the
+training loop, summed over resumed runs; the editor reports it with every edit, so the runner's ``.timing.json``
+and the report's Table 7 carry it). ``--out/checkpoint/`` holds the latest
 checkpoint (network + optimizer state + step counter) every ``--checkpoint-every`` steps; rerunning the same command
 resumes from it (the same seeded order, continuing at the saved step with the saved optimizer state). Editing loads
 the network from ``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
@@ -154,6 +156,8 @@ class Trainer:
         self.optimizer = self.net.make_optimizer(self.hp)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0  # training-loop wall clock of earlier (resumed) runs
+        self._run_start: float | None = None
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
@@ -175,7 +179,13 @@ class Trainer:
         torch.save(self.optimizer.state_dict(), buffer)
         atomic_write(ckpt / "optimizer.pt", buffer.getvalue())
         _atomic_json(ckpt / "trainer_state.json", {"step": self.step, "order_length": len(self.order),
-                                                   "order_head": self.order[:5], "history": self.history})
+                                                   "order_head": self.order[:5], "history": self.history,
+                                                   "train_seconds": round(self.seconds_so_far(), 3)})
+
+    def seconds_so_far(self) -> float:
+        """Training-loop wall clock: earlier runs (from the checkpoint) plus the current one."""
+        running = time.perf_counter() - self._run_start if self._run_start is not None else 0.0
+        return self.train_seconds + running
 
     def try_resume(self) -> bool:
         """Load the checkpoint of ``out_dir`` if there is one (same order required); True when resumed."""
@@ -196,6 +206,7 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds") or 0.0)
         logger.info("resumed %s training from %s at step %d/%d", self.method, self.checkpoint_dir, self.step,
                     len(self.order))
         return True
@@ -210,7 +221,7 @@ class Trainer:
         clip = self.hp.grad_clip
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
                    desc=f"training {self.method}")
-        start = time.perf_counter()
+        start = self._run_start = time.perf_counter()
         try:
             while self.step < end:
                 config, index = self.order[self.step]
@@ -233,12 +244,14 @@ class Trainer:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
+        total = self.seconds_so_far()
+        self.train_seconds, self._run_start = total, None
         if self.step >= len(self.order):
             recent = self.history[-min(len(self.history), 20):]
             summary = {k: sum(h[k] for h in recent) / len(recent) for k in ("edit_loss", "loc_loss")} \
                 if recent else {}
             save_network(self.net, self.out_dir, {**self._run_info(), "steps_trained": self.step,
-                                                  "final_losses": summary})
+                                                  "final_losses": summary, "train_seconds": round(total, 3)})
             logger.info("%s: trained %d steps (%.1f s this run) -> %s", self.method, self.step, seconds,
                         self.out_dir)
         return self.out_dir

@@ -12,14 +12,16 @@ Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md`
 - `table2_overall`            single editing, methods x metrics per model (paper Table 2);
 - `table3_portability_spread` per model, the two methods with the best portability: standard deviation (sample,
                               n-1) and range of their portability over all knowledge categories (Table 3);
-- `table7_wall_clock`         wall-clock per method and mode from the runs' `.timing.json` (Table 7);
+- `table7_wall_clock`         hypernetwork training time (KE, MEND) and wall-clock per method and mode from the
+                              runs' `.timing.json` (Table 7);
 - `table8_attributes`         per model: method x attribute (ALL + each) with generality / audio-locality
                               types (Tables 8-10);
 - `table11_gaps`              sequential editing, per model: method x gap (Tables 11-13);
 - `table14_portability_<attr>` portability per knowledge category, model x method (Tables 14-17);
 - `table18_degeneration`      degeneration rate (%), model x method, per mode (Table 18);
 - `judge_stages`              share of items each judge stage decided, per run, with the requests sent;
-- `generation_limits`         post-edit outputs that stopped at `max_new_tokens` (truncated answers), per run;
+- `generation_limits`         post-edit and pre-edit outputs that stopped at `max_new_tokens` (truncated
+                              answers), per run;
 - `fig3_types_<model>.png`    generality / locality types per method (Figure 3);
 - `fig4_gaps_<model>.png`     metrics vs gap in sequential editing, with the random baseline computed from the
                               items' option counts (dashed; Figure 4);
@@ -335,8 +337,19 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes // 60}h {minutes % 60:02d}m"
 
 
+def hypernetwork_training_s(run: Run) -> float | None:
+    """Seconds the run's hypernetwork (KE / MEND) trained (`editors.train`'s `train_seconds`), as the editor
+    reported it with each edit in the runner's `.timing.json`; None for other methods or older networks."""
+    for unit in (run.timing or {}).get("per_unit") or []:
+        value = unit.get("hypernetwork_train_s") if isinstance(unit, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
 def table_wall_clock(runs: Sequence[Run]) -> Table | None:
-    """Paper Table 7: wall-clock of each method's editing runs (the runner's `.timing.json`: the last
+    """Paper Table 7: hypernetwork training (KE, MEND: `editors.train`'s time, carried by the runner's
+    `.timing.json`) and wall-clock of each method's editing runs (the runner's `.timing.json`: the last
     invocation's total; a resumed run covers only the units it ran, shown as units)."""
     timed = [r for r in runs if r.timing is not None]
     if not timed:
@@ -348,7 +361,8 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
     first = {key: next(iter(modes.values())) for key, modes in by_key.items()}
     for (method, model), modes in sorted(by_key.items(),
                                          key=lambda kv: (method_sort_key(first[kv[0]].results), kv[0][1])):
-        row = [first[(method, model)].label, model]
+        trained = [s for s in (hypernetwork_training_s(r) for r in modes.values()) if s is not None]
+        row = [first[(method, model)].label, model, _duration(trained[0]) if trained else "-"]
         for mode in ("single", "sequential"):
             run = modes.get(mode)
             if run is None:
@@ -359,8 +373,9 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
             row += [_duration(t.get("total_s")), str(units),
                     f"{float(t['total_s']) / units:.2f}" if units else "-"]
         rows.append(row)
-    return Table("table7_wall_clock", "Table 7: wall-clock time of the editing runs (runner .timing.json)",
-                 ["Method", "Model", "Single: wall-clock", "Single: units", "Single: s/unit",
+    return Table("table7_wall_clock", "Table 7: hypernetwork training and wall-clock time of the editing runs "
+                 "(editors.train, runner .timing.json)",
+                 ["Method", "Model", "Hypernetwork training", "Single: wall-clock", "Single: units", "Single: s/unit",
                   "Sequential: wall-clock", "Sequential: units", "Sequential: s/unit"], rows)
 
 
@@ -454,18 +469,21 @@ def table_judge(runs: Sequence[Run]) -> Table | None:
 
 
 def table_generation(runs: Sequence[Run]) -> Table | None:
-    """Post-edit outputs that stopped at max_new_tokens (their answer may be cut), per run."""
+    """Post-edit and pre-edit outputs that stopped at max_new_tokens (their answer may be cut), per run."""
     rows = []
     for run in runs:
         gen = run.results.get("generation") or {}
-        hit = gen.get("hit_max_new_tokens")
-        rows.append([run.model, run.label, run.mode, str(gen.get("max_new_tokens") or "-"),
-                     "-" if hit is None else str(hit), str(run.results.get("n_rows") or 0),
-                     "-" if hit is None else fmt(100.0 * hit / max(1, int(run.results.get("n_rows") or 0)))])
+        n_rows = int(run.results.get("n_rows") or 0)
+        row = [run.model, run.label, run.mode, str(gen.get("max_new_tokens") or "-")]
+        for key in ("hit_max_new_tokens", "pre_edit_hit_max_new_tokens"):
+            hit = gen.get(key)
+            row += ["-" if hit is None else str(hit), "-" if hit is None else fmt(100.0 * hit / max(1, n_rows))]
+        rows.append(row + [str(n_rows)])
     if not rows:
         return None
-    return Table("generation_limits", "Outputs that stopped at max_new_tokens (truncated answers)",
-                 ["Model", "Method", "Mode", "max_new_tokens", "At the limit", "Rows", "At the limit (%)"], rows)
+    return Table("generation_limits", "Outputs that stopped at max_new_tokens (truncated answers), post- and pre-edit",
+                 ["Model", "Method", "Mode", "max_new_tokens", "At the limit", "At the limit (%)",
+                  "Pre-edit at the limit", "Pre-edit at the limit (%)", "Rows"], rows)
 
 
 # -- plots --------------------------------------------------------------------------------------------------

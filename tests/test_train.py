@@ -39,7 +39,7 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     first.train(max_steps=5)  # interrupted after 5 of 8 steps (checkpoints at 3 and 5)
     assert not (out / "config.json").exists()  # no final network before the end
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 5
+    assert state["step"] == 5 and state["train_seconds"] > 0
 
     calls = []
     real_step = train_mod.training_step
@@ -50,7 +50,10 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     assert steps_in_optimizer == {5}  # optimizer state restored, not fresh
     second.train()
     assert len(calls) == 3  # continued with steps 6..8 only
-    resumed, _ = load_network(out)
+    resumed, resumed_config = load_network(out)
+    # the training time (Table 7's hypernetwork column) sums the interrupted run and its resume
+    assert resumed_config["train_seconds"] > state["train_seconds"] > 0
+    assert config["train_seconds"] > 0
     # the saved file holds the trainer's network in memory, and equals the uninterrupted run, bit for bit
     assert _same_state(resumed.state_dict(), {k: v.cpu() for k, v in second.net.state_dict().items()})
     assert _same_state(resumed.state_dict(), full.state_dict())

@@ -263,14 +263,21 @@ def items_record(verdicts: Sequence[ItemVerdict]) -> dict[str, Any]:
 
 
 def generation_summary(verdicts: Sequence[ItemVerdict], header: Mapping[str, Any]) -> dict[str, Any]:
-    """How many post-edit outputs stopped at the run's `max_new_tokens` (truncated answers), when rows say."""
+    """How many post-edit (`hit_max_new_tokens`) and pre-edit (`pre_edit_hit_max_new_tokens`) outputs stopped at
+    the run's `max_new_tokens` (truncated answers), when rows say (None when no row carries the flag)."""
     known = [v for v in verdicts if v.row.hit_limit is not None]
     hit = [v for v in known if v.row.hit_limit]
+    pre_known = [v for v in verdicts if v.row.pre_hit_limit is not None]
+    pre_hit = [v for v in pre_known if v.row.pre_hit_limit]
     return {
         "max_new_tokens": header.get("max_new_tokens"),
         "hit_max_new_tokens": len(hit) if known else None,
         "rows_with_flag": len(known),
         "per_dimension": {d: sum(v.row.dimension == d for v in hit) for d in DIMENSION_CODES} if known else {},
+        "pre_edit_hit_max_new_tokens": len(pre_hit) if pre_known else None,
+        "pre_edit_rows_with_flag": len(pre_known),
+        "pre_edit_per_dimension": ({d: sum(v.row.dimension == d for v in pre_hit) for d in DIMENSION_CODES}
+                                   if pre_known else {}),
     }
 
 
