@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 #: Header fields that must agree for a rerun to resume into an existing file.
 RESUME_KEYS = ("model", "model_revision", "model_key", "method", "hparams", "mode", "dataset",
-               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens", "eval_edits",
-               "max_gap")
+               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens", "generation",
+               "eval_edits", "max_gap")
 
 
 def dumps(obj: Any) -> str:

@@ -2,8 +2,9 @@
 
 One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype, plus the weight files
 of a local directory) under ``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content
-digest and the generation bound, so every method and run with the same model reuses it. An entry also keeps
-whether the output stopped at the generation bound (``hit_limit``), so a warm cache gives the same
+digest and the generation settings that change outputs (``GenerationSettings.output_key()``: engine, max new
+tokens, dtype, shared-prefix threshold), so every method and run with the same model and settings reuses it. An
+entry also keeps whether the output stopped at the generation bound (``hit_limit``), so a warm cache gives the same
 ``pre_edit_hit_limit`` flags as a cold one (entries written before the flag existed give a plain ``str``: unknown).
 Appends are one write +
 fsync under an exclusive ``flock``, so several processes (the ranks of a multi-process run, or concurrent runs) can
@@ -18,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from editors.models.base import GeneratedText, Prompt
 from editors.predictions import write_all
@@ -34,9 +35,9 @@ def default_cache_dir() -> Path:
 class PreEditCache:
     """item + prompt -> unedited output, for one model."""
 
-    def __init__(self, cache_dir: str | Path, model_key: str, max_new_tokens: int) -> None:
+    def __init__(self, cache_dir: str | Path, model_key: str, generation: Mapping[str, Any]) -> None:
         self.path = Path(cache_dir) / "preedit" / f"{model_key}.jsonl"
-        self.max_new_tokens = int(max_new_tokens)
+        self.generation = json.dumps(dict(generation), sort_keys=True)
         self._entries: dict[str, str] = {}
         self.hits = 0
         self.misses = 0
@@ -54,7 +55,7 @@ class PreEditCache:
                         continue
 
     def key(self, item_id: str, prompt: Prompt) -> str:
-        payload = json.dumps([item_id, prompt.digest(), self.max_new_tokens])
+        payload = json.dumps([item_id, prompt.digest(), self.generation])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def get(self, item_id: str, prompt: Prompt) -> str | None:

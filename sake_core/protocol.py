@@ -82,10 +82,13 @@ OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit", "pre_edit_hit_lim
 #: Header fields every predictions file carries (line 1).
 HEADER_FIELDS: tuple[str, ...] = ("kind", "model", "model_revision", "method", "hparams", "mode", "dataset",
                                   "dataset_fingerprint", "configs", "split", "seed", "versions")
-#: Header fields the runner also writes: generation length, the pre-edit cache key, dtype, family, the date, the
-#: sequential rule the file follows (``eval_edits``, ``max_gap``; null in single mode) and the number of rows of
-#: the complete run (``expected_rows``: a reader refuses a file with fewer).
-RUN_HEADER_FIELDS: tuple[str, ...] = HEADER_FIELDS + ("limit", "max_new_tokens", "model_key", "dtype", "family",
+#: Header fields the runner also writes: generation length, the generation settings that change outputs
+#: (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and the batching limits (``batching``), the
+#: pre-edit cache key, dtype, family, the date, the sequential rule the file follows (``eval_edits``, ``max_gap``;
+#: null in single mode) and the number of rows of the complete run (``expected_rows``: a reader refuses a file with
+#: fewer).
+RUN_HEADER_FIELDS: tuple[str, ...] = HEADER_FIELDS + ("limit", "max_new_tokens", "generation", "batching",
+                                                      "model_key", "dtype", "family",
                                                       "eval_edits", "max_gap", "expected_rows", "date",
                                                       "method_display_name", "method_display_order")
 #: How the method is shown and where it sorts (its class's ``display_name`` / ``display_order``; the paper's

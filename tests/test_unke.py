@@ -95,3 +95,43 @@ def test_runner_cli_single_mode_writes_predictions(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["method"] == "unke" and lines[0]["hparams"]["layer"] == 1
     assert len(lines) > 2 and all(r["post_edit"] is not None for r in lines[1:])
+
+
+def _edits_and_context(demo_dataset, n: int):
+    from editors.base import EditRequest, RunContext
+    from editors.data import load_instances
+
+    rows = [load_instances(str(demo_dataset), c, "test")[0] for c in ("emotion", "animal", "gender")][:n]
+    ctx = RunContext(seed=0, load_rows=lambda config, split: load_instances(str(demo_dataset), config, split))
+    return [EditRequest.from_row(r) for r in rows], ctx
+
+
+def test_unke_edits_per_pass_equal_one_at_a_time(demo_dataset):
+    """K UnKE edits in one pass (stage 1 batched, one layer copy per edit in stage 2): each edit's greedy outputs
+    and step counts are those of editing it alone, the model's own weights untouched."""
+    from editors.data import eval_items
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    edits, ctx = _edits_and_context(demo_dataset, 3)
+    editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=6), ctx)
+    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
+    prompts = [[it.prompt() for it in eval_items(e.row)][:4] for e in edits]
+    alone, alone_stats = [], []
+    for edit, ps in zip(edits, prompts):
+        try:
+            alone_stats.append(editor.apply(edit))
+            alone.append(adapter.generate(ps, max_new_tokens=5))
+        finally:
+            snapshot.restore()
+            editor.reset()
+    state = model_state(adapter)
+    try:
+        stats = editor.apply_many(edits)
+        assert_same_state(adapter, state)  # the copies hold the edits
+        together = editor.generate_many(prompts, max_new_tokens=5)
+    finally:
+        editor.reset()
+    assert together == alone and len({tuple(a) for a in alone}) > 1
+    assert [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in stats] == \
+        [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in alone_stats]
+    assert all(abs(s["loss"] - t["loss"]) <= 1e-3 * max(1.0, abs(t["loss"])) for s, t in zip(stats, alone_stats))
