@@ -144,6 +144,11 @@ def test_ranking_groups_split_on_every_field(tmp_path):
     assert len({rows[ids[n]]["group"] for n in variants if n != "paper2"} | {rows[ids["data"]]["group"]}) == 5
     assert rows[ids["host"]]["protocol"] == "custom" and rows[ids["model"]]["protocol"] == "custom"
     assert rows[ids["prompt"]]["protocol"] == "paper"  # the paper's judge, an older prompt: same label, own group
+    # the best value is marked per group (the Space's "Best in group"): the better of the two paper rows only;
+    # a row alone in its group and the reference rows are never marked
+    better = min((rows[ids["paper"]], rows[ids["paper2"]]), key=lambda r: r["rank"])
+    assert "Average" in better["best"] and rows[ids["model"]]["best"] == ""
+    assert [r for r in board.rows() if r["reference"] and r["best"]] == []
 
     # the static board's rows carry the same groups; reference rows their own, unranked one
     data, _ = board_data(tmp_path / "results")

@@ -76,7 +76,7 @@ CONFIG_FILE = "leaderboard.json"
 HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("locality_audio", "Locality (audio)"),
             ("locality_text", "Locality (text)"), ("portability", "Portability"))
 COLUMNS = ["Rank", "Model", "Family", "Method", "Mode", "Protocol", "Source"] + [t for _, t in HEADLINE] + \
-          ["Average", "Items", "Judge", "Ranked with"]
+          ["Average", "Items", "Judge", "Ranked with", "Best in group"]
 #: Model ids of the paper's families (the header's ``family`` names the adapter when the runner wrote it).
 FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
                    ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
@@ -167,6 +167,30 @@ def _average(metrics: dict[str, Any]) -> float | None:
     values = [metrics.get(key) for key, _ in HEADLINE]
     values = [v for v in values if isinstance(v, (int, float))]
     return round(sum(values) / len(values), 2) if values else None
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``best``: the headline columns (and Average) where it holds the best value of its ranking
+    group (same mode and group, two rows or more), joined by ", "; reference rows are never best ("")."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        row["best"] = ""
+        if not row["reference"]:
+            groups.setdefault((row["mode"], row["group"]), []).append(row)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for key, title in HEADLINE + (("average", "Average"),):
+            def value(row: dict[str, Any], key: str = key) -> float | None:
+                v = row["average"] if key == "average" else _rounded(row["metrics"].get(key))
+                return v if isinstance(v, (int, float)) else None
+            values = [v for v in (value(r) for r in members) if v is not None]
+            if not values:
+                continue
+            top = max(values)
+            for row in members:
+                if value(row) == top:
+                    row["best"] = f"{row['best']}, {title}" if row["best"] else title
 
 
 @dataclass
@@ -316,6 +340,7 @@ class Board:
             group = (row["mode"], row["group"])
             counters[group] = counters.get(group, 0) + 1
             row["rank"] = counters[group]
+        mark_best(rows)
         return rows
 
     def choices(self) -> dict[str, list[str]]:
@@ -344,7 +369,7 @@ class Board:
             out.append([row["rank"], row["model_display"], row["family"], row["method_name"],
                         row["mode"],
                         row["protocol"], source] + values + [row["average"], row["n_rows"], row["judge"],
-                                                             row["group_label"]])
+                                                             row["group_label"], row["best"]])
         return out
 
     # ------------------------------------------------------------------------------------------ submit / queue
@@ -726,7 +751,7 @@ def build_blocks(board: Board) -> Any:
 
     choices = board.choices()
     datatypes = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2) + \
-        ["str", "str"]
+        ["str", "str", "str"]
     with gr.Blocks(title="SAKE leaderboard") as blocks:
         gr.Markdown("# SAKE leaderboard\nEditing auditory attribute knowledge of large audio-language models.")
         with gr.Tabs():
