@@ -412,4 +412,5 @@ class HypernetEditor(Editor):
                 weight = matrix_module(self.adapter, key).weight
                 weight.copy_((weight.float() + delta).to(weight.dtype))
                 norms[f"delta_norm.{key}"] = float(delta.norm())
-        return {"steps": 1, "loss": loss, **norms}
+        # the network's training time (editors.train), so the runner's .timing.json and Table 7 carry it
+        return {"steps": 1, "loss": loss, "hypernetwork_train_s": self.network_config.get("train_seconds"), **norms}

@@ -3,7 +3,10 @@
 One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype, plus the weight files
 of a local directory) under ``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content
 digest and the generation settings that change outputs (``GenerationSettings.output_key()``: engine, max new
-tokens, dtype, shared-prefix threshold), so every method and run with the same model and settings reuses it. Appends are one write +
+tokens, dtype, shared-prefix threshold), so every method and run with the same model and settings reuses it. An
+entry also keeps whether the output stopped at the generation bound (``hit_limit``), so a warm cache gives the same
+``pre_edit_hit_limit`` flags as a cold one (entries written before the flag existed give a plain ``str``: unknown).
+Appends are one write +
 fsync under an exclusive ``flock``, so several processes (the ranks of a multi-process run, or concurrent runs) can
 share the file; a partial last line left by a killed process is closed with a newline before the next append, and
 unreadable lines are skipped on load.
@@ -18,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from editors.models.base import Prompt
+from editors.models.base import GeneratedText, Prompt
 from editors.predictions import write_all
 
 logger = logging.getLogger(__name__)
@@ -43,7 +46,11 @@ class PreEditCache:
                 for line in fh:
                     try:
                         entry = json.loads(line)
-                        self._entries[entry["key"]] = entry["output"]
+                        output, hit_limit = entry["output"], entry.get("hit_limit")
+                        if not isinstance(output, str):
+                            continue
+                        self._entries[entry["key"]] = GeneratedText(output, hit_limit) \
+                            if isinstance(hit_limit, bool) else output
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue
 
@@ -60,12 +67,17 @@ class PreEditCache:
         return out
 
     def put_many(self, entries: Iterable[tuple[str, Prompt, str]]) -> None:
-        """Store (item id, prompt, output) triples; one append per call."""
+        """Store (item id, prompt, output) triples; one append per call. An output's ``hit_limit`` (a
+        :class:`GeneratedText`) is stored with it."""
         lines = []
         for item_id, prompt, output in entries:
             key = self.key(item_id, prompt)
             self._entries[key] = output
-            lines.append(json.dumps({"key": key, "item_id": item_id, "output": output}, ensure_ascii=False) + "\n")
+            entry: dict[str, str | bool] = {"key": key, "item_id": item_id, "output": output}
+            hit_limit = getattr(output, "hit_limit", None)
+            if isinstance(hit_limit, bool):
+                entry["hit_limit"] = hit_limit
+            lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
         if not lines:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -395,8 +395,10 @@ class Runner:
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
                  "options": it.options, "reference": it.reference, "pre_edit": p, "post_edit": o, "gap": gap,
                  "category": it.category,
-                 # True when the post-edit answer stopped at --max-new-tokens (it may be cut); null if unknown
-                 "post_edit_hit_limit": getattr(o, "hit_limit", None)}
+                 # True when the post-edit / pre-edit answer stopped at --max-new-tokens (it may be cut); null if
+                 # unknown (the pre-edit flag comes from the generation or from the pre-edit cache entry)
+                 "post_edit_hit_limit": getattr(o, "hit_limit", None),
+                 "pre_edit_hit_limit": getattr(p, "hit_limit", None)}
                 for it, p, o in zip(items, pre, post)]
 
     def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:

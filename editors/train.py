@@ -34,10 +34,12 @@ The layers below the first edited one are frozen, so every batch's hidden states
 instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
 
 Output (``--out``, default ``CACHE/hypernetworks/METHOD/MODEL``): ``hypernetwork.safetensors`` + ``config.json``
-(method, model, matrices, shapes, hyperparameters, training and validation summary). ``--out/checkpoint/`` holds the
-latest checkpoint (network + optimizer state + step counter + the best network so far in ``checkpoint/best/``)
-every ``--checkpoint-every`` steps, at optimizer-step boundaries; rerunning the same command resumes from it (the
-same seeded order, continuing at the saved step with the saved optimizer state). Editing loads the network from
+(method, model, matrices, shapes, hyperparameters, training and validation summary, ``train_seconds``: the
+wall-clock seconds of the training loop, summed over resumed runs; the editor reports it with every edit, so the
+runner's ``.timing.json`` and the report's Table 7 carry it). ``--out/checkpoint/`` holds the latest checkpoint
+(network + optimizer state + step counter + the best network so far in ``checkpoint/best/``) every
+``--checkpoint-every`` steps, at optimizer-step boundaries; rerunning the same command resumes from it (the same
+seeded order, continuing at the saved step with the saved optimizer state). Editing loads the network from
 ``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
 """
 
@@ -186,6 +188,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"step", "val_loss"} of the lowest validation loss
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stopped_early = False
+        self.train_seconds = 0.0  # training-loop wall clock of earlier (resumed) runs
+        self._run_start: float | None = None
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
@@ -217,7 +221,13 @@ class Trainer:
         _atomic_json(ckpt / "trainer_state.json", {
             "step": self.step, "order_length": len(self.order), "order_head": self.order[:5],
             "validation": [list(r) for r in self.validation], "history": self.history,
-            "validations": self.validations, "best": self.best, "stopped_early": self.stopped_early})
+            "validations": self.validations, "best": self.best, "stopped_early": self.stopped_early,
+            "train_seconds": round(self.seconds_so_far(), 3)})
+
+    def seconds_so_far(self) -> float:
+        """Training-loop wall clock: earlier runs (from the checkpoint) plus the current one."""
+        running = time.perf_counter() - self._run_start if self._run_start is not None else 0.0
+        return self.train_seconds + running
 
     def try_resume(self) -> bool:
         """Load the checkpoint of ``out_dir`` if there is one (same order required); True when resumed."""
@@ -245,6 +255,7 @@ class Trainer:
         if self.best is not None:
             best_net, _ = load_network(self.checkpoint_dir / "best", device=self.adapter.device)
             self.best_state = {k: v.detach().clone() for k, v in best_net.state_dict().items()}
+        self.train_seconds = float(state.get("train_seconds") or 0.0)
         logger.info("resumed %s training from %s at step %d/%d", self.method, self.checkpoint_dir, self.step,
                     len(self.order))
         return True
@@ -299,7 +310,7 @@ class Trainer:
         clip = self.hp.grad_clip
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
                    desc=f"training {self.method}")
-        start = time.perf_counter()
+        start = self._run_start = time.perf_counter()
         last_checkpoint = self.step
         group: list[tuple[float, float]] = []
         self.optimizer.zero_grad(set_to_none=True)
@@ -336,6 +347,8 @@ class Trainer:
         finally:
             bar.close()
         seconds = time.perf_counter() - start
+        total = self.seconds_so_far()
+        self.train_seconds, self._run_start = total, None
         if self.finished:
             recent = self.history[-min(len(self.history), 20):]
             summary = {k: sum(h[k] for h in recent) / len(recent) for k in ("edit_loss", "loc_loss")} \
@@ -344,7 +357,8 @@ class Trainer:
                 self.net.load_state_dict(self.best_state)  # the network with the lowest validation loss
             save_network(self.net, self.out_dir, {**self._run_info(), "steps_trained": self.step,
                                                   "final_losses": summary, "validations": self.validations,
-                                                  "best": self.best, "stopped_early": self.stopped_early})
+                                                  "best": self.best, "stopped_early": self.stopped_early,
+                                                  "train_seconds": round(total, 3)})
             logger.info("%s: trained %d steps (%.1f s this run%s) -> %s", self.method, self.step, seconds,
                         f"; best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}"
                         if self.best else "", self.out_dir)

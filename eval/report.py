@@ -3,7 +3,7 @@
     python -m eval.report RUN_DIR_OR_FILES... --out DIR [--judge offline|openai [--prefilter choice] ...]
 
 Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here: `--judge offline` = offline
-protocol, `--judge openai` = paper protocol), or folders (their results JSON files, searched recursively; a folder
+protocol, `--judge openai` = paper protocol; default: openai when OPENAI_API_KEY is set, else offline), or folders (their results JSON files, searched recursively; a folder
 without any is searched for predictions JSONL). Two inputs with the same (model, method, mode, protocol) are an
 error. Every table row names the judge protocol that produced it (`paper`, `paper+choice`, `offline`; results
 written before protocols were recorded: `paper+choice` for an LLM judge, `offline` otherwise).
@@ -12,19 +12,23 @@ Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md`
 - `table2_overall`            single editing, methods x metrics per model (paper Table 2);
 - `table3_portability_spread` per model, the two methods with the best portability: standard deviation (sample,
                               n-1) and range of their portability over all knowledge categories (Table 3);
-- `table7_wall_clock`         wall-clock per method and mode from the runs' `.timing.json` (Table 7);
+- `table7_wall_clock`         hypernetwork training time (KE, MEND) and wall-clock per method and mode from the
+                              runs' `.timing.json` (Table 7);
 - `table8_attributes`         per model: method x attribute (ALL + each) with generality / audio-locality
                               types (Tables 8-10);
 - `table11_gaps`              sequential editing, per model: method x gap (Tables 11-13);
 - `table14_portability_<attr>` portability per knowledge category, model x method (Tables 14-17);
 - `table18_degeneration`      degeneration rate (%), model x method, per mode (Table 18);
 - `judge_stages`              share of items each judge stage decided, per run, with the requests sent;
-- `generation_limits`         post-edit outputs that stopped at `max_new_tokens` (truncated answers), per run;
+- `generation_limits`         post-edit and pre-edit outputs that stopped at `max_new_tokens` (truncated
+                              answers), per run;
 - `fig3_types_<model>.png`    generality / locality types per method (Figure 3);
 - `fig4_gaps_<model>.png`     metrics vs gap in sequential editing, with the random baseline computed from the
                               items' option counts (dashed; Figure 4);
 - `fig5_categories.png`       portability items per knowledge category, one panel per attribute (Figure 5).
-Values are percentages with two decimals; "-" where a metric has no items.
+Values are percentages with two decimals; "-" where a metric has no items. When any run was scored with the
+offline protocol, every table (and `index.md`) ends with one line saying the numbers are not comparable with the
+paper's (`eval.sake_metric.scoring.NOT_COMPARABLE_LINE`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from eval.sake_metric.scoring import comparability_note, default_protocol
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
 from sake_core.command import command_prog
@@ -227,17 +232,20 @@ def _timing(predictions: Path) -> dict[str, Any] | None:
 # -- tables -------------------------------------------------------------------------------------------------
 @dataclass
 class Table:
-    """A titled table: header row + body rows of strings."""
+    """A titled table: header row + body rows of strings, and an optional note line printed under it."""
 
     name: str
     title: str
     header: list[str]
     rows: list[list[str]]
+    note: str | None = None
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |",
                  "|" + "|".join("---" for _ in self.header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.note:
+            lines += ["", self.note]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -329,8 +337,19 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes // 60}h {minutes % 60:02d}m"
 
 
+def hypernetwork_training_s(run: Run) -> float | None:
+    """Seconds the run's hypernetwork (KE / MEND) trained (`editors.train`'s `train_seconds`), as the editor
+    reported it with each edit in the runner's `.timing.json`; None for other methods or older networks."""
+    for unit in (run.timing or {}).get("per_unit") or []:
+        value = unit.get("hypernetwork_train_s") if isinstance(unit, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
 def table_wall_clock(runs: Sequence[Run]) -> Table | None:
-    """Paper Table 7: wall-clock of each method's editing runs (the runner's `.timing.json`: the last
+    """Paper Table 7: hypernetwork training (KE, MEND: `editors.train`'s time, carried by the runner's
+    `.timing.json`) and wall-clock of each method's editing runs (the runner's `.timing.json`: the last
     invocation's total; a resumed run covers only the units it ran, shown as units)."""
     timed = [r for r in runs if r.timing is not None]
     if not timed:
@@ -342,7 +361,8 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
     first = {key: next(iter(modes.values())) for key, modes in by_key.items()}
     for (method, model), modes in sorted(by_key.items(),
                                          key=lambda kv: (method_sort_key(first[kv[0]].results), kv[0][1])):
-        row = [first[(method, model)].label, model]
+        trained = [s for s in (hypernetwork_training_s(r) for r in modes.values()) if s is not None]
+        row = [first[(method, model)].label, model, _duration(trained[0]) if trained else "-"]
         for mode in ("single", "sequential"):
             run = modes.get(mode)
             if run is None:
@@ -353,8 +373,9 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
             row += [_duration(t.get("total_s")), str(units),
                     f"{float(t['total_s']) / units:.2f}" if units else "-"]
         rows.append(row)
-    return Table("table7_wall_clock", "Table 7: wall-clock time of the editing runs (runner .timing.json)",
-                 ["Method", "Model", "Single: wall-clock", "Single: units", "Single: s/unit",
+    return Table("table7_wall_clock", "Table 7: hypernetwork training and wall-clock time of the editing runs "
+                 "(editors.train, runner .timing.json)",
+                 ["Method", "Model", "Hypernetwork training", "Single: wall-clock", "Single: units", "Single: s/unit",
                   "Sequential: wall-clock", "Sequential: units", "Sequential: s/unit"], rows)
 
 
@@ -448,18 +469,21 @@ def table_judge(runs: Sequence[Run]) -> Table | None:
 
 
 def table_generation(runs: Sequence[Run]) -> Table | None:
-    """Post-edit outputs that stopped at max_new_tokens (their answer may be cut), per run."""
+    """Post-edit and pre-edit outputs that stopped at max_new_tokens (their answer may be cut), per run."""
     rows = []
     for run in runs:
         gen = run.results.get("generation") or {}
-        hit = gen.get("hit_max_new_tokens")
-        rows.append([run.model, run.label, run.mode, str(gen.get("max_new_tokens") or "-"),
-                     "-" if hit is None else str(hit), str(run.results.get("n_rows") or 0),
-                     "-" if hit is None else fmt(100.0 * hit / max(1, int(run.results.get("n_rows") or 0)))])
+        n_rows = int(run.results.get("n_rows") or 0)
+        row = [run.model, run.label, run.mode, str(gen.get("max_new_tokens") or "-")]
+        for key in ("hit_max_new_tokens", "pre_edit_hit_max_new_tokens"):
+            hit = gen.get(key)
+            row += ["-" if hit is None else str(hit), "-" if hit is None else fmt(100.0 * hit / max(1, n_rows))]
+        rows.append(row + [str(n_rows)])
     if not rows:
         return None
-    return Table("generation_limits", "Outputs that stopped at max_new_tokens (truncated answers)",
-                 ["Model", "Method", "Mode", "max_new_tokens", "At the limit", "Rows", "At the limit (%)"], rows)
+    return Table("generation_limits", "Outputs that stopped at max_new_tokens (truncated answers), post- and pre-edit",
+                 ["Model", "Method", "Mode", "max_new_tokens", "At the limit", "At the limit (%)",
+                  "Pre-edit at the limit", "Pre-edit at the limit (%)", "Rows"], rows)
 
 
 # -- plots --------------------------------------------------------------------------------------------------
@@ -620,7 +644,9 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
                           table_attributes(runs), table_gaps(runs)] if t is not None]
     tables += tables_portability(runs)
     tables += [t for t in [table_degeneration(runs), table_judge(runs), table_generation(runs)] if t is not None]
+    note = comparability_note(r.protocol for r in runs)
     for table in tables:
+        table.note = note
         for suffix, text in ((".md", table.markdown()), (".csv", table.csv())):
             path = out / f"{table.name}{suffix}"
             atomic_write(path, text)
@@ -663,9 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--judge", choices=("offline", "openai"), default="offline",
+    p.add_argument("--judge", choices=("offline", "openai"), default=None,
                    help="judge for predictions JSONL inputs: offline protocol, or openai = the paper protocol "
-                        "(default: %(default)s)")
+                        "(default: openai when OPENAI_API_KEY is set, else offline)")
     p.add_argument("--prefilter", choices=("choice",), default=None,
                    help="with --judge openai: the choice matcher decides first (protocol paper+choice)")
     p.add_argument("--model", default=None, help="judge model for --judge openai")
@@ -675,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    score_kwargs: dict[str, Any] = {"judge": args.judge, "prefilter": args.prefilter, "base_url": args.base_url,
+    judge = args.judge or ("openai" if default_protocol() == "paper" else "offline")
+    score_kwargs: dict[str, Any] = {"judge": judge, "prefilter": args.prefilter, "base_url": args.base_url,
                                     "cache_dir": args.cache_dir}
     if args.model:
         score_kwargs["model"] = args.model
@@ -692,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     written = write_report(runs, args.out)
     print(f"wrote {len(written)} files to {args.out} from {len(runs)} run(s)")
+    note = comparability_note(r.protocol for r in runs)
+    if note:
+        print(note)
     return 0
 
 

@@ -12,7 +12,8 @@ Python API (stable; the leaderboard calls it):
                  `kind: header` dict).
     protocol:    "paper" (App. E: empty -> exact -> LLM judge with `model`, `base_url`, `cache_dir`, ...) or
                  "offline" (empty -> exact -> choice; undecided items count as incorrect/inconsistent).
-                 Default: "paper" when `judge` is "openai" or an `LLMJudge`, else "offline".
+                 Default: "paper" when `judge` is "openai" or an `LLMJudge`, "offline" when it is "offline";
+                 with neither given, "paper" when OPENAI_API_KEY is set, else "offline".
     prefilter:   None, or "choice" (paper protocol only): the multiple-choice matcher decides before the LLM
                  where it can; recorded as protocol "paper+choice".
     judge:       kept for older callers: "offline", "openai" (= protocol "paper") or a ready `LLMJudge`.
@@ -32,6 +33,8 @@ CLI:
                          [--base-url URL] [--model M] [--manifest DIR] [--out results.json] [--cache-dir DIR]
                          [--batch --batch-state FILE] [--items-out F]
 
+Default judge: `openai` (the paper protocol) when OPENAI_API_KEY is set, else `offline`; offline results are
+printed with one line saying they are not comparable with the paper's.
 Exit status: 0 written; 2 bad input; 3 judge error or too many failed items (nothing written).
 No torch, no evaluate: this imports only the metric's own modules.
 """
@@ -49,7 +52,8 @@ from typing import Any, Iterable, Mapping
 from eval.sake_metric.llm_judge import DEFAULT_MODEL, JudgeConfig, JudgeError, LLMJudge, default_cache_dir
 from eval.sake_metric.predictions_file import check_complete, load_manifest, manifest_for
 from eval.sake_metric.rows import PredictionsError, load_predictions
-from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
+from eval.sake_metric.scoring import (NOT_COMPARABLE_LINE, JudgeFailures, build_results, check_failures,
+                                      default_protocol, judge_rows, protocol_name)
 from sake_core.atomic import atomic_write
 from sake_core.command import command_prog
 
@@ -83,7 +87,7 @@ def resolve_protocol(protocol: str | None, judge: str | LLMJudge | None) -> tupl
     """(protocol, judge) from what a caller gave: the protocol wins; "paper" needs an LLM judge."""
     uses_llm = isinstance(judge, LLMJudge) or judge == "openai"
     if protocol is None:
-        protocol = "paper" if uses_llm else "offline"
+        protocol = "paper" if uses_llm else "offline" if judge == "offline" else default_protocol()
     protocol_name(protocol)
     if protocol == "paper":
         if judge == "offline":
@@ -138,9 +142,10 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")
-    p.add_argument("--judge", choices=("offline", "openai"), default="offline",
+    p.add_argument("--judge", choices=("offline", "openai"), default=None,
                    help="offline: offline protocol (empty -> exact -> choice; undecided -> incorrect); "
-                        "openai: the paper protocol (empty -> exact -> LLM judge, App. E)")
+                        "openai: the paper protocol (empty -> exact -> LLM judge, App. E) (default: openai when "
+                        "OPENAI_API_KEY is set, else offline)")
     p.add_argument("--prefilter", choices=("choice",), default=None,
                    help="with --judge openai: let the multiple-choice matcher decide before the LLM where it can "
                         "(protocol 'paper+choice'; fewer requests, not the paper's protocol)")
@@ -178,6 +183,8 @@ def default_results_path(predictions: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.judge is None:
+        args.judge = "openai" if default_protocol() == "paper" else "offline"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.prefilter and args.judge != "openai":
@@ -212,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({judge['protocol']} protocol): {summary}; judge stages: {shares}{sent}; "
           f"degeneration={results['degeneration_rate']}"
           + (f"; {hit} output(s) stopped at max_new_tokens" if hit else ""))
+    if judge["protocol"] == "offline":
+        print(NOT_COMPARABLE_LINE)
     return 0
 
 

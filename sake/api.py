@@ -47,10 +47,11 @@ def run(config: RunConfig, *, adapter: "LALMAdapter | None" = None,
     return Path(path) if path is not None else runner.part_path
 
 
-def score(predictions: str | os.PathLike, judge: str = "offline", *, out: str | os.PathLike | None = None,
+def score(predictions: str | os.PathLike, judge: str | None = None, *, out: str | os.PathLike | None = None,
           **judge_options: Any) -> dict[str, Any]:
     """Score a predictions file and return the results dict (ARCHITECTURE.md "Results JSON"). ``judge``:
-    ``"offline"`` (deterministic stages only) or ``"openai"`` (+ the LLM judge; ``judge_options`` as in
+    ``"offline"`` (deterministic stages only) or ``"openai"`` (+ the LLM judge, the paper protocol); default: the
+    paper protocol when ``OPENAI_API_KEY`` is set, else offline (``judge_options`` as in
     ``eval.score.score_predictions``: ``model``, ``base_url``, ``cache_dir``, ...). ``out``: also write the
     results JSON there (atomically)."""
     from eval.score import score_predictions, write_json_atomic

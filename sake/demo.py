@@ -202,13 +202,18 @@ def demo_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def readme_block(table: str, *, command: str, model: str, n_items: int, wall_s: float, plots: Sequence[str]) -> str:
-    """The README's demo section body (between the markers): how it was made, the table, the plots."""
+    """The README's demo section body (between the markers): how it was made, the table, the line saying its
+    numbers are not comparable with the paper's (the demo scores offline), the plots."""
+    from eval.sake_metric.scoring import NOT_COMPARABLE_LINE
+
     lines = [
         f"Made by `{command}` on the reference model `{model}` (demo test split, {n_items} prediction rows, "
         f"offline judge, {wall_s / 60:.1f} min wall time on CPU). Values in percent; single editing averages "
         "over the edits, sequential over gaps 0-4; regenerate with `sake demo --update-readme`.",
         "",
         table,
+        "",
+        NOT_COMPARABLE_LINE,
         "",
     ]
     if plots:
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.close()
     wall = time.time() - start
     plots = [str(p) for p in written if p.suffix == ".png"]
+    from eval.sake_metric.scoring import NOT_COMPARABLE_LINE
+
     table = demo_table(results)
     n_items = sum(int(r.get("n_rows") or 0) for r in results)
     print()
@@ -344,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
           + f", offline judge ({wall / 60:.1f} min)")
     print()
     print(table)
+    print()
+    print(NOT_COMPARABLE_LINE)  # the demo scores offline (deterministic): not the paper's protocol
     print()
     print(f"report: {out / 'report' / 'index.md'}")
     for p in plots:

@@ -18,6 +18,13 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def no_judge_key(monkeypatch):
+    """Scoring defaults to the paper's LLM judge when OPENAI_API_KEY is set (issue 25): tests start without it, so
+    a key in the developer's environment never sends a request; a test that wants the judge sets it."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def demo_dataset() -> Path:
     """The offline demo build (`build_splits.py --demo`, seed 0), built once for the whole session (the same one

@@ -235,6 +235,7 @@ EIGHT_CASES = {
     "locality row with pre_edit null": lambda h, rows, tmp, m: _first(rows, "locality_audio").update(pre_edit=None),
     "empty attribute": lambda h, rows, tmp, m: _first(rows, "portability").update(attribute=""),
     "post_edit_hit_limit 'yes'": lambda h, rows, tmp, m: rows[3].update(post_edit_hit_limit="yes"),
+    "pre_edit_hit_limit 'yes'": lambda h, rows, tmp, m: rows[4].update(pre_edit_hit_limit="yes"),  # issue 25
     "type 0.0": lambda h, rows, tmp, m: _first(rows, "reliability").update(type=0.0),
     "sequential gap 0.0": lambda h, rows, tmp, m: next(r for r in rows if r["gap"] == 0).update(gap=0.0),
     "limit 1 with a dataset path on the server": lambda h, rows, tmp, m: h.update(
@@ -243,6 +244,7 @@ EIGHT_CASES = {
 EXPECTED_FIELD = {"empty reference": "'reference'", "whitespace-only reference": "'reference'",
                   "locality row with pre_edit null": "'pre_edit'", "empty attribute": "'attribute'",
                   "post_edit_hit_limit 'yes'": "'post_edit_hit_limit'", "type 0.0": "'type'",
+                  "pre_edit_hit_limit 'yes'": "'pre_edit_hit_limit'",
                   "sequential gap 0.0": "'gap'", "limit 1 with a dataset path on the server": "field limit"}
 
 
@@ -265,7 +267,8 @@ POOL = [None, "", " ", "\t\n", "x", "yes", "no", 0, 0.0, 1, 1.0, -1, 2, 4, 5, 6,
         "reliability", "generality", "locality_audio", "locality_text", "portability", "sequential", "single",
         "test", "train", "emotion", "gender", "header", "prediction", "a" * 300, "\u00a0", "1e999"]
 ROW_FIELDS_MUTATED = ["kind", "instance_id", "item_id", "dimension", "type", "attribute", "question", "options",
-                      "reference", "pre_edit", "post_edit", "gap", "category", "post_edit_hit_limit", "extra"]
+                      "reference", "pre_edit", "post_edit", "gap", "category", "post_edit_hit_limit",
+                      "pre_edit_hit_limit", "extra"]
 HEADER_FIELDS_MUTATED = ["model", "model_revision", "method", "hparams", "mode", "dataset", "dataset_fingerprint",
                          "configs", "split", "seed", "limit", "eval_edits", "max_gap", "expected_rows", "versions",
                          "date", "max_new_tokens", "family", "kind"]

@@ -40,6 +40,8 @@ def test_trained_hypernetwork_edit_gives_the_target_and_restores_exactly(method)
             assert adapter.generate([edit.prompt()], max_new_tokens=8) == [target]
             assert stats["steps"] == 1 and all(stats[f"delta_norm.{layer}_{role}"] > 0
                                                for layer in (1, 2, 3) for role in ("mlp_up", "mlp_out"))
+            # the network's training time (editors.train) rides along for the runner's .timing.json / Table 7
+            assert stats["hypernetwork_train_s"] == editor.network_config["train_seconds"] > 0
             changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
             assert changed == edited
         finally:

@@ -87,6 +87,14 @@ def test_board_in_headless_chromium(site, driver):
     assert site["ids"][("sequential", "ft_audio")] in sequential
     ref_rows = driver.find_elements("css selector", "#table-single tbody tr.ref")
     assert len(ref_rows) == 24 and "paper" in ref_rows[0].text
+    # The reference rows are marked, in a block of their own after the scored rows, and never marked best
+    # (issue 25); each ranking group starts with a line naming it.
+    assert all(tr.find_element("css selector", ".badge").text == "reference" for tr in ref_rows)
+    assert driver.find_elements("css selector", "#table-single tbody tr.ref td.best") == []
+    heads = [tr.text for tr in driver.find_elements("css selector", "#table-single tbody tr.group")]
+    assert heads[0].startswith("Ranked together: offline · data ") and heads[-1].startswith("Reported in the paper")
+    assert len(heads) == 2
+    assert driver.find_elements("css selector", "#table-single tbody tr.row:not(.ref) td.best")  # best of the group
     ft_llm = site["ids"][("single", "ft_llm")]
     link = driver.find_element("css selector", f"#table-single tr[data-id='{ft_llm}'] a[title='submission metadata']")
     assert link.get_attribute("href").endswith(f"submissions/{ft_llm}.json")
@@ -105,11 +113,11 @@ def test_board_in_headless_chromium(site, driver):
             groups.setdefault(protocol, []).append(v)
         return groups
 
-    assert protocols() == ["paper"] * 24 + ["offline"] * 2
+    assert protocols() == ["offline"] * 2 + ["paper"] * 24
     before = _row_ids(driver, "single")
     driver.find_element("css selector", "#table-single th[data-key='locality_text']").click()
     after = _row_ids(driver, "single")
-    assert after != before and protocols() == ["paper"] * 24 + ["offline"] * 2
+    assert after != before and protocols() == ["offline"] * 2 + ["paper"] * 24
     for values in by_protocol(_column_values(driver, "single", "locality_text")).values():
         present = [v for v in values if v is not None]
         assert present == sorted(present, reverse=True) and values[: len(present)] == present

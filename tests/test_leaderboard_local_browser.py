@@ -85,7 +85,7 @@ def test_local_space_scores_a_submission_and_shows_its_display_name(space, drive
     _wait(driver, lambda d: any((space["folder"] / "results" / "results").glob("*.json")), timeout=120)
 
     driver.get(space["url"] + "/")
-    rows = _wait(driver, lambda d: [r for r in d.execute_script(BODY_ROWS) if len(r) > 6 and r[6] != "paper (reported)"]
+    rows = _wait(driver, lambda d: [r for r in d.execute_script(BODY_ROWS) if len(r) > 6 and "paper (reported)" not in r[6]]
                  or None)
     assert len(rows) == 1
     assert rows[0][3] == "LoRA" and rows[0][4] == "single" and rows[0][5] == "offline"

@@ -14,7 +14,7 @@ import pytest
 
 from _leaderboard_helpers import (METADATA, fake_scorer, jsonl_bytes, make_header,
                                   write_submission_dir, write_submission_zip)
-from eval.leaderboard.store import LocalStore, add_submission, process_queue, result_protocol
+from eval.leaderboard.store import LocalStore, add_submission, board_id, process_queue, result_protocol
 from eval.leaderboard.validate import SubmissionError, validate_submission
 from eval.sake_metric.limits import MAX_HEADER_DEPTH, MAX_LINE_BYTES
 
@@ -188,7 +188,7 @@ def test_reader_never_sees_a_result_without_its_files(tmp_path, manifest, single
 def test_leftovers_of_a_killed_add_are_cleaned(tmp_path, manifest, single):
     header, rows = single
     sub = write_submission_dir(tmp_path / "s", header, rows)
-    sid = validate_submission(sub, manifest).submission_id
+    sid = board_id(validate_submission(sub, manifest).submission_id, "offline")  # the board's id of this judging
     root = tmp_path / "results"
     (root / "submissions" / f".{sid}.abc").mkdir(parents=True)  # staging folder of a killed add
     (root / "submissions" / sid).mkdir()  # files moved in, result never written
@@ -203,10 +203,11 @@ def test_leftovers_of_a_killed_add_are_cleaned(tmp_path, manifest, single):
 
 
 def test_protocol_label_from_results():
-    assert result_protocol({"judge": {"protocol": "paper+choice", "name": "openai"}}) == "paper+choice"
+    assert result_protocol({"judge": {"protocol": "paper+choice", "name": "openai"}}) == "custom+choice"
     assert result_protocol({"judge": {"name": "offline"}}) == "offline"
-    assert result_protocol({"judge": {"name": "openai", "stage_share": {"exact": 0.5, "llm": 0.5}}}) == "paper"
-    assert result_protocol({"judge": {"name": "openai", "stage_share": {"choice": 0.2}}}) == "paper+choice"
+    # without the paper's judge settings and host recorded, an LLM-judged result is `custom` (issue 25)
+    assert result_protocol({"judge": {"name": "openai", "stage_share": {"exact": 0.5, "llm": 0.5}}}) == "custom"
+    assert result_protocol({"judge": {"name": "openai", "stage_share": {"choice": 0.2}}}) == "custom+choice"
 
 
 def test_two_queue_runs_at_once_process_each_entry_once(tmp_path, manifest, single):

@@ -101,7 +101,8 @@ def test_submit_queue_table_and_item_page(space, driver):
     expected = score_predictions(str(space["root"] / "p.jsonl"), judge="offline")["metrics"]["overall"]
     assert [float(v) for v in rows[0][7:12]] == [round(expected[k], 2) for k in (
         "reliability", "generality", "locality_audio", "locality_text", "portability")]
-    assert rows[0][-1] == "57"
+    assert rows[0][-4] == "57"  # Items, then Judge, Ranked with and Best in group (issue 25)
+    assert rows[0][-3].startswith("offline") and rows[0][-2].startswith("offline · data ") and rows[0][-1] == ""
     link = next(a for a in driver.find_elements("css selector", "#board-table .virtual-body a")
                 if f"/submission/{sid}" in (a.get_attribute("href") or ""))
 

@@ -292,12 +292,18 @@ def test_results_count_outputs_stopped_at_max_new_tokens(tmp_path):
     rows = demo_rows()
     for i, r in enumerate(rows):
         r["post_edit_hit_limit"] = i in (0, 5)
+        r["pre_edit_hit_limit"] = i in (1, 2, 3) if i < 6 else None  # pre-edit flags, some unknown
     results = score_predictions(write_predictions(tmp_path / "p.jsonl", header(max_new_tokens=32), rows))
     assert results["generation"]["hit_max_new_tokens"] == 2 and results["generation"]["max_new_tokens"] == 32
     assert results["generation"]["rows_with_flag"] == len(rows)
-    rows[0]["post_edit_hit_limit"] = "yes"
-    with pytest.raises(PredictionsError, match="post_edit_hit_limit"):
-        score_predictions(write_predictions(tmp_path / "q.jsonl", header(), rows))
+    assert results["generation"]["pre_edit_hit_max_new_tokens"] == 3
+    assert results["generation"]["pre_edit_rows_with_flag"] == 6
+    assert sum(results["generation"]["pre_edit_per_dimension"].values()) == 3
+    for field in ("post_edit_hit_limit", "pre_edit_hit_limit"):  # one rule for both flags
+        bad = [dict(r) for r in rows]
+        bad[0][field] = "yes"
+        with pytest.raises(PredictionsError, match=field):
+            score_predictions(write_predictions(tmp_path / "q.jsonl", header(), bad))
 
 
 def test_evaluate_module_accepts_a_null_pre_edit_in_the_first_row():

@@ -23,7 +23,9 @@ def runs_dir(tmp_path: Path) -> Path:
     for method, quality in (("ft_llm", 1.0), ("mend", 0.5)):
         single = write_predictions(tmp_path / f"{method}.jsonl", header(method=method), demo_rows(quality))
         write_json_atomic(base / f"{method}_single.results.json", score_predictions(single))
-        timing = {"units": 8, "total_s": 7384.0 if method == "ft_llm" else 42.5, "per_unit": []}
+        # MEND's editor reports its network's training time (editors.train's train_seconds) with each edit
+        per_unit = [{"unit": "u0", "seconds": 5.0, "hypernetwork_train_s": 5430.0}] if method == "mend" else []
+        timing = {"units": 8, "total_s": 7384.0 if method == "ft_llm" else 42.5, "per_unit": per_unit}
         write_json_atomic(base / f"{method}_single.jsonl.timing.json", timing)
         rows = [r for gap in range(3) for r in demo_rows(max(0.0, quality - 0.25 * gap), gap=gap)]
         seq = write_predictions(tmp_path / f"{method}_seq.jsonl", header(method=method, mode="sequential"), rows)
@@ -75,10 +77,12 @@ def test_report_writes_paper_shaped_tables_and_plots(runs_dir, tmp_path):
     assert spread[2][5] == f"{statistics.stdev(values):.2f}" and spread[2][6] == f"{max(values) - min(values):.2f}"
     # Table 7 from the .timing.json files
     wall = read_csv(out / "table7_wall_clock.csv")
-    assert wall[1][:5] == ["FT (LLM)", "qwen2-audio", "2h 03m", "8", "923.00"]
-    assert wall[2][:3] == ["MEND", "qwen2-audio", "42.5s"] and wall[2][5] == "-"
+    assert wall[0][2] == "Hypernetwork training"
+    assert wall[1][:6] == ["FT (LLM)", "qwen2-audio", "-", "2h 03m", "8", "923.00"]
+    assert wall[2][:4] == ["MEND", "qwen2-audio", "1h 30m", "42.5s"] and wall[2][6] == "-"
     generation = read_csv(out / "generation_limits.csv")
     assert generation[0][4] == "At the limit" and all(r[4] == "-" for r in generation[1:])  # no flag in these rows
+    assert generation[0][6] == "Pre-edit at the limit" and all(r[6] == "-" for r in generation[1:])
     # Figure 4 draws the random baseline from the items' option counts; Figure 5 the category distribution
     results = load_runs([runs_dir / "ft_llm_seq.results.json"])[0].results
     options = [len(r["options"]) for r in demo_rows() if r["dimension"] == "portability"]

@@ -56,7 +56,8 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
             for column in ("generality", "locality_audio", "locality_text", "portability"):
                 expected_ids += [item["id"] for item in row[column]]
     assert [r["item_id"] for r in rows] == expected_ids
-    assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)
+    assert all(isinstance(r["post_edit_hit_limit"], bool) and isinstance(r["pre_edit_hit_limit"], bool)
+               for r in rows)
     assert header["expected_rows"] == len(rows)  # the strict reader accepts the complete file, manifest included
     assert len(read_predictions_file(path, manifest=manifest).rows) == len(rows)
     rel = [r for r in rows if r["dimension"] == "reliability"]
@@ -73,8 +74,12 @@ def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path)
     assert first.preedit.misses > 0
     second, path2 = run(qwen, run_config(demo_dataset, tmp_path / "b", tmp_path / "cache", method="ft_llm", **common))
     assert second.preedit.misses == 0 and second.preedit.hits == first.preedit.misses
-    pre1 = [r["pre_edit"] for r in read_predictions(path1)[1]]
-    assert pre1 == [r["pre_edit"] for r in read_predictions(path2)[1]]
+    pre1 = [(r["pre_edit"], r["pre_edit_hit_limit"]) for r in read_predictions(path1)[1]]
+    # a warm cache keeps the pre-edit generation-limit flag (stored with the entry)
+    assert pre1 == [(r["pre_edit"], r["pre_edit_hit_limit"]) for r in read_predictions(path2)[1]]
+    assert all(isinstance(flag, bool) for _, flag in pre1)
+    entries = [json.loads(line) for line in next((tmp_path / "cache" / "preedit").glob("*.jsonl")).open()]
+    assert entries and all(isinstance(e["hit_limit"], bool) for e in entries)
 
 
 def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_dataset, tmp_path):

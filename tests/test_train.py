@@ -44,7 +44,7 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     first.train(max_steps=3)  # interrupted in the second group of 2: finishes the group (step 4)
     assert not (out / "config.json").exists()  # no final network before the end
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 4 and state["best"] is not None
+    assert state["step"] == 4 and state["best"] is not None and state["train_seconds"] > 0
 
     calls = []
     real_step = train_mod.training_step
@@ -55,7 +55,10 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     assert steps_in_optimizer == {2}  # optimizer state restored (2 steps of 2 instances), not fresh
     second.train()
     assert len(calls) == 2 + 2  # continued with training steps 5..6 only, then one validation of 2 instances
-    resumed, _ = load_network(out)
+    resumed, resumed_config = load_network(out)
+    # the training time (Table 7's hypernetwork column) sums the interrupted run and its resume
+    assert resumed_config["train_seconds"] > state["train_seconds"] > 0
+    assert config["train_seconds"] > 0
     # the saved file holds the trainer's (best) network in memory, and equals the uninterrupted run, bit for bit
     assert _same_state(resumed.state_dict(), {k: v.cpu() for k, v in second.net.state_dict().items()})
     assert _same_state(resumed.state_dict(), full.state_dict())

@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from eval.sake_metric.scoring import default_protocol
 from sake_core.command import command_prog
 
 from .validate import DEFAULT_MAX_BYTES, DEFAULT_SPLITS, METADATA_NAME, PREDICTIONS_NAME, SubmissionError
@@ -26,11 +27,12 @@ def _add_manifest_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_judge_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--judge", choices=["paper", "paper+choice", "offline", "openai"], default="paper",
+    parser.add_argument("--judge", choices=["paper", "paper+choice", "offline", "openai"], default=None,
                         help="paper: the paper's protocol, deterministic stages first and the LLM judge for the "
                              "rest (API key from the environment; 'openai' is an alias); paper+choice: the same "
                              "with the multiple-choice prefilter; offline: deterministic stages only, labelled "
-                             "'offline' on the board and never ranked among paper rows (default %(default)s)")
+                             "'offline' on the board and never ranked among paper rows (default: paper when "
+                             "OPENAI_API_KEY is set, else offline)")
     parser.add_argument("--judge-cache", default=None, help="directory of the LLM judge's on-disk cache")
     parser.add_argument("--base-url", default=None, help="OpenAI-compatible server for the judge")
     parser.add_argument("--judge-model", default=None, help="judge model (default: the metric's default)")
@@ -80,13 +82,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .store import board_result, dump_json, score_submission
+    from .store import board_id, board_result, dump_json, score_submission
     from .validate import validate_submission
 
     manifest = _manifest(args)
     submission = validate_submission(args.submission, manifest, **_validate_options(args))
     result = board_result(submission, score_submission(submission, judge=args.judge, manifest=manifest,
-                                                       **_judge_options(args)))
+                                                       **_judge_options(args)),
+                          submission_id=board_id(submission.submission_id, args.judge, **_judge_options(args)))
     data = dump_json(result)
     if args.out:
         from sake_core.atomic import atomic_write
@@ -191,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "judge", "unset") is None:
+        args.judge = default_protocol()  # "paper" with OPENAI_API_KEY set, else "offline"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "build" and not (args.results_dir or args.hub_repo):
         print("build: give RESULTS_DIR or --hub-repo", file=sys.stderr)

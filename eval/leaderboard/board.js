@@ -33,15 +33,19 @@
     { key: "degeneration_rate", label: "Degen.", modes: ["sequential"], plain: true,
       title: "percent of degenerated outputs (lower is better)" },
     { key: "protocol", label: "Protocol", text: true,
-      title: "how items were judged: paper (LLM judge), paper+choice (with the choice prefilter), offline " +
-             "(deterministic stages only); rows are ordered within their protocol, never across" },
+      title: "how items were judged: paper (the paper's LLM judge settings), paper+choice (with the choice " +
+             "prefilter), custom (another judge model, seed or endpoint), offline (deterministic stages only); rows " +
+             "are ranked within one group (protocol, judge model and host, prompt version, dataset), never across" },
     { key: "judge", label: "Judge", text: true }
   ];
-  var PROTOCOL_ORDER = { "paper": 0, "paper+choice": 1, "offline": 2 };
+  var PROTOCOL_ORDER = { "paper": 0, "paper+choice": 1, "custom": 2, "custom+choice": 3, "offline": 4 };
+  // Scored rows by ranking group (protocol first); the paper's reference rows last, in a block of their own.
   function protocolRank(row) {
+    if (row.reference) { return 9; }
     var order = PROTOCOL_ORDER[row.protocol];
-    return order === undefined ? 3 : order;
+    return order === undefined ? 5 : order;
   }
+  function groupOf(row) { return row.reference ? "reference" : String(row.group || ""); }
   function columnsOf(mode) { return COLUMNS.filter(function (c) { return !c.modes || c.modes.indexOf(mode) >= 0; }); }
   function layoutOf(mode) { return LAYOUT.filter(function (c) { return !c.modes || c.modes.indexOf(mode) >= 0; }); }
   var COLUMNS = [];
@@ -177,23 +181,43 @@
     renderHead(table, mode);
     var rows = visibleRows(mode);
     var sort = state.sort[mode];
-    // Rows are sorted within their protocol only: an offline row never ranks among paper rows.
+    // Rows are sorted within their ranking group only (protocol, judge model and host, prompt version, dataset):
+    // an offline row never ranks among paper rows; the paper's reference rows are never ranked at all.
     rows.sort(function (a, b) {
-      return protocolRank(a) - protocolRank(b) || compare(a, b, sort.key, sort.dir, mode);
+      var ga = groupOf(a), gb = groupOf(b);
+      return protocolRank(a) - protocolRank(b) || (ga < gb ? -1 : ga > gb ? 1 : 0) ||
+        compare(a, b, sort.key, sort.dir, mode);
     });
     var columns = columnsOf(mode);
-    var best = {};
-    columns.forEach(function (c) {
-      if (c.text || c.plain) { return; }
-      rows.forEach(function (r) {
+    var best = {}, sizes = {};  // best value per (group, column), over scored rows only
+    rows.forEach(function (r) {
+      if (r.reference) { return; }
+      var g = groupOf(r);
+      sizes[g] = (sizes[g] || 0) + 1;
+      best[g] = best[g] || {};
+      columns.forEach(function (c) {
+        if (c.text || c.plain) { return; }
         var v = value(r, c.key, mode);
-        if (v !== null && (best[c.key] === undefined || v > best[c.key])) { best[c.key] = v; }
+        if (v !== null && (best[g][c.key] === undefined || v > best[g][c.key])) { best[g][c.key] = v; }
       });
     });
     var tbody = el("tbody");
+    var shownGroup = null;
     rows.forEach(function (row) {
+      var g = groupOf(row);
+      if (g !== shownGroup) {
+        shownGroup = g;
+        var head = el("tr", { "data-group": g });
+        head.className = "group";
+        var label = row.reference ? "Reported in the paper: reference rows, not ranked and never marked best"
+          : "Ranked together: " + (row.group_label || row.protocol || "");
+        var headCell = el("td", { colspan: String(columns.length) }, label);
+        headCell.className = "text group-label";
+        head.appendChild(headCell);
+        tbody.appendChild(head);
+      }
       var tr = el("tr", { "data-id": row.id, "data-model": row.model, "data-method": row.method,
-                          "data-protocol": row.protocol || "" });
+                          "data-protocol": row.protocol || "", "data-group": g });
       tr.className = "row" + (row.reference ? " ref" : "");
       columns.forEach(function (c) {
         var td = el("td");
@@ -202,7 +226,8 @@
           td.appendChild(el("a", { href: row.model_link, rel: "noopener" }, value(row, "model", mode)));
         } else if (c.key === "source") {
           if (row.reference) {
-            td.appendChild(el("span", { "class": "badge", title: "reported in the paper, not re-scored" }, "paper"));
+            td.appendChild(el("span", { "class": "badge", title: "reported in the paper: not re-scored, not ranked" },
+                              "reference"));
             var note = "reported in the paper: " + (row.source_detail || row.source) + (row.overall_note ? "; overall = " + row.overall_note : "");
             td.appendChild(el("a", { href: row.link, title: note }, row.source));
           } else if (row.link) {
@@ -223,7 +248,7 @@
           if (v === null) { td.textContent = "\u2013"; td.className += " na"; }
           else {
             td.textContent = v.toFixed(2);
-            if (rows.length > 1 && v === best[c.key]) { td.className += " best"; }
+            if (!row.reference && sizes[g] > 1 && v === best[g][c.key]) { td.className += " best"; }
           }
         }
         tr.appendChild(td);

@@ -2,7 +2,10 @@
 
 ``SITE_DIR`` receives ``index.html``, ``board.css``, ``board.js`` (copied from this package), ``data.js`` (the rows,
 as ``window.SAKE_BOARD = {...}`` so the page also works from ``file://``) and ``submissions/<id>.json`` (each
-row's metadata link). The paper's own numbers (``reference_rows.json``) are added as reference rows.
+row's metadata link). The paper's own numbers (``reference_rows.json``) are added as reference rows: marked, never
+ranked (no rank, not counted, never the best value). Scored rows carry their ranking group (``store.ranking_group``:
+protocol label, judge model and host, prompt version, dataset fingerprint); the page ranks and marks the best
+value within one group only.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, Iterable
 from sake_core.atomic import write_tree
 from sake_core.protocol import METHOD_NAMES, METHOD_ORDER, method_display
 
-from .store import check_results, dump_json, load_json_file, result_protocol
+from .store import check_results, dump_json, group_key, group_label, load_json_file, ranking_group, result_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +30,12 @@ STATIC_FILES = ("index.html", "board.css", "board.js")
 
 
 def judge_label(judge: dict[str, Any] | None, with_undecided: bool = True) -> str:
-    """A short human label for a results JSON's ``judge`` block (name: model (version), share undecided)."""
+    """A short human label for a results JSON's ``judge`` block (name: model @ host (version), share undecided)."""
     if not judge:
         return "unknown"
     parts = [str(judge.get("name") or "judge")]
     if judge.get("model"):
-        parts.append(str(judge["model"]))
+        parts.append(str(judge["model"]) + (f" @ {judge['host']}" if judge.get("host") else ""))
     label = ": ".join(parts)
     if judge.get("version"):
         label += f" ({judge['version']})"
@@ -86,6 +89,7 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
         "judge_base": judge_label(result.get("judge"), with_undecided=False),
         "judge_stages": (result.get("judge") or {}).get("stage_share") or {},
         "protocol": result_protocol(result),
+        **_group_fields(ranking_group(result)),
         "metrics": result["metrics"],
         "degeneration_rate": result.get("degeneration_rate"),
         "configs": header.get("configs") or [],
@@ -99,6 +103,18 @@ def submission_row(sid: str, result: dict[str, Any]) -> tuple[dict[str, Any], di
                   "n_rows": result.get("n_rows"), "dataset_fingerprint": result.get("dataset_fingerprint"),
                   "versions": result.get("versions"), "added": sub.get("added")}
     return row, detail
+
+
+def _group_fields(group: dict[str, Any]) -> dict[str, Any]:
+    """A board row's ranking-group fields: the group's values, its key and its label."""
+    return {"judge_model": group["judge_model"], "judge_host": group["judge_host"],
+            "prompt_version": group["prompt_version"], "dataset_fingerprint": group["dataset_fingerprint"],
+            "group": group_key(group), "group_label": group_label(group)}
+
+
+#: The ranking group of the paper's reported rows: shown, never ranked (no rank, not counted, never best).
+REFERENCE_GROUP = {"group": "reference", "group_label": "reported in the paper (reference rows, not ranked)",
+                   "judge_model": None, "judge_host": None, "prompt_version": None, "dataset_fingerprint": None}
 
 
 def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[str, Any]], str]:
@@ -125,6 +141,7 @@ def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[
             "judge_base": judge,
             "judge_stages": {},
             "protocol": "paper",
+            **REFERENCE_GROUP,
             "metrics": ref["metrics"],
             "degeneration_rate": ref.get("degeneration_rate"),
             "overall_note": ref.get("overall_note", ""),

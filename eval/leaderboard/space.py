@@ -1,9 +1,11 @@
 """The leaderboard Space: a Gradio app (table, submit, about) plus one HTML page per submission, on uvicorn.
 
-- **Leaderboard** tab: one row per scored result and per row the paper reports (marked ``paper (reported)``);
-  filters by model family, method, mode and judging protocol. Every row carries its protocol (``paper``,
-  ``paper+choice``, ``offline``); ranks are counted within one mode and one protocol, so an offline row is never
-  ranked among paper rows.
+- **Leaderboard** tab: one row per scored result and per row the paper reports (marked ``paper (reported)``,
+  never ranked: no rank number, not counted); filters by model family, method, mode and judging protocol. Every
+  scored row carries its protocol label (``paper``, ``paper+choice``: the paper's judge settings; ``custom``,
+  ``custom+choice``: another judge model or endpoint; ``offline``), its judge (model @ host) and its ranking group;
+  ranks are counted within one mode and one group (:func:`eval.leaderboard.store.ranking_group`: protocol, judge
+  model and host, prompt version, dataset fingerprint), so an offline row is never ranked among paper rows.
 - **Submit** tab: upload a submission ``.zip``; the board's validator (the same one ``add`` runs) answers on the
   page at once, as plain text (never Markdown or HTML), and a valid archive is queued (``QUEUE/pending``). A worker
   thread scores the queue (:func:`eval.leaderboard.store.process_queue`: a failing submission goes to
@@ -61,9 +63,9 @@ from eval.sake_metric.predictions_file import excerpt
 from sake_core.errors import SakeError
 from sake_core.protocol import FAMILY_NAMES, method_display
 
-from .build import display_model_name, reference_rows
-from .store import ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, one_line_error, open_store, result_protocol, \
-    without_paths
+from .build import display_model_name, judge_label, reference_rows
+from .store import ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, board_id, group_key, group_label, \
+    one_line_error, open_store, ranking_group, result_protocol, without_paths
 from .submission_queue import SubmissionQueue, open_queue
 from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
@@ -74,7 +76,7 @@ CONFIG_FILE = "leaderboard.json"
 HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("locality_audio", "Locality (audio)"),
             ("locality_text", "Locality (text)"), ("portability", "Portability"))
 COLUMNS = ["Rank", "Model", "Family", "Method", "Mode", "Protocol", "Source"] + [t for _, t in HEADLINE] + \
-          ["Average", "Items"]
+          ["Average", "Items", "Judge", "Ranked with", "Best in group"]
 #: Model ids of the paper's families (the header's ``family`` names the adapter when the runner wrote it).
 FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
                    ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
@@ -165,6 +167,30 @@ def _average(metrics: dict[str, Any]) -> float | None:
     values = [metrics.get(key) for key, _ in HEADLINE]
     values = [v for v in values if isinstance(v, (int, float))]
     return round(sum(values) / len(values), 2) if values else None
+
+
+def mark_best(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``best``: the headline columns (and Average) where it holds the best value of its ranking
+    group (same mode and group, two rows or more), joined by ", "; reference rows are never best ("")."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        row["best"] = ""
+        if not row["reference"]:
+            groups.setdefault((row["mode"], row["group"]), []).append(row)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        for key, title in HEADLINE + (("average", "Average"),):
+            def value(row: dict[str, Any], key: str = key) -> float | None:
+                v = row["average"] if key == "average" else _rounded(row["metrics"].get(key))
+                return v if isinstance(v, (int, float)) else None
+            values = [v for v in (value(r) for r in members) if v is not None]
+            if not values:
+                continue
+            top = max(values)
+            for row in members:
+                if value(row) == top:
+                    row["best"] = f"{row['best']}, {title}" if row["best"] else title
 
 
 @dataclass
@@ -265,7 +291,8 @@ class Board:
                  "family": model_family(ref["model"]), "method": ref["method"],
                  "method_name": method_display(ref["method"])[0], "method_order": method_display(ref["method"])[1],
                  "mode": ref["mode"],
-                 "protocol": "paper", "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper"}
+                 "protocol": "paper", "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper",
+                 "judge": ref["judge"], "group": ref["group"], "group_label": ref["group_label"]}
                 for ref in reference_rows()[0]]
 
     def results(self) -> list[dict[str, Any]]:
@@ -294,20 +321,26 @@ class Board:
                          "method_order": method_display(result["method"], result.get("method_display_name"),
                                                         result.get("method_display_order"))[1],
                          "mode": result["mode"], "protocol": result_protocol(result),
+                         "judge": judge_label(result.get("judge"), with_undecided=False),
+                         "group": group_key(ranking_group(result)), "group_label": group_label(ranking_group(result)),
                          "metrics": result["metrics"]["overall"], "n_rows": result.get("n_rows"),
                          "submitter": (sub.get("metadata") or {}).get("submitter", "")})
         rows += [dict(ref) for ref in self.reported_rows]  # copies: rank and average are set per call
         for row in rows:
             row["average"] = _average(row["metrics"])
         order = {p: i for i, p in enumerate(PROTOCOLS)}
-        rows.sort(key=lambda r: (r["mode"] != "single", order.get(r["protocol"], 9),
+        rows.sort(key=lambda r: (r["mode"] != "single", r["reference"], order.get(r["protocol"], 9), r["group"],
                                  -(r["average"] if r["average"] is not None else -math.inf), r["model"],
-                                 r["method"], r["reference"]))
+                                 r["method"]))
         counters: dict[tuple[str, str], int] = {}
-        for row in rows:  # ranks within one mode and one protocol: offline rows never rank among paper rows
-            group = (row["mode"], row["protocol"])
+        for row in rows:  # ranks within one mode and one ranking group; the paper's reported rows get none
+            if row["reference"]:
+                row["rank"] = None
+                continue
+            group = (row["mode"], row["group"])
             counters[group] = counters.get(group, 0) + 1
             row["rank"] = counters[group]
+        mark_best(rows)
         return rows
 
     def choices(self) -> dict[str, list[str]]:
@@ -329,13 +362,14 @@ class Board:
                     (row["reference"] and not paper_rows):
                 continue
             if row["reference"]:
-                source = "paper (reported)"
+                source = "paper (reported) · not ranked"
             else:
                 source = f"[{markdown_text(row['submitter'] or 'submission')} · items](/submission/{row['id']})"
             values = [_rounded(row["metrics"].get(key)) for key, _ in HEADLINE]
             out.append([row["rank"], row["model_display"], row["family"], row["method_name"],
                         row["mode"],
-                        row["protocol"], source] + values + [row["average"], row["n_rows"]])
+                        row["protocol"], source] + values + [row["average"], row["n_rows"], row["judge"],
+                                                             row["group_label"], row["best"]])
         return out
 
     # ------------------------------------------------------------------------------------------ submit / queue
@@ -378,7 +412,7 @@ class Board:
             return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in verdict["problems"]))
         if "error" in verdict:
             return plain_text(f"Rejected\n- {verdict['error']}")
-        sid = verdict["id"]
+        sid = board_id(verdict["id"], self.config.judge, **self.config.judge_options)
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
         try:
             if self.store.has(sid):
@@ -684,12 +718,17 @@ are never read.
 
 ### Protocols
 Every row is labelled with how its items were judged:
-- **paper**: the paper's protocol: deterministic stages (empty, exact match) and then the LLM judge;
-- **paper+choice**: the paper's protocol with the opt-in multiple-choice prefilter before the LLM judge;
+- **paper**: the paper's protocol (deterministic stages, empty and exact match, then the LLM judge) with the
+  paper's judge settings (model, seed, reasoning effort) at the paper's endpoint;
+- **paper+choice**: the same with the opt-in multiple-choice prefilter before the LLM judge;
+- **custom** / **custom+choice**: the same stages with another judge model, seed, reasoning effort or endpoint
+  (shown in the Judge column as model @ host);
 - **offline**: deterministic stages only (no LLM judge); undecided items count as wrong.
 
-Ranks are counted within one mode and one protocol: an offline row is never ranked among paper rows. Rows
-marked *paper (reported)* are the numbers the paper reports, transcribed from its tables.
+Ranks are counted within one mode and one ranking group: the same protocol, judge model, judge host, prompt
+version and dataset revision (the "Ranked with" column): an offline row is never ranked among paper rows. Rows
+marked *paper (reported)* are the numbers the paper reports, transcribed from its tables: they have no rank and
+count in none (the paper's judge prompts and data sample are not the board's).
 
 ### Submission format
 A `.zip` with exactly two files at its root:
@@ -711,7 +750,8 @@ def build_blocks(board: Board) -> Any:
     import gradio as gr
 
     choices = board.choices()
-    datatypes = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2)
+    datatypes = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2) + \
+        ["str", "str", "str"]
     with gr.Blocks(title="SAKE leaderboard") as blocks:
         gr.Markdown("# SAKE leaderboard\nEditing auditory attribute knowledge of large audio-language models.")
         with gr.Tabs():

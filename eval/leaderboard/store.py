@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+from eval.sake_metric.llm_judge import HOST_PATTERN, PAPER_HOST, PAPER_SETTINGS, PROMPT_VERSION, endpoint_host
 from sake_core.atomic import atomic_write, replace_dir, staging_dir
 from sake_core.protocol import METRIC_KEYS, MODES
 
@@ -39,7 +40,12 @@ logger = logging.getLogger(__name__)
 
 Scorer = Callable[..., dict]
 ITEMS_NAME = "items.jsonl"
-PROTOCOLS = ("paper", "paper+choice", "offline")
+#: Board protocol labels: ``paper`` only for the paper's judge settings (model, seed, reasoning effort) at the
+#: paper's endpoint; any other LLM judge is ``custom`` (shown with its model and host), the offline stages ``offline``.
+PROTOCOLS = ("paper", "paper+choice", "custom", "custom+choice", "offline")
+#: What identifies a ranking group (with the mode): rows are ranked only against rows with the same values.
+GROUP_FIELDS = ("protocol", "judge_model", "judge_host", "prompt_version", "dataset_fingerprint")
+_SHORT_TEXT = 200  # judge model / prompt version / fingerprint longer than this break the results contract
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
 
 
@@ -70,25 +76,94 @@ def check_results(result: Any, where: str = "results") -> None:
                                       or not math.isfinite(value)):
                 raise ResultsFormatError(f"{where}: field metrics.{name}.{key} must be a finite number or null, "
                                          f"got {str(value)[:40]}")
-    if not isinstance(result["judge"], dict):
+    judge = result["judge"]
+    if not isinstance(judge, dict):
         raise ResultsFormatError(f"{where}: field judge must be an object")
+    host = judge.get("host")
+    if host is not None and (not isinstance(host, str) or not HOST_PATTERN.fullmatch(host)):
+        raise ResultsFormatError(f"{where}: field judge.host must be null or HOST[:PORT] (no user, path or query), "
+                                 f"got {str(host)[:40]!r}")
+    for name, value in (("judge.model", judge.get("model")), ("judge.prompt_version", judge.get("prompt_version")),
+                        ("dataset_fingerprint", result["dataset_fingerprint"])):
+        if value is not None and (not isinstance(value, str) or len(value) > _SHORT_TEXT):
+            raise ResultsFormatError(f"{where}: field {name} must be null or a string of at most {_SHORT_TEXT} "
+                                     f"characters")
+
+
+def is_paper_judge(judge: dict[str, Any]) -> bool:
+    """True when a results JSON's judge block is the paper's judge: its model, seed and reasoning effort
+    (``paper_settings``) at the paper's endpoint (``host``). A block that does not record them is not."""
+    return (judge.get("paper_settings") is True and judge.get("model") == PAPER_SETTINGS["model"]
+            and judge.get("host") == PAPER_HOST)
 
 
 def result_protocol(result: dict[str, Any]) -> str:
-    """The judging protocol of a results JSON: ``judge.protocol``, or derived from ``judge.name`` when absent.
+    """The board's protocol label of a results JSON (one of :data:`PROTOCOLS`).
 
-    ``offline`` = deterministic stages only; ``paper`` = the paper's LLM judge; ``paper+choice`` = the paper's
-    judge behind the opt-in multiple-choice prefilter (older results: an LLM judge whose ``choice`` stage decided
-    items).
+    ``offline`` = deterministic stages only. An LLM-judged result (``judge.protocol`` ``paper`` or
+    ``paper+choice``, or for older results derived from ``judge.name`` and the ``choice`` stage share) is
+    labelled ``paper`` / ``paper+choice`` only when :func:`is_paper_judge`; any other judge model, seed,
+    reasoning effort or endpoint (a local server, say) is ``custom`` / ``custom+choice``.
     """
     judge = result.get("judge") or {}
-    protocol = judge.get("protocol")
-    if protocol in PROTOCOLS:
-        return protocol
-    if (judge.get("name") or "offline") == "offline":
+    stages = judge.get("protocol")
+    if stages not in ("paper", "paper+choice", "offline"):
+        if (judge.get("name") or "offline") == "offline":
+            stages = "offline"
+        else:
+            stages = "paper+choice" if (judge.get("stage_share") or {}).get("choice") else "paper"
+    if stages == "offline":
         return "offline"
-    shares = judge.get("stage_share") or {}
-    return "paper+choice" if shares.get("choice") else "paper"
+    if is_paper_judge(judge):
+        return stages
+    return stages.replace("paper", "custom")
+
+
+def ranking_group(result: dict[str, Any]) -> dict[str, Any]:
+    """The fields (:data:`GROUP_FIELDS`) that must match for two results of one mode to be ranked together:
+    protocol label, judge model, judge host, prompt version, dataset fingerprint (None where not recorded)."""
+    judge = result.get("judge") or {}
+    protocol = result_protocol(result)
+    llm = protocol != "offline"
+    return {"protocol": protocol, "judge_model": judge.get("model") if llm else None,
+            "judge_host": judge.get("host") if llm else None,
+            "prompt_version": judge.get("prompt_version") if llm else None,
+            "dataset_fingerprint": result.get("dataset_fingerprint")}
+
+
+def group_key(group: dict[str, Any]) -> str:
+    """A ranking group as one stable string (rows with equal keys are ranked together)."""
+    return json.dumps([group.get(k) for k in GROUP_FIELDS], ensure_ascii=True, separators=(",", ":"))
+
+
+def group_label(group: dict[str, Any]) -> str:
+    """A short human label of a ranking group: ``protocol · model @ host · prompt version · data FINGERPRINT``."""
+    parts = [str(group["protocol"])]
+    if group.get("judge_model") or group.get("judge_host"):
+        parts.append(f"{group.get('judge_model') or '?'} @ {group.get('judge_host') or '?'}")
+    if group.get("prompt_version"):
+        parts.append(str(group["prompt_version"]))
+    fingerprint = group.get("dataset_fingerprint")
+    parts.append(f"data {str(fingerprint)[:12]}" if fingerprint else "data unknown")
+    return " · ".join(parts)
+
+
+def judge_identity(judge: str, **judge_options: Any) -> dict[str, Any]:
+    """What the board's id of a scored submission covers besides its content: the scoring protocol and, for the
+    LLM judge, its model, endpoint host and prompt version (a key or the endpoint's path is never part of it)."""
+    if judge == "offline":
+        return {"protocol": "offline"}
+    return {"protocol": "paper+choice" if judge == "paper+choice" else "paper",
+            "judge_model": judge_options.get("model") or PAPER_SETTINGS["model"],
+            "judge_host": endpoint_host(judge_options.get("base_url")), "prompt_version": PROMPT_VERSION}
+
+
+def board_id(content_id: str, judge: str = "paper", **judge_options: Any) -> str:
+    """The board's id of a submission scored with ``judge``: 20 hex characters over the content id (which covers
+    the predictions, hence the dataset fingerprint, and the metadata) and :func:`judge_identity`, so the same
+    submission judged another way is another row (an offline-judged one can be judged again with the paper's)."""
+    identity = json.dumps(judge_identity(judge, **judge_options), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{content_id}\0{identity}".encode("utf-8")).hexdigest()[:20]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -157,12 +232,16 @@ def score_with_items(submission: Submission, judge: str = "paper", scorer: Score
     return result, items
 
 
-def board_result(submission: Submission, scored: dict[str, Any], added: str | None = None) -> dict[str, Any]:
-    """The results JSON the board stores: the metric's results plus a ``submission`` block."""
+def board_result(submission: Submission, scored: dict[str, Any], added: str | None = None,
+                 submission_id: str | None = None) -> dict[str, Any]:
+    """The results JSON the board stores: the metric's results plus a ``submission`` block (``id``: the board id,
+    :func:`board_id`; ``content_id``: the validator's) and the ``ranking_group`` it is ranked in."""
     header = {k: v for k, v in submission.header.items() if k != "kind"}
     result = dict(scored)
+    result["ranking_group"] = ranking_group(scored)
     result["submission"] = {
-        "id": submission.submission_id,
+        "id": submission_id or submission.submission_id,
+        "content_id": submission.submission_id,
         "metadata": submission.metadata,
         "header": header,
         "added": added or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -369,14 +448,15 @@ class AddOutcome:
 def add_submission(path: str | os.PathLike, manifest: dict[str, Any], store: ResultsStore,
                    judge: str = "paper", scorer: Scorer | None = None, added: str | None = None,
                    validate_options: dict[str, Any] | None = None, **judge_options: Any) -> AddOutcome:
-    """Validate, score and store one submission. Re-adding the same content is a no-op ("exists").
+    """Validate, score and store one submission. Re-adding the same content with the same judge settings is a
+    no-op ("exists"); judged another way (:func:`board_id`) it is another row.
 
     ``judge``: ``paper`` (the paper's protocol: deterministic stages, then the LLM judge; needs its API key) or
     ``offline`` (deterministic stages only). Adds of one id hold the store's lock for that id, so of two
     concurrent adds exactly one reports "added".
     """
     submission = validate_submission(path, manifest, **(validate_options or {}))
-    submission_id = submission.submission_id
+    submission_id = board_id(submission.submission_id, judge, **judge_options)
     with store.lock(submission_id):
         if store.has(submission_id):
             logger.info("submission %s is already on the board", submission_id)
@@ -385,7 +465,7 @@ def add_submission(path: str | os.PathLike, manifest: dict[str, Any], store: Res
         # submitter's, and the server reads none of them
         scored, items = score_with_items(submission, judge=judge, scorer=scorer, manifest=manifest,
                                          **judge_options)
-        result = board_result(submission, scored, added=added)
+        result = board_result(submission, scored, added=added, submission_id=submission_id)
         store.put(submission_id, result, submission.metadata, submission.predictions_bytes, items)
     logger.info("added submission %s (%s / %s, %s)", submission_id, result["model"], result["method"],
                 result["mode"])

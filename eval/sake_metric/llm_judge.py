@@ -21,7 +21,8 @@
   cache. A state file (`batch_state`) records the submitted batch so an interrupted run resumes polling
   instead of submitting again.
 - The API key is read from `OPENAI_API_KEY` by this module only; it is never logged or written, and is
-  removed from any error text before it is shown.
+  removed from any error text before it is shown. Results record the endpoint only as its host
+  (`endpoint_host`: host and port; never user info, path or query).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import re
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "gpt-5-mini-2025-08-07"
 #: The judge settings of the paper's App. E (model, seed, reasoning effort).
 PAPER_SETTINGS = {"model": DEFAULT_MODEL, "seed": 0, "reasoning_effort": "minimal"}
+#: The host of the paper's judge endpoint (the OpenAI API, the client's default base URL).
+PAPER_HOST = "api.openai.com"
+#: What `endpoint_host` may return: a host name or IPv4 address, or a bracketed IPv6 address, and a port.
+HOST_PATTERN = re.compile(r"(?:[a-z0-9](?:[a-z0-9._-]{0,251}[a-z0-9])?|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 60.0
 PROMPT_VERSION = "sake-judge-v1"
@@ -225,6 +231,27 @@ class JudgeConfig:
         return (self.model, self.seed, self.reasoning_effort) == tuple(PAPER_SETTINGS.values())
 
 
+def endpoint_host(base_url: str | None) -> str:
+    """The host (and port) of a judge endpoint, `PAPER_HOST` for the default one; never user info, path or query.
+
+    ValueError (one line) for a URL without a usable host.
+    """
+    if not base_url:
+        return PAPER_HOST
+    try:
+        parts = urllib.parse.urlsplit(str(base_url).strip())
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise ValueError("the judge's base URL must be http(s)://HOST[:PORT]/..., got one without a usable host")
+    shown = f"[{host}]" if ":" in host else host
+    shown = f"{shown}:{port}" if port is not None else shown
+    if not HOST_PATTERN.fullmatch(shown):
+        raise ValueError("the judge's base URL must be http(s)://HOST[:PORT]/..., got a host with other characters")
+    return shown
+
+
 def _redact(text: str) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     text = " ".join(str(text).split())
@@ -290,6 +317,11 @@ class LLMJudge:
             self._client = OpenAI(api_key=api_key, base_url=self.config.base_url, max_retries=0,
                                   timeout=self.config.timeout)
         return self._client
+
+    @property
+    def host(self) -> str:
+        """The endpoint's host and port as results record it (`endpoint_host`)."""
+        return endpoint_host(self.config.base_url)
 
     @property
     def server(self) -> str:

@@ -76,9 +76,9 @@ ITEM_FIELDS: tuple[str, ...] = ("id", "type", "question", "options", "answer", "
 #: Fields of every prediction row (line 2.. of a predictions JSONL).
 ROW_FIELDS: tuple[str, ...] = ("kind", "instance_id", "item_id", "dimension", "type", "attribute", "question",
                                "options", "reference", "pre_edit", "post_edit", "gap", "category")
-#: Optional row fields the runner writes: ``post_edit_hit_limit`` (the post-edit output stopped at
-#: ``max_new_tokens`` without a stop token, so its answer may be cut; null when unknown).
-OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit",)
+#: Optional row fields the runner writes: ``post_edit_hit_limit`` / ``pre_edit_hit_limit`` (the post-edit / pre-edit
+#: output stopped at ``max_new_tokens`` without a stop token, so its answer may be cut; null when unknown).
+OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit", "pre_edit_hit_limit")
 #: Header fields every predictions file carries (line 1).
 HEADER_FIELDS: tuple[str, ...] = ("kind", "model", "model_revision", "method", "hparams", "mode", "dataset",
                                   "dataset_fingerprint", "configs", "split", "seed", "versions")

@@ -30,7 +30,7 @@ METRIC_FIELDS = (
     "options",
 )
 #: Optional row field written by editors/run.py: the post-edit output stopped at max_new_tokens.
-HIT_LIMIT_FIELD = OPTIONAL_ROW_FIELDS[0]
+HIT_LIMIT_FIELD, PRE_HIT_LIMIT_FIELD = OPTIONAL_ROW_FIELDS
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class PredictionRow:
     instance_id: str = ""
     question: str = ""
     hit_limit: bool | None = None  # the post-edit output stopped at max_new_tokens (None: not recorded)
+    pre_hit_limit: bool | None = None  # the pre-edit output stopped at max_new_tokens (None: not recorded)
 
     @property
     def is_consistency(self) -> bool:
@@ -132,12 +133,13 @@ def validate_row(
     too_many = options_problem(options)
     if too_many:
         raise PredictionsError(f"{where}: field 'options' holds {too_many}")
-    hit_limit = raw.get(HIT_LIMIT_FIELD)
-    if hit_limit is not None and not isinstance(hit_limit, bool):
-        raise PredictionsError(f"{where}: field {HIT_LIMIT_FIELD!r} must be true, false or null, got "
-                               f"{excerpt(hit_limit)}")
+    flags = {}
+    for name in (HIT_LIMIT_FIELD, PRE_HIT_LIMIT_FIELD):  # one rule for both generation-limit flags
+        flags[name] = raw.get(name)
+        if flags[name] is not None and not isinstance(flags[name], bool):
+            raise PredictionsError(f"{where}: field {name!r} must be true, false or null, got {excerpt(flags[name])}")
     return PredictionRow(
-        hit_limit=hit_limit, item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
+        hit_limit=flags[HIT_LIMIT_FIELD], pre_hit_limit=flags[PRE_HIT_LIMIT_FIELD], item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
         pre_edit=pre_edit, post_edit=post_edit, gap=gap, category=category, options=tuple(options),
         instance_id=str(raw.get("instance_id") or ""), question=str(raw.get("question") or ""),
     )

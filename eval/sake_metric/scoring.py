@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -46,6 +47,19 @@ logger = logging.getLogger(__name__)
 METRIC_VERSION = "1.1.0"
 STAGES = ("empty", "exact", "choice", "llm", "llm_failed", "undecided")
 PROTOCOLS = ("paper", "offline")
+#: The one line every table of offline-protocol numbers carries (report, `sake score`, the demo and its README block).
+NOT_COMPARABLE_LINE = ("Offline protocol (no LLM judge; undecided items count as wrong): these numbers are not "
+                       "comparable with the paper's. Set OPENAI_API_KEY to score with the paper's protocol.")
+
+
+def default_protocol() -> str:
+    """The protocol a caller gets without choosing one: "paper" when `OPENAI_API_KEY` is set, else "offline"."""
+    return "paper" if os.environ.get("OPENAI_API_KEY") else "offline"
+
+
+def comparability_note(protocols: Iterable[str]) -> str | None:
+    """`NOT_COMPARABLE_LINE` when any of `protocols` is "offline", else None."""
+    return NOT_COMPARABLE_LINE if "offline" in set(protocols) else None
 PREFILTERS = ("choice",)
 #: One character per stage / dimension in the results' compact per-item record (`items`).
 STAGE_CODES = {"empty": "e", "exact": "x", "choice": "c", "llm": "l", "llm_failed": "f", "undecided": "u"}
@@ -249,14 +263,21 @@ def items_record(verdicts: Sequence[ItemVerdict]) -> dict[str, Any]:
 
 
 def generation_summary(verdicts: Sequence[ItemVerdict], header: Mapping[str, Any]) -> dict[str, Any]:
-    """How many post-edit outputs stopped at the run's `max_new_tokens` (truncated answers), when rows say."""
+    """How many post-edit (`hit_max_new_tokens`) and pre-edit (`pre_edit_hit_max_new_tokens`) outputs stopped at
+    the run's `max_new_tokens` (truncated answers), when rows say (None when no row carries the flag)."""
     known = [v for v in verdicts if v.row.hit_limit is not None]
     hit = [v for v in known if v.row.hit_limit]
+    pre_known = [v for v in verdicts if v.row.pre_hit_limit is not None]
+    pre_hit = [v for v in pre_known if v.row.pre_hit_limit]
     return {
         "max_new_tokens": header.get("max_new_tokens"),
         "hit_max_new_tokens": len(hit) if known else None,
         "rows_with_flag": len(known),
         "per_dimension": {d: sum(v.row.dimension == d for v in hit) for d in DIMENSION_CODES} if known else {},
+        "pre_edit_hit_max_new_tokens": len(pre_hit) if pre_known else None,
+        "pre_edit_rows_with_flag": len(pre_known),
+        "pre_edit_per_dimension": ({d: sum(v.row.dimension == d for v in pre_hit) for d in DIMENSION_CODES}
+                                   if pre_known else {}),
     }
 
 
@@ -274,12 +295,14 @@ def random_baseline(verdicts: Sequence[ItemVerdict]) -> dict[str, float | None]:
 def judge_info(judge: str | LLMJudge, verdicts: Sequence[ItemVerdict], protocol: str) -> dict[str, Any]:
     """The results JSON's `judge` block."""
     share, counts = stage_summary(verdicts)
-    info: dict[str, Any] = {"protocol": protocol, "name": "offline", "model": None, "version": METRIC_VERSION,
-                            "stage_share": share, "stage_counts": counts}
+    info: dict[str, Any] = {"protocol": protocol, "name": "offline", "model": None, "host": None,
+                            "prompt_version": None, "version": METRIC_VERSION, "stage_share": share,
+                            "stage_counts": counts}
     if isinstance(judge, LLMJudge):
         from .llm_judge import PROMPT_VERSION
 
-        info.update({"name": judge.name, "model": judge.config.model, "prompt_version": PROMPT_VERSION,
+        info.update({"name": judge.name, "model": judge.config.model, "host": judge.host,
+                     "prompt_version": PROMPT_VERSION,
                      "seed": judge.config.seed, "reasoning_effort": judge.config.reasoning_effort,
                      "paper_settings": judge.config.paper_settings,
                      "requests_sent": judge.requests_sent, "verdict_requests": judge.calls,
