@@ -50,6 +50,7 @@ from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import Prompt, as_audio_array
 from sake_core.atomic import atomic_write
+from sake_core.cache import cache_root
 from sake_core.protocol import ATTRIBUTES
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class AlphaEdit(Editor):
         threshold = hp.nullspace_threshold
         rule = [threshold, hp.nullspace_fraction]
         digest = hashlib.sha256(json.dumps([p.digest() for p in prompts] + rule).encode()).hexdigest()[:20]
-        root = Path(self.context.cache_dir or Path.home() / ".cache" / "sake")
+        root = Path(self.context.cache_dir or cache_root())
         path = root / "alphaedit" / self.adapter.model_key() / f"layer{self._layer()}-{digest}.safetensors"
         self.stats_path = path
         device = self.adapter.device

@@ -28,6 +28,7 @@ from editors.base import EditRequest, Editor
 from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, PromptBatch
 from sake_core.atomic import atomic_write
+from sake_core.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -298,10 +299,8 @@ class HypernetEditor(Editor):
         path = self.hparams.hypernetwork_path
         if path:
             return Path(path)
-        from editors.preedit_cache import default_cache_dir
-
         model = self.context.model_name or self.adapter.model_id
-        return default_hypernet_dir(self.context.cache_dir or default_cache_dir(), self.name, model)
+        return default_hypernet_dir(self.context.cache_dir or cache_root(), self.name, model)
 
     def setup(self) -> None:
         directory = self.network_dir()

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
 from sake_core.atomic import atomic_write
+from sake_core.protocol import RESUME_FIELDS
 
 logger = logging.getLogger(__name__)
 
-#: Header fields that must agree for a rerun to resume into an existing file.
-RESUME_KEYS = ("model", "model_revision", "model_key", "method", "hparams", "mode", "dataset",
-               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens", "eval_edits",
-               "max_gap")
 
 
 def dumps(obj: Any) -> str:
@@ -74,7 +71,7 @@ class PredictionsFile:
             raise ValueError(f"{self.path}: line 1 is not a JSON run header") from exc
         if old.get("kind") != "header":
             raise ValueError(f"{self.path}: line 1 is not a run header (kind: header)")
-        diff = [k for k in RESUME_KEYS if old.get(k) != self.header.get(k)]
+        diff = [k for k in RESUME_FIELDS if old.get(k) != self.header.get(k)]
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} != {self.header.get(k)!r}" for k in diff)
             raise ValueError(f"{self.path} was written by a different run ({details}); "

@@ -28,8 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
-from editors.predictions import RESUME_KEYS
 from sake_core.atomic import atomic_write
+from sake_core.protocol import RESUME_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def scan(path: Path, header: Mapping[str, Any] | None, unit_of: Callable[[dict[s
     if not isinstance(file_header, dict) or file_header.get("kind") != "header":
         raise ValueError(f"{path}: line 1 is not a run header (kind: header)")
     if header is not None:
-        diff = [k for k in RESUME_KEYS if file_header.get(k) != header.get(k)]
+        diff = [k for k in RESUME_FIELDS if file_header.get(k) != header.get(k)]
         if diff:
             details = ", ".join(f"{k}: {file_header.get(k)!r} != {header.get(k)!r}" for k in diff)
             raise ValueError(f"{path} was written by a different run ({details}); use another --out or delete it")
@@ -227,7 +227,7 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
             return MergeResult(final, merged=False, missing=list(order))
         reference = header if header is not None else scans[0].header
         for s in scans:
-            diff = [k for k in RESUME_KEYS if s.header.get(k) != reference.get(k)]
+            diff = [k for k in RESUME_FIELDS if s.header.get(k) != reference.get(k)]
             if diff:
                 raise ValueError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
                                  "delete the stale file")

@@ -286,7 +286,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     from editors.data import load_instances
     from editors.models import family_of, load_adapter
     from editors.registry import load_hparams
-    from editors.preedit_cache import default_cache_dir
+    from sake_core.cache import cache_root
     from sake_core.protocol import ATTRIBUTES
 
     family_of(model)
@@ -301,7 +301,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     hp = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=hparams)
     if not isinstance(hp, HypernetHparams):
         raise ConfigError(f"--method {method}: not a hypernetwork method (expected one of {hypernetwork_methods()})")
-    target = Path(out) if out else default_hypernet_dir(cache_dir or default_cache_dir(), method, model)
+    target = Path(out) if out else default_hypernet_dir(cache_dir or cache_root(), method, model)
     trainer = Trainer(adapter, method, hp, data, target, seed=seed, model_name=model, dataset_name=dataset,
                       limit=limit, checkpoint_every=checkpoint_every, progress=progress)
     if not restart:

@@ -629,26 +629,18 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from eval.score import add_judge_arguments, judge_options
+
     p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--judge", choices=("offline", "openai"), default="offline",
-                   help="judge for predictions JSONL inputs: offline protocol, or openai = the paper protocol "
-                        "(default: %(default)s)")
-    p.add_argument("--prefilter", choices=("choice",), default=None,
-                   help="with --judge openai: the choice matcher decides first (protocol paper+choice)")
-    p.add_argument("--model", default=None, help="judge model for --judge openai")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for --judge openai")
-    p.add_argument("--cache-dir", default=None, help="judge verdict cache")
+    add_judge_arguments(p)  # how predictions JSONL inputs are scored (as eval.score)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    score_kwargs: dict[str, Any] = {"judge": args.judge, "prefilter": args.prefilter, "base_url": args.base_url,
-                                    "cache_dir": args.cache_dir}
-    if args.model:
-        score_kwargs["model"] = args.model
+    score_kwargs = judge_options(args)
     from eval.sake_metric.llm_judge import JudgeError
     from eval.sake_metric.scoring import JudgeFailures
 

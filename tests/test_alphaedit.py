@@ -107,6 +107,12 @@ def test_alphaedit_without_a_train_split_is_a_clear_error():
         editor.setup()
 
 
+#: Whether two edits of the same question get distinct keys: the tiny DeSTA2.5's random LLM barely mixes the audio
+#: into the last prompt token (cosine 0.9999999), so its two keys coincide and preserving the first wins, as
+#: AlphaEdit intends; the other two tiny models give distinct keys (cosine 0.72 and 0.91).
+DISTINCT_KEYS = {"tiny-qwen2-audio": True, "tiny-audio-flamingo3": True, "tiny-desta25": False}
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_path):
     adapter = tiny_adapter(model)
@@ -131,12 +137,11 @@ def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_
         assert torch.linalg.matrix_rank(editor.past_keys).item() == 2  # both edits' keys are now preserved
         outputs = adapter.generate([first.prompt(), second.prompt()], max_new_tokens=1)
         assert outputs[0] == first.target  # the first edit's key is preserved by the second update
-        if float(torch.nn.functional.cosine_similarity(k1, k2, dim=0)) < 0.99:
-            # distinct keys: the second update leaves the first key (almost) alone and still takes
+        distinct = float(torch.nn.functional.cosine_similarity(k1, k2, dim=0)) < 0.99
+        assert distinct == DISTINCT_KEYS[model]
+        if distinct:  # the second update leaves the first key (almost) alone and still takes
             assert float((delta @ k1).norm()) < 1e-3 * float((delta @ k2).norm())
             assert outputs[1] == second.target
-        # (the tiny DeSTA2.5's random LLM barely mixes the audio into the last prompt token: two edits of the same
-        # question have nearly the same key there, and preserving the first wins, as AlphaEdit intends)
     finally:
         snapshot.restore()
         editor.reset()
