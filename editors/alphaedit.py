@@ -52,6 +52,7 @@ from editors.models.base import Prompt, as_audio_array
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.protocol import ATTRIBUTES
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     """``n_audio`` audio prompts then ``n_text`` text prompts from the train split of every attribute config (see
     the module docstring); deterministic per ``seed``. ValueError when no train split can be loaded."""
     if context.load_rows is None:
-        raise ValueError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
+        raise ConfigError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
     tables = []
     for config in ATTRIBUTES:
         try:
@@ -69,7 +70,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
             logger.warning("alphaedit: cannot load %s/train (%s)", config, exc)
     refs = [(config, table, i) for config, table, in tables for i in range(len(table))]
     if not refs:
-        raise ValueError("alphaedit: the dataset has no train split to draw preserved keys from "
+        raise DataError("alphaedit: the dataset has no train split to draw preserved keys from "
                          f"(configs {list(ATTRIBUTES)}, split train)")
     rng = random.Random(f"alphaedit:{seed}")
     order = list(range(len(refs)))
@@ -208,7 +209,7 @@ class AlphaEdit(Editor):
         """Column of the fact token in the one-row training batch."""
         which = self.hparams.fact_token
         if which not in ("audio_last", "prompt_last"):
-            raise ValueError(f"alphaedit: fact_token={which!r}; expected audio_last or prompt_last")
+            raise ConfigError(f"alphaedit: fact_token={which!r}; expected audio_last or prompt_last")
         if which == "audio_last" and bool(batch.audio_token_mask[0].any()):
             return int(batch.audio_token_mask[0].nonzero()[-1, 0])
         return int((batch.labels[0] != -100).nonzero()[0, 0]) - 1

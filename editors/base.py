@@ -36,6 +36,7 @@ import torch
 
 from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.
     elif optimizer == "rmsprop":
         opt = torch.optim.RMSprop(opt_tensors, lr=lr, weight_decay=weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
     previous = [p.requires_grad for p in plist]
     for p in plist:
         p.requires_grad_(True)

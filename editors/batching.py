@@ -36,6 +36,7 @@ from torch import nn
 from editors.models.buckets import padded_rows
 from editors.models.base import LALMAdapter, Prompt
 from editors.models.parameters import owner_of, swapped_parameters
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     losses ``[K]``; each edit follows exactly the single-edit loop (loss, then stop if below ``early_stop_loss``,
     else one update), its own copy updated with its own gradient. One host sync per step (the K losses)."""
     if optimizer not in ("adam", "sgd", "rmsprop"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
     k = copies.k
     masters = list(copies.masters.values())
     states: list[dict[str, Any]] = [{} for _ in masters]

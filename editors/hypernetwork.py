@@ -29,6 +29,7 @@ from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, PromptBatch
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -199,14 +200,14 @@ def network_class(method: str) -> type[HyperNetwork]:
 
     cls = get_editor_class(method)
     if not (isinstance(cls, type) and issubclass(cls, HypernetEditor)):
-        raise ValueError(f"no hypernetwork for method {method!r}; expected one of {hypernetwork_methods()}")
+        raise ConfigError(f"no hypernetwork for method {method!r}; expected one of {hypernetwork_methods()}")
     return cls.network_class
 
 
 def model_spec(adapter: LALMAdapter, layers: Sequence[int]) -> dict[str, Any]:
     resolved = [adapter.resolve_layer(int(x)) for x in layers]
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"hparam layers={list(layers)}: duplicate layers")
+        raise ConfigError(f"hparam layers={list(layers)}: duplicate layers")
     shapes = {str(layer): list(adapter.mlp_out_proj(layer).weight.shape) for layer in resolved}
     return {"layers": resolved, "shapes": shapes,
             "hidden_size": int(adapter.language_model().config.hidden_size)}
@@ -263,18 +264,18 @@ def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / HYPERNET_FILE
     if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
+        raise DataError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
     try:
         config = json.loads(config_path.read_text())
         method = config["method"]
         net = network_class(method)(config["spec"], config["net"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{config_path}: malformed hypernetwork config ({exc})") from exc
+        raise DataError(f"{config_path}: malformed hypernetwork config ({exc})") from exc
     state = load_file(str(weights_path))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{weights_path}: weights do not match {config_path} ({exc})") from exc
+        raise DataError(f"{weights_path}: weights do not match {config_path} ({exc})") from exc
     return net.to(device), config
 
 
@@ -306,16 +307,16 @@ class HypernetEditor(Editor):
         directory = self.network_dir()
         if not (directory / CONFIG_FILE).is_file():
             model = self.context.model_name or self.adapter.model_id
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: no trained hypernetwork for model {model!r} at {directory}. Train one first: "
                 f"python -m editors.train --method {self.name} --model {model} --dataset DATASET --out {directory} "
                 f"(or pass --hparam hypernetwork_path=DIR)")
         net, config = load_network(directory, device=self.adapter.device)
         if config.get("method") != self.name:
-            raise ValueError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
+            raise DataError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
         expected = model_spec(self.adapter, net.layers)
         if expected["shapes"] != net.spec["shapes"] or expected["hidden_size"] != net.spec["hidden_size"]:
-            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its layer shapes "
+            raise DataError(f"{directory}: trained for another model ({config.get('model')!r}); its layer shapes "
                              f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected['shapes']}")
         if config.get("model_key") not in (None, self.adapter.model_key()):
             logger.warning("%s: trained on %s (model key %s), editing %s (model key %s)", directory,

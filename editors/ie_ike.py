@@ -21,6 +21,7 @@ from editors.registry import register
 from editors.data import eval_items
 from editors.i_ike import IIKE, IIKEHparams
 from editors.models.base import Prompt, Turn
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class IEIKE(IIKE):
     def _train_rows(self, attribute: str) -> Any:
         if attribute not in self._train:
             if self.context.load_rows is None:
-                raise ValueError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
+                raise ConfigError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
             self._train[attribute] = self.context.load_rows(attribute, self.hparams.train_split)
         return self._train[attribute]
 
@@ -79,7 +80,7 @@ class IEIKE(IIKE):
                                 edit.instance_id, edit.original_label, edit.target_label, tier)
                 rng = random.Random(f"{self.context.seed}:{edit.instance_id}")
                 return rows[candidates[rng.randrange(len(candidates))]]
-        raise ValueError(f"{edit.instance_id}: no train instance of attribute {edit.attribute!r} with pair "
+        raise DataError(f"{edit.instance_id}: no train instance of attribute {edit.attribute!r} with pair "
                          f"({edit.original_label}, {edit.target_label})")
 
     def demonstrations(self, edit: EditRequest) -> tuple[Turn, ...]:

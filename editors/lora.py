@@ -40,6 +40,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
 from editors.models.base import Prompt
+from sake_core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -108,7 +109,7 @@ class LoRA(Editor):
     def _target(self) -> str:
         target = self.hparams.target
         if target not in ("connector", "llm"):
-            raise ValueError(f"lora: hparam target={target!r}; expected connector or llm")
+            raise ConfigError(f"lora: hparam target={target!r}; expected connector or llm")
         return target
 
     def _linears(self) -> dict[str, nn.Linear]:
@@ -120,7 +121,7 @@ class LoRA(Editor):
             roles = self.hparams.modules
             layers = [a.resolve_layer(i) for i in self.hparams.layers]
             if not roles or not layers:
-                raise ValueError("lora: target llm needs non-empty hparams 'layers' and 'modules'")
+                raise ConfigError("lora: target llm needs non-empty hparams 'layers' and 'modules'")
             modules = [a.llm_linear(i, role) for i in layers for role in roles]
         out = {}
         for module in modules:
@@ -128,7 +129,7 @@ class LoRA(Editor):
                 module = module.base
             out[self._name_of(module)] = module
         if not out:
-            raise ValueError(f"lora: no Linear module found for target {self._target()!r}")
+            raise ConfigError(f"lora: no Linear module found for target {self._target()!r}")
         return out
 
     def _name_of(self, module: nn.Module) -> str:
@@ -180,7 +181,7 @@ class LoRA(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         a = self.adapter
         if self._target() == "connector" and edit.audio is None:
-            raise ValueError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
+            raise DataError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
         wrappers = self._install()
         params: dict[str, nn.Parameter] = {}
         for name, wrapper in wrappers.items():
@@ -223,7 +224,7 @@ class LoRA(Editor):
         connector = self._target() == "connector"
         for edit in edits:
             if connector and edit.audio is None:
-                raise ValueError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
+                raise DataError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
         wrappers = self._install()
         factors: dict[str, torch.Tensor] = {}
         for name, wrapper in wrappers.items():

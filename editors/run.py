@@ -50,6 +50,7 @@ from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from editors.config import RunConfig
 from sake_core.protocol import MODES, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from sake_core.errors import DataError, user_errors
 
 logger = logging.getLogger("editors.run")
 
@@ -428,30 +429,26 @@ class Runner:
                                          "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m editors.run``: a user-facing error (:class:`SakeError`) is one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        if args.merge_only:
-            plan = RunPlan(config)  # no model: the units and the files are all a merge needs
-            result = plan.merge()
-            if not result.merged and not result.missing:
-                raise ValueError(f"{plan.path}: no predictions file and no part files to merge")
-            if not result.merged:
-                raise ValueError(f"{plan.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
-                                 f"{result.missing[0]}); rerun the same command without --merge-only")
-            path = result.path
-        else:
-            runner = Runner(config)
-            path = runner.run()
-            if path is None:  # a rank > 0: rank 0 prints the merged file
-                return 0
-    except ValueError as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    if args.merge_only:
+        plan = RunPlan(config)  # no model: the units and the files are all a merge needs
+        result = plan.merge()
+        if not result.merged and not result.missing:
+            raise DataError(f"{plan.path}: no predictions file and no part files to merge")
+        if not result.merged:
+            raise DataError(f"{plan.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
+                            f"{result.missing[0]}); rerun the same command without --merge-only")
+        path = result.path
+    else:
+        path = Runner(config).run()
+        if path is None:  # a rank > 0: rank 0 prints the merged file
+            return 0
     print(path)
     return 0
 

@@ -53,7 +53,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   hypernetwork_methods, load_network, replaced_out_projs, save_network)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError
+from sake_core.errors import ConfigError, DataError, user_errors
 
 logger = logging.getLogger("editors.train")
 
@@ -184,11 +184,11 @@ class Trainer:
         state = json.loads(state_file.read_text())
         if state.get("order_length") != len(self.order) or [list(x) for x in self.order[:5]] != \
                 [list(x) for x in state.get("order_head", [])]:
-            raise ValueError(f"{state_file}: the checkpoint was made with another dataset/seed/limit; use another "
+            raise DataError(f"{state_file}: the checkpoint was made with another dataset/seed/limit; use another "
                              "--out or --restart")
         net, config = load_network(self.checkpoint_dir, device=self.adapter.device)
         if config.get("method") != self.method or net.spec != self.net.spec:
-            raise ValueError(f"{self.checkpoint_dir}: checkpoint of another method or model")
+            raise DataError(f"{self.checkpoint_dir}: checkpoint of another method or model")
         self.net.load_state_dict(net.state_dict())
         opt_state = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=self.adapter.device,
                                weights_only=True)
@@ -293,7 +293,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     chosen = list(dict.fromkeys(configs or ATTRIBUTES))
     bad = [c for c in chosen if c not in ATTRIBUTES]
     if bad:
-        raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
+        raise ConfigError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
     data = {c: load_instances(dataset, c, split) for c in chosen}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -313,20 +313,17 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     return target
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m editors.train``: a user-facing error (:class:`SakeError`) is one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
-                                 split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
-                                 limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                                 restart=args.restart, dtype=args.dtype, device=args.device,
-                                 revision=args.revision, progress=not args.no_progress)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
+                             split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
+                             limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                             restart=args.restart, dtype=args.dtype, device=args.device,
+                             revision=args.revision, progress=not args.no_progress)
     print(out)
     return 0
 

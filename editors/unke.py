@@ -35,6 +35,7 @@ from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
 from sake_core.protocol import ATTRIBUTES
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
     ``source='instance'`` (or no ``context.load_rows``): the instance's own locality items, repeated cyclically
     when fewer than asked. Raises ValueError for an unknown source."""
     if source not in ("train", "instance"):
-        raise ValueError(f"preserve_source={source!r}; expected 'train' or 'instance'")
+        raise ConfigError(f"preserve_source={source!r}; expected 'train' or 'instance'")
     if source == "instance" or context.load_rows is None:
         text, audio = _instance_items(edit)
         return _cycle(text, n_text) + _cycle(audio, n_audio)

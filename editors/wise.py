@@ -56,6 +56,7 @@ from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter
 from editors.unke import preservation_prompts
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def activation_fn(adapter: LALMAdapter, which: str) -> Any:
     if which == "none":
         return lambda t: t
     if which != "hidden_act":
-        raise ValueError(f"wise: distance_act={which!r}; expected hidden_act or none")
+        raise ConfigError(f"wise: distance_act={which!r}; expected hidden_act or none")
     from transformers.activations import ACT2FN
 
     name = getattr(adapter.language_model().config, "hidden_act", None)

@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sake_core.errors import ConfigError, user_errors
+
 logger = logging.getLogger("eval.publish")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm
 LEADERBOARD_REQUIREMENTS = ["huggingface_hub>=0.30", "jsonschema>=4.20", "fastapi", "uvicorn>=0.30", "openai>=1.60",
                             "tqdm>=4.66"]
 #: What the leaderboard Space runs: its own package, the scorer and the metric's modules (all torch-free).
-LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake")
+LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake_core", "sake")
 
 METRIC_APP = '''"""The metric's Space: evaluate's widget for the SAKE metric (this repository's {name}.py)."""
 import evaluate
@@ -93,7 +95,7 @@ to the results repo) and, for the paper protocol, the judge's API key (`OPENAI_A
 """
 
 
-class PublishError(ValueError):
+class PublishError(ConfigError):
     """Bad arguments for publishing (one line)."""
 
 
@@ -259,20 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.what == "metric":
-            out = publish_metric(args.repo_id, args.dry_run)
-        elif args.what == "leaderboard":
-            out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
-                                      dry_run=args.dry_run, private_results=args.private_results)
-        else:
-            out = publish_dataset(args.repo_id, args.built, args.dry_run)
-    except PublishError as exc:
-        print(f"sake publish: {exc}", file=sys.stderr)
-        return 2
+    if args.what == "metric":
+        out = publish_metric(args.repo_id, args.dry_run)
+    elif args.what == "leaderboard":
+        out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
+                                  dry_run=args.dry_run, private_results=args.private_results)
+    else:
+        out = publish_dataset(args.repo_id, args.built, args.dry_run)
     if out is not None:
         print(f"wrote {out} (dry run: nothing uploaded)")
     return 0

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
+from sake_core.errors import DataError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
     def add_results(path: Path) -> None:
         obj = json.loads(path.read_text(encoding="utf-8"))
         if not _is_results(obj):
-            raise ValueError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
+            raise DataError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
         name = path.name[:-len(".results.json")] if path.name.endswith(".results.json") else path.stem
         runs.append(Run(obj, str(path), _timing(path.with_name(name + ".jsonl"))))
 
@@ -190,7 +191,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             else:
                 predictions = [p for p in sorted(path.rglob("*.jsonl")) if _is_predictions(p)]
                 if not predictions:
-                    raise ValueError(f"{path}: no results JSON and no predictions JSONL found")
+                    raise DataError(f"{path}: no results JSON and no predictions JSONL found")
                 for candidate in predictions:
                     add_predictions(candidate)
         elif path.suffix == ".jsonl":
@@ -198,12 +199,12 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         elif path.is_file():
             add_results(path)
         else:
-            raise ValueError(f"{path}: no such file or folder")
+            raise DataError(f"{path}: no such file or folder")
     seen: dict[tuple[str, str, str, str], str] = {}
     for run in runs:
         key = (run.results.get("model") or "?", run.method, run.mode, run.protocol)
         if key in seen:
-            raise ValueError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
+            raise DataError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
                              f"{key[3]!r}: {seen[key]} and {run.source}")
         seen[key] = run.source
     runs.sort(key=lambda r: (r.model, PROTOCOL_ORDER.get(r.protocol, 9), r.mode != "single", r.mode,
@@ -628,6 +629,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
     return written
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     from eval.score import add_judge_arguments, judge_options
 
@@ -642,11 +644,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     score_kwargs = judge_options(args)
     from eval.sake_metric.llm_judge import JudgeError
+    from eval.sake_metric.predictions_file import PredictionsError
     from eval.sake_metric.scoring import JudgeFailures
 
     try:
         runs = load_runs(args.inputs, score_kwargs)
-    except ValueError as exc:
+    except PredictionsError as exc:  # the metric's own (self-contained) error for a bad predictions file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (JudgeError, JudgeFailures) as exc:

@@ -51,7 +51,7 @@ from eval.sake_metric.predictions_file import check_complete, load_manifest, man
 from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError
+from sake_core.errors import ConfigError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ def default_results_path(predictions: str | os.PathLike) -> Path:
     return path.with_name(stem + ".results.json")
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -49,6 +49,7 @@ from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, batch_sp
 from editors.models.prefix_decode import generate_after_prefix, shared_prefix_length
 from editors.models.prompts import Prompt, audio_digest
 from editors.models.weights import weights_digest
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class LALMAdapter(abc.ABC):
         n = self.num_llm_layers
         idx = layer + n if layer < 0 else layer
         if not 0 <= idx < n:
-            raise ValueError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
+            raise ConfigError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
         return idx
 
     def llm_layer(self, layer: int) -> nn.Module:
@@ -194,7 +195,7 @@ class LALMAdapter(abc.ABC):
         """The Linear of LLM layer ``layer`` with ``role`` (a key of :attr:`LLM_LINEAR_PATHS`: query, key, value,
         attn_out, mlp_gate, mlp_up, mlp_out)."""
         if role not in self.LLM_LINEAR_PATHS:
-            raise ValueError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
+            raise ConfigError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
         return self.llm_layer(layer).get_submodule(self.LLM_LINEAR_PATHS[role])
 
     def module_name(self, module: nn.Module) -> str:
@@ -641,5 +642,5 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "float32": torch.float32, "fp32": torch.float32}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
     return table[dtype]

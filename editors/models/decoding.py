@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from editors.models.buckets import chunk_rows, group_by_width, left_pad, row_bucket
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def decoding_mode(device: torch.device | str) -> str:
     """``static`` or ``dynamic`` (or ``legacy``) for generation on ``device`` (``$SAKE_DECODING``, default auto)."""
     mode = os.environ.get("SAKE_DECODING", "auto").strip().lower() or "auto"
     if mode not in DECODING_MODES:
-        raise ValueError(f"SAKE_DECODING={mode!r}; expected one of {', '.join(DECODING_MODES)}")
+        raise ConfigError(f"SAKE_DECODING={mode!r}; expected one of {', '.join(DECODING_MODES)}")
     if mode == "auto":
         return "static" if torch.device(device).type == "cuda" else "dynamic"
     return mode

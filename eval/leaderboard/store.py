@@ -32,6 +32,7 @@ from sake_core.atomic import atomic_write, replace_dir, staging_dir
 from sake_core.protocol import METRIC_KEYS, MODES
 
 from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, SubmissionError, validate_submission
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ PROTOCOLS = ("paper", "paper+choice", "offline")
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(DataError):
     """A results JSON does not follow the contract of ARCHITECTURE.md."""
 
 
@@ -187,7 +188,7 @@ def dump_json(obj: Any) -> bytes:
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise DataError(f"{name} is not valid JSON")
 
 
 def load_json_file(path: Path) -> Any:
@@ -321,7 +322,7 @@ def open_store(results_dir: str | None = None, hub_repo: str | None = None,
     if hub_repo:
         return HubStore(hub_repo, token=token)
     if not results_dir:
-        raise ValueError("give a results directory or a Hub dataset repo")
+        raise ConfigError("give a results directory or a Hub dataset repo")
     return LocalStore(results_dir)
 
 
