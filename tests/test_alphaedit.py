@@ -1,5 +1,6 @@
-"""AlphaEdit (editors/alphaedit.py): the edit takes, preserved keys' outputs stay within the stated tolerance,
-the statistics are cached on disk, sequential edits leave earlier edits' keys alone, exact restore, runner.
+"""AlphaEdit (editors/alphaedit.py), what is particular to it: the edit takes, preserved keys' outputs stay within
+the stated tolerance, the statistics are cached on disk, sequential edits leave earlier edits' keys alone. (Every
+method's edit, restore, runner and resume: tests/test_methods.py.)
 
 Stated tolerance (what the null-space projection guarantees): for every preserved key k0 the update changes the
 layer's output by at most ||Delta||_2 * ||P k0|| (only k0's part in the null space of the preserved keys can move;
@@ -8,18 +9,13 @@ that part's mean square is the sum of the eigenvalues below the threshold), and 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
+from _methods_helpers import (TINY_MODELS, assert_same_state, context, edit_request, first_answer_token, hparams,
                               load_train_split, model_state, one_token_words, tiny_adapter)
 from editors.alphaedit import AlphaEdit, preserved_prompts
-from editors.base import ParameterSnapshot
-
-MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
+from editors.session import EditSession
 
 
 def _context(tmp_path):
@@ -44,7 +40,7 @@ def _preserved_keys(editor):
     return torch.cat(keys)
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_alphaedit_edit_takes_preserved_keys_stay_within_tolerance_and_restore_is_exact(model, tmp_path):
     adapter = tiny_adapter(model)
     (edit,) = _edits(adapter, 1)
@@ -56,9 +52,7 @@ def test_alphaedit_edit_takes_preserved_keys_stay_within_tolerance_and_restore_i
     assert touched == adapter.parameter_names(proj)
     keys = _preserved_keys(editor)
     before = proj.weight.detach().clone()
-    snapshot = ParameterSnapshot(adapter.model, touched)
-    try:
-        stats = editor.apply(edit)
+    with EditSession(editor).edit(edit) as stats:
         assert adapter.generate([edit.prompt()], max_new_tokens=1) == [edit.target]
         assert stats["residual_fraction"] > 0.98  # the closed form reaches the new value at the edit's key
         changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
@@ -71,9 +65,6 @@ def test_alphaedit_edit_takes_preserved_keys_stay_within_tolerance_and_restore_i
         assert bool((change <= bound * (1 + 1e-6) + 1e-5 * delta.norm() * k0.norm(dim=-1)).all())
         outside = (k0 - k0 @ P) @ delta.t()  # the keys' part outside the null space: unchanged
         assert float(outside.norm(dim=-1).max()) <= 1e-5 * float(delta.norm()) * float(k0.norm(dim=-1).max())
-    finally:
-        snapshot.restore()
-        editor.reset()
     assert_same_state(adapter, state)
 
 
@@ -113,7 +104,7 @@ def test_alphaedit_without_a_train_split_is_a_clear_error():
 DISTINCT_KEYS = {"tiny-qwen2-audio": True, "tiny-audio-flamingo3": True, "tiny-desta25": False}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_path):
     adapter = tiny_adapter(model)
     first, second = _edits(adapter, 2)
@@ -121,18 +112,17 @@ def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_
     editor = AlphaEdit(adapter, hparams("alphaedit", adapter), _context(tmp_path))
     editor.setup()
     proj = adapter.mlp_out_proj(editor._layer())
-    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
 
     def key(edit):
         batch = adapter.prepare([edit.prompt()], [edit.target])
         return editor._keys(batch, editor._layer())[0, editor._fact_position(batch)].double()
 
-    try:
+    with EditSession(editor) as session:
         k1 = key(first)
-        editor.apply(first)
+        session.apply(first)
         after_first = proj.weight.detach().double().clone()
         k2 = key(second)
-        editor.apply(second)
+        session.apply(second)
         delta = proj.weight.detach().double() - after_first
         assert torch.linalg.matrix_rank(editor.past_keys).item() == 2  # both edits' keys are now preserved
         outputs = adapter.generate([first.prompt(), second.prompt()], max_new_tokens=1)
@@ -142,23 +132,6 @@ def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_
         if distinct:  # the second update leaves the first key (almost) alone and still takes
             assert float((delta @ k1).norm()) < 1e-3 * float((delta @ k2).norm())
             assert outputs[1] == second.target
-    finally:
-        snapshot.restore()
-        editor.reset()
     assert editor.past_keys is None
     assert_same_state(adapter, state)
 
-
-def test_alphaedit_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
-    from editors.run import main as run_main
-
-    for mode, extra in (("single", {"configs": ("gender",), "limit": 1}),
-                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
-        out = tmp_path / f"{mode}.jsonl"
-        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="alphaedit",
-                                   model="tiny-qwen2-audio", mode=mode, **extra))
-        assert run_main(args) == 0
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
-        assert lines[0]["method"] == "alphaedit" and lines[0]["mode"] == mode
-        assert len(lines) > 2 and all(r["post_edit"] is not None for r in lines[1:])
-    assert len(list((tmp_path / "cache" / "alphaedit").rglob("*.safetensors"))) == 1  # computed once, reused
