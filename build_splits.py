@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sake_core.errors import ConfigError, user_errors
 
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = DEMO_SIZES if args.demo else {"test_per_attribute": 300, "train_per_attribute": 1000,
                                             "sequences": 10, "sequence_length": 10}
-    sizes = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
-    options = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks}
+    sizes: dict[str, Any] = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    options: dict[str, Any] = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks}
     if args.portability:
         options["portability"] = args.portability
     if args.splits is None and args.train_per_attribute == 0:

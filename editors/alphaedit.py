@@ -48,7 +48,7 @@ from tqdm import tqdm
 from editors.base import EditRequest, Editor
 from editors.registry import register
 from editors.hparams import Hparams
-from editors.models.base import Prompt, as_audio_array
+from editors.models.base import Prompt, as_audio_array, as_linear
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.protocol import ATTRIBUTES
@@ -179,7 +179,7 @@ class AlphaEdit(Editor):
     @torch.no_grad()
     def _second_moment(self, prompts: list[Prompt]) -> tuple[torch.Tensor, int]:
         """``mean k k^T`` over every non-padding token of ``prompts`` (fp64 sum) and the number of keys."""
-        layer, proj = self._layer(), self.adapter.mlp_out_proj(self._layer())
+        layer, proj = self._layer(), as_linear(self.adapter.mlp_out_proj(self._layer()))
         size = self.hparams.stats_batch_size
         total = torch.zeros(proj.in_features, proj.in_features, dtype=torch.float64, device=self.adapter.device)
         count = 0
@@ -217,9 +217,12 @@ class AlphaEdit(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         if self.projector is None:
             self.setup()
+        if self.projector is None:
+            raise RuntimeError("alphaedit: setup() computed no null-space projector")
+        projector = self.projector
         a, hp = self.adapter, self.hparams
         layer = self._layer()
-        proj = a.mlp_out_proj(layer)
+        proj = as_linear(a.mlp_out_proj(layer))
         batch = a.prepare([edit.prompt()], [edit.target])
         state = a.hidden_entering(batch, layer)
         position = self._fact_position(batch)
@@ -261,7 +264,7 @@ class AlphaEdit(Editor):
         # the solve in fp64: with a small L2 the system is ill-conditioned and fp32 would break the exact null-space
         # property (Delta k0 = 0 for every k0 with P k0 = 0)
         keys = key.double()[:, None]  # K [in, 1]
-        P = self.projector.double()
+        P = projector.double()
         past = self.past_keys if self.past_keys is not None else torch.zeros_like(P)
         lhs = P @ (keys @ keys.t() + past) + hp.L2 * torch.eye(P.shape[0], device=P.device, dtype=P.dtype)
         update_t = torch.linalg.solve(lhs, P @ keys @ residual.double()[None, :])  # Delta^T [in, out]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class StackedCopies:
     :meth:`current` gives the copies in the model's dtype (differentiable with respect to the fp32 masters), as
     :func:`editors.base.finetune` casts its fp32 masters back to 16-bit parameters after each step."""
 
-    def __init__(self, params: dict[str, nn.Parameter], k: int) -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor], k: int) -> None:
         if not params:
             raise ValueError("StackedCopies needs at least one parameter")
         if k < 1:

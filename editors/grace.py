@@ -148,6 +148,7 @@ class GRACE(Editor):
         a, hp = self.adapter, self.hparams
         codebook = self._install()
         batch = a.prepare([edit.prompt()], [edit.target])
+        assert batch.labels is not None  # prepared with a target
         state = a.hidden_entering(batch, self._layer())
         # the last prompt token: the position before the first target token (one row, left padding)
         position = int((batch.labels[0] != IGNORE_INDEX).nonzero()[0, 0]) - 1

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
 from editors.hparams import Hparams
-from editors.models.base import LALMAdapter, PromptBatch
+from editors.models.base import LALMAdapter, PromptBatch, as_linear
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.errors import ConfigError, DataError
@@ -75,7 +75,7 @@ class _Capture(nn.Module):
 class _Shifted(nn.Module):
     """Stand-in for a linear output projection computing with ``W + delta`` (delta fp32, differentiable)."""
 
-    def __init__(self, original: nn.Module, delta: torch.Tensor) -> None:
+    def __init__(self, original: nn.Linear, delta: torch.Tensor) -> None:
         super().__init__()
         self.original = original
         self.delta = delta
@@ -90,7 +90,7 @@ class _Shifted(nn.Module):
 
 
 @contextlib.contextmanager
-def replaced_out_projs(adapter: LALMAdapter, modules: dict[int, nn.Module]) -> Iterator[None]:
+def replaced_out_projs(adapter: LALMAdapter, modules: Mapping[int, nn.Module]) -> Iterator[None]:
     """Temporarily install ``modules`` as the FFN output projections of their layers (always put back)."""
     old: dict[int, nn.Module] = {}
     try:
@@ -111,10 +111,14 @@ def edit_factors(adapter: LALMAdapter, layers: Sequence[int], batch: PromptBatch
     with replaced_out_projs(adapter, captures), torch.enable_grad():
         hidden = state.hidden.detach().requires_grad_(True)  # so that every layer output carries a graph
         loss = adapter.loss_from(state, hidden)
-        grads = torch.autograd.grad(loss, [captures[layer].y for layer in layers])
+        outputs = [captures[layer].y for layer in layers]
+        inputs = [captures[layer].x for layer in layers]
+        if any(t is None for t in outputs + inputs):
+            raise RuntimeError("edit_factors: an edited layer's projection did not run")
+        grads = torch.autograd.grad(loss, cast(list[torch.Tensor], outputs))
     valid = batch.attention_mask.bool()
-    factors = {layer: Factors(u=captures[layer].x[valid].detach().float(), g=grad[valid].detach().float())
-               for layer, grad in zip(layers, grads)}
+    factors = {layer: Factors(u=x[valid].detach().float(), g=grad[valid].detach().float())
+               for layer, x, grad in zip(layers, cast(list[torch.Tensor], inputs), grads)}
     return factors, float(loss.detach())
 
 
@@ -156,7 +160,7 @@ class HyperNetwork(nn.Module, abc.ABC):
 
     def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
         super().__init__()
-        self.spec = {"layers": [int(x) for x in spec["layers"]],
+        self.spec: dict[str, Any] = {"layers": [int(x) for x in spec["layers"]],
                      "shapes": {str(k): [int(v[0]), int(v[1])] for k, v in spec["shapes"].items()},
                      "hidden_size": int(spec["hidden_size"])}
         self.net = {k: net[k] for k in self.net_keys}
@@ -208,9 +212,9 @@ def model_spec(adapter: LALMAdapter, layers: Sequence[int]) -> dict[str, Any]:
     resolved = [adapter.resolve_layer(int(x)) for x in layers]
     if len(set(resolved)) != len(resolved):
         raise ConfigError(f"hparam layers={list(layers)}: duplicate layers")
-    shapes = {str(layer): list(adapter.mlp_out_proj(layer).weight.shape) for layer in resolved}
-    return {"layers": resolved, "shapes": shapes,
-            "hidden_size": int(adapter.language_model().config.hidden_size)}
+    shapes = {str(layer): list(as_linear(adapter.mlp_out_proj(layer)).weight.shape) for layer in resolved}
+    config: Any = adapter.language_model().config
+    return {"layers": resolved, "shapes": shapes, "hidden_size": int(config.hidden_size)}
 
 
 def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: int) -> HyperNetwork:
@@ -342,6 +346,8 @@ class HypernetEditor(Editor):
         if self.network is None:
             self.setup()
         net = self.network
+        if net is None:
+            raise RuntimeError(f"{self.name}: setup() loaded no hypernetwork")
         batch = self.adapter.prepare([edit.prompt()], [edit.target])
         factors, loss = edit_factors(self.adapter, net.layers, batch)
         condition = condition_embeddings(self.adapter, batch) if net.needs_condition else None
@@ -349,7 +355,7 @@ class HypernetEditor(Editor):
             deltas = net.deltas(factors, condition)
             norms = {}
             for layer, delta in deltas.items():
-                weight = self.adapter.mlp_out_proj(layer).weight
+                weight = as_linear(self.adapter.mlp_out_proj(layer)).weight
                 weight.copy_((weight.float() + delta).to(weight.dtype))
                 norms[f"delta_norm.{layer}"] = float(delta.norm())
         return {"steps": 1, "loss": loss, **norms}

@@ -47,7 +47,7 @@ class IEIKE(IIKE):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._train: dict[str, list[dict[str, Any]]] = {}  # attribute -> train rows (without audio decoding)
+        self._train: dict[str, Any] = {}  # attribute -> train rows (a datasets.Dataset: audio decoded on access)
         self._demos: dict[str, tuple[Turn, ...]] = {}  # edit instance id -> its demonstration turns
         self.fallbacks = 0
 

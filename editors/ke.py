@@ -18,7 +18,7 @@ The editor base lives in :mod:`editors.hypernetwork`, training in :mod:`editors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -35,13 +35,15 @@ LOG_LAMBDA_BOUND = 10.0
 class KEHyperNetwork(HyperNetwork):
     """Bidirectional-LSTM condition + one gating head per edited layer."""
 
+    log_lambda: torch.Tensor  # buffer: log of the Lagrange multiplier of the KL constraint
+
     method = "ke"
     needs_condition = True
     net_keys: ClassVar[tuple[str, ...]] = ("lstm_input", "lstm_hidden", "head_hidden", "edit_lr")
 
     def __init__(self, spec: dict[str, Any], net: dict[str, Any]) -> None:
         super().__init__(spec, net)
-        hidden = self.spec["hidden_size"]
+        hidden = int(self.spec["hidden_size"])
         lstm_in, lstm_hidden, head_hidden = (int(self.net["lstm_input"]), int(self.net["lstm_hidden"]),
                                              int(self.net["head_hidden"]))
         self.project = nn.Linear(hidden, lstm_in)
@@ -51,7 +53,7 @@ class KEHyperNetwork(HyperNetwork):
             d_out, d_in = self.shape(layer)
             head = nn.Sequential(nn.Linear(2 * lstm_hidden, head_hidden), nn.Tanh(),
                                  nn.Linear(head_hidden, 2 * d_out + 2 * d_in + 1))
-            last = head[-1]
+            last = cast(nn.Linear, head[-1])
             nn.init.normal_(last.weight, std=1e-3)
             with torch.no_grad():  # alpha, beta, gamma, delta, eta such that dW ~ -edit_lr * G at the start
                 last.bias.zero_()

@@ -39,7 +39,7 @@ from torch import nn
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
-from editors.models.base import Prompt
+from editors.models.base import Prompt, as_linear
 from sake_core.errors import ConfigError, DataError
 
 
@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         for a, b in self.frozen:
             out = out + self.scale * ((x @ a.t()) @ b.t())
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.lora_B is not None:
             out = out + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
         if self.stacked is not None and self.runs:
             a, b = self.stacked
@@ -83,7 +83,14 @@ class LoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """``scale * B A`` of the trainable adapter (fp32), for merging."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        a, b = self.trained()
+        return self.scale * (b.float() @ a.float())
+
+    def trained(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable adapter's factors ``(A, B)``, detached."""
+        if self.lora_A is None or self.lora_B is None:
+            raise RuntimeError("LoRALinear: no trainable adapter")
+        return self.lora_A.detach(), self.lora_B.detach()
 
 
 @register("lora")
@@ -115,6 +122,7 @@ class LoRA(Editor):
     def _linears(self) -> dict[str, nn.Linear]:
         """Dotted name -> the Linear modules the adapters go on (the originals, also while wrapped)."""
         a = self.adapter
+        modules: list[nn.Module]
         if self._target() == "connector":
             modules = [m for m in a.connector().modules() if isinstance(m, nn.Linear)]
         else:
@@ -123,11 +131,10 @@ class LoRA(Editor):
             if not roles or not layers:
                 raise ConfigError("lora: target llm needs non-empty hparams 'layers' and 'modules'")
             modules = [a.llm_linear(i, role) for i in layers for role in roles]
-        out = {}
+        out: dict[str, nn.Linear] = {}
         for module in modules:
-            if isinstance(module, LoRALinear):
-                module = module.base
-            out[self._name_of(module)] = module
+            linear = as_linear(module.base if isinstance(module, LoRALinear) else module)
+            out[self._name_of(linear)] = linear
         if not out:
             raise ConfigError(f"lora: no Linear module found for target {self._target()!r}")
         return out
@@ -207,7 +214,7 @@ class LoRA(Editor):
                     w = wrapper.base.weight
                     w.copy_((w.float() + wrapper.delta()).to(w.dtype))
                 else:
-                    wrapper.frozen.append((wrapper.lora_A.detach(), wrapper.lora_B.detach()))
+                    wrapper.frozen.append(wrapper.trained())
                 wrapper.lora_A = wrapper.lora_B = None
         if self.merge:
             self.reset()  # the adapters are in the weights now; no wrapper stays

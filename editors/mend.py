@@ -44,6 +44,10 @@ class LowRankResidual(nn.Module):
 class RunningNorm(nn.Module):
     """Per-feature running mean/variance (Welford), updated in training mode; normalises with them."""
 
+    count: torch.Tensor  # buffers (registered below)
+    mean: torch.Tensor
+    m2: torch.Tensor
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))

@@ -180,13 +180,14 @@ class Runner:
         if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
             generation, _ = merged_hparams("generation", self.adapter.family, tiny=self.adapter.is_tiny)
             self.config = args = args.replace(max_new_tokens=int(generation["max_new_tokens"]))
+        #: the generation length of every output (the config's, else the family's default resolved above)
+        self.max_new_tokens: int = args.max_new_tokens or 0
         cache_dir = args.cache_dir or cache_root()
         context = RunContext(seed=args.seed, cache_dir=str(cache_dir),
                              load_rows=self.plan.load_rows, model_name=args.model)
         self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
         self.editor: Editor = self.session.editor
-        self.preedit = PreEditCache(cache_dir, self.adapter.model_key(),
-                                    args.max_new_tokens)
+        self.preedit = PreEditCache(cache_dir, self.adapter.model_key(), self.max_new_tokens)
         self.edits_per_pass = self._edits_per_pass(device)
         self.stats = RunStats()
 
@@ -243,23 +244,22 @@ class Runner:
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
 
     def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
-        return self.adapter.generate(prompts, max_new_tokens=self.config.max_new_tokens,
+        return self.adapter.generate(prompts, max_new_tokens=self.max_new_tokens,
                                      batch_size=self.config.batch_size or None,
                                      max_batch_tokens=self.config.max_batch_tokens or None)
 
     def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
         """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
         prompts = [it.prompt() for it in items]
-        outputs = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
-        missing = [i for i, o in enumerate(outputs) if o is None]
+        cached = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
+        missing = [i for i, o in enumerate(cached) if o is None]
+        generated: dict[int, str] = {}
         if missing:
             t0 = time.perf_counter()
-            generated = self._generate([prompts[i] for i in missing])
-            for i, text in zip(missing, generated):
-                outputs[i] = text
-            self.preedit.put_many((items[i].item_id, prompts[i], outputs[i]) for i in missing)
+            generated = dict(zip(missing, self._generate([prompts[i] for i in missing])))
+            self.preedit.put_many((items[i].item_id, prompts[i], generated[i]) for i in missing)
             self.stats.preedit_s += time.perf_counter() - t0
-        return outputs  # type: ignore[return-value]
+        return [generated[i] if o is None else o for i, o in enumerate(cached)]
 
     def rows(self, edit: EditRequest, items: list[EvalItem], pre: list[str], post: list[str], gap: int | None
              ) -> list[dict[str, Any]]:
@@ -366,7 +366,7 @@ class Runner:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
-            post = self.editor.generate_many(prompts, max_new_tokens=self.config.max_new_tokens,
+            post = self.editor.generate_many(prompts, max_new_tokens=self.max_new_tokens,
                                              batch_size=self.config.batch_size or None,
                                              max_batch_tokens=self.config.max_batch_tokens or None)
             self.stats.eval_s += time.perf_counter() - t2
@@ -378,7 +378,7 @@ class Runner:
 
     def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:
         ds = self.plan.datasets[self.config.configs[0]]
-        for seq_no, (seq_id, row_indices) in enumerate(self.plan.sequences):
+        for seq_no, (_, row_indices) in enumerate(self.plan.sequences):
             steps = [u for u in self.units if u.index == seq_no]
             if all(u.key in done for u in steps):
                 continue
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not result.merged:
             raise DataError(f"{plan.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
                             f"{result.missing[0]}); rerun the same command without --merge-only")
-        path = result.path
+        path: Path | None = result.path
     else:
         path = Runner(config).run()
         if path is None:  # a rank > 0: rank 0 prints the merged file

@@ -51,7 +51,7 @@ from editors.base import EditRequest
 from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, HyperNetwork, _atomic_json, _Shifted,
                                   build_network, condition_embeddings, default_hypernet_dir, edit_factors,
                                   hypernetwork_methods, load_network, replaced_out_projs, save_network)
-from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from editors.models.base import LALMAdapter, Prompt, as_audio_array, as_linear
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, DataError, user_errors
 
@@ -108,17 +108,16 @@ def training_step(adapter: LALMAdapter, net: HyperNetwork, example: TrainExample
     condition = condition_embeddings(adapter, edit_batch) if net.needs_condition else None
     eq = [(example.edit.prompt(), example.edit.target)] + example.equivalent
     eq_state = adapter.hidden_entering(adapter.prepare([p for p, _ in eq], [t for _, t in eq]), first)
-    loc_state = pre_logp = None
+    locality = None
     if example.locality:
         loc_batch = adapter.prepare([p for p, _ in example.locality], [t for _, t in example.locality])
         loc_state = adapter.hidden_entering(loc_batch, first)
-        pre_logp = _target_logp(adapter, loc_state)
+        locality = (loc_state, _target_logp(adapter, loc_state))
     deltas = net.deltas(factors, condition)
-    shifted = {layer: _Shifted(adapter.mlp_out_proj(layer), delta) for layer, delta in deltas.items()}
+    shifted = {layer: _Shifted(as_linear(adapter.mlp_out_proj(layer)), delta) for layer, delta in deltas.items()}
     with replaced_out_projs(adapter, shifted):
         edit_loss = adapter.loss_from(eq_state)
-        loc_loss = (_kl_at_targets(adapter, loc_state, pre_logp) if loc_state is not None
-                    else edit_loss.new_zeros(()))
+        loc_loss = _kl_at_targets(adapter, *locality) if locality is not None else edit_loss.new_zeros(())
     return edit_loss, loc_loss
 
 

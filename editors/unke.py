@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -130,6 +130,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 def last_prompt_positions(batch: PromptBatch) -> torch.Tensor:
     """Column of the last prompt token of each row of a batch prepared with targets (it predicts the first target
     token)."""
+    if batch.target_rows is None or batch.target_cols is None:
+        raise ValueError("last_prompt_positions needs a batch prepared with targets")
     first = torch.full((batch.batch_size,), batch.input_ids.shape[1], dtype=torch.long, device=batch.input_ids.device)
     return first.scatter_reduce(0, batch.target_rows, batch.target_cols, reduce="amin")
 
@@ -227,7 +229,7 @@ class UnKE(Editor):
                 terms.append((pres_state, a.run_layers(pres_state).detach(), pres_batch.attention_mask))
 
         def loss_fn() -> torch.Tensor:
-            return sum(masked_mse(a.run_layers(st), target, mask) for st, target, mask in terms)
+            return cast(torch.Tensor, sum(masked_mse(a.run_layers(st), target, mask) for st, target, mask in terms))
 
         names = set(self.touched_parameters())
         params = {n: p for n, p in a.model.named_parameters() if n in names}

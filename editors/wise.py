@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.registry import register
 from editors.hparams import Hparams
-from editors.models.base import IGNORE_INDEX, LALMAdapter
+from editors.models.base import IGNORE_INDEX, LALMAdapter, as_linear
 from editors.unke import preservation_prompts
 from sake_core.errors import ConfigError
 
@@ -92,7 +92,7 @@ class Shard:
 class WiseRouter(nn.Module):
     """Stand-in for an FFN output projection: routes each input row to a side-memory shard or the original."""
 
-    def __init__(self, original: nn.Module, act: Any, act_ratio: float, long_prompt_tokens: int = 100) -> None:
+    def __init__(self, original: nn.Linear, act: Any, act_ratio: float, long_prompt_tokens: int = 100) -> None:
         super().__init__()
         self.original = original
         self.act = act
@@ -243,7 +243,7 @@ class WISE(Editor):
     def _install(self) -> WiseRouter:
         if self.router is None:
             layer = self._layer()
-            original = self.adapter.mlp_out_proj(layer)
+            original = as_linear(self.adapter.mlp_out_proj(layer))
             router = WiseRouter(original, activation_fn(self.adapter, self.hparams.distance_act),
                                 self.hparams.act_ratio, self.hparams.long_prompt_tokens)
             self.adapter.set_mlp_out_proj(layer, router)
@@ -264,7 +264,7 @@ class WISE(Editor):
 
     def _inner_activations(self, state) -> torch.Tensor:
         """The FFN inner activations (the output projection's input) of the edited layer: [B, T, I]."""
-        router = self.router
+        router = self._install()
         router.capture = []
         try:
             with torch.no_grad():
@@ -344,7 +344,7 @@ class WISE(Editor):
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if shard.mask is not None:
+                if shard.mask is not None and master.grad is not None:
                     master.grad.mul_(shard.mask)
                 opt.step()
                 steps += 1

@@ -342,11 +342,11 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
                                          key=lambda kv: (method_sort_key(first[kv[0]].results), kv[0][1])):
         row = [first[(method, model)].label, model]
         for mode in ("single", "sequential"):
-            run = modes.get(mode)
-            if run is None:
+            of_mode = modes.get(mode)
+            if of_mode is None:
                 row += ["-", "-", "-"]
                 continue
-            t = run.timing or {}
+            t = of_mode.timing or {}
             units = int(t.get("units") or 0)
             row += [_duration(t.get("total_s")), str(units),
                     f"{float(t['total_s']) / units:.2f}" if units else "-"]
@@ -479,7 +479,7 @@ def plot_types(runs: Sequence[Run], model: str, path: Path, protocol: str = "") 
         offset = (i - (len(single) - 1) / 2) * width
         points = [(j + offset, run.metrics().get(k)) for j, (k, _) in enumerate(TYPE_BARS)]
         points = [(x, v) for x, v in points if v is not None]  # no bar where a type has no items
-        ax.bar([x for x, _ in points], [v for _, v in points], width, label=run.label)
+        ax.bar([x for x, _ in points], [float(v) for _, v in points if v is not None], width, label=run.label)
     ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")

@@ -88,7 +88,7 @@ def resolve_protocol(protocol: str | None, judge: str | LLMJudge | None) -> tupl
     if protocol == "paper":
         if judge == "offline":
             raise ValueError("protocol 'paper' needs the LLM judge; judge='offline' contradicts it")
-        return protocol, judge if uses_llm else "openai"
+        return protocol, judge if uses_llm and judge is not None else "openai"
     if uses_llm:
         raise ValueError("protocol 'offline' uses no LLM judge; drop judge='openai' or use protocol='paper'")
     return protocol, "offline"

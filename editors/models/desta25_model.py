@@ -227,6 +227,9 @@ class WhisperPerception(nn.Module):
 class DeSTA25Model(nn.Module):
     """The whole model: ``llm_model`` + ``perception`` (names as in the release)."""
 
+    #: a causal LM (a PreTrainedModel with transformers' GenerationMixin: ``generate``)
+    llm_model: Any
+
     def __init__(self, config: DeSTA25Config, llm_model: PreTrainedModel, whisper: WhisperForConditionalGeneration):
         super().__init__()
         self.config = config
@@ -348,7 +351,7 @@ class DeSTA25Model(nn.Module):
 
     def load_release_tensors(self, tensors: dict[str, torch.Tensor], source: str = "<tensors>") -> None:
         """Copy release-layout tensors in; raise naming missing/unexpected keys or shape mismatches."""
-        own = dict(self.named_parameters())
+        own: dict[str, torch.Tensor] = dict(self.named_parameters())
         own.update(dict(self.named_buffers()))
         unexpected = sorted(k for k in tensors if k not in own)
         connector_names = [f"perception.connector.{k}" for k in self.perception.connector.state_dict()]

@@ -111,7 +111,7 @@ def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, **overri
     """The hardened uvicorn configuration shared by the static board and the Space."""
     import uvicorn
 
-    options = dict(host=host, port=port, http=_head_timeout_protocol(), backlog=BACKLOG,
+    options: dict[str, Any] = dict(host=host, port=port, http=_head_timeout_protocol(), backlog=BACKLOG,
                    limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=KEEP_ALIVE_S,
                    timeout_graceful_shutdown=5, server_header=False, log_level="warning", lifespan="auto")
     options.update(overrides)

@@ -85,8 +85,7 @@ def _rounded(value: Any) -> float | None:
 
 
 def _average(metrics: dict[str, Any]) -> float | None:
-    values = [metrics.get(key) for key, _ in HEADLINE]
-    values = [v for v in values if isinstance(v, (int, float))]
+    values = [v for v in (metrics.get(key) for key, _ in HEADLINE) if isinstance(v, (int, float))]
     return round(sum(values) / len(values), 2) if values else None
 
 
@@ -449,7 +448,7 @@ def build_blocks(board: Board) -> Any:
     import gradio as gr
 
     choices = board.choices()
-    datatypes = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2)
+    datatypes: list[Any] = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2)
     with gr.Blocks(title="SAKE leaderboard") as blocks:
         gr.Markdown("# SAKE leaderboard\nEditing auditory attribute knowledge of large audio-language models.")
         with gr.Tabs():
@@ -465,7 +464,7 @@ def build_blocks(board: Board) -> Any:
                 refresh = gr.Button("Refresh", elem_id="refresh", size="sm")
                 table = gr.Dataframe(value=board.table(), headers=COLUMNS, datatype=datatypes, interactive=False,
                                      elem_id="board-table", max_height=900, wrap=True)
-                filters = [family, method, mode, protocol, paper]
+                filters: list[Any] = [family, method, mode, protocol, paper]
                 for component in filters:
                     component.change(board.table, filters, table)
                 refresh.click(board.table, filters, table)

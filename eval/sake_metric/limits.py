@@ -39,4 +39,4 @@ def judged_text(text: str | None) -> str:
 
 def is_clipped(text: str | None) -> bool:
     """True when `judged_text` drops part of `text`."""
-    return bool(text) and len(text) > MAX_JUDGED_CHARS
+    return text is not None and len(text) > MAX_JUDGED_CHARS
