@@ -18,6 +18,8 @@ from typing import Any
 
 from sake_core.errors import ConfigError, user_errors
 
+from sake_core.command import command_prog
+
 log = logging.getLogger("build_splits")
 
 
@@ -29,7 +31,8 @@ def parse_pool(text: str) -> tuple[str, str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=command_prog("python build_splits.py"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("sources (all three required unless --demo)")
     src.add_argument("--sakura", help="SAKURA folder (<Track>/metadata.csv + audio/) or Hub id (needs network)")
     src.add_argument("--dynamic-superb", help="Dynamic-SUPERB Phase-2: a folder of task folders in the release layout "

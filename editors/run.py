@@ -51,6 +51,7 @@ from sake_core.cache import cache_root
 from editors.config import RunConfig
 from sake_core.protocol import MODES, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 from sake_core.errors import DataError, user_errors
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
 
@@ -61,7 +62,7 @@ logger = logging.getLogger("editors.run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.run", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.run"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
@@ -154,6 +155,13 @@ class RunStats:
     preedit_s: float = 0.0
     total_s: float = 0.0
     per_unit: list[dict[str, Any]] = field(default_factory=list)
+
+
+def progress_label(method: str, mode: str, model: str) -> str:
+    """The runner's progress-bar label: which run it is (``method mode, model``; a local model folder by its
+    name)."""
+    path = Path(str(model))
+    return f"{method} {mode}, {path.name if path.is_dir() else model}"
 
 
 class Runner:
@@ -305,7 +313,8 @@ class Runner:
         logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
-                   else "step", disable=not self.config.progress, dynamic_ncols=True)
+                   else "step", disable=not self.config.progress, dynamic_ncols=True,
+                   desc=progress_label(self.config.method, self.mode, self.config.model))
         start = time.perf_counter()
         try:
             if self.mode == "single":

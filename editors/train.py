@@ -54,6 +54,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
 from editors.models.base import LALMAdapter, Prompt, as_audio_array, as_linear
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, DataError, user_errors
+from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.train")
 
@@ -206,7 +207,8 @@ class Trainer:
         self.net.train()
         params = [p for p in self.net.parameters() if p.requires_grad]
         clip = self.hp.grad_clip
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True)
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="edit", dynamic_ncols=True,
+                   desc=f"training {self.method}")
         start = time.perf_counter()
         try:
             while self.step < end:
@@ -247,7 +249,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m editors.train", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_prog("python -m editors.train"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=hypernetwork_methods())
     p.add_argument("--model", required=True, help="Hub id, local model directory or tiny-qwen2-audio / "

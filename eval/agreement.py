@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from eval.sake_metric.scoring import DIMENSION_CODES
 from sake_core.errors import DataError, user_errors
+from sake_core.command import command_prog
 
 DIMENSIONS = tuple(DIMENSION_CODES)
 
@@ -108,7 +109,7 @@ def _load(path: str) -> dict[str, Any]:
 
 @user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.agreement", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.agreement"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results_a", help="results JSON written by eval.score")

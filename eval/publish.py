@@ -12,13 +12,16 @@ nothing. Without it the folder is built in a temporary directory and uploaded wi
 - **dataset**: the folder ``build_splits.py`` built (Parquet, card, ``sake_manifest.json``) as a dataset repo,
   i.e. ``build_splits.py --push-to-hub``;
 - **metric**: a Gradio Space whose root holds ``NAME.py`` (the metric module ``eval/sake_metric/sake_metric.py``
-  under the name ``evaluate.load("ORG/NAME")`` fetches), its helper modules, ``app.py`` (evaluate's widget), a
-  ``requirements.txt`` and the metric card with the Space front matter (``sdk``, ``sdk_version``, ``app_file``).
-  ``evaluate.load(DIR)`` works on the dry-run folder when its last component is NAME;
+  under the name ``evaluate.load("ORG/NAME")`` fetches), its helper modules, ``app.py`` (``eval/metric_space.py``:
+  upload a predictions JSONL, read the scores; it loads ``NAME.py`` with ``evaluate.load``, named in
+  ``metric_space.json``), a ``requirements.txt`` and the metric card whose metadata (``sdk``, ``sdk_version``,
+  ``app_file``) is set through ``huggingface_hub``'s card API. ``evaluate.load(DIR)`` works on the dry-run folder
+  when its last component is NAME;
 - **leaderboard**: a Gradio Space (``eval.leaderboard.space``) with its front matter, ``app.py``, a slim
   ``requirements.txt`` (no torch, no transformers), the ``eval`` code it runs, and ``leaderboard.json`` wiring it
-  to the results store, a Hub dataset repo (``--results-repo``, default ``ORG/NAME-results``, created when
-  missing). Give the Space the secrets ``HF_TOKEN`` (write access to the results repo) and the judge's API key.
+  to the results store and the submission requests, two Hub dataset repos (``--results-repo``, default
+  ``ORG/NAME-results``; ``--requests-repo``, default ``ORG/NAME-requests``; created when missing). Give the Space
+  the secrets ``HF_TOKEN`` (write access to both repos) and the judge's API key.
 """
 from __future__ import annotations
 
@@ -33,29 +36,27 @@ from pathlib import Path
 from typing import Any
 
 from sake_core.errors import ConfigError, user_errors
+from sake_core.atomic import write_tree
 
 logger = logging.getLogger("eval.publish")
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_DIR = ROOT / "eval" / "sake_metric"
 METRIC_SCRIPT = "sake_metric.py"
-#: evaluate's widget (evaluate.utils.launch_gradio_widget) is written against Gradio 3's ``gr.inputs`` API.
-METRIC_SDK_VERSION = "3.19.1"
-LEADERBOARD_SDK_VERSION = "6.31.0"  # the Gradio the Space is tested with (requirements.txt)
+#: The metric Space's page: our own Gradio app (evaluate's widget is written for Gradio 3 and drops empty cells).
+METRIC_APP = ROOT / "eval" / "metric_space.py"
+METRIC_SETTINGS = "metric_space.json"  # read by the app: the module file and the repo id
+#: The Gradio both Spaces run (the version the tests run, requirements.txt; the Spaces' sdk_version).
+GRADIO_SDK_VERSION = "6.31.0"
+METRIC_SDK_VERSION = LEADERBOARD_SDK_VERSION = GRADIO_SDK_VERSION
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
-METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm>=4.66"]
+METRIC_REQUIREMENTS = ["evaluate>=0.4.6", "datasets>=4.0", "openai>=1.60", "tqdm>=4.66", "fastapi"]
 LEADERBOARD_REQUIREMENTS = ["huggingface_hub>=0.30", "jsonschema>=4.20", "fastapi", "uvicorn>=0.30", "openai>=1.60",
                             "tqdm>=4.66"]
-#: What the leaderboard Space runs: its own package, the scorer and the metric's modules (all torch-free).
-LEADERBOARD_CODE = ("eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard", "sake_core", "sake")
-
-METRIC_APP = '''"""The metric's Space: evaluate's widget for the SAKE metric (this repository's {name}.py)."""
-import evaluate
-from evaluate.utils import launch_gradio_widget
-
-module = evaluate.load("{repo_id}")
-launch_gradio_widget(module)
-'''
+#: What the leaderboard Space runs: the ground package, the scorer, the metric's modules and the leaderboard (all
+#: torch-free; an installed ``sake_core`` carries ``_shipped/``, the wheel's copy of top-level files: left out).
+LEADERBOARD_CODE = ("sake_core", "eval/__init__.py", "eval/score.py", "eval/sake_metric", "eval/leaderboard")
+CODE_SKIPPED = ("__pycache__", "_shipped")
 
 LEADERBOARD_APP = '''"""The SAKE leaderboard Space: Gradio app, submission queue and item pages (eval/leaderboard/space.py)."""
 import sys
@@ -69,19 +70,7 @@ if __name__ == "__main__":
     main()
 '''
 
-LEADERBOARD_CARD = """---
-title: SAKE leaderboard
-emoji: 🎧
-colorFrom: indigo
-colorTo: green
-sdk: gradio
-sdk_version: {sdk_version}
-app_file: app.py
-pinned: true
-license: apache-2.0
-short_description: Editing auditory attribute knowledge of audio-language models
----
-
+LEADERBOARD_CARD = """
 # SAKE leaderboard
 
 Scores of knowledge edits of large audio-language models on the SAKE benchmark (*SAKE: Towards Editing Auditory
@@ -89,9 +78,12 @@ Attribute Knowledge of Large Audio-Language Models*). Submit a `.zip` of `predic
 `python -m editors.run` writes) and `metadata.json` on the Submit tab; the board validates it at once, queues it
 and scores it itself ({judge} protocol).
 
-Results live in the dataset repo [`{results_repo}`](https://huggingface.co/datasets/{results_repo}); the release
-manifest submissions are checked against is `{manifest}`. This Space needs the secrets `HF_TOKEN` (write access
-to the results repo) and, for the paper protocol, the judge's API key (`OPENAI_API_KEY`).
+Submissions wait in the dataset repo [`{requests_repo}`](https://huggingface.co/datasets/{requests_repo}) (one
+archive and one status record each: pending, finished or rejected with its error), so a restart of the Space loses
+none; results live in [`{results_repo}`](https://huggingface.co/datasets/{results_repo}). The release manifest
+submissions are checked against is `{manifest}`. This Space needs the secrets `HF_TOKEN` (write access to both
+repos) and, for the paper protocol, the judge's API key (`OPENAI_API_KEY`). `python app.py --local` runs this
+folder with no Hub (`./results`, `./queue`; `SAKE_MANIFEST=DATASET_DIR` to accept submissions).
 """
 
 
@@ -105,27 +97,16 @@ def _check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def _front_matter(card: str, extra: dict[str, str]) -> str:
-    """``card`` with ``extra`` keys set in its YAML front matter (added at its end; a key already there is kept)."""
-    match = re.match(r"^---\n(.*?\n)---\n", card, re.S)
-    head, body = (match.group(1), card[match.end():]) if match else ("", card)
-    present = {line.split(":", 1)[0].strip() for line in head.splitlines() if re.match(r"^[A-Za-z_]\w*:", line)}
-    head += "".join(f"{key}: {value}\n" for key, value in extra.items() if key not in present)
-    return f"---\n{head}---\n{body}"
-
-
 def _write_folder(files: dict[str, bytes], out: Path) -> Path:
     """Write ``files`` (relative path -> bytes) into a fresh folder that replaces ``out`` as a whole."""
-    from eval.leaderboard.build import write_tree
-
-    write_tree(Path(out), files)
-    return Path(out).resolve()
+    return write_tree(Path(out), files)
 
 
 # ---------------------------------------------------------------------------------------------- metric
 
 def metric_files(repo_id: str) -> dict[str, bytes]:
-    """The metric Space's files: ``NAME.py``, helper modules, ``app.py``, ``requirements.txt``, ``README.md``."""
+    """The metric Space's files: ``NAME.py``, helper modules, ``app.py`` + ``metric_space.json``,
+    ``requirements.txt`` and ``README.md`` (the metric card with the Space's metadata)."""
     name = _check_repo_id(repo_id).split("/")[1]
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise PublishError(f"metric repo name {name!r}: evaluate imports NAME.py as a module, so NAME must be a "
@@ -135,14 +116,34 @@ def metric_files(repo_id: str) -> dict[str, bytes]:
         if path.name == "__init__.py":
             continue
         files[f"{name}.py" if path.name == METRIC_SCRIPT else path.name] = path.read_bytes()
-    card = (METRIC_DIR / "README.md").read_text(encoding="utf-8")
-    card = card.replace('evaluate.load("eval/sake_metric")', f'evaluate.load("{repo_id}")')
-    files["README.md"] = _front_matter(card, {
-        "emoji": "🎧", "colorFrom": "indigo", "colorTo": "green", "sdk": "gradio",
-        "sdk_version": METRIC_SDK_VERSION, "app_file": "app.py", "pinned": "false"}).encode("utf-8")
-    files["app.py"] = METRIC_APP.format(name=name, repo_id=repo_id).encode("utf-8")
+    files["README.md"] = metric_card(repo_id).encode("utf-8")
+    files["app.py"] = METRIC_APP.read_bytes()
+    files[METRIC_SETTINGS] = (json.dumps({"metric_file": f"{name}.py", "repo_id": repo_id}, indent=1,
+                                         sort_keys=True) + "\n").encode("utf-8")
     files["requirements.txt"] = ("\n".join(METRIC_REQUIREMENTS) + "\n").encode("utf-8")
     return files
+
+
+def metric_card(repo_id: str) -> str:
+    """The metric card (``eval/sake_metric/README.md``) as the Space's README: its metadata set through
+    ``huggingface_hub``'s card API (Space SDK, version, app file, looks), and its ``metric = evaluate.load(...)``
+    line naming ``repo_id``."""
+    from huggingface_hub import SpaceCard
+
+    source = METRIC_DIR / "README.md"
+    card = SpaceCard(source.read_text(encoding="utf-8"))
+    lines = card.text.split("\n")
+    usage = [i for i, line in enumerate(lines) if line.startswith("metric = evaluate.load(")]
+    if len(usage) != 1:
+        raise PublishError(f"{source}: expected exactly one line starting with 'metric = evaluate.load(' (the "
+                           f"usage line the card shows with the repo id), found {len(usage)}")
+    lines[usage[0]] = f'metric = evaluate.load("{repo_id}")'
+    card.text = "\n".join(lines)
+    data: Any = card.data  # CardData: the Space's metadata fields are set as attributes
+    data.sdk, data.sdk_version, data.app_file = "gradio", METRIC_SDK_VERSION, "app.py"
+    data.emoji, data.colorFrom, data.colorTo, data.pinned = "🎧", "indigo", "green", False
+    data.license = data.license or "apache-2.0"
+    return str(card)
 
 
 # ---------------------------------------------------------------------------------------------- leaderboard
@@ -155,22 +156,37 @@ def _code_files(entries: tuple[str, ...]) -> dict[str, bytes]:
             files[entry] = path.read_bytes()
         elif path.is_dir():
             for item in sorted(path.rglob("*")):
-                if item.is_file() and "__pycache__" not in item.parts and item.suffix != ".pyc":
+                if item.is_file() and not set(CODE_SKIPPED) & set(item.parts) and item.suffix != ".pyc":
                     files[str(item.relative_to(ROOT))] = item.read_bytes()
     return files
 
 
+def leaderboard_card(results_repo: str, manifest: str, judge: str, requests_repo: str) -> str:
+    """The leaderboard Space's README: metadata through ``huggingface_hub``'s card API, then the body."""
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    data = SpaceCardData(title="SAKE leaderboard", sdk="gradio", sdk_version=LEADERBOARD_SDK_VERSION,
+                         app_file="app.py", license="apache-2.0", datasets=[results_repo, requests_repo], emoji="🎧",
+                         colorFrom="indigo", colorTo="green", pinned=True,
+                         short_description="Editing auditory attribute knowledge of audio-language models")
+    body = LEADERBOARD_CARD.format(results_repo=results_repo, manifest=manifest, judge=judge,
+                                   requests_repo=requests_repo)
+    return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
 def leaderboard_files(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
-                      judge: str = "paper", queue_interval_s: float = 30.0) -> dict[str, bytes]:
-    """The leaderboard Space's files: card, ``app.py``, slim requirements, ``leaderboard.json`` and the code."""
+                      judge: str = "paper", queue_interval_s: float = 30.0,
+                      requests_repo: str | None = None) -> dict[str, bytes]:
+    """The leaderboard Space's files: card, ``app.py``, slim requirements, ``leaderboard.json`` (the results and
+    requests repos, manifest, protocol) and the code."""
     _check_repo_id(repo_id)
     results_repo = _check_repo_id(results_repo or f"{repo_id}-results")
+    requests_repo = _check_repo_id(requests_repo or f"{repo_id}-requests")
     files = _code_files(LEADERBOARD_CODE)
-    files["README.md"] = LEADERBOARD_CARD.format(sdk_version=LEADERBOARD_SDK_VERSION, results_repo=results_repo,
-                                                 manifest=manifest, judge=judge).encode("utf-8")
+    files["README.md"] = leaderboard_card(results_repo, manifest, judge, requests_repo).encode("utf-8")
     files["app.py"] = LEADERBOARD_APP.encode("utf-8")
     files["requirements.txt"] = ("\n".join(LEADERBOARD_REQUIREMENTS) + "\n").encode("utf-8")
-    config = {"results_repo": results_repo, "manifest": manifest, "judge": judge,
+    config = {"results_repo": results_repo, "requests_repo": requests_repo, "manifest": manifest, "judge": judge,
               "queue_interval_s": queue_interval_s, "queue_dir": "queue"}
     files["leaderboard.json"] = (json.dumps(config, indent=1, sort_keys=True) + "\n").encode("utf-8")
     return files
@@ -204,16 +220,19 @@ def publish_metric(repo_id: str, dry_run: str | os.PathLike | None = None) -> Pa
 
 def publish_leaderboard(repo_id: str, results_repo: str | None = None, manifest: str = "sake/sake",
                         judge: str = "paper", dry_run: str | os.PathLike | None = None,
-                        private_results: bool = False) -> Path | None:
-    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results repo and upload.
+                        private_results: bool = False, requests_repo: str | None = None) -> Path | None:
+    """Build the leaderboard Space folder; write it to ``dry_run`` or create the results and requests repos and
+    upload.
 
-    ``private_results`` creates the results repo private (the submitted predictions are then visible to its
-    members only; the Space reads it with its ``HF_TOKEN`` secret)."""
-    files = leaderboard_files(repo_id, results_repo, manifest=manifest, judge=judge)
+    ``private_results`` creates both dataset repos private (the submitted predictions are then visible to their
+    members only; the Space reads them with its ``HF_TOKEN`` secret)."""
+    files = leaderboard_files(repo_id, results_repo, manifest=manifest, judge=judge, requests_repo=requests_repo)
     if dry_run:
         return _write_folder(files, Path(dry_run))
-    results_repo = json.loads(files["leaderboard.json"])["results_repo"]
-    _api().create_repo(results_repo, repo_type="dataset", exist_ok=True, private=private_results)
+    config = json.loads(files["leaderboard.json"])
+    api = _api()
+    for dataset_repo in (config["results_repo"], config["requests_repo"]):
+        api.create_repo(dataset_repo, repo_type="dataset", exist_ok=True, private=private_results)
     with tempfile.TemporaryDirectory(prefix="sake-publish-") as tmp:
         upload_space(_write_folder(files, Path(tmp) / "space"), repo_id, "SAKE leaderboard")
     return None
@@ -249,12 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", metavar="ORG/NAME")
     p.add_argument("--results-repo", default=None, help="Hub dataset repo of the results store "
                    "(default ORG/NAME-results; created when missing)")
+    p.add_argument("--requests-repo", default=None, help="Hub dataset repo where submissions wait and keep their "
+                   "status (default ORG/NAME-requests; created when missing)")
     p.add_argument("--manifest", default="sake/sake", help="release manifest the Space checks submissions "
                    "against: a Hub dataset id (default %(default)s)")
     p.add_argument("--judge", choices=["paper", "paper+choice", "offline"], default="paper",
                    help="protocol the Space scores with (default %(default)s; paper needs the judge's key)")
     p.add_argument("--private-results", action="store_true",
-                   help="create the results dataset repo private (submitted predictions not public)")
+                   help="create the results and requests dataset repos private (submitted predictions not public)")
     for p in sub.choices.values():
         p.add_argument("--dry-run", metavar="DIR", default=None,
                        help="write the folder that would be uploaded into DIR and upload nothing")
@@ -269,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         out = publish_metric(args.repo_id, args.dry_run)
     elif args.what == "leaderboard":
         out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
-                                  dry_run=args.dry_run, private_results=args.private_results)
+                                  dry_run=args.dry_run, private_results=args.private_results,
+                                  requests_repo=args.requests_repo)
     else:
         out = publish_dataset(args.repo_id, args.built, args.dry_run)
     if out is not None:

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -45,6 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
 from sake_core.errors import DataError, user_errors
+from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
 
@@ -461,6 +464,29 @@ def table_generation(runs: Sequence[Run]) -> Table | None:
 
 
 # -- plots --------------------------------------------------------------------------------------------------
+#: Method colours: matplotlib's 10-colour cycle for display places 0-9, then ten more distinct ones, so the paper's
+#: eight methods and the four beyond it never share a colour (a plain 10-colour cycle gave FT (LLM) and GRACE the
+#: same blue).
+METHOD_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                 "#17becf", "#000000", "#800000", "#000075", "#f032e6", "#ffe119", "#46f0f0", "#aaffc3", "#fabebe",
+                 "#808000", "#e6beff")
+
+
+def method_color(source: Mapping[str, Any] | str | None) -> str:
+    """The colour of a method in every figure, stable per method: its display place (the paper's Table 2 order,
+    then the place a method beyond the paper records) picks from :data:`METHOD_COLORS`; a method without a whole
+    place there gets a colour from a hash of its id (the same in every run and process)."""
+    if isinstance(source, Mapping):
+        method = source.get("method")
+        order = method_display(method, source.get("method_display_name"), source.get("method_display_order"))[1]
+    else:
+        method, order = source, method_display(source)[1]
+    if math.isfinite(order) and order == int(order) and 0 <= order < len(METHOD_COLORS):
+        return METHOD_COLORS[int(order)]
+    digest = hashlib.sha256(str(method or "").encode("utf-8")).digest()
+    return METHOD_COLORS[int.from_bytes(digest[:4], "big") % len(METHOD_COLORS)]
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
@@ -479,7 +505,8 @@ def plot_types(runs: Sequence[Run], model: str, path: Path, protocol: str = "") 
         offset = (i - (len(single) - 1) / 2) * width
         points = [(j + offset, run.metrics().get(k)) for j, (k, _) in enumerate(TYPE_BARS)]
         points = [(x, v) for x, v in points if v is not None]  # no bar where a type has no items
-        ax.bar([x for x, _ in points], [float(v) for _, v in points if v is not None], width, label=run.label)
+        ax.bar([x for x, _ in points], [float(v) for _, v in points if v is not None], width, label=run.label,
+               color=method_color(run.results))
     ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
@@ -518,7 +545,8 @@ def plot_gaps(runs: Sequence[Run], model: str, path: Path, protocol: str = "") -
             gaps = sorted(per_gap, key=int)
             points = [(int(g), per_gap[g].get(key)) for g in gaps if per_gap[g].get(key) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.label)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.label,
+                        color=method_color(run.results))
         baseline = random_baseline(sequential, key)
         if baseline is not None:
             ax.axhline(baseline, color="grey", linestyle="--", linewidth=1,
@@ -555,6 +583,7 @@ def plot_categories(counts: dict[str, dict[str, int]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     attrs = list(counts)
     fig, axes = plt.subplots(1, len(attrs), figsize=(3.4 * len(attrs), 3.4), squeeze=False)
@@ -569,6 +598,7 @@ def plot_categories(counts: dict[str, dict[str, int]], path: Path) -> None:
         ax.set_xlabel("portability items")
         ax.tick_params(axis="y", labelsize=7)
         ax.set_xlim(0, max(cats.values()) * 1.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of items: whole numbers only
     fig.suptitle("Portability items per knowledge category")
     fig.tight_layout()
     _save_figure(fig, path)
@@ -633,7 +663,7 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     from eval.score import add_judge_arguments, judge_options
 
-    p = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.report"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")

@@ -52,6 +52,7 @@ from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import JudgeFailures, build_results, check_failures, judge_rows, protocol_name
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, user_errors
+from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.score"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")

@@ -19,7 +19,7 @@ import importlib
 import inspect
 import sys
 
-from sake_core.errors import SakeError, one_line
+from sake_core.errors import SakeError, missing_extra, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sake.demo", "the main job: demo dataset -> reference model edits -> scores and plots"),
@@ -67,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sake: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     sys.argv = [f"sake {name}", *rest]
-    entry = module.main
-    # Every part's CLI is `main(argv=None)`; a `main()` without parameters reads sys.argv, set above.
-    takes_argv = bool(inspect.signature(entry).parameters)
     try:
+        entry = importlib.import_module(COMMANDS[name][0]).main
+        # Every part's CLI is `main(argv=None)`; a `main()` without parameters reads sys.argv, set above.
+        takes_argv = bool(inspect.signature(entry).parameters)
         result = entry(rest) if takes_argv else entry()
+    except ModuleNotFoundError as exc:
+        error = missing_extra(exc)
+        if error is None:  # a required package is missing: a broken install, keep the traceback
+            raise
+        print(f"sake {name}: error: {one_line(error)}", file=sys.stderr)
+        return 2
     except SakeError as exc:
         print(f"sake {name}: error: {one_line(exc)}", file=sys.stderr)
         return 2

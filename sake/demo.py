@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from sake_core.atomic import atomic_write
 from sake_core.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
+from sake_core.shipped import shipped_path
 from editors.registry import method_sort_key
 from sake_core.errors import ConfigError, DataError, SakeError, user_errors
 
 logger = logging.getLogger(__name__)
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_DIR / "models" / "sake-reference-qwen2-audio"
+DEFAULT_MODEL = shipped_path("models/sake-reference-qwen2-audio")  # the checkout's models/, or the wheel's copy
 README = REPO_DIR / "README.md"
 README_BLOCK = Path(__file__).resolve().parent / "demo_readme_block.md"
 START_MARKER = "<!-- demo-table:start -->"
@@ -126,7 +127,8 @@ def sequential_methods(requested: str, single: Sequence[str]) -> list[str]:
     return chosen
 
 
-def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: int, limit: int | None) -> list[str]:
+def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: int, limit: int | None,
+                       progress: bool = True) -> list[str]:
     """Train a KE / MEND hypernetwork on the demo train split with ``editors.train`` (once; reused after) and
     return the ``--hparam`` overrides that point the method at it."""
     from editors.train import train_hypernetwork
@@ -137,7 +139,7 @@ def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: 
         logger.info("training the %s hypernetwork into %s", method, target)
         try:
             train_hypernetwork(method, model, str(dataset), out=target, seed=seed,
-                               limit=None if limit is None else max(limit, 2))
+                               limit=None if limit is None else max(limit, 2), progress=progress)
         except SakeError as exc:
             raise SakeError(f"training the {method} hypernetwork failed: {exc}") from exc
         atomic_write(done, "ok\n")
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"training the {method} hypernetwork on the demo train split")
             overrides.setdefault(method, [])
             overrides[method] += train_hypernetwork(method, model, dataset, out / "hypernetworks" / scope, args.seed,
-                                                    args.limit)
+                                                    args.limit, progress=not args.no_progress)
             stage.update(1)
     runs_dir = out / "runs" / scope
     results: list[dict[str, Any]] = []

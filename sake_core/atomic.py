@@ -185,3 +185,21 @@ def replace_dir(new_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     _fsync_dir(dest.parent)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def write_tree(out_dir: str | os.PathLike, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (relative path -> bytes, mode 0o644) into a fresh staging folder beside ``out_dir``, then
+    swap it in with :func:`replace_dir`: ``out_dir`` is the old or the new complete folder at every instant."""
+    out = Path(out_dir).resolve()
+    staging = staging_dir(out)
+    try:
+        for rel, data in files.items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            target.chmod(0o644)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -31,6 +31,27 @@ class ResourceError(SakeError, RuntimeError):
     """The machine cannot do what was asked (e.g. one unit of work does not fit in device memory even alone)."""
 
 
+class MissingExtraError(SakeError, ImportError):
+    """A command needs an optional package that is not installed; the message names the extra that installs it."""
+
+
+#: Optional third-party packages (top-level module name) -> the extra of ``sake-toolkit`` that installs them
+#: (pyproject.toml, ``[project.optional-dependencies]``).
+EXTRA_OF_MODULE = {"jsonschema": "leaderboard", "gradio": "leaderboard", "fastapi": "leaderboard",
+                   "uvicorn": "leaderboard", "selenium": "dev", "pytest": "dev"}
+
+
+def missing_extra(exc: ImportError) -> MissingExtraError | None:
+    """A :class:`MissingExtraError` when ``exc`` is the import of a package of an extra, else None (a missing
+    required package is a broken install, not a user's choice: the caller keeps the traceback)."""
+    module = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return MissingExtraError(f"the optional package {module!r} is not installed (the [{extra}] extra); install it "
+                             f"with: pip install 'sake-toolkit[{extra}]'")
+
+
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (newlines folded), as the command-line entry points print it."""
     text = str(exc).strip() or type(exc).__name__

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from math import gcd
 from pathlib import Path
 
@@ -25,6 +26,16 @@ from .records import AudioRef, SourceError
 
 MIN_SECONDS = 0.1
 RATE_RANGE = (8000, 192000)
+_OPENING = re.compile(r"^Error opening <[^>]*>: ")
+
+
+def _decode_failure(exc: Exception, data: bytes) -> str:
+    """Why bytes are not audio, in words: libsndfile's reason without the in-memory buffer it names, and the
+    size (a file cut to its first bytes says so)."""
+    if not data:
+        return "the file is empty (0 bytes)"
+    reason = _OPENING.sub("", " ".join(str(exc).split())).rstrip(".") or type(exc).__name__
+    return f"{reason} ({len(data)} bytes)"
 
 
 def _wav_truncation(data: bytes) -> str | None:
@@ -66,7 +77,7 @@ def probe_audio(path: str | Path, data: bytes | None = None, field: str = "file"
             raise ValueError("no audio frames")
     except Exception as exc:  # soundfile raises several types for bad data
         raise SourceError(f"{path}: field '{field}' does not point to readable audio "
-                          f"(expected WAV/FLAC/OGG/MP3): {exc}") from None
+                          f"(expected WAV/FLAC/OGG/MP3): {_decode_failure(exc, data)}") from None
     problem = _wav_truncation(data)
     if problem:
         raise SourceError(f"{path}: field '{field}': {problem}")
@@ -88,8 +99,10 @@ def load_mono_16k(ref: AudioRef) -> np.ndarray:
     try:
         raw = ref.data if ref.data is not None else Path(ref.path).read_bytes()
         wave, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except OSError as exc:
+        raise SourceError(f"{ref.path}: audio cannot be read ({exc.strerror})") from None
     except Exception as exc:
-        raise SourceError(f"{ref.path}: audio cannot be decoded: {exc}") from exc
+        raise SourceError(f"{ref.path}: audio cannot be decoded: {_decode_failure(exc, raw)}") from None
     wave = wave.mean(axis=1)
     if rate != SAMPLING_RATE:
         from scipy.signal import resample_poly

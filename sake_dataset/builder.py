@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sake_core.atomic import atomic_write, replace_dir, staging_dir
+from sake_core.shipped import shipped_path
 
 from .construction import (InstanceBuilder, build_attribute_split, build_sequential, check_instance,
                            make_edit_pairs)
@@ -21,31 +22,41 @@ from .partition import SplitPool, clip_quota, partition_by_hash, partition_clips
 from .portability import MODES as PORTABILITY_MODES
 from .portability import PortabilityBank, multi_hop_questions
 from .records import ConstructionError, LabelledClip, SourceError, TaskClip, TextQuestion
-from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path, portability_origins,
-                      provenance, render_card, stats_markdown, write_manifest, write_parquet)
+from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path,
+                      portability_categories, portability_origins, provenance, render_card, stats_markdown,
+                      write_manifest, write_parquet)
 from .schema import CONFIGS, PAPER_TOTALS, SPLITS, count_totals, expected_totals, item_rows
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
 DEMO_DIR = PACKAGE_DIR / "demo_sources"
 DEMO_TASK_TABLE = DEMO_DIR / "dynamic_superb_tasks.yaml"  # the synthetic demo tasks are not Phase-2 tasks
-CARD_TEMPLATE = REPO_DIR / "dataset_card.md"
+LICENSE_FILE = "LICENSE.md"  # the card's license_link: every source's license, named and linked
+CARD_TEMPLATE = shipped_path("dataset_card.md")  # the checkout's top-level file, or the wheel's copy
 # The demo SAKURA has 8 clips per label; gender (2 labels, no demo pool) bounds the sizes: 3 + 5 clips per label.
 DEMO_SIZES = {"test_per_attribute": 6, "train_per_attribute": 10, "sequences": 3, "sequence_length": 5}
 POOL_FOR_ATTRIBUTE = {"animal": "esc50 or animal_sound_dataset", "emotion": "crema_d", "gender": "commonvoice",
                       "language": "commonvoice"}
+#: Each source's license, named and linked (the card's Licenses section and LICENSE.md of every build).
 LICENSES = {
-    "sakura": "SAKURA (Yang et al., 2025): see its release; its audio keeps the licenses of the corpora it compiles "
-              "(CommonVoice, CREMA-D, ESC-50, Animal-Sound Dataset)",
-    "dsuperb": "Dynamic-SUPERB Phase-2 (Huang et al., 2025): per-task licenses of the task's source corpus",
-    "mmlu": "MMLU (Hendrycks et al., 2021, cais/mmlu): MIT",
-    "crema_d": "CREMA-D (Cao et al., 2014): Open Database License (ODbL) v1.0",
-    "esc50": "ESC-50 (Piczak, 2015): CC BY-NC 3.0",
-    "commonvoice": "Common Voice (Ardila et al., 2020): CC0 1.0",
-    "animal_sound_dataset": "Animal-Sound Dataset (Şaşmaz & Tek, 2018): see its repository",
-    "demo": "project-made synthetic audio: same license as this toolkit",
+    "sakura": "SAKURA (Yang et al., 2025; [release](https://github.com/ckyang1124/SAKURA)): see its release; its "
+              "audio keeps the licenses of the corpora it compiles (Common Voice, CREMA-D, ESC-50, Animal-Sound "
+              "Dataset)",
+    "dsuperb": "Dynamic-SUPERB Phase-2 (Huang et al., 2025; [release](https://github.com/dynamic-superb/dynamic-superb)):"
+               " per-task licenses of the task's source corpus, listed in its task files",
+    "mmlu": "MMLU (Hendrycks et al., 2021; [cais/mmlu](https://huggingface.co/datasets/cais/mmlu)): "
+            "[MIT](https://github.com/hendrycks/test/blob/master/LICENSE)",
+    "crema_d": "CREMA-D (Cao et al., 2014; [release](https://github.com/CheyneyComputerScience/CREMA-D)): "
+               "[Open Database License (ODbL) v1.0](https://opendatacommons.org/licenses/odbl/1-0/)",
+    "esc50": "ESC-50 (Piczak, 2015; [release](https://github.com/karolpiczak/ESC-50)): "
+             "[CC BY-NC 3.0](https://creativecommons.org/licenses/by-nc/3.0/)",
+    "commonvoice": "Common Voice (Ardila et al., 2020; [release](https://commonvoice.mozilla.org/datasets)): "
+                   "[CC0 1.0](https://creativecommons.org/publicdomain/zero/1.0/)",
+    "animal_sound_dataset": "Animal-Sound Dataset (Şaşmaz & Tek, 2018; "
+                            "[release](https://github.com/YashNita/Animal-Sound-Dataset)): see its repository",
+    "demo": "project-made synthetic audio: the toolkit's license, "
+            "[Apache-2.0](https://www.apache.org/licenses/LICENSE-2.0)",
 }
 
 
@@ -132,10 +143,12 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
     task_table = task_table or load_task_table()
     banks = load_question_banks()
     knowledge = load_portability()
-    questions, skipped = multi_hop_questions(sakura_clips, knowledge)
+    questions, skipped = multi_hop_questions(sakura_clips)
     if skipped:
         log.warning("SAKURA multi-hop questions skipped: %s", dict(skipped))
     multi_hop = PortabilityBank(questions, knowledge) if questions else None
+    if multi_hop is not None:
+        _log_multi_hop(multi_hop)
 
     # 1. edit pairs (balanced) and the clips each split needs
     pairs = {split: {a: make_edit_pairs(a, sizes[split], random.Random(f"{seed}:pairs:{split}:{a}"))
@@ -204,6 +217,17 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
     return rows
 
 
+def _log_multi_hop(bank: PortabilityBank) -> None:
+    """The build log's account of SAKURA's multi-hop questions: per App. I.1 category, and how many (y_o, y_e,
+    question) candidates the exclusion rule drops."""
+    excluded = bank.exclusion_counts()
+    for attribute, counts in bank.category_counts().items():
+        e = excluded[attribute]
+        log.info("SAKURA multi-hop questions, %s: %s; candidate items (y_o, y_e, question) %d, dropped %d "
+                 "(the knowledge for y_o gives the same answer), kept %d", attribute,
+                 ", ".join(f"{c} {n}" for c, n in counts.items()), e["candidates"], e["dropped"], e["kept"])
+
+
 def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out: str | Path, seed: int = 0,
           test_per_attribute: int = 300, train_per_attribute: int = 1000, sequences: int = 10,
           sequence_length: int = 10, pools: Sequence[tuple[str, str]] = (), demo: bool = False,
@@ -266,7 +290,7 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
         licenses = "\n".join(f"- `{o}`: {LICENSES.get(o, 'see the pool corpus license')}" for o in used_origins)
         if demo:
             licenses = ("- every source of this build is the project's synthetic stand-in (`sake_dataset/demo_sources`,"
-                        " same license as the toolkit); the origin names (" + ", ".join(used_origins) +
+                        " the toolkit's license, Apache-2.0); the origin names (" + ", ".join(used_origins) +
                         ") only say which corpus layout each imitates. The real corpora's licenses:\n" +
                         "\n".join(f"  - `{o}`: {LICENSES[o]}" for o in used_origins if o in LICENSES))
         sources_md = "\n".join(f"- {k}: `{v}`" for k, v in sources.items() if v and not isinstance(v, dict))
@@ -279,6 +303,8 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
         card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
                            stats_markdown(stats), demo, sources_md, licenses)
         atomic_write(tmp / "README.md", card)
+        atomic_write(tmp / LICENSE_FILE, "# Licenses of the sources of this SAKE build\n\nSAKE combines audio and "
+                     "questions from several corpora; each part keeps its source's license:\n\n" + licenses + "\n")
         manifest = write_manifest(tmp, seed, sources, item_ids, built)
         replace_output(tmp, out)
     except BaseException:
@@ -291,13 +317,18 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
 
 def _statistics(rows, encoder: AudioEncoder, sequences: int, length: int, built: Sequence[str]) -> dict[str, Any]:
     stats: dict[str, Any] = {"splits": list(built), "totals": {}, "dimensions": {}, "sequential": {},
-                             "provenance": {}, "guess_baseline": {}, "portability_origins": {}}
+                             "provenance": {}, "guess_baseline": {}, "portability_origins": {},
+                             "portability_categories": {}}
     for split in built:
         single = [r for a in ATTRIBUTES for r in rows[a][split]]
         stats["totals"][split] = count_totals(single)
         stats["dimensions"][split] = dimension_stats(single, encoder)
         stats["guess_baseline"][split] = guess_baseline(single)
         stats["portability_origins"][split] = portability_origins(single)
+        stats["portability_categories"][split] = portability_categories(single)
+        for attribute, counts in stats["portability_categories"][split].items():
+            log.info("%s portability items, %s: %s", split, attribute,
+                     ", ".join(f"{c} {n}" for c, n in counts.items()))
         stats["sequential"][split] = {"sequences": sequences, "length": length,
                                       "rows": len(rows["sequential"][split])}
         stats["provenance"][split] = provenance({a: rows[a][split] for a in ATTRIBUTES})

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sake_core.atomic import atomic_write
 
 from .audio import encode_wav_16k
-from .portability import MULTI_HOP_MARK, ORIGIN_CURATED, ORIGIN_SAKURA
+from .portability import CATEGORIES, MULTI_HOP_MARK, ORIGIN_CURATED, ORIGIN_SAKURA
 from .records import AudioRef
 from .labels import ATTRIBUTES
 from .schema import CONFIGS, DIMENSION_OF_KIND, SPLITS, features, item_rows
@@ -152,6 +152,19 @@ def portability_origins(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
+def portability_categories(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Portability items per attribute and knowledge category (App. I.1, the columns of paper Tables 14-17; every
+    category listed, zeros included)."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for item in row["portability"]:
+            key = (row["attribute"], item["category"])
+            counts[key] = counts.get(key, 0) + 1
+    attributes = [a for a in ATTRIBUTES if any(k[0] == a for k in counts)]
+    return {a: {c: counts.get((a, c), 0) for c in (*CATEGORIES[a], *sorted(
+        c for b, c in counts if b == a and c not in CATEGORIES[a]))} for a in attributes}
+
+
 def provenance(rows_by_config: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
     """Distinct audio clips per attribute config and origin (the prefix of an item's `source`)."""
     out: dict[str, dict[str, int]] = {}
@@ -175,7 +188,8 @@ def _fmt(stat, digits: int, extreme_digits: int) -> str:
 
 def stats_markdown(stats: dict[str, Any]) -> str:
     """Markdown tables shaped like paper Tables 1, 4 and 5 (+ sequential counts, random-guess baseline, portability
-    origins, Dynamic-SUPERB task screening and provenance), for the splits of this build."""
+    origins and knowledge categories, Dynamic-SUPERB task screening and provenance), for the splits of this
+    build."""
     built = [s for s in ("train", "test") if s in stats["splits"]]
     lines = ["### Splits", "", "This build holds the split(s): " + ", ".join(f"`{s}`" for s in built) + "."
              + (" A test-only build: methods that learn from the train split (KE/MEND training, IE-IKE "
@@ -223,6 +237,12 @@ def stats_markdown(stats: dict[str, Any]) -> str:
         for split in built:
             o = stats["portability_origins"][split]
             lines.append(f"| {split.capitalize()} | {o[ORIGIN_SAKURA]} | {o[ORIGIN_CURATED]} |")
+        lines.append("")
+    for split in [s for s in built if (stats.get("portability_categories") or {}).get(s)]:
+        lines += [f"### Portability items by knowledge category: {split} (App. I.1; the columns of paper Tables "
+                  "14-17)", "", "| Attribute | Items per category |", "|---|---|"]
+        for attribute, counts in stats["portability_categories"][split].items():
+            lines.append(f"| {attribute} | " + ", ".join(f"{c} {n}" for c, n in counts.items()) + " |")
         lines.append("")
     if stats.get("dsuperb") is not None:
         d = stats["dsuperb"]

@@ -334,6 +334,28 @@ def test_card_yaml_parses_as_hub_metadata(demo):
         "test": DEMO_SIZES["sequences"] * DEMO_SIZES["sequence_length"]}
 
 
+def test_card_names_and_links_the_licenses_of_the_sources(demo):
+    """`license: other` comes with a name and a link (LICENSE.md of the build), and every source the build used is
+    named with its license and a link, in the card's Licenses section and in LICENSE.md."""
+    import re
+
+    from huggingface_hub import DatasetCard
+
+    from sake_dataset.builder import LICENSES
+
+    card = DatasetCard.load(demo.out / "README.md")
+    assert (card.data.license, card.data.license_name, card.data.license_link) == ("other", "sake-source-licenses",
+                                                                                   "LICENSE.md")
+    licenses = (demo.out / "LICENSE.md").read_text(encoding="utf-8")
+    section = card.text[card.text.index("### Licenses"):card.text.index("## Citation")]
+    origins = ("sakura", "dsuperb", "crema_d", "esc50")  # the origins the demo sources imitate
+    for origin in origins:
+        assert LICENSES[origin] in licenses and LICENSES[origin] in section
+    for origin, text in LICENSES.items():
+        assert re.search(r"\]\(https://[^)\s]+\)", text), origin  # every entry links its release or license
+    assert "CC BY-NC 3.0](https://creativecommons.org/licenses/by-nc/3.0/)" in licenses
+
+
 def test_push_to_hub_uploads_the_built_folder(demo, monkeypatch):
     import huggingface_hub
 

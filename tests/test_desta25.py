@@ -222,7 +222,8 @@ def test_ft_audio_changes_only_connector_and_keeps_text_outputs(tmp_path):
                        target_label="sad", question="What is the emotion of the speaker? (a) happy (b) sad",
                        options=["happy", "sad"], target="sad", audio=audio)
     loss_before = float(adapter.target_loss([edit.prompt()], ["sad"]))
-    stats = FTAudio(adapter, {"lr": 1e-2, "max_steps": 5, "early_stop_loss": 1e-2}).apply(edit)
+    stats = FTAudio(adapter, {"lr": 1e-2, "max_steps": 5, "early_stop_loss": 1e-2,
+                                "optimizer": "adam", "weight_decay": 0.0}).apply(edit)
     assert stats["steps"] > 0
     assert float(adapter.target_loss([edit.prompt()], ["sad"])) < loss_before
     changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, before_params[n])}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.sake_metric.llm_judge import JudgeConfig, LLMJudge, cache_key, parse_verdict
+from eval.sake_metric.llm_judge import JudgeConfig, JudgeError, LLMJudge, cache_key, parse_verdict
 from eval.sake_metric.rows import load_predictions
 from eval.sake_metric.scoring import judge_rows
 from eval.score import score_predictions
@@ -384,7 +384,7 @@ def test_malformed_verdicts_fail_loudly_and_a_rerun_asks_only_for_them(server, t
     assert first.returncode == 3 and not out.exists()
     error = one_error_line(first)
     assert "2 item(s)" in error and "first: animal/test/000002/rel" in error
-    assert len(server.requests) == 10 + 2 * 3  # 10 good items once, 2 bad ones 1 + 2 repeats each
+    assert len(server.requests) == 10 + 2 * 2  # 10 good items once, 2 bad ones 1 + 1 repeat each
     assert len(list(cache.rglob("*.json"))) == 10  # nothing of the failed items cached
     # allowed failures: results written, the failures listed and counted wrong
     allowed = run_cli(cli + ["--max-failed", "2"], capsys, monkeypatch)
@@ -392,7 +392,7 @@ def test_malformed_verdicts_fail_loudly_and_a_rerun_asks_only_for_them(server, t
     judge = json.loads(out.read_text())["judge"]
     assert judge["n_failed"] == 2 and judge["failed_items"] == ["animal/test/000002/rel",
                                                                 "animal/test/000004/loc_audio1"]
-    assert judge["requests_sent"] == 6 and judge["cache_hits"] == 10  # only the two failed items asked again
+    assert judge["requests_sent"] == 4 and judge["cache_hits"] == 10  # only the two failed items asked again
     # the server recovers: a rerun asks for the failed items only, once each
     server.malformed_marker = None
     server.requests.clear()
@@ -404,6 +404,41 @@ def test_malformed_verdicts_fail_loudly_and_a_rerun_asks_only_for_them(server, t
         assert SECRET not in proc.stdout + proc.stderr
     assert "HTTP Request: POST" in caplog.text and SECRET not in caplog.text  # debug logs of openai/httpx too
     assert all(SECRET.encode() not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_a_server_ignoring_the_schema_stops_the_run_after_ten_malformed_verdicts(server, tmp_path, capsys,
+                                                                                 monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    rows = [row(f"animal/test/{i:06d}/rel", "reliability", f"BROKEN answer {i}", reference="dog") for i in range(70)]
+    path = write_predictions(tmp_path / "p.jsonl", header(), rows)
+    server.malformed_marker = "BROKEN"  # every verdict malformed: 70 prompts x 3 attempts = 210 requests before
+    cli = ["--judge", "openai", "--base-url", server.base_url, "--model", "judge-model-x", "--cache-dir",
+           str(tmp_path / "cache"), "--max-workers", "1", "--out", str(tmp_path / "r.json"), str(path)]
+    proc = run_cli(cli, capsys, monkeypatch)
+    assert proc.returncode == 3 and "10 malformed verdicts in a row" in one_error_line(proc)
+    assert len(server.requests) == 10  # 5 prompts, each asked once more
+    warnings = [r for r in caplog.records if r.name.startswith("eval") and r.levelno >= logging.WARNING]
+    assert warnings == [] and "malformed" not in proc.stderr.replace(one_error_line(proc), "")
+    assert not (tmp_path / "r.json").exists() and not list((tmp_path / "cache").rglob("*.json"))
+    # concurrent workers stop too: only the requests already in flight are answered after the tenth
+    server.requests.clear()
+    judge = make_judge(server, tmp_path / "c4", max_workers=4)
+    with pytest.raises(JudgeError, match="malformed verdicts in a row"):
+        judge.judge([f"Model's answer:\nBROKEN {i}" for i in range(70)])
+    assert 10 <= len(server.requests) <= 13
+
+
+def test_malformed_verdicts_stop_the_run_only_when_consecutive(server, tmp_path):
+    bad = (200, "not json")
+    server.plan = [bad] * 9 + [(200, json.dumps({"verdict": "yes"}))] + [bad] * 9  # 9 in a row at most
+    judge = make_judge(server, tmp_path / "c", max_workers=1)
+    verdicts = judge.judge([f"Model's answer:\nA canine {i}" for i in range(10)])
+    assert len(server.requests) == 20 and judge.malformed == 18
+    assert verdicts == [None] * 4 + [True] + [None] * 4 + [True]  # each prompt asked twice at most
+    judge = make_judge(server, tmp_path / "c2", max_workers=1, max_consecutive_malformed=3)
+    server.plan = [bad] * 3
+    with pytest.raises(JudgeError, match="gave 3 malformed verdicts in a row"):
+        judge.judge(["Model's answer:\nA canine"] * 1 + ["Model's answer:\nA dog"])
 
 
 def test_one_line_errors_for_key_server_and_retries(server, tmp_path, capsys, monkeypatch, caplog):

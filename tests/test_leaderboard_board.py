@@ -1,6 +1,8 @@
 """The Space's data layer without a browser: protocol labels and ranks, filters, escaping, item pages."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from _leaderboard_helpers import (METADATA, make_header, make_manifest, make_rows, write_submission_dir,
@@ -73,12 +75,13 @@ def test_item_page_escapes_cuts_and_filters(board):
 
 def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     board, ids = board
-    (board.queue / "pending").mkdir(parents=True, exist_ok=True)
-    (board.queue / "rejected").mkdir(parents=True, exist_ok=True)
-    (board.queue / "pending" / "b.zip").write_bytes(b"x")
-    (board.queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
-    status = board.queue_status()
-    assert "**Pending** (1): `b.zip`" in status and "`a.zip`: JudgeError: no &lt;key&gt;" in status
+    queue = Path(board.config.queue_dir)  # the local queue (LocalQueue)
+    (queue / "pending").mkdir(parents=True, exist_ok=True)
+    (queue / "rejected").mkdir(parents=True, exist_ok=True)
+    (queue / "pending" / "b.zip").write_bytes(b"x")
+    (queue / "rejected" / "a.zip.error.txt").write_text("JudgeError: no <key>\n")
+    status = board.queue_status()  # plain text (shown in a text box): nothing is escaped, nothing is rendered
+    assert "Pending (1): b.zip" in status and "- a.zip: JudgeError: no <key>" in status
 
 
 def test_reported_rows_are_read_once(board, monkeypatch):
@@ -101,11 +104,13 @@ def test_reported_rows_are_read_once(board, monkeypatch):
 def test_submit_queues_the_zip_atomically(board, tmp_path):
     """A valid upload lands in pending/ whole (same bytes, mode 0644), with no temporary file left beside it."""
     board, _ = board
+    (tmp_path / "uploads").mkdir()
     fresh = Board(SpaceConfig(results_dir=board.config.results_dir, queue_dir=str(tmp_path / "queue"),
-                              judge="offline", queue_interval_s=0), manifest=board.manifest)
-    upload = write_submission_zip(tmp_path / "sub.zip", make_header(fresh.manifest, method="i_ike"),
+                              judge="offline", queue_interval_s=0, upload_dir=str(tmp_path / "uploads")),
+                  manifest=board.manifest)
+    upload = write_submission_zip(tmp_path / "uploads" / "sub.zip", make_header(fresh.manifest, method="i_ike"),
                                   make_rows(fresh.manifest))
-    assert fresh.submit(str(upload)).startswith("### Queued")
+    assert fresh.submit(str(upload)).startswith("Queued\n")
     queued = list((tmp_path / "queue" / "pending").iterdir())
     assert len(queued) == 1 and queued[0].name.endswith(".zip") and not queued[0].name.startswith(".")
     assert queued[0].read_bytes() == upload.read_bytes() and queued[0].stat().st_mode & 0o777 == 0o644

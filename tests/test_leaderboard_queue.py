@@ -252,7 +252,8 @@ def test_non_finite_numbers_are_never_stored_or_read(tmp_path, manifest, single)
     write_submission_zip(pending / "nan.zip", header, rows)
     assert process_queue(tmp_path / "queue", manifest, LocalStore(tmp_path / "results"), judge="offline",
                          scorer=nan_scorer) == [("nan.zip", "rejected")]
-    assert "not JSON compliant" in (tmp_path / "queue" / "rejected" / "nan.zip.error.txt").read_text()
+    assert "metrics.overall.reliability must be a finite number" in \
+        (tmp_path / "queue" / "rejected" / "nan.zip.error.txt").read_text()
     assert not list((tmp_path / "results").rglob("*.json"))
     add_submission(sub, manifest, LocalStore(tmp_path / "results"), judge="offline", scorer=fake_scorer)
     stored = next((tmp_path / "results" / "results").glob("*.json"))

@@ -59,7 +59,9 @@ def _upload(driver, url, path):
     file_input.send_keys(str(path))
     _wait(driver, lambda d: path.stem in d.find_element("id", "submission-file").text)  # name shown on the page
     driver.find_element("id", "submit-button").click()
-    return _wait(driver, lambda d: (d.find_element("id", "submit-result").text.strip() or None))
+    # the answer is plain text in a text box (never rendered as Markdown or HTML)
+    return _wait(driver, lambda d: (d.find_element("css selector", "#submit-result textarea").get_attribute("value")
+                                    .strip() or None))
 
 
 def test_submit_queue_table_and_item_page(space, driver):

@@ -56,9 +56,19 @@ def test_metric_dry_run_loads_with_evaluate_and_matches_score(tmp_path):
     card = (out / "README.md").read_text(encoding="utf-8")
     front = card.split("---\n")[1]
     assert "sdk: gradio\n" in front and "app_file: app.py\n" in front and "title: SAKE" in front
-    assert 'evaluate.load("sake/metric")' in (out / "app.py").read_text() and "launch_gradio_widget" in \
-        (out / "app.py").read_text()
+    assert (out / "app.py").read_bytes() == (REPO / "eval" / "metric_space.py").read_bytes()
+    assert json.loads((out / "metric_space.json").read_text()) == {"metric_file": "metric.py", "repo_id": "sake/metric"}
     assert "torch" not in (out / "requirements.txt").read_text()
+    # the card's metadata (read back with huggingface_hub's card API) and its usage line with the real repo id
+    from huggingface_hub import SpaceCard
+
+    data = SpaceCard.load(out / "README.md").data
+    assert (data.sdk, data.sdk_version, data.app_file, data.title) == ("gradio", publish.GRADIO_SDK_VERSION,
+                                                                       "app.py", "SAKE")
+    assert "evaluate" in data.tags and data.description.startswith("Scores knowledge edits")
+    usage = [line for line in card.splitlines() if "evaluate.load(" in line and line.startswith("metric =")]
+    assert usage == ['metric = evaluate.load("sake/metric")']
+    assert "once published" not in card
 
     manifest = make_manifest()
     predictions = tmp_path / "predictions.jsonl"
@@ -99,10 +109,13 @@ def test_leaderboard_dry_run_is_a_slim_wired_space(tmp_path):
     requirements = files["requirements.txt"].decode().split()
     assert not any(r.startswith(("torch", "transformers", "torchcodec")) for r in requirements)
     assert json.loads(files["leaderboard.json"]) == {"judge": "offline", "manifest": "sake/sake", "queue_dir": "queue",
-                                                     "queue_interval_s": 30.0, "results_repo": "sake/results"}
-    assert not any("__pycache__" in name or name.startswith("tests/") for name in files)
+                                                     "queue_interval_s": 30.0, "results_repo": "sake/results",
+                                                     "requests_repo": "sake/leaderboard-requests"}
+    assert not any("__pycache__" in name or name.startswith(("tests/", "sake/", "sake_core/_shipped")) for name in files)
+    assert {"sake_core/protocol.py", "sake_core/atomic.py", "sake_core/errors.py"} <= set(files)
     # The folder runs on its own: its app imports the Space from its own copy of `eval`, and no torch.
-    check = ("import sys, app, eval.leaderboard.space as s, eval.score; "
+    check = ("import sys, app, eval.leaderboard.space as s, eval.score, sake_core; "
+             "from pathlib import Path; assert Path(sake_core.__file__).resolve().parent == Path('sake_core').resolve(); "
              "from eval.leaderboard.space import SpaceConfig; c = SpaceConfig.from_env(); "
              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; "
              "print(s.__file__, c.results_repo, c.judge)")
@@ -125,9 +138,11 @@ def test_uploads_use_the_right_repo_types(tmp_path, fake_hub):
     assert calls[1][3] == metric_dry  # exactly the dry-run folder is uploaded
     assert calls[2] == ("create_repo", "sake/leaderboard-results", {"repo_type": "dataset", "exist_ok": True,
                                                                      "private": True})
-    assert calls[3] == ("create_repo", "sake/leaderboard", {"repo_type": "space", "space_sdk": "gradio",
+    assert calls[3] == ("create_repo", "sake/leaderboard-requests", {"repo_type": "dataset", "exist_ok": True,
+                                                                      "private": True})
+    assert calls[4] == ("create_repo", "sake/leaderboard", {"repo_type": "space", "space_sdk": "gradio",
                                                              "exist_ok": True})
-    assert calls[4][1] == "sake/leaderboard" and calls[4][2]["repo_type"] == "space" and calls[4][3] == board_dry
+    assert calls[5][1] == "sake/leaderboard" and calls[5][2]["repo_type"] == "space" and calls[5][3] == board_dry
 
     built = tmp_path / "built"
     (built / "emotion").mkdir(parents=True)

@@ -137,3 +137,45 @@ def test_rows_of_different_protocols_are_kept_apart(runs_dir, tmp_path):
     paper["judge"]["name"] = "openai"
     from eval.report import protocol_of
     assert protocol_of(paper) == "paper+choice"
+
+
+def test_twelve_methods_get_twelve_colours_stable_per_method(monkeypatch, tmp_path):
+    """Figure 3 colours each method by its display place: the paper's eight and the four beyond it never share a
+    colour (a 10-colour cycle gave FT (LLM) and GRACE the same blue), and a method keeps its colour whatever else
+    is plotted."""
+    from eval import report
+    from eval.report import Run, method_color, plot_types
+    from sake_core.protocol import METHOD_ORDER
+
+    beyond = {"ft_encoder": ("FT (Encoder)", 8), "lora": ("LoRA", 9), "grace": ("GRACE", 10),
+              "alphaedit": ("AlphaEdit", 11)}
+    methods = list(METHOD_ORDER) + list(beyond)
+    metrics = {k: 50.0 for k in ("generality_type1", "generality_type2", "generality_type3", "locality_audio_type1",
+                                  "locality_audio_type2", "locality_audio_type3", "locality_audio_type4")}
+
+    def run(method):
+        name, order = beyond.get(method, (None, None))
+        return Run(source=str(tmp_path / f"{method}.json"), results={
+            "model": "m", "method": method, "mode": "single", "method_display_name": name,
+            "method_display_order": order, "metrics": {"overall": metrics}})
+
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(
+        {t.get_label(): tuple(t.patches[0].get_facecolor()) for t in fig.axes[0].containers}))
+    plot_types([run(m) for m in methods], "m", tmp_path / "all.png")
+    plot_types([run(m) for m in ("grace", "ft_llm")], "m", tmp_path / "two.png")
+    colours = figures[0]
+    assert len(colours) == 12 and len(set(colours.values())) == 12
+    assert colours["GRACE"] != colours["FT (LLM)"]
+    assert figures[1] == {"GRACE": colours["GRACE"], "FT (LLM)": colours["FT (LLM)"]}
+    assert method_color({"method": "my_method", "method_display_order": 12.5}) == method_color("my_method")
+
+
+def test_category_counts_have_whole_number_ticks(monkeypatch, tmp_path):
+    from eval import report
+
+    ticks = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: ticks.extend(
+        t for ax in fig.axes for t in ax.get_xticks()))
+    report.plot_categories({"emotion": {"Scenario": 1, "Culture": 2}, "animal": {"Biology": 3}}, tmp_path / "f.png")
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -234,3 +234,20 @@ def test_the_plan_knows_units_rows_and_files_without_a_model(demo_dataset, tmp_p
     step_one_id = sequential.datasets["sequential"][steps[0]]["id"]
     assert sequential.unit_of({"instance_id": step_one_id, "gap": 1}) == f"{seq_id}/step02"
     assert not sequential.merge().merged  # nothing written yet: nothing to merge
+
+
+def test_the_progress_bar_names_the_run(qwen, demo_dataset, tmp_path, monkeypatch):
+    import editors.run as run_module
+
+    labels = []
+    real = run_module.tqdm
+
+    def recording(*args, **kwargs):
+        labels.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "tqdm", recording)
+    run(qwen, run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", method="i_ike", configs=("emotion",),
+                         limit=1))
+    assert labels == ["i_ike single, tiny-qwen2-audio"]
+    assert run_module.progress_label("lora", "sequential", str(tmp_path)) == f"lora sequential, {tmp_path.name}"

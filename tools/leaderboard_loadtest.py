@@ -1,6 +1,6 @@
 """Bounded local load test of the served board (127.0.0.1 only; stops by itself). Prints figures, asserts nothing.
 
-    python tools/leaderboard_loadtest.py [--requests 2000] [--concurrency 32] [--idle 400] [--target static|space]
+    python tools/leaderboard_loadtest.py [--requests 2000] [--concurrency 32] [--idle 1100] [--target static|space]
 
 It serves a board built from a small results store generated with the tests' fixtures on 127.0.0.1 with the same server code the CLI
 and the Space use (``serve.start_server``), then:
@@ -8,13 +8,15 @@ and the Space use (``serve.start_server``), then:
 1. sends ``--requests`` GETs over ``--concurrency`` keep-alive connections (index.html, data.js, board.js and a
    submission JSON in turn; with ``--target space``: the Gradio page and a submission's item page), and reports
    errors, requests/s and latency p50 / p99 / max;
-2. opens ``--idle`` connections that send half a request head and then nothing, checks that the board still
-   answers while they are open, and counts how many the server has closed after its head timeout.
+2. opens ``--idle`` connections from another loopback address (``--idle-from``, 127.0.0.2) that send half a
+   request head and then nothing, checks that the board still answers a client at 127.0.0.1 while they are
+   open, and counts how many the server closed at once (over its per-client cap) and after its head timeout.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import statistics
 import sys
@@ -94,31 +96,42 @@ async def _burst(port: int, paths: list[str], total: int, concurrency: int) -> d
             "mean_ms": round(1000 * statistics.fmean(ordered), 1) if ordered else None}
 
 
-async def _idle_clients(port: int, count: int, probe_path: str, wait_s: float) -> dict[str, Any]:
+async def _closed(connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> list[bool]:
+    """Which connections the server has closed (a read gives EOF or fails at once)."""
+    out = []
+    for idle_reader, _ in connections:
+        try:
+            out.append(await asyncio.wait_for(idle_reader.read(1), timeout=0.02) == b"")
+        except asyncio.TimeoutError:
+            out.append(False)
+        except OSError:
+            out.append(True)
+    return out
+
+
+async def _idle_clients(port: int, count: int, probe_path: str, wait_s: float, source: str) -> dict[str, Any]:
     connections = []
     for _ in range(count):
-        reader, writer = await asyncio.open_connection(HOST, port)
+        reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
         writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half a head, never finished
-        await writer.drain()
+        try:
+            await writer.drain()
+        except OSError:  # closed by the server already (over the per-client cap)
+            pass
         connections.append((reader, writer))
     reader, writer = await asyncio.open_connection(HOST, port)
     start = time.perf_counter()
     status = await asyncio.wait_for(_get(reader, writer, probe_path), timeout=30)
     probe_ms = 1000 * (time.perf_counter() - start)
     writer.close()
+    at_once = await _closed(connections)
     await asyncio.sleep(wait_s)
-    closed = 0
-    for idle_reader, idle_writer in connections:
-        try:
-            data = await asyncio.wait_for(idle_reader.read(1), timeout=0.05)
-            closed += data == b""
-        except asyncio.TimeoutError:
-            pass
-        except OSError:
-            closed += 1
+    later = await _closed([c for c, gone in zip(connections, at_once) if not gone])
+    for _, idle_writer in connections:
         idle_writer.close()
-    return {"idle_connections": count, "probe_status_while_idle": status, "probe_ms": round(probe_ms, 1),
-            f"closed_by_server_after_{wait_s:g}s": closed}
+    return {"idle_connections": count, "idle_from": source, "probe_status_while_idle": status,
+            "probe_ms": round(probe_ms, 1), "closed_at_once_over_per_client_cap": sum(at_once),
+            f"closed_after_head_timeout_{wait_s:g}s": sum(later)}
 
 
 def _fixture_site(root: Path) -> tuple[Path, str, dict[str, Any]]:
@@ -138,7 +151,8 @@ def _fixture_site(root: Path) -> tuple[Path, str, dict[str, Any]]:
     return build_site(root / "results", root / "site"), sid, manifest
 
 
-def run(requests: int = 2000, concurrency: int = 32, idle: int = 400, target: str = "static") -> dict[str, Any]:
+def run(requests: int = 2000, concurrency: int = 32, idle: int = 1100, target: str = "static",
+        idle_from: str = "127.0.0.2") -> dict[str, Any]:
     """Run the load test; return the figures."""
     from eval.leaderboard.serve import HEAD_TIMEOUT_S, make_app, start_server
 
@@ -160,7 +174,7 @@ def run(requests: int = 2000, concurrency: int = 32, idle: int = 400, target: st
             figures = {"target": target, "server": "uvicorn (serve.uvicorn_config)"}
             figures["burst"] = asyncio.run(_burst(port, paths, requests, concurrency))
             if idle:
-                figures["idle"] = asyncio.run(_idle_clients(port, idle, paths[0], HEAD_TIMEOUT_S + 2))
+                figures["idle"] = asyncio.run(_idle_clients(port, idle, paths[0], HEAD_TIMEOUT_S + 2, idle_from))
         finally:
             server.stop()
     return figures
@@ -170,12 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/leaderboard_loadtest.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="GET requests in the burst (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent connections (default %(default)s)")
-    parser.add_argument("--idle", type=int, default=400, help="half-sent idle connections (0: skip; default "
+    parser.add_argument("--idle", type=int, default=1100, help="half-sent idle connections (0: skip; default "
                         "%(default)s)")
+    parser.add_argument("--idle-from", default="127.0.0.2",
+                        help="loopback address the idle connections come from (default %(default)s)")
     parser.add_argument("--target", choices=["static", "space"], default="static",
                         help="the static board or the Gradio Space app (default %(default)s)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.requests, args.concurrency, args.idle, args.target), indent=1))
+    if not ipaddress.ip_address(args.idle_from).is_loopback:
+        parser.error("--idle-from must be a loopback address (127.0.0.0/8): the load test stays on this machine")
+    print(json.dumps(run(args.requests, args.concurrency, args.idle, args.target, args.idle_from), indent=1))
     return 0
 
 

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from sake_core.errors import ConfigError, user_errors
+from sake_core.command import command_prog
 
 from .validate import DEFAULT_MAX_BYTES, DEFAULT_SPLITS, METADATA_NAME, PREDICTIONS_NAME, SubmissionError
 
@@ -83,8 +84,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .store import board_result, dump_json, score_submission
     from .validate import validate_submission
 
-    submission = validate_submission(args.submission, _manifest(args), **_validate_options(args))
-    result = board_result(submission, score_submission(submission, judge=args.judge, **_judge_options(args)))
+    manifest = _manifest(args)
+    submission = validate_submission(args.submission, manifest, **_validate_options(args))
+    result = board_result(submission, score_submission(submission, judge=args.judge, manifest=manifest,
+                                                       **_judge_options(args)))
     data = dump_json(result)
     if args.out:
         from sake_core.atomic import atomic_write
@@ -137,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.leaderboard", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_prog("python -m eval.leaderboard"), description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -10,11 +10,10 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from sake_core.atomic import replace_dir, staging_dir
+from sake_core.atomic import write_tree
 from sake_core.protocol import METHOD_NAMES, METHOD_ORDER, method_display
 
 from .store import check_results, dump_json, load_json_file, result_protocol
@@ -170,27 +169,12 @@ def board_methods(rows: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"id": m, "name": known[m][1]} for m in ids]
 
 
-def write_tree(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into a fresh sibling folder, then swap it in for ``out_dir`` (no half-built site)."""
-    out_dir = out_dir.resolve()
-    staging = staging_dir(out_dir)  # mode 0o755: the site is served to everyone
-    try:
-        for rel, data in files.items():
-            target = staging / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            target.chmod(0o644)
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def build_site(results_dir: str | os.PathLike, out_dir: str | os.PathLike,
                include_reference: bool = True) -> Path:
     """Build the static board for ``results_dir`` into ``out_dir``; same inputs give byte-identical files."""
     data, details = board_data(results_dir, include_reference=include_reference)
-    payload = json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":"),
+                         allow_nan=False).replace("</", "<\\/")
     files = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_FILES}
     files["data.js"] = f"window.SAKE_BOARD = {payload};\n".encode("ascii")
     for sid, detail in details.items():

@@ -3,6 +3,10 @@
 - uvicorn (asyncio, no thread per connection) with a listen backlog of 2048, a cap on concurrent connections,
   a 5 s keep-alive timeout and a request-head timeout: a client that opens a connection and never finishes its
   request line and headers is disconnected after ``HEAD_TIMEOUT_S`` (uvicorn alone would keep it forever);
+- a cap per client address (``MAX_CONNECTIONS_PER_CLIENT``): one more connection from an address that already
+  holds that many is closed at once, so no single client can fill the server's ``LIMIT_CONCURRENCY`` slots with
+  half-open connections (uvicorn would answer 503 to everyone until the head timeout). Behind a reverse proxy
+  every visitor shares the proxy's address: raise the cap or turn it off (0) there; the proxy bears the flood;
 - static files only, no directory listing (a folder answers 404 unless it holds ``index.html``), bad paths
   (``/%00``, ``..``) answer 4xx instead of dropping the connection;
 - security headers on every response (:data:`SECURITY_HEADERS`).
@@ -24,10 +28,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-HEAD_TIMEOUT_S = 10.0
+HEAD_TIMEOUT_S = 5.0
 KEEP_ALIVE_S = 5
 BACKLOG = 2048
 LIMIT_CONCURRENCY = 1000
+#: Open connections one client address may hold (a browser opens about six per site).
+MAX_CONNECTIONS_PER_CLIENT = 64
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "referrer-policy": "strict-origin-when-cross-origin",
@@ -39,12 +45,15 @@ SECURITY_HEADERS = {
 }
 
 
-def _head_timeout_protocol() -> type:
-    """uvicorn's h11 protocol with a timeout on receiving a request head."""
+def _head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> type:
+    """uvicorn's h11 protocol with a timeout on receiving a request head and a cap on connections per client
+    address (``per_client``; 0: no cap)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
         head_timeout = HEAD_TIMEOUT_S
+        max_per_client = per_client
+        _peer: str | None = None
 
         def _arm_head_timer(self) -> None:
             self._head_timer = self.loop.call_later(self.head_timeout, self._head_timeout)
@@ -52,6 +61,16 @@ def _head_timeout_protocol() -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head_timer()
+            peer = transport.get_extra_info("peername")
+            self._peer = peer[0] if isinstance(peer, (tuple, list)) and peer else None
+            if self._peer is None or not self.max_per_client:
+                return
+            # one count per address, shared by every connection of this server (its ServerState)
+            counts = self.server_state.__dict__.setdefault("sake_connections_per_client", {})
+            counts[self._peer] = counts.get(self._peer, 0) + 1
+            if counts[self._peer] > self.max_per_client:
+                logger.debug("closing a connection from %s: it holds %d already", self._peer, self.max_per_client)
+                transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -60,6 +79,11 @@ def _head_timeout_protocol() -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_timer.cancel()
+            counts = self.server_state.__dict__.get("sake_connections_per_client")
+            if counts is not None and self._peer in counts:
+                counts[self._peer] -= 1
+                if counts[self._peer] <= 0:
+                    del counts[self._peer]
             super().connection_lost(exc)
 
         def _head_timeout(self) -> None:
@@ -107,11 +131,13 @@ def make_app(site_dir: str | os.PathLike) -> Any:
     return SecurityHeaders(static_app(site_dir))
 
 
-def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000, **overrides: Any) -> Any:
-    """The hardened uvicorn configuration shared by the static board and the Space."""
+def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000,
+                   per_client: int = MAX_CONNECTIONS_PER_CLIENT, **overrides: Any) -> Any:
+    """The hardened uvicorn configuration shared by the static board and the Space (``per_client``: most open
+    connections of one client address, 0 for no cap)."""
     import uvicorn
 
-    options: dict[str, Any] = dict(host=host, port=port, http=_head_timeout_protocol(), backlog=BACKLOG,
+    options: dict[str, Any] = dict(host=host, port=port, http=_head_timeout_protocol(per_client), backlog=BACKLOG,
                    limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=KEEP_ALIVE_S,
                    timeout_graceful_shutdown=5, server_header=False, log_level="warning", lifespan="auto")
     options.update(overrides)

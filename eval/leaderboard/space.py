@@ -5,41 +5,66 @@
   ``paper+choice``, ``offline``); ranks are counted within one mode and one protocol, so an offline row is never
   ranked among paper rows.
 - **Submit** tab: upload a submission ``.zip``; the board's validator (the same one ``add`` runs) answers on the
-  page at once, and a valid archive is queued (``QUEUE/pending``). A worker thread scores the queue
-  (:func:`eval.leaderboard.store.process_queue`: a failing submission goes to ``rejected/`` and the queue goes on).
+  page at once, as plain text (never Markdown or HTML), and a valid archive is queued (``QUEUE/pending``). A worker
+  thread scores the queue (:func:`eval.leaderboard.store.process_queue`: a failing submission goes to
+  ``rejected/`` and the queue goes on).
+- Uploads only: a call of the submit endpoint (or any other) naming a file is served only when the file is one
+  Gradio's upload route received (its upload folder), a regular file within the size limit; anything else (a
+  server path, ``/dev/zero``, a FIFO, a URL) is refused before it is opened, by :class:`UploadsOnly` in front of
+  Gradio and again by :meth:`Board.submit` (:func:`check_upload`). Gradio's own check is not relied on: it is
+  skipped for an app mounted with ``mount_gradio_app``.
+- Worker processes: an upload is validated, and the queue scored, in worker processes (:class:`Isolated`), so
+  the JSON parser holding the interpreter's lock for a long line stalls a worker, never the server; a
+  validation running past ``validate_timeout_s`` is stopped and the upload refused.
 - **About** tab: the submission format and the protocols.
 - ``/submission/<id>``: the submission's items with question, reference, pre- and post-edit output, verdict and
   the stage that decided it (``items.jsonl`` stored with the result), filterable to the failed items.
 
 Configuration (environment, or ``leaderboard.json`` next to the Space's ``app.py``; the environment wins):
 ``SAKE_RESULTS_REPO`` (Hub dataset repo holding the results store; token ``HF_TOKEN``) or ``SAKE_RESULTS_DIR``
-(local store, default ``./results``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file),
-``SAKE_QUEUE_DIR`` (default ``./queue``), ``SAKE_JUDGE`` (``paper`` needs the judge's API key as a Space secret;
-``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between queue runs, default 30; 0 turns the worker off),
-``SAKE_MAX_MB`` (default 50). Run locally: ``python -m eval.leaderboard.space``.
+(local store, default ``./results``), ``SAKE_REQUESTS_REPO`` (Hub dataset repo holding the submissions until and
+after they are scored, :mod:`eval.leaderboard.submission_queue`) or ``SAKE_QUEUE_DIR`` (local queue, default
+``./queue``), ``SAKE_MANIFEST`` (release manifest: Hub dataset id, folder or file), ``SAKE_JUDGE`` (``paper``
+needs the judge's API key as a Space secret; ``offline`` for demos), ``SAKE_QUEUE_INTERVAL`` (seconds between
+queue runs, default 30; 0 turns the worker off), ``SAKE_MAX_MB`` (default 50), ``SAKE_MAX_CONNECTIONS_PER_CLIENT``
+(default :data:`eval.leaderboard.serve.MAX_CONNECTIONS_PER_CLIENT`; 0 turns the cap off, e.g. behind a proxy whose
+one address carries every visitor).
+
+On the Hub the Space keeps everything in the two dataset repos, so a restart loses no submission. **Local mode**
+(``python app.py --local`` in the published folder, or ``SAKE_LOCAL=1``; ``python -m eval.leaderboard.space
+--local`` in a checkout) ignores the repos and runs on ``./results`` and ``./queue`` with no Hub at all; the
+manifest is ``SAKE_MANIFEST`` (a built dataset folder or its ``sake_manifest.json``) or, without it, the Submit tab
+says that one is needed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
+import stat
+import tempfile
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
-from sake_core.atomic import atomic_write
+from eval.sake_metric.predictions_file import excerpt
+
+from sake_core.errors import SakeError
 from sake_core.protocol import FAMILY_NAMES, method_display
 
 from .build import display_model_name, reference_rows
-from .store import (ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, open_store, process_queue,
-                    result_protocol)
+from .store import ITEMS_NAME, PROTOCOLS, LocalStore, ResultsStore, one_line_error, open_store, result_protocol, \
+    without_paths
+from .submission_queue import SubmissionQueue, open_queue
 from .validate import (DEFAULT_MAX_BYTES, PREDICTIONS_NAME, SubmissionError, load_manifest,
                        validate_submission)
 
@@ -59,6 +84,58 @@ ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
+#: Gradio's route that receives uploads (multipart); every other POST body is JSON and is checked for file paths.
+UPLOAD_ROUTE = "/gradio_api/upload"
+#: Largest JSON body of an API call (a call names files by path; the files themselves go to the upload route).
+MAX_API_BODY = 1 << 20
+SHOWN_ERROR_CHARS = 600  # of one rejected submission's error in the queue status
+WORKER_START_S = 120.0  # longest wait for a worker process to start
+_REMOTE_FILE = re.compile(r"/file=\s*[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+class UploadRefused(ValueError):
+    """A file named in a request is not a file this Space received as an upload; the message names no path."""
+
+
+def gradio_upload_dir() -> str:
+    """The folder Gradio writes uploads to: ``GRADIO_TEMP_DIR``, else ``<temp dir>/gradio`` (Gradio's rule)."""
+    return os.environ.get("GRADIO_TEMP_DIR") or str((Path(tempfile.gettempdir()) / "gradio").resolve())
+
+
+def check_upload(path: Any, upload_dir: str | os.PathLike, max_bytes: int,
+                 received: Collection[str] | None = None) -> Path:
+    """``path`` as a file this Space received, checked without opening it; :class:`UploadRefused` otherwise.
+
+    Accepted only when it is a string naming a regular file (not a link, FIFO, device or folder) of at most
+    ``max_bytes`` inside ``upload_dir`` after resolving links, and (given ``received``, the paths Gradio's upload
+    route returned) one of those paths.
+    """
+    refused = UploadRefused("not a file uploaded to this Space: upload a submission .zip with the form (or "
+                            "the upload route) and submit that")
+    if not isinstance(path, (str, os.PathLike)):
+        raise refused
+    text = os.fspath(path)
+    if not text or "\0" in text or (received is not None and text not in received):
+        raise refused
+    root = os.path.realpath(upload_dir)
+    real = os.path.realpath(text)
+    if real == root or os.path.commonpath([root, real]) != root:
+        raise refused
+    try:
+        info = os.lstat(text)
+    except OSError:
+        raise UploadRefused("the uploaded file is no longer on the server; upload it again") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise refused
+    if info.st_size > max_bytes:
+        raise UploadRefused(f"the upload is {info.st_size} bytes, over the limit of {max_bytes} bytes")
+    return Path(text)
+
+
+def plain_text(text: str) -> str:
+    """Text shown to visitors: one problem per line, no server path, no control characters."""
+    text = without_paths(text)
+    return "".join(c if c in "\n\t" or c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def model_family(model: str, header: dict[str, Any] | None = None) -> str:
@@ -95,17 +172,23 @@ class SpaceConfig:
 
     results_dir: str = "results"
     results_repo: str | None = None
-    manifest: str = "sake/sake"
+    manifest: str | None = "sake/sake"
     queue_dir: str = "queue"
+    requests_repo: str | None = None
+    local: bool = False  # local mode: no Hub (the repos are ignored)
     judge: str = "paper"
     queue_interval_s: float = 30.0
     max_bytes: int = DEFAULT_MAX_BYTES
     refresh_s: float = 60.0  # how long Hub results are cached
     judge_options: dict[str, Any] = field(default_factory=dict)
+    upload_dir: str | None = None  # where uploads are accepted from; None: Gradio's upload folder
+    isolate: bool = True  # validate uploads and run the queue in worker processes (see Board)
+    validate_timeout_s: float = 120.0  # an upload whose validation runs longer is refused
 
     @classmethod
-    def from_env(cls, config_file: str | os.PathLike | None = None) -> "SpaceConfig":
-        """Defaults <- ``leaderboard.json`` (when present) <- environment variables."""
+    def from_env(cls, config_file: str | os.PathLike | None = None, local: bool | None = None) -> "SpaceConfig":
+        """Defaults <- ``leaderboard.json`` (when present) <- environment variables; ``local`` (else
+        ``SAKE_LOCAL``) switches to local mode (:meth:`local_mode`)."""
         values: dict[str, Any] = {}
         path = Path(config_file) if config_file else Path(CONFIG_FILE)
         if path.is_file():
@@ -113,6 +196,7 @@ class SpaceConfig:
         env = os.environ
         for key, name, cast in (("results_repo", "SAKE_RESULTS_REPO", str), ("results_dir", "SAKE_RESULTS_DIR", str),
                                 ("manifest", "SAKE_MANIFEST", str), ("queue_dir", "SAKE_QUEUE_DIR", str),
+                                ("requests_repo", "SAKE_REQUESTS_REPO", str),
                                 ("judge", "SAKE_JUDGE", str), ("queue_interval_s", "SAKE_QUEUE_INTERVAL", float)):
             if env.get(name):
                 values[key] = cast(env[name])
@@ -123,26 +207,51 @@ class SpaceConfig:
         if config.judge not in PROTOCOLS:
             raise ValueError(f"SAKE_JUDGE / leaderboard.json judge: got {config.judge!r}, expected one of "
                              f"{', '.join(PROTOCOLS)}")
+        use_local = local if local is not None else env.get("SAKE_LOCAL", "").lower() in ("1", "true", "yes")
+        if use_local:
+            config = config.local_mode(manifest_given="SAKE_MANIFEST" in env)
         return config
+
+    def local_mode(self, manifest_given: bool = False) -> "SpaceConfig":
+        """The same Space with no Hub: local results and queue folders; the manifest only when given or a local
+        path (a Hub dataset id would need the Hub)."""
+        manifest = self.manifest if manifest_given or (self.manifest and Path(self.manifest).exists()) else None
+        return dataclasses.replace(self, results_repo=None, requests_repo=None, manifest=manifest, local=True)
+
+
+class ManifestMissing(SakeError, LookupError):
+    """The board was started without a release manifest (local mode without ``SAKE_MANIFEST``)."""
 
 
 class Board:
     """The Space's data: results (cached), submissions to the queue, the queue worker, per-item pages."""
 
     def __init__(self, config: SpaceConfig, store: ResultsStore | None = None,
-                 manifest: dict[str, Any] | None = None):
+                 manifest: dict[str, Any] | None = None, queue: SubmissionQueue | None = None, hub_api: Any = None):
+        """``store`` / ``queue`` default to the configured ones (Hub repos through ``hub_api``, a
+        ``huggingface_hub.HfApi`` by default, or local folders)."""
         self.config = config
-        self.store = store or open_store(config.results_dir, config.results_repo)
+        # a store / queue opened from the config can be opened again in a worker process (a given object, or one
+        # talking to a given Hub client, cannot travel there)
+        self._own_store = store is None and queue is None and hub_api is None
+        self.store = store or open_store(config.results_dir, config.results_repo, api=hub_api)
+        self.requests = queue or open_queue(config.queue_dir, config.requests_repo, api=hub_api)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
         self._items: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()
-        self.queue = Path(config.queue_dir)
         self._stop = threading.Event()
+        self.upload_dir = config.upload_dir or gradio_upload_dir()
+        self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
+        self._checker: Isolated | None = None  # worker processes, started on first use
+        self._scorer: Isolated | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
+            if not self.config.manifest:
+                raise ManifestMissing("this board has no release manifest to check submissions against: start it "
+                                      "with SAKE_MANIFEST set to a built dataset folder (or its sake_manifest.json)")
             self._manifest = load_manifest(self.config.manifest)
         return self._manifest
 
@@ -163,7 +272,7 @@ class Board:
         with self._lock:
             now = time.monotonic()
             if self._cache is None or isinstance(self.store, LocalStore) or now - self._cache[0] > self.config.refresh_s:
-                self._cache = (now, self.store.results())
+                self._cache = (now, self.store.results(skip_bad=True))  # a broken file: left out and logged
             return self._cache[1]
 
     def invalidate(self) -> None:
@@ -230,45 +339,87 @@ class Board:
 
     # ------------------------------------------------------------------------------------------ submit / queue
 
+    def check_upload(self, path: Any) -> Path:
+        """``path`` as an upload this Space received (:func:`check_upload`), or :class:`UploadRefused`."""
+        return check_upload(path, self.upload_dir, self.config.max_bytes, self.received)
+
     def submit(self, path: str | os.PathLike | None) -> str:
-        """Validate an uploaded archive with the board's validator; queue it when valid. Returns Markdown."""
+        """Validate an uploaded archive with the board's validator; queue it when valid. Returns plain text.
+
+        Only a file this Space received as an upload is opened (:meth:`check_upload`); the answer quotes the
+        submitter's values only as short escaped excerpts and names no server path.
+        """
         if not path:
-            return "Choose a submission `.zip` first."
-        if not (Path(path).is_file() and Path(path).suffix.lower() == ".zip"):
-            return "### Rejected\n- expected a `.zip` archive holding predictions.jsonl and metadata.json"
+            return "Choose a submission .zip first."
         try:
-            submission = validate_submission(path, self.manifest, max_bytes=self.config.max_bytes)
-        except SubmissionError as exc:
-            lines = [f"- {html.escape(str(p))}" for p in exc.problems]
-            return "### Rejected\n" + "\n".join(lines)
-        except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
-            return f"### Rejected\n- {html.escape(type(exc).__name__)}: {html.escape(str(exc))}"
-        sid = submission.submission_id
-        if self.store.has(sid):
-            return f"### Already on the board\nSubmission `{sid}` has been scored: see `/submission/{sid}`."
+            upload = self.check_upload(path)
+        except UploadRefused as exc:
+            return f"Rejected\n- {exc}"
+        if upload.suffix.lower() != ".zip":
+            return "Rejected\n- expected a .zip archive holding predictions.jsonl and metadata.json"
+        try:
+            if self.config.isolate:
+                if self._checker is None:
+                    self._checker = Isolated(self.manifest, timeout_s=self.config.validate_timeout_s)
+                try:
+                    verdict = self._checker(check_submission, str(upload), self.config.max_bytes)
+                except TimeoutError:
+                    return (f"Rejected\n- validation took longer than {self.config.validate_timeout_s:g} s; a "
+                            "submission is read in time linear in its size, so this one is refused")
+                except RuntimeError as exc:
+                    logger.error("validation worker: %s", exc)
+                    return "Rejected\n- the validator failed on this upload; try again later"
+            else:
+                verdict = check_submission(str(upload), self.config.max_bytes, self.manifest)
+        except ManifestMissing as exc:
+            return plain_text(f"Not checked\n- {exc}")
+        if "problems" in verdict:
+            return plain_text("Rejected\n" + "\n".join(f"- {p}" for p in verdict["problems"]))
+        if "error" in verdict:
+            return plain_text(f"Rejected\n- {verdict['error']}")
+        sid = verdict["id"]
         name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{sid}.zip"
-        # the temp file's name starts with ".", which the queue skips
-        atomic_write(self.queue / "pending" / name, Path(path).read_bytes())
-        header = submission.header
-        return (f"### Queued\nSubmission `{sid}` ({html.escape(header['model'])} / {html.escape(header['method'])}"
-                f" / {header['mode']}, {len(submission.rows)} rows) is valid and waits in the queue as `{name}`. "
-                f"It appears on the board once scored ({self.config.judge} protocol).")
+        try:
+            if self.store.has(sid):
+                return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
+            self.requests.submit(name, upload.read_bytes(), {"submission_id": sid, "model": verdict["model"],
+                                                             "method": verdict["method"], "mode": verdict["mode"]})
+        except Exception as exc:  # noqa: BLE001 - the store or the requests repo is unreachable: nothing queued
+            logger.warning("submission %s not queued: %s", sid, one_line_error(exc))
+            return plain_text(f"Not queued\n- the board's storage did not answer ({type(exc).__name__}); the "
+                              "submission is valid: try again in a minute")
+        return plain_text(f"Queued\nSubmission {sid} ({excerpt(verdict['model'], 80)} / "
+                          f"{excerpt(verdict['method'], 60)} / {verdict['mode']}, {verdict['rows']} rows) is "
+                          f"valid and waits in the queue as {name}. It appears on the board once scored "
+                          f"({self.config.judge} protocol).")
 
     def queue_status(self, shown: int = 10) -> str:
-        """Markdown: pending submissions, and the latest rejected ones with their one-line error."""
-        pending = sorted(p.name for p in (self.queue / "pending").glob("*") if not p.name.startswith("."))
-        errors = sorted((self.queue / "rejected").glob("*.error.txt"), key=lambda p: p.name, reverse=True)[:shown]
-        lines = [f"**Pending** ({len(pending)}): " + (", ".join(f"`{n}`" for n in pending) or "none")]
-        if errors:
-            lines.append("**Rejected while scoring** (latest first):")
-            lines += [f"- `{p.name[:-len('.error.txt')]}`: {html.escape(p.read_text(encoding='utf-8').strip())}"
-                      for p in errors]
-        return "\n".join(lines)
+        """Plain text: pending submissions, and the latest rejected ones with (the start of) their one-line error."""
+        status = self.requests.status(shown)
+        lines = [f"Pending ({len(status.pending)}): " + (", ".join(status.pending) or "none")]
+        if status.rejected:
+            lines.append("Rejected while scoring (latest first):")
+            for name, error in status.rejected:
+                error = error.strip()
+                if len(error) > SHOWN_ERROR_CHARS:
+                    error = error[:SHOWN_ERROR_CHARS] + f"... ({len(error) - SHOWN_ERROR_CHARS} more characters)"
+                lines.append(f"- {name}: {error}")
+        return plain_text("\n".join(lines))
 
     def run_queue(self) -> list[tuple[str, str]]:
-        """Score everything pending (never raises for a bad submission)."""
-        outcomes = process_queue(self.queue, self.manifest, self.store, judge=self.config.judge,
-                                 validate_options={"max_bytes": self.config.max_bytes}, **self.config.judge_options)
+        """Score everything pending (never raises for a bad submission; nothing to do reads no manifest); in a
+        worker process when the store and queue come from the config, so reading and scoring submissions never
+        holds this process's GIL."""
+        if not self.requests.has_pending():
+            return []
+        if self.config.isolate and self._own_store:
+            if self._scorer is None:
+                self._scorer = Isolated(self.manifest)
+            outcomes = self._scorer(run_queue_of, self.config)
+        else:
+            outcomes = self.requests.run(self.manifest, self.store, judge=self.config.judge,
+                                     validate_options={"max_bytes": self.config.max_bytes},
+                                     **self.config.judge_options)
         if outcomes:
             self.invalidate()
         return outcomes
@@ -291,7 +442,11 @@ class Board:
         return thread
 
     def stop_worker(self) -> None:
+        """Stop the queue thread and the worker processes."""
         self._stop.set()
+        for isolated in (self._checker, self._scorer):
+            if isolated is not None:
+                isolated.close()
 
     # ------------------------------------------------------------------------------------------ item pages
 
@@ -321,6 +476,113 @@ class Board:
                 self._items.pop(next(iter(self._items)))
             self._items[sid] = items
         return result, items
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}  # what a worker process keeps between calls (the release manifest)
+
+
+def check_submission(path: str, max_bytes: int, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate an upload (in a worker process, against the worker's manifest unless one is given):
+    ``{"problems": [...]}``, ``{"error": line}``, or the summary ``{"id", "model", "method", "mode", "rows"}`` --
+    plain data, so no exception crosses the process boundary."""
+    try:
+        submission = validate_submission(path, manifest if manifest is not None else _WORKER["manifest"],
+                                         max_bytes=max_bytes)
+    except SubmissionError as exc:
+        return {"problems": [str(problem) for problem in exc.problems]}
+    except Exception as exc:  # noqa: BLE001 - whatever the archive holds, the page answers in one line
+        return {"error": one_line_error(exc)}
+    header = submission.header
+    return {"id": submission.submission_id, "model": header["model"], "method": header["method"],
+            "mode": header["mode"], "rows": len(submission.rows)}
+
+
+def run_queue_of(config: SpaceConfig) -> list[tuple[str, str]]:
+    """Score a Space's pending submissions (in a worker process): its store and queue opened from its config."""
+    store = open_store(config.results_dir, config.results_repo)
+    queue = open_queue(config.queue_dir, config.requests_repo)
+    return queue.run(_WORKER["manifest"], store, judge=config.judge,
+                     validate_options={"max_bytes": config.max_bytes}, **config.judge_options)
+
+
+def _serve_calls(connection: Any, manifest: dict[str, Any]) -> None:
+    """A worker process's loop: run each ``(function, args)`` received, send back ``(ok, value or error)``."""
+    _WORKER["manifest"] = manifest
+    connection.send("ready")
+    while True:
+        try:
+            function, args = connection.recv()
+        except (EOFError, OSError):  # the server went away
+            return
+        try:
+            connection.send((True, function(*args)))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller in one line
+            connection.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+class Isolated:
+    """One worker process, spawned on first use and kept, that runs module-level functions for the Space.
+
+    Reading an untrusted submission is linear in its size, but a JSON parser holds the interpreter's lock for a
+    whole line; in a worker it holds the worker's, and the server keeps answering every other client. Calls run
+    one at a time. A call running past ``timeout_s`` kills the worker and raises TimeoutError; a worker that dies
+    raises RuntimeError; either way the next call starts a new one.
+    """
+
+    def __init__(self, manifest: dict[str, Any], timeout_s: float | None = None):
+        self.manifest = manifest
+        self.timeout_s = timeout_s
+        self._process: Any = None
+        self._connection: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            if self._process is None or not self._process.is_alive():
+                self._start()
+            self._connection.send((function, args))
+            if not self._connection.poll(self.timeout_s):  # None: wait as long as it takes
+                logger.warning("%s ran past %s s: worker process stopped", function.__name__, self.timeout_s)
+                self._stop()
+                raise TimeoutError(f"{function.__name__} ran past {self.timeout_s} s")
+            try:
+                ok, value = self._connection.recv()
+            except (EOFError, OSError):
+                self._stop()
+                raise RuntimeError(f"the worker process running {function.__name__} died") from None
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def _start(self) -> None:
+        self._stop()
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._process = context.Process(target=_serve_calls, args=(theirs, self.manifest), name="sake-worker",
+                                        daemon=True)
+        self._process.start()
+        theirs.close()
+        self._connection = ours
+        try:  # the call's timeout starts once the worker has imported what it runs
+            ready = ours.poll(WORKER_START_S) and ours.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            self._stop()
+            raise RuntimeError("the worker process did not start")
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(timeout=10)
+            self._connection.close()
+        self._process = self._connection = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
 
 
 def _offline_verdicts(predictions: bytes) -> list[dict[str, Any]]:
@@ -475,8 +737,11 @@ def build_blocks(board: Board) -> Any:
                 upload = gr.File(label="Submission .zip", file_types=[".zip"], type="filepath",
                                  elem_id="submission-file")
                 submit = gr.Button("Validate and submit", variant="primary", elem_id="submit-button")
-                answer = gr.Markdown(elem_id="submit-result")
-                status = gr.Markdown(elem_id="queue-status")
+                # plain text boxes: a submitter's values in an answer are data, never Markdown or HTML
+                answer = gr.Textbox(label="Result", interactive=False, lines=3, max_lines=30,
+                                    elem_id="submit-result")
+                status = gr.Textbox(label="Queue", interactive=False, lines=2, max_lines=20,
+                                    elem_id="queue-status")
                 submit.click(board.submit, upload, answer).then(board.queue_status, None, status)
                 blocks.load(board.queue_status, None, status)
             with gr.Tab("About", id="about"):
@@ -484,8 +749,102 @@ def build_blocks(board: Board) -> Any:
     return blocks
 
 
+class UploadsOnly:
+    """ASGI middleware in front of the Gradio app: an API call may name only files Gradio's upload route received.
+
+    Every POST but the upload route must carry a JSON body of at most :data:`MAX_API_BODY` bytes (else 413/400);
+    every file object in it (any object with a ``path``, or Gradio's ``FileData`` marker) must name a file that
+    ``check(path)`` accepts (:meth:`Board.check_upload`), else the request is answered 403 with a one-line
+    reason, before Gradio copies, reads or serves anything. ``/file=<URL>`` (Gradio relays public URLs) is
+    refused too. Other requests pass unchanged.
+    """
+
+    def __init__(self, app: Any, check: Any, upload_route: str = UPLOAD_ROUTE, max_body: int = MAX_API_BODY):
+        self.app = app
+        self.check = check
+        self.upload_route = upload_route
+        self.max_body = max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if scope["type"] == "http" and _REMOTE_FILE.search(path):  # Gradio would fetch and relay any public URL
+            await _answer(send, 403, "remote files are not served here")
+            return
+        if scope["type"] != "http" or scope.get("method") != "POST" or path.rstrip("/") == self.upload_route:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _answer(send, 413, f"request body over {self.max_body} bytes; files go to {self.upload_route}")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body.strip():
+            try:
+                value = json.loads(body)
+            except (ValueError, RecursionError):
+                await _answer(send, 400, "request body is not JSON")
+                return
+            reason = self._refused(value)
+            if reason:
+                logger.warning("refused a call naming a file that is not an upload (%s)", path)
+                await _answer(send, 403, reason)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refused(self, value: Any) -> str | None:
+        """Why a JSON body names a file that is not an accepted upload, or None (iterative: no recursion)."""
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                meta = item.get("meta")
+                if "path" in item or (isinstance(meta, dict) and meta.get("_type") == "gradio.FileData"):
+                    try:
+                        self.check(item.get("path"))
+                    except UploadRefused as exc:
+                        return str(exc)
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return None
+
+
+async def _answer(send: Any, status: int, reason: str) -> None:
+    body = json.dumps({"error": reason}).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(board: Board) -> Any:
-    """The Space's ASGI app: ``/submission/<id>`` pages and the Gradio app at ``/``, with security headers."""
+    """The Space's ASGI app: ``/submission/<id>`` pages and the Gradio app at ``/``, with security headers.
+
+    Gradio may serve files only from its upload folder (no ``allowed_paths``; the results and queue folders
+    blocked), and :class:`UploadsOnly` refuses any call naming a file that is not an upload of this Space.
+    """
     import gradio as gr
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
@@ -499,30 +858,47 @@ def create_app(board: Board) -> Any:
         status, document = submission_page(board, sid, show=show, dimension=dimension, page=page)
         return HTMLResponse(document, status_code=status, headers=PAGE_HEADERS)
 
-    app = gr.mount_gradio_app(app, build_blocks(board), path="/", max_file_size=board.config.max_bytes,
-                              footer_links=[], ssr_mode=False)
+    blocks = build_blocks(board)
+    blocked = [str(Path(folder).resolve()) for folder in (board.config.results_dir, board.config.queue_dir)]
+    app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=board.config.max_bytes, footer_links=[],
+                              ssr_mode=False, allowed_paths=[], blocked_paths=blocked)
+    board.received = blocks.upload_file_set  # the exact paths Gradio's upload route returned
+    guarded = UploadsOnly(app, board.check_upload)
     # Gradio needs inline scripts and styles: its pages get every header but a script-restricting CSP.
     headers = {"x-content-type-options": "nosniff", "referrer-policy": "strict-origin-when-cross-origin",
                "permissions-policy": "camera=(), microphone=(), geolocation=()",
                "content-security-policy": "frame-ancestors 'self' https://huggingface.co https://*.hf.space; "
                                           "object-src 'none'; base-uri 'self'"}
-    return SecurityHeaders(app, headers)
+    return SecurityHeaders(guarded, headers)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the Space: results store, queue worker, Gradio app on uvicorn (port ``PORT`` or 7860)."""
+    import argparse
+
     import uvicorn
 
-    from .serve import uvicorn_config
+    from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
 
+    parser = argparse.ArgumentParser(prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)")
+    parser.add_argument("--local", action="store_true", default=None,
+                        help="local mode: no Hub; ./results and ./queue, the manifest from SAKE_MANIFEST")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    board = Board(SpaceConfig.from_env())
+    board = Board(SpaceConfig.from_env(local=args.local))
+    if board.config.local:
+        logger.info("local mode: results in %s, queue in %s, manifest %s", board.config.results_dir,
+                    board.config.queue_dir, board.config.manifest or "none (set SAKE_MANIFEST)")
     if isinstance(board.store, LocalStore):
         Path(board.config.results_dir).mkdir(parents=True, exist_ok=True)
     board.start_worker()
     host = os.environ.get("HOST", "0.0.0.0")
     port = int(os.environ.get("PORT", "7860"))
-    uvicorn.Server(uvicorn_config(create_app(board), host, port, log_level="info")).run()
+    per_client = int(os.environ.get("SAKE_MAX_CONNECTIONS_PER_CLIENT", MAX_CONNECTIONS_PER_CLIENT))
+    try:
+        uvicorn.Server(uvicorn_config(create_app(board), host, port, per_client=per_client, log_level="info")).run()
+    finally:
+        board.stop_worker()
 
 
 if __name__ == "__main__":

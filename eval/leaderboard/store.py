@@ -21,7 +21,9 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -65,8 +67,10 @@ def check_results(result: Any, where: str = "results") -> None:
             raise ResultsFormatError(f"{where}: field metrics.{name} must be an object")
         for key in METRIC_KEYS:
             value = block.get(key)
-            if value is not None and not isinstance(value, (int, float)):
-                raise ResultsFormatError(f"{where}: field metrics.{name}.{key} must be a number or null")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ResultsFormatError(f"{where}: field metrics.{name}.{key} must be a finite number or null, "
+                                         f"got {str(value)[:40]}")
     if not isinstance(result["judge"], dict):
         raise ResultsFormatError(f"{where}: field judge must be an object")
 
@@ -133,7 +137,17 @@ def score_with_items(submission: Submission, judge: str = "paper", scorer: Score
             if not (takes_any or "prefilter" in accepted):
                 raise ValueError("the scorer has no choice prefilter (protocol paper+choice)")
             options["prefilter"] = "choice"
-        result = scorer(str(path), judge=_scorer_judge(judge), **options)
+        try:
+            result = scorer(str(path), judge=_scorer_judge(judge), **options)
+        except ValueError as exc:  # bad input (PredictionsError): name the file as submitted, not the temp copy
+            if str(path) not in str(exc):
+                raise
+            message = str(exc).replace(str(path), PREDICTIONS_NAME)
+            try:
+                renamed = type(exc)(message)
+            except Exception:  # noqa: BLE001 - an error type that takes more than a message
+                renamed = ValueError(message)
+            raise renamed from None
         if (Path(tmp) / ITEMS_NAME).is_file():
             items = (Path(tmp) / ITEMS_NAME).read_bytes()
     check_results(result, "scorer output")
@@ -165,7 +179,7 @@ class ResultsStore(Protocol):
     def has(self, submission_id: str) -> bool: ...
     def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes,
             items: bytes | None = None) -> None: ...
-    def results(self) -> list[dict]: ...
+    def results(self, skip_bad: bool = False) -> list[dict]: ...
     def submission_file(self, submission_id: str, name: str) -> bytes | None: ...
     def lock(self, submission_id: str) -> contextlib.AbstractContextManager: ...
 
@@ -192,12 +206,20 @@ def _no_constant(name: str) -> Any:
     raise DataError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf: as unusable as a literal Infinity
+        raise ValueError(f"the number {text[:40]} is not finite (JSON numbers of a result must be finite)")
+    return value
+
+
 def load_json_file(path: Path) -> Any:
-    """A stored JSON file; NaN/Infinity or bad JSON raise :class:`ResultsFormatError` naming the file."""
+    """A stored JSON file; NaN/Infinity (literal or overflowing, ``1e999``) or bad JSON raise
+    :class:`ResultsFormatError` naming the file, in one line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8
-        raise ResultsFormatError(f"{path}: {exc}") from None
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, NaN/Infinity, bad UTF-8
+        raise ResultsFormatError(f"{path}: {' '.join(str(exc).split())[:200]}") from None
 
 
 class LocalStore:
@@ -253,11 +275,19 @@ class LocalStore:
         path = self.root / "submissions" / submission_id / name
         return path.read_bytes() if self.has(submission_id) and path.is_file() else None
 
-    def results(self) -> list[dict]:
+    def results(self, skip_bad: bool = False) -> list[dict]:
+        """Every stored result; a file breaking the contract raises :class:`ResultsFormatError` naming it, or with
+        ``skip_bad`` is left out with a one-line warning (the Space keeps serving the other rows)."""
         out = []
         for path in sorted((self.root / "results").glob("*.json")):
-            result = load_json_file(path)
-            check_results(result, str(path))
+            try:
+                result = load_json_file(path)
+                check_results(result, str(path))
+            except ResultsFormatError as exc:
+                if not skip_bad:
+                    raise
+                logger.warning("left out of the board: %s", exc)
+                continue
             out.append(result)
         return out
 
@@ -266,12 +296,16 @@ class HubStore:
     """The same layout in a Hugging Face dataset repo; each submission is one commit (all files or none)."""
 
     def __init__(self, repo_id: str, token: str | None = None, revision: str = "main",
-                 lock_dir: str | os.PathLike | None = None):
-        from huggingface_hub import HfApi
+                 lock_dir: str | os.PathLike | None = None, api: Any = None):
+        """``api``: a ``huggingface_hub.HfApi`` (default: one with ``token`` or ``HF_TOKEN``) or a stand-in with
+        its methods (``file_exists``, ``create_commit``, ``snapshot_download``, ``hf_hub_download``)."""
+        if api is None:
+            from huggingface_hub import HfApi
 
+            api = HfApi(token=token or os.environ.get("HF_TOKEN"))
         self.repo_id = repo_id
         self.revision = revision
-        self.api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+        self.api = api
         key = hashlib.sha256(f"{repo_id}@{revision}".encode()).hexdigest()[:16]
         self.lock_dir = Path(lock_dir) if lock_dir else Path(tempfile.gettempdir()) / "sake-leaderboard-locks" / key
 
@@ -297,31 +331,29 @@ class HubStore:
         self.api.create_commit(self.repo_id, operations, commit_message=f"Add submission {submission_id}",
                                repo_type="dataset", revision=self.revision)
 
-    def results(self) -> list[dict]:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
-                                  allow_patterns=["results/*.json"], token=self.api.token)
-        return LocalStore(local).results()
+    def results(self, skip_bad: bool = False) -> list[dict]:
+        local = self.api.snapshot_download(self.repo_id, repo_type="dataset", revision=self.revision,
+                                           allow_patterns=["results/*.json"])
+        return LocalStore(local).results(skip_bad=skip_bad)
 
     def submission_file(self, submission_id: str, name: str) -> bytes | None:
         """A side file of a stored submission, downloaded from the dataset repo, or None."""
-        from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
-            path = hf_hub_download(self.repo_id, f"submissions/{submission_id}/{name}", repo_type="dataset",
-                                   revision=self.revision, token=self.api.token)
+            path = self.api.hf_hub_download(self.repo_id, f"submissions/{submission_id}/{name}", repo_type="dataset",
+                                            revision=self.revision)
         except EntryNotFoundError:
             return None
         return Path(path).read_bytes()
 
 
 def open_store(results_dir: str | None = None, hub_repo: str | None = None,
-               token: str | None = None) -> ResultsStore:
-    """A Hub store when ``hub_repo`` is given (token from the argument or ``HF_TOKEN``), else a local one."""
+               token: str | None = None, api: Any = None) -> ResultsStore:
+    """A Hub store when ``hub_repo`` is given (token from the argument or ``HF_TOKEN``; ``api``: a stand-in for
+    ``HfApi``), else a local one."""
     if hub_repo:
-        return HubStore(hub_repo, token=token)
+        return HubStore(hub_repo, token=token, api=api)
     if not results_dir:
         raise ConfigError("give a results directory or a Hub dataset repo")
     return LocalStore(results_dir)
@@ -351,7 +383,10 @@ def add_submission(path: str | os.PathLike, manifest: dict[str, Any], store: Res
         if store.has(submission_id):
             logger.info("submission %s is already on the board", submission_id)
             return AddOutcome(submission_id, "exists", None)
-        scored, items = score_with_items(submission, judge=judge, scorer=scorer, **judge_options)
+        # the board's manifest, never one the header's `dataset` names: a submission's paths are the
+        # submitter's, and the server reads none of them
+        scored, items = score_with_items(submission, judge=judge, scorer=scorer, manifest=manifest,
+                                         **judge_options)
         result = board_result(submission, scored, added=added)
         store.put(submission_id, result, submission.metadata, submission.predictions_bytes, items)
     logger.info("added submission %s (%s / %s, %s)", submission_id, result["model"], result["method"],
@@ -360,12 +395,21 @@ def add_submission(path: str | os.PathLike, manifest: dict[str, Any], store: Res
 
 
 MAX_ERROR_LINE = 2000
+#: An absolute file path in a message (not a URL's path): replaced by its last component.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"():,]+/)+([^\s/'\"():,]*)")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute file path cut to its last component (messages shown to visitors name no
+    folder of the server)."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def one_line_error(exc: BaseException) -> str:
-    """An exception as one line: a validator's problems joined with " | ", anything else as ``Type: message``."""
+    """An exception as one line without server paths: a validator's problems joined with " | ", anything else as
+    ``Type: message``."""
     text = str(exc) if isinstance(exc, SubmissionError) else f"{type(exc).__name__}: {exc}"
-    line = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+    line = without_paths(" | ".join(part.strip() for part in text.splitlines() if part.strip()))
     return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 1] + "…"
 
 

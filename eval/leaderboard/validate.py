@@ -2,8 +2,11 @@
 
 A submission is a directory or a ``.zip`` archive holding exactly ``predictions.jsonl`` (the runner's output:
 a header line and one line per evaluated item) and ``metadata.json`` (submitter, links, license). Checks, in
-order: file safety (names, links, sizes), JSON syntax and schema per line, row consistency, duplicates, and
-coverage against the release manifest (fingerprint and item ids). Every problem names the file, line and field.
+order: file safety (names, links, sizes, number of archive members), JSON syntax and schema per line, the
+metric's own row rules (:func:`eval.sake_metric.rows.validate_row`, the function scoring applies: what validates
+here is what scores), row consistency, duplicates, and coverage against the release manifest (fingerprint and
+item ids). Every problem names the file, line and field and quotes a submitted value only as a short escaped
+excerpt; no server path appears in a message. Every check is linear in the submission's size.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import logging
 import os
 import re
 import stat
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,11 +26,13 @@ from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
-from eval.sake_metric.limits import MAX_ROW_DEPTH
-from eval.sake_metric.predictions_file import PredictionsError, parse_json_line, parse_predictions, sequential_rule
+from eval.sake_metric.limits import MAX_ROW_DEPTH, MAX_ROW_ITEMS
+from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_json_line, parse_predictions,
+                                               sequential_rule)
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
-from sake_core.protocol import KIND_DIMENSION_TYPE, SEQUENTIAL_CONFIG
+from eval.sake_metric.rows import validate_row
+from sake_core.protocol import KIND_DIMENSION_TYPE, ROW_FIELDS, SEQUENTIAL_CONFIG
 from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +43,12 @@ SUBMISSION_NAMES = (PREDICTIONS_NAME, METADATA_NAME)
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_SPLITS = ("test",)
 MAX_LISTED_PROBLEMS = 25
+#: Most members of a submission archive (it needs two; a few more are listed as unexpected files).
+MAX_ARCHIVE_MEMBERS = 16
+#: Largest central directory of a submission archive (bytes), checked before the archive is opened.
+MAX_DIRECTORY_BYTES = 1 << 20
+#: Largest metadata.json (bytes): a few short fields.
+MAX_METADATA_BYTES = 64 * 1024
 SCHEMA_PATH = Path(__file__).with_name("submission.schema.json")
 # item kind (last id segment) -> (dimension, type)
 ITEM_KINDS = KIND_DIMENSION_TYPE
@@ -99,22 +112,65 @@ def _unsafe_member_name(name: str) -> str | None:
     return None
 
 
+def _archive_directory(path: Path) -> tuple[int, int] | None:
+    """(members, central directory bytes) an archive's end record declares, found as ``zipfile`` finds it (the
+    last 22 bytes, else the last end-record signature in the final 64 KiB; ZIP64 records when present), or None
+    when there is no end record (``zipfile`` then refuses the file). Read before ``zipfile`` parses the
+    directory, so a directory of a million members is refused without being parsed."""
+    end_size, locator_size, end64_size = 22, 20, 56
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size < end_size:
+            return None
+        handle.seek(size - end_size)
+        record = handle.read(end_size)
+        at = size - end_size
+        if not (record[:4] == b"PK\x05\x06" and record[-2:] == b"\0\0"):
+            start = max(size - (1 << 16) - end_size, 0)
+            handle.seek(start)
+            tail = handle.read()
+            found = tail.rfind(b"PK\x05\x06")
+            if found < 0 or len(tail) - found < end_size:
+                return None
+            record, at = tail[found:found + end_size], start + found
+        members, directory = struct.unpack("<10xHI6x", record)
+        if at >= locator_size + end64_size:
+            handle.seek(at - locator_size)
+            locator = handle.read(locator_size)
+            if locator[:4] == b"PK\x06\x07":
+                handle.seek(at - locator_size - end64_size)
+                record64 = handle.read(end64_size)
+                if record64[:4] == b"PK\x06\x06":
+                    members, directory = struct.unpack("<32xQQ8x", record64)
+    return members, directory
+
+
 def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
     src = path.name
     if path.stat().st_size > max_bytes:
         raise SubmissionError([Problem(src, f"archive is {path.stat().st_size} bytes, over the limit of "
                                             f"{max_bytes} bytes")], src)
+    declared = _archive_directory(path)
+    if declared is not None and (declared[0] > MAX_ARCHIVE_MEMBERS or declared[1] > MAX_DIRECTORY_BYTES):
+        raise SubmissionError([Problem(src, f"archive directory of {declared[0]} member(s) and {declared[1]} bytes;"
+                                            f" a submission holds {' and '.join(SUBMISSION_NAMES)} (at most "
+                                            f"{MAX_ARCHIVE_MEMBERS} members, {MAX_DIRECTORY_BYTES} bytes)")], src)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError) as exc:
-        raise SubmissionError([Problem(src, f"not a valid zip archive ({exc})")], src) from None
+    except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise SubmissionError([Problem(src, f"not a valid zip archive ({type(exc).__name__}: "
+                                            f"{_exception_text(exc)})")], src) from None
     problems: list[Problem] = []
     wanted: list[zipfile.ZipInfo] = []
     seen: set[str] = set()
     with archive:
         infos = archive.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:  # the end record understated the directory
+            raise SubmissionError([Problem(src, f"archive of {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS}")],
+                                  src)
         for info in infos:
-            where = f"{src}: member {info.filename!r}"
+            where = f"{src}: member {excerpt(info.filename, 80)}"
             why = _unsafe_member_name(info.filename)
             mode = info.external_attr >> 16
             if why:
@@ -146,15 +202,23 @@ def _read_zip(path: Path, max_bytes: int) -> dict[str, bytes]:
             try:
                 with archive.open(info) as handle:
                     data = handle.read(max_bytes + 1)  # bounded even if the declared size lies
-            except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError) as exc:
-                # bad CRC, unknown compression method, truncated or corrupt stream
+            except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError,
+                    zlib.error) as exc:
+                # bad CRC, unknown compression method, truncated or corrupt (deflate) stream
                 raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
-                                               f"unreadable ({type(exc).__name__}: {exc})")], src) from None
+                                               f"unreadable ({type(exc).__name__}: {_exception_text(exc)})")],
+                                      src) from None
             if len(data) > max_bytes or len(data) != info.file_size:
                 raise SubmissionError([Problem(f"{src}: member {info.filename!r}",
                                                "size differs from the archive directory or is over the limit")], src)
             files[info.filename] = data
     return files
+
+
+def _exception_text(exc: BaseException) -> str:
+    """An exception's message in one short line, without file paths (an OSError gives its reason only)."""
+    text = " ".join(str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc).split())
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _read_dir(path: Path, max_bytes: int) -> dict[str, bytes]:
@@ -199,6 +263,8 @@ def read_submission_files(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_
         raise SubmissionError([Problem(src, "no such file or directory")], src)
     if path.is_dir():
         files = _read_dir(path, max_bytes)
+    elif not path.is_file():  # a FIFO or a device is never opened (reading one could block or never end)
+        raise SubmissionError([Problem(src, "not a regular file")], src)
     elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
         files = _read_zip(path, max_bytes)
     elif path.suffix.lower() == ".jsonl":
@@ -229,7 +295,12 @@ def _validator(definition: str) -> Draft202012Validator:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    """A submitted value quoted in a message: JSON of at most ``limit`` characters, non-ASCII escaped."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, (list, dict)):
+        return excerpt(value)
+    text = json.dumps(value, ensure_ascii=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -249,7 +320,12 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
                                         "missing required field"))
             continue
         if error.validator == "additionalProperties":
-            problems.append(Problem(f"{where}", error.message))
+            instance = error.instance
+            extra = [k for k in instance if k not in error.schema.get("properties", {})] \
+                if isinstance(instance, dict) else []
+            shown = ", ".join(excerpt(k) for k in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+            problems.append(Problem(f"{where}", f"Additional properties are not allowed ({shown} "
+                                                f"{'was' if len(extra) == 1 else 'were'} unexpected)"))
             continue
         field_name = f", field {path}" if path else ""
         if error.validator == "type":
@@ -262,8 +338,11 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
             message = f"got {_short(error.instance)}, expected one of {', '.join(map(str, allowed))}"
         elif error.validator == "pattern" and path.endswith("_link"):
             message = f"got {_short(error.instance)}, expected an http(s):// URL"
-        else:
-            message = error.message if len(error.message) < 200 else error.message[:199] + "…"
+        elif error.validator in ("minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
+            size = f" ({len(error.instance)})" if isinstance(error.instance, (str, list)) else ""
+            message = f"got {_short(error.instance)}{size}, expected {error.validator} {error.validator_value}"
+        else:  # jsonschema's own text quotes the whole value: name the rule only
+            message = f"got {_short(error.instance)}, which breaks the schema rule {error.validator!r}"
         problems.append(Problem(f"{where}{field_name}", message))
     return problems
 
@@ -317,9 +396,13 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
 
     metadata = None
     metadata_bytes = files.get(METADATA_NAME)
-    if metadata_bytes is not None:
+    if metadata_bytes is not None and len(metadata_bytes) > MAX_METADATA_BYTES:
+        problems.add(Problem(METADATA_NAME, f"{len(metadata_bytes)} bytes; at most {MAX_METADATA_BYTES} (a few "
+                                            "short fields)"))
+    elif metadata_bytes is not None:
         try:
-            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH)
+            metadata = parse_json_line(metadata_bytes.decode("utf-8"), where=METADATA_NAME, max_depth=MAX_ROW_DEPTH,
+                                       max_items=MAX_ROW_ITEMS)
         except UnicodeDecodeError as exc:
             problems.add(Problem(METADATA_NAME, f"not UTF-8 (byte {exc.start})"))
         except PredictionsError as exc:
@@ -340,6 +423,10 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     row_lines: list[int] = []
     where = f"{PREDICTIONS_NAME} line 1"
     problems.add(schema_problems(header, "header", where))
+    if header.get("limit") is not None:
+        problems.add(Problem(f"{where}, field limit",
+                             f"got {_short(header['limit'])}: a run limited to its first instances is not a board "
+                             "entry; submit a complete run (limit null)"))
     for number, obj in parsed.rows:
         where = f"{PREDICTIONS_NAME} line {number}"
         found = schema_problems(obj, "prediction", where)
@@ -360,10 +447,12 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
         problems.raise_if_any(source)
     max_gap = sequential_rule(header)[1]
 
-    # Row consistency: ids, dimension/type against the item kind, gap against the mode.
+    # Row consistency: ids, dimension/type against the item kind, gap against the mode; then the metric's own
+    # row rules (rows.validate_row, the function scoring applies), so scoring refuses no row this accepts.
     first_line: dict[Any, int] = {}
     for row, number in zip(rows, row_lines):
         where = f"{PREDICTIONS_NAME} line {number}"
+        before = len(problems.problems) + problems.dropped
         kind = _item_kind(row["item_id"], row["instance_id"])
         if kind is None:
             problems.add(Problem(f"{where}, field item_id",
@@ -387,11 +476,16 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
             problems.add(Problem(f"{where}, field gap", f"expected null in single mode, got {row['gap']}"))
         key = (row["item_id"], row["gap"]) if sequential else row["item_id"]
         if key in first_line:
-            label = f"{row['item_id']!r} at gap {row['gap']}" if sequential else repr(row["item_id"])
+            label = excerpt(row["item_id"], 80) + (f" at gap {row['gap']}" if sequential else "")
             problems.add(Problem(f"{where}, field item_id",
                                  f"duplicate item id {label} (first at line {first_line[key]})"))
         else:
             first_line[key] = number
+        if len(problems.problems) + problems.dropped == before:
+            try:
+                validate_row(row, source=PREDICTIONS_NAME, line=number, required=ROW_FIELDS)
+            except PredictionsError as exc:
+                problems.add(_problem_from(exc))
     problems.raise_if_any(source)
     return Submission(source=source, predictions_bytes=raw, metadata_bytes=metadata_bytes, header=header,
                       rows=rows, metadata=metadata, row_lines=row_lines)

@@ -4,14 +4,16 @@
   (the paper's App. E settings, `PAPER_SETTINGS`); `base_url` and model are options, so any OpenAI-compatible
   server works.
 - Structured output: `response_format` is a strict JSON schema `{"verdict": "yes" | "no"}`. Anything else
-  (not JSON, other keys, other values, a refusal) is malformed: the request is repeated up to
-  `malformed_retries` times, then the item is reported as failed (`None`), never as correct, and never cached.
+  (not JSON, other keys, other values, a refusal) is malformed: the request is repeated `malformed_retries`
+  times (once by default), then the item is reported as failed (`None`), never as correct, and never cached.
+  `max_consecutive_malformed` (10) malformed verdicts in a row -- a server that ignores the schema -- stop the
+  run with one `JudgeError` line; single malformed verdicts are logged at debug level only.
 - Transport: this module retries, not the client (`max_retries=0` there), so every HTTP request is counted
   (`requests_sent`, retries included). 429, 5xx, timeouts and connection errors are retried up to
   `max_retries` times with exponential backoff (`retry_backoff` seconds, doubled each time, capped at 30 s;
   a server's `retry-after` / `retry-after-ms` is honoured up to 60 s). Then -- and at once for a refused key
-  (401/403), an unknown model (404) or a refused request (400) -- a `JudgeError` with a one-line message;
-  verdicts made so far stay cached.
+  (401/403), an unknown model (404), a refused request (400) or a success answer whose body is not JSON (not an
+  OpenAI-compatible endpoint) -- a `JudgeError` with a one-line message; verdicts made so far stay cached.
 - On-disk cache: one JSON file per verdict, named sha256(model, prompt); a rerun of the same items makes no
   calls. Only well-formed verdicts are cached.
 - Bounded concurrency (`max_workers` threads); identical prompts are sent once.
@@ -108,8 +110,8 @@ VERDICT_SCHEMA: dict[str, Any] = {
 
 
 class JudgeError(RuntimeError):
-    """The LLM judge cannot run (no API key, key refused, server unreachable, retries exhausted, failed
-    batch); the message is one line without the key."""
+    """The LLM judge cannot run (no API key, key refused, server unreachable, retries exhausted, malformed verdicts
+    in a row, failed batch); the message is one line without the key."""
 
 
 def _fill(template: str, **values: str) -> str:
@@ -210,7 +212,8 @@ class JudgeConfig:
     max_retries: int = 5
     retry_backoff: float = 1.0
     timeout: float = 120.0
-    malformed_retries: int = 2
+    malformed_retries: int = 1
+    max_consecutive_malformed: int = 10
     cache_dir: str | os.PathLike | None = field(default_factory=default_cache_dir)
     batch: bool = False
     batch_state: str | os.PathLike | None = None
@@ -226,6 +229,11 @@ def _redact(text: str) -> str:
     key = os.environ.get("OPENAI_API_KEY")
     text = " ".join(str(text).split())
     return text.replace(key, "***") if key else text
+
+
+def _not_json(server: str) -> str:
+    return (f"the judge server at {server} answered with a body that is not JSON (HTTP 200); expected an "
+            "OpenAI-compatible chat-completions endpoint: check --base-url")
 
 
 def _retry_after(exc: Any) -> float | None:
@@ -259,6 +267,8 @@ class LLMJudge:
         self.requests_sent = 0
         self.cache_hits = 0
         self.malformed = 0
+        self._malformed_run = 0  # malformed verdicts in a row (any prompt); a well-formed one resets it
+        self._stopped: str | None = None  # the one-line reason once the run stopped on malformed verdicts
         self._lock = threading.Lock()
 
     # -- client -------------------------------------------------------------------------------------------
@@ -325,6 +335,8 @@ class LLMJudge:
             except openai.APIStatusError as exc:
                 raise JudgeError(f"the judge server at {self.server} refused the request (HTTP "
                                  f"{exc.status_code}: {_redact(getattr(exc, 'message', ''))[:200]})") from None
+            except ValueError:  # json.JSONDecodeError: a success status with a body that is not JSON
+                raise JudgeError(_not_json(self.server)) from None
 
     def request_body(self, prompt: str) -> dict[str, Any]:
         """The chat-completions request for one prompt (also the body of a Batch API line)."""
@@ -339,24 +351,39 @@ class LLMJudge:
         return body
 
     def _ask(self, prompt: str) -> bool | None:
-        """One prompt: send, parse, repeat on a malformed verdict; None when it stays malformed."""
+        """One prompt: send, parse, repeat on a malformed verdict; None when it stays malformed. JudgeError once
+        `max_consecutive_malformed` verdicts in a row were malformed (then every worker stops asking)."""
         import openai
 
         client = self.client
         for attempt in range(1 + self.config.malformed_retries):
             with self._lock:
+                if self._stopped:
+                    raise JudgeError(self._stopped)
                 self.calls += 1
             try:
                 response = self.send(client.chat.completions.create, **self.request_body(prompt))
+                if isinstance(response, (str, bytes)):  # the client hands back a body it could not read as JSON
+                    raise JudgeError(_not_json(self.server))
                 message = response.choices[0].message if response.choices else None
                 verdict = parse_verdict(getattr(message, "content", None)) if message is not None else None
             except (openai.APIResponseValidationError, AttributeError, TypeError, IndexError):
                 verdict = None  # a body that is not a chat completion: as malformed as a bad verdict
-            if verdict is not None:
-                return verdict
             with self._lock:
+                if verdict is not None:
+                    self._malformed_run = 0
+                    return verdict
                 self.malformed += 1
-            logger.warning("malformed judge verdict (attempt %d/%d)", attempt + 1, 1 + self.config.malformed_retries)
+                self._malformed_run += 1
+                if self._malformed_run >= self.config.max_consecutive_malformed and not self._stopped:
+                    self._stopped = (f"the judge at {self.server} (model {self.config.model!r}) gave "
+                                     f"{self._malformed_run} malformed verdicts in a row (expected JSON "
+                                     '{"verdict": "yes"|"no"}); stopped after '
+                                     f"{self.requests_sent} request(s); check --model and --base-url (the "
+                                     "server must honour response_format json_schema)")
+                if self._stopped:
+                    raise JudgeError(self._stopped)
+            logger.debug("malformed judge verdict (attempt %d/%d)", attempt + 1, 1 + self.config.malformed_retries)
         return None
 
     # -- public ---------------------------------------------------------------------------------------------

@@ -96,6 +96,8 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
     for pattern in patterns:
         for match in re.finditer(pattern, stripped, flags=re.IGNORECASE):
             letter = match.group(1).lower()
+            if letter not in _LETTERS:  # "ı", "İ": Unicode letters a case-insensitive [a-z] also matches
+                continue
             index = _LETTERS.index(letter)
             if index < n_options:
                 found.add(index)
@@ -105,35 +107,63 @@ def _letter_mentions(output: str, n_options: int) -> set[int]:
     return found
 
 
+_HASH_MOD = (1 << 61) - 1  # rolling hash of word sequences (word ids in order of first appearance)
+_HASH_BASE = 1_000_003
+
+
+def _longest_mentions(words: list[str], targets: dict[tuple[str, ...], list[int]]) -> dict[int, tuple[int, list[int]]]:
+    """start word -> (end word, option indices) of the longest option phrase starting there, for every start.
+
+    One rolling hash per (start, distinct phrase length): O(words x lengths) arithmetic, and one word-by-word
+    comparison per start to confirm a hash, so repetitive outputs and options cost no more than others.
+    """
+    ids: dict[str, int] = {}
+    codes = [ids.setdefault(word, len(ids) + 1) for word in words]
+    by_length: dict[int, dict[int, list[tuple[str, ...]]]] = {}
+    for target in targets:
+        if all(word in ids for word in target):  # a phrase with a word the output lacks never matches
+            code = 0
+            for word in target:
+                code = (code * _HASH_BASE + ids[word]) % _HASH_MOD
+            by_length.setdefault(len(target), {}).setdefault(code, []).append(target)
+    prefix = [0]
+    for code in codes:
+        prefix.append((prefix[-1] * _HASH_BASE + code) % _HASH_MOD)
+    found: dict[int, tuple[int, list[int]]] = {}
+    for length in sorted(by_length, reverse=True):  # the longest phrase at a start wins
+        table, power = by_length[length], pow(_HASH_BASE, length, _HASH_MOD)
+        hits = [start for start in range(len(words) - length + 1)
+                if start not in found and (prefix[start + length] - prefix[start] * power) % _HASH_MOD in table]
+        for start in hits:
+            window = tuple(words[start:start + length])
+            code = (prefix[start + length] - prefix[start] * power) % _HASH_MOD
+            matched = next((t for t in table[code] if t == window), None)  # the hash confirmed word by word
+            if matched is not None:
+                found[start] = (start + length, targets[matched])
+    return found
+
+
 def _text_mentions(output: str, options: Sequence[str]) -> tuple[set[int], set[int]]:
     """(positively mentioned option indices, negated-only option indices) by whole-phrase text match.
 
-    One pass over the output's words (options indexed by their first word), so time and memory grow linearly
-    with the output's length.
+    At each word only the longest option phrase starting there counts (a mention inside a longer one -- "sad"
+    inside "very sad" -- does not), and not when a mention that started earlier reaches as far. Time grows
+    with (output words) x (distinct option lengths), whatever words the output and the options repeat.
     """
     words = normalize(output).split()
-    by_first: dict[str, list[tuple[list[str], int]]] = {}
+    targets: dict[tuple[str, ...], list[int]] = {}
     for index, option in enumerate(options):
-        target = normalize(_strip_letter(option)).split()
+        target = tuple(normalize(_strip_letter(option)).split())
         if target:
-            by_first.setdefault(target[0], []).append((target, index))
+            targets.setdefault(target, []).append(index)
     positive: set[int] = set()
     negated: set[int] = set()
     reach = 0  # furthest end of the mentions starting before the current word
-    for start, word in enumerate(words):
-        found = [(start + len(t), index) for t, index in by_first.get(word, ())
-                 if words[start:start + len(t)] == t]
-        if not found:
-            continue
-        longest = max(end for end, _ in found)
-        for end, index in found:
-            # A mention inside a longer mention of another option ("sad" inside "very sad") does not count:
-            # a longer one starts here, or one that started earlier reaches at least as far.
-            if end < longest or reach >= end:
-                continue
+    for start, (end, indices) in sorted(_longest_mentions(words, targets).items()):
+        if reach < end:
             window = words[max(0, start - NEGATION_WINDOW):start]
-            (negated if any(w in NEGATION_WORDS for w in window) else positive).add(index)
-        reach = max(reach, longest)
+            (negated if any(w in NEGATION_WORDS for w in window) else positive).update(indices)
+        reach = max(reach, end)
     return positive, negated - positive
 
 

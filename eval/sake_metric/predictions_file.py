@@ -8,15 +8,19 @@ raise `PredictionsError` with ONE line naming the file, the line (or byte offset
 - a file over `MAX_FILE_BYTES`, a line over `MAX_LINE_BYTES`, more than `MAX_ROWS` rows;
 - binary content (a NUL byte) or bytes that are not UTF-8 (byte offset of the first bad byte);
 - a line that is not one JSON object: malformed JSON, NaN / Infinity, integers over `MAX_INT_DIGITS` digits,
-  nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), duplicate keys, unpaired
-  UTF-16 surrogate escapes (`"\\ud800"`), blank lines;
+  nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), more values than it holds
+  (`MAX_HEADER_ITEMS`, `MAX_ROW_ITEMS`), duplicate keys, unpaired
+  UTF-16 surrogate escapes (`"\\ud800"`), blank lines, a row with more than `MAX_OPTIONS` options;
 - a missing or malformed header (line 1 must be `kind: header` with `mode` single|sequential);
 - a file with fewer (or more) rows than the header's `expected_rows` (written by `editors/run.py`), or, given a
   release manifest (`sake_manifest.json`), item keys missing from or foreign to the release for the header's
   configs / split / mode / limit (`expected_keys`). A cut file is never scored.
 
 Field-level checks of each row (dimension, type, pre_edit, ...) are `rows.validate_row`'s job. Limits live in
-`limits.py`. No third-party imports: `evaluate` copies this module next to the metric script.
+`limits.py`. Every check runs in time linear in the line (`json_depth` is a scanner of `str` passes, the rest
+is the C JSON parser and single regular-expression searches without backtracking), so a hostile line of the
+largest size costs about what a plain one does. No third-party imports: `evaluate` copies this module next to
+the metric script.
 """
 
 from __future__ import annotations
@@ -28,13 +32,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from .limits import MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_INT_DIGITS, MAX_LINE_BYTES, MAX_ROW_DEPTH, MAX_ROWS
+from .limits import (MAX_FILE_BYTES, MAX_HEADER_DEPTH, MAX_HEADER_ITEMS, MAX_INT_DIGITS, MAX_LINE_BYTES,
+                     MAX_ROW_DEPTH, MAX_ROW_ITEMS, MAX_ROWS, options_problem)
 # the evaluate module's copy of sake_core/protocol.py (this package must stay self-contained)
-from .protocol import MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from .protocol import CONFIGS, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]")
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))  # bytes deleted by json_depth
+_CURLY_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# digits -> "0", e/E -> "e", +/- -> "+", any other byte -> " " (what `_long_number` looks for)
+_NUMBER_CLASSES = bytes(48 if b in b"0123456789" else 101 if b in b"eE" else 43 if b in b"+-" else 32
+                        for b in range(256))
+_LONG_DIGITS = b"0" * (MAX_INT_DIGITS + 1)
 _STEP = re.compile(r"^step(\d+)$")
 
 
@@ -57,21 +66,67 @@ class PredictionsFile:
 
 # ------------------------------------------------------------------------------------------------ one line
 
+EXCERPT_CHARS = 40
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short escaped quote of a submitted value for error messages: a string's first `limit` characters as a
+    Python literal (control, bidi and other unprintable characters escaped), a list or object by its size."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + (f"... ({len(value)} characters)" if len(value) > limit else "")
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} key(s)"
+    text = repr(value)  # numbers (at most MAX_INT_DIGITS digits), booleans, null
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+
+def _outside_strings(text: str) -> bytes:
+    """The UTF-8 bytes of a JSON text outside its strings (steps 1 and 2 of `json_depth`), in linear time."""
+    data = text.encode("utf-8", "surrogatepass")
+    return b"".join(data.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[0::2])
+
+
+def _long_number(outside: bytes) -> bool:
+    """True when the text outside a JSON text's strings has a run of more than `MAX_INT_DIGITS` digits or an
+    exponent of three digits or more (the numbers that may break a limit); `bytes` passes only, linear."""
+    classes = outside.translate(_NUMBER_CLASSES)
+    return _LONG_DIGITS in classes or b"e000" in classes or b"e+000" in classes
+
+
 def json_depth(text: str, limit: int) -> int:
-    """Nesting depth of a JSON text (brackets inside strings ignored); stops counting once past `limit`."""
-    if text.count("[") + text.count("{") <= limit:
-        return text.count("[") + text.count("{")  # an upper bound that is already within the limit
-    depth = deepest = 0
-    for char in _NOT_BRACKET.sub("", _STRING.sub('""', text)):
-        if char in "[{":
-            depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return deepest
-        else:
-            depth -= 1
-    return deepest
+    """Nesting depth of a JSON text (brackets inside strings ignored), or `limit + 1` once it is deeper.
+
+    Linear in the text, whatever it holds: a constant number of passes of `bytes` methods over its UTF-8 form,
+    no backtracking expression (an unterminated string of escaped quotes made the earlier regular expression
+    quadratic); brackets, quotes and backslashes are ASCII, which no byte of a multi-byte character is.
+    1. Escape pairs are dropped left to right (two backslashes first, then backslash-quote): what is left of a
+       string holds no backslash and ends at the next quote.
+    2. Splitting at quotes leaves the text outside strings at the even positions (an unterminated string runs to
+       the end of the line; the JSON parser refuses that line anyway).
+    3. Brackets alone, ``{}`` read as ``[]``: each pass of ``replace(b"[]", b"")`` removes every innermost pair,
+       so a balanced text of depth d is empty after exactly d passes; at most `limit + 1` passes are made.
+    Brackets never closed (a malformed line) count as nesting too: the parser recurses into them.
+    """
+    opened = text.count("[") + text.count("{")
+    if opened <= limit:
+        return opened  # an upper bound that is already within the limit
+    return _depth_outside(_outside_strings(text), limit)
+
+
+def _depth_outside(outside: bytes, limit: int) -> int:
+    """Step 3 of `json_depth` on the text outside strings."""
+    brackets = outside.translate(_CURLY_AS_SQUARE, _NOT_BRACKET)
+    depth = 0
+    while b"[]" in brackets:
+        if depth == limit:
+            return limit + 1
+        brackets = brackets.replace(b"[]", b"")
+        depth += 1
+    # left: "]" * a + "[" * b (brackets never matched); each unclosed "[" is one more level for the parser
+    return min(limit + 1, depth + brackets.count(b"["))
 
 
 def _reject_constant(name: str) -> Any:
@@ -97,20 +152,31 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Reject(f"duplicate key {key!r} in one object")
+                raise _Reject(f"duplicate key {excerpt(key)} in one object")
             seen.add(key)
     return obj
 
 
-def parse_json_line(text: str, *, where: str, max_depth: int) -> Any:
-    """One JSON value of a line under the reader's rules (see module doc); PredictionsError naming `where`."""
-    depth = json_depth(text, max_depth)
+def parse_json_line(text: str, *, where: str, max_depth: int, max_items: int | None = None) -> Any:
+    """One JSON value of a line under the reader's rules (see module doc); PredictionsError naming `where`.
+
+    `max_items`: most members and array entries the line may hold (commas outside strings + 1), checked before
+    the line is parsed, so a line of a million tiny values costs a count, not a parse.
+    """
+    outside = _outside_strings(text)
+    opened = text.count("[") + text.count("{")
+    depth = opened if opened <= max_depth else _depth_outside(outside, max_depth)
     if depth > max_depth:
         raise PredictionsError(f"{where}: JSON nested {depth} levels deep or more; the format allows at most "
                                f"{max_depth}")
+    if max_items is not None and outside.count(b",") >= max_items:
+        raise PredictionsError(f"{where}: JSON of {outside.count(b',') + 1} values (members and array entries); "
+                               f"the format has far fewer (at most {max_items} allowed)")
+    # The number hooks (a Python call per number) are needed only where a number may break a limit (see
+    # `_long_number`); elsewhere the parser's own are exact.
+    hooks: dict[str, Any] = {"parse_int": _parse_int, "parse_float": _parse_float} if _long_number(outside) else {}
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float,
-                           object_pairs_hook=_unique_keys)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys, **hooks)
     except _Reject as exc:
         raise PredictionsError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
@@ -187,13 +253,19 @@ def check_header(header: Any, *, source: str) -> dict[str, Any]:
                                f"editors/run.py), got {got}")
     mode = header.get("mode")
     if mode not in MODES:
-        raise PredictionsError(f"{where}: header field 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
+        raise PredictionsError(f"{where}: header field 'mode' must be one of {', '.join(MODES)}, got {excerpt(mode)}")
     expected = header.get("expected_rows")
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
-        raise PredictionsError(f"{where}: header field 'expected_rows' must be an integer >= 0, got {expected!r}")
+        raise PredictionsError(f"{where}: header field 'expected_rows' must be an integer >= 0, got {excerpt(expected)}")
     limit = header.get("limit")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise PredictionsError(f"{where}: header field 'limit' must be null or an integer >= 0, got {limit!r}")
+        raise PredictionsError(f"{where}: header field 'limit' must be null or an integer >= 0, got {excerpt(limit)}")
+    configs = header.get("configs")
+    if configs is not None and not (isinstance(configs, list) and len(configs) <= len(CONFIGS)
+                                    and all(isinstance(c, str) for c in configs)):
+        got = f"a list of {len(configs)} entries" if isinstance(configs, list) else f"a JSON {type(configs).__name__}"
+        raise PredictionsError(f"{where}: header field 'configs' must be a list of at most {len(CONFIGS)} config "
+                               f"names, got {got}")
     return header
 
 
@@ -210,14 +282,18 @@ def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
         if not text.strip():
             raise PredictionsError(f"{where}: blank line; expected one JSON object per line")
         if number == 1:
-            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH), source=source)
+            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH,
+                                                  max_items=MAX_HEADER_ITEMS), source=source)
             continue
-        obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH)
+        obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH, max_items=MAX_ROW_ITEMS)
         if not isinstance(obj, dict):
             raise PredictionsError(f"{where}: expected a prediction row (a JSON object), got a JSON "
                                    f"{type(obj).__name__}")
         if obj.get("kind") == "header":
             raise PredictionsError(f"{where}: a second run header; only line 1 may be the header")
+        too_many = options_problem(obj.get("options"))
+        if too_many:
+            raise PredictionsError(f"{where}: field 'options' holds {too_many}")
         if len(rows) >= MAX_ROWS:
             raise PredictionsError(f"{where}: more than {MAX_ROWS} prediction rows, the limit for one file")
         rows.append((number, obj))
@@ -314,7 +390,7 @@ def expected_keys(manifest: Mapping[str, Any], header: Mapping[str, Any]) -> lis
 
 
 def _describe(key: tuple[str, Any]) -> str:
-    return repr(key[0]) if key[1] is None else f"{key[0]!r} at gap {key[1]}"
+    return excerpt(key[0], 80) if key[1] is None else f"{excerpt(key[0], 80)} at gap {excerpt(key[1])}"
 
 
 def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, Any]]], *, source: str,
@@ -334,12 +410,14 @@ def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, An
     fingerprint = manifest.get("fingerprint")
     if header.get("dataset_fingerprint") not in (None, fingerprint):
         raise PredictionsError(f"{source}, line 1: header field 'dataset_fingerprint' "
-                               f"{header.get('dataset_fingerprint')!r} does not match the manifest's {fingerprint!r}")
+                               f"{excerpt(header.get('dataset_fingerprint'), 80)} does not match the manifest's "
+                               f"{fingerprint!r}")
     try:
         expected = expected_keys(manifest, header)
     except (KeyError, TypeError, ValueError) as exc:
+        configs = "/".join(excerpt(c) for c in header.get("configs") or [])
         raise PredictionsError(f"{source}, line 1: the dataset manifest has no item ids for this run's configs "
-                               f"{header.get('configs')!r} / split {header.get('split')!r} ({exc})") from None
+                               f"{configs} / split {excerpt(header.get('split'))} ({type(exc).__name__})") from None
     got = {row_key(row): number for number, row in rows}
     missing = [k for k in expected if k not in got]
     if missing:
@@ -351,7 +429,7 @@ def check_complete(header: Mapping[str, Any], rows: list[tuple[int, dict[str, An
     if extra:
         number, key = min(extra)
         raise PredictionsError(f"{source}, line {number}: item {_describe(key)} is not in the dataset manifest for "
-                               f"{'/'.join(header.get('configs') or [])} {header.get('split')} "
+                               f"{'/'.join(header.get('configs') or [])} {excerpt(header.get('split'))} "
                                f"({len(extra)} such row(s))")
 
 

@@ -6,7 +6,9 @@ A predictions file (ARCHITECTURE.md, "Prediction rows") is JSONL: line 1 is the 
 "reference", "pre_edit", "post_edit", "gap", "category"}`).
 
 Validation errors are `PredictionsError` (a `ValueError`) naming the file, the line (or row index) and the
-field, and saying what was expected.
+field, and saying what was expected; a value is quoted as a short escaped excerpt (`excerpt`), never in full.
+`validate_row` is the one list of row rules: scoring applies it, and the leaderboard's validator calls it for
+every row, so a submission the board accepts is one scoring accepts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .predictions_file import PredictionsError, read_predictions_file
+from .limits import options_problem
+from .predictions_file import PredictionsError, excerpt, read_predictions_file
 # Dimensions, allowed `type` values per dimension, the fields every row carries and the modes: the protocol
 # module (a copy of sake_core/protocol.py, so that this evaluate module stays self-contained).
 from .protocol import (CONSISTENCY_DIMENSIONS, CORRECTNESS_DIMENSIONS, DIMENSIONS, MODES, OPTIONAL_ROW_FIELDS,
@@ -75,7 +78,7 @@ def validate_row(
         raise PredictionsError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}")
     kind = raw.get("kind", "prediction")
     if kind != "prediction":
-        raise PredictionsError(f"{where}: field 'kind' must be 'prediction', got {kind!r}")
+        raise PredictionsError(f"{where}: field 'kind' must be 'prediction', got {excerpt(kind)}")
 
     def text(field: str, *, nullable: bool = False, default: str | None = "") -> str | None:
         value = raw.get(field, default)
@@ -83,7 +86,7 @@ def validate_row(
             return None
         if not isinstance(value, str):
             expected = "a string or null" if nullable else "a string"
-            raise PredictionsError(f"{where}: field {field!r} must be {expected}, got {value!r}")
+            raise PredictionsError(f"{where}: field {field!r} must be {expected}, got {excerpt(value)}")
         return value
 
     item_id = text("item_id")
@@ -92,12 +95,12 @@ def validate_row(
     dimension = text("dimension")
     if dimension not in DIMENSIONS:
         raise PredictionsError(
-            f"{where}: field 'dimension' must be one of {', '.join(DIMENSIONS)}, got {dimension!r}")
+            f"{where}: field 'dimension' must be one of {', '.join(DIMENSIONS)}, got {excerpt(dimension)}")
     type_ = raw.get("type", 0)
     if isinstance(type_, bool) or not isinstance(type_, int) or type_ not in TYPES[dimension]:
         raise PredictionsError(
             f"{where}: field 'type' must be an int in {list(TYPES[dimension])} for dimension {dimension!r}, "
-            f"got {type_!r}")
+            f"got {excerpt(type_)}")
     attribute = text("attribute")
     if not attribute:
         raise PredictionsError(f"{where}: field 'attribute' must be a non-empty string")
@@ -109,24 +112,30 @@ def validate_row(
     post_edit = raw.get("post_edit")
     if not isinstance(post_edit, str):
         raise PredictionsError(
-            f"{where}: field 'post_edit' must be a string (the edited model's output), got {post_edit!r}")
+            f"{where}: field 'post_edit' must be a string (the edited model's output), got {excerpt(post_edit)}")
     reference = text("reference", nullable=True, default="")
     if dimension in CORRECTNESS_DIMENSIONS and not (reference or "").strip():
         raise PredictionsError(
             f"{where}: field 'reference' must be a non-empty string for {dimension} items (correctness compares "
-            f"the post-edit output with it), got {reference!r}")
+            f"the post-edit output with it), got {excerpt(reference)}")
     gap = raw.get("gap")
     if gap is not None and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 0):
-        raise PredictionsError(f"{where}: field 'gap' must be null or an int >= 0, got {gap!r}")
+        raise PredictionsError(f"{where}: field 'gap' must be null or an int >= 0, got {excerpt(gap)}")
     category = text("category", nullable=True, default="") or ""
     options = raw.get("options")
     if options is None:
         options = []
     if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
-        raise PredictionsError(f"{where}: field 'options' must be a list of strings, got {options!r}")
+        bad = options if not isinstance(options, (list, tuple)) else next(o for o in options if not isinstance(o, str))
+        raise PredictionsError(f"{where}: field 'options' must be a list of strings, got "
+                               f"{excerpt(options) if bad is options else 'an entry ' + excerpt(bad)}")
+    too_many = options_problem(options)
+    if too_many:
+        raise PredictionsError(f"{where}: field 'options' holds {too_many}")
     hit_limit = raw.get(HIT_LIMIT_FIELD)
     if hit_limit is not None and not isinstance(hit_limit, bool):
-        raise PredictionsError(f"{where}: field {HIT_LIMIT_FIELD!r} must be true, false or null, got {hit_limit!r}")
+        raise PredictionsError(f"{where}: field {HIT_LIMIT_FIELD!r} must be true, false or null, got "
+                               f"{excerpt(hit_limit)}")
     return PredictionRow(
         hit_limit=hit_limit, item_id=item_id, dimension=dimension, type=type_, attribute=attribute, reference=reference or "",
         pre_edit=pre_edit, post_edit=post_edit, gap=gap, category=category, options=tuple(options),
@@ -153,12 +162,12 @@ def validate_rows(
             first_where = f"{unit} {first}" if first is not None else "an earlier row"
             gap_note = f" and gap {row.gap}" if row.gap is not None else ""
             raise PredictionsError(
-                f"{_where(source, line, unit)}: duplicate field 'item_id' {row.item_id!r}{gap_note} "
+                f"{_where(source, line, unit)}: duplicate field 'item_id' {excerpt(row.item_id)}{gap_note} "
                 f"(already on {first_where}); rows must be unique by (item_id, gap)")
         seen[key] = line
         if mode == "single" and row.gap is not None:
             raise PredictionsError(
-                f"{_where(source, line, unit)}: field 'gap' must be null in a single-mode run, got {row.gap!r}")
+                f"{_where(source, line, unit)}: field 'gap' must be null in a single-mode run, got {row.gap}")
         if mode == "sequential" and row.gap is None:
             raise PredictionsError(
                 f"{_where(source, line, unit)}: field 'gap' must be an int in a sequential-mode run, got null")
@@ -178,7 +187,7 @@ def check_header(header: Mapping[str, Any] | None, *, source: str) -> None:
         return
     mode = header.get("mode")
     if mode is not None and mode not in MODES:
-        raise PredictionsError(f"{source}, line 1: header field 'mode' must be one of {MODES}, got {mode!r}")
+        raise PredictionsError(f"{source}, line 1: header field 'mode' must be one of {MODES}, got {excerpt(mode)}")
 
 
 def load_predictions(

@@ -17,7 +17,8 @@ Stages (the first that decides an item records its name):
 4. `llm`    - the LLM judge (`llm_judge.LLMJudge`); `llm_failed` when its verdict stays malformed (counted as
               incorrect / inconsistent only when the caller allows failures: see `check_failures`).
 Every stage, and the degeneration detector, reads only the judged text of an output (`limits.judged_text`:
-its first `MAX_JUDGED_CHARS` characters).
+its first `MAX_JUDGED_CHARS` characters), of each option and of the reference (`MAX_OPTION_CHARS`) and of the
+question (`MAX_QUESTION_CHARS`, the LLM prompt only).
 
 Metrics (paper §3.2) are percentages of items judged correct (reliability, generality, portability) or
 consistent (audio and text locality), pooled over items: averages over types are item-weighted, as in the
@@ -33,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from .degeneration import degeneration_kind
-from .limits import MAX_JUDGED_CHARS, is_clipped, judged_text
+from .limits import (MAX_JUDGED_CHARS, MAX_OPTION_CHARS, MAX_QUESTION_CHARS, is_clipped, judged_options,
+                     judged_text)
 from .llm_judge import LLMJudge, consistency_prompt, correctness_prompt
 from .matching import choose_option, exact_match, is_empty, option_index
 from .protocol import METRIC_KEYS, TYPES
@@ -99,18 +101,20 @@ def deterministic_verdict(row: PredictionRow, *, use_choice: bool = True) -> tup
     post = judged_text(row.post_edit)
     if is_empty(post):
         return "empty", False
-    target = judged_text(row.pre_edit) if row.is_consistency else row.reference
+    reference = judged_text(row.reference, MAX_OPTION_CHARS)
+    target = judged_text(row.pre_edit) if row.is_consistency else reference
     if exact_match(post, target):
         return "exact", True
     if use_choice and row.options:
-        chosen = choose_option(post, row.options)
+        options = judged_options(row.options)
+        chosen = choose_option(post, options)
         if chosen.index is not None:
             if row.is_consistency:
-                pre = choose_option(judged_text(row.pre_edit), row.options)
+                pre = choose_option(judged_text(row.pre_edit), options)
                 if pre.index is not None:
                     return "choice", chosen.index == pre.index
             else:
-                ref = option_index(row.reference, row.options)
+                ref = option_index(reference, options)
                 if ref is not None:
                     return "choice", chosen.index == ref
     return None
@@ -118,9 +122,10 @@ def deterministic_verdict(row: PredictionRow, *, use_choice: bool = True) -> tup
 
 def judge_prompt(row: PredictionRow) -> str:
     """The LLM judge's prompt for a row (consistency for locality, correctness otherwise), on judged text."""
+    question = judged_text(row.question, MAX_QUESTION_CHARS)
     if row.is_consistency:
-        return consistency_prompt(row.question, judged_text(row.pre_edit), judged_text(row.post_edit))
-    return correctness_prompt(row.question, row.reference, judged_text(row.post_edit))
+        return consistency_prompt(question, judged_text(row.pre_edit), judged_text(row.post_edit))
+    return correctness_prompt(question, judged_text(row.reference, MAX_OPTION_CHARS), judged_text(row.post_edit))
 
 
 def judge_rows(rows: Sequence[PredictionRow], judge: str | LLMJudge = "offline", *, protocol: str | None = None,

@@ -7,6 +7,9 @@ Expected local layout (the public release, one folder per track; track folder na
     ROOT/Gender/metadata.csv      ROOT/Gender/audio/<file>
     ROOT/Language/metadata.csv    ROOT/Language/audio/<file>
 
+ROOT may also be a clone of the public GitHub repository (`ckyang1124/SAKURA`), whose tracks sit under `data/`
+(`ROOT/data/Animal/metadata.csv`, ...); its `metadata.json` files repeat the CSVs and are not read.
+
 `metadata.csv` columns: `file` (audio file name under `audio/`), `attribute_label` (the track's label, e.g.
 `Happy`, `German`), `single_instruction` (the single-hop attribute question with its options inline,
 "... (a) x (b) y ..."), `single_answer` (the right option: its text, "(b) y" or "b"), `multi_instruction`,
@@ -68,6 +71,9 @@ def read_sakura(spec: str | Path, attributes=ATTRIBUTES) -> list[LabelledClip]:
     if not root.is_dir():
         raise SourceError(f"{root}: SAKURA folder not found (expected ROOT/<Track>/metadata.csv)")
     clips = []
+    data = find_dir(root, "data")
+    if data is not None and not any(find_dir(root, TRACKS[a]) for a in attributes):
+        root = data  # a clone of the GitHub repository: ROOT/data/<Track>/
     for attribute in attributes:
         track = find_dir(root, TRACKS[attribute])
         if track is None:
