@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from sake.cli import COMMANDS
 from sake_core.errors import ConfigError, DataError, SakeError, user_errors
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: Every CLI the toolkit has (`sake COMMAND` dispatches to these).
-CLIS = ("editors.run", "editors.train", "eval.score", "eval.report", "eval.agreement", "eval.leaderboard.__main__",
-        "eval.publish", "build_splits", "sake.demo")
+#: Every CLI the toolkit has: the modules `sake COMMAND` dispatches to.
+CLIS = tuple(module for module, _ in COMMANDS.values())
 
 
 def test_the_decorator_prints_one_line_for_a_user_error_and_lets_a_bug_raise(capsys):
@@ -34,6 +34,15 @@ def test_the_decorator_prints_one_line_for_a_user_error_and_lets_a_bug_raise(cap
     assert capsys.readouterr().err == "error: data.jsonl: line 3 is not JSON\n"
     with pytest.raises(ValueError, match="a bug inside numpy"):
         main(["bug"])
+
+
+def test_under_the_sake_command_the_line_names_the_subcommand(monkeypatch, capsys):
+    from sake import cli
+
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # cli.main sets sys.argv[0] to "sake demo" for the part
+    assert cli.main(["demo", "--methods", "no_such_method", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sake demo: error: ") and "no_such_method" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("module", CLIS)
