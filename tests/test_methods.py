@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -290,9 +291,9 @@ def test_a_method_needing_a_new_model_capability_touches_its_module_its_yaml_and
     (tree / "editors" / "hparams" / "toy_embed.yaml").write_text(TOY_YAML, encoding="utf-8")
     adapter = tree / "editors" / "models" / "adapter.py"
     source = adapter.read_text(encoding="utf-8")
-    anchor = "\n\ndef resolve_dtype("  # the first definition after the LALMAdapter class
-    assert source.count(anchor) == 1 and source.index("class LALMAdapter(") < source.index(anchor)
-    adapter.write_text(source.replace(anchor, TOY_CAPABILITY.rstrip("\n") + anchor), encoding="utf-8")
+    start = source.index("class LALMAdapter(")
+    end = re.compile(r"\n+(?=\S)").search(source, start).start()  # the class body ends at the next top-level line
+    adapter.write_text(source[:end] + "\n" + TOY_CAPABILITY.rstrip("\n") + source[end:], encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAKE_")}
     env["PYTHONPATH"] = str(tree)
