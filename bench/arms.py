@@ -89,6 +89,7 @@ class Bench:
     seed: int
     workdir: Path
     model: str = "qwen2_audio"  # the --model choice: qwen2_audio or desta25
+    extra: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # method -> more KEY=VALUE overrides
 
     @property
     def model_name(self) -> str:
@@ -99,7 +100,7 @@ class Bench:
         from editors.registry import hparams_keys
 
         known = hparams_keys(method, self.adapter.family)
-        return [o for o in self.scale.hparam_overrides if o.split("=", 1)[0] in known]
+        return [o for o in self.scale.hparam_overrides if o.split("=", 1)[0] in known] + self.extra.get(method, [])
 
     def hparams(self, method: str) -> Any:
         """The typed hyperparameters of ``method`` with the scale's overrides."""
@@ -141,7 +142,8 @@ def plan_units(edits: int, warmup: int) -> tuple[list[str], int]:
 
 
 def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path,
-                edits_per_pass: int | None = None, keep_transcripts: bool = False) -> tuple[ArmResult, Any]:
+                edits_per_pass: int | None = None, keep_transcripts: bool = False,
+                engine: str = "auto", mode: str = "single") -> tuple[ArmResult, Any]:
     """One ``Runner(config, adapter, rows_loader).run()`` in single mode over the synthetic dataset (predictions
     to ``out``, pre-edit cache under ``cache``, rows served from memory); per-edit seconds are the runner's own
     per-unit wall-clock (row fetch -> predictions appended), the first ``warmup`` units untimed.
@@ -151,13 +153,13 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
     from editors.run import Runner
     from editors.config import RunConfig
 
-    configs, limit = plan_units(edits, warmup)
+    configs, limit = plan_units(edits, warmup) if mode == "single" else (["sequential"], 1)
     out.unlink(missing_ok=True)  # a leftover file would make the runner resume (skip units)
     config = RunConfig(model=bench.model_name, method=method, dataset=str(bench.dataset.root), out=str(out),
-                       configs=tuple(configs), split="test", mode="single", limit=limit,
+                       configs=tuple(configs), split="test", mode=mode, limit=limit,
                        max_new_tokens=bench.max_new_tokens, cache_dir=str(cache), seed=bench.seed,
                        hparams=parse_overrides(bench.overrides(method)), edits_per_pass=edits_per_pass,
-                       progress=False)
+                       engine=engine, progress=False)
     result = ArmResult()
     runner = Runner(config, adapter=bench.adapter, rows_loader=bench.dataset.load)
     bench.start_arm(keep_transcripts)
@@ -216,16 +218,15 @@ def batched_plan(edits: int, k: int) -> tuple[int, int]:
 
 def run_batched(bench: Bench, method: str, edits: int, k: int, mode: str = "auto") -> dict[str, Any]:
     """The runner with ``--edits-per-pass k`` and a fresh pre-edit cache (cold, as the ``ours`` column): one
-    untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k). ``mode``: the generation
-    path (``editors.models.decoding``; ``legacy`` = before issue 18)."""
+    untimed pass, then whole timed passes (a unit's seconds = its pass's wall-clock / k). ``mode``: the decode
+    engine (``RunConfig.engine``: auto, eager or graph; ``editors.models.generation``)."""
     warmup, timed = batched_plan(edits, k)
     tag = "" if mode == "auto" else f"-{mode}"
     cache = bench.workdir / f"cache-{method}-k{k}{tag}"
     shutil.rmtree(cache, ignore_errors=True)
     try:
-        with identity.decoding(mode):
-            result, runner = runner_pass(bench, method, timed, warmup, cache,
-                                         bench.workdir / f"ours-{method}-k{k}{tag}.jsonl", k)
+        result, runner = runner_pass(bench, method, timed, warmup, cache,
+                                     bench.workdir / f"ours-{method}-k{k}{tag}.jsonl", k, engine=mode)
         used = runner.edits_per_pass
     except Exception as error:  # noqa: BLE001 - e.g. out of memory at a large K: record it, go on
         LOG.warning("%s, %d edits per pass: %s", method, k, error)
@@ -240,8 +241,8 @@ def run_batched(bench: Bench, method: str, edits: int, k: int, mode: str = "auto
 def identical_shares(bench: Bench, method: str, args: argparse.Namespace, batched: list[dict[str, Any]],
                      ours: ArmResult) -> dict[str, Any]:
     """Shares of identical rows (issue 18): cold vs warm pre-edit cache (the ``ours`` arm), K=1 vs each larger K
-    (the items both passes ran), and with ``--compare-decoding`` the new generation path vs the legacy one at
-    each K (the legacy pass is timed too)."""
+    (the items both passes ran), and with ``--compare-decoding`` the run's engine vs the eager engine at each K
+    (the eager pass is timed too)."""
     work = bench.workdir
     out: dict[str, Any] = {}
     if ours.seconds:
@@ -253,19 +254,20 @@ def identical_shares(bench: Bench, method: str, args: argparse.Namespace, batche
             out[f"k1_vs_k{b['k']}"] = identity.identical_share(work / f"ours-{method}-k1.jsonl",
                                                                work / f"ours-{method}-k{b['k']}.jsonl")
         if args.compare_decoding:
-            legacy = run_batched(bench, method, args.edits, b["k"], mode="legacy")
+            legacy = run_batched(bench, method, args.edits, b["k"], mode="eager")
             b["legacy_s_per_edit"] = legacy.get("s_per_edit")
             if legacy.get("s_per_edit") is not None:
                 out[f"fast_vs_legacy_k{b['k']}"] = identity.identical_share(
-                    work / f"ours-{method}-k{b['k']}.jsonl", work / f"ours-{method}-k{b['k']}-legacy.jsonl")
+                    work / f"ours-{method}-k{b['k']}.jsonl", work / f"ours-{method}-k{b['k']}-eager.jsonl")
     LOG.info("%s identical rows: %s", method, out)
     return out
 
 
 def profile_unit(bench: Bench, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
     """The runner's four steps of one single edit (``pre_edit_outputs``, the edit session's ``apply``,
-    ``evaluate``, the session's ``restore``, as ``Runner._run_single`` runs them) each under ``torch.profiler``: wall-clock, GPU busy time (sum of kernel
-    and copy times), kernel launches, host synchronisations, device-to-host copies, top kernels."""
+    ``evaluate``, the session's ``restore``, as ``Runner._run_unit`` runs them) each under ``torch.profiler``:
+    wall-clock, GPU busy time (sum of kernel and copy times), kernel launches, host synchronisations, device-to-host
+    copies, top kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 

@@ -119,7 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "per method (one untimed pass, then whole passes covering --edits edits; fresh pre-edit "
                              "cache) and add the edits-per-pass table (issue 12)")
     parser.add_argument("--compare-decoding", action="store_true",
-                        help="per K of --edits-per-pass also run the legacy generation path (SAKE_DECODING=legacy) "
+                        help="per K of --edits-per-pass also run the eager engine (--engine eager) "
                              "and report its s/edit and the share of identical rows")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode with the adapter's tiny random model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data")

@@ -2,6 +2,8 @@
 # Run bench/edit_throughput.py on a lent GPU machine (no network there).
 #
 #   bash bench/gpu_run.sh [bench arguments...]        (carry .whl_bench; output under $OUT)
+#   BENCH_MODULE=bench.engines bash bench/gpu_run.sh [arguments...]   (another bench module, its own arguments)
+#   WHL=../.whl_bench bash bench/gpu_run.sh ...       (the wheels elsewhere than ./.whl_bench)
 #
 # Installs the carried wheels of `datasets` (the runner's header reads its version) into /tmp/site, prints the
 # versions, checks that the runner's adapter works with the image's transformers on the GPU (tiny model), and
@@ -16,10 +18,12 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench-out}
+WHL=${WHL:-.whl_bench}
+BENCH_MODULE=${BENCH_MODULE:-bench.edit_throughput}
 mkdir -p "$OUT"
 LOG="$OUT/log"
 pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
-pip_target .whl_bench/base/*.whl || exit 3
+pip_target "$WHL"/base/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD
 
 versions() {
@@ -43,8 +47,10 @@ from editors.models.base import Prompt
 a = Qwen2AudioAdapter.tiny(0, device="cuda")
 p = Prompt(question="What is the emotion?", audio=(np.random.default_rng(0).standard_normal(16000) * 0.1).astype("float32"))
 b = a.prepare([p], ["happy"])
+ps = [p, p.with_system("New fact.")]
+graph, eager = (a.generate(ps, settings=a.generation_settings(4, engine=e)) for e in ("graph", "eager"))
 print("probe: loss_from", float(a.loss_from(a.hidden_entering(b, -1))), "| batch_loss", float(a.batch_loss(b)),
-      "| generate", a.generate([p, p.with_system("New fact.")], max_new_tokens=4))
+      "| generate (graph engine)", graph, "| same as eager:", graph == eager)
 EOF
 }
 
@@ -55,14 +61,16 @@ EOF
     echo "adapter works with the image's transformers"
   else
     echo "adapter failed with the image's transformers: installing the carried transformers stack"
-    pip_target .whl_bench/tf/*.whl || exit 4
+    pip_target "$WHL"/tf/*.whl || exit 4
     versions
     probe || exit 5
   fi
 } 2>&1 | tee "$LOG"
 
-python3 -m bench.edit_throughput --out "$OUT/RESULTS.md" --json "$OUT/raw.json" --workdir /tmp/bench-work "$@" 2>&1 \
-  | tee -a "$LOG"
+if [ "$BENCH_MODULE" = bench.edit_throughput ]; then
+  set -- --out "$OUT/RESULTS.md" --json "$OUT/raw.json" --workdir /tmp/bench-work "$@"
+fi
+python3 -m "$BENCH_MODULE" "$@" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 tar -C /tmp/bench-work -czf "$OUT/timing.tgz" $(cd /tmp/bench-work && ls *.timing.json 2>/dev/null) 2>/dev/null
 exit "$status"

@@ -1,13 +1,11 @@
-"""Shares of identical prediction rows between two runs of the same instances (issue 18's batch-invariance and
-fast-vs-old generation figures), and the switch between generation paths (``editors.models.decoding``)."""
+"""Shares of identical prediction rows between two runs of the same instances (issue 18's batch-invariance figures
+and issue 24's graph-vs-eager engine figures)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -32,17 +30,3 @@ def identical_share(a: Path, b: Path) -> dict[str, Any]:
                for k in common) / len(common)
     return {"rows": len(common), "identical": round(both, 4), "pre_edit": round(same("pre_edit"), 4),
             "post_edit": round(same("post_edit"), 4)}
-
-
-@contextlib.contextmanager
-def decoding(mode: str) -> Iterator[None]:
-    """Run the block with ``SAKE_DECODING=mode`` (``legacy``: the pre-issue-18 generation path)."""
-    before = os.environ.get("SAKE_DECODING")
-    os.environ["SAKE_DECODING"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SAKE_DECODING", None)
-        else:
-            os.environ["SAKE_DECODING"] = before

@@ -33,7 +33,7 @@ def render_identical(rows: list[dict[str, Any]]) -> list[str]:
         legacy = [(b["k"], b.get("s_per_edit"), b.get("legacy_s_per_edit")) for b in r.get("batched", [])
                   if b.get("legacy_s_per_edit")]
         for k, fast, old in legacy:
-            lines.append(f"- `{r['method']}` K={k}: new generation path {fast:.3f} s/edit, legacy path {old:.3f} "
+            lines.append(f"- `{r['method']}` K={k}: default engine {fast:.3f} s/edit, eager engine {old:.3f} "
                          f"s/edit ({old / fast:.2f}x)")
     return lines
 
@@ -324,10 +324,10 @@ def render_results(args: argparse.Namespace, scale: Scale, rows: list[dict[str, 
         lines += profiled + [""]
     same = render_identical(rows)
     if same:
-        lines += ["## Identical rows (issue 18: batch invariance, new vs legacy generation path)", "",
+        lines += ["## Identical rows (issue 18: batch invariance; issue 24: default vs eager engine)", "",
                   "Share of items whose pre-edit and post-edit outputs are both identical between two runs of the "
                   "same instances (cold vs warm pre-edit cache: K=1; K=1 vs K: the items both ran; new vs legacy: "
-                  "`SAKE_DECODING=legacy`, same K).", ""] + same + [""]
+                  "`--engine eager`, same K).", ""] + same + [""]
     for row in rows:
         lines.extend(render_details(row))
     return "\n".join(lines) + "\n"

@@ -92,6 +92,25 @@ def synthetic_instance(rng: np.random.Generator, attribute: str, split: str, ind
             "locality_text": [text_item], "portability": [portability] if split == "test" else []}
 
 
+#: Steps of the bench's one sequence (the paper's sequences: ten edits, §4.2).
+SEQUENCE_STEPS = 10
+
+
+def sequence_rows(rows: dict[tuple[str, str], list[dict[str, Any]]], steps: int) -> list[dict[str, Any]]:
+    """One sequence (``seq01``) of ``steps`` test instances taken round-robin over the attributes, ids rewritten as
+    the sequential config writes them (ARCHITECTURE.md "Dataset"); the runner needs no label rules."""
+    pool = [r for i in range(max(len(rows[(a, "test")]) for a in ATTRIBUTES)) for a in ATTRIBUTES
+            if i < len(rows[(a, "test")]) for r in [rows[(a, "test")][i]]]
+    out = []
+    for step, row in enumerate((pool * steps)[:steps], start=1):
+        new_id = f"sequential/test/seq01/step{step:02d}"
+        new = dict(row, id=new_id, sequence_id="seq01", step=step, source_instance=row["id"])
+        for column in ("generality", "locality_audio", "locality_text", "portability"):
+            new[column] = [dict(item, id=new_id + "/" + item["id"].rsplit("/", 1)[1]) for item in row[column]]
+        out.append(new)
+    return out
+
+
 class InMemoryRows:
     """The slice of ``datasets.Dataset`` the runner uses (``.data`` Arrow table, ``len``, ``ds[i]``), over rows
     held in memory with decoded audio: what ``load_instances`` returns, minus decoding and disk."""
@@ -140,6 +159,7 @@ class SyntheticDataset:
             for attribute in ATTRIBUTES:
                 rows[(attribute, split)] = [synthetic_instance(rng, attribute, split, i, seconds)
                                             for i in range(count)]
+        rows[("sequential", "test")] = sequence_rows(rows, SEQUENCE_STEPS)
         root.mkdir(parents=True, exist_ok=True)
         atomic_write(root / "sake_manifest.json", json.dumps({"format": 1, "seed": seed,
                                                               "fingerprint": f"bench-synthetic-seed{seed}"}))

@@ -27,15 +27,16 @@ fp32 master copies of low-precision parameters and loss-threshold early stopping
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from editors.hparams import Hparams
-from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, PerEdit, Prompt, as_audio_array
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -138,26 +139,34 @@ class Editor(abc.ABC):
         :meth:`generate_many`, then :meth:`reset`."""
         raise NotImplementedError(f"{self.name}: several edits per pass are not supported (one at a time)")
 
-    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+    #: Decode engines the method's edited model can generate with, preferred first on CUDA
+    #: (``editors.models.generation``): a method whose modules take decisions on the host while decoding (WISE's
+    #: router, GRACE's codebook) lists ``eager`` only; the others use the graph engine where the bench measured it
+    #: at least as fast (bench/NOTES.md).
+    generation_engines: ClassVar[tuple[str, ...]] = ("graph", "eager")
+
+    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], settings: GenerationSettings | None = None,
+                      **limits: Any) -> list[list[GeneratedText]]:
         """After :meth:`apply_many`: greedy outputs of each edit's (rewritten) prompts under that edit alone, in
-        one batched generation. The default suits methods whose edits live in the prompts (I-IKE, IE-IKE)."""
+        one batched generation with ``settings`` (default: the adapter's, with ``limits`` such as
+        ``max_new_tokens``). Each edit's weights reach the model through :meth:`per_edit` (none for methods whose
+        edits live in the prompts: I-IKE, IE-IKE)."""
+        settings = settings or self.adapter.generation_settings(**limits)
         flat = [p for ps in prompts_per_edit for p in ps]
-        outputs = self.adapter.generate(flat, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        max_batch_tokens=max_batch_tokens)
+        with self.per_edit(prompts_per_edit) as per_edit:
+            outputs = self.adapter.generate(flat, settings=settings, per_edit=per_edit)
         result, pos = [], 0
         for ps in prompts_per_edit:
             result.append(outputs[pos:pos + len(ps)])
             pos += len(ps)
         return result
 
-    def bytes_per_batched_edit(self) -> int:
-        """Device memory one more edit in a pass needs (sizes the runner's default ``--edits-per-pass``): fp32
-        copy, gradient and two optimizer moments of the touched parameters, plus 1.5 GiB for activations and the
-        KV cache of its items (measured at 7B on an H100: K=24 FT-Audio edits in 45 GiB)."""
-        params = dict(self.adapter.model.named_parameters())
-        numel = sum(params[n].numel() for n in self.touched_parameters())
-        return 18 * numel + int(1.5 * 2**30)
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit | None]:
+        """The per-edit strategy of a generation after :meth:`apply_many` (``editors.models.generation.PerEdit``:
+        per-edit connector copies and/or routed modules, installed for the block); None when the prompts carry
+        the edits."""
+        yield None
 
     def stats_keys(self) -> tuple[str, ...]:
         return ("steps", "loss")

@@ -11,16 +11,18 @@ active has made the same number of updates, so one step counter serves all of th
 
 How a forward uses per-edit weights:
 
-* :func:`per_edit_audio_embeds` (FT-Audio): the connector runs once per edit, with that edit's copy swapped in
-  (:func:`swapped_parameters`), on that edit's audio states; the results go to ``adapter.input_embeds(batch,
+* :func:`~editors.models.generation.per_edit_audio_embeds` (FT-Audio): the connector runs once per edit, with that
+  edit's copy swapped in, on that edit's audio states; the results go to ``adapter.input_embeds(batch,
   audio_embeds=...)``.
 * :class:`RowRouting` (FT-LLM): every leaf module that owns touched parameters (the Linear and norm layers of the
   edited decoder layer) is temporarily wrapped so that each contiguous run of batch rows is computed with its
   edit's weights. Leaves act row by row, so this is exact, and it works inside ``model.generate`` (the KV cache
-  sees the full batch as usual).
+  sees the full batch as usual). Inside the graph engine's captured decode step (``row_edit`` set) a routed
+  Linear computes every edit's output for all rows and keeps each row's own (each copy read once per step, one
+  graph for every chunk).
 
-:func:`generate_grouped` is the adapter's batched greedy generation (same chunking, same generation config)
-over the prompts of all K edits, each chunk built with the per-edit audio embeddings and/or row routing.
+Generation of all K edits' items is the generation layer's per-edit strategy
+(:class:`editors.models.generation.PerEdit`, through ``Editor.generate_many``).
 """
 
 from __future__ import annotations
@@ -34,15 +36,11 @@ import torch
 from torch import nn
 
 from editors.models.buckets import padded_rows
-from editors.models.base import LALMAdapter, Prompt
-from editors.models.parameters import owner_of, swapped_parameters
+from editors.models.generation import per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
+from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-#: Largest default number of edits per pass (the runner's ``--edits-per-pass`` default is capped here).
-MAX_DEFAULT_EDITS_PER_PASS = 16
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-edit copies and their optimisation
@@ -88,7 +86,7 @@ class EditResult:
     stopped_early: bool
 
 
-def _masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
+def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
                    mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float) -> None:
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
@@ -118,7 +116,7 @@ def _masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None]
             new = p.addcdiv(g, square_avg.sqrt().add_(eps), value=-lr)
             st["square_avg"] = torch.where(m, square_avg, st["square_avg"])
         else:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+            raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
         p.copy_(torch.where(m, new, p))
 
 
@@ -152,7 +150,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
         grads = torch.autograd.grad(losses[mask].sum(), masters, allow_unused=True)
         updates += 1
         with torch.no_grad():
-            _masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
+            masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay)
         for i in range(k):
             steps[i] += active[i]
@@ -166,23 +164,6 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def per_edit_audio_embeds(adapter: LALMAdapter, states: Sequence[Any], audios_per_edit: Sequence[int],
-                          weights: dict[str, torch.Tensor], edits: Sequence[int] | None = None) -> torch.Tensor | None:
-    """Connector outputs of ``states`` (every audio of a batch, in order), the first ``audios_per_edit[0]`` through
-    edit ``edits[0]``'s connector copy (``weights``: name -> ``[K, ...]``), the next through ``edits[1]``'s, ...
-    (``edits`` defaults to 0, 1, ...). None when there is no audio."""
-    edits = list(range(len(audios_per_edit))) if edits is None else list(edits)
-    pieces, pos = [], 0
-    for k, n in zip(edits, audios_per_edit):
-        if n:
-            with swapped_parameters(adapter.model, {name: w[k] for name, w in weights.items()}):
-                pieces.append(adapter.project_audio(list(states[pos:pos + n])))
-        pos += n
-    if pos != len(states):
-        raise ValueError(f"{len(states)} audio states but {pos} audios counted over the edits")
-    return torch.cat(pieces, dim=0) if pieces else None
-
-
 class _RoutedLeaf(nn.Module):
     """Runs ``leaf`` once per contiguous run of batch rows with that run's edit weights (see :class:`RowRouting`)."""
 
@@ -193,6 +174,9 @@ class _RoutedLeaf(nn.Module):
         self.routing = routing
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        row_edit = self.routing.row_edit
+        if row_edit is not None:  # the graph engine's decode step: one captured graph for every chunk and K
+            return self._gathered(x, row_edit, args, kwargs)
         runs = self.routing.runs
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
@@ -210,19 +194,36 @@ class _RoutedLeaf(nn.Module):
                 outs.append(torch.func.functional_call(self.leaf, params, (x[a:b], *args), kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Every edit's output over all rows (each edit's copy read once), then each row's own edit's: static
+        shapes, no host work (row ``r`` belongs to edit ``row_edit[r]``)."""
+        w = {local: self.routing.weights[full] for local, full in self.names.items()}
+        k = next(iter(w.values())).shape[0]
+        linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
+        outs = []
+        for e in range(k):
+            params = {n: t[e] for n, t in w.items()}
+            if linear:
+                outs.append(nn.functional.linear(x, params["weight"], params.get("bias")))
+            else:
+                outs.append(torch.func.functional_call(self.leaf, params, (x, *args), kwargs))
+        return torch.stack(outs)[row_edit, torch.arange(x.shape[0], device=x.device)]
+
 
 class RowRouting:
     """While installed (``with routing.installed():``), every leaf module of ``model`` owning one of ``names``
     computes batch rows ``a:b`` with ``weights[name][k]`` for each run ``(k, a, b)`` of :attr:`runs`.
 
     Exact for leaves that act on each batch row independently (Linear, RMSNorm, LayerNorm: all parameters of a
-    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards."""
+    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards. While
+    ``row_edit`` (a device tensor ``[rows]``) is set, rows are routed by it instead (the graph engine's decode step)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.names = list(names)
         self.weights: dict[str, torch.Tensor] = {}
         self.runs: list[tuple[int, int, int]] = []
+        self.row_edit: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRouting"]:
@@ -244,77 +245,3 @@ class RowRouting:
         finally:
             for parent, attr, leaf in reversed(replaced):
                 setattr(parent, attr, leaf)
-
-
-def runs_of(edit_of_row: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Contiguous runs ``(edit, start, stop)`` of a row -> edit assignment."""
-    runs: list[tuple[int, int, int]] = []
-    for i, k in enumerate(edit_of_row):
-        if runs and runs[-1][0] == k:
-            runs[-1] = (k, runs[-1][1], i + 1)
-        else:
-            runs.append((k, i, i + 1))
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One generation over all edits' items
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate_grouped(adapter: LALMAdapter, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                     batch_size: int | None = None, max_batch_tokens: int | None = None,
-                     connector_weights: dict[str, torch.Tensor] | None = None,
-                     routing: RowRouting | None = None) -> list[list[str]]:
-    """Greedy outputs of each edit's prompts under that edit's weights, all edits in one batched generation.
-
-    As :meth:`LALMAdapter.generate` (``editors.models.decoding.generate_prompts``: same canonical chunks, same generation
-    config): with ``connector_weights`` (name -> ``[K, ...]``) each prompt's audio is projected through its edit's
-    connector copy; with ``routing`` (installed by the caller) each prompt's rows run the routed leaves with its
-    edit's weights."""
-    from editors.models.decoding import generate_prompts
-
-    edit_of = [k for k, ps in enumerate(prompts_per_edit) for _ in ps]
-    prompts = [p for ps in prompts_per_edit for p in ps]
-
-    def embeds_fn(batch: Any, rows: list[int]) -> torch.Tensor:
-        audio_embeds = None
-        if connector_weights is not None and batch.audio_states:
-            runs = runs_of([edit_of[i] for i in rows])
-            counts = [sum(len(prompts[i].audios()) for i in rows[a:b]) for _, a, b in runs]
-            audio_embeds = per_edit_audio_embeds(adapter, batch.audio_states, counts, connector_weights,
-                                                 [k for k, _, _ in runs])
-        return adapter.input_embeds(batch, audio_embeds)
-
-    def before_chunk(rows: list[int]) -> None:
-        if routing is not None:
-            routing.runs = runs_of([edit_of[i] for i in rows])
-
-    outputs = generate_prompts(adapter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               max_batch_tokens=max_batch_tokens, embeds_fn=embeds_fn, before_chunk=before_chunk,
-                               mode=_routed_mode(adapter) if routing is not None else None)
-    result, pos = [], 0
-    for ps in prompts_per_edit:
-        result.append(outputs[pos:pos + len(ps)])
-        pos += len(ps)
-    return result
-
-
-def _routed_mode(adapter: LALMAdapter) -> str:
-    """Generation path under row routing: not the compiled static one (its graph would be guarded on each chunk's
-    runs and recompiled per chunk: measured minutes per pass on an H200)."""
-    from editors.models.decoding import decoding_mode
-
-    mode = decoding_mode(adapter.device)
-    return "dynamic" if mode == "static" else mode
-
-
-def default_edits_per_pass(bytes_per_edit: int, device: str | torch.device, *, fraction: float = 0.6,
-                           cap: int = MAX_DEFAULT_EDITS_PER_PASS) -> int:
-    """Edits per pass that fit ``fraction`` of the free memory of a CUDA ``device`` (1 on CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return 1
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(cap, int(fraction * free) // max(1, bytes_per_edit)))

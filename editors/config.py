@@ -17,6 +17,9 @@ from typing import Any, Mapping
 from sake_core.errors import ConfigError
 from sake_core.protocol import ATTRIBUTES, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
 
+#: ``RunConfig.engine``: ``auto`` or one of the generation layer's engines (``editors.models.generation.ENGINES``).
+ENGINE_CHOICES = ("auto", "eager", "graph")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -25,9 +28,10 @@ class RunConfig:
     ``configs`` defaults to the four attribute configs in single mode and ``("sequential",)`` in sequential mode.
     ``hparams`` overrides keys of ``editors/hparams/<method>.yaml`` (unknown keys are an error). ``dtype`` and
     ``device`` default to bf16 on a GPU, fp32 on CPU. ``max_new_tokens``: None = the model family's generation
-    length (``editors/hparams/generation.yaml``). ``eval_edits``/``max_gap``: the sequential rule (paper: 5
-    and 5), written to the predictions header. ``edits_per_pass``: independent single edits applied at once
-    (None: from free GPU memory, 1 on CPU).
+    length (``editors/models/generation/defaults.yaml``). ``engine``: the decode engine (``auto``: the graph
+    engine on CUDA where the method allows it, else eager; ``editors.models.generation``). ``eval_edits``/
+    ``max_gap``: the sequential rule (paper: 5 and 5), written to the predictions header. ``edits_per_pass``:
+    independent single edits applied at once (None: sized from the memory an edit needs, 1 on CPU).
     """
 
     model: str
@@ -41,7 +45,7 @@ class RunConfig:
     seed: int = 0
     max_new_tokens: int | None = None
     batch_size: int = 0
-    max_batch_tokens: int = 32768
+    max_batch_tokens: int | None = None
     hparams: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -50,6 +54,7 @@ class RunConfig:
     eval_edits: int = SEQUENTIAL_EVAL_EDITS
     max_gap: int = SEQUENTIAL_MAX_GAP
     edits_per_pass: int | None = None
+    engine: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -80,10 +85,12 @@ class RunConfig:
         for name, low in (("limit", 0), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
                           ("max_new_tokens", 1), ("batch_size", 0), ("max_batch_tokens", 0)):
             value = getattr(self, name)
-            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens"):
+            if value is None and name in ("limit", "edits_per_pass", "max_new_tokens", "max_batch_tokens"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
+        if self.engine not in ENGINE_CHOICES:
+            raise ConfigError(f"RunConfig.engine: expected one of {list(ENGINE_CHOICES)}, got {self.engine!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"RunConfig.seed: expected an integer, got {self.seed!r}")
         self._check_names()

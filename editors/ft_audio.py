@@ -14,15 +14,16 @@ item's audio is projected through its edit's copy. The model's connector is neve
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
+from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
 from editors.models.buckets import training_groups
-from editors.models.base import Prompt
+from editors.models.base import PerEdit, Prompt
 from sake_core.errors import DataError
 
 
@@ -81,13 +82,12 @@ class FTAudio(Editor):
         self._copies = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 
-    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
         if self._copies is None:
             raise RuntimeError("ft_audio: generate_many before apply_many")
         weights = {n: m.detach() for n, m in self._copies.current().items()}
-        return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, max_batch_tokens=max_batch_tokens, connector_weights=weights)
+        yield PerEdit.of(prompts_per_edit, connector_weights=weights)
 
     def reset(self) -> None:
         self._copies = None

@@ -14,16 +14,17 @@ batched generation in which each item's rows run the edited layer with its edit'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import RowRouting, StackedCopies, finetune_many, generate_grouped, runs_of
+from editors.batching import RowRouting, StackedCopies, finetune_many, runs_of
 from editors.models.buckets import training_groups
-from editors.models.base import Prompt
+from editors.models.base import PerEdit, Prompt
 from sake_core.errors import ConfigError
 
 
@@ -95,15 +96,14 @@ class FTLLM(Editor):
         self._copies = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 
-    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
         if self._copies is None:
             raise RuntimeError("ft_llm: generate_many before apply_many")
         routing = RowRouting(self.adapter.model, self._copies.names)
         routing.weights = {n: m.detach() for n, m in self._copies.current().items()}
         with routing.installed():
-            return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, max_batch_tokens=max_batch_tokens, routing=routing)
+            yield PerEdit.of(prompts_per_edit, routing=routing)
 
     def reset(self) -> None:
         self._copies = None

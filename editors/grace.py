@@ -119,6 +119,8 @@ class GRACE(Editor):
 
     hparams_class = GraceHparams
     hparams: GraceHparams
+    #: decides per row on the host while decoding (not capturable): the eager engine only
+    generation_engines = ("eager",)
     display_name = "GRACE"
     display_order = 10  # after the paper's eight methods
 

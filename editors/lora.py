@@ -28,18 +28,19 @@ pass training; the adapter here is a few lines of plain tensors with the same ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import StackedCopies, finetune_many, generate_grouped, per_edit_audio_embeds
-from editors.models.base import Prompt, as_linear
+from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
+from editors.models.base import PerEdit, Prompt, as_linear
 from sake_core.errors import ConfigError, DataError
 
 
@@ -68,6 +69,7 @@ class LoRALinear(nn.Module):
         self.frozen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.runs: list[tuple[int, int, int]] = []
+        self.row_edit: torch.Tensor | None = None  # the graph engine's decode step: the edit of each row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -75,7 +77,12 @@ class LoRALinear(nn.Module):
             out = out + self.scale * ((x @ a.t()) @ b.t())
         if self.lora_A is not None and self.lora_B is not None:
             out = out + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
-        if self.stacked is not None and self.runs:
+        if self.stacked is not None and self.row_edit is not None:  # gathered per-row adapters: static shapes
+            a, b = self.stacked
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            low = torch.bmm(rows, a[self.row_edit].transpose(1, 2))
+            out = out + self.scale * torch.bmm(low, b[self.row_edit].transpose(1, 2)).reshape(out.shape)
+        elif self.stacked is not None and self.runs:
             a, b = self.stacked
             parts = [(x[s:e] @ a[k].t()) @ b[k].t() for k, s, e in self.runs]
             out = out + self.scale * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
@@ -271,22 +278,20 @@ class LoRA(Editor):
         self._stacked = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
 
-    def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], *, max_new_tokens: int = 32,
-                      batch_size: int | None = None, max_batch_tokens: int | None = None) -> list[list[str]]:
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
         if self._stacked is None:
             raise RuntimeError("lora: generate_many before apply_many")
         weights = {n: m.detach() for n, m in self._stacked.current().items()}
         if self._target() == "connector":
-            return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                    connector_weights=weights)
-        routing = _Runs(self.wrappers, weights)
-        return generate_grouped(self.adapter, prompts_per_edit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens, routing=routing)  # type: ignore[arg-type]
+            yield PerEdit.of(prompts_per_edit, connector_weights=weights)
+        else:
+            yield PerEdit.of(prompts_per_edit, routing=_Runs(self.wrappers, weights))
 
 
 class _Runs:
-    """What :func:`editors.batching.generate_grouped` sets per chunk (``runs``), handed to every wrapper."""
+    """The routing object of LoRA's per-edit strategy: what the engines set per chunk (``runs``, and ``row_edit``
+    in the graph engine's decode step), handed to every wrapper."""
 
     def __init__(self, wrappers: dict[str, LoRALinear], weights: dict[str, torch.Tensor]) -> None:
         self.wrappers = wrappers
@@ -301,3 +306,12 @@ class _Runs:
     def runs(self, value: list[tuple[int, int, int]]) -> None:
         for wrapper in self.wrappers.values():
             wrapper.runs = value
+
+    @property
+    def row_edit(self) -> torch.Tensor | None:
+        return next(iter(self.wrappers.values())).row_edit
+
+    @row_edit.setter
+    def row_edit(self, value: torch.Tensor | None) -> None:
+        for wrapper in self.wrappers.values():
+            wrapper.row_edit = value

@@ -2,7 +2,8 @@
 
 One JSONL file per model key (``adapter.model_key()``: model id + revision + config + dtype, plus the weight files
 of a local directory) under ``CACHE_DIR/preedit/``; an entry's key hashes the item id, the prompt's content
-digest and the generation bound, so every method and run with the same model reuses it. Appends are one write +
+digest and the generation settings that change outputs (``GenerationSettings.output_key()``: engine, max new
+tokens, dtype, shared-prefix threshold), so every method and run with the same model and settings reuses it. Appends are one write +
 fsync under an exclusive ``flock``, so several processes (the ranks of a multi-process run, or concurrent runs) can
 share the file; a partial last line left by a killed process is closed with a newline before the next append, and
 unreadable lines are skipped on load.
@@ -15,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from editors.models.base import Prompt
 from editors.predictions import write_all
@@ -26,9 +27,9 @@ logger = logging.getLogger(__name__)
 class PreEditCache:
     """item + prompt -> unedited output, for one model."""
 
-    def __init__(self, cache_dir: str | Path, model_key: str, max_new_tokens: int) -> None:
+    def __init__(self, cache_dir: str | Path, model_key: str, generation: Mapping[str, Any]) -> None:
         self.path = Path(cache_dir) / "preedit" / f"{model_key}.jsonl"
-        self.max_new_tokens = int(max_new_tokens)
+        self.generation = json.dumps(dict(generation), sort_keys=True)
         self._entries: dict[str, str] = {}
         self.hits = 0
         self.misses = 0
@@ -42,7 +43,7 @@ class PreEditCache:
                         continue
 
     def key(self, item_id: str, prompt: Prompt) -> str:
-        payload = json.dumps([item_id, prompt.digest(), self.max_new_tokens])
+        payload = json.dumps([item_id, prompt.digest(), self.generation])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def get(self, item_id: str, prompt: Prompt) -> str | None:

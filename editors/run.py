@@ -29,18 +29,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
-from editors.batching import default_edits_per_pass
+from editors.memory import PROBE_EDITS, DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
 from editors.data import EvalItem, dataset_fingerprint, eval_items
-from editors.hparams import merged_hparams, parse_overrides
+from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
-from editors.models.base import LALMAdapter, Prompt
+from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, Prompt
+from editors.models.generation import release as release_generation
+from editors.models.generation import token_budget
 from editors.predictions import PredictionsFile, dumps
 from editors.preedit_cache import PreEditCache
 from editors.plan import RowsLoader, RunPlan, Unit
@@ -50,10 +52,18 @@ from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from editors.config import RunConfig
 from sake_core.protocol import MODES, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
-from sake_core.errors import DataError, user_errors
+from sake_core.errors import DataError, ResourceError, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
+
+#: What a generation returns (the outputs of some prompts, or of each edit's prompts)
+Outputs = TypeVar("Outputs")
+
+#: Default padded tokens per generation chunk on CPU (on CUDA: sized from the memory available).
+CPU_BATCH_TOKENS = 32768
+#: Fewest padded tokens per generation chunk the out-of-memory back-off goes down to (about one long prompt).
+MIN_GENERATION_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,13 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length (default: the model family's, editors/hparams/generation.yaml: "
+                   help="generation length (default: the model family's, editors/models/generation/defaults.yaml: "
                         "Qwen2-Audio 256, Audio Flamingo 3 128, DeSTA2.5 512, tiny models 32)")
+    p.add_argument("--engine", choices=("auto", "eager", "graph"), default="auto",
+                   help="decode engine: eager (Hugging Face generate) or graph (static KV cache, decode step "
+                        "captured as a CUDA graph per shape bucket); auto: graph on CUDA where the method allows "
+                        "it, else eager. Written to the run header (outputs depend on it)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="prompts per generate call (0: all items of an edit in one call)")
-    p.add_argument("--max-batch-tokens", type=int, default=32768,
-                   help="cap on rows x padded length per generate call (bounds the KV cache of long in-context "
-                        "prompts); 0: no cap")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="cap on padded tokens per generation chunk (rows x (width + new tokens); a shared prefix "
+                        "once): bounds the KV cache. Default: on CUDA what fits the memory available at each "
+                        "generation (halved on an out-of-memory error), 32768 on CPU; 0: no cap on CPU, the memory "
+                        "budget on CUDA")
     p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter of editors/hparams/METHOD.yaml (value parsed as YAML)")
     p.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on GPU, fp32 on CPU)")
@@ -100,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
-                        "(ft_audio, ft_llm, i_ike, ie_ike, lora with merge: false; others run one at a time). "
-                        "Default: as many as fit 60%% of free GPU memory (at most 16); 1 on CPU")
+                        "(ft_audio, ft_llm, i_ike, ie_ike, unke, wise, lora with merge: false; others run one at a time). "
+                        "Default on CUDA: sized from the memory the first passes measure (1, then 2 edits; at most "
+                        "16), halved on an out-of-memory error; 1 on CPU")
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the part files of a multi-process run into the predictions file (no model "
                         "is loaded); fails when units are missing")
@@ -118,7 +135,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      max_batch_tokens=args.max_batch_tokens, hparams=parse_overrides(args.hparam or []),
                      dtype=args.dtype, device=args.device, revision=args.revision, cache_dir=args.cache_dir,
                      eval_edits=args.eval_edits, max_gap=args.max_gap,
-                     edits_per_pass=getattr(args, "edits_per_pass", None), progress=not args.no_progress)
+                     edits_per_pass=getattr(args, "edits_per_pass", None),
+                     engine=getattr(args, "engine", "auto"), progress=not args.no_progress)
 
 
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
@@ -185,18 +203,21 @@ class Runner:
                                                revision=args.revision)
         self.hparams = load_hparams(args.method, self.adapter.family, tiny=self.adapter.is_tiny,
                                     overrides=args.hparams)
-        if args.max_new_tokens is None:  # the family's default generation length (with its reason in the YAML)
-            generation, _ = merged_hparams("generation", self.adapter.family, tiny=self.adapter.is_tiny)
-            self.config = args = args.replace(max_new_tokens=int(generation["max_new_tokens"]))
-        #: the generation length of every output (the config's, else the family's default resolved above)
-        self.max_new_tokens: int = args.max_new_tokens or 0
+        # how every generation of the run is made, resolved once from the family's defaults (header, resume
+        # check and pre-edit cache key carry it)
+        self.generation = self.adapter.generation_settings(
+            args.max_new_tokens, engine=args.engine, method_engines=get_editor_class(args.method).generation_engines,
+            method=args.method, batch_size=args.batch_size or None,
+            max_batch_tokens=(args.max_batch_tokens if args.max_batch_tokens is not None
+                              else None if device.startswith("cuda") else CPU_BATCH_TOKENS) or None)
+        self.config = args = args.replace(max_new_tokens=self.generation.max_new_tokens)
         cache_dir = args.cache_dir or cache_root()
         context = RunContext(seed=args.seed, cache_dir=str(cache_dir),
                              load_rows=self.plan.load_rows, model_name=args.model)
         self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
         self.editor: Editor = self.session.editor
-        self.preedit = PreEditCache(cache_dir, self.adapter.model_key(), self.max_new_tokens)
-        self.edits_per_pass = self._edits_per_pass(device)
+        self.preedit = PreEditCache(cache_dir, self.adapter.model_key(), self.generation.output_key())
+        self._edits_per_pass(device)
         self.stats = RunStats()
 
     @property
@@ -215,17 +236,19 @@ class Runner:
         return self.plan.part_path
 
     def _edits_per_pass(self, device: str) -> int:
-        """``--edits-per-pass`` (default from free GPU memory); 1 when the method or mode does not batch."""
+        """The first pass's size: ``--edits-per-pass`` (fixed), else sized from measured memory on CUDA
+        (``editors.memory.PassSizer``), else 1; 1 when the method or mode does not batch."""
         k = self.config.edits_per_pass  # >= 1 or None (RunConfig checks)
+        self.memory = DeviceMemory(torch.device(device))
         if self.mode != "single" or not self.editor.batches_edits:
             if k and k > 1:
                 logger.info("%s: --edits-per-pass %d ignored (%s); one edit at a time", self.config.method, k,
                             "sequential mode" if self.mode != "single" else "the method does not batch")
-            return 1
-        if k is None:
-            k = default_edits_per_pass(self.editor.bytes_per_batched_edit(), device)
-            logger.info("edits per pass: %d (from free device memory)", k)
-        return k
+            k = 1
+        self.sizer = PassSizer(k, self.memory)
+        if self.sizer.auto:
+            logger.info("edits per pass: measured from the first passes (1, then %d edits)", PROBE_EDITS)
+        return self.sizer.k
 
     def header(self) -> dict[str, Any]:
         """The run header: every field of :data:`sake_core.protocol.RUN_HEADER_FIELDS`, in its order."""
@@ -239,6 +262,7 @@ class Runner:
                   "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
                   "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(a.configs), "split": a.split,
                   "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                  "generation": self.generation.output_key(), "batching": self.generation.batching(),
                   # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
                   "expected_rows": sum(u.expected_rows for u in self.plan.all_units),
                   "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
@@ -251,10 +275,31 @@ class Runner:
 
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
 
-    def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
-        return self.adapter.generate(prompts, max_new_tokens=self.max_new_tokens,
-                                     batch_size=self.config.batch_size or None,
-                                     max_batch_tokens=self.config.max_batch_tokens or None)
+    def _generate(self, prompts: Sequence[Prompt]) -> list[GeneratedText]:
+        return self._generating(lambda settings: self.adapter.generate(prompts, settings=settings))
+
+    def _generating(self, generate: Callable[[GenerationSettings], Outputs]) -> Outputs:
+        """``generate(settings)``; on an out-of-memory error: free, halve the generation batch, again (outputs do
+        not depend on the batch: editors/models/buckets.py)."""
+        while True:
+            try:
+                return generate(self.generation)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not is_out_of_memory(error) or not self._halve_generation_batch(error):
+                    raise
+
+    def _halve_generation_batch(self, error: BaseException) -> bool:
+        """Free what the run holds and halve the padded tokens per generation chunk; False at one row a chunk."""
+        release_generation(self.adapter)
+        self.memory.free()
+        current = self.generation.max_batch_tokens or token_budget(self.adapter) or 0
+        if current <= MIN_GENERATION_TOKENS:
+            return False
+        self.generation = self.generation.replace(max_batch_tokens=max(MIN_GENERATION_TOKENS, current // 2))
+        logger.warning("%s: out of memory while generating (%s); freed, generating again with at most %d tokens "
+                       "per chunk", self.config.method, str(error).splitlines()[0][:120],
+                       self.generation.max_batch_tokens)
+        return True
 
     def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
         """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
@@ -269,7 +314,7 @@ class Runner:
             self.stats.preedit_s += time.perf_counter() - t0
         return [generated[i] if o is None else o for i, o in enumerate(cached)]
 
-    def rows(self, edit: EditRequest, items: list[EvalItem], pre: list[str], post: list[str], gap: int | None
+    def rows(self, edit: EditRequest, items: list[EvalItem], pre: Sequence[str], post: Sequence[str], gap: int | None
              ) -> list[dict[str, Any]]:
         return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
@@ -279,12 +324,17 @@ class Runner:
                  "post_edit_hit_limit": getattr(o, "hit_limit", None)}
                 for it, p, o in zip(items, pre, post)]
 
-    def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:
+    def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[GeneratedText]:
         """Post-edit outputs of one edit's items (one batched generation, as its pre-edit outputs)."""
         t0 = time.perf_counter()
         out = self._generate(self.editor.rewrite_prompts([it.prompt() for it in items], edit))
         self.stats.eval_s += time.perf_counter() - t0
         return out
+
+    @property
+    def edits_per_pass(self) -> int:
+        """Edits the next pass holds (see :class:`editors.memory.PassSizer`)."""
+        return self.sizer.k
 
     def seed(self, offset: int) -> int:
         """Torch's seed before an edit: the same randomness on a resumed run."""
@@ -340,22 +390,57 @@ class Runner:
         return result.path if result.merged else self.part_path
 
     def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
-        if self.edits_per_pass > 1:
-            for start in range(0, len(todo), self.edits_per_pass):
-                self._run_pass(todo[start:start + self.edits_per_pass], out, bar)
+        """Passes of ``self.sizer.k`` edits (one edit at a time for methods that do not batch); on an
+        out-of-memory error the same units again with half as many edits per pass (the session has restored the
+        model: every pass applies inside it)."""
+        batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
+        pos = 0
+        while pos < len(todo):
+            units = todo[pos:pos + self.sizer.k]
+            available, baseline = self.memory.available(), self.memory.start()
+            try:
+                if batched:
+                    self._run_pass(units, out, bar)
+                else:
+                    self._run_unit(units[0], out, bar)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+                if not is_out_of_memory(error):
+                    raise
+                self._back_off(error, units)
+                continue
+            self.sizer.record(len(units), self.memory.peak(baseline), available)
+            pos += len(units)
+
+    def _back_off(self, error: BaseException, units: list[Unit]) -> None:
+        """After an out-of-memory error in a pass of ``units``: free, halve the edits per pass; a unit alone that
+        does not fit is a ResourceError naming the method, the unit and the memory it needed."""
+        allocated = self.memory.allocated()
+        release_generation(self.adapter)
+        self.memory.free()
+        k = self.sizer.back_off()
+        if k is not None:
+            logger.warning("%s: out of memory with %d edits per pass (%s); freed, redoing these units with %d per "
+                           "pass", self.config.method, len(units), str(error).splitlines()[0][:120], k)
             return
-        for unit in todo:
-            t0 = time.perf_counter()
-            row = self.plan.datasets[unit.config][unit.index]
-            edit = EditRequest.from_row(row)
-            items = eval_items(row)
-            pre = self.pre_edit_outputs(items)
-            with self.session:  # restores on leaving
-                stats = self.apply(edit, unit.index)
-                post = self.evaluate(edit, items)
-            out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
-            self._unit_done(unit, stats, time.perf_counter() - t0)
-            bar.update(1)
+        requested = requested_bytes(error)
+        needed = None if allocated is None or requested is None else allocated + requested
+        raise ResourceError(f"{self.config.method}: unit {units[0].key} does not fit in device memory even alone: "
+                            f"it needed at least {gib(needed)} ({gib(allocated)} allocated + {gib(requested)} "
+                            f"requested); {str(error).splitlines()[0][:160]}") from error
+
+    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm) -> None:
+        """One single edit: pre-edit outputs, apply, evaluate, restore (the session), rows."""
+        t0 = time.perf_counter()
+        row = self.plan.datasets[unit.config][unit.index]
+        edit = EditRequest.from_row(row)
+        items = eval_items(row)
+        pre = self.pre_edit_outputs(items)
+        with self.session:  # restores on leaving
+            stats = self.apply(edit, unit.index)
+            post = self.evaluate(edit, items)
+        out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
+        self._unit_done(unit, stats, time.perf_counter() - t0)
+        bar.update(1)
 
     def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
         """K single edits in one pass: pre-edit outputs of all their items, ``editor.apply_many`` (per-edit
@@ -375,9 +460,7 @@ class Runner:
             self.stats.apply_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
-            post = self.editor.generate_many(prompts, max_new_tokens=self.max_new_tokens,
-                                             batch_size=self.config.batch_size or None,
-                                             max_batch_tokens=self.config.max_batch_tokens or None)
+            post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))
             self.stats.eval_s += time.perf_counter() - t2
         seconds = (time.perf_counter() - t0) / len(units)
         for unit, edit, its, p, o, st in zip(units, edits, items, pre, post, stats):

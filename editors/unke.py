@@ -19,21 +19,30 @@ the edit instance's own locality items are used (out of scope by construction).
 
 Both stages run only what changes: the hidden states entering the edited layer are computed once per edit
 (``adapter.hidden_entering``); stage 1 runs the layers above ``L``, stage 2 runs layer ``L`` alone.
+
+Several edits per pass (:meth:`UnKE.apply_many`, ``--edits-per-pass K``): the K edits' stage 1 is one batch (a delta
+per edit, each edit's loss from its own row, per-edit early stop and norm clamp) and stage 2 trains one fp32 copy of
+layer ``L`` per edit (``editors/batching.py``: the edit's rows run its copy; each edit's loss is its own two MSE
+terms over its own rows, as alone); the model is unchanged and generation routes each item to its edit's copy.
+Batches have canonical shapes (``editors/models/buckets.py``), so each edit gets the same result whatever K is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune
-from editors.registry import register
+from editors.batching import RowRouting, StackedCopies, masked_update, finetune_many, runs_of
 from editors.hparams import Hparams
-from editors.models.base import LayerState, Prompt, PromptBatch, as_audio_array
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
+from editors.models.buckets import training_groups
+from editors.registry import register
 from sake_core.protocol import ATTRIBUTES
 from sake_core.errors import ConfigError
 
@@ -167,6 +176,11 @@ class UnKE(Editor):
 
     hparams_class = UnKEHparams
     hparams: UnKEHparams
+    batches_edits = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._copies: StackedCopies | None = None
 
     def _layer(self) -> int:
         return self.adapter.resolve_layer(self.hparams.layer)
@@ -237,3 +251,121 @@ class UnKE(Editor):
                           early_stop_loss=hp.optim_early_stop_loss, optimizer="adam", weight_decay=hp.weight_decay)
         return {"steps": stats["v_steps"] + result.steps, "loss": result.loss, **stats,
                 "optim_steps": result.steps, "n_preserve": len(preserve)}
+
+    # ---- several edits per pass ---------------------------------------------------------------------------------
+
+    def compute_keys(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """Stage 1 of K edits at once: ``[K, hidden]`` keys (each as :meth:`compute_key` alone finds it)."""
+        a, hp, layer = self.adapter, self.hparams, self._layer()
+        k = len(edits)
+        groups = []
+        for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
+            state = a.hidden_entering(batch, layer + 1)
+            pos = last_prompt_positions(batch)
+            onehot = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=state.hidden.device)
+            onehot[torch.arange(batch.batch_size), pos] = 1.0
+            key0 = state.hidden[torch.arange(batch.batch_size), pos].detach().float()
+            groups.append((torch.tensor(rows, device=key0.device), state, onehot.unsqueeze(-1), key0))
+        device = groups[0][3].device
+        key0 = torch.zeros(k, groups[0][3].shape[-1], device=device)
+        for group_rows, _, _, keys in groups:
+            key0[group_rows] = keys
+        delta = torch.zeros_like(key0, requires_grad=True)
+        max_norm = hp.clamp_norm_factor * key0.norm(dim=-1)
+        wd = hp.v_weight_decay
+        threshold = float("-inf") if hp.v_early_stop_loss is None else hp.v_early_stop_loss
+
+        def nll(d: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(k, device=device)
+            for rows, state, onehot, _ in groups:
+                hidden = state.hidden + (onehot * d[rows][:, None, :]).to(state.hidden.dtype)
+                out = out.index_copy(0, rows, a.loss_from(state, hidden, reduction="none").float())
+            return out
+
+        active = torch.ones(k, dtype=torch.bool, device=device)
+        steps = [0] * k
+        state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
+        for step in range(1, hp.v_steps + 1):
+            losses = nll(delta)
+            active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
+            if not bool(active.any()):
+                break
+            total = losses + wd * delta.norm(dim=-1) / key0.norm(dim=-1).clamp(min=1e-6) ** 2
+            (grad,) = torch.autograd.grad(total[active].sum(), [delta])
+            with torch.no_grad():
+                masked_update([delta], [grad], state_opt, active, step, optimizer="adam",
+                               lr=hp.v_lr, weight_decay=0.0)
+                norm = delta.norm(dim=-1)
+                scale = torch.where(active & (norm > max_norm), max_norm / norm.clamp(min=1e-30),
+                                    torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+            for i, on in enumerate(active.tolist()):
+                steps[i] += on
+        with torch.no_grad():
+            final = nll(delta.detach())
+        stats = [{"v_steps": s_, "v_loss": float(f), "delta_norm": float(n)}
+                 for s_, f, n in zip(steps, final.tolist(), delta.detach().norm(dim=-1).tolist())]
+        return key0 + delta.detach(), stats
+
+    def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """K independent UnKE edits, each on its own copy of layer ``L`` (the model unchanged); evaluate with
+        :meth:`generate_many`."""
+        a, hp, layer = self.adapter, self.hparams, self._layer()
+        k = len(edits)
+        keys, stats = self.compute_keys(edits)
+        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
+                                         source=hp.preserve_source, seed=self.context.seed)
+                    for e in edits]
+        # stage 2 terms: (edit of each row, state entering L, target output, mask, term) per canonical batch
+        terms = []
+        with torch.no_grad():
+            for rows, batch in training_groups(a, [e.prompt() for e in edits], None):
+                state = a.hidden_entering(batch, layer)
+                target = a.run_layers(state).detach().clone()
+                target[:, -1] = keys[rows].to(target.dtype)  # left padding: last column = last prompt token
+                terms.append((rows, state, target, batch.attention_mask, 0))
+            owners = [j for j, ps in enumerate(preserve) for _ in ps]
+            flat = [p for ps in preserve for p in ps]
+            if flat:
+                for rows, batch in training_groups(a, flat, None):
+                    state = a.hidden_entering(batch, layer)
+                    terms.append(([owners[i] for i in rows], state, a.run_layers(state).detach(),
+                                  batch.attention_mask, 1))
+        names = self.touched_parameters()
+        copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
+        routing = RowRouting(a.model, names)
+        device = keys.device
+
+        def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            routing.weights = weights
+            sums = torch.zeros(2, k, device=device)
+            counts = torch.zeros(2, k, device=device)
+            for owner, state, target, mask, term in terms:
+                routing.runs = runs_of(owner)  # row i runs edit owner[i]'s copy
+                m = mask.to(torch.float32).unsqueeze(-1)
+                err = ((a.run_layers(state).float() - target.float()) ** 2 * m).sum(dim=(1, 2))
+                who = torch.tensor(owner, device=device)
+                sums[term] = sums[term].index_add(0, who, err)
+                counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * target.shape[-1])
+            present = counts > 0
+            return torch.where(present, sums / counts.clamp(min=1.0), torch.zeros_like(sums)).sum(0)
+
+        with routing.installed():
+            results = finetune_many(copies, losses, lr=hp.optim_lr, max_steps=hp.optim_steps,
+                                    early_stop_loss=hp.optim_early_stop_loss, optimizer="adam",
+                                    weight_decay=hp.weight_decay)
+        self._copies = copies
+        return [{"steps": st["v_steps"] + r.steps, "loss": r.loss, **st, "optim_steps": r.steps,
+                 "n_preserve": len(ps)} for st, r, ps in zip(stats, results, preserve)]
+
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
+        if self._copies is None:
+            raise RuntimeError("unke: generate_many before apply_many")
+        routing = RowRouting(self.adapter.model, self._copies.names)
+        routing.weights = {n: m.detach() for n, m in self._copies.current().items()}
+        with routing.installed():
+            yield PerEdit.of(prompts_per_edit, routing=routing)
+
+    def reset(self) -> None:
+        self._copies = None

@@ -43,18 +43,21 @@ original module back and removes the hook.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
-from editors.registry import register
+from editors.batching import masked_update, runs_of
 from editors.hparams import Hparams
-from editors.models.base import IGNORE_INDEX, LALMAdapter, as_linear
+from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
+from editors.models.buckets import training_groups
+from editors.registry import register
 from editors.unke import preservation_prompts
 from sake_core.errors import ConfigError
 
@@ -106,6 +109,12 @@ class WiseRouter(nn.Module):
         self.decisions: torch.Tensor | None = None  # [B] shard index per row (-1: original), from the prefill
         self.last_scores: torch.Tensor | None = None  # [B, n_shards] scores of the last prefill
         self.route_counts: dict[int, int] = {}
+        # several edits per pass: edit k's own side memory (training: stacked weights; evaluation: one shard per
+        # edit) for the rows of each run (edit, start, stop) of ``runs`` (set per chunk by the generation layer)
+        self.train_weights: torch.Tensor | None = None  # [K, out, in] while K edits train
+        self.edit_shards: list[Shard] | None = None
+        self.runs: list[tuple[int, int, int]] = []
+        self.row_edit: torch.Tensor | None = None  # (the graph engine's routing field; WISE generates eagerly)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -134,6 +143,11 @@ class WiseRouter(nn.Module):
             self.capture.append(x.detach())
         if self.train_weight is not None:
             return self.side_output(x, self.train_weight)
+        if self.train_weights is not None:
+            parts = [self.side_output(x[a:b], self.train_weights[k]) for k, a, b in self.runs]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.edit_shards is not None:
+            return self._per_edit_forward(x)
         out = self.original(x)
         if not self.shards:
             return out
@@ -141,9 +155,7 @@ class WiseRouter(nn.Module):
         if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
             decisions = self.decisions
         else:
-            valid = torch.ones(batch, length, device=x.device)
-            if self.call_mask is not None and self.call_mask.shape[0] == batch and self.call_mask.shape[1] >= length:
-                valid = self.call_mask[:, -length:].to(x.device).float()
+            valid = self._valid(batch, length, x.device)
             scores = torch.stack([self.row_scores(self.token_distance(x, s.weight, out), valid)
                                   for s in self.shards], dim=-1)  # [B, K]
             thresholds = torch.tensor([s.threshold for s in self.shards], device=scores.device)
@@ -158,6 +170,39 @@ class WiseRouter(nn.Module):
             for k in sorted(set(decisions.tolist()) - {-1}):
                 rows = decisions == k
                 out[rows] = self.side_output(x[rows], self.shards[k].weight)
+        return out
+
+    def _valid(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        valid = torch.ones(batch, length, device=device)
+        if self.call_mask is not None and self.call_mask.shape[0] == batch and self.call_mask.shape[1] >= length:
+            valid = self.call_mask[:, -length:].to(device).float()
+        return valid
+
+    def _per_edit_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each run's rows routed as a router holding only that edit's side memory would route them."""
+        out = self.original(x)
+        batch, length = x.shape[0], x.shape[1]
+        shards = self.edit_shards
+        if shards is None:
+            raise RuntimeError("wise: per-edit routing without per-edit side memories (apply_many first)")
+        if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
+            decisions = self.decisions
+        else:
+            if not self.runs or self.runs[-1][2] != batch:
+                raise RuntimeError(f"wise: per-edit routing covers {self.runs[-1][2] if self.runs else 0} rows, "
+                                   f"input has {batch}")
+            valid = self._valid(batch, length, x.device)
+            decisions = torch.full((batch,), -1, dtype=torch.long, device=x.device)
+            for k, a, b in self.runs:
+                shard = shards[k]
+                score = self.row_scores(self.token_distance(x[a:b], shard.weight, out[a:b]), valid[a:b])
+                decisions[a:b] = torch.where(score > shard.threshold * self.act_ratio, k, -1)
+            self.decisions = decisions
+        if bool((decisions >= 0).any()):
+            out = out.clone()
+            for k in sorted(set(decisions.tolist()) - {-1}):
+                rows = decisions == k
+                out[rows] = self.side_output(x[rows], shards[k].weight)
         return out
 
 
@@ -212,6 +257,9 @@ class WISE(Editor):
 
     hparams_class = WISEHparams
     hparams: WISEHparams
+    #: decides per row on the host while decoding (not capturable): the eager engine only
+    generation_engines = ("eager",)
+    batches_edits = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -388,6 +436,128 @@ class WISE(Editor):
                            n_edits=sum(s.n_edits for s in group), merged_from=len(group), closed=True)
             router.shards = [s for s in router.shards if s not in group] + [merged]
             logger.info("wise: merged %d shards (TIES) into one memory", len(group))
+
+
+    # ---- several edits per pass ---------------------------------------------------------------------------------
+
+    def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """K independent single edits at once, each with its own side memory (as :meth:`apply` writes one edit
+        into a fresh router): the edit prompts and every edit's preservation prompts in canonical batches, one SGD
+        step over the K stacked memories per iteration (each gets its own gradient: its loss is its own prompt's
+        target loss through its own memory plus its own activation terms), per-edit early stop, the shard mask and
+        norm bound elementwise. Evaluate with :meth:`generate_many` (each item routed by its own edit's memory)."""
+        a, hp, layer = self.adapter, self.hparams, self._layer()
+        if self.router is not None and (self.router.shards or self.router.edit_shards):
+            raise RuntimeError("wise: apply_many needs no edit applied before (call reset)")
+        router = self._install()
+        k = len(edits)
+        template = self._current_shard(router)  # the first shard an edit alone writes into: its mask
+        router.shards = []
+        base = router.original.weight.detach()
+        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
+                                         source=hp.preserve_source, seed=self.context.seed)
+                    for e in edits]
+        ins, outs = [], []  # (owner edit of each row, state or None, inner activations, original output, valid)
+        with torch.no_grad():
+            for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
+                state = a.hidden_entering(batch, layer)
+                x = self._inner_activations(state)
+                valid = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
+                ins.append((list(rows), state, x, router.original(x), valid))
+            owners = [j for j, ps in enumerate(preserve) for _ in ps]
+            flat = [p for ps in preserve for p in ps]
+            for rows, batch in (training_groups(a, flat, None) if flat else []):
+                x = self._inner_activations(a.hidden_entering(batch, layer))
+                outs.append(([owners[i] for i in rows], None, x, router.original(x), batch.attention_mask.float()))
+        master = base.float().unsqueeze(0).repeat(k, 1, 1).requires_grad_(True)
+        alpha, beta, gamma = hp.alpha, hp.beta, hp.gamma
+        norm_c, early = hp.norm_constraint, hp.early_stop_loss
+        device = master.device
+
+        def scores(groups: list, weights: torch.Tensor) -> list[list[torch.Tensor]]:
+            """Per edit: the row scores of its rows in ``groups``, through its own memory."""
+            per_edit: list[list[torch.Tensor]] = [[] for _ in range(k)]
+            for owner, _, x, orig, valid in groups:
+                for e, lo, hi in runs_of(owner):
+                    d = router.row_scores(router.token_distance(x[lo:hi], weights[e], orig[lo:hi]), valid[lo:hi])
+                    per_edit[e].append(d)
+            return per_edit
+
+        def losses(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ft = torch.zeros(k, device=device)
+            router.train_weights = weights
+            try:
+                for owner, state, _, _, _ in ins:
+                    router.runs = runs_of(owner)
+                    ft = ft.index_copy(0, torch.tensor(owner, device=device),
+                                       a.loss_from(state, reduction="none").float())
+            finally:
+                router.train_weights = None
+            d_in, d_out = scores(ins, weights), scores(outs, weights)
+            act = torch.stack([_activation_loss(torch.cat(d_in[e]), torch.cat(d_out[e]) if d_out[e] else None,
+                                                alpha, beta, gamma) for e in range(k)])
+            return ft, ft + act
+
+        active = torch.ones(k, dtype=torch.bool, device=device)
+        steps, ft_last, total_last = [0] * k, [float("nan")] * k, [float("nan")] * k
+        opt_state: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
+        for step in range(1, hp.n_iter + 1):
+            ft, total = losses(master)
+            values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
+            for e in range(k):
+                if bool(active[e]):
+                    ft_last[e], total_last[e] = values_ft[e], values[e]
+            if early is not None:
+                active &= ~(total.detach() < early)
+            if not bool(active.any()):
+                break
+            (grad,) = torch.autograd.grad(total[active].sum(), [master])
+            with torch.no_grad():
+                if template.mask is not None:
+                    grad = grad * template.mask
+                masked_update([master], [grad], opt_state, active, step, optimizer="sgd", lr=hp.edit_lr,
+                              weight_decay=hp.weight_decay)
+                if norm_c is not None:
+                    lo, hi = base.float() - norm_c, base.float() + norm_c
+                    master.copy_(torch.where(active.view(-1, 1, 1), torch.maximum(torch.minimum(master, hi), lo),
+                                             master))
+            for e, on in enumerate(active.tolist()):
+                steps[e] += on
+        with torch.no_grad():
+            weights = master.detach().to(base.dtype)
+            d_in, d_out = scores(ins, weights), scores(outs, weights)
+        router.edit_shards, stats = [], []
+        for e in range(k):
+            di = torch.cat(d_in[e])
+            do = torch.cat(d_out[e]) if d_out[e] else None
+            shard = Shard(weight=weights[e], mask=template.mask, edit_acts=[float(di.min())], n_edits=1)
+            router.edit_shards.append(shard)
+            stats.append({"steps": steps[e], "loss": total_last[e], "ft_loss": ft_last[e],
+                          "in_scope_act": float(di.min()),
+                          "out_scope_act_max": float(do.max()) if do is not None else None,
+                          "out_scope_act_mean": float(do.mean()) if do is not None else None,
+                          "threshold": shard.threshold, "act_ratio": router.act_ratio,
+                          "gate": shard.threshold * router.act_ratio, "shard": 0, "n_shards": 1,
+                          "n_preserve": len(preserve[e])})
+        self.gate_stats.extend(stats)
+        return stats
+
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
+        if self.router is None or self.router.edit_shards is None:
+            raise RuntimeError("wise: generate_many before apply_many")
+        yield PerEdit.of(prompts_per_edit, routing=self.router)
+
+
+def _activation_loss(d_in: torch.Tensor, d_out: torch.Tensor | None, alpha: float, beta: float,
+                     gamma: float) -> torch.Tensor:
+    """WISE's activation terms (see the module docstring) for one edit's in-scope and out-of-scope scores."""
+    zero = d_in.new_zeros(())
+    in_term = _positive_mean(beta - d_in, zero)
+    if d_out is None:
+        return in_term
+    margin = _positive_mean(d_out.view(-1, 1) - d_in.view(1, -1) + gamma, zero)
+    return margin + _positive_mean(d_out - alpha, zero) + in_term
 
 
 def _cached_tokens(kwargs: dict[str, Any]) -> int:

@@ -28,7 +28,7 @@ from editors.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from editors.base import EditRequest, Editor
-    from editors.models.base import LALMAdapter, Prompt
+    from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, Prompt
 
 __all__ = ["EditedModel", "RunConfig", "editing", "report", "run", "score"]
 
@@ -71,16 +71,23 @@ def report(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[
 
 class EditedModel:
     """The model inside an :func:`editing` block: :meth:`generate` answers prompts under the edit (a prompt
-    method's rewriting included); ``adapter``, ``editor``, ``edit`` and ``stats`` (what the method reported) are
-    there for anything else."""
+    method's rewriting included); ``adapter``, ``editor``, ``edit``, ``stats`` (what the method reported) and
+    ``settings`` (the generation settings a run of this method on this model resolves) are there for anything
+    else."""
 
-    def __init__(self, adapter: "LALMAdapter", editor: "Editor", edit: "EditRequest", stats: dict[str, Any]) -> None:
-        self.adapter, self.editor, self.edit, self.stats = adapter, editor, edit, stats
+    def __init__(self, adapter: "LALMAdapter", editor: "Editor", edit: "EditRequest", stats: dict[str, Any],
+                 settings: "GenerationSettings") -> None:
+        self.adapter, self.editor, self.edit, self.stats, self.settings = adapter, editor, edit, stats, settings
 
-    def generate(self, prompts: "Sequence[Prompt]", max_new_tokens: int = 32, **options: Any) -> list[str]:
-        """Greedy answers of ``prompts`` under the edit."""
+    def generate(self, prompts: "Sequence[Prompt]", max_new_tokens: int | None = None, **limits: Any) -> "list[GeneratedText]":
+        """Greedy answers of ``prompts`` under the edit, with the run's generation settings (the model family's
+        ``max_new_tokens`` unless given; ``limits``: ``batch_size``, ``max_batch_tokens``)."""
+        settings = self.settings
+        if max_new_tokens is not None or limits:
+            settings = settings.replace(**({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),
+                                        **limits)
         rewritten = self.editor.rewrite_prompts(list(prompts), self.edit)
-        return self.adapter.generate(rewritten, max_new_tokens=max_new_tokens, **options)
+        return self.adapter.generate(rewritten, settings=settings)
 
 
 @contextlib.contextmanager
@@ -101,5 +108,7 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
     typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
     session = EditSession.start(adapter, method, typed, RunContext(seed=seed, cache_dir=cache_dir,
                                                                   model_name=adapter.model_id))
+    # the settings `sake.run` resolves for this method and model (family defaults: the same max_new_tokens)
+    settings = adapter.generation_settings(method_engines=type(session.editor).generation_engines, method=method)
     with session.edit(edit, seed=seed) as stats:
-        yield EditedModel(adapter, session.editor, edit, stats)
+        yield EditedModel(adapter, session.editor, edit, stats, settings)

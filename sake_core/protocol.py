@@ -82,9 +82,10 @@ OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit",)
 #: The run header (line 1 of a predictions file), one entry per field in the order the runner writes them:
 #: (name, required: every predictions file carries it, resume: a rerun must agree on it to continue the file).
 #: Besides the required fields the runner writes the method's display name and order, the generation length, the
-#: number of rows of the complete run (``expected_rows``: a reader refuses a file with fewer), the pre-edit cache
-#: key, dtype, family, the sequential rule the file follows (``eval_edits``, ``max_gap``; null in single mode)
-#: and the date.
+#: generation settings that change outputs (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and
+#: the batching limits (``batching``), the number of rows of the complete run (``expected_rows``: a reader refuses
+#: a file with fewer), the pre-edit cache key, dtype, family, the sequential rule the file follows (``eval_edits``,
+#: ``max_gap``; null in single mode) and the date.
 RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
     ("kind", True, False),
     ("model", True, True),
@@ -101,6 +102,8 @@ RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
     ("seed", True, True),
     ("limit", False, True),
     ("max_new_tokens", False, True),
+    ("generation", False, True),
+    ("batching", False, False),
     ("expected_rows", False, False),
     ("model_key", False, True),
     ("dtype", False, False),

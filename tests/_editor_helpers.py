@@ -109,8 +109,7 @@ def cli_args(config: RunConfig) -> list[str]:
     """The ``python -m editors.run`` arguments that give ``config`` (for the command-line tests)."""
     argv = ["--model", config.model, "--method", config.method, "--dataset", config.dataset, "--out", config.out,
             "--split", config.split, "--mode", config.mode, "--seed", str(config.seed),
-            "--batch-size", str(config.batch_size),
-            "--max-batch-tokens", str(config.max_batch_tokens), "--eval-edits", str(config.eval_edits),
+            "--batch-size", str(config.batch_size), "--eval-edits", str(config.eval_edits),
             "--max-gap", str(config.max_gap)]
     for c in config.configs:
         argv += ["--config", c]
@@ -118,7 +117,8 @@ def cli_args(config: RunConfig) -> list[str]:
         argv += ["--hparam", f"{key}={value}"]
     for flag, value in (("--limit", config.limit), ("--dtype", config.dtype), ("--device", config.device),
                         ("--revision", config.revision), ("--cache-dir", config.cache_dir),
-                        ("--edits-per-pass", config.edits_per_pass), ("--max-new-tokens", config.max_new_tokens)):
+                        ("--edits-per-pass", config.edits_per_pass), ("--max-new-tokens", config.max_new_tokens),
+                        ("--max-batch-tokens", config.max_batch_tokens)):
         if value is not None:
             argv += [flag, str(value)]
     if not config.progress:

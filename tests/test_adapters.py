@@ -9,6 +9,7 @@ import torch
 from _editor_helpers import synthetic_audio
 from editors.models import adapter_class, family_of, load_adapter, save_tiny
 from editors.models.base import Prompt, Turn, batch_spans, whisper_mel_frames
+from editors.models.generation.eager import shared_prefix_length
 
 FAMILIES = ["tiny-qwen2-audio", "tiny-audio-flamingo3"]
 
@@ -70,20 +71,18 @@ def test_shared_prefix_generation_equals_plain_generation(adapter):
     batch = [Prompt(f"Which animal is this? option {j}", audio=synthetic_audio(20 + j, 0.5 + 0.3 * j) if j != 2
                     else None, system="Apply the update.", history=history) for j in range(4)]
     token_ids = [adapter.prompt_token_ids(p) for p in batch]
-    prefix = adapter.shared_prefix_length(batch, token_ids)
-    assert prefix >= adapter.min_shared_prefix and prefix < min(len(t) for t in token_ids)
-    shared = adapter.generate(batch, max_new_tokens=8)
-    adapter.min_shared_prefix, saved = 0, adapter.min_shared_prefix
-    try:
-        assert adapter.generate(batch, max_new_tokens=8) == shared
-    finally:
-        adapter.min_shared_prefix = saved
+    settings = adapter.generation_settings(8)
+    assert settings.engine == "eager" and settings.min_shared_prefix == 256  # tiny models on CPU
+    prefix = shared_prefix_length(adapter, batch, token_ids, settings.min_shared_prefix)
+    assert prefix >= settings.min_shared_prefix and prefix < min(len(t) for t in token_ids)
+    shared = adapter.generate(batch, settings=settings)
+    assert adapter.generate(batch, settings=settings.replace(min_shared_prefix=0)) == shared
     # the same placeholder tokens standing for another audio end the shared prefix before that audio
     other = Prompt(batch[1].question, batch[1].audio, batch[1].system,
                    (Turn(history[0].question, history[0].answer, synthetic_audio(99, 0.8)),) + history[1:])
     ids = [token_ids[0], adapter.prompt_token_ids(other)]
     assert ids[0][:prefix] == ids[1][:prefix]
-    assert adapter.shared_prefix_length([batch[0], other], ids) == 0
+    assert shared_prefix_length(adapter, [batch[0], other], ids, settings.min_shared_prefix) == 0
 
 
 def test_batch_spans_respect_rows_and_tokens():

@@ -160,4 +160,5 @@ def test_methods_that_do_not_batch_run_one_at_a_time():
 
     # the paper's methods (a method added later declares its own batching and tests it, e.g. tests/test_lora.py)
     batching = {m for m in METHOD_ORDER if get_editor_class(m).batches_edits}
-    assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike"}
+    # UnKE and WISE: K edits per pass equal one at a time (tests/test_unke.py, tests/test_wise.py)
+    assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike", "unke", "wise"}

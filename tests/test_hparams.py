@@ -103,7 +103,7 @@ def test_a_file_with_a_key_the_dataclass_lacks_or_a_missing_key_is_an_error_nami
         build_hparams(Two, path, "qwen2_audio")
     path.write_text("defaults:\n  a: 1\nqwen2_audio:\n  b: 2\n")
     assert build_hparams(Two, path, "qwen2_audio") == Two(a=1, b=2.0)
-    assert merged_hparams("generation", "desta25")[1] == HPARAMS_DIR / "generation.yaml"
+    assert merged_hparams("ft_llm", "desta25")[1] == HPARAMS_DIR / "ft_llm.yaml"  # a name: the file in HPARAMS_DIR
 
 
 @pytest.mark.parametrize("fields,message", [

@@ -198,20 +198,22 @@ def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
 def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset, tmp_path):
     import torch
 
-    from editors.hparams import merged_hparams
+    from editors.models.generation import decode_new_tokens, family_defaults
 
-    assert merged_hparams("generation", "desta25")[0]["max_new_tokens"] == 512
-    assert merged_hparams("generation", "qwen2_audio", tiny=True)[0]["max_new_tokens"] == 32
+    assert family_defaults("desta25")["max_new_tokens"] == 512
+    assert family_defaults("qwen2_audio", tiny=True)["max_new_tokens"] == 32
     runner, path = run(qwen, run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", configs=("emotion",),
                                         limit=1, max_new_tokens=None))
     header, rows = read_predictions(path)
     assert header["max_new_tokens"] == 32  # tiny model: the YAML's tiny section
+    assert header["generation"] == {"engine": "eager", "max_new_tokens": 32, "dtype": "float32",
+                                    "min_shared_prefix": 256}  # what changes outputs: in the header
     assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)
     # flagged exactly when a row used every new token without a stop token
     stop, other = qwen.stop_token_ids[0], 5 if 5 not in qwen.stop_token_ids else 6
     tokens = torch.tensor([[other, other, stop], [other, other, other]])
-    assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 3)] == [False, True]
-    assert [t.hit_limit for t in qwen.decode_new_tokens(tokens, 4)] == [False, False]
+    assert [t.hit_limit for t in decode_new_tokens(qwen, tokens, 3)] == [False, True]
+    assert [t.hit_limit for t in decode_new_tokens(qwen, tokens, 4)] == [False, False]
 
 
 def test_the_plan_knows_units_rows_and_files_without_a_model(demo_dataset, tmp_path, monkeypatch):

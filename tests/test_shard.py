@@ -107,12 +107,12 @@ def test_merge_orders_units_ignores_partial_ones_and_waits_for_missing(tmp_path)
 
 def test_preedit_cache_survives_a_writer_killed_mid_line(tmp_path):
     prompt = Prompt(question="What is the gender of the speaker?")
-    first = PreEditCache(tmp_path, "k", 4)
+    first = PreEditCache(tmp_path, "k", {"max_new_tokens": 4})
     first.put_many([("item/1", prompt, "male")])
     with open(first.path, "ab") as fh:  # another process died in the middle of its append
         fh.write(b'{"key": "dead", "item_id": "item/9", "out')
-    PreEditCache(tmp_path, "k", 4).put_many([("item/2", prompt, "female")])
-    reloaded = PreEditCache(tmp_path, "k", 4)
+    PreEditCache(tmp_path, "k", {"max_new_tokens": 4}).put_many([("item/2", prompt, "female")])
+    reloaded = PreEditCache(tmp_path, "k", {"max_new_tokens": 4})
     assert reloaded.get("item/1", prompt) == "male" and reloaded.get("item/2", prompt) == "female"
 
 

@@ -76,3 +76,36 @@ def test_preservation_prompts_come_from_other_train_instances_deterministically(
     assert [p.question for p in own[:2]] == [edit.row["locality_text"][0]["question"]] * 2
     assert len(own) == 5 and all(p.audio is not None for p in own[2:])
 
+
+def _edits_and_context(demo_dataset, n: int):
+    from editors.base import EditRequest, RunContext
+    from editors.data import load_instances
+
+    rows = [load_instances(str(demo_dataset), c, "test")[0] for c in ("emotion", "animal", "gender")][:n]
+    ctx = RunContext(seed=0, load_rows=lambda config, split: load_instances(str(demo_dataset), config, split))
+    return [EditRequest.from_row(r) for r in rows], ctx
+
+
+def test_unke_edits_per_pass_equal_one_at_a_time(demo_dataset):
+    """K UnKE edits in one pass (stage 1 batched, one layer copy per edit in stage 2): each edit's greedy outputs
+    and step counts are those of editing it alone, the model's own weights untouched."""
+    from editors.data import eval_items
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    edits, ctx = _edits_and_context(demo_dataset, 3)
+    editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=6), ctx)
+    session = EditSession(editor)
+    prompts = [[it.prompt() for it in eval_items(e.row)][:4] for e in edits]
+    alone, alone_stats = [], []
+    for edit, ps in zip(edits, prompts):
+        with session.edit(edit) as edit_stats:
+            alone_stats.append(edit_stats)
+            alone.append(adapter.generate(ps, max_new_tokens=5))
+    state = model_state(adapter)
+    with session.edits(edits) as stats:
+        assert_same_state(adapter, state)  # the copies hold the edits
+        together = editor.generate_many(prompts, max_new_tokens=5)
+    assert together == alone and len({tuple(a) for a in alone}) > 1
+    assert [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in stats] == \
+        [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in alone_stats]
+    assert all(abs(s["loss"] - t["loss"]) <= 1e-3 * max(1.0, abs(t["loss"])) for s, t in zip(stats, alone_stats))

@@ -119,3 +119,36 @@ def test_runner_cli_sequential_mode_keeps_shards_across_a_sequence(tmp_path):
     assert len(fresh) == 5 and all(r["post_edit"] == r["reference"] for r in fresh)  # each edit takes
     unchanged = [r for r in rows if r["dimension"] == "locality_text"]
     assert any(r["post_edit"] == r["pre_edit"] for r in unchanged)  # text far from the edits: original weights
+
+
+def test_wise_edits_per_pass_equal_one_at_a_time(demo_dataset):
+    """K WISE edits in one pass (one side memory per edit, trained together; each item routed by its own edit's
+    memory): each edit's greedy outputs, steps and gate are those of editing it alone."""
+    from editors.base import EditRequest, RunContext
+    from editors.data import eval_items, load_instances
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    rows = [load_instances(str(demo_dataset), c, "test")[0] for c in ("emotion", "animal", "gender")]
+    ctx = RunContext(seed=0, load_rows=lambda config, split: load_instances(str(demo_dataset), config, split))
+    edits = [EditRequest.from_row(r) for r in rows]
+    editor = WISE(adapter, hparams("wise", adapter, n_iter=12), ctx)
+    prompts = [[it.prompt() for it in eval_items(e.row)][:4] for e in edits]
+    alone, alone_stats = [], []
+    for edit, ps in zip(edits, prompts):
+        try:
+            alone_stats.append(editor.apply(edit))
+            alone.append(adapter.generate(ps, max_new_tokens=5))
+        finally:
+            editor.reset()
+    state = model_state(adapter)
+    try:
+        stats = editor.apply_many(edits)
+        together = editor.generate_many(prompts, max_new_tokens=5)
+    finally:
+        editor.reset()
+    assert_same_state(adapter, state)
+    assert together == alone and len({tuple(a) for a in alone}) > 1
+    assert [s["steps"] for s in stats] == [s["steps"] for s in alone_stats]
+    for s, t in zip(stats, alone_stats):
+        assert abs(s["gate"] - t["gate"]) <= 1e-3 * max(1.0, abs(t["gate"]))
+        assert abs(s["loss"] - t["loss"]) <= 1e-3 * max(1.0, abs(t["loss"]))

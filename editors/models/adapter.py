@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, batch_spans
-from editors.models.prefix_decode import generate_after_prefix, shared_prefix_length
+from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch
+from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, resolve_settings
+from editors.models.generation import generate as _generate
 from editors.models.prompts import Prompt, audio_digest
 from editors.models.weights import weights_digest
 from sake_core.errors import ConfigError
@@ -63,18 +64,6 @@ def _mask_cache_arg() -> str:
 
 
 _CACHE_ARG = _mask_cache_arg()
-
-
-class GeneratedText(str):
-    """A generated answer (a plain ``str`` everywhere) that also says whether generation stopped at
-    ``max_new_tokens`` rather than at a stop token (``hit_limit``); the runner records it per row."""
-
-    hit_limit: bool
-
-    def __new__(cls, text: str, hit_limit: bool = False) -> "GeneratedText":
-        obj = super().__new__(cls, text)
-        obj.hit_limit = hit_limit
-        return obj
 
 
 class LALMAdapter(abc.ABC):
@@ -104,8 +93,6 @@ class LALMAdapter(abc.ABC):
         self.is_tiny = is_tiny
         self.model.eval()
         self.model.requires_grad_(False)
-        if is_tiny:
-            self.min_shared_prefix = 256  # tiny models run on CPU, where prefill dominates
         self._audio_cache: OrderedDict[str, Any] = OrderedDict()
         self._weights_digest: str | None = None  # of a local model directory's weight files (model_key)
         self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
@@ -292,11 +279,19 @@ class LALMAdapter(abc.ABC):
 
     # ---- audio states -------------------------------------------------------------------------------------------
 
-    def audio_states(self, audios: Sequence[np.ndarray], batch_size: int = 1) -> list[Any]:
+    #: Clips per audio-encoder call on CUDA (on CPU: one, see :meth:`audio_states`).
+    encoder_batch_cuda: int = 16
+
+    def audio_states(self, audios: Sequence[np.ndarray], batch_size: int | None = None) -> list[Any]:
         """Frozen encoder output for each audio, computed once per distinct audio content and cached (LRU).
 
-        One clip per encoder call by default: a clip's states then never depend on which clips it was encoded
-        with (editors/models/buckets.py), so a warm cache, a resume or another pass grouping give the same features."""
+        One clip per encoder call on CPU (default): a clip's states then never depend on which clips it was encoded
+        with (editors/models/buckets.py), so a warm cache, a resume or another pass grouping give the same features
+        (byte-identical rows in fp32). On CUDA :attr:`encoder_batch_cuda` clips per call: bf16 kernels choose by the
+        whole shape there anyway, and one clip per call left the encoder launch-bound (about 0.25 s per edit of a
+        cold pass of 10-item edits at 7B on an H200, bench/NOTES.md)."""
+        if batch_size is None:
+            batch_size = self.encoder_batch_cuda if self.device.type == "cuda" else 1
         keys = [audio_digest(a) for a in audios]
         missing: dict[str, np.ndarray] = {}
         for key, audio in zip(keys, audios):
@@ -548,75 +543,29 @@ class LALMAdapter(abc.ABC):
 
     # ---- generation ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 32, batch_size: int | None = None,
-                 max_batch_tokens: int | None = None) -> list[str]:
-        """Greedy decoding (left padding, from ``inputs_embeds``); returns the decoded answers, special tokens
-        removed, stripped.
+    def generation_settings(self, max_new_tokens: int | None = None, *, engine: str = "auto",
+                            method_engines: tuple[str, ...] = ("graph", "eager"), method: str = "",
+                            batch_size: int | None = None, max_batch_tokens: int | None = None
+                            ) -> GenerationSettings:
+        """This model's :class:`GenerationSettings`: its family's defaults (``editors/models/generation/
+        defaults.yaml``) on its device, with the given fields set (see
+        :func:`editors.models.generation.resolve_settings`)."""
+        return resolve_settings(self.family, tiny=self.is_tiny, device_type=self.device.type,
+                                dtype=str(self.dtype), max_new_tokens=max_new_tokens, engine=engine,
+                                method_engines=method_engines, method=method, batch_size=batch_size,
+                                max_batch_tokens=max_batch_tokens)
 
-        Prompts go to ``generate`` in order, in consecutive chunks of at most ``batch_size`` prompts (default: no
-        limit) whose padded size ``rows * (longest prompt + max_new_tokens)`` stays within ``max_batch_tokens``
-        (default: no limit; it bounds the KV cache when in-context demonstrations make prompts long)."""
-        from transformers import GenerationConfig
-
-        prompts = list(prompts)
-        if not prompts:
-            return []
-        self.warm_audio([a for p in prompts for a in p.audios()])
-        token_ids = [self.prompt_token_ids(p) for p in prompts]
-        gen_cfg = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                   pad_token_id=self.pad_token_id, eos_token_id=self.stop_token_ids,
-                                   repetition_penalty=1.0)
-        # One prefill of a long shared prefix (system prompt + in-context demonstrations), then each prompt's tail.
-        # The prefix KV cache is still repeated per row, so the memory bound counts full lengths.
-        prefix = self.shared_prefix_length(prompts, token_ids)
-        if not prefix:  # canonical shapes, static KV cache + compiled decode step on CUDA (editors/models/decoding.py)
-            from editors.models.decoding import generate_prompts
-
-            return generate_prompts(self, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    max_batch_tokens=max_batch_tokens, token_ids=token_ids)
-        lengths = [len(t) + max_new_tokens for t in token_ids]
-        outputs: list[str] = []
-        for start, stop in batch_spans(lengths, batch_size, max_batch_tokens):
-            if prefix and stop - start < 2:
-                prefix_here = 0
-            else:
-                prefix_here = prefix
-            if prefix_here:
-                new_tokens = self._generate_after_prefix(prompts[start:stop], token_ids[start:stop], prefix,
-                                                         max_new_tokens)
-            else:
-                batch = self.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
-                embeds = self.input_embeds(batch)
-                new_tokens = self.model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                                 generation_config=gen_cfg)
-            outputs.extend(self.decode_new_tokens(new_tokens, max_new_tokens))
-        return outputs
-
-    def decode_new_tokens(self, new_tokens: torch.Tensor, max_new_tokens: int) -> list["GeneratedText"]:
-        """Decoded, stripped answers of generated token ids ``[B, <= max_new_tokens]``; each remembers whether
-        its row stopped at ``max_new_tokens`` without a stop token (``hit_limit``: the answer may be cut)."""
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if new_tokens.shape[-1] < max_new_tokens:  # every row stopped early
-            return [GeneratedText(t.strip(), hit_limit=False) for t in texts]
-        stopped = torch.isin(new_tokens, torch.tensor(self.stop_token_ids, device=new_tokens.device)).any(-1)
-        return [GeneratedText(t.strip(), hit_limit=not bool(s)) for t, s in zip(texts, stopped.tolist())]
-
-    #: Shortest common prompt prefix (tokens) worth one shared prefill instead of one per prompt; 0 = never.
-    #: Off by default: on an H100 at 7B (Qwen2-Audio, bf16, 10 prompts, 32 new tokens) the shared path was no
-    #: faster at a 7.4k-token prefix (4.76 s vs 4.63 s) and slower at 1.5k (2.49 s vs 1.52 s), its own decode loop
-    #: costing more per token (cuDNN attention re-planned for every KV length) than the prefill it saves. The tiny
-    #: CPU models turn it on (256): there prefill dominates and IE-IKE runs 4-6x faster.
-    min_shared_prefix: int = 0
-
-    def shared_prefix_length(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]]) -> int:
-        """Length of the token prefix every prompt shares (see :func:`editors.models.prefix_decode.shared_prefix_length`)."""
-        return shared_prefix_length(self, prompts, token_ids)
-
-    def _generate_after_prefix(self, prompts: Sequence[Prompt], token_ids: Sequence[list[int]], prefix: int,
-                               max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding after one shared prefill (:func:`editors.models.prefix_decode.generate_after_prefix`)."""
-        return generate_after_prefix(self, prompts, token_ids, prefix, max_new_tokens)
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int | None = None, batch_size: int | None = None,
+                 max_batch_tokens: int | None = None, *, settings: GenerationSettings | None = None,
+                 per_edit: PerEdit | None = None) -> list[GeneratedText]:
+        """Greedy answers of ``prompts`` (decoded, special tokens removed, stripped), in order, through the
+        generation layer (:func:`editors.models.generation.generate`). ``settings`` (default: this model's
+        :meth:`generation_settings` with the given ``max_new_tokens`` / batching limits, else the family's
+        defaults); ``per_edit``: each prompt under its own edit's weights (several edits per pass)."""
+        if settings is None:
+            settings = self.generation_settings(max_new_tokens, batch_size=batch_size,
+                                                max_batch_tokens=max_batch_tokens)
+        return _generate(self, prompts, settings, per_edit)
 
     # ---- identity -----------------------------------------------------------------------------------------------
 

@@ -106,15 +106,17 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def training_groups(adapter, prompts: Sequence, targets: Sequence[str]) -> list[tuple[list[int], PromptBatch]]:
-    """Teacher-forcing batches of ``prompts`` -> ``targets`` in canonical shapes: ``(indices, batch)`` per width
-    bucket, each batch left-padded to its bucket. One edit alone gets the batch its row gets among K edits."""
+def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -> list[tuple[list[int], PromptBatch]]:
+    """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
+    shapes: ``(indices, batch)`` per width bucket, each batch left-padded to its bucket. One edit alone gets the
+    batch its row gets among K edits."""
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
-    lengths = [len(t) + len(adapter.target_token_ids(y)) for t, y in zip(token_ids, targets)]
+    lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
+               for i, t in enumerate(token_ids)]
     groups = []
     for width, indices in group_by_width(lengths, adapter.device):
-        batch = adapter.prepare([prompts[i] for i in indices], [targets[i] for i in indices],
-                                token_ids=[token_ids[i] for i in indices])
+        batch = adapter.prepare([prompts[i] for i in indices], None if targets is None else
+                                [targets[i] for i in indices], token_ids=[token_ids[i] for i in indices])
         groups.append((indices, left_pad(batch, width, adapter.pad_token_id)))
     return groups

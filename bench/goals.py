@@ -1,0 +1,490 @@
+"""The goal run of issues 24 and 29: every method at the runner's default edits per pass with both decode engines
+side by side, the naive loop, GPU busy share, sequential editing, hypernetwork training steps, a memory sweep and a
+projection of the paper's whole compute. Writes ``bench/RESULTS.md`` (``--out``) and the raw numbers (``--json``).
+
+    python -m bench.goals --tiny --methods i_ike --edits 2 --out /tmp/R.md          # CPU smoke
+    bash bench/gpu_run.sh ... (BENCH_MODULE=bench.goals)                           # on the H200
+
+Per method (``--methods``) and engine (``--engines``; a method that allows only eager runs eager once):
+
+* default K: ``editors.run.Runner`` with ``--edits-per-pass`` unset, a fresh pre-edit cache (cold) and the whole
+  run timed (the first, measuring passes and every capture counted in): s/edit over ``--edits`` edits (the eager
+  engine over ``--eager-edits``), the passes the runner chose (edits, peak memory of each), the graph engine's
+  counters, and the share of rows both engines wrote identically;
+* ``--naive-methods``: the naive loop of the same run (``bench.arms.run_naive``: one ``generate`` per question,
+  the whole model per training step, deep-copy restore) over ``--naive-edits`` edits;
+* ``--profile-methods``: the runner's phases of one more edit under the profiler (GPU busy share);
+* ``--sequential-methods``: one 10-edit sequence in sequential mode (the paper evaluates edits 1-5 at gaps 0-5);
+* KE / MEND: ``--hypernet-steps`` training steps of the untrained hypernetwork (timed: s/step), whose network
+  then makes the edits (an untrained network times an edit like a trained one);
+* ``--sweep K,...`` (``--sweep-methods``): one pass at each forced K: peak memory per edit; with the runner's
+  fitted cost, the K it picks on an 80 GB and a 139 GB card and the peak that gives;
+* ``--emulate-gib G`` (``--emulate-methods``): a default-K run under a memory cap of G GiB
+  (``torch.cuda.set_per_process_memory_fraction``): it must complete (back-off counted).
+
+``--time-limit`` seconds: parts that would start after it are skipped and say so (the device lease is short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from bench.arms import Bench, GenerateCounter, plan_units, profile_unit, run_naive, runner_pass
+from bench.identity import identical_share
+from bench.models import build_adapter, full_scale, tiny_scale
+from bench.paper import PAPER_TABLE7_SINGLE, paper_seconds_per_edit
+from bench.report import device_name, write_results
+from bench.roofline import measure_ceilings
+from bench.synthetic import SyntheticDataset
+from sake_core.atomic import atomic_write
+
+LOG = logging.getLogger(__name__)
+
+#: Issue 24's goals (one H200, default K, cold): s/edit ceilings, or multiples of the paper's rate.
+GOAL_SECONDS = {"ft_audio": 0.45, "ft_llm": 0.39, "i_ike": 0.45, "ie_ike": 0.60, "unke": 0.95, "wise": 1.80}
+GOAL_PAPER_MULTIPLE = {"ke": 10, "mend": 10}
+GOAL_NAIVE_MULTIPLE = {"ft_audio": 20, "ft_llm": 20, "i_ike": 20}
+#: Issue 29's IE-IKE goals: s/edit at its default K, GiB per batched edit.
+IE_IKE_SECONDS, IE_IKE_GIB = 1.0, 4.0
+#: Paper Table 7 (H100): sequential editing and hypernetwork training, per model (single editing: bench.paper).
+PAPER_SEQUENTIAL = {
+    "qwen2_audio": {"ft_llm": "1h15m", "ft_audio": "1h30m", "ke": "3h20m", "mend": "1h50m", "unke": "0h30m",
+                    "i_ike": "2h00m", "ie_ike": "3h50m", "wise": "1h10m"},
+    "desta25": {"ft_llm": "2h00m", "ft_audio": "2h00m", "ke": "9h45m", "mend": "4h10m", "unke": "1h05m",
+                "i_ike": "3h45m", "ie_ike": "8h00m", "wise": "2h00m"},
+    "audio_flamingo3": {"ft_llm": "0h40m", "ft_audio": "0h40m", "ke": "2h15m", "mend": "0h25m", "unke": "0h25m",
+                        "i_ike": "0h45m", "ie_ike": "4h00m", "wise": "1h45m"}}
+PAPER_TRAINING = {"qwen2_audio": {"ke": "2h10m", "mend": "2h20m"}, "desta25": {"ke": "4h10m", "mend": "4h10m"},
+                  "audio_flamingo3": {"ke": "2h10m", "mend": "2h20m"}}
+PAPER_SINGLE_AF3 = {"ft_llm": "2h00m", "ft_audio": "1h30m", "ke": "3h00m", "mend": "2h00m", "unke": "1h45m",
+                    "i_ike": "1h20m", "ie_ike": "2h10m", "wise": "7h00m"}
+#: The paper's scale: 1,200 single edits per method and model, 10 sequences of 10 edits, one epoch over the 4,000
+#: train instances for a hypernetwork (Table 1, §4.2, App. D.2).
+PAPER_EDITS, PAPER_SEQUENCES, PAPER_TRAIN_STEPS = 1200, 10, 4000
+
+
+def hours(text: str) -> float:
+    h, m = text.rstrip("m").split("h")
+    return int(h) + int(m) / 60
+
+
+class Clock:
+    """``--time-limit``: whether a part may still start."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.start, self.limit = time.perf_counter(), limit
+
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - (time.perf_counter() - self.start)
+
+    def allows(self, what: str, needs: float = 0.0) -> bool:
+        if self.left() > needs:
+            return True
+        LOG.warning("skipped (time limit): %s", what)
+        return False
+
+
+def _gib(n: float | None) -> float | None:
+    return None if n is None else round(n / 2**30, 2)
+
+
+def default_k(bench: Bench, method: str, edits: int, engine: str, tag: str = "") -> dict[str, Any]:
+    """The runner at its default K with ``engine``, cold pre-edit cache, the whole run timed."""
+    from editors.models.generation import graph, release
+
+    cache = bench.workdir / f"cache-{method}-{engine}{tag}"
+    shutil.rmtree(cache, ignore_errors=True)
+    release(bench.adapter)
+    graph.reset_stats()
+    out = bench.workdir / f"default-{method}-{engine}{tag}.jsonl"
+    started = time.perf_counter()
+    try:
+        result, runner = runner_pass(bench, method, edits, 0, cache, out, None, engine=engine)
+    except Exception as error:  # noqa: BLE001 - recorded (e.g. out of memory), the bench goes on
+        LOG.warning("%s/%s: %s", method, engine, error)
+        release(bench.adapter)
+        if bench.scale.device == "cuda":
+            torch.cuda.empty_cache()
+        return {"engine": engine, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+    wall = time.perf_counter() - started
+    units = len(runner.stats.per_unit)
+    passes = [{"edits": p["edits"], "peak_gib": _gib(p["peak_bytes"]),
+               "gib_per_edit": _gib(p["peak_bytes"] / p["edits"]) if p["peak_bytes"] else None}
+              for p in runner.sizer.history]
+    row = {"engine": runner.generation.engine, "edits": units, "s_per_edit": runner.stats.total_s / max(units, 1),
+           "wall_s": round(wall, 2), "passes": passes, "k_final": runner.sizer.k, "backoffs": runner.sizer.backoffs,
+           "per_edit_fit_gib": _gib(runner.sizer.per_edit), "per_pass_fit_gib": _gib(runner.sizer.fixed),
+           "peak_gib": _gib(result.peak_bytes), "out": str(out), "info": result.info,
+           "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()}}
+    LOG.info("%s default K, %s engine: %.3f s/edit over %d edits; passes %s", method, row["engine"],
+             row["s_per_edit"], units, [p["edits"] for p in passes])
+    return row
+
+
+def sequential(bench: Bench, method: str) -> dict[str, Any]:
+    """One 10-edit sequence in sequential mode (cold pre-edit cache): seconds for the sequence."""
+    from editors.models.generation import release
+
+    cache = bench.workdir / f"cache-seq-{method}"
+    shutil.rmtree(cache, ignore_errors=True)
+    release(bench.adapter)
+    started = time.perf_counter()
+    try:
+        _, runner = runner_pass(bench, method, 1, 0, cache, bench.workdir / f"seq-{method}.jsonl", mode="sequential")
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return {"seconds": round(time.perf_counter() - started, 2), "steps": len(runner.stats.per_unit)}
+
+
+def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
+    """``steps`` training steps of ``method``'s hypernetwork on the synthetic train rows (timed after one warm-up
+    step); the network is then used for the edits (``bench.extra``)."""
+    from editors.hypernetwork import CHECKPOINT_DIR
+    from editors.train import Trainer
+    from sake_core.protocol import ATTRIBUTES
+
+    data = {c: bench.dataset.load(str(bench.dataset.root), c, "train") for c in ATTRIBUTES}
+    out = bench.workdir / f"hypernet-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(bench.adapter, method, bench.hparams(method), data, out, seed=bench.seed,
+                      model_name=bench.model_name, progress=False, checkpoint_every=10**9)
+    trainer.train(max_steps=1)  # warm-up
+    _sync(bench)
+    started = time.perf_counter()
+    trainer.train(max_steps=1 + steps)
+    _sync(bench)
+    seconds = (time.perf_counter() - started) / steps
+    bench.extra[method] = [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
+    return {"s_per_step": round(seconds, 4), "steps": steps}
+
+
+def _sync(bench: Bench) -> None:
+    if bench.scale.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def sweep(bench: Bench, method: str, ks: Sequence[int]) -> dict[str, Any]:
+    """One pass at each forced K: peak bytes; the runner's fit (bytes per edit, per pass) and the K it picks on an
+    80 GB and a 139 GB card."""
+    from editors.memory import MAX_EDITS_PER_PASS, PASS_FRACTION
+    from editors.models.generation import release
+
+    out: dict[str, Any] = {"k": {}}
+    for k in ks:
+        release(bench.adapter)
+        cache = bench.workdir / f"cache-sweep-{method}-{k}"
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            _, runner = runner_pass(bench, method, k, 0, cache, bench.workdir / f"sweep-{method}-{k}.jsonl", k)
+            peak = runner.sizer.history[0]["peak_bytes"]
+            out["k"][k] = {"peak_gib": _gib(peak), "gib_per_edit": _gib(peak / k) if peak else None}
+        except Exception as error:  # noqa: BLE001
+            out["k"][k] = {"error": f"{type(error).__name__}: {str(error)[:160]}"}
+            release(bench.adapter)
+    good = {k: v["peak_gib"] for k, v in out["k"].items() if v.get("peak_gib") is not None}
+    if len(good) >= 2 and bench.scale.device == "cuda":
+        (k1, p1), (k2, p2) = min(good.items()), max(good.items())
+        per_edit = max(1e-6, (p2 - p1) / (k2 - k1))
+        fixed = max(0.0, p1 - k1 * per_edit)
+        resident = torch.cuda.memory_allocated() / 2**30  # model + kept captures
+        for card in (80, 139):
+            k = max(1, min(MAX_EDITS_PER_PASS, int((PASS_FRACTION * (card - resident) - fixed) // per_edit)))
+            out[f"k_on_{card}gb"] = {"k": k, "predicted_peak_gib": round(resident + fixed + k * per_edit, 1)}
+        out.update(per_edit_gib=round(per_edit, 2), per_pass_gib=round(fixed, 2), resident_gib=round(resident, 1))
+    return out
+
+
+def emulate(bench: Bench, method: str, edits: int, gib: float) -> dict[str, Any]:
+    """A default-K run while the process may use at most ``gib`` GiB (an 80 GB card on the H200)."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+    try:
+        return default_k(bench, method, edits, "auto", tag=f"-cap{int(gib)}")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _f(x: Any, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def best(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The method's default-engine run (graph where allowed), else its eager one."""
+    runs = [r for r in row["runs"] if r.get("s_per_edit")]
+    return (next((r for r in runs if r["engine"] == "graph"), None) or (runs[0] if runs else None))
+
+
+def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
+    """The paper's compute for ``model`` from the measured rates beside Table 7 (hours)."""
+    lines = ["| method | single: ours h (paper h) | sequential: ours h (paper h) | hypernetwork training: ours h "
+             "(paper h) |", "|---|---|---|---|"]
+    ours_total = paper_total = 0.0
+    single_paper = {"qwen2_audio": PAPER_TABLE7_SINGLE["qwen2_audio"], "desta25": PAPER_TABLE7_SINGLE["desta25"],
+                    "audio_flamingo3": PAPER_SINGLE_AF3}[model]
+    for row in rows:
+        m = row["method"]
+        run = best(row)
+        cells = [m]
+        for ours_h, paper in ((run["s_per_edit"] * PAPER_EDITS / 3600 if run else None, single_paper.get(m)),
+                              (row.get("sequential", {}).get("seconds", 0) * PAPER_SEQUENCES / 3600
+                               if row.get("sequential", {}).get("seconds") else None, PAPER_SEQUENTIAL[model].get(m)),
+                              (row["hypernet"]["s_per_step"] * PAPER_TRAIN_STEPS / 3600 if row.get("hypernet") else
+                               None, PAPER_TRAINING[model].get(m))):
+            paper_h = hours(paper) if paper else None
+            if ours_h is not None and paper_h is not None:
+                ours_total += ours_h
+                paper_total += paper_h
+            cells.append(f"{_f(ours_h, '.2f')} ({_f(paper_h, '.2f')})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Measured parts: ours {ours_total:.2f} h against the paper's {paper_total:.2f} h for the same parts "
+              f"({paper_total / ours_total:.1f}x)." if ours_total else ""]
+    return lines
+
+
+def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[str, float], scale: Any) -> str:
+    import transformers
+
+    model = args.model
+    title = {"qwen2_audio": "Qwen2-Audio-7B", "desta25": "DeSTA2.5-Audio (Llama-3.1-8B + Whisper-large-v3)"}[model]
+    lines = [f"## Issues 24 and 29: {title} (written by `bench/goals.py`)", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"- device: {device_name(scale)}; torch {torch.__version__}, transformers {transformers.__version__}",
+             f"- command: `python -m bench.goals {' '.join(args.argv)}`"
+             + (f" (merged with an earlier call: `{' '.join(args.previous_argv)}`)" if args.previous_argv else ""),
+             f"- ceilings measured here: matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
+             f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s",
+             f"- protocol: random weights, synthetic SAKE instances (1 edit + 10 items, clips "
+             f"{scale.audio_seconds[0]:g}-{scale.audio_seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
+             "disabled, cold pre-edit cache, the runner's default edits per pass (measured: 1, then 2, then what fits), "
+             "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
+             "| method | engine | edits | s/edit | passes (edits) | GiB per edit (largest pass) | captures (s) | paper "
+             "s/edit | paper/ours | goal | met |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m, paper = row["method"], paper_seconds_per_edit(row["method"], model)
+        for run in row["runs"]:
+            if run.get("error"):
+                lines.append(f"| {m} | {run['engine']} | - | {run['error'][:80]} | | | | | | | |")
+                continue
+            s = run["s_per_edit"]
+            largest = max(run["passes"], key=lambda p: p["edits"]) if run["passes"] else {}
+            goal, met = "", ""
+            if model == "qwen2_audio" and m in GOAL_SECONDS:
+                goal, met = f"<= {GOAL_SECONDS[m]}", "met" if s <= GOAL_SECONDS[m] else "missed"
+            elif model == "qwen2_audio" and m in GOAL_PAPER_MULTIPLE and paper:
+                goal, met = f">= {GOAL_PAPER_MULTIPLE[m]}x paper", \
+                    "met" if paper / s >= GOAL_PAPER_MULTIPLE[m] else "missed"
+            elif model == "desta25" and paper:
+                goal, met = ">= 5x paper", "met" if paper / s >= 5 else "missed"
+            g = run.get("graph") or {}
+            cap = f"{g.get('captures', 0)} ({g.get('capture_s', 0):.1f})" if run["engine"] == "graph" else "-"
+            lines.append(f"| {m} | {run['engine']} | {run['edits']} | {s:.3f} | "
+                         f"{', '.join(str(p['edits']) for p in run['passes'])} | {_f(largest.get('gib_per_edit'))} | "
+                         f"{cap} | {_f(paper)} | {_f(paper / s if paper else None, '.1f', 'x')} | {goal} | {met} |")
+    lines += ["", "Identical rows between the engines (bf16; pre- and post-edit outputs both equal):", ""]
+    for row in rows:
+        if row.get("identical"):
+            v = row["identical"]
+            lines.append(f"- `{row['method']}`: {_f(v.get('identical'), '.0%')} of {v['rows']} rows (pre-edit "
+                         f"{_f(v.get('pre_edit'), '.0%')}, post-edit {_f(v.get('post_edit'), '.0%')})")
+    naive = [r for r in rows if r.get("naive")]
+    if naive:
+        lines += ["", "Against the naive loop of this run (goal >= 20x):", ""]
+        for row in naive:
+            run, n = best(row), row["naive"]
+            ratio = n / run["s_per_edit"] if run and n else None
+            lines.append(f"- `{row['method']}`: naive {_f(n, '.2f')} s/edit, ours {_f(run and run['s_per_edit'], '.3f')}"
+                         f" s/edit: {_f(ratio, '.1f', 'x')}" + (f" ({'met' if ratio >= 20 else 'missed'})" if ratio
+                                                               else ""))
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "GPU busy (`--profile`, one more edit at K=1; goal >= 70 % during evaluation):", ""]
+        for row in profiled:
+            ph = row["profile"]
+            ev = ph.get("evaluate", {})
+            share = ev["gpu_busy_s"] / ev["wall_s"] if ev.get("wall_s") else None
+            lines.append(f"- `{row['method']}`: evaluation {_f(share, '.0%')} busy of {_f(ev.get('wall_s'), '.3f')} s, "
+                         f"{ev.get('kernel_launches', 0):,} kernel launches, {ev.get('graph_launches', 0):,} graph "
+                         f"launches, {ev.get('host_syncs', 0)} host syncs; all phases: " +
+                         ", ".join(f"{k} {v['wall_s']:.3f} s ({v['gpu_busy_s'] / v['wall_s']:.0%} busy)"
+                                   for k, v in ph.items() if v.get("wall_s")))
+    swept = [r for r in rows if r.get("sweep")]
+    if swept:
+        lines += ["", "Memory per edit (one pass at each forced K) and the K the runner picks:", "",
+                  "| method | GiB per edit at K | per edit / per pass (fit) | K on 80 GB (peak) | K on 139 GB (peak) |",
+                  "|---|---|---|---|---|"]
+        for row in swept:
+            sw = row["sweep"]
+            ks = ", ".join(f"K={k}: {_f(v.get('gib_per_edit'))}" if not v.get("error") else f"K={k}: {v['error'][:40]}"
+                           for k, v in sw["k"].items())
+            cards = [f"{sw[c]['k']} ({sw[c]['predicted_peak_gib']} GiB)" if c in sw else "n/a"
+                     for c in ("k_on_80gb", "k_on_139gb")]
+            lines.append(f"| {row['method']} | {ks} | {_f(sw.get('per_edit_gib'))} / {_f(sw.get('per_pass_gib'))} | "
+                         f"{cards[0]} | {cards[1]} |")
+    emulated = [r for r in rows if r.get("emulated")]
+    for row in emulated:
+        e = row["emulated"]
+        lines += ["", f"- `{row['method']}` under an {args.emulate_gib:g} GiB cap at its default K: "
+                  + (e["error"] if e.get("error") else
+                     f"completed, {e['s_per_edit']:.3f} s/edit, passes {[p['edits'] for p in e['passes']]}, "
+                     f"{e['backoffs']} back-off(s), peak {e['peak_gib']} GiB")]
+    seq = [r for r in rows if r.get("sequential")]
+    if seq:
+        lines += ["", "Sequential editing (one sequence of 10 edits; edits 1-5 evaluated at gaps 0-5):", ""]
+        for row in seq:
+            sq = row["sequential"]
+            lines.append(f"- `{row['method']}`: " + (sq["error"] if sq.get("error") else
+                                                     f"{sq['seconds']:.1f} s for the sequence ({sq['steps']} steps)"))
+    hyper = [r for r in rows if r.get("hypernet")]
+    if hyper:
+        lines += ["", "Hypernetwork training (untrained network, the train split's synthetic rows):", ""]
+        for row in hyper:
+            h = row["hypernet"]
+            lines.append(f"- `{row['method']}`: {h['s_per_step']:.3f} s/step over {h['steps']} steps; one epoch of "
+                         f"the paper's 4,000 train instances: {h['s_per_step'] * PAPER_TRAIN_STEPS / 3600:.2f} h")
+    lines += ["", "Projection of the paper's compute for this model (Table 7 rows with a measured rate here):", ""]
+    lines += projection(rows, model)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.goals", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2_audio", choices=sorted(PAPER_TABLE7_SINGLE))
+    p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
+    p.add_argument("--methods", default="ft_audio,ft_llm,i_ike,ie_ike,unke,wise,ke,mend")
+    p.add_argument("--engines", default="graph,eager", help="decode engines to run each method with")
+    p.add_argument("--default-k-methods", default=None,
+                   help="methods that run at the default K (default: all of --methods)")
+    p.add_argument("--merge-json", type=Path, default=None,
+                   help="raw JSON of an earlier run of this script on the same model: its rows are kept, this "
+                        "run's parts replace or add to them (one RESULTS.md from several device calls)")
+    p.add_argument("--edits", type=int, default=32, help="edits of a default-K run (graph engine)")
+    p.add_argument("--eager-edits", type=int, default=None, help="edits of the eager engine's run (default: --edits)")
+    p.add_argument("--naive-methods", default="", help="methods that also run the naive loop")
+    p.add_argument("--naive-edits", type=int, default=1)
+    p.add_argument("--profile-methods", default="", help="methods whose phases run under the profiler")
+    p.add_argument("--sequential-methods", default="", help="methods timed on one 10-edit sequence")
+    p.add_argument("--hypernet-steps", type=int, default=4, help="training steps timed for KE / MEND")
+    p.add_argument("--sweep", default="", help="forced K values of the memory sweep, e.g. 1,4,16")
+    p.add_argument("--sweep-methods", default="")
+    p.add_argument("--emulate-gib", type=float, default=0.0, help="memory cap (GiB) of an emulated smaller card")
+    p.add_argument("--emulate-methods", default="")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.previous_argv = None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    clock = Clock(args.time_limit)
+    scale = tiny_scale() if args.tiny else full_scale()
+    ceilings = measure_ceilings(scale)
+    adapter = build_adapter(scale, args.seed, args.model)
+    methods = _list(args.methods)
+    default_methods = _list(args.default_k_methods) if args.default_k_methods is not None else methods
+    engines = _list(args.engines)
+    previous, previous_argv = [], None
+    if args.merge_json and args.merge_json.is_file():
+        earlier = json.loads(args.merge_json.read_text())
+        previous, previous_argv = earlier.get("rows", []), earlier.get("argv")
+        args.previous_argv = previous_argv
+    eager_edits = args.eager_edits or args.edits
+    per = max(args.edits, eager_edits, max([int(k) for k in _list(args.sweep)] or [1]))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sake-goals-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        configs, limit = plan_units(per, 1)
+        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
+        bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
+        for method in methods:
+            row: dict[str, Any] = {"method": method, "runs": []}
+            rows.append(row)
+            from editors.registry import get_editor_class
+
+            allowed = get_editor_class(method).generation_engines
+            if method in ("ke", "mend") and clock.allows(f"{method} hypernetwork training"):
+                row["hypernet"] = hypernetwork(bench, method, args.hypernet_steps)
+            for engine in dict.fromkeys(e if e in allowed else allowed[0] for e in engines):
+                edits = args.edits if engine == allowed[0] else eager_edits
+                if method in default_methods and clock.allows(f"{method} default K ({engine})"):
+                    row["runs"].append(default_k(bench, method, edits, engine))
+            done = [r for r in row["runs"] if r.get("out")]
+            if len(done) == 2:
+                row["identical"] = identical_share(Path(done[0]["out"]), Path(done[1]["out"]))
+            if method in _list(args.naive_methods) and clock.allows(f"{method} naive"):
+                order = dataset.ordered(*plan_units(args.naive_edits, 0))[:args.naive_edits]
+                naive = run_naive(bench, method, order, 0)
+                row["naive"] = naive.per_edit
+            if method in _list(args.profile_methods) and scale.device == "cuda" and clock.allows(f"{method} profile"):
+                _, runner = runner_pass(bench, method, 1, 0, workdir / f"cache-prof-{method}",
+                                        workdir / f"prof-{method}.jsonl", 1)
+                extra = dataset.rows[(configs[0], "test")][limit]
+                row["profile"] = profile_unit(bench, runner, extra)
+            if method in _list(args.sequential_methods) and clock.allows(f"{method} sequential"):
+                row["sequential"] = sequential(bench, method)
+            if method in _list(args.sweep_methods) and clock.allows(f"{method} sweep"):
+                row["sweep"] = sweep(bench, method, [int(k) for k in _list(args.sweep)])
+            if method in _list(args.emulate_methods) and args.emulate_gib and scale.device == "cuda" \
+                    and clock.allows(f"{method} emulated {args.emulate_gib:g} GiB"):
+                row["emulated"] = emulate(bench, method, args.edits, args.emulate_gib)
+            merged = merge_rows(previous, rows)
+            write_results(args.out, render(args, merged, ceilings, scale), args.model)  # after every method
+            if args.json:
+                atomic_write(args.json, json.dumps({"ceilings": ceilings, "rows": merged, "argv": args.argv,
+                                                    "previous_argv": previous_argv}, indent=1, default=str) + "\n")
+    print(render(args, merge_rows(previous, rows), ceilings, scale))
+    return 0
+
+
+def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``previous`` rows (an earlier device call) updated by this run's parts, in the earlier order, new methods
+    last."""
+    out = [dict(r) for r in previous]
+    index = {r["method"]: r for r in out}
+    for row in rows:
+        if row["method"] not in index:
+            out.append(row)
+            continue
+        old = index[row["method"]]
+        for key, value in row.items():
+            if key != "method" and value not in (None, [], {}):
+                old[key] = value
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

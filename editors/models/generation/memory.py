@@ -1,0 +1,54 @@
+"""What a generation needs in device memory, from the model's configuration: the KV cache of every token a chunk
+holds (prompt tokens + new tokens; a shared prefix once per group) and the activations of the prefill. On CUDA a
+generation whose settings leave ``max_batch_tokens`` unset gets a token budget from the memory free at that moment
+(:func:`token_budget`), so chunks grow with the device and shrink while K edits' copies hold memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editors.models.adapter import LALMAdapter
+
+#: Share of the available device memory a generation's chunk may fill (the rest: allocator slack, logits, the
+#: audio encoder of clips not cached yet).
+GENERATION_FRACTION = 0.8
+
+
+def kv_bytes_per_token(adapter: "LALMAdapter") -> int:
+    """Bytes of keys + values one token takes in every LLM layer."""
+    cfg: Any = adapter.language_model().config
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return 2 * int(cfg.num_hidden_layers) * kv_heads * head_dim * adapter.dtype.itemsize
+
+
+def activation_bytes_per_token(adapter: "LALMAdapter") -> int:
+    """Peak activations one prompt token holds during a prefill, inside one layer (the residual stream, the
+    normed input, queries/keys/values and the attention output; the MLP's gate, up and product)."""
+    cfg: Any = adapter.language_model().config
+    return (6 * int(cfg.hidden_size) + 3 * int(cfg.intermediate_size)) * adapter.dtype.itemsize
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on a CUDA ``device`` (free + cached by the allocator but unused);
+    None elsewhere."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total - allocated  # a process limit, if set
+    return int(max(0, min(free + torch.cuda.memory_reserved(device) - allocated, cap)))
+
+
+def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION) -> int | None:
+    """Padded tokens one generation chunk may hold now (rows x (width + new tokens), prefixes once), from the
+    available memory and :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token`; None on CPU."""
+    available = available_bytes(adapter.device)
+    if available is None:
+        return None
+    per_token = kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
+    return max(1, int(fraction * available) // per_token)

@@ -1,0 +1,149 @@
+"""The generation layer (editors/models/generation): settings resolved once from the family's defaults, one entry,
+no environment variable; engines agree on the tiny fp32 models."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from editors.models.generation import GenerationSettings, family_defaults, resolve_settings
+from sake_core.errors import ConfigError
+
+GENERATION = Path(__file__).resolve().parents[1] / "editors" / "models" / "generation"
+
+
+def test_settings_come_from_the_family_defaults():
+    assert family_defaults("qwen2_audio")["max_new_tokens"] == 256
+    assert family_defaults("desta25")["max_new_tokens"] == 512
+    cpu = resolve_settings("qwen2_audio", tiny=True, device_type="cpu", dtype="torch.float32")
+    assert cpu == GenerationSettings(max_new_tokens=32, engine="eager", dtype="float32", min_shared_prefix=256)
+    full = resolve_settings("audio_flamingo3", tiny=False, device_type="cpu", dtype="bfloat16", max_new_tokens=7,
+                            batch_size=4)
+    assert (full.max_new_tokens, full.min_shared_prefix, full.batch_size) == (7, 0, 4)
+    assert set(full.output_key()) == {"engine", "max_new_tokens", "dtype", "min_shared_prefix"}
+    with pytest.raises(ConfigError, match="engine"):
+        resolve_settings("qwen2_audio", tiny=True, device_type="cpu", dtype="float32", engine="fast")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0)
+
+
+def test_a_method_limited_to_eager_gets_eager_everywhere():
+    assert resolve_settings("qwen2_audio", tiny=False, device_type="cuda", dtype="bfloat16",
+                            method_engines=("eager",), method="wise").engine == "eager"
+
+
+def test_no_environment_variable_reaches_generation():
+    """Outputs depend on the settings only: no module of the generation layer reads the environment."""
+    for path in GENERATION.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert not names & {"environ", "getenv"}, path.name
+
+
+def test_editing_and_run_resolve_the_same_defaults(demo_dataset):
+    from editors.data import load_instances
+    from editors.models import load_adapter
+    from sake import editing
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    row = load_instances(str(demo_dataset), "emotion", "test")[0]
+    with editing(adapter, "i_ike", row) as model:
+        assert model.settings == adapter.generation_settings()
+        assert model.settings.max_new_tokens == family_defaults("qwen2_audio", tiny=True)["max_new_tokens"]
+        assert len(model.generate([model.edit.prompt()], max_new_tokens=2)) == 1
+
+
+# ---- the graph engine on CPU (uncaptured): the eager engine's greedy outputs ------------------------------------
+
+
+def _mixed_prompts():
+    from _editor_helpers import synthetic_audio
+    from editors.models.base import Prompt, Turn
+
+    history = tuple(Turn(f"Example {i}: what is the emotion here? (a) happy (b) sad", "happy" if i % 2 else "sad",
+                         audio=synthetic_audio(i, 0.8) if i != 1 else None) for i in range(3))
+    plain = [Prompt("Which animal makes this sound? (a) dog (b) cat", audio=synthetic_audio(s, 0.5 + 0.3 * s))
+             for s in range(3)] + [Prompt("What is the gender of the speaker? (a) male (b) female")]
+    demos = [Prompt(f"Which animal is this? option {j}", audio=synthetic_audio(20 + j, 0.5 + 0.3 * j) if j != 2
+                    else None, system="Apply the update.", history=history) for j in range(4)]
+    instructed = [Prompt("Is it a cat?", audio=synthetic_audio(30, 0.7), system="The dog is now a cat.")]
+    return plain + demos + instructed
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def any_family(request):
+    from editors.models import load_adapter
+
+    return load_adapter(request.param, seed=0)
+
+
+def test_graph_engine_gives_the_eager_greedy_outputs(any_family, monkeypatch):
+    from editors.models.generation import graph
+
+    adapter = any_family
+    prompts = _mixed_prompts()
+    eager = adapter.generation_settings(10).replace(min_shared_prefix=0)
+    graph.reset_stats()
+    seen: list[list[int]] = []  # the token ids the answers were decoded from
+    decode = adapter.tokenizer.batch_decode
+    monkeypatch.setattr(adapter.tokenizer, "batch_decode",
+                        lambda ids, **kw: seen.extend(ids.tolist()) or decode(ids, **kw))
+    reference = adapter.generate(prompts, settings=eager)
+    assert adapter.generate(prompts, settings=eager.replace(engine="graph")) == reference
+    # the four demo prompts' system prompt + history (most of their tokens) is prefilled once
+    demo_prefix, _ = graph.prefix_split(adapter, prompts[4], adapter.prompt_token_ids(prompts[4]), {})
+    assert demo_prefix > 0.8 * len(adapter.prompt_token_ids(prompts[4]))
+    assert demo_prefix <= graph.STATS["prefix_tokens"] < 2 * demo_prefix
+    # stop tokens on the device: stop at a token the model emits, both engines cut the same answers there
+    stops = sorted(set(adapter.stop_token_ids) | {row[3] for row in seen[:3]})
+    monkeypatch.setattr(type(adapter), "stop_token_ids", property(lambda self: stops))
+    cut = adapter.generate(prompts, settings=eager)
+    assert cut != reference and adapter.generate(prompts, settings=eager.replace(engine="graph")) == cut
+    assert [t.hit_limit for t in adapter.generate(prompts, settings=eager.replace(engine="graph"))] == \
+        [t.hit_limit for t in cut]
+
+
+def test_graph_engine_chunks_and_batch_limits_keep_outputs():
+    from editors.models import load_adapter
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = _mixed_prompts()
+    settings = adapter.generation_settings(6, engine="graph")
+    together = adapter.generate(prompts, settings=settings)
+    assert adapter.generate(prompts, settings=settings.replace(batch_size=2)) == together
+    assert [adapter.generate([p], settings=settings)[0] for p in prompts] == together
+    assert adapter.generate(prompts[::-1], settings=settings) == together[::-1]
+
+
+@pytest.mark.parametrize("method,overrides", [("ft_llm", {"max_steps": 6}), ("ft_audio", {"max_steps": 6}),
+                                              ("lora", {"max_steps": 20})])
+def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, overrides):
+    """K edits in one graph-engine generation (routed Linears / LoRA adapters gathered per row in the decode step,
+    connector copies in the prefill) give each edit's own eager outputs."""
+    import test_batching as tb
+
+    from editors.base import ParameterSnapshot
+    from editors.registry import load_hparams
+    from editors.models import load_adapter
+    from editors.registry import get_editor_class
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    editor = get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
+    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters() or [])
+    edits = tb.make_edits()
+    eager = adapter.generation_settings(6)
+    alone = []
+    for edit in edits:
+        editor.apply(edit)
+        alone.append(adapter.generate(tb.eval_prompts(edit), settings=eager))
+        snapshot.restore()
+        editor.reset()
+    editor.apply_many(edits)
+    try:
+        together = editor.generate_many([tb.eval_prompts(e) for e in edits], eager.replace(engine="graph"))
+    finally:
+        editor.reset()
+    assert together == alone
+    assert len({tuple(a) for a in alone}) > 1  # the edits differ

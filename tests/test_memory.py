@@ -1,0 +1,131 @@
+"""Memory-sized batching and out-of-memory back-off (editors/memory.py, the runner; issue 29): K from measured
+passes, a pass that runs out of memory is redone at half the size with the rows of a run started there, a unit that
+cannot fit alone is one ResourceError line; the generation's token budget counts the KV cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from _editor_helpers import run_config
+from editors.memory import DeviceMemory, PassSizer, is_out_of_memory, requested_bytes
+from editors.models import load_adapter
+from editors.predictions import read_predictions
+from editors.run import Runner
+from sake_core.errors import ResourceError
+
+GIB = 2**30
+
+
+class FakeMemory(DeviceMemory):
+    """A measured device without a GPU: readings come from the test."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+
+    @property
+    def measured(self) -> bool:
+        return True
+
+
+def test_k_comes_from_the_measured_cost_of_an_edit():
+    sizer = PassSizer(None, FakeMemory())
+    assert sizer.auto and sizer.k == 1
+    sizer.record(1, 10 * GIB, 100 * GIB)  # one edit: fixed + per edit
+    assert sizer.k == 2
+    sizer.record(2, 14 * GIB, 100 * GIB)  # two: 4 GiB per edit, 6 GiB per pass
+    assert (sizer.per_edit, sizer.fixed) == (4 * GIB, 6 * GIB)
+    assert sizer.k == 16  # (0.8 * 100 - 6) / 4 = 18.5, capped
+    sizer.record(16, 70 * GIB, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4.1 -> 9
+    assert sizer.k == 9
+    assert sizer.back_off() == 4 and sizer.cap == 4
+    sizer.record(4, 22 * GIB, 100 * GIB)
+    assert sizer.k == 4  # never grows again after a back-off
+    fixed = PassSizer(8, FakeMemory())
+    assert not fixed.auto and fixed.k == 8
+    fixed.record(8, 50 * GIB, 60 * GIB)
+    assert fixed.k == 8
+    assert PassSizer(None, DeviceMemory(torch.device("cpu"))).k == 1  # CPU: nothing measured, one edit
+
+
+def test_out_of_memory_errors_and_their_size():
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.89 GiB. GPU 0 has a total capacity of "
+                                   "139.81 GiB of which 1.2 GiB is free.")
+    assert is_out_of_memory(error) and not is_out_of_memory(ValueError("out of memory"))
+    assert requested_bytes(error) == int(1.89 * GIB)
+    assert requested_bytes(RuntimeError("CUDA error: out of memory")) is None
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_adapter("tiny-qwen2-audio", seed=0)
+
+
+def _rows(path):
+    return read_predictions(path)[1]
+
+
+def test_a_pass_that_runs_out_of_memory_is_redone_at_half_the_size(qwen, demo_dataset, tmp_path, monkeypatch,
+                                                                   caplog):
+    common = {"method": "ft_audio", "configs": ("emotion", "animal"), "limit": 3, "hparams": {"max_steps": 3}}
+    reference = _rows(Runner(run_config(demo_dataset, tmp_path / "k2.jsonl", tmp_path / "c2", edits_per_pass=2,
+                                        **common), adapter=qwen).run())
+    runner = Runner(run_config(demo_dataset, tmp_path / "k8.jsonl", tmp_path / "c8", edits_per_pass=8, **common),
+                    adapter=qwen)
+    apply_many = runner.editor.apply_many
+
+    def tight(edits):  # a device that holds two edits' copies, no more
+        if len(edits) > 2:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(edits)}.00 GiB")
+        return apply_many(edits)
+
+    monkeypatch.setattr(runner.editor, "apply_many", tight)
+    with caplog.at_level(logging.WARNING, logger="editors.run"):
+        rows = _rows(runner.run())
+    assert rows == reference
+    assert [p["edits"] for p in runner.sizer.history] == [2, 2, 2]
+    halvings = [r.message for r in caplog.records if "out of memory with" in r.message]
+    assert len(halvings) == 2 and "redoing these units with 4 per pass" in halvings[0]
+
+
+def test_a_unit_that_does_not_fit_alone_is_one_clear_error(qwen, demo_dataset, tmp_path, monkeypatch):
+    runner = Runner(run_config(demo_dataset, tmp_path / "x.jsonl", tmp_path / "c", method="ft_llm",
+                               configs=("gender",), limit=1, hparams={"max_steps": 1}), adapter=qwen)
+
+    def never(edit):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(runner.editor, "apply", never)
+    with pytest.raises(ResourceError, match=r"ft_llm: unit gender/test/000000 does not fit .* 3\.00 GiB requested"):
+        runner.run()
+
+
+def test_a_generation_that_runs_out_of_memory_is_redone_in_smaller_chunks(qwen, demo_dataset, tmp_path,
+                                                                          monkeypatch):
+    common = {"configs": ("language",), "limit": 2}
+    reference = _rows(Runner(run_config(demo_dataset, tmp_path / "a.jsonl", tmp_path / "ca", **common),
+                             adapter=qwen).run())
+    runner = Runner(run_config(demo_dataset, tmp_path / "b.jsonl", tmp_path / "cb", **common), adapter=qwen)
+    generate = type(qwen).generate
+    seen = []
+
+    def small_chunks_only(self, prompts, *args, settings=None, **kwargs):
+        seen.append(settings.max_batch_tokens)
+        if settings.max_batch_tokens > 8192:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(self, prompts, *args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(type(qwen), "generate", small_chunks_only)
+    assert _rows(runner.run()) == reference
+    assert seen[:3] == [32768, 16384, 8192] and set(seen[3:]) == {8192}
+
+
+def test_the_generation_token_budget_counts_the_kv_cache(qwen):
+    from editors.models.generation.memory import activation_bytes_per_token, kv_bytes_per_token
+
+    cfg = qwen.language_model().config
+    assert kv_bytes_per_token(qwen) == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * \
+        (cfg.hidden_size // cfg.num_attention_heads) * 4  # fp32
+    assert activation_bytes_per_token(qwen) > 0
