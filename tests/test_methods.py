@@ -18,7 +18,9 @@ For each (method, family):
   after a runner run (in sequential mode that is after a sequence of accumulated edits);
 * single and sequential runs go through the runner (``editors.run.Runner``): the strict reader accepts the file
   with the release manifest, every row has a post-edit output, the sequential run evaluates its first edit at gap 0
-  and again at gap 1, after the second edit was applied on top of it;
+  and again at gap 1, after the second edit was applied on top of it; a method that batches edits
+  (``Editor.batches_edits``) runs the single check as two instances in one pass (``edits_per_pass=2``: its
+  ``apply_many`` / ``generate_many`` path);
 * resume keeps rows identical: the sequential file cut inside its last unit (half its rows and a partial line, as
   a kill leaves it) and run again has the same bytes as the uninterrupted file (the first edit is replayed without
   being evaluated again, the cut unit redone).
@@ -146,13 +148,24 @@ def _stated(prompt) -> str:
 # ---- runs through the runner, restore, resume -------------------------------------------------------------------
 
 
-def _run(method: str, family: str, mode: str, out: Path, adapter) -> Path:
-    """One instance (single) or the first sequence, edits 1 and 2, edit 1 evaluated at gaps 0 and 1 (sequential)."""
-    extra = ({"configs": ("gender",), "limit": 1} if mode == "single"
-             else {"limit": 1, "eval_edits": 1, "max_gap": 1})
+def _run(method: str, family: str, mode: str, out: Path, adapter, edits_per_pass: int = 1) -> Path:
+    """``edits_per_pass`` instances in one pass (single) or the first sequence, edits 1 and 2, edit 1 evaluated at
+    gaps 0 and 1 (sequential)."""
+    extra = ({"configs": ("gender",), "limit": edits_per_pass, "edits_per_pass": edits_per_pass}
+             if mode == "single" else {"limit": 1, "eval_edits": 1, "max_gap": 1})
     config = run_config(demo_dataset(), out, family_cache(family), model=family, method=method, mode=mode,
                         max_new_tokens=3, hparams=overrides(method, family), **extra)
-    return Runner(config, adapter=adapter).run()
+    runner = Runner(config, adapter=adapter)
+    assert runner.edits_per_pass == edits_per_pass  # a batching method's instances share one pass
+    return runner.run()
+
+
+def _batches(method: str, family: str) -> bool:
+    """True when the method applies several edits in one pass (``Editor.batches_edits``) with the suite's
+    hyperparameters."""
+    cls = get_editor_class(method)
+    editor = cls(shared_adapter(family), hparams(method, shared_adapter(family), **overrides(method, family)))
+    return bool(editor.batches_edits)
 
 
 def _checked_rows(path: Path, method: str, mode: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -180,10 +193,11 @@ def test_runs_go_through_the_runner_restore_the_model_and_resume_identically(met
     adapter = shared_adapter(family)
     state = model_state(adapter)
 
-    single = _run(method, family, "single", tmp_path / "single.jsonl", adapter)
-    assert_same_state(adapter, state)  # the edit restored bit-exactly
+    k = 2 if _batches(method, family) else 1  # a method that batches edits: its K-per-pass path, two edits
+    single = _run(method, family, "single", tmp_path / "single.jsonl", adapter, edits_per_pass=k)
+    assert_same_state(adapter, state)  # the edit(s) restored bit-exactly
     _, rows = _checked_rows(single, method, "single")
-    assert {r["gap"] for r in rows} == {None} and len({r["instance_id"] for r in rows}) == 1
+    assert {r["gap"] for r in rows} == {None} and len({r["instance_id"] for r in rows}) == k
 
     sequential = _run(method, family, "sequential", tmp_path / "sequential.jsonl", adapter)
     assert_same_state(adapter, state)  # both edits of the sequence undone together
