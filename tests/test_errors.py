@@ -43,6 +43,7 @@ def test_under_the_sake_command_the_line_names_the_subcommand(monkeypatch, capsy
     assert cli.main(["demo", "--methods", "no_such_method", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sake demo: error: ") and "no_such_method" in err and err.count("\n") == 1
+    assert sys.argv == ["pytest"]  # restored: a later in-process call is not taken for a sake subcommand
 
 
 @pytest.mark.parametrize("module", CLIS)
