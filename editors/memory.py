@@ -60,6 +60,12 @@ class DeviceMemory:
 
     device: torch.device
 
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            from editors.models.generation.memory import cuda_device
+
+            self.device = cuda_device(self.device)
+
     @property
     def measured(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.is_available()

@@ -129,3 +129,12 @@ def test_the_generation_token_budget_counts_the_kv_cache(qwen):
     assert kv_bytes_per_token(qwen) == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * \
         (cfg.hidden_size // cfg.num_attention_heads) * 4  # fp32
     assert activation_bytes_per_token(qwen) > 0
+
+
+def test_cuda_readings_name_the_device_index(monkeypatch):
+    """torch's per-process cap query refuses ``cuda`` without an index (seen on the H200): readings use ``cuda:N``."""
+    from editors.models.generation.memory import cuda_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert cuda_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert cuda_device(torch.device("cuda", 1)) == torch.device("cuda", 1)

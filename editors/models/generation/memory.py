@@ -33,11 +33,18 @@ def activation_bytes_per_token(adapter: "LALMAdapter") -> int:
     return (6 * int(cfg.hidden_size) + 3 * int(cfg.intermediate_size)) * adapter.dtype.itemsize
 
 
+def cuda_device(device: torch.device) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:N`` of the current device): some of torch's memory queries
+    refuse a CUDA device without one."""
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Bytes this process can still allocate on a CUDA ``device`` (free + cached by the allocator but unused);
     None elsewhere."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
+    device = cuda_device(device)
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     cap = torch.cuda.get_per_process_memory_fraction(device) * total - allocated  # a process limit, if set
