@@ -14,6 +14,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from sake_core.errors import ConfigError, user_errors
 
 from sake_core.command import command_prog
 
@@ -66,19 +69,21 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
+    """Bad sources or arguments (a :class:`~sake_core.errors.SakeError`) end in one line on stderr and exit 2; a
+    shortfall of audio prints its table (needed / available per label, the pool that would fill it), exit 2."""
     args = make_parser().parse_args(argv)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # honoured by tqdm >= 4.66
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sake_dataset.builder import DEMO_SIZES, ShortfallError, build, build_demo
-    from sake_dataset.records import ConstructionError, SourceError
 
     defaults = DEMO_SIZES if args.demo else {"test_per_attribute": 300, "train_per_attribute": 1000,
                                             "sequences": 10, "sequence_length": 10}
-    sizes = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
-    options = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks}
+    sizes: dict[str, Any] = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    options: dict[str, Any] = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks}
     if args.portability:
         options["portability"] = args.portability
     if args.splits is None and args.train_per_attribute == 0:
@@ -86,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.demo:
             if args.pool or args.sakura or args.dynamic_superb or args.mmlu:
-                raise SystemExit("build_splits: --demo uses the embedded sources; drop --sakura/--dynamic-superb/"
-                                 "--mmlu/--pool")
+                raise ConfigError("--demo uses the embedded sources; drop --sakura/--dynamic-superb/"
+                                  "--mmlu/--pool")
             if args.task_table:
                 from sake_dataset.builder import DEMO_TASK_TABLE
 
@@ -96,13 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             missing = [f"--{n.replace('_', '-')}" for n in ("sakura", "dynamic_superb", "mmlu") if not getattr(args, n)]
             if missing:
-                raise SystemExit(f"build_splits: missing {', '.join(missing)} (or use --demo)")
+                raise ConfigError(f"missing {', '.join(missing)} (or use --demo)")
             result = build(args.sakura, args.dynamic_superb, args.mmlu, args.out, seed=args.seed, pools=args.pool,
                            pool_limit=args.pool_limit, task_tables=args.task_table, **sizes, **options)
-    except (SourceError, ConstructionError) as exc:
-        kind = "shortfall" if isinstance(exc, ShortfallError) else type(exc).__name__
-        print(f"build_splits: {kind}: {exc}", file=sys.stderr)
-        return 1
+    except ShortfallError as exc:
+        print(f"build_splits: shortfall: {exc}", file=sys.stderr)
+        return 2
     from sake_dataset.release import stats_markdown
 
     print(stats_markdown(result.stats))

@@ -68,8 +68,9 @@ from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, Prompt, PromptBatch, as_audio_array
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError
+from sake_core.cache import cache_root
 from sake_core.protocol import ATTRIBUTES
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     """``n_audio`` audio prompts then ``n_text`` text prompts from the train split of every attribute config (see
     the module docstring); deterministic per ``seed``. ValueError when no train split can be loaded."""
     if context.load_rows is None:
-        raise ValueError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
+        raise ConfigError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
     tables = []
     for config in ATTRIBUTES:
         try:
@@ -93,7 +94,7 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
             logger.warning("alphaedit: cannot load %s/train (%s)", config, exc)
     refs = [(config, table, i) for config, table, in tables for i in range(len(table))]
     if not refs:
-        raise ValueError("alphaedit: the dataset has no train split to draw preserved keys from "
+        raise DataError("alphaedit: the dataset has no train split to draw preserved keys from "
                          f"(configs {list(ATTRIBUTES)}, split train)")
     rng = random.Random(f"alphaedit:{seed}")
     order = list(range(len(refs)))
@@ -180,7 +181,7 @@ class AlphaEdit(Editor):
         prompts = preserved_prompts(self.context, hp.preserve_audio, hp.preserve_text, self.context.seed)
         rule = [hp.nullspace_threshold, hp.nullspace_fraction]
         digest = hashlib.sha256(json.dumps([p.digest() for p in prompts] + rule).encode()).hexdigest()[:20]
-        root = Path(self.context.cache_dir or Path.home() / ".cache" / "sake") / "alphaedit" / self.adapter.model_key()
+        root = Path(self.context.cache_dir or cache_root()) / "alphaedit" / self.adapter.model_key()
         layers = self._layers()
         self.stats_paths = {layer: root / f"layer{layer}-{digest}.safetensors" for layer in layers}
         device = self.adapter.device

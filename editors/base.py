@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from editors.hparams import Hparams
-from editors.models.base import GenerationSettings, LALMAdapter, PerEdit, Prompt, as_audio_array
+from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, PerEdit, Prompt, as_audio_array
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RunContext:
 
     seed: int = 0
     cache_dir: str | None = None
-    load_rows: Callable[[str, str], Sequence[dict[str, Any]]] | None = None  # (config, split) -> instance rows
+    load_rows: Callable[[str, str], Any] | None = None  # (config, split) -> instance rows (e.g. datasets.Dataset)
     model_name: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -103,8 +104,11 @@ class Editor(abc.ABC):
     def __init__(self, adapter: LALMAdapter, hparams: Hparams | Mapping[str, Any],
                  context: RunContext | None = None) -> None:
         self.adapter = adapter
-        self.hparams = (hparams if isinstance(hparams, self.hparams_class)
-                        else self.hparams_class.from_mapping(dict(hparams), where=f"{self.name or type(self).__name__} hparams"))
+        if isinstance(hparams, self.hparams_class):
+            self.hparams = hparams
+        else:
+            values = hparams.as_dict() if isinstance(hparams, Hparams) else dict(hparams)
+            self.hparams = self.hparams_class.from_mapping(values, where=f"{self.name or type(self).__name__} hparams")
         self.context = context or RunContext()
 
     def setup(self) -> None:
@@ -125,8 +129,9 @@ class Editor(abc.ABC):
     def reset(self) -> None:
         """Forget all state kept between edits other than parameters (the runner restores those)."""
 
-    #: True when :meth:`apply_many` / :meth:`generate_many` are implemented and exact (see the module docstring).
-    batches_edits: ClassVar[bool] = False
+    #: True when :meth:`apply_many` / :meth:`generate_many` are implemented and exact (see the module docstring);
+    #: a class attribute that a method may set per instance (LoRA: not when merging).
+    batches_edits: bool = False
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
         """Apply K independent single edits at once, each as if alone (per-edit parameter copies or prompts),
@@ -141,7 +146,7 @@ class Editor(abc.ABC):
     generation_engines: ClassVar[tuple[str, ...]] = ("graph", "eager")
 
     def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], settings: GenerationSettings | None = None,
-                      **limits: Any) -> list[list[str]]:
+                      **limits: Any) -> list[list[GeneratedText]]:
         """After :meth:`apply_many`: greedy outputs of each edit's (rewritten) prompts under that edit alone, in
         one batched generation with ``settings`` (default: the adapter's, with ``limits`` such as
         ``max_new_tokens``). Each edit's weights reach the model through :meth:`per_edit` (none for methods whose
@@ -227,7 +232,7 @@ def finetune_settings(hparams: FinetuneHparams) -> dict[str, Any]:
             "optimizer": hparams.optimizer, "weight_decay": hparams.weight_decay}
 
 
-def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor], *, lr: float,
+def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Tensor], *, lr: float,
              max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
              weight_decay: float = 0.0) -> FinetuneResult:
     """Minimise ``loss_fn()`` over ``params``: at most ``max_steps`` forward passes, each followed by an update
@@ -243,6 +248,7 @@ def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.
     plist = list(params.values())
     masters = [p.detach().float().clone() if p.dtype != torch.float32 else None for p in plist]
     opt_tensors = [m if m is not None else p for p, m in zip(plist, masters)]
+    opt: torch.optim.Optimizer
     if optimizer == "adam":
         opt = torch.optim.Adam(opt_tensors, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -250,7 +256,7 @@ def finetune(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[], torch.
     elif optimizer == "rmsprop":
         opt = torch.optim.RMSprop(opt_tensors, lr=lr, weight_decay=weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
     previous = [p.requires_grad for p in plist]
     for p in plist:
         p.requires_grad_(True)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from torch import nn
 from editors.models.buckets import padded_rows
 from editors.models.generation import per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class StackedCopies:
     :meth:`current` gives the copies in the model's dtype (differentiable with respect to the fp32 masters), as
     :func:`editors.base.finetune` casts its fp32 masters back to 16-bit parameters after each step."""
 
-    def __init__(self, params: dict[str, nn.Parameter], k: int) -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor], k: int) -> None:
         if not params:
             raise ValueError("StackedCopies needs at least one parameter")
         if k < 1:
@@ -115,7 +116,7 @@ def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None],
             new = p.addcdiv(g, square_avg.sqrt().add_(eps), value=-lr)
             st["square_avg"] = torch.where(m, square_avg, st["square_avg"])
         else:
-            raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+            raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
         p.copy_(torch.where(m, new, p))
 
 
@@ -126,7 +127,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     losses ``[K]``; each edit follows exactly the single-edit loop (loss, then stop if below ``early_stop_loss``,
     else one update), its own copy updated with its own gradient. One host sync per step (the K losses)."""
     if optimizer not in ("adam", "sgd", "rmsprop"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
     k = copies.k
     masters = list(copies.masters.values())
     states: list[dict[str, Any]] = [{} for _ in masters]

@@ -17,6 +17,7 @@ import numpy as np
 
 from editors.models.base import Prompt, as_audio_array
 from sake_core.protocol import CONFIGS, INSTANCE_COLUMNS, ITEM_COLUMNS, ITEM_FIELDS, SEQUENTIAL_COLUMNS, SEQUENTIAL_CONFIG
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +50,18 @@ def load_instances(dataset: str, config: str, split: str) -> Any:
     import datasets
 
     if config not in CONFIGS:
-        raise ValueError(f"unknown config {config!r}; expected one of {list(CONFIGS)}")
+        raise ConfigError(f"unknown config {config!r}; expected one of {list(CONFIGS)}")
     try:
         ds = datasets.load_dataset(dataset, config, split=split)
     except FileNotFoundError as exc:
-        raise ValueError(f"{dataset}: dataset not found ({exc})") from exc
+        raise DataError(f"{dataset}: dataset not found ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; report them uniformly
-        raise ValueError(f"{dataset}: cannot load config {config!r} split {split!r}: "
+        raise DataError(f"{dataset}: cannot load config {config!r} split {split!r}: "
                          f"{type(exc).__name__}: {exc}") from exc
     expected = SEQUENTIAL_COLUMNS if config == SEQUENTIAL_CONFIG else INSTANCE_COLUMNS
     missing = [c for c in expected if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{dataset} [{config}/{split}]: missing column(s) {missing}; expected the SAKE instance "
+        raise DataError(f"{dataset} [{config}/{split}]: missing column(s) {missing}; expected the SAKE instance "
                          f"schema (ARCHITECTURE.md) with columns {list(expected)}")
     return ds
 
@@ -88,7 +89,7 @@ def dataset_fingerprint(dataset: str) -> str | None:
 def _item(entry: dict[str, Any], dimension: str, where: str) -> EvalItem:
     missing = [f for f in ITEM_FIELDS if f not in entry]
     if missing:
-        raise ValueError(f"{where}: item lacks field(s) {missing}")
+        raise DataError(f"{where}: item lacks field(s) {missing}")
     audio = entry.get("audio")
     return EvalItem(item_id=entry["id"], dimension=dimension, type=int(entry["type"] or 0),
                     question=entry["question"], options=list(entry["options"] or []), reference=entry["answer"],
@@ -119,6 +120,6 @@ def group_sequences(rows: Iterable[dict[str, Any]]) -> list[tuple[str, list[int]
         steps.sort()
         numbers = [s for s, _ in steps]
         if numbers != list(range(1, len(numbers) + 1)):
-            raise ValueError(f"sequence {seq}: steps {numbers} are not 1..{len(numbers)}")
+            raise DataError(f"sequence {seq}: steps {numbers} are not 1..{len(numbers)}")
         out.append((seq, [i for _, i in steps]))
     return out

@@ -24,6 +24,7 @@ from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
 from editors.models.buckets import training_groups
 from editors.models.base import PerEdit, Prompt
+from sake_core.errors import DataError
 
 
 @register("ft_audio")
@@ -43,7 +44,7 @@ class FTAudio(Editor):
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         if edit.audio is None:
-            raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
+            raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         # canonical shape (editors/models/buckets.py); encoder states computed once, cached
         [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])
         frame = self.adapter.hidden_entering(batch, 0)  # attention masks + rotary embeddings, once per edit
@@ -59,7 +60,7 @@ class FTAudio(Editor):
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
         for edit in edits:
             if edit.audio is None:
-                raise ValueError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
+                raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         prompts = [e.prompt() for e in edits]
         # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/models/buckets.py)
         groups = [(rows, batch, self.adapter.hidden_entering(batch, 0))

@@ -22,6 +22,7 @@ from typing import Any
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
+from sake_core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -44,7 +45,7 @@ class FTEncoder(Editor):
         layers = self.adapter.audio_encoder_layers()
         n = self.hparams.n_layers
         if not 1 <= n <= len(layers):
-            raise ValueError(f"ft_encoder: n_layers={n}; the audio encoder has {len(layers)} layers")
+            raise ConfigError(f"ft_encoder: n_layers={n}; the audio encoder has {len(layers)} layers")
         return layers[len(layers) - n:]
 
     def touched_parameters(self) -> list[str]:
@@ -56,7 +57,7 @@ class FTEncoder(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         a = self.adapter
         if edit.audio is None:
-            raise ValueError(f"{edit.instance_id}: FT (Encoder) needs an edit audio")
+            raise DataError(f"{edit.instance_id}: FT (Encoder) needs an edit audio")
         batch = a.prepare([edit.prompt()], [edit.target])
         frame = a.hidden_entering(batch, 0)  # attention masks + rotary embeddings, once per edit
         names = set(self.touched_parameters())

@@ -41,6 +41,7 @@ from editors.base import EditRequest, Editor, finetune
 from editors.registry import register
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class GraceCodebook(nn.Module):
     def __init__(self, original: nn.Module, replacement: str = "last") -> None:
         super().__init__()
         if replacement not in ("last", "answer"):
-            raise ValueError(f"grace: replacement={replacement!r}; expected last or answer")
+            raise ConfigError(f"grace: replacement={replacement!r}; expected last or answer")
         self.original = original
         self.replacement = replacement
         self.entries: list[Entry] = []
@@ -155,6 +156,7 @@ class GRACE(Editor):
         a, hp = self.adapter, self.hparams
         codebook = self._install()
         batch = a.prepare([edit.prompt()], [edit.target])
+        assert batch.labels is not None  # prepared with a target
         state = a.hidden_entering(batch, self._layer())
         # the last prompt token: the position before the first target token (one row, left padding)
         position = int((batch.labels[0] != IGNORE_INDEX).nonzero()[0, 0]) - 1
@@ -194,7 +196,7 @@ class GRACE(Editor):
         value = entry.value.detach().float().clone().requires_grad_(True)
         optimizer = hp.optimizer
         if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"grace: optimizer={optimizer!r}; expected sgd or adam")
+            raise ConfigError(f"grace: optimizer={optimizer!r}; expected sgd or adam")
 
         def loss_of_value() -> torch.Tensor:
             codebook.train_value = value

@@ -30,7 +30,8 @@ from editors.base import EditRequest, Editor
 from editors.hparams import Hparams
 from editors.models.base import LALMAdapter, PromptBatch
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError
+from sake_core.cache import cache_root
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def network_class(method: str) -> type[HyperNetwork]:
 
     cls = get_editor_class(method)
     if not (isinstance(cls, type) and issubclass(cls, HypernetEditor)):
-        raise ValueError(f"no hypernetwork for method {method!r}; expected one of {hypernetwork_methods()}")
+        raise ConfigError(f"no hypernetwork for method {method!r}; expected one of {hypernetwork_methods()}")
     return cls.network_class
 
 
@@ -315,7 +316,7 @@ def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / HYPERNET_FILE
     if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
+        raise DataError(f"{directory}: no trained hypernetwork ({CONFIG_FILE} + {HYPERNET_FILE} expected)")
     try:
         config = json.loads(config_path.read_text())
         if config.get("format") != FORMAT_VERSION:
@@ -324,12 +325,12 @@ def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -
         method = config["method"]
         net = network_class(method)(config["spec"], config["net"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{config_path}: malformed hypernetwork config ({exc})") from exc
+        raise DataError(f"{config_path}: malformed hypernetwork config ({exc})") from exc
     state = load_file(str(weights_path))
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{weights_path}: weights do not match {config_path} ({exc})") from exc
+        raise DataError(f"{weights_path}: weights do not match {config_path} ({exc})") from exc
     return net.to(device), config
 
 
@@ -354,31 +355,29 @@ class HypernetEditor(Editor):
         path = self.hparams.hypernetwork_path
         if path:
             return Path(path)
-        from editors.preedit_cache import default_cache_dir
-
         model = self.context.model_name or self.adapter.model_id
-        return default_hypernet_dir(self.context.cache_dir or default_cache_dir(), self.name, model)
+        return default_hypernet_dir(self.context.cache_dir or cache_root(), self.name, model)
 
     def setup(self) -> None:
         directory = self.network_dir()
         if not (directory / CONFIG_FILE).is_file():
             model = self.context.model_name or self.adapter.model_id
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: no trained hypernetwork for model {model!r} at {directory}. Train one first: "
                 f"python -m editors.train --method {self.name} --model {model} --dataset DATASET --out {directory} "
                 f"(or pass --hparam hypernetwork_path=DIR)")
         net, config = load_network(directory, device=self.adapter.device)
         if config.get("method") != self.name:
-            raise ValueError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
+            raise DataError(f"{directory}: a {config.get('method')!r} hypernetwork, not {self.name!r}")
         matrices = net.matrices
         try:
             expected = {key: list(matrix_module(self.adapter, key).weight.shape) for key in matrices}
         except (ValueError, AttributeError) as exc:
-            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}): {exc}") from exc
+            raise DataError(f"{directory}: trained for another model ({config.get('model')!r}): {exc}") from exc
         config_lm: Any = self.adapter.language_model().config
         hidden = int(config_lm.hidden_size)
         if expected != net.spec["shapes"] or hidden != net.spec["hidden_size"]:
-            raise ValueError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
+            raise DataError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
                              f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected}")
         if config.get("model_key") not in (None, self.adapter.model_key()):
             logger.warning("%s: trained on %s (model key %s), editing %s (model key %s)", directory,

@@ -10,7 +10,7 @@ that edit's instruction (exactly its single-edit prompts); all of them go to one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from editors.base import EditRequest, Editor
 from editors.registry import register
@@ -34,7 +34,7 @@ class IIKE(Editor):
 
     changes_parameters = False
     batches_edits = True
-    hparams_class = IIKEHparams
+    hparams_class: ClassVar[type[Hparams]] = IIKEHparams
     hparams: IIKEHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

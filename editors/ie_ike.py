@@ -21,6 +21,7 @@ from editors.registry import register
 from editors.data import eval_items
 from editors.i_ike import IIKE, IIKEHparams
 from editors.models.base import Prompt, Turn
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class IEIKE(IIKE):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._train: dict[str, list[dict[str, Any]]] = {}  # attribute -> train rows (without audio decoding)
+        self._train: dict[str, Any] = {}  # attribute -> train rows (a datasets.Dataset: audio decoded on access)
         self._demos: dict[str, tuple[Turn, ...]] = {}  # edit instance id -> its demonstration turns
         self.fallbacks = 0
 
     def _train_rows(self, attribute: str) -> Any:
         if attribute not in self._train:
             if self.context.load_rows is None:
-                raise ValueError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
+                raise ConfigError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
             self._train[attribute] = self.context.load_rows(attribute, self.hparams.train_split)
         return self._train[attribute]
 
@@ -79,7 +80,7 @@ class IEIKE(IIKE):
                                 edit.instance_id, edit.original_label, edit.target_label, tier)
                 rng = random.Random(f"{self.context.seed}:{edit.instance_id}")
                 return rows[candidates[rng.randrange(len(candidates))]]
-        raise ValueError(f"{edit.instance_id}: no train instance of attribute {edit.attribute!r} with pair "
+        raise DataError(f"{edit.instance_id}: no train instance of attribute {edit.attribute!r} with pair "
                          f"({edit.original_label}, {edit.target_label})")
 
     def demonstrations(self, edit: EditRequest) -> tuple[Turn, ...]:

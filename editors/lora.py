@@ -42,7 +42,8 @@ from torch import nn
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
-from editors.models.base import PerEdit, Prompt
+from editors.models.base import PerEdit, Prompt, as_linear
+from sake_core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -76,7 +77,7 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         for a, b in self.frozen:
             out = out + self.scale * ((x @ a.t()) @ b.t())
-        if self.lora_A is not None:
+        if self.lora_A is not None and self.lora_B is not None:
             out = out + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
         if self.stacked is not None and self.row_edit is not None:  # gathered per-row adapters: static shapes
             a, b = self.stacked
@@ -91,7 +92,14 @@ class LoRALinear(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """``scale * B A`` of the trainable adapter (fp32), for merging."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        a, b = self.trained()
+        return self.scale * (b.float() @ a.float())
+
+    def trained(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable adapter's factors ``(A, B)``, detached."""
+        if self.lora_A is None or self.lora_B is None:
+            raise RuntimeError("LoRALinear: no trainable adapter")
+        return self.lora_A.detach(), self.lora_B.detach()
 
 
 @register("lora")
@@ -117,28 +125,28 @@ class LoRA(Editor):
     def _target(self) -> str:
         target = self.hparams.target
         if target not in ("connector", "llm"):
-            raise ValueError(f"lora: hparam target={target!r}; expected connector or llm")
+            raise ConfigError(f"lora: hparam target={target!r}; expected connector or llm")
         return target
 
     def _linears(self) -> dict[str, nn.Linear]:
         """Dotted name -> the Linear modules the adapters go on (the originals, also while wrapped)."""
         a = self.adapter
+        modules: list[nn.Module]
         if self._target() == "connector":
             modules = [m for m in a.connector().modules() if isinstance(m, nn.Linear)]
         else:
             roles = self.hparams.modules
             layers = self._layers()
             if not roles or not layers:
-                raise ValueError("lora: target llm needs non-empty hparams 'layers' (or null: every layer) and "
-                                 "'modules'")
+                raise ConfigError("lora: target llm needs non-empty hparams 'layers' (or null: every layer) and "
+                                  "'modules'")
             modules = [a.llm_linear(i, role) for i in layers for role in roles]
-        out = {}
+        out: dict[str, nn.Linear] = {}
         for module in modules:
-            if isinstance(module, LoRALinear):
-                module = module.base
-            out[self._name_of(module)] = module
+            linear = as_linear(module.base if isinstance(module, LoRALinear) else module)
+            out[self._name_of(linear)] = linear
         if not out:
-            raise ValueError(f"lora: no Linear module found for target {self._target()!r}")
+            raise ConfigError(f"lora: no Linear module found for target {self._target()!r}")
         return out
 
     def _name_of(self, module: nn.Module) -> str:
@@ -196,7 +204,7 @@ class LoRA(Editor):
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         a = self.adapter
         if self._target() == "connector" and edit.audio is None:
-            raise ValueError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
+            raise DataError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
         wrappers = self._install()
         params: dict[str, nn.Parameter] = {}
         for name, wrapper in wrappers.items():
@@ -222,7 +230,7 @@ class LoRA(Editor):
                     w = wrapper.base.weight
                     w.copy_((w.float() + wrapper.delta()).to(w.dtype))
                 else:
-                    wrapper.frozen.append((wrapper.lora_A.detach(), wrapper.lora_B.detach()))
+                    wrapper.frozen.append(wrapper.trained())
                 wrapper.lora_A = wrapper.lora_B = None
         if self.merge:
             self.reset()  # the adapters are in the weights now; no wrapper stays
@@ -239,7 +247,7 @@ class LoRA(Editor):
         connector = self._target() == "connector"
         for edit in edits:
             if connector and edit.audio is None:
-                raise ValueError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
+                raise DataError(f"{edit.instance_id}: LoRA on the connector needs an edit audio")
         wrappers = self._install()
         factors: dict[str, torch.Tensor] = {}
         for name, wrapper in wrappers.items():

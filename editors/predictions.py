@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
 from sake_core.atomic import atomic_write
+from sake_core.protocol import RESUME_FIELDS
+from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-#: Header fields that must agree for a rerun to resume into an existing file.
-RESUME_KEYS = ("model", "model_revision", "model_key", "method", "hparams", "mode", "dataset",
-               "dataset_fingerprint", "configs", "split", "seed", "limit", "max_new_tokens", "generation",
-               "eval_edits", "max_gap")
 
 
 def dumps(obj: Any) -> str:
@@ -71,13 +69,13 @@ class PredictionsFile:
         try:
             old = json.loads(raw[:end_of_header])
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.path}: line 1 is not a JSON run header") from exc
+            raise DataError(f"{self.path}: line 1 is not a JSON run header") from exc
         if old.get("kind") != "header":
-            raise ValueError(f"{self.path}: line 1 is not a run header (kind: header)")
-        diff = [k for k in RESUME_KEYS if old.get(k) != self.header.get(k)]
+            raise DataError(f"{self.path}: line 1 is not a run header (kind: header)")
+        diff = [k for k in RESUME_FIELDS if old.get(k) != self.header.get(k)]
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} != {self.header.get(k)!r}" for k in diff)
-            raise ValueError(f"{self.path} was written by a different run ({details}); "
+            raise DataError(f"{self.path} was written by a different run ({details}); "
                              "use another --out or delete the file")
         self.header = old  # keep the original date
         good_end = end_of_header + 1
@@ -139,5 +137,5 @@ def read_predictions(path: str | Path) -> tuple[dict[str, Any], list[dict[str, A
     lines = Path(path).read_text(encoding="utf-8").split("\n")
     complete = [line for line in lines[:-1] if line.strip()]
     if not complete:
-        raise ValueError(f"{path}: no run header")
+        raise DataError(f"{path}: no run header")
     return json.loads(complete[0]), [json.loads(line) for line in complete[1:]]

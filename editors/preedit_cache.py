@@ -27,11 +27,6 @@ from editors.predictions import write_all
 logger = logging.getLogger(__name__)
 
 
-def default_cache_dir() -> Path:
-    """``$SAKE_CACHE`` or ``~/.cache/sake``."""
-    return Path(os.environ.get("SAKE_CACHE") or Path.home() / ".cache" / "sake")
-
-
 class PreEditCache:
     """item + prompt -> unedited output, for one model."""
 

@@ -48,7 +48,7 @@ def register(name: str) -> Callable[[E], E]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ConfigError(f"editing method {name!r} registered twice")
         cls.name = name  # type: ignore[attr-defined]
-        _REGISTRY[name] = cls  # type: ignore[assignment]
+        _REGISTRY[name] = cls
         return cls
     return wrap
 

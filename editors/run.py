@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -37,23 +37,28 @@ from tqdm import tqdm
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
 from editors.memory import PROBE_EDITS, DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
-from editors.data import EvalItem, dataset_fingerprint, eval_items, group_sequences, load_instances
+from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
-from editors.models.base import GenerationSettings, LALMAdapter, Prompt
+from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, Prompt
 from editors.models.generation import release as release_generation
 from editors.models.generation import token_budget
 from editors.predictions import PredictionsFile, dumps
-from editors.preedit_cache import PreEditCache, default_cache_dir
+from editors.preedit_cache import PreEditCache
+from editors.plan import RowsLoader, RunPlan, Unit
 from editors.session import EditSession
-from editors.shard import Shard, barrier, done_elsewhere, merge, part_files
+from editors.shard import Shard, barrier, done_elsewhere, part_files
 from sake_core.atomic import atomic_write
-from sake_core.errors import ResourceError
+from sake_core.cache import cache_root
 from editors.config import RunConfig
-from sake_core.protocol import ITEM_COLUMNS, MODES, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, sequential_evaluated
+from sake_core.protocol import MODES, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from sake_core.errors import DataError, ResourceError, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.run")
+
+#: What a generation returns (the outputs of some prompts, or of each edit's prompts)
+Outputs = TypeVar("Outputs")
 
 #: Default padded tokens per generation chunk on CPU (on CUDA: sized from the memory available).
 CPU_BATCH_TOKENS = 32768
@@ -161,17 +166,6 @@ def versions() -> dict[str, str]:
 
 
 @dataclass
-class Unit:
-    """One unit of work: an instance (single) or a step of a sequence (sequential)."""
-
-    key: Hashable
-    expected_rows: int
-    config: str
-    index: int  # row index (single) / sequence number (sequential)
-    step: int = 0
-
-
-@dataclass
 class RunStats:
     units: int = 0
     apply_s: float = 0.0
@@ -179,21 +173,6 @@ class RunStats:
     preedit_s: float = 0.0
     total_s: float = 0.0
     per_unit: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _item_count(table: Any) -> list[int]:
-    """Items per instance (reliability + linked items) from the Arrow table, without decoding audio."""
-    import pyarrow.compute as pc
-
-    counts = [1] * table.num_rows
-    for column in ITEM_COLUMNS:
-        lengths = pc.fill_null(pc.list_value_length(table.column(column)), 0).to_pylist()
-        counts = [c + n for c, n in zip(counts, lengths)]
-    return counts
-
-
-#: ``(dataset, config, split) -> rows`` (a ``datasets.Dataset`` or any sequence of instance rows with ``.data``)
-RowsLoader = Callable[[str, str, str], Any]
 
 
 def progress_label(method: str, mode: str, model: str) -> str:
@@ -211,13 +190,11 @@ class Runner:
         """``adapter``: an already loaded model to edit. ``rows_loader(dataset, config, split)``: where instance
         rows come from (default :func:`editors.data.load_instances`; e.g. rows held in memory)."""
         self.config = args = config
-        self.mode = args.mode
-        self.configs = list(args.configs)
-        self._rows_loader: RowsLoader = rows_loader or load_instances
         family_of(args.model)  # clear error for an unknown model before anything heavy
-        get_editor_class(args.method)  # clear error for an unknown method
-        self.datasets = {c: self._rows_loader(args.dataset, c, args.split) for c in self.configs}
+        get_editor_class(args.method)  # clear error for a method that does not import
         self.shard = Shard.from_env()  # rank / world size of a torchrun or accelerate launch (else 0 of 1)
+        self.plan = RunPlan(config, rows_loader, self.shard)  # the units and the output files (no model)
+        self.mode = args.mode
         device = self.shard.device(args.device, torch.cuda.is_available())
         if self.shard.sharded and device.startswith("cuda:"):
             torch.cuda.set_device(device)  # code that says plain "cuda" lands on this rank's GPU too
@@ -234,36 +211,34 @@ class Runner:
             max_batch_tokens=(args.max_batch_tokens if args.max_batch_tokens is not None
                               else None if device.startswith("cuda") else CPU_BATCH_TOKENS) or None)
         self.config = args = args.replace(max_new_tokens=self.generation.max_new_tokens)
-        self._train_cache: dict[tuple[str, str], Any] = {}
-        context = RunContext(seed=args.seed, cache_dir=str(args.cache_dir or default_cache_dir()),
-                             load_rows=self._load_rows, model_name=args.model)
+        cache_dir = args.cache_dir or cache_root()
+        context = RunContext(seed=args.seed, cache_dir=str(cache_dir),
+                             load_rows=self.plan.load_rows, model_name=args.model)
         self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
         self.editor: Editor = self.session.editor
-        self.preedit = PreEditCache(args.cache_dir or default_cache_dir(), self.adapter.model_key(),
-                                    self.generation.output_key())
-        self.units, self.unit_of = self._plan()
+        self.preedit = PreEditCache(cache_dir, self.adapter.model_key(), self.generation.output_key())
         self._edits_per_pass(device)
-        self.path = args.output_path()
-        self.part_path = self.shard.part_path(self.path)  # this rank's file (self.path with one process)
         self.stats = RunStats()
 
-    @classmethod
-    def for_merge(cls, config: RunConfig) -> "Runner":
-        """A runner that knows the plan and the output path but loads no model (``--merge-only``)."""
-        self = cls.__new__(cls)
-        self.config, self.mode, self.configs = config, config.mode, list(config.configs)
-        self.datasets = {c: load_instances(config.dataset, c, config.split) for c in self.configs}
-        self.shard = Shard()
-        self.units, self.unit_of = self._plan()
-        self.path = config.output_path()
-        return self
+    @property
+    def units(self) -> list[Unit]:
+        """This process's units (:attr:`RunPlan.units`)."""
+        return self.plan.units
+
+    @property
+    def path(self) -> Path:
+        """The predictions file (:attr:`RunPlan.path`)."""
+        return self.plan.path
+
+    @property
+    def part_path(self) -> Path:
+        """This process's file (:attr:`RunPlan.part_path`: ``path`` with one process)."""
+        return self.plan.part_path
 
     def _edits_per_pass(self, device: str) -> int:
         """The first pass's size: ``--edits-per-pass`` (fixed), else sized from measured memory on CUDA
         (``editors.memory.PassSizer``), else 1; 1 when the method or mode does not batch."""
-        k = self.config.edits_per_pass
-        if k is not None and k < 1:
-            raise ValueError(f"--edits-per-pass must be >= 1, got {k}")
+        k = self.config.edits_per_pass  # >= 1 or None (RunConfig checks)
         self.memory = DeviceMemory(torch.device(device))
         if self.mode != "single" or not self.editor.batches_edits:
             if k and k > 1:
@@ -275,84 +250,35 @@ class Runner:
             logger.info("edits per pass: measured from the first passes (1, then %d edits)", PROBE_EDITS)
         return self.sizer.k
 
-    # ---- planning -----------------------------------------------------------------------------------------------
-
-    def _load_rows(self, config: str, split: str) -> Any:
-        key = (config, split)
-        if key not in self._train_cache:
-            self._train_cache[key] = self._rows_loader(self.config.dataset, config, split)
-        return self._train_cache[key]
-
-    def _plan(self) -> tuple[list[Unit], Any]:
-        """This rank's units; ``self.all_units`` keeps the whole plan in the one-process order."""
-        units, unit_of = self._plan_all()
-        self.all_units = units
-        groups = list(range(len(units))) if self.mode == "single" else [u.index for u in units]
-        return self.shard.select(units, groups), unit_of
-
-    def _plan_all(self) -> tuple[list[Unit], Any]:
-        limit = self.config.limit
-        units: list[Unit] = []
-        if self.mode == "single":
-            for config in self.configs:
-                table = self.datasets[config].data
-                ids = table.column("id").to_pylist()
-                counts = _item_count(table)
-                n = len(ids) if limit is None else min(limit, len(ids))
-                units.extend(Unit(key=ids[i], expected_rows=counts[i], config=config, index=i) for i in range(n))
-            return units, lambda row: row["instance_id"]
-        config = self.configs[0]
-        ds = self.datasets[config]
-        table = ds.data
-        ids = table.column("id").to_pylist()
-        counts = _item_count(table)
-        sequences = group_sequences(ds.select_columns(["sequence_id", "step"]))
-        if limit is not None:
-            sequences = sequences[:limit]
-        self.sequences = sequences
-        self._instance_pos: dict[str, tuple[str, int]] = {}
-        for seq_no, (seq_id, rows) in enumerate(sequences):
-            for step, row_index in enumerate(rows, start=1):
-                self._instance_pos[ids[row_index]] = (seq_id, step)
-            for t in range(1, len(rows) + 1):
-                evaluated = self._evaluated(t, len(rows))
-                if evaluated:
-                    units.append(Unit(key=f"{seq_id}/step{t:02d}", config=config, index=seq_no, step=t,
-                                      expected_rows=sum(counts[rows[s - 1]] for s in evaluated)))
-
-        def unit_of(row: dict[str, Any]) -> str:
-            seq_id, step = self._instance_pos[row["instance_id"]]
-            return f"{seq_id}/step{step + int(row['gap']):02d}"
-        return units, unit_of
-
-    def _evaluated(self, t: int, length: int) -> list[int]:
-        """Edits s evaluated after step t: s <= eval_edits, s <= length, 0 <= t - s <= max_gap."""
-        return sequential_evaluated(t, length, self.config.eval_edits, self.config.max_gap)
-
     def header(self) -> dict[str, Any]:
+        """The run header: every field of :data:`sake_core.protocol.RUN_HEADER_FIELDS`, in its order."""
         a = self.config
         desc = self.adapter.describe()
         sequential = a.mode == "sequential"
         info = method_info(a.method)
-        return {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
-                "method": a.method, "method_display_name": info.display_name,
-                "method_display_order": info.display_order,
-                "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
-                "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(self.configs), "split": a.split,
-                "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
-                "generation": self.generation.output_key(), "batching": self.generation.batching(),
-                # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
-                "expected_rows": sum(u.expected_rows for u in self.all_units),
-                "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
-                "eval_edits": a.eval_edits if sequential else None, "max_gap": a.max_gap if sequential else None,
-                "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        values = {"kind": "header", "model": a.model, "model_revision": desc["model_revision"] or None,
+                  "method": a.method, "method_display_name": info.display_name,
+                  "method_display_order": info.display_order,
+                  "hparams": self.hparams.as_dict(), "mode": a.mode, "dataset": a.dataset,
+                  "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(a.configs), "split": a.split,
+                  "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+                  "generation": self.generation.output_key(), "batching": self.generation.batching(),
+                  # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
+                  "expected_rows": sum(u.expected_rows for u in self.plan.all_units),
+                  "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
+                  "eval_edits": a.eval_edits if sequential else None, "max_gap": a.max_gap if sequential else None,
+                  "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if set(values) != set(RUN_HEADER_FIELDS):  # the protocol lists the fields; this only fills them in
+            raise RuntimeError("run header fields differ from RUN_HEADER_FIELDS: "
+                               f"{sorted(set(values) ^ set(RUN_HEADER_FIELDS))}")
+        return {name: values[name] for name in RUN_HEADER_FIELDS}
 
     # ---- pieces of a unit ---------------------------------------------------------------------------------------
 
-    def _generate(self, prompts: Sequence[Prompt]) -> list[str]:
+    def _generate(self, prompts: Sequence[Prompt]) -> list[GeneratedText]:
         return self._generating(lambda settings: self.adapter.generate(prompts, settings=settings))
 
-    def _generating(self, generate: Callable[[GenerationSettings], list[str]]) -> list[str]:
+    def _generating(self, generate: Callable[[GenerationSettings], Outputs]) -> Outputs:
         """``generate(settings)``; on an out-of-memory error: free, halve the generation batch, again (outputs do
         not depend on the batch: editors/models/buckets.py)."""
         while True:
@@ -378,18 +304,17 @@ class Runner:
     def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
         """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
         prompts = [it.prompt() for it in items]
-        outputs = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
-        missing = [i for i, o in enumerate(outputs) if o is None]
+        cached = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
+        missing = [i for i, o in enumerate(cached) if o is None]
+        generated: dict[int, str] = {}
         if missing:
             t0 = time.perf_counter()
-            generated = self._generate([prompts[i] for i in missing])
-            for i, text in zip(missing, generated):
-                outputs[i] = text
-            self.preedit.put_many((items[i].item_id, prompts[i], outputs[i]) for i in missing)
+            generated = dict(zip(missing, self._generate([prompts[i] for i in missing])))
+            self.preedit.put_many((items[i].item_id, prompts[i], generated[i]) for i in missing)
             self.stats.preedit_s += time.perf_counter() - t0
-        return outputs  # type: ignore[return-value]
+        return [generated[i] if o is None else o for i, o in enumerate(cached)]
 
-    def rows(self, edit: EditRequest, items: list[EvalItem], pre: list[str], post: list[str], gap: int | None
+    def rows(self, edit: EditRequest, items: list[EvalItem], pre: Sequence[str], post: Sequence[str], gap: int | None
              ) -> list[dict[str, Any]]:
         return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
@@ -401,7 +326,7 @@ class Runner:
                  "pre_edit_hit_limit": getattr(p, "hit_limit", None)}
                 for it, p, o in zip(items, pre, post)]
 
-    def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[str]:
+    def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[GeneratedText]:
         """Post-edit outputs of one edit's items (one batched generation, as its pre-edit outputs)."""
         t0 = time.perf_counter()
         out = self._generate(self.editor.rewrite_prompts([it.prompt() for it in items], edit))
@@ -430,11 +355,12 @@ class Runner:
         """Run the units still to do; returns the predictions file (or, in a multi-process run, see
         :meth:`merge_parts`)."""
         header = self.header()
-        out = PredictionsFile(self.part_path, header, unit_of=self.unit_of,
-                              expected_rows={u.key: u.expected_rows for u in self.units})
+        plan = self.plan
+        out = PredictionsFile(plan.part_path, header, unit_of=plan.unit_of,
+                              expected_rows=plan.expected_rows(plan.units))
         done = out.open()
-        if self.shard.sharded or part_files(self.path):  # units finished by other ranks (or a one-process run)
-            done |= done_elsewhere(self.path, self.part_path, header, self.unit_of, self._expected_all())
+        if self.shard.sharded or part_files(plan.path):  # units finished by other ranks (or a one-process run)
+            done |= done_elsewhere(plan.path, plan.part_path, header, plan.unit_of, plan.expected_rows())
         todo = [u for u in self.units if u.key not in done]
         logger.info("%s: %d units, %d done, %d to run -> %s", self.config.method, len(self.units),
                     len(self.units) - len(todo), len(todo), self.part_path)
@@ -454,9 +380,6 @@ class Runner:
         self._report()
         return self.merge_parts()
 
-    def _expected_all(self) -> dict[Hashable, int]:
-        return {u.key: u.expected_rows for u in self.all_units}
-
     def merge_parts(self) -> Path | None:
         """Merge the part files into ``self.path`` once every unit is done (after a barrier when the launcher
         offers one, by rank 0; else by whichever rank finishes last). Returns the merged file, this rank's part
@@ -465,7 +388,7 @@ class Runner:
             return self.path
         if barrier(self.shard) and self.shard.rank != 0:
             return None
-        result = merge(self.path, [u.key for u in self.all_units], self.unit_of, self._expected_all())
+        result = self.plan.merge()
         return result.path if result.merged else self.part_path
 
     def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
@@ -510,7 +433,7 @@ class Runner:
     def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm) -> None:
         """One single edit: pre-edit outputs, apply, evaluate, restore (the session), rows."""
         t0 = time.perf_counter()
-        row = self.datasets[unit.config][unit.index]
+        row = self.plan.datasets[unit.config][unit.index]
         edit = EditRequest.from_row(row)
         items = eval_items(row)
         pre = self.pre_edit_outputs(items)
@@ -526,7 +449,7 @@ class Runner:
         copies, the model unchanged), one batched generation of every edit's items under its own edit, restore.
         Rows are written unit by unit, as one edit at a time writes them."""
         t0 = time.perf_counter()
-        rows = [self.datasets[u.config][u.index] for u in units]
+        rows = [self.plan.datasets[u.config][u.index] for u in units]
         edits = [EditRequest.from_row(row) for row in rows]
         items = [eval_items(row) for row in rows]
         flat_pre = self.pre_edit_outputs([it for its in items for it in its])
@@ -548,8 +471,8 @@ class Runner:
             bar.update(1)
 
     def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:
-        ds = self.datasets[self.configs[0]]
-        for seq_no, (seq_id, row_indices) in enumerate(self.sequences):
+        ds = self.plan.datasets[self.config.configs[0]]
+        for seq_no, (_, row_indices) in enumerate(self.plan.sequences):
             steps = [u for u in self.units if u.index == seq_no]
             if all(u.key in done for u in steps):
                 continue
@@ -572,7 +495,7 @@ class Runner:
                     if unit is None or unit.key in done:
                         continue  # replaying an edit that was already evaluated
                     rows: list[dict[str, Any]] = []
-                    for s in self._evaluated(t, len(row_indices)):
+                    for s in self.plan.evaluated(t, len(row_indices)):
                         # one generation per edit: the same batch as its pre-edit outputs, so an unaffected
                         # item (e.g. text-only under FT-Audio) reproduces its pre-edit output bit for bit
                         post = self.evaluate(edits[s - 1], items[s - 1])
@@ -600,30 +523,26 @@ class Runner:
                                          "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m editors.run``: a user-facing error (:class:`SakeError`) is one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        if args.merge_only:
-            runner = Runner.for_merge(config)
-            result = merge(runner.path, [u.key for u in runner.all_units], runner.unit_of, runner._expected_all())
-            if not result.merged and not result.missing:
-                raise ValueError(f"{runner.path}: no predictions file and no part files to merge")
-            if not result.merged:
-                raise ValueError(f"{runner.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
-                                 f"{result.missing[0]}); rerun the same command without --merge-only")
-            path = result.path
-        else:
-            runner = Runner(config)
-            path = runner.run()
-            if path is None:  # a rank > 0: rank 0 prints the merged file
-                return 0
-    except ValueError as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    if args.merge_only:
+        plan = RunPlan(config)  # no model: the units and the files are all a merge needs
+        result = plan.merge()
+        if not result.merged and not result.missing:
+            raise DataError(f"{plan.path}: no predictions file and no part files to merge")
+        if not result.merged:
+            raise DataError(f"{plan.path}: cannot merge, {len(result.missing)} unit(s) missing (first: "
+                            f"{result.missing[0]}); rerun the same command without --merge-only")
+        path: Path | None = result.path
+    else:
+        path = Runner(config).run()
+        if path is None:  # a rank > 0: rank 0 prints the merged file
+            return 0
     print(path)
     return 0
 

@@ -28,8 +28,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
-from editors.predictions import RESUME_KEYS
 from sake_core.atomic import atomic_write
+from sake_core.protocol import RESUME_FIELDS
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer") from exc
+        raise ConfigError(f"environment variable {name}={raw!r}: expected an integer") from exc
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Shard:
         rank = _env_int(env, "RANK", 0)
         local = _env_int(env, "LOCAL_RANK", rank)
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ValueError(f"bad launch environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} "
+            raise ConfigError(f"bad launch environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} "
                              "(expected 0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0)")
         return cls(rank=rank, world_size=world, local_rank=local)
 
@@ -142,14 +143,14 @@ def scan(path: Path, header: Mapping[str, Any] | None, unit_of: Callable[[dict[s
     try:
         file_header = json.loads(raw[:end])
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: line 1 is not a JSON run header") from exc
+        raise DataError(f"{path}: line 1 is not a JSON run header") from exc
     if not isinstance(file_header, dict) or file_header.get("kind") != "header":
-        raise ValueError(f"{path}: line 1 is not a run header (kind: header)")
+        raise DataError(f"{path}: line 1 is not a run header (kind: header)")
     if header is not None:
-        diff = [k for k in RESUME_KEYS if file_header.get(k) != header.get(k)]
+        diff = [k for k in RESUME_FIELDS if file_header.get(k) != header.get(k)]
         if diff:
             details = ", ".join(f"{k}: {file_header.get(k)!r} != {header.get(k)!r}" for k in diff)
-            raise ValueError(f"{path} was written by a different run ({details}); use another --out or delete it")
+            raise DataError(f"{path} was written by a different run ({details}); use another --out or delete it")
     units: dict[Hashable, bytes] = {}
     pos = start = end + 1
     current: Hashable | None = None
@@ -227,9 +228,9 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
             return MergeResult(final, merged=False, missing=list(order))
         reference = header if header is not None else scans[0].header
         for s in scans:
-            diff = [k for k in RESUME_KEYS if s.header.get(k) != reference.get(k)]
+            diff = [k for k in RESUME_FIELDS if s.header.get(k) != reference.get(k)]
             if diff:
-                raise ValueError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
+                raise DataError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
                                  "delete the stale file")
         rows: dict[Hashable, bytes] = {}
         for s in scans:

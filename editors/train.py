@@ -67,7 +67,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   shifted_matrices)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError
+from sake_core.errors import ConfigError, DataError, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.train")
@@ -238,11 +238,11 @@ class Trainer:
         if state.get("order_length") != len(self.order) or [list(x) for x in self.order[:5]] != \
                 [list(x) for x in state.get("order_head", [])] or \
                 state.get("validation", []) != [list(r) for r in self.validation]:
-            raise ValueError(f"{state_file}: the checkpoint was made with another dataset/seed/limit/val_size; use "
+            raise DataError(f"{state_file}: the checkpoint was made with another dataset/seed/limit/val_size; use "
                              "another --out or --restart")
         net, config = load_network(self.checkpoint_dir, device=self.adapter.device)
         if config.get("method") != self.method or net.spec != self.net.spec:
-            raise ValueError(f"{self.checkpoint_dir}: checkpoint of another method or model")
+            raise DataError(f"{self.checkpoint_dir}: checkpoint of another method or model")
         self.net.load_state_dict(net.state_dict())
         opt_state = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=self.adapter.device,
                                weights_only=True)
@@ -409,14 +409,14 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     from editors.data import load_instances
     from editors.models import family_of, load_adapter
     from editors.registry import load_hparams
-    from editors.preedit_cache import default_cache_dir
+    from sake_core.cache import cache_root
     from sake_core.protocol import ATTRIBUTES
 
     family_of(model)
     chosen = list(dict.fromkeys(configs or ATTRIBUTES))
     bad = [c for c in chosen if c not in ATTRIBUTES]
     if bad:
-        raise ValueError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
+        raise ConfigError(f"--config: unknown attribute config(s) {bad}; expected {list(ATTRIBUTES)}")
     data = {c: load_instances(dataset, c, split) for c in chosen}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -424,7 +424,7 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     hp = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=hparams)
     if not isinstance(hp, HypernetHparams):
         raise ConfigError(f"--method {method}: not a hypernetwork method (expected one of {hypernetwork_methods()})")
-    target = Path(out) if out else default_hypernet_dir(cache_dir or default_cache_dir(), method, model)
+    target = Path(out) if out else default_hypernet_dir(cache_dir or cache_root(), method, model)
     trainer = Trainer(adapter, method, hp, data, target, seed=seed, model_name=model, dataset_name=dataset,
                       limit=limit, checkpoint_every=checkpoint_every, progress=progress)
     if not restart:
@@ -436,20 +436,17 @@ def train_hypernetwork(method: str, model: str, dataset: str, *, out: str | Path
     return target
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m editors.train``: a user-facing error (:class:`SakeError`) is one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
-                                 split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
-                                 limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                                 restart=args.restart, dtype=args.dtype, device=args.device,
-                                 revision=args.revision, progress=not args.no_progress)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = train_hypernetwork(args.method, args.model, args.dataset, out=args.out, configs=args.config or (),
+                             split=args.split, cache_dir=args.cache_dir, hparams=args.hparam, seed=args.seed,
+                             limit=args.limit, max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                             restart=args.restart, dtype=args.dtype, device=args.device,
+                             revision=args.revision, progress=not args.no_progress)
     print(out)
     return 0
 

@@ -29,15 +29,13 @@ Batches have canonical shapes (``editors/models/buckets.py``), so each edit gets
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence, cast
 
 import torch
-
-import contextlib
-from typing import Iterator, Sequence
 
 from editors.base import EditRequest, Editor, RunContext, finetune
 from editors.batching import RowRouting, StackedCopies, masked_update, finetune_many, runs_of
@@ -46,6 +44,7 @@ from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_aud
 from editors.models.buckets import training_groups
 from editors.registry import register
 from sake_core.protocol import ATTRIBUTES
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
     ``source='instance'`` (or no ``context.load_rows``): the instance's own locality items, repeated cyclically
     when fewer than asked. Raises ValueError for an unknown source."""
     if source not in ("train", "instance"):
-        raise ValueError(f"preserve_source={source!r}; expected 'train' or 'instance'")
+        raise ConfigError(f"preserve_source={source!r}; expected 'train' or 'instance'")
     if source == "instance" or context.load_rows is None:
         text, audio = _instance_items(edit)
         return _cycle(text, n_text) + _cycle(audio, n_audio)
@@ -140,6 +139,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 def last_prompt_positions(batch: PromptBatch) -> torch.Tensor:
     """Column of the last prompt token of each row of a batch prepared with targets (it predicts the first target
     token)."""
+    if batch.target_rows is None or batch.target_cols is None:
+        raise ValueError("last_prompt_positions needs a batch prepared with targets")
     first = torch.full((batch.batch_size,), batch.input_ids.shape[1], dtype=torch.long, device=batch.input_ids.device)
     return first.scatter_reduce(0, batch.target_rows, batch.target_cols, reduce="amin")
 
@@ -242,7 +243,7 @@ class UnKE(Editor):
                 terms.append((pres_state, a.run_layers(pres_state).detach(), pres_batch.attention_mask))
 
         def loss_fn() -> torch.Tensor:
-            return sum(masked_mse(a.run_layers(st), target, mask) for st, target, mask in terms)
+            return cast(torch.Tensor, sum(masked_mse(a.run_layers(st), target, mask) for st, target, mask in terms))
 
         names = set(self.touched_parameters())
         params = {n: p for n, p in a.model.named_parameters() if n in names}
@@ -267,8 +268,8 @@ class UnKE(Editor):
             groups.append((torch.tensor(rows, device=key0.device), state, onehot.unsqueeze(-1), key0))
         device = groups[0][3].device
         key0 = torch.zeros(k, groups[0][3].shape[-1], device=device)
-        for rows, _, _, keys in groups:
-            key0[rows] = keys
+        for group_rows, _, _, keys in groups:
+            key0[group_rows] = keys
         delta = torch.zeros_like(key0, requires_grad=True)
         max_norm = hp.clamp_norm_factor * key0.norm(dim=-1)
         wd = hp.v_weight_decay
@@ -282,7 +283,8 @@ class UnKE(Editor):
             return out
 
         active = torch.ones(k, dtype=torch.bool, device=device)
-        steps, state_opt = [0] * k, [{}]
+        steps = [0] * k
+        state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         for step in range(1, hp.v_steps + 1):
             losses = nll(delta)
             active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone

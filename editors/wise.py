@@ -58,10 +58,11 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.batching import masked_update, runs_of
 from editors.hparams import Hparams
-from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt
+from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
 from editors.models.buckets import training_groups
 from editors.registry import register
 from editors.unke import preservation_prompts
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def activation_fn(adapter: LALMAdapter, which: str) -> Any:
     if which == "none":
         return lambda t: t
     if which != "hidden_act":
-        raise ValueError(f"wise: distance_act={which!r}; expected hidden_act or none")
+        raise ConfigError(f"wise: distance_act={which!r}; expected hidden_act or none")
     from transformers.activations import ACT2FN
 
     name = getattr(adapter.language_model().config, "hidden_act", None)
@@ -97,7 +98,7 @@ class Shard:
 class WiseRouter(nn.Module):
     """Stand-in for an FFN output projection: routes each input row to a side-memory shard or the original."""
 
-    def __init__(self, original: nn.Module, act: Any, act_ratio: float, long_prompt_tokens: int = 100,
+    def __init__(self, original: nn.Linear, act: Any, act_ratio: float, long_prompt_tokens: int = 100,
                  retrieve: bool = True) -> None:
         super().__init__()
         self.original = original
@@ -192,6 +193,9 @@ class WiseRouter(nn.Module):
         """Each run's rows routed as a router holding only that edit's side memory would route them."""
         out = self.original(x)
         batch, length = x.shape[0], x.shape[1]
+        shards = self.edit_shards
+        if shards is None:
+            raise RuntimeError("wise: per-edit routing without per-edit side memories (apply_many first)")
         if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
             decisions = self.decisions
         else:
@@ -203,7 +207,7 @@ class WiseRouter(nn.Module):
             # one side memory per edit: WISE's rule (the most activated of the memories above act_ratio * their
             # threshold; retrieve or not, one memory's threshold is its own) is this memory's gate
             for k, a, b in self.runs:
-                shard = self.edit_shards[k]
+                shard = shards[k]
                 score = self.row_scores(self.token_distance(x[a:b], shard.weight, out[a:b]), valid[a:b])
                 decisions[a:b] = torch.where(score > shard.threshold * self.act_ratio, k, -1)
             self.decisions = decisions
@@ -211,7 +215,7 @@ class WiseRouter(nn.Module):
             out = out.clone()
             for k in sorted(set(decisions.tolist()) - {-1}):
                 rows = decisions == k
-                out[rows] = self.side_output(x[rows], self.edit_shards[k].weight)
+                out[rows] = self.side_output(x[rows], shards[k].weight)
         return out
 
 
@@ -301,7 +305,7 @@ class WISE(Editor):
     def _install(self) -> WiseRouter:
         if self.router is None:
             layer = self._layer()
-            original = self.adapter.mlp_out_proj(layer)
+            original = as_linear(self.adapter.mlp_out_proj(layer))
             router = WiseRouter(original, activation_fn(self.adapter, self.hparams.distance_act),
                                 self.hparams.act_ratio, self.hparams.long_prompt_tokens, self.hparams.retrieve)
             self.adapter.set_mlp_out_proj(layer, router)
@@ -322,7 +326,7 @@ class WISE(Editor):
 
     def _inner_activations(self, state) -> torch.Tensor:
         """The FFN inner activations (the output projection's input) of the edited layer: [B, T, I]."""
-        router = self.router
+        router = self._install()
         router.capture = []
         try:
             with torch.no_grad():
@@ -402,7 +406,7 @@ class WISE(Editor):
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if shard.mask is not None:
+                if shard.mask is not None and master.grad is not None:
                     master.grad.mul_(shard.mask)
                 opt.step()
                 steps += 1
@@ -514,7 +518,8 @@ class WISE(Editor):
             return ft, ft + act
 
         active = torch.ones(k, dtype=torch.bool, device=device)
-        steps, ft_last, total_last, state = [0] * k, [float("nan")] * k, [float("nan")] * k, [{}]
+        steps, ft_last, total_last = [0] * k, [float("nan")] * k, [float("nan")] * k
+        opt_state: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         for step in range(1, hp.n_iter + 1):
             ft, total = losses(master)
             values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
@@ -529,7 +534,7 @@ class WISE(Editor):
             with torch.no_grad():
                 if template.mask is not None:
                     grad = grad * template.mask
-                masked_update([master], [grad], state, active, step, optimizer="sgd", lr=hp.edit_lr,
+                masked_update([master], [grad], opt_state, active, step, optimizer="sgd", lr=hp.edit_lr,
                               weight_decay=hp.weight_decay)
                 if norm_c is not None:
                     lo, hi = base.float() - norm_c, base.float() + norm_c

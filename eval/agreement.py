@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from eval.sake_metric.scoring import DIMENSION_CODES
+from sake_core.errors import DataError, user_errors
 from sake_core.command import command_prog
 
 DIMENSIONS = tuple(DIMENSION_CODES)
 
 
-class AgreementError(ValueError):
+class AgreementError(DataError):
     """Results that cannot be compared; one-line message naming the file."""
 
 
@@ -106,6 +107,7 @@ def _load(path: str) -> dict[str, Any]:
         raise AgreementError(f"{path}: cannot read a results JSON ({exc})") from None
 
 
+@user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=command_prog("python -m eval.agreement"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
@@ -114,12 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results_b", help="results JSON of the same predictions under another judging")
     p.add_argument("--json", default=None, help="also write the agreement as JSON to this path")
     args = p.parse_args(argv)
-    try:
-        report = agreement(_load(args.results_a), _load(args.results_b), source_a=args.results_a,
-                           source_b=args.results_b)
-    except AgreementError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = agreement(_load(args.results_a), _load(args.results_b), source_a=args.results_a,
+                       source_b=args.results_b)
     if args.json:
         from eval.score import write_json_atomic
 

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sake_core.errors import ConfigError, user_errors
 from sake_core.atomic import write_tree
 
 logger = logging.getLogger("eval.publish")
@@ -86,7 +87,7 @@ folder with no Hub (`./results`, `./queue`; `SAKE_MANIFEST=DATASET_DIR` to accep
 """
 
 
-class PublishError(ValueError):
+class PublishError(ConfigError):
     """Bad arguments for publishing (one line)."""
 
 
@@ -138,7 +139,7 @@ def metric_card(repo_id: str) -> str:
                            f"usage line the card shows with the repo id), found {len(usage)}")
     lines[usage[0]] = f'metric = evaluate.load("{repo_id}")'
     card.text = "\n".join(lines)
-    data = card.data
+    data: Any = card.data  # CardData: the Space's metadata fields are set as attributes
     data.sdk, data.sdk_version, data.app_file = "gradio", METRIC_SDK_VERSION, "app.py"
     data.emoji, data.colorFrom, data.colorTo, data.pinned = "🎧", "indigo", "green", False
     data.license = data.license or "apache-2.0"
@@ -281,21 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.what == "metric":
-            out = publish_metric(args.repo_id, args.dry_run)
-        elif args.what == "leaderboard":
-            out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
-                                      dry_run=args.dry_run, private_results=args.private_results,
-                                      requests_repo=args.requests_repo)
-        else:
-            out = publish_dataset(args.repo_id, args.built, args.dry_run)
-    except PublishError as exc:
-        print(f"sake publish: {exc}", file=sys.stderr)
-        return 2
+    if args.what == "metric":
+        out = publish_metric(args.repo_id, args.dry_run)
+    elif args.what == "leaderboard":
+        out = publish_leaderboard(args.repo_id, args.results_repo, manifest=args.manifest, judge=args.judge,
+                                  dry_run=args.dry_run, private_results=args.private_results,
+                                  requests_repo=args.requests_repo)
+    else:
+        out = publish_dataset(args.repo_id, args.built, args.dry_run)
     if out is not None:
         print(f"wrote {out} (dry run: nothing uploaded)")
     return 0

@@ -48,9 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from eval.sake_metric.scoring import comparability_note, default_protocol
+from eval.sake_metric.scoring import comparability_note
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
+from sake_core.errors import DataError, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
     def add_results(path: Path) -> None:
         obj = json.loads(path.read_text(encoding="utf-8"))
         if not _is_results(obj):
-            raise ValueError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
+            raise DataError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
         name = path.name[:-len(".results.json")] if path.name.endswith(".results.json") else path.stem
         runs.append(Run(obj, str(path), _timing(path.with_name(name + ".jsonl"))))
 
@@ -198,7 +199,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             else:
                 predictions = [p for p in sorted(path.rglob("*.jsonl")) if _is_predictions(p)]
                 if not predictions:
-                    raise ValueError(f"{path}: no results JSON and no predictions JSONL found")
+                    raise DataError(f"{path}: no results JSON and no predictions JSONL found")
                 for candidate in predictions:
                     add_predictions(candidate)
         elif path.suffix == ".jsonl":
@@ -206,12 +207,12 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         elif path.is_file():
             add_results(path)
         else:
-            raise ValueError(f"{path}: no such file or folder")
+            raise DataError(f"{path}: no such file or folder")
     seen: dict[tuple[str, str, str, str], str] = {}
     for run in runs:
         key = (run.results.get("model") or "?", run.method, run.mode, run.protocol)
         if key in seen:
-            raise ValueError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
+            raise DataError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
                              f"{key[3]!r}: {seen[key]} and {run.source}")
         seen[key] = run.source
     runs.sort(key=lambda r: (r.model, PROTOCOL_ORDER.get(r.protocol, 9), r.mode != "single", r.mode,
@@ -364,11 +365,11 @@ def table_wall_clock(runs: Sequence[Run]) -> Table | None:
         trained = [s for s in (hypernetwork_training_s(r) for r in modes.values()) if s is not None]
         row = [first[(method, model)].label, model, _duration(trained[0]) if trained else "-"]
         for mode in ("single", "sequential"):
-            run = modes.get(mode)
-            if run is None:
+            of_mode = modes.get(mode)
+            if of_mode is None:
                 row += ["-", "-", "-"]
                 continue
-            t = run.timing or {}
+            t = of_mode.timing or {}
             units = int(t.get("units") or 0)
             row += [_duration(t.get("total_s")), str(units),
                     f"{float(t['total_s']) / units:.2f}" if units else "-"]
@@ -528,7 +529,7 @@ def plot_types(runs: Sequence[Run], model: str, path: Path, protocol: str = "") 
         offset = (i - (len(single) - 1) / 2) * width
         points = [(j + offset, run.metrics().get(k)) for j, (k, _) in enumerate(TYPE_BARS)]
         points = [(x, v) for x, v in points if v is not None]  # no bar where a type has no items
-        ax.bar([x for x, _ in points], [v for _, v in points], width, label=run.label,
+        ax.bar([x for x, _ in points], [float(v) for _, v in points if v is not None], width, label=run.label,
                color=method_color(run.results))
     ax.set_xticks(range(len(TYPE_BARS)), [label for _, label in TYPE_BARS])
     ax.set_ylim(0, 105)
@@ -684,34 +685,27 @@ def write_report(runs: Sequence[Run], out_dir: str | os.PathLike) -> list[Path]:
     return written
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
+    from eval.score import add_judge_arguments, judge_options
+
     p = argparse.ArgumentParser(prog=command_prog("python -m eval.report"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="results JSON, predictions JSONL, or run folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--judge", choices=("offline", "openai"), default=None,
-                   help="judge for predictions JSONL inputs: offline protocol, or openai = the paper protocol "
-                        "(default: openai when OPENAI_API_KEY is set, else offline)")
-    p.add_argument("--prefilter", choices=("choice",), default=None,
-                   help="with --judge openai: the choice matcher decides first (protocol paper+choice)")
-    p.add_argument("--model", default=None, help="judge model for --judge openai")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint for --judge openai")
-    p.add_argument("--cache-dir", default=None, help="judge verdict cache")
+    add_judge_arguments(p)  # how predictions JSONL inputs are scored (as eval.score)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    judge = args.judge or ("openai" if default_protocol() == "paper" else "offline")
-    score_kwargs: dict[str, Any] = {"judge": judge, "prefilter": args.prefilter, "base_url": args.base_url,
-                                    "cache_dir": args.cache_dir}
-    if args.model:
-        score_kwargs["model"] = args.model
+    score_kwargs = judge_options(args)
     from eval.sake_metric.llm_judge import JudgeError
+    from eval.sake_metric.predictions_file import PredictionsError
     from eval.sake_metric.scoring import JudgeFailures
 
     try:
         runs = load_runs(args.inputs, score_kwargs)
-    except ValueError as exc:
+    except PredictionsError as exc:  # the metric's own (self-contained) error for a bad predictions file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (JudgeError, JudgeFailures) as exc:

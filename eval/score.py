@@ -55,12 +55,13 @@ from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import (NOT_COMPARABLE_LINE, JudgeFailures, build_results, check_failures,
                                       default_protocol, judge_rows, protocol_name)
 from sake_core.atomic import atomic_write
+from sake_core.errors import ConfigError, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["score_predictions", "make_judge", "write_json_atomic", "PredictionsError", "JudgeError",
-           "JudgeFailures", "resolve_protocol", "main"]
+           "JudgeFailures", "resolve_protocol", "add_judge_arguments", "judge_options", "main"]
 
 
 def make_judge(
@@ -92,7 +93,7 @@ def resolve_protocol(protocol: str | None, judge: str | LLMJudge | None) -> tupl
     if protocol == "paper":
         if judge == "offline":
             raise ValueError("protocol 'paper' needs the LLM judge; judge='offline' contradicts it")
-        return protocol, judge if uses_llm else "openai"
+        return protocol, judge if uses_llm and judge is not None else "openai"
     if uses_llm:
         raise ValueError("protocol 'offline' uses no LLM judge; drop judge='openai' or use protocol='paper'")
     return protocol, "offline"
@@ -137,11 +138,9 @@ def score_predictions(
     return build_results(file_header, verdicts, the_judge, name)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=command_prog("python -m eval.score"), description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")
+def add_judge_arguments(p: argparse.ArgumentParser) -> None:
+    """The judge options of every command that scores predictions (``eval.score``, ``eval.report``), declared once;
+    :func:`judge_options` turns them into keyword arguments of :func:`score_predictions`."""
     p.add_argument("--judge", choices=("offline", "openai"), default=None,
                    help="offline: offline protocol (empty -> exact -> choice; undecided -> incorrect); "
                         "openai: the paper protocol (empty -> exact -> LLM judge, App. E) (default: openai when "
@@ -152,9 +151,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failed", type=int, default=0, metavar="N",
                    help="items allowed to stay without a well-formed LLM verdict (counted wrong, listed); more "
                         "make the command fail without writing results (default: %(default)s)")
-    p.add_argument("--manifest", default=None,
-                   help="dataset manifest (sake_manifest.json or its folder): refuse a file missing any of its "
-                        "items (default: the header's dataset folder when present here)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="judge model (default: %(default)s)")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: the OpenAI API)")
     p.add_argument("--reasoning-effort", default="minimal",
@@ -166,6 +162,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="retries of a request refused with 429/5xx or lost (default: %(default)s)")
     p.add_argument("--retry-backoff", type=float, default=1.0,
                    help="first retry delay in seconds, doubled each retry (default: %(default)s)")
+
+
+def judge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`score_predictions` from the options of :func:`add_judge_arguments`
+    (ConfigError for a prefilter without the LLM judge). No ``--judge``: the paper protocol when OPENAI_API_KEY is
+    set, else the offline one (:func:`eval.sake_metric.scoring.default_protocol`)."""
+    if args.judge is None:
+        args.judge = "openai" if default_protocol() == "paper" else "offline"
+    if args.prefilter and args.judge != "openai":
+        raise ConfigError("--prefilter choice applies to the paper protocol (--judge openai); the offline protocol "
+                          "already ends with the choice stage")
+    effort = None if args.reasoning_effort.lower() == "none" else args.reasoning_effort
+    return {"judge": args.judge, "prefilter": args.prefilter, "max_failed": args.max_failed, "model": args.model,
+            "base_url": args.base_url, "reasoning_effort": effort, "cache_dir": args.cache_dir,
+            "max_workers": args.max_workers, "max_retries": args.max_retries, "retry_backoff": args.retry_backoff}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=command_prog("python -m eval.score"), description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")
+    add_judge_arguments(p)
+    p.add_argument("--manifest", default=None,
+                   help="dataset manifest (sake_manifest.json or its folder): refuse a file missing any of its "
+                        "items (default: the header's dataset folder when present here)")
     p.add_argument("--batch", action="store_true", help="use the Batch API (submit, poll, collect)")
     p.add_argument("--batch-state", default=None, help="batch state file for resuming (default: OUT.batch.json)")
     p.add_argument("--out", default=None, help="results JSON path (default: PREDICTIONS with .results.json)")
@@ -181,26 +203,17 @@ def default_results_path(predictions: str | os.PathLike) -> Path:
     return path.with_name(stem + ".results.json")
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.judge is None:
-        args.judge = "openai" if default_protocol() == "paper" else "offline"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.prefilter and args.judge != "openai":
-        print("error: --prefilter choice applies to the paper protocol (--judge openai); the offline protocol "
-              "already ends with the choice stage", file=sys.stderr)
-        return 2
+    options = judge_options(args)
     out = Path(args.out) if args.out else default_results_path(args.predictions)
     batch_state = args.batch_state or (str(out) + ".batch.json" if args.batch else None)
-    effort = None if args.reasoning_effort.lower() == "none" else args.reasoning_effort
     try:
-        results = score_predictions(args.predictions, judge=args.judge, prefilter=args.prefilter,
-                                    max_failed=args.max_failed, manifest=args.manifest, model=args.model,
-                                    base_url=args.base_url, cache_dir=args.cache_dir, max_workers=args.max_workers,
-                                    batch=args.batch, batch_state=batch_state, reasoning_effort=effort,
-                                    max_retries=args.max_retries, retry_backoff=args.retry_backoff,
-                                    items_out=args.items_out)
+        results = score_predictions(args.predictions, manifest=args.manifest, batch=args.batch,
+                                    batch_state=batch_state, items_out=args.items_out, **options)
     except PredictionsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from editors.config import RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from editors.base import EditRequest, Editor
-    from editors.models.base import GenerationSettings, LALMAdapter, Prompt
+    from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, Prompt
 
 __all__ = ["EditedModel", "RunConfig", "editing", "report", "run", "score"]
 
@@ -80,7 +80,7 @@ class EditedModel:
                  settings: "GenerationSettings") -> None:
         self.adapter, self.editor, self.edit, self.stats, self.settings = adapter, editor, edit, stats, settings
 
-    def generate(self, prompts: "Sequence[Prompt]", max_new_tokens: int | None = None, **limits: Any) -> list[str]:
+    def generate(self, prompts: "Sequence[Prompt]", max_new_tokens: int | None = None, **limits: Any) -> "list[GeneratedText]":
         """Greedy answers of ``prompts`` under the edit, with the run's generation settings (the model family's
         ``max_new_tokens`` unless given; ``limits``: ``batch_size``, ``max_batch_tokens``)."""
         settings = self.settings

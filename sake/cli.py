@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"sake: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    sys.argv = [f"sake {name}", *rest]
+    saved_argv = sys.argv
+    sys.argv = [f"sake {name}", *rest]  # the part's program name while it runs (restored after, for in-process calls)
     try:
         entry = importlib.import_module(COMMANDS[name][0]).main
         # Every part's CLI is `main(argv=None)`; a `main()` without parameters reads sys.argv, set above.
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except SakeError as exc:
         print(f"sake {name}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved_argv
     return int(result or 0)
 
 

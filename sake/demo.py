@@ -35,6 +35,7 @@ from sake_core.atomic import atomic_write
 from sake_core.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
 from sake_core.shipped import shipped_path
 from editors.registry import method_sort_key
+from sake_core.errors import ConfigError, DataError, SakeError, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def methods_to_run(requested: Sequence[str] | None) -> list[str]:
     if requested:
         missing = [m for m in requested if m not in available]
         if missing:
-            raise SystemExit(f"sake demo: method(s) {missing} not available (available: {available})")
+            raise ConfigError(f"method(s) {missing} not available (available: {available})")
         chosen = list(requested)
     else:
         chosen = list(available)
@@ -122,7 +123,7 @@ def sequential_methods(requested: str, single: Sequence[str]) -> list[str]:
     chosen = [m.strip() for m in requested.split(",") if m.strip()]
     missing = [m for m in chosen if m not in available_methods()]
     if missing:
-        raise SystemExit(f"sake demo: sequential method(s) {missing} not available")
+        raise ConfigError(f"sequential method(s) {missing} not available")
     return chosen
 
 
@@ -141,8 +142,8 @@ def train_hypernetwork(method: str, model: str, dataset: Path, out: Path, seed: 
             train_hypernetwork(method, model, str(dataset), out=target, seed=seed,
                                limit=None if limit is None else max(limit, 2),
                                hparams={} if limit is None else {"val_size": 2}, progress=progress)
-        except ValueError as exc:
-            raise SystemExit(f"sake demo: training the {method} hypernetwork failed: {exc}") from exc
+        except SakeError as exc:
+            raise SakeError(f"training the {method} hypernetwork failed: {exc}") from exc
         atomic_write(done, "ok\n")
     return hypernetwork_overrides(method, target)
 
@@ -226,7 +227,7 @@ def replace_block(text: str, body: str, where: str = "README.md") -> str:
     start = text.find(START_MARKER)
     end = text.find(END_MARKER)
     if start < 0 or end < 0 or end < start:
-        raise ValueError(f"{where}: expected the markers {START_MARKER} and {END_MARKER} (in this order) around the "
+        raise DataError(f"{where}: expected the markers {START_MARKER} and {END_MARKER} (in this order) around the "
                          "demo table")
     head = text[: start + len(START_MARKER)]
     return head + "\n" + body.rstrip("\n") + "\n" + text[end:]
@@ -235,7 +236,7 @@ def replace_block(text: str, body: str, where: str = "README.md") -> str:
 def update_readme(readme: Path, body: str) -> None:
     """Rewrite the demo block of ``readme`` (only the text between the markers changes)."""
     if not readme.is_file():
-        raise ValueError(f"{readme}: no README to update")
+        raise DataError(f"{readme}: no README to update")
     text = readme.read_text(encoding="utf-8")
     new = replace_block(text, body, str(readme))
     if new != text:
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -289,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     model = str(Path(args.model) if args.model else DEFAULT_MODEL)
     if not Path(model).exists() and "/" not in model:
-        raise SystemExit(f"sake demo: model {model} not found")
+        raise ConfigError(f"model {model} not found")
     if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
-        raise SystemExit(f"sake demo: the reference model is missing ({DEFAULT_MODEL}); train it with "
+        raise ConfigError(f"the reference model is missing ({DEFAULT_MODEL}); train it with "
                          "`python -m tools.train_reference_model`")
     methods = methods_to_run([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
     sequential = sequential_methods(args.sequential_methods, methods)
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.hparam:
         method, _, kv = item.partition(":")
         if not kv or "=" not in kv:
-            raise SystemExit(f"sake demo: --hparam {item!r}: expected METHOD:KEY=VALUE")
+            raise ConfigError(f"--hparam {item!r}: expected METHOD:KEY=VALUE")
         overrides.setdefault(method, []).append(kv)
 
     plan: list[tuple[str, str]] = [(m, "single") for m in methods]
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write(Path(args.readme_block), body)
         try:
             update_readme(Path(args.readme), body)
-        except ValueError as exc:
+        except DataError as exc:
             print(f"sake demo: README not updated: {exc} (the block is in {args.readme_block})", file=sys.stderr)
             return 1
         print(f"updated the demo table in {args.readme}")

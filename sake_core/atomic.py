@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +159,9 @@ def replace_dir(new_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     :func:`staging_dir`). Returns ``dest``."""
     new_dir, dest = Path(new_dir), Path(dest)
     if not new_dir.is_dir():
-        raise ValueError(f"{new_dir}: expected a folder to put in place of {dest}")
+        raise ConfigError(f"{new_dir}: expected a folder to put in place of {dest}")
     if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()):
-        raise ValueError(f"{dest}: exists and is not a folder; refusing to replace it")
+        raise ConfigError(f"{dest}: exists and is not a folder; refusing to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(dest)
     if not os.path.lexists(dest):

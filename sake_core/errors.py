@@ -9,6 +9,10 @@ those keeps working.
 
 from __future__ import annotations
 
+import functools
+import sys
+from typing import Callable, TypeVar
+
 
 class SakeError(Exception):
     """Base of every user-facing error: the message is one line that names the file, field or argument at fault
@@ -52,3 +56,24 @@ def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (newlines folded), as the command-line entry points print it."""
     text = str(exc).strip() or type(exc).__name__
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+F = TypeVar("F", bound=Callable[..., int])
+
+
+def user_errors(main: F) -> F:
+    """Decorator of a command-line entry point ``main(argv=None) -> int``: a :class:`SakeError` becomes one line
+    ``error: MESSAGE`` on stderr (``sake X: error: MESSAGE`` under the ``sake`` command) and exit status 2 (logged
+    nowhere else); any other exception is a bug and propagates with its traceback."""
+    @functools.wraps(main)
+    def run(*args: object, **kwargs: object) -> int:
+        try:
+            return main(*args, **kwargs)
+        except SakeError as exc:
+            # under the `sake` command, sys.argv[0] is "sake X" (as sake_core.command.command_prog reads it)
+            first = sys.argv[0] if sys.argv else ""
+            prefix = f"{first}: " if first.startswith("sake ") else ""
+            print(f"{prefix}error: {one_line(exc)}", file=sys.stderr)
+            return 2
+    run.handles_user_errors = True  # type: ignore[attr-defined]  # checked by tests/test_errors.py
+    return run  # type: ignore[return-value]

@@ -202,7 +202,7 @@ def construct(sakura_clips: Sequence[LabelledClip], pool_clips: Sequence[Labelle
         log.info("%s: %d instances, %d audio inputs, %d QA pairs", split, *got)
 
     # 4. train and test share no audio (source content hash; the encoded bytes are checked again on writing)
-    hashes = {split: set() for split in built}
+    hashes: dict[str, set[str]] = {split: set() for split in built}
     for config in CONFIGS:
         for split in built:
             for row in rows[config][split]:

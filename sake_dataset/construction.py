@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 from .dsuperb_tasks import TaskTable, load_task_table
 from .knowledge import PortabilityCategory, QuestionBank
@@ -55,9 +55,9 @@ def clip_question(clip: LabelledClip, banks: dict[str, QuestionBank],
             return stem, options, clip.answer or clip.label
     bank = banks[clip.attribute]
     others = [label for label in LABELS[clip.attribute] if label != clip.label]
-    options = [clip.label] + rng.sample(others, min(len(others), bank.n_options - 1))
-    rng.shuffle(options)
-    return bank.question, tuple(options), clip.label
+    choices = [clip.label] + rng.sample(others, min(len(others), bank.n_options - 1))
+    rng.shuffle(choices)
+    return bank.question, tuple(choices), clip.label
 
 
 def edit_options(clip: LabelledClip, target: str, banks: dict[str, QuestionBank],
@@ -65,8 +65,8 @@ def edit_options(clip: LabelledClip, target: str, banks: dict[str, QuestionBank]
     """The edit question for clip (label y_o) and target y_e: the clip's question, its options made to contain
     y_e (a distractor that is neither y_o nor y_e is replaced in place when needed). Returns (stem, options,
     answer) with answer = y_e as spelled in the options."""
-    stem, options, _ = clip_question(clip, banks, rng)
-    options = list(options)
+    stem, given, _ = clip_question(clip, banks, rng)
+    options = list(given)
     if option_for_label(clip.attribute, options, clip.label) is None:
         raise ConstructionError(f"{clip.source}: field 'single_instruction' has no option for its label "
                                 f"{clip.label!r}: {options}")
@@ -99,7 +99,8 @@ class _Cycler:
     """Draws items from a list in a seeded shuffled order, reshuffling when exhausted (spreads reuse evenly)."""
 
     def __init__(self, items: Sequence[Any], rng: random.Random):
-        self.items, self.rng, self.queue = list(items), rng, []
+        self.items, self.rng = list(items), rng
+        self.queue: list[Any] = []
 
     def draw(self, accept=lambda x: True) -> Any | None:
         for _ in range(2):
@@ -157,7 +158,7 @@ class InstanceBuilder:
                      answer=answer, attribute=clip.attribute, label=clip.label, source=clip.source, type_=type_)
 
     def locality_audio(self, inst_id: str, attribute: str, y_o: str, y_e: str, edit_hash: str,
-                       banned_labels: set[str] = frozenset()) -> list[dict[str, Any]]:
+                       banned_labels: AbstractSet[str] = frozenset()) -> list[dict[str, Any]]:
         """Audio-locality items types 1-4; labels in `banned_labels` are never used (§4.2 rule 2)."""
         exclude = {edit_hash}
         items = []
@@ -183,9 +184,11 @@ class InstanceBuilder:
                            label=task.label, source=task.source, type_=4))
         return items
 
-    def draw_task(self, attribute: str, banned_labels: set[str], inst_id: str) -> TaskClip:
+    def draw_task(self, attribute: str, banned_labels: AbstractSet[str], inst_id: str) -> TaskClip:
         if attribute not in self._tasks_for:
-            allowed = [t for t in self.pool.tasks if self.tasks.allowed(t.task, t.instruction, attribute)]
+            tasks = self.tasks
+            assert tasks is not None  # loaded when the constructor was built
+            allowed = [t for t in self.pool.tasks if tasks.allowed(t.task, t.instruction, attribute)]
             self._tasks_for[attribute] = _Cycler(allowed, self.rng)
         banned = {b.lower() for b in banned_labels}
         task = self._tasks_for[attribute].draw(lambda t: t.label.strip().lower() not in banned)

@@ -92,7 +92,7 @@ def partition_clips(primary: Sequence[LabelledClip], extra: Sequence[LabelledCli
             rng.shuffle(first)
             rng.shuffle(second)
             want = test_quota.get(attribute, {}).get(label, 0)
-            taken = []
+            taken: list[Any] = []
             for clip in _unique_by_hash(first + second):
                 if len(taken) == want:
                     break

@@ -227,7 +227,8 @@ def _answer_text(answer: str, options: Sequence[str]) -> str | None:
 
 def multi_hop_questions(clips: Iterable[LabelledClip]) -> tuple[list[MultiHopQuestion], Counter]:
     """The usable multi-hop questions of SAKURA clips, and a count of skipped ones by reason."""
-    out, skipped = [], Counter()
+    out: list[MultiHopQuestion] = []
+    skipped: Counter[str] = Counter()
     for clip in clips:
         if not clip.multi_question.strip():
             continue

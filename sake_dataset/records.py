@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sake_core.errors import DataError
 
-class SourceError(ValueError):
+
+class SourceError(DataError):
     """A source does not have the expected layout; the message names the file, the field and what was expected."""
 
 
-class ConstructionError(ValueError):
+class ConstructionError(DataError):
     """The sources or the requested sizes cannot satisfy a construction rule (message says which and why)."""
 
 

@@ -263,8 +263,8 @@ def stats_markdown(stats: dict[str, Any]) -> str:
     for split in built:
         for config in ATTRIBUTES:
             counts = stats["provenance"][split].get(config, {})
-            cells = " | ".join(str(counts.get(o, 0)) for o in stats["origins"])
-            lines.append(f"| {split} | {config} | {cells} |")
+            row = " | ".join(str(counts.get(o, 0)) for o in stats["origins"])
+            lines.append(f"| {split} | {config} | {row} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -17,9 +17,12 @@ from editors.hparams import Hparams
 from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import LALMAdapter
+from editors.models.registry import families
 
 
 EMOTION_QUESTION = "What is the emotion of the speaker? (a) happy (b) sad (c) angry (d) neutral"
+#: The tiny random-init model of every family (editors/models/registry.py), in family order.
+TINY_MODELS = tuple(info.tiny_name for info in families().values())
 
 
 def tiny_adapter(name: str = "tiny-qwen2-audio", seed: int = 0) -> LALMAdapter:
@@ -108,7 +111,9 @@ def demo_dataset() -> Path:
     return shared_demo_build().out
 
 
+@lru_cache(maxsize=1)
 def load_train_split() -> dict[str, Any]:
+    """The demo train split of every attribute config (loaded once; rows are read, never written)."""
     from editors.data import load_instances
     from sake_core.protocol import ATTRIBUTES
 

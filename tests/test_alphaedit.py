@@ -1,6 +1,7 @@
-"""AlphaEdit (editors/alphaedit.py): the multi-layer (MEMIT-style) edit takes, preserved keys' outputs stay within
-the stated tolerance at every edited layer, the statistics are cached on disk, context templates and the KL term,
-sequential edits leave earlier edits' keys alone, exact restore, runner.
+"""AlphaEdit (editors/alphaedit.py), what is particular to it: the multi-layer (MEMIT-style) edit takes, preserved
+keys' outputs stay within the stated tolerance at every edited layer, the statistics are cached on disk, context
+templates and the KL term, sequential edits leave earlier edits' keys alone. (Every method's edit, restore, runner
+and resume: tests/test_methods.py.)
 
 Stated tolerance (what the null-space projection guarantees), per edited layer l: for every preserved key k0 the
 update changes the layer's output by at most ||Delta_l||_2 * ||P_l k0|| (only k0's part in the null space of the
@@ -9,18 +10,14 @@ nothing (up to 1e-5 of ||Delta_l|| ||k0||, fp32 rounding of the stored weight) f
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
+from _methods_helpers import (TINY_MODELS, assert_same_state, context, edit_request, first_answer_token, hparams,
                               load_train_split, model_state, one_token_words, tiny_adapter)
 from editors.alphaedit import AlphaEdit, preserved_prompts
 from editors.base import ParameterSnapshot
 
-MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
 #: a small preserved-prompt set keeps the tests fast (the tiny section takes every train prompt)
 SMALL = {"preserve_audio": 24, "preserve_text": 12}
 
@@ -51,7 +48,7 @@ def _preserved_keys(editor):
     return {layer: torch.cat(k) for layer, k in keys.items()}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_alphaedit_multi_layer_edit_takes_preserved_keys_stay_within_tolerance_and_restore_is_exact(model, tmp_path):
     adapter = tiny_adapter(model)
     (edit,) = _edits(adapter, 1)
@@ -121,7 +118,10 @@ def test_alphaedit_without_a_train_split_is_a_clear_error():
         editor.setup()
 
 
-@pytest.mark.parametrize("model", MODELS)
+#: Whether two edits of the same question get distinct keys: the tiny DeSTA2.5's random LLM barely mixes the audio
+#: into the last prompt token (cosine 0.9999999), so its two keys coincide and preserving the first wins, as
+#: AlphaEdit intends; the other two tiny models give distinct keys (cosine 0.72 and 0.91).
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_alphaedit_sequential_edits_accumulate_and_keep_earlier_keys(model, tmp_path):
     adapter = tiny_adapter(model)
     first, second = _edits(adapter, 2)
@@ -186,17 +186,3 @@ def test_alphaedit_context_templates_are_the_models_own_text_before_the_audio(tm
     assert simple._context_prefixes() == [] and simple.touched_parameters() == \
         adapter.parameter_names(adapter.mlp_out_proj(2))
 
-
-def test_alphaedit_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
-    from editors.run import main as run_main
-
-    for mode, extra in (("single", {"configs": ("gender",), "limit": 1}),
-                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
-        out = tmp_path / f"{mode}.jsonl"
-        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="alphaedit",
-                                   model="tiny-qwen2-audio", mode=mode, hparams=SMALL, **extra))
-        assert run_main(args) == 0
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
-        assert lines[0]["method"] == "alphaedit" and lines[0]["mode"] == mode
-        assert len(lines) > 2 and all(r["post_edit"] is not None for r in lines[1:])
-    assert len(list((tmp_path / "cache" / "alphaedit").rglob("*.safetensors"))) == 2  # once per layer, reused

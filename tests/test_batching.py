@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _editor_helpers import changed_tensors, run_config, state_copy, synthetic_audio
-from editors.base import EditRequest, ParameterSnapshot, finetune
+from editors.base import EditRequest, finetune
 from editors.registry import get_editor_class
 from editors.batching import StackedCopies, finetune_many
 from editors.registry import load_hparams
@@ -15,6 +15,7 @@ from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
 from editors.run import Runner
+from editors.session import EditSession
 
 QUESTIONS = ["What is the emotion of the speaker? (a) happy (b) sad (c) angry",
              "Which animal makes this sound? (a) dog (b) cat (c) cow",
@@ -55,20 +56,19 @@ def single_then_batched(adapter, method, overrides):
     names = editor.touched_parameters()
     params = dict(adapter.model.named_parameters())
     before = {n: params[n].detach().clone() for n in names}
-    snapshot = ParameterSnapshot(adapter.model, names)
+    session = EditSession(editor)
     edits = make_edits()
     single_out, single_delta, single_stats = [], [], []
     for edit in edits:
-        single_stats.append(editor.apply(edit))
-        single_delta.append({n: params[n].detach() - before[n] for n in names})
-        single_out.append(adapter.generate(eval_prompts(edit), max_new_tokens=6))
-        snapshot.restore()
-    stats = editor.apply_many(edits)
-    assert changed_tensors(adapter.model, before) == []  # the model's own parameters are left unchanged
-    outputs = editor.generate_many([eval_prompts(e) for e in edits], max_new_tokens=6)
-    deltas = [{n: t.to(before[n].dtype) - before[n] for n, t in editor._copies.edit(k).items()}
-              for k in range(len(edits))]
-    editor.reset()
+        with session.edit(edit) as one:
+            single_stats.append(one)
+            single_delta.append({n: params[n].detach() - before[n] for n in names})
+            single_out.append(adapter.generate(eval_prompts(edit), max_new_tokens=6))
+    with session.edits(edits) as stats:
+        assert changed_tensors(adapter.model, before) == []  # the model's own parameters are left unchanged
+        outputs = editor.generate_many([eval_prompts(e) for e in edits], max_new_tokens=6)
+        deltas = [{n: t.to(before[n].dtype) - before[n] for n, t in editor._copies.edit(k).items()}
+                  for k in range(len(edits))]
     return single_out, single_delta, single_stats, outputs, deltas, stats
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sake import demo
+from sake_core.errors import ConfigError
 
 MODEL_DIR = demo.DEFAULT_MODEL
 
@@ -28,7 +29,7 @@ def test_sequential_methods_auto_is_ft_audio_and_the_methods_beyond_the_paper() 
     assert demo.sequential_methods("auto", ["i_ike"]) == ["ft_audio"]
     assert demo.sequential_methods("none", ["lora"]) == []
     assert demo.sequential_methods("wise,ft_llm", ["lora"]) == ["wise", "ft_llm"]
-    with pytest.raises(SystemExit, match="not available"):
+    with pytest.raises(ConfigError, match="not available"):
         demo.sequential_methods("no_such_method", [])
 
 

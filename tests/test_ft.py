@@ -1,4 +1,5 @@
-"""FT-LLM and FT-Audio on tiny models: convergence, what they touch, exact restore, shared fine-tuning loop."""
+"""FT-LLM and FT-Audio on tiny models, what is particular to them: convergence with the paper's early stop, what
+they touch, the shared fine-tuning loop. (Every method's edit, restore, runner and resume: tests/test_methods.py.)"""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 
 from _editor_helpers import changed_tensors, state_copy, synthetic_audio
-from editors.base import EditRequest, ParameterSnapshot, finetune
+from editors.base import EditRequest, finetune
 from editors.registry import get_editor_class
 from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
+from editors.session import EditSession
 
 
 TEXT_PROMPTS = [Prompt("Which of the following is a planet? (a) Mars (b) the Sun"),
@@ -27,26 +29,22 @@ def editor_for(adapter, method: str, **overrides):
     return get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
 
 
-@pytest.mark.parametrize("model,method", [("tiny-qwen2-audio", "ft_llm"), ("tiny-qwen2-audio", "ft_audio"),
-                                          ("tiny-audio-flamingo3", "ft_llm"),
-                                          ("tiny-audio-flamingo3", "ft_audio")])
-def test_ft_reaches_target_and_restores_exactly(model, method):
+@pytest.mark.parametrize("model,method", [("tiny-qwen2-audio", "ft_audio"), ("tiny-audio-flamingo3", "ft_llm")])
+def test_ft_reaches_target_and_stops_early(model, method):
     adapter = load_adapter(model, seed=0)
     edit = make_edit()
     editor = editor_for(adapter, method, max_steps=250)
     threshold = editor.hparams.early_stop_loss
     assert adapter.generate([edit.prompt()], max_new_tokens=8) != [edit.target]
     before = state_copy(adapter.model)
-    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
-    stats = editor.apply(edit)
-    assert stats["loss"] < threshold and stats["steps"] < 250  # stopped early, below the paper's threshold
-    assert adapter.target_loss([edit.prompt()], [edit.target]).item() < threshold
-    assert adapter.generate([edit.prompt()], max_new_tokens=8) == [edit.target]
-    changed = changed_tensors(adapter.model, before)
-    assert changed and set(changed) <= set(editor.touched_parameters())
-    snapshot.restore()
-    assert changed_tensors(adapter.model, before) == []
-    assert snapshot.max_abs_diff() == 0.0
+    session = EditSession(editor)
+    with session.edit(edit) as stats:
+        assert stats["loss"] < threshold and stats["steps"] < 250  # stopped early, below the paper's threshold
+        assert adapter.target_loss([edit.prompt()], [edit.target]).item() < threshold
+        assert adapter.generate([edit.prompt()], max_new_tokens=8) == [edit.target]
+        changed = changed_tensors(adapter.model, before)
+        assert changed and set(changed) <= set(editor.touched_parameters())
+    assert changed_tensors(adapter.model, before) == [] and session.snapshot.max_abs_diff() == 0.0
 
 
 def test_ft_audio_touches_only_the_connector_and_text_outputs_stay_identical():

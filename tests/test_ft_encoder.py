@@ -1,22 +1,20 @@
-"""FT (Encoder) (editors/ft_encoder.py): trains only the last audio-encoder layers, text-only outputs stay
-bit-identical, sequential edits accumulate, restore is exact, DeSTA2.5 transcripts stay the released encoder's,
-runner in both modes (the audio-state cache follows the edited encoder)."""
+"""FT (Encoder) (editors/ft_encoder.py), what is particular to it: trains only the last audio-encoder layers,
+text-only outputs stay bit-identical, sequential edits accumulate, DeSTA2.5 transcripts stay the released
+encoder's. (Every method's edit, restore, runner and resume: tests/test_methods.py; the audio-state cache
+following the edited encoder: tests/test_session.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config, synthetic_audio
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
+from _editor_helpers import synthetic_audio
+from _methods_helpers import (TINY_MODELS, assert_same_state, context, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
 from editors.ft_encoder import FTEncoder
 from editors.models.base import Prompt
 from editors.session import EditSession
 
-MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
 TEXT = [Prompt("Which data structure is last-in first-out? (a) queue (b) stack"),
         Prompt("What is the capital of France? (a) Paris (b) Rome", system="Answer briefly.")]
 #: Fast settings for the tiny encoders (the YAML's tiny section takes up to 200 steps at lr 1e-2).
@@ -30,7 +28,7 @@ def _edits(adapter, n: int):
             for i, w in enumerate(words)]
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_ft_encoder_edits_the_last_encoder_layers_and_text_outputs_stay_bit_identical(model):
     adapter = tiny_adapter(model)
     (edit,) = _edits(adapter, 1)
@@ -60,9 +58,8 @@ def test_ft_encoder_edits_the_last_encoder_layers_and_text_outputs_stay_bit_iden
     assert adapter.generate([edit.prompt()], max_new_tokens=4) == audio_before
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_ft_encoder_sequential_edits_accumulate(model):
-    adapter = tiny_adapter(model)
+def test_ft_encoder_sequential_edits_accumulate():
+    adapter = tiny_adapter("tiny-audio-flamingo3")
     first, second = _edits(adapter, 2)
     editor = FTEncoder(adapter, hparams("ft_encoder", adapter, lr=3.0e-2, max_steps=8, early_stop_loss=None),
                        context())
@@ -96,20 +93,3 @@ def test_desta_transcripts_come_from_the_released_encoder_while_it_is_edited():
     assert not torch.equal(edited_feats.last_hidden_state, released_feats.last_hidden_state)  # the edit was real
     assert adapter.transcripts([fresh])[0] == edited_transcript
 
-
-def test_ft_encoder_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
-    from editors.run import main as run_main
-
-    for mode, extra in (("single", {"configs": ("language",), "limit": 1}),
-                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
-        out = tmp_path / f"{mode}.jsonl"
-        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="ft_encoder",
-                                   model="tiny-qwen2-audio", mode=mode, hparams={"lr": 0.03, "max_steps": 20},
-                                   **extra))
-        assert run_main(args) == 0
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
-        assert lines[0]["method"] == "ft_encoder" and lines[0]["mode"] == mode
-        rows = lines[1:]
-        assert rows and all(r["post_edit"] is not None for r in rows)
-        text_rows = [r for r in rows if r["dimension"] == "locality_text"]
-        assert text_rows and all(r["post_edit"] == r["pre_edit"] for r in text_rows)

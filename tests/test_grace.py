@@ -1,20 +1,18 @@
-"""GRACE (editors/grace.py): codebook edits at one layer, other inputs bit-identical, codebook growth rules
-(add / expand / split), sequential accumulation, exact restore, runner in both modes."""
+"""GRACE (editors/grace.py), what is particular to it: codebook hits per row, other inputs bit-identical, codebook
+growth rules (add / expand / split), sequential accumulation, the "last" replacement. (Every method's edit,
+restore, runner and resume: tests/test_methods.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
-                              model_state, one_token_words, tiny_adapter)
+from _methods_helpers import (TINY_MODELS, assert_same_state, context, demo_dataset, edit_request, first_answer_token,
+                              hparams, model_state, one_token_words, tiny_adapter)
 from editors.grace import GRACE, Entry, GraceCodebook
 from editors.models.base import Prompt
+from editors.session import EditSession
 
-MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
 TEXT = Prompt("Question: which of the following is correct? Answer: A B C D. Choose the best answer.")
 
 
@@ -36,7 +34,7 @@ def _logits(adapter, prompts):
 OTHER_AUDIO_HIT = {"tiny-qwen2-audio": -1, "tiny-audio-flamingo3": 0, "tiny-desta25": 0}
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_grace_edit_takes_other_inputs_stay_bit_identical_and_reset_restores(model):
     adapter = tiny_adapter(model)
     (edit,) = _edits(adapter, 1)
@@ -46,8 +44,7 @@ def test_grace_edit_takes_other_inputs_stay_bit_identical_and_reset_restores(mod
     state = model_state(adapter)
     editor = GRACE(adapter, hparams("grace", adapter), context())
     assert editor.touched_parameters() == []
-    try:
-        stats = editor.apply(edit)
+    with EditSession(editor).edit(edit) as stats:
         assert stats["codebook_size"] == 1 and stats["action"] == "add"
         out = adapter.generate([edit.prompt(), TEXT, other.prompt()], max_new_tokens=4)
         _logits(adapter, [edit.prompt(), TEXT, other.prompt()])  # one forward over the three rows: per-row hits
@@ -56,29 +53,24 @@ def test_grace_edit_takes_other_inputs_stay_bit_identical_and_reset_restores(mod
         if OTHER_AUDIO_HIT[model] == -1:
             assert out[2] == before_other[0]
         assert torch.equal(_logits(adapter, [TEXT]), before_text)  # no hit: exactly the original projection
-    finally:
-        editor.reset()
     assert_same_state(adapter, state)
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_grace_sequential_edits_accumulate_in_the_codebook(model):
-    adapter = tiny_adapter(model)
+def test_grace_sequential_edits_accumulate_in_the_codebook():
+    adapter = tiny_adapter("tiny-desta25")
     first, second = _edits(adapter, 2)
     state = model_state(adapter)
     editor = GRACE(adapter, hparams("grace", adapter), context())
-    try:
-        editor.apply(first)
+    with EditSession(editor) as session:
+        session.apply(first)
         value = editor.codebook.entries[0].value.clone()
-        stats = editor.apply(second)
+        stats = session.apply(second)
         assert stats["codebook_size"] == 2
         assert torch.equal(editor.codebook.entries[0].value, value)  # the first entry is left as it was
         out = adapter.generate([first.prompt(), second.prompt()], max_new_tokens=1)
         _logits(adapter, [first.prompt(), second.prompt()])  # one forward over both rows: per-row hits
         assert out == [first.target, second.target]  # both edits hold after the second
         assert editor.codebook.last_hits == [0, 1]
-    finally:
-        editor.reset()
     assert_same_state(adapter, state)
 
 
@@ -87,17 +79,15 @@ def test_grace_codebook_expands_for_the_same_label_and_splits_for_another():
     a, b, c = (edit_request(target=t, audio_seed=s, instance=f"emotion/test/{i:06d}")
                for i, (t, s) in enumerate([("sad", 1), ("sad", 4), ("angry", 7)]))
     editor = GRACE(adapter, hparams("grace", adapter, radius="absolute", eps=1.0e6, n_iter=2), context())
-    try:
-        assert editor.apply(a)["action"] == "add"
-        stats = editor.apply(b)  # within the (huge) radius, same label: the entry grows to cover it
+    with EditSession(editor) as session:
+        assert session.apply(a)["action"] == "add"
+        stats = session.apply(b)  # within the (huge) radius, same label: the entry grows to cover it
         assert stats["action"] == "expand" and stats["codebook_size"] == 1
         assert editor.codebook.entries[0].radius == 1.0e6
-        stats = editor.apply(c)  # within the radius, another label: both radii shrink to half the distance
+        stats = session.apply(c)  # within the radius, another label: both radii shrink to half the distance
         assert stats["action"] == "split" and stats["codebook_size"] == 2
         radii = [e.radius for e in editor.codebook.entries]
         assert radii[0] == radii[1] == pytest.approx(stats["nearest_distance"] / 2)
-    finally:
-        editor.reset()
 
 
 def test_grace_replacement_last_only_changes_the_last_prompt_position():
@@ -116,22 +106,6 @@ def test_grace_replacement_last_only_changes_the_last_prompt_position():
     with torch.no_grad():
         assert torch.equal(codebook(x[:, -1:]), proj(x[:, -1:]))  # a decoding step is never replaced with "last"
 
-
-def test_grace_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
-    from editors.run import main as run_main
-
-    for mode, extra in (("single", {"configs": ("animal",), "limit": 1}),
-                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
-        out = tmp_path / f"{mode}.jsonl"
-        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="grace",
-                                   model="tiny-audio-flamingo3", mode=mode, **extra))
-        assert run_main(args) == 0
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
-        assert lines[0]["method"] == "grace" and lines[0]["hparams"]["replacement"] == "answer"
-        rows = lines[1:]
-        assert rows and all(r["post_edit"] is not None for r in rows)
-        text_rows = [r for r in rows if r["dimension"] == "locality_text"]
-        assert text_rows and all(r["post_edit"] == r["pre_edit"] for r in text_rows)  # no codebook hit
 
 
 def test_grace_fires_on_paraphrases_of_the_edit_prompt_on_the_reference_model():

@@ -1,22 +1,16 @@
-"""KE and MEND editors (editors/ke.py, editors/mend.py): edits with a trained hypernetwork, exact restore, a clear
-error without one, and the runner CLI in single and sequential mode."""
+"""KE and MEND editors (editors/ke.py, editors/mend.py), what is particular to them: a trained hypernetwork's edit
+gives the target on the layers it names, and a clear error without one. (Every method's edit, restore, runner and
+resume: tests/test_methods.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, hparams, model_state,
-                              tiny_adapter, trained_network)
-from editors.base import ParameterSnapshot
+from _methods_helpers import (assert_same_state, context, edit_request, hparams, model_state, tiny_adapter,
+                              trained_network)
 from editors.registry import get_editor_class
-from editors.models.base import Prompt
-from editors.run import main as run_main
-
-FAR = Prompt("Question: which of the following is correct? Answer: A B C D. Choose the best answer.")
+from editors.session import EditSession
 
 
 @pytest.mark.parametrize("method", ["ke", "mend"])
@@ -30,13 +24,12 @@ def test_trained_hypernetwork_edit_gives_the_target_and_restores_exactly(method)
               for layer in (1, 2, 3) for role in ("mlp_up", "mlp_out")}
     assert set(touched) == edited
     state = model_state(adapter)
-    snapshot = ParameterSnapshot(adapter.model, touched)
+    session = EditSession(editor)
     for target, audio_seed in (("sad", 1), ("dog", 7)):
         edit = edit_request(target=target, audio_seed=audio_seed)
         before = adapter.generate([edit.prompt()], max_new_tokens=8)[0]
         assert before != target
-        try:
-            stats = editor.apply(edit)
+        with session.edit(edit) as stats:
             assert adapter.generate([edit.prompt()], max_new_tokens=8) == [target]
             assert stats["steps"] == 1 and all(stats[f"delta_norm.{layer}_{role}"] > 0
                                                for layer in (1, 2, 3) for role in ("mlp_up", "mlp_out"))
@@ -44,9 +37,6 @@ def test_trained_hypernetwork_edit_gives_the_target_and_restores_exactly(method)
             assert stats["hypernetwork_train_s"] == editor.network_config["train_seconds"] > 0
             changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
             assert changed == edited
-        finally:
-            snapshot.restore()
-            editor.reset()
         assert_same_state(adapter, state)
 
 
@@ -63,20 +53,6 @@ def test_editing_without_a_trained_hypernetwork_is_a_clear_error(method, tmp_pat
     with pytest.raises(ValueError, match=f"'{other}' hypernetwork"):
         editor.setup()
 
-
-@pytest.mark.parametrize("method,mode", [("ke", "single"), ("mend", "sequential")])
-def test_runner_cli_with_a_trained_hypernetwork(method, mode, tmp_path):
-    out = tmp_path / "preds.jsonl"
-    args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method=method, mode=mode, limit=1,
-                               configs=("sequential",) if mode == "sequential" else ("emotion",),
-                               hparams={"hypernetwork_path": str(trained_network(method))}))
-    assert run_main(args) == 0
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0]["kind"] == "header" and lines[0]["method"] == method
-    rows = lines[1:]
-    assert rows and all(r["kind"] == "prediction" and r["post_edit"] is not None for r in rows)
-    if mode == "sequential":
-        assert {r["gap"] for r in rows} >= {0, 1}
 
 
 # EasyEdit's settings (hparams/TRAINING/MEND/qwen2vl-7b.yaml and the KE files): the up and down projections of the

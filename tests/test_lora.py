@@ -1,20 +1,16 @@
-"""LoRA (editors/lora.py): adapters on LLM layers or the connector, kept or merged, exact restore, sequential
-stacking, K edits per pass equal to one at a time, runner in both modes."""
+"""LoRA (editors/lora.py), what is particular to it: kept adapters leave the weights alone, sequential edits stack
+frozen adapters, merged adapters fold into the touched weights, K edits per pass equal one at a time. (Every
+method's edit, restore, runner and resume: tests/test_methods.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from _editor_helpers import cli_args, run_config
-from _methods_helpers import (assert_same_state, context, demo_dataset, edit_request, first_answer_token, hparams,
+from _methods_helpers import (TINY_MODELS, assert_same_state, context, edit_request, first_answer_token, hparams,
                               model_state, one_token_words, tiny_adapter)
-from editors.base import ParameterSnapshot
 from editors.lora import LoRA, LoRALinear
-
-MODELS = ("tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25")
+from editors.session import EditSession
 
 
 def _edits(adapter, n: int):
@@ -25,43 +21,36 @@ def _edits(adapter, n: int):
             for i, w in enumerate(words)]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_lora_edit_takes_keeps_the_weights_and_reset_restores_exactly(model):
-    adapter = tiny_adapter(model)
+def test_lora_edit_takes_and_keeps_the_weights():
+    adapter = tiny_adapter("tiny-qwen2-audio")
     (edit,) = _edits(adapter, 1)
     state = model_state(adapter)
     editor = LoRA(adapter, hparams("lora", adapter), context())
     assert editor.touched_parameters() == []  # kept adapters: the model's own weights never change
-    try:
-        stats = editor.apply(edit)
+    with EditSession(editor).edit(edit) as stats:
         assert stats["steps"] > 0
         assert adapter.generate([edit.prompt()], max_new_tokens=1) == [edit.target]
         wrapped = [m for m in adapter.model.modules() if isinstance(m, LoRALinear)]
         assert len(wrapped) == 2 * adapter.num_llm_layers and all(len(w.frozen) == 1 for w in wrapped)
         params = dict(adapter.model.named_parameters())
         assert all(torch.equal(params[n], p) for n, p in state["params"].items() if n in params)
-    finally:
-        editor.reset()
     assert_same_state(adapter, state)
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_lora_sequential_edits_stack_frozen_adapters(model):
-    adapter = tiny_adapter(model)
+def test_lora_sequential_edits_stack_frozen_adapters():
+    adapter = tiny_adapter("tiny-desta25")
     first, second = _edits(adapter, 2)
     state = model_state(adapter)
     editor = LoRA(adapter, hparams("lora", adapter), context())
-    try:
-        editor.apply(first)
+    with EditSession(editor) as session:
+        session.apply(first)
         wrapped = [m for m in adapter.model.modules() if isinstance(m, LoRALinear)]
         after_first = [(a.clone(), b.clone()) for w in wrapped for a, b in w.frozen]
-        editor.apply(second)
+        session.apply(second)
         assert all(len(w.frozen) == 2 for w in wrapped)  # the second adapter is added on top of the first
         assert all(torch.equal(a, w.frozen[0][0]) and torch.equal(b, w.frozen[0][1])
                    for (a, b), w in zip(after_first, wrapped))  # and leaves the first one as it was
         assert adapter.generate([second.prompt()], max_new_tokens=1) == [second.target]
-    finally:
-        editor.reset()
     assert_same_state(adapter, state)
 
 
@@ -73,19 +62,15 @@ def test_lora_merge_folds_the_adapter_into_the_touched_weights():
     touched = editor.touched_parameters()
     assert set(touched) == {n for n in adapter.parameter_groups()["connector"] if n.endswith("weight")}
     assert not editor.batches_edits  # merged weights would change every row of a shared pass
-    snapshot = ParameterSnapshot(adapter.model, touched)
-    try:
-        editor.apply(first)
+    with EditSession(editor) as session:
+        session.apply(first)
         assert not any(isinstance(m, LoRALinear) for m in adapter.model.modules())  # no wrapper stays
         assert adapter.generate([first.prompt()], max_new_tokens=1) == [first.target]
         changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])}
         assert changed == set(touched)
         after_first = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if n in changed}
-        editor.apply(second)  # sequential: the second low-rank update lands on top of the first
+        session.apply(second)  # sequential: the second low-rank update lands on top of the first
         assert all(not torch.equal(p, after_first[n]) for n, p in adapter.model.named_parameters() if n in changed)
-    finally:
-        snapshot.restore()
-        editor.reset()
     assert_same_state(adapter, state)
 
 
@@ -95,43 +80,22 @@ def test_lora_edits_per_pass_equal_one_at_a_time(model, target):
     edits = _edits(adapter, 2)
     prompts = [[e.prompt()] + [it for it in (edit_request(audio_seed=9).prompt(),)] for e in edits]
     editor = LoRA(adapter, hparams("lora", adapter, target=target, max_steps=30), context())
+    session = EditSession(editor)
     alone, alone_stats = [], []
     for edit, ps in zip(edits, prompts):
-        try:
-            alone_stats.append(editor.apply(edit))
+        with session.edit(edit) as one:
+            alone_stats.append(one)
             alone.append(adapter.generate(ps, max_new_tokens=4))
-        finally:
-            editor.reset()
     state = model_state(adapter)
-    try:
-        stats = editor.apply_many(edits)
+    with session.edits(edits) as stats:
         together = editor.generate_many(prompts, max_new_tokens=4)
-    finally:
-        editor.reset()
     assert together == alone
     assert [s["steps"] for s in stats] == [s["steps"] for s in alone_stats]
     assert all(abs(s["loss"] - t["loss"]) < 1e-4 for s, t in zip(stats, alone_stats))
     assert_same_state(adapter, state)
 
 
-def test_lora_runs_through_the_runner_in_single_and_sequential_mode(tmp_path):
-    from editors.run import main as run_main
-
-    for mode, extra in (("single", {"configs": ("emotion",), "edits_per_pass": 2}),
-                        ("sequential", {"limit": 1, "eval_edits": 2, "max_gap": 1})):
-        out = tmp_path / f"{mode}.jsonl"
-        args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="lora", model="tiny-desta25",
-                                   mode=mode, **extra))
-        assert run_main(args) == 0
-        lines = [json.loads(line) for line in out.read_text().splitlines()]
-        assert lines[0]["method"] == "lora" and lines[0]["mode"] == mode
-        rows = lines[1:]
-        assert rows and all(r["post_edit"] is not None for r in rows)
-        if mode == "sequential":
-            assert {r["gap"] for r in rows} == {0, 1}
-
-
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_lora_adapts_the_query_and_value_of_every_llm_layer_by_default(model):
     adapter = tiny_adapter(model)
     hp = hparams("lora", adapter)

@@ -37,6 +37,14 @@ def test_kinds_dimensions_and_types_are_consistent():
     assert "eval_edits" in protocol.RUN_HEADER_FIELDS and "max_gap" in protocol.RUN_HEADER_FIELDS
 
 
+def test_header_fields_are_listed_once():
+    names = [name for name, _, _ in protocol.RUN_HEADER]
+    assert len(names) == len(set(names)) and tuple(names) == protocol.RUN_HEADER_FIELDS
+    assert set(protocol.HEADER_FIELDS) < set(names) and set(protocol.RESUME_FIELDS) < set(names)
+    assert {"model_key", "hparams", "max_gap"} <= set(protocol.RESUME_FIELDS)
+    assert not {"date", "versions", "expected_rows"} & set(protocol.RESUME_FIELDS)
+
+
 def test_sequential_rule():
     # paper: the first 5 edits at gaps 0..5
     assert protocol.sequential_evaluated(1, 10) == [1]

@@ -103,7 +103,7 @@ def test_leaderboard_dry_run_is_a_slim_wired_space(tmp_path):
                          "--dry-run", str(out)]) == 0
     files = _tree(out)
     assert {"README.md", "app.py", "requirements.txt", "leaderboard.json", "eval/__init__.py", "eval/score.py",
-            "eval/leaderboard/space.py", "eval/sake_metric/scoring.py"} <= set(files)
+            "eval/leaderboard/space.py", "eval/sake_metric/scoring.py", "sake_core/errors.py"} <= set(files)
     front = files["README.md"].decode().split("---\n")[1]
     assert "sdk: gradio\n" in front and "app_file: app.py\n" in front and "sdk_version: " in front
     requirements = files["requirements.txt"].decode().split()

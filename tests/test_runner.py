@@ -12,14 +12,14 @@ from _editor_helpers import changed_tensors, cli_args, make_bad_dataset, make_lo
 from editors.data import load_instances
 from editors.models import load_adapter
 from editors.predictions import read_predictions
+from editors.plan import RunPlan
 from editors.run import Runner, main
 from eval.sake_metric.predictions_file import read_predictions_file
 from editors.config import RunConfig
 from sake import run as api_run
-from sake_core.protocol import OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
+from sake_core.protocol import ITEM_COLUMNS, OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
 
 ROW_KEYS = set(ROW_FIELDS) | set(OPTIONAL_ROW_FIELDS)
-HEADER_KEYS = set(RUN_HEADER_FIELDS)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
                                         hparams={"max_steps": 400}))  # room to reach the early-stop loss
     assert changed_tensors(qwen.model, before) == []  # every edit restored bit-exactly
     header, rows = read_predictions(path)
-    assert HEADER_KEYS <= set(header) and header["mode"] == "single" and header["method"] == "ft_audio"
+    assert tuple(header) == RUN_HEADER_FIELDS and header["mode"] == "single" and header["method"] == "ft_audio"
     assert header["eval_edits"] is None and header["max_gap"] is None  # the sequential rule: not in single mode
     manifest = json.loads((demo_dataset / "sake_manifest.json").read_text())
     assert header["dataset_fingerprint"] == manifest["fingerprint"] and header["configs"] == ["emotion", "gender"]
@@ -219,6 +219,28 @@ def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset,
     tokens = torch.tensor([[other, other, stop], [other, other, other]])
     assert [t.hit_limit for t in decode_new_tokens(qwen, tokens, 3)] == [False, True]
     assert [t.hit_limit for t in decode_new_tokens(qwen, tokens, 4)] == [False, False]
+
+
+def test_the_plan_knows_units_rows_and_files_without_a_model(demo_dataset, tmp_path, monkeypatch):
+    import editors.models
+
+    monkeypatch.setattr(editors.models, "load_adapter", lambda *a, **k: pytest.fail("the plan loaded a model"))
+    single = RunPlan(run_config(demo_dataset, tmp_path / "out", tmp_path / "cache", configs=("emotion", "gender"),
+                                limit=2))
+    assert [u.config for u in single.units] == ["emotion", "emotion", "gender", "gender"]
+    rows = load_instances(str(demo_dataset), "emotion", "test")
+    first = rows[0]
+    assert single.units[0].key == first["id"] and single.unit_of({"instance_id": first["id"]}) == first["id"]
+    assert single.units[0].expected_rows == 1 + sum(len(first[c]) for c in ITEM_COLUMNS)
+    assert single.path == single.part_path == tmp_path / "out" / "tiny-qwen2-audio__i_ike__single__test.jsonl"
+    sequential = RunPlan(run_config(demo_dataset, tmp_path / "seq.jsonl", tmp_path / "cache", mode="sequential",
+                                    limit=1, eval_edits=2, max_gap=1))
+    (seq_id, steps), = sequential.sequences
+    assert [u.key for u in sequential.units] == [f"{seq_id}/step01", f"{seq_id}/step02", f"{seq_id}/step03"]
+    assert sequential.evaluated(2, len(steps)) == [1, 2]  # edit 1 at gap 1, edit 2 at gap 0
+    step_one_id = sequential.datasets["sequential"][steps[0]]["id"]
+    assert sequential.unit_of({"instance_id": step_one_id, "gap": 1}) == f"{seq_id}/step02"
+    assert not sequential.merge().merged  # nothing written yet: nothing to merge
 
 
 def test_the_progress_bar_names_the_run(qwen, demo_dataset, tmp_path, monkeypatch):

@@ -129,7 +129,7 @@ def test_cli_reports_bad_input_and_keeps_output(sources, previous, capsys):
     argv = ["--sakura", str(sources["sakura"]), "--dynamic-superb", str(sources["dynamic_superb"]), "--mmlu",
             str(sources["mmlu"]), "--out", str(out), "--test-per-attribute", "2", "--train-per-attribute", "2",
             "--sequences", "1", "--sequence-length", "3", "--quiet"]
-    assert build_splits.main(argv) == 1
+    assert build_splits.main(argv) == 2
     assert "attribute_label" in capsys.readouterr().err
     assert tree_digest(out) == digest
 

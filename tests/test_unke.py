@@ -1,4 +1,5 @@
-"""UnKE (editors/unke.py): a tiny edit takes, preservation data, exact restore."""
+"""UnKE (editors/unke.py), what is particular to it: a tiny edit takes moving only the chosen layer, and the
+preservation data. (Every method's edit, restore, runner and resume: tests/test_methods.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from _methods_helpers import (assert_same_state, audio_item, context, edit_request, hparams, model_state,
                               one_token_word, text_item, tiny_adapter)
-from editors.base import ParameterSnapshot
+from editors.session import EditSession
 from editors.unke import UnKE, preservation_prompts
 
 
@@ -27,17 +28,12 @@ def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
     touched = editor.touched_parameters()
     layer_names = set(adapter.parameter_groups()[f"llm_layer.{adapter.resolve_layer(editor.hparams.layer)}"])
     assert set(touched) == layer_names
-    snapshot = ParameterSnapshot(adapter.model, touched)
-    try:
-        stats = editor.apply(edit)
+    with EditSession(editor).edit(edit) as stats:
         assert adapter.generate([edit.prompt()], max_new_tokens=1) == [target]
         assert float(adapter.target_loss([edit.prompt()], [target])) < loss_before
         assert stats["v_steps"] > 0 and stats["optim_steps"] == editor.hparams.optim_steps
         changed = [n for n, p in adapter.model.named_parameters() if not torch.equal(p, state["params"][n])]
         assert changed and set(changed) <= layer_names  # only the chosen layer moved
-    finally:
-        snapshot.restore()
-        editor.reset()
     assert_same_state(adapter, state)
     assert adapter.generate([probe.prompt()], max_new_tokens=8)[0] == before_output
 
@@ -81,22 +77,6 @@ def test_preservation_prompts_come_from_other_train_instances_deterministically(
     assert len(own) == 5 and all(p.audio is not None for p in own[2:])
 
 
-def test_runner_cli_single_mode_writes_predictions(tmp_path):
-    import json
-
-    from _editor_helpers import cli_args, run_config
-    from _methods_helpers import demo_dataset
-    from editors.run import main as run_main
-
-    out = tmp_path / "preds.jsonl"
-    args = cli_args(run_config(demo_dataset(), out, tmp_path / "cache", method="unke", limit=1, configs=("animal",),
-                               model="tiny-audio-flamingo3"))
-    assert run_main(args) == 0
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert lines[0]["method"] == "unke" and lines[0]["hparams"]["layer"] == 1
-    assert len(lines) > 2 and all(r["post_edit"] is not None for r in lines[1:])
-
-
 def _edits_and_context(demo_dataset, n: int):
     from editors.base import EditRequest, RunContext
     from editors.data import load_instances
@@ -114,23 +94,17 @@ def test_unke_edits_per_pass_equal_one_at_a_time(demo_dataset):
     adapter = tiny_adapter("tiny-qwen2-audio")
     edits, ctx = _edits_and_context(demo_dataset, 3)
     editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=6), ctx)
-    snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters())
+    session = EditSession(editor)
     prompts = [[it.prompt() for it in eval_items(e.row)][:4] for e in edits]
     alone, alone_stats = [], []
     for edit, ps in zip(edits, prompts):
-        try:
-            alone_stats.append(editor.apply(edit))
+        with session.edit(edit) as edit_stats:
+            alone_stats.append(edit_stats)
             alone.append(adapter.generate(ps, max_new_tokens=5))
-        finally:
-            snapshot.restore()
-            editor.reset()
     state = model_state(adapter)
-    try:
-        stats = editor.apply_many(edits)
+    with session.edits(edits) as stats:
         assert_same_state(adapter, state)  # the copies hold the edits
         together = editor.generate_many(prompts, max_new_tokens=5)
-    finally:
-        editor.reset()
     assert together == alone and len({tuple(a) for a in alone}) > 1
     assert [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in stats] == \
         [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in alone_stats]

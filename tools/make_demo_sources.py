@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from sake_core.atomic import atomic_write
+from sake_core.protocol import LABELS
 
 LOGGER = logging.getLogger("make_demo_sources")
 
@@ -44,10 +45,11 @@ KNOWLEDGE_FILE = REPO_ROOT / "sake_dataset" / "portability_knowledge.yaml"
 DEFAULT_OUT = REPO_ROOT / "sake_dataset" / "demo_sources"
 MANAGED_SUBDIRS = ("sakura", "dynamic_superb", "mmlu", "pools")
 
-ANIMALS = ["dog", "cat", "pig", "cow", "frog", "hen", "rooster", "sheep", "crow"]
-EMOTIONS = ["happy", "disgust", "sad", "fear", "angry"]
-GENDERS = ["male", "female"]
-LANGUAGES = ["English", "German", "Spanish", "French", "Italian", "Chinese", "Japanese", "Korean"]
+# the label sets of the protocol (App. C.1), in its order
+ANIMALS = list(LABELS["animal"])
+EMOTIONS = list(LABELS["emotion"])
+GENDERS = list(LABELS["gender"])
+LANGUAGES = list(LABELS["language"])
 TRACKS = {"Animal": ("animal", ANIMALS), "Emotion": ("emotion", EMOTIONS),
           "Gender": ("gender", GENDERS), "Language": ("language", LANGUAGES)}
 ATTRIBUTE_LABELS = {"animal": ANIMALS, "emotion": EMOTIONS, "gender": GENDERS, "language": LANGUAGES}

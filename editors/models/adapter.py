@@ -50,6 +50,7 @@ from editors.models.generation import GeneratedText, GenerationSettings, PerEdit
 from editors.models.generation import generate as _generate
 from editors.models.prompts import Prompt, audio_digest
 from editors.models.weights import weights_digest
+from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class LALMAdapter(abc.ABC):
     default_hub_id: ClassVar[str] = ""
     #: How many decoded audios' encoder states stay cached (LRU).
     audio_cache_size: int = 256
+    #: The family's transformers model. Typed Any: its children (audio tower, connector, LLM) differ per family and
+    #: only the family module navigates them, while torch types every attribute of a Module as ``Tensor | Module``.
+    model: Any
 
     def __init__(self, model: nn.Module, processor: Any, *, model_id: str, revision: str = "",
                  is_tiny: bool = False) -> None:
@@ -98,7 +102,7 @@ class LALMAdapter(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                        revision: str | None = None) -> "LALMAdapter":
+                        revision: str | None = None, is_tiny: bool = False) -> "LALMAdapter":
         """Load the real checkpoint (Hub id or local directory) in ``dtype`` on ``device``."""
 
     @classmethod
@@ -124,11 +128,12 @@ class LALMAdapter(abc.ABC):
         """The audio encoder (frozen under every method)."""
 
     @abc.abstractmethod
-    def language_model(self) -> nn.Module:
-        """The decoder stack: has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and ``config``."""
+    def language_model(self) -> Any:
+        """The decoder stack (a transformers module): has ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and
+        ``config``."""
 
     @abc.abstractmethod
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> nn.Linear:
         """The output projection to the vocabulary."""
 
     def llm_layers(self) -> nn.ModuleList:
@@ -144,10 +149,11 @@ class LALMAdapter(abc.ABC):
         n = self.num_llm_layers
         idx = layer + n if layer < 0 else layer
         if not 0 <= idx < n:
-            raise ValueError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
+            raise ConfigError(f"LLM layer {layer} out of range for {self.model_id} ({n} layers)")
         return idx
 
-    def llm_layer(self, layer: int) -> nn.Module:
+    def llm_layer(self, layer: int) -> Any:
+        """LLM decoder layer ``layer`` (a transformers module: ``self_attn``, ``mlp``, ...)."""
         return self.llm_layers()[self.resolve_layer(layer)]
 
     def mlp(self, layer: int) -> nn.Module:
@@ -181,7 +187,7 @@ class LALMAdapter(abc.ABC):
         """The Linear of LLM layer ``layer`` with ``role`` (a key of :attr:`LLM_LINEAR_PATHS`: query, key, value,
         attn_out, mlp_gate, mlp_up, mlp_out)."""
         if role not in self.LLM_LINEAR_PATHS:
-            raise ValueError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
+            raise ConfigError(f"unknown LLM linear role {role!r}; expected one of {sorted(self.LLM_LINEAR_PATHS)}")
         return self.llm_layer(layer).get_submodule(self.LLM_LINEAR_PATHS[role])
 
     def module_name(self, module: nn.Module) -> str:
@@ -409,11 +415,11 @@ class LALMAdapter(abc.ABC):
         )
         if targets is not None:
             next_labels = labels_t[:, 1:]
-            rows, cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
+            target_rows, target_cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
             batch.labels = labels_t.to(device)
-            batch.target_rows = rows.to(device)
-            batch.target_cols = cols.to(device)
-            batch.target_ids = next_labels[rows, cols].to(device)
+            batch.target_rows = target_rows.to(device)
+            batch.target_cols = target_cols.to(device)
+            batch.target_ids = next_labels[target_rows, target_cols].to(device)
             batch.target_counts = (next_labels != IGNORE_INDEX).sum(-1).to(device)
         return batch
 
@@ -439,8 +445,8 @@ class LALMAdapter(abc.ABC):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         cfg = self.language_model().config
-        kwargs = dict(config=cfg, inputs_embeds=hidden, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids)
+        kwargs: dict[str, Any] = dict(config=cfg, inputs_embeds=hidden, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids)
         kwargs[_CACHE_ARG] = None  # transformers < 5.2x calls it past_key_values
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
@@ -502,7 +508,7 @@ class LALMAdapter(abc.ABC):
     def _target_ce(self, final_hidden: torch.Tensor, batch: PromptBatch, reduction: str) -> torch.Tensor:
         """Per-item mean CE over target tokens; logits computed only at the positions that predict them
         (indices precomputed in :meth:`prepare`: no host sync)."""
-        if batch.target_rows is None:
+        if batch.target_rows is None or batch.target_ids is None or batch.target_counts is None:
             raise ValueError("a target loss needs a batch prepared with targets")
         from editors.models.buckets import padded_rows
 
@@ -583,6 +589,14 @@ class LALMAdapter(abc.ABC):
                 "dtype": str(self.dtype).replace("torch.", ""), "model_key": self.model_key()}
 
 
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as the Linear it is (an FFN output projection, a role Linear of :meth:`LALMAdapter.llm_linear`),
+    checked: a stand-in a method installed in its place (a codebook, a router) is no Linear."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"expected a Linear, got {type(module).__name__}")
+    return module
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """'bfloat16' / 'float32' / torch.dtype -> torch.dtype."""
     if isinstance(dtype, torch.dtype):
@@ -590,5 +604,5 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "float32": torch.float32, "fp32": torch.float32}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
     return table[dtype]

@@ -58,7 +58,7 @@ class AudioFlamingo3Adapter(LALMAdapter):
                         revision: str | None = None, is_tiny: bool = False) -> "AudioFlamingo3Adapter":
         from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
 
-        kwargs = {"revision": revision} if revision else {}
+        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         model = AudioFlamingo3ForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
         processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
         rev = revision or getattr(model.config, "_commit_hash", None) or ""
@@ -111,7 +111,7 @@ class AudioFlamingo3Adapter(LALMAdapter):
         )
         torch.manual_seed(seed)
         if is_tiny:
-            model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)
+            model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)  # type: ignore[call-arg]
         else:
             with torch.device(device):
                 model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
@@ -126,16 +126,16 @@ class AudioFlamingo3Adapter(LALMAdapter):
     def audio_encoder(self) -> nn.Module:
         return self.model.model.audio_tower
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:
         return self.model.model.language_model
 
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> nn.Linear:
         return self.model.lm_head
 
     def audio_encoder_layers(self) -> list[nn.Module]:
         """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
         after them stay frozen)."""
-        return list(self.audio_encoder().layers)
+        return list(self.model.model.audio_tower.layers)
 
     # ---- prompts ------------------------------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ class AudioFlamingo3Adapter(LALMAdapter):
                 owners.append(i)
         feats = fe(windows, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
                    return_tensors="pt")
-        encoder = self.audio_encoder()
+        encoder = self.model.model.audio_tower
         features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
         mask = feats["attention_mask"].to(self.device)
         hidden = encoder(features, input_features_mask=mask).last_hidden_state

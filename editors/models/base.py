@@ -10,7 +10,7 @@
 * :mod:`editors.models.tiny`: offline tokenizers and feature extractors of the tiny models.
 """
 
-from editors.models.adapter import LALMAdapter, resolve_dtype
+from editors.models.adapter import LALMAdapter, as_linear, resolve_dtype
 from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, batch_spans
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit
 from editors.models.prompts import SAMPLING_RATE, Prompt, Turn, as_audio_array, audio_digest, chat_messages
@@ -19,6 +19,6 @@ from editors.models.tiny import (TINY_CORPUS, build_tiny_tokenizer, tiny_feature
 from editors.models.weights import WEIGHT_SUFFIXES, weights_digest
 
 __all__ = ["IGNORE_INDEX", "SAMPLING_RATE", "TINY_CORPUS", "WEIGHT_SUFFIXES", "GeneratedText", "GenerationSettings",
-           "LALMAdapter", "LayerState", "PerEdit", "Prompt", "PromptBatch", "Turn", "as_audio_array", "audio_digest",
-           "batch_spans", "build_tiny_tokenizer", "chat_messages", "resolve_dtype",
+           "LALMAdapter", "LayerState", "PerEdit", "Prompt", "PromptBatch", "Turn", "as_audio_array", "as_linear",
+           "audio_digest", "batch_spans", "build_tiny_tokenizer", "chat_messages", "resolve_dtype",
            "tiny_feature_extractor", "weights_digest", "whisper_encoder_tokens", "whisper_mel_frames"]

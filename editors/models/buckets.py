@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from editors.models.batch import PromptBatch
+
 #: Fewest rows of a matrix product (and of a generation batch); fewer take another CPU kernel path.
 MIN_ROWS = 16
 #: Width granularity of padded prompts (tokens): CPU (tiny models) and CUDA (few compiled decode shapes).
@@ -104,7 +106,7 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -> list[tuple[list[int], object]]:
+def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -> list[tuple[list[int], PromptBatch]]:
     """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
     shapes: ``(indices, batch)`` per width bucket, each batch left-padded to its bucket. One edit alone gets the
     batch its row gets among K edits."""

@@ -47,7 +47,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class DeSTA25Adapter(LALMAdapter):
             encoder_config=encoder_config.to_dict())
         torch.manual_seed(seed)
         llm = LlamaForCausalLM(llm_config)
-        llm.generation_config.eos_token_id = list(llm_config.eos_token_id)
+        llm.generation_config.eos_token_id = list(cast(list, llm_config.eos_token_id))
         llm.generation_config.pad_token_id = eot
         whisper = WhisperForConditionalGeneration(encoder_config)
         model = DeSTA25Model(config, llm, whisper).to(dtype=dtype, device=device)
@@ -288,7 +288,7 @@ class DeSTA25Adapter(LALMAdapter):
             whisper = WhisperForConditionalGeneration._from_config(encoder_config, dtype=perception_dtype)
             model = DeSTA25Model(config, llm, whisper)
         model.perception.connector.to(perception_dtype)
-        llm.generation_config.eos_token_id = list(llm_config.eos_token_id)
+        llm.generation_config.eos_token_id = list(cast(list, llm_config.eos_token_id))
         llm.generation_config.pad_token_id = ids("<|eot_id|>")
         processor = DeSTA25Processor(tokenizer, feature_extractor, whisper_tokenizer)
         return cls(model, processor, model_id=f"random-desta25-8b@seed{seed}", revision="", is_tiny=False, vad=False,
@@ -314,10 +314,10 @@ class DeSTA25Adapter(LALMAdapter):
         """All of Whisper (encoder taps + transcript decoder): frozen under every method."""
         return self.model.perception.whisper
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:
         return self.model.llm_model.model
 
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> nn.Linear:
         return self.model.llm_model.lm_head
 
     def audio_encoder_layers(self) -> list[nn.Module]:

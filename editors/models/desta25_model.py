@@ -55,6 +55,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.bert.modeling_bert import BertEncoder
 
 from sake_core.atomic import atomic_write
+from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ class WhisperPerception(nn.Module):
 class DeSTA25Model(nn.Module):
     """The whole model: ``llm_model`` + ``perception`` (names as in the release)."""
 
+    #: a causal LM (a PreTrainedModel with transformers' GenerationMixin: ``generate``)
+    llm_model: Any
+
     def __init__(self, config: DeSTA25Config, llm_model: PreTrainedModel, whisper: WhisperForConditionalGeneration):
         super().__init__()
         self.config = config
@@ -320,12 +324,12 @@ class DeSTA25Model(nn.Module):
         with open(config_path, encoding="utf-8") as f:
             config_dict = json.load(f)
         if config_dict.get("model_type") not in (None, DeSTA25Config.model_type):
-            raise ValueError(f"{config_path}: model_type {config_dict.get('model_type')!r}, expected 'desta25'")
+            raise DataError(f"{config_path}: model_type {config_dict.get('model_type')!r}, expected 'desta25'")
         config_dict.pop("model_type", None)
         config_dict.pop("transformers_version", None)
         for key in ("llm_model_id", "encoder_model_id"):
             if not config_dict.get(key):
-                raise ValueError(f"{config_path}: missing {key!r}")
+                raise DataError(f"{config_path}: missing {key!r}")
         # the config keeps the release's ids; overrides (local copies) only change where the weights come from
         llm_source = llm_model_id or config_dict["llm_model_id"]
         whisper_source = encoder_model_id or config_dict["encoder_model_id"]
@@ -347,13 +351,13 @@ class DeSTA25Model(nn.Module):
 
     def load_release_tensors(self, tensors: dict[str, torch.Tensor], source: str = "<tensors>") -> None:
         """Copy release-layout tensors in; raise naming missing/unexpected keys or shape mismatches."""
-        own = dict(self.named_parameters())
+        own: dict[str, torch.Tensor] = dict(self.named_parameters())
         own.update(dict(self.named_buffers()))
         unexpected = sorted(k for k in tensors if k not in own)
         connector_names = [f"perception.connector.{k}" for k in self.perception.connector.state_dict()]
         missing = sorted(k for k in connector_names if k not in tensors)
         if unexpected or missing:
-            raise ValueError(
+            raise DataError(
                 f"{source}: state dict does not match DeSTA2.5 layout; missing={missing[:10]} "
                 f"(+{max(0, len(missing) - 10)}), unexpected={unexpected[:10]} (+{max(0, len(unexpected) - 10)})"
             )
@@ -361,7 +365,7 @@ class DeSTA25Model(nn.Module):
             for name, value in tensors.items():
                 target = own[name]
                 if tuple(target.shape) != tuple(value.shape):
-                    raise ValueError(
+                    raise DataError(
                         f"{source}: {name} has shape {tuple(value.shape)}, model has {tuple(target.shape)}"
                     )
                 target.copy_(value.to(device=target.device, dtype=target.dtype))

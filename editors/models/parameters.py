@@ -26,7 +26,7 @@ def swapped_parameters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> It
         for name, tensor in tensors.items():
             owner, attr = owner_of(model, name)
             saved.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = tensor  # read back by Module.__getattr__ like the parameter
+            owner._parameters[attr] = tensor  # type: ignore[assignment]  # a plain tensor, read back like the parameter
         yield
     finally:
         for owner, attr, param in reversed(saved):

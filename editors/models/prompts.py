@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sake_core.protocol import SAMPLING_RATE
+from sake_core.errors import DataError
 
 
 def audio_digest(audio: np.ndarray | None) -> str:
@@ -40,15 +41,15 @@ def as_audio_array(audio: Any, *, where: str = "audio") -> np.ndarray | None:
             array = audio["array"]
             sampling_rate = int(audio["sampling_rate"])
         except (TypeError, KeyError) as exc:
-            raise ValueError(f"{where}: expected decoded audio with 'array' and 'sampling_rate', got "
+            raise DataError(f"{where}: expected decoded audio with 'array' and 'sampling_rate', got "
                              f"{type(audio).__name__}") from exc
     array = np.asarray(array, dtype=np.float32)
     if array.ndim == 2:  # (channels, samples) -> mono
         array = array.mean(axis=0)
     if array.ndim != 1:
-        raise ValueError(f"{where}: expected a 1-D waveform, got shape {array.shape}")
+        raise DataError(f"{where}: expected a 1-D waveform, got shape {array.shape}")
     if sampling_rate != SAMPLING_RATE:
-        raise ValueError(f"{where}: expected {SAMPLING_RATE} Hz audio, got {sampling_rate} Hz")
+        raise DataError(f"{where}: expected {SAMPLING_RATE} Hz audio, got {sampling_rate} Hz")
     return array
 
 

@@ -61,7 +61,7 @@ class Qwen2AudioAdapter(LALMAdapter):
                         revision: str | None = None, is_tiny: bool = False) -> "Qwen2AudioAdapter":
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-        kwargs = {"revision": revision} if revision else {}
+        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         model = Qwen2AudioForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
         processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
         rev = revision or getattr(model.config, "_commit_hash", None) or ""
@@ -115,7 +115,7 @@ class Qwen2AudioAdapter(LALMAdapter):
         )
         torch.manual_seed(seed)
         if is_tiny:
-            model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)
+            model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)  # type: ignore[call-arg]
         else:
             with torch.device(device):
                 model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype)
@@ -130,16 +130,16 @@ class Qwen2AudioAdapter(LALMAdapter):
     def audio_encoder(self) -> nn.Module:
         return self.model.model.audio_tower
 
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> Any:
         return self.model.model.language_model
 
-    def lm_head(self) -> nn.Module:
+    def lm_head(self) -> nn.Linear:
         return self.model.lm_head
 
     def audio_encoder_layers(self) -> list[nn.Module]:
         """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
         after them stay frozen)."""
-        return list(self.audio_encoder().layers)
+        return list(self.model.model.audio_tower.layers)
 
     # ---- prompts ------------------------------------------------------------------------------------------------
 
@@ -167,7 +167,7 @@ class Qwen2AudioAdapter(LALMAdapter):
         fe = self.processor.feature_extractor
         feats = fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE,
                    return_attention_mask=True, padding="max_length", return_tensors="pt")
-        encoder = self.audio_encoder()
+        encoder = self.model.model.audio_tower
         features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
         mel_valid = feats["attention_mask"].sum(-1)
         conv_len = (mel_valid - 1) // 2 + 1

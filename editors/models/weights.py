@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from sake_core.atomic import atomic_write
+from sake_core.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def weights_digest(directory: str | Path) -> str:
         logger.warning("%s: no weight files (%s); its model key cannot follow retraining", directory,
                        ", ".join(WEIGHT_SUFFIXES))
         return ""
-    memo_dir = Path(os.environ.get("SAKE_CACHE") or Path.home() / ".cache" / "sake") / "weights"
+    memo_dir = cache_root() / "weights"
     memo_file = memo_dir / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
     try:
         memo = json.loads(memo_file.read_text())

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 from eval.sake_metric.scoring import default_protocol
+from sake_core.errors import ConfigError, user_errors
 from sake_core.command import command_prog
 
 from .validate import DEFAULT_MAX_BYTES, DEFAULT_SPLITS, METADATA_NAME, PREDICTIONS_NAME, SubmissionError
@@ -192,23 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
+    """Exit 1: a submission is INVALID (its problems listed); 2: any other user-facing error (one line); 3: the judge
+    failed (no API key, server unreachable, too many failed items). Anything else is a bug (traceback)."""
+    from eval.sake_metric.llm_judge import JudgeError
+    from eval.sake_metric.predictions_file import PredictionsError
+    from eval.sake_metric.scoring import JudgeFailures
+
     args = build_parser().parse_args(argv)
     if getattr(args, "judge", "unset") is None:
         args.judge = default_protocol()  # "paper" with OPENAI_API_KEY set, else "offline"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.command == "build" and not (args.results_dir or args.hub_repo):
-        print("build: give RESULTS_DIR or --hub-repo", file=sys.stderr)
-        return 2
+        raise ConfigError("build: give RESULTS_DIR or --hub-repo")
     try:
         return args.func(args)
     except SubmissionError as exc:
         print(f"INVALID {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
+    except (FileNotFoundError, json.JSONDecodeError, PredictionsError) as exc:  # unreadable input files
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # the judge: no API key, server unreachable, too many failed items
+    except (JudgeError, JudgeFailures) as exc:
         print(f"judge error: {exc}", file=sys.stderr)
         return 3
 

@@ -137,7 +137,7 @@ def uvicorn_config(app: Any, host: str = "127.0.0.1", port: int = 8000,
     connections of one client address, 0 for no cap)."""
     import uvicorn
 
-    options = dict(host=host, port=port, http=_head_timeout_protocol(per_client), backlog=BACKLOG,
+    options: dict[str, Any] = dict(host=host, port=port, http=_head_timeout_protocol(per_client), backlog=BACKLOG,
                    limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=KEEP_ALIVE_S,
                    timeout_graceful_shutdown=5, server_header=False, log_level="warning", lifespan="auto")
     options.update(overrides)

@@ -164,8 +164,7 @@ def _rounded(value: Any) -> float | None:
 
 
 def _average(metrics: dict[str, Any]) -> float | None:
-    values = [metrics.get(key) for key, _ in HEADLINE]
-    values = [v for v in values if isinstance(v, (int, float))]
+    values = [v for v in (metrics.get(key) for key, _ in HEADLINE) if isinstance(v, (int, float))]
     return round(sum(values) / len(values), 2) if values else None
 
 
@@ -750,8 +749,8 @@ def build_blocks(board: Board) -> Any:
     import gradio as gr
 
     choices = board.choices()
-    datatypes = ["number", "str", "str", "str", "str", "str", "markdown"] + ["number"] * (len(HEADLINE) + 2) + \
-        ["str", "str", "str"]
+    datatypes: list[Any] = ["number", "str", "str", "str", "str", "str", "markdown"] + \
+        ["number"] * (len(HEADLINE) + 2) + ["str", "str", "str"]
     with gr.Blocks(title="SAKE leaderboard") as blocks:
         gr.Markdown("# SAKE leaderboard\nEditing auditory attribute knowledge of large audio-language models.")
         with gr.Tabs():
@@ -767,7 +766,7 @@ def build_blocks(board: Board) -> Any:
                 refresh = gr.Button("Refresh", elem_id="refresh", size="sm")
                 table = gr.Dataframe(value=board.table(), headers=COLUMNS, datatype=datatypes, interactive=False,
                                      elem_id="board-table", max_height=900, wrap=True)
-                filters = [family, method, mode, protocol, paper]
+                filters: list[Any] = [family, method, mode, protocol, paper]
                 for component in filters:
                     component.change(board.table, filters, table)
                 refresh.click(board.table, filters, table)
@@ -904,13 +903,13 @@ def create_app(board: Board) -> Any:
     app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=board.config.max_bytes, footer_links=[],
                               ssr_mode=False, allowed_paths=[], blocked_paths=blocked)
     board.received = blocks.upload_file_set  # the exact paths Gradio's upload route returned
-    app = UploadsOnly(app, board.check_upload)
+    guarded = UploadsOnly(app, board.check_upload)
     # Gradio needs inline scripts and styles: its pages get every header but a script-restricting CSP.
     headers = {"x-content-type-options": "nosniff", "referrer-policy": "strict-origin-when-cross-origin",
                "permissions-policy": "camera=(), microphone=(), geolocation=()",
                "content-security-policy": "frame-ancestors 'self' https://huggingface.co https://*.hf.space; "
                                           "object-src 'none'; base-uri 'self'"}
-    return SecurityHeaders(app, headers)
+    return SecurityHeaders(guarded, headers)
 
 
 def main(argv: list[str] | None = None) -> None:

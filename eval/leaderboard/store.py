@@ -35,6 +35,7 @@ from sake_core.atomic import atomic_write, replace_dir, staging_dir
 from sake_core.protocol import METRIC_KEYS, MODES
 
 from .validate import METADATA_NAME, PREDICTIONS_NAME, Submission, SubmissionError, validate_submission
+from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ _SHORT_TEXT = 200  # judge model / prompt version / fingerprint longer than this
 RESULT_KEYS = ("model", "method", "mode", "dataset_fingerprint", "n_rows", "metrics", "judge")
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(DataError):
     """A results JSON does not follow the contract of ARCHITECTURE.md."""
 
 
@@ -258,6 +259,7 @@ class ResultsStore(Protocol):
     def put(self, submission_id: str, result: dict, metadata: dict | None, predictions: bytes,
             items: bytes | None = None) -> None: ...
     def results(self, skip_bad: bool = False) -> list[dict]: ...
+    def submission_file(self, submission_id: str, name: str) -> bytes | None: ...
     def lock(self, submission_id: str) -> contextlib.AbstractContextManager: ...
 
 
@@ -280,7 +282,7 @@ def dump_json(obj: Any) -> bytes:
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+    raise DataError(f"{name} is not valid JSON")
 
 
 def _finite_float(text: str) -> float:
@@ -432,7 +434,7 @@ def open_store(results_dir: str | None = None, hub_repo: str | None = None,
     if hub_repo:
         return HubStore(hub_repo, token=token, api=api)
     if not results_dir:
-        raise ValueError("give a results directory or a Hub dataset repo")
+        raise ConfigError("give a results directory or a Hub dataset repo")
     return LocalStore(results_dir)
 
 

@@ -33,6 +33,7 @@ from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
 from eval.sake_metric.rows import validate_row
 from sake_core.protocol import KIND_DIMENSION_TYPE, ROW_FIELDS, SEQUENTIAL_CONFIG
+from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class SubmissionError(ValueError):
+class SubmissionError(DataError):
     """A submission failed validation; ``problems`` lists every failure found (capped)."""
 
     def __init__(self, problems: list[Problem], source: str = "submission"):
@@ -507,7 +508,7 @@ def load_manifest(ref: str | os.PathLike, revision: str | None = None, token: st
                                     token=token))
     manifest = read_manifest(path)  # the metric's reader: one-line error for unreadable JSON or no item_ids
     if "fingerprint" not in manifest:
-        raise ValueError(f"manifest {path}: missing field 'fingerprint'")
+        raise DataError(f"manifest {path}: missing field 'fingerprint'")
     return manifest
 
 

@@ -61,7 +61,7 @@ def judged_options(options: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
 
 def is_clipped(text: str | None, limit: int = MAX_JUDGED_CHARS) -> bool:
     """True when `judged_text(text, limit)` drops part of `text`."""
-    return bool(text) and len(text) > limit
+    return text is not None and len(text) > limit
 
 
 def options_problem(options: object) -> str | None:

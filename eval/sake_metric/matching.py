@@ -137,9 +137,9 @@ def _longest_mentions(words: list[str], targets: dict[tuple[str, ...], list[int]
         for start in hits:
             window = tuple(words[start:start + length])
             code = (prefix[start + length] - prefix[start] * power) % _HASH_MOD
-            target = next((t for t in table[code] if t == window), None)  # the hash confirmed word by word
-            if target is not None:
-                found[start] = (start + length, targets[target])
+            matched = next((t for t in table[code] if t == window), None)  # the hash confirmed word by word
+            if matched is not None:
+                found[start] = (start + length, targets[matched])
     return found
 
 

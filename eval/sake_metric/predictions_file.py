@@ -174,7 +174,7 @@ def parse_json_line(text: str, *, where: str, max_depth: int, max_items: int | N
                                f"the format has far fewer (at most {max_items} allowed)")
     # The number hooks (a Python call per number) are needed only where a number may break a limit (see
     # `_long_number`); elsewhere the parser's own are exact.
-    hooks = {"parse_int": _parse_int, "parse_float": _parse_float} if _long_number(outside) else {}
+    hooks: dict[str, Any] = {"parse_int": _parse_int, "parse_float": _parse_float} if _long_number(outside) else {}
     try:
         value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys, **hooks)
     except _Reject as exc:

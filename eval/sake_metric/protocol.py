@@ -79,18 +79,46 @@ ROW_FIELDS: tuple[str, ...] = ("kind", "instance_id", "item_id", "dimension", "t
 #: Optional row fields the runner writes: ``post_edit_hit_limit`` / ``pre_edit_hit_limit`` (the post-edit / pre-edit
 #: output stopped at ``max_new_tokens`` without a stop token, so its answer may be cut; null when unknown).
 OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit", "pre_edit_hit_limit")
-#: Header fields every predictions file carries (line 1).
-HEADER_FIELDS: tuple[str, ...] = ("kind", "model", "model_revision", "method", "hparams", "mode", "dataset",
-                                  "dataset_fingerprint", "configs", "split", "seed", "versions")
-#: Header fields the runner also writes: generation length, the generation settings that change outputs
-#: (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and the batching limits (``batching``), the
-#: pre-edit cache key, dtype, family, the date, the sequential rule the file follows (``eval_edits``, ``max_gap``;
-#: null in single mode) and the number of rows of the complete run (``expected_rows``: a reader refuses a file with
-#: fewer).
-RUN_HEADER_FIELDS: tuple[str, ...] = HEADER_FIELDS + ("limit", "max_new_tokens", "generation", "batching",
-                                                      "model_key", "dtype", "family",
-                                                      "eval_edits", "max_gap", "expected_rows", "date",
-                                                      "method_display_name", "method_display_order")
+#: The run header (line 1 of a predictions file), one entry per field in the order the runner writes them:
+#: (name, required: every predictions file carries it, resume: a rerun must agree on it to continue the file).
+#: Besides the required fields the runner writes the method's display name and order, the generation length, the
+#: generation settings that change outputs (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and
+#: the batching limits (``batching``), the number of rows of the complete run (``expected_rows``: a reader refuses
+#: a file with fewer), the pre-edit cache key, dtype, family, the sequential rule the file follows (``eval_edits``,
+#: ``max_gap``; null in single mode) and the date.
+RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
+    ("kind", True, False),
+    ("model", True, True),
+    ("model_revision", True, True),
+    ("method", True, True),
+    ("method_display_name", False, False),
+    ("method_display_order", False, False),
+    ("hparams", True, True),
+    ("mode", True, True),
+    ("dataset", True, True),
+    ("dataset_fingerprint", True, True),
+    ("configs", True, True),
+    ("split", True, True),
+    ("seed", True, True),
+    ("limit", False, True),
+    ("max_new_tokens", False, True),
+    ("generation", False, True),
+    ("batching", False, False),
+    ("expected_rows", False, False),
+    ("model_key", False, True),
+    ("dtype", False, False),
+    ("family", False, False),
+    ("eval_edits", False, True),
+    ("max_gap", False, True),
+    ("versions", True, False),
+    ("date", False, False),
+)
+#: Header fields every predictions file carries.
+HEADER_FIELDS: tuple[str, ...] = tuple(name for name, required, _ in RUN_HEADER if required)
+#: Every header field the runner writes, in order.
+RUN_HEADER_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in RUN_HEADER)
+#: Header fields that must agree for a rerun to resume into an existing file (or part file).
+RESUME_FIELDS: tuple[str, ...] = tuple(name for name, _, resume in RUN_HEADER if resume)
 #: How the method is shown and where it sorts (its class's ``display_name`` / ``display_order``; the paper's
 #: eight: their Table 2 names and places). The runner writes them, the results copy them, and reports and the
 #: board read them from there (:func:`method_display`), so a method outside the paper shows by its name on a

@@ -203,10 +203,11 @@ def load_predictions(
     `manifest`) and requires every field of ARCHITECTURE.md's prediction row. An iterable may start with a
     header dict (`kind: header`) and needs only `METRIC_FIELDS`. `header` overrides the file's or iterable's.
     """
+    raws: list[tuple[int, Mapping[str, Any]]]
     if isinstance(predictions, (str, os.PathLike)):
         source = os.fspath(predictions)
         read = read_predictions_file(source, manifest=manifest)
-        file_header, raws = read.header, read.rows
+        file_header, raws = read.header, list(read.rows)
         required: tuple[str, ...] = ROW_FIELDS
     else:
         source = "<rows>"

@@ -72,7 +72,7 @@ def _task_name(entry: tuple[str, Any]) -> str:
 
 
 def _task_list(listing: Path) -> list[tuple[str, Any]]:
-    entries = []
+    entries: list[tuple[str, Any]] = []
     for n, line in enumerate(read_text(listing, "a Dynamic-SUPERB task list").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:

@@ -40,7 +40,7 @@ def read_mmlu(spec: str | Path) -> list[TextQuestion]:
             raise SourceError(f"{spec}: not a local MMLU file/folder, and loading it as a Hub dataset (config all, "
                               f"split test) failed: {exc}") from exc
         return [_question(r, f"{spec}[all/test] row {i}", i) for i, r in enumerate(rows)]
-    out = []
+    out: list[TextQuestion] = []
     for path in _files(Path(spec)):
         try:
             table = pq.read_table(path)

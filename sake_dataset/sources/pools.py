@@ -117,7 +117,7 @@ def read_crema_d(path: Path, limit: int = DEFAULT_LIMIT) -> PoolReport:
     sex: dict[str, str] = {}
     demo = path / "VideoDemographics.csv"
     if demo.is_file():
-        for line, row in read_table(demo, ("ActorID", "Sex")):
+        for _line, row in read_table(demo, ("ActorID", "Sex")):
             sex[row["ActorID"].strip()] = row["Sex"].strip()
     col = _Collector("crema_d", path, limit)
     for file in files:
@@ -250,7 +250,7 @@ def read_csv_pool(mapping_path: Path, limit: int = DEFAULT_LIMIT) -> PoolReport:
             raise SourceError(f"{mapping_path}: missing field '{key}'")
     table = (mapping_path.parent / str(mapping["table"])).resolve()
     audio_dir = (mapping_path.parent / str(mapping.get("audio_dir", Path(mapping["table"]).parent))).resolve()
-    attr_col = mapping.get("attribute_column")
+    attr_col = str(mapping.get("attribute_column") or "")
     fixed = None if attr_col else _attribute(mapping.get("attribute"), mapping_path)
     required = [mapping["file_column"], mapping["label_column"]] + ([attr_col] if attr_col else [])
     col = _Collector("csv", table.parent, limit)

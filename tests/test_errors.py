@@ -1,0 +1,106 @@
+"""User-facing errors (sake_core/errors.py): every command-line entry point turns a SakeError into one line on stderr
+and exit status 2, and lets anything else (a bug) raise with its traceback."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sake.cli import COMMANDS
+from sake_core.errors import ConfigError, DataError, SakeError, user_errors
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Every CLI the toolkit has: the modules `sake COMMAND` dispatches to.
+CLIS = tuple(module for module, _ in COMMANDS.values())
+
+
+def test_the_decorator_prints_one_line_for_a_user_error_and_lets_a_bug_raise(capsys):
+    @user_errors
+    def main(argv=None):
+        if argv == ["user"]:
+            raise DataError("data.jsonl: line 3\nis not JSON")
+        if argv == ["bug"]:
+            raise ValueError("a bug inside numpy")
+        return 0
+
+    assert main([]) == 0 and main.handles_user_errors
+    assert main(["user"]) == 2
+    assert capsys.readouterr().err == "error: data.jsonl: line 3 is not JSON\n"
+    with pytest.raises(ValueError, match="a bug inside numpy"):
+        main(["bug"])
+
+
+def test_under_the_sake_command_the_line_names_the_subcommand(monkeypatch, capsys):
+    from sake import cli
+
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # cli.main sets sys.argv[0] to "sake demo" for the part
+    assert cli.main(["demo", "--methods", "no_such_method", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sake demo: error: ") and "no_such_method" in err and err.count("\n") == 1
+    assert sys.argv == ["pytest"]  # restored: a later in-process call is not taken for a sake subcommand
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_cli_main_handles_user_errors(module):
+    main = importlib.import_module(module).main
+    assert getattr(main, "handles_user_errors", False), f"{module}.main is not decorated with user_errors"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sakura", "s"], "missing --dynamic-superb, --mmlu (or use --demo)"),
+    (["--demo", "--mmlu", "m", "--out", "o"], "--demo uses the embedded sources"),
+])
+def test_build_splits_argument_errors_are_one_line(argv, message, capsys):
+    import build_splits
+
+    assert build_splits.main(argv + ([] if "--out" in argv else ["--out", "o"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_demo_without_its_model_is_one_line(tmp_path, capsys):
+    from sake import demo
+
+    assert demo.main(["--model", "no-such-model", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "error: model no-such-model not found\n"
+
+
+def test_a_bug_in_the_runner_keeps_its_traceback(monkeypatch, tmp_path, demo_dataset):
+    import editors.run
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(editors.run, "Runner", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        editors.run.main(["--model", "tiny-qwen2-audio", "--method", "i_ike", "--dataset", str(demo_dataset),
+                          "--out", str(tmp_path), "--no-progress"])
+
+
+def test_a_user_error_of_the_runner_is_printed_once_without_traceback(tmp_path):
+    """In a fresh process (logging configured by the CLI itself): one line on stderr, exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "editors.run", "--model", "tiny-qwen2-audio", "--method", "i_ike",
+                           "--dataset", str(tmp_path / "no-dataset"), "--out", str(tmp_path / "out"),
+                           "--config", "emotion", "--no-progress"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1  # not logged as well
+    assert "no-dataset: dataset not found" in proc.stderr
+
+
+def test_user_errors_derive_from_the_matching_builtins():
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
+    from eval.agreement import AgreementError
+    from eval.leaderboard.validate import SubmissionError
+    from eval.publish import PublishError
+    from sake_dataset.records import ConstructionError, SourceError
+
+    for cls in (AgreementError, SubmissionError, PublishError, SourceError, ConstructionError):
+        assert issubclass(cls, SakeError), cls
