@@ -288,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_progress:  # the libraries' own bars too (weight loading, dataset building)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     out = Path(args.out)
     model = str(Path(args.model) if args.model else DEFAULT_MODEL)
     if not Path(model).exists() and "/" not in model:
