@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from editors.models.buckets import padded_rows
-from editors.models.generation import per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
+from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
 
@@ -245,3 +245,16 @@ class RowRouting:
         finally:
             for parent, attr, leaf in reversed(replaced):
                 setattr(parent, attr, leaf)
+
+
+@contextlib.contextmanager
+def routed_copies(model: nn.Module, copies: StackedCopies | None, method: str,
+                  prompts_per_edit: Sequence[Sequence[Any]]) -> Iterator[PerEdit]:
+    """Generation over K edits' prompts where each row computes with its own edit's copies of ``copies``' parameters
+    (the ``per_edit`` of a method whose ``apply_many`` trains :class:`StackedCopies`)."""
+    if copies is None:
+        raise RuntimeError(f"{method}: generate_many before apply_many")
+    routing = RowRouting(model, copies.names)
+    routing.weights = {n: m.detach() for n, m in copies.current().items()}
+    with routing.installed():
+        yield PerEdit.of(prompts_per_edit, routing=routing)

@@ -22,7 +22,7 @@ import torch
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import RowRouting, StackedCopies, finetune_many, runs_of
+from editors.batching import RowRouting, StackedCopies, finetune_many, routed_copies, runs_of
 from editors.models.buckets import training_groups
 from editors.models.base import PerEdit, Prompt
 from sake_core.errors import ConfigError
@@ -98,12 +98,8 @@ class FTLLM(Editor):
 
     @contextlib.contextmanager
     def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
-        if self._copies is None:
-            raise RuntimeError("ft_llm: generate_many before apply_many")
-        routing = RowRouting(self.adapter.model, self._copies.names)
-        routing.weights = {n: m.detach() for n, m in self._copies.current().items()}
-        with routing.installed():
-            yield PerEdit.of(prompts_per_edit, routing=routing)
+        with routed_copies(self.adapter.model, self._copies, "ft_llm", prompts_per_edit) as per_edit:
+            yield per_edit
 
     def reset(self) -> None:
         self._copies = None

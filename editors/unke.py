@@ -38,7 +38,7 @@ from typing import Any, Iterator, Sequence, cast
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune
-from editors.batching import RowRouting, StackedCopies, masked_update, finetune_many, runs_of
+from editors.batching import RowRouting, StackedCopies, masked_update, finetune_many, routed_copies, runs_of
 from editors.hparams import Hparams
 from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
 from editors.models.buckets import training_groups
@@ -360,12 +360,8 @@ class UnKE(Editor):
 
     @contextlib.contextmanager
     def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
-        if self._copies is None:
-            raise RuntimeError("unke: generate_many before apply_many")
-        routing = RowRouting(self.adapter.model, self._copies.names)
-        routing.weights = {n: m.detach() for n, m in self._copies.current().items()}
-        with routing.installed():
-            yield PerEdit.of(prompts_per_edit, routing=routing)
+        with routed_copies(self.adapter.model, self._copies, "unke", prompts_per_edit) as per_edit:
+            yield per_edit
 
     def reset(self) -> None:
         self._copies = None

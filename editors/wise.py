@@ -388,12 +388,7 @@ class WISE(Editor):
             return d_in, d_out
 
         def act_loss(d_in: torch.Tensor, d_out: torch.Tensor | None) -> torch.Tensor:
-            zero = d_in.new_zeros(())
-            in_term = _positive_mean(beta - d_in, zero)
-            if d_out is None:
-                return in_term
-            margin = _positive_mean(d_out.view(-1, 1) - d_in.view(1, -1) + gamma, zero)
-            return margin + _positive_mean(d_out - alpha, zero) + in_term
+            return _activation_loss(d_in, d_out, alpha, beta, gamma)
 
         router.train_weight = master
         steps, ft, total = 0, float("nan"), float("nan")
