@@ -271,7 +271,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
              f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s",
              f"- protocol: random weights, synthetic SAKE instances (1 edit + 10 items, clips "
              f"{scale.audio_seconds[0]:g}-{scale.audio_seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
-             "disabled, cold pre-edit cache, the runner's default edits per pass (measured: 1, then 2, then what fits), "
+             "disabled, cold pre-edit cache, the runner's default edits per pass (measured: 1 edit, then as many as its peak allows, then what fits), "
              "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
              "| method | engine | edits | s/edit | passes (edits) | GiB per edit (largest pass) | captures (s) | paper "
              "s/edit | paper/ours | goal | met |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -4,9 +4,12 @@ Sizing (:class:`PassSizer`): a pass of K edits needs ``fixed + K * per_edit`` by
 whatever its size, e.g. the generation's logits and the audio encoder; ``per_edit``: one edit's parameter copies,
 optimizer state, training activations and its items' KV cache at their real lengths, prefixes included). On CUDA,
 with ``--edits-per-pass`` left unset, the runner measures it: the first pass runs one edit (its peak is
-``fixed + per_edit``), the second a few (their difference is ``per_edit``); every later pass holds as many edits as
-fit :data:`PASS_FRACTION` of the memory available (at most :data:`MAX_EDITS_PER_PASS`). So the K a method gets
-depends on its own cost on this model and device, not on a flat constant.
+``fixed + per_edit``, so it bounds one edit's cost), the second as many edits as fit at that bound (at least
+:data:`PROBE_EDITS`; the difference of the two peaks is ``per_edit``); every later pass holds as many edits as fit
+:data:`PASS_FRACTION` of the memory available (at most :data:`MAX_EDITS_PER_PASS`). So the K a method gets depends
+on its own cost on this model and device, not on a flat constant, and only the first pass is a small one. When the
+larger pass peaks no higher than the first (the generation's chunks grow with the memory left, so its peak need
+not grow with K), its peak over its K bounds one edit instead.
 
 Back-off: when a pass raises an out-of-memory error, the runner frees what it holds, halves K (or, at one edit,
 the generation batch) and redoes the same units, logging one line; rows are those of a run started at the smaller
@@ -25,11 +28,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Most edits one pass holds by default (more adds little once the decode reads of a pass are shared).
-MAX_EDITS_PER_PASS = 16
+#: Most edits one pass holds by default (more adds little once a pass's decode steps are shared by all its edits).
+MAX_EDITS_PER_PASS = 32
 #: Share of the memory available at the start of a pass that the default K fills.
 PASS_FRACTION = 0.8
-#: Edits of the second, measuring pass (its difference to the first gives one edit's memory).
+#: Fewest edits of the second, measuring pass (its difference to the first gives one edit's memory).
 PROBE_EDITS = 2
 
 
@@ -126,12 +129,16 @@ class PassSizer:
         if not self.auto or peak is None or available is None:
             return
         self.measured[edits] = max(peak, self.measured.get(edits, 0))
-        if len(self.measured) < 2:
-            self.k = min(self.cap, PROBE_EDITS)
+        if len(self.measured) < 2:  # one pass's peak bounds one edit (fixed + per edit): as many as fit that
+            bound = int(PASS_FRACTION * available) // max(1, peak)
+            self.k = min(self.cap, max(PROBE_EDITS, bound))
             return
         (k1, p1), (k2, p2) = sorted(self.measured.items())[:1] + sorted(self.measured.items())[-1:]
-        self.per_edit = max(1, (p2 - p1) // max(1, k2 - k1))
-        self.fixed = max(0, p1 - k1 * self.per_edit)
+        if p2 > p1:
+            self.per_edit = max(1, (p2 - p1) // max(1, k2 - k1))
+            self.fixed = max(0, p1 - k1 * self.per_edit)
+        else:  # the larger pass peaked no higher: its peak over its edits bounds one edit
+            self.per_edit, self.fixed = max(1, p2 // k2), 0
         fits = int((PASS_FRACTION * available - self.fixed) // self.per_edit)
         new = max(1, min(self.cap, fits))
         if new != self.k:

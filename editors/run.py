@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
-from editors.memory import PROBE_EDITS, DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
+from editors.memory import DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
 from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
                         "(ft_audio, ft_llm, i_ike, ie_ike, unke, wise, lora with merge: false; others run one at a time). "
-                        "Default on CUDA: sized from the memory the first passes measure (1, then 2 edits; at most "
-                        "16), halved on an out-of-memory error; 1 on CPU")
+                        "Default on CUDA: sized from the memory the first passes measure (1 edit, then as many as its "
+                        "peak allows; at most 32), halved on an out-of-memory error; 1 on CPU")
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the part files of a multi-process run into the predictions file (no model "
                         "is loaded); fails when units are missing")
@@ -247,7 +247,7 @@ class Runner:
             k = 1
         self.sizer = PassSizer(k, self.memory)
         if self.sizer.auto:
-            logger.info("edits per pass: measured from the first passes (1, then %d edits)", PROBE_EDITS)
+            logger.info("edits per pass: measured from the first passes (1 edit, then as many as its peak allows)")
         return self.sizer.k
 
     def header(self) -> dict[str, Any]:

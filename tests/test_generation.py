@@ -117,6 +117,22 @@ def test_graph_engine_chunks_and_batch_limits_keep_outputs():
     assert adapter.generate(prompts[::-1], settings=settings) == together[::-1]
 
 
+def test_graph_plan_merges_widths_until_the_padding_costs_more_than_a_chunk():
+    """Pieces of different widths share a chunk (one weight read per decode step for all of them) unless the
+    padding they would add exceeds the split threshold; the batching limits still cap every chunk."""
+    from editors.models.generation.graph import _Piece, _plan
+    from editors.models.generation.settings import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=8, engine="graph")
+    pieces = [_Piece([], [], [0, 1], 64, 64), _Piece([], [], [2], 64, 128), _Piece([], [], [3, 4, 5], 64, 1024)]
+    merged = _plan(pieces, settings, split_tokens=10**6)
+    assert [(c.width, sorted(c.rows)) for c in merged] == [(1024, [0, 1, 2, 3, 4, 5])]
+    split = _plan(pieces, settings, split_tokens=500)  # the 128-wide row would pad 896 tokens: a chunk of its own
+    assert [(c.width, sorted(c.rows)) for c in split] == [(1024, [3, 4, 5]), (128, [0, 1, 2])]
+    capped = _plan(pieces, settings.replace(batch_size=3), split_tokens=10**6)
+    assert [sorted(c.rows) for c in capped] == [[3, 4, 5], [0, 1, 2]]
+
+
 @pytest.mark.parametrize("method,overrides", [("ft_llm", {"max_steps": 6}), ("ft_audio", {"max_steps": 6}),
                                               ("lora", {"max_steps": 20})])
 def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, overrides):

@@ -33,16 +33,23 @@ class FakeMemory(DeviceMemory):
 def test_k_comes_from_the_measured_cost_of_an_edit():
     sizer = PassSizer(None, FakeMemory())
     assert sizer.auto and sizer.k == 1
-    sizer.record(1, 10 * GIB, 100 * GIB)  # one edit: fixed + per edit
-    assert sizer.k == 2
-    sizer.record(2, 14 * GIB, 100 * GIB)  # two: 4 GiB per edit, 6 GiB per pass
+    sizer.record(1, 10 * GIB, 100 * GIB)  # one edit: fixed + per edit, a bound on one edit's cost
+    assert sizer.k == 8  # 0.8 * 100 / 10
+    sizer.record(8, 38 * GIB, 100 * GIB)  # eight: 4 GiB per edit, 6 GiB per pass
     assert (sizer.per_edit, sizer.fixed) == (4 * GIB, 6 * GIB)
-    assert sizer.k == 16  # (0.8 * 100 - 6) / 4 = 18.5, capped
-    sizer.record(16, 70 * GIB, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4.1 -> 9
+    assert sizer.k == 18  # (0.8 * 100 - 6) / 4 = 18.5
+    sizer.record(18, 78 * GIB, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4 -> 9
     assert sizer.k == 9
     assert sizer.back_off() == 4 and sizer.cap == 4
     sizer.record(4, 22 * GIB, 100 * GIB)
     assert sizer.k == 4  # never grows again after a back-off
+    flat = PassSizer(None, FakeMemory())  # the larger pass peaks no higher: its peak / K bounds one edit
+    flat.record(1, 14 * GIB, 100 * GIB)
+    flat.record(5, 12 * GIB, 100 * GIB)
+    assert (flat.per_edit, flat.fixed, flat.k) == (int(2.4 * GIB), 0, 32)  # 80 / 2.4 = 33, capped
+    small = PassSizer(None, FakeMemory())
+    small.record(1, 60 * GIB, 100 * GIB)
+    assert small.k == 2  # at least two edits, to measure a difference
     fixed = PassSizer(8, FakeMemory())
     assert not fixed.auto and fixed.k == 8
     fixed.record(8, 50 * GIB, 60 * GIB)

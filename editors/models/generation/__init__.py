@@ -52,7 +52,12 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
     if settings.max_batch_tokens is None:  # on CUDA: what fits the memory available now
-        budget = token_budget(adapter)
+        reclaimable = 0
+        if settings.engine == "graph":
+            from editors.models.generation.graph import kept_bytes
+
+            reclaimable = kept_bytes(adapter)
+        budget = token_budget(adapter, reclaimable=reclaimable)
         if budget is not None:
             settings = settings.replace(max_batch_tokens=budget)
     if settings.engine == "graph":

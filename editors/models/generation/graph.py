@@ -7,13 +7,16 @@ What it does, per :func:`generate_graph` call:
    pass) form a group whose rows go to one chunk together (a group whose prefix is short is split by tail width
    instead when that pads less), and the prefix is prefilled once per chunk into a prefix cache the group's rows
    share: IE-IKE's ~2,900-token demonstrations once per edit instead of once per item.
-2. **Chunks.** Groups of the same (prefix width, tail width) fill a chunk up to the batching limits (rows, and
-   padded tokens: every row's tail + new tokens, every group's prefix once). Groups and rows per group are rounded
-   up to powers of two for the static buffers, rows to a multiple of :data:`ROW_STEP` on CUDA; the extra rows are
-   inert (never prefilled, finished from the start; on CPU they repeat a real row instead, up to the canonical row
-   count of ``editors.models.buckets``).
-3. **Prefill** of the chunk's real rows, batched: attention over [the group's prefix, the row's own tail]; keys and
-   values go to the static cache ``[rows, kv heads, tail width + max_new_tokens, head dim]``.
+2. **Chunks.** Groups fill as few chunks as the batching limits allow (rows, and padded tokens: every row at the
+   chunk's widest tail + new tokens, every group's prefix once at the widest prefix): every decode step reads the
+   model's weights once for all of a chunk's rows, so rows of different widths share a chunk unless the padding
+   they add would cost more cache reads than another read of the weights (:func:`_plan`). Groups and rows per group
+   are rounded up to powers of two for the static buffers, rows to a multiple of :data:`ROW_STEP` on CUDA; the
+   extra rows are inert (never prefilled, finished from the start; on CPU they repeat a real row instead, up to the
+   canonical row count of ``editors.models.buckets``).
+3. **Prefill** of the chunk's real rows, batched per tail width (no compute spent on padding): attention over [the
+   group's prefix, the row's own tail]; keys and values go to the static cache
+   ``[rows, kv heads, widest tail + max_new_tokens, head dim]``, right-aligned at the widest tail.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
    positions, write index, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA graph
    and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host sync
@@ -31,8 +34,10 @@ eager engine.
 
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
-:data:`KEEP_FRACTION` of the device memory (least recently used dropped first), keyed by the shape and the identity
-of the modules and weights they read; :func:`release` drops them (the runner does on an out-of-memory error).
+:data:`KEEP_FRACTION` of the device memory (least recently used dropped first; a shape larger than that is freed
+after its last chunk), keyed by the shape and the identity of the modules and weights they read. The token budget
+counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release` drops them all
+(the runner does on an out-of-memory error).
 Nothing is compiled, so there is no compile cache to keep between runs. Exactness: on the tiny fp32 models the
 greedy outputs equal the eager engine's for the three families (tests/test_generation.py).
 """
@@ -232,15 +237,18 @@ def _pieces(groups: dict[tuple, list[int]], prefixes: dict[tuple, tuple[list[int
 
 @dataclass
 class _Chunk:
+    """Pieces decoded together: one static cache as wide as the widest piece (prefix and tail), each piece
+    prefilled at its own width."""
+
     pieces: list[_Piece]
 
     @property
     def prefix_width(self) -> int:
-        return self.pieces[0].prefix_width
+        return max(p.prefix_width for p in self.pieces)
 
     @property
     def width(self) -> int:
-        return self.pieces[0].width
+        return max(p.width for p in self.pieces)
 
     @property
     def rows(self) -> list[int]:
@@ -262,27 +270,37 @@ class _Chunk:
         return (self.prefix_width, self.width, rows, groups, slots)
 
 
-def _plan(pieces: list[_Piece], settings: GenerationSettings) -> list[_Chunk]:
-    """Pieces of the same (prefix width, tail width) in chunks within the batching limits (rows, and padded tokens:
-    every row's tail + new tokens, every group's prefix once)."""
+def _tokens(pieces: Sequence[_Piece], new_tokens: int) -> tuple[int, int]:
+    """(padded tokens a chunk of ``pieces`` holds: every row at the widest tail + new tokens, every piece's prefix
+    at the widest prefix; the real tokens among them)."""
+    rows = sum(len(p.rows) for p in pieces)
+    width, prefix = max(p.width for p in pieces), max(p.prefix_width for p in pieces)
+    real = sum(len(p.rows) * (p.width + new_tokens) + p.prefix_width for p in pieces)
+    return rows * (width + new_tokens) + len(pieces) * prefix, real
+
+
+def _plan(pieces: list[_Piece], settings: GenerationSettings, split_tokens: int) -> list[_Chunk]:
+    """Pieces in as few chunks as the batching limits allow (rows, and padded tokens). Pieces of different widths
+    share a chunk: each is prefilled at its own width, only the decode reads the padding between them. Pieces go in
+    order of width, and a piece starts a new chunk when the padding it would add (tokens every decode step reads)
+    exceeds ``split_tokens`` (what reading the model's weights once more costs, in tokens of cache)."""
     n = settings.max_new_tokens
-    classes: dict[tuple[int, int], list[_Piece]] = {}
-    for piece in pieces:
-        classes.setdefault((piece.prefix_width, piece.width), []).append(piece)
-    chunks = []
-    for members in classes.values():
-        current: list[_Piece] = []
-        for piece in members:
+    chunks: list[_Chunk] = []
+    current: list[_Piece] = []
+    for piece in sorted(pieces, key=lambda p: (p.prefix_width, p.width), reverse=True):
+        if current:
+            tokens, real = _tokens(current + [piece], n)
+            before, before_real = _tokens(current, n)
             rows = sum(len(p.rows) for p in current) + len(piece.rows)
-            tokens = rows * (piece.width + n) + (len(current) + 1) * piece.prefix_width
             fits = ((not settings.batch_size or rows <= settings.batch_size)
-                    and (not settings.max_batch_tokens or tokens <= settings.max_batch_tokens))
-            if current and not fits:
+                    and (not settings.max_batch_tokens or tokens <= settings.max_batch_tokens)
+                    and (tokens - real) - (before - before_real) <= split_tokens)
+            if not fits:
                 chunks.append(_Chunk(current))
                 current = []
-            current.append(piece)
-        if current:
-            chunks.append(_Chunk(current))
+        current.append(piece)
+    if current:
+        chunks.append(_Chunk(current))
     return chunks
 
 
@@ -323,6 +341,13 @@ class _State:
         tensors = self.keys + self.values + self.prefix_keys + self.prefix_values
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    @staticmethod
+    def bytes_for(lm: _LM, shape: tuple[int, int, int, int, int], steps: int) -> int:
+        """What :meth:`nbytes` of a state of ``shape`` will be."""
+        prefix_width, width, rows, groups, _ = shape
+        per_token = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * lm.dtype.itemsize
+        return per_token * (rows * (width + steps) + groups * prefix_width)
+
     # ---- prefill ------------------------------------------------------------------------------------------------
 
     def layout(self, sizes: Sequence[int]) -> None:
@@ -353,30 +378,37 @@ class _State:
 
         lm.forward(embeds, positions, attend)
 
-    def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
-                sizes: Sequence[int]) -> None:
-        """Run the chunk's rows (``[rows, W, hidden]``, left-padded; pieces of ``sizes`` rows) over their prefixes;
-        fill the caches, the masks, the first token and the decode position. Rows beyond them are inert."""
-        lm, w, r = self.lm, self.width, embeds.shape[0]
+    def begin(self, rows: int) -> None:
+        """Reset the masks and outputs for a chunk of ``rows`` real rows (rows beyond them are inert)."""
+        w = self.width
         self.valid.zero_()
-        self.valid[:r, :w] = tail_valid
-        self.valid[r:, w - 1] = True  # inert rows: one (zero) key, finite values
+        self.valid[rows:, w - 1] = True  # inert rows: one (zero) key, finite values
         self.finished.fill_(True)
-        self.finished[:r] = False
         self.out.fill_(self.pad_id)
+        self.token.zero_()
+        self.position.zero_()
+
+    def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor, start: int,
+                groups: Sequence[int], sizes: Sequence[int]) -> None:
+        """Run rows ``start:start + len(embeds)`` (``[rows, w, hidden]``, left-padded to their own width ``w`` <= the
+        cache's; consecutive pieces of ``sizes`` rows over the prefixes of ``groups``) over their prefixes; fill
+        their caches (right-aligned at the cache's width), masks, first token and decode position."""
+        lm, w, r = self.lm, embeds.shape[1], embeds.shape[0]
+        lo, hi, stop = self.width - w, self.width, start + r
+        self.valid[start:stop, lo:hi] = tail_valid
         tail_mask = _self_attention_mask(tail_valid)
         bounds = [0]
         for size in sizes:
             bounds.append(bounds[-1] + size)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.keys[i][:r, :, :w].copy_(k)
-            self.values[i][:r, :, :w].copy_(v)
+            self.keys[i][start:stop, :, lo:hi].copy_(k)
+            self.values[i][start:stop, :, lo:hi].copy_(v)
             if not self.prefix_width:
                 return nn.functional.scaled_dot_product_attention(q, lm.repeat_kv(k), lm.repeat_kv(v),
                                                                   attn_mask=tail_mask, scale=lm.scale)
             outs = []
-            for j, (a, b) in enumerate(zip(bounds, bounds[1:])):  # one group at a time: its prefix for its rows
+            for j, a, b in zip(groups, bounds, bounds[1:]):  # one piece at a time: its group's prefix for its rows
                 pk = self.prefix_keys[i][j:j + 1].expand(b - a, -1, -1, -1)
                 pv = self.prefix_values[i][j:j + 1].expand(b - a, -1, -1, -1)
                 pmask = self.prefix_valid[j][None, None, None, :].expand(b - a, 1, w, -1)
@@ -388,13 +420,14 @@ class _State:
 
         hidden = lm.forward(embeds, positions, attend)
         token = lm.last_token(hidden)
-        self.out[:r, :1] = token[:, None]
-        self.finished[:r] = self._stops(token)
-        self.token.zero_()
-        self.token[:r] = token
-        self.position.zero_()
-        self.position[:r] = positions[:, -1:] + 1
-        self.write.fill_(w)
+        self.out[start:stop, :1] = token[:, None]
+        self.finished[start:stop] = self._stops(token)
+        self.token[start:stop] = token
+        self.position[start:stop] = positions[:, -1:] + 1
+
+    def end_prefill(self) -> None:
+        """Decoding writes after the widest tail."""
+        self.write.fill_(self.width)
         self.step_index.fill_(1)
 
     def _stops(self, token: torch.Tensor) -> torch.Tensor:
@@ -510,14 +543,46 @@ def _identity(lm: _LM) -> tuple:
             lm.embed.weight.data_ptr())
 
 
+def _keep_budget(device: torch.device) -> float:
+    return KEEP_FRACTION * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0.0
+
+
+def kept_bytes(adapter: "LALMAdapter") -> int:
+    """Device memory the shapes kept on ``adapter`` hold (given back when a generation needs it)."""
+    return sum(s.nbytes() for s in _kept(adapter).values())
+
+
 def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.device) -> None:
     kept = _kept(adapter)
     for key, state in states.items():
         kept[key] = state
         kept.move_to_end(key)
-    budget = KEEP_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    budget = _keep_budget(device)
     while kept and sum(s.nbytes() for s in kept.values()) > budget:
         kept.popitem(last=False)
+
+
+def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_use: set) -> None:
+    """Drop kept shapes (least recently used first, not those of this call) until ``need`` bytes (a new shape's
+    buffers) fit the memory a generation may fill: the token budget counted kept shapes as free."""
+    from editors.models.generation.memory import GENERATION_FRACTION, available_bytes
+
+    for key in [k for k in kept if k not in in_use]:
+        available = available_bytes(adapter.device)
+        if available is None or GENERATION_FRACTION * available >= need:
+            return
+        del kept[key]
+        torch.cuda.empty_cache()
+
+
+def _split_tokens(adapter: "LALMAdapter", lm: _LM) -> int:
+    """Tokens of KV cache whose reads cost as much as one more read of the language model's weights: the padding
+    worth a separate chunk (:func:`_plan`)."""
+    from editors.models.generation.memory import kv_bytes_per_token
+
+    weights = sum(p.numel() * p.element_size() for layer in lm.layers for p in layer.parameters())
+    weights += lm.head.weight.numel() * lm.head.weight.element_size()
+    return max(1, weights // kv_bytes_per_token(adapter))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,7 +613,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     cap_rows = settings.batch_size or 1 << 62
     if settings.max_batch_tokens:
         cap_rows = max(1, min(cap_rows, settings.max_batch_tokens // (_bucket(max(map(len, tails)), dev) + n)))
-    chunks = _plan(_pieces(groups, prefixes, tails, dev, cap_rows), settings)
+    chunks = _plan(_pieces(groups, prefixes, tails, dev, cap_rows), settings, _split_tokens(adapter, lm))
     stop_ids = torch.tensor(adapter.stop_token_ids, device=dev)
     routing = per_edit.routing if per_edit is not None else None
     keep = dev.type == "cuda" and routing is None  # a routed step reads this pass's per-edit weights only
@@ -563,6 +628,8 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         state_key = (identity, n, adapter.pad_token_id, tuple(adapter.stop_token_ids), shape)
         state = states.get(state_key) or kept.get(state_key)
         if state is None:
+            if kept:
+                _make_room(adapter, kept, _State.bytes_for(lm, shape, n), set(states))
             state = _State(lm, shape, n, adapter.pad_token_id, stop_ids)
         elif state_key not in states:
             STATS["reused"] += 1
@@ -570,7 +637,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         sizes = chunk.sizes(dev)  # on CPU: repeats of the last row up to the canonical count (outputs dropped)
         rows = chunk.rows + [chunk.rows[-1]] * (sum(sizes) - len(chunk.rows))
         state.layout(sizes)
-        prefix_lengths = torch.zeros(len(rows), dtype=torch.long, device=dev)
+        prefix_lengths = [0] * len(sizes)
         if chunk.prefix_width:
             firsts = [p.rows[0] for p in chunk.pieces]  # a member of each piece stands for its edit
             batch = left_pad(adapter._collate([p.prefix for p in chunk.pieces],
@@ -582,20 +649,34 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
             else:
                 embeds = adapter.input_embeds(batch)
             state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids)
-            prefix_lengths = torch.repeat_interleave(batch.attention_mask.sum(-1),
-                                                      torch.tensor(sizes, device=dev))
+            prefix_lengths = batch.attention_mask.sum(-1).tolist()
             STATS["prefix_groups"] += len(chunk.pieces)
             STATS["prefix_tokens"] += sum(len(p.prefix) for p in chunk.pieces)
-        batch = left_pad(adapter._collate([tails[i] for i in rows], [a for i in rows for a in tail_audios[i]]),
-                         chunk.width, adapter.pad_token_id)
+        state.begin(len(rows))
+        start, j = 0, 0
+        while j < len(chunk.pieces):  # runs of pieces of one tail width, each prefilled at that width
+            end = j
+            while end + 1 < len(chunk.pieces) and chunk.pieces[end + 1].width == chunk.pieces[j].width:
+                end += 1
+            run_sizes = sizes[j:end + 1]
+            sub = rows[start:start + sum(run_sizes)]
+            batch = left_pad(adapter._collate([tails[i] for i in sub], [a for i in sub for a in tail_audios[i]]),
+                             chunk.pieces[j].width, adapter.pad_token_id)
+            if per_edit is not None:
+                per_edit.before_chunk(sub)
+                embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
+            else:
+                embeds = adapter.input_embeds(batch)
+            offsets = torch.tensor([prefix_lengths[g] for g in range(j, end + 1) for _ in range(sizes[g])],
+                                   device=dev)
+            state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
+                          list(range(j, end + 1)), run_sizes)
+            start += len(sub)
+            j = end + 1
+        state.end_prefill()
         if per_edit is not None:
-            per_edit.before_chunk(rows)
-            embeds = per_edit.embeds(adapter, batch, rows, [len(tail_audios[i]) for i in rows])
             edits = per_edit.row_edits(rows)
             state.row_edit.copy_(torch.tensor(edits + [edits[-1]] * (state.rows - len(edits))))
-        else:
-            embeds = adapter.input_embeds(batch)
-        state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + prefix_lengths[:, None], sizes)
         if routing is not None:
             routing.row_edit = state.row_edit
         try:
@@ -609,8 +690,10 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         STATS["chunks"] += 1
         STATS["rows"] += state.rows
         STATS["real_rows"] += len(chunk.rows)
-        if not keep and last_use[shape] == c:
+        if last_use[shape] == c and (not keep or state.nbytes() > _keep_budget(dev)):
             del states[state_key]  # not kept: free its caches before the next shape
+            kept.pop(state_key, None)
+            del state
     if keep:
         _keep(adapter, states, dev)
     missing = [i for i, o in enumerate(outputs) if o is None]

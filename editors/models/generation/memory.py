@@ -51,11 +51,12 @@ def available_bytes(device: torch.device) -> int | None:
     return int(max(0, min(free + torch.cuda.memory_reserved(device) - allocated, cap)))
 
 
-def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION) -> int | None:
+def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, reclaimable: int = 0) -> int | None:
     """Padded tokens one generation chunk may hold now (rows x (width + new tokens), prefixes once), from the
-    available memory and :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token`; None on CPU."""
+    available memory (+ ``reclaimable`` bytes the engine gives back when it needs them) and
+    :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token`; None on CPU."""
     available = available_bytes(adapter.device)
     if available is None:
         return None
     per_token = kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
-    return max(1, int(fraction * available) // per_token)
+    return max(1, int(fraction * (available + reclaimable)) // per_token)

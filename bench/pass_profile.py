@@ -1,0 +1,255 @@
+"""Where one full pass's time goes: the runner at its default K, one pass profiled phase by phase.
+
+For each method: the runner runs ``--edits`` single edits at its default K (cold pre-edit cache, the graph engine
+where the method allows it), and the ``--pass``-th pass of that run (default: the third, the first at the measured
+K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs, apply, post-edit generation,
+restore) and for the generation's parts inside them (audio encoder, prefix prefill, row prefill, decode), it prints
+the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
+the captured-graph replays and the kernels that took longest. The run's own per-phase totals and the graph
+engine's counters (captures and their seconds) are printed beside them.
+
+    BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
+
+``--tiny`` runs the same on the CPU with the tiny model (a smoke test of the script; no GPU intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from bench.arms import Bench, GenerateCounter, plan_units, runner_pass
+from bench.models import build_adapter, full_scale, tiny_scale
+from bench.synthetic import SyntheticDataset
+from sake_core.atomic import atomic_write
+
+LOG = logging.getLogger(__name__)
+PREFIX = "sake:"
+
+
+def _ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(PREFIX + name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@contextlib.contextmanager
+def _patched_parts(adapter: Any) -> Iterator[None]:
+    """Label the generation's parts (class-level patches, undone on exit)."""
+    from editors.models.generation import graph
+
+    saved = [(graph._State, name, getattr(graph._State, name)) for name in ("prefill_prefixes", "prefill", "decode")]
+    saved.append((type(adapter), "audio_states", type(adapter).audio_states))
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, _ranged(name, fn))
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _category(name: str) -> str:
+    """A kernel's kind, from its name."""
+    low = name.lower()
+    for kind, keys in (("attention", ("sdpa", "flash", "fmha", "attention")), ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "gemv")),
+                       ("softmax", ("softmax",)), ("cat", ("cat",)), ("index", ("index", "gather", "scatter")),
+                       ("reduce", ("reduce",)), ("copy", ("memcpy", "memset", "copy")),
+                       ("elementwise", ("elementwise",))):
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def summarize(prof: Any) -> dict[str, Any]:
+    """Per labelled range: wall, GPU busy (union of kernel and copy intervals inside it; the labels' own device-side
+    spans excluded), launches, top kernels; ``_kernels``: the whole trace's kernel time by kind and by name."""
+    import bisect
+
+    from torch.autograd import DeviceType
+
+    events = list(prof.events())
+    device = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIX))
+    starts = [d[0] for d in device]
+    ranges = [e for e in events if e.name.startswith(PREFIX) and e.device_type == DeviceType.CPU]
+    cpu = sorted((e.time_range.start, e.name) for e in events
+                 if e.device_type == DeviceType.CPU and not e.name.startswith(PREFIX))
+    cpu_starts = [c[0] for c in cpu]
+    longest = max((t - s for s, t, _ in device), default=0.0)
+    out: dict[str, Any] = {}
+    for r in ranges:
+        a, b = r.time_range.start, r.time_range.end
+        lo, hi = bisect.bisect_left(starts, a - longest), bisect.bisect_right(starts, b)
+        inside = [(max(s, a), min(t, b), n) for s, t, n in device[lo:hi] if t > a and s < b]
+        per_kernel: dict[str, float] = {}
+        for s, t, n in inside:
+            per_kernel[n[:70]] = per_kernel.get(n[:70], 0.0) + (t - s)
+        names = [n for _, n in cpu[bisect.bisect_left(cpu_starts, a):bisect.bisect_right(cpu_starts, b)]]
+        entry = out.setdefault(r.name[len(PREFIX):], {"count": 0, "wall_s": 0.0, "gpu_busy_s": 0.0,
+                                                      "kernel_launches": 0, "graph_launches": 0, "syncs": 0,
+                                                      "kernels": {}})
+        entry["count"] += 1
+        entry["wall_s"] += (b - a) / 1e6
+        entry["gpu_busy_s"] += _union([(s, t) for s, t, _ in inside]) / 1e6
+        entry["kernel_launches"] += sum(1 for n in names if "LaunchKernel" in n)
+        entry["graph_launches"] += sum(1 for n in names if "GraphLaunch" in n)
+        entry["syncs"] += sum(1 for n in names if "Synchronize" in n)
+        for n, us in per_kernel.items():
+            entry["kernels"][n] = entry["kernels"].get(n, 0.0) + us
+    for entry in out.values():
+        entry["top_kernels"] = [[n, round(us / 1e3, 1)] for n, us in
+                                sorted(entry.pop("kernels").items(), key=lambda kv: -kv[1])[:8]]
+        entry["wall_s"] = round(entry["wall_s"], 4)
+        entry["gpu_busy_s"] = round(entry["gpu_busy_s"], 4)
+    kinds: dict[str, float] = {}
+    names_total: dict[str, list[float]] = {}
+    for s, t, n in device:
+        kinds[_category(n)] = kinds.get(_category(n), 0.0) + (t - s)
+        entry_n = names_total.setdefault(n[:90], [0.0, 0])
+        entry_n[0] += t - s
+        entry_n[1] += 1
+    out["_kernels"] = {"by_kind_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                       "top": [[n, round(v[0] / 1e3, 1), int(v[1])] for n, v in
+                               sorted(names_total.items(), key=lambda kv: -kv[1][0])[:15]]}
+    return out
+
+
+def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int) -> dict[str, Any]:
+    """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler."""
+    from editors.models.generation import graph, release
+    from editors.run import Runner
+
+    original = Runner._run_pass
+    state: dict[str, Any] = {"passes": 0}
+
+    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any) -> None:
+        state["passes"] += 1
+        if state["passes"] != profile_pass:
+            return original(self, units, out, bar)
+        self.pre_edit_outputs = _ranged("pre_edit", self.pre_edit_outputs)
+        self.session.apply_many = _ranged("apply", self.session.apply_many)
+        self.session.restore = _ranged("restore", self.session.restore)
+        self.editor.generate_many = _ranged("evaluate", self.editor.generate_many)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if bench.scale.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        captures = (graph.STATS["captures"], graph.STATS["capture_s"])
+        with _patched_parts(bench.adapter), torch.profiler.profile(activities=activities) as prof:
+            started = time.perf_counter()
+            with torch.profiler.record_function(PREFIX + "pass"):
+                original(self, units, out, bar)
+            if bench.scale.device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        del self.pre_edit_outputs, self.session.apply_many, self.session.restore, self.editor.generate_many
+        state["profile"] = {"edits": len(units), "wall_s": round(wall, 3),
+                            "captures": graph.STATS["captures"] - captures[0],
+                            "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
+                            "ranges": summarize(prof)}
+
+    cache = bench.workdir / f"cache-profile-{method}"
+    release(bench.adapter)
+    graph.reset_stats()
+    Runner._run_pass = run_pass  # type: ignore[method-assign]
+    try:
+        result, runner = runner_pass(bench, method, edits, 0, cache, bench.workdir / f"profile-{method}.jsonl",
+                                     None if bench.scale.device == "cuda" else 4)
+    finally:
+        Runner._run_pass = original  # type: ignore[method-assign]
+    units = len(runner.stats.per_unit)
+    return {"method": method, "engine": runner.generation.engine, "edits": units,
+            "s_per_edit": round(runner.stats.total_s / max(units, 1), 4),
+            "passes": [p["edits"] for p in runner.sizer.history],
+            "peak_gib_per_pass": [round((p["peak_bytes"] or 0) / 2**30, 2) for p in runner.sizer.history],
+            "split_s_per_edit": result.info.get("per_edit_split_s_incl_warmup"),
+            "audio_encoder_calls_per_edit": result.info.get("audio_encoder_calls_per_edit"),
+            "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()},
+            "profile": state.get("profile")}
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = ["## One pass, phase by phase (written by `bench/pass_profile.py`)", ""]
+    for row in rows:
+        lines += [f"### `{row['method']}` ({row['engine']} engine): {row['s_per_edit']} s/edit over {row['edits']} "
+                  f"edits, passes {row['passes']}, peak GiB per pass {row['peak_gib_per_pass']}", "",
+                  f"- run split per edit: {row['split_s_per_edit']}; audio encoder calls per edit "
+                  f"{row['audio_encoder_calls_per_edit']}; graph engine: {row['graph']}"]
+        prof = row.get("profile")
+        if not prof:
+            lines += ["- (no pass profiled)", ""]
+            continue
+        lines += [f"- profiled pass: {prof['edits']} edits, {prof['wall_s']} s, captures {prof['captures']} "
+                  f"({prof['capture_s']} s)", "",
+                  "| range | count | wall s | GPU busy s | busy % | launches | graph replays | syncs | top kernels (ms) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        kernels = prof["ranges"].get("_kernels", {})
+        for name, r in prof["ranges"].items():
+            if name == "_kernels":
+                continue
+            busy = 100 * r["gpu_busy_s"] / r["wall_s"] if r["wall_s"] else 0
+            top = "; ".join(f"{n} {ms}" for n, ms in r["top_kernels"][:5])
+            lines.append(f"| {name} | {r['count']} | {r['wall_s']} | {r['gpu_busy_s']} | {busy:.0f} | "
+                         f"{r['kernel_launches']} | {r['graph_launches']} | {r['syncs']} | {top} |")
+        if kernels:
+            lines += ["", f"- kernel time by kind (ms, whole pass): {kernels['by_kind_ms']}", "",
+                      "| kernel | ms | calls |", "|---|---|---|"]
+            lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["top"]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pass_profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="ft_audio,ie_ike")
+    p.add_argument("--edits", type=int, default=32)
+    p.add_argument("--pass", dest="profile_pass", type=int, default=3, help="which pass to profile (1-based)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scale = tiny_scale() if args.tiny else full_scale()
+    adapter = build_adapter(scale, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sake-profile-") as tmp:
+        workdir = Path(tmp)
+        configs, limit = plan_units(args.edits, 1)
+        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
+        bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir)
+        for method in [m for m in args.methods.split(",") if m]:
+            rows.append(profiled_run(bench, method, args.edits, args.profile_pass))
+            text = render(rows)
+            if args.out:
+                atomic_write(args.out, text)
+            if args.json:
+                atomic_write(args.json, json.dumps(rows, indent=1, default=str) + "\n")
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
