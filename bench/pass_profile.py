@@ -10,6 +10,9 @@ engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
 
+``--syncs`` runs that pass without the profiler and counts its host-device synchronizations by call site instead
+(``torch.cuda.set_sync_debug_mode``): what keeps the host from running ahead of the GPU.
+
 ``--tiny`` runs the same on the CPU with the tiny model (a smoke test of the script; no GPU intervals).
 """
 
@@ -134,7 +137,40 @@ def summarize(prof: Any) -> dict[str, Any]:
     return out
 
 
-def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def _counting_syncs(sites: dict[str, int]) -> Iterator[None]:
+    """Count every host-device synchronization (``torch.cuda.set_sync_debug_mode``) by the project's innermost
+    frames that led to it."""
+    import traceback
+    import warnings
+
+    root = str(Path(__file__).resolve().parents[1])
+    original = warnings.showwarning
+
+    def record(message: Any, category: Any, filename: str, lineno: int, *args: Any, **kwargs: Any) -> None:
+        if "synchroniz" not in str(message).lower():
+            return original(message, category, filename, lineno, *args, **kwargs)
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)
+                  and not f.filename.endswith("pass_profile.py")]
+        site = " <- ".join(f"{Path(f.filename).relative_to(root)}:{f.lineno} {f.name}" for f in frames[::-1][:3])
+        sites[site or filename] = sites.get(site or filename, 0) + 1
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record  # type: ignore[assignment]
+            yield
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = original
+
+
+def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
+                 sync_sites: dict[str, int] | None = None) -> dict[str, Any]:
     """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler."""
     from editors.models.generation import graph, release
     from editors.run import Runner
@@ -150,6 +186,11 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int) -> di
         self.session.apply_many = _ranged("apply", self.session.apply_many)
         self.session.restore = _ranged("restore", self.session.restore)
         self.editor.generate_many = _ranged("evaluate", self.editor.generate_many)
+        if sync_sites is not None:  # count host syncs by where they happen instead of profiling
+            with _counting_syncs(sync_sites):
+                original(self, units, out, bar)
+            del self.pre_edit_outputs, self.session.apply_many, self.session.restore, self.editor.generate_many
+            return None
         activities = [torch.profiler.ProfilerActivity.CPU]
         if bench.scale.device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -185,7 +226,8 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int) -> di
             "split_s_per_edit": result.info.get("per_edit_split_s_incl_warmup"),
             "audio_encoder_calls_per_edit": result.info.get("audio_encoder_calls_per_edit"),
             "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()},
-            "profile": state.get("profile")}
+            "profile": state.get("profile"),
+            "sync_sites": sorted(sync_sites.items(), key=lambda kv: -kv[1])[:25] if sync_sites is not None else None}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -195,6 +237,9 @@ def render(rows: list[dict[str, Any]]) -> str:
                   f"edits, passes {row['passes']}, peak GiB per pass {row['peak_gib_per_pass']}", "",
                   f"- run split per edit: {row['split_s_per_edit']}; audio encoder calls per edit "
                   f"{row['audio_encoder_calls_per_edit']}; graph engine: {row['graph']}"]
+        if row.get("sync_sites") is not None:
+            lines += ["", "| host syncs | where (innermost project frames) |", "|---|---|"]
+            lines += [f"| {n} | `{site}` |" for site, n in row["sync_sites"]]
         prof = row.get("profile")
         if not prof:
             lines += ["- (no pass profiled)", ""]
@@ -225,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--edits", type=int, default=32)
     p.add_argument("--pass", dest="profile_pass", type=int, default=3, help="which pass to profile (1-based)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
+    p.add_argument("--syncs", action="store_true",
+                   help="count the pass's host-device syncs by call site instead of profiling it (CUDA)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -241,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
                       max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir)
         for method in [m for m in args.methods.split(",") if m]:
-            rows.append(profiled_run(bench, method, args.edits, args.profile_pass))
+            rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None))
             text = render(rows)
             if args.out:
                 atomic_write(args.out, text)

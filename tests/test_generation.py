@@ -79,6 +79,16 @@ def any_family(request):
     return load_adapter(request.param, seed=0)
 
 
+def test_prompt_token_ids_equal_tokenizing_the_expanded_text(any_family):
+    """Placeholders expanded after tokenization give the ids of the text with every placeholder repeated."""
+    adapter = any_family
+    for prompt in _mixed_prompts():
+        pieces = adapter.render(prompt).split(adapter.audio_placeholder)
+        text = pieces[0] + "".join(adapter.audio_placeholder * adapter.num_audio_tokens(audio) + piece
+                                   for audio, piece in zip(prompt.audios(), pieces[1:]))
+        assert adapter.prompt_token_ids(prompt) == adapter._token_ids(text)
+
+
 def test_graph_engine_gives_the_eager_greedy_outputs(any_family, monkeypatch):
     from editors.models.generation import graph
 

@@ -10,8 +10,9 @@ What it does, per :func:`generate_graph` call:
 2. **Chunks.** Groups fill as few chunks as the batching limits allow (rows, and padded tokens: every row at the
    chunk's widest tail + new tokens, every group's prefix once at the widest prefix): every decode step reads the
    model's weights once for all of a chunk's rows, so rows of different widths share a chunk unless the padding
-   they add would cost more cache reads than another read of the weights (:func:`_plan`). Groups and rows per group
-   are rounded up to powers of two for the static buffers, rows to a multiple of :data:`ROW_STEP` on CUDA; the
+   they add would cost more cache reads than another read of the weights (:func:`_plan`). Rows per group are
+   rounded up to a power of two for the static buffers (groups too on CPU), rows to a multiple of
+   :data:`ROW_STEP` on CUDA (where every group's prefix cache is real memory: IE-IKE's ~1.5 GiB per edit); the
    extra rows are inert (never prefilled, finished from the start; on CPU they repeat a real row instead, up to the
    canonical row count of ``editors.models.buckets``).
 3. **Prefill** of the chunk's real rows, batched per tail width (no compute spent on padding): attention over [the
@@ -264,7 +265,7 @@ class _Chunk:
     def shape(self, device: torch.device) -> tuple[int, int, int, int, int]:
         """(prefix width, tail width, rows, groups, rows per group), rounded up for the static buffers."""
         sizes = self.sizes(device)
-        groups = _pow2(len(sizes)) if self.prefix_width else 1
+        groups = (_pow2(len(sizes)) if device.type == "cpu" else len(sizes)) if self.prefix_width else 1
         slots = _pow2(max(sizes)) if self.prefix_width else 1
         rows = sum(sizes) if device.type == "cpu" else -(-sum(sizes) // ROW_STEP) * ROW_STEP
         return (self.prefix_width, self.width, rows, groups, slots)
