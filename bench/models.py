@@ -68,7 +68,8 @@ def show_token_ids(adapter: Any) -> None:
     which the adapters' small offline tokenizers cannot spell (they would decode to ''), so rows of two runs stay
     comparable (identical-row shares) and one word = one token."""
     def batch_decode(ids: Any, skip_special_tokens: bool = True, **_: Any) -> list[str]:
-        return [" ".join(str(int(i)) for i in row) for row in ids]
+        rows = ids.tolist() if hasattr(ids, "tolist") else ids  # one device read, not one per token
+        return [" ".join(str(int(i)) for i in row) for row in rows]
 
     adapter.tokenizer.batch_decode = batch_decode
 
