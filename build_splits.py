@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     """Bad sources or arguments (a :class:`~sake_core.errors.SakeError`) end in one line on stderr and exit 2; a
     shortfall of audio prints its table (needed / available per label, the pool that would fill it), exit 2."""
     args = make_parser().parse_args(argv)
-    if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # honoured by tqdm >= 4.66
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sake_dataset.builder import DEMO_SIZES, ShortfallError, build, build_demo
@@ -83,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = DEMO_SIZES if args.demo else {"test_per_attribute": 300, "train_per_attribute": 1000,
                                             "sequences": 10, "sequence_length": 10}
     sizes: dict[str, Any] = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
-    options: dict[str, Any] = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks}
+    options: dict[str, Any] = {"splits": args.splits, "allow_unlisted_tasks": args.allow_unlisted_tasks,
+                               "progress": not args.quiet}
     if args.portability:
         options["portability"] = args.portability
     if args.splits is None and args.train_per_attribute == 0:

@@ -55,14 +55,14 @@ COLUMNS = (("reliability", "Reliability"), ("generality", "Generality"), ("local
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_dataset(out: Path, seed: int) -> Path:
+def build_dataset(out: Path, seed: int, progress: bool = True) -> Path:
     """The demo dataset in ``out`` (built once; a folder with a manifest is reused)."""
     if (out / "sake_manifest.json").is_file():
         logger.info("reusing the demo dataset in %s", out)
         return out
     from sake_dataset import build_demo
 
-    build_demo(out, seed=seed)
+    build_demo(out, seed=seed, progress=progress)
     return out
 
 
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reset_if_model_changed(out, model)
     say(f"building the demo dataset in {out / 'dataset'}")
-    dataset = build_dataset(out / "dataset", args.seed)
+    dataset = build_dataset(out / "dataset", args.seed, progress=not args.no_progress)
     stage.update(1)
     scope = "full" if args.limit is None else f"limit{args.limit}"
     for method in methods:

@@ -21,6 +21,7 @@ from .labels import ATTRIBUTES
 from .partition import SplitPool, clip_quota, partition_by_hash, partition_clips
 from .portability import MODES as PORTABILITY_MODES
 from .portability import PortabilityBank, multi_hop_questions
+from .progress import progress_bars
 from .records import ConstructionError, LabelledClip, SourceError, TaskClip, TextQuestion
 from .release import (AudioEncoder, card_yaml, dimension_stats, guess_baseline, parquet_path,
                       portability_categories, portability_origins, provenance, render_card, stats_markdown,
@@ -233,7 +234,7 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
           sequence_length: int = 10, pools: Sequence[tuple[str, str]] = (), demo: bool = False,
           card_template: str | Path | None = None, source_names: dict[str, Any] | None = None,
           pool_limit: int = 5000, splits: Sequence[str] | None = None, task_tables: Sequence[str | Path] = (),
-          allow_unlisted_tasks: bool = False, portability: str = "auto") -> BuildResult:
+          allow_unlisted_tasks: bool = False, portability: str = "auto", progress: bool = True) -> BuildResult:
     """Build the SAKE release into `out` (Parquet per config/split, README.md card, sake_manifest.json).
 
     Everything is written into a staging folder next to `out` (`sake_core.atomic.staging_dir`) and swapped in at the
@@ -241,78 +242,79 @@ def build(sakura: str | Path, dynamic_superb: str | Path, mmlu: str | Path, out:
     and leftovers of killed builds are removed by the next build. Same sources + seed give byte-identical Parquet
     files. `splits`, `portability`: see `construct`; `task_tables`: extra Dynamic-SUPERB task tables (same format
     as `dsuperb_tasks.yaml`, overriding it); `allow_unlisted_tasks`: let tasks missing from the tables into
-    type-4 pools (their keyword guess decides).
+    type-4 pools (their keyword guess decides). `progress`: the readers' and writer's progress bars.
     """
-    start = time.monotonic()
-    out = Path(out)
-    built = resolve_splits(splits, train_per_attribute)
-    table = load_task_table(tuple(str(p) for p in task_tables), allow_unlisted_tasks)
-    sakura_clips, pool_clips, pool_reports, tasks, texts = _read_sources(sakura, dynamic_superb, mmlu, pools,
-                                                                          pool_limit)
-    unlisted = table.unlisted((t.task, t.instruction) for t in tasks)
-    if unlisted:
-        log.warning("Dynamic-SUPERB tasks missing from the task table (%s type-4 pools; keyword guess in "
-                    "brackets): %s", "admitted to" if allow_unlisted_tasks else "left out of every",
-                    ", ".join(f"{t} [{', '.join(a) or 'none'}]" for t, a in unlisted.items()))
+    with progress_bars(progress):
+        start = time.monotonic()
+        out = Path(out)
+        built = resolve_splits(splits, train_per_attribute)
+        table = load_task_table(tuple(str(p) for p in task_tables), allow_unlisted_tasks)
+        sakura_clips, pool_clips, pool_reports, tasks, texts = _read_sources(sakura, dynamic_superb, mmlu, pools,
+                                                                              pool_limit)
+        unlisted = table.unlisted((t.task, t.instruction) for t in tasks)
+        if unlisted:
+            log.warning("Dynamic-SUPERB tasks missing from the task table (%s type-4 pools; keyword guess in "
+                        "brackets): %s", "admitted to" if allow_unlisted_tasks else "left out of every",
+                        ", ".join(f"{t} [{', '.join(a) or 'none'}]" for t, a in unlisted.items()))
 
-    rows = construct(sakura_clips, pool_clips, tasks, texts, seed=seed, test_per_attribute=test_per_attribute,
-                     train_per_attribute=train_per_attribute, sequences=sequences, sequence_length=sequence_length,
-                     have_pools=bool(pools), splits=built, task_table=table, portability=portability)
-    encoder = AudioEncoder()
+        rows = construct(sakura_clips, pool_clips, tasks, texts, seed=seed, test_per_attribute=test_per_attribute,
+                         train_per_attribute=train_per_attribute, sequences=sequences, sequence_length=sequence_length,
+                         have_pools=bool(pools), splits=built, task_table=table, portability=portability)
+        encoder = AudioEncoder()
 
-    # 5. write into a staging folder next to `out`, then swap
-    remove_leftovers(out)
-    tmp = staging_dir(out)
-    try:
-        for config in CONFIGS:
-            for split in built:
-                write_parquet(rows[config][split], tmp / parquet_path(config, split), config == "sequential",
-                              encoder, desc=f"{config}/{split}")
-        encoded = {split: {encoder.encoded_hash(item["audio"]) for config in CONFIGS for row in rows[config][split]
-                           for item in item_rows(row) if "audio" in item} for split in built}
-        if encoded.get("train", set()) & encoded.get("test", set()):
-            raise ConstructionError("train and test share encoded audio bytes (identical recordings under "
-                                    "different source files)")
-        stats = _statistics(rows, encoder, sequences, sequence_length, built)
-        stats["pools"] = {r.preset: {"path": str(r.path), "clips": len(r.clips), "dropped": dict(sorted(
-            r.dropped.items()))} for r in pool_reports}
-        stats["dsuperb"] = {"tasks": len({t.task for t in tasks}), "unlisted": unlisted,
-                            "allow_unlisted": allow_unlisted_tasks}
-        item_ids = {c: {s: [it["id"] for row in rows[c][s] for it in item_rows(row)] for s in built}
-                    for c in CONFIGS}
-        sources = source_names or {"sakura": str(sakura), "dynamic_superb": str(dynamic_superb), "mmlu": str(mmlu),
-                                   "pools": {p: str(path) for p, path in pools}}
-        template = Path(card_template or CARD_TEMPLATE)
-        if not template.is_file():
-            raise SourceError(f"{template}: missing file (expected the dataset card template)")
-        num = {c: {s: len(rows[c][s]) for s in built} for c in CONFIGS}
-        used_origins = sorted({o for split in built for cfg in stats["provenance"][split].values() for o in cfg})
-        licenses = "\n".join(f"- `{o}`: {LICENSES.get(o, 'see the pool corpus license')}" for o in used_origins)
-        if demo:
-            licenses = ("- every source of this build is the project's synthetic stand-in (`sake_dataset/demo_sources`,"
-                        " the toolkit's license, Apache-2.0); the origin names (" + ", ".join(used_origins) +
-                        ") only say which corpus layout each imitates. The real corpora's licenses:\n" +
-                        "\n".join(f"  - `{o}`: {LICENSES[o]}" for o in used_origins if o in LICENSES))
-        sources_md = "\n".join(f"- {k}: `{v}`" for k, v in sources.items() if v and not isinstance(v, dict))
-        for preset, info in stats["pools"].items():
-            dropped = ", ".join(f"{k} x{n}" for k, n in info["dropped"].items()) or "none"
-            where = (sources.get("pools") or {}).get(preset, info["path"])
-            sources_md += (f"\n- pool `{preset}` (`{where}`): {info['clips']} labelled clips read; dropped (not SAKE "
-                           f"labels): {dropped}")
-        sizes_on_disk = {c: {s: (tmp / parquet_path(c, s)).stat().st_size for s in built} for c in CONFIGS}
-        card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
-                           stats_markdown(stats), demo, sources_md, licenses)
-        atomic_write(tmp / "README.md", card)
-        atomic_write(tmp / LICENSE_FILE, "# Licenses of the sources of this SAKE build\n\nSAKE combines audio and "
-                     "questions from several corpora; each part keeps its source's license:\n\n" + licenses + "\n")
-        manifest = write_manifest(tmp, seed, sources, item_ids, built)
-        replace_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.monotonic() - start
-    log.info("built %s in %.1f s (fingerprint %s)", out, seconds, manifest["fingerprint"][:12])
-    return BuildResult(out=out, manifest=manifest, stats=stats, seconds=seconds, rows=rows)
+        # 5. write into a staging folder next to `out`, then swap
+        remove_leftovers(out)
+        tmp = staging_dir(out)
+        try:
+            for config in CONFIGS:
+                for split in built:
+                    write_parquet(rows[config][split], tmp / parquet_path(config, split), config == "sequential",
+                                  encoder, desc=f"{config}/{split}")
+            encoded = {split: {encoder.encoded_hash(item["audio"]) for config in CONFIGS for row in rows[config][split]
+                               for item in item_rows(row) if "audio" in item} for split in built}
+            if encoded.get("train", set()) & encoded.get("test", set()):
+                raise ConstructionError("train and test share encoded audio bytes (identical recordings under "
+                                        "different source files)")
+            stats = _statistics(rows, encoder, sequences, sequence_length, built)
+            stats["pools"] = {r.preset: {"path": str(r.path), "clips": len(r.clips), "dropped": dict(sorted(
+                r.dropped.items()))} for r in pool_reports}
+            stats["dsuperb"] = {"tasks": len({t.task for t in tasks}), "unlisted": unlisted,
+                                "allow_unlisted": allow_unlisted_tasks}
+            item_ids = {c: {s: [it["id"] for row in rows[c][s] for it in item_rows(row)] for s in built}
+                        for c in CONFIGS}
+            sources = source_names or {"sakura": str(sakura), "dynamic_superb": str(dynamic_superb), "mmlu": str(mmlu),
+                                       "pools": {p: str(path) for p, path in pools}}
+            template = Path(card_template or CARD_TEMPLATE)
+            if not template.is_file():
+                raise SourceError(f"{template}: missing file (expected the dataset card template)")
+            num = {c: {s: len(rows[c][s]) for s in built} for c in CONFIGS}
+            used_origins = sorted({o for split in built for cfg in stats["provenance"][split].values() for o in cfg})
+            licenses = "\n".join(f"- `{o}`: {LICENSES.get(o, 'see the pool corpus license')}" for o in used_origins)
+            if demo:
+                licenses = ("- every source of this build is the project's synthetic stand-in (`sake_dataset/demo_sources`,"
+                            " the toolkit's license, Apache-2.0); the origin names (" + ", ".join(used_origins) +
+                            ") only say which corpus layout each imitates. The real corpora's licenses:\n" +
+                            "\n".join(f"  - `{o}`: {LICENSES[o]}" for o in used_origins if o in LICENSES))
+            sources_md = "\n".join(f"- {k}: `{v}`" for k, v in sources.items() if v and not isinstance(v, dict))
+            for preset, info in stats["pools"].items():
+                dropped = ", ".join(f"{k} x{n}" for k, n in info["dropped"].items()) or "none"
+                where = (sources.get("pools") or {}).get(preset, info["path"])
+                sources_md += (f"\n- pool `{preset}` (`{where}`): {info['clips']} labelled clips read; dropped (not SAKE "
+                               f"labels): {dropped}")
+            sizes_on_disk = {c: {s: (tmp / parquet_path(c, s)).stat().st_size for s in built} for c in CONFIGS}
+            card = render_card(template.read_text(encoding="utf-8"), card_yaml(num, sizes_on_disk),
+                               stats_markdown(stats), demo, sources_md, licenses)
+            atomic_write(tmp / "README.md", card)
+            atomic_write(tmp / LICENSE_FILE, "# Licenses of the sources of this SAKE build\n\nSAKE combines audio and "
+                         "questions from several corpora; each part keeps its source's license:\n\n" + licenses + "\n")
+            manifest = write_manifest(tmp, seed, sources, item_ids, built)
+            replace_output(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.monotonic() - start
+        log.info("built %s in %.1f s (fingerprint %s)", out, seconds, manifest["fingerprint"][:12])
+        return BuildResult(out=out, manifest=manifest, stats=stats, seconds=seconds, rows=rows)
 
 
 def _statistics(rows, encoder: AudioEncoder, sequences: int, length: int, built: Sequence[str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from tqdm.auto import tqdm
+from sake_dataset.progress import bar
 
 from sake_core.atomic import atomic_write
 
@@ -83,7 +83,7 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: Path, sequential: bool, 
     with pq.ParquetWriter(path, schema, compression="zstd", write_statistics=False) as writer:
         if not rows:
             writer.write_table(schema.empty_table())
-        for start in tqdm(range(0, len(rows), ROW_GROUP_SIZE), desc=desc or str(path.name), leave=False):
+        for start in bar(range(0, len(rows), ROW_GROUP_SIZE), desc=desc or str(path.name), leave=False):
             chunk = [_materialize(r, encoder) for r in rows[start:start + ROW_GROUP_SIZE]]
             writer.write_table(pa.Table.from_pylist(chunk, schema=schema), row_group_size=ROW_GROUP_SIZE)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from sake_dataset.progress import bar
 
 from ..audio import probe_audio
 from ..records import SourceError, TaskClip
@@ -60,7 +60,7 @@ def read_dynamic_superb(spec: str | Path) -> list[TaskClip]:
                           "file; or a Hub id such as DynamicSuperb/SpeechTextMatching_LJSpeech)")
     clips: list[TaskClip] = []
     tasks = sorted(entries, key=lambda e: _task_name(e))
-    for kind, where in tqdm(tasks, desc="Dynamic-SUPERB tasks", leave=False):
+    for kind, where in bar(tasks, desc="Dynamic-SUPERB tasks", leave=False):
         clips += _read_hub_task(str(where)) if kind == "hub" else _read_local_task(Path(where))
     log.info("Dynamic-SUPERB %s: %d rows in %d tasks", spec, len(clips), len(tasks))
     return clips
@@ -191,4 +191,4 @@ def _read_hub_task(hub_id: str) -> list[TaskClip]:
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
     task = hub_id.rsplit("/", 1)[-1]
     return [task_clip(task, row, f"{hub_id}[test] row {i}", index=i, hub_id=hub_id)
-            for i, row in enumerate(tqdm(ds, desc=task, leave=False))]
+            for i, row in enumerate(bar(ds, desc=task, leave=False))]

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import yaml
-from tqdm.auto import tqdm
+from sake_dataset.progress import bar
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
@@ -92,7 +92,7 @@ class _Collector:
         todo = []
         for key in sorted(self.candidates):
             todo += [(key, rel, file) for rel, file in sorted(self.candidates[key])[: self.limit]]
-        for (attribute, label), rel, file in tqdm(todo, desc=f"pool {self.report.preset}", leave=False):
+        for (attribute, label), rel, file in bar(todo, desc=f"pool {self.report.preset}", leave=False):
             audio = probe_audio(file, field=f"{self.report.preset} audio file")
             self.report.clips.append(LabelledClip(attribute=attribute, label=label, audio=audio,
                                                   source=f"{self.report.preset}:{rel}", origin=self.report.preset))

@@ -26,7 +26,7 @@ import logging
 import re
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from sake_dataset.progress import bar
 
 from ..audio import probe_audio
 from ..records import LabelledClip, SourceError
@@ -80,7 +80,7 @@ def read_sakura(spec: str | Path, attributes=ATTRIBUTES) -> list[LabelledClip]:
             raise SourceError(f"{root / TRACKS[attribute]}: missing SAKURA track folder "
                               f"(expected {TRACKS[attribute]}/metadata.csv and {TRACKS[attribute]}/audio/)")
         rows = list(read_table(track / "metadata.csv", COLUMNS))
-        for line, row in tqdm(rows, desc=f"SAKURA {TRACKS[attribute]}", leave=False):
+        for line, row in bar(rows, desc=f"SAKURA {TRACKS[attribute]}", leave=False):
             where = f"{track / 'metadata.csv'}:{line}"
             if not row["file"]:
                 raise SourceError(f"{where}: field 'file' is empty (expected an audio file name)")
@@ -106,7 +106,7 @@ def _read_hub(hub_id: str, attributes) -> list[LabelledClip]:
         if missing:
             raise SourceError(f"{hub_id}[{config}]: missing column(s) {missing}")
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
-        for i, row in enumerate(tqdm(ds, desc=f"SAKURA {config}", leave=False)):
+        for i, row in enumerate(bar(ds, desc=f"SAKURA {config}", leave=False)):
             audio_field = row["audio"]
             name = row.get("file") or (audio_field.get("path") or f"{i:06d}.wav").rsplit("/", 1)[-1]
             row = {c: str(row.get(c) or "") for c in COLUMNS + ("multi_category",)} | {"file": name}
