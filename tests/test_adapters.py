@@ -143,3 +143,26 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         family_of(str(tmp_path))
     with pytest.raises(ValueError, match="unknown model family"):
         adapter_class("llama")
+
+
+def test_audio_digest_is_computed_once_only_for_clips_that_cannot_change():
+    """A clip from ``as_audio_array`` is read-only and owns its data: its content hash is remembered (and forgotten
+    with it). A writable array is hashed again each time, so changing it in place changes its key."""
+    import gc
+
+    import numpy as np
+
+    from editors.models import prompts
+
+    raw = np.linspace(-1, 1, 1600, dtype=np.float32)
+    clip = prompts.as_audio_array(raw)
+    assert clip is not raw and not clip.flags.writeable and clip.flags.owndata
+    assert prompts.audio_digest(clip) == prompts.audio_digest(raw)
+    assert id(clip) in prompts._DIGESTS
+    before = prompts.audio_digest(raw)
+    raw[0] = 0.5  # a writable array: its new content gets a new key
+    assert prompts.audio_digest(raw) != before
+    key = id(clip)
+    del clip
+    gc.collect()
+    assert key not in prompts._DIGESTS
