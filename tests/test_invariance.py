@@ -108,9 +108,18 @@ def test_rows_do_not_depend_on_k_warm_cache_or_resume(demo_dataset, tmp_path):
     assert _run(demo_dataset, tmp_path / "k4.jsonl", tmp_path / "cache-k4", K, "ft_audio") == base
 
 
-def test_ft_llm_rows_do_not_depend_on_k(demo_dataset, tmp_path):
+def test_ft_llm_rows_do_not_depend_on_k(demo_dataset, tmp_path, monkeypatch):
     one = _run(demo_dataset, tmp_path / "k1.jsonl", tmp_path / "c1", 1, "ft_llm")
     assert _run(demo_dataset, tmp_path / "k4.jsonl", tmp_path / "c4", K, "ft_llm") == one
+    # the comparison can fail: with every row of a chunk routed to its first row's edit, K=4 differs from K=1
+    from editors.models.generation.per_edit import PerEdit, runs_of
+
+    def crossed(self: PerEdit, rows: list[int]) -> None:
+        if self.routing is not None:
+            self.routing.runs = runs_of([self.edit_of[rows[0]]] * len(rows))
+
+    monkeypatch.setattr(PerEdit, "before_chunk", crossed)
+    assert _run(demo_dataset, tmp_path / "k4-crossed.jsonl", tmp_path / "c4x", K, "ft_llm") != one
 
 
 def test_padding_rows_leave_outputs_alone(qwen):
