@@ -45,6 +45,7 @@ greedy outputs equal the eager engine's for the three families (tests/test_gener
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -55,6 +56,7 @@ import torch
 from torch import nn
 
 from editors.models.buckets import MIN_ROWS, left_pad
+from editors.models.generation.memory import GENERATION_FRACTION, available_bytes, kv_bytes_per_token
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
 from editors.models.generation.settings import GenerationSettings
@@ -342,13 +344,6 @@ class _State:
         tensors = self.keys + self.values + self.prefix_keys + self.prefix_values
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    @staticmethod
-    def bytes_for(lm: _LM, shape: tuple[int, int, int, int, int], steps: int) -> int:
-        """What :meth:`nbytes` of a state of ``shape`` will be."""
-        prefix_width, width, rows, groups, _ = shape
-        per_token = 2 * len(lm.layers) * lm.kv_heads * lm.head_dim * lm.dtype.itemsize
-        return per_token * (rows * (width + steps) + groups * prefix_width)
-
     # ---- prefill ------------------------------------------------------------------------------------------------
 
     def layout(self, sizes: Sequence[int]) -> None:
@@ -563,11 +558,15 @@ def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.dev
         kept.popitem(last=False)
 
 
+def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int, int, int], steps: int) -> int:
+    """What ``_State.nbytes()`` of a new state of ``shape`` will be: every token its caches hold."""
+    prefix_width, width, rows, groups, _ = shape
+    return kv_bytes_per_token(adapter) * (rows * (width + steps) + groups * prefix_width)
+
+
 def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_use: set) -> None:
     """Drop kept shapes (least recently used first, not those of this call) until ``need`` bytes (a new shape's
     buffers) fit the memory a generation may fill: the token budget counted kept shapes as free."""
-    from editors.models.generation.memory import GENERATION_FRACTION, available_bytes
-
     for key in [k for k in kept if k not in in_use]:
         available = available_bytes(adapter.device)
         if available is None or GENERATION_FRACTION * available >= need:
@@ -579,8 +578,6 @@ def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_
 def _split_tokens(adapter: "LALMAdapter", lm: _LM) -> int:
     """Tokens of KV cache whose reads cost as much as one more read of the language model's weights: the padding
     worth a separate chunk (:func:`_plan`)."""
-    from editors.models.generation.memory import kv_bytes_per_token
-
     weights = sum(p.numel() * p.element_size() for layer in lm.layers for p in layer.parameters())
     weights += lm.head.weight.numel() * lm.head.weight.element_size()
     return max(1, weights // kv_bytes_per_token(adapter))
@@ -630,7 +627,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         state = states.get(state_key) or kept.get(state_key)
         if state is None:
             if kept:
-                _make_room(adapter, kept, _State.bytes_for(lm, shape, n), set(states))
+                _make_room(adapter, kept, _state_bytes(adapter, shape, n), set(states))
             state = _State(lm, shape, n, adapter.pad_token_id, stop_ids)
         elif state_key not in states:
             STATS["reused"] += 1
@@ -638,7 +635,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         sizes = chunk.sizes(dev)  # on CPU: repeats of the last row up to the canonical count (outputs dropped)
         rows = chunk.rows + [chunk.rows[-1]] * (sum(sizes) - len(chunk.rows))
         state.layout(sizes)
-        prefix_lengths = [0] * len(sizes)
+        prefix_lengths = [len(p.prefix) for p in chunk.pieces]  # the tails' positions start after them
         if chunk.prefix_width:
             firsts = [p.rows[0] for p in chunk.pieces]  # a member of each piece stands for its edit
             batch = left_pad(adapter._collate([p.prefix for p in chunk.pieces],
@@ -650,30 +647,24 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
             else:
                 embeds = adapter.input_embeds(batch)
             state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids)
-            prefix_lengths = batch.attention_mask.sum(-1).tolist()
             STATS["prefix_groups"] += len(chunk.pieces)
             STATS["prefix_tokens"] += sum(len(p.prefix) for p in chunk.pieces)
         state.begin(len(rows))
-        start, j = 0, 0
-        while j < len(chunk.pieces):  # runs of pieces of one tail width, each prefilled at that width
-            end = j
-            while end + 1 < len(chunk.pieces) and chunk.pieces[end + 1].width == chunk.pieces[j].width:
-                end += 1
-            run_sizes = sizes[j:end + 1]
-            sub = rows[start:start + sum(run_sizes)]
+        start = 0
+        for width, run in itertools.groupby(range(len(chunk.pieces)), key=lambda g: chunk.pieces[g].width):
+            pieces = list(run)  # consecutive pieces of one tail width, prefilled together at that width
+            sub = rows[start:start + sum(sizes[g] for g in pieces)]
             batch = left_pad(adapter._collate([tails[i] for i in sub], [a for i in sub for a in tail_audios[i]]),
-                             chunk.pieces[j].width, adapter.pad_token_id)
+                             width, adapter.pad_token_id)
             if per_edit is not None:
                 per_edit.before_chunk(sub)
                 embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
             else:
                 embeds = adapter.input_embeds(batch)
-            offsets = torch.tensor([prefix_lengths[g] for g in range(j, end + 1) for _ in range(sizes[g])],
-                                   device=dev)
+            offsets = torch.tensor([prefix_lengths[g] for g in pieces for _ in range(sizes[g])], device=dev)
             state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
-                          list(range(j, end + 1)), run_sizes)
+                          pieces, [sizes[g] for g in pieces])
             start += len(sub)
-            j = end + 1
         state.end_prefill()
         if per_edit is not None:
             edits = per_edit.row_edits(rows)
