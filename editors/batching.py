@@ -248,13 +248,25 @@ class RowRouting:
 
 
 @contextlib.contextmanager
-def routed_copies(model: nn.Module, copies: StackedCopies | None, method: str,
-                  prompts_per_edit: Sequence[Sequence[Any]]) -> Iterator[PerEdit]:
-    """Generation over K edits' prompts where each row computes with its own edit's copies of ``copies``' parameters
-    (the ``per_edit`` of a method whose ``apply_many`` trains :class:`StackedCopies`)."""
-    if copies is None:
+def routed_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None, method: str,
+                   prompts_per_edit: Sequence[Sequence[Any]]) -> Iterator[PerEdit]:
+    """Generation over K edits' prompts where each row computes with its own edit's ``weights`` (full parameter
+    name -> ``[K, *shape]``, model dtype; every parameter of each routed leaf): the ``per_edit`` of a method whose
+    ``apply_many`` keeps per-edit parameter values."""
+    if weights is None:
         raise RuntimeError(f"{method}: generate_many before apply_many")
-    routing = RowRouting(model, copies.names)
-    routing.weights = {n: m.detach() for n, m in copies.current().items()}
+    routing = RowRouting(model, list(weights))
+    routing.weights = {n: w.detach() for n, w in weights.items()}
     with routing.installed():
         yield PerEdit.of(prompts_per_edit, routing=routing)
+
+
+@contextlib.contextmanager
+def routed_copies(model: nn.Module, copies: StackedCopies | None, method: str,
+                  prompts_per_edit: Sequence[Sequence[Any]]) -> Iterator[PerEdit]:
+    """:func:`routed_weights` with the current values of ``copies`` (the ``per_edit`` of a method whose
+    ``apply_many`` trains :class:`StackedCopies`)."""
+    if copies is None:
+        raise RuntimeError(f"{method}: generate_many before apply_many")
+    with routed_weights(model, copies.current(), method, prompts_per_edit) as per_edit:
+        yield per_edit

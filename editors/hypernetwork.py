@@ -27,8 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
+from editors.batching import routed_weights
 from editors.hparams import Hparams
-from editors.models.base import LALMAdapter, PromptBatch
+from editors.models.base import LALMAdapter, PerEdit, Prompt, PromptBatch
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.errors import ConfigError, DataError
@@ -340,8 +341,11 @@ def load_network(directory: str | Path, *, device: str | torch.device = "cpu") -
 
 
 class HypernetEditor(Editor):
-    """Apply an edit with a trained hypernetwork: factors of the edit -> updates -> added to the weights in place.
-    A subclass names its network class in :attr:`network_class`."""
+    """Apply an edit with a trained hypernetwork: factors of the edit -> updates -> added to the weights in place
+    (one edit), or kept as per-edit copies of the edited matrices (K single edits per pass). A subclass names its
+    network class in :attr:`network_class`."""
+
+    batches_edits = True
 
     network_class: ClassVar[type[HyperNetwork]]
     hparams: HypernetHparams
@@ -350,6 +354,7 @@ class HypernetEditor(Editor):
         super().__init__(*args, **kwargs)
         self.network: HyperNetwork | None = None
         self.network_config: dict[str, Any] = {}
+        self._copies: dict[str, torch.Tensor] | None = None  # apply_many's per-edit matrices, by parameter name
 
     def network_dir(self) -> Path:
         path = self.hparams.hypernetwork_path
@@ -395,21 +400,65 @@ class HypernetEditor(Editor):
     def touched_parameters(self) -> list[str]:
         return [self.adapter.module_name(matrix_module(self.adapter, key)) + ".weight" for key in self._matrices()]
 
-    def apply(self, edit: EditRequest) -> dict[str, Any]:
+    def _network(self) -> HyperNetwork:
         if self.network is None:
             self.setup()
-        net = self.network
-        if net is None:
+        if self.network is None:
             raise RuntimeError(f"{self.name}: setup() loaded no hypernetwork")
+        return self.network
+
+    def _edited_weights(self, edit: EditRequest) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The edited matrices' new values (model dtype, keyed by matrix) and the edit's stats; the model's
+        weights are only read, so K edits computed one after the other each see the unedited model."""
+        net = self._network()
         batch = self.adapter.prepare([edit.prompt()], [edit.target])
         factors, loss = edit_factors(self.adapter, net.matrices, batch)
         condition = condition_embeddings(self.adapter, batch) if net.needs_condition else None
         with torch.no_grad():
             deltas = net.deltas(factors, condition)
-            norms = {}
+            weights, norms = {}, {}
             for key, delta in deltas.items():
                 weight = matrix_module(self.adapter, key).weight
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+                weights[key] = (weight.float() + delta).to(weight.dtype)
                 norms[f"delta_norm.{key}"] = float(delta.norm())
         # the network's training time (editors.train), so the runner's .timing.json and Table 7 carry it
-        return {"steps": 1, "loss": loss, "hypernetwork_train_s": self.network_config.get("train_seconds"), **norms}
+        stats = {"steps": 1, "loss": loss, "hypernetwork_train_s": self.network_config.get("train_seconds"), **norms}
+        return weights, stats
+
+    def apply(self, edit: EditRequest) -> dict[str, Any]:
+        weights, stats = self._edited_weights(edit)
+        with torch.no_grad():
+            for key, value in weights.items():
+                matrix_module(self.adapter, key).weight.copy_(value)
+        return stats
+
+    def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """K single edits: each edit's updates computed from the unedited model exactly as :meth:`apply` computes
+        them, kept as per-edit copies of the edited matrices (``[K, d_out, d_in]``, model dtype); generation routes
+        each row through its own edit's copies (:meth:`per_edit`). The model's weights stay unchanged."""
+        self._network()
+        stacked: dict[str, torch.Tensor] = {}  # filled edit by edit (no second copy of all K edits' matrices)
+        names = {key: self.adapter.module_name(matrix_module(self.adapter, key)) for key in self._matrices()}
+        stats = []
+        for k, edit in enumerate(edits):
+            weights, one = self._edited_weights(edit)
+            for key, value in weights.items():
+                name = f"{names[key]}.weight"
+                if name not in stacked:
+                    stacked[name] = value.new_empty((len(edits), *value.shape))
+                stacked[name][k] = value
+            stats.append(one)
+        for key, name in names.items():
+            bias = matrix_module(self.adapter, key).bias
+            if bias is not None:  # unchanged, but routed with its Linear
+                stacked[f"{name}.bias"] = bias.detach().unsqueeze(0).expand(len(edits), -1)
+        self._copies = stacked
+        return stats
+
+    @contextlib.contextmanager
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
+        with routed_weights(self.adapter.model, self._copies, self.name, prompts_per_edit) as per_edit:
+            yield per_edit
+
+    def reset(self) -> None:
+        self._copies = None

@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
-                        "(ft_audio, ft_llm, i_ike, ie_ike, unke, wise, lora with merge: false; others run one at a time). "
-                        "Default on CUDA: sized from the memory the first passes measure (1 edit, then as many as its "
-                        "peak allows; at most 32), halved on an out-of-memory error; 1 on CPU")
+                        "(ft_audio, ft_llm, i_ike, ie_ike, ke, mend, unke, wise, lora with merge: false; others run "
+                        "one at a time). Default on CUDA: sized from the memory the first passes measure (1 edit, "
+                        "then as many as its peak allows; at most 32), halved on an out-of-memory error; 1 on CPU")
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the part files of a multi-process run into the predictions file (no model "
                         "is loaded); fails when units are missing")

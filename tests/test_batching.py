@@ -95,6 +95,39 @@ def test_batched_parameter_updates_equal_one_at_a_time(qwen64, method, overrides
             assert float(ref[n].norm()) > 0 and relative(delta[n], ref[n]) < 1e-5, (k, n)
 
 
+@pytest.mark.parametrize("method", ["ke", "mend"])
+def test_hypernetwork_edits_batched_equal_one_at_a_time(qwen, method):
+    """KE / MEND: each edit's matrices come from the unedited model (the same bits as one edit applied alone),
+    kept per edit; every row generates with its own edit's matrices."""
+    from _methods_helpers import trained_network
+
+    hp = load_hparams(method, qwen.family, tiny=True, overrides={"hypernetwork_path": str(trained_network(method))})
+    editor = get_editor_class(method)(qwen, hp)
+    session = EditSession(editor)
+    params = dict(qwen.model.named_parameters())
+    names = editor.touched_parameters()
+    before = state_copy(qwen.model)
+    edits = make_edits()
+    unedited = [qwen.generate(eval_prompts(e), max_new_tokens=6) for e in edits]
+    single_out, single_weights, single_stats = [], [], []
+    for edit in edits:
+        with session.edit(edit) as one:
+            single_stats.append(one)
+            single_weights.append({n: params[n].detach().clone() for n in names})
+            single_out.append(qwen.generate(eval_prompts(edit), max_new_tokens=6))
+    with session.edits(edits) as stats:
+        assert changed_tensors(qwen.model, before) == []
+        outputs = editor.generate_many([eval_prompts(e) for e in edits], max_new_tokens=6)
+        for k, ref in enumerate(single_weights):
+            assert all(torch.equal(editor._copies[n][k], ref[n]) for n in names), k
+    assert changed_tensors(qwen.model, before) == [] and editor._copies is None
+    assert stats == single_stats
+    assert outputs == single_out
+    # the edits change outputs, differently per edit: rows routed to another edit's matrices would differ
+    assert single_out != unedited
+    assert any(single_weights[0][n].ne(single_weights[1][n]).any() for n in names)
+
+
 def test_i_ike_batched_prompts_equal_one_at_a_time(qwen):
     editor = get_editor_class("i_ike")(qwen, load_hparams("i_ike", qwen.family, tiny=True))
     edits = make_edits()
@@ -139,14 +172,18 @@ def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
 
 
 def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
+    from _methods_helpers import trained_network
+
+    hparams = ({"max_steps": 30} if method.startswith("ft") else
+               {"hypernetwork_path": str(trained_network(method))} if method == "ke" else {})
     config = run_config(dataset, out, cache, method=method, configs=("emotion", "gender"), limit=2,
-                        edits_per_pass=int(k), hparams={"max_steps": 30} if method.startswith("ft") else {})
+                        edits_per_pass=int(k), hparams=hparams)
     runner = Runner(config, adapter=adapter)
     assert runner.edits_per_pass == int(k)
     return read_predictions(runner.run())[1]
 
 
-@pytest.mark.parametrize("method", ["ft_audio", "ft_llm", "i_ike", "ie_ike"])
+@pytest.mark.parametrize("method", ["ft_audio", "ft_llm", "i_ike", "ie_ike", "ke"])
 def test_runner_edits_per_pass_writes_the_same_rows(qwen, demo_dataset, tmp_path, method):
     before = state_copy(qwen.model)
     one = _rows(qwen, demo_dataset, tmp_path / "k1", tmp_path / "c1", "1", method)
@@ -161,4 +198,5 @@ def test_methods_that_do_not_batch_run_one_at_a_time():
     # the paper's methods (a method added later declares its own batching and tests it, e.g. tests/test_lora.py)
     batching = {m for m in METHOD_ORDER if get_editor_class(m).batches_edits}
     # UnKE and WISE: K edits per pass equal one at a time (tests/test_unke.py, tests/test_wise.py)
-    assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike", "unke", "wise"}
+    # KE and MEND: tests/test_batching.py::test_hypernetwork_edits_batched_equal_one_at_a_time
+    assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike", "ke", "mend", "unke", "wise"}
