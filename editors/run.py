@@ -292,7 +292,7 @@ class Runner:
         """Free what the run holds and halve the padded tokens per generation chunk; False at one row a chunk."""
         release_generation(self.adapter)
         self.memory.free()
-        current = self.generation.max_batch_tokens or token_budget(self.adapter) or 0
+        current = self.generation.max_batch_tokens or token_budget(self.adapter, engine=self.generation.engine) or 0
         if current <= MIN_GENERATION_TOKENS:
             return False
         self.generation = self.generation.replace(max_batch_tokens=max(MIN_GENERATION_TOKENS, current // 2))
@@ -399,6 +399,8 @@ class Runner:
         pos = 0
         while pos < len(todo):
             units = todo[pos:pos + self.sizer.k]
+            if batched:
+                self._free_generation()  # the pass is sized against memory nothing else holds
             available, baseline = self.memory.available(), self.memory.start()
             try:
                 if batched:
@@ -412,6 +414,14 @@ class Runner:
                 continue
             self.sizer.record(len(units), self.memory.peak(baseline), available)
             pos += len(units)
+
+    def _free_generation(self) -> None:
+        """Drop what the generation layer keeps between calls (the graph engine's captured shapes and their
+        caches) and the allocator's unused cache: within a pass of K edits, memory the sizer measured as the
+        pass's must not be held by shapes an earlier generation kept."""
+        if self.memory.measured:
+            release_generation(self.adapter)
+            self.memory.free()
 
     def _back_off(self, error: BaseException, units: list[Unit]) -> None:
         """After an out-of-memory error in a pass of ``units``: free, halve the edits per pass; a unit alone that
@@ -457,6 +467,7 @@ class Runner:
         for its in items:
             pre.append(flat_pre[pos:pos + len(its)])
             pos += len(its)
+        self._free_generation()  # the edits' copies and training get what the pre-edit generation kept
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1

@@ -145,3 +145,27 @@ def test_cuda_readings_name_the_device_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert cuda_device(torch.device("cuda")) == torch.device("cuda", 3)
     assert cuda_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def test_the_eager_budget_counts_the_logits_its_prefill_really_keeps(family):
+    """Whether a family's ``generate`` computes the logits of every prompt position (Qwen2-Audio's forward in
+    transformers 5 does; a 65k-token chunk then asked for 19 GiB at once on the H200) is read from what the
+    model does: the head's output at prefill. The eager engine's token budget counts them; the graph engine's not."""
+    from editors.models.base import Prompt
+    from editors.models.generation.memory import prefill_logits_bytes_per_token
+    from _editor_helpers import synthetic_audio
+
+    adapter = load_adapter(family, seed=0)
+    widths: list[int] = []
+    hook = adapter.lm_head().register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    try:
+        adapter.generate([Prompt("What is the emotion of the speaker?", audio=synthetic_audio(1, 0.5))],
+                         settings=adapter.generation_settings(2, engine="eager"))
+    finally:
+        hook.remove()
+    keeps_all = widths[0] > 1  # the prefill's head output: every prompt position, or the last one only
+    assert adapter.generate_keeps_all_logits() == keeps_all
+    vocab_bytes = adapter.lm_head().weight.shape[0] * adapter.dtype.itemsize
+    assert prefill_logits_bytes_per_token(adapter, "eager") == (vocab_bytes if keeps_all else 0)
+    assert prefill_logits_bytes_per_token(adapter, "graph") == 0

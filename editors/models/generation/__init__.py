@@ -57,7 +57,7 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
             from editors.models.generation.graph import kept_bytes
 
             reclaimable = kept_bytes(adapter)
-        budget = token_budget(adapter, reclaimable=reclaimable)
+        budget = token_budget(adapter, reclaimable=reclaimable, engine=settings.engine)
         if budget is not None:
             settings = settings.replace(max_batch_tokens=budget)
     if settings.engine == "graph":

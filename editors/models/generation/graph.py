@@ -35,10 +35,11 @@ eager engine.
 
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
-:data:`KEEP_FRACTION` of the device memory (least recently used dropped first; a shape larger than that is freed
-after its last chunk), keyed by the shape and the identity of the modules and weights they read. The token budget
-counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release` drops them all
-(the runner does on an out-of-memory error).
+:data:`KEEP_FRACTION` of the memory the process may use (least recently used dropped first; a shape larger than
+that is freed after its last chunk), keyed by the shape and the identity of the modules and weights they read. The
+token budget counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release`
+drops them all (the runner does at the start of each pass of K edits, before it applies them, and on an
+out-of-memory error).
 Nothing is compiled, so there is no compile cache to keep between runs. Exactness: on the tiny fp32 models the
 greedy outputs equal the eager engine's for the three families (tests/test_generation.py).
 """
@@ -56,7 +57,7 @@ import torch
 from torch import nn
 
 from editors.models.buckets import MIN_ROWS, left_pad
-from editors.models.generation.memory import GENERATION_FRACTION, available_bytes, kv_bytes_per_token
+from editors.models.generation.memory import GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
 from editors.models.generation.settings import GenerationSettings
@@ -540,7 +541,12 @@ def _identity(lm: _LM) -> tuple:
 
 
 def _keep_budget(device: torch.device) -> float:
-    return KEEP_FRACTION * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0.0
+    """:data:`KEEP_FRACTION` of the memory this process may use on ``device`` (a per-process cap counted)."""
+    if device.type != "cuda":
+        return 0.0
+    device = cuda_device(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    return KEEP_FRACTION * total * min(1.0, torch.cuda.get_per_process_memory_fraction(device))
 
 
 def kept_bytes(adapter: "LALMAdapter") -> int:

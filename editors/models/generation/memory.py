@@ -33,6 +33,15 @@ def activation_bytes_per_token(adapter: "LALMAdapter") -> int:
     return (6 * int(cfg.hidden_size) + 3 * int(cfg.intermediate_size)) * adapter.dtype.itemsize
 
 
+def prefill_logits_bytes_per_token(adapter: "LALMAdapter", engine: str) -> int:
+    """Bytes of vocabulary logits one prompt token holds at prefill: the eager engine's ``generate`` on a model
+    that computes them for every position (:meth:`LALMAdapter.generate_keeps_all_logits`, e.g. Qwen2-Audio's
+    forward in transformers 5); 0 for the graph engine (its head reads the last position only)."""
+    if engine != "eager" or not adapter.generate_keeps_all_logits():
+        return 0
+    return int(adapter.lm_head().weight.shape[0]) * adapter.dtype.itemsize
+
+
 def cuda_device(device: torch.device) -> torch.device:
     """``device`` with its index (``cuda`` -> ``cuda:N`` of the current device): some of torch's memory queries
     refuse a CUDA device without one."""
@@ -51,12 +60,15 @@ def available_bytes(device: torch.device) -> int | None:
     return int(max(0, min(free + torch.cuda.memory_reserved(device) - allocated, cap)))
 
 
-def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, reclaimable: int = 0) -> int | None:
-    """Padded tokens one generation chunk may hold now (rows x (width + new tokens), prefixes once), from the
-    available memory (+ ``reclaimable`` bytes the engine gives back when it needs them) and
-    :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token`; None on CPU."""
+def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, reclaimable: int = 0,
+                 engine: str = "graph") -> int | None:
+    """Padded tokens one generation chunk of ``engine`` may hold now (rows x (width + new tokens), prefixes once),
+    from the available memory (+ ``reclaimable`` bytes the engine gives back when it needs them) and
+    :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` + :func:`prefill_logits_bytes_per_token`;
+    None on CPU."""
     available = available_bytes(adapter.device)
     if available is None:
         return None
-    per_token = kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
+    per_token = (kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
+                 + prefill_logits_bytes_per_token(adapter, engine))
     return max(1, int(fraction * (available + reclaimable)) // per_token)
