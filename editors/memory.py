@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -51,6 +54,18 @@ def requested_bytes(error: BaseException) -> int | None:
         return None
     unit = match.group(2).lower().rstrip("b").rstrip("i")
     return int(float(match.group(1)) * 1024 ** " kmgt".index(unit or " "))
+
+
+def raised_at(error: BaseException) -> str:
+    """Where ``error`` was raised: the innermost frame of its traceback outside torch (``file:line in function``),
+    so that a back-off line says which allocation did not fit."""
+    frames = traceback.extract_tb(error.__traceback__)
+    outside = [f for f in frames if f"{os.sep}torch{os.sep}" not in f.filename] or frames
+    if not outside:
+        return "?"
+    frame = outside[-1]
+    parts = Path(frame.filename).parts
+    return f"{'/'.join(parts[-2:])}:{frame.lineno} in {frame.name}"
 
 
 def gib(n: float | None) -> str:

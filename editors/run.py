@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
-from editors.memory import DeviceMemory, PassSizer, gib, is_out_of_memory, requested_bytes
+from editors.memory import DeviceMemory, PassSizer, gib, is_out_of_memory, raised_at, requested_bytes
 from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
@@ -296,8 +296,8 @@ class Runner:
         if current <= MIN_GENERATION_TOKENS:
             return False
         self.generation = self.generation.replace(max_batch_tokens=max(MIN_GENERATION_TOKENS, current // 2))
-        logger.warning("%s: out of memory while generating (%s); freed, generating again with at most %d tokens "
-                       "per chunk", self.config.method, str(error).splitlines()[0][:120],
+        logger.warning("%s: out of memory while generating (%s; at %s); freed, generating again with at most %d "
+                       "tokens per chunk", self.config.method, str(error).splitlines()[0][:120], raised_at(error),
                        self.generation.max_batch_tokens)
         return True
 
@@ -431,8 +431,9 @@ class Runner:
         self.memory.free()
         k = self.sizer.back_off()
         if k is not None:
-            logger.warning("%s: out of memory with %d edits per pass (%s); freed, redoing these units with %d per "
-                           "pass", self.config.method, len(units), str(error).splitlines()[0][:120], k)
+            logger.warning("%s: out of memory with %d edits per pass (%s; at %s); freed, redoing these units with %d "
+                           "per pass", self.config.method, len(units), str(error).splitlines()[0][:120],
+                           raised_at(error), k)
             return
         requested = requested_bytes(error)
         needed = None if allocated is None or requested is None else allocated + requested

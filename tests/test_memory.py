@@ -138,6 +138,19 @@ def test_the_generation_token_budget_counts_the_kv_cache(qwen):
     assert activation_bytes_per_token(qwen) > 0
 
 
+def test_a_back_off_line_says_where_the_allocation_failed():
+    from editors.memory import raised_at
+
+    def allocate_the_cache():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 19.05 GiB.")
+
+    try:
+        allocate_the_cache()
+    except torch.OutOfMemoryError as error:
+        where = raised_at(error)
+    assert where.startswith("tests/test_memory.py:") and where.endswith(" in allocate_the_cache")
+
+
 def test_cuda_readings_name_the_device_index(monkeypatch):
     """torch's per-process cap query refuses ``cuda`` without an index (seen on the H200): readings use ``cuda:N``."""
     from editors.models.generation.memory import cuda_device
