@@ -59,8 +59,9 @@ def requested_bytes(error: BaseException) -> int | None:
 def raised_at(error: BaseException) -> str:
     """Where ``error`` was raised: the innermost frame of its traceback outside torch (``file:line in function``),
     so that a back-off line says which allocation did not fit."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
     frames = traceback.extract_tb(error.__traceback__)
-    outside = [f for f in frames if f"{os.sep}torch{os.sep}" not in f.filename] or frames
+    outside = [f for f in frames if not f.filename.startswith(torch_dir)] or frames
     if not outside:
         return "?"
     frame = outside[-1]

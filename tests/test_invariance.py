@@ -24,6 +24,14 @@ def test_bucket_rules():
     assert group_by_width([10, 40, 20, 70, 33], "cpu") == [(32, [0, 2]), (64, [1, 4]), (96, [3])]
     assert chunk_rows(list(range(10)), 64, max_batch_tokens=64 * 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert chunk_rows([3, 5], 64, batch_size=1) == [[3], [5]]
+    # the padded batch (dummy rows of the row bucket included) stays within the token budget: 65 real rows of
+    # 512 tokens under a 40k budget were a 128 x 512 batch (the H200 run's 19 GiB of prefill logits)
+    for budget in (40_000, 26_500, 512 * MIN_ROWS, 512 * MIN_ROWS * 3):
+        chunks = chunk_rows(list(range(300)), 512, max_batch_tokens=budget)
+        assert sum(len(c) for c in chunks) == 300
+        assert all(row_bucket(len(c)) * 512 <= budget for c in chunks)
+        assert max(len(c) for c in chunks) * 2 * 512 > budget  # no smaller than the budget asks
+    assert chunk_rows(list(range(5)), 512, max_batch_tokens=512 * 3) == [[0, 1, 2], [3, 4]]  # under MIN_ROWS
 
 
 def test_few_rows_take_the_path_of_many():

@@ -60,13 +60,16 @@ def group_by_width(lengths: Sequence[int], device: torch.device | str) -> list[t
 def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = None,
                max_batch_tokens: int | None = None) -> list[list[int]]:
     """Consecutive chunks of ``indices`` (one width bucket) of at most ``batch_size`` rows and at most
-    ``max_batch_tokens`` padded tokens (real rows x ``width``; the dummy rows of :func:`row_bucket` may add up to
-    as many again); at least one row per chunk."""
+    ``max_batch_tokens`` padded tokens: :func:`row_bucket` rows (dummy rows included) x ``width``, except that a
+    chunk always holds one row and may fill :data:`MIN_ROWS` rows."""
     cap = len(indices) or 1
     if batch_size:
         cap = min(cap, batch_size)
     if max_batch_tokens:
-        cap = max(1, min(cap, max_batch_tokens // max(1, width)))
+        fit = max_batch_tokens // max(1, width)  # rows of the chunk's padded batch
+        if fit >= MIN_ROWS:  # real rows whose row bucket stays within the budget: a power of two
+            fit = 1 << (fit.bit_length() - 1)
+        cap = max(1, min(cap, fit))
     return [list(indices[i:i + cap]) for i in range(0, len(indices), cap)]
 
 
