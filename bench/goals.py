@@ -23,6 +23,9 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
   (``torch.cuda.set_per_process_memory_fraction``): it must complete (back-off counted).
 
 ``--time-limit`` seconds: parts that would start after it are skipped and say so (the device lease is short).
+The raw numbers of the table in ``bench/RESULTS.md`` are kept beside it (``bench/RESULTS.json``; DeSTA2.5:
+``bench/RESULTS-desta25.json``): carry one to the device and pass it as ``--merge-json`` so that a call re-measuring
+some methods keeps the others' rows (a method's runs are replaced engine by engine).
 """
 
 from __future__ import annotations
@@ -488,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``previous`` rows (an earlier device call) updated by this run's parts, in the earlier order, new methods
-    last."""
+    last; a method's runs are replaced engine by engine."""
     out = [dict(r) for r in previous]
     index = {r["method"]: r for r in out}
     for row in rows:
@@ -497,7 +500,11 @@ def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> li
             continue
         old = index[row["method"]]
         for key, value in row.items():
-            if key != "method" and value not in (None, [], {}):
+            if key == "runs":  # by engine: this call's run of an engine replaces that engine's only
+                fresh = {r["engine"]: r for r in value}
+                kept = [fresh.pop(r["engine"], r) for r in old.get("runs", [])]
+                old["runs"] = kept + list(fresh.values())
+            elif key != "method" and value not in (None, [], {}):
                 old[key] = value
     return out
 
