@@ -15,7 +15,7 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
   the whole model per training step, deep-copy restore) over ``--naive-edits`` edits;
 * ``--profile-methods``: the runner's phases of one more edit under the profiler (GPU busy share);
 * ``--sequential-methods``: one 10-edit sequence in sequential mode (the paper evaluates edits 1-5 at gaps 0-5);
-* KE / MEND: ``--hypernet-steps`` training steps of the untrained hypernetwork (timed: s/step), whose network
+* KE / MEND: ``--hypernet-steps`` optimizer steps of the untrained hypernetwork (timed: s per train instance), whose network
   then makes the edits (an untrained network times an edit like a trained one);
 * ``--sweep K,...`` (``--sweep-methods``): one pass at each forced K: peak memory per edit; with the runner's
   fitted cost, the K it picks on an 80 GB and a 139 GB card and the peak that gives;
@@ -51,6 +51,7 @@ from bench.report import device_name, write_results
 from bench.roofline import measure_ceilings
 from bench.synthetic import SyntheticDataset
 from sake_core.atomic import atomic_write
+from sake_core.protocol import ATTRIBUTES
 
 LOG = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ PAPER_SINGLE_AF3 = {"ft_llm": "2h00m", "ft_audio": "1h30m", "ke": "3h00m", "mend
 #: The paper's scale: 1,200 single edits per method and model, 10 sequences of 10 edits, one epoch over the 4,000
 #: train instances for a hypernetwork (Table 1, §4.2, App. D.2).
 PAPER_EDITS, PAPER_SEQUENCES, PAPER_TRAIN_STEPS = 1200, 10, 4000
+#: Train rows the hypernetwork timing holds out for validation, and the largest ``accumulate_bs`` of KE / MEND's
+#: hparams (KE: 10): the synthetic train split gets enough rows for one warm-up step + the timed steps.
+HYPERNET_VAL_ROWS, HYPERNET_MAX_GROUP = 2, 10
 
 
 def hours(text: str) -> float:
@@ -151,27 +155,32 @@ def sequential(bench: Bench, method: str) -> dict[str, Any]:
 
 
 def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
-    """``steps`` training steps of ``method``'s hypernetwork on the synthetic train rows (timed after one warm-up
-    step); the network is then used for the edits (``bench.extra``)."""
+    """``steps`` optimizer steps of ``method``'s hypernetwork on the synthetic train rows, timed after one warm-up
+    step (a step = ``accumulate_bs`` train instances, as the trainer groups them): seconds per train instance,
+    which the paper's one epoch over 4,000 instances multiplies. The network then makes the edits
+    (``bench.extra``)."""
     from editors.hypernetwork import CHECKPOINT_DIR
     from editors.train import Trainer
-    from sake_core.protocol import ATTRIBUTES
 
     data = {c: bench.dataset.load(str(bench.dataset.root), c, "train") for c in ATTRIBUTES}
     out = bench.workdir / f"hypernet-{method}"
     shutil.rmtree(out, ignore_errors=True)
-    held_out = ["val_size=2"]  # the synthetic train split is a few rows per attribute, not the paper's thousands
+    held_out = [f"val_size={HYPERNET_VAL_ROWS}"]  # the synthetic train split is a few rows, not the paper's thousands
     bench.extra[method] = held_out
     trainer = Trainer(bench.adapter, method, bench.hparams(method), data, out, seed=bench.seed,
                       model_name=bench.model_name, progress=False, checkpoint_every=10**9)
-    trainer.train(max_steps=1)  # warm-up
+    group = trainer.hp.accumulate_bs
+    trainer.train(max_steps=group)  # warm-up: one optimizer step
     _sync(bench)
-    started = time.perf_counter()
-    trainer.train(max_steps=1 + steps)
+    first, started = trainer.step, time.perf_counter()
+    trainer.train(max_steps=group * (1 + steps))
     _sync(bench)
-    seconds = (time.perf_counter() - started) / steps
+    seconds, instances = time.perf_counter() - started, trainer.step - first
+    if instances < group * steps:
+        raise RuntimeError(f"{method}: the synthetic train split allowed {instances} timed instances, not "
+                           f"{group * steps} ({steps} steps of {group}); raise train rows per attribute")
     bench.extra[method] = held_out + [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
-    return {"s_per_step": round(seconds, 4), "steps": steps}
+    return {"s_per_instance": round(seconds / instances, 4), "instances": instances, "accumulate_bs": group}
 
 
 def _sync(bench: Bench) -> None:
@@ -249,7 +258,7 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
         for ours_h, paper in ((run["s_per_edit"] * PAPER_EDITS / 3600 if run else None, single_paper.get(m)),
                               (row.get("sequential", {}).get("seconds", 0) * PAPER_SEQUENCES / 3600
                                if row.get("sequential", {}).get("seconds") else None, PAPER_SEQUENTIAL[model].get(m)),
-                              (row["hypernet"]["s_per_step"] * PAPER_TRAIN_STEPS / 3600 if row.get("hypernet") else
+                              (row["hypernet"]["s_per_instance"] * PAPER_TRAIN_STEPS / 3600 if row.get("hypernet") else
                                None, PAPER_TRAINING[model].get(m))):
             paper_h = hours(paper) if paper else None
             if ours_h is not None and paper_h is not None:
@@ -363,8 +372,9 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
         lines += ["", "Hypernetwork training (untrained network, the train split's synthetic rows):", ""]
         for row in hyper:
             h = row["hypernet"]
-            lines.append(f"- `{row['method']}`: {h['s_per_step']:.3f} s/step over {h['steps']} steps; one epoch of "
-                         f"the paper's 4,000 train instances: {h['s_per_step'] * PAPER_TRAIN_STEPS / 3600:.2f} h")
+            lines.append(f"- `{row['method']}`: {h['s_per_instance']:.3f} s per train instance over {h['instances']} "
+                         f"instances ({h['accumulate_bs']} per optimizer step); one epoch of the paper's 4,000 train "
+                         f"instances: {h['s_per_instance'] * PAPER_TRAIN_STEPS / 3600:.2f} h")
     lines += ["", "Projection of the paper's compute for this model (Table 7 rows with a measured rate here):", ""]
     lines += projection(rows, model)
     return "\n".join(lines) + "\n"
@@ -397,7 +407,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--naive-edits", type=int, default=1)
     p.add_argument("--profile-methods", default="", help="methods whose phases run under the profiler")
     p.add_argument("--sequential-methods", default="", help="methods timed on one 10-edit sequence")
-    p.add_argument("--hypernet-steps", type=int, default=4, help="training steps timed for KE / MEND")
+    p.add_argument("--hypernet-steps", type=int, default=3,
+                   help="optimizer steps timed for KE / MEND (each accumulate_bs train instances)")
     p.add_argument("--sweep", default="", help="forced K values of the memory sweep, e.g. 1,4,16")
     p.add_argument("--sweep-methods", default="")
     p.add_argument("--emulate-gib", type=float, default=0.0, help="memory cap (GiB) of an emulated smaller card")
@@ -441,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sake-goals-") as tmp:
         workdir = args.workdir or Path(tmp)
         configs, limit = plan_units(per, 1)
-        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
+        train_rows = -(-(HYPERNET_VAL_ROWS + HYPERNET_MAX_GROUP * (1 + args.hypernet_steps)) // len(ATTRIBUTES))
+        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, max(3, train_rows), args.seed,
+                                        scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
                       max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
         if args.warmup_method and scale.device == "cuda":
