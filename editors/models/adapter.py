@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch
+from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, to_device
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, resolve_settings
 from editors.models.generation import generate as _generate
 from editors.models.prompts import Prompt, audio_digest
@@ -421,21 +421,21 @@ class LALMAdapter(abc.ABC):
         states = self.audio_states(all_audios) if all_audios else []
         audio_mask = input_ids == self.audio_placeholder_id
         batch = PromptBatch(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device),
-            audio_token_mask=audio_mask.to(device),
+            input_ids=to_device(input_ids, device),
+            attention_mask=to_device(attention_mask, device),
+            position_ids=to_device(position_ids, device),
+            audio_token_mask=to_device(audio_mask, device),
             audio_states=states,
             n_audio_slots=int(audio_mask.sum()),
         )
         if targets is not None:
             next_labels = labels_t[:, 1:]
             target_rows, target_cols = (next_labels != IGNORE_INDEX).nonzero(as_tuple=True)
-            batch.labels = labels_t.to(device)
-            batch.target_rows = target_rows.to(device)
-            batch.target_cols = target_cols.to(device)
-            batch.target_ids = next_labels[target_rows, target_cols].to(device)
-            batch.target_counts = (next_labels != IGNORE_INDEX).sum(-1).to(device)
+            batch.labels = to_device(labels_t, device)
+            batch.target_rows = to_device(target_rows, device)
+            batch.target_cols = to_device(target_cols, device)
+            batch.target_ids = to_device(next_labels[target_rows, target_cols], device)
+            batch.target_counts = to_device((next_labels != IGNORE_INDEX).sum(-1), device)
         return batch
 
     # ---- forward paths ------------------------------------------------------------------------------------------

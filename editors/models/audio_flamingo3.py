@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, whisper_encoder_tokens)
+                                 tiny_feature_extractor, to_device, whisper_encoder_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class AudioFlamingo3Adapter(LALMAdapter):
         feats = fe(windows, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
                    return_tensors="pt")
         encoder = self.model.model.audio_tower
-        features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
-        mask = feats["attention_mask"].to(self.device)
+        features = to_device(feats["input_features"], self.device, encoder.conv1.weight.dtype)
+        mask = to_device(feats["attention_mask"], self.device)
         hidden = encoder(features, input_features_mask=mask).last_hidden_state
         valid = [whisper_encoder_tokens(int(n)) for n in feats["attention_mask"].sum(-1).tolist()]
         per_audio: list[list[torch.Tensor]] = [[] for _ in audios]

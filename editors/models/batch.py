@@ -12,6 +12,18 @@ import torch
 IGNORE_INDEX = -100
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host ``tensor`` on ``device`` (then cast to ``dtype``). To a CUDA device the copy goes through pinned memory
+    and does not block: a copy from pageable memory makes the host wait until the device has run everything queued
+    before it, and the device then idles while the host prepares the next work. Elsewhere: ``Tensor.to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    return tensor if dtype is None else tensor.to(dtype)
+
+
 @dataclass
 class PromptBatch:
     """A tokenized, left-padded batch ready for the LLM (built once, reused across optimisation steps).

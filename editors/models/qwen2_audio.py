@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, whisper_encoder_tokens, whisper_mel_frames)
+                                 tiny_feature_extractor, to_device, whisper_encoder_tokens, whisper_mel_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +168,12 @@ class Qwen2AudioAdapter(LALMAdapter):
         feats = fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE,
                    return_attention_mask=True, padding="max_length", return_tensors="pt")
         encoder = self.model.model.audio_tower
-        features = feats["input_features"].to(self.device, encoder.conv1.weight.dtype)
+        features = to_device(feats["input_features"], self.device, encoder.conv1.weight.dtype)
         mel_valid = feats["attention_mask"].sum(-1)
         conv_len = (mel_valid - 1) // 2 + 1
         out_len = (conv_len - 2) // 2 + 1
         width = (features.shape[-1] - 2) // 2 + 1
-        mask_2d = (torch.arange(width)[None, :] < conv_len[:, None]).long().to(self.device)
+        mask_2d = to_device((torch.arange(width)[None, :] < conv_len[:, None]).long(), self.device)
         dummy = torch.zeros((len(audios), width, 1), dtype=features.dtype, device=self.device)
         attn = create_bidirectional_mask(config=encoder.config, inputs_embeds=dummy, attention_mask=mask_2d)
         hidden = encoder(features, attention_mask=attn).last_hidden_state

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from editors.models.batch import batch_spans
+from editors.models.batch import batch_spans, to_device
 from editors.models.buckets import left_pad
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
@@ -143,7 +143,7 @@ def generate_after_prefix(adapter: "LALMAdapter", prompts: Sequence[Prompt], tok
     out = lm(inputs_embeds=adapter.input_embeds(tail), attention_mask=mask, position_ids=positions,
              use_cache=True, **{cache_arg: cache})
     last_pos = positions[:, -1:]
-    stop_ids = torch.tensor(adapter.stop_token_ids, device=adapter.device)
+    stop_ids = to_device(torch.tensor(adapter.stop_token_ids), adapter.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=adapter.device)
     generated = []
     for step in range(max_new_tokens):

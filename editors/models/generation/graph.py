@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
+from editors.models.batch import to_device
 from editors.models.buckets import MIN_ROWS, left_pad
 from editors.models.generation.memory import GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token
 from editors.models.generation.output import GeneratedText, decode_new_tokens
@@ -357,8 +358,8 @@ class _State:
                 slot_row[g * self.slots + k] = row
                 row_slot[row] = g * self.slots + k
                 row += 1
-        self.slot_row.copy_(torch.tensor(slot_row))
-        self.row_slot.copy_(torch.tensor(row_slot))
+        self.slot_row.copy_(to_device(torch.tensor(slot_row), self.slot_row.device))
+        self.row_slot.copy_(to_device(torch.tensor(row_slot), self.row_slot.device))
 
     def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> None:
         """Run the chunk's prefixes (``[G, P, hidden]``, left-padded) once into the prefix cache."""
@@ -618,7 +619,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     if settings.max_batch_tokens:
         cap_rows = max(1, min(cap_rows, settings.max_batch_tokens // (_bucket(max(map(len, tails)), dev) + n)))
     chunks = _plan(_pieces(groups, prefixes, tails, dev, cap_rows), settings, _split_tokens(adapter, lm))
-    stop_ids = torch.tensor(adapter.stop_token_ids, device=dev)
+    stop_ids = to_device(torch.tensor(adapter.stop_token_ids), dev)
     routing = per_edit.routing if per_edit is not None else None
     keep = dev.type == "cuda" and routing is None  # a routed step reads this pass's per-edit weights only
     identity = _identity(lm) if keep else None
@@ -667,14 +668,14 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
                 embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
             else:
                 embeds = adapter.input_embeds(batch)
-            offsets = torch.tensor([prefix_lengths[g] for g in pieces for _ in range(sizes[g])], device=dev)
+            offsets = to_device(torch.tensor([prefix_lengths[g] for g in pieces for _ in range(sizes[g])]), dev)
             state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
                           pieces, [sizes[g] for g in pieces])
             start += len(sub)
         state.end_prefill()
         if per_edit is not None:
             edits = per_edit.row_edits(rows)
-            state.row_edit.copy_(torch.tensor(edits + [edits[-1]] * (state.rows - len(edits))))
+            state.row_edit.copy_(to_device(torch.tensor(edits + [edits[-1]] * (state.rows - len(edits))), dev))
         if routing is not None:
             routing.row_edit = state.row_edit
         try:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from editors.models.batch import to_device
+
 if TYPE_CHECKING:  # pragma: no cover
     from editors.models.adapter import LALMAdapter
 
@@ -29,5 +31,5 @@ def decode_new_tokens(adapter: "LALMAdapter", new_tokens: torch.Tensor, max_new_
     texts = adapter.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     if new_tokens.shape[-1] < max_new_tokens:  # every row stopped early
         return [GeneratedText(t.strip(), hit_limit=False) for t in texts]
-    stopped = torch.isin(new_tokens, torch.tensor(adapter.stop_token_ids, device=new_tokens.device)).any(-1)
+    stopped = torch.isin(new_tokens, to_device(torch.tensor(adapter.stop_token_ids), new_tokens.device)).any(-1)
     return [GeneratedText(t.strip(), hit_limit=not bool(s)) for t, s in zip(texts, stopped.tolist())]
