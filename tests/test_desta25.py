@@ -267,3 +267,20 @@ def test_non_speech_audio_gets_blank_transcript_without_decoding(monkeypatch):
     assert adapter.transcripts([audio]) == [" "]
     assert adapter.transcribed_audios == 0
     assert adapter.num_audio_tokens(audio) == adapter.config.prompt_size + len(adapter.tokenizer(" ")["input_ids"])
+
+
+def test_transcription_batches_are_sized_from_the_memory_a_row_holds(monkeypatch):
+    """CPU: the fixed batch (the demo's transcripts do not move). CUDA: as many audios per Whisper call as half the
+    available memory holds at one row's cross-attention cache + encoder output, a power of two, at most 64."""
+    import editors.models.generation.memory as memory
+    from editors.models import load_adapter
+    from editors.models.desta25 import MAX_TRANSCRIPT_BATCH, TRANSCRIPT_BATCH
+
+    adapter = load_adapter("tiny-desta25", seed=0)
+    assert adapter.transcript_batch_size() == TRANSCRIPT_BATCH
+    cfg = adapter.model.perception.whisper.config
+    row = 4 * cfg.d_model * (cfg.max_source_positions * (2 * cfg.decoder_layers + 8)
+                             + 2 * cfg.decoder_layers * adapter.config.transcript_max_new_tokens)
+    for rows_that_fit, expected in ((0, 1), (1, 1), (5, 4), (16, 16), (40, 32), (10_000, MAX_TRANSCRIPT_BATCH)):
+        monkeypatch.setattr(memory, "available_bytes", lambda device, n=rows_that_fit: 2 * n * row + 1)
+        assert adapter.transcript_batch_size() == expected, rows_that_fit

@@ -57,7 +57,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
-                                 build_tiny_tokenizer, tiny_feature_extractor)
+                                 build_tiny_tokenizer, tiny_feature_extractor, to_device)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
 from sake_core.atomic import atomic_write
 
@@ -69,6 +69,9 @@ ADAPTER_CLASS = "DeSTA25Adapter"
 MODEL_TYPES = ("desta25", "DeSTA25AudioModel")  # config.json model_type / architectures
 HUB_ID_HINTS = ("desta2.5", "desta25")  # lower-case substrings of Hub ids
 TINY_NAME = "tiny-desta25"
+#: Audios per Whisper transcription call on CPU; on CUDA up to MAX_TRANSCRIPT_BATCH, sized from free memory (of
+#: which TRANSCRIPT_MEMORY_FRACTION may be filled).
+TRANSCRIPT_BATCH, MAX_TRANSCRIPT_BATCH, TRANSCRIPT_MEMORY_FRACTION = 16, 64, 0.5
 
 #: Init std of the tiny LLM: at Llama's 0.02 a 4-layer random model barely lets input tokens reach the last
 #: position, so connector-only edits (FT-Audio) could never move its output; 0.1 keeps tiny edits meaningful.
@@ -394,9 +397,32 @@ class DeSTA25Adapter(LALMAdapter):
             return None
         return self.cache_dir / f"desta25_{kind}" / key[:2] / f"{key}{suffix}"
 
-    def transcripts(self, audios: Sequence[np.ndarray], batch_size: int = 16) -> list[str]:
+    def transcript_batch_size(self) -> int:
+        """Audios per Whisper ``generate`` call: :data:`TRANSCRIPT_BATCH` on CPU; on CUDA a power of two up to
+        :data:`MAX_TRANSCRIPT_BATCH` sized from the memory available now and what one row holds (its encoder output
+        and every decoder layer's cross-attention keys and values over it, its own keys and values over the
+        transcript). ``generate`` loops on the host once per token, so fewer, larger calls transcribe faster. (On a
+        GPU a near-tie token may come out differently at another batch size; the on-disk cache keeps the first.)"""
+        from editors.models.generation.memory import available_bytes
+
+        available = available_bytes(self.device)
+        if available is None:
+            return TRANSCRIPT_BATCH
+        cfg: Any = self.model.perception.whisper.config
+        positions, width = int(cfg.max_source_positions), int(cfg.d_model)
+        itemsize = self.model.perception.whisper.dtype.itemsize
+        per_row = itemsize * width * (positions * (2 * int(cfg.decoder_layers) + 8)
+                                      + 2 * int(cfg.decoder_layers) * self.config.transcript_max_new_tokens)
+        fit = int(TRANSCRIPT_MEMORY_FRACTION * available) // per_row
+        batch = 1
+        while batch * 2 <= min(fit, MAX_TRANSCRIPT_BATCH):
+            batch *= 2
+        return batch
+
+    def transcripts(self, audios: Sequence[np.ndarray], batch_size: int | None = None) -> list[str]:
         """Whisper transcript of each audio (release rules: VAD, ``" "`` for no speech), cached per content hash
-        in memory and, with a cache dir, on disk."""
+        in memory and, with a cache dir, on disk; ``batch_size`` audios per Whisper call (default:
+        :meth:`transcript_batch_size`)."""
         keys = [self._transcript_key(a) for a in audios]
         todo: dict[str, np.ndarray] = {}
         for key, audio in zip(keys, audios):
@@ -412,6 +438,7 @@ class DeSTA25Adapter(LALMAdapter):
             for k in todo.keys() - speech.keys():
                 self._store_transcript(k, " ")
             items = list(speech.items())
+            batch_size = batch_size or self.transcript_batch_size()
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 texts = self._run_whisper_asr([a for _, a in chunk])
@@ -452,7 +479,7 @@ class DeSTA25Adapter(LALMAdapter):
         whisper = self.model.perception.whisper
         n = len(audios)  # filled up with copies to a canonical row count: a transcript never depends on its batch
         audios = list(audios) + [audios[-1]] * (row_bucket(n) - n)
-        feats = self._features(audios).to(whisper.device, whisper.dtype)
+        feats = to_device(self._features(audios), whisper.device, whisper.dtype)
         with self._released_encoder_weights():
             ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
         self.transcribed_audios += n
