@@ -87,18 +87,23 @@ class EditResult:
 
 
 def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
-                   mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float) -> None:
+                   mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float,
+                   all_active: bool = False) -> None:
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
     The formulas are torch.optim's defaults (Adam betas 0.9/0.999, eps 1e-8; RMSprop alpha 0.99, eps 1e-8; plain
-    SGD), elementwise over the stacked copies."""
+    SGD), elementwise over the stacked copies. ``all_active`` (the caller knows every entry of ``mask`` is True):
+    the same operations in place, without the selection (the same bits, about half the memory traffic)."""
     for p, g, st in zip(masters, grads, states):
         if g is None:
             continue
-        m = mask.view(-1, *([1] * (p.dim() - 1)))
         g = g.float()
         if weight_decay:
             g = g.add(p, alpha=weight_decay)
+        if all_active:
+            _update_in_place(p, g, st, step, optimizer=optimizer, lr=lr)
+            continue
+        m = mask.view(-1, *([1] * (p.dim() - 1)))
         if optimizer == "sgd":
             new = p - lr * g
         elif optimizer == "adam":
@@ -118,6 +123,26 @@ def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None],
         else:
             raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
         p.copy_(torch.where(m, new, p))
+
+
+def _update_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, optimizer: str,
+                     lr: float) -> None:
+    """:func:`masked_update`'s step for every entry, in place: the masked path's operations on the same operands."""
+    if optimizer == "sgd":
+        p.sub_(lr * g)
+    elif optimizer == "adam":
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        exp_avg = st.setdefault("exp_avg", torch.zeros_like(p)).lerp_(g, 1 - b1)
+        exp_avg_sq = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = lr / (1 - b1 ** step)
+        denom = (exp_avg_sq.sqrt() / ((1 - b2 ** step) ** 0.5)).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+    elif optimizer == "rmsprop":
+        alpha, eps = 0.99, 1e-8
+        square_avg = st.setdefault("square_avg", torch.zeros_like(p)).mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        p.addcdiv_(g, square_avg.sqrt().add_(eps), value=-lr)
+    else:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
 
 
 def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, lr: float,
@@ -151,7 +176,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
         updates += 1
         with torch.no_grad():
             masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
-                           weight_decay=weight_decay)
+                           weight_decay=weight_decay, all_active=all(active))
         for i in range(k):
             steps[i] += active[i]
     for m in masters:

@@ -530,7 +530,7 @@ class WISE(Editor):
                 if template.mask is not None:
                     grad = grad * template.mask
                 masked_update([master], [grad], opt_state, active, step, optimizer="sgd", lr=hp.edit_lr,
-                              weight_decay=hp.weight_decay)
+                              weight_decay=hp.weight_decay, all_active=early is None or bool(active.all()))
                 if norm_c is not None:
                     lo, hi = base.float() - norm_c, base.float() + norm_c
                     master.copy_(torch.where(active.view(-1, 1, 1), torch.maximum(torch.minimum(master, hi), lo),

@@ -144,6 +144,25 @@ def test_i_ike_batched_prompts_equal_one_at_a_time(qwen):
     assert not editor.independent and not editor.active
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
+def test_the_in_place_update_of_all_active_edits_gives_the_masked_updates_bits(optimizer):
+    from editors.batching import masked_update
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 5, 7, generator=gen)
+    grads = [torch.randn(3, 5, 7, generator=gen) for _ in range(4)]
+    results = []
+    for all_active in (False, True):
+        p, state = start.clone(), [{}]
+        for step, g in enumerate(grads, start=1):
+            masked_update([p], [g], state, torch.ones(3, dtype=torch.bool), step, optimizer=optimizer, lr=0.1,
+                          weight_decay=0.01, all_active=all_active)
+        results.append((p, state[0]))
+    (p0, s0), (p1, s1) = results
+    assert not torch.equal(p0, start) and torch.equal(p0, p1)
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
 def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
     # loss_k = (w_k - t_k)^2 with SGD lr 0.25 halves the distance per update: edit 0 (distance 0.6) is below 1e-2
     # after 3 updates, edit 1 (distance 1e4) not within 10 steps.
