@@ -92,57 +92,47 @@ def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None],
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
     The formulas are torch.optim's defaults (Adam betas 0.9/0.999, eps 1e-8; RMSprop alpha 0.99, eps 1e-8; plain
-    SGD), elementwise over the stacked copies. ``all_active`` (the caller knows every entry of ``mask`` is True):
-    the same operations in place, without the selection (the same bits, about half the memory traffic)."""
+    SGD), elementwise over the stacked copies, in place. ``all_active`` (the caller knows every entry of ``mask``
+    is True) skips saving and restoring the frozen edits' values."""
     for p, g, st in zip(masters, grads, states):
         if g is None:
             continue
         g = g.float()
         if weight_decay:
             g = g.add(p, alpha=weight_decay)
-        if all_active:
-            _update_in_place(p, g, st, step, optimizer=optimizer, lr=lr)
-            continue
-        m = mask.view(-1, *([1] * (p.dim() - 1)))
-        if optimizer == "sgd":
-            new = p - lr * g
-        elif optimizer == "adam":
-            b1, b2, eps = 0.9, 0.999, 1e-8
-            exp_avg = st.setdefault("exp_avg", torch.zeros_like(p)).lerp(g, 1 - b1)
-            exp_avg_sq = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul(b2).addcmul(g, g, value=1 - b2)
-            step_size = lr / (1 - b1 ** step)
-            denom = (exp_avg_sq.sqrt() / ((1 - b2 ** step) ** 0.5)).add_(eps)
-            new = p.addcdiv(exp_avg, denom, value=-step_size)
-            st["exp_avg"] = torch.where(m, exp_avg, st["exp_avg"])
-            st["exp_avg_sq"] = torch.where(m, exp_avg_sq, st["exp_avg_sq"])
-        elif optimizer == "rmsprop":
-            alpha, eps = 0.99, 1e-8
-            square_avg = st.setdefault("square_avg", torch.zeros_like(p)).mul(alpha).addcmul(g, g, value=1 - alpha)
-            new = p.addcdiv(g, square_avg.sqrt().add_(eps), value=-lr)
-            st["square_avg"] = torch.where(m, square_avg, st["square_avg"])
-        else:
-            raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
-        p.copy_(torch.where(m, new, p))
+        tensors = [p, *_optimizer_state(st, p, optimizer)]
+        saved = None if all_active else [t.clone() for t in tensors]
+        _step_in_place(p, g, st, step, optimizer=optimizer, lr=lr)
+        if saved is not None:
+            m = mask.view(-1, *([1] * (p.dim() - 1)))
+            for t, old in zip(tensors, saved):
+                t.copy_(torch.where(m, t, old))
 
 
-def _update_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, optimizer: str,
-                     lr: float) -> None:
-    """:func:`masked_update`'s step for every entry, in place: the masked path's operations on the same operands."""
+def _optimizer_state(st: dict[str, Any], p: torch.Tensor, optimizer: str) -> list[torch.Tensor]:
+    """The optimizer's per-entry state tensors of ``p`` (created at zero on the first step)."""
+    names = {"sgd": (), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}.get(optimizer)
+    if names is None:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
+    return [st.setdefault(name, torch.zeros_like(p)) for name in names]
+
+
+def _step_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, optimizer: str,
+                   lr: float) -> None:
+    """One step of ``optimizer`` on every entry of ``p`` and its state, in place."""
     if optimizer == "sgd":
         p.sub_(lr * g)
     elif optimizer == "adam":
         b1, b2, eps = 0.9, 0.999, 1e-8
-        exp_avg = st.setdefault("exp_avg", torch.zeros_like(p)).lerp_(g, 1 - b1)
-        exp_avg_sq = st.setdefault("exp_avg_sq", torch.zeros_like(p)).mul_(b2).addcmul_(g, g, value=1 - b2)
+        exp_avg = st["exp_avg"].lerp_(g, 1 - b1)
+        exp_avg_sq = st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
         step_size = lr / (1 - b1 ** step)
         denom = (exp_avg_sq.sqrt() / ((1 - b2 ** step) ** 0.5)).add_(eps)
         p.addcdiv_(exp_avg, denom, value=-step_size)
-    elif optimizer == "rmsprop":
+    else:  # rmsprop
         alpha, eps = 0.99, 1e-8
-        square_avg = st.setdefault("square_avg", torch.zeros_like(p)).mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        square_avg = st["square_avg"].mul_(alpha).addcmul_(g, g, value=1 - alpha)
         p.addcdiv_(g, square_avg.sqrt().add_(eps), value=-lr)
-    else:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
 
 
 def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, lr: float,

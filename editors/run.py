@@ -290,8 +290,7 @@ class Runner:
 
     def _halve_generation_batch(self, error: BaseException) -> bool:
         """Free what the run holds and halve the padded tokens per generation chunk; False at one row a chunk."""
-        release_generation(self.adapter)
-        self.memory.free()
+        self._free_generation()
         current = self.generation.max_batch_tokens or token_budget(self.adapter, engine=self.generation.engine) or 0
         if current <= MIN_GENERATION_TOKENS:
             return False
@@ -399,7 +398,7 @@ class Runner:
         pos = 0
         while pos < len(todo):
             units = todo[pos:pos + self.sizer.k]
-            if batched:
+            if batched and self.memory.measured:
                 self._free_generation()  # the pass is sized against memory nothing else holds
             available, baseline = self.memory.available(), self.memory.start()
             try:
@@ -418,17 +417,15 @@ class Runner:
     def _free_generation(self) -> None:
         """Drop what the generation layer keeps between calls (the graph engine's captured shapes and their
         caches) and the allocator's unused cache: within a pass of K edits, memory the sizer measured as the
-        pass's must not be held by shapes an earlier generation kept."""
-        if self.memory.measured:
-            release_generation(self.adapter)
-            self.memory.free()
+        pass's must not be held by shapes an earlier generation kept (and after an out-of-memory error)."""
+        release_generation(self.adapter)
+        self.memory.free()
 
     def _back_off(self, error: BaseException, units: list[Unit]) -> None:
         """After an out-of-memory error in a pass of ``units``: free, halve the edits per pass; a unit alone that
         does not fit is a ResourceError naming the method, the unit and the memory it needed."""
         allocated = self.memory.allocated()
-        release_generation(self.adapter)
-        self.memory.free()
+        self._free_generation()
         k = self.sizer.back_off()
         if k is not None:
             logger.warning("%s: out of memory with %d edits per pass (%s; at %s); freed, redoing these units with %d "
@@ -468,7 +465,8 @@ class Runner:
         for its in items:
             pre.append(flat_pre[pos:pos + len(its)])
             pos += len(its)
-        self._free_generation()  # the edits' copies and training get what the pre-edit generation kept
+        if self.memory.measured:
+            self._free_generation()  # the edits' copies and training get what the pre-edit generation kept
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1

@@ -49,6 +49,11 @@ def row_bucket(rows: int) -> int:
     return n
 
 
+def floor_pow2(n: int) -> int:
+    """The largest power of two <= ``n`` (1 for ``n`` <= 1)."""
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
 def group_by_width(lengths: Sequence[int], device: torch.device | str) -> list[tuple[int, list[int]]]:
     """``(width, indices)`` per width bucket, buckets in order of first appearance, indices in input order."""
     groups: dict[int, list[int]] = {}
@@ -68,7 +73,7 @@ def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = N
     if max_batch_tokens:
         fit = max_batch_tokens // max(1, width)  # rows of the chunk's padded batch
         if fit >= MIN_ROWS:  # real rows whose row bucket stays within the budget: a power of two
-            fit = 1 << (fit.bit_length() - 1)
+            fit = floor_pow2(fit)
         cap = max(1, min(cap, fit))
     return [list(indices[i:i + cap]) for i in range(0, len(indices), cap)]
 

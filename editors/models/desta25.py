@@ -413,11 +413,9 @@ class DeSTA25Adapter(LALMAdapter):
         itemsize = self.model.perception.whisper.dtype.itemsize
         per_row = itemsize * width * (positions * (2 * int(cfg.decoder_layers) + 8)
                                       + 2 * int(cfg.decoder_layers) * self.config.transcript_max_new_tokens)
-        fit = int(TRANSCRIPT_MEMORY_FRACTION * available) // per_row
-        batch = 1
-        while batch * 2 <= min(fit, MAX_TRANSCRIPT_BATCH):
-            batch *= 2
-        return batch
+        from editors.models.buckets import floor_pow2
+
+        return floor_pow2(min(int(TRANSCRIPT_MEMORY_FRACTION * available) // per_row, MAX_TRANSCRIPT_BATCH))
 
     def transcripts(self, audios: Sequence[np.ndarray], batch_size: int | None = None) -> list[str]:
         """Whisper transcript of each audio (release rules: VAD, ``" "`` for no speech), cached per content hash
