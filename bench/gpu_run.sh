@@ -72,5 +72,7 @@ if [ "$BENCH_MODULE" = bench.edit_throughput ]; then
 fi
 python3 -m "$BENCH_MODULE" "$@" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
-tar -C /tmp/bench-work -czf "$OUT/timing.tgz" $(cd /tmp/bench-work && ls *.timing.json 2>/dev/null) 2>/dev/null
+if [ -d /tmp/bench-work ]; then  # bench.edit_throughput's per-run timing files
+  tar -C /tmp/bench-work -czf "$OUT/timing.tgz" $(cd /tmp/bench-work && ls *.timing.json 2>/dev/null) 2>/dev/null
+fi
 exit "$status"

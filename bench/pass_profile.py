@@ -3,7 +3,8 @@
 For each method: the runner runs ``--edits`` single edits at its default K (cold pre-edit cache, the graph engine
 where the method allows it), and the ``--pass``-th pass of that run (default: the third, the first at the measured
 K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs, apply, post-edit generation,
-restore) and for the generation's parts inside them (audio encoder, prefix prefill, row prefill, decode), it prints
+restore) and for the generation's parts inside them (audio encoder, the per-audio work before tokenization such as
+DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints
 the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
 the captured-graph replays and the kernels that took longest. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
@@ -50,15 +51,19 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     """Label the generation's parts (class-level patches, undone on exit)."""
     from editors.models.generation import graph
 
-    saved = [(graph._State, name, getattr(graph._State, name)) for name in ("prefill_prefixes", "prefill", "decode")]
-    saved.append((type(adapter), "audio_states", type(adapter).audio_states))
+    owners = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode")]
+    owners += [(type(adapter), name) for name in ("audio_states", "warm_audio")]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name in owners]
     try:
-        for owner, name, fn in saved:
-            setattr(owner, name, _ranged(name, fn))
+        for owner, name, _ in saved:
+            setattr(owner, name, _ranged(name, getattr(owner, name)))
         yield
     finally:
         for owner, name, fn in saved:
-            setattr(owner, name, fn)
+            if fn is None:  # inherited: drop the patch
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -272,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
     p.add_argument("--syncs", action="store_true",
                    help="count the pass's host-device syncs by call site instead of profiling it (CUDA)")
+    p.add_argument("--model", default="qwen2_audio", choices=("qwen2_audio", "desta25"),
+                   help="the model family at full size (default: Qwen2-Audio-7B)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
@@ -279,14 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scale = tiny_scale() if args.tiny else full_scale()
-    adapter = build_adapter(scale, args.seed)
+    adapter = build_adapter(scale, args.seed, args.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sake-profile-") as tmp:
         workdir = Path(tmp)
         configs, limit = plan_units(args.edits, 1)
         dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
         for method in [m for m in args.methods.split(",") if m]:
             rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None))
             text = render(rows)

@@ -284,3 +284,34 @@ def test_transcription_batches_are_sized_from_the_memory_a_row_holds(monkeypatch
     for rows_that_fit, expected in ((0, 1), (1, 1), (5, 4), (16, 16), (40, 32), (10_000, MAX_TRANSCRIPT_BATCH)):
         monkeypatch.setattr(memory, "available_bytes", lambda device, n=rows_that_fit: 2 * n * row + 1)
         assert adapter.transcript_batch_size() == expected, rows_that_fit
+
+
+def test_one_encoder_run_gives_each_audio_its_transcript_and_its_states():
+    """With sharing on (the default on CUDA; set here on the CPU), Whisper's encoder runs once per audio: the
+    transcript is decoded from the run whose tapped layers become the audio's states. Transcripts, states and
+    outputs match two separate runs; once an encoder edit is set up, states come from their own run again."""
+    from editors.models.buckets import row_bucket
+
+    audios = [_audio(20 + i, 1.0 + 0.5 * i) for i in range(3)]
+    prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=a) for a in audios]
+    results = {}
+    for share in (True, False):
+        adapter = DeSTA25Adapter.tiny(seed=4)
+        adapter.share_transcript_encoder = share
+        encoded_rows: list[int] = []
+        encoder = adapter.model.perception.whisper.model.encoder
+        encoder.conv1.register_forward_hook(lambda module, args, out: encoded_rows.append(out.shape[0]))
+        outputs = adapter.generate(prompts, max_new_tokens=3)
+        results[share] = (outputs, adapter.transcripts(audios), adapter.audio_states(audios), sum(encoded_rows))
+        if share:
+            adapter.before_audio_encoder_edit(["perception.whisper.model.encoder.layers.0.fc1.weight"])
+            encoded_rows.clear()
+            adapter.transcripts([_audio(30)])
+            assert adapter.audio_states([_audio(30)]) and sum(encoded_rows) == row_bucket(1) + 1
+    (out_s, text_s, states_s, rows_s), (out_p, text_p, states_p, rows_p) = results[True], results[False]
+    assert rows_s == row_bucket(3) and rows_p == row_bucket(3) + 3  # the transcript batch, + one run per clip
+    assert text_s == text_p and out_s == out_p
+    for shared, own in zip(states_s, states_p):
+        assert shared.transcript_ids == own.transcript_ids
+        for a, b in zip(shared.tapped, own.tapped):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

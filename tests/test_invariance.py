@@ -141,5 +141,5 @@ def test_a_desta_transcript_does_not_depend_on_its_batch():
     adapter = load_adapter("tiny-desta25", seed=0)
     adapter.vad = False
     clips = [synthetic_audio(s, 0.6 + 0.3 * s) for s in range(3)]
-    together = adapter._run_whisper_asr(clips)
-    assert [adapter._run_whisper_asr([c])[0] for c in clips] == together
+    together, _ = adapter._run_whisper_asr(clips)
+    assert [adapter._run_whisper_asr([c])[0][0] for c in clips] == together

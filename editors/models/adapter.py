@@ -321,6 +321,15 @@ class LALMAdapter(abc.ABC):
             self._audio_cache.popitem(last=False)
         return out
 
+    def keep_audio_state(self, audio: np.ndarray, state: Any) -> None:
+        """Cache ``state`` as ``audio``'s encoder output, for a family whose other per-audio work (DeSTA2.5's
+        transcripts) runs the encoder anyway; the cache keeps at most :attr:`audio_cache_size` audios."""
+        key = audio_digest(audio)
+        self._audio_cache[key] = state
+        self._audio_cache.move_to_end(key)
+        while len(self._audio_cache) > self.audio_cache_size:
+            self._audio_cache.popitem(last=False)
+
     def clear_audio_cache(self) -> None:
         """Forget cached encoder states (call after anything changes the audio encoder's parameters)."""
         self._audio_cache.clear()

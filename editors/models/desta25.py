@@ -35,7 +35,9 @@ version the release used (torch.hub at its time; we use the ``silero-vad`` PyPI 
 
 Whisper is frozen under every method, so each audio's transcript (text) and tapped encoder states are computed
 once per audio content hash: transcripts in memory and, with ``cache_dir``, on disk across runs; encoder states
-in the adapter's in-memory LRU (and on disk with ``encoder_states_on_disk``).
+in the adapter's in-memory LRU (and on disk with ``encoder_states_on_disk``). On CUDA one encoder run per audio
+serves both: the transcript is decoded from it and its tapped layers are kept as the audio's states (on the CPU a
+clip's states come from a run of that clip alone, so they never depend on the clips batched with it).
 """
 
 from __future__ import annotations
@@ -176,6 +178,9 @@ class DeSTA25Adapter(LALMAdapter):
         self.whisper_key = whisper_key or self.config.encoder_model_id
         self._transcripts: dict[str, str] = {}
         self._released_encoder: dict[str, torch.Tensor] = {}  # see before_audio_encoder_edit
+        #: keep the tapped states of each transcript's encoder run as the audio's states (None: on CUDA only, see
+        #: :meth:`_shares_transcript_encoder`)
+        self.share_transcript_encoder: bool | None = None
         self.transcribed_audios = 0  # audios whose transcript was decoded by Whisper (not from a cache)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -401,8 +406,9 @@ class DeSTA25Adapter(LALMAdapter):
         """Audios per Whisper ``generate`` call: :data:`TRANSCRIPT_BATCH` on CPU; on CUDA a power of two up to
         :data:`MAX_TRANSCRIPT_BATCH` sized from the memory available now and what one row holds (its encoder output
         and every decoder layer's cross-attention keys and values over it, its own keys and values over the
-        transcript). ``generate`` loops on the host once per token, so fewer, larger calls transcribe faster. (On a
-        GPU a near-tie token may come out differently at another batch size; the on-disk cache keeps the first.)"""
+        transcript; the tapped states where the run keeps them). ``generate`` loops on the host once per token,
+        so fewer, larger calls transcribe faster. (On a GPU a near-tie token may come out differently at another
+        batch size; the on-disk cache keeps the first.)"""
         from editors.models.generation.memory import available_bytes
 
         available = available_bytes(self.device)
@@ -411,7 +417,8 @@ class DeSTA25Adapter(LALMAdapter):
         cfg: Any = self.model.perception.whisper.config
         positions, width = int(cfg.max_source_positions), int(cfg.d_model)
         itemsize = self.model.perception.whisper.dtype.itemsize
-        per_row = itemsize * width * (positions * (2 * int(cfg.decoder_layers) + 8)
+        kept = len(self.config.target_layer_ids) if self._shares_transcript_encoder() else 0  # tapped states
+        per_row = itemsize * width * (positions * (2 * int(cfg.decoder_layers) + 8 + kept)
                                       + 2 * int(cfg.decoder_layers) * self.config.transcript_max_new_tokens)
         from editors.models.buckets import floor_pow2
 
@@ -439,10 +446,23 @@ class DeSTA25Adapter(LALMAdapter):
             batch_size = batch_size or self.transcript_batch_size()
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                texts = self._run_whisper_asr([a for _, a in chunk])
-                for (k, _), text in zip(chunk, texts):
+                texts, tapped = self._run_whisper_asr([a for _, a in chunk])
+                for j, ((k, audio), text) in enumerate(zip(chunk, texts)):
                     self._store_transcript(k, text)
+                    if tapped is not None:
+                        per_audio = [t[j] for t in tapped]
+                        self.keep_audio_state(audio, DeSTAAudioState(per_audio, self.transcript_ids(audio)))
+                        self._save_encoder_states(audio, per_audio)
         return [self._transcripts[k] for k in keys]
+
+    def _shares_transcript_encoder(self) -> bool:
+        """Whether a transcript's encoder run also gives the audio's cached states. Only while no encoder edit
+        was ever set up (transcripts use the released encoder weights, states the current ones), and by default
+        only on CUDA: on CPU :meth:`audio_states` encodes one clip per call so that a clip's states never depend
+        on the clips batched with it, which a transcript batch would break."""
+        if self._released_encoder:
+            return False
+        return self.device.type == "cuda" if self.share_transcript_encoder is None else self.share_transcript_encoder
 
     def transcript_ids(self, audio: np.ndarray) -> list[int]:
         """LLM token ids of the audio's transcript (as the release encodes it: no special tokens)."""
@@ -471,18 +491,30 @@ class DeSTA25Adapter(LALMAdapter):
         return bool(get_speech_timestamps(torch.from_numpy(audio), self._vad_model, sampling_rate=SAMPLING_RATE))
 
     @torch.no_grad()
-    def _run_whisper_asr(self, audios: list[np.ndarray]) -> list[str]:
+    def _run_whisper_asr(self, audios: list[np.ndarray]) -> tuple[list[str], list[torch.Tensor] | None]:
+        """Transcripts of ``audios``, and (where :meth:`_shares_transcript_encoder`) the tapped encoder states of
+        the same encoder run, ``[layer](batch, frames, d)``; else None."""
+        from transformers.modeling_outputs import BaseModelOutput
+
         from editors.models.buckets import row_bucket
 
         whisper = self.model.perception.whisper
         n = len(audios)  # filled up with copies to a canonical row count: a transcript never depends on its batch
         audios = list(audios) + [audios[-1]] * (row_bucket(n) - n)
         feats = to_device(self._features(audios), whisper.device, whisper.dtype)
+        tapped: list[torch.Tensor] | None = None
         with self._released_encoder_weights():
-            ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
+            if self._shares_transcript_encoder():
+                tapped, encoded = self.model.perception.encode_for_transcript(feats)
+                ids = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                                       max_new_tokens=self.config.transcript_max_new_tokens)
+                tapped = [t[:n] for t in tapped]
+                self.audio_encoder_calls += n
+            else:
+                ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
         self.transcribed_audios += n
         texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return [t.strip() for t in texts], tapped
 
     def _released_encoder_weights(self) -> contextlib.AbstractContextManager[None]:
         """While inside, the parameters named in :meth:`before_audio_encoder_edit` hold their released values."""
@@ -503,6 +535,10 @@ class DeSTA25Adapter(LALMAdapter):
         states: list[DeSTAAudioState | None] = [None] * len(audios)
         todo: list[int] = []
         for i, audio in enumerate(audios):
+            shared = self._audio_cache.get(audio_digest(audio))  # kept by that call's encoder run
+            if shared is not None:
+                states[i] = shared
+                continue
             path = self._disk_path("encoder", self._encoder_key(audio), ".safetensors")
             if self.encoder_states_on_disk and path is not None and path.is_file():
                 tensors = load_file(path, device=str(self.device))
@@ -515,11 +551,15 @@ class DeSTA25Adapter(LALMAdapter):
             for j, i in enumerate(todo):
                 per_audio = [t[j].detach() for t in tapped]
                 states[i] = DeSTAAudioState(per_audio, self.transcript_ids(audios[i]))
-                path = self._disk_path("encoder", self._encoder_key(audios[i]), ".safetensors")
-                if self.encoder_states_on_disk and path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(path, save_tensors({f"layer{k}": t.contiguous().cpu() for k, t in enumerate(per_audio)}))
+                self._save_encoder_states(audios[i], per_audio)
         return [s for s in states if s is not None]
+
+    def _save_encoder_states(self, audio: np.ndarray, tapped: list[torch.Tensor]) -> None:
+        """Write one audio's tapped states to the disk cache (when ``encoder_states_on_disk``)."""
+        path = self._disk_path("encoder", self._encoder_key(audio), ".safetensors")
+        if self.encoder_states_on_disk and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, save_tensors({f"layer{k}": t.contiguous().cpu() for k, t in enumerate(tapped)}))
 
     def project_audio(self, states: list[DeSTAAudioState]) -> torch.Tensor:
         """Per audio: the connector's prompt_size outputs, then the transcript's token embeddings (no grad, as in

@@ -199,6 +199,20 @@ class WhisperPerception(nn.Module):
 
         input_features: (batch, n_mels, expected_frames). Layers above the last tapped one are skipped (their
         output is not used)."""
+        tapped, _ = self._run_encoder(input_features, max(self.target_layer_ids) + 1)
+        return tapped
+
+    def encode_for_transcript(self, input_features: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One pass of Whisper's whole encoder: the tapped layers' outputs (as :meth:`encode_tapped`) and the
+        encoder's output (after its final LayerNorm, what ``whisper.generate`` decodes transcripts from), so one
+        encoder run serves both the transcript and the connector."""
+        n_layers = len(self.whisper.model.encoder.layers)
+        tapped, hidden = self._run_encoder(input_features, n_layers)
+        return tapped, self.whisper.model.encoder.layer_norm(hidden)
+
+    def _run_encoder(self, input_features: torch.Tensor, n_layers: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The first ``n_layers`` encoder layers, as ``WhisperEncoder.forward`` runs them in eval mode: the tapped
+        layers' outputs and the last layer's output."""
         if input_features.shape[-1] != self.expected_frames:
             raise ValueError(
                 f"Whisper expects {self.expected_frames} mel frames (padded chunk), got {input_features.shape[-1]}"
@@ -210,15 +224,12 @@ class WhisperPerception(nn.Module):
         hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + encoder.embed_positions.weight[: encoder.config.max_source_positions, :]
         tapped: list[torch.Tensor] = []
-        last = max(self.target_layer_ids)
-        for idx, layer in enumerate(encoder.layers):
-            if idx > last:
-                break
+        for idx, layer in enumerate(list(encoder.layers)[:n_layers]):
             out = layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
             if idx in self.target_layer_ids:
                 tapped.append(hidden)
-        return tapped
+        return tapped, hidden
 
     def forward(self, tapped_states: list[torch.Tensor]) -> torch.Tensor:
         return self.connector(tapped_states)
