@@ -127,6 +127,50 @@ def test_graph_engine_chunks_and_batch_limits_keep_outputs():
     assert adapter.generate(prompts[::-1], settings=settings) == together[::-1]
 
 
+def test_prefill_parts_split_rows_in_order_and_may_split_a_piece():
+    from editors.models.generation.graph import _parts
+
+    assert list(_parts([0, 1, 2], [3, 1, 4], 2)) == [([0], [2]), ([0, 1], [1, 1]), ([2], [2]), ([2], [2])]
+    assert list(_parts([0, 1], [3, 1], 10)) == [([0, 1], [3, 1])]
+    assert list(_parts(range(3), [1, 1, 1], 1)) == [([0], [1]), ([1], [1]), ([2], [1])]
+
+
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
+    """The CUDA prefill in parts of a bounded token count (here forced on the CPU: one row or prefix per forward,
+    or a few) gives the outputs of prefilling each chunk whole, shared prefixes included."""
+    from editors.models import load_adapter
+    from editors.models.generation import graph
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = _mixed_prompts()
+    settings = adapter.generation_settings(6, engine="graph")
+    whole = adapter.generate(prompts, settings=settings)
+    forwards: list[int] = []
+    prefill = graph._State.prefill
+    monkeypatch.setattr(graph._State, "prefill", lambda self, embeds, *a: forwards.append(len(embeds)) or
+                        prefill(self, embeds, *a))
+    monkeypatch.setattr(graph, "prefill_tokens", lambda adapter: tokens)
+    assert adapter.generate(prompts, settings=settings) == whole
+    assert max(forwards) <= max(1, tokens // 32) and len(forwards) > 2
+
+
+def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monkeypatch):
+    """The graph engine prefills in parts: its token budget is the KV cache per token plus one part's activations;
+    the eager engine's counts activations for every token."""
+    from editors.models import load_adapter
+    from editors.models.generation import memory
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    free = 64 * 2**30
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    kv, act = memory.kv_bytes_per_token(adapter), memory.activation_bytes_per_token(adapter)
+    usable = int(memory.GENERATION_FRACTION * free)
+    assert memory.token_budget(adapter, engine="graph") == (usable - memory.PREFILL_BYTES) // kv
+    assert memory.token_budget(adapter, engine="eager") == usable // (
+        kv + act + memory.prefill_logits_bytes_per_token(adapter, "eager"))
+
+
 def test_graph_plan_merges_widths_until_the_padding_costs_more_than_a_chunk():
     """Pieces of different widths share a chunk (one weight read per decode step for all of them) unless the
     padding they would add exceeds the split threshold; the batching limits still cap every chunk."""

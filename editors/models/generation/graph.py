@@ -17,7 +17,10 @@ What it does, per :func:`generate_graph` call:
    canonical row count of ``editors.models.buckets``).
 3. **Prefill** of the chunk's real rows, batched per tail width (no compute spent on padding): attention over [the
    group's prefix, the row's own tail]; keys and values go to the static cache
-   ``[rows, kv heads, widest tail + max_new_tokens, head dim]``, right-aligned at the widest tail.
+   ``[rows, kv heads, widest tail + max_new_tokens, head dim]``, right-aligned at the widest tail. On CUDA the
+   prefixes and the rows of one width are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the
+   prefill's activations stay the same size however many rows (edits) a chunk holds; the token budget counts
+   them once. On CPU a chunk is prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
    positions, write index, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA graph
    and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host sync
@@ -51,14 +54,15 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from editors.models.batch import to_device
 from editors.models.buckets import MIN_ROWS, left_pad
-from editors.models.generation.memory import GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token
+from editors.models.generation.memory import (GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token,
+                                              prefill_tokens)
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
 from editors.models.generation.settings import GenerationSettings
@@ -284,6 +288,25 @@ def _tokens(pieces: Sequence[_Piece], new_tokens: int) -> tuple[int, int]:
     return rows * (width + new_tokens) + len(pieces) * prefix, real
 
 
+def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Consecutive rows of ``pieces`` (``sizes`` rows each) in parts of at most ``cap`` rows, for one prefill
+    forward each: a part's pieces and its rows of each (a piece may continue in the next part)."""
+    part: list[int] = []
+    counts: list[int] = []
+    room = cap
+    for piece, size in zip(pieces, sizes):
+        while size:
+            take = min(size, room)
+            part.append(piece)
+            counts.append(take)
+            size, room = size - take, room - take
+            if not room:
+                yield part, counts
+                part, counts, room = [], [], cap
+    if part:
+        yield part, counts
+
+
 def _plan(pieces: list[_Piece], settings: GenerationSettings, split_tokens: int) -> list[_Chunk]:
     """Pieces in as few chunks as the batching limits allow (rows, and padded tokens). Pieces of different widths
     share a chunk: each is prefilled at its own width, only the decode reads the padding between them. Pieces go in
@@ -360,17 +383,19 @@ class _State:
                 row += 1
         self.slot_row.copy_(to_device(torch.tensor(slot_row), self.slot_row.device))
         self.row_slot.copy_(to_device(torch.tensor(row_slot), self.row_slot.device))
-
-    def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> None:
-        """Run the chunk's prefixes (``[G, P, hidden]``, left-padded) once into the prefix cache."""
-        lm, g = self.lm, embeds.shape[0]
         self.prefix_valid.zero_()
-        self.prefix_valid[:g] = valid
+
+    def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                         first: int = 0) -> None:
+        """Run prefixes ``first:first + G`` of the chunk (``[G, P, hidden]``, left-padded) once into the prefix
+        cache."""
+        lm, lo, hi = self.lm, first, first + embeds.shape[0]
+        self.prefix_valid[lo:hi] = valid
         mask = _self_attention_mask(valid)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.prefix_keys[i][:g].copy_(k)
-            self.prefix_values[i][:g].copy_(v)
+            self.prefix_keys[i][lo:hi].copy_(k)
+            self.prefix_values[i][lo:hi].copy_(v)
             return nn.functional.scaled_dot_product_attention(q, lm.repeat_kv(k), lm.repeat_kv(v), attn_mask=mask,
                                                               scale=lm.scale)
 
@@ -619,6 +644,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     if settings.max_batch_tokens:
         cap_rows = max(1, min(cap_rows, settings.max_batch_tokens // (_bucket(max(map(len, tails)), dev) + n)))
     chunks = _plan(_pieces(groups, prefixes, tails, dev, cap_rows), settings, _split_tokens(adapter, lm))
+    part_tokens = prefill_tokens(adapter) or 1 << 62  # per prefill forward (CUDA); a chunk whole on CPU
     stop_ids = to_device(torch.tensor(adapter.stop_token_ids), dev)
     routing = per_edit.routing if per_edit is not None else None
     keep = dev.type == "cuda" and routing is None  # a routed step reads this pass's per-edit weights only
@@ -644,34 +670,40 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         state.layout(sizes)
         prefix_lengths = [len(p.prefix) for p in chunk.pieces]  # the tails' positions start after them
         if chunk.prefix_width:
-            firsts = [p.rows[0] for p in chunk.pieces]  # a member of each piece stands for its edit
-            batch = left_pad(adapter._collate([p.prefix for p in chunk.pieces],
-                                              [a for p in chunk.pieces for a in p.audios]),
-                             chunk.prefix_width, adapter.pad_token_id)
-            if per_edit is not None:
-                per_edit.before_chunk(firsts)
-                embeds = per_edit.embeds(adapter, batch, firsts, [len(p.audios) for p in chunk.pieces])
-            else:
-                embeds = adapter.input_embeds(batch)
-            state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids)
-            STATS["prefix_groups"] += len(chunk.pieces)
-            STATS["prefix_tokens"] += sum(len(p.prefix) for p in chunk.pieces)
+            for part, _ in _parts(range(len(chunk.pieces)), [1] * len(chunk.pieces),
+                                  max(1, part_tokens // chunk.prefix_width)):
+                members = [chunk.pieces[g] for g in part]
+                firsts = [p.rows[0] for p in members]  # a member of each piece stands for its edit
+                batch = left_pad(adapter._collate([p.prefix for p in members], [a for p in members for a in p.audios]),
+                                 chunk.prefix_width, adapter.pad_token_id)
+                if per_edit is not None:
+                    per_edit.before_chunk(firsts)
+                    embeds = per_edit.embeds(adapter, batch, firsts, [len(p.audios) for p in members])
+                else:
+                    embeds = adapter.input_embeds(batch)
+                state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids, part[0])
+                STATS["prefix_groups"] += len(members)
+                STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
         state.begin(len(rows))
         start = 0
         for width, run in itertools.groupby(range(len(chunk.pieces)), key=lambda g: chunk.pieces[g].width):
-            pieces = list(run)  # consecutive pieces of one tail width, prefilled together at that width
-            sub = rows[start:start + sum(sizes[g] for g in pieces)]
-            batch = left_pad(adapter._collate([tails[i] for i in sub], [a for i in sub for a in tail_audios[i]]),
-                             width, adapter.pad_token_id)
-            if per_edit is not None:
-                per_edit.before_chunk(sub)
-                embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
-            else:
-                embeds = adapter.input_embeds(batch)
-            offsets = to_device(torch.tensor([prefix_lengths[g] for g in pieces for _ in range(sizes[g])]), dev)
-            state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
-                          pieces, [sizes[g] for g in pieces])
-            start += len(sub)
+            run_pieces = list(run)  # consecutive pieces of one tail width, prefilled at that width
+            for pieces, part_sizes in _parts(run_pieces, [sizes[g] for g in run_pieces],
+                                             max(1, part_tokens // width)):
+                sub = rows[start:start + sum(part_sizes)]
+                batch = left_pad(adapter._collate([tails[i] for i in sub],
+                                                  [a for i in sub for a in tail_audios[i]]),
+                                 width, adapter.pad_token_id)
+                if per_edit is not None:
+                    per_edit.before_chunk(sub)
+                    embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
+                else:
+                    embeds = adapter.input_embeds(batch)
+                offsets = to_device(torch.tensor([prefix_lengths[g] for g, k in zip(pieces, part_sizes)
+                                                  for _ in range(k)]), dev)
+                state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
+                              pieces, part_sizes)
+                start += len(sub)
         state.end_prefill()
         if per_edit is not None:
             edits = per_edit.row_edits(rows)

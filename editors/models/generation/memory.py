@@ -33,6 +33,20 @@ def activation_bytes_per_token(adapter: "LALMAdapter") -> int:
     return (6 * int(cfg.hidden_size) + 3 * int(cfg.intermediate_size)) * adapter.dtype.itemsize
 
 
+#: Activations one graph-engine prefill forward may hold on CUDA: a chunk's rows (and its prefixes) are prefilled in
+#: parts of at most this many bytes of :func:`activation_bytes_per_token`, so that transient does not grow with the
+#: rows of a chunk (the edits of a pass); a part of ~2 GiB (~18k tokens at 7B) keeps the matmuls large.
+PREFILL_BYTES = 2 * 2**30
+
+
+def prefill_tokens(adapter: "LALMAdapter") -> int | None:
+    """Prompt tokens per graph-engine prefill forward on CUDA (:data:`PREFILL_BYTES`); None on CPU, where a chunk
+    is prefilled whole (its canonical shapes)."""
+    if adapter.device.type != "cuda":
+        return None
+    return max(1, PREFILL_BYTES // activation_bytes_per_token(adapter))
+
+
 def prefill_logits_bytes_per_token(adapter: "LALMAdapter", engine: str) -> int:
     """Bytes of vocabulary logits one prompt token holds at prefill: the eager engine's ``generate`` on a model
     that computes them for every position (:meth:`LALMAdapter.generate_keeps_all_logits`, e.g. Qwen2-Audio's
@@ -63,12 +77,16 @@ def available_bytes(device: torch.device) -> int | None:
 def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, reclaimable: int = 0,
                  engine: str = "graph") -> int | None:
     """Padded tokens one generation chunk of ``engine`` may hold now (rows x (width + new tokens), prefixes once),
-    from the available memory (+ ``reclaimable`` bytes the engine gives back when it needs them) and
-    :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` + :func:`prefill_logits_bytes_per_token`;
-    None on CPU."""
+    from the available memory (+ ``reclaimable`` bytes the engine gives back when it needs them): the graph engine
+    holds :func:`kv_bytes_per_token` per token and one prefill part's activations (:data:`PREFILL_BYTES`); the
+    eager engine prefills a chunk whole, :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` +
+    :func:`prefill_logits_bytes_per_token` per token. None on CPU."""
     available = available_bytes(adapter.device)
     if available is None:
         return None
+    usable = int(fraction * (available + reclaimable))
+    if engine == "graph":  # prefilled in parts: their activations once, not per token of the chunk
+        return max(1, (usable - PREFILL_BYTES) // kv_bytes_per_token(adapter))
     per_token = (kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
                  + prefill_logits_bytes_per_token(adapter, engine))
-    return max(1, int(fraction * (available + reclaimable)) // per_token)
+    return max(1, usable // per_token)
