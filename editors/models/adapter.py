@@ -305,6 +305,9 @@ class LALMAdapter(abc.ABC):
             if key not in self._audio_cache and key not in missing:
                 missing[key] = audio
         if missing:
+            self.warm_audio(list(missing.values()))  # a family's per-audio work may cache their states on the way
+            missing = {k: a for k, a in missing.items() if k not in self._audio_cache}
+        if missing:
             todo = list(missing.items())
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
@@ -360,8 +363,10 @@ class LALMAdapter(abc.ABC):
         return int(self.tokenizer.convert_tokens_to_ids(self.audio_placeholder))
 
     def warm_audio(self, audios: Sequence[np.ndarray]) -> None:
-        """Hook called with every audio of a :meth:`generate` / :meth:`prepare` call before tokenization; a family
-        whose placeholder count needs per-audio work (DeSTA2.5's transcripts) batches that work here."""
+        """Hook called with every audio of a :meth:`generate` / :meth:`prepare` call before tokenization, and with
+        the audios :meth:`audio_states` is about to encode; a family whose placeholder count needs per-audio work
+        (DeSTA2.5's transcripts) batches that work here, and may cache the audios' states on the way
+        (:meth:`keep_audio_state`)."""
 
     def prompt_token_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids with each audio placeholder expanded to its embedding count.

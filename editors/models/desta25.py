@@ -412,6 +412,7 @@ class DeSTA25Adapter(LALMAdapter):
         transcript; the tapped states where the run keeps them). ``generate`` loops on the host once per token,
         so fewer, larger calls transcribe faster. (On a GPU a near-tie token may come out differently at another
         batch size; the on-disk cache keeps the first.)"""
+        from editors.models.buckets import floor_pow2
         from editors.models.generation.memory import available_bytes
 
         available = available_bytes(self.device)
@@ -423,8 +424,6 @@ class DeSTA25Adapter(LALMAdapter):
         kept = len(self.config.target_layer_ids) if self._shares_transcript_encoder() else 0  # tapped states
         per_row = itemsize * width * (positions * (2 * int(cfg.decoder_layers) + 8 + kept)
                                       + 2 * int(cfg.decoder_layers) * self.config.transcript_max_new_tokens)
-        from editors.models.buckets import floor_pow2
-
         return floor_pow2(min(int(TRANSCRIPT_MEMORY_FRACTION * available) // per_row, MAX_TRANSCRIPT_BATCH))
 
     def transcripts(self, audios: Sequence[np.ndarray], batch_size: int | None = None) -> list[str]:
@@ -538,10 +537,6 @@ class DeSTA25Adapter(LALMAdapter):
         states: list[DeSTAAudioState | None] = [None] * len(audios)
         todo: list[int] = []
         for i, audio in enumerate(audios):
-            shared = self._audio_cache.get(audio_digest(audio))  # kept by that call's encoder run
-            if shared is not None:
-                states[i] = shared
-                continue
             path = self._disk_path("encoder", self._encoder_key(audio), ".safetensors")
             if self.encoder_states_on_disk and path is not None and path.is_file():
                 tensors = load_file(path, device=str(self.device))
