@@ -15,8 +15,8 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
   the whole model per training step, deep-copy restore) over ``--naive-edits`` edits;
 * ``--profile-methods``: the runner's phases of one more edit under the profiler (GPU busy share);
 * ``--sequential-methods``: one 10-edit sequence in sequential mode (the paper evaluates edits 1-5 at gaps 0-5);
-* KE / MEND: ``--hypernet-steps`` optimizer steps of the untrained hypernetwork (timed: s per train instance), whose network
-  then makes the edits (an untrained network times an edit like a trained one);
+* KE / MEND: ``--hypernet-steps`` optimizer steps of the untrained hypernetwork (timed: s per train instance), whose
+  network then makes the edits (an untrained network times an edit like a trained one);
 * ``--sweep K,...`` (``--sweep-methods``): one pass at each forced K: peak memory per edit; with the runner's
   fitted cost, the K it picks on an 80 GB and a 139 GB card and the peak that gives;
 * ``--emulate-gib G`` (``--emulate-methods``): a default-K run under a memory cap of G GiB
@@ -158,9 +158,12 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     """``steps`` optimizer steps of ``method``'s hypernetwork on the synthetic train rows, timed after one warm-up
     step (a step = ``accumulate_bs`` train instances, as the trainer groups them): seconds per train instance,
     which the paper's one epoch over 4,000 instances multiplies. The network then makes the edits
-    (``bench.extra``)."""
+    (``bench.extra``). Training that diverges (the trainer's :class:`TrainingDiverged`, raised before an optimizer
+    step takes a non-finite gradient) ends the timing there: the rate covers the instances done before it, the row
+    carries the message, and the network as it stood (finite) makes the edits."""
     from editors.hypernetwork import CHECKPOINT_DIR
     from editors.train import Trainer
+    from sake_core.errors import TrainingDiverged
 
     data = {c: bench.dataset.load(str(bench.dataset.root), c, "train") for c in ATTRIBUTES}
     out = bench.workdir / f"hypernet-{method}"
@@ -170,17 +173,27 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     trainer = Trainer(bench.adapter, method, bench.hparams(method), data, out, seed=bench.seed,
                       model_name=bench.model_name, progress=False, checkpoint_every=10**9)
     group = trainer.hp.accumulate_bs
-    trainer.train(max_steps=group)  # warm-up: one optimizer step
+    diverged: str | None = None
+    first = started = None
+    try:
+        trainer.train(max_steps=group)  # warm-up: one optimizer step
+        _sync(bench)
+        first, started = trainer.step, time.perf_counter()
+        trainer.train(max_steps=group * (1 + steps))
+    except TrainingDiverged as error:
+        diverged = str(error)
+        LOG.warning("%s hypernetwork training: %s", method, diverged)
+        trainer.save_checkpoint()  # the network as it stood before the non-finite step makes the edits
     _sync(bench)
-    first, started = trainer.step, time.perf_counter()
-    trainer.train(max_steps=group * (1 + steps))
-    _sync(bench)
+    bench.extra[method] = held_out + [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
+    if first is None or started is None:
+        return {"s_per_instance": None, "instances": 0, "accumulate_bs": group, "diverged": diverged}
     seconds, instances = time.perf_counter() - started, trainer.step - first
-    if instances < group * steps:
+    if diverged is None and instances < group * steps:
         raise RuntimeError(f"{method}: the synthetic train split allowed {instances} timed instances, not "
                            f"{group * steps} ({steps} steps of {group}); raise train rows per attribute")
-    bench.extra[method] = held_out + [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
-    return {"s_per_instance": round(seconds / instances, 4), "instances": instances, "accumulate_bs": group}
+    rate = round(seconds / instances, 4) if instances else None
+    return {"s_per_instance": rate, "instances": instances, "accumulate_bs": group, "diverged": diverged}
 
 
 def _sync(bench: Bench) -> None:
@@ -258,8 +271,9 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
         for ours_h, paper in ((run["s_per_edit"] * PAPER_EDITS / 3600 if run else None, single_paper.get(m)),
                               (row.get("sequential", {}).get("seconds", 0) * PAPER_SEQUENCES / 3600
                                if row.get("sequential", {}).get("seconds") else None, PAPER_SEQUENTIAL[model].get(m)),
-                              (row["hypernet"]["s_per_instance"] * PAPER_TRAIN_STEPS / 3600 if row.get("hypernet") else
-                               None, PAPER_TRAINING[model].get(m))):
+                              (row["hypernet"]["s_per_instance"] * PAPER_TRAIN_STEPS / 3600
+                               if row.get("hypernet", {}).get("s_per_instance") else None,
+                               PAPER_TRAINING[model].get(m))):
             paper_h = hours(paper) if paper else None
             if ours_h is not None and paper_h is not None:
                 ours_total += ours_h
@@ -372,9 +386,11 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
         lines += ["", "Hypernetwork training (untrained network, the train split's synthetic rows):", ""]
         for row in hyper:
             h = row["hypernet"]
-            lines.append(f"- `{row['method']}`: {h['s_per_instance']:.3f} s per train instance over {h['instances']} "
-                         f"instances ({h['accumulate_bs']} per optimizer step); one epoch of the paper's 4,000 train "
-                         f"instances: {h['s_per_instance'] * PAPER_TRAIN_STEPS / 3600:.2f} h")
+            rate = (f"{h['s_per_instance']:.3f} s per train instance over {h['instances']} instances "
+                    f"({h['accumulate_bs']} per optimizer step); one epoch of the paper's 4,000 train instances: "
+                    f"{h['s_per_instance'] * PAPER_TRAIN_STEPS / 3600:.2f} h") if h.get("s_per_instance") else \
+                "no timed instance"
+            lines.append(f"- `{row['method']}`: {rate}" + (f" (stopped: {h['diverged']})" if h.get("diverged") else ""))
     lines += ["", "Projection of the paper's compute for this model (Table 7 rows with a measured rate here):", ""]
     lines += projection(rows, model)
     return "\n".join(lines) + "\n"

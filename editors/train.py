@@ -28,7 +28,9 @@ Validation and early stop (EasyEdit's trainer): every ``val_interval`` training 
 step) and at the end, the validation loss ``c_edit * edit + c_loc * KL`` (EasyEdit's ``loss/total_edit_val``) is
 the mean over the held-out instances, the network in eval mode (MEND's normalisation statistics frozen). Training
 stops early when ``early_stop_patience`` training instances passed since the lowest validation loss; the saved
-network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network).
+network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network). A loss
+that is NaN or infinite (training or validation) stops the run with :class:`sake_core.errors.TrainingDiverged`
+naming the step and instance; the last checkpoint and any saved network stay as they were.
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
 instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
@@ -49,6 +51,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -67,7 +70,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   shifted_matrices)
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError, DataError, user_errors
+from sake_core.errors import ConfigError, DataError, TrainingDiverged, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger("editors.train")
@@ -278,8 +281,33 @@ class Trainer:
             self.net.train(was_training)
         n = max(1, len(self.validation))
         edit, loc = edit_sum / n, loc_sum / n
+        self._check_finite((edit, loc), f"validation after step {self.step}")
         return {"step": self.step, "val_loss": round(self.hp.c_edit * edit + self.hp.c_loc * loc, 6),
                 "val_edit_loss": round(edit, 6), "val_loc_loss": round(loc, 6)}
+
+    def _check_finite(self, losses: tuple[float, float], where: str) -> None:
+        """Raise :class:`TrainingDiverged` when the (edit, locality) losses of ``where`` are not finite."""
+        if all(math.isfinite(v) for v in losses):
+            return
+        saved = self.checkpoint_dir / "trainer_state.json"
+        kept = f"the checkpoint in {self.checkpoint_dir} is kept" if saved.is_file() else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"{self.method}: the loss is not finite at {where}: edit loss {losses[0]}, locality loss {losses[1]}; "
+            f"training diverged and {kept}. Lower the learning rate (lr={self.hp.lr}) or set grad_clip "
+            f"(now {self.hp.grad_clip}) with --hparam")
+
+    def _check_finite_gradient(self, params: list[torch.nn.Parameter], where: str) -> None:
+        """Raise :class:`TrainingDiverged` when the gradient accumulated up to ``where`` holds a NaN or infinity
+        (the optimizer step would carry it into every parameter, whatever the learning rate); one device sync."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        names = [n for n, p in self.net.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        raise TrainingDiverged(
+            f"{self.method}: the gradient of {where} is not finite (in {len(names)} parameter tensor(s): "
+            f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) while its losses are; training stopped "
+            f"before the optimizer step, and the last checkpoint in {self.checkpoint_dir} (if any) is kept")
 
     def _after_validation(self, result: dict[str, float]) -> None:
         self.validations.append(result)
@@ -321,10 +349,14 @@ class Trainer:
                 group_size = group_end - self.step // self.hp.accumulate_bs * self.hp.accumulate_bs
                 example = TrainExample.from_row(self.datasets[config][index])
                 edit_loss, loc_loss = training_step(self.adapter, self.net, example)
+                losses = float(edit_loss.detach()), float(loc_loss.detach())
+                where = f"training instance {self.step + 1} ({config} row {index})"
+                self._check_finite(losses, where)
                 loss, info = self.net.training_loss(edit_loss, loc_loss, self.hp)
                 (loss / group_size).backward()
+                self._check_finite_gradient(params, where)
                 self.step += 1
-                group.append((float(edit_loss.detach()), float(loc_loss.detach())))
+                group.append(losses)
                 self.history.append({"step": self.step, "edit_loss": round(group[-1][0], 6),
                                      "loc_loss": round(group[-1][1], 6),
                                      **{k: round(v, 6) for k, v in info.items()}})

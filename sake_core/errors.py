@@ -31,6 +31,11 @@ class ResourceError(SakeError, RuntimeError):
     """The machine cannot do what was asked (e.g. one unit of work does not fit in device memory even alone)."""
 
 
+class TrainingDiverged(SakeError, ArithmeticError):
+    """A training loss or validation loss became NaN or infinite (the hyperparameters, most often the learning
+    rate, let the optimisation diverge); the message names the method, the step and the instance."""
+
+
 class MissingExtraError(SakeError, ImportError):
     """A command needs an optional package that is not installed; the message names the extra that installs it."""
 

@@ -6,6 +6,7 @@ the CLI works."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import editors.train as train_mod
 from _methods_helpers import (SMALL_TRAINING, demo_dataset, hparams, load_train_split, session_tmp, tiny_adapter,
                               trained_network)
 from editors.train import Trainer, TrainExample, load_network, main, plan_training, training_step
-from sake_core.errors import ConfigError
+from sake_core.errors import ConfigError, TrainingDiverged
 
 
 def _trainer(method, out, adapter=None, **kwargs):
@@ -169,3 +170,65 @@ def test_validation_runs_the_network_in_eval_mode_without_changing_it():
     assert trainer.net.training and _same_state(before, trainer.net.state_dict())  # normalisation not updated
     assert trainer.validate() == first and first["val_loss"] == pytest.approx(
         hparams("mend", adapter).c_edit * first["val_edit_loss"] + first["val_loc_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("val_size", [0, 2])
+def test_a_diverging_run_stops_naming_the_step_and_saves_no_network(tmp_path, val_size):
+    # KE's RMSprop moves every parameter by about 10 * lr on its first step: lr 1e30 makes the losses inf / NaN
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    hp = hparams("ke", adapter, val_size=val_size, val_interval=1, accumulate_bs=1, lr=1e30, grad_clip=None)
+    trainer = Trainer(adapter, "ke", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False,
+                      checkpoint_every=10)
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert message.startswith("ke: the loss is not finite at ") and "lr=1e+30" in message
+    # the first non-finite loss, by the training instance's number and row or the validation's step
+    assert (f"at training instance {trainer.step + 1} (" in message
+            or (val_size and f"at validation after step {trainer.step}:" in message))
+    assert all(math.isfinite(h["edit_loss"]) for h in trainer.history)  # no non-finite loss was recorded
+    assert not (tmp_path / "net" / "config.json").exists()  # no network saved as trained
+
+
+def test_a_non_finite_validation_loss_stops_before_the_network_is_kept_as_best(tmp_path, monkeypatch):
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    hp = hparams("mend", adapter, val_size=2, val_interval=1, accumulate_bs=1)
+    trainer = Trainer(adapter, "mend", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False)
+    real_step = train_mod.training_step
+
+    def nan_in_validation(adapter, net, example):  # validation runs the network in eval mode
+        edit, loc = real_step(adapter, net, example)
+        return (edit, loc) if net.training else (edit * float("nan"), loc)
+
+    monkeypatch.setattr(train_mod, "training_step", nan_in_validation)
+    with pytest.raises(TrainingDiverged, match=r"mend: the loss is not finite at validation after step 1: edit loss nan"):
+        trainer.train()
+    assert trainer.step == 1 and trainer.best is None and not trainer.validations
+    assert not (tmp_path / "net" / "config.json").exists()
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step_naming_the_instance(tmp_path, monkeypatch):
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    hp = hparams("ke", adapter, val_size=0, accumulate_bs=3)
+    trainer = Trainer(adapter, "ke", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False)
+    real_step = train_mod.training_step
+    calls = []
+
+    def nan_gradient_on_the_second(adapter, net, example):  # finite losses, a NaN gradient on the second instance
+        edit, loc = real_step(adapter, net, example)
+        calls.append(1)
+        if len(calls) == 2:
+            z = next(p for p in net.parameters() if p.requires_grad).sum()
+            z = z - z.detach()  # 0, with a gradient path into the network
+            edit = edit + 0 * torch.sqrt(z * z)  # d sqrt(z^2) / dz at 0 is NaN
+        return edit, loc
+
+    monkeypatch.setattr(train_mod, "training_step", nan_gradient_on_the_second)
+    stepped = []
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: stepped.append(1))
+    config, index = trainer.order[1]
+    with pytest.raises(TrainingDiverged, match=rf"ke: the gradient of training instance 2 \({config} row {index}\) "
+                                               r"is not finite \(in 1 parameter tensor\(s\): "):
+        trainer.train()
+    assert not stepped and trainer.step == 1 and all(math.isfinite(h["edit_loss"]) for h in trainer.history)
+    assert not (tmp_path / "net" / "config.json").exists()
