@@ -29,8 +29,9 @@ step) and at the end, the validation loss ``c_edit * edit + c_loc * KL`` (EasyEd
 the mean over the held-out instances, the network in eval mode (MEND's normalisation statistics frozen). Training
 stops early when ``early_stop_patience`` training instances passed since the lowest validation loss; the saved
 network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network). A loss
-that is NaN or infinite (training or validation) stops the run with :class:`sake_core.errors.TrainingDiverged`
-naming the step and instance; the last checkpoint and any saved network stay as they were.
+(training or validation) or an accumulated gradient that is NaN or infinite stops the run with
+:class:`sake_core.errors.TrainingDiverged` naming the instance (or validation step) and, for a gradient, the
+parameter tensors, before the optimizer step; the last checkpoint and any saved network stay as they were.
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
 instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
@@ -289,12 +290,16 @@ class Trainer:
         """Raise :class:`TrainingDiverged` when the (edit, locality) losses of ``where`` are not finite."""
         if all(math.isfinite(v) for v in losses):
             return
-        saved = self.checkpoint_dir / "trainer_state.json"
-        kept = f"the checkpoint in {self.checkpoint_dir} is kept" if saved.is_file() else "no checkpoint was written"
         raise TrainingDiverged(
             f"{self.method}: the loss is not finite at {where}: edit loss {losses[0]}, locality loss {losses[1]}; "
-            f"training diverged and {kept}. Lower the learning rate (lr={self.hp.lr}) or set grad_clip "
+            f"training diverged and {self._kept()}. Lower the learning rate (lr={self.hp.lr}) or set grad_clip "
             f"(now {self.hp.grad_clip}) with --hparam")
+
+    def _kept(self) -> str:
+        """What a stopped run leaves behind (for :class:`TrainingDiverged`'s message)."""
+        if (self.checkpoint_dir / "trainer_state.json").is_file():
+            return f"the checkpoint in {self.checkpoint_dir} is kept"
+        return "no checkpoint was written"
 
     def _check_finite_gradient(self, params: list[torch.nn.Parameter], where: str) -> None:
         """Raise :class:`TrainingDiverged` when the gradient accumulated up to ``where`` holds a NaN or infinity
@@ -307,7 +312,7 @@ class Trainer:
         raise TrainingDiverged(
             f"{self.method}: the gradient of {where} is not finite (in {len(names)} parameter tensor(s): "
             f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) while its losses are; training stopped "
-            f"before the optimizer step, and the last checkpoint in {self.checkpoint_dir} (if any) is kept")
+            f"before the optimizer step and {self._kept()}")
 
     def _after_validation(self, result: dict[str, float]) -> None:
         self.validations.append(result)
