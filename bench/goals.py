@@ -174,7 +174,7 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
                       model_name=bench.model_name, progress=False, checkpoint_every=10**9)
     group = trainer.hp.accumulate_bs
     diverged: str | None = None
-    first = started = None
+    first, started = 0, None  # started: when the timed steps began (None: the warm-up step did not finish)
     try:
         trainer.train(max_steps=group)  # warm-up: one optimizer step
         _sync(bench)
@@ -186,7 +186,7 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
         trainer.save_checkpoint()  # the network as it stood before the non-finite step makes the edits
     _sync(bench)
     bench.extra[method] = held_out + [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
-    if first is None or started is None:
+    if started is None:
         return {"s_per_instance": None, "instances": 0, "accumulate_bs": group, "diverged": diverged}
     seconds, instances = time.perf_counter() - started, trainer.step - first
     if diverged is None and instances < group * steps:

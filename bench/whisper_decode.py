@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+ARMS = ("sdpa", "sdpa-math")
 
 
 @contextlib.contextmanager
@@ -32,8 +32,6 @@ def arm(name: str) -> Iterator[None]:
     """The SDPA backend of arm ``name`` for the block (see the module docstring)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if name not in ("sdpa", "sdpa-math"):
-        raise SystemExit(f"unknown arm {name!r}; expected sdpa or sdpa-math")
     with sdpa_kernel([SDPBackend.MATH]) if name == "sdpa-math" else contextlib.nullcontext():
         yield
 
@@ -60,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true",
                    help="after the timings, one call of the first arm per batch size under the profiler: top kernels")
     args = p.parse_args(argv)
+    names = args.arms.split(",")
+    if not names or any(n not in ARMS for n in names):
+        p.error(f"--arms {args.arms!r}: expected a comma-separated choice of {', '.join(ARMS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from transformers.modeling_outputs import BaseModelOutput
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     low, high = (0.5, 2.0) if args.tiny else (5.0, 16.0)
     audios = [rng.standard_normal(int(16000 * rng.uniform(low, high))).astype(np.float32) * 0.1
               for _ in range(max(batches))]
-    names = args.arms.split(",")
     others = names[1:]
     print(f"| audios per call | {' | '.join(f'{n} s per call' for n in names)} | "
           f"{' | '.join(f'{names[0]} / {n}' for n in others)} | "
@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         feats = adapter._features(audios[:b]).to(whisper.device, whisper.dtype)
         with torch.no_grad():
             _, encoded = adapter.model.perception.encode_for_transcript(feats)
+        decode = functools.partial(whisper.generate, encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                                   max_new_tokens=new_tokens)
         times: dict[str, float] = {}
         ids: dict[str, torch.Tensor] = {}
         for name in names:
@@ -94,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 sync()
                 start = time.perf_counter()
                 with arm(name), torch.no_grad():
-                    out = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
-                                           max_new_tokens=new_tokens)
+                    out = decode()
                 sync()
                 best = min(best, time.perf_counter() - start)
             times[name], ids[name] = best, out.cpu()
@@ -105,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {b} | {' | '.join(f'{times[n]:.3f}' for n in names)} | {' | '.join(ratios)} | "
               f"{' | '.join(same)} |", flush=True)
         if args.profile:
-            outputs = BaseModelOutput(last_hidden_state=encoded)
-            profiled.append((b, profile_call(
-                functools.partial(whisper.generate, encoder_outputs=outputs, max_new_tokens=new_tokens), names[0])))
+            profiled.append((b, profile_call(decode, names[0])))
     for b, table in profiled:
         print(f"\n{names[0]}, {b} audios per call, one call under the profiler (top kernels by device time):\n")
         print(table)

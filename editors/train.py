@@ -301,14 +301,14 @@ class Trainer:
             return f"the checkpoint in {self.checkpoint_dir} is kept"
         return "no checkpoint was written"
 
-    def _check_finite_gradient(self, params: list[torch.nn.Parameter], where: str) -> None:
+    def _check_finite_gradient(self, where: str) -> None:
         """Raise :class:`TrainingDiverged` when the gradient accumulated up to ``where`` holds a NaN or infinity
         (the optimizer step would carry it into every parameter, whatever the learning rate); one device sync."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        grads = {n: p.grad for n, p in self.net.named_parameters() if p.grad is not None}
+        finite = [torch.isfinite(g).all() for g in grads.values()]
+        if not finite or bool(torch.stack(finite).all()):
             return
-        names = [n for n, p in self.net.named_parameters()
-                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        names = [n for n, ok in zip(grads, finite) if not bool(ok)]
         raise TrainingDiverged(
             f"{self.method}: the gradient of {where} is not finite (in {len(names)} parameter tensor(s): "
             f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) while its losses are; training stopped "
@@ -359,7 +359,7 @@ class Trainer:
                 self._check_finite(losses, where)
                 loss, info = self.net.training_loss(edit_loss, loc_loss, self.hp)
                 (loss / group_size).backward()
-                self._check_finite_gradient(params, where)
+                self._check_finite_gradient(where)
                 self.step += 1
                 group.append(losses)
                 self.history.append({"step": self.step, "edit_loss": round(group[-1][0], 6),

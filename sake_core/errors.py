@@ -32,8 +32,8 @@ class ResourceError(SakeError, RuntimeError):
 
 
 class TrainingDiverged(SakeError, ArithmeticError):
-    """A training loss or validation loss became NaN or infinite (the hyperparameters, most often the learning
-    rate, let the optimisation diverge); the message names the method, the step and the instance."""
+    """A training loss, validation loss or gradient became NaN or infinite (the hyperparameters, most often the
+    learning rate, let the optimisation diverge); the message names the method, the step and the instance."""
 
 
 class MissingExtraError(SakeError, ImportError):
