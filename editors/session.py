@@ -5,8 +5,9 @@ through an :class:`EditSession`:
 
 * on construction it snapshots the parameters the editor declares (:meth:`Editor.touched_parameters`, asked once,
   after :meth:`Editor.setup`) and notes whether any of them belongs to the audio encoder;
-* :meth:`EditSession.apply` (or :meth:`EditSession.apply_many`) seeds torch when asked, applies the edit(s) and,
-  when the encoder changed, clears the adapter's audio-state cache (cached encoder states would be stale);
+* :meth:`EditSession.apply` (or :meth:`EditSession.apply_many`) seeds torch when asked, applies the edit(s) with
+  the attention kernels that are safe to backpropagate through (:func:`editors.models.attention.training_attention`:
+  never cuDNN's) and, when the encoder changed, clears the adapter's audio-state cache (cached encoder states would be stale);
 * :meth:`EditSession.restore` copies the snapshot back bit-exactly, calls :meth:`Editor.reset` (the method's other
   state: prompts, side memories, replaced modules) and clears the audio-state cache again when the encoder was
   touched.
@@ -24,6 +25,7 @@ import torch
 
 from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
 from editors.hparams import Hparams
+from editors.models.attention import training_attention
 from editors.models.base import LALMAdapter
 
 
@@ -57,7 +59,8 @@ class EditSession:
         on a resumed run); returns the method's stats."""
         if seed is not None:
             torch.manual_seed(seed)
-        stats = self.editor.apply(edit)
+        with training_attention():
+            stats = self.editor.apply(edit)
         self._encoder_changed()
         return stats
 
@@ -66,7 +69,8 @@ class EditSession:
         :meth:`Editor.generate_many`, then :meth:`restore`."""
         if seed is not None:
             torch.manual_seed(seed)
-        stats = self.editor.apply_many(edits)
+        with training_attention():
+            stats = self.editor.apply_many(edits)
         self._encoder_changed()
         return stats
 

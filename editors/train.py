@@ -31,7 +31,9 @@ stops early when ``early_stop_patience`` training instances passed since the low
 network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network). A loss
 (training or validation) or an accumulated gradient that is NaN or infinite stops the run with
 :class:`sake_core.errors.TrainingDiverged` naming the instance (or validation step) and, for a gradient, the
-parameter tensors, before the optimizer step; the last checkpoint and any saved network stay as they were.
+parameter tensors, before the optimizer step; the last checkpoint and any saved network stay as they were. Every
+forward pass of :func:`training_step` runs under :func:`editors.models.attention.training_attention` (never cuDNN's attention,
+whose backward returns NaN for some masked shapes on H100/H200).
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
 instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.
@@ -69,7 +71,9 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   build_network, condition_embeddings, default_hypernet_dir, edit_factors,
                                   hypernetwork_methods, load_network, parse_matrix_key, save_network,
                                   shifted_matrices)
+from editors.models.attention import training_attention
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from editors.nonfinite import NonFiniteTrace
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, DataError, TrainingDiverged, user_errors
 from sake_core.command import command_prog
@@ -119,7 +123,14 @@ def _target_logp(adapter: LALMAdapter, state: Any) -> torch.Tensor:
 
 def training_step(adapter: LALMAdapter, net: HyperNetwork, example: TrainExample
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-edit edit loss and locality KL of one example (differentiable in the network's parameters)."""
+    """Post-edit edit loss and locality KL of one example (differentiable in the network's parameters). Its
+    attention kernels are picked here for the backward too: never cuDNN's (:func:`training_attention`)."""
+    with training_attention():
+        return _training_step(adapter, net, example)
+
+
+def _training_step(adapter: LALMAdapter, net: HyperNetwork, example: TrainExample
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     matrices = net.matrices
     first = min(parse_matrix_key(key)[0] for key in matrices)
     edit_batch = adapter.prepare([example.edit.prompt()], [example.edit.target])
@@ -301,18 +312,37 @@ class Trainer:
             return f"the checkpoint in {self.checkpoint_dir} is kept"
         return "no checkpoint was written"
 
-    def _check_finite_gradient(self, where: str) -> None:
+    def _check_finite_gradient(self, where: str, example: TrainExample) -> None:
         """Raise :class:`TrainingDiverged` when the gradient accumulated up to ``where`` holds a NaN or infinity
-        (the optimizer step would carry it into every parameter, whatever the learning rate); one device sync."""
+        (the optimizer step would carry it into every parameter, whatever the learning rate); one device sync.
+        Before raising, ``example`` is run again under :class:`editors.nonfinite.NonFiniteTrace`, and the message
+        says where the first non-finite value appeared."""
         grads = {n: p.grad for n, p in self.net.named_parameters() if p.grad is not None}
         finite = [torch.isfinite(g).all() for g in grads.values()]
         if not finite or bool(torch.stack(finite).all()):
             return
         names = [n for n, ok in zip(grads, finite) if not bool(ok)]
+        traced = self._trace_non_finite(example)
         raise TrainingDiverged(
             f"{self.method}: the gradient of {where} is not finite (in {len(names)} parameter tensor(s): "
             f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) while its losses are; training stopped "
-            f"before the optimizer step and {self._kept()}")
+            f"before the optimizer step and {self._kept()}. Traced again: {traced}")
+
+    def _trace_non_finite(self, example: TrainExample) -> str:
+        """Run ``example``'s loss and backward again with every module of the model and the network hooked; what
+        :meth:`NonFiniteTrace.summary` found (the accumulated gradient is discarded: the run stops)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        trace = NonFiniteTrace({"model": self.adapter.model, "network": self.net})
+        try:
+            with trace:
+                edit_loss, loc_loss = training_step(self.adapter, self.net, example)
+                loss, _ = self.net.training_loss(edit_loss, loc_loss, self.hp)
+                loss.backward()
+        except Exception as error:  # the trace is a diagnosis: its own failure must not hide the divergence
+            return f"the trace failed ({type(error).__name__}: {error})"
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        return trace.summary() or "no non-finite value this time (the divergence did not repeat)"
 
     def _after_validation(self, result: dict[str, float]) -> None:
         self.validations.append(result)
@@ -359,7 +389,7 @@ class Trainer:
                 self._check_finite(losses, where)
                 loss, info = self.net.training_loss(edit_loss, loc_loss, self.hp)
                 (loss / group_size).backward()
-                self._check_finite_gradient(where)
+                self._check_finite_gradient(where, example)
                 self.step += 1
                 group.append(losses)
                 self.history.append({"step": self.step, "edit_loss": round(group[-1][0], 6),

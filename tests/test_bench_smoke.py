@@ -115,3 +115,18 @@ def test_tiny_desta_run_appends_its_section(tmp_path):
     assert row["info_ours"]["sequences_per_edit"] >= 20 and row["info_naive"]["sequences_per_edit"] >= 20
     assert row["info_ours"]["new_tokens"] == row["info_naive"]["new_tokens"] == [1]
     assert row["floor_parts"]["perception_flops"] > 0  # Whisper encoder + transcripts + Q-Former counted
+
+
+def test_training_attention_bench_runs_both_arms_and_puts_the_backends_back(capsys):
+    from bench import training_attention
+    from editors.models import attention
+
+    kept = list(attention.TRAINING_BACKENDS)
+    assert training_attention.main(["--tiny", "--methods", "ft_llm", "--edits", "2", "--repeats", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| ft_llm | 2 x 1 |" in table and "| 0, 0 |" in table
+    assert attention.TRAINING_BACKENDS == kept
+    with training_attention.arm("cudnn"):
+        assert any(b.name == "CUDNN_ATTENTION" for b in attention.TRAINING_BACKENDS)
+    assert attention.TRAINING_BACKENDS == kept
+    assert training_attention.non_finite_losses([{"loss": float("nan")}, {"loss": 0.5}, {"steps": 3}]) == 1

@@ -68,3 +68,34 @@ def test_the_seed_makes_an_edit_repeatable():
         with session.edit(edit_request(), seed=5) as stats:
             results.append((stats["loss"], torch.rand(1).item()))
     assert results[0] == results[1]
+
+
+def test_attention_under_a_gradient_never_may_pick_cudnn_and_generation_keeps_the_default(monkeypatch):
+    """cuDNN's attention backward returns NaN for some masked shapes on H100/H200 (editors/models/attention.py):
+    every attention call of an edit, in apply and apply_many, runs with that backend disabled, and generation
+    after the edit with torch's default set."""
+    import torch.nn.functional as F
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    session = EditSession.start(adapter, "ft_llm", hparams("ft_llm", adapter, max_steps=2, early_stop_loss=None),
+                                context())
+    original = F.scaled_dot_product_attention
+    calls: list[tuple[bool, bool]] = []  # (a gradient flows, cuDNN's kernel allowed)
+
+    def recording(query, *args, **kwargs):
+        calls.append((torch.is_grad_enabled() and query.requires_grad, torch.backends.cuda.cudnn_sdp_enabled()))
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with session.edit(edit_request(), seed=0):
+        in_apply = list(calls)
+        adapter.generate([edit_request().prompt()], max_new_tokens=2)
+        generated = calls[len(in_apply):]
+    before = len(calls)
+    with session.edits([edit_request(), edit_request(target="angry", audio_seed=7)], seed=0):
+        in_apply_many = calls[before:]
+    assert any(grad for grad, _ in in_apply) and any(grad for grad, _ in in_apply_many)
+    assert not any(allowed for _, allowed in in_apply + in_apply_many)
+    assert generated and all(allowed and not grad for grad, allowed in generated)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the default is back after the blocks

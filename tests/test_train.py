@@ -214,10 +214,10 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step_naming_the_instan
     real_step = train_mod.training_step
     calls = []
 
-    def nan_gradient_on_the_second(adapter, net, example):  # finite losses, a NaN gradient on the second instance
+    def nan_gradient_on_the_second(adapter, net, example):  # finite losses, a NaN gradient from the second call on
         edit, loc = real_step(adapter, net, example)
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) >= 2:
             z = next(p for p in net.parameters() if p.requires_grad).sum()
             z = z - z.detach()  # 0, with a gradient path into the network
             edit = edit + 0 * torch.sqrt(z * z)  # d sqrt(z^2) / dz at 0 is NaN
@@ -228,7 +228,29 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step_naming_the_instan
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: stepped.append(1))
     config, index = trainer.order[1]
     with pytest.raises(TrainingDiverged, match=rf"ke: the gradient of training instance 2 \({config} row {index}\) "
-                                               r"is not finite \(in 1 parameter tensor\(s\): "):
+                                               r"is not finite \(in 1 parameter tensor\(s\): ") as caught:
         trainer.train()
+    traced = str(caught.value).split("Traced again: ", 1)[1]  # the same instance run again under the trace
+    assert "first non-finite forward output" not in traced  # the forward pass was finite, as in training
+    assert "anomaly mode: Function 'SqrtBackward0' returned nan values" in traced
+    assert "test_train.py" in traced and "torch.sqrt(z * z)" in traced  # the forward line that made it
     assert not stepped and trainer.step == 1 and all(math.isfinite(h["edit_loss"]) for h in trainer.history)
     assert not (tmp_path / "net" / "config.json").exists()
+
+
+def test_training_forward_passes_never_may_pick_cudnn_attention(tmp_path, monkeypatch):
+    """Its backward returns NaN for some masked shapes on H100/H200 (editors/models/attention.py)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    under_gradient: list[bool] = []  # cuDNN's kernel allowed, for each attention call a gradient flows through
+
+    def recording(query, *args, **kwargs):
+        if torch.is_grad_enabled() and query.requires_grad:
+            under_gradient.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    _trainer("mend", tmp_path / "net").train(max_steps=1)
+    assert under_gradient and not any(under_gradient)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
