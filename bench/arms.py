@@ -141,6 +141,25 @@ def plan_units(edits: int, warmup: int) -> tuple[list[str], int]:
     return list(ATTRIBUTES[: math.ceil(total / limit)]), limit
 
 
+@contextlib.contextmanager
+def synthetic_bench(*, tiny: bool, seed: int, model: str, units: int, max_new_tokens: int, prefix: str
+                    ) -> Iterator[Bench]:
+    """A :class:`Bench` over a synthetic dataset of at least ``units`` instances in a temporary folder (the tiny
+    model on the CPU with ``tiny``, else the full-size ``model``); the folder goes on leaving."""
+    import tempfile
+
+    from bench.models import build_adapter, full_scale, tiny_scale
+
+    scale = tiny_scale() if tiny else full_scale()
+    adapter = build_adapter(scale, seed, model)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(tmp)
+        _, limit = plan_units(units, 0)
+        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, seed, scale.audio_seconds)
+        yield Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
+                    max_new_tokens=max_new_tokens, seed=seed, workdir=workdir, model=model)
+
+
 def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path, out: Path,
                 edits_per_pass: int | None = None, keep_transcripts: bool = False,
                 engine: str = "auto", mode: str = "single") -> tuple[ArmResult, Any]:

@@ -23,16 +23,13 @@ import argparse
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.arms import Bench, GenerateCounter, plan_units, runner_pass
-from bench.models import build_adapter, full_scale, tiny_scale
-from bench.synthetic import SyntheticDataset
+from bench.arms import Bench, runner_pass, synthetic_bench
 from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -285,15 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scale = tiny_scale() if args.tiny else full_scale()
-    adapter = build_adapter(scale, args.seed, args.model)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="sake-profile-") as tmp:
-        workdir = Path(tmp)
-        configs, limit = plan_units(args.edits, 1)
-        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
-        bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
+    with synthetic_bench(tiny=args.tiny, seed=args.seed, model=args.model, units=args.edits + 1,
+                         max_new_tokens=args.max_new_tokens, prefix="sake-profile-") as bench:
         for method in [m for m in args.methods.split(",") if m]:
             rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None))
             text = render(rows)

@@ -21,14 +21,11 @@ import contextlib
 import logging
 import math
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from bench.arms import Bench, GenerateCounter, plan_units
-from bench.models import _sync, build_adapter, full_scale, tiny_scale
-from bench.synthetic import SyntheticDataset
+from bench.arms import Bench, plan_units, synthetic_bench
+from bench.models import _sync
 
 LOG = logging.getLogger(__name__)
 ARMS = ("safe", "cudnn")
@@ -107,15 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scale = tiny_scale() if args.tiny else full_scale()
-    adapter = build_adapter(scale, args.seed, args.model)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="sake-attention-") as tmp:
-        workdir = Path(tmp)
-        configs, limit = plan_units(args.edits, 0)
-        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 3, args.seed, scale.audio_seconds)
-        bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=32, seed=args.seed, workdir=workdir, model=args.model)
+    with synthetic_bench(tiny=args.tiny, seed=args.seed, model=args.model, units=args.edits, max_new_tokens=32,
+                         prefix="sake-attention-") as bench:
         for method in [m for m in args.methods.split(",") if m]:
             rows.append(measure(bench, method, args.edits, args.repeats))
             print(render(rows), flush=True)
