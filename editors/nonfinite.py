@@ -9,9 +9,11 @@ so this is for re-running one failing instance, not for training.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -58,7 +60,8 @@ class NonFiniteTrace:
     anomaly_error: str | None = None
     anomaly_forward: str | None = None
     _handles: list[Any] = field(default_factory=list)
-    _stack: list[Any] = field(default_factory=list)
+    _exit: contextlib.ExitStack | None = None
+    _caught: list[warnings.WarningMessage] = field(default_factory=list)
 
     def _forward_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -83,11 +86,11 @@ class NonFiniteTrace:
             for name, module in root.named_modules():
                 full = f"{root_name}.{name}" if name else root_name
                 self._handles.append(module.register_forward_hook(self._forward_hook(full)))
-        if self.anomaly:
-            record = warnings.catch_warnings(record=True)
-            self._stack = [record, record.__enter__(), torch.autograd.detect_anomaly(check_nan=True)]
+        if self.anomaly:  # anomaly mode reports the forward traceback of a failing backward as a warning
+            self._exit = contextlib.ExitStack()
+            self._caught = self._exit.enter_context(warnings.catch_warnings(record=True))
             warnings.simplefilter("always")
-            self._stack[2].__enter__()
+            self._exit.enter_context(torch.autograd.detect_anomaly(check_nan=True))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -95,16 +98,15 @@ class NonFiniteTrace:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        swallow = False
-        if self._stack:
-            record, caught, anomaly = self._stack
-            anomaly.__exit__(kind, error, tb)
-            record.__exit__(None, None, None)
-            self._stack = []
-            if isinstance(error, RuntimeError) and "returned nan values" in str(error):
-                self.anomaly_error, swallow = str(error).splitlines()[0], True
-                self.anomaly_forward = _forward_line(caught)
-        return swallow
+        if self._exit is None:
+            return False
+        self._exit.__exit__(kind, error, tb)
+        self._exit = None
+        if isinstance(error, RuntimeError) and "returned nan values" in str(error):
+            self.anomaly_error = str(error).splitlines()[0]
+            self.anomaly_forward = _forward_line(self._caught)
+            return True
+        return False
 
     def summary(self) -> str:
         """One sentence per finding (empty when nothing non-finite was seen)."""
@@ -131,5 +133,5 @@ def _forward_line(caught: list[warnings.WarningMessage]) -> str | None:
         frames = [m for m in _FRAME.finditer(text) if "/torch/" not in m.group(1)]
         if frames:
             path, line, func, code = frames[-1].groups()
-            return f"{path.rsplit('/', 2)[-2]}/{path.rsplit('/', 1)[-1]}:{line} in {func}: {code.strip()}"
+            return f"{Path(path).parent.name}/{Path(path).name}:{line} in {func}: {code.strip()}"
     return None

@@ -7,7 +7,8 @@ through an :class:`EditSession`:
   after :meth:`Editor.setup`) and notes whether any of them belongs to the audio encoder;
 * :meth:`EditSession.apply` (or :meth:`EditSession.apply_many`) seeds torch when asked, applies the edit(s) with
   the attention kernels that are safe to backpropagate through (:func:`editors.models.attention.training_attention`:
-  never cuDNN's) and, when the encoder changed, clears the adapter's audio-state cache (cached encoder states would be stale);
+  never cuDNN's) and, when the encoder changed, clears the adapter's audio-state cache (cached encoder states would
+  be stale);
 * :meth:`EditSession.restore` copies the snapshot back bit-exactly, calls :meth:`Editor.reset` (the method's other
   state: prompts, side memories, replaced modules) and clears the audio-state cache again when the encoder was
   touched.

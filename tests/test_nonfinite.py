@@ -46,7 +46,7 @@ def test_a_finite_pass_reports_nothing_and_leaves_no_hook_behind():
     with NonFiniteTrace({"net": net}) as trace:
         net(torch.randn(3, 4)).sum().backward()
     assert trace.summary() == ""
-    assert all(not m._forward_hooks for m in net.modules())
+    assert all(not m._forward_hooks for m in net.modules()) and not torch.is_anomaly_enabled()
 
 
 def test_an_error_that_is_not_anomaly_modes_passes_through():
@@ -58,3 +58,4 @@ def test_an_error_that_is_not_anomaly_modes_passes_through():
         assert str(error) == "something else"
     else:
         raise AssertionError("the error was swallowed")
+    assert not torch.is_anomaly_enabled() and all(not m._forward_hooks for m in net.modules())
