@@ -285,6 +285,12 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
     return lines
 
 
+def measured_stamp(ceilings: dict[str, float]) -> str:
+    """When a run was timed and the matmul ceiling of its call: rows merged from several calls can come from
+    machines of different pace (the same code moved 18-27 % between calls of one day)."""
+    return f"{time.strftime('%m-%d %H:%M', time.gmtime())}, {ceilings['matmul_flops_per_s'] / 1e12:.0f}"
+
+
 def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[str, float], scale: Any) -> str:
     import transformers
 
@@ -304,13 +310,15 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
              "disabled, cold pre-edit cache (a call with `--warmup-method` first runs one untimed 1-edit pass: the process's warm-up), the runner's default edits per pass (measured: 1 edit, then as many as its peak allows, then what fits), "
              "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
              "| method | engine | edits | s/edit | passes (edits) | GiB per edit (largest pass) | GiB per edit + per "
-             "pass (runner's fit) | captures (s) | paper s/edit | paper/ours | goal | met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pass (runner's fit) | captures (s) | paper s/edit | paper/ours | goal | met | measured (UTC, its call's "
+             "matmul TFLOP/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, paper = row["method"], paper_seconds_per_edit(row["method"], model)
         for run in row["runs"]:
             if run.get("error"):
-                lines.append(f"| {m} | {run['engine']} | - | {run['error'][:80]} | | | | | | | | |")
+                lines.append(f"| {m} | {run['engine']} | - | {run['error'][:80]} | | | | | | | | | "
+                             f"{run.get('measured', '-')} |")
                 continue
             s = run["s_per_edit"]
             largest = max(run["passes"], key=lambda p: p["edits"]) if run["passes"] else {}
@@ -326,7 +334,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
             cap = f"{g.get('captures', 0)} ({g.get('capture_s', 0):.1f})" if run["engine"] == "graph" else "-"
             lines.append(f"| {m} | {run['engine']} | {run['edits']} | {s:.3f} | "
                          f"{', '.join(str(p['edits']) for p in run['passes'])} | {_f(largest.get('gib_per_edit'))} | "
-                         f"{_f(run.get('per_edit_fit_gib'))} + {_f(run.get('per_pass_fit_gib'))} | {cap} | {_f(paper)} | {_f(paper / s if paper else None, '.1f', 'x')} | {goal} | {met} |")
+                         f"{_f(run.get('per_edit_fit_gib'))} + {_f(run.get('per_pass_fit_gib'))} | {cap} | {_f(paper)} | {_f(paper / s if paper else None, '.1f', 'x')} | {goal} | {met} | "
+                         f"{run.get('measured', '-')} |")
     lines += ["", "Identical rows between the engines (bf16; pre- and post-edit outputs both equal):", ""]
     for row in rows:
         if row.get("identical"):
@@ -489,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for engine in dict.fromkeys(e if e in allowed else allowed[0] for e in engines):
                 edits = args.edits if engine == allowed[0] else eager_edits
                 if method in default_methods and clock.allows(f"{method} default K ({engine})"):
-                    row["runs"].append(default_k(bench, method, edits, engine))
+                    timed = default_k(bench, method, edits, engine)
+                    row["runs"].append({**timed, "measured": measured_stamp(ceilings)})
             done = [r for r in row["runs"] if r.get("out")]
             if len(done) == 2:
                 row["identical"] = identical_share(Path(done[0]["out"]), Path(done[1]["out"]))

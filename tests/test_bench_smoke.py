@@ -130,3 +130,27 @@ def test_training_attention_bench_runs_both_arms_and_puts_the_backends_back(caps
         assert any(b.name == "CUDNN_ATTENTION" for b in attention.TRAINING_BACKENDS)
     assert attention.TRAINING_BACKENDS == kept
     assert training_attention.non_finite_losses([{"loss": float("nan")}, {"loss": 0.5}, {"steps": 3}]) == 1
+
+
+def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
+    """Rows merged from several device calls carry their own call's time and matmul ceiling; older rows read '-'."""
+    import argparse
+
+    from bench import goals
+    from bench.models import tiny_scale
+
+    def run(engine: str, seconds: float, **extra) -> dict:
+        return {"engine": engine, "edits": 2, "s_per_edit": seconds, "passes": [{"edits": 2, "gib_per_edit": 1.0}],
+                "per_edit_fit_gib": 1.0, "per_pass_fit_gib": 0.5, **extra}
+
+    stamp = goals.measured_stamp({"matmul_flops_per_s": 759.4e12})
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d, 759", stamp)
+    earlier = [{"method": "ft_llm", "runs": [run("graph", 0.6), run("eager", 1.5)]}]
+    merged = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run("graph", 0.7, measured=stamp)]}])
+    args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
+    text = goals.render(args, merged, {"matmul_flops_per_s": 759.4e12, "copy_bytes_per_s": 4.1e12}, tiny_scale())
+    rows = [line for line in text.splitlines() if line.startswith(("| ft_llm | graph |", "| ft_llm | eager |"))]
+    assert rows[0].startswith("| ft_llm | graph | 2 | 0.700 |") and rows[0].endswith(f"| {stamp} |")
+    assert rows[1].startswith("| ft_llm | eager | 2 | 1.500 |") and rows[1].endswith("| - |")
+    header = next(line for line in text.splitlines() if line.startswith("| method | engine |"))
+    assert len(rows) == 2 and all(line.count("|") == header.count("|") for line in rows)
