@@ -49,12 +49,11 @@ class NonFiniteSite:
 @dataclass
 class NonFiniteTrace:
     """Context manager: hooks on every submodule of ``roots`` (name -> module) that record the first non-finite
-    forward output and the first non-finite gradient of a module output; ``anomaly`` also runs the block under
+    forward output and the first non-finite gradient of a module output. The block also runs under
     ``torch.autograd.detect_anomaly(check_nan=True)``, whose error is kept in :attr:`anomaly_error` (the block's
     RuntimeError is swallowed only when it is anomaly mode's)."""
 
     roots: dict[str, nn.Module]
-    anomaly: bool = True
     forward_site: NonFiniteSite | None = None
     backward_site: NonFiniteSite | None = None
     anomaly_error: str | None = None
@@ -86,11 +85,11 @@ class NonFiniteTrace:
             for name, module in root.named_modules():
                 full = f"{root_name}.{name}" if name else root_name
                 self._handles.append(module.register_forward_hook(self._forward_hook(full)))
-        if self.anomaly:  # anomaly mode reports the forward traceback of a failing backward as a warning
-            self._exit = contextlib.ExitStack()
-            self._caught = self._exit.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always")
-            self._exit.enter_context(torch.autograd.detect_anomaly(check_nan=True))
+        # anomaly mode reports the forward traceback of a failing backward as a warning
+        self._exit = contextlib.ExitStack()
+        self._caught = self._exit.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always")
+        self._exit.enter_context(torch.autograd.detect_anomaly(check_nan=True))
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

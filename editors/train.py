@@ -31,9 +31,11 @@ stops early when ``early_stop_patience`` training instances passed since the low
 network is the one with the lowest validation loss (``val_size: 0``: no validation, the last network). A loss
 (training or validation) or an accumulated gradient that is NaN or infinite stops the run with
 :class:`sake_core.errors.TrainingDiverged` naming the instance (or validation step) and, for a gradient, the
-parameter tensors, before the optimizer step; the last checkpoint and any saved network stay as they were. Every
-forward pass of :func:`training_step` runs under :func:`editors.models.attention.training_attention` (never cuDNN's attention,
-whose backward returns NaN for some masked shapes on H100/H200).
+parameter tensors, before the optimizer step (after running the instance again under
+:class:`editors.nonfinite.NonFiniteTrace`, whose findings the message carries); the last checkpoint and any saved
+network stay as they were. Every forward pass of :func:`training_step` runs under
+:func:`editors.models.attention.training_attention` (never cuDNN's attention, whose backward returns NaN for some
+masked shapes on H100/H200).
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
 instance (``adapter.hidden_entering``); each loss runs only the edited layers and those above.

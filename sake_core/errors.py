@@ -32,8 +32,9 @@ class ResourceError(SakeError, RuntimeError):
 
 
 class TrainingDiverged(SakeError, ArithmeticError):
-    """A training loss, validation loss or gradient became NaN or infinite (the hyperparameters, most often the
-    learning rate, let the optimisation diverge); the message names the method, the step and the instance."""
+    """A training loss, validation loss or gradient became NaN or infinite (a learning rate too high, or a kernel
+    that returns NaN); the message names the method, the step and the instance, and for a gradient the first
+    operation that produced a NaN."""
 
 
 class MissingExtraError(SakeError, ImportError):
