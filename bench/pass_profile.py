@@ -45,11 +45,24 @@ def _ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def _patched_parts(adapter: Any) -> Iterator[None]:
-    """Label the generation's parts (class-level patches, undone on exit)."""
+    """Label the generation's and the training methods' parts (class- and module-level patches, undone on exit)."""
     from editors.models.generation import graph
 
-    owners = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode")]
-    owners += [(type(adapter), name) for name in ("audio_states", "warm_audio")]
+    import editors.batching
+    import editors.ft_audio
+    import editors.ft_llm
+    import editors.unke
+    import editors.wise
+
+    owners: list[tuple[Any, str]] = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode")]
+    owners += [(type(adapter), name) for name in ("audio_states", "warm_audio", "hidden_entering")]
+    # the training methods' parts: UnKE's stage 1 (compute_keys) and stage 2 (finetune_many), the optimizer step of
+    # stacked copies (masked_update), the copies cast to the model's dtype, the preservation prompts
+    owners += [(editors.unke.UnKE, "compute_keys"), (editors.batching.StackedCopies, "current"),
+               (editors.batching, "masked_update"), (editors.wise, "masked_update")]
+    owners += [(module, name) for module in (editors.unke, editors.wise, editors.ft_llm, editors.ft_audio)
+               for name in ("finetune_many", "preservation_prompts")]
+    owners = [(owner, name) for owner, name in owners if hasattr(owner, name)]
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name in owners]
     try:
         for owner, name, _ in saved:

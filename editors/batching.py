@@ -21,6 +21,11 @@ How a forward uses per-edit weights:
   Linear computes every edit's output for all rows and keeps each row's own (each copy read once per step, one
   graph for every chunk).
 
+Under autograd, a forward reads edit k's copy from the K views of one ``unbind(0)`` per step
+(:func:`per_edit_views`), never as ``stacked[k]``: the backward of indexing writes a zero gradient of the whole
+``[K, *shape]`` stack for every use and adds it to the others, so a step whose rows form R runs would move R full
+stacks (quadratic in K). The views' gradients are stacked once; the bits are the same.
+
 Generation of all K edits' items is the generation layer's per-edit strategy
 (:class:`editors.models.generation.PerEdit`, through ``Editor.generate_many``).
 """
@@ -179,6 +184,12 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def per_edit_views(stacked: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Name -> the K per-edit views of each ``[K, *shape]`` tensor (``unbind(0)``): how a forward under autograd
+    reads edit k's copy (see the module docstring: indexing the stack per use is quadratic in K)."""
+    return {name: tensor.unbind(0) for name, tensor in stacked.items()}
+
+
 class _RoutedLeaf(nn.Module):
     """Runs ``leaf`` once per contiguous run of batch rows with that run's edit weights (see :class:`RowRouting`)."""
 
@@ -195,7 +206,7 @@ class _RoutedLeaf(nn.Module):
         runs = self.routing.runs
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
-        w = {local: self.routing.weights[full] for local, full in self.names.items()}
+        w = {local: self.routing.per_edit[full] for local, full in self.names.items()}
         # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
         # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
@@ -212,8 +223,8 @@ class _RoutedLeaf(nn.Module):
     def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Every edit's output over all rows (each edit's copy read once), then each row's own edit's: static
         shapes, no host work (row ``r`` belongs to edit ``row_edit[r]``)."""
-        w = {local: self.routing.weights[full] for local, full in self.names.items()}
-        k = next(iter(w.values())).shape[0]
+        w = {local: self.routing.per_edit[full] for local, full in self.names.items()}
+        k = len(next(iter(w.values())))
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
         outs = []
         for e in range(k):
@@ -230,15 +241,27 @@ class RowRouting:
     computes batch rows ``a:b`` with ``weights[name][k]`` for each run ``(k, a, b)`` of :attr:`runs`.
 
     Exact for leaves that act on each batch row independently (Linear, RMSNorm, LayerNorm: all parameters of a
-    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards. While
-    ``row_edit`` (a device tensor ``[rows]``) is set, rows are routed by it instead (the graph engine's decode step)."""
+    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards
+    (assigning ``weights`` takes their per-edit views once: :attr:`per_edit`). While ``row_edit`` (a device tensor
+    ``[rows]``) is set, rows are routed by it instead (the graph engine's decode step)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.names = list(names)
-        self.weights: dict[str, torch.Tensor] = {}
+        self.per_edit: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._weights: dict[str, torch.Tensor] = {}
         self.runs: list[tuple[int, int, int]] = []
         self.row_edit: torch.Tensor | None = None
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Full name -> the K edits' stacked values ``[K, ...]`` the routed leaves compute with."""
+        return self._weights
+
+    @weights.setter
+    def weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._weights = dict(weights)
+        self.per_edit = per_edit_views(self._weights)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRouting"]:

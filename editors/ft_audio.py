@@ -21,7 +21,7 @@ import torch
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
+from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
 from editors.models.buckets import training_groups
 from editors.models.base import PerEdit, Prompt
 from sake_core.errors import DataError
@@ -70,10 +70,11 @@ class FTAudio(Editor):
         order = torch.tensor([k for rows, _, _ in groups for k in rows]).argsort()
 
         def losses(weights):  # edit k's prompt through connector copy k, then all LLM layers; one loss per edit
+            views = per_edit_views(weights)
             out = []
             for rows, batch, frame in groups:
                 embeds = per_edit_audio_embeds(self.adapter, batch.audio_states,
-                                               [len(prompts[k].audios()) for k in rows], weights, rows)
+                                               [len(prompts[k].audios()) for k in rows], views, rows)
                 out.append(self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds),
                                                   reduction="none"))
             return torch.cat(out)[order.to(out[0].device)]

@@ -41,7 +41,7 @@ from torch import nn
 
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
-from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds
+from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
 from editors.models.base import PerEdit, Prompt, as_linear
 from sake_core.errors import ConfigError, DataError
 
@@ -85,8 +85,8 @@ class LoRALinear(nn.Module):
             low = torch.bmm(rows, a[self.row_edit].transpose(1, 2))
             out = out + self.scale * torch.bmm(low, b[self.row_edit].transpose(1, 2)).reshape(out.shape)
         elif self.stacked is not None and self.runs:
-            a, b = self.stacked
-            parts = [(x[s:e] @ a[k].t()) @ b[k].t() for k, s, e in self.runs]
+            a_views, b_views = (t.unbind(0) for t in self.stacked)  # not a[k]: see editors/batching.py
+            parts = [(x[s:e] @ a_views[k].t()) @ b_views[k].t() for k, s, e in self.runs]
             out = out + self.scale * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
         return out
 
@@ -269,7 +269,7 @@ class LoRA(Editor):
                 wrapper.lora_B = nn.Parameter(torch.empty(0), False)
 
             def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-                embeds = per_edit_audio_embeds(a, batch.audio_states, counts, weights)
+                embeds = per_edit_audio_embeds(a, batch.audio_states, counts, per_edit_views(weights))
                 return a.loss_from(frame, hidden=a.input_embeds(batch, embeds), reduction="none")
         else:
             state = a.hidden_entering(batch, self._lowest_layer())

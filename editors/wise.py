@@ -116,7 +116,7 @@ class WiseRouter(nn.Module):
         self.route_counts: dict[int, int] = {}
         # several edits per pass: edit k's own side memory (training: stacked weights; evaluation: one shard per
         # edit) for the rows of each run (edit, start, stop) of ``runs`` (set per chunk by the generation layer)
-        self.train_weights: torch.Tensor | None = None  # [K, out, in] while K edits train
+        self.train_weights: Sequence[torch.Tensor] | None = None  # K memories [out, in] while K edits train
         self.edit_shards: list[Shard] | None = None
         self.runs: list[tuple[int, int, int]] = []
         self.row_edit: torch.Tensor | None = None  # (the graph engine's routing field; WISE generates eagerly)
@@ -488,8 +488,8 @@ class WISE(Editor):
         norm_c, early = hp.norm_constraint, hp.early_stop_loss
         device = master.device
 
-        def scores(groups: list, weights: torch.Tensor) -> list[list[torch.Tensor]]:
-            """Per edit: the row scores of its rows in ``groups``, through its own memory."""
+        def scores(groups: list, weights: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+            """Per edit: the row scores of its rows in ``groups``, through its own memory (``weights[e]``)."""
             per_edit: list[list[torch.Tensor]] = [[] for _ in range(k)]
             for owner, _, x, orig, valid in groups:
                 for e, lo, hi in runs_of(owner):
@@ -497,7 +497,8 @@ class WISE(Editor):
                     per_edit[e].append(d)
             return per_edit
 
-        def losses(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def losses(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            weights = stacked.unbind(0)  # per-edit views taken once a step (indexing the stack: editors/batching.py)
             ft = torch.zeros(k, device=device)
             router.train_weights = weights
             try:
@@ -538,7 +539,7 @@ class WISE(Editor):
             for e, on in enumerate(active.tolist()):
                 steps[e] += on
         with torch.no_grad():
-            weights = master.detach().to(base.dtype)
+            weights = master.detach().to(base.dtype).unbind(0)
             d_in, d_out = scores(ins, weights), scores(outs, weights)
         router.edit_shards, stats = [], []
         for e in range(k):

@@ -163,6 +163,80 @@ def test_the_in_place_update_of_all_active_edits_gives_the_masked_updates_bits(o
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+def _backward_nodes(tensor: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_routed_rows_read_each_edit_through_one_view_per_step_with_the_gradient_of_indexing_the_stack():
+    # Indexing the [K, ...] stack per run (stack[k]) has a backward that writes a whole zero stack per use; the routed
+    # leaves read the K views of one unbind instead. Same outputs, same gradient bits.
+    from editors.batching import RowRouting
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4))
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(7, 3, 6, generator=gen)
+    runs = [(0, 0, 2), (2, 2, 3), (0, 3, 5), (1, 5, 7)]  # edit 0's rows in two runs
+    results = []
+    for views in (True, False):
+        stacked = {n: (p.detach() + 0.1 * torch.randn(3, *p.shape, generator=torch.Generator().manual_seed(1)))
+                   .requires_grad_() for n, p in model.named_parameters()}
+        routing = RowRouting(model, names)
+        with routing.installed():
+            routing.weights, routing.runs = stacked, runs
+            if not views:  # the per-use indexing of the stack, as a reference
+                routing.per_edit = dict(stacked)  # type: ignore[assignment]
+            out = model(x)
+        loss = out.float().pow(2).sum()
+        results.append((out, _backward_nodes(loss), torch.autograd.grad(loss, list(stacked.values()))))
+    (out, nodes, grads), (ref_out, ref_nodes, ref_grads) = results
+    assert nodes.count("UnbindBackward0") == len(names) and "SelectBackward0" not in nodes
+    assert "SelectBackward0" in ref_nodes
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads)) and all(g.abs().sum() > 0 for g in grads)
+
+
+SHORT = {"ft_audio": {"max_steps": 2}, "ft_llm": {"max_steps": 2}, "lora": {"max_steps": 2},
+         "unke": {"v_steps": 2, "optim_steps": 2}, "wise": {"n_iter": 2}}
+
+
+@pytest.mark.parametrize("method", sorted(SHORT))
+def test_no_training_step_indexes_the_stack_of_edit_copies(qwen, monkeypatch, method):
+    # Every gradient a K-edit apply takes: no select node picks one edit out of a stack of K copies along its edit
+    # axis (its backward writes a zero stack per use); the per-edit views of one unbind are read instead.
+    editor = get_editor_class(method)(qwen, load_hparams(method, qwen.family, tiny=True, overrides=SHORT[method]))
+    k = len(make_edits())
+    seen: list[tuple[int, ...]] = []
+    original = torch.autograd.grad
+
+    def recording_grad(outputs, inputs, *args, **kwargs):
+        for out in (outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+            stack = [out.grad_fn]
+            visited = set()
+            while stack:
+                node = stack.pop()
+                if node is None or node in visited:
+                    continue
+                visited.add(node)
+                if type(node).__name__ == "SelectBackward0" and node._saved_dim == 0:
+                    seen.append(tuple(int(n) for n in node._saved_self_sym_sizes))
+                stack.extend(fn for fn, _ in node.next_functions)
+        return original(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    with EditSession(editor).edits(make_edits()):
+        pass
+    assert not [shape for shape in seen if shape[0] == k and len(shape) >= 2]
+
+
 def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
     # loss_k = (w_k - t_k)^2 with SGD lr 0.25 halves the distance per update: edit 0 (distance 0.6) is below 1e-2
     # after 3 updates, edit 1 (distance 1e4) not within 10 steps.

@@ -16,7 +16,7 @@ A :class:`PerEdit` says which edit each prompt belongs to and how its weights re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -35,10 +35,12 @@ def runs_of(edit_of_row: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def per_edit_audio_embeds(adapter: Any, states: Sequence[Any], audios_per_edit: Sequence[int],
-                          weights: dict[str, torch.Tensor], edits: Sequence[int] | None = None) -> torch.Tensor | None:
+                          weights: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+                          edits: Sequence[int] | None = None) -> torch.Tensor | None:
     """Connector outputs of ``states`` (every audio of a batch, in order), the first ``audios_per_edit[0]`` through
-    edit ``edits[0]``'s connector copy (``weights``: name -> ``[K, ...]``), the next through ``edits[1]``'s, ...
-    (``edits`` defaults to 0, 1, ...). None when there is no audio."""
+    edit ``edits[0]``'s connector copy (``weights``: name -> ``[K, ...]``, or the K per-edit tensors: a training
+    loss passes ``unbind(0)`` views taken once per step, whose backward does not write a whole stack per edit), the
+    next through ``edits[1]``'s, ... (``edits`` defaults to 0, 1, ...). None when there is no audio."""
     edits = list(range(len(audios_per_edit))) if edits is None else list(edits)
     pieces, pos = [], 0
     for k, n in zip(edits, audios_per_edit):
