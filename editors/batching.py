@@ -211,13 +211,15 @@ class _RoutedLeaf(nn.Module):
         # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
         outs = []
-        for k, a, b in runs:
+        # the runs' rows as one split, not x[a:b] per run: a slice's backward writes a zero gradient of all of x
+        pieces = x.split([b - a for _, a, b in runs]) if len(runs) > 1 else (x,)
+        for (k, _, _), piece in zip(runs, pieces):
             params = {n: t[k] for n, t in w.items()}
             if linear:
                 outs.append(padded_rows(lambda rows: nn.functional.linear(rows, params["weight"], params.get("bias")),
-                                        x[a:b]))
+                                        piece))
             else:
-                outs.append(torch.func.functional_call(self.leaf, params, (x[a:b], *args), kwargs))
+                outs.append(torch.func.functional_call(self.leaf, params, (piece, *args), kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -86,7 +86,8 @@ class LoRALinear(nn.Module):
             out = out + self.scale * torch.bmm(low, b[self.row_edit].transpose(1, 2)).reshape(out.shape)
         elif self.stacked is not None and self.runs:
             a_views, b_views = (t.unbind(0) for t in self.stacked)  # not a[k]: see editors/batching.py
-            parts = [(x[s:e] @ a_views[k].t()) @ b_views[k].t() for k, s, e in self.runs]
+            pieces = x.split([e - s for _, s, e in self.runs])  # not x[s:e]: its backward writes all of x's gradient
+            parts = [(piece @ a_views[k].t()) @ b_views[k].t() for (k, _, _), piece in zip(self.runs, pieces)]
             out = out + self.scale * (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0))
         return out
 
