@@ -316,21 +316,23 @@ class UnKE(Editor):
         preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
                                          source=hp.preserve_source, seed=self.context.seed)
                     for e in edits]
-        # stage 2 terms: (edit of each row, state entering L, target output, mask, term) per canonical batch
+        # stage 2 terms: (edit of each row, the same on the device, state entering L, target output, mask, term) per
+        # canonical batch
         terms = []
         with torch.no_grad():
             for rows, batch in training_groups(a, [e.prompt() for e in edits], None):
                 state = a.hidden_entering(batch, layer)
                 target = a.run_layers(state).detach().clone()
                 target[:, -1] = keys[rows].to(target.dtype)  # left padding: last column = last prompt token
-                terms.append((rows, state, target, batch.attention_mask, 0))
+                terms.append((rows, torch.tensor(rows, device=keys.device), state, target, batch.attention_mask, 0))
             owners = [j for j, ps in enumerate(preserve) for _ in ps]
             flat = [p for ps in preserve for p in ps]
             if flat:
                 for rows, batch in training_groups(a, flat, None):
                     state = a.hidden_entering(batch, layer)
-                    terms.append(([owners[i] for i in rows], state, a.run_layers(state).detach(),
-                                  batch.attention_mask, 1))
+                    owner = [owners[i] for i in rows]
+                    terms.append((owner, torch.tensor(owner, device=keys.device), state,
+                                  a.run_layers(state).detach(), batch.attention_mask, 1))
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
         routing = RowRouting(a.model, names)
@@ -340,11 +342,10 @@ class UnKE(Editor):
             routing.weights = weights
             sums = torch.zeros(2, k, device=device)
             counts = torch.zeros(2, k, device=device)
-            for owner, state, target, mask, term in terms:
+            for owner, who, state, target, mask, term in terms:
                 routing.runs = runs_of(owner)  # row i runs edit owner[i]'s copy
                 m = mask.to(torch.float32).unsqueeze(-1)
                 err = ((a.run_layers(state).float() - target.float()) ** 2 * m).sum(dim=(1, 2))
-                who = torch.tensor(owner, device=device)
                 sums[term] = sums[term].index_add(0, who, err)
                 counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * target.shape[-1])
             present = counts > 0

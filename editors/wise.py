@@ -471,18 +471,20 @@ class WISE(Editor):
         preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
                                          source=hp.preserve_source, seed=self.context.seed)
                     for e in edits]
-        ins, outs = [], []  # (owner edit of each row, state or None, inner activations, original output, valid)
+        # (owner edit of each row, state or None, inner activations, original output, valid, owners on the device)
+        ins, outs = [], []
         with torch.no_grad():
             for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
                 state = a.hidden_entering(batch, layer)
                 x = self._inner_activations(state)
                 valid = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
-                ins.append((list(rows), state, x, router.original(x), valid))
+                ins.append((list(rows), state, x, router.original(x), valid, torch.tensor(rows, device=x.device)))
             owners = [j for j, ps in enumerate(preserve) for _ in ps]
             flat = [p for ps in preserve for p in ps]
             for rows, batch in (training_groups(a, flat, None) if flat else []):
                 x = self._inner_activations(a.hidden_entering(batch, layer))
-                outs.append(([owners[i] for i in rows], None, x, router.original(x), batch.attention_mask.float()))
+                outs.append(([owners[i] for i in rows], None, x, router.original(x), batch.attention_mask.float(),
+                             None))
         master = base.float().unsqueeze(0).repeat(k, 1, 1).requires_grad_(True)
         alpha, beta, gamma = hp.alpha, hp.beta, hp.gamma
         norm_c, early = hp.norm_constraint, hp.early_stop_loss
@@ -491,7 +493,7 @@ class WISE(Editor):
         def scores(groups: list, weights: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
             """Per edit: the row scores of its rows in ``groups``, through its own memory (``weights[e]``)."""
             per_edit: list[list[torch.Tensor]] = [[] for _ in range(k)]
-            for owner, _, x, orig, valid in groups:
+            for owner, _, x, orig, valid, _ in groups:
                 for e, lo, hi in runs_of(owner):
                     d = router.row_scores(router.token_distance(x[lo:hi], weights[e], orig[lo:hi]), valid[lo:hi])
                     per_edit[e].append(d)
@@ -502,10 +504,9 @@ class WISE(Editor):
             ft = torch.zeros(k, device=device)
             router.train_weights = weights
             try:
-                for owner, state, _, _, _ in ins:
+                for owner, state, _, _, _, who in ins:
                     router.runs = runs_of(owner)
-                    ft = ft.index_copy(0, torch.tensor(owner, device=device),
-                                       a.loss_from(state, reduction="none").float())
+                    ft = ft.index_copy(0, who, a.loss_from(state, reduction="none").float())
             finally:
                 router.train_weights = None
             d_in, d_out = scores(ins, weights), scores(outs, weights)
@@ -519,8 +520,9 @@ class WISE(Editor):
         for step in range(1, hp.n_iter + 1):
             ft, total = losses(master)
             values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
+            was_active = active.tolist()
             for e in range(k):
-                if bool(active[e]):
+                if was_active[e]:
                     ft_last[e], total_last[e] = values_ft[e], values[e]
             if early is not None:
                 active &= ~(total.detach() < early)
@@ -588,6 +590,8 @@ def _cached_tokens(kwargs: dict[str, Any]) -> int:
 
 
 def _positive_mean(values: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Mean of the positive entries (0 when none), as in WISE's hinge terms."""
-    pos = values[values > 0]
-    return pos.mean() if pos.numel() else zero
+    """Mean of the positive entries (0 when none), as in WISE's hinge terms; no host sync (the count stays on the
+    device)."""
+    positive = values > 0
+    count = positive.sum()
+    return torch.where(count > 0, torch.where(positive, values, zero).sum() / count.clamp(min=1), zero)

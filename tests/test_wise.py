@@ -264,3 +264,20 @@ def test_wise_edits_per_pass_equal_one_at_a_time(demo_dataset):
     for s, t in zip(stats, alone_stats):
         assert abs(s["gate"] - t["gate"]) <= 1e-3 * max(1.0, abs(t["gate"]))
         assert abs(s["loss"] - t["loss"]) <= 1e-3 * max(1.0, abs(t["loss"]))
+
+
+def test_the_hinge_mean_keeps_its_count_on_the_device_with_the_masked_means_value_and_gradient():
+    from editors.wise import _positive_mean
+
+    gen = torch.Generator().manual_seed(0)
+    for values in (torch.randn(37, generator=gen), -torch.rand(5, generator=gen), torch.randn(4, 6, generator=gen)):
+        ours_in = values.clone().requires_grad_()
+        ref_in = values.clone().requires_grad_()
+        zero = values.new_zeros(())
+        ours = _positive_mean(ours_in, zero)
+        pos = ref_in[ref_in > 0]
+        ref = pos.mean() if pos.numel() else zero + 0 * ref_in.sum()
+        assert torch.allclose(ours, ref, rtol=1e-6, atol=0)
+        (ours * 3).backward()
+        (ref * 3).backward()
+        assert torch.equal(ours_in.grad, ref_in.grad)
