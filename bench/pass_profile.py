@@ -6,7 +6,10 @@ K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs,
 restore) and for the generation's parts inside them (audio encoder, the per-audio work before tokenization such as
 DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints
 the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
-the captured-graph replays and the kernels that took longest. The run's own per-phase totals and the graph
+the captured-graph replays and the kernels that took longest. Inside the apply phase the training methods' parts are
+labelled too: UnKE's stage 1 (``compute_keys``), the training loop of stacked copies (``finetune_many``), its optimizer
+step (``masked_update``), the copies' cast to the model's dtype (``current``), ``hidden_entering`` and the
+preservation prompts. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
