@@ -140,9 +140,9 @@ class Editor(abc.ABC):
         raise NotImplementedError(f"{self.name}: several edits per pass are not supported (one at a time)")
 
     #: Decode engines the method's edited model can generate with, preferred first on CUDA
-    #: (``editors.models.generation``): a method whose modules take decisions on the host while decoding (WISE's
-    #: router, GRACE's codebook) lists ``eager`` only; the others use the graph engine where the bench measured it
-    #: at least as fast (bench/NOTES.md).
+    #: (``editors.models.generation``): a method whose modules take decisions on the host while decoding (GRACE's
+    #: codebook) lists ``eager`` only; the others prefer the graph engine where the bench measured it at least as
+    #: fast (bench/NOTES.md), and list it second until then (WISE).
     generation_engines: ClassVar[tuple[str, ...]] = ("graph", "eager")
 
     def generate_many(self, prompts_per_edit: Sequence[Sequence[Prompt]], settings: GenerationSettings | None = None,

@@ -24,12 +24,19 @@ valid tokens, or the largest token value when the prompt has more than ``long_pr
 at inference). A shard is eligible when its score exceeds ``act_ratio * threshold``, the threshold being the
 smallest in-scope activation of its edits (with ``retrieve: false``, WISE-Merge, one threshold for every memory:
 the smallest of all edits). The row uses the eligible shard with the largest score (WISE-Retrieve: the side
-memory with the highest activation), else the original weights. The decision is taken on the prompt (prefill) and
-kept for that row's generated tokens. Rows routed to the original weights get exactly the original module's output
-(bit-identical to the unedited model). A forward pre-hook on the language model records the attention mask
-(padding ignored; no mask = every position valid) and whether the call continues a KV cache (a decoding step,
-which reuses the prefill's decisions); a forward hook clears both after each call, so paths that run layers
-directly (``adapter.logits_from``) decide afresh on every position.
+memory with the highest activation), else the original weights. The decision is taken on the prompt and kept for
+that row's generated tokens. Rows routed to the original weights get exactly the original module's output
+(bit-identical to the unedited model).
+
+Generation plans the rows first (:meth:`WISE.routed`, installed as the adapter's ``prompt_routing``): the layers
+below the edited one are unchanged, so one forward to that layer gives each prompt's scores and its memory
+(:meth:`WISE.decide`, the rule above). The call then runs with the original projection put back and every memory
+stacked beside it, each row routed to its own (``editors.batching.RowRouting``), so both decode engines run it: the
+graph engine shares a prefix only between rows routed alike and its captured decode step gathers each row's
+projection. A forward of the router itself (``adapter.logits_from`` and other direct paths) decides in place: a
+forward pre-hook on the language model records the attention mask (padding ignored; no mask = every position
+valid) and whether the call continues a KV cache (a decoding step, which reuses the prefill's decisions); a
+forward hook clears both after each call, so paths that run layers directly decide afresh on every position.
 
 Many edits (sequential mode), EasyEdit's schedule. Edits are written into the current shard until it holds
 ``save_freq`` edits; then a new shard starts from ``W`` with a new random mask. Every ``merge_freq`` edits the
@@ -56,7 +63,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from editors.base import EditRequest, Editor
-from editors.batching import masked_update, runs_of
+from editors.batching import RowRouting, masked_update, runs_of
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
 from editors.models.buckets import training_groups
@@ -150,8 +157,9 @@ class WiseRouter(nn.Module):
         return torch.where(counts > self.long_prompt_tokens, top, mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None:
+        if self.capture is not None:  # collecting inner activations: the output is not used
             self.capture.append(x.detach())
+            return self.original(x)
         if self.train_weight is not None:
             return self.side_output(x, self.train_weight)
         if self.train_weights is not None:
@@ -271,8 +279,9 @@ class WISE(Editor):
 
     hparams_class = WISEHparams
     hparams: WISEHparams
-    #: decides per row on the host while decoding (not capturable): the eager engine only
-    generation_engines = ("eager",)
+    #: generations are planned per prompt before they start (:meth:`routed`), so both engines can run them; eager
+    #: stays the default until the bench shows the graph engine at least as fast on WISE's shapes
+    generation_engines = ("eager", "graph")
     batches_edits = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -294,6 +303,8 @@ class WISE(Editor):
         if self.router is not None:
             self.adapter.set_mlp_out_proj(self._layer(), self.router.original)
             self.router = None
+        if self.adapter.prompt_routing is self:
+            self.adapter.prompt_routing = None
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -322,6 +333,7 @@ class WISE(Editor):
             lm = self.adapter.language_model()
             self._hooks = [lm.register_forward_pre_hook(record_mask, with_kwargs=True),
                            lm.register_forward_hook(forget_mask, with_kwargs=True)]
+            self.adapter.prompt_routing = self  # generations plan each row's memory first (routed)
         return self.router
 
     def _inner_activations(self, state) -> torch.Tensor:
@@ -560,10 +572,84 @@ class WISE(Editor):
         return stats
 
     @contextlib.contextmanager
-    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:
+    def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit | None]:
         if self.router is None or self.router.edit_shards is None:
             raise RuntimeError("wise: generate_many before apply_many")
-        yield PerEdit.of(prompts_per_edit, routing=self.router)
+        owners = [k for k, ps in enumerate(prompts_per_edit) for _ in ps]
+        with self.routed([p for ps in prompts_per_edit for p in ps], owners) as per_edit:
+            yield per_edit
+
+    # ---- generation: each row's memory decided from its prompt --------------------------------------------------
+
+    @contextlib.contextmanager
+    def routed(self, prompts: Sequence[Prompt], owners: Sequence[int] | None = None) -> Iterator[PerEdit | None]:
+        """The plan of a generation of ``prompts`` (``editors.models.generation.PromptRouting``): each row's memory,
+        decided from its prompt as the router decides at prefill (:meth:`decide`), then the original projection put
+        back for the call with every memory and the original weights stacked and routed per row
+        (``editors.batching.RowRouting``: row i computes with ``weights[edit_of[i]]``). ``owners`` (several edits per
+        pass): the edit of each prompt, whose own memory alone may answer it. None when no memory is installed."""
+        router = self.router
+        shards = None if router is None else (router.edit_shards if owners is not None else router.shards)
+        if router is None or not shards:
+            yield None
+            return
+        decisions = self.decide(prompts, owners)
+        original = router.original
+        layer = self._layer()
+        self.adapter.set_mlp_out_proj(layer, original)
+        try:
+            names = self.adapter.parameter_names(original)
+            stacked = {}
+            for name, param in zip(names, original.parameters()):
+                if param is original.weight:
+                    stacked[name] = torch.stack([s.weight.to(param.dtype) for s in shards] + [param.detach()])
+                else:  # the bias: the side memories use the original's
+                    stacked[name] = param.detach().unsqueeze(0).expand(len(shards) + 1, *param.shape)
+            routing = RowRouting(self.adapter.model, names)
+            routing.weights = stacked
+            with routing.installed():
+                yield PerEdit(edit_of=decisions, routing=routing)
+        finally:
+            self.adapter.set_mlp_out_proj(layer, router)
+
+    def decide(self, prompts: Sequence[Prompt], owners: Sequence[int] | None = None) -> list[int]:
+        """Each prompt's memory: an index into the router's shards (``owners`` given: into the per-edit memories,
+        each prompt's own edit's only), or the number of them for the original weights. The rule is the router's at
+        prefill (its scores over the prompt's tokens at the edited layer, the thresholds times ``act_ratio``); the
+        layers below are unchanged, so one forward to the layer decides before generating."""
+        router = self.router
+        if router is None:
+            raise RuntimeError("wise: decide before an edit")
+        shards = router.edit_shards if owners is not None else router.shards
+        if not shards:
+            return [0] * len(prompts)
+        n = len(shards)
+        decisions = [n] * len(prompts)
+        a, layer = self.adapter, self._layer()
+        with torch.no_grad():
+            for rows, batch in training_groups(a, list(prompts), None):
+                x = self._inner_activations(a.hidden_entering(batch, layer))
+                orig, valid = router.original(x), batch.attention_mask.float()
+                if owners is None:  # WISE-Retrieve: the eligible memory with the highest activation
+                    scores = torch.stack([router.row_scores(router.token_distance(x, s.weight, orig), valid)
+                                          for s in shards], dim=-1)
+                    eligible = scores > torch.tensor(router.thresholds(), device=scores.device) * router.act_ratio
+                    best = scores.masked_fill(~eligible, float("-inf")).argmax(-1)
+                    chosen = torch.where(eligible.any(-1), best, torch.full_like(best, n)).tolist()
+                else:  # one memory per edit: its own gate
+                    chosen = []
+                    for e, lo, hi in runs_of([owners[i] for i in rows]):
+                        score = router.row_scores(router.token_distance(x[lo:hi], shards[e].weight, orig[lo:hi]),
+                                                  valid[lo:hi])
+                        chosen += torch.where(score > shards[e].threshold * router.act_ratio,
+                                              torch.full_like(score, e, dtype=torch.long),
+                                              torch.full_like(score, n, dtype=torch.long)).tolist()
+                for i, choice in zip(rows, chosen):
+                    decisions[i] = int(choice)
+        for choice in decisions:
+            key = -1 if choice == n else choice
+            router.route_counts[key] = router.route_counts.get(key, 0) + 1
+        return decisions
 
 
 def _activation_loss(d_in: torch.Tensor, d_out: torch.Tensor | None, alpha: float, beta: float,

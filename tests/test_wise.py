@@ -281,3 +281,41 @@ def test_the_hinge_mean_keeps_its_count_on_the_device_with_the_masked_means_valu
         (ours * 3).backward()
         (ref * 3).backward()
         assert torch.equal(ours_in.grad, ref_in.grad)
+
+
+def test_wise_generations_are_planned_per_prompt_and_the_graph_engine_gives_the_eager_outputs(demo_dataset):
+    # Each row's memory is decided from its prompt before generating (the router's prefill rule), so the graph
+    # engine (prefixes shared only by rows routed alike, a decode step that gathers each row's projection) gives
+    # the eager engine's greedy outputs: after sequential edits (several shards) and for K edits in one pass.
+    from editors.base import EditRequest, RunContext
+    from editors.data import eval_items, load_instances
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    eager = adapter.generation_settings(8, engine="eager", method_engines=WISE.generation_engines)
+    graph = eager.replace(engine="graph")
+    edits = [edit_request(target="sad", audio_seed=1, instance="emotion/test/000000"),
+             edit_request(target="angry", audio_seed=4, instance="emotion/test/000001")]
+    prompts = [e.prompt() for e in edits] + [FAR]
+    editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=0), context())
+    try:
+        for edit in edits:
+            editor.apply(edit)
+        assert editor.decide(prompts) == [0, 1, 2]  # shard 0, shard 1, the original weights
+        outputs = adapter.generate(prompts, settings=eager)
+        assert outputs[:2] == ["sad", "angry"]
+        assert adapter.generate(prompts, settings=graph) == outputs
+        assert isinstance(adapter.mlp_out_proj(editor.hparams.layer), WiseRouter)  # put back after each call
+    finally:
+        editor.reset()
+    assert adapter.prompt_routing is None
+
+    rows = [load_instances(str(demo_dataset), c, "test")[0] for c in ("emotion", "animal")]
+    ctx = RunContext(seed=0, load_rows=lambda config, split: load_instances(str(demo_dataset), config, split))
+    editor = WISE(adapter, hparams("wise", adapter, n_iter=12), ctx)
+    per_edit = [[it.prompt() for it in eval_items(r)][:4] for r in rows]
+    try:
+        editor.apply_many([EditRequest.from_row(r) for r in rows])
+        together = editor.generate_many(per_edit, settings=eager)
+        assert editor.generate_many(per_edit, settings=graph) == together
+    finally:
+        editor.reset()

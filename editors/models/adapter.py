@@ -97,6 +97,9 @@ class LALMAdapter(abc.ABC):
         self._audio_cache: OrderedDict[str, Any] = OrderedDict()
         self._weights_digest: str | None = None  # of a local model directory's weight files (model_key)
         self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
+        #: An installed module that decides from each prompt which weights its row computes with (WISE's router):
+        #: a plain generation asks it for the rows' plan (``editors.models.generation.PromptRouting``).
+        self.prompt_routing: Any = None
 
     # ---- construction -------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ goes through :func:`generate`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
 from editors.models.generation.memory import token_budget
 from editors.models.generation.output import GeneratedText, decode_new_tokens
@@ -27,9 +27,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from editors.models.adapter import LALMAdapter
     from editors.models.prompts import Prompt
 
-__all__ = ["ENGINES", "GeneratedText", "GenerationSettings", "PerEdit", "decode_new_tokens", "family_defaults",
-           "generate", "per_edit_audio_embeds", "release", "resolve_engine", "resolve_settings", "runs_of",
-           "token_budget"]
+__all__ = ["ENGINES", "GeneratedText", "GenerationSettings", "PerEdit", "PromptRouting", "decode_new_tokens",
+           "family_defaults", "generate", "per_edit_audio_embeds", "release", "resolve_engine", "resolve_settings",
+           "runs_of", "token_budget"]
+
+
+class PromptRouting(Protocol):
+    """A module installed in the model that decides from each prompt alone which weights its row computes with
+    (WISE's side-memory router). Set as ``adapter.prompt_routing``, it is asked for the rows' plan before a plain
+    generation, which then runs as a per-edit one: a row's "edit" is the weights it was routed to, so the engines
+    share prefixes only between rows routed alike and a captured decode step gathers each row's weights."""
+
+    def routed(self, prompts: Sequence["Prompt"]) -> ContextManager[PerEdit | None]:
+        """The rows' plan for ``prompts`` (None: no row needs it), with the routed weights installed inside."""
 
 
 def release(adapter: "LALMAdapter") -> None:
@@ -42,11 +52,16 @@ def release(adapter: "LALMAdapter") -> None:
 def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: GenerationSettings,
              per_edit: PerEdit | None = None) -> list[GeneratedText]:
     """Greedy answers of ``prompts`` in order (decoded, special tokens removed, stripped), with ``settings``'
-    engine; ``per_edit``: each prompt generated under its own edit's weights. Settings without a
-    ``max_batch_tokens`` get one from the device memory available now (CUDA; no limit on CPU)."""
+    engine; ``per_edit``: each prompt generated under its own edit's weights (without one, the adapter's
+    :class:`PromptRouting`, if any, plans the rows). Settings without a ``max_batch_tokens`` get one from the device
+    memory available now (CUDA; no limit on CPU)."""
     prompts = list(prompts)
     if not prompts:
         return []
+    if per_edit is None and adapter.prompt_routing is not None:
+        with adapter.prompt_routing.routed(prompts) as planned:
+            if planned is not None:
+                return generate(adapter, prompts, settings, planned)
     if per_edit is not None and len(per_edit.edit_of) != len(prompts):
         raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
     adapter.warm_audio([a for p in prompts for a in p.audios()])

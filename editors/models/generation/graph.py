@@ -33,8 +33,9 @@ transformers) over the group's prefix cache (one copy per group: each group's qu
 slots) and the row's own cache, masked positions excluded. Projections, norms and MLPs are the model's own modules,
 so replaced modules keep working: routed per-edit Linears (FT-LLM) and per-edit LoRA adapters read the device
 tensor ``routing.row_edit`` during the step and gather each row's edit (``editors.models.generation.per_edit``), so
-K edits share one captured graph. Methods whose modules decide on the host while decoding (WISE, GRACE) use the
-eager engine.
+K edits share one captured graph. WISE's router plans each row's memory before the call (``PromptRouting``), so
+its rows are routed the same way. Methods whose modules decide on the host while decoding (GRACE) use the eager
+engine.
 
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
