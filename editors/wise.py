@@ -121,12 +121,11 @@ class WiseRouter(nn.Module):
         self.decisions: torch.Tensor | None = None  # [B] shard index per row (-1: original), from the prefill
         self.last_scores: torch.Tensor | None = None  # [B, n_shards] scores of the last prefill
         self.route_counts: dict[int, int] = {}
-        # several edits per pass: edit k's own side memory (training: stacked weights; evaluation: one shard per
-        # edit) for the rows of each run (edit, start, stop) of ``runs`` (set per chunk by the generation layer)
+        # several edits per pass: while they train, edit k's memory computes the rows of each run (k, start, stop)
+        # of ``runs``; afterwards each edit's memory is a shard of ``edit_shards`` (generated through WISE.routed)
         self.train_weights: Sequence[torch.Tensor] | None = None  # K memories [out, in] while K edits train
         self.edit_shards: list[Shard] | None = None
         self.runs: list[tuple[int, int, int]] = []
-        self.row_edit: torch.Tensor | None = None  # (the graph engine's routing field; WISE generates eagerly)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -165,8 +164,8 @@ class WiseRouter(nn.Module):
         if self.train_weights is not None:
             parts = [self.side_output(x[a:b], self.train_weights[k]) for k, a, b in self.runs]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        if self.edit_shards is not None:
-            return self._per_edit_forward(x)
+        if self.edit_shards is not None:  # K edits' memories answer through their planned generation only
+            raise RuntimeError("wise: after apply_many, generate with generate_many (rows routed by WISE.routed)")
         out = self.original(x)
         if not self.shards:
             return out
@@ -196,35 +195,6 @@ class WiseRouter(nn.Module):
         if self.call_mask is not None and self.call_mask.shape[0] == batch and self.call_mask.shape[1] >= length:
             valid = self.call_mask[:, -length:].to(device).float()
         return valid
-
-    def _per_edit_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each run's rows routed as a router holding only that edit's side memory would route them."""
-        out = self.original(x)
-        batch, length = x.shape[0], x.shape[1]
-        shards = self.edit_shards
-        if shards is None:
-            raise RuntimeError("wise: per-edit routing without per-edit side memories (apply_many first)")
-        if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
-            decisions = self.decisions
-        else:
-            if not self.runs or self.runs[-1][2] != batch:
-                raise RuntimeError(f"wise: per-edit routing covers {self.runs[-1][2] if self.runs else 0} rows, "
-                                   f"input has {batch}")
-            valid = self._valid(batch, length, x.device)
-            decisions = torch.full((batch,), -1, dtype=torch.long, device=x.device)
-            # one side memory per edit: WISE's rule (the most activated of the memories above act_ratio * their
-            # threshold; retrieve or not, one memory's threshold is its own) is this memory's gate
-            for k, a, b in self.runs:
-                shard = shards[k]
-                score = self.row_scores(self.token_distance(x[a:b], shard.weight, out[a:b]), valid[a:b])
-                decisions[a:b] = torch.where(score > shard.threshold * self.act_ratio, k, -1)
-            self.decisions = decisions
-        if bool((decisions >= 0).any()):
-            out = out.clone()
-            for k in sorted(set(decisions.tolist()) - {-1}):
-                rows = decisions == k
-                out[rows] = self.side_output(x[rows], shards[k].weight)
-        return out
 
 
 def ties_merge(base: torch.Tensor, weights: list[torch.Tensor], density: float) -> torch.Tensor:
