@@ -206,7 +206,7 @@ class _RoutedLeaf(nn.Module):
         runs = self.routing.runs
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
-        w = {local: self.routing.per_edit[full] for local, full in self.names.items()}
+        w = {local: self.routing.views[full] for local, full in self.names.items()}
         # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
         # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
@@ -225,7 +225,7 @@ class _RoutedLeaf(nn.Module):
     def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Every edit's output over all rows (each edit's copy read once), then each row's own edit's: static
         shapes, no host work (row ``r`` belongs to edit ``row_edit[r]``)."""
-        w = {local: self.routing.per_edit[full] for local, full in self.names.items()}
+        w = {local: self.routing.views[full] for local, full in self.names.items()}
         k = len(next(iter(w.values())))
         linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
         outs = []
@@ -240,30 +240,24 @@ class _RoutedLeaf(nn.Module):
 
 class RowRouting:
     """While installed (``with routing.installed():``), every leaf module of ``model`` owning one of ``names``
-    computes batch rows ``a:b`` with ``weights[name][k]`` for each run ``(k, a, b)`` of :attr:`runs`.
+    computes batch rows ``a:b`` with edit k's weights (:meth:`set_weights`) for each run ``(k, a, b)`` of
+    :attr:`runs`.
 
     Exact for leaves that act on each batch row independently (Linear, RMSNorm, LayerNorm: all parameters of a
-    decoder layer); ``weights`` (full name -> ``[K, ...]``) and ``runs`` may be reassigned between forwards
-    (assigning ``weights`` takes their per-edit views once: :attr:`per_edit`). While ``row_edit`` (a device tensor
+    decoder layer); the weights and ``runs`` may be set again between forwards. While ``row_edit`` (a device tensor
     ``[rows]``) is set, rows are routed by it instead (the graph engine's decode step)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.names = list(names)
-        self.per_edit: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._weights: dict[str, torch.Tensor] = {}
+        self.views: dict[str, tuple[torch.Tensor, ...]] = {}  # full name -> edit k's value at [k]
         self.runs: list[tuple[int, int, int]] = []
         self.row_edit: torch.Tensor | None = None
 
-    @property
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Full name -> the K edits' stacked values ``[K, ...]`` the routed leaves compute with."""
-        return self._weights
-
-    @weights.setter
-    def weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        self._weights = dict(weights)
-        self.per_edit = per_edit_views(self._weights)
+    def set_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """The K edits' stacked values (full name -> ``[K, ...]``) the routed leaves compute with, read through
+        their per-edit views (:func:`per_edit_views`, taken here once)."""
+        self.views = per_edit_views(weights)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["RowRouting"]:
@@ -296,7 +290,7 @@ def routed_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None,
     if weights is None:
         raise RuntimeError(f"{method}: generate_many before apply_many")
     routing = RowRouting(model, list(weights))
-    routing.weights = {n: w.detach() for n, w in weights.items()}
+    routing.set_weights({n: w.detach() for n, w in weights.items()})
     with routing.installed():
         yield PerEdit.of(prompts_per_edit, routing=routing)
 

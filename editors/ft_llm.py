@@ -84,7 +84,7 @@ class FTLLM(Editor):
         order = torch.tensor([k for rows, _ in groups for k in rows]).argsort()
 
         def losses(weights):
-            routing.weights = weights
+            routing.set_weights(weights)
             out = []
             for rows, state in groups:
                 routing.runs = runs_of(rows)  # row i of the group = edit rows[i]

@@ -339,7 +339,7 @@ class UnKE(Editor):
         device = keys.device
 
         def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-            routing.weights = weights
+            routing.set_weights(weights)
             sums = torch.zeros(2, k, device=device)
             counts = torch.zeros(2, k, device=device)
             for owner, who, state, target, mask, term in terms:

@@ -120,7 +120,6 @@ class WiseRouter(nn.Module):
         self.call_is_decode: bool = False
         self.decisions: torch.Tensor | None = None  # [B] shard index per row (-1: original), from the prefill
         self.last_scores: torch.Tensor | None = None  # [B, n_shards] scores of the last prefill
-        self.route_counts: dict[int, int] = {}
         # several edits per pass: while they train, edit k's memory computes the rows of each run (k, start, stop)
         # of ``runs``; afterwards each edit's memory is a shard of ``edit_shards`` (generated through WISE.routed)
         self.train_weights: Sequence[torch.Tensor] | None = None  # K memories [out, in] while K edits train
@@ -156,7 +155,7 @@ class WiseRouter(nn.Module):
         return torch.where(counts > self.long_prompt_tokens, top, mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None:  # collecting inner activations: the output is not used
+        if self.capture is not None:  # collecting inner activations: the original output (no routing decided)
             self.capture.append(x.detach())
             return self.original(x)
         if self.train_weight is not None:
@@ -173,22 +172,24 @@ class WiseRouter(nn.Module):
         if self.call_is_decode and self.decisions is not None and self.decisions.shape[0] == batch:
             decisions = self.decisions
         else:
-            valid = self._valid(batch, length, x.device)
-            scores = torch.stack([self.row_scores(self.token_distance(x, s.weight, out), valid)
-                                  for s in self.shards], dim=-1)  # [B, K]
-            thresholds = torch.tensor(self.thresholds(), device=scores.device)
-            eligible = scores > thresholds * self.act_ratio
-            best = scores.masked_fill(~eligible, float("-inf")).argmax(-1)  # the highest activation retrieves
-            decisions = torch.where(eligible.any(-1), best, torch.full_like(best, -1))
+            scores, decisions = self.route(x, out, self._valid(batch, length, x.device))
             self.decisions, self.last_scores = decisions, scores.detach()
-            for k in decisions.tolist():
-                self.route_counts[k] = self.route_counts.get(k, 0) + 1
         if bool((decisions >= 0).any()):
             out = out.clone()
             for k in sorted(set(decisions.tolist()) - {-1}):
                 rows = decisions == k
                 out[rows] = self.side_output(x[rows], self.shards[k].weight)
         return out
+
+    def route(self, x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """WISE-Retrieve on inner activations ``x`` (``out``: the original projection's output, ``valid``: the
+        positions that count): every shard's row scores ``[B, shards]`` and each row's shard, the eligible one with
+        the highest activation, or -1 (the original weights)."""
+        scores = torch.stack([self.row_scores(self.token_distance(x, s.weight, out), valid)
+                              for s in self.shards], dim=-1)
+        eligible = scores > torch.tensor(self.thresholds(), device=scores.device) * self.act_ratio
+        best = scores.masked_fill(~eligible, float("-inf")).argmax(-1)
+        return scores, torch.where(eligible.any(-1), best, torch.full_like(best, -1))
 
     def _valid(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         valid = torch.ones(batch, length, device=device)
@@ -340,19 +341,15 @@ class WISE(Editor):
         # In-scope: the edit prompt (teacher-forced target for the edit loss); activations of its prompt tokens.
         batch = a.prepare([edit.prompt()], [edit.target])
         state = a.hidden_entering(batch, layer)
-        saved_shards, router.shards = router.shards, []  # plain original output while collecting activations
-        try:
-            x_in = self._inner_activations(state)
-            # activations are scored on the prompt tokens: what the router sees before generating
-            valid_in = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
-            preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
-                                            source=hp.preserve_source, seed=self.context.seed)
-            if preserve:
-                pbatch = a.prepare(preserve)
-                x_out = self._inner_activations(a.hidden_entering(pbatch, layer))
-                valid_out = pbatch.attention_mask.float()
-        finally:
-            router.shards = saved_shards
+        x_in = self._inner_activations(state)
+        # activations are scored on the prompt tokens: what the router sees before generating
+        valid_in = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
+        preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
+                                        source=hp.preserve_source, seed=self.context.seed)
+        if preserve:
+            pbatch = a.prepare(preserve)
+            x_out = self._inner_activations(a.hidden_entering(pbatch, layer))
+            valid_out = pbatch.attention_mask.float()
         with torch.no_grad():
             orig_in = router.original(x_in)
             orig_out = router.original(x_out) if preserve else None
@@ -442,7 +439,7 @@ class WISE(Editor):
         step over the K stacked memories per iteration (each gets its own gradient: its loss is its own prompt's
         target loss through its own memory plus its own activation terms), per-edit early stop, the shard mask and
         norm bound elementwise. Evaluate with :meth:`generate_many` (each item routed by its own edit's memory)."""
-        a, hp, layer = self.adapter, self.hparams, self._layer()
+        a, hp = self.adapter, self.hparams
         if self.router is not None and (self.router.shards or self.router.edit_shards):
             raise RuntimeError("wise: apply_many needs no edit applied before (call reset)")
         router = self._install()
@@ -455,18 +452,11 @@ class WISE(Editor):
                     for e in edits]
         # (owner edit of each row, state or None, inner activations, original output, valid, owners on the device)
         ins, outs = [], []
-        with torch.no_grad():
-            for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
-                state = a.hidden_entering(batch, layer)
-                x = self._inner_activations(state)
-                valid = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
-                ins.append((list(rows), state, x, router.original(x), valid, torch.tensor(rows, device=x.device)))
-            owners = [j for j, ps in enumerate(preserve) for _ in ps]
-            flat = [p for ps in preserve for p in ps]
-            for rows, batch in (training_groups(a, flat, None) if flat else []):
-                x = self._inner_activations(a.hidden_entering(batch, layer))
-                outs.append(([owners[i] for i in rows], None, x, router.original(x), batch.attention_mask.float(),
-                             None))
+        for rows, state, x, orig, valid in self._layer_inputs([e.prompt() for e in edits], [e.target for e in edits]):
+            ins.append((list(rows), state, x, orig, valid, torch.tensor(rows, device=x.device)))
+        owners = [j for j, ps in enumerate(preserve) for _ in ps]
+        for rows, _, x, orig, valid in self._layer_inputs([p for ps in preserve for p in ps]):
+            outs.append(([owners[i] for i in rows], None, x, orig, valid, None))
         master = base.float().unsqueeze(0).repeat(k, 1, 1).requires_grad_(True)
         alpha, beta, gamma = hp.alpha, hp.beta, hp.gamma
         norm_c, early = hp.norm_constraint, hp.early_stop_loss
@@ -576,7 +566,7 @@ class WISE(Editor):
                 else:  # the bias: the side memories use the original's
                     stacked[name] = param.detach().unsqueeze(0).expand(len(shards) + 1, *param.shape)
             routing = RowRouting(self.adapter.model, names)
-            routing.weights = stacked
+            routing.set_weights(stacked)
             with routing.installed():
                 yield PerEdit(edit_of=decisions, routing=routing)
         finally:
@@ -595,31 +585,34 @@ class WISE(Editor):
             return [0] * len(prompts)
         n = len(shards)
         decisions = [n] * len(prompts)
-        a, layer = self.adapter, self._layer()
-        with torch.no_grad():
-            for rows, batch in training_groups(a, list(prompts), None):
-                x = self._inner_activations(a.hidden_entering(batch, layer))
-                orig, valid = router.original(x), batch.attention_mask.float()
-                if owners is None:  # WISE-Retrieve: the eligible memory with the highest activation
-                    scores = torch.stack([router.row_scores(router.token_distance(x, s.weight, orig), valid)
-                                          for s in shards], dim=-1)
-                    eligible = scores > torch.tensor(router.thresholds(), device=scores.device) * router.act_ratio
-                    best = scores.masked_fill(~eligible, float("-inf")).argmax(-1)
-                    chosen = torch.where(eligible.any(-1), best, torch.full_like(best, n)).tolist()
-                else:  # one memory per edit: its own gate
-                    chosen = []
-                    for e, lo, hi in runs_of([owners[i] for i in rows]):
-                        score = router.row_scores(router.token_distance(x[lo:hi], shards[e].weight, orig[lo:hi]),
-                                                  valid[lo:hi])
-                        chosen += torch.where(score > shards[e].threshold * router.act_ratio,
-                                              torch.full_like(score, e, dtype=torch.long),
-                                              torch.full_like(score, n, dtype=torch.long)).tolist()
-                for i, choice in zip(rows, chosen):
-                    decisions[i] = int(choice)
-        for choice in decisions:
-            key = -1 if choice == n else choice
-            router.route_counts[key] = router.route_counts.get(key, 0) + 1
+        for rows, _, x, orig, valid in self._layer_inputs(prompts):
+            if owners is None:  # WISE-Retrieve over every shard (the router's rule)
+                chosen = router.route(x, orig, valid)[1].tolist()
+            else:  # one memory per edit: its own gate
+                chosen = []
+                for e, lo, hi in runs_of([owners[i] for i in rows]):
+                    score = router.row_scores(router.token_distance(x[lo:hi], shards[e].weight, orig[lo:hi]),
+                                              valid[lo:hi])
+                    chosen += torch.where(score > shards[e].threshold * router.act_ratio, e, -1).tolist()
+            for i, choice in zip(rows, chosen):
+                decisions[i] = n if choice < 0 else int(choice)
         return decisions
+
+    def _layer_inputs(self, prompts: Sequence[Prompt], targets: Sequence[str] | None = None
+                      ) -> Iterator[tuple[list[int], Any, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per canonical batch of ``prompts`` (teacher-forced on ``targets`` when given): its prompt indices, the
+        state entering the edited layer, the inner activations there, the original projection's output and the
+        positions whose activation counts (the prompt's tokens, targets excluded); no grad."""
+        a, layer, router = self.adapter, self._layer(), self._install()
+        for rows, batch in (training_groups(a, list(prompts), targets) if prompts else []):
+            with torch.no_grad():  # (not around the yield: the caller's code keeps its own grad mode)
+                state = a.hidden_entering(batch, layer)
+                x = self._inner_activations(state)
+                valid = batch.attention_mask > 0
+                if targets is not None:
+                    valid = valid & (batch.labels == IGNORE_INDEX)
+                orig = router.original(x)
+            yield list(rows), state, x, orig, valid.float()
 
 
 def _activation_loss(d_in: torch.Tensor, d_out: torch.Tensor | None, alpha: float, beta: float,

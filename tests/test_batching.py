@@ -194,9 +194,10 @@ def test_routed_rows_read_each_edit_through_one_view_per_step_with_the_gradient_
                    .requires_grad_() for n, p in model.named_parameters()}
         routing = RowRouting(model, names)
         with routing.installed():
-            routing.weights, routing.runs = stacked, runs
+            routing.set_weights(stacked)
+            routing.runs = runs
             if not views:  # the per-use indexing of the stack, as a reference
-                routing.per_edit = dict(stacked)  # type: ignore[assignment]
+                routing.views = dict(stacked)  # type: ignore[assignment]
             out = model(x)
         loss = out.float().pow(2).sum()
         results.append((out, _backward_nodes(loss), torch.autograd.grad(loss, list(stacked.values()))))

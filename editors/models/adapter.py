@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, to_device
-from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, resolve_settings
+from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
 from editors.models.prompts import Prompt, audio_digest
 from editors.models.weights import weights_digest
@@ -99,7 +99,7 @@ class LALMAdapter(abc.ABC):
         self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
         #: An installed module that decides from each prompt which weights its row computes with (WISE's router):
         #: a plain generation asks it for the rows' plan (``editors.models.generation.PromptRouting``).
-        self.prompt_routing: Any = None
+        self.prompt_routing: PromptRouting | None = None
 
     # ---- construction -------------------------------------------------------------------------------------------
 
