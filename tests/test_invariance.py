@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _editor_helpers import run_config, synthetic_audio
-from editors.models.buckets import MIN_ROWS, chunk_rows, group_by_width, padded_rows, row_bucket, width_bucket
+from editors.models.buckets import (MIN_ROWS, TRAINING_WIDTH_STEP, chunk_rows, group_by_width, padded_rows, row_bucket,
+                                    training_groups, width_bucket)
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
@@ -45,6 +46,33 @@ def test_few_rows_take_the_path_of_many():
 @pytest.fixture(scope="module")
 def qwen():
     return load_adapter("tiny-qwen2-audio", seed=0)
+
+
+class _ReportsCuda:
+    """The adapter, except that it says it runs on CUDA (its tensors stay on the CPU)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+
+def test_training_batches_are_padded_finely_on_every_device(qwen):
+    """Training pads to 32-token buckets on CUDA too (generation keeps its 256): a padded column costs a forward and
+    a backward at every step. Each batch is as wide as its longest row rounded up to 32, and the groups are those of
+    the CPU."""
+    prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=synthetic_audio(s, 0.4 + 0.5 * s))
+               for s in range(4)] + [Prompt("What is the capital of France? (a) Paris (b) Rome")]
+    targets = ["happy", "sad", "happy", "sad", "Paris"]
+    lengths = [len(qwen.prompt_token_ids(p)) + len(qwen.target_token_ids(t)) for p, t in zip(prompts, targets)]
+    cuda = training_groups(_ReportsCuda(qwen), prompts, targets)
+    assert [rows for rows, _ in cuda] == [rows for rows, _ in training_groups(qwen, prompts, targets)]
+    for rows, batch in cuda:
+        assert batch.input_ids.shape[1] == -(-max(lengths[i] for i in rows) // TRAINING_WIDTH_STEP) * TRAINING_WIDTH_STEP
+    assert any(width_bucket(lengths[i], "cuda") > batch.input_ids.shape[1] for rows, batch in cuda for i in rows)
 
 
 def test_a_clips_encoder_states_do_not_depend_on_the_other_clips(qwen):

@@ -29,14 +29,20 @@ from editors.models.batch import PromptBatch
 
 #: Fewest rows of a matrix product (and of a generation batch); fewer take another CPU kernel path.
 MIN_ROWS = 16
-#: Width granularity of padded prompts (tokens): CPU (tiny models) and CUDA (few compiled decode shapes).
+#: Width granularity of padded generation prompts (tokens): CPU (tiny models) and CUDA (few compiled decode shapes).
 WIDTH_STEP = {"cpu": 32, "cuda": 256}
+#: Width granularity of training batches (tokens), on every device. Nothing is compiled per training shape, and
+#: every padded column is computed forward and backward at every step: at 256, a 135-token text prompt (UnKE's and
+#: WISE's preservation prompts) would cost 1.9x its own tokens.
+TRAINING_WIDTH_STEP = 32
 IGNORE_INDEX = -100
 
 
-def width_bucket(length: int, device: torch.device | str) -> int:
-    """The padded width of a prompt of ``length`` tokens."""
-    step = WIDTH_STEP.get(torch.device(device).type, WIDTH_STEP["cpu"])
+def width_bucket(length: int, device: torch.device | str, step: int | None = None) -> int:
+    """The padded width of a prompt of ``length`` tokens (``step``: the granularity; default the generation
+    step of ``device``, :data:`WIDTH_STEP`)."""
+    if step is None:
+        step = WIDTH_STEP.get(torch.device(device).type, WIDTH_STEP["cpu"])
     return max(step, -(-int(length) // step) * step)
 
 
@@ -54,11 +60,13 @@ def floor_pow2(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
-def group_by_width(lengths: Sequence[int], device: torch.device | str) -> list[tuple[int, list[int]]]:
-    """``(width, indices)`` per width bucket, buckets in order of first appearance, indices in input order."""
+def group_by_width(lengths: Sequence[int], device: torch.device | str, step: int | None = None
+                   ) -> list[tuple[int, list[int]]]:
+    """``(width, indices)`` per width bucket (:func:`width_bucket`), buckets in order of first appearance, indices
+    in input order."""
     groups: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
-        groups.setdefault(width_bucket(n, device), []).append(i)
+        groups.setdefault(width_bucket(n, device, step), []).append(i)
     return list(groups.items())
 
 
@@ -116,14 +124,14 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -> list[tuple[list[int], PromptBatch]]:
     """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
-    shapes: ``(indices, batch)`` per width bucket, each batch left-padded to its bucket. One edit alone gets the
-    batch its row gets among K edits."""
+    shapes: ``(indices, batch)`` per width bucket of :data:`TRAINING_WIDTH_STEP`, each batch left-padded to its
+    bucket. One edit alone gets the batch its row gets among K edits."""
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
     lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
                for i, t in enumerate(token_ids)]
     groups = []
-    for width, indices in group_by_width(lengths, adapter.device):
+    for width, indices in group_by_width(lengths, adapter.device, TRAINING_WIDTH_STEP):
         batch = adapter.prepare([prompts[i] for i in indices], None if targets is None else
                                 [targets[i] for i in indices], token_ids=[token_ids[i] for i in indices])
         groups.append((indices, left_pad(batch, width, adapter.pad_token_id)))
