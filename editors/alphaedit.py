@@ -283,14 +283,18 @@ class AlphaEdit(Editor):
         """Step 1 of the module docstring: ``z`` (fp32 [hidden]) at the output of layer ``top``."""
         a, hp = self.adapter, self.hparams
         rows = torch.arange(batch.batch_size, device=positions.device)
-        state = a.hidden_entering(batch, top + 1)  # hidden states leaving layer `top`
-        init = state.hidden[0, positions[0]].detach().float()
+        full = a.hidden_entering(batch, top + 1)  # hidden states leaving layer `top`
+        init = full.hidden[0, positions[0]].detach().float()
+        # the residual changes nothing before the fact token: only the columns from there on are recomputed
+        state = a.tail_state(full, int(positions.min()))
+        positions = positions - state.first_column
         kl_ref: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # state, rows, positions, logp
         if hp.kl_factor > 0 and edit.audio is not None:
             kl_batch = a.prepare([Prompt(question=KL_QUESTION, audio=edit.audio)])
             kl_pos = self._fact_positions(kl_batch)
             kl_rows = torch.arange(kl_batch.batch_size, device=kl_pos.device)
-            kl_state = a.hidden_entering(kl_batch, top + 1)
+            kl_state = a.tail_state(a.hidden_entering(kl_batch, top + 1), int(kl_pos.min()))
+            kl_pos = kl_pos - kl_state.first_column
             with torch.no_grad():
                 final = a.final_hidden_from(kl_state)
                 kl_init = F.log_softmax(a.lm_head()(final[kl_rows, kl_pos]).float(), dim=-1)

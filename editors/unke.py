@@ -18,7 +18,9 @@ the edit. When no dataset access is available (``RunContext.load_rows`` is None)
 the edit instance's own locality items are used (out of scope by construction).
 
 Both stages run only what changes: the hidden states entering the edited layer are computed once per edit
-(``adapter.hidden_entering``); stage 1 runs the layers above ``L``, stage 2 runs layer ``L`` alone.
+(``adapter.hidden_entering``); stage 1 runs the layers above ``L`` over the columns from the last prompt token on
+(``adapter.tail_state``: the residual cannot change the earlier ones, whose keys and values are computed once),
+stage 2 runs layer ``L`` alone.
 
 Several edits per pass (:meth:`UnKE.apply_many`, ``--edits-per-pass K``): the K edits' stage 1 is one batch (a delta
 per edit, each edit's loss from its own row, per-edit early stop and norm clamp) and stage 2 trains one fp32 copy of
@@ -192,12 +194,13 @@ class UnKE(Editor):
         """Stage 1: the new key (layer output at the last prompt token) that makes the model produce the target."""
         a, hp, layer = self.adapter, self.hparams, self._layer()
         batch = a.prepare([edit.prompt()], [edit.target])
-        state = a.hidden_entering(batch, layer + 1)  # the edited layer's output = what enters the next one
+        full = a.hidden_entering(batch, layer + 1)  # the edited layer's output = what enters the next one
         pos = last_prompt_positions(batch)
-        onehot = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=state.hidden.device)
-        onehot[torch.arange(batch.batch_size), pos] = 1.0
+        key0 = full.hidden[0, pos[0]].detach().float()
+        state = a.tail_state(full, int(pos.min()))  # the residual changes nothing before the last prompt token
+        onehot = torch.zeros(state.hidden.shape[:2], dtype=torch.float32, device=state.hidden.device)
+        onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
         onehot = onehot.unsqueeze(-1)
-        key0 = state.hidden[0, pos[0]].detach().float()
         delta = torch.zeros_like(key0, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * float(key0.norm())
@@ -260,11 +263,12 @@ class UnKE(Editor):
         k = len(edits)
         groups = []
         for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
-            state = a.hidden_entering(batch, layer + 1)
+            full = a.hidden_entering(batch, layer + 1)
             pos = last_prompt_positions(batch)
-            onehot = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=state.hidden.device)
-            onehot[torch.arange(batch.batch_size), pos] = 1.0
-            key0 = state.hidden[torch.arange(batch.batch_size), pos].detach().float()
+            key0 = full.hidden[torch.arange(batch.batch_size), pos].detach().float()
+            state = a.tail_state(full, int(pos.min()))  # as compute_key
+            onehot = torch.zeros(state.hidden.shape[:2], dtype=torch.float32, device=state.hidden.device)
+            onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
             groups.append((torch.tensor(rows, device=key0.device), state, onehot.unsqueeze(-1), key0))
         device = groups[0][3].device
         key0 = torch.zeros(k, groups[0][3].shape[-1], device=device)

@@ -103,6 +103,39 @@ def test_layer_fast_path_equals_full_forward(adapter):
     assert torch.isclose(adapter.target_loss(ps, targets), full.mean())
 
 
+@pytest.mark.parametrize("family", FAMILIES + ["tiny-desta25"])
+def test_tail_state_gives_the_whole_widths_loss_and_gradient_bit_for_bit(family):
+    """A residual added at each row's last prompt token: the loss and its gradient computed over the columns from
+    the earliest of them on (the earlier columns' keys and values computed once) equal the whole width's exactly."""
+    from editors.models.buckets import training_groups
+    from editors.unke import last_prompt_positions
+
+    a = load_adapter(family, seed=0)
+    long = Prompt("Which of these is right? " + " ".join(f"({i}) the answer number {i}" for i in range(40)))
+    ps, targets = prompts() + [long], ["sad", "Mars and the moon", "dog", "the answer number 7"]
+    cut_widths = []
+    for _, batch in training_groups(a, ps, targets):
+        full = a.hidden_entering(batch, 1)
+        pos = last_prompt_positions(batch)
+        tail = a.tail_state(full, int(pos.min()))
+        assert 0 <= tail.first_column <= int(pos.min())
+        assert tail.hidden.shape[1] == full.hidden.shape[1] - tail.first_column
+        if tail.first_column:
+            cut_widths.append(full.hidden.shape[1])
+        torch.manual_seed(0)
+        delta = torch.randn(batch.batch_size, full.hidden.shape[-1], requires_grad=True)
+        results = []
+        for state in (full, tail):
+            onehot = torch.zeros(state.hidden.shape[:2])
+            onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
+            loss = a.loss_from(state, state.hidden + onehot[..., None] * delta[:, None, :], reduction="none")
+            results.append((loss, *torch.autograd.grad(loss.sum(), [delta])))
+        assert all(torch.equal(x, y) for x, y in zip(*results))
+        assert tail.first_column == 0 or (tail.frozen is not None and tail.frozen.keys)  # computed once, kept
+    # cut at both block sizes of the CPU attention (32 queries per block below 192 columns, 64 from there)
+    assert min(cut_widths) < 192 <= max(cut_widths)
+
+
 def test_audio_encoder_runs_once_per_audio(adapter):
     adapter.clear_audio_cache()
     before = adapter.audio_encoder_calls

@@ -186,3 +186,20 @@ def test_alphaedit_context_templates_are_the_models_own_text_before_the_audio(tm
     assert simple._context_prefixes() == [] and simple.touched_parameters() == \
         adapter.parameter_names(adapter.mlp_out_proj(2))
 
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_alphaedit_target_search_over_the_tail_finds_the_whole_widths_target(model, tmp_path, monkeypatch):
+    """Step 1 recomputes only the columns from the fact token on (``adapter.tail_state``, the KL prompt's too); the
+    target hidden state and stats equal those of running the whole width at every step."""
+    adapter = tiny_adapter(model)
+    (edit,) = _edits(adapter, 1)
+    found = []
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(adapter, "tail_state", lambda state, first: state)
+        editor = AlphaEdit(adapter, hparams("alphaedit", adapter, **SMALL), _context(tmp_path))
+        batch, positions = editor.edit_batch(edit)
+        found.append(editor._target_hidden(edit, batch, positions, editor._layers()[-1]))
+    (z, stats), (z_whole, stats_whole) = found
+    assert torch.equal(z, z_whole) and stats == stats_whole and stats["steps"] > 0

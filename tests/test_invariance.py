@@ -11,7 +11,7 @@ import torch
 
 from _editor_helpers import run_config, synthetic_audio
 from editors.models.buckets import (MIN_ROWS, TRAINING_WIDTH_STEP, chunk_rows, group_by_width, padded_rows, row_bucket,
-                                    training_groups, width_bucket)
+                                    tail_start, training_groups, width_bucket)
 from editors.models import load_adapter
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
@@ -33,6 +33,12 @@ def test_bucket_rules():
         assert all(row_bucket(len(c)) * 512 <= budget for c in chunks)
         assert max(len(c) for c in chunks) * 2 * 512 > budget  # no smaller than the budget asks
     assert chunk_rows(list(range(5)), 512, max_batch_tokens=512 * 3) == [[0, 1, 2], [3, 4]]  # under MIN_ROWS
+    # a tail state starts at the first changed column on CUDA (at least MIN_ROWS columns before the end); on the
+    # CPU where the whole width's attention starts a block of queries of the same size
+    assert [tail_start(f, 512, "cuda") for f in (0, 300, 505)] == [0, 300, 512 - MIN_ROWS]
+    assert [tail_start(f, 160, "cpu") for f in (31, 70, 150)] == [0, 64, 128]
+    assert [tail_start(f, 512, "cpu") for f in (100, 300, 500)] == [64, 256, 320]
+    assert [tail_start(f, 1024, "cpu") for f in (100, 300, 1000)] == [0, 256, 256]
 
 
 def test_few_rows_take_the_path_of_many():

@@ -109,3 +109,20 @@ def test_unke_edits_per_pass_equal_one_at_a_time(demo_dataset):
     assert [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in stats] == \
         [(s["v_steps"], s["optim_steps"], s["n_preserve"]) for s in alone_stats]
     assert all(abs(s["loss"] - t["loss"]) <= 1e-3 * max(1.0, abs(t["loss"])) for s, t in zip(stats, alone_stats))
+
+
+def test_stage_one_over_the_tail_finds_the_keys_of_the_whole_width(monkeypatch):
+    """Stage 1 recomputes only the columns from the last prompt token on (``adapter.tail_state``); the keys and
+    stats it finds, for one edit and for K at once, are those of running the whole width at every step."""
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    edits = [edit_request(target=t) for t in ("sad", "happy birthday to you", "dog")]
+    found = {}
+    for mode in ("tail", "whole width"):
+        if mode == "whole width":
+            monkeypatch.setattr(adapter, "tail_state", lambda state, first: state)
+        editor = UnKE(adapter, hparams("unke", adapter), context())
+        found[mode] = (editor.compute_key(edits[1]), editor.compute_keys(edits))
+    (one, one_stats), (many, many_stats) = found["tail"]
+    (one_w, one_stats_w), (many_w, many_stats_w) = found["whole width"]
+    assert torch.equal(one, one_w) and torch.equal(many, many_w)
+    assert one_stats == one_stats_w and many_stats == many_stats_w and one_stats["v_steps"] > 0

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, to_device
+from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
 from editors.models.prompts import Prompt, audio_digest
@@ -490,12 +490,13 @@ class LALMAdapter(abc.ABC):
         return types[i] if types else "full_attention"
 
     def _run_layers(self, hidden: torch.Tensor, start: int, stop: int, masks: dict[str, Any],
-                    position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-                    ) -> torch.Tensor:
+                    position_ids: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                    frozen: FrozenColumns | None = None) -> torch.Tensor:
         layers = self.llm_layers()
+        cache = {} if frozen is None else {_CACHE_ARG: frozen}
         for i in range(start, stop):
             hidden = layers[i](hidden, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
-                               position_embeddings=position_embeddings)
+                               position_embeddings=position_embeddings, **cache)
         return hidden
 
     def run_layers(self, state: LayerState, hidden: torch.Tensor | None = None, start: int | None = None,
@@ -507,7 +508,8 @@ class LALMAdapter(abc.ABC):
         if not 0 <= start <= stop <= self.num_llm_layers:
             raise ValueError(f"run_layers: need 0 <= start ({start}) <= stop ({stop}) <= {self.num_llm_layers}")
         h = state.hidden if hidden is None else hidden
-        return self._run_layers(h, start, stop, state.masks, state.position_ids, state.position_embeddings)
+        return self._run_layers(h, start, stop, state.masks, state.position_ids, state.position_embeddings,
+                                state.frozen)
 
     def hidden_entering(self, batch: PromptBatch, layer: int, *, grad: bool = False) -> LayerState:
         """Hidden states entering LLM layer ``layer`` (0 = the input embeddings), no grad unless ``grad``."""
@@ -521,11 +523,49 @@ class LALMAdapter(abc.ABC):
         return LayerState(layer=layer, hidden=hidden, masks=masks, position_ids=batch.position_ids,
                           position_embeddings=pos_emb, batch=batch)
 
+    def tail_state(self, state: LayerState, first: int) -> LayerState:
+        """``state`` cut to its columns from ``first`` on (every target column included, and where
+        :func:`~editors.models.buckets.tail_start` puts the cut), for a caller that changes the hidden states
+        entering ``state.layer`` only there.
+
+        The layers from ``state.layer`` run once over the whole width (no grad), keeping each layer's keys and
+        values of the earlier columns; :meth:`loss_from`, :meth:`final_hidden_from` and :meth:`run_layers` on the
+        returned state then compute only its columns, attending over those keys and values (causal attention: the
+        earlier columns cannot see the later ones). Its ``first_column`` says where it starts; its batch's target
+        columns are shifted to it. On CPU fp32 its losses and their gradients equal the whole width's bit for bit
+        (tests/test_adapter.py). The whole state comes back unchanged when its masks are not boolean tensors of
+        one attention type (nothing to cut)."""
+        from dataclasses import replace
+
+        from editors.models.buckets import tail_start
+
+        masks = state.masks
+        width = state.hidden.shape[1]
+        if state.batch.target_cols is not None and state.batch.target_cols.numel():
+            first = min(int(first), int(state.batch.target_cols.min()))
+        first = tail_start(first, width, state.hidden.device)
+        mask = masks.get("full_attention")
+        if (first <= 0 or state.frozen is not None or set(masks) != {"full_attention"}
+                or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4):
+            return state
+        frozen = FrozenColumns(first)
+        with torch.no_grad():
+            self._run_layers(state.hidden, state.layer, self.num_llm_layers, masks, state.position_ids,
+                             state.position_embeddings, frozen)
+        frozen.recording = False
+        cos, sin = state.position_embeddings
+        batch = state.batch
+        if batch.target_cols is not None:
+            batch = replace(batch, target_cols=batch.target_cols - first)
+        return replace(state, hidden=state.hidden[:, first:], masks={"full_attention": mask[:, :, first:, :]},
+                       position_ids=state.position_ids[:, first:], position_embeddings=(cos[:, first:], sin[:, first:]),
+                       batch=batch, first_column=first, frozen=frozen)
+
     def final_hidden_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers ``state.layer``.. and the final norm from ``hidden`` (default ``state.hidden``)."""
         h = state.hidden if hidden is None else hidden
         h = self._run_layers(h, state.layer, self.num_llm_layers, state.masks, state.position_ids,
-                             state.position_embeddings)
+                             state.position_embeddings, state.frozen)
         return self.language_model().norm(h)
 
     def logits_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -62,6 +62,33 @@ class LayerState:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     batch: PromptBatch
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A tail state (``LALMAdapter.tail_state``): the first column of the whole batch that ``hidden`` holds, and
+    #: each layer's keys and values of the columns before it (they attend there and never change).
+    first_column: int = 0
+    frozen: FrozenColumns | None = None
+
+
+class FrozenColumns:
+    """Keys and values, per LLM layer, of the columns before a tail state's own, handed to the layers as their
+    cache: while :attr:`recording` (one pass over the whole width, no grad) each layer's keys and values of columns
+    ``< first`` are kept; afterwards each layer attends over them followed by its own columns' and stores
+    nothing."""
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.recording = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a layer attends over (the ``Cache.update`` contract of transformers)."""
+        if self.recording:
+            self.keys[layer_idx] = key_states[:, :, :self.first].contiguous()
+            self.values[layer_idx] = value_states[:, :, :self.first].contiguous()
+            return key_states, value_states
+        return (torch.cat([self.keys[layer_idx], key_states], dim=2),
+                torch.cat([self.values[layer_idx], value_states], dim=2))
 
 
 def batch_spans(lengths: Sequence[int], batch_size: int | None = None, max_batch_tokens: int | None = None

@@ -70,6 +70,22 @@ def group_by_width(lengths: Sequence[int], device: torch.device | str, step: int
     return list(groups.items())
 
 
+def tail_start(first: int, width: int, device: torch.device | str) -> int:
+    """Where a tail state (``LALMAdapter.tail_state``) of a ``width``-column batch whose columns ``first``.. may
+    change starts: at least :data:`MIN_ROWS` columns before the end. On the CPU also where the whole width's
+    attention would start a block of queries, in a tail long enough to be split into blocks of the same size (torch's
+    CPU attention: 32 queries per block below 192, 64 below 768, else 256). The backward of attention adds up the
+    blocks' contributions to each key; cut elsewhere, it adds them in another grouping and the gradient differs in its
+    last bits. On CUDA the kernels choose by shape anyway, so the tail starts at ``first``."""
+    first = max(0, min(int(first), width - MIN_ROWS))
+    if torch.device(device).type == "cuda":
+        return first
+    for block, shortest in ((256, 768), (64, 192), (32, 0)):
+        if width >= shortest:
+            return max(0, min(first, width - shortest) // block * block)
+    return first
+
+
 def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = None,
                max_batch_tokens: int | None = None) -> list[list[int]]:
     """Consecutive chunks of ``indices`` (one width bucket) of at most ``batch_size`` rows and at most
