@@ -136,6 +136,18 @@ def test_tail_state_gives_the_whole_widths_loss_and_gradient_bit_for_bit(family)
     assert min(cut_widths) < 192 <= max(cut_widths)
 
 
+def test_causal_padding_mask_is_the_mask_transformers_builds_on_valid_queries(adapter):
+    """A tail state builds this mask on CUDA where transformers passed none (no padding)."""
+    from editors.models.adapter import causal_padding_mask
+
+    batch = adapter.prepare(prompts(), ["sad", "Mars", "dog"])
+    state = adapter.hidden_entering(batch, 1)
+    theirs = state.masks["full_attention"]
+    assert theirs is not None and theirs.dtype == torch.bool  # padded rows: transformers builds one
+    valid = batch.attention_mask.bool()[:, None, :, None].expand_as(theirs)
+    assert torch.equal(causal_padding_mask(batch.attention_mask)[valid], theirs[valid])
+
+
 def test_audio_encoder_runs_once_per_audio(adapter):
     adapter.clear_audio_cache()
     before = adapter.audio_encoder_calls

@@ -67,6 +67,14 @@ def _mask_cache_arg() -> str:
 _CACHE_ARG = _mask_cache_arg()
 
 
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` bool: query ``i`` of a row may attend to key ``j`` when ``j <= i`` and ``j`` is not padding
+    (the boolean mask transformers builds for SDPA, on the rows' valid queries)."""
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
 class LALMAdapter(abc.ABC):
     """Base class of every model family's adapter (see the module docstring).
 
@@ -545,6 +553,11 @@ class LALMAdapter(abc.ABC):
             first = min(int(first), int(state.batch.target_cols.min()))
         first = tail_start(first, width, state.hidden.device)
         mask = masks.get("full_attention")
+        if mask is None and set(masks) == {"full_attention"} and state.hidden.device.type == "cuda":
+            # no padding: the whole width ran causal attention without a mask. The tail needs one (its queries
+            # start later than its keys). Not on the CPU: there the masked kernel's gradient is not the unmasked
+            # one's bit for bit, so the whole width runs instead.
+            mask = causal_padding_mask(state.batch.attention_mask)
         if (first <= 0 or state.frozen is not None or set(masks) != {"full_attention"}
                 or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4):
             return state
