@@ -23,7 +23,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
 from editors.models.buckets import training_groups
-from editors.models.base import PerEdit, Prompt
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch
 from sake_core.errors import DataError
 
 
@@ -47,12 +47,12 @@ class FTAudio(Editor):
             raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         # canonical shape (editors/models/buckets.py); encoder states computed once, cached
         [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])
-        frame = self.adapter.hidden_entering(batch, 0)  # attention masks + rotary embeddings, once per edit
+        frame = self._frame(batch)
         names = set(self.touched_parameters())
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in names}
 
         def loss():  # connector -> all LLM layers; the encoder output is reused
-            return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch))
+            return self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch)[:, frame.first_column:])
 
         result = finetune(params, loss, **finetune_settings(self.hparams))
         return {"steps": result.steps, "loss": result.loss}
@@ -63,7 +63,7 @@ class FTAudio(Editor):
                 raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         prompts = [e.prompt() for e in edits]
         # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/models/buckets.py)
-        groups = [(rows, batch, self.adapter.hidden_entering(batch, 0))
+        groups = [(rows, batch, self._frame(batch))
                   for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits])]
         names = set(self.touched_parameters())
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
@@ -75,13 +75,19 @@ class FTAudio(Editor):
             for rows, batch, frame in groups:
                 embeds = per_edit_audio_embeds(self.adapter, batch.audio_states,
                                                [len(prompts[k].audios()) for k in rows], views, rows)
-                out.append(self.adapter.loss_from(frame, hidden=self.adapter.input_embeds(batch, embeds),
-                                                  reduction="none"))
+                hidden = self.adapter.input_embeds(batch, embeds)[:, frame.first_column:]
+                out.append(self.adapter.loss_from(frame, hidden=hidden, reduction="none"))
             return torch.cat(out)[order.to(out[0].device)]
 
         results = finetune_many(copies, losses, **finetune_settings(self.hparams))
         self._copies = copies
         return [{"steps": r.steps, "loss": r.loss} for r in results]
+
+    def _frame(self, batch: PromptBatch) -> LayerState:
+        """What a training step starts from (once per batch): the masks and rotary embeddings, and the columns
+        before the first audio computed once (the connector cannot change them; ``adapter.tail_state``)."""
+        a = self.adapter
+        return a.tail_state(a.hidden_entering(batch, 0), a.first_audio_column(batch))
 
     @contextlib.contextmanager
     def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit]:

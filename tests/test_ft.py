@@ -91,3 +91,43 @@ def test_finetune_stops_early_and_rejects_unknown_optimizer():
     assert result.stopped_early and result.loss < 1e-2 and result.steps < 50
     with pytest.raises(ValueError, match="optimizer"):
         finetune({"w": w}, lambda: (w ** 2).sum(), lr=0.1, max_steps=1, optimizer="lbfgs")
+
+
+def test_ft_audio_over_the_columns_from_the_first_audio_trains_what_the_whole_width_trains(monkeypatch):
+    """FT-Audio's steps compute only the columns from the first audio on (``adapter.tail_state``; the connector
+    cannot change the earlier ones): the K edits' connector copies, one edit's connector and their stats equal
+    those of running the whole width at every step. DeSTA2.5's tiny prompts put enough text before the audio for
+    the CPU cut (tail_start) to fall after column 0."""
+    import sys
+
+    sys.path.insert(0, "tests")
+    from _methods_helpers import context, edit_request, hparams, tiny_adapter
+    from editors.ft_audio import FTAudio
+    from editors.models.buckets import training_groups
+
+    adapter = tiny_adapter("tiny-desta25")
+    edits = [edit_request(target=t, audio_seed=s) for t, s in (("sad", 1), ("happy birthday to you", 2), ("dog", 3))]
+    settings = {"max_steps": 12}  # enough Adam steps for last-bit differences to grow; a fast test
+    editor = FTAudio(adapter, hparams("ft_audio", adapter, **settings), context())
+    cuts = [editor._frame(batch).first_column for _, batch in
+            training_groups(adapter, [e.prompt() for e in edits], [e.target for e in edits])]
+    assert any(cuts)
+    names = editor.touched_parameters()
+    params = {n: p for n, p in adapter.model.named_parameters() if n in names}
+    initial = {n: p.detach().clone() for n, p in params.items()}
+    found = []
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(adapter, "tail_state", lambda state, first: state)
+        editor = FTAudio(adapter, hparams("ft_audio", adapter, **settings), context())
+        many = editor.apply_many(edits)
+        copies = {n: t.detach().clone() for n, t in editor._copies.current().items()}
+        one = editor.apply(edits[1])
+        found.append((many, copies, one, {n: p.detach().clone() for n, p in params.items()}))
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(initial[n])
+    (many, copies, one, weights), (many_w, copies_w, one_w, weights_w) = found
+    assert many == many_w and one == one_w and one["steps"] > 0
+    assert all(torch.equal(copies[n], copies_w[n]) for n in copies)
+    assert all(torch.equal(weights[n], weights_w[n]) for n in weights)

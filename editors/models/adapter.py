@@ -574,6 +574,12 @@ class LALMAdapter(abc.ABC):
                        position_ids=state.position_ids[:, first:], position_embeddings=(cos[:, first:], sin[:, first:]),
                        batch=batch, first_column=first, frozen=frozen)
 
+    def first_audio_column(self, batch: PromptBatch) -> int:
+        """The first column of ``batch`` that holds a connector output (its width when it holds none): changing the
+        connector changes nothing before it (a tail state can start there)."""
+        columns = batch.audio_token_mask.any(dim=0).nonzero()
+        return int(columns[0, 0]) if columns.numel() else int(batch.input_ids.shape[1])
+
     def final_hidden_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run layers ``state.layer``.. and the final norm from ``hidden`` (default ``state.hidden``)."""
         h = state.hidden if hidden is None else hidden
