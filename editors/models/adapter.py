@@ -570,7 +570,8 @@ class LALMAdapter(abc.ABC):
         batch = state.batch
         if batch.target_cols is not None:
             batch = replace(batch, target_cols=batch.target_cols - first)
-        return replace(state, hidden=state.hidden[:, first:], masks={"full_attention": mask[:, :, first:, :]},
+        tail_mask = mask[:, :, first:, :].contiguous()
+        return replace(state, hidden=state.hidden[:, first:], masks={"full_attention": tail_mask},
                        position_ids=state.position_ids[:, first:], position_embeddings=(cos[:, first:], sin[:, first:]),
                        batch=batch, first_column=first, frozen=frozen)
 
