@@ -15,7 +15,9 @@ offers, in model-neutral words:
     connector without recomputing the encoder and every generation starts from ``inputs_embeds``;
   - :meth:`hidden_entering` computes the hidden states entering LLM layer ``i`` once (no grad), and
     :meth:`logits_from` / :meth:`loss_from` run the model from there, so FT-LLM (and UnKE, WISE, ...) recompute
-    only the layers they edit.
+    only the layers they edit;
+  - :meth:`tail_state` cuts such a state to the columns a method can change (from a residual's column, or from
+    :meth:`first_audio_column` for the connector): the earlier columns' keys and values are computed once.
 
 A model family (Qwen2-Audio, Audio Flamingo 3, DeSTA2.5-Audio) subclasses :class:`LALMAdapter` and implements
 the abstract members: where its modules live, how a conversation is rendered to text with audio placeholders,
