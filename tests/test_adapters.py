@@ -148,6 +148,35 @@ def test_causal_padding_mask_is_the_mask_transformers_builds_on_valid_queries(ad
     assert torch.equal(causal_padding_mask(batch.attention_mask)[valid], theirs[valid])
 
 
+def test_a_tail_of_a_batch_without_padding_builds_its_mask_and_computes_the_same_loss(adapter, monkeypatch):
+    """What a tail state does on CUDA for a batch transformers gives no mask (no padding), run on the CPU: it
+    builds the causal mask, cuts, and gives the whole width's loss and (to rounding) its gradient. On the CPU itself
+    such a batch runs whole."""
+    import editors.models.adapter as adapter_module
+    from editors.unke import last_prompt_positions
+
+    batch = adapter.prepare([Prompt("Which of these is right? " + " ".join(f"({i}) answer {i}" for i in range(30)))],
+                            ["answer 7"])
+    full = adapter.hidden_entering(batch, 1)
+    assert full.masks["full_attention"] is None
+    pos = last_prompt_positions(batch)
+    assert adapter.tail_state(full, int(pos.min())).first_column == 0  # the CPU's rule
+    monkeypatch.setattr(adapter_module, "_tail_builds_mask", lambda device: True)
+    tail = adapter.tail_state(full, int(pos.min()))
+    assert tail.first_column > 0 and tail.masks["full_attention"].shape[-2:] == (
+        full.hidden.shape[1] - tail.first_column, full.hidden.shape[1])
+    delta = torch.randn(1, full.hidden.shape[-1], generator=torch.Generator().manual_seed(0), requires_grad=True)
+    results = []
+    for state in (full, tail):
+        onehot = torch.zeros(state.hidden.shape[:2])
+        onehot[0, pos - state.first_column] = 1.0
+        loss = adapter.loss_from(state, state.hidden + onehot[..., None] * delta[:, None, :])
+        results.append((loss, *torch.autograd.grad(loss, [delta])))
+    (loss_whole, grad_whole), (loss_tail, grad_tail) = results
+    torch.testing.assert_close(loss_tail, loss_whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_tail, grad_whole, rtol=1e-4, atol=1e-6)
+
+
 def test_audio_encoder_runs_once_per_audio(adapter):
     adapter.clear_audio_cache()
     before = adapter.audio_encoder_calls

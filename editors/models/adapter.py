@@ -77,6 +77,13 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
+def _tail_builds_mask(device: torch.device) -> bool:
+    """Whether a tail state of a batch without padding (transformers passed no mask: causal attention) builds its
+    own mask. Not on the CPU: there the masked kernel's gradient is not the unmasked one's bit for bit, so such a
+    batch runs whole (tests compare the CPU's tail states with the whole width bit for bit)."""
+    return device.type == "cuda"
+
+
 class LALMAdapter(abc.ABC):
     """Base class of every model family's adapter (see the module docstring).
 
@@ -555,10 +562,9 @@ class LALMAdapter(abc.ABC):
             first = min(int(first), int(state.batch.target_cols.min()))
         first = tail_start(first, width, state.hidden.device)
         mask = masks.get("full_attention")
-        if mask is None and set(masks) == {"full_attention"} and state.hidden.device.type == "cuda":
-            # no padding: the whole width ran causal attention without a mask. The tail needs one (its queries
-            # start later than its keys). Not on the CPU: there the masked kernel's gradient is not the unmasked
-            # one's bit for bit, so the whole width runs instead.
+        if mask is None and set(masks) == {"full_attention"} and _tail_builds_mask(state.hidden.device):
+            # no padding: the whole width ran causal attention without a mask; the tail needs one (its queries
+            # start later than its keys)
             mask = causal_padding_mask(state.batch.attention_mask)
         if (first <= 0 or state.frozen is not None or set(masks) != {"full_attention"}
                 or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4):
