@@ -550,8 +550,9 @@ class LALMAdapter(abc.ABC):
         returned state then compute only its columns, attending over those keys and values (causal attention: the
         earlier columns cannot see the later ones). Its ``first_column`` says where it starts; its batch's target
         columns are shifted to it. On CPU fp32 its losses and their gradients equal the whole width's bit for bit
-        (tests/test_adapter.py). The whole state comes back unchanged when its masks are not boolean tensors of
-        one attention type (nothing to cut)."""
+        (tests/test_adapters.py). The whole state comes back unchanged when there is nothing to cut, when its masks
+        are not boolean tensors of one attention type, and on the CPU when transformers passed no mask (no
+        padding; see :func:`_tail_builds_mask`)."""
         from dataclasses import replace
 
         from editors.models.buckets import tail_start
