@@ -49,8 +49,12 @@ p = Prompt(question="What is the emotion?", audio=(np.random.default_rng(0).stan
 b = a.prepare([p], ["happy"])
 ps = [p, p.with_system("New fact.")]
 graph, eager = (a.generate(ps, settings=a.generation_settings(4, engine=e)) for e in ("graph", "eager"))
+whole = a.hidden_entering(b, 1)
+tail = a.tail_state(whole, b.input_ids.shape[1] - 1)  # the layers get the kept columns as their cache
+assert tail.first_column > 0 and abs(float(a.loss_from(tail)) - float(a.loss_from(whole))) < 1e-3
 print("probe: loss_from", float(a.loss_from(a.hidden_entering(b, -1))), "| batch_loss", float(a.batch_loss(b)),
-      "| generate (graph engine)", graph, "| same as eager:", graph == eager)
+      "| tail state loss", float(a.loss_from(tail)), "| generate (graph engine)", graph, "| same as eager:",
+      graph == eager)
 EOF
 }
 
