@@ -190,17 +190,26 @@ class UnKE(Editor):
     def touched_parameters(self) -> list[str]:
         return self.adapter.parameter_names(self.adapter.llm_layer(self._layer()))
 
+    def _stage_one_frame(self, batch: PromptBatch) -> tuple[LayerState, torch.Tensor, torch.Tensor]:
+        """What stage 1 optimises from, for a batch prepared with targets: the state leaving the edited layer cut to
+        the columns from the rows' last prompt token on (``adapter.tail_state``: the residual changes nothing
+        before it), the residual's position ``[B, T, 1]`` (1 at each row's last prompt token) and the keys there
+        ``[B, hidden]`` (fp32)."""
+        a = self.adapter
+        full = a.hidden_entering(batch, self._layer() + 1)  # the edited layer's output = what enters the next one
+        pos = last_prompt_positions(batch)
+        rows = torch.arange(batch.batch_size, device=pos.device)
+        keys = full.hidden[rows, pos].detach().float()
+        state = a.tail_state(full, int(pos.min()))
+        onehot = torch.zeros(state.hidden.shape[:2], dtype=torch.float32, device=state.hidden.device)
+        onehot[rows, pos - state.first_column] = 1.0
+        return state, onehot.unsqueeze(-1), keys
+
     def compute_key(self, edit: EditRequest) -> tuple[torch.Tensor, dict[str, float]]:
         """Stage 1: the new key (layer output at the last prompt token) that makes the model produce the target."""
-        a, hp, layer = self.adapter, self.hparams, self._layer()
-        batch = a.prepare([edit.prompt()], [edit.target])
-        full = a.hidden_entering(batch, layer + 1)  # the edited layer's output = what enters the next one
-        pos = last_prompt_positions(batch)
-        key0 = full.hidden[0, pos[0]].detach().float()
-        state = a.tail_state(full, int(pos.min()))  # the residual changes nothing before the last prompt token
-        onehot = torch.zeros(state.hidden.shape[:2], dtype=torch.float32, device=state.hidden.device)
-        onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
-        onehot = onehot.unsqueeze(-1)
+        a, hp = self.adapter, self.hparams
+        state, onehot, keys = self._stage_one_frame(a.prepare([edit.prompt()], [edit.target]))
+        key0 = keys[0]
         delta = torch.zeros_like(key0, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
         max_norm = hp.clamp_norm_factor * float(key0.norm())
@@ -259,17 +268,12 @@ class UnKE(Editor):
 
     def compute_keys(self, edits: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict[str, float]]]:
         """Stage 1 of K edits at once: ``[K, hidden]`` keys (each as :meth:`compute_key` alone finds it)."""
-        a, hp, layer = self.adapter, self.hparams, self._layer()
+        a, hp = self.adapter, self.hparams
         k = len(edits)
         groups = []
         for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
-            full = a.hidden_entering(batch, layer + 1)
-            pos = last_prompt_positions(batch)
-            key0 = full.hidden[torch.arange(batch.batch_size), pos].detach().float()
-            state = a.tail_state(full, int(pos.min()))  # as compute_key
-            onehot = torch.zeros(state.hidden.shape[:2], dtype=torch.float32, device=state.hidden.device)
-            onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
-            groups.append((torch.tensor(rows, device=key0.device), state, onehot.unsqueeze(-1), key0))
+            state, onehot, key0 = self._stage_one_frame(batch)
+            groups.append((torch.tensor(rows, device=key0.device), state, onehot, key0))
         device = groups[0][3].device
         key0 = torch.zeros(k, groups[0][3].shape[-1], device=device)
         for group_rows, _, _, keys in groups:
@@ -337,22 +341,26 @@ class UnKE(Editor):
                     owner = [owners[i] for i in rows]
                     terms.append((owner, torch.tensor(owner, device=keys.device), state,
                                   a.run_layers(state).detach(), batch.attention_mask, 1))
+            # what every step reuses: each term's target and valid positions in fp32, each edit's count of values
+            device = keys.device
+            counts = torch.zeros(2, k, device=device)
+            steady = []
+            for owner, who, state, target, mask, term in terms:
+                m = mask.to(torch.float32).unsqueeze(-1)
+                counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * target.shape[-1])
+                steady.append((runs_of(owner), who, state, target.float(), m, term))
+            present = counts > 0
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
         routing = RowRouting(a.model, names)
-        device = keys.device
 
         def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
             routing.set_weights(weights)
             sums = torch.zeros(2, k, device=device)
-            counts = torch.zeros(2, k, device=device)
-            for owner, who, state, target, mask, term in terms:
-                routing.runs = runs_of(owner)  # row i runs edit owner[i]'s copy
-                m = mask.to(torch.float32).unsqueeze(-1)
-                err = ((a.run_layers(state).float() - target.float()) ** 2 * m).sum(dim=(1, 2))
+            for runs, who, state, target, m, term in steady:
+                routing.runs = runs  # row i runs edit owner[i]'s copy
+                err = ((a.run_layers(state).float() - target) ** 2 * m).sum(dim=(1, 2))
                 sums[term] = sums[term].index_add(0, who, err)
-                counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * target.shape[-1])
-            present = counts > 0
             return torch.where(present, sums / counts.clamp(min=1.0), torch.zeros_like(sums)).sum(0)
 
         with routing.installed():

@@ -562,13 +562,14 @@ class LALMAdapter(abc.ABC):
         if state.batch.target_cols is not None and state.batch.target_cols.numel():
             first = min(int(first), int(state.batch.target_cols.min()))
         first = tail_start(first, width, state.hidden.device)
-        mask = masks.get("full_attention")
-        if mask is None and set(masks) == {"full_attention"} and _tail_builds_mask(state.hidden.device):
+        if first <= 0 or state.frozen is not None or set(masks) != {"full_attention"}:
+            return state
+        mask = masks["full_attention"]
+        if mask is None and _tail_builds_mask(state.hidden.device):
             # no padding: the whole width ran causal attention without a mask; the tail needs one (its queries
             # start later than its keys)
             mask = causal_padding_mask(state.batch.attention_mask)
-        if (first <= 0 or state.frozen is not None or set(masks) != {"full_attention"}
-                or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4):
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4):
             return state
         frozen = FrozenColumns(first)
         with torch.no_grad():
