@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from editors.models.generation import GenerationSettings, family_defaults, resolve_settings
 from sake_core.errors import ConfigError
@@ -171,20 +172,37 @@ def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monk
         kv + act + memory.prefill_logits_bytes_per_token(adapter, "eager"))
 
 
-def test_graph_plan_merges_widths_until_the_padding_costs_more_than_a_chunk():
-    """Pieces of different widths share a chunk (one weight read per decode step for all of them) unless the
+def test_graph_plan_merges_lanes_until_the_padding_costs_more_than_a_chunk():
+    """Lanes of different lengths share a chunk (one weight read per decode step for all of them) unless the
     padding they would add exceeds the split threshold; the batching limits still cap every chunk."""
     from editors.models.generation.graph import _Piece, _plan
     from editors.models.generation.settings import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=8, engine="graph")
-    pieces = [_Piece([], [], [0, 1], 64, 64), _Piece([], [], [2], 64, 128), _Piece([], [], [3, 4, 5], 64, 1024)]
+    pieces = [_Piece([], [], [0], [57]), _Piece([], [], [1], [121]), _Piece([9] * 40, [], [2, 3], [480, 489])]
+    assert [p.length(8) for p in pieces] == [64, 128, 1023]
     merged = _plan(pieces, settings, split_tokens=10**6)
-    assert [(c.width, sorted(c.rows)) for c in merged] == [(1024, [0, 1, 2, 3, 4, 5])]
-    split = _plan(pieces, settings, split_tokens=500)  # the 128-wide row would pad 896 tokens: a chunk of its own
-    assert [(c.width, sorted(c.rows)) for c in split] == [(1024, [3, 4, 5]), (128, [0, 1, 2])]
-    capped = _plan(pieces, settings.replace(batch_size=3), split_tokens=10**6)
-    assert [sorted(c.rows) for c in capped] == [[3, 4, 5], [0, 1, 2]]
+    assert [sorted(c.rows) for c in merged] == [[0, 1, 2, 3]]
+    split = _plan(pieces, settings, split_tokens=500)  # the 128-token lane would pad 895 tokens: a chunk of its own
+    assert [sorted(c.rows) for c in split] == [[2, 3], [0, 1]]
+    capped = _plan(pieces, settings.replace(batch_size=2), split_tokens=10**6)
+    assert [sorted(c.rows) for c in capped] == [[2, 3], [0, 1]]
+
+
+def test_lanes_hold_a_shared_prefix_once_and_each_row_at_its_own_length():
+    """Rows sharing a long prefix (IE-IKE's demonstrations) share one lane: the prefix once, then each row's own
+    tail and new tokens, with no padding to the longest row; a short prefix is not worth sharing (each row then
+    reads only its own prompt)."""
+    from editors.models.generation.graph import LANE_ROWS, _Chunk, _Piece, rows_per_lane
+
+    assert rows_per_lane(3000, 320, 10) == 10
+    assert rows_per_lane(20, 320, 50) == 1
+    assert 1 < rows_per_lane(300, 320, 50) < LANE_ROWS
+    lane = _Piece([7] * 3000, [], [0, 1, 2], [119, 300, 481])
+    assert lane.segments(32) == [3000, 3000 + 150, 3000 + 150 + 331]
+    assert lane.length(32) == 3000 + 119 + 300 + 481 + 3 * 31
+    width, lanes, slots = _Chunk([lane, lane]).shape(32, torch.device("cuda"))
+    assert (lanes, slots) == (2, 3) and lane.length(32) < width <= lane.length(32) + 64
 
 
 @pytest.mark.parametrize("method,overrides", [("ft_llm", {"max_steps": 6}), ("ft_audio", {"max_steps": 6}),

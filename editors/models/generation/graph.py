@@ -2,40 +2,38 @@
 
 What it does, per :func:`generate_graph` call:
 
-1. **Prefixes once.** Each prompt is split where its own system prompt + dialogue history end (:func:`prefix_split`:
-   a function of the prompt alone). Prompts with the same prefix (same tokens, same audio, same edit in a per-edit
-   pass) form a group whose rows go to one chunk together (a group whose prefix is short is split by tail width
-   instead when that pads less), and the prefix is prefilled once per chunk into a prefix cache the group's rows
-   share: IE-IKE's ~2,900-token demonstrations once per edit instead of once per item.
-2. **Chunks.** Groups fill as few chunks as the batching limits allow (rows, and padded tokens: every row at the
-   chunk's widest tail + new tokens, every group's prefix once at the widest prefix): every decode step reads the
-   model's weights once for all of a chunk's rows, so rows of different widths share a chunk unless the padding
-   they add would cost more cache reads than another read of the weights (:func:`_plan`). Rows per group are
-   rounded up to a power of two for the static buffers (groups too on CPU), rows to a multiple of
-   :data:`ROW_STEP` on CUDA (where every group's prefix cache is real memory: IE-IKE's ~1.5 GiB per edit); the
-   extra rows are inert (never prefilled, finished from the start; on CPU they repeat a real row instead, up to the
-   canonical row count of ``editors.models.buckets``).
-3. **Prefill** of the chunk's real rows, batched per tail width (no compute spent on padding): attention over [the
-   group's prefix, the row's own tail]; keys and values go to the static cache
-   ``[rows, kv heads, widest tail + max_new_tokens, head dim]``, right-aligned at the widest tail. On CUDA the
-   prefixes and the rows of one width are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the
-   prefill's activations stay the same size however many rows (edits) a chunk holds; the token budget counts
-   them once. On CPU a chunk is prefilled whole.
+1. **Lanes.** Each prompt is split where its own system prompt + dialogue history end (:func:`prefix_split`: a
+   function of the prompt alone). Prompts with the same prefix (same tokens, same audio, same edit in a per-edit
+   pass) form a group, and a group's rows share lanes of the static KV cache (:func:`_lanes`): a lane holds the
+   prefix once, then each of its rows' own tail and new tokens back to back, at their real lengths. How many rows
+   share a lane follows from the prefix's and the tails' lengths (:func:`rows_per_lane`): IE-IKE's ~3,000-token
+   demonstrations are held once per edit with its ten rows beside them; a short prefix (the chat template's) is not
+   shared, each row then is a lane of its own whole prompt.
+2. **Chunks.** Lanes fill as few chunks as the batching limits allow (rows, and tokens: every lane at the chunk's
+   widest lane): every decode step reads the model's weights once for all of a chunk's rows, so lanes of different
+   lengths share a chunk unless the padding they add would cost more cache reads than another read of the weights
+   (:func:`_plan`). Lanes and rows per lane are rounded for the static buffers (powers of two on CPU, the canonical
+   row counts of ``editors.models.buckets``; rows to a multiple of :data:`ROW_STEP` on CUDA); the extra rows are
+   inert (never prefilled, finished from the start, attending to a spare last column of their lane).
+3. **Prefill** of the lanes' prefixes once each, then of every row's tail, rows batched by their own tail width (no
+   compute spent on a longer neighbour's padding): attention over [the lane's prefix, the row's own tail]; keys
+   and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
+   ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
+   chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
-   positions, write index, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA graph
-   and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host sync
-   in the loop. Stop tokens are handled on the device (finished rows emit padding); every few steps the loop asks,
-   without waiting, whether every row has finished (an event polled on the host) and stops early when they have.
-   On CPU the same step runs uncaptured.
+   positions, write positions, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA
+   graph and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host
+   sync in the loop. Stop tokens are handled on the device (finished rows emit padding); every few steps the loop
+   asks, without waiting, whether every row has finished (an event polled on the host) and stops early when they
+   have. On CPU the same step runs uncaptured.
 
 Attention in the decode step is computed by hand (scores, fp32 softmax, weighted values, as the eager attention of
-transformers) over the group's prefix cache (one copy per group: each group's queries are gathered into fixed
-slots) and the row's own cache, masked positions excluded. Projections, norms and MLPs are the model's own modules,
-so replaced modules keep working: routed per-edit Linears (FT-LLM) and per-edit LoRA adapters read the device
-tensor ``routing.row_edit`` during the step and gather each row's edit (``editors.models.generation.per_edit``), so
-K edits share one captured graph. WISE's router plans each row's memory before the call (``PromptRouting``), so
-its rows are routed the same way. Methods whose modules decide on the host while decoding (GRACE) use the eager
-engine.
+transformers): each lane is read once for the queries of all its rows, and each row's mask lets it see its lane's
+prefix and its own tail. Projections, norms and MLPs are the model's own modules, so replaced modules keep working:
+routed per-edit Linears (FT-LLM) and per-edit LoRA adapters read the device tensor ``routing.row_edit`` during the
+step and gather each row's edit (``editors.models.generation.per_edit``), so K edits share one captured graph.
+WISE's router plans each row's memory before the call (``PromptRouting``), so its rows are routed the same way.
+Methods whose modules decide on the host while decoding (GRACE) use the eager engine.
 
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
@@ -52,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -80,6 +79,12 @@ CHECK_EVERY = 8
 KEEP_FRACTION = 0.25
 #: Rows of a chunk's static buffers on CUDA: a multiple of this (inert extra rows still cost cache reads per step).
 ROW_STEP = 8
+#: Rows of one lane at most (each reads the whole lane at every decode step).
+LANE_ROWS = 16
+#: What one cached token costs a decode step (its key and value read: 512 bytes per layer and key-value head in
+#: bf16 at head dim 128) over what one score costs (~24 bytes through the step's matmul, scale, mask, fp32 softmax
+#: and cast): :func:`rows_per_lane`.
+SCORE_RATIO = 20
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
@@ -216,77 +221,71 @@ def prefix_split(adapter: "LALMAdapter", prompt: Prompt, token_ids: Sequence[int
 
 @dataclass
 class _Piece:
-    """Rows that share one prefix (and, in a per-edit pass, one edit), prefilled once, in one chunk."""
+    """Rows that share one prefix (and, in a per-edit pass, one edit): one lane of the static cache, laid out as
+    [prefix | row 1's tail and new tokens | row 2's ... ]. A row whose prefix is not shared is a lane of its own with
+    no prefix (its whole prompt is its tail)."""
 
-    prefix: list[int]  # prefix token ids
+    prefix: list[int]  # prefix token ids ([]: none)
     audios: list[Any]  # the prefix's audios
     rows: list[int]  # prompt indices
-    prefix_width: int
-    width: int  # the rows' tail width (the bucket of the longest)
+    tails: list[int]  # each row's tail length (tokens after the prefix)
+
+    def length(self, new_tokens: int) -> int:
+        """Tokens of the lane: the prefix once, each row's tail and the ``new_tokens - 1`` tokens decoding writes."""
+        return len(self.prefix) + sum(t + new_tokens - 1 for t in self.tails)
+
+    def segments(self, new_tokens: int) -> list[int]:
+        """Where each row's tail starts in the lane."""
+        starts, at = [], len(self.prefix)
+        for t in self.tails:
+            starts.append(at)
+            at += t + new_tokens - 1
+        return starts
 
 
-def _pieces(groups: dict[tuple, list[int]], prefixes: dict[tuple, tuple[list[int], list[Any]]],
-            tails: list[list[int]], device: torch.device, cap_rows: int) -> list[_Piece]:
-    """Each group's rows as one piece, split by tail width bucket when recomputing the prefix per bucket costs fewer
-    tokens than padding every tail to the longest (short prefixes: the chat template's), and in pieces of at most
-    ``cap_rows``."""
-    out = []
-    for key, rows in groups.items():
-        ids, audios = prefixes[key]
-        by_width: dict[int, list[int]] = {}
-        for i in rows:
-            by_width.setdefault(_bucket(len(tails[i]), device), []).append(i)
-        widest = max(by_width)
-        padding = sum(len(r) * (widest - w) for w, r in by_width.items())
-        parts = sorted(by_width.items()) if len(ids) * (len(by_width) - 1) < padding else [(widest, rows)]
-        for width, part in parts:
-            for start in range(0, len(part), cap_rows):
-                out.append(_Piece(ids, audios, part[start:start + cap_rows], _bucket(len(ids), device), width))
-    return out
+def rows_per_lane(prefix: int, tail: float, rows: int) -> int:
+    """How many rows of a group share one copy of its ``prefix``-token prefix (rows of ``tail`` tokens on average).
+    A lane's rows each read the whole lane at every decode step (one score per key, ~1/:data:`SCORE_RATIO` of a
+    cached token's reads), so sharing ``s`` rows reads the prefix once instead of ``s`` times but every row's tail
+    ``s`` times over: per row ``(prefix / s + tail) * (1 + s / SCORE_RATIO)``, least at
+    ``s = sqrt(SCORE_RATIO * prefix / tail)``; at most :data:`LANE_ROWS` and the group's rows."""
+    if prefix <= 0 or rows <= 1:
+        return 1
+    best = math.sqrt(SCORE_RATIO * prefix / max(tail, 1.0))
+    return max(1, min(rows, LANE_ROWS, int(round(best))))
 
 
 @dataclass
 class _Chunk:
-    """Pieces decoded together: one static cache as wide as the widest piece (prefix and tail), each piece
-    prefilled at its own width."""
+    """Lanes decoded together: one static cache of ``lanes x width`` tokens, every lane as wide as the widest."""
 
     pieces: list[_Piece]
-
-    @property
-    def prefix_width(self) -> int:
-        return max(p.prefix_width for p in self.pieces)
-
-    @property
-    def width(self) -> int:
-        return max(p.width for p in self.pieces)
 
     @property
     def rows(self) -> list[int]:
         return [i for p in self.pieces for i in p.rows]
 
-    def sizes(self, device: torch.device) -> list[int]:
-        """Rows per piece; on CPU the last piece repeats its last row up to the canonical row count."""
-        sizes = [len(p.rows) for p in self.pieces]
+    def shape(self, new_tokens: int, device: torch.device) -> tuple[int, int, int]:
+        """(lane width, lanes, rows per lane), rounded up for the static buffers: the width to the width step with a
+        spare last column (inert rows attend to it); on CPU lanes and rows per lane to powers of two (rows at least
+        :data:`MIN_ROWS`, the canonical row counts of ``editors.models.buckets``); on CUDA rows to a multiple of
+        :data:`ROW_STEP`."""
+        width = _bucket(max(p.length(new_tokens) for p in self.pieces) + 1, device)
+        slots = max(len(p.rows) for p in self.pieces)
+        lanes = len(self.pieces)
         if device.type == "cpu":
-            sizes[-1] += max(_pow2(sum(sizes)), MIN_ROWS) - sum(sizes)  # (a power of two, as buckets.row_bucket)
-        return sizes
-
-    def shape(self, device: torch.device) -> tuple[int, int, int, int, int]:
-        """(prefix width, tail width, rows, groups, rows per group), rounded up for the static buffers."""
-        sizes = self.sizes(device)
-        groups = (_pow2(len(sizes)) if device.type == "cpu" else len(sizes)) if self.prefix_width else 1
-        slots = _pow2(max(sizes)) if self.prefix_width else 1
-        rows = sum(sizes) if device.type == "cpu" else -(-sum(sizes) // ROW_STEP) * ROW_STEP
-        return (self.prefix_width, self.width, rows, groups, slots)
+            slots = _pow2(slots)
+            lanes = max(_pow2(lanes), -(-MIN_ROWS // slots))
+        else:
+            step = max(1, ROW_STEP // slots)
+            lanes = -(-lanes // step) * step
+        return width, lanes, slots
 
 
 def _tokens(pieces: Sequence[_Piece], new_tokens: int) -> tuple[int, int]:
-    """(padded tokens a chunk of ``pieces`` holds: every row at the widest tail + new tokens, every piece's prefix
-    at the widest prefix; the real tokens among them)."""
-    rows = sum(len(p.rows) for p in pieces)
-    width, prefix = max(p.width for p in pieces), max(p.prefix_width for p in pieces)
-    real = sum(len(p.rows) * (p.width + new_tokens) + p.prefix_width for p in pieces)
-    return rows * (width + new_tokens) + len(pieces) * prefix, real
+    """(tokens a chunk of ``pieces`` holds: every lane at the widest lane's length; the real tokens among them)."""
+    lengths = [p.length(new_tokens) for p in pieces]
+    return len(pieces) * max(lengths), sum(lengths)
 
 
 def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -309,14 +308,13 @@ def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tu
 
 
 def _plan(pieces: list[_Piece], settings: GenerationSettings, split_tokens: int) -> list[_Chunk]:
-    """Pieces in as few chunks as the batching limits allow (rows, and padded tokens). Pieces of different widths
-    share a chunk: each is prefilled at its own width, only the decode reads the padding between them. Pieces go in
-    order of width, and a piece starts a new chunk when the padding it would add (tokens every decode step reads)
-    exceeds ``split_tokens`` (what reading the model's weights once more costs, in tokens of cache)."""
+    """Lanes in as few chunks as the batching limits allow (rows, and tokens: every lane at the chunk's widest). Lanes
+    go in order of length, and a lane starts a new chunk when the padding it would add (tokens every decode step
+    reads) exceeds ``split_tokens`` (what reading the model's weights once more costs, in tokens of cache)."""
     n = settings.max_new_tokens
     chunks: list[_Chunk] = []
     current: list[_Piece] = []
-    for piece in sorted(pieces, key=lambda p: (p.prefix_width, p.width), reverse=True):
+    for piece in sorted(pieces, key=lambda p: p.length(n), reverse=True):
         if current:
             tokens, real = _tokens(current + [piece], n)
             before, before_real = _tokens(current, n)
@@ -338,28 +336,50 @@ def _plan(pieces: list[_Piece], settings: GenerationSettings, split_tokens: int)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Writes:
+    """Where one prefill forward's keys and values go: batch row and column -> lane and lane position."""
+
+    batch_row: torch.Tensor
+    column: torch.Tensor
+    lane: torch.Tensor
+    position: torch.Tensor
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[int, int, int, int]], width: int, device: torch.device) -> "_Writes":
+        """``spans``: (batch row, lane, lane position, tokens) of each row's valid columns, right-aligned at
+        ``width`` in the (left-padded) batch."""
+        b: list[int] = []
+        c: list[int] = []
+        g: list[int] = []
+        p: list[int] = []
+        for row, lane, at, count in spans:
+            b += [row] * count
+            c += range(width - count, width)
+            g += [lane] * count
+            p += range(at, at + count)
+        tensors = [to_device(torch.tensor(x, dtype=torch.long), device) for x in (b, c, g, p)]
+        return cls(*tensors)
+
+
 class _State:
     """Static buffers of one chunk shape and its captured decode step (reused by every chunk of that shape)."""
 
-    def __init__(self, lm: _LM, shape: tuple[int, int, int, int, int], steps: int, pad_id: int,
+    def __init__(self, lm: _LM, shape: tuple[int, int, int], steps: int, pad_id: int,
                  stop_ids: torch.Tensor) -> None:
         self.lm, self.steps, self.pad_id, self.stop_ids = lm, steps, pad_id, stop_ids
-        self.prefix_width, self.width, self.rows, self.groups, self.slots = shape
+        self.width, self.lanes, self.slots = shape
+        self.rows = self.lanes * self.slots  # row r = slot r % slots of lane r // slots
         dev, dt = lm.device, lm.dtype
-        length = self.width + steps
-        self.keys = [torch.zeros(self.rows, lm.kv_heads, length, lm.head_dim, dtype=dt, device=dev)
-                     for _ in lm.layers]
+        cache = (self.lanes, lm.kv_heads, self.width, lm.head_dim)
+        self.keys = [torch.zeros(cache, dtype=dt, device=dev) for _ in lm.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        pshape = (self.groups, lm.kv_heads, self.prefix_width, lm.head_dim)
-        self.prefix_keys = [torch.zeros(pshape, dtype=dt, device=dev) for _ in lm.layers] if self.prefix_width else []
-        self.prefix_values = [torch.zeros_like(k) for k in self.prefix_keys]
-        self.prefix_valid = torch.zeros(self.groups, self.prefix_width, dtype=torch.bool, device=dev)
-        self.slot_row = torch.zeros(self.groups * self.slots, dtype=torch.long, device=dev)  # slot -> row
-        self.row_slot = torch.zeros(self.rows, dtype=torch.long, device=dev)  # row -> slot
-        self.valid = torch.zeros(self.rows, length, dtype=torch.bool, device=dev)
+        self.lane_of = torch.arange(self.rows, device=dev) // self.slots
+        self.blocked = torch.ones(self.rows, self.width, dtype=torch.bool, device=dev)  # what a row does not see
+        self.write = torch.zeros(self.rows, dtype=torch.long, device=dev)  # lane position of its next token
+        self.advance = torch.zeros(self.rows, dtype=torch.long, device=dev)  # 1 for real rows, 0 for inert ones
         self.token = torch.zeros(self.rows, dtype=torch.long, device=dev)
         self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
-        self.write = torch.zeros(1, dtype=torch.long, device=dev)
         self.step_index = torch.zeros(1, dtype=torch.long, device=dev)
         self.finished = torch.zeros(self.rows, dtype=torch.bool, device=dev)
         self.out = torch.zeros(self.rows, steps, dtype=torch.long, device=dev)
@@ -367,91 +387,86 @@ class _State:
         self.graph: Any = None
 
     def nbytes(self) -> int:
-        tensors = self.keys + self.values + self.prefix_keys + self.prefix_values
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     # ---- prefill ------------------------------------------------------------------------------------------------
 
-    def layout(self, sizes: Sequence[int]) -> None:
-        """Rows of pieces of ``sizes`` rows, in order: each piece's rows take its group's first slots."""
-        slot_row = [0] * (self.groups * self.slots)
-        row_slot = [0] * self.rows
-        row = 0
-        for g, size in enumerate(sizes):
-            for k in range(size):
-                slot_row[g * self.slots + k] = row
-                row_slot[row] = g * self.slots + k
-                row += 1
-        self.slot_row.copy_(to_device(torch.tensor(slot_row), self.slot_row.device))
-        self.row_slot.copy_(to_device(torch.tensor(row_slot), self.row_slot.device))
-        self.prefix_valid.zero_()
-
-    def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-                         first: int = 0) -> None:
-        """Run prefixes ``first:first + G`` of the chunk (``[G, P, hidden]``, left-padded) once into the prefix
-        cache."""
-        lm, lo, hi = self.lm, first, first + embeds.shape[0]
-        self.prefix_valid[lo:hi] = valid
-        mask = _self_attention_mask(valid)
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.prefix_keys[i][lo:hi].copy_(k)
-            self.prefix_values[i][lo:hi].copy_(v)
-            return nn.functional.scaled_dot_product_attention(q, lm.repeat_kv(k), lm.repeat_kv(v), attn_mask=mask,
-                                                              scale=lm.scale)
-
-        lm.forward(embeds, positions, attend)
-
-    def begin(self, rows: int) -> None:
-        """Reset the masks and outputs for a chunk of ``rows`` real rows (rows beyond them are inert)."""
-        w = self.width
-        self.valid.zero_()
-        self.valid[rows:, w - 1] = True  # inert rows: one (zero) key, finite values
+    def begin(self, pieces: Sequence[_Piece]) -> None:
+        """Lay out a chunk: lane ``g`` holds piece ``g``, its rows in its first slots; every real row attends to its
+        lane's prefix and its own tail, decoding writes after its tail. Inert rows (empty slots, padding lanes)
+        attend to the spare last column only, write there and are finished from the start."""
+        n, spare = self.steps, self.width - 1
+        valid = torch.zeros(self.rows, self.width, dtype=torch.bool)
+        valid[:, spare] = True
+        write = torch.full((self.rows,), spare, dtype=torch.long)
+        advance = torch.zeros(self.rows, dtype=torch.long)
+        for g, piece in enumerate(pieces):
+            for k, (start, tail) in enumerate(zip(piece.segments(n), piece.tails)):
+                r = g * self.slots + k
+                valid[r, spare] = False
+                valid[r, :len(piece.prefix)] = True
+                valid[r, start:start + tail] = True
+                write[r], advance[r] = start + tail, 1
+        self.blocked.copy_(to_device(~valid, self.blocked.device))
+        self.write.copy_(to_device(write, self.write.device))
+        self.advance.copy_(to_device(advance, self.advance.device))
         self.finished.fill_(True)
         self.out.fill_(self.pad_id)
         self.token.zero_()
         self.position.zero_()
 
-    def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor, start: int,
-                groups: Sequence[int], sizes: Sequence[int]) -> None:
-        """Run rows ``start:start + len(embeds)`` (``[rows, w, hidden]``, left-padded to their own width ``w`` <= the
-        cache's; consecutive pieces of ``sizes`` rows over the prefixes of ``groups``) over their prefixes; fill
-        their caches (right-aligned at the cache's width), masks, first token and decode position."""
-        lm, w, r = self.lm, embeds.shape[1], embeds.shape[0]
-        lo, hi, stop = self.width - w, self.width, start + r
-        self.valid[start:stop, lo:hi] = tail_valid
-        tail_mask = _self_attention_mask(tail_valid)
-        bounds = [0]
-        for size in sizes:
-            bounds.append(bounds[-1] + size)
+    def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                         writes: _Writes) -> None:
+        """Run a batch of prefixes (``[B, P, hidden]``, left-padded) once, their keys and values to their lanes."""
+        lm = self.lm
+        mask = _self_attention_mask(valid)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.keys[i][start:stop, :, lo:hi].copy_(k)
-            self.values[i][start:stop, :, lo:hi].copy_(v)
-            if not self.prefix_width:
-                return nn.functional.scaled_dot_product_attention(q, lm.repeat_kv(k), lm.repeat_kv(v),
-                                                                  attn_mask=tail_mask, scale=lm.scale)
-            outs = []
-            for j, a, b in zip(groups, bounds, bounds[1:]):  # one piece at a time: its group's prefix for its rows
-                pk = self.prefix_keys[i][j:j + 1].expand(b - a, -1, -1, -1)
-                pv = self.prefix_values[i][j:j + 1].expand(b - a, -1, -1, -1)
-                pmask = self.prefix_valid[j][None, None, None, :].expand(b - a, 1, w, -1)
-                mask = torch.cat([pmask, tail_mask[a:b]], dim=-1)
-                outs.append(nn.functional.scaled_dot_product_attention(
-                    q[a:b], lm.repeat_kv(torch.cat([pk, k[a:b]], dim=2)),
-                    lm.repeat_kv(torch.cat([pv, v[a:b]], dim=2)), attn_mask=mask, scale=lm.scale))
-            return torch.cat(outs)
+            self._store(i, k, v, writes)
+            return nn.functional.scaled_dot_product_attention(q, lm.repeat_kv(k), lm.repeat_kv(v), attn_mask=mask,
+                                                              scale=lm.scale)
+
+        lm.forward(embeds, positions, attend)
+
+    def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, writes: _Writes) -> None:
+        self.keys[i][writes.lane, :, writes.position] = k[writes.batch_row, :, writes.column]
+        self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
+
+    def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
+                runs: Sequence[tuple[int, int, int]], writes: _Writes, slots: torch.Tensor) -> None:
+        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``): consecutive ``runs`` of (lane, its prefix
+        length, rows) attend over their lane's prefix and their own tail; keys and values to their lanes; each row's
+        first token and decode position to its slot in ``slots``."""
+        lm, w = self.lm, embeds.shape[1]
+        tail_mask = _self_attention_mask(tail_valid)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._store(i, k, v, writes)
+            outs, a = [], 0
+            for lane, prefix, count in runs:  # one run at a time: its lane's prefix for its rows
+                b = a + count
+                if not prefix:
+                    outs.append(nn.functional.scaled_dot_product_attention(
+                        q[a:b], lm.repeat_kv(k[a:b]), lm.repeat_kv(v[a:b]), attn_mask=tail_mask[a:b], scale=lm.scale))
+                else:
+                    pk = self.keys[i][lane:lane + 1, :, :prefix].expand(count, -1, -1, -1)
+                    pv = self.values[i][lane:lane + 1, :, :prefix].expand(count, -1, -1, -1)
+                    pmask = tail_mask.new_ones(count, 1, w, prefix)
+                    mask = torch.cat([pmask, tail_mask[a:b]], dim=-1)
+                    outs.append(nn.functional.scaled_dot_product_attention(
+                        q[a:b], lm.repeat_kv(torch.cat([pk, k[a:b]], dim=2)),
+                        lm.repeat_kv(torch.cat([pv, v[a:b]], dim=2)), attn_mask=mask, scale=lm.scale))
+                a = b
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = lm.forward(embeds, positions, attend)
         token = lm.last_token(hidden)
-        self.out[start:stop, :1] = token[:, None]
-        self.finished[start:stop] = self._stops(token)
-        self.token[start:stop] = token
-        self.position[start:stop] = positions[:, -1:] + 1
+        self.out[:, 0].index_copy_(0, slots, token)
+        self.finished.index_copy_(0, slots, self._stops(token))
+        self.token.index_copy_(0, slots, token)
+        self.position.index_copy_(0, slots, positions[:, -1:] + 1)
 
     def end_prefill(self) -> None:
-        """Decoding writes after the widest tail."""
-        self.write.fill_(self.width)
         self.step_index.fill_(1)
 
     def _stops(self, token: torch.Tensor) -> torch.Tensor:
@@ -460,37 +475,24 @@ class _State:
     # ---- decode -------------------------------------------------------------------------------------------------
 
     def _attend_decode(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One new token per row: write its key/value, attend over [its group's prefix cache, its own cache]."""
-        lm, r = self.lm, self.rows
+        """One new token per row: write its key/value into its lane, attend over what the row sees of the lane (its
+        prefix and its own tail; each lane read once for all of its rows)."""
+        lm, r, g, s, width = self.lm, self.rows, self.lanes, self.slots, self.width
         kv, rep, d = lm.kv_heads, lm.heads // lm.kv_heads, lm.head_dim
-        self.keys[i].index_copy_(2, self.write, k)
-        self.values[i].index_copy_(2, self.write, v)
-        qt = q.reshape(r, kv, rep, d)
-        scores = torch.matmul(qt, self.keys[i].transpose(-1, -2)) * lm.scale  # [R, kv, rep, L]
-        scores = scores.masked_fill(~self.valid[:, None, None, :], float("-inf"))
-        if not self.prefix_width:
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            return torch.matmul(probs, self.values[i]).reshape(r, kv * rep, 1, d)
-        g, s, p = self.groups, self.slots, self.prefix_width
-
-        def to_groups(x: torch.Tensor) -> torch.Tensor:  # [G*S, kv, rep, X] (slots) -> [G, kv, S*rep, X]
-            return x.reshape(g, s, kv, rep, -1).permute(0, 2, 1, 3, 4).reshape(g, kv, s * rep, x.shape[-1])
-
-        def to_slots(x: torch.Tensor) -> torch.Tensor:  # [G, kv, S*rep, X] -> [G*S, kv, rep, X]
-            return x.reshape(g, kv, s, rep, -1).permute(0, 2, 1, 3, 4).reshape(g * s, kv, rep, x.shape[-1])
-
-        pscores = torch.matmul(to_groups(qt.index_select(0, self.slot_row)), self.prefix_keys[i].transpose(-1, -2))
-        pscores = (pscores * lm.scale).masked_fill(~self.prefix_valid[:, None, None, :], float("-inf"))
-        scores = torch.cat([to_slots(pscores).index_select(0, self.row_slot), scores], dim=-1)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        pout = torch.matmul(to_groups(probs[..., :p].index_select(0, self.slot_row)), self.prefix_values[i])
-        out = to_slots(pout).index_select(0, self.row_slot) + torch.matmul(probs[..., p:], self.values[i])
-        return out.reshape(r, kv * rep, 1, d)
+        keys, values = self.keys[i], self.values[i]
+        keys[self.lane_of, :, self.write] = k[:, :, 0]
+        values[self.lane_of, :, self.write] = v[:, :, 0]
+        lanes_q = q.reshape(g, s, kv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, kv, s * rep, d)
+        scores = torch.matmul(lanes_q, keys.transpose(-1, -2)) * lm.scale  # [G, kv, S*rep, W]
+        scores = scores.view(g, kv, s, rep, width).masked_fill(self.blocked.view(g, 1, s, 1, width), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(g, kv, s * rep, width)
+        out = torch.matmul(probs, values)  # [G, kv, S*rep, d]
+        return out.view(g, kv, s, rep, d).permute(0, 2, 1, 3, 4).reshape(r, kv * rep, 1, d)
 
     def step(self) -> None:
         """One decode step for every row, reading and advancing only this state's buffers."""
         lm = self.lm
-        self.valid.index_fill_(1, self.write, True)
+        self.blocked.scatter_(1, self.write[:, None], False)
         hidden = lm.embed(self.token).unsqueeze(1)
         hidden = lm.forward(hidden, self.position, self._attend_decode)
         token = torch.where(self.finished, torch.full_like(self.token, self.pad_id), lm.last_token(hidden))
@@ -498,7 +500,7 @@ class _State:
         self.finished |= self._stops(token)
         self.token.copy_(token)
         self.position.add_(1)
-        self.write.add_(1)
+        self.write.add_(self.advance)
         self.step_index.add_(1)
 
     def decode(self, pool: Any) -> int:
@@ -538,6 +540,7 @@ class _State:
                         break
         STATS["decode_steps"] += done
         return done
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,10 +594,10 @@ def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.dev
         kept.popitem(last=False)
 
 
-def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int, int, int], steps: int) -> int:
-    """What ``_State.nbytes()`` of a new state of ``shape`` will be: every token its caches hold."""
-    prefix_width, width, rows, groups, _ = shape
-    return kv_bytes_per_token(adapter) * (rows * (width + steps) + groups * prefix_width)
+def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int]) -> int:
+    """What ``_State.nbytes()`` of a new state of ``shape`` will be: every token its lanes hold."""
+    width, lanes, _ = shape
+    return kv_bytes_per_token(adapter) * lanes * width
 
 
 def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_use: set) -> None:
@@ -628,23 +631,8 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     lm = _LM(adapter)
     n, dev = settings.max_new_tokens, lm.device
     STATS["calls"] += 1
-    memo: dict = {}
-    groups: dict[tuple, list[int]] = {}
-    prefixes: dict[tuple, tuple[list[int], list[Any]]] = {}
-    tails, tail_audios = [], []
-    for i, (prompt, ids) in enumerate(zip(prompts, token_ids)):
-        split, n_audio = prefix_split(adapter, prompt, ids, memo)
-        audios = prompt.audios()
-        key = (per_edit.edit_of[i] if per_edit is not None else None, tuple(ids[:split]),
-               tuple(id(a) for a in audios[:n_audio]))
-        groups.setdefault(key, []).append(i)
-        prefixes.setdefault(key, (list(ids[:split]), audios[:n_audio]))
-        tails.append(list(ids[split:]))
-        tail_audios.append(audios[n_audio:])
-    cap_rows = settings.batch_size or 1 << 62
-    if settings.max_batch_tokens:
-        cap_rows = max(1, min(cap_rows, settings.max_batch_tokens // (_bucket(max(map(len, tails)), dev) + n)))
-    chunks = _plan(_pieces(groups, prefixes, tails, dev, cap_rows), settings, _split_tokens(adapter, lm))
+    pieces, tails, tail_audios = _lanes(adapter, prompts, token_ids, per_edit, settings)
+    chunks = _plan(pieces, settings, _split_tokens(adapter, lm))
     part_tokens = prefill_tokens(adapter) or 1 << 62  # per prefill forward (CUDA); a chunk whole on CPU
     stop_ids = to_device(torch.tensor(adapter.stop_token_ids), dev)
     routing = per_edit.routing if per_edit is not None else None
@@ -653,62 +641,29 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     kept = _kept(adapter) if keep else {}
     states: dict[tuple, _State] = {}
     pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-    last_use = {chunk.shape(dev): c for c, chunk in enumerate(chunks)}
+    last_use = {chunk.shape(n, dev): c for c, chunk in enumerate(chunks)}
     outputs: list[GeneratedText | None] = [None] * len(prompts)
     for c, chunk in enumerate(chunks):
-        shape = chunk.shape(dev)
+        shape = chunk.shape(n, dev)
         state_key = (identity, n, adapter.pad_token_id, tuple(adapter.stop_token_ids), shape)
         state = states.get(state_key) or kept.get(state_key)
         if state is None:
             if kept:
-                _make_room(adapter, kept, _state_bytes(adapter, shape, n), set(states))
+                _make_room(adapter, kept, _state_bytes(adapter, shape), set(states))
             state = _State(lm, shape, n, adapter.pad_token_id, stop_ids)
         elif state_key not in states:
             STATS["reused"] += 1
         states[state_key] = state
-        sizes = chunk.sizes(dev)  # on CPU: repeats of the last row up to the canonical count (outputs dropped)
-        rows = chunk.rows + [chunk.rows[-1]] * (sum(sizes) - len(chunk.rows))
-        state.layout(sizes)
-        prefix_lengths = [len(p.prefix) for p in chunk.pieces]  # the tails' positions start after them
-        if chunk.prefix_width:
-            for part, _ in _parts(range(len(chunk.pieces)), [1] * len(chunk.pieces),
-                                  max(1, part_tokens // chunk.prefix_width)):
-                members = [chunk.pieces[g] for g in part]
-                firsts = [p.rows[0] for p in members]  # a member of each piece stands for its edit
-                batch = left_pad(adapter._collate([p.prefix for p in members], [a for p in members for a in p.audios]),
-                                 chunk.prefix_width, adapter.pad_token_id)
-                if per_edit is not None:
-                    per_edit.before_chunk(firsts)
-                    embeds = per_edit.embeds(adapter, batch, firsts, [len(p.audios) for p in members])
-                else:
-                    embeds = adapter.input_embeds(batch)
-                state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids, part[0])
-                STATS["prefix_groups"] += len(members)
-                STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
-        state.begin(len(rows))
-        start = 0
-        for width, run in itertools.groupby(range(len(chunk.pieces)), key=lambda g: chunk.pieces[g].width):
-            run_pieces = list(run)  # consecutive pieces of one tail width, prefilled at that width
-            for pieces, part_sizes in _parts(run_pieces, [sizes[g] for g in run_pieces],
-                                             max(1, part_tokens // width)):
-                sub = rows[start:start + sum(part_sizes)]
-                batch = left_pad(adapter._collate([tails[i] for i in sub],
-                                                  [a for i in sub for a in tail_audios[i]]),
-                                 width, adapter.pad_token_id)
-                if per_edit is not None:
-                    per_edit.before_chunk(sub)
-                    embeds = per_edit.embeds(adapter, batch, sub, [len(tail_audios[i]) for i in sub])
-                else:
-                    embeds = adapter.input_embeds(batch)
-                offsets = to_device(torch.tensor([prefix_lengths[g] for g, k in zip(pieces, part_sizes)
-                                                  for _ in range(k)]), dev)
-                state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], start,
-                              pieces, part_sizes)
-                start += len(sub)
+        state.begin(chunk.pieces)
+        _prefill(adapter, state, chunk, tails, tail_audios, per_edit, part_tokens)
         state.end_prefill()
+        slot_of = {row: g * state.slots + k for g, p in enumerate(chunk.pieces) for k, row in enumerate(p.rows)}
         if per_edit is not None:
-            edits = per_edit.row_edits(rows)
-            state.row_edit.copy_(to_device(torch.tensor(edits + [edits[-1]] * (state.rows - len(edits))), dev))
+            edits = per_edit.row_edits(chunk.rows)
+            by_slot = [edits[0]] * state.rows
+            for row, edit in zip(chunk.rows, edits):
+                by_slot[slot_of[row]] = edit
+            state.row_edit.copy_(to_device(torch.tensor(by_slot), dev))
         if routing is not None:
             routing.row_edit = state.row_edit
         try:
@@ -716,7 +671,8 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         finally:
             if routing is not None:
                 routing.row_edit = None
-        texts = decode_new_tokens(adapter, state.out[:len(chunk.rows), :done + 1], n)
+        slots = [slot_of[row] for row in chunk.rows]
+        texts = decode_new_tokens(adapter, state.out[to_device(torch.tensor(slots), dev), :done + 1], n)
         for row, text in zip(chunk.rows, texts):
             outputs[row] = text
         STATS["chunks"] += 1
@@ -732,3 +688,107 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     if missing:  # a planning bug, never silently an empty answer
         raise RuntimeError(f"graph engine: no output for prompts {missing[:5]}")
     return outputs  # type: ignore[return-value]
+
+
+def _lanes(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequence[list[int]],
+           per_edit: PerEdit | None, settings: GenerationSettings
+           ) -> tuple[list[_Piece], list[list[int]], list[list[Any]]]:
+    """The lanes of a call, and each prompt's tail (token ids, audios) after its lane's prefix. Prompts with the
+    same prefix (same tokens, same audio, same edit in a per-edit pass) form a group; a group's rows share lanes of
+    :func:`rows_per_lane` rows (rows of similar tail length together), and a row that shares with none keeps its
+    whole prompt as its tail."""
+    n = settings.max_new_tokens
+    memo: dict = {}
+    groups: dict[tuple, list[tuple[int, int, int]]] = {}
+    for i, (prompt, ids) in enumerate(zip(prompts, token_ids)):
+        split, n_audio = prefix_split(adapter, prompt, ids, memo)
+        key = (per_edit.edit_of[i] if per_edit is not None else None, tuple(ids[:split]),
+               tuple(id(a) for a in prompt.audios()[:n_audio]))
+        groups.setdefault(key, []).append((i, split, n_audio))
+    budget = settings.max_batch_tokens or 1 << 62
+    tails: list[list[int]] = [[] for _ in prompts]
+    tail_audios: list[list[Any]] = [[] for _ in prompts]
+    pieces = []
+    for members in groups.values():
+        first, split, n_audio = members[0]
+        prefix = list(token_ids[first][:split])
+        mean_tail = sum(len(token_ids[i]) - split for i, _, _ in members) / len(members)
+        per_lane = rows_per_lane(len(prefix), mean_tail, len(members))
+        while per_lane > 1 and len(prefix) + per_lane * (mean_tail + n) > budget:
+            per_lane //= 2  # one lane must fit a chunk
+        if per_lane == 1:
+            for i, _, _ in members:
+                tails[i], tail_audios[i] = list(token_ids[i]), prompts[i].audios()
+                pieces.append(_Piece([], [], [i], [len(tails[i])]))
+            continue
+        audios = prompts[first].audios()[:n_audio]
+        for i, _, _ in members:
+            tails[i], tail_audios[i] = list(token_ids[i][split:]), prompts[i].audios()[n_audio:]
+        ordered = sorted((i for i, _, _ in members), key=lambda i: len(tails[i]))
+        for start in range(0, len(ordered), per_lane):
+            rows = ordered[start:start + per_lane]
+            pieces.append(_Piece(prefix, audios, rows, [len(tails[i]) for i in rows]))
+    return pieces, tails, tail_audios
+
+
+def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, tails: list[list[int]],
+             tail_audios: list[list[Any]], per_edit: PerEdit | None, part_tokens: int) -> None:
+    """Prefill a chunk into ``state``: the lanes' prefixes once each, then every row's tail, rows batched by their
+    own tail width (no compute spent on another row's padding), in parts of at most ``part_tokens`` tokens."""
+    dev, n = state.lm.device, state.steps
+    shared = [g for g, p in enumerate(chunk.pieces) if p.prefix]
+    if shared:
+        width = _bucket(max(len(chunk.pieces[g].prefix) for g in shared), dev)
+        for part, _ in _parts(shared, [1] * len(shared), max(1, part_tokens // width)):
+            members = [chunk.pieces[g] for g in part]
+            batch = left_pad(adapter._collate([p.prefix for p in members], [a for p in members for a in p.audios]),
+                             width, adapter.pad_token_id)
+            if per_edit is not None:
+                firsts = [p.rows[0] for p in members]  # a member of each lane stands for its edit
+                per_edit.before_chunk(firsts)
+                embeds = per_edit.embeds(adapter, batch, firsts, [len(p.audios) for p in members])
+            else:
+                embeds = adapter.input_embeds(batch)
+            writes = _Writes.of([(j, g, 0, len(p.prefix)) for j, (g, p) in enumerate(zip(part, members))], width, dev)
+            state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids, writes)
+            STATS["prefix_groups"] += len(members)
+            STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
+    runs: list[tuple[int, int, list[int]]] = []  # (tail width, lane, rows): a lane's rows of one width
+    place: dict[int, tuple[int, int, int]] = {}  # row -> (lane, slot, where its tail starts)
+    for g, piece in enumerate(chunk.pieces):
+        by_width: dict[int, list[int]] = {}
+        for k, (row, start) in enumerate(zip(piece.rows, piece.segments(n))):
+            place[row] = (g, g * state.slots + k, start)
+            by_width.setdefault(_bucket(len(tails[row]), dev), []).append(row)
+        runs += [(w, g, rows) for w, rows in by_width.items()]
+    runs.sort(key=lambda run: run[0])
+    for width, group in itertools.groupby(runs, key=lambda run: run[0]):
+        same = list(group)  # the runs of one tail width, prefilled together
+        taken = [0] * len(same)  # rows of each run prefilled so far (a run may continue in the next part)
+        for part, counts in _parts(range(len(same)), [len(r[2]) for r in same], max(1, part_tokens // width)):
+            rows, lanes = [], []
+            for j, count in zip(part, counts):
+                _, lane, lane_rows = same[j]
+                rows += lane_rows[taken[j]:taken[j] + count]
+                taken[j] += count
+                lanes.append((lane, len(chunk.pieces[lane].prefix), count))
+            _prefill_rows(adapter, state, rows, lanes, width, tails, tail_audios, per_edit, place)
+
+
+def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: list[tuple[int, int, int]],
+                  width: int, tails: list[list[int]], tail_audios: list[list[Any]], per_edit: PerEdit | None,
+                  place: dict[int, tuple[int, int, int]]) -> None:
+    """One prefill forward: ``rows`` (consecutive ``runs`` of (lane, prefix length, rows)) left-padded to
+    ``width``."""
+    dev = state.lm.device
+    batch = left_pad(adapter._collate([tails[i] for i in rows], [a for i in rows for a in tail_audios[i]]),
+                     width, adapter.pad_token_id)
+    if per_edit is not None:
+        per_edit.before_chunk(rows)
+        embeds = per_edit.embeds(adapter, batch, rows, [len(tail_audios[i]) for i in rows])
+    else:
+        embeds = adapter.input_embeds(batch)
+    writes = _Writes.of([(j, place[i][0], place[i][2], len(tails[i])) for j, i in enumerate(rows)], width, dev)
+    offsets = to_device(torch.tensor([prefix for _, prefix, count in runs for _ in range(count)]), dev)
+    slots = to_device(torch.tensor([place[i][1] for i in rows]), dev)
+    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], runs, writes, slots)
