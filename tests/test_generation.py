@@ -172,25 +172,30 @@ def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monk
         kv + act + memory.prefill_logits_bytes_per_token(adapter, "eager"))
 
 
-def test_graph_plan_merges_lanes_until_the_padding_costs_more_than_a_chunk():
-    """Lanes of different lengths share a chunk (one weight read per decode step for all of them) unless the
-    padding they would add exceeds the split threshold; the batching limits still cap every chunk."""
+def test_graph_plan_packs_shorter_rows_into_shared_lanes():
+    """A chunk's lanes are as wide as its longest piece; shorter pieces fill lanes together (first fit, longest
+    first) instead of each padding a lane of its own; a piece much shorter than the chunk's lanes, or one past a
+    batching limit, starts the next chunk."""
     from editors.models.generation.graph import _Piece, _plan
     from editors.models.generation.settings import GenerationSettings
 
+    cpu = torch.device("cpu")
     settings = GenerationSettings(max_new_tokens=8, engine="graph")
-    pieces = [_Piece([], [], [0], [57]), _Piece([], [], [1], [121]), _Piece([9] * 40, [], [2, 3], [480, 489])]
-    assert [p.length(8) for p in pieces] == [64, 128, 1023]
-    merged = _plan(pieces, settings, split_tokens=10**6)
-    assert [sorted(c.rows) for c in merged] == [[0, 1, 2, 3]]
-    split = _plan(pieces, settings, split_tokens=500)  # the 128-token lane would pad 895 tokens: a chunk of its own
-    assert [sorted(c.rows) for c in split] == [[2, 3], [0, 1]]
-    capped = _plan(pieces, settings.replace(batch_size=2), split_tokens=10**6)
-    assert [sorted(c.rows) for c in capped] == [[2, 3], [0, 1]]
+    long, mid, short, tiny = (_Piece([], [], [0], [473]), _Piece([], [], [1], [233]), _Piece([], [], [2], [201]),
+                              _Piece([], [], [3], [20]))
+    assert [p.length(8) for p in (long, mid, short, tiny)] == [480, 240, 208, 27]
+    chunks = _plan([tiny, short, long, mid], settings, cpu)
+    assert [(c.width, [[p.rows[0] for p in lane] for lane in c.lanes]) for c in chunks] == \
+        [(512, [[0], [1, 2]]), (32, [[3]])]  # 240 + 208 share a lane; 27 tokens would read 512-token lanes
+    assert chunks[0].shape(cpu) == (512, 2, 2, 16)  # rows: the canonical CPU count
+    capped = _plan([long, mid, short], settings.replace(batch_size=2), cpu)
+    assert [c.rows for c in capped] == [[0, 1], [2]]
+    budget = _plan([long, mid, short], settings.replace(max_batch_tokens=512), cpu)
+    assert [c.rows for c in budget] == [[0], [1, 2]]
 
 
 def test_lanes_hold_a_shared_prefix_once_and_each_row_at_its_own_length():
-    """Rows sharing a long prefix (IE-IKE's demonstrations) share one lane: the prefix once, then each row's own
+    """Rows sharing a long prefix (IE-IKE's demonstrations) share one piece: the prefix once, then each row's own
     tail and new tokens, with no padding to the longest row; a short prefix is not worth sharing (each row then
     reads only its own prompt)."""
     from editors.models.generation.graph import LANE_ROWS, _Chunk, _Piece, rows_per_lane
@@ -198,11 +203,31 @@ def test_lanes_hold_a_shared_prefix_once_and_each_row_at_its_own_length():
     assert rows_per_lane(3000, 320, 10) == 10
     assert rows_per_lane(20, 320, 50) == 1
     assert 1 < rows_per_lane(300, 320, 50) < LANE_ROWS
-    lane = _Piece([7] * 3000, [], [0, 1, 2], [119, 300, 481])
-    assert lane.segments(32) == [3000, 3000 + 150, 3000 + 150 + 331]
-    assert lane.length(32) == 3000 + 119 + 300 + 481 + 3 * 31
-    width, lanes, slots = _Chunk([lane, lane]).shape(32, torch.device("cuda"))
-    assert (lanes, slots) == (2, 3) and lane.length(32) < width <= lane.length(32) + 64
+    piece = _Piece([7] * 3000, [], [0, 1, 2], [119, 300, 481])
+    assert piece.segments(32) == [3000, 3000 + 150, 3000 + 150 + 331]
+    assert piece.length(32) == 3000 + 119 + 300 + 481 + 3 * 31
+    chunk = _Chunk(4096, [[piece], [piece]])
+    assert chunk.fit(piece, 32) is None and chunk.shape(torch.device("cuda")) == (4096, 2, 3, 8)
+
+
+def test_graph_engine_outputs_do_not_depend_on_how_rows_are_packed(monkeypatch):
+    """Rows packed several to a lane (other rows' tokens masked out of each row's attention) give the outputs of
+    one row per lane."""
+    from editors.models import load_adapter
+    from editors.models.generation import graph
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = _mixed_prompts()
+    settings = adapter.generation_settings(6, engine="graph")
+    packed = adapter.generate(prompts, settings=settings)
+    lanes = []
+    plan = graph._plan
+    monkeypatch.setattr(graph, "_plan", lambda *a: [lanes.append(len(c.lanes)) or c for c in plan(*a)])
+    assert adapter.generate(prompts, settings=settings) == packed and sum(lanes) < len(prompts)
+    monkeypatch.setattr(graph, "LANE_ROWS", 1)  # one row per lane (shared prefixes then each in a lane of their own)
+    monkeypatch.setattr(graph, "rows_per_lane", lambda *a: 1)
+    lanes.clear()
+    assert adapter.generate(prompts, settings=settings) == packed and sum(lanes) == len(prompts)
 
 
 @pytest.mark.parametrize("method,overrides", [("ft_llm", {"max_steps": 6}), ("ft_audio", {"max_steps": 6}),

@@ -2,21 +2,22 @@
 
 What it does, per :func:`generate_graph` call:
 
-1. **Lanes.** Each prompt is split where its own system prompt + dialogue history end (:func:`prefix_split`: a
+1. **Pieces.** Each prompt is split where its own system prompt + dialogue history end (:func:`prefix_split`: a
    function of the prompt alone). Prompts with the same prefix (same tokens, same audio, same edit in a per-edit
-   pass) form a group, and a group's rows share lanes of the static KV cache (:func:`_lanes`): a lane holds the
-   prefix once, then each of its rows' own tail and new tokens back to back, at their real lengths. How many rows
-   share a lane follows from the prefix's and the tails' lengths (:func:`rows_per_lane`): IE-IKE's ~3,000-token
-   demonstrations are held once per edit with its ten rows beside them; a short prefix (the chat template's) is not
-   shared, each row then is a lane of its own whole prompt.
-2. **Chunks.** Lanes fill as few chunks as the batching limits allow (rows, and tokens: every lane at the chunk's
-   widest lane): every decode step reads the model's weights once for all of a chunk's rows, so lanes of different
-   lengths share a chunk unless the padding they add would cost more cache reads than another read of the weights
-   (:func:`_plan`). Lanes and rows per lane are rounded for the static buffers (powers of two on CPU, the canonical
-   row counts of ``editors.models.buckets``; rows to a multiple of :data:`ROW_STEP` on CUDA); the extra rows are
-   inert (never prefilled, finished from the start, attending to a spare last column of their lane).
-3. **Prefill** of the lanes' prefixes once each, then of every row's tail, rows batched by their own tail width (no
-   compute spent on a longer neighbour's padding): attention over [the lane's prefix, the row's own tail]; keys
+   pass) form a group, and a group's rows share pieces (:func:`_pieces`): a piece holds the prefix once, then each of
+   its rows' own tail and new tokens back to back, at their real lengths. How many rows share a piece follows from
+   the prefix's and the tails' lengths (:func:`rows_per_lane`): IE-IKE's ~3,000-token demonstrations are held once
+   per edit with its ten rows beside them; a short prefix (the chat template's) is not shared, each row then is a
+   piece of its own whole prompt.
+2. **Lanes and chunks.** The static KV cache of a chunk is ``lanes x width`` tokens; each lane holds pieces back to
+   back (first fit, longest first, lanes as wide as the longest piece or twice that, whichever a decode step reads
+   less of), so rows shorter than the widest share a lane instead of each padding one (:func:`_plan`). Chunks are as
+   few as the batching limits allow (rows; tokens: lanes x width): every decode step reads the model's weights once
+   for all of a chunk's rows. Rows are rounded up for the static buffers (the canonical row counts of
+   ``editors.models.buckets`` on CPU, a multiple of :data:`ROW_STEP` on CUDA); the extra rows are inert (never
+   prefilled, finished from the start, writing to a spare last column).
+3. **Prefill** of the pieces' prefixes once each, then of every row's tail, rows batched by their own tail width (no
+   compute spent on a longer neighbour's padding): attention over [its piece's prefix, the row's own tail]; keys
    and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
    ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
    chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
@@ -28,10 +29,11 @@ What it does, per :func:`generate_graph` call:
    have. On CPU the same step runs uncaptured.
 
 Attention in the decode step is computed by hand (scores, fp32 softmax, weighted values, as the eager attention of
-transformers): each lane is read once for the queries of all its rows, and each row's mask lets it see its lane's
-prefix and its own tail. Projections, norms and MLPs are the model's own modules, so replaced modules keep working:
-routed per-edit Linears (FT-LLM) and per-edit LoRA adapters read the device tensor ``routing.row_edit`` during the
-step and gather each row's edit (``editors.models.generation.per_edit``), so K edits share one captured graph.
+transformers): the rows' queries are gathered into their lanes' slots, so each lane is read once for all of its
+rows, and each row's mask lets it see its piece's prefix and its own tail. Projections, norms and MLPs are the
+model's own modules, so replaced modules keep working: routed per-edit Linears (FT-LLM) and per-edit LoRA adapters
+read the device tensor ``routing.row_edit`` during the step and gather each row's edit
+(``editors.models.generation.per_edit``), so K edits share one captured graph.
 WISE's router plans each row's memory before the call (``PromptRouting``), so its rows are routed the same way.
 Methods whose modules decide on the host while decoding (GRACE) use the eager engine.
 
@@ -85,6 +87,9 @@ LANE_ROWS = 16
 #: bf16 at head dim 128) over what one score costs (~24 bytes through the step's matmul, scale, mask, fp32 softmax
 #: and cast): :func:`rows_per_lane`.
 SCORE_RATIO = 20
+#: A piece joins a chunk whose lanes are at most this many times its own length (a row reads its whole lane's scores,
+#: other rows' tokens included: at most ~(PACK_SPAN - 1) / SCORE_RATIO more than its own).
+PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
@@ -221,9 +226,9 @@ def prefix_split(adapter: "LALMAdapter", prompt: Prompt, token_ids: Sequence[int
 
 @dataclass
 class _Piece:
-    """Rows that share one prefix (and, in a per-edit pass, one edit): one lane of the static cache, laid out as
-    [prefix | row 1's tail and new tokens | row 2's ... ]. A row whose prefix is not shared is a lane of its own with
-    no prefix (its whole prompt is its tail)."""
+    """Rows that share one prefix (and, in a per-edit pass, one edit), laid out in a lane as [prefix | row 1's tail
+    and new tokens | row 2's ... ]. A row whose prefix is not shared is a piece of its own with no prefix (its whole
+    prompt is its tail)."""
 
     prefix: list[int]  # prefix token ids ([]: none)
     audios: list[Any]  # the prefix's audios
@@ -231,11 +236,11 @@ class _Piece:
     tails: list[int]  # each row's tail length (tokens after the prefix)
 
     def length(self, new_tokens: int) -> int:
-        """Tokens of the lane: the prefix once, each row's tail and the ``new_tokens - 1`` tokens decoding writes."""
+        """Tokens of the piece: the prefix once, each row's tail and the ``new_tokens - 1`` tokens decoding writes."""
         return len(self.prefix) + sum(t + new_tokens - 1 for t in self.tails)
 
     def segments(self, new_tokens: int) -> list[int]:
-        """Where each row's tail starts in the lane."""
+        """Where each row's tail starts, from the piece's start."""
         starts, at = [], len(self.prefix)
         for t in self.tails:
             starts.append(at)
@@ -257,35 +262,39 @@ def rows_per_lane(prefix: int, tail: float, rows: int) -> int:
 
 @dataclass
 class _Chunk:
-    """Lanes decoded together: one static cache of ``lanes x width`` tokens, every lane as wide as the widest."""
+    """Rows decoded together: one static cache of ``lanes x width`` tokens. Each lane holds pieces back to back
+    (first fit, longest first), so rows shorter than the widest fill a lane together instead of each padding one;
+    the last column of every lane is spare (inert rows attend to it)."""
 
-    pieces: list[_Piece]
+    width: int
+    lanes: list[list[_Piece]]
+
+    @property
+    def pieces(self) -> list[_Piece]:
+        return [p for lane in self.lanes for p in lane]
 
     @property
     def rows(self) -> list[int]:
+        """Prompt indices in the chunk's row order (lane by lane)."""
         return [i for p in self.pieces for i in p.rows]
 
-    def shape(self, new_tokens: int, device: torch.device) -> tuple[int, int, int]:
-        """(lane width, lanes, rows per lane), rounded up for the static buffers: the width to the width step with a
-        spare last column (inert rows attend to it); on CPU lanes and rows per lane to powers of two (rows at least
-        :data:`MIN_ROWS`, the canonical row counts of ``editors.models.buckets``); on CUDA rows to a multiple of
-        :data:`ROW_STEP`."""
-        width = _bucket(max(p.length(new_tokens) for p in self.pieces) + 1, device)
-        slots = max(len(p.rows) for p in self.pieces)
-        lanes = len(self.pieces)
-        if device.type == "cpu":
-            slots = _pow2(slots)
-            lanes = max(_pow2(lanes), -(-MIN_ROWS // slots))
-        else:
-            step = max(1, ROW_STEP // slots)
-            lanes = -(-lanes // step) * step
-        return width, lanes, slots
+    def fit(self, piece: _Piece, new_tokens: int) -> list[_Piece] | None:
+        """The first lane with room for ``piece`` (tokens and :data:`LANE_ROWS`), or None."""
+        need = piece.length(new_tokens)
+        for lane in self.lanes:
+            used = sum(p.length(new_tokens) for p in lane)
+            if used + need <= self.width - 1 and sum(len(p.rows) for p in lane) + len(piece.rows) <= LANE_ROWS:
+                return lane
+        return None
 
-
-def _tokens(pieces: Sequence[_Piece], new_tokens: int) -> tuple[int, int]:
-    """(tokens a chunk of ``pieces`` holds: every lane at the widest lane's length; the real tokens among them)."""
-    lengths = [p.length(new_tokens) for p in pieces]
-    return len(pieces) * max(lengths), sum(lengths)
+    def shape(self, device: torch.device) -> tuple[int, int, int, int]:
+        """(lane width, lanes, rows per lane, rows) of the static buffers: rows rounded up to the canonical row counts
+        of ``editors.models.buckets`` on CPU (a power of two, at least :data:`MIN_ROWS`), to a multiple of
+        :data:`ROW_STEP` on CUDA."""
+        slots = max(sum(len(p.rows) for p in lane) for lane in self.lanes)
+        rows = len(self.rows)
+        rows = max(_pow2(rows), MIN_ROWS) if device.type == "cpu" else -(-rows // ROW_STEP) * ROW_STEP
+        return self.width, len(self.lanes), slots, rows
 
 
 def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -307,27 +316,47 @@ def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tu
         yield part, counts
 
 
-def _plan(pieces: list[_Piece], settings: GenerationSettings, split_tokens: int) -> list[_Chunk]:
-    """Lanes in as few chunks as the batching limits allow (rows, and tokens: every lane at the chunk's widest). Lanes
-    go in order of length, and a lane starts a new chunk when the padding it would add (tokens every decode step
-    reads) exceeds ``split_tokens`` (what reading the model's weights once more costs, in tokens of cache)."""
+def _plan(pieces: list[_Piece], settings: GenerationSettings, device: torch.device) -> list[_Chunk]:
+    """Pieces in as few chunks as the batching limits allow, packed into lanes (:func:`_pack`) as wide as the longest
+    piece or twice as wide, whichever a decode step reads less of (:func:`_reads`): wider lanes pack rows of
+    typical length with less padding left over, but each row reads its lane's scores."""
+    plans = [_pack(pieces, settings, device, spread) for spread in (1, 2)]
+    return min(plans, key=lambda chunks: sum(_reads(c) for c in chunks))
+
+
+def _reads(chunk: _Chunk) -> float:
+    """What a decode step of ``chunk`` reads, in cached tokens: every lane's keys and values, and each of its slots'
+    scores (1/:data:`SCORE_RATIO` of a token each)."""
+    width, lanes, slots, _ = chunk.shape(torch.device("cpu"))
+    return lanes * width * (1 + slots / SCORE_RATIO)
+
+
+def _pack(pieces: list[_Piece], settings: GenerationSettings, device: torch.device, spread: int) -> list[_Chunk]:
+    """Pieces longest first; a chunk's lanes are ``spread`` times its longest piece (+ the spare column); a piece
+    joins the chunk's first lane with room, else a new lane, unless the chunk's lanes exceed :data:`PACK_SPAN` times
+    ``spread`` times its own length (its rows would read too many other rows' tokens) or a limit is reached (rows;
+    tokens: lanes x width): then it starts the next chunk."""
     n = settings.max_new_tokens
     chunks: list[_Chunk] = []
-    current: list[_Piece] = []
+    current: _Chunk | None = None
     for piece in sorted(pieces, key=lambda p: p.length(n), reverse=True):
-        if current:
-            tokens, real = _tokens(current + [piece], n)
-            before, before_real = _tokens(current, n)
-            rows = sum(len(p.rows) for p in current) + len(piece.rows)
-            fits = ((not settings.batch_size or rows <= settings.batch_size)
-                    and (not settings.max_batch_tokens or tokens <= settings.max_batch_tokens)
-                    and (tokens - real) - (before - before_real) <= split_tokens)
-            if not fits:
-                chunks.append(_Chunk(current))
-                current = []
-        current.append(piece)
-    if current:
-        chunks.append(_Chunk(current))
+        width = _bucket(spread * piece.length(n) + 1, device)
+        if current is not None and current.width <= PACK_SPAN * width and (
+                not settings.batch_size or len(current.rows) + len(piece.rows) <= settings.batch_size):
+            lane = current.fit(piece, n)
+            if lane is not None:
+                lane.append(piece)
+                continue
+            if not settings.max_batch_tokens or (len(current.lanes) + 1) * current.width <= settings.max_batch_tokens:
+                current.lanes.append([piece])
+                continue
+        if current is not None:
+            chunks.append(current)
+        if settings.max_batch_tokens and spread > 1:
+            width = min(width, max(_bucket(piece.length(n) + 1, device), settings.max_batch_tokens))
+        current = _Chunk(width, [[piece]])
+    if current is not None:
+        chunks.append(current)
     return chunks
 
 
@@ -362,21 +391,34 @@ class _Writes:
         return cls(*tensors)
 
 
+@dataclass
+class _Place:
+    """Where a prompt's row lives in a chunk."""
+
+    row: int  # its row of the static buffers
+    lane: int
+    prefix_start: int  # its piece's prefix in the lane ([start, start + prefix length))
+    prefix: int  # prefix length
+    tail_start: int  # its own tail in the lane
+
+
 class _State:
     """Static buffers of one chunk shape and its captured decode step (reused by every chunk of that shape)."""
 
-    def __init__(self, lm: _LM, shape: tuple[int, int, int], steps: int, pad_id: int,
+    def __init__(self, lm: _LM, shape: tuple[int, int, int, int], steps: int, pad_id: int,
                  stop_ids: torch.Tensor) -> None:
         self.lm, self.steps, self.pad_id, self.stop_ids = lm, steps, pad_id, stop_ids
-        self.width, self.lanes, self.slots = shape
-        self.rows = self.lanes * self.slots  # row r = slot r % slots of lane r // slots
+        self.width, self.lanes, self.slots, self.rows = shape
         dev, dt = lm.device, lm.dtype
         cache = (self.lanes, lm.kv_heads, self.width, lm.head_dim)
         self.keys = [torch.zeros(cache, dtype=dt, device=dev) for _ in lm.layers]
         self.values = [torch.zeros_like(k) for k in self.keys]
-        self.lane_of = torch.arange(self.rows, device=dev) // self.slots
-        self.blocked = torch.ones(self.rows, self.width, dtype=torch.bool, device=dev)  # what a row does not see
-        self.write = torch.zeros(self.rows, dtype=torch.long, device=dev)  # lane position of its next token
+        slots = self.lanes * self.slots
+        self.blocked = torch.ones(slots, self.width, dtype=torch.bool, device=dev)  # what a slot's row does not see
+        self.slot_row = torch.zeros(slots, dtype=torch.long, device=dev)  # the row whose query a lane slot holds
+        self.row_slot = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.lane_of = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.write = torch.zeros(self.rows, dtype=torch.long, device=dev)  # lane position of the row's next token
         self.advance = torch.zeros(self.rows, dtype=torch.long, device=dev)  # 1 for real rows, 0 for inert ones
         self.token = torch.zeros(self.rows, dtype=torch.long, device=dev)
         self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
@@ -391,29 +433,42 @@ class _State:
 
     # ---- prefill ------------------------------------------------------------------------------------------------
 
-    def begin(self, pieces: Sequence[_Piece]) -> None:
-        """Lay out a chunk: lane ``g`` holds piece ``g``, its rows in its first slots; every real row attends to its
-        lane's prefix and its own tail, decoding writes after its tail. Inert rows (empty slots, padding lanes)
-        attend to the spare last column only, write there and are finished from the start."""
+    def begin(self, chunk: _Chunk) -> dict[int, _Place]:
+        """Lay out ``chunk`` (rows in its order, lane ``g`` holding its ``g``-th lane's pieces back to back): every
+        real row sees its piece's prefix and its own tail, and decoding writes after its tail. Inert rows (beyond the
+        real ones) write to lane 0's spare last column; empty lane slots see only their lane's spare column. Returns
+        each prompt's place."""
         n, spare = self.steps, self.width - 1
-        valid = torch.zeros(self.rows, self.width, dtype=torch.bool)
+        valid = torch.zeros(self.lanes * self.slots, self.width, dtype=torch.bool)
         valid[:, spare] = True
         write = torch.full((self.rows,), spare, dtype=torch.long)
         advance = torch.zeros(self.rows, dtype=torch.long)
-        for g, piece in enumerate(pieces):
-            for k, (start, tail) in enumerate(zip(piece.segments(n), piece.tails)):
-                r = g * self.slots + k
-                valid[r, spare] = False
-                valid[r, :len(piece.prefix)] = True
-                valid[r, start:start + tail] = True
-                write[r], advance[r] = start + tail, 1
-        self.blocked.copy_(to_device(~valid, self.blocked.device))
-        self.write.copy_(to_device(write, self.write.device))
-        self.advance.copy_(to_device(advance, self.advance.device))
+        lane_of = torch.zeros(self.rows, dtype=torch.long)
+        slot_row = torch.zeros(self.lanes * self.slots, dtype=torch.long)
+        row_slot = torch.zeros(self.rows, dtype=torch.long)
+        places: dict[int, _Place] = {}
+        row = 0
+        for g, lane in enumerate(chunk.lanes):
+            start, slot = 0, g * self.slots
+            for piece in lane:
+                for prompt, tail, at in zip(piece.rows, piece.tails, piece.segments(n)):
+                    places[prompt] = _Place(row, g, start, len(piece.prefix), start + at)
+                    valid[slot, spare] = False
+                    valid[slot, start:start + len(piece.prefix)] = True
+                    valid[slot, start + at:start + at + tail] = True
+                    write[row], advance[row], lane_of[row] = start + at + tail, 1, g
+                    slot_row[slot], row_slot[row] = row, slot
+                    row, slot = row + 1, slot + 1
+                start += piece.length(n)
+        for name, value in (("blocked", ~valid), ("write", write), ("advance", advance), ("lane_of", lane_of),
+                            ("slot_row", slot_row), ("row_slot", row_slot)):
+            target = getattr(self, name)
+            target.copy_(to_device(value, target.device))
         self.finished.fill_(True)
         self.out.fill_(self.pad_id)
         self.token.zero_()
         self.position.zero_()
+        return places
 
     def prefill_prefixes(self, embeds: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
                          writes: _Writes) -> None:
@@ -433,26 +488,25 @@ class _State:
         self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
 
     def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
-                runs: Sequence[tuple[int, int, int]], writes: _Writes, slots: torch.Tensor) -> None:
-        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``): consecutive ``runs`` of (lane, its prefix
-        length, rows) attend over their lane's prefix and their own tail; keys and values to their lanes; each row's
-        first token and decode position to its slot in ``slots``."""
+                runs: Sequence[tuple[int, int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
+        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``): consecutive ``runs`` of (lane, prefix
+        start, prefix length, rows) attend over their prefix in the lane and their own tail; keys and values to their
+        lanes; each row's first token and decode position to its buffer row in ``rows``."""
         lm, w = self.lm, embeds.shape[1]
         tail_mask = _self_attention_mask(tail_valid)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(i, k, v, writes)
             outs, a = [], 0
-            for lane, prefix, count in runs:  # one run at a time: its lane's prefix for its rows
+            for lane, start, prefix, count in runs:  # one run at a time: its prefix for its rows
                 b = a + count
                 if not prefix:
                     outs.append(nn.functional.scaled_dot_product_attention(
                         q[a:b], lm.repeat_kv(k[a:b]), lm.repeat_kv(v[a:b]), attn_mask=tail_mask[a:b], scale=lm.scale))
                 else:
-                    pk = self.keys[i][lane:lane + 1, :, :prefix].expand(count, -1, -1, -1)
-                    pv = self.values[i][lane:lane + 1, :, :prefix].expand(count, -1, -1, -1)
-                    pmask = tail_mask.new_ones(count, 1, w, prefix)
-                    mask = torch.cat([pmask, tail_mask[a:b]], dim=-1)
+                    pk = self.keys[i][lane:lane + 1, :, start:start + prefix].expand(count, -1, -1, -1)
+                    pv = self.values[i][lane:lane + 1, :, start:start + prefix].expand(count, -1, -1, -1)
+                    mask = torch.cat([tail_mask.new_ones(count, 1, w, prefix), tail_mask[a:b]], dim=-1)
                     outs.append(nn.functional.scaled_dot_product_attention(
                         q[a:b], lm.repeat_kv(torch.cat([pk, k[a:b]], dim=2)),
                         lm.repeat_kv(torch.cat([pv, v[a:b]], dim=2)), attn_mask=mask, scale=lm.scale))
@@ -461,10 +515,10 @@ class _State:
 
         hidden = lm.forward(embeds, positions, attend)
         token = lm.last_token(hidden)
-        self.out[:, 0].index_copy_(0, slots, token)
-        self.finished.index_copy_(0, slots, self._stops(token))
-        self.token.index_copy_(0, slots, token)
-        self.position.index_copy_(0, slots, positions[:, -1:] + 1)
+        self.out[:, 0].index_copy_(0, rows, token)
+        self.finished.index_copy_(0, rows, self._stops(token))
+        self.token.index_copy_(0, rows, token)
+        self.position.index_copy_(0, rows, positions[:, -1:] + 1)
 
     def end_prefill(self) -> None:
         self.step_index.fill_(1)
@@ -475,24 +529,27 @@ class _State:
     # ---- decode -------------------------------------------------------------------------------------------------
 
     def _attend_decode(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One new token per row: write its key/value into its lane, attend over what the row sees of the lane (its
-        prefix and its own tail; each lane read once for all of its rows)."""
-        lm, r, g, s, width = self.lm, self.rows, self.lanes, self.slots, self.width
+        """One new token per row: write its key/value into its lane, then attend over what each row sees of its lane
+        (its prefix and its own tail), the queries gathered into their lane's slots so that each lane is read once
+        for all of its rows."""
+        lm, g, s, width = self.lm, self.lanes, self.slots, self.width
         kv, rep, d = lm.kv_heads, lm.heads // lm.kv_heads, lm.head_dim
         keys, values = self.keys[i], self.values[i]
         keys[self.lane_of, :, self.write] = k[:, :, 0]
         values[self.lane_of, :, self.write] = v[:, :, 0]
-        lanes_q = q.reshape(g, s, kv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, kv, s * rep, d)
+        slotted = q.reshape(self.rows, kv, rep, d).index_select(0, self.slot_row)  # [G*S, kv, rep, d]
+        lanes_q = slotted.view(g, s, kv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, kv, s * rep, d)
         scores = torch.matmul(lanes_q, keys.transpose(-1, -2)) * lm.scale  # [G, kv, S*rep, W]
         scores = scores.view(g, kv, s, rep, width).masked_fill(self.blocked.view(g, 1, s, 1, width), float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(g, kv, s * rep, width)
         out = torch.matmul(probs, values)  # [G, kv, S*rep, d]
-        return out.view(g, kv, s, rep, d).permute(0, 2, 1, 3, 4).reshape(r, kv * rep, 1, d)
+        out = out.view(g, kv, s, rep, d).permute(0, 2, 1, 3, 4).reshape(g * s, kv, rep, d)
+        return out.index_select(0, self.row_slot).reshape(self.rows, kv * rep, 1, d)
 
     def step(self) -> None:
         """One decode step for every row, reading and advancing only this state's buffers."""
         lm = self.lm
-        self.blocked.scatter_(1, self.write[:, None], False)
+        self.blocked.scatter_(1, self.write.index_select(0, self.slot_row)[:, None], False)
         hidden = lm.embed(self.token).unsqueeze(1)
         hidden = lm.forward(hidden, self.position, self._attend_decode)
         token = torch.where(self.finished, torch.full_like(self.token, self.pad_id), lm.last_token(hidden))
@@ -594,9 +651,9 @@ def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.dev
         kept.popitem(last=False)
 
 
-def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int]) -> int:
+def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int, int]) -> int:
     """What ``_State.nbytes()`` of a new state of ``shape`` will be: every token its lanes hold."""
-    width, lanes, _ = shape
+    width, lanes, _, _ = shape
     return kv_bytes_per_token(adapter) * lanes * width
 
 
@@ -611,14 +668,6 @@ def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_
         torch.cuda.empty_cache()
 
 
-def _split_tokens(adapter: "LALMAdapter", lm: _LM) -> int:
-    """Tokens of KV cache whose reads cost as much as one more read of the language model's weights: the padding
-    worth a separate chunk (:func:`_plan`)."""
-    weights = sum(p.numel() * p.element_size() for layer in lm.layers for p in layer.parameters())
-    weights += lm.head.weight.numel() * lm.head.weight.element_size()
-    return max(1, weights // kv_bytes_per_token(adapter))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,8 +680,8 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     lm = _LM(adapter)
     n, dev = settings.max_new_tokens, lm.device
     STATS["calls"] += 1
-    pieces, tails, tail_audios = _lanes(adapter, prompts, token_ids, per_edit, settings)
-    chunks = _plan(pieces, settings, _split_tokens(adapter, lm))
+    pieces, tails, tail_audios = _pieces(adapter, prompts, token_ids, per_edit, settings)
+    chunks = _plan(pieces, settings, dev)
     part_tokens = prefill_tokens(adapter) or 1 << 62  # per prefill forward (CUDA); a chunk whole on CPU
     stop_ids = to_device(torch.tensor(adapter.stop_token_ids), dev)
     routing = per_edit.routing if per_edit is not None else None
@@ -641,10 +690,10 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     kept = _kept(adapter) if keep else {}
     states: dict[tuple, _State] = {}
     pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-    last_use = {chunk.shape(n, dev): c for c, chunk in enumerate(chunks)}
+    last_use = {chunk.shape(dev): c for c, chunk in enumerate(chunks)}
     outputs: list[GeneratedText | None] = [None] * len(prompts)
     for c, chunk in enumerate(chunks):
-        shape = chunk.shape(n, dev)
+        shape = chunk.shape(dev)
         state_key = (identity, n, adapter.pad_token_id, tuple(adapter.stop_token_ids), shape)
         state = states.get(state_key) or kept.get(state_key)
         if state is None:
@@ -654,16 +703,13 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         elif state_key not in states:
             STATS["reused"] += 1
         states[state_key] = state
-        state.begin(chunk.pieces)
-        _prefill(adapter, state, chunk, tails, tail_audios, per_edit, part_tokens)
+        places = state.begin(chunk)
+        _prefill(adapter, state, chunk, places, tails, tail_audios, per_edit, part_tokens)
         state.end_prefill()
-        slot_of = {row: g * state.slots + k for g, p in enumerate(chunk.pieces) for k, row in enumerate(p.rows)}
+        rows = chunk.rows  # in buffer row order
         if per_edit is not None:
-            edits = per_edit.row_edits(chunk.rows)
-            by_slot = [edits[0]] * state.rows
-            for row, edit in zip(chunk.rows, edits):
-                by_slot[slot_of[row]] = edit
-            state.row_edit.copy_(to_device(torch.tensor(by_slot), dev))
+            edits = per_edit.row_edits(rows)
+            state.row_edit.copy_(to_device(torch.tensor(edits + [edits[-1]] * (state.rows - len(edits))), dev))
         if routing is not None:
             routing.row_edit = state.row_edit
         try:
@@ -671,13 +717,12 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         finally:
             if routing is not None:
                 routing.row_edit = None
-        slots = [slot_of[row] for row in chunk.rows]
-        texts = decode_new_tokens(adapter, state.out[to_device(torch.tensor(slots), dev), :done + 1], n)
-        for row, text in zip(chunk.rows, texts):
+        texts = decode_new_tokens(adapter, state.out[:len(rows), :done + 1], n)
+        for row, text in zip(rows, texts):
             outputs[row] = text
         STATS["chunks"] += 1
         STATS["rows"] += state.rows
-        STATS["real_rows"] += len(chunk.rows)
+        STATS["real_rows"] += len(rows)
         if last_use[shape] == c and (not keep or state.nbytes() > _keep_budget(dev)):
             del states[state_key]  # not kept: free its caches before the next shape
             kept.pop(state_key, None)
@@ -690,11 +735,11 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     return outputs  # type: ignore[return-value]
 
 
-def _lanes(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequence[list[int]],
-           per_edit: PerEdit | None, settings: GenerationSettings
-           ) -> tuple[list[_Piece], list[list[int]], list[list[Any]]]:
-    """The lanes of a call, and each prompt's tail (token ids, audios) after its lane's prefix. Prompts with the
-    same prefix (same tokens, same audio, same edit in a per-edit pass) form a group; a group's rows share lanes of
+def _pieces(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequence[list[int]],
+            per_edit: PerEdit | None, settings: GenerationSettings
+            ) -> tuple[list[_Piece], list[list[int]], list[list[Any]]]:
+    """The pieces of a call, and each prompt's tail (token ids, audios) after its piece's prefix. Prompts with the
+    same prefix (same tokens, same audio, same edit in a per-edit pass) form a group; a group's rows share pieces of
     :func:`rows_per_lane` rows (rows of similar tail length together), and a row that shares with none keeps its
     whole prompt as its tail."""
     n = settings.max_new_tokens
@@ -713,10 +758,10 @@ def _lanes(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequenc
         first, split, n_audio = members[0]
         prefix = list(token_ids[first][:split])
         mean_tail = sum(len(token_ids[i]) - split for i, _, _ in members) / len(members)
-        per_lane = rows_per_lane(len(prefix), mean_tail, len(members))
-        while per_lane > 1 and len(prefix) + per_lane * (mean_tail + n) > budget:
-            per_lane //= 2  # one lane must fit a chunk
-        if per_lane == 1:
+        per_piece = rows_per_lane(len(prefix), mean_tail, len(members))
+        while per_piece > 1 and len(prefix) + per_piece * (mean_tail + n) > budget:
+            per_piece //= 2  # one piece must fit a chunk
+        if per_piece == 1:
             for i, _, _ in members:
                 tails[i], tail_audios[i] = list(token_ids[i]), prompts[i].audios()
                 pieces.append(_Piece([], [], [i], [len(tails[i])]))
@@ -725,61 +770,63 @@ def _lanes(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequenc
         for i, _, _ in members:
             tails[i], tail_audios[i] = list(token_ids[i][split:]), prompts[i].audios()[n_audio:]
         ordered = sorted((i for i, _, _ in members), key=lambda i: len(tails[i]))
-        for start in range(0, len(ordered), per_lane):
-            rows = ordered[start:start + per_lane]
+        for start in range(0, len(ordered), per_piece):
+            rows = ordered[start:start + per_piece]
             pieces.append(_Piece(prefix, audios, rows, [len(tails[i]) for i in rows]))
     return pieces, tails, tail_audios
 
 
-def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, tails: list[list[int]],
-             tail_audios: list[list[Any]], per_edit: PerEdit | None, part_tokens: int) -> None:
-    """Prefill a chunk into ``state``: the lanes' prefixes once each, then every row's tail, rows batched by their
+def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, places: dict[int, _Place],
+             tails: list[list[int]], tail_audios: list[list[Any]], per_edit: PerEdit | None, part_tokens: int) -> None:
+    """Prefill a chunk into ``state``: the pieces' prefixes once each, then every row's tail, rows batched by their
     own tail width (no compute spent on another row's padding), in parts of at most ``part_tokens`` tokens."""
-    dev, n = state.lm.device, state.steps
-    shared = [g for g, p in enumerate(chunk.pieces) if p.prefix]
+    dev = state.lm.device
+    shared = [p for p in chunk.pieces if p.prefix]
     if shared:
-        width = _bucket(max(len(chunk.pieces[g].prefix) for g in shared), dev)
-        for part, _ in _parts(shared, [1] * len(shared), max(1, part_tokens // width)):
-            members = [chunk.pieces[g] for g in part]
+        width = _bucket(max(len(p.prefix) for p in shared), dev)
+        for part, _ in _parts(range(len(shared)), [1] * len(shared), max(1, part_tokens // width)):
+            members = [shared[j] for j in part]
+            firsts = [p.rows[0] for p in members]  # a row of each piece stands for its edit
             batch = left_pad(adapter._collate([p.prefix for p in members], [a for p in members for a in p.audios]),
                              width, adapter.pad_token_id)
             if per_edit is not None:
-                firsts = [p.rows[0] for p in members]  # a member of each lane stands for its edit
                 per_edit.before_chunk(firsts)
                 embeds = per_edit.embeds(adapter, batch, firsts, [len(p.audios) for p in members])
             else:
                 embeds = adapter.input_embeds(batch)
-            writes = _Writes.of([(j, g, 0, len(p.prefix)) for j, (g, p) in enumerate(zip(part, members))], width, dev)
-            state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids, writes)
+            spans = [(j, places[f].lane, places[f].prefix_start, len(p.prefix))
+                     for j, (f, p) in enumerate(zip(firsts, members))]
+            state.prefill_prefixes(embeds, batch.attention_mask.bool(), batch.position_ids,
+                                   _Writes.of(spans, width, dev))
             STATS["prefix_groups"] += len(members)
             STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
-    runs: list[tuple[int, int, list[int]]] = []  # (tail width, lane, rows): a lane's rows of one width
-    place: dict[int, tuple[int, int, int]] = {}  # row -> (lane, slot, where its tail starts)
-    for g, piece in enumerate(chunk.pieces):
+    runs: list[tuple[int, list[int]]] = []  # (tail width, rows): a piece's rows of one width
+    for piece in chunk.pieces:
         by_width: dict[int, list[int]] = {}
-        for k, (row, start) in enumerate(zip(piece.rows, piece.segments(n))):
-            place[row] = (g, g * state.slots + k, start)
+        for row in piece.rows:
             by_width.setdefault(_bucket(len(tails[row]), dev), []).append(row)
-        runs += [(w, g, rows) for w, rows in by_width.items()]
+        runs += list(by_width.items())
     runs.sort(key=lambda run: run[0])
     for width, group in itertools.groupby(runs, key=lambda run: run[0]):
         same = list(group)  # the runs of one tail width, prefilled together
         taken = [0] * len(same)  # rows of each run prefilled so far (a run may continue in the next part)
-        for part, counts in _parts(range(len(same)), [len(r[2]) for r in same], max(1, part_tokens // width)):
-            rows, lanes = [], []
+        for part, counts in _parts(range(len(same)), [len(r[1]) for r in same], max(1, part_tokens // width)):
+            rows: list[int] = []
+            prefixes: list[tuple[int, int, int, int]] = []
             for j, count in zip(part, counts):
-                _, lane, lane_rows = same[j]
-                rows += lane_rows[taken[j]:taken[j] + count]
+                run = same[j][1][taken[j]:taken[j] + count]
                 taken[j] += count
-                lanes.append((lane, len(chunk.pieces[lane].prefix), count))
-            _prefill_rows(adapter, state, rows, lanes, width, tails, tail_audios, per_edit, place)
+                rows += run
+                first = places[run[0]]
+                prefixes.append((first.lane, first.prefix_start, first.prefix, count))
+            _prefill_rows(adapter, state, rows, prefixes, width, tails, tail_audios, per_edit, places)
 
 
-def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: list[tuple[int, int, int]],
+def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: list[tuple[int, int, int, int]],
                   width: int, tails: list[list[int]], tail_audios: list[list[Any]], per_edit: PerEdit | None,
-                  place: dict[int, tuple[int, int, int]]) -> None:
-    """One prefill forward: ``rows`` (consecutive ``runs`` of (lane, prefix length, rows)) left-padded to
-    ``width``."""
+                  places: dict[int, _Place]) -> None:
+    """One prefill forward: ``rows`` (consecutive ``runs`` of (lane, prefix start, prefix length, rows)) left-padded
+    to ``width``."""
     dev = state.lm.device
     batch = left_pad(adapter._collate([tails[i] for i in rows], [a for i in rows for a in tail_audios[i]]),
                      width, adapter.pad_token_id)
@@ -788,7 +835,9 @@ def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: 
         embeds = per_edit.embeds(adapter, batch, rows, [len(tail_audios[i]) for i in rows])
     else:
         embeds = adapter.input_embeds(batch)
-    writes = _Writes.of([(j, place[i][0], place[i][2], len(tails[i])) for j, i in enumerate(rows)], width, dev)
-    offsets = to_device(torch.tensor([prefix for _, prefix, count in runs for _ in range(count)]), dev)
-    slots = to_device(torch.tensor([place[i][1] for i in rows]), dev)
-    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], runs, writes, slots)
+    writes = _Writes.of([(j, places[i].lane, places[i].tail_start, len(tails[i])) for j, i in enumerate(rows)],
+                        width, dev)
+    offsets = to_device(torch.tensor([places[i].prefix for i in rows]), dev)
+    buffer_rows = to_device(torch.tensor([places[i].row for i in rows]), dev)
+    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], runs, writes,
+                  buffer_rows)
