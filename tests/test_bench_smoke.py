@@ -154,3 +154,25 @@ def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     assert rows[1].startswith("| ft_llm | eager | 2 | 1.500 |") and rows[1].endswith("| - |")
     header = next(line for line in text.splitlines() if line.startswith("| method | engine |"))
     assert len(rows) == 2 and all(line.count("|") == header.count("|") for line in rows)
+
+
+def test_cache_layout_plans_ie_ike_under_4_gib_per_edit_at_full_size(tmp_path):
+    """Issue 29's memory goal at the plan level: the graph engine's cache for a pass of IE-IKE edits at Qwen2-Audio-7B's
+    real shapes (the model on the meta device) holds each edit in under 4 GiB, and no kind of prompt gets a larger
+    cache than the padded layout lanes replaced."""
+    from bench import cache_layout
+    from bench.synthetic import SyntheticDataset
+    from editors.models.generation.memory import kv_bytes_per_token
+    from editors.models.qwen2_audio import Qwen2AudioAdapter
+
+    adapter = Qwen2AudioAdapter.random_full_size(0, device="meta")
+    dataset = SyntheticDataset.make(tmp_path, 2, 4, 0, (5.0, 16.0))
+    for method in ("plain", "i_ike", "ie_ike"):
+        per_edit = cache_layout.method_prompts(adapter, dataset, method, 8)
+        prompts = [p for ps in per_edit for p in ps]
+        ids = [adapter.prompt_token_ids(p) for p in prompts]
+        padded = cache_layout.padded_tokens(adapter, prompts, ids, 32)
+        lanes, real, _ = cache_layout.lane_tokens(adapter, prompts, ids, 32)
+        assert real <= lanes <= padded, method
+        if method == "ie_ike":
+            assert lanes / len(per_edit) * kv_bytes_per_token(adapter) < 4 * 2**30
