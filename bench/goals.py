@@ -442,6 +442,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="on CUDA, one untimed pass of 1 edit of this method before any timed run (the process's "
                         "first kernels and allocations, paid once per process, not per method); '' for none")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--training-width", type=int, default=None,
+                   help="the training batches' width step in tokens for this run (an A/B of "
+                        "editors.models.buckets.TRAINING_WIDTH_STEP; default: the library's)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -457,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     clock = Clock(args.time_limit)
+    if args.training_width:
+        from editors.models import buckets
+
+        buckets.TRAINING_WIDTH_STEP = args.training_width
     scale = tiny_scale() if args.tiny else full_scale()
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)

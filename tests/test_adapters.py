@@ -186,6 +186,35 @@ def test_audio_encoder_runs_once_per_audio(adapter):
     assert adapter.audio_encoder_calls - before == 1
 
 
+def test_audio_cache_is_bounded_by_bytes_and_keeps_the_current_call(adapter, monkeypatch):
+    """Encoder states stay cached up to ``audio_cache_bytes`` (least recently used dropped first), so a pass whose
+    clips fit is encoded once however many clips it has; the clips of the call at hand are kept even past the
+    budget."""
+    from editors.models import adapter as adapter_module
+
+    clips = [synthetic_audio(40 + i, 0.5 + 0.1 * i) for i in range(6)]
+    adapter.clear_audio_cache()
+    one = adapter_module._nbytes(adapter.audio_states(clips[:1])[0])
+    assert one > 0
+    monkeypatch.setattr(adapter, "audio_cache_bytes", 100 * one)
+    adapter.clear_audio_cache()
+    before = adapter.audio_encoder_calls
+    adapter.audio_states(clips[:3])
+    adapter.audio_states(clips[3:])
+    adapter.audio_states(clips)  # all six still cached: nothing encoded again
+    assert adapter.audio_encoder_calls - before == 6
+    monkeypatch.setattr(adapter, "audio_cache_bytes", 2 * one)  # about two clips (lengths differ a little)
+    adapter.clear_audio_cache()
+    before = adapter.audio_encoder_calls
+    states = adapter.audio_states(clips)  # one call of six: all six kept while it runs
+    assert len(states) == 6 and adapter.audio_encoder_calls - before == 6
+    adapter.audio_states(clips[:1])  # the next call trims the cache to its budget, clip 0 (just read) kept
+    assert 1 <= len(adapter._audio_cache) <= 2 and adapter.audio_encoder_calls - before == 6
+    adapter.audio_states(clips[1:2])
+    assert adapter.audio_encoder_calls - before == 7  # clip 1 was dropped by that trim
+    assert adapter._audio_cache_held == sum(adapter_module._nbytes(v) for v in adapter._audio_cache.values())
+
+
 def test_parameter_groups_and_accessors(adapter):
     groups = adapter.parameter_groups()
     names = set(dict(adapter.model.named_parameters()))

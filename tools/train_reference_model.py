@@ -265,7 +265,7 @@ def build_adapter(corpus: Sequence[str], sizes: Sizes, seed: int) -> Qwen2AudioA
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     adapter = Qwen2AudioAdapter(model, processor, model_id=MODEL_NAME, revision="")
-    adapter.audio_cache_size = 100_000
+    adapter.audio_cache_bytes = 1 << 62
     return adapter
 
 

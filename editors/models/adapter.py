@@ -36,6 +36,7 @@ Conventions
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -95,8 +96,11 @@ class LALMAdapter(abc.ABC):
     family: ClassVar[str] = ""
     #: Hub id of the full-size model, for messages and defaults.
     default_hub_id: ClassVar[str] = ""
-    #: How many decoded audios' encoder states stay cached (LRU).
-    audio_cache_size: int = 256
+    #: Bytes of cached encoder states (LRU; the audios of the current call always stay): a pass of K edits reads
+    #: each clip in its pre-edit and again in its post-edit generation, and IE-IKE's demonstrations add ~8 clips per
+    #: edit, ~400 distinct clips at K=26. A count of 256 evicted the pre-edit clips before the post-edit generation
+    #: read them (bench/NOTES.md); Qwen2-Audio's states are ~1 MB per clip (bf16, up to 750 x 1280).
+    audio_cache_bytes: int = 4 * 2**30
     #: The family's transformers model. Typed Any: its children (audio tower, connector, LLM) differ per family and
     #: only the family module navigates them, while torch types every attribute of a Module as ``Tensor | Module``.
     model: Any
@@ -112,6 +116,7 @@ class LALMAdapter(abc.ABC):
         self.model.eval()
         self.model.requires_grad_(False)
         self._audio_cache: OrderedDict[str, Any] = OrderedDict()
+        self._audio_cache_held = 0  # bytes of the cached states
         self._weights_digest: str | None = None  # of a local model directory's weight files (model_key)
         self.audio_encoder_calls = 0  # how many audios the encoder has processed (tests/bench read it)
         #: An installed module that decides from each prompt which weights its row computes with (WISE's router):
@@ -335,27 +340,37 @@ class LALMAdapter(abc.ABC):
                     states = self._encode_audios([a for _, a in chunk])
                 self.audio_encoder_calls += len(chunk)
                 for (key, _), state in zip(chunk, states):
-                    self._audio_cache[key] = state
+                    self._cache_audio_state(key, state)
         out = []
         for key in keys:
             self._audio_cache.move_to_end(key)
             out.append(self._audio_cache[key])
-        while len(self._audio_cache) > max(self.audio_cache_size, len(set(keys))):
-            self._audio_cache.popitem(last=False)
+        self._evict_audio_states(keep=len(set(keys)))
         return out
 
     def keep_audio_state(self, audio: np.ndarray, state: Any) -> None:
         """Cache ``state`` as ``audio``'s encoder output, for a family whose other per-audio work (DeSTA2.5's
-        transcripts) runs the encoder anyway; the cache keeps at most :attr:`audio_cache_size` audios."""
-        key = audio_digest(audio)
+        transcripts) runs the encoder anyway; the cache keeps at most :attr:`audio_cache_bytes`."""
+        self._cache_audio_state(audio_digest(audio), state)
+        self._evict_audio_states(keep=1)
+
+    def _cache_audio_state(self, key: str, state: Any) -> None:
+        if key in self._audio_cache:
+            self._audio_cache_held -= _nbytes(self._audio_cache[key])
         self._audio_cache[key] = state
         self._audio_cache.move_to_end(key)
-        while len(self._audio_cache) > self.audio_cache_size:
-            self._audio_cache.popitem(last=False)
+        self._audio_cache_held += _nbytes(state)
+
+    def _evict_audio_states(self, keep: int) -> None:
+        """Drop the least recently used states beyond :attr:`audio_cache_bytes`, never the ``keep`` most recent."""
+        while len(self._audio_cache) > keep and self._audio_cache_held > self.audio_cache_bytes:
+            _, state = self._audio_cache.popitem(last=False)
+            self._audio_cache_held -= _nbytes(state)
 
     def clear_audio_cache(self) -> None:
         """Forget cached encoder states (call after anything changes the audio encoder's parameters)."""
         self._audio_cache.clear()
+        self._audio_cache_held = 0
 
     # ---- tokenization -------------------------------------------------------------------------------------------
 
@@ -708,3 +723,14 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in table:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(table)}")
     return table[dtype]
+
+
+def _nbytes(state: Any) -> int:
+    """Bytes of the tensors in a cached audio state (a tensor, a sequence of them, or a dataclass holding them)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, (list, tuple)):
+        return sum(_nbytes(s) for s in state)
+    if dataclasses.is_dataclass(state):
+        return sum(_nbytes(getattr(state, f.name)) for f in dataclasses.fields(state))
+    return 0

@@ -162,11 +162,11 @@ class DeSTA25Adapter(LALMAdapter):
 
     family = FAMILY
     default_hub_id = RELEASE_HUB_ID
-    #: Audios whose tapped states stay cached: one 30 s audio's are 4 x 1500 x 1280 fp32 (~31 MB) for large-v3, so
-    #: 256 hold up to ~8 GB. A pass of 32 ten-item edits reads ~220 distinct clips, whose states the transcripts'
-    #: encoder run makes before the pass's generations read them (at 128, a pass of 21 edits, ~147 clips, evicts
-    #: ~19 before the pre-edit generation reads them, and as many or more before the post-edit one).
-    audio_cache_size = 256
+    #: Bytes of cached audio states: one 30 s audio's tapped states are 4 x 1500 x 1280 fp32 (~31 MB) for large-v3,
+    #: so 8 GiB hold ~270 of them. A pass of 32 ten-item edits reads ~220 distinct clips, whose states the
+    #: transcripts' encoder run makes before the pass's generations read them (at 128 clips, a pass of 21 edits,
+    #: ~147 clips, evicted ~19 before the pre-edit generation read them, and as many or more before the post-edit one).
+    audio_cache_bytes = 8 * 2**30
 
     def __init__(self, model: DeSTA25Model, processor: DeSTA25Processor, *, model_id: str, revision: str = "",
                  is_tiny: bool = False, vad: bool = True, cache_dir: str | os.PathLike | None = None,
