@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.training_width:
         from editors.models import buckets
 
-        buckets.TRAINING_WIDTH_STEP = args.training_width
+        buckets.TRAINING_WIDTH_STEP = {"cpu": args.training_width, "cuda": args.training_width}
     scale = tiny_scale() if args.tiny else full_scale()
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)

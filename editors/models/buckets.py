@@ -31,10 +31,12 @@ from editors.models.batch import PromptBatch
 MIN_ROWS = 16
 #: Width granularity of padded generation prompts (tokens): CPU (tiny models) and CUDA (few compiled decode shapes).
 WIDTH_STEP = {"cpu": 32, "cuda": 256}
-#: Width granularity of training batches (tokens), on every device. Nothing is compiled per training shape, and
-#: every padded column is computed forward and backward at every step: at 256, a 135-token text prompt (UnKE's and
-#: WISE's preservation prompts) would cost 1.9x its own tokens.
-TRAINING_WIDTH_STEP = 32
+#: Width granularity of training batches (tokens): CPU as generation; on CUDA 256. Every padded column is computed
+#: forward and backward at every step, but each width is a batch of its own: at 32 on the H200, UnKE's stage 2
+#: (one run of rows per edit and width, each writing a whole weight gradient of its layer copy) and FT-Audio's
+#: launch-bound steps were slower than at 256 (UnKE 2.39 against 2.13 s/edit, FT-Audio 1.09 against 1.00; same
+#: call, bench/NOTES.md).
+TRAINING_WIDTH_STEP = {"cpu": 32, "cuda": 256}
 IGNORE_INDEX = -100
 
 
@@ -147,7 +149,8 @@ def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -
     lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
                for i, t in enumerate(token_ids)]
     groups = []
-    for width, indices in group_by_width(lengths, adapter.device, TRAINING_WIDTH_STEP):
+    step = TRAINING_WIDTH_STEP.get(torch.device(adapter.device).type, TRAINING_WIDTH_STEP["cpu"])
+    for width, indices in group_by_width(lengths, adapter.device, step):
         batch = adapter.prepare([prompts[i] for i in indices], None if targets is None else
                                 [targets[i] for i in indices], token_ids=[token_ids[i] for i in indices])
         groups.append((indices, left_pad(batch, width, adapter.pad_token_id)))

@@ -16,8 +16,8 @@ What it does, per :func:`generate_graph` call:
    for all of a chunk's rows. Rows are rounded up for the static buffers (the canonical row counts of
    ``editors.models.buckets`` on CPU, a multiple of :data:`ROW_STEP` on CUDA); the extra rows are inert (never
    prefilled, finished from the start, writing to a spare last column).
-3. **Prefill** of the pieces' prefixes once each, then of every row's tail, rows batched by their own tail width (no
-   compute spent on a longer neighbour's padding): attention over [its piece's prefix, the row's own tail]; keys
+3. **Prefill** of the pieces' prefixes once each, then of every row's tail, a piece's rows at its longest tail's
+   width (pieces of one width batched together): attention over [its piece's prefix, the row's own tail]; keys
    and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
    ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
    chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
@@ -800,12 +800,10 @@ def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, places: dict[
                                    _Writes.of(spans, width, dev))
             STATS["prefix_groups"] += len(members)
             STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
-    runs: list[tuple[int, list[int]]] = []  # (tail width, rows): a piece's rows of one width
-    for piece in chunk.pieces:
-        by_width: dict[int, list[int]] = {}
-        for row in piece.rows:
-            by_width.setdefault(_bucket(len(tails[row]), dev), []).append(row)
-        runs += list(by_width.items())
+    # (tail width, rows): a piece's rows at its longest tail's width. Splitting a piece's rows by width would save
+    # their padding's compute, but each run is an attention call over its prefix per layer: at IE-IKE's ~5 widths
+    # per edit the host-bound launches cost more than the padding (a 26-edit pass's prefill went 63 % busy).
+    runs = [(_bucket(max(len(tails[row]) for row in piece.rows), dev), list(piece.rows)) for piece in chunk.pieces]
     runs.sort(key=lambda run: run[0])
     for width, group in itertools.groupby(runs, key=lambda run: run[0]):
         same = list(group)  # the runs of one tail width, prefilled together
