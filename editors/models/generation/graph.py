@@ -278,6 +278,11 @@ class _Chunk:
         """Prompt indices in the chunk's row order (lane by lane)."""
         return [i for p in self.pieces for i in p.rows]
 
+    @property
+    def slots(self) -> int:
+        """Rows of the fullest lane."""
+        return max(sum(len(p.rows) for p in lane) for lane in self.lanes)
+
     def fit(self, piece: _Piece, new_tokens: int) -> list[_Piece] | None:
         """The first lane with room for ``piece`` (tokens and :data:`LANE_ROWS`), or None."""
         need = piece.length(new_tokens)
@@ -291,10 +296,9 @@ class _Chunk:
         """(lane width, lanes, rows per lane, rows) of the static buffers: rows rounded up to the canonical row counts
         of ``editors.models.buckets`` on CPU (a power of two, at least :data:`MIN_ROWS`), to a multiple of
         :data:`ROW_STEP` on CUDA."""
-        slots = max(sum(len(p.rows) for p in lane) for lane in self.lanes)
         rows = len(self.rows)
         rows = max(_pow2(rows), MIN_ROWS) if device.type == "cpu" else -(-rows // ROW_STEP) * ROW_STEP
-        return self.width, len(self.lanes), slots, rows
+        return self.width, len(self.lanes), self.slots, rows
 
 
 def _parts(pieces: Iterable[int], sizes: Sequence[int], cap: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -327,8 +331,7 @@ def _plan(pieces: list[_Piece], settings: GenerationSettings, device: torch.devi
 def _reads(chunk: _Chunk) -> float:
     """What a decode step of ``chunk`` reads, in cached tokens: every lane's keys and values, and each of its slots'
     scores (1/:data:`SCORE_RATIO` of a token each)."""
-    width, lanes, slots, _ = chunk.shape(torch.device("cpu"))
-    return lanes * width * (1 + slots / SCORE_RATIO)
+    return len(chunk.lanes) * chunk.width * (1 + chunk.slots / SCORE_RATIO)
 
 
 def _pack(pieces: list[_Piece], settings: GenerationSettings, device: torch.device, spread: int) -> list[_Chunk]:
