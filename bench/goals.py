@@ -25,7 +25,9 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
 ``--time-limit`` seconds: parts that would start after it are skipped and say so (the device lease is short).
 The raw numbers of the table in ``bench/RESULTS.md`` are kept beside it (``bench/RESULTS.json``; DeSTA2.5:
 ``bench/RESULTS-desta25.json``): carry one to the device and pass it as ``--merge-json`` so that a call re-measuring
-some methods keeps the others' rows (a method's runs are replaced engine by engine).
+some methods keeps the others' rows (a method's runs are replaced engine by engine). The file records the card its
+rows were timed on, and a run on another card refuses to merge it: an H100's rows go to ``bench/RESULTS-h100.json``
+and ``bench/RESULTS-h100.md``.
 """
 
 from __future__ import annotations
@@ -424,8 +426,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--default-k-methods", default=None,
                    help="methods that run at the default K (default: all of --methods)")
     p.add_argument("--merge-json", type=Path, default=None,
-                   help="raw JSON of an earlier run of this script on the same model: its rows are kept, this "
-                        "run's parts replace or add to them (one RESULTS.md from several device calls)")
+                   help="raw JSON of an earlier run of this script on the same model and card: its rows are kept, "
+                        "this run's parts replace or add to them (one RESULTS.md from several device calls)")
     p.add_argument("--edits", type=int, default=32, help="edits of a default-K run (graph engine)")
     p.add_argument("--eager-edits", type=int, default=None, help="edits of the eager engine's run (default: --edits)")
     p.add_argument("--naive-methods", default="", help="methods that also run the naive loop")
@@ -456,6 +458,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def earlier_rows(path: Path | None, device: str) -> tuple[list[dict[str, Any]], list[list[str]] | None]:
+    """The rows of an earlier call's raw JSON (``--merge-json``) and the chain of commands that made them; none
+    when ``path`` is unset or absent. Rows timed on another card than ``device`` are refused: timings of different
+    cards never share a table."""
+    if path is None or not path.is_file():
+        return [], None
+    earlier = json.loads(path.read_text())
+    timed_on = earlier.get("device") or "an unrecorded device"
+    if timed_on != device:
+        raise SystemExit(f"--merge-json {path}: its rows were timed on {timed_on}, this run is on {device}; write "
+                         "this card's rows to a file of their own (e.g. bench/RESULTS-h100.json)")
+    chain = earlier.get("previous_argv") or []
+    if chain and isinstance(chain[0], str):  # an older file: one earlier call
+        chain = [chain]
+    return earlier.get("rows", []), chain + [earlier.get("argv")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -465,19 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         buckets.TRAINING_WIDTH_STEP = {"cpu": args.training_width, "cuda": args.training_width}
     scale = tiny_scale() if args.tiny else full_scale()
+    device = device_name(scale)
+    previous, previous_argv = earlier_rows(args.merge_json, device)
+    args.previous_argv = previous_argv
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)
     methods = _list(args.methods)
     default_methods = _list(args.default_k_methods) if args.default_k_methods is not None else methods
     engines = _list(args.engines)
-    previous, previous_argv = [], None
-    if args.merge_json and args.merge_json.is_file():
-        earlier = json.loads(args.merge_json.read_text())
-        chain = earlier.get("previous_argv") or []
-        if chain and isinstance(chain[0], str):  # an older file: one earlier call
-            chain = [chain]
-        previous, previous_argv = earlier.get("rows", []), chain + [earlier.get("argv")]
-        args.previous_argv = previous_argv
     eager_edits = args.eager_edits or args.edits
     per = max(args.edits, eager_edits, max([int(k) for k in _list(args.sweep)] or [1]))
     rows: list[dict[str, Any]] = []
@@ -529,8 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             merged = merge_rows(previous, rows)
             write_results(args.out, render(args, merged, ceilings, scale), args.model)  # after every method
             if args.json:
-                atomic_write(args.json, json.dumps({"ceilings": ceilings, "rows": merged, "argv": args.argv,
-                                                    "previous_argv": previous_argv}, indent=1, default=str) + "\n")
+                atomic_write(args.json, json.dumps({"device": device, "ceilings": ceilings, "rows": merged,
+                                                    "argv": args.argv, "previous_argv": previous_argv},
+                                                   indent=1, default=str) + "\n")
     print(render(args, merge_rows(previous, rows), ceilings, scale))
     return 0
 

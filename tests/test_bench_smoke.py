@@ -176,3 +176,21 @@ def test_cache_layout_plans_ie_ike_under_4_gib_per_edit_at_full_size(tmp_path):
         assert real <= lanes <= padded, method
         if method == "ie_ike":
             assert lanes / len(per_edit) * kv_bytes_per_token(adapter) < 4 * 2**30
+
+
+def test_goals_merges_only_rows_timed_on_the_same_card(tmp_path):
+    import json
+
+    from bench import goals
+
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "rows": [{"method": "ft_llm", "runs": []}],
+                                "argv": ["--methods", "ft_llm"], "previous_argv": []}))
+    rows, chain = goals.earlier_rows(path, "NVIDIA H200")
+    assert rows == [{"method": "ft_llm", "runs": []}] and chain == [["--methods", "ft_llm"]]
+    with pytest.raises(SystemExit, match="timed on NVIDIA H200, this run is on NVIDIA H100 80GB HBM3"):
+        goals.earlier_rows(path, "NVIDIA H100 80GB HBM3")
+    path.write_text(json.dumps({"rows": [], "argv": []}))  # a file that does not say its card
+    with pytest.raises(SystemExit, match="an unrecorded device"):
+        goals.earlier_rows(path, "NVIDIA H200")
+    assert goals.earlier_rows(tmp_path / "absent.json", "NVIDIA H200") == ([], None)
