@@ -75,6 +75,7 @@ class Shapes:
     pre_tokens: list[int]  # prompt length of each pre-edit question
     post_tokens: list[int]  # prompt length of each post-edit question (method's rewrite applied)
     distinct_clips: int  # audios the encoder must see at least once for this edit
+    clip_frames: list[int] = dataclasses.field(default_factory=list)  # valid mel frames of each distinct clip
 
 
 def prompt_tokens(adapter: Any, prompt: Any) -> int:
@@ -87,7 +88,7 @@ def prompt_tokens(adapter: Any, prompt: Any) -> int:
 def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     from editors.base import EditRequest
     from editors.data import eval_items
-    from editors.models.base import audio_digest
+    from editors.models.base import audio_digest, whisper_mel_frames
 
     adapter = bench.adapter
     edit = EditRequest.from_row(row)
@@ -99,11 +100,14 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
         with EditSession(editor).edit(edit):
             post = editor.rewrite_prompts(prompts, edit)
     target = len(adapter.target_token_ids(edit.target))
-    clips = {audio_digest(a) for p in list(prompts) + list(post) for a in p.audios()}
+    clips = {audio_digest(a): a for p in list(prompts) + list(post) for a in p.audios()}
+    fe = getattr(getattr(adapter, "processor", None), "feature_extractor", None)
+    frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
     return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio),
                   pre_tokens=[prompt_tokens(adapter, p) for p in prompts],
-                  post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips))
+                  post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips),
+                  clip_frames=frames)
 
 
 def _llm_sizes(t: Any) -> dict[str, int]:
@@ -116,10 +120,11 @@ def _llm_sizes(t: Any) -> dict[str, int]:
             "kv_elements_per_token": 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim}
 
 
-def _encoder_flops(a: Any, layers: int) -> int:
-    """Forward FLOPs of ``layers`` Whisper encoder layers over one padded 30 s clip."""
+def _encoder_flops(a: Any, layers: int, positions: int | None = None) -> int:
+    """Forward FLOPs of ``layers`` Whisper encoder layers over ``positions`` (default: the padded 30 s window)."""
+    n = a.max_source_positions if positions is None else positions
     encoder_layer = 4 * a.d_model**2 + 2 * a.d_model * a.encoder_ffn_dim
-    return layers * (2 * encoder_layer * a.max_source_positions + 4 * a.max_source_positions**2 * a.d_model)
+    return layers * (2 * encoder_layer * n + 4 * n**2 * a.d_model)
 
 
 def model_sizes(config: Any) -> dict[str, Any]:
@@ -156,6 +161,8 @@ def model_sizes(config: Any) -> dict[str, Any]:
     t, a = config.text_config, config.audio_config
     sizes = _llm_sizes(t)
     sizes.update({"encoder_flops_per_clip": _encoder_flops(a, a.encoder_layers),
+                  # the adapter runs the encoder only as wide as a clip needs: the floor counts its valid positions
+                  "encoder_flops_at_frames": lambda frames: _encoder_flops(a, a.encoder_layers, (frames - 1) // 2 + 1),
                   "connector_flops_per_token": 2 * a.d_model * t.hidden_size, "connector_backward_factor": 1,
                   "perception_fp32": False})
     return sizes
@@ -187,8 +194,12 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
         train = 2 * edited * P * L + steps * ((2 * above * P * L + 2 * H * T)
                                               + (2 * (above - 1) * P * L + 2 * H * T) + 2 * P * L)
     prefill = 2 * layers * P * (sum(shapes.pre_tokens) + sum(shapes.post_tokens))
-    perception += (sizes["encoder_flops_per_clip"] + sizes.get("transcript_flops_per_clip", 0)) \
-        * shapes.distinct_clips
+    at_frames = sizes.get("encoder_flops_at_frames")
+    if at_frames is not None and shapes.clip_frames:
+        perception += sum(at_frames(frames) for frames in shapes.clip_frames)
+    else:
+        perception += sizes["encoder_flops_per_clip"] * shapes.distinct_clips
+    perception += sizes.get("transcript_flops_per_clip", 0) * shapes.distinct_clips
     perception_rate = ceilings["matmul_fp32_flops_per_s"] if sizes["perception_fp32"] else ceilings[
         "matmul_flops_per_s"]
     compute_s = (train + prefill) / ceilings["matmul_flops_per_s"] + perception / perception_rate

@@ -8,7 +8,7 @@ import torch
 
 from _editor_helpers import synthetic_audio
 from editors.models import adapter_class, family_of, load_adapter, save_tiny
-from editors.models.base import Prompt, Turn, batch_spans, whisper_mel_frames
+from editors.models.base import Prompt, Turn, batch_spans, whisper_encoder_tokens, whisper_mel_frames
 from editors.models.generation.eager import shared_prefix_length
 
 FAMILIES = ["tiny-qwen2-audio", "tiny-audio-flamingo3"]
@@ -213,6 +213,54 @@ def test_audio_cache_is_bounded_by_bytes_and_keeps_the_current_call(adapter, mon
     adapter.audio_states(clips[1:2])
     assert adapter.audio_encoder_calls - before == 7  # clip 1 was dropped by that trim
     assert adapter._audio_cache_held == sum(adapter_module._nbytes(v) for v in adapter._audio_cache.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_audio_encoder_cut_to_the_batch_gives_the_whole_windows_outputs(family, monkeypatch):
+    """Qwen2-Audio's and AF3's encoders run only as wide as a batch's longest clip needs (plus the convolutions'
+    reach, rounded up to ``encoder_width_step``), not the checkpoint's whole window: every clip's states equal those
+    of the tower's own forward over the window, alone or batched with longer clips (AF3: a clip past the window
+    is two windows), and gradients still reach the tower."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    from editors.models.whisper_tower import cut_width
+
+    adapter = load_adapter(family, seed=0)
+    tower = adapter.model.model.audio_tower
+    fe = adapter.processor.feature_extractor
+    window = int(fe.nb_max_frames)
+
+    def whole_window(clip):  # the tower's own forward on each window of one clip
+        pieces = adapter._windows(clip) if hasattr(adapter, "_windows") else [clip[: int(fe.n_samples)]]
+        feats = fe(pieces, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+        if family == "tiny-audio-flamingo3":
+            hidden = tower(feats["input_features"], input_features_mask=feats["attention_mask"]).last_hidden_state
+        else:
+            conv_len = (feats["attention_mask"].sum(-1) - 1) // 2 + 1
+            valid = (torch.arange(window // 2)[None, :] < conv_len[:, None]).long()
+            mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(pieces), window // 2, 1),
+                                             attention_mask=valid)
+            hidden = tower(feats["input_features"], attention_mask=mask).last_hidden_state
+        frames = feats["attention_mask"].sum(-1).tolist()
+        return torch.cat([hidden[i, : whisper_encoder_tokens(int(n))] for i, n in enumerate(frames)])
+
+    clips = [synthetic_audio(60 + i, seconds) for i, seconds in enumerate((0.3, 0.9, 1.4, 2.5))]
+    monkeypatch.setattr(adapter, "encoder_width_step", 16)
+    widths = [cut_width([c], fe, 16) for c in clips]
+    assert widths[0] < widths[1] < widths[2] < window and widths[3] == window  # 2.5 s is past the 2 s window
+    assert all(w % 16 == 0 and w >= whisper_mel_frames(len(c), fe) + 2 for w, c in zip(widths[:3], clips))
+    with torch.no_grad():
+        reference = [whole_window(c) for c in clips]
+        alone = [adapter._encode_audios([c])[0] for c in clips]
+        batched = adapter._encode_audios(clips[:3])
+    for ours, ref in zip(alone + batched, reference + reference[:3]):
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    weight = tower.layers[-1].fc2.weight
+    monkeypatch.setattr(weight, "requires_grad", True)
+    adapter.audio_states_with_grad(clips[:1])[0].sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    weight.grad = None
 
 
 def test_parameter_groups_and_accessors(adapter):

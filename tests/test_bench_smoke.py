@@ -178,6 +178,21 @@ def test_cache_layout_plans_ie_ike_under_4_gib_per_edit_at_full_size(tmp_path):
             assert lanes / len(per_edit) * kv_bytes_per_token(adapter) < 4 * 2**30
 
 
+def test_encoder_width_bench_runs_its_arms_and_puts_the_settings_back(capsys):
+    from bench import encoder_width
+    from bench.models import build_adapter, tiny_scale
+
+    assert encoder_width.main(["--tiny", "--clips", "3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {a} |" in out for a in encoder_width.ARMS)
+    adapter = build_adapter(tiny_scale(), 0)
+    kept = adapter.encoder_width_step, adapter.mel_device
+    with encoder_width.arm(adapter, "window"):
+        assert adapter.mel_device == "cpu"
+        assert adapter.encoder_width_step == adapter.processor.feature_extractor.nb_max_frames
+    assert (adapter.encoder_width_step, adapter.mel_device) == kept
+
+
 def test_goals_merges_only_rows_timed_on_the_same_card(tmp_path):
     import json
 

@@ -332,8 +332,8 @@ class LALMAdapter(abc.ABC):
         if missing:
             self.warm_audio(list(missing.values()))  # a family's per-audio work may cache their states on the way
             missing = {k: a for k, a in missing.items() if k not in self._audio_cache}
-        if missing:
-            todo = list(missing.items())
+        if missing:  # longest first: a batch's clips are of like length (an encoder may run only as wide as needed)
+            todo = sorted(missing.items(), key=lambda item: -len(item[1]))
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
                 with torch.no_grad():

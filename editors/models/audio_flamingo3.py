@@ -1,7 +1,7 @@
 """Adapter for Audio Flamingo 3 (``AudioFlamingo3ForConditionalGeneration``, Hub id nvidia/audio-flamingo-3-hf).
 
 Structure: Whisper-style audio encoder ``model.audio_tower`` run on 30 s windows (each window: stride-2 conv +
-average pool), connector ``model.multi_modal_projector`` (Linear-GELU-Linear), LLM ``model.language_model``
+average pool; a batch of windows run only as wide as its longest needs), connector ``model.multi_modal_projector`` (Linear-GELU-Linear), LLM ``model.language_model``
 (Qwen2-7B, 28 layers) and ``lm_head``. Each audio is one ``<sound>`` in the chat text, expanded to one token per
 embedding (the valid frames of all its windows, concatenated).
 """
@@ -17,6 +17,7 @@ from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
                                  tiny_feature_extractor, to_device, whisper_encoder_tokens)
+from editors.models.whisper_tower import cut_width, tower_states
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,15 @@ class AudioFlamingo3Adapter(LALMAdapter):
 
     # ---- audio --------------------------------------------------------------------------------------------------
 
+    #: Mel frames a batch of windows is rounded up to (editors/models/whisper_tower.py); a step at least the
+    #: window (the tiny models' 2 s) always runs the whole window.
+    encoder_width_step: int = 256
+    #: Where the mel spectrogram is computed: ``None`` = the model's device.
+    mel_device: str | None = None
+
     def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """The audio tower on each clip's 30 s windows, a batch of windows cut to the longest one's frames (the
+        windows' states are the whole window's: editors/models/whisper_tower.py)."""
         fe = self.processor.feature_extractor
         windows: list[np.ndarray] = []
         owners: list[int] = []
@@ -173,16 +182,17 @@ class AudioFlamingo3Adapter(LALMAdapter):
             for w in self._windows(np.asarray(audio, dtype=np.float32)):
                 windows.append(w)
                 owners.append(i)
+        width = cut_width(windows, fe, self.encoder_width_step)
         feats = fe(windows, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
-                   return_tensors="pt")
-        encoder = self.model.model.audio_tower
-        features = to_device(feats["input_features"], self.device, encoder.conv1.weight.dtype)
-        mask = to_device(feats["attention_mask"], self.device)
-        hidden = encoder(features, input_features_mask=mask).last_hidden_state
-        valid = [whisper_encoder_tokens(int(n)) for n in feats["attention_mask"].sum(-1).tolist()]
+                   max_length=width * int(fe.hop_length), return_tensors="pt",
+                   device=self.mel_device or str(self.device))
+        tower = self.model.model.audio_tower
+        mel_frames = feats["attention_mask"].sum(-1)
+        hidden = tower_states(tower, to_device(feats["input_features"], self.device, tower.conv1.weight.dtype),
+                              mel_frames)
         per_audio: list[list[torch.Tensor]] = [[] for _ in audios]
-        for row, (owner, n) in enumerate(zip(owners, valid)):
-            per_audio[owner].append(hidden[row, :n])
+        for row, (owner, n) in enumerate(zip(owners, mel_frames.tolist())):
+            per_audio[owner].append(hidden[row, :whisper_encoder_tokens(int(n))])
         return [torch.cat(parts, dim=0) for parts in per_audio]
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Adapter for Qwen2-Audio-Instruct (``Qwen2AudioForConditionalGeneration``, Hub id Qwen/Qwen2-Audio-7B-Instruct).
 
 Structure: Whisper-style audio encoder ``model.audio_tower`` (stride-2 conv + average pool: 25 embeddings per
-second, input padded to ``max_source_positions * 2`` mel frames), connector ``model.multi_modal_projector`` (one
-Linear), LLM ``model.language_model`` (Qwen2, 32 layers) and ``lm_head``. Each audio appears in the chat as
-``Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>`` and its ``<|AUDIO|>`` is expanded to one token per embedding.
+second over a window of ``max_source_positions * 2`` mel frames, run here only as wide as a batch's clips need),
+connector ``model.multi_modal_projector`` (one Linear), LLM ``model.language_model`` (Qwen2, 32 layers) and
+``lm_head``. Each audio appears in the chat as ``Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>`` and its
+``<|AUDIO|>`` is expanded to one token per embedding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
                                  tiny_feature_extractor, to_device, whisper_encoder_tokens, whisper_mel_frames)
+from editors.models.whisper_tower import cut_width, tower_states
 
 logger = logging.getLogger(__name__)
 
@@ -161,23 +163,29 @@ class Qwen2AudioAdapter(LALMAdapter):
 
     # ---- audio --------------------------------------------------------------------------------------------------
 
-    def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
-        from transformers.masking_utils import create_bidirectional_mask
+    #: Mel frames the encoder's input is rounded up to (editors/models/whisper_tower.py); a step at least the
+    #: window (the tiny models' 2 s) always runs the whole window.
+    encoder_width_step: int = 256
+    #: Where the mel spectrogram is computed: ``None`` = the model's device (``bench/encoder_width.py`` times both).
+    mel_device: str | None = None
 
+    def encoder_width(self, audios: list[np.ndarray]) -> int:
+        """Mel frames a batch of ``audios`` is encoded at (:func:`~editors.models.whisper_tower.cut_width`)."""
+        return cut_width(audios, self.processor.feature_extractor, self.encoder_width_step)
+
+    def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
+        """The audio tower on a batch cut to :meth:`encoder_width` instead of the checkpoint's 30 s window (the
+        clips' states are the window's: editors/models/whisper_tower.py)."""
         fe = self.processor.feature_extractor
-        feats = fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE,
-                   return_attention_mask=True, padding="max_length", return_tensors="pt")
-        encoder = self.model.model.audio_tower
-        features = to_device(feats["input_features"], self.device, encoder.conv1.weight.dtype)
-        mel_valid = feats["attention_mask"].sum(-1)
-        conv_len = (mel_valid - 1) // 2 + 1
-        out_len = (conv_len - 2) // 2 + 1
-        width = (features.shape[-1] - 2) // 2 + 1
-        mask_2d = to_device((torch.arange(width)[None, :] < conv_len[:, None]).long(), self.device)
-        dummy = torch.zeros((len(audios), width, 1), dtype=features.dtype, device=self.device)
-        attn = create_bidirectional_mask(config=encoder.config, inputs_embeds=dummy, attention_mask=mask_2d)
-        hidden = encoder(features, attention_mask=attn).last_hidden_state
-        return [hidden[i, : int(n)] for i, n in enumerate(out_len.tolist())]
+        clips = [np.asarray(a, dtype=np.float32) for a in audios]
+        feats = fe(clips, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
+                   max_length=self.encoder_width(clips) * int(fe.hop_length), return_tensors="pt",
+                   device=self.mel_device or str(self.device))
+        tower = self.model.model.audio_tower
+        mel_frames = feats["attention_mask"].sum(-1)
+        hidden = tower_states(tower, to_device(feats["input_features"], self.device, tower.conv1.weight.dtype),
+                              mel_frames)
+        return [hidden[i, : whisper_encoder_tokens(int(n))] for i, n in enumerate(mel_frames.tolist())]
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
         return self.connector()(torch.cat(list(states), dim=0))
