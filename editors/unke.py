@@ -291,7 +291,7 @@ class UnKE(Editor):
             return out
 
         active = torch.ones(k, dtype=torch.bool, device=device)
-        steps = [0] * k
+        steps = torch.zeros(k, dtype=torch.long, device=device)  # counted on the device: one host sync per step
         state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         for step in range(1, hp.v_steps + 1):
             losses = nll(delta)
@@ -307,12 +307,11 @@ class UnKE(Editor):
                 scale = torch.where(active & (norm > max_norm), max_norm / norm.clamp(min=1e-30),
                                     torch.ones_like(norm))
                 delta.mul_(scale[:, None])
-            for i, on in enumerate(active.tolist()):
-                steps[i] += on
+            steps += active
         with torch.no_grad():
             final = nll(delta.detach())
         stats = [{"v_steps": s_, "v_loss": float(f), "delta_norm": float(n)}
-                 for s_, f, n in zip(steps, final.tolist(), delta.detach().norm(dim=-1).tolist())]
+                 for s_, f, n in zip(steps.tolist(), final.tolist(), delta.detach().norm(dim=-1).tolist())]
         return key0 + delta.detach(), stats
 
     def apply_many(self, edits: Sequence[EditRequest]) -> list[dict[str, Any]]:
