@@ -260,3 +260,31 @@ def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, override
         editor.reset()
     assert together == alone
     assert len({tuple(a) for a in alone}) > 1  # the edits differ
+
+
+def test_a_generation_encodes_its_clips_ahead_of_its_batches_longest_first(monkeypatch):
+    """Before its batches, a generation hands all its clips to ``audio_states`` at once, which encodes the
+    uncached ones longest first (batches of like length); the batches then find every clip cached, and the answers
+    are those of a generation whose batches encode their own clips."""
+    from _editor_helpers import synthetic_audio
+    from editors.models import load_adapter
+    from editors.models import generation as generation_module
+    from editors.models.base import Prompt
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = [Prompt("Which animal makes this sound? (a) dog (b) cat", audio=synthetic_audio(70 + i, s))
+               for i, s in enumerate((0.5, 1.6, 0.9, 1.2, 0.7))]
+    settings = adapter.generation_settings(4, batch_size=2)
+    calls: list[int] = []
+    encoded: list[int] = []
+    states, encode = adapter.audio_states, adapter._encode_audios
+    monkeypatch.setattr(adapter, "audio_states", lambda audios, batch_size=None: calls.append(len(audios))
+                        or states(audios, batch_size))
+    monkeypatch.setattr(adapter, "_encode_audios", lambda audios: encoded.extend(len(a) for a in audios)
+                        or encode(audios))
+    adapter.clear_audio_cache()
+    ahead = adapter.generate(prompts, settings=settings)
+    assert calls[0] == len(prompts) and encoded == sorted(encoded, reverse=True) and len(encoded) == len(prompts)
+    monkeypatch.setattr(generation_module, "encode_ahead", lambda adapter, audios: None)
+    adapter.clear_audio_cache()
+    assert adapter.generate(prompts, settings=settings) == ahead
