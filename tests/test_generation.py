@@ -268,7 +268,7 @@ def test_a_generation_encodes_its_clips_ahead_of_its_batches_longest_first(monke
     are those of a generation whose batches encode their own clips."""
     from _editor_helpers import synthetic_audio
     from editors.models import load_adapter
-    from editors.models import generation as generation_module
+    from editors.models import adapter as adapter_module
     from editors.models.base import Prompt
 
     adapter = load_adapter("tiny-qwen2-audio", seed=0)
@@ -285,6 +285,27 @@ def test_a_generation_encodes_its_clips_ahead_of_its_batches_longest_first(monke
     adapter.clear_audio_cache()
     ahead = adapter.generate(prompts, settings=settings)
     assert calls[0] == len(prompts) and encoded == sorted(encoded, reverse=True) and len(encoded) == len(prompts)
-    monkeypatch.setattr(generation_module, "encode_ahead", lambda adapter, audios: None)
+    monkeypatch.setattr(adapter, "encode_ahead", lambda audios: None)
     adapter.clear_audio_cache()
     assert adapter.generate(prompts, settings=settings) == ahead
+    calls.clear()
+    encoded.clear()
+    adapter.clear_audio_cache()
+    monkeypatch.undo()
+    one = adapter_module._nbytes(adapter.audio_states(prompts[0].audios())[0])
+    adapter.clear_audio_cache()
+    monkeypatch.setattr(adapter, "encode_ahead_clips", 2)
+    monkeypatch.setattr(adapter, "audio_cache_bytes", one)  # full after the first two clips: the batches do the rest
+    monkeypatch.setattr(adapter, "audio_states", lambda audios, batch_size=None: calls.append(len(audios))
+                        or states(audios, batch_size))
+    ahead_calls: list[int] = []
+    encode_ahead = adapter.encode_ahead
+
+    def spy(audios):
+        before = len(calls)
+        encode_ahead(audios)
+        ahead_calls.extend(calls[before:])
+
+    monkeypatch.setattr(adapter, "encode_ahead", spy)
+    assert adapter.generate(prompts, settings=settings) == ahead
+    assert ahead_calls == [2] and len(calls) > 1  # it stopped once its states filled the budget

@@ -348,6 +348,22 @@ class LALMAdapter(abc.ABC):
         self._evict_audio_states(keep=len(set(keys)))
         return out
 
+    #: Clips :meth:`encode_ahead` hands to :meth:`audio_states` at a time.
+    encode_ahead_clips: int = 64
+
+    def encode_ahead(self, audios: Sequence[np.ndarray]) -> None:
+        """Encode a generation's ``audios`` before its batches reach them, :attr:`encode_ahead_clips` at a time:
+        :meth:`audio_states` then sorts many clips into encoder batches of like length (an encoder may run only as
+        wide as a batch's longest clip needs) instead of each prefill batch's few of mixed lengths. It stops once
+        the states it encoded fill :attr:`audio_cache_bytes`; the batches encode the rest as they reach them. Outputs
+        do not change (on CPU every clip is encoded alone)."""
+        distinct = list({audio_digest(a): a for a in audios}.values())
+        held = 0
+        for start in range(0, len(distinct), self.encode_ahead_clips):
+            if held >= self.audio_cache_bytes:
+                break
+            held += sum(_nbytes(s) for s in self.audio_states(distinct[start:start + self.encode_ahead_clips]))
+
     def keep_audio_state(self, audio: np.ndarray, state: Any) -> None:
         """Cache ``state`` as ``audio``'s encoder output, for a family whose other per-audio work (DeSTA2.5's
         transcripts) runs the encoder anyway; the cache keeps at most :attr:`audio_cache_bytes`."""

@@ -24,13 +24,11 @@ from editors.models.generation.settings import (ENGINES, GenerationSettings, fam
                                                 resolve_settings)
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
     from editors.models.adapter import LALMAdapter
     from editors.models.prompts import Prompt
 
 __all__ = ["ENGINES", "GeneratedText", "GenerationSettings", "PerEdit", "PromptRouting", "decode_new_tokens",
-           "encode_ahead", "family_defaults", "generate", "per_edit_audio_embeds", "release", "resolve_engine", "resolve_settings",
+           "family_defaults", "generate", "per_edit_audio_embeds", "release", "resolve_engine", "resolve_settings",
            "runs_of", "token_budget"]
 
 
@@ -51,20 +49,6 @@ def release(adapter: "LALMAdapter") -> None:
     release_graphs(adapter)
 
 
-#: Clips handed to the audio encoder at once by :func:`encode_ahead`.
-ENCODE_AHEAD_CLIPS = 256
-
-
-def encode_ahead(adapter: "LALMAdapter", audios: Sequence["np.ndarray"]) -> None:
-    """Encode a generation's audios before its batches reach them, :data:`ENCODE_AHEAD_CLIPS` at a time: the
-    adapter's ``audio_states`` then sorts many clips into encoder batches of like length (an encoder runs only as
-    wide as a batch's longest clip needs) instead of encoding each prefill batch's few clips of mixed lengths. The
-    states wait in the adapter's byte-bounded audio cache; past its budget the oldest are dropped and encoded again
-    when a batch needs them, so memory stays bounded and outputs do not change (on CPU every clip is encoded alone)."""
-    for start in range(0, len(audios), ENCODE_AHEAD_CLIPS):
-        adapter.audio_states(audios[start:start + ENCODE_AHEAD_CLIPS])
-
-
 def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: GenerationSettings,
              per_edit: PerEdit | None = None) -> list[GeneratedText]:
     """Greedy answers of ``prompts`` in order (decoded, special tokens removed, stripped), with ``settings``'
@@ -82,7 +66,7 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
         raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
     audios = [a for p in prompts for a in p.audios()]
     adapter.warm_audio(audios)
-    encode_ahead(adapter, audios)
+    adapter.encode_ahead(audios)
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
     if settings.max_batch_tokens is None:  # on CUDA: what fits the memory available now
         reclaimable = 0
