@@ -1,9 +1,10 @@
 """Adapter for Audio Flamingo 3 (``AudioFlamingo3ForConditionalGeneration``, Hub id nvidia/audio-flamingo-3-hf).
 
 Structure: Whisper-style audio encoder ``model.audio_tower`` run on 30 s windows (each window: stride-2 conv +
-average pool; a batch of windows run only as wide as its longest needs), connector ``model.multi_modal_projector`` (Linear-GELU-Linear), LLM ``model.language_model``
-(Qwen2-7B, 28 layers) and ``lm_head``. Each audio is one ``<sound>`` in the chat text, expanded to one token per
-embedding (the valid frames of all its windows, concatenated).
+average pool; a batch of windows run only as wide as its longest needs), connector ``model.multi_modal_projector``
+(Linear-GELU-Linear), LLM ``model.language_model`` (Qwen2-7B, 28 layers) and ``lm_head``. Each audio is one
+``<sound>`` in the chat text, expanded to one token per embedding (the valid frames of all its windows,
+concatenated).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from torch import nn
 
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, to_device, whisper_encoder_tokens)
-from editors.models.whisper_tower import cut_width, tower_states
+                                 tiny_feature_extractor, whisper_encoder_tokens)
+from editors.models.whisper_tower import CutTowerEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
 #: Longest audio the processor keeps (seconds), as in the released processor.
 MAX_AUDIO_SECONDS = 600
 
-class AudioFlamingo3Adapter(LALMAdapter):
+class AudioFlamingo3Adapter(CutTowerEncoding, LALMAdapter):
     """Audio Flamingo 3 behind the :class:`LALMAdapter` interface."""
 
     family = FAMILY
@@ -166,33 +167,18 @@ class AudioFlamingo3Adapter(LALMAdapter):
 
     # ---- audio --------------------------------------------------------------------------------------------------
 
-    #: Mel frames a batch of windows is rounded up to (editors/models/whisper_tower.py); a step at least the
-    #: window (the tiny models' 2 s) always runs the whole window.
-    encoder_width_step: int = 256
-    #: Where the mel spectrogram is computed: ``None`` = the model's device.
-    mel_device: str | None = None
-
     def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
         """The audio tower on each clip's 30 s windows, a batch of windows cut to the longest one's frames (the
         windows' states are the whole window's: editors/models/whisper_tower.py)."""
-        fe = self.processor.feature_extractor
         windows: list[np.ndarray] = []
         owners: list[int] = []
         for i, audio in enumerate(audios):
             for w in self._windows(np.asarray(audio, dtype=np.float32)):
                 windows.append(w)
                 owners.append(i)
-        width = cut_width(windows, fe, self.encoder_width_step)
-        feats = fe(windows, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
-                   max_length=width * int(fe.hop_length), return_tensors="pt",
-                   device=self.mel_device or str(self.device))
-        tower = self.model.model.audio_tower
-        mel_frames = feats["attention_mask"].sum(-1)
-        hidden = tower_states(tower, to_device(feats["input_features"], self.device, tower.conv1.weight.dtype),
-                              mel_frames)
         per_audio: list[list[torch.Tensor]] = [[] for _ in audios]
-        for row, (owner, n) in enumerate(zip(owners, mel_frames.tolist())):
-            per_audio[owner].append(hidden[row, :whisper_encoder_tokens(int(n))])
+        for owner, state in zip(owners, self.encode_cut(self.model.model.audio_tower, windows)):
+            per_audio[owner].append(state)
         return [torch.cat(parts, dim=0) for parts in per_audio]
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:

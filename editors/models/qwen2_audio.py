@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, to_device, whisper_encoder_tokens, whisper_mel_frames)
-from editors.models.whisper_tower import cut_width, tower_states
+from editors.models.base import (LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
+                                 tiny_feature_extractor, whisper_encoder_tokens, whisper_mel_frames)
+from editors.models.whisper_tower import CutTowerEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ TINY_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 
-class Qwen2AudioAdapter(LALMAdapter):
+class Qwen2AudioAdapter(CutTowerEncoding, LALMAdapter):
     """Qwen2-Audio-Instruct behind the :class:`LALMAdapter` interface."""
 
     family = FAMILY
@@ -163,29 +163,10 @@ class Qwen2AudioAdapter(LALMAdapter):
 
     # ---- audio --------------------------------------------------------------------------------------------------
 
-    #: Mel frames the encoder's input is rounded up to (editors/models/whisper_tower.py); a step at least the
-    #: window (the tiny models' 2 s) always runs the whole window.
-    encoder_width_step: int = 256
-    #: Where the mel spectrogram is computed: ``None`` = the model's device (``bench/encoder_width.py`` times both).
-    mel_device: str | None = None
-
-    def encoder_width(self, audios: list[np.ndarray]) -> int:
-        """Mel frames a batch of ``audios`` is encoded at (:func:`~editors.models.whisper_tower.cut_width`)."""
-        return cut_width(audios, self.processor.feature_extractor, self.encoder_width_step)
-
     def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
         """The audio tower on a batch cut to :meth:`encoder_width` instead of the checkpoint's 30 s window (the
         clips' states are the window's: editors/models/whisper_tower.py)."""
-        fe = self.processor.feature_extractor
-        clips = [np.asarray(a, dtype=np.float32) for a in audios]
-        feats = fe(clips, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
-                   max_length=self.encoder_width(clips) * int(fe.hop_length), return_tensors="pt",
-                   device=self.mel_device or str(self.device))
-        tower = self.model.model.audio_tower
-        mel_frames = feats["attention_mask"].sum(-1)
-        hidden = tower_states(tower, to_device(feats["input_features"], self.device, tower.conv1.weight.dtype),
-                              mel_frames)
-        return [hidden[i, : whisper_encoder_tokens(int(n))] for i, n in enumerate(mel_frames.tolist())]
+        return self.encode_cut(self.model.model.audio_tower, [np.asarray(a, dtype=np.float32) for a in audios])
 
     def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
         return self.connector()(torch.cat(list(states), dim=0))

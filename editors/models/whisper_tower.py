@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.tiny import whisper_mel_frames
+from editors.models.batch import to_device
+from editors.models.prompts import SAMPLING_RATE
+from editors.models.tiny import whisper_encoder_tokens, whisper_mel_frames
 
 
 def cut_width(audios: Sequence[np.ndarray], feature_extractor: Any, step: int) -> int:
@@ -45,3 +47,31 @@ def tower_states(tower: Any, features: torch.Tensor, mel_frames: torch.Tensor) -
         hidden = out[0] if isinstance(out, tuple) else out
     hidden = tower.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
     return tower.layer_norm(hidden)
+
+
+class CutTowerEncoding:
+    """What an adapter whose audio tower runs here (Qwen2-Audio, AF3) adds: the width step, where the mel spectrogram
+    is computed, and :meth:`encode_cut`. The adapter passes its tower in; it supplies ``processor`` and ``device``."""
+
+    #: Mel frames a batch is rounded up to; a step at least the window (the tiny models' 2 s) runs the whole window.
+    encoder_width_step: int = 256
+    #: Where the mel spectrogram is computed: ``None`` = the model's device (``bench/encoder_width.py`` times both).
+    mel_device: str | None = None
+
+    processor: Any
+    device: Any
+
+    def encoder_width(self, clips: Sequence[np.ndarray]) -> int:
+        """Mel frames a batch of ``clips`` is encoded at (:func:`cut_width`)."""
+        return cut_width(clips, self.processor.feature_extractor, self.encoder_width_step)
+
+    def encode_cut(self, tower: Any, clips: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Each clip's valid states of ``tower`` (at most one window per clip), the batch cut to
+        :meth:`encoder_width`: those of the tower's own forward over the whole window."""
+        fe = self.processor.feature_extractor
+        feats = fe(list(clips), sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="max_length",
+                   max_length=self.encoder_width(clips) * int(fe.hop_length), return_tensors="pt",
+                   device=self.mel_device or str(self.device))
+        frames = feats["attention_mask"].sum(-1)
+        hidden = tower_states(tower, to_device(feats["input_features"], self.device, tower.conv1.weight.dtype), frames)
+        return [hidden[i, : whisper_encoder_tokens(int(n))] for i, n in enumerate(frames.tolist())]
