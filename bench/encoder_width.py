@@ -3,12 +3,15 @@
 ``Qwen2AudioAdapter._encode_audios`` cuts a batch to its longest clip's mel frames (plus the convolutions' reach,
 rounded up to ``encoder_width_step``) instead of the checkpoint's 30 s window, and computes the mel spectrogram on
 ``mel_device`` (default: the model's device). Three arms encode the same clips in batches of
-``encoder_batch_cuda`` (lengths drawn from the scale's range with ``--seed``, sorted longest first as
-``audio_states`` does), no cache, the arms' order alternating from one repeat to the next:
+``encoder_batch_cuda`` (lengths drawn from the scale's range with ``--seed``), no cache, the arms' order alternating
+from one repeat to the next:
 
 * ``window``: the whole window, mel on the host (the naive baseline: what the tower's own ``forward`` requires);
-* ``cut, host mel``: the cut width, mel on the host;
-* ``cut, device mel``: the cut width, mel on the model's device (the adapter's default).
+* ``cut, drawn order``: the cut width, mel on the device, clips in the order drawn (a batch of mixed lengths, as
+  when each prefill batch encodes its own clips);
+* ``cut, host mel``: the cut width, mel on the host, clips longest first (as ``audio_states`` sorts what
+  ``encode_ahead`` hands it);
+* ``cut, device mel``: the same with the mel on the model's device (the adapters' default).
 
 It prints seconds per clip (median over ``--repeats``), each arm's speed-up over ``window``, and the largest
 difference of the cut arms' states from the window's (bf16 on the GPU: rounding only).
@@ -31,7 +34,7 @@ import torch
 from bench.models import _sync, build_adapter, full_scale, tiny_scale
 
 LOG = logging.getLogger(__name__)
-ARMS = ("window", "cut, host mel", "cut, device mel")
+ARMS = ("window", "cut, drawn order", "cut, host mel", "cut, device mel")
 
 
 @contextlib.contextmanager
@@ -56,21 +59,25 @@ def encode_all(adapter: Any, clips: list[np.ndarray], batch: int) -> list[torch.
     return out
 
 
-def measure(adapter: Any, clips: list[np.ndarray], batch: int, repeats: int, device: str) -> dict[str, Any]:
-    """Seconds per clip of each arm (median over ``repeats``) and the cut arms' largest state difference."""
+def measure(adapter: Any, drawn: list[np.ndarray], batch: int, repeats: int, device: str) -> dict[str, Any]:
+    """Seconds per clip of each arm (median over ``repeats``) and the cut arms' largest state difference from the
+    window's (``drawn``: the clips in the order drawn)."""
+    order = sorted(range(len(drawn)), key=lambda i: -len(drawn[i]))
+    clips = {a: drawn if a == "cut, drawn order" else [drawn[i] for i in order] for a in ARMS}
     seconds: dict[str, list[float]] = {a: [] for a in ARMS}
     states: dict[str, list[torch.Tensor]] = {}
     for name in ARMS:  # one untimed round: first kernels, allocations and cuDNN plans of every width
         with arm(adapter, name):
-            states[name] = encode_all(adapter, clips, batch)
+            out = encode_all(adapter, clips[name], batch)
+        states[name] = out if name == "cut, drawn order" else [out[order.index(i)] for i in range(len(drawn))]
     for r in range(repeats):
         for name in ARMS if r % 2 == 0 else ARMS[::-1]:
             with arm(adapter, name):
                 _sync(device)
                 start = time.perf_counter()
-                encode_all(adapter, clips, batch)
+                encode_all(adapter, clips[name], batch)
                 _sync(device)
-                seconds[name].append((time.perf_counter() - start) / len(clips))
+                seconds[name].append((time.perf_counter() - start) / len(drawn))
             LOG.info("arm %s, repeat %d: %.4f s/clip", name, r + 1, seconds[name][-1])
     median = {a: statistics.median(seconds[a]) for a in ARMS}
     diff = {a: max(float((x.float() - y.float()).abs().max()) for x, y in zip(states[a], states["window"]))
@@ -80,7 +87,7 @@ def measure(adapter: Any, clips: list[np.ndarray], batch: int, repeats: int, dev
             "speedup": {a: round(median["window"] / median[a], 2) for a in ARMS},
             "max_abs_diff": diff,
             "window_frames": int(adapter.processor.feature_extractor.nb_max_frames),
-            "mean_frames": round(float(np.mean([adapter.encoder_width([c]) for c in clips])), 1)}
+            "mean_frames": round(float(np.mean([adapter.encoder_width([c]) for c in drawn])), 1)}
 
 
 def render(result: dict[str, Any], device: str) -> str:
@@ -106,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = build_adapter(scale, args.seed)
     rng = np.random.default_rng(args.seed)
     seconds = rng.uniform(*scale.audio_seconds, size=args.clips)
-    clips = sorted((0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in seconds), key=len,
-                   reverse=True)
+    clips = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in seconds]
     batch = adapter.encoder_batch_cuda if scale.device == "cuda" else 4
     device_name = torch.cuda.get_device_name(0) if scale.device == "cuda" else "CPU"
     print(render(measure(adapter, clips, batch, args.repeats, scale.device), device_name), flush=True)
