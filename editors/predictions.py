@@ -26,6 +26,27 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False)
 
 
+def writer_lock(path: Path) -> int | None:
+    """Hold the one-writer lock of the predictions file ``path``: an exclusive ``flock`` on the hidden file
+    ``.<name>.lock`` beside it (the predictions file itself is replaced when its header is written), held until the
+    returned descriptor is closed or the process dies. Another run writing ``path`` now is a :class:`DataError`:
+    two writers would interleave their rows, and one's resume would cut the other's. None where ``fcntl`` is
+    missing (no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataError(f"{path} is being written by another run (it holds {lock}); wait for that run to end or "
+                        "write to another --out") from None
+    return fd
+
+
 def write_all(fd: int, data: bytes) -> None:
     """``os.write`` until every byte is written, then ``fsync``."""
     view = memoryview(data)
@@ -49,15 +70,23 @@ class PredictionsFile:
         self.expected_rows = expected_rows
         self.done: set[Hashable] = set()
         self._fd: int | None = None
+        self._lock: int | None = None
 
     def open(self) -> set[Hashable]:
-        """Create the file (header only) or resume it; returns the units already complete."""
+        """Take the file's one-writer lock (:func:`writer_lock`), then create the file (header only) or resume it;
+        returns the units already complete."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            atomic_write(self.path, dumps(self.header) + "\n")
-        else:
-            self._resume()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        if self._lock is None:
+            self._lock = writer_lock(self.path)
+        try:
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                atomic_write(self.path, dumps(self.header) + "\n")
+            else:
+                self._resume()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            self.close()  # a file that cannot be resumed keeps no lock
+            raise
         return set(self.done)
 
     def _resume(self) -> None:
@@ -123,6 +152,9 @@ class PredictionsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the writer lock
+            self._lock = None
 
     def __enter__(self) -> "PredictionsFile":
         self.open()

@@ -168,6 +168,37 @@ def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
         api_run(config.replace(seed=3), adapter=qwen)
 
 
+def test_a_predictions_file_has_one_writer_at_a_time(tmp_path):
+    """A second writer of the same predictions file (another run, or another process resuming it) is refused while
+    the first holds it, before it reads or cuts a byte; once the first closes, the file resumes as usual, and a
+    file refused as another run's keeps no lock."""
+    from editors.predictions import PredictionsFile
+    from sake_core.errors import DataError
+
+    path = tmp_path / "p.jsonl"
+    head = {"kind": "header", "method": "ft_llm"}
+
+    def writer(header=head):
+        return PredictionsFile(path, header, unit_of=lambda row: row["unit"], expected_rows={"a": 1, "b": 1})
+
+    first = writer()
+    assert first.open() == set()
+    first.append_unit("a", [{"unit": "a"}])
+    second = writer()
+    with pytest.raises(DataError, match="being written by another run"):
+        second.open()
+    first.append_unit("b", [{"unit": "b"}])
+    first.close()
+    assert second.open() == {"a", "b"}
+    second.close()
+    other = writer({"kind": "header", "method": "ft_audio"})
+    with pytest.raises(DataError, match="different run"):
+        other.open()
+    with writer() as again:
+        assert again.done == {"a", "b"}
+    assert path.read_text().count("\n") == 3
+
+
 @pytest.mark.parametrize("override,message", [
     ({"--method": "nope"}, "unknown editing method"),
     ({"--model": "tiny-gpt"}, "unknown model"),
