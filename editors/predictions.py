@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
-from sake_core.atomic import atomic_write
+from sake_core.atomic import atomic_write, lock_fd
 from sake_core.protocol import RESUME_FIELDS
 from sake_core.errors import DataError
 
@@ -26,24 +26,17 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False)
 
 
-def writer_lock(path: Path) -> int | None:
-    """Hold the one-writer lock of the predictions file ``path``: an exclusive ``flock`` on the hidden file
-    ``.<name>.lock`` beside it (the predictions file itself is replaced when its header is written), held until the
-    returned descriptor is closed or the process dies. Another run writing ``path`` now is a :class:`DataError`:
-    two writers would interleave their rows, and one's resume would cut the other's. None where ``fcntl`` is
-    missing (no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
+def writer_lock(path: Path) -> int:
+    """Hold the one-writer lock of the predictions file ``path``: an exclusive lock (:func:`lock_fd`) on the hidden
+    file ``.<name>.lock`` beside it (the predictions file itself is replaced when its header is written), held until
+    the returned descriptor is closed or the process dies. Another run writing ``path`` now is a
+    :class:`DataError`: two writers would interleave their rows, and one's resume would cut the other's."""
     lock = path.with_name(f".{path.name}.lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not lock_fd(fd, wait=False):
         os.close(fd)
         raise DataError(f"{path} is being written by another run (it holds {lock}); wait for that run to end or "
-                        "write to another --out") from None
+                        "write to another --out")
     return fd
 
 

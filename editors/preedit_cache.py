@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 
 from editors.models.base import GeneratedText, Prompt
 from editors.predictions import write_all
+from sake_core.atomic import lock_fd
 
 logger = logging.getLogger(__name__)
 
@@ -79,19 +80,10 @@ class PreEditCache:
         data = "".join(lines).encode("utf-8")
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            _lock(fd)
+            lock_fd(fd)
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # a writer died mid-line: keep our first entry on a line of its own
             write_all(fd, data)
         finally:
             os.close(fd)  # releases the lock
-
-
-def _lock(fd: int) -> None:
-    """Exclusive ``flock`` on ``fd`` until it is closed (no-op where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX)

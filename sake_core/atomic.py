@@ -13,6 +13,8 @@
 
 Build the new folder with :func:`staging_dir` (a hidden sibling of ``dest``, on the same file system, named
 so that a later call can tell whether its writer is still alive).
+
+:func:`lock_fd` is the one exclusive ``flock`` of the writers that share a file or folder.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def lock_fd(fd: int, *, wait: bool = True) -> bool:
+    """An exclusive ``flock`` on ``fd``, held until it is closed (or the process dies). With ``wait`` False, False
+    when another open file holds it now. Where ``fcntl`` is missing (not POSIX) nothing is locked: True."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
