@@ -2,7 +2,7 @@
 
 ``Qwen2AudioAdapter._encode_audios`` cuts a batch to its longest clip's mel frames (plus the convolutions' reach,
 rounded up to ``encoder_width_step``) instead of the checkpoint's 30 s window, and computes the mel spectrogram on
-``mel_device`` (default: the model's device). Three arms encode the same clips in batches of
+``mel_device`` (default: the model's device). Four arms encode the same clips in batches of
 ``encoder_batch_cuda`` (lengths drawn from the scale's range with ``--seed``), no cache, the arms' order alternating
 from one repeat to the next:
 

@@ -263,6 +263,55 @@ def test_the_audio_encoder_cut_to_the_batch_gives_the_whole_windows_outputs(fami
     weight.grad = None
 
 
+@pytest.mark.parametrize("mels, seconds", [(16, 2), (128, 30)])
+def test_log_mel_equals_the_whisper_feature_extractor(mels, seconds):
+    """The spectrogram the cut encoder computes (and keeps on the device) is the Whisper feature extractor's, bit
+    for bit, for widths that cut a clip, pad it, or hold the whole window (the tiny models' extractor and the
+    released checkpoints' 128-mel, 30 s one)."""
+    from editors.models.tiny import tiny_feature_extractor
+    from editors.models.whisper_tower import log_mel
+
+    fe = tiny_feature_extractor(num_mel_bins=mels, chunk_length=seconds)
+    clips = [synthetic_audio(70 + i, s) for i, s in enumerate((0.4, 1.1, seconds + 0.5))]
+    for width in (64, 144, int(fe.nb_max_frames)):
+        ours = log_mel(clips, fe, width, "cpu")
+        theirs = fe(clips, sampling_rate=16000, padding="max_length", max_length=width * fe.hop_length,
+                    return_tensors="pt")["input_features"]
+        assert ours.shape == theirs.shape == (3, mels, width) and ours.dtype == torch.float32
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_cut_encoders_key_mask_is_the_one_transformers_builds(implementation, monkeypatch):
+    """The padded keys' mask the cut encoder builds without asking the device (SDPA) gives the tower's layers the
+    states of transformers' own mask; an unpadded batch and other attention implementations use transformers'."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    from editors.models.whisper_tower import _key_mask
+
+    tower = load_adapter("tiny-qwen2-audio", seed=0).model.model.audio_tower
+    monkeypatch.setattr(tower.config, "_attn_implementation", implementation)
+    hidden = torch.randn(3, 20, tower.config.d_model, generator=torch.Generator().manual_seed(0))
+    lengths = [20, 7, 13]
+    valid = (torch.arange(20)[None, :] < torch.tensor(lengths)[:, None]).long()
+    theirs = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=valid)
+    ours = _key_mask(tower, hidden, lengths)
+    def states(mask):
+        out = hidden
+        with torch.no_grad():
+            for layer in tower.layers:
+                out = layer(out, mask)
+                out = out[0] if isinstance(out, tuple) else out
+        return out
+
+    assert not torch.equal(states(theirs), states(None))  # the padding matters to these rows
+    torch.testing.assert_close(states(ours), states(theirs), rtol=0, atol=0)
+    if implementation == "sdpa":
+        assert ours.shape == (3, 1, 1, 20) and ours.dtype == torch.bool
+    unpadded = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=None)
+    assert (_key_mask(tower, hidden, [20, 20, 25]) is None) == (unpadded is None)
+
+
 def test_parameter_groups_and_accessors(adapter):
     groups = adapter.parameter_groups()
     names = set(dict(adapter.model.named_parameters()))
