@@ -145,7 +145,8 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
                   weight_decay: float = 0.0) -> list[EditResult]:
     """K edits' :func:`editors.base.finetune` at once: ``losses_fn(copies.current())`` returns the K per-edit
     losses ``[K]``; each edit follows exactly the single-edit loop (loss, then stop if below ``early_stop_loss``,
-    else one update), its own copy updated with its own gradient. One host sync per step (the K losses)."""
+    else one update), its own copy updated with its own gradient. With an early stop, one host sync per step (the K
+    losses); without, none (the losses are read after the last step)."""
     if optimizer not in ("adam", "sgd", "rmsprop"):
         raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
     k = copies.k
@@ -154,26 +155,35 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     active = [True] * k
     steps, last, stopped = [0] * k, [float("nan")] * k, [False] * k
     updates = 0
+    latest: torch.Tensor | None = None  # without an early stop: the last losses, read once at the end
     for _ in range(max_steps):
         losses = losses_fn(copies.current())
         if losses.shape != (k,):
             raise ValueError(f"losses_fn returned shape {tuple(losses.shape)}; expected ({k},)")
-        values = losses.detach().float().cpu().tolist()  # host sync: the early-stop check (one per step)
-        for i in range(k):
-            if active[i]:
-                last[i] = values[i]
-                if early_stop_loss is not None and values[i] < early_stop_loss:
-                    active[i], stopped[i] = False, True
-        if not any(active):
-            break
-        mask = torch.tensor(active, device=losses.device)
-        grads = torch.autograd.grad(losses[mask].sum(), masters, allow_unused=True)
+        if early_stop_loss is None:  # every edit runs every step: nothing to decide on the host
+            latest = losses.detach()
+            objective = losses.sum()
+        else:
+            values = losses.detach().float().cpu().tolist()  # host sync: the early-stop check (one per step)
+            for i in range(k):
+                if active[i]:
+                    last[i] = values[i]
+                    if values[i] < early_stop_loss:
+                        active[i], stopped[i] = False, True
+            if not any(active):
+                break
+            # the stopped edits' losses weighted 0, not dropped by a boolean index (a host sync): the same gradients
+            objective = losses.sum() if all(active) else (losses * losses.new_tensor(active)).sum()
+        grads = torch.autograd.grad(objective, masters, allow_unused=True)
         updates += 1
+        mask = torch.tensor(active, device=losses.device)
         with torch.no_grad():
             masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay, all_active=all(active))
         for i in range(k):
             steps[i] += active[i]
+    if latest is not None:
+        last = latest.float().cpu().tolist()
     for m in masters:
         m.requires_grad_(False)
     return [EditResult(steps=s, loss=v, stopped_early=x) for s, v, x in zip(steps, last, stopped)]

@@ -291,18 +291,22 @@ class UnKE(Editor):
             return out
 
         active = torch.ones(k, dtype=torch.bool, device=device)
-        steps = torch.zeros(k, dtype=torch.long, device=device)  # counted on the device: one host sync per step
+        # counted on the device: with an early stop one host sync per step (may every edit stop?), without none
+        steps = torch.zeros(k, dtype=torch.long, device=device)
+        early_stop = hp.v_early_stop_loss is not None
         state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         for step in range(1, hp.v_steps + 1):
             losses = nll(delta)
-            active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
-            if not bool(active.any()):
-                break
+            if early_stop:
+                active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
+                if not bool(active.any()):
+                    break
             total = losses + wd * delta.norm(dim=-1) / key0.norm(dim=-1).clamp(min=1e-6) ** 2
-            (grad,) = torch.autograd.grad(total[active].sum(), [delta])
+            # stopped edits weighted 0 rather than dropped by a boolean index (a host sync): the same gradient
+            (grad,) = torch.autograd.grad((total * active).sum(), [delta])
             with torch.no_grad():
                 masked_update([delta], [grad], state_opt, active, step, optimizer="adam",
-                               lr=hp.v_lr, weight_decay=0.0)
+                               lr=hp.v_lr, weight_decay=0.0, all_active=not early_stop)
                 norm = delta.norm(dim=-1)
                 scale = torch.where(active & (norm > max_norm), max_norm / norm.clamp(min=1e-30),
                                     torch.ones_like(norm))

@@ -270,6 +270,37 @@ def test_early_stop_in_a_batch_freezes_only_the_converged_edit():
         assert single.steps == ra[k].steps and torch.allclose(p.detach(), wa[k], rtol=1e-6, atol=1e-7)
 
 
+def test_without_an_early_stop_the_batched_loop_reads_the_losses_once(monkeypatch):
+    """Every edit runs every step when no early stop is set, so the loop asks the device nothing until the end
+    (a host sync per step left a GPU idle while the host waited); with an early stop, once per step. The results are
+    those of the same loop reading every step."""
+    start = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    targets = torch.tensor([[0.6, -1.0], [3.0, 2.0], [-5.0, 0.1]])
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+
+    def run(early_stop):
+        copies = StackedCopies({"w": start}, 3)
+        reads.clear()
+        results = finetune_many(copies, lambda w: ((w["w"] - targets) ** 2).sum(-1), lr=0.1, max_steps=7,
+                                early_stop_loss=early_stop, optimizer="adam")
+        return copies.masters["w"].detach().clone(), results, list(reads)
+
+    w_free, r_free, reads_free = run(None)
+    w_checked, r_checked, reads_checked = run(-1.0)  # a threshold no loss reaches: the same updates, checked
+    assert reads_free == [(3,)] and len(reads_checked) == 7
+    assert torch.equal(w_free, w_checked)
+    assert [(r.steps, r.loss, r.stopped_early) for r in r_free] == [(r.steps, r.loss, r.stopped_early)
+                                                                    for r in r_checked]
+    assert all(r.steps == 7 for r in r_free)
+
+
 def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
     from _methods_helpers import trained_network
 
