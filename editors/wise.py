@@ -489,18 +489,22 @@ class WISE(Editor):
         active = torch.ones(k, dtype=torch.bool, device=device)
         steps, ft_last, total_last = [0] * k, [float("nan")] * k, [float("nan")] * k
         opt_state: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
+        latest: tuple[torch.Tensor, torch.Tensor] | None = None  # without an early stop: read after the last step
         for step in range(1, hp.n_iter + 1):
             ft, total = losses(master)
-            values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
-            was_active = active.tolist()
-            for e in range(k):
-                if was_active[e]:
-                    ft_last[e], total_last[e] = values_ft[e], values[e]
-            if early is not None:
+            if early is None:  # every edit runs every step: nothing to decide on the host
+                latest = ft.detach(), total.detach()
+            else:
+                values_ft, values = ft.detach().tolist(), total.detach().tolist()  # host sync: the early-stop check
+                was_active = active.tolist()
+                for e in range(k):
+                    if was_active[e]:
+                        ft_last[e], total_last[e] = values_ft[e], values[e]
                 active &= ~(total.detach() < early)
-            if not bool(active.any()):
-                break
-            (grad,) = torch.autograd.grad(total[active].sum(), [master])
+                if not bool(active.any()):
+                    break
+            # stopped edits weighted 0 rather than dropped by a boolean index (a host sync): the same gradient
+            (grad,) = torch.autograd.grad((total * active).sum(), [master])
             with torch.no_grad():
                 if template.mask is not None:
                     grad = grad * template.mask
@@ -510,8 +514,13 @@ class WISE(Editor):
                     lo, hi = base.float() - norm_c, base.float() + norm_c
                     master.copy_(torch.where(active.view(-1, 1, 1), torch.maximum(torch.minimum(master, hi), lo),
                                              master))
-            for e, on in enumerate(active.tolist()):
-                steps[e] += on
+            if early is None:
+                steps = [s_ + 1 for s_ in steps]
+            else:
+                for e, on in enumerate(active.tolist()):
+                    steps[e] += on
+        if latest is not None:
+            ft_last, total_last = latest[0].tolist(), latest[1].tolist()
         with torch.no_grad():
             weights = master.detach().to(base.dtype).unbind(0)
             d_in, d_out = scores(ins, weights), scores(outs, weights)
