@@ -271,7 +271,7 @@ class UnKE(Editor):
         a, hp = self.adapter, self.hparams
         k = len(edits)
         groups = []
-        for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits]):
+        for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits], tail_only=True):
             state, onehot, key0 = self._stage_one_frame(batch)
             groups.append((torch.tensor(rows, device=key0.device), state, onehot, key0))
         device = groups[0][3].device

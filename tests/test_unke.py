@@ -126,3 +126,30 @@ def test_stage_one_over_the_tail_finds_the_keys_of_the_whole_width(monkeypatch):
     (one_w, one_stats_w), (many_w, many_stats_w) = found["whole width"]
     assert torch.equal(one, one_w) and torch.equal(many, many_w)
     assert one_stats == one_stats_w and many_stats == many_stats_w and one_stats["v_steps"] > 0
+
+
+def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
+    """On CUDA stage 1 runs every edit's row in one batch at the widest row's width (its steps are launch-bound);
+    in exact arithmetic the left padding changes nothing, so in float64 the keys and step counts are those of the
+    canonical width groups."""
+    from dataclasses import replace
+
+    from _editor_helpers import synthetic_audio
+    from editors.models import buckets
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    adapter.model.to(torch.float64)
+    edits = [replace(edit_request(target=t, audio_seed=i), audio=synthetic_audio(i, seconds))
+             for i, (t, seconds) in enumerate((("sad", 0.3), ("happy birthday to you", 1.9), ("dog", 1.0)))]
+    groups = {}
+    keys = {}
+    for one_batch in (False, True):
+        monkeypatch.setitem(buckets.TAIL_ONE_BATCH, "cpu", one_batch)
+        groups[one_batch] = buckets.training_groups(adapter, [e.prompt() for e in edits], [e.target for e in edits],
+                                                    tail_only=True)
+        keys[one_batch] = UnKE(adapter, hparams("unke", adapter), context()).compute_keys(edits)
+    assert len(groups[False]) > 1 and [rows for rows, _ in groups[True]] == [[0, 1, 2]]
+    assert groups[True][0][1].input_ids.shape[1] == max(b.input_ids.shape[1] for _, b in groups[False])
+    (grouped, grouped_stats), (together, together_stats) = keys[False], keys[True]
+    assert float((together - grouped).norm() / grouped.norm()) < 1e-9
+    assert [s["v_steps"] for s in together_stats] == [s["v_steps"] for s in grouped_stats]

@@ -15,7 +15,8 @@ given a shape that depends on each row alone:
 
 With these rules a row computes the same function of its own inputs whether it ran with K=1 or K=8 edits per pass,
 with a cold or a warm pre-edit cache, or after a resume (tests/test_invariance.py, CPU fp32, byte-identical rows).
-On a GPU the matrix kernels still choose by the whole shape, so the bench reports the share of identical rows.
+On a GPU the matrix kernels still choose by the whole shape, so the bench reports the share of identical rows; there
+training whose steps run only a short tail of columns also puts all its rows in one batch (:data:`TAIL_ONE_BATCH`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ WIDTH_STEP = {"cpu": 32, "cuda": 256}
 #: launch-bound steps were slower than at 256 (UnKE 2.39 against 2.13 s/edit, FT-Audio 1.09 against 1.00; same
 #: call, bench/NOTES.md).
 TRAINING_WIDTH_STEP = {"cpu": 32, "cuda": 256}
+#: Training whose steps run only a short tail of columns (``tail_only``: UnKE's stage 1, ~20 columns from the last
+#: prompt token): on CUDA all rows in one batch at the widest row's width, since each batch is a forward and backward
+#: of its own through the layers above and such steps are launch-bound (UnKE's stage 1 ran at 23 % GPU busy in two
+#: or three width groups, bench/NOTES.md), while the padding costs only the one no-grad pass over the whole width. On
+#: CPU the width groups (a row's bits then do not depend on the other rows).
+TAIL_ONE_BATCH = {"cpu": False, "cuda": True}
 IGNORE_INDEX = -100
 
 
@@ -140,17 +147,22 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None) -> list[tuple[list[int], PromptBatch]]:
+def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False
+                    ) -> list[tuple[list[int], PromptBatch]]:
     """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
     shapes: ``(indices, batch)`` per width bucket of :data:`TRAINING_WIDTH_STEP`, each batch left-padded to its
-    bucket. One edit alone gets the batch its row gets among K edits."""
+    bucket. One edit alone gets the batch its row gets among K edits. ``tail_only`` (the caller's steps run only a
+    tail of columns): one batch at the widest bucket where :data:`TAIL_ONE_BATCH` says so for the device."""
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
     lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
                for i, t in enumerate(token_ids)]
     groups = []
     step = TRAINING_WIDTH_STEP.get(torch.device(adapter.device).type, TRAINING_WIDTH_STEP["cpu"])
-    for width, indices in group_by_width(lengths, adapter.device, step):
+    grouped = group_by_width(lengths, adapter.device, step)
+    if tail_only and TAIL_ONE_BATCH.get(torch.device(adapter.device).type, False) and len(grouped) > 1:
+        grouped = [(max(width for width, _ in grouped), list(range(len(prompts))))]
+    for width, indices in grouped:
         batch = adapter.prepare([prompts[i] for i in indices], None if targets is None else
                                 [targets[i] for i in indices], token_ids=[token_ids[i] for i in indices])
         groups.append((indices, left_pad(batch, width, adapter.pad_token_id)))
