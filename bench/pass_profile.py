@@ -7,9 +7,9 @@ restore) and for the generation's parts inside them (audio encoder, the per-audi
 DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints
 the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
 the captured-graph replays and the kernels that took longest. Inside the apply phase the training methods' parts are
-labelled too: UnKE's stage 1 (``compute_keys``), the training loop of stacked copies (``finetune_many``), its optimizer
-step (``masked_update``), the copies' cast to the model's dtype (``current``), ``hidden_entering`` and the
-preservation prompts. The run's own per-phase totals and the graph
+labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
+of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
+(``current``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
@@ -59,9 +59,11 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
 
     owners: list[tuple[Any, str]] = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode")]
     owners += [(type(adapter), name) for name in ("audio_states", "warm_audio", "hidden_entering")]
-    # the training methods' parts: UnKE's stage 1 (compute_keys) and stage 2 (finetune_many), the optimizer step of
-    # stacked copies (masked_update), the copies cast to the model's dtype, the preservation prompts
-    owners += [(editors.unke.UnKE, "compute_keys"), (editors.batching.StackedCopies, "current"),
+    # the training methods' parts: UnKE's stage 1 (compute_keys), its stage-2 rows packed (packed_layer_rows), stage 2
+    # (finetune_many), the optimizer step of stacked copies (masked_update), the copies cast to the model's dtype,
+    # the preservation prompts
+    owners += [(editors.unke.UnKE, "compute_keys"), (editors.unke, "packed_layer_rows"),
+               (editors.batching.StackedCopies, "current"),
                (editors.batching, "masked_update"), (editors.wise, "masked_update")]
     owners += [(module, name) for module in (editors.unke, editors.wise, editors.ft_llm, editors.ft_audio)
                for name in ("finetune_many", "preservation_prompts")]

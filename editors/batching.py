@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from editors.models.buckets import padded_rows
+from editors.models.batch import LayerState, to_device
+from editors.models.buckets import PACK_TRAINING, TRAINING_WIDTH_STEP, padded_rows, width_bucket
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
@@ -187,6 +188,78 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     for m in masters:
         m.requires_grad_(False)
     return [EditResult(steps=s, loss=v, stopped_early=x) for s, v, x in zip(steps, last, stopped)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows entering one trained layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRows:
+    """Rows entering one LLM layer that is trained on them: each row's edit (``owner``), the state, the layer's
+    target output (fp32) and, per loss term, the term's valid positions ``[R, W, 1]`` (fp32 0/1)."""
+
+    owner: list[int]
+    state: LayerState
+    target: torch.Tensor
+    terms: list[tuple[int, torch.Tensor]]
+
+
+def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> list[LayerRows]:
+    """``groups`` (left-padded rows of one sequence each) repacked where :data:`~editors.models.buckets.PACK_TRAINING`
+    says so for the device and the adapter can (``adapter.packed_state``): each edit's sequences back to back in
+    rows as wide as the widest sequence's training bucket (first fit, longest first; rows of one edit each, edits in
+    order), each sequence attending within itself at its own positions. A layer's output on a sequence is then its
+    output in its own row, and a term's loss sums the same positions; otherwise ``groups`` come back as they are.
+    (One host sync: the sequences' lengths.)"""
+    device = torch.device(adapter.device)
+    if not groups or not PACK_TRAINING.get(device.type, False):
+        return list(groups)
+    sequences: list[tuple[int, int, int, int, int]] = []  # (owner, term, group, row, length)
+    for g, group in enumerate(groups):
+        if len(group.terms) != 1:
+            raise ValueError(f"packed_layer_rows: group {g} holds {len(group.terms)} terms; expected one")
+        term = group.terms[0][0]
+        lengths = group.state.batch.attention_mask.sum(-1).tolist()
+        sequences += [(owner, term, g, row, int(n)) for row, (owner, n) in enumerate(zip(group.owner, lengths))]
+    step = TRAINING_WIDTH_STEP.get(device.type, TRAINING_WIDTH_STEP["cpu"])
+    width = width_bucket(max(s[4] for s in sequences), device, step)
+    rows: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []  # (owner, its sequences)
+    for owner in sorted({s[0] for s in sequences}):
+        bins: list[list[tuple[int, int, int, int, int]]] = []
+        free: list[int] = []
+        for seq in sorted((s for s in sequences if s[0] == owner), key=lambda s: -s[4]):
+            fits = next((b for b, room in enumerate(free) if room >= seq[4]), None)
+            if fits is None:
+                bins.append([seq])
+                free.append(width - seq[4])
+            else:
+                bins[fits].append(seq)
+                free[fits] -= seq[4]
+        rows += [(owner, b) for b in bins]
+    first = groups[0].state.hidden
+    hidden = first.new_zeros(len(rows), width, first.shape[-1])
+    target = torch.zeros(len(rows), width, first.shape[-1], dtype=torch.float32, device=first.device)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    terms = sorted({s[1] for s in sequences})
+    valid = {t: torch.zeros(len(rows), width, 1, dtype=torch.float32, device=first.device) for t in terms}
+    for r, (_, seqs) in enumerate(rows):
+        column = width - sum(s[4] for s in seqs)
+        for number, (_, term, g, row, length) in enumerate(seqs):
+            source = groups[g]
+            cols = slice(column, column + length)
+            hidden[r, cols] = source.state.hidden[row, -length:]
+            target[r, cols] = source.target[row, -length:]
+            valid[term][r, cols] = 1.0
+            segments[r, cols] = number
+            positions[r, cols] = torch.arange(length)
+            column += length
+    state = adapter.packed_state(layer, hidden, to_device(segments, first.device), to_device(positions, first.device))
+    if state is None:
+        return list(groups)
+    return [LayerRows(owner=[o for o, _ in rows], state=state, target=target, terms=[(t, valid[t]) for t in terms])]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,9 @@ Several edits per pass (:meth:`UnKE.apply_many`, ``--edits-per-pass K``): the K 
 per edit, each edit's loss from its own row, per-edit early stop and norm clamp) and stage 2 trains one fp32 copy of
 layer ``L`` per edit (``editors/batching.py``: the edit's rows run its copy; each edit's loss is its own two MSE
 terms over its own rows, as alone); the model is unchanged and generation routes each item to its edit's copy.
-Batches have canonical shapes (``editors/models/buckets.py``), so each edit gets the same result whatever K is.
+Batches have canonical shapes (``editors/models/buckets.py``), so on the CPU each edit gets the same result whatever
+K is. On CUDA stage 1 puts every edit's row in one batch (its steps are launch-bound) and stage 2 packs each edit's
+26 sequences back to back into few rows (``packed_layer_rows``: the short text prompts were half padding).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from typing import Any, Iterator, Sequence, cast
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune
-from editors.batching import RowRouting, StackedCopies, masked_update, finetune_many, routed_copies, runs_of
+from editors.batching import (LayerRows, RowRouting, StackedCopies, finetune_many, masked_update, packed_layer_rows,
+                              routed_copies, runs_of)
 from editors.hparams import Hparams
 from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
 from editors.models.buckets import training_groups
@@ -136,6 +139,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     m = mask.to(torch.float32).unsqueeze(-1)
     diff = (pred.float() - target.float()) ** 2 * m
     return diff.sum() / (m.sum() * pred.shape[-1]).clamp(min=1.0)
+
+
+def _valid(batch: PromptBatch) -> torch.Tensor:
+    """``[B, T, 1]`` fp32: 1 on the batch's valid (non-padding) positions."""
+    return batch.attention_mask.to(torch.float32).unsqueeze(-1)
 
 
 def last_prompt_positions(batch: PromptBatch) -> torch.Tensor:
@@ -327,31 +335,31 @@ class UnKE(Editor):
         preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
                                          source=hp.preserve_source, seed=self.context.seed)
                     for e in edits]
-        # stage 2 terms: (edit of each row, the same on the device, state entering L, target output, mask, term) per
-        # canonical batch
-        terms = []
+        # stage 2: the rows entering layer L (the edit prompts: term 0, their preservation prompts: term 1) and the
+        # layer's target output on them, per canonical batch; on CUDA each edit's sequences packed into rows
+        groups = []
         with torch.no_grad():
             for rows, batch in training_groups(a, [e.prompt() for e in edits], None):
                 state = a.hidden_entering(batch, layer)
                 target = a.run_layers(state).detach().clone()
                 target[:, -1] = keys[rows].to(target.dtype)  # left padding: last column = last prompt token
-                terms.append((rows, torch.tensor(rows, device=keys.device), state, target, batch.attention_mask, 0))
+                groups.append(LayerRows(list(rows), state, target.float(), [(0, _valid(batch))]))
             owners = [j for j, ps in enumerate(preserve) for _ in ps]
             flat = [p for ps in preserve for p in ps]
             if flat:
                 for rows, batch in training_groups(a, flat, None):
                     state = a.hidden_entering(batch, layer)
-                    owner = [owners[i] for i in rows]
-                    terms.append((owner, torch.tensor(owner, device=keys.device), state,
-                                  a.run_layers(state).detach(), batch.attention_mask, 1))
-            # what every step reuses: each term's target and valid positions in fp32, each edit's count of values
+                    groups.append(LayerRows([owners[i] for i in rows], state, a.run_layers(state).detach().float(),
+                                            [(1, _valid(batch))]))
+            # what every step reuses: each batch's row runs and owners on the device, each edit's count of values
             device = keys.device
             counts = torch.zeros(2, k, device=device)
             steady = []
-            for owner, who, state, target, mask, term in terms:
-                m = mask.to(torch.float32).unsqueeze(-1)
-                counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * target.shape[-1])
-                steady.append((runs_of(owner), who, state, target.float(), m, term))
+            for group in packed_layer_rows(a, layer, groups):
+                who = torch.tensor(group.owner, device=device)
+                for term, m in group.terms:
+                    counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * group.target.shape[-1])
+                steady.append((runs_of(group.owner), who, group.state, group.target, group.terms))
             present = counts > 0
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
@@ -360,10 +368,11 @@ class UnKE(Editor):
         def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
             routing.set_weights(weights)
             sums = torch.zeros(2, k, device=device)
-            for runs, who, state, target, m, term in steady:
+            for runs, who, state, target, terms in steady:
                 routing.runs = runs  # row i runs edit owner[i]'s copy
-                err = ((a.run_layers(state).float() - target) ** 2 * m).sum(dim=(1, 2))
-                sums[term] = sums[term].index_add(0, who, err)
+                squared = (a.run_layers(state).float() - target) ** 2
+                for term, m in terms:
+                    sums[term] = sums[term].index_add(0, who, (squared * m).sum(dim=(1, 2)))
             return torch.where(present, sums / counts.clamp(min=1.0), torch.zeros_like(sums)).sum(0)
 
         with routing.installed():

@@ -153,3 +153,75 @@ def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
     (grouped, grouped_stats), (together, together_stats) = keys[False], keys[True]
     assert float((together - grouped).norm() / grouped.norm()) < 1e-9
     assert [s["v_steps"] for s in together_stats] == [s["v_steps"] for s in grouped_stats]
+
+
+def test_a_layer_runs_packed_sequences_as_their_own_rows():
+    """``adapter.packed_state``: sequences entering a layer, packed back to back into one row (each attending within
+    itself at its own positions), get the layer outputs of their own left-padded rows."""
+    from editors.models.base import Prompt
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    batch = adapter.prepare([Prompt("What is the emotion?"), Prompt("Which animal makes this sound? (a) dog (b) cat"),
+                             Prompt("Is it a man?")])
+    state = adapter.hidden_entering(batch, 1)
+    with torch.no_grad():
+        alone = adapter.run_layers(state)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    width = sum(lengths) + 3
+    hidden = state.hidden.new_zeros(1, width, state.hidden.shape[-1])
+    segments = torch.full((1, width), -1)
+    positions = torch.zeros(1, width, dtype=torch.long)
+    column = 3
+    for i, n in enumerate(lengths):
+        hidden[0, column:column + n] = state.hidden[i, -n:]
+        segments[0, column:column + n] = i
+        positions[0, column:column + n] = torch.arange(n)
+        column += n
+    packed = adapter.packed_state(1, hidden, segments, positions)
+    with torch.no_grad():
+        together = adapter.run_layers(packed)
+    column = 3
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(together[0, column:column + n], alone[i, -n:], rtol=1e-5, atol=1e-5)
+        column += n
+    assert torch.isfinite(together).all()
+
+
+def test_stage_two_on_packed_rows_trains_the_copies_of_one_sequence_per_row(monkeypatch):
+    """On CUDA UnKE's stage 2 packs each edit's prompt and preservation prompts into few rows
+    (``editors.batching.packed_layer_rows``); in float64 each edit's trained layer copy is that of one sequence per
+    row, and the rows are fewer."""
+    from editors import batching
+    from editors.models import buckets
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    adapter.model.to(torch.float64)
+    edits = [edit_request(target=t, audio_seed=i, instance=f"emotion/test/{i:06d}")
+             for i, t in enumerate(("sad", "happy birthday to you", "dog"))]
+    packed_rows = []
+    original = batching.packed_layer_rows
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        packed_rows.append((sum(len(g.owner) for g in args[2]), sum(len(g.owner) for g in out)))
+        return out
+
+    monkeypatch.setattr("editors.unke.packed_layer_rows", recording)
+    copies = {}
+    for pack in (False, True):
+        monkeypatch.setitem(buckets.PACK_TRAINING, "cpu", pack)
+        if pack:  # rows of CUDA's training width: the tiny prompts (62-81 tokens here) fit three to a row
+            monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 256)
+        editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=4), context())
+        stats = editor.apply_many(edits)
+        copies[pack] = ({n: t.clone() for n, t in editor._copies.masters.items()}, [s["loss"] for s in stats])
+        editor.reset()
+    (one_per_row, row_losses), (packed, packed_losses) = copies[False], copies[True]
+    (sequences, rows_unpacked), (_, rows_packed) = packed_rows
+    assert rows_unpacked == sequences and rows_packed < sequences
+    start = dict(adapter.model.named_parameters())
+    for name, reference in one_per_row.items():
+        moved = float((reference - start[name].detach().float()[None]).norm() / reference.norm())
+        assert moved > 1e-4 and float((packed[name] - reference).norm() / reference.norm()) < 1e-6, name
+    # the squared errors are summed in fp32 (in another order when packed)
+    assert all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(packed_losses, row_losses))

@@ -616,6 +616,31 @@ class LALMAdapter(abc.ABC):
                        position_ids=state.position_ids[:, first:], position_embeddings=(cos[:, first:], sin[:, first:]),
                        batch=batch, first_column=first, frozen=frozen)
 
+    def packed_state(self, layer: int, hidden: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor
+                     ) -> LayerState | None:
+        """Hidden states entering LLM layer ``layer`` that hold several sequences per row (``hidden``
+        ``[R, W, H]``; ``segments`` ``[R, W]``: each column's sequence number within its row, -1 on padding;
+        ``positions`` ``[R, W]``: each column's position in its own sequence, from 0). Each sequence attends
+        causally within itself only (a padding column sees itself), so :meth:`run_layers` gives each sequence's
+        columns the outputs of its own left-padded row (in exact arithmetic). None where the layers do not take the
+        boolean masks of SDPA over one attention type (the caller then keeps one sequence per row)."""
+        cfg = self.language_model().config
+        if getattr(cfg, "_attn_implementation", None) != "sdpa" or \
+                {self._layer_type(i) for i in range(self.num_llm_layers)} != {"full_attention"}:
+            return None
+        width = hidden.shape[1]
+        columns = torch.arange(width, device=hidden.device)
+        mask = (segments[:, :, None] == segments[:, None, :]) & (columns[None, :, None] >= columns[None, None, :])
+        mask &= segments[:, None, :] >= 0
+        mask |= (segments[:, :, None] < 0) & (columns[:, None] == columns[None, :])[None]
+        valid = (segments >= 0).long()
+        batch = PromptBatch(input_ids=torch.full_like(segments, self.pad_token_id), attention_mask=valid,
+                            position_ids=positions, audio_token_mask=torch.zeros_like(segments, dtype=torch.bool),
+                            audio_states=[])
+        pos_emb = self.language_model().rotary_emb(hidden, positions)
+        return LayerState(layer=self.resolve_layer(layer), hidden=hidden, masks={"full_attention": mask[:, None]},
+                          position_ids=positions, position_embeddings=pos_emb, batch=batch)
+
     def first_audio_column(self, batch: PromptBatch) -> int:
         """The first column of ``batch`` that holds a connector output (its width when it holds none): changing the
         connector changes nothing before it (a tail state can start there)."""

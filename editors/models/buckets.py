@@ -44,6 +44,12 @@ TRAINING_WIDTH_STEP = {"cpu": 32, "cuda": 256}
 #: or three width groups, bench/NOTES.md), while the padding costs only the one no-grad pass over the whole width. On
 #: CPU the width groups (a row's bits then do not depend on the other rows).
 TAIL_ONE_BATCH = {"cpu": False, "cuda": True}
+#: Training of one LLM layer on fixed inputs (UnKE's stage 2: an edit's prompt and its 25 preservation prompts):
+#: on CUDA each edit's sequences are packed back to back into rows of its widest bucket
+#: (``editors.batching.packed_layer_rows``), since at the training width of 256 the ~135-token text prompts are
+#: half padding and every width group is a run of rows with a weight gradient of its own. On CPU one sequence per
+#: row (a row's bits then do not depend on the other rows).
+PACK_TRAINING = {"cpu": False, "cuda": True}
 IGNORE_INDEX = -100
 
 
