@@ -447,6 +447,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--training-width", type=int, default=None,
                    help="the training batches' width step in tokens for this run (an A/B of "
                         "editors.models.buckets.TRAINING_WIDTH_STEP; default: the library's)")
+    p.add_argument("--batch-policies", choices=("library", "cpu"), default="library",
+                   help="'cpu': run the CPU's training batch policies on CUDA too (UnKE's stage 1 in width groups, "
+                        "stage 2 one sequence per row: an A/B of editors.models.buckets.TAIL_ONE_BATCH and "
+                        "PACK_TRAINING); default: the library's")
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -479,10 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     clock = Clock(args.time_limit)
-    if args.training_width:
-        from editors.models import buckets
+    from editors.models import buckets
 
-        buckets.TRAINING_WIDTH_STEP = {"cpu": args.training_width, "cuda": args.training_width}
+    if args.training_width:
+        buckets.TRAINING_WIDTH_STEP.update(cpu=args.training_width, cuda=args.training_width)
+    if args.batch_policies == "cpu":
+        buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
+        buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])
     scale = tiny_scale() if args.tiny else full_scale()
     device = device_name(scale)
     previous, previous_argv = earlier_rows(args.merge_json, device)

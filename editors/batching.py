@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from editors.models.batch import LayerState, to_device
-from editors.models.buckets import PACK_TRAINING, TRAINING_WIDTH_STEP, padded_rows, width_bucket
+from editors.models import buckets
+from editors.models.buckets import padded_rows
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
@@ -214,7 +215,7 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
     output in its own row, and a term's loss sums the same positions; otherwise ``groups`` come back as they are.
     (One host sync: the sequences' lengths.)"""
     device = torch.device(adapter.device)
-    if not groups or not PACK_TRAINING.get(device.type, False):
+    if not groups or not buckets.PACK_TRAINING.get(device.type, False):
         return list(groups)
     sequences: list[tuple[int, int, int, int, int]] = []  # (owner, term, group, row, length)
     for g, group in enumerate(groups):
@@ -223,8 +224,7 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
         term = group.terms[0][0]
         lengths = group.state.batch.attention_mask.sum(-1).tolist()
         sequences += [(owner, term, g, row, int(n)) for row, (owner, n) in enumerate(zip(group.owner, lengths))]
-    step = TRAINING_WIDTH_STEP.get(device.type, TRAINING_WIDTH_STEP["cpu"])
-    width = width_bucket(max(s[4] for s in sequences), device, step)
+    width = buckets.width_bucket(max(s[4] for s in sequences), device, buckets.training_width_step(device))
     rows: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []  # (owner, its sequences)
     for owner in sorted({s[0] for s in sequences}):
         bins: list[list[tuple[int, int, int, int, int]]] = []

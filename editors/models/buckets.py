@@ -85,6 +85,11 @@ def group_by_width(lengths: Sequence[int], device: torch.device | str, step: int
     return list(groups.items())
 
 
+def training_width_step(device: torch.device | str) -> int:
+    """The width step of training batches on ``device`` (:data:`TRAINING_WIDTH_STEP`)."""
+    return TRAINING_WIDTH_STEP.get(torch.device(device).type, TRAINING_WIDTH_STEP["cpu"])
+
+
 def tail_start(first: int, width: int, device: torch.device | str) -> int:
     """Where a tail state (``LALMAdapter.tail_state``) of a ``width``-column batch whose columns ``first``.. may
     change starts: at least :data:`MIN_ROWS` columns before the end. On the CPU also where the whole width's
@@ -164,8 +169,7 @@ def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *
     lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
                for i, t in enumerate(token_ids)]
     groups = []
-    step = TRAINING_WIDTH_STEP.get(torch.device(adapter.device).type, TRAINING_WIDTH_STEP["cpu"])
-    grouped = group_by_width(lengths, adapter.device, step)
+    grouped = group_by_width(lengths, adapter.device, training_width_step(adapter.device))
     if tail_only and TAIL_ONE_BATCH.get(torch.device(adapter.device).type, False) and len(grouped) > 1:
         grouped = [(max(width for width, _ in grouped), list(range(len(prompts))))]
     for width, indices in grouped:
