@@ -4,6 +4,7 @@ preservation data. (Every method's edit, restore, runner and resume: tests/test_
 from __future__ import annotations
 
 import datasets
+import pytest
 import torch
 
 from _methods_helpers import (assert_same_state, audio_item, context, edit_request, hparams, model_state,
@@ -155,12 +156,13 @@ def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
     assert [s["v_steps"] for s in together_stats] == [s["v_steps"] for s in grouped_stats]
 
 
-def test_a_layer_runs_packed_sequences_as_their_own_rows():
+@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def test_a_layer_runs_packed_sequences_as_their_own_rows(family):
     """``adapter.packed_state``: sequences entering a layer, packed back to back into one row (each attending within
-    itself at its own positions), get the layer outputs of their own left-padded rows."""
+    itself at its own positions), get the layer outputs of their own left-padded rows (the three families)."""
     from editors.models.base import Prompt
 
-    adapter = tiny_adapter("tiny-qwen2-audio")
+    adapter = tiny_adapter(family)
     batch = adapter.prepare([Prompt("What is the emotion?"), Prompt("Which animal makes this sound? (a) dog (b) cat"),
                              Prompt("Is it a man?")])
     state = adapter.hidden_entering(batch, 1)
