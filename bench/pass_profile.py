@@ -4,10 +4,10 @@ For each method: the runner runs ``--edits`` single edits at its default K (cold
 where the method allows it), and the ``--pass``-th pass of that run (default: the third, the first at the measured
 K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs, apply, post-edit generation,
 restore) and for the generation's parts inside them (audio encoder, the per-audio work before tokenization such as
-DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints
-the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
-the captured-graph replays and the kernels that took longest. Inside the apply phase the training methods' parts are
-labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
+DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints the wall-clock, the GPU busy time (the union
+of kernel and copy intervals inside the phase), the kernel launches, the captured-graph replays and the kernels that
+took longest; for the whole pass also the operators whose own kernels took longest (which operators launch the
+elementwise and copy kernels). Inside the apply phase the training methods' parts are labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
 of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
 (``current``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
@@ -153,8 +153,22 @@ def summarize(prof: Any) -> dict[str, Any]:
         entry_n[1] += 1
     out["_kernels"] = {"by_kind_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                        "top": [[n, round(v[0] / 1e3, 1), int(v[1])] for n, v in
-                               sorted(names_total.items(), key=lambda kv: -kv[1][0])[:15]]}
+                               sorted(names_total.items(), key=lambda kv: -kv[1][0])[:15]],
+                       "ops": top_ops(prof)}
     return out
+
+
+def top_ops(prof: Any, n: int = 15) -> list[list[Any]]:
+    """The operators (``aten::mul``, ``aten::cat``, ...) whose own kernels took the most device time in the trace:
+    [name, ms, calls]. Which operators launch the elementwise and copy kernels a kernel name does not tell."""
+    ops = []
+    for avg in prof.key_averages():
+        device_us = getattr(avg, "self_device_time_total", None)
+        if device_us is None:  # older torch
+            device_us = getattr(avg, "self_cuda_time_total", 0)
+        if device_us and not avg.key.startswith(PREFIX):
+            ops.append([avg.key, round(device_us / 1e3, 1), int(avg.count)])
+    return sorted(ops, key=lambda op: -op[1])[:n]
 
 
 @contextlib.contextmanager
@@ -280,6 +294,9 @@ def render(rows: list[dict[str, Any]]) -> str:
             lines += ["", f"- kernel time by kind (ms, whole pass): {kernels['by_kind_ms']}", "",
                       "| kernel | ms | calls |", "|---|---|---|"]
             lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["top"]]
+            if kernels.get("ops"):
+                lines += ["", "| operator (its own kernels) | ms | calls |", "|---|---|---|"]
+                lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["ops"]]
         lines.append("")
     return "\n".join(lines) + "\n"
 
