@@ -360,6 +360,7 @@ class UnKE(Editor):
                 for term, m in group.terms:
                     counts[term] = counts[term].index_add(0, who, m.sum(dim=(1, 2)) * group.target.shape[-1])
                 steady.append((runs_of(group.owner), who, group.state, group.target, group.terms))
+            del groups  # packed: the unpacked states and targets are not needed any more
             present = counts > 0
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
