@@ -156,6 +156,39 @@ def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
     assert max(forwards) <= max(1, tokens // 32) and len(forwards) > 2
 
 
+@pytest.mark.parametrize("attention_bytes", [1, 350_000, 1 << 30])
+def test_row_prefill_gathers_prefixes_of_several_lengths_and_keeps_outputs(attention_bytes, monkeypatch):
+    """The row prefill attends each row over its own prefix gathered from its lane, in groups of rows whose shorter
+    prefixes are padded with masked columns (``ATTENTION_BYTES``: one row per group, a few, all): the eager engine's
+    greedy outputs every time, with prefixes of different lengths sharing a group."""
+    from _editor_helpers import synthetic_audio
+    from editors.models import load_adapter
+    from editors.models.base import Prompt, Turn
+    from editors.models.generation import graph
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    short = (Turn("Example: what is the emotion here?", "sad", audio=synthetic_audio(40, 0.6)),)
+    prompts = _mixed_prompts() + [Prompt(f"Which animal is this? choice {j}", audio=synthetic_audio(41 + j, 0.4),
+                                         system="Apply the update.", history=short) for j in range(3)]
+    settings = adapter.generation_settings(6)
+    reference = adapter.generate(prompts, settings=settings)
+    groups = graph._State._attention_groups
+    prefix_lengths: list[set[int]] = []
+
+    def recording(self, prefixes, tail_mask):
+        out = groups(self, prefixes, tail_mask)
+        prefix_lengths.extend({n for _, _, n in prefixes[a:b]} for a, b, _, _ in out)
+        return out
+
+    monkeypatch.setattr(graph._State, "_attention_groups", recording)
+    monkeypatch.setattr(graph, "ATTENTION_BYTES", attention_bytes)
+    assert adapter.generate(prompts, settings=settings.replace(engine="graph")) == reference
+    if attention_bytes == 1:
+        assert all(len(lengths) == 1 for lengths in prefix_lengths)
+    if attention_bytes == 1 << 30:
+        assert any(len(lengths - {0}) > 1 for lengths in prefix_lengths)  # two prefix lengths in one group
+
+
 def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monkeypatch):
     """The graph engine prefills in parts: its token budget is the KV cache per token plus one part's activations;
     the eager engine's counts activations for every token."""

@@ -16,9 +16,10 @@ What it does, per :func:`generate_graph` call:
    for all of a chunk's rows. Rows are rounded up for the static buffers (the canonical row counts of
    ``editors.models.buckets`` on CPU, a multiple of :data:`ROW_STEP` on CUDA); the extra rows are inert (never
    prefilled, finished from the start, writing to a spare last column).
-3. **Prefill** of the pieces' prefixes once each, then of every row's tail, a piece's rows at its longest tail's
-   width (pieces of one width batched together): attention over [its piece's prefix, the row's own tail]; keys
-   and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
+3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
+   width batched together, whatever their piece): attention over [its piece's prefix, gathered from the lane, the
+   row's own tail], the rows of a forward attended in groups of about :data:`ATTENTION_BYTES` of gathered keys and
+   values (one call per group and layer, however many pieces); keys and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
    ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
    chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
@@ -50,7 +51,6 @@ greedy outputs equal the eager engine's for the three families (tests/test_gener
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -93,6 +93,9 @@ PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
+#: Keys and values a row-prefill attention call gathers at once (its rows' prefixes from their lanes beside their own
+#: tails): a forward's rows are attended in groups of about this many bytes per layer.
+ATTENTION_BYTES = 2**30
 
 #: Counters of the graph engine since the last :func:`reset_stats` (the bench reports them).
 STATS: dict[str, float] = {}
@@ -491,29 +494,27 @@ class _State:
         self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
 
     def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
-                runs: Sequence[tuple[int, int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
-        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``): consecutive ``runs`` of (lane, prefix
-        start, prefix length, rows) attend over their prefix in the lane and their own tail; keys and values to their
-        lanes; each row's first token and decode position to its buffer row in ``rows``."""
-        lm, w = self.lm, embeds.shape[1]
+                prefixes: Sequence[tuple[int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
+        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``), each row attending over its prefix
+        (``prefixes``: lane, start, length per row; length 0 for none) and its own tail; keys and values to their
+        lanes; each row's first token and decode position to its buffer row in ``rows``. The rows' prefix keys and
+        values are gathered from their lanes in groups of about :data:`ATTENTION_BYTES`, one attention call per group
+        and layer (the group's shorter prefixes padded with masked columns)."""
+        lm = self.lm
         tail_mask = _self_attention_mask(tail_valid)
+        groups = self._attention_groups(prefixes, tail_mask)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(i, k, v, writes)
-            outs, a = [], 0
-            for lane, start, prefix, count in runs:  # one run at a time: its prefix for its rows
-                b = a + count
-                if not prefix:
-                    outs.append(nn.functional.scaled_dot_product_attention(
-                        q[a:b], lm.repeat_kv(k[a:b]), lm.repeat_kv(v[a:b]), attn_mask=tail_mask[a:b], scale=lm.scale))
-                else:
-                    pk = self.keys[i][lane:lane + 1, :, start:start + prefix].expand(count, -1, -1, -1)
-                    pv = self.values[i][lane:lane + 1, :, start:start + prefix].expand(count, -1, -1, -1)
-                    mask = torch.cat([tail_mask.new_ones(count, 1, w, prefix), tail_mask[a:b]], dim=-1)
-                    outs.append(nn.functional.scaled_dot_product_attention(
-                        q[a:b], lm.repeat_kv(torch.cat([pk, k[a:b]], dim=2)),
-                        lm.repeat_kv(torch.cat([pv, v[a:b]], dim=2)), attn_mask=mask, scale=lm.scale))
-                a = b
+            outs = []
+            for a, b, gather, mask in groups:
+                keys, values = k[a:b], v[a:b]
+                if gather is not None:
+                    lanes, columns = gather  # [n, 1], [n, P]: each row's prefix positions in its lane
+                    keys = torch.cat([self.keys[i][lanes, :, columns].transpose(1, 2), keys], dim=2)
+                    values = torch.cat([self.values[i][lanes, :, columns].transpose(1, 2), values], dim=2)
+                outs.append(nn.functional.scaled_dot_product_attention(
+                    q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=mask, scale=lm.scale))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = lm.forward(embeds, positions, attend)
@@ -522,6 +523,35 @@ class _State:
         self.finished.index_copy_(0, rows, self._stops(token))
         self.token.index_copy_(0, rows, token)
         self.position.index_copy_(0, rows, positions[:, -1:] + 1)
+
+    def _attention_groups(self, prefixes: Sequence[tuple[int, int, int]], tail_mask: torch.Tensor
+                          ) -> list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]]:
+        """Consecutive rows ``[a, b)`` attended together, each group's prefix gather (lanes ``[n, 1]``, lane
+        positions ``[n, P]``; None when no row of it has a prefix) and its mask ``[n, 1, w, P + w]`` (a row sees its
+        own prefix's columns and what its tail mask allows; a padding query sees the prefix and itself). Built once
+        per forward: every layer attends the same way."""
+        lm, w = self.lm, tail_mask.shape[-1]
+        per_token = 2 * lm.kv_heads * lm.head_dim * lm.dtype.itemsize
+        groups: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]] = []
+        a = 0
+        while a < len(prefixes):
+            b, longest = a + 1, prefixes[a][2]
+            while b < len(prefixes) and (b + 1 - a) * (max(longest, prefixes[b][2]) + w) * per_token <= ATTENTION_BYTES:
+                longest = max(longest, prefixes[b][2])
+                b += 1
+            if not longest:
+                groups.append((a, b, None, tail_mask[a:b]))
+            else:
+                lanes = torch.tensor([lane for lane, _, _ in prefixes[a:b]], dtype=torch.long)[:, None]
+                spare = self.width - 1  # a column never written by a prefix: masked
+                columns = torch.tensor([list(range(start, start + n)) + [spare] * (longest - n)
+                                        for _, start, n in prefixes[a:b]], dtype=torch.long)
+                lengths = torch.tensor([n for _, _, n in prefixes[a:b]], dtype=torch.long)
+                seen = to_device(torch.arange(longest)[None, :] < lengths[:, None], lm.device)  # [n, P]
+                mask = torch.cat([seen[:, None, None, :].expand(b - a, 1, w, longest), tail_mask[a:b]], dim=-1)
+                groups.append((a, b, (to_device(lanes, lm.device), to_device(columns, lm.device)), mask))
+            a = b
+        return groups
 
     def end_prefill(self) -> None:
         self.step_index.fill_(1)
@@ -803,31 +833,22 @@ def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, places: dict[
                                    _Writes.of(spans, width, dev))
             STATS["prefix_groups"] += len(members)
             STATS["prefix_tokens"] += sum(len(p.prefix) for p in members)
-    # (tail width, rows): a piece's rows at its longest tail's width. Splitting a piece's rows by width would save
-    # their padding's compute, but each run is an attention call over its prefix per layer: at IE-IKE's ~5 widths
-    # per edit the host-bound launches cost more than the padding (a 26-edit pass's prefill went 63 % busy).
-    runs = [(_bucket(max(len(tails[row]) for row in piece.rows), dev), list(piece.rows)) for piece in chunk.pieces]
-    runs.sort(key=lambda run: run[0])
-    for width, group in itertools.groupby(runs, key=lambda run: run[0]):
-        same = list(group)  # the runs of one tail width, prefilled together
-        taken = [0] * len(same)  # rows of each run prefilled so far (a run may continue in the next part)
-        for part, counts in _parts(range(len(same)), [len(r[1]) for r in same], max(1, part_tokens // width)):
-            rows: list[int] = []
-            prefixes: list[tuple[int, int, int, int]] = []
-            for j, count in zip(part, counts):
-                run = same[j][1][taken[j]:taken[j] + count]
-                taken[j] += count
-                rows += run
-                first = places[run[0]]
-                prefixes.append((first.lane, first.prefix_start, first.prefix, count))
-            _prefill_rows(adapter, state, rows, prefixes, width, tails, tail_audios, per_edit, places)
+    # every row at its own tail's width (rows of one width prefilled together, whatever their piece): the attention
+    # gathers each row's prefix from its lane, so a forward's launches do not grow with the pieces it holds
+    by_width: dict[int, list[int]] = {}
+    for piece in chunk.pieces:
+        for row in piece.rows:
+            by_width.setdefault(_bucket(len(tails[row]), dev), []).append(row)
+    for width in sorted(by_width):
+        rows = by_width[width]
+        step = max(1, part_tokens // width)
+        for start in range(0, len(rows), step):
+            _prefill_rows(adapter, state, rows[start:start + step], width, tails, tail_audios, per_edit, places)
 
 
-def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: list[tuple[int, int, int, int]],
-                  width: int, tails: list[list[int]], tail_audios: list[list[Any]], per_edit: PerEdit | None,
-                  places: dict[int, _Place]) -> None:
-    """One prefill forward: ``rows`` (consecutive ``runs`` of (lane, prefix start, prefix length, rows)) left-padded
-    to ``width``."""
+def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], width: int, tails: list[list[int]],
+                  tail_audios: list[list[Any]], per_edit: PerEdit | None, places: dict[int, _Place]) -> None:
+    """One prefill forward: ``rows`` left-padded to ``width``, each attending over its piece's prefix."""
     dev = state.lm.device
     batch = left_pad(adapter._collate([tails[i] for i in rows], [a for i in rows for a in tail_audios[i]]),
                      width, adapter.pad_token_id)
@@ -840,5 +861,6 @@ def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], runs: 
                         width, dev)
     offsets = to_device(torch.tensor([places[i].prefix for i in rows]), dev)
     buffer_rows = to_device(torch.tensor([places[i].row for i in rows]), dev)
-    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], runs, writes,
+    prefixes = [(places[i].lane, places[i].prefix_start, places[i].prefix) for i in rows]
+    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], prefixes, writes,
                   buffer_rows)
