@@ -18,8 +18,9 @@ What it does, per :func:`generate_graph` call:
    prefilled, finished from the start, writing to a spare last column).
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
    width batched together, whatever their piece): attention over [its piece's prefix, gathered from the lane, the
-   row's own tail], the rows of a forward attended in groups of about :data:`ATTENTION_BYTES` of gathered keys and
-   values (one call per group and layer, however many pieces); keys and values go to the row's place in its lane. On CUDA prefixes and tails are prefilled in parts of at most
+   row's own tail], the rows of a forward attended in groups of about :data:`ATTENTION_BYTES` (gathered keys and
+   values, the mask; one call per group and layer, however many pieces); keys and values go to the row's place in
+   its lane. On CUDA prefixes and tails are prefilled in parts of at most
    ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
    chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
@@ -93,8 +94,9 @@ PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
-#: Keys and values a row-prefill attention call gathers at once (its rows' prefixes from their lanes beside their own
-#: tails): a forward's rows are attended in groups of about this many bytes per layer.
+#: Transient bytes of a row-prefill attention call: the keys and values it gathers (its rows' prefixes from their
+#: lanes beside their own tails) and its mask as the memory-efficient kernel expands it (over the heads, in the
+#: model's dtype). A forward's rows are attended in groups of about this many bytes per layer.
 ATTENTION_BYTES = 2**30
 
 #: Counters of the graph engine since the last :func:`reset_stats` (the bench reports them).
@@ -531,7 +533,7 @@ class _State:
         own prefix's columns and what its tail mask allows; a padding query sees the prefix and itself). Built once
         per forward: every layer attends the same way."""
         lm, w = self.lm, tail_mask.shape[-1]
-        per_token = 2 * lm.kv_heads * lm.head_dim * lm.dtype.itemsize
+        per_token = (2 * lm.kv_heads * lm.head_dim + lm.heads * w) * lm.dtype.itemsize  # per key column and row
         groups: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]] = []
         a = 0
         while a < len(prefixes):
