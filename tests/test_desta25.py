@@ -315,3 +315,12 @@ def test_one_encoder_run_gives_each_audio_its_transcript_and_its_states():
         assert shared.transcript_ids == own.transcript_ids
         for a, b in zip(shared.tapped, own.tapped):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_whisper_features_are_the_release_processors(adapter):
+    """DeSTA2.5's Whisper features (computed where the model is, no host spectrogram) are the values of the
+    release's feature-extractor call, bit for bit on the CPU."""
+    clips = [_audio(3, 0.7), _audio(4, 1.6)]
+    theirs = adapter.processor.feature_extractor(clips, sampling_rate=16000, return_tensors="pt")["input_features"]
+    ours = adapter._features(clips)
+    assert ours.device == adapter.device and torch.equal(ours, theirs)

@@ -61,6 +61,7 @@ from torch import nn
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
                                  build_tiny_tokenizer, tiny_feature_extractor, to_device)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
+from editors.models.whisper_tower import WhisperFeatures
 from sake_core.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def conversation(prompt: Prompt, audio_locator: str) -> list[dict[str, str]]:
     return messages
 
 
-class DeSTA25Adapter(LALMAdapter):
+class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
     """DeSTA2.5-Audio behind the :class:`LALMAdapter` interface (see the module docstring)."""
 
     family = FAMILY
@@ -525,10 +526,10 @@ class DeSTA25Adapter(LALMAdapter):
         return swapped_parameters(self.model, self._released_encoder)
 
     def _features(self, audios: list[np.ndarray]) -> torch.Tensor:
-        """Log-mel features padded to Whisper's chunk (30 s for the real model), as the release's processor call."""
-        fe = self.processor.feature_extractor
-        return fe([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLING_RATE,
-                  return_tensors="pt")["input_features"]
+        """Log-mel features padded to Whisper's chunk (30 s for the real model): the release's processor call's
+        values, computed on :attr:`mel_device` (the model's device by default: no host spectrogram, no copy)."""
+        return self.log_mel_features([np.asarray(a, dtype=np.float32) for a in audios],
+                                     int(self.processor.feature_extractor.nb_max_frames))
 
     # ---- audio states -------------------------------------------------------------------------------------------
 

@@ -92,17 +92,27 @@ def _key_mask(tower: Any, hidden: torch.Tensor, valid_positions: Sequence[int]) 
     return create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=valid.long())
 
 
-class CutTowerEncoding:
-    """What an adapter whose audio tower runs here (Qwen2-Audio, AF3) adds: the width step, where the mel spectrogram
-    is computed, and :meth:`encode_cut`. The adapter passes its tower in; it supplies ``processor`` and ``device``."""
+class WhisperFeatures:
+    """What an adapter whose audio goes through a Whisper feature extractor adds: where the log-mel spectrogram is
+    computed, and :meth:`log_mel_features`. It supplies ``processor`` and ``device``."""
 
-    #: Mel frames a batch is rounded up to; a step at least the window (the tiny models' 2 s) runs the whole window.
-    encoder_width_step: int = 256
     #: Where the mel spectrogram is computed: ``None`` = the model's device (``bench/encoder_width.py`` times both).
     mel_device: str | None = None
 
     processor: Any
     device: Any
+
+    def log_mel_features(self, clips: Sequence[np.ndarray], width: int) -> torch.Tensor:
+        """:func:`log_mel` of ``clips`` at ``width`` frames, computed on :attr:`mel_device` (float32)."""
+        return log_mel(clips, self.processor.feature_extractor, width, self.mel_device or self.device)
+
+
+class CutTowerEncoding(WhisperFeatures):
+    """What an adapter whose audio tower runs here (Qwen2-Audio, AF3) adds: the width step and :meth:`encode_cut`
+    (and :class:`WhisperFeatures`). The adapter passes its tower in."""
+
+    #: Mel frames a batch is rounded up to; a step at least the window (the tiny models' 2 s) runs the whole window.
+    encoder_width_step: int = 256
 
     def encoder_width(self, clips: Sequence[np.ndarray]) -> int:
         """Mel frames a batch of ``clips`` is encoded at (:func:`cut_width`)."""
@@ -112,7 +122,7 @@ class CutTowerEncoding:
         """Each clip's valid states of ``tower`` (at most one window per clip), the batch cut to
         :meth:`encoder_width`: those of the tower's own forward over the whole window."""
         fe = self.processor.feature_extractor
-        mel = log_mel(clips, fe, self.encoder_width(clips), self.mel_device or self.device)
+        mel = self.log_mel_features(clips, self.encoder_width(clips))
         frames = [whisper_mel_frames(len(c), fe) for c in clips]
         hidden = tower_states(tower, to_device(mel, self.device, tower.conv1.weight.dtype), frames)
         return [hidden[i, : whisper_encoder_tokens(n)] for i, n in enumerate(frames)]
