@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from editors.models.batch import LayerState, to_device
 from editors.models import buckets
+from editors.models.batch import LayerState, to_device
 from editors.models.buckets import padded_rows
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
