@@ -8,7 +8,8 @@ cache holds are set beside the padded layout (every row at the chunk's widest ta
 at the widest prefix: the engine before lanes, computed here from the same prompts and prefix split). Prints tokens
 and GiB per edit and the ratio. The prompts are what the runner gives the graph engine in a pass of K edits
 (``Editor.rewrite_prompts`` of each edit's items; the pre-edit prompts for ``plain``), as one call without
-batching limits (a GPU's token budget may cut it into more chunks).
+batching limits (a GPU's token budget may cut it into more chunks). The last column counts the row prefill's
+tokens: every row at its piece's longest tail (the engine before 6dd5ec4) against every row at its own tail.
 
     python -m bench.cache_layout --methods plain,i_ike,ie_ike --edits 16
 """
@@ -79,6 +80,18 @@ def lane_tokens(adapter: Any, prompts: Sequence[Prompt], token_ids: Sequence[lis
     return sum(w * g for w, g, _, _ in shapes), sum(p.length(new_tokens) for p in pieces), shapes
 
 
+def prefill_tail_tokens(adapter: Any, prompts: Sequence[Prompt], token_ids: Sequence[list[int]], new_tokens: int
+                        ) -> tuple[int, int, int]:
+    """Tokens the row prefill runs for one generation call (every row's tail, padded): (each row at its piece's
+    longest tail, as before 6dd5ec4; each row at its own tail, as now; the real tail tokens)."""
+    settings = GenerationSettings(max_new_tokens=new_tokens, engine="graph")
+    pieces, _, _ = graph._pieces(adapter, prompts, token_ids, None, settings)
+    device = torch.device("cuda")
+    longest = sum(graph._bucket(max(p.tails), device) * len(p.rows) for p in pieces)
+    own = sum(graph._bucket(t, device) for p in pieces for t in p.tails)
+    return longest, own, sum(sum(p.tails) for p in pieces)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"KV cache per edit, Qwen2-Audio-7B shapes ({per_token // 1024} KiB per token), K={args.edits}, "
               f"{args.max_new_tokens} new tokens")
         print("| prompts | padded layout (tokens/edit, GiB/edit) | lanes (tokens/edit, GiB/edit) | real tokens/edit | "
-              "lanes / padded | chunks (lane width, lanes, rows per lane, rows) |")
-        print("|---|---|---|---|---|---|")
+              "lanes / padded | chunks (lane width, lanes, rows per lane, rows) | row prefill tokens/edit: at the "
+              "piece's longest tail, at the row's own, real |")
+        print("|---|---|---|---|---|---|---|")
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             per_edit = method_prompts(adapter, dataset, method, args.edits)
             prompts = [p for ps in per_edit for p in ps]
@@ -105,10 +119,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             lanes, real, shapes = lane_tokens(adapter, prompts, token_ids, args.max_new_tokens)
             k = len(per_edit)
 
-            def gib(tokens: int) -> str:
+            def gib(tokens: int, k: int = k) -> str:
                 return f"{tokens / k:,.0f}, {tokens / k * per_token / 2**30:.2f}"
 
-            print(f"| {method} | {gib(padded)} | {gib(lanes)} | {real / k:,.0f} | {lanes / padded:.2f} | {shapes} |")
+            longest, own, tail_real = prefill_tail_tokens(adapter, prompts, token_ids, args.max_new_tokens)
+            print(f"| {method} | {gib(padded)} | {gib(lanes)} | {real / k:,.0f} | {lanes / padded:.2f} | {shapes} | "
+                  f"{longest / k:,.0f}, {own / k:,.0f}, {tail_real / k:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -174,8 +174,11 @@ def test_cache_layout_plans_ie_ike_under_4_gib_per_edit_at_full_size(tmp_path):
         padded = cache_layout.padded_tokens(adapter, prompts, ids, 32)
         lanes, real, _ = cache_layout.lane_tokens(adapter, prompts, ids, 32)
         assert real <= lanes <= padded, method
+        longest, own, tail_real = cache_layout.prefill_tail_tokens(adapter, prompts, ids, 32)
+        assert tail_real <= own <= longest, method  # rows prefilled at their own tail's width: never more padding
         if method == "ie_ike":
             assert lanes / len(per_edit) * kv_bytes_per_token(adapter) < 4 * 2**30
+            assert own < 0.85 * longest  # IE-IKE's ten tails of 119-481 tokens no longer pad to the longest
 
 
 def test_encoder_width_bench_runs_its_arms_and_puts_the_settings_back(capsys):
