@@ -95,8 +95,8 @@ PACK_SPAN = 4
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
 #: Transient bytes of a row-prefill attention call: the keys and values it gathers (its rows' prefixes from their
-#: lanes beside their own tails) and its mask as the memory-efficient kernel expands it (over the heads, in the
-#: model's dtype). A forward's rows are attended in groups of about this many bytes per layer.
+#: lanes beside their own tails; again repeated over the heads under grouped-query attention) and its mask as the
+#: memory-efficient kernel expands it (over the heads, in the model's dtype). A forward's rows are attended in groups of about this many bytes per layer.
 ATTENTION_BYTES = 2**30
 
 #: Counters of the graph engine since the last :func:`reset_stats` (the bench reports them).
@@ -533,7 +533,10 @@ class _State:
         own prefix's columns and what its tail mask allows; a padding query sees the prefix and itself). Built once
         per forward: every layer attends the same way."""
         lm, w = self.lm, tail_mask.shape[-1]
-        per_token = (2 * lm.kv_heads * lm.head_dim + lm.heads * w) * lm.dtype.itemsize  # per key column and row
+        # per key column and row: the gathered keys and values, their copy repeated over the heads (grouped-query
+        # attention), the mask over the heads
+        repeated = 2 * lm.heads * lm.head_dim if lm.heads != lm.kv_heads else 0
+        per_token = (2 * lm.kv_heads * lm.head_dim + repeated + lm.heads * w) * lm.dtype.itemsize
         groups: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]] = []
         a = 0
         while a < len(prefixes):
