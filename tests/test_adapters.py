@@ -281,6 +281,23 @@ def test_log_mel_equals_the_whisper_feature_extractor(mels, seconds):
         assert torch.equal(ours, theirs)
 
 
+def test_log_mel_of_a_dithering_extractor_is_the_extractors_own():
+    """An extractor that adds dither noise is called itself (its noise, from torch's generator, included)."""
+    from editors.models.tiny import tiny_feature_extractor
+    from editors.models.whisper_tower import log_mel
+
+    fe = tiny_feature_extractor()
+    fe.dither = 1e-3
+    clips = [synthetic_audio(80, 0.9), synthetic_audio(81, 1.5)]
+    torch.manual_seed(5)
+    ours = log_mel(clips, fe, 160, "cpu")
+    torch.manual_seed(5)
+    theirs = fe(clips, sampling_rate=16000, padding="max_length", max_length=160 * fe.hop_length,
+                return_tensors="pt")["input_features"]
+    fe.dither = 0.0
+    assert torch.equal(ours, theirs) and not torch.equal(ours, log_mel(clips, fe, 160, "cpu"))
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_the_cut_encoders_key_mask_is_the_one_transformers_builds(implementation, monkeypatch):
     """The padded keys' mask the cut encoder builds without asking the device (SDPA) gives the tower's layers the
