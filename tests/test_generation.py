@@ -156,11 +156,12 @@ def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
     assert max(forwards) <= max(1, tokens // 32) and len(forwards) > 2
 
 
-@pytest.mark.parametrize("attention_bytes", [1, 350_000, 1 << 30])
-def test_row_prefill_gathers_prefixes_of_several_lengths_and_keeps_outputs(attention_bytes, monkeypatch):
-    """The row prefill attends each row over its own prefix gathered from its lane, in groups of rows whose shorter
-    prefixes are padded with masked columns (``ATTENTION_BYTES``: one row per group, a few, all): the eager engine's
-    greedy outputs every time, with prefixes of different lengths sharing a group."""
+@pytest.mark.parametrize("part_tokens", [32, 1 << 62])
+def test_row_prefill_reads_each_pieces_span_of_its_lane_and_keeps_outputs(part_tokens, monkeypatch):
+    """The row prefill attends the rows of one piece together over its span of the lane (their queries folded into
+    one sequence, each row masked to its prefix and its own tail, other rows' tails in between), with rows of
+    several pieces, prefix lengths and tail widths, whole or one row per forward: the eager engine's greedy
+    outputs."""
     from _editor_helpers import synthetic_audio
     from editors.models import load_adapter
     from editors.models.base import Prompt, Turn
@@ -168,25 +169,22 @@ def test_row_prefill_gathers_prefixes_of_several_lengths_and_keeps_outputs(atten
 
     adapter = load_adapter("tiny-qwen2-audio", seed=0)
     short = (Turn("Example: what is the emotion here?", "sad", audio=synthetic_audio(40, 0.6)),)
-    prompts = _mixed_prompts() + [Prompt(f"Which animal is this? choice {j}", audio=synthetic_audio(41 + j, 0.4),
+    prompts = _mixed_prompts() + [Prompt(f"Which animal is this? choice {j}", audio=synthetic_audio(41 + j, 0.4 + j),
                                          system="Apply the update.", history=short) for j in range(3)]
     settings = adapter.generation_settings(6)
     reference = adapter.generate(prompts, settings=settings)
-    groups = graph._State._attention_groups
-    prefix_lengths: list[set[int]] = []
+    runs_of = graph._State._runs
+    seen: list[tuple[int, int]] = []  # (rows, lane span) of every run with a prefix
 
-    def recording(self, prefixes, tail_mask):
-        out = groups(self, prefixes, tail_mask)
-        prefix_lengths.extend({n for _, _, n in prefixes[a:b]} for a, b, _, _ in out)
+    def recording(self, spans, tail_mask):
+        out = runs_of(self, spans, tail_mask)
+        seen.extend((b - a, hi - lo) for a, b, lane, lo, hi, _ in out if lane >= 0)
         return out
 
-    monkeypatch.setattr(graph._State, "_attention_groups", recording)
-    monkeypatch.setattr(graph, "ATTENTION_BYTES", attention_bytes)
+    monkeypatch.setattr(graph._State, "_runs", recording)
+    monkeypatch.setattr(graph, "prefill_tokens", lambda adapter: part_tokens)
     assert adapter.generate(prompts, settings=settings.replace(engine="graph")) == reference
-    if attention_bytes == 1:
-        assert all(len(lengths) == 1 for lengths in prefix_lengths)
-    if attention_bytes == 1 << 30:
-        assert any(len(lengths - {0}) > 1 for lengths in prefix_lengths)  # two prefix lengths in one group
+    assert seen and (part_tokens == 32 or any(rows > 1 for rows, _ in seen))
 
 
 def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monkeypatch):

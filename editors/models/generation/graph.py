@@ -17,12 +17,12 @@ What it does, per :func:`generate_graph` call:
    ``editors.models.buckets`` on CPU, a multiple of :data:`ROW_STEP` on CUDA); the extra rows are inert (never
    prefilled, finished from the start, writing to a spare last column).
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
-   width batched together, whatever their piece): attention over [its piece's prefix, gathered from the lane, the
-   row's own tail], the rows of a forward attended in groups of about :data:`ATTENTION_BYTES` (gathered keys and
-   values, the mask; one call per group and layer, however many pieces); keys and values go to the row's place in
-   its lane. On CUDA prefixes and tails are prefilled in parts of at most
-   ``memory.prefill_tokens`` tokens, so the prefill's activations stay the same size however many rows (edits) a
-   chunk holds; the token budget counts them once. On CPU a chunk is prefilled whole.
+   width batched together, whatever their piece): keys and values go to the row's place in its lane first, and the
+   rows of one piece then attend together over its span of the lane, read where it lies (their queries folded into
+   one sequence; each row's mask keeps its prefix and its own tail): nothing is copied or gathered. On CUDA
+   prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
+   activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once. On
+   CPU a chunk is prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
    positions, write positions, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA
    graph and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host
@@ -94,10 +94,6 @@ PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
-#: Transient bytes of a row-prefill attention call: the keys and values it gathers (its rows' prefixes from their
-#: lanes beside their own tails; again repeated over the heads under grouped-query attention) and its mask as the
-#: memory-efficient kernel expands it (over the heads, in the model's dtype). A forward's rows are attended in groups of about this many bytes per layer.
-ATTENTION_BYTES = 2**30
 
 #: Counters of the graph engine since the last :func:`reset_stats` (the bench reports them).
 STATS: dict[str, float] = {}
@@ -496,27 +492,33 @@ class _State:
         self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
 
     def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
-                prefixes: Sequence[tuple[int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
-        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``), each row attending over its prefix
-        (``prefixes``: lane, start, length per row; length 0 for none) and its own tail; keys and values to their
-        lanes; each row's first token and decode position to its buffer row in ``rows``. The rows' prefix keys and
-        values are gathered from their lanes in groups of about :data:`ATTENTION_BYTES`, one attention call per group
-        and layer (the group's shorter prefixes padded with masked columns)."""
+                spans: Sequence[tuple[int, int, int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
+        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``; ``spans``: each row's lane, prefix start,
+        prefix length, tail start and tail length in the lane), each row attending over its prefix and its own tail;
+        keys and values to their lanes; each row's first token and decode position to its buffer row in ``rows``.
+
+        The keys and values are read where they lie (:meth:`_runs`): the rows of one piece attend together over its
+        span of the lane (the prefix, then the tails; a row's mask keeps its prefix and its own tail), their queries
+        folded into one sequence, so nothing is copied or gathered; rows without a prefix attend over their own
+        tails."""
         lm = self.lm
         tail_mask = _self_attention_mask(tail_valid)
-        groups = self._attention_groups(prefixes, tail_mask)
+        runs = self._runs(spans, tail_mask)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self._store(i, k, v, writes)
+            self._store(i, k, v, writes)  # every row's tail in its lane first: the runs read it there
             outs = []
-            for a, b, gather, mask in groups:
-                keys, values = k[a:b], v[a:b]
-                if gather is not None:
-                    lanes, columns = gather  # [n, 1], [n, P]: each row's prefix positions in its lane
-                    keys = torch.cat([self.keys[i][lanes, :, columns].transpose(1, 2), keys], dim=2)
-                    values = torch.cat([self.values[i][lanes, :, columns].transpose(1, 2), values], dim=2)
-                outs.append(nn.functional.scaled_dot_product_attention(
-                    q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=mask, scale=lm.scale))
+            for a, b, lane, lo, hi, mask in runs:
+                if lane < 0:  # no prefix: each row over its own tail
+                    outs.append(nn.functional.scaled_dot_product_attention(
+                        q[a:b], lm.repeat_kv(k[a:b]), lm.repeat_kv(v[a:b]), attn_mask=mask, scale=lm.scale))
+                    continue
+                n, heads, w, d = q[a:b].shape
+                folded = q[a:b].transpose(0, 1).reshape(1, heads, n * w, d)
+                out = nn.functional.scaled_dot_product_attention(
+                    folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
+                    lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=mask, scale=lm.scale)
+                outs.append(out.reshape(heads, n, w, d).transpose(0, 1))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = lm.forward(embeds, positions, attend)
@@ -526,37 +528,33 @@ class _State:
         self.token.index_copy_(0, rows, token)
         self.position.index_copy_(0, rows, positions[:, -1:] + 1)
 
-    def _attention_groups(self, prefixes: Sequence[tuple[int, int, int]], tail_mask: torch.Tensor
-                          ) -> list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]]:
-        """Consecutive rows ``[a, b)`` attended together, each group's prefix gather (lanes ``[n, 1]``, lane
-        positions ``[n, P]``; None when no row of it has a prefix) and its mask ``[n, 1, w, P + w]`` (a row sees its
-        own prefix's columns and what its tail mask allows; a padding query sees the prefix and itself). Built once
-        per forward: every layer attends the same way."""
-        lm, w = self.lm, tail_mask.shape[-1]
-        # per key column and row: the gathered keys and values, their copy repeated over the heads (grouped-query
-        # attention), the mask over the heads
-        repeated = 2 * lm.heads * lm.head_dim if lm.heads != lm.kv_heads else 0
-        per_token = (2 * lm.kv_heads * lm.head_dim + repeated + lm.heads * w) * lm.dtype.itemsize
-        groups: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor]] = []
+    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor
+              ) -> list[tuple[int, int, int, int, int, torch.Tensor]]:
+        """Consecutive rows ``[a, b)`` attended in one call, built once per forward (every layer attends the same
+        way): rows of one piece (same lane and prefix) with the lane's span ``[lo, hi)`` from their prefix to the end
+        of their last tail and the mask ``[1, 1, rows x w, hi - lo]`` of their folded queries (a row's queries see
+        its prefix and, causally, its own tail; a padding query sees the prefix); rows without a prefix with lane -1
+        and their tail mask."""
+        w, device = tail_mask.shape[-1], self.lm.device
+        out: list[tuple[int, int, int, int, int, torch.Tensor]] = []
         a = 0
-        while a < len(prefixes):
-            b, longest = a + 1, prefixes[a][2]
-            while b < len(prefixes) and (b + 1 - a) * (max(longest, prefixes[b][2]) + w) * per_token <= ATTENTION_BYTES:
-                longest = max(longest, prefixes[b][2])
+        while a < len(spans):
+            lane, start, prefix = spans[a][:3]
+            b = a + 1
+            while b < len(spans) and (spans[b][:3] == spans[a][:3] if prefix else not spans[b][2]):
                 b += 1
-            if not longest:
-                groups.append((a, b, None, tail_mask[a:b]))
+            if not prefix:
+                out.append((a, b, -1, 0, 0, tail_mask[a:b]))
             else:
-                lanes = torch.tensor([lane for lane, _, _ in prefixes[a:b]], dtype=torch.long)[:, None]
-                spare = self.width - 1  # a column never written by a prefix: masked
-                columns = torch.tensor([list(range(start, start + n)) + [spare] * (longest - n)
-                                        for _, start, n in prefixes[a:b]], dtype=torch.long)
-                lengths = torch.tensor([n for _, _, n in prefixes[a:b]], dtype=torch.long)
-                seen = to_device(torch.arange(longest)[None, :] < lengths[:, None], lm.device)  # [n, P]
-                mask = torch.cat([seen[:, None, None, :].expand(b - a, 1, w, longest), tail_mask[a:b]], dim=-1)
-                groups.append((a, b, (to_device(lanes, lm.device), to_device(columns, lm.device)), mask))
+                hi = max(tail_start + tail for *_, tail_start, tail in spans[a:b])
+                offsets = torch.tensor([tail_start - start for *_, tail_start, _ in spans[a:b]])
+                tails = torch.tensor([tail for *_, tail in spans[a:b]])
+                token = torch.arange(w)[None, :] - (w - tails[:, None])  # [n, w]: position in the own tail (< 0: pad)
+                own = torch.arange(hi - start)[None, None, :] - offsets[:, None, None]  # [n, 1, L]
+                mask = ((own >= 0) & (own <= token[:, :, None])) | (torch.arange(hi - start) < prefix)[None, None, :]
+                out.append((a, b, lane, start, hi, to_device(mask.reshape(1, 1, (b - a) * w, hi - start), device)))
             a = b
-        return groups
+        return out
 
     def end_prefill(self) -> None:
         self.step_index.fill_(1)
@@ -866,6 +864,7 @@ def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], width:
                         width, dev)
     offsets = to_device(torch.tensor([places[i].prefix for i in rows]), dev)
     buffer_rows = to_device(torch.tensor([places[i].row for i in rows]), dev)
-    prefixes = [(places[i].lane, places[i].prefix_start, places[i].prefix) for i in rows]
-    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], prefixes, writes,
+    spans = [(places[i].lane, places[i].prefix_start, places[i].prefix, places[i].tail_start, len(tails[i]))
+             for i in rows]
+    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], spans, writes,
                   buffer_rows)
