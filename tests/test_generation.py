@@ -156,12 +156,16 @@ def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
     assert max(forwards) <= max(1, tokens // 32) and len(forwards) > 2
 
 
-@pytest.mark.parametrize("part_tokens", [32, 1 << 62])
-def test_row_prefill_reads_each_pieces_span_of_its_lane_and_keeps_outputs(part_tokens, monkeypatch):
-    """The row prefill attends the rows of one piece together over its span of the lane (their queries folded into
-    one sequence, each row masked to its prefix and its own tail, other rows' tails in between), with rows of
-    several pieces, prefix lengths and tail widths, whole or one row per forward: the eager engine's greedy
-    outputs."""
+@pytest.mark.parametrize("lane_read_prefix, attention_bytes, part_tokens",
+                         [(1, 1 << 30, 1 << 62), (1, 1 << 30, 32), (1 << 30, 1 << 30, 1 << 62), (1 << 30, 1, 1 << 62),
+                          (1 << 30, 350_000, 32)])
+def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefix, attention_bytes, part_tokens,
+                                                                 monkeypatch):
+    """The row prefill attends the rows of a piece with a long prefix together over its span of the lane (queries
+    folded into one sequence, each row masked to its prefix and its own tail, other rows' tails in between) and
+    other rows in groups with their prefixes gathered (shorter ones padded with masked columns): with rows of
+    several pieces, prefix lengths and tail widths, whole or one row per forward, the eager engine's greedy outputs
+    whichever way each prefix goes (``LANE_READ_PREFIX``) and however rows are grouped (``ATTENTION_BYTES``)."""
     from _editor_helpers import synthetic_audio
     from editors.models import load_adapter
     from editors.models.base import Prompt, Turn
@@ -174,17 +178,26 @@ def test_row_prefill_reads_each_pieces_span_of_its_lane_and_keeps_outputs(part_t
     settings = adapter.generation_settings(6)
     reference = adapter.generate(prompts, settings=settings)
     runs_of = graph._State._runs
-    seen: list[tuple[int, int]] = []  # (rows, lane span) of every run with a prefix
+    kinds: list[tuple[str, int, int]] = []  # (how, rows, prefix lengths in the run)
 
     def recording(self, spans, tail_mask):
         out = runs_of(self, spans, tail_mask)
-        seen.extend((b - a, hi - lo) for a, b, lane, lo, hi, _ in out if lane >= 0)
+        for a, b, how, _ in out:
+            kind = "none" if how is None else "lane" if len(how) == 3 else "gather"
+            kinds.append((kind, b - a, len({s[2] for s in spans[a:b]} - {0})))
         return out
 
     monkeypatch.setattr(graph._State, "_runs", recording)
+    monkeypatch.setattr(graph, "LANE_READ_PREFIX", lane_read_prefix)
+    monkeypatch.setattr(graph, "ATTENTION_BYTES", attention_bytes)
     monkeypatch.setattr(graph, "prefill_tokens", lambda adapter: part_tokens)
     assert adapter.generate(prompts, settings=settings.replace(engine="graph")) == reference
-    assert seen and (part_tokens == 32 or any(rows > 1 for rows, _ in seen))
+    used = {kind for kind, _, _ in kinds}
+    assert ("lane" in used) == (lane_read_prefix == 1) and ("gather" in used) == (lane_read_prefix > 1)
+    if lane_read_prefix == 1 and part_tokens > 32:
+        assert any(kind == "lane" and rows > 1 for kind, rows, _ in kinds)  # a piece's rows folded together
+    if lane_read_prefix > 1 and attention_bytes > 1 and part_tokens > 32:
+        assert any(kind == "gather" and lengths > 1 for kind, _, lengths in kinds)  # prefixes of two lengths
 
 
 def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monkeypatch):

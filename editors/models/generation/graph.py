@@ -17,9 +17,10 @@ What it does, per :func:`generate_graph` call:
    ``editors.models.buckets`` on CPU, a multiple of :data:`ROW_STEP` on CUDA); the extra rows are inert (never
    prefilled, finished from the start, writing to a spare last column).
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
-   width batched together, whatever their piece): keys and values go to the row's place in its lane first, and the
-   rows of one piece then attend together over its span of the lane, read where it lies (their queries folded into
-   one sequence; each row's mask keeps its prefix and its own tail): nothing is copied or gathered. On CUDA
+   width batched together, whatever their piece): keys and values go to the row's place in its lane first; the
+   rows of a piece with a long prefix (:data:`LANE_READ_PREFIX`: IE-IKE's demonstrations) then attend together over
+   its span of the lane, read where it lies (their queries folded into one sequence, each row's mask keeping its
+   prefix and its own tail), and other rows in groups, their short prefixes gathered beside their tails. On CUDA
    prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
    activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once. On
    CPU a chunk is prefilled whole.
@@ -94,6 +95,15 @@ PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
+#: The row prefill reads a piece's lane span where it lies (its rows' queries folded into one sequence) when the
+#: piece's prefix has at least this many tokens (IE-IKE's ~3,000-token demonstrations: gathering them per row cost
+#: more than the attention over the other rows' tails); shorter prefixes are gathered beside their rows' tails in
+#: groups of rows (one call per group and layer: per-piece calls left the host behind on I-IKE's two-row pieces).
+LANE_READ_PREFIX = 1024
+#: Transient bytes of a gathered row-prefill attention call: the keys and values it gathers (its rows' prefixes
+#: beside their own tails; again repeated over the heads under grouped-query attention) and its mask as the
+#: memory-efficient kernel expands it over the heads.
+ATTENTION_BYTES = 2**30
 
 #: Counters of the graph engine since the last :func:`reset_stats` (the bench reports them).
 STATS: dict[str, float] = {}
@@ -497,28 +507,34 @@ class _State:
         prefix length, tail start and tail length in the lane), each row attending over its prefix and its own tail;
         keys and values to their lanes; each row's first token and decode position to its buffer row in ``rows``.
 
-        The keys and values are read where they lie (:meth:`_runs`): the rows of one piece attend together over its
-        span of the lane (the prefix, then the tails; a row's mask keeps its prefix and its own tail), their queries
-        folded into one sequence, so nothing is copied or gathered; rows without a prefix attend over their own
-        tails."""
+        How the rows attend is planned once per forward (:meth:`_runs`): the rows of a piece with a long prefix
+        together over its span of the lane, read where it lies (their queries folded into one sequence; each row's
+        mask keeps its prefix and its own tail); other rows in groups, their prefixes gathered from their lanes beside
+        their own tails."""
         lm = self.lm
         tail_mask = _self_attention_mask(tail_valid)
         runs = self._runs(spans, tail_mask)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self._store(i, k, v, writes)  # every row's tail in its lane first: the runs read it there
+            self._store(i, k, v, writes)  # every row's tail in its lane first: a lane read finds it there
             outs = []
-            for a, b, lane, lo, hi, mask in runs:
-                if lane < 0:  # no prefix: each row over its own tail
-                    outs.append(nn.functional.scaled_dot_product_attention(
-                        q[a:b], lm.repeat_kv(k[a:b]), lm.repeat_kv(v[a:b]), attn_mask=mask, scale=lm.scale))
+            for a, b, how, mask in runs:
+                if isinstance(how, tuple) and len(how) == 3:  # (lane, lo, hi): the piece's span, read in place
+                    lane, lo, hi = how
+                    n, heads, w, d = q[a:b].shape
+                    folded = q[a:b].transpose(0, 1).reshape(1, heads, n * w, d)
+                    out = nn.functional.scaled_dot_product_attention(
+                        folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
+                        lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=mask, scale=lm.scale)
+                    outs.append(out.reshape(heads, n, w, d).transpose(0, 1))
                     continue
-                n, heads, w, d = q[a:b].shape
-                folded = q[a:b].transpose(0, 1).reshape(1, heads, n * w, d)
-                out = nn.functional.scaled_dot_product_attention(
-                    folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
-                    lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=mask, scale=lm.scale)
-                outs.append(out.reshape(heads, n, w, d).transpose(0, 1))
+                keys, values = k[a:b], v[a:b]
+                if how is not None:  # (lanes [n, 1], columns [n, P]): each row's prefix gathered from its lane
+                    lanes, columns = how
+                    keys = torch.cat([self.keys[i][lanes, :, columns].transpose(1, 2), keys], dim=2)
+                    values = torch.cat([self.values[i][lanes, :, columns].transpose(1, 2), values], dim=2)
+                outs.append(nn.functional.scaled_dot_product_attention(
+                    q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=mask, scale=lm.scale))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = lm.forward(embeds, positions, attend)
@@ -528,31 +544,54 @@ class _State:
         self.token.index_copy_(0, rows, token)
         self.position.index_copy_(0, rows, positions[:, -1:] + 1)
 
-    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor
-              ) -> list[tuple[int, int, int, int, int, torch.Tensor]]:
-        """Consecutive rows ``[a, b)`` attended in one call, built once per forward (every layer attends the same
-        way): rows of one piece (same lane and prefix) with the lane's span ``[lo, hi)`` from their prefix to the end
-        of their last tail and the mask ``[1, 1, rows x w, hi - lo]`` of their folded queries (a row's queries see
-        its prefix and, causally, its own tail; a padding query sees the prefix); rows without a prefix with lane -1
-        and their tail mask."""
-        w, device = tail_mask.shape[-1], self.lm.device
-        out: list[tuple[int, int, int, int, int, torch.Tensor]] = []
+    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor) -> list[tuple]:
+        """How consecutive rows ``[a, b)`` attend, the same in every layer: ``(a, b, (lane, lo, hi), mask)`` for the
+        rows of a piece whose prefix has at least :data:`LANE_READ_PREFIX` tokens (the lane's span from the prefix to
+        the end of their last tail, read in place; the mask ``[1, 1, rows x w, hi - lo]`` of their folded queries: a
+        row's queries see its prefix and, causally, its own tail, a padding query the prefix); ``(a, b, (lanes,
+        columns), mask)`` for a group of other rows whose prefixes are gathered (about :data:`ATTENTION_BYTES`;
+        shorter prefixes padded with masked columns); ``(a, b, None, mask)`` for a group without prefixes."""
+        lm, w = self.lm, tail_mask.shape[-1]
+        device = lm.device
+        # per key column and row of a gathered group: the gathered keys and values, their copy repeated over the
+        # heads (grouped-query attention), the mask over the heads
+        repeated = 2 * lm.heads * lm.head_dim if lm.heads != lm.kv_heads else 0
+        per_token = (2 * lm.kv_heads * lm.head_dim + repeated + lm.heads * w) * lm.dtype.itemsize
+        out: list[tuple] = []
         a = 0
         while a < len(spans):
             lane, start, prefix = spans[a][:3]
-            b = a + 1
-            while b < len(spans) and (spans[b][:3] == spans[a][:3] if prefix else not spans[b][2]):
-                b += 1
-            if not prefix:
-                out.append((a, b, -1, 0, 0, tail_mask[a:b]))
-            else:
+            if prefix and prefix >= LANE_READ_PREFIX:
+                b = a + 1
+                while b < len(spans) and spans[b][:3] == spans[a][:3]:
+                    b += 1
                 hi = max(tail_start + tail for *_, tail_start, tail in spans[a:b])
-                offsets = torch.tensor([tail_start - start for *_, tail_start, _ in spans[a:b]])
-                tails = torch.tensor([tail for *_, tail in spans[a:b]])
-                token = torch.arange(w)[None, :] - (w - tails[:, None])  # [n, w]: position in the own tail (< 0: pad)
-                own = torch.arange(hi - start)[None, None, :] - offsets[:, None, None]  # [n, 1, L]
-                mask = ((own >= 0) & (own <= token[:, :, None])) | (torch.arange(hi - start) < prefix)[None, None, :]
-                out.append((a, b, lane, start, hi, to_device(mask.reshape(1, 1, (b - a) * w, hi - start), device)))
+                small = to_device(torch.tensor([[tail_start - start, tail] for *_, tail_start, tail in spans[a:b]]),
+                                  device)  # the mask is built on the device: on the host it outlasted the forward
+                offsets, tails = small[:, 0], small[:, 1]
+                token = torch.arange(w, device=device)[None, :] - (w - tails[:, None])  # [n, w]: in the own tail
+                columns = torch.arange(hi - start, device=device)
+                own = columns[None, None, :] - offsets[:, None, None]  # [n, 1, L]
+                mask = ((own >= 0) & (own <= token[:, :, None])) | (columns < prefix)[None, None, :]
+                out.append((a, b, (lane, start, hi), mask.reshape(1, 1, (b - a) * w, hi - start)))
+                a = b
+                continue
+            b, longest = a + 1, prefix
+            while (b < len(spans) and not (spans[b][2] and spans[b][2] >= LANE_READ_PREFIX)
+                   and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
+                longest = max(longest, spans[b][2])
+                b += 1
+            if not longest:
+                out.append((a, b, None, tail_mask[a:b]))
+            else:
+                lanes = torch.tensor([s[0] for s in spans[a:b]], dtype=torch.long)[:, None]
+                spare = self.width - 1  # a column never written by a prefix: masked
+                gather = torch.tensor([list(range(s[1], s[1] + s[2])) + [spare] * (longest - s[2]) for s in spans[a:b]],
+                                      dtype=torch.long)
+                lengths = torch.tensor([s[2] for s in spans[a:b]], dtype=torch.long)
+                seen = to_device(torch.arange(longest)[None, :] < lengths[:, None], device)  # [n, P]
+                mask = torch.cat([seen[:, None, None, :].expand(b - a, 1, w, longest), tail_mask[a:b]], dim=-1)
+                out.append((a, b, (to_device(lanes, device), to_device(gather, device)), mask))
             a = b
         return out
 
