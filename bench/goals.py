@@ -451,6 +451,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="'cpu': run the CPU's training batch policies on CUDA too (UnKE's stage 1 in width groups, "
                         "stage 2 one sequence per row: an A/B of editors.models.buckets.TAIL_ONE_BATCH and "
                         "PACK_TRAINING); default: the library's")
+    p.add_argument("--lane-read-prefix", type=int, default=None,
+                   help="the graph engine's row prefill reads prefixes of at least this many tokens in place instead "
+                        "of gathering them (an A/B of editors.models.generation.graph.LANE_READ_PREFIX; default: "
+                        "the library's)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -487,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.training_width:
         buckets.TRAINING_WIDTH_STEP.update(cpu=args.training_width, cuda=args.training_width)
+    if args.lane_read_prefix is not None:
+        from editors.models.generation import graph
+
+        graph.LANE_READ_PREFIX = args.lane_read_prefix
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

@@ -157,8 +157,8 @@ def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
 
 
 @pytest.mark.parametrize("lane_read_prefix, attention_bytes, part_tokens",
-                         [(1, 1 << 30, 1 << 62), (1, 1 << 30, 32), (1 << 30, 1 << 30, 1 << 62), (1 << 30, 1, 1 << 62),
-                          (1 << 30, 350_000, 32)])
+                         [(1, 1 << 30, 1 << 62), (1, 1 << 30, 32), (None, 1 << 30, 1 << 62), (None, 1, 1 << 62),
+                          (None, 350_000, 32)])
 def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefix, attention_bytes, part_tokens,
                                                                  monkeypatch):
     """The row prefill attends the rows of a piece with a long prefix together over its span of the lane (queries
@@ -193,10 +193,10 @@ def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefi
     monkeypatch.setattr(graph, "prefill_tokens", lambda adapter: part_tokens)
     assert adapter.generate(prompts, settings=settings.replace(engine="graph")) == reference
     used = {kind for kind, _, _ in kinds}
-    assert ("lane" in used) == (lane_read_prefix == 1) and ("gather" in used) == (lane_read_prefix > 1)
+    assert ("lane" in used) == (lane_read_prefix == 1) and ("gather" in used) == (lane_read_prefix is None)
     if lane_read_prefix == 1 and part_tokens > 32:
         assert any(kind == "lane" and rows > 1 for kind, rows, _ in kinds)  # a piece's rows folded together
-    if lane_read_prefix > 1 and attention_bytes > 1 and part_tokens > 32:
+    if lane_read_prefix is None and attention_bytes > 1 and part_tokens > 32:
         assert any(kind == "gather" and lengths > 1 for kind, _, lengths in kinds)  # prefixes of two lengths
 
 

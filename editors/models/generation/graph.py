@@ -18,9 +18,10 @@ What it does, per :func:`generate_graph` call:
    prefilled, finished from the start, writing to a spare last column).
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
    width batched together, whatever their piece): keys and values go to the row's place in its lane first; the
-   rows of a piece with a long prefix (:data:`LANE_READ_PREFIX`: IE-IKE's demonstrations) then attend together over
-   its span of the lane, read where it lies (their queries folded into one sequence, each row's mask keeping its
-   prefix and its own tail), and other rows in groups, their short prefixes gathered beside their tails. On CUDA
+   rows attend in groups, their prefixes gathered from their lanes beside their own tails (one call per group and
+   layer); or, for a prefix of at least :data:`LANE_READ_PREFIX` tokens (off by default until timed), the rows of its
+   piece together over its span of the lane, read where it lies (their queries folded into one sequence, each row's
+   mask keeping its prefix and its own tail). On CUDA
    prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
    activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once. On
    CPU a chunk is prefilled whole.
@@ -96,10 +97,12 @@ PACK_SPAN = 4
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
 #: The row prefill reads a piece's lane span where it lies (its rows' queries folded into one sequence) when the
-#: piece's prefix has at least this many tokens (IE-IKE's ~3,000-token demonstrations: gathering them per row cost
-#: more than the attention over the other rows' tails); shorter prefixes are gathered beside their rows' tails in
-#: groups of rows (one call per group and layer: per-piece calls left the host behind on I-IKE's two-row pieces).
-LANE_READ_PREFIX = 1024
+#: piece's prefix has at least this many tokens; shorter prefixes are gathered beside their rows' tails in groups of
+#: rows (one call per group and layer). None: every prefix is gathered. The gather of IE-IKE's ~3,000-token
+#: demonstrations costs more GPU time than the read in place (an H100 pass profile), but reading every piece in
+#: place left the host behind (per-piece calls, masks then built on the host: I-IKE 0.54 -> 0.97 s/edit), and the
+#: read of long prefixes alone (masks on the device) has not been timed yet: ``bench.goals --lane-read-prefix 1024``.
+LANE_READ_PREFIX: int | None = None
 #: Transient bytes of a gathered row-prefill attention call: the keys and values it gathers (its rows' prefixes
 #: beside their own tails; again repeated over the heads under grouped-query attention) and its mask as the
 #: memory-efficient kernel expands it over the heads.
@@ -179,6 +182,11 @@ class _LM:
             return x
         b, h, t, d = x.shape
         return x[:, :, None].expand(b, h, rep, t, d).reshape(b, h * rep, t, d)
+
+
+def _reads_in_place(prefix: int) -> bool:
+    """Whether the row prefill reads a piece's prefix of ``prefix`` tokens in place (:data:`LANE_READ_PREFIX`)."""
+    return bool(prefix) and LANE_READ_PREFIX is not None and prefix >= LANE_READ_PREFIX
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -561,7 +569,7 @@ class _State:
         a = 0
         while a < len(spans):
             lane, start, prefix = spans[a][:3]
-            if prefix and prefix >= LANE_READ_PREFIX:
+            if _reads_in_place(prefix):
                 b = a + 1
                 while b < len(spans) and spans[b][:3] == spans[a][:3]:
                     b += 1
@@ -577,7 +585,7 @@ class _State:
                 a = b
                 continue
             b, longest = a + 1, prefix
-            while (b < len(spans) and not (spans[b][2] and spans[b][2] >= LANE_READ_PREFIX)
+            while (b < len(spans) and not _reads_in_place(spans[b][2])
                    and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
                 longest = max(longest, spans[b][2])
                 b += 1
