@@ -182,8 +182,9 @@ def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefi
 
     def recording(self, spans, tail_mask):
         out = runs_of(self, spans, tail_mask)
-        for a, b, how, _ in out:
-            kind = "none" if how is None else "lane" if len(how) == 3 else "gather"
+        for run in out:
+            a, b = run.rows
+            kind = "lane" if run.span is not None else "gather" if run.gather is not None else "none"
             kinds.append((kind, b - a, len({s[2] for s in spans[a:b]} - {0})))
         return out
 

@@ -424,6 +424,18 @@ class _Place:
     tail_start: int  # its own tail in the lane
 
 
+@dataclass
+class _Run:
+    """Rows ``[a, b)`` of a prefill forward attended in one call: over their piece's lane span read in place
+    (``span``: lane, first and end column), or over their own tails with their prefixes gathered beside them
+    (``gather``: lanes ``[n, 1]``, lane positions ``[n, P]``), or over their own tails alone (neither)."""
+
+    rows: tuple[int, int]
+    mask: torch.Tensor
+    span: tuple[int, int, int] | None = None
+    gather: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class _State:
     """Static buffers of one chunk shape and its captured decode step (reused by every chunk of that shape)."""
 
@@ -526,23 +538,24 @@ class _State:
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(i, k, v, writes)  # every row's tail in its lane first: a lane read finds it there
             outs = []
-            for a, b, how, mask in runs:
-                if isinstance(how, tuple) and len(how) == 3:  # (lane, lo, hi): the piece's span, read in place
-                    lane, lo, hi = how
+            for run in runs:
+                a, b = run.rows
+                if run.span is not None:  # the piece's span of its lane, read in place, the queries folded
+                    lane, lo, hi = run.span
                     n, heads, w, d = q[a:b].shape
                     folded = q[a:b].transpose(0, 1).reshape(1, heads, n * w, d)
                     out = nn.functional.scaled_dot_product_attention(
                         folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
-                        lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=mask, scale=lm.scale)
+                        lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=run.mask, scale=lm.scale)
                     outs.append(out.reshape(heads, n, w, d).transpose(0, 1))
                     continue
                 keys, values = k[a:b], v[a:b]
-                if how is not None:  # (lanes [n, 1], columns [n, P]): each row's prefix gathered from its lane
-                    lanes, columns = how
+                if run.gather is not None:  # each row's prefix gathered from its lane beside its own tail
+                    lanes, columns = run.gather
                     keys = torch.cat([self.keys[i][lanes, :, columns].transpose(1, 2), keys], dim=2)
                     values = torch.cat([self.values[i][lanes, :, columns].transpose(1, 2), values], dim=2)
                 outs.append(nn.functional.scaled_dot_product_attention(
-                    q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=mask, scale=lm.scale))
+                    q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=run.mask, scale=lm.scale))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = lm.forward(embeds, positions, attend)
@@ -552,56 +565,63 @@ class _State:
         self.token.index_copy_(0, rows, token)
         self.position.index_copy_(0, rows, positions[:, -1:] + 1)
 
-    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor) -> list[tuple]:
-        """How consecutive rows ``[a, b)`` attend, the same in every layer: ``(a, b, (lane, lo, hi), mask)`` for the
-        rows of a piece whose prefix has at least :data:`LANE_READ_PREFIX` tokens (the lane's span from the prefix to
-        the end of their last tail, read in place; the mask ``[1, 1, rows x w, hi - lo]`` of their folded queries: a
-        row's queries see its prefix and, causally, its own tail, a padding query the prefix); ``(a, b, (lanes,
-        columns), mask)`` for a group of other rows whose prefixes are gathered (about :data:`ATTENTION_BYTES`;
-        shorter prefixes padded with masked columns); ``(a, b, None, mask)`` for a group without prefixes."""
+    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor) -> list[_Run]:
+        """How the rows attend, the same in every layer: the rows of a piece whose prefix is read in place
+        (:func:`_reads_in_place`) as one run over its lane span; the other rows in groups of about
+        :data:`ATTENTION_BYTES` of gathered keys and values (shorter prefixes padded with masked columns). Index
+        tensors and masks are built on the device: on the host they outlasted the forward."""
         lm, w = self.lm, tail_mask.shape[-1]
-        device = lm.device
         # per key column and row of a gathered group: the gathered keys and values, their copy repeated over the
         # heads (grouped-query attention), the mask over the heads
         repeated = 2 * lm.heads * lm.head_dim if lm.heads != lm.kv_heads else 0
         per_token = (2 * lm.kv_heads * lm.head_dim + repeated + lm.heads * w) * lm.dtype.itemsize
-        out: list[tuple] = []
+        out: list[_Run] = []
         a = 0
         while a < len(spans):
-            lane, start, prefix = spans[a][:3]
-            if _reads_in_place(prefix):
-                b = a + 1
+            b = a + 1
+            if _reads_in_place(spans[a][2]):
                 while b < len(spans) and spans[b][:3] == spans[a][:3]:
                     b += 1
-                hi = max(tail_start + tail for *_, tail_start, tail in spans[a:b])
-                small = to_device(torch.tensor([[tail_start - start, tail] for *_, tail_start, tail in spans[a:b]]),
-                                  device)  # the mask is built on the device: on the host it outlasted the forward
-                offsets, tails = small[:, 0], small[:, 1]
-                token = torch.arange(w, device=device)[None, :] - (w - tails[:, None])  # [n, w]: in the own tail
-                columns = torch.arange(hi - start, device=device)
-                own = columns[None, None, :] - offsets[:, None, None]  # [n, 1, L]
-                mask = ((own >= 0) & (own <= token[:, :, None])) | (columns < prefix)[None, None, :]
-                out.append((a, b, (lane, start, hi), mask.reshape(1, 1, (b - a) * w, hi - start)))
-                a = b
-                continue
-            b, longest = a + 1, prefix
-            while (b < len(spans) and not _reads_in_place(spans[b][2])
-                   and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
-                longest = max(longest, spans[b][2])
-                b += 1
-            if not longest:
-                out.append((a, b, None, tail_mask[a:b]))
+                out.append(self._lane_run(a, b, spans[a:b], w))
             else:
-                lanes = torch.tensor([s[0] for s in spans[a:b]], dtype=torch.long)[:, None]
-                spare = self.width - 1  # a column never written by a prefix: masked
-                gather = torch.tensor([list(range(s[1], s[1] + s[2])) + [spare] * (longest - s[2]) for s in spans[a:b]],
-                                      dtype=torch.long)
-                lengths = torch.tensor([s[2] for s in spans[a:b]], dtype=torch.long)
-                seen = to_device(torch.arange(longest)[None, :] < lengths[:, None], device)  # [n, P]
-                mask = torch.cat([seen[:, None, None, :].expand(b - a, 1, w, longest), tail_mask[a:b]], dim=-1)
-                out.append((a, b, (to_device(lanes, device), to_device(gather, device)), mask))
+                longest = spans[a][2]
+                while (b < len(spans) and not _reads_in_place(spans[b][2])
+                       and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
+                    longest = max(longest, spans[b][2])
+                    b += 1
+                out.append(self._gathered_run(a, b, spans[a:b], longest, tail_mask))
             a = b
         return out
+
+    def _lane_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]], w: int) -> _Run:
+        """Rows ``[a, b)`` of one piece over its lane span from the prefix to the end of their last tail, with the
+        mask ``[1, 1, rows x w, span]`` of their folded queries: a row's queries see the prefix and, causally, their
+        own tail; a padding query sees the prefix."""
+        device = self.lm.device
+        lane, start, prefix = spans[0][:3]
+        hi = max(tail_start + tail for *_, tail_start, tail in spans)
+        small = to_device(torch.tensor([[tail_start - start, tail] for *_, tail_start, tail in spans]), device)
+        offsets, tails = small[:, 0], small[:, 1]
+        token = torch.arange(w, device=device)[None, :] - (w - tails[:, None])  # [n, w]: in the own tail (< 0: pad)
+        columns = torch.arange(hi - start, device=device)
+        own = columns[None, None, :] - offsets[:, None, None]  # [n, 1, L]
+        mask = ((own >= 0) & (own <= token[:, :, None])) | (columns < prefix)[None, None, :]
+        return _Run((a, b), mask.reshape(1, 1, (b - a) * w, hi - start), span=(lane, start, hi))
+
+    def _gathered_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]], longest: int,
+                      tail_mask: torch.Tensor) -> _Run:
+        """Rows ``[a, b)`` with their prefixes (at most ``longest`` tokens) gathered from their lanes: lanes ``[n, 1]``
+        and lane positions ``[n, longest]`` (a shorter prefix padded with the lane's spare column, masked); the mask
+        ``[n, 1, w, longest + w]``. Without any prefix: their tail mask alone."""
+        if not longest:
+            return _Run((a, b), tail_mask[a:b])
+        device, w = self.lm.device, tail_mask.shape[-1]
+        small = to_device(torch.tensor([[lane, start, n] for lane, start, n, _, _ in spans], dtype=torch.long), device)
+        steps = torch.arange(longest, device=device)[None, :]
+        seen = steps < small[:, 2:3]  # [n, P]: the row's own prefix
+        columns = torch.where(seen, small[:, 1:2] + steps, torch.full_like(steps, self.width - 1))
+        mask = torch.cat([seen[:, None, None, :].expand(b - a, 1, w, longest), tail_mask[a:b]], dim=-1)
+        return _Run((a, b), mask, gather=(small[:, :1], columns))
 
     def end_prefill(self) -> None:
         self.step_index.fill_(1)
