@@ -158,27 +158,28 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     steps, last, stopped = [0] * k, [float("nan")] * k, [False] * k
     updates = 0
     latest: torch.Tensor | None = None  # without an early stop: the last losses, read once at the end
+    mask: torch.Tensor | None = None  # ``active`` on the device, made again only when an edit stops
     for _ in range(max_steps):
         losses = losses_fn(copies.current())
         if losses.shape != (k,):
             raise ValueError(f"losses_fn returned shape {tuple(losses.shape)}; expected ({k},)")
         if early_stop_loss is None:  # every edit runs every step: nothing to decide on the host
             latest = losses.detach()
-            objective = losses.sum()
         else:
             values = losses.detach().float().cpu().tolist()  # host sync: the early-stop check (one per step)
             for i in range(k):
                 if active[i]:
                     last[i] = values[i]
                     if values[i] < early_stop_loss:
-                        active[i], stopped[i] = False, True
+                        active[i], stopped[i], mask = False, True, None
             if not any(active):
                 break
-            # the stopped edits' losses weighted 0, not dropped by a boolean index (a host sync): the same gradients
-            objective = losses.sum() if all(active) else (losses * losses.new_tensor(active)).sum()
+        if mask is None:
+            mask = to_device(torch.tensor(active), losses.device)
+        # the stopped edits' losses weighted 0, not dropped by a boolean index (a host sync): the same gradients
+        objective = losses.sum() if all(active) else (losses * mask).sum()
         grads = torch.autograd.grad(objective, masters, allow_unused=True)
         updates += 1
-        mask = torch.tensor(active, device=losses.device)
         with torch.no_grad():
             masked_update(masters, list(grads), states, mask, updates, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay, all_active=all(active))
