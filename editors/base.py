@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import numpy as np
 import torch
 
+from editors.batching import fused_adam
 from editors.hparams import Hparams
 from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, PerEdit, Prompt, as_audio_array
 from sake_core.errors import ConfigError
@@ -250,7 +251,9 @@ def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Ten
     opt_tensors = [m if m is not None else p for p, m in zip(plist, masters)]
     opt: torch.optim.Optimizer
     if optimizer == "adam":
-        opt = torch.optim.Adam(opt_tensors, lr=lr, weight_decay=weight_decay)
+        # on CUDA the fused kernel, as K edits' masked_update: the same arithmetic per element either way
+        opt = torch.optim.Adam(opt_tensors, lr=lr, weight_decay=weight_decay,
+                               fused=all(fused_adam(optimizer, t) for t in opt_tensors) or None)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(opt_tensors, lr=lr, weight_decay=weight_decay)
     elif optimizer == "rmsprop":

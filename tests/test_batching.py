@@ -163,6 +163,39 @@ def test_the_in_place_update_of_all_active_edits_gives_the_masked_updates_bits(o
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+def test_fused_adam_steps_of_stacked_edits_equal_one_fused_optimizer_per_edit(monkeypatch):
+    """On CUDA both loops take torch's fused Adam kernel (forced here on the CPU, where torch has it too): K edits'
+    masked steps give each edit the bits of its own ``torch.optim.Adam(fused=True)``, a frozen edit keeps its
+    values and state, and weight decay is applied inside the kernel as the optimizer does."""
+    import editors.batching as batching
+
+    monkeypatch.setattr(batching, "fused_adam", lambda optimizer, tensor: optimizer == "adam")
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 5, 7, generator=gen)
+    grads = [torch.randn(3, 5, 7, generator=gen) for _ in range(4)]
+    active = [torch.tensor(a) for a in ([True] * 3, [True] * 3, [True, False, True], [True, False, True])]
+    stacked, state = start.clone(), [{}]
+    for step, (g, mask) in enumerate(zip(grads, active), start=1):
+        batching.masked_update([stacked], [g], state, mask, step, optimizer="adam", lr=0.1, weight_decay=0.01,
+                               all_active=bool(mask.all()))
+    for k in range(3):
+        alone = start[k].clone().requires_grad_(True)
+        opt = torch.optim.Adam([alone], lr=0.1, weight_decay=0.01, fused=True)
+        for g, mask in zip(grads, active):
+            if mask[k]:
+                alone.grad = g[k].clone()
+                opt.step()
+        assert torch.equal(stacked[k], alone.detach()), k
+        assert torch.equal(state[0]["exp_avg"][k], opt.state[alone]["exp_avg"])
+    # the formulas (the CPU's path) are another rounding of the same step
+    plain, plain_state = start.clone(), [{}]
+    monkeypatch.setattr(batching, "fused_adam", lambda optimizer, tensor: False)
+    for step, g in enumerate(grads[:1], start=1):
+        batching.masked_update([plain], [g], plain_state, active[0], step, optimizer="adam", lr=0.1,
+                               weight_decay=0.01, all_active=True)
+    assert torch.allclose(plain, start - 0.1 * torch.sign(grads[0] + 0.01 * start), atol=1e-6)
+
+
 def _backward_nodes(tensor: torch.Tensor) -> list[tuple[str, tuple[int, ...] | None]]:
     """(node type, the sizes of the tensor it slices or selects from, where it saves them) of a backward graph."""
     seen, stack, nodes = set(), [tensor.grad_fn], []
