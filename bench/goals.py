@@ -455,6 +455,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the graph engine's row prefill reads prefixes of at least this many tokens in place instead "
                         "of gathering them (an A/B of editors.models.generation.graph.LANE_READ_PREFIX; default: "
                         "the library's)")
+    p.add_argument("--share-clips", choices=("library", "off"), default="library",
+                   help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
+                        "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -495,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editors.models.generation import graph
 
         graph.LANE_READ_PREFIX = args.lane_read_prefix
+    if args.share_clips == "off":
+        from editors.models.generation import graph
+
+        graph.SHARE_CLIPS = False
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

@@ -116,6 +116,35 @@ def test_graph_engine_gives_the_eager_greedy_outputs(any_family, monkeypatch):
         [t.hit_limit for t in cut]
 
 
+def test_rows_asking_about_one_clip_share_it_as_a_prefix(any_family):
+    """Rows with the same clip and different questions (SAKE's reliability, type-1 generality and portability items)
+    share the system prompt and that clip as one prefilled prefix, with the eager engine's outputs; a clip asked
+    about once is not split off, and IE-IKE-like rows keep their long demonstrations as one prefix."""
+    from _editor_helpers import synthetic_audio
+
+    from editors.models.base import Prompt
+    from editors.models.generation import graph
+
+    adapter = any_family
+    clip = synthetic_audio(40, 0.9)
+    questions = ["Which animal makes this sound? (a) dog (b) cat", "What is the emotion here? (a) happy (b) sad",
+                 "Is the speaker near the microphone?", "How many speakers are there? (a) one (b) two"]
+    same = [Prompt(q, audio=clip.copy()) for q in questions]  # equal content, distinct arrays
+    prompts = same + _mixed_prompts()
+    ids = [adapter.prompt_token_ids(p) for p in prompts]
+    groups = graph._prefix_groups(adapter, prompts, ids, None)
+    through, audios = graph.prefix_split(adapter, same[0], ids[0], {}, own_audio=True)
+    assert audios == 1 and through > graph.prefix_split(adapter, same[0], ids[0], {})[0]
+    assert [(i, through, 1) for i in range(len(same))] in groups
+    demo_rows = list(range(len(same) + 4, len(same) + 8))  # _mixed_prompts: 4 plain prompts, then 4 demo prompts
+    assert any(sorted(i for i, _, _ in g) == demo_rows for g in groups)  # one group, not split by their clips
+    eager = adapter.generation_settings(8).replace(min_shared_prefix=0)
+    graph.reset_stats()
+    assert adapter.generate(prompts, settings=eager.replace(engine="graph")) == adapter.generate(prompts,
+                                                                                                settings=eager)
+    assert graph.STATS["prefix_tokens"] >= through
+
+
 def test_graph_engine_chunks_and_batch_limits_keep_outputs():
     from editors.models import load_adapter
 

@@ -4,7 +4,9 @@ What it does, per :func:`generate_graph` call:
 
 1. **Pieces.** Each prompt is split where its own system prompt + dialogue history end (:func:`prefix_split`: a
    function of the prompt alone). Prompts with the same prefix (same tokens, same audio, same edit in a per-edit
-   pass) form a group, and a group's rows share pieces (:func:`_pieces`): a piece holds the prefix once, then each of
+   pass) form a group; rows of a group that ask about one clip (SAKE's reliability, type-1 generality and
+   portability items) form a group of their own through that clip where that saves more than it repeats
+   (:func:`_prefix_groups`). A group's rows share pieces (:func:`_pieces`): a piece holds the prefix once, then each of
    its rows' own tail and new tokens back to back, at their real lengths. How many rows share a piece follows from
    the prefix's and the tails' lengths (:func:`rows_per_lane`): IE-IKE's ~3,000-token demonstrations are held once
    per edit with its ten rows beside them; a short prefix (the chat template's) is not shared, each row then is a
@@ -71,7 +73,7 @@ from editors.models.generation.memory import (GENERATION_FRACTION, available_byt
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
 from editors.models.generation.settings import GenerationSettings
-from editors.models.prompts import Prompt
+from editors.models.prompts import Prompt, audio_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from editors.models.adapter import LALMAdapter
@@ -103,6 +105,10 @@ WIDTH_STEP = {"cpu": 32, "cuda": 64}
 #: place left the host behind (per-piece calls, masks then built on the host: I-IKE 0.54 -> 0.97 s/edit), and the
 #: read of long prefixes alone (masks on the device) has not been timed yet: ``bench.goals --lane-read-prefix 1024``.
 LANE_READ_PREFIX: int | None = None
+#: Rows of a group that ask about the same clip (SAKE's reliability, type-1 generality and portability items) share
+#: the prefix through that clip (:func:`_prefix_groups`); False: only the system prompt + history are shared (the
+#: bench's A/B: ``bench.goals --share-clips off``).
+SHARE_CLIPS = True
 #: Transient bytes of a gathered row-prefill attention call: the keys and values it gathers (its rows' prefixes
 #: beside their own tails; again repeated over the heads under grouped-query attention) and its mask as the
 #: memory-efficient kernel expands it over the heads.
@@ -208,15 +214,19 @@ def _self_attention_mask(valid: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def prefix_split(adapter: "LALMAdapter", prompt: Prompt, token_ids: Sequence[int], memo: dict) -> tuple[int, int]:
+def prefix_split(adapter: "LALMAdapter", prompt: Prompt, token_ids: Sequence[int], memo: dict,
+                 own_audio: bool = False) -> tuple[int, int]:
     """``(tokens, audios)`` of the prompt's prefix: its rendered system prompt + history up to where the last user
     turn's own content starts (the common token prefix of the same conversation ending in two different plain
-    questions), cut so that it holds whole audios and leaves the prompt at least one token. A function of the
-    prompt alone."""
-    key = (prompt.system, tuple(id(t) for t in prompt.history))
+    questions), cut so that it holds whole audios and leaves the prompt at least one token. With ``own_audio``,
+    the two questions carry the prompt's own audio, so the prefix runs on through that audio where the family's
+    template puts it before the question (rows asking about one clip then share it). A function of the prompt
+    alone."""
+    audio = prompt.audio if own_audio else None
+    key = (prompt.system, tuple(id(t) for t in prompt.history), audio_digest(audio))
     if key not in memo:
-        a = adapter.prompt_token_ids(Prompt("A", None, prompt.system, prompt.history))
-        b = adapter.prompt_token_ids(Prompt("B", None, prompt.system, prompt.history))
+        a = adapter.prompt_token_ids(Prompt("A", audio, prompt.system, prompt.history))
+        b = adapter.prompt_token_ids(Prompt("B", audio, prompt.system, prompt.history))
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
@@ -846,18 +856,12 @@ def _pieces(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequen
     :func:`rows_per_lane` rows (rows of similar tail length together), and a row that shares with none keeps its
     whole prompt as its tail."""
     n = settings.max_new_tokens
-    memo: dict = {}
-    groups: dict[tuple, list[tuple[int, int, int]]] = {}
-    for i, (prompt, ids) in enumerate(zip(prompts, token_ids)):
-        split, n_audio = prefix_split(adapter, prompt, ids, memo)
-        key = (per_edit.edit_of[i] if per_edit is not None else None, tuple(ids[:split]),
-               tuple(id(a) for a in prompt.audios()[:n_audio]))
-        groups.setdefault(key, []).append((i, split, n_audio))
+    groups = _prefix_groups(adapter, prompts, token_ids, per_edit)
     budget = settings.max_batch_tokens or 1 << 62
     tails: list[list[int]] = [[] for _ in prompts]
     tail_audios: list[list[Any]] = [[] for _ in prompts]
     pieces = []
-    for members in groups.values():
+    for members in groups:
         first, split, n_audio = members[0]
         prefix = list(token_ids[first][:split])
         mean_tail = sum(len(token_ids[i]) - split for i, _, _ in members) / len(members)
@@ -877,6 +881,42 @@ def _pieces(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequen
             rows = ordered[start:start + per_piece]
             pieces.append(_Piece(prefix, audios, rows, [len(tails[i]) for i in rows]))
     return pieces, tails, tail_audios
+
+
+def _prefix_groups(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequence[list[int]],
+                   per_edit: PerEdit | None) -> list[list[tuple[int, int, int]]]:
+    """Prompts grouped by a shared prefix: ``(prompt index, prefix tokens, prefix audios)`` of each member. First by
+    :func:`prefix_split` (system prompt + history; same edit in a per-edit pass); then the rows of a group that ask
+    about the same clip (SAKE's reliability, type-1 generality and portability items carry the edit's audio) form
+    a group of their own through that clip (``own_audio``) where what they save, ``(rows - 1) x`` the clip's tokens,
+    outweighs holding and prefilling the group's shorter prefix once more (IE-IKE's demonstrations stay one
+    group)."""
+    memo: dict = {}
+    short: dict[tuple, list[tuple[int, int, int]]] = {}
+    long: dict[tuple, dict[tuple, list[tuple[int, int, int]]]] = {}
+    for i, (prompt, ids) in enumerate(zip(prompts, token_ids)):
+        edit = per_edit.edit_of[i] if per_edit is not None else None
+        split, n_audio = prefix_split(adapter, prompt, ids, memo)
+        key = (edit, tuple(ids[:split]), tuple(audio_digest(a) for a in prompt.audios()[:n_audio]))
+        short.setdefault(key, []).append((i, split, n_audio))
+        if SHARE_CLIPS and prompt.audio is not None:
+            split_long, n_long = prefix_split(adapter, prompt, ids, memo, own_audio=True)
+            if n_long > n_audio:
+                long_key = (edit, tuple(ids[:split_long]),
+                            tuple(audio_digest(a) for a in prompt.audios()[:n_long]))
+                long.setdefault(key, {}).setdefault(long_key, []).append((i, split_long, n_long))
+    out = []
+    for key, members in short.items():
+        prefix = len(key[1])
+        taken: set[int] = set()
+        for sub in long.get(key, {}).values():
+            if len(sub) > 1 and (len(sub) - 1) * (sub[0][1] - prefix) > prefix:
+                out.append(sub)
+                taken.update(i for i, _, _ in sub)
+        rest = [m for m in members if m[0] not in taken]
+        if rest:
+            out.append(rest)
+    return out
 
 
 def _prefill(adapter: "LALMAdapter", state: _State, chunk: _Chunk, places: dict[int, _Place],
