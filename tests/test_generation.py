@@ -316,6 +316,13 @@ def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, override
     from editors.models import load_adapter
     from editors.registry import get_editor_class
 
+    from editors.models.base import Prompt
+    from editors.models.generation import graph
+
+    def prompts_of(edit):  # the edit's clip asked about three times: a prefix through the clip, per edit
+        return tb.eval_prompts(edit) + [Prompt(q, audio=edit.audio) for q in ("Describe the clip's emotion.",
+                                                                              "Is the speaker calm? (a) yes (b) no")]
+
     adapter = load_adapter("tiny-qwen2-audio", seed=0)
     editor = get_editor_class(method)(adapter, load_hparams(method, adapter.family, tiny=True, overrides=overrides))
     snapshot = ParameterSnapshot(adapter.model, editor.touched_parameters() or [])
@@ -324,15 +331,17 @@ def test_graph_engine_per_edit_weights_equal_one_edit_at_a_time(method, override
     alone = []
     for edit in edits:
         editor.apply(edit)
-        alone.append(adapter.generate(tb.eval_prompts(edit), settings=eager))
+        alone.append(adapter.generate(prompts_of(edit), settings=eager))
         snapshot.restore()
         editor.reset()
     editor.apply_many(edits)
+    graph.reset_stats()
     try:
-        together = editor.generate_many([tb.eval_prompts(e) for e in edits], eager.replace(engine="graph"))
+        together = editor.generate_many([prompts_of(e) for e in edits], eager.replace(engine="graph"))
     finally:
         editor.reset()
     assert together == alone
+    assert graph.STATS["prefix_groups"] >= len(edits)  # each edit's clip prefilled once, through its own weights
     assert len({tuple(a) for a in alone}) > 1  # the edits differ
 
 
