@@ -451,10 +451,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="'cpu': run the CPU's training batch policies on CUDA too (UnKE's stage 1 in width groups, "
                         "stage 2 one sequence per row: an A/B of editors.models.buckets.TAIL_ONE_BATCH and "
                         "PACK_TRAINING); default: the library's")
-    p.add_argument("--lane-read-prefix", type=int, default=None,
-                   help="the graph engine's row prefill reads prefixes of at least this many tokens in place instead "
-                        "of gathering them (an A/B of editors.models.generation.graph.LANE_READ_PREFIX; default: "
-                        "the library's)")
+    p.add_argument("--split-prefix", type=int, default=None,
+                   help="the graph engine's row prefill attends over prefixes of at least this many tokens in two "
+                        "parts merged by their log-sum-exps instead of gathering them (an A/B of "
+                        "editors.models.generation.graph.SPLIT_PREFIX; default: the library's)")
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
@@ -494,10 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.training_width:
         buckets.TRAINING_WIDTH_STEP.update(cpu=args.training_width, cuda=args.training_width)
-    if args.lane_read_prefix is not None:
+    if args.split_prefix is not None:
         from editors.models.generation import graph
 
-        graph.LANE_READ_PREFIX = args.lane_read_prefix
+        graph.SPLIT_PREFIX = args.split_prefix
     if args.share_clips == "off":
         from editors.models.generation import graph
 

@@ -185,16 +185,16 @@ def test_prefill_in_parts_keeps_outputs(tokens, monkeypatch):
     assert max(forwards) <= max(1, tokens // 32) and len(forwards) > 2
 
 
-@pytest.mark.parametrize("lane_read_prefix, attention_bytes, part_tokens",
-                         [(1, 1 << 30, 1 << 62), (1, 1 << 30, 32), (None, 1 << 30, 1 << 62), (None, 1, 1 << 62),
-                          (None, 350_000, 32)])
-def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefix, attention_bytes, part_tokens,
-                                                                 monkeypatch):
-    """The row prefill attends the rows of a piece with a long prefix together over its span of the lane (queries
-    folded into one sequence, each row masked to its prefix and its own tail, other rows' tails in between) and
-    other rows in groups with their prefixes gathered (shorter ones padded with masked columns): with rows of
-    several pieces, prefix lengths and tail widths, whole or one row per forward, the eager engine's greedy outputs
-    whichever way each prefix goes (``LANE_READ_PREFIX``) and however rows are grouped (``ATTENTION_BYTES``)."""
+@pytest.mark.parametrize("split_prefix, attention_bytes, part_tokens",
+                         [(1, 1 << 30, 1 << 62), (1, 1 << 30, 32), (100, 1 << 30, 1 << 62), (None, 1 << 30, 1 << 62),
+                          (None, 1, 1 << 62), (None, 350_000, 32)])
+def test_row_prefill_splits_or_gathers_prefixes_and_keeps_outputs(split_prefix, attention_bytes, part_tokens,
+                                                                  monkeypatch):
+    """The row prefill attends rows with a long prefix in two parts merged by their log-sum-exps (the prefix read in
+    its lane once per piece, the rows' queries folded; each row's own tail) and other rows in groups with their
+    prefixes gathered (shorter ones padded with masked columns): with rows of several pieces, prefix lengths and
+    tail widths, whole or one row per forward, the eager engine's greedy outputs whichever way each prefix goes
+    (``SPLIT_PREFIX``) and however rows are grouped (``ATTENTION_BYTES``)."""
     from _editor_helpers import synthetic_audio
     from editors.models import load_adapter
     from editors.models.base import Prompt, Turn
@@ -207,27 +207,47 @@ def test_row_prefill_reads_or_gathers_prefixes_and_keeps_outputs(lane_read_prefi
     settings = adapter.generation_settings(6)
     reference = adapter.generate(prompts, settings=settings)
     runs_of = graph._State._runs
-    kinds: list[tuple[str, int, int]] = []  # (how, rows, prefix lengths in the run)
+    kinds: list[tuple[str, int, int, int]] = []  # (how, rows, prefix lengths in the run, pieces in the run)
 
     def recording(self, spans, tail_mask):
         out = runs_of(self, spans, tail_mask)
         for run in out:
             a, b = run.rows
-            kind = "lane" if run.span is not None else "gather" if run.gather is not None else "none"
-            kinds.append((kind, b - a, len({s[2] for s in spans[a:b]} - {0})))
+            kind = "split" if run.prefixes is not None else "gather" if run.gather is not None else "none"
+            kinds.append((kind, b - a, len({s[2] for s in spans[a:b]} - {0}), len(run.prefixes or [])))
         return out
 
     monkeypatch.setattr(graph._State, "_runs", recording)
-    monkeypatch.setattr(graph, "LANE_READ_PREFIX", lane_read_prefix)
+    monkeypatch.setattr(graph, "SPLIT_PREFIX", split_prefix)
     monkeypatch.setattr(graph, "ATTENTION_BYTES", attention_bytes)
     monkeypatch.setattr(graph, "prefill_tokens", lambda adapter: part_tokens)
     assert adapter.generate(prompts, settings=settings.replace(engine="graph")) == reference
-    used = {kind for kind, _, _ in kinds}
-    assert ("lane" in used) == (lane_read_prefix == 1) and ("gather" in used) == (lane_read_prefix is None)
-    if lane_read_prefix == 1 and part_tokens > 32:
-        assert any(kind == "lane" and rows > 1 for kind, rows, _ in kinds)  # a piece's rows folded together
-    if lane_read_prefix is None and attention_bytes > 1 and part_tokens > 32:
-        assert any(kind == "gather" and lengths > 1 for kind, _, lengths in kinds)  # prefixes of two lengths
+    used = {kind for kind, _, _, _ in kinds}
+    assert ("split" in used) == (split_prefix is not None) and ("gather" in used) == (split_prefix != 1)
+    if split_prefix == 1 and part_tokens > 32:
+        assert any(kind == "split" and rows > pieces for kind, rows, _, pieces in kinds)  # a piece's rows folded
+        assert any(kind == "split" and lengths > 1 for kind, _, lengths, _ in kinds)  # pieces of two prefixes
+    if split_prefix is None and attention_bytes > 1 and part_tokens > 32:
+        assert any(kind == "gather" and lengths > 1 for kind, _, lengths, _ in kinds)  # prefixes of two lengths
+
+
+def test_attention_in_two_parts_merged_by_log_sum_exp_equals_attention_over_both():
+    """The split row prefill's arithmetic: attention over [prefix | tail] equals the prefix's and the tail's
+    attentions weighed by their log-sum-exps (fp32, CPU; the CUDA kernels return the same quantities)."""
+    from editors.models.generation.graph import attention_lse
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (5, 12, 12))
+    mask = torch.rand(2, 1, 5, 12, generator=gen) > 0.3
+    mask[..., -1] = True  # every query sees a key
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    out_p, lse_p = attention_lse(q, k[:, :, :7], v[:, :, :7], bias[..., :7], 0.3)
+    out_t, lse_t = attention_lse(q, k[:, :, 7:], v[:, :, 7:], bias[..., 7:], 0.3)
+    weight = torch.sigmoid(lse_p - lse_t)[..., None]
+    assert torch.allclose(out_p * weight + out_t * (1 - weight), whole, atol=1e-6)
+    out, lse = attention_lse(q, k, v, bias, 0.3)
+    assert torch.allclose(out, whole, atol=1e-6) and torch.allclose(lse, torch.logaddexp(lse_p, lse_t), atol=1e-6)
 
 
 def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monkeypatch):

@@ -21,9 +21,9 @@ What it does, per :func:`generate_graph` call:
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
    width batched together, whatever their piece): keys and values go to the row's place in its lane first; the
    rows attend in groups, their prefixes gathered from their lanes beside their own tails (one call per group and
-   layer); or, for a prefix of at least :data:`LANE_READ_PREFIX` tokens (off by default until timed), the rows of its
-   piece together over its span of the lane, read where it lies (their queries folded into one sequence, each row's
-   mask keeping its prefix and its own tail). On CUDA
+   layer); or, for a prefix of at least :data:`SPLIT_PREFIX` tokens (off by default until timed), in two parts
+   merged by their log-sum-exps: the prefix read where it lies in its lane, once for all the rows of its piece (their
+   queries folded into one sequence, no mask), and each row's own tail (:func:`attention_lse`). On CUDA
    prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
    activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once. On
    CPU a chunk is prefilled whole.
@@ -98,13 +98,15 @@ PACK_SPAN = 4
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
-#: The row prefill reads a piece's lane span where it lies (its rows' queries folded into one sequence) when the
-#: piece's prefix has at least this many tokens; shorter prefixes are gathered beside their rows' tails in groups of
-#: rows (one call per group and layer). None: every prefix is gathered. The gather of IE-IKE's ~3,000-token
-#: demonstrations costs more GPU time than the read in place (an H100 pass profile), but reading every piece in
-#: place left the host behind (per-piece calls, masks then built on the host: I-IKE 0.54 -> 0.97 s/edit), and the
-#: read of long prefixes alone (masks on the device) has not been timed yet: ``bench.goals --lane-read-prefix 1024``.
-LANE_READ_PREFIX: int | None = None
+#: The row prefill attends over a prefix of at least this many tokens in two parts merged by their log-sum-exps (the
+#: prefix read in place, once per piece, and each row's own tail) instead of gathering each row's copy of it beside
+#: its tail; shorter prefixes are gathered, in groups of rows (one call per group and layer). None: every prefix is
+#: gathered. The gather of IE-IKE's ~3,000-token demonstrations (an index kernel and a concatenation per layer, ten
+#: copies of each edit's prefix) took ~1.7 s of a 13-edit pass on an H100; not timed yet: ``bench.goals
+#: --split-prefix 1024``. (A read in place with every row's mask over its piece's whole lane span, other rows' tails
+#: included, was tried and removed untimed: it left the host behind with per-piece masks, and computes scores over
+#: every row's tail.)
+SPLIT_PREFIX: int | None = None
 #: Rows of a group that ask about the same clip (SAKE's reliability, type-1 generality and portability items) share
 #: the prefix through that clip (:func:`_prefix_groups`); False: only the system prompt + history are shared (the
 #: bench's A/B: ``bench.goals --share-clips off``).
@@ -190,9 +192,29 @@ class _LM:
         return x[:, :, None].expand(b, h, rep, t, d).reshape(b, h * rep, t, d)
 
 
-def _reads_in_place(prefix: int) -> bool:
-    """Whether the row prefill reads a piece's prefix of ``prefix`` tokens in place (:data:`LANE_READ_PREFIX`)."""
-    return bool(prefix) and LANE_READ_PREFIX is not None and prefix >= LANE_READ_PREFIX
+def _split(prefix: int) -> bool:
+    """Whether the row prefill attends over a prefix of ``prefix`` tokens in two parts (:data:`SPLIT_PREFIX`)."""
+    return bool(prefix) and SPLIT_PREFIX is not None and prefix >= SPLIT_PREFIX
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention ``[B, H, L, d]`` and each query's log-sum-exp of its scores ``[B, H, L]`` (fp32): on CUDA torch's
+    flash kernel (no ``bias``, 16-bit) or memory-efficient kernel (``bias``: additive, broadcast over the heads,
+    its last dimension a multiple of 16), which return it; on the CPU the same in fp32 arithmetic."""
+    if q.device.type == "cuda":
+        if bias is None and q.dtype in (torch.bfloat16, torch.float16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        else:
+            expanded = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, expanded, True, 0.0, False,
+                                                                              scale=scale)[:2]
+        return out, lse[..., :q.shape[2]]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -436,14 +458,15 @@ class _Place:
 
 @dataclass
 class _Run:
-    """Rows ``[a, b)`` of a prefill forward attended in one call: over their piece's lane span read in place
-    (``span``: lane, first and end column), or over their own tails with their prefixes gathered beside them
-    (``gather``: lanes ``[n, 1]``, lane positions ``[n, P]``), or over their own tails alone (neither)."""
+    """Rows ``[a, b)`` of a prefill forward attended together: over their own tails with their prefixes gathered
+    beside them (``gather``: lanes ``[n, 1]``, lane positions ``[n, P]``), over their own tails alone (neither), or
+    in two parts (``prefixes``: each piece's rows ``[c, e)`` of the forward and its prefix's lane, first and end
+    column; ``mask`` then is the tails' additive bias) merged by their log-sum-exps."""
 
     rows: tuple[int, int]
     mask: torch.Tensor
-    span: tuple[int, int, int] | None = None
     gather: tuple[torch.Tensor, torch.Tensor] | None = None
+    prefixes: list[tuple[int, int, int, int, int]] | None = None
 
 
 class _State:
@@ -537,27 +560,21 @@ class _State:
         prefix length, tail start and tail length in the lane), each row attending over its prefix and its own tail;
         keys and values to their lanes; each row's first token and decode position to its buffer row in ``rows``.
 
-        How the rows attend is planned once per forward (:meth:`_runs`): the rows of a piece with a long prefix
-        together over its span of the lane, read where it lies (their queries folded into one sequence; each row's
-        mask keeps its prefix and its own tail); other rows in groups, their prefixes gathered from their lanes beside
-        their own tails."""
+        How the rows attend is planned once per forward (:meth:`_runs`): rows with a long prefix in two parts, the
+        prefix read where it lies once per piece (its rows' queries folded into one sequence) and their own tails,
+        merged by the parts' log-sum-exps; other rows in groups, their prefixes gathered from their lanes beside their
+        own tails."""
         lm = self.lm
         tail_mask = _self_attention_mask(tail_valid)
         runs = self._runs(spans, tail_mask)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self._store(i, k, v, writes)  # every row's tail in its lane first: a lane read finds it there
+            self._store(i, k, v, writes)  # every row's tail in its lane (decoding reads it there)
             outs = []
             for run in runs:
                 a, b = run.rows
-                if run.span is not None:  # the piece's span of its lane, read in place, the queries folded
-                    lane, lo, hi = run.span
-                    n, heads, w, d = q[a:b].shape
-                    folded = q[a:b].transpose(0, 1).reshape(1, heads, n * w, d)
-                    out = nn.functional.scaled_dot_product_attention(
-                        folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
-                        lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), attn_mask=run.mask, scale=lm.scale)
-                    outs.append(out.reshape(heads, n, w, d).transpose(0, 1))
+                if run.prefixes is not None:
+                    outs.append(self._split_attention(i, q[a:b], k[a:b], v[a:b], run))
                     continue
                 keys, values = k[a:b], v[a:b]
                 if run.gather is not None:  # each row's prefix gathered from its lane beside its own tail
@@ -575,10 +592,27 @@ class _State:
         self.token.index_copy_(0, rows, token)
         self.position.index_copy_(0, rows, positions[:, -1:] + 1)
 
+    def _split_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: _Run) -> torch.Tensor:
+        """Layer ``i``'s attention of a run's rows in two parts: each piece's prefix read where it lies in its lane,
+        once for all its rows (their queries folded into one sequence: every query sees the whole prefix), and each
+        row's own tail (``run.mask``: the additive causal/padding bias); the parts weighed by their log-sum-exps."""
+        lm, a = self.lm, run.rows[0]
+        n, heads, w, d = q.shape
+        tail_out, tail_lse = attention_lse(q, lm.repeat_kv(k), lm.repeat_kv(v), run.mask, lm.scale)
+        prefix_out, prefix_lse = torch.empty_like(tail_out), torch.empty_like(tail_lse)
+        for c, e, lane, lo, hi in run.prefixes or []:
+            folded = q[c - a:e - a].transpose(0, 1).reshape(1, heads, (e - c) * w, d)
+            out, lse = attention_lse(folded, lm.repeat_kv(self.keys[i][lane:lane + 1, :, lo:hi]),
+                                     lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), None, lm.scale)
+            prefix_out[c - a:e - a] = out.reshape(heads, e - c, w, d).transpose(0, 1)
+            prefix_lse[c - a:e - a] = lse.reshape(heads, e - c, w).transpose(0, 1)
+        weight = torch.sigmoid(prefix_lse - tail_lse)[..., None]  # the prefix's share of each query's softmax
+        return (prefix_out.float() * weight + tail_out.float() * (1 - weight)).to(q.dtype)
+
     def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor) -> list[_Run]:
-        """How the rows attend, the same in every layer: the rows of a piece whose prefix is read in place
-        (:func:`_reads_in_place`) as one run over its lane span; the other rows in groups of about
-        :data:`ATTENTION_BYTES` of gathered keys and values (shorter prefixes padded with masked columns). Index
+        """How the rows attend, the same in every layer: consecutive rows with a prefix of at least
+        :data:`SPLIT_PREFIX` tokens as one run in two parts (:meth:`_split_attention`); the other rows in groups of
+        about :data:`ATTENTION_BYTES` of gathered keys and values (shorter prefixes padded with masked columns). Index
         tensors and masks are built on the device: on the host they outlasted the forward."""
         lm, w = self.lm, tail_mask.shape[-1]
         # per key column and row of a gathered group: the gathered keys and values, their copy repeated over the
@@ -589,13 +623,13 @@ class _State:
         a = 0
         while a < len(spans):
             b = a + 1
-            if _reads_in_place(spans[a][2]):
-                while b < len(spans) and spans[b][:3] == spans[a][:3]:
+            if _split(spans[a][2]):
+                while b < len(spans) and _split(spans[b][2]):
                     b += 1
-                out.append(self._lane_run(a, b, spans[a:b], w))
+                out.append(self._split_run(a, b, spans[a:b], tail_mask))
             else:
                 longest = spans[a][2]
-                while (b < len(spans) and not _reads_in_place(spans[b][2])
+                while (b < len(spans) and not _split(spans[b][2])
                        and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
                     longest = max(longest, spans[b][2])
                     b += 1
@@ -603,20 +637,18 @@ class _State:
             a = b
         return out
 
-    def _lane_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]], w: int) -> _Run:
-        """Rows ``[a, b)`` of one piece over its lane span from the prefix to the end of their last tail, with the
-        mask ``[1, 1, rows x w, span]`` of their folded queries: a row's queries see the prefix and, causally, their
-        own tail; a padding query sees the prefix."""
-        device = self.lm.device
-        lane, start, prefix = spans[0][:3]
-        hi = max(tail_start + tail for *_, tail_start, tail in spans)
-        small = to_device(torch.tensor([[tail_start - start, tail] for *_, tail_start, tail in spans]), device)
-        offsets, tails = small[:, 0], small[:, 1]
-        token = torch.arange(w, device=device)[None, :] - (w - tails[:, None])  # [n, w]: in the own tail (< 0: pad)
-        columns = torch.arange(hi - start, device=device)
-        own = columns[None, None, :] - offsets[:, None, None]  # [n, 1, L]
-        mask = ((own >= 0) & (own <= token[:, :, None])) | (columns < prefix)[None, None, :]
-        return _Run((a, b), mask.reshape(1, 1, (b - a) * w, hi - start), span=(lane, start, hi))
+    def _split_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]],
+                   tail_mask: torch.Tensor) -> _Run:
+        """Rows ``[a, b)`` in two parts: the pieces among them (consecutive rows of one lane and prefix) with their
+        prefix's lane span, and the tails' mask as an additive bias."""
+        prefixes: list[tuple[int, int, int, int, int]] = []
+        for j, (lane, start, prefix, _, _) in enumerate(spans, start=a):
+            if prefixes and prefixes[-1][2:] == (lane, start, start + prefix):
+                prefixes[-1] = (prefixes[-1][0], j + 1, *prefixes[-1][2:])
+            else:
+                prefixes.append((j, j + 1, lane, start, start + prefix))
+        bias = torch.zeros(tail_mask[a:b].shape, dtype=self.lm.dtype, device=tail_mask.device)
+        return _Run((a, b), bias.masked_fill_(~tail_mask[a:b], float("-inf")), prefixes=prefixes)
 
     def _gathered_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]], longest: int,
                       tail_mask: torch.Tensor) -> _Run:
