@@ -57,7 +57,9 @@ def synthetic_audio(rng: np.random.Generator, seconds: tuple[float, float]) -> d
 
 def synthetic_instance(rng: np.random.Generator, attribute: str, split: str, index: int,
                        seconds: tuple[float, float]) -> dict[str, Any]:
-    """One instance row: reliability + 3 generality + 4 audio locality + 1 text locality + 1 portability."""
+    """One instance row: reliability + 3 generality + 4 audio locality + 1 text locality + 1 portability; six
+    clips, as in SAKE (the edit's clip for reliability, type-1 generality and portability; one alternative clip
+    for types 2 and 3; one per audio locality item)."""
     labels = LABELS[attribute]
     first, second = rng.choice(len(labels), size=2, replace=False)
     original, target = labels[int(first)], labels[int(second)]
@@ -74,8 +76,13 @@ def synthetic_instance(rng: np.random.Generator, attribute: str, split: str, ind
         return row
 
     edit_audio = synthetic_audio(rng, seconds)
-    generality = [item("gen1", "gen1", attribute, target, 1, edit_audio)]
-    generality += [item(f"gen{k}", "rel", attribute, target, k, synthetic_audio(rng, seconds)) for k in (2, 3)]
+    # as SAKE's rows: type 1 asks the paraphrase about the edit's clip, types 2 and 3 ask the question and the
+    # paraphrase about one other clip of the same label
+    alternative = synthetic_audio(rng, seconds)
+    synthetic_audio(rng, seconds)  # drawn and dropped: the later items' draws stay those of earlier benches
+    generality = [item("gen1", "gen1", attribute, target, 1, edit_audio),
+                  item("gen2", "rel", attribute, target, 2, alternative),
+                  item("gen3", "gen1", attribute, target, 3, alternative)]
     locality_audio = []
     for k in (1, 2, 3, 4):
         probe = others[(k - 1) % len(others)]
