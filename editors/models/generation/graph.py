@@ -925,26 +925,31 @@ def _prefix_groups(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     group)."""
     memo: dict = {}
     short: dict[tuple, list[tuple[int, int, int]]] = {}
-    long: dict[tuple, dict[tuple, list[tuple[int, int, int]]]] = {}
+    clips: dict[tuple, dict[str, list[int]]] = {}  # per group: the rows asking about each clip
     for i, (prompt, ids) in enumerate(zip(prompts, token_ids)):
-        edit = per_edit.edit_of[i] if per_edit is not None else None
         split, n_audio = prefix_split(adapter, prompt, ids, memo)
-        key = (edit, tuple(ids[:split]), tuple(audio_digest(a) for a in prompt.audios()[:n_audio]))
+        key = (per_edit.edit_of[i] if per_edit is not None else None, tuple(ids[:split]),
+               tuple(audio_digest(a) for a in prompt.audios()[:n_audio]))
         short.setdefault(key, []).append((i, split, n_audio))
         if SHARE_CLIPS and prompt.audio is not None:
-            split_long, n_long = prefix_split(adapter, prompt, ids, memo, own_audio=True)
-            if n_long > n_audio:
-                long_key = (edit, tuple(ids[:split_long]),
-                            tuple(audio_digest(a) for a in prompt.audios()[:n_long]))
-                long.setdefault(key, {}).setdefault(long_key, []).append((i, split_long, n_long))
+            clips.setdefault(key, {}).setdefault(audio_digest(prompt.audio), []).append(i)
     out = []
     for key, members in short.items():
-        prefix = len(key[1])
+        prefix, n_audio = members[0][1], members[0][2]
         taken: set[int] = set()
-        for sub in long.get(key, {}).values():
-            if len(sub) > 1 and (len(sub) - 1) * (sub[0][1] - prefix) > prefix:
-                out.append(sub)
-                taken.update(i for i, _, _ in sub)
+        for rows in clips.get(key, {}).values():
+            # at most (rows - 1) x the rest of the prompt is saved: render the clip's split only where that could pay
+            if len(rows) < 2 or (len(rows) - 1) * (len(token_ids[rows[0]]) - prefix) <= prefix:
+                continue
+            subgroups: dict[int, list[tuple[int, int, int]]] = {}
+            for i in rows:
+                split, n_long = prefix_split(adapter, prompts[i], token_ids[i], memo, own_audio=True)
+                if n_long > n_audio:
+                    subgroups.setdefault(split, []).append((i, split, n_long))
+            for split, sub in subgroups.items():
+                if len(sub) > 1 and (len(sub) - 1) * (split - prefix) > prefix:
+                    out.append(sub)
+                    taken.update(i for i, _, _ in sub)
         rest = [m for m in members if m[0] not in taken]
         if rest:
             out.append(rest)
