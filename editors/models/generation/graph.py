@@ -63,6 +63,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -254,12 +255,12 @@ def prefix_split(adapter: "LALMAdapter", prompt: Prompt, token_ids: Sequence[int
             n += 1
         memo[key] = a[:n]
     common = memo[key]
-    n = 0
     limit = min(len(common), len(token_ids) - 1)
-    while n < limit and common[n] == token_ids[n]:
-        n += 1
+    ids = np.asarray(token_ids[:limit])
+    differ = np.flatnonzero(np.asarray(common[:limit]) != ids)  # (IE-IKE's prefixes are ~3,000 tokens)
+    n = int(differ[0]) if differ.size else limit
     slot = adapter.audio_placeholder_id
-    slots = sum(1 for i in token_ids[:n] if i == slot)
+    slots = int(np.count_nonzero(ids[:n] == slot))
     audios, used, whole = prompt.audios(), 0, 0
     while whole < len(audios) and used + adapter.num_audio_tokens(audios[whole]) <= slots:
         used += adapter.num_audio_tokens(audios[whole])
