@@ -7,7 +7,8 @@
 #
 # Installs the carried wheels of `datasets` (the runner's header reads its version) into /tmp/site, prints the
 # versions, checks that the runner's adapter works with the image's transformers on the GPU (tiny model), and
-# only if it does not, installs the carried transformers stack (the version the project is developed with).
+# only if it does not, installs the carried transformers stack (the version the project is developed with); then
+# checks the CUDA-only code paths (bench/cuda_checks.py: a line each, never fatal).
 #
 # .whl_bench (ignored through .git/info/exclude) is made here, once, with
 #   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
@@ -69,6 +70,7 @@ EOF
     versions
     probe || exit 5
   fi
+  python3 -m bench.cuda_checks || echo "a CUDA-only path failed its check (above); the bench runs on"
 } 2>&1 | tee "$LOG"
 
 if [ "$BENCH_MODULE" = bench.edit_throughput ]; then

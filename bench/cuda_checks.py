@@ -1,0 +1,116 @@
+"""CUDA-only code paths checked on the lent GPU before a bench runs (tiny model, a few seconds; prints one line each).
+
+The CPU tests cannot reach these paths: torch's fused Adam kernel as both training loops take it on CUDA
+(``editors.batching.fused_adam``), and the kernels that return log-sum-exps for the graph engine's prefix attended in
+two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask, memory-efficient
+attention with an additive bias). ``bench/gpu_run.sh`` runs this after its probe; a failed check is reported, not
+fatal, so the bench still runs on the library's defaults.
+
+    python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+
+def check_fused_adam() -> str:
+    """K edits' masked fused steps equal one ``torch.optim.Adam(fused=True)`` per edit, bit for bit."""
+    from editors.batching import masked_update
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start = torch.randn(3, 64, 33, device="cuda", generator=gen)
+    grads = [torch.randn(3, 64, 33, device="cuda", generator=gen) for _ in range(4)]
+    active = [torch.tensor(a, device="cuda") for a in ([True] * 3, [True] * 3, [True, False, True], [True, False, True])]
+    stacked, state = start.clone(), [{}]
+    for step, (g, mask) in enumerate(zip(grads, active), start=1):
+        masked_update([stacked], [g], state, mask, step, optimizer="adam", lr=0.1, weight_decay=0.01,
+                      all_active=bool(mask.all()))
+    for k in range(3):
+        alone = start[k].clone().requires_grad_(True)
+        opt = torch.optim.Adam([alone], lr=0.1, weight_decay=0.01, fused=True)
+        for g, mask in zip(grads, active):
+            if bool(mask[k]):
+                alone.grad = g[k].clone()
+                opt.step()
+        if not torch.equal(stacked[k], alone.detach()):
+            raise AssertionError(f"edit {k}: max difference {float((stacked[k] - alone).abs().max()):.3g}")
+    return "K masked fused Adam steps equal one fused optimizer per edit, bit for bit"
+
+
+def check_attention_lse() -> str:
+    """``attention_lse`` on CUDA (flash, memory-efficient with a bias) against SDPA over both parts (bf16)."""
+    from editors.models.generation.graph import attention_lse
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(3, 4, 64, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(3, 4, 192, 128, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(3, 1, 64, 64, dtype=torch.bool, device="cuda").tril()
+    whole = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.cat([mask.new_ones(3, 1, 64, 128), mask], dim=-1), scale=0.1)
+    out_p, lse_p = attention_lse(q, k[:, :, :128], v[:, :, :128], None, 0.1)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device="cuda").masked_fill_(~mask, float("-inf"))
+    out_t, lse_t = attention_lse(q, k[:, :, 128:], v[:, :, 128:], bias, 0.1)
+    weight = torch.sigmoid(lse_p - lse_t)[..., None]
+    merged = (out_p.float() * weight + out_t.float() * (1 - weight)).to(q.dtype)
+    error = float((merged.float() - whole.float()).abs().max())
+    if error > 2e-2:
+        raise AssertionError(f"merged parts differ from attention over both by {error:.3g}")
+    return f"prefix (flash) and tail (memory-efficient, bias) merged by log-sum-exp: max difference {error:.2g} (bf16)"
+
+
+def check_split_prefix_engine() -> str:
+    """The graph engine with every prefix attended in two parts gives the eager engine's greedy outputs (fp32)."""
+    import numpy as np
+
+    from editors.models.base import Prompt, Turn
+    from editors.models.generation import graph
+    from editors.models.qwen2_audio import Qwen2AudioAdapter
+
+    adapter = Qwen2AudioAdapter.tiny(0, device="cuda")
+    rng = np.random.default_rng(0)
+    clip = (rng.standard_normal(16000) * 0.1).astype("float32")
+    history = (Turn("What is the emotion here? (a) happy (b) sad", "happy", audio=clip),)
+    prompts = [Prompt(f"Which animal is this? choice {j}", audio=(rng.standard_normal(8000 * (j + 1)) * 0.1)
+                      .astype("float32"), system="Apply the update.", history=history) for j in range(4)]
+    settings = adapter.generation_settings(6)
+    eager = adapter.generate(prompts, settings=settings)
+    saved = graph.SPLIT_PREFIX
+    graph.SPLIT_PREFIX = 1
+    try:
+        split = adapter.generate(prompts, settings=settings.replace(engine="graph"))
+    finally:
+        graph.SPLIT_PREFIX = saved
+    same = sum(a == b for a, b in zip(split, eager))
+    if same != len(prompts):
+        raise AssertionError(f"{same} of {len(prompts)} rows equal the eager engine's")
+    return f"graph engine with SPLIT_PREFIX=1: {same} of {len(prompts)} rows equal the eager engine's (fp32)"
+
+
+CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam, "attention_lse": check_attention_lse,
+                                        "split_prefix_engine": check_split_prefix_engine}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated: " + ", ".join(CHECKS))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cuda_checks: no CUDA device; nothing checked")
+        return 0
+    failed = 0
+    for name in [c.strip() for c in args.checks.split(",") if c.strip()]:
+        try:
+            print(f"cuda check {name}: ok: {CHECKS[name]()}")
+        except Exception as exc:  # noqa: BLE001 - reported, the bench goes on
+            failed += 1
+            print(f"cuda check {name}: FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
