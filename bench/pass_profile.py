@@ -57,7 +57,8 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     import editors.unke
     import editors.wise
 
-    owners: list[tuple[Any, str]] = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode")]
+    owners: list[tuple[Any, str]] = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode",
+                                                                       "_split_attention")]
     owners += [(type(adapter), name) for name in ("audio_states", "warm_audio", "hidden_entering")]
     # the training methods' parts: UnKE's stage 1 (compute_keys), its stage-2 rows packed (packed_layer_rows), stage 2
     # (finetune_many), the optimizer step of stacked copies (masked_update), the copies cast to the model's dtype,
