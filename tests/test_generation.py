@@ -209,12 +209,12 @@ def test_row_prefill_splits_or_gathers_prefixes_and_keeps_outputs(split_prefix, 
     runs_of = graph._State._runs
     kinds: list[tuple[str, int, int, int]] = []  # (how, rows, prefix lengths in the run, pieces in the run)
 
-    def recording(self, spans, tail_mask):
-        out = runs_of(self, spans, tail_mask)
+    def recording(self, prefixes, tail_mask):
+        out = runs_of(self, prefixes, tail_mask)
         for run in out:
             a, b = run.rows
             kind = "split" if run.prefixes is not None else "gather" if run.gather is not None else "none"
-            kinds.append((kind, b - a, len({s[2] for s in spans[a:b]} - {0}), len(run.prefixes or [])))
+            kinds.append((kind, b - a, len({s[2] for s in prefixes[a:b]} - {0}), len(run.prefixes or [])))
         return out
 
     monkeypatch.setattr(graph._State, "_runs", recording)

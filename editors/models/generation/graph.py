@@ -556,9 +556,9 @@ class _State:
         self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
 
     def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
-                spans: Sequence[tuple[int, int, int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
-        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``; ``spans``: each row's lane, prefix start,
-        prefix length, tail start and tail length in the lane), each row attending over its prefix and its own tail;
+                prefixes: Sequence[tuple[int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
+        """Run a batch of tails (``[B, w, hidden]``, left-padded to ``w``; ``prefixes``: each row's lane, prefix start
+        and prefix length in the lane), each row attending over its prefix and its own tail;
         keys and values to their lanes; each row's first token and decode position to its buffer row in ``rows``.
 
         How the rows attend is planned once per forward (:meth:`_runs`): rows with a long prefix in two parts, the
@@ -567,7 +567,7 @@ class _State:
         own tails."""
         lm = self.lm
         tail_mask = _self_attention_mask(tail_valid)
-        runs = self._runs(spans, tail_mask)
+        runs = self._runs(prefixes, tail_mask)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self._store(i, k, v, writes)  # every row's tail in its lane (decoding reads it there)
@@ -610,7 +610,7 @@ class _State:
         weight = torch.sigmoid(prefix_lse - tail_lse)[..., None]  # the prefix's share of each query's softmax
         return (prefix_out.float() * weight + tail_out.float() * (1 - weight)).to(q.dtype)
 
-    def _runs(self, spans: Sequence[tuple[int, int, int, int, int]], tail_mask: torch.Tensor) -> list[_Run]:
+    def _runs(self, prefixes: Sequence[tuple[int, int, int]], tail_mask: torch.Tensor) -> list[_Run]:
         """How the rows attend, the same in every layer: consecutive rows with a prefix of at least
         :data:`SPLIT_PREFIX` tokens as one run in two parts (:meth:`_split_attention`); the other rows in groups of
         about :data:`ATTENTION_BYTES` of gathered keys and values (shorter prefixes padded with masked columns). Index
@@ -622,36 +622,35 @@ class _State:
         per_token = (2 * lm.kv_heads * lm.head_dim + repeated + lm.heads * w) * lm.dtype.itemsize
         out: list[_Run] = []
         a = 0
-        while a < len(spans):
+        while a < len(prefixes):
             b = a + 1
-            if _split(spans[a][2]):
-                while b < len(spans) and _split(spans[b][2]):
+            if _split(prefixes[a][2]):
+                while b < len(prefixes) and _split(prefixes[b][2]):
                     b += 1
-                out.append(self._split_run(a, b, spans[a:b], tail_mask))
+                out.append(self._split_run(a, b, prefixes[a:b], tail_mask))
             else:
-                longest = spans[a][2]
-                while (b < len(spans) and not _split(spans[b][2])
-                       and (b + 1 - a) * (max(longest, spans[b][2]) + w) * per_token <= ATTENTION_BYTES):
-                    longest = max(longest, spans[b][2])
+                longest = prefixes[a][2]
+                while (b < len(prefixes) and not _split(prefixes[b][2])
+                       and (b + 1 - a) * (max(longest, prefixes[b][2]) + w) * per_token <= ATTENTION_BYTES):
+                    longest = max(longest, prefixes[b][2])
                     b += 1
-                out.append(self._gathered_run(a, b, spans[a:b], longest, tail_mask))
+                out.append(self._gathered_run(a, b, prefixes[a:b], longest, tail_mask))
             a = b
         return out
 
-    def _split_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]],
-                   tail_mask: torch.Tensor) -> _Run:
+    def _split_run(self, a: int, b: int, prefixes: Sequence[tuple[int, int, int]], tail_mask: torch.Tensor) -> _Run:
         """Rows ``[a, b)`` in two parts: the pieces among them (consecutive rows of one lane and prefix) with their
         prefix's lane span, and the tails' mask as an additive bias."""
-        prefixes: list[tuple[int, int, int, int, int]] = []
-        for j, (lane, start, prefix, _, _) in enumerate(spans, start=a):
-            if prefixes and prefixes[-1][2:] == (lane, start, start + prefix):
-                prefixes[-1] = (prefixes[-1][0], j + 1, *prefixes[-1][2:])
+        pieces: list[tuple[int, int, int, int, int]] = []
+        for j, (lane, start, n) in enumerate(prefixes, start=a):
+            if pieces and pieces[-1][2:] == (lane, start, start + n):
+                pieces[-1] = (pieces[-1][0], j + 1, *pieces[-1][2:])
             else:
-                prefixes.append((j, j + 1, lane, start, start + prefix))
+                pieces.append((j, j + 1, lane, start, start + n))
         bias = torch.zeros(tail_mask[a:b].shape, dtype=self.lm.dtype, device=tail_mask.device)
-        return _Run((a, b), bias.masked_fill_(~tail_mask[a:b], float("-inf")), prefixes=prefixes)
+        return _Run((a, b), bias.masked_fill_(~tail_mask[a:b], float("-inf")), prefixes=pieces)
 
-    def _gathered_run(self, a: int, b: int, spans: Sequence[tuple[int, int, int, int, int]], longest: int,
+    def _gathered_run(self, a: int, b: int, prefixes: Sequence[tuple[int, int, int]], longest: int,
                       tail_mask: torch.Tensor) -> _Run:
         """Rows ``[a, b)`` with their prefixes (at most ``longest`` tokens) gathered from their lanes: lanes ``[n, 1]``
         and lane positions ``[n, longest]`` (a shorter prefix padded with the lane's spare column, masked); the mask
@@ -659,7 +658,7 @@ class _State:
         if not longest:
             return _Run((a, b), tail_mask[a:b])
         device, w = self.lm.device, tail_mask.shape[-1]
-        small = to_device(torch.tensor([[lane, start, n] for lane, start, n, _, _ in spans], dtype=torch.long), device)
+        small = to_device(torch.tensor(prefixes, dtype=torch.long), device)
         steps = torch.arange(longest, device=device)[None, :]
         seen = steps < small[:, 2:3]  # [n, P]: the row's own prefix
         columns = torch.where(seen, small[:, 1:2] + steps, torch.full_like(steps, self.width - 1))
@@ -1009,7 +1008,6 @@ def _prefill_rows(adapter: "LALMAdapter", state: _State, rows: list[int], width:
                         width, dev)
     offsets = to_device(torch.tensor([places[i].prefix for i in rows]), dev)
     buffer_rows = to_device(torch.tensor([places[i].row for i in rows]), dev)
-    spans = [(places[i].lane, places[i].prefix_start, places[i].prefix, places[i].tail_start, len(tails[i]))
-             for i in rows]
-    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], spans, writes,
+    prefixes = [(places[i].lane, places[i].prefix_start, places[i].prefix) for i in rows]
+    state.prefill(embeds, batch.attention_mask.bool(), batch.position_ids + offsets[:, None], prefixes, writes,
                   buffer_rows)
