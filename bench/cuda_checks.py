@@ -13,32 +13,59 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
 
-def check_fused_adam() -> str:
-    """K edits' masked fused steps equal one ``torch.optim.Adam(fused=True)`` per edit, bit for bit."""
+@dataclass
+class FusedAdamRuns:
+    """Four Adam steps (lr 0.1, weight decay 0.01) of three edits, edit 1 frozen after the second: once as K edits'
+    stacked copy through ``masked_update``, once per edit through ``torch.optim.Adam(fused=True)``."""
+
+    start: torch.Tensor
+    grads: list[torch.Tensor]
+    active: list[torch.Tensor]
+    stacked: torch.Tensor  # the stacked copy after the masked steps
+    state: dict[str, Any]  # its optimizer state
+    alone: list[torch.Tensor]  # each edit's parameter after its own optimizer's steps
+    alone_exp_avg: list[torch.Tensor]
+
+
+def fused_adam_runs(device: str) -> FusedAdamRuns:
+    """The two ways of :class:`FusedAdamRuns` on ``device`` (both take the fused kernel where
+    ``editors.batching.fused_adam`` says so: on CUDA, or where a test forces it)."""
     from editors.batching import masked_update
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    start = torch.randn(3, 64, 33, device="cuda", generator=gen)
-    grads = [torch.randn(3, 64, 33, device="cuda", generator=gen) for _ in range(4)]
-    active = [torch.tensor(a, device="cuda") for a in ([True] * 3, [True] * 3, [True, False, True], [True, False, True])]
+    gen = torch.Generator(device=device).manual_seed(0)
+    start = torch.randn(3, 64, 33, device=device, generator=gen)
+    grads = [torch.randn(3, 64, 33, device=device, generator=gen) for _ in range(4)]
+    active = [torch.tensor(a, device=device) for a in ([True] * 3, [True] * 3, [True, False, True],
+                                                       [True, False, True])]
     stacked, state = start.clone(), [{}]
     for step, (g, mask) in enumerate(zip(grads, active), start=1):
         masked_update([stacked], [g], state, mask, step, optimizer="adam", lr=0.1, weight_decay=0.01,
                       all_active=bool(mask.all()))
+    alone, alone_exp_avg = [], []
     for k in range(3):
-        alone = start[k].clone().requires_grad_(True)
-        opt = torch.optim.Adam([alone], lr=0.1, weight_decay=0.01, fused=True)
+        param = start[k].clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=0.1, weight_decay=0.01, fused=True)
         for g, mask in zip(grads, active):
             if bool(mask[k]):
-                alone.grad = g[k].clone()
+                param.grad = g[k].clone()
                 opt.step()
-        if not torch.equal(stacked[k], alone.detach()):
-            raise AssertionError(f"edit {k}: max difference {float((stacked[k] - alone).abs().max()):.3g}")
+        alone.append(param.detach())
+        alone_exp_avg.append(opt.state[param]["exp_avg"])
+    return FusedAdamRuns(start, grads, active, stacked, state[0], alone, alone_exp_avg)
+
+
+def check_fused_adam() -> str:
+    """K edits' masked fused steps equal one ``torch.optim.Adam(fused=True)`` per edit, bit for bit."""
+    runs = fused_adam_runs("cuda")
+    for k, alone in enumerate(runs.alone):
+        if not torch.equal(runs.stacked[k], alone):
+            raise AssertionError(f"edit {k}: max difference {float((runs.stacked[k] - alone).abs().max()):.3g}")
     return "K masked fused Adam steps equal one fused optimizer per edit, bit for bit"
 
 

@@ -168,32 +168,22 @@ def test_fused_adam_steps_of_stacked_edits_equal_one_fused_optimizer_per_edit(mo
     masked steps give each edit the bits of its own ``torch.optim.Adam(fused=True)``, a frozen edit keeps its
     values and state, and weight decay is applied inside the kernel as the optimizer does."""
     import editors.batching as batching
+    from bench.cuda_checks import fused_adam_runs  # the same runs the lent GPU checks (bench/cuda_checks.py)
 
     monkeypatch.setattr(batching, "fused_adam", lambda optimizer, tensor: optimizer == "adam")
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(3, 5, 7, generator=gen)
-    grads = [torch.randn(3, 5, 7, generator=gen) for _ in range(4)]
-    active = [torch.tensor(a) for a in ([True] * 3, [True] * 3, [True, False, True], [True, False, True])]
-    stacked, state = start.clone(), [{}]
-    for step, (g, mask) in enumerate(zip(grads, active), start=1):
-        batching.masked_update([stacked], [g], state, mask, step, optimizer="adam", lr=0.1, weight_decay=0.01,
-                               all_active=bool(mask.all()))
+    runs = fused_adam_runs("cpu")
+    start, grads, active = runs.start, runs.grads, runs.active
     for k in range(3):
-        alone = start[k].clone().requires_grad_(True)
-        opt = torch.optim.Adam([alone], lr=0.1, weight_decay=0.01, fused=True)
-        for g, mask in zip(grads, active):
-            if mask[k]:
-                alone.grad = g[k].clone()
-                opt.step()
-        assert torch.equal(stacked[k], alone.detach()), k
-        assert torch.equal(state[0]["exp_avg"][k], opt.state[alone]["exp_avg"])
+        assert torch.equal(runs.stacked[k], runs.alone[k]), k
+        assert torch.equal(runs.state["exp_avg"][k], runs.alone_exp_avg[k])
     # the formulas (the CPU's path) are another rounding of the same step
     plain, plain_state = start.clone(), [{}]
     monkeypatch.setattr(batching, "fused_adam", lambda optimizer, tensor: False)
     for step, g in enumerate(grads[:1], start=1):
         batching.masked_update([plain], [g], plain_state, active[0], step, optimizer="adam", lr=0.1,
                                weight_decay=0.01, all_active=True)
-    assert torch.allclose(plain, start - 0.1 * torch.sign(grads[0] + 0.01 * start), atol=1e-6)
+    decayed = grads[0] + 0.01 * start  # Adam's first step: lr * g / (|g| + eps)
+    assert torch.allclose(plain, start - 0.1 * decayed / (decayed.abs() + 1e-8), atol=1e-6)
 
 
 def _backward_nodes(tensor: torch.Tensor) -> list[tuple[str, tuple[int, ...] | None]]:
