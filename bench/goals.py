@@ -27,7 +27,9 @@ The raw numbers of the table in ``bench/RESULTS.md`` are kept beside it (``bench
 ``bench/RESULTS-desta25.json``): carry one to the device and pass it as ``--merge-json`` so that a call re-measuring
 some methods keeps the others' rows (a method's runs are replaced engine by engine). The file records the card its
 rows were timed on, and a run on another card refuses to merge it: an H100's rows go to ``bench/RESULTS-h100.json``
-and ``bench/RESULTS-h100.md``.
+and ``bench/RESULTS-h100.md``. Raw files of several calls on one card become one table off the device with
+``python -m bench.goals --combine A.json B.json:ie_ike,i_ike --out bench/RESULTS-h100.md --json
+bench/RESULTS-h100.json`` (in order: a later file's parts replace an earlier one's; ``:methods`` takes only those).
 """
 
 from __future__ import annotations
@@ -159,14 +161,19 @@ def sequential(bench: Bench, method: str) -> dict[str, Any]:
 def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     """``steps`` optimizer steps of ``method``'s hypernetwork on the synthetic train rows, timed after one warm-up
     step (a step = ``accumulate_bs`` train instances, as the trainer groups them): seconds per train instance,
-    which the paper's one epoch over 4,000 instances multiplies. The network then makes the edits
-    (``bench.extra``). Training that diverges (the trainer's :class:`TrainingDiverged`, raised before an optimizer
-    step takes a non-finite gradient) ends the timing there: the rate covers the instances done before it, the row
-    carries the message, and the network as it stood (finite) makes the edits."""
+    which the paper's one epoch over 4,000 instances multiplies. The trainer's checkpoint writes and validations
+    that fall in the timed steps are timed apart and left out of that rate (the train split here is a few rows, so
+    they would weigh on a few instances what they weigh on thousands in a real epoch); one more validation over the
+    held-out rows, timed alone, gives seconds per validated instance, which the projection multiplies by the
+    validations of the method's own hyperparameters (``val_size`` every ``val_interval`` instances). The network
+    then makes the edits (``bench.extra``). Training that diverges (the trainer's :class:`TrainingDiverged`, raised
+    before an optimizer step takes a non-finite gradient) ends the timing there: the rate covers the instances done
+    before it, the row carries the message, and the network as it stood (finite) makes the edits."""
     from editors.hypernetwork import CHECKPOINT_DIR
     from editors.train import Trainer
     from sake_core.errors import TrainingDiverged
 
+    full = bench.hparams(method)  # before the held-out override below: the validations of a real training run
     data = {c: bench.dataset.load(str(bench.dataset.root), c, "train") for c in ATTRIBUTES}
     out = bench.workdir / f"hypernet-{method}"
     shutil.rmtree(out, ignore_errors=True)
@@ -174,12 +181,30 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     bench.extra[method] = held_out
     trainer = Trainer(bench.adapter, method, bench.hparams(method), data, out, seed=bench.seed,
                       model_name=bench.model_name, progress=False, checkpoint_every=10**9)
+    aside = {"save_checkpoint": 0.0, "validate": 0.0}  # seconds the trainer spent in each, timed apart
+
+    def timed_apart(name: str) -> Any:
+        inner = getattr(trainer, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            _sync(bench)
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _sync(bench)
+                aside[name] += time.perf_counter() - began
+        return call
+
+    for name in aside:
+        setattr(trainer, name, timed_apart(name))
     group = trainer.hp.accumulate_bs
     diverged: str | None = None
     first, started = 0, None  # started: when the timed steps began (None: the warm-up step did not finish)
     try:
         trainer.train(max_steps=group)  # warm-up: one optimizer step
         _sync(bench)
+        aside.update(save_checkpoint=0.0, validate=0.0)
         first, started = trainer.step, time.perf_counter()
         trainer.train(max_steps=group * (1 + steps))
     except TrainingDiverged as error:
@@ -187,15 +212,39 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
         LOG.warning("%s hypernetwork training: %s", method, diverged)
         trainer.save_checkpoint()  # the network as it stood before the non-finite step makes the edits
     _sync(bench)
+    ended = time.perf_counter()
     bench.extra[method] = held_out + [f"hypernetwork_path={out / CHECKPOINT_DIR}"]
+    timing = {"accumulate_bs": group, "diverged": diverged, "val_size": full.val_size,
+              "val_interval": full.val_interval}
     if started is None:
-        return {"s_per_instance": None, "instances": 0, "accumulate_bs": group, "diverged": diverged}
-    seconds, instances = time.perf_counter() - started, trainer.step - first
+        return {"s_per_instance": None, "instances": 0, **timing}
+    seconds, instances = ended - started - sum(aside.values()), trainer.step - first
     if diverged is None and instances < group * steps:
         raise RuntimeError(f"{method}: the synthetic train split allowed {instances} timed instances, not "
                            f"{group * steps} ({steps} steps of {group}); raise train rows per attribute")
+    aside_seconds = dict(aside)
+    validated = len(trainer.validation)
+    if validated and diverged is None:
+        _sync(bench)
+        began = time.perf_counter()
+        trainer.validate()
+        _sync(bench)
+        timing["s_per_validated_instance"] = round((time.perf_counter() - began) / validated, 4)
     rate = round(seconds / instances, 4) if instances else None
-    return {"s_per_instance": rate, "instances": instances, "accumulate_bs": group, "diverged": diverged}
+    return {"s_per_instance": rate, "instances": instances, "set_aside_s": {k: round(v, 3) for k, v in
+                                                                          aside_seconds.items()}, **timing}
+
+
+def hypernet_hours(h: dict[str, Any]) -> float | None:
+    """One epoch of the paper's train instances at the measured rate, with the validations the method's own
+    hyperparameters run in it (``val_size`` instances every ``val_interval``, the last at the epoch's end) where a
+    validation was timed."""
+    if not h.get("s_per_instance"):
+        return None
+    seconds = h["s_per_instance"] * PAPER_TRAIN_STEPS
+    if h.get("s_per_validated_instance") and h.get("val_interval"):
+        seconds += h["s_per_validated_instance"] * h["val_size"] * -(-PAPER_TRAIN_STEPS // h["val_interval"])
+    return seconds / 3600
 
 
 def _sync(bench: Bench) -> None:
@@ -273,9 +322,7 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
         for ours_h, paper in ((run["s_per_edit"] * PAPER_EDITS / 3600 if run else None, single_paper.get(m)),
                               (row.get("sequential", {}).get("seconds", 0) * PAPER_SEQUENCES / 3600
                                if row.get("sequential", {}).get("seconds") else None, PAPER_SEQUENTIAL[model].get(m)),
-                              (row["hypernet"]["s_per_instance"] * PAPER_TRAIN_STEPS / 3600
-                               if row.get("hypernet", {}).get("s_per_instance") else None,
-                               PAPER_TRAINING[model].get(m))):
+                              (hypernet_hours(row.get("hypernet", {})), PAPER_TRAINING[model].get(m))):
             paper_h = hours(paper) if paper else None
             if ours_h is not None and paper_h is not None:
                 ours_total += ours_h
@@ -293,14 +340,22 @@ def measured_stamp(ceilings: dict[str, float]) -> str:
     return f"{time.strftime('%m-%d %H:%M', time.gmtime())}, {ceilings['matmul_flops_per_s'] / 1e12:.0f}"
 
 
-def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[str, float], scale: Any) -> str:
+def run_header(scale: Any) -> dict[str, Any]:
+    """What a call ran on, kept in its raw JSON so that :func:`combine` can render the table off the device."""
     import transformers
 
+    return {"device": device_name(scale), "audio_seconds": list(scale.audio_seconds),
+            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}"}
+
+
+def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[str, float],
+           header: dict[str, Any]) -> str:
     model = args.model
     title = {"qwen2_audio": "Qwen2-Audio-7B", "desta25": "DeSTA2.5-Audio (Llama-3.1-8B + Whisper-large-v3)"}[model]
+    seconds = header["audio_seconds"]
     lines = [f"## Issues 24 and 29: {title} (written by `bench/goals.py`)", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"- device: {device_name(scale)}; torch {torch.__version__}, transformers {transformers.__version__}",
+             f"- device: {header['device']}; {header.get('versions') or 'torch / transformers versions not recorded'}",
              f"- command: `python -m bench.goals {' '.join(args.argv)}`"
              + ("; merged with the rows of earlier calls: "
                 + "; ".join(f"`python -m bench.goals {' '.join(a)}`" for a in args.previous_argv)
@@ -308,7 +363,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
              f"- ceilings measured here: matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
              f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s",
              f"- protocol: random weights, synthetic SAKE instances (1 edit + 10 items, clips "
-             f"{scale.audio_seconds[0]:g}-{scale.audio_seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
+             f"{seconds[0]:g}-{seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
              "disabled, cold pre-edit cache (a call with `--warmup-method` first runs one untimed 1-edit pass: the process's warm-up), the runner's default edits per pass (measured: 1 edit, then as many as its peak allows, then what fits), "
              "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
              "| method | engine | edits | s/edit | passes (edits) | GiB per edit (largest pass) | GiB per edit + per "
@@ -397,10 +452,18 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
         lines += ["", "Hypernetwork training (untrained network, the train split's synthetic rows):", ""]
         for row in hyper:
             h = row["hypernet"]
+            aside = h.get("set_aside_s") or {}
+            validation = (f"; validation {h['s_per_validated_instance']:.3f} s per held-out instance, "
+                          f"{h['val_size']} of them every {h['val_interval']} train instances"
+                          if h.get("s_per_validated_instance") else "; validation not timed")
             rate = (f"{h['s_per_instance']:.3f} s per train instance over {h['instances']} instances "
-                    f"({h['accumulate_bs']} per optimizer step); one epoch of the paper's 4,000 train instances: "
-                    f"{h['s_per_instance'] * PAPER_TRAIN_STEPS / 3600:.2f} h") if h.get("s_per_instance") else \
-                "no timed instance"
+                    f"({h['accumulate_bs']} per optimizer step"
+                    + (f"; checkpoint writes {aside.get('save_checkpoint', 0):.1f} s and validations "
+                       f"{aside.get('validate', 0):.1f} s in those steps timed apart" if aside else
+                       "; checkpoint writes and validations in those steps counted in: an older call")
+                    + f"){validation}; "
+                    f"one epoch of the paper's 4,000 train instances: {hypernet_hours(h):.2f} h") \
+                if h.get("s_per_instance") else "no timed instance"
             lines.append(f"- `{row['method']}`: {rate}" + (f" (stopped: {h['diverged']})" if h.get("diverged") else ""))
     lines += ["", "Projection of the paper's compute for this model (Table 7 rows with a measured rate here):", ""]
     lines += projection(rows, model)
@@ -454,7 +517,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--split-prefix", type=int, default=None,
                    help="the graph engine's row prefill attends over prefixes of at least this many tokens in two "
                         "parts merged by their log-sum-exps instead of gathering them (an A/B of "
-                        "editors.models.generation.graph.SPLIT_PREFIX; default: the library's)")
+                        "editors.models.generation.graph.SPLIT_PREFIX; 0: never; default: the library's)")
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
@@ -463,6 +526,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--combine", nargs="+", default=None, metavar="RAW_JSON[:METHODS]",
+                   help="no run: merge these raw JSON files of earlier calls on one card, in order (later parts "
+                        "replace earlier ones; FILE:m1,m2 takes only those methods' rows of FILE), and write their "
+                        "table to --out (and --json)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.previous_argv = None
@@ -480,15 +547,61 @@ def earlier_rows(path: Path | None, device: str) -> tuple[list[dict[str, Any]], 
     if timed_on != device:
         raise SystemExit(f"--merge-json {path}: its rows were timed on {timed_on}, this run is on {device}; write "
                          "this card's rows to a file of their own (e.g. bench/RESULTS-h100.json)")
-    chain = earlier.get("previous_argv") or []
+    return earlier.get("rows", []), _commands(earlier)
+
+
+def _commands(data: dict[str, Any]) -> list[list[str]]:
+    """The commands that made a raw JSON's rows, earliest first (its own last)."""
+    chain = data.get("previous_argv") or []
     if chain and isinstance(chain[0], str):  # an older file: one earlier call
         chain = [chain]
-    return earlier.get("rows", []), chain + [earlier.get("argv")]
+    return chain + [data.get("argv")]
+
+
+def combine(args: argparse.Namespace) -> int:
+    """``--combine``: the raw JSON of several calls on one card, merged in the order given (a later call's parts
+    replace an earlier one's, as ``--merge-json`` does on the device), rendered into ``--out`` (and ``--json``) on
+    any machine: the rows of several device calls become one table without another call."""
+    rows: list[dict[str, Any]] = []
+    commands: list[list[str]] = []
+    data: dict[str, Any] = {}
+    header: dict[str, Any] | None = None
+    for spec in args.combine:
+        path, _, only = spec.rpartition(":") if ":" in spec and "/" not in spec.rpartition(":")[2] else (spec, "", "")
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            device = data["device"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"--combine {path}: not a raw JSON of bench.goals ({exc})") from exc
+        if header is not None and device != header["device"]:
+            raise SystemExit(f"--combine {path}: its rows were timed on {device}, the files before it on "
+                             f"{header['device']}; timings of different cards never share a table")
+        if data.get("model", args.model) != args.model:
+            raise SystemExit(f"--combine {path}: rows of --model {data['model']}, this table is --model {args.model}")
+        header = data.get("header") or {"device": device, "versions": None, "audio_seconds": list(
+            (tiny_scale() if device.startswith("CPU") else full_scale()).audio_seconds)}
+        kept = [r for r in data.get("rows", []) if not only or r["method"] in _list(only)]
+        if only and len(kept) != len(_list(only)):
+            raise SystemExit(f"--combine {spec}: {path} has rows of {', '.join(r['method'] for r in data['rows'])}")
+        rows = merge_rows(rows, kept)
+        commands += [c for c in _commands(data) if c not in commands]
+    assert header is not None  # argparse: at least one file
+    args.argv, args.previous_argv = commands[-1], commands[:-1]
+    write_results(args.out, render(args, rows, data["ceilings"], header), args.model)
+    if args.json:
+        atomic_write(args.json, json.dumps({"device": header["device"], "model": args.model, "header": header,
+                                            "ceilings": data["ceilings"], "rows": rows, "argv": args.argv,
+                                            "previous_argv": args.previous_argv}, indent=1, default=str) + "\n")
+    print(render(args, rows, data["ceilings"], header))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.combine:
+        return combine(args)
     clock = Clock(args.time_limit)
     from editors.models import buckets
 
@@ -497,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.split_prefix is not None:
         from editors.models.generation import graph
 
-        graph.SPLIT_PREFIX = args.split_prefix
+        graph.SPLIT_PREFIX = args.split_prefix or None
     if args.share_clips == "off":
         from editors.models.generation import graph
 
@@ -506,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])
     scale = tiny_scale() if args.tiny else full_scale()
-    device = device_name(scale)
+    header = run_header(scale)
+    device = header["device"]
     previous, previous_argv = earlier_rows(args.merge_json, device)
     args.previous_argv = previous_argv
     ceilings = measure_ceilings(scale)
@@ -563,12 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     and clock.allows(f"{method} emulated {args.emulate_gib:g} GiB"):
                 row["emulated"] = emulate(bench, method, args.edits, args.emulate_gib)
             merged = merge_rows(previous, rows)
-            write_results(args.out, render(args, merged, ceilings, scale), args.model)  # after every method
+            write_results(args.out, render(args, merged, ceilings, header), args.model)  # after every method
             if args.json:
-                atomic_write(args.json, json.dumps({"device": device, "ceilings": ceilings, "rows": merged,
+                atomic_write(args.json, json.dumps({"device": device, "model": args.model, "header": header,
+                                                    "ceilings": ceilings, "rows": merged,
                                                     "argv": args.argv, "previous_argv": previous_argv},
                                                    indent=1, default=str) + "\n")
-    print(render(args, merge_rows(previous, rows), ceilings, scale))
+    print(render(args, merge_rows(previous, rows), ceilings, header))
     return 0
 
 

@@ -148,7 +148,8 @@ def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     earlier = [{"method": "ft_llm", "runs": [run("graph", 0.6), run("eager", 1.5)]}]
     merged = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run("graph", 0.7, measured=stamp)]}])
     args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
-    text = goals.render(args, merged, {"matmul_flops_per_s": 759.4e12, "copy_bytes_per_s": 4.1e12}, tiny_scale())
+    text = goals.render(args, merged, {"matmul_flops_per_s": 759.4e12, "copy_bytes_per_s": 4.1e12},
+                        goals.run_header(tiny_scale()))
     rows = [line for line in text.splitlines() if line.startswith(("| ft_llm | graph |", "| ft_llm | eager |"))]
     assert rows[0].startswith("| ft_llm | graph | 2 | 0.700 |") and rows[0].endswith(f"| {stamp} |")
     assert rows[1].startswith("| ft_llm | eager | 2 | 1.500 |") and rows[1].endswith("| - |")
@@ -212,3 +213,76 @@ def test_goals_merges_only_rows_timed_on_the_same_card(tmp_path):
     with pytest.raises(SystemExit, match="an unrecorded device"):
         goals.earlier_rows(path, "NVIDIA H200")
     assert goals.earlier_rows(tmp_path / "absent.json", "NVIDIA H200") == ([], None)
+
+
+def _raw(path, device: str, argv: list[str], rows: list[dict], previous: list[list[str]] | None = None):
+    import json
+
+    path.write_text(json.dumps({"device": device, "ceilings": {"matmul_flops_per_s": 7e14, "copy_bytes_per_s": 3e12},
+                                "header": {"device": device, "audio_seconds": [5.0, 16.0],
+                                           "versions": "torch 9.9, transformers 9.9"},
+                                "rows": rows, "argv": argv, "previous_argv": previous or []}))
+    return path
+
+
+def test_goals_combine_renders_one_table_from_several_calls_of_one_card(tmp_path):
+    """--combine: later files' parts replace earlier ones, FILE:methods takes only those rows, another card's file
+    is refused, and the table is rendered from the files alone (no model, no device)."""
+    import json
+
+    from bench import goals
+
+    def run(seconds: float) -> dict:
+        return {"engine": "graph", "edits": 32, "s_per_edit": seconds, "passes": [{"edits": 16, "gib_per_edit": 2.0}]}
+
+    a = _raw(tmp_path / "a.json", "NVIDIA H100 80GB HBM3", ["--methods", "ie_ike,ft_llm"],
+             [{"method": "ie_ike", "runs": [run(1.0)], "sequential": {"seconds": 70.0, "steps": 10}},
+              {"method": "ft_llm", "runs": [run(0.6)]}])
+    b = _raw(tmp_path / "b.json", "NVIDIA H100 80GB HBM3", ["--methods", "ie_ike,ft_llm", "--split-prefix", "1024"],
+             [{"method": "ie_ike", "runs": [run(0.8)]}, {"method": "ft_llm", "runs": [run(0.9)]}],
+             previous=[["--methods", "ie_ike,ft_llm"]])
+    out, raw = tmp_path / "R.md", tmp_path / "R.json"
+    assert goals.main(["--combine", str(a), f"{b}:ie_ike", "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text()
+    assert "| ie_ike | graph | 32 | 0.800 |" in text and "| ft_llm | graph | 32 | 0.600 |" in text
+    assert "- `ie_ike`: 70.0 s for the sequence" in text  # kept from the earlier file
+    assert "torch 9.9, transformers 9.9" in text and "--split-prefix 1024" in text
+    combined = json.loads(raw.read_text())
+    assert combined["argv"] == ["--methods", "ie_ike,ft_llm", "--split-prefix", "1024"]
+    assert combined["previous_argv"] == [["--methods", "ie_ike,ft_llm"]]  # each command once
+    with pytest.raises(SystemExit, match="has rows of ie_ike, ft_llm"):
+        goals.main(["--combine", str(a), f"{b}:wise", "--out", str(out)])
+    other = _raw(tmp_path / "c.json", "NVIDIA H200", ["--methods", "ie_ike"], [{"method": "ie_ike", "runs": [run(0.5)]}])
+    with pytest.raises(SystemExit, match="timed on NVIDIA H200, the files before it on NVIDIA H100"):
+        goals.main(["--combine", str(a), str(other), "--out", str(out)])
+    assert "| ie_ike | graph | 32 | 0.800 |" in out.read_text()  # a refused combine writes nothing
+
+
+def test_goals_times_hypernetwork_steps_without_the_checkpoint_writes_and_validations(tmp_path, monkeypatch):
+    """The per-instance rate of a few timed steps leaves out the trainer's checkpoint writes (a slow disk here), which
+    the projection must not multiply by 4,000; one validation is timed alone and enters the projection as often as
+    the method's hyperparameters validate."""
+    import json
+    import time
+
+    from bench import goals
+    from editors.train import Trainer
+
+    slow = Trainer.save_checkpoint
+
+    def save_slowly(self):
+        time.sleep(1.0)
+        slow(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_slowly)
+    raw = tmp_path / "G.json"
+    assert goals.main(["--tiny", "--methods", "mend", "--default-k-methods", "none", "--hypernet-steps", "1",
+                       "--warmup-method", "", "--out", str(tmp_path / "G.md"), "--json", str(raw),
+                       "--workdir", str(tmp_path / "w")]) == 0
+    h = json.loads(raw.read_text())["rows"][0]["hypernet"]
+    assert h["instances"] == 2 and h["set_aside_s"]["save_checkpoint"] >= 1.0
+    assert h["s_per_instance"] * h["instances"] < 1.0  # the write is not in the rate
+    assert h["s_per_validated_instance"] > 0 and h["val_interval"] >= 1
+    validations = -(-goals.PAPER_TRAIN_STEPS // h["val_interval"])
+    assert goals.hypernet_hours(h) == pytest.approx(
+        (h["s_per_instance"] * 4000 + h["s_per_validated_instance"] * h["val_size"] * validations) / 3600)

@@ -21,7 +21,7 @@ What it does, per :func:`generate_graph` call:
 3. **Prefill** of the pieces' prefixes once each, then of every row's tail at its own tail's width (rows of one
    width batched together, whatever their piece): keys and values go to the row's place in its lane first; the
    rows attend in groups, their prefixes gathered from their lanes beside their own tails (one call per group and
-   layer); or, for a prefix of at least :data:`SPLIT_PREFIX` tokens (off by default until timed), in two parts
+   layer); or, for a prefix of at least :data:`SPLIT_PREFIX` tokens (1,024), in two parts
    merged by their log-sum-exps: the prefix read where it lies in its lane, once for all the rows of its piece (their
    queries folded into one sequence, no mask), and each row's own tail (:func:`attention_lse`). On CUDA
    prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
@@ -102,12 +102,12 @@ WIDTH_STEP = {"cpu": 32, "cuda": 64}
 #: The row prefill attends over a prefix of at least this many tokens in two parts merged by their log-sum-exps (the
 #: prefix read in place, once per piece, and each row's own tail) instead of gathering each row's copy of it beside
 #: its tail; shorter prefixes are gathered, in groups of rows (one call per group and layer). None: every prefix is
-#: gathered. The gather of IE-IKE's ~3,000-token demonstrations (an index kernel and a concatenation per layer, ten
-#: copies of each edit's prefix) took ~1.7 s of a 13-edit pass on an H100; not timed yet: ``bench.goals
-#: --split-prefix 1024``. (A read in place with every row's mask over its piece's whole lane span, other rows' tails
-#: included, was tried and removed untimed: it left the host behind with per-piece masks, and computes scores over
-#: every row's tail.)
-SPLIT_PREFIX: int | None = None
+#: gathered. The gather copied each edit's ~3,000-token IE-IKE demonstrations ten times per layer; reading them in
+#: place took IE-IKE from 1.034 to 0.835 s/edit on an H100 (``bench.goals --split-prefix``, one call, 32 edits at
+#: the default K; FT-LLM, whose prefixes are shorter, 0.584 and 0.580). (A read in place with every row's mask over
+#: its piece's whole lane span, other rows' tails included, was tried and removed untimed: it left the host behind
+#: with per-piece masks, and computes scores over every row's tail.)
+SPLIT_PREFIX: int | None = 1024
 #: Rows of a group that ask about the same clip (SAKE's reliability, type-1 generality and portability items) share
 #: the prefix through that clip (:func:`_prefix_groups`); False: only the system prompt + history are shared (the
 #: bench's A/B: ``bench.goals --share-clips off``).
