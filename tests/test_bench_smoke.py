@@ -286,3 +286,18 @@ def test_goals_times_hypernetwork_steps_without_the_checkpoint_writes_and_valida
     validations = -(-goals.PAPER_TRAIN_STEPS // h["val_interval"])
     assert goals.hypernet_hours(h) == pytest.approx(
         (h["s_per_instance"] * 4000 + h["s_per_validated_instance"] * h["val_size"] * validations) / 3600)
+
+
+def test_goals_projection_sets_the_measured_parts_beside_the_papers_whole_table_7():
+    """Table 7's single, sequential and training hours over the three models add up to the ~161 H100-hours the
+    whole paper took; a model's projection says what share of it (and of that model's) its measured rows cover."""
+    from bench import goals
+
+    whole = sum(goals.paper_table7_hours(m) for m in ("qwen2_audio", "desta25", "audio_flamingo3"))
+    assert round(whole) == 161
+    run = {"engine": "graph", "edits": 32, "s_per_edit": 0.5, "passes": []}
+    lines = goals.projection([{"method": "ft_llm", "runs": [run]}], "qwen2_audio")
+    assert "| ft_llm | 0.17 (2.58) |" in lines[2]  # 1,200 edits at 0.5 s; the paper's 2h35m
+    share = 2.58 / goals.paper_table7_hours("qwen2_audio")
+    assert "160.7 H100-hours" in lines[-1] and f"{2.5833 / whole:.0%} of the whole" in lines[-1]
+    assert f"{share:.0%} of this model's" in lines[-1]
