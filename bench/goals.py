@@ -77,6 +77,7 @@ PAPER_TRAINING = {"qwen2_audio": {"ke": "2h10m", "mend": "2h20m"}, "desta25": {"
                   "audio_flamingo3": {"ke": "2h10m", "mend": "2h20m"}}
 PAPER_SINGLE_AF3 = {"ft_llm": "2h00m", "ft_audio": "1h30m", "ke": "3h00m", "mend": "2h00m", "unke": "1h45m",
                     "i_ike": "1h20m", "ie_ike": "2h10m", "wise": "7h00m"}
+#: Paper Table 7, single editing, per model (the hours of 1,200 edits).
 PAPER_SINGLE = {**PAPER_TABLE7_SINGLE, "audio_flamingo3": PAPER_SINGLE_AF3}
 #: The paper's scale: 1,200 single edits per method and model, 10 sequences of 10 edits, one epoch over the 4,000
 #: train instances for a hypernetwork (Table 1, §4.2, App. D.2).
@@ -342,7 +343,8 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
 def paper_table7_hours(model: str) -> float:
     """Hours of the paper's Table 7 for ``model``: single and sequential editing of every method, hypernetwork
     training."""
-    return sum(hours(t) for part in (PAPER_SINGLE[model], PAPER_SEQUENTIAL[model], PAPER_TRAINING[model]) for t in part.values())
+    parts = (PAPER_SINGLE[model], PAPER_SEQUENTIAL[model], PAPER_TRAINING[model])
+    return sum(hours(t) for part in parts for t in part.values())
 
 
 def measured_stamp(ceilings: dict[str, float]) -> str:
