@@ -71,7 +71,7 @@ def check_fused_adam() -> str:
 
 def check_attention_lse() -> str:
     """``attention_lse`` on CUDA (flash, memory-efficient with a bias) against SDPA over both parts (bf16)."""
-    from editors.models.generation.graph import attention_lse
+    from editors.models.generation.graph import attention_lse, merge_attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(3, 4, 64, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -82,8 +82,7 @@ def check_attention_lse() -> str:
     out_p, lse_p = attention_lse(q, k[:, :, :128], v[:, :, :128], None, 0.1)
     bias = torch.zeros(mask.shape, dtype=q.dtype, device="cuda").masked_fill_(~mask, float("-inf"))
     out_t, lse_t = attention_lse(q, k[:, :, 128:], v[:, :, 128:], bias, 0.1)
-    weight = torch.sigmoid(lse_p - lse_t)[..., None]
-    merged = (out_p.float() * weight + out_t.float() * (1 - weight)).to(q.dtype)
+    merged = merge_attention(out_p, lse_p, out_t, lse_t)
     error = float((merged.float() - whole.float()).abs().max())
     if error > 2e-2:
         raise AssertionError(f"merged parts differ from attention over both by {error:.3g}")

@@ -224,17 +224,13 @@ def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     if diverged is None and instances < group * steps:
         raise RuntimeError(f"{method}: the synthetic train split allowed {instances} timed instances, not "
                            f"{group * steps} ({steps} steps of {group}); raise train rows per attribute")
-    aside_seconds = dict(aside)
-    validated = len(trainer.validation)
-    if validated and diverged is None:
-        _sync(bench)
-        began = time.perf_counter()
+    set_aside = {k: round(v, 3) for k, v in aside.items()}
+    if trainer.validation and diverged is None:  # one validation alone, timed by the same wrapper
+        before = aside["validate"]
         trainer.validate()
-        _sync(bench)
-        timing["s_per_validated_instance"] = round((time.perf_counter() - began) / validated, 4)
+        timing["s_per_validated_instance"] = round((aside["validate"] - before) / len(trainer.validation), 4)
     rate = round(seconds / instances, 4) if instances else None
-    return {"s_per_instance": rate, "instances": instances, "set_aside_s": {k: round(v, 3) for k, v in
-                                                                          aside_seconds.items()}, **timing}
+    return {"s_per_instance": rate, "instances": instances, "set_aside_s": set_aside, **timing}
 
 
 def hypernet_hours(h: dict[str, Any]) -> float | None:
@@ -580,8 +576,10 @@ def combine(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {}
     header: dict[str, Any] | None = None
     for spec in args.combine:
-        path, _, only = spec.rpartition(":") if ":" in spec and "/" not in spec.rpartition(":")[2] else (spec, "", "")
-        path = Path(path)
+        name, colon, only = spec.rpartition(":")  # FILE:methods
+        if not colon or "/" in only:  # a FILE alone
+            name, only = spec, ""
+        path = Path(name)
         try:
             data = json.loads(path.read_text())
             device = data["device"]

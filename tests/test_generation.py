@@ -234,7 +234,7 @@ def test_row_prefill_splits_or_gathers_prefixes_and_keeps_outputs(split_prefix, 
 def test_attention_in_two_parts_merged_by_log_sum_exp_equals_attention_over_both():
     """The split row prefill's arithmetic: attention over [prefix | tail] equals the prefix's and the tail's
     attentions weighed by their log-sum-exps (fp32, CPU; the CUDA kernels return the same quantities)."""
-    from editors.models.generation.graph import attention_lse
+    from editors.models.generation.graph import attention_lse, merge_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (5, 12, 12))
@@ -244,8 +244,7 @@ def test_attention_in_two_parts_merged_by_log_sum_exp_equals_attention_over_both
     bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     out_p, lse_p = attention_lse(q, k[:, :, :7], v[:, :, :7], bias[..., :7], 0.3)
     out_t, lse_t = attention_lse(q, k[:, :, 7:], v[:, :, 7:], bias[..., 7:], 0.3)
-    weight = torch.sigmoid(lse_p - lse_t)[..., None]
-    assert torch.allclose(out_p * weight + out_t * (1 - weight), whole, atol=1e-6)
+    assert torch.allclose(merge_attention(out_p, lse_p, out_t, lse_t), whole, atol=1e-6)
     out, lse = attention_lse(q, k, v, bias, 0.3)
     assert torch.allclose(out, whole, atol=1e-6) and torch.allclose(lse, torch.logaddexp(lse_p, lse_t), atol=1e-6)
 

@@ -218,6 +218,14 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
 
 
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint sets of keys merged into attention over both (:func:`attention_lse`'s outputs):
+    each part weighed by its share of the query's softmax, ``sigmoid(lse_a - lse_b)`` for part a."""
+    weight = torch.sigmoid(lse_a - lse_b)[..., None]
+    return (out_a.float() * weight + out_b.float() * (1 - weight)).to(out_a.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -607,8 +615,7 @@ class _State:
                                      lm.repeat_kv(self.values[i][lane:lane + 1, :, lo:hi]), None, lm.scale)
             prefix_out[c - a:e - a] = out.reshape(heads, e - c, w, d).transpose(0, 1)
             prefix_lse[c - a:e - a] = lse.reshape(heads, e - c, w).transpose(0, 1)
-        weight = torch.sigmoid(prefix_lse - tail_lse)[..., None]  # the prefix's share of each query's softmax
-        return (prefix_out.float() * weight + tail_out.float() * (1 - weight)).to(q.dtype)
+        return merge_attention(prefix_out, prefix_lse, tail_out, tail_lse)
 
     def _runs(self, prefixes: Sequence[tuple[int, int, int]], tail_mask: torch.Tensor) -> list[_Run]:
         """How the rows attend, the same in every layer: consecutive rows with a prefix of at least
