@@ -63,6 +63,25 @@ class GenerateCounter:
                 "new_tokens": sorted(self.new_tokens)}
 
 
+#: The CUDA caching allocator's counters a run reports (``torch.cuda.memory_stats``): retries are allocations that
+#: found no cached block and no free device memory, so the allocator freed every cached block (a device sync) and
+#: tried again; device allocations and frees are ``cudaMalloc`` / ``cudaFree`` calls (host time, no kernel).
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+
+
+def allocator_counts(device: str) -> dict[str, int]:
+    """The allocator's counters now (:data:`ALLOCATOR_COUNTERS`); empty off CUDA."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(name, 0)) for name in ALLOCATOR_COUNTERS}
+
+
+def allocator_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What the counters of :func:`allocator_counts` grew by between two readings."""
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
 @dataclasses.dataclass
 class ArmResult:
     """Per-edit wall-clock seconds of the timed edits of one arm, its peak GPU memory and counters."""
@@ -183,8 +202,10 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
     runner = Runner(config, adapter=bench.adapter, rows_loader=bench.dataset.load)
     bench.start_arm(keep_transcripts)
     encoder_before = bench.adapter.audio_encoder_calls
+    allocator_before = allocator_counts(bench.scale.device)
     runner.run()
     _sync(bench.scale.device)
+    allocator = allocator_delta(allocator_before, allocator_counts(bench.scale.device))
     result.peak_bytes = bench.peak()
     units = runner.stats.per_unit
     result.seconds = [float(u["seconds"]) for u in units[warmup: warmup + edits]]
@@ -204,6 +225,7 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
         "audio_encoder_calls_per_edit": round((bench.adapter.audio_encoder_calls - encoder_before) / n, 2),
         "prediction_rows": prediction_rows,
         "preedit_cache_hits": runner.preedit.hits,
+        "allocator": allocator,
         **bench.counter.summary(len(units)),
     }
     return result, runner

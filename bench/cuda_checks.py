@@ -1,7 +1,8 @@
 """CUDA-only code paths checked on the lent GPU before a bench runs (tiny model, a few seconds; prints one line each).
 
 The CPU tests cannot reach these paths: torch's fused Adam kernel as both training loops take it on CUDA
-(``editors.batching.fused_adam``), and the kernels that return log-sum-exps for the graph engine's prefix attended in
+(``editors.batching.fused_adam``), the batched loop's early stops decided on the device
+(``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix attended in
 two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask, memory-efficient
 attention with an additive bias). ``bench/gpu_run.sh`` runs this after its probe; a failed check is reported, not
 fatal, so the bench still runs on the library's defaults.
@@ -69,6 +70,30 @@ def check_fused_adam() -> str:
     return "K masked fused Adam steps equal one fused optimizer per edit, bit for bit"
 
 
+def check_early_stop_on_device() -> str:
+    """``finetune_many``'s early stops decided on the device (CUDA's path: no host sync per step) give the results
+    and copies of the loop that reads the losses every step, bit for bit (fused Adam skipping the stopped edits)."""
+    import editors.batching as batching
+
+    targets = torch.tensor([[0.6, 0.0], [2.0, -1.0], [1e4, 3.0]], device="cuda")
+    start = torch.zeros(2, device="cuda")
+    runs = []
+    for on_device in (False, True):
+        saved = batching.early_stop_on_device
+        batching.early_stop_on_device = lambda device, chosen=on_device: chosen  # type: ignore[assignment]
+        try:
+            copies = batching.StackedCopies({"w": start}, 3)
+            results = batching.finetune_many(copies, lambda w: ((w["w"] - targets) ** 2).sum(-1), lr=0.25,
+                                             max_steps=60, early_stop_loss=1e-2, optimizer="adam")
+        finally:
+            batching.early_stop_on_device = saved  # type: ignore[assignment]
+        runs.append((copies.masters["w"].detach(), [(r.steps, r.loss, r.stopped_early) for r in results]))
+    (w_host, r_host), (w_dev, r_dev) = runs
+    if not (torch.equal(w_host, w_dev) and r_host == r_dev):
+        raise AssertionError(f"host loop {r_host}, device loop {r_dev}")
+    return f"early stops decided on the device equal the host loop's, bit for bit (steps {[r[0] for r in r_host]})"
+
+
 def check_attention_lse() -> str:
     """``attention_lse`` on CUDA (flash, memory-efficient with a bias) against SDPA over both parts (bf16)."""
     from editors.models.generation.graph import attention_lse, merge_attention
@@ -117,7 +142,8 @@ def check_split_prefix_engine() -> str:
     return f"graph engine with SPLIT_PREFIX=1: {same} of {len(prompts)} rows equal the eager engine's (fp32)"
 
 
-CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam, "attention_lse": check_attention_lse,
+CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam, "early_stop_on_device": check_early_stop_on_device,
+                                        "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine}
 
 

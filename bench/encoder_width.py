@@ -82,7 +82,7 @@ def measure(adapter: Any, drawn: list[np.ndarray], batch: int, repeats: int, dev
     median = {a: statistics.median(seconds[a]) for a in ARMS}
     diff = {a: max(float((x.float() - y.float()).abs().max()) for x, y in zip(states[a], states["window"]))
             for a in ARMS[1:]}
-    return {"clips": len(clips), "batch": batch, "repeats": repeats,
+    return {"clips": len(drawn), "batch": batch, "repeats": repeats,
             "s_per_clip": {a: round(median[a], 5) for a in ARMS},
             "speedup": {a: round(median["window"] / median[a], 2) for a in ARMS},
             "max_abs_diff": diff,

@@ -140,8 +140,8 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, tag: str = "")
            "per_edit_fit_gib": _gib(runner.sizer.per_edit), "per_pass_fit_gib": _gib(runner.sizer.fixed),
            "peak_gib": _gib(result.peak_bytes), "out": str(out), "info": result.info,
            "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()}}
-    LOG.info("%s default K, %s engine: %.3f s/edit over %d edits; passes %s", method, row["engine"],
-             row["s_per_edit"], units, [p["edits"] for p in passes])
+    LOG.info("%s default K, %s engine: %.3f s/edit over %d edits; passes %s; allocator %s", method, row["engine"],
+             row["s_per_edit"], units, [p["edits"] for p in passes], result.info.get("allocator") or "-")
     return row
 
 

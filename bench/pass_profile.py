@@ -5,8 +5,9 @@ where the method allows it), and the ``--pass``-th pass of that run (default: th
 K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs, apply, post-edit generation,
 restore) and for the generation's parts inside them (audio encoder, the per-audio work before tokenization such as
 DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints the wall-clock, the GPU busy time (the union
-of kernel and copy intervals inside the phase), the kernel launches, the captured-graph replays and the kernels that
-took longest; for the whole pass also the operators whose own kernels took longest (which operators launch the
+of kernel and copy intervals inside the phase), the kernel launches, the captured-graph replays, the host's
+``cudaMalloc``/``cudaFree`` calls and their seconds (with the pass's caching-allocator counters: retries mean the
+device was full enough that cached blocks were freed and allocated again) and the kernels that took longest; for the whole pass also the operators whose own kernels took longest (which operators launch the
 elementwise and copy kernels). Inside the apply phase the training methods' parts are labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
 of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
 (``current``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
@@ -32,11 +33,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.arms import Bench, runner_pass, synthetic_bench
+from bench.arms import Bench, allocator_counts, allocator_delta, runner_pass, synthetic_bench
 from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
 PREFIX = "sake:"
+#: CUDA runtime calls of the caching allocator (host time without a kernel: a range whose wall-clock exceeds its
+#: launches' and syncs' share may be spending it here, when the device is nearly full and cached blocks are freed
+#: and allocated again).
+ALLOCATOR_CALLS = frozenset({"cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync"})
 
 
 def _ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -116,7 +121,7 @@ def summarize(prof: Any) -> dict[str, Any]:
                     if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIX))
     starts = [d[0] for d in device]
     ranges = [e for e in events if e.name.startswith(PREFIX) and e.device_type == DeviceType.CPU]
-    cpu = sorted((e.time_range.start, e.name) for e in events
+    cpu = sorted((e.time_range.start, e.name, e.time_range.end) for e in events
                  if e.device_type == DeviceType.CPU and not e.name.startswith(PREFIX))
     cpu_starts = [c[0] for c in cpu]
     longest = max((t - s for s, t, _ in device), default=0.0)
@@ -128,16 +133,20 @@ def summarize(prof: Any) -> dict[str, Any]:
         per_kernel: dict[str, float] = {}
         for s, t, n in inside:
             per_kernel[n[:70]] = per_kernel.get(n[:70], 0.0) + (t - s)
-        names = [n for _, n in cpu[bisect.bisect_left(cpu_starts, a):bisect.bisect_right(cpu_starts, b)]]
+        host = cpu[bisect.bisect_left(cpu_starts, a):bisect.bisect_right(cpu_starts, b)]
+        names = [n for _, n, _ in host]
+        allocs = [(s, t) for s, n, t in host if n in ALLOCATOR_CALLS]
         entry = out.setdefault(r.name[len(PREFIX):], {"count": 0, "wall_s": 0.0, "gpu_busy_s": 0.0,
                                                       "kernel_launches": 0, "graph_launches": 0, "syncs": 0,
-                                                      "kernels": {}})
+                                                      "alloc_calls": 0, "alloc_s": 0.0, "kernels": {}})
         entry["count"] += 1
         entry["wall_s"] += (b - a) / 1e6
         entry["gpu_busy_s"] += _union([(s, t) for s, t, _ in inside]) / 1e6
         entry["kernel_launches"] += sum(1 for n in names if "LaunchKernel" in n)
         entry["graph_launches"] += sum(1 for n in names if "GraphLaunch" in n)
         entry["syncs"] += sum(1 for n in names if "Synchronize" in n)
+        entry["alloc_calls"] += len(allocs)
+        entry["alloc_s"] += sum(t - s for s, t in allocs) / 1e6
         for n, us in per_kernel.items():
             entry["kernels"][n] = entry["kernels"].get(n, 0.0) + us
     for entry in out.values():
@@ -145,6 +154,7 @@ def summarize(prof: Any) -> dict[str, Any]:
                                 sorted(entry.pop("kernels").items(), key=lambda kv: -kv[1])[:8]]
         entry["wall_s"] = round(entry["wall_s"], 4)
         entry["gpu_busy_s"] = round(entry["gpu_busy_s"], 4)
+        entry["alloc_s"] = round(entry["alloc_s"], 4)
     kinds: dict[str, float] = {}
     names_total: dict[str, list[float]] = {}
     for s, t, n in device:
@@ -231,6 +241,7 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
         captures = (graph.STATS["captures"], graph.STATS["capture_s"])
+        allocator_before = allocator_counts(bench.scale.device)
         with _patched_parts(bench.adapter), torch.profiler.profile(activities=activities) as prof:
             started = time.perf_counter()
             with torch.profiler.record_function(PREFIX + "pass"):
@@ -242,6 +253,7 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
         state["profile"] = {"edits": len(units), "wall_s": round(wall, 3),
                             "captures": graph.STATS["captures"] - captures[0],
                             "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
+                            "allocator": allocator_delta(allocator_before, allocator_counts(bench.scale.device)),
                             "ranges": summarize(prof)}
 
     cache = bench.workdir / f"cache-profile-{method}"
@@ -280,9 +292,10 @@ def render(rows: list[dict[str, Any]]) -> str:
             lines += ["- (no pass profiled)", ""]
             continue
         lines += [f"- profiled pass: {prof['edits']} edits, {prof['wall_s']} s, captures {prof['captures']} "
-                  f"({prof['capture_s']} s)", "",
-                  "| range | count | wall s | GPU busy s | busy % | launches | graph replays | syncs | top kernels (ms) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"({prof['capture_s']} s); allocator counters over the pass: {prof.get('allocator') or '-'}", "",
+                  "| range | count | wall s | GPU busy s | busy % | launches | graph replays | syncs "
+                  "| cudaMalloc/Free (s) | top kernels (ms) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         kernels = prof["ranges"].get("_kernels", {})
         for name, r in prof["ranges"].items():
             if name == "_kernels":
@@ -290,7 +303,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             busy = 100 * r["gpu_busy_s"] / r["wall_s"] if r["wall_s"] else 0
             top = "; ".join(f"{n} {ms}" for n, ms in r["top_kernels"][:5])
             lines.append(f"| {name} | {r['count']} | {r['wall_s']} | {r['gpu_busy_s']} | {busy:.0f} | "
-                         f"{r['kernel_launches']} | {r['graph_launches']} | {r['syncs']} | {top} |")
+                         f"{r['kernel_launches']} | {r['graph_launches']} | {r['syncs']} | "
+                         f"{r.get('alloc_calls', 0)} ({r.get('alloc_s', 0.0)}) | {top} |")
         if kernels:
             lines += ["", f"- kernel time by kind (ms, whole pass): {kernels['by_kind_ms']}", "",
                       "| kernel | ms | calls |", "|---|---|---|"]

@@ -99,20 +99,24 @@ def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None],
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
     The formulas are torch.optim's defaults (Adam betas 0.9/0.999, eps 1e-8; RMSprop alpha 0.99, eps 1e-8; plain
-    SGD), elementwise over the stacked copies, in place. ``all_active`` (the caller knows every entry of ``mask``
-    is True) skips saving and restoring the frozen edits' values."""
+    SGD), elementwise over the stacked copies, in place. The frozen edits' values are saved and put back, except
+    where Adam runs as the fused kernel (:func:`fused_adam`), which skips them itself. ``all_active`` (the caller
+    knows every entry of ``mask`` is True) skips both."""
+    frozen = None
     for p, g, st in zip(masters, grads, states):
         if g is None:
             continue
         g = g.float()
         tensors = [p, *_optimizer_state(st, p, optimizer)]
+        if fused_adam(optimizer, p):  # the kernel itself skips the frozen edits: nothing to save and restore
+            if frozen is None and not all_active:
+                frozen = (~mask).float()
+            _fused_adam_step(p, g, st, step, lr=lr, weight_decay=weight_decay, frozen=frozen)
+            continue
         saved = None if all_active else [t.clone() for t in tensors]
-        if fused_adam(optimizer, p):
-            _fused_adam_step(p, g, st, step, lr=lr, weight_decay=weight_decay)
-        else:
-            if weight_decay:
-                g = g.add(p, alpha=weight_decay)
-            _step_in_place(p, g, st, step, optimizer=optimizer, lr=lr)
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        _step_in_place(p, g, st, step, optimizer=optimizer, lr=lr)
         if saved is not None:
             m = mask.view(-1, *([1] * (p.dim() - 1)))
             for t, old in zip(tensors, saved):
@@ -137,14 +141,25 @@ def fused_adam(optimizer: str, tensor: torch.Tensor) -> bool:
 
 
 def _fused_adam_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, lr: float,
-                     weight_decay: float) -> None:
-    """One fused Adam step (torch.optim's defaults) on every entry of ``p`` and its state, in place."""
+                     weight_decay: float, frozen: torch.Tensor | None = None) -> None:
+    """One fused Adam step (torch.optim's defaults) on every entry of ``p`` and its state, in place; with ``frozen``
+    (``[K]`` floats on the device, 1 = frozen) one kernel per edit that skips a frozen edit's entries (the kernel's
+    ``found_inf``, which a gradient scaler sets to skip a step): the host need not know which edits are frozen."""
     count = st.get("step")
     if count is None:
         count = st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
     count.fill_(step)
-    torch._fused_adam_([p], [g], [st["exp_avg"]], [st["exp_avg_sq"]], [], [count], lr=lr, beta1=0.9, beta2=0.999,
-                       weight_decay=weight_decay, eps=1e-8, amsgrad=False, maximize=False)
+
+    def step_of(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                skip: torch.Tensor | None) -> None:
+        torch._fused_adam_([p], [g], [m], [v], [], [count], lr=lr, beta1=0.9, beta2=0.999, weight_decay=weight_decay,
+                           eps=1e-8, amsgrad=False, maximize=False, found_inf=skip)
+
+    if frozen is None:
+        step_of(p, g, st["exp_avg"], st["exp_avg_sq"], None)
+        return
+    for k in range(p.shape[0]):
+        step_of(p[k], g[k], st["exp_avg"][k], st["exp_avg_sq"][k], frozen[k])
 
 
 def _step_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, optimizer: str,
@@ -165,17 +180,28 @@ def _step_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: i
         p.addcdiv_(g, square_avg.sqrt().add_(eps), value=-lr)
 
 
+def early_stop_on_device(device: torch.device) -> bool:
+    """Whether :func:`finetune_many` decides its early stops on ``device`` (CUDA): which edits stopped is kept there
+    and read back after the loop, so a step waits for no loss on the host and the host queues the next step's
+    kernels while the GPU runs this one. On the CPU the losses are read each step (no device to wait for)."""
+    return device.type == "cuda"
+
+
 def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, lr: float,
                   max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
                   weight_decay: float = 0.0) -> list[EditResult]:
     """K edits' :func:`editors.base.finetune` at once: ``losses_fn(copies.current())`` returns the K per-edit
     losses ``[K]``; each edit follows exactly the single-edit loop (loss, then stop if below ``early_stop_loss``,
-    else one update), its own copy updated with its own gradient. With an early stop, one host sync per step (the K
-    losses); without, none (the losses are read after the last step)."""
+    else one update), its own copy updated with its own gradient. Without an early stop no host sync per step (the
+    losses are read after the last step); with one, see :func:`early_stop_on_device`."""
     if optimizer not in ("adam", "sgd", "rmsprop"):
         raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
-    k = copies.k
     masters = list(copies.masters.values())
+    if early_stop_loss is not None and early_stop_on_device(masters[0].device):
+        return _finetune_many_on_device(copies, losses_fn, lr=lr, max_steps=max_steps,
+                                        early_stop_loss=early_stop_loss, optimizer=optimizer,
+                                        weight_decay=weight_decay)
+    k = copies.k
     states: list[dict[str, Any]] = [{} for _ in masters]
     active = [True] * k
     steps, last, stopped = [0] * k, [float("nan")] * k, [False] * k
@@ -183,9 +209,7 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     latest: torch.Tensor | None = None  # without an early stop: the last losses, read once at the end
     mask: torch.Tensor | None = None  # ``active`` on the device, made again only when an edit stops
     for _ in range(max_steps):
-        losses = losses_fn(copies.current())
-        if losses.shape != (k,):
-            raise ValueError(f"losses_fn returned shape {tuple(losses.shape)}; expected ({k},)")
+        losses = _checked(losses_fn(copies.current()), k)
         if early_stop_loss is None:  # every edit runs every step: nothing to decide on the host
             latest = losses.detach()
         else:
@@ -213,6 +237,64 @@ def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Te
     for m in masters:
         m.requires_grad_(False)
     return [EditResult(steps=s, loss=v, stopped_early=x) for s, v, x in zip(steps, last, stopped)]
+
+
+def _checked(losses: torch.Tensor, k: int) -> torch.Tensor:
+    if losses.shape != (k,):
+        raise ValueError(f"losses_fn returned shape {tuple(losses.shape)}; expected ({k},)")
+    return losses
+
+
+def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *,
+                             lr: float, max_steps: int, early_stop_loss: float, optimizer: str,
+                             weight_decay: float) -> list[EditResult]:
+    """:func:`finetune_many` with its early stops decided on the device: each edit's active flag, update count and
+    last loss are device tensors, a stopped edit's loss is weighted 0 and its update skipped (as on the host path),
+    and whether every edit has stopped is copied back without waiting; the loop ends at the first step that finds
+    that copy arrived and says so (the steps run after the last edit stopped change nothing). The results are the
+    host path's, bit for bit."""
+    k = copies.k
+    masters = list(copies.masters.values())
+    device = masters[0].device
+    states: list[dict[str, Any]] = [{} for _ in masters]
+    active = torch.ones(k, dtype=torch.bool, device=device)
+    steps = torch.zeros(k, dtype=torch.long, device=device)
+    last = torch.full((k,), float("nan"), device=device)
+    pending: list[tuple[torch.Tensor, Any]] = []  # (any edit active: a host copy, the event that says it arrived)
+    for updates in range(1, max_steps + 1):
+        if pending and _arrived(pending[0][1]):
+            flag, _ = pending.pop(0)
+            if not bool(flag):
+                break
+        losses = _checked(losses_fn(copies.current()), k)
+        values = losses.detach().float()
+        last = torch.where(active, values, last)
+        active = active & ~(values < early_stop_loss)
+        grads = torch.autograd.grad((losses * active).sum(), masters, allow_unused=True)
+        with torch.no_grad():
+            masked_update(masters, list(grads), states, active, updates, optimizer=optimizer, lr=lr,
+                          weight_decay=weight_decay)
+        steps += active
+        pending.append(_copied_back(active.any()))
+    for m in masters:
+        m.requires_grad_(False)
+    ran, losses_out, active_out = steps.tolist(), last.tolist(), active.tolist()  # one host sync, after the loop
+    return [EditResult(steps=s, loss=v, stopped_early=not a) for s, v, a in zip(ran, losses_out, active_out)]
+
+
+def _copied_back(flag: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``flag`` copied to the host without waiting (pinned memory on CUDA), with an event that says when it is there."""
+    if flag.device.type != "cuda":
+        return flag.clone(), None
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _arrived(event: Any) -> bool:
+    return event is None or bool(event.query())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,25 @@ def test_tail_state_gives_the_whole_widths_loss_and_gradient_bit_for_bit(family)
     assert min(cut_widths) < 192 <= max(cut_widths)
 
 
+def test_connector_outputs_go_to_the_placeholders_by_index_as_a_masked_scatter_would(adapter):
+    """The placeholders' flat indices are found on the host (so neither the scatter nor its backward syncs on a
+    GPU), stay right when a batch is left-padded, and give a masked scatter's embeddings and gradients bit for bit."""
+    from editors.models.buckets import left_pad
+
+    batch = adapter.prepare(prompts())
+    for b in (batch, left_pad(batch, batch.input_ids.shape[1] + 5, adapter.pad_token_id)):
+        assert torch.equal(b.audio_positions, b.audio_token_mask.flatten().nonzero().squeeze(1))
+        assert b.audio_positions.numel() == b.n_audio_slots > 0
+        audio = adapter.project_audio(b.audio_states).detach().requires_grad_(True)
+        ours = adapter.input_embeds(b, audio)
+        expected = adapter.language_model().embed_tokens(b.input_ids).masked_scatter(
+            b.audio_token_mask.unsqueeze(-1).expand_as(ours), audio)
+        assert torch.equal(ours, expected)
+        weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(0))
+        grads = [torch.autograd.grad((x * weights).sum(), [audio])[0] for x in (ours, expected)]
+        assert torch.equal(grads[0], grads[1])
+
+
 def test_causal_padding_mask_is_the_mask_transformers_builds_on_valid_queries(adapter):
     """A tail state builds this mask on CUDA where transformers passed none (no padding)."""
     from editors.models.adapter import causal_padding_mask

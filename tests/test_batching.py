@@ -324,6 +324,60 @@ def test_without_an_early_stop_the_batched_loop_reads_the_losses_once(monkeypatc
     assert all(r.steps == 7 for r in r_free)
 
 
+@pytest.mark.parametrize("optimizer,fused", [("adam", True), ("adam", False), ("sgd", False)])
+def test_early_stops_decided_on_the_device_give_the_host_loops_results(monkeypatch, optimizer, fused):
+    """On CUDA the batched loop keeps which edits stopped on the device and reads it back once (no host sync per
+    step); forced here on the CPU, with torch's fused Adam (whose kernel skips the stopped edits) or the formulas: the
+    copies, optimizer state and results equal the loop that reads the losses every step, bit for bit, edits stopping
+    at different steps, the loop ending when all have stopped."""
+    import editors.batching as batching
+
+    start = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    # distances 0.6, 2 and 1e4: the first two stop at different steps, the third never within max_steps
+    targets = torch.tensor([[0.6, 0.0, 0.0], [2.0, -1.0, 0.5], [1e4, 3.0, -2.0]])
+    monkeypatch.setattr(batching, "fused_adam", lambda opt, tensor: fused and opt == "adam")
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+
+    def run(on_device: bool, max_steps: int, chosen=(0, 1, 2)):
+        monkeypatch.setattr(batching, "early_stop_on_device", lambda device: on_device)
+        copies = StackedCopies({"w": start}, len(chosen))
+        rows = targets[list(chosen)]
+        reads.clear()
+        calls = []
+
+        def losses(w):
+            calls.append(1)
+            return ((w["w"] - rows) ** 2).sum(-1)
+
+        results = finetune_many(copies, losses, lr=0.25, max_steps=max_steps, early_stop_loss=1e-2,
+                                optimizer=optimizer)
+        return copies.masters["w"].detach().clone(), [(r.steps, r.loss, r.stopped_early) for r in results], \
+            len(calls), list(reads)
+
+    for max_steps in (40, 400):
+        w_host, r_host, _, reads_host = run(False, max_steps)
+        w_dev, r_dev, _, reads_dev = run(True, max_steps)
+        assert torch.equal(w_host, w_dev) and r_host == r_dev
+        assert len(reads_host) == min(max_steps, r_host[2][0] + 1) and len(reads_dev) == 3  # once, after the loop
+    assert r_host[0][2] and r_host[1][2] and r_host[0][0] != r_host[1][0]  # stopped, at different steps
+    # all stopped: the host loop ends at the step that finds it; the device loop at the first step that finds the
+    # flag's copy arrived (here at once; on a GPU it may lag), and the steps run meanwhile change nothing
+    w_host, r_host, calls_host, _ = run(False, 400, (0, 1))
+    w_dev, r_dev, calls_dev, _ = run(True, 400, (0, 1))
+    assert all(r[2] for r in r_host) and calls_host < 400 and calls_dev == calls_host
+    assert torch.equal(w_host, w_dev) and r_host == r_dev
+    monkeypatch.setattr(batching, "_arrived", lambda event: False)  # a copy that never arrives
+    w_late, r_late, calls_late, _ = run(True, 400, (0, 1))
+    assert calls_late == 400 and torch.equal(w_host, w_late) and r_host == r_late
+
+
 def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
     from _methods_helpers import trained_network
 

@@ -492,6 +492,7 @@ class LALMAdapter(abc.ABC):
             audio_token_mask=to_device(audio_mask, device),
             audio_states=states,
             n_audio_slots=int(audio_mask.sum()),
+            audio_positions=to_device(audio_mask.flatten().nonzero().squeeze(1), device),
         )
         if targets is not None:
             next_labels = labels_t[:, 1:]
@@ -517,8 +518,12 @@ class LALMAdapter(abc.ABC):
             if audio_embeds.shape[0] != batch.n_audio_slots:
                 raise ValueError(f"{audio_embeds.shape[0]} audio embeddings for {batch.n_audio_slots} placeholder "
                                  "tokens")
-            mask = batch.audio_token_mask.unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, audio_embeds.to(embeds.dtype))
+            positions = batch.audio_positions
+            if positions is None:  # a batch built elsewhere: found from the mask (a host sync)
+                positions = batch.audio_token_mask.flatten().nonzero().squeeze(1)
+            # each placeholder's row of the connector outputs copied in, in row-major order (as a masked scatter
+            # would; the backward gathers the same rows by index, with no host sync)
+            embeds = embeds.flatten(0, 1).index_copy(0, positions, audio_embeds.to(embeds.dtype)).view_as(embeds)
         return embeds
 
     def _masks(self, hidden: torch.Tensor, batch: PromptBatch) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class PromptBatch:
     audio_token_mask: torch.Tensor  # [B, T] bool, True at audio placeholder tokens
     audio_states: list[Any]  # one entry per audio, family-specific (a tensor for Whisper-style encoders)
     n_audio_slots: int = 0  # number of placeholder tokens (known on the host: no device sync needed)
+    # The placeholders' flat indices (row * width + column, row-major: the order of ``audio_states``' outputs),
+    # found on the host when the batch is built: scattering the connector outputs there, and the backward that
+    # gathers their gradients, need no device sync (a boolean mask's backward is a ``masked_select``, which syncs).
+    audio_positions: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [B, T] long, IGNORE_INDEX except on target tokens
     # Positions that predict a target token (precomputed so the loss needs no host sync): row, column, token id.
     target_rows: torch.Tensor | None = None

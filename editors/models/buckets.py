@@ -135,9 +135,12 @@ def left_pad(batch, width: int, pad_id: int):
             return None
         return torch.cat([torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device), t], dim=1)
 
+    positions = batch.audio_positions
+    if positions is not None:  # row * width + column -> row * (width + extra) + column + extra
+        positions = positions + (positions // batch.input_ids.shape[1] + 1) * extra
     return replace(batch, input_ids=pad(batch.input_ids, pad_id), attention_mask=pad(batch.attention_mask, 0),
                    position_ids=pad(batch.position_ids, 0), audio_token_mask=pad(batch.audio_token_mask, False),
-                   labels=pad(batch.labels, IGNORE_INDEX),
+                   audio_positions=positions, labels=pad(batch.labels, IGNORE_INDEX),
                    target_cols=None if batch.target_cols is None else batch.target_cols + extra)
 
 
