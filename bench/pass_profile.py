@@ -4,11 +4,13 @@ For each method: the runner runs ``--edits`` single edits at its default K (cold
 where the method allows it), and the ``--pass``-th pass of that run (default: the third, the first at the measured
 K) runs under ``torch.profiler``. For each phase of that pass (pre-edit outputs, apply, post-edit generation,
 restore) and for the generation's parts inside them (audio encoder, the per-audio work before tokenization such as
-DeSTA2.5's transcripts, prefix prefill, row prefill, decode), it prints the wall-clock, the GPU busy time (the union
-of kernel and copy intervals inside the phase), the kernel launches, the captured-graph replays, the host's
-``cudaMalloc``/``cudaFree`` calls and their seconds (with the pass's caching-allocator counters: retries mean the
-device was full enough that cached blocks were freed and allocated again) and the kernels that took longest; for the whole pass also the operators whose own kernels took longest (which operators launch the
-elementwise and copy kernels). Inside the apply phase the training methods' parts are labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
+DeSTA2.5's transcripts, prefix prefill, row prefill, decode and, inside it, the decode step's capture), it prints
+the wall-clock, the GPU busy time (the union of kernel and copy intervals inside the phase), the kernel launches,
+the captured-graph replays, the host's ``cudaMalloc``/``cudaFree`` calls and their seconds (with the pass's
+caching-allocator counters: retries mean the device was full enough that cached blocks were freed and allocated
+again) and the kernels that took longest; for the whole pass also the operators whose own kernels took longest
+(which operators launch the elementwise and copy kernels). Inside the apply phase the training methods' parts are
+labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
 of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
 (``current``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
@@ -63,7 +65,7 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     import editors.wise
 
     owners: list[tuple[Any, str]] = [(graph._State, name) for name in ("prefill_prefixes", "prefill", "decode",
-                                                                       "_split_attention")]
+                                                                       "capture", "_split_attention")]
     owners += [(type(adapter), name) for name in ("audio_states", "warm_audio", "hidden_entering")]
     # the training methods' parts: UnKE's stage 1 (compute_keys), its stage-2 rows packed (packed_layer_rows), stage 2
     # (finetune_many), the optimizer step of stacked copies (masked_update), the copies cast to the model's dtype,

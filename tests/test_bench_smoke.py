@@ -197,6 +197,31 @@ def test_encoder_width_bench_runs_its_arms_and_puts_the_settings_back(capsys):
     assert (adapter.encoder_width_step, adapter.mel_device) == kept
 
 
+def test_encoder_width_bench_reports_the_clips_it_drew(capsys):
+    from bench import encoder_width
+
+    assert encoder_width.main(["--tiny", "--clips", "3", "--repeats", "1"]) == 0
+    assert "3 clips on" in capsys.readouterr().out  # not the number of its arms
+
+
+def test_pass_profile_labels_the_phases_and_puts_every_patch_back(tmp_path):
+    """The profile script on the tiny model (CPU: no kernels, so GPU columns read 0): its ranges, the allocator
+    column, and the classes and modules it labels restored afterwards."""
+    import json
+
+    from bench import pass_profile
+    from editors.models.generation import graph
+
+    before = dict(graph._State.__dict__)
+    assert pass_profile.main(["--tiny", "--methods", "ft_audio", "--edits", "2", "--pass", "1",
+                              "--json", str(tmp_path / "p.json")]) == 0
+    [row] = json.loads((tmp_path / "p.json").read_text())
+    ranges = row["profile"]["ranges"]
+    assert {"pass", "pre_edit", "apply", "evaluate", "finetune_many"} <= set(ranges)
+    assert all("alloc_calls" in r for name, r in ranges.items() if name != "_kernels")
+    assert dict(graph._State.__dict__) == before
+
+
 def test_goals_merges_only_rows_timed_on_the_same_card(tmp_path):
     import json
 

@@ -712,6 +712,22 @@ class _State:
         self.write.add_(self.advance)
         self.step_index.add_(1)
 
+    def capture(self, pool: Any) -> None:
+        """Run one decode step eagerly (warm-up, on a side stream), then record the next as this state's CUDA graph
+        (recorded, not run: the first replay runs it)."""
+        started = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.step()
+        self.graph = graph
+        STATS["captures"] += 1
+        STATS["capture_s"] += time.perf_counter() - started
+
     def decode(self, pool: Any) -> int:
         """The remaining ``steps - 1`` decode steps (fewer once every row has finished); returns the steps run."""
         todo = self.steps - 1
@@ -723,18 +739,7 @@ class _State:
                     break
                 self.step()
             elif self.graph is None:
-                started = time.perf_counter()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self.step()  # warm-up: a real step, eager
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.step()  # recorded, not run
-                self.graph = graph
-                STATS["captures"] += 1
-                STATS["capture_s"] += time.perf_counter() - started
+                self.capture(pool)
             else:
                 self.graph.replay()
             done += 1
