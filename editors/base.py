@@ -240,7 +240,7 @@ def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Ten
     unless the loss is already below ``early_stop_loss`` (as EasyEdit's FT loop).
 
     Before each update the loss is compared with ``early_stop_loss`` (paper App. D: stop when below 1e-2); this is
-    the one host sync per step (``loss.item()``). Parameters stored in 16-bit get an fp32 master copy that the
+    the one host sync per step. Without an early stop the loss is read once, after the last step. Parameters stored in 16-bit get an fp32 master copy that the
     optimizer updates and that is cast back after each step (a 1e-5 update would vanish in bf16 otherwise).
     Gradients of all other parameters are never allocated (only ``params`` require grad during the loop).
     """
@@ -264,13 +264,17 @@ def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Ten
     for p in plist:
         p.requires_grad_(True)
     steps, last, stopped = 0, float("nan"), False
+    latest: torch.Tensor | None = None  # without an early stop: the last loss, read once at the end
     try:
         for _ in range(max_steps):
             loss = loss_fn()
-            last = float(loss.detach())  # host sync: the early-stop check (one per step)
-            if early_stop_loss is not None and last < early_stop_loss:
-                stopped = True
-                break
+            if early_stop_loss is None:
+                latest = loss.detach()
+            else:
+                last = float(loss.detach())  # host sync: the early-stop check (one per step)
+                if last < early_stop_loss:
+                    stopped = True
+                    break
             grads = torch.autograd.grad(loss, plist, allow_unused=True)
             for p, m, g in zip(plist, masters, grads):
                 if g is not None:
@@ -285,4 +289,6 @@ def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Ten
     finally:
         for p, flag in zip(plist, previous):
             p.requires_grad_(flag)
+    if latest is not None:
+        last = float(latest)
     return FinetuneResult(steps=steps, loss=last, stopped_early=stopped)

@@ -93,6 +93,30 @@ def test_finetune_stops_early_and_rejects_unknown_optimizer():
         finetune({"w": w}, lambda: (w ** 2).sum(), lr=0.1, max_steps=1, optimizer="lbfgs")
 
 
+def test_finetune_without_an_early_stop_reads_the_loss_once(monkeypatch):
+    """No early stop, nothing to decide per step: the loop reads the loss after its last step only (a read per step
+    is a host sync on a GPU), and reports the last loss computed, as the checked loop does."""
+    reads = []
+    original = torch.Tensor.__float__
+
+    def counting(self):
+        reads.append(1)
+        return original(self)
+
+    def run(early_stop):
+        w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+        reads.clear()
+        result = finetune({"w": w}, lambda: (w ** 2).sum(), lr=0.1, max_steps=6, early_stop_loss=early_stop,
+                          optimizer="adam")
+        return w.detach().clone(), result, len(reads)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", counting)
+    w_free, r_free, reads_free = run(None)
+    w_checked, r_checked, reads_checked = run(-1.0)  # a threshold no loss reaches: the same steps, checked
+    assert reads_free == 1 and reads_checked == 6
+    assert torch.equal(w_free, w_checked) and r_free == r_checked and r_free.steps == 6
+
+
 def test_ft_audio_over_the_columns_from_the_first_audio_trains_what_the_whole_width_trains(monkeypatch):
     """FT-Audio's steps compute only the columns from the first audio on (``adapter.tail_state``; the connector
     cannot change the earlier ones): the K edits' connector copies, one edit's connector and their stats equal
