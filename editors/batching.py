@@ -250,9 +250,9 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
                              weight_decay: float) -> list[EditResult]:
     """:func:`finetune_many` with its early stops decided on the device: each edit's active flag, update count and
     last loss are device tensors, a stopped edit's loss is weighted 0 and its update skipped (as on the host path),
-    and whether every edit has stopped is copied back without waiting; the loop ends at the first step that finds
-    that copy arrived and says so (the steps run after the last edit stopped change nothing). The results are the
-    host path's, bit for bit."""
+    and whether any edit is still active is copied back without waiting; the loop ends at the first look (before
+    and after each step's forward) that finds a copy arrived saying none is (the steps run after the last edit
+    stopped change nothing). The results are the host path's, bit for bit."""
     k = copies.k
     masters = list(copies.masters.values())
     device = masters[0].device
@@ -261,12 +261,19 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     steps = torch.zeros(k, dtype=torch.long, device=device)
     last = torch.full((k,), float("nan"), device=device)
     pending: list[tuple[torch.Tensor, Any]] = []  # (any edit active: a host copy, the event that says it arrived)
+
+    def all_stopped() -> bool:  # what the copies that have arrived say (never waits)
+        while pending and _arrived(pending[0][1]):
+            if not bool(pending.pop(0)[0]):
+                return True
+        return False
+
     for updates in range(1, max_steps + 1):
-        if pending and _arrived(pending[0][1]):
-            flag, _ = pending.pop(0)
-            if not bool(flag):
-                break
+        if all_stopped():
+            break
         losses = _checked(losses_fn(copies.current()), k)
+        if all_stopped():  # arrived while this step's forward was queued: its backward and update are not needed
+            break
         values = losses.detach().float()
         last = torch.where(active, values, last)
         active = active & ~(values < early_stop_loss)
