@@ -240,8 +240,9 @@ def finetune(params: Mapping[str, torch.Tensor], loss_fn: Callable[[], torch.Ten
     unless the loss is already below ``early_stop_loss`` (as EasyEdit's FT loop).
 
     Before each update the loss is compared with ``early_stop_loss`` (paper App. D: stop when below 1e-2); this is
-    the one host sync per step. Without an early stop the loss is read once, after the last step. Parameters stored in 16-bit get an fp32 master copy that the
-    optimizer updates and that is cast back after each step (a 1e-5 update would vanish in bf16 otherwise).
+    the one host sync per step. Without an early stop the loss is read once, after the last step. Parameters stored
+    in 16-bit get an fp32 master copy that the optimizer updates and that is cast back after each step (a 1e-5
+    update would vanish in bf16 otherwise).
     Gradients of all other parameters are never allocated (only ``params`` require grad during the loop).
     """
     if not params:
