@@ -2,10 +2,10 @@
 
 The CPU tests cannot reach these paths: torch's fused Adam kernel as both training loops take it on CUDA
 (``editors.batching.fused_adam``), the batched loop's early stops decided on the device
-(``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix attended in
-two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask, memory-efficient
-attention with an additive bias). ``bench/gpu_run.sh`` runs this after its probe; a failed check is reported, not
-fatal, so the bench still runs on the library's defaults.
+(``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix
+attended in two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask,
+memory-efficient attention with an additive bias). ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
 """
@@ -142,7 +142,8 @@ def check_split_prefix_engine() -> str:
     return f"graph engine with SPLIT_PREFIX=1: {same} of {len(prompts)} rows equal the eager engine's (fp32)"
 
 
-CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam, "early_stop_on_device": check_early_stop_on_device,
+CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
+                                        "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine}
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from editors.models import buckets
-from editors.models.batch import LayerState, to_device
+from editors.models.batch import LayerState, StopFlags, to_device
 from editors.models.buckets import padded_rows
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
@@ -260,19 +260,12 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     active = torch.ones(k, dtype=torch.bool, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
     last = torch.full((k,), float("nan"), device=device)
-    pending: list[tuple[torch.Tensor, Any]] = []  # (any edit active: a host copy, the event that says it arrived)
-
-    def all_stopped() -> bool:  # what the copies that have arrived say (never waits)
-        while pending and _arrived(pending[0][1]):
-            if not bool(pending.pop(0)[0]):
-                return True
-        return False
-
+    stopped = StopFlags()  # "every edit has stopped", read back without waiting
     for updates in range(1, max_steps + 1):
-        if all_stopped():
+        if stopped.seen():
             break
         losses = _checked(losses_fn(copies.current()), k)
-        if all_stopped():  # arrived while this step's forward was queued: its backward and update are not needed
+        if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
             break
         values = losses.detach().float()
         last = torch.where(active, values, last)
@@ -282,26 +275,11 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
             masked_update(masters, list(grads), states, active, updates, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay)
         steps += active
-        pending.append(_copied_back(active.any()))
+        stopped.push(~active.any())
     for m in masters:
         m.requires_grad_(False)
     ran, losses_out, active_out = steps.tolist(), last.tolist(), active.tolist()  # one host sync, after the loop
     return [EditResult(steps=s, loss=v, stopped_early=not a) for s, v, a in zip(ran, losses_out, active_out)]
-
-
-def _copied_back(flag: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """``flag`` copied to the host without waiting (pinned memory on CUDA), with an event that says when it is there."""
-    if flag.device.type != "cuda":
-        return flag.clone(), None
-    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
-def _arrived(event: Any) -> bool:
-    return event is None or bool(event.query())
 
 
 # ----------------------------------------------------------------------------------------------------------------

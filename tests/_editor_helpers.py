@@ -87,6 +87,20 @@ def synthetic_audio(seed: int, seconds: float = 1.0) -> np.ndarray:
     return (0.3 * tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
+def count_host_reads(monkeypatch: Any, method: str = "tolist") -> list[tuple[int, ...]]:
+    """Record the shape of every tensor read to the host through ``torch.Tensor.<method>`` (a host sync on a GPU);
+    the returned list fills as the test runs (clear it between runs)."""
+    reads: list[tuple[int, ...]] = []
+    original = getattr(torch.Tensor, method)
+
+    def counting(self: torch.Tensor) -> Any:
+        reads.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, method, counting)
+    return reads
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

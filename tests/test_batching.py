@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _editor_helpers import changed_tensors, run_config, state_copy, synthetic_audio
+from _editor_helpers import changed_tensors, count_host_reads, run_config, state_copy, synthetic_audio
 from editors.base import EditRequest, finetune
 from editors.registry import get_editor_class
 from editors.batching import StackedCopies, finetune_many
+from editors.models.batch import StopFlags
 from editors.registry import load_hparams
 from editors.models import load_adapter
 from editors.models.base import Prompt
@@ -299,14 +300,7 @@ def test_without_an_early_stop_the_batched_loop_reads_the_losses_once(monkeypatc
     those of the same loop reading every step."""
     start = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
     targets = torch.tensor([[0.6, -1.0], [3.0, 2.0], [-5.0, 0.1]])
-    reads = []
-    original = torch.Tensor.tolist
-
-    def counting(self):
-        reads.append(tuple(self.shape))
-        return original(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    reads = count_host_reads(monkeypatch)
 
     def run(early_stop):
         copies = StackedCopies({"w": start}, 3)
@@ -336,14 +330,7 @@ def test_early_stops_decided_on_the_device_give_the_host_loops_results(monkeypat
     # distances 0.6, 2 and 1e4: the first two stop at different steps, the third never within max_steps
     targets = torch.tensor([[0.6, 0.0, 0.0], [2.0, -1.0, 0.5], [1e4, 3.0, -2.0]])
     monkeypatch.setattr(batching, "fused_adam", lambda opt, tensor: fused and opt == "adam")
-    reads = []
-    original = torch.Tensor.tolist
-
-    def counting(self):
-        reads.append(tuple(self.shape))
-        return original(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    reads = count_host_reads(monkeypatch)
 
     def run(on_device: bool, max_steps: int, chosen=(0, 1, 2)):
         monkeypatch.setattr(batching, "early_stop_on_device", lambda device: on_device)
@@ -375,10 +362,10 @@ def test_early_stops_decided_on_the_device_give_the_host_loops_results(monkeypat
     assert torch.equal(w_host, w_dev) and r_host == r_dev
     looks = []
     # a copy that is there at every other look: the last one is seen after a forward, whose step then stops
-    monkeypatch.setattr(batching, "_arrived", lambda event: looks.append(1) or len(looks) % 2 == 0)
+    monkeypatch.setattr(StopFlags, "arrived", staticmethod(lambda event: looks.append(1) or len(looks) % 2 == 0))
     w_mid, r_mid, calls_mid, _ = run(True, 400, (0, 1))
     assert calls_mid == calls_host + 1 and torch.equal(w_host, w_mid) and r_host == r_mid
-    monkeypatch.setattr(batching, "_arrived", lambda event: False)  # a copy that never arrives
+    monkeypatch.setattr(StopFlags, "arrived", staticmethod(lambda event: False))  # a copy that never arrives
     w_late, r_late, calls_late, _ = run(True, 400, (0, 1))
     assert calls_late == 400 and torch.equal(w_host, w_late) and r_host == r_late
 

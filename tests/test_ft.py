@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _editor_helpers import changed_tensors, state_copy, synthetic_audio
+from _editor_helpers import changed_tensors, count_host_reads, state_copy, synthetic_audio
 from editors.base import EditRequest, finetune
 from editors.registry import get_editor_class
 from editors.registry import load_hparams
@@ -96,12 +96,7 @@ def test_finetune_stops_early_and_rejects_unknown_optimizer():
 def test_finetune_without_an_early_stop_reads_the_loss_once(monkeypatch):
     """No early stop, nothing to decide per step: the loop reads the loss after its last step only (a read per step
     is a host sync on a GPU), and reports the last loss computed, as the checked loop does."""
-    reads = []
-    original = torch.Tensor.__float__
-
-    def counting(self):
-        reads.append(1)
-        return original(self)
+    reads = count_host_reads(monkeypatch, "__float__")
 
     def run(early_stop):
         w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
@@ -110,7 +105,6 @@ def test_finetune_without_an_early_stop_reads_the_loss_once(monkeypatch):
                           optimizer="adam")
         return w.detach().clone(), result, len(reads)
 
-    monkeypatch.setattr(torch.Tensor, "__float__", counting)
     w_free, r_free, reads_free = run(None)
     w_checked, r_checked, reads_checked = run(-1.0)  # a threshold no loss reaches: the same steps, checked
     assert reads_free == 1 and reads_checked == 6

@@ -1,5 +1,6 @@
 """Tensors handed between the adapter and the editing methods: a tokenized :class:`PromptBatch`, the
-:class:`LayerState` entering an LLM layer, and :func:`batch_spans` (chunking sequences under row/token limits)."""
+:class:`LayerState` entering an LLM layer, and :func:`batch_spans` (chunking sequences under row/token limits);
+copies between host and device that do not wait (:func:`to_device`, :class:`StopFlags`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,35 @@ def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
     else:
         tensor = tensor.to(device)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+class StopFlags:
+    """A device loop's "stop now?" booleans read back without waiting: :meth:`push` copies a one-element flag to
+    the host (pinned memory and an event on CUDA; elsewhere at once), :meth:`seen` says whether a copy that has
+    already arrived says stop. The loop stops a step or so after it could have, and never waits for the device."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[torch.Tensor, Any]] = []  # (host copy, the event that says it arrived)
+
+    def push(self, flag: torch.Tensor) -> None:
+        if flag.device.type != "cuda":
+            self._pending.append((flag.reshape(1).clone(), None))
+            return
+        host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+        host.copy_(flag.reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((host, event))
+
+    def seen(self) -> bool:
+        while self._pending and self.arrived(self._pending[0][1]):
+            if bool(self._pending.pop(0)[0][0]):
+                return True
+        return False
+
+    @staticmethod
+    def arrived(event: Any) -> bool:
+        return event is None or bool(event.query())
 
 
 @dataclass

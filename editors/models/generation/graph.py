@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import to_device
+from editors.models.batch import StopFlags, to_device
 from editors.models.buckets import MIN_ROWS, left_pad
 from editors.models.generation.memory import (GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token,
                                               prefill_tokens)
@@ -732,7 +732,7 @@ class _State:
         """The remaining ``steps - 1`` decode steps (fewer once every row has finished); returns the steps run."""
         todo = self.steps - 1
         cuda = self.lm.device.type == "cuda"
-        done, pending = 0, []
+        done, finished = 0, StopFlags()
         while done < todo:
             if not cuda:
                 if bool(self.finished.all()):
@@ -744,14 +744,9 @@ class _State:
                 self.graph.replay()
             done += 1
             if cuda and done % CHECK_EVERY == 0 and done < todo:
-                flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
-                flag.copy_(self.finished.all().view(1), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                pending.append((event, flag))
-                if pending[0][0].query():  # never waits: a look at a check already done
-                    if bool(pending.pop(0)[1][0]):
-                        break
+                finished.push(self.finished.all())
+                if finished.seen():  # never waits: a look at checks already done
+                    break
         STATS["decode_steps"] += done
         return done
 
