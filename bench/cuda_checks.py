@@ -4,7 +4,8 @@ The CPU tests cannot reach these paths: torch's fused Adam kernel as both traini
 (``editors.batching.fused_adam``), the batched loop's early stops decided on the device
 (``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix
 attended in two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask,
-memory-efficient attention with an additive bias). ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+memory-efficient attention with an additive bias), and the batched training steps of FT-Audio and FT-LLM without a
+host sync. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
 reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
@@ -142,10 +143,58 @@ def check_split_prefix_engine() -> str:
     return f"graph engine with SPLIT_PREFIX=1: {same} of {len(prompts)} rows equal the eager engine's (fp32)"
 
 
+def training_syncs(method: str, steps: int, device: str = "cuda") -> int:
+    """Host-device synchronizations of one ``apply_many`` of three edits with ``steps`` training steps (tiny
+    Qwen2-Audio on CUDA, no early stop), counted with ``torch.cuda.set_sync_debug_mode``."""
+    import warnings
+
+    import numpy as np
+
+    from editors.base import EditRequest, RunContext
+    from editors.models.qwen2_audio import Qwen2AudioAdapter
+    from editors.registry import get_editor_class, load_hparams
+
+    adapter = Qwen2AudioAdapter.tiny(0, device=device)
+    rng = np.random.default_rng(0)
+    edits = [EditRequest(instance_id=f"emotion/test/{k:06d}", attribute="emotion", original_label="happy",
+                         target_label=target, question="What is the emotion of the speaker?",
+                         options=["happy", "sad", "angry"], target=target,
+                         audio=(rng.standard_normal(16000 * (k + 1)) * 0.1).astype("float32"))
+             for k, target in enumerate(("sad", "angry", "happy"))]
+    hparams = load_hparams(method, adapter.family, tiny=True, overrides={"max_steps": steps, "early_stop_loss": 0.0})
+    editor = get_editor_class(method)(adapter, hparams, RunContext(seed=0))
+    editor.apply_many(edits)  # shapes seen once: lazily built state is not counted
+    editor.reset()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            editor.apply_many(edits)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    editor.reset()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def check_training_step_syncs() -> str:
+    """FT-Audio's and FT-LLM's batched training steps wait for the device nowhere: a pass of 8 steps syncs the
+    host as often as a pass of 2 (the batches' setup and the results' read-back are once per pass)."""
+    found = []
+    for method in ("ft_audio", "ft_llm"):
+        short, long = training_syncs(method, 2), training_syncs(method, 8)
+        if long != short:
+            raise AssertionError(f"{method}: {short} syncs with 2 steps, {long} with 8")
+        found.append(f"{method} {short}")
+    return "syncs per apply_many, the same at 2 and 8 steps: " + ", ".join(found)
+
+
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
-                                        "split_prefix_engine": check_split_prefix_engine}
+                                        "split_prefix_engine": check_split_prefix_engine,
+                                        "training_step_syncs": check_training_step_syncs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

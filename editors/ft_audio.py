@@ -23,7 +23,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
 from editors.models.buckets import training_groups
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, to_device
 from sake_core.errors import DataError
 
 
@@ -67,7 +67,8 @@ class FTAudio(Editor):
                   for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits])]
         names = set(self.touched_parameters())
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
-        order = torch.tensor([k for rows, _, _ in groups for k in rows]).argsort()
+        # edit order on the device once: a copy from pageable memory inside the loss would wait for the queue
+        order = to_device(torch.tensor([k for rows, _, _ in groups for k in rows]).argsort(), self.adapter.device)
 
         def losses(weights):  # edit k's prompt through connector copy k, then all LLM layers; one loss per edit
             views = per_edit_views(weights)
@@ -77,7 +78,7 @@ class FTAudio(Editor):
                                                [len(prompts[k].audios()) for k in rows], views, rows)
                 hidden = self.adapter.input_embeds(batch, embeds)[:, frame.first_column:]
                 out.append(self.adapter.loss_from(frame, hidden=hidden, reduction="none"))
-            return torch.cat(out)[order.to(out[0].device)]
+            return torch.cat(out)[order]
 
         results = finetune_many(copies, losses, **finetune_settings(self.hparams))
         self._copies = copies

@@ -24,7 +24,7 @@ from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetun
 from editors.registry import register
 from editors.batching import RowRouting, StackedCopies, finetune_many, routed_copies, runs_of
 from editors.models.buckets import training_groups
-from editors.models.base import PerEdit, Prompt
+from editors.models.base import PerEdit, Prompt, to_device
 from sake_core.errors import ConfigError
 
 
@@ -81,7 +81,8 @@ class FTLLM(Editor):
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in set(names)},
                                len(edits))
         routing = RowRouting(self.adapter.model, names)
-        order = torch.tensor([k for rows, _ in groups for k in rows]).argsort()
+        # edit order on the device once: a copy from pageable memory inside the loss would wait for the queue
+        order = to_device(torch.tensor([k for rows, _ in groups for k in rows]).argsort(), self.adapter.device)
 
         def losses(weights):
             routing.set_weights(weights)
@@ -89,7 +90,7 @@ class FTLLM(Editor):
             for rows, state in groups:
                 routing.runs = runs_of(rows)  # row i of the group = edit rows[i]
                 out.append(self.adapter.loss_from(state, reduction="none"))
-            return torch.cat(out)[order.to(out[0].device)]
+            return torch.cat(out)[order]
 
         with routing.installed():
             results = finetune_many(copies, losses, **finetune_settings(self.hparams))
