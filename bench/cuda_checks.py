@@ -180,14 +180,15 @@ def training_syncs(method: str, steps: int, device: str = "cuda") -> int:
 
 def check_training_step_syncs() -> str:
     """FT-Audio's and FT-LLM's batched training steps wait for the device nowhere: a pass of 8 steps syncs the
-    host as often as a pass of 2 (the batches' setup and the results' read-back are once per pass)."""
+    host no more often than a pass of 2 (the batches' setup and the results' read-back are once per pass; the
+    count varies by one between runs, a sync per step would add six)."""
     found = []
     for method in ("ft_audio", "ft_llm"):
         short, long = training_syncs(method, 2), training_syncs(method, 8)
-        if long != short:
+        if long > short:
             raise AssertionError(f"{method}: {short} syncs with 2 steps, {long} with 8")
-        found.append(f"{method} {short}")
-    return "syncs per apply_many, the same at 2 and 8 steps: " + ", ".join(found)
+        found.append(f"{method} {short} and {long}")
+    return "syncs per apply_many at 2 and 8 steps: " + ", ".join(found)
 
 
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
