@@ -5,7 +5,7 @@ The CPU tests cannot reach these paths: torch's fused Adam kernel as both traini
 (``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix
 attended in two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask,
 memory-efficient attention with an additive bias), and the batched training steps of FT-Audio and FT-LLM without a
-host sync. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+host sync and replayed as a CUDA graph. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
 reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
@@ -191,11 +191,63 @@ def check_training_step_syncs() -> str:
     return "syncs per apply_many at 2 and 8 steps: " + ", ".join(found)
 
 
+def check_captured_training() -> str:
+    """FT-Audio's and FT-LLM's batched training with the step replayed as a CUDA graph
+    (``editors.batching.CAPTURE_STEPS``) gives the eager loop's copies and results bit for bit, and the capture
+    happens (tiny Qwen2-Audio, three edits, 8 steps, no early stop reached)."""
+    import numpy as np
+
+    import editors.batching as batching
+    from editors.base import EditRequest, RunContext
+    from editors.models.qwen2_audio import Qwen2AudioAdapter
+    from editors.registry import get_editor_class, load_hparams
+
+    adapter = Qwen2AudioAdapter.tiny(0, device="cuda")
+    rng = np.random.default_rng(1)
+    edits = [EditRequest(instance_id=f"emotion/test/{k:06d}", attribute="emotion", original_label="happy",
+                         target_label=target, question="What is the emotion of the speaker?",
+                         options=["happy", "sad", "angry"], target=target,
+                         audio=(rng.standard_normal(12000 * (k + 1)) * 0.1).astype("float32"))
+             for k, target in enumerate(("sad", "angry", "happy"))]
+    captures: list[bool] = []
+    real = batching._captured
+
+    def counted(step: Any, device: Any) -> Any:
+        graph = real(step, device)
+        captures.append(graph is not None)
+        return graph
+
+    found = []
+    for method in ("ft_audio", "ft_llm"):
+        runs = []
+        for on in (False, True):
+            hparams = load_hparams(method, adapter.family, tiny=True, overrides={"max_steps": 8,
+                                                                                 "early_stop_loss": 1e-9})
+            editor = get_editor_class(method)(adapter, hparams, RunContext(seed=0))
+            saved = batching.CAPTURE_STEPS, batching._captured
+            batching.CAPTURE_STEPS, batching._captured = on, counted  # type: ignore[assignment]
+            try:
+                results = editor.apply_many(edits)
+            finally:
+                batching.CAPTURE_STEPS, batching._captured = saved  # type: ignore[assignment]
+            copies = {n: t.detach().clone() for n, t in editor._copies.current().items()}  # type: ignore[attr-defined]
+            editor.reset()
+            runs.append((results, copies))
+        (r_eager, c_eager), (r_graph, c_graph) = runs
+        if captures[-1:] != [True]:
+            raise AssertionError(f"{method}: the step was not captured ({captures})")
+        if r_eager != r_graph or any(not torch.equal(c_eager[n], c_graph[n]) for n in c_eager):
+            raise AssertionError(f"{method}: eager {r_eager}, captured {r_graph}")
+        found.append(f"{method} steps {[r['steps'] for r in r_graph]}")
+    return "captured training steps equal the eager loop's, bit for bit: " + ", ".join(found)
+
+
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,
-                                        "training_step_syncs": check_training_step_syncs}
+                                        "training_step_syncs": check_training_step_syncs,
+                                        "captured_training": check_captured_training}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

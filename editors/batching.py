@@ -94,14 +94,15 @@ class EditResult:
 
 
 def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None], states: list[dict[str, Any]],
-                   mask: torch.Tensor, step: int, *, optimizer: str, lr: float, weight_decay: float,
+                   mask: torch.Tensor, step: int | torch.Tensor, *, optimizer: str, lr: float, weight_decay: float,
                    all_active: bool = False) -> None:
     """One optimizer step applied only to the edits where ``mask`` is True (their state updated, others frozen).
 
     The formulas are torch.optim's defaults (Adam betas 0.9/0.999, eps 1e-8; RMSprop alpha 0.99, eps 1e-8; plain
     SGD), elementwise over the stacked copies, in place. The frozen edits' values are saved and put back, except
     where Adam runs as the fused kernel (:func:`fused_adam`), which skips them itself. ``all_active`` (the caller
-    knows every entry of ``mask`` is True) skips both."""
+    knows every entry of ``mask`` is True) skips both. ``step`` (the update's number, from 1) may be a device tensor
+    where Adam runs fused (a captured step reads it there); the formulas take a number."""
     frozen = None
     for p, g, st in zip(masters, grads, states):
         if g is None:
@@ -140,7 +141,7 @@ def fused_adam(optimizer: str, tensor: torch.Tensor) -> bool:
     return optimizer == "adam" and tensor.device.type == "cuda"
 
 
-def _fused_adam_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, lr: float,
+def _fused_adam_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int | torch.Tensor, *, lr: float,
                      weight_decay: float, frozen: torch.Tensor | None = None) -> None:
     """One fused Adam step (torch.optim's defaults) on every entry of ``p`` and its state, in place; with ``frozen``
     (``[K]`` floats on the device, 1 = frozen) one kernel per edit that skips a frozen edit's entries (the kernel's
@@ -148,7 +149,10 @@ def _fused_adam_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step:
     count = st.get("step")
     if count is None:
         count = st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    count.fill_(step)
+    if isinstance(step, torch.Tensor):
+        count.copy_(step)
+    else:
+        count.fill_(step)
 
     def step_of(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                 skip: torch.Tensor | None) -> None:
@@ -162,12 +166,14 @@ def _fused_adam_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step:
         step_of(p[k], g[k], st["exp_avg"][k], st["exp_avg_sq"][k], frozen[k])
 
 
-def _step_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int, *, optimizer: str,
-                   lr: float) -> None:
-    """One step of ``optimizer`` on every entry of ``p`` and its state, in place."""
+def _step_in_place(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any], step: int | torch.Tensor, *,
+                   optimizer: str, lr: float) -> None:
+    """One step of ``optimizer`` on every entry of ``p`` and its state, in place (Adam's ``step`` a number)."""
     if optimizer == "sgd":
         p.sub_(lr * g)
     elif optimizer == "adam":
+        if isinstance(step, torch.Tensor):
+            raise ValueError("Adam's formulas take the step number as a number, not a tensor")
         b1, b2, eps = 0.9, 0.999, 1e-8
         exp_avg = st["exp_avg"].lerp_(g, 1 - b1)
         exp_avg_sq = st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -252,7 +258,11 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     last loss are device tensors, a stopped edit's loss is weighted 0 and its update skipped (as on the host path),
     and whether any edit is still active is copied back without waiting; the loop ends at the first look (before
     and after each step's forward) that finds a copy arrived saying none is (the steps run after the last edit
-    stopped change nothing). The results are the host path's, bit for bit."""
+    stopped change nothing). The results are the host path's, bit for bit.
+
+    With :data:`CAPTURE_STEPS` on CUDA, the step after :data:`WARMUP_STEPS` eager ones is captured as a CUDA graph
+    and the later steps replay it (one launch instead of thousands; the shapes do not change within a pass); the
+    stop flag is then looked at between steps only. A step that cannot be captured runs eagerly (one warning)."""
     k = copies.k
     masters = list(copies.masters.values())
     device = masters[0].device
@@ -260,26 +270,89 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     active = torch.ones(k, dtype=torch.bool, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
     last = torch.full((k,), float("nan"), device=device)
+    # the update's number: on the device where Adam runs fused (a captured step counts there), else on the host
+    on_device = all(optimizer != "adam" or fused_adam(optimizer, m) for m in masters)
+    number = torch.zeros((), dtype=torch.float32, device=device)
+    counted = [0]
     stopped = StopFlags()  # "every edit has stopped", read back without waiting
-    for updates in range(1, max_steps + 1):
+
+    def forward() -> torch.Tensor:
+        return _checked(losses_fn(copies.current()), k)
+
+    def update(losses: torch.Tensor) -> None:  # in place on the tensors above: a captured step replays it
+        values = losses.detach().float()
+        last.copy_(torch.where(active, values, last))
+        active.logical_and_(~(values < early_stop_loss))
+        grads = torch.autograd.grad((losses * active).sum(), masters, allow_unused=True)
+        number.add_(1)
+        counted[0] += 1
+        with torch.no_grad():
+            masked_update(masters, list(grads), states, active, number if on_device else counted[0],
+                          optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+        steps.add_(active)
+
+    capture = CAPTURE_STEPS and can_capture(device) and on_device and max_steps > WARMUP_STEPS + 1
+    graph: Any = None
+    for n in range(1, max_steps + 1):
         if stopped.seen():
             break
-        losses = _checked(losses_fn(copies.current()), k)
-        if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
-            break
-        values = losses.detach().float()
-        last = torch.where(active, values, last)
-        active = active & ~(values < early_stop_loss)
-        grads = torch.autograd.grad((losses * active).sum(), masters, allow_unused=True)
-        with torch.no_grad():
-            masked_update(masters, list(grads), states, active, updates, optimizer=optimizer, lr=lr,
-                          weight_decay=weight_decay)
-        steps += active
+        if capture and n == WARMUP_STEPS + 1:
+            graph = _captured(lambda: update(forward()), device)
+            capture = graph is not None
+        if graph is not None:
+            graph.replay()
+        else:
+            with _side_stream(device) if capture else contextlib.nullcontext():  # warm-up steps, off the capture's stream
+                losses = forward()
+                if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
+                    break
+                update(losses)
         stopped.push(~active.any())
     for m in masters:
         m.requires_grad_(False)
     ran, losses_out, active_out = steps.tolist(), last.tolist(), active.tolist()  # one host sync, after the loop
     return [EditResult(steps=s, loss=v, stopped_early=not a) for s, v, a in zip(ran, losses_out, active_out)]
+
+
+#: Whether the device loop of :func:`finetune_many` replays its training step as a CUDA graph. Off until timed on a
+#: GPU (``bench/NOTES.md``: the A/B call is listed there); the results are the eager loop's bit for bit
+#: (``bench/cuda_checks.py``: ``captured_training``).
+CAPTURE_STEPS = False
+#: Eager steps before the capture: lazily made state (optimizer moments, library handles) exists by then.
+WARMUP_STEPS = 2
+
+
+def can_capture(device: torch.device) -> bool:
+    """Whether training steps on ``device`` can be captured as a CUDA graph (CUDA only)."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run the block on a side stream that waits for the current one and is waited for after (PyTorch's advice for
+    the steps before a capture)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
+
+
+def _captured(step: Callable[[], None], device: torch.device) -> Any:
+    """``step`` captured as a CUDA graph (not run), or None where it cannot be (logged once): then the loop goes on
+    eagerly, nothing changed (a capture runs no kernel)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as exc:
+        logger.warning("finetune_many: the training step could not be captured as a CUDA graph (%s); running it "
+                       "eagerly", str(exc).splitlines()[0][:200])
+        return None
+    return graph
 
 
 # ----------------------------------------------------------------------------------------------------------------
