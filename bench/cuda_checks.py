@@ -143,24 +143,31 @@ def check_split_prefix_engine() -> str:
     return f"graph engine with SPLIT_PREFIX=1: {same} of {len(prompts)} rows equal the eager engine's (fp32)"
 
 
+def three_edits(seed: int, samples: int) -> list[Any]:
+    """Three emotion edits of the tiny models, edit k's clip ``samples * (k + 1)`` samples of noise."""
+    import numpy as np
+
+    from editors.base import EditRequest
+
+    rng = np.random.default_rng(seed)
+    return [EditRequest(instance_id=f"emotion/test/{k:06d}", attribute="emotion", original_label="happy",
+                        target_label=target, question="What is the emotion of the speaker?",
+                        options=["happy", "sad", "angry"], target=target,
+                        audio=(rng.standard_normal(samples * (k + 1)) * 0.1).astype("float32"))
+            for k, target in enumerate(("sad", "angry", "happy"))]
+
+
 def training_syncs(method: str, steps: int, device: str = "cuda") -> int:
     """Host-device synchronizations of one ``apply_many`` of three edits with ``steps`` training steps (tiny
     Qwen2-Audio on CUDA, no early stop), counted with ``torch.cuda.set_sync_debug_mode``."""
     import warnings
 
-    import numpy as np
-
-    from editors.base import EditRequest, RunContext
+    from editors.base import RunContext
     from editors.models.qwen2_audio import Qwen2AudioAdapter
     from editors.registry import get_editor_class, load_hparams
 
     adapter = Qwen2AudioAdapter.tiny(0, device=device)
-    rng = np.random.default_rng(0)
-    edits = [EditRequest(instance_id=f"emotion/test/{k:06d}", attribute="emotion", original_label="happy",
-                         target_label=target, question="What is the emotion of the speaker?",
-                         options=["happy", "sad", "angry"], target=target,
-                         audio=(rng.standard_normal(16000 * (k + 1)) * 0.1).astype("float32"))
-             for k, target in enumerate(("sad", "angry", "happy"))]
+    edits = three_edits(seed=0, samples=16000)
     hparams = load_hparams(method, adapter.family, tiny=True, overrides={"max_steps": steps, "early_stop_loss": 0.0})
     editor = get_editor_class(method)(adapter, hparams, RunContext(seed=0))
     editor.apply_many(edits)  # shapes seen once: lazily built state is not counted
@@ -195,20 +202,13 @@ def check_captured_training() -> str:
     """FT-Audio's and FT-LLM's batched training with the step replayed as a CUDA graph
     (``editors.batching.CAPTURE_STEPS``) gives the eager loop's copies and results bit for bit, and the capture
     happens (tiny Qwen2-Audio, three edits, 8 steps, no early stop reached)."""
-    import numpy as np
-
     import editors.batching as batching
-    from editors.base import EditRequest, RunContext
+    from editors.base import RunContext
     from editors.models.qwen2_audio import Qwen2AudioAdapter
     from editors.registry import get_editor_class, load_hparams
 
     adapter = Qwen2AudioAdapter.tiny(0, device="cuda")
-    rng = np.random.default_rng(1)
-    edits = [EditRequest(instance_id=f"emotion/test/{k:06d}", attribute="emotion", original_label="happy",
-                         target_label=target, question="What is the emotion of the speaker?",
-                         options=["happy", "sad", "angry"], target=target,
-                         audio=(rng.standard_normal(12000 * (k + 1)) * 0.1).astype("float32"))
-             for k, target in enumerate(("sad", "angry", "happy"))]
+    edits = three_edits(seed=1, samples=12000)
     captures: list[bool] = []
     real = batching._captured
 
