@@ -16,9 +16,12 @@ IGNORE_INDEX = -100
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host ``tensor`` on ``device`` (then cast to ``dtype``). To a CUDA device the copy goes through pinned memory
     and does not block: a copy from pageable memory makes the host wait until the device has run everything queued
-    before it, and the device then idles while the host prepares the next work. Elsewhere: ``Tensor.to``."""
+    before it, and the device then idles while the host prepares the next work. Refused while a CUDA graph is
+    being captured (the capture then fails and its caller runs eagerly). Elsewhere: ``Tensor.to``."""
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
+        if torch.cuda.is_current_stream_capturing():  # a replay would read the pinned buffer as it is then
+            raise RuntimeError("to_device during a CUDA graph capture: copy host data to the device before it")
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     else:
         tensor = tensor.to(device)
