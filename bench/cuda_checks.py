@@ -199,8 +199,8 @@ def check_training_step_syncs() -> str:
 
 
 def check_captured_training() -> str:
-    """FT-Audio's and FT-LLM's batched training with the step replayed as a CUDA graph
-    (``editors.batching.CAPTURE_STEPS``) gives the eager loop's copies and results bit for bit, and the capture
+    """FT-Audio's and FT-LLM's batched training and UnKE's stage 1 with the step replayed as a CUDA graph
+    (``editors.batching.CAPTURE_STEPS``) give the eager loop's copies, keys and results bit for bit, and the capture
     happens (tiny Qwen2-Audio, three edits, 8 steps, no early stop reached)."""
     import editors.batching as batching
     from editors.base import RunContext
@@ -239,6 +239,20 @@ def check_captured_training() -> str:
         if r_eager != r_graph or any(not torch.equal(c_eager[n], c_graph[n]) for n in c_eager):
             raise AssertionError(f"{method}: eager {r_eager}, captured {r_graph}")
         found.append(f"{method} steps {[r['steps'] for r in r_graph]}")
+    from editors.unke import UnKE
+
+    keys = []
+    for on in (False, True):
+        saved = batching.CAPTURE_STEPS, batching._captured
+        batching.CAPTURE_STEPS, batching._captured = on, counted  # type: ignore[assignment]
+        try:
+            keys.append(UnKE(adapter, load_hparams("unke", adapter.family, tiny=True, overrides={"v_steps": 8}),
+                             RunContext(seed=0)).compute_keys(edits))
+        finally:
+            batching.CAPTURE_STEPS, batching._captured = saved  # type: ignore[assignment]
+    if captures[-1:] != [True] or not torch.equal(keys[0][0], keys[1][0]) or keys[0][1] != keys[1][1]:
+        raise AssertionError(f"unke stage 1: captured {captures[-1:]}, stats {keys[0][1]} vs {keys[1][1]}")
+    found.append("unke stage 1")
     return "captured training steps equal the eager loop's, bit for bit: " + ", ".join(found)
 
 

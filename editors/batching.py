@@ -270,10 +270,7 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     active = torch.ones(k, dtype=torch.bool, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
     last = torch.full((k,), float("nan"), device=device)
-    # the update's number: on the device where Adam runs fused (a captured step counts there), else on the host
-    on_device = all(optimizer != "adam" or fused_adam(optimizer, m) for m in masters)
-    number = torch.zeros((), dtype=torch.float32, device=device)
-    counted = [0]
+    number = StepNumber(optimizer, masters)
     stopped = StopFlags()  # "every edit has stopped", read back without waiting
 
     def forward() -> torch.Tensor:
@@ -284,14 +281,12 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
         last.copy_(torch.where(active, values, last))
         active.logical_and_(~(values < early_stop_loss))
         grads = torch.autograd.grad((losses * active).sum(), masters, allow_unused=True)
-        number.add_(1)
-        counted[0] += 1
         with torch.no_grad():
-            masked_update(masters, list(grads), states, active, number if on_device else counted[0],
-                          optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+            masked_update(masters, list(grads), states, active, number.next(), optimizer=optimizer, lr=lr,
+                          weight_decay=weight_decay)
         steps.add_(active)
 
-    capture = CAPTURE_STEPS and can_capture(device) and on_device and max_steps > WARMUP_STEPS + 1
+    capture = capturing(device, max_steps) and number.on_device
     graph: Any = None
     for n in range(1, max_steps + 1):
         if stopped.seen():
@@ -314,12 +309,54 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     return [EditResult(steps=s, loss=v, stopped_early=not a) for s, v, a in zip(ran, losses_out, active_out)]
 
 
-#: Whether the device loop of :func:`finetune_many` replays its training step as a CUDA graph. Off until timed on a
-#: GPU (``bench/NOTES.md``: the A/B call is listed there); the results are the eager loop's bit for bit
-#: (``bench/cuda_checks.py``: ``captured_training``).
+#: Whether training loops of fixed shapes replay their step as a CUDA graph (:func:`finetune_many`'s device loop,
+#: :func:`run_steps`). Off until timed on a GPU (``bench/NOTES.md``: the A/B call is listed there); the results are
+#: the eager loops' bit for bit (``bench/cuda_checks.py``: ``captured_training``).
 CAPTURE_STEPS = False
 #: Eager steps before the capture: lazily made state (optimizer moments, library handles) exists by then.
 WARMUP_STEPS = 2
+
+
+class StepNumber:
+    """The number (from 1) of the update a training step makes, as the optimizer reads it: a device tensor where
+    every parameter's Adam runs fused or the optimizer has no step count (a replayed step counts there:
+    :attr:`on_device`), else a host number (Adam's formulas)."""
+
+    def __init__(self, optimizer: str, params: Sequence[torch.Tensor]) -> None:
+        self.on_device = all(optimizer != "adam" or fused_adam(optimizer, p) for p in params)
+        self._tensor = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        self._count = 0
+
+    def next(self) -> int | torch.Tensor:
+        """Count one update; its number."""
+        if self.on_device:
+            self._tensor.add_(1)
+            return self._tensor
+        self._count += 1
+        return self._count
+
+
+def capturing(device: torch.device, steps: int) -> bool:
+    """Whether a loop of ``steps`` steps on ``device`` captures one (:data:`CAPTURE_STEPS`, CUDA, at least two
+    replays after the warm-up)."""
+    return CAPTURE_STEPS and can_capture(device) and steps > WARMUP_STEPS + 1
+
+
+def run_steps(step: Callable[[], None], steps: int, device: torch.device, *, capturable: bool) -> None:
+    """``step()`` ``steps`` times. Where :func:`capturing` and ``capturable`` (the step changes tensors in place
+    only, reads its update's number from the device and copies nothing from the host), the first
+    :data:`WARMUP_STEPS` run eagerly on a side stream, the next is captured and every later one replays it."""
+    capture = capturable and capturing(device, steps)
+    graph: Any = None
+    for n in range(steps):
+        if capture and n == WARMUP_STEPS:
+            graph = _captured(step, device)
+            capture = graph is not None
+        if graph is not None:
+            graph.replay()
+            continue
+        with _side_stream(device) if capture else contextlib.nullcontext():
+            step()
 
 
 def can_capture(device: torch.device) -> bool:

@@ -42,8 +42,8 @@ from typing import Any, Iterator, Sequence, cast
 import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune
-from editors.batching import (LayerRows, RowRouting, StackedCopies, finetune_many, masked_update, packed_layer_rows,
-                              routed_copies, runs_of)
+from editors.batching import (LayerRows, RowRouting, StackedCopies, StepNumber, finetune_many, masked_update,
+                              packed_layer_rows, routed_copies, run_steps, runs_of)
 from editors.hparams import Hparams
 from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
 from editors.models.buckets import training_groups
@@ -303,23 +303,30 @@ class UnKE(Editor):
         steps = torch.zeros(k, dtype=torch.long, device=device)
         early_stop = hp.v_early_stop_loss is not None
         state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
-        for step in range(1, hp.v_steps + 1):
-            losses = nll(delta)
-            if early_stop:
-                active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
-                if not bool(active.any()):
-                    break
+        number = StepNumber("adam", [delta])
+
+        def update(losses: torch.Tensor) -> None:  # in place only: a replayed step (run_steps) is this
             total = losses + wd * delta.norm(dim=-1) / key0.norm(dim=-1).clamp(min=1e-6) ** 2
             # stopped edits weighted 0 rather than dropped by a boolean index (a host sync): the same gradient
             (grad,) = torch.autograd.grad((total * active).sum(), [delta])
             with torch.no_grad():
-                masked_update([delta], [grad], state_opt, active, step, optimizer="adam",
-                               lr=hp.v_lr, weight_decay=0.0, all_active=not early_stop)
+                masked_update([delta], [grad], state_opt, active, number.next(), optimizer="adam",
+                              lr=hp.v_lr, weight_decay=0.0, all_active=not early_stop)
                 norm = delta.norm(dim=-1)
                 scale = torch.where(active & (norm > max_norm), max_norm / norm.clamp(min=1e-30),
                                     torch.ones_like(norm))
                 delta.mul_(scale[:, None])
-            steps += active
+            steps.add_(active)
+
+        if early_stop:
+            for _ in range(hp.v_steps):
+                losses = nll(delta)
+                active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
+                if not bool(active.any()):
+                    break
+                update(losses)
+        else:  # every step the same kernels: replayed as a CUDA graph where the library captures steps
+            run_steps(lambda: update(nll(delta)), hp.v_steps, device, capturable=number.on_device)
         with torch.no_grad():
             final = nll(delta.detach())
         stats = [{"v_steps": s_, "v_loss": float(f), "delta_norm": float(n)}

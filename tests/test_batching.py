@@ -380,28 +380,15 @@ def test_a_replayed_training_step_gives_the_eager_loops_results(monkeypatch, opt
     is checked on the GPU: bench/cuda_checks.py captured_training): the copies and results equal the eager loop's bit
     for bit, with Adam's step number read from the device (fused kernel, forced) or SGD, edits stopping at different
     steps."""
-    import contextlib
-
     import editors.batching as batching
+    from _editor_helpers import stand_in_capture
 
     start = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
     targets = torch.tensor([[0.6, 0.0, 0.0], [2.0, -1.0, 0.5], [1e4, 3.0, -2.0]])
     monkeypatch.setattr(batching, "fused_adam", lambda opt, tensor: opt == "adam")
     monkeypatch.setattr(batching, "early_stop_on_device", lambda device: True)
-    monkeypatch.setattr(batching, "can_capture", lambda device: True)
-    monkeypatch.setattr(batching, "_side_stream", lambda device: contextlib.nullcontext())
-    captures: list[int] = []
-
-    class Replayed:
-        def __init__(self, step):
-            self.replay = step
-
-    def capture(step, device):
-        captures.append(len(calls))
-        return Replayed(step) if captured else None
-
-    monkeypatch.setattr(batching, "_captured", capture)
     calls: list[int] = []
+    captures = stand_in_capture(monkeypatch, works=captured, note=lambda: len(calls))
 
     def run(capture_steps: bool, chosen=(0, 1, 2)):
         monkeypatch.setattr(batching, "CAPTURE_STEPS", capture_steps)
@@ -420,7 +407,7 @@ def test_a_replayed_training_step_gives_the_eager_loops_results(monkeypatch, opt
         w_eager, r_eager, calls_eager = run(False, chosen)
         captures.clear()
         w_graph, r_graph, calls_graph = run(True, chosen)
-        assert captures == [batching.WARMUP_STEPS]  # captured once, after the eager steps
+        assert captures == [batching.WARMUP_STEPS]  # captured once, after the eager steps' forwards
         assert torch.equal(w_eager, w_graph) and r_eager == r_graph
         assert calls_graph == calls_eager
     assert r_eager[0][2] and r_eager[1][2] and r_eager[0][0] != r_eager[1][0]
@@ -428,6 +415,7 @@ def test_a_replayed_training_step_gives_the_eager_loops_results(monkeypatch, opt
         batching._step_in_place(torch.zeros(2), torch.ones(2), {"exp_avg": torch.zeros(2),
                                                                 "exp_avg_sq": torch.zeros(2)},
                                 torch.ones(()), optimizer="adam", lr=0.1)
+
 
 def _rows(adapter, dataset, out, cache, k: str, method: str) -> list[dict]:
     from _methods_helpers import trained_network
