@@ -379,15 +379,15 @@ def _side_stream(device: torch.device) -> Iterator[None]:
 
 
 def _captured(step: Callable[[], None], device: torch.device) -> Any:
-    """``step`` captured as a CUDA graph (not run), or None where it cannot be (logged once): then the loop goes on
+    """``step`` captured as a CUDA graph (not run), or None where it cannot be (one warning): then the loop goes on
     eagerly, nothing changed (a capture runs no kernel)."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             step()
     except RuntimeError as exc:
-        logger.warning("finetune_many: the training step could not be captured as a CUDA graph (%s); running it "
-                       "eagerly", str(exc).splitlines()[0][:200])
+        logger.warning("a training step could not be captured as a CUDA graph (%s); running it eagerly",
+                       str(exc).splitlines()[0][:200])
         return None
     return graph
 
