@@ -82,6 +82,21 @@ def allocator_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, 
     return {name: after[name] - before.get(name, 0) for name in after}
 
 
+
+def add_capture_training(parser: Any) -> None:
+    """The bench's ``--capture-training`` option (an A/B of ``editors.batching.CAPTURE_STEPS``)."""
+    parser.add_argument("--capture-training", choices=("library", "on", "off"), default="library",
+                        help="'on'/'off': training loops replay their step as a CUDA graph or not (an A/B of "
+                             "editors.batching.CAPTURE_STEPS); default: the library's")
+
+
+def apply_capture_training(choice: str) -> None:
+    """Set ``editors.batching.CAPTURE_STEPS`` as ``--capture-training`` says (``library``: leave it)."""
+    if choice != "library":
+        import editors.batching as batching
+
+        batching.CAPTURE_STEPS = choice == "on"
+
 @dataclasses.dataclass
 class ArmResult:
     """Per-edit wall-clock seconds of the timed edits of one arm, its peak GPU memory and counters."""

@@ -14,9 +14,10 @@ reported, not fatal, so the bench still runs on the library's defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -217,6 +218,15 @@ def check_captured_training() -> str:
         captures.append(graph is not None)
         return graph
 
+    @contextlib.contextmanager
+    def capture_setting(on: bool) -> Iterator[None]:  # CAPTURE_STEPS as asked, each capture's success recorded
+        saved = batching.CAPTURE_STEPS, batching._captured
+        batching.CAPTURE_STEPS, batching._captured = on, counted  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            batching.CAPTURE_STEPS, batching._captured = saved  # type: ignore[assignment]
+
     found = []
     for method in ("ft_audio", "ft_llm"):
         runs = []
@@ -224,12 +234,8 @@ def check_captured_training() -> str:
             hparams = load_hparams(method, adapter.family, tiny=True, overrides={"max_steps": 8,
                                                                                  "early_stop_loss": 1e-9})
             editor = get_editor_class(method)(adapter, hparams, RunContext(seed=0))
-            saved = batching.CAPTURE_STEPS, batching._captured
-            batching.CAPTURE_STEPS, batching._captured = on, counted  # type: ignore[assignment]
-            try:
+            with capture_setting(on):
                 results = editor.apply_many(edits)
-            finally:
-                batching.CAPTURE_STEPS, batching._captured = saved  # type: ignore[assignment]
             copies = {n: t.detach().clone() for n, t in editor._copies.current().items()}  # type: ignore[attr-defined]
             editor.reset()
             runs.append((results, copies))
@@ -243,13 +249,9 @@ def check_captured_training() -> str:
 
     keys = []
     for on in (False, True):
-        saved = batching.CAPTURE_STEPS, batching._captured
-        batching.CAPTURE_STEPS, batching._captured = on, counted  # type: ignore[assignment]
-        try:
+        with capture_setting(on):
             keys.append(UnKE(adapter, load_hparams("unke", adapter.family, tiny=True, overrides={"v_steps": 8}),
                              RunContext(seed=0)).compute_keys(edits))
-        finally:
-            batching.CAPTURE_STEPS, batching._captured = saved  # type: ignore[assignment]
     if captures[-1:] != [True] or not torch.equal(keys[0][0], keys[1][0]) or keys[0][1] != keys[1][1]:
         raise AssertionError(f"unke stage 1: captured {captures[-1:]}, stats {keys[0][1]} vs {keys[1][1]}")
     found.append("unke stage 1")

@@ -47,7 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.arms import Bench, GenerateCounter, plan_units, profile_unit, run_naive, runner_pass
+from bench.arms import (Bench, GenerateCounter, add_capture_training, apply_capture_training, plan_units, profile_unit,
+                        run_naive, runner_pass)
 from bench.identity import identical_share
 from bench.models import build_adapter, full_scale, tiny_scale
 from bench.paper import PAPER_TABLE7_SINGLE, paper_seconds_per_edit
@@ -530,9 +531,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
-    p.add_argument("--capture-training", choices=("library", "on", "off"), default="library",
-                   help="'on'/'off': the batched training loop replays its step as a CUDA graph or not (an A/B of "
-                        "editors.batching.CAPTURE_STEPS); default: the library's")
+    add_capture_training(p)
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -629,10 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editors.models.generation import graph
 
         graph.SHARE_CLIPS = False
-    if args.capture_training != "library":
-        import editors.batching as batching
-
-        batching.CAPTURE_STEPS = args.capture_training == "on"
+    apply_capture_training(args.capture_training)
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

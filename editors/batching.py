@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from editors.models import buckets
-from editors.models.batch import LayerState, StopFlags, to_device
+from editors.models.batch import LayerState, StopFlags, side_stream, to_device
 from editors.models.buckets import padded_rows
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
@@ -286,18 +286,12 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
                           weight_decay=weight_decay)
         steps.add_(active)
 
-    capture = capturing(device, max_steps) and number.on_device
-    graph: Any = None
-    for n in range(1, max_steps + 1):
+    replay = StepReplay(lambda: update(forward()), max_steps, device, capturable=number.on_device)
+    for _ in range(max_steps):
         if stopped.seen():
             break
-        if capture and n == WARMUP_STEPS + 1:
-            graph = _captured(lambda: update(forward()), device)
-            capture = graph is not None
-        if graph is not None:
-            graph.replay()
-        else:
-            with _side_stream(device) if capture else contextlib.nullcontext():  # warm-up steps, off the capture's stream
+        if not replay.replayed():
+            with replay.eager():
                 losses = forward()
                 if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
                     break
@@ -342,40 +336,46 @@ def capturing(device: torch.device, steps: int) -> bool:
     return CAPTURE_STEPS and can_capture(device) and steps > WARMUP_STEPS + 1
 
 
+class StepReplay:
+    """A training loop's steps, replayed where they can be: where :func:`capturing` and ``capturable`` (``step``
+    changes tensors in place only, reads its update's number from the device and copies nothing from the host), the
+    first :data:`WARMUP_STEPS` steps run eagerly on a side stream (:meth:`eager`), the next is captured and every
+    later one replays it. A loop calls :meth:`replayed` once per step and runs the step itself when it says no."""
+
+    def __init__(self, step: Callable[[], None], steps: int, device: torch.device, *, capturable: bool) -> None:
+        self.step, self.device = step, device
+        self.capture = capturable and capturing(device, steps)
+        self.graph: Any = None
+        self.done = 0
+
+    def replayed(self) -> bool:
+        """Whether this step ran as a replay (captured first where it is due); if not, the caller runs it."""
+        if self.capture and self.done == WARMUP_STEPS:
+            self.graph = _captured(self.step, self.device)
+            self.capture = self.graph is not None
+        self.done += 1
+        if self.graph is None:
+            return False
+        self.graph.replay()
+        return True
+
+    def eager(self) -> contextlib.AbstractContextManager[None]:
+        """Where a step runs when not replayed: on a side stream before a capture, else where it is."""
+        return side_stream(self.device) if self.capture else contextlib.nullcontext()
+
+
 def run_steps(step: Callable[[], None], steps: int, device: torch.device, *, capturable: bool) -> None:
-    """``step()`` ``steps`` times. Where :func:`capturing` and ``capturable`` (the step changes tensors in place
-    only, reads its update's number from the device and copies nothing from the host), the first
-    :data:`WARMUP_STEPS` run eagerly on a side stream, the next is captured and every later one replays it."""
-    capture = capturable and capturing(device, steps)
-    graph: Any = None
-    for n in range(steps):
-        if capture and n == WARMUP_STEPS:
-            graph = _captured(step, device)
-            capture = graph is not None
-        if graph is not None:
-            graph.replay()
-            continue
-        with _side_stream(device) if capture else contextlib.nullcontext():
-            step()
+    """``step()`` ``steps`` times, replayed as :class:`StepReplay` says."""
+    replay = StepReplay(step, steps, device, capturable=capturable)
+    for _ in range(steps):
+        if not replay.replayed():
+            with replay.eager():
+                step()
 
 
 def can_capture(device: torch.device) -> bool:
     """Whether training steps on ``device`` can be captured as a CUDA graph (CUDA only)."""
     return device.type == "cuda"
-
-
-@contextlib.contextmanager
-def _side_stream(device: torch.device) -> Iterator[None]:
-    """Run the block on a side stream that waits for the current one and is waited for after (PyTorch's advice for
-    the steps before a capture)."""
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    try:
-        with torch.cuda.stream(side):
-            yield
-    finally:
-        current.wait_stream(side)
 
 
 def _captured(step: Callable[[], None], device: torch.device) -> Any:

@@ -159,6 +159,6 @@ def stand_in_capture(monkeypatch, works: bool = True, note: Any = None) -> list[
         return Replayed(step) if works else None
 
     monkeypatch.setattr(batching, "can_capture", lambda device: True)
-    monkeypatch.setattr(batching, "_side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(batching, "side_stream", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(batching, "_captured", capture)
     return captures

@@ -1,11 +1,13 @@
 """Tensors handed between the adapter and the editing methods: a tokenized :class:`PromptBatch`, the
 :class:`LayerState` entering an LLM layer, and :func:`batch_spans` (chunking sequences under row/token limits);
-copies between host and device that do not wait (:func:`to_device`, :class:`StopFlags`)."""
+copies between host and device that do not wait (:func:`to_device`, :class:`StopFlags`) and the side stream of
+the eager steps before a CUDA graph capture (:func:`side_stream`)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -27,6 +29,21 @@ def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
         tensor = tensor.to(device)
     return tensor if dtype is None else tensor.to(dtype)
 
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block on a fresh CUDA stream that waits for the current one and is waited for after: PyTorch's advice
+    for the eager steps before a CUDA graph capture (lazily made library state then exists off the capture's
+    stream)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
 
 class StopFlags:
     """A device loop's "stop now?" booleans read back without waiting: :meth:`push` copies a one-element flag to

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import StopFlags, to_device
+from editors.models.batch import StopFlags, side_stream, to_device
 from editors.models.buckets import MIN_ROWS, left_pad
 from editors.models.generation.memory import (GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token,
                                               prefill_tokens)
@@ -716,11 +716,8 @@ class _State:
         """Run one decode step eagerly (warm-up, on a side stream), then record the next as this state's CUDA graph
         (recorded, not run: the first replay runs it)."""
         started = time.perf_counter()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             self.step()
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             self.step()
