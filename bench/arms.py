@@ -90,6 +90,14 @@ def add_capture_training(parser: Any) -> None:
                              "editors.batching.CAPTURE_STEPS); default: the library's")
 
 
+def add_pre_edit_items(parser: Any) -> None:
+    """The bench's ``--pre-edit-items`` option (the runs' ``RunConfig.pre_edit_items``)."""
+    parser.add_argument("--pre-edit-items", choices=("locality", "all"), default="locality",
+                        help="items whose unedited output the runs generate: locality (the library's default: "
+                             "the items whose score reads it) or all (every item, as the runs before 2026-12-05 "
+                             "did)")
+
+
 def apply_capture_training(choice: str) -> None:
     """Set ``editors.batching.CAPTURE_STEPS`` as ``--capture-training`` says (``library``: leave it)."""
     if choice != "library":
@@ -124,6 +132,7 @@ class Bench:
     workdir: Path
     model: str = "qwen2_audio"  # the --model choice: qwen2_audio or desta25
     extra: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # method -> more KEY=VALUE overrides
+    pre_edit_items: str = "locality"  # the runs' RunConfig.pre_edit_items (--pre-edit-items)
 
     @property
     def model_name(self) -> str:
@@ -212,7 +221,7 @@ def runner_pass(bench: Bench, method: str, edits: int, warmup: int, cache: Path,
                        configs=tuple(configs), split="test", mode=mode, limit=limit,
                        max_new_tokens=bench.max_new_tokens, cache_dir=str(cache), seed=bench.seed,
                        hparams=parse_overrides(bench.overrides(method)), edits_per_pass=edits_per_pass,
-                       engine=engine, progress=False)
+                       engine=engine, pre_edit_items=bench.pre_edit_items, progress=False)
     result = ArmResult()
     runner = Runner(config, adapter=bench.adapter, rows_loader=bench.dataset.load)
     bench.start_arm(keep_transcripts)
@@ -454,12 +463,15 @@ def naive_edit(bench: Bench, editor: Any, row: dict[str, Any], phases: dict[str,
     from editors.base import EditRequest
     from editors.data import eval_items
 
+    from sake_core.protocol import needs_pre_edit
+
     clock = _PhaseClock(bench.scale.device, phases)
     edit = EditRequest.from_row(row)
     items = eval_items(row)
     prompts = [it.prompt() for it in items]
-    with clock("pre_edit"):
-        naive_generate_each(bench, prompts)  # pre-edit outputs, no cache
+    with clock("pre_edit"):  # pre-edit outputs of the items the runner's setting covers, no cache
+        naive_generate_each(bench, [p for it, p in zip(items, prompts)
+                                    if needs_pre_edit(it.dimension, bench.pre_edit_items)])
     steps = 0
     names = set(editor.touched_parameters())
     params = {n: p for n, p in bench.adapter.model.named_parameters() if n in names}

@@ -61,6 +61,7 @@ from bench.arms import (  # noqa: F401 (re-exported)
     ArmResult,
     Bench,
     GenerateCounter,
+    add_pre_edit_items,
     batched_plan,
     identical_shares,
     naive_global_warmup,
@@ -133,6 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--whatif-decode", action="store_true",
                         help="GPU and qwen2_audio only: also time one instance's evaluation with a static KV cache + compiled decode")
     parser.add_argument("--log-level", default="INFO")
+    add_pre_edit_items(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.naive_warmup is None:
@@ -233,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one more test row per attribute than the plan needs: the profiled instance
         dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, 2, args.seed, scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model,
+                      pre_edit_items=args.pre_edit_items)
         params_b = sum(p.numel() for p in adapter.model.parameters()) / 1e9
         if "naive" in args.arms and args.naive_warmup == 0:
             naive_global_warmup(bench)

@@ -47,8 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.arms import (Bench, GenerateCounter, add_capture_training, apply_capture_training, plan_units, profile_unit,
-                        run_naive, runner_pass)
+from bench.arms import (Bench, GenerateCounter, add_capture_training, add_pre_edit_items, apply_capture_training,
+                        plan_units, profile_unit, run_naive, runner_pass)
 from bench.identity import identical_share
 from bench.models import build_adapter, full_scale, tiny_scale
 from bench.paper import PAPER_TABLE7_SINGLE, paper_seconds_per_edit
@@ -137,7 +137,8 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, tag: str = "")
                "gib_per_edit": _gib(p["peak_bytes"] / p["edits"]) if p["peak_bytes"] else None}
               for p in runner.sizer.history]
     row = {"engine": runner.generation.engine, "edits": units, "s_per_edit": runner.stats.total_s / max(units, 1),
-           "wall_s": round(wall, 2), "passes": passes, "k_final": runner.sizer.k, "backoffs": runner.sizer.backoffs,
+           "pre_edit_items": runner.config.pre_edit_items, "wall_s": round(wall, 2), "passes": passes,
+           "k_final": runner.sizer.k, "backoffs": runner.sizer.backoffs,
            "per_edit_fit_gib": _gib(runner.sizer.per_edit), "per_pass_fit_gib": _gib(runner.sizer.fixed),
            "peak_gib": _gib(result.peak_bytes), "out": str(out), "info": result.info,
            "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()}}
@@ -372,19 +373,20 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                 if args.previous_argv else ""),
              f"- ceilings measured here: matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, copy "
              f"{ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s",
-             f"- protocol: random weights, synthetic SAKE instances (1 edit + 10 items, clips "
+             f"- protocol: random weights, synthetic SAKE instances (1 edit + 10 items, 5 of them locality items: the "
+             "pre-edit outputs cover those under `pre-edit items` locality, all 10 under all; clips "
              f"{seconds[0]:g}-{seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
              "disabled, cold pre-edit cache (a call with `--warmup-method` first runs one untimed 1-edit pass: the process's warm-up), the runner's default edits per pass (measured: 1 edit, then as many as its peak allows, then what fits), "
              "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
-             "| method | engine | edits | s/edit | passes (edits) | GiB per edit (largest pass) | GiB per edit + per "
+             "| method | engine | edits | pre-edit items | s/edit | passes (edits) | GiB per edit (largest pass) | GiB per edit + per "
              "pass (runner's fit) | captures (s) | paper s/edit | paper/ours | goal | met | measured (UTC, its call's "
              "matmul TFLOP/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, paper = row["method"], paper_seconds_per_edit(row["method"], model)
         for run in row["runs"]:
             if run.get("error"):
-                lines.append(f"| {m} | {run['engine']} | - | {run['error'][:80]} | | | | | | | | | "
+                lines.append(f"| {m} | {run['engine']} | - | - | {run['error'][:80]} | | | | | | | | | "
                              f"{run.get('measured', '-')} |")
                 continue
             s = run["s_per_edit"]
@@ -399,7 +401,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                 goal, met = ">= 5x paper", "met" if paper / s >= 5 else "missed"
             g = run.get("graph") or {}
             cap = f"{g.get('captures', 0)} ({g.get('capture_s', 0):.1f})" if run["engine"] == "graph" else "-"
-            lines.append(f"| {m} | {run['engine']} | {run['edits']} | {s:.3f} | "
+            # rows measured before the runner generated pre-edit outputs for the locality items only carry no field
+            lines.append(f"| {m} | {run['engine']} | {run['edits']} | {run.get('pre_edit_items', 'all')} | {s:.3f} | "
                          f"{', '.join(str(p['edits']) for p in run['passes'])} | {_f(largest.get('gib_per_edit'))} | "
                          f"{_f(run.get('per_edit_fit_gib'))} + {_f(run.get('per_pass_fit_gib'))} | {cap} | {_f(paper)} | {_f(paper / s if paper else None, '.1f', 'x')} | {goal} | {met} | "
                          f"{run.get('measured', '-')} |")
@@ -532,6 +535,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
     add_capture_training(p)
+    add_pre_edit_items(p)
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
@@ -652,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, max(3, train_rows), args.seed,
                                         scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
-                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model)
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model,
+                      pre_edit_items=args.pre_edit_items)
         if args.warmup_method and scale.device == "cuda":
             started = time.perf_counter()
             runner_pass(bench, args.warmup_method, 1, 0, workdir / "cache-warmup", workdir / "warmup.jsonl", 1)

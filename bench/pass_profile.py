@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.arms import (Bench, add_capture_training, allocator_counts, allocator_delta, apply_capture_training,
-                        runner_pass, synthetic_bench)
+from bench.arms import (Bench, add_capture_training, add_pre_edit_items, allocator_counts, allocator_delta,
+                        apply_capture_training, runner_pass, synthetic_bench)
 from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -331,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the model family at full size (default: Qwen2-Audio-7B)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     add_capture_training(p)
+    add_pre_edit_items(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -340,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with synthetic_bench(tiny=args.tiny, seed=args.seed, model=args.model, units=args.edits + 1,
                          max_new_tokens=args.max_new_tokens, prefix="sake-profile-") as bench:
+        bench.pre_edit_items = args.pre_edit_items
         for method in [m for m in args.methods.split(",") if m]:
             rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None))
             text = render(rows)

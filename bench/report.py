@@ -27,8 +27,8 @@ def render_identical(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         pairs = r.get("identical") or {}
         if pairs:
-            cells = [f"{name}: {v['identical']:.0%} of {v['rows']} rows (pre-edit {v['pre_edit']:.0%}, post-edit "
-                     f"{v['post_edit']:.0%})" for name, v in pairs.items() if v.get("rows")]
+            cells = [f"{name}: {v['identical']:.0%} of {v['rows']} rows (pre-edit {_fmt(v['pre_edit'], '.0%')}, "
+                     f"post-edit {v['post_edit']:.0%})" for name, v in pairs.items() if v.get("rows")]
             lines.append(f"- `{r['method']}`: " + "; ".join(cells))
         legacy = [(b["k"], b.get("s_per_edit"), b.get("legacy_s_per_edit")) for b in r.get("batched", [])
                   if b.get("legacy_s_per_edit")]

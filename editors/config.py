@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sake_core.errors import ConfigError
-from sake_core.protocol import ATTRIBUTES, MODES, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from sake_core.protocol import (ATTRIBUTES, MODES, PRE_EDIT_ITEMS, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS,
+                                SEQUENTIAL_MAX_GAP)
 
 #: ``RunConfig.engine``: ``auto`` or one of the generation layer's engines (``editors.models.generation.ENGINES``).
 ENGINE_CHOICES = ("auto", "eager", "graph")
@@ -32,6 +33,8 @@ class RunConfig:
     engine on CUDA where the method allows it, else eager; ``editors.models.generation``). ``eval_edits``/
     ``max_gap``: the sequential rule (paper: 5 and 5), written to the predictions header. ``edits_per_pass``:
     independent single edits applied at once (None: sized from the memory an edit needs, 1 on CPU).
+    ``pre_edit_items``: which items get the unedited model's output (``locality``: the items whose score reads it,
+    as the paper's protocol; ``all``: every item, e.g. to see what an edit changed), written to the header.
     """
 
     model: str
@@ -55,6 +58,7 @@ class RunConfig:
     max_gap: int = SEQUENTIAL_MAX_GAP
     edits_per_pass: int | None = None
     engine: str = "auto"
+    pre_edit_items: str = "locality"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -91,6 +95,9 @@ class RunConfig:
                 raise ConfigError(f"RunConfig.{name}: expected an integer >= {low}, got {value!r}")
         if self.engine not in ENGINE_CHOICES:
             raise ConfigError(f"RunConfig.engine: expected one of {list(ENGINE_CHOICES)}, got {self.engine!r}")
+        if self.pre_edit_items not in PRE_EDIT_ITEMS:
+            raise ConfigError(f"RunConfig.pre_edit_items: expected one of {list(PRE_EDIT_ITEMS)}, "
+                              f"got {self.pre_edit_items!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"RunConfig.seed: expected an integer, got {self.seed!r}")
         self._check_names()

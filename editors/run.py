@@ -51,7 +51,8 @@ from editors.shard import Shard, barrier, done_elsewhere, part_files
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from editors.config import RunConfig
-from sake_core.protocol import MODES, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP
+from sake_core.protocol import (MODES, PRE_EDIT_ITEMS, RUN_HEADER_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP,
+                                needs_pre_edit)
 from sake_core.errors import DataError, ResourceError, user_errors
 from sake_core.command import command_prog
 
@@ -119,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ft_audio, ft_llm, i_ike, ie_ike, ke, mend, unke, wise, lora with merge: false; others run "
                         "one at a time). Default on CUDA: sized from the memory the first passes measure (1 edit, "
                         "then as many as its peak allows; at most 32), halved on an out-of-memory error; 1 on CPU")
+    p.add_argument("--pre-edit-items", choices=PRE_EDIT_ITEMS, default="locality",
+                   help="items whose unedited output is generated: locality (the items whose score compares "
+                        "against it, as the paper's protocol; other rows carry pre_edit: null) or all (every "
+                        "item, e.g. to see what an edit changed). Written to the run header")
     p.add_argument("--merge-only", action="store_true",
                    help="only merge the part files of a multi-process run into the predictions file (no model "
                         "is loaded); fails when units are missing")
@@ -136,7 +141,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      dtype=args.dtype, device=args.device, revision=args.revision, cache_dir=args.cache_dir,
                      eval_edits=args.eval_edits, max_gap=args.max_gap,
                      edits_per_pass=getattr(args, "edits_per_pass", None),
-                     engine=getattr(args, "engine", "auto"), progress=not args.no_progress)
+                     engine=getattr(args, "engine", "auto"),
+                     pre_edit_items=getattr(args, "pre_edit_items", "locality"), progress=not args.no_progress)
 
 
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
@@ -263,6 +269,7 @@ class Runner:
                   "dataset_fingerprint": dataset_fingerprint(a.dataset), "configs": list(a.configs), "split": a.split,
                   "seed": a.seed, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
                   "generation": self.generation.output_key(), "batching": self.generation.batching(),
+                  "pre_edit_items": a.pre_edit_items,
                   # rows of the complete run: a reader refuses a file with fewer (cut or unfinished)
                   "expected_rows": sum(u.expected_rows for u in self.plan.all_units),
                   "model_key": desc["model_key"], "dtype": desc["dtype"], "family": desc["family"],
@@ -300,21 +307,23 @@ class Runner:
                        self.generation.max_batch_tokens)
         return True
 
-    def pre_edit_outputs(self, items: list[EvalItem]) -> list[str]:
-        """Unedited outputs of the items (from the cache; missing ones generated in one batch and stored)."""
-        prompts = [it.prompt() for it in items]
-        cached = [self.preedit.get(it.item_id, p) for it, p in zip(items, prompts)]
-        missing = [i for i, o in enumerate(cached) if o is None]
-        generated: dict[int, str] = {}
+    def pre_edit_outputs(self, items: list[EvalItem]) -> list[str | None]:
+        """Unedited outputs of the items the run's ``pre_edit_items`` covers (from the cache; missing ones generated
+        in one batch and stored); None for the others."""
+        wanted = [i for i, it in enumerate(items) if needs_pre_edit(it.dimension, self.config.pre_edit_items)]
+        prompts = {i: items[i].prompt() for i in wanted}
+        outputs: dict[int, str | None] = {i: self.preedit.get(items[i].item_id, prompts[i]) for i in wanted}
+        missing = [i for i in wanted if outputs[i] is None]
         if missing:
             t0 = time.perf_counter()
-            generated = dict(zip(missing, self._generate([prompts[i] for i in missing])))
-            self.preedit.put_many((items[i].item_id, prompts[i], generated[i]) for i in missing)
+            generated = self._generate([prompts[i] for i in missing])
+            outputs.update(zip(missing, generated))
+            self.preedit.put_many((items[i].item_id, prompts[i], o) for i, o in zip(missing, generated))
             self.stats.preedit_s += time.perf_counter() - t0
-        return [generated[i] if o is None else o for i, o in enumerate(cached)]
+        return [outputs.get(i) for i in range(len(items))]
 
-    def rows(self, edit: EditRequest, items: list[EvalItem], pre: Sequence[str], post: Sequence[str], gap: int | None
-             ) -> list[dict[str, Any]]:
+    def rows(self, edit: EditRequest, items: list[EvalItem], pre: Sequence[str | None], post: Sequence[str],
+             gap: int | None) -> list[dict[str, Any]]:
         return [{"kind": "prediction", "instance_id": edit.instance_id, "item_id": it.item_id,
                  "dimension": it.dimension, "type": it.type, "attribute": edit.attribute, "question": it.question,
                  "options": it.options, "reference": it.reference, "pre_edit": p, "post_edit": o, "gap": gap,
@@ -489,7 +498,7 @@ class Runner:
             last_step = max(u.step for u in steps)
             edits: list[EditRequest] = []
             items: list[list[EvalItem]] = []
-            pre: list[list[str]] = []
+            pre: list[list[str | None]] = []
             for s, row_index in enumerate(row_indices[:last_step], start=1):
                 row = ds[row_index]
                 edits.append(EditRequest.from_row(row))

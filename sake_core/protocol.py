@@ -83,8 +83,9 @@ OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit", "pre_edit_hit_lim
 #: (name, required: every predictions file carries it, resume: a rerun must agree on it to continue the file).
 #: Besides the required fields the runner writes the method's display name and order, the generation length, the
 #: generation settings that change outputs (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and
-#: the batching limits (``batching``), the number of rows of the complete run (``expected_rows``: a reader refuses
-#: a file with fewer), the pre-edit cache key, dtype, family, the sequential rule the file follows (``eval_edits``,
+#: the batching limits (``batching``), which items carry a pre-edit output (``pre_edit_items``: one of
+#: :data:`PRE_EDIT_ITEMS`), the number of rows of the complete run (``expected_rows``: a reader refuses a file with
+#: fewer), the pre-edit cache key, dtype, family, the sequential rule the file follows (``eval_edits``,
 #: ``max_gap``; null in single mode) and the date.
 RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
     ("kind", True, False),
@@ -104,6 +105,7 @@ RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
     ("max_new_tokens", False, True),
     ("generation", False, True),
     ("batching", False, False),
+    ("pre_edit_items", False, True),
     ("expected_rows", False, False),
     ("model_key", False, True),
     ("dtype", False, False),
@@ -124,6 +126,17 @@ RESUME_FIELDS: tuple[str, ...] = tuple(name for name, _, resume in RUN_HEADER if
 #: board read them from there (:func:`method_display`), so a method outside the paper shows by its name on a
 #: board that does not ship the method's code.
 DISPLAY_FIELDS: tuple[str, ...] = ("method_display_name", "method_display_order")
+
+#: Which items a run generates the unedited model's output for (the header's ``pre_edit_items``): ``locality``, the
+#: items whose score reads it (:data:`CONSISTENCY_DIMENSIONS`: the paper judges locality against the unedited
+#: model's answer and everything else against the reference; the other rows carry ``pre_edit: null``), or ``all``.
+PRE_EDIT_ITEMS: tuple[str, ...] = ("locality", "all")
+
+
+def needs_pre_edit(dimension: str, pre_edit_items: str = "locality") -> bool:
+    """Whether a row of ``dimension`` carries a pre-edit output under the header's ``pre_edit_items``."""
+    return pre_edit_items == "all" or dimension in CONSISTENCY_DIMENSIONS
+
 
 # ------------------------------------------------------------------------------------------- sequential editing
 

@@ -135,6 +135,7 @@ def cli_args(config: RunConfig) -> list[str]:
                         ("--max-batch-tokens", config.max_batch_tokens)):
         if value is not None:
             argv += [flag, str(value)]
+    argv += ["--engine", config.engine, "--pre-edit-items", config.pre_edit_items]
     if not config.progress:
         argv.append("--no-progress")
     return argv

@@ -57,15 +57,16 @@ def test_tiny_run_writes_a_well_formed_table(tmp_path):
         assert float(cells[column]) > 0
     assert re.fullmatch(r"\d+\.\dx", cells["naive/ours"])
     assert float(cells["paper s/edit"]) == pytest.approx(9.0)
-    # both arms ran the same protocol: 10 items before and after the edit, every generation to the bound
+    # both arms ran the same protocol: the 5 locality items before the edit, all 10 after, every generation to the
+    # bound
     data = json.loads(raw.read_text())["methods"]["ft_audio"]
     assert data["info_ours"]["prediction_rows"] == 10
-    assert data["info_naive"]["sequences_per_edit"] == 20
-    # ours generates the same 20 outputs; its batches are filled up to canonical row counts (editors/models/buckets.py)
-    assert data["info_ours"]["sequences_per_edit"] >= 20
+    assert data["info_naive"]["sequences_per_edit"] == 15
+    # ours generates the same 15 outputs; its batches are filled up to canonical row counts (editors/models/buckets.py)
+    assert data["info_ours"]["sequences_per_edit"] >= 15
     assert data["info_ours"]["new_tokens"] == data["info_naive"]["new_tokens"] == [1]
     assert data["info_ours"]["steps"] == data["info_naive"]["steps"] == [3]
-    assert data["raw"]["info_ours_warm"]["preedit_cache_hits"] == 10
+    assert data["raw"]["info_ours_warm"]["preedit_cache_hits"] == 5
 
 
 def test_desta_paper_rates_come_from_table7():
@@ -110,9 +111,10 @@ def test_tiny_desta_run_appends_its_section(tmp_path):
     assert data["model"] == "desta25"
     row = data["methods"]["ft_audio"]
     assert row["info_ours"]["prediction_rows"] == 10
-    # 20 questions each way; generation batches are filled up to canonical row counts (editors/models/buckets.py)
-    assert row["info_naive"]["generate_calls_per_edit"] == 20
-    assert row["info_ours"]["sequences_per_edit"] >= 20 and row["info_naive"]["sequences_per_edit"] >= 20
+    # 5 questions before the edit (the locality items), 10 after; generation batches are filled up to canonical row
+    # counts (editors/models/buckets.py)
+    assert row["info_naive"]["generate_calls_per_edit"] == 15
+    assert row["info_ours"]["sequences_per_edit"] >= 15 and row["info_naive"]["sequences_per_edit"] >= 15
     assert row["info_ours"]["new_tokens"] == row["info_naive"]["new_tokens"] == [1]
     assert row["floor_parts"]["perception_flops"] > 0  # Whisper encoder + transcripts + Q-Former counted
 
@@ -146,13 +148,15 @@ def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     stamp = goals.measured_stamp({"matmul_flops_per_s": 759.4e12})
     assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d, 759", stamp)
     earlier = [{"method": "ft_llm", "runs": [run("graph", 0.6), run("eager", 1.5)]}]
-    merged = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run("graph", 0.7, measured=stamp)]}])
+    merged = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run("graph", 0.7, measured=stamp,
+                                                                           pre_edit_items="locality")]}])
     args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
     text = goals.render(args, merged, {"matmul_flops_per_s": 759.4e12, "copy_bytes_per_s": 4.1e12},
                         goals.run_header(tiny_scale()))
     rows = [line for line in text.splitlines() if line.startswith(("| ft_llm | graph |", "| ft_llm | eager |"))]
-    assert rows[0].startswith("| ft_llm | graph | 2 | 0.700 |") and rows[0].endswith(f"| {stamp} |")
-    assert rows[1].startswith("| ft_llm | eager | 2 | 1.500 |") and rows[1].endswith("| - |")
+    # an older row (no pre_edit_items field) generated the unedited outputs of all ten items
+    assert rows[0].startswith("| ft_llm | graph | 2 | locality | 0.700 |") and rows[0].endswith(f"| {stamp} |")
+    assert rows[1].startswith("| ft_llm | eager | 2 | all | 1.500 |") and rows[1].endswith("| - |")
     header = next(line for line in text.splitlines() if line.startswith("| method | engine |"))
     assert len(rows) == 2 and all(line.count("|") == header.count("|") for line in rows)
 
@@ -269,7 +273,7 @@ def test_goals_combine_renders_one_table_from_several_calls_of_one_card(tmp_path
     out, raw = tmp_path / "R.md", tmp_path / "R.json"
     assert goals.main(["--combine", str(a), f"{b}:ie_ike", "--out", str(out), "--json", str(raw)]) == 0
     text = out.read_text()
-    assert "| ie_ike | graph | 32 | 0.800 |" in text and "| ft_llm | graph | 32 | 0.600 |" in text
+    assert "| ie_ike | graph | 32 | all | 0.800 |" in text and "| ft_llm | graph | 32 | all | 0.600 |" in text
     assert "- `ie_ike`: 70.0 s for the sequence" in text  # kept from the earlier file
     assert "torch 9.9, transformers 9.9" in text and "--split-prefix 1024" in text
     combined = json.loads(raw.read_text())
@@ -280,7 +284,7 @@ def test_goals_combine_renders_one_table_from_several_calls_of_one_card(tmp_path
     other = _raw(tmp_path / "c.json", "NVIDIA H200", ["--methods", "ie_ike"], [{"method": "ie_ike", "runs": [run(0.5)]}])
     with pytest.raises(SystemExit, match="timed on NVIDIA H200, the files before it on NVIDIA H100"):
         goals.main(["--combine", str(a), str(other), "--out", str(out)])
-    assert "| ie_ike | graph | 32 | 0.800 |" in out.read_text()  # a refused combine writes nothing
+    assert "| ie_ike | graph | 32 | all | 0.800 |" in out.read_text()  # a refused combine writes nothing
 
 
 def test_goals_times_hypernetwork_steps_without_the_checkpoint_writes_and_validations(tmp_path, monkeypatch):

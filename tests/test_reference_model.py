@@ -69,7 +69,7 @@ def test_ft_audio_edits_the_reference_model(adapter, demo_dataset, tmp_path) -> 
 
     path = run(RunConfig(model=str(MODEL_DIR), method="ft_audio", dataset=str(demo_dataset), split="test",
                          mode="single", out=str(tmp_path / "runs"), limit=1, cache_dir=str(tmp_path / "cache"),
-                         progress=False), adapter=adapter)
+                         pre_edit_items="all", progress=False), adapter=adapter)
     metrics = score(path, judge="offline")["metrics"]["overall"]
     assert metrics["reliability"] >= 90.0
     assert metrics["locality_text"] == 100.0

@@ -17,7 +17,9 @@ from editors.run import Runner, main
 from eval.sake_metric.predictions_file import read_predictions_file
 from editors.config import RunConfig
 from sake import run as api_run
-from sake_core.protocol import ITEM_COLUMNS, OPTIONAL_ROW_FIELDS, ROW_FIELDS, RUN_HEADER_FIELDS
+from sake_core.errors import DataError
+from sake_core.protocol import (CONSISTENCY_DIMENSIONS, ITEM_COLUMNS, OPTIONAL_ROW_FIELDS, ROW_FIELDS,
+                                RUN_HEADER_FIELDS)
 
 ROW_KEYS = set(ROW_FIELDS) | set(OPTIONAL_ROW_FIELDS)
 
@@ -48,7 +50,10 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
     assert header["eval_edits"] is None and header["max_gap"] is None  # the sequential rule: not in single mode
     manifest = json.loads((demo_dataset / "sake_manifest.json").read_text())
     assert header["dataset_fingerprint"] == manifest["fingerprint"] and header["configs"] == ["emotion", "gender"]
-    assert all(set(r) == ROW_KEYS and r["gap"] is None and isinstance(r["pre_edit"], str) for r in rows)
+    assert all(set(r) == ROW_KEYS and r["gap"] is None for r in rows)
+    # the unedited outputs of the items whose score reads them (locality), as the paper's protocol; none elsewhere
+    assert header["pre_edit_items"] == "locality"
+    assert all(isinstance(r["pre_edit"], str) == (r["dimension"] in CONSISTENCY_DIMENSIONS) for r in rows)
     expected_ids = []
     for config in ("emotion", "gender"):
         for row in load_instances(str(demo_dataset), config, "test").select(range(2)):
@@ -56,8 +61,8 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
             for column in ("generality", "locality_audio", "locality_text", "portability"):
                 expected_ids += [item["id"] for item in row[column]]
     assert [r["item_id"] for r in rows] == expected_ids
-    assert all(isinstance(r["post_edit_hit_limit"], bool) and isinstance(r["pre_edit_hit_limit"], bool)
-               for r in rows)
+    assert all(isinstance(r["post_edit_hit_limit"], bool) for r in rows)
+    assert all(isinstance(r["pre_edit_hit_limit"], bool) == (r["pre_edit"] is not None) for r in rows)
     assert header["expected_rows"] == len(rows)  # the strict reader accepts the complete file, manifest included
     assert len(read_predictions_file(path, manifest=manifest).rows) == len(rows)
     rel = [r for r in rows if r["dimension"] == "reliability"]
@@ -66,6 +71,22 @@ def test_single_mode_end_to_end_with_exact_restore(qwen, demo_dataset, tmp_path)
     assert text and all(r["post_edit"] == r["pre_edit"] for r in text)  # FT-Audio cannot touch text-only inputs
     assert {r["attribute"] for r in rows} == {"emotion", "gender"}
     assert Path(str(path) + ".timing.json").is_file()
+
+
+def test_pre_edit_items_all_adds_the_other_items_and_keeps_the_locality_outputs(qwen, demo_dataset, tmp_path):
+    common = {"configs": ("animal",), "limit": 2, "method": "ft_llm", "hparams": {"max_steps": 2}}
+    _, default = run(qwen, run_config(demo_dataset, tmp_path / "a", tmp_path / "cache_a", **common))
+    _, every = run(qwen, run_config(demo_dataset, tmp_path / "b", tmp_path / "cache_b", pre_edit_items="all",
+                                    **common))
+    header, rows = read_predictions(every)
+    assert header["pre_edit_items"] == "all" and all(isinstance(r["pre_edit"], str) for r in rows)
+    _, rows_default = read_predictions(default)
+    # the same unedited outputs where both have one (generated in a batch of 5 items per edit against 10), and the
+    # same post-edit outputs everywhere
+    assert [(r["pre_edit"] if r["pre_edit"] is not None else o["pre_edit"], r["post_edit"]) for r, o in
+            zip(rows_default, rows)] == [(o["pre_edit"], o["post_edit"]) for o in rows]
+    with pytest.raises(DataError, match="pre_edit_items"):  # a file of the other setting is not resumed into
+        run(qwen, run_config(demo_dataset, default, tmp_path / "cache_a", pre_edit_items="all", **common))
 
 
 def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path):
@@ -77,7 +98,7 @@ def test_preedit_outputs_are_cached_across_methods(qwen, demo_dataset, tmp_path)
     pre1 = [(r["pre_edit"], r["pre_edit_hit_limit"]) for r in read_predictions(path1)[1]]
     # a warm cache keeps the pre-edit generation-limit flag (stored with the entry)
     assert pre1 == [(r["pre_edit"], r["pre_edit_hit_limit"]) for r in read_predictions(path2)[1]]
-    assert all(isinstance(flag, bool) for _, flag in pre1)
+    assert pre1 and all(isinstance(flag, bool) for text, flag in pre1 if text is not None)
     entries = [json.loads(line) for line in next((tmp_path / "cache" / "preedit").glob("*.jsonl")).open()]
     assert entries and all(isinstance(e["hit_limit"], bool) for e in entries)
 
@@ -102,7 +123,8 @@ def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_datase
         n_items = 1 + sum(len(row[c]) for c in ("generality", "locality_audio", "locality_text", "portability"))
         assert all(pairs[(s, g)] == n_items for g in range(6))
         # pre-edit outputs are the unedited model's: identical at every gap
-        assert len({r["pre_edit"] for r in rows if r["item_id"] == f"{row['id']}/rel"}) == 1
+        texts = {r["pre_edit"] for r in rows if r["item_id"] == f"{row['id']}/loc_text"}
+        assert len(texts) == 1 and isinstance(texts.pop(), str)
 
 
 def _cut_points(path: Path) -> list[int]:
