@@ -109,6 +109,11 @@ class Clock:
         return False
 
 
+def _pass_cell(p: dict[str, Any]) -> str:
+    """A pass in the table: its edits, and its seconds where the row recorded them (rows timed since 2026-12-05)."""
+    return f"{p['edits']} ({p['seconds']:.1f} s)" if p.get("seconds") is not None else str(p["edits"])
+
+
 def _gib(n: float | None) -> float | None:
     return None if n is None else round(n / 2**30, 2)
 
@@ -133,9 +138,13 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, tag: str = "")
         return {"engine": engine, "error": f"{type(error).__name__}: {str(error)[:200]}"}
     wall = time.perf_counter() - started
     units = len(runner.stats.per_unit)
-    passes = [{"edits": p["edits"], "peak_gib": _gib(p["peak_bytes"]),
-               "gib_per_edit": _gib(p["peak_bytes"] / p["edits"]) if p["peak_bytes"] else None}
-              for p in runner.sizer.history]
+    seconds = [u["seconds"] for u in runner.stats.per_unit]  # a pass's wall-clock shared evenly by its units
+    passes, first = [], 0
+    for p in runner.sizer.history:
+        passes.append({"edits": p["edits"], "peak_gib": _gib(p["peak_bytes"]), "seconds": round(sum(
+            seconds[first:first + p["edits"]]), 2), "gib_per_edit": _gib(p["peak_bytes"] / p["edits"])
+            if p["peak_bytes"] else None})
+        first += p["edits"]
     row = {"engine": runner.generation.engine, "edits": units, "s_per_edit": runner.stats.total_s / max(units, 1),
            "pre_edit_items": runner.config.pre_edit_items, "wall_s": round(wall, 2), "passes": passes,
            "k_final": runner.sizer.k, "backoffs": runner.sizer.backoffs,
@@ -378,8 +387,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
              f"{seconds[0]:g}-{seconds[1]:g} s), max_new_tokens {args.max_new_tokens} with EOS "
              "disabled, cold pre-edit cache (a call with `--warmup-method` first runs one untimed 1-edit pass: the process's warm-up), the runner's default edits per pass (measured: 1 edit, then as many as its peak allows, then what fits), "
              "s/edit = the run's whole wall-clock / its edits (measuring passes and captures included)", "",
-             "| method | engine | edits | pre-edit items | s/edit | passes (edits) | GiB per edit (largest pass) | GiB per edit + per "
-             "pass (runner's fit) | captures (s) | paper s/edit | paper/ours | goal | met | measured (UTC, its call's "
+             "| method | engine | edits | pre-edit items | s/edit | passes: edits (seconds) | GiB per edit (largest "
+             "pass) | GiB per edit + per pass (runner's fit) | captures (s) | paper s/edit | paper/ours | goal | met | measured (UTC, its call's "
              "matmul TFLOP/s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -403,7 +412,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
             cap = f"{g.get('captures', 0)} ({g.get('capture_s', 0):.1f})" if run["engine"] == "graph" else "-"
             # rows measured before the runner generated pre-edit outputs for the locality items only carry no field
             lines.append(f"| {m} | {run['engine']} | {run['edits']} | {run.get('pre_edit_items', 'all')} | {s:.3f} | "
-                         f"{', '.join(str(p['edits']) for p in run['passes'])} | {_f(largest.get('gib_per_edit'))} | "
+                         f"{', '.join(_pass_cell(p) for p in run['passes'])} | {_f(largest.get('gib_per_edit'))} | "
                          f"{_f(run.get('per_edit_fit_gib'))} + {_f(run.get('per_pass_fit_gib'))} | {cap} | {_f(paper)} | {_f(paper / s if paper else None, '.1f', 'x')} | {goal} | {met} | "
                          f"{run.get('measured', '-')} |")
     lines += ["", "Identical rows between the engines (bf16; pre- and post-edit outputs both equal):", ""]

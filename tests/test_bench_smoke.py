@@ -145,18 +145,22 @@ def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
         return {"engine": engine, "edits": 2, "s_per_edit": seconds, "passes": [{"edits": 2, "gib_per_edit": 1.0}],
                 "per_edit_fit_gib": 1.0, "per_pass_fit_gib": 0.5, **extra}
 
+    timed_passes = [{"edits": 1, "seconds": 0.9, "gib_per_edit": 1.0}, {"edits": 1, "seconds": 0.5, "gib_per_edit": 1.0}]
+
     stamp = goals.measured_stamp({"matmul_flops_per_s": 759.4e12})
     assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d, 759", stamp)
     earlier = [{"method": "ft_llm", "runs": [run("graph", 0.6), run("eager", 1.5)]}]
     merged = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run("graph", 0.7, measured=stamp,
-                                                                           pre_edit_items="locality")]}])
+                                                                           pre_edit_items="locality",
+                                                                           passes=timed_passes)]}])
     args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
     text = goals.render(args, merged, {"matmul_flops_per_s": 759.4e12, "copy_bytes_per_s": 4.1e12},
                         goals.run_header(tiny_scale()))
     rows = [line for line in text.splitlines() if line.startswith(("| ft_llm | graph |", "| ft_llm | eager |"))]
     # an older row (no pre_edit_items field) generated the unedited outputs of all ten items
-    assert rows[0].startswith("| ft_llm | graph | 2 | locality | 0.700 |") and rows[0].endswith(f"| {stamp} |")
-    assert rows[1].startswith("| ft_llm | eager | 2 | all | 1.500 |") and rows[1].endswith("| - |")
+    assert rows[0].startswith("| ft_llm | graph | 2 | locality | 0.700 | 1 (0.9 s), 1 (0.5 s) |")
+    assert rows[0].endswith(f"| {stamp} |")
+    assert rows[1].startswith("| ft_llm | eager | 2 | all | 1.500 | 2 |") and rows[1].endswith("| - |")
     header = next(line for line in text.splitlines() if line.startswith("| method | engine |"))
     assert len(rows) == 2 and all(line.count("|") == header.count("|") for line in rows)
 
