@@ -145,6 +145,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      pre_edit_items=getattr(args, "pre_edit_items", "locality"), progress=not args.no_progress)
 
 
+def split_like(flat: Sequence[Outputs], groups: Sequence[Sequence[Any]]) -> list[list[Outputs]]:
+    """``flat`` (one entry per member of ``groups``, in order) cut into one list per group."""
+    out, pos = [], 0
+    for group in groups:
+        out.append(list(flat[pos:pos + len(group)]))
+        pos += len(group)
+    if pos != len(flat):
+        raise ValueError(f"split_like: {len(flat)} entries for {pos} members")
+    return out
+
+
 def output_path(out: str, model: str, method: str, mode: str, split: str) -> Path:
     """Where a run writes its predictions (see :meth:`editors.config.RunConfig.output_path`)."""
     return RunConfig(model=model, method=method, dataset="-", out=out, mode=mode, split=split).output_path()
@@ -335,11 +346,19 @@ class Runner:
                 for it, p, o in zip(items, pre, post)]
 
     def evaluate(self, edit: EditRequest, items: list[EvalItem]) -> list[GeneratedText]:
-        """Post-edit outputs of one edit's items (one batched generation, as its pre-edit outputs)."""
+        """Post-edit outputs of one edit's items (one batched generation)."""
+        return self.evaluate_many([edit], [items])[0]
+
+    def evaluate_many(self, edits: Sequence[EditRequest], items: Sequence[list[EvalItem]]
+                      ) -> list[list[GeneratedText]]:
+        """Post-edit outputs of several edits' items under the model as it is now (sequential mode: the edits
+        evaluated after a step), in one batched generation; one list per edit."""
         t0 = time.perf_counter()
-        out = self._generate(self.editor.rewrite_prompts([it.prompt() for it in items], edit))
+        prompts = [p for edit, its in zip(edits, items)
+                   for p in self.editor.rewrite_prompts([it.prompt() for it in its], edit)]
+        flat = self._generate(prompts)
         self.stats.eval_s += time.perf_counter() - t0
-        return out
+        return split_like(flat, items)
 
     @property
     def edits_per_pass(self) -> int:
@@ -469,11 +488,7 @@ class Runner:
         rows = [self.plan.datasets[u.config][u.index] for u in units]
         edits = [EditRequest.from_row(row) for row in rows]
         items = [eval_items(row) for row in rows]
-        flat_pre = self.pre_edit_outputs([it for its in items for it in its])
-        pre, pos = [], 0
-        for its in items:
-            pre.append(flat_pre[pos:pos + len(its)])
-            pos += len(its)
+        pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
         if self.memory.measured:
             self._free_generation()  # the edits' copies and training get what the pre-edit generation kept
         t1 = time.perf_counter()
@@ -498,13 +513,13 @@ class Runner:
             last_step = max(u.step for u in steps)
             edits: list[EditRequest] = []
             items: list[list[EvalItem]] = []
-            pre: list[list[str | None]] = []
-            for s, row_index in enumerate(row_indices[:last_step], start=1):
+            for row_index in row_indices[:last_step]:
                 row = ds[row_index]
                 edits.append(EditRequest.from_row(row))
-                its = eval_items(row)
-                items.append(its)
-                pre.append(self.pre_edit_outputs(its) if s <= self.config.eval_edits else [])
+                items.append(eval_items(row))
+            # the unedited outputs of the evaluated edits' items, in one generation
+            evaluated_items = items[:self.config.eval_edits]
+            pre = split_like(self.pre_edit_outputs([it for its in evaluated_items for it in its]), evaluated_items)
             by_step = {u.step: u for u in steps}
             with self.session:  # the sequence's edits accumulate; restored after the sequence
                 for t in range(1, last_step + 1):
@@ -513,11 +528,12 @@ class Runner:
                     unit = by_step.get(t)
                     if unit is None or unit.key in done:
                         continue  # replaying an edit that was already evaluated
+                    # the items of every edit evaluated after this step in one generation (a row does not depend
+                    # on the others of its batch: editors/models/buckets.py)
+                    evaluated = self.plan.evaluated(t, len(row_indices))
+                    posts = self.evaluate_many([edits[s - 1] for s in evaluated], [items[s - 1] for s in evaluated])
                     rows: list[dict[str, Any]] = []
-                    for s in self.plan.evaluated(t, len(row_indices)):
-                        # one generation per edit: the same batch as its pre-edit outputs, so an unaffected
-                        # item (e.g. text-only under FT-Audio) reproduces its pre-edit output bit for bit
-                        post = self.evaluate(edits[s - 1], items[s - 1])
+                    for s, post in zip(evaluated, posts):
                         rows.extend(self.rows(edits[s - 1], items[s - 1], pre[s - 1], post, t - s))
                     out.append_unit(unit.key, rows)
                     self._unit_done(unit, stats, time.perf_counter() - t0)

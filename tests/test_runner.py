@@ -127,6 +127,38 @@ def test_sequential_rows_cover_gaps_0_to_5_of_edits_1_to_5(flamingo, demo_datase
         assert len(texts) == 1 and isinstance(texts.pop(), str)
 
 
+def test_sequential_generations_hold_every_evaluated_edit_with_the_rows_of_one_per_edit(qwen, demo_dataset, tmp_path,
+                                                                                        monkeypatch):
+    dataset = make_long_sequential(demo_dataset, tmp_path / "long")
+    config = run_config(dataset, tmp_path / "one.jsonl", tmp_path / "cache1", mode="sequential", limit=1,
+                        max_new_tokens=4, method="wise")
+    runner = Runner(config, adapter=qwen)
+    calls: list[int] = []
+    generate = runner._generate
+    monkeypatch.setattr(runner, "_generate", lambda prompts: calls.append(len(prompts)) or generate(prompts))
+    one = runner.run()
+    # the five locality items of each of edits 1-5 before the edits, in one generation; then one generation per
+    # step of all the edits it evaluates
+    length = len(runner.plan.sequences[0][1])
+    steps = [len(runner.plan.evaluated(t, length)) for t in range(1, length + 1)]
+    assert calls == [5 * 5] + [10 * n for n in steps] and max(steps) == 5
+    monkeypatch.undo()
+
+    batched, pre_edit = Runner.evaluate_many, Runner.pre_edit_outputs
+
+    def one_per_edit(self, edits, items):  # the earlier loop: a generation per evaluated edit
+        return [batched(self, [e], [its])[0] for e, its in zip(edits, items)]
+
+    def pre_one_per_edit(self, items):  # ... and per edit's items before the edits (10 items each)
+        return [o for start in range(0, len(items), 10) for o in pre_edit(self, items[start:start + 10])]
+
+    monkeypatch.setattr(Runner, "evaluate_many", one_per_edit)
+    monkeypatch.setattr(Runner, "pre_edit_outputs", pre_one_per_edit)
+    each = Runner(config.replace(out=str(tmp_path / "each.jsonl"), cache_dir=str(tmp_path / "cache2")),
+                  adapter=qwen).run()
+    assert one.read_text().splitlines()[1:] == each.read_text().splitlines()[1:]
+
+
 def _cut_points(path: Path) -> list[int]:
     """Byte offsets to truncate at: inside a line, at a line end inside a unit, at a unit boundary."""
     raw = path.read_bytes()
