@@ -62,6 +62,7 @@ def test_submission_schema_enumerates_the_protocol():
     assert tuple(header["properties"]["mode"]["enum"]) == protocol.MODES
     assert tuple(header["required"]) == protocol.HEADER_FIELDS
     assert {"eval_edits", "max_gap"} <= set(header["properties"])
+    assert tuple(header["properties"]["pre_edit_items"]["enum"]) == protocol.PRE_EDIT_ITEMS
     prediction = schema["$defs"]["prediction"]
     assert tuple(prediction["properties"]["dimension"]["enum"]) == protocol.DIMENSIONS
     assert tuple(prediction["required"]) == protocol.ROW_FIELDS
