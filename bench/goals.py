@@ -323,10 +323,14 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
              "(paper h) |", "|---|---|---|---|"]
     ours_total = paper_total = 0.0
     single_paper = PAPER_SINGLE[model]
+    pre_edit: list[float] = []  # each projected method's pre-edit seconds per edit (the runner's split)
     for row in rows:
         m = row["method"]
         run = best(row)
         cells = [m]
+        split = ((run or {}).get("info") or {}).get("per_edit_split_s_incl_warmup") or {}
+        if run and single_paper.get(m) and split.get("pre_edit") is not None:
+            pre_edit.append(split["pre_edit"])
         for ours_h, paper in ((run["s_per_edit"] * PAPER_EDITS / 3600 if run else None, single_paper.get(m)),
                               (row.get("sequential", {}).get("seconds", 0) * PAPER_SEQUENCES / 3600
                                if row.get("sequential", {}).get("seconds") else None, PAPER_SEQUENTIAL[model].get(m)),
@@ -344,6 +348,13 @@ def projection(rows: list[dict[str, Any]], model: str) -> list[str]:
               f"editing, sequential editing and hypernetwork training), {whole[model]:.1f} h of them for this model; "
               f"the measured parts are {paper_total / sum(whole.values()):.0%} of the whole and "
               f"{paper_total / whole[model]:.0%} of this model's. The parts not measured here are not projected."]
+    if len(pre_edit) > 1:
+        shared = (sum(pre_edit) - max(pre_edit)) * PAPER_EDITS / 3600
+        lines += ["", f"The rates are cold: each method generates its own pre-edit outputs ({min(pre_edit):.2f}-"
+                  f"{max(pre_edit):.2f} s/edit of them). One model's methods share them through the pre-edit cache "
+                  f"(`--cache-dir`; keyed by model and generation settings), so a run of all {len(pre_edit)} methods "
+                  f"here computes them once: {shared:.2f} h less single editing ({ours_total - shared:.2f} h for the "
+                  "measured parts)."]
     return lines
 
 

@@ -334,3 +334,19 @@ def test_goals_projection_sets_the_measured_parts_beside_the_papers_whole_table_
     share = 2.58 / goals.paper_table7_hours("qwen2_audio")
     assert "160.7 H100-hours" in lines[-1] and f"{2.5833 / whole:.0%} of the whole" in lines[-1]
     assert f"{share:.0%} of this model's" in lines[-1]
+
+
+def test_projection_counts_the_pre_edit_outputs_once_where_methods_share_the_cache():
+    """Cold rates generate each method's pre-edit outputs; the projection says what one model's methods save by
+    sharing them (each method's pre-edit share, all but the largest, times the paper's edits)."""
+    from bench import goals
+
+    def row(method: str, seconds: float, pre: float) -> dict:
+        return {"method": method, "runs": [{"engine": "graph", "s_per_edit": seconds,
+                                            "info": {"per_edit_split_s_incl_warmup": {"pre_edit": pre}}}]}
+
+    lines = goals.projection([row("ft_llm", 0.6, 0.25), row("i_ike", 0.5, 0.2)], "qwen2_audio")
+    saved = 0.2 * goals.PAPER_EDITS / 3600
+    text = "\n".join(lines)
+    assert f"{saved:.2f} h less single editing" in text and "0.20-0.25 s/edit" in text
+    assert "computes them once" not in "\n".join(goals.projection([row("ft_llm", 0.6, 0.25)], "qwen2_audio"))
