@@ -65,6 +65,9 @@ Outputs = TypeVar("Outputs")
 CPU_BATCH_TOKENS = 32768
 #: Fewest padded tokens per generation chunk the out-of-memory back-off goes down to (about one long prompt).
 MIN_GENERATION_TOKENS = 4096
+#: Edits run one at a time get their pre-edit outputs this many edits ahead, in one generation (the model is unedited
+#: between edits; a row does not depend on its batch, editors/models/buckets.py; the pre-edit cache keeps them).
+PRE_EDIT_AHEAD = 32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,17 +426,20 @@ class Runner:
         out-of-memory error the same units again with half as many edits per pass (the session has restored the
         model: every pass applies inside it)."""
         batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
+        ahead: dict[Hashable, tuple[list[str | None], float]] = {}  # one edit at a time: pre-edit outputs ahead
         pos = 0
         while pos < len(todo):
             units = todo[pos:pos + self.sizer.k]
             if batched and self.memory.measured:
                 self._free_generation()  # the pass is sized against memory nothing else holds
+            if not batched and units[0].key not in ahead:
+                ahead = self._pre_edit_ahead(todo[pos:pos + PRE_EDIT_AHEAD])
             available, baseline = self.memory.available(), self.memory.start()
             try:
                 if batched:
                     self._run_pass(units, out, bar)
                 else:
-                    self._run_unit(units[0], out, bar)
+                    self._run_unit(units[0], out, bar, ahead[units[0].key])
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not is_out_of_memory(error):
                     raise
@@ -466,18 +472,29 @@ class Runner:
                             f"it needed at least {gib(needed)} ({gib(allocated)} allocated + {gib(requested)} "
                             f"requested); {str(error).splitlines()[0][:160]}") from error
 
-    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm) -> None:
-        """One single edit: pre-edit outputs, apply, evaluate, restore (the session), rows."""
+    def _pre_edit_ahead(self, units: list[Unit]) -> dict[Hashable, tuple[list[str | None], float]]:
+        """Pre-edit outputs of the next ``units`` (run one at a time) in one generation, while the model is
+        unedited: per unit, its items' outputs and its share of the generation's seconds."""
+        t0 = time.perf_counter()
+        items = [eval_items(self.plan.datasets[u.config][u.index]) for u in units]
+        pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
+        share = (time.perf_counter() - t0) / len(units)
+        return {u.key: (p, share) for u, p in zip(units, pre)}
+
+    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm,
+                  ahead: tuple[list[str | None], float]) -> None:
+        """One single edit: apply, evaluate, restore (the session), rows (``ahead``: its pre-edit outputs and
+        their seconds, from :meth:`_pre_edit_ahead`)."""
         t0 = time.perf_counter()
         row = self.plan.datasets[unit.config][unit.index]
         edit = EditRequest.from_row(row)
         items = eval_items(row)
-        pre = self.pre_edit_outputs(items)
+        pre, pre_seconds = ahead
         with self.session:  # restores on leaving
             stats = self.apply(edit, unit.index)
             post = self.evaluate(edit, items)
         out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
-        self._unit_done(unit, stats, time.perf_counter() - t0)
+        self._unit_done(unit, stats, pre_seconds + time.perf_counter() - t0)
         bar.update(1)
 
     def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm) -> None:

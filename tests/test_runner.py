@@ -159,6 +159,34 @@ def test_sequential_generations_hold_every_evaluated_edit_with_the_rows_of_one_p
     assert one.read_text().splitlines()[1:] == each.read_text().splitlines()[1:]
 
 
+def test_edits_run_one_at_a_time_get_their_pre_edit_outputs_ahead_with_the_rows_of_one_per_edit(
+        qwen, demo_dataset, tmp_path, monkeypatch):
+    import editors.run as run_module
+
+    monkeypatch.setattr(run_module, "PRE_EDIT_AHEAD", 3)
+    config = run_config(demo_dataset, tmp_path / "ahead.jsonl", tmp_path / "cache1", method="grace", limit=2,
+                        max_new_tokens=4)  # GRACE edits one at a time; 2 instances of each of 4 configs
+    runner = Runner(config, adapter=qwen)
+    calls: list[int] = []
+    generate = runner._generate
+    monkeypatch.setattr(runner, "_generate", lambda prompts: calls.append(len(prompts)) or generate(prompts))
+    ahead = runner.run()
+    # the locality items of three edits at a time (8 edits: 3 + 3 + 2) before them, each edit's items after it
+    _, rows = read_predictions(ahead)
+    items = Counter(r["instance_id"] for r in rows)
+    locality = Counter(r["instance_id"] for r in rows if r["dimension"] in CONSISTENCY_DIMENSIONS)
+    order = list(items)
+    assert len(order) == 8 and len(calls) == 3 + 8
+    for block, first in enumerate((0, 3, 6)):
+        edits = order[first:first + 3]
+        assert calls[4 * block] == sum(locality[e] for e in edits)
+        assert calls[4 * block + 1:4 * block + 1 + len(edits)] == [items[e] for e in edits]
+    monkeypatch.setattr(run_module, "PRE_EDIT_AHEAD", 1)  # one edit's pre-edit outputs at a time
+    each = Runner(config.replace(out=str(tmp_path / "each.jsonl"), cache_dir=str(tmp_path / "cache2")),
+                  adapter=qwen).run()
+    assert ahead.read_text().splitlines()[1:] == each.read_text().splitlines()[1:]
+
+
 def _cut_points(path: Path) -> list[int]:
     """Byte offsets to truncate at: inside a line, at a line end inside a unit, at a unit boundary."""
     raw = path.read_bytes()
