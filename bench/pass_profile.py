@@ -219,55 +219,72 @@ def _counting_syncs(sites: dict[str, int]) -> Iterator[None]:
 
 def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
                  sync_sites: dict[str, int] | None = None) -> dict[str, Any]:
-    """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler."""
+    """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler, from
+    the generation of its pre-edit outputs (each pass generates its own just before it here: the runner's
+    ``PRE_EDIT_AHEAD`` set to 0) to its last row."""
+    import editors.run as run_module
     from editors.models.generation import graph, release
     from editors.run import Runner
 
-    original = Runner._run_pass
-    state: dict[str, Any] = {"passes": 0}
+    original, original_ahead = Runner._run_pass, Runner._pre_edit_ahead
+    state: dict[str, Any] = {"passes": 0, "aheads": 0}
+    window = contextlib.ExitStack()  # open from the profiled pass's pre-edit generation to the end of the pass
 
-    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any) -> None:
+    def pre_edit_ahead(self: Any, units: Sequence[Any]) -> Any:
+        state["aheads"] += 1
+        if state["aheads"] != profile_pass:
+            return original_ahead(self, units)
+        if sync_sites is not None:  # count host syncs by where they happen instead of profiling
+            window.enter_context(_counting_syncs(sync_sites))
+        else:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if bench.scale.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+                torch.cuda.synchronize()
+            state["captures"] = (graph.STATS["captures"], graph.STATS["capture_s"])
+            state["allocator"] = allocator_counts(bench.scale.device)
+            window.enter_context(_patched_parts(bench.adapter))
+            state["prof"] = window.enter_context(torch.profiler.profile(activities=activities))
+            state["started"] = time.perf_counter()
+        with torch.profiler.record_function(PREFIX + "pre_edit"):
+            return original_ahead(self, units)
+
+    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any, ahead: Any) -> None:
         state["passes"] += 1
         if state["passes"] != profile_pass:
-            return original(self, units, out, bar)
-        self.pre_edit_outputs = _ranged("pre_edit", self.pre_edit_outputs)
+            return original(self, units, out, bar, ahead)
         self.session.apply_many = _ranged("apply", self.session.apply_many)
         self.session.restore = _ranged("restore", self.session.restore)
         self.editor.generate_many = _ranged("evaluate", self.editor.generate_many)
-        if sync_sites is not None:  # count host syncs by where they happen instead of profiling
-            with _counting_syncs(sync_sites):
-                original(self, units, out, bar)
-            del self.pre_edit_outputs, self.session.apply_many, self.session.restore, self.editor.generate_many
-            return None
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if bench.scale.device == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-            torch.cuda.synchronize()
-        captures = (graph.STATS["captures"], graph.STATS["capture_s"])
-        allocator_before = allocator_counts(bench.scale.device)
-        with _patched_parts(bench.adapter), torch.profiler.profile(activities=activities) as prof:
-            started = time.perf_counter()
+        try:
             with torch.profiler.record_function(PREFIX + "pass"):
-                original(self, units, out, bar)
+                original(self, units, out, bar, ahead)
             if bench.scale.device == "cuda":
                 torch.cuda.synchronize()
-            wall = time.perf_counter() - started
-        del self.pre_edit_outputs, self.session.apply_many, self.session.restore, self.editor.generate_many
-        state["profile"] = {"edits": len(units), "wall_s": round(wall, 3),
-                            "captures": graph.STATS["captures"] - captures[0],
-                            "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
-                            "allocator": allocator_delta(allocator_before, allocator_counts(bench.scale.device)),
-                            "ranges": summarize(prof)}
+            wall = time.perf_counter() - state["started"] if "started" in state else None
+        finally:
+            window.close()
+            del self.session.apply_many, self.session.restore, self.editor.generate_many
+        if sync_sites is None:
+            captures = state["captures"]
+            state["profile"] = {"edits": len(units), "wall_s": round(wall or 0.0, 3),
+                                "captures": graph.STATS["captures"] - captures[0],
+                                "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
+                                "allocator": allocator_delta(state["allocator"], allocator_counts(bench.scale.device)),
+                                "ranges": summarize(state["prof"])}
 
     cache = bench.workdir / f"cache-profile-{method}"
     release(bench.adapter)
     graph.reset_stats()
-    Runner._run_pass = run_pass  # type: ignore[method-assign]
+    Runner._run_pass, Runner._pre_edit_ahead = run_pass, pre_edit_ahead  # type: ignore[method-assign]
+    ahead, run_module.PRE_EDIT_AHEAD = run_module.PRE_EDIT_AHEAD, 0
     try:
         result, runner = runner_pass(bench, method, edits, 0, cache, bench.workdir / f"profile-{method}.jsonl",
                                      None if bench.scale.device == "cuda" else 4)
     finally:
-        Runner._run_pass = original  # type: ignore[method-assign]
+        Runner._run_pass, Runner._pre_edit_ahead = original, original_ahead  # type: ignore[method-assign]
+        run_module.PRE_EDIT_AHEAD = ahead
+        window.close()
     units = len(runner.stats.per_unit)
     return {"method": method, "engine": runner.generation.engine, "edits": units,
             "s_per_edit": round(runner.stats.total_s / max(units, 1), 4),

@@ -65,8 +65,9 @@ Outputs = TypeVar("Outputs")
 CPU_BATCH_TOKENS = 32768
 #: Fewest padded tokens per generation chunk the out-of-memory back-off goes down to (about one long prompt).
 MIN_GENERATION_TOKENS = 4096
-#: Edits run one at a time get their pre-edit outputs this many edits ahead, in one generation (the model is unedited
-#: between edits; a row does not depend on its batch, editors/models/buckets.py; the pre-edit cache keeps them).
+#: Single editing generates the pre-edit outputs of at least this many edits ahead (or of the next pass, if larger) in
+#: one generation, between passes while the model is unedited (a row does not depend on its batch,
+#: editors/models/buckets.py; the pre-edit cache keeps them).
 PRE_EDIT_AHEAD = 32
 
 
@@ -426,18 +427,19 @@ class Runner:
         out-of-memory error the same units again with half as many edits per pass (the session has restored the
         model: every pass applies inside it)."""
         batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
-        ahead: dict[Hashable, tuple[list[str | None], float]] = {}  # one edit at a time: pre-edit outputs ahead
+        ahead: dict[Hashable, tuple[list[str | None], float]] = {}  # pre-edit outputs of the units ahead
         pos = 0
         while pos < len(todo):
             units = todo[pos:pos + self.sizer.k]
+            if any(u.key not in ahead for u in units):  # the model is unedited here: the next units' pre-edit outputs
+                ahead.update(self._pre_edit_ahead([u for u in todo[pos:pos + max(len(units), PRE_EDIT_AHEAD)]
+                                                   if u.key not in ahead]))
             if batched and self.memory.measured:
                 self._free_generation()  # the pass is sized against memory nothing else holds
-            if not batched and units[0].key not in ahead:
-                ahead = self._pre_edit_ahead(todo[pos:pos + PRE_EDIT_AHEAD])
             available, baseline = self.memory.available(), self.memory.start()
             try:
                 if batched:
-                    self._run_pass(units, out, bar)
+                    self._run_pass(units, out, bar, [ahead[u.key] for u in units])
                 else:
                     self._run_unit(units[0], out, bar, ahead[units[0].key])
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
@@ -446,6 +448,8 @@ class Runner:
                 self._back_off(error, units)
                 continue
             self.sizer.record(len(units), self.memory.peak(baseline), available)
+            for unit in units:
+                del ahead[unit.key]
             pos += len(units)
 
     def _free_generation(self) -> None:
@@ -473,8 +477,8 @@ class Runner:
                             f"requested); {str(error).splitlines()[0][:160]}") from error
 
     def _pre_edit_ahead(self, units: list[Unit]) -> dict[Hashable, tuple[list[str | None], float]]:
-        """Pre-edit outputs of the next ``units`` (run one at a time) in one generation, while the model is
-        unedited: per unit, its items' outputs and its share of the generation's seconds."""
+        """Pre-edit outputs of the next ``units`` in one generation, while the model is unedited (between passes):
+        per unit, its items' outputs and its share of the generation's seconds."""
         t0 = time.perf_counter()
         items = [eval_items(self.plan.datasets[u.config][u.index]) for u in units]
         pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
@@ -497,17 +501,17 @@ class Runner:
         self._unit_done(unit, stats, pre_seconds + time.perf_counter() - t0)
         bar.update(1)
 
-    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
-        """K single edits in one pass: pre-edit outputs of all their items, ``editor.apply_many`` (per-edit
-        copies, the model unchanged), one batched generation of every edit's items under its own edit, restore.
-        Rows are written unit by unit, as one edit at a time writes them."""
+    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm,
+                  ahead: list[tuple[list[str | None], float]]) -> None:
+        """K single edits in one pass: ``editor.apply_many`` (per-edit copies, the model unchanged), one batched
+        generation of every edit's items under its own edit, restore (``ahead``: each unit's pre-edit outputs and
+        their seconds, from :meth:`_pre_edit_ahead`). Rows are written unit by unit, as one edit at a time writes
+        them."""
         t0 = time.perf_counter()
         rows = [self.plan.datasets[u.config][u.index] for u in units]
         edits = [EditRequest.from_row(row) for row in rows]
         items = [eval_items(row) for row in rows]
-        pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
-        if self.memory.measured:
-            self._free_generation()  # the edits' copies and training get what the pre-edit generation kept
+        pre = [p for p, _ in ahead]
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
@@ -516,9 +520,9 @@ class Runner:
             post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))
             self.stats.eval_s += time.perf_counter() - t2
         seconds = (time.perf_counter() - t0) / len(units)
-        for unit, edit, its, p, o, st in zip(units, edits, items, pre, post, stats):
+        for unit, edit, its, p, o, st, (_, pre_seconds) in zip(units, edits, items, pre, post, stats, ahead):
             out.append_unit(unit.key, self.rows(edit, its, p, o, None))
-            self._unit_done(unit, st, seconds)
+            self._unit_done(unit, st, seconds + pre_seconds)
             bar.update(1)
 
     def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:

@@ -187,6 +187,30 @@ def test_edits_run_one_at_a_time_get_their_pre_edit_outputs_ahead_with_the_rows_
     assert ahead.read_text().splitlines()[1:] == each.read_text().splitlines()[1:]
 
 
+def test_passes_get_their_pre_edit_outputs_ahead_with_the_rows_of_each_pass_alone(qwen, demo_dataset, tmp_path,
+                                                                                     monkeypatch):
+    import editors.run as run_module
+
+    monkeypatch.setattr(run_module, "PRE_EDIT_AHEAD", 3)
+    config = run_config(demo_dataset, tmp_path / "ahead.jsonl", tmp_path / "cache1", method="i_ike", limit=2,
+                        max_new_tokens=4, edits_per_pass=2)
+    runner = Runner(config, adapter=qwen)
+    calls: list[int] = []
+    generate = runner._generate  # the pre-edit generations (a pass's post-edit one goes through generate_many)
+    monkeypatch.setattr(runner, "_generate", lambda prompts: calls.append(len(prompts)) or generate(prompts))
+    ahead = runner.run()
+    _, rows = read_predictions(ahead)
+    locality = Counter(r["instance_id"] for r in rows if r["dimension"] in CONSISTENCY_DIMENSIONS)
+    order = list(dict.fromkeys(r["instance_id"] for r in rows))
+    # 8 edits in passes of 2: at least 3 edits ahead when a pass's edit has none (edits 1-3, 4-5, 6-7, 8)
+    blocks = [order[0:3], order[3:5], order[5:7], order[7:8]]
+    assert calls == [sum(locality[e] for e in block) for block in blocks]
+    monkeypatch.setattr(run_module, "PRE_EDIT_AHEAD", 1)  # each pass's pre-edit outputs alone, just before it
+    each = Runner(config.replace(out=str(tmp_path / "each.jsonl"), cache_dir=str(tmp_path / "cache2")),
+                  adapter=qwen).run()
+    assert ahead.read_text().splitlines()[1:] == each.read_text().splitlines()[1:]
+
+
 def _cut_points(path: Path) -> list[int]:
     """Byte offsets to truncate at: inside a line, at a line end inside a unit, at a unit boundary."""
     raw = path.read_bytes()
