@@ -481,7 +481,15 @@ class Runner:
         per unit, its items' outputs and its share of the generation's seconds."""
         t0 = time.perf_counter()
         items = [eval_items(self.plan.datasets[u.config][u.index]) for u in units]
-        pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
+        try:
+            pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
+            if not is_out_of_memory(error):
+                raise
+            # the generation already went down to chunks of MIN_GENERATION_TOKENS (Runner._generating)
+            raise ResourceError(f"{self.config.method}: the pre-edit outputs of units {units[0].key} .. "
+                                f"{units[-1].key} do not fit in device memory even at {MIN_GENERATION_TOKENS} tokens "
+                                f"per generation chunk; {str(error).splitlines()[0][:160]}") from error
         share = (time.perf_counter() - t0) / len(units)
         return {u.key: (p, share) for u, p in zip(units, pre)}
 

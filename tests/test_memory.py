@@ -129,6 +129,20 @@ def test_a_generation_that_runs_out_of_memory_is_redone_in_smaller_chunks(qwen, 
     assert seen[:3] == [32768, 16384, 8192] and set(seen[3:]) == {8192}
 
 
+def test_pre_edit_outputs_that_do_not_fit_even_in_the_smallest_chunks_end_with_one_clear_error(qwen, demo_dataset,
+                                                                                               tmp_path, monkeypatch):
+    runner = Runner(run_config(demo_dataset, tmp_path / "b.jsonl", tmp_path / "cb", configs=("language",), limit=2),
+                    adapter=qwen)
+
+    def never_fits(self, prompts, *args, settings=None, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(qwen), "generate", never_fits)
+    with pytest.raises(ResourceError, match=r"i_ike: the pre-edit outputs of units language/test/000000 \.\. "
+                                            r"language/test/000001 do not fit .* 4096 tokens per generation chunk"):
+        runner.run()
+
+
 def test_the_generation_token_budget_counts_the_kv_cache(qwen):
     from editors.models.generation.memory import activation_bytes_per_token, kv_bytes_per_token
 
