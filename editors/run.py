@@ -423,9 +423,10 @@ class Runner:
         return result.path if result.merged else self.part_path
 
     def _run_single(self, todo: list[Unit], out: PredictionsFile, bar: tqdm) -> None:
-        """Passes of ``self.sizer.k`` edits (one edit at a time for methods that do not batch); on an
-        out-of-memory error the same units again with half as many edits per pass (the session has restored the
-        model: every pass applies inside it)."""
+        """Passes of ``self.sizer.k`` edits (one edit at a time for methods that do not batch), their pre-edit
+        outputs generated ahead between passes (:data:`PRE_EDIT_AHEAD`); on an out-of-memory error the same units
+        again with half as many edits per pass (the session has restored the model: every pass applies inside
+        it)."""
         batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
         ahead: dict[Hashable, tuple[list[str | None], float]] = {}  # pre-edit outputs of the units ahead
         pos = 0
