@@ -149,6 +149,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      pre_edit_items=getattr(args, "pre_edit_items", "locality"), progress=not args.no_progress)
 
 
+@dataclass
+class ReadUnit:
+    """A single-mode unit read ahead of its pass: its edit, its items, their pre-edit outputs (None where the run
+    generates none) and its share of the seconds they took."""
+
+    edit: EditRequest
+    items: list[EvalItem]
+    pre: list[str | None]
+    pre_seconds: float
+
+
 def split_like(flat: Sequence[Outputs], groups: Sequence[Sequence[Any]]) -> list[list[Outputs]]:
     """``flat`` (one entry per member of ``groups``, in order) cut into one list per group."""
     out, pos = [], 0
@@ -428,7 +439,7 @@ class Runner:
         again with half as many edits per pass (the session has restored the model: every pass applies inside
         it)."""
         batched = self.editor.batches_edits and (self.sizer.auto or self.sizer.k > 1)
-        ahead: dict[Hashable, tuple[list[str | None], float]] = {}  # pre-edit outputs of the units ahead
+        ahead: dict[Hashable, ReadUnit] = {}  # the units ahead: read, with their pre-edit outputs
         pos = 0
         while pos < len(todo):
             units = todo[pos:pos + self.sizer.k]
@@ -477,11 +488,12 @@ class Runner:
                             f"it needed at least {gib(needed)} ({gib(allocated)} allocated + {gib(requested)} "
                             f"requested); {str(error).splitlines()[0][:160]}") from error
 
-    def _pre_edit_ahead(self, units: list[Unit]) -> dict[Hashable, tuple[list[str | None], float]]:
-        """Pre-edit outputs of the next ``units`` in one generation, while the model is unedited (between passes):
-        per unit, its items' outputs and its share of the generation's seconds."""
+    def _pre_edit_ahead(self, units: list[Unit]) -> dict[Hashable, ReadUnit]:
+        """The next ``units`` read (their rows fetched and audio decoded once) and their pre-edit outputs in one
+        generation, while the model is unedited (between passes); each unit's seconds are its share."""
         t0 = time.perf_counter()
-        items = [eval_items(self.plan.datasets[u.config][u.index]) for u in units]
+        rows = [self.plan.datasets[u.config][u.index] for u in units]
+        items = [eval_items(row) for row in rows]
         try:
             pre = split_like(self.pre_edit_outputs([it for its in items for it in its]), items)
         except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
@@ -492,35 +504,27 @@ class Runner:
                                 f"{units[-1].key} do not fit in device memory even at {MIN_GENERATION_TOKENS} tokens "
                                 f"per generation chunk; {str(error).splitlines()[0][:160]}") from error
         share = (time.perf_counter() - t0) / len(units)
-        return {u.key: (p, share) for u, p in zip(units, pre)}
+        return {u.key: ReadUnit(EditRequest.from_row(row), its, p, share)
+                for u, row, its, p in zip(units, rows, items, pre)}
 
-    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm,
-                  ahead: tuple[list[str | None], float]) -> None:
-        """One single edit: apply, evaluate, restore (the session), rows (``ahead``: its pre-edit outputs and
-        their seconds, from :meth:`_pre_edit_ahead`)."""
+    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm, read: ReadUnit) -> None:
+        """One single edit: apply, evaluate, restore (the session), rows (``read``: the unit from
+        :meth:`_pre_edit_ahead`)."""
         t0 = time.perf_counter()
-        row = self.plan.datasets[unit.config][unit.index]
-        edit = EditRequest.from_row(row)
-        items = eval_items(row)
-        pre, pre_seconds = ahead
         with self.session:  # restores on leaving
-            stats = self.apply(edit, unit.index)
-            post = self.evaluate(edit, items)
-        out.append_unit(unit.key, self.rows(edit, items, pre, post, None))
-        self._unit_done(unit, stats, pre_seconds + time.perf_counter() - t0)
+            stats = self.apply(read.edit, unit.index)
+            post = self.evaluate(read.edit, read.items)
+        out.append_unit(unit.key, self.rows(read.edit, read.items, read.pre, post, None))
+        self._unit_done(unit, stats, read.pre_seconds + time.perf_counter() - t0)
         bar.update(1)
 
-    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm,
-                  ahead: list[tuple[list[str | None], float]]) -> None:
+    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm, read: list[ReadUnit]) -> None:
         """K single edits in one pass: ``editor.apply_many`` (per-edit copies, the model unchanged), one batched
-        generation of every edit's items under its own edit, restore (``ahead``: each unit's pre-edit outputs and
-        their seconds, from :meth:`_pre_edit_ahead`). Rows are written unit by unit, as one edit at a time writes
-        them."""
+        generation of every edit's items under its own edit, restore (``read``: the units from
+        :meth:`_pre_edit_ahead`). Rows are written unit by unit, as one edit at a time writes them."""
         t0 = time.perf_counter()
-        rows = [self.plan.datasets[u.config][u.index] for u in units]
-        edits = [EditRequest.from_row(row) for row in rows]
-        items = [eval_items(row) for row in rows]
-        pre = [p for p, _ in ahead]
+        edits = [r.edit for r in read]
+        items = [r.items for r in read]
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
@@ -529,9 +533,9 @@ class Runner:
             post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))
             self.stats.eval_s += time.perf_counter() - t2
         seconds = (time.perf_counter() - t0) / len(units)
-        for unit, edit, its, p, o, st, (_, pre_seconds) in zip(units, edits, items, pre, post, stats, ahead):
-            out.append_unit(unit.key, self.rows(edit, its, p, o, None))
-            self._unit_done(unit, st, seconds + pre_seconds)
+        for unit, r, o, st in zip(units, read, post, stats):
+            out.append_unit(unit.key, self.rows(r.edit, r.items, r.pre, o, None))
+            self._unit_done(unit, st, seconds + r.pre_seconds)
             bar.update(1)
 
     def _run_sequential(self, done: set[Hashable], out: PredictionsFile, bar: tqdm) -> None:

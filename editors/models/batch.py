@@ -30,7 +30,6 @@ def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dty
     return tensor if dtype is None else tensor.to(dtype)
 
 
-
 @contextlib.contextmanager
 def side_stream(device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block on a fresh CUDA stream that waits for the current one and is waited for after: PyTorch's advice
@@ -44,6 +43,7 @@ def side_stream(device: torch.device | str | None = None) -> Iterator[None]:
             yield
     finally:
         current.wait_stream(side)
+
 
 class StopFlags:
     """A device loop's "stop now?" booleans read back without waiting: :meth:`push` copies a one-element flag to
