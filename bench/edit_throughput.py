@@ -83,7 +83,8 @@ from bench.report import (  # noqa: F401 (re-exported)
     render_table,
     write_results,
 )
-from bench.roofline import Shapes, edit_shapes, floor_seconds, measure_ceilings, model_sizes  # noqa: F401 (re-exported)
+from bench.roofline import (FLOOR_KEYS, Shapes, edit_shapes, floor_seconds, mean_floor,  # noqa: F401 (re-exported)
+                            measure_ceilings, model_sizes)
 from bench.synthetic import SyntheticDataset, synthetic_instance  # noqa: F401 (re-exported)
 
 from sake_core.atomic import atomic_write
@@ -155,10 +156,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_bytes", "compute_s", "memory_s",
-              "floor_s", "train_modelled")
-
-
 def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: dict[str, float]) -> dict[str, Any]:
     """Both arms, the floor and the table row of one method."""
     arms = {a.strip() for a in args.arms.split(",") if a.strip()}
@@ -177,13 +174,8 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
     if editor is not None:
         timed = bench.dataset.ordered(*plan_units(args.edits, args.warmup))[args.warmup: args.warmup + args.edits]
         shapes = [edit_shapes(bench, editor, row) for row in timed]
-        hp = bench.hparams(method).as_dict()
-        if ours.info.get("steps"):  # the floor counts the updates the runner made (early stop included)
-            hp["max_steps"] = ours.info["mean_steps"]
-        sizes = model_sizes(bench.adapter.model.config)
-        dtype_bytes = torch.finfo(bench.scale.dtype).bits // 8
-        floors = [floor_seconds(method, sh, sizes, ceilings, args.max_new_tokens, dtype_bytes, hp) for sh in shapes]
-        floor = {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}
+        # the floor counts the updates the runner made (early stop included)
+        floor = mean_floor(bench, method, timed, ceilings, ours.info.get("steps") and ours.info["mean_steps"])
     # after the shapes: they read DeSTA2.5 transcripts still cached from ours (the naive arm drops them)
     if editor is not None and "naive" in arms:
         order = bench.dataset.ordered(*plan_units(args.edits, args.warmup))  # the runner's unit order

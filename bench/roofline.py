@@ -72,7 +72,7 @@ class Shapes:
     edit_tokens: int  # reliability prompt + target (+ end of turn)
     target_tokens: int
     audio_tokens: int  # placeholder tokens of the edit audio
-    pre_tokens: list[int]  # prompt length of each pre-edit question
+    pre_tokens: list[int]  # prompt length of each question given a pre-edit output (RunConfig.pre_edit_items)
     post_tokens: list[int]  # prompt length of each post-edit question (method's rewrite applied)
     distinct_clips: int  # audios the encoder must see at least once for this edit
     clip_frames: list[int] = dataclasses.field(default_factory=list)  # valid mel frames of each distinct clip
@@ -90,9 +90,12 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     from editors.data import eval_items
     from editors.models.base import audio_digest, whisper_mel_frames
 
+    from sake_core.protocol import needs_pre_edit
+
     adapter = bench.adapter
     edit = EditRequest.from_row(row)
-    prompts = [it.prompt() for it in eval_items(row)]
+    items = eval_items(row)
+    prompts = [it.prompt() for it in items]
     post = prompts
     if not editor.changes_parameters:
         from editors.session import EditSession
@@ -105,7 +108,8 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
     return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio),
-                  pre_tokens=[prompt_tokens(adapter, p) for p in prompts],
+                  pre_tokens=[prompt_tokens(adapter, p) for p, it in zip(prompts, items)
+                              if needs_pre_edit(it.dimension, bench.pre_edit_items)],
                   post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips),
                   clip_frames=frames)
 
@@ -212,4 +216,25 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
     memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
     return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
             "generate_bytes": generate_bytes, "compute_s": compute_s, "memory_s": memory_s,
+            "train_s": train / ceilings["matmul_flops_per_s"], "prefill_s": prefill / ceilings["matmul_flops_per_s"],
+            "perception_s": perception / perception_rate,
             "floor_s": compute_s + memory_s, "train_modelled": float(method in ("ft_audio", "ft_llm") or not steps)}
+
+
+FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_bytes", "compute_s", "memory_s",
+              "train_s", "prefill_s", "perception_s", "floor_s", "train_modelled")
+
+
+def mean_floor(bench: Bench, method: str, rows: list[dict[str, Any]], ceilings: dict[str, float],
+               mean_steps: float | None = None) -> dict[str, float]:
+    """:func:`floor_seconds` averaged over the edits of ``rows`` (``mean_steps``: the updates the runner made, early
+    stops included, in place of the hparams' ``max_steps``)."""
+    editor = bench.editor(method)
+    hp = bench.hparams(method).as_dict()
+    if mean_steps:
+        hp["max_steps"] = mean_steps
+    sizes = model_sizes(bench.adapter.model.config)
+    dtype_bytes = torch.finfo(bench.scale.dtype).bits // 8
+    floors = [floor_seconds(method, edit_shapes(bench, editor, row), sizes, ceilings, bench.max_new_tokens,
+                            dtype_bytes, hp) for row in rows]
+    return {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}

@@ -350,3 +350,58 @@ def test_projection_counts_the_pre_edit_outputs_once_where_methods_share_the_cac
     text = "\n".join(lines)
     assert f"{saved:.2f} h less single editing" in text and "0.20-0.25 s/edit" in text
     assert "computes them once" not in "\n".join(goals.projection([row("ft_llm", 0.6, 0.25)], "qwen2_audio"))
+
+
+def test_goals_says_what_bounds_each_missed_goal():
+    """A run that misses its goal gets a line: the runner's split against the floor of its edits, part by part, and
+    whether the floor alone is above the goal; a met goal gets none, a row from before floors were recorded says so."""
+    import argparse
+
+    from bench import goals
+    from bench.models import tiny_scale
+
+    split = {"pre_edit": 0.2, "apply": 0.6, "evaluate": 0.25, "other": 0.05}
+    floor = {"floor_s": 0.5, "train_s": 0.2, "prefill_s": 0.15, "perception_s": 0.05, "memory_s": 0.1,
+             "train_modelled": 1.0}
+
+    def run(seconds: float, **extra) -> dict:
+        return {"engine": "graph", "edits": 4, "s_per_edit": seconds, "passes": [{"edits": 4}],
+                "info": {"per_edit_split_s_incl_warmup": split}, "graph": {"capture_s": 0.4}, **extra}
+
+    rows = [{"method": "ft_audio", "runs": [run(1.1, floor=floor)]}, {"method": "ft_llm", "runs": [run(0.3)]},
+            {"method": "unke", "runs": [run(2.0)]}]
+    args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
+    text = goals.render(args, rows, {"matmul_flops_per_s": 7e14, "copy_bytes_per_s": 3e12},
+                        goals.run_header(tiny_scale()))
+    section = text[text.index("What bounds each missed goal"):].split("\n\n")[1].splitlines()
+    assert [line.split("`")[1] for line in section] == ["ft_audio", "unke"]  # ft_llm met its 0.39
+    ft_audio, unke = section
+    assert "pre-edit 0.20 + apply 0.60 + evaluate 0.25 + other 0.05 s/edit (graph captures 0.10 of them)" in ft_audio
+    assert "Floor on its card 0.500 s/edit: training 0.200 + prefill 0.150 + audio encoder 0.050" in ft_audio
+    assert "Generation (pre-edit + evaluate) 0.45 s/edit is 1.5x its floor; apply 0.60 is 3.0x" in ft_audio
+    assert "floor alone is above the goal (0.45)" in ft_audio
+    assert "no floor recorded" in unke
+
+
+def test_the_floor_counts_the_pre_edit_outputs_the_run_generates(tmp_path):
+    """The floor's pre-edit generation holds the questions that get a pre-edit output (the locality items by
+    default, all ten under --pre-edit-items all), and its parts add up to the floor."""
+    from bench.arms import synthetic_bench
+    from bench.roofline import mean_floor
+
+    ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=2, max_new_tokens=4, prefix="floor-") as bench:
+        rows = bench.dataset.ordered(["emotion"], 2)[:2]
+        from bench.roofline import edit_shapes
+
+        editor = bench.editor("ft_audio")
+        locality = edit_shapes(bench, editor, rows[0])
+        bench.pre_edit_items = "all"
+        every = edit_shapes(bench, editor, rows[0])
+        assert len(locality.post_tokens) == len(every.pre_tokens) == 10 and len(locality.pre_tokens) == 5
+        floor = mean_floor(bench, "ft_audio", rows, ceilings)
+        bench.pre_edit_items = "locality"
+        assert mean_floor(bench, "ft_audio", rows, ceilings)["prefill_s"] < floor["prefill_s"]
+    assert floor["train_s"] > 0 and floor["train_modelled"] == 1.0
+    assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
+                                             + floor["memory_s"])
