@@ -157,7 +157,8 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, ceilings: dict
         try:
             timed = bench.dataset.ordered(*plan_units(edits, 0))[:units]
             steps = result.info.get("steps") and result.info["mean_steps"]
-            row["floor"] = {k: round(v, 4) for k, v in mean_floor(bench, method, timed, ceilings, steps).items()}
+            floor = mean_floor(bench, method, timed, ceilings, steps, [p["edits"] for p in passes])
+            row["floor"] = {k: round(v, 4) for k, v in floor.items()}
         except Exception as error:  # noqa: BLE001 - the floor is a model: its failure must not cost the timed run
             LOG.warning("%s: no floor (%s: %s)", method, type(error).__name__, error)
     LOG.info("%s default K, %s engine: %.3f s/edit over %d edits; passes %s; allocator %s; floor %s", method,
@@ -627,6 +628,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="no run: merge these raw JSON files of earlier calls on one card, in order (later parts "
                         "replace earlier ones; FILE:m1,m2 takes only those methods' rows of FILE), and write their "
                         "table to --out (and --json)")
+    p.add_argument("--refloor", action="store_true",
+                   help="with --combine: compute each recorded floor again with today's bench/roofline.py (the "
+                        "same edits, passes and ceilings; the model's shapes on the meta device)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.previous_argv = None
@@ -680,6 +684,8 @@ def combine(args: argparse.Namespace) -> int:
             raise SystemExit(f"--combine {path}: rows of --model {data['model']}, this table is --model {args.model}")
         header = data.get("header") or {"device": device, "versions": None, "audio_seconds": list(
             (tiny_scale() if device.startswith("CPU") else full_scale()).audio_seconds)}
+        if args.refloor:
+            LOG.info("%s: the floors of %d runs computed again", path, refloor(data))
         kept = [r for r in data.get("rows", []) if not only or r["method"] in _list(only)]
         if only and len(kept) != len(_list(only)):
             raise SystemExit(f"--combine {spec}: {path} has rows of {', '.join(r['method'] for r in data['rows'])}")
@@ -694,6 +700,49 @@ def combine(args: argparse.Namespace) -> int:
                                             "previous_argv": args.previous_argv}, indent=1, default=str) + "\n")
     print(render(args, rows, data["ceilings"], header))
     return 0
+
+
+def units_per_config(args: argparse.Namespace) -> int:
+    """Edits the call's largest run needs (default K, the eager engine's run, the sweep's largest K)."""
+    return max(args.edits, args.eager_edits or args.edits, max([int(k) for k in _list(args.sweep)] or [1]))
+
+
+def goals_dataset(args: argparse.Namespace, workdir: Path, audio_seconds: tuple[float, float]) -> SyntheticDataset:
+    """The call's synthetic SAKE instances (test rows for its largest run and one more, train rows for the
+    hypernetworks' steps): the same bytes for the same arguments."""
+    _, limit = plan_units(units_per_config(args), 1)
+    train_rows = -(-(HYPERNET_VAL_ROWS + HYPERNET_MAX_GROUP * (1 + args.hypernet_steps)) // len(ATTRIBUTES))
+    return SyntheticDataset.make(workdir / "dataset", limit + 1, max(3, train_rows), args.seed, audio_seconds)
+
+
+def refloor(data: dict[str, Any]) -> int:
+    """``--combine --refloor``: the floor of each run of ``data`` that records one, computed again by today's
+    ``bench.roofline`` from the same edits (the call's synthetic instances, rebuilt from its arguments), the run's
+    passes and training steps, and the ceilings its call measured; the model's full-size architecture is built on
+    the meta device (shapes only, no weights). Returns the runs updated."""
+    from bench.models import Scale, bench_adapter_class
+
+    call = parse_args(data["argv"])
+    seconds = tuple(data["header"]["audio_seconds"])
+    adapter = bench_adapter_class(call.model).random_full_size(call.seed, dtype=torch.bfloat16, device="meta")
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="sake-refloor-") as tmp:
+        dataset = goals_dataset(call, Path(tmp), seconds)  # type: ignore[arg-type]
+        for row in data["rows"]:
+            for run in row["runs"]:
+                if not run.get("floor"):
+                    continue
+                bench = Bench(scale=Scale("full", "meta", torch.bfloat16, seconds), adapter=adapter,  # type: ignore[arg-type]
+                              dataset=dataset, counter=GenerateCounter(adapter.model),
+                              max_new_tokens=call.max_new_tokens, seed=call.seed, workdir=Path(tmp), model=call.model,
+                              pre_edit_items=run.get("pre_edit_items", "all"))
+                timed = dataset.ordered(*plan_units(run["edits"], 0))[:run["edits"]]
+                steps = run["info"].get("steps") and run["info"]["mean_steps"]
+                floor = mean_floor(bench, row["method"], timed, data["ceilings"], steps,
+                                   [p["edits"] for p in run["passes"]])
+                run["floor"] = {k: round(v, 4) for k, v in floor.items()}
+                done += 1
+    return done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -729,14 +778,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_methods = _list(args.default_k_methods) if args.default_k_methods is not None else methods
     engines = _list(args.engines)
     eager_edits = args.eager_edits or args.edits
-    per = max(args.edits, eager_edits, max([int(k) for k in _list(args.sweep)] or [1]))
+    per = units_per_config(args)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sake-goals-") as tmp:
         workdir = args.workdir or Path(tmp)
         configs, limit = plan_units(per, 1)
-        train_rows = -(-(HYPERNET_VAL_ROWS + HYPERNET_MAX_GROUP * (1 + args.hypernet_steps)) // len(ATTRIBUTES))
-        dataset = SyntheticDataset.make(workdir / "dataset", limit + 1, max(3, train_rows), args.seed,
-                                        scale.audio_seconds)
+        dataset = goals_dataset(args, workdir, scale.audio_seconds)
         bench = Bench(scale=scale, adapter=adapter, dataset=dataset, counter=GenerateCounter(adapter.model),
                       max_new_tokens=args.max_new_tokens, seed=args.seed, workdir=workdir, model=args.model,
                       pre_edit_items=args.pre_edit_items)

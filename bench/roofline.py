@@ -76,6 +76,20 @@ class Shapes:
     post_tokens: list[int]  # prompt length of each post-edit question (method's rewrite applied)
     distinct_clips: int  # audios the encoder must see at least once for this edit
     clip_frames: list[int] = dataclasses.field(default_factory=list)  # valid mel frames of each distinct clip
+    pre_shared: int = 0  # tokens every pre-edit question of the edit begins with (prefilled and cached once)
+    post_shared: int = 0  # likewise for the post-edit questions (IE-IKE's demonstrations, I-IKE's instruction)
+
+
+def shared_prefix(ids: list[list[int]]) -> int:
+    """Length of the longest prefix that all of ``ids`` begin with (0 for none or one row)."""
+    if len(ids) < 2:
+        return 0
+    n = min(len(r) for r in ids)
+    first = ids[0]
+    for i in range(n):
+        if any(r[i] != first[i] for r in ids[1:]):
+            return i
+    return n
 
 
 def prompt_tokens(adapter: Any, prompt: Any) -> int:
@@ -106,12 +120,13 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     clips = {audio_digest(a): a for p in list(prompts) + list(post) for a in p.audios()}
     fe = getattr(getattr(adapter, "processor", None), "feature_extractor", None)
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
+    pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
     return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio),
-                  pre_tokens=[prompt_tokens(adapter, p) for p, it in zip(prompts, items)
-                              if needs_pre_edit(it.dimension, bench.pre_edit_items)],
+                  pre_tokens=[prompt_tokens(adapter, p) for p in pre],
                   post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips),
-                  clip_frames=frames)
+                  clip_frames=frames, pre_shared=shared_prefix([adapter.prompt_token_ids(p) for p in pre]),
+                  post_shared=shared_prefix([adapter.prompt_token_ids(p) for p in post]))
 
 
 def _llm_sizes(t: Any) -> dict[str, int]:
@@ -173,16 +188,19 @@ def model_sizes(config: Any) -> dict[str, Any]:
 
 
 def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: dict[str, float],
-                  new_tokens: int, dtype_bytes: int, hp: dict[str, Any]) -> dict[str, float]:
-    """A lower bound for one edit under the single-edit protocol (see bench/NOTES.md).
+                  new_tokens: int, dtype_bytes: int, hp: dict[str, Any], pre_share: float = 1,
+                  post_share: float = 1) -> dict[str, float]:
+    """A lower bound for one edit (see bench/NOTES.md); ``pre_share`` / ``post_share``: the edits whose questions
+    one pre-edit / post-edit generation holds (a pass of K edits: its decode steps read the weights once for K).
 
     compute = training FLOPs (every frozen upstream part once: the encoder per clip, the layers below an edited
     layer once; per update the forward above the edited part with the LM head at target positions only, input
     gradients through the layers above it, weight gradients of the edited part) + prefill FLOPs of the pre- and
     post-edit questions + the encoder once per distinct clip (DeSTA2.5: also one Whisper transcript per distinct
-    clip; its perception FLOPs at the fp32 rate); memory = per decode step of one batched pre-edit and one batched
-    post-edit generation, every LLM weight and the KV cache read once (DeSTA2.5: plus Whisper's decoder weights
-    per step of one batched transcription of the edit's clips).
+    clip; its perception FLOPs at the fp32 rate), a prefix all of an edit's questions share counted once; memory =
+    per decode step of one batched pre-edit and one batched post-edit generation, the edit's share of every LLM
+    weight and its KV cache (a shared prefix once) read once (DeSTA2.5: plus Whisper's decoder weights per step of
+    one batched transcription of the edit's clips).
     """
     L, T, A = shapes.edit_tokens, shapes.target_tokens, shapes.audio_tokens
     layers, P, H = sizes["layers"], sizes["layer"], sizes["head"]
@@ -197,7 +215,8 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
         above = layers - edited
         train = 2 * edited * P * L + steps * ((2 * above * P * L + 2 * H * T)
                                               + (2 * (above - 1) * P * L + 2 * H * T) + 2 * P * L)
-    prefill = 2 * layers * P * (sum(shapes.pre_tokens) + sum(shapes.post_tokens))
+    groups = ((shapes.pre_tokens, shapes.pre_shared, pre_share), (shapes.post_tokens, shapes.post_shared, post_share))
+    prefill = 2 * layers * P * sum(sum(t) - max(len(t) - 1, 0) * shared for t, shared, _ in groups)
     at_frames = sizes.get("encoder_flops_at_frames")
     if at_frames is not None and shapes.clip_frames:
         perception += sum(at_frames(frames) for frames in shapes.clip_frames)
@@ -210,9 +229,12 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
     kv_bytes = sizes["kv_elements_per_token"] * dtype_bytes
     generate_bytes = sizes.get("transcript_bytes_per_step", 0) * sizes.get("transcript_steps", 0) * float(
         shapes.distinct_clips > 0)
-    for prompts in (shapes.pre_tokens, shapes.post_tokens):
+    for prompts, shared, share in groups:
+        if not prompts:
+            continue
         for step in range(new_tokens):
-            generate_bytes += sizes["llm_weights"] * dtype_bytes + kv_bytes * sum(p + step for p in prompts)
+            generate_bytes += sizes["llm_weights"] * dtype_bytes / share + kv_bytes * (
+                shared + sum(p - shared + step for p in prompts))
     memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
     return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
             "generate_bytes": generate_bytes, "compute_s": compute_s, "memory_s": memory_s,
@@ -225,10 +247,29 @@ FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_byte
               "train_s", "prefill_s", "perception_s", "floor_s", "train_modelled")
 
 
+def generation_shares(passes: list[int], ahead: int) -> tuple[list[int], list[int]]:
+    """Per edit of a run whose passes held ``passes`` edits: how many edits its pre-edit generation held (the runner
+    generates the pre-edit outputs of the next max(pass, ``ahead``) edits whenever a pass lacks them;
+    ``editors.run.PRE_EDIT_AHEAD``) and how many its post-edit generation held (its pass)."""
+    total, pre, post, covered, start = sum(passes), [], [], 0, 0
+    for k in passes:
+        if start + k > covered:
+            group = min(max(k, ahead), total - start)
+            pre += [group] * (start + group - covered)
+            covered = start + group
+        post += [k] * k
+        start += k
+    return pre, post
+
+
 def mean_floor(bench: Bench, method: str, rows: list[dict[str, Any]], ceilings: dict[str, float],
-               mean_steps: float | None = None) -> dict[str, float]:
+               mean_steps: float | None = None, passes: list[int] | None = None) -> dict[str, float]:
     """:func:`floor_seconds` averaged over the edits of ``rows`` (``mean_steps``: the updates the runner made, early
-    stops included, in place of the hparams' ``max_steps``)."""
+    stops included, in place of the hparams' ``max_steps``; ``passes``: the edits of each pass the runner made,
+    default one edit at a time)."""
+    from editors.run import PRE_EDIT_AHEAD
+
+    pre_shares, post_shares = generation_shares(passes or [1] * len(rows), PRE_EDIT_AHEAD)
     editor = bench.editor(method)
     hp = bench.hparams(method).as_dict()
     if mean_steps:
@@ -236,5 +277,5 @@ def mean_floor(bench: Bench, method: str, rows: list[dict[str, Any]], ceilings: 
     sizes = model_sizes(bench.adapter.model.config)
     dtype_bytes = torch.finfo(bench.scale.dtype).bits // 8
     floors = [floor_seconds(method, edit_shapes(bench, editor, row), sizes, ceilings, bench.max_new_tokens,
-                            dtype_bytes, hp) for row in rows]
+                            dtype_bytes, hp, pre, post) for row, pre, post in zip(rows, pre_shares, post_shares)]
     return {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}

@@ -405,3 +405,51 @@ def test_the_floor_counts_the_pre_edit_outputs_the_run_generates(tmp_path):
     assert floor["train_s"] > 0 and floor["train_modelled"] == 1.0
     assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
                                              + floor["memory_s"])
+
+
+def test_the_floor_of_a_batched_run_shares_weights_and_prefixes(tmp_path):
+    """A pass of K edits reads the weights once per decode step for all K (the pre-edit outputs of the next 32
+    edits in one generation), and a prefix all of an edit's questions share (IE-IKE's demonstrations) is prefilled
+    once: the floor of a batched run is below the one-edit-at-a-time floor."""
+    import dataclasses
+
+    from bench.arms import synthetic_bench
+    from bench.roofline import edit_shapes, floor_seconds, generation_shares, mean_floor, model_sizes, shared_prefix
+
+    assert generation_shares([1, 13, 13, 5], 32) == ([32] * 32, [1] + [13] * 26 + [5] * 5)
+    assert generation_shares([1, 1, 1], 2) == ([2, 2, 1], [1, 1, 1])
+    assert generation_shares([40, 40], 32) == ([40] * 80, [40] * 80)
+    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and shared_prefix([[1, 2]]) == 0
+    ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=4, max_new_tokens=4, prefix="floor-") as bench:
+        rows = bench.dataset.ordered(["emotion"], 4)[:4]
+        shapes = edit_shapes(bench, bench.editor("ie_ike"), rows[0])
+        assert shapes.post_shared > 0.5 * min(shapes.post_tokens)  # the demonstrations, once per edit
+        sizes, hp = model_sizes(bench.adapter.model.config), bench.hparams("ie_ike").as_dict()
+        shared = floor_seconds("ie_ike", shapes, sizes, ceilings, 4, 4, hp)
+        unshared = floor_seconds("ie_ike", dataclasses.replace(shapes, post_shared=0, pre_shared=0), sizes,
+                                 ceilings, 4, 4, hp)
+        assert shared["prefill_s"] < unshared["prefill_s"] and shared["memory_s"] < unshared["memory_s"]
+        one_at_a_time = mean_floor(bench, "ft_llm", rows, ceilings)
+        batched = mean_floor(bench, "ft_llm", rows, ceilings, passes=[4])
+    assert batched["memory_s"] < one_at_a_time["memory_s"]
+    assert batched["prefill_s"] == pytest.approx(one_at_a_time["prefill_s"])
+
+
+def test_goals_computes_a_recorded_floor_again_from_the_calls_own_edits():
+    """``--combine --refloor``: a run's floor from its call's arguments (the same synthetic edits), its passes, steps
+    and the call's ceilings, on the full-size architecture's shapes; a run without a floor stays without one."""
+    from bench import goals
+
+    run = {"engine": "graph", "edits": 2, "s_per_edit": 1.0, "passes": [{"edits": 2}], "pre_edit_items": "locality",
+           "info": {"steps": [3], "mean_steps": 3.0}, "floor": {"floor_s": 99.0}}
+    data = {"device": "NVIDIA H100 80GB HBM3", "model": "qwen2_audio", "argv": ["--edits", "2", "--hypernet-steps", "1"],
+            "header": {"device": "NVIDIA H100 80GB HBM3", "audio_seconds": [0.5, 1.9], "versions": None},
+            "ceilings": {"matmul_flops_per_s": 7e14, "matmul_fp32_flops_per_s": 5e13, "copy_bytes_per_s": 3e12},
+            "rows": [{"method": "ft_audio", "runs": [run, {**run, "engine": "eager", "floor": None}]}]}
+    assert goals.refloor(data) == 1
+    floor = data["rows"][0]["runs"][0]["floor"]
+    assert 0 < floor["floor_s"] < 99 and floor["train_s"] > 0 and floor["train_modelled"] == 1.0
+    assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
+                                             + floor["memory_s"], rel=1e-3)
+    assert data["rows"][0]["runs"][1]["floor"] is None
