@@ -83,27 +83,12 @@ def allocator_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, 
 
 
 
-def add_capture_training(parser: Any) -> None:
-    """The bench's ``--capture-training`` option (an A/B of ``editors.batching.CAPTURE_STEPS``)."""
-    parser.add_argument("--capture-training", choices=("library", "on", "off"), default="library",
-                        help="'on'/'off': training loops replay their step as a CUDA graph or not (an A/B of "
-                             "editors.batching.CAPTURE_STEPS); default: the library's")
-
-
 def add_pre_edit_items(parser: Any) -> None:
     """The bench's ``--pre-edit-items`` option (the runs' ``RunConfig.pre_edit_items``)."""
     parser.add_argument("--pre-edit-items", choices=("locality", "all"), default="locality",
                         help="items whose unedited output the runs generate: locality (the library's default: "
                              "the items whose score reads it) or all (every item, as the runs before 2026-12-05 "
                              "did)")
-
-
-def apply_capture_training(choice: str) -> None:
-    """Set ``editors.batching.CAPTURE_STEPS`` as ``--capture-training`` says (``library``: leave it)."""
-    if choice != "library":
-        import editors.batching as batching
-
-        batching.CAPTURE_STEPS = choice == "on"
 
 @dataclasses.dataclass
 class ArmResult:

@@ -47,8 +47,8 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.arms import (Bench, GenerateCounter, add_capture_training, add_pre_edit_items, apply_capture_training,
-                        plan_units, profile_unit, run_naive, runner_pass)
+from bench.arms import (Bench, GenerateCounter, add_pre_edit_items, plan_units, profile_unit, run_naive,
+                        runner_pass)
 from bench.identity import identical_share
 from bench.models import build_adapter, full_scale, tiny_scale
 from bench.paper import PAPER_TABLE7_SINGLE, paper_seconds_per_edit
@@ -617,7 +617,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
-    add_capture_training(p)
     add_pre_edit_items(p)
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
@@ -763,7 +762,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editors.models.generation import graph
 
         graph.SHARE_CLIPS = False
-    apply_capture_training(args.capture_training)
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from bench.arms import (Bench, add_capture_training, add_pre_edit_items, allocator_counts, allocator_delta,
-                        apply_capture_training, runner_pass, synthetic_bench)
+from bench.arms import (Bench, add_pre_edit_items, allocator_counts, allocator_delta, runner_pass,
+                        synthetic_bench)
 from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -347,14 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="qwen2_audio", choices=("qwen2_audio", "desta25"),
                    help="the model family at full size (default: Qwen2-Audio-7B)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    add_capture_training(p)
     add_pre_edit_items(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    apply_capture_training(args.capture_training)
     rows = []
     with synthetic_bench(tiny=args.tiny, seed=args.seed, model=args.model, units=args.edits + 1,
                          max_new_tokens=args.max_new_tokens, prefix="sake-profile-") as bench:

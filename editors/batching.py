@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from editors.models import buckets
-from editors.models.batch import LayerState, StopFlags, side_stream, to_device
+from editors.models.batch import LayerState, StopFlags, to_device
 from editors.models.buckets import padded_rows
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
@@ -258,11 +258,7 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     last loss are device tensors, a stopped edit's loss is weighted 0 and its update skipped (as on the host path),
     and whether any edit is still active is copied back without waiting; the loop ends at the first look (before
     and after each step's forward) that finds a copy arrived saying none is (the steps run after the last edit
-    stopped change nothing). The results are the host path's, bit for bit.
-
-    With :data:`CAPTURE_STEPS` on CUDA, the step after :data:`WARMUP_STEPS` eager ones is captured as a CUDA graph
-    and the later steps replay it (one launch instead of thousands; the shapes do not change within a pass); the
-    stop flag is then looked at between steps only. A step that cannot be captured runs eagerly (one warning)."""
+    stopped change nothing). The results are the host path's, bit for bit."""
     k = copies.k
     masters = list(copies.masters.values())
     device = masters[0].device
@@ -276,7 +272,7 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     def forward() -> torch.Tensor:
         return _checked(losses_fn(copies.current()), k)
 
-    def update(losses: torch.Tensor) -> None:  # in place on the tensors above: a captured step replays it
+    def update(losses: torch.Tensor) -> None:  # in place on the tensors above
         values = losses.detach().float()
         last.copy_(torch.where(active, values, last))
         active.logical_and_(~(values < early_stop_loss))
@@ -286,16 +282,13 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
                           weight_decay=weight_decay)
         steps.add_(active)
 
-    replay = StepReplay(lambda: update(forward()), max_steps, device, capturable=number.on_device)
     for _ in range(max_steps):
         if stopped.seen():
             break
-        if not replay.replayed():
-            with replay.eager():
-                losses = forward()
-                if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
-                    break
-                update(losses)
+        losses = forward()
+        if stopped.seen():  # arrived while this step's forward was queued: its backward and update are not needed
+            break
+        update(losses)
         stopped.push(~active.any())
     for m in masters:
         m.requires_grad_(False)
@@ -303,18 +296,10 @@ def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[st
     return [EditResult(steps=s, loss=v, stopped_early=not a) for s, v, a in zip(ran, losses_out, active_out)]
 
 
-#: Whether training loops of fixed shapes replay their step as a CUDA graph (:func:`finetune_many`'s device loop,
-#: :func:`run_steps`). Off until timed on a GPU (``bench/NOTES.md``: the A/B call is listed there); the results are
-#: the eager loops' bit for bit (``bench/cuda_checks.py``: ``captured_training``).
-CAPTURE_STEPS = False
-#: Eager steps before the capture: lazily made state (optimizer moments, library handles) exists by then.
-WARMUP_STEPS = 2
-
-
 class StepNumber:
     """The number (from 1) of the update a training step makes, as the optimizer reads it: a device tensor where
-    every parameter's Adam runs fused or the optimizer has no step count (a replayed step counts there:
-    :attr:`on_device`), else a host number (Adam's formulas)."""
+    every parameter's Adam runs fused or the optimizer has no step count (:attr:`on_device`: no host number enters
+    a step), else a host number (Adam's formulas)."""
 
     def __init__(self, optimizer: str, params: Sequence[torch.Tensor]) -> None:
         self.on_device = all(optimizer != "adam" or fused_adam(optimizer, p) for p in params)
@@ -328,68 +313,6 @@ class StepNumber:
             return self._tensor
         self._count += 1
         return self._count
-
-
-def capturing(device: torch.device, steps: int) -> bool:
-    """Whether a loop of ``steps`` steps on ``device`` captures one (:data:`CAPTURE_STEPS`, CUDA, at least two
-    replays after the warm-up)."""
-    return CAPTURE_STEPS and can_capture(device) and steps > WARMUP_STEPS + 1
-
-
-class StepReplay:
-    """A training loop's steps, replayed where they can be: where :func:`capturing` and ``capturable`` (``step``
-    changes tensors in place only, reads its update's number from the device and copies nothing from the host), the
-    first :data:`WARMUP_STEPS` steps run eagerly on a side stream (:meth:`eager`), the next is captured and every
-    later one replays it. A loop calls :meth:`replayed` once per step and runs the step itself when it says no."""
-
-    def __init__(self, step: Callable[[], None], steps: int, device: torch.device, *, capturable: bool) -> None:
-        self.step, self.device = step, device
-        self.capture = capturable and capturing(device, steps)
-        self.graph: Any = None
-        self.done = 0
-
-    def replayed(self) -> bool:
-        """Whether this step ran as a replay (captured first where it is due); if not, the caller runs it."""
-        if self.capture and self.done == WARMUP_STEPS:
-            self.graph = _captured(self.step, self.device)
-            self.capture = self.graph is not None
-        self.done += 1
-        if self.graph is None:
-            return False
-        self.graph.replay()
-        return True
-
-    def eager(self) -> contextlib.AbstractContextManager[None]:
-        """Where a step runs when not replayed: on a side stream before a capture, else where it is."""
-        return side_stream(self.device) if self.capture else contextlib.nullcontext()
-
-
-def run_steps(step: Callable[[], None], steps: int, device: torch.device, *, capturable: bool) -> None:
-    """``step()`` ``steps`` times, replayed as :class:`StepReplay` says."""
-    replay = StepReplay(step, steps, device, capturable=capturable)
-    for _ in range(steps):
-        if not replay.replayed():
-            with replay.eager():
-                step()
-
-
-def can_capture(device: torch.device) -> bool:
-    """Whether training steps on ``device`` can be captured as a CUDA graph (CUDA only)."""
-    return device.type == "cuda"
-
-
-def _captured(step: Callable[[], None], device: torch.device) -> Any:
-    """``step`` captured as a CUDA graph (not run), or None where it cannot be (one warning): then the loop goes on
-    eagerly, nothing changed (a capture runs no kernel)."""
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    except RuntimeError as exc:
-        logger.warning("a training step could not be captured as a CUDA graph (%s); running it eagerly",
-                       str(exc).splitlines()[0][:200])
-        return None
-    return graph
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 
 from editors.base import EditRequest, Editor, RunContext, finetune
 from editors.batching import (LayerRows, RowRouting, StackedCopies, StepNumber, finetune_many, masked_update,
-                              packed_layer_rows, routed_copies, run_steps, runs_of)
+                              packed_layer_rows, routed_copies, runs_of)
 from editors.hparams import Hparams
 from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
 from editors.models.buckets import training_groups
@@ -305,7 +305,7 @@ class UnKE(Editor):
         state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         number = StepNumber("adam", [delta])
 
-        def update(losses: torch.Tensor) -> None:  # in place only: a replayed step (run_steps) is this
+        def update(losses: torch.Tensor) -> None:
             total = losses + wd * delta.norm(dim=-1) / key0.norm(dim=-1).clamp(min=1e-6) ** 2
             # stopped edits weighted 0 rather than dropped by a boolean index (a host sync): the same gradient
             (grad,) = torch.autograd.grad((total * active).sum(), [delta])
@@ -325,8 +325,9 @@ class UnKE(Editor):
                 if not bool(active.any()):
                     break
                 update(losses)
-        else:  # every step the same kernels: replayed as a CUDA graph where the library captures steps
-            run_steps(lambda: update(nll(delta)), hp.v_steps, device, capturable=number.on_device)
+        else:  # no early stop: no host sync in the loop
+            for _ in range(hp.v_steps):
+                update(nll(delta))
         with torch.no_grad():
             final = nll(delta.detach())
         stats = [{"v_steps": s_, "v_loss": float(f), "delta_norm": float(n)}

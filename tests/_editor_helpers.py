@@ -139,27 +139,3 @@ def cli_args(config: RunConfig) -> list[str]:
     if not config.progress:
         argv.append("--no-progress")
     return argv
-
-
-def stand_in_capture(monkeypatch, works: bool = True, note: Any = None) -> list[Any]:
-    """Training steps "captured" on the CPU (``editors.batching.CAPTURE_STEPS`` on): a stand-in graph whose replay
-    runs the captured step (a capture runs nothing, as CUDA's; ``works=False``: every capture fails). Returns the
-    list that records each capture (``note()`` then, default None)."""
-    import contextlib
-
-    import editors.batching as batching
-
-    captures: list[Any] = []
-
-    class Replayed:
-        def __init__(self, step):
-            self.replay = step
-
-    def capture(step, device):
-        captures.append(note() if note else None)
-        return Replayed(step) if works else None
-
-    monkeypatch.setattr(batching, "can_capture", lambda device: True)
-    monkeypatch.setattr(batching, "side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(batching, "_captured", capture)
-    return captures

@@ -129,27 +129,6 @@ def test_stage_one_over_the_tail_finds_the_keys_of_the_whole_width(monkeypatch):
     assert one_stats == one_stats_w and many_stats == many_stats_w and one_stats["v_steps"] > 0
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_stage_one_replayed_finds_the_keys_of_the_eager_loop(monkeypatch, fused):
-    """Without an early stop, stage 1's steps are all alike: with ``CAPTURE_STEPS`` (a stand-in graph on the CPU,
-    tests/_editor_helpers.py) the steps after the warm-up replay the captured one, Adam's step number read from the
-    device (fused kernel, forced); the keys and stats are the eager loop's bit for bit. Adam's formulas read the
-    number on the host, so their loop is not captured."""
-    import editors.batching as batching
-    from _editor_helpers import stand_in_capture
-
-    monkeypatch.setattr(batching, "fused_adam", lambda opt, tensor: fused and opt == "adam")
-    adapter = tiny_adapter("tiny-qwen2-audio")
-    edits = [edit_request(target=t) for t in ("sad", "happy birthday to you", "dog")]
-    captures = stand_in_capture(monkeypatch)
-    found = []
-    for capture in (False, True):
-        monkeypatch.setattr(batching, "CAPTURE_STEPS", capture)
-        found.append(UnKE(adapter, hparams("unke", adapter, v_steps=6), context()).compute_keys(edits))
-    (keys, stats), (keys_r, stats_r) = found
-    assert len(captures) == (1 if fused else 0)
-    assert torch.equal(keys, keys_r) and stats == stats_r and all(s["v_steps"] == 6 for s in stats)
-
 def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
     """On CUDA stage 1 runs every edit's row in one batch at the widest row's width (its steps are launch-bound);
     in exact arithmetic the left padding changes nothing, so in float64 the keys and step counts are those of the
