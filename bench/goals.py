@@ -722,6 +722,9 @@ def refloor(data: dict[str, Any]) -> int:
     from bench.models import Scale, bench_adapter_class
 
     call = parse_args(data["argv"])
+    if call.model != "qwen2_audio":
+        raise SystemExit(f"--refloor: the prompts of --model {call.model} hold Whisper transcripts, which need the "
+                         "model's weights; its floors are computed on the device only")
     seconds = tuple(data["header"]["audio_seconds"])
     adapter = bench_adapter_class(call.model).random_full_size(call.seed, dtype=torch.bfloat16, device="meta")
     done = 0

@@ -453,3 +453,5 @@ def test_goals_computes_a_recorded_floor_again_from_the_calls_own_edits():
     assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
                                              + floor["memory_s"], rel=1e-3)
     assert data["rows"][0]["runs"][1]["floor"] is None
+    with pytest.raises(SystemExit, match="transcripts"):  # DeSTA2.5's shapes need its weights
+        goals.refloor({**data, "argv": ["--model", "desta25", "--edits", "2"]})
