@@ -29,7 +29,11 @@ some methods keeps the others' rows (a method's runs are replaced engine by engi
 rows were timed on, and a run on another card refuses to merge it: an H100's rows go to ``bench/RESULTS-h100.json``
 and ``bench/RESULTS-h100.md``. Raw files of several calls on one card become one table off the device with
 ``python -m bench.goals --combine A.json B.json:ie_ike,i_ike --out bench/RESULTS-h100.md --json
-bench/RESULTS-h100.json`` (in order: a later file's parts replace an earlier one's; ``:methods`` takes only those).
+bench/RESULTS-h100.json`` (in order: a later file's parts replace an earlier one's; ``:methods`` takes only those);
+``--refloor`` computes the runs' recorded floors again with today's ``bench/roofline.py`` (Qwen2-Audio rows).
+
+Each run records the floor of its edits on its card (``bench.roofline.mean_floor``), and the table says, for every
+missed goal, where the run's seconds went beside that floor.
 """
 
 from __future__ import annotations
