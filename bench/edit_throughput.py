@@ -175,7 +175,7 @@ def bench_method(bench: Bench, method: str, args: argparse.Namespace, ceilings: 
         timed = bench.dataset.ordered(*plan_units(args.edits, args.warmup))[args.warmup: args.warmup + args.edits]
         shapes = [edit_shapes(bench, editor, row) for row in timed]
         # the floor counts the updates the runner made (early stop included)
-        floor = mean_floor(bench, method, timed, ceilings, ours.info.get("steps") and ours.info["mean_steps"])
+        floor = mean_floor(bench, method, shapes, ceilings, ours.info.get("steps") and ours.info["mean_steps"])
     # after the shapes: they read DeSTA2.5 transcripts still cached from ours (the naive arm drops them)
     if editor is not None and "naive" in arms:
         order = bench.dataset.ordered(*plan_units(args.edits, args.warmup))  # the runner's unit order

@@ -57,7 +57,7 @@ from bench.identity import identical_share
 from bench.models import build_adapter, full_scale, tiny_scale
 from bench.paper import PAPER_TABLE7_SINGLE, paper_seconds_per_edit
 from bench.report import device_name, write_results
-from bench.roofline import mean_floor, measure_ceilings
+from bench.roofline import mean_floor, measure_ceilings, run_shapes
 from bench.synthetic import SyntheticDataset
 from sake_core.atomic import atomic_write
 from sake_core.protocol import ATTRIBUTES
@@ -161,7 +161,8 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, ceilings: dict
         try:
             timed = bench.dataset.ordered(*plan_units(edits, 0))[:units]
             steps = result.info.get("steps") and result.info["mean_steps"]
-            floor = mean_floor(bench, method, timed, ceilings, steps, [p["edits"] for p in passes])
+            floor = mean_floor(bench, method, run_shapes(bench, method, timed), ceilings, steps,
+                               [p["edits"] for p in passes])
             row["floor"] = {k: round(v, 4) for k, v in floor.items()}
         except Exception as error:  # noqa: BLE001 - the floor is a model: its failure must not cost the timed run
             LOG.warning("%s: no floor (%s: %s)", method, type(error).__name__, error)
@@ -414,9 +415,12 @@ def bound_lines(rows: list[dict[str, Any]], model: str) -> list[str]:
     for row in rows:
         m = row["method"]
         for run in row["runs"]:
-            if run.get("error") or goal_of(model, m, run["s_per_edit"])[1] != "missed":
+            if run.get("error"):
                 continue
-            s, goal = run["s_per_edit"], goal_of(model, m, run["s_per_edit"])[0]
+            s = run["s_per_edit"]
+            goal, met = goal_of(model, m, s)
+            if met != "missed":
+                continue
             split = (run.get("info") or {}).get("per_edit_split_s_incl_warmup") or {}
             g = run.get("graph") or {}
             captures = (g.get("capture_s") or 0) / max(run["edits"], 1)
@@ -734,18 +738,18 @@ def refloor(data: dict[str, Any]) -> int:
     done = 0
     with tempfile.TemporaryDirectory(prefix="sake-refloor-") as tmp:
         dataset = goals_dataset(call, Path(tmp), seconds)  # type: ignore[arg-type]
+        bench = Bench(scale=Scale("full", "meta", torch.bfloat16, seconds), adapter=adapter,  # type: ignore[arg-type]
+                      dataset=dataset, counter=GenerateCounter(adapter.model), max_new_tokens=call.max_new_tokens,
+                      seed=call.seed, workdir=Path(tmp), model=call.model)
         for row in data["rows"]:
             for run in row["runs"]:
                 if not run.get("floor"):
                     continue
-                bench = Bench(scale=Scale("full", "meta", torch.bfloat16, seconds), adapter=adapter,  # type: ignore[arg-type]
-                              dataset=dataset, counter=GenerateCounter(adapter.model),
-                              max_new_tokens=call.max_new_tokens, seed=call.seed, workdir=Path(tmp), model=call.model,
-                              pre_edit_items=run.get("pre_edit_items", "all"))
+                bench.pre_edit_items = run.get("pre_edit_items", "all")
                 timed = dataset.ordered(*plan_units(run["edits"], 0))[:run["edits"]]
                 steps = run["info"].get("steps") and run["info"]["mean_steps"]
-                floor = mean_floor(bench, row["method"], timed, data["ceilings"], steps,
-                                   [p["edits"] for p in run["passes"]])
+                floor = mean_floor(bench, row["method"], run_shapes(bench, row["method"], timed), data["ceilings"],
+                                   steps, [p["edits"] for p in run["passes"]])
                 run["floor"] = {k: round(v, 4) for k, v in floor.items()}
                 done += 1
     return done

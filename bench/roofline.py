@@ -92,13 +92,6 @@ def shared_prefix(ids: list[list[int]]) -> int:
     return n
 
 
-def prompt_tokens(adapter: Any, prompt: Any) -> int:
-    """Tokens of a rendered prompt with every audio placeholder expanded."""
-    audios = prompt.audios()
-    text_ids = adapter.tokenizer(adapter.render(prompt), add_special_tokens=False)["input_ids"]
-    return len(text_ids) - len(audios) + sum(adapter.num_audio_tokens(a) for a in audios)
-
-
 def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     from editors.base import EditRequest
     from editors.data import eval_items
@@ -120,13 +113,19 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     clips = {audio_digest(a): a for p in list(prompts) + list(post) for a in p.audios()}
     fe = getattr(getattr(adapter, "processor", None), "feature_extractor", None)
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
-    pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
-    return Shapes(edit_tokens=prompt_tokens(adapter, edit.prompt()) + target, target_tokens=target,
-                  audio_tokens=adapter.num_audio_tokens(edit.audio),
-                  pre_tokens=[prompt_tokens(adapter, p) for p in pre],
-                  post_tokens=[prompt_tokens(adapter, p) for p in post], distinct_clips=len(clips),
-                  clip_frames=frames, pre_shared=shared_prefix([adapter.prompt_token_ids(p) for p in pre]),
-                  post_shared=shared_prefix([adapter.prompt_token_ids(p) for p in post]))
+    pre_ids = [adapter.prompt_token_ids(p) for p, it in zip(prompts, items)
+               if needs_pre_edit(it.dimension, bench.pre_edit_items)]
+    post_ids = [adapter.prompt_token_ids(p) for p in post]
+    return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,
+                  audio_tokens=adapter.num_audio_tokens(edit.audio), pre_tokens=[len(i) for i in pre_ids],
+                  post_tokens=[len(i) for i in post_ids], distinct_clips=len(clips), clip_frames=frames,
+                  pre_shared=shared_prefix(pre_ids), post_shared=shared_prefix(post_ids))
+
+
+def run_shapes(bench: Bench, method: str, rows: list[dict[str, Any]]) -> list[Shapes]:
+    """:func:`edit_shapes` of each of ``rows`` under ``method``."""
+    editor = bench.editor(method)
+    return [edit_shapes(bench, editor, row) for row in rows]
 
 
 def _llm_sizes(t: Any) -> dict[str, int]:
@@ -262,20 +261,19 @@ def generation_shares(passes: list[int], ahead: int) -> tuple[list[int], list[in
     return pre, post
 
 
-def mean_floor(bench: Bench, method: str, rows: list[dict[str, Any]], ceilings: dict[str, float],
+def mean_floor(bench: Bench, method: str, shapes: list[Shapes], ceilings: dict[str, float],
                mean_steps: float | None = None, passes: list[int] | None = None) -> dict[str, float]:
-    """:func:`floor_seconds` averaged over the edits of ``rows`` (``mean_steps``: the updates the runner made, early
-    stops included, in place of the hparams' ``max_steps``; ``passes``: the edits of each pass the runner made,
-    default one edit at a time)."""
+    """:func:`floor_seconds` averaged over the edits of ``shapes`` (:func:`run_shapes`; ``mean_steps``: the updates
+    the runner made, early stops included, in place of the hparams' ``max_steps``; ``passes``: the edits of each
+    pass the runner made, default one edit at a time)."""
     from editors.run import PRE_EDIT_AHEAD
 
-    pre_shares, post_shares = generation_shares(passes or [1] * len(rows), PRE_EDIT_AHEAD)
-    editor = bench.editor(method)
+    pre_shares, post_shares = generation_shares(passes or [1] * len(shapes), PRE_EDIT_AHEAD)
     hp = bench.hparams(method).as_dict()
     if mean_steps:
         hp["max_steps"] = mean_steps
     sizes = model_sizes(bench.adapter.model.config)
     dtype_bytes = torch.finfo(bench.scale.dtype).bits // 8
-    floors = [floor_seconds(method, edit_shapes(bench, editor, row), sizes, ceilings, bench.max_new_tokens,
-                            dtype_bytes, hp, pre, post) for row, pre, post in zip(rows, pre_shares, post_shares)]
+    floors = [floor_seconds(method, sh, sizes, ceilings, bench.max_new_tokens, dtype_bytes, hp, pre, post)
+              for sh, pre, post in zip(shapes, pre_shares, post_shares)]
     return {k: float(np.mean([f[k] for f in floors])) for k in FLOOR_KEYS}

@@ -305,7 +305,12 @@ class UnKE(Editor):
         state_opt: list[dict[str, Any]] = [{}]  # the optimizer state of masked_update
         number = StepNumber("adam", [delta])
 
-        def update(losses: torch.Tensor) -> None:
+        for _ in range(hp.v_steps):
+            losses = nll(delta)
+            if early_stop:  # per edit: stop before the update, as alone (one host sync per step)
+                active &= ~(losses.detach() < threshold)
+                if not bool(active.any()):
+                    break
             total = losses + wd * delta.norm(dim=-1) / key0.norm(dim=-1).clamp(min=1e-6) ** 2
             # stopped edits weighted 0 rather than dropped by a boolean index (a host sync): the same gradient
             (grad,) = torch.autograd.grad((total * active).sum(), [delta])
@@ -317,17 +322,6 @@ class UnKE(Editor):
                                     torch.ones_like(norm))
                 delta.mul_(scale[:, None])
             steps.add_(active)
-
-        if early_stop:
-            for _ in range(hp.v_steps):
-                losses = nll(delta)
-                active &= ~(losses.detach() < threshold)  # per edit: stop before the update, as alone
-                if not bool(active.any()):
-                    break
-                update(losses)
-        else:  # no early stop: no host sync in the loop
-            for _ in range(hp.v_steps):
-                update(nll(delta))
         with torch.no_grad():
             final = nll(delta.detach())
         stats = [{"v_steps": s_, "v_loss": float(f), "delta_norm": float(n)}

@@ -387,7 +387,7 @@ def test_the_floor_counts_the_pre_edit_outputs_the_run_generates(tmp_path):
     """The floor's pre-edit generation holds the questions that get a pre-edit output (the locality items by
     default, all ten under --pre-edit-items all), and its parts add up to the floor."""
     from bench.arms import synthetic_bench
-    from bench.roofline import mean_floor
+    from bench.roofline import mean_floor, run_shapes
 
     ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
     with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=2, max_new_tokens=4, prefix="floor-") as bench:
@@ -399,9 +399,9 @@ def test_the_floor_counts_the_pre_edit_outputs_the_run_generates(tmp_path):
         bench.pre_edit_items = "all"
         every = edit_shapes(bench, editor, rows[0])
         assert len(locality.post_tokens) == len(every.pre_tokens) == 10 and len(locality.pre_tokens) == 5
-        floor = mean_floor(bench, "ft_audio", rows, ceilings)
+        floor = mean_floor(bench, "ft_audio", run_shapes(bench, "ft_audio", rows), ceilings)
         bench.pre_edit_items = "locality"
-        assert mean_floor(bench, "ft_audio", rows, ceilings)["prefill_s"] < floor["prefill_s"]
+        assert mean_floor(bench, "ft_audio", run_shapes(bench, "ft_audio", rows), ceilings)["prefill_s"] < floor["prefill_s"]
     assert floor["train_s"] > 0 and floor["train_modelled"] == 1.0
     assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
                                              + floor["memory_s"])
@@ -414,7 +414,8 @@ def test_the_floor_of_a_batched_run_shares_weights_and_prefixes(tmp_path):
     import dataclasses
 
     from bench.arms import synthetic_bench
-    from bench.roofline import edit_shapes, floor_seconds, generation_shares, mean_floor, model_sizes, shared_prefix
+    from bench.roofline import (edit_shapes, floor_seconds, generation_shares, mean_floor, model_sizes, run_shapes,
+                                shared_prefix)
 
     assert generation_shares([1, 13, 13, 5], 32) == ([32] * 32, [1] + [13] * 26 + [5] * 5)
     assert generation_shares([1, 1, 1], 2) == ([2, 2, 1], [1, 1, 1])
@@ -430,8 +431,8 @@ def test_the_floor_of_a_batched_run_shares_weights_and_prefixes(tmp_path):
         unshared = floor_seconds("ie_ike", dataclasses.replace(shapes, post_shared=0, pre_shared=0), sizes,
                                  ceilings, 4, 4, hp)
         assert shared["prefill_s"] < unshared["prefill_s"] and shared["memory_s"] < unshared["memory_s"]
-        one_at_a_time = mean_floor(bench, "ft_llm", rows, ceilings)
-        batched = mean_floor(bench, "ft_llm", rows, ceilings, passes=[4])
+        one_at_a_time = mean_floor(bench, "ft_llm", run_shapes(bench, "ft_llm", rows), ceilings)
+        batched = mean_floor(bench, "ft_llm", run_shapes(bench, "ft_llm", rows), ceilings, passes=[4])
     assert batched["memory_s"] < one_at_a_time["memory_s"]
     assert batched["prefill_s"] == pytest.approx(one_at_a_time["prefill_s"])
 
