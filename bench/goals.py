@@ -278,33 +278,38 @@ def _sync(bench: Bench) -> None:
 
 
 def sweep(bench: Bench, method: str, ks: Sequence[int]) -> dict[str, Any]:
-    """One pass at each forced K: peak bytes; the runner's fit (bytes per edit, per pass) and the K it picks on an
-    80 GB and a 139 GB card."""
-    from editors.memory import MAX_EDITS_PER_PASS, PASS_FRACTION
+    """One pass at each forced K: peak bytes (per phase too); the runner's fit (each phase's bytes per edit and per
+    pass, ``editors.memory.fit_phase``) and the K it picks on an 80 GB and a 139 GB card."""
+    from editors.memory import MAX_EDITS_PER_PASS, edits_that_fit, fit_phase
     from editors.models.generation import release
 
     out: dict[str, Any] = {"k": {}}
+    phases: dict[str, dict[int, int]] = {}
     for k in ks:
         release(bench.adapter)
         cache = bench.workdir / f"cache-sweep-{method}-{k}"
         shutil.rmtree(cache, ignore_errors=True)
         try:
             _, runner = runner_pass(bench, method, k, 0, cache, bench.workdir / f"sweep-{method}-{k}.jsonl", k)
-            peak = runner.sizer.history[0]["peak_bytes"]
-            out["k"][k] = {"peak_gib": _gib(peak), "gib_per_edit": _gib(peak / k) if peak else None}
+            first = runner.sizer.history[0]
+            peak = first["peak_bytes"]
+            out["k"][k] = {"peak_gib": _gib(peak), "gib_per_edit": _gib(peak / k) if peak else None,
+                           "phase_peak_gib": {name: _gib(b) for name, b in first["phase_peak_bytes"].items()}}
+            for name, b in first["phase_peak_bytes"].items():
+                phases.setdefault(name, {})[k] = b
         except Exception as error:  # noqa: BLE001
             out["k"][k] = {"error": f"{type(error).__name__}: {str(error)[:160]}"}
             release(bench.adapter)
-    good = {k: v["peak_gib"] for k, v in out["k"].items() if v.get("peak_gib") is not None}
-    if len(good) >= 2 and bench.scale.device == "cuda":
-        (k1, p1), (k2, p2) = min(good.items()), max(good.items())
-        per_edit = max(1e-6, (p2 - p1) / (k2 - k1))
-        fixed = max(0.0, p1 - k1 * per_edit)
-        resident = torch.cuda.memory_allocated() / 2**30  # model + kept captures
+    lines = {name: fit_phase(runs) for name, runs in phases.items() if len(runs) >= 2}
+    if lines and bench.scale.device == "cuda":
+        resident = torch.cuda.memory_allocated()  # model + kept captures
         for card in (80, 139):
-            k = max(1, min(MAX_EDITS_PER_PASS, int((PASS_FRACTION * (card - resident) - fixed) // per_edit)))
-            out[f"k_on_{card}gb"] = {"k": k, "predicted_peak_gib": round(resident + fixed + k * per_edit, 1)}
-        out.update(per_edit_gib=round(per_edit, 2), per_pass_gib=round(fixed, 2), resident_gib=round(resident, 1))
+            k, bound_by = edits_that_fit(lines, card * 2**30 - resident, MAX_EDITS_PER_PASS)
+            per_edit, fixed = lines[bound_by]
+            out[f"k_on_{card}gb"] = {"k": k, "bound_by": bound_by,
+                                     "predicted_peak_gib": round((resident + fixed + k * per_edit) / 2**30, 1)}
+        out.update(fit_gib={name: {"per_edit": _gib(pe), "per_pass": _gib(fx)} for name, (pe, fx) in lines.items()},
+                   resident_gib=round(resident / 2**30, 1))
     return out
 
 
@@ -527,16 +532,18 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
     swept = [r for r in rows if r.get("sweep")]
     if swept:
         lines += ["", "Memory per edit (one pass at each forced K) and the K the runner picks:", "",
-                  "| method | GiB per edit at K | per edit / per pass (fit) | K on 80 GB (peak) | K on 139 GB (peak) |",
+                  "| method | GiB per edit at K | per edit / per pass (fit, GiB; per phase) | K on 80 GB (peak) | K on 139 GB (peak) |",
                   "|---|---|---|---|---|"]
         for row in swept:
             sw = row["sweep"]
             ks = ", ".join(f"K={k}: {_f(v.get('gib_per_edit'))}" if not v.get("error") else f"K={k}: {v['error'][:40]}"
                            for k, v in sw["k"].items())
-            cards = [f"{sw[c]['k']} ({sw[c]['predicted_peak_gib']} GiB)" if c in sw else "n/a"
+            cards = [f"{sw[c]['k']} ({sw[c]['predicted_peak_gib']} GiB" +
+                     (f", {sw[c]['bound_by']} bounds it)" if sw[c].get("bound_by") else ")") if c in sw else "n/a"
                      for c in ("k_on_80gb", "k_on_139gb")]
-            lines.append(f"| {row['method']} | {ks} | {_f(sw.get('per_edit_gib'))} / {_f(sw.get('per_pass_gib'))} | "
-                         f"{cards[0]} | {cards[1]} |")
+            fit = ("; ".join(f"{name} {_f(v['per_edit'])} / {_f(v['per_pass'])}" for name, v in sw["fit_gib"].items())
+                   if "fit_gib" in sw else f"{_f(sw.get('per_edit_gib'))} / {_f(sw.get('per_pass_gib'))}")
+            lines.append(f"| {row['method']} | {ks} | {fit} | {cards[0]} | {cards[1]} |")
     emulated = [r for r in rows if r.get("emulated")]
     for row in emulated:
         e = row["emulated"]

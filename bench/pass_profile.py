@@ -249,16 +249,16 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
         with torch.profiler.record_function(PREFIX + "pre_edit"):
             return original_ahead(self, units)
 
-    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any, ahead: Any) -> None:
+    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any, ahead: Any, peaks: Any = None) -> None:
         state["passes"] += 1
         if state["passes"] != profile_pass:
-            return original(self, units, out, bar, ahead)
+            return original(self, units, out, bar, ahead, peaks)
         self.session.apply_many = _ranged("apply", self.session.apply_many)
         self.session.restore = _ranged("restore", self.session.restore)
         self.editor.generate_many = _ranged("evaluate", self.editor.generate_many)
         try:
             with torch.profiler.record_function(PREFIX + "pass"):
-                original(self, units, out, bar, ahead)
+                original(self, units, out, bar, ahead, peaks)
             if bench.scale.device == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - state["started"] if "started" in state else None

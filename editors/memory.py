@@ -1,15 +1,20 @@
 """Edits per pass sized from measured memory, and what the runner does when a pass runs out of memory (issue 29).
 
-Sizing (:class:`PassSizer`): a pass of K edits needs ``fixed + K * per_edit`` bytes (``fixed``: what a pass needs
-whatever its size, e.g. the generation's logits and the audio encoder; ``per_edit``: one edit's parameter copies,
-optimizer state, training activations and its items' KV cache at their real lengths, prefixes included). On CUDA,
-with ``--edits-per-pass`` left unset, the runner measures it: the first pass runs one edit (its peak is
-``fixed + per_edit``, so it bounds one edit's cost), the second as many edits as fit at that bound (at least
-:data:`PROBE_EDITS`; the difference of the two peaks is ``per_edit``); every later pass holds as many edits as fit
-:data:`PASS_FRACTION` of the memory available (at most :data:`MAX_EDITS_PER_PASS`). So the K a method gets depends
-on its own cost on this model and device, not on a flat constant, and only the first pass is a small one. When the
-larger pass peaks no higher than the first (the generation's chunks grow with the memory left, so its peak need
-not grow with K), its peak over its K bounds one edit instead.
+Sizing (:class:`PassSizer`): each phase of a pass of K edits (the edit, ``apply``; the generation under the
+edits, ``evaluate``) needs ``fixed + K * per_edit`` bytes (``fixed``: what the phase needs whatever the pass's size,
+e.g. the generation's logits and the audio encoder; ``per_edit``: one edit's parameter copies, optimizer state,
+training activations and its items' KV cache at their real lengths, prefixes included). On CUDA, with
+``--edits-per-pass`` left unset, the runner measures it (:class:`PassPeaks`: the peak of each phase above the pass's
+start): the first pass runs one edit (its peak is ``fixed + per_edit``, so it bounds one edit's cost), the second as
+many edits as fit at that bound (at least :data:`PROBE_EDITS`; per phase, the difference of the two peaks is
+``per_edit``); every later pass holds as many edits as every phase fits in :data:`PASS_FRACTION` of the memory
+available (at most :data:`MAX_EDITS_PER_PASS`). So the K a method gets depends on its own cost on this model and
+device, not on a flat constant, and only the first pass is a small one. The phases are fitted apart because the
+pass's peak moves between them: with few edits the generation's fixed cost may be the peak, with many the edits'
+training state, and one line through the pass's peaks would take the slope of the first for the second's (DeSTA2.5's
+FT-LLM on an 80 GB card: 1.9 GiB per edit fitted from passes of 1 and 4 edits, 3.8 measured at 8, out of memory at
+the 17 the line allowed). When a phase's peak at the larger pass is no higher than at the first (the generation's
+chunks grow with the memory left, so its peak need not grow with K), its peak over its K bounds one edit instead.
 
 Back-off: when a pass raises an out-of-memory error, the runner frees what it holds, halves K (or, at one edit,
 the generation batch) and redoes the same units, logging one line; rows are those of a run started at the smaller
@@ -113,6 +118,11 @@ class DeviceMemory:
             return None
         return max(0, int(torch.cuda.max_memory_allocated(self.device)) - baseline)
 
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes allocated now (the next phase of a pass)."""
+        if self.measured:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def free(self) -> None:
         """Return what nothing references any more to the device."""
         gc.collect()
@@ -121,17 +131,57 @@ class DeviceMemory:
 
 
 @dataclass
+class PassPeaks:
+    """The peak of each phase of one pass, in bytes above the memory allocated at its start (see the module
+    docstring): ``phase_done(name)`` closes a phase (empty on CPU, where nothing is measured)."""
+
+    memory: DeviceMemory
+    phases: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.baseline = self.memory.start()
+
+    def phase_done(self, name: str) -> None:
+        peak = self.memory.peak(self.baseline)
+        if peak is not None:
+            self.phases[name] = max(peak, self.phases.get(name, 0))
+            self.memory.reset_peak()
+
+
+Line = tuple[int, int]  # (bytes per edit, bytes per pass) of one phase
+
+
+def fit_phase(peaks: dict[int, int]) -> Line:
+    """One phase's line from its peaks at two or more pass sizes (``{edits: bytes}``): through the smallest and the
+    largest pass; a phase that peaked no higher at the larger pass is bounded by that peak over its edits."""
+    (k1, p1), (k2, p2) = min(peaks.items()), max(peaks.items())
+    if p2 > p1 and k2 > k1:
+        per_edit = max(1, (p2 - p1) // (k2 - k1))
+        return per_edit, max(0, p1 - k1 * per_edit)
+    return max(1, p2 // k2), 0
+
+
+def edits_that_fit(lines: dict[str, Line], available: float, cap: int) -> tuple[int, str]:
+    """The most edits (1 to ``cap``) whose every phase fits ``PASS_FRACTION * available`` bytes, and the phase that
+    bounds it."""
+    fits = {phase: int((PASS_FRACTION * available - fixed) // per_edit) for phase, (per_edit, fixed) in lines.items()}
+    phase = min(fits, key=lambda name: fits[name])
+    return max(1, min(cap, fits[phase])), phase
+
+
+@dataclass
 class PassSizer:
     """Edits per pass: ``requested`` (fixed), or measured (see the module docstring) when ``requested`` is None and
-    memory is measured, else 1. :meth:`record` takes each finished pass's peak; :meth:`back_off` halves K."""
+    memory is measured, else 1. :meth:`record` takes each finished pass's phase peaks; :meth:`back_off` halves K."""
 
     requested: int | None
     memory: DeviceMemory
     cap: int = MAX_EDITS_PER_PASS
     k: int = 1
-    measured: dict[int, int] = field(default_factory=dict)  # edits -> peak bytes of a pass of that size
-    per_edit: int | None = None
+    measured: dict[str, dict[int, int]] = field(default_factory=dict)  # phase -> edits -> peak bytes
+    per_edit: int | None = None  # the line of the phase that bounds K
     fixed: int | None = None
+    bound_by: str | None = None
     history: list[dict] = field(default_factory=list)  # one entry per finished pass (the bench reports it)
     backoffs: int = 0
 
@@ -139,27 +189,26 @@ class PassSizer:
         self.auto = self.requested is None and self.memory.measured
         self.k = self.requested or 1
 
-    def record(self, edits: int, peak: int | None, available: int | None) -> None:
-        """A pass of ``edits`` edits peaked ``peak`` bytes above its start; size the next pass."""
-        self.history.append({"edits": edits, "peak_bytes": peak, "available_bytes": available})
+    def record(self, edits: int, phases: dict[str, int], available: int | None) -> None:
+        """A pass of ``edits`` edits peaked ``phases`` (bytes above its start, per phase); size the next pass."""
+        peak = max(phases.values()) if phases else None
+        self.history.append({"edits": edits, "peak_bytes": peak, "phase_peak_bytes": dict(phases),
+                             "available_bytes": available})
         if not self.auto or peak is None or available is None:
             return
-        self.measured[edits] = max(peak, self.measured.get(edits, 0))
-        if len(self.measured) < 2:  # one pass's peak bounds one edit (fixed + per edit): as many as fit that
+        for phase, bytes_ in phases.items():
+            runs = self.measured.setdefault(phase, {})
+            runs[edits] = max(bytes_, runs.get(edits, 0))
+        if max(len(runs) for runs in self.measured.values()) < 2:  # one pass's peak bounds one edit: as many as fit
             bound = int(PASS_FRACTION * available) // max(1, peak)
             self.k = min(self.cap, max(PROBE_EDITS, bound))
             return
-        (k1, p1), (k2, p2) = sorted(self.measured.items())[:1] + sorted(self.measured.items())[-1:]
-        if p2 > p1:
-            self.per_edit = max(1, (p2 - p1) // max(1, k2 - k1))
-            self.fixed = max(0, p1 - k1 * self.per_edit)
-        else:  # the larger pass peaked no higher: its peak over its edits bounds one edit
-            self.per_edit, self.fixed = max(1, p2 // k2), 0
-        fits = int((PASS_FRACTION * available - self.fixed) // self.per_edit)
-        new = max(1, min(self.cap, fits))
+        lines = {phase: fit_phase(runs) for phase, runs in self.measured.items() if len(runs) >= 2}
+        new, self.bound_by = edits_that_fit(lines, available, self.cap)
+        self.per_edit, self.fixed = lines[self.bound_by]
         if new != self.k:
-            logger.info("edits per pass: %d (measured: %s per edit + %s per pass; %s available)", new,
-                        gib(self.per_edit), gib(self.fixed), gib(available))
+            logger.info("edits per pass: %d (measured, %s bounds it: %s per edit + %s per pass; %s available)", new,
+                        self.bound_by, gib(self.per_edit), gib(self.fixed), gib(available))
         self.k = new
 
     def back_off(self) -> int | None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
-from editors.memory import DeviceMemory, PassSizer, gib, is_out_of_memory, raised_at, requested_bytes
+from editors.memory import DeviceMemory, PassPeaks, PassSizer, gib, is_out_of_memory, raised_at, requested_bytes
 from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
@@ -448,18 +448,19 @@ class Runner:
                                                    if u.key not in ahead]))
             if batched and self.memory.measured:
                 self._free_generation()  # the pass is sized against memory nothing else holds
-            available, baseline = self.memory.available(), self.memory.start()
+            available, peaks = self.memory.available(), PassPeaks(self.memory)
             try:
                 if batched:
-                    self._run_pass(units, out, bar, [ahead[u.key] for u in units])
+                    self._run_pass(units, out, bar, [ahead[u.key] for u in units], peaks)
                 else:
-                    self._run_unit(units[0], out, bar, ahead[units[0].key])
+                    self._run_unit(units[0], out, bar, ahead[units[0].key], peaks)
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not is_out_of_memory(error):
                     raise
                 self._back_off(error, units)
                 continue
-            self.sizer.record(len(units), self.memory.peak(baseline), available)
+            peaks.phase_done("evaluate")
+            self.sizer.record(len(units), peaks.phases, available)
             for unit in units:
                 del ahead[unit.key]
             pos += len(units)
@@ -507,27 +508,34 @@ class Runner:
         return {u.key: ReadUnit(EditRequest.from_row(row), its, p, share)
                 for u, row, its, p in zip(units, rows, items, pre)}
 
-    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm, read: ReadUnit) -> None:
+    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm, read: ReadUnit,
+                  peaks: PassPeaks | None = None) -> None:
         """One single edit: apply, evaluate, restore (the session), rows (``read``: the unit from
-        :meth:`_pre_edit_ahead`)."""
+        :meth:`_pre_edit_ahead`; ``peaks`` closes its ``apply`` phase after the edit)."""
         t0 = time.perf_counter()
         with self.session:  # restores on leaving
             stats = self.apply(read.edit, unit.index)
+            if peaks is not None:
+                peaks.phase_done("apply")
             post = self.evaluate(read.edit, read.items)
         out.append_unit(unit.key, self.rows(read.edit, read.items, read.pre, post, None))
         self._unit_done(unit, stats, read.pre_seconds + time.perf_counter() - t0)
         bar.update(1)
 
-    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm, read: list[ReadUnit]) -> None:
+    def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm, read: list[ReadUnit],
+                  peaks: PassPeaks | None = None) -> None:
         """K single edits in one pass: ``editor.apply_many`` (per-edit copies, the model unchanged), one batched
         generation of every edit's items under its own edit, restore (``read``: the units from
-        :meth:`_pre_edit_ahead`). Rows are written unit by unit, as one edit at a time writes them."""
+        :meth:`_pre_edit_ahead`; ``peaks`` closes its ``apply`` phase after the edits). Rows are written unit by
+        unit, as one edit at a time writes them."""
         t0 = time.perf_counter()
         edits = [r.edit for r in read]
         items = [r.items for r in read]
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
+            if peaks is not None:
+                peaks.phase_done("apply")
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
             post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))

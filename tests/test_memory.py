@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _editor_helpers import run_config
-from editors.memory import DeviceMemory, PassSizer, is_out_of_memory, requested_bytes
+from editors.memory import DeviceMemory, PassPeaks, PassSizer, is_out_of_memory, requested_bytes
 from editors.models import load_adapter
 from editors.predictions import read_predictions
 from editors.run import Runner
@@ -33,28 +33,86 @@ class FakeMemory(DeviceMemory):
 def test_k_comes_from_the_measured_cost_of_an_edit():
     sizer = PassSizer(None, FakeMemory())
     assert sizer.auto and sizer.k == 1
-    sizer.record(1, 10 * GIB, 100 * GIB)  # one edit: fixed + per edit, a bound on one edit's cost
+    sizer.record(1, {"apply": 10 * GIB}, 100 * GIB)  # one edit: fixed + per edit, a bound on one edit's cost
     assert sizer.k == 8  # 0.8 * 100 / 10
-    sizer.record(8, 38 * GIB, 100 * GIB)  # eight: 4 GiB per edit, 6 GiB per pass
-    assert (sizer.per_edit, sizer.fixed) == (4 * GIB, 6 * GIB)
+    sizer.record(8, {"apply": 38 * GIB}, 100 * GIB)  # eight: 4 GiB per edit, 6 GiB per pass
+    assert (sizer.per_edit, sizer.fixed, sizer.bound_by) == (4 * GIB, 6 * GIB, "apply")
     assert sizer.k == 18  # (0.8 * 100 - 6) / 4 = 18.5
-    sizer.record(18, 78 * GIB, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4 -> 9
+    sizer.record(18, {"apply": 78 * GIB}, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4 -> 9
     assert sizer.k == 9
     assert sizer.back_off() == 4 and sizer.cap == 4
-    sizer.record(4, 22 * GIB, 100 * GIB)
+    sizer.record(4, {"apply": 22 * GIB}, 100 * GIB)
     assert sizer.k == 4  # never grows again after a back-off
     flat = PassSizer(None, FakeMemory())  # the larger pass peaks no higher: its peak / K bounds one edit
-    flat.record(1, 14 * GIB, 100 * GIB)
-    flat.record(5, 12 * GIB, 100 * GIB)
+    flat.record(1, {"evaluate": 14 * GIB}, 100 * GIB)
+    flat.record(5, {"evaluate": 12 * GIB}, 100 * GIB)
     assert (flat.per_edit, flat.fixed, flat.k) == (int(2.4 * GIB), 0, 32)  # 80 / 2.4 = 33, capped
     small = PassSizer(None, FakeMemory())
-    small.record(1, 60 * GIB, 100 * GIB)
+    small.record(1, {"apply": 60 * GIB}, 100 * GIB)
     assert small.k == 2  # at least two edits, to measure a difference
     fixed = PassSizer(8, FakeMemory())
     assert not fixed.auto and fixed.k == 8
-    fixed.record(8, 50 * GIB, 60 * GIB)
-    assert fixed.k == 8
+    fixed.record(8, {"apply": 50 * GIB}, 60 * GIB)
+    assert fixed.k == 8 and fixed.history[-1]["peak_bytes"] == 50 * GIB
     assert PassSizer(None, DeviceMemory(torch.device("cpu"))).k == 1  # CPU: nothing measured, one edit
+
+
+def test_each_phase_of_a_pass_is_fitted_apart():
+    """The pass's peak moves from the generation (a large fixed cost) to the edits' training state (a large cost per
+    edit) as K grows: one line through the passes' peaks would take the first's slope; the phases' lines do not
+    (DeSTA2.5's FT-LLM on an 80 GB card ran out of memory at the K one line allowed)."""
+    def apply_bytes(k: int) -> int:
+        return 1 * GIB + k * 4 * GIB  # copies, optimizer state, activations
+
+    def evaluate_bytes(k: int) -> int:
+        return 10 * GIB + k * GIB // 4  # the generation's buffers, the copies' share of the cache
+
+    sizer = PassSizer(None, FakeMemory())
+    sizer.record(1, {"apply": apply_bytes(1), "evaluate": evaluate_bytes(1)}, 52 * GIB)
+    assert sizer.k == 4  # 0.8 * 52 / 10.25
+    sizer.record(4, {"apply": apply_bytes(4), "evaluate": evaluate_bytes(4)}, 52 * GIB)
+    assert sizer.bound_by == "apply" and (sizer.per_edit, sizer.fixed) == (4 * GIB, 1 * GIB)
+    k = sizer.k
+    assert k == 10 and apply_bytes(k) <= 0.8 * 52 * GIB  # (41.6 - 1) / 4
+    # one line through the peaks (max over the phases) would allow more than the memory holds
+    peaks = {n: max(apply_bytes(n), evaluate_bytes(n)) for n in (1, 4)}
+    slope = (peaks[4] - peaks[1]) // 3
+    one_line = int((0.8 * 52 * GIB - (peaks[1] - slope)) // slope)
+    assert apply_bytes(one_line) > 52 * GIB
+    assert sizer.history[-1]["phase_peak_bytes"] == {"apply": apply_bytes(4), "evaluate": evaluate_bytes(4)}
+    assert sizer.history[-1]["peak_bytes"] == apply_bytes(4)  # the pass's peak: the larger phase
+
+
+def test_pass_peaks_close_each_phase():
+    class Counting(FakeMemory):
+        def __init__(self) -> None:
+            super().__init__()
+            self.allocated_now, self.top = 5, 5
+
+        def start(self) -> int:
+            self.top = self.allocated_now
+            return self.allocated_now
+
+        def peak(self, baseline):
+            return self.top - baseline
+
+        def reset_peak(self) -> None:
+            self.top = self.allocated_now
+
+        def use(self, n: int) -> None:
+            self.allocated_now += n
+            self.top = max(self.top, self.allocated_now)
+
+    memory = Counting()
+    peaks = PassPeaks(memory)
+    memory.use(30)  # the edit's training state
+    memory.use(-20)  # freed after the edit; the copies (10) stay
+    peaks.phase_done("apply")
+    memory.use(4)
+    memory.use(-4)
+    peaks.phase_done("evaluate")
+    assert peaks.phases == {"apply": 30, "evaluate": 14}
+    assert PassPeaks(DeviceMemory(torch.device("cpu"))).phases == {}
 
 
 def test_out_of_memory_errors_and_their_size():
