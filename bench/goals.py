@@ -414,14 +414,13 @@ def goal_of(model: str, method: str, s_per_edit: float) -> tuple[str, str]:
 
 
 def bound_lines(rows: list[dict[str, Any]], model: str) -> list[str]:
-    """For each run that misses its goal: where its seconds went (the runner's split) against the floor of its edits
-    on the card it ran on (``bench.roofline.floor_seconds``), part by part."""
+    """For each method whose default-engine run (:func:`best`; an eager comparison run is no goal's measure)
+    misses its goal: where its seconds went (the runner's split) against the floor of its edits on the card it ran on
+    (``bench.roofline.floor_seconds``), part by part."""
     lines = []
     for row in rows:
         m = row["method"]
-        for run in row["runs"]:
-            if run.get("error"):
-                continue
+        for run in filter(None, [best(row)]):
             s = run["s_per_edit"]
             goal, met = goal_of(model, m, s)
             if met != "missed":
