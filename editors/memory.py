@@ -8,17 +8,18 @@ training activations and its items' KV cache at their real lengths, prefixes inc
 start): the first pass runs one edit (its peak is ``fixed + per_edit``, so it bounds one edit's cost), the second as
 many edits as fit at that bound (at least :data:`PROBE_EDITS`; per phase, the difference of the two peaks is
 ``per_edit``); every later pass holds as many edits as every phase fits in :data:`PASS_FRACTION` of the memory
-available (at most :data:`MAX_EDITS_PER_PASS`, and at most :data:`GROWTH` times the largest pass measured: a line
-through small passes is not trusted far beyond them). So the K a method gets depends on its own cost on this model and
-device, not on a flat constant, and only the first pass is a small one. The phases are fitted apart because the
-pass's peak moves between them: with few edits the generation's fixed cost may be the peak, with many the edits'
-training state, and one line through the pass's peaks would take the slope of the first for the second's (DeSTA2.5's
-FT-LLM on an 80 GB card: 1.9 GiB per edit fitted from passes of 1 and 4 edits, 3.8 measured at 8, out of memory at
-the 17 the line allowed). Fitted per phase, its apply phase still gave 2.45 GiB per edit from 1 and 4 edits and ran
-out of memory at 14: memory that a first pass allocates and later passes reuse (the audio-state cache filling up)
-makes small passes look costlier per pass and cheaper per edit than large ones, so a pass grows at most
-:data:`GROWTH`-fold, and each larger pass corrects the line. When a phase's peak at the larger pass is no higher than at the first (the generation's
+available, at most :data:`MAX_EDITS_PER_PASS` and at most :data:`GROWTH` times the largest pass measured so far.
+So the K a method gets depends on its own cost on this model and device, not on a flat constant, and only the
+first pass is a small one. When a phase's peak at the larger pass is no higher than at the first (the generation's
 chunks grow with the memory left, so its peak need not grow with K), its peak over its K bounds one edit instead.
+
+Why phases, and why the growth cap (DeSTA2.5's FT-LLM on an 80 GB card, `bench/NOTES.md`): the pass's peak moves
+from the generation (a large fixed cost) at few edits to the edits' training state at many, so one line through
+the passes' peaks took the first's slope (1.9 GiB per edit from 1 and 4 edits; 3.9 measured at 8; out of memory at
+17). Fitted per phase, the apply phase still gave 2.45 GiB per edit from 1 and 4 edits and ran out at 14: memory a
+first pass allocates and later passes reuse (the audio-state cache filling up) makes small passes look costlier per
+pass and cheaper per edit, so a line is trusted only up to twice the passes it was measured on, and each larger
+pass corrects it.
 
 Back-off: when a pass raises an out-of-memory error, the runner frees what it holds, halves K (or, at one edit,
 the generation batch) and redoes the same units, logging one line; rows are those of a run started at the smaller
