@@ -280,7 +280,7 @@ def _sync(bench: Bench) -> None:
 def sweep(bench: Bench, method: str, ks: Sequence[int]) -> dict[str, Any]:
     """One pass at each forced K: peak bytes (per phase too); the runner's fit (each phase's bytes per edit and per
     pass, ``editors.memory.fit_phase``) and the K it picks on an 80 GB and a 139 GB card."""
-    from editors.memory import MAX_EDITS_PER_PASS, edits_that_fit, fit_phase
+    from editors.memory import fit_phase
     from editors.models.generation import release
 
     out: dict[str, Any] = {"k": {}}
@@ -302,14 +302,23 @@ def sweep(bench: Bench, method: str, ks: Sequence[int]) -> dict[str, Any]:
             release(bench.adapter)
     lines = {name: fit_phase(runs) for name, runs in phases.items() if len(runs) >= 2}
     if lines and bench.scale.device == "cuda":
-        resident = torch.cuda.memory_allocated()  # model + kept captures
-        for card in (80, 139):
-            k, bound_by = edits_that_fit(lines, card * 2**30 - resident, MAX_EDITS_PER_PASS)
-            per_edit, fixed = lines[bound_by]
-            out[f"k_on_{card}gb"] = {"k": k, "bound_by": bound_by,
-                                     "predicted_peak_gib": round((resident + fixed + k * per_edit) / 2**30, 1)}
-        out.update(fit_gib={name: {"per_edit": _gib(pe), "per_pass": _gib(fx)} for name, (pe, fx) in lines.items()},
-                   resident_gib=round(resident / 2**30, 1))
+        out.update(picked_on_cards(lines, torch.cuda.memory_allocated()))  # resident: model + kept captures
+    return out
+
+
+def picked_on_cards(lines: dict[str, tuple[int, int]], resident: int) -> dict[str, Any]:
+    """The K the runner's fit (``lines``: phase -> bytes per edit, per pass) picks on an 80 GB and a 139 GB card with
+    ``resident`` bytes already held, the phase that bounds it and the peak it predicts; the fit in GiB."""
+    from editors.memory import MAX_EDITS_PER_PASS, edits_that_fit
+
+    out: dict[str, Any] = {}
+    for card in (80, 139):
+        k, bound_by = edits_that_fit(lines, card * 2**30 - resident, MAX_EDITS_PER_PASS)
+        per_edit, fixed = lines[bound_by]
+        out[f"k_on_{card}gb"] = {"k": k, "bound_by": bound_by,
+                                 "predicted_peak_gib": round((resident + fixed + k * per_edit) / 2**30, 1)}
+    out["fit_gib"] = {name: {"per_edit": _gib(pe), "per_pass": _gib(fx)} for name, (pe, fx) in lines.items()}
+    out["resident_gib"] = round(resident / 2**30, 1)
     return out
 
 

@@ -180,6 +180,26 @@ def test_missed_goal_lines_judge_the_default_engine_only():
     assert "no floor recorded" in lines[0]
 
 
+def test_the_sweep_reports_the_k_each_card_gets_and_the_phase_that_bounds_it():
+    """The sweep's report from per-phase lines (its CUDA-only branch, fed synthetic lines): the K of each card and
+    the phase bounding it, rendered in the memory table."""
+    import argparse
+
+    from bench import goals
+    from bench.models import tiny_scale
+
+    gib = 2**30
+    lines = {"apply": (3 * gib, 2 * gib), "evaluate": (gib // 4, 10 * gib)}
+    picked = goals.picked_on_cards(lines, 20 * gib)
+    assert picked["k_on_80gb"] == {"k": 15, "bound_by": "apply", "predicted_peak_gib": 67.0}  # (0.8 * 60 - 2) / 3
+    assert picked["k_on_139gb"]["k"] == 31 and picked["fit_gib"]["evaluate"] == {"per_edit": 0.25, "per_pass": 10.0}
+    row = {"method": "ft_llm", "runs": [], "sweep": {"k": {1: {"peak_gib": 5.0, "gib_per_edit": 5.0}}, **picked}}
+    args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
+    text = goals.render(args, [row], {"matmul_flops_per_s": 7e14, "copy_bytes_per_s": 3e12},
+                        goals.run_header(tiny_scale()))
+    assert "| ft_llm | K=1: 5.00 | apply 3.00 / 2.00; evaluate 0.25 / 10.00 | 15 (67.0 GiB, apply bounds it) |" in text
+
+
 def test_cache_layout_plans_ie_ike_under_4_gib_per_edit_at_full_size(tmp_path):
     """Issue 29's memory goal at the plan level: the graph engine's cache for a pass of IE-IKE edits at Qwen2-Audio-7B's
     real shapes (the model on the meta device) holds each edit in under 4 GiB, and no kind of prompt gets a larger
