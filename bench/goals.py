@@ -159,11 +159,7 @@ def default_k(bench: Bench, method: str, edits: int, engine: str, ceilings: dict
            "graph": {k: round(v, 3) if isinstance(v, float) else v for k, v in graph.STATS.items()}}
     if ceilings is not None:  # after the timed run: the shapes re-render its prompts (DeSTA2.5: cached transcripts)
         try:
-            timed = bench.dataset.ordered(*plan_units(edits, 0))[:units]
-            steps = result.info.get("steps") and result.info["mean_steps"]
-            floor = mean_floor(bench, method, run_shapes(bench, method, timed), ceilings, steps,
-                               [p["edits"] for p in passes])
-            row["floor"] = {k: round(v, 4) for k, v in floor.items()}
+            row["floor"] = run_floor(bench, method, row, ceilings)
         except Exception as error:  # noqa: BLE001 - the floor is a model: its failure must not cost the timed run
             LOG.warning("%s: no floor (%s: %s)", method, type(error).__name__, error)
     LOG.info("%s default K, %s engine: %.3f s/edit over %d edits; passes %s; allocator %s; floor %s", method,
@@ -275,6 +271,17 @@ def hypernet_hours(h: dict[str, Any]) -> float | None:
 def _sync(bench: Bench) -> None:
     if bench.scale.device == "cuda":
         torch.cuda.synchronize()
+
+
+def run_floor(bench: Bench, method: str, run: dict[str, Any], ceilings: dict[str, float]) -> dict[str, float]:
+    """The floor of a default-K run's edits on the card of ``ceilings`` (:func:`bench.roofline.mean_floor`): the
+    run's first ``run["edits"]`` edits in the runner's order, its passes and its mean training steps."""
+    edits = run["edits"]
+    timed = bench.dataset.ordered(*plan_units(edits, 0))[:edits]
+    steps = run["info"].get("steps") and run["info"]["mean_steps"]
+    floor = mean_floor(bench, method, run_shapes(bench, method, timed), ceilings, steps,
+                       [p["edits"] for p in run["passes"]])
+    return {k: round(v, 4) for k, v in floor.items()}
 
 
 def sweep(bench: Bench, method: str, ks: Sequence[int]) -> dict[str, Any]:
@@ -761,11 +768,7 @@ def refloor(data: dict[str, Any]) -> int:
                 if not run.get("floor"):
                     continue
                 bench.pre_edit_items = run.get("pre_edit_items", "all")
-                timed = dataset.ordered(*plan_units(run["edits"], 0))[:run["edits"]]
-                steps = run["info"].get("steps") and run["info"]["mean_steps"]
-                floor = mean_floor(bench, row["method"], run_shapes(bench, row["method"], timed), data["ceilings"],
-                                   steps, [p["edits"] for p in run["passes"]])
-                run["floor"] = {k: round(v, 4) for k, v in floor.items()}
+                run["floor"] = run_floor(bench, row["method"], run, data["ceilings"])
                 done += 1
     return done
 

@@ -80,22 +80,11 @@ class Shapes:
     post_shared: int = 0  # likewise for the post-edit questions (IE-IKE's demonstrations, I-IKE's instruction)
 
 
-def shared_prefix(ids: list[list[int]]) -> int:
-    """Length of the longest prefix that all of ``ids`` begin with (0 for none or one row)."""
-    if len(ids) < 2:
-        return 0
-    n = min(len(r) for r in ids)
-    first = ids[0]
-    for i in range(n):
-        if any(r[i] != first[i] for r in ids[1:]):
-            return i
-    return n
-
-
 def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     from editors.base import EditRequest
     from editors.data import eval_items
     from editors.models.base import audio_digest, whisper_mel_frames
+    from editors.models.generation.eager import shared_prefix_length
 
     from sake_core.protocol import needs_pre_edit
 
@@ -113,13 +102,15 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     clips = {audio_digest(a): a for p in list(prompts) + list(post) for a in p.audios()}
     fe = getattr(getattr(adapter, "processor", None), "feature_extractor", None)
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
-    pre_ids = [adapter.prompt_token_ids(p) for p, it in zip(prompts, items)
-               if needs_pre_edit(it.dimension, bench.pre_edit_items)]
+    pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
+    pre_ids = [adapter.prompt_token_ids(p) for p in pre]
     post_ids = [adapter.prompt_token_ids(p) for p in post]
+    # the prefix the generation layer shares (placeholders of different clips are not shared)
     return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio), pre_tokens=[len(i) for i in pre_ids],
                   post_tokens=[len(i) for i in post_ids], distinct_clips=len(clips), clip_frames=frames,
-                  pre_shared=shared_prefix(pre_ids), post_shared=shared_prefix(post_ids))
+                  pre_shared=shared_prefix_length(adapter, pre, pre_ids, 1),
+                  post_shared=shared_prefix_length(adapter, post, post_ids, 1))
 
 
 def run_shapes(bench: Bench, method: str, rows: list[dict[str, Any]]) -> list[Shapes]:

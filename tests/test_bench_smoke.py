@@ -449,18 +449,23 @@ def test_the_floor_of_a_batched_run_shares_weights_and_prefixes(tmp_path):
     import dataclasses
 
     from bench.arms import synthetic_bench
-    from bench.roofline import (edit_shapes, floor_seconds, generation_shares, mean_floor, model_sizes, run_shapes,
-                                shared_prefix)
+    from bench.roofline import edit_shapes, floor_seconds, generation_shares, mean_floor, model_sizes, run_shapes
+    from editors.data import eval_items
 
     assert generation_shares([1, 13, 13, 5], 32) == ([32] * 32, [1] + [13] * 26 + [5] * 5)
     assert generation_shares([1, 1, 1], 2) == ([2, 2, 1], [1, 1, 1])
     assert generation_shares([40, 40], 32) == ([40] * 80, [40] * 80)
-    assert shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and shared_prefix([[1, 2]]) == 0
     ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
     with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=4, max_new_tokens=4, prefix="floor-") as bench:
         rows = bench.dataset.ordered(["emotion"], 4)[:4]
         shapes = edit_shapes(bench, bench.editor("ie_ike"), rows[0])
         assert shapes.post_shared > 0.5 * min(shapes.post_tokens)  # the demonstrations, once per edit
+        # plain questions about different clips share no placeholder: the prefix stops before the first audio
+        plain = edit_shapes(bench, bench.editor("ft_llm"), rows[0])
+        first_audio = min(ids.index(bench.adapter.audio_placeholder_id)
+                          for ids in (bench.adapter.prompt_token_ids(it.prompt()) for it in eval_items(rows[0]))
+                          if bench.adapter.audio_placeholder_id in ids)
+        assert 0 < plain.pre_shared <= first_audio
         sizes, hp = model_sizes(bench.adapter.model.config), bench.hparams("ie_ike").as_dict()
         shared = floor_seconds("ie_ike", shapes, sizes, ceilings, 4, 4, hp)
         unshared = floor_seconds("ie_ike", dataclasses.replace(shapes, post_shared=0, pre_shared=0), sizes,
