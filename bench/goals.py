@@ -644,6 +644,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the graph engine's row prefill attends over prefixes of at least this many tokens in two "
                         "parts merged by their log-sum-exps instead of gathering them (an A/B of "
                         "editors.models.generation.graph.SPLIT_PREFIX; 0: never; default: the library's)")
+    p.add_argument("--encoder-batch", type=int, default=None,
+                   help="clips per audio-encoder call on CUDA (an A/B of LALMAdapter.encoder_batch_cuda); default: "
+                        "the library's")
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
@@ -801,6 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.previous_argv = previous_argv
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)
+    if args.encoder_batch:
+        adapter.encoder_batch_cuda = args.encoder_batch
     methods = _list(args.methods)
     default_methods = _list(args.default_k_methods) if args.default_k_methods is not None else methods
     engines = _list(args.engines)
