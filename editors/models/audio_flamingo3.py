@@ -9,18 +9,11 @@ concatenated).
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import numpy as np
 import torch
-from torch import nn
 
-from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, whisper_encoder_tokens)
-from editors.models.whisper_tower import CutTowerEncoding
-
-logger = logging.getLogger(__name__)
+from editors.models.base import SAMPLING_RATE, whisper_encoder_tokens
+from editors.models.tower_projector import TowerProjectorAdapter
 
 # This module's model family (read by editors.models.registry without importing it; see that module).
 FAMILY = "audio_flamingo3"
@@ -49,22 +42,22 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
 #: Longest audio the processor keeps (seconds), as in the released processor.
 MAX_AUDIO_SECONDS = 600
 
-class AudioFlamingo3Adapter(CutTowerEncoding, LALMAdapter):
-    """Audio Flamingo 3 behind the :class:`LALMAdapter` interface."""
+
+class AudioFlamingo3Adapter(TowerProjectorAdapter):
+    """Audio Flamingo 3 behind the :class:`LALMAdapter` interface (loading, structure and rendering:
+    :class:`~editors.models.tower_projector.TowerProjectorAdapter`)."""
 
     family = FAMILY
     default_hub_id = "nvidia/audio-flamingo-3-hf"
-
-    @classmethod
-    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                        revision: str | None = None, is_tiny: bool = False) -> "AudioFlamingo3Adapter":
-        from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
-
-        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
-        model = AudioFlamingo3ForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
-        processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
-        rev = revision or getattr(model.config, "_commit_hash", None) or ""
-        return cls(model, processor, model_id=id_or_dir, revision=rev, is_tiny=is_tiny)
+    model_class = "AudioFlamingo3ForConditionalGeneration"
+    config_class = "AudioFlamingo3Config"
+    processor_class = "AudioFlamingo3Processor"
+    encoder_model_type = "audioflamingo3_encoder"
+    audio_token = "<sound>"
+    audio_token_id_field = "audio_token_id"
+    processor_takes_audio_token = True
+    special_tokens = SPECIAL_TOKENS
+    tiny_chat_template = TINY_CHAT_TEMPLATE
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -89,70 +82,11 @@ class AudioFlamingo3Adapter(CutTowerEncoding, LALMAdapter):
                         "num_hidden_layers": num_layers, "num_attention_heads": 28, "num_key_value_heads": 4,
                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0})
 
-    @classmethod
-    def _random_init(cls, seed: int, *, dtype: torch.dtype, device: str, num_mel_bins: int, chunk_length: int,
-                     audio_config: dict[str, Any], text_config: dict[str, Any], model_id: str,
-                     is_tiny: bool) -> "AudioFlamingo3Adapter":
-        """A random-init model of the real class with the offline tokenizer (vocabulary size from the tokenizer
-        unless ``text_config`` sets it) and a Whisper feature extractor of ``chunk_length`` seconds; tiny models
-        are built on the CPU then moved, full-size ones directly on ``device``."""
-        from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Processor
-
-        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                         chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=num_mel_bins, chunk_length=chunk_length)
-        processor = AudioFlamingo3Processor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                chat_template=TINY_CHAT_TEMPLATE, audio_token="<sound>")
-        config = AudioFlamingo3Config(
-            audio_config={"model_type": "audioflamingo3_encoder", "num_mel_bins": num_mel_bins,
-                          "max_source_positions": feature_extractor.nb_max_frames // 2, **audio_config},
-            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "tie_word_embeddings": False,
-                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "bos_token_id": None, **text_config},
-            audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
-        )
-        torch.manual_seed(seed)
-        if is_tiny:
-            model = AudioFlamingo3ForConditionalGeneration(config).to(dtype=dtype, device=device)  # type: ignore[call-arg]
-        else:
-            with torch.device(device):
-                model = AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, processor, model_id=model_id, revision="", is_tiny=is_tiny)
-
-    # ---- structure ----------------------------------------------------------------------------------------------
-
-    def connector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    def audio_encoder(self) -> nn.Module:
-        return self.model.model.audio_tower
-
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    def audio_encoder_layers(self) -> list[nn.Module]:
-        """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
-        after them stay frozen)."""
-        return list(self.model.model.audio_tower.layers)
-
-    # ---- prompts ------------------------------------------------------------------------------------------------
+    # ---- prompts and audio --------------------------------------------------------------------------------------
 
     @property
     def audio_placeholder(self) -> str:
-        return getattr(self.processor, "audio_token", None) or "<sound>"
-
-    @property
-    def end_of_turn(self) -> str:
-        return "<|im_end|>"
-
-    def render(self, prompt: Prompt) -> str:
-        template = self.processor.chat_template or self.tokenizer.chat_template
-        return self.tokenizer.apply_chat_template(chat_messages(prompt), chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+        return getattr(self.processor, "audio_token", None) or self.audio_token
 
     def _windows(self, audio: np.ndarray) -> list[np.ndarray]:
         fe = self.processor.feature_extractor
@@ -164,8 +98,6 @@ class AudioFlamingo3Adapter(CutTowerEncoding, LALMAdapter):
     def num_audio_tokens(self, audio: np.ndarray) -> int:
         hop = int(self.processor.feature_extractor.hop_length)
         return sum(whisper_encoder_tokens(max(1, -(-len(w) // hop))) for w in self._windows(audio))
-
-    # ---- audio --------------------------------------------------------------------------------------------------
 
     def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
         """The audio tower on each clip's 30 s windows, a batch of windows cut to the longest one's frames (the
@@ -180,6 +112,3 @@ class AudioFlamingo3Adapter(CutTowerEncoding, LALMAdapter):
         for owner, state in zip(owners, self.encode_cut(self.model.model.audio_tower, windows)):
             per_audio[owner].append(state)
         return [torch.cat(parts, dim=0) for parts in per_audio]
-
-    def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
-        return self.connector()(torch.cat(list(states), dim=0))

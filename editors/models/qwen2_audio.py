@@ -9,18 +9,11 @@ connector ``model.multi_modal_projector`` (one Linear), LLM ``model.language_mod
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import numpy as np
 import torch
-from torch import nn
 
-from editors.models.base import (LALMAdapter, Prompt, build_tiny_tokenizer, chat_messages,
-                                 tiny_feature_extractor, whisper_encoder_tokens, whisper_mel_frames)
-from editors.models.whisper_tower import CutTowerEncoding
-
-logger = logging.getLogger(__name__)
+from editors.models.base import whisper_encoder_tokens, whisper_mel_frames
+from editors.models.tower_projector import TowerProjectorAdapter
 
 # This module's model family (read by editors.models.registry without importing it; see that module).
 FAMILY = "qwen2_audio"
@@ -50,24 +43,22 @@ TINY_CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 
-class Qwen2AudioAdapter(CutTowerEncoding, LALMAdapter):
-    """Qwen2-Audio-Instruct behind the :class:`LALMAdapter` interface."""
+class Qwen2AudioAdapter(TowerProjectorAdapter):
+    """Qwen2-Audio-Instruct behind the :class:`LALMAdapter` interface (loading, structure and rendering:
+    :class:`~editors.models.tower_projector.TowerProjectorAdapter`)."""
 
     family = FAMILY
     default_hub_id = "Qwen/Qwen2-Audio-7B-Instruct"
+    model_class = "Qwen2AudioForConditionalGeneration"
+    config_class = "Qwen2AudioConfig"
+    processor_class = "Qwen2AudioProcessor"
+    encoder_model_type = "qwen2_audio_encoder"
+    audio_token = "<|AUDIO|>"
+    audio_token_id_field = "audio_token_index"
+    special_tokens = SPECIAL_TOKENS
+    tiny_chat_template = TINY_CHAT_TEMPLATE
 
     # ---- construction -------------------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, id_or_dir: str, *, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-                        revision: str | None = None, is_tiny: bool = False) -> "Qwen2AudioAdapter":
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
-        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(id_or_dir, dtype=dtype, device_map=device, **kwargs)
-        processor = AutoProcessor.from_pretrained(id_or_dir, **kwargs)
-        rev = revision or getattr(model.config, "_commit_hash", None) or ""
-        return cls(model, processor, model_id=id_or_dir, revision=rev, is_tiny=is_tiny)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -93,80 +84,16 @@ class Qwen2AudioAdapter(CutTowerEncoding, LALMAdapter):
                         "num_hidden_layers": num_layers, "num_attention_heads": 32, "num_key_value_heads": 32,
                         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5})
 
-    @classmethod
-    def _random_init(cls, seed: int, *, dtype: torch.dtype, device: str, num_mel_bins: int, chunk_length: int,
-                     audio_config: dict[str, Any], text_config: dict[str, Any], model_id: str,
-                     is_tiny: bool) -> "Qwen2AudioAdapter":
-        """A random-init model of the real class with the offline tokenizer (vocabulary size from the tokenizer
-        unless ``text_config`` sets it) and a Whisper feature extractor of ``chunk_length`` seconds; tiny models
-        are built on the CPU then moved, full-size ones directly on ``device``."""
-        from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-
-        tokenizer = build_tiny_tokenizer(SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                         chat_template=TINY_CHAT_TEMPLATE)
-        feature_extractor = tiny_feature_extractor(num_mel_bins=num_mel_bins, chunk_length=chunk_length)
-        processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
-                                chat_template=TINY_CHAT_TEMPLATE)
-        config = Qwen2AudioConfig(
-            audio_config={"model_type": "qwen2_audio_encoder", "num_mel_bins": num_mel_bins,
-                          "max_source_positions": feature_extractor.nb_max_frames // 2, **audio_config},
-            text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "tie_word_embeddings": False,
-                         "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                         "bos_token_id": None, **text_config},
-            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-        )
-        torch.manual_seed(seed)
-        if is_tiny:
-            model = Qwen2AudioForConditionalGeneration(config).to(dtype=dtype, device=device)  # type: ignore[call-arg]
-        else:
-            with torch.device(device):
-                model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, processor, model_id=model_id, revision="", is_tiny=is_tiny)
-
-    # ---- structure ----------------------------------------------------------------------------------------------
-
-    def connector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
-    def audio_encoder(self) -> nn.Module:
-        return self.model.model.audio_tower
-
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    def audio_encoder_layers(self) -> list[nn.Module]:
-        """The Whisper-style encoder's transformer layers ``audio_tower.layers`` (the pooling and final LayerNorm
-        after them stay frozen)."""
-        return list(self.model.model.audio_tower.layers)
-
-    # ---- prompts ------------------------------------------------------------------------------------------------
+    # ---- prompts and audio --------------------------------------------------------------------------------------
 
     @property
     def audio_placeholder(self) -> str:
-        return "<|AUDIO|>"
-
-    @property
-    def end_of_turn(self) -> str:
-        return "<|im_end|>"
-
-    def render(self, prompt: Prompt) -> str:
-        template = self.processor.chat_template or self.tokenizer.chat_template
-        return self.tokenizer.apply_chat_template(chat_messages(prompt), chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.audio_token
 
     def num_audio_tokens(self, audio: np.ndarray) -> int:
         return whisper_encoder_tokens(whisper_mel_frames(len(audio), self.processor.feature_extractor))
-
-    # ---- audio --------------------------------------------------------------------------------------------------
 
     def _encode_audios(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
         """The audio tower on a batch cut to :meth:`encoder_width` instead of the checkpoint's 30 s window (the
         clips' states are the window's: editors/models/whisper_tower.py)."""
         return self.encode_cut(self.model.model.audio_tower, [np.asarray(a, dtype=np.float32) for a in audios])
-
-    def project_audio(self, states: list[torch.Tensor]) -> torch.Tensor:
-        return self.connector()(torch.cat(list(states), dim=0))
