@@ -402,6 +402,17 @@ def paper_table7_hours(model: str) -> float:
     return sum(hours(t) for part in parts for t in part.values())
 
 
+#: The parts of a method's row besides its timed runs, each measured by a call of its own (``row["stamps"]``).
+PARTS = ("identical", "naive", "profile", "sequential", "sweep", "emulated", "hypernet")
+
+
+def part_stamp(row: dict[str, Any], part: str) -> str:
+    """`` (measured <stamp>)`` for a part of ``row``: its call's time and matmul ceiling (parts merged from calls
+    before 2026-12-06 carry none, and say so)."""
+    stamp = row.get("stamps", {}).get(part)
+    return f" (measured {stamp})" if stamp else " (measured by an earlier call, not stamped)"
+
+
 def measured_stamp(ceilings: dict[str, float]) -> str:
     """When a run was timed and the matmul ceiling of its call: rows merged from several calls can come from
     machines of different pace (the same code moved 18-27 % between calls of one day)."""
@@ -521,17 +532,20 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
         if row.get("identical"):
             v = row["identical"]
             lines.append(f"- `{row['method']}`: {_f(v.get('identical'), '.0%')} of {v['rows']} rows (pre-edit "
-                         f"{_f(v.get('pre_edit'), '.0%')}, post-edit {_f(v.get('post_edit'), '.0%')})")
+                         f"{_f(v.get('pre_edit'), '.0%')}, post-edit {_f(v.get('post_edit'), '.0%')})"
+                         + part_stamp(row, "identical"))
     lines += bound_lines(rows, model)
     naive = [r for r in rows if r.get("naive")]
     if naive:
-        lines += ["", "Against the naive loop of this run (goal >= 20x):", ""]
+        lines += ["", "Against the naive loop (goal >= 20x; the naive loop and our run each as measured, by the "
+                  "call stamped where it was recorded):", ""]
         for row in naive:
             run, n = best(row), row["naive"]
             ratio = n / run["s_per_edit"] if run and n else None
-            lines.append(f"- `{row['method']}`: naive {_f(n, '.2f')} s/edit, ours {_f(run and run['s_per_edit'], '.3f')}"
-                         f" s/edit: {_f(ratio, '.1f', 'x')}" + (f" ({'met' if ratio >= 20 else 'missed'})" if ratio
-                                                               else ""))
+            ours = f" ({run['measured']})" if run and run.get("measured") else ""
+            lines.append(f"- `{row['method']}`: naive {_f(n, '.2f')} s/edit{part_stamp(row, 'naive')}, ours "
+                         f"{_f(run and run['s_per_edit'], '.3f')} s/edit{ours}: {_f(ratio, '.1f', 'x')}"
+                         + (f" ({'met' if ratio >= 20 else 'missed'})" if ratio else ""))
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
         lines += ["", "GPU busy (`--profile`, one more edit at K=1; goal >= 70 % during evaluation):", ""]
@@ -543,7 +557,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                          f"{ev.get('kernel_launches', 0):,} kernel launches, {ev.get('graph_launches', 0):,} graph "
                          f"launches, {ev.get('host_syncs', 0)} host syncs; all phases: " +
                          ", ".join(f"{k} {v['wall_s']:.3f} s ({v['gpu_busy_s'] / v['wall_s']:.0%} busy)"
-                                   for k, v in ph.items() if v.get("wall_s")))
+                                   for k, v in ph.items() if v.get("wall_s")) + part_stamp(row, "profile"))
     swept = [r for r in rows if r.get("sweep")]
     if swept:
         lines += ["", "Memory per edit (one pass at each forced K) and the K the runner picks:", "",
@@ -558,21 +572,23 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                      for c in ("k_on_80gb", "k_on_139gb")]
             fit = ("; ".join(f"{name} {_f(v['per_edit'])} / {_f(v['per_pass'])}" for name, v in sw["fit_gib"].items())
                    if "fit_gib" in sw else f"{_f(sw.get('per_edit_gib'))} / {_f(sw.get('per_pass_gib'))}")
-            lines.append(f"| {row['method']} | {ks} | {fit} | {cards[0]} | {cards[1]} |")
+            stamp = row.get("stamps", {}).get("sweep")
+            lines.append(f"| {row['method']}{f' ({stamp})' if stamp else ''} | {ks} | {fit} | {cards[0]} | {cards[1]} |")
     emulated = [r for r in rows if r.get("emulated")]
     for row in emulated:
         e = row["emulated"]
         lines += ["", f"- `{row['method']}` under an {row['emulated'].get('cap_gib', args.emulate_gib):g} GiB cap at its default K: "
                   + (e["error"] if e.get("error") else
                      f"completed, {e['s_per_edit']:.3f} s/edit, passes {[p['edits'] for p in e['passes']]}, "
-                     f"{e['backoffs']} back-off(s), peak {e['peak_gib']} GiB")]
+                     f"{e['backoffs']} back-off(s), peak {e['peak_gib']} GiB") + part_stamp(row, "emulated")]
     seq = [r for r in rows if r.get("sequential")]
     if seq:
         lines += ["", "Sequential editing (one sequence of 10 edits; edits 1-5 evaluated at gaps 0-5):", ""]
         for row in seq:
             sq = row["sequential"]
             lines.append(f"- `{row['method']}`: " + (sq["error"] if sq.get("error") else
-                                                     f"{sq['seconds']:.1f} s for the sequence ({sq['steps']} steps)"))
+                                                     f"{sq['seconds']:.1f} s for the sequence ({sq['steps']} steps)")
+                         + part_stamp(row, "sequential"))
     hyper = [r for r in rows if r.get("hypernet")]
     if hyper:
         lines += ["", "Hypernetwork training (untrained network, the train split's synthetic rows):", ""]
@@ -590,7 +606,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                     + f"){validation}; "
                     f"one epoch of the paper's 4,000 train instances: {hypernet_hours(h):.2f} h") \
                 if h.get("s_per_instance") else "no timed instance"
-            lines.append(f"- `{row['method']}`: {rate}" + (f" (stopped: {h['diverged']})" if h.get("diverged") else ""))
+            lines.append(f"- `{row['method']}`: {rate}" + (f" (stopped: {h['diverged']})" if h.get("diverged") else "")
+                         + part_stamp(row, "hypernet"))
     lines += ["", "Projection of the paper's compute for this model (Table 7 rows with a measured rate here):", ""]
     lines += projection(rows, model)
     return "\n".join(lines) + "\n"
@@ -856,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if method in _list(args.emulate_methods) and args.emulate_gib and scale.device == "cuda" \
                     and clock.allows(f"{method} emulated {args.emulate_gib:g} GiB"):
                 row["emulated"] = emulate(bench, method, args.edits, args.emulate_gib)
+            row["stamps"] = {part: measured_stamp(ceilings) for part in PARTS if row.get(part)}
             merged = merge_rows(previous, rows)
             write_results(args.out, render(args, merged, ceilings, header), args.model)  # after every method
             if args.json:
@@ -882,6 +900,8 @@ def merge_rows(previous: list[dict[str, Any]], rows: list[dict[str, Any]]) -> li
                 fresh = {r["engine"]: r for r in value}
                 kept = [fresh.pop(r["engine"], r) for r in old.get("runs", [])]
                 old["runs"] = kept + list(fresh.values())
+            elif key == "stamps":  # each part keeps the stamp of the call that measured it
+                old["stamps"] = {**old.get("stamps", {}), **value}
             elif key != "method" and value not in (None, [], {}):
                 old[key] = value
     return out

@@ -165,6 +165,37 @@ def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     assert len(rows) == 2 and all(line.count("|") == header.count("|") for line in rows)
 
 
+def test_parts_merged_from_another_call_keep_that_calls_stamp():
+    """A part measured by an earlier call (the naive loop, a sequence) keeps that call's stamp when a later call
+    times the method again, so the naive ratio shows which calls it sets side by side; parts of rows written before
+    stamps existed say so."""
+    import argparse
+
+    from bench import goals
+    from bench.models import tiny_scale
+
+    def run(seconds: float, measured: str) -> dict:
+        return {"engine": "graph", "edits": 2, "s_per_edit": seconds, "measured": measured,
+                "passes": [{"edits": 2, "gib_per_edit": 1.0}]}
+
+    earlier = goals.merge_rows([], [{"method": "ft_llm", "runs": [run(0.8, "12-05 03:40, 778")], "naive": 16.0,
+                                     "sequential": {"seconds": 20.0, "steps": 10},
+                                     "stamps": {"naive": "12-05 03:40, 778", "sequential": "12-05 03:41, 778"}},
+                                    {"method": "i_ike", "runs": [run(0.5, "12-05 03:42, 778")], "naive": 30.0}])
+    later = goals.merge_rows(earlier, [{"method": "ft_llm", "runs": [run(0.4, "12-06 03:47, 784")],
+                                        "sequential": {"seconds": 9.0, "steps": 10},
+                                        "stamps": {"sequential": "12-06 03:58, 784"}}])
+    assert later[0]["stamps"] == {"naive": "12-05 03:40, 778", "sequential": "12-06 03:58, 784"}
+    args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
+    text = goals.render(args, later, {"matmul_flops_per_s": 7e14, "copy_bytes_per_s": 3e12},
+                        goals.run_header(tiny_scale()))
+    assert ("- `ft_llm`: naive 16.00 s/edit (measured 12-05 03:40, 778), ours 0.400 s/edit (12-06 03:47, 784): "
+            "40.0x (met)") in text
+    assert ("- `i_ike`: naive 30.00 s/edit (measured by an earlier call, not stamped), ours 0.500 s/edit "
+            "(12-05 03:42, 778): 60.0x (met)") in text
+    assert "- `ft_llm`: 9.0 s for the sequence (10 steps) (measured 12-06 03:58, 784)" in text
+
+
 def test_missed_goal_lines_judge_the_default_engine_only():
     """An eager comparison run slower than the goal is not a missed goal when the method's graph run meets it."""
     from bench import goals
