@@ -406,11 +406,12 @@ def paper_table7_hours(model: str) -> float:
 PARTS = ("identical", "naive", "profile", "sequential", "sweep", "emulated", "hypernet")
 
 
-def part_stamp(row: dict[str, Any], part: str) -> str:
-    """`` (measured <stamp>)`` for a part of ``row``: its call's time and matmul ceiling (parts merged from calls
-    before 2026-12-06 carry none, and say so)."""
+def part_stamp(row: dict[str, Any], part: str, unstamped: str = " (measured by an earlier call, not stamped)"
+               ) -> str:
+    """`` (measured <stamp>)`` for a part of ``row``: its call's time and matmul ceiling; ``unstamped`` for a part
+    merged from a call before 2026-12-06, which recorded none."""
     stamp = row.get("stamps", {}).get(part)
-    return f" (measured {stamp})" if stamp else " (measured by an earlier call, not stamped)"
+    return f" (measured {stamp})" if stamp else unstamped
 
 
 def measured_stamp(ceilings: dict[str, float]) -> str:
@@ -446,40 +447,41 @@ def bound_lines(rows: list[dict[str, Any]], model: str) -> list[str]:
     (``bench.roofline.floor_seconds``), part by part."""
     lines = []
     for row in rows:
-        m = row["method"]
-        for run in filter(None, [best(row)]):
-            s = run["s_per_edit"]
-            goal, met = goal_of(model, m, s)
-            if met != "missed":
-                continue
-            split = (run.get("info") or {}).get("per_edit_split_s_incl_warmup") or {}
-            g = run.get("graph") or {}
-            captures = (g.get("capture_s") or 0) / max(run["edits"], 1)
-            text = (f"- `{m}` ({run['engine']}, {s:.3f} s/edit; goal {goal}): measured pre-edit "
-                    f"{_f(split.get('pre_edit'))} + apply {_f(split.get('apply'))} + evaluate "
-                    f"{_f(split.get('evaluate'))} + other {_f(split.get('other'))} s/edit"
-                    + (f" (graph captures {captures:.2f} of them)" if captures else ""))
-            fl = run.get("floor")
-            if not fl:
-                lines.append(text + "; no floor recorded (a call before the floor was computed per run).")
-                continue
-            generation = (split.get("pre_edit") or 0) + (split.get("evaluate") or 0)
-            generation_floor = fl["prefill_s"] + fl["perception_s"] + fl["memory_s"]
-            text += (f". Floor on its card {fl['floor_s']:.3f} s/edit: training "
-                     + (f"{fl['train_s']:.3f}" if fl["train_modelled"] else "not modelled")
-                     + f" + prefill {fl['prefill_s']:.3f} + audio encoder {fl['perception_s']:.3f} + decode reads "
-                     f"{fl['memory_s']:.3f}. Generation (pre-edit + evaluate) {generation:.2f} s/edit is "
-                     f"{_f(generation / generation_floor if generation_floor else None, '.1f', 'x')} its floor")
-            if fl["train_modelled"] and fl["train_s"] and split.get("apply") is not None:
-                text += f"; apply {split['apply']:.2f} is {split['apply'] / fl['train_s']:.1f}x its training floor"
-            elif fl["train_modelled"] and split.get("apply") is not None:
-                text += f"; apply {split['apply']:.2f} (no training: the edit rewrites the prompts)"
-            elif split.get("apply") is not None:
-                text += f"; apply {split['apply']:.2f} (the method's training is not in the floor)"
-            limit = GOAL_SECONDS.get(m) if model == "qwen2_audio" else None
-            if limit is not None and fl["floor_s"] > limit:
-                text += f". The floor alone is above the goal ({limit}): out of reach on this card for this work"
-            lines.append(text + ".")
+        m, run = row["method"], best(row)
+        if run is None:
+            continue
+        s = run["s_per_edit"]
+        goal, met = goal_of(model, m, s)
+        if met != "missed":
+            continue
+        split = (run.get("info") or {}).get("per_edit_split_s_incl_warmup") or {}
+        g = run.get("graph") or {}
+        captures = (g.get("capture_s") or 0) / max(run["edits"], 1)
+        text = (f"- `{m}` ({run['engine']}, {s:.3f} s/edit; goal {goal}): measured pre-edit "
+                f"{_f(split.get('pre_edit'))} + apply {_f(split.get('apply'))} + evaluate "
+                f"{_f(split.get('evaluate'))} + other {_f(split.get('other'))} s/edit"
+                + (f" (graph captures {captures:.2f} of them)" if captures else ""))
+        fl = run.get("floor")
+        if not fl:
+            lines.append(text + "; no floor recorded (a call before the floor was computed per run).")
+            continue
+        generation = (split.get("pre_edit") or 0) + (split.get("evaluate") or 0)
+        generation_floor = fl["prefill_s"] + fl["perception_s"] + fl["memory_s"]
+        text += (f". Floor on its card {fl['floor_s']:.3f} s/edit: training "
+                 + (f"{fl['train_s']:.3f}" if fl["train_modelled"] else "not modelled")
+                 + f" + prefill {fl['prefill_s']:.3f} + audio encoder {fl['perception_s']:.3f} + decode reads "
+                 f"{fl['memory_s']:.3f}. Generation (pre-edit + evaluate) {generation:.2f} s/edit is "
+                 f"{_f(generation / generation_floor if generation_floor else None, '.1f', 'x')} its floor")
+        if fl["train_modelled"] and fl["train_s"] and split.get("apply") is not None:
+            text += f"; apply {split['apply']:.2f} is {split['apply'] / fl['train_s']:.1f}x its training floor"
+        elif fl["train_modelled"] and split.get("apply") is not None:
+            text += f"; apply {split['apply']:.2f} (no training: the edit rewrites the prompts)"
+        elif split.get("apply") is not None:
+            text += f"; apply {split['apply']:.2f} (the method's training is not in the floor)"
+        limit = GOAL_SECONDS.get(m) if model == "qwen2_audio" else None
+        if limit is not None and fl["floor_s"] > limit:
+            text += f". The floor alone is above the goal ({limit}): out of reach on this card for this work"
+        lines.append(text + ".")
     if not lines:
         return []
     return ["", "What bounds each missed goal (the runner's split of the measured seconds against the floor of the "
@@ -572,8 +574,7 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                      for c in ("k_on_80gb", "k_on_139gb")]
             fit = ("; ".join(f"{name} {_f(v['per_edit'])} / {_f(v['per_pass'])}" for name, v in sw["fit_gib"].items())
                    if "fit_gib" in sw else f"{_f(sw.get('per_edit_gib'))} / {_f(sw.get('per_pass_gib'))}")
-            stamp = row.get("stamps", {}).get("sweep")
-            lines.append(f"| {row['method']}{f' ({stamp})' if stamp else ''} | {ks} | {fit} | {cards[0]} | {cards[1]} |")
+            lines.append(f"| {row['method']}{part_stamp(row, 'sweep', '')} | {ks} | {fit} | {cards[0]} | {cards[1]} |")
     emulated = [r for r in rows if r.get("emulated")]
     for row in emulated:
         e = row["emulated"]

@@ -249,7 +249,7 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
         with torch.profiler.record_function(PREFIX + "pre_edit"):
             return original_ahead(self, units)
 
-    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any, ahead: Any, peaks: Any = None) -> None:
+    def run_pass(self: Any, units: Sequence[Any], out: Any, bar: Any, ahead: Any, peaks: Any) -> None:
         state["passes"] += 1
         if state["passes"] != profile_pass:
             return original(self, units, out, bar, ahead, peaks)

@@ -508,22 +508,20 @@ class Runner:
         return {u.key: ReadUnit(EditRequest.from_row(row), its, p, share)
                 for u, row, its, p in zip(units, rows, items, pre)}
 
-    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm, read: ReadUnit,
-                  peaks: PassPeaks | None = None) -> None:
+    def _run_unit(self, unit: Unit, out: PredictionsFile, bar: tqdm, read: ReadUnit, peaks: PassPeaks) -> None:
         """One single edit: apply, evaluate, restore (the session), rows (``read``: the unit from
         :meth:`_pre_edit_ahead`; ``peaks`` closes its ``apply`` phase after the edit)."""
         t0 = time.perf_counter()
         with self.session:  # restores on leaving
             stats = self.apply(read.edit, unit.index)
-            if peaks is not None:
-                peaks.phase_done("apply")
+            peaks.phase_done("apply")
             post = self.evaluate(read.edit, read.items)
         out.append_unit(unit.key, self.rows(read.edit, read.items, read.pre, post, None))
         self._unit_done(unit, stats, read.pre_seconds + time.perf_counter() - t0)
         bar.update(1)
 
     def _run_pass(self, units: list[Unit], out: PredictionsFile, bar: tqdm, read: list[ReadUnit],
-                  peaks: PassPeaks | None = None) -> None:
+                  peaks: PassPeaks) -> None:
         """K single edits in one pass: ``editor.apply_many`` (per-edit copies, the model unchanged), one batched
         generation of every edit's items under its own edit, restore (``read``: the units from
         :meth:`_pre_edit_ahead`; ``peaks`` closes its ``apply`` phase after the edits). Rows are written unit by
@@ -534,8 +532,7 @@ class Runner:
         t1 = time.perf_counter()
         with self.session.edits(edits, seed=self.seed(units[0].index)) as stats:
             self.stats.apply_s += time.perf_counter() - t1
-            if peaks is not None:
-                peaks.phase_done("apply")
+            peaks.phase_done("apply")
             t2 = time.perf_counter()
             prompts = [self.editor.rewrite_prompts([it.prompt() for it in its], e) for e, its in zip(edits, items)]
             post = self._generating(lambda settings: self.editor.generate_many(prompts, settings))
