@@ -665,6 +665,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--encoder-batch", type=int, default=None,
                    help="clips per audio-encoder call on CUDA (an A/B of LALMAdapter.encoder_batch_cuda); default: "
                         "the library's")
+    p.add_argument("--generation-cudnn", choices=("library", "allowed"), default="library",
+                   help="'allowed': generation and the audio encoders may pick cuDNN's attention (an A/B of "
+                        "editors.models.attention.GENERATION_BACKENDS); default: the library's (never)")
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
@@ -812,6 +815,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editors.models.generation import graph
 
         graph.SHARE_CLIPS = False
+    if args.generation_cudnn == "allowed":
+        from torch.nn.attention import SDPBackend
+
+        from editors.models import attention
+
+        attention.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

@@ -17,6 +17,16 @@ engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
 
+``--stacks`` profiles the pass with Python stacks (``with_stack``) and adds, per range, the GPU's idle time inside it
+attributed to what the host was running meanwhile: the innermost operator or runtime call, the innermost library
+frames where the trace holds Python calls (the GPU machine's torch 2.11 trace held none), else the innermost
+labelled range. That is where the host keeps the GPU waiting (it found cuDNN's per-shape attention plans in
+FT-LLM's generation, bench/NOTES.md). The tracer slows the host, so the idle figures are larger than an
+unprofiled pass's; read them as shares.
+
+``--python`` runs that pass under ``cProfile`` instead: the host's heaviest Python functions, by their own time and
+(the library's) with their callees.
+
 ``--syncs`` runs that pass without the profiler and counts its host-device synchronizations by call site instead
 (``torch.cuda.set_sync_debug_mode``): what keeps the host from running ahead of the GPU.
 
@@ -29,6 +39,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -45,6 +56,9 @@ PREFIX = "sake:"
 #: launches' and syncs' share may be spending it here, when the device is nearly full and cached blocks are freed
 #: and allocated again).
 ALLOCATOR_CALLS = frozenset({"cudaMalloc", "cudaFree", "cudaMallocAsync", "cudaFreeAsync"})
+#: A Python frame of the library (``editors/models/adapter.py(494): forward``), as the profiler names it (the bench's
+#: own wrappers are not library frames).
+PROJECT_FRAME = re.compile(r"(^|/)(editors|eval|sake|sake_core|sake_dataset)/[^(]*\.py\(")
 
 
 def _ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -172,6 +186,101 @@ def summarize(prof: Any) -> dict[str, Any]:
     return out
 
 
+def idle_by_host(prof: Any, step_us: float = 20.0, top: int = 12) -> dict[str, dict[str, Any]]:
+    """Per labelled range: the GPU's idle time inside it (no kernel or copy running), sampled every ``step_us`` and
+    attributed to the innermost host event on the ranges' thread at that moment, with the library frames around it (a trace taken ``with_stack``: Python calls are events). ``{range: {"idle_s", "top": [[key,
+    ms], ...]}}``; idle time while no operator or Python call was recorded reads ``(no operator in <the innermost
+    labelled range>)``: the host's own Python, where the trace holds no Python calls."""
+    from torch.autograd import DeviceType
+
+    events = list(prof.events())
+    busy: list[list[float]] = []
+    for s, t in sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIX)):
+        if busy and s <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], t)
+        else:
+            busy.append([s, t])
+    labelled = [e for e in events if e.name.startswith(PREFIX) and e.device_type == DeviceType.CPU]
+    if not labelled:
+        return {}
+    thread = labelled[0].thread
+    host = sorted((e for e in events if e.device_type == DeviceType.CPU and e.thread == thread),
+                  key=lambda e: (e.time_range.start, -e.time_range.end))
+    samples: list[tuple[float, str]] = []
+    for r in labelled:
+        a, b = r.time_range.start, r.time_range.end
+        cursor = a
+        for s, t in busy:
+            if t <= cursor or s >= b:
+                continue
+            samples += [(x, r.name[len(PREFIX):]) for x in _points(cursor, min(s, b), step_us)]
+            cursor = max(cursor, t)
+        samples += [(x, r.name[len(PREFIX):]) for x in _points(cursor, b, step_us)]
+    samples.sort()
+    out: dict[str, dict[str, Any]] = {}
+    stack: list[Any] = []
+    i = 0
+    for t, name in samples:
+        while i < len(host) and host[i].time_range.start <= t:
+            e = host[i]
+            while stack and stack[-1].time_range.end <= e.time_range.start:
+                stack.pop()
+            stack.append(e)
+            i += 1
+        while stack and stack[-1].time_range.end <= t:
+            stack.pop()
+        entry = out.setdefault(name, {"idle_s": 0.0, "keys": {}})
+        entry["idle_s"] += step_us / 1e6
+        key = _host_key(stack)
+        entry["keys"][key] = entry["keys"].get(key, 0.0) + step_us / 1e3
+    for entry in out.values():
+        entry["idle_s"] = round(entry["idle_s"], 4)
+        entry["top"] = [[k, round(ms, 1)] for k, ms in sorted(entry.pop("keys").items(), key=lambda kv: -kv[1])[:top]]
+    return out
+
+
+def _points(a: float, b: float, step: float) -> list[float]:
+    """Sample times every ``step`` in ``[a, b)``, each in the middle of its step."""
+    n = int((b - a) // step)
+    return [a + (k + 0.5) * step for k in range(max(0, n))]
+
+
+def _host_key(stack: Sequence[Any]) -> str:
+    """``leaf [in op] <- frame <- frame <- frame``: the innermost host event (with the innermost ``aten::`` operator
+    around it, where the leaf is a runtime call such as ``cudaLaunchKernel``) and the three innermost library
+    frames; with nothing but labelled ranges running, the innermost of those."""
+    inner = [e for e in stack if not e.name.startswith(PREFIX)]
+    if not inner:
+        label = next((e.name[len(PREFIX):] for e in reversed(stack)), None)
+        return f"(no operator in {label})" if label else "(no host event)"
+    leaf = inner[-1].name[:80]
+    op = next((e.name for e in reversed(inner) if e.name.startswith("aten::")), None)
+    if op is not None and op != inner[-1].name:
+        leaf += f" in {op}"
+    frames = [e.name for e in reversed(inner) if PROJECT_FRAME.search(e.name)][:3]
+    return " <- ".join([leaf] + [f for f in frames if f != inner[-1].name])
+
+
+def python_functions(prof: Any, top: int = 25) -> dict[str, list[list[Any]]]:
+    """A ``cProfile`` run's heaviest functions: ``self`` by their own time, ``library`` (the library's functions)
+    by their time with callees: ``[function, calls, seconds]``."""
+    import pstats
+
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+
+    def name(key: tuple[str, int, str]) -> str:
+        path, line, func = key
+        match = PROJECT_FRAME.search(f"{path}(")
+        short = path[match.start():].lstrip("/") if match else "/".join(Path(path).parts[-2:])
+        return f"{short}:{line} {func}" if line else func
+
+    rows = [(name(k), v[1], v[2], v[3], bool(PROJECT_FRAME.search(f"{k[0]}("))) for k, v in stats.items()]
+    return {"self": [[n, calls, round(own, 4)] for n, calls, own, _, _ in sorted(rows, key=lambda r: -r[2])[:top]],
+            "library": [[n, calls, round(cum, 4)] for n, calls, _, cum, mine in
+                        sorted(rows, key=lambda r: -r[3]) if mine][:top]}
+
+
 def top_ops(prof: Any, n: int = 15) -> list[list[Any]]:
     """The operators (``aten::mul``, ``aten::cat``, ...) whose own kernels took the most device time in the trace:
     [name, ms, calls]. Which operators launch the elementwise and copy kernels a kernel name does not tell."""
@@ -218,10 +327,12 @@ def _counting_syncs(sites: dict[str, int]) -> Iterator[None]:
 
 
 def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
-                 sync_sites: dict[str, int] | None = None) -> dict[str, Any]:
+                 sync_sites: dict[str, int] | None = None, stacks: bool = False,
+                 python: bool = False) -> dict[str, Any]:
     """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler, from
     the generation of its pre-edit outputs (each pass generates its own just before it here: the runner's
-    ``PRE_EDIT_AHEAD`` set to 0) to its last row."""
+    ``PRE_EDIT_AHEAD`` set to 0) to its last row. ``sync_sites``: count the pass's host syncs instead; ``python``:
+    run it under ``cProfile`` instead (the host's Python functions)."""
     import editors.run as run_module
     from editors.models.generation import graph, release
     from editors.run import Runner
@@ -236,6 +347,13 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
             return original_ahead(self, units)
         if sync_sites is not None:  # count host syncs by where they happen instead of profiling
             window.enter_context(_counting_syncs(sync_sites))
+        elif python:
+            import cProfile
+
+            state["cprofile"] = cProfile.Profile()
+            state["cprofile"].enable()
+            window.callback(state["cprofile"].disable)
+            state["started"] = time.perf_counter()
         else:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if bench.scale.device == "cuda":
@@ -244,7 +362,7 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
             state["captures"] = (graph.STATS["captures"], graph.STATS["capture_s"])
             state["allocator"] = allocator_counts(bench.scale.device)
             window.enter_context(_patched_parts(bench.adapter))
-            state["prof"] = window.enter_context(torch.profiler.profile(activities=activities))
+            state["prof"] = window.enter_context(torch.profiler.profile(activities=activities, with_stack=stacks))
             state["started"] = time.perf_counter()
         with torch.profiler.record_function(PREFIX + "pre_edit"):
             return original_ahead(self, units)
@@ -265,13 +383,18 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
         finally:
             window.close()
             del self.session.apply_many, self.session.restore, self.editor.generate_many
-        if sync_sites is None:
+        if python:
+            state["profile"] = {"edits": len(units), "wall_s": round(wall or 0.0, 3),
+                                "python": python_functions(state["cprofile"])}
+        elif sync_sites is None:
             captures = state["captures"]
             state["profile"] = {"edits": len(units), "wall_s": round(wall or 0.0, 3),
                                 "captures": graph.STATS["captures"] - captures[0],
                                 "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
                                 "allocator": allocator_delta(state["allocator"], allocator_counts(bench.scale.device)),
                                 "ranges": summarize(state["prof"])}
+            if stacks:
+                state["profile"]["idle_by_host"] = idle_by_host(state["prof"])
 
     cache = bench.workdir / f"cache-profile-{method}"
     release(bench.adapter)
@@ -311,6 +434,13 @@ def render(rows: list[dict[str, Any]]) -> str:
         if not prof:
             lines += ["- (no pass profiled)", ""]
             continue
+        if prof.get("python"):
+            lines += [f"- pass under cProfile: {prof['edits']} edits, {prof['wall_s']} s", ""]
+            for part, what in (("self", "own time"), ("library", "time with callees, the library's functions")):
+                lines += ["", f"| function ({what}) | calls | s |", "|---|---|---|"]
+                lines += [f"| `{n}` | {calls} | {sec} |" for n, calls, sec in prof["python"][part]]
+            lines.append("")
+            continue
         lines += [f"- profiled pass: {prof['edits']} edits, {prof['wall_s']} s, captures {prof['captures']} "
                   f"({prof['capture_s']} s); allocator counters over the pass: {prof.get('allocator') or '-'}", "",
                   "| range | count | wall s | GPU busy s | busy % | launches | graph replays | syncs "
@@ -332,6 +462,10 @@ def render(rows: list[dict[str, Any]]) -> str:
             if kernels.get("ops"):
                 lines += ["", "| operator (its own kernels) | ms | calls |", "|---|---|---|"]
                 lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["ops"]]
+        for name, idle in (prof.get("idle_by_host") or {}).items():
+            lines += ["", f"GPU idle in `{name}`: {idle['idle_s']} s, by what the host ran meanwhile (under the Python "
+                      "tracer):", "", "| host event <- project frames | ms |", "|---|---|"]
+            lines += [f"| `{k}` | {ms} |" for k, ms in idle["top"]]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -344,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke mode with the tiny model")
     p.add_argument("--syncs", action="store_true",
                    help="count the pass's host-device syncs by call site instead of profiling it (CUDA)")
+    p.add_argument("--stacks", action="store_true",
+                   help="profile with Python stacks and attribute each range's GPU idle time to the host's work")
+    p.add_argument("--python", action="store_true",
+                   help="run the pass under cProfile instead: the host's heaviest Python functions")
     p.add_argument("--model", default="qwen2_audio", choices=("qwen2_audio", "desta25"),
                    help="the model family at full size (default: Qwen2-Audio-7B)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -358,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          max_new_tokens=args.max_new_tokens, prefix="sake-profile-") as bench:
         bench.pre_edit_items = args.pre_edit_items
         for method in [m for m in args.methods.split(",") if m]:
-            rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None))
+            rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None,
+                                     stacks=args.stacks, python=args.python))
             text = render(rows)
             if args.out:
                 atomic_write(args.out, text)

@@ -280,19 +280,24 @@ def test_encoder_width_bench_reports_the_clips_it_drew(capsys):
 
 def test_pass_profile_labels_the_phases_and_puts_every_patch_back(tmp_path):
     """The profile script on the tiny model (CPU: no kernels, so GPU columns read 0): its ranges, the allocator
-    column, and the classes and modules it labels restored afterwards."""
+    column, the idle time attributed to the host's library frames (``--stacks``: on the CPU every moment is idle),
+    and the classes and modules it labels restored afterwards."""
     import json
 
     from bench import pass_profile
     from editors.models.generation import graph
 
     before = dict(graph._State.__dict__)
-    assert pass_profile.main(["--tiny", "--methods", "ft_audio", "--edits", "2", "--pass", "1",
+    assert pass_profile.main(["--tiny", "--methods", "ft_audio", "--edits", "2", "--pass", "1", "--stacks",
                               "--json", str(tmp_path / "p.json")]) == 0
     [row] = json.loads((tmp_path / "p.json").read_text())
     ranges = row["profile"]["ranges"]
     assert {"pass", "pre_edit", "apply", "evaluate", "finetune_many"} <= set(ranges)
     assert all("alloc_calls" in r for name, r in ranges.items() if name != "_kernels")
+    idle = row["profile"]["idle_by_host"]
+    assert idle["apply"]["idle_s"] <= ranges["apply"]["wall_s"] + 1e-3
+    assert idle["apply"]["idle_s"] >= 0.9 * ranges["apply"]["wall_s"]  # no kernels on the CPU: idle throughout
+    assert any("editors/ft_audio.py(" in key for key, _ in idle["apply"]["top"])
     assert dict(graph._State.__dict__) == before
 
 

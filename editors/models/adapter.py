@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from editors.models.attention import generation_attention
 from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
@@ -336,7 +337,7 @@ class LALMAdapter(abc.ABC):
             todo = sorted(missing.items(), key=lambda item: -len(item[1]))
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start:start + batch_size]
-                with torch.no_grad():
+                with torch.no_grad(), generation_attention():  # never cuDNN's attention (its plan per shape)
                     states = self._encode_audios([a for _, a in chunk])
                 self.audio_encoder_calls += len(chunk)
                 for (key, _), state in zip(chunk, states):

@@ -1,15 +1,21 @@
-"""Which scaled-dot-product attention kernels may run where a gradient flows through the attention.
+"""Which scaled-dot-product attention kernels the library's attention calls may run: every backend but cuDNN's.
 
-On H100/H200 GPUs, torch 2.11 and later pick cuDNN's attention by default, and its backward returns NaN query
-gradients for some shapes when an attention mask is passed: a sequence length of 64 modulo 128 and a query row whose
-log-sum-exp is very negative, which a fully masked (left-padded) row always is (PyTorch issue #196678). The forward
-pass and the losses stay finite, so an optimiser step silently carries NaN into every weight it updates. Measured
-here: KE's hypernetwork training on Qwen2-Audio-7B stopped at a non-finite gradient whose first NaN came from
-``ScaledDotProductCudnnAttentionBackward0``.
+Two measured reasons, both on H100/H200 GPUs, where torch 2.11 and later pick cuDNN's attention by default:
 
-:func:`training_attention` leaves every backend but cuDNN's allowed; the edit session (every method's ``apply``)
-and the hypernetwork trainer run inside it. Generation runs outside it, with torch's default choice, so the outputs
-of an unedited model do not change. On the CPU the allowed set picks the same kernels as the default one.
+* Training: with an attention mask, cuDNN's backward returns NaN query gradients for some shapes: a sequence length
+  of 64 modulo 128 and a query row whose log-sum-exp is very negative, which a fully masked (left-padded) row always
+  is (PyTorch issue #196678). The forward pass and the losses stay finite, so an optimiser step silently carries NaN
+  into every weight it updates. Measured here: KE's hypernetwork training on Qwen2-Audio-7B stopped at a non-finite
+  gradient whose first NaN came from ``ScaledDotProductCudnnAttentionBackward0``.
+* Generation and the audio encoders: cuDNN builds an execution plan on the host for every new shape, and the
+  library's shapes are many (prompt widths, shared-prefix lengths, clip lengths). A profiled FT-LLM pass of 13 edits
+  on an H100 left the GPU idle for 1.7 s of its 4.7 s while the host sat in ``aten::_cudnn_attention_forward``
+  (``bench/pass_profile.py --stacks``); the memory-efficient and flash kernels need no plan.
+
+:func:`training_attention` wraps the edit session (every method's ``apply``) and the hypernetwork trainer;
+:func:`generation_attention` wraps every generation (:func:`editors.models.generation.generate`) and the audio
+encoders (``LALMAdapter.audio_states``). On the CPU the allowed set picks the same kernels as the default one, so
+the CPU outputs are unchanged; on the GPU the generated tokens can differ from a cuDNN run's at near ties (bf16).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 #: the SDPA backends allowed while gradients may flow through attention: all but cuDNN's (and ERROR, no backend)
 TRAINING_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name not in ("CUDNN_ATTENTION", "ERROR")]
+#: the SDPA backends allowed in generation and audio encoding: the same set (the bench's A/B may widen it)
+GENERATION_BACKENDS = list(TRAINING_BACKENDS)
 
 
 @contextlib.contextmanager
@@ -28,4 +36,12 @@ def training_attention() -> Iterator[None]:
     """Inside the block, scaled-dot-product attention never runs cuDNN's kernel (see the module docstring); the
     previous choice comes back on leaving, on an exception too."""
     with sdpa_kernel(TRAINING_BACKENDS):
+        yield
+
+
+@contextlib.contextmanager
+def generation_attention() -> Iterator[None]:
+    """Inside the block, attention runs one of :data:`GENERATION_BACKENDS` (never cuDNN's by default); the previous
+    choice comes back on leaving."""
+    with sdpa_kernel(GENERATION_BACKENDS):
         yield

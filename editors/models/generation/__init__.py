@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
+from editors.models.attention import generation_attention
 from editors.models.generation.memory import token_budget
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit, per_edit_audio_embeds, runs_of
@@ -54,7 +55,8 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
     """Greedy answers of ``prompts`` in order (decoded, special tokens removed, stripped), with ``settings``'
     engine; ``per_edit``: each prompt generated under its own edit's weights (without one, the adapter's
     :class:`PromptRouting`, if any, plans the rows). Settings without a ``max_batch_tokens`` get one from the device
-    memory available now (CUDA; no limit on CPU)."""
+    memory available now (CUDA; no limit on CPU). Attention runs under
+    :func:`editors.models.attention.generation_attention`."""
     prompts = list(prompts)
     if not prompts:
         return []
@@ -64,6 +66,12 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
                 return generate(adapter, prompts, settings, planned)
     if per_edit is not None and len(per_edit.edit_of) != len(prompts):
         raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
+    with generation_attention():  # never cuDNN's attention (editors/models/attention.py)
+        return _generate(adapter, prompts, settings, per_edit)
+
+
+def _generate(adapter: "LALMAdapter", prompts: list["Prompt"], settings: GenerationSettings,
+              per_edit: PerEdit | None) -> list[GeneratedText]:
     audios = [a for p in prompts for a in p.audios()]
     adapter.warm_audio(audios)
     adapter.encode_ahead(audios)
