@@ -104,14 +104,20 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
                 setattr(owner, name, fn)
 
 
-def _union(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, float("-inf")
+def _merged(intervals: Sequence[tuple[float, float]]) -> list[list[float]]:
+    """``intervals`` merged where they overlap, in order: ``[[start, end], ...]``."""
+    out: list[list[float]] = []
     for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _union(intervals: Sequence[tuple[float, float]]) -> float:
+    """The length of the union of ``intervals``."""
+    return sum(b - a for a, b in _merged(intervals))
 
 
 def _category(name: str) -> str:
@@ -188,19 +194,15 @@ def summarize(prof: Any) -> dict[str, Any]:
 
 def idle_by_host(prof: Any, step_us: float = 20.0, top: int = 12) -> dict[str, dict[str, Any]]:
     """Per labelled range: the GPU's idle time inside it (no kernel or copy running), sampled every ``step_us`` and
-    attributed to the innermost host event on the ranges' thread at that moment, with the library frames around it (a trace taken ``with_stack``: Python calls are events). ``{range: {"idle_s", "top": [[key,
-    ms], ...]}}``; idle time while no operator or Python call was recorded reads ``(no operator in <the innermost
-    labelled range>)``: the host's own Python, where the trace holds no Python calls."""
+    attributed to the innermost host event on the ranges' thread at that moment, with the library frames around it
+    where the trace (taken ``with_stack``) holds Python calls: ``{range: {"idle_s", "top": [[key, ms], ...]}}``.
+    Idle time while no operator or Python call was recorded reads ``(no operator in <the innermost labelled
+    range>)``: the host's own Python, where the trace holds no Python calls."""
     from torch.autograd import DeviceType
 
     events = list(prof.events())
-    busy: list[list[float]] = []
-    for s, t in sorted((e.time_range.start, e.time_range.end) for e in events
-                       if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIX)):
-        if busy and s <= busy[-1][1]:
-            busy[-1][1] = max(busy[-1][1], t)
-        else:
-            busy.append([s, t])
+    busy = _merged([(e.time_range.start, e.time_range.end) for e in events
+                    if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIX)])
     labelled = [e for e in events if e.name.startswith(PREFIX) and e.device_type == DeviceType.CPU]
     if not labelled:
         return {}
@@ -464,7 +466,7 @@ def render(rows: list[dict[str, Any]]) -> str:
                 lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["ops"]]
         for name, idle in (prof.get("idle_by_host") or {}).items():
             lines += ["", f"GPU idle in `{name}`: {idle['idle_s']} s, by what the host ran meanwhile (under the Python "
-                      "tracer):", "", "| host event <- project frames | ms |", "|---|---|"]
+                      "tracer):", "", "| host event <- library frames | ms |", "|---|---|"]
             lines += [f"| `{k}` | {ms} |" for k, ms in idle["top"]]
         lines.append("")
     return "\n".join(lines) + "\n"
