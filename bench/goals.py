@@ -469,6 +469,7 @@ def bound_lines(rows: list[dict[str, Any]], model: str) -> list[str]:
         generation_floor = fl["prefill_s"] + fl["perception_s"] + fl["memory_s"]
         text += (f". Floor on its card {fl['floor_s']:.3f} s/edit: training "
                  + (f"{fl['train_s']:.3f}" if fl["train_modelled"] else "not modelled")
+                 + (f" (its optimizer's state traffic {fl['optimizer_s']:.3f})" if fl.get("optimizer_s") else "")
                  + f" + prefill {fl['prefill_s']:.3f} + audio encoder {fl['perception_s']:.3f} + decode reads "
                  f"{fl['memory_s']:.3f}. Generation (pre-edit + evaluate) {generation:.2f} s/edit is "
                  f"{_f(generation / generation_floor if generation_floor else None, '.1f', 'x')} its floor")
@@ -772,8 +773,10 @@ def refloor(data: dict[str, Any]) -> int:
     """``--combine --refloor``: the floor of each run of ``data`` that records one, computed again by today's
     ``bench.roofline`` from the same edits (the call's synthetic instances, rebuilt from its arguments), the run's
     passes and training steps, and the ceilings its call measured; the model's full-size architecture is built on
-    the meta device (shapes only, no weights). Returns the runs updated."""
+    the meta device (shapes only, no weights). KE's and MEND's runs keep the floor their call recorded (their
+    editors need the hypernetwork the call trained; their training is not in the floor). Returns the runs updated."""
     from bench.models import Scale, bench_adapter_class
+    from editors.hypernetwork import hypernetwork_methods
 
     call = parse_args(data["argv"])
     if call.model != "qwen2_audio":
@@ -787,7 +790,12 @@ def refloor(data: dict[str, Any]) -> int:
         bench = Bench(scale=Scale("full", "meta", torch.bfloat16, seconds), adapter=adapter,  # type: ignore[arg-type]
                       dataset=dataset, counter=GenerateCounter(adapter.model), max_new_tokens=call.max_new_tokens,
                       seed=call.seed, workdir=Path(tmp), model=call.model)
+        untrained = set(hypernetwork_methods())  # their editors need the network the device call trained
         for row in data["rows"]:
+            if row["method"] in untrained:
+                LOG.info("%s: the floor measured on the device kept (its editor needs a trained hypernetwork)",
+                         row["method"])
+                continue
             for run in row["runs"]:
                 if not run.get("floor"):
                     continue

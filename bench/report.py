@@ -189,7 +189,10 @@ def render_details(row: dict[str, Any]) -> list[str]:
                      f"{'/transcripts (fp32)' if row.get('perception_fp32') else ''} {perception / 1e12:.1f} TFLOP "
                      f"= {fl['compute_s']:.3f} s; generation "
                      f"{fl['generate_bytes'] / 1e9:.0f} GB = "
-                     f"{fl['memory_s']:.3f} s" + ("" if fl["train_modelled"] else " (training not modelled)"))
+                     f"{fl['memory_s']:.3f} s"
+                     + (f"; optimizer state {fl['optimizer_bytes'] / 1e9:.0f} GB = {fl['optimizer_s']:.3f} s"
+                        if fl.get("optimizer_bytes") else "")
+                     + ("" if fl["train_modelled"] else " (training not modelled)"))
     profile = (row.get("info_ours") or {}).get("profile")
     if profile:
         lines += ["", "| runner phase (1 edit, profiled) | wall s | GPU busy s | busy | kernel launches | host syncs "

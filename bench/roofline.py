@@ -78,6 +78,7 @@ class Shapes:
     clip_frames: list[int] = dataclasses.field(default_factory=list)  # valid mel frames of each distinct clip
     pre_shared: int = 0  # tokens every pre-edit question of the edit begins with (prefilled and cached once)
     post_shared: int = 0  # likewise for the post-edit questions (IE-IKE's demonstrations, I-IKE's instruction)
+    preserve_tokens: list[int] = dataclasses.field(default_factory=list)  # UnKE / WISE: each preservation prompt
 
 
 def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
@@ -104,13 +105,21 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
     pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
     pre_ids = [adapter.prompt_token_ids(p) for p in pre]
+    preserve: list[Any] = []
+    hp = editor.hparams
+    if hasattr(hp, "preserve_text"):  # UnKE and WISE train on preservation prompts drawn as the run draws them
+        from editors.unke import preservation_prompts
+
+        preserve = preservation_prompts(edit, editor.context, hp.preserve_text, hp.preserve_audio,
+                                        source=hp.preserve_source, seed=editor.context.seed)
     post_ids = [adapter.prompt_token_ids(p) for p in post]
     # the prefix the generation layer shares (placeholders of different clips are not shared)
     return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio), pre_tokens=[len(i) for i in pre_ids],
                   post_tokens=[len(i) for i in post_ids], distinct_clips=len(clips), clip_frames=frames,
                   pre_shared=shared_prefix_length(adapter, pre, pre_ids, 1),
-                  post_shared=shared_prefix_length(adapter, post, post_ids, 1))
+                  post_shared=shared_prefix_length(adapter, post, post_ids, 1),
+                  preserve_tokens=[len(adapter.prompt_token_ids(p)) for p in preserve])
 
 
 def run_shapes(bench: Bench, method: str, rows: list[dict[str, Any]]) -> list[Shapes]:
@@ -122,9 +131,11 @@ def run_shapes(bench: Bench, method: str, rows: list[dict[str, Any]]) -> list[Sh
 def _llm_sizes(t: Any) -> dict[str, int]:
     """Matmul parameter counts of a decoder-only LLM config (Qwen2 / Llama: GQA, gated MLP)."""
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    attention = t.hidden_size * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    qkv = t.hidden_size * head_dim * (t.num_attention_heads + 2 * t.num_key_value_heads)
+    attention = qkv + t.hidden_size * head_dim * t.num_attention_heads
     layer = attention + 3 * t.hidden_size * t.intermediate_size
-    return {"layers": t.num_hidden_layers, "layer": layer, "head": t.hidden_size * t.vocab_size,
+    return {"layers": t.num_hidden_layers, "layer": layer, "head": t.hidden_size * t.vocab_size, "qkv": qkv,
+            "mlp_out": t.hidden_size * t.intermediate_size,
             "llm_weights": layer * t.num_hidden_layers + 2 * t.hidden_size * t.vocab_size,
             "kv_elements_per_token": 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim}
 
@@ -185,18 +196,27 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
 
     compute = training FLOPs (every frozen upstream part once: the encoder per clip, the layers below an edited
     layer once; per update the forward above the edited part with the LM head at target positions only, input
-    gradients through the layers above it, weight gradients of the edited part) + prefill FLOPs of the pre- and
+    gradients through the layers above it, weight gradients of the edited part; UnKE's two stages and WISE's side
+    memory with their preservation prompts, below) + prefill FLOPs of the pre- and
     post-edit questions + the encoder once per distinct clip (DeSTA2.5: also one Whisper transcript per distinct
     clip; its perception FLOPs at the fp32 rate), a prefix all of an edit's questions share counted once; memory =
     per decode step of one batched pre-edit and one batched post-edit generation, the edit's share of every LLM
     weight and its KV cache (a shared prefix once) read once (DeSTA2.5: plus Whisper's decoder weights per step of
-    one batched transcription of the edit's clips).
+    one batched transcription of the edit's clips); optimizer = the optimizer's state traffic per step over the trained
+    fp32 parameters (FT-LLM's and UnKE's layer with Adam, WISE's side memory with SGD; FT-Audio's connector is
+    negligible), at the copy rate and counted in ``train_s``.
+
+    UnKE: stage 1 runs the layers above the edited one over the last prompt token and the target (``v_steps``),
+    stage 2 the edited layer over the edit prompt and the preservation prompts (``optim_steps``: forward, weight
+    gradients and the gradients inside the layer). WISE (``n_iter`` steps): the side memory and the layers above it
+    over the edit row, and the memory's activations on the preservation prompts.
     """
     L, T, A = shapes.edit_tokens, shapes.target_tokens, shapes.audio_tokens
     layers, P, H = sizes["layers"], sizes["layer"], sizes["head"]
     steps = int(hp.get("max_steps", 0))
     connector = sizes.get("connector_flops_per_clip") or sizes.get("connector_flops_per_token", 0) * A
-    train = perception = 0.0
+    train = perception = optimizer_bytes = 0.0
+    R = sum(shapes.preserve_tokens)
     if method == "ft_audio":
         train = steps * ((2 * layers * P * L + 2 * H * T) + (2 * layers * P * L + 2 * H * T))
         perception = steps * (1 + sizes["connector_backward_factor"]) * connector
@@ -205,6 +225,30 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
         above = layers - edited
         train = 2 * edited * P * L + steps * ((2 * above * P * L + 2 * H * T)
                                               + (2 * (above - 1) * P * L + 2 * H * T) + 2 * P * L)
+        trained = {"layer": P, "mlp": 3 * sizes["mlp_out"], "mlp_out": sizes["mlp_out"]}[hp.get("params", "layer")]
+        optimizer_bytes = steps * trained * ADAM_BYTES
+    elif method == "unke":
+        edited = int(hp["layer"]) % layers
+        above, E = layers - edited - 1, L - T
+        # once: the edit row (prompt + target) and the preservation prompts up to and through the edited layer, the
+        # layers above over the edit prompt's columns before its last token (their keys and values)
+        train = 2 * (edited + 1) * P * (L + R) + 2 * above * P * max(E - 1, 0)
+        # stage 1 per step: the layers above over the last prompt token and the target, forward and input gradients
+        train += int(hp["v_steps"]) * 2 * (2 * above * P * (T + 1) + 2 * H * T)
+        # stage 2 per step: the edited layer over the edit prompt and the preservation prompts: forward, weight
+        # gradients, and input gradients inside the layer (none to its input: it is fixed)
+        train += int(hp["optim_steps"]) * 2 * (3 * P - sizes["qkv"]) * (E + R)
+        optimizer_bytes = int(hp["optim_steps"]) * P * ADAM_BYTES
+    elif method == "wise":
+        edited = int(hp["layer"]) % layers
+        above, D = layers - edited - 1, sizes["mlp_out"]
+        wise_steps = int(hp.get("max_steps") or hp["n_iter"])
+        # once: the edit row and the preservation prompts up to the edited layer's FFN inner activations
+        train = 2 * (edited + 1) * P * (L + R)
+        # per step: the side memory and the layers above over the edit row (forward, input gradients, the memory's
+        # weight gradient); the memory's activations on the preservation prompts (forward, weight gradient)
+        train += wise_steps * (2 * (D + above * P) * L + 2 * H * T + 2 * (above * P + D) * L + 2 * H * T + 4 * D * R)
+        optimizer_bytes = wise_steps * D * SGD_BYTES
     groups = ((shapes.pre_tokens, shapes.pre_shared, pre_share), (shapes.post_tokens, shapes.post_shared, post_share))
     prefill = 2 * layers * P * sum(sum(t) - max(len(t) - 1, 0) * shared for t, shared, _ in groups)
     at_frames = sizes.get("encoder_flops_at_frames")
@@ -226,15 +270,24 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
             generate_bytes += sizes["llm_weights"] * dtype_bytes / share + kv_bytes * (
                 shared + sum(p - shared + step for p in prompts))
     memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
+    optimizer_s = optimizer_bytes / ceilings["copy_bytes_per_s"]
+    modelled = method in TRAINING_MODELLED or not (steps or hp.get("optim_steps") or hp.get("n_iter"))
     return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
-            "generate_bytes": generate_bytes, "compute_s": compute_s, "memory_s": memory_s,
-            "train_s": train / ceilings["matmul_flops_per_s"], "prefill_s": prefill / ceilings["matmul_flops_per_s"],
-            "perception_s": perception / perception_rate,
-            "floor_s": compute_s + memory_s, "train_modelled": float(method in ("ft_audio", "ft_llm") or not steps)}
+            "generate_bytes": generate_bytes, "optimizer_bytes": optimizer_bytes, "compute_s": compute_s,
+            "memory_s": memory_s, "optimizer_s": optimizer_s,
+            "train_s": train / ceilings["matmul_flops_per_s"] + optimizer_s,
+            "prefill_s": prefill / ceilings["matmul_flops_per_s"], "perception_s": perception / perception_rate,
+            "floor_s": compute_s + memory_s + optimizer_s, "train_modelled": float(modelled)}
 
 
-FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_bytes", "compute_s", "memory_s",
-              "train_s", "prefill_s", "perception_s", "floor_s", "train_modelled")
+#: the methods whose training :func:`floor_seconds` models (KE and MEND: their hypernetworks are not)
+TRAINING_MODELLED = ("ft_audio", "ft_llm", "unke", "wise")
+#: bytes an optimizer step moves per trained fp32 parameter: Adam reads the weight, its gradient and two moments and
+#: writes the weight and the moments (7 x 4); SGD reads the weight and its gradient and writes the weight (3 x 4)
+ADAM_BYTES, SGD_BYTES = 28, 12
+
+FLOOR_KEYS = ("train_flops", "prefill_flops", "perception_flops", "generate_bytes", "optimizer_bytes", "compute_s",
+              "memory_s", "optimizer_s", "train_s", "prefill_s", "perception_s", "floor_s", "train_modelled")
 
 
 def generation_shares(passes: list[int], ahead: int) -> tuple[list[int], list[int]]:

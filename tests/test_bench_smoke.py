@@ -478,6 +478,40 @@ def test_the_floor_counts_the_pre_edit_outputs_the_run_generates(tmp_path):
                                              + floor["memory_s"])
 
 
+def test_the_floor_models_unke_and_wise_training_with_their_preservation_prompts_and_optimizer_state(tmp_path):
+    """UnKE's and WISE's training is in the floor: it grows with the preservation prompts the run draws for the edit
+    (20 + 5 and 10 + 10 at full size; the tiny hparams' counts here), and the optimizer's state traffic (Adam over
+    UnKE's layer, SGD over WISE's side memory) is part of the training floor, which the parts add up to."""
+    import dataclasses
+
+    from bench.arms import synthetic_bench
+    from bench.roofline import ADAM_BYTES, SGD_BYTES, edit_shapes, floor_seconds, model_sizes
+
+    ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=2, max_new_tokens=4, prefix="floor-") as bench:
+        row = bench.dataset.ordered(["emotion"], 2)[0]
+        sizes = model_sizes(bench.adapter.model.config)
+        for method, per_param in (("unke", ADAM_BYTES), ("wise", SGD_BYTES)):
+            hp = bench.hparams(method).as_dict()
+            shapes = edit_shapes(bench, bench.editor(method), row)
+            assert len(shapes.preserve_tokens) == hp["preserve_text"] + hp["preserve_audio"]
+            assert min(shapes.preserve_tokens) > 0
+            floor = floor_seconds(method, shapes, sizes, ceilings, 4, 4, hp)
+            steps = hp["optim_steps"] if method == "unke" else hp["n_iter"]
+            trained = sizes["layer"] if method == "unke" else sizes["mlp_out"]
+            assert floor["train_modelled"] == 1.0 and floor["train_flops"] > 0
+            assert floor["optimizer_bytes"] == steps * trained * per_param
+            assert floor["train_s"] == pytest.approx(floor["train_flops"] / 1e12 + floor["optimizer_bytes"] / 1e11)
+            assert floor["floor_s"] == pytest.approx(floor["train_s"] + floor["prefill_s"] + floor["perception_s"]
+                                                     + floor["memory_s"])
+            fewer = floor_seconds(method, dataclasses.replace(shapes, preserve_tokens=shapes.preserve_tokens[:1]),
+                                  sizes, ceilings, 4, 4, hp)
+            assert fewer["train_flops"] < floor["train_flops"]
+            assert fewer["prefill_s"] == floor["prefill_s"] and fewer["memory_s"] == floor["memory_s"]
+        # a method that does not draw preservation prompts has none in its shapes
+        assert edit_shapes(bench, bench.editor("ft_llm"), row).preserve_tokens == []
+
+
 def test_the_floor_of_a_batched_run_shares_weights_and_prefixes(tmp_path):
     """A pass of K edits reads the weights once per decode step for all K (the pre-edit outputs of the next 32
     edits in one generation), and a prefix all of an edit's questions share (IE-IKE's demonstrations) is prefilled
