@@ -271,7 +271,7 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
                 shared + sum(p - shared + step for p in prompts))
     memory_s = generate_bytes / ceilings["copy_bytes_per_s"]
     optimizer_s = optimizer_bytes / ceilings["copy_bytes_per_s"]
-    modelled = method in TRAINING_MODELLED or not (steps or hp.get("optim_steps") or hp.get("n_iter"))
+    modelled = method in TRAINING_MODELLED or not steps  # no steps: no training (IKE methods)
     return {"train_flops": train, "prefill_flops": prefill, "perception_flops": perception,
             "generate_bytes": generate_bytes, "optimizer_bytes": optimizer_bytes, "compute_s": compute_s,
             "memory_s": memory_s, "optimizer_s": optimizer_s,
