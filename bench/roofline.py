@@ -106,12 +106,10 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
     pre_ids = [adapter.prompt_token_ids(p) for p in pre]
     preserve: list[Any] = []
-    hp = editor.hparams
-    if hasattr(hp, "preserve_text"):  # UnKE and WISE train on preservation prompts drawn as the run draws them
-        from editors.unke import preservation_prompts
+    if hasattr(editor.hparams, "preserve_text"):  # UnKE and WISE train on preservation prompts, drawn as in the run
+        from editors.unke import editor_preservation
 
-        preserve = preservation_prompts(edit, editor.context, hp.preserve_text, hp.preserve_audio,
-                                        source=hp.preserve_source, seed=editor.context.seed)
+        preserve = editor_preservation(editor, edit)
     post_ids = [adapter.prompt_token_ids(p) for p in post]
     # the prefix the generation layer shares (placeholders of different clips are not shared)
     return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,

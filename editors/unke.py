@@ -123,6 +123,14 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
     return text_prompts[:n_text] + audio_prompts[:n_audio]
 
 
+def editor_preservation(editor: Editor, edit: EditRequest) -> list[Prompt]:
+    """The preservation prompts ``editor`` trains ``edit`` with: its hparams' ``preserve_text``, ``preserve_audio``
+    and ``preserve_source`` (UnKE, WISE), drawn from its run context with the run's seed."""
+    hp: Any = editor.hparams
+    return preservation_prompts(edit, editor.context, hp.preserve_text, hp.preserve_audio,
+                                source=hp.preserve_source, seed=editor.context.seed)
+
+
 def _cycle(prompts: list[Prompt], n: int) -> list[Prompt]:
     if not prompts or n <= 0:
         return []
@@ -252,8 +260,7 @@ class UnKE(Editor):
         with torch.no_grad():
             edit_target = a.run_layers(edit_state).detach().clone()
         edit_target[0, -1] = key.to(edit_target.dtype)  # left padding: the last column is the last prompt token
-        preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
-                                        source=hp.preserve_source, seed=self.context.seed)
+        preserve = editor_preservation(self, edit)
         terms: list[tuple[LayerState, torch.Tensor, torch.Tensor]] = [
             (edit_state, edit_target, prompt_batch.attention_mask)]
         if preserve:
@@ -334,9 +341,7 @@ class UnKE(Editor):
         a, hp, layer = self.adapter, self.hparams, self._layer()
         k = len(edits)
         keys, stats = self.compute_keys(edits)
-        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
-                                         source=hp.preserve_source, seed=self.context.seed)
-                    for e in edits]
+        preserve = [editor_preservation(self, e) for e in edits]
         # stage 2: the rows entering layer L (the edit prompts: term 0, their preservation prompts: term 1) and the
         # layer's target output on them, per canonical batch; on CUDA each edit's sequences packed into rows
         groups = []

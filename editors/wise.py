@@ -68,7 +68,7 @@ from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
 from editors.models.buckets import training_groups
 from editors.registry import register
-from editors.unke import preservation_prompts
+from editors.unke import editor_preservation
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -344,8 +344,7 @@ class WISE(Editor):
         x_in = self._inner_activations(state)
         # activations are scored on the prompt tokens: what the router sees before generating
         valid_in = ((batch.attention_mask > 0) & (batch.labels == IGNORE_INDEX)).float()
-        preserve = preservation_prompts(edit, self.context, hp.preserve_text, hp.preserve_audio,
-                                        source=hp.preserve_source, seed=self.context.seed)
+        preserve = editor_preservation(self, edit)
         if preserve:
             pbatch = a.prepare(preserve)
             x_out = self._inner_activations(a.hidden_entering(pbatch, layer))
@@ -447,9 +446,7 @@ class WISE(Editor):
         template = self._current_shard(router)  # the first shard an edit alone writes into: its mask
         router.shards = []
         base = router.original.weight.detach()
-        preserve = [preservation_prompts(e, self.context, hp.preserve_text, hp.preserve_audio,
-                                         source=hp.preserve_source, seed=self.context.seed)
-                    for e in edits]
+        preserve = [editor_preservation(self, e) for e in edits]
         # (owner edit of each row, state or None, inner activations, original output, valid, owners on the device)
         ins, outs = [], []
         for rows, state, x, orig, valid in self._layer_inputs([e.prompt() for e in edits], [e.target for e in edits]):
