@@ -50,6 +50,13 @@ def arm(adapter: Any, name: str) -> Iterator[None]:
         adapter.encoder_width_step, adapter.mel_device = kept
 
 
+def draw_clips(scale: Any, count: int, seed: int) -> list[np.ndarray]:
+    """``count`` noise clips of lengths drawn uniformly from the scale's range (16 kHz), in the order drawn."""
+    rng = np.random.default_rng(seed)
+    seconds = rng.uniform(*scale.audio_seconds, size=count)
+    return [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in seconds]
+
+
 def encode_all(adapter: Any, clips: list[np.ndarray], batch: int) -> list[torch.Tensor]:
     """Every clip's encoder states, ``batch`` clips per call, gradients off."""
     out: list[torch.Tensor] = []
@@ -111,9 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scale = tiny_scale() if args.tiny else full_scale()
     adapter = build_adapter(scale, args.seed)
-    rng = np.random.default_rng(args.seed)
-    seconds = rng.uniform(*scale.audio_seconds, size=args.clips)
-    clips = [0.1 * rng.standard_normal(int(16000 * s)).astype(np.float32) for s in seconds]
+    clips = draw_clips(scale, args.clips, args.seed)
     batch = adapter.encoder_batch_cuda if scale.device == "cuda" else 4
     device_name = torch.cuda.get_device_name(0) if scale.device == "cuda" else "CPU"
     print(render(measure(adapter, clips, batch, args.repeats, scale.device), device_name), flush=True)

@@ -668,7 +668,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the library's")
     p.add_argument("--generation-cudnn", choices=("library", "allowed"), default="library",
                    help="'allowed': generation and the audio encoders may pick cuDNN's attention (an A/B of "
-                        "editors.models.attention.GENERATION_BACKENDS); default: the library's (never)")
+                        "editors.models.kernels.GENERATION_BACKENDS); default: the library's (never)")
+    p.add_argument("--encoder-conv-cudnn", choices=("library", "allowed"), default="library",
+                   help="'allowed': the audio encoders' convolutions may run cuDNN's kernels (an A/B of "
+                        "editors.models.kernels.CONVOLUTION_CUDNN); default: the library's (torch's own kernels)")
+    p.add_argument("--capture", choices=("library", "torch"), default="library",
+                   help="'torch': the graph engine records its decode steps through torch.cuda.graph (a device sync "
+                        "and emptied caches before each capture; an A/B of "
+                        "editors.models.generation.graph.CAPTURE_VIA_TORCH); default: the library's")
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
@@ -823,12 +830,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editors.models.generation import graph
 
         graph.SHARE_CLIPS = False
+    if args.encoder_conv_cudnn == "allowed":
+        from editors.models import kernels
+
+        kernels.CONVOLUTION_CUDNN = True
+    if args.capture == "torch":
+        from editors.models.generation import graph
+
+        graph.CAPTURE_VIA_TORCH = True
     if args.generation_cudnn == "allowed":
         from torch.nn.attention import SDPBackend
 
-        from editors.models import attention
+        from editors.models import kernels
 
-        attention.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
+        kernels.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
     if args.batch_policies == "cpu":
         buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
         buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])

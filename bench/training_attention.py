@@ -1,6 +1,6 @@
 """What it costs, and what it prevents, that no attention under a gradient runs cuDNN's kernel.
 
-The edit session applies every edit under :func:`editors.models.attention.training_attention`, which allows every
+The edit session applies every edit under :func:`editors.models.kernels.training_attention`, which allows every
 scaled-dot-product attention backend except cuDNN's (its backward returns NaN for some masked shapes on H100/H200).
 For each method, ``--edits`` edits of the synthetic dataset are applied in one pass (``EditSession.apply_many``)
 and restored, under each arm, the arms' order alternating from one repeat to the next:
@@ -36,15 +36,15 @@ def arm(name: str) -> Iterator[None]:
     """Inside the block the session's attention backends are those of arm ``name``."""
     from torch.nn.attention import SDPBackend
 
-    from editors.models import attention
+    from editors.models import kernels
 
-    kept = attention.TRAINING_BACKENDS
+    kept = kernels.TRAINING_BACKENDS
     if name == "cudnn":
-        attention.TRAINING_BACKENDS = [b for n, b in SDPBackend.__members__.items() if n != "ERROR"]
+        kernels.TRAINING_BACKENDS = [b for n, b in SDPBackend.__members__.items() if n != "ERROR"]
     try:
         yield
     finally:
-        attention.TRAINING_BACKENDS = kept
+        kernels.TRAINING_BACKENDS = kept
 
 
 def non_finite_losses(stats: Sequence[dict[str, Any]]) -> int:

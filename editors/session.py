@@ -6,7 +6,7 @@ through an :class:`EditSession`:
 * on construction it snapshots the parameters the editor declares (:meth:`Editor.touched_parameters`, asked once,
   after :meth:`Editor.setup`) and notes whether any of them belongs to the audio encoder;
 * :meth:`EditSession.apply` (or :meth:`EditSession.apply_many`) seeds torch when asked, applies the edit(s) with
-  the attention kernels that are safe to backpropagate through (:func:`editors.models.attention.training_attention`:
+  the attention kernels that are safe to backpropagate through (:func:`editors.models.kernels.training_attention`:
   never cuDNN's) and, when the encoder changed, clears the adapter's audio-state cache (cached encoder states would
   be stale);
 * :meth:`EditSession.restore` copies the snapshot back bit-exactly, calls :meth:`Editor.reset` (the method's other
@@ -26,7 +26,7 @@ import torch
 
 from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
 from editors.hparams import Hparams
-from editors.models.attention import training_attention
+from editors.models.kernels import training_attention
 from editors.models.base import LALMAdapter
 
 

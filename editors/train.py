@@ -34,7 +34,7 @@ network is the one with the lowest validation loss (``val_size: 0``: no validati
 parameter tensors, before the optimizer step (after running the instance again under
 :class:`editors.nonfinite.NonFiniteTrace`, whose findings the message carries); the last checkpoint and any saved
 network stay as they were. Every forward pass of :func:`training_step` runs under
-:func:`editors.models.attention.training_attention` (never cuDNN's attention, whose backward returns NaN for some
+:func:`editors.models.kernels.training_attention` (never cuDNN's attention, whose backward returns NaN for some
 masked shapes on H100/H200).
 
 The layers below the first edited one are frozen, so every batch's hidden states entering it are computed once per
@@ -73,7 +73,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   build_network, condition_embeddings, default_hypernet_dir, edit_factors,
                                   hypernetwork_methods, load_network, parse_matrix_key, save_network,
                                   shifted_matrices)
-from editors.models.attention import training_attention
+from editors.models.kernels import training_attention
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from editors.nonfinite import NonFiniteTrace
 from sake_core.atomic import atomic_write

@@ -402,3 +402,32 @@ def test_audio_digest_is_computed_once_only_for_clips_that_cannot_change():
     del clip
     gc.collect()
     assert key not in prompts._DIGESTS
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["tiny-desta25"])
+def test_the_audio_encoders_convolutions_never_run_cudnn_and_the_switch_comes_back(family, monkeypatch):
+    """cuDNN builds a host-side plan per new (clips, frames) shape (editors/models/kernels.py): every audio-encoder
+    convolution, with or without gradients, runs with cuDNN switched off; the switch is as it was outside, after an
+    error too, and the bench's A/B (``CONVOLUTION_CUDNN``) leaves it alone."""
+    from editors.models import kernels
+
+    adapter = load_adapter(family, seed=0)
+    seen: list[bool] = []
+    original = torch.nn.Conv1d._conv_forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.backends.cudnn.enabled)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Conv1d, "_conv_forward", recording)
+    assert torch.backends.cudnn.enabled
+    adapter.audio_states([synthetic_audio(11, 1.1)])
+    adapter.audio_states_with_grad([synthetic_audio(12, 0.9)])
+    assert seen and not any(seen)
+    assert torch.backends.cudnn.enabled
+    with pytest.raises(RuntimeError), kernels.encoder_convolutions():
+        raise RuntimeError("inside")
+    assert torch.backends.cudnn.enabled
+    monkeypatch.setattr(kernels, "CONVOLUTION_CUDNN", True)
+    with kernels.encoder_convolutions():
+        assert torch.backends.cudnn.enabled

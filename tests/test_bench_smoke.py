@@ -121,16 +121,16 @@ def test_tiny_desta_run_appends_its_section(tmp_path):
 
 def test_training_attention_bench_runs_both_arms_and_puts_the_backends_back(capsys):
     from bench import training_attention
-    from editors.models import attention
+    from editors.models import kernels
 
-    kept = list(attention.TRAINING_BACKENDS)
+    kept = list(kernels.TRAINING_BACKENDS)
     assert training_attention.main(["--tiny", "--methods", "ft_llm", "--edits", "2", "--repeats", "1"]) == 0
     table = capsys.readouterr().out
     assert "| ft_llm | 2 x 1 |" in table and "| 0, 0 |" in table
-    assert attention.TRAINING_BACKENDS == kept
+    assert kernels.TRAINING_BACKENDS == kept
     with training_attention.arm("cudnn"):
-        assert any(b.name == "CUDNN_ATTENTION" for b in attention.TRAINING_BACKENDS)
-    assert attention.TRAINING_BACKENDS == kept
+        assert any(b.name == "CUDNN_ATTENTION" for b in kernels.TRAINING_BACKENDS)
+    assert kernels.TRAINING_BACKENDS == kept
     assert training_attention.non_finite_losses([{"loss": float("nan")}, {"loss": 0.5}, {"steps": 3}]) == 1
 
 
@@ -269,6 +269,18 @@ def test_encoder_width_bench_runs_its_arms_and_puts_the_settings_back(capsys):
         assert adapter.mel_device == "cpu"
         assert adapter.encoder_width_step == adapter.processor.feature_extractor.nb_max_frames
     assert (adapter.encoder_width_step, adapter.mel_device) == kept
+
+
+def test_encoder_convolutions_bench_runs_both_arms_in_alternating_order_and_puts_the_switch_back(capsys):
+    from bench import encoder_convolutions
+    from editors.models import kernels
+
+    assert encoder_convolutions.main(["--tiny", "--clips", "5", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["cudnn", "native"]
+    assert all(r.split("|")[-2].strip() == "0" for r in rows)  # on the CPU both arms run the same kernels
+    assert kernels.CONVOLUTION_CUDNN is False
 
 
 def test_encoder_width_bench_reports_the_clips_it_drew(capsys):

@@ -72,7 +72,7 @@ def test_the_seed_makes_an_edit_repeatable():
 
 def test_no_attention_call_of_an_edit_or_a_generation_may_pick_cudnn(monkeypatch):
     """cuDNN's attention backward returns NaN for some masked shapes on H100/H200, and its forward builds a host-side
-    plan per new shape (editors/models/attention.py): every attention call of an edit, in apply and apply_many, and
+    plan per new shape (editors/models/kernels.py): every attention call of an edit, in apply and apply_many, and
     of a generation after it (the audio encoder's included) runs with that backend disabled; torch's default is
     back outside."""
     import torch.nn.functional as F

@@ -241,7 +241,7 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step_naming_the_instan
 
 
 def test_training_forward_passes_never_may_pick_cudnn_attention(tmp_path, monkeypatch):
-    """Its backward returns NaN for some masked shapes on H100/H200 (editors/models/attention.py)."""
+    """Its backward returns NaN for some masked shapes on H100/H200 (editors/models/kernels.py)."""
     import torch.nn.functional as F
 
     original = F.scaled_dot_product_attention

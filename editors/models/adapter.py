@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.attention import generation_attention
+from editors.models.kernels import generation_attention
 from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate

@@ -61,6 +61,7 @@ from torch import nn
 from editors.models.base import (SAMPLING_RATE, LALMAdapter, Prompt, audio_digest,
                                  build_tiny_tokenizer, tiny_feature_extractor, to_device)
 from editors.models.desta25_model import RELEASE_HUB_ID, DeSTA25Config, DeSTA25Model
+from editors.models.kernels import encoder_convolutions
 from editors.models.whisper_tower import WhisperFeatures
 from sake_core.atomic import atomic_write
 
@@ -514,7 +515,9 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
                 tapped = [t[:n] for t in tapped]
                 self.audio_encoder_calls += n
             else:
-                ids = whisper.generate(input_features=feats, max_new_tokens=self.config.transcript_max_new_tokens)
+                with encoder_convolutions():  # as the shared run's (editors/models/kernels.py)
+                    ids = whisper.generate(input_features=feats,
+                                           max_new_tokens=self.config.transcript_max_new_tokens)
         self.transcribed_audios += n
         texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
         return [t.strip() for t in texts], tapped

@@ -54,6 +54,7 @@ except ImportError:  # pragma: no cover
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.bert.modeling_bert import BertEncoder
 
+from editors.models.kernels import encoder_convolutions
 from sake_core.atomic import atomic_write
 from sake_core.errors import DataError
 
@@ -223,8 +224,9 @@ class WhisperPerception(nn.Module):
         encoder = self.whisper.model.encoder
         param = encoder.conv1.weight
         features = input_features.to(device=param.device, dtype=param.dtype)
-        hidden = nn.functional.gelu(encoder.conv1(features))
-        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        with encoder_convolutions():  # torch's own kernels: no cuDNN plan per batch shape (editors/models/kernels.py)
+            hidden = nn.functional.gelu(encoder.conv1(features))
+            hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + encoder.embed_positions.weight[: encoder.config.max_source_positions, :]
         tapped: list[torch.Tensor] = []
         for idx, layer in enumerate(list(encoder.layers)[:n_layers]):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from editors.models.batch import to_device
+from editors.models.kernels import encoder_convolutions
 from editors.models.prompts import SAMPLING_RATE
 from editors.models.tiny import whisper_encoder_tokens, whisper_mel_frames
 
@@ -62,8 +63,9 @@ def tower_states(tower: Any, features: torch.Tensor, mel_frames: Sequence[int]) 
     """The tower's output for ``features`` [batch, mels, width] of any width up to the window, with each row's
     keys past its ``mel_frames`` valid frames masked: [batch, width // 4, hidden] (the tower's own ``forward``
     in its order). No host sync: which rows are padded is known from ``mel_frames``."""
-    hidden = nn.functional.gelu(tower.conv1(features))
-    hidden = nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
+    with encoder_convolutions():  # torch's own kernels: no cuDNN plan per (clips, frames) shape
+        hidden = nn.functional.gelu(tower.conv1(features))
+        hidden = nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
     positions = hidden.shape[1]
     hidden = hidden + tower.embed_positions.weight[:positions]
     hidden = nn.functional.dropout(hidden, p=tower.dropout, training=tower.training)

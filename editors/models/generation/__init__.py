@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
-from editors.models.attention import generation_attention
+from editors.models.kernels import generation_attention
 from editors.models.generation.memory import token_budget
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit, per_edit_audio_embeds, runs_of
@@ -56,7 +56,7 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
     engine; ``per_edit``: each prompt generated under its own edit's weights (without one, the adapter's
     :class:`PromptRouting`, if any, plans the rows). Settings without a ``max_batch_tokens`` get one from the device
     memory available now (CUDA; no limit on CPU). Attention runs under
-    :func:`editors.models.attention.generation_attention`."""
+    :func:`editors.models.kernels.generation_attention`."""
     prompts = list(prompts)
     if not prompts:
         return []
@@ -66,7 +66,7 @@ def generate(adapter: "LALMAdapter", prompts: Sequence["Prompt"], settings: Gene
                 return generate(adapter, prompts, settings, planned)
     if per_edit is not None and len(per_edit.edit_of) != len(prompts):
         raise ValueError(f"per-edit generation: {len(per_edit.edit_of)} edit indices for {len(prompts)} prompts")
-    with generation_attention():  # never cuDNN's attention (editors/models/attention.py)
+    with generation_attention():  # never cuDNN's attention (editors/models/kernels.py)
         return _generate(adapter, prompts, settings, per_edit)
 
 

@@ -96,6 +96,12 @@ SCORE_RATIO = 20
 #: A piece joins a chunk whose lanes are at most this many times its own length (a row reads its whole lane's scores,
 #: other rows' tokens included: at most ~(PACK_SPAN - 1) / SCORE_RATIO more than its own).
 PACK_SPAN = 4
+#: Free device memory (bytes, as the driver counts it) below which a capture first empties the allocator's cache: a
+#: decode step's own tensors in the graph's pool are tens of MB at 7B (:func:`record`).
+CAPTURE_HEADROOM = 2 * 2**30
+#: Record captures through ``torch.cuda.graph`` (a device sync and emptied caches first): the bench's A/B of
+#: :func:`record` (``bench.goals --capture torch``).
+CAPTURE_VIA_TORCH = False
 #: Width granularity of prompts and prefixes (tokens): CPU as the canonical buckets; on CUDA finer than the eager
 #: engine's 256 (padding costs cache reads at every step).
 WIDTH_STEP = {"cpu": 32, "cuda": 64}
@@ -714,14 +720,11 @@ class _State:
 
     def capture(self, pool: Any) -> None:
         """Run one decode step eagerly (warm-up, on a side stream), then record the next as this state's CUDA graph
-        (recorded, not run: the first replay runs it)."""
+        (recorded, not run: the first replay runs it). See :func:`record`."""
         started = time.perf_counter()
         with side_stream():
             self.step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.step()
-        self.graph = graph
+        self.graph = record(self.step, pool, self.lm.device)
         STATS["captures"] += 1
         STATS["capture_s"] += time.perf_counter() - started
 
@@ -747,6 +750,31 @@ class _State:
         STATS["decode_steps"] += done
         return done
 
+
+
+def record(step: Callable[[], None], pool: Any, device: torch.device) -> Any:
+    """``step``'s kernels recorded as a CUDA graph in memory ``pool``, on a side stream (nothing runs).
+
+    Not through ``torch.cuda.graph``: on entering, that waits for the device to finish its queue and empties the
+    allocator's device and pinned-host caches, so the host sat idle while the prefill queued before the capture ran,
+    and the memory the next pass (and the next pinned copy) needs was allocated from the driver again. Here the
+    device's queue keeps running while the host records, and the device cache is emptied only when the driver has
+    less than :data:`CAPTURE_HEADROOM` bytes free for the graph's pool (what the allocator cannot return during a
+    capture). :data:`CAPTURE_VIA_TORCH` (the bench's A/B) takes torch's context instead."""
+    graph = torch.cuda.CUDAGraph()
+    if CAPTURE_VIA_TORCH:
+        with torch.cuda.graph(graph, pool=pool):
+            step()
+        return graph
+    if torch.cuda.mem_get_info(cuda_device(device))[0] < CAPTURE_HEADROOM:
+        torch.cuda.empty_cache()
+    with side_stream(device):
+        graph.capture_begin(pool=pool)
+        try:
+            step()
+        finally:
+            graph.capture_end()
+    return graph
 
 
 # ----------------------------------------------------------------------------------------------------------------
