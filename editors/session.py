@@ -26,8 +26,8 @@ import torch
 
 from editors.base import EditRequest, Editor, ParameterSnapshot, RunContext
 from editors.hparams import Hparams
-from editors.models.kernels import training_attention
 from editors.models.base import LALMAdapter
+from editors.models.kernels import training_attention
 
 
 class EditSession:

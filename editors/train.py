@@ -73,8 +73,8 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
                                   build_network, condition_embeddings, default_hypernet_dir, edit_factors,
                                   hypernetwork_methods, load_network, parse_matrix_key, save_network,
                                   shifted_matrices)
-from editors.models.kernels import training_attention
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
+from editors.models.kernels import training_attention
 from editors.nonfinite import NonFiniteTrace
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, DataError, TrainingDiverged, user_errors

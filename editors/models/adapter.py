@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.kernels import generation_attention
 from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
+from editors.models.kernels import generation_attention
 from editors.models.prompts import Prompt, audio_digest
 from editors.models.weights import weights_digest
 from sake_core.errors import ConfigError

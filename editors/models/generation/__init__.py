@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ContextManager, Protocol, Sequence
 
-from editors.models.kernels import generation_attention
 from editors.models.generation.memory import token_budget
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit, per_edit_audio_embeds, runs_of
 from editors.models.generation.settings import (ENGINES, GenerationSettings, family_defaults, resolve_engine,
                                                 resolve_settings)
+from editors.models.kernels import generation_attention
 
 if TYPE_CHECKING:  # pragma: no cover
     from editors.models.adapter import LALMAdapter
