@@ -8,9 +8,10 @@ an execution plan on the host for every new (clips, frames) shape. Here Qwen2-Au
 * ``cudnn``: convolutions through cuDNN (the baseline: torch's default);
 * ``native``: torch's own kernels (the library's).
 
-The arm that goes first in a round meets its shapes cold; the order alternates from one round to the next, so each
-arm is cold in every other round (later rounds repeat many shapes: widths are rounded to ``encoder_width_step``). It
-prints the seconds per round cold and warm and the largest state difference between the arms (bf16 rounding).
+An arm's first encoding of a round's clips is its cold one: under ``cudnn`` it meets the shapes cuDNN has not planned
+yet (all of them in the first round; later rounds repeat many, since widths are rounded to ``encoder_width_step``).
+The order of the arms alternates from one round to the next, so that neither always runs first. It prints the
+seconds per round cold and warm and the largest state difference between the arms (bf16 rounding on a GPU).
 
     BENCH_MODULE=bench.encoder_convolutions bash bench/gpu_run.sh --clips 160 --rounds 3
 """
