@@ -812,41 +812,39 @@ def refloor(data: dict[str, Any]) -> int:
     return done
 
 
+def apply_ab_switches(args: argparse.Namespace) -> None:
+    """Set the library's module switches that the call's A/B arguments name (each left as the library has it unless
+    asked): training width and batch policies, the graph engine's prefix split, clip sharing and capture, and the
+    kernels allowed in generation and in the audio encoders' convolutions."""
+    from torch.nn.attention import SDPBackend
+
+    from editors.models import buckets, kernels
+    from editors.models.generation import graph
+
+    if args.training_width:
+        buckets.TRAINING_WIDTH_STEP.update(cpu=args.training_width, cuda=args.training_width)
+    if args.batch_policies == "cpu":
+        buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
+        buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])
+    if args.split_prefix is not None:
+        graph.SPLIT_PREFIX = args.split_prefix or None
+    if args.share_clips == "off":
+        graph.SHARE_CLIPS = False
+    if args.capture == "torch":
+        graph.CAPTURE_VIA_TORCH = True
+    if args.generation_cudnn == "allowed":
+        kernels.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
+    if args.encoder_conv_cudnn == "allowed":
+        kernels.CONVOLUTION_CUDNN = True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.combine:
         return combine(args)
     clock = Clock(args.time_limit)
-    from editors.models import buckets
-
-    if args.training_width:
-        buckets.TRAINING_WIDTH_STEP.update(cpu=args.training_width, cuda=args.training_width)
-    if args.split_prefix is not None:
-        from editors.models.generation import graph
-
-        graph.SPLIT_PREFIX = args.split_prefix or None
-    if args.share_clips == "off":
-        from editors.models.generation import graph
-
-        graph.SHARE_CLIPS = False
-    if args.encoder_conv_cudnn == "allowed":
-        from editors.models import kernels
-
-        kernels.CONVOLUTION_CUDNN = True
-    if args.capture == "torch":
-        from editors.models.generation import graph
-
-        graph.CAPTURE_VIA_TORCH = True
-    if args.generation_cudnn == "allowed":
-        from torch.nn.attention import SDPBackend
-
-        from editors.models import kernels
-
-        kernels.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
-    if args.batch_policies == "cpu":
-        buckets.TAIL_ONE_BATCH.update(cuda=buckets.TAIL_ONE_BATCH["cpu"])
-        buckets.PACK_TRAINING.update(cuda=buckets.PACK_TRAINING["cpu"])
+    apply_ab_switches(args)
     scale = tiny_scale() if args.tiny else full_scale()
     header = run_header(scale)
     device = header["device"]

@@ -76,6 +76,7 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     import editors.batching
     import editors.ft_audio
     import editors.ft_llm
+    import editors.preservation
     import editors.unke
     import editors.wise
 
@@ -88,8 +89,8 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     owners += [(editors.unke.UnKE, "compute_keys"), (editors.unke, "packed_layer_rows"),
                (editors.batching.StackedCopies, "current"),
                (editors.batching, "masked_update"), (editors.wise, "masked_update")]
-    owners += [(module, name) for module in (editors.unke, editors.wise, editors.ft_llm, editors.ft_audio)
-               for name in ("finetune_many", "preservation_prompts")]
+    owners += [(module, "finetune_many") for module in (editors.unke, editors.wise, editors.ft_llm, editors.ft_audio)]
+    owners += [(editors.preservation, "preservation_prompts")]
     owners = [(owner, name) for owner, name in owners if hasattr(owner, name)]
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name in owners]
     try:

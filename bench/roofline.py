@@ -13,6 +13,7 @@ import torch
 
 from bench.arms import Bench
 from bench.models import Scale, _sync
+from editors.preservation import PreservationSettings, editor_preservation
 
 LOG = logging.getLogger(__name__)
 
@@ -105,11 +106,8 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     frames = [whisper_mel_frames(len(a), fe) for a in clips.values()] if fe is not None else []
     pre = [p for p, it in zip(prompts, items) if needs_pre_edit(it.dimension, bench.pre_edit_items)]
     pre_ids = [adapter.prompt_token_ids(p) for p in pre]
-    preserve: list[Any] = []
-    if hasattr(editor.hparams, "preserve_text"):  # UnKE and WISE train on preservation prompts, drawn as in the run
-        from editors.unke import editor_preservation
-
-        preserve = editor_preservation(editor, edit)
+    # UnKE and WISE train on preservation prompts, drawn as in the run
+    preserve = editor_preservation(editor, edit) if isinstance(editor.hparams, PreservationSettings) else []
     post_ids = [adapter.prompt_token_ids(p) for p in post]
     # the prefix the generation layer shares (placeholders of different clips are not shared)
     return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,

@@ -10,7 +10,7 @@ the whole layer as the key generator) so that, on the edit prompt, its output eq
 new key at the last prompt token, and, on preservation prompts, its output stays the original one (mean squared
 error over the valid positions of each batch, the two terms summed).
 
-Preservation data (Table 6: 20 text + 5 audio prompts per edit, :func:`preservation_prompts`): locality items of
+Preservation data (Table 6: 20 text + 5 audio prompts per edit, :func:`editors.preservation.preservation_prompts`): locality items of
 *other instances of the train split* (text locality = MMLU questions, audio locality = other audio/attributes),
 drawn with a per-edit seeded RNG from every attribute config (``preserve_source: train``). Audio items whose label
 is the edit's original or target label are skipped. The train split keeps the test split's evaluated items out of
@@ -35,106 +35,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence, cast
 
 import torch
 
-from editors.base import EditRequest, Editor, RunContext, finetune
+from editors.base import EditRequest, Editor, finetune
 from editors.batching import (LayerRows, RowRouting, StackedCopies, StepNumber, finetune_many, masked_update,
                               packed_layer_rows, routed_copies, runs_of)
 from editors.hparams import Hparams
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, as_audio_array
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch
 from editors.models.buckets import training_groups
+from editors.preservation import editor_preservation
 from editors.registry import register
-from sake_core.protocol import ATTRIBUTES
-from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preservation data (shared with WISE)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _label_set(edit: EditRequest) -> set[str]:
-    return {edit.original_label.strip().lower(), edit.target_label.strip().lower()}
-
-
-def _instance_items(edit: EditRequest) -> tuple[list[Prompt], list[Prompt]]:
-    """(text prompts, audio prompts) of the edit instance's own locality items."""
-    row = edit.row or {}
-    text = [Prompt(question=it["question"]) for it in (row.get("locality_text") or [])]
-    audio = [Prompt(question=it["question"], audio=as_audio_array(it["audio"], where=f"{it['id']}: audio"))
-             for it in (row.get("locality_audio") or []) if it.get("audio") is not None]
-    return text, audio
-
-
-def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_audio: int, *,
-                         source: str = "train", seed: int = 0) -> list[Prompt]:
-    """``n_text`` text prompts then ``n_audio`` audio prompts that the edit should leave unchanged.
-
-    ``source='train'``: locality items of random train-split instances of all attribute configs (deterministic per
-    ``seed`` and instance id; audio items labelled with the edit's original or target label skipped);
-    ``source='instance'`` (or no ``context.load_rows``): the instance's own locality items, repeated cyclically
-    when fewer than asked. Raises ValueError for an unknown source."""
-    if source not in ("train", "instance"):
-        raise ConfigError(f"preserve_source={source!r}; expected 'train' or 'instance'")
-    if source == "instance" or context.load_rows is None:
-        text, audio = _instance_items(edit)
-        return _cycle(text, n_text) + _cycle(audio, n_audio)
-    rng = random.Random(f"{seed}:{edit.instance_id}")
-    tables = []
-    for config in ATTRIBUTES:
-        try:
-            tables.append(context.load_rows(config, "train"))
-        except ValueError as exc:
-            logger.warning("preservation data: cannot load %s/train (%s)", config, exc)
-    refs = [(t, i) for t in tables for i in range(len(t))]
-    if not refs:
-        logger.warning("preservation data: no train rows; using the instance's own locality items")
-        text, audio = _instance_items(edit)
-        return _cycle(text, n_text) + _cycle(audio, n_audio)
-    exclude = _label_set(edit)
-    text_prompts: list[Prompt] = []
-    order = list(range(len(refs)))
-    rng.shuffle(order)
-    for k in order:
-        if len(text_prompts) >= n_text:
-            break
-        table, i = refs[k]
-        for item in table.select_columns(["locality_text"])[i]["locality_text"] or []:
-            text_prompts.append(Prompt(question=item["question"]))
-            break
-    audio_prompts: list[Prompt] = []
-    rng.shuffle(order)
-    for k in order:
-        if len(audio_prompts) >= n_audio:
-            break
-        table, i = refs[k]
-        items = [it for it in table.select_columns(["locality_audio"])[i]["locality_audio"] or []
-                 if it.get("audio") is not None and str(it.get("label", "")).strip().lower() not in exclude]
-        if items:
-            item = items[rng.randrange(len(items))]
-            audio_prompts.append(Prompt(question=item["question"],
-                                        audio=as_audio_array(item["audio"], where=f"{item['id']}: audio")))
-    return text_prompts[:n_text] + audio_prompts[:n_audio]
-
-
-def editor_preservation(editor: Editor, edit: EditRequest) -> list[Prompt]:
-    """The preservation prompts ``editor`` trains ``edit`` with: its hparams' ``preserve_text``, ``preserve_audio``
-    and ``preserve_source`` (UnKE, WISE), drawn from its run context with the run's seed."""
-    hp: Any = editor.hparams
-    return preservation_prompts(edit, editor.context, hp.preserve_text, hp.preserve_audio,
-                                source=hp.preserve_source, seed=editor.context.seed)
-
-
-def _cycle(prompts: list[Prompt], n: int) -> list[Prompt]:
-    if not prompts or n <= 0:
-        return []
-    return [prompts[i % len(prompts)] for i in range(n)] if n > len(prompts) else prompts[:n]
 
 
 # ----------------------------------------------------------------------------------------------------------------

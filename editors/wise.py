@@ -13,7 +13,7 @@ where ``d(x) = mean over tokens of |act(W' a) - act(W a)|`` is the *activation* 
 inner activation at that layer, ``act`` the LLM's hidden activation function as in EasyEdit's implementation, or
 the identity with ``distance_act: none`` as in the WISE paper), ``i`` ranges over the in-scope inputs (the edit
 prompt) and ``o`` over the out-of-scope inputs: the preservation prompts (Table 6: 10 text + 10 audio, drawn as
-for UnKE, see :func:`editors.unke.preservation_prompts`). Each step's gradient is multiplied by the shard's random
+for UnKE, see :func:`editors.preservation.preservation_prompts`). Each step's gradient is multiplied by the shard's random
 mask (``mask_ratio`` of the entries; knowledge sharding) and ``W'`` is clamped to ``W +- norm_constraint``.
 The inner activations ``a`` of the layer are fixed during the edit (lower layers are frozen), so they are computed
 once; each step runs only the edited layer and those above it for the edit loss.
@@ -67,8 +67,8 @@ from editors.batching import RowRouting, masked_update, runs_of
 from editors.hparams import Hparams
 from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
 from editors.models.buckets import training_groups
+from editors.preservation import editor_preservation
 from editors.registry import register
-from editors.unke import editor_preservation
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

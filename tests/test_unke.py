@@ -10,7 +10,8 @@ import torch
 from _methods_helpers import (assert_same_state, audio_item, context, edit_request, hparams, model_state,
                               one_token_word, text_item, tiny_adapter)
 from editors.session import EditSession
-from editors.unke import UnKE, preservation_prompts
+from editors.preservation import preservation_prompts
+from editors.unke import UnKE
 
 
 def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
