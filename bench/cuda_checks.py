@@ -5,7 +5,8 @@ The CPU tests cannot reach these paths: torch's fused Adam kernel as both traini
 (``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix
 attended in two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask,
 memory-efficient attention with an additive bias), and the batched training steps of FT-Audio and FT-LLM without a
-host sync and replayed as a CUDA graph. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+host sync and replayed as a CUDA graph, and the fused decoder-layer forward (``editors.models.fused_layer``)
+against the Hugging Face layer's. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
 reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
@@ -199,7 +200,45 @@ def check_training_step_syncs() -> str:
     return "syncs per apply_many at 2 and 8 steps: " + ", ".join(found)
 
 
+def check_fused_layer() -> str:
+    """The fused decoder-layer forward (``editors.models.fused_layer``, on by default on CUDA) against the Hugging
+    Face layer's on the tiny models in bf16: per-row losses and the gradient of the connector's output, whole width
+    and tail state (a padded batch of three rows with one clip)."""
+    from editors.models import fused_layer, load_adapter
+    from editors.models.base import Prompt
+    from editors.models.buckets import training_groups
+
+    clip = torch.Generator().manual_seed(0)
+    prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad",
+                      audio=(0.1 * torch.randn(16000, generator=clip)).numpy()),
+               Prompt("What orbits the Earth?"), Prompt("Which is right? " + " ".join(f"({i}) answer {i}"
+                                                                                    for i in range(40)))]
+    targets = ["sad", "the moon", "answer 7"]
+    worst, kept = 0.0, dict(fused_layer.FUSED_LAYERS)
+    try:
+        for family in ("tiny-qwen2-audio", "tiny-desta25"):
+            adapter = load_adapter(family, seed=0, dtype=torch.bfloat16, device="cuda")
+            for _, batch in training_groups(adapter, prompts, targets):
+                results = []
+                for on in (False, True):
+                    fused_layer.FUSED_LAYERS["cuda"] = on
+                    state = adapter.hidden_entering(batch, 0)
+                    tail = adapter.tail_state(state, adapter.first_audio_column(batch))
+                    hidden = tail.hidden.detach().requires_grad_(True)
+                    loss = adapter.loss_from(tail, hidden, reduction="none")
+                    results.append((loss.detach().float(), torch.autograd.grad(loss.sum(), [hidden])[0].float()))
+                (loss_hf, grad_hf), (loss_ours, grad_ours) = results
+                worst = max(worst, float((loss_ours - loss_hf).abs().max() / loss_hf.abs().max().clamp(min=1e-6)),
+                            float((grad_ours - grad_hf).abs().max() / grad_hf.abs().max().clamp(min=1e-12)))
+    finally:
+        fused_layer.FUSED_LAYERS.update(kept)
+    if worst > 2e-2:
+        raise AssertionError(f"fused and Hugging Face layers differ by {worst:.3g} (relative to the largest value)")
+    return f"fused decoder layers against Hugging Face's: largest relative difference {worst:.2g} (bf16 losses, grads)"
+
+
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
+                                        "fused_layer": check_fused_layer,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,

@@ -134,6 +134,17 @@ def test_training_attention_bench_runs_both_arms_and_puts_the_backends_back(caps
     assert training_attention.non_finite_losses([{"loss": float("nan")}, {"loss": 0.5}, {"steps": 3}]) == 1
 
 
+def test_decoder_layer_bench_times_both_arms_and_puts_the_switch_back(capsys):
+    from bench import decoder_layer
+    from editors.models import fused_layer
+
+    kept = dict(fused_layer.FUSED_LAYERS)
+    assert decoder_layer.main(["--tiny", "--rows", "3", "--width", "192", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "hf / fused:" in out and "output 0, input gradient 0" in out  # the CPU's bits are the same
+    assert fused_layer.FUSED_LAYERS == kept
+
+
 def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     """Rows merged from several device calls carry their own call's time and matmul ceiling; older rows read '-'."""
     import argparse

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
+from editors.models.fused_layer import RotaryTables, final_norm, fused_layers_on, layer_forward, supports
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
 from editors.models.kernels import generation_attention
@@ -548,9 +549,16 @@ class LALMAdapter(abc.ABC):
                     frozen: FrozenColumns | None = None) -> torch.Tensor:
         layers = self.llm_layers()
         cache = {} if frozen is None else {_CACHE_ARG: frozen}
+        fused = fused_layers_on(hidden.device)
+        rotary: RotaryTables | None = None
         for i in range(start, stop):
-            hidden = layers[i](hidden, attention_mask=masks[self._layer_type(i)], position_ids=position_ids,
-                               position_embeddings=position_embeddings, **cache)
+            layer, mask = layers[i], masks[self._layer_type(i)]
+            if fused and supports(layer, self._layer_type(i)):  # fewer kernels, the same function (fused_layer.py)
+                rotary = rotary or RotaryTables.for_layer(layer, position_embeddings)
+                hidden = layer_forward(layer, hidden, mask, rotary, frozen, i)
+                continue
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings, **cache)
         return hidden
 
     def run_layers(self, state: LayerState, hidden: torch.Tensor | None = None, start: int | None = None,
@@ -658,7 +666,8 @@ class LALMAdapter(abc.ABC):
         h = state.hidden if hidden is None else hidden
         h = self._run_layers(h, state.layer, self.num_llm_layers, state.masks, state.position_ids,
                              state.position_embeddings, state.frozen)
-        return self.language_model().norm(h)
+        norm = self.language_model().norm
+        return final_norm(norm, h) if fused_layers_on(h.device) else norm(h)
 
     def logits_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Full logits [B, T, V] computed from the hidden states entering ``state.layer``."""

@@ -1,0 +1,159 @@
+"""A decoder layer's forward in fewer, contiguous kernels, for the adapters' own runs of LLM layers on CUDA.
+
+The editing methods train through the LLM's decoder layers (FT-Audio through all of them, UnKE's stage 1 and WISE
+through the layers above the edited one, at every step) by :meth:`LALMAdapter.run_layers` and the paths built on it.
+The Hugging Face forward of a Qwen2 or Llama layer spends much of such a step in small memory-bound kernels:
+
+* RMSNorm as eight elementwise kernels (a cast to fp32, square, mean, add, reciprocal square root, product, a cast
+  back, the weight product), each over a [rows, tokens, hidden] tensor, twice per layer, and more in the backward;
+* the rotary embedding as five kernels on query and key, whose cos and sin tables are broadcast over the heads, so
+  torch runs its strided (not vectorised) elementwise kernel.
+
+:func:`layer_forward` computes the same function with the RMSNorm of :func:`torch.nn.functional.rms_norm` (one kernel
+forward, CUDA's fused one) times the norm's weight, and the rotary embedding as ``q * cos + roll(q) * sin'`` over
+tables laid out like the query and key (:class:`RotaryTables`, made once per run of layers; ``sin'`` carries
+``rotate_half``'s sign), so every product is a contiguous, vectorised kernel. Attention, the projections and the MLP
+are the layer's own modules (a method's replaced or routed linear runs as it does in the layer). On the CPU in fp32
+and bf16 the outputs equal the Hugging Face layer's bit for bit (tests/test_fused_layer.py); on CUDA the fused
+RMSNorm's reduction order may move a last bit.
+
+Used where :data:`FUSED_LAYERS` says (CUDA only: the CPU keeps the Hugging Face forward, so the tiny-model outputs
+the tests and the demo pin do not depend on this module) and :func:`supports` accepts the layer: a Qwen2/Llama-style
+decoder layer with SDPA attention over full (not sliding-window) attention, and no hooks on the layer or its norms
+(a hook, e.g. the non-finite tracer's, then sees the modules it hooked run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Whether :meth:`LALMAdapter.run_layers` and the paths built on it run :func:`layer_forward`, per device type.
+FUSED_LAYERS = {"cpu": False, "cuda": True}
+
+
+def fused_layers_on(device: torch.device | str) -> bool:
+    """Whether layer runs on ``device`` use :func:`layer_forward` (:data:`FUSED_LAYERS`)."""
+    return FUSED_LAYERS.get(torch.device(device).type, False)
+
+
+_LAYER_PARTS = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def supports(layer: Any, layer_type: str) -> bool:
+    """Whether :func:`layer_forward` computes ``layer``'s forward: the parts of a Qwen2/Llama decoder layer, SDPA
+    attention over full attention, and no forward hooks on the layer or its norms (nor global ones)."""
+    if layer_type != "full_attention" or not all(hasattr(layer, p) for p in _LAYER_PARTS):
+        return False
+    attn = layer.self_attn
+    if not all(hasattr(attn, p) for p in _ATTENTION_PARTS) or getattr(attn, "sliding_window", None):
+        return False
+    if getattr(getattr(attn, "config", None), "_attn_implementation", None) != "sdpa":
+        return False
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(_hooked(m) for m in (layer, attn, *norms))
+
+
+@dataclass(frozen=True)
+class RotaryTables:
+    """The rotary embedding's cos and sin laid out like the query (``*_q``, [B, T, heads, head_dim]) and the key
+    (``*_k``, [B, T, kv_heads, head_dim]), contiguous; ``sin`` negated on its first half (``rotate_half``'s sign)."""
+
+    cos_q: torch.Tensor
+    sin_q: torch.Tensor
+    cos_k: torch.Tensor
+    sin_k: torch.Tensor
+
+    @classmethod
+    def of(cls, position_embeddings: tuple[torch.Tensor, torch.Tensor], heads: int, kv_heads: int
+           ) -> "RotaryTables":
+        """Tables for ``position_embeddings`` (cos, sin: [B, T, head_dim]) and the given head counts."""
+        cos, sin = position_embeddings
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+        def spread(table: torch.Tensor, n: int) -> torch.Tensor:
+            return table.unsqueeze(2).expand(*table.shape[:2], n, table.shape[-1]).contiguous()
+
+        cos_q, sin_q = spread(cos, heads), spread(signed, heads)
+        if kv_heads == heads:
+            return cls(cos_q, sin_q, cos_q, sin_q)
+        return cls(cos_q, sin_q, spread(cos, kv_heads), spread(signed, kv_heads))
+
+    @classmethod
+    def for_layer(cls, layer: Any, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                  ) -> "RotaryTables":
+        """Tables for the head counts of ``layer``'s attention."""
+        config = layer.self_attn.config
+        return cls.of(position_embeddings, config.num_attention_heads,
+                      getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``norm``'s RMSNorm: normalised in fp32 and cast back in one kernel (the Hugging Face order), then its
+    weight's product."""
+    return norm.weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` [B, T, heads, head_dim] (``rotate_half`` as a roll by half the
+    head dimension, its sign in ``signed_sin``): the same products and sum, each rounded as in Hugging Face's."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, kv_heads, T, D] -> [B, kv_heads * groups, T, D], each key/value head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, n, t, d = x.shape
+    return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
+
+
+def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None, rotary: RotaryTables,
+                  cache: Any = None, layer_idx: int = 0) -> torch.Tensor:
+    """``layer``'s output for ``hidden`` [B, T, H] (see the module docstring): ``mask`` the layer's boolean attention
+    mask or None (causal, no padding), ``cache`` an object with transformers' ``Cache.update`` contract (a tail
+    state's frozen columns) or None."""
+    attn = layer.self_attn
+    b, t, _ = hidden.shape
+    d = attn.head_dim
+    x = _rms_norm(layer.input_layernorm, hidden)
+    q = _rotate(attn.q_proj(x).view(b, t, -1, d), rotary.cos_q, rotary.sin_q).transpose(1, 2)
+    k = _rotate(attn.k_proj(x).view(b, t, -1, d), rotary.cos_k, rotary.sin_k).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, layer_idx)
+    groups = q.shape[1] // k.shape[1]
+    gqa: dict[str, Any] = {}
+    if groups > 1 and mask is None:
+        gqa["enable_gqa"] = True
+    else:  # as transformers' SDPA attention: heads repeated where a mask is given
+        k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    causal = mask is None and t > 1
+    if causal and k.shape[2] > t:
+        k, v = k[:, :, :t], v[:, :, :t]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
+                                         is_causal=causal, **gqa)
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+
+
+def final_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The LLM's final RMSNorm as :func:`layer_forward`'s (the norm's own forward where it is not an RMSNorm of the
+    Hugging Face kind or is hooked)."""
+    if hasattr(norm, "weight") and hasattr(norm, "variance_epsilon") and not _hooked(norm):
+        return _rms_norm(norm, hidden)
+    return norm(hidden)

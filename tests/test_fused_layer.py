@@ -1,0 +1,103 @@
+"""The decoder layer's forward in fewer kernels (editors/models/fused_layer.py): the Hugging Face layer's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _editor_helpers import synthetic_audio
+from editors.models import fused_layer, load_adapter
+from editors.models.base import Prompt
+from editors.models.buckets import training_groups
+
+FAMILIES = ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"]
+
+
+def _prompts() -> tuple[list[Prompt], list[str]]:
+    long = Prompt("Which of these is right? " + " ".join(f"({i}) the answer number {i}" for i in range(40)))
+    return ([Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=synthetic_audio(1, 1.0)),
+             Prompt("What orbits the Earth?"), long], ["sad", "Mars and the moon", "the answer number 7"])
+
+
+def _losses_and_gradients(adapter, batch, dtype):
+    """Per-row losses and the gradient of their sum for a residual at each row's last prompt token, over the whole
+    width and over a tail state (frozen columns), plus the hidden states entering layer 1."""
+    from editors.unke import last_prompt_positions
+
+    full = adapter.hidden_entering(batch, 1)
+    pos = last_prompt_positions(batch)
+    tail = adapter.tail_state(full, int(pos.min()))
+    delta = torch.randn(batch.batch_size, full.hidden.shape[-1], generator=torch.Generator().manual_seed(0),
+                        dtype=dtype).requires_grad_(True)
+    out = [full.hidden]
+    for state in (full, tail):
+        onehot = torch.zeros(state.hidden.shape[:2], dtype=dtype)
+        onehot[torch.arange(batch.batch_size), pos - state.first_column] = 1.0
+        loss = adapter.loss_from(state, state.hidden + onehot[..., None] * delta[:, None, :], reduction="none")
+        out += [loss, *torch.autograd.grad(loss.sum(), [delta])]
+    return out, tail.first_column
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_forward_gives_the_hf_layers_losses_and_gradients_bit_for_bit(family, dtype, monkeypatch):
+    """Whole width and tail state, padded rows and grouped-query attention (the tiny models have 4 query heads and 2
+    key/value heads): the same bits as the Hugging Face forward on the CPU, in fp32 and bf16."""
+    adapter = load_adapter(family, seed=0, dtype=dtype)
+    calls = []
+    original = fused_layer.layer_forward
+    monkeypatch.setattr("editors.models.adapter.layer_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    cut = []
+    for _, batch in training_groups(adapter, *_prompts()):
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", False)
+        before = len(calls)
+        theirs, _ = _losses_and_gradients(adapter, batch, dtype)
+        assert len(calls) == before
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
+        ours, first = _losses_and_gradients(adapter, batch, dtype)
+        cut.append(first)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert calls and max(cut) > 0  # the fused forward ran, and over a tail state's frozen columns too
+
+
+def test_a_hooked_or_routed_layer_runs_its_own_forward(monkeypatch):
+    """A forward hook on a layer or its norms (the non-finite tracer's), or a norm replaced by a routed per-edit
+    leaf (UnKE's layer copies), keeps the layer's own forward: the hook fires, the routed weights are used."""
+    from editors.batching import RowRouting
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
+    layer = adapter.llm_layer(2)
+    assert fused_layer.supports(layer, "full_attention")
+    assert not fused_layer.supports(layer, "sliding_attention")
+    [(_, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"])
+    seen = []
+    handle = layer.post_attention_layernorm.register_forward_hook(lambda *_: seen.append(1))
+    try:
+        assert not fused_layer.supports(layer, "full_attention")
+        adapter.loss_from(adapter.hidden_entering(batch, 1))
+    finally:
+        handle.remove()
+    assert seen == [1]
+
+    names = [n for n, _ in adapter.model.named_parameters() if ".layers.2." in n]
+    routing = RowRouting(adapter.model, names)
+    params = dict(adapter.model.named_parameters())
+    plain = adapter.loss_from(adapter.hidden_entering(batch, 1))
+    routing.set_weights({n: torch.stack([params[n].detach() * 1.5]) for n in names})
+    routing.runs = [(0, 0, batch.batch_size)]
+    with routing.installed():
+        assert not fused_layer.supports(adapter.llm_layer(2), "full_attention")
+        routed = adapter.loss_from(adapter.hidden_entering(batch, 1))
+    assert not torch.equal(routed, plain)
+
+
+def test_the_cpu_default_is_the_hf_forward(monkeypatch):
+    """On the CPU the layers run their own forward unless :data:`FUSED_LAYERS` says otherwise, so the tiny models'
+    outputs that the tests and the demo pin do not pass through the fused forward."""
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    monkeypatch.setattr("editors.models.adapter.layer_forward", lambda *a, **k: pytest.fail("fused forward on CPU"))
+    [(_, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"])
+    assert torch.isfinite(adapter.loss_from(adapter.hidden_entering(batch, 0)))
+    assert fused_layer.fused_layers_on("cuda") and not fused_layer.fused_layers_on("cpu")
