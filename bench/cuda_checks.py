@@ -214,7 +214,7 @@ def check_fused_layer() -> str:
                Prompt("What orbits the Earth?"), Prompt("Which is right? " + " ".join(f"({i}) answer {i}"
                                                                                     for i in range(40)))]
     targets = ["sad", "the moon", "answer 7"]
-    worst, kept = 0.0, dict(fused_layer.FUSED_LAYERS)
+    worst, worst_packed, kept = 0.0, 0.0, dict(fused_layer.FUSED_LAYERS)
     try:
         for family in ("tiny-qwen2-audio", "tiny-desta25"):
             adapter = load_adapter(family, seed=0, dtype=torch.bfloat16, device="cuda")
@@ -230,11 +230,22 @@ def check_fused_layer() -> str:
                 (loss_hf, grad_hf), (loss_ours, grad_ours) = results
                 worst = max(worst, float((loss_ours - loss_hf).abs().max() / loss_hf.abs().max().clamp(min=1e-6)),
                             float((grad_ours - grad_hf).abs().max() / grad_hf.abs().max().clamp(min=1e-12)))
+            # a packed row (variable-length flash attention) against the width groups, both fused
+            canonical = torch.zeros(len(prompts), device="cuda")
+            for rows, batch in training_groups(adapter, prompts, targets):
+                canonical[rows] = adapter.loss_from(adapter.hidden_entering(batch, 0), reduction="none").float()
+            if not adapter.packs_sequences():
+                raise AssertionError(f"{family}: the adapter does not pack sequences on CUDA")
+            [(rows, packed)] = training_groups(adapter, prompts, targets, packable=True)
+            losses = adapter.loss_from(adapter.hidden_entering(packed, 0), reduction="none").float()
+            worst_packed = max(worst_packed, float((losses - canonical[rows]).abs().max() / canonical.abs().max()))
     finally:
         fused_layer.FUSED_LAYERS.update(kept)
-    if worst > 2e-2:
-        raise AssertionError(f"fused and Hugging Face layers differ by {worst:.3g} (relative to the largest value)")
-    return f"fused decoder layers against Hugging Face's: largest relative difference {worst:.2g} (bf16 losses, grads)"
+    if worst > 2e-2 or worst_packed > 2e-2:
+        raise AssertionError(f"fused and Hugging Face layers differ by {worst:.3g}, packed and padded rows by "
+                             f"{worst_packed:.3g} (relative to the largest value)")
+    return (f"fused decoder layers against Hugging Face's: largest relative difference {worst:.2g} (bf16 losses, "
+            f"grads); packed rows against padded: {worst_packed:.2g} (losses)")
 
 
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,

@@ -675,6 +675,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder-layers", choices=("library", "hf"), default="library",
                    help="'hf': the adapters' own runs of LLM layers (training) use the Hugging Face layer forward on "
                         "CUDA too (an A/B of editors.models.fused_layer.FUSED_LAYERS); default: the library's")
+    p.add_argument("--pack-sequences", choices=("library", "off"), default="library",
+                   help="'off': FT-Audio's training rows in padded width groups on CUDA too (an A/B of "
+                        "editors.models.buckets.PACK_SEQUENCES); default: the library's (packed)")
     p.add_argument("--capture", choices=("library", "torch"), default="library",
                    help="'torch': the graph engine records its decode steps through torch.cuda.graph (a device sync "
                         "and emptied caches before each capture; an A/B of "
@@ -818,7 +821,7 @@ def refloor(data: dict[str, Any]) -> int:
 def apply_ab_switches(args: argparse.Namespace) -> None:
     """Set the library's module switches that the call's A/B arguments name (each left as the library has it unless
     asked): training width and batch policies, the graph engine's prefix split, clip sharing and capture, the
-    kernels allowed in generation and in the audio encoders' convolutions, and the decoder layers' forward."""
+    kernels allowed in generation and in the audio encoders' convolutions, the decoder layers' forward and packing."""
     from torch.nn.attention import SDPBackend
 
     from editors.models import buckets, fused_layer, kernels
@@ -839,6 +842,8 @@ def apply_ab_switches(args: argparse.Namespace) -> None:
         kernels.GENERATION_BACKENDS = [b for name, b in SDPBackend.__members__.items() if name != "ERROR"]
     if args.encoder_conv_cudnn == "allowed":
         kernels.CONVOLUTION_CUDNN = True
+    if args.pack_sequences == "off":
+        buckets.PACK_SEQUENCES.update(cuda=False)
     if args.decoder_layers == "hf":
         fused_layer.FUSED_LAYERS.update(cuda=False)
 

@@ -64,7 +64,7 @@ class FTAudio(Editor):
         prompts = [e.prompt() for e in edits]
         # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/models/buckets.py)
         groups = [(rows, batch, self._frame(batch))
-                  for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits])]
+                  for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits], packable=True)]
         names = set(self.touched_parameters())
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
         # edit order on the device once: a copy from pageable memory inside the loss would wait for the queue

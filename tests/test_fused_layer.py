@@ -101,3 +101,99 @@ def test_the_cpu_default_is_the_hf_forward(monkeypatch):
     [(_, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"])
     assert torch.isfinite(adapter.loss_from(adapter.hidden_entering(batch, 0)))
     assert fused_layer.fused_layers_on("cuda") and not fused_layer.fused_layers_on("cpu")
+
+
+def _packing_on(monkeypatch) -> None:
+    """What CUDA does, on the CPU: fused layers and packed training rows."""
+    from editors.models import buckets
+
+    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
+    monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_packed_row_gives_each_prompts_loss_and_gradient_as_its_padded_row(family, monkeypatch):
+    """Prompts back to back in one row, each attending within itself (the dense block mask of the CPU stands for
+    CUDA's variable-length kernel): every prompt's target loss and the gradient of its connector outputs are those
+    of its padded row, to rounding, and the target positions count per prompt as there."""
+    adapter = load_adapter(family, seed=0)
+    prompts, targets = _prompts()
+    prompts += [Prompt("Which sound is this?", audio=synthetic_audio(4, 0.7))]
+    targets += ["a dog barking"]
+
+    def losses_and_grads(groups):
+        losses = torch.zeros(len(prompts))
+        grads = {}
+        for rows, batch in groups:
+            state = adapter.hidden_entering(batch, 0)
+            if not batch.audio_states:
+                losses[rows] = adapter.loss_from(state, reduction="none")
+                continue
+            audio = adapter.project_audio(batch.audio_states).detach().requires_grad_(True)
+            loss = adapter.loss_from(state, adapter.input_embeds(batch, audio), reduction="none")
+            (grad,) = torch.autograd.grad(loss.sum(), [audio])
+            losses[rows] = loss.detach()
+            with_audio = [r for r in rows if prompts[r].audios()]
+            for r, g in zip(with_audio, grad.split([adapter.num_audio_tokens(prompts[r].audios()[0])
+                                                    for r in with_audio])):
+                grads[r] = g
+        return losses, grads
+
+    padded = losses_and_grads(training_groups(adapter, prompts, targets))
+    counts = {r: int(b.target_counts[rows.index(r)]) for rows, b in training_groups(adapter, prompts, targets)
+              for r in rows}
+    _packing_on(monkeypatch)
+    assert adapter.packs_sequences()
+    [(rows, batch)] = training_groups(adapter, prompts, targets, packable=True)
+    assert rows == list(range(len(prompts))) and batch.batch_size == 1 and batch.items == len(prompts)
+    assert batch.sequences is not None and sum(batch.sequences.lengths) == batch.input_ids.shape[1]
+    assert batch.target_counts.tolist() == [counts[r] for r in rows]
+    packed = losses_and_grads([(rows, batch)])
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    assert padded[1].keys() == packed[1].keys() and padded[1]
+    for r in padded[1]:
+        torch.testing.assert_close(packed[1][r], padded[1][r], rtol=1e-4, atol=1e-6)
+
+
+def test_ft_audio_trains_on_a_packed_row_what_it_trains_on_padded_rows(monkeypatch):
+    """FT-Audio's K edits on one packed row (CUDA's layout, run on the CPU) take the steps and reach the losses and
+    connector copies of the padded width groups, to rounding."""
+    import sys
+
+    sys.path.insert(0, "tests")
+    from _methods_helpers import context, edit_request, hparams, tiny_adapter
+    from editors.ft_audio import FTAudio
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    edits = [edit_request(target=t, audio_seed=s) for t, s in (("sad", 1), ("happy birthday to you", 2), ("dog", 3))]
+    results = []
+    for packed in (False, True):
+        if packed:
+            _packing_on(monkeypatch)
+        editor = FTAudio(adapter, hparams("ft_audio", adapter, max_steps=6), context())
+        stats = editor.apply_many(edits)
+        results.append((stats, {n: t.detach().clone() for n, t in editor._copies.current().items()}))
+    (padded, copies_padded), (packed, copies_packed) = results
+    assert [s["steps"] for s in packed] == [s["steps"] for s in padded] == [6, 6, 6]
+    for a, b in zip(packed, padded):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    for n in copies_padded:
+        torch.testing.assert_close(copies_packed[n], copies_padded[n], rtol=1e-4, atol=1e-5)
+
+
+def test_packing_needs_every_layer_fused(monkeypatch):
+    """An adapter packs training rows only where every layer runs the fused forward: not with the fused forward
+    off, nor with a hooked layer (a packed row cannot run through the Hugging Face layer)."""
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    assert not adapter.packs_sequences()  # the CPU's defaults
+    _packing_on(monkeypatch)
+    assert adapter.packs_sequences()
+    handle = adapter.llm_layer(0).register_forward_pre_hook(lambda *_: None)
+    try:
+        assert not adapter.packs_sequences()
+        [(rows, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"], packable=True)
+        assert batch.sequences is None
+    finally:
+        handle.remove()
+    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", False)
+    assert not adapter.packs_sequences()

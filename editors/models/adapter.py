@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PromptBatch, to_device
+from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PackedSequences, PromptBatch, to_device
 from editors.models.fused_layer import RotaryTables, final_norm, fused_layers_on, layer_forward, supports
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
@@ -444,10 +444,12 @@ class LALMAdapter(abc.ABC):
         return out
 
     def prepare(self, prompts: Sequence[Prompt], targets: Sequence[str] | None = None,
-                token_ids: Sequence[list[int]] | None = None) -> PromptBatch:
+                token_ids: Sequence[list[int]] | None = None, *, packed: bool = False) -> PromptBatch:
         """Tokenize and left-pad prompts (+ targets for teacher forcing) and fetch their audio states.
 
-        ``token_ids`` (optional) are the prompts' :meth:`prompt_token_ids`, when already computed."""
+        ``token_ids`` (optional) are the prompts' :meth:`prompt_token_ids`, when already computed. ``packed``: one
+        row holding the prompts back to back without padding, each attending within itself only (for the layer runs
+        of :meth:`packs_sequences`; generation takes left-padded batches)."""
         if targets is not None and len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
         if token_ids is None:
@@ -465,11 +467,15 @@ class LALMAdapter(abc.ABC):
             rows.append(ids)
             label_rows.append(labels)
             all_audios.extend(prompt.audios())
+        if packed:
+            return self._collate([sum(rows, [])], all_audios, [sum(label_rows, [])] if targets is not None else None,
+                                 lengths=[len(r) for r in rows])
         return self._collate(rows, all_audios, label_rows if targets is not None else None)
 
-    def _collate(self, rows: list[list[int]], audios: list[np.ndarray], label_rows: list[list[int]] | None = None
-                 ) -> PromptBatch:
-        """Left-pad token rows into a :class:`PromptBatch` (``audios``: every audio of the rows, in order)."""
+    def _collate(self, rows: list[list[int]], audios: list[np.ndarray], label_rows: list[list[int]] | None = None,
+                 lengths: list[int] | None = None) -> PromptBatch:
+        """Left-pad token rows into a :class:`PromptBatch` (``audios``: every audio of the rows, in order).
+        ``lengths``: the one row holds sequences of these lengths back to back (a packed batch)."""
         all_audios = audios
         targets = label_rows
         if label_rows is None:
@@ -484,6 +490,8 @@ class LALMAdapter(abc.ABC):
             attention_mask[i, width - len(ids):] = 1
             labels_t[i, width - len(ids):] = torch.tensor(labels, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        if lengths is not None:  # each sequence's positions from 0
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
         device = self.device
         states = self.audio_states(all_audios) if all_audios else []
         audio_mask = input_ids == self.audio_placeholder_id
@@ -504,6 +512,17 @@ class LALMAdapter(abc.ABC):
             batch.target_cols = to_device(target_cols, device)
             batch.target_ids = to_device(next_labels[target_rows, target_cols], device)
             batch.target_counts = to_device((next_labels != IGNORE_INDEX).sum(-1), device)
+        if lengths is not None:
+            # a sequence's first token is never a target (a prompt precedes it), so no position predicts a target
+            # of the next sequence
+            ends = torch.tensor(lengths).cumsum(0)
+            batch.sequences = PackedSequences(
+                starts=to_device(torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32), device),
+                lengths=tuple(int(n) for n in lengths))
+            if targets is not None:
+                items = torch.searchsorted(ends, target_cols + 1, right=True)  # the sequence of column + 1
+                batch.target_items = to_device(items, device)
+                batch.target_counts = to_device(torch.bincount(items, minlength=len(lengths)), device)
         return batch
 
     # ---- forward paths ------------------------------------------------------------------------------------------
@@ -531,6 +550,8 @@ class LALMAdapter(abc.ABC):
     def _masks(self, hidden: torch.Tensor, batch: PromptBatch) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        if batch.sequences is not None:  # a packed batch: only layer_forward runs it (packs_sequences)
+            return {"full_attention": batch.sequences}
         cfg = self.language_model().config
         kwargs: dict[str, Any] = dict(config=cfg, inputs_embeds=hidden, attention_mask=batch.attention_mask,
                                       position_ids=batch.position_ids)
@@ -539,6 +560,19 @@ class LALMAdapter(abc.ABC):
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
+
+    def packs_sequences(self) -> bool:
+        """Whether this adapter's layer runs take packed batches (``prepare(..., packed=True)``) on its device:
+        :data:`~editors.models.buckets.PACK_SEQUENCES` says so there, and every LLM layer runs
+        :func:`~editors.models.fused_layer.layer_forward` (on CUDA in bf16 or fp16: variable-length attention)."""
+        from editors.models.buckets import PACK_SEQUENCES
+
+        device = self.device
+        if not (PACK_SEQUENCES.get(device.type, False) and fused_layers_on(device)):
+            return False
+        if device.type == "cuda" and self.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        return all(supports(layer, self._layer_type(i)) for i, layer in enumerate(self.llm_layers()))
 
     def _layer_type(self, i: int) -> str:
         types = getattr(self.language_model().config, "layer_types", None)
@@ -689,8 +723,9 @@ class LALMAdapter(abc.ABC):
         logits = padded_rows(self.lm_head(), final_hidden[batch.target_rows, batch.target_cols]).float()
         token_ce = nn.functional.cross_entropy(logits, batch.target_ids, reduction="none")
         counts = batch.target_counts.clamp(min=1).to(token_ce.dtype)
-        per_item = torch.zeros(batch.batch_size, dtype=token_ce.dtype, device=token_ce.device)
-        per_item = per_item.index_add(0, batch.target_rows, token_ce) / counts
+        items = batch.target_rows if batch.target_items is None else batch.target_items
+        per_item = torch.zeros(batch.items, dtype=token_ce.dtype, device=token_ce.device)
+        per_item = per_item.index_add(0, items, token_ce) / counts
         if reduction == "none":
             return per_item
         if reduction == "mean":

@@ -74,6 +74,34 @@ class StopFlags:
         return event is None or bool(event.query())
 
 
+@dataclass(frozen=True)
+class PackedSequences:
+    """Several sequences back to back in one row (a packed :class:`PromptBatch`): each attends causally within
+    itself only. ``starts`` the device's int32 offsets of the sequences in the row and the row's length at the end
+    (``[S + 1]``, the cumulative lengths variable-length attention takes), ``lengths`` the same on the host."""
+
+    starts: torch.Tensor
+    lengths: tuple[int, ...]
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def dense_mask(self) -> torch.Tensor:
+        """The boolean attention mask ``[1, 1, N, N]`` of the packed row: column j visible to query i when both are in
+        one sequence and j <= i (for attention without variable-length kernels, e.g. on the CPU)."""
+        device = self.starts.device
+        segment = torch.repeat_interleave(torch.arange(self.count, device=device),
+                                          torch.tensor(self.lengths, device=device))
+        columns = torch.arange(segment.numel(), device=device)
+        mask = (segment[:, None] == segment[None, :]) & (columns[:, None] >= columns[None, :])
+        return mask[None, None]
+
+
 @dataclass
 class PromptBatch:
     """A tokenized, left-padded batch ready for the LLM (built once, reused across optimisation steps).
@@ -98,11 +126,20 @@ class PromptBatch:
     target_rows: torch.Tensor | None = None
     target_cols: torch.Tensor | None = None
     target_ids: torch.Tensor | None = None
-    target_counts: torch.Tensor | None = None  # [B] number of target tokens per row
+    target_counts: torch.Tensor | None = None  # [items] number of target tokens per prompt
+    # A packed batch (``LALMAdapter.prepare(..., packed=True)``): one row holding every prompt back to back, without
+    # padding; ``target_items`` then says which prompt each target position belongs to (otherwise its row).
+    sequences: PackedSequences | None = None
+    target_items: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def items(self) -> int:
+        """The number of prompts of the batch (its rows, or the sequences of a packed row)."""
+        return self.batch_size if self.sequences is None else self.sequences.count
 
 
 @dataclass

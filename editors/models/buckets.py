@@ -50,6 +50,13 @@ TAIL_ONE_BATCH = {"cpu": False, "cuda": True}
 #: half padding and every width group is a run of rows with a weight gradient of its own. On CPU one sequence per
 #: row (a row's bits then do not depend on the other rows).
 PACK_TRAINING = {"cpu": False, "cuda": True}
+#: Training through every LLM layer on rows of many lengths (FT-Audio's steps: rows of ~160-440 tokens): on CUDA the
+#: rows are packed back to back into one row without padding (``LALMAdapter.prepare(..., packed=True)``), each
+#: attending within itself through the variable-length flash kernel, where the adapter runs every layer through
+#: ``editors.models.fused_layer`` (``LALMAdapter.packs_sequences``); at the training width of 256 the rows were
+#: ~1.4x padding, computed forward and backward at every step. On CPU the width groups (a row's bits then do not
+#: depend on the other rows).
+PACK_SEQUENCES = {"cpu": False, "cuda": True}
 IGNORE_INDEX = -100
 
 
@@ -161,14 +168,18 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False
-                    ) -> list[tuple[list[int], PromptBatch]]:
+def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False,
+                    packable: bool = False) -> list[tuple[list[int], PromptBatch]]:
     """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
     shapes: ``(indices, batch)`` per width bucket of :data:`TRAINING_WIDTH_STEP`, each batch left-padded to its
     bucket. One edit alone gets the batch its row gets among K edits. ``tail_only`` (the caller's steps run only a
-    tail of columns): one batch at the widest bucket where :data:`TAIL_ONE_BATCH` says so for the device."""
+    tail of columns): one batch at the widest bucket where :data:`TAIL_ONE_BATCH` says so for the device.
+    ``packable`` (the caller runs the batches through every layer from the embeddings, with no tail state): one
+    packed batch of every prompt where the adapter packs sequences (:data:`PACK_SEQUENCES`)."""
     adapter.warm_audio([a for p in prompts for a in p.audios()])
     token_ids = [adapter.prompt_token_ids(p) for p in prompts]
+    if packable and adapter.packs_sequences():
+        return [(list(range(len(prompts))), adapter.prepare(prompts, targets, token_ids=token_ids, packed=True))]
     lengths = [len(t) + (len(adapter.target_token_ids(targets[i])) if targets is not None else 0)
                for i, t in enumerate(token_ids)]
     groups = []

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from editors.models.batch import PackedSequences
+
 #: Whether :meth:`LALMAdapter.run_layers` and the paths built on it run :func:`layer_forward`, per device type.
 FUSED_LAYERS = {"cpu": False, "cuda": True}
 
@@ -122,18 +124,53 @@ def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, n, groups, t, d).reshape(b, n * groups, t, d)
 
 
-def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None, rotary: RotaryTables,
-                  cache: Any = None, layer_idx: int = 0) -> torch.Tensor:
+def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | PackedSequences | None,
+                  rotary: RotaryTables, cache: Any = None, layer_idx: int = 0) -> torch.Tensor:
     """``layer``'s output for ``hidden`` [B, T, H] (see the module docstring): ``mask`` the layer's boolean attention
-    mask or None (causal, no padding), ``cache`` an object with transformers' ``Cache.update`` contract (a tail
-    state's frozen columns) or None."""
+    mask, None (causal, no padding) or the sequences of a packed row (:func:`packed_attention`); ``cache`` an object
+    with transformers' ``Cache.update`` contract (a tail state's frozen columns) or None."""
     attn = layer.self_attn
     b, t, _ = hidden.shape
     d = attn.head_dim
     x = _rms_norm(layer.input_layernorm, hidden)
-    q = _rotate(attn.q_proj(x).view(b, t, -1, d), rotary.cos_q, rotary.sin_q).transpose(1, 2)
-    k = _rotate(attn.k_proj(x).view(b, t, -1, d), rotary.cos_k, rotary.sin_k).transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
+    q = _rotate(attn.q_proj(x).view(b, t, -1, d), rotary.cos_q, rotary.sin_q)
+    k = _rotate(attn.k_proj(x).view(b, t, -1, d), rotary.cos_k, rotary.sin_k)
+    v = attn.v_proj(x).view(b, t, -1, d)
+    if isinstance(mask, PackedSequences):
+        if cache is not None:
+            raise ValueError("a packed row has no frozen columns")
+        out = packed_attention(q, k, v, mask, attn.scaling)
+    else:
+        out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, attn.scaling, cache,
+                         layer_idx).transpose(1, 2)
+    hidden = hidden + attn.o_proj(out.reshape(b, t, -1))
+    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: PackedSequences,
+                     scale: float) -> torch.Tensor:
+    """Causal attention within each sequence of a packed row (``q``, ``k``, ``v``: [1, N, heads, head_dim]) ->
+    [1, N, heads, head_dim]: CUDA's variable-length flash kernel (no padding, nothing computed across sequences);
+    elsewhere SDPA under the row's dense block-diagonal mask."""
+    if q.device.type == "cuda":
+        from torch.nn.attention.varlen import varlen_attn
+
+        n = sequences.longest
+        out = varlen_attn(q[0], k[0], v[0], sequences.starts, sequences.starts, n, n, scale=scale,
+                          window_size=(-1, 0), enable_gqa=k.shape[2] != q.shape[2])
+        assert isinstance(out, torch.Tensor)  # no auxiliary outputs asked for
+        return out[None]
+    groups = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), _repeat_heads(k.transpose(1, 2), groups),
+                                         _repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
+                                         dropout_p=0.0, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+               cache: Any, layer_idx: int) -> torch.Tensor:
+    """Attention as transformers' SDPA integration computes it (``q``, ``k``, ``v``: [B, heads, T, head_dim])."""
+    t = q.shape[2]
     if cache is not None:
         k, v = cache.update(k, v, layer_idx)
     groups = q.shape[1] // k.shape[1]
@@ -145,10 +182,8 @@ def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None, r
     causal = mask is None and t > 1
     if causal and k.shape[2] > t:
         k, v = k[:, :, :t], v[:, :, :t]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
-                                         is_causal=causal, **gqa)
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=causal,
+                                          **gqa)
 
 
 def final_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
