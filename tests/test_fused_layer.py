@@ -61,35 +61,43 @@ def test_the_fused_forward_gives_the_hf_layers_losses_and_gradients_bit_for_bit(
     assert calls and max(cut) > 0  # the fused forward ran, and over a tail state's frozen columns too
 
 
-def test_a_hooked_or_routed_layer_runs_its_own_forward(monkeypatch):
-    """A forward hook on a layer or its norms (the non-finite tracer's), or a norm replaced by a routed per-edit
-    leaf (UnKE's layer copies), keeps the layer's own forward: the hook fires, the routed weights are used."""
+def test_hooked_and_routed_modules_run_their_own_forward(monkeypatch):
+    """A forward hook on a layer or its attention module keeps the layer's own forward (the hook fires); a hooked
+    norm, or a layer whose every parameter is a routed per-edit copy (UnKE's stage 2), runs inside the fused
+    forward with those modules called: the hook fires, the routed weights are used, and the bits are the Hugging
+    Face layer's."""
     from editors.batching import RowRouting
 
     adapter = load_adapter("tiny-qwen2-audio", seed=0)
-    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
     layer = adapter.llm_layer(2)
     assert fused_layer.supports(layer, "full_attention")
     assert not fused_layer.supports(layer, "sliding_attention")
     [(_, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"])
-    seen = []
-    handle = layer.post_attention_layernorm.register_forward_hook(lambda *_: seen.append(1))
-    try:
-        assert not fused_layer.supports(layer, "full_attention")
-        adapter.loss_from(adapter.hidden_entering(batch, 1))
-    finally:
-        handle.remove()
-    assert seen == [1]
+
+    def loss(fused: bool) -> torch.Tensor:
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", fused)
+        return adapter.loss_from(adapter.hidden_entering(batch, 1))
+
+    for module, supported in ((layer, False), (layer.self_attn, False), (layer.post_attention_layernorm, True)):
+        seen = []
+        handle = module.register_forward_hook(lambda *_: seen.append(1))
+        try:
+            assert fused_layer.supports(layer, "full_attention") == supported
+            loss(True)
+        finally:
+            handle.remove()
+        assert seen == [1]
 
     names = [n for n, _ in adapter.model.named_parameters() if ".layers.2." in n]
     routing = RowRouting(adapter.model, names)
     params = dict(adapter.model.named_parameters())
-    plain = adapter.loss_from(adapter.hidden_entering(batch, 1))
+    plain = loss(True)
     routing.set_weights({n: torch.stack([params[n].detach() * 1.5]) for n in names})
     routing.runs = [(0, 0, batch.batch_size)]
     with routing.installed():
-        assert not fused_layer.supports(adapter.llm_layer(2), "full_attention")
-        routed = adapter.loss_from(adapter.hidden_entering(batch, 1))
+        assert fused_layer.supports(adapter.llm_layer(2), "full_attention")
+        routed = loss(True)
+        assert torch.equal(routed, loss(False))
     assert not torch.equal(routed, plain)
 
 
@@ -188,7 +196,7 @@ def test_packing_needs_every_layer_fused(monkeypatch):
     assert not adapter.packs_sequences()  # the CPU's defaults
     _packing_on(monkeypatch)
     assert adapter.packs_sequences()
-    handle = adapter.llm_layer(0).register_forward_pre_hook(lambda *_: None)
+    handle = adapter.llm_layer(0).self_attn.register_forward_pre_hook(lambda *_: None)
     try:
         assert not adapter.packs_sequences()
         [(rows, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"], packable=True)

@@ -19,8 +19,9 @@ RMSNorm's reduction order may move a last bit.
 
 Used where :data:`FUSED_LAYERS` says (CUDA only: the CPU keeps the Hugging Face forward, so the tiny-model outputs
 the tests and the demo pin do not depend on this module) and :func:`supports` accepts the layer: a Qwen2/Llama-style
-decoder layer with SDPA attention over full (not sliding-window) attention, and no hooks on the layer or its norms
-(a hook, e.g. the non-finite tracer's, then sees the modules it hooked run).
+decoder layer with SDPA attention over full (not sliding-window) attention, and no hooks on the layer or its
+attention module (a hook, e.g. the non-finite tracer's, then sees the modules it hooked run). A norm a method
+replaced (UnKE's routed layer copies) or hooked runs its own forward inside the fused one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _hooked(module: nn.Module) -> bool:
 
 def supports(layer: Any, layer_type: str) -> bool:
     """Whether :func:`layer_forward` computes ``layer``'s forward: the parts of a Qwen2/Llama decoder layer, SDPA
-    attention over full attention, and no forward hooks on the layer or its norms (nor global ones)."""
+    attention over full attention, and no forward hooks on the layer or its attention module (which it does not
+    call), nor global ones. Its norms, projections and MLP are called as modules unless a norm is a plain RMSNorm
+    (:func:`_rms_norm`), so a replaced or hooked one runs as it does in the layer."""
     if layer_type != "full_attention" or not all(hasattr(layer, p) for p in _LAYER_PARTS):
         return False
     attn = layer.self_attn
@@ -61,12 +64,9 @@ def supports(layer: Any, layer_type: str) -> bool:
         return False
     if getattr(getattr(attn, "config", None), "_attn_implementation", None) != "sdpa":
         return False
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if not all(hasattr(n, "weight") and hasattr(n, "variance_epsilon") for n in norms):
-        return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    return not any(_hooked(m) for m in (layer, attn, *norms))
+    return not (_hooked(layer) or _hooked(attn))
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,18 @@ class RotaryTables:
                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
+def _plain_rms_norm(norm: Any) -> bool:
+    """Whether ``norm`` is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon, no hooks), not
+    a module a method put in its place (a routed per-edit copy) or hooked."""
+    return (isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon")
+            and not _hooked(norm))
+
+
 def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``norm``'s RMSNorm: normalised in fp32 and cast back in one kernel (the Hugging Face order), then its
-    weight's product."""
+    weight's product; any other norm module: its own forward."""
+    if not _plain_rms_norm(norm):
+        return norm(hidden)
     return norm.weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
 
 
@@ -189,6 +198,4 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 def final_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The LLM's final RMSNorm as :func:`layer_forward`'s (the norm's own forward where it is not an RMSNorm of the
     Hugging Face kind or is hooked)."""
-    if hasattr(norm, "weight") and hasattr(norm, "variance_epsilon") and not _hooked(norm):
-        return _rms_norm(norm, hidden)
-    return norm(hidden)
+    return _rms_norm(norm, hidden)
