@@ -22,6 +22,10 @@ the tests and the demo pin do not depend on this module) and :func:`supports` ac
 decoder layer with SDPA attention over full (not sliding-window) attention, and no hooks on the layer or its
 attention module (a hook, e.g. the non-finite tracer's, then sees the modules it hooked run). A norm a method
 replaced (UnKE's routed layer copies) or hooked runs its own forward inside the fused one.
+
+It also runs packed rows (:class:`~editors.models.batch.PackedSequences`: several prompts back to back in one row,
+no padding), which the Hugging Face layer cannot: :func:`packed_attention` attends within each sequence through
+CUDA's variable-length flash kernel (``LALMAdapter.packs_sequences``; FT-Audio's training rows on CUDA).
 """
 
 from __future__ import annotations
