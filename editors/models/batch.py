@@ -1,7 +1,7 @@
 """Tensors handed between the adapter and the editing methods: a tokenized :class:`PromptBatch` (left-padded rows,
-or one row of :class:`PackedSequences`), the :class:`LayerState` entering an LLM layer, and :func:`batch_spans` (chunking sequences under row/token limits);
-copies between host and device that do not wait (:func:`to_device`, :class:`StopFlags`) and the side stream of
-the eager steps before a CUDA graph capture (:func:`side_stream`)."""
+or one row of :class:`PackedSequences`), the :class:`LayerState` entering an LLM layer, and :func:`batch_spans`
+(chunking sequences under row/token limits); copies between host and device that do not wait (:func:`to_device`,
+:class:`StopFlags`) and the side stream of the eager steps before a CUDA graph capture (:func:`side_stream`)."""
 
 from __future__ import annotations
 
