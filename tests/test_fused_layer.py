@@ -205,3 +205,45 @@ def test_packing_needs_every_layer_fused(monkeypatch):
         handle.remove()
     monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", False)
     assert not adapter.packs_sequences()
+
+
+@pytest.mark.parametrize("api", ["2.11", "2.13"])
+def test_packed_attention_calls_each_torchs_variable_length_kernel_as_it_takes_its_arguments(api, monkeypatch):
+    """torch 2.11's ``varlen_attn`` takes ``is_causal`` (no scale, no grouped-query flag: the key/value heads are
+    repeated), 2.13's ``window_size``, ``scale`` and ``enable_gqa``: both give the dense mask's attention (a CPU
+    stand-in for the flash kernel, checked against SDPA under the packed row's mask)."""
+    from torch.nn.attention import varlen
+
+    from editors.models.batch import PackedSequences
+
+    def reference(q, k, v, starts, starts_k, max_q, max_k, scale=None, **kwargs):
+        assert torch.equal(starts, starts_k) and max_q == max_k == 5
+        groups = q.shape[1] // k.shape[1]
+        assert groups == 1 or kwargs.get("enable_gqa")
+        causal = kwargs.get("window_size") == (-1, 0) or kwargs.get("is_causal") is True
+        assert causal
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.repeat_interleave(groups, 1).transpose(0, 1)[None],
+            v.repeat_interleave(groups, 1).transpose(0, 1)[None], attn_mask=sequences.dense_mask(), scale=scale)
+        return out[0].transpose(0, 1)
+
+    if api == "2.11":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size, enable_gqa=enable_gqa)
+
+    sequences = PackedSequences(starts=torch.tensor([0, 3, 8, 10], dtype=torch.int32), lengths=(3, 5, 2))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 10, 4, 8, generator=gen)
+    k, v = (torch.randn(1, 10, 2, 8, generator=gen) for _ in range(2))
+    dense = fused_layer.packed_attention(q, k, v, sequences, 8 ** -0.5)
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    monkeypatch.setattr(fused_layer, "VARLEN_DEVICES", {"cpu"})
+    torch.testing.assert_close(fused_layer.packed_attention(q, k, v, sequences, 8 ** -0.5), dense)
+    if api == "2.11":  # no scale argument: only the kernel's own 1/sqrt(head_dim)
+        with pytest.raises(ValueError, match="no scale argument"):
+            fused_layer.packed_attention(q, k, v, sequences, 0.5)

@@ -30,6 +30,7 @@ CUDA's variable-length flash kernel (``LALMAdapter.packs_sequences``; FT-Audio's
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ from editors.models.batch import PackedSequences
 
 #: Whether :meth:`LALMAdapter.run_layers` and the paths built on it run :func:`layer_forward`, per device type.
 FUSED_LAYERS = {"cpu": False, "cuda": True}
+#: Device types whose packed rows take ``torch.nn.attention.varlen.varlen_attn`` (flash); elsewhere a dense mask.
+VARLEN_DEVICES = {"cuda"}
 
 
 def fused_layers_on(device: torch.device | str) -> bool:
@@ -165,15 +168,29 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
     """Causal attention within each sequence of a packed row (``q``, ``k``, ``v``: [1, N, heads, head_dim]) ->
     [1, N, heads, head_dim]: CUDA's variable-length flash kernel (no padding, nothing computed across sequences);
     elsewhere SDPA under the row's dense block-diagonal mask."""
-    if q.device.type == "cuda":
-        from torch.nn.attention.varlen import varlen_attn
+    groups = q.shape[2] // k.shape[2]
+    if q.device.type in VARLEN_DEVICES:
+        from torch.nn.attention import varlen
 
+        known = inspect.signature(varlen.varlen_attn).parameters
+        kwargs: dict[str, Any] = {}
+        if "window_size" in known:  # torch >= 2.12; earlier: is_causal
+            kwargs["window_size"] = (-1, 0)
+        else:
+            kwargs["is_causal"] = True
+        if "scale" in known:
+            kwargs["scale"] = scale
+        elif abs(scale - q.shape[-1] ** -0.5) > 1e-9 * scale:
+            raise ValueError(f"this torch's varlen_attn has no scale argument; the layer's is {scale}")
+        keys, values = k[0], v[0]
+        if groups > 1 and "enable_gqa" in known:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         n = sequences.longest
-        out = varlen_attn(q[0], k[0], v[0], sequences.starts, sequences.starts, n, n, scale=scale,
-                          window_size=(-1, 0), enable_gqa=k.shape[2] != q.shape[2])
+        out = varlen.varlen_attn(q[0], keys, values, sequences.starts, sequences.starts, n, n, **kwargs)
         assert isinstance(out, torch.Tensor)  # no auxiliary outputs asked for
         return out[None]
-    groups = q.shape[2] // k.shape[2]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), _repeat_heads(k.transpose(1, 2), groups),
                                          _repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
                                          dropout_p=0.0, scale=scale)
