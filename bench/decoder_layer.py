@@ -53,7 +53,8 @@ def inputs(adapter: Any, rows: int, width: int, seed: int) -> tuple[torch.Tensor
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     device, dtype = adapter.device, adapter.dtype
     hidden = torch.randn(rows, width, adapter.language_model().config.hidden_size, generator=gen).to(device, dtype)
-    batch = SimpleNamespace(attention_mask=attention_mask.to(device), position_ids=position_ids.to(device))
+    batch = SimpleNamespace(attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+                            sequences=None)
     masks = adapter._masks(hidden, batch)
     rotary = adapter.language_model().rotary_emb(hidden, batch.position_ids)
     return hidden, masks, batch.position_ids, rotary
