@@ -6,6 +6,9 @@ from the adapter's audio-state cache), and so are the attention masks and rotary
 connector -> LLM (measured on an H100 at 7B:
 2.41 s -> 1.45 s per step). Text-only inputs never pass through the connector, so their outputs cannot change.
 
+On CUDA the training rows are packed back to back without padding (``editors/models/buckets.py``:
+``PACK_SEQUENCES``), one edit's row as K edits'; on the CPU they keep their padded width groups.
+
 Several edits per pass (:meth:`FTAudio.apply_many`): one fp32 connector copy per edit (``editors/batching.py``);
 each edit's prompt gets its audio embeddings from its own copy, the K losses are summed (each copy gets exactly its
 own gradient), early stop is per edit; evaluation is one batched generation from ``inputs_embeds`` in which each
@@ -46,7 +49,7 @@ class FTAudio(Editor):
         if edit.audio is None:
             raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         # canonical shape (editors/models/buckets.py); encoder states computed once, cached
-        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])
+        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target], packable=True)
         frame = self._frame(batch)
         names = set(self.touched_parameters())
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in names}

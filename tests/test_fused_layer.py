@@ -246,3 +246,27 @@ def test_packed_attention_calls_each_torchs_variable_length_kernel_as_it_takes_i
     if api == "2.11":  # no scale argument: only the kernel's own 1/sqrt(head_dim)
         with pytest.raises(ValueError, match="no scale argument"):
             fused_layer.packed_attention(q, k, v, sequences, 0.5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_graph_engine_generates_the_same_tokens_with_the_fused_norm_and_rotary(family, monkeypatch):
+    """The graph engine's own layer loop (prefill and decode) with RMSNorm in one kernel and the rotary products over
+    contiguous tables: the same greedy tokens as with the Hugging Face modules' (the CPU's bits are the same)."""
+    from editors.models.generation import graph
+
+    adapter = load_adapter(family, seed=0)
+    prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=synthetic_audio(s, 0.5 + 0.4 * s))
+               for s in range(3)] + [Prompt("What orbits the Earth?", system="Answer briefly.")]
+    settings = adapter.generation_settings(8, engine="graph")
+    outputs = []
+    for fused in (False, True):
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", fused)
+        graph.release(adapter)  # the engine's kept states hold the layer loop built under the other setting
+        seen: list[list[int]] = []
+        decode = adapter.tokenizer.batch_decode
+        monkeypatch.setattr(adapter.tokenizer, "batch_decode",
+                            lambda ids, _decode=decode, **kw: seen.extend(ids.tolist()) or _decode(ids, **kw))
+        outputs.append((adapter.generate(prompts, settings=settings), seen))
+        monkeypatch.undo()
+    graph.release(adapter)
+    assert outputs[0] == outputs[1] and outputs[0][1]

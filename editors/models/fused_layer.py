@@ -23,6 +23,9 @@ decoder layer with SDPA attention over full (not sliding-window) attention, and 
 attention module (a hook, e.g. the non-finite tracer's, then sees the modules it hooked run). A norm a method
 replaced (UnKE's routed layer copies) or hooked runs its own forward inside the fused one.
 
+The graph engine's own layer loop (``editors.models.generation.graph``: prefill and the captured decode step) takes
+:func:`rms_norm`, :class:`RotaryTables` and :func:`rotate` on the same devices.
+
 It also runs packed rows (:class:`~editors.models.batch.PackedSequences`: several prompts back to back in one row,
 no padding), which the Hugging Face layer cannot: :func:`packed_attention` attends within each sequence through
 CUDA's variable-length flash kernel (``LALMAdapter.packs_sequences``; FT-Audio's training rows on CUDA).
@@ -63,7 +66,7 @@ def supports(layer: Any, layer_type: str) -> bool:
     """Whether :func:`layer_forward` computes ``layer``'s forward: the parts of a Qwen2/Llama decoder layer, SDPA
     attention over full attention, and no forward hooks on the layer or its attention module (which it does not
     call), nor global ones. Its norms, projections and MLP are called as modules unless a norm is a plain RMSNorm
-    (:func:`_rms_norm`), so a replaced or hooked one runs as it does in the layer."""
+    (:func:`rms_norm`), so a replaced or hooked one runs as it does in the layer."""
     if layer_type != "full_attention" or not all(hasattr(layer, p) for p in _LAYER_PARTS):
         return False
     attn = layer.self_attn
@@ -111,22 +114,22 @@ class RotaryTables:
                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
-def _plain_rms_norm(norm: Any) -> bool:
+def _plainrms_norm(norm: Any) -> bool:
     """Whether ``norm`` is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon, no hooks), not
     a module a method put in its place (a routed per-edit copy) or hooked."""
     return (isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon")
             and not _hooked(norm))
 
 
-def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``norm``'s RMSNorm: normalised in fp32 and cast back in one kernel (the Hugging Face order), then its
     weight's product; any other norm module: its own forward."""
-    if not _plain_rms_norm(norm):
+    if not _plainrms_norm(norm):
         return norm(hidden)
     return norm.weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` for ``x`` [B, T, heads, head_dim] (``rotate_half`` as a roll by half the
     head dimension, its sign in ``signed_sin``): the same products and sum, each rounded as in Hugging Face's."""
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
@@ -148,9 +151,9 @@ def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | PackedS
     attn = layer.self_attn
     b, t, _ = hidden.shape
     d = attn.head_dim
-    x = _rms_norm(layer.input_layernorm, hidden)
-    q = _rotate(attn.q_proj(x).view(b, t, -1, d), rotary.cos_q, rotary.sin_q)
-    k = _rotate(attn.k_proj(x).view(b, t, -1, d), rotary.cos_k, rotary.sin_k)
+    x = rms_norm(layer.input_layernorm, hidden)
+    q = rotate(attn.q_proj(x).view(b, t, -1, d), rotary.cos_q, rotary.sin_q)
+    k = rotate(attn.k_proj(x).view(b, t, -1, d), rotary.cos_k, rotary.sin_k)
     v = attn.v_proj(x).view(b, t, -1, d)
     if isinstance(mask, PackedSequences):
         if cache is not None:
@@ -160,7 +163,7 @@ def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | PackedS
         out = _attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, attn.scaling, cache,
                          layer_idx).transpose(1, 2)
     hidden = hidden + attn.o_proj(out.reshape(b, t, -1))
-    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+    return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden))
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: PackedSequences,
@@ -219,4 +222,4 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 def final_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The LLM's final RMSNorm as :func:`layer_forward`'s (the norm's own forward where it is not an RMSNorm of the
     Hugging Face kind or is hooked)."""
-    return _rms_norm(norm, hidden)
+    return rms_norm(norm, hidden)

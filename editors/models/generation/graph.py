@@ -67,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from editors.models import fused_layer
 from editors.models.batch import StopFlags, side_stream, to_device
 from editors.models.buckets import MIN_ROWS, left_pad
 from editors.models.generation.memory import (GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token,
@@ -167,29 +168,39 @@ class _LM:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.scale = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
         self.device, self.dtype = adapter.device, adapter.dtype
+        # RMSNorm in one kernel and the rotary products over contiguous tables (the same bits on the CPU)
+        self.fused = fused_layer.fused_layers_on(adapter.device)
+
+    def _norm(self, norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+        return fused_layer.rms_norm(norm, hidden) if self.fused else norm(hidden)
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor,
                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Hidden states after every layer (before the final norm); ``attend(layer, q, k, v)`` -> ``[B, H, T, d]``
         (queries and keys already rotated)."""
         cos, sin = self.rotary(hidden, positions)
+        tables = fused_layer.RotaryTables.of((cos, sin), self.heads, self.kv_heads) if self.fused else None
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         b, t, d = hidden.shape[0], hidden.shape[1], self.head_dim
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(hidden)
+            x = self._norm(layer.input_layernorm, hidden)
             attn = layer.self_attn
-            q = attn.q_proj(x).view(b, t, -1, d).transpose(1, 2)
-            k = attn.k_proj(x).view(b, t, -1, d).transpose(1, 2)
+            q, k = attn.q_proj(x).view(b, t, -1, d), attn.k_proj(x).view(b, t, -1, d)
             v = attn.v_proj(x).view(b, t, -1, d).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            if tables is not None:
+                q = fused_layer.rotate(q, tables.cos_q, tables.sin_q).transpose(1, 2)
+                k = fused_layer.rotate(k, tables.cos_k, tables.sin_k).transpose(1, 2)
+            else:
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+                q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             out = attend(i, q, k, v).transpose(1, 2).reshape(b, t, -1)
             hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + layer.mlp(self._norm(layer.post_attention_layernorm, hidden))
         return hidden
 
     def last_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy next token of each row from the last position's hidden state."""
-        return self.head(self.norm(hidden[:, -1])).argmax(-1)
+        return self.head(self._norm(self.norm, hidden[:, -1])).argmax(-1)
 
     def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         rep = self.heads // self.kv_heads
