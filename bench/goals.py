@@ -673,8 +673,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="'allowed': the audio encoders' convolutions may run cuDNN's kernels (an A/B of "
                         "editors.models.kernels.CONVOLUTION_CUDNN); default: the library's (torch's own kernels)")
     p.add_argument("--decoder-layers", choices=("library", "hf"), default="library",
-                   help="'hf': the adapters' own runs of LLM layers (training) use the Hugging Face layer forward on "
-                        "CUDA too (an A/B of editors.models.fused_layer.FUSED_LAYERS); default: the library's")
+                   help="'hf': the adapters' own runs of LLM layers (training) and the graph engine's layer loop use "
+                        "the Hugging Face norms and rotary products on CUDA too (an A/B of "
+                        "editors.models.fused_layer.FUSED_LAYERS); default: the library's (fused)")
     p.add_argument("--pack-sequences", choices=("library", "off"), default="library",
                    help="'off': FT-Audio's training rows in padded width groups on CUDA too (an A/B of "
                         "editors.models.buckets.PACK_SEQUENCES); default: the library's (packed)")
