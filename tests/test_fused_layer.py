@@ -198,8 +198,11 @@ def test_packing_needs_every_layer_fused(monkeypatch):
     assert not adapter.packs_sequences()  # the CPU's defaults
     _packing_on(monkeypatch)
     assert adapter.packs_sequences()
+    [(_, packed)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"], packable=True)
     handle = adapter.llm_layer(0).self_attn.register_forward_pre_hook(lambda *_: None)
     try:
+        with pytest.raises(RuntimeError, match="layer 0 cannot run a packed row"):
+            adapter.loss_from(adapter.hidden_entering(packed, 0))
         assert not adapter.packs_sequences()
         [(rows, batch)] = training_groups(adapter, [Prompt("What orbits the Earth?")], ["the moon"], packable=True)
         assert batch.sequences is None

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PackedSequences, PromptBatch, to_device
-from editors.models.fused_layer import RotaryTables, final_norm, fused_layers_on, layer_forward, supports
+from editors.models.fused_layer import RotaryTables, fused_layers_on, layer_forward, rms_norm, supports
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
 from editors.models.kernels import generation_attention
@@ -591,6 +591,9 @@ class LALMAdapter(abc.ABC):
                 rotary = rotary or RotaryTables.for_layer(layer, position_embeddings)
                 hidden = layer_forward(layer, hidden, mask, rotary, frozen, i)
                 continue
+            if isinstance(mask, PackedSequences):
+                raise RuntimeError(f"LLM layer {i} cannot run a packed row (it has hooks, or the fused forward is "
+                                   "off): build the batch with packs_sequences() false")
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
                            position_embeddings=position_embeddings, **cache)
         return hidden
@@ -701,7 +704,7 @@ class LALMAdapter(abc.ABC):
         h = self._run_layers(h, state.layer, self.num_llm_layers, state.masks, state.position_ids,
                              state.position_embeddings, state.frozen)
         norm = self.language_model().norm
-        return final_norm(norm, h) if fused_layers_on(h.device) else norm(h)
+        return rms_norm(norm, h) if fused_layers_on(h.device) else norm(h)
 
     def logits_from(self, state: LayerState, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Full logits [B, T, V] computed from the hidden states entering ``state.layer``."""

@@ -217,9 +217,3 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         k, v = k[:, :, :t], v[:, :, :t]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, is_causal=causal,
                                           **gqa)
-
-
-def final_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The LLM's final RMSNorm as :func:`layer_forward`'s (the norm's own forward where it is not an RMSNorm of the
-    Hugging Face kind or is hooked)."""
-    return rms_norm(norm, hidden)
