@@ -1,15 +1,17 @@
-"""A training step's forward and backward through LLM decoder layers: the Hugging Face layer against the fused one.
+"""A training step's forward and backward through LLM decoder layers: the Hugging Face layer, the fused one, packed rows.
 
 What ``editors.models.fused_layer`` changes, measured alone: ``--layers`` decoder layers of the full-size
 Qwen2-Audio-7B LLM (random weights, bf16) run forward and backward (the gradient of the hidden states entering them,
 the weights frozen, as in FT-Audio's and UnKE's steps) over ``--rows`` left-padded rows of 160-440 tokens padded to
 ``--width`` (FT-Audio's training rows), with the boolean mask transformers builds. Arms alternate within each repeat:
 
-* ``hf``: the Hugging Face layer's forward (``FUSED_LAYERS["cuda"] = False``);
-* ``fused``: the library's (one-kernel RMSNorm, rotary over contiguous tables).
+* ``hf``: the Hugging Face layer's forward (``FUSED_LAYERS["cuda"] = False``), padded rows;
+* ``fused``: the library's (one-kernel RMSNorm, rotary over contiguous tables), padded rows;
+* ``packed``: the library's on the same tokens packed into one row without padding (variable-length attention on
+  CUDA; FT-Audio's training layout there).
 
-It prints the median milliseconds per step of each arm, their ratio, and the largest difference of the two arms'
-outputs and gradients relative to the largest value (bf16).
+It prints the median milliseconds per step of each arm, its ratio to ``hf``, and the largest difference of its
+outputs and gradients on the valid tokens from ``hf``'s, relative to the largest value (bf16 on the GPU).
 
     BENCH_MODULE=bench.decoder_layer bash bench/gpu_run.sh --layers 8
     python -m bench.decoder_layer --tiny          # CPU smoke run on the tiny model
@@ -21,6 +23,7 @@ import argparse
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -29,7 +32,7 @@ import torch
 from bench.models import _sync
 
 LOG = logging.getLogger(__name__)
-ARMS = ("hf", "fused")
+ARMS = ("hf", "fused", "packed")
 
 
 def build(tiny: bool, layers: int, seed: int) -> Any:
@@ -42,10 +45,24 @@ def build(tiny: bool, layers: int, seed: int) -> Any:
     return Qwen2AudioAdapter.random_full_size(seed, num_layers=layers)
 
 
-def inputs(adapter: Any, rows: int, width: int, seed: int) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor,
-                                                                     tuple[torch.Tensor, torch.Tensor]]:
-    """Hidden states, masks, positions and rotary embeddings of ``rows`` left-padded rows of 160-440 tokens (at
-    most ``width``) padded to ``width``."""
+@dataclass
+class Inputs:
+    """One arm's inputs to the layers: hidden states, masks, positions, rotary embeddings, and where each row's
+    valid tokens sit in them (``valid``: a boolean [rows, width] of the padded layout, or None for the packed row,
+    whose tokens are the valid ones in order)."""
+
+    hidden: torch.Tensor
+    masks: dict[str, Any]
+    position_ids: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    valid: torch.Tensor | None
+
+
+def inputs(adapter: Any, rows: int, width: int, seed: int) -> dict[str, Inputs]:
+    """The padded layout (``rows`` left-padded rows of 160-440 tokens, at most ``width``, padded to ``width``) and the
+    packed layout of the same tokens (one row, no padding), with the same hidden states on the valid tokens."""
+    from editors.models.batch import PackedSequences
+
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min(160, width), min(440, width) + 1, (rows,), generator=gen)
     columns = torch.arange(width)
@@ -53,28 +70,38 @@ def inputs(adapter: Any, rows: int, width: int, seed: int) -> tuple[torch.Tensor
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     device, dtype = adapter.device, adapter.dtype
     hidden = torch.randn(rows, width, adapter.language_model().config.hidden_size, generator=gen).to(device, dtype)
+    valid = attention_mask.bool().to(device)
     batch = SimpleNamespace(attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
                             sequences=None)
-    masks = adapter._masks(hidden, batch)
     rotary = adapter.language_model().rotary_emb(hidden, batch.position_ids)
-    return hidden, masks, batch.position_ids, rotary
+    padded = Inputs(hidden, adapter._masks(hidden, batch), batch.position_ids, rotary, valid)
+    ends = lengths.cumsum(0)
+    sequences = PackedSequences(starts=torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32).to(device),
+                                lengths=tuple(int(n) for n in lengths))
+    packed_hidden = hidden[valid][None]
+    packed_positions = batch.position_ids[valid][None]
+    packed = Inputs(packed_hidden, {"full_attention": sequences}, packed_positions,
+                    adapter.language_model().rotary_emb(packed_hidden, packed_positions), None)
+    return {"hf": padded, "fused": padded, "packed": packed}
 
 
-def step(adapter: Any, arm: str, hidden: torch.Tensor, masks: dict[str, Any], position_ids: torch.Tensor,
-         rotary: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward and backward through every layer of ``adapter`` under ``arm``: (output, input gradient)."""
+def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and backward through every layer of ``adapter`` under ``arm``: (output, input gradient) on the
+    valid tokens, in order."""
     from editors.models import fused_layer
 
     device = adapter.device.type
     kept = fused_layer.FUSED_LAYERS[device]
-    fused_layer.FUSED_LAYERS[device] = arm == "fused"
+    fused_layer.FUSED_LAYERS[device] = arm != "hf"
     try:
-        x = hidden.detach().requires_grad_(True)
-        out = adapter._run_layers(x, 0, adapter.num_llm_layers, masks, position_ids, rotary)
-        (grad,) = torch.autograd.grad(out.float().square().mean(), [x])
+        x = given.hidden.detach().requires_grad_(True)
+        out = adapter._run_layers(x, 0, adapter.num_llm_layers, given.masks, given.position_ids, given.rotary)
+        # the loss over the valid tokens only, so that both layouts differentiate the same function
+        kept_out = out[given.valid] if given.valid is not None else out[0]
+        (grad,) = torch.autograd.grad(kept_out.float().square().mean(), [x])
     finally:
         fused_layer.FUSED_LAYERS[device] = kept
-    return out.detach(), grad
+    return kept_out.detach(), (grad[given.valid] if given.valid is not None else grad[0])
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,25 +121,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.tiny and not torch.cuda.is_available():
         p.error("no CUDA device: pass --tiny for the CPU smoke run")
     adapter = build(args.tiny, args.layers, args.seed)
-    hidden, masks, position_ids, rotary = inputs(adapter, args.rows, args.width, args.seed)
+    given = inputs(adapter, args.rows, args.width, args.seed)
     device = adapter.device.type
-    results = {arm: step(adapter, arm, hidden, masks, position_ids, rotary) for arm in ARMS}  # warm-up
+    results = {arm: step(adapter, arm, given[arm]) for arm in ARMS}  # warm-up
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for repeat in range(args.repeats):
         for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
             _sync(device)
             started = time.perf_counter()
-            step(adapter, arm, hidden, masks, position_ids, rotary)
+            step(adapter, arm, given[arm])
             _sync(device)
             times[arm].append(1000 * (time.perf_counter() - started))
     median = {arm: statistics.median(t) for arm, t in times.items()}
-    (out_hf, grad_hf), (out_fused, grad_fused) = results["hf"], results["fused"]
-    print(f"decoder layers: {adapter.num_llm_layers} layers, {args.rows} rows x {args.width} tokens, "
-          f"{adapter.dtype} on {device}")
+    out_hf, grad_hf = results["hf"]
+    tokens = int(given["packed"].hidden.shape[1])
+    print(f"decoder layers: {adapter.num_llm_layers} layers, {args.rows} rows x {args.width} tokens "
+          f"({tokens} valid: {args.rows * args.width / tokens:.2f}x padding), {adapter.dtype} on {device}")
     for arm in ARMS:
-        print(f"  {arm:5s} {median[arm]:8.1f} ms per forward+backward (median of {args.repeats})")
-    print(f"  hf / fused: {median['hf'] / median['fused']:.2f}x; largest relative difference: output "
-          f"{relative_difference(out_fused, out_hf):.2g}, input gradient {relative_difference(grad_fused, grad_hf):.2g}")
+        out, grad = results[arm]
+        print(f"  {arm:6s} {median[arm]:8.1f} ms per forward+backward (median of {args.repeats}); "
+              f"hf / {arm}: {median['hf'] / median[arm]:.2f}x; largest relative difference from hf: output "
+              f"{relative_difference(out, out_hf):.2g}, input gradient {relative_difference(grad, grad_hf):.2g}")
     return 0
 
 

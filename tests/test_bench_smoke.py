@@ -142,6 +142,7 @@ def test_decoder_layer_bench_times_both_arms_and_puts_the_switch_back(capsys):
     assert decoder_layer.main(["--tiny", "--rows", "3", "--width", "192", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "hf / fused:" in out and "output 0, input gradient 0" in out  # the CPU's bits are the same
+    assert "hf / packed:" in out and "padding)" in out
     assert fused_layer.FUSED_LAYERS == kept
 
 
