@@ -586,8 +586,9 @@ class LALMAdapter(abc.ABC):
         fused = fused_layers_on(hidden.device)
         rotary: RotaryTables | None = None
         for i in range(start, stop):
-            layer, mask = layers[i], masks[self._layer_type(i)]
-            if fused and supports(layer, self._layer_type(i)):  # fewer kernels, the same function (fused_layer.py)
+            layer, kind = layers[i], self._layer_type(i)
+            mask = masks[kind]
+            if fused and supports(layer, kind):  # fewer kernels, the same function (fused_layer.py)
                 rotary = rotary or RotaryTables.for_layer(layer, position_embeddings)
                 hidden = layer_forward(layer, hidden, mask, rotary, frozen, i)
                 continue

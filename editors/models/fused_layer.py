@@ -33,6 +33,7 @@ CUDA's variable-length flash kernel (``LALMAdapter.packs_sequences``; FT-Audio's
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -114,7 +115,7 @@ class RotaryTables:
                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
-def _plainrms_norm(norm: Any) -> bool:
+def _plain_rms_norm(norm: Any) -> bool:
     """Whether ``norm`` is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon, no hooks), not
     a module a method put in its place (a routed per-edit copy) or hooked."""
     return (isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon")
@@ -124,7 +125,7 @@ def _plainrms_norm(norm: Any) -> bool:
 def rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``norm``'s RMSNorm: normalised in fp32 and cast back in one kernel (the Hugging Face order), then its
     weight's product; any other norm module: its own forward."""
-    if not _plainrms_norm(norm):
+    if not _plain_rms_norm(norm):
         return norm(hidden)
     return norm.weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
 
@@ -135,8 +136,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, kv_heads, T, D] -> [B, kv_heads * groups, T, D], each key/value head repeated for its query heads."""
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, kv_heads, T, D] -> [B, kv_heads * groups, T, D], each key/value head repeated for its query heads (as
+    transformers' ``repeat_kv``)."""
     if groups == 1:
         return x
     b, n, t, d = x.shape
@@ -175,7 +177,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
     if q.device.type in VARLEN_DEVICES:
         from torch.nn.attention import varlen
 
-        known = inspect.signature(varlen.varlen_attn).parameters
+        known = _varlen_arguments(varlen.varlen_attn)
         kwargs: dict[str, Any] = {}
         if "window_size" in known:  # torch >= 2.12; earlier: is_causal
             kwargs["window_size"] = (-1, 0)
@@ -194,10 +196,16 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
         out = varlen.varlen_attn(q[0], keys, values, sequences.starts, sequences.starts, n, n, **kwargs)
         assert isinstance(out, torch.Tensor)  # no auxiliary outputs asked for
         return out[None]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), _repeat_heads(k.transpose(1, 2), groups),
-                                         _repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), repeat_heads(k.transpose(1, 2), groups),
+                                         repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
                                          dropout_p=0.0, scale=scale)
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _varlen_arguments(kernel: Any) -> frozenset[str]:
+    """The argument names of the installed torch's ``varlen_attn`` (read once, not at every layer)."""
+    return frozenset(inspect.signature(kernel).parameters)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -211,7 +219,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if groups > 1 and mask is None:
         gqa["enable_gqa"] = True
     else:  # as transformers' SDPA attention: heads repeated where a mask is given
-        k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+        k, v = repeat_heads(k, groups), repeat_heads(v, groups)
     causal = mask is None and t > 1
     if causal and k.shape[2] > t:
         k, v = k[:, :, :t], v[:, :, :t]

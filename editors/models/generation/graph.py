@@ -203,11 +203,7 @@ class _LM:
         return self.head(self._norm(self.norm, hidden[:, -1])).argmax(-1)
 
     def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        rep = self.heads // self.kv_heads
-        if rep == 1:
-            return x
-        b, h, t, d = x.shape
-        return x[:, :, None].expand(b, h, rep, t, d).reshape(b, h * rep, t, d)
+        return fused_layer.repeat_heads(x, self.heads // self.kv_heads)
 
 
 def _split(prefix: int) -> bool:
