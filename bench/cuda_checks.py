@@ -214,7 +214,7 @@ def check_fused_layer() -> str:
                Prompt("What orbits the Earth?"), Prompt("Which is right? " + " ".join(f"({i}) answer {i}"
                                                                                     for i in range(40)))]
     targets = ["sad", "the moon", "answer 7"]
-    worst, worst_packed, kept = 0.0, 0.0, dict(fused_layer.FUSED_LAYERS)
+    worst, worst_packed, worst_rows, kept = 0.0, 0.0, 0.0, dict(fused_layer.FUSED_LAYERS)
     try:
         for family in ("tiny-qwen2-audio", "tiny-desta25"):
             adapter = load_adapter(family, seed=0, dtype=torch.bfloat16, device="cuda")
@@ -239,13 +239,47 @@ def check_fused_layer() -> str:
             [(rows, packed)] = training_groups(adapter, prompts, targets, packable=True)
             losses = adapter.loss_from(adapter.hidden_entering(packed, 0), reduction="none").float()
             worst_packed = max(worst_packed, float((losses - canonical[rows]).abs().max() / canonical.abs().max()))
+            worst_rows = max(worst_rows, _packed_rows_difference(adapter, prompts))
     finally:
         fused_layer.FUSED_LAYERS.update(kept)
-    if worst > 2e-2 or worst_packed > 2e-2:
+    if worst > 2e-2 or worst_packed > 2e-2 or worst_rows > 2e-2:
         raise AssertionError(f"fused and Hugging Face layers differ by {worst:.3g}, packed and padded rows by "
-                             f"{worst_packed:.3g} (relative to the largest value)")
+                             f"{worst_packed:.3g}, sequences over rows and masked rows by {worst_rows:.3g} "
+                             "(relative to the largest value)")
     return (f"fused decoder layers against Hugging Face's: largest relative difference {worst:.2g} (bf16 losses, "
-            f"grads); packed rows against padded: {worst_packed:.2g} (losses)")
+            f"grads); packed rows against padded: {worst_packed:.2g} (losses); a layer over packed rows as "
+            f"variable-length sequences against its boolean mask: {worst_rows:.2g} (outputs)")
+
+
+def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
+    """UnKE's stage-2 rows (``adapter.packed_state``: several sequences per row, left padding): layer 0's outputs
+    over the valid columns with the variable-length kernel over the rows against the boolean mask's."""
+    from editors.models import buckets
+
+    batch = adapter.prepare(list(prompts))
+    state = adapter.hidden_entering(batch, 0)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    width = lengths[0] + lengths[1] + 5
+    place = [(0, 5), (0, 5 + lengths[0]), (1, width - lengths[2])]
+    hidden = state.hidden.new_zeros(2, width, state.hidden.shape[-1])
+    segments = torch.full((2, width), -1)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
+        hidden[row, column:column + n] = state.hidden[i, -n:]
+        segments[row, column:column + n] = i
+        positions[row, column:column + n] = torch.arange(n)
+    outputs = []
+    kept = dict(buckets.PACK_SEQUENCES)
+    try:
+        for on in (False, True):
+            buckets.PACK_SEQUENCES["cuda"] = on
+            with torch.no_grad():
+                outputs.append(adapter.run_layers(adapter.packed_state(0, hidden, segments, positions)).float())
+    finally:
+        buckets.PACK_SEQUENCES.update(kept)
+    valid = (segments >= 0).to(hidden.device)
+    masked, varlen = outputs[0][valid], outputs[1][valid]
+    return float((varlen - masked).abs().max() / masked.abs().max())
 
 
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,

@@ -380,7 +380,7 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
             segments[r, cols] = number
             positions[r, cols] = torch.arange(length)
             column += length
-    state = adapter.packed_state(layer, hidden, to_device(segments, first.device), to_device(positions, first.device))
+    state = adapter.packed_state(layer, hidden, segments, positions)
     if state is None:
         return list(groups)
     return [LayerRows(owner=[o for o, _ in rows], state=state, target=target, terms=[(t, valid[t]) for t in terms])]

@@ -157,12 +157,19 @@ def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
     assert [s["v_steps"] for s in together_stats] == [s["v_steps"] for s in grouped_stats]
 
 
+@pytest.mark.parametrize("kernel", ["mask", "sequences"])
 @pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
-def test_a_layer_runs_packed_sequences_as_their_own_rows(family):
-    """``adapter.packed_state``: sequences entering a layer, packed back to back into one row (each attending within
-    itself at its own positions), get the layer outputs of their own left-padded rows (the three families)."""
+def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeypatch):
+    """``adapter.packed_state``: sequences entering a layer, packed back to back into rows (each attending within
+    itself at its own positions), get the layer outputs of their own left-padded rows (the three families), under a
+    boolean mask or as variable-length sequences over the rows (CUDA's path; here its dense fallback)."""
+    from editors.models import buckets, fused_layer
     from editors.models.base import Prompt
+    from editors.models.batch import PackedSequences
 
+    packs = kernel == "sequences"
+    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", packs)
+    monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", packs)
     adapter = tiny_adapter(family)
     batch = adapter.prepare([Prompt("What is the emotion?"), Prompt("Which animal makes this sound? (a) dog (b) cat"),
                              Prompt("Is it a man?")])
@@ -170,32 +177,45 @@ def test_a_layer_runs_packed_sequences_as_their_own_rows(family):
     with torch.no_grad():
         alone = adapter.run_layers(state)
     lengths = batch.attention_mask.sum(-1).tolist()
-    width = sum(lengths) + 3
-    hidden = state.hidden.new_zeros(1, width, state.hidden.shape[-1])
-    segments = torch.full((1, width), -1)
-    positions = torch.zeros(1, width, dtype=torch.long)
-    column = 3
-    for i, n in enumerate(lengths):
-        hidden[0, column:column + n] = state.hidden[i, -n:]
-        segments[0, column:column + n] = i
-        positions[0, column:column + n] = torch.arange(n)
-        column += n
+    width = lengths[0] + lengths[1] + 3
+    place = [(0, 3), (0, 3 + lengths[0]), (1, width - lengths[2])]  # row 0: padding, 0, 1; row 1: padding, 2
+    hidden = state.hidden.new_zeros(2, width, state.hidden.shape[-1])
+    segments = torch.full((2, width), -1)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
+        hidden[row, column:column + n] = state.hidden[i, -n:]
+        segments[row, column:column + n] = i
+        positions[row, column:column + n] = torch.arange(n)
     packed = adapter.packed_state(1, hidden, segments, positions)
+    assert isinstance(packed.masks["full_attention"], PackedSequences) == packs
     with torch.no_grad():
         together = adapter.run_layers(packed)
-    column = 3
-    for i, n in enumerate(lengths):
-        torch.testing.assert_close(together[0, column:column + n], alone[i, -n:], rtol=1e-5, atol=1e-5)
-        column += n
+    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
+        torch.testing.assert_close(together[row, column:column + n], alone[i, -n:], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(together).all()
 
 
-def test_stage_two_on_packed_rows_trains_the_copies_of_one_sequence_per_row(monkeypatch):
+def test_sequences_over_rows_are_the_runs_of_each_row():
+    """``PackedSequences.over_rows``: each row's runs of like columns (its padding one of them), rows one after
+    another; a sequence split within its row is refused."""
+    from editors.models.batch import PackedSequences
+
+    segments = torch.tensor([[-1, -1, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1], [-1, 0, 0, 1, 1, 2]])
+    sequences = PackedSequences.over_rows(segments, "cpu")
+    assert sequences.lengths == (2, 3, 1, 4, 2, 1, 2, 2, 1) and sequences.total == segments.numel()
+    assert sequences.starts.tolist() == [0, 2, 5, 6, 10, 12, 13, 15, 17, 18]
+    with pytest.raises(ValueError, match="row 0: a sequence's columns are not contiguous"):
+        PackedSequences.over_rows(torch.tensor([[0, 0, 1, 0]]), "cpu")
+
+
+@pytest.mark.parametrize("kernel", ["mask", "sequences"])
+def test_stage_two_on_packed_rows_trains_the_copies_of_one_sequence_per_row(kernel, monkeypatch):
     """On CUDA UnKE's stage 2 packs each edit's prompt and preservation prompts into few rows
     (``editors.batching.packed_layer_rows``); in float64 each edit's trained layer copy is that of one sequence per
-    row, and the rows are fewer."""
+    row, and the rows are fewer; the same whether the packed rows attend under a boolean mask or as
+    variable-length sequences (CUDA's path; here its dense fallback)."""
     from editors import batching
-    from editors.models import buckets
+    from editors.models import buckets, fused_layer
 
     adapter = tiny_adapter("tiny-qwen2-audio")
     adapter.model.to(torch.float64)
@@ -213,6 +233,8 @@ def test_stage_two_on_packed_rows_trains_the_copies_of_one_sequence_per_row(monk
     copies = {}
     for pack in (False, True):
         monkeypatch.setitem(buckets.PACK_TRAINING, "cpu", pack)
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", kernel == "sequences")  # both arms (float64 norms)
+        monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", pack and kernel == "sequences")
         if pack:  # rows of CUDA's training width: the tiny prompts (62-81 tokens here) fit three to a row
             monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 256)
         editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=4), context())

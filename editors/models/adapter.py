@@ -516,9 +516,7 @@ class LALMAdapter(abc.ABC):
             # a sequence's first token is never a target (a prompt precedes it), so no position predicts a target
             # of the next sequence
             ends = torch.tensor(lengths).cumsum(0)
-            batch.sequences = PackedSequences(
-                starts=to_device(torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32), device),
-                lengths=tuple(int(n) for n in lengths))
+            batch.sequences = PackedSequences.of(lengths, device)
             if targets is not None:
                 items = torch.searchsorted(ends, target_cols + 1, right=True)  # the sequence of column + 1
                 batch.target_items = to_device(items, device)
@@ -672,25 +670,35 @@ class LALMAdapter(abc.ABC):
                      ) -> LayerState | None:
         """Hidden states entering LLM layer ``layer`` that hold several sequences per row (``hidden``
         ``[R, W, H]``; ``segments`` ``[R, W]``: each column's sequence number within its row, -1 on padding;
-        ``positions`` ``[R, W]``: each column's position in its own sequence, from 0). Each sequence attends
-        causally within itself only (a padding column sees itself), so :meth:`run_layers` gives each sequence's
-        columns the outputs of its own left-padded row (in exact arithmetic). None where the layers do not take the
-        boolean masks of SDPA over one attention type (the caller then keeps one sequence per row)."""
+        ``positions`` ``[R, W]``: each column's position in its own sequence, from 0; both on the host or the
+        device). Each sequence attends causally within itself only, so :meth:`run_layers` gives each sequence's
+        columns the outputs of its own left-padded row (in exact arithmetic); a padding column's output is finite
+        and nobody's input. Where :meth:`packs_sequences` (CUDA) the layers attend through the variable-length
+        kernel (:meth:`PackedSequences.over_rows`), elsewhere under a boolean mask (a padding column sees itself).
+        None where the layers take neither (not SDPA over one attention type: the caller then keeps one sequence
+        per row)."""
         cfg = self.language_model().config
         if getattr(cfg, "_attn_implementation", None) != "sdpa" or \
                 {self._layer_type(i) for i in range(self.num_llm_layers)} != {"full_attention"}:
             return None
-        width = hidden.shape[1]
-        columns = torch.arange(width, device=hidden.device)
-        mask = (segments[:, :, None] == segments[:, None, :]) & (columns[None, :, None] >= columns[None, None, :])
-        mask &= segments[:, None, :] >= 0
-        mask |= (segments[:, :, None] < 0) & (columns[:, None] == columns[None, :])[None]
+        device = hidden.device
+        mask: Any
+        if self.packs_sequences():
+            mask = PackedSequences.over_rows(segments, device)
+        else:
+            on_device = to_device(segments, device)
+            columns = torch.arange(hidden.shape[1], device=device)
+            mask = (on_device[:, :, None] == on_device[:, None, :]) & (columns[None, :, None] >= columns[None, None, :])
+            mask &= on_device[:, None, :] >= 0
+            mask |= (on_device[:, :, None] < 0) & (columns[:, None] == columns[None, :])[None]
+            mask = mask[:, None]
+        segments, positions = to_device(segments, device), to_device(positions, device)
         valid = (segments >= 0).long()
         batch = PromptBatch(input_ids=torch.full_like(segments, self.pad_token_id), attention_mask=valid,
                             position_ids=positions, audio_token_mask=torch.zeros_like(segments, dtype=torch.bool),
                             audio_states=[])
         pos_emb = self.language_model().rotary_emb(hidden, positions)
-        return LayerState(layer=self.resolve_layer(layer), hidden=hidden, masks={"full_attention": mask[:, None]},
+        return LayerState(layer=self.resolve_layer(layer), hidden=hidden, masks={"full_attention": mask},
                           position_ids=positions, position_embeddings=pos_emb, batch=batch)
 
     def first_audio_column(self, batch: PromptBatch) -> int:

@@ -76,12 +76,42 @@ class StopFlags:
 
 @dataclass(frozen=True)
 class PackedSequences:
-    """Several sequences back to back in one row (a packed :class:`PromptBatch`): each attends causally within
-    itself only. ``starts`` the device's int32 offsets of the sequences in the row and the row's length at the end
-    (``[S + 1]``, the cumulative lengths variable-length attention takes), ``lengths`` the same on the host."""
+    """Several sequences back to back in one row (a packed :class:`PromptBatch`), or in the rows of a batch read one
+    after another (:meth:`over_rows`): each attends causally within itself only. ``starts`` the device's int32
+    offsets of the sequences in the stream and its length at the end (``[S + 1]``, the cumulative lengths
+    variable-length attention takes), ``lengths`` the same on the host."""
 
     starts: torch.Tensor
     lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, lengths: Sequence[int], device: torch.device | str) -> "PackedSequences":
+        """The sequences of ``lengths`` (host numbers, each > 0) back to back, their offsets on ``device``."""
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"packed sequences need lengths >= 1, got {list(lengths)[:8]}")
+        ends = torch.tensor([int(n) for n in lengths]).cumsum(0)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32)
+        return cls(starts=to_device(starts, torch.device(device)), lengths=tuple(int(n) for n in lengths))
+
+    @classmethod
+    def over_rows(cls, segments: torch.Tensor, device: torch.device | str) -> "PackedSequences":
+        """The sequences of rows ``segments`` (host ``[R, W]``: each column's sequence number within its row, -1 on
+        padding), rows read one after another: each run of like columns one sequence (a row's padding too, which
+        then attends within itself: its outputs are nobody's input). A sequence number that comes back after
+        another's columns is an error (a sequence must be contiguous)."""
+        segments = segments.cpu()
+        lengths: list[int] = []
+        for r, row in enumerate(segments):
+            cuts = [0, *((row[1:] != row[:-1]).nonzero().squeeze(1) + 1).tolist(), int(row.numel())]
+            numbers = [int(row[c]) for c in cuts[:-1]]
+            if len({n for n in numbers if n >= 0}) != sum(n >= 0 for n in numbers):
+                raise ValueError(f"row {r}: a sequence's columns are not contiguous ({numbers})")
+            lengths += [b - a for a, b in zip(cuts, cuts[1:])]
+        return cls.of(lengths, device)
+
+    @property
+    def total(self) -> int:
+        return sum(self.lengths)
 
     @property
     def longest(self) -> int:

@@ -26,9 +26,10 @@ replaced (UnKE's routed layer copies) or hooked runs its own forward inside the 
 The graph engine's own layer loop (``editors.models.generation.graph``: prefill and the captured decode step) takes
 :func:`rms_norm`, :class:`RotaryTables` and :func:`rotate` on the same devices.
 
-It also runs packed rows (:class:`~editors.models.batch.PackedSequences`: several prompts back to back in one row,
-no padding), which the Hugging Face layer cannot: :func:`packed_attention` attends within each sequence through
-CUDA's variable-length flash kernel (``LALMAdapter.packs_sequences``; FT-Audio's training rows on CUDA).
+It also runs packed rows (:class:`~editors.models.batch.PackedSequences`: several prompts back to back in a row),
+which the Hugging Face layer cannot: :func:`packed_attention` attends within each sequence through CUDA's
+variable-length flash kernel (``LALMAdapter.packs_sequences``; on CUDA FT-Audio's training rows, one row without
+padding, and UnKE's stage-2 rows, one edit's sequences per row).
 """
 
 from __future__ import annotations
@@ -170,9 +171,16 @@ def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | PackedS
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: PackedSequences,
                      scale: float) -> torch.Tensor:
-    """Causal attention within each sequence of a packed row (``q``, ``k``, ``v``: [1, N, heads, head_dim]) ->
-    [1, N, heads, head_dim]: CUDA's variable-length flash kernel (no padding, nothing computed across sequences);
-    elsewhere SDPA under the row's dense block-diagonal mask."""
+    """Causal attention within each sequence of packed rows (``q``, ``k``, ``v``: [B, T, heads, head_dim], the
+    sequences laid over the rows read one after another) -> [B, T, heads, head_dim]: CUDA's variable-length flash
+    kernel (nothing computed across sequences); elsewhere SDPA under the dense block-diagonal mask."""
+    b, t = q.shape[:2]
+    if sequences.total != b * t:
+        raise ValueError(f"packed sequences cover {sequences.total} tokens, the rows hold {b} x {t}")
+    if b > 1:  # the rows as one stream: a sequence never crosses a row's end (PackedSequences.over_rows)
+        out = packed_attention(q.reshape(1, b * t, *q.shape[2:]), k.reshape(1, b * t, *k.shape[2:]),
+                               v.reshape(1, b * t, *v.shape[2:]), sequences, scale)
+        return out.view(b, t, *out.shape[2:])
     groups = q.shape[2] // k.shape[2]
     if q.device.type in VARLEN_DEVICES:
         from torch.nn.attention import varlen
@@ -193,9 +201,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
         elif groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         n = sequences.longest
-        out = varlen.varlen_attn(q[0], keys, values, sequences.starts, sequences.starts, n, n, **kwargs)
-        assert isinstance(out, torch.Tensor)  # no auxiliary outputs asked for
-        return out[None]
+        flash = varlen.varlen_attn(q[0], keys, values, sequences.starts, sequences.starts, n, n, **kwargs)
+        assert isinstance(flash, torch.Tensor)  # no auxiliary outputs asked for
+        return flash[None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), repeat_heads(k.transpose(1, 2), groups),
                                          repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
                                          dropout_p=0.0, scale=scale)
