@@ -259,8 +259,8 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     batch = adapter.prepare(list(prompts))
     state = adapter.hidden_entering(batch, 0)
     lengths = batch.attention_mask.sum(-1).tolist()
-    width = lengths[0] + lengths[1] + 5
-    place = [(0, 5), (0, 5 + lengths[0]), (1, width - lengths[2])]
+    width = max(lengths[0] + lengths[1], lengths[2]) + 5
+    place = [(0, width - lengths[0] - lengths[1]), (0, width - lengths[1]), (1, width - lengths[2])]
     hidden = state.hidden.new_zeros(2, width, state.hidden.shape[-1])
     segments = torch.full((2, width), -1)
     positions = torch.zeros(2, width, dtype=torch.long)

@@ -677,8 +677,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the Hugging Face norms and rotary products on CUDA too (an A/B of "
                         "editors.models.fused_layer.FUSED_LAYERS); default: the library's (fused)")
     p.add_argument("--pack-sequences", choices=("library", "off"), default="library",
-                   help="'off': FT-Audio's training rows in padded width groups on CUDA too (an A/B of "
-                        "editors.models.buckets.PACK_SEQUENCES); default: the library's (packed)")
+                   help="'off': FT-Audio's training rows in padded width groups and UnKE's packed stage-2 rows "
+                        "under a boolean mask on CUDA too (an A/B of editors.models.buckets.PACK_SEQUENCES); "
+                        "default: the library's (variable-length sequences)")
     p.add_argument("--capture", choices=("library", "torch"), default="library",
                    help="'torch': the graph engine records its decode steps through torch.cuda.graph (a device sync "
                         "and emptied caches before each capture; an A/B of "
