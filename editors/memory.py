@@ -23,7 +23,9 @@ pass corrects it.
 
 Back-off: when a pass raises an out-of-memory error, the runner frees what it holds, halves K (or, at one edit,
 the generation batch) and redoes the same units, logging one line; rows are those of a run started at the smaller
-size. A unit that does not fit alone ends the run with a :class:`~sake_core.errors.ResourceError` naming the
+size. Later passes are sized by the fit again, but hold at most :data:`BACK_OFF_SHARE` of the edits of the pass
+that ran out (UnKE on an 80 GB card ran out at 10 edits where the fit allowed 10, and halving for good then ran
+its other 20 edits 5 at a time: 1.88 s/edit against 1.65 at 9, `bench/NOTES.md`). A unit that does not fit alone ends the run with a :class:`~sake_core.errors.ResourceError` naming the
 method, the unit and the memory it needed.
 """
 
@@ -49,6 +51,8 @@ PASS_FRACTION = 0.8
 PROBE_EDITS = 2
 #: A pass holds at most this many times the edits of the largest pass measured so far.
 GROWTH = 2
+#: After an out-of-memory error at K edits, no later pass holds more than this share of K.
+BACK_OFF_SHARE = 0.8
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -179,7 +183,8 @@ def edits_that_fit(lines: dict[str, Line], available: float, cap: int) -> tuple[
 @dataclass
 class PassSizer:
     """Edits per pass: ``requested`` (fixed), or measured (see the module docstring) when ``requested`` is None and
-    memory is measured, else 1. :meth:`record` takes each finished pass's phase peaks; :meth:`back_off` halves K."""
+    memory is measured, else 1. :meth:`record` takes each finished pass's phase peaks; :meth:`back_off` halves K
+    and caps later passes below the size that ran out."""
 
     requested: int | None
     memory: DeviceMemory
@@ -220,10 +225,12 @@ class PassSizer:
         self.k = new
 
     def back_off(self) -> int | None:
-        """Halve K after an out-of-memory error (and stop growing it); None when it is 1 already."""
+        """Halve K after an out-of-memory error (the redone pass's size); later passes hold at most
+        :data:`BACK_OFF_SHARE` of the K that ran out. None when K is 1 already."""
         if self.k <= 1:
             return None
         self.backoffs += 1
-        self.k //= 2
-        self.cap = self.k
+        failed = self.k
+        self.k = failed // 2
+        self.cap = min(self.cap, max(self.k, int(BACK_OFF_SHARE * failed)))
         return self.k

@@ -42,9 +42,12 @@ def test_k_comes_from_the_measured_cost_of_an_edit():
     assert sizer.k == 18
     sizer.record(18, {"apply": 78 * GIB}, 55 * GIB)  # less available (an 80 GB card): (44 - 6) / 4 -> 9
     assert sizer.k == 9
-    assert sizer.back_off() == 4 and sizer.cap == 4
+    assert sizer.back_off() == 4 and sizer.cap == 7  # the redo halves; later passes at most 0.8 of the 9
     sizer.record(4, {"apply": 22 * GIB}, 100 * GIB)
-    assert sizer.k == 4  # never grows again after a back-off
+    assert sizer.k == 7  # the fit allows 18: capped below the size that ran out
+    assert sizer.back_off() == 3 and sizer.cap == 5  # each back-off lowers the cap
+    sizer.record(3, {"apply": 18 * GIB}, 100 * GIB)
+    assert sizer.k == 5
     flat = PassSizer(None, FakeMemory())  # the larger pass peaks no higher: its peak / K bounds one edit
     flat.record(1, {"evaluate": 14 * GIB}, 100 * GIB)
     flat.record(5, {"evaluate": 12 * GIB}, 100 * GIB)
