@@ -28,7 +28,8 @@ layer ``L`` per edit (``editors/batching.py``: the edit's rows run its copy; eac
 terms over its own rows, as alone); the model is unchanged and generation routes each item to its edit's copy.
 Batches have canonical shapes (``editors/models/buckets.py``), so on the CPU each edit gets the same result whatever
 K is. On CUDA stage 1 puts every edit's row in one batch (its steps are launch-bound) and stage 2 packs each edit's
-26 sequences back to back into few rows (``packed_layer_rows``: the short text prompts were half padding).
+26 sequences back to back into few rows (``packed_layer_rows``: the short text prompts were half padding), which
+attend through the variable-length flash kernel (``PackedSequences.over_rows``).
 """
 
 from __future__ import annotations

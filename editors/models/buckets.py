@@ -54,8 +54,9 @@ PACK_TRAINING = {"cpu": False, "cuda": True}
 #: rows are packed back to back into one row without padding (``LALMAdapter.prepare(..., packed=True)``), each
 #: attending within itself through the variable-length flash kernel, where the adapter runs every layer through
 #: ``editors.models.fused_layer`` (``LALMAdapter.packs_sequences``); at the training width of 256 the rows were
-#: ~1.4x padding, computed forward and backward at every step. On CPU the width groups (a row's bits then do not
-#: depend on the other rows).
+#: ~1.4x padding, computed forward and backward at every step. UnKE's packed stage-2 rows (:data:`PACK_TRAINING`)
+#: then attend through the same kernel, each row's sequences read as one stream (``PackedSequences.over_rows``)
+#: instead of under a boolean mask. On CPU the width groups (a row's bits then do not depend on the other rows).
 PACK_SEQUENCES = {"cpu": False, "cuda": True}
 IGNORE_INDEX = -100
 
