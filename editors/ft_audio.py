@@ -7,7 +7,8 @@ connector -> LLM (measured on an H100 at 7B:
 2.41 s -> 1.45 s per step). Text-only inputs never pass through the connector, so their outputs cannot change.
 
 On CUDA the training rows are packed back to back without padding (``editors/models/buckets.py``:
-``PACK_SEQUENCES``), one edit's row as K edits'; on the CPU they keep their padded width groups.
+``PACK_SEQUENCES``), one edit's row as K edits', the prompts' common first tokens (the chat template's, before the
+audio) once for all of them; on the CPU they keep their padded width groups.
 
 Several edits per pass (:meth:`FTAudio.apply_many`): one fp32 connector copy per edit (``editors/batching.py``);
 each edit's prompt gets its audio embeddings from its own copy, the K losses are summed (each copy gets exactly its

@@ -154,6 +154,8 @@ def test_a_packed_row_gives_each_prompts_loss_and_gradient_as_its_padded_row(fam
     [(rows, batch)] = training_groups(adapter, prompts, targets, packable=True)
     assert rows == list(range(len(prompts))) and batch.batch_size == 1 and batch.items == len(prompts)
     assert batch.sequences is not None and sum(batch.sequences.lengths) == batch.input_ids.shape[1]
+    # the chat template's first tokens computed once: every prompt's row attends to the one copy
+    assert batch.sequences.shared_prefix > 0 and batch.sequences.prompts == len(prompts)
     assert batch.target_counts.tolist() == [counts[r] for r in rows]
     packed = losses_and_grads([(rows, batch)])
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
@@ -252,6 +254,48 @@ def test_packed_attention_calls_each_torchs_variable_length_kernel_as_it_takes_i
     if api == "2.11":  # no scale argument: only the kernel's own 1/sqrt(head_dim)
         with pytest.raises(ValueError, match="no scale argument"):
             fused_layer.packed_attention(q, k, v, sequences, 0.5)
+
+
+@pytest.mark.parametrize("layout", ["shared prefix", "over rows"])
+def test_the_variable_length_streams_attend_as_the_dense_mask(layout, monkeypatch):
+    """The streams ``packed_attention`` hands the variable-length kernel (a shared prefix copied before each later
+    sequence; several rows read as one stream) give the dense mask's attention, with a CPU stand-in for the kernel
+    that attends causally within each ``cu_seq`` block and nowhere else."""
+    from torch.nn.attention import varlen
+
+    from editors.models.batch import PackedSequences
+
+    def blocks(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1), enable_gqa=False):
+        assert torch.equal(cu_seq_q, cu_seq_k) and window_size == (-1, 0)
+        cuts = cu_seq_q.tolist()
+        assert cuts[-1] == query.shape[0] and max_q == max(b - a for a, b in zip(cuts, cuts[1:]))
+        outs = []
+        for a, b in zip(cuts, cuts[1:]):
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1), is_causal=True,
+                scale=scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    if layout == "shared prefix":  # a 3-column prefix, then sequences of 4, 1 and 2 columns
+        sequences, shape = PackedSequences.of([3, 4, 1, 2], "cpu", shared_prefix=3), (1, 10)
+        assert sequences.longest == 7 and sequences.prompts == 3
+    else:
+        segments = torch.tensor([[-1, -1, 0, 0, 0], [0, 0, 1, 1, 1], [-1, 0, 0, 0, 0]])
+        sequences, shape = PackedSequences.over_rows(segments, "cpu"), (3, 5)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    dense = fused_layer.packed_attention(q, k, v, sequences, 8 ** -0.5)
+    monkeypatch.setattr(varlen, "varlen_attn", blocks)
+    monkeypatch.setattr(fused_layer, "_varlen_arguments", lambda kernel: frozenset(
+        ("window_size", "scale", "enable_gqa")))
+    monkeypatch.setattr(fused_layer, "VARLEN_DEVICES", {"cpu"})
+    streamed = fused_layer.packed_attention(q, k, v, sequences, 8 ** -0.5)
+    torch.testing.assert_close(streamed, dense)
+    weights = torch.randn(streamed.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad((streamed * weights).sum(), [q, k, v]),
+                    torch.autograd.grad((dense * weights).sum(), [q, k, v])):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

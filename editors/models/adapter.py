@@ -457,8 +457,10 @@ class LALMAdapter(abc.ABC):
         rows: list[list[int]] = []
         label_rows: list[list[int]] = []
         all_audios: list[np.ndarray] = []
+        prompt_lengths: list[int] = []
         for i, prompt in enumerate(prompts):
             ids = list(token_ids[i]) if token_ids is not None else self.prompt_token_ids(prompt)
+            prompt_lengths.append(len(ids))
             labels = [IGNORE_INDEX] * len(ids)
             if targets is not None:
                 tgt = self.target_token_ids(targets[i])
@@ -468,14 +470,34 @@ class LALMAdapter(abc.ABC):
             label_rows.append(labels)
             all_audios.extend(prompt.audios())
         if packed:
-            return self._collate([sum(rows, [])], all_audios, [sum(label_rows, [])] if targets is not None else None,
-                                 lengths=[len(r) for r in rows])
+            shared = self._shared_prefix(rows, prompt_lengths)
+            lengths = [len(r) - shared for r in rows]
+            if shared:
+                lengths = [shared] + lengths
+            return self._collate([rows[0][:shared] + sum((r[shared:] for r in rows), [])], all_audios,
+                                 [label_rows[0][:shared] + sum((lab[shared:] for lab in label_rows), [])]
+                                 if targets is not None else None, lengths=lengths, shared_prefix=shared)
         return self._collate(rows, all_audios, label_rows if targets is not None else None)
 
+    def _shared_prefix(self, rows: list[list[int]], prompt_lengths: list[int]) -> int:
+        """The columns a packed row computes once for all its prompts: their common first tokens (the chat
+        template's) before any audio placeholder, leaving each prompt at least its last prompt token; 0 for one
+        prompt. Those columns' hidden states depend on nothing else (causal attention), so each prompt attending to
+        the one copy computes what it computes alone."""
+        if len(rows) < 2:
+            return 0
+        limit = min(prompt_lengths) - 1
+        slot = self.audio_placeholder_id
+        shared = 0
+        while shared < limit and rows[0][shared] != slot and all(r[shared] == rows[0][shared] for r in rows):
+            shared += 1
+        return shared
+
     def _collate(self, rows: list[list[int]], audios: list[np.ndarray], label_rows: list[list[int]] | None = None,
-                 lengths: list[int] | None = None) -> PromptBatch:
+                 lengths: list[int] | None = None, shared_prefix: int = 0) -> PromptBatch:
         """Left-pad token rows into a :class:`PromptBatch` (``audios``: every audio of the rows, in order).
-        ``lengths``: the one row holds sequences of these lengths back to back (a packed batch)."""
+        ``lengths``: the one row holds sequences of these lengths back to back (a packed batch), the first of them
+        a prefix of every later one where ``shared_prefix`` (its length) is set."""
         all_audios = audios
         targets = label_rows
         if label_rows is None:
@@ -490,8 +512,9 @@ class LALMAdapter(abc.ABC):
             attention_mask[i, width - len(ids):] = 1
             labels_t[i, width - len(ids):] = torch.tensor(labels, dtype=torch.long)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        if lengths is not None:  # each sequence's positions from 0
-            position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        if lengths is not None:  # each sequence's positions from 0 (after a shared prefix: from its end)
+            position_ids = torch.cat([torch.arange(n) + (shared_prefix if i else 0)
+                                      for i, n in enumerate(lengths)])[None]
         device = self.device
         states = self.audio_states(all_audios) if all_audios else []
         audio_mask = input_ids == self.audio_placeholder_id
@@ -516,11 +539,11 @@ class LALMAdapter(abc.ABC):
             # a sequence's first token is never a target (a prompt precedes it), so no position predicts a target
             # of the next sequence
             ends = torch.tensor(lengths).cumsum(0)
-            batch.sequences = PackedSequences.of(lengths, device)
-            if targets is not None:
-                items = torch.searchsorted(ends, target_cols + 1, right=True)  # the sequence of column + 1
+            batch.sequences = PackedSequences.of(lengths, device, shared_prefix)
+            if targets is not None:  # the prompt of column + 1 (a shared prefix holds no target)
+                items = torch.searchsorted(ends, target_cols + 1, right=True) - (1 if shared_prefix else 0)
                 batch.target_items = to_device(items, device)
-                batch.target_counts = to_device(torch.bincount(items, minlength=len(lengths)), device)
+                batch.target_counts = to_device(torch.bincount(items, minlength=batch.sequences.prompts), device)
         return batch
 
     # ---- forward paths ------------------------------------------------------------------------------------------

@@ -79,19 +79,47 @@ class PackedSequences:
     """Several sequences back to back in one row (a packed :class:`PromptBatch`), or in the rows of a batch read one
     after another (:meth:`over_rows`): each attends causally within itself only. ``starts`` the device's int32
     offsets of the sequences in the stream and its length at the end (``[S + 1]``, the cumulative lengths
-    variable-length attention takes), ``lengths`` the same on the host."""
+    variable-length attention takes), ``lengths`` the same on the host.
+
+    With a ``shared_prefix`` of P columns (:meth:`of`), the first sequence (``lengths[0] == P``) is a prefix that
+    every later sequence also attends to, as if each later sequence were that prefix and then its own columns (the
+    prompts' common chat-template tokens, computed once instead of once per prompt). Variable-length attention then
+    reads a stream where each later sequence is preceded by a copy of the prefix's keys and values (``stream``: the
+    row column of each stream position, ``stream_starts``; the prefix's own outputs come from its first copy,
+    ``row_of_stream``)."""
 
     starts: torch.Tensor
     lengths: tuple[int, ...]
+    shared_prefix: int = 0
+    stream: torch.Tensor | None = None
+    stream_starts: torch.Tensor | None = None
+    row_of_stream: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, lengths: Sequence[int], device: torch.device | str) -> "PackedSequences":
-        """The sequences of ``lengths`` (host numbers, each > 0) back to back, their offsets on ``device``."""
+    def of(cls, lengths: Sequence[int], device: torch.device | str, shared_prefix: int = 0) -> "PackedSequences":
+        """The sequences of ``lengths`` (host numbers, each > 0) back to back, their offsets on ``device``; with
+        ``shared_prefix`` (``lengths[0]``, at least two sequences) the first is a prefix of every later one."""
         if not lengths or min(lengths) < 1:
             raise ValueError(f"packed sequences need lengths >= 1, got {list(lengths)[:8]}")
-        ends = torch.tensor([int(n) for n in lengths]).cumsum(0)
-        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends]).to(torch.int32)
-        return cls(starts=to_device(starts, torch.device(device)), lengths=tuple(int(n) for n in lengths))
+        lengths = tuple(int(n) for n in lengths)
+        device = torch.device(device)
+        ends = torch.tensor(lengths).cumsum(0)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), ends])
+        if not shared_prefix:
+            return cls(starts=to_device(starts.to(torch.int32), device), lengths=lengths)
+        if shared_prefix != lengths[0] or len(lengths) < 2:
+            raise ValueError(f"a shared prefix of {shared_prefix} columns needs it as the first of at least two "
+                             f"sequences; lengths {list(lengths)[:8]}")
+        prefix = torch.arange(shared_prefix)
+        stream = torch.cat([torch.cat([prefix, torch.arange(int(starts[i]), int(ends[i]))])
+                            for i in range(1, len(lengths))])
+        sizes = torch.tensor([shared_prefix + n for n in lengths[1:]])
+        stream_starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        row_of_stream = torch.cat([prefix] + [stream_starts[i - 1] + shared_prefix + torch.arange(lengths[i])
+                                              for i in range(1, len(lengths))])
+        return cls(starts=to_device(starts.to(torch.int32), device), lengths=lengths, shared_prefix=shared_prefix,
+                   stream=to_device(stream, device), stream_starts=to_device(stream_starts.to(torch.int32), device),
+                   row_of_stream=to_device(row_of_stream, device))
 
     @classmethod
     def over_rows(cls, segments: torch.Tensor, device: torch.device | str) -> "PackedSequences":
@@ -115,20 +143,30 @@ class PackedSequences:
 
     @property
     def longest(self) -> int:
-        return max(self.lengths)
+        """The longest sequence of the stream variable-length attention reads (a shared prefix counted in each)."""
+        return max(self.lengths[1:]) + self.shared_prefix if self.shared_prefix else max(self.lengths)
 
     @property
     def count(self) -> int:
         return len(self.lengths)
 
+    @property
+    def prompts(self) -> int:
+        """The sequences that are prompts of their own (a shared prefix is not one)."""
+        return self.count - (1 if self.shared_prefix else 0)
+
     def dense_mask(self) -> torch.Tensor:
         """The boolean attention mask ``[1, 1, N, N]`` of the packed row: column j visible to query i when both are in
-        one sequence and j <= i (for attention without variable-length kernels, e.g. on the CPU)."""
+        one sequence, or j in a shared prefix, and j <= i (for attention without variable-length kernels, e.g. on the
+        CPU)."""
         device = self.starts.device
         segment = torch.repeat_interleave(torch.arange(self.count, device=device),
                                           torch.tensor(self.lengths, device=device))
         columns = torch.arange(segment.numel(), device=device)
-        mask = (segment[:, None] == segment[None, :]) & (columns[:, None] >= columns[None, :])
+        seen = segment[:, None] == segment[None, :]
+        if self.shared_prefix:  # the prefix's columns seen by every column after them
+            seen = seen | (segment[None, :] == 0)
+        mask = seen & (columns[:, None] >= columns[None, :])
         return mask[None, None]
 
 
@@ -169,7 +207,7 @@ class PromptBatch:
     @property
     def items(self) -> int:
         """The number of prompts of the batch (its rows, or the sequences of a packed row)."""
-        return self.batch_size if self.sequences is None else self.sequences.count
+        return self.batch_size if self.sequences is None else self.sequences.prompts
 
 
 @dataclass

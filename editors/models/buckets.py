@@ -51,8 +51,9 @@ TAIL_ONE_BATCH = {"cpu": False, "cuda": True}
 #: row (a row's bits then do not depend on the other rows).
 PACK_TRAINING = {"cpu": False, "cuda": True}
 #: Training through every LLM layer on rows of many lengths (FT-Audio's steps: rows of ~160-440 tokens): on CUDA the
-#: rows are packed back to back into one row without padding (``LALMAdapter.prepare(..., packed=True)``), each
-#: attending within itself through the variable-length flash kernel, where the adapter runs every layer through
+#: rows are packed back to back into one row without padding (``LALMAdapter.prepare(..., packed=True)``; the
+#: prompts' common chat-template tokens once, a prefix every prompt attends to), each attending within itself
+#: through the variable-length flash kernel, where the adapter runs every layer through
 #: ``editors.models.fused_layer`` (``LALMAdapter.packs_sequences``); at the training width of 256 the rows were
 #: ~1.4x padding, computed forward and backward at every step. UnKE's packed stage-2 rows (:data:`PACK_TRAINING`)
 #: then attend through the same kernel, each row's sequences read as one stream (``PackedSequences.over_rows``)

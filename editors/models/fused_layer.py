@@ -29,7 +29,8 @@ The graph engine's own layer loop (``editors.models.generation.graph``: prefill 
 It also runs packed rows (:class:`~editors.models.batch.PackedSequences`: several prompts back to back in a row),
 which the Hugging Face layer cannot: :func:`packed_attention` attends within each sequence through CUDA's
 variable-length flash kernel (``LALMAdapter.packs_sequences``; on CUDA FT-Audio's training rows, one row without
-padding, and UnKE's stage-2 rows, one edit's sequences per row).
+padding whose prompts' common chat-template tokens come once, and UnKE's stage-2 rows, one edit's sequences per
+row).
 """
 
 from __future__ import annotations
@@ -172,8 +173,10 @@ def layer_forward(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | PackedS
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequences: PackedSequences,
                      scale: float) -> torch.Tensor:
     """Causal attention within each sequence of packed rows (``q``, ``k``, ``v``: [B, T, heads, head_dim], the
-    sequences laid over the rows read one after another) -> [B, T, heads, head_dim]: CUDA's variable-length flash
-    kernel (nothing computed across sequences); elsewhere SDPA under the dense block-diagonal mask."""
+    sequences laid over the rows read one after another; a shared prefix seen by every sequence after it) ->
+    [B, T, heads, head_dim]: CUDA's variable-length flash kernel (nothing computed across sequences; a shared
+    prefix's keys and values copied before each sequence, its queries too, so every sequence is a square causal
+    block); elsewhere SDPA under the dense mask."""
     b, t = q.shape[:2]
     if sequences.total != b * t:
         raise ValueError(f"packed sequences cover {sequences.total} tokens, the rows hold {b} x {t}")
@@ -195,14 +198,19 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
             kwargs["scale"] = scale
         elif abs(scale - q.shape[-1] ** -0.5) > 1e-9 * scale:
             raise ValueError(f"this torch's varlen_attn has no scale argument; the layer's is {scale}")
-        keys, values = k[0], v[0]
+        queries, keys, values = q[0], k[0], v[0]
         if groups > 1 and "enable_gqa" in known:
             kwargs["enable_gqa"] = True
         elif groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        n = sequences.longest
-        flash = varlen.varlen_attn(q[0], keys, values, sequences.starts, sequences.starts, n, n, **kwargs)
+        starts, n = sequences.starts, sequences.longest
+        if sequences.stream is not None and sequences.stream_starts is not None:  # a shared prefix: a copy of it
+            queries, keys, values = (t.index_select(0, sequences.stream) for t in (queries, keys, values))
+            starts = sequences.stream_starts  # before each later sequence
+        flash = varlen.varlen_attn(queries, keys, values, starts, starts, n, n, **kwargs)
         assert isinstance(flash, torch.Tensor)  # no auxiliary outputs asked for
+        if sequences.row_of_stream is not None:
+            flash = flash.index_select(0, sequences.row_of_stream)
         return flash[None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), repeat_heads(k.transpose(1, 2), groups),
                                          repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
