@@ -815,9 +815,22 @@ def refloor(data: dict[str, Any]) -> int:
                 if not run.get("floor"):
                     continue
                 bench.pre_edit_items = run.get("pre_edit_items", "all")
-                run["floor"] = run_floor(bench, row["method"], run, data["ceilings"])
+                run["floor"] = run_floor(bench, row["method"], run, run_ceilings(run, data["ceilings"]))
                 done += 1
     return done
+
+
+def run_ceilings(run: dict[str, Any], latest: dict[str, float]) -> dict[str, float]:
+    """The ceilings of the call that timed ``run``: recorded with it, or (runs merged before they were) ``latest``
+    (the file's newest call) with the matmul rate its stamp records; a merged file's header holds only the newest
+    call's."""
+    if run.get("ceilings"):
+        return dict(run["ceilings"])
+    stamp = str(run.get("measured") or "")
+    _, _, rate = stamp.rpartition(", ")
+    if not rate.isdigit():
+        return dict(latest)
+    return {**latest, "matmul_flops_per_s": float(rate) * 1e12}
 
 
 def apply_ab_switches(args: argparse.Namespace) -> None:
@@ -896,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 edits = args.edits if engine == allowed[0] else eager_edits
                 if method in default_methods and clock.allows(f"{method} default K ({engine})"):
                     timed = default_k(bench, method, edits, engine, ceilings)
-                    row["runs"].append({**timed, "measured": measured_stamp(ceilings)})
+                    row["runs"].append({**timed, "measured": measured_stamp(ceilings), "ceilings": dict(ceilings)})
             done = [r for r in row["runs"] if r.get("out")]
             if len(done) == 2:
                 row["identical"] = identical_share(Path(done[0]["out"]), Path(done[1]["out"]))

@@ -80,6 +80,7 @@ class Shapes:
     pre_shared: int = 0  # tokens every pre-edit question of the edit begins with (prefilled and cached once)
     post_shared: int = 0  # likewise for the post-edit questions (IE-IKE's demonstrations, I-IKE's instruction)
     preserve_tokens: list[int] = dataclasses.field(default_factory=list)  # UnKE / WISE: each preservation prompt
+    template_tokens: int = 0  # the edit prompt's columns before its first audio (no connector change reaches them)
 
 
 def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
@@ -109,13 +110,16 @@ def edit_shapes(bench: Bench, editor: Any, row: dict[str, Any]) -> Shapes:
     # UnKE and WISE train on preservation prompts, drawn as in the run
     preserve = editor_preservation(editor, edit) if isinstance(editor.hparams, PreservationSettings) else []
     post_ids = [adapter.prompt_token_ids(p) for p in post]
+    edit_ids = adapter.prompt_token_ids(edit.prompt())
+    slot = adapter.audio_placeholder_id
     # the prefix the generation layer shares (placeholders of different clips are not shared)
-    return Shapes(edit_tokens=len(adapter.prompt_token_ids(edit.prompt())) + target, target_tokens=target,
+    return Shapes(edit_tokens=len(edit_ids) + target, target_tokens=target,
                   audio_tokens=adapter.num_audio_tokens(edit.audio), pre_tokens=[len(i) for i in pre_ids],
                   post_tokens=[len(i) for i in post_ids], distinct_clips=len(clips), clip_frames=frames,
                   pre_shared=shared_prefix_length(adapter, pre, pre_ids, 1),
                   post_shared=shared_prefix_length(adapter, post, post_ids, 1),
-                  preserve_tokens=[len(adapter.prompt_token_ids(p)) for p in preserve])
+                  preserve_tokens=[len(adapter.prompt_token_ids(p)) for p in preserve],
+                  template_tokens=edit_ids.index(slot) if slot in edit_ids else 0)
 
 
 def run_shapes(bench: Bench, method: str, rows: list[dict[str, Any]]) -> list[Shapes]:
@@ -202,6 +206,8 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
     fp32 parameters (FT-LLM's and UnKE's layer with Adam, WISE's side memory with SGD; FT-Audio's connector is
     negligible), at the copy rate and counted in ``train_s``.
 
+    FT-Audio: per step all layers over the edit row's columns from its first audio on (the chat template before
+    it is the same whatever the connector).
     UnKE: stage 1 runs the layers above the edited one over the last prompt token and the target (``v_steps``),
     stage 2 the edited layer over the edit prompt and the preservation prompts (``optim_steps``: forward, weight
     gradients and the gradients inside the layer). WISE (``n_iter`` steps): the side memory and the layers above it
@@ -213,8 +219,9 @@ def floor_seconds(method: str, shapes: Shapes, sizes: dict[str, Any], ceilings: 
     connector = sizes.get("connector_flops_per_clip") or sizes.get("connector_flops_per_token", 0) * A
     train = perception = optimizer_bytes = 0.0
     R = sum(shapes.preserve_tokens)
-    if method == "ft_audio":
-        train = steps * ((2 * layers * P * L + 2 * H * T) + (2 * layers * P * L + 2 * H * T))
+    if method == "ft_audio":  # the columns from the first audio on (those before it never change)
+        tail = L - shapes.template_tokens
+        train = steps * ((2 * layers * P * tail + 2 * H * T) + (2 * layers * P * tail + 2 * H * T))
         perception = steps * (1 + sizes["connector_backward_factor"]) * connector
     elif method == "ft_llm":
         edited = int(hp.get("layer", layers - 1)) % layers

@@ -591,3 +591,38 @@ def test_goals_computes_a_recorded_floor_again_from_the_calls_own_edits():
     assert data["rows"][0]["runs"][1]["floor"] is None
     with pytest.raises(SystemExit, match="transcripts"):  # DeSTA2.5's shapes need its weights
         goals.refloor({**data, "argv": ["--model", "desta25", "--edits", "2"]})
+
+
+def test_a_run_is_refloored_at_its_own_calls_ceilings():
+    """A merged file's header holds its newest call's ceilings; ``--refloor`` takes each run's own: recorded with
+    the run, else the matmul rate its stamp records (the newest call's copy rate), else the newest call's."""
+    from bench import goals
+
+    latest = {"matmul_flops_per_s": 7.87e14, "matmul_fp32_flops_per_s": 5e13, "copy_bytes_per_s": 3e12}
+    own = {"matmul_flops_per_s": 7.5e14, "matmul_fp32_flops_per_s": 4e13, "copy_bytes_per_s": 2.9e12}
+    assert goals.run_ceilings({"ceilings": own, "measured": "12-06 16:15, 775"}, latest) == own
+    assert goals.run_ceilings({"measured": "12-06 16:15, 775"}, latest) == {**latest, "matmul_flops_per_s": 7.75e14}
+    assert goals.run_ceilings({"measured": None}, latest) == latest
+
+
+def test_ft_audios_floor_counts_its_row_from_the_first_audio_on():
+    """No connector change alters the chat template's columns before the audio: FT-Audio's training floor counts
+    the edit row's columns from the first audio on (``Shapes.template_tokens``), which the edit prompt has."""
+    import dataclasses
+
+    from bench.arms import synthetic_bench
+    from bench.roofline import edit_shapes, floor_seconds, model_sizes
+    from editors.base import EditRequest
+
+    ceilings = {"matmul_flops_per_s": 1e12, "matmul_fp32_flops_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    with synthetic_bench(tiny=True, seed=0, model="qwen2_audio", units=1, max_new_tokens=4, prefix="floor-") as bench:
+        row = bench.dataset.ordered(["emotion"], 1)[0]
+        sizes = model_sizes(bench.adapter.model.config)
+        hp = bench.hparams("ft_audio").as_dict()
+        shapes = edit_shapes(bench, bench.editor("ft_audio"), row)
+        ids = bench.adapter.prompt_token_ids(EditRequest.from_row(row).prompt())
+        assert 0 < shapes.template_tokens == ids.index(bench.adapter.audio_placeholder_id)
+        whole = floor_seconds("ft_audio", dataclasses.replace(shapes, template_tokens=0), sizes, ceilings, 1, 1, hp)
+        tail = floor_seconds("ft_audio", shapes, sizes, ceilings, 1, 1, hp)
+        assert tail["train_flops"] < whole["train_flops"]
+        assert tail["prefill_s"] == whole["prefill_s"]
