@@ -250,6 +250,24 @@ def check_fused_layer() -> str:
             f"variable-length sequences against its boolean mask: {worst_rows:.2g} (outputs)")
 
 
+def two_packed_rows(hidden: torch.Tensor, lengths: Sequence[int], pad: int = 5
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Three left-padded sequences (``hidden`` ``[3, T, H]``, their ``lengths``) packed as ``adapter.packed_state``
+    takes them: row 0 padding, sequence 0, sequence 1; row 1 padding, sequence 2 (at least ``pad`` padding columns
+    in one row). Returns the rows' hidden states, segments and positions (host), and each sequence's (row, first
+    column)."""
+    width = max(lengths[0] + lengths[1], lengths[2]) + pad
+    place = [(0, width - lengths[0] - lengths[1]), (0, width - lengths[1]), (1, width - lengths[2])]
+    rows = hidden.new_zeros(2, width, hidden.shape[-1])
+    segments = torch.full((2, width), -1)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
+        rows[row, column:column + n] = hidden[i, -n:]
+        segments[row, column:column + n] = i
+        positions[row, column:column + n] = torch.arange(n)
+    return rows, segments, positions, place
+
+
 def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     """UnKE's stage-2 rows (``adapter.packed_state``: several sequences per row, left padding): layer 0's outputs
     over the valid columns with the variable-length kernel over the rows against the boolean mask's."""
@@ -257,16 +275,7 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
 
     batch = adapter.prepare(list(prompts))
     state = adapter.hidden_entering(batch, 0)
-    lengths = batch.attention_mask.sum(-1).tolist()
-    width = max(lengths[0] + lengths[1], lengths[2]) + 5
-    place = [(0, width - lengths[0] - lengths[1]), (0, width - lengths[1]), (1, width - lengths[2])]
-    hidden = state.hidden.new_zeros(2, width, state.hidden.shape[-1])
-    segments = torch.full((2, width), -1)
-    positions = torch.zeros(2, width, dtype=torch.long)
-    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
-        hidden[row, column:column + n] = state.hidden[i, -n:]
-        segments[row, column:column + n] = i
-        positions[row, column:column + n] = torch.arange(n)
+    hidden, segments, positions, _ = two_packed_rows(state.hidden, batch.attention_mask.sum(-1).tolist())
     outputs = []
     kept = dict(buckets.PACK_SEQUENCES)
     try:

@@ -25,8 +25,8 @@ Back-off: when a pass raises an out-of-memory error, the runner frees what it ho
 the generation batch) and redoes the same units, logging one line; rows are those of a run started at the smaller
 size. Later passes are sized by the fit again, but hold at most :data:`BACK_OFF_SHARE` of the edits of the pass
 that ran out (UnKE on an 80 GB card ran out at 10 edits where the fit allowed 10, and halving for good then ran
-its other 20 edits 5 at a time: 1.88 s/edit against 1.65 at 9, `bench/NOTES.md`). A unit that does not fit alone ends the run with a :class:`~sake_core.errors.ResourceError` naming the
-method, the unit and the memory it needed.
+its other 20 edits 5 at a time: 1.88 s/edit against 1.65 at 9, `bench/NOTES.md`). A unit that does not fit alone
+ends the run with a :class:`~sake_core.errors.ResourceError` naming the method, the unit and the memory it needed.
 """
 
 from __future__ import annotations

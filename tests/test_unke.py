@@ -163,6 +163,7 @@ def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeyp
     """``adapter.packed_state``: sequences entering a layer, packed back to back into rows (each attending within
     itself at its own positions), get the layer outputs of their own left-padded rows (the three families), under a
     boolean mask or as variable-length sequences over the rows (CUDA's path; here its dense fallback)."""
+    from bench.cuda_checks import two_packed_rows
     from editors.models import buckets, fused_layer
     from editors.models.base import Prompt
     from editors.models.batch import PackedSequences
@@ -177,15 +178,8 @@ def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeyp
     with torch.no_grad():
         alone = adapter.run_layers(state)
     lengths = batch.attention_mask.sum(-1).tolist()
-    width = lengths[0] + lengths[1] + 3
-    place = [(0, 3), (0, 3 + lengths[0]), (1, width - lengths[2])]  # row 0: padding, 0, 1; row 1: padding, 2
-    hidden = state.hidden.new_zeros(2, width, state.hidden.shape[-1])
-    segments = torch.full((2, width), -1)
-    positions = torch.zeros(2, width, dtype=torch.long)
-    for i, (n, (row, column)) in enumerate(zip(lengths, place)):
-        hidden[row, column:column + n] = state.hidden[i, -n:]
-        segments[row, column:column + n] = i
-        positions[row, column:column + n] = torch.arange(n)
+    # row 0: padding, sequence 0, sequence 1; row 1: padding, sequence 2
+    hidden, segments, positions, place = two_packed_rows(state.hidden, lengths, pad=3)
     packed = adapter.packed_state(1, hidden, segments, positions)
     assert isinstance(packed.masks["full_attention"], PackedSequences) == packs
     with torch.no_grad():

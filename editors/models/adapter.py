@@ -474,8 +474,8 @@ class LALMAdapter(abc.ABC):
             lengths = [len(r) - shared for r in rows]
             if shared:
                 lengths = [shared] + lengths
-            return self._collate([rows[0][:shared] + sum((r[shared:] for r in rows), [])], all_audios,
-                                 [label_rows[0][:shared] + sum((lab[shared:] for lab in label_rows), [])]
+            return self._collate([rows[0][:shared] + [t for r in rows for t in r[shared:]]], all_audios,
+                                 [label_rows[0][:shared] + [t for lab in label_rows for t in lab[shared:]]]
                                  if targets is not None else None, lengths=lengths, shared_prefix=shared)
         return self._collate(rows, all_audios, label_rows if targets is not None else None)
 
@@ -706,16 +706,16 @@ class LALMAdapter(abc.ABC):
             return None
         device = hidden.device
         mask: Any
-        if self.packs_sequences():
-            mask = PackedSequences.over_rows(segments, device)
-        else:
-            on_device = to_device(segments, device)
-            columns = torch.arange(hidden.shape[1], device=device)
-            mask = (on_device[:, :, None] == on_device[:, None, :]) & (columns[None, :, None] >= columns[None, None, :])
-            mask &= on_device[:, None, :] >= 0
-            mask |= (on_device[:, :, None] < 0) & (columns[:, None] == columns[None, :])[None]
-            mask = mask[:, None]
+        packs = self.packs_sequences()
+        if packs:
+            mask = PackedSequences.over_rows(segments, device)  # read on the host
         segments, positions = to_device(segments, device), to_device(positions, device)
+        if not packs:
+            columns = torch.arange(hidden.shape[1], device=device)
+            mask = (segments[:, :, None] == segments[:, None, :]) & (columns[None, :, None] >= columns[None, None, :])
+            mask &= segments[:, None, :] >= 0
+            mask |= (segments[:, :, None] < 0) & (columns[:, None] == columns[None, :])[None]
+            mask = mask[:, None]
         valid = (segments >= 0).long()
         batch = PromptBatch(input_ids=torch.full_like(segments, self.pad_token_id), attention_mask=valid,
                             position_ids=positions, audio_token_mask=torch.zeros_like(segments, dtype=torch.bool),

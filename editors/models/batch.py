@@ -6,6 +6,7 @@ or one row of :class:`PackedSequences`), the :class:`LayerState` entering an LLM
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -137,11 +138,11 @@ class PackedSequences:
             lengths += [b - a for a, b in zip(cuts, cuts[1:])]
         return cls.of(lengths, device)
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
         return sum(self.lengths)
 
-    @property
+    @functools.cached_property
     def longest(self) -> int:
         """The longest sequence of the stream variable-length attention reads (a shared prefix counted in each)."""
         return max(self.lengths[1:]) + self.shared_prefix if self.shared_prefix else max(self.lengths)
@@ -158,7 +159,11 @@ class PackedSequences:
     def dense_mask(self) -> torch.Tensor:
         """The boolean attention mask ``[1, 1, N, N]`` of the packed row: column j visible to query i when both are in
         one sequence, or j in a shared prefix, and j <= i (for attention without variable-length kernels, e.g. on the
-        CPU)."""
+        CPU; built once, every layer reads it)."""
+        return self._dense_mask
+
+    @functools.cached_property
+    def _dense_mask(self) -> torch.Tensor:
         device = self.starts.device
         segment = torch.repeat_interleave(torch.arange(self.count, device=device),
                                           torch.tensor(self.lengths, device=device))
