@@ -290,12 +290,41 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     return float((varlen - masked).abs().max() / masked.abs().max())
 
 
+def check_whisper_transcripts() -> str:
+    """Transcripts decoded with the captured step (``editors.models.generation.transcripts``) against
+    ``whisper.generate`` on the GPU and against the same engine uncaptured on the CPU (tiny fp32 Whisper with the
+    releases' generation rules: language detection, suppressed tokens, early ends)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from editors.models.generation.transcripts import STATS, transcribe
+    from editors.models.tiny import tiny_whisper
+
+    whisper = tiny_whisper(0, release_rules=True, eos_scale=3.0)
+    encoded = torch.randn(12, 24, 32, generator=torch.Generator().manual_seed(1))
+    on_cpu = transcribe(whisper, encoded, 24)
+    whisper.to("cuda")
+    captures = STATS["captures"]
+    captured = transcribe(whisper, encoded.cuda(), 24).cpu()
+    if STATS["captures"] != captures + 1:
+        raise AssertionError("the decode step was not captured")
+    generated = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded.cuda()),
+                                 max_new_tokens=24).cpu()
+    width = max(captured.shape[1], generated.shape[1], on_cpu.shape[1])
+    rows = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (captured, generated, on_cpu)]
+    if not (torch.equal(rows[0], rows[1]) and torch.equal(rows[0], rows[2])):
+        same = [int((rows[0] == r).all(1).sum()) for r in rows[1:]]
+        raise AssertionError(f"identical transcripts of 12: generate {same[0]}, CPU {same[1]}")
+    ended = int((captured == 0).any(1).sum())
+    return f"12 of 12 transcripts equal generate's and the CPU's, token for token ({ended} ended early)"
+
+
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "fused_layer": check_fused_layer,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,
-                                        "training_step_syncs": check_training_step_syncs}
+                                        "training_step_syncs": check_training_step_syncs,
+                                        "whisper_transcripts": check_whisper_transcripts}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

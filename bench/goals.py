@@ -687,6 +687,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--share-clips", choices=("library", "off"), default="library",
                    help="'off': the graph engine does not share a clip asked about by several rows as a prefix (an "
                         "A/B of editors.models.generation.graph.SHARE_CLIPS); default: the library's")
+    p.add_argument("--transcript-engine", choices=("library", "eager"), default="library",
+                   help="'eager': DeSTA2.5's Whisper transcripts through transformers' generate (an A/B of "
+                        "DeSTA25Adapter.transcript_engine); default: the library's (static cache, captured step)")
     add_pre_edit_items(p)
     p.add_argument("--time-limit", type=float, default=None, help="seconds after which no part starts")
     p.add_argument("--seed", type=int, default=0)
@@ -877,6 +880,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.previous_argv = previous_argv
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)
+    if args.transcript_engine == "eager" and hasattr(adapter, "transcript_engine"):
+        adapter.transcript_engine = "eager"
     if args.encoder_batch:
         adapter.encoder_batch_cuda = args.encoder_batch
     methods = _list(args.methods)

@@ -1,14 +1,17 @@
-"""Whisper's transcript decode at DeSTA2.5's full size: which fp32 attention the decode loop should use.
+"""Whisper's transcript decode at DeSTA2.5's full size: ``whisper.generate`` against the static-cache engine.
 
-Times ``whisper.generate`` from precomputed encoder outputs (as DeSTA2.5's shared encoder run calls it: fp32,
-128 new tokens, random weights never stop early) for a few batch sizes, with each attention arm:
+Times a transcript decode from precomputed encoder outputs (as DeSTA2.5's shared encoder run makes them: fp32,
+128 new tokens, random weights never stop early) for a few batch sizes, with each arm:
 
-* ``sdpa``: transformers' SDPA function with PyTorch's kernel choice (the memory-efficient kernel for fp32 on CUDA,
-  which the H200 profile of a DeSTA2.5 pass showed as half of the transcripts' GPU time);
+* ``sdpa``: ``whisper.generate`` with transformers' SDPA function and PyTorch's kernel choice (the
+  memory-efficient kernel for fp32 on CUDA; the release's path);
 * ``sdpa-math``: the same under PyTorch's math backend (batched matmuls and a softmax);
+* ``static``: ``editors.models.generation.transcripts.transcribe`` (static cache, the decode step captured as a
+  CUDA graph: the library's default, ``DeSTA25Adapter.transcript_engine == "graph"``);
 
-and reports each against the first arm, with the share of transcripts whose tokens are identical to its. The
-per-call times over the batch sizes also give the decode loop's fixed cost per step and its cost per audio.
+and reports each against the first arm, with the share of transcripts whose tokens are identical to its (the
+engines sum in different orders, so a near-tie token may differ on a GPU). The per-call times over the batch
+sizes also give each decode loop's fixed cost per step and its cost per audio.
 
     BENCH_MODULE=bench.whisper_decode bash bench/gpu_run.sh --batches 7,21,64
 """
@@ -24,7 +27,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-ARMS = ("sdpa", "sdpa-math")
+ARMS = ("sdpa", "sdpa-math", "static")
 
 
 @contextlib.contextmanager
@@ -34,6 +37,26 @@ def arm(name: str) -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.MATH]) if name == "sdpa-math" else contextlib.nullcontext():
         yield
+
+
+def decoder(name: str, whisper: torch.nn.Module, encoded: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    """Arm ``name``'s decode of ``encoded``: the new tokens ``[B, new_tokens]`` (padding after an end token)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from editors.models.generation.transcripts import TranscriptRules, transcribe
+
+    if name != "static":
+        return functools.partial(whisper.generate, encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
+                                 max_new_tokens=new_tokens)
+    rules = TranscriptRules.of(whisper)
+    if rules is None:
+        raise SystemExit("this Whisper's generation config is not modelled by the static engine")
+
+    def static() -> torch.Tensor:
+        ids = transcribe(whisper, encoded, new_tokens, rules)
+        return torch.nn.functional.pad(ids, (0, new_tokens - ids.shape[1]), value=rules.pad)
+
+    return static
 
 
 def profile_call(call: Callable[[], object], name: str, rows: int = 12) -> str:
@@ -50,7 +73,7 @@ def profile_call(call: Callable[[], object], name: str, rows: int = 12) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="7,21,64", help="audios per Whisper call, comma-separated")
-    p.add_argument("--arms", default="sdpa,sdpa-math", help="attention arms (the first is the baseline)")
+    p.add_argument("--arms", default="sdpa,static", help="arms, comma-separated (the first is the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -62,8 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     if not names or any(n not in ARMS for n in names):
         p.error(f"--arms {args.arms!r}: expected a comma-separated choice of {', '.join(ARMS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from transformers.modeling_outputs import BaseModelOutput
 
     from editors.models.desta25 import DeSTA25Adapter
 
@@ -86,11 +107,10 @@ def main(argv: list[str] | None = None) -> None:
         feats = adapter._features(audios[:b]).to(whisper.device, whisper.dtype)
         with torch.no_grad():
             _, encoded = adapter.model.perception.encode_for_transcript(feats)
-        decode = functools.partial(whisper.generate, encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
-                                   max_new_tokens=new_tokens)
         times: dict[str, float] = {}
         ids: dict[str, torch.Tensor] = {}
         for name in names:
+            decode = decoder(name, whisper, encoded, new_tokens)
             best = float("inf")
             for _ in range(args.repeats):
                 sync()
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {b} | {' | '.join(f'{times[n]:.3f}' for n in names)} | {' | '.join(ratios)} | "
               f"{' | '.join(same)} |", flush=True)
         if args.profile:
-            profiled.append((b, profile_call(decode, names[0])))
+            profiled.append((b, profile_call(decoder(names[0], whisper, encoded, new_tokens), names[0])))
     for b, table in profiled:
         print(f"\n{names[0]}, {b} audios per call, one call under the profiler (top kernels by device time):\n")
         print(table)

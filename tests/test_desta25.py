@@ -237,8 +237,8 @@ def test_ft_audio_changes_only_connector_and_keeps_text_outputs(tmp_path):
 def test_transcript_cache_skips_whisper_decoder(tmp_path):
     adapter = DeSTA25Adapter.tiny(seed=2, cache_dir=tmp_path / "cache", encoder_states_on_disk=True)
     calls = []
-    decoder = adapter.model.perception.whisper.model.decoder
-    decoder.register_forward_hook(lambda *args: calls.append(1))
+    decoder = adapter.model.perception.whisper.model.decoder  # every decode (either engine) embeds its tokens
+    decoder.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
     audio = _audio(6)
     prompts = [Prompt("What is the emotion of the speaker? (a) happy (b) sad", audio=audio),
                Prompt("Which animal makes this sound? (a) dog (b) cat", audio=audio.copy())]
@@ -251,7 +251,7 @@ def test_transcript_cache_skips_whisper_decoder(tmp_path):
     # a new process (fresh adapter, same weights) reads transcript and encoder states from the disk cache
     again = DeSTA25Adapter.tiny(seed=2, cache_dir=tmp_path / "cache", encoder_states_on_disk=True)
     whisper = again.model.perception.whisper.model
-    whisper.decoder.register_forward_hook(lambda *args: calls.append(1))
+    whisper.decoder.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
     whisper.encoder.conv1.register_forward_hook(lambda *args: calls.append(2))
     assert again.generate(prompts, max_new_tokens=3) == first
     assert calls == [] and again.transcribed_audios == 0

@@ -11,7 +11,9 @@ The model itself (config, Q-Former connector, parameter names, release checkpoin
   placeholder tokens (``<|reserved_special_token_87|>``), filled with the connector's ``prompt_size`` outputs and
   the LLM embeddings of the ``T`` tokens of the audio's Whisper transcript;
 * transcript: silero VAD on the 16 kHz waveform; no speech -> ``" "``; speech -> ``whisper.generate`` on the
-  30 s-padded features (``max_new_tokens=128``), decoded without special tokens, stripped;
+  30 s-padded features (``max_new_tokens=128``), decoded without special tokens, stripped. Here the same greedy
+  decode runs on a static cache with its step captured on CUDA (``editors.models.generation.transcripts``: the
+  same tokens as ``generate`` on the tiny fp32 Whisper; ``transcript_engine="eager"`` calls ``generate`` itself);
 * system prompt when the prompt has none: ``"Focus on the audio clips and instructions."`` (README usage);
 * greedy generation stops on the LLM's generation-config eos ids (``<|end_of_text|>``, ``<|eom_id|>``,
   ``<|eot_id|>`` for Llama-3.1-Instruct) plus the end of turn.
@@ -76,6 +78,11 @@ TINY_NAME = "tiny-desta25"
 #: Audios per Whisper transcription call on CPU; on CUDA up to MAX_TRANSCRIPT_BATCH, sized from free memory (of
 #: which TRANSCRIPT_MEMORY_FRACTION may be filled).
 TRANSCRIPT_BATCH, MAX_TRANSCRIPT_BATCH, TRANSCRIPT_MEMORY_FRACTION = 16, 64, 0.5
+
+#: How transcripts are decoded: "graph" (``editors.models.generation.transcripts``: a static cache, the decode step
+#: captured as a CUDA graph on CUDA, no host work per token) or "eager" (transformers' ``whisper.generate``, as the
+#: release calls it; also what "graph" falls back to for a generation config that module does not model).
+TRANSCRIPT_ENGINES = ("graph", "eager")
 
 #: Init std of the tiny LLM: at Llama's 0.02 a 4-layer random model barely lets input tokens reach the last
 #: position, so connector-only edits (FT-Audio) could never move its output; 0.1 keeps tiny edits meaningful.
@@ -172,8 +179,14 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
 
     def __init__(self, model: DeSTA25Model, processor: DeSTA25Processor, *, model_id: str, revision: str = "",
                  is_tiny: bool = False, vad: bool = True, cache_dir: str | os.PathLike | None = None,
-                 encoder_states_on_disk: bool = False, whisper_key: str | None = None) -> None:
+                 encoder_states_on_disk: bool = False, whisper_key: str | None = None,
+                 transcript_engine: str = "graph") -> None:
         super().__init__(model, processor, model_id=model_id, revision=revision, is_tiny=is_tiny)
+        if transcript_engine not in TRANSCRIPT_ENGINES:
+            raise ValueError(f"transcript_engine {transcript_engine!r}: expected one of {TRANSCRIPT_ENGINES}")
+        #: how transcripts are decoded (:data:`TRANSCRIPT_ENGINES`); part of the transcripts' cache key and of
+        #: :meth:`model_key`, since the two may differ in a near-tie token on a GPU
+        self.transcript_engine = transcript_engine
         self.config: DeSTA25Config = model.config
         self.vad = vad
         self._vad_model: Any = None
@@ -195,12 +208,14 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
                         device: str = "cpu", revision: str | None = None, is_tiny: bool = False,
                         perception_dtype: torch.dtype = torch.float32, vad: bool | None = None,
                         cache_dir: str | os.PathLike | None = None, encoder_states_on_disk: bool = False,
-                        llm_model_id: str | None = None, encoder_model_id: str | None = None) -> "DeSTA25Adapter":
+                        llm_model_id: str | None = None, encoder_model_id: str | None = None,
+                        transcript_engine: str = "graph") -> "DeSTA25Adapter":
         """Load a release-layout checkpoint (Hub id or dir) and the LLM + Whisper its config names.
 
         A directory written by :meth:`save_pretrained` also holds ``llm/`` and ``whisper/``; those are used instead
         of the ids in its config. ``dtype`` is the LLM's; Whisper and the connector use ``perception_dtype``
-        (fp32 as in the release). ``vad`` defaults to on (release behaviour) except for tiny models."""
+        (fp32 as in the release). ``vad`` defaults to on (release behaviour) except for tiny models.
+        ``transcript_engine``: one of :data:`TRANSCRIPT_ENGINES`."""
         from transformers import AutoFeatureExtractor, AutoTokenizer
 
         local = Path(id_or_dir)
@@ -225,7 +240,8 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
             whisper_key = f"{local.resolve()}/whisper"
         return cls(model, processor, model_id=str(id_or_dir), revision=revision or "", is_tiny=is_tiny,
                    vad=(not is_tiny) if vad is None else vad, cache_dir=cache_dir,
-                   encoder_states_on_disk=encoder_states_on_disk, whisper_key=whisper_key)
+                   encoder_states_on_disk=encoder_states_on_disk, whisper_key=whisper_key,
+                   transcript_engine=transcript_engine)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str = "cpu", num_layers: int = 4,
@@ -319,6 +335,16 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
         self.processor.feature_extractor.save_pretrained(directory / "whisper")
         self.processor.whisper_tokenizer.save_pretrained(directory / "whisper")
 
+    def model_key(self) -> str:
+        """The shared key, and the transcript engine where it is not transformers' ``generate``."""
+        key = super().model_key()
+        if self.transcript_engine == "eager":
+            return key
+        return hashlib.sha256(f"{key}:transcripts={self.transcript_engine}".encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "transcript_engine": self.transcript_engine}
+
     # ---- structure ----------------------------------------------------------------------------------------------
 
     def connector(self) -> nn.Module:
@@ -395,6 +421,8 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
     def _transcript_key(self, audio: np.ndarray) -> str:
         payload = [self.whisper_key, str(self.model.perception.whisper.dtype), audio_digest(audio), bool(self.vad),
                    self.config.transcript_max_new_tokens]
+        if self.transcript_engine != "eager":  # keys of the transcripts decoded by generate before the engine came
+            payload.append(self.transcript_engine)
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
     def _encoder_key(self, audio: np.ndarray) -> str:
@@ -498,8 +526,6 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
     def _run_whisper_asr(self, audios: list[np.ndarray]) -> tuple[list[str], list[torch.Tensor] | None]:
         """Transcripts of ``audios``, and (where :meth:`_shares_transcript_encoder`) the tapped encoder states of
         the same encoder run, ``[layer](batch, frames, d)``; else None."""
-        from transformers.modeling_outputs import BaseModelOutput
-
         from editors.models.buckets import row_bucket
 
         whisper = self.model.perception.whisper
@@ -510,17 +536,33 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
         with self._released_encoder_weights():
             if self._shares_transcript_encoder():
                 tapped, encoded = self.model.perception.encode_for_transcript(feats)
-                ids = whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded),
-                                       max_new_tokens=self.config.transcript_max_new_tokens)
                 tapped = [t[:n] for t in tapped]
                 self.audio_encoder_calls += n
             else:
                 with encoder_convolutions():  # as the shared run's (editors/models/kernels.py)
-                    ids = whisper.generate(input_features=feats,
-                                           max_new_tokens=self.config.transcript_max_new_tokens)
+                    encoded = whisper.model.encoder(input_features=feats).last_hidden_state
+            ids = self._decode_transcripts(encoded)
         self.transcribed_audios += n
         texts = self.processor.whisper_tokenizer.batch_decode(ids[:n], skip_special_tokens=True)
         return [t.strip() for t in texts], tapped
+
+    def _decode_transcripts(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Greedy transcript tokens of Whisper's encoder outputs ``encoded``, by :attr:`transcript_engine`: "graph"
+        decodes them with :func:`editors.models.generation.transcripts.transcribe` where that module models the
+        Whisper's generation config (and the transcripts hold no timestamp token), else transformers' ``generate``
+        decodes them as the release does."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        from editors.models.generation.transcripts import TranscriptRules, transcribe
+
+        whisper, new_tokens = self.model.perception.whisper, self.config.transcript_max_new_tokens
+        rules = TranscriptRules.of(whisper) if self.transcript_engine == "graph" else None
+        if rules is not None:
+            ids = transcribe(whisper, encoded, new_tokens, rules)
+            if not rules.has_timestamps(ids):
+                return ids
+            logger.info("a transcript holds a timestamp token: this batch decoded again by whisper.generate")
+        return whisper.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), max_new_tokens=new_tokens)
 
     def _released_encoder_weights(self) -> contextlib.AbstractContextManager[None]:
         """While inside, the parameters named in :meth:`before_audio_encoder_edit` hold their released values."""

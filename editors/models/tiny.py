@@ -71,3 +71,35 @@ def whisper_encoder_tokens(mel_frames: int) -> int:
     """Encoder outputs after the stride-2 conv and the stride-2 average pool (Qwen2-Audio / AF3 encoders)."""
     conv = (mel_frames - 1) // 2 + 1
     return (conv - 2) // 2 + 1
+
+
+def tiny_whisper(seed: int = 0, *, release_rules: bool = False, eos_scale: float = 1.0, device: str = "cpu") -> Any:
+    """A random-init Whisper small enough for a unit test (vocabulary 64, 2 decoder layers of width 32, 24 encoder
+    frames), end token 0, start token 1, weights wide enough (init std 0.3) that transcripts differ by input.
+    ``eos_scale`` scales the end token's embedding (tied to the output head), so that a larger scale ends more
+    transcripts early. ``release_rules``: a generation config shaped like the multilingual releases' (language
+    tokens 2-4 detected per audio, ``transcribe`` 5 forced at position 2, ``<|notimestamps|>`` 61, suppressed
+    tokens at every step and at the first, the timestamp tokens 62-63 among them)."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=1, encoder_attention_heads=4,
+                           decoder_layers=2, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                           max_source_positions=24, max_target_positions=40, decoder_start_token_id=1,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0, begin_suppress_tokens=None,
+                           suppress_tokens=None, init_std=0.3)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    whisper = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the end token's row (the padding row, zero at init) as wide as the others
+        whisper.model.decoder.embed_tokens.weight[0] = torch.randn(32, generator=generator) * 0.3 * eos_scale
+    if release_rules:
+        gen = whisper.generation_config
+        gen.lang_to_id = {"<|en|>": 2, "<|de|>": 3, "<|fr|>": 4}
+        gen.task_to_id = {"transcribe": 5, "translate": 6}
+        gen.no_timestamps_token_id = 61
+        gen.forced_decoder_ids = [[1, None], [2, 5]]
+        gen.suppress_tokens = [8, 9, 10, 62, 63]
+        gen.begin_suppress_tokens = [0, 11]
+        gen.is_multilingual = True
+    return whisper.to(device)

@@ -10,7 +10,8 @@ goes through :func:`generate`.
   tokens handled on the device, each distinct system prompt + history prefilled once);
 * :mod:`.memory`: what a generation needs in device memory (the token budget of a chunk on CUDA);
 * :mod:`.per_edit`: the per-edit strategy (K edits' items in one generation, each under its own edit's weights);
-* :mod:`.output`: :class:`GeneratedText`, decoding of new tokens.
+* :mod:`.output`: :class:`GeneratedText`, decoding of new tokens;
+* :mod:`.transcripts`: Whisper's greedy transcripts (DeSTA2.5 reads them) on a static cache, the step captured.
 """
 
 from __future__ import annotations

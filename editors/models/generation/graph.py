@@ -725,37 +725,54 @@ class _State:
         self.write.add_(self.advance)
         self.step_index.add_(1)
 
-    def capture(self, pool: Any) -> None:
+    def capture(self, pool: Any) -> Any:
         """Run one decode step eagerly (warm-up, on a side stream), then record the next as this state's CUDA graph
         (recorded, not run: the first replay runs it). See :func:`record`."""
         started = time.perf_counter()
-        with side_stream():
-            self.step()
-        self.graph = record(self.step, pool, self.lm.device)
+        self.graph = capture_step(self.step, pool, self.lm.device)
         STATS["captures"] += 1
         STATS["capture_s"] += time.perf_counter() - started
+        return self.graph
 
     def decode(self, pool: Any) -> int:
-        """The remaining ``steps - 1`` decode steps (fewer once every row has finished); returns the steps run."""
-        todo = self.steps - 1
-        cuda = self.lm.device.type == "cuda"
-        done, finished = 0, StopFlags()
-        while done < todo:
-            if not cuda:
-                if bool(self.finished.all()):
-                    break
-                self.step()
-            elif self.graph is None:
-                self.capture(pool)
-            else:
-                self.graph.replay()
-            done += 1
-            if cuda and done % CHECK_EVERY == 0 and done < todo:
-                finished.push(self.finished.all())
-                if finished.seen():  # never waits: a look at checks already done
-                    break
+        """The decode steps after the prefill (see :func:`run_steps`); how many ran."""
+        done = run_steps(self.steps - 1, self.step, self.finished, self.graph, lambda: self.capture(pool))
         STATS["decode_steps"] += done
         return done
+
+
+def run_steps(todo: int, step: Callable[[], None], finished: torch.Tensor, graph: Any,
+              capture: Callable[[], Any]) -> int:
+    """Up to ``todo`` decode steps; how many ran. On the CPU ``step()`` until every row of ``finished`` is set. On
+    CUDA ``graph`` replayed (a step recorded earlier), or where it is None ``capture()`` first (one step run, the
+    next recorded: :func:`capture_step`; it returns the graph); every :data:`CHECK_EVERY` steps the loop pushes a
+    look at ``finished`` and stops once an earlier look, already arrived, says every row has finished (it never
+    waits for the device)."""
+    cuda = finished.device.type == "cuda"
+    done, looks = 0, StopFlags()
+    while done < todo:
+        if not cuda:
+            if bool(finished.all()):
+                break
+            step()
+        elif graph is None:
+            graph = capture()
+        else:
+            graph.replay()
+        done += 1
+        if cuda and done % CHECK_EVERY == 0 and done < todo:
+            looks.push(finished.all())
+            if looks.seen():
+                break
+    return done
+
+
+def capture_step(step: Callable[[], None], pool: Any, device: torch.device) -> Any:
+    """Run ``step`` once eagerly (warm-up, on a side stream), then record it as a CUDA graph in ``pool`` (recorded,
+    not run: the first replay runs it; :func:`record`)."""
+    with side_stream(device):
+        step()
+    return record(step, pool, device)
 
 
 
