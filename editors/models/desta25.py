@@ -439,9 +439,10 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
         """Audios per Whisper ``generate`` call: :data:`TRANSCRIPT_BATCH` on CPU; on CUDA a power of two up to
         :data:`MAX_TRANSCRIPT_BATCH` sized from the memory available now and what one row holds (its encoder output
         and every decoder layer's cross-attention keys and values over it, its own keys and values over the
-        transcript; the tapped states where the run keeps them). ``generate`` loops on the host once per token,
-        so fewer, larger calls transcribe faster. (On a GPU a near-tie token may come out differently at another
-        batch size; the on-disk cache keeps the first.)"""
+        transcript; the tapped states where the run keeps them). Each decode step reads the decoder's weights once
+        for the whole call (and ``generate`` loops on the host once per token), so fewer, larger calls transcribe
+        faster. (On a GPU a near-tie token may come out differently at another batch size; the on-disk cache keeps
+        the first.)"""
         from editors.models.buckets import floor_pow2
         from editors.models.generation.memory import available_bytes
 
