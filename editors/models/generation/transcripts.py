@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-
 logger = logging.getLogger(__name__)
 
 #: Generation-config fields :class:`TranscriptRules` models (or that do not change a greedy short-form decode).
@@ -78,7 +77,7 @@ class TranscriptRules:
     @classmethod
     def of(cls, whisper: Any) -> "TranscriptRules | None":
         """The rules of ``whisper`` (a ``WhisperForConditionalGeneration``), or None where its generation config
-        asks for something this module does not model (the reason is logged once per call at debug level)."""
+        asks for something this module does not model (the reason is logged at debug level)."""
         reason = cls._unmodelled(whisper)
         if reason:
             logger.debug("Whisper transcripts through generate: %s", reason)
