@@ -37,6 +37,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -363,23 +364,38 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
                 free[fits] -= seq[4]
         rows += [(owner, b) for b in bins]
     first = groups[0].state.hidden
-    hidden = first.new_zeros(len(rows), width, first.shape[-1])
-    target = torch.zeros(len(rows), width, first.shape[-1], dtype=torch.float32, device=first.device)
+    size, device = first.shape[-1], first.device
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     terms = sorted({s[1] for s in sequences})
-    valid = {t: torch.zeros(len(rows), width, 1, dtype=torch.float32, device=first.device) for t in terms}
+    # where each sequence's columns come from (its group's flattened rows) and go (the packed rows, flattened):
+    # one gather and one scatter per group instead of a copy per sequence
+    sources: dict[int, list[np.ndarray]] = {g: [] for g in range(len(groups))}
+    places: dict[int, list[np.ndarray]] = {g: [] for g in range(len(groups))}
+    marked: dict[int, list[np.ndarray]] = {t: [] for t in terms}
     for r, (_, seqs) in enumerate(rows):
         column = width - sum(s[4] for s in seqs)
         for number, (_, term, g, row, length) in enumerate(seqs):
-            source = groups[g]
-            cols = slice(column, column + length)
-            hidden[r, cols] = source.state.hidden[row, -length:]
-            target[r, cols] = source.target[row, -length:]
-            valid[term][r, cols] = 1.0
-            segments[r, cols] = number
-            positions[r, cols] = torch.arange(length)
+            source_width = groups[g].state.hidden.shape[1]
+            sources[g].append(np.arange((row + 1) * source_width - length, (row + 1) * source_width))
+            places[g].append(np.arange(r * width + column, r * width + column + length))
+            marked[term].append(places[g][-1])
+            segments[r, column:column + length] = number
+            positions[r, column:column + length] = torch.arange(length)
             column += length
+    hidden = first.new_zeros(len(rows) * width, size)
+    target = torch.zeros(len(rows) * width, size, dtype=torch.float32, device=device)
+    for g, group in enumerate(groups):
+        if sources[g]:
+            taken = to_device(torch.from_numpy(np.concatenate(sources[g])), device)
+            put = to_device(torch.from_numpy(np.concatenate(places[g])), device)
+            hidden.index_copy_(0, put, group.state.hidden.reshape(-1, size).index_select(0, taken))
+            target.index_copy_(0, put, group.target.reshape(-1, size).index_select(0, taken))
+    valid = {t: torch.zeros(len(rows) * width, 1, dtype=torch.float32, device=device) for t in terms}
+    for t in terms:
+        valid[t].index_fill_(0, to_device(torch.from_numpy(np.concatenate(marked[t])), device), 1.0)
+    hidden, target = hidden.view(len(rows), width, size), target.view(len(rows), width, size)
+    valid = {t: v.view(len(rows), width, 1) for t, v in valid.items()}
     state = adapter.packed_state(layer, hidden, segments, positions)
     if state is None:
         return list(groups)

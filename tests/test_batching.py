@@ -411,3 +411,62 @@ def test_methods_that_do_not_batch_run_one_at_a_time():
     # UnKE and WISE: K edits per pass equal one at a time (tests/test_unke.py, tests/test_wise.py)
     # KE and MEND: tests/test_batching.py::test_hypernetwork_edits_batched_equal_one_at_a_time
     assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike", "ke", "mend", "unke", "wise"}
+
+
+def test_packed_layer_rows_hold_every_sequence_once_in_a_row_of_its_edit(monkeypatch):
+    """``packed_layer_rows`` (UnKE's stage 2 on CUDA): each sequence's columns (the last ``length`` of its
+    left-padded row) land once, contiguous, in a packed row of its own edit, with its target, its term's valid
+    marks, positions 0..n-1 and its own segment number; every other column is padding (zero, segment -1)."""
+    from types import SimpleNamespace
+
+    from editors import batching
+    from editors.models import buckets
+
+    monkeypatch.setitem(buckets.PACK_TRAINING, "cpu", True)
+    monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 16)
+    generator = torch.Generator().manual_seed(0)
+
+    def group(owners, lengths, width, term):
+        mask = torch.zeros(len(owners), width, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, width - n:] = 1
+        hidden = torch.randn(len(owners), width, 4, generator=generator) * mask[..., None]
+        state = SimpleNamespace(hidden=hidden, batch=SimpleNamespace(attention_mask=mask))
+        target = torch.randn(len(owners), width, 4, generator=generator)
+        return batching.LayerRows(list(owners), state, target, [(term, mask[..., None].float())])
+
+    groups = [group([0, 1, 2], [5, 9, 3], 9, 0), group([0, 0, 1, 2, 2, 2, 1], [7, 2, 8, 4, 4, 1, 6], 8, 1)]
+    seen = {}
+
+    class Adapter:
+        device = "cpu"
+
+        def packed_state(self, layer, hidden, segments, positions):
+            seen.update(segments=segments, positions=positions)
+            return SimpleNamespace(hidden=hidden)
+
+    (packed,) = batching.packed_layer_rows(Adapter(), 3, groups)
+    sources = {(g, row): (group.owner[row], group.terms[0][0], int(group.state.batch.attention_mask[row].sum()))
+               for g, group in enumerate(groups) for row in range(len(group.owner))}
+    used = []
+    segments, positions, valid = seen["segments"], seen["positions"], dict(packed.terms)
+    for r, owner in enumerate(packed.owner):
+        for number in range(int(segments[r].max()) + 1):
+            cols = (segments[r] == number).nonzero().flatten()
+            assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # contiguous
+            assert positions[r, cols].tolist() == list(range(len(cols)))
+            columns = packed.state.hidden[r, cols]
+            (match,) = [key for key, (o, _, n) in sources.items()
+                        if o == owner and n == len(cols)
+                        and torch.equal(groups[key[0]].state.hidden[key[1], -n:], columns)]
+            g, row = match
+            term = sources[match][1]
+            assert torch.equal(packed.target[r, cols], groups[g].target[row, -len(cols):])
+            assert bool((valid[term][r, cols] == 1).all())
+            assert all(float(v[r, cols].abs().sum()) == 0 for t, v in valid.items() if t != term)
+            used.append(match)
+    assert sorted(used) == sorted(sources)  # every sequence once
+    padding = segments < 0
+    assert float(packed.state.hidden[padding].abs().sum()) == 0 and float(packed.target[padding].abs().sum()) == 0
+    assert all(float(v[padding].abs().sum()) == 0 for v in valid.values())
+    assert len(packed.owner) < sum(len(g.owner) for g in groups)
