@@ -880,7 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.previous_argv = previous_argv
     ceilings = measure_ceilings(scale)
     adapter = build_adapter(scale, args.seed, args.model)
-    if args.transcript_engine == "eager" and hasattr(adapter, "transcript_engine"):
+    if args.transcript_engine == "eager":
+        if not hasattr(adapter, "transcript_engine"):
+            raise SystemExit(f"--transcript-engine eager: --model {args.model} decodes no transcripts")
         adapter.transcript_engine = "eager"
     if args.encoder_batch:
         adapter.encoder_batch_cuda = args.encoder_batch

@@ -726,12 +726,8 @@ class _State:
         self.step_index.add_(1)
 
     def capture(self, pool: Any) -> Any:
-        """Run one decode step eagerly (warm-up, on a side stream), then record the next as this state's CUDA graph
-        (recorded, not run: the first replay runs it). See :func:`record`."""
-        started = time.perf_counter()
-        self.graph = capture_step(self.step, pool, self.lm.device)
-        STATS["captures"] += 1
-        STATS["capture_s"] += time.perf_counter() - started
+        """This state's decode step captured (:func:`capture_step`), kept as its graph."""
+        self.graph = capture_step(self.step, pool, self.lm.device, STATS)
         return self.graph
 
     def decode(self, pool: Any) -> int:
@@ -767,13 +763,16 @@ def run_steps(todo: int, step: Callable[[], None], finished: torch.Tensor, graph
     return done
 
 
-def capture_step(step: Callable[[], None], pool: Any, device: torch.device) -> Any:
+def capture_step(step: Callable[[], None], pool: Any, device: torch.device, stats: dict[str, Any]) -> Any:
     """Run ``step`` once eagerly (warm-up, on a side stream), then record it as a CUDA graph in ``pool`` (recorded,
-    not run: the first replay runs it; :func:`record`)."""
+    not run: the first replay runs it; :func:`record`); counted in ``stats`` (``captures``, ``capture_s``)."""
+    started = time.perf_counter()
     with side_stream(device):
         step()
-    return record(step, pool, device)
-
+    graph = record(step, pool, device)
+    stats["captures"] += 1
+    stats["capture_s"] += time.perf_counter() - started
+    return graph
 
 
 def record(step: Callable[[], None], pool: Any, device: torch.device) -> Any:

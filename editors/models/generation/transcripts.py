@@ -29,7 +29,6 @@ the transcripts equal ``generate``'s token for token (tests/test_transcripts.py,
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +82,8 @@ class TranscriptRules:
             logger.debug("Whisper transcripts through generate: %s", reason)
             return None
         gen, config = whisper.generation_config, whisper.config
-        eos = gen.eos_token_id
-        eos = eos[0] if isinstance(eos, (list, tuple)) and len(eos) == 1 else eos
+        eos = _end_token(gen)
+        assert eos is not None  # _unmodelled says so otherwise
         forced = gen.forced_decoder_ids if getattr(gen, "forced_decoder_ids", None) is not None \
             else getattr(config, "forced_decoder_ids", None)
         prompt: list[int | None] = [int(gen.decoder_start_token_id)]
@@ -101,7 +100,7 @@ class TranscriptRules:
             prompt = [t for t in prompt if t is not None]
         return cls(prompt=tuple(prompt), languages=languages,
                    suppress=tuple(int(t) for t in gen.suppress_tokens or ()),
-                   begin_suppress=tuple(int(t) for t in gen.begin_suppress_tokens or ()), eos=int(eos),
+                   begin_suppress=tuple(int(t) for t in gen.begin_suppress_tokens or ()), eos=eos,
                    pad=int(gen.pad_token_id if gen.pad_token_id is not None else eos),
                    timestamp_begin=None if getattr(gen, "no_timestamps_token_id", None) is None
                    else int(gen.no_timestamps_token_id) + 1)
@@ -116,10 +115,9 @@ class TranscriptRules:
             return "timestamps"
         if getattr(gen, "language", None) is not None or getattr(gen, "task", None) is not None:
             return "a language or task in the generation config"
-        eos = gen.eos_token_id
-        if isinstance(eos, (list, tuple)) and len(eos) != 1 or eos is None:
-            return f"end tokens {eos}"
-        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos = _end_token(gen)
+        if eos is None:
+            return f"end tokens {gen.eos_token_id}"
         if gen.pad_token_id is not None and gen.pad_token_id != eos:
             return "a padding token other than the end token (generate trims every padding token then)"
         if getattr(config, "scale_embedding", False):
@@ -128,6 +126,14 @@ class TranscriptRules:
         if decoder.training:
             return "the decoder is in training mode"
         return ""
+
+
+def _end_token(gen: Any) -> int | None:
+    """The generation config's one end token (None where it has none or several)."""
+    eos = gen.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if len(eos) == 1 else None
+    return None if eos is None else int(eos)
 
 
 def transcribe(whisper: Any, encoded: torch.Tensor, max_new_tokens: int,
@@ -275,10 +281,7 @@ class _Decode:
         from editors.models.generation.graph import capture_step, run_steps
 
         def capture() -> Any:
-            started = time.perf_counter()
-            self.graph = capture_step(self.step, torch.cuda.graph_pool_handle(), self.device)
-            STATS["captures"] += 1
-            STATS["capture_s"] += time.perf_counter() - started
+            self.graph = capture_step(self.step, torch.cuda.graph_pool_handle(), self.device, STATS)
             return self.graph
 
         return run_steps(self.new_tokens - 1, self.step, self.finished, None, capture)
