@@ -13,7 +13,9 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
   counters, and the share of rows both engines wrote identically;
 * ``--naive-methods``: the naive loop of the same run (``bench.arms.run_naive``: one ``generate`` per question,
   the whole model per training step, deep-copy restore) over ``--naive-edits`` edits;
-* ``--profile-methods``: the runner's phases of one more edit under the profiler (GPU busy share);
+* ``--profile-methods``: the runner's phases of one more edit alone (K=1) under the profiler; the goal's busy
+  share (evaluation at the runner's default K) comes from ``bench/pass_profile.py``, whose ``--json`` joins a card's
+  table through ``--combine ... --pass-profiles P.json``;
 * ``--sequential-methods``: one 10-edit sequence in sequential mode (the paper evaluates edits 1-5 at gaps 0-5);
 * KE / MEND: ``--hypernet-steps`` optimizer steps of the untrained hypernetwork (timed: s per train instance), whose
   network then makes the edits (an untrained network times an edit like a trained one);
@@ -403,7 +405,7 @@ def paper_table7_hours(model: str) -> float:
 
 
 #: The parts of a method's row besides its timed runs, each measured by a call of its own (``row["stamps"]``).
-PARTS = ("identical", "naive", "profile", "sequential", "sweep", "emulated", "hypernet")
+PARTS = ("identical", "naive", "profile", "pass_busy", "sequential", "sweep", "emulated", "hypernet")
 
 
 def part_stamp(row: dict[str, Any], part: str, unstamped: str = " (measured by an earlier call, not stamped)"
@@ -551,7 +553,9 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                          + (f" ({'met' if ratio >= 20 else 'missed'})" if ratio else ""))
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
-        lines += ["", "GPU busy (`--profile`, one more edit at K=1; goal >= 70 % during evaluation):", ""]
+        lines += ["", "GPU busy of one more edit alone (`--profile-methods`: K=1, each of the runner's phases under "
+                  "the profiler; a pass of one edit generates for 10 items, far fewer rows than the runner's passes):",
+                  ""]
         for row in profiled:
             ph = row["profile"]
             ev = ph.get("evaluate", {})
@@ -561,6 +565,23 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                          f"launches, {ev.get('host_syncs', 0)} host syncs; all phases: " +
                          ", ".join(f"{k} {v['wall_s']:.3f} s ({v['gpu_busy_s'] / v['wall_s']:.0%} busy)"
                                    for k, v in ph.items() if v.get("wall_s")) + part_stamp(row, "profile"))
+    passes = [r for r in rows if r.get("pass_busy")]
+    if passes:
+        lines += ["", "GPU busy in one pass at the runner's default K (`bench/pass_profile.py`, joined by "
+                  "`--pass-profiles`; goal >= 70 % during evaluation):", ""]
+        for row in passes:
+            part = row["pass_busy"]
+            # a phase of a few milliseconds (I-IKE's apply: nothing to train) has no meaningful share
+            shares = {name: ph["gpu_busy_s"] / ph["wall_s"] for name, ph in part["phases"].items()
+                      if ph["wall_s"] >= 0.05}
+            evaluation = shares.get("evaluate")
+            verdict = "" if evaluation is None else f": {'met' if evaluation >= 0.70 else 'missed'}"
+            lines.append(f"- `{row['method']}`: a {part['edits']}-edit pass ({part['wall_s']:.2f} s): "
+                         + ", ".join(f"{name} {shares[name]:.0%} busy of {ph['wall_s']:.2f} s"
+                                     for name, ph in part["phases"].items() if name in shares)
+                         + verdict + part_stamp(row, "pass_busy"))
+        commands = dict.fromkeys(r["pass_busy"]["command"] for r in passes)
+        lines += ["", "Profiled by " + "; ".join(f"`{c}`" for c in commands)]
     swept = [r for r in rows if r.get("sweep")]
     if swept:
         lines += ["", "Memory per edit (one pass at each forced K) and the K the runner picks:", "",
@@ -700,6 +721,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="no run: merge these raw JSON files of earlier calls on one card, in order (later parts "
                         "replace earlier ones; FILE:m1,m2 takes only those methods' rows of FILE), and write their "
                         "table to --out (and --json)")
+    p.add_argument("--pass-profiles", nargs="+", default=None, metavar="PASS_PROFILE_JSON",
+                   help="with --combine: the --json files of bench/pass_profile.py calls on the same card and model; "
+                        "each method's profiled pass gives its row the GPU busy share of its phases (the goal's "
+                        "measure: evaluation at the runner's default K)")
     p.add_argument("--refloor", action="store_true",
                    help="with --combine: compute each recorded floor again with today's bench/roofline.py (the "
                         "same edits, passes and ceilings; the model's shapes on the meta device)")
@@ -729,6 +754,42 @@ def _commands(data: dict[str, Any]) -> list[list[str]]:
     if chain and isinstance(chain[0], str):  # an older file: one earlier call
         chain = [chain]
     return chain + [data.get("argv")]
+
+
+#: The runner's phases whose busy shares a pass profile gives a row (its labelled parts inside them stay in its file).
+PASS_PHASES = ("pre_edit", "apply", "evaluate")
+
+
+def join_pass_profiles(rows: list[dict[str, Any]], path: Path, device: str, model: str) -> None:
+    """Give each method's row of ``rows`` the ``pass_busy`` part of its profiled pass in ``path`` (the ``--json`` of
+    ``bench/pass_profile.py``): the pass's edits and wall-clock, each phase's wall-clock and GPU busy seconds, the
+    profile's command, stamped with its time. A file of another card or model, or of a method without a row, is
+    refused."""
+    try:
+        profiled = json.loads(path.read_text())
+        if not isinstance(profiled, list):
+            raise ValueError("expected a list of rows")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--pass-profiles {path}: not a --json of bench.pass_profile ({exc})") from exc
+    by_method = {r["method"]: r for r in rows}
+    for entry in profiled:
+        method = entry.get("method")
+        where = f"--pass-profiles {path}: {method}"
+        if entry.get("device") != device or entry.get("model", "qwen2_audio") != model:
+            raise SystemExit(f"{where}: profiled on {entry.get('device') or 'an unrecorded device'} with "
+                             f"{entry.get('model', 'qwen2_audio')}, this table is {model} on {device}")
+        ranges = (entry.get("profile") or {}).get("ranges")
+        if not ranges:
+            raise SystemExit(f"{where}: no profiled pass (a --syncs or --python run?)")
+        if method not in by_method:
+            raise SystemExit(f"{where}: the table has no row of this method")
+        row = by_method[method]
+        row["pass_busy"] = {"edits": entry["profile"]["edits"], "wall_s": entry["profile"]["wall_s"],
+                            "command": entry.get("command", "python -m bench.pass_profile"),
+                            "phases": {name: {"wall_s": ranges[name]["wall_s"],
+                                              "gpu_busy_s": ranges[name]["gpu_busy_s"]}
+                                       for name in PASS_PHASES if name in ranges}}
+        row.setdefault("stamps", {})["pass_busy"] = entry.get("measured")
 
 
 def combine(args: argparse.Namespace) -> int:
@@ -764,6 +825,8 @@ def combine(args: argparse.Namespace) -> int:
         rows = merge_rows(rows, kept)
         commands += [c for c in _commands(data) if c not in commands]
     assert header is not None  # argparse: at least one file
+    for path in args.pass_profiles or ():
+        join_pass_profiles(rows, Path(path), header["device"], args.model)
     args.argv, args.previous_argv = commands[-1], commands[:-1]
     write_results(args.out, render(args, rows, data["ceilings"], header), args.model)
     if args.json:
@@ -871,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.combine:
         return combine(args)
+    if args.pass_profiles:
+        raise SystemExit("--pass-profiles joins a table with --combine (a pass profile is a call of its own)")
     clock = Clock(args.time_limit)
     apply_ab_switches(args)
     scale = tiny_scale() if args.tiny else full_scale()

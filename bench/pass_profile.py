@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -48,6 +49,7 @@ import torch
 
 from bench.arms import (Bench, add_pre_edit_items, allocator_counts, allocator_delta, runner_pass,
                         synthetic_bench)
+from bench.report import device_name
 from sake_core.atomic import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -499,8 +501,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          max_new_tokens=args.max_new_tokens, prefix="sake-profile-") as bench:
         bench.pre_edit_items = args.pre_edit_items
         for method in [m for m in args.methods.split(",") if m]:
-            rows.append(profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None,
-                                     stacks=args.stacks, python=args.python))
+            row = profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None,
+                               stacks=args.stacks, python=args.python)
+            # what `bench.goals --combine --pass-profiles` needs to put the pass's busy shares beside a card's table
+            rows.append({**row, "model": args.model, "device": device_name(bench.scale),
+                         "measured": time.strftime("%m-%d %H:%M", time.gmtime()),
+                         "command": " ".join(["python -m bench.pass_profile", *(sys.argv[1:] if argv is None
+                                                                                  else argv)])})
             text = render(rows)
             if args.out:
                 atomic_write(args.out, text)

@@ -324,6 +324,52 @@ def test_pass_profile_labels_the_phases_and_puts_every_patch_back(tmp_path):
     assert idle["apply"]["idle_s"] >= 0.9 * ranges["apply"]["wall_s"]  # no kernels on the CPU: idle throughout
     assert any("editors/ft_audio.py(" in key for key, _ in idle["apply"]["top"])
     assert dict(graph._State.__dict__) == before
+    assert row["model"] == "qwen2_audio" and row["device"].startswith("CPU") and row["command"].startswith(
+        "python -m bench.pass_profile --tiny --methods ft_audio")
+
+
+def test_goals_combine_joins_a_pass_profile_of_the_same_card_and_model(tmp_path):
+    """``--combine ... --pass-profiles``: each method's profiled pass gives its row the busy share of its phases,
+    judged against the 70 % goal on the evaluation phase and stamped with the profile's time; a profile of another
+    card or model, of a method the table lacks, or given without ``--combine`` is refused."""
+    import json
+
+    from bench import goals
+
+    run = {"engine": "graph", "edits": 32, "s_per_edit": 0.5, "passes": [{"edits": 31, "gib_per_edit": 2.0}]}
+    table = _raw(tmp_path / "a.json", "NVIDIA H200", ["--methods", "ft_llm,i_ike"],
+                 [{"method": "ft_llm", "runs": [run]}, {"method": "i_ike", "runs": [run]}])
+
+    def profiled(method: str, evaluate_busy: float, **over) -> dict:
+        ranges = {"pre_edit": {"wall_s": 1.0, "gpu_busy_s": 0.8}, "apply": {"wall_s": 0.001, "gpu_busy_s": 0.0},
+                  "evaluate": {"wall_s": 2.0, "gpu_busy_s": 2.0 * evaluate_busy}, "decode": {"wall_s": 1.0,
+                                                                                           "gpu_busy_s": 0.9}}
+        return {"method": method, "model": "qwen2_audio", "device": "NVIDIA H200", "measured": "12-06 22:35",
+                "command": "python -m bench.pass_profile --methods ft_llm,i_ike", **over,
+                "profile": {"edits": 15, "wall_s": 3.5, "ranges": ranges}}
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps([profiled("ft_llm", 0.87), profiled("i_ike", 0.6)]))
+    out, raw = tmp_path / "R.md", tmp_path / "R.json"
+    assert goals.main(["--combine", str(table), "--pass-profiles", str(prof), "--out", str(out),
+                       "--json", str(raw)]) == 0
+    text = out.read_text()
+    assert ("- `ft_llm`: a 15-edit pass (3.50 s): pre_edit 80% busy of 1.00 s, evaluate 87% busy of 2.00 s: met "
+            "(measured 12-06 22:35)") in text  # the 1 ms apply phase is left out
+    assert "- `i_ike`: a 15-edit pass (3.50 s): pre_edit 80% busy of 1.00 s, evaluate 60% busy of 2.00 s: missed" in text
+    assert "Profiled by `python -m bench.pass_profile --methods ft_llm,i_ike`" in text
+    # the part stays in the raw file: a later combine of that file alone renders it again
+    assert goals.main(["--combine", str(raw), "--out", str(out)]) == 0
+    assert "evaluate 87% busy of 2.00 s: met (measured 12-06 22:35)" in out.read_text()
+    for bad, message in ((profiled("ft_llm", 0.9, device="NVIDIA H100 80GB HBM3"), "profiled on NVIDIA H100"),
+                         (profiled("ft_llm", 0.9, model="desta25"), "with desta25, this table is qwen2_audio"),
+                         (profiled("wise", 0.9), "wise: the table has no row of this method"),
+                         ({**profiled("ft_llm", 0.9), "profile": None}, "no profiled pass")):
+        prof.write_text(json.dumps([bad]))
+        with pytest.raises(SystemExit, match=message):
+            goals.main(["--combine", str(table), "--pass-profiles", str(prof), "--out", str(out)])
+    with pytest.raises(SystemExit, match="joins a table with --combine"):
+        goals.main(["--tiny", "--pass-profiles", str(prof)])
 
 
 def test_goals_merges_only_rows_timed_on_the_same_card(tmp_path):
