@@ -44,6 +44,7 @@ from torch import nn
 from editors.models import buckets
 from editors.models.batch import LayerState, StopFlags, to_device
 from editors.models.buckets import padded_rows
+from editors.models.fused_layer import fused_layers_on, plain_rms_norm, weighted_rms_norm
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
@@ -414,13 +415,25 @@ def per_edit_views(stacked: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch
 
 
 class _RoutedLeaf(nn.Module):
-    """Runs ``leaf`` once per contiguous run of batch rows with that run's edit weights (see :class:`RowRouting`)."""
+    """Runs ``leaf`` once per contiguous run of batch rows with that run's edit weights (see :class:`RowRouting`).
+
+    A plain RMSNorm leaf computes, where the decoder layers run fused (``editors.models.fused_layer``: CUDA), by
+    :func:`~editors.models.fused_layer.weighted_rms_norm` with the edit's weight, as the unrouted norms of those layers
+    do (one normalising kernel instead of the Hugging Face module's eight over fp32 copies); elsewhere its own
+    forward."""
 
     def __init__(self, leaf: nn.Module, names: dict[str, str], routing: "RowRouting") -> None:
         super().__init__()
         self.leaf = leaf
         self.names = names  # local parameter name -> full name
         self.routing = routing
+        self.rms_eps: float | None = float(leaf.variance_epsilon) if plain_rms_norm(leaf) else None  # type: ignore[arg-type]
+
+    def _run(self, params: dict[str, torch.Tensor], x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The leaf's output for ``x`` with ``params`` (one edit's values of its parameters)."""
+        if self.rms_eps is not None and not args and not kwargs and fused_layers_on(x.device):
+            return weighted_rms_norm(params["weight"], self.rms_eps, x)
+        return torch.func.functional_call(self.leaf, params, (x, *args), kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         row_edit = self.routing.row_edit
@@ -442,7 +455,7 @@ class _RoutedLeaf(nn.Module):
                 outs.append(padded_rows(lambda rows: nn.functional.linear(rows, params["weight"], params.get("bias")),
                                         piece))
             else:
-                outs.append(torch.func.functional_call(self.leaf, params, (piece, *args), kwargs))
+                outs.append(self._run(params, piece, args, kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -457,7 +470,7 @@ class _RoutedLeaf(nn.Module):
             if linear:
                 outs.append(nn.functional.linear(x, params["weight"], params.get("bias")))
             else:
-                outs.append(torch.func.functional_call(self.leaf, params, (x, *args), kwargs))
+                outs.append(self._run(params, x, args, kwargs))
         return torch.stack(outs)[row_edit, torch.arange(x.shape[0], device=x.device)]
 
 

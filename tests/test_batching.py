@@ -234,6 +234,51 @@ def test_routed_rows_read_each_edit_through_one_view_per_step_with_the_gradient_
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads)) and all(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_routed_rms_norm_runs_the_fused_norm_where_the_layers_do_with_the_same_bits(monkeypatch, dtype):
+    """UnKE's routed layer copies: a plain RMSNorm leaf computes each edit's rows by the fused layers' RMSNorm where
+    those run (CUDA; forced here on the CPU), with the Hugging Face module's outputs and gradients bit for bit, in
+    both the per-run path (training) and the gathered one (the graph engine's decode step); elsewhere its own
+    forward."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from editors import batching
+    from editors.batching import RowRouting
+    from editors.models import fused_layer
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), Qwen2RMSNorm(16, eps=1e-6)).to(dtype)
+    names = ["1.weight"]  # the norm routed alone
+    base = model[1].weight.detach()
+    stacked_values = torch.stack([base + 0.1 * torch.randn(16, generator=gen).to(dtype) for _ in range(3)])
+    x = torch.randn(7, 3, 8, generator=gen).to(dtype)
+    calls = []
+
+    def counted(weight, eps, hidden):
+        calls.append(hidden.shape[0])
+        return fused_layer.weighted_rms_norm(weight, eps, hidden)
+
+    monkeypatch.setattr(batching, "weighted_rms_norm", counted)
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", fused)
+        stacked = {"1.weight": stacked_values.clone().requires_grad_()}
+        inputs = x.clone().requires_grad_()
+        routing = RowRouting(model, names)
+        with routing.installed():
+            routing.set_weights(stacked)
+            routing.runs = [(0, 0, 2), (2, 2, 3), (0, 3, 5), (1, 5, 7)]
+            out = model(inputs)
+            routing.row_edit = torch.tensor([2, 0, 1, 1, 0, 2, 0])
+            gathered = model(inputs)
+        loss = out.float().pow(2).sum() + gathered.float().pow(2).sum()
+        results[fused] = (out, gathered, *torch.autograd.grad(loss, [inputs, stacked["1.weight"]]))
+        assert len(calls) == (4 + 3 if fused else 0)  # four runs, then one per edit over every row
+    for hf, ours in zip(results[False], results[True]):
+        assert torch.equal(hf, ours)
+    assert results[True][3].abs().sum() > 0
+
+
 SHORT = {"ft_audio": {"max_steps": 2}, "ft_llm": {"max_steps": 2}, "lora": {"max_steps": 2},
          "unke": {"v_steps": 2, "optim_steps": 2}, "wise": {"n_iter": 2}}
 

@@ -21,7 +21,8 @@ Used where :data:`FUSED_LAYERS` says (CUDA only: the CPU keeps the Hugging Face 
 the tests and the demo pin do not depend on this module) and :func:`supports` accepts the layer: a Qwen2/Llama-style
 decoder layer with SDPA attention over full (not sliding-window) attention, and no hooks on the layer or its
 attention module (a hook, e.g. the non-finite tracer's, then sees the modules it hooked run). A norm a method
-replaced (UnKE's routed layer copies) or hooked runs its own forward inside the fused one.
+hooked or replaced runs its own forward inside the fused one; UnKE's routed layer copies
+(``editors.batching.RowRouting``) compute each edit's rows with :func:`weighted_rms_norm` on the same devices.
 
 The graph engine's own layer loop (``editors.models.generation.graph``: prefill and the captured decode step) takes
 :func:`rms_norm`, :class:`RotaryTables` and :func:`rotate` on the same devices.
@@ -117,19 +118,25 @@ class RotaryTables:
                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
-def _plain_rms_norm(norm: Any) -> bool:
+def plain_rms_norm(norm: Any) -> bool:
     """Whether ``norm`` is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon, no hooks), not
     a module a method put in its place (a routed per-edit copy) or hooked."""
     return (isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon")
             and not _hooked(norm))
 
 
+def weighted_rms_norm(weight: torch.Tensor, eps: float, hidden: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm of ``hidden`` with ``weight``: normalised in fp32 and cast back in one kernel (the Hugging Face
+    order), then the weight's product. A routed norm (``editors.batching``: one weight per edit) computes each
+    edit's rows with it too."""
+    return weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=eps)
+
+
 def rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """``norm``'s RMSNorm: normalised in fp32 and cast back in one kernel (the Hugging Face order), then its
-    weight's product; any other norm module: its own forward."""
-    if not _plain_rms_norm(norm):
+    """``norm``'s RMSNorm by :func:`weighted_rms_norm`; any other norm module: its own forward."""
+    if not plain_rms_norm(norm):
         return norm(hidden)
-    return norm.weight * F.rms_norm(hidden, (hidden.shape[-1],), eps=norm.variance_epsilon)
+    return weighted_rms_norm(norm.weight, norm.variance_epsilon, hidden)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
