@@ -5,8 +5,9 @@ The CPU tests cannot reach these paths: torch's fused Adam kernel as both traini
 (``editors.batching.early_stop_on_device``), and the kernels that return log-sum-exps for the graph engine's prefix
 attended in two parts (``editors.models.generation.graph.attention_lse``: flash attention without a mask,
 memory-efficient attention with an additive bias), and the batched training steps of FT-Audio and FT-LLM without a
-host sync and replayed as a CUDA graph, and the fused decoder-layer forward (``editors.models.fused_layer``)
-against the Hugging Face layer's. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+host sync and replayed as a CUDA graph, the fused decoder-layer forward (``editors.models.fused_layer``)
+against the Hugging Face layer's, and a routed per-edit RMSNorm (UnKE's layer copies) on the fused norm against the
+Hugging Face module. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
 reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
@@ -250,6 +251,45 @@ def check_fused_layer() -> str:
             f"variable-length sequences against its boolean mask: {worst_rows:.2g} (outputs)")
 
 
+def check_routed_norm() -> str:
+    """A routed RMSNorm (UnKE's per-edit layer copies: one weight per edit, rows run per edit) on the fused RMSNorm
+    against the Hugging Face module's forward, both on CUDA in bf16: outputs and the gradients of the input and
+    the stacked weights, per-run and gathered paths."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from editors.batching import RowRouting
+    from editors.models import fused_layer
+
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), Qwen2RMSNorm(512, eps=1e-6)).to("cuda", torch.bfloat16)
+    weights = (model[1].weight.detach().cpu() + 0.1 * torch.randn(3, 512, generator=gen)).to("cuda", torch.bfloat16)
+    x = torch.randn(7, 40, 64, generator=gen).to("cuda", torch.bfloat16)
+    results, kept = [], dict(fused_layer.FUSED_LAYERS)
+    try:
+        for on in (False, True):
+            fused_layer.FUSED_LAYERS["cuda"] = on
+            stacked = {"1.weight": weights.clone().requires_grad_()}
+            inputs = x.clone().requires_grad_()
+            routing = RowRouting(model, ["1.weight"])
+            with routing.installed():
+                routing.set_weights(stacked)
+                routing.runs = [(0, 0, 2), (2, 2, 3), (0, 3, 5), (1, 5, 7)]
+                out = model(inputs)
+                routing.row_edit = torch.tensor([2, 0, 1, 1, 0, 2, 0], device="cuda")
+                gathered = model(inputs)
+            loss = out.float().pow(2).mean() + gathered.float().pow(2).mean()
+            grads = torch.autograd.grad(loss, [inputs, stacked["1.weight"]])
+            results.append([t.detach().float() for t in (out, gathered, *grads)])
+    finally:
+        fused_layer.FUSED_LAYERS.update(kept)
+    worst = max(float((ours - hf).abs().max() / hf.abs().max().clamp(min=1e-12))
+                for hf, ours in zip(*results))
+    if worst > 2e-2:
+        raise AssertionError(f"routed fused RMSNorm and the Hugging Face module differ by {worst:.3g}")
+    return (f"routed RMSNorm, fused against the Hugging Face module: largest relative difference {worst:.2g} "
+            "(bf16 outputs, input and weight gradients)")
+
+
 def two_packed_rows(hidden: torch.Tensor, lengths: Sequence[int], pad: int = 5
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Three left-padded sequences (``hidden`` ``[3, T, H]``, their ``lengths``) packed as ``adapter.packed_state``
@@ -320,6 +360,7 @@ def check_whisper_transcripts() -> str:
 
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "fused_layer": check_fused_layer,
+                                        "routed_norm": check_routed_norm,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,
