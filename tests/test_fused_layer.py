@@ -62,9 +62,9 @@ def test_the_fused_forward_gives_the_hf_layers_losses_and_gradients_bit_for_bit(
 
 def test_hooked_and_routed_modules_run_their_own_forward(monkeypatch):
     """A forward hook on a layer or its attention module keeps the layer's own forward (the hook fires); a hooked
-    norm, or a layer whose every parameter is a routed per-edit copy (UnKE's stage 2), runs inside the fused
-    forward with those modules called: the hook fires, the routed weights are used, and the bits are the Hugging
-    Face layer's."""
+    norm runs inside the fused forward as its module (the hook fires), and a layer whose every parameter is a
+    routed per-edit copy (UnKE's stage 2) runs inside it with the routed weights (its norms by the fused RMSNorm
+    with each edit's weight): the bits are the Hugging Face layer's."""
     from editors.batching import RowRouting
 
     adapter = load_adapter("tiny-qwen2-audio", seed=0)
@@ -254,6 +254,38 @@ def test_packed_attention_calls_each_torchs_variable_length_kernel_as_it_takes_i
     if api == "2.11":  # no scale argument: only the kernel's own 1/sqrt(head_dim)
         with pytest.raises(ValueError, match="no scale argument"):
             fused_layer.packed_attention(q, k, v, sequences, 0.5)
+
+
+def test_the_prefix_stream_copies_the_prefix_before_each_sequence_and_sums_its_gradients():
+    """``prefix_stream`` lays out ``[prefix, sequence 1, prefix, sequence 2, ...]`` as a gather of the row columns
+    would, and its backward gives each sequence column its own gradient (bit for bit) and the prefix the sum of its
+    copies' (in a fixed order: the same bits on every call); ``from_stream`` reads the prefix from its first copy."""
+    from editors.models.batch import PackedSequences
+
+    lengths = [3, 4, 1, 2]
+    sequences = PackedSequences.of(lengths, "cpu", shared_prefix=3)
+    starts = [0, 3, 7, 8, 10]
+    gather = torch.cat([torch.cat([torch.arange(3), torch.arange(starts[i], starts[i + 1])]) for i in (1, 2, 3)])
+    back = torch.tensor([0, 1, 2, 3, 4, 5, 6, 10, 14, 15])  # the row columns' places in the stream (first copy)
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        x = torch.randn(10, 2, 4, generator=gen).to(dtype).requires_grad_()
+        upstream = torch.randn(gather.numel(), 2, 4, generator=gen).to(dtype)
+        stream = fused_layer.prefix_stream(x, sequences)
+        assert torch.equal(stream, x.index_select(0, gather))
+        (ours,) = torch.autograd.grad((stream * upstream).sum(), [x])
+        (again,) = torch.autograd.grad((fused_layer.prefix_stream(x, sequences) * upstream).sum(), [x])
+        (reference,) = torch.autograd.grad((x.index_select(0, gather) * upstream).sum(), [x])
+        assert torch.equal(ours, again) and torch.equal(ours[3:], reference[3:])
+        torch.testing.assert_close(ours[:3].double(), upstream.double()[sequences.prefix_in_stream].view(3, 3, 2, 4)
+                                   .sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-12, atol=1e-2)
+        y = torch.randn(gather.numel(), 2, 4, generator=gen).to(dtype).requires_grad_()
+        rows = fused_layer.from_stream(y, sequences)
+        assert torch.equal(rows, y.index_select(0, back))
+        assert torch.equal(torch.autograd.grad(rows.sum(), [y])[0],
+                           torch.autograd.grad(y.index_select(0, back).sum(), [y])[0])
+    with pytest.raises(ValueError, match="share no prefix"):
+        fused_layer.prefix_stream(x, PackedSequences.of(lengths, "cpu"))
 
 
 @pytest.mark.parametrize("layout", ["shared prefix", "over rows"])

@@ -85,16 +85,16 @@ class PackedSequences:
     With a ``shared_prefix`` of P columns (:meth:`of`), the first sequence (``lengths[0] == P``) is a prefix that
     every later sequence also attends to, as if each later sequence were that prefix and then its own columns (the
     prompts' common chat-template tokens, computed once instead of once per prompt). Variable-length attention then
-    reads a stream where each later sequence is preceded by a copy of the prefix's keys and values (``stream``: the
-    row column of each stream position, ``stream_starts``; the prefix's own outputs come from its first copy,
-    ``row_of_stream``)."""
+    reads a stream where each later sequence is preceded by a copy of the prefix's keys and values
+    (``editors.models.fused_layer.prefix_stream``; ``stream_starts`` the offsets of its sequences, each with its copy,
+    ``prefix_in_stream`` the stream positions of every copy's columns; the prefix's own outputs come from its first
+    copy)."""
 
     starts: torch.Tensor
     lengths: tuple[int, ...]
     shared_prefix: int = 0
-    stream: torch.Tensor | None = None
     stream_starts: torch.Tensor | None = None
-    row_of_stream: torch.Tensor | None = None
+    prefix_in_stream: torch.Tensor | None = None
 
     @classmethod
     def of(cls, lengths: Sequence[int], device: torch.device | str, shared_prefix: int = 0) -> "PackedSequences":
@@ -111,16 +111,12 @@ class PackedSequences:
         if shared_prefix != lengths[0] or len(lengths) < 2:
             raise ValueError(f"a shared prefix of {shared_prefix} columns needs it as the first of at least two "
                              f"sequences; lengths {list(lengths)[:8]}")
-        prefix = torch.arange(shared_prefix)
-        stream = torch.cat([torch.cat([prefix, torch.arange(int(starts[i]), int(ends[i]))])
-                            for i in range(1, len(lengths))])
         sizes = torch.tensor([shared_prefix + n for n in lengths[1:]])
         stream_starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
-        row_of_stream = torch.cat([prefix] + [stream_starts[i - 1] + shared_prefix + torch.arange(lengths[i])
-                                              for i in range(1, len(lengths))])
+        prefix_in_stream = (stream_starts[:-1, None] + torch.arange(shared_prefix)).reshape(-1)
         return cls(starts=to_device(starts.to(torch.int32), device), lengths=lengths, shared_prefix=shared_prefix,
-                   stream=to_device(stream, device), stream_starts=to_device(stream_starts.to(torch.int32), device),
-                   row_of_stream=to_device(row_of_stream, device))
+                   stream_starts=to_device(stream_starts.to(torch.int32), device),
+                   prefix_in_stream=to_device(prefix_in_stream, device))
 
     @classmethod
     def over_rows(cls, segments: torch.Tensor, device: torch.device | str) -> "PackedSequences":

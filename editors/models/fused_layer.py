@@ -211,18 +211,57 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sequence
         elif groups > 1:
             keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         starts, n = sequences.starts, sequences.longest
-        if sequences.stream is not None and sequences.stream_starts is not None:  # a shared prefix: a copy of it
-            queries, keys, values = (t.index_select(0, sequences.stream) for t in (queries, keys, values))
-            starts = sequences.stream_starts  # before each later sequence
+        if sequences.stream_starts is not None:  # a shared prefix: a copy of it before each later sequence
+            queries, keys, values = (prefix_stream(t, sequences) for t in (queries, keys, values))
+            starts = sequences.stream_starts
         flash = varlen.varlen_attn(queries, keys, values, starts, starts, n, n, **kwargs)
         assert isinstance(flash, torch.Tensor)  # no auxiliary outputs asked for
-        if sequences.row_of_stream is not None:
-            flash = flash.index_select(0, sequences.row_of_stream)
+        if sequences.stream_starts is not None:
+            flash = from_stream(flash, sequences)
         return flash[None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), repeat_heads(k.transpose(1, 2), groups),
                                          repeat_heads(v.transpose(1, 2), groups), attn_mask=sequences.dense_mask(),
                                          dropout_p=0.0, scale=scale)
     return out.transpose(1, 2)
+
+
+class _PrefixStream(torch.autograd.Function):
+    """Row columns ``[T, ...]`` of packed sequences with a shared prefix -> the stream variable-length attention
+    reads: each later sequence preceded by a copy of the prefix. Forward one concatenation of views; backward the
+    sequences' gradients as they are and the prefix's as the sum of its copies' (one gather and one reduction, in a
+    fixed order), where ``index_select``'s backward adds every stream column back with atomic adds."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, lengths: tuple[int, ...], prefix_in_stream: torch.Tensor
+                ) -> torch.Tensor:
+        pieces = x.split(lengths)
+        ctx.lengths = lengths
+        ctx.save_for_backward(prefix_in_stream)
+        return torch.cat([part for piece in pieces[1:] for part in (pieces[0], piece)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (prefix_in_stream,) = ctx.saved_tensors
+        lengths, prefix = ctx.lengths, ctx.lengths[0]
+        copies = grad.index_select(0, prefix_in_stream).view(len(lengths) - 1, prefix, *grad.shape[1:])
+        pieces = grad.split([n for length in lengths[1:] for n in (prefix, length)])
+        return torch.cat([copies.sum(0), *pieces[1::2]]), None, None
+
+
+def prefix_stream(x: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
+    """``x`` (``[T, ...]``, the row columns of ``sequences``, which share a prefix) as the stream variable-length
+    attention reads: ``[prefix, sequence 1, prefix, sequence 2, ...]``."""
+    if sequences.prefix_in_stream is None:
+        raise ValueError("these packed sequences share no prefix")
+    return _PrefixStream.apply(x, sequences.lengths, sequences.prefix_in_stream)
+
+
+def from_stream(y: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
+    """The stream's outputs (``[stream, ...]``, as :func:`prefix_stream` laid it out) back at the row columns: the
+    prefix's from its first copy, each sequence's its own."""
+    prefix = sequences.shared_prefix
+    pieces = y.split([n for length in sequences.lengths[1:] for n in (prefix, length)])
+    return torch.cat([pieces[0], *pieces[1::2]])
 
 
 @functools.lru_cache(maxsize=4)
