@@ -44,7 +44,7 @@ from torch import nn
 from editors.models import buckets
 from editors.models.batch import LayerState, StopFlags, to_device
 from editors.models.buckets import padded_rows
-from editors.models.fused_layer import fused_layers_on, plain_rms_norm, weighted_rms_norm
+from editors.models.fused_layer import fused_layers_on, plain_rms_norm_eps, weighted_rms_norm
 from editors.models.generation import PerEdit, per_edit_audio_embeds, runs_of  # noqa: F401 (the methods' per-edit helpers)
 from editors.models.parameters import owner_of
 from sake_core.errors import ConfigError
@@ -427,7 +427,7 @@ class _RoutedLeaf(nn.Module):
         self.leaf = leaf
         self.names = names  # local parameter name -> full name
         self.routing = routing
-        self.rms_eps: float | None = float(leaf.variance_epsilon) if plain_rms_norm(leaf) else None  # type: ignore[arg-type]
+        self.rms_eps = plain_rms_norm_eps(leaf)  # a plain RMSNorm leaf's epsilon, else None
 
     def _run(self, params: dict[str, torch.Tensor], x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The leaf's output for ``x`` with ``params`` (one edit's values of its parameters)."""

@@ -139,6 +139,12 @@ class PackedSequences:
         return sum(self.lengths)
 
     @functools.cached_property
+    def stream_pieces(self) -> tuple[int, ...]:
+        """With a shared prefix: the stream's pieces in order, the prefix's copy and then its sequence for each
+        later sequence (what the stream splits into)."""
+        return tuple(n for length in self.lengths[1:] for n in (self.shared_prefix, length))
+
+    @functools.cached_property
     def longest(self) -> int:
         """The longest sequence of the stream variable-length attention reads (a shared prefix counted in each)."""
         return max(self.lengths[1:]) + self.shared_prefix if self.shared_prefix else max(self.lengths)

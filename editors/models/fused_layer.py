@@ -118,11 +118,13 @@ class RotaryTables:
                       getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
 
-def plain_rms_norm(norm: Any) -> bool:
-    """Whether ``norm`` is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon, no hooks), not
-    a module a method put in its place (a routed per-edit copy) or hooked."""
-    return (isinstance(getattr(norm, "weight", None), torch.Tensor) and hasattr(norm, "variance_epsilon")
-            and not _hooked(norm))
+def plain_rms_norm_eps(norm: Any) -> float | None:
+    """The epsilon of ``norm`` if it is a Hugging Face RMSNorm as the library loaded it (a weight and an epsilon,
+    no hooks); None for a module a method put in its place (a routed per-edit copy) or hooked, or any other."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or not isinstance(getattr(norm, "weight", None), torch.Tensor) or _hooked(norm):
+        return None
+    return float(eps)
 
 
 def weighted_rms_norm(weight: torch.Tensor, eps: float, hidden: torch.Tensor) -> torch.Tensor:
@@ -134,9 +136,10 @@ def weighted_rms_norm(weight: torch.Tensor, eps: float, hidden: torch.Tensor) ->
 
 def rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """``norm``'s RMSNorm by :func:`weighted_rms_norm`; any other norm module: its own forward."""
-    if not plain_rms_norm(norm):
+    eps = plain_rms_norm_eps(norm)
+    if eps is None:
         return norm(hidden)
-    return weighted_rms_norm(norm.weight, norm.variance_epsilon, hidden)
+    return weighted_rms_norm(norm.weight, eps, hidden)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -232,20 +235,18 @@ class _PrefixStream(torch.autograd.Function):
     fixed order), where ``index_select``'s backward adds every stream column back with atomic adds."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, lengths: tuple[int, ...], prefix_in_stream: torch.Tensor
-                ) -> torch.Tensor:
-        pieces = x.split(lengths)
-        ctx.lengths = lengths
-        ctx.save_for_backward(prefix_in_stream)
+    def forward(ctx: Any, x: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
+        pieces = x.split(sequences.lengths)
+        ctx.sequences = sequences
         return torch.cat([part for piece in pieces[1:] for part in (pieces[0], piece)])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (prefix_in_stream,) = ctx.saved_tensors
-        lengths, prefix = ctx.lengths, ctx.lengths[0]
-        copies = grad.index_select(0, prefix_in_stream).view(len(lengths) - 1, prefix, *grad.shape[1:])
-        pieces = grad.split([n for length in lengths[1:] for n in (prefix, length)])
-        return torch.cat([copies.sum(0), *pieces[1::2]]), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        sequences = ctx.sequences
+        copies = grad.index_select(0, sequences.prefix_in_stream).view(
+            sequences.count - 1, sequences.shared_prefix, *grad.shape[1:])
+        pieces = grad.split(sequences.stream_pieces)
+        return torch.cat([copies.sum(0), *pieces[1::2]]), None
 
 
 def prefix_stream(x: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
@@ -253,14 +254,13 @@ def prefix_stream(x: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
     attention reads: ``[prefix, sequence 1, prefix, sequence 2, ...]``."""
     if sequences.prefix_in_stream is None:
         raise ValueError("these packed sequences share no prefix")
-    return _PrefixStream.apply(x, sequences.lengths, sequences.prefix_in_stream)
+    return _PrefixStream.apply(x, sequences)
 
 
 def from_stream(y: torch.Tensor, sequences: PackedSequences) -> torch.Tensor:
     """The stream's outputs (``[stream, ...]``, as :func:`prefix_stream` laid it out) back at the row columns: the
     prefix's from its first copy, each sequence's its own."""
-    prefix = sequences.shared_prefix
-    pieces = y.split([n for length in sequences.lengths[1:] for n in (prefix, length)])
+    pieces = y.split(sequences.stream_pieces)
     return torch.cat([pieces[0], *pieces[1::2]])
 
 
