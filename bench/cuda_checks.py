@@ -7,7 +7,8 @@ attended in two parts (``editors.models.generation.graph.attention_lse``: flash 
 memory-efficient attention with an additive bias), and the batched training steps of FT-Audio and FT-LLM without a
 host sync and replayed as a CUDA graph, the fused decoder-layer forward (``editors.models.fused_layer``)
 against the Hugging Face layer's, and a routed per-edit RMSNorm (UnKE's layer copies) on the fused norm against the
-Hugging Face module. ``bench/gpu_run.sh`` runs this after its probe; a failed check is
+Hugging Face module, and the graph engine capturing a new shape after it dropped another in the same call.
+``bench/gpu_run.sh`` runs this after its probe; a failed check is
 reported, not fatal, so the bench still runs on the library's defaults.
 
     python -m bench.cuda_checks          # on a CUDA machine; exit status 1 if a check failed
@@ -358,6 +359,59 @@ def check_whisper_transcripts() -> str:
     return f"12 of 12 transcripts equal generate's and the CPU's, token for token ({ended} ended early)"
 
 
+_SHARED_POOL_PROBE = """
+import torch
+x = torch.zeros(1024, device="cuda")
+pool = torch.cuda.graph_pool_handle()
+
+def capture():
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        graph.capture_begin(pool=pool)
+        x.copy_(x * 2 + 1)  # a temporary in the pool
+        graph.capture_end()
+    return graph
+
+first = capture()
+del first  # the pool's last graph: freeable, not yet freed
+try:
+    capture()
+    print("no assert")
+except RuntimeError as error:
+    print("assert" if "use_count" in str(error) else f"other: {error}")
+"""
+
+
+def check_dropped_shapes() -> str:
+    """The graph engine drops a shape in the middle of a call (here every shape: nothing kept) and captures the next
+    in a pool of its own: a capture into a shared pool whose last graph was freed fails an assert of PyTorch's
+    allocator (shown in a subprocess), which a sequential IE-IKE run met on an H100."""
+    import subprocess
+
+    from editors.models.base import Prompt
+    from editors.models.generation import graph
+    from editors.models.qwen2_audio import Qwen2AudioAdapter
+
+    probe = subprocess.run([sys.executable, "-c", _SHARED_POOL_PROBE], capture_output=True, text=True, timeout=120)
+    shared = (probe.stdout.strip().splitlines() or [probe.stderr.strip()[-200:]])[-1]
+    adapter = Qwen2AudioAdapter.tiny(0, device="cuda")
+    prompts = [Prompt("Which emotion? " * (1 + 60 * (j % 2))) for j in range(4)]  # two width buckets
+    settings = adapter.generation_settings(6)
+    eager = adapter.generate(prompts, settings=settings.replace(engine="eager"))
+    saved, captures = graph.KEEP_FRACTION, graph.STATS["captures"]
+    graph.KEEP_FRACTION = 0.0  # every shape dropped after its last chunk
+    try:
+        outputs = adapter.generate(prompts, settings=settings.replace(engine="graph"))
+    finally:
+        graph.KEEP_FRACTION = saved
+    shapes = graph.STATS["captures"] - captures
+    if shapes < 2:
+        raise AssertionError(f"{shapes} shape(s) captured; the check needs two in one call")
+    same = sum(a == b for a, b in zip(outputs, eager))
+    return (f"{shapes} shapes captured in one call, each dropped after its chunks; {same} of {len(prompts)} rows equal "
+            f"the eager engine's; a capture into a shared pool after its last graph was freed: {shared}")
+
+
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "fused_layer": check_fused_layer,
                                         "routed_norm": check_routed_norm,
@@ -365,7 +419,8 @@ CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,
                                         "training_step_syncs": check_training_step_syncs,
-                                        "whisper_transcripts": check_whisper_transcripts}
+                                        "whisper_transcripts": check_whisper_transcripts,
+                                        "dropped_shapes": check_dropped_shapes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 from collections import OrderedDict
@@ -163,12 +162,6 @@ class LALMAdapter(abc.ABC):
     @abc.abstractmethod
     def lm_head(self) -> nn.Linear:
         """The output projection to the vocabulary."""
-
-    def generate_keeps_all_logits(self) -> bool:
-        """True when the model's ``generate`` computes the vocabulary logits of every prompt position at prefill
-        (its forward takes no ``logits_to_keep``, which ``generate`` passes as 1 where it can): the eager engine's
-        memory then holds them (:func:`editors.models.generation.memory.token_budget`)."""
-        return "logits_to_keep" not in inspect.signature(self.model.forward).parameters
 
     def llm_layers(self) -> nn.ModuleList:
         """The LLM decoder layers, bottom first."""

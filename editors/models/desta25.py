@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -359,10 +358,6 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
 
     def lm_head(self) -> nn.Linear:
         return self.model.llm_model.lm_head
-
-    def generate_keeps_all_logits(self) -> bool:
-        # DeSTA25Model.generate is its Llama's generate
-        return "logits_to_keep" not in inspect.signature(self.model.llm_model.forward).parameters
 
     def audio_encoder_layers(self) -> list[nn.Module]:
         """Whisper's encoder layers up to the last one the connector taps (those above it reach nothing)."""

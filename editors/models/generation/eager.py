@@ -3,6 +3,10 @@ prefill when every prompt of a call starts with the same long prefix.
 
 * Canonical chunks (:mod:`editors.models.generation.plan`): each chunk is one ``generate`` from ``inputs_embeds``
   (per-edit embeddings and routing through :class:`~editors.models.generation.per_edit.PerEdit`).
+* Logits at the last position only: ``generate`` reads nothing else, and a family whose forward takes no
+  ``logits_to_keep`` (Qwen2-Audio's) would otherwise compute the prefill's logits at every position of every row
+  ([rows, width, vocabulary]: 16.7 GiB for 16 rows of 3.7k tokens at 7B, so IE-IKE's long prompts ran out of memory
+  on an 80 GB card even one edit at a time; 2026-12-07). :func:`last_position_logits` cuts the head's input.
 * Shared prefix (``settings.min_shared_prefix`` > 0, no per-edit weights): when all prompts share a token prefix of
   at least that many tokens (system prompt + in-context demonstrations), it runs once, its KV cache is repeated over
   the chunk's rows, then each prompt's tail and the new tokens follow in a small decode loop
@@ -14,8 +18,9 @@ On the tiny fp32 models the greedy outputs of every path here are those of unbuc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -37,6 +42,24 @@ def hf_generation_config(adapter: "LALMAdapter", max_new_tokens: int):
     return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                             pad_token_id=adapter.pad_token_id, eos_token_id=adapter.stop_token_ids,
                             repetition_penalty=1.0)
+
+
+@contextlib.contextmanager
+def last_position_logits(adapter: "LALMAdapter") -> Iterator[None]:
+    """Within: the LM head sees only the last position of a [rows, positions, hidden] input, as greedy decoding
+    reads only the last position's logits (the same rows of the same matmul)."""
+
+    def last(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[1] == 1:
+            return None
+        return (hidden[:, -1:], *args[1:])
+
+    handle = adapter.lm_head().register_forward_pre_hook(last)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -62,8 +85,9 @@ def generate_eager(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         else:
             embeds = adapter.input_embeds(batch)
         model: Any = adapter.model  # the family's transformers model (its generate)
-        new_tokens = model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                    generation_config=config)
+        with last_position_logits(adapter):
+            new_tokens = model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                        generation_config=config)
         for i, text in zip(rows[:chunk.real], decode_new_tokens(adapter, new_tokens, n)):
             outputs[i] = text
     return outputs  # type: ignore[return-value]
@@ -80,8 +104,9 @@ def _generate_with_prefix(adapter: "LALMAdapter", prompts: Sequence[Prompt], tok
         else:
             batch = adapter.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
             model: Any = adapter.model  # the family's transformers model (its generate)
-            new_tokens = model.generate(inputs_embeds=adapter.input_embeds(batch),
-                                        attention_mask=batch.attention_mask, generation_config=config)
+            with last_position_logits(adapter):
+                new_tokens = model.generate(inputs_embeds=adapter.input_embeds(batch),
+                                            attention_mask=batch.attention_mask, generation_config=config)
         outputs.extend(decode_new_tokens(adapter, new_tokens, n))
     return outputs
 

@@ -725,14 +725,14 @@ class _State:
         self.write.add_(self.advance)
         self.step_index.add_(1)
 
-    def capture(self, pool: Any) -> Any:
+    def capture(self) -> Any:
         """This state's decode step captured (:func:`capture_step`), kept as its graph."""
-        self.graph = capture_step(self.step, pool, self.lm.device, STATS)
+        self.graph = capture_step(self.step, self.lm.device, STATS)
         return self.graph
 
-    def decode(self, pool: Any) -> int:
+    def decode(self) -> int:
         """The decode steps after the prefill (see :func:`run_steps`); how many ran."""
-        done = run_steps(self.steps - 1, self.step, self.finished, self.graph, lambda: self.capture(pool))
+        done = run_steps(self.steps - 1, self.step, self.finished, self.graph, self.capture)
         STATS["decode_steps"] += done
         return done
 
@@ -763,20 +763,26 @@ def run_steps(todo: int, step: Callable[[], None], finished: torch.Tensor, graph
     return done
 
 
-def capture_step(step: Callable[[], None], pool: Any, device: torch.device, stats: dict[str, Any]) -> Any:
-    """Run ``step`` once eagerly (warm-up, on a side stream), then record it as a CUDA graph in ``pool`` (recorded,
-    not run: the first replay runs it; :func:`record`); counted in ``stats`` (``captures``, ``capture_s``)."""
+def capture_step(step: Callable[[], None], device: torch.device, stats: dict[str, Any]) -> Any:
+    """Run ``step`` once eagerly (warm-up, on a side stream), then record it as a CUDA graph (recorded, not run: the
+    first replay runs it; :func:`record`); counted in ``stats`` (``captures``, ``capture_s``)."""
     started = time.perf_counter()
     with side_stream(device):
         step()
-    graph = record(step, pool, device)
+    graph = record(step, device)
     stats["captures"] += 1
     stats["capture_s"] += time.perf_counter() - started
     return graph
 
 
-def record(step: Callable[[], None], pool: Any, device: torch.device) -> Any:
-    """``step``'s kernels recorded as a CUDA graph in memory ``pool``, on a side stream (nothing runs).
+def record(step: Callable[[], None], device: torch.device) -> Any:
+    """``step``'s kernels recorded as a CUDA graph in a memory pool of its own, on a side stream (nothing runs).
+
+    Its own pool, never one shared with the other shapes of a call: when the last graph of a pool is freed (a shape
+    dropped in the middle of a call), the allocator marks the pool freeable but keeps it until it next frees cached
+    blocks, and a capture into that pool before then fails an internal assert of PyTorch's allocator
+    (``use_count > 0``; met on an H100 in a sequential IE-IKE run, 2026-12-07). A decode step's own tensors are tens
+    of MB at 7B, so a pool per shape costs little.
 
     Not through ``torch.cuda.graph``: on entering, that waits for the device to finish its queue and empties the
     allocator's device and pinned-host caches, so the host sat idle while the prefill queued before the capture ran,
@@ -786,13 +792,13 @@ def record(step: Callable[[], None], pool: Any, device: torch.device) -> Any:
     capture). :data:`CAPTURE_VIA_TORCH` (the bench's A/B) takes torch's context instead."""
     graph = torch.cuda.CUDAGraph()
     if CAPTURE_VIA_TORCH:
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph):
             step()
         return graph
     if torch.cuda.mem_get_info(cuda_device(device))[0] < CAPTURE_HEADROOM:
         torch.cuda.empty_cache()
     with side_stream(device):
-        graph.capture_begin(pool=pool)
+        graph.capture_begin()
         try:
             step()
         finally:
@@ -889,7 +895,6 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     identity = _identity(lm) if keep else None
     kept = _kept(adapter) if keep else {}
     states: dict[tuple, _State] = {}
-    pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
     last_use = {chunk.shape(dev): c for c, chunk in enumerate(chunks)}
     outputs: list[GeneratedText | None] = [None] * len(prompts)
     for c, chunk in enumerate(chunks):
@@ -913,7 +918,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         if routing is not None:
             routing.row_edit = state.row_edit
         try:
-            done = state.decode(pool)
+            done = state.decode()
         finally:
             if routing is not None:
                 routing.row_edit = None

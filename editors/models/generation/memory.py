@@ -47,15 +47,6 @@ def prefill_tokens(adapter: "LALMAdapter") -> int | None:
     return max(1, PREFILL_BYTES // activation_bytes_per_token(adapter))
 
 
-def prefill_logits_bytes_per_token(adapter: "LALMAdapter", engine: str) -> int:
-    """Bytes of vocabulary logits one prompt token holds at prefill: the eager engine's ``generate`` on a model
-    that computes them for every position (:meth:`LALMAdapter.generate_keeps_all_logits`, e.g. Qwen2-Audio's
-    forward in transformers 5); 0 for the graph engine (its head reads the last position only)."""
-    if engine != "eager" or not adapter.generate_keeps_all_logits():
-        return 0
-    return int(adapter.lm_head().weight.shape[0]) * adapter.dtype.itemsize
-
-
 def cuda_device(device: torch.device) -> torch.device:
     """``device`` with its index (``cuda`` -> ``cuda:N`` of the current device): some of torch's memory queries
     refuse a CUDA device without one."""
@@ -79,14 +70,12 @@ def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, 
     """Padded tokens one generation chunk of ``engine`` may hold now (rows x (width + new tokens), prefixes once),
     from the available memory (+ ``reclaimable`` bytes the engine gives back when it needs them): the graph engine
     holds :func:`kv_bytes_per_token` per token and one prefill part's activations (:data:`PREFILL_BYTES`); the
-    eager engine prefills a chunk whole, :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` +
-    :func:`prefill_logits_bytes_per_token` per token. None on CPU."""
+    eager engine prefills a chunk whole, :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` per token
+    (both engines compute the logits of the last position only). None on CPU."""
     available = available_bytes(adapter.device)
     if available is None:
         return None
     usable = int(fraction * (available + reclaimable))
     if engine == "graph":  # prefilled in parts: their activations once, not per token of the chunk
         return max(1, (usable - PREFILL_BYTES) // kv_bytes_per_token(adapter))
-    per_token = (kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)
-                 + prefill_logits_bytes_per_token(adapter, engine))
-    return max(1, usable // per_token)
+    return max(1, usable // (kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)))

@@ -281,7 +281,7 @@ class _Decode:
         from editors.models.generation.graph import capture_step, run_steps
 
         def capture() -> Any:
-            self.graph = capture_step(self.step, torch.cuda.graph_pool_handle(), self.device, STATS)
+            self.graph = capture_step(self.step, self.device, STATS)
             return self.graph
 
         return run_steps(self.new_tokens - 1, self.step, self.finished, None, capture)
