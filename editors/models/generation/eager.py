@@ -62,6 +62,14 @@ def last_position_logits(adapter: "LALMAdapter") -> Iterator[None]:
         handle.remove()
 
 
+def hf_generate(adapter: "LALMAdapter", embeds: torch.Tensor, attention_mask: torch.Tensor, config) -> torch.Tensor:
+    """The family's transformers ``generate`` from ``embeds`` (the new token ids), its head cut to the last position
+    (:func:`last_position_logits`)."""
+    model: Any = adapter.model  # the family's transformers model (its generate)
+    with last_position_logits(adapter):
+        return model.generate(inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config)
+
+
 @torch.no_grad()
 def generate_eager(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids: Sequence[list[int]],
                    settings: GenerationSettings, per_edit: PerEdit | None = None) -> list[GeneratedText]:
@@ -84,10 +92,7 @@ def generate_eager(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
             embeds = per_edit.embeds(adapter, batch, rows, [len(prompts[i].audios()) for i in rows])
         else:
             embeds = adapter.input_embeds(batch)
-        model: Any = adapter.model  # the family's transformers model (its generate)
-        with last_position_logits(adapter):
-            new_tokens = model.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                        generation_config=config)
+        new_tokens = hf_generate(adapter, embeds, batch.attention_mask, config)
         for i, text in zip(rows[:chunk.real], decode_new_tokens(adapter, new_tokens, n)):
             outputs[i] = text
     return outputs  # type: ignore[return-value]
@@ -103,10 +108,7 @@ def _generate_with_prefix(adapter: "LALMAdapter", prompts: Sequence[Prompt], tok
             new_tokens = generate_after_prefix(adapter, prompts[start:stop], token_ids[start:stop], prefix, n)
         else:
             batch = adapter.prepare(prompts[start:stop], token_ids=token_ids[start:stop])
-            model: Any = adapter.model  # the family's transformers model (its generate)
-            with last_position_logits(adapter):
-                new_tokens = model.generate(inputs_embeds=adapter.input_embeds(batch),
-                                            attention_mask=batch.attention_mask, generation_config=config)
+            new_tokens = hf_generate(adapter, adapter.input_embeds(batch), batch.attention_mask, config)
         outputs.extend(decode_new_tokens(adapter, new_tokens, n))
     return outputs
 
