@@ -313,7 +313,7 @@ def test_pass_profile_labels_the_phases_and_puts_every_patch_back(tmp_path):
 
     before = dict(graph._State.__dict__)
     # 4 new tokens: the stack recording of every generated token made this the suite's slowest test (~70 s at 32)
-    assert pass_profile.main(["--tiny", "--methods", "ft_audio", "--edits", "2", "--pass", "1", "--stacks",
+    assert pass_profile.main(["--tiny", "--methods", "ft_audio", "--edits", "1", "--pass", "1", "--stacks",
                               "--max-new-tokens", "4", "--json", str(tmp_path / "p.json")]) == 0
     [row] = json.loads((tmp_path / "p.json").read_text())
     ranges = row["profile"]["ranges"]

@@ -121,8 +121,8 @@ def test_canonical_generation_gives_the_unbucketed_greedy_outputs(family):
     assert adapter.generate(prompts, max_new_tokens=6) == unbucketed(adapter, prompts, 6)
 
 
-# 6 instances (3 per config): K=4 gives a pass of 4 then one of 2, so several passes with K edits each occur
-INSTANCES_PER_CONFIG, K = 3, 4
+# 4 instances (2 per config): K=3 gives a pass of 3 then one of 1, so several passes with K edits each occur
+INSTANCES_PER_CONFIG, K = 2, 3
 
 
 def _run(demo, out, cache, k: int, method: str) -> list[dict]:
@@ -137,10 +137,10 @@ def test_rows_do_not_depend_on_k_warm_cache_or_resume(demo_dataset, tmp_path):
     """FT-Audio, 32 new tokens (on all four configs before issue 18, these pairs differed in 6-18 % of the rows:
     the edit audio encoded alone or with other clips, K edits' prompts padded to the longest, few-row products)."""
     base = _run(demo_dataset, tmp_path / "cold.jsonl", tmp_path / "cache", 1, "ft_audio")
-    assert len(base) > 45 and len({r["instance_id"] for r in base}) == 2 * INSTANCES_PER_CONFIG > K
+    assert len(base) > 30 and len({r["instance_id"] for r in base}) == 2 * INSTANCES_PER_CONFIG > K
     warm = _run(demo_dataset, tmp_path / "warm.jsonl", tmp_path / "cache", 1, "ft_audio")
     assert warm == base
-    # killed in the middle of the 3rd of 6 instances, resumed by a new process with the cache the first run filled
+    # killed in the middle of the 3rd of 4 instances, resumed by a new process with the cache the first run filled
     lines = (tmp_path / "cold.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     seen: list[str] = []
     for cut, line in enumerate(lines[1:], start=1):
@@ -150,13 +150,13 @@ def test_rows_do_not_depend_on_k_warm_cache_or_resume(demo_dataset, tmp_path):
     (tmp_path / "resumed.jsonl").write_text("".join(lines[:cut + 3]) + lines[cut + 3][:20], encoding="utf-8")
     shutil.copytree(tmp_path / "cache", tmp_path / "cache-resumed")
     assert _run(demo_dataset, tmp_path / "resumed.jsonl", tmp_path / "cache-resumed", 1, "ft_audio") == base
-    assert _run(demo_dataset, tmp_path / "k4.jsonl", tmp_path / "cache-k4", K, "ft_audio") == base
+    assert _run(demo_dataset, tmp_path / "kK.jsonl", tmp_path / "cache-kK", K, "ft_audio") == base
 
 
 def test_ft_llm_rows_do_not_depend_on_k(demo_dataset, tmp_path, monkeypatch):
     one = _run(demo_dataset, tmp_path / "k1.jsonl", tmp_path / "c1", 1, "ft_llm")
-    assert _run(demo_dataset, tmp_path / "k4.jsonl", tmp_path / "c4", K, "ft_llm") == one
-    # the comparison can fail: with every row of a chunk routed to its first row's edit, K=4 differs from K=1
+    assert _run(demo_dataset, tmp_path / "kK.jsonl", tmp_path / "cK", K, "ft_llm") == one
+    # the comparison can fail: with every row of a chunk routed to its first row's edit, K=3 differs from K=1
     from editors.models.generation.per_edit import PerEdit, runs_of
 
     def crossed(self: PerEdit, rows: list[int]) -> None:
@@ -164,7 +164,7 @@ def test_ft_llm_rows_do_not_depend_on_k(demo_dataset, tmp_path, monkeypatch):
             self.routing.runs = runs_of([self.edit_of[rows[0]]] * len(rows))
 
     monkeypatch.setattr(PerEdit, "before_chunk", crossed)
-    assert _run(demo_dataset, tmp_path / "k4-crossed.jsonl", tmp_path / "c4x", K, "ft_llm") != one
+    assert _run(demo_dataset, tmp_path / "kK-crossed.jsonl", tmp_path / "cKx", K, "ft_llm") != one
 
 
 def test_padding_rows_leave_outputs_alone(qwen):

@@ -131,7 +131,7 @@ def test_sequential_generations_hold_every_evaluated_edit_with_the_rows_of_one_p
                                                                                         monkeypatch):
     dataset = make_long_sequential(demo_dataset, tmp_path / "long")
     config = run_config(dataset, tmp_path / "one.jsonl", tmp_path / "cache1", mode="sequential", limit=1,
-                        max_new_tokens=4, method="wise")
+                        max_new_tokens=4, method="wise", hparams={"n_iter": 5})  # the schedule, not the edit
     runner = Runner(config, adapter=qwen)
     calls: list[int] = []
     generate = runner._generate
@@ -165,7 +165,7 @@ def test_edits_run_one_at_a_time_get_their_pre_edit_outputs_ahead_with_the_rows_
 
     monkeypatch.setattr(run_module, "PRE_EDIT_AHEAD", 3)
     config = run_config(demo_dataset, tmp_path / "ahead.jsonl", tmp_path / "cache1", method="grace", limit=2,
-                        max_new_tokens=4)  # GRACE edits one at a time; 2 instances of each of 4 configs
+                        max_new_tokens=4, hparams={"n_iter": 5})  # GRACE edits one at a time; 2 of each of 4 configs
     runner = Runner(config, adapter=qwen)
     calls: list[int] = []
     generate = runner._generate
