@@ -157,6 +157,53 @@ def test_graph_engine_chunks_and_batch_limits_keep_outputs():
     assert adapter.generate(prompts[::-1], settings=settings) == together[::-1]
 
 
+def test_a_call_holds_no_more_shapes_than_the_keep_budget_beside_the_one_it_uses(monkeypatch):
+    """Shapes are kept across calls up to the keep budget, counted as a call finishes with each one: a call over
+    many shapes (a sequence's growing in-context prompts) once held them all until it ended and ran an 80 GB card
+    out of memory. The next call reuses what is kept, with the same outputs."""
+    import weakref
+
+    from editors.models import load_adapter
+    from editors.models.generation import graph
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    prompts = _mixed_prompts()
+    settings = adapter.generation_settings(6, engine="graph").replace(batch_size=1)  # a chunk per prompt
+    reference = adapter.generate(prompts, settings=settings)  # on the CPU nothing is kept
+    made: list[weakref.ref] = []
+    held: list[int] = []  # bytes of the states alive as each new one is made
+    init = graph._State.__init__
+
+    sizes: list[int] = []
+
+    def counting(self, *args, **kwargs):
+        held.append(sum(s.nbytes() for s in (r() for r in made) if s is not None))
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+        sizes.append(self.nbytes())
+
+    budget = {"bytes": 0.0}
+    monkeypatch.setattr(graph._State, "__init__", counting)
+    monkeypatch.setattr(graph, "keeps_shapes", lambda device, per_edit: True)
+    monkeypatch.setattr(graph, "_keep_budget", lambda device: budget["bytes"])
+    assert adapter.generate(prompts, settings=settings) == reference  # budget 0: nothing kept
+    assert len(made) >= 3 and max(held) == 0
+
+    budget["bytes"] = float(max(sizes))  # room for one shape
+    made.clear()
+    held.clear()
+    assert adapter.generate(prompts, settings=settings) == reference
+    assert 0 < max(held) <= budget["bytes"] and graph.kept_bytes(adapter) <= budget["bytes"]
+    shapes = len(made)
+    budget["bytes"] = float(sum(sizes))  # room for all: the next call makes none
+    adapter.generate(prompts, settings=settings)
+    graph.reset_stats()
+    made.clear()
+    assert adapter.generate(prompts, settings=settings) == reference
+    assert graph.STATS["reused"] == shapes and made == []
+    graph.release(adapter)
+
+
 def test_prefill_parts_split_rows_in_order_and_may_split_a_piece():
     from editors.models.generation.graph import _parts
 

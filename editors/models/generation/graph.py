@@ -45,8 +45,8 @@ Methods whose modules decide on the host while decoding (GRACE) use the eager en
 
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
-:data:`KEEP_FRACTION` of the memory the process may use (least recently used dropped first; a shape larger than
-that is freed after its last chunk), keyed by the shape and the identity of the modules and weights they read. The
+:data:`KEEP_FRACTION` of the memory the process may use, counted as each shape's last chunk of a call is done
+(least recently used dropped first; a shape larger than that is freed after its last chunk), keyed by the shape and the identity of the modules and weights they read. The
 token budget counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release`
 drops them all (the runner does at the start of each pass of K edits, before it applies them, and on an
 out-of-memory error).
@@ -847,7 +847,17 @@ def kept_bytes(adapter: "LALMAdapter") -> int:
     return sum(s.nbytes() for s in _kept(adapter).values())
 
 
+def keeps_shapes(device: torch.device, per_edit: PerEdit | None) -> bool:
+    """Whether a call keeps its captured shapes for later calls: on CUDA, without per-edit routing (a routed step
+    reads this pass's per-edit weights only)."""
+    return device.type == "cuda" and (per_edit is None or per_edit.routing is None)
+
+
 def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.device) -> None:
+    """``states`` kept on ``adapter`` as the most recently used, then the least recently used dropped until what
+    is kept fits :func:`_keep_budget`. Called as each shape of a call is done with, so a call holds at most the
+    budget beside the shapes it still needs: a long call over many shapes (a sequence's growing in-context prompts)
+    once held all of them until it ended, and ran an 80 GB card out of memory."""
     kept = _kept(adapter)
     for key, state in states.items():
         kept[key] = state
@@ -891,7 +901,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
     part_tokens = prefill_tokens(adapter) or 1 << 62  # per prefill forward (CUDA); a chunk whole on CPU
     stop_ids = to_device(torch.tensor(adapter.stop_token_ids), dev)
     routing = per_edit.routing if per_edit is not None else None
-    keep = dev.type == "cuda" and routing is None  # a routed step reads this pass's per-edit weights only
+    keep = keeps_shapes(dev, per_edit)
     identity = _identity(lm) if keep else None
     kept = _kept(adapter) if keep else {}
     states: dict[tuple, _State] = {}
@@ -928,12 +938,13 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         STATS["chunks"] += 1
         STATS["rows"] += state.rows
         STATS["real_rows"] += len(rows)
-        if last_use[shape] == c and (not keep or state.nbytes() > _keep_budget(dev)):
-            del states[state_key]  # not kept: free its caches before the next shape
-            kept.pop(state_key, None)
+        if last_use[shape] == c:  # this call is done with the shape: kept within the budget, or freed
+            del states[state_key]
+            if keep and state.nbytes() <= _keep_budget(dev):
+                _keep(adapter, {state_key: state}, dev)
+            else:
+                kept.pop(state_key, None)
             del state
-    if keep:
-        _keep(adapter, states, dev)
     missing = [i for i, o in enumerate(outputs) if o is None]
     if missing:  # a planning bug, never silently an empty answer
         raise RuntimeError(f"graph engine: no output for prompts {missing[:5]}")
