@@ -12,7 +12,8 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
   engine over ``--eager-edits``), the passes the runner chose (edits, peak memory of each), the graph engine's
   counters, and the share of rows both engines wrote identically;
 * ``--naive-methods``: the naive loop of the same run (``bench.arms.run_naive``: one ``generate`` per question,
-  the whole model per training step, deep-copy restore) over ``--naive-edits`` edits;
+  the whole model per training step, deep-copy restore) over ``--naive-edits`` edits after ``--naive-warmup``
+  untimed ones (a process's first naive edit took 2.5x a warm one of the same instance on an H100);
 * ``--profile-methods``: the runner's phases of one more edit alone (K=1) under the profiler; the goal's busy
   share (evaluation at the runner's default K) comes from ``bench/pass_profile.py``, whose ``--json`` joins a card's
   table through ``--combine ... --pass-profiles P.json``;
@@ -548,7 +549,11 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
             run, n = best(row), row["naive"]
             ratio = n / run["s_per_edit"] if run and n else None
             ours = f" ({run['measured']})" if run and run.get("measured") else ""
-            lines.append(f"- `{row['method']}`: naive {_f(n, '.2f')} s/edit{part_stamp(row, 'naive')}, ours "
+            counted = row.get("naive_edits")
+            n_timed = len(counted["timed"]) if counted else 0
+            over = (f" over {n_timed} edit{'s' * (n_timed != 1)} after {counted['warmup']} untimed" if counted else
+                    " (no untimed warm-up edit)")
+            lines.append(f"- `{row['method']}`: naive {_f(n, '.2f')} s/edit{over}{part_stamp(row, 'naive')}, ours "
                          f"{_f(run and run['s_per_edit'], '.3f')} s/edit{ours}: {_f(ratio, '.1f', 'x')}"
                          + (f" ({'met' if ratio >= 20 else 'missed'})" if ratio else ""))
     profiled = [r for r in rows if r.get("profile")]
@@ -660,7 +665,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--edits", type=int, default=32, help="edits of a default-K run (graph engine)")
     p.add_argument("--eager-edits", type=int, default=None, help="edits of the eager engine's run (default: --edits)")
     p.add_argument("--naive-methods", default="", help="methods that also run the naive loop")
-    p.add_argument("--naive-edits", type=int, default=1)
+    p.add_argument("--naive-edits", type=int, default=2, help="timed edits of the naive loop")
+    p.add_argument("--naive-warmup", type=int, default=1,
+                   help="untimed naive edits first (the process's first eager generate and training steps cost "
+                        "several times a warm edit's)")
     p.add_argument("--profile-methods", default="", help="methods whose phases run under the profiler")
     p.add_argument("--sequential-methods", default="", help="methods timed on one 10-edit sequence")
     p.add_argument("--hypernet-steps", type=int, default=3,
@@ -986,9 +994,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(done) == 2:
                 row["identical"] = identical_share(Path(done[0]["out"]), Path(done[1]["out"]))
             if method in _list(args.naive_methods) and clock.allows(f"{method} naive"):
-                order = dataset.ordered(*plan_units(args.naive_edits, 0))[:args.naive_edits]
-                naive = run_naive(bench, method, order, 0)
+                total = args.naive_warmup + args.naive_edits
+                order = dataset.ordered(*plan_units(total, 0))[:total]
+                naive = run_naive(bench, method, order, args.naive_warmup)
                 row["naive"] = naive.per_edit
+                row["naive_edits"] = {"warmup": args.naive_warmup,
+                                      "timed": dict(zip((r["id"] for r in order[args.naive_warmup:]),
+                                                        (round(s, 3) for s in naive.seconds)))}
             if method in _list(args.profile_methods) and scale.device == "cuda" and clock.allows(f"{method} profile"):
                 _, runner = runner_pass(bench, method, 1, 0, workdir / f"cache-prof-{method}",
                                         workdir / f"prof-{method}.jsonl", 1)

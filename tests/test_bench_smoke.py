@@ -201,9 +201,10 @@ def test_parts_merged_from_another_call_keep_that_calls_stamp():
     args = argparse.Namespace(model="qwen2_audio", argv=["--tiny"], previous_argv=[], max_new_tokens=32)
     text = goals.render(args, later, {"matmul_flops_per_s": 7e14, "copy_bytes_per_s": 3e12},
                         goals.run_header(tiny_scale()))
-    assert ("- `ft_llm`: naive 16.00 s/edit (measured 12-05 03:40, 778), ours 0.400 s/edit (12-06 03:47, 784): "
-            "40.0x (met)") in text
-    assert ("- `i_ike`: naive 30.00 s/edit (measured by an earlier call, not stamped), ours 0.500 s/edit "
+    assert ("- `ft_llm`: naive 16.00 s/edit (no untimed warm-up edit) (measured 12-05 03:40, 778), ours 0.400 s/edit "
+            "(12-06 03:47, 784): 40.0x (met)") in text
+    assert ("- `i_ike`: naive 30.00 s/edit (no untimed warm-up edit) (measured by an earlier call, not stamped), ours "
+            "0.500 s/edit "
             "(12-05 03:42, 778): 60.0x (met)") in text
     assert "- `ft_llm`: 9.0 s for the sequence (10 steps) (measured 12-06 03:58, 784)" in text
 
@@ -672,3 +673,28 @@ def test_ft_audios_floor_counts_its_row_from_the_first_audio_on():
         tail = floor_seconds("ft_audio", shapes, sizes, ceilings, 1, 1, hp)
         assert tail["train_flops"] < whole["train_flops"]
         assert tail["prefill_s"] == whole["prefill_s"]
+
+
+def test_goals_naive_loop_times_its_edits_after_untimed_warm_up_ones(tmp_path, caplog):
+    """``--naive-warmup``: the first naive edits of a method run untimed (a process's first eager edit cost 2.5x a
+    warm one of the same instance on an H100); the row keeps which instances were timed and the report says so."""
+    import json
+    import logging
+
+    from bench import goals
+
+    raw = tmp_path / "N.json"
+    with caplog.at_level(logging.INFO, logger="bench.arms"):
+        assert goals.main(["--tiny", "--methods", "i_ike", "--default-k-methods", "none", "--naive-methods", "i_ike",
+                           "--naive-edits", "1", "--naive-warmup", "1", "--warmup-method", "",
+                           "--out", str(tmp_path / "N.md"), "--json", str(raw), "--workdir", str(tmp_path / "w")]) == 0
+    [row] = json.loads(raw.read_text())["rows"]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("naive/i_ike")]
+    assert len(logged) == 2 and logged[0].endswith("(warm-up)") and not logged[1].endswith("(warm-up)")
+    warm_id = logged[0].split()[1].rstrip(":")
+    timed = row["naive_edits"]["timed"]
+    assert row["naive_edits"]["warmup"] == 1 and len(timed) == 1 and warm_id not in timed
+    assert row["naive"] == pytest.approx(sum(timed.values()), abs=1e-3)
+    assert "naive" in row["stamps"]
+    assert f"- `i_ike`: naive {row['naive']:.2f} s/edit over 1 edit after 1 untimed (measured " in (
+        tmp_path / "N.md").read_text()
