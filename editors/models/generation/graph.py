@@ -46,8 +46,8 @@ Methods whose modules decide on the host while decoding (GRACE) use the eager en
 Capture cost: one warm-up step + one capture per chunk shape (``STATS``: captures, seconds). Captured shapes are
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
 :data:`KEEP_FRACTION` of the memory the process may use, counted as each shape's last chunk of a call is done
-(least recently used dropped first; a shape larger than that is freed after its last chunk), keyed by the shape and the identity of the modules and weights they read. The
-token budget counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release`
+(least recently used dropped first; a shape larger than that is freed after its last chunk), keyed by the shape and
+the identity of the modules and weights they read. The token budget counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release`
 drops them all (the runner does at the start of each pass of K edits, before it applies them, and on an
 out-of-memory error).
 Nothing is compiled, so there is no compile cache to keep between runs. Exactness: on the tiny fp32 models the
@@ -853,15 +853,14 @@ def keeps_shapes(device: torch.device, per_edit: PerEdit | None) -> bool:
     return device.type == "cuda" and (per_edit is None or per_edit.routing is None)
 
 
-def _keep(adapter: "LALMAdapter", states: dict[tuple, _State], device: torch.device) -> None:
-    """``states`` kept on ``adapter`` as the most recently used, then the least recently used dropped until what
-    is kept fits :func:`_keep_budget`. Called as each shape of a call is done with, so a call holds at most the
-    budget beside the shapes it still needs: a long call over many shapes (a sequence's growing in-context prompts)
-    once held all of them until it ended, and ran an 80 GB card out of memory."""
+def _keep(adapter: "LALMAdapter", key: tuple, state: _State, device: torch.device) -> None:
+    """``state`` kept on ``adapter`` as the most recently used, then the least recently used dropped until what is
+    kept fits :func:`_keep_budget`. Called as a call is done with each shape, so a call holds at most the budget
+    beside the shapes it still needs: a long call over many shapes (a sequence's growing in-context prompts) once
+    held all of them until it ended, and ran an 80 GB card out of memory."""
     kept = _kept(adapter)
-    for key, state in states.items():
-        kept[key] = state
-        kept.move_to_end(key)
+    kept[key] = state
+    kept.move_to_end(key)
     budget = _keep_budget(device)
     while kept and sum(s.nbytes() for s in kept.values()) > budget:
         kept.popitem(last=False)
@@ -941,7 +940,7 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         if last_use[shape] == c:  # this call is done with the shape: kept within the budget, or freed
             del states[state_key]
             if keep and state.nbytes() <= _keep_budget(dev):
-                _keep(adapter, {state_key: state}, dev)
+                _keep(adapter, state_key, state, dev)
             else:
                 kept.pop(state_key, None)
             del state
