@@ -72,9 +72,16 @@ def requested_bytes(error: BaseException) -> int | None:
     return int(float(match.group(1)) * 1024 ** " kmgt".index(unit or " "))
 
 
+#: The attribute :func:`drop_frames` leaves on an error: where it was raised.
+RAISED_AT = "sake_raised_at"
+
+
 def raised_at(error: BaseException) -> str:
     """Where ``error`` was raised: the innermost frame of its traceback outside torch (``file:line in function``),
-    so that a back-off line says which allocation did not fit."""
+    so that a back-off line says which allocation did not fit; the place :func:`drop_frames` kept, if any."""
+    kept = getattr(error, RAISED_AT, None)
+    if kept is not None:
+        return str(kept)
     torch_dir = os.path.dirname(torch.__file__) + os.sep
     frames = traceback.extract_tb(error.__traceback__)
     outside = [f for f in frames if not f.filename.startswith(torch_dir)] or frames
@@ -83,6 +90,21 @@ def raised_at(error: BaseException) -> str:
     frame = outside[-1]
     parts = Path(frame.filename).parts
     return f"{'/'.join(parts[-2:])}:{frame.lineno} in {frame.name}"
+
+
+def drop_frames(error: BaseException) -> BaseException:
+    """``error`` without the frames of the call that raised it (its traceback, and those of the errors it chains),
+    where it was raised kept (:func:`raised_at` reads it). Those frames hold the failed call's tensors: while the
+    error keeps them, their device memory is not free, and memory measured then (the budget of the next try) reads
+    too little."""
+    setattr(error, RAISED_AT, raised_at(error))
+    seen: set[int] = set()
+    chained: BaseException | None = error
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
 
 
 def gib(n: float | None) -> str:

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from editors.base import EditRequest, Editor, RunContext
 from editors.registry import available_methods, get_editor_class, load_hparams, method_info
-from editors.memory import DeviceMemory, PassPeaks, PassSizer, gib, is_out_of_memory, raised_at, requested_bytes
+from editors.memory import (DeviceMemory, PassPeaks, PassSizer, drop_frames, gib, is_out_of_memory, raised_at,
+                            requested_bytes)
 from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
 from editors.models import family_of, load_adapter
@@ -318,11 +319,17 @@ class Runner:
             try:
                 return generate(self.generation)
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled
-                if not is_out_of_memory(error) or not self._halve_generation_batch(error):
+                if not is_out_of_memory(error):
                     raise
+                failed = drop_frames(error)
+            # here the failed call's frames are gone, and with them the tensors they held: the memory is measured
+            # as the next try finds it (measured inside the handler, it read the failed call's caches as in use)
+            if not self._halve_generation_batch(failed):
+                raise failed
 
     def _halve_generation_batch(self, error: BaseException) -> bool:
-        """Free what the run holds and halve the padded tokens per generation chunk; False at one row a chunk."""
+        """Free what the run holds and halve the padded tokens per generation chunk (of the budget the memory now
+        available allows, where none was set); False at one row a chunk."""
         self._free_generation()
         current = self.generation.max_batch_tokens or token_budget(self.adapter, engine=self.generation.engine) or 0
         if current <= MIN_GENERATION_TOKENS:

@@ -309,6 +309,10 @@ def test_the_graph_budget_counts_one_prefill_part_not_activations_per_token(monk
     usable = int(memory.GENERATION_FRACTION * free)
     assert memory.token_budget(adapter, engine="graph") == (usable - memory.PREFILL_BYTES) // kv
     assert memory.token_budget(adapter, engine="eager") == usable // (kv + act)
+    # a prompt longer than a part is prefilled in one forward (a prefix or tail is never split): its activations
+    part = memory.PREFILL_BYTES // act
+    assert memory.token_budget(adapter, engine="graph", longest=part) == (usable - memory.PREFILL_BYTES) // kv
+    assert memory.token_budget(adapter, engine="graph", longest=3 * part) == (usable - 3 * part * act) // kv
 
 
 def test_graph_plan_packs_shorter_rows_into_shared_lanes():

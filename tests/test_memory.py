@@ -215,6 +215,44 @@ def test_a_generation_that_runs_out_of_memory_is_redone_in_smaller_chunks(qwen, 
     assert seen[:3] == [32768, 16384, 8192] and set(seen[3:]) == {8192}
 
 
+def test_after_an_out_of_memory_error_the_budget_is_measured_without_the_failed_calls_tensors(
+        qwen, demo_dataset, tmp_path, monkeypatch, caplog):
+    """The failed generation's frames hold its caches; measured while the error kept them, the memory read as in use
+    and the next try's budget came out too small (an H100's IE-IKE sequence: 39k tokens, then 19.6k, each row then
+    prefilling its own 37k-token prompt). The budget is measured after they are gone; the line still says where the
+    allocation failed."""
+    import weakref
+
+    import editors.run
+
+    runner = Runner(run_config(demo_dataset, tmp_path / "b.jsonl", tmp_path / "cb", configs=("language",), limit=1,
+                               max_batch_tokens=0), adapter=qwen)  # no set cap: measured from memory, as on CUDA
+    generate = type(qwen).generate
+    caches: list[weakref.ref] = []
+
+    def fails_once_holding_a_cache(self, prompts, *args, settings=None, **kwargs):
+        if not caches:
+            cache = torch.zeros(4096)  # what a failed call's frame holds (on a GPU: its KV cache)
+            caches.append(weakref.ref(cache))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(self, prompts, *args, settings=settings, **kwargs)
+
+    alive_when_measured = []
+
+    def budget(adapter, **kwargs):
+        alive_when_measured.append(caches[0]() is not None)
+        return 65536
+
+    monkeypatch.setattr(type(qwen), "generate", fails_once_holding_a_cache)
+    monkeypatch.setattr(editors.run, "token_budget", budget)
+    with caplog.at_level(logging.WARNING, logger="editors.run"):
+        runner.run()
+    assert alive_when_measured == [False]
+    assert runner.generation.max_batch_tokens == 32768
+    line = next(r.message for r in caplog.records if "out of memory while generating" in r.message)
+    assert "test_memory.py:" in line and "in fails_once_holding_a_cache" in line
+
+
 def test_pre_edit_outputs_that_do_not_fit_even_in_the_smallest_chunks_end_with_one_clear_error(qwen, demo_dataset,
                                                                                                tmp_path, monkeypatch):
     runner = Runner(run_config(demo_dataset, tmp_path / "b.jsonl", tmp_path / "cb", configs=("language",), limit=2),

@@ -83,7 +83,8 @@ def _generate(adapter: "LALMAdapter", prompts: list["Prompt"], settings: Generat
             from editors.models.generation.graph import kept_bytes
 
             reclaimable = kept_bytes(adapter)
-        budget = token_budget(adapter, reclaimable=reclaimable, engine=settings.engine)
+        budget = token_budget(adapter, reclaimable=reclaimable, engine=settings.engine,
+                              longest=max(len(t) for t in token_ids))
         if budget is not None:
             settings = settings.replace(max_batch_tokens=budget)
     if settings.engine == "graph":

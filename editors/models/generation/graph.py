@@ -25,8 +25,9 @@ What it does, per :func:`generate_graph` call:
    merged by their log-sum-exps: the prefix read where it lies in its lane, once for all the rows of its piece (their
    queries folded into one sequence, no mask), and each row's own tail (:func:`attention_lse`). On CUDA
    prefixes and tails are prefilled in parts of at most ``memory.prefill_tokens`` tokens, so the prefill's
-   activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once. On
-   CPU a chunk is prefilled whole.
+   activations stay the same size however many rows (edits) a chunk holds; the token budget counts them once (a
+   part's, or a longer sequence's: one prefix or tail is never split, ``memory.prefill_bytes``). On CPU a chunk is
+   prefilled whole.
 4. **Decode** ``max_new_tokens - 1`` steps of one token per row. A step reads only static buffers (current token,
    positions, write positions, masks, caches) and advances them itself, so on CUDA it is captured once as a CUDA
    graph and replayed for every later step, chunk and call of that shape: no kernel launches from Python, no host
@@ -71,7 +72,7 @@ from editors.models import fused_layer
 from editors.models.batch import StopFlags, side_stream, to_device
 from editors.models.buckets import MIN_ROWS, left_pad
 from editors.models.generation.memory import (GENERATION_FRACTION, available_bytes, cuda_device, kv_bytes_per_token,
-                                              prefill_tokens)
+                                              prefill_bytes, prefill_tokens)
 from editors.models.generation.output import GeneratedText, decode_new_tokens
 from editors.models.generation.per_edit import PerEdit
 from editors.models.generation.settings import GenerationSettings
@@ -872,9 +873,15 @@ def _state_bytes(adapter: "LALMAdapter", shape: tuple[int, int, int, int]) -> in
     return kv_bytes_per_token(adapter) * lanes * width
 
 
+def _longest(chunk: _Chunk) -> int:
+    """Tokens of the longest sequence one prefill forward of ``chunk`` runs: a prefix or a row's tail."""
+    return max(max(len(p.prefix), *p.tails) for p in chunk.pieces)
+
+
 def _make_room(adapter: "LALMAdapter", kept: dict[tuple, _State], need: int, in_use: set) -> None:
     """Drop kept shapes (least recently used first, not those of this call) until ``need`` bytes (a new shape's
-    buffers) fit the memory a generation may fill: the token budget counted kept shapes as free."""
+    buffers and its prefill's activations) fit the memory a generation may fill: the token budget counted kept
+    shapes as free."""
     for key in [k for k in kept if k not in in_use]:
         available = available_bytes(adapter.device)
         if available is None or GENERATION_FRACTION * available >= need:
@@ -912,7 +919,8 @@ def generate_graph(adapter: "LALMAdapter", prompts: Sequence[Prompt], token_ids:
         state = states.get(state_key) or kept.get(state_key)
         if state is None:
             if kept:
-                _make_room(adapter, kept, _state_bytes(adapter, shape), set(states))
+                _make_room(adapter, kept, _state_bytes(adapter, shape) + prefill_bytes(adapter, _longest(chunk)),
+                           set(states))
             state = _State(lm, shape, n, adapter.pad_token_id, stop_ids)
         elif state_key not in states:
             STATS["reused"] += 1

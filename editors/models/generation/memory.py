@@ -47,6 +47,13 @@ def prefill_tokens(adapter: "LALMAdapter") -> int | None:
     return max(1, PREFILL_BYTES // activation_bytes_per_token(adapter))
 
 
+def prefill_bytes(adapter: "LALMAdapter", longest: int = 0) -> int:
+    """Activations one graph-engine prefill forward holds on CUDA: one part's (:data:`PREFILL_BYTES`), or those of
+    the ``longest`` sequence where it is longer than a part (a prefix or a row's tail is never split: a sequential
+    IE-IKE prompt of ten edits' demonstrations, ~37k tokens at 7B, is prefilled in one forward)."""
+    return max(PREFILL_BYTES, int(longest) * activation_bytes_per_token(adapter))
+
+
 def cuda_device(device: torch.device) -> torch.device:
     """``device`` with its index (``cuda`` -> ``cuda:N`` of the current device): some of torch's memory queries
     refuse a CUDA device without one."""
@@ -66,16 +73,17 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def token_budget(adapter: "LALMAdapter", fraction: float = GENERATION_FRACTION, reclaimable: int = 0,
-                 engine: str = "graph") -> int | None:
+                 engine: str = "graph", longest: int = 0) -> int | None:
     """Padded tokens one generation chunk of ``engine`` may hold now (rows x (width + new tokens), prefixes once),
     from the available memory (+ ``reclaimable`` bytes the engine gives back when it needs them): the graph engine
-    holds :func:`kv_bytes_per_token` per token and one prefill part's activations (:data:`PREFILL_BYTES`); the
-    eager engine prefills a chunk whole, :func:`kv_bytes_per_token` + :func:`activation_bytes_per_token` per token
-    (both engines compute the logits of the last position only). None on CPU."""
+    holds :func:`kv_bytes_per_token` per token and one prefill forward's activations (:func:`prefill_bytes` of the
+    call's ``longest`` prompt, in tokens); the eager engine prefills a chunk whole, :func:`kv_bytes_per_token` +
+    :func:`activation_bytes_per_token` per token (both engines compute the logits of the last position only). None
+    on CPU."""
     available = available_bytes(adapter.device)
     if available is None:
         return None
     usable = int(fraction * (available + reclaimable))
     if engine == "graph":  # prefilled in parts: their activations once, not per token of the chunk
-        return max(1, (usable - PREFILL_BYTES) // kv_bytes_per_token(adapter))
+        return max(1, (usable - prefill_bytes(adapter, longest)) // kv_bytes_per_token(adapter))
     return max(1, usable // (kv_bytes_per_token(adapter) + activation_bytes_per_token(adapter)))
