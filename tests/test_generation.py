@@ -172,9 +172,8 @@ def test_a_call_holds_no_more_shapes_than_the_keep_budget_beside_the_one_it_uses
     reference = adapter.generate(prompts, settings=settings)  # on the CPU nothing is kept
     made: list[weakref.ref] = []
     held: list[int] = []  # bytes of the states alive as each new one is made
+    sizes: list[int] = []  # bytes of each state made
     init = graph._State.__init__
-
-    sizes: list[int] = []
 
     def counting(self, *args, **kwargs):
         held.append(sum(s.nbytes() for s in (r() for r in made) if s is not None))

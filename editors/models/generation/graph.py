@@ -48,9 +48,9 @@ Capture cost: one warm-up step + one capture per chunk shape (``STATS``: capture
 kept across calls on the adapter (without per-edit routing: its weights live only for one pass), up to
 :data:`KEEP_FRACTION` of the memory the process may use, counted as each shape's last chunk of a call is done
 (least recently used dropped first; a shape larger than that is freed after its last chunk), keyed by the shape and
-the identity of the modules and weights they read. The token budget counts kept shapes as free memory, and a new shape that needs it drops them first; :func:`release`
-drops them all (the runner does at the start of each pass of K edits, before it applies them, and on an
-out-of-memory error).
+the identity of the modules and weights they read. The token budget counts kept shapes as free memory, and a new
+shape that needs it (its caches and its prefill's activations) drops them first; :func:`release` drops them all (the
+runner does at the start of each pass of K edits, before it applies them, and on an out-of-memory error).
 Nothing is compiled, so there is no compile cache to keep between runs. Exactness: on the tiny fp32 models the
 greedy outputs equal the eager engine's for the three families (tests/test_generation.py).
 """
