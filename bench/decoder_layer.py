@@ -8,12 +8,16 @@ the weights frozen, as in FT-Audio's and UnKE's steps) over ``--rows`` left-padd
 * ``hf``: the Hugging Face layer's forward (``FUSED_LAYERS["cuda"] = False``), padded rows;
 * ``fused``: the library's (one-kernel RMSNorm, rotary over contiguous tables), padded rows;
 * ``packed``: the library's on the same tokens packed into one row without padding (variable-length attention on
-  CUDA; FT-Audio's training layout there).
+  CUDA; FT-Audio's training layout there);
+* ``compiled`` (with ``--compiled``): ``packed`` with each layer's forward through ``torch.compile`` (inductor's
+  fused elementwise kernels for the norms, rotary products, SwiGLU and residuals, forward and backward; the
+  matmuls and the attention stay library kernels): what fusing the step's elementwise work could give at most, and
+  what its first compile costs (printed; the toolkit compiles nothing).
 
 It prints the median milliseconds per step of each arm, its ratio to ``hf``, and the largest difference of its
 outputs and gradients on the valid tokens from ``hf``'s, relative to the largest value (bf16 on the GPU).
 
-    BENCH_MODULE=bench.decoder_layer bash bench/gpu_run.sh --layers 8
+    BENCH_MODULE=bench.decoder_layer bash bench/gpu_run.sh --layers 8 [--compiled]
     python -m bench.decoder_layer --tiny          # CPU smoke run on the tiny model
 """
 
@@ -85,14 +89,30 @@ def inputs(adapter: Any, rows: int, width: int, seed: int) -> dict[str, Inputs]:
     return {"hf": padded, "fused": padded, "packed": packed}
 
 
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiled_layer_forward() -> Any:
+    """``fused_layer.layer_forward`` through ``torch.compile`` (made once; the first call compiles)."""
+    from editors.models import fused_layer
+
+    if "forward" not in _COMPILED:
+        _COMPILED["forward"] = torch.compile(fused_layer.layer_forward, dynamic=False)
+    return _COMPILED["forward"]
+
+
 def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward and backward through every layer of ``adapter`` under ``arm``: (output, input gradient) on the
     valid tokens, in order."""
+    from editors.models import adapter as adapter_module
     from editors.models import fused_layer
 
     device = adapter.device.type
     kept = fused_layer.FUSED_LAYERS[device]
+    kept_forward = adapter_module.layer_forward
     fused_layer.FUSED_LAYERS[device] = arm != "hf"
+    if arm == "compiled":
+        adapter_module.layer_forward = _compiled_layer_forward()
     try:
         x = given.hidden.detach().requires_grad_(True)
         out = adapter._run_layers(x, 0, adapter.num_llm_layers, given.masks, given.position_ids, given.rotary)
@@ -101,6 +121,7 @@ def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Ten
         (grad,) = torch.autograd.grad(kept_out.float().square().mean(), [x])
     finally:
         fused_layer.FUSED_LAYERS[device] = kept
+        adapter_module.layer_forward = kept_forward
     return kept_out.detach(), (grad[given.valid] if given.valid is not None else grad[0])
 
 
@@ -116,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="timed steps per arm (default 7, after one warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also the packed arm with each layer through torch.compile (prints its first compile's time)")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.tiny and not torch.cuda.is_available():
@@ -123,10 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = build(args.tiny, args.layers, args.seed)
     given = inputs(adapter, args.rows, args.width, args.seed)
     device = adapter.device.type
-    results = {arm: step(adapter, arm, given[arm]) for arm in ARMS}  # warm-up
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    arms = ARMS + ("compiled",) if args.compiled else ARMS
+    given["compiled"] = given["packed"]
+    results = {}
+    for arm in arms:  # warm-up (the compiled arm's first call compiles)
+        _sync(device)
+        started = time.perf_counter()
+        results[arm] = step(adapter, arm, given[arm])
+        _sync(device)
+        if arm == "compiled":
+            print(f"compiled arm: first forward+backward (compile included) {time.perf_counter() - started:.1f} s")
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
-        for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
+        for arm in arms if repeat % 2 == 0 else arms[::-1]:
             _sync(device)
             started = time.perf_counter()
             step(adapter, arm, given[arm])
@@ -137,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = int(given["packed"].hidden.shape[1])
     print(f"decoder layers: {adapter.num_llm_layers} layers, {args.rows} rows x {args.width} tokens "
           f"({tokens} valid: {args.rows * args.width / tokens:.2f}x padding), {adapter.dtype} on {device}")
-    for arm in ARMS:
+    for arm in arms:
         out, grad = results[arm]
         print(f"  {arm:6s} {median[arm]:8.1f} ms per forward+backward (median of {args.repeats}); "
               f"hf / {arm}: {median['hf'] / median[arm]:.2f}x; largest relative difference from hf: output "

@@ -146,6 +146,27 @@ def test_decoder_layer_bench_times_both_arms_and_puts_the_switch_back(capsys):
     assert fused_layer.FUSED_LAYERS == kept
 
 
+def test_decoder_layer_bench_compiled_arm_runs_the_layers_through_its_forward_and_puts_the_library_back(
+        capsys, monkeypatch):
+    from bench import decoder_layer
+    from editors.models import adapter as adapter_module
+    from editors.models import fused_layer
+
+    calls = []
+
+    def counted(*args, **kwargs):  # stands for the compiled forward (compiling costs ~20 s on the CPU)
+        calls.append(1)
+        return fused_layer.layer_forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_layer, "_compiled_layer_forward", lambda: counted)
+    kept = adapter_module.layer_forward
+    assert decoder_layer.main(["--tiny", "--rows", "2", "--width", "192", "--repeats", "1", "--compiled"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled arm: first forward+backward" in out and "hf / compiled:" in out
+    assert len(calls) == 2 * 4  # two steps (warm-up, one timed) through the tiny model's four layers
+    assert adapter_module.layer_forward is kept
+
+
 def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     """Rows merged from several device calls carry their own call's time and matmul ceiling; older rows read '-'."""
     import argparse
