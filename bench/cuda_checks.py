@@ -291,6 +291,44 @@ def check_routed_norm() -> str:
             "(bf16 outputs, input and weight gradients)")
 
 
+def check_linear_runs() -> str:
+    """Routed Linears over several runs written in place (``editors.batching.linear_runs``: FT-LLM's and UnKE's
+    training steps, per-edit prefills) against the per-run path with its join (``linear_per_run``), on CUDA in bf16:
+    outputs and the gradients of the input, the weights and the biases (the CPU's tests find the same bits)."""
+    from editors.batching import linear_per_run, linear_runs, per_edit_views
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [((6, 256, 512), [(0, 0, 2), (2, 2, 3), (1, 3, 6)]),  # training-like rows
+             ((9, 5, 64), [(1, 0, 4), (0, 4, 5), (2, 5, 7), (1, 7, 9)])]  # runs of fewer than MIN_ROWS tokens
+    equal, worst = 0, 0.0
+    compared = 0
+    for shape, runs in cases:
+        for bias in (True, False):
+            x = torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+            weight = torch.randn(3, 384, shape[-1], generator=gen).to("cuda", torch.bfloat16)
+            biases = torch.randn(3, 384, generator=gen).to("cuda", torch.bfloat16) if bias else None
+            results = []
+            for linear in (linear_per_run, linear_runs):
+                stacked = {"weight": weight.clone().requires_grad_()}
+                if biases is not None:
+                    stacked["bias"] = biases.clone().requires_grad_()
+                inputs = x.clone().requires_grad_()
+                views = per_edit_views(stacked)
+                out = linear(inputs, runs, views["weight"], views.get("bias"))
+                grads = torch.autograd.grad(out.float().pow(2).mean(), [inputs, *stacked.values()])
+                results.append([t.detach() for t in (out, *grads)])
+            for reference, ours in zip(*results):
+                compared += 1
+                equal += bool(torch.equal(reference, ours))
+                worst = max(worst, float((ours.float() - reference.float()).abs().max()
+                                         / reference.float().abs().max().clamp(min=1e-12)))
+    if worst > 2e-2:
+        raise AssertionError(f"linear_runs and the per-run path differ by {worst:.3g}")
+    return (f"routed Linear runs written in place against the per-run path and its join: {equal} of {compared} "
+            f"tensors bit for bit, largest relative difference {worst:.2g} (bf16 outputs, input, weight and bias "
+            "gradients)")
+
+
 def two_packed_rows(hidden: torch.Tensor, lengths: Sequence[int], pad: int = 5
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Three left-padded sequences (``hidden`` ``[3, T, H]``, their ``lengths``) packed as ``adapter.packed_state``
@@ -415,6 +453,7 @@ def check_dropped_shapes() -> str:
 CHECKS: dict[str, Callable[[], str]] = {"fused_adam": check_fused_adam,
                                         "fused_layer": check_fused_layer,
                                         "routed_norm": check_routed_norm,
+                                        "linear_runs": check_linear_runs,
                                         "early_stop_on_device": check_early_stop_on_device,
                                         "attention_lse": check_attention_lse,
                                         "split_prefix_engine": check_split_prefix_engine,

@@ -17,9 +17,10 @@ How a forward uses per-edit weights:
 * :class:`RowRouting` (FT-LLM): every leaf module that owns touched parameters (the Linear and norm layers of the
   edited decoder layer) is temporarily wrapped so that each contiguous run of batch rows is computed with its
   edit's weights. Leaves act row by row, so this is exact, and it works inside ``model.generate`` (the KV cache
-  sees the full batch as usual). Inside the graph engine's captured decode step (``row_edit`` set) a routed
-  Linear computes every edit's output for all rows and keeps each row's own (each copy read once per step, one
-  graph for every chunk).
+  sees the full batch as usual). A routed Linear writes its runs' outputs, and backward their input gradients,
+  in place into one tensor (:func:`linear_runs`: the per-run kernels and bits, no join copied). Inside the graph
+  engine's captured decode step (``row_edit`` set) a routed Linear computes every edit's output for all rows and
+  keeps each row's own (each copy read once per step, one graph for every chunk).
 
 Under autograd, a forward reads edit k's copy from the K views of one ``unbind(0)`` per step
 (:func:`per_edit_views`), never as ``stacked[k]``: the backward of indexing writes a zero gradient of the whole
@@ -445,17 +446,12 @@ class _RoutedLeaf(nn.Module):
         w = {local: self.routing.views[full] for local, full in self.names.items()}
         # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
         # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
-        linear = isinstance(self.leaf, nn.Linear) and not args and not kwargs
+        if isinstance(self.leaf, nn.Linear) and not args and not kwargs:
+            linear = linear_runs if len(runs) > 1 and x.is_contiguous() else linear_per_run
+            return linear(x, runs, w["weight"], w.get("bias"))
         outs = []
-        # the runs' rows as one split, not x[a:b] per run: a slice's backward writes a zero gradient of all of x
-        pieces = x.split([b - a for _, a, b in runs]) if len(runs) > 1 else (x,)
-        for (k, _, _), piece in zip(runs, pieces):
-            params = {n: t[k] for n, t in w.items()}
-            if linear:
-                outs.append(padded_rows(lambda rows: nn.functional.linear(rows, params["weight"], params.get("bias")),
-                                        piece))
-            else:
-                outs.append(self._run(params, piece, args, kwargs))
+        for (k, _, _), piece in zip(runs, _run_pieces(x, runs)):
+            outs.append(self._run({n: t[k] for n, t in w.items()}, piece, args, kwargs))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _gathered(self, x: torch.Tensor, row_edit: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -472,6 +468,96 @@ class _RoutedLeaf(nn.Module):
             else:
                 outs.append(self._run(params, x, args, kwargs))
         return torch.stack(outs)[row_edit, torch.arange(x.shape[0], device=x.device)]
+
+
+def _run_pieces(x: torch.Tensor, runs: Sequence[tuple[int, int, int]]) -> Sequence[torch.Tensor]:
+    """The rows of each run of ``x`` as one split, not ``x[a:b]`` per run (a slice's backward writes a zero
+    gradient of all of ``x``)."""
+    return x.split([b - a for _, a, b in runs]) if len(runs) > 1 else (x,)
+
+
+def linear_per_run(x: torch.Tensor, runs: Sequence[tuple[int, int, int]], weights: Sequence[torch.Tensor],
+                   biases: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """``F.linear`` of each run ``(k, a, b)`` of ``x``'s rows (its first dimension) with ``weights[k]`` (and
+    ``biases[k]``), each run over at least ``MIN_ROWS`` flattened rows (:func:`~editors.models.buckets.padded_rows`:
+    a decode step's few rows of one edit take the path of many), the runs' outputs joined."""
+    outs = []
+    for (k, _, _), piece in zip(runs, _run_pieces(x, runs)):
+        weight, bias = weights[k], (biases[k] if biases is not None else None)
+        outs.append(padded_rows(lambda rows: nn.functional.linear(rows, weight, bias), piece))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def linear_runs(x: torch.Tensor, runs: Sequence[tuple[int, int, int]], weights: Sequence[torch.Tensor],
+                biases: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """:func:`linear_per_run` for a contiguous ``x``, with the same bits, each run's output written in place into
+    one tensor and, backward, each run's input gradient into one tensor: no join copied forward, none backward
+    (:class:`_LinearRuns`). Every routed Linear over several runs takes it: FT-LLM's and UnKE's training steps, and
+    the prefill of generations routed per edit (their per-edit copies, WISE's memories)."""
+    per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+    bounds = tuple((a * per_row, b * per_row) for _, a, b in runs)
+    params = [weights[k] for k, _, _ in runs] + ([biases[k] for k, _, _ in runs] if biases is not None else [])
+    out = _LinearRuns.apply(x.reshape(-1, x.shape[-1]), bounds, biases is not None, *params)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _padded(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` with zero rows appended up to ``MIN_ROWS`` (:func:`~editors.models.buckets.padded_rows`)."""
+    return torch.cat([rows, rows.new_zeros(buckets.MIN_ROWS - rows.shape[0], rows.shape[1])], dim=0)
+
+
+class _LinearRuns(torch.autograd.Function):
+    """:func:`linear_runs` on flattened rows ``x`` [N, in]: runs ``bounds`` ((start, stop) row ranges), their
+    weights, then (``has_bias``) their biases. Forward and backward call the kernels that ``F.linear`` and its
+    autograd call on each run (``addmm`` or ``mm``; the input gradient ``grad @ W``, the weight's ``grad^T @ x``,
+    the bias's ``grad.sum(0)``), so every value has the bits of the per-run path; only where they are written
+    differs. A run of fewer than ``MIN_ROWS`` rows computes over its zero-padded rows, as that path does."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bounds: tuple[tuple[int, int], ...], has_bias: bool,
+                *params: torch.Tensor) -> torch.Tensor:
+        n = len(bounds)
+        weights, biases = params[:n], (params[n:] if has_bias else (None,) * n)
+        out = x.new_empty(x.shape[0], weights[0].shape[0])
+        for (a, b), weight, bias in zip(bounds, weights, biases):
+            rows = x[a:b]
+            small = b - a < buckets.MIN_ROWS
+            source = _padded(rows) if small else rows
+            target = None if small else out[a:b]
+            if bias is not None:
+                y = torch.addmm(bias, source, weight.t()) if small else torch.addmm(bias, source, weight.t(), out=target)
+            else:
+                y = torch.mm(source, weight.t()) if small else torch.mm(source, weight.t(), out=target)
+            if small:
+                out[a:b] = y[:b - a]
+        ctx.bounds, ctx.has_bias = bounds, has_bias
+        ctx.save_for_backward(x, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        bounds, has_bias = ctx.bounds, ctx.has_bias
+        n = len(bounds)
+        grad = grad.contiguous()
+        wants_x = ctx.needs_input_grad[0]
+        grad_x = x.new_empty(x.shape) if wants_x else None
+        grad_w: list[torch.Tensor | None] = [None] * n
+        grad_b: list[torch.Tensor | None] = [None] * n
+        for i, ((a, b), weight) in enumerate(zip(bounds, weights)):
+            small = b - a < buckets.MIN_ROWS
+            g = _padded(grad[a:b]) if small else grad[a:b]
+            rows = _padded(x[a:b]) if small else x[a:b]
+            if grad_x is not None:
+                if small:
+                    grad_x[a:b] = g.mm(weight)[:b - a]
+                else:
+                    torch.mm(g, weight, out=grad_x[a:b])
+            if ctx.needs_input_grad[3 + i]:
+                grad_w[i] = g.t().mm(rows)
+            if has_bias and ctx.needs_input_grad[3 + n + i]:
+                grad_b[i] = g.sum(0)
+        return (grad_x, None, None, *grad_w, *(grad_b if has_bias else []))
 
 
 class RowRouting:

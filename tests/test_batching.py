@@ -235,6 +235,36 @@ def test_routed_rows_read_each_edit_through_one_view_per_step_with_the_gradient_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_routed_linear_runs_write_into_one_output_with_the_bits_of_a_linear_per_run_and_a_join(dtype, bias):
+    """A routed Linear computes its runs into one output and their input gradients into one tensor (no join copied
+    forward or backward), with the bits of the per-run path: a split, ``F.linear`` per run over at least MIN_ROWS
+    rows (``padded_rows``: a run of fewer gets zero rows appended) and a ``cat``; outputs and the gradients of the
+    input, the weights and the biases."""
+    from editors.batching import linear_per_run, linear_runs, per_edit_views
+    from editors.models.buckets import MIN_ROWS
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, 24, generator=gen).to(dtype)  # rows of 5 tokens: a one-row run is under MIN_ROWS tokens
+    runs = [(1, 0, 4), (0, 4, 5), (2, 5, 7), (1, 7, 9)]  # edit 1 in two runs; edit 0's run of 5 < MIN_ROWS tokens
+    assert 5 < MIN_ROWS <= 4 * 5
+    weight = torch.randn(3, 40, 24, generator=gen).to(dtype)
+    biases = torch.randn(3, 40, generator=gen).to(dtype) if bias else None
+    results = []
+    for linear in (linear_per_run, linear_runs):
+        stacked = {"weight": weight.clone().requires_grad_(), **({"bias": biases.clone().requires_grad_()}
+                                                                  if biases is not None else {})}
+        inputs = x.clone().requires_grad_()
+        views = per_edit_views(stacked)
+        out = linear(inputs, runs, views["weight"], views.get("bias"))
+        grads = torch.autograd.grad(out.float().pow(2).sum(), [inputs, *stacked.values()])
+        results.append((out, *grads))
+    for reference, result in zip(*results):
+        assert reference.dtype == result.dtype and torch.equal(reference, result)
+    assert all(g.abs().sum() > 0 for g in results[1][1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_routed_rms_norm_runs_the_fused_norm_where_the_layers_do_with_the_same_bits(monkeypatch, dtype):
     """UnKE's routed layer copies: a plain RMSNorm leaf computes each edit's rows by the fused layers' RMSNorm where
     those run (CUDA; forced here on the CPU), with the Hugging Face module's outputs and gradients bit for bit, in
