@@ -444,8 +444,8 @@ class _RoutedLeaf(nn.Module):
         if not runs or runs[-1][2] != x.shape[0]:
             raise RuntimeError(f"row routing covers {runs[-1][2] if runs else 0} rows, input has {x.shape[0]}")
         w = {local: self.routing.views[full] for local, full in self.names.items()}
-        # Each run through the leaf's own forward (the op one edit alone uses: same bits), a Linear over at least
-        # MIN_ROWS rows (editors/models/buckets.py: a decode step's few rows of one edit take the path of many).
+        # Each run with its edit's weights through the op one edit alone uses (same bits); a Linear's runs written
+        # in place where they can be (linear_runs), over at least MIN_ROWS rows each (editors/models/buckets.py)
         if isinstance(self.leaf, nn.Linear) and not args and not kwargs:
             linear = linear_runs if len(runs) > 1 and x.is_contiguous() else linear_per_run
             return linear(x, runs, w["weight"], w.get("bias"))
@@ -540,21 +540,19 @@ class _LinearRuns(torch.autograd.Function):
         bounds, has_bias = ctx.bounds, ctx.has_bias
         n = len(bounds)
         grad = grad.contiguous()
-        wants_x = ctx.needs_input_grad[0]
-        grad_x = x.new_empty(x.shape) if wants_x else None
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         grad_w: list[torch.Tensor | None] = [None] * n
         grad_b: list[torch.Tensor | None] = [None] * n
         for i, ((a, b), weight) in enumerate(zip(bounds, weights)):
             small = b - a < buckets.MIN_ROWS
             g = _padded(grad[a:b]) if small else grad[a:b]
-            rows = _padded(x[a:b]) if small else x[a:b]
             if grad_x is not None:
                 if small:
                     grad_x[a:b] = g.mm(weight)[:b - a]
                 else:
                     torch.mm(g, weight, out=grad_x[a:b])
             if ctx.needs_input_grad[3 + i]:
-                grad_w[i] = g.t().mm(rows)
+                grad_w[i] = g.t().mm(_padded(x[a:b]) if small else x[a:b])
             if has_bias and ctx.needs_input_grad[3 + n + i]:
                 grad_b[i] = g.sum(0)
         return (grad_x, None, None, *grad_w, *(grad_b if has_bias else []))
