@@ -24,6 +24,7 @@ outputs and gradients on the valid tokens from ``hf``'s, relative to the largest
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
@@ -89,16 +90,12 @@ def inputs(adapter: Any, rows: int, width: int, seed: int) -> dict[str, Inputs]:
     return {"hf": padded, "fused": padded, "packed": packed}
 
 
-_COMPILED: dict[str, Any] = {}
-
-
+@functools.cache
 def _compiled_layer_forward() -> Any:
     """``fused_layer.layer_forward`` through ``torch.compile`` (made once; the first call compiles)."""
     from editors.models import fused_layer
 
-    if "forward" not in _COMPILED:
-        _COMPILED["forward"] = torch.compile(fused_layer.layer_forward, dynamic=False)
-    return _COMPILED["forward"]
+    return torch.compile(fused_layer.layer_forward, dynamic=False)
 
 
 def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -501,11 +501,6 @@ def linear_runs(x: torch.Tensor, runs: Sequence[tuple[int, int, int]], weights: 
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _padded(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` with zero rows appended up to ``MIN_ROWS`` (:func:`~editors.models.buckets.padded_rows`)."""
-    return torch.cat([rows, rows.new_zeros(buckets.MIN_ROWS - rows.shape[0], rows.shape[1])], dim=0)
-
-
 class _LinearRuns(torch.autograd.Function):
     """:func:`linear_runs` on flattened rows ``x`` [N, in]: runs ``bounds`` ((start, stop) row ranges), their
     weights, then (``has_bias``) their biases. Forward and backward call the kernels that ``F.linear`` and its
@@ -520,14 +515,11 @@ class _LinearRuns(torch.autograd.Function):
         weights, biases = params[:n], (params[n:] if has_bias else (None,) * n)
         out = x.new_empty(x.shape[0], weights[0].shape[0])
         for (a, b), weight, bias in zip(bounds, weights, biases):
-            rows = x[a:b]
             small = b - a < buckets.MIN_ROWS
-            source = _padded(rows) if small else rows
-            target = None if small else out[a:b]
-            if bias is not None:
-                y = torch.addmm(bias, source, weight.t()) if small else torch.addmm(bias, source, weight.t(), out=target)
-            else:
-                y = torch.mm(source, weight.t()) if small else torch.mm(source, weight.t(), out=target)
+            source = buckets.to_min_rows(x[a:b]) if small else x[a:b]
+            target = None if small else out[a:b]  # a small run's product lands in a padded tensor, then its rows
+            y = (torch.mm(source, weight.t(), out=target) if bias is None
+                 else torch.addmm(bias, source, weight.t(), out=target))
             if small:
                 out[a:b] = y[:b - a]
         ctx.bounds, ctx.has_bias = bounds, has_bias
@@ -545,14 +537,14 @@ class _LinearRuns(torch.autograd.Function):
         grad_b: list[torch.Tensor | None] = [None] * n
         for i, ((a, b), weight) in enumerate(zip(bounds, weights)):
             small = b - a < buckets.MIN_ROWS
-            g = _padded(grad[a:b]) if small else grad[a:b]
+            g = buckets.to_min_rows(grad[a:b]) if small else grad[a:b]
             if grad_x is not None:
                 if small:
                     grad_x[a:b] = g.mm(weight)[:b - a]
                 else:
                     torch.mm(g, weight, out=grad_x[a:b])
             if ctx.needs_input_grad[3 + i]:
-                grad_w[i] = g.t().mm(_padded(x[a:b]) if small else x[a:b])
+                grad_w[i] = g.t().mm(buckets.to_min_rows(x[a:b]) if small else x[a:b])
             if has_bias and ctx.needs_input_grad[3 + n + i]:
                 grad_b[i] = g.sum(0)
         return (grad_x, None, None, *grad_w, *(grad_b if has_bias else []))

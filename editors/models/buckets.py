@@ -166,8 +166,13 @@ def padded_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     n = rows.shape[0]
     if n >= MIN_ROWS:
         return fn(x)
-    out = fn(torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])], dim=0))[:n]
+    out = fn(to_min_rows(rows))[:n]
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def to_min_rows(rows: torch.Tensor) -> torch.Tensor:
+    """2-D ``rows`` with zero rows appended up to :data:`MIN_ROWS` (the padding of :func:`padded_rows`)."""
+    return torch.cat([rows, rows.new_zeros(MIN_ROWS - rows.shape[0], rows.shape[1])], dim=0)
 
 
 def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False,
