@@ -27,6 +27,9 @@ unprofiled pass's; read them as shares.
 ``--python`` runs that pass under ``cProfile`` instead: the host's heaviest Python functions, by their own time and
 (the library's) with their callees.
 
+``--shapes`` records the operators' input shapes as well and adds the operators whose own kernels took longest by
+input shape (which call of ``aten::index`` or ``aten::copy_`` it is, not only which operator).
+
 ``--syncs`` runs that pass without the profiler and counts its host-device synchronizations by call site instead
 (``torch.cuda.set_sync_debug_mode``): what keeps the host from running ahead of the GPU.
 
@@ -135,7 +138,7 @@ def _category(name: str) -> str:
     return "other"
 
 
-def summarize(prof: Any) -> dict[str, Any]:
+def summarize(prof: Any, shapes: bool = False) -> dict[str, Any]:
     """Per labelled range: wall, GPU busy (union of kernel and copy intervals inside it; the labels' own device-side
     spans excluded), launches, top kernels; ``_kernels``: the whole trace's kernel time by kind and by name."""
     import bisect
@@ -192,6 +195,8 @@ def summarize(prof: Any) -> dict[str, Any]:
                        "top": [[n, round(v[0] / 1e3, 1), int(v[1])] for n, v in
                                sorted(names_total.items(), key=lambda kv: -kv[1][0])[:15]],
                        "ops": top_ops(prof)}
+    if shapes:
+        out["_kernels"]["ops_by_shape"] = top_ops(prof, 40, shapes=True)
     return out
 
 
@@ -286,17 +291,23 @@ def python_functions(prof: Any, top: int = 25) -> dict[str, list[list[Any]]]:
                         sorted(rows, key=lambda r: -r[3]) if mine][:top]}
 
 
-def top_ops(prof: Any, n: int = 15) -> list[list[Any]]:
+def top_ops(prof: Any, n: int = 15, shapes: bool = False) -> list[list[Any]]:
     """The operators (``aten::mul``, ``aten::cat``, ...) whose own kernels took the most device time in the trace:
-    [name, ms, calls]. Which operators launch the elementwise and copy kernels a kernel name does not tell."""
+    [name, ms, calls] (``shapes``: [name, input shapes, ms, calls], operators only, for a trace recorded with
+    shapes). Which operators launch the elementwise and copy kernels a kernel name does not tell."""
     ops = []
-    for avg in prof.key_averages():
+    for avg in prof.key_averages(group_by_input_shape=shapes):
         device_us = getattr(avg, "self_device_time_total", None)
         if device_us is None:  # older torch
             device_us = getattr(avg, "self_cuda_time_total", 0)
-        if device_us and not avg.key.startswith(PREFIX):
+        if not device_us or avg.key.startswith(PREFIX):
+            continue
+        if shapes:
+            if re.fullmatch(r"\w+::\w+", avg.key):  # an operator (``aten::index``), not a kernel's own event
+                ops.append([avg.key, str(avg.input_shapes)[:160], round(device_us / 1e3, 1), int(avg.count)])
+        else:
             ops.append([avg.key, round(device_us / 1e3, 1), int(avg.count)])
-    return sorted(ops, key=lambda op: -op[1])[:n]
+    return sorted(ops, key=lambda op: -op[-2])[:n]
 
 
 @contextlib.contextmanager
@@ -333,11 +344,11 @@ def _counting_syncs(sites: dict[str, int]) -> Iterator[None]:
 
 def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
                  sync_sites: dict[str, int] | None = None, stacks: bool = False,
-                 python: bool = False) -> dict[str, Any]:
+                 python: bool = False, shapes: bool = False) -> dict[str, Any]:
     """The runner at default K over ``edits`` edits; pass number ``profile_pass`` (1-based) under the profiler, from
     the generation of its pre-edit outputs (each pass generates its own just before it here: the runner's
     ``PRE_EDIT_AHEAD`` set to 0) to its last row. ``sync_sites``: count the pass's host syncs instead; ``python``:
-    run it under ``cProfile`` instead (the host's Python functions)."""
+    run it under ``cProfile`` instead (the host's Python functions); ``shapes``: record the operators' input shapes."""
     import editors.run as run_module
     from editors.models.generation import graph, release
     from editors.run import Runner
@@ -367,7 +378,8 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
             state["captures"] = (graph.STATS["captures"], graph.STATS["capture_s"])
             state["allocator"] = allocator_counts(bench.scale.device)
             window.enter_context(_patched_parts(bench.adapter))
-            state["prof"] = window.enter_context(torch.profiler.profile(activities=activities, with_stack=stacks))
+            state["prof"] = window.enter_context(torch.profiler.profile(activities=activities, with_stack=stacks,
+                                                                               record_shapes=shapes))
             state["started"] = time.perf_counter()
         with torch.profiler.record_function(PREFIX + "pre_edit"):
             return original_ahead(self, units)
@@ -397,7 +409,7 @@ def profiled_run(bench: Bench, method: str, edits: int, profile_pass: int,
                                 "captures": graph.STATS["captures"] - captures[0],
                                 "capture_s": round(graph.STATS["capture_s"] - captures[1], 3),
                                 "allocator": allocator_delta(state["allocator"], allocator_counts(bench.scale.device)),
-                                "ranges": summarize(state["prof"])}
+                                "ranges": summarize(state["prof"], shapes=shapes)}
             if stacks:
                 state["profile"]["idle_by_host"] = idle_by_host(state["prof"])
 
@@ -467,6 +479,9 @@ def render(rows: list[dict[str, Any]]) -> str:
             if kernels.get("ops"):
                 lines += ["", "| operator (its own kernels) | ms | calls |", "|---|---|---|"]
                 lines += [f"| `{n}` | {ms} | {calls} |" for n, ms, calls in kernels["ops"]]
+            if kernels.get("ops_by_shape"):
+                lines += ["", "| operator | input shapes | ms | calls |", "|---|---|---|---|"]
+                lines += [f"| `{n}` | `{sh}` | {ms} | {calls} |" for n, sh, ms, calls in kernels["ops_by_shape"]]
         for name, idle in (prof.get("idle_by_host") or {}).items():
             lines += ["", f"GPU idle in `{name}`: {idle['idle_s']} s, by what the host ran meanwhile (under the Python "
                       "tracer):", "", "| host event <- library frames | ms |", "|---|---|"]
@@ -485,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="count the pass's host-device syncs by call site instead of profiling it (CUDA)")
     p.add_argument("--stacks", action="store_true",
                    help="profile with Python stacks and attribute each range's GPU idle time to the host's work")
+    p.add_argument("--shapes", action="store_true",
+                   help="record input shapes too: the operators whose kernels took longest, by input shape")
     p.add_argument("--python", action="store_true",
                    help="run the pass under cProfile instead: the host's heaviest Python functions")
     p.add_argument("--model", default="qwen2_audio", choices=("qwen2_audio", "desta25"),
@@ -502,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.pre_edit_items = args.pre_edit_items
         for method in [m for m in args.methods.split(",") if m]:
             row = profiled_run(bench, method, args.edits, args.profile_pass, {} if args.syncs else None,
-                               stacks=args.stacks, python=args.python)
+                               stacks=args.stacks, python=args.python, shapes=args.shapes)
             # what `bench.goals --combine --pass-profiles` needs to put the pass's busy shares beside a card's table
             rows.append({**row, "model": args.model, "device": device_name(bench.scale),
                          "measured": time.strftime("%m-%d %H:%M", time.gmtime()),

@@ -719,3 +719,12 @@ def test_goals_naive_loop_times_its_edits_after_untimed_warm_up_ones(tmp_path, c
     assert "naive" in row["stamps"]
     assert f"- `i_ike`: naive {row['naive']:.2f} s/edit over 1 edit after 1 untimed (measured " in (
         tmp_path / "N.md").read_text()
+
+
+def test_copy_kernels_bench_checks_its_arms_bits_and_prints_ratios(capsys):
+    from bench import copy_kernels
+
+    assert copy_kernels.main(["--lanes", "3", "--width", "16", "--cache-tokens", "40", "--heads", "2",
+                              "--head-dim", "16", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16  store" in out and "wide  store" in out and "x)" in out

@@ -460,3 +460,39 @@ def test_a_generation_encodes_its_clips_ahead_of_its_batches_longest_first(monke
     monkeypatch.setattr(adapter, "encode_ahead", spy)
     assert adapter.generate(prompts, settings=settings) == ahead
     assert ahead_calls == [2] and len(calls) > 1  # it stopped once its states filled the budget
+
+
+def test_wide_views_share_bytes_and_keep_what_cannot_be_widened():
+    from editors.models.generation.graph import wide
+
+    x = torch.arange(3 * 4 * 10 * 32, dtype=torch.int16).view(torch.bfloat16).view(3, 4, 10, 32)
+    for view in (x, x.transpose(1, 2)):  # the engine's keys are a transposed view
+        w = wide(view)
+        assert w.dtype == torch.complex128 and w.shape[-1] == 4
+        assert w.data_ptr() == view.data_ptr() and torch.equal(w.view(torch.int16), view.view(torch.int16))
+    assert wide(x[..., 4:]).dtype == torch.int64  # rows of 56 bytes starting 8 bytes in
+    assert wide(x[..., 2:]).dtype == torch.int32  # rows of 60 bytes starting 4 bytes in
+    odd = torch.zeros(2, 3, 31)  # 4-byte elements already: as it is
+    assert wide(odd) is odd
+    shifted = x[..., 1:]  # rows of 62 bytes starting 2 bytes in: as it is
+    assert wide(shifted) is shifted
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keys_stored_and_gathered_as_wide_elements_are_the_elementwise_index_bits(dtype):
+    from editors.models.generation import graph
+
+    g = torch.Generator().manual_seed(0)
+    lanes, heads, width, positions, d = 5, 3, 12, 40, 16
+    bits = torch.randint(-2**15, 2**15, (lanes, width, heads, d * dtype.itemsize // 2), generator=g,
+                         dtype=torch.int16)
+    states = bits.view(dtype).transpose(1, 2)  # NaNs with payloads included: a copy keeps every bit
+    spans = [(row, (row * 2) % lanes, 3 * row, count) for row, count in enumerate([12, 7, 1, 9, 4])]
+    writes = graph._Writes.of(spans, width, torch.device("cpu"))
+    cache, expected = (torch.zeros(lanes, heads, positions, d, dtype=dtype) for _ in range(2))
+    graph.store_rows(cache, states, writes)
+    expected[writes.lane, :, writes.position] = states[writes.batch_row, :, writes.column]
+    assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))
+    rows, columns = writes.lane[:6, None], torch.stack([writes.position[:6], writes.position[1:7]], 1)
+    gathered = graph.gather_rows(cache, rows, columns)
+    assert torch.equal(gathered.view(torch.int16), expected[rows, :, columns].transpose(1, 2).view(torch.int16))

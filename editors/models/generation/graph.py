@@ -468,6 +468,32 @@ class _Writes:
         return cls(*tensors)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (its last dimension contiguous) viewed with the widest element of 16, 8 or 4 bytes that its head rows
+    divide into: the same bytes, so an index or index-put over the other dimensions copies exactly what it copies
+    over ``x``, but with a fraction of the elements (the index kernels move one element per thread: over bf16 a
+    2-byte copy each, bench/copy_kernels.py)."""
+    row = x.shape[-1] * x.element_size()
+    for dtype in (torch.complex128, torch.int64, torch.int32):
+        size = dtype.itemsize
+        if (row % size == 0 and x.stride(-1) == 1 and (x.storage_offset() * x.element_size()) % size == 0
+                and all((st * x.element_size()) % size == 0 for st in x.stride()[:-1])):
+            return x.view(dtype) if size > x.element_size() else x
+    return x
+
+
+def store_rows(cache: torch.Tensor, states: torch.Tensor, writes: _Writes) -> None:
+    """``states`` (``[B, heads, w, d]``) at ``writes``' batch rows and columns into ``cache`` (``[lanes, heads,
+    positions, d]``) at their lanes and positions."""
+    wide(cache)[writes.lane, :, writes.position] = wide(states)[writes.batch_row, :, writes.column]
+
+
+def gather_rows(cache: torch.Tensor, lanes: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[n, heads, P, d]``: each of ``n`` rows' ``columns`` (``[n, P]``) of its lane (``lanes``: ``[n, 1]``) of
+    ``cache``."""
+    return wide(cache)[lanes, :, columns].transpose(1, 2).view(cache.dtype)
+
+
 @dataclass
 class _Place:
     """Where a prompt's row lives in a chunk."""
@@ -574,8 +600,8 @@ class _State:
         lm.forward(embeds, positions, attend)
 
     def _store(self, i: int, k: torch.Tensor, v: torch.Tensor, writes: _Writes) -> None:
-        self.keys[i][writes.lane, :, writes.position] = k[writes.batch_row, :, writes.column]
-        self.values[i][writes.lane, :, writes.position] = v[writes.batch_row, :, writes.column]
+        store_rows(self.keys[i], k, writes)
+        store_rows(self.values[i], v, writes)
 
     def prefill(self, embeds: torch.Tensor, tail_valid: torch.Tensor, positions: torch.Tensor,
                 prefixes: Sequence[tuple[int, int, int]], writes: _Writes, rows: torch.Tensor) -> None:
@@ -602,8 +628,8 @@ class _State:
                 keys, values = k[a:b], v[a:b]
                 if run.gather is not None:  # each row's prefix gathered from its lane beside its own tail
                     lanes, columns = run.gather
-                    keys = torch.cat([self.keys[i][lanes, :, columns].transpose(1, 2), keys], dim=2)
-                    values = torch.cat([self.values[i][lanes, :, columns].transpose(1, 2), values], dim=2)
+                    keys = torch.cat([gather_rows(self.keys[i], lanes, columns), keys], dim=2)
+                    values = torch.cat([gather_rows(self.values[i], lanes, columns), values], dim=2)
                 outs.append(nn.functional.scaled_dot_product_attention(
                     q[a:b], lm.repeat_kv(keys), lm.repeat_kv(values), attn_mask=run.mask, scale=lm.scale))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -701,8 +727,8 @@ class _State:
         lm, g, s, width = self.lm, self.lanes, self.slots, self.width
         kv, rep, d = lm.kv_heads, lm.heads // lm.kv_heads, lm.head_dim
         keys, values = self.keys[i], self.values[i]
-        keys[self.lane_of, :, self.write] = k[:, :, 0]
-        values[self.lane_of, :, self.write] = v[:, :, 0]
+        wide(keys)[self.lane_of, :, self.write] = wide(k[:, :, 0])
+        wide(values)[self.lane_of, :, self.write] = wide(v[:, :, 0])
         slotted = q.reshape(self.rows, kv, rep, d).index_select(0, self.slot_row)  # [G*S, kv, rep, d]
         lanes_q = slotted.view(g, s, kv, rep, d).permute(0, 2, 1, 3, 4).reshape(g, kv, s * rep, d)
         scores = torch.matmul(lanes_q, keys.transpose(-1, -2)) * lm.scale  # [G, kv, S*rep, W]
