@@ -249,7 +249,8 @@ def check_fused_layer() -> str:
                              "(relative to the largest value)")
     return (f"fused decoder layers against Hugging Face's: largest relative difference {worst:.2g} (bf16 losses, "
             f"grads); packed rows against padded: {worst_packed:.2g} (losses); a layer over packed rows as "
-            f"variable-length sequences against its boolean mask: {worst_rows:.2g} (outputs)")
+            f"variable-length sequences, and over rows they run on across, against its boolean mask: {worst_rows:.2g} "
+            "(outputs)")
 
 
 def check_routed_norm() -> str:
@@ -355,6 +356,18 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     batch = adapter.prepare(list(prompts))
     state = adapter.hidden_entering(batch, 0)
     hidden, segments, positions, _ = two_packed_rows(state.hidden, batch.attention_mask.sum(-1).tolist())
+    # the same sequences back to back over rows narrower than each (the stream layout of UnKE's stage 2 on CUDA)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    width = max(1, min(lengths) - 3)
+    rows = -(-sum(lengths) // width)
+    flat = state.hidden.new_zeros(rows * width, state.hidden.shape[-1])
+    numbers = torch.full((rows * width,), -1)
+    columns = torch.zeros(rows * width, dtype=torch.long)
+    starts, at = [], 0
+    for i, n in enumerate(lengths):
+        flat[at:at + n], numbers[at:at + n], columns[at:at + n] = state.hidden[i, -n:], i, torch.arange(n)
+        starts.append(at)
+        at += n
     outputs = []
     kept = dict(buckets.PACK_SEQUENCES)
     try:
@@ -362,11 +375,28 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
             buckets.PACK_SEQUENCES["cuda"] = on
             with torch.no_grad():
                 outputs.append(adapter.run_layers(adapter.packed_state(0, hidden, segments, positions)).float())
+                if on:
+                    streamed = adapter.run_layers(adapter.packed_state(
+                        0, flat.view(rows, width, -1), numbers.view(rows, width), columns.view(rows, width))).float()
     finally:
         buckets.PACK_SEQUENCES.update(kept)
     valid = (segments >= 0).to(hidden.device)
     masked, varlen = outputs[0][valid], outputs[1][valid]
-    return float((varlen - masked).abs().max() / masked.abs().max())
+    worst = float((varlen - masked).abs().max() / masked.abs().max())
+    # each sequence's outputs over the stream rows against its outputs under the mask
+    streamed = streamed.reshape(rows * width, -1)
+    masked_rows = outputs[0]
+    for i, (n, at) in enumerate(zip(lengths, starts)):
+        row, first = _place_in_two_rows(segments, i)
+        reference = masked_rows[row, first:first + n]
+        worst = max(worst, float((streamed[at:at + n] - reference).abs().max() / reference.abs().max()))
+    return worst
+
+
+def _place_in_two_rows(segments: torch.Tensor, number: int) -> tuple[int, int]:
+    """(row, first column) of sequence ``number`` in :func:`two_packed_rows`' segments."""
+    row, column = (segments == number).nonzero()[0].tolist()
+    return int(row), int(column)
 
 
 def check_whisper_transcripts() -> str:

@@ -337,10 +337,12 @@ class LayerRows:
 def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> list[LayerRows]:
     """``groups`` (left-padded rows of one sequence each) repacked where :data:`~editors.models.buckets.PACK_TRAINING`
     says so for the device and the adapter can (``adapter.packed_state``): each edit's sequences back to back in
-    rows as wide as the widest sequence's training bucket (first fit, longest first; rows of one edit each, edits in
-    order), each sequence attending within itself at its own positions. A layer's output on a sequence is then its
-    output in its own row, and a term's loss sums the same positions; otherwise ``groups`` come back as they are.
-    (One host sync: the sequences' lengths.)"""
+    rows of its own (edits in order), each sequence attending within itself at its own positions. Where the adapter
+    reads packed rows through the variable-length kernel (``adapter.packs_sequences()``: CUDA) an edit's sequences
+    run on from one row into the next, in rows of the training width step, so only its last row ends in padding;
+    elsewhere each sequence stays within a row as wide as the widest sequence's training bucket (first fit, longest
+    first). A layer's output on a sequence is then its output in its own row, and a term's loss sums the same
+    positions; otherwise ``groups`` come back as they are. (One host sync: the sequences' lengths.)"""
     device = torch.device(adapter.device)
     if not groups or not buckets.PACK_TRAINING.get(device.type, False):
         return list(groups)
@@ -351,12 +353,24 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
         term = group.terms[0][0]
         lengths = group.state.batch.attention_mask.sum(-1).tolist()
         sequences += [(owner, term, g, row, int(n)) for row, (owner, n) in enumerate(zip(group.owner, lengths))]
-    width = buckets.width_bucket(max(s[4] for s in sequences), device, buckets.training_width_step(device))
-    rows: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []  # (owner, its sequences)
+    streams = bool(getattr(adapter, "packs_sequences", lambda: False)())
+    step = buckets.training_width_step(device)
+    width = step if streams else buckets.width_bucket(max(s[4] for s in sequences), device, step)
+    # each edit's sequences, longest first, as (its first row, the column of its stream where each begins)
+    rows: list[int] = []  # each row's edit
+    laid: list[tuple[tuple[int, int, int, int, int], int]] = []  # (sequence, its first column in the flat rows)
     for owner in sorted({s[0] for s in sequences}):
+        own = sorted((s for s in sequences if s[0] == owner), key=lambda s: -s[4])
+        if streams:  # back to back from the edit's first row on; its last row ends in padding
+            first_row, column = len(rows), 0
+            for seq in own:
+                laid.append((seq, first_row * width + column))
+                column += seq[4]
+            rows += [owner] * -(-column // width)
+            continue
         bins: list[list[tuple[int, int, int, int, int]]] = []
         free: list[int] = []
-        for seq in sorted((s for s in sequences if s[0] == owner), key=lambda s: -s[4]):
+        for seq in own:
             fits = next((b for b, room in enumerate(free) if room >= seq[4]), None)
             if fits is None:
                 bins.append([seq])
@@ -364,27 +378,30 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
             else:
                 bins[fits].append(seq)
                 free[fits] -= seq[4]
-        rows += [(owner, b) for b in bins]
+        for seqs in bins:  # each row right-aligned: its padding first
+            column = (len(rows) + 1) * width - sum(s[4] for s in seqs)
+            for seq in seqs:
+                laid.append((seq, column))
+                column += seq[4]
+            rows.append(owner)
     first = groups[0].state.hidden
     size, device = first.shape[-1], first.device
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = torch.full((len(rows) * width,), -1, dtype=torch.long)
+    positions = torch.zeros(len(rows) * width, dtype=torch.long)
     terms = sorted({s[1] for s in sequences})
     # where each sequence's columns come from (its group's flattened rows) and go (the packed rows, flattened):
     # one gather and one scatter per group instead of a copy per sequence
     sources: dict[int, list[np.ndarray]] = {g: [] for g in range(len(groups))}
     places: dict[int, list[np.ndarray]] = {g: [] for g in range(len(groups))}
     marked: dict[int, list[np.ndarray]] = {t: [] for t in terms}
-    for r, (_, seqs) in enumerate(rows):
-        column = width - sum(s[4] for s in seqs)
-        for number, (_, term, g, row, length) in enumerate(seqs):
-            source_width = groups[g].state.hidden.shape[1]
-            sources[g].append(np.arange((row + 1) * source_width - length, (row + 1) * source_width))
-            places[g].append(np.arange(r * width + column, r * width + column + length))
-            marked[term].append(places[g][-1])
-            segments[r, column:column + length] = number
-            positions[r, column:column + length] = torch.arange(length)
-            column += length
+    for number, ((_, term, g, row, length), column) in enumerate(laid):  # numbers distinct over the pass
+        source_width = groups[g].state.hidden.shape[1]
+        sources[g].append(np.arange((row + 1) * source_width - length, (row + 1) * source_width))
+        places[g].append(np.arange(column, column + length))
+        marked[term].append(places[g][-1])
+        segments[column:column + length] = number
+        positions[column:column + length] = torch.arange(length)
+    segments, positions = segments.view(len(rows), width), positions.view(len(rows), width)
     hidden = first.new_zeros(len(rows) * width, size)
     target = torch.zeros(len(rows) * width, size, dtype=torch.float32, device=device)
     for g, group in enumerate(groups):
@@ -401,7 +418,7 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
     state = adapter.packed_state(layer, hidden, segments, positions)
     if state is None:
         return list(groups)
-    return [LayerRows(owner=[o for o, _ in rows], state=state, target=target, terms=[(t, valid[t]) for t in terms])]
+    return [LayerRows(owner=rows, state=state, target=target, terms=[(t, valid[t]) for t in terms])]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,9 +27,10 @@ per edit, each edit's loss from its own row, per-edit early stop and norm clamp)
 layer ``L`` per edit (``editors/batching.py``: the edit's rows run its copy; each edit's loss is its own two MSE
 terms over its own rows, as alone); the model is unchanged and generation routes each item to its edit's copy.
 Batches have canonical shapes (``editors/models/buckets.py``), so on the CPU each edit gets the same result whatever
-K is. On CUDA stage 1 puts every edit's row in one batch (its steps are launch-bound) and stage 2 packs each edit's
-26 sequences back to back into few rows (``packed_layer_rows``: the short text prompts were half padding), which
-attend through the variable-length flash kernel (``PackedSequences.over_rows``).
+K is. On CUDA stage 1 puts every edit's row in one batch (its steps are launch-bound) and stage 2 lays each edit's
+26 sequences back to back, running on from row to row, in rows of its own (``packed_layer_rows``: one sequence per
+row left the short text prompts half padding, and sequences kept within rows still ~1.2x), which attend through
+the variable-length flash kernel (``PackedSequences.over_rows``).
 """
 
 from __future__ import annotations

@@ -488,17 +488,21 @@ def test_methods_that_do_not_batch_run_one_at_a_time():
     assert batching == {"ft_audio", "ft_llm", "i_ike", "ie_ike", "ke", "mend", "unke", "wise"}
 
 
-def test_packed_layer_rows_hold_every_sequence_once_in_a_row_of_its_edit(monkeypatch):
+@pytest.mark.parametrize("streams", [False, True])
+def test_packed_layer_rows_hold_every_sequence_once_in_rows_of_its_edit(streams, monkeypatch):
     """``packed_layer_rows`` (UnKE's stage 2 on CUDA): each sequence's columns (the last ``length`` of its
-    left-padded row) land once, contiguous, in a packed row of its own edit, with its target, its term's valid
-    marks, positions 0..n-1 and its own segment number; every other column is padding (zero, segment -1)."""
+    left-padded row) land once, contiguous, in the packed rows of its own edit, with its target, its term's valid
+    marks, positions 0..n-1 and a segment number of its own; every other column is padding (zero, segment -1).
+    Where the adapter reads rows through the variable-length kernel (``streams``) an edit's sequences run on from
+    row to row and only its last row ends in padding; otherwise each sequence stays within one row."""
+    import math
     from types import SimpleNamespace
 
     from editors import batching
     from editors.models import buckets
 
     monkeypatch.setitem(buckets.PACK_TRAINING, "cpu", True)
-    monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 16)
+    monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 16 if not streams else 8)
     generator = torch.Generator().manual_seed(0)
 
     def group(owners, lengths, width, term):
@@ -516,6 +520,9 @@ def test_packed_layer_rows_hold_every_sequence_once_in_a_row_of_its_edit(monkeyp
     class Adapter:
         device = "cpu"
 
+        def packs_sequences(self):
+            return streams
+
         def packed_state(self, layer, hidden, segments, positions):
             seen.update(segments=segments, positions=positions)
             return SimpleNamespace(hidden=hidden)
@@ -523,25 +530,36 @@ def test_packed_layer_rows_hold_every_sequence_once_in_a_row_of_its_edit(monkeyp
     (packed,) = batching.packed_layer_rows(Adapter(), 3, groups)
     sources = {(g, row): (group.owner[row], group.terms[0][0], int(group.state.batch.attention_mask[row].sum()))
                for g, group in enumerate(groups) for row in range(len(group.owner))}
-    used = []
     segments, positions, valid = seen["segments"], seen["positions"], dict(packed.terms)
-    for r, owner in enumerate(packed.owner):
-        for number in range(int(segments[r].max()) + 1):
-            cols = (segments[r] == number).nonzero().flatten()
-            assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # contiguous
-            assert positions[r, cols].tolist() == list(range(len(cols)))
-            columns = packed.state.hidden[r, cols]
-            (match,) = [key for key, (o, _, n) in sources.items()
-                        if o == owner and n == len(cols)
-                        and torch.equal(groups[key[0]].state.hidden[key[1], -n:], columns)]
-            g, row = match
-            term = sources[match][1]
-            assert torch.equal(packed.target[r, cols], groups[g].target[row, -len(cols):])
-            assert bool((valid[term][r, cols] == 1).all())
-            assert all(float(v[r, cols].abs().sum()) == 0 for t, v in valid.items() if t != term)
-            used.append(match)
+    width = segments.shape[1]
+    flat = segments.reshape(-1)
+    hidden, target = packed.state.hidden.reshape(-1, 4), packed.target.reshape(-1, 4)
+    used = []
+    for number in sorted(set(flat.tolist()) - {-1}):
+        cols = (flat == number).nonzero().flatten()
+        assert cols.tolist() == list(range(int(cols[0]), int(cols[-1]) + 1))  # contiguous
+        rows = sorted({int(c) // width for c in cols})
+        owner = packed.owner[rows[0]]
+        assert all(packed.owner[r] == owner for r in rows) and (streams or len(rows) == 1)
+        assert positions.reshape(-1)[cols].tolist() == list(range(len(cols)))
+        (match,) = [key for key, (o, _, n) in sources.items()
+                    if o == owner and n == len(cols) and torch.equal(groups[key[0]].state.hidden[key[1], -n:],
+                                                                     hidden[cols])]
+        g, row = match
+        term = sources[match][1]
+        assert torch.equal(target[cols], groups[g].target[row, -len(cols):])
+        assert bool((valid[term].reshape(-1)[cols] == 1).all())
+        assert all(float(v.reshape(-1)[cols].abs().sum()) == 0 for t, v in valid.items() if t != term)
+        used.append(match)
     assert sorted(used) == sorted(sources)  # every sequence once
     padding = segments < 0
     assert float(packed.state.hidden[padding].abs().sum()) == 0 and float(packed.target[padding].abs().sum()) == 0
     assert all(float(v[padding].abs().sum()) == 0 for v in valid.values())
     assert len(packed.owner) < sum(len(g.owner) for g in groups)
+    if streams:  # each edit in as few rows as its tokens fill, its padding at the end of its last row only
+        for owner in set(packed.owner):
+            rows = [r for r, o in enumerate(packed.owner) if o == owner]
+            tokens = sum(n for o, _, n in sources.values() if o == owner)
+            assert rows == list(range(rows[0], rows[0] + math.ceil(tokens / width)))
+            assert flat[rows[0] * width:rows[0] * width + tokens].min() >= 0
+            assert bool((flat[rows[0] * width + tokens:(rows[-1] + 1) * width] == -1).all())

@@ -189,15 +189,57 @@ def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeyp
     assert torch.isfinite(together).all()
 
 
+@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-desta25"])
+def test_a_layer_runs_sequences_that_go_on_from_row_to_row(family, monkeypatch):
+    """``adapter.packed_state`` with sequences laid back to back over rows narrower than they are (CUDA's stream
+    layout of UnKE's stage 2): each still gets the layer outputs of its own left-padded row through the
+    variable-length path (here its dense fallback); the boolean-mask path, which attends row by row, refuses it."""
+    from editors.models import buckets, fused_layer
+    from editors.models.base import Prompt
+
+    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
+    monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", True)
+    adapter = tiny_adapter(family)
+    batch = adapter.prepare([Prompt("What is the emotion?"), Prompt("Which animal makes this sound? (a) dog (b) cat"),
+                             Prompt("Is it a man?")])
+    state = adapter.hidden_entering(batch, 1)
+    with torch.no_grad():
+        alone = adapter.run_layers(state)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    width = min(lengths) - 3  # every sequence runs over at least two rows
+    rows = -(-sum(lengths) // width)
+    hidden = state.hidden.new_zeros(rows * width, state.hidden.shape[-1])
+    segments = torch.full((rows * width,), -1, dtype=torch.long)
+    positions = torch.zeros(rows * width, dtype=torch.long)
+    starts, column = [], 0
+    for i, n in enumerate(lengths):
+        hidden[column:column + n] = state.hidden[i, -n:]
+        segments[column:column + n], positions[column:column + n] = i, torch.arange(n)
+        starts.append(column)
+        column += n
+    shaped = (hidden.view(rows, width, -1), segments.view(rows, width), positions.view(rows, width))
+    packed = adapter.packed_state(1, *shaped)
+    with torch.no_grad():
+        together = adapter.run_layers(packed).reshape(rows * width, -1)
+    for i, (n, at) in enumerate(zip(lengths, starts)):
+        torch.testing.assert_close(together[at:at + n], alone[i, -n:], rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", False)
+    with pytest.raises(ValueError, match="goes on from one row to the next"):
+        adapter.packed_state(1, *shaped)
+
+
 def test_sequences_over_rows_are_the_runs_of_each_row():
     """``PackedSequences.over_rows``: each row's runs of like columns (its padding one of them), rows one after
-    another; a sequence split within its row is refused."""
+    another, a sequence that ends a row going on where the next row begins with its number; a sequence split
+    within its row is refused."""
     from editors.models.batch import PackedSequences
 
     segments = torch.tensor([[-1, -1, 0, 0, 0, 1], [0, 0, 0, 0, 1, 1], [-1, 0, 0, 1, 1, 2]])
     sequences = PackedSequences.over_rows(segments, "cpu")
     assert sequences.lengths == (2, 3, 1, 4, 2, 1, 2, 2, 1) and sequences.total == segments.numel()
     assert sequences.starts.tolist() == [0, 2, 5, 6, 10, 12, 13, 15, 17, 18]
+    streamed = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 2, 2, 2, 2], [2, 3, -1, -1, -1, -1], [4, 4, 4, 4, 4, 4]])
+    assert PackedSequences.over_rows(streamed, "cpu").lengths == (3, 5, 5, 1, 4, 6)
     with pytest.raises(ValueError, match="row 0: a sequence's columns are not contiguous"):
         PackedSequences.over_rows(torch.tensor([[0, 0, 1, 0]]), "cpu")
 

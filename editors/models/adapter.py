@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from editors.models.batch import IGNORE_INDEX, FrozenColumns, LayerState, PackedSequences, PromptBatch, to_device
+from editors.models.batch import (IGNORE_INDEX, FrozenColumns, LayerState, PackedSequences, PromptBatch,
+                                  continued_rows, to_device)
 from editors.models.fused_layer import RotaryTables, fused_layers_on, layer_forward, rms_norm, supports
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit, PromptRouting, resolve_settings
 from editors.models.generation import generate as _generate
@@ -685,7 +686,8 @@ class LALMAdapter(abc.ABC):
     def packed_state(self, layer: int, hidden: torch.Tensor, segments: torch.Tensor, positions: torch.Tensor
                      ) -> LayerState | None:
         """Hidden states entering LLM layer ``layer`` that hold several sequences per row (``hidden``
-        ``[R, W, H]``; ``segments`` ``[R, W]``: each column's sequence number within its row, -1 on padding;
+        ``[R, W, H]``; ``segments`` ``[R, W]``: each column's sequence number, -1 on padding; a sequence may go on
+        from a row's end to the next row's start only where :meth:`packs_sequences`;
         ``positions`` ``[R, W]``: each column's position in its own sequence, from 0; both on the host or the
         device). Each sequence attends causally within itself only, so :meth:`run_layers` gives each sequence's
         columns the outputs of its own left-padded row (in exact arithmetic); a padding column's output is finite
@@ -702,6 +704,9 @@ class LALMAdapter(abc.ABC):
         packs = self.packs_sequences()
         if packs:
             mask = PackedSequences.over_rows(segments, device)  # read on the host
+        elif any(continued_rows(segments.cpu())):
+            raise ValueError("packed_state: a sequence goes on from one row to the next, which only the "
+                             "variable-length kernel reads (packs_sequences)")
         segments, positions = to_device(segments, device), to_device(positions, device)
         if not packs:
             columns = torch.arange(hidden.shape[1], device=device)

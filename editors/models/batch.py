@@ -75,6 +75,13 @@ class StopFlags:
         return event is None or bool(event.query())
 
 
+def continued_rows(segments: torch.Tensor) -> list[bool]:
+    """For each row of ``segments`` (``[R, W]``, sequence numbers, -1 on padding) but the last: whether the sequence
+    that ends it goes on at the start of the next row (the same number, not padding)."""
+    ends, starts = segments[:-1, -1], segments[1:, 0]
+    return ((ends == starts) & (ends >= 0)).tolist()
+
+
 @dataclass(frozen=True)
 class PackedSequences:
     """Several sequences back to back in one row (a packed :class:`PromptBatch`), or in the rows of a batch read one
@@ -120,18 +127,24 @@ class PackedSequences:
 
     @classmethod
     def over_rows(cls, segments: torch.Tensor, device: torch.device | str) -> "PackedSequences":
-        """The sequences of rows ``segments`` (host ``[R, W]``: each column's sequence number within its row, -1 on
-        padding), rows read one after another: each run of like columns one sequence (a row's padding too, which
-        then attends within itself: its outputs are nobody's input). A sequence number that comes back after
-        another's columns is an error (a sequence must be contiguous)."""
+        """The sequences of rows ``segments`` (host ``[R, W]``: each column's sequence number, -1 on padding), rows
+        read one after another: each run of like columns one sequence (a row's padding too, which then attends
+        within itself: its outputs are nobody's input). A sequence that ends a row goes on at the start of the next
+        row where that row begins with its number (:func:`continued_rows`); elsewhere a row's end ends it. A
+        sequence number that comes back within a row after another's columns is an error (a sequence must be
+        contiguous)."""
         segments = segments.cpu()
         lengths: list[int] = []
+        goes_on = continued_rows(segments)
         for r, row in enumerate(segments):
             cuts = [0, *((row[1:] != row[:-1]).nonzero().squeeze(1) + 1).tolist(), int(row.numel())]
             numbers = [int(row[c]) for c in cuts[:-1]]
             if len({n for n in numbers if n >= 0}) != sum(n >= 0 for n in numbers):
                 raise ValueError(f"row {r}: a sequence's columns are not contiguous ({numbers})")
-            lengths += [b - a for a, b in zip(cuts, cuts[1:])]
+            runs = [b - a for a, b in zip(cuts, cuts[1:])]
+            if r > 0 and goes_on[r - 1]:  # the previous row's last sequence goes on here
+                lengths[-1] += runs.pop(0)
+            lengths += runs
         return cls.of(lengths, device)
 
     @functools.cached_property

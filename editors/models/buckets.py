@@ -45,10 +45,10 @@ TRAINING_WIDTH_STEP = {"cpu": 32, "cuda": 256}
 #: CPU the width groups (a row's bits then do not depend on the other rows).
 TAIL_ONE_BATCH = {"cpu": False, "cuda": True}
 #: Training of one LLM layer on fixed inputs (UnKE's stage 2: an edit's prompt and its 25 preservation prompts):
-#: on CUDA each edit's sequences are packed back to back into rows of its widest bucket
-#: (``editors.batching.packed_layer_rows``), since at the training width of 256 the ~135-token text prompts are
-#: half padding and every width group is a run of rows with a weight gradient of its own. On CPU one sequence per
-#: row (a row's bits then do not depend on the other rows).
+#: on CUDA each edit's sequences are laid back to back, running on from row to row, in rows of the training width
+#: (``editors.batching.packed_layer_rows``; only an edit's last row ends in padding), since at the training width of
+#: 256 the ~135-token text prompts are half padding and every width group is a run of rows with a weight gradient of
+#: its own. On CPU one sequence per row (a row's bits then do not depend on the other rows).
 PACK_TRAINING = {"cpu": False, "cuda": True}
 #: Training through every LLM layer on rows of many lengths (FT-Audio's steps: rows of ~160-440 tokens): on CUDA the
 #: rows are packed back to back into one row without padding (``LALMAdapter.prepare(..., packed=True)``; the
