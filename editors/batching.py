@@ -128,11 +128,16 @@ def masked_update(masters: list[torch.Tensor], grads: list[torch.Tensor | None],
 
 
 def _optimizer_state(st: dict[str, Any], p: torch.Tensor, optimizer: str) -> list[torch.Tensor]:
-    """The optimizer's per-entry state tensors of ``p`` (created at zero on the first step)."""
+    """The optimizer's per-entry state tensors of ``p`` (created at zero on the first step only: a zeroed copy of
+    ``p`` made at every step, as ``setdefault``'s argument would be, costs a full write of the fp32 copies per
+    moment and step)."""
     names = {"sgd": (), "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}.get(optimizer)
     if names is None:
         raise ConfigError(f"unknown optimizer {optimizer!r}; expected adam, sgd or rmsprop")
-    return [st.setdefault(name, torch.zeros_like(p)) for name in names]
+    for name in names:
+        if name not in st:
+            st[name] = torch.zeros_like(p)
+    return [st[name] for name in names]
 
 
 def fused_adam(optimizer: str, tensor: torch.Tensor) -> bool:

@@ -164,6 +164,22 @@ def test_the_in_place_update_of_all_active_edits_gives_the_masked_updates_bits(o
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+@pytest.mark.parametrize("optimizer,moments", [("adam", 2), ("rmsprop", 1), ("sgd", 0)])
+def test_optimizer_state_is_made_at_the_first_step_only(optimizer, moments, monkeypatch):
+    """The stacked copies' optimizer state is zeroed once, at the first update: later steps make no new tensor the
+    size of the copies (a zeroed copy per moment and step wrote as many bytes as the moments themselves)."""
+    from editors import batching
+
+    made = []
+    real = torch.zeros_like
+    monkeypatch.setattr(batching.torch, "zeros_like", lambda t, **kw: made.append(t.shape) or real(t, **kw))
+    p, g, state = torch.randn(3, 4, 5), torch.randn(3, 4, 5), [{}]
+    for step in range(1, 5):
+        batching.masked_update([p], [g], state, torch.ones(3, dtype=torch.bool), step, optimizer=optimizer, lr=0.1,
+                               weight_decay=0.0, all_active=True)
+    assert made == [p.shape] * moments and len(state[0]) == moments
+
+
 def test_fused_adam_steps_of_stacked_edits_equal_one_fused_optimizer_per_edit(monkeypatch):
     """On CUDA both loops take torch's fused Adam kernel (forced here on the CPU, where torch has it too): K edits'
     masked steps give each edit the bits of its own ``torch.optim.Adam(fused=True)``, a frozen edit keeps its
