@@ -348,6 +348,25 @@ def two_packed_rows(hidden: torch.Tensor, lengths: Sequence[int], pad: int = 5
     return rows, segments, positions, place
 
 
+def stream_rows(hidden: torch.Tensor, lengths: Sequence[int], short: int = 3
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Left-padded sequences (``hidden`` ``[S, T, H]``, their ``lengths``) back to back over rows ``short`` columns
+    narrower than the shortest, so every sequence goes on from one row to the next (UnKE's stage-2 layout on CUDA),
+    padding after the last. Returns the rows' hidden states, segments and positions (host), and each sequence's
+    first column in the rows read as one stream."""
+    width = max(1, min(lengths) - short)
+    rows = -(-sum(lengths) // width)
+    flat = hidden.new_zeros(rows * width, hidden.shape[-1])
+    numbers = torch.full((rows * width,), -1)
+    columns = torch.zeros(rows * width, dtype=torch.long)
+    starts, at = [], 0
+    for i, n in enumerate(lengths):
+        flat[at:at + n], numbers[at:at + n], columns[at:at + n] = hidden[i, -n:], i, torch.arange(n)
+        starts.append(at)
+        at += n
+    return flat.view(rows, width, -1), numbers.view(rows, width), columns.view(rows, width), starts
+
+
 def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     """UnKE's stage-2 rows (``adapter.packed_state``: several sequences per row, left padding): layer 0's outputs
     over the valid columns with the variable-length kernel over the rows against the boolean mask's."""
@@ -358,16 +377,7 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     hidden, segments, positions, _ = two_packed_rows(state.hidden, batch.attention_mask.sum(-1).tolist())
     # the same sequences back to back over rows narrower than each (the stream layout of UnKE's stage 2 on CUDA)
     lengths = batch.attention_mask.sum(-1).tolist()
-    width = max(1, min(lengths) - 3)
-    rows = -(-sum(lengths) // width)
-    flat = state.hidden.new_zeros(rows * width, state.hidden.shape[-1])
-    numbers = torch.full((rows * width,), -1)
-    columns = torch.zeros(rows * width, dtype=torch.long)
-    starts, at = [], 0
-    for i, n in enumerate(lengths):
-        flat[at:at + n], numbers[at:at + n], columns[at:at + n] = state.hidden[i, -n:], i, torch.arange(n)
-        starts.append(at)
-        at += n
+    stream, numbers, columns, starts = stream_rows(state.hidden, lengths)
     outputs = []
     kept = dict(buckets.PACK_SEQUENCES)
     try:
@@ -376,15 +386,14 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
             with torch.no_grad():
                 outputs.append(adapter.run_layers(adapter.packed_state(0, hidden, segments, positions)).float())
                 if on:
-                    streamed = adapter.run_layers(adapter.packed_state(
-                        0, flat.view(rows, width, -1), numbers.view(rows, width), columns.view(rows, width))).float()
+                    streamed = adapter.run_layers(adapter.packed_state(0, stream, numbers, columns)).float()
     finally:
         buckets.PACK_SEQUENCES.update(kept)
     valid = (segments >= 0).to(hidden.device)
     masked, varlen = outputs[0][valid], outputs[1][valid]
     worst = float((varlen - masked).abs().max() / masked.abs().max())
     # each sequence's outputs over the stream rows against its outputs under the mask
-    streamed = streamed.reshape(rows * width, -1)
+    streamed = streamed.reshape(-1, streamed.shape[-1])
     masked_rows = outputs[0]
     for i, (n, at) in enumerate(zip(lengths, starts)):
         row, first = _place_in_two_rows(segments, i)

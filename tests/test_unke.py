@@ -157,18 +157,12 @@ def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
     assert [s["v_steps"] for s in together_stats] == [s["v_steps"] for s in grouped_stats]
 
 
-@pytest.mark.parametrize("kernel", ["mask", "sequences"])
-@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
-def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeypatch):
-    """``adapter.packed_state``: sequences entering a layer, packed back to back into rows (each attending within
-    itself at its own positions), get the layer outputs of their own left-padded rows (the three families), under a
-    boolean mask or as variable-length sequences over the rows (CUDA's path; here its dense fallback)."""
-    from bench.cuda_checks import two_packed_rows
+def _three_sequences(family: str, packs: bool, monkeypatch) -> tuple:
+    """A tiny ``family`` adapter (packing sequences where ``packs``), the states of three prompts entering layer 1,
+    their outputs of layer 1 alone and their lengths."""
     from editors.models import buckets, fused_layer
     from editors.models.base import Prompt
-    from editors.models.batch import PackedSequences
 
-    packs = kernel == "sequences"
     monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", packs)
     monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", packs)
     adapter = tiny_adapter(family)
@@ -177,7 +171,20 @@ def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeyp
     state = adapter.hidden_entering(batch, 1)
     with torch.no_grad():
         alone = adapter.run_layers(state)
-    lengths = batch.attention_mask.sum(-1).tolist()
+    return adapter, state, alone, batch.attention_mask.sum(-1).tolist()
+
+
+@pytest.mark.parametrize("kernel", ["mask", "sequences"])
+@pytest.mark.parametrize("family", ["tiny-qwen2-audio", "tiny-audio-flamingo3", "tiny-desta25"])
+def test_a_layer_runs_packed_sequences_as_their_own_rows(family, kernel, monkeypatch):
+    """``adapter.packed_state``: sequences entering a layer, packed back to back into rows (each attending within
+    itself at its own positions), get the layer outputs of their own left-padded rows (the three families), under a
+    boolean mask or as variable-length sequences over the rows (CUDA's path; here its dense fallback)."""
+    from bench.cuda_checks import two_packed_rows
+    from editors.models.batch import PackedSequences
+
+    packs = kernel == "sequences"
+    adapter, state, alone, lengths = _three_sequences(family, packs, monkeypatch)
     # row 0: padding, sequence 0, sequence 1; row 1: padding, sequence 2
     hidden, segments, positions, place = two_packed_rows(state.hidden, lengths, pad=3)
     packed = adapter.packed_state(1, hidden, segments, positions)
@@ -194,38 +201,20 @@ def test_a_layer_runs_sequences_that_go_on_from_row_to_row(family, monkeypatch):
     """``adapter.packed_state`` with sequences laid back to back over rows narrower than they are (CUDA's stream
     layout of UnKE's stage 2): each still gets the layer outputs of its own left-padded row through the
     variable-length path (here its dense fallback); the boolean-mask path, which attends row by row, refuses it."""
-    from editors.models import buckets, fused_layer
-    from editors.models.base import Prompt
+    from bench.cuda_checks import stream_rows
+    from editors.models import buckets
 
-    monkeypatch.setitem(fused_layer.FUSED_LAYERS, "cpu", True)
-    monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", True)
-    adapter = tiny_adapter(family)
-    batch = adapter.prepare([Prompt("What is the emotion?"), Prompt("Which animal makes this sound? (a) dog (b) cat"),
-                             Prompt("Is it a man?")])
-    state = adapter.hidden_entering(batch, 1)
+    adapter, state, alone, lengths = _three_sequences(family, True, monkeypatch)
+    hidden, segments, positions, starts = stream_rows(state.hidden, lengths)
+    assert all(n > segments.shape[1] for n in lengths)  # every sequence runs over at least two rows
     with torch.no_grad():
-        alone = adapter.run_layers(state)
-    lengths = batch.attention_mask.sum(-1).tolist()
-    width = min(lengths) - 3  # every sequence runs over at least two rows
-    rows = -(-sum(lengths) // width)
-    hidden = state.hidden.new_zeros(rows * width, state.hidden.shape[-1])
-    segments = torch.full((rows * width,), -1, dtype=torch.long)
-    positions = torch.zeros(rows * width, dtype=torch.long)
-    starts, column = [], 0
-    for i, n in enumerate(lengths):
-        hidden[column:column + n] = state.hidden[i, -n:]
-        segments[column:column + n], positions[column:column + n] = i, torch.arange(n)
-        starts.append(column)
-        column += n
-    shaped = (hidden.view(rows, width, -1), segments.view(rows, width), positions.view(rows, width))
-    packed = adapter.packed_state(1, *shaped)
-    with torch.no_grad():
-        together = adapter.run_layers(packed).reshape(rows * width, -1)
+        together = adapter.run_layers(adapter.packed_state(1, hidden, segments, positions))
+    together = together.reshape(-1, together.shape[-1])
     for i, (n, at) in enumerate(zip(lengths, starts)):
         torch.testing.assert_close(together[at:at + n], alone[i, -n:], rtol=1e-5, atol=1e-5)
     monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", False)
     with pytest.raises(ValueError, match="goes on from one row to the next"):
-        adapter.packed_state(1, *shaped)
+        adapter.packed_state(1, hidden, segments, positions)
 
 
 def test_sequences_over_rows_are_the_runs_of_each_row():
