@@ -361,9 +361,9 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
     streams = bool(getattr(adapter, "packs_sequences", lambda: False)())
     step = buckets.training_width_step(device)
     width = step if streams else buckets.width_bucket(max(s[4] for s in sequences), device, step)
-    # each edit's sequences, longest first, as (its first row, the column of its stream where each begins)
+    # where each edit's sequences (longest first) go: their first columns in the rows read as one stream
     rows: list[int] = []  # each row's edit
-    laid: list[tuple[tuple[int, int, int, int, int], int]] = []  # (sequence, its first column in the flat rows)
+    laid: list[tuple[tuple[int, int, int, int, int], int]] = []  # (sequence, its first column)
     for owner in sorted({s[0] for s in sequences}):
         own = sorted((s for s in sequences if s[0] == owner), key=lambda s: -s[4])
         if streams:  # back to back from the edit's first row on; its last row ends in padding
