@@ -374,9 +374,9 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
 
     batch = adapter.prepare(list(prompts))
     state = adapter.hidden_entering(batch, 0)
-    hidden, segments, positions, _ = two_packed_rows(state.hidden, batch.attention_mask.sum(-1).tolist())
-    # the same sequences back to back over rows narrower than each (the stream layout of UnKE's stage 2 on CUDA)
     lengths = batch.attention_mask.sum(-1).tolist()
+    hidden, segments, positions, place = two_packed_rows(state.hidden, lengths)
+    # the same sequences back to back over rows narrower than each (the stream layout of UnKE's stage 2 on CUDA)
     stream, numbers, columns, starts = stream_rows(state.hidden, lengths)
     outputs = []
     kept = dict(buckets.PACK_SEQUENCES)
@@ -394,18 +394,10 @@ def _packed_rows_difference(adapter: Any, prompts: Sequence[Any]) -> float:
     worst = float((varlen - masked).abs().max() / masked.abs().max())
     # each sequence's outputs over the stream rows against its outputs under the mask
     streamed = streamed.reshape(-1, streamed.shape[-1])
-    masked_rows = outputs[0]
-    for i, (n, at) in enumerate(zip(lengths, starts)):
-        row, first = _place_in_two_rows(segments, i)
-        reference = masked_rows[row, first:first + n]
+    for n, at, (row, first) in zip(lengths, starts, place):
+        reference = outputs[0][row, first:first + n]
         worst = max(worst, float((streamed[at:at + n] - reference).abs().max() / reference.abs().max()))
     return worst
-
-
-def _place_in_two_rows(segments: torch.Tensor, number: int) -> tuple[int, int]:
-    """(row, first column) of sequence ``number`` in :func:`two_packed_rows`' segments."""
-    row, column = (segments == number).nonzero()[0].tolist()
-    return int(row), int(column)
 
 
 def check_whisper_transcripts() -> str:

@@ -358,7 +358,7 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
         term = group.terms[0][0]
         lengths = group.state.batch.attention_mask.sum(-1).tolist()
         sequences += [(owner, term, g, row, int(n)) for row, (owner, n) in enumerate(zip(group.owner, lengths))]
-    streams = bool(getattr(adapter, "packs_sequences", lambda: False)())
+    streams = adapter.packs_sequences()
     step = buckets.training_width_step(device)
     width = step if streams else buckets.width_bucket(max(s[4] for s in sequences), device, step)
     # where each edit's sequences (longest first) go: their first columns in the rows read as one stream
