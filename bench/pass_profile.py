@@ -12,7 +12,7 @@ again) and the kernels that took longest; for the whole pass also the operators 
 (which operators launch the elementwise and copy kernels). Inside the apply phase the training methods' parts are
 labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
 of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
-(``current``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
+(``per_edit``: cast and split per edit), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
 engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
@@ -92,7 +92,7 @@ def _patched_parts(adapter: Any) -> Iterator[None]:
     # (finetune_many), the optimizer step of stacked copies (masked_update), the copies cast to the model's dtype,
     # the preservation prompts
     owners += [(editors.unke.UnKE, "compute_keys"), (editors.unke, "packed_layer_rows"),
-               (editors.batching.StackedCopies, "current"),
+               (editors.batching.CopyValues, "per_edit"),
                (editors.batching, "masked_update"), (editors.wise, "masked_update")]
     owners += [(module, "finetune_many") for module in (editors.unke, editors.wise, editors.ft_llm, editors.ft_audio)]
     owners += [(editors.preservation, "preservation_prompts")]

@@ -25,7 +25,9 @@ How a forward uses per-edit weights:
 Under autograd, a forward reads edit k's copy from the K views of one ``unbind(0)`` per step
 (:func:`per_edit_views`), never as ``stacked[k]``: the backward of indexing writes a zero gradient of the whole
 ``[K, *shape]`` stack for every use and adds it to the others, so a step whose rows form R runs would move R full
-stacks (quadratic in K). The views' gradients are stacked once; the bits are the same.
+stacks (quadratic in K). A step's copies in the model's dtype are cast and split in one autograd step
+(:class:`CopyValues`), whose backward copies each view's gradient into its slice of the fp32 master's: the bits of
+stacking the views' gradients and casting the stack, in one pass over them instead of two.
 
 Generation of all K edits' items is the generation layer's per-edit strategy
 (:class:`editors.models.generation.PerEdit`, through ``Editor.generate_many``).
@@ -77,9 +79,9 @@ class StackedCopies:
     def names(self) -> list[str]:
         return list(self.masters)
 
-    def current(self) -> dict[str, torch.Tensor]:
-        """The copies in the model's dtype, ``[K, *shape]`` each."""
-        return {n: m if self.dtypes[n] == torch.float32 else m.to(self.dtypes[n]) for n, m in self.masters.items()}
+    def current(self) -> "CopyValues":
+        """The copies in the model's dtype: ``[K, *shape]`` per name, and per edit (:class:`CopyValues`)."""
+        return CopyValues(self)
 
     def edit(self, k: int) -> dict[str, torch.Tensor]:
         """Edit ``k``'s copy (model dtype, detached)."""
@@ -87,6 +89,66 @@ class StackedCopies:
 
     def nbytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self.masters.values())
+
+
+class CopyValues(Mapping[str, torch.Tensor]):
+    """One step's values of :class:`StackedCopies` in the model's dtype, differentiable with respect to the fp32
+    masters, in the two forms a forward reads them: as a mapping, name -> ``[K, *shape]`` (cast at first use);
+    :meth:`per_edit`, name -> the K copies (what :func:`per_edit_views` hands a forward), whose backward writes each
+    copy's gradient into its slice of the master's gradient (:class:`_CopiesInDtype`)."""
+
+    def __init__(self, copies: StackedCopies) -> None:
+        self._copies = copies
+        self._stacked: dict[str, torch.Tensor] = {}
+        self._per_edit: dict[str, tuple[torch.Tensor, ...]] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._stacked:
+            master, dtype = self._copies.masters[name], self._copies.dtypes[name]
+            self._stacked[name] = master if dtype == master.dtype else master.to(dtype)
+        return self._stacked[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._copies.masters)
+
+    def __len__(self) -> int:
+        return len(self._copies.masters)
+
+    def per_edit(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Name -> the K copies ``[*shape]`` in the model's dtype."""
+        if self._per_edit is None:
+            self._per_edit = {}
+            for name, master in self._copies.masters.items():
+                dtype = self._copies.dtypes[name]
+                self._per_edit[name] = (master.unbind(0) if dtype == master.dtype
+                                        else _CopiesInDtype.apply(master, dtype))
+        return self._per_edit
+
+
+class _CopiesInDtype(torch.autograd.Function):
+    """The K copies of a stacked master ``[K, *shape]`` in ``dtype``: forward ``master.to(dtype).unbind(0)``;
+    backward each copy's gradient copied into its slice of one gradient in the master's dtype (zeros where a copy
+    got none). The bits are those of the cast and ``unbind`` under autograd, whose backward stacks the K gradients
+    in ``dtype`` and then casts the stack: two passes over the gradients of every step where this takes one."""
+
+    @staticmethod
+    def forward(ctx: Any, master: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused copy's gradient stays None: its slice is zeroed, not copied
+        ctx.master_dtype, ctx.shape = master.dtype, master.shape
+        return master.to(dtype).unbind(0)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:
+        given = next((g for g in grads if g is not None), None)
+        if given is None:
+            return None, None
+        out = given.new_empty(ctx.shape, dtype=ctx.master_dtype)
+        for k, grad in enumerate(grads):
+            if grad is None:
+                out[k].zero_()
+            else:
+                out[k].copy_(grad)
+        return out, None
 
 
 @dataclass
@@ -201,7 +263,7 @@ def early_stop_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def finetune_many(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, lr: float,
+def finetune_many(copies: StackedCopies, losses_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *, lr: float,
                   max_steps: int, early_stop_loss: float | None = None, optimizer: str = "adam",
                   weight_decay: float = 0.0) -> list[EditResult]:
     """K edits' :func:`editors.base.finetune` at once: ``losses_fn(copies.current())`` returns the K per-edit
@@ -259,7 +321,7 @@ def _checked(losses: torch.Tensor, k: int) -> torch.Tensor:
     return losses
 
 
-def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *,
+def _finetune_many_on_device(copies: StackedCopies, losses_fn: Callable[[Mapping[str, torch.Tensor]], torch.Tensor], *,
                              lr: float, max_steps: int, early_stop_loss: float, optimizer: str,
                              weight_decay: float) -> list[EditResult]:
     """:func:`finetune_many` with its early stops decided on the device: each edit's active flag, update count and
@@ -433,7 +495,11 @@ def packed_layer_rows(adapter: Any, layer: int, groups: Sequence[LayerRows]) -> 
 
 def per_edit_views(stacked: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Name -> the K per-edit views of each ``[K, *shape]`` tensor (``unbind(0)``): how a forward under autograd
-    reads edit k's copy (see the module docstring: indexing the stack per use is quadratic in K)."""
+    reads edit k's copy (see the module docstring: indexing the stack per use is quadratic in K). For a step's
+    :class:`CopyValues`, its per-edit copies (cast and split in one step whose backward writes the masters'
+    gradients directly)."""
+    if isinstance(stacked, CopyValues):
+        return stacked.per_edit()
     return {name: tensor.unbind(0) for name, tensor in stacked.items()}
 
 

@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -269,14 +269,14 @@ class LoRA(Editor):
                 wrapper.lora_A = nn.Parameter(torch.empty(0), False)
                 wrapper.lora_B = nn.Parameter(torch.empty(0), False)
 
-            def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            def losses(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
                 embeds = per_edit_audio_embeds(a, batch.audio_states, counts, per_edit_views(weights))
                 return a.loss_from(frame, hidden=a.input_embeds(batch, embeds), reduction="none")
         else:
             state = a.hidden_entering(batch, self._lowest_layer())
             runs = [(k, k, k + 1) for k in range(len(edits))]
 
-            def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+            def losses(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
                 for name, wrapper in wrappers.items():
                     wrapper.stacked = (weights[f"{name}.lora_A"], weights[f"{name}.lora_B"])
                     wrapper.runs = runs

@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, cast
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 
@@ -290,7 +290,7 @@ class UnKE(Editor):
         copies = StackedCopies({n: p for n, p in a.model.named_parameters() if n in set(names)}, k)
         routing = RowRouting(a.model, names)
 
-        def losses(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        def losses(weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
             routing.set_weights(weights)
             sums = torch.zeros(2, k, device=device)
             for runs, who, state, target, terms in steady:

@@ -250,6 +250,51 @@ def test_routed_rows_read_each_edit_through_one_view_per_step_with_the_gradient_
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads)) and all(g.abs().sum() > 0 for g in grads)
 
 
+def test_a_steps_copies_send_their_gradients_to_the_fp32_masters_without_stacking_them():
+    """A step's K copies in the model's dtype are cast and split in one autograd step (``CopyValues.per_edit``, what
+    ``per_edit_views`` gives a forward), whose backward copies each copy's gradient into its slice of the fp32
+    master's: the bits of ``master.to(dtype).unbind(0)``, whose backward stacks the K gradients and then casts the
+    stack, without the stack. A copy no row read gets zeros."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from editors.batching import per_edit_views
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 4, generator=gen).bfloat16(), "b": torch.randn(5, generator=gen).bfloat16()}
+    x = torch.randn(6, 4, generator=gen).bfloat16()
+
+    def loss(views):  # edits 0 and 2 read their copies, edit 1 does not
+        return sum((x @ views["w"][k].t() + views["b"][k]).float().square().sum() * (k + 1) for k in (0, 2))
+
+    grads, ops = {}, {}
+    for path in ("copies", "reference"):
+        copies = StackedCopies(params, 3)
+        values = copies.current()
+        assert all(torch.equal(values[n], m.to(torch.bfloat16)) for n, m in copies.masters.items())
+        views = (per_edit_views(values) if path == "copies"
+                 else {n: m.to(torch.bfloat16).unbind(0) for n, m in copies.masters.items()})
+        total = loss(views)
+        with Ops() as mode:
+            grads[path] = torch.autograd.grad(total, list(copies.masters.values()))
+        ops[path] = mode.names
+    assert all(torch.equal(g, r) for g, r in zip(grads["copies"], grads["reference"]))
+    assert all(g.dtype == torch.float32 and g[1].abs().sum() == 0 and g[0].abs().sum() > 0 and g[2].abs().sum() > 0
+               for g in grads["copies"])
+    assert "aten.stack.default" in ops["reference"]
+    assert not [op for op in ops["copies"] if "stack" in op or "cat" in op]
+    fp32 = StackedCopies({"w": params["w"].float()}, 2)  # the model's dtype is the masters': views of them
+    assert [v.data_ptr() for v in fp32.current().per_edit()["w"]] == [m.data_ptr() for m in fp32.masters["w"]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_routed_linear_runs_write_into_one_output_with_the_bits_of_a_linear_per_run_and_a_join(dtype, bias):
