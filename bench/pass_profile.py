@@ -12,8 +12,8 @@ again) and the kernels that took longest; for the whole pass also the operators 
 (which operators launch the elementwise and copy kernels). Inside the apply phase the training methods' parts are
 labelled too: UnKE's stage 1 (``compute_keys``), its stage-2 rows packed (``packed_layer_rows``), the training loop
 of stacked copies (``finetune_many``), its optimizer step (``masked_update``), the copies' cast to the model's dtype
-(``per_edit``: cast and split per edit), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals and the graph
-engine's counters (captures and their seconds) are printed beside them.
+and split per edit (``per_edit``), ``hidden_entering`` and the preservation prompts. The run's own per-phase totals
+and the graph engine's counters (captures and their seconds) are printed beside them.
 
     BENCH_MODULE=bench.pass_profile bash bench/gpu_run.sh --methods ft_audio,ie_ike --edits 32 --out $OUT/profile.md
 
