@@ -25,6 +25,8 @@ Per method (``--methods``) and engine (``--engines``; a method that allows only 
 * ``--emulate-gib G`` (``--emulate-methods``): a default-K run under a memory cap of G GiB
   (``torch.cuda.set_per_process_memory_fraction``): it must complete (back-off counted).
 
+The parts run inside the loop over ``--methods``, so each part's methods must be among them (an error otherwise).
+
 ``--time-limit`` seconds: parts that would start after it are skipped and say so (the device lease is short).
 The raw numbers of the table in ``bench/RESULTS.md`` are kept beside it (``bench/RESULTS.json``; DeSTA2.5:
 ``bench/RESULTS-desta25.json``): carry one to the device and pass it as ``--merge-json`` so that a call re-measuring
@@ -737,9 +739,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="with --combine: compute each recorded floor again with today's bench/roofline.py (the "
                         "same edits, passes and ceilings; the model's shapes on the meta device)")
     args = p.parse_args(argv)
+    if not args.combine:
+        _check_parts(p, args)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.previous_argv = None
     return args
+
+
+def _check_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each part's methods (``--sequential-methods`` and the like) run inside ``--methods``' loop: a method named
+    there but not in ``--methods`` would be skipped without a word, so it is an error."""
+    methods = set(_list(args.methods))
+    parts = {"--naive-methods": args.naive_methods, "--profile-methods": args.profile_methods,
+             "--sequential-methods": args.sequential_methods, "--sweep-methods": args.sweep_methods,
+             "--emulate-methods": args.emulate_methods, "--default-k-methods": args.default_k_methods or ""}
+    for flag, text in parts.items():
+        outside = [m for m in _list(text) if m not in methods and not (flag == "--default-k-methods" and m == "none")]
+        if outside:
+            parser.error(f"{flag} names {', '.join(outside)}, which --methods ({args.methods}) does not run; "
+                         "a part runs only for the methods of --methods")
 
 
 def earlier_rows(path: Path | None, device: str) -> tuple[list[dict[str, Any]], list[list[str]] | None]:

@@ -728,3 +728,16 @@ def test_copy_kernels_bench_checks_its_arms_bits_and_prints_ratios(capsys):
                               "--head-dim", "16", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "bf16  store" in out and "wide  store" in out and "x)" in out
+
+
+def test_goals_refuses_a_part_for_a_method_it_does_not_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """--sequential-methods (and the other parts) run inside --methods' loop: naming another method is an error, not
+    a silent skip."""
+    from bench import goals
+
+    with pytest.raises(SystemExit):
+        goals.parse_args(["--tiny", "--methods", "ke,mend", "--sequential-methods", "unke,ke"])
+    assert "--sequential-methods names unke, which --methods (ke,mend) does not run" in capsys.readouterr().err
+    args = goals.parse_args(["--tiny", "--methods", "ke,mend", "--sequential-methods", "ke",
+                             "--default-k-methods", "none"])
+    assert goals._list(args.sequential_methods) == ["ke"]
