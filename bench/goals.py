@@ -660,7 +660,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="ft_audio,ft_llm,i_ike,ie_ike,unke,wise,ke,mend")
     p.add_argument("--engines", default="graph,eager", help="decode engines to run each method with")
     p.add_argument("--default-k-methods", default=None,
-                   help="methods that run at the default K (default: all of --methods)")
+                   help="methods that run at the default K (default: all of --methods; 'none' or '' for none)")
     p.add_argument("--merge-json", type=Path, default=None,
                    help="raw JSON of an earlier run of this script on the same model and card: its rows are kept, "
                         "this run's parts replace or add to them (one RESULTS.md from several device calls)")
@@ -750,14 +750,21 @@ def _check_parts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     """Each part's methods (``--sequential-methods`` and the like) run inside ``--methods``' loop: a method named
     there but not in ``--methods`` would be skipped without a word, so it is an error."""
     methods = set(_list(args.methods))
-    parts = {"--naive-methods": args.naive_methods, "--profile-methods": args.profile_methods,
-             "--sequential-methods": args.sequential_methods, "--sweep-methods": args.sweep_methods,
-             "--emulate-methods": args.emulate_methods, "--default-k-methods": args.default_k_methods or ""}
-    for flag, text in parts.items():
-        outside = [m for m in _list(text) if m not in methods and not (flag == "--default-k-methods" and m == "none")]
+    parts = {"--naive-methods": _list(args.naive_methods), "--profile-methods": _list(args.profile_methods),
+             "--sequential-methods": _list(args.sequential_methods), "--sweep-methods": _list(args.sweep_methods),
+             "--emulate-methods": _list(args.emulate_methods), "--default-k-methods": default_k_methods(args)}
+    for flag, named in parts.items():
+        outside = [m for m in named if m not in methods]
         if outside:
             parser.error(f"{flag} names {', '.join(outside)}, which --methods ({args.methods}) does not run; "
                          "a part runs only for the methods of --methods")
+
+
+def default_k_methods(args: argparse.Namespace) -> list[str]:
+    """The methods of ``--default-k-methods``: all of ``--methods`` when unset, none for ``none`` or ''."""
+    if args.default_k_methods is None:
+        return _list(args.methods)
+    return [] if args.default_k_methods.strip().lower() == "none" else _list(args.default_k_methods)
 
 
 def earlier_rows(path: Path | None, device: str) -> tuple[list[dict[str, Any]], list[list[str]] | None]:
@@ -978,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.encoder_batch:
         adapter.encoder_batch_cuda = args.encoder_batch
     methods = _list(args.methods)
-    default_methods = _list(args.default_k_methods) if args.default_k_methods is not None else methods
+    default_methods = default_k_methods(args)
     engines = _list(args.engines)
     eager_edits = args.eager_edits or args.edits
     per = units_per_config(args)

@@ -741,3 +741,5 @@ def test_goals_refuses_a_part_for_a_method_it_does_not_run(capsys: pytest.Captur
     args = goals.parse_args(["--tiny", "--methods", "ke,mend", "--sequential-methods", "ke",
                              "--default-k-methods", "none"])
     assert goals._list(args.sequential_methods) == ["ke"]
+    assert goals.default_k_methods(args) == []
+    assert goals.default_k_methods(goals.parse_args(["--tiny", "--methods", "ke,mend"])) == ["ke", "mend"]
