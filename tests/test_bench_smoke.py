@@ -743,3 +743,42 @@ def test_goals_refuses_a_part_for_a_method_it_does_not_run(capsys: pytest.Captur
     assert goals._list(args.sequential_methods) == ["ke"]
     assert goals.default_k_methods(args) == []
     assert goals.default_k_methods(goals.parse_args(["--tiny", "--methods", "ke,mend"])) == ["ke", "mend"]
+
+
+def test_ab_summary_pairs_each_arms_rounds_in_order_and_skips_a_process_that_wrote_nothing(tmp_path, capsys):
+    from bench import ab_summary
+
+    def write(name: str, rows: list[tuple[str, str, float | None]]) -> None:
+        runs: dict[str, list] = {}
+        for method, engine, s in rows:
+            runs.setdefault(method, []).append({"engine": engine, "s_per_edit": s})
+        (tmp_path / name).write_text(json.dumps({"rows": [{"method": m, "runs": r} for m, r in runs.items()]}))
+
+    write("ab_new1.json", [("ke", "graph", 0.30), ("mend", "graph", 0.50)])
+    write("ab_old1.json", [("ke", "graph", 0.40), ("mend", "graph", None)])  # a run that failed: no s/edit
+    write("ab_new2.json", [("ke", "graph", 0.34)])
+    write("ab_new10.json", [("ke", "graph", 0.32)])  # round 10 after round 2, not after round 1
+    write("ab_old2.json", [("ke", "graph", 0.44)])
+    (tmp_path / "ab_old3.log").write_text("timed out before writing its JSON")
+    assert ab_summary.summary_lines(ab_summary.seconds_per_edit(tmp_path)) == [
+        "ke graph: new 0.300 0.340 0.320 | old 0.400 0.440 | new/old (means) 0.762",
+        "mend graph: new 0.500 | old -"]
+    assert ab_summary.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("ke graph: new 0.300")
+
+
+@pytest.mark.parametrize("args, message", [((), "A/B of `bench.goals`"), (("run", "two"), "ROUNDS must be a positive"),
+                                           (("prepare", "no-such-rev"), "no-such-rev is not a commit")])
+def test_ab_script_refuses_bad_arguments_before_doing_anything(tmp_path, args, message):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ab.sh"
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    done = subprocess.run(["bash", str(script), *args], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stdout + done.stderr
+    assert not (tmp_path / ".ab_prev").exists()
