@@ -9,14 +9,15 @@
 #                                                    then each arm's s/edit per method and engine
 #   AB_TIMEOUT=S (default 300): seconds each process may take; AB_START_BY=S: start no process after S seconds
 #
-# Every process gets its own --out/--json/--workdir under $OUT (ab_new1.json, ab_old1.json, ...); pass the other
-# bench.goals arguments, e.g. `bash bench/ab.sh run 2 --methods ke --engines graph --edits 32 --hypernet-steps 1`.
+# Every process writes its raw JSON to $OUT (ab_new1.json, ab_old1.json, ...: a device call brings back 8 files at
+# most) and its table, log and run files to /tmp/ab_new1, ...; pass the other bench.goals arguments, e.g.
+#   bash bench/ab.sh run 2 --methods ke --engines graph --edits 32 --hypernet-steps 1
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench-out}
 WHL=${WHL:-.whl_bench}
 PREV=.ab_prev
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 prepare() {
   local rev=$1
@@ -36,7 +37,7 @@ run() {
   mkdir -p "$OUT"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHL"/base/*.whl || exit 3
-  local root=$PWD dir arm i
+  local root=$PWD dir arm i work status
   nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null
   local head; head=$(git rev-parse HEAD 2> /dev/null) && { git diff --quiet HEAD || head+=" + uncommitted changes"; }
   echo "new: ${head:-this tree} | old: $(cat "$PREV/.ab_rev" 2> /dev/null || echo '?')"
@@ -47,10 +48,14 @@ run() {
       fi
       dir=$root; [ $arm = old ] && dir=$root/$PREV
       echo "== $arm $i ($(date -u +%H:%M:%S))"
+      work=/tmp/ab_$arm$i
+      rm -rf "$work" && mkdir -p "$work"
       (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout "${AB_TIMEOUT:-300}" python3 -m bench.goals \
-        --merge-json /dev/null "$@" --out "$OUT/ab_$arm$i.md" --json "$OUT/ab_$arm$i.json" \
-        --workdir "/tmp/ab_$arm$i") > "$OUT/ab_$arm$i.log" 2>&1
-      echo "   exit $?; $(grep -c 's/edit over' "$OUT/ab_$arm$i.log") rows"
+        --merge-json /dev/null "$@" --out "$work/RESULTS.md" --json "$OUT/ab_$arm$i.json" \
+        --workdir "$work") > "$work/log" 2>&1
+      status=$?
+      echo "   exit $status; $(grep -c 's/edit over' "$work/log") rows"
+      [ $status -eq 0 ] || tail -5 "$work/log"
     done
   done
   PYTHONPATH=/tmp/site:$root python3 -m bench.ab_summary "$OUT"
