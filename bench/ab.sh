@@ -34,7 +34,7 @@ run() {
   local rounds=$1; shift
   [[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "ab.sh: ROUNDS must be a positive integer, not '$rounds'" >&2; exit 2; }
   [ -d "$PREV" ] || { echo "ab.sh: no $PREV here: run 'bash bench/ab.sh prepare REV' first and carry it" >&2; exit 2; }
-  mkdir -p "$OUT"
+  mkdir -p "$OUT" && rm -f "$OUT"/ab_new*.json "$OUT"/ab_old*.json  # the summary reads this run's alone
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHL"/base/*.whl || exit 3
   local root=$PWD dir arm i work status
