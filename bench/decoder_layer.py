@@ -12,12 +12,15 @@ the weights frozen, as in FT-Audio's and UnKE's steps) over ``--rows`` left-padd
 * ``compiled`` (with ``--compiled``): ``packed`` with each layer's forward through ``torch.compile`` (inductor's
   fused elementwise kernels for the norms, rotary products, SwiGLU and residuals, forward and backward; the
   matmuls and the attention stay library kernels): what fusing the step's elementwise work could give at most, and
-  what its first compile costs (printed; the toolkit compiles nothing).
+  what its first compile costs (printed; the toolkit compiles nothing);
+* ``packed_cat`` (with ``--rotary-cat``): ``packed`` with the rotary products' half-swap as one ``cat`` of the two
+  halves (:func:`rotate_by_cat`, forward and backward) instead of ``torch.roll``, whose kernel moved its bytes at a
+  quarter of an H100's copy rate in FT-Audio's pass (bench/NOTES.md, 2026-12-07 19:31): the same bits (printed).
 
 It prints the median milliseconds per step of each arm, its ratio to ``hf``, and the largest difference of its
 outputs and gradients on the valid tokens from ``hf``'s, relative to the largest value (bf16 on the GPU).
 
-    BENCH_MODULE=bench.decoder_layer bash bench/gpu_run.sh --layers 8 [--compiled]
+    BENCH_MODULE=bench.decoder_layer bash bench/gpu_run.sh --layers 8 [--compiled] [--rotary-cat]
     python -m bench.decoder_layer --tiny          # CPU smoke run on the tiny model
 """
 
@@ -98,6 +101,27 @@ def _compiled_layer_forward() -> Any:
     return torch.compile(fused_layer.layer_forward, dynamic=False)
 
 
+class _SwapHalves(torch.autograd.Function):
+    """``x``'s last dimension with its two halves swapped (``torch.roll`` by half of it), as one ``cat``; the
+    backward swaps the gradient's halves the same way (a swap is its own inverse)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        half = grad.shape[-1] // 2
+        return torch.cat((grad[..., half:], grad[..., :half]), dim=-1)
+
+
+def rotate_by_cat(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``fused_layer.rotate`` with the half-swap as :class:`_SwapHalves` instead of ``torch.roll``: the same
+    products and sum on the same values, so the same bits forward and backward."""
+    return x * cos + _SwapHalves.apply(x) * signed_sin
+
+
 def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward and backward through every layer of ``adapter`` under ``arm``: (output, input gradient) on the
     valid tokens, in order."""
@@ -106,10 +130,12 @@ def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Ten
 
     device = adapter.device.type
     kept = fused_layer.FUSED_LAYERS[device]
-    kept_forward = adapter_module.layer_forward
+    kept_forward, kept_rotate = adapter_module.layer_forward, fused_layer.rotate
     fused_layer.FUSED_LAYERS[device] = arm != "hf"
     if arm == "compiled":
         adapter_module.layer_forward = _compiled_layer_forward()
+    if arm == "packed_cat":
+        fused_layer.rotate = rotate_by_cat
     try:
         x = given.hidden.detach().requires_grad_(True)
         out = adapter._run_layers(x, 0, adapter.num_llm_layers, given.masks, given.position_ids, given.rotary)
@@ -118,7 +144,7 @@ def step(adapter: Any, arm: str, given: Inputs) -> tuple[torch.Tensor, torch.Ten
         (grad,) = torch.autograd.grad(kept_out.float().square().mean(), [x])
     finally:
         fused_layer.FUSED_LAYERS[device] = kept
-        adapter_module.layer_forward = kept_forward
+        adapter_module.layer_forward, fused_layer.rotate = kept_forward, kept_rotate
     return kept_out.detach(), (grad[given.valid] if given.valid is not None else grad[0])
 
 
@@ -136,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run)")
     p.add_argument("--compiled", action="store_true",
                    help="also the packed arm with each layer through torch.compile (prints its first compile's time)")
+    p.add_argument("--rotary-cat", action="store_true",
+                   help="also the packed arm with the rotary half-swap as a cat instead of torch.roll")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.tiny and not torch.cuda.is_available():
@@ -143,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = build(args.tiny, args.layers, args.seed)
     given = inputs(adapter, args.rows, args.width, args.seed)
     device = adapter.device.type
-    arms = ARMS + ("compiled",) if args.compiled else ARMS
-    given["compiled"] = given["packed"]
+    arms = ARMS + (("compiled",) if args.compiled else ()) + (("packed_cat",) if args.rotary_cat else ())
+    given["compiled"] = given["packed_cat"] = given["packed"]
     results = {}
     for arm in arms:  # warm-up (the compiled arm's first call compiles)
         _sync(device)
@@ -168,9 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({tokens} valid: {args.rows * args.width / tokens:.2f}x padding), {adapter.dtype} on {device}")
     for arm in arms:
         out, grad = results[arm]
-        print(f"  {arm:6s} {median[arm]:8.1f} ms per forward+backward (median of {args.repeats}); "
+        print(f"  {arm:10s} {median[arm]:8.1f} ms per forward+backward (median of {args.repeats}); "
               f"hf / {arm}: {median['hf'] / median[arm]:.2f}x; largest relative difference from hf: output "
               f"{relative_difference(out, out_hf):.2g}, input gradient {relative_difference(grad, grad_hf):.2g}")
+    if args.rotary_cat:
+        same = all(torch.equal(a, b) for a, b in zip(results["packed_cat"], results["packed"]))
+        print(f"packed_cat against packed: output and input gradient {'the same bits' if same else 'DIFFER'}")
     return 0
 
 

@@ -167,6 +167,39 @@ def test_decoder_layer_bench_compiled_arm_runs_the_layers_through_its_forward_an
     assert adapter_module.layer_forward is kept
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rotary_by_cat_has_the_bits_of_the_librarys_roll_forward_and_backward(dtype):
+    import torch
+
+    from bench import decoder_layer
+    from editors.models import fused_layer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 4, 16, generator=gen).to(getattr(torch, dtype))
+    cos, sin = (torch.randn(1, 7, 4, 16, generator=gen).to(x.dtype) for _ in range(2))
+    upstream = torch.randn(2, 7, 4, 16, generator=gen).to(x.dtype)
+    outs, grads = [], []
+    for rotate in (fused_layer.rotate, decoder_layer.rotate_by_cat):
+        leaf = x.clone().requires_grad_(True)
+        out = rotate(leaf, cos, sin)
+        (grad,) = torch.autograd.grad(out, [leaf], upstream)
+        outs.append(out)
+        grads.append(grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+    assert not torch.equal(grads[0], (upstream * cos))  # the swap's gradient is in there
+
+
+def test_decoder_layer_bench_rotary_cat_arm_patches_rotate_for_its_steps_alone(capsys):
+    from bench import decoder_layer
+    from editors.models import fused_layer
+
+    kept = fused_layer.rotate
+    assert decoder_layer.main(["--tiny", "--rows", "2", "--width", "192", "--repeats", "1", "--rotary-cat"]) == 0
+    out = capsys.readouterr().out
+    assert "hf / packed_cat:" in out and "packed_cat against packed: output and input gradient the same bits" in out
+    assert fused_layer.rotate is kept
+
+
 def test_goals_table_says_when_and_on_what_pace_of_machine_each_row_was_timed():
     """Rows merged from several device calls carry their own call's time and matmul ceiling; older rows read '-'."""
     import argparse
