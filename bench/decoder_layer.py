@@ -101,19 +101,22 @@ def _compiled_layer_forward() -> Any:
     return torch.compile(fused_layer.layer_forward, dynamic=False)
 
 
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s last dimension with its two halves swapped (``torch.roll`` by half of it), as one ``cat``."""
+    half = t.shape[-1] // 2
+    return torch.cat((t[..., half:], t[..., :half]), dim=-1)
+
+
 class _SwapHalves(torch.autograd.Function):
-    """``x``'s last dimension with its two halves swapped (``torch.roll`` by half of it), as one ``cat``; the
-    backward swaps the gradient's halves the same way (a swap is its own inverse)."""
+    """:func:`_swap_halves` whose backward swaps the gradient's halves the same way (a swap is its own inverse)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+        return _swap_halves(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        half = grad.shape[-1] // 2
-        return torch.cat((grad[..., half:], grad[..., :half]), dim=-1)
+        return _swap_halves(grad)
 
 
 def rotate_by_cat(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
