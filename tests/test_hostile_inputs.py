@@ -106,6 +106,33 @@ def _line_cases(header: dict, row: dict) -> dict[str, tuple[bytes, bytes, str | 
     }
 
 
+def test_a_file_padded_with_rows_is_refused_at_the_release_size(tmp_path, manifest, single):
+    """A valid header then a million tiny rows (a 50 KB zip): the board reads no more rows than a complete run of
+    the header holds in the release (plus a few, which the duplicate check names), so the work is bounded by the
+    release, not by the padding; a header the release refuses is refused before any row is read."""
+    header, rows = single
+    expected = len(rows)
+    padded = jsonl_bytes(header, []) + b'{"kind":"prediction"}\n' * 1_000_000
+    files = {PREDICTIONS_NAME: padded, METADATA_NAME: json.dumps(METADATA).encode()}
+    message = _refusal(lambda: parse_submission(files, "padded.zip", manifest=manifest))
+    assert "problem(s)" in message
+    assert f"more than {expected + 25} prediction rows, the rows a complete run of this header holds" in message
+    foreign = jsonl_bytes(dict(header, split="train"), []) + b'{"kind":"prediction"}\n' * 1_000_000
+    message = _refusal(lambda: parse_submission({**files, PREDICTIONS_NAME: foreign}, "foreign.zip",
+                                                manifest=manifest))
+    assert message.count("\n  - ") == 1 and "field split: got 'train', the board accepts test" in message
+    # rows the release holds, each breaking the schema: the per-row checks stop after the listed problems
+    junk = jsonl_bytes(header, []) + b'{"kind":"prediction"}\n' * expected
+    message = _refusal(lambda: parse_submission({**files, PREDICTIONS_NAME: junk}, "junk.zip", manifest=manifest))
+    assert message.count("missing required field") == 25
+    assert "checking stopped at predictions.jsonl line 3 after 25 problems" in message
+    # the same rows valid but one repeated: named as a duplicate, not as a count
+    repeated = rows + [rows[0]]
+    message = _refusal(lambda: validate_submission(write_submission_dir(tmp_path / "dup", header, repeated),
+                                                   manifest))
+    assert f"duplicate item id {rows[0]['item_id']!r}" in message
+
+
 def _read_time(files: dict[str, bytes], repeats: int, enough: float = 0.0) -> tuple[float, str | None]:
     """(best of up to `repeats` wall times of `parse_submission`, its refusal or None); stops repeating once a
     time is within `enough` seconds."""

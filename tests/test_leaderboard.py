@@ -192,22 +192,30 @@ def test_sequential_expected_keys_and_missing_gap(tmp_path, manifest):
     assert f"first: '{rows[drop]['item_id']}' at gap 4" in message
 
 
-def test_sequential_run_with_its_own_rule_validates(tmp_path, manifest):
-    """A run with --eval-edits 2 --max-gap 1 says so in its header and validates against that rule, not the
-    paper's; the same rows under a header without the fields (paper rule) are incomplete."""
+def test_sequential_run_with_its_own_rule_is_refused_by_the_board(tmp_path, manifest):
+    """A run with --eval-edits 2 --max-gap 1 says so in its header; the metric's reader scores it by that rule, but
+    the board refuses it, naming both fields, so that no sequential row is ranked against a run evaluated on
+    fewer edits or gaps. The paper's values, written out or left null, are accepted."""
+    from eval.sake_metric.predictions_file import parse_predictions
+
     header = dict(make_header(manifest, "sequential"), eval_edits=2, max_gap=1)
     keys = expected_keys(manifest, header)
     assert {gap for _, gap in keys} == {0, 1}
     assert {int(item.split("/step")[1][:2]) for item, _ in keys} == {1, 2}
     rows = [make_row(item_id, gap, correct=True) for item_id, gap in keys]
-    validate_submission(write_submission_dir(tmp_path / "own", header, rows), manifest)
+    assert len(parse_predictions(jsonl_bytes(header, rows), "own.jsonl", manifest=manifest).rows) == len(keys)
+    message = _errors(write_submission_dir(tmp_path / "own", header, rows), manifest)
+    assert "line 1, field eval_edits: got 2; the board takes the paper's sequential protocol: 5" in message
+    assert "line 1, field max_gap: got 1; the board takes the paper's sequential protocol: 5" in message
     paper = make_header(manifest, "sequential")
+    full = make_rows(manifest, "sequential")
+    validate_submission(write_submission_dir(tmp_path / "null", paper, full), manifest)
+    written = dict(paper, eval_edits=5, max_gap=5)
+    validate_submission(write_submission_dir(tmp_path / "written", written, full), manifest)
     assert "missing" in _errors(write_submission_dir(tmp_path / "paper", paper, rows), manifest)
-    late = dict(rows[0], gap=2)
-    message = _errors(write_submission_dir(tmp_path / "gap", header, rows + [late]), manifest)
-    assert "field gap: expected an integer 0..1 (the header's max_gap), got 2" in message
-    bad = dict(header, max_gap=-1)
-    assert "field max_gap" in _errors(write_submission_dir(tmp_path / "bad", bad, rows), manifest)
+    late = dict(full[0], gap=6)
+    message = _errors(write_submission_dir(tmp_path / "gap", paper, full + [late]), manifest)
+    assert "field gap" in message
 
 
 def test_board_and_metric_list_the_same_keys_but_the_board_ignores_limit(manifest):

@@ -28,11 +28,12 @@ from jsonschema import Draft202012Validator
 
 from eval.sake_metric.limits import MAX_ROW_DEPTH, MAX_ROW_ITEMS
 from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_json_line, parse_predictions,
-                                               sequential_rule)
+                                               read_header, sequential_rule)
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
 from eval.sake_metric.rows import validate_row
-from sake_core.protocol import KIND_DIMENSION_TYPE, ROW_FIELDS, SEQUENTIAL_CONFIG
+from sake_core.protocol import (KIND_DIMENSION_TYPE, ROW_FIELDS, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS,
+                                SEQUENTIAL_MAX_GAP)
 from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -362,11 +363,19 @@ class _Collector:
             else:
                 self.dropped += 1
 
-    def raise_if_any(self, source: str) -> None:
+    @property
+    def full(self) -> bool:
+        """Whether the cap is reached (costly checks then stop: nothing more could be listed)."""
+        return len(self.problems) >= self.cap
+
+    def raise_if_any(self, source: str, stopped_at: str | None = None) -> None:
         if self.problems:
             listed = list(self.problems)
             if self.dropped:
                 listed.append(Problem(source, f"... and {self.dropped} more problem(s) not listed"))
+            if stopped_at:
+                listed.append(Problem(source, f"checking stopped at {stopped_at} after {self.cap} problems; fix "
+                                              "these and validate again"))
             raise SubmissionError(listed, source)
 
 
@@ -384,9 +393,52 @@ def _item_kind(item_id: str, instance_id: str) -> str | None:
     return kind if kind in ITEM_KINDS else None
 
 
-def parse_submission(files: dict[str, bytes], source: str = "submission",
-                     require_metadata: bool = True) -> Submission:
-    """Parse and schema-check the files of a submission; raise :class:`SubmissionError` with every problem."""
+def sequential_problems(header: dict[str, Any]) -> list[Problem]:
+    """A sequential header's evaluation rule against the paper's (the first ``SEQUENTIAL_EVAL_EDITS`` edits of each
+    sequence at gaps 0..``SEQUENTIAL_MAX_GAP``): a board entry follows it, so that every sequential row is ranked
+    against rows of the same protocol (a run with fewer edits or gaps scores differently and is not comparable)."""
+    if header.get("mode") != "sequential":
+        return []
+    problems = []
+    for name, paper in (("eval_edits", SEQUENTIAL_EVAL_EDITS), ("max_gap", SEQUENTIAL_MAX_GAP)):
+        value = header.get(name)
+        if value is not None and (isinstance(value, bool) or value != paper):
+            problems.append(Problem(f"{PREDICTIONS_NAME} line 1, field {name}",
+                                    f"got {_short(value)}; the board takes the paper's sequential protocol: {paper} "
+                                    "(or null, which means it)"))
+    return problems
+
+
+def _release_rows(raw: bytes, manifest: dict[str, Any], allowed_splits: Iterable[str], problems: _Collector,
+                  source: str) -> int | None:
+    """How many rows a board file may hold: those a complete run of the predictions' header holds in the release
+    (read from line 1 alone) and a few more, each then named by the duplicate and coverage checks. A header the
+    release refuses raises here with every problem found so far; None when line 1 itself is unreadable or breaks
+    the schema (the full read then names the problem)."""
+    try:
+        header = read_header(raw, PREDICTIONS_NAME)
+    except PredictionsError:
+        return None
+    if schema_problems(header, "header", PREDICTIONS_NAME) or sequential_problems(header):
+        return None
+    found = header_coverage_problems(header, manifest, allowed_splits)
+    if found:
+        problems.add(found)
+        problems.raise_if_any(source)
+    # a few rows of slack, so that a file with a duplicate or a foreign row is told which one
+    return len(expected_keys(manifest, header)) + MAX_LISTED_PROBLEMS
+
+
+def parse_submission(files: dict[str, bytes], source: str = "submission", require_metadata: bool = True,
+                     manifest: dict[str, Any] | None = None,
+                     allowed_splits: Iterable[str] = DEFAULT_SPLITS) -> Submission:
+    """Parse and schema-check the files of a submission; raise :class:`SubmissionError` with every problem (the
+    first :data:`MAX_LISTED_PROBLEMS`: the per-row checks stop there).
+
+    Given the release ``manifest``, the header is checked against it before any row is read (fingerprint, split,
+    configs) and the file may hold no more rows than a complete run of that header does, so the work is bounded
+    by the release's size, not by what a file can be padded with.
+    """
     problems = _Collector()
     if PREDICTIONS_NAME not in files:
         problems.add(Problem(source, f"missing {PREDICTIONS_NAME}"))
@@ -413,8 +465,9 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     # The one strict reader of predictions files (eval/sake_metric/predictions_file.py, limits in limits.py) is
     # the reader scoring uses too: what validates here is what scores.
     raw = files[PREDICTIONS_NAME]
+    max_rows = None if manifest is None else _release_rows(raw, manifest, allowed_splits, problems, source)
     try:
-        parsed = parse_predictions(raw, PREDICTIONS_NAME)
+        parsed = parse_predictions(raw, PREDICTIONS_NAME, max_rows=max_rows)
     except PredictionsError as exc:
         problems.add(_problem_from(exc))
         problems.raise_if_any(source)
@@ -427,23 +480,23 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
         problems.add(Problem(f"{where}, field limit",
                              f"got {_short(header['limit'])}: a run limited to its first instances is not a board "
                              "entry; submit a complete run (limit null)"))
+    stopped_at = None
     for number, obj in parsed.rows:
+        if problems.full:
+            stopped_at = f"{PREDICTIONS_NAME} line {number}"
+            break
         where = f"{PREDICTIONS_NAME} line {number}"
         found = schema_problems(obj, "prediction", where)
         problems.add(found)
         if not found:
             rows.append(obj)
             row_lines.append(number)
-    problems.raise_if_any(source)
+    problems.raise_if_any(source, stopped_at)
 
     # Header: the sequential rule the file follows.
     sequential = header["mode"] == "sequential"
     if sequential:
-        for name, low in (("eval_edits", 1), ("max_gap", 0)):
-            value = header.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                problems.add(Problem(f"{PREDICTIONS_NAME} line 1, field {name}",
-                                     f"expected an integer >= {low} (or null for the paper's value), got {value!r}"))
+        problems.add(sequential_problems(header))
         problems.raise_if_any(source)
     max_gap = sequential_rule(header)[1]
 
@@ -451,6 +504,9 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
     # row rules (rows.validate_row, the function scoring applies), so scoring refuses no row this accepts.
     first_line: dict[Any, int] = {}
     for row, number in zip(rows, row_lines):
+        if problems.full:
+            stopped_at = f"{PREDICTIONS_NAME} line {number}"
+            break
         where = f"{PREDICTIONS_NAME} line {number}"
         before = len(problems.problems) + problems.dropped
         kind = _item_kind(row["item_id"], row["instance_id"])
@@ -486,7 +542,7 @@ def parse_submission(files: dict[str, bytes], source: str = "submission",
                 validate_row(row, source=PREDICTIONS_NAME, line=number, required=ROW_FIELDS)
             except PredictionsError as exc:
                 problems.add(_problem_from(exc))
-    problems.raise_if_any(source)
+    problems.raise_if_any(source, stopped_at)
     return Submission(source=source, predictions_bytes=raw, metadata_bytes=metadata_bytes, header=header,
                       rows=rows, metadata=metadata, row_lines=row_lines)
 
@@ -523,23 +579,22 @@ def expected_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[Any]
 
 
 def _describe_key(key: Any) -> str:
-    return f"{key[0]!r} at gap {key[1]}" if isinstance(key, tuple) else repr(key)
+    return f"{excerpt(key[0], 80)} at gap {key[1]}" if isinstance(key, tuple) else excerpt(key, 80)
 
 
-def coverage_problems(submission: Submission, manifest: dict[str, Any],
-                      allowed_splits: Iterable[str] = DEFAULT_SPLITS) -> list[Problem]:
-    """Fingerprint, split/config and item-id coverage problems of a parsed submission against a manifest."""
-    header = submission.header
+def header_coverage_problems(header: dict[str, Any], manifest: dict[str, Any],
+                             allowed_splits: Iterable[str] = DEFAULT_SPLITS) -> list[Problem]:
+    """Fingerprint, split and config problems of a (schema-valid) header against a release manifest."""
     where = f"{PREDICTIONS_NAME} line 1"
     problems: list[Problem] = []
     if header["dataset_fingerprint"] != manifest["fingerprint"]:
         problems.append(Problem(f"{where}, field dataset_fingerprint",
-                                f"{header['dataset_fingerprint']!r} does not match the release manifest's "
+                                f"{excerpt(header['dataset_fingerprint'], 80)} does not match the release manifest's "
                                 f"fingerprint {manifest['fingerprint']!r}"))
     allowed_splits = tuple(allowed_splits)
     if header["split"] not in allowed_splits:
         problems.append(Problem(f"{where}, field split",
-                                f"got {header['split']!r}, the board accepts {', '.join(allowed_splits)}"))
+                                f"got {excerpt(header['split'])}, the board accepts {', '.join(allowed_splits)}"))
     sequential = header["mode"] == "sequential"
     if sequential and header["configs"] != [SEQUENTIAL_CONFIG]:
         problems.append(Problem(f"{where}, field configs", "sequential mode needs configs ['sequential']"))
@@ -548,10 +603,19 @@ def coverage_problems(submission: Submission, manifest: dict[str, Any],
     for config in header["configs"]:
         if config not in manifest["item_ids"] or header["split"] not in manifest["item_ids"][config]:
             problems.append(Problem(f"{where}, field configs",
-                                    f"config {config!r} split {header['split']!r} is not in the release manifest"))
+                                    f"config {config!r} split {excerpt(header['split'])} is not in the release "
+                                    "manifest"))
+    return problems
+
+
+def coverage_problems(submission: Submission, manifest: dict[str, Any],
+                      allowed_splits: Iterable[str] = DEFAULT_SPLITS) -> list[Problem]:
+    """Fingerprint, split/config and item-id coverage problems of a parsed submission against a manifest."""
+    header = submission.header
+    problems = header_coverage_problems(header, manifest, allowed_splits)
     if problems:
         return problems
-
+    sequential = header["mode"] == "sequential"
     expected = expected_keys(manifest, header)
     expected_set = set(expected)
     got: dict[Any, int] = {}
@@ -568,7 +632,7 @@ def coverage_problems(submission: Submission, manifest: dict[str, Any],
         key, number = extra[0]
         problems.append(Problem(f"{PREDICTIONS_NAME} line {number}, field item_id",
                                 f"{len(extra)} item id(s) not in the release for {'/'.join(header['configs'])} "
-                                f"{header['split']}; first: {_describe_key(key)}"))
+                                f"{excerpt(header['split'])}; first: {_describe_key(key)}"))
     return problems
 
 
@@ -582,7 +646,8 @@ def validate_submission(path: str | os.PathLike, manifest: dict[str, Any] | None
     """
     source = Path(path).name or str(path)
     files = read_submission_files(path, max_bytes=max_bytes, metadata_path=metadata_path)
-    submission = parse_submission(files, source=source, require_metadata=require_metadata)
+    submission = parse_submission(files, source=source, require_metadata=require_metadata, manifest=manifest,
+                                  allowed_splits=allowed_splits)
     if manifest is not None:
         problems = coverage_problems(submission, manifest, allowed_splits)
         if problems:

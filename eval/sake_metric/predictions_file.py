@@ -5,7 +5,8 @@ A predictions file is JSONL (ARCHITECTURE.md "Prediction rows"): line 1 is the r
 `parse_predictions` (bytes, e.g. a zip member) return the header and the raw rows with their line numbers, or
 raise `PredictionsError` with ONE line naming the file, the line (or byte offset) and what was expected:
 
-- a file over `MAX_FILE_BYTES`, a line over `MAX_LINE_BYTES`, more than `MAX_ROWS` rows;
+- a file over `MAX_FILE_BYTES`, a line over `MAX_LINE_BYTES`, more than `MAX_ROWS` rows (or the caller's
+  `max_rows`);
 - binary content (a NUL byte) or bytes that are not UTF-8 (byte offset of the first bad byte);
 - a line that is not one JSON object: malformed JSON, NaN / Infinity, integers over `MAX_INT_DIGITS` digits,
   nesting deeper than the format allows (`MAX_HEADER_DEPTH`, `MAX_ROW_DEPTH`), more values than it holds
@@ -269,22 +270,47 @@ def check_header(header: Any, *, source: str) -> dict[str, Any]:
     return header
 
 
+def _header_line(text: str, source: str) -> dict[str, Any]:
+    where = f"{source}, line 1"
+    if not text.strip():
+        raise PredictionsError(f"{where}: blank line; expected one JSON object per line")
+    return check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH, max_items=MAX_HEADER_ITEMS),
+                        source=source)
+
+
+def read_header(raw: bytes, source: str) -> dict[str, Any]:
+    """The run header (line 1) of a predictions file's bytes, checked as :func:`parse_predictions` checks it,
+    without reading the rows (e.g. to bound their number before they are parsed)."""
+    end = raw.find(b"\n", 0, MAX_LINE_BYTES + 1)
+    line = raw[:end] if end >= 0 else raw[:MAX_LINE_BYTES + 1]
+    if not line:
+        raise PredictionsError(f"{source}: empty file; expected the run header on line 1, then prediction rows")
+    return _header_line(_decode(line, f"{source}, line 1", 0), source)
+
+
 def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
-                      manifest: Mapping[str, Any] | None = None) -> PredictionsFile:
-    """Read a predictions file from bytes (or an iterable of byte chunks); see the module doc for the checks."""
+                      manifest: Mapping[str, Any] | None = None, max_rows: int | None = None) -> PredictionsFile:
+    """Read a predictions file from bytes (or an iterable of byte chunks); see the module doc for the checks.
+
+    ``max_rows`` (at most ``MAX_ROWS``) refuses a file of more rows as soon as the reader meets the first one too
+    many: the leaderboard passes the number of rows a complete run of the header holds, so a file padded with
+    rows costs no more than a complete one.
+    """
     if isinstance(chunks, (bytes, bytearray)):
         chunks = [bytes(chunks)]
+    limit = MAX_ROWS if max_rows is None else min(max_rows, MAX_ROWS)
+    limit_reason = "the limit for one file" if max_rows is None or max_rows >= MAX_ROWS else \
+        "the rows a complete run of this header holds in the release manifest"
     header: dict[str, Any] | None = None
     rows: list[tuple[int, dict[str, Any]]] = []
     for number, offset, raw in _lines(chunks, source):
         where = f"{source}, line {number}"
         text = _decode(raw, where, offset)
+        if number == 1:
+            header = _header_line(text, source)
+            continue
         if not text.strip():
             raise PredictionsError(f"{where}: blank line; expected one JSON object per line")
-        if number == 1:
-            header = check_header(parse_json_line(text, where=where, max_depth=MAX_HEADER_DEPTH,
-                                                  max_items=MAX_HEADER_ITEMS), source=source)
-            continue
         obj = parse_json_line(text, where=where, max_depth=MAX_ROW_DEPTH, max_items=MAX_ROW_ITEMS)
         if not isinstance(obj, dict):
             raise PredictionsError(f"{where}: expected a prediction row (a JSON object), got a JSON "
@@ -294,8 +320,8 @@ def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
         too_many = options_problem(obj.get("options"))
         if too_many:
             raise PredictionsError(f"{where}: field 'options' holds {too_many}")
-        if len(rows) >= MAX_ROWS:
-            raise PredictionsError(f"{where}: more than {MAX_ROWS} prediction rows, the limit for one file")
+        if len(rows) >= limit:
+            raise PredictionsError(f"{where}: more than {limit} prediction rows, {limit_reason}")
         rows.append((number, obj))
     if header is None:
         raise PredictionsError(f"{source}: empty file; expected the run header on line 1, then prediction rows")
