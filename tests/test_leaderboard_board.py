@@ -74,6 +74,35 @@ def test_item_page_escapes_cuts_and_filters(board):
     assert submission_page(board, "0" * 20)[0] == 404 and submission_page(board, "../etc/passwd")[0] == 404
 
 
+def test_item_page_reads_rows_as_the_validator_does(tmp_path):
+    """Raw U+2028 and U+0085 inside a JSON string and a lone carriage return between tokens are one line to the
+    validator and to the item page alike (not three, as ``str.splitlines`` would make them); concurrent visits of
+    one submission all get its page, which the board's own store prepares in a worker process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from _leaderboard_helpers import jsonl_bytes
+
+    manifest = make_manifest()
+    header, rows = make_header(manifest, method="ft_llm"), make_rows(manifest)
+    rows[1] = dict(rows[1], post_edit="neu\u2028tr\u0085al")
+    text = jsonl_bytes(header, rows).decode("utf-8").replace('"gap": null,', '"gap": null,\r', 1)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "predictions.jsonl").write_text(text, encoding="utf-8", newline="")
+    (sub / "metadata.json").write_text(__import__("json").dumps(METADATA), encoding="utf-8")
+    sid = add_submission(sub, manifest, LocalStore(tmp_path / "results"), judge="offline").submission_id
+    board = Board(SpaceConfig(results_dir=str(tmp_path / "results"), queue_dir=str(tmp_path / "queue"),
+                              judge="offline", queue_interval_s=0), manifest=manifest)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            pages = list(pool.map(lambda _: submission_page(board, sid), range(6)))
+    finally:
+        board.stop_worker()
+    assert {status for status, _ in pages} == {200} and len({page for _, page in pages}) == 1
+    page = pages[0][1]
+    assert page.count('<tr class="') == len(rows) and "neu\u2028tr\u0085al" in page
+
+
 def test_queue_status_lists_pending_and_rejected(board, tmp_path):
     board, ids = board
     queue = Path(board.config.queue_dir)  # the local queue (LocalQueue)

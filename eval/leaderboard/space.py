@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from eval.sake_metric.predictions_file import excerpt
+from eval.sake_metric.predictions_file import excerpt, parse_predictions
 
 from sake_core.errors import SakeError
 from sake_core.protocol import FAMILY_NAMES, method_display
@@ -82,7 +82,8 @@ FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
                    ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
                    ("desta25", re.compile(r"desta", re.I)))
 ITEMS_PER_PAGE = 200
-ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory
+ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory (by the item pages' worker process)
+ITEMS_CACHE_BYTES = 256 * 1024 * 1024  # and at most this much of their stored files
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
@@ -264,13 +265,15 @@ class Board:
         self.requests = queue or open_queue(config.queue_dir, config.requests_repo, api=hub_api)
         self._manifest = manifest
         self._cache: tuple[float, list[dict[str, Any]]] | None = None
-        self._items: dict[str, list[dict[str, Any]]] = {}
+        self._items: dict[str, tuple[list[dict[str, Any]], int]] = {}  # parsed items (a store given to the board)
         self._lock = threading.Lock()
+        self._items_lock = threading.Lock()
         self._stop = threading.Event()
         self.upload_dir = config.upload_dir or gradio_upload_dir()
         self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
         self._checker: Isolated | None = None  # worker processes, started on first use
         self._scorer: Isolated | None = None
+        self._pages: Isolated | None = None  # parses stored predictions for the item pages
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -478,38 +481,30 @@ class Board:
     def stop_worker(self) -> None:
         """Stop the queue thread and the worker processes."""
         self._stop.set()
-        for isolated in (self._checker, self._scorer):
+        for isolated in (self._checker, self._scorer, self._pages):
             if isolated is not None:
                 isolated.close()
 
     # ------------------------------------------------------------------------------------------ item pages
 
-    def items(self, sid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-        """(result, item rows with verdicts) of a stored submission, or None when it is not on the board."""
+    def items_page(self, sid: str, show: str = "all", dimension: str = "", page: int = 1
+                   ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(result, :func:`items_page` of its items) of a stored submission, or None when it is not on the board.
+
+        The stored predictions are a submitter's bytes: with the board's own store they are parsed in a worker
+        process (:func:`page_of`, which keeps the parsed items of recent submissions, so that concurrent visits of
+        one submission parse it once and the server process holds one page at a time, never a whole file)."""
         result = next((r for r in self.results() if (r.get("submission") or {}).get("id") == sid), None)
         if result is None:
             return None
-        with self._lock:
-            if sid in self._items:  # a stored submission never changes: its items are parsed once
-                return result, self._items[sid]
-        predictions = self.store.submission_file(sid, PREDICTIONS_NAME) or b""
-        verdicts_bytes = self.store.submission_file(sid, ITEMS_NAME)
-        lines = [json.loads(line) for line in predictions.decode("utf-8").splitlines()[1:] if line.strip()]
-        if verdicts_bytes is None:
-            verdicts = _offline_verdicts(predictions)  # results stored before per-item verdicts were kept
-        else:
-            verdicts = [json.loads(line) for line in verdicts_bytes.decode("utf-8").splitlines() if line.strip()]
-        by_key = {(v["item_id"], v.get("gap")): v for v in verdicts}
-        items = []
-        for row in lines:
-            verdict = by_key.get((row["item_id"], row.get("gap")), {})
-            items.append({**row, "passed": verdict.get("passed"), "stage": verdict.get("stage", "?"),
-                          "degeneration": verdict.get("degeneration")})
-        with self._lock:
-            while len(self._items) >= ITEMS_CACHE:
-                self._items.pop(next(iter(self._items)))
-            self._items[sid] = items
-        return result, items
+        if self.config.isolate and self._own_store:
+            with self._lock:
+                if self._pages is None:
+                    self._pages = Isolated({}, timeout_s=self.config.validate_timeout_s)
+            return result, self._pages(page_of, self.config, sid, show, dimension, page)
+        with self._items_lock:  # one parse at a time: concurrent visits of one submission wait for its parse
+            items = self._items[sid][0] if sid in self._items else _cache_items(self._items, sid, self.store)
+        return result, items_page(items, show, dimension, page)
 
 
 # ---------------------------------------------------------------------------------------------- worker processes
@@ -539,6 +534,78 @@ def run_queue_of(config: SpaceConfig) -> list[tuple[str, str]]:
     queue = open_queue(config.queue_dir, config.requests_repo)
     return queue.run(_WORKER["manifest"], store, judge=config.judge,
                      validate_options={"max_bytes": config.max_bytes}, **config.judge_options)
+
+
+def submission_items(store: ResultsStore, sid: str) -> list[dict[str, Any]]:
+    """A stored submission's prediction rows, each with its verdict, its deciding stage and its degeneration flag,
+    read by the metric's strict reader (the reader that accepted the file; no other line splitting)."""
+    return _read_items(store, sid)[0]
+
+
+def _read_items(store: ResultsStore, sid: str) -> tuple[list[dict[str, Any]], int]:
+    """(:func:`submission_items`, the stored files' size in bytes)."""
+    predictions = store.submission_file(sid, PREDICTIONS_NAME) or b""
+    rows = [row for _, row in parse_predictions(predictions, PREDICTIONS_NAME).rows]
+    verdicts_bytes = store.submission_file(sid, ITEMS_NAME)
+    if verdicts_bytes is None:
+        verdicts = _offline_verdicts(predictions)  # results stored before per-item verdicts were kept
+    else:
+        verdicts = json_lines(verdicts_bytes.decode("utf-8"))
+    by_key = {(v["item_id"], v.get("gap")): v for v in verdicts}
+    items = []
+    for row in rows:
+        verdict = by_key.get((row["item_id"], row.get("gap")), {})
+        items.append({**row, "passed": verdict.get("passed"), "stage": verdict.get("stage", "?"),
+                      "degeneration": verdict.get("degeneration")})
+    return items, len(predictions) + len(verdicts_bytes or b"")
+
+
+def json_lines(text: str) -> list[Any]:
+    """The JSON values of a JSON Lines text split at newlines only (``str.splitlines`` would also split inside a
+    value at U+2028, U+0085 or a lone carriage return, which JSON strings may hold raw)."""
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def _cache_items(cache: dict[str, tuple[list[dict[str, Any]], int]], sid: str, store: ResultsStore
+                 ) -> list[dict[str, Any]]:
+    """:func:`submission_items` of ``sid``, kept in ``cache`` with those of recent submissions (at most
+    :data:`ITEMS_CACHE` of them and :data:`ITEMS_CACHE_BYTES` of stored files; the oldest go first)."""
+    items, size = _read_items(store, sid)
+    while cache and (len(cache) >= ITEMS_CACHE or sum(n for _, n in cache.values()) + size > ITEMS_CACHE_BYTES):
+        cache.pop(next(iter(cache)))
+    cache[sid] = (items, size)
+    return items
+
+
+def items_page(items: list[dict[str, Any]], show: str = "all", dimension: str = "", page: int = 1
+               ) -> dict[str, Any]:
+    """One page of a submission's items for ``/submission/<id>``: the items shown (``show`` ``all`` or ``failed``,
+    one ``dimension`` or all; :data:`ITEMS_PER_PAGE` a page, texts cut to :data:`SHOWN_CHARS`), the page number and
+    count, and the counts the page's navigation shows."""
+    selected = [it for it in items if (show != "failed" or it["passed"] is False)
+                and (not dimension or it["dimension"] == dimension)]
+    pages = max(1, math.ceil(len(selected) / ITEMS_PER_PAGE))
+    page = min(max(1, page), pages)
+    texts = ("question", "reference", "pre_edit", "post_edit")
+    shown = [{**it, **{name: _shown(it.get(name)) for name in texts}, "options": None}
+             for it in selected[(page - 1) * ITEMS_PER_PAGE: page * ITEMS_PER_PAGE]]
+    return {"items": shown, "page": page, "pages": pages, "total": len(items),
+            "failed": sum(1 for it in items if it["passed"] is False),
+            "dimensions": sorted({it["dimension"] for it in items})}
+
+
+def page_of(config: SpaceConfig, sid: str, show: str, dimension: str, page: int) -> dict[str, Any]:
+    """:func:`items_page` of a stored submission, in a worker process: its store opened from the Space's config,
+    the parsed items of recent submissions kept in the worker."""
+    cache = _WORKER.setdefault("items", {})
+    if sid in cache:
+        items = cache[sid][0]
+    else:
+        store = _WORKER.get("store")
+        if store is None:
+            store = _WORKER["store"] = open_store(config.results_dir, config.results_repo)
+        items = _cache_items(cache, sid, store)
+    return items_page(items, show, dimension, page)
 
 
 def _serve_calls(connection: Any, manifest: dict[str, Any]) -> None:
@@ -628,7 +695,7 @@ def _offline_verdicts(predictions: bytes) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="sake-items-") as tmp:
         (Path(tmp) / PREDICTIONS_NAME).write_bytes(predictions)
         score_predictions(str(Path(tmp) / PREDICTIONS_NAME), judge="offline", items_out=str(Path(tmp) / ITEMS_NAME))
-        return [json.loads(line) for line in (Path(tmp) / ITEMS_NAME).read_text(encoding="utf-8").splitlines()]
+        return json_lines((Path(tmp) / ITEMS_NAME).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- HTML page
@@ -649,26 +716,25 @@ def submission_page(board: Board, sid: str, show: str = "all", dimension: str = 
     esc = html.escape
     if not SAFE_ID.match(sid or ""):
         return 404, "<!doctype html><title>Not found</title><p>No such submission.</p>"
-    found = board.items(sid)
+    try:
+        found = board.items_page(sid, show, dimension, page)
+    except (TimeoutError, RuntimeError) as exc:  # the worker process ran out of time or died
+        logger.warning("item page of %s: %s", sid, exc)
+        return 503, "<!doctype html><title>Busy</title><p>This page could not be prepared; try again shortly.</p>"
     if found is None:
         return 404, "<!doctype html><title>Not found</title><p>No such submission on the board.</p>"
-    result, items = found
-    selected = [it for it in items if (show != "failed" or it["passed"] is False)
-                and (not dimension or it["dimension"] == dimension)]
-    pages = max(1, math.ceil(len(selected) / ITEMS_PER_PAGE))
-    page = min(max(1, page), pages)
-    shown = selected[(page - 1) * ITEMS_PER_PAGE: page * ITEMS_PER_PAGE]
+    result, listing = found
+    page, pages, shown = listing["page"], listing["pages"], listing["items"]
     metadata = (result.get("submission") or {}).get("metadata") or {}
 
     def link(**changes: Any) -> str:
         query = {"show": show, "dimension": dimension, "page": 1} | changes
         return f"/submission/{sid}?" + urllib.parse.urlencode({k: v for k, v in query.items() if v})
 
-    failed = sum(1 for it in items if it["passed"] is False)
-    dims = sorted({it["dimension"] for it in items})
-    nav = [f'<a href="{esc(link(show="all"))}">all items ({len(items)})</a>',
+    failed, total = listing["failed"], listing["total"]
+    nav = [f'<a href="{esc(link(show="all"))}">all items ({total})</a>',
            f'<a id="failed-link" href="{esc(link(show="failed"))}">failed items ({failed})</a>']
-    nav += [f'<a href="{esc(link(dimension=d))}">{esc(d)}</a>' for d in dims]
+    nav += [f'<a href="{esc(link(dimension=d))}">{esc(d)}</a>' for d in listing["dimensions"]]
     body = []
     for it in shown:
         verdict = "pass" if it["passed"] else ("fail" if it["passed"] is False else "?")
@@ -676,10 +742,10 @@ def submission_page(board: Board, sid: str, show: str = "all", dimension: str = 
         gap = "" if it.get("gap") is None else str(it["gap"])
         body.append(
             f'<tr class="{verdict}" data-item="{esc(it["item_id"])}"><td>{esc(it["item_id"])}</td><td>{esc(gap)}</td>'
-            f'<td>{esc(dim)}</td><td class="out">{esc(_shown(it.get("question")))}</td>'
-            f'<td class="out">{esc(_shown(it.get("reference")))}</td>'
-            f'<td class="out">{esc(_shown(it.get("pre_edit")))}</td>'
-            f'<td class="out">{esc(_shown(it.get("post_edit")))}</td>'
+            f'<td>{esc(dim)}</td><td class="out">{esc(it["question"])}</td>'
+            f'<td class="out">{esc(it["reference"])}</td>'
+            f'<td class="out">{esc(it["pre_edit"])}</td>'
+            f'<td class="out">{esc(it["post_edit"])}</td>'
             f'<td class="v">{verdict}</td><td>{esc(str(it["stage"]))}</td></tr>')
     pager = ""
     if pages > 1:
@@ -694,7 +760,7 @@ def submission_page(board: Board, sid: str, show: str = "all", dimension: str = 
 <h1 id="title">{esc(title)}</h1>
 <p class="meta">submission <code>{esc(sid)}</code> by {esc(str(metadata.get("submitter", "")))} ·
 protocol <b id="protocol">{esc(result_protocol(result))}</b> (judge {esc(str(judge.get("name", "")))}
-{esc(str(judge.get("model") or ""))}) · {len(items)} items, {failed} failed</p>
+{esc(str(judge.get("model") or ""))}) · {total} items, {failed} failed</p>
 <p class="meta">Correctness items (reliability, generality, portability) pass when the post-edit output gives the
 reference; locality items pass when the post-edit output gives the same answer as the pre-edit output. The stage
 is the judging step that decided the item (empty, exact, choice, llm, undecided).</p>

@@ -508,7 +508,7 @@ class LLMJudge:
                              f"{state_path} to submit again")
         out: dict[str, bool | None] = {key: None for key in todo}
         text = self.send(client.files.content, batch.output_file_id).text
-        for line in text.splitlines():
+        for line in text.split("\n"):  # newlines only: a model's answer may hold a raw U+2028
             if not line.strip():
                 continue
             record = json.loads(line)
