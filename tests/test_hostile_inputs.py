@@ -592,6 +592,77 @@ def test_wav_cut_to_a_few_bytes_names_the_member(tmp_path, size):
 
 # ------------------------------------------------------------------------------------------------ the Space
 
+def test_uploads_are_limited_per_address_and_swept_from_disk(tmp_path):
+    """The upload route (behind :class:`UploadsOnly`) admits ``per_hour`` uploads from one address, then answers
+    429 naming the limit while another address is still served; it refuses every upload while the folder holds
+    more than its cap; a sweep deletes uploads older than the time to live and the folders they leave empty."""
+    import asyncio
+
+    from eval.leaderboard.space import UPLOAD_ROUTE, UploadGate, UploadsOnly
+
+    served: list[str] = []
+
+    async def app(scope, receive, send):
+        served.append(scope["client"][0])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"[]"})
+
+    def upload(middleware, client: str, size: int = 1000) -> int:
+        scope = {"type": "http", "method": "POST", "path": UPLOAD_ROUTE, "client": (client, 1234),
+                 "headers": [(b"content-length", str(size).encode())]}
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(middleware(scope, receive, send))
+        return sent[0]["status"]
+
+    folder = tmp_path / "uploads"
+    old, new = folder / ("a" * 64) / "old.zip", folder / ("b" * 64) / "new.zip"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * 100)
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    gate = UploadGate(folder, per_hour=3, ttl_s=3600, max_dir_bytes=10_000)
+    guarded = UploadsOnly(app, lambda path: None, gate=gate)
+    assert [upload(guarded, ATTACKER) for _ in range(4)] == [200, 200, 200, 429]
+    assert upload(guarded, VISITOR) == 200 and served == [ATTACKER] * 3 + [VISITOR]
+    assert not old.exists() and not old.parent.exists() and new.exists()  # the first upload swept the folder
+    assert upload(guarded, HOST, size=20_000) == 429  # over the folder's cap
+    assert gate.admit(ATTACKER, 10).startswith("too many uploads from this address: at most 3 an hour")
+
+
+def test_a_submission_is_queued_once_and_the_queue_is_capped(tmp_path, manifest, single):
+    """A valid upload already waiting in the queue is not queued again; a full queue refuses new ones (the
+    submission is valid: try later); the queue status names at most ten pending submissions; every upload is
+    deleted once read."""
+    from eval.leaderboard.space import Board, SpaceConfig
+
+    header, rows = single
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    board = Board(SpaceConfig(results_dir=str(tmp_path / "results"), queue_dir=str(tmp_path / "queue"),
+                              judge="offline", queue_interval_s=0, upload_dir=str(uploads), max_pending=2),
+                  manifest=manifest)
+    first = board.submit(str(write_submission_zip(uploads / "a.zip", header, rows)))
+    again = board.submit(str(write_submission_zip(uploads / "b.zip", header, rows)))
+    assert first.startswith("Queued\n") and again.startswith("Already queued\n"), (first, again)
+    other = dict(METADATA, submitter="Other Lab")
+    assert board.submit(str(write_submission_zip(uploads / "c.zip", header, rows, other))).startswith("Queued\n")
+    full = board.submit(str(write_submission_zip(uploads / "d.zip", header, rows, dict(other, license="mit"))))
+    assert full.startswith("Not queued\n- the queue is full (2 submissions wait to be scored)"), full
+    assert list(uploads.iterdir()) == []
+    pending = tmp_path / "queue" / "pending"
+    for n in range(12):
+        (pending / f"20261207T0000{n:02d}-{n:020d}.zip").write_bytes(b"")
+    status = board.queue_status()
+    assert status.startswith("Pending (14): ") and status.splitlines()[0].endswith(" and 4 more"), status
+
+
 def test_check_upload_accepts_only_regular_files_received_as_uploads(tmp_path):
     from eval.leaderboard.space import UploadRefused, check_upload
 

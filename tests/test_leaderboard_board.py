@@ -140,7 +140,9 @@ def test_submit_queues_the_zip_atomically(board, tmp_path):
                   manifest=board.manifest)
     upload = write_submission_zip(tmp_path / "uploads" / "sub.zip", make_header(fresh.manifest, method="i_ike"),
                                   make_rows(fresh.manifest))
+    data = upload.read_bytes()
     assert fresh.submit(str(upload)).startswith("Queued\n")
     queued = list((tmp_path / "queue" / "pending").iterdir())
     assert len(queued) == 1 and queued[0].name.endswith(".zip") and not queued[0].name.startswith(".")
-    assert queued[0].read_bytes() == upload.read_bytes() and queued[0].stat().st_mode & 0o777 == 0o644
+    assert queued[0].read_bytes() == data and queued[0].stat().st_mode & 0o777 == 0o644
+    assert not upload.exists()  # the upload itself is not kept on the Space's disk

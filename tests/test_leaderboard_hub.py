@@ -52,13 +52,15 @@ def _records(hub) -> dict[str, dict]:
 def test_pending_submissions_survive_a_restart(hub, tmp_path):
     manifest = make_manifest()
     first = _board(hub, tmp_path / "disk1", manifest)
-    answer = first.submit(str(_zip(tmp_path, manifest, "a.zip")))
+    upload = _zip(tmp_path, manifest, "a.zip")
+    data = upload.read_bytes()
+    answer = first.submit(str(upload))
     assert answer.startswith("Queued\n"), answer
     # the archive and its pending record are in the requests repo (one commit), nothing on the Space's disk
     (name, record), = _records(hub).items()
     assert record["status"] == "pending" and record["method"] == "lora"
-    assert hub.files(REQUESTS)[f"requests/{name}"] == (tmp_path / "uploads" / "a.zip").read_bytes()
-    assert not (tmp_path / "disk1").exists()
+    assert hub.files(REQUESTS)[f"requests/{name}"] == data
+    assert not (tmp_path / "disk1").exists() and not upload.exists()
     assert hub.commits == [("dataset", REQUESTS, f"Queue submission {name}")]
 
     # The Space restarts on a fresh disk: the new process sees the pending submission and scores it.
@@ -80,7 +82,7 @@ def test_pending_submissions_survive_a_restart(hub, tmp_path):
     assert ("LoRA", "lora") in third.choices()["method"]
     assert third.run_queue() == []  # nothing pending: nothing done
     # re-submitting the same content: already on the board, nothing queued
-    assert third.submit(str(tmp_path / "uploads" / "a.zip")).startswith("Already on the board\n")
+    assert third.submit(str(_zip(tmp_path, manifest, "a.zip"))).startswith("Already on the board\n")
     assert len(_records(hub)) == 1
 
 

@@ -40,6 +40,8 @@ says that one is needed.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import html
@@ -211,6 +213,10 @@ class SpaceConfig:
     upload_dir: str | None = None  # where uploads are accepted from; None: Gradio's upload folder
     isolate: bool = True  # validate uploads and run the queue in worker processes (see Board)
     validate_timeout_s: float = 120.0  # an upload whose validation runs longer is refused
+    uploads_per_hour: int = 30  # uploads one client address may send in an hour (0: no limit)
+    upload_ttl_s: float = 3600.0  # an upload is deleted once submitted, or once this old if never submitted
+    max_upload_dir_mb: float = 2048.0  # uploads are refused while the upload folder holds more than this
+    max_pending: int = 50  # submissions that may wait in the queue; a new one is refused while it is full
 
     @classmethod
     def from_env(cls, config_file: str | os.PathLike | None = None, local: bool | None = None) -> "SpaceConfig":
@@ -224,7 +230,9 @@ class SpaceConfig:
         for key, name, cast in (("results_repo", "SAKE_RESULTS_REPO", str), ("results_dir", "SAKE_RESULTS_DIR", str),
                                 ("manifest", "SAKE_MANIFEST", str), ("queue_dir", "SAKE_QUEUE_DIR", str),
                                 ("requests_repo", "SAKE_REQUESTS_REPO", str),
-                                ("judge", "SAKE_JUDGE", str), ("queue_interval_s", "SAKE_QUEUE_INTERVAL", float)):
+                                ("judge", "SAKE_JUDGE", str), ("queue_interval_s", "SAKE_QUEUE_INTERVAL", float),
+                                ("uploads_per_hour", "SAKE_UPLOADS_PER_HOUR", int),
+                                ("max_pending", "SAKE_MAX_PENDING", int)):
             if env.get(name):
                 values[key] = cast(env[name])
         if env.get("SAKE_MAX_MB"):
@@ -392,6 +400,13 @@ class Board:
             upload = self.check_upload(path)
         except UploadRefused as exc:
             return f"Rejected\n- {exc}"
+        try:
+            return self._submit_upload(upload)
+        finally:  # read (or refused): the upload is not kept on the Space's disk
+            with contextlib.suppress(OSError):
+                upload.unlink()
+
+    def _submit_upload(self, upload: Path) -> str:
         if upload.suffix.lower() != ".zip":
             return "Rejected\n- expected a .zip archive holding predictions.jsonl and metadata.json"
         try:
@@ -419,6 +434,13 @@ class Board:
         try:
             if self.store.has(sid):
                 return f"Already on the board\nSubmission {sid} has been scored: see /submission/{sid}"
+            pending = self.requests.status(0).pending
+            waiting = next((p for p in pending if p.endswith(f"-{sid}.zip")), None)
+            if waiting:
+                return f"Already queued\nSubmission {sid} waits in the queue as {waiting}."
+            if len(pending) >= self.config.max_pending:
+                return (f"Not queued\n- the queue is full ({len(pending)} submissions wait to be scored); the "
+                        "submission is valid: try again later")
             self.requests.submit(name, upload.read_bytes(), {"submission_id": sid, "model": verdict["model"],
                                                              "method": verdict["method"], "mode": verdict["mode"]})
         except Exception as exc:  # noqa: BLE001 - the store or the requests repo is unreachable: nothing queued
@@ -433,7 +455,9 @@ class Board:
     def queue_status(self, shown: int = 10) -> str:
         """Plain text: pending submissions, and the latest rejected ones with (the start of) their one-line error."""
         status = self.requests.status(shown)
-        lines = [f"Pending ({len(status.pending)}): " + (", ".join(status.pending) or "none")]
+        listed = ", ".join(status.pending[:shown]) or "none"
+        more = len(status.pending) - shown
+        lines = [f"Pending ({len(status.pending)}): " + listed + (f" and {more} more" if more > 0 else "")]
         if status.rejected:
             lines.append("Rejected while scoring (latest first):")
             for name, error in status.rejected:
@@ -855,6 +879,68 @@ def build_blocks(board: Board) -> Any:
     return blocks
 
 
+class UploadGate:
+    """What Gradio's upload route admits, so that uploads cannot fill the Space's disk: at most ``per_hour``
+    uploads from one client address in any hour (0: no limit), none while the upload folder holds more than
+    ``max_dir_bytes``; uploads older than ``ttl_s`` are deleted (a submitted one is deleted at once by
+    :meth:`Board.submit`). The folder is swept at most every ``sweep_s``; between sweeps each admitted upload
+    counts at its declared length."""
+
+    def __init__(self, upload_dir: str | os.PathLike, per_hour: int, ttl_s: float, max_dir_bytes: int,
+                 sweep_s: float = 60.0):
+        self.upload_dir = Path(upload_dir)
+        self.per_hour = per_hour
+        self.ttl_s = ttl_s
+        self.max_dir_bytes = max_dir_bytes
+        self.sweep_s = sweep_s
+        self._recent: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+        self._swept_at = -math.inf
+        self._dir_bytes = 0
+
+    def admit(self, client: str, declared_bytes: int) -> str | None:
+        """Why an upload from ``client`` of ``declared_bytes`` is refused, or None (it is then counted)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept_at >= self.sweep_s:
+                self._swept_at = now
+                self._dir_bytes = self.sweep()
+            if self.per_hour:
+                recent = self._recent.setdefault(client, collections.deque())
+                while recent and now - recent[0] >= 3600:
+                    recent.popleft()
+                if len(recent) >= self.per_hour:
+                    return f"too many uploads from this address: at most {self.per_hour} an hour; try again later"
+            if self._dir_bytes + max(declared_bytes, 0) > self.max_dir_bytes:
+                return "the Space holds too many uploads at the moment; try again later"
+            if self.per_hour:
+                recent.append(now)
+                if len(self._recent) > 10_000:  # forget the addresses with no upload in the last hour
+                    self._recent = {c: q for c, q in self._recent.items() if q and now - q[-1] < 3600}
+            self._dir_bytes += max(declared_bytes, 0)
+        return None
+
+    def sweep(self) -> int:
+        """Delete the uploads older than ``ttl_s`` (and the folders they leave empty); the bytes that remain."""
+        if not self.upload_dir.is_dir():
+            return 0
+        cutoff = time.time() - self.ttl_s
+        kept = 0
+        for folder, _, names in os.walk(self.upload_dir, topdown=False):
+            for name in names:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    info = os.lstat(path)
+                    if info.st_mtime < cutoff:
+                        os.unlink(path)
+                    else:
+                        kept += info.st_size
+            if folder != str(self.upload_dir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only when empty
+        return kept
+
+
 class UploadsOnly:
     """ASGI middleware in front of the Gradio app: an API call may name only files Gradio's upload route received.
 
@@ -862,14 +948,17 @@ class UploadsOnly:
     every file object in it (any object with a ``path``, or Gradio's ``FileData`` marker) must name a file that
     ``check(path)`` accepts (:meth:`Board.check_upload`), else the request is answered 403 with a one-line
     reason, before Gradio copies, reads or serves anything. ``/file=<URL>`` (Gradio relays public URLs) is
-    refused too. Other requests pass unchanged.
+    refused too. The upload route itself takes what ``gate`` admits (:class:`UploadGate`; else 429). Other
+    requests pass unchanged.
     """
 
-    def __init__(self, app: Any, check: Any, upload_route: str = UPLOAD_ROUTE, max_body: int = MAX_API_BODY):
+    def __init__(self, app: Any, check: Any, upload_route: str = UPLOAD_ROUTE, max_body: int = MAX_API_BODY,
+                 gate: UploadGate | None = None):
         self.app = app
         self.check = check
         self.upload_route = upload_route
         self.max_body = max_body
+        self.gate = gate
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
@@ -879,7 +968,18 @@ class UploadsOnly:
         if scope["type"] == "http" and _REMOTE_FILE.search(path):  # Gradio would fetch and relay any public URL
             await _answer(send, 403, "remote files are not served here")
             return
-        if scope["type"] != "http" or scope.get("method") != "POST" or path.rstrip("/") == self.upload_route:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        if path.rstrip("/") == self.upload_route:
+            if self.gate is not None:
+                client = (scope.get("client") or ("?",))[0]
+                length = next((v for k, v in scope.get("headers") or [] if k == b"content-length"), b"0")
+                reason = self.gate.admit(str(client), int(length) if length.isdigit() else 0)
+                if reason:
+                    logger.warning("refused an upload from %s: %s", client, reason)
+                    await _answer(send, 429, reason)
+                    return
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
@@ -969,7 +1069,10 @@ def create_app(board: Board) -> Any:
     app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=board.config.max_bytes, footer_links=[],
                               ssr_mode=False, allowed_paths=[], blocked_paths=blocked)
     board.received = blocks.upload_file_set  # the exact paths Gradio's upload route returned
-    guarded = UploadsOnly(app, board.check_upload)
+    config = board.config
+    gate = UploadGate(board.upload_dir, config.uploads_per_hour, config.upload_ttl_s,
+                      int(config.max_upload_dir_mb * 2**20))
+    guarded = UploadsOnly(app, board.check_upload, gate=gate)
     # Gradio needs inline scripts and styles: its pages get every header but a script-restricting CSP.
     headers = {"x-content-type-options": "nosniff", "referrer-policy": "strict-origin-when-cross-origin",
                "permissions-policy": "camera=(), microphone=(), geolocation=()",
