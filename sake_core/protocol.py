@@ -189,13 +189,17 @@ def method_display(method: str | None, display_name: str | None = None,
                    display_order: float | None = None) -> tuple[str, float]:
     """``(name, order)`` a report or the board shows a method by: the paper's name and Table 2 place for its eight
     methods; else the recorded ``display_name`` / ``display_order`` (a header's or results' DISPLAY_FIELDS); else
-    the id itself, after every known method."""
+    the id itself, after every known method. Another method never takes one of the eight's names (it is then
+    shown by its id) nor a place before them."""
     key = method_key(method)
     if key in METHOD_NAMES:
         return METHOD_NAMES[key], float(METHOD_ORDER.index(key))
-    name = display_name or (method or "?")
-    order = float(display_order) if isinstance(display_order, (int, float)) and not isinstance(display_order, bool) \
-        else float("inf")
+    name = method or "?"
+    if isinstance(display_name, str) and display_name.strip() and method_key(display_name) not in METHOD_NAMES:
+        name = display_name
+    order = float("inf")
+    if isinstance(display_order, (int, float)) and not isinstance(display_order, bool) and display_order == display_order:
+        order = max(float(display_order), float(len(METHOD_ORDER)))
     return name, order
 
 

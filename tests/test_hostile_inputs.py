@@ -133,6 +133,35 @@ def test_a_file_padded_with_rows_is_refused_at_the_release_size(tmp_path, manife
     assert f"duplicate item id {rows[0]['item_id']!r}" in message
 
 
+def test_names_the_board_shows_are_one_line_of_visible_text(manifest, single):
+    """Submitter, links and header names with a bidirectional override, zero-width characters only or a trailing
+    newline are refused naming the character; display fields have types and lengths; a method of its own cannot
+    take a paper method's name, and no recorded name or place puts another method among the paper's eight."""
+    from sake_core.protocol import method_display
+
+    header, rows = single
+
+    def problems(metadata: dict | None = None, **fields) -> str:
+        files = {PREDICTIONS_NAME: jsonl_bytes(dict(header, **fields), rows),
+                 METADATA_NAME: json.dumps(metadata or METADATA).encode()}
+        return _refusal(lambda: parse_submission(files, "names.zip", manifest=manifest))
+
+    message = problems(dict(METADATA, submitter="\u200b\u200b", license="\u202eMIT",
+                            model_link="https://evil.example/\n"))
+    assert "field submitter: holds the hidden character U+200B (ZERO WIDTH SPACE)" in message
+    assert "field license: holds the hidden character U+202E (RIGHT-TO-LEFT OVERRIDE)" in message
+    assert "field model_link" in message and message.count("\n  - ") == 3
+    assert "field model: has no visible character" in problems(model="   ")
+    message = problems(method="evil", method_display_name="FT (LLM)")
+    assert "field method_display_name: got \"FT (LLM)\", the name of the paper's method 'ft_llm'" in message
+    message = problems(method="evil", method_display_name={"a": 1}, method_display_order=-5, family={"a": 1})
+    assert "field method_display_name: expected string or null, got object" in message
+    assert "field method_display_order: got -5, expected minimum 0" in message and "field family" in message
+    assert "field method_display_name: got" in problems(method="evil", method_display_name="x" * 3_000_000)
+    assert method_display("evil", "FT (LLM)", -5) == ("evil", 8.0)
+    assert method_display("lora", "LoRA", 9) == ("LoRA", 9.0) and method_display("ft_llm", "X", 99) == ("FT (LLM)", 0.0)
+
+
 def _read_time(files: dict[str, bytes], repeats: int, enough: float = 0.0) -> tuple[float, str | None]:
     """(best of up to `repeats` wall times of `parse_submission`, its refusal or None); stops repeating once a
     time is within `enough` seconds."""

@@ -28,7 +28,7 @@ def space(tmp_path_factory):
     server = start_server(create_app(board))
     header = make_header(manifest, model="Qwen/Qwen2-Audio-7B-Instruct", method="ft_llm")
     good = write_submission_zip(root / "good.zip", header, make_rows(manifest, wrong_every=3),
-                                metadata={"submitter": "Browser Lab", "license": "mit",
+                                metadata={"submitter": "Browser Lab $$\\Huge{X}$$", "license": "mit",
                                           "model_link": "https://huggingface.co/Qwen/Qwen2-Audio-7B-Instruct"})
     bad = write_submission_zip(root / "bad.zip", header, make_rows(manifest)[:-1])
     yield {"url": server.url, "board": board, "good": good, "bad": bad, "root": root}
@@ -94,7 +94,9 @@ def test_submit_queue_table_and_item_page(space, driver):
     rows = _wait(driver, lambda d: (lambda rs: rs if rs and all(r[5] == "offline" for r in rs) else None)(
         d.execute_script(body_rows)))
     assert len(rows) == 1 and {tuple(r) for r in rows} == {("1", "Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio", "FT (LLM)", "single",
-                                         "offline", "Browser Lab · items") + tuple(rows[0][7:])}
+                                         "offline", "Browser Lab $$\\Huge{X}$$ · items") + tuple(rows[0][7:])}
+    # a submitter's text is text: no LaTeX (nor Markdown) is rendered from it
+    assert not driver.find_elements("css selector", "#board-table .katex")
     from eval.score import score_predictions
 
     (space["root"] / "p.jsonl").write_bytes(zipfile.ZipFile(space["good"]).read("predictions.jsonl"))

@@ -854,8 +854,9 @@ def build_blocks(board: Board) -> Any:
                                            elem_id="filter-protocol")
                     paper = gr.Checkbox(True, label="Paper's reported rows", elem_id="filter-paper")
                 refresh = gr.Button("Refresh", elem_id="refresh", size="sm")
+                # latex_delimiters=[]: a submitter's "$$...$$" stays text (the Markdown cells render no LaTeX)
                 table = gr.Dataframe(value=board.table(), headers=COLUMNS, datatype=datatypes, interactive=False,
-                                     elem_id="board-table", max_height=900, wrap=True)
+                                     elem_id="board-table", max_height=900, wrap=True, latex_delimiters=[])
                 filters: list[Any] = [family, method, mode, protocol, paper]
                 for component in filters:
                     component.change(board.table, filters, table)

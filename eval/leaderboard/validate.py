@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import struct
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -32,8 +33,8 @@ from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
 from eval.sake_metric.rows import validate_row
-from sake_core.protocol import (KIND_DIMENSION_TYPE, ROW_FIELDS, SEQUENTIAL_CONFIG, SEQUENTIAL_EVAL_EDITS,
-                                SEQUENTIAL_MAX_GAP)
+from sake_core.protocol import (KIND_DIMENSION_TYPE, METHOD_NAMES, ROW_FIELDS, SEQUENTIAL_CONFIG,
+                                SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_key)
 from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ MAX_METADATA_BYTES = 64 * 1024
 SCHEMA_PATH = Path(__file__).with_name("submission.schema.json")
 # item kind (last id segment) -> (dimension, type)
 ITEM_KINDS = KIND_DIMENSION_TYPE
+#: Header and metadata fields the board shows as names or links: one line of visible text each (no control,
+#: format, bidirectional-override or zero-width characters, no line or paragraph separators).
+SHOWN_HEADER_FIELDS = ("model", "method", "method_display_name", "family", "dataset", "split")
+SHOWN_METADATA_FIELDS = ("submitter", "model_link", "paper_link", "code_link", "license", "contact")
+#: Unicode categories refused in a shown name: control, format (bidi overrides, zero-width), surrogate, private
+#: use, line and paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 
 @dataclass(frozen=True)
@@ -348,6 +356,42 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
     return problems
 
 
+def shown_text_problems(obj: dict[str, Any], fields: Iterable[str], where: str,
+                        multiline: Iterable[str] = ()) -> list[Problem]:
+    """Problems of the string ``fields`` of ``obj`` that the board shows: a hidden character (control, format,
+    separator; ``multiline`` fields may hold newlines and tabs) or no visible character at all."""
+    problems = []
+    multiline = set(multiline)
+    for name in fields:
+        value = obj.get(name)
+        if not isinstance(value, str) or not value:
+            continue
+        allowed = "\n\t" if name in multiline else ""
+        hidden = next((c for c in value if unicodedata.category(c) in _HIDDEN_CATEGORIES and c not in allowed), None)
+        if hidden is not None:
+            problems.append(Problem(f"{where}, field {name}",
+                                    f"holds the hidden character U+{ord(hidden):04X} "
+                                    f"({unicodedata.name(hidden, unicodedata.category(hidden))}); the board shows this "
+                                    "field as one line of visible text"))
+        elif not any(c.isprintable() and not c.isspace() for c in value):
+            problems.append(Problem(f"{where}, field {name}", "has no visible character"))
+    return problems
+
+
+def display_name_problems(header: dict[str, Any], where: str) -> list[Problem]:
+    """A method outside the paper's eight that claims one of their names (the board would show it as that
+    method)."""
+    name = header.get("method_display_name")
+    if not isinstance(name, str) or method_key(header.get("method")) in METHOD_NAMES:
+        return []
+    claimed = method_key(name)
+    if claimed in METHOD_NAMES:
+        return [Problem(f"{where}, field method_display_name",
+                        f"got {_short(name)}, the name of the paper's method {claimed!r}; method "
+                        f"{_short(header.get('method'))} needs a name of its own")]
+    return []
+
+
 class _Collector:
     """Accumulates problems and stops listing after a cap (the count stays exact)."""
 
@@ -460,7 +504,10 @@ def parse_submission(files: dict[str, bytes], source: str = "submission", requir
         except PredictionsError as exc:
             problems.add(_problem_from(exc))
         else:
-            problems.add(schema_problems(metadata, "metadata", METADATA_NAME))
+            found = schema_problems(metadata, "metadata", METADATA_NAME)
+            problems.add(found)
+            if not found:
+                problems.add(shown_text_problems(metadata, SHOWN_METADATA_FIELDS, METADATA_NAME))
 
     # The one strict reader of predictions files (eval/sake_metric/predictions_file.py, limits in limits.py) is
     # the reader scoring uses too: what validates here is what scores.
@@ -475,7 +522,11 @@ def parse_submission(files: dict[str, bytes], source: str = "submission", requir
     rows: list[dict[str, Any]] = []
     row_lines: list[int] = []
     where = f"{PREDICTIONS_NAME} line 1"
-    problems.add(schema_problems(header, "header", where))
+    found = schema_problems(header, "header", where)
+    problems.add(found)
+    if not found:
+        problems.add(shown_text_problems(header, SHOWN_HEADER_FIELDS, where))
+        problems.add(display_name_problems(header, where))
     if header.get("limit") is not None:
         problems.add(Problem(f"{where}, field limit",
                              f"got {_short(header['limit'])}: a run limited to its first instances is not a board "
