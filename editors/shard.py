@@ -28,8 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
+from editors.predictions import resume_differences
 from sake_core.atomic import atomic_write
-from sake_core.protocol import RESUME_FIELDS
 from sake_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def scan(path: Path, header: Mapping[str, Any] | None, unit_of: Callable[[dict[s
     if not isinstance(file_header, dict) or file_header.get("kind") != "header":
         raise DataError(f"{path}: line 1 is not a run header (kind: header)")
     if header is not None:
-        diff = [k for k in RESUME_FIELDS if file_header.get(k) != header.get(k)]
+        diff = resume_differences(file_header, header)
         if diff:
             details = ", ".join(f"{k}: {file_header.get(k)!r} != {header.get(k)!r}" for k in diff)
             raise DataError(f"{path} was written by a different run ({details}); use another --out or delete it")
@@ -228,7 +228,7 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
             return MergeResult(final, merged=False, missing=list(order))
         reference = header if header is not None else scans[0].header
         for s in scans:
-            diff = [k for k in RESUME_FIELDS if s.header.get(k) != reference.get(k)]
+            diff = resume_differences(s.header, reference)
             if diff:
                 raise DataError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
                                  "delete the stale file")

@@ -83,3 +83,22 @@ def test_method_names_and_order():
     assert protocol.method_key("IE-IKE") == "ie_ike"
     assert protocol.method_key("My-Method") == "my_method"
     assert set(protocol.IN_CONTEXT_METHODS) <= set(protocol.METHOD_ORDER)
+
+
+def test_resume_takes_a_path_spelled_another_way(tmp_path, monkeypatch):
+    """A rerun naming the same folder by another path (relative or absolute; in hparams too) resumes; a model or
+    dataset named another way resumes when its content key agrees; anything else that differs is named."""
+    from editors.predictions import resume_differences
+
+    (tmp_path / "runs" / "ke").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    old = {"model": "models/m", "model_key": "k1", "dataset": "data", "dataset_fingerprint": "f1",
+           "hparams": {"hypernetwork_path": "runs/ke", "lr": 1.0, "layers": [1, 2]}}
+    new = dict(old, model="/elsewhere/m", dataset=str(tmp_path / "data"),
+               hparams={"hypernetwork_path": str(tmp_path / "runs" / "ke"), "lr": 1.0, "layers": [1, 2]})
+    assert resume_differences(old, new) == []
+    assert resume_differences(old, dict(new, hparams=dict(new["hparams"], lr=2.0))) == ["hparams"]
+    assert resume_differences(old, dict(new, hparams=dict(new["hparams"], hypernetwork_path="runs/other"))) \
+        == ["hparams"]
+    assert resume_differences(old, dict(new, model_key="k2")) == ["model", "model_key"]
+    assert resume_differences(old, dict(new, dataset_fingerprint="f2")) == ["dataset", "dataset_fingerprint"]

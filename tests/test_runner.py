@@ -274,6 +274,21 @@ def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
         api_run(config.replace(seed=3), adapter=qwen)
 
 
+def test_resume_takes_the_same_dataset_by_another_path(qwen, demo_dataset, tmp_path, monkeypatch):
+    """The dataset given as a relative path resumes the run that named it by its absolute path (their fingerprints
+    agree): nothing is redone or rewritten."""
+    import os
+
+    config = run_config(demo_dataset, tmp_path / "r.jsonl", tmp_path / "cache", limit=1, configs=("gender",))
+    api_run(config, adapter=qwen)
+    written = (tmp_path / "r.jsonl").read_bytes()
+    monkeypatch.chdir(Path(demo_dataset).parent)
+    relative = config.replace(dataset=os.path.relpath(demo_dataset))
+    assert relative.dataset != config.dataset
+    api_run(relative, adapter=qwen)
+    assert (tmp_path / "r.jsonl").read_bytes() == written
+
+
 def test_a_predictions_file_has_one_writer_at_a_time(tmp_path):
     """A second writer of the same predictions file (another run, or another process resuming it) is refused while
     the first holds it, before it reads or cuts a byte; once the first closes, the file resumes as usual, and a

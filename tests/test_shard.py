@@ -233,6 +233,8 @@ def test_model_key_of_a_local_directory_follows_its_weights(qwen, tmp_path, monk
     save_tiny(qwen, directory)
     key = load_adapter(str(directory)).model_key()
     assert key == load_adapter(str(directory)).model_key() != qwen.model_key()  # stable (memoized digest)
+    monkeypatch.chdir(tmp_path)
+    assert load_adapter("model").model_key() == key  # the weights, not the path's spelling
     retrained = load_adapter(str(directory))
     with torch.no_grad():
         retrained.lm_head().weight[0, 0] += 1.0

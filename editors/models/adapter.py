@@ -813,15 +813,21 @@ class LALMAdapter(abc.ABC):
     def model_key(self) -> str:
         """A short hash identifying model weights + revision + config + dtype (key of the pre-edit cache).
 
-        Hub models are pinned by their revision; a local directory adds a digest of its weight files (so a
-        retrained model gets a new key); in-memory tiny models are identified by their seed-based id."""
+        Hub models are pinned by their id and revision; a local directory by a digest of its weight files, not by
+        how its path is spelled (so ``models/x`` and its absolute path share a key, and a retrained model gets a
+        new one; a directory without weight files falls back to its resolved path); in-memory tiny models are
+        identified by their seed-based id."""
         cfg = self.model.config.to_json_string(use_diff=False)
-        parts = [self.model_id, self.revision, cfg, str(self.dtype)]
+        identity = self.model_id
         if Path(self.model_id).is_dir():
             if self._weights_digest is None:
                 self._weights_digest = weights_digest(self.model_id)
-            parts.append(self._weights_digest)
-        payload = json.dumps(parts, sort_keys=True)
+            config = self.model.config.to_dict()
+            config.pop("_name_or_path", None)  # the folder's path: the weights' digest says what it holds
+            cfg = json.dumps(config, sort_keys=True, default=str)
+            identity = f"weights:{self._weights_digest}" if self._weights_digest else \
+                str(Path(self.model_id).resolve())
+        payload = json.dumps([identity, self.revision, cfg, str(self.dtype)], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
