@@ -95,6 +95,20 @@ def test_a_user_error_of_the_runner_is_printed_once_without_traceback(tmp_path):
     assert "no-dataset: dataset not found" in proc.stderr
 
 
+@pytest.mark.parametrize("model", ["Qwen/Qwen2-Audio-7B-Instruct", "models/no-such-qwen2-audio"])
+def test_a_model_that_cannot_be_loaded_is_one_line(model, tmp_path, demo_dataset):
+    """A Hub model out of reach (offline here) or a folder that does not exist, in a fresh process: one line
+    naming the model, exit 2, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "editors.run", "--model", model, "--method", "ft_llm",
+                           "--dataset", str(demo_dataset), "--out", str(tmp_path / "out"), "--limit", "1",
+                           "--no-progress", "--log-level", "warning"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: {model}: cannot load this model as a Hub id (or local folder): ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
 def test_user_errors_derive_from_the_matching_builtins():
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
     from eval.agreement import AgreementError

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sake_core.errors import ConfigError
+from sake_core.errors import ConfigError, DataError, one_line
 from sake_core.protocol import FAMILY_NAMES, FAMILY_ORDER
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,7 +181,11 @@ def load_adapter(model: str, *, dtype: str | torch.dtype = "float32", device: st
         return cls.tiny(seed, dtype=torch_dtype, device=device)
     is_tiny = Path(model).is_dir() and (Path(model) / TINY_MARKER).is_file()
     logger.info("loading %s (%s) as %s on %s", model, family, torch_dtype, device)
-    return cls.from_pretrained(model, dtype=torch_dtype, device=device, revision=revision, is_tiny=is_tiny)
+    try:
+        return cls.from_pretrained(model, dtype=torch_dtype, device=device, revision=revision, is_tiny=is_tiny)
+    except OSError as exc:  # not on the Hub or not reachable, no such folder, a folder without the model's files
+        where = "local folder" if Path(model).exists() else "Hub id (or local folder)"
+        raise DataError(f"{model}: cannot load this model as a {where}: {one_line(exc)}") from exc
 
 
 def save_tiny(adapter: LALMAdapter, directory: str | Path) -> None:
