@@ -10,9 +10,11 @@
 
 A rerun with the same ``--out`` reuses what is finished: the dataset, trained hypernetworks and the runs (the runner
 resumes; finished runs are skipped). ``--update-readme`` rewrites the block between ``<!-- demo-table:start -->``
-and ``<!-- demo-table:end -->`` in README.md with the table this run printed.
+and ``<!-- demo-table:end -->`` in README.md (the one in the current folder, else the checkout's) with the table
+this run printed and the wall time of the demo's work (a run that reused earlier work keeps the time of the run
+that did it, or states none).
 
-    sake demo                      # everything (under 10 minutes on 2 CPU cores)
+    sake demo                      # everything (a few minutes on 2 CPU cores)
     sake demo --limit 2            # quick: 2 instances per attribute, 1 sequence
     sake demo --update-readme      # and refresh the README's demo table
 """
@@ -42,7 +44,6 @@ logger = logging.getLogger(__name__)
 REPO_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = shipped_path("models/sake-reference-qwen2-audio")  # the checkout's models/, or the wheel's copy
 README = REPO_DIR / "README.md"
-README_BLOCK = Path(__file__).resolve().parent / "demo_readme_block.md"
 START_MARKER = "<!-- demo-table:start -->"
 END_MARKER = "<!-- demo-table:end -->"
 
@@ -202,14 +203,17 @@ def demo_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def readme_block(table: str, *, command: str, model: str, n_items: int, wall_s: float, plots: Sequence[str]) -> str:
-    """The README's demo section body (between the markers): how it was made, the table, the line saying its
-    numbers are not comparable with the paper's (the demo scores offline), the plots."""
+def readme_block(table: str, *, command: str, model: str, n_items: int, wall_s: float | None,
+                 plots: Sequence[str]) -> str:
+    """The README's demo section body (between the markers): how it was made (``wall_s``: the wall time of the
+    demo's work, None when not measured), the table, the line saying its numbers are not comparable with the
+    paper's (the demo scores offline), the plots."""
     from eval.sake_metric.scoring import NOT_COMPARABLE_LINE
 
+    timing = f"{wall_s / 60:.1f} min wall time on CPU" if wall_s is not None else "wall time not measured"
     lines = [
         f"Made by `{command}` on the reference model `{model}` (demo test split, {n_items} prediction rows, "
-        f"offline judge, {wall_s / 60:.1f} min wall time on CPU). Values in percent; single editing averages "
+        f"offline judge, {timing}). Values in percent; single editing averages "
         "over the edits, sequential over gaps 0-4; regenerate with `sake demo --update-readme`.",
         "",
         table,
@@ -231,6 +235,24 @@ def replace_block(text: str, body: str, where: str = "README.md") -> str:
                          "demo table")
     head = text[: start + len(START_MARKER)]
     return head + "\n" + body.rstrip("\n") + "\n" + text[end:]
+
+
+def readme_to_update() -> Path:
+    """The README ``--update-readme`` rewrites: the current folder's when it holds the demo markers (a checkout,
+    whatever way the toolkit is installed), else the checkout's next to this package."""
+    here = Path.cwd() / "README.md"
+    if here.is_file() and START_MARKER in here.read_text(encoding="utf-8"):
+        return here
+    return README
+
+
+def _summary(out: Path) -> dict[str, Any]:
+    """The ``demo_summary.json`` an earlier run wrote in ``out`` ({} when there is none or it is unreadable)."""
+    try:
+        summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def update_readme(readme: Path, body: str) -> None:
@@ -271,9 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparam", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="hyperparameter override for one method, e.g. ft_audio:lr=0.01 (repeatable)")
     p.add_argument("--update-readme", action="store_true",
-                   help="rewrite the demo table between the markers in README.md")
-    p.add_argument("--readme", default=str(README), help=argparse.SUPPRESS)
-    p.add_argument("--readme-block", default=str(README_BLOCK), help=argparse.SUPPRESS)
+                   help="rewrite the demo table between the markers in README.md (the current folder's, else the "
+                        "checkout's); the block is also written to OUT/demo_table.md")
+    p.add_argument("--readme", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -321,13 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"[sake demo] {text}")
 
     reset_if_model_changed(out, model)
-    say(f"building the demo dataset in {out / 'dataset'}")
+    scope = "full" if args.limit is None else f"limit{args.limit}"
+    # the time of the demo's work: this run's, unless it reused work an earlier run did (then that run's time)
+    reused = any((out / name).exists() for name in (f"runs/{scope}", f"hypernetworks/{scope}", "cache"))
+    earlier = _summary(out) if reused else {}
+    work_s = earlier.get("work_s") if earlier.get("limit") == args.limit else None
+    reusing = (out / "dataset" / "sake_manifest.json").is_file()
+    say(f"{'reusing' if reusing else 'building'} the demo dataset in {out / 'dataset'}")
     dataset = build_dataset(out / "dataset", args.seed, progress=not args.no_progress)
     stage.update(1)
-    scope = "full" if args.limit is None else f"limit{args.limit}"
     for method in methods:
         if method in HYPERNETWORK_METHODS:
-            say(f"training the {method} hypernetwork on the demo train split")
+            trained = (out / "hypernetworks" / scope / method / "DONE").is_file()
+            say(f"reusing the trained {method} hypernetwork" if trained else
+                f"training the {method} hypernetwork on the demo train split")
             overrides.setdefault(method, [])
             overrides[method] += train_hypernetwork(method, model, dataset, out / "hypernetworks" / scope, args.seed,
                                                     args.limit, progress=not args.no_progress)
@@ -348,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.update(1)
     stage.close()
     wall = time.time() - start
+    if not reused:
+        work_s = wall
     plots = [str(p) for p in written if p.suffix == ".png"]
     from eval.sake_metric.scoring import NOT_COMPARABLE_LINE
 
@@ -366,23 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     for p in plots:
         print(f"plot:   {p}")
     command = "sake demo" + (f" --limit {args.limit}" if args.limit else "")
-    body = readme_block(table, command=command, model=Path(model).name, n_items=n_items, wall_s=wall,
+    body = readme_block(table, command=command, model=Path(model).name, n_items=n_items, wall_s=work_s,
                         plots=[os.path.relpath(p, REPO_DIR) if Path(p).resolve().is_relative_to(REPO_DIR) else p
                                for p in plots])
     atomic_write(out / "demo_table.md", body)
     summary = {"model": model, "methods": methods, "sequential": sequential, "limit": args.limit,
-               "wall_s": round(wall, 1), "results": [{"method": r.get("method"), "mode": r.get("mode"),
+               "wall_s": round(wall, 1), "work_s": None if work_s is None else round(work_s, 1), "results": [{"method": r.get("method"), "mode": r.get("mode"),
                                                      **{k: r["metrics"]["overall"].get(k) for k, _ in COLUMNS}}
                                                     for r in results]}
     atomic_write(out / "demo_summary.json", json.dumps(summary, indent=1) + "\n")
     if args.update_readme:
-        atomic_write(Path(args.readme_block), body)
+        readme = Path(args.readme) if args.readme else readme_to_update()
         try:
-            update_readme(Path(args.readme), body)
+            update_readme(readme, body)
         except DataError as exc:
-            print(f"sake demo: README not updated: {exc} (the block is in {args.readme_block})", file=sys.stderr)
+            print(f"sake demo: README not updated: {exc} (the block is in {out / 'demo_table.md'})",
+                  file=sys.stderr)
             return 1
-        print(f"updated the demo table in {args.readme}")
+        print(f"updated the demo table in {readme}")
     return 0
 
 

@@ -56,7 +56,7 @@ def test_sake_demo_runs_end_to_end(tmp_path, capsys) -> None:
     readme.write_text(f"# SAKE\n\n{demo.START_MARKER}\n(old)\n{demo.END_MARKER}\n\nrest\n", encoding="utf-8")
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--limit", "1", "--methods", "ft_audio,i_ike", "--no-progress", "--threads", "1",
-            "--update-readme", "--readme", str(readme), "--readme-block", str(tmp_path / "block.md")]
+            "--update-readme", "--readme", str(readme)]
     threads = torch.get_num_threads()
     try:
         _check_demo(sake_cli, argv, out, readme, capsys)
@@ -83,13 +83,20 @@ def _check_demo(sake_cli, argv, out, readme, capsys) -> None:
     assert {p.name.split("_")[0] for p in plots} == {"fig3", "fig4", "fig5"}
     assert all(f"plot:   {p}" in printed for p in plots)
     text = readme.read_text(encoding="utf-8")
-    assert (out.parent / "block.md").read_text(encoding="utf-8").strip() in text
+    assert (out / "demo_table.md").read_text(encoding="utf-8").strip() in text
     assert "(old)" not in text and "| FT (Audio) | single |" in text and text.endswith("\n\nrest\n")
+    assert "[sake demo] building the demo dataset" in printed
+    work_s = summary["work_s"]
+    assert work_s == summary["wall_s"] and f"{work_s / 60:.1f} min wall time on CPU" in text
 
     # a rerun reuses the finished runs: same predictions, same table
     before = {p.name: p.read_bytes() for p in (out / "runs").rglob("*.jsonl")}
     assert sake_cli.main(argv) == 0
     again = capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (out / "runs").rglob("*.jsonl")} == before
+    # it says it reuses them, and the README keeps the time of the run that did the work, not the rerun's
+    assert "[sake demo] reusing the demo dataset" in again and "building" not in again
+    assert readme.read_text(encoding="utf-8") == text
+    assert json.loads((out / "demo_summary.json").read_text())["work_s"] == work_s
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert table == [line for line in again.splitlines() if line.startswith("|")]
