@@ -64,7 +64,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "sake_dataset/portability_knowledge.yaml (default; --demo: curated); sakura; curated")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the built folder as a Hub dataset "
                    "(token from HF_TOKEN / huggingface-cli login)")
-    p.add_argument("--quiet", action="store_true", help="only warnings")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="only warnings, no progress bars (--no-progress, as in sake run, train and demo)")
     return p
 
 

@@ -40,7 +40,7 @@ from editors.memory import (DeviceMemory, PassPeaks, PassSizer, drop_frames, gib
                             requested_bytes)
 from editors.data import EvalItem, dataset_fingerprint, eval_items
 from editors.hparams import parse_overrides
-from editors.models import family_of, load_adapter
+from editors.models import TINY_MODELS, family_of, load_adapter
 from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, Prompt
 from editors.models.generation import release as release_generation
 from editors.models.generation import token_budget
@@ -82,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="Hub id (Qwen/Qwen2-Audio-7B-Instruct, nvidia/audio-flamingo-3-hf), a local model "
-                        "directory, or tiny-qwen2-audio / tiny-audio-flamingo3 (random-init, for tests)")
+                        f"directory, or {' / '.join(sorted(TINY_MODELS))} (random-init, for tests)")
     p.add_argument("--method", required=True, help=f"editing method: {', '.join(available_methods())}")
     p.add_argument("--dataset", required=True, help="SAKE dataset: local directory (build_splits.py) or Hub id")
     p.add_argument("--config", action="append", default=None,
                    help="dataset config, repeatable (single: animal/emotion/gender/language, default all four; "
                         "sequential: sequential)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="dataset split to edit and evaluate (default: %(default)s)")
     p.add_argument("--mode", choices=MODES, default="single")
     p.add_argument("--out", required=True,
                    help="output directory (file named MODEL__METHOD__MODE__SPLIT.jsonl) or a .jsonl path")

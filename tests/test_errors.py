@@ -118,3 +118,10 @@ def test_user_errors_derive_from_the_matching_builtins():
 
     for cls in (AgreementError, SubmissionError, PublishError, SourceError, ConstructionError):
         assert issubclass(cls, SakeError), cls
+
+
+def test_every_cli_takes_no_progress():
+    """``--no-progress`` is one spelling across the entry points: build_splits.py takes it beside ``--quiet``."""
+    import build_splits
+
+    assert build_splits.make_parser().parse_args(["--demo", "--out", "x", "--no-progress"]).quiet is True

@@ -1090,7 +1090,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
 
-    parser = argparse.ArgumentParser(prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)")
+    parser = argparse.ArgumentParser(
+        prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)",
+        epilog="Set by the environment: HOST (default 0.0.0.0) and PORT (default 7860); SAKE_RESULTS_DIR or "
+               "SAKE_RESULTS_REPO, SAKE_QUEUE_DIR or SAKE_REQUESTS_REPO, SAKE_MANIFEST, SAKE_JUDGE, "
+               "SAKE_QUEUE_INTERVAL, SAKE_MAX_MB, SAKE_UPLOADS_PER_HOUR, SAKE_MAX_PENDING, "
+               "SAKE_MAX_CONNECTIONS_PER_CLIENT (eval/leaderboard/README.md).")
     parser.add_argument("--local", action="store_true", default=None,
                         help="local mode: no Hub; ./results and ./queue, the manifest from SAKE_MANIFEST")
     args = parser.parse_args(argv)
