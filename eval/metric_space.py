@@ -12,17 +12,33 @@ that module's strict reader (``read_predictions_file``: one-line errors, limits)
 Importing the module does nothing; :func:`create_app` / :func:`build_blocks` load the metric from the folder.
 
 Protocols: ``offline`` (deterministic stages; no key) and ``paper`` (the LLM judge of the paper; needs the
-``OPENAI_API_KEY`` secret of the Space).
+``OPENAI_API_KEY`` secret of the Space, and scores at most ``SAKE_PAPER_PER_HOUR`` files an hour, 6 by default: each
+costs the Space's key a judge run).
+
+A public page: it scores only files its upload form received (a regular file in Gradio's upload folder, at most
+``SAKE_MAX_MB``, 100 by default), one at a time with at most 16 waiting. Under uvicorn (:func:`create_app`, where
+Gradio skips its own check of named paths) ``upload_guard.UploadsOnly`` refuses a call naming any other file before
+Gradio copies it, and ``upload_guard.UploadGate`` admits at most ``SAKE_UPLOADS_PER_HOUR`` (30) uploads per client
+address an hour and deletes uploads after an hour. ``upload_guard.py`` is the leaderboard's
+(``eval/leaderboard/upload_guard.py``), shipped beside this file.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
+
+try:  # the published folder: upload_guard.py beside app.py; a checkout: the leaderboard's module
+    from upload_guard import UploadGate, UploadsOnly, check_upload, gradio_upload_dir
+except ImportError:
+    from eval.leaderboard.upload_guard import UploadGate, UploadsOnly, check_upload, gradio_upload_dir
 
 HERE = Path(__file__).resolve().parent
 SETTINGS_FILE = "metric_space.json"  # {"metric_file": "NAME.py", "repo_id": "ORG/NAME"}, written by sake publish
@@ -30,6 +46,22 @@ COLUMNS = ("item_id", "dimension", "type", "attribute", "pre_edit", "gap", "cate
 HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("locality_audio", "Audio locality"),
             ("locality_text", "Text locality"), ("portability", "Portability"))
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
+MAX_UPLOAD_BYTES = int(float(os.environ.get("SAKE_MAX_MB") or 100) * 2**20)
+PAPER_PER_HOUR = int(os.environ.get("SAKE_PAPER_PER_HOUR") or 6)
+_paper_runs: collections.deque[float] = collections.deque()
+_paper_lock = threading.Lock()
+
+
+def _paper_budget() -> None:
+    """Count one paper-protocol scoring against the hourly budget; ValueError when it is used up."""
+    now = time.monotonic()
+    with _paper_lock:
+        while _paper_runs and now - _paper_runs[0] >= 3600:
+            _paper_runs.popleft()
+        if len(_paper_runs) >= PAPER_PER_HOUR:
+            raise ValueError(f"this page scores at most {PAPER_PER_HOUR} files an hour with the paper protocol (each "
+                             "costs its judge key a run); score offline here, or run eval.score with your own key")
+        _paper_runs.append(now)
 
 
 def markdown_text(text: Any) -> str:
@@ -51,6 +83,7 @@ class LoadedMetric:
         self.settings = json.loads((self.folder / SETTINGS_FILE).read_text(encoding="utf-8"))
         self.metric = evaluate.load(str(self.folder / self.settings["metric_file"]))
         self.module = sys.modules[type(self.metric).__module__]
+        self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (by the page)
 
 
 def score_file(loaded: LoadedMetric, path: str | os.PathLike, protocol: str = "offline") -> dict[str, Any]:
@@ -91,6 +124,9 @@ def answer(loaded: LoadedMetric, path: str | None, protocol: str) -> tuple[str, 
     if not path:
         return "Choose a predictions `.jsonl` file first.", "", None
     try:
+        path = str(check_upload(path, gradio_upload_dir(), MAX_UPLOAD_BYTES, loaded.received))
+        if protocol == "paper" and os.environ.get("OPENAI_API_KEY"):
+            _paper_budget()
         results = score_file(loaded, path, protocol)
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, the page answers in one line
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -112,7 +148,8 @@ def build_blocks(folder: str | os.PathLike = HERE) -> Any:
     import gradio as gr
 
     loaded = LoadedMetric(folder)
-    with gr.Blocks(title="SAKE metric") as blocks:
+    with gr.Blocks(title="SAKE metric", delete_cache=(3600, 3600)) as blocks:
+        loaded.received = blocks.upload_file_set
         gr.Markdown(f"# SAKE metric\nUpload a predictions file written by the SAKE runner (`predictions.jsonl`: "
                     f"the run header, then one row per evaluated item) to score it. The same module loads with "
                     f"`evaluate.load(\"{loaded.settings['repo_id']}\")`.")
@@ -124,8 +161,9 @@ def build_blocks(folder: str | os.PathLike = HERE) -> Any:
         summary = gr.Markdown(elem_id="summary")
         scores = gr.Markdown(elem_id="scores")
         results = gr.File(label="Results JSON", elem_id="results-json")
-        button.click(lambda path, chosen: answer(loaded, path, chosen), [upload, protocol], [summary, scores, results])
-    return blocks
+        button.click(lambda path, chosen: answer(loaded, path, chosen), [upload, protocol], [summary, scores, results],
+                     api_name="score")
+    return blocks.queue(max_size=16, default_concurrency_limit=1)
 
 
 def create_app(folder: str | os.PathLike = HERE) -> Any:
@@ -133,9 +171,15 @@ def create_app(folder: str | os.PathLike = HERE) -> Any:
     import gradio as gr
     from fastapi import FastAPI
 
-    return gr.mount_gradio_app(FastAPI(docs_url=None, redoc_url=None, openapi_url=None), build_blocks(folder),
-                               path="/", ssr_mode=False)
+    blocks = build_blocks(folder)
+    app = gr.mount_gradio_app(FastAPI(docs_url=None, redoc_url=None, openapi_url=None), blocks, path="/",
+                              ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES)
+    uploads, received = gradio_upload_dir(), blocks.upload_file_set
+    gate = UploadGate(uploads, int(os.environ.get("SAKE_UPLOADS_PER_HOUR") or 30), ttl_s=3600.0,
+                      max_dir_bytes=20 * MAX_UPLOAD_BYTES)
+    return UploadsOnly(app, lambda path: check_upload(path, uploads, MAX_UPLOAD_BYTES, received), gate=gate)
 
 
 if __name__ == "__main__":
-    build_blocks().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), ssr_mode=False)
+    build_blocks().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), ssr_mode=False,
+                          max_file_size=MAX_UPLOAD_BYTES)

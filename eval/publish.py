@@ -45,6 +45,7 @@ METRIC_DIR = ROOT / "eval" / "sake_metric"
 METRIC_SCRIPT = "sake_metric.py"
 #: The metric Space's page: our own Gradio app (evaluate's widget is written for Gradio 3 and drops empty cells).
 METRIC_APP = ROOT / "eval" / "metric_space.py"
+UPLOAD_GUARD = ROOT / "eval" / "leaderboard" / "upload_guard.py"
 METRIC_SETTINGS = "metric_space.json"  # read by the app: the module file and the repo id
 #: The Gradio both Spaces run (the version the tests run, requirements.txt; the Spaces' sdk_version).
 GRADIO_SDK_VERSION = "6.31.0"
@@ -118,6 +119,7 @@ def metric_files(repo_id: str) -> dict[str, bytes]:
         files[f"{name}.py" if path.name == METRIC_SCRIPT else path.name] = path.read_bytes()
     files["README.md"] = metric_card(repo_id).encode("utf-8")
     files["app.py"] = METRIC_APP.read_bytes()
+    files["upload_guard.py"] = UPLOAD_GUARD.read_bytes()  # the app's guard of named files and uploads
     files[METRIC_SETTINGS] = (json.dumps({"metric_file": f"{name}.py", "repo_id": repo_id}, indent=1,
                                          sort_keys=True) + "\n").encode("utf-8")
     files["requirements.txt"] = ("\n".join(METRIC_REQUIREMENTS) + "\n").encode("utf-8")

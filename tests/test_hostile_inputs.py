@@ -627,7 +627,7 @@ def test_uploads_are_limited_per_address_and_swept_from_disk(tmp_path):
     more than its cap; a sweep deletes uploads older than the time to live and the folders they leave empty."""
     import asyncio
 
-    from eval.leaderboard.space import UPLOAD_ROUTE, UploadGate, UploadsOnly
+    from eval.leaderboard.upload_guard import UPLOAD_ROUTE, UploadGate, UploadsOnly
 
     served: list[str] = []
 
@@ -693,7 +693,7 @@ def test_a_submission_is_queued_once_and_the_queue_is_capped(tmp_path, manifest,
 
 
 def test_check_upload_accepts_only_regular_files_received_as_uploads(tmp_path):
-    from eval.leaderboard.space import UploadRefused, check_upload
+    from eval.leaderboard.upload_guard import UploadRefused, check_upload
 
     uploads = tmp_path / "uploads"
     (uploads / "abc").mkdir(parents=True)
@@ -998,3 +998,16 @@ def test_half_open_connections_from_one_address_leave_others_served(space):
     finally:
         for sock in attackers:
             sock.close()
+
+
+def test_the_metric_page_scores_a_few_files_an_hour_with_the_paper_judge(monkeypatch):
+    """Each paper-protocol scoring costs the metric Space's judge key a run: an hourly budget refuses the next one
+    in one line that says how to score instead."""
+    from eval import metric_space
+
+    monkeypatch.setattr(metric_space, "PAPER_PER_HOUR", 2)
+    monkeypatch.setattr(metric_space, "_paper_runs", __import__("collections").deque())
+    metric_space._paper_budget()
+    metric_space._paper_budget()
+    with pytest.raises(ValueError, match="at most 2 files an hour with the paper protocol"):
+        metric_space._paper_budget()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -124,6 +125,27 @@ def test_uploading_the_demo_predictions_shows_their_scores(space, driver, predic
     assert summary.startswith("Not scored")
     assert len(summary.splitlines()) == 2 and "Traceback" not in summary
     assert driver.find_elements("css selector", "#scores table") == []
+
+
+def test_an_api_call_naming_a_server_file_is_refused(space, predictions, tmp_path):
+    """The page mounted under uvicorn (where Gradio skips its own check of named paths and copies a named file into
+    its cache) scores only files its upload form received: a call naming the demo's predictions by their server
+    path, a FIFO or a system file is refused (403, one line) before Gradio opens it."""
+    import json
+
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for path in (str(predictions), str(fifo), "/etc/passwd"):
+        body = json.dumps({"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "offline"]}).encode()
+        request = urllib.request.Request(space["url"] + "/gradio_api/call/score", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                event = json.loads(response.read())["event_id"]
+        except urllib.error.HTTPError as error:  # refused before Gradio copies the file (upload_guard)
+            assert error.code == 403 and "not a file uploaded to this Space" in error.read().decode()
+            continue
+        raise AssertionError(f"a call naming {path} was accepted (event {event})")
 
 
 def test_the_same_folder_still_loads_with_evaluate(space, predictions):
