@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         error = missing_extra(exc)
         if error is None:  # a required package is missing: a broken install, keep the traceback
             raise
+        if {"-h", "--help"} & set(rest):  # help still answers: what the command does and what it needs
+            print(f"usage: sake {name} ...\n\n{COMMANDS[name][1]}.\n\nNot available in this installation: "
+                  f"{one_line(error)}")
+            return 0
         print(f"sake {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except SakeError as exc:
