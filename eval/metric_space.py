@@ -6,17 +6,18 @@ beside it (named in ``metric_space.json``, the file ``evaluate.load("ORG/NAME")`
 that module's strict reader (``read_predictions_file``: one-line errors, limits) and scores it with
 ``metric.compute``, so the page and ``evaluate.load`` give the same numbers.
 
-    python app.py                                                   # what the Space runs (Gradio, port 7860)
-    uvicorn app:create_app --factory --host 127.0.0.1 --port 7860  # the same app under uvicorn
+    python app.py                                                   # what the Space runs (uvicorn, port 7860)
+    uvicorn app:create_app --factory --host 127.0.0.1 --port 7860  # the same app, uvicorn's options yours
 
 Importing the module does nothing; :func:`create_app` / :func:`build_blocks` load the metric from the folder.
 
 Protocols: ``offline`` (deterministic stages; no key) and ``paper`` (the LLM judge of the paper; needs the
-``OPENAI_API_KEY`` secret of the Space, and scores at most ``SAKE_PAPER_PER_HOUR`` files an hour, 6 by default: each
-costs the Space's key a judge run).
+``OPENAI_API_KEY`` secret of the Space, and scores at most ``SAKE_PAPER_ROWS_PER_HOUR`` rows an hour, 50,000 by
+default, about three complete runs: each undecided row costs the Space's key a judge call).
 
 A public page: it scores only files its upload form received (a regular file in Gradio's upload folder, at most
-``SAKE_MAX_MB``, 100 by default), one at a time with at most 16 waiting. Under uvicorn (:func:`create_app`, where
+``SAKE_MAX_MB``, 100 by default, of at most ``SAKE_MAX_ROWS`` rows, 50,000 by default: a complete run of the release
+holds about 16,000), one at a time with at most 16 waiting. Under uvicorn (:func:`create_app`, where
 Gradio skips its own check of named paths) ``upload_guard.UploadsOnly`` refuses a call naming any other file before
 Gradio copies it, and ``upload_guard.UploadGate`` admits at most ``SAKE_UPLOADS_PER_HOUR`` (30) uploads per client
 address an hour and deletes uploads after an hour. ``upload_guard.py`` is the leaderboard's
@@ -47,21 +48,24 @@ HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("loca
             ("locality_text", "Text locality"), ("portability", "Portability"))
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 MAX_UPLOAD_BYTES = int(float(os.environ.get("SAKE_MAX_MB") or 100) * 2**20)
-PAPER_PER_HOUR = int(os.environ.get("SAKE_PAPER_PER_HOUR") or 6)
-_paper_runs: collections.deque[float] = collections.deque()
+MAX_ROWS = int(os.environ.get("SAKE_MAX_ROWS") or 50_000)
+PAPER_ROWS_PER_HOUR = int(os.environ.get("SAKE_PAPER_ROWS_PER_HOUR") or 50_000)
+_paper_runs: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows) of recent paper scorings
 _paper_lock = threading.Lock()
 
 
-def _paper_budget() -> None:
-    """Count one paper-protocol scoring against the hourly budget; ValueError when it is used up."""
+def _paper_budget(rows: int) -> None:
+    """Count a paper-protocol scoring of ``rows`` rows against the hourly budget; ValueError when it would pass it."""
     now = time.monotonic()
     with _paper_lock:
-        while _paper_runs and now - _paper_runs[0] >= 3600:
+        while _paper_runs and now - _paper_runs[0][0] >= 3600:
             _paper_runs.popleft()
-        if len(_paper_runs) >= PAPER_PER_HOUR:
-            raise ValueError(f"this page scores at most {PAPER_PER_HOUR} files an hour with the paper protocol (each "
-                             "costs its judge key a run); score offline here, or run eval.score with your own key")
-        _paper_runs.append(now)
+        used = sum(n for _, n in _paper_runs)
+        if used + rows > PAPER_ROWS_PER_HOUR:
+            raise ValueError(f"this page scores at most {PAPER_ROWS_PER_HOUR} rows an hour with the paper protocol "
+                             f"(each undecided row is a judge call on its key; {used} used, this file has {rows}); "
+                             "score offline here, or run eval.score with your own key")
+        _paper_runs.append((now, rows))
 
 
 def markdown_text(text: Any) -> str:
@@ -93,10 +97,14 @@ def score_file(loaded: LoadedMetric, path: str | os.PathLike, protocol: str = "o
     if protocol == "paper" and not os.environ.get("OPENAI_API_KEY"):
         raise ValueError("the paper protocol needs the LLM judge's key: set the Space secret OPENAI_API_KEY, or "
                          "score with the offline protocol")
-    read = loaded.module.read_predictions_file(path)
+    read = loaded.module.read_predictions_file(path, max_rows=MAX_ROWS,
+                                               max_rows_reason="the most this page scores (a complete run of the "
+                                                               "release holds about 16,000)")
     rows = [row for _, row in read.rows]
     if not rows:
         raise ValueError(f"{Path(path).name}: no prediction rows after the header")
+    if protocol == "paper":
+        _paper_budget(len(rows))
     columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
     return loaded.metric.compute(predictions=[row.get("post_edit") for row in rows],
                                  references=[row.get("reference") for row in rows],
@@ -125,8 +133,6 @@ def answer(loaded: LoadedMetric, path: str | None, protocol: str) -> tuple[str, 
         return "Choose a predictions `.jsonl` file first.", "", None
     try:
         path = str(check_upload(path, gradio_upload_dir(), MAX_UPLOAD_BYTES, loaded.received))
-        if protocol == "paper" and os.environ.get("OPENAI_API_KEY"):
-            _paper_budget()
         results = score_file(loaded, path, protocol)
     except Exception as exc:  # noqa: BLE001 - whatever the file holds, the page answers in one line
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -176,10 +182,20 @@ def create_app(folder: str | os.PathLike = HERE) -> Any:
                               ssr_mode=False, max_file_size=MAX_UPLOAD_BYTES)
     uploads, received = gradio_upload_dir(), blocks.upload_file_set
     gate = UploadGate(uploads, int(os.environ.get("SAKE_UPLOADS_PER_HOUR") or 30), ttl_s=3600.0,
-                      max_dir_bytes=20 * MAX_UPLOAD_BYTES)
+                      max_dir_bytes=20 * MAX_UPLOAD_BYTES, max_request_bytes=MAX_UPLOAD_BYTES + (1 << 20),
+                      received=received)
     return UploadsOnly(app, lambda path: check_upload(path, uploads, MAX_UPLOAD_BYTES, received), gate=gate)
 
 
+def main() -> None:
+    """What the Space runs (``python app.py``): :func:`create_app` under uvicorn, so the upload guard is in front
+    of the page however it is started (port ``PORT``, else ``GRADIO_SERVER_PORT``, else 7860)."""
+    import uvicorn
+
+    port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    uvicorn.run(create_app(), host=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), port=port,
+                timeout_keep_alive=5, limit_concurrency=256)
+
+
 if __name__ == "__main__":
-    build_blocks().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), ssr_mode=False,
-                          max_file_size=MAX_UPLOAD_BYTES)
+    main()

@@ -152,6 +152,14 @@ def test_names_the_board_shows_are_one_line_of_visible_text(manifest, single):
     assert "field license: holds the hidden character U+202E (RIGHT-TO-LEFT OVERRIDE)" in message
     assert "field model_link" in message and message.count("\n  - ") == 3
     assert "field model: has no visible character" in problems(model="   ")
+    # look-alikes of the paper's names (Cyrillic, Greek, fullwidth letters) and letters that draw nothing
+    assert "field method: got \"\\u041cEND\", expected a method id of ASCII" in problems(method="\u041cEND")
+    assert "field method: got" in problems(method="\uff37\uff29\uff33\uff25")
+    assert "field method_display_name: got" in problems(method="mine", method_display_name="\u041cEND")
+    assert "field model: got" in problems(model="Qwen/Qwen2-\u0391udio-7B-Instruct")
+    message = problems(dict(METADATA, submitter="\u3164", license="\u2800"))
+    assert "field submitter: holds the hidden character U+3164 (HANGUL FILLER)" in message
+    assert "field license: holds the hidden character U+2800 (BRAILLE PATTERN BLANK)" in message
     message = problems(method="evil", method_display_name="FT (LLM)")
     assert "field method_display_name: got \"FT (LLM)\", the name of the paper's method 'ft_llm'" in message
     message = problems(method="evil", method_display_name={"a": 1}, method_display_order=-5, family={"a": 1})
@@ -622,27 +630,40 @@ def test_wav_cut_to_a_few_bytes_names_the_member(tmp_path, size):
 # ------------------------------------------------------------------------------------------------ the Space
 
 def test_uploads_are_limited_per_address_and_swept_from_disk(tmp_path):
-    """The upload route (behind :class:`UploadsOnly`) admits ``per_hour`` uploads from one address, then answers
-    429 naming the limit while another address is still served; it refuses every upload while the folder holds
-    more than its cap; a sweep deletes uploads older than the time to live and the folders they leave empty."""
+    """The upload route (behind :class:`UploadsOnly`) admits ``per_hour`` uploads from one client, then answers 429
+    naming the limit while another client is still served (an IPv6 client counts by its /64); it counts the bytes as
+    they arrive, so a body past its allowance (declared or chunked, with no length) is cut off before the app
+    stores it; a sweep in a thread deletes uploads older than the time to live, the folders they leave empty, and
+    their paths from the app's set of received uploads."""
     import asyncio
 
     from eval.leaderboard.upload_guard import UPLOAD_ROUTE, UploadGate, UploadsOnly
 
-    served: list[str] = []
+    served: list[tuple[str, int, bool]] = []
 
-    async def app(scope, receive, send):
-        served.append(scope["client"][0])
+    async def app(scope, receive, send):  # reads the whole body, as Gradio's upload route does
+        size, cut = 0, False
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                cut = True
+                break
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        served.append((scope["client"][0], size, cut))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"[]"})
 
-    def upload(middleware, client: str, size: int = 1000) -> int:
-        scope = {"type": "http", "method": "POST", "path": UPLOAD_ROUTE, "client": (client, 1234),
-                 "headers": [(b"content-length", str(size).encode())]}
+    def upload(middleware, client: str, size: int = 1000, declared: bool = True, chunks: int = 1) -> int:
+        headers = [(b"content-length", str(size).encode())] if declared else [(b"transfer-encoding", b"chunked")]
+        scope = {"type": "http", "method": "POST", "path": UPLOAD_ROUTE, "client": (client, 1234), "headers": headers}
+        parts = [b"x" * (size // chunks)] * chunks
         sent: list[dict] = []
 
         async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
+            body = parts.pop(0) if parts else b""
+            return {"type": "http.request", "body": body, "more_body": bool(parts)}
 
         async def send(message):
             sent.append(message)
@@ -656,13 +677,25 @@ def test_uploads_are_limited_per_address_and_swept_from_disk(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x" * 100)
     os.utime(old, (time.time() - 7200, time.time() - 7200))
-    gate = UploadGate(folder, per_hour=3, ttl_s=3600, max_dir_bytes=10_000)
+    received = {str(old), str(new)}
+    gate = UploadGate(folder, per_hour=3, ttl_s=3600, max_dir_bytes=10_000, max_request_bytes=5_000,
+                      received=received)
     guarded = UploadsOnly(app, lambda path: None, gate=gate)
     assert [upload(guarded, ATTACKER) for _ in range(4)] == [200, 200, 200, 429]
-    assert upload(guarded, VISITOR) == 200 and served == [ATTACKER] * 3 + [VISITOR]
-    assert not old.exists() and not old.parent.exists() and new.exists()  # the first upload swept the folder
-    assert upload(guarded, HOST, size=20_000) == 429  # over the folder's cap
+    assert upload(guarded, VISITOR) == 200 and [c for c, _, _ in served] == [ATTACKER] * 3 + [VISITOR]
+    deadline = time.monotonic() + 10
+    while gate._sweeping and time.monotonic() < deadline:  # the first upload started the sweep
+        time.sleep(0.05)
+    assert not old.exists() and not old.parent.exists() and new.exists() and received == {str(new)}
     assert gate.admit(ATTACKER, 10).startswith("too many uploads from this address: at most 3 an hour")
+    assert upload(guarded, HOST, size=6_000) == 429  # declared over the request's allowance
+    served.clear()
+    assert upload(guarded, HOST, size=8_000, declared=False, chunks=8) == 200  # chunked: counted as it arrives
+    (client, size, cut), = served  # cut off at the chunk that passed its allowance (at most 5,000 bytes)
+    assert client == HOST and cut and size <= 6_000
+    v6 = [{"client": (f"2001:db8::{n}", 1)} for n in (1, 2)] + [{"client": ("2001:db8:0:1::1", 1)}]
+    assert UploadGate.client_key(v6[0]) == UploadGate.client_key(v6[1]) != UploadGate.client_key(v6[2])
+    assert UploadGate.client_key({"client": ("127.0.0.2", 1)}) == "127.0.0.2"
 
 
 def test_a_submission_is_queued_once_and_the_queue_is_capped(tmp_path, manifest, single):
@@ -1000,14 +1033,36 @@ def test_half_open_connections_from_one_address_leave_others_served(space):
             sock.close()
 
 
-def test_the_metric_page_scores_a_few_files_an_hour_with_the_paper_judge(monkeypatch):
-    """Each paper-protocol scoring costs the metric Space's judge key a run: an hourly budget refuses the next one
-    in one line that says how to score instead."""
+def test_the_metric_page_scores_a_few_runs_an_hour_with_the_paper_judge(monkeypatch):
+    """Each undecided row of a paper-protocol scoring costs the metric Space's judge key a call: an hourly budget
+    of rows refuses a file that would pass it, in one line that says how to score instead."""
     from eval import metric_space
 
-    monkeypatch.setattr(metric_space, "PAPER_PER_HOUR", 2)
+    monkeypatch.setattr(metric_space, "PAPER_ROWS_PER_HOUR", 100)
     monkeypatch.setattr(metric_space, "_paper_runs", __import__("collections").deque())
-    metric_space._paper_budget()
-    metric_space._paper_budget()
-    with pytest.raises(ValueError, match="at most 2 files an hour with the paper protocol"):
-        metric_space._paper_budget()
+    metric_space._paper_budget(60)
+    metric_space._paper_budget(40)
+    with pytest.raises(ValueError, match="at most 100 rows an hour with the paper protocol .*100 used, this file has 1"):
+        metric_space._paper_budget(1)
+
+
+def test_item_pages_wait_for_the_worker_briefly():
+    """A call of a busy worker process waits at most ``wait_s`` (then TimeoutError), so an item page request never
+    holds a server thread for long behind another visitor's parse."""
+    import threading
+
+    from eval.leaderboard.space import Isolated
+
+    worker = Isolated({}, timeout_s=30)
+    try:
+        slow = threading.Thread(target=worker, args=(time.sleep, 3.0))
+        slow.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="the worker is busy"):
+            worker(time.sleep, 0.0, wait_s=0.2)
+        assert time.monotonic() - start < 2.0
+        slow.join()
+        assert worker(time.sleep, 0.0, wait_s=1.0) is None
+    finally:
+        worker.close()

@@ -218,6 +218,15 @@ def test_sequential_run_with_its_own_rule_is_refused_by_the_board(tmp_path, mani
     assert "field gap" in message
 
 
+def test_a_single_run_over_some_attributes_is_refused_by_the_board(tmp_path, manifest):
+    """A single-editing run of one attribute (``--config emotion``) scores, but it is not ranked against runs over
+    every attribute of the release: the board refuses it, naming what is missing."""
+    header = dict(make_header(manifest), configs=["emotion"])
+    rows = [r for r in make_rows(manifest) if r["attribute"] == "emotion"]
+    message = _errors(write_submission_dir(tmp_path / "one", header, rows), manifest)
+    assert "field configs: a board entry covers every attribute of the release; missing gender" in message
+
+
 def test_board_and_metric_list_the_same_keys_but_the_board_ignores_limit(manifest):
     """The board's coverage check and the metric's reader share one list of expected keys; a board entry is a
     complete run whatever its header's ``limit``."""

@@ -162,3 +162,51 @@ def test_the_same_folder_still_loads_with_evaluate(space, predictions):
 
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == json.loads(json.dumps(score_predictions(str(predictions), judge="offline")["metrics"]["overall"]))
+
+
+def test_python_app_py_runs_the_guarded_app(tmp_path):
+    """``python app.py``, what the Space runs, serves the page behind the upload guard: with one upload an hour
+    allowed, a second upload from the same address is answered 429."""
+    import uuid
+
+    folder = publish.publish_metric(REPO_ID, tmp_path / "sake_metric")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("SAKE_")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_EVALUATE_OFFLINE="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PORT=str(port),
+               GRADIO_SERVER_NAME="127.0.0.1", SAKE_UPLOADS_PER_HOUR="1", GRADIO_TEMP_DIR=str(tmp_path / "uploads"))
+    log = open(tmp_path / "app.log", "wb")
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("app.py did not start: " + (tmp_path / "app.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        statuses = []
+        for _ in range(2):
+            boundary = uuid.uuid4().hex
+            body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="p.jsonl"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n{}\r\n" f"--{boundary}--\r\n").encode()
+            request = urllib.request.Request(url + "/gradio_api/upload", data=body,
+                                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+        assert statuses == [200, 429]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

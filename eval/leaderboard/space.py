@@ -84,9 +84,12 @@ FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
 ITEMS_PER_PAGE = 200
 ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory (by the item pages' worker process)
 ITEMS_CACHE_BYTES = 256 * 1024 * 1024  # and at most this much of their stored files
+PAGE_WAITERS = 8  # item page requests in flight at once (waiting for the pages' worker or in it; the rest: 503)
+PAGE_WAIT_S = 10.0  # how long one of them waits
 SHOWN_CHARS = 2000  # an output longer than this is cut on the item page (the full text stays in the store)
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~-])")
 SAFE_ID = re.compile(r"^[0-9a-f]{20}$")
+MULTIPART_SLACK = 1 << 20  # an upload request's bytes beyond its one file: the multipart framing
 SHOWN_ERROR_CHARS = 600  # of one rejected submission's error in the queue status
 WORKER_START_S = 120.0  # longest wait for a worker process to start
 
@@ -230,6 +233,7 @@ class Board:
         self._items: dict[str, tuple[list[dict[str, Any]], int]] = {}  # parsed items (a store given to the board)
         self._lock = threading.Lock()
         self._items_lock = threading.Lock()
+        self._page_waiters = threading.BoundedSemaphore(PAGE_WAITERS)
         self._stop = threading.Event()
         self.upload_dir = config.upload_dir or gradio_upload_dir()
         self.received: Collection[str] | None = None  # the paths Gradio's upload route returned (set by create_app)
@@ -479,7 +483,14 @@ class Board:
             with self._lock:
                 if self._pages is None:
                     self._pages = Isolated({}, timeout_s=self.config.validate_timeout_s)
-            return result, self._pages(page_of, self.config, sid, show, dimension, page)
+            # a few visitors wait for the worker, briefly; the rest are told it is busy at once (a page request
+            # never holds a server thread for long, whatever a flood of them asks)
+            if not self._page_waiters.acquire(blocking=False):
+                raise TimeoutError("too many item pages are being prepared")
+            try:
+                return result, self._pages(page_of, self.config, sid, show, dimension, page, wait_s=PAGE_WAIT_S)
+            finally:
+                self._page_waiters.release()
         with self._items_lock:  # one parse at a time: concurrent visits of one submission wait for its parse
             items = self._items[sid][0] if sid in self._items else _cache_items(self._items, sid, self.store)
         return result, items_page(items, show, dimension, page)
@@ -617,8 +628,12 @@ class Isolated:
         self._connection: Any = None
         self._lock = threading.Lock()
 
-    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
+    def __call__(self, function: Callable[..., Any], *args: Any, wait_s: float | None = None) -> Any:
+        """``function(*args)`` in the worker; ``wait_s``: the longest wait for the worker to be free (None: as
+        long as it takes), after which TimeoutError."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise TimeoutError(f"the worker is busy (waited {wait_s} s)")
+        try:
             if self._process is None or not self._process.is_alive():
                 self._start()
             self._connection.send((function, args))
@@ -631,6 +646,8 @@ class Isolated:
             except (EOFError, OSError):
                 self._stop()
                 raise RuntimeError(f"the worker process running {function.__name__} died") from None
+        finally:
+            self._lock.release()
         if not ok:
             raise RuntimeError(value)
         return value
@@ -860,7 +877,8 @@ def create_app(board: Board) -> Any:
     board.received = blocks.upload_file_set  # the exact paths Gradio's upload route returned
     config = board.config
     gate = UploadGate(board.upload_dir, config.uploads_per_hour, config.upload_ttl_s,
-                      int(config.max_upload_dir_mb * 2**20))
+                      int(config.max_upload_dir_mb * 2**20), max_request_bytes=config.max_bytes + MULTIPART_SLACK,
+                      received=board.received)
     guarded = UploadsOnly(app, board.check_upload, gate=gate)
     # Gradio needs inline scripts and styles: its pages get every header but a script-restricting CSP.
     headers = {"x-content-type-options": "nosniff", "referrer-policy": "strict-origin-when-cross-origin",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -74,47 +75,98 @@ def check_upload(path: Any, upload_dir: str | os.PathLike, max_bytes: int,
 
 
 class UploadGate:
-    """What Gradio's upload route admits, so that uploads cannot fill the Space's disk: at most ``per_hour``
-    uploads from one client address in any hour (0: no limit), none while the upload folder holds more than
-    ``max_dir_bytes``; uploads older than ``ttl_s`` are deleted (the app may delete one sooner, once read). The folder is swept at most every ``sweep_s``; between sweeps each admitted upload
-    counts at its declared length."""
+    """What Gradio's upload route admits, so that uploads cannot fill the Space's disk.
+
+    At most ``per_hour`` upload requests from one client (an IPv4 address, or an IPv6 /64 network) in any hour (0:
+    no limit); each request may carry at most ``max_request_bytes`` of body and none may take the upload folder past
+    ``max_dir_bytes``: the bytes are counted as they arrive (a declared length is not trusted, a chunked body has
+    none), and a body past its allowance is cut off (the app sees the client disconnect; nothing is stored).
+    Uploads older than ``ttl_s`` are deleted (the app may delete one sooner, once read) by a sweep that runs in a
+    thread at most every ``sweep_s``; it also forgets, in ``received`` (the app's set of uploaded paths, when
+    given), the paths it finds gone."""
 
     def __init__(self, upload_dir: str | os.PathLike, per_hour: int, ttl_s: float, max_dir_bytes: int,
-                 sweep_s: float = 60.0):
+                 max_request_bytes: int | None = None, sweep_s: float = 60.0, received: Any = None):
         self.upload_dir = Path(upload_dir)
         self.per_hour = per_hour
         self.ttl_s = ttl_s
         self.max_dir_bytes = max_dir_bytes
+        self.max_request_bytes = max_dir_bytes if max_request_bytes is None else max_request_bytes
         self.sweep_s = sweep_s
+        self.received = received
         self._recent: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
         self._swept_at = -math.inf
+        self._sweeping = False
         self._dir_bytes = 0
 
-    def admit(self, client: str, declared_bytes: int) -> str | None:
-        """Why an upload from ``client`` of ``declared_bytes`` is refused, or None (it is then counted)."""
+    @staticmethod
+    def client_key(scope: dict) -> str:
+        """The client an ASGI request counts against: its address, an IPv6 one by its /64 network."""
+        host = str((scope.get("client") or ("?",))[0])
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            if address.version == 6 and not address.ipv4_mapped:
+                return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        return host
+
+    def admit(self, client: str, declared_bytes: int = 0) -> str | None:
+        """Why an upload request from ``client`` (declaring ``declared_bytes``, 0 when it declares none) is refused,
+        or None (it is then counted against the client's hourly number)."""
         now = time.monotonic()
         with self._lock:
-            if now - self._swept_at >= self.sweep_s:
-                self._swept_at = now
-                self._dir_bytes = self.sweep()
+            if now - self._swept_at >= self.sweep_s and not self._sweeping:
+                self._swept_at, self._sweeping = now, True
+                threading.Thread(target=self._sweep_in_thread, name="upload-sweep", daemon=True).start()
             if self.per_hour:
                 recent = self._recent.setdefault(client, collections.deque())
                 while recent and now - recent[0] >= 3600:
                     recent.popleft()
                 if len(recent) >= self.per_hour:
                     return f"too many uploads from this address: at most {self.per_hour} an hour; try again later"
+            if declared_bytes > self.max_request_bytes:
+                return f"an upload of at most {self.max_request_bytes} bytes is taken here"
             if self._dir_bytes + max(declared_bytes, 0) > self.max_dir_bytes:
                 return "the Space holds too many uploads at the moment; try again later"
             if self.per_hour:
                 recent.append(now)
-                if len(self._recent) > 10_000:  # forget the addresses with no upload in the last hour
+                if len(self._recent) > 10_000:  # forget the clients with no upload in the last hour
                     self._recent = {c: q for c, q in self._recent.items() if q and now - q[-1] < 3600}
-            self._dir_bytes += max(declared_bytes, 0)
         return None
 
+    def metered(self, receive: Any, client: str) -> Any:
+        """``receive`` counting the body's bytes against the request's and the folder's allowance; past either, the
+        app receives ``http.disconnect`` instead of the rest."""
+        with self._lock:
+            allowance = min(self.max_request_bytes, max(self.max_dir_bytes - self._dir_bytes, 0))
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                size = len(message.get("body", b""))
+                seen += size
+                with self._lock:
+                    self._dir_bytes += size
+                if seen > allowance:
+                    logger.warning("cut off an upload from %s past %d bytes", client, allowance)
+                    return {"type": "http.disconnect"}
+            return message
+
+        return counted
+
+    def _sweep_in_thread(self) -> None:
+        try:
+            kept = self.sweep()
+            with self._lock:
+                self._dir_bytes = kept
+        finally:
+            self._sweeping = False
+
     def sweep(self) -> int:
-        """Delete the uploads older than ``ttl_s`` (and the folders they leave empty); the bytes that remain."""
+        """Delete the uploads older than ``ttl_s`` (and the folders they leave empty; links are removed, never
+        followed); the bytes that remain."""
         if not self.upload_dir.is_dir():
             return 0
         cutoff = time.time() - self.ttl_s
@@ -131,6 +183,10 @@ class UploadGate:
             if folder != str(self.upload_dir):
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # only when empty
+        if self.received is not None:
+            with contextlib.suppress(RuntimeError):  # the app added a path meanwhile: forget the rest next time
+                for path in [p for p in list(self.received) if not os.path.lexists(p)]:
+                    self.received.discard(path)
         return kept
 
 
@@ -166,13 +222,14 @@ class UploadsOnly:
             return
         if path.rstrip("/") == self.upload_route:
             if self.gate is not None:
-                client = (scope.get("client") or ("?",))[0]
+                client = self.gate.client_key(scope)
                 length = next((v for k, v in scope.get("headers") or [] if k == b"content-length"), b"0")
-                reason = self.gate.admit(str(client), int(length) if length.isdigit() else 0)
+                reason = self.gate.admit(client, int(length) if length.isdigit() else 0)
                 if reason:
                     logger.warning("refused an upload from %s: %s", client, reason)
                     await _answer(send, 429, reason)
                     return
+                receive = self.gate.metered(receive, client)
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []

@@ -33,7 +33,7 @@ from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_
 from eval.sake_metric.predictions_file import expected_keys as run_expected_keys
 from eval.sake_metric.predictions_file import load_manifest as read_manifest
 from eval.sake_metric.rows import validate_row
-from sake_core.protocol import (KIND_DIMENSION_TYPE, METHOD_NAMES, ROW_FIELDS, SEQUENTIAL_CONFIG,
+from sake_core.protocol import (ATTRIBUTES, KIND_DIMENSION_TYPE, METHOD_NAMES, ROW_FIELDS, SEQUENTIAL_CONFIG,
                                 SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_key)
 from sake_core.errors import DataError
 
@@ -61,6 +61,14 @@ SHOWN_METADATA_FIELDS = ("submitter", "model_link", "paper_link", "code_link", "
 #: Unicode categories refused in a shown name: control, format (bidi overrides, zero-width), surrogate, private
 #: use, line and paragraph separators.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
+#: Letters and symbols that draw nothing (Hangul fillers, the blank Braille pattern): refused as hidden too.
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: What a header field breaking its schema pattern must be instead (the board shows these fields).
+_PATTERN_EXPECTED = {"model": "printable ASCII (a Hub id, or a short name for a local model)",
+                     "method": "a method id of ASCII letters, digits and _ . + -",
+                     "method_display_name": "printable ASCII (a method outside the paper's eight, named in its own "
+                                            "words)",
+                     "family": "an adapter family key of ASCII letters, digits and _ . -"}
 
 
 @dataclass(frozen=True)
@@ -347,6 +355,8 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
             message = f"got {_short(error.instance)}, expected one of {', '.join(map(str, allowed))}"
         elif error.validator == "pattern" and path.endswith("_link"):
             message = f"got {_short(error.instance)}, expected an http(s):// URL"
+        elif error.validator == "pattern" and path in _PATTERN_EXPECTED:
+            message = f"got {_short(error.instance)}, expected {_PATTERN_EXPECTED[path]}"
         elif error.validator in ("minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
             size = f" ({len(error.instance)})" if isinstance(error.instance, (str, list)) else ""
             message = f"got {_short(error.instance)}{size}, expected {error.validator} {error.validator_value}"
@@ -367,7 +377,8 @@ def shown_text_problems(obj: dict[str, Any], fields: Iterable[str], where: str,
         if not isinstance(value, str) or not value:
             continue
         allowed = "\n\t" if name in multiline else ""
-        hidden = next((c for c in value if unicodedata.category(c) in _HIDDEN_CATEGORIES and c not in allowed), None)
+        hidden = next((c for c in value if (unicodedata.category(c) in _HIDDEN_CATEGORIES or c in _BLANK_CHARACTERS)
+                       and c not in allowed), None)
         if hidden is not None:
             problems.append(Problem(f"{where}, field {name}",
                                     f"holds the hidden character U+{ord(hidden):04X} "
@@ -514,7 +525,8 @@ def parse_submission(files: dict[str, bytes], source: str = "submission", requir
     raw = files[PREDICTIONS_NAME]
     max_rows = None if manifest is None else _release_rows(raw, manifest, allowed_splits, problems, source)
     try:
-        parsed = parse_predictions(raw, PREDICTIONS_NAME, max_rows=max_rows)
+        parsed = parse_predictions(raw, PREDICTIONS_NAME, max_rows=max_rows,
+                                   max_rows_reason="the rows a complete run of this header holds in the release")
     except PredictionsError as exc:
         problems.add(_problem_from(exc))
         problems.raise_if_any(source)
@@ -651,6 +663,13 @@ def header_coverage_problems(header: dict[str, Any], manifest: dict[str, Any],
         problems.append(Problem(f"{where}, field configs", "sequential mode needs configs ['sequential']"))
     if not sequential and SEQUENTIAL_CONFIG in header["configs"]:
         problems.append(Problem(f"{where}, field configs", "single mode takes attribute configs only"))
+    if not sequential:
+        released = [c for c in ATTRIBUTES if header["split"] in manifest["item_ids"].get(c, {})]
+        missing = [c for c in released if c not in header["configs"]]
+        if missing:
+            problems.append(Problem(f"{where}, field configs",
+                                    f"a board entry covers every attribute of the release; missing "
+                                    f"{', '.join(missing)} (run without --config, or name them all)"))
     for config in header["configs"]:
         if config not in manifest["item_ids"] or header["split"] not in manifest["item_ids"][config]:
             problems.append(Problem(f"{where}, field configs",

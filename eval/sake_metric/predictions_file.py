@@ -289,18 +289,18 @@ def read_header(raw: bytes, source: str) -> dict[str, Any]:
 
 
 def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
-                      manifest: Mapping[str, Any] | None = None, max_rows: int | None = None) -> PredictionsFile:
+                      manifest: Mapping[str, Any] | None = None, max_rows: int | None = None,
+                      max_rows_reason: str = "the most this reader takes") -> PredictionsFile:
     """Read a predictions file from bytes (or an iterable of byte chunks); see the module doc for the checks.
 
     ``max_rows`` (at most ``MAX_ROWS``) refuses a file of more rows as soon as the reader meets the first one too
-    many: the leaderboard passes the number of rows a complete run of the header holds, so a file padded with
-    rows costs no more than a complete one.
+    many, saying ``max_rows_reason``: the leaderboard passes the number of rows a complete run of the header holds,
+    so a file padded with rows costs no more than a complete one.
     """
     if isinstance(chunks, (bytes, bytearray)):
         chunks = [bytes(chunks)]
     limit = MAX_ROWS if max_rows is None else min(max_rows, MAX_ROWS)
-    limit_reason = "the limit for one file" if max_rows is None or max_rows >= MAX_ROWS else \
-        "the rows a complete run of this header holds in the release manifest"
+    limit_reason = "the limit for one file" if max_rows is None or max_rows >= MAX_ROWS else max_rows_reason
     header: dict[str, Any] | None = None
     rows: list[tuple[int, dict[str, Any]]] = []
     for number, offset, raw in _lines(chunks, source):
@@ -332,8 +332,10 @@ def parse_predictions(chunks: bytes | Iterable[bytes], source: str, *,
 
 
 def read_predictions_file(path: str | os.PathLike, *, manifest: Mapping[str, Any] | None = None,
-                          chunk_bytes: int = 1 << 20) -> PredictionsFile:
-    """Read and check a predictions file from disk (streamed; see the module doc)."""
+                          chunk_bytes: int = 1 << 20, max_rows: int | None = None,
+                          max_rows_reason: str = "the most this reader takes") -> PredictionsFile:
+    """Read and check a predictions file from disk (streamed; see the module doc; ``max_rows`` as for
+    :func:`parse_predictions`)."""
     source = os.fspath(path)
     try:
         handle = open(source, "rb")
@@ -342,7 +344,8 @@ def read_predictions_file(path: str | os.PathLike, *, manifest: Mapping[str, Any
     with handle:
         if os.path.isdir(source):
             raise PredictionsError(f"{source}: a directory; expected a predictions .jsonl file")
-        return parse_predictions(iter(lambda: handle.read(chunk_bytes), b""), source, manifest=manifest)
+        return parse_predictions(iter(lambda: handle.read(chunk_bytes), b""), source, manifest=manifest,
+                                 max_rows=max_rows, max_rows_reason=max_rows_reason)
 
 
 # ------------------------------------------------------------------------------------------------ completeness
