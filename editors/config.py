@@ -120,8 +120,13 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def output_path(self) -> Path:
-        """``OUT/MODEL__METHOD__MODE__SPLIT.jsonl`` (or ``out`` itself when it ends in ``.jsonl``)."""
+        """``OUT/MODEL__METHOD__MODE__SPLIT.jsonl``, with ``__CONFIG+CONFIG`` before the suffix for a single-editing
+        run of some of the attributes (so runs of different attributes into one folder do not meet in one file),
+        or ``out`` itself when it ends in ``.jsonl``."""
         if self.out.endswith(".jsonl"):
             return Path(self.out)
         slug = Path(self.model.rstrip("/")).name if Path(self.model).exists() else self.model.replace("/", "--")
-        return Path(self.out) / f"{slug}__{self.method}__{self.mode}__{self.split}.jsonl"
+        name = f"{slug}__{self.method}__{self.mode}__{self.split}"
+        if self.mode == "single" and set(self.configs) != set(ATTRIBUTES):
+            name += "__" + "+".join(sorted(self.configs))
+        return Path(self.out) / f"{name}.jsonl"

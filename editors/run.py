@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="dataset split to edit and evaluate (default: %(default)s)")
     p.add_argument("--mode", choices=MODES, default="single")
     p.add_argument("--out", required=True,
-                   help="output directory (file named MODEL__METHOD__MODE__SPLIT.jsonl) or a .jsonl path")
+                   help="output directory (file named MODEL__METHOD__MODE__SPLIT.jsonl, with __CONFIG+CONFIG before "
+                        ".jsonl for a run of some attributes) or a .jsonl path")
     p.add_argument("--limit", type=int, default=None,
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")

@@ -75,6 +75,10 @@ def test_run_config_checks_its_fields():
     config = RunConfig(model="org/model", method="ft_llm", dataset="d", out="runs")
     assert config.configs == ("animal", "emotion", "gender", "language")
     assert config.output_path() == Path("runs/org--model__ft_llm__single__test.jsonl")
+    # runs of some attributes into one folder each get their own file (a second would be another run's file)
+    assert config.replace(configs=("gender", "emotion")).output_path() == \
+        Path("runs/org--model__ft_llm__single__test__emotion+gender.jsonl")
+    assert config.replace(configs=("language", "gender", "emotion", "animal")).output_path() == config.output_path()
 
 
 TOY_MODULE = '''"""A toy editing method living outside the checkout: scales the connector's weights."""

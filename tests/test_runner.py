@@ -347,7 +347,7 @@ def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
                                model="tiny-audio-flamingo3"))
     assert main(argv) == 0
     path = Path(capsys.readouterr().out.strip())
-    assert path == tmp_path / "cli" / "tiny-audio-flamingo3__i_ike__single__test.jsonl"
+    assert path == tmp_path / "cli" / "tiny-audio-flamingo3__i_ike__single__test__gender.jsonl"
     header, rows = read_predictions(path)
     assert header["method"] == "i_ike" and rows and rows[0]["item_id"].endswith("/rel")
 
@@ -384,7 +384,7 @@ def test_the_plan_knows_units_rows_and_files_without_a_model(demo_dataset, tmp_p
     first = rows[0]
     assert single.units[0].key == first["id"] and single.unit_of({"instance_id": first["id"]}) == first["id"]
     assert single.units[0].expected_rows == 1 + sum(len(first[c]) for c in ITEM_COLUMNS)
-    assert single.path == single.part_path == tmp_path / "out" / "tiny-qwen2-audio__i_ike__single__test.jsonl"
+    assert single.path == single.part_path == tmp_path / "out" / "tiny-qwen2-audio__i_ike__single__test__emotion+gender.jsonl"
     sequential = RunPlan(run_config(demo_dataset, tmp_path / "seq.jsonl", tmp_path / "cache", mode="sequential",
                                     limit=1, eval_edits=2, max_gap=1))
     (seq_id, steps), = sequential.sequences
