@@ -366,19 +366,16 @@ def schema_problems(obj: Any, definition: str, where: str) -> list[Problem]:
     return problems
 
 
-def shown_text_problems(obj: dict[str, Any], fields: Iterable[str], where: str,
-                        multiline: Iterable[str] = ()) -> list[Problem]:
+def shown_text_problems(obj: dict[str, Any], fields: Iterable[str], where: str) -> list[Problem]:
     """Problems of the string ``fields`` of ``obj`` that the board shows: a hidden character (control, format,
-    separator; ``multiline`` fields may hold newlines and tabs) or no visible character at all."""
+    separator, a letter that draws nothing) or no visible character at all."""
     problems = []
-    multiline = set(multiline)
     for name in fields:
         value = obj.get(name)
         if not isinstance(value, str) or not value:
             continue
-        allowed = "\n\t" if name in multiline else ""
-        hidden = next((c for c in value if (unicodedata.category(c) in _HIDDEN_CATEGORIES or c in _BLANK_CHARACTERS)
-                       and c not in allowed), None)
+        hidden = next((c for c in value if unicodedata.category(c) in _HIDDEN_CATEGORIES or c in _BLANK_CHARACTERS),
+                      None)
         if hidden is not None:
             problems.append(Problem(f"{where}, field {name}",
                                     f"holds the hidden character U+{ord(hidden):04X} "
