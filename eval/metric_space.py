@@ -1,7 +1,8 @@
 """The metric Space's app (published as ``app.py`` by ``sake publish metric``): upload a predictions JSONL, read the
 scores.
 
-Self-contained: it imports nothing of the toolkit. It loads the metric with ``evaluate.load`` from the module file
+Self-contained: it imports nothing of the toolkit but ``upload_guard.py``, which is published beside it (in a
+checkout, the leaderboard's ``eval/leaderboard/upload_guard.py``). It loads the metric with ``evaluate.load`` from the module file
 beside it (named in ``metric_space.json``, the file ``evaluate.load("ORG/NAME")`` fetches), reads the upload with
 that module's strict reader (``read_predictions_file``: one-line errors, limits) and scores it with
 ``metric.compute``, so the page and ``evaluate.load`` give the same numbers.
@@ -17,11 +18,11 @@ default, about three complete runs: each undecided row costs the Space's key a j
 
 A public page: it scores only files its upload form received (a regular file in Gradio's upload folder, at most
 ``SAKE_MAX_MB``, 100 by default, of at most ``SAKE_MAX_ROWS`` rows, 50,000 by default: a complete run of the release
-holds about 16,000), one at a time with at most 16 waiting. Under uvicorn (:func:`create_app`, where
-Gradio skips its own check of named paths) ``upload_guard.UploadsOnly`` refuses a call naming any other file before
-Gradio copies it, and ``upload_guard.UploadGate`` admits at most ``SAKE_UPLOADS_PER_HOUR`` (30) uploads per client
-address an hour and deletes uploads after an hour. ``upload_guard.py`` is the leaderboard's
-(``eval/leaderboard/upload_guard.py``), shipped beside this file.
+holds about 16,000), one at a time with at most 16 waiting. The app runs under uvicorn (:func:`create_app`, which
+``python app.py`` serves too), where Gradio skips its own check of named paths: ``upload_guard.UploadsOnly`` refuses
+a call naming any other file before Gradio copies it, and ``upload_guard.UploadGate`` admits at most
+``SAKE_UPLOADS_PER_HOUR`` (30) uploads per client an hour, counts their bytes as they arrive and deletes uploads
+after an hour.
 """
 
 from __future__ import annotations
