@@ -4,6 +4,7 @@ gives; a cut file gets a one-line answer (issue 26, item 4)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -43,18 +44,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def space(tmp_path_factory):
-    """The dry-run folder served by uvicorn in its own process: the folder's files only (no PYTHONPATH)."""
-    root = tmp_path_factory.mktemp("metric-space")
-    folder = publish.publish_metric(REPO_ID, root / "sake_metric")
+@contextlib.contextmanager
+def _serving(folder: Path, root: Path, command: list[str], **env_changes: str):
+    """The published ``folder`` served by ``command`` in its own process on a free port (the folder's files only:
+    no PYTHONPATH, no SAKE_* but ``env_changes``); yields its URL once ``/`` answers 200."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("SAKE_")}
     env.update(HF_MODULES_CACHE=str(root / "modules"), HF_EVALUATE_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONDONTWRITEBYTECODE="1")
-    log = open(root / "uvicorn.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+               HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONDONTWRITEBYTECODE="1",
+               PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", **env_changes)
+    log_path = root / "server.log"
+    log = open(log_path, "wb")
+    server = subprocess.Popen([arg.replace("{port}", str(port)) for arg in command], cwd=folder, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     try:
@@ -67,9 +69,9 @@ def space(tmp_path_factory):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("the metric Space did not start: "
-                                     + (root / "uvicorn.log").read_text(errors="replace")[-3000:])
+                                     + log_path.read_text(errors="replace")[-3000:])
             time.sleep(0.5)
-        yield {"url": url, "root": root, "folder": folder}
+        yield url
     finally:
         server.terminate()
         try:
@@ -77,6 +79,17 @@ def space(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """The dry-run folder served by uvicorn in its own process: the folder's files only (no PYTHONPATH)."""
+    root = tmp_path_factory.mktemp("metric-space")
+    folder = publish.publish_metric(REPO_ID, root / "sake_metric")
+    uvicorn = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--host", "127.0.0.1", "--port",
+               "{port}"]
+    with _serving(folder, root, uvicorn) as url:
+        yield {"url": url, "root": root, "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -170,26 +183,8 @@ def test_python_app_py_runs_the_guarded_app(tmp_path):
     import uuid
 
     folder = publish.publish_metric(REPO_ID, tmp_path / "sake_metric")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("SAKE_")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_EVALUATE_OFFLINE="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PORT=str(port),
-               GRADIO_SERVER_NAME="127.0.0.1", SAKE_UPLOADS_PER_HOUR="1", GRADIO_TEMP_DIR=str(tmp_path / "uploads"))
-    log = open(tmp_path / "app.log", "wb")
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("app.py did not start: " + (tmp_path / "app.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
+    with _serving(folder, tmp_path, [sys.executable, "app.py"], SAKE_UPLOADS_PER_HOUR="1",
+                  GRADIO_TEMP_DIR=str(tmp_path / "uploads")) as url:
         statuses = []
         for _ in range(2):
             boundary = uuid.uuid4().hex
@@ -203,10 +198,3 @@ def test_python_app_py_runs_the_guarded_app(tmp_path):
             except urllib.error.HTTPError as error:
                 statuses.append(error.code)
         assert statuses == [200, 429]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
