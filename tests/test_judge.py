@@ -233,10 +233,17 @@ def test_second_run_makes_zero_calls(server, tmp_path):
     second = judge_rows(llm_rows(), judge)
     assert len(server.requests) == sent and judge.calls == 0 and judge.cache_hits == 4
     assert [v.passed for v in first] == [v.passed for v in second]
-    # the cache is keyed by (model, prompt): another judge model misses it
-    other = make_judge(server, tmp_path / "cache", model="another-model")
-    judge_rows(llm_rows()[:1], other)
-    assert other.calls == 1
+    # the cache is keyed by everything a verdict depends on: another judge model, seed, reasoning effort or
+    # endpoint host misses it (a local server's verdicts never answer for the paper's judge)
+    assert "127.0.0.1" in server.base_url
+    for change in (dict(model="another-model"), dict(seed=1), dict(reasoning_effort="low"),
+                   dict(base_url=server.base_url.replace("127.0.0.1", "localhost"))):
+        other = make_judge(server, tmp_path / "cache", **change)
+        judge_rows(llm_rows()[:1], other)
+        assert other.calls == 1 and other.cache_hits == 0, change
+    again = make_judge(server, tmp_path / "cache")
+    judge_rows(llm_rows(), again)
+    assert again.calls == 0 and again.cache_hits == 4
 
 
 @pytest.mark.parametrize("status", [429, 503])

@@ -14,7 +14,7 @@ PROJECT = ("sake_core", "sake_dataset", "editors", "eval", "sake", "build_splits
 
 #: floor (module prefix) -> project packages its modules may import (longest matching prefix wins)
 ALLOWED: dict[str, tuple[str, ...]] = {
-    "sake_core": (),
+    "sake_core": ("sake_core",),
     "sake_dataset": ("sake_core", "sake_dataset"),
     "build_splits": ("sake_core", "sake_dataset"),
     "editors.models": ("sake_core", "editors.models"),
@@ -33,16 +33,29 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 def _imports(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
-    """(line, imported module) of every absolute import in the file (relative imports stay in the package)."""
+    """(line, imported module) of every import in the file: absolute and relative statements (a relative one
+    resolved against the file's package) and `importlib.import_module` / `__import__` calls naming a literal."""
+    module = _module_name(path, root)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out += [(node.lineno, node.module)]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            source = ".".join(base + (node.module.split(".") if node.module else []))
+            if not source:
+                continue
+            out += [(node.lineno, source)]
             # `from sake import api` names the module sake.api
-            out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
-                    if (root / Path(*node.module.split("."), f"{alias.name}.py")).is_file()]
+            out += [(node.lineno, f"{source}.{alias.name}") for alias in node.names
+                    if (root / Path(*source.split(".")) / f"{alias.name}.py").is_file()
+                    or (root / Path(*source.split(".")) / alias.name / "__init__.py").is_file()]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+            out += [(node.lineno, node.args[0].value)]
     return out
 
 
@@ -81,7 +94,7 @@ def test_ground_imports_only_the_standard_library():
     for path in sorted((REPO / "sake_core").rglob("*.py")):
         for line, target in _imports(path):
             top = target.split(".")[0]
-            assert top in sys.stdlib_module_names or top == "__future__", f"{path}:{line}: {target}"
+            assert top in sys.stdlib_module_names or top in ("__future__", "sake_core"), f"{path}:{line}: {target}"
 
 
 def test_an_upward_import_is_caught(tmp_path):
@@ -96,10 +109,20 @@ def test_an_upward_import_is_caught(tmp_path):
     adapter = tmp_path / "editors" / "models" / "adapter.py"
     adapter.write_text(adapter.read_text(encoding="utf-8") + "\n\ndef _bad():\n    from editors.run import Runner\n",
                        encoding="utf-8")
+    # a relative import and a dynamic one by a literal name are read as well
+    family = tmp_path / "editors" / "models" / "qwen2_audio.py"
+    family.write_text(family.read_text(encoding="utf-8") + "\n\ndef _bad():\n    from ..run import Runner\n",
+                      encoding="utf-8")
+    buckets = tmp_path / "editors" / "models" / "buckets.py"
+    buckets.write_text(buckets.read_text(encoding="utf-8")
+                       + "\n\ndef _bad():\n    import importlib\n    importlib.import_module('editors.batching')\n",
+                       encoding="utf-8")
     metric = tmp_path / "eval" / "sake_metric" / "rows.py"
     metric.write_text(metric.read_text(encoding="utf-8") + "\nimport sake_core.protocol\n", encoding="utf-8")
     found = violations(tmp_path)
     assert any("editors.models.adapter imports editors.run" in v for v in found)
+    assert any("editors.models.qwen2_audio imports editors.run" in v for v in found)
+    assert any("editors.models.buckets imports editors.batching" in v for v in found)
     assert any("eval.sake_metric.rows imports sake_core.protocol" in v for v in found)
 
 

@@ -137,9 +137,16 @@ def consistency_prompt(question: str, pre_edit: str, post_edit: str) -> str:
                  post_edit=post_edit.strip())
 
 
-def cache_key(model: str, prompt: str) -> str:
-    """sha256 of (model, system prompt + user prompt): the verdict cache's file name."""
-    payload = json.dumps([model, SYSTEM_PROMPT, prompt], ensure_ascii=False)
+def cache_key(model: str, prompt: str, *, host: str = PAPER_HOST, seed: int = 0,
+              reasoning_effort: str | None = "minimal") -> str:
+    """sha256 of everything a verdict depends on: the verdict cache's file name.
+
+    The prompt version, endpoint host, model, seed, reasoning effort, system prompt and user prompt: a verdict from
+    a local server or under other settings never answers for the paper's judge (results record `host` and
+    `protocol` from the run's settings, so a cached verdict must have been made under those same settings).
+    """
+    payload = json.dumps([PROMPT_VERSION, host, model, seed, reasoning_effort, SYSTEM_PROMPT, prompt],
+                         ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -177,7 +184,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class VerdictCache:
-    """Verdicts on disk, one `<sha256>.json` per (model, prompt); `None` directory = no cache."""
+    """Verdicts on disk, one `<sha256>.json` per `cache_key`; `None` directory = no cache."""
 
     def __init__(self, directory: str | os.PathLike | None):
         self.directory = Path(directory) if directory is not None else None
@@ -421,7 +428,9 @@ class LLMJudge:
     # -- public ---------------------------------------------------------------------------------------------
     def judge(self, prompts: Sequence[str], progress: Callable[[int], None] | None = None) -> list[bool | None]:
         """Verdict per prompt: True (yes), False (no), None (malformed after retries or missing in a batch)."""
-        keys = [cache_key(self.config.model, p) for p in prompts]
+        config = self.config
+        keys = [cache_key(config.model, p, host=self.host, seed=config.seed,
+                          reasoning_effort=config.reasoning_effort) for p in prompts]
         verdicts: dict[str, bool | None] = {}
         todo: dict[str, str] = {}
         for key, prompt in zip(keys, prompts):
