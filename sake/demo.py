@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from sake_core.atomic import atomic_write
-from sake_core.protocol import HYPERNETWORK_METHODS, IN_CONTEXT_METHODS, METHOD_NAMES
+from sake_core.protocol import METHOD_NAMES
 from sake_core.shipped import shipped_path
 from editors.registry import method_sort_key
 from sake_core.errors import ConfigError, DataError, SakeError, user_errors
@@ -98,8 +98,9 @@ def reset_if_model_changed(out: Path, model: str) -> None:
 
 def methods_to_run(requested: Sequence[str] | None) -> list[str]:
     """Requested methods (default: every available one) in display order, the parameter-updating methods before
-    the in-context ones (as the paper's discussion groups them); unknown names are an error."""
-    from editors.registry import available_methods
+    the in-context ones (an editor class with ``changes_parameters`` False; the paper's discussion groups them so);
+    unknown names are an error."""
+    from editors.registry import available_methods, get_editor_class
 
     available = available_methods()
     if requested:
@@ -109,7 +110,7 @@ def methods_to_run(requested: Sequence[str] | None) -> list[str]:
         chosen = list(requested)
     else:
         chosen = list(available)
-    return sorted(chosen, key=lambda m: (m in IN_CONTEXT_METHODS, method_sort_key(m)))
+    return sorted(chosen, key=lambda m: (not get_editor_class(m).changes_parameters, method_sort_key(m)))
 
 
 def sequential_methods(requested: str, single: Sequence[str]) -> list[str]:
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     import torch
 
+    from editors.hypernetwork import hypernetwork_methods
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_progress:  # the libraries' own bars too (weight loading, dataset building)
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan: list[tuple[str, str]] = [(m, "single") for m in methods]
     plan += [(m, "sequential") for m in sequential]
-    steps = 1 + sum(m in HYPERNETWORK_METHODS for m in methods) + len(plan) + 1
+    hypernetwork = set(hypernetwork_methods())  # the methods whose editor applies a trained network
+    steps = 1 + sum(m in hypernetwork for m in methods) + len(plan) + 1
     stage = tqdm(total=steps, desc="sake demo", unit="stage", disable=args.no_progress, position=0,
                  dynamic_ncols=True)
 
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = build_dataset(out / "dataset", args.seed, progress=not args.no_progress)
     stage.update(1)
     for method in methods:
-        if method in HYPERNETWORK_METHODS:
+        if method in hypernetwork:
             trained = (out / "hypernetworks" / scope / method / "DONE").is_file()
             say(f"reusing the trained {method} hypernetwork" if trained else
                 f"training the {method} hypernetwork on the demo train split")

@@ -82,7 +82,6 @@ def test_method_names_and_order():
     assert protocol.method_key("FT (LLM)") == "ft_llm"
     assert protocol.method_key("IE-IKE") == "ie_ike"
     assert protocol.method_key("My-Method") == "my_method"
-    assert set(protocol.IN_CONTEXT_METHODS) <= set(protocol.METHOD_ORDER)
 
 
 def test_resume_takes_a_path_spelled_another_way(tmp_path, monkeypatch):

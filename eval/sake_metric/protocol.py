@@ -172,11 +172,6 @@ METHOD_NAMES: dict[str, str] = {
     "i_ike": "I-IKE", "ie_ike": "IE-IKE", "wise": "WISE",
 }
 METHOD_ORDER: tuple[str, ...] = tuple(METHOD_NAMES)
-#: Methods that edit through the prompt (in-context), not the weights. The demo table lists the
-#: parameter-updating methods first, as the paper's discussion groups them (§5.1).
-IN_CONTEXT_METHODS: tuple[str, ...] = ("i_ike", "ie_ike")
-#: Methods that need a trained hypernetwork (``editors.train``) before editing.
-HYPERNETWORK_METHODS: tuple[str, ...] = ("ke", "mend")
 
 #: The paper's model families (adapter keys) in its row order (Table 2) with their display names.
 FAMILY_NAMES: dict[str, str] = {
