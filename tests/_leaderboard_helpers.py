@@ -34,8 +34,8 @@ def make_manifest(n_instances: int = 3, n_sequences: int = 2, n_steps: int = 7) 
 
 
 def make_header(manifest: dict, mode: str = "single", method: str = "ft_audio",
-                model: str = "Qwen/Qwen2-Audio-7B-Instruct") -> dict[str, Any]:
-    return {"kind": "header", "model": model, "model_revision": "0123abc", "method": method,
+                model: str = "Qwen/Qwen2-Audio-7B-Instruct", family: str | None = "qwen2_audio") -> dict[str, Any]:
+    return {"kind": "header", "model": model, "family": family, "model_revision": "0123abc", "method": method,
             "hparams": {"lr": 1e-4, "max_steps": 15}, "mode": mode, "dataset": "sake/sake",
             "dataset_fingerprint": manifest["fingerprint"],
             "configs": ["sequential"] if mode == "sequential" else ["emotion", "gender"], "split": "test",

@@ -22,7 +22,9 @@ def board(tmp_path_factory):
     ids = []
     for n, (method, metadata, rs) in enumerate((("ft_llm", METADATA, make_rows(manifest, wrong_every=1000)),
                                                 ("wise", evil, rows))):
-        sub = write_submission_dir(root / f"s{n}", make_header(manifest, method=method), rs, metadata)
+        # the runner writes the adapter's family; a hand-made header may leave it out
+        header = make_header(manifest, method=method, family="qwen2_audio" if method == "ft_llm" else None)
+        sub = write_submission_dir(root / f"s{n}", header, rs, metadata)
         ids.append(add_submission(sub, manifest, store, judge="offline").submission_id)
     config = SpaceConfig(results_dir=str(root / "results"), queue_dir=str(root / "queue"), judge="offline",
                          queue_interval_s=0)
@@ -49,6 +51,11 @@ def test_table_filters(board):
     assert len(table) == 2 and {r[5] for r in table} == {"offline"}
     assert {r[3] for r in board.table(method=["wise"], paper_rows=False)} == {"WISE"}  # display name
     assert all(r[2] == "Qwen2-Audio" for r in board.table(family=["Qwen2-Audio"]))
+    # the family comes from the header (or a reference row's own field), never guessed from the model id
+    assert {r[3] for r in board.table(family=["Qwen2-Audio"], paper_rows=False)} == {"FT (LLM)"}
+    assert {r[3] for r in board.table(family=["other"], paper_rows=False)} == {"WISE"}
+    assert {r[2] for r in board.table(paper_rows=True) if "paper (reported)" in r[6]} == {
+        "Qwen2-Audio", "Audio Flamingo 3", "DeSTA2.5-Audio"}
     assert {r[4] for r in board.table(mode=["sequential"])} == {"sequential"}
     assert not any("paper (reported)" in r[6] for r in board.table(paper_rows=False))
     assert board.choices()["protocol"] == ["paper", "paper+choice", "custom", "custom+choice", "offline"]

@@ -129,6 +129,7 @@ def reference_rows(path: str | os.PathLike = REFERENCE_PATH) -> tuple[list[dict[
             "model": ref["model"],
             "model_display": ref.get("model_display") or ref["model"],
             "model_link": "",
+            "family": ref["family"],
             "method": ref["method"],
             "method_name": method_display(ref["method"])[0],
             "method_order": _finite(method_display(ref["method"])[1]),

@@ -77,10 +77,6 @@ HEADLINE = (("reliability", "Reliability"), ("generality", "Generality"), ("loca
             ("locality_text", "Locality (text)"), ("portability", "Portability"))
 COLUMNS = ["Rank", "Model", "Family", "Method", "Mode", "Protocol", "Source"] + [t for _, t in HEADLINE] + \
           ["Average", "Items", "Judge", "Ranked with", "Best in group"]
-#: Model ids of the paper's families (the header's ``family`` names the adapter when the runner wrote it).
-FAMILY_PATTERNS = (("qwen2_audio", re.compile(r"qwen2[-_]?audio", re.I)),
-                   ("audio_flamingo3", re.compile(r"flamingo|(^|[/_-])af3", re.I)),
-                   ("desta25", re.compile(r"desta", re.I)))
 ITEMS_PER_PAGE = 200
 ITEMS_CACHE = 8  # submissions whose parsed items are kept in memory (by the item pages' worker process)
 ITEMS_CACHE_BYTES = 256 * 1024 * 1024  # and at most this much of their stored files
@@ -100,12 +96,10 @@ def plain_text(text: str) -> str:
     return "".join(c if c in "\n\t" or c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
-def model_family(model: str, header: dict[str, Any] | None = None) -> str:
-    """The family shown in the family filter (display name from ``sake_core.protocol.FAMILY_NAMES``): the header's
-    ``family`` (adapter key), else the family a known model id belongs to, else ``other``."""
-    family = (header or {}).get("family")
-    if not family:
-        family = next((key for key, pattern in FAMILY_PATTERNS if pattern.search(model or "")), None)
+def model_family(family: Any) -> str:
+    """The family shown in the family filter: the display name (``sake_core.protocol.FAMILY_NAMES``) of a row's
+    ``family`` (the adapter key the runner writes into the header; the reference rows carry theirs), else the key
+    as written, else ``other``. The board never guesses a family from a model id."""
     return FAMILY_NAMES.get(str(family), str(family)) if family else "other"
 
 
@@ -256,7 +250,7 @@ class Board:
     def reported_rows(self) -> list[dict[str, Any]]:
         """The paper's reported rows as board rows (a checked-in file: read once, not on every table refresh)."""
         return [{"id": ref["id"], "reference": True, "model": ref["model"], "model_display": ref["model_display"],
-                 "family": model_family(ref["model"]), "method": ref["method"],
+                 "family": model_family(ref.get("family")), "method": ref["method"],
                  "method_name": method_display(ref["method"])[0], "method_order": method_display(ref["method"])[1],
                  "mode": ref["mode"],
                  "protocol": "paper", "metrics": ref["metrics"]["overall"], "n_rows": None, "submitter": "paper",
@@ -283,7 +277,7 @@ class Board:
             header = sub.get("header") or {}
             rows.append({"id": sub.get("id", ""), "reference": False, "model": result["model"],
                          "model_display": display_model_name(result["model"]),
-                         "family": model_family(result["model"], header), "method": result["method"],
+                         "family": model_family(header.get("family")), "method": result["method"],
                          "method_name": method_display(result["method"], result.get("method_display_name"),
                                                        result.get("method_display_order"))[0],
                          "method_order": method_display(result["method"], result.get("method_display_name"),
