@@ -26,8 +26,7 @@ import torch
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
-from editors.models.buckets import training_groups
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, to_device
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, to_device, training_groups
 from sake_core.errors import DataError
 
 

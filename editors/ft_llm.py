@@ -23,8 +23,7 @@ import torch
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import RowRouting, StackedCopies, finetune_many, routed_copies, runs_of
-from editors.models.buckets import training_groups
-from editors.models.base import PerEdit, Prompt, to_device
+from editors.models.base import PerEdit, Prompt, to_device, training_groups
 from sake_core.errors import ConfigError
 
 

@@ -46,8 +46,7 @@ from editors.base import EditRequest, Editor, finetune
 from editors.batching import (LayerRows, RowRouting, StackedCopies, StepNumber, finetune_many, masked_update,
                               packed_layer_rows, routed_copies, runs_of)
 from editors.hparams import Hparams
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch
-from editors.models.buckets import training_groups
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, training_groups
 from editors.preservation import editor_preservation
 from editors.registry import register
 

@@ -65,8 +65,7 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.batching import RowRouting, masked_update, runs_of
 from editors.hparams import Hparams
-from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear
-from editors.models.buckets import training_groups
+from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear, training_groups
 from editors.preservation import editor_preservation
 from editors.registry import register
 from sake_core.errors import ConfigError

@@ -10,7 +10,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .labels import ATTRIBUTES, LABELS
 from .records import LabelledClip, TaskClip, TextQuestion
@@ -114,7 +114,7 @@ def partition_clips(primary: Sequence[LabelledClip], extra: Sequence[LabelledCli
     return test, train, shortfall
 
 
-def partition_by_hash(items: Sequence[Any], hash_of, assigned: dict[str, str], test_share: float,
+def partition_by_hash(items: Sequence[Any], hash_of: Callable[[Any], str], assigned: dict[str, str], test_share: float,
                       rng: random.Random) -> tuple[list[Any], list[Any]]:
     """Split items (tasks clips, texts) into (test, train) by content hash, keeping hashes already assigned to a
     split there; new hashes go to test with probability ~test_share (exact proportion, seeded order)."""

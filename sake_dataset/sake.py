@@ -1,5 +1,5 @@
-"""The dataset core under its earlier single-module name: every public name of `labels`, `schema`, `knowledge`,
-`dsuperb_tasks`, `portability`, `partition` and `construction` stays importable from here."""
+"""The dataset core under its earlier single-module name: the main names of `labels`, `schema`, `knowledge`,
+`dsuperb_tasks`, `portability`, `partition` and `construction` in one import (those modules hold the rest)."""
 
 from .construction import (InstanceBuilder, build_attribute_split, build_sequential, check_instance, clip_question,
                            edit_options, make_edit_pairs, sample_sequences)

@@ -22,11 +22,14 @@ training whose steps run only a short tail of columns also puts all its rows in 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from editors.models.batch import PromptBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editors.models.adapter import LALMAdapter
 
 #: Fewest rows of a matrix product (and of a generation batch); fewer take another CPU kernel path.
 MIN_ROWS = 16
@@ -131,7 +134,7 @@ def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = N
     return [list(indices[i:i + cap]) for i in range(0, len(indices), cap)]
 
 
-def left_pad(batch, width: int, pad_id: int):
+def left_pad(batch: PromptBatch, width: int, pad_id: int) -> PromptBatch:
     """A :class:`~editors.models.base.PromptBatch` left-padded to ``width`` columns (no-op when already there)."""
     extra = width - batch.input_ids.shape[1]
     if extra < 0:
@@ -139,9 +142,7 @@ def left_pad(batch, width: int, pad_id: int):
     if extra == 0:
         return batch
 
-    def pad(t: torch.Tensor | None, value: int | bool) -> torch.Tensor | None:
-        if t is None:
-            return None
+    def pad(t: torch.Tensor, value: int | bool) -> torch.Tensor:
         return torch.cat([torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device), t], dim=1)
 
     positions = batch.audio_positions
@@ -149,11 +150,11 @@ def left_pad(batch, width: int, pad_id: int):
         positions = positions + (positions // batch.input_ids.shape[1] + 1) * extra
     return replace(batch, input_ids=pad(batch.input_ids, pad_id), attention_mask=pad(batch.attention_mask, 0),
                    position_ids=pad(batch.position_ids, 0), audio_token_mask=pad(batch.audio_token_mask, False),
-                   audio_positions=positions, labels=pad(batch.labels, IGNORE_INDEX),
+                   audio_positions=positions, labels=None if batch.labels is None else pad(batch.labels, IGNORE_INDEX),
                    target_cols=None if batch.target_cols is None else batch.target_cols + extra)
 
 
-def canonical(adapter, batch):
+def canonical(adapter: LALMAdapter, batch: PromptBatch) -> PromptBatch:
     """``batch`` (one prompt, or prompts of one width bucket) left-padded to its width bucket."""
     return left_pad(batch, width_bucket(batch.input_ids.shape[1], batch.input_ids.device), adapter.pad_token_id)
 
@@ -175,7 +176,7 @@ def to_min_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(MIN_ROWS - rows.shape[0], rows.shape[1])], dim=0)
 
 
-def training_groups(adapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False,
+def training_groups(adapter: LALMAdapter, prompts: Sequence, targets: Sequence[str] | None, *, tail_only: bool = False,
                     packable: bool = False) -> list[tuple[list[int], PromptBatch]]:
     """Teacher-forcing batches of ``prompts`` -> ``targets`` (or the prompts alone: ``targets`` None) in canonical
     shapes: ``(indices, batch)`` per width bucket of :data:`TRAINING_WIDTH_STEP`, each batch left-padded to its

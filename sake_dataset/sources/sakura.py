@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Sequence
 
 from sake_dataset.progress import bar
 
@@ -63,7 +64,7 @@ def _make_clip(attribute: str, row: dict, where: str, audio) -> LabelledClip:
                         multi_answer=row.get("multi_answer", ""), multi_category=row.get("multi_category", ""))
 
 
-def read_sakura(spec: str | Path, attributes=ATTRIBUTES) -> list[LabelledClip]:
+def read_sakura(spec: str | Path, attributes: Sequence[str] = ATTRIBUTES) -> list[LabelledClip]:
     """All clips of the SAKURA tracks (local folder or Hub id), labels canonical, audio probed and hashed."""
     if is_hub_id(str(spec)):
         return _read_hub(str(spec), attributes)

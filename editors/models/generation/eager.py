@@ -33,10 +33,13 @@ from editors.models.generation.settings import GenerationSettings
 from editors.models.prompts import Prompt, audio_digest
 
 if TYPE_CHECKING:  # pragma: no cover
+    from transformers import GenerationConfig
+
     from editors.models.adapter import LALMAdapter
 
 
-def hf_generation_config(adapter: "LALMAdapter", max_new_tokens: int):
+def hf_generation_config(adapter: "LALMAdapter", max_new_tokens: int) -> "GenerationConfig":
+    """Greedy decoding of at most ``max_new_tokens`` that stops at the adapter's stop tokens (HF ``generate``)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
@@ -62,7 +65,8 @@ def last_position_logits(adapter: "LALMAdapter") -> Iterator[None]:
         handle.remove()
 
 
-def hf_generate(adapter: "LALMAdapter", embeds: torch.Tensor, attention_mask: torch.Tensor, config) -> torch.Tensor:
+def hf_generate(adapter: "LALMAdapter", embeds: torch.Tensor, attention_mask: torch.Tensor,
+                config: "GenerationConfig") -> torch.Tensor:
     """The family's transformers ``generate`` from ``embeds`` (the new token ids), its head cut to the last position
     (:func:`last_position_logits`)."""
     model: Any = adapter.model  # the family's transformers model (its generate)
