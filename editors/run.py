@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N instances per config (single) or first N sequences (sequential)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (and of tiny models' init)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generation length (default: the model family's, editors/models/generation/defaults.yaml: "
-                        "Qwen2-Audio 256, Audio Flamingo 3 128, DeSTA2.5 512, tiny models 32)")
+                   help="generation length (default: the model family's, in "
+                        "editors/models/generation/defaults.yaml; written to the run header)")
     p.add_argument("--engine", choices=("auto", "eager", "graph"), default="auto",
                    help="decode engine: eager (Hugging Face generate) or graph (static KV cache, decode step "
                         "captured as a CUDA graph per shape bucket); auto: graph on CUDA where the method allows "
@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits-per-pass", type=int, default=None, metavar="K",
                    help="single mode: apply K independent edits at once (per-edit parameter copies or prompts) "
                         "and evaluate their items in one batched generation, for methods that batch exactly "
-                        "(ft_audio, ft_llm, i_ike, ie_ike, ke, mend, unke, wise, lora with merge: false; others run "
-                        "one at a time). Default on CUDA: sized from the memory the first passes measure (1 edit, "
+                        "(their editor's batches_edits; others run one at a time). Default on CUDA: sized from the memory the first passes measure (1 edit, "
                         "then as many as its peak allows; at most 32), halved on an out-of-memory error; 1 on CPU")
     p.add_argument("--pre-edit-items", choices=PRE_EDIT_ITEMS, default="locality",
                    help="items whose unedited output is generated: locality (the items whose score compares "

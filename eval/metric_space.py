@@ -146,7 +146,9 @@ def answer(loaded: LoadedMetric, path: str | None, protocol: str) -> tuple[str, 
                f"{markdown_text(results.get('method') or 'method')} · {markdown_text(results.get('mode'))} · "
                f"{results.get('n_rows')} rows · protocol **{markdown_text(judge.get('protocol') or protocol)}**")
     out = Path(path).with_name("results.json")
-    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    staged = out.with_name(f".results.{os.getpid()}.{threading.get_ident()}.tmp")  # written whole, then renamed
+    staged.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(staged, out)
     return summary, scores_markdown(results), str(out)
 
 

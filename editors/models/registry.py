@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sake_core.atomic import replace_dir, staging_dir
 from sake_core.errors import ConfigError, DataError, one_line
 from sake_core.protocol import FAMILY_NAMES, FAMILY_ORDER
 
@@ -191,5 +192,7 @@ def load_adapter(model: str, *, dtype: str | torch.dtype = "float32", device: st
 def save_tiny(adapter: LALMAdapter, directory: str | Path) -> None:
     """Save a tiny adapter so that :func:`load_adapter` of the directory gives it back (still marked tiny)."""
     directory = Path(directory)
-    adapter.save_pretrained(directory)
-    (directory / TINY_MARKER).write_text(json.dumps({"family": adapter.family, "model_id": adapter.model_id}))
+    staged = staging_dir(directory)  # the folder appears complete (weights and marker) or not at all
+    adapter.save_pretrained(staged)
+    (staged / TINY_MARKER).write_text(json.dumps({"family": adapter.family, "model_id": adapter.model_id}))
+    replace_dir(staged, directory)
