@@ -85,7 +85,8 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
     """``n_audio`` audio prompts then ``n_text`` text prompts from the train split of every attribute config (see
     the module docstring); deterministic per ``seed``. ValueError when no train split can be loaded."""
     if context.load_rows is None:
-        raise ConfigError("alphaedit: the preserved-key statistics need the dataset's train split (no loader given)")
+        raise ConfigError("alphaedit: the preserved-key statistics need the dataset's train split: pass dataset= "
+                          "to sake.editing (a run has it)")
     tables = []
     for config in ATTRIBUTES:
         try:

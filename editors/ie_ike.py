@@ -54,7 +54,8 @@ class IEIKE(IIKE):
     def _train_rows(self, attribute: str) -> Any:
         if attribute not in self._train:
             if self.context.load_rows is None:
-                raise ConfigError("ie_ike needs the dataset's train split (RunContext.load_rows is not set)")
+                raise ConfigError("ie_ike needs the dataset's train split for its demonstrations: pass dataset= to "
+                                  "sake.editing (a run has it)")
             self._train[attribute] = self.context.load_rows(attribute, self.hparams.train_split)
         return self._train[attribute]
 

@@ -3,7 +3,7 @@
 Per edit, ``preserve_text`` text prompts then ``preserve_audio`` audio prompts (the paper's Table 6: 20 + 5 for
 UnKE): locality items of *other instances of the train split* drawn with a per-edit seeded RNG from every attribute
 config (``preserve_source: train``; audio items labelled with the edit's original or target label skipped), or the
-edit instance's own locality items (``preserve_source: instance``, or when the run has no dataset access).
+edit instance's own locality items (``preserve_source: instance``).
 """
 
 from __future__ import annotations
@@ -40,18 +40,24 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
 
     ``source='train'``: locality items of random train-split instances of all attribute configs (deterministic per
     ``seed`` and instance id; audio items labelled with the edit's original or target label skipped);
-    ``source='instance'`` (or no ``context.load_rows``): the instance's own locality items, repeated cyclically
-    when fewer than asked. Raises ConfigError for an unknown source."""
+    ``source='instance'``: the instance's own locality items, repeated cyclically when fewer than asked. Raises
+    ConfigError for an unknown source, and for ``'train'`` without dataset access (``context.load_rows``): the edit
+    would otherwise train on the very items its locality is scored on."""
     if source not in ("train", "instance"):
         raise ConfigError(f"preserve_source={source!r}; expected 'train' or 'instance'")
-    if source == "instance" or context.load_rows is None:
+    load_rows = context.load_rows
+    if source == "train" and load_rows is None:
+        raise ConfigError("preserve_source: train needs the dataset's train split, and this edit has no dataset "
+                          "access: pass dataset= to sake.editing (a run has it), or set preserve_source: instance "
+                          "(the edit's own locality items: not the paper's protocol)")
+    if source == "instance" or load_rows is None:
         text, audio = _instance_items(edit)
         return _cycle(text, n_text) + _cycle(audio, n_audio)
     rng = random.Random(f"{seed}:{edit.instance_id}")
     tables = []
     for config in ATTRIBUTES:
         try:
-            tables.append(context.load_rows(config, "train"))
+            tables.append(load_rows(config, "train"))
         except ValueError as exc:
             logger.warning("preservation data: cannot load %s/train (%s)", config, exc)
     refs = [(t, i) for t in tables for i in range(len(t))]

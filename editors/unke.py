@@ -14,8 +14,8 @@ Preservation data (Table 6: 20 text + 5 audio prompts per edit, :func:`editors.p
 *other instances of the train split* (text locality = MMLU questions, audio locality = other audio/attributes),
 drawn with a per-edit seeded RNG from every attribute config (``preserve_source: train``). Audio items whose label
 is the edit's original or target label are skipped. The train split keeps the test split's evaluated items out of
-the edit. When no dataset access is available (``RunContext.load_rows`` is None) or ``preserve_source: instance``,
-the edit instance's own locality items are used (out of scope by construction).
+the edit; without dataset access (``RunContext.load_rows`` is None) that is an error. With ``preserve_source:
+instance`` the edit instance's own locality items are used (out of scope by construction, but scored for locality).
 
 Both stages run only what changes: the hidden states entering the edited layer are computed once per edit
 (``adapter.hidden_entering``); stage 1 runs the layers above ``L`` over the columns from the last prompt token on

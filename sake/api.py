@@ -93,22 +93,35 @@ class EditedModel:
 
 @contextlib.contextmanager
 def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping[str, Any]",
-            hparams: Mapping[str, Any] | None = None, *, seed: int = 0, cache_dir: str | None = None
-            ) -> Iterator[EditedModel]:
+            hparams: Mapping[str, Any] | None = None, *, seed: int = 0, cache_dir: str | None = None,
+            dataset: str | os.PathLike | None = None) -> Iterator[EditedModel]:
     """Apply one edit of ``method`` to ``adapter`` on entering the block and undo it on leaving (also on an
     exception): every tensor the method touched is copied back bit-exactly and its other state is reset.
 
     ``request``: an ``editors.base.EditRequest`` or a SAKE instance row (``datasets`` row of any attribute
     config). ``hparams``: overrides of the method's YAML entry for the adapter's family (unknown keys are an
-    error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``)."""
+    error). ``cache_dir``: where KE / MEND find their trained hypernetworks (default ``$SAKE_CACHE``; the folder
+    ``sake train --model NAME`` wrote for this model). ``dataset``: the SAKE release the request comes from (a
+    folder or Hub id), for methods that read other rows of it as a run does: IE-IKE's demonstrations, the train
+    items UnKE and WISE preserve, AlphaEdit's statistics; such a method refuses to edit without it."""
     from editors.base import EditRequest, RunContext
+    from editors.data import load_instances
+    from editors.models.registry import run_model_name
     from editors.registry import load_hparams
     from editors.session import EditSession
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
     typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
-    session = EditSession.start(adapter, method, typed, RunContext(seed=seed, cache_dir=cache_dir,
-                                                                  model_name=adapter.model_id))
+    rows: dict[tuple[str, str], Any] = {}
+
+    def load_rows(config: str, split: str) -> Any:
+        if (config, split) not in rows:
+            rows[config, split] = load_instances(str(dataset), config, split)
+        return rows[config, split]
+
+    context = RunContext(seed=seed, cache_dir=cache_dir, load_rows=load_rows if dataset is not None else None,
+                         model_name=run_model_name(adapter))
+    session = EditSession.start(adapter, method, typed, context)
     # the settings `sake.run` resolves for this method and model (family defaults: the same max_new_tokens)
     settings = adapter.generation_settings(method_engines=type(session.editor).generation_engines, method=method)
     with session.edit(edit, seed=seed) as stats:

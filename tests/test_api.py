@@ -65,6 +65,33 @@ def test_editing_applies_then_restores_even_on_error(demo_dataset):
             pass
 
 
+def test_editing_gives_a_runs_outputs_for_a_method_that_reads_the_dataset(demo_dataset, tmp_path):
+    """UnKE preserves train items of the release: `editing(..., dataset=)` gives a run's post-edit outputs; without
+    the dataset it refuses (it would otherwise train on the very items its locality is scored on)."""
+    import json
+
+    from datasets import load_dataset
+
+    from editors.data import eval_items
+    from editors.models import load_adapter
+    from sake.api import RunConfig, run
+    from sake_core.errors import ConfigError
+
+    path = run(RunConfig(model="tiny-qwen2-audio", method="unke", dataset=str(demo_dataset), configs=("emotion",),
+                         limit=1, out=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), progress=False))
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[1:]]
+    adapter = load_adapter("tiny-qwen2-audio")
+    row = load_dataset(str(demo_dataset), "emotion", split="test")[0]
+    items = eval_items(row)
+    with editing(adapter, "unke", row, dataset=demo_dataset) as model:
+        answers = [str(g) for g in model.generate([item.prompt() for item in items])]
+    post_edit = {r["item_id"]: r["post_edit"] for r in rows}
+    assert answers == [post_edit[item.item_id] for item in items]
+    with pytest.raises(ConfigError, match="pass dataset= to sake.editing"):
+        with editing(adapter, "unke", row):
+            pass
+
+
 def test_run_config_checks_its_fields():
     with pytest.raises(ValueError, match="mode"):
         RunConfig(model="m", method="x", dataset="d", mode="batch")

@@ -371,7 +371,8 @@ def test_a_routed_rms_norm_runs_the_fused_norm_where_the_layers_do_with_the_same
 
 
 SHORT = {"ft_audio": {"max_steps": 2}, "ft_llm": {"max_steps": 2}, "lora": {"max_steps": 2},
-         "unke": {"v_steps": 2, "optim_steps": 2}, "wise": {"n_iter": 2}}
+         "unke": {"v_steps": 2, "optim_steps": 2, "preserve_source": "instance"},
+         "wise": {"n_iter": 2, "preserve_source": "instance"}}
 
 
 @pytest.mark.parametrize("method", sorted(SHORT))

@@ -12,6 +12,7 @@ from _methods_helpers import (assert_same_state, audio_item, context, edit_reque
 from editors.session import EditSession
 from editors.preservation import preservation_prompts
 from editors.unke import UnKE
+from sake_core.errors import ConfigError
 
 
 def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
@@ -25,7 +26,7 @@ def test_unke_edit_makes_the_greedy_answer_the_target_and_restores_exactly():
     target = one_token_word(adapter, exclude=first)
     edit = edit_request(target=target)
     loss_before = float(adapter.target_loss([edit.prompt()], [target]))
-    editor = UnKE(adapter, hparams("unke", adapter), context())
+    editor = UnKE(adapter, hparams("unke", adapter, preserve_source="instance"), context())
     state = model_state(adapter)
     touched = editor.touched_parameters()
     layer_names = set(adapter.parameter_groups()[f"llm_layer.{adapter.resolve_layer(editor.hparams.layer)}"])
@@ -73,8 +74,11 @@ def test_preservation_prompts_come_from_other_train_instances_deterministically(
     assert [p.question for p in again] == [p.question for p in prompts]
     other = preservation_prompts(edit, ctx, 5, 4, source="train", seed=1)
     assert [p.question for p in other] != [p.question for p in prompts]
-    # no dataset access: the instance's own locality items
-    own = preservation_prompts(edit, context(), 2, 3, source="train", seed=0)
+    # no dataset access: refused for the train source (the edit would train on the items its locality is scored
+    # on); the instance source takes the instance's own locality items
+    with pytest.raises(ConfigError, match="preserve_source: train needs the dataset's train split"):
+        preservation_prompts(edit, context(), 2, 3, source="train", seed=0)
+    own = preservation_prompts(edit, context(), 2, 3, source="instance", seed=0)
     assert [p.question for p in own[:2]] == [edit.row["locality_text"][0]["question"]] * 2
     assert len(own) == 5 and all(p.audio is not None for p in own[2:])
 
@@ -122,7 +126,7 @@ def test_stage_one_over_the_tail_finds_the_keys_of_the_whole_width(monkeypatch):
     for mode in ("tail", "whole width"):
         if mode == "whole width":
             monkeypatch.setattr(adapter, "tail_state", lambda state, first: state)
-        editor = UnKE(adapter, hparams("unke", adapter), context())
+        editor = UnKE(adapter, hparams("unke", adapter, preserve_source="instance"), context())
         found[mode] = (editor.compute_key(edits[1]), editor.compute_keys(edits))
     (one, one_stats), (many, many_stats) = found["tail"]
     (one_w, one_stats_w), (many_w, many_stats_w) = found["whole width"]
@@ -149,7 +153,8 @@ def test_stage_one_in_one_batch_finds_the_keys_of_the_width_groups(monkeypatch):
         monkeypatch.setitem(buckets.TAIL_ONE_BATCH, "cpu", one_batch)
         groups[one_batch] = buckets.training_groups(adapter, [e.prompt() for e in edits], [e.target for e in edits],
                                                     tail_only=True)
-        keys[one_batch] = UnKE(adapter, hparams("unke", adapter), context()).compute_keys(edits)
+        unke = UnKE(adapter, hparams("unke", adapter, preserve_source="instance"), context())
+        keys[one_batch] = unke.compute_keys(edits)
     assert len(groups[False]) > 1 and [rows for rows, _ in groups[True]] == [[0, 1, 2]]
     assert groups[True][0][1].input_ids.shape[1] == max(b.input_ids.shape[1] for _, b in groups[False])
     (grouped, grouped_stats), (together, together_stats) = keys[False], keys[True]
@@ -262,7 +267,8 @@ def test_stage_two_on_packed_rows_trains_the_copies_of_one_sequence_per_row(kern
         monkeypatch.setitem(buckets.PACK_SEQUENCES, "cpu", pack and kernel == "sequences")
         if pack:  # rows of CUDA's training width: the tiny prompts (62-81 tokens here) fit three to a row
             monkeypatch.setitem(buckets.TRAINING_WIDTH_STEP, "cpu", 256)
-        editor = UnKE(adapter, hparams("unke", adapter, optim_steps=8, v_steps=4), context())
+        editor = UnKE(adapter, hparams("unke", adapter, preserve_source="instance", optim_steps=8, v_steps=4),
+                      context())
         stats = editor.apply_many(edits)
         copies[pack] = ({n: t.clone() for n, t in editor._copies.masters.items()}, [s["loss"] for s in stats])
         editor.reset()

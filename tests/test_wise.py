@@ -26,7 +26,7 @@ def test_wise_edit_routes_in_scope_to_side_memory_and_far_inputs_to_original_wei
     assert before_out[0] != "sad"
     before_far_logits = _logits(adapter, [FAR])
     state = model_state(adapter)
-    editor = WISE(adapter, hparams("wise", adapter), context())
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance"), context())
     assert editor.touched_parameters() == []
     try:
         stats = editor.apply(edit)
@@ -60,7 +60,7 @@ def test_wise_sequential_edits_use_shards_routed_by_activation():
     edits = [edit_request(target="sad", audio_seed=1, instance="emotion/test/000000"),
              edit_request(target="angry", audio_seed=4, instance="emotion/test/000001")]
     state = model_state(adapter)
-    editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=0), context())
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", save_freq=1, merge_freq=0), context())
     try:
         stats = [editor.apply(e) for e in edits]
         assert [s["shard"] for s in stats] == [0, 1] and stats[-1]["n_shards"] == 2
@@ -79,7 +79,8 @@ def test_wise_merges_finished_shards_every_merge_freq_edits():
     edits = [edit_request(target="sad", audio_seed=1, instance="emotion/test/000000"),
              edit_request(target="angry", audio_seed=4, instance="emotion/test/000001")]
     state = model_state(adapter)
-    editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=2, n_iter=5), context())
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", save_freq=1, merge_freq=2, n_iter=5),
+                  context())
     try:
         stats = [editor.apply(e) for e in edits]
         shards = adapter.mlp_out_proj(editor.hparams.layer).shards
@@ -134,7 +135,8 @@ def test_wise_schedule_is_easyedits_for_every_family():
 def test_wise_default_schedule_keeps_a_ten_edit_sequence_in_one_unmerged_side_memory():
     adapter = tiny_adapter("tiny-qwen2-audio")
     state = model_state(adapter)
-    editor = WISE(adapter, hparams("wise", adapter, n_iter=1), context())  # the schedule, not the edit quality
+    # the schedule, not the edit quality
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", n_iter=1), context())
     try:
         stats = [editor.apply(edit_request(target=t, audio_seed=k, instance=f"emotion/test/{k:06d}"))
                  for k, t in enumerate(["sad", "angry", "neutral", "happy", "sad"] * 2)]
@@ -156,7 +158,8 @@ def test_wise_small_schedule_merges_the_shards_finished_since_the_last_merge(mon
         ([w.clone() for w in weights], real_merge(base, weights, density))) or merges[-1][1])
     adapter = tiny_adapter("tiny-qwen2-audio")
     state = model_state(adapter)
-    editor = WISE(adapter, hparams("wise", adapter, save_freq=2, merge_freq=4, n_iter=2), context())
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", save_freq=2, merge_freq=4, n_iter=2),
+                  context())
     edits = [edit_request(target=t, audio_seed=k, instance=f"emotion/test/{k:06d}")
              for k, t in enumerate(["sad", "angry", "neutral", "happy", "sad"])]
     try:
@@ -222,7 +225,8 @@ def test_wise_merge_without_retrieve_folds_every_finished_shard_into_one_memory(
              for k, t in enumerate(["sad", "angry", "neutral", "happy"])]
     layouts = {}
     for retrieve in (True, False):
-        editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=2, n_iter=1, retrieve=retrieve),
+        editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", save_freq=1, merge_freq=2, n_iter=1,
+                                              retrieve=retrieve),
                       context())
         try:
             for edit in edits:
@@ -296,7 +300,7 @@ def test_wise_generations_are_planned_per_prompt_and_the_graph_engine_gives_the_
     edits = [edit_request(target="sad", audio_seed=1, instance="emotion/test/000000"),
              edit_request(target="angry", audio_seed=4, instance="emotion/test/000001")]
     prompts = [e.prompt() for e in edits] + [FAR]
-    editor = WISE(adapter, hparams("wise", adapter, save_freq=1, merge_freq=0), context())
+    editor = WISE(adapter, hparams("wise", adapter, preserve_source="instance", save_freq=1, merge_freq=0), context())
     try:
         for edit in edits:
             editor.apply(edit)

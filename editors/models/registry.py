@@ -189,6 +189,14 @@ def load_adapter(model: str, *, dtype: str | torch.dtype = "float32", device: st
         raise DataError(f"{model}: cannot load this model as a {where}: {one_line(exc)}") from exc
 
 
+def run_model_name(adapter: LALMAdapter) -> str:
+    """The ``--model`` a run of this adapter names (the key of its trained hypernetworks' folders): a built-in
+    tiny model's registered name (``tiny-qwen2-audio``, not its ``@seed`` model id), else the adapter's model id
+    (a Hub id or a folder)."""
+    name, _, seed = adapter.model_id.partition("@seed")
+    return name if adapter.is_tiny and name in TINY_MODELS and seed.isdigit() else adapter.model_id
+
+
 def save_tiny(adapter: LALMAdapter, directory: str | Path) -> None:
     """Save a tiny adapter so that :func:`load_adapter` of the directory gives it back (still marked tiny)."""
     directory = Path(directory)
