@@ -115,6 +115,12 @@ class Editor(abc.ABC):
     def setup(self) -> None:
         """One-time preparation before the first edit (load a hypernetwork, index a train split, ...)."""
 
+    def trained_state(self) -> str | None:
+        """A digest of what the method loaded in :meth:`setup` besides its hyperparameters that changes its edits
+        (a trained hypernetwork's files), or None. The runner writes it into the run header (``method_state``) and
+        a rerun resumes a file only when it agrees, so one file never mixes rows of two trainings."""
+        return None
+
     @abc.abstractmethod
     def touched_parameters(self) -> list[str]:
         """Names (``model.named_parameters()``) of every parameter :meth:`apply` may modify; [] for none."""

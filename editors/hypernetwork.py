@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.batching import routed_weights
 from editors.hparams import Hparams
-from editors.models.base import LALMAdapter, PerEdit, Prompt, PromptBatch
+from editors.models.base import LALMAdapter, PerEdit, Prompt, PromptBatch, weights_digest
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.errors import ConfigError, DataError
@@ -362,6 +363,12 @@ class HypernetEditor(Editor):
             return Path(path)
         model = self.context.model_name or self.adapter.model_id
         return default_hypernet_dir(self.context.cache_dir or cache_root(), self.name, model)
+
+    def trained_state(self) -> str | None:
+        """sha256 over the network's ``config.json`` and its weight files (see :meth:`Editor.trained_state`)."""
+        directory = self.network_dir()
+        config = hashlib.sha256((directory / CONFIG_FILE).read_bytes()).hexdigest()
+        return hashlib.sha256(f"{config}:{weights_digest(directory)}".encode()).hexdigest()
 
     def setup(self) -> None:
         directory = self.network_dir()

@@ -81,7 +81,8 @@ ROW_FIELDS: tuple[str, ...] = ("kind", "instance_id", "item_id", "dimension", "t
 OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("post_edit_hit_limit", "pre_edit_hit_limit")
 #: The run header (line 1 of a predictions file), one entry per field in the order the runner writes them:
 #: (name, required: every predictions file carries it, resume: a rerun must agree on it to continue the file).
-#: Besides the required fields the runner writes the method's display name and order, the generation length, the
+#: Besides the required fields the runner writes the method's display name and order, a digest of the trained
+#: state it loaded (``method_state``: a hypernetwork's files; null for most methods), the generation length, the
 #: generation settings that change outputs (``generation``: engine, max_new_tokens, dtype, min_shared_prefix) and
 #: the batching limits (``batching``), which items carry a pre-edit output (``pre_edit_items``: one of
 #: :data:`PRE_EDIT_ITEMS`), the number of rows of the complete run (``expected_rows``: a reader refuses a file with
@@ -95,6 +96,7 @@ RUN_HEADER: tuple[tuple[str, bool, bool], ...] = (
     ("method_display_name", False, False),
     ("method_display_order", False, False),
     ("hparams", True, True),
+    ("method_state", False, True),
     ("mode", True, True),
     ("dataset", True, True),
     ("dataset_fingerprint", True, True),

@@ -112,3 +112,29 @@ def test_mend_shares_one_editor_network_per_matrix_shape_with_a_scale_and_shift_
         after = shared.deltas(factors)
     changed = {key for key in shared.matrices if not torch.equal(before[key], after[key])}
     assert changed == {"2_mlp_up"}
+
+
+def test_a_rerun_after_retraining_the_hypernetwork_is_refused_not_mixed(demo_dataset, tmp_path):
+    """The run header records the network's digest (`method_state`): the same network resumes the file, a
+    retrained one (same folder) is refused instead of appending rows that another network's edits produced."""
+    import json
+    import shutil
+
+    from _editor_helpers import run_config
+    from sake import run as api_run
+    from sake_core.errors import DataError
+
+    network = tmp_path / "network"
+    shutil.copytree(trained_network("ke"), network)
+    config = run_config(demo_dataset, tmp_path / "ke.jsonl", tmp_path / "cache", method="ke", limit=1,
+                        configs=("gender",), hparams={"hypernetwork_path": str(network)})
+    path = api_run(config)
+    header = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert isinstance(header["method_state"], str) and len(header["method_state"]) == 64
+    size = path.stat().st_size
+    assert api_run(config) == path and path.stat().st_size == size  # the same network: nothing to redo
+    shutil.rmtree(network)
+    shutil.copytree(trained_network("ke", limit=3), network)  # retrained on more instances, same folder
+    with pytest.raises(DataError, match="different run.*method_state"):
+        api_run(config)
+    assert path.stat().st_size == size
