@@ -124,6 +124,11 @@ def preserved_prompts(context: Any, n_audio: int, n_text: int, seed: int) -> lis
 class AlphaEditHparams(Hparams):
     """AlphaEdit's settings (see the module docstring and editors/hparams/alphaedit.yaml)."""
 
+    bounds = {"n_context": "non_negative", "context_length": "positive", "v_num_grad_steps": "positive",
+              "v_lr": "positive", "v_weight_decay": "non_negative", "clamp_norm_factor": "positive",
+              "v_early_stop_loss": "non_negative", "nullspace_fraction": "fraction", "preserve_audio": "non_negative",
+              "preserve_text": "non_negative", "stats_batch_size": "positive"}
+
     layers: list[int]
     fact_token: str  # audio_last | prompt_last
     n_context: int

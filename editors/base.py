@@ -226,6 +226,9 @@ class FinetuneResult:
 class FinetuneHparams(Hparams):
     """Hyperparameters of gradient fine-tuning (FT-LLM, FT-Audio, FT (Encoder), LoRA): see :func:`finetune`."""
 
+    bounds = {"lr": "positive", "max_steps": "positive", "early_stop_loss": "non_negative",
+              "weight_decay": "non_negative"}
+
     lr: float
     max_steps: int
     optimizer: str  # adam | sgd | rmsprop

@@ -29,6 +29,8 @@ from sake_core.errors import ConfigError, DataError
 class FTEncoderHparams(FinetuneHparams):
     """Fine-tuning settings plus how many of the audio encoder's last layers to train."""
 
+    bounds = {**FinetuneHparams.bounds, "n_layers": "positive"}
+
     n_layers: int
 
 

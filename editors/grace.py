@@ -109,6 +109,8 @@ class GraceCodebook(nn.Module):
 class GraceHparams(Hparams):
     """GRACE's settings (see the module docstring and editors/hparams/grace.yaml)."""
 
+    bounds = {"edit_lr": "positive", "n_iter": "non_negative", "eps": "positive", "early_stop_loss": "non_negative"}
+
     layer: int
     edit_lr: float
     n_iter: int

@@ -16,11 +16,12 @@ of the project besides the errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 import yaml
 
@@ -38,9 +39,15 @@ class Hparams:
     """Base of every method's hyperparameter dataclass: typed fields (no defaults: those are the YAML's),
     built with :meth:`from_mapping` and read as attributes."""
 
+    #: Value ranges a method's dataclass declares, key -> one of :data:`BOUNDS` (``positive``: > 0,
+    #: ``non_negative``: >= 0, ``fraction``: in [0, 1]); every number must also be finite. A value outside is a
+    #: ConfigError before anything runs (no run header written, no edit half applied).
+    bounds: ClassVar[Mapping[str, str]] = {}
+
     @classmethod
     def from_mapping(cls: type[H], data: Mapping[str, Any], where: str = "hparams") -> H:
-        """Build from a plain mapping; ConfigError naming ``where`` for unknown or missing keys and wrong types."""
+        """Build from a plain mapping; ConfigError naming ``where`` for unknown or missing keys, wrong types and
+        values out of range (:attr:`bounds`)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
@@ -51,6 +58,8 @@ class Hparams:
             raise ConfigError(f"{where}: missing key(s) {missing} for {cls.__name__}")
         hints = typing.get_type_hints(cls)
         values = {name: _coerce(value, hints[name], f"{where}: key {name!r}") for name, value in data.items()}
+        for name, value in values.items():
+            _check_bound(value, cls.bounds.get(name), f"{where}: key {name!r}")
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,6 +74,26 @@ class Hparams:
     def field_names(cls) -> tuple[str, ...]:
         """The keys a hyperparameter file must give (the dataclass fields, in order)."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+#: The ranges :attr:`Hparams.bounds` may name, with what a message says they expect.
+BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "positive": (lambda v: v > 0, "a number > 0"),
+    "non_negative": (lambda v: v >= 0, "a number >= 0"),
+    "fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+def _check_bound(value: Any, bound: str | None, where: str) -> None:
+    """ConfigError when a number is not finite or outside ``bound`` (None and non-numbers pass)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if bound is not None:
+        check, expected = BOUNDS[bound]
+        if not check(value):
+            raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -174,6 +174,10 @@ class HypernetHparams(Hparams):
     ``loss/total_edit_val``), the initial edit step ``edit_lr`` and where the trained network is
     (``hypernetwork_path``; null: the default location)."""
 
+    bounds = {"epochs": "positive", "lr": "positive", "grad_clip": "positive", "accumulate_bs": "positive",
+              "val_size": "non_negative", "val_interval": "positive", "early_stop_patience": "positive",
+              "c_edit": "non_negative", "c_loc": "non_negative", "edit_lr": "positive"}
+
     layers: list[int]
     roles: list[str]
     epochs: int

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 class IEIKEHparams(IIKEHparams):
     """I-IKE's settings plus where demonstrations come from and how many of each dimension an edit gets."""
 
+    bounds = {"demo_reliability": "non_negative", "demo_generality": "non_negative",
+              "demo_locality_audio": "non_negative", "demo_locality_text": "non_negative"}
+
     train_split: str
     demo_reliability: int
     demo_generality: int

@@ -116,6 +116,9 @@ class KEHparams(HypernetHparams):
     """The shared hypernetwork settings plus the network's sizes, its optimizer and the KL constraint
     ``kl_margin`` with the multiplier's step ``dual_lr``."""
 
+    bounds = {**HypernetHparams.bounds, "lstm_input": "positive", "lstm_hidden": "positive",
+              "head_hidden": "positive", "kl_margin": "non_negative", "dual_lr": "non_negative"}
+
     optimizer: str  # rmsprop | adam
     lstm_input: int
     lstm_hidden: int

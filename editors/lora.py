@@ -50,6 +50,8 @@ from sake_core.errors import ConfigError, DataError
 class LoRAHparams(FinetuneHparams):
     """Fine-tuning settings plus where the adapters go and their shape (see the module docstring)."""
 
+    bounds = {**FinetuneHparams.bounds, "rank": "positive", "lora_alpha": "positive"}
+
     target: str  # llm | connector
     modules: list[str]  # LLM Linear roles (target llm)
     layers: list[int] | None  # LLM layers (target llm); None: every layer

@@ -163,6 +163,8 @@ class MENDHparams(HypernetHparams):
     """The shared hypernetwork settings plus the editor networks (``rank``, ``n_hidden``, ``shared``: one network
     per matrix shape) and the step sizes' learning rate ``lr_lr``."""
 
+    bounds = {**HypernetHparams.bounds, "lr_lr": "non_negative", "rank": "positive", "n_hidden": "positive"}
+
     lr_lr: float
     rank: int
     n_hidden: int

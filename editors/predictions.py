@@ -129,6 +129,13 @@ class PredictionsFile:
         if old.get("kind") != "header":
             raise DataError(f"{self.path}: line 1 is not a run header (kind: header)")
         diff = resume_differences(old, self.header)
+        if diff and raw.find(b"\n", end_of_header + 1) < 0:
+            # only the header of a run that wrote no row (it stopped before its first unit, e.g. on a bad
+            # hyperparameter): nothing to keep, so the corrected run starts the file again
+            logger.warning("%s: replacing the header of a run that wrote no row (%s differed)", self.path,
+                           ", ".join(diff))
+            atomic_write(self.path, dumps(self.header) + "\n")
+            return
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} != {self.header.get(k)!r}" for k in diff)
             raise DataError(f"{self.path} was written by a different run ({details}); "

@@ -89,6 +89,11 @@ class UnKEHparams(Hparams):
     """See the module docstring: stage 1 (``v_*``, ``clamp_norm_factor``), stage 2 (``optim_*``,
     ``weight_decay``), preservation prompts (``preserve_*``) and the edited ``layer``."""
 
+    bounds = {"v_steps": "positive", "v_lr": "positive", "v_weight_decay": "non_negative",
+              "clamp_norm_factor": "positive", "v_early_stop_loss": "non_negative", "optim_steps": "positive",
+              "optim_lr": "positive", "optim_early_stop_loss": "non_negative", "weight_decay": "non_negative",
+              "preserve_text": "non_negative", "preserve_audio": "non_negative"}
+
     v_steps: int
     v_lr: float
     v_weight_decay: float

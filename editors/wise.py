@@ -221,6 +221,12 @@ class WISEHparams(Hparams):
     """See the module docstring: the edited ``layer``, the loss weights (``alpha``, ``beta``, ``gamma``), the
     router threshold (``act_ratio``), the optimisation, knowledge sharding and merging."""
 
+    bounds = {"act_ratio": "non_negative", "edit_lr": "positive", "n_iter": "positive",
+              "preserve_text": "non_negative", "preserve_audio": "non_negative", "mask_ratio": "fraction",
+              "norm_constraint": "positive", "weight_decay": "non_negative", "early_stop_loss": "non_negative",
+              "long_prompt_tokens": "non_negative", "save_freq": "positive", "merge_freq": "non_negative",
+              "merge_density": "fraction"}
+
     layer: int
     alpha: float
     beta: float

@@ -116,3 +116,25 @@ def test_run_config_fails_when_built_naming_the_known_ones(fields, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**{**base, **fields})
     assert RunConfig(**base, hparams={"lr": 1e-3}).hparams == {"lr": 1e-3}
+
+
+@pytest.mark.parametrize("method, override, message", [
+    ("ft_audio", "lr=-1", "key 'lr': expected a number > 0, got -1.0"),
+    ("ft_llm", "lr=.nan", "key 'lr': expected a finite number, got nan"),
+    ("ft_audio", "max_steps=0", "key 'max_steps': expected a number > 0, got 0"),
+    ("lora", "rank=0", "key 'rank': expected a number > 0, got 0"),
+    ("grace", "eps=-1", "key 'eps': expected a number > 0, got -1.0"),
+    ("wise", "mask_ratio=1.5", "key 'mask_ratio': expected a number in [0, 1], got 1.5"),
+    ("unke", "preserve_text=-2", "key 'preserve_text': expected a number >= 0, got -2"),
+])
+def test_a_value_out_of_its_range_is_refused_before_anything_runs(method, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        registry.load_hparams(method, "qwen2_audio", overrides=[override])
+
+
+@pytest.mark.parametrize("method", registry.available_methods())
+def test_every_bound_names_a_field_of_its_method(method):
+    """(The shipped values are within their bounds: test_dataclass_fields_equal_the_yaml_keys_of_every_family
+    builds every section.)"""
+    cls = registry.get_editor_class(method).hparams_class
+    assert set(cls.bounds) <= set(cls.field_names()), method

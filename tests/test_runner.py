@@ -272,6 +272,12 @@ def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
     assert api_run(config, adapter=qwen) == tmp_path / "r.jsonl"
     with pytest.raises(ValueError, match="different run"):
         api_run(config.replace(seed=3), adapter=qwen)
+    # a run that stopped before its first row left only its header: the corrected rerun starts the file again
+    path = tmp_path / "r.jsonl"
+    path.write_text(path.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert api_run(config.replace(seed=3), adapter=qwen) == path
+    header, rows = read_predictions(path)
+    assert header["seed"] == 3 and rows
 
 
 def test_resume_takes_the_same_dataset_by_another_path(qwen, demo_dataset, tmp_path, monkeypatch):

@@ -176,9 +176,13 @@ def test_validation_runs_the_network_in_eval_mode_without_changing_it():
 def test_a_diverging_run_stops_naming_the_step_and_saves_no_network(tmp_path, val_size):
     # KE's RMSprop moves every parameter by about 10 * lr on its first step: an infinite lr makes the network's
     # weights infinite or NaN, and so its edits and the losses after them (a finite lr of 1e30 did not: how the
-    # model's norms treat huge inputs changed between transformers releases)
+    # model's norms treat huge inputs changed between transformers releases). A hparams file or --hparam refuses
+    # a non-finite value; the dataclass built directly takes it, to stand for a diverging training.
+    import dataclasses
+
     adapter = tiny_adapter("tiny-qwen2-audio")
-    hp = hparams("ke", adapter, val_size=val_size, val_interval=1, accumulate_bs=1, lr=float("inf"), grad_clip=None)
+    hp = dataclasses.replace(hparams("ke", adapter, val_size=val_size, val_interval=1, accumulate_bs=1,
+                                     grad_clip=None), lr=float("inf"))
     trainer = Trainer(adapter, "ke", hp, load_train_split(), tmp_path / "net", seed=0, limit=2, progress=False,
                       checkpoint_every=10)
     with pytest.raises(TrainingDiverged) as caught:
