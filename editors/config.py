@@ -86,7 +86,7 @@ class RunConfig:
                                     if SEQUENTIAL_CONFIG in bad else ""))
         object.__setattr__(self, "configs", configs)
         object.__setattr__(self, "hparams", dict(self.hparams or {}))
-        for name, low in (("limit", 0), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
+        for name, low in (("limit", 1), ("eval_edits", 1), ("max_gap", 0), ("edits_per_pass", 1),
                           ("max_new_tokens", 1), ("batch_size", 0), ("max_batch_tokens", 0)):
             value = getattr(self, name)
             if value is None and name in ("limit", "edits_per_pass", "max_new_tokens", "max_batch_tokens"):

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from eval.sake_metric.scoring import comparability_note
 from sake_core.atomic import atomic_write
 from sake_core.protocol import method_display
-from sake_core.errors import DataError, user_errors
+from sake_core.errors import DataError, error_prefix, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
@@ -706,10 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = load_runs(args.inputs, score_kwargs)
     except PredictionsError as exc:  # the metric's own (self-contained) error for a bad predictions file
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 2
     except (JudgeError, JudgeFailures) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 3
     written = write_report(runs, args.out)
     print(f"wrote {len(written)} files to {args.out} from {len(runs)} run(s)")

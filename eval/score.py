@@ -55,7 +55,7 @@ from eval.sake_metric.rows import PredictionsError, load_predictions
 from eval.sake_metric.scoring import (NOT_COMPARABLE_LINE, JudgeFailures, build_results, check_failures,
                                       default_protocol, judge_rows, protocol_name)
 from sake_core.atomic import atomic_write
-from sake_core.errors import ConfigError, user_errors
+from sake_core.errors import ConfigError, error_prefix, user_errors
 from sake_core.command import command_prog
 
 logger = logging.getLogger(__name__)
@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         results = score_predictions(args.predictions, manifest=args.manifest, batch=args.batch,
                                     batch_state=batch_state, items_out=args.items_out, **options)
     except PredictionsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 2
     except (JudgeError, JudgeFailures) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 3
     write_json_atomic(out, results)
     overall = results["metrics"]["overall"]

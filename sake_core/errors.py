@@ -67,6 +67,13 @@ def one_line(exc: BaseException) -> str:
 F = TypeVar("F", bound=Callable[..., int])
 
 
+def error_prefix() -> str:
+    """``sake X: `` under the ``sake`` command (whose ``sys.argv[0]`` is ``sake X`` while a part runs:
+    sake_core.command.command_prog), else nothing: what goes before ``error: MESSAGE`` on stderr."""
+    first = sys.argv[0] if sys.argv else ""
+    return f"{first}: " if first.startswith("sake ") else ""
+
+
 def user_errors(main: F) -> F:
     """Decorator of a command-line entry point ``main(argv=None) -> int``: a :class:`SakeError` becomes one line
     ``error: MESSAGE`` on stderr (``sake X: error: MESSAGE`` under the ``sake`` command) and exit status 2 (logged
@@ -76,10 +83,7 @@ def user_errors(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except SakeError as exc:
-            # under the `sake` command, sys.argv[0] is "sake X" (as sake_core.command.command_prog reads it)
-            first = sys.argv[0] if sys.argv else ""
-            prefix = f"{first}: " if first.startswith("sake ") else ""
-            print(f"{prefix}error: {one_line(exc)}", file=sys.stderr)
+            print(f"{error_prefix()}error: {one_line(exc)}", file=sys.stderr)
             return 2
     run.handles_user_errors = True  # type: ignore[attr-defined]  # checked by tests/test_errors.py
     return run  # type: ignore[return-value]

@@ -46,6 +46,19 @@ def test_under_the_sake_command_the_line_names_the_subcommand(monkeypatch, capsy
     assert sys.argv == ["pytest"]  # restored: a later in-process call is not taken for a sake subcommand
 
 
+def test_a_bad_predictions_file_under_sake_score_names_the_subcommand(monkeypatch, capsys, tmp_path):
+    from sake import cli
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "header"}\n', encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert cli.main(["score", str(bad), "--judge", "offline"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sake score: error: ") and "line 1" in err
+    assert cli.main(["report", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("sake report: error: ")
+
+
 @pytest.mark.parametrize("module", CLIS)
 def test_every_cli_main_handles_user_errors(module):
     main = importlib.import_module(module).main

@@ -110,6 +110,7 @@ def test_a_file_with_a_key_the_dataclass_lacks_or_a_missing_key_is_an_error_nami
     ({"method": "rome"}, r"unknown editing method 'rome'; known: .*ft_llm"),
     ({"model": "tiny-llama"}, r"unknown model 'tiny-llama': expected one of \['tiny-audio-flamingo3'"),
     ({"hparams": {"learning_rate": 1e-3}}, r"unknown key\(s\) \['learning_rate'\] for method 'ft_llm' \(known: .*lr"),
+    ({"limit": 0}, r"RunConfig.limit: expected an integer >= 1, got 0"),
 ])
 def test_run_config_fails_when_built_naming_the_known_ones(fields, message):
     base = {"model": "tiny-qwen2-audio", "method": "ft_llm", "dataset": "d"}

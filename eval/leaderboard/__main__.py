@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 from eval.sake_metric.scoring import default_protocol
-from sake_core.errors import ConfigError, user_errors
+from sake_core.errors import ConfigError, error_prefix, user_errors
 from sake_core.command import command_prog
 
 from .validate import DEFAULT_MAX_BYTES, DEFAULT_SPLITS, METADATA_NAME, PREDICTIONS_NAME, SubmissionError
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INVALID {exc}", file=sys.stderr)
         return 1
     except (FileNotFoundError, json.JSONDecodeError, PredictionsError) as exc:  # unreadable input files
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}error: {exc}", file=sys.stderr)
         return 2
     except (JudgeError, JudgeFailures) as exc:
         print(f"judge error: {exc}", file=sys.stderr)
