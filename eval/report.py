@@ -168,12 +168,16 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
 
     runs: list[Run] = []
 
+    scored: set[Path] = set()  # predictions files whose results JSON was read
+
     def add_results(path: Path) -> None:
         obj = json.loads(path.read_text(encoding="utf-8"))
         if not _is_results(obj):
             raise DataError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
-        name = path.name[:-len(".results.json")] if path.name.endswith(".results.json") else path.stem
-        runs.append(Run(obj, str(path), _timing(path.with_name(name + ".jsonl"))))
+        predictions = predictions_beside(path)
+        if predictions is not None:
+            scored.add(predictions.resolve())
+        runs.append(Run(obj, str(path), _timing(predictions) if predictions is not None else None))
 
     def add_predictions(path: Path) -> None:
         runs.append(Run(score_predictions(path, **(score_kwargs or {})), str(path), _timing(path)))
@@ -192,7 +196,7 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
                 for candidate in results:
                     add_results(candidate)
                 unscored = [p for p in sorted(path.rglob("*.jsonl"))
-                            if _is_predictions(p) and not p.with_name(p.name[:-len(".jsonl")] + ".results.json").exists()]
+                            if _is_predictions(p) and p.resolve() not in scored]
                 if unscored:
                     logger.warning("%s: using its results JSON only; predictions without a results file next to "
                                    "them are not scored: %s", path, ", ".join(map(str, unscored)))
@@ -208,16 +212,34 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             add_results(path)
         else:
             raise DataError(f"{path}: no such file or folder")
-    seen: dict[tuple[str, str, str, str], str] = {}
+    seen: dict[tuple[str, str, str, str], Run] = {}
     for run in runs:
         key = (run.results.get("model") or "?", run.method, run.mode, run.protocol)
         if key in seen:
+            first = seen[key]
+            configs = [r.results.get("configs") for r in (first, run)]
+            hint = (f" (runs of different attributes, {configs[0]} and {configs[1]}: a report row covers one run; "
+                    "run every attribute in one run, or report these in separate calls)"
+                    if configs[0] and configs[1] and configs[0] != configs[1] else "")
             raise DataError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
-                             f"{key[3]!r}: {seen[key]} and {run.source}")
-        seen[key] = run.source
+                             f"{key[3]!r}: {first.source} and {run.source}{hint}")
+        seen[key] = run
     runs.sort(key=lambda r: (r.model, PROTOCOL_ORDER.get(r.protocol, 9), r.mode != "single", r.mode,
                              method_sort_key(r.results)))
     return runs
+
+
+def predictions_beside(results: Path) -> Path | None:
+    """The predictions file a results JSON scored, found beside it by name: ``X.results.json``, ``X.json``,
+    ``X.offline.json`` or ``X.paper.json`` (any name that starts with ``X.``) for ``X.jsonl`` (present, or its
+    runner's ``X.jsonl.timing.json`` alone); the longest such name wins. None when there is none."""
+    stem = results.name[:-len(".json")] if results.name.endswith(".json") else results.name
+    parts = stem.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = results.with_name(".".join(parts[:end]) + ".jsonl")
+        if candidate.is_file() or candidate.with_name(candidate.name + ".timing.json").is_file():
+            return candidate
+    return None
 
 
 def _timing(predictions: Path) -> dict[str, Any] | None:

@@ -183,3 +183,35 @@ def test_category_counts_have_whole_number_ticks(monkeypatch, tmp_path):
         t for ax in fig.axes for t in ax.get_xticks()))
     report.plot_categories({"emotion": {"Scenario": 1, "Culture": 2}, "animal": {"Biology": 3}}, tmp_path / "f.png")
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_results_named_by_protocol_find_their_predictions_and_timing(tmp_path, caplog):
+    """`eval.score X.jsonl --out X.offline.json` (the README's naming) keeps Table 7 and is not reported as
+    unscored."""
+    import logging
+
+    base = tmp_path / "runs"
+    base.mkdir()
+    predictions = write_predictions(base / "X.jsonl", header(method="ft_llm"), demo_rows(1.0))
+    write_json_atomic(base / "X.offline.json", score_predictions(predictions))
+    write_json_atomic(base / "X.jsonl.timing.json", {"units": 8, "total_s": 80.0, "per_unit": []})
+    out = tmp_path / "report"
+    with caplog.at_level(logging.WARNING):
+        assert report_main([str(base), "--out", str(out)]) == 0
+    assert "not scored" not in caplog.text
+    wall = read_csv(out / "table7_wall_clock.csv")
+    assert wall[1][0] == "FT (LLM)" and wall[1][4] == "8"
+
+
+def test_two_runs_of_different_attributes_are_refused_with_what_to_do(tmp_path):
+    from sake_core.errors import DataError
+
+    base = tmp_path / "runs"
+    base.mkdir()
+    for config in ("animal", "emotion"):
+        predictions = write_predictions(base / f"{config}.jsonl", header(configs=[config]), demo_rows(1.0))
+        results = score_predictions(predictions)
+        assert results["configs"] == [config]
+        write_json_atomic(base / f"{config}.results.json", results)
+    with pytest.raises(DataError, match=r"runs of different attributes, \['animal'\] and \['emotion'\]"):
+        load_runs([base])

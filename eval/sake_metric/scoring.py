@@ -344,6 +344,7 @@ def build_results(
         "method_display_order": header.get("method_display_order"),
         "mode": mode,
         "dataset_fingerprint": header.get("dataset_fingerprint"),
+        "configs": list(header["configs"]) if header.get("configs") else None,
         "n_rows": len(verdicts),
         "metrics": metrics,
         "counts": counts,
