@@ -22,6 +22,7 @@ per process, and merge their part files into the same predictions file a one-pro
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import sys
@@ -70,6 +71,9 @@ MIN_GENERATION_TOKENS = 4096
 #: one generation, between passes while the model is unedited (a row does not depend on its batch,
 #: editors/models/buckets.py; the pre-edit cache keeps them).
 PRE_EDIT_AHEAD = 32
+#: The ``.timing.json`` is rewritten at most this often while a run works (and at its end), so a killed run keeps
+#: what it timed and its resumed run adds to it.
+TIMING_EVERY_S = 30.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,7 +421,8 @@ class Runner:
         bar = tqdm(total=len(self.units), initial=len(self.units) - len(todo), unit="edit" if self.mode == "single"
                    else "step", disable=not self.config.progress, dynamic_ncols=True,
                    desc=progress_label(self.config.method, self.mode, self.config.model))
-        start = time.perf_counter()
+        self._timing_start(done)
+        start = self._session_start = time.perf_counter()
         try:
             if self.mode == "single":
                 self._run_single(todo, out, bar)
@@ -590,6 +595,46 @@ class Runner:
         self.stats.units += 1
         scalars = {k: v for k, v in stats.items() if v is None or isinstance(v, (bool, int, float, str))}
         self.stats.per_unit.append({"unit": str(unit.key), "seconds": round(seconds, 4), **scalars})
+        if time.perf_counter() - self._timing_written >= TIMING_EVERY_S:  # a killed run keeps what it timed
+            self.stats.total_s = time.perf_counter() - self._session_start
+            self._write_timing()
+
+    @property
+    def timing_path(self) -> Path:
+        """The ``.timing.json`` beside this process's predictions (part) file."""
+        return self.part_path.with_name(self.part_path.name + ".timing.json")
+
+    def _timing_start(self, done: set[Hashable]) -> None:
+        """What earlier sessions of this file timed (a resumed run adds to it): their totals, and the per-unit
+        entries of the units the file holds complete."""
+        self._timing_written = time.perf_counter()
+        self._session_start = time.perf_counter()
+        try:
+            earlier = json.loads(self.timing_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if not isinstance(earlier, dict) or not done:
+            self._earlier_timing: dict[str, Any] = {}
+            return
+        kept = {str(key) for key in done}
+        self._earlier_timing = {
+            "total_s": float(earlier.get("total_s") or 0.0), "apply_s": float(earlier.get("apply_s") or 0.0),
+            "eval_s": float(earlier.get("eval_s") or 0.0), "preedit_s": float(earlier.get("preedit_s") or 0.0),
+            "sessions": int(earlier.get("sessions") or 1),
+            "per_unit": [u for u in earlier.get("per_unit") or [] if isinstance(u, dict) and u.get("unit") in kept]}
+
+    def _write_timing(self) -> None:
+        """This file's timing over every session that worked on it: seconds summed, the per-unit entries of the
+        complete units (``units``: how many are timed)."""
+        s, earlier = self.stats, self._earlier_timing
+        per_unit = list(earlier.get("per_unit", [])) + s.per_unit
+        atomic_write(self.timing_path, dumps({
+            "units": len(per_unit), "total_s": round(earlier.get("total_s", 0.0) + s.total_s, 4),
+            "apply_s": round(earlier.get("apply_s", 0.0) + s.apply_s, 4),
+            "eval_s": round(earlier.get("eval_s", 0.0) + s.eval_s, 4),
+            "preedit_s": round(earlier.get("preedit_s", 0.0) + s.preedit_s, 4),
+            "sessions": earlier.get("sessions", 0) + 1, "per_unit": per_unit}) + "\n")
+        self._timing_written = time.perf_counter()
 
     def _report(self) -> None:
         s = self.stats
@@ -599,10 +644,7 @@ class Runner:
                         s.eval_s / s.units, s.preedit_s / s.units, self.preedit.hits, self.preedit.misses)
         if not s.units:
             return  # nothing ran (a finished run rerun): keep the timing of the run that did the work
-        timing = self.part_path.with_name(self.part_path.name + ".timing.json")
-        atomic_write(timing, dumps({"units": s.units, "total_s": round(s.total_s, 4),
-                                         "apply_s": round(s.apply_s, 4), "eval_s": round(s.eval_s, 4),
-                                         "preedit_s": round(s.preedit_s, 4), "per_unit": s.per_unit}) + "\n")
+        self._write_timing()
 
 
 @user_errors

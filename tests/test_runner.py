@@ -259,12 +259,21 @@ def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeyp
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner.adapter, "generate", flaky)
+    timing = Path(str(path) + ".timing.json")
+    timing.unlink()
+    monkeypatch.setattr("editors.run.TIMING_EVERY_S", 0.0)  # the timing file after every unit
     with pytest.raises(RuntimeError, match="simulated crash"):
         runner.run()
     monkeypatch.undo()
     assert 0 < len(read_predictions(path)[1]) < len(reference)
+    first = json.loads(timing.read_text())  # the crashed session kept what it timed
+    assert first["sessions"] == 1 and 0 < first["units"] < 3
     run(qwen, config)
     assert read_predictions(path)[1] == reference
+    # the resumed session added to it: every unit timed once, the seconds of both sessions
+    both = json.loads(timing.read_text())
+    assert both["sessions"] == 2 and both["units"] == 3 and both["total_s"] > first["total_s"]
+    assert len({u["unit"] for u in both["per_unit"]}) == 3
 
 
 def test_resume_refuses_a_different_run(qwen, demo_dataset, tmp_path):
