@@ -127,5 +127,10 @@ class RunPlan:
 
     def merge(self) -> MergeResult:
         """Merge the part files of a multi-process run into :attr:`path` when every unit is there."""
-        return merge(self.path, [u.key for u in self.all_units], self.unit_of, self.expected_rows())
+        c = self.config
+        sequential = c.mode == "sequential"
+        expect = {"method": c.method, "mode": c.mode, "split": c.split, "seed": c.seed, "limit": c.limit,
+                  "configs": list(c.configs), "eval_edits": c.eval_edits if sequential else None,
+                  "max_gap": c.max_gap if sequential else None}
+        return merge(self.path, [u.key for u in self.all_units], self.unit_of, self.expected_rows(), expect=expect)
 

@@ -215,9 +215,13 @@ class MergeResult:
 
 
 def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, Any]], Hashable],
-          expected_rows: Mapping[Hashable, int], header: Mapping[str, Any] | None = None) -> MergeResult:
+          expected_rows: Mapping[Hashable, int], header: Mapping[str, Any] | None = None,
+          expect: Mapping[str, Any] | None = None) -> MergeResult:
     """Write ``final`` from its complete units and those of its part files, in ``order``, once every unit is
-    there; then delete the parts. Missing units: nothing is written (the result lists them)."""
+    there; then delete the parts. Missing units: nothing is written (the result lists them). ``expect``: header
+    fields every file must carry with these values (a merge without a model knows the run's settings, not its
+    whole header); a file that differs, or that holds units outside ``order``, is an error and nothing is
+    written or deleted."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(final.parent):
         parts = part_files(final)
@@ -232,9 +236,18 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
             if diff:
                 raise DataError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
                                  "delete the stale file")
+            wrong = {k: s.header.get(k) for k, v in (expect or {}).items() if s.header.get(k) != v}
+            if wrong:
+                raise DataError(f"{s.path} was written with {wrong}, not this command's "
+                                f"{ {k: (expect or {})[k] for k in wrong} }; give the arguments of the run that "
+                                "wrote it (nothing merged or deleted)")
         rows: dict[Hashable, bytes] = {}
+        known = set(order)
         for s in scans:
             for unit, data in s.units.items():
+                if unit not in known:
+                    raise DataError(f"{s.path} holds unit {unit}, which this command's run does not have; give the "
+                                    "arguments of the run that wrote it (nothing merged or deleted)")
                 rows.setdefault(unit, data)
         missing = [u for u in order if u not in rows]
         if missing:

@@ -165,6 +165,12 @@ def test_two_ranks_after_a_dead_rank_merge_into_the_one_process_rows(qwen, demo_
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
     assert main(argv + ["--merge-only"]) == 2 and "unit(s) missing" in capsys.readouterr().err
+    # a merge named with other arguments (here --limit 1: its units are all there) refuses, merging and deleting
+    # nothing: the parts were written by the --limit 3 run
+    parts = {p: p.read_bytes() for p in part_files(final)}
+    assert main(cli_args(config.replace(limit=1)) + ["--merge-only"]) == 2
+    assert "was written with {'limit': 3}" in capsys.readouterr().err
+    assert not final.exists() and {p: p.read_bytes() for p in part_files(final)} == parts
 
     # relaunch both ranks: rank 1 resumes its part, rank 0 has nothing left, rank 0 merges after the barrier
     proc = _torchrun(argv)
