@@ -396,6 +396,11 @@ class HypernetEditor(Editor):
             raise DataError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
                              f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected}")
         if config.get("model_key") not in (None, self.adapter.model_key()):
+            if not self.hparams.hypernetwork_path:  # found by model name: the name does not say which weights
+                raise DataError(f"{directory}: a network trained on {config.get('model')!r} (model key "
+                                f"{config.get('model_key')}), not on the weights of {self.adapter.model_id} (model key "
+                                f"{self.adapter.model_key()}); train one for this model (sake train --out DIR), or "
+                                "name this one with --hparam hypernetwork_path=DIR to use it anyway")
             logger.warning("%s: trained on %s (model key %s), editing %s (model key %s)", directory,
                            config.get("model"), config.get("model_key"), self.adapter.model_id,
                            self.adapter.model_key())

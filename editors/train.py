@@ -76,7 +76,7 @@ from editors.hypernetwork import (CHECKPOINT_DIR, CONFIG_FILE, HypernetHparams, 
 from editors.models.base import LALMAdapter, Prompt, as_audio_array
 from editors.models.kernels import training_attention
 from editors.nonfinite import NonFiniteTrace
-from sake_core.atomic import atomic_write
+from sake_core.atomic import atomic_write, replace_dir, staging_dir
 from sake_core.errors import ConfigError, DataError, TrainingDiverged, user_errors
 from sake_core.command import command_prog
 
@@ -225,8 +225,9 @@ class Trainer:
                 "steps_total": len(self.order), "validation_instances": [list(r) for r in self.validation]}
 
     def save_checkpoint(self) -> None:
-        ckpt = self.checkpoint_dir
-        ckpt.mkdir(parents=True, exist_ok=True)
+        """The network, the best one so far, the optimizer and the trainer's state, built in a staging folder and
+        put in place of the checkpoint at once (a kill leaves the old checkpoint or the new one, never a mix)."""
+        ckpt = staging_dir(self.checkpoint_dir)
         save_network(self.net, ckpt, self._run_info())
         if self.best_state is not None:
             best = build_network(self.method, self.adapter, self.hp, self.seed)
@@ -240,6 +241,7 @@ class Trainer:
             "validation": [list(r) for r in self.validation], "history": self.history,
             "validations": self.validations, "best": self.best, "stopped_early": self.stopped_early,
             "train_seconds": round(self.seconds_so_far(), 3)})
+        replace_dir(ckpt, self.checkpoint_dir)
 
     def seconds_so_far(self) -> float:
         """Training-loop wall clock: earlier runs (from the checkpoint) plus the current one."""
@@ -260,6 +262,17 @@ class Trainer:
         net, config = load_network(self.checkpoint_dir, device=self.adapter.device)
         if config.get("method") != self.method or net.spec != self.net.spec:
             raise DataError(f"{self.checkpoint_dir}: checkpoint of another method or model")
+        if config.get("model_key") not in (None, self.adapter.model_key()):
+            raise DataError(f"{self.checkpoint_dir}: the checkpoint was trained on {config.get('model')!r} (model key "
+                            f"{config.get('model_key')}), not {self.model_name!r} ({self.adapter.model_key()}); use "
+                            "another --out or --restart")
+        now = {k: v for k, v in self.hp.as_dict().items() if k != "hypernetwork_path"}
+        then = {k: v for k, v in (config.get("hparams") or now).items() if k != "hypernetwork_path"}
+        changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        if changed:
+            raise DataError(f"{self.checkpoint_dir}: the checkpoint was trained with other hyperparameters ("
+                            + ", ".join(f"{k}: {then.get(k)!r} != {now.get(k)!r}" for k in changed)
+                            + "); use another --out or --restart")
         self.net.load_state_dict(net.state_dict())
         opt_state = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=self.adapter.device,
                                weights_only=True)

@@ -138,3 +138,25 @@ def test_a_rerun_after_retraining_the_hypernetwork_is_refused_not_mixed(demo_dat
     with pytest.raises(DataError, match="different run.*method_state"):
         api_run(config)
     assert path.stat().st_size == size
+
+
+def test_a_network_found_by_model_name_but_trained_on_other_weights_is_refused(tmp_path):
+    """`tiny-qwen2-audio` names both seeds' models: the network in its default folder was trained on seed 0's
+    weights (its model key), so seed 1's model refuses it unless it is named explicitly."""
+    import shutil
+
+    from editors.hypernetwork import default_hypernet_dir
+    from sake_core.errors import DataError
+
+    shutil.copytree(trained_network("ke"), default_hypernet_dir(tmp_path, "ke", "tiny-qwen2-audio"))
+    other = tiny_adapter("tiny-qwen2-audio", seed=1)
+    editor = get_editor_class("ke")(other, hparams("ke", other),
+                                    context(cache_dir=str(tmp_path), model_name="tiny-qwen2-audio"))
+    with pytest.raises(DataError, match="not on the weights of"):
+        editor.setup()
+    same = tiny_adapter("tiny-qwen2-audio")
+    get_editor_class("ke")(same, hparams("ke", same),
+                           context(cache_dir=str(tmp_path), model_name="tiny-qwen2-audio")).setup()
+    named = get_editor_class("ke")(other, hparams("ke", other, hypernetwork_path=str(trained_network("ke"))),
+                                   context())
+    named.setup()  # named explicitly: used, with a warning

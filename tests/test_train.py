@@ -89,6 +89,18 @@ def test_resume_refuses_a_checkpoint_of_another_order(tmp_path):
                     limit=2, progress=False)
     with pytest.raises(ValueError, match="another dataset/seed/limit"):
         other.try_resume()
+    # other hyperparameters, or another model's weights, are refused too (the optimizer state and the best loss
+    # so far belong to the checkpoint's)
+    changed = Trainer(adapter, "mend", hparams("mend", adapter, **SMALL_TRAINING, lr=0.5, c_edit=5.0),
+                      load_train_split(), out, seed=0, limit=2, progress=False)
+    with pytest.raises(ValueError, match=r"other hyperparameters \(c_edit: .*, lr: "):
+        changed.try_resume()
+    seeded = tiny_adapter("tiny-qwen2-audio", seed=1)
+    with pytest.raises(ValueError, match="the checkpoint was trained on"):
+        Trainer(seeded, "mend", hparams("mend", seeded, **SMALL_TRAINING), load_train_split(), out, seed=0,
+                limit=2, progress=False).try_resume()
+    # the checkpoint folder is replaced whole: no staging folder is left beside it
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
 
 
 def test_validation_instances_are_held_out_of_a_seeded_training_order():
