@@ -45,9 +45,11 @@ Output (``--out``, default ``CACHE/hypernetworks/METHOD/MODEL``): ``hypernetwork
 wall-clock seconds of the training loop, summed over resumed runs; the editor reports it with every edit, so the
 runner's ``.timing.json`` and the report's Table 7 carry it). ``--out/checkpoint/`` holds the latest checkpoint
 (network + optimizer state + step counter + the best network so far in ``checkpoint/best/``) every
-``--checkpoint-every`` steps, at optimizer-step boundaries; rerunning the same command resumes from it (the same
-seeded order, continuing at the saved step with the saved optimizer state). Editing loads the network from
-``hparams.hypernetwork_path`` or the default location, and raises a clear error when none exists.
+``--checkpoint-every`` steps, at optimizer-step boundaries, replaced whole (a kill leaves the old one or the new
+one); rerunning the same command resumes from it (the same seeded order, continuing at the saved step with the saved
+optimizer state), and a rerun with another order, other hyperparameters or another model's weights is refused.
+Editing loads the network from ``hparams.hypernetwork_path`` or the default location, and raises a clear error when
+none exists or when the default location holds a network trained on other weights than the model's.
 """
 
 from __future__ import annotations
