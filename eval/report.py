@@ -50,7 +50,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from eval.sake_metric.scoring import comparability_note
 from sake_core.atomic import atomic_write
-from sake_core.protocol import method_display
+from sake_core.protocol import SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_display
 from sake_core.errors import DataError, error_prefix, user_errors
 from sake_core.command import command_prog
 
@@ -79,8 +79,13 @@ def method_label(source: Mapping[str, Any] | str | None) -> str:
     """Display name of a method: from a results JSON's (or run header's) display fields, else the paper's name
     ("ft_llm" or "FT-LLM" -> "FT (LLM)"), else the name itself."""
     if isinstance(source, Mapping):
-        return method_display(source.get("method"), source.get("method_display_name"),
+        name = method_display(source.get("method"), source.get("method_display_name"),
                               source.get("method_display_order"))[0]
+        rule = (source.get("eval_edits"), source.get("max_gap"))
+        if source.get("mode") == "sequential" and None not in rule and \
+                rule != (SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP):  # not the paper's rule: said with the name
+            name += f" [edits {rule[0]}, gaps 0-{rule[1]}]"
+        return name
     return method_display(source)[0] if source else "?"
 
 
@@ -218,9 +223,12 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         if key in seen:
             first = seen[key]
             configs = [r.results.get("configs") for r in (first, run)]
+            rules = [(r.results.get("eval_edits"), r.results.get("max_gap")) for r in (first, run)]
             hint = (f" (runs of different attributes, {configs[0]} and {configs[1]}: a report row covers one run; "
                     "run every attribute in one run, or report these in separate calls)"
-                    if configs[0] and configs[1] and configs[0] != configs[1] else "")
+                    if configs[0] and configs[1] and configs[0] != configs[1] else
+                    f" (sequential rules (eval_edits, max_gap) {rules[0]} and {rules[1]}: report each rule in its own "
+                    "call)" if rules[0] != rules[1] else "")
             raise DataError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
                              f"{key[3]!r}: {first.source} and {run.source}{hint}")
         seen[key] = run

@@ -215,3 +215,21 @@ def test_two_runs_of_different_attributes_are_refused_with_what_to_do(tmp_path):
         write_json_atomic(base / f"{config}.results.json", results)
     with pytest.raises(DataError, match=r"runs of different attributes, \['animal'\] and \['emotion'\]"):
         load_runs([base])
+
+
+def test_a_sequential_run_under_another_rule_says_so(tmp_path):
+    """The results carry the sequential rule; a run that is not under the paper's (5 edits, gaps 0-5) is labelled
+    with its rule wherever the report names it, and two rules of one method are not reported together."""
+    from sake_core.errors import DataError
+
+    rows = [r for gap in range(3) for r in demo_rows(1.0, gap=gap)]
+    paper = score_predictions(write_predictions(tmp_path / "p.jsonl", header(mode="sequential", eval_edits=5,
+                                                                               max_gap=5), rows))
+    short = score_predictions(write_predictions(tmp_path / "s.jsonl", header(mode="sequential", eval_edits=2,
+                                                                               max_gap=2), rows))
+    assert (paper["eval_edits"], paper["max_gap"], short["eval_edits"], short["max_gap"]) == (5, 5, 2, 2)
+    assert method_label(paper) == "FT (LLM)" and method_label(short) == "FT (LLM) [edits 2, gaps 0-2]"
+    for name, results in (("p", paper), ("s", short)):
+        write_json_atomic(tmp_path / "runs" / f"{name}.results.json", results)
+    with pytest.raises(DataError, match=r"sequential rules \(eval_edits, max_gap\) \(5, 5\) and \(2, 2\)"):
+        load_runs([tmp_path / "runs"])

@@ -345,6 +345,8 @@ def build_results(
         "mode": mode,
         "dataset_fingerprint": header.get("dataset_fingerprint"),
         "configs": list(header["configs"]) if header.get("configs") else None,
+        # the sequential rule the rows follow (edits evaluated, largest gap; the paper's: 5 and 5); null in single
+        "eval_edits": header.get("eval_edits"), "max_gap": header.get("max_gap"),
         "n_rows": len(verdicts),
         "metrics": metrics,
         "counts": counts,
