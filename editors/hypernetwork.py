@@ -353,6 +353,9 @@ class HypernetEditor(Editor):
     batches_edits = True
 
     network_class: ClassVar[type[HyperNetwork]]
+    #: The hyperparameters that shape the trained network (which matrices it edits, its sizes): a run must give the
+    #: values the network was trained with, so that its header describes the network it applied.
+    network_keys: ClassVar[tuple[str, ...]] = ("layers", "roles")
     hparams: HypernetHparams
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -395,6 +398,14 @@ class HypernetEditor(Editor):
         if expected != net.spec["shapes"] or hidden != net.spec["hidden_size"]:
             raise DataError(f"{directory}: trained for another model ({config.get('model')!r}); its matrix shapes "
                              f"{net.spec['shapes']} do not match {self.adapter.model_id}'s {expected}")
+        trained = config.get("hparams") or {}
+        run = self.hparams.as_dict()
+        differ = [k for k in self.network_keys if k in trained and trained[k] != run.get(k)]
+        if differ:
+            raise ConfigError(f"{directory}: the network was trained with "
+                              + ", ".join(f"{k}={trained[k]!r}" for k in differ) + "; this run gives "
+                              + ", ".join(f"{k}={run.get(k)!r}" for k in differ)
+                              + " (pass the network's values with --hparam, so the run header describes it)")
         if config.get("model_key") not in (None, self.adapter.model_key()):
             if not self.hparams.hypernetwork_path:  # found by model name: the name does not say which weights
                 raise DataError(f"{directory}: a network trained on {config.get('model')!r} (model key "

@@ -134,3 +134,4 @@ class KE(HypernetEditor):
     hparams_class = KEHparams
     hparams: KEHparams
     network_class = KEHyperNetwork
+    network_keys = HypernetEditor.network_keys + ("lstm_input", "lstm_hidden", "head_hidden")

@@ -178,3 +178,4 @@ class MEND(HypernetEditor):
     hparams_class = MENDHparams
     hparams: MENDHparams
     network_class = MENDHyperNetwork
+    network_keys = HypernetEditor.network_keys + ("rank", "n_hidden", "shared")

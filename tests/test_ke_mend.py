@@ -160,3 +160,16 @@ def test_a_network_found_by_model_name_but_trained_on_other_weights_is_refused(t
     named = get_editor_class("ke")(other, hparams("ke", other, hypernetwork_path=str(trained_network("ke"))),
                                    context())
     named.setup()  # named explicitly: used, with a warning
+
+
+@pytest.mark.parametrize("method, change", [("mend", {"rank": 2}), ("ke", {"layers": [-1]})])
+def test_a_run_giving_other_network_shapes_than_the_trained_ones_is_refused(method, change):
+    """The run header's hparams describe the network applied: a run naming other layers or sizes than the network
+    was trained with is an error, not a silent use of the trained ones."""
+    from sake_core.errors import ConfigError
+
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    editor = get_editor_class(method)(adapter, hparams(method, adapter, hypernetwork_path=str(trained_network(method)),
+                                                       **change), context())
+    with pytest.raises(ConfigError, match=f"the network was trained with {next(iter(change))}="):
+        editor.setup()
