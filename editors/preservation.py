@@ -50,7 +50,7 @@ def preservation_prompts(edit: EditRequest, context: RunContext, n_text: int, n_
         raise ConfigError("preserve_source: train needs the dataset's train split, and this edit has no dataset "
                           "access: pass dataset= to sake.editing (a run has it), or set preserve_source: instance "
                           "(the edit's own locality items: not the paper's protocol)")
-    if source == "instance" or load_rows is None:
+    if source == "instance" or load_rows is None:  # (None only with source instance: refused above for train)
         text, audio = _instance_items(edit)
         return _cycle(text, n_text) + _cycle(audio, n_audio)
     rng = random.Random(f"{seed}:{edit.instance_id}")

@@ -422,7 +422,7 @@ class Runner:
                    else "step", disable=not self.config.progress, dynamic_ncols=True,
                    desc=progress_label(self.config.method, self.mode, self.config.model))
         self._timing_start(done)
-        start = self._session_start = time.perf_counter()
+        start = self._session_start  # set by _timing_start, just above
         try:
             if self.mode == "single":
                 self._run_single(todo, out, bar)

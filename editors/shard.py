@@ -236,11 +236,12 @@ def merge(final: Path, order: Sequence[Hashable], unit_of: Callable[[dict[str, A
             if diff:
                 raise DataError(f"{s.path} belongs to a different run than {scans[0].path} (differs in {diff}); "
                                  "delete the stale file")
-            wrong = {k: s.header.get(k) for k, v in (expect or {}).items() if s.header.get(k) != v}
+            expected = expect or {}
+            wrong = {k: s.header.get(k) for k, v in expected.items() if s.header.get(k) != v}
             if wrong:
-                raise DataError(f"{s.path} was written with {wrong}, not this command's "
-                                f"{ {k: (expect or {})[k] for k in wrong} }; give the arguments of the run that "
-                                "wrote it (nothing merged or deleted)")
+                ours = {k: expected[k] for k in wrong}
+                raise DataError(f"{s.path} was written with {wrong}, not this command's {ours}; give the arguments "
+                                "of the run that wrote it (nothing merged or deleted)")
         rows: dict[Hashable, bytes] = {}
         known = set(order)
         for s in scans:

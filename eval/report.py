@@ -224,11 +224,13 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             first = seen[key]
             configs = [r.results.get("configs") for r in (first, run)]
             rules = [(r.results.get("eval_edits"), r.results.get("max_gap")) for r in (first, run)]
-            hint = (f" (runs of different attributes, {configs[0]} and {configs[1]}: a report row covers one run; "
-                    "run every attribute in one run, or report these in separate calls)"
-                    if configs[0] and configs[1] and configs[0] != configs[1] else
-                    f" (sequential rules (eval_edits, max_gap) {rules[0]} and {rules[1]}: report each rule in its own "
-                    "call)" if rules[0] != rules[1] else "")
+            hint = ""
+            if configs[0] and configs[1] and configs[0] != configs[1]:
+                hint = (f" (runs of different attributes, {configs[0]} and {configs[1]}: a report row covers one "
+                        "run; run every attribute in one run, or report these in separate calls)")
+            elif rules[0] != rules[1]:
+                hint = (f" (sequential rules (eval_edits, max_gap) {rules[0]} and {rules[1]}: report each rule in "
+                        "its own call)")
             raise DataError(f"two results for model {key[0]!r}, method {key[1]!r}, mode {key[2]!r}, protocol "
                              f"{key[3]!r}: {first.source} and {run.source}{hint}")
         seen[key] = run

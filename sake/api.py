@@ -20,6 +20,7 @@ Importing this module needs no torch; each function imports what it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -112,13 +113,8 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
     typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
-    rows: dict[tuple[str, str], Any] = {}
-
-    def load_rows(config: str, split: str) -> Any:
-        if (config, split) not in rows:
-            rows[config, split] = load_instances(str(dataset), config, split)
-        return rows[config, split]
-
+    # (config, split) -> rows of the release, each loaded once (as a run's RunPlan.load_rows)
+    load_rows = functools.cache(lambda config, split: load_instances(str(dataset), config, split))
     context = RunContext(seed=seed, cache_dir=cache_dir, load_rows=load_rows if dataset is not None else None,
                          model_name=run_model_name(adapter))
     session = EditSession.start(adapter, method, typed, context)
