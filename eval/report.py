@@ -4,8 +4,9 @@
 
 Inputs: results JSON files (`eval.score`), predictions JSONL files (scored here: `--judge offline` = offline
 protocol, `--judge openai` = paper protocol; default: openai when OPENAI_API_KEY is set, else offline), or folders (their results JSON files, searched recursively; a folder
-without any is searched for predictions JSONL). Two inputs with the same (model, method, mode, protocol) are an
-error. Every table row names the judge protocol that produced it (`paper`, `paper+choice`, `offline`; results
+without any is searched for predictions JSONL). Predictions files of one run written one attribute each (`sake run
+--config X`) are scored as one run, and so is a results JSON that names them (`parts`: `sake score A.jsonl B.jsonl
+--out F`). Two inputs with the same (model, method, mode, protocol) are an error. Every table row names the judge protocol that produced it (`paper`, `paper+choice`, `offline`; results
 written before protocols were recorded: `paper+choice` for an LLM judge, `offline` otherwise).
 
 Writes into DIR (markdown `.md` + `.csv` per table, PNG per plot, and `index.md` listing them):
@@ -50,7 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from eval.sake_metric.scoring import comparability_note
 from sake_core.atomic import atomic_write
-from sake_core.protocol import SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_display
+from sake_core.protocol import RESUME_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_display
 from sake_core.errors import DataError, error_prefix, user_errors
 from sake_core.command import command_prog
 
@@ -158,13 +159,31 @@ def _is_results(obj: Any) -> bool:
     return isinstance(obj, dict) and "metrics" in obj and "judge" in obj
 
 
-def _is_predictions(path: Path) -> bool:
+def _header(path: Path) -> dict[str, Any] | None:
+    """The run header of a predictions file (its first line), or None when it is not one."""
     try:
         with open(path, encoding="utf-8") as handle:
-            first = handle.readline()
-        return json.loads(first).get("kind") == "header"
-    except (OSError, ValueError, AttributeError):
-        return False
+            first = json.loads(handle.readline())
+    except (OSError, ValueError):
+        return None
+    return first if isinstance(first, dict) and first.get("kind") == "header" else None
+
+
+def _is_predictions(path: Path) -> bool:
+    return _header(path) is not None
+
+
+def run_parts(paths: Sequence[Path]) -> list[list[Path]]:
+    """Predictions files grouped by run: files whose headers agree on every resume field but ``configs`` (one run
+    written one attribute each, ``sake run --config X``) form one group, scored as one run
+    (:func:`eval.score.join_parts`); every other file is a group of its own. Groups in the order of their first
+    file."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        header = _header(path) or {}
+        key = json.dumps({k: header.get(k) for k in RESUME_FIELDS if k != "configs"}, sort_keys=True, default=str)
+        groups.setdefault(key if header.get("configs") else f"\0{path}", []).append(path)
+    return list(groups.values())
 
 
 def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] | None = None) -> list[Run]:
@@ -179,13 +198,16 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         obj = json.loads(path.read_text(encoding="utf-8"))
         if not _is_results(obj):
             raise DataError(f"{path}: not a results JSON (expected keys 'metrics' and 'judge')")
-        predictions = predictions_beside(path)
-        if predictions is not None:
-            scored.add(predictions.resolve())
-        runs.append(Run(obj, str(path), _timing(predictions) if predictions is not None else None))
+        parts = obj.get("parts")
+        if isinstance(parts, list) and parts and all(isinstance(p, str) and p == Path(p).name for p in parts):
+            predictions: list[Path] = [path.with_name(p) for p in parts]  # several files scored as one run
+        else:
+            beside = predictions_beside(path)
+            predictions = [beside] if beside is not None else []
+        scored.update(p.resolve() for p in predictions)
+        runs.append(Run(obj, str(path), _joined_timing(predictions) if predictions else None))
 
-    def add_predictions(path: Path) -> None:
-        runs.append(Run(score_predictions(path, **(score_kwargs or {})), str(path), _timing(path)))
+    to_score: list[Path] = []
 
     for item in inputs:
         path = Path(item)
@@ -209,14 +231,17 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
                 predictions = [p for p in sorted(path.rglob("*.jsonl")) if _is_predictions(p)]
                 if not predictions:
                     raise DataError(f"{path}: no results JSON and no predictions JSONL found")
-                for candidate in predictions:
-                    add_predictions(candidate)
+                to_score += predictions
         elif path.suffix == ".jsonl":
-            add_predictions(path)
+            to_score.append(path)
         elif path.is_file():
             add_results(path)
         else:
             raise DataError(f"{path}: no such file or folder")
+    for group in run_parts(to_score):
+        scored_as = group[0] if len(group) == 1 else group
+        runs.append(Run(score_predictions(scored_as, **(score_kwargs or {})), ", ".join(map(str, group)),
+                        _joined_timing(group)))
     seen: dict[tuple[str, str, str, str], Run] = {}
     for run in runs:
         key = (run.results.get("model") or "?", run.method, run.mode, run.protocol)
@@ -227,7 +252,8 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
             hint = ""
             if configs[0] and configs[1] and configs[0] != configs[1]:
                 hint = (f" (runs of different attributes, {configs[0]} and {configs[1]}: a report row covers one "
-                        "run; run every attribute in one run, or report these in separate calls)")
+                        "run; score the parts of one run as one, `sake score A.jsonl B.jsonl ... --out "
+                        "RUN.results.json`, or report them in separate calls)")
             elif rules[0] != rules[1]:
                 hint = (f" (sequential rules (eval_edits, max_gap) {rules[0]} and {rules[1]}: report each rule in "
                         "its own call)")
@@ -250,6 +276,24 @@ def predictions_beside(results: Path) -> Path | None:
         if candidate.is_file() or candidate.with_name(candidate.name + ".timing.json").is_file():
             return candidate
     return None
+
+
+def _joined_timing(parts: Sequence[Path]) -> dict[str, Any] | None:
+    """The runner's timing of a run written as several predictions files: their seconds, units, sessions and
+    per-unit entries added up; None unless every part has one."""
+    timings = [_timing(p) for p in parts]
+    if not timings or any(t is None for t in timings):
+        return None
+    if len(timings) == 1:
+        return timings[0]
+    joined: dict[str, Any] = {}
+    for timing in timings:
+        for key, value in (timing or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                joined[key] = round(joined.get(key, 0) + value, 4)
+            elif isinstance(value, list):
+                joined[key] = joined.get(key, []) + value
+    return joined
 
 
 def _timing(predictions: Path) -> dict[str, Any] | None:

@@ -8,8 +8,9 @@ Python API (stable; the leaderboard calls it):
                       retry_backoff=1.0, items_out=None) -> dict
 
     predictions: path of a predictions JSONL (header line + rows, ARCHITECTURE.md; read by the strict reader
-                 `eval.sake_metric.predictions_file`) or an iterable of row dicts (optionally starting with a
-                 `kind: header` dict).
+                 `eval.sake_metric.predictions_file`), a list of such paths (the parts of one run written one
+                 attribute each, `join_parts`; the results then name them under `parts`), or an iterable of row
+                 dicts (optionally starting with a `kind: header` dict).
     protocol:    "paper" (App. E: empty -> exact -> LLM judge with `model`, `base_url`, `cache_dir`, ...) or
                  "offline" (empty -> exact -> choice; undecided items count as incorrect/inconsistent).
                  Default: "paper" when `judge` is "openai" or an `LLMJudge`, "offline" when it is "offline";
@@ -29,9 +30,9 @@ Python API (stable; the leaderboard calls it):
                  retries exhausted), `JudgeFailures` -- each with a one-line message.
 
 CLI:
-    python -m eval.score PREDICTIONS.jsonl [--judge offline|openai] [--prefilter choice] [--max-failed N]
-                         [--base-url URL] [--model M] [--manifest DIR] [--out results.json] [--cache-dir DIR]
-                         [--batch --batch-state FILE] [--items-out F]
+    python -m eval.score PREDICTIONS.jsonl [PART.jsonl ...] [--judge offline|openai] [--prefilter choice]
+                         [--max-failed N] [--base-url URL] [--model M] [--manifest DIR] [--out results.json]
+                         [--cache-dir DIR] [--batch --batch-state FILE] [--items-out F]
 
 Default judge: `openai` (the paper protocol) when OPENAI_API_KEY is set, else `offline`; offline results are
 printed with one line saying they are not comparable with the paper's.
@@ -47,16 +48,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence, TypeGuard, cast
 
 from eval.sake_metric.llm_judge import DEFAULT_MODEL, JudgeConfig, JudgeError, LLMJudge, default_cache_dir
 from eval.sake_metric.predictions_file import check_complete, load_manifest, manifest_for
-from eval.sake_metric.rows import PredictionsError, load_predictions
+from eval.sake_metric.rows import PredictionRow, PredictionsError, load_predictions
 from eval.sake_metric.scoring import (NOT_COMPARABLE_LINE, JudgeFailures, build_results, check_failures,
                                       default_protocol, judge_rows, protocol_name)
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, error_prefix, user_errors
 from sake_core.command import command_prog
+from sake_core.protocol import CONFIGS, RESUME_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +110,59 @@ def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def _load_file(path: str | os.PathLike, manifest: Mapping[str, Any] | None) -> tuple[dict | None, list]:
+    """One predictions file's (header, rows); without a `manifest`, a file whose own dataset folder is here must
+    hold every item of it (a file missing items is refused)."""
+    file_header, rows = load_predictions(path, manifest=manifest)
+    if manifest is None and file_header:
+        found = manifest_for(file_header)
+        if found is not None:
+            check_complete(file_header, [(i + 2, {"item_id": r.item_id, "gap": r.gap}) for i, r in enumerate(rows)],
+                           source=os.fspath(path), manifest=found)
+    return file_header, rows
+
+
+def join_parts(paths: Sequence[str | os.PathLike], manifest: Mapping[str, Any] | None = None,
+               ) -> tuple[dict[str, Any], list[PredictionRow]]:
+    """One run written as several predictions files, one per attribute (``sake run --config emotion`` and so on):
+    their rows as one run's, under a header whose ``configs`` is their union and ``date`` the latest.
+
+    The files must agree on every resume field of the run header (``RESUME_FIELDS``: model, method, hparams,
+    dataset, split, seed, limit, generation, ...) but ``configs``, and their configs must not overlap. The parts are
+    taken in the protocol's order of their configs, so the joined rows (and the results' bytes) do not depend on
+    the order the paths are given in."""
+    parts = []
+    for path in paths:
+        header, rows = _load_file(path, manifest)
+        if not header or not header.get("configs"):
+            raise PredictionsError(f"{os.fspath(path)}: a run header with 'configs' is needed to join it with other "
+                                   "predictions files")
+        parts.append((os.fspath(path), header, rows))
+    order = {config: i for i, config in enumerate(CONFIGS)}
+    parts.sort(key=lambda part: min(order.get(c, len(order)) for c in part[1]["configs"]))
+    first, header, _ = parts[0]
+    seen: dict[str, str] = {}  # config -> the part holding it
+    for source, other, _ in parts:
+        differ = [k for k in RESUME_FIELDS if k != "configs" and other.get(k) != header.get(k)]
+        if differ:
+            raise PredictionsError(f"{source}: not the same run as {first}: header field(s) {differ} differ (only "
+                                   "'configs' may differ between the parts of one run)")
+        for config in other["configs"]:
+            if config in seen:
+                raise PredictionsError(f"{source}: config {config!r} is also in {seen[config]}: the parts of one run "
+                                       "must hold different configs")
+            seen[config] = source
+    joined = dict(header)
+    joined["configs"] = [c for _, h, _ in parts for c in h["configs"]]
+    dates = [h["date"] for _, h, _ in parts if isinstance(h.get("date"), str)]
+    joined["date"] = max(dates) if dates else header.get("date")
+    joined.pop("expected_rows", None)
+    return joined, [row for _, _, rows in parts for row in rows]
+
+
 def score_predictions(
-    predictions: str | os.PathLike | Iterable[Mapping[str, Any]], *, protocol: str | None = None,
+    predictions: str | os.PathLike | Sequence[str | os.PathLike] | Iterable[Mapping[str, Any]], *,
+    protocol: str | None = None,
     prefilter: str | None = None, judge: str | LLMJudge | None = None,
     manifest: Mapping[str, Any] | str | os.PathLike | None = None, max_failed: int = 0,
     header: Mapping[str, Any] | None = None, model: str = DEFAULT_MODEL, base_url: str | None = None,
@@ -122,12 +175,15 @@ def score_predictions(
     name = protocol_name(protocol, prefilter)
     if isinstance(manifest, (str, os.PathLike)):
         manifest = load_manifest(manifest)
-    file_header, rows = load_predictions(predictions, header=header, manifest=manifest)
-    if manifest is None and isinstance(predictions, (str, os.PathLike)) and file_header:
-        found = manifest_for(file_header)
-        if found is not None:  # the run's own dataset folder is here: a file missing items is refused
-            check_complete(file_header, [(i + 2, {"item_id": r.item_id, "gap": r.gap}) for i, r in enumerate(rows)],
-                           source=os.fspath(predictions), manifest=found)
+    if isinstance(predictions, (str, os.PathLike)):
+        file_header, rows = _load_file(predictions, manifest)
+        file_header = dict(header) if header is not None else file_header
+    elif _is_paths(predictions):
+        file_header, rows = join_parts(predictions, manifest)
+        file_header = dict(header) if header is not None else file_header
+    else:
+        file_header, rows = load_predictions(cast(Iterable[Mapping[str, Any]], predictions), header=header,
+                                             manifest=manifest)
     the_judge = make_judge(judge, model=model, base_url=base_url, cache_dir=cache_dir, max_workers=max_workers,
                            batch=batch, batch_state=batch_state, reasoning_effort=reasoning_effort,
                            max_retries=max_retries, retry_backoff=retry_backoff)
@@ -135,7 +191,16 @@ def score_predictions(
     check_failures(verdicts, max_failed)
     if items_out is not None:
         _write_jsonl_atomic(items_out, (v.as_dict() for v in verdicts))
-    return build_results(file_header, verdicts, the_judge, name)
+    results = build_results(file_header, verdicts, the_judge, name)
+    if _is_paths(predictions):
+        results["parts"] = sorted(Path(p).name for p in predictions)
+    return results
+
+
+def _is_paths(predictions: object) -> TypeGuard[Sequence[str | os.PathLike]]:
+    """A non-empty list or tuple of paths (the parts of one run), not an iterable of row dicts."""
+    return (isinstance(predictions, (list, tuple)) and bool(predictions)
+            and all(isinstance(p, (str, os.PathLike)) for p in predictions))
 
 
 def add_judge_arguments(p: argparse.ArgumentParser) -> None:
@@ -183,7 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=command_prog("python -m eval.score"), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("predictions", help="predictions JSONL written by editors/run.py (header line + rows)")
+    p.add_argument("predictions", nargs="+",
+                   help="predictions JSONL written by editors/run.py (header line + rows); several files of one run "
+                        "written one attribute each (--config) are scored as one run (--out needed)")
     add_judge_arguments(p)
     p.add_argument("--manifest", default=None,
                    help="dataset manifest (sake_manifest.json or its folder): refuse a file missing any of its "
@@ -209,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     options = judge_options(args)
-    out = Path(args.out) if args.out else default_results_path(args.predictions)
+    if len(args.predictions) > 1 and not args.out:
+        raise ConfigError("several predictions files are scored as one run: name its results file with --out")
+    predictions = args.predictions[0] if len(args.predictions) == 1 else args.predictions
+    out = Path(args.out) if args.out else default_results_path(predictions)
     batch_state = args.batch_state or (str(out) + ".batch.json" if args.batch else None)
     try:
-        results = score_predictions(args.predictions, manifest=args.manifest, batch=args.batch,
+        results = score_predictions(predictions, manifest=args.manifest, batch=args.batch,
                                     batch_state=batch_state, items_out=args.items_out, **options)
     except PredictionsError as exc:
         print(f"{error_prefix()}error: {exc}", file=sys.stderr)

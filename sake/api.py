@@ -48,9 +48,10 @@ def run(config: RunConfig, *, adapter: "LALMAdapter | None" = None,
     return Path(path) if path is not None else runner.part_path
 
 
-def score(predictions: str | os.PathLike, judge: str | None = None, *, out: str | os.PathLike | None = None,
-          **judge_options: Any) -> dict[str, Any]:
-    """Score a predictions file and return the results dict (ARCHITECTURE.md "Results JSON"). ``judge``:
+def score(predictions: str | os.PathLike | Sequence[str | os.PathLike], judge: str | None = None, *,
+          out: str | os.PathLike | None = None, **judge_options: Any) -> dict[str, Any]:
+    """Score a predictions file (or a list of the files of one run written one attribute each) and return the
+    results dict (ARCHITECTURE.md "Results JSON"). ``judge``:
     ``"offline"`` (deterministic stages only) or ``"openai"`` (+ the LLM judge, the paper protocol); default: the
     paper protocol when ``OPENAI_API_KEY`` is set, else offline (``judge_options`` as in
     ``eval.score.score_predictions``: ``model``, ``base_url``, ``cache_dir``, ...). ``out``: also write the

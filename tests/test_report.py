@@ -217,6 +217,65 @@ def test_two_runs_of_different_attributes_are_refused_with_what_to_do(tmp_path):
         load_runs([base])
 
 
+def _attribute_parts(base: Path, **extra) -> tuple[list[dict], list[Path]]:
+    """demo_rows' run written as two predictions files, one attribute each (`sake run --config X`)."""
+    rows = demo_rows(0.5)
+    base.mkdir(parents=True, exist_ok=True)
+    parts = [write_predictions(base / f"run__{config}.jsonl",
+                               header(configs=[config], date=f"2026-11-2{i}T00:00:00Z", **extra),
+                               [r for r in rows if r["attribute"] == config])
+             for i, config in enumerate(("animal", "emotion"))]
+    return rows, parts
+
+
+def test_the_attribute_parts_of_one_run_score_as_that_run(tmp_path):
+    """Scoring a run's per-attribute files together gives the results of the same rows written as one file (their
+    configs joined, the latest date), whatever the order of the paths; the results name the parts."""
+    from eval.sake_metric.rows import PredictionsError
+
+    rows, parts = _attribute_parts(tmp_path / "runs")
+    whole = score_predictions(write_predictions(tmp_path / "whole.jsonl",
+                                                header(configs=["animal", "emotion"], date="2026-11-21T00:00:00Z"),
+                                                rows))
+    for order in (parts, parts[::-1]):
+        joined = score_predictions(order)
+        assert joined.pop("parts") == ["run__animal.jsonl", "run__emotion.jsonl"]
+        assert joined == whole
+    assert whole["metrics"]["per_attribute"].keys() == {"animal", "emotion"}
+
+    with pytest.raises(PredictionsError, match=r"config 'animal' is also in"):
+        score_predictions([parts[0], parts[0]])
+    other = write_predictions(tmp_path / "other.jsonl", header(configs=["emotion"], seed=1),
+                              [r for r in rows if r["attribute"] == "emotion"])
+    with pytest.raises(PredictionsError, match=r"header field\(s\) \['seed'\] differ"):
+        score_predictions([parts[0], other])
+
+
+def test_score_cli_joins_parts_and_report_reads_them_as_one_row(tmp_path, capsys):
+    """`sake score A.jsonl B.jsonl --out F` writes one run's results; the report shows it as one row whose Table 7
+    adds the parts' timing; a folder of unscored parts is joined the same way."""
+    from eval.score import main as score_main
+
+    base = tmp_path / "runs"
+    _, parts = _attribute_parts(base)
+    for i, part in enumerate(parts):
+        write_json_atomic(part.with_name(part.name + ".timing.json"),
+                          {"units": 4, "total_s": 10.0 + i, "sessions": 1, "per_unit": [{"unit": f"u{i}"}]})
+    assert score_main([str(p) for p in parts]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert score_main([str(p) for p in parts] + ["--out", str(base / "run.results.json")]) == 0
+
+    for inputs in ([base], parts):  # the joined results JSON; the predictions files alone
+        runs = load_runs(inputs)
+        assert len(runs) == 1 and runs[0].results["configs"] == ["animal", "emotion"]
+        assert runs[0].timing == {"units": 8, "total_s": 21.0, "sessions": 2,
+                                  "per_unit": [{"unit": "u0"}, {"unit": "u1"}]}
+    out = tmp_path / "report"
+    assert report_main([str(base), "--out", str(out)]) == 0
+    wall = read_csv(out / "table7_wall_clock.csv")
+    assert len(wall) == 2 and wall[1][4] == "8"
+
+
 def test_a_sequential_run_under_another_rule_says_so(tmp_path):
     """The results carry the sequential rule; a run that is not under the paper's (5 edits, gaps 0-5) is labelled
     with its rule wherever the report names it, and two rules of one method are not reported together."""
