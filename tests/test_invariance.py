@@ -13,6 +13,7 @@ from _editor_helpers import run_config, synthetic_audio
 from editors.models.buckets import (MIN_ROWS, TRAINING_WIDTH_STEP, chunk_rows, group_by_width, padded_rows, row_bucket,
                                     tail_start, training_groups, width_bucket)
 from editors.models import load_adapter
+from editors.models.generation.plan import plan_chunks
 from editors.models.base import Prompt
 from editors.predictions import read_predictions
 from editors.run import Runner
@@ -33,6 +34,17 @@ def test_bucket_rules():
         assert all(row_bucket(len(c)) * 512 <= budget for c in chunks)
         assert max(len(c) for c in chunks) * 2 * 512 > budget  # no smaller than the budget asks
     assert chunk_rows(list(range(5)), 512, max_batch_tokens=512 * 3) == [[0, 1, 2], [3, 4]]  # under MIN_ROWS
+    # the chunks a generation computes: on CUDA the copies filling a chunk to its row bucket stay within the budget
+    # too (sequential IE-IKE's ~3,700-token prompts under a 16k budget: 4 rows, not 16); on CPU a chunk is always
+    # filled to MIN_ROWS (a row's bits do not depend on its batch)
+    for budget in (4096, 8192, 16384, 30000):
+        chunks = plan_chunks([3700] * 10, "cuda", 256, max_batch_tokens=budget)
+        assert sorted(i for c in chunks for i in c.rows[:c.real]) == list(range(10))
+        assert all(len(c.rows) * (c.width + 256) <= max(budget, c.width + 256) for c in chunks)
+    assert [len(c.rows) for c in plan_chunks([37000], "cuda", 256, max_batch_tokens=4096)] == [1]
+    assert [len(c.rows) for c in plan_chunks([3700] * 3, "cuda", 256, max_batch_tokens=10**6)] == [MIN_ROWS]
+    assert [(len(c.rows), c.real) for c in plan_chunks([3700] * 10, "cpu", 256, max_batch_tokens=16384)] == [
+        (MIN_ROWS, 4), (MIN_ROWS, 4), (MIN_ROWS, 2)]
     # a tail state starts at the first changed column on CUDA (at least MIN_ROWS columns before the end); on the
     # CPU where the whole width's attention starts a block of queries of the same size
     assert [tail_start(f, 512, "cuda") for f in (0, 300, 505)] == [0, 300, 512 - MIN_ROWS]

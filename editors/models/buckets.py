@@ -122,7 +122,7 @@ def chunk_rows(indices: Sequence[int], width: int, *, batch_size: int | None = N
                max_batch_tokens: int | None = None) -> list[list[int]]:
     """Consecutive chunks of ``indices`` (one width bucket) of at most ``batch_size`` rows and at most
     ``max_batch_tokens`` padded tokens: :func:`row_bucket` rows (dummy rows included) x ``width``, except that a
-    chunk always holds one row and may fill :data:`MIN_ROWS` rows."""
+    chunk always holds one row (and on CPU is filled to :data:`MIN_ROWS` rows, ``generation.plan.plan_chunks``)."""
     cap = len(indices) or 1
     if batch_size:
         cap = min(cap, batch_size)
