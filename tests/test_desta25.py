@@ -269,6 +269,29 @@ def test_non_speech_audio_gets_blank_transcript_without_decoding(monkeypatch):
     assert adapter.num_audio_tokens(audio) == adapter.config.prompt_size + len(adapter.tokenizer(" ")["input_ids"])
 
 
+def test_voice_activity_detection_is_decided_once_and_keys_the_outputs(monkeypatch, caplog):
+    """VAD changes the transcripts the LLM reads: the model key and the description (run header) carry it, and a
+    machine without silero-vad turns it off when the adapter is made (with a warning), not in the middle of a run."""
+    import importlib.util
+    import logging
+
+    tiny = DeSTA25Adapter.tiny(seed=3)
+
+    def make(vad):
+        return DeSTA25Adapter(tiny.model, tiny.processor, model_id=tiny.model_id, is_tiny=True, vad=vad)
+
+    on, off = make(True), make(False)
+    assert on.vad and not off.vad and on.model_key() != off.model_key()
+    assert on.describe()["vad"] is True and off.describe()["vad"] is False
+    assert off.model_key() == tiny.model_key()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "silero_vad"
+                        else find_spec(name, *a))
+    with caplog.at_level(logging.WARNING):
+        missing = make(True)
+    assert not missing.vad and missing.model_key() == off.model_key() and "silero-vad is not installed" in caplog.text
+
+
 def test_transcription_batches_are_sized_from_the_memory_a_row_holds(monkeypatch):
     """CPU: the fixed batch (the demo's transcripts do not move). CUDA: as many audios per Whisper call as half the
     available memory holds at one row's cross-attention cache + encoder output, a power of two, at most 64."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -187,6 +188,12 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
         #: :meth:`model_key`, since the two may differ in a near-tie token on a GPU
         self.transcript_engine = transcript_engine
         self.config: DeSTA25Config = model.config
+        if vad and importlib.util.find_spec("silero_vad") is None:
+            logger.warning("silero-vad is not installed: transcribing every audio (the release skips non-speech "
+                           "audio); `pip install silero-vad` to match it")
+            vad = False
+        #: whether non-speech audio goes untranscribed (the release's voice-activity detection); decided here, once,
+        #: and part of :meth:`model_key`, since the transcripts (and so the outputs) depend on it
         self.vad = vad
         self._vad_model: Any = None
         cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV)
@@ -335,14 +342,17 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
         self.processor.whisper_tokenizer.save_pretrained(directory / "whisper")
 
     def model_key(self) -> str:
-        """The shared key, and the transcript engine where it is not transformers' ``generate``."""
+        """The shared key, the transcript engine where it is not transformers' ``generate``, and the voice-activity
+        detection where it is on: both change the transcripts the LLM reads."""
         key = super().model_key()
-        if self.transcript_engine == "eager":
-            return key
-        return hashlib.sha256(f"{key}:transcripts={self.transcript_engine}".encode()).hexdigest()[:16]
+        if self.transcript_engine != "eager":
+            key = hashlib.sha256(f"{key}:transcripts={self.transcript_engine}".encode()).hexdigest()[:16]
+        if self.vad:
+            key = hashlib.sha256(f"{key}:vad".encode()).hexdigest()[:16]
+        return key
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "transcript_engine": self.transcript_engine}
+        return {**super().describe(), "transcript_engine": self.transcript_engine, "vad": self.vad}
 
     # ---- structure ----------------------------------------------------------------------------------------------
 
@@ -505,16 +515,10 @@ class DeSTA25Adapter(WhisperFeatures, LALMAdapter):
             atomic_write(path, json.dumps({"text": text, "whisper": self.whisper_key}).encode())
 
     def _has_speech(self, audio: np.ndarray) -> bool:
+        from silero_vad import get_speech_timestamps, load_silero_vad
+
         if self._vad_model is None:
-            try:
-                from silero_vad import load_silero_vad
-            except ImportError:
-                logger.warning("silero-vad is not installed: transcribing every audio (the release skips "
-                               "non-speech audio); `pip install silero-vad` to match it")
-                self.vad = False
-                return True
             self._vad_model = load_silero_vad()
-        from silero_vad import get_speech_timestamps
 
         return bool(get_speech_timestamps(torch.from_numpy(audio), self._vad_model, sampling_rate=SAMPLING_RATE))
 
