@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=16, help="edits whose items one generation holds (K)")
     parser.add_argument("--kinds", default="plain,i_ike,ie_ike", help="comma-separated: plain, i_ike, ie_ike")
     parser.add_argument("--engines", default="eager,graph")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="generation bound, EOS disabled (default: %(default)s, bench.goals' protocol)")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)

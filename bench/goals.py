@@ -682,7 +682,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-method", default="ft_llm",
                    help="on CUDA, one untimed pass of 1 edit of this method before any timed run (the process's "
                         "first kernels and allocations, paid once per process, not per method); '' for none")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="the bench's generation bound, EOS disabled (default: %(default)s, the issue's protocol; not "
+                        "the model family's default of a run, which random weights would fill to the end)")
     p.add_argument("--training-width", type=int, default=None,
                    help="the training batches' width step in tokens for this run (an A/B of "
                         "editors.models.buckets.TRAINING_WIDTH_STEP; default: the library's)")

@@ -506,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="run the pass under cProfile instead: the host's heaviest Python functions")
     p.add_argument("--model", default="qwen2_audio", choices=("qwen2_audio", "desta25"),
                    help="the model family at full size (default: Qwen2-Audio-7B)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="generation bound, EOS disabled (default: %(default)s, bench.goals' protocol)")
     add_pre_edit_items(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)

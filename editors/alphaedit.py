@@ -264,7 +264,8 @@ class AlphaEdit(Editor):
         if self.contexts is None:
             n, length = self.hparams.n_context, self.hparams.context_length
             starts = [CONTEXT_STARTS[i % len(CONTEXT_STARTS)] for i in range(n)]
-            texts = self.adapter.generate([Prompt(question=s) for s in starts], max_new_tokens=length) if n else []
+            settings = self.generation_settings(max_new_tokens=length)
+            texts = self.adapter.generate([Prompt(question=s) for s in starts], settings=settings) if n else []
             self.contexts = [(start + " " + str(text).strip()).strip().replace("{", " ").replace("}", " ") + "."
                              for start, text in zip(starts, texts)]
             logger.info("alphaedit: context templates %s", self.contexts)

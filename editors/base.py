@@ -82,6 +82,9 @@ class RunContext:
     cache_dir: str | None = None
     load_rows: Callable[[str, str], Any] | None = None  # (config, split) -> instance rows (e.g. datasets.Dataset)
     model_name: str = ""
+    #: the run's generation settings (what a method that generates for itself starts from: AlphaEdit's context
+    #: prefixes); None outside a run: the adapter's defaults for the method
+    generation: GenerationSettings | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,7 +161,7 @@ class Editor(abc.ABC):
         one batched generation with ``settings`` (default: the adapter's, with ``limits`` such as
         ``max_new_tokens``). Each edit's weights reach the model through :meth:`per_edit` (none for methods whose
         edits live in the prompts: I-IKE, IE-IKE)."""
-        settings = settings or self.adapter.generation_settings(**limits)
+        settings = settings or self.generation_settings(**limits)
         flat = [p for ps in prompts_per_edit for p in ps]
         with self.per_edit(prompts_per_edit) as per_edit:
             outputs = self.adapter.generate(flat, settings=settings, per_edit=per_edit)
@@ -167,6 +170,14 @@ class Editor(abc.ABC):
             result.append(outputs[pos:pos + len(ps)])
             pos += len(ps)
         return result
+
+    def generation_settings(self, **limits: Any) -> GenerationSettings:
+        """The settings this method generates with: the run's (``RunContext.generation``) with ``limits`` such as
+        ``max_new_tokens`` set, else the adapter's defaults for the method's engines (:attr:`generation_engines`)."""
+        if self.context.generation is not None:
+            return self.context.generation.replace(**limits)
+        return self.adapter.generation_settings(method_engines=type(self).generation_engines, method=self.name,
+                                                **limits)
 
     @contextlib.contextmanager
     def per_edit(self, prompts_per_edit: Sequence[Sequence[Prompt]]) -> Iterator[PerEdit | None]:

@@ -63,8 +63,6 @@ logger = logging.getLogger("editors.run")
 #: What a generation returns (the outputs of some prompts, or of each edit's prompts)
 Outputs = TypeVar("Outputs")
 
-#: Default padded tokens per generation chunk on CPU (on CUDA: sized from the memory available).
-CPU_BATCH_TOKENS = 32768
 #: Fewest padded tokens per generation chunk the out-of-memory back-off goes down to (about one long prompt).
 MIN_GENERATION_TOKENS = 4096
 #: Single editing generates the pre-edit outputs of at least this many edits ahead (or of the next pass, if larger) in
@@ -245,12 +243,11 @@ class Runner:
         self.generation = self.adapter.generation_settings(
             args.max_new_tokens, engine=args.engine, method_engines=get_editor_class(args.method).generation_engines,
             method=args.method, batch_size=args.batch_size or None,
-            max_batch_tokens=(args.max_batch_tokens if args.max_batch_tokens is not None
-                              else None if device.startswith("cuda") else CPU_BATCH_TOKENS) or None)
+            max_batch_tokens=args.max_batch_tokens)
         self.config = args = args.replace(max_new_tokens=self.generation.max_new_tokens)
         cache_dir = args.cache_dir or cache_root()
         context = RunContext(seed=args.seed, cache_dir=str(cache_dir),
-                             load_rows=self.plan.load_rows, model_name=args.model)
+                             load_rows=self.plan.load_rows, model_name=args.model, generation=self.generation)
         self.session = EditSession.start(self.adapter, args.method, self.hparams, context)
         self.editor: Editor = self.session.editor
         self.preedit = PreEditCache(cache_dir, self.adapter.model_key(), self.generation.output_key())

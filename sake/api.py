@@ -109,17 +109,17 @@ def editing(adapter: "LALMAdapter", method: str, request: "EditRequest | Mapping
     from editors.base import EditRequest, RunContext
     from editors.data import load_instances
     from editors.models.registry import run_model_name
-    from editors.registry import load_hparams
+    from editors.registry import get_editor_class, load_hparams
     from editors.session import EditSession
 
     edit = request if isinstance(request, EditRequest) else EditRequest.from_row(dict(request))
     typed = load_hparams(method, adapter.family, tiny=adapter.is_tiny, overrides=dict(hparams or {}))
     # (config, split) -> rows of the release, each loaded once (as a run's RunPlan.load_rows)
     load_rows = functools.cache(lambda config, split: load_instances(str(dataset), config, split))
-    context = RunContext(seed=seed, cache_dir=cache_dir, load_rows=load_rows if dataset is not None else None,
-                         model_name=run_model_name(adapter))
-    session = EditSession.start(adapter, method, typed, context)
     # the settings `sake.run` resolves for this method and model (family defaults: the same max_new_tokens)
-    settings = adapter.generation_settings(method_engines=type(session.editor).generation_engines, method=method)
+    settings = adapter.generation_settings(method_engines=get_editor_class(method).generation_engines, method=method)
+    context = RunContext(seed=seed, cache_dir=cache_dir, load_rows=load_rows if dataset is not None else None,
+                         model_name=run_model_name(adapter), generation=settings)
+    session = EditSession.start(adapter, method, typed, context)
     with session.edit(edit, seed=seed) as stats:
         yield EditedModel(adapter, session.editor, edit, stats, settings)

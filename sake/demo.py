@@ -166,11 +166,11 @@ def run_method(model: str, method: str, mode: str, dataset: Path, runs: Path, ca
     from editors.hparams import parse_overrides
     from sake.api import RunConfig, run
 
-    # the reference model answers in a few tokens; 32 new tokens keep the demo's runaway outputs short (the
-    # report's generation_limits table counts the outputs that reach it)
+    # generation settings as any run resolves them for the model (the reference model is a tiny one: 32 new tokens,
+    # editors/models/generation/defaults.yaml; the report's generation_limits table counts the outputs that reach it)
     return run(RunConfig(model=model, method=method, dataset=str(dataset), split="test", mode=mode, out=str(runs),
                          seed=seed, cache_dir=str(cache), limit=limit, hparams=parse_overrides(overrides),
-                         max_new_tokens=32, progress=progress))
+                         progress=progress))
 
 
 def score_run(predictions: Path) -> dict[str, Any]:

@@ -188,6 +188,20 @@ def test_alphaedit_context_templates_are_the_models_own_text_before_the_audio(tm
 
 
 
+def test_alphaedit_generates_its_context_prefixes_with_the_runs_settings(tmp_path, monkeypatch):
+    """The run's generation settings (engine, batching: the header's), with AlphaEdit's prefix length."""
+    adapter = tiny_adapter("tiny-qwen2-audio")
+    run_context = _context(tmp_path)
+    run_context.generation = adapter.generation_settings(batch_size=2, max_batch_tokens=4096)
+    editor = AlphaEdit(adapter, hparams("alphaedit", adapter, **SMALL), run_context)
+    asked = []
+    generate = adapter.generate
+    monkeypatch.setattr(adapter, "generate", lambda prompts, *a, settings=None, **k: asked.append(settings) or
+                        generate(prompts, *a, settings=settings, **k))
+    assert len(editor._context_prefixes()) == editor.hparams.n_context
+    assert asked == [run_context.generation.replace(max_new_tokens=editor.hparams.context_length)]
+
+
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_alphaedit_target_search_over_the_tail_finds_the_whole_widths_target(model, tmp_path, monkeypatch):
     """Step 1 recomputes only the columns from the fact token on (``adapter.tail_state``, the KL prompt's too); the

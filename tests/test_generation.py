@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from editors.models.generation import GenerationSettings, family_defaults, resolve_settings
+from editors.models.generation.settings import CPU_BATCH_TOKENS
 from sake_core.errors import ConfigError
 
 GENERATION = Path(__file__).resolve().parents[1] / "editors" / "models" / "generation"
@@ -19,7 +20,13 @@ def test_settings_come_from_the_family_defaults():
     assert family_defaults("qwen2_audio")["max_new_tokens"] == 256
     assert family_defaults("desta25")["max_new_tokens"] == 512
     cpu = resolve_settings("qwen2_audio", tiny=True, device_type="cpu", dtype="torch.float32")
-    assert cpu == GenerationSettings(max_new_tokens=32, engine="eager", dtype="float32", min_shared_prefix=256)
+    assert cpu == GenerationSettings(max_new_tokens=32, engine="eager", dtype="float32", min_shared_prefix=256,
+                                     max_batch_tokens=CPU_BATCH_TOKENS)
+    # the padded-token cap: on CPU a default, 0 for none; on CUDA sized at each generation unless given
+    for device_type, asked, cap in (("cpu", 0, None), ("cpu", 4096, 4096), ("cuda", None, None), ("cuda", 0, None),
+                                    ("cuda", 8192, 8192)):
+        assert resolve_settings("qwen2_audio", tiny=False, device_type=device_type, dtype="bfloat16",
+                                max_batch_tokens=asked).max_batch_tokens == cap
     full = resolve_settings("audio_flamingo3", tiny=False, device_type="cpu", dtype="bfloat16", max_new_tokens=7,
                             batch_size=4)
     assert (full.max_new_tokens, full.min_shared_prefix, full.batch_size) == (7, 0, 4)
@@ -33,6 +40,27 @@ def test_settings_come_from_the_family_defaults():
 def test_a_method_limited_to_eager_gets_eager_everywhere():
     assert resolve_settings("qwen2_audio", tiny=False, device_type="cuda", dtype="bfloat16",
                             method_engines=("eager",), method="wise").engine == "eager"
+
+
+def test_a_method_generates_with_the_runs_settings_else_with_its_own_engines(monkeypatch):
+    """Outside a run (no ``RunContext.generation``) an editor's generations resolve the adapter's defaults for the
+    method's engines (GRACE: eager only), not the adapter's for any method."""
+    from editors.base import RunContext
+    from editors.models import load_adapter
+    from editors.registry import get_editor_class, load_hparams
+
+    adapter = load_adapter("tiny-qwen2-audio", seed=0)
+    grace = get_editor_class("grace")
+    assert grace.generation_engines == ("eager",)
+    asked: dict = {}
+    resolve = adapter.generation_settings
+    monkeypatch.setattr(adapter, "generation_settings", lambda *a, **k: asked.update(k) or resolve(*a, **k))
+    editor = grace(adapter, load_hparams("grace", adapter.family, tiny=True))
+    assert editor.generation_settings(max_new_tokens=4).max_new_tokens == 4
+    assert asked["method_engines"] == ("eager",) and asked["method"] == "grace"
+    run = GenerationSettings(max_new_tokens=9, batch_size=3)
+    editor = grace(adapter, load_hparams("grace", adapter.family, tiny=True), RunContext(generation=run))
+    assert editor.generation_settings(max_new_tokens=4) == run.replace(max_new_tokens=4)
 
 
 def test_no_environment_variable_reaches_generation():

@@ -25,6 +25,8 @@ DEFAULTS_FILE = Path(__file__).resolve().parent / "defaults.yaml"
 #: shape bucket (run uncaptured on CPU). ``auto`` resolves to ``graph`` on CUDA when the method allows it, else
 #: ``eager``.
 ENGINES = ("eager", "graph")
+#: Default padded tokens per generation chunk on CPU (on CUDA: sized from the memory available at each generation).
+CPU_BATCH_TOKENS = 32768
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,11 @@ def resolve_settings(family: str, *, tiny: bool, device_type: str, dtype: str, m
                      batch_size: int | None = None, max_batch_tokens: int | None = None,
                      overrides: Mapping[str, Any] | None = None) -> GenerationSettings:
     """The one place generation settings come from: the family's defaults, then the explicit arguments (None =
-    the default). ``overrides`` may set any other field (e.g. ``min_shared_prefix``)."""
+    the default; ``max_batch_tokens``: None = :data:`CPU_BATCH_TOKENS` on CPU and no cap elsewhere, where each
+    generation sizes its chunks from the memory available; 0 = no cap). ``overrides`` may set any other field (e.g.
+    ``min_shared_prefix``)."""
+    if max_batch_tokens is None and device_type == "cpu":
+        max_batch_tokens = CPU_BATCH_TOKENS
     defaults = family_defaults(family, tiny=tiny)
     fields: dict[str, Any] = {"max_new_tokens": int(defaults["max_new_tokens"] if max_new_tokens is None else max_new_tokens),
               "min_shared_prefix": int(defaults.get("min_shared_prefix", 0)),
