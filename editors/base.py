@@ -37,7 +37,7 @@ import torch
 
 from editors.batching import fused_adam
 from editors.hparams import Hparams
-from editors.models.base import GeneratedText, GenerationSettings, LALMAdapter, PerEdit, Prompt, as_audio_array
+from editors.models.base import EditableModel, GeneratedText, GenerationSettings, PerEdit, Prompt, as_audio_array
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ class Editor(abc.ABC):
     hparams_class: ClassVar[type[Hparams]] = Hparams
     hparams: Hparams
 
-    def __init__(self, adapter: LALMAdapter, hparams: Hparams | Mapping[str, Any],
+    def __init__(self, adapter: EditableModel, hparams: Hparams | Mapping[str, Any],
                  context: RunContext | None = None) -> None:
-        self.adapter = adapter
+        self.adapter: EditableModel = adapter
         if isinstance(hparams, self.hparams_class):
             self.hparams = hparams
         else:

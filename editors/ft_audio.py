@@ -26,7 +26,7 @@ import torch
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import StackedCopies, finetune_many, per_edit_audio_embeds, per_edit_views
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, to_device, training_groups
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, to_device
 from sake_core.errors import DataError
 
 
@@ -49,7 +49,7 @@ class FTAudio(Editor):
         if edit.audio is None:
             raise DataError(f"{edit.instance_id}: FT (Audio) needs an edit audio")
         # canonical shape (editors/models/buckets.py); encoder states computed once, cached
-        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target], packable=True)
+        [(_, batch)] = self.adapter.training_groups([edit.prompt()], [edit.target], packable=True)
         frame = self._frame(batch)
         names = set(self.touched_parameters())
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in names}
@@ -67,7 +67,7 @@ class FTAudio(Editor):
         prompts = [e.prompt() for e in edits]
         # one batch per width bucket: edit k's row has the shape it has when edited alone (editors/models/buckets.py)
         groups = [(rows, batch, self._frame(batch))
-                  for rows, batch in training_groups(self.adapter, prompts, [e.target for e in edits], packable=True)]
+                  for rows, batch in self.adapter.training_groups(prompts, [e.target for e in edits], packable=True)]
         names = set(self.touched_parameters())
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in names}, len(edits))
         # edit order on the device once: a copy from pageable memory inside the loss would wait for the queue

@@ -23,7 +23,7 @@ import torch
 from editors.base import EditRequest, Editor, FinetuneHparams, finetune, finetune_settings
 from editors.registry import register
 from editors.batching import RowRouting, StackedCopies, finetune_many, routed_copies, runs_of
-from editors.models.base import PerEdit, Prompt, to_device, training_groups
+from editors.models.base import PerEdit, Prompt, to_device
 from sake_core.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ class FTLLM(Editor):
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
         layer = self.adapter.resolve_layer(self.hparams.layer)
-        [(_, batch)] = training_groups(self.adapter, [edit.prompt()], [edit.target])  # canonical shape
+        [(_, batch)] = self.adapter.training_groups([edit.prompt()], [edit.target])  # canonical shape
         state = self.adapter.hidden_entering(batch, layer)  # frozen lower layers: once per edit
         names = self.touched_parameters()
         params = {n: p for n, p in self.adapter.model.named_parameters() if n in set(names)}
@@ -74,7 +74,7 @@ class FTLLM(Editor):
         layer = self.adapter.resolve_layer(self.hparams.layer)
         # one batch per width bucket (editors/models/buckets.py); frozen lower layers: once for all K edits
         groups = [(rows, self.adapter.hidden_entering(batch, layer))
-                  for rows, batch in training_groups(self.adapter, [e.prompt() for e in edits],
+                  for rows, batch in self.adapter.training_groups([e.prompt() for e in edits],
                                                      [e.target for e in edits])]
         names = self.touched_parameters()
         copies = StackedCopies({n: p for n, p in self.adapter.model.named_parameters() if n in set(names)},

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.batching import routed_weights
 from editors.hparams import Hparams
-from editors.models.base import LALMAdapter, PerEdit, Prompt, PromptBatch, weights_digest
+from editors.models.base import EditableModel, PerEdit, Prompt, PromptBatch, weights_digest
 from sake_core.atomic import atomic_write
 from sake_core.cache import cache_root
 from sake_core.errors import ConfigError, DataError
@@ -59,7 +59,7 @@ def parse_matrix_key(key: str) -> tuple[int, str]:
     return int(layer), role
 
 
-def edited_matrices(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]) -> list[str]:
+def edited_matrices(adapter: EditableModel, layers: Sequence[int], roles: Sequence[str]) -> list[str]:
     """The matrix keys of ``roles`` in ``layers`` (resolved, layer-major), checked through the adapter."""
     if not layers or not roles:
         raise ConfigError(f"hypernetwork: hparams layers={list(layers)} and roles={list(roles)} must be non-empty")
@@ -75,7 +75,7 @@ def edited_matrices(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence
     return keys
 
 
-def matrix_module(adapter: LALMAdapter, key: str) -> nn.Linear:
+def matrix_module(adapter: EditableModel, key: str) -> nn.Linear:
     """The Linear of matrix ``key`` (``"{layer}_{role}"``), reached through the adapter."""
     layer, role = parse_matrix_key(key)
     module = adapter.llm_linear(layer, role)
@@ -111,7 +111,7 @@ def _forward_hooks(modules: Mapping[str, nn.Module], make_hook: Any) -> Iterator
 
 
 @contextlib.contextmanager
-def shifted_matrices(adapter: LALMAdapter, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+def shifted_matrices(adapter: EditableModel, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
     """Within the block each matrix ``key`` of ``deltas`` computes with ``W + delta`` (delta fp32, may carry a
     graph): a forward hook replaces the Linear's output; the model's weights never change."""
     modules = {key: matrix_module(adapter, key) for key in deltas}
@@ -130,7 +130,7 @@ def shifted_matrices(adapter: LALMAdapter, deltas: dict[str, torch.Tensor]) -> I
         yield
 
 
-def edit_factors(adapter: LALMAdapter, matrices: Sequence[str], batch: PromptBatch
+def edit_factors(adapter: EditableModel, matrices: Sequence[str], batch: PromptBatch
                  ) -> tuple[dict[str, Factors], float]:
     """One forward/backward of the target loss of ``batch``: the gradient factors of each edited matrix (valid
     tokens only) and the loss value. The model's parameters get no gradients."""
@@ -154,7 +154,7 @@ def edit_factors(adapter: LALMAdapter, matrices: Sequence[str], batch: PromptBat
     return factors, float(loss.detach())
 
 
-def condition_embeddings(adapter: LALMAdapter, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def condition_embeddings(adapter: EditableModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """The edit's input embeddings (text tokens and connector outputs of its audio) and its valid-token mask."""
     with torch.no_grad():
         return adapter.input_embeds(batch).float(), batch.attention_mask.bool()
@@ -263,7 +263,7 @@ def network_class(method: str) -> type[HyperNetwork]:
     return cls.network_class
 
 
-def model_spec(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]) -> dict[str, Any]:
+def model_spec(adapter: EditableModel, layers: Sequence[int], roles: Sequence[str]) -> dict[str, Any]:
     """The model side of a network: the edited matrices of ``roles`` in ``layers``, their shapes, the hidden size."""
     matrices = edited_matrices(adapter, layers, roles)
     shapes = {key: list(matrix_module(adapter, key).weight.shape) for key in matrices}
@@ -271,7 +271,7 @@ def model_spec(adapter: LALMAdapter, layers: Sequence[int], roles: Sequence[str]
     return {"matrices": matrices, "shapes": shapes, "hidden_size": int(config.hidden_size)}
 
 
-def build_network(method: str, adapter: LALMAdapter, hp: HypernetHparams, seed: int) -> HyperNetwork:
+def build_network(method: str, adapter: EditableModel, hp: HypernetHparams, seed: int) -> HyperNetwork:
     """A freshly initialised network for ``adapter`` (deterministic in ``seed``), on the adapter's device."""
     cls = network_class(method)
     with torch.random.fork_rng(devices=[]):

@@ -20,7 +20,7 @@ on leaving a block in which several :meth:`apply` calls accumulate (a sequence).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 
@@ -35,7 +35,8 @@ class EditSession:
 
     def __init__(self, editor: Editor) -> None:
         self.editor = editor
-        self.adapter: LALMAdapter = editor.adapter
+        # the runner's side of the model (parameter groups, the audio-state cache) beside the method's interface
+        self.adapter = cast(LALMAdapter, editor.adapter)
         touched = editor.touched_parameters()
         #: copies of every declared parameter (None for a method that declares none)
         self.snapshot = ParameterSnapshot(self.adapter.model, touched) if touched else None

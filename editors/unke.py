@@ -46,7 +46,7 @@ from editors.base import EditRequest, Editor, finetune
 from editors.batching import (LayerRows, RowRouting, StackedCopies, StepNumber, finetune_many, masked_update,
                               packed_layer_rows, routed_copies, runs_of)
 from editors.hparams import Hparams
-from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch, training_groups
+from editors.models.base import LayerState, PerEdit, Prompt, PromptBatch
 from editors.preservation import editor_preservation
 from editors.registry import register
 
@@ -207,7 +207,7 @@ class UnKE(Editor):
         a, hp = self.adapter, self.hparams
         k = len(edits)
         groups = []
-        for rows, batch in training_groups(a, [e.prompt() for e in edits], [e.target for e in edits], tail_only=True):
+        for rows, batch in a.training_groups([e.prompt() for e in edits], [e.target for e in edits], tail_only=True):
             state, onehot, key0 = self._stage_one_frame(batch)
             groups.append((torch.tensor(rows, device=key0.device), state, onehot, key0))
         device = groups[0][3].device
@@ -267,7 +267,7 @@ class UnKE(Editor):
         # layer's target output on them, per canonical batch; on CUDA each edit's sequences packed into rows
         groups = []
         with torch.no_grad():
-            for rows, batch in training_groups(a, [e.prompt() for e in edits], None):
+            for rows, batch in a.training_groups([e.prompt() for e in edits], None):
                 state = a.hidden_entering(batch, layer)
                 target = a.run_layers(state).detach().clone()
                 target[:, -1] = keys[rows].to(target.dtype)  # left padding: last column = last prompt token
@@ -275,7 +275,7 @@ class UnKE(Editor):
             owners = [j for j, ps in enumerate(preserve) for _ in ps]
             flat = [p for ps in preserve for p in ps]
             if flat:
-                for rows, batch in training_groups(a, flat, None):
+                for rows, batch in a.training_groups(flat, None):
                     state = a.hidden_entering(batch, layer)
                     groups.append(LayerRows([owners[i] for i in rows], state, a.run_layers(state).detach().float(),
                                             [(1, _valid(batch))]))

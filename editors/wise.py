@@ -65,7 +65,7 @@ from torch.nn import functional as F
 from editors.base import EditRequest, Editor
 from editors.batching import RowRouting, masked_update, runs_of
 from editors.hparams import Hparams
-from editors.models.base import IGNORE_INDEX, LALMAdapter, PerEdit, Prompt, as_linear, training_groups
+from editors.models.base import IGNORE_INDEX, EditableModel, PerEdit, Prompt, as_linear
 from editors.preservation import editor_preservation
 from editors.registry import register
 from sake_core.errors import ConfigError
@@ -73,7 +73,7 @@ from sake_core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def activation_fn(adapter: LALMAdapter, which: str) -> Any:
+def activation_fn(adapter: EditableModel, which: str) -> Any:
     """The activation applied before the distance: the LLM config's ``hidden_act`` or the identity."""
     if which == "none":
         return lambda t: t
@@ -615,7 +615,7 @@ class WISE(Editor):
         state entering the edited layer, the inner activations there, the original projection's output and the
         positions whose activation counts (the prompt's tokens, targets excluded); no grad."""
         a, layer, router = self.adapter, self._layer(), self._install()
-        for rows, batch in (training_groups(a, list(prompts), targets) if prompts else []):
+        for rows, batch in (a.training_groups(list(prompts), targets) if prompts else []):
             with torch.no_grad():  # (not around the yield: the caller's code keeps its own grad mode)
                 state = a.hidden_entering(batch, layer)
                 x = self._inner_activations(state)

@@ -244,7 +244,9 @@ class ToyEmbed(Editor):
         return self.adapter.parameter_names(self.adapter.token_embedding())
 
     def apply(self, edit: EditRequest) -> dict[str, Any]:
-        token = self.adapter.target_token_ids(edit.target)[0]
+        target_ids = self.adapter.prepare([edit.prompt()], [edit.target]).target_ids
+        assert target_ids is not None
+        token = int(target_ids[0])
         with torch.no_grad():
             self.adapter.token_embedding().weight[token] *= self.hparams.scale
         return {"steps": 1, "token": token}
@@ -252,11 +254,15 @@ class ToyEmbed(Editor):
 
 TOY_YAML = "defaults:\n  scale: 3.0\nqwen2_audio: {}\naudio_flamingo3: {}\ndesta25: {}\ntiny: {}\n"
 
-#: The capability, added to the adapter base with a default that serves every family.
+#: The capability, added to the adapter base with a default that serves every family, and declared in the interface
+#: methods see (``editors.models.interface.EditableModel``, which the type checker holds them to).
 TOY_CAPABILITY = '''
     def token_embedding(self) -> nn.Module:
         """The LLM's input token embedding (nn.Embedding)."""
         return self.language_model().get_input_embeddings()
+'''
+TOY_DECLARATION = '''
+    def token_embedding(self) -> nn.Module: ...
 '''
 
 TOY_RUN = '''
@@ -284,8 +290,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def test_a_method_needing_a_new_model_capability_touches_its_module_its_yaml_and_the_adapter_base(tmp_path):
     """In a copy of the two floors a method needs (``sake_core``, ``editors``: ARCHITECTURE.md "Floors"), a toy
-    method using a capability added to ``LALMAdapter`` with a default implementation runs through the runner for
-    every family; the only files that differ from the checkout are its module, its YAML and the adapter base."""
+    method using a capability added to ``LALMAdapter`` with a default implementation (and declared in the interface
+    methods see) runs through the runner for every family; the only files that differ from the checkout are its
+    module, its YAML, the adapter base and the interface."""
     import shutil
     import subprocess
     import sys
@@ -309,6 +316,9 @@ def test_a_method_needing_a_new_model_capability_touches_its_module_its_yaml_and
     start = source.index("class LALMAdapter(")
     end = re.compile(r"\n+(?=\S)").search(source, start).start()  # the class body ends at the next top-level line
     adapter.write_text(source[:end] + "\n" + TOY_CAPABILITY.rstrip("\n") + source[end:], encoding="utf-8")
+    interface = tree / "editors" / "models" / "interface.py"
+    interface.write_text(interface.read_text(encoding="utf-8").rstrip("\n") + "\n" + TOY_DECLARATION,
+                         encoding="utf-8")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAKE_")}
     env["PYTHONPATH"] = str(tree)
@@ -320,4 +330,5 @@ def test_a_method_needing_a_new_model_capability_touches_its_module_its_yaml_and
 
     after = _tree_digest(tree)
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed == {"editors/toy_embed.py", "editors/hparams/toy_embed.yaml", "editors/models/adapter.py"}
+    assert changed == {"editors/toy_embed.py", "editors/hparams/toy_embed.yaml", "editors/models/adapter.py",
+                       "editors/models/interface.py"}

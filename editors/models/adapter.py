@@ -576,6 +576,14 @@ class LALMAdapter(abc.ABC):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
+    def training_groups(self, prompts: Sequence[Prompt], targets: Sequence[str] | None, *, tail_only: bool = False,
+                        packable: bool = False) -> list[tuple[list[int], PromptBatch]]:
+        """A training step's teacher-forcing batches in canonical shapes, ``(row indices, batch)`` each
+        (:func:`editors.models.buckets.training_groups`: its ``tail_only`` and ``packable``)."""
+        from editors.models import buckets
+
+        return buckets.training_groups(self, prompts, targets, tail_only=tail_only, packable=packable)
+
     def packs_sequences(self) -> bool:
         """Whether this adapter's layer runs take packed batches (``prepare(..., packed=True)``) on its device:
         :data:`~editors.models.buckets.PACK_SEQUENCES` says so there, and every LLM layer runs
