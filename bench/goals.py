@@ -191,7 +191,7 @@ def sequential(bench: Bench, method: str) -> dict[str, Any]:
 def hypernetwork(bench: Bench, method: str, steps: int) -> dict[str, Any]:
     """``steps`` optimizer steps of ``method``'s hypernetwork on the synthetic train rows, timed after one warm-up
     step (a step = ``accumulate_bs`` train instances, as the trainer groups them): seconds per train instance,
-    which the paper's one epoch over 4,000 instances multiplies. The trainer's checkpoint writes and validations
+    which the paper's one epoch over 4,000 instances (less the trainer's held-out rows) multiplies. The trainer's checkpoint writes and validations
     that fall in the timed steps are timed apart and left out of that rate (the train split here is a few rows, so
     they would weigh on a few instances what they weigh on thousands in a real epoch); one more validation over the
     held-out rows, timed alone, gives seconds per validated instance, which the projection multiplies by the
@@ -267,10 +267,17 @@ def hypernet_hours(h: dict[str, Any]) -> float | None:
     validation was timed."""
     if not h.get("s_per_instance"):
         return None
-    seconds = h["s_per_instance"] * PAPER_TRAIN_STEPS
+    trained = epoch_instances(h)
+    seconds = h["s_per_instance"] * trained
     if h.get("s_per_validated_instance") and h.get("val_interval"):
-        seconds += h["s_per_validated_instance"] * h["val_size"] * -(-PAPER_TRAIN_STEPS // h["val_interval"])
+        seconds += h["s_per_validated_instance"] * h["val_size"] * -(-trained // h["val_interval"])
     return seconds / 3600
+
+
+def epoch_instances(h: dict[str, Any]) -> int:
+    """Train instances of one epoch: the paper's train split less the ``val_size`` rows the trainer holds out for
+    its validations."""
+    return PAPER_TRAIN_STEPS - int(h.get("val_size") or 0)
 
 
 def _sync(bench: Bench) -> None:
@@ -633,8 +640,8 @@ def render(args: argparse.Namespace, rows: list[dict[str, Any]], ceilings: dict[
                     + (f"; checkpoint writes {aside.get('save_checkpoint', 0):.1f} s and validations "
                        f"{aside.get('validate', 0):.1f} s in those steps timed apart" if aside else
                        "; checkpoint writes and validations in those steps counted in: an older call")
-                    + f"){validation}; "
-                    f"one epoch of the paper's 4,000 train instances: {hypernet_hours(h):.2f} h") \
+                    + f"){validation}; one epoch of the paper's 4,000 train instances ({epoch_instances(h):,} "
+                    f"trained, the rest held out for validation): {hypernet_hours(h):.2f} h") \
                 if h.get("s_per_instance") else "no timed instance"
             lines.append(f"- `{row['method']}`: {rate}" + (f" (stopped: {h['diverged']})" if h.get("diverged") else "")
                          + part_stamp(row, "hypernet"))
