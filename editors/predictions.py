@@ -149,17 +149,13 @@ class PredictionsFile:
             nl = raw.find(b"\n", pos)
             if nl < 0:
                 break  # trailing partial line (or nothing)
-            try:
-                row = json.loads(raw[pos:nl])
-                unit = self.unit_of(row)
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                logger.warning("%s: unreadable row at byte %d; resuming before it", self.path, pos)
+            unit = self._unit_of_line(raw[pos:nl])
+            if unit is None:
                 break
             if unit != current:
                 if current is not None and count != self.expected_rows.get(current, -1):
                     break
                 if unit in self.done:
-                    logger.warning("%s: unit %s appears twice; resuming before the repeat", self.path, unit)
                     break
                 current, count = unit, 0
             count += 1
@@ -168,11 +164,49 @@ class PredictionsFile:
                 self.done.add(current)
                 good_end = pos
         if good_end < len(raw):
-            logger.info("%s: dropping %d trailing bytes of an unfinished unit", self.path, len(raw) - good_end)
+            problem, rows = self._damage(raw, good_end)
+            if problem is not None:
+                raise DataError(f"{self.path}: {problem}: the file is damaged, not cut short by a kill (a kill leaves "
+                                "at most one unfinished unit at its end); nothing was changed: repair that line, or "
+                                "move the file aside to run again")
+            logger.info("%s: dropping the %d trailing bytes (%d complete row(s)) of an unfinished unit", self.path,
+                        len(raw) - good_end, rows)
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def _unit_of_line(self, line: bytes) -> Hashable | None:
+        """The unit of one complete line, or None when the line is not a readable row."""
+        try:
+            return self.unit_of(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    def _damage(self, raw: bytes, start: int) -> tuple[str | None, int]:
+        """What the bytes after the last complete unit (from ``start``) hold: ``(None, rows)`` when they are what a
+        kill leaves, the first ``rows`` rows of one unit not yet complete and perhaps a line cut short (no newline)
+        or unreadable lines after them; else ``(the first line that says otherwise, 0)``. A run appends a unit's
+        rows in one write, so anything else (a unit short of rows with rows after it, a unit twice, a bad line with
+        rows after it) is damage, and resuming before it would delete finished units."""
+        line = raw.count(b"\n", 0, start) + 1
+        unit: Hashable | None = None
+        rows, unreadable, pos = 0, None, start
+        while (nl := raw.find(b"\n", pos)) >= 0:
+            found = self._unit_of_line(raw[pos:nl])
+            if found is None:
+                unreadable = unreadable or line
+            elif unreadable is not None:
+                return f"line {unreadable} is not a readable row, and rows follow it (line {line})", 0
+            elif unit is None and found in self.done:
+                return f"line {line} repeats unit {found!r}, which the file already holds complete", 0
+            elif unit is not None and found != unit:
+                return (f"line {line} starts unit {found!r} after {rows} of the {self.expected_rows.get(unit, '?')} "
+                        f"rows of unit {unit!r}"), 0
+            else:
+                unit, rows = found, rows + 1
+            line, pos = line + 1, nl + 1
+        return None, rows
 
     def append_unit(self, unit: Hashable, rows: Iterable[dict[str, Any]]) -> None:
         """Write one unit's rows in a single write + fsync."""

@@ -22,9 +22,11 @@ per process, and merge their part files into the same predictions file a one-pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -425,6 +427,14 @@ class Runner:
                 self._run_single(todo, out, bar)
             else:
                 self._run_sequential(done, out, bar)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: keep the timing of the units it finished
+            if self.stats.units:
+                self.stats.total_s = time.perf_counter() - start
+                with contextlib.suppress(OSError):
+                    self._write_timing()
+                logger.warning("%s: stopped after %d unit(s) of this session (kept in %s); the same command resumes",
+                               self.config.method, self.stats.units, self.part_path)
+            raise
         finally:
             bar.close()
             out.close()
@@ -661,11 +671,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{result.missing[0]}); rerun the same command without --merge-only")
         path: Path | None = result.path
     else:
-        path = Runner(config).run()
+        # a TERM (a scheduler's time limit, a launcher stopping its workers) ends the run as Ctrl-C does: through
+        # its cleanup, which keeps the timing of the finished units
+        previous = signal.signal(signal.SIGTERM, _exit_on_term)
+        try:
+            path = Runner(config).run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if path is None:  # a rank > 0: rank 0 prints the merged file
             return 0
     print(path)
     return 0
+
+
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

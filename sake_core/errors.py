@@ -9,6 +9,7 @@ those keeps working.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable, TypeVar
@@ -74,10 +75,17 @@ def error_prefix() -> str:
     return f"{first}: " if first.startswith("sake ") else ""
 
 
+#: Errors of the machine, not of the program: a folder that cannot be written (permissions, a read-only file system),
+#: a full disk or quota. A command reports them in one line naming the path.
+ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
 def user_errors(main: F) -> F:
     """Decorator of a command-line entry point ``main(argv=None) -> int``: a :class:`SakeError` becomes one line
     ``error: MESSAGE`` on stderr (``sake X: error: MESSAGE`` under the ``sake`` command) and exit status 2 (logged
-    nowhere else); any other exception is a bug and propagates with its traceback."""
+    nowhere else), and so does an ``OSError`` of :data:`ENVIRONMENT_ERRNOS` (``error: PATH: Read-only file
+    system``); Ctrl-C is one line ``interrupted`` and exit status 130. Any other exception is a bug and propagates
+    with its traceback."""
     @functools.wraps(main)
     def run(*args: object, **kwargs: object) -> int:
         try:
@@ -85,5 +93,14 @@ def user_errors(main: F) -> F:
         except SakeError as exc:
             print(f"{error_prefix()}error: {one_line(exc)}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"{error_prefix()}error: {where}{exc.strerror or one_line(exc)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{error_prefix()}interrupted", file=sys.stderr)
+            return 130
     run.handles_user_errors = True  # type: ignore[attr-defined]  # checked by tests/test_errors.py
     return run  # type: ignore[return-value]

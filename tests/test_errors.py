@@ -36,6 +36,29 @@ def test_the_decorator_prints_one_line_for_a_user_error_and_lets_a_bug_raise(cap
         main(["bug"])
 
 
+def test_an_unwritable_place_and_ctrl_c_are_one_line(capsys):
+    """A read-only folder, a full disk or a refused permission is the machine's, not a bug: one line naming the
+    path. Ctrl-C: one line and exit 130. Any other OSError keeps its traceback."""
+    import errno
+
+    @user_errors
+    def main(argv=None):
+        if argv == ["ro"]:
+            raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/.run.jsonl.lock")
+        if argv == ["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if argv == ["ctrl-c"]:
+            raise KeyboardInterrupt
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    assert main(["ro"]) == 2
+    assert capsys.readouterr().err == "error: /mnt/ro/.run.jsonl.lock: Read-only file system\n"
+    assert main(["full"]) == 2 and capsys.readouterr().err == "error: No space left on device\n"
+    assert main(["ctrl-c"]) == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        main([])
+
+
 def test_under_the_sake_command_the_line_names_the_subcommand(monkeypatch, capsys):
     from sake import cli
 

@@ -243,7 +243,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(qwen, demo_dataset, tmp
             assert part.read_bytes() == reference
 
 
-def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [RuntimeError("simulated crash"), KeyboardInterrupt()])
+def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeypatch, stop):
+    """A run stopped by an error or by Ctrl-C keeps its finished units and their timing (written as it stops, not
+    only every TIMING_EVERY_S); the same run resumes and adds its session to the timing."""
     config = run_config(demo_dataset, tmp_path / "x.jsonl", tmp_path / "cache", limit=3, configs=("animal",))
     _, path = run(qwen, config)
     reference = read_predictions(path)[1]
@@ -255,14 +258,13 @@ def test_resume_after_an_exception_mid_run(qwen, demo_dataset, tmp_path, monkeyp
     def flaky(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise RuntimeError("simulated crash")
+            raise stop
         return original(*args, **kwargs)
 
     monkeypatch.setattr(runner.adapter, "generate", flaky)
     timing = Path(str(path) + ".timing.json")
     timing.unlink()
-    monkeypatch.setattr("editors.run.TIMING_EVERY_S", 0.0)  # the timing file after every unit
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(type(stop)):
         runner.run()
     monkeypatch.undo()
     assert 0 < len(read_predictions(path)[1]) < len(reference)
@@ -333,6 +335,39 @@ def test_a_predictions_file_has_one_writer_at_a_time(tmp_path):
     with writer() as again:
         assert again.done == {"a", "b"}
     assert path.read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("tail,kept,problem", [
+    # what a kill leaves after the complete units: dropped on resume
+    ('{"unit": "c", "i": 0}\n{"unit": "c", "i"', {"a", "b"}, None),
+    ('{"unit": "c", "i": 0}\n\u0000\u0000\n', {"a", "b"}, None),
+    # damage: refused, the file untouched
+    ('{"unit": "c", "i": 0}\n{"unit": "d", "i": 0}\n', None, r"line 5 starts unit 'd' after 1 of the 2 rows"),
+    ('{"unit": "a", "i": 0}\n', None, r"line 4 repeats unit 'a'"),
+    ('not json\n{"unit": "c", "i": 0}\n{"unit": "c", "i": 1}\n', None, r"line 4 is not a readable row, and rows"),
+])
+def test_resume_drops_what_a_kill_left_and_refuses_a_damaged_file(tmp_path, tail, kept, problem):
+    """A kill leaves at most one unit's first rows (and a line cut short) after the complete units: a resume drops
+    them. A bad line with rows after it, a unit short of rows with another after it, or a unit twice is damage: the
+    resume stops with the line, and the finished units after it are not deleted."""
+    from editors.predictions import PredictionsFile
+    from sake_core.errors import DataError
+
+    path = tmp_path / "p.jsonl"
+    head = {"kind": "header", "method": "ft_llm"}
+    complete = '{"unit": "a", "i": 0}\n{"unit": "b", "i": 0}\n'
+    path.write_text(json.dumps(head) + "\n" + complete + tail)
+    before = path.read_bytes()
+    file = PredictionsFile(path, head, unit_of=lambda row: row["unit"],
+                           expected_rows={"a": 1, "b": 1, "c": 2, "d": 1})
+    if problem is None:
+        with file:
+            assert file.done == kept
+        assert path.read_text() == json.dumps(head) + "\n" + complete
+        return
+    with pytest.raises(DataError, match=problem) as error:
+        file.open()
+    assert "nothing was changed" in str(error.value) and path.read_bytes() == before
 
 
 @pytest.mark.parametrize("override,message", [
