@@ -446,6 +446,10 @@ class Trainer:
             logger.info("%s: trained %d steps (%.1f s this run%s) -> %s", self.method, self.step, seconds,
                         f"; best validation loss {self.best['val_loss']:.4f} at step {self.best['step']}"
                         if self.best else "", self.out_dir)
+        else:
+            logger.warning("%s: stopped at %d of %d train instances (--max-steps): only a checkpoint is saved (%s); "
+                           "the same command without --max-steps resumes it and saves the network", self.method,
+                           self.step, len(self.order), self.checkpoint_dir)
         return self.out_dir
 
 

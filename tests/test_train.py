@@ -5,6 +5,8 @@ the CLI works."""
 
 from __future__ import annotations
 
+import logging
+
 import json
 import math
 
@@ -29,7 +31,7 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("method", ["ke", "mend"])
-def test_saved_network_reloads_identically_and_resume_continues(method, monkeypatch):
+def test_saved_network_reloads_identically_and_resume_continues(method, monkeypatch, caplog):
     full_dir = trained_network(method)  # an uninterrupted run: 6 of the 8 instances train, 2 validate
     full, config = load_network(full_dir)
     assert config["method"] == method and config["steps_trained"] == 6 == config["steps_total"]
@@ -42,8 +44,10 @@ def test_saved_network_reloads_identically_and_resume_continues(method, monkeypa
     # invariant in the last bits, so a cold cache could differ there).
     adapter = tiny_adapter("tiny-qwen2-audio")
     first = _trainer(method, out, adapter, checkpoint_every=1)
-    first.train(max_steps=3)  # interrupted in the second group of 2: finishes the group (step 4)
-    assert not (out / "config.json").exists()  # no final network before the end
+    with caplog.at_level(logging.WARNING, logger="editors.train"):
+        first.train(max_steps=3)  # interrupted in the second group of 2: finishes the group (step 4)
+    assert not (out / "config.json").exists()  # no final network before the end, and the log says so
+    assert "stopped at 4 of 6 train instances (--max-steps): only a checkpoint is saved" in caplog.text
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["best"] is not None and state["train_seconds"] > 0
 
