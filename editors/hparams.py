@@ -200,6 +200,10 @@ def section_keys(path: str | Path, family: str | None = None) -> set[str]:
     return {key for section in sections if isinstance(data.get(section), dict) for key in data[section]}
 
 
+#: How an error names a value given over the file's (``--hparam KEY=VALUE``, or ``hparams=`` in Python).
+OVERRIDE = "hyperparameter override (--hparam / hparams=)"
+
+
 def merged_hparams(path: str | Path, family: str, *, tiny: bool = False,
                    overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[dict[str, Any], Path]:
     """The merged plain mapping of a file (``path``, or a name in ``editors/hparams/``) for ``family`` and the file
@@ -217,7 +221,7 @@ def merged_hparams(path: str | Path, family: str, *, tiny: bool = False,
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     unknown = sorted(set(extra) - set(merged))
     if unknown:
-        raise ConfigError(f"--hparam: unknown key(s) {unknown} for {path.stem} (known: {sorted(merged)}; {path})")
+        raise ConfigError(f"{OVERRIDE}: unknown key(s) {unknown} for {path.stem} (known: {sorted(merged)}; {path})")
     merged.update(extra)
     return merged, path
 
@@ -235,5 +239,9 @@ def build_hparams(cls: type[H], path: str | Path, family: str, *, tiny: bool = F
         if isinstance(value, dict) and set(value) - known:
             raise ConfigError(f"{path}: section {section!r}: unknown key(s) {sorted(set(value) - known)} for "
                               f"{cls.__name__} (known: {sorted(known)})")
+    merged, path = merged_hparams(path, family, tiny=tiny)
+    checked = cls.from_mapping(merged, where=f"{path} [{family}{' + tiny' if tiny else ''}]")  # the file's values
+    if not overrides:
+        return checked
     merged, path = merged_hparams(path, family, tiny=tiny, overrides=overrides)
-    return cls.from_mapping(merged, where=f"{path} [{family}{' + tiny' if tiny else ''}]")
+    return cls.from_mapping(merged, where=f"{OVERRIDE} of {path.stem}")  # the file's values passed: an override's

@@ -129,8 +129,11 @@ def test_run_config_fails_when_built_naming_the_known_ones(fields, message):
     ("unke", "preserve_text=-2", "key 'preserve_text': expected a number >= 0, got -2"),
 ])
 def test_a_value_out_of_its_range_is_refused_before_anything_runs(method, override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    """The error names the override (the value a user gave), not the method's YAML file, which is fine."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as error:
         registry.load_hparams(method, "qwen2_audio", overrides=[override])
+    assert str(error.value).startswith(f"hyperparameter override (--hparam / hparams=) of {method}: ")
+    assert ".yaml" not in str(error.value)
 
 
 @pytest.mark.parametrize("method", registry.available_methods())
