@@ -83,7 +83,8 @@ ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EN
 def user_errors(main: F) -> F:
     """Decorator of a command-line entry point ``main(argv=None) -> int``: a :class:`SakeError` becomes one line
     ``error: MESSAGE`` on stderr (``sake X: error: MESSAGE`` under the ``sake`` command) and exit status 2 (logged
-    nowhere else), and so does an ``OSError`` of :data:`ENVIRONMENT_ERRNOS` (``error: PATH: Read-only file
+    nowhere else), and so do a missing optional package (:func:`missing_extra`: the extra that installs it) and an
+    ``OSError`` of :data:`ENVIRONMENT_ERRNOS` (``error: PATH: Read-only file
     system``); Ctrl-C is one line ``interrupted`` and exit status 130. Any other exception is a bug and propagates
     with its traceback."""
     @functools.wraps(main)
@@ -92,6 +93,12 @@ def user_errors(main: F) -> F:
             return main(*args, **kwargs)
         except SakeError as exc:
             print(f"{error_prefix()}error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        except ImportError as exc:  # an optional package of an extra: one line naming the extra
+            error = missing_extra(exc)
+            if error is None:  # a required package is missing: a broken install, keep the traceback
+                raise
+            print(f"{error_prefix()}error: {one_line(error)}", file=sys.stderr)
             return 2
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:

@@ -36,6 +36,37 @@ def test_the_decorator_prints_one_line_for_a_user_error_and_lets_a_bug_raise(cap
         main(["bug"])
 
 
+def test_a_missing_optional_package_is_one_line_naming_its_extra(capsys, tmp_path):
+    """Through ``python -m`` as through ``sake``: the leaderboard's commands start without the [leaderboard] extra
+    (its packages load where they are used) and a command that needs one says which extra installs it."""
+    @user_errors
+    def main(argv=None):
+        if argv == ["needs"]:
+            raise ModuleNotFoundError("No module named 'jsonschema'", name="jsonschema")
+        raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+
+    assert main(["needs"]) == 2
+    assert capsys.readouterr().err == ("error: the optional package 'jsonschema' is not installed (the [leaderboard] "
+                                       "extra); install it with: pip install 'sake-toolkit[leaderboard]'\n")
+    with pytest.raises(ModuleNotFoundError):  # a required package: a broken install keeps its traceback
+        main([])
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "p.jsonl").write_text('{"kind": "header"}\n')
+    (tmp_path / "m.json").write_text("{}")
+    block = "import sys, runpy; sys.modules.update(jsonschema=None, gradio=None, uvicorn=None); "
+    for module, argv in (("eval.leaderboard", ["--help"]), ("eval.leaderboard.space", ["--help"]),
+                         ("eval.leaderboard", ["pack", str(tmp_path / "p.jsonl"), "--metadata", str(tmp_path / "m.json"),
+                                               "--out", str(tmp_path / "s.zip")])):
+        code = block + f"sys.argv = ['x', *{argv!r}]; runpy.run_module({module!r}, run_name='__main__')"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in proc.stderr, (module, argv, proc.stderr[-2000:])
+        if argv == ["--help"]:
+            assert proc.returncode == 0 and "usage" in proc.stdout, (module, proc.stdout[-500:])
+        else:
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert "not installed (the [leaderboard] extra)" in proc.stderr
+
+
 def test_an_unwritable_place_and_ctrl_c_are_one_line(capsys):
     """A read-only folder, a full disk or a refused permission is the machine's, not a bug: one line naming the
     path. Ctrl-C: one line and exit 130. Any other OSError keeps its traceback."""

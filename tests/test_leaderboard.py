@@ -164,7 +164,7 @@ def test_malformed_jsonl_line(tmp_path, manifest, single):
     lines[2] = lines[2][:-5]  # cut the closing of line 3
     (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     message = _errors(path, manifest)
-    assert "predictions.jsonl line 3: not valid JSON (Unterminated string" in message
+    assert "predictions.jsonl line 3: not valid JSON, column " in message and ": Unterminated string" in message
 
 
 def test_bad_metadata(tmp_path, manifest, single):

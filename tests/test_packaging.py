@@ -60,8 +60,8 @@ def test_missing_extra_is_one_line_naming_it(tmp_path):
         "pip install 'sake-toolkit[leaderboard]'" in lines[0] and "'jsonschema'" in lines[0]
     # --help still answers (exit 0): what the command does and the extra it needs
     proc = _run([sys.executable, "-c", BLOCK_EXTRA, "leaderboard", "--help"], tmp_path, env)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage: sake leaderboard ...\n"), proc.stderr[-2000:]
-    assert "pip install 'sake-toolkit[leaderboard]'" in proc.stdout
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: sake leaderboard "), proc.stderr[-2000:]
+    assert "pip install 'sake-toolkit[leaderboard]'" in " ".join(proc.stdout.split())
     # publishing writes folders only: it needs no leaderboard extra, dry run or not
     proc = _run([sys.executable, "-c", BLOCK_EXTRA, "publish", "metric", "acme/metric", "--dry-run",
                  str(tmp_path / "m")], tmp_path, env)

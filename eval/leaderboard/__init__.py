@@ -3,9 +3,19 @@ the Gradio Space (``python -m eval.leaderboard.space``).
 
 CLI: ``python -m eval.leaderboard {validate,pack,score,add,queue,build,serve} --help``.
 """
-from .build import build_site
-from .store import LocalStore, add_submission, open_store, score_submission
-from .validate import Submission, SubmissionError, load_manifest, validate_submission
+import importlib
+from typing import Any
 
-__all__ = ["Submission", "SubmissionError", "LocalStore", "add_submission", "build_site", "load_manifest",
-           "open_store", "score_submission", "validate_submission"]
+#: Exported name -> its module; imported on first use, so that ``python -m eval.leaderboard`` starts (and names a
+#: missing optional package in one line) before any of them is loaded.
+_EXPORTS = {"build_site": "build", "LocalStore": "store", "add_submission": "store", "open_store": "store",
+            "score_submission": "store", "Submission": "validate", "SubmissionError": "validate",
+            "load_manifest": "validate", "validate_submission": "validate"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

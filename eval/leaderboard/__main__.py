@@ -60,7 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                      require_metadata=not args.predictions_only, **_validate_options(args))
     header = submission.header
     print(f"OK {args.submission}: {header['model']} / {header['method']} / {header['mode']}, "
-          f"{len(submission.rows)} rows, submission id {submission.submission_id}")
+          f"{len(submission.rows)} rows, content id {submission.submission_id} (the id `add` gives its board entry "
+          "also names the judging, so the two differ)")
     return 0
 
 
@@ -143,7 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=command_prog("python -m eval.leaderboard"), description=__doc__)
+    parser = argparse.ArgumentParser(prog=command_prog("python -m eval.leaderboard"), description=__doc__,
+                                     epilog="Every command but build and serve needs the [leaderboard] extra: "
+                                            "pip install 'sake-toolkit[leaderboard]'")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "judge", "unset") is None:
         args.judge = default_protocol()  # "paper" with OPENAI_API_KEY set, else "offline"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command not in ("build", "serve"):  # they read stored results; the others check submissions
+        import jsonschema  # noqa: F401  (the [leaderboard] extra: a missing one is named before any other error)
     if args.command == "build" and not (args.results_dir or args.hub_repo):
         raise ConfigError("build: give RESULTS_DIR or --hub-repo")
     try:

@@ -50,6 +50,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 import threading
 import time
 import urllib.parse
@@ -59,7 +60,7 @@ from typing import Any, Callable, Collection
 
 from eval.sake_metric.predictions_file import excerpt, parse_predictions
 
-from sake_core.errors import SakeError
+from sake_core.errors import SakeError, user_errors
 from sake_core.protocol import FAMILY_NAMES, method_display
 
 from .build import display_model_name, judge_label, reference_rows
@@ -882,13 +883,10 @@ def create_app(board: Board) -> Any:
     return SecurityHeaders(guarded, headers)
 
 
-def main(argv: list[str] | None = None) -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int:
     """Run the Space: results store, queue worker, Gradio app on uvicorn (port ``PORT`` or 7860)."""
     import argparse
-
-    import uvicorn
-
-    from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
 
     parser = argparse.ArgumentParser(
         prog="app.py", description="The SAKE leaderboard Space (eval.leaderboard.space)",
@@ -899,6 +897,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local", action="store_true", default=None,
                         help="local mode: no Hub; ./results and ./queue, the manifest from SAKE_MANIFEST")
     args = parser.parse_args(argv)
+    import uvicorn  # the [leaderboard] extra's server (after the arguments: --help answers without it)
+
+    from .serve import MAX_CONNECTIONS_PER_CLIENT, uvicorn_config
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     board = Board(SpaceConfig.from_env(local=args.local))
     if board.config.local:
@@ -914,7 +916,8 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.Server(uvicorn_config(create_app(board), host, port, per_client=per_client, log_level="info")).run()
     finally:
         board.stop_worker()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from jsonschema import Draft202012Validator
 
 from eval.sake_metric.limits import MAX_ROW_DEPTH, MAX_ROW_ITEMS
 from eval.sake_metric.predictions_file import (PredictionsError, excerpt, parse_json_line, parse_predictions,
@@ -306,7 +305,11 @@ def load_schema() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4)
-def _validator(definition: str) -> Draft202012Validator:
+def _validator(definition: str) -> Any:
+    """A ``jsonschema`` validator of one definition of the schema (the package of the ``[leaderboard]`` extra,
+    imported here: the commands that never validate run without it)."""
+    from jsonschema import Draft202012Validator
+
     schema = load_schema()
     return Draft202012Validator({"$ref": f"#/$defs/{definition}", "$defs": schema["$defs"]})
 

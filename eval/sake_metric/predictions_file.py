@@ -181,7 +181,7 @@ def parse_json_line(text: str, *, where: str, max_depth: int, max_items: int | N
     except _Reject as exc:
         raise PredictionsError(f"{where}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise PredictionsError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise PredictionsError(f"{where}: not valid JSON, column {exc.colno}: {exc.msg}") from None
     except (RecursionError, ValueError) as exc:  # belt and braces: never a traceback
         raise PredictionsError(f"{where}: not valid JSON ({type(exc).__name__})") from None
     if _SURROGATE_ESCAPE.search(text):
