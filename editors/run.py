@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -219,6 +221,14 @@ def progress_label(method: str, mode: str, model: str) -> str:
     return f"{method} {mode}, {path.name if path.is_dir() else model}"
 
 
+def writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed; an ``OSError`` naming it when it cannot be written (a read-only file system,
+    permissions), which a command reports in one line (``sake_core.errors.user_errors``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise OSError(errno.EACCES, "cannot write here (permissions or a read-only file system)", str(folder))
+
+
 class Runner:
     """Owns the loops, caching, restore, resume and output of one run (see the module docstring)."""
 
@@ -231,6 +241,7 @@ class Runner:
         get_editor_class(args.method)  # clear error for a method that does not import
         self.shard = Shard.from_env()  # rank / world size of a torchrun or accelerate launch (else 0 of 1)
         self.plan = RunPlan(config, rows_loader, self.shard)  # the units and the output files (no model)
+        writable_folder(self.plan.part_path.parent)  # before anything heavy: an output that cannot be written
         self.mode = args.mode
         device = self.shard.device(args.device, torch.cuda.is_available())
         if self.shard.sharded and device.startswith("cuda:"):

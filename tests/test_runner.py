@@ -402,6 +402,22 @@ def test_cli_main_writes_the_predictions_file(demo_dataset, tmp_path, capsys):
     assert header["method"] == "i_ike" and rows and rows[0]["item_id"].endswith("/rel")
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_the_model_loads(demo_dataset, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import os
+
+    import editors.run as run_module
+
+    out = tmp_path / "ro"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if Path(path) == out and mode == os.W_OK
+                        else access(path, mode, *a, **k))
+    monkeypatch.setattr(run_module, "load_adapter", lambda *a, **k: pytest.fail("the model loaded"))
+    argv = cli_args(run_config(demo_dataset, out, tmp_path / "cache", configs=("gender",), limit=1))
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"error: {out}: cannot write here (permissions or a read-only file system)\n"
+
+
 def test_family_default_generation_length_and_hit_limit_flag(qwen, demo_dataset, tmp_path):
     import torch
 
