@@ -38,6 +38,7 @@ import torch
 from editors.batching import fused_adam
 from editors.hparams import Hparams
 from editors.models.base import EditableModel, GeneratedText, GenerationSettings, PerEdit, Prompt, as_audio_array
+from editors.models.generation import resolve_engine
 from sake_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,14 @@ class Editor(abc.ABC):
         """The settings this method generates with: the run's (``RunContext.generation``) with ``limits`` such as
         ``max_new_tokens`` set, else the adapter's defaults for the method's engines (:attr:`generation_engines`)."""
         if self.context.generation is not None:
-            return self.context.generation.replace(**limits)
+            # as resolve_settings reads them: None keeps the run's value, a batching limit of 0 is no limit, and an
+            # engine ("auto" included) is resolved for this method on the model's device
+            changes: dict[str, Any] = {k: (None if k in ("batch_size", "max_batch_tokens") and v == 0 else v)
+                                       for k, v in limits.items() if v is not None}
+            if "engine" in changes:
+                changes["engine"] = resolve_engine(changes["engine"], self.adapter.device.type,
+                                                   type(self).generation_engines, self.name)
+            return self.context.generation.replace(**changes)
         return self.adapter.generation_settings(method_engines=type(self).generation_engines, method=self.name,
                                                 **limits)
 

@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval.leaderboard.space import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 '''
 
 LEADERBOARD_CARD = """

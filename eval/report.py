@@ -201,6 +201,10 @@ def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] 
         parts = obj.get("parts")
         if isinstance(parts, list) and parts and all(isinstance(p, str) and p == Path(p).name for p in parts):
             predictions: list[Path] = [path.with_name(p) for p in parts]  # several files scored as one run
+            missing = [p.name for p in predictions if not p.is_file()]
+            if missing:
+                logger.warning("%s: its parts %s are not beside it: no wall-clock time (Table 7) for this run", path,
+                               ", ".join(missing))
         else:
             beside = predictions_beside(path)
             predictions = [beside] if beside is not None else []

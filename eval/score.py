@@ -110,10 +110,11 @@ def _write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any
     atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _load_file(path: str | os.PathLike, manifest: Mapping[str, Any] | None) -> tuple[dict | None, list]:
-    """One predictions file's (header, rows); without a `manifest`, a file whose own dataset folder is here must
-    hold every item of it (a file missing items is refused)."""
-    file_header, rows = load_predictions(path, manifest=manifest)
+def _load_file(path: str | os.PathLike, manifest: Mapping[str, Any] | None,
+               header: Mapping[str, Any] | None = None) -> tuple[dict | None, list]:
+    """One predictions file's (header, rows), ``header`` overriding the file's; without a `manifest`, a file whose
+    own dataset folder is here must hold every item of it (a file missing items is refused)."""
+    file_header, rows = load_predictions(path, header=header, manifest=manifest)
     if manifest is None and file_header:
         found = manifest_for(file_header)
         if found is not None:
@@ -131,6 +132,10 @@ def join_parts(paths: Sequence[str | os.PathLike], manifest: Mapping[str, Any] |
     dataset, split, seed, limit, generation, ...) but ``configs``, and their configs must not overlap. The parts are
     taken in the protocol's order of their configs, so the joined rows (and the results' bytes) do not depend on
     the order the paths are given in."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) < len(names):
+        raise PredictionsError(f"the parts of one run need different file names (the results name them, and the "
+                               f"report finds them beside the results): {sorted(names)}")
     parts = []
     for path in paths:
         header, rows = _load_file(path, manifest)
@@ -176,8 +181,7 @@ def score_predictions(
     if isinstance(manifest, (str, os.PathLike)):
         manifest = load_manifest(manifest)
     if isinstance(predictions, (str, os.PathLike)):
-        file_header, rows = _load_file(predictions, manifest)
-        file_header = dict(header) if header is not None else file_header
+        file_header, rows = _load_file(predictions, manifest, header)
     elif _is_paths(predictions):
         file_header, rows = join_parts(predictions, manifest)
         file_header = dict(header) if header is not None else file_header

@@ -94,7 +94,7 @@ def user_errors(main: F) -> F:
         except SakeError as exc:
             print(f"{error_prefix()}error: {one_line(exc)}", file=sys.stderr)
             return 2
-        except ImportError as exc:  # an optional package of an extra: one line naming the extra
+        except ModuleNotFoundError as exc:  # an optional package of an extra, absent: one line naming the extra
             error = missing_extra(exc)
             if error is None:  # a required package is missing: a broken install, keep the traceback
                 raise

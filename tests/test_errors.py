@@ -43,6 +43,8 @@ def test_a_missing_optional_package_is_one_line_naming_its_extra(capsys, tmp_pat
     def main(argv=None):
         if argv == ["needs"]:
             raise ModuleNotFoundError("No module named 'jsonschema'", name="jsonschema")
+        if argv == ["version"]:  # installed, but not the version the code needs: not "not installed"
+            raise ImportError("cannot import name 'Draft2099Validator' from 'jsonschema'", name="jsonschema")
         raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
 
     assert main(["needs"]) == 2
@@ -50,6 +52,8 @@ def test_a_missing_optional_package_is_one_line_naming_its_extra(capsys, tmp_pat
                                        "extra); install it with: pip install 'sake-toolkit[leaderboard]'\n")
     with pytest.raises(ModuleNotFoundError):  # a required package: a broken install keeps its traceback
         main([])
+    with pytest.raises(ImportError, match="cannot import name"):
+        main(["version"])
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "p.jsonl").write_text('{"kind": "header"}\n')
     (tmp_path / "m.json").write_text("{}")

@@ -61,6 +61,11 @@ def test_a_method_generates_with_the_runs_settings_else_with_its_own_engines(mon
     run = GenerationSettings(max_new_tokens=9, batch_size=3)
     editor = grace(adapter, load_hparams("grace", adapter.family, tiny=True), RunContext(generation=run))
     assert editor.generation_settings(max_new_tokens=4) == run.replace(max_new_tokens=4)
+    # limits read as outside a run: None keeps the run's value, 0 is no batching limit, an engine is resolved
+    assert editor.generation_settings(max_new_tokens=None, batch_size=0, max_batch_tokens=0, engine="auto") == \
+        run.replace(batch_size=None, max_batch_tokens=None, engine="eager")
+    with pytest.raises(ConfigError, match="eager engine only"):
+        editor.generation_settings(engine="graph")
 
 
 def test_no_environment_variable_reaches_generation():

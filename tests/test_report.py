@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import statistics
 from pathlib import Path
 
@@ -243,15 +244,23 @@ def test_the_attribute_parts_of_one_run_score_as_that_run(tmp_path):
         assert joined == whole
     assert whole["metrics"]["per_attribute"].keys() == {"animal", "emotion"}
 
-    with pytest.raises(PredictionsError, match=r"config 'animal' is also in"):
+    with pytest.raises(PredictionsError, match=r"need different file names"):
         score_predictions([parts[0], parts[0]])
+    elsewhere = tmp_path / "elsewhere" / parts[0].name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(parts[1].read_bytes())
+    with pytest.raises(PredictionsError, match=r"need different file names"):
+        score_predictions([parts[0], elsewhere])
+    # header= overrides the file's header for the whole check, as for one file
+    single = score_predictions(parts[0], header=header(configs=["animal"], mode="single", seed=7))
+    assert single["configs"] == ["animal"] and single["mode"] == "single"
     other = write_predictions(tmp_path / "other.jsonl", header(configs=["emotion"], seed=1),
                               [r for r in rows if r["attribute"] == "emotion"])
     with pytest.raises(PredictionsError, match=r"header field\(s\) \['seed'\] differ"):
         score_predictions([parts[0], other])
 
 
-def test_score_cli_joins_parts_and_report_reads_them_as_one_row(tmp_path, capsys):
+def test_score_cli_joins_parts_and_report_reads_them_as_one_row(tmp_path, capsys, caplog):
     """`sake score A.jsonl B.jsonl --out F` writes one run's results; the report shows it as one row whose Table 7
     adds the parts' timing; a folder of unscored parts is joined the same way."""
     from eval.score import main as score_main
@@ -274,6 +283,13 @@ def test_score_cli_joins_parts_and_report_reads_them_as_one_row(tmp_path, capsys
     assert report_main([str(base), "--out", str(out)]) == 0
     wall = read_csv(out / "table7_wall_clock.csv")
     assert len(wall) == 2 and wall[1][4] == "8"
+    # the results moved without its parts: reported, without Table 7's time, and said so
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (base / "run.results.json").rename(moved / "run.results.json")
+    with caplog.at_level(logging.WARNING):
+        (run,) = load_runs([moved])
+    assert run.timing is None and "parts run__animal.jsonl, run__emotion.jsonl are not beside it" in caplog.text
 
 
 def test_a_sequential_run_under_another_rule_says_so(tmp_path):

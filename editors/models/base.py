@@ -13,6 +13,7 @@
 
 from editors.models.adapter import LALMAdapter, as_linear, resolve_dtype
 from editors.models.batch import IGNORE_INDEX, LayerState, PromptBatch, batch_spans, to_device
+from editors.models.buckets import training_groups  # the function behind LALMAdapter.training_groups (kept importable)
 from editors.models.interface import EditableModel
 from editors.models.generation import GeneratedText, GenerationSettings, PerEdit
 from editors.models.prompts import SAMPLING_RATE, Prompt, Turn, as_audio_array, audio_digest, chat_messages
@@ -23,4 +24,4 @@ from editors.models.weights import WEIGHT_SUFFIXES, weights_digest
 __all__ = ["IGNORE_INDEX", "SAMPLING_RATE", "TINY_CORPUS", "WEIGHT_SUFFIXES", "EditableModel", "GeneratedText", "GenerationSettings",
            "LALMAdapter", "LayerState", "PerEdit", "Prompt", "PromptBatch", "Turn", "as_audio_array", "as_linear",
            "audio_digest", "batch_spans", "build_tiny_tokenizer", "chat_messages", "resolve_dtype",
-           "tiny_feature_extractor", "to_device", "weights_digest", "whisper_encoder_tokens", "whisper_mel_frames"]
+           "tiny_feature_extractor", "to_device", "training_groups", "weights_digest", "whisper_encoder_tokens", "whisper_mel_frames"]
