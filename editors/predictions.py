@@ -2,8 +2,9 @@
 
 Crash safety: the rows of one unit of work (an instance in single mode, one step of a sequence in sequential mode)
 go to disk in one ``write`` followed by ``fsync``. On resume (:meth:`PredictionsFile.open`), a trailing partial
-line and any trailing unit with fewer rows than expected are cut off (file truncated to the end of the last
-complete unit), so a rerun continues with exactly the rows an uninterrupted run would have written.
+line and a trailing unit with fewer rows than expected are cut off (file truncated to the end of the last
+complete unit), so a rerun continues with exactly the rows an uninterrupted run would have written; anything else
+after the complete units (a damaged line with rows after it, a unit twice) is refused, never cut.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping
+from typing import Any, Callable, Hashable, Iterable
 
 from sake_core.atomic import atomic_write, lock_fd
-from sake_core.protocol import RESUME_FIELDS
+from sake_core.run_header import resume_differences
 from sake_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -47,40 +48,6 @@ def write_all(fd: int, data: bytes) -> None:
         written = os.write(fd, view)
         view = view[written:]
     os.fsync(fd)
-
-
-#: Resume fields naming something whose content another resume field keys: they may be spelled differently
-#: (``runs/x`` and ``/home/me/runs/x``) when that key agrees.
-_CONTENT_KEYS = {"model": "model_key", "dataset": "dataset_fingerprint"}
-
-
-def _same_value(old: Any, new: Any) -> bool:
-    """Equal header values, where two strings naming one existing file or folder (a relative and an absolute
-    spelling, seen from the current folder) count as equal, in nested objects and lists too (``hparams``)."""
-    if old == new:
-        return True
-    if isinstance(old, str) and isinstance(new, str):
-        return os.path.exists(old) and os.path.exists(new) and os.path.realpath(old) == os.path.realpath(new)
-    if isinstance(old, dict) and isinstance(new, dict):
-        return old.keys() == new.keys() and all(_same_value(old[k], new[k]) for k in old)
-    if isinstance(old, list) and isinstance(new, list):
-        return len(old) == len(new) and all(_same_value(a, b) for a, b in zip(old, new))
-    return False
-
-
-def resume_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """The :data:`RESUME_FIELDS` in which two run headers differ (a rerun resumes a file only when there are none);
-    a path spelled another way counts as the same (:func:`_same_value`), and so does a model or dataset whose
-    content key agrees."""
-    differences = []
-    for name in RESUME_FIELDS:
-        if _same_value(old.get(name), new.get(name)):
-            continue
-        key = _CONTENT_KEYS.get(name)
-        if key and old.get(key) and old.get(key) == new.get(key):
-            continue
-        differences.append(name)
-    return differences
 
 
 class PredictionsFile:

@@ -28,7 +28,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence, TypeVar
 
-from editors.predictions import resume_differences
+from sake_core.run_header import resume_differences
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, DataError
 

@@ -51,7 +51,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from eval.sake_metric.scoring import comparability_note
 from sake_core.atomic import atomic_write
-from sake_core.protocol import RESUME_FIELDS, SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_display
+from sake_core.protocol import SEQUENTIAL_EVAL_EDITS, SEQUENTIAL_MAX_GAP, method_display
+from sake_core.run_header import resume_differences
 from sake_core.errors import DataError, error_prefix, user_errors
 from sake_core.command import command_prog
 
@@ -178,12 +179,16 @@ def run_parts(paths: Sequence[Path]) -> list[list[Path]]:
     written one attribute each, ``sake run --config X``) form one group, scored as one run
     (:func:`eval.score.join_parts`); every other file is a group of its own. Groups in the order of their first
     file."""
-    groups: dict[str, list[Path]] = {}
+    groups: list[tuple[dict[str, Any], list[Path]]] = []
     for path in paths:
         header = _header(path) or {}
-        key = json.dumps({k: header.get(k) for k in RESUME_FIELDS if k != "configs"}, sort_keys=True, default=str)
-        groups.setdefault(key if header.get("configs") else f"\0{path}", []).append(path)
-    return list(groups.values())
+        same = next((group for first, group in groups if header.get("configs") and first.get("configs") and
+                     set(resume_differences(first, header)) <= {"configs"}), None)
+        if same is not None:
+            same.append(path)
+        else:
+            groups.append((header, [path]))
+    return [group for _, group in groups]
 
 
 def load_runs(inputs: Sequence[str | os.PathLike], score_kwargs: dict[str, Any] | None = None) -> list[Run]:

@@ -58,7 +58,8 @@ from eval.sake_metric.scoring import (NOT_COMPARABLE_LINE, JudgeFailures, build_
 from sake_core.atomic import atomic_write
 from sake_core.errors import ConfigError, error_prefix, user_errors
 from sake_core.command import command_prog
-from sake_core.protocol import CONFIGS, RESUME_FIELDS
+from sake_core.protocol import CONFIGS
+from sake_core.run_header import resume_differences
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ def join_parts(paths: Sequence[str | os.PathLike], manifest: Mapping[str, Any] |
     """One run written as several predictions files, one per attribute (``sake run --config emotion`` and so on):
     their rows as one run's, under a header whose ``configs`` is their union and ``date`` the latest.
 
-    The files must agree on every resume field of the run header (``RESUME_FIELDS``: model, method, hparams,
-    dataset, split, seed, limit, generation, ...) but ``configs``, and their configs must not overlap. The parts are
+    The files must agree on every resume field of the run header (as a resume compares them,
+    ``sake_core.run_header.resume_differences``: model, method, hparams, dataset, split, seed, limit, generation, ...)
+    but ``configs``, and their configs must not overlap. The parts are
     taken in the protocol's order of their configs, so the joined rows (and the results' bytes) do not depend on
     the order the paths are given in."""
     names = [Path(p).name for p in paths]
@@ -148,7 +150,7 @@ def join_parts(paths: Sequence[str | os.PathLike], manifest: Mapping[str, Any] |
     first, header, _ = parts[0]
     seen: dict[str, str] = {}  # config -> the part holding it
     for source, other, _ in parts:
-        differ = [k for k in RESUME_FIELDS if k != "configs" and other.get(k) != header.get(k)]
+        differ = [k for k in resume_differences(header, other) if k != "configs"]
         if differ:
             raise PredictionsError(f"{source}: not the same run as {first}: header field(s) {differ} differ (only "
                                    "'configs' may differ between the parts of one run)")

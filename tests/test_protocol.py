@@ -87,7 +87,7 @@ def test_method_names_and_order():
 def test_resume_takes_a_path_spelled_another_way(tmp_path, monkeypatch):
     """A rerun naming the same folder by another path (relative or absolute; in hparams too) resumes; a model or
     dataset named another way resumes when its content key agrees; anything else that differs is named."""
-    from editors.predictions import resume_differences
+    from sake_core.run_header import resume_differences
 
     (tmp_path / "runs" / "ke").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
